@@ -1,0 +1,102 @@
+"""Configuration specs: one frozen dataclass per kernel family, naming itself.
+
+A spec holds every compile-time choice of one module. It knows its template, the Jinja variables it
+renders with, the C symbols the built library exports (with their ctypes signatures), and a readable,
+complete name. The engine (``flashinfer.jit.core``) turns a spec into a cache key by adding a digest of
+everything else that changes the binary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from typing import Any, ClassVar, Dict, Iterable, Tuple, Type
+
+# Every module exports this to turn a returned cudaError_t into text.
+ERROR_STRING_SYMBOL = "flashinfer_error_string"
+
+_FAMILIES: Dict[str, Type["Spec"]] = {}
+
+
+def register_family(cls: Type["Spec"]) -> Type["Spec"]:
+    """Class decorator: make a spec family known to the CLI, the manifest reader and the tests."""
+    if cls.family in _FAMILIES and _FAMILIES[cls.family] is not cls:
+        raise ValueError(f"spec family {cls.family!r} registered twice")
+    _FAMILIES[cls.family] = cls
+    return cls
+
+
+def spec_families() -> Dict[str, Type["Spec"]]:
+    """All registered families, by name (importing flashinfer registers the built-in ones)."""
+    return dict(_FAMILIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Base class of all configuration specs.
+
+    Subclasses are frozen dataclasses decorated with :func:`register_family`; they set ``family``
+    (short family name, also the first part of :meth:`name`), ``template`` (path of the ``.cu.jinja``
+    template relative to ``templates/``) and ``exports`` (C symbol -> (restype, argtypes)).
+    """
+
+    family: ClassVar[str] = ""
+    template: ClassVar[str] = ""
+    exports: ClassVar[Dict[str, Tuple[Any, Tuple[Any, ...]]]] = {}
+
+    def name(self) -> str:
+        """Readable, complete, filesystem-safe name of this configuration (``[a-z0-9_-]``)."""
+        raise NotImplementedError
+
+    def render_vars(self) -> Dict[str, Any]:
+        """Variables the template is rendered with (rendered under StrictUndefined)."""
+        raise NotImplementedError
+
+    def extra_cuda_cflags(self) -> Tuple[str, ...]:
+        """Extra nvcc flags this spec needs (part of the cache key)."""
+        return ()
+
+    def needs_sm90a(self) -> bool:
+        """True when the kernel uses sm_90a-only instructions (wgmma, setmaxnreg)."""
+        return False
+
+    def unsupported_reason(self) -> str | None:
+        """None when this combination is supported; else why not (used by prewarm's filtering)."""
+        return None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_json(data: Dict[str, Any]) -> "Spec":
+        data = dict(data)
+        family = data.pop("family")
+        try:
+            cls = _FAMILIES[family]
+        except KeyError:
+            raise ValueError(f"unknown spec family {family!r}; known: {sorted(_FAMILIES)}") from None
+        return cls(**data)
+
+    @classmethod
+    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
+        """Supported values of every field, for prewarm's matrix expansion (first value is default)."""
+        raise NotImplementedError
+
+    @classmethod
+    def expand(cls, **choices: Iterable[Any]) -> list["Spec"]:
+        """Cartesian product over the axes; an axis not given takes all its supported values."""
+        import itertools
+
+        axes = cls.axes()
+        unknown = set(choices) - set(axes)
+        if unknown:
+            raise ValueError(f"{cls.family}: unknown axes {sorted(unknown)}; known: {sorted(axes)}")
+        names = list(axes)
+        values = [tuple(choices[n]) if n in choices else axes[n] for n in names]
+        return [cls(**dict(zip(names, combo))) for combo in itertools.product(*values)]
+
+
+c_int = ctypes.c_int
+c_int64 = ctypes.c_int64
+c_float = ctypes.c_float
+c_void_p = ctypes.c_void_p
