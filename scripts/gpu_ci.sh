@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The one script GPU runners run (self-hosted CI, or a lent H100/H200 box with no network).
+#
+#   scripts/gpu_ci.sh [prewarm] [test] [bench]      (default: all three, in that order)
+#
+# Uses the python3 on PATH as is (torch with CUDA, nvcc, ninja, jinja2, filelock, pytest): nothing is
+# downloaded. The checkout is put on PYTHONPATH (set FI_PIP_INSTALL=1 to `pip install --no-build-isolation
+# --no-deps -e .` instead). Logs go to $OUT when set (else .devout/gpu_ci/), at most 7 files:
+#   env.log prewarm.log prewarm.json pytest_gpu.log bench.log RESULTS.md summary.txt
+# Env knobs: PYTHON (default python3), PYTEST_ARGS (extra pytest args, e.g. "-k decode -x"),
+#   PREWARM_ARGS (default "--preset test"), JOBS (prewarm workers, default nproc), TORCH_CUDA_ARCH_LIST
+#   (default 9.0), MAX_JOBS (default 16), FLASHINFER_JIT_CACHE (default /tmp/fi_jit_cache).
+# Exit status: non-zero if any step failed; the benchmarks still run after failed tests.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-python3}
+LOG_DIR=${OUT:-$REPO/.devout/gpu_ci}
+mkdir -p "$LOG_DIR"
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+export FLASHINFER_JIT_CACHE=${FLASHINFER_JIT_CACHE:-/tmp/fi_jit_cache}
+export PYTHONUNBUFFERED=1
+JOBS=${JOBS:-$(nproc)}
+PREWARM_ARGS=${PREWARM_ARGS:---preset test}
+PYTEST_ARGS=${PYTEST_ARGS:-}
+
+if [ $# -eq 0 ]; then STEPS=(prewarm test bench); else STEPS=("$@"); fi
+for s in "${STEPS[@]}"; do
+  case $s in prewarm|test|bench) ;; *) echo "usage: $0 [prewarm] [test] [bench]  (unknown step '$s')" >&2; exit 2 ;; esac
+done
+
+if [ "${FI_PIP_INSTALL:-0}" = 1 ]; then
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -e "$REPO" >"$LOG_DIR/pip_install.log" 2>&1 \
+    || { echo "pip install failed; see $LOG_DIR/pip_install.log" >&2; exit 1; }
+else
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+T0=$(date +%s)
+SUMMARY="$LOG_DIR/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+FAILED=0
+
+# ---------------------------------------------------------------- environment
+{
+  echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname) repo $REPO @ $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  nvidia-smi || echo "nvidia-smi not available"
+  echo "== nvcc: $(command -v nvcc || echo 'not on PATH')"
+  nvcc --version 2>/dev/null | tail -n 2
+  echo "== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS FLASHINFER_JIT_CACHE=$FLASHINFER_JIT_CACHE JOBS=$JOBS CUDA_HOME=${CUDA_HOME:-(unset)}"
+  "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "CUDA", torch.version.cuda, "| GPUs", torch.cuda.device_count())'
+  "$PYTHON" -m flashinfer doctor
+} 2>&1 | tee "$LOG_DIR/env.log"
+
+run_step() {  # name, log file, command...
+  local name=$1 log=$2; shift 2
+  local t=$(date +%s)
+  echo "== [$name] $*"
+  "$@" 2>&1 | tee "$LOG_DIR/$log"
+  local rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t ))
+  if [ "$rc" -eq 0 ]; then note "$name: ok in ${dt}s (log $log)"; else note "$name: FAILED (exit $rc) in ${dt}s (log $log)"; FAILED=1; fi
+  return 0
+}
+
+for s in "${STEPS[@]}"; do
+  case $s in
+    prewarm)
+      # shellcheck disable=SC2086
+      run_step prewarm prewarm.log "$PYTHON" -m flashinfer prewarm $PREWARM_ARGS --jobs "$JOBS" --json "$LOG_DIR/prewarm.json"
+      ;;
+    test)
+      # shellcheck disable=SC2086
+      run_step test pytest_gpu.log "$PYTHON" -m pytest -m gpu -q -rs $PYTEST_ARGS
+      tail -n 1 "$LOG_DIR/pytest_gpu.log" | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
+      ;;
+    bench)
+      if [ -f "$REPO/benchmarks/bench_decode.py" ]; then
+        OUT="$LOG_DIR" run_step bench bench.log "$PYTHON" "$REPO/benchmarks/bench_decode.py"
+      else
+        note "bench: FAILED: benchmarks/bench_decode.py not found"; FAILED=1
+      fi
+      ;;
+  esac
+done
+
+note "total: $(( $(date +%s) - T0 ))s, steps: ${STEPS[*]}, $([ $FAILED -eq 0 ] && echo 'all ok' || echo 'SOME FAILED')"
+exit $FAILED
