@@ -1,0 +1,60 @@
+"""The JIT engine: specs -> cache keys -> rendered CUDA -> nvcc -> cached shared libraries -> ctypes.
+
+Public API (see the repository contract):
+``load(spec) -> JITModule``, ``ensure_built(spec) -> BuildReport``, ``cache_key(spec)``, ``render(spec)``,
+``cache_root()``, ``templates_dir()``, ``arch_flags(spec)``, ``find_cuda_home()``, ``list_entries()``,
+``clear_cache(predicate=None)``, and the errors ``JITBuildError``, ``CUDAToolkitNotFoundError``,
+``JITCacheError``, ``JITDisabledError``.
+"""
+
+from .build import BuildReport, first_error_line
+from .cache import EntryInfo, cache_key, check_entry, clear_cache, cleanup_tmp, entry_info, list_entries
+from .env import (
+    RECIPE_VERSION,
+    arch_flags,
+    cache_root,
+    cuda_toolkit_version,
+    find_cuda_home,
+    templates_dir,
+    versions,
+)
+from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITDisabledError
+from .loader import JITModule, ensure_built, load, loaded_modules
+from .render import render, templates_digest
+from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
+from . import probe
+from .probe import ProbeSpec
+
+__all__ = [
+    "BuildReport",
+    "CUDAToolkitNotFoundError",
+    "ERROR_STRING_SYMBOL",
+    "EntryInfo",
+    "JITBuildError",
+    "JITCacheError",
+    "JITDisabledError",
+    "JITModule",
+    "ProbeSpec",
+    "RECIPE_VERSION",
+    "Spec",
+    "arch_flags",
+    "cache_key",
+    "cache_root",
+    "check_entry",
+    "cleanup_tmp",
+    "clear_cache",
+    "cuda_toolkit_version",
+    "ensure_built",
+    "entry_info",
+    "find_cuda_home",
+    "first_error_line",
+    "list_entries",
+    "load",
+    "loaded_modules",
+    "register_family",
+    "render",
+    "spec_families",
+    "templates_dir",
+    "templates_digest",
+    "versions",
+]

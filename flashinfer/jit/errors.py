@@ -1,0 +1,40 @@
+"""Error types of the JIT engine."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class JITBuildError(RuntimeError):
+    """Building a module failed.
+
+    The message names the spec, the cache key, the path of the full compiler log and quotes the first
+    compiler error line. The same facts are available as attributes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        spec_name: Optional[str] = None,
+        key: Optional[str] = None,
+        log_path: Optional[str] = None,
+        first_error: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.spec_name = spec_name
+        self.key = key
+        self.log_path = log_path
+        self.first_error = first_error
+
+
+class CUDAToolkitNotFoundError(JITBuildError):
+    """No usable CUDA toolkit (nvcc + headers) was found; the message lists every place looked at."""
+
+
+class JITCacheError(RuntimeError):
+    """The cache directory is unusable (not writable, not a directory), or a cache lock timed out."""
+
+
+class JITDisabledError(RuntimeError):
+    """FLASHINFER_DISABLE_JIT is set and the requested module is not in the cache."""

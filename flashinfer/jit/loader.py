@@ -1,0 +1,188 @@
+"""Loading modules: in-process memo -> valid on-disk entry -> build under the key's file lock."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from . import cache, env
+from .build import BuildReport, build_into
+from .errors import JITCacheError, JITDisabledError
+from .spec import ERROR_STRING_SYMBOL
+
+_memo: Dict[Any, "JITModule"] = {}
+_memo_lock = threading.Lock()
+_key_locks: Dict[str, threading.Lock] = {}
+
+
+class _file_lock:
+    """FileLock(<root>/locks/<key>.lock) with FLASHINFER_JIT_LOCK_TIMEOUT; JITCacheError on timeout."""
+
+    def __init__(self, key: str, root: Path) -> None:
+        self.path = cache.lock_path(key, root)
+        self.timeout = env.lock_timeout()
+        self.lock = None
+
+    def __enter__(self):
+        import filelock
+
+        env.ensure_dir(self.path.parent, "JIT lock directory")
+        self.lock = filelock.FileLock(str(self.path), timeout=self.timeout)
+        try:
+            self.lock.acquire()
+        except filelock.Timeout as e:
+            raise JITCacheError(
+                f"timed out after {self.timeout:g} s waiting for the JIT cache lock {self.path} "
+                f"(another process is building this module, or is stuck). Raise "
+                f"FLASHINFER_JIT_LOCK_TIMEOUT, or stop the process holding it (e.g. `fuser {self.path}`)."
+            ) from e
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def _thread_lock(key: str) -> threading.Lock:
+    with _memo_lock:
+        lk = _key_locks.get(key)
+        if lk is None:
+            lk = _key_locks[key] = threading.Lock()
+        return lk
+
+
+def _prewarm_hint(spec) -> str:
+    parts = ["python -m flashinfer prewarm", f"--families {spec.family}"]
+    for k, v in spec.to_json().items():
+        if k == "family":
+            continue
+        parts.append(f"--axis {k}={('on' if v else 'off') if isinstance(v, bool) else v}")
+    return f"build it ahead of time into this cache with `{' '.join(parts)}`, or unset FLASHINFER_DISABLE_JIT"
+
+
+def _check_supported(spec) -> None:
+    reason = spec.unsupported_reason()
+    if reason:
+        raise ValueError(f"{spec.name()} is not supported: {reason}")
+
+
+def _ensure(spec, key: str) -> BuildReport:
+    """Double-checked: valid entry? else lock, look again, build."""
+    root = env.cache_root_path()
+    so, man, reason = cache.check_entry(key, root)
+    if so is not None:
+        return _cached_report(spec, key, root, man)
+    if env.jit_disabled():
+        raise JITDisabledError(
+            f"FLASHINFER_DISABLE_JIT is set and {spec.name()} (key {key}) is not in the JIT cache "
+            f"{root} ({reason}); {_prewarm_hint(spec)}."
+        )
+    _check_supported(spec)
+    env.ensure_dir(root)
+    with _file_lock(key, root):
+        so, man, reason = cache.check_entry(key, root)
+        if so is not None:
+            return _cached_report(spec, key, root, man)
+        return build_into(spec, key, root)
+
+
+def _cached_report(spec, key: str, root: Path, man) -> BuildReport:
+    lp = man.get("log_path") if man else None
+    return BuildReport(spec, key, "cached", 0.0, cache.entry_dir(key, root), Path(lp) if lp else None)
+
+
+def ensure_built(spec) -> BuildReport:
+    """Build ``spec`` if it is not cached, without loading it into this process."""
+    from .cache import cache_key
+
+    key = cache_key(spec)
+    with _thread_lock(key):
+        return _ensure(spec, key)
+
+
+class JITModule:
+    """A loaded module: ``.spec``, ``.key``, ``.path`` (the .so), ``.entry_dir``, ``.fn(symbol)``."""
+
+    def __init__(self, spec, key: str, path: Path, entry_dir: Path, report: BuildReport) -> None:
+        self.spec = spec
+        self.key = key
+        self.path = path
+        self.entry_dir = entry_dir
+        self.report = report
+        self.lib = ctypes.CDLL(str(path))
+        self._fns: Dict[str, Any] = {}
+
+    @property
+    def status(self) -> str:
+        """"built" if this process built it, else "cached"."""
+        return self.report.status
+
+    def fn(self, symbol: str) -> Callable:
+        """The exported C function ``symbol`` with restype/argtypes from ``spec.exports`` (cached)."""
+        f = self._fns.get(symbol)
+        if f is not None:
+            return f
+        sig = self.spec.exports.get(symbol)
+        if sig is None and symbol == ERROR_STRING_SYMBOL:
+            sig = (ctypes.c_char_p, (ctypes.c_int,))
+        if sig is None:
+            raise AttributeError(
+                f"{self.spec.name()}: {symbol!r} is not in {type(self.spec).__name__}.exports "
+                f"(known: {sorted(self.spec.exports)})"
+            )
+        f = getattr(self.lib, symbol)
+        f.restype, f.argtypes = sig[0], list(sig[1])
+        self._fns[symbol] = f
+        return f
+
+    def error_string(self, code: int) -> str:
+        s = self.fn(ERROR_STRING_SYMBOL)(int(code))
+        return s.decode(errors="replace") if isinstance(s, bytes) else str(s)
+
+    def check(self, code: int, what: str = "") -> None:
+        """Raise RuntimeError when a launcher returned a non-zero cudaError_t."""
+        if code:
+            raise RuntimeError(f"{what or self.spec.name()}: CUDA error {code}: {self.error_string(code)}")
+
+    def __repr__(self) -> str:
+        return f"JITModule({self.key!r}, path={str(self.path)!r})"
+
+
+def load(spec) -> JITModule:
+    """The module of ``spec``: memo -> valid cache entry -> build under the file lock; then ctypes.CDLL."""
+    mod = _memo.get(spec)
+    if mod is not None:
+        return mod
+    from .cache import cache_key
+
+    key = cache_key(spec)
+    with _thread_lock(key):
+        mod = _memo.get(spec)
+        if mod is not None:
+            return mod
+        report = _ensure(spec, key)
+        so = report.entry_dir / cache.lib_name(key)
+        try:
+            mod = JITModule(spec, key, so, report.entry_dir, report)
+        except OSError:
+            # Entry removed or replaced between verification and dlopen (e.g. a concurrent cache clear):
+            # go through the lock once more.
+            report = _ensure(spec, key)
+            mod = JITModule(spec, key, report.entry_dir / cache.lib_name(key), report.entry_dir, report)
+        _memo[spec] = mod
+        return mod
+
+
+def loaded_modules() -> Dict[Any, JITModule]:
+    return dict(_memo)
+
+
+def _forget(spec=None) -> None:
+    """Test helper: drop memoized modules (the libraries stay mapped)."""
+    with _memo_lock:
+        if spec is None:
+            _memo.clear()
+        else:
+            _memo.pop(spec, None)
