@@ -412,16 +412,23 @@ class _Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
         self.done = 0
+        self.compiled = 0  # finished builds (not cache hits): the ETA is extrapolated from these
         self._last_len = 0
 
     def update(self, name: str, status: str, seconds: Optional[float], inflight: int) -> None:
         self.done += 1
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        now = time.perf_counter()
+        if status == "cached":
+            self.t_cached = now  # cache hits are (nearly) free: start the build clock after them
+        else:
+            self.compiled += 1
+        elapsed = now - self.t0
+        t_build = now - getattr(self, "t_cached", self.t0)
+        eta = t_build / self.compiled * (self.total - self.done) if self.compiled else None
         sec = f" {_fmt_secs(seconds)}" if status in ("built", "failed") else ""
         line = (
             f"[{self.done}/{self.total}] {100 * self.done // max(self.total, 1):3d}% "
-            f"elapsed {_fmt_secs(elapsed)} ETA {_fmt_secs(eta) if self.done < self.total else '0s'} "
+            f"elapsed {_fmt_secs(elapsed)} ETA {'0s' if self.done >= self.total else ('?' if eta is None else _fmt_secs(eta))} "
             f"| {inflight} building | {status}{sec}: {name}"
         )
         if self.tty:

@@ -247,7 +247,8 @@ def probe_cache(tmp_path_factory):
     env = {"FLASHINFER_JIT_CACHE": str(root), "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda"),
            "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")}
     report = root.parent / "probe_prewarm.json"
-    r = _run_cli(["prewarm", "--preset", "probe", "--jobs", "2", "--json", str(report)], env=env)
+    # Two modules (dtype f32, constants 1 and 2) on two worker processes.
+    r = _run_cli(["prewarm", "--preset", "probe", "--axis", "dtype=f32", "--jobs", "2", "--json", str(report)], env=env)
     return {"root": root, "env": env, "run": r, "report": json.loads(report.read_text()) if report.exists() else None}
 
 
@@ -265,13 +266,13 @@ def test_real_prewarm_of_probe_family(probe_cache):
             assert Path(item["entry_dir"]).is_dir() and item["seconds"] > 0
 
     # Second run: everything already cached, nothing compiled.
-    again = _run_cli(["prewarm", "--preset", "probe", "--jobs", "2", "--json", str(probe_cache["root"].parent / "again.json")],
+    again = _run_cli(["prewarm", "--preset", "probe", "--axis", "dtype=f32", "--jobs", "2", "--json", str(probe_cache["root"].parent / "again.json")],
                      env=probe_cache["env"])
     assert again.returncode == 0, again.stdout + again.stderr
     rep2 = json.loads((probe_cache["root"].parent / "again.json").read_text())
     assert rep2["counts"]["cached"] == n and rep2["counts"]["built"] == 0
 
-    dry = _run_cli(["prewarm", "--preset", "probe", "--dry-run"], env=probe_cache["env"])
+    dry = _run_cli(["prewarm", "--preset", "probe", "--axis", "dtype=f32", "--dry-run"], env=probe_cache["env"])
     assert dry.returncode == 0 and f"{n} of {n} already cached" in dry.stdout, dry.stdout + dry.stderr
 
 
