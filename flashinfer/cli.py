@@ -848,12 +848,12 @@ def cmd_demo(args) -> int:
     print(f"check:  max |out - fp32 reference| = {err:.3e} (tolerance {tol:.1e}) -> {'OK' if err <= tol else 'MISMATCH'}")
 
     for _ in range(args.warmup):
-        flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout="NHD")
+        flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout="NHD", out=o)
     times = []
     for _ in range(args.iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout="NHD")
+        flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout="NHD", out=o)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)

@@ -319,3 +319,42 @@ def test_module_entry_point_help():
     for flag in ("--families", "--head-dims", "--dtypes", "--layouts", "--pos-encodings", "--window",
                  "--softcap", "--preset", "--jobs", "--dry-run", "--shard", "--json"):
         assert flag in r.stdout
+
+
+# ------------------------------------------------------------------ demo
+
+
+def test_demo_reference_matches_per_head_softmax():
+    import torch
+
+    hq, hkv, d, n = 8, 2, 16, 37
+    q, k, v = torch.randn(hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    got = cli._demo_reference(q, k, v, 0.25)
+    for h in range(hq):
+        kv = h // (hq // hkv)  # FlashInfer's GQA mapping: consecutive query heads share a kv head
+        p = torch.softmax((k[:, kv] @ q[h]) * 0.25, dim=0)
+        torch.testing.assert_close(got[h], p @ v[:, kv])
+
+
+def test_demo_without_gpu_builds_and_says_so(tmp_path):
+    try:
+        import flashinfer.decode  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"flashinfer.decode is not available yet: {e}")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: see test_demo_on_gpu")
+    env = {"FLASHINFER_JIT_CACHE": str(tmp_path / "cache"), "TORCH_CUDA_ARCH_LIST": "9.0"}
+    r = _run_cli(["demo"], env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "compiled in" in r.stdout and "No CUDA GPU found" in r.stdout
+    r = _run_cli(["demo"], env=env)
+    assert r.returncode == 0 and "build:  cached" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+def test_demo_on_gpu():
+    r = _run_cli(["demo", "--kv-len", "8192", "--iters", "20", "--warmup", "3"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "-> OK" in r.stdout and "TB/s" in r.stdout
