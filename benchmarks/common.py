@@ -1,0 +1,104 @@
+"""Timing helpers shared by the benchmarks: CUDA-event medians, graph replays, measured ceilings, and the
+RESULTS.md writer. Nothing here is used by tests (timings never go into tests)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def median_ms(fn: Callable[[int], object], n_inputs: int, warmup: int = 10, iters: int = 100) -> float:
+    """Median time of one call, events around each call; fn(i) uses input set i % n_inputs."""
+    for i in range(warmup):
+        fn(i % n_inputs)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        fn(i % n_inputs)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def graph_ms(fn: Callable[[int], object], n_inputs: int, reps: int = 20, calls_per_graph: int = 0) -> float:
+    """Device time of one call without host overhead: a CUDA graph of calls over all input sets,
+    replayed; median replay time over the number of calls in it."""
+    calls = calls_per_graph or max(n_inputs, 10)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i % n_inputs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i % n_inputs)
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth_tbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda i: dst.copy_(src), 1, warmup=3, iters=20)
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def bf16_matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(lambda i: a @ b, 1, warmup=5, iters=20)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+uncommitted" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def device_line() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+def write_results(title: str, header: Sequence[str], rows: List[Sequence[object]], notes: Sequence[str]) -> str:
+    """Appends a dated table to benchmarks/RESULTS.md (and $OUT/RESULTS.md when OUT is set); returns it."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## {title}", "", f"- date: {now}", f"- device: {device_line()}", f"- commit: {git_commit()}"]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n\n"
+    with open(RESULTS, "a") as f:
+        f.write(text)
+    out = os.environ.get("OUT")
+    if out:
+        with open(Path(out) / "RESULTS.md", "a") as f:
+            f.write(text)
+    return text

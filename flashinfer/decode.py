@@ -1,0 +1,288 @@
+"""Decode attention: one new query token per head attending to a request's whole KV cache.
+
+``single_decode_with_kv_cache`` is a drop-in for FlashInfer's function of that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from . import jit
+from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
+from .utils import (
+    DTYPE_CUDA,
+    SUPPORTED_HEAD_DIMS,
+    PosEncodingMode,
+    TensorLayout,
+    canonical_layout,
+    canonical_pos_encoding,
+    check_head_dim,
+    check_out,
+    check_same_device,
+    check_tensor,
+    check_vector_rows,
+    cuda_bool,
+    current_stream_ptr,
+    dtype_short,
+    on_off,
+    pos_encoding_cuda,
+    scalar,
+)
+
+# Chunks shorter than this cost more to merge than they gain in parallelism (matches kMinChunk in
+# templates/include/flashinfer/decode.cuh); the launcher picks at most this many chunks per call.
+_MIN_CHUNK = 256
+_MAX_CHUNKS = 128
+# RoPE positions are carried as floats in the kernel and must be exact.
+_MAX_ROPE_POSITION = 1 << 24
+
+
+@register_family
+@dataclasses.dataclass(frozen=True)
+class SingleDecodeSpec(Spec):
+    """Compile-time configuration of the single-request decode kernel."""
+
+    head_dim: int = 128
+    dtype_q: str = "bf16"
+    dtype_kv: str = "bf16"
+    dtype_o: str = "bf16"
+    kv_layout: str = "NHD"
+    pos_encoding_mode: str = "NONE"
+    use_window: bool = False
+    use_logits_soft_cap: bool = False
+
+    family = "decode_single"
+    template = "single_decode.cu.jinja"
+    exports = {
+        "flashinfer_single_decode": (
+            c_int,
+            (c_void_p,) * 6  # q, k, v, o, lse, workspace
+            + (c_int,) * 4  # workspace_chunks, num_qo_heads, num_kv_heads, kv_len
+            + (c_int64,) * 5  # q_stride_h, k_stride_0, k_stride_1, v_stride_0, v_stride_1
+            + (c_int,)  # window_left
+            + (c_float,) * 5  # logits_soft_cap, sm_scale, v_scale, rope_scale, rope_theta
+            + (c_int, c_void_p),  # device, stream
+        )
+    }
+
+    def name(self) -> str:
+        return (
+            f"{self.family}_q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}"
+            f"_{self.kv_layout.lower()}_pos-{self.pos_encoding_mode.lower().replace('_', '')}"
+            f"_window-{on_off(self.use_window)}_softcap-{on_off(self.use_logits_soft_cap)}"
+        )
+
+    def render_vars(self) -> Dict[str, Any]:
+        return {
+            "name": self.name(),
+            "head_dim": self.head_dim,
+            "dtype_q": DTYPE_CUDA[self.dtype_q],
+            "dtype_kv": DTYPE_CUDA[self.dtype_kv],
+            "dtype_o": DTYPE_CUDA[self.dtype_o],
+            "kv_layout_hnd": cuda_bool(self.kv_layout == "HND"),
+            "pos_encoding": pos_encoding_cuda(self.pos_encoding_mode),
+            "use_window": cuda_bool(self.use_window),
+            "use_logits_soft_cap": cuda_bool(self.use_logits_soft_cap),
+        }
+
+    @classmethod
+    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
+        return {
+            "head_dim": SUPPORTED_HEAD_DIMS,
+            "dtype_q": ("bf16", "f16"),
+            "dtype_kv": ("bf16", "f16"),
+            "dtype_o": ("bf16", "f16"),
+            "kv_layout": ("NHD", "HND"),
+            "pos_encoding_mode": tuple(m.name for m in PosEncodingMode),
+            "use_window": (False, True),
+            "use_logits_soft_cap": (False, True),
+        }
+
+    def unsupported_reason(self) -> Optional[str]:
+        if self.dtype_kv != self.dtype_q:
+            return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: q and kv must share a 16-bit dtype"
+        if self.dtype_o != self.dtype_q:
+            return f"output dtype {self.dtype_o} differs from q dtype {self.dtype_q}: the output takes q's dtype"
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(spec: SingleDecodeSpec) -> Tuple[jit.JITModule, Any]:
+    module = jit.load(spec)
+    return module, module.fn("flashinfer_single_decode")
+
+
+def _kv_span(kv_len: int, window_left: int) -> int:
+    """Keys a query actually attends to: all of them, or the last window_left + 1."""
+    return min(kv_len, window_left + 1) if window_left >= 0 else kv_len
+
+
+def _launch(q, k, v, o, lse, spec: SingleDecodeSpec, num_qo_heads: int, num_kv_heads: int, kv_len: int,
+            window_left: int, soft_cap: float, sm_scale: float, v_scale: float, rope_scale: float,
+            rope_theta: float) -> None:
+    module, fn = _launcher(spec)
+    device = q.device
+    max_chunks = min(_MAX_CHUNKS, -(-_kv_span(kv_len, window_left) // _MIN_CHUNK))
+    workspace = None
+    if max_chunks > 1:
+        workspace = torch.empty(max_chunks * num_qo_heads * (spec.head_dim + 1), dtype=torch.float32, device=device)
+    rc = fn(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+        lse.data_ptr() if lse is not None else None,
+        workspace.data_ptr() if workspace is not None else None,
+        max_chunks, num_qo_heads, num_kv_heads, kv_len,
+        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        window_left, soft_cap, sm_scale, v_scale, rope_scale, rope_theta,
+        device.index, current_stream_ptr(device),
+    )
+    if rc:
+        module.check(rc, f"single_decode_with_kv_cache ({spec.name()}) on {device}")
+
+
+@torch.library.custom_op("flashinfer::single_decode", mutates_args=())
+def _single_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str, pos_encoding_mode: str,
+                      window_left: int, logits_soft_cap: float, sm_scale: float, v_scale: float, rope_scale: float,
+                      rope_theta: float, return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[0] if return_lse else 0, dtype=torch.float32, device=q.device)
+    _run(q, k, v, kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, v_scale, rope_scale,
+         rope_theta, o, lse if return_lse else None)
+    return o, lse
+
+
+@_single_decode_op.register_fake
+def _single_decode_fake(q, k, v, kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, v_scale,
+                        rope_scale, rope_theta, return_lse):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0] if return_lse else 0,), dtype=torch.float32)
+
+
+def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft_cap: float, sm_scale: float,
+         v_scale: float, rope_scale: float, rope_theta: float, o: torch.Tensor, lse: Optional[torch.Tensor]) -> None:
+    num_qo_heads, head_dim = q.shape
+    if kv_layout == "NHD":
+        kv_len, num_kv_heads = k.shape[0], k.shape[1]
+    else:
+        num_kv_heads, kv_len = k.shape[0], k.shape[1]
+    dq = dtype_short(q, "q")
+    spec = SingleDecodeSpec(
+        head_dim=head_dim, dtype_q=dq, dtype_kv=dtype_short(k, "k"), dtype_o=dq, kv_layout=kv_layout,
+        pos_encoding_mode=pos_encoding_mode, use_window=window_left >= 0, use_logits_soft_cap=soft_cap > 0,
+    )
+    _launch(q, k, v, o, lse, spec, num_qo_heads, num_kv_heads, kv_len, window_left, soft_cap, sm_scale, v_scale,
+            rope_scale, rope_theta)
+
+
+def single_decode_with_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layout: str = "NHD",
+    pos_encoding_mode: str = "NONE",
+    use_tensor_cores: bool = False,
+    q_scale: Optional[float] = None,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
+    window_left: int = -1,
+    logits_soft_cap: Optional[float] = None,
+    sm_scale: Optional[float] = None,
+    rope_scale: Optional[float] = None,
+    rope_theta: Optional[float] = None,
+    return_lse: bool = False,
+    *,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Decode attention of one request: each query head attends to every key of the request.
+
+    Args:
+        q: ``[num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
+        k, v: ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]``
+            (``"HND"``), q's dtype. Views are accepted when the last dimension is contiguous and the other
+            strides are multiples of 16 bytes. ``num_qo_heads`` must be a multiple of ``num_kv_heads`` (any
+            GQA group size); head_dim one of 64, 128, 256.
+        pos_encoding_mode: ``"NONE"``, ``"ROPE_LLAMA"`` (RoPE applied on the fly: q at position kv_len-1,
+            key i at position i, with ``rope_scale`` (default 1) and ``rope_theta`` (default 1e4)) or
+            ``"ALIBI"`` (bias slope_h * (i - (kv_len - 1)) with the standard ALiBi slopes).
+        use_tensor_cores: accepted for compatibility; gives the same result (the CUDA-core kernel serves it
+            until the tensor-core prefill kernels exist).
+        q_scale, k_scale: multiply the logits; v_scale multiplies the output.
+        window_left: ``w >= 0`` attends only to the last ``w + 1`` keys; ``-1`` attends to all.
+        logits_soft_cap: ``c > 0`` maps each scaled logit x to ``c * tanh(x / c)``; None or 0 disables.
+        sm_scale: logit scale, default ``1 / sqrt(head_dim)``.
+        return_lse: also return lse ``[num_qo_heads]`` float32, the base-2 log-sum-exp of the scaled logits.
+        out, lse: optional preallocated outputs (contiguous, ``[num_qo_heads, head_dim]`` in q's dtype and
+            ``[num_qo_heads]`` float32); an extension over FlashInfer's signature.
+
+    Returns:
+        o ``[num_qo_heads, head_dim]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
+    """
+    check_tensor(q, "q", 2)
+    check_tensor(k, "k", 3)
+    check_tensor(v, "v", 3)
+    device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
+    kv_layout = canonical_layout(kv_layout)
+    pos_encoding_mode = canonical_pos_encoding(pos_encoding_mode)
+    dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k"), dtype_short(v, "v")
+    if not (dq == dk == dv):
+        raise TypeError(f"q, k and v must share one dtype (float16 or bfloat16); got {q.dtype}, {k.dtype}, {v.dtype}")
+    num_qo_heads, head_dim = q.shape
+    check_head_dim(head_dim)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k/v head_dim {k.shape[2]} does not match q's head_dim {head_dim}")
+    if kv_layout == "NHD":
+        kv_len, num_kv_heads = k.shape[0], k.shape[1]
+    else:
+        num_kv_heads, kv_len = k.shape[0], k.shape[1]
+    if kv_len == 0:
+        raise ValueError("kv_len is 0: decode needs at least one key")
+    if num_kv_heads == 0 or num_qo_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads}) "
+            f"(kv_layout={kv_layout!r}: k is {'[kv_len, num_kv_heads, head_dim]' if kv_layout == 'NHD' else '[num_kv_heads, kv_len, head_dim]'})"
+        )
+    if kv_len >= 2**31:
+        raise ValueError(f"kv_len {kv_len} exceeds the supported maximum 2**31 - 1")
+    if pos_encoding_mode == "ROPE_LLAMA" and kv_len > _MAX_ROPE_POSITION:
+        raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}, got {kv_len}")
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+    window_left = min(window_left, 2**31 - 1)
+    soft_cap = scalar(logits_soft_cap, "logits_soft_cap", 0.0)
+    if soft_cap < 0:
+        raise ValueError(f"logits_soft_cap must be > 0 (or None/0 to disable), got {soft_cap}")
+    scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim))
+    scale *= scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
+    out_scale = scalar(v_scale, "v_scale", 1.0)
+    r_scale = scalar(rope_scale, "rope_scale", 1.0)
+    r_theta = scalar(rope_theta, "rope_theta", 1e4)
+    if pos_encoding_mode == "ROPE_LLAMA" and (r_scale <= 0 or r_theta <= 0):
+        raise ValueError(f"rope_scale and rope_theta must be > 0, got {r_scale} and {r_theta}")
+    check_vector_rows(k, "k", 2)
+    check_vector_rows(v, "v", 2)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    check_out(out, "out", (num_qo_heads, head_dim), q.dtype, device)
+    check_out(lse, "lse", (num_qo_heads,), torch.float32, device)
+
+    if torch.compiler.is_compiling():
+        o, lse_t = _single_decode_op(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale,
+                                     r_scale, r_theta, return_lse)
+        if out is not None:
+            o = out.copy_(o)
+        if return_lse and lse is not None:
+            lse_t = lse.copy_(lse_t)
+        return (o, lse_t) if return_lse else o
+
+    o = out if out is not None else torch.empty((num_qo_heads, head_dim), dtype=q.dtype, device=device)
+    if return_lse and lse is None:
+        lse = torch.empty((num_qo_heads,), dtype=torch.float32, device=device)
+    _run(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale, r_scale, r_theta, o,
+         lse if return_lse else None)
+    return (o, lse) if return_lse else o

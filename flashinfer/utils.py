@@ -1,0 +1,155 @@
+"""Shared helpers of the API modules: enums, dtype names, input validation, devices and streams."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+
+class PosEncodingMode(enum.Enum):
+    NONE = 0
+    ROPE_LLAMA = 1
+    ALIBI = 2
+
+
+class TensorLayout(enum.Enum):
+    NHD = 0
+    HND = 1
+
+
+# Short names used in spec names and the CLI, and the CUDA types the templates are stamped with.
+DTYPE_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16"}
+DTYPE_CUDA = {"f16": "__half", "bf16": "__nv_bfloat16"}
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+_POS_ENCODING_CUDA = {"NONE": "kNone", "ROPE_LLAMA": "kRopeLlama", "ALIBI": "kAlibi"}
+
+
+def pos_encoding_cuda(mode: str) -> str:
+    return _POS_ENCODING_CUDA[mode]
+
+
+def cuda_bool(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+def on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def canonical_pos_encoding(mode: Union[str, int, PosEncodingMode]) -> str:
+    """``"NONE"``/``"ROPE_LLAMA"``/``"ALIBI"`` from a string, a PosEncodingMode or its integer value."""
+    if isinstance(mode, PosEncodingMode):
+        return mode.name
+    if isinstance(mode, int) and not isinstance(mode, bool):
+        for m in PosEncodingMode:
+            if m.value == mode:
+                return m.name
+    if isinstance(mode, str) and mode.upper() in PosEncodingMode.__members__:
+        return mode.upper()
+    raise ValueError(f"pos_encoding_mode must be one of {list(PosEncodingMode.__members__)}, got {mode!r}")
+
+
+def canonical_layout(layout: Union[str, int, TensorLayout]) -> str:
+    """``"NHD"`` or ``"HND"`` from a string, a TensorLayout or its integer value."""
+    if isinstance(layout, TensorLayout):
+        return layout.name
+    if isinstance(layout, int) and not isinstance(layout, bool):
+        for m in TensorLayout:
+            if m.value == layout:
+                return m.name
+    if isinstance(layout, str) and layout.upper() in TensorLayout.__members__:
+        return layout.upper()
+    raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {layout!r}")
+
+
+def dtype_short(t: torch.Tensor, name: str) -> str:
+    try:
+        return DTYPE_SHORT[t.dtype]
+    except KeyError:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: torch.float16, torch.bfloat16") from None
+
+
+def check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} is on {t.device}; the kernels run on CUDA devices only")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> torch.device:
+    """All given tensors on one device; returns it."""
+    present = [(n, t) for n, t in named if t is not None]
+    device = present[0][1].device
+    for n, t in present[1:]:
+        if t.device != device:
+            raise ValueError(
+                f"all tensors must be on one device: {present[0][0]} is on {device} but {n} is on {t.device}"
+            )
+    return device
+
+
+def check_vector_rows(t: torch.Tensor, name: str, leading_dims: int) -> None:
+    """The kernels read rows with 16-byte loads: last dim contiguous, other strides and the base aligned."""
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
+    elem = t.element_size()
+    align = 16 // elem
+    for d in range(leading_dims):
+        if t.size(d) > 1 and t.stride(d) % align != 0:
+            raise ValueError(
+                f"{name} stride {t.stride(d)} of dim {d} is not a multiple of {align} elements (16 bytes); "
+                f"got strides {t.stride()}. Pass a tensor whose rows start 16-byte aligned, e.g. .contiguous()"
+            )
+    if t.data_ptr() % 16 != 0:
+        raise ValueError(f"{name} data pointer must be 16-byte aligned; got a view at offset {t.storage_offset()}")
+
+
+def check_out(out: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}; got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}, contiguous={out.is_contiguous()}"
+        )
+
+
+def scalar(x: object, name: str, default: float) -> float:
+    """A Python number (or a 0-d CPU tensor); CUDA tensors are refused since reading them would sync."""
+    if x is None:
+        return float(default)
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu" or x.numel() != 1:
+            raise TypeError(f"{name} must be a Python number or a one-element CPU tensor, got {x.device} {tuple(x.shape)}")
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    v = float(x)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported; supported: {list(SUPPORTED_HEAD_DIMS)}")
+
+
+def current_stream_ptr(device: torch.device) -> int:
+    """Raw cudaStream_t of the device's current stream (not of the current device)."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

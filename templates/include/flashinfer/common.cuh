@@ -1,0 +1,85 @@
+// Shared device utilities: 16-byte vectors of 16-bit floats, fast exp2/log2, warp reductions.
+// Framework-agnostic: raw pointers only, no torch headers (they cost a minute of compile time).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define FI_DEVICE __device__ __forceinline__
+#define FI_EXPORT __attribute__((visibility("default")))
+
+namespace flashinfer {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+// ex2.approx has ~2 ulp error and maps -inf to +0, which is what the online softmax wants.
+FI_DEVICE float ptx_exp2(float x) {
+  float y;
+  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+FI_DEVICE float ptx_log2(float x) {
+  float y;
+  asm volatile("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Eight 16-bit values packed in 16 bytes <-> eight floats.
+FI_DEVICE void unpack8(const uint4& raw, float (&out)[8], __nv_bfloat16 /*tag*/) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // bf16 -> f32 is a 16-bit shift: cheaper than the conversion intrinsics.
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+FI_DEVICE void unpack8(const uint4& raw, float (&out)[8], __half /*tag*/) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h = *reinterpret_cast<const __half2*>(&w[i]);
+    float2 f = __half22float2(h);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+template <typename T>
+FI_DEVICE T from_float(float x);
+template <>
+FI_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+FI_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+FI_DEVICE float to_float(T x);
+template <>
+FI_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+FI_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+FI_DEVICE uint4 pack8(const float (&in)[8]) {
+  uint4 raw;
+  T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) h[i] = from_float<T>(in[i]);
+  return raw;
+}
+
+// Sum over groups of WIDTH consecutive lanes (WIDTH a power of two <= 32).
+template <int WIDTH>
+FI_DEVICE float group_sum(float x) {
+#pragma unroll
+  for (int offset = WIDTH / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace flashinfer

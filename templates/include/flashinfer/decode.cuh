@@ -1,0 +1,326 @@
+// Decode attention on CUDA cores: one query token per head against a long KV sequence.
+//
+// Memory bound: every key and value is read once, with 16-byte cp.async copies into a STAGES-deep
+// shared-memory ring. A CTA serves one KV head and up to GT query heads of its GQA group, so K/V are
+// read once for the whole group. Long sequences are split into chunks across CTAs so that even one
+// request fills every SM; each CTA then leaves a partial (o, lse) state and a second kernel (launched
+// with programmatic dependent launch, so its launch overlaps the first) merges them.
+#pragma once
+#include "common.cuh"
+#include "cp_async.cuh"
+#include "merge.cuh"
+#include "pos_enc.cuh"
+
+#include <type_traits>
+
+namespace flashinfer {
+
+struct SingleDecodeParams {
+  const void* q;  // [num_qo_heads, HEAD_DIM], row stride q_stride_h
+  const void* k;  // token n, head h at k + n * k_stride_n + h * k_stride_h (elements)
+  const void* v;
+  void* o;        // [num_qo_heads, HEAD_DIM] contiguous
+  float* lse;     // [num_qo_heads] or nullptr
+  float* partial_o;    // [num_chunks, num_qo_heads, HEAD_DIM] when num_chunks > 1
+  float* partial_lse;  // [num_chunks, num_qo_heads]
+  int num_qo_heads, num_kv_heads, kv_len;
+  int64_t q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h;
+  int window_left;
+  float logits_soft_cap, sm_scale, v_scale, rope_scale, rope_theta;
+  // Filled in by the launcher.
+  int group_size, head_tiles, kv_begin, chunk_size, num_chunks;
+};
+
+template <int HEAD_DIM>
+struct DecodeTraits {
+  static constexpr int kThreads = 128;
+  static constexpr int LANES = HEAD_DIM / 8;       // threads sharing one K/V row, 8 elements each
+  static constexpr int ROWS = kThreads / LANES;    // rows processed side by side
+  static constexpr int TILE = 4096 / HEAD_DIM;     // tokens per stage: 8 KB of K and 8 KB of V
+  static constexpr int TOKENS_PER_ROW = TILE / ROWS;
+  static constexpr int STAGES = 3;
+  static constexpr int COPIES = TILE * LANES / kThreads;  // 16-byte copies per thread per stage, each of K and V
+  static constexpr int kSmemBytes = STAGES * 2 * TILE * HEAD_DIM * 2;
+  static constexpr int kMinChunk = 256;  // shorter chunks cost more in merging than they gain
+  static_assert(HEAD_DIM % 64 == 0 && LANES <= 32 && TOKENS_PER_ROW >= 1, "unsupported head_dim");
+  static_assert(TILE * LANES % kThreads == 0, "tile must split evenly over the threads");
+};
+
+template <int GT>
+constexpr int decode_min_blocks() {
+  return GT <= 2 ? 4 : (GT == 4 ? 3 : 2);
+}
+
+template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
+          bool SOFTCAP>
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<GT>())
+    single_decode_kernel(const __grid_constant__ SingleDecodeParams p,
+                         const __grid_constant__ std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope) {
+  using T = DecodeTraits<HEAD_DIM>;
+  constexpr int LANES = T::LANES, ROWS = T::ROWS, TILE = T::TILE, TPR = T::TOKENS_PER_ROW, STAGES = T::STAGES;
+  constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
+  constexpr bool ALIBI = POS == PosEncoding::kAlibi;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint4* smem = reinterpret_cast<uint4*>(smem_raw);  // [STAGES][K|V][TILE][LANES] x 16 bytes
+
+  const int lane = threadIdx.x % LANES, row = threadIdx.x / LANES;
+  // Head tile varies fastest so that the CTAs reading the same K/V run together and share L2.
+  int bid = blockIdx.x;
+  const int head_tile = bid % p.head_tiles;
+  bid /= p.head_tiles;
+  const int chunk = bid % p.num_chunks;
+  const int kv_head = bid / p.num_chunks;
+  const int heads_here = min(GT, p.group_size - head_tile * GT);
+  const int qo_head0 = kv_head * p.group_size + head_tile * GT;
+  const int q_pos = p.kv_len - 1;
+
+  RopeRate rate;
+  if constexpr (ROPE) load_rope_rate<HEAD_DIM>(rate, rope, lane);
+
+  float q[GT][8], slope[GT];
+#pragma unroll
+  for (int j = 0; j < GT; ++j) {
+    // Spare slots of a partial tile repeat the last head; their results are never stored.
+    const int h = qo_head0 + min(j, heads_here - 1);
+    const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + h * p.q_stride_h + lane * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[j][i] = to_float(qh[i]);
+    if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
+    slope[j] = ALIBI ? alibi_slope(h, p.num_qo_heads) : 0.f;
+  }
+
+  const int chunk_begin = p.kv_begin + chunk * p.chunk_size;
+  const int chunk_end = min(p.kv_len, chunk_begin + p.chunk_size);
+  const int num_tiles = ceil_div(chunk_end - chunk_begin, TILE);
+  const int64_t stride_n_k = p.k_stride_n, stride_n_v = p.v_stride_n;
+  const DTypeKV* k_head = static_cast<const DTypeKV*>(p.k) + kv_head * p.k_stride_h;
+  const DTypeKV* v_head = static_cast<const DTypeKV*>(p.v) + kv_head * p.v_stride_h;
+
+  auto load_tile = [&](int tile) {
+    uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
+    uint4* sv = sk + TILE * LANES;
+#pragma unroll
+    for (int it = 0; it < T::COPIES; ++it) {
+      const int idx = threadIdx.x + it * T::kThreads;
+      const int token = chunk_begin + tile * TILE + idx / LANES;
+      const bool valid = token < chunk_end;
+      const int64_t n = valid ? token : chunk_begin;  // keep the address in bounds when zero-filling
+      const int col = (idx % LANES) * 8;
+      cp_async_16(sk + idx, k_head + n * stride_n_k + col, valid);
+      cp_async_16(sv + idx, v_head + n * stride_n_v + col, valid);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s);
+    cp_async_commit();
+  }
+
+  float m[GT], d[GT], o[GT][8];
+#pragma unroll
+  for (int j = 0; j < GT; ++j) {
+    m[j] = kNegInf;
+    d[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[j][i] = 0.f;
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile's data visible to all; everyone is done with the stage refilled next
+    if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
+    cp_async_commit();
+
+    const uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
+    const uint4* sv = sk + TILE * LANES;
+    const int tile_begin = chunk_begin + tile * TILE;
+
+    float s[GT][TPR];
+#pragma unroll
+    for (int t = 0; t < TPR; ++t) {
+      const int tl = t * ROWS + row;
+      const int token = tile_begin + tl;
+      float kf[8];
+      unpack8(sk[tl * LANES + lane], kf, DTypeKV{});
+      if constexpr (ROPE) rope_rotate<LANES>(kf, rate, float(token), lane);
+#pragma unroll
+      for (int j = 0; j < GT; ++j) {
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc = fmaf(q[j][i], kf[i], acc);
+        acc = group_sum<LANES>(acc);
+        const float x = transform_logit<ALIBI, SOFTCAP>(acc, slope[j], token - q_pos, p.logits_soft_cap);
+        s[j][t] = token < chunk_end ? x : kNegInf;
+      }
+    }
+
+#pragma unroll
+    for (int j = 0; j < GT; ++j) {
+      float m_new = m[j];
+#pragma unroll
+      for (int t = 0; t < TPR; ++t) m_new = fmaxf(m_new, s[j][t]);
+      const bool any = m_new != kNegInf;  // a row may see only padding in a short chunk
+      const float scale = any ? ptx_exp2(m[j] - m_new) : 1.f;
+      d[j] *= scale;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[j][i] *= scale;
+#pragma unroll
+      for (int t = 0; t < TPR; ++t) {
+        s[j][t] = any ? ptx_exp2(s[j][t] - m_new) : 0.f;
+        d[j] += s[j][t];
+      }
+      m[j] = m_new;
+    }
+
+#pragma unroll
+    for (int t = 0; t < TPR; ++t) {
+      const int tl = t * ROWS + row;
+      float vf[8];
+      unpack8(sv[tl * LANES + lane], vf, DTypeKV{});
+#pragma unroll
+      for (int j = 0; j < GT; ++j) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[j][i] = fmaf(s[j][t], vf[i], o[j][i]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  grid_dependency_launch_dependents();
+
+  // Merge the ROWS row states of each head through shared memory (the K/V ring is free now).
+  float* s_m = reinterpret_cast<float*>(smem_raw);  // [ROWS][GT]
+  float* s_d = s_m + ROWS * GT;                     // [ROWS][GT]
+  float* s_o = s_d + ROWS * GT;                     // [ROWS][GT][HEAD_DIM]
+  static_assert((2 * ROWS * GT + ROWS * GT * HEAD_DIM) * 4 <= T::kSmemBytes, "merge scratch exceeds the ring");
+#pragma unroll
+  for (int j = 0; j < GT; ++j) {
+    if (lane == 0) {
+      s_m[row * GT + j] = m[j];
+      s_d[row * GT + j] = d[j];
+    }
+    float4* dst = reinterpret_cast<float4*>(s_o + (row * GT + j) * HEAD_DIM + lane * 8);
+    dst[0] = make_float4(o[j][0], o[j][1], o[j][2], o[j][3]);
+    dst[1] = make_float4(o[j][4], o[j][5], o[j][6], o[j][7]);
+  }
+  __syncthreads();
+
+  for (int item = threadIdx.x; item < GT * LANES; item += T::kThreads) {
+    const int j = item / LANES, col = (item % LANES) * 8;
+    if (j >= heads_here) continue;
+    float m_all = kNegInf;
+    for (int r = 0; r < ROWS; ++r) m_all = fmaxf(m_all, s_m[r * GT + j]);
+    float d_all = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int r = 0; r < ROWS; ++r) {
+      const float w = ptx_exp2(s_m[r * GT + j] - m_all);  // rows that saw only padding weigh 0
+      d_all += w * s_d[r * GT + j];
+      const float* src = s_o + (r * GT + j) * HEAD_DIM + col;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(w, src[i], acc[i]);
+    }
+    const int h = qo_head0 + j;
+    const float lse = m_all + ptx_log2(d_all);
+    if (p.num_chunks == 1) {
+      const float scale = p.v_scale / d_all;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] *= scale;
+      *reinterpret_cast<uint4*>(static_cast<DTypeO*>(p.o) + int64_t(h) * HEAD_DIM + col) = pack8<DTypeO>(acc);
+      if (p.lse != nullptr && col == 0) p.lse[h] = lse;
+    } else {
+      const int64_t state = int64_t(chunk) * p.num_qo_heads + h;
+      float* dst = p.partial_o + state * HEAD_DIM + col;
+      const float inv_d = 1.f / d_all;
+      reinterpret_cast<float4*>(dst)[0] = make_float4(acc[0] * inv_d, acc[1] * inv_d, acc[2] * inv_d, acc[3] * inv_d);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(acc[4] * inv_d, acc[5] * inv_d, acc[6] * inv_d, acc[7] * inv_d);
+      if (col == 0) p.partial_lse[state] = lse;
+    }
+  }
+}
+
+// Cached per device: asking the driver on every call would cost more than the launch itself.
+inline int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
+          bool SOFTCAP>
+cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
+  using T = DecodeTraits<HEAD_DIM>;
+  auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>;
+  static int occupancy[64] = {0};
+  int& occ = occupancy[device >= 0 && device < 64 ? device : 0];
+  if (occ == 0) {
+    int n = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, T::kThreads, T::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    occ = n > 0 ? n : 1;
+  }
+  p.head_tiles = ceil_div(p.group_size, GT);
+  const int kv_span = p.kv_len - p.kv_begin;
+  const int ctas_per_chunk = p.num_kv_heads * p.head_tiles;
+  const int slots = occ * sm_count(device);
+  int num_chunks = 1;
+  if (workspace_chunks > 1 && ctas_per_chunk * 2 <= slots) {
+    num_chunks = slots / ctas_per_chunk;
+    num_chunks = min(num_chunks, min(workspace_chunks, ceil_div(kv_span, T::kMinChunk)));
+  }
+  p.chunk_size = ceil_div(ceil_div(kv_span, num_chunks), T::TILE) * T::TILE;
+  p.num_chunks = ceil_div(kv_span, p.chunk_size);
+  if (p.num_chunks > 1) {
+    p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.num_qo_heads * HEAD_DIM;
+  }
+  std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope;
+  if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, HEAD_DIM, p.rope_scale, p.rope_theta);
+  kernel<<<ctas_per_chunk * p.num_chunks, T::kThreads, T::kSmemBytes, stream>>>(p, rope);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_chunks == 1) return err;
+
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.num_qo_heads);
+  config.blockDim = dim3(kMergeThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, merge_chunk_states_kernel<HEAD_DIM, DTypeO>,
+                            static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
+                            p.num_chunks, p.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse,
+                            p.v_scale);
+}
+
+// Picks the query-head tile for the group size, and runs under a guard for the tensors' device.
+template <int HEAD_DIM, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW, bool SOFTCAP>
+cudaError_t launch_single_decode(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.kv_len <= 0) return cudaErrorInvalidValue;
+  if (workspace_chunks > 1 && p.partial_o == nullptr) return cudaErrorInvalidValue;
+  p.group_size = p.num_qo_heads / p.num_kv_heads;
+  p.kv_begin = WINDOW && p.window_left >= 0 ? max(0, p.kv_len - 1 - p.window_left) : 0;
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+#define FI_LAUNCH(GT) \
+  launch_single_decode_gt<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>(p, workspace_chunks, device, stream)
+  if (p.group_size == 1) err = FI_LAUNCH(1);
+  else if (p.group_size == 2) err = FI_LAUNCH(2);
+  else if (p.group_size <= 4) err = FI_LAUNCH(4);
+  else err = FI_LAUNCH(8);
+#undef FI_LAUNCH
+  if (previous != device) cudaSetDevice(previous);
+  return err;
+}
+
+}  // namespace flashinfer

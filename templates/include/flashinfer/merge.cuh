@@ -1,0 +1,83 @@
+// Merging partial attention states. A state over a set of keys is (o, lse): o the softmax-weighted
+// mean of their values, lse = log2 of the sum of exp2 of their (log2-domain) logits. Two states merge
+// by weighting each o with exp2(lse - max lse).
+#pragma once
+#include "common.cuh"
+#include "cp_async.cuh"
+
+namespace flashinfer {
+
+// Running merge of states, one at a time, without materialising all weights.
+template <int N>
+struct StateAccumulator {
+  float m = kNegInf;  // running max of lse
+  float d = 0.f;      // sum of exp2(lse - m)
+  float o[N];
+
+  FI_DEVICE StateAccumulator() {
+#pragma unroll
+    for (int i = 0; i < N; ++i) o[i] = 0.f;
+  }
+
+  FI_DEVICE void add(float lse, const float (&other)[N]) {
+    if (lse == kNegInf) return;  // empty state
+    const float m_new = fmaxf(m, lse);
+    const float scale_old = ptx_exp2(m - m_new);  // exp2(-inf) == 0 on the first add
+    const float w = ptx_exp2(lse - m_new);
+    d = d * scale_old + w;
+#pragma unroll
+    for (int i = 0; i < N; ++i) o[i] = o[i] * scale_old + w * other[i];
+    m = m_new;
+  }
+
+  FI_DEVICE float lse() const { return d > 0.f ? m + ptx_log2(d) : kNegInf; }
+};
+
+// Merges num_chunks partial states per query head into the final output.
+// partial_o: [num_chunks, num_heads, HEAD_DIM] f32, partial_lse: [num_chunks, num_heads] f32,
+// out: row h at out + h * out_stride_h, lse_out: [num_heads] f32 (nullable).
+// One block of kMergeThreads per head: LANES threads cover the head (4 floats each), GROUPS take
+// every GROUPS-th chunk, then the group states are merged in shared memory.
+constexpr int kMergeThreads = 128;
+
+template <int HEAD_DIM, typename DTypeO>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_chunk_states_kernel(const float* __restrict__ partial_o, const float* __restrict__ partial_lse,
+                              int num_chunks, int num_heads, DTypeO* __restrict__ out, int64_t out_stride_h,
+                              float* __restrict__ lse_out, float v_scale) {
+  constexpr int LANES = HEAD_DIM / 4;
+  constexpr int GROUPS = kMergeThreads / LANES;
+  __shared__ float s_lse[GROUPS];
+  __shared__ float s_o[GROUPS][HEAD_DIM];
+
+  grid_dependency_wait();
+  const int head = blockIdx.x;
+  const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
+  StateAccumulator<4> acc;
+  for (int c = group; c < num_chunks; c += GROUPS) {
+    const int64_t row = int64_t(c) * num_heads + head;
+    const float4 v = *reinterpret_cast<const float4*>(partial_o + row * HEAD_DIM + lane * 4);
+    const float vals[4] = {v.x, v.y, v.z, v.w};
+    acc.add(partial_lse[row], vals);
+  }
+  const float group_lse = acc.lse();
+  const float inv_d = acc.d > 0.f ? 1.f / acc.d : 0.f;
+  if (lane == 0) s_lse[group] = group_lse;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) s_o[group][lane * 4 + i] = acc.o[i] * inv_d;
+  __syncthreads();
+  if (group != 0) return;
+  StateAccumulator<4> total;
+#pragma unroll
+  for (int g = 0; g < GROUPS; ++g) {
+    const float vals[4] = {s_o[g][lane * 4], s_o[g][lane * 4 + 1], s_o[g][lane * 4 + 2], s_o[g][lane * 4 + 3]};
+    total.add(s_lse[g], vals);
+  }
+  const float inv_total = total.d > 0.f ? v_scale / total.d : 0.f;
+  DTypeO* dst = out + head * out_stride_h + lane * 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst[i] = from_float<DTypeO>(total.o[i] * inv_total);
+  if (lse_out != nullptr && lane == 0) lse_out[head] = total.lse();
+}
+
+}  // namespace flashinfer

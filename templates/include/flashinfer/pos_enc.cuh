@@ -1,0 +1,77 @@
+// Position encodings and logit transforms shared by the attention kernels.
+#pragma once
+#include "common.cuh"
+
+namespace flashinfer {
+
+enum class PosEncoding : int { kNone = 0, kRopeLlama = 1, kAlibi = 2 };
+
+// ALiBi slope of a head, for num_heads heads (Press et al.; the non-power-of-two rule interleaves the
+// slopes of the next power of two).
+FI_DEVICE float alibi_slope(int head, int num_heads) {
+  int n = 1;
+  while (n * 2 <= num_heads) n *= 2;
+  if (head < n) return exp2f(-8.f * float(head + 1) / float(n));
+  return exp2f(-4.f * float((head + 1 - n) * 2 - 1) / float(n));
+}
+
+// Llama RoPE (non-interleaved): element e pairs with e +- head_dim/2 and rotates by the angle
+// pos / (rope_scale * rope_theta^(2 * (e mod head_dim/2) / head_dim)).
+//
+// The per-position rate is kept in half-turns as a float pair (hi + lo, from double on the host), so
+// that pos * rate reduced mod 2 stays accurate to ~1e-7 even at pos ~ 1e5 (a plain float angle is off by
+// ~1e-3 rad there), and sincospif needs no slow range reduction.
+struct RopeTable {
+  float hi[128];  // indexed by e mod (head_dim / 2)
+  float lo[128];
+};
+struct NoRopeTable {};
+
+inline void fill_rope_table(RopeTable& table, int head_dim, double rope_scale, double rope_theta) {
+  for (int i = 0; i < head_dim / 2; ++i) {
+    const double half_turns = 1.0 / (rope_scale * pow(rope_theta, 2.0 * i / head_dim)) / 3.14159265358979323846;
+    table.hi[i] = static_cast<float>(half_turns);
+    table.lo[i] = static_cast<float>(half_turns - static_cast<double>(table.hi[i]));
+  }
+}
+
+struct RopeRate {
+  float hi[8], lo[8];
+};
+
+template <int HEAD_DIM>
+FI_DEVICE void load_rope_rate(RopeRate& rate, const RopeTable& table, int lane) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int e = (lane * 8 + i) % (HEAD_DIM / 2);
+    rate.hi[i] = table.hi[e];
+    rate.lo[i] = table.lo[e];
+  }
+}
+
+// x holds elements [lane*8, lane*8+8) of a head vector spread over LANES lanes; the partner half lives
+// LANES/2 lanes away, fetched with one shuffle per element. pos must be an integer below 2^24.
+template <int LANES>
+FI_DEVICE void rope_rotate(float (&x)[8], const RopeRate& rate, float pos, int lane) {
+  const bool first_half = lane < LANES / 2;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float partner = __shfl_xor_sync(0xffffffffu, x[i], LANES / 2);
+    const float t = pos * rate.hi[i];
+    const float t_err = fmaf(pos, rate.hi[i], -t);  // exact rounding error of the product
+    const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * rate.lo[i]);
+    float s, c;
+    sincospif(r, &s, &c);
+    x[i] = first_half ? x[i] * c - partner * s : x[i] * c + partner * s;
+  }
+}
+
+// Scaled logit -> log2-domain logit: ALiBi bias, then soft cap c*tanh(x/c).
+template <bool ALIBI, bool SOFTCAP>
+FI_DEVICE float transform_logit(float x, float alibi_slope_h, int rel_pos, float soft_cap) {
+  if constexpr (ALIBI) x += alibi_slope_h * float(rel_pos);
+  if constexpr (SOFTCAP) x = soft_cap * tanhf(x / soft_cap);
+  return x * kLog2e;
+}
+
+}  // namespace flashinfer

@@ -1,0 +1,243 @@
+"""single_decode_with_kv_cache: the spec matrix against a float64 reference, GQA groups, views, streams,
+devices, bad input; and on the CPU, spec naming and a real JIT build of one decode module."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import flashinfer
+from flashinfer.decode import SingleDecodeSpec
+
+from reference import LSE_TOL, assert_close, attention, poisoned
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+SUPPORTED = [s for s in SingleDecodeSpec.expand() if s.unsupported_reason() is None]
+
+
+def _inputs(kv_len, num_qo_heads, num_kv_heads, head_dim, dtype, layout, scale=1.0):
+    q = torch.randn(num_qo_heads, head_dim, device="cuda", dtype=dtype) * scale
+    k_nhd = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v_nhd = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    if layout == "NHD":
+        return q, k_nhd, v_nhd, k_nhd, v_nhd
+    return q, k_nhd.transpose(0, 1).contiguous(), v_nhd.transpose(0, 1).contiguous(), k_nhd, v_nhd
+
+
+def _check(q, k, v, k_nhd, v_nhd, layout, **kw):
+    num_qo_heads, head_dim = q.shape
+    out = poisoned((num_qo_heads, head_dim), q.dtype)
+    lse = poisoned((num_qo_heads,), torch.float32)
+    o, l = flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout=layout, return_lse=True, out=out, lse=lse, **kw)
+    assert o is out and l is lse
+    ref_kw = {n: kw[n] for n in ("pos_encoding_mode", "window_left", "sm_scale", "rope_scale", "rope_theta") if n in kw}
+    ref_o, ref_lse = attention(q[None], k_nhd, v_nhd, logits_soft_cap=kw.get("logits_soft_cap") or 0.0,
+                               v_scale=kw.get("v_scale") or 1.0, **ref_kw)
+    assert_close(o, ref_o[0], what="o")
+    assert not torch.isnan(l).any(), "lse: NaN (unwritten)"
+    torch.testing.assert_close(l.double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_len", [1, 7, 127, 1024, 33001])
+@pytest.mark.parametrize("spec", SUPPORTED, ids=lambda s: s.name())
+def test_decode_matrix(spec: SingleDecodeSpec, kv_len: int):
+    dtype = DTYPES[spec.dtype_q]
+    q, k, v, k_nhd, v_nhd = _inputs(kv_len, 8, 2, spec.head_dim, dtype, spec.kv_layout, scale=2.0)
+    kw = {"pos_encoding_mode": spec.pos_encoding_mode}
+    if spec.use_window:
+        kw["window_left"] = kv_len // 3
+    if spec.use_logits_soft_cap:
+        kw["logits_soft_cap"] = 1.5
+    if spec.pos_encoding_mode == "ROPE_LLAMA":
+        kw.update(rope_scale=2.0, rope_theta=5e5) if kv_len == 1024 else None
+    _check(q, k, v, k_nhd, v_nhd, spec.kv_layout, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_kv_heads,group", [(1, 1), (32, 1), (8, 2), (4, 3), (8, 4), (2, 5), (4, 7), (8, 8),
+                                                (2, 16), (1, 32), (3, 12)])
+@pytest.mark.parametrize("kv_len", [127, 33001])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_decode_gqa_groups(num_kv_heads, group, kv_len, layout):
+    q, k, v, k_nhd, v_nhd = _inputs(kv_len, num_kv_heads * group, num_kv_heads, 128, torch.bfloat16, layout)
+    _check(q, k, v, k_nhd, v_nhd, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos", ["NONE", "ROPE_LLAMA", "ALIBI"])
+def test_decode_scales_and_defaults(pos):
+    q, k, v, k_nhd, v_nhd = _inputs(5000, 16, 4, 64, torch.float16, "NHD")
+    sm = 0.07
+    out = flashinfer.single_decode_with_kv_cache(q, k, v, pos_encoding_mode=pos, sm_scale=sm, q_scale=0.5, k_scale=1.5,
+                                                 v_scale=0.25)
+    ref, _ = attention(q[None], k_nhd, v_nhd, sm_scale=sm * 0.75, pos_encoding_mode=pos, v_scale=0.25)
+    assert_close(out, ref[0])
+    # Defaults: sm_scale 1/sqrt(d), no lse, tensor-core flag gives the same result.
+    o1 = flashinfer.single_decode_with_kv_cache(q, k, v, pos_encoding_mode=pos)
+    o2 = flashinfer.single_decode_with_kv_cache(q, k, v, pos_encoding_mode=pos, use_tensor_cores=True)
+    ref, _ = attention(q[None], k_nhd, v_nhd, pos_encoding_mode=pos)
+    assert_close(o1, ref[0])
+    assert torch.equal(o1, o2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window_left", [0, 1, 255, 256, 4095, 10**6])
+def test_decode_window_edges(window_left):
+    q, k, v, k_nhd, v_nhd = _inputs(4096, 8, 8, 128, torch.bfloat16, "NHD")
+    _check(q, k, v, k_nhd, v_nhd, "NHD", window_left=window_left)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kv_len", [100, 20000])
+def test_decode_strided_views(layout, kv_len):
+    d = 128
+    q_big = torch.randn(32, 3 * d, device="cuda", dtype=torch.float16)
+    q = q_big[:, d : 2 * d]  # rows 768 elements apart
+    k_big = torch.randn(kv_len, 4, 2 * d, device="cuda", dtype=torch.float16)
+    v_big = torch.randn(kv_len, 4, 2 * d, device="cuda", dtype=torch.float16)
+    k_nhd, v_nhd = k_big[:, :, :d], v_big[:, :, d:]
+    if layout == "NHD":
+        k, v = k_nhd, v_nhd
+    else:  # HND views of NHD storage: token stride < head stride swapped
+        k, v = k_nhd.transpose(0, 1), v_nhd.transpose(0, 1)
+    assert not k.is_contiguous() and not q.is_contiguous()
+    _check(q, k, v, k_nhd, v_nhd, layout)
+    # q strided in its last dim is copied, not refused
+    q_t = torch.randn(d, 32, device="cuda", dtype=torch.float16).t()
+    _check(q_t, k, v, k_nhd, v_nhd, layout)
+
+
+@pytest.mark.gpu
+def test_decode_runs_on_current_stream_of_tensor_device():
+    q, k_src, v_src, k_nhd, v_nhd = _inputs(33001, 32, 8, 128, torch.bfloat16, "NHD")
+    k = torch.full_like(k_src, float("nan"))
+    v = torch.full_like(v_src, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)  # keeps the side stream busy: a launch on another stream would read NaN
+        k.copy_(k_src)
+        v.copy_(v_src)
+        o = flashinfer.single_decode_with_kv_cache(q, k, v)
+    side.synchronize()
+    ref, _ = attention(q[None], k_nhd, v_nhd)
+    assert_close(o, ref[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_decode_on_second_device_while_first_is_current():
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    q = torch.randn(32, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(9000, 8, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(9000, 8, 128, device=dev, dtype=torch.bfloat16)
+    o = flashinfer.single_decode_with_kv_cache(q, k, v)
+    assert o.device == dev
+    ref, _ = attention(q[None], k, v)
+    assert_close(o, ref[0])
+    assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+def test_decode_torch_compile_traces_the_custom_op():
+    q, k, v, k_nhd, v_nhd = _inputs(3000, 16, 4, 128, torch.bfloat16, "NHD")
+
+    def f(q, k, v):
+        o, lse = flashinfer.single_decode_with_kv_cache(q, k, v, return_lse=True)
+        return o * 2, lse
+
+    o, lse = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    ref, ref_lse = attention(q[None], k_nhd, v_nhd)
+    assert_close(o, 2 * ref[0])
+    torch.testing.assert_close(lse.double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
+def _bad_cases():
+    c = "cuda"
+    bf = torch.bfloat16
+    q = lambda *s, dt=bf, dev=c: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
+    yield "cpu tensors", (q(8, 128, dev="cpu"), q(10, 2, 128, dev="cpu"), q(10, 2, 128, dev="cpu")), {}, ValueError, "CUDA"
+    yield "q on cpu", (q(8, 128, dev="cpu"), q(10, 2, 128), q(10, 2, 128)), {}, ValueError, "CUDA"
+    yield "mixed dtypes", (q(8, 128, dt=torch.float16), q(10, 2, 128), q(10, 2, 128)), {}, TypeError, "dtype"
+    yield "float32", (q(8, 128, dt=torch.float32), q(10, 2, 128, dt=torch.float32), q(10, 2, 128, dt=torch.float32)), {}, TypeError, "float16"
+    yield "head_dim 96", (q(8, 96), q(10, 2, 96), q(10, 2, 96)), {}, ValueError, "head_dim 96"
+    yield "q rank", (q(1, 8, 128), q(10, 2, 128), q(10, 2, 128)), {}, ValueError, "2 dimensions"
+    yield "k rank", (q(8, 128), q(10, 256), q(10, 256)), {}, ValueError, "3 dimensions"
+    yield "k/v shapes", (q(8, 128), q(10, 2, 128), q(11, 2, 128)), {}, ValueError, "same shape"
+    yield "kv head_dim", (q(8, 128), q(10, 2, 64), q(10, 2, 64)), {}, ValueError, "head_dim"
+    yield "groups", (q(6, 128), q(10, 4, 128), q(10, 4, 128)), {}, ValueError, "multiple"
+    yield "kv_len 0", (q(8, 128), q(0, 2, 128), q(0, 2, 128)), {}, ValueError, "kv_len is 0"
+    yield "layout", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"kv_layout": "NDH"}, ValueError, "kv_layout"
+    yield "pos mode", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"pos_encoding_mode": "ROPE"}, ValueError, "pos_encoding_mode"
+    yield "window", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"window_left": -2}, ValueError, "window_left"
+    yield "soft cap", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"logits_soft_cap": -1.0}, ValueError, "logits_soft_cap"
+    yield "cuda scale", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"k_scale": torch.ones(1, device=c)}, TypeError, "k_scale"
+    unaligned = q(10, 2, 136)[:, :, 4:132]
+    yield "unaligned k", (q(8, 128), unaligned, unaligned), {}, ValueError, "16-byte"
+    odd_stride = q(10, 2, 129)[:, :, :128]
+    yield "odd stride", (q(8, 128), odd_stride, odd_stride), {}, ValueError, "multiple of 8"
+    col = q(128, 2, 10).permute(2, 1, 0)
+    yield "last dim strided", (q(8, 128), col, col), {}, ValueError, "last dimension"
+    yield "bad out", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"out": q(8, 64)}, ValueError, "out must be"
+    if torch.cuda.device_count() > 1:
+        yield "two devices", (q(8, 128), q(10, 2, 128, dev="cuda:1"), q(10, 2, 128)), {}, ValueError, "one device"
+
+
+@pytest.mark.gpu
+def test_decode_bad_input_raises_clear_errors():
+    for what, args, kw, exc, match in _bad_cases():
+        with pytest.raises(exc, match=match):
+            flashinfer.single_decode_with_kv_cache(*args, **kw)
+    torch.cuda.synchronize()  # nothing illegal was launched
+
+
+# ----------------------------------------------------------------------------------------------- CPU
+
+
+def test_spec_names_are_complete_and_unique():
+    specs = SingleDecodeSpec.expand()
+    names = {s.name() for s in specs}
+    assert len(names) == len(specs) == 3 * 2 * 2 * 2 * 2 * 3 * 2 * 2
+    s = SingleDecodeSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)
+    assert s.name() == "decode_single_q-bf16_kv-bf16_o-bf16_d128_nhd_pos-none_window-off_softcap-off"
+    assert SingleDecodeSpec.from_json(s.to_json()) == s
+
+
+def test_supported_matrix_excludes_mixed_dtypes():
+    assert len(SUPPORTED) == 3 * 2 * 2 * 3 * 2 * 2
+    bad = SingleDecodeSpec(128, "bf16", "f16", "bf16")
+    assert "kv dtype" in bad.unsupported_reason()
+
+
+def test_cpu_tensors_are_refused_before_any_build():
+    q = torch.randn(8, 128, dtype=torch.bfloat16)
+    k = torch.randn(10, 2, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.single_decode_with_kv_cache(q, k, k)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        flashinfer.single_decode_with_kv_cache([1.0], k, k)
+
+
+def test_decode_module_builds_and_exports_its_launcher(tmp_path, monkeypatch):
+    """A real nvcc build of one decode module (no launch: this machine may have no GPU)."""
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    spec = SingleDecodeSpec(64, "f16", "f16", "f16", "HND", "ROPE_LLAMA", True, True)
+    report = jit.ensure_built(spec)
+    assert report.status == "built"
+    mod = jit.load(spec)
+    assert mod.key == report.key and mod.path.exists()
+    assert mod.fn("flashinfer_single_decode") is not None
+    assert "invalid argument" in mod.error_string(1)
+    log = report.log_path.read_text() if report.log_path and report.log_path.exists() else ""
+    assert "spill" not in log or "0 bytes spill stores" in log
