@@ -20,7 +20,7 @@ from .env import (
 )
 from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITDisabledError
 from .loader import JITModule, ensure_built, load, loaded_modules
-from .render import render, templates_digest
+from .templating import render, templates_digest
 from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
 from . import probe
 from .probe import ProbeSpec

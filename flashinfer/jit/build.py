@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 from . import cache, env
 from .errors import JITBuildError
-from .render import render
+from .templating import render
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import env
-from .render import templates_digest
+from .templating import templates_digest
 
 MANIFEST = "manifest.json"
 RESERVED = {"tmp", "locks", "logs"}

@@ -36,6 +36,7 @@ BASE_NVCC_FLAGS: Tuple[str, ...] = (
 BASE_LINK_FLAGS: Tuple[str, ...] = ("-shared", "-cudart=shared")
 
 DEFAULT_ARCH = "9.0"
+DEFAULT_CUDA_HOME = Path("/usr/local/cuda")
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -222,10 +223,10 @@ def _find_cuda_home_uncached() -> Path:
         tried.append(f"nvcc on PATH ({nvcc}; could not find its toolkit dir)")
     else:
         tried.append("nvcc on PATH (not found)")
-    default = Path("/usr/local/cuda")
+    default = DEFAULT_CUDA_HOME
     if _is_toolkit(default):
         return default
-    tried.append("/usr/local/cuda (no bin/nvcc + include/cuda.h there)")
+    tried.append(f"{default} (no bin/nvcc + include/cuda.h there)")
     raise CUDAToolkitNotFoundError(
         "CUDA toolkit not found; looked at: "
         + "; ".join(tried)
