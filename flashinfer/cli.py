@@ -713,6 +713,11 @@ def _entries(family: Optional[str]) -> List[Any]:
     return sorted(entries, key=lambda e: str(e.key))
 
 
+def _fmt_current(e: Any) -> str:
+    cur = _entry_attr(e, "current")
+    return "?" if cur is None else ("yes" if cur else "stale")
+
+
 def cmd_cache_list(args) -> int:
     jit = _jit()
     entries = _entries(args.family)
@@ -720,7 +725,7 @@ def cmd_cache_list(args) -> int:
         rows = [{"key": str(e.key), "name": _entry_name(e), "family": _entry_family(e),
                  "size": _entry_attr(e, "size"), "build_seconds": _entry_attr(e, "build_seconds"),
                  "created": _created_ts(_entry_attr(e, "created")), "valid": bool(_entry_attr(e, "valid")),
-                 "reason": _entry_attr(e, "reason")} for e in entries]
+                 "reason": _entry_attr(e, "reason"), "current": _entry_attr(e, "current")} for e in entries]
         print(json.dumps(rows, indent=2, default=str))
         return 0
     print(f"cache root: {jit.cache_root()}")
@@ -728,7 +733,7 @@ def cmd_cache_list(args) -> int:
         print("(no entries)")
         return 0
     now = time.time()
-    print(f"{'VALID':<6} {'SIZE':>9} {'BUILD':>7} {'AGE':>7}  {'DIGEST':<16}  NAME")
+    print(f"{'VALID':<6} {'CURRENT':<8}{'SIZE':>10} {'BUILD':>7} {'AGE':>7}  {'DIGEST':<16}  NAME")
     total = 0
     for e in entries:
         size = _entry_attr(e, "size")
@@ -736,12 +741,14 @@ def cmd_cache_list(args) -> int:
         ts = _created_ts(_entry_attr(e, "created"))
         valid = bool(_entry_attr(e, "valid"))
         digest = str(e.key)[len(_entry_name(e)) + 1:] or "-"
-        print(f"{'yes' if valid else 'NO':<6} {_fmt_size(size):>9} {_fmt_secs(_entry_attr(e, 'build_seconds')):>7} "
+        print(f"{'yes' if valid else 'NO':<6} {_fmt_current(e):<8}{_fmt_size(size):>10} {_fmt_secs(_entry_attr(e, 'build_seconds')):>7} "
               f"{_fmt_secs(now - ts) if ts else '-':>7}  {digest:<16}  {_entry_name(e)}")
         if not valid:
-            print(f"{'':<6} {'':>9} {'':>7} {'':>7}  {'':<16}  reason: {_entry_attr(e, 'reason') or 'invalid'}")
+            print(f"{'':<6} {'':<8}{'':>10} {'':>7} {'':>7}  {'':<16}  reason: {_entry_attr(e, 'reason') or 'invalid'}")
     n_bad = sum(1 for e in entries if not _entry_attr(e, "valid"))
-    print(f"{len(entries)} entries, {_fmt_size(total)}, {n_bad} invalid")
+    n_stale = sum(1 for e in entries if _entry_attr(e, "current") is False)
+    print(f"{len(entries)} entries, {_fmt_size(total)}, {n_bad} invalid, {n_stale} stale "
+          "(stale: built for another toolkit/torch/flags/sources; never loaded here)")
     return 0
 
 
@@ -760,10 +767,13 @@ def cmd_cache_verify(args) -> int:
 def cmd_cache_clear(args) -> int:
     jit = _jit()
     entries = _entries(args.family)
-    if args.invalid:
-        entries = [e for e in entries if not _entry_attr(e, "valid")]
-    what = ("invalid " if args.invalid else "") + (f"{args.family} " if args.family else "") + "entries"
-    if not entries and not (args.family is None and not args.invalid):
+    if args.invalid or args.stale:
+        entries = [e for e in entries if (args.invalid and not _entry_attr(e, "valid"))
+                   or (args.stale and _entry_attr(e, "current") is False)]
+    everything = args.family is None and not args.invalid and not args.stale
+    what = ("invalid " if args.invalid else "") + ("stale " if args.stale else "") \
+        + (f"{args.family} " if args.family else "") + "entries"
+    if not entries and not everything:
         print(f"no {what} under {jit.cache_root()}")
         return 0
     if not args.yes:
@@ -775,7 +785,7 @@ def cmd_cache_clear(args) -> int:
             print("nothing removed")
             return 1
     keys = {str(e.key) for e in entries}
-    if args.family is None and not args.invalid:
+    if everything:
         n = jit.clear_cache()
     else:
         n = jit.clear_cache(lambda e: str(e.key) in keys)
@@ -971,7 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("cache", help="list, verify or clear JIT cache entries")
     csub = ca.add_subparsers(dest="cache_command", metavar="ACTION")
     csub.required = True
-    cl = csub.add_parser("list", help="list entries: spec name, key digest, size, build seconds, age, validity")
+    cl = csub.add_parser("list", help="list entries: spec name, key digest, size, build seconds, age, valid, current")
     cl.add_argument("--family")
     cl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cl.set_defaults(func=cmd_cache_list)
@@ -981,6 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("clear", help="remove entries (all, one family's, or only invalid ones)")
     cc.add_argument("--family")
     cc.add_argument("--invalid", action="store_true", help="only entries that fail verification")
+    cc.add_argument("--stale", action="store_true",
+                    help="only entries built for another environment (toolkit, torch, flags, sources): never loaded here")
     cc.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     cc.set_defaults(func=cmd_cache_clear)
 

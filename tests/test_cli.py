@@ -292,6 +292,13 @@ def test_cache_list_verify_clear(probe_cache):
 
     assert _run_cli(["cache", "verify"], env=env).returncode == 0
 
+    # Under other target archs the same entries are stale (another key): listed as such, kept by --stale here.
+    other_arch = json.loads(_run_cli(["cache", "list", "--json"], env={**env, "TORCH_CUDA_ARCH_LIST": "8.0"}).stdout)
+    assert [e["current"] for e in other_arch] == [False] * len(names)
+    assert all(e["current"] is True for e in js)
+    st = _run_cli(["cache", "clear", "--stale", "--yes"], env=env)
+    assert st.returncode == 0 and "no stale entries" in st.stdout, st.stdout + st.stderr
+
     # Corrupt one entry's library: verify must fail and name it.
     key = js[0]["key"]
     so = next((probe_cache["root"] / key).rglob("*.so"))
@@ -358,3 +365,22 @@ def test_demo_on_gpu():
     r = _run_cli(["demo", "--kv-len", "8192", "--iters", "20", "--warmup", "3"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "-> OK" in r.stdout and "TB/s" in r.stdout
+
+
+def test_disabled_jit_hint_is_a_valid_prewarm_command(tmp_path, monkeypatch):
+    """The engine's JITDisabledError names a prewarm command; it must select exactly that spec."""
+    import shlex
+
+    from flashinfer import jit
+    from flashinfer.jit.probe import ProbeSpec
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLASHINFER_DISABLE_JIT", "1")
+    spec = ProbeSpec(constant=2, dtype="i32")
+    with pytest.raises(jit.JITDisabledError) as ei:
+        jit.load(spec)
+    cmd = str(ei.value).split("`")[1]
+    argv = shlex.split(cmd)
+    assert argv[:4] == ["python", "-m", "flashinfer", "prewarm"]
+    items = _matrix(argv[4:])
+    assert [it.spec for it in items] == [spec]
