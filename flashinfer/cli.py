@@ -1018,6 +1018,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as e:
+        # The engine's own errors (unwritable cache, no toolkit, lock timeout...) already say what is
+        # wrong and how to fix it: print them without a traceback. Anything else is a bug: re-raise.
+        if type(e).__module__.startswith("flashinfer.jit"):
+            sys.stderr.write(f"{parser.prog}: error: {type(e).__name__}: {e}\n")
+            return 1
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -384,3 +384,12 @@ def test_disabled_jit_hint_is_a_valid_prewarm_command(tmp_path, monkeypatch):
     assert argv[:4] == ["python", "-m", "flashinfer", "prewarm"]
     items = _matrix(argv[4:])
     assert [it.spec for it in items] == [spec]
+
+
+def test_unusable_cache_root_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(blocker / "cache"))
+    rc = cli.main(["prewarm", "--preset", "probe", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "JITCacheError" in err and str(blocker / "cache") in err and "Traceback" not in err
