@@ -56,6 +56,23 @@ def first_call_times() -> dict:
         return res
 
 
+def host_overhead_us(n: int = 2000) -> float:
+    """Host time of one eager call (validation, module lookup, launch), from a loop the GPU keeps up with."""
+    import time
+
+    q = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(512, 8, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    for _ in range(50):
+        flashinfer.single_decode_with_kv_cache(q, k, k, out=out)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        flashinfer.single_decode_with_kv_cache(q, k, k, out=out)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def bench_case(num_qo_heads: int, num_kv_heads: int, kv_len: int, head_dim: int, copy_tbs: float):
     dtype = torch.bfloat16
     kv_bytes = 2 * kv_len * num_kv_heads * head_dim * 2
@@ -106,6 +123,8 @@ def main() -> None:
     copy_tbs = copy_bandwidth_tbs()
     mm = bf16_matmul_tflops()
     print(f"copy bandwidth {copy_tbs:.2f} TB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s", flush=True)
+    host_us = host_overhead_us()
+    print(f"host overhead {host_us:.1f} us/call", flush=True)
     times = first_call_times()
     print(f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms", flush=True)
 
@@ -130,6 +149,7 @@ def main() -> None:
          "µs (graph): device time per call from CUDA-graph replays; eager: CUDA events around each call "
          "(includes host overhead when the kernel is shorter than it)",
          "SDPA: torch.nn.functional.scaled_dot_product_attention on [1, heads, len, dim] contiguous, enable_gqa, graph-timed",
+         f"host time per eager call (validation + launch, kv_len 512, out= given): {host_us:.1f} µs",
          f"decode module (bf16 d128 NHD) first call in a fresh process: cold compile "
          f"{times['cold']['first_call_s']:.2f} s (empty cache, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}), "
          f"warm {1e3 * times['warm']['first_call_s']:.1f} ms (cache hit; import flashinfer {1e3 * times['warm']['import_s']:.0f} ms)"],

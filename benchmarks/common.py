@@ -72,6 +72,8 @@ def bf16_matmul_tflops(n: int = 8192) -> float:
 
 
 def git_commit() -> str:
+    if os.environ.get("FI_COMMIT"):  # the device copy of the tree has no .git: the caller passes it
+        return os.environ["FI_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -16,6 +15,7 @@ from . import jit
 from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
 from .utils import (
     DTYPE_CUDA,
+    DTYPE_SHORT,
     SUPPORTED_HEAD_DIMS,
     PosEncodingMode,
     TensorLayout,
@@ -111,10 +111,20 @@ class SingleDecodeSpec(Spec):
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _launcher(spec: SingleDecodeSpec) -> Tuple[jit.JITModule, Any]:
-    module = jit.load(spec)
-    return module, module.fn("flashinfer_single_decode")
+_launchers: Dict[Tuple[Any, ...], Tuple[jit.JITModule, Any]] = {}
+
+
+def _launcher(head_dim: int, dtype: str, kv_layout: str, pos_encoding_mode: str, use_window: bool,
+              use_soft_cap: bool) -> Tuple[jit.JITModule, Any]:
+    """The module and its ctypes launcher for a configuration, memoized on a plain tuple (cheaper to hash
+    than the spec on every call)."""
+    key = (head_dim, dtype, kv_layout, pos_encoding_mode, use_window, use_soft_cap)
+    hit = _launchers.get(key)
+    if hit is None:
+        spec = SingleDecodeSpec(head_dim, dtype, dtype, dtype, kv_layout, pos_encoding_mode, use_window, use_soft_cap)
+        module = jit.load(spec)
+        hit = _launchers[key] = (module, module.fn("flashinfer_single_decode"))
+    return hit
 
 
 def _kv_span(kv_len: int, window_left: int) -> int:
@@ -122,15 +132,21 @@ def _kv_span(kv_len: int, window_left: int) -> int:
     return min(kv_len, window_left + 1) if window_left >= 0 else kv_len
 
 
-def _launch(q, k, v, o, lse, spec: SingleDecodeSpec, num_qo_heads: int, num_kv_heads: int, kv_len: int,
-            window_left: int, soft_cap: float, sm_scale: float, v_scale: float, rope_scale: float,
-            rope_theta: float) -> None:
-    module, fn = _launcher(spec)
+def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft_cap: float, sm_scale: float,
+         v_scale: float, rope_scale: float, rope_theta: float, o: torch.Tensor, lse: Optional[torch.Tensor]) -> None:
+    """Launch on validated inputs (q [H, D] with unit last stride; k/v checked by check_vector_rows)."""
+    num_qo_heads, head_dim = q.shape
+    if kv_layout == "NHD":
+        kv_len, num_kv_heads = k.shape[0], k.shape[1]
+    else:
+        num_kv_heads, kv_len = k.shape[0], k.shape[1]
+    module, fn = _launcher(head_dim, DTYPE_SHORT[q.dtype], kv_layout, pos_encoding_mode, window_left >= 0,
+                           soft_cap > 0)
     device = q.device
     max_chunks = min(_MAX_CHUNKS, -(-_kv_span(kv_len, window_left) // _MIN_CHUNK))
     workspace = None
     if max_chunks > 1:
-        workspace = torch.empty(max_chunks * num_qo_heads * (spec.head_dim + 1), dtype=torch.float32, device=device)
+        workspace = torch.empty(max_chunks * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
     rc = fn(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
         lse.data_ptr() if lse is not None else None,
@@ -141,7 +157,7 @@ def _launch(q, k, v, o, lse, spec: SingleDecodeSpec, num_qo_heads: int, num_kv_h
         device.index, current_stream_ptr(device),
     )
     if rc:
-        module.check(rc, f"single_decode_with_kv_cache ({spec.name()}) on {device}")
+        module.check(rc, f"single_decode_with_kv_cache ({module.spec.name()}) on {device}")
 
 
 @torch.library.custom_op("flashinfer::single_decode", mutates_args=())
@@ -159,22 +175,6 @@ def _single_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layo
 def _single_decode_fake(q, k, v, kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, v_scale,
                         rope_scale, rope_theta, return_lse):
     return q.new_empty(q.shape), q.new_empty((q.shape[0] if return_lse else 0,), dtype=torch.float32)
-
-
-def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft_cap: float, sm_scale: float,
-         v_scale: float, rope_scale: float, rope_theta: float, o: torch.Tensor, lse: Optional[torch.Tensor]) -> None:
-    num_qo_heads, head_dim = q.shape
-    if kv_layout == "NHD":
-        kv_len, num_kv_heads = k.shape[0], k.shape[1]
-    else:
-        num_kv_heads, kv_len = k.shape[0], k.shape[1]
-    dq = dtype_short(q, "q")
-    spec = SingleDecodeSpec(
-        head_dim=head_dim, dtype_q=dq, dtype_kv=dtype_short(k, "k"), dtype_o=dq, kv_layout=kv_layout,
-        pos_encoding_mode=pos_encoding_mode, use_window=window_left >= 0, use_logits_soft_cap=soft_cap > 0,
-    )
-    _launch(q, k, v, o, lse, spec, num_qo_heads, num_kv_heads, kv_len, window_left, soft_cap, sm_scale, v_scale,
-            rope_scale, rope_theta)
 
 
 def single_decode_with_kv_cache(

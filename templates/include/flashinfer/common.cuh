@@ -80,6 +80,26 @@ FI_DEVICE float group_sum(float x) {
   return x;
 }
 
+// Reduces GT per-head partial sums across groups of WIDTH lanes at once: each exchange step hands half
+// of the remaining heads to the partner lane, so GT heads cost GT - 1 + log2(WIDTH / GT) shuffles
+// instead of GT * log2(WIDTH). Returns the full sum of head (lane % WIDTH) / (WIDTH / GT); the
+// WIDTH / GT lanes that share a head hold the same value.
+template <int GT, int WIDTH>
+FI_DEVICE float transpose_group_sum(float (&part)[GT], int lane) {
+  static_assert(GT >= 1 && GT <= WIDTH && (GT & (GT - 1)) == 0 && (WIDTH & (WIDTH - 1)) == 0, "powers of two");
+#pragma unroll
+  for (int n = GT, offset = WIDTH / 2; n > 1; n /= 2, offset /= 2) {
+    const bool upper = (lane & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const float keep = upper ? part[i + n / 2] : part[i];
+      const float send = upper ? part[i] : part[i + n / 2];
+      part[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+    }
+  }
+  return group_sum<WIDTH / GT>(part[0]);
+}
+
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace flashinfer

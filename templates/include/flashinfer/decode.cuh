@@ -46,14 +46,16 @@ struct DecodeTraits {
   static_assert(TILE * LANES % kThreads == 0, "tile must split evenly over the threads");
 };
 
-template <int GT>
+// Four CTAs per SM (16 warps) hide the latency of the shuffle chains; RoPE's extra live values need
+// the room of three at a 4-head tile.
+template <int GT, bool ROPE>
 constexpr int decode_min_blocks() {
-  return GT <= 2 ? 4 : (GT == 4 ? 3 : 2);
+  return GT >= 4 && ROPE ? 3 : 4;
 }
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
           bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<GT>())
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<GT, POS == PosEncoding::kRopeLlama>())
     single_decode_kernel(const __grid_constant__ SingleDecodeParams p,
                          const __grid_constant__ std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope) {
   using T = DecodeTraits<HEAD_DIM>;
@@ -77,7 +79,15 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   RopeRate rate;
   if constexpr (ROPE) load_rope_rate<HEAD_DIM>(rate, rope, lane);
 
-  float q[GT][8], slope[GT];
+  // After the transposed reduction each lane owns the logits of one head of the tile: HEAD_LANES lanes
+  // per head. Its softmax statistics (m, d) are kept by the owning lanes only; the probabilities and
+  // rescale factors are broadcast to every lane for the P.V update.
+  constexpr int HEAD_LANES = LANES / GT;
+  const int own = lane / HEAD_LANES;
+  const int warp_lane = threadIdx.x % 32;
+  const int row_base = warp_lane - lane;  // first lane of this row within the warp
+
+  float q[GT][8];
 #pragma unroll
   for (int j = 0; j < GT; ++j) {
     // Spare slots of a partial tile repeat the last head; their results are never stored.
@@ -88,8 +98,8 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
 #pragma unroll
     for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
-    slope[j] = ALIBI ? alibi_slope(h, p.num_qo_heads) : 0.f;
   }
+  const float slope = ALIBI ? alibi_slope(qo_head0 + min(own, heads_here - 1), p.num_qo_heads) : 0.f;
 
   const int chunk_begin = p.kv_begin + chunk * p.chunk_size;
   const int chunk_end = min(p.kv_len, chunk_begin + p.chunk_size);
@@ -119,11 +129,9 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     cp_async_commit();
   }
 
-  float m[GT], d[GT], o[GT][8];
+  float m = kNegInf, d = 0.f, o[GT][8];
 #pragma unroll
   for (int j = 0; j < GT; ++j) {
-    m[j] = kNegInf;
-    d[j] = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[j][i] = 0.f;
   }
@@ -138,7 +146,7 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     const uint4* sv = sk + TILE * LANES;
     const int tile_begin = chunk_begin + tile * TILE;
 
-    float s[GT][TPR];
+    float s[TPR];  // log2-domain logits of head `own`
 #pragma unroll
     for (int t = 0; t < TPR; ++t) {
       const int tl = t * ROWS + row;
@@ -146,33 +154,35 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       float kf[8];
       unpack8(sk[tl * LANES + lane], kf, DTypeKV{});
       if constexpr (ROPE) rope_rotate<LANES>(kf, rate, float(token), lane);
+      float part[GT];
 #pragma unroll
       for (int j = 0; j < GT; ++j) {
-        float acc = 0.f;
+        part[j] = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc = fmaf(q[j][i], kf[i], acc);
-        acc = group_sum<LANES>(acc);
-        const float x = transform_logit<ALIBI, SOFTCAP>(acc, slope[j], token - q_pos, p.logits_soft_cap);
-        s[j][t] = token < chunk_end ? x : kNegInf;
+        for (int i = 0; i < 8; ++i) part[j] = fmaf(q[j][i], kf[i], part[j]);
       }
+      const float x = transform_logit<ALIBI, SOFTCAP>(transpose_group_sum<GT, LANES>(part, lane), slope,
+                                                      token - q_pos, p.logits_soft_cap);
+      s[t] = token < chunk_end ? x : kNegInf;
     }
 
+    float m_new = m;
+#pragma unroll
+    for (int t = 0; t < TPR; ++t) m_new = fmaxf(m_new, s[t]);
+    const bool any = m_new != kNegInf;  // a row may see only padding in a short chunk
+    const float scale = any ? ptx_exp2(m - m_new) : 1.f;
+    d *= scale;
+#pragma unroll
+    for (int t = 0; t < TPR; ++t) {
+      s[t] = any ? ptx_exp2(s[t] - m_new) : 0.f;
+      d += s[t];
+    }
+    m = m_new;
 #pragma unroll
     for (int j = 0; j < GT; ++j) {
-      float m_new = m[j];
+      const float sc = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
 #pragma unroll
-      for (int t = 0; t < TPR; ++t) m_new = fmaxf(m_new, s[j][t]);
-      const bool any = m_new != kNegInf;  // a row may see only padding in a short chunk
-      const float scale = any ? ptx_exp2(m[j] - m_new) : 1.f;
-      d[j] *= scale;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[j][i] *= scale;
-#pragma unroll
-      for (int t = 0; t < TPR; ++t) {
-        s[j][t] = any ? ptx_exp2(s[j][t] - m_new) : 0.f;
-        d[j] += s[j][t];
-      }
-      m[j] = m_new;
+      for (int i = 0; i < 8; ++i) o[j][i] *= sc;
     }
 
 #pragma unroll
@@ -182,8 +192,9 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       unpack8(sv[tl * LANES + lane], vf, DTypeKV{});
 #pragma unroll
       for (int j = 0; j < GT; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, s[t], row_base + j * HEAD_LANES);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) o[j][i] = fmaf(s[j][t], vf[i], o[j][i]);
+        for (int i = 0; i < 8; ++i) o[j][i] = fmaf(pj, vf[i], o[j][i]);
       }
     }
   }
@@ -196,12 +207,12 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   float* s_d = s_m + ROWS * GT;                     // [ROWS][GT]
   float* s_o = s_d + ROWS * GT;                     // [ROWS][GT][HEAD_DIM]
   static_assert((2 * ROWS * GT + ROWS * GT * HEAD_DIM) * 4 <= T::kSmemBytes, "merge scratch exceeds the ring");
+  if (lane % HEAD_LANES == 0) {
+    s_m[row * GT + own] = m;
+    s_d[row * GT + own] = d;
+  }
 #pragma unroll
   for (int j = 0; j < GT; ++j) {
-    if (lane == 0) {
-      s_m[row * GT + j] = m[j];
-      s_d[row * GT + j] = d[j];
-    }
     float4* dst = reinterpret_cast<float4*>(s_o + (row * GT + j) * HEAD_DIM + lane * 8);
     dst[0] = make_float4(o[j][0], o[j][1], o[j][2], o[j][3]);
     dst[1] = make_float4(o[j][4], o[j][5], o[j][6], o[j][7]);
@@ -314,10 +325,11 @@ cudaError_t launch_single_decode(SingleDecodeParams p, int workspace_chunks, int
   if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
 #define FI_LAUNCH(GT) \
   launch_single_decode_gt<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>(p, workspace_chunks, device, stream)
+  // Larger groups take several tiles of 4 heads: the tiles of one KV head run side by side and share
+  // its K/V through L2, and 4 heads per CTA keep enough CTAs resident to hide memory latency.
   if (p.group_size == 1) err = FI_LAUNCH(1);
   else if (p.group_size == 2) err = FI_LAUNCH(2);
-  else if (p.group_size <= 4) err = FI_LAUNCH(4);
-  else err = FI_LAUNCH(8);
+  else err = FI_LAUNCH(4);
 #undef FI_LAUNCH
   if (previous != device) cudaSetDevice(previous);
   return err;

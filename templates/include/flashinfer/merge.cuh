@@ -36,48 +36,63 @@ struct StateAccumulator {
 // Merges num_chunks partial states per query head into the final output.
 // partial_o: [num_chunks, num_heads, HEAD_DIM] f32, partial_lse: [num_chunks, num_heads] f32,
 // out: row h at out + h * out_stride_h, lse_out: [num_heads] f32 (nullable).
-// One block of kMergeThreads per head: LANES threads cover the head (4 floats each), GROUPS take
-// every GROUPS-th chunk, then the group states are merged in shared memory.
-constexpr int kMergeThreads = 128;
+// One block per head: LANES threads cover the head (8 floats each) and GROUPS take every GROUPS-th
+// chunk, loading MERGE_BATCH chunks before using any so that the loads overlap (the merge sits on the
+// critical path of a decode step); then the group states are merged in shared memory.
+constexpr int kMergeThreads = 256;
+constexpr int kMergeBatch = 4;
 
 template <int HEAD_DIM, typename DTypeO>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_chunk_states_kernel(const float* __restrict__ partial_o, const float* __restrict__ partial_lse,
                               int num_chunks, int num_heads, DTypeO* __restrict__ out, int64_t out_stride_h,
                               float* __restrict__ lse_out, float v_scale) {
-  constexpr int LANES = HEAD_DIM / 4;
+  constexpr int LANES = HEAD_DIM / 8;
   constexpr int GROUPS = kMergeThreads / LANES;
+  static_assert(HEAD_DIM <= kMergeThreads, "one thread per output element in the final step");
   __shared__ float s_lse[GROUPS];
   __shared__ float s_o[GROUPS][HEAD_DIM];
 
   grid_dependency_wait();
   const int head = blockIdx.x;
   const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
-  StateAccumulator<4> acc;
-  for (int c = group; c < num_chunks; c += GROUPS) {
-    const int64_t row = int64_t(c) * num_heads + head;
-    const float4 v = *reinterpret_cast<const float4*>(partial_o + row * HEAD_DIM + lane * 4);
-    const float vals[4] = {v.x, v.y, v.z, v.w};
-    acc.add(partial_lse[row], vals);
-  }
-  const float group_lse = acc.lse();
-  const float inv_d = acc.d > 0.f ? 1.f / acc.d : 0.f;
-  if (lane == 0) s_lse[group] = group_lse;
+  StateAccumulator<8> acc;
+  for (int base = group; base < num_chunks; base += kMergeBatch * GROUPS) {
+    float lse[kMergeBatch];
+    float4 v[kMergeBatch][2];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) s_o[group][lane * 4 + i] = acc.o[i] * inv_d;
+    for (int u = 0; u < kMergeBatch; ++u) {
+      const int c = base + u * GROUPS;
+      lse[u] = kNegInf;
+      if (c < num_chunks) {
+        const int64_t row = int64_t(c) * num_heads + head;
+        lse[u] = partial_lse[row];
+        const float4* src = reinterpret_cast<const float4*>(partial_o + row * HEAD_DIM + lane * 8);
+        v[u][0] = src[0];
+        v[u][1] = src[1];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMergeBatch; ++u) {
+      const float vals[8] = {v[u][0].x, v[u][0].y, v[u][0].z, v[u][0].w, v[u][1].x, v[u][1].y, v[u][1].z, v[u][1].w};
+      acc.add(lse[u], vals);
+    }
+  }
+  const float inv_d = acc.d > 0.f ? 1.f / acc.d : 0.f;
+  if (lane == 0) s_lse[group] = acc.lse();
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s_o[group][lane * 8 + i] = acc.o[i] * inv_d;
   __syncthreads();
-  if (group != 0) return;
-  StateAccumulator<4> total;
+  if (threadIdx.x >= HEAD_DIM) return;
+  const int e = threadIdx.x;
+  StateAccumulator<1> total;
 #pragma unroll
   for (int g = 0; g < GROUPS; ++g) {
-    const float vals[4] = {s_o[g][lane * 4], s_o[g][lane * 4 + 1], s_o[g][lane * 4 + 2], s_o[g][lane * 4 + 3]};
-    total.add(s_lse[g], vals);
+    const float val[1] = {s_o[g][e]};
+    total.add(s_lse[g], val);
   }
-  const float inv_total = total.d > 0.f ? v_scale / total.d : 0.f;
-  DTypeO* dst = out + head * out_stride_h + lane * 4;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) dst[i] = from_float<DTypeO>(total.o[i] * inv_total);
-  if (lse_out != nullptr && lane == 0) lse_out[head] = total.lse();
+  out[head * out_stride_h + e] = from_float<DTypeO>(total.d > 0.f ? total.o[0] * (v_scale / total.d) : 0.f);
+  if (lse_out != nullptr && e == 0) lse_out[head] = total.lse();
 }
 
 }  // namespace flashinfer
