@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Dict, Tuple
 import pytest
 
 from flashinfer import cli
-from flashinfer.jit.spec import Spec, register_family, spec_families
+from flashinfer.jit.spec import Spec, spec_families
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,14 @@ class CliFakeSpec(Spec):
         }
 
 
-if "clitest" not in spec_families():
-    register_family(CliFakeSpec)
+@pytest.fixture(autouse=True)
+def _clitest_family(monkeypatch):
+    """Register the stand-in family for each test only: the registry is global, and other test modules
+    iterate over every registered family."""
+    from flashinfer.jit import spec as spec_module
+
+    monkeypatch.setitem(spec_module._FAMILIES, "clitest", CliFakeSpec)
+    assert "clitest" in spec_families()
 
 
 def _matrix(argv):
