@@ -50,7 +50,7 @@ struct DecodeTraits {
 // the room of three at a 4-head tile.
 template <int GT, bool ROPE>
 constexpr int decode_min_blocks() {
-  return GT >= 4 && ROPE ? 3 : 4;
+  return GT >= 8 ? 2 : (GT >= 4 && ROPE ? 3 : 4);
 }
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
@@ -76,6 +76,9 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   const int qo_head0 = kv_head * p.group_size + head_tile * GT;
   const int q_pos = p.kv_len - 1;
 
+  // Let the merge kernel (launched with programmatic dependent launch) be scheduled as soon as SMs free
+  // up; it waits in griddepcontrol.wait until this grid has finished and flushed its writes.
+  grid_dependency_launch_dependents();
   RopeRate rate;
   if constexpr (ROPE) load_rope_rate<HEAD_DIM>(rate, rope, lane);
 
@@ -178,11 +181,14 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       d += s[t];
     }
     m = m_new;
+    // Once the running max settles, most tiles leave it unchanged: skip the rescale warp-wide then.
+    if (__any_sync(0xffffffffu, scale != 1.f)) {
 #pragma unroll
-    for (int j = 0; j < GT; ++j) {
-      const float sc = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
+      for (int j = 0; j < GT; ++j) {
+        const float sc = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) o[j][i] *= sc;
+        for (int i = 0; i < 8; ++i) o[j][i] *= sc;
+      }
     }
 
 #pragma unroll
@@ -200,7 +206,6 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   }
   cp_async_wait<0>();
   __syncthreads();
-  grid_dependency_launch_dependents();
 
   // Merge the ROWS row states of each head through shared memory (the K/V ring is free now).
   float* s_m = reinterpret_cast<float*>(smem_raw);  // [ROWS][GT]
@@ -325,11 +330,13 @@ cudaError_t launch_single_decode(SingleDecodeParams p, int workspace_chunks, int
   if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
 #define FI_LAUNCH(GT) \
   launch_single_decode_gt<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>(p, workspace_chunks, device, stream)
-  // Larger groups take several tiles of 4 heads: the tiles of one KV head run side by side and share
-  // its K/V through L2, and 4 heads per CTA keep enough CTAs resident to hide memory latency.
+  // Groups of 8, 16, ... take tiles of 8 heads; other groups tiles of 4. Tiles of one KV head run side by
+  // side but do not reliably share K/V through L2 (measured: two 4-head tiles read HBM twice), so large
+  // tiles win despite fewer resident CTAs.
   if (p.group_size == 1) err = FI_LAUNCH(1);
   else if (p.group_size == 2) err = FI_LAUNCH(2);
-  else err = FI_LAUNCH(4);
+  else if (p.group_size % 8 != 0) err = FI_LAUNCH(4);
+  else err = FI_LAUNCH(8);
 #undef FI_LAUNCH
   if (previous != device) cudaSetDevice(previous);
   return err;
