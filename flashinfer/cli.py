@@ -39,6 +39,7 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 _FAMILY_MODULES = ("flashinfer.decode", "flashinfer.jit.probe")
+_NOT_KERNELS = ("probe",)  # families that a "*" preset leaves out
 
 
 def _load_families() -> Dict[str, type]:
@@ -93,12 +94,14 @@ AXIS_FLAGS: Tuple[AxisFlag, ...] = (
     AxisFlag("--softcap", "softcap", ("use_logits_soft_cap",), "logits soft cap: on,off"),
 )
 
-# A preset is {family: {flag dest or "axis:<name>": comma list}}. Flags given on the command line
-# override the preset's value for the same flag; axes not mentioned take all supported values.
+# A preset is {family: {flag dest or "axis:<name>": comma list}}; family "*" = every registered kernel
+# family except the probe. Flags given on the command line override the preset's value for the same
+# flag; axes not mentioned take all supported values.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "test": {
-        "help": "everything the GPU test suite needs: the full supported decode_single matrix",
-        "families": {"decode_single": {}},
+        "help": "everything the GPU test suite needs: the full supported matrix of every kernel family "
+                "(today decode_single; not the probe)",
+        "families": {"*": {}},
     },
     "llama": {
         "help": "Llama-style serving: bf16, head_dim 128, NHD, no RoPE fusion/window/soft cap",
@@ -309,7 +312,9 @@ def resolve_selection(args: argparse.Namespace, families: Dict[str, type]) -> Tu
     if preset_name is not None:
         if preset_name not in PRESETS:
             raise UsageError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
-        base = {f: dict(s) for f, s in PRESETS[preset_name]["families"].items()}
+        for f, s in PRESETS[preset_name]["families"].items():
+            for fam in (sorted(x for x in families if x not in _NOT_KERNELS) if f == "*" else [f]):
+                base.setdefault(fam, dict(s))
     if fams_arg:
         for f in fams_arg:
             if f not in families:
