@@ -3,10 +3,23 @@
 __version__ = "0.1.0"
 
 from . import jit
+from .batch_decode import (
+    BatchDecodePagedSpec,
+    BatchDecodeWithPagedKVCacheWrapper,
+    CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
+)
 from .decode import SingleDecodeSpec, single_decode_with_kv_cache
+from .page import PageAppendSpec, append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .utils import PosEncodingMode, TensorLayout
 
 __all__ = [
+    "BatchDecodePagedSpec",
+    "BatchDecodeWithPagedKVCacheWrapper",
+    "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
+    "PageAppendSpec",
+    "append_paged_kv_cache",
+    "get_batch_indices_positions",
+    "get_seq_lens",
     "PosEncodingMode",
     "SingleDecodeSpec",
     "TensorLayout",

@@ -5,10 +5,11 @@
 #
 # Uses the python3 on PATH as is (torch with CUDA, nvcc, ninja, jinja2, filelock, pytest): nothing is
 # downloaded. The checkout is put on PYTHONPATH (set FI_PIP_INSTALL=1 to `pip install --no-build-isolation
-# --no-deps -e .` instead). Logs go to $OUT when set (else .devout/gpu_ci/), at most 7 files:
-#   env.log prewarm.log prewarm.json pytest_gpu.log bench.log RESULTS.md summary.txt
+# --no-deps -e .` instead). Logs go to $OUT when set (else .devout/gpu_ci/), (keep BENCH to one or two scripts where only 8 files come back):
+#   env.log prewarm.log prewarm.json pytest_gpu.log bench_<name>.log (one per benchmark) RESULTS.md summary.txt
 # Env knobs: PYTHON (default python3), PYTEST_ARGS (extra pytest args, e.g. "-k decode -x"),
-#   PREWARM_ARGS (default "--preset test"), JOBS (prewarm workers, default nproc), TORCH_CUDA_ARCH_LIST
+#   PREWARM_ARGS (default "--preset test"), BENCH (benchmark scripts to run, space-separated; default every
+#   benchmarks/bench_*.py), JOBS (prewarm workers, default nproc), TORCH_CUDA_ARCH_LIST
 #   (default 9.0), MAX_JOBS (default 16), FLASHINFER_JIT_CACHE (default /tmp/fi_jit_cache).
 # Exit status: non-zero if any step failed; the benchmarks still run after failed tests.
 set -uo pipefail
@@ -79,11 +80,16 @@ for s in "${STEPS[@]}"; do
       tail -n 1 "$LOG_DIR/pytest_gpu.log" | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
       ;;
     bench)
-      if [ -f "$REPO/benchmarks/bench_decode.py" ]; then
-        OUT="$LOG_DIR" run_step bench bench.log "$PYTHON" "$REPO/benchmarks/bench_decode.py"
-      else
-        note "bench: FAILED: benchmarks/bench_decode.py not found"; FAILED=1
-      fi
+      BENCHES=${BENCH:-$(ls "$REPO"/benchmarks/bench_*.py 2>/dev/null)}
+      if [ -z "$BENCHES" ]; then note "bench: FAILED: no benchmarks/bench_*.py found"; FAILED=1; fi
+      for b in $BENCHES; do
+        [ -f "$b" ] || b="$REPO/$b"
+        if [ -f "$b" ]; then
+          OUT="$LOG_DIR" run_step "bench $(basename "$b" .py)" "$(basename "$b" .py).log" "$PYTHON" "$b"
+        else
+          note "bench: FAILED: $b not found"; FAILED=1
+        fi
+      done
       ;;
   esac
 done

@@ -1,0 +1,232 @@
+"""Paged KV cache helpers: ``append_paged_kv_cache`` (a JIT-compiled kernel), ``get_batch_indices_positions``
+and ``get_seq_lens``; drop-ins for FlashInfer's functions of those names.
+
+A paged KV cache is either one tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (``kv_layout="NHD"``)
+/ ``[num_pages, 2, num_kv_heads, page_size, head_dim]`` (``"HND"``), or a tuple ``(k_cache, v_cache)`` of
+``[num_pages, page_size, num_kv_heads, head_dim]`` / ``[num_pages, num_kv_heads, page_size, head_dim]``. The page
+table is CSR: ``kv_indptr [batch + 1]``, ``kv_indices [nnz_pages]``, ``kv_last_page_len [batch]`` (1..page_size);
+request r holds ``(pages - 1) * page_size + last_page_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from . import jit
+from .jit.spec import Spec, c_int, c_int64, c_void_p, register_family
+from .utils import (
+    DTYPE_CUDA,
+    SUPPORTED_HEAD_DIMS,
+    canonical_layout,
+    check_head_dim,
+    check_same_device,
+    current_stream_ptr,
+    dtype_short,
+)
+
+PagedKVCache = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@register_family
+@dataclasses.dataclass(frozen=True)
+class PageAppendSpec(Spec):
+    """Compile-time configuration of the append-to-paged-cache kernel (layouts are strides: one kernel)."""
+
+    head_dim: int = 128
+    dtype_kv: str = "bf16"
+
+    family = "page_append"
+    template = "page_append.cu.jinja"
+    exports = {
+        "flashinfer_append_paged_kv": (
+            c_int,
+            (c_void_p, c_void_p)  # key, value
+            + (c_int64,) * 4  # key/value token and head strides
+            + (c_void_p,) * 5  # batch_indices, positions, kv_indptr, k_cache, v_cache
+            + (c_int64,) * 3  # stride_page, stride_n, stride_h
+            + (c_void_p,)  # kv_indices
+            + (c_int,) * 6  # num_pages, batch_size, nnz, num_heads, page_size, device
+            + (c_void_p,),  # stream
+        )
+    }
+
+    def name(self) -> str:
+        return f"{self.family}_kv-{self.dtype_kv}_d{self.head_dim}"
+
+    def render_vars(self) -> Dict[str, Any]:
+        return {"name": self.name(), "head_dim": self.head_dim, "dtype_kv": DTYPE_CUDA[self.dtype_kv]}
+
+    @classmethod
+    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
+        return {"head_dim": SUPPORTED_HEAD_DIMS, "dtype_kv": ("bf16", "f16")}
+
+
+class PagedKV(NamedTuple):
+    """A paged cache taken apart: K and V views ``[num_pages, ...]`` sharing strides, and its geometry."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    stride_page: int  # elements
+    stride_n: int  # between the tokens of a page
+    stride_h: int  # between heads
+
+
+def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> PagedKV:
+    """Validates a paged cache of either form and returns its K/V views, geometry and element strides."""
+    kv_layout = canonical_layout(kv_layout)
+    if isinstance(paged_kv_cache, (tuple, list)):
+        if len(paged_kv_cache) != 2:
+            raise ValueError(f"paged_kv_cache tuple must be (k_cache, v_cache), got {len(paged_kv_cache)} tensors")
+        k, v = paged_kv_cache
+        for n, t in (("k_cache", k), ("v_cache", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{n} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{n} must be 4-D [num_pages, {'page_size, num_kv_heads' if kv_layout == 'NHD' else 'num_kv_heads, page_size'}, "
+                    f"head_dim] (kv_layout={kv_layout!r}), got shape {tuple(t.shape)}"
+                )
+        if k.shape != v.shape or k.stride() != v.stride():
+            raise ValueError(f"k_cache and v_cache must have the same shape and strides, got {tuple(k.shape)}/"
+                             f"{k.stride()} and {tuple(v.shape)}/{v.stride()}")
+        if k.dtype != v.dtype or k.device != v.device:
+            raise ValueError(f"k_cache and v_cache must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}")
+    elif isinstance(paged_kv_cache, torch.Tensor):
+        if paged_kv_cache.dim() != 5 or paged_kv_cache.shape[1] != 2:
+            raise ValueError(
+                f"paged_kv_cache must be 5-D [num_pages, 2, {'page_size, num_kv_heads' if kv_layout == 'NHD' else 'num_kv_heads, page_size'}, "
+                f"head_dim] (kv_layout={kv_layout!r}) or a (k_cache, v_cache) tuple, got shape {tuple(paged_kv_cache.shape)}"
+            )
+        k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
+    else:
+        raise TypeError(f"paged_kv_cache must be a tensor or a (k_cache, v_cache) tuple, got {type(paged_kv_cache).__name__}")
+    if k.device.type != "cuda":
+        raise ValueError(f"paged_kv_cache is on {k.device}; the kernels run on CUDA devices only")
+    dtype_short(k, "paged_kv_cache")
+    num_pages, a, b, head_dim = k.shape
+    s0, s1, s2, s3 = k.stride()
+    if kv_layout == "NHD":
+        page_size, num_kv_heads, stride_n, stride_h = a, b, s1, s2
+    else:
+        num_kv_heads, page_size, stride_h, stride_n = a, b, s1, s2
+    check_head_dim(head_dim)
+    if s3 != 1 and head_dim > 1:
+        raise ValueError(f"paged_kv_cache must be contiguous in head_dim (stride 1), got strides {k.stride()}")
+    for what, s, size in (("page", s0, num_pages), ("token", stride_n, page_size), ("head", stride_h, num_kv_heads)):
+        if size > 1 and s % 8 != 0:
+            raise ValueError(f"paged_kv_cache {what} stride {s} is not a multiple of 8 elements (16 bytes)")
+    if k.data_ptr() % 16 or v.data_ptr() % 16:
+        raise ValueError("paged_kv_cache data must be 16-byte aligned")
+    if num_pages >= 2**31:
+        raise ValueError(f"num_pages {num_pages} exceeds 2**31 - 1")
+    if not 1 <= page_size <= 2**16:
+        raise ValueError(f"page_size {page_size} out of range")
+    return PagedKV(k, v, num_pages, page_size, num_kv_heads, head_dim, s0, stride_n, stride_h)
+
+
+def _check_index(t: Any, name: str, device: torch.device, length: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be torch.int32 (FlashInfer's index dtype), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"all tensors must be on one device: paged_kv_cache is on {device} but {name} is on {t.device}")
+    if length is not None and t.numel() != length:
+        raise ValueError(f"{name} must have {length} elements, got {t.numel()}")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _append_fn(spec: PageAppendSpec):
+    module = jit.load(spec)
+    return module, module.fn("flashinfer_append_paged_kv")
+
+
+def append_paged_kv_cache(
+    append_key: torch.Tensor,
+    append_value: torch.Tensor,
+    batch_indices: torch.Tensor,
+    positions: torch.Tensor,
+    paged_kv_cache: PagedKVCache,
+    kv_indices: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    kv_layout: str = "NHD",
+) -> None:
+    """Writes ``append_key``/``append_value`` ``[nnz, num_kv_heads, head_dim]`` into the paged cache, in place:
+    token i goes to request ``batch_indices[i]`` at position ``positions[i]`` (see ``get_batch_indices_positions``).
+
+    Index tensors are int32 on the cache's device. The kernel runs on that device and its current stream.
+    Entries whose request, position or page fall outside the page table are skipped (never written out of
+    bounds); ``kv_last_page_len`` is accepted for FlashInfer compatibility (the page table bounds the writes).
+    """
+    kv = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    device = kv.k.device
+    for n, t in (("append_key", append_key), ("append_value", append_value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{n} must be 3-D [nnz, num_kv_heads, head_dim], got shape {tuple(t.shape)}")
+    check_same_device([("paged_kv_cache", kv.k), ("append_key", append_key), ("append_value", append_value)])
+    if append_key.shape != append_value.shape:
+        raise ValueError(f"append_key and append_value shapes differ: {tuple(append_key.shape)} vs {tuple(append_value.shape)}")
+    nnz, heads, head_dim = append_key.shape
+    if (heads, head_dim) != (kv.num_kv_heads, kv.head_dim):
+        raise ValueError(f"append_key has {heads} heads of dim {head_dim}, the cache {kv.num_kv_heads} of dim {kv.head_dim} "
+                         f"(kv_layout={canonical_layout(kv_layout)!r})")
+    if append_key.dtype != kv.k.dtype or append_value.dtype != kv.k.dtype:
+        raise TypeError(f"append_key/append_value dtype ({append_key.dtype}/{append_value.dtype}) must match the cache's {kv.k.dtype}")
+    batch_indices = _check_index(batch_indices, "batch_indices", device, nnz)
+    positions = _check_index(positions, "positions", device, nnz)
+    kv_indptr = _check_index(kv_indptr, "kv_indptr", device)
+    kv_indices = _check_index(kv_indices, "kv_indices", device)
+    _check_index(kv_last_page_len, "kv_last_page_len", device, kv_indptr.numel() - 1)
+    if kv_indptr.numel() < 1:
+        raise ValueError("kv_indptr must have batch_size + 1 >= 1 elements")
+    tensors = []
+    for n, t in (("append_key", append_key), ("append_value", append_value)):
+        if t.stride(-1) != 1 or (t.size(0) > 1 and t.stride(0) % 8) or (t.size(1) > 1 and t.stride(1) % 8) or t.data_ptr() % 16:
+            t = t.contiguous()
+        tensors.append(t)
+    key, value = tensors
+    if nnz == 0:
+        return
+    spec = PageAppendSpec(head_dim=head_dim, dtype_kv=dtype_short(kv.k, "paged_kv_cache"))
+    module, fn = _append_fn(spec)
+    rc = fn(
+        key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        batch_indices.data_ptr(), positions.data_ptr(), kv_indptr.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(),
+        kv.stride_page, kv.stride_n, kv.stride_h, kv_indices.data_ptr(), kv.num_pages, kv_indptr.numel() - 1, nnz,
+        heads, kv.page_size, device.index, current_stream_ptr(device),
+    )
+    if rc:
+        module.check(rc, f"append_paged_kv_cache ({spec.name()}) on {device}")
+
+
+def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Tokens per request: ``(pages - 1) * page_size + last_page_len`` (0 for a request without pages)."""
+    return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
+
+
+def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Tensor, nnz: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For the ``nnz`` tokens appended (``append_indptr [batch + 1]`` CSR), their request and position:
+    request r's appended tokens take the last ``append_len_r`` positions of its ``seq_lens[r]`` (the lengths
+    after the append). Returns int32 ``(batch_indices, positions)``; no host sync (``nnz`` is given)."""
+    device = append_indptr.device
+    indptr = append_indptr.to(torch.int64)
+    append_lens = indptr[1:] - indptr[:-1]
+    batch = append_lens.numel()
+    batch_indices = torch.repeat_interleave(torch.arange(batch, device=device), append_lens, output_size=nnz)
+    offsets = torch.arange(nnz, device=device) - indptr[batch_indices]
+    positions = seq_lens.to(device=device, dtype=torch.int64)[batch_indices] - append_lens[batch_indices] + offsets
+    return batch_indices.to(torch.int32), positions.to(torch.int32)

@@ -1,0 +1,349 @@
+"""BatchDecodeWithPagedKVCacheWrapper against a float64 reference that gathers each request's pages
+(independent of our kernels); graph mode; bad input. On the CPU: the planner's schedule (coverage,
+balance, merges), spec naming, validation before any build."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import flashinfer
+from flashinfer.batch_decode import BatchDecodePagedSpec, host_schedule
+
+from reference import LSE_TOL, assert_close, attention, poisoned
+
+LENS = [1, 15, 16, 17, 1000, 4096, 33000]
+
+
+def _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form, spare_pages=3):
+    pages = [(n + page_size - 1) // page_size for n in lens]
+    num_pages = sum(pages) + spare_pages
+    perm = torch.randperm(num_pages)[: sum(pages)].to(torch.int32)
+    indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32)
+    shape = (num_pages, page_size, num_kv_heads, head_dim) if layout == "NHD" else (num_pages, num_kv_heads, page_size, head_dim)
+    if form == "single":
+        cache = torch.randn(num_pages, 2, *shape[1:], device="cuda", dtype=dtype)
+        k, v = cache[:, 0], cache[:, 1]
+    else:
+        k = torch.randn(shape, device="cuda", dtype=dtype)
+        v = torch.randn(shape, device="cuda", dtype=dtype)
+        cache = (k, v)
+    return cache, k, v, indptr, perm, last
+
+
+def _gather(t, layout, page_ids, n):
+    """A request's keys [n, heads, dim] (NHD) from its pages."""
+    x = t[page_ids.long().to(t.device)]
+    if layout == "HND":
+        x = x.transpose(1, 2)
+    return x.reshape(-1, x.shape[-2], x.shape[-1])[:n]
+
+
+def _reference(q, k, v, layout, indptr, indices, lens, **kw):
+    outs, lses = [], []
+    for r, n in enumerate(lens):
+        ids = indices[indptr[r] : indptr[r + 1]]
+        o, l = attention(q[r : r + 1], _gather(k, layout, ids, n), _gather(v, layout, ids, n), **kw)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _workspace(mb=128):
+    return torch.empty(mb << 20, dtype=torch.uint8, device="cuda")
+
+
+def _run_case(lens, page_size=16, num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout="NHD",
+              form="tuple", pos="NONE", window_left=-1, soft_cap=None, device_indices=False, q_noncontig=False,
+              rope_scale=None, rope_theta=None):
+    cache, k, v, indptr, indices, last = _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form)
+    if q_noncontig:
+        q = torch.randn(len(lens), num_qo_heads, 2 * head_dim, device="cuda", dtype=dtype)[:, :, head_dim:]
+    else:
+        q = torch.randn(len(lens), num_qo_heads, head_dim, device="cuda", dtype=dtype)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout)
+    w.plan(indptr, indices.cuda() if device_indices else indices, last, num_qo_heads, num_kv_heads, head_dim,
+           page_size, pos_encoding_mode=pos, window_left=window_left, logits_soft_cap=soft_cap, q_data_type=dtype,
+           rope_scale=rope_scale, rope_theta=rope_theta)
+    out = poisoned((len(lens), num_qo_heads, head_dim), dtype)
+    lse = poisoned((len(lens), num_qo_heads), torch.float32)
+    o, l = w.run(q, cache, out=out, lse=lse, return_lse=True)
+    assert o is out and l is lse
+    kw = {"pos_encoding_mode": pos, "window_left": window_left, "logits_soft_cap": soft_cap or 0.0}
+    if rope_scale is not None:
+        kw.update(rope_scale=rope_scale, rope_theta=rope_theta)
+    ref_o, ref_lse = _reference(q, k, v, layout, indptr, indices, lens, **kw)
+    assert_close(o, ref_o, what="o")
+    assert not torch.isnan(l).any(), "lse: NaN (unwritten)"
+    torch.testing.assert_close(l.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    return w
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 7, 64, 257])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("layout,form", [("NHD", "tuple"), ("HND", "single"), ("NHD", "single"), ("HND", "tuple")])
+def test_batch_decode_mixed_lengths(batch, page_size, layout, form):
+    if batch == 257 and page_size == 1 and form == "single":
+        pytest.skip("covered by the tuple form (keeps the suite short)")
+    lens = [LENS[(i * 3 + batch) % len(LENS)] for i in range(batch)]
+    if batch == 1:
+        lens = [33000]
+    _run_case(lens, page_size=page_size, layout=layout, form=form, device_indices=batch % 2 == 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [s for s in BatchDecodePagedSpec.expand(head_dim=(64, 128, 256), kv_layout=("NHD",))
+                                  if s.unsupported_reason() is None], ids=lambda s: s.name())
+def test_batch_decode_spec_matrix(spec):
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[spec.dtype_q]
+    kw = {}
+    if spec.pos_encoding_mode == "ROPE_LLAMA":
+        kw.update(rope_scale=2.0, rope_theta=5e5)
+    _run_case([17, 4096, 1, 1000, 33000], page_size=16, head_dim=spec.head_dim, dtype=dtype, layout=spec.kv_layout,
+              pos=spec.pos_encoding_mode, soft_cap=1.5 if spec.use_logits_soft_cap else None, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos", ["NONE", "ROPE_LLAMA", "ALIBI"])
+@pytest.mark.parametrize("window_left", [0, 15, 1000])
+def test_batch_decode_window(pos, window_left):
+    _run_case([1, 16, 17, 1000, 4096, 5000], page_size=16, pos=pos, window_left=window_left, layout="HND", form="single")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 7, 8, 16])
+def test_batch_decode_gqa_groups(group):
+    _run_case([15, 1000, 4096, 17], num_kv_heads=2, num_qo_heads=2 * group, page_size=16)
+
+
+@pytest.mark.gpu
+def test_batch_decode_noncontiguous_q_scales_defaults_and_aliases():
+    lens = [100, 3000]
+    cache, k, v, indptr, indices, last = _make(lens, 16, 4, 128, torch.float16, "NHD", "tuple")
+    q = torch.randn(2, 16, 256, device="cuda", dtype=torch.float16)[:, :, 64:192]
+    assert not q.is_contiguous()
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    w.begin_forward(indptr, indices, last, 16, 4, 128, 16, data_type=torch.float16, sm_scale=0.05)
+    o = w.run(q, cache, q_scale=2.0, v_scale=0.5)
+    ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens, sm_scale=0.1, v_scale=0.5)
+    assert_close(o, ref)
+    o2, l2 = w.run_return_lse(q, cache, q_scale=2.0, v_scale=0.5)
+    assert torch.equal(o, o2)
+    torch.testing.assert_close(l2.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    o3 = w.forward(q, cache, sm_scale=0.05, q_scale=2.0, v_scale=0.5)
+    assert torch.equal(o, o3)
+    w.end_forward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_class", [False, True])
+def test_graph_mode_replays_after_replan(use_class):
+    batch, hq, hkv, d, ps = 6, 8, 2, 128, 16
+    max_pages = 4000
+    indptr_buf = torch.empty(batch + 1, dtype=torch.int32, device="cuda")
+    indices_buf = torch.empty(max_pages, dtype=torch.int32, device="cuda")
+    last_buf = torch.empty(batch, dtype=torch.int32, device="cuda")
+    if use_class:
+        w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(_workspace(), indptr_buf, indices_buf, last_buf)
+    else:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True,
+                                                          paged_kv_indptr_buffer=indptr_buf,
+                                                          paged_kv_indices_buffer=indices_buf,
+                                                          paged_kv_last_page_len_buffer=last_buf)
+    k = torch.randn(max_pages, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(batch, hq, device="cuda", dtype=torch.float32)
+
+    def table(lens):
+        pages = [(n + ps - 1) // ps for n in lens]
+        indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+        last = torch.tensor([n - (p - 1) * ps for n, p in zip(lens, pages)], dtype=torch.int32)
+        return indptr, torch.randperm(max_pages)[: sum(pages)].to(torch.int32), last
+
+    plans = [[1, 17, 4096, 100, 33000, 5], [30000, 2, 2, 2, 2, 2], [500] * 6, [16, 16, 1, 40000, 7, 900]]
+    indptr, indices, last = table(plans[0])
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        w.run(q, (k, v), out=out, lse=lse, return_lse=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, (k, v), out=out, lse=lse, return_lse=True)
+    for i, lens in enumerate(plans):
+        indptr, indices, last = table(lens)
+        w.plan(indptr, indices.cuda() if i % 2 else indices, last, hq, hkv, d, ps, q_data_type=torch.bfloat16)
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        g.replay()
+        ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens)
+        assert_close(out, ref, what=f"replay {i}")
+        torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    with pytest.raises(ValueError, match="batch size"):
+        w.plan(*table([5] * 5), hq, hkv, d, ps, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="keeps its configuration"):
+        w.plan(*table([5] * 6), hq, hkv, d, 8, q_data_type=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_capturing_a_non_graph_wrapper_raises():
+    cache, k, v, indptr, indices, last = _make([100, 200], 16, 2, 128, torch.bfloat16, "NHD", "tuple")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="use_cuda_graph"):
+        with torch.cuda.graph(g):
+            w.run(q, cache, out=out)
+
+
+@pytest.mark.gpu
+def test_plan_and_run_bad_input():
+    cache, k, v, indptr, indices, last = _make([100, 200], 16, 2, 128, torch.bfloat16, "NHD", "tuple")
+    q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1024, dtype=torch.uint8, device="cuda"), "NHD")
+    with pytest.raises(ValueError, match="needs .* bytes"):
+        w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    with pytest.raises(RuntimeError, match="before plan"):
+        w.run(q, cache)
+    bad_last = last.clone()
+    bad_last[1] = 17
+    with pytest.raises(ValueError, match="outside 1..page_size"):
+        w.plan(indptr, indices, bad_last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    bad_last[1] = 0
+    with pytest.raises(ValueError, match="outside 1..page_size"):
+        w.plan(indptr, indices, bad_last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="never decrease"):
+        w.plan(torch.tensor([0, 7, 3], dtype=torch.int32), indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    bad_idx = indices.clone()
+    bad_idx[3] = -4
+    with pytest.raises(ValueError, match="negative"):
+        w.plan(indptr, bad_idx, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple"):
+        w.plan(indptr, indices, last, 6, 4, 128, 16, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim"):
+        w.plan(indptr, indices, last, 8, 2, 96, 16, q_data_type=torch.bfloat16)
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="as planned"):
+        w.run(q[:1], cache)
+    with pytest.raises(TypeError, match="q dtype"):
+        w.run(q.half(), cache)
+    with pytest.raises(TypeError, match="kv_data_type"):
+        w.run(q, (cache[0].half(), cache[1].half()))
+    hnd = (cache[0].transpose(1, 2).contiguous(), cache[1].transpose(1, 2).contiguous())
+    with pytest.raises(ValueError, match="page_size"):
+        w.run(q, hnd)  # an HND cache read as NHD has the wrong geometry
+    with pytest.raises(ValueError, match="pages"):
+        w.run(q, (cache[0][:5], cache[1][:5]))  # page ids beyond the cache
+    with pytest.raises(ValueError, match="one device"):
+        w.run(q.cpu(), cache)
+    with pytest.raises(ValueError, match="out must be"):
+        w.run(q, cache, out=torch.empty(2, 8, 64, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------- CPU
+
+
+def _table(lens, ps):
+    pages = [(n + ps - 1) // ps for n in lens]
+    indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * ps for n, p in zip(lens, pages)], dtype=torch.int32)
+    return indptr, last
+
+
+def _check_schedule(lens, ps, window_left=-1, slots=396, hq=32, hkv=8, fixed_workers=0):
+    indptr, last = _table(lens, ps)
+    s = host_schedule(indptr, last, ps, hq, hkv, slots, window_left=window_left, fixed_workers=fixed_workers)
+    cover = {r: [] for r in range(len(lens))}
+    slots_seen = []
+    loads = []
+    for w in s["workers"]:
+        loads.append(sum(e - b for _, b, e, _ in w) + 32 * len(w))
+        for r, b, e, slot in w:
+            assert b < e
+            cover[r].append((b, e, slot))
+    for r, n in enumerate(lens):
+        start = max(0, n - 1 - window_left) if window_left >= 0 else 0
+        pieces = sorted(cover[r])
+        assert pieces[0][0] == start and pieces[-1][1] == n, (r, pieces)
+        for (b0, e0, _), (b1, _, _) in zip(pieces, pieces[1:]):
+            assert e0 == b1, (r, pieces)  # contiguous, no overlap
+        if len(pieces) == 1:
+            assert pieces[0][2] == -1  # a whole request writes its output directly
+        else:
+            slots_r = [p[2] for p in pieces]
+            slots_seen += slots_r
+            assert (r, min(slots_r), len(pieces)) in s["merges"]
+            assert slots_r == list(range(min(slots_r), min(slots_r) + len(pieces)))
+    assert sorted(slots_seen) == list(range(len(slots_seen)))
+    assert len(s["workers"]) == s["worker_capacity"]
+    return s, [x for x in loads if x]
+
+
+def test_schedule_splits_one_long_request_over_the_whole_gpu():
+    s, loads = _check_schedule([33000], 16)
+    assert s["workers_used"] == 49  # 396 resident CTAs / 8 kv heads
+    assert max(loads) - min(loads) <= 64
+
+
+def test_schedule_balances_a_skewed_batch():
+    s, loads = _check_schedule([32768] + [512] * 127, 16)
+    assert s["workers_used"] == 49
+    assert max(loads) <= 1.05 * sum(loads) / len(loads)
+    assert len(s["merges"]) <= 48
+
+
+def test_schedule_large_uniform_batch_has_few_splits():
+    s, loads = _check_schedule([1024] * 256, 16)
+    assert max(loads) <= 1.03 * sum(loads) / len(loads)
+    assert s["pieces"] <= 256 + 49
+
+
+def test_schedule_small_work_uses_fewer_workers_and_windows():
+    s, _ = _check_schedule([1, 15, 16, 17], 16)
+    assert s["workers_used"] <= 2 and not s["merges"]  # no request is split
+    _check_schedule([1, 15, 16, 17, 1000, 4096, 33000] * 9, 1, window_left=700)
+    _check_schedule([1, 15, 16, 17, 1000, 4096, 33000], 64, window_left=0)
+
+
+def test_schedule_graph_mode_keeps_the_worker_count():
+    s, _ = _check_schedule([5, 5], 16, fixed_workers=49)
+    assert s["worker_capacity"] == 49 and s["workers_used"] == 1
+
+
+def test_schedule_rejects_bad_tables():
+    indptr, last = _table([10, 20], 16)
+    with pytest.raises(ValueError, match="code -3"):
+        host_schedule(indptr, torch.tensor([10, 17], dtype=torch.int32), 16, 8, 2, 132)
+    with pytest.raises(ValueError, match="code -1"):
+        host_schedule(torch.tensor([0, 2, 1], dtype=torch.int32), last, 16, 8, 2, 132)
+    with pytest.raises(ValueError, match="code -2"):
+        host_schedule(torch.tensor([0, 0, 2], dtype=torch.int32), last, 16, 8, 2, 132)
+
+
+def test_batch_decode_spec_names():
+    specs = BatchDecodePagedSpec.expand()
+    assert len({s.name() for s in specs}) == len(specs) == 3 * 2 * 2 * 2 * 2 * 3 * 2
+    s = BatchDecodePagedSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False)
+    assert s.name() == "decode_batch_paged_q-bf16_kv-bf16_o-bf16_d128_nhd_pos-none_softcap-off"
+    assert BatchDecodePagedSpec.from_json(s.to_json()) == s
+    assert len([x for x in specs if x.unsupported_reason() is None]) == 3 * 2 * 2 * 3 * 2
+
+
+def test_wrapper_refuses_cpu_workspace():
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1024, dtype=torch.uint8))
