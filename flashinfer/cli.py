@@ -104,9 +104,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "families": {"*": {}},
     },
     "llama": {
-        "help": "Llama-style serving: bf16, head_dim 128, NHD, no RoPE fusion/window/soft cap",
+        "help": "Llama-style serving: every kernel family at bf16, head_dim 128, NHD, no RoPE fusion/window/soft cap",
         "families": {
-            "decode_single": {
+            "*": {
                 "dtypes": "bf16",
                 "head_dims": "128",
                 "layouts": "NHD",
@@ -117,9 +117,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         },
     },
     "default": {
-        "help": "common serving configs: bf16/f16 (q=kv=o), all head dims, NHD, pos NONE/ROPE_LLAMA, no window/soft cap",
+        "help": "common serving configs of every kernel family: bf16/f16 (q=kv=o), all head dims, NHD, "
+                "pos NONE/ROPE_LLAMA, no window/soft cap",
         "families": {
-            "decode_single": {
+            "*": {
                 "dtypes": "bf16,f16",
                 "layouts": "NHD",
                 "pos_encodings": "NONE,ROPE_LLAMA",

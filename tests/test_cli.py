@@ -163,9 +163,13 @@ def test_llama_and_test_presets_for_decode():
     if "decode_single" not in families:
         pytest.skip("flashinfer.decode (family decode_single) is not available")
     llama = [it for it in _matrix(["--preset", "llama"]) if it.reason is None]
-    assert len(llama) == 1
-    s = llama[0].spec
-    assert (s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.kv_layout) == (128, "bf16", "bf16", "bf16", "NHD")
+    assert {it.family for it in llama} == set(families) - {"probe"}
+    assert all(it.spec.head_dim == 128 for it in llama if hasattr(it.spec, "head_dim"))
+    single = [it.spec for it in llama if it.family == "decode_single"]
+    assert len(single) == 1
+    s = single[0]
+    assert (s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.kv_layout, s.pos_encoding_mode, s.use_window,
+            s.use_logits_soft_cap) == (128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)
     test = _matrix(["--preset", "test"])  # every family but the probe (the stand-in included)
     assert len(test) == sum(len(cls.expand()) for fam, cls in families.items() if fam != "probe")
     assert {it.name for it in test if it.family == "decode_single"} == {s.name() for s in families["decode_single"].expand()}
