@@ -5,8 +5,10 @@
 #
 # Uses the python3 on PATH as is (torch with CUDA, nvcc, ninja, jinja2, filelock, pytest): nothing is
 # downloaded. The checkout is put on PYTHONPATH (set FI_PIP_INSTALL=1 to `pip install --no-build-isolation
-# --no-deps -e .` instead). Logs go to $OUT when set (else .devout/gpu_ci/), (keep BENCH to one or two scripts where only 8 files come back):
-#   env.log prewarm.log prewarm.json pytest_gpu.log bench_<name>.log (one per benchmark) RESULTS.md summary.txt
+# --no-deps -e .` instead). Logs go to $OUT when set (else .devout/gpu_ci/):
+#   summary.txt (environment: nvidia-smi, versions, doctor; then one line per step) prewarm.log prewarm.json
+#   pytest_gpu.log bench_<name>.log (one per benchmark) RESULTS.md
+# That is 7 files with two benchmarks; where only 8 files come back, keep BENCH to at most three scripts.
 # Env knobs: PYTHON (default python3), PYTEST_ARGS (extra pytest args, e.g. "-k decode -x"),
 #   PREWARM_ARGS (default "--preset test"), BENCH (benchmark scripts to run, space-separated; default every
 #   benchmarks/bench_*.py), JOBS (prewarm workers, default nproc), TORCH_CUDA_ARCH_LIST
@@ -42,7 +44,6 @@ fi
 
 T0=$(date +%s)
 SUMMARY="$LOG_DIR/summary.txt"
-: >"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 FAILED=0
 
@@ -55,7 +56,8 @@ FAILED=0
   echo "== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS FLASHINFER_JIT_CACHE=$FLASHINFER_JIT_CACHE JOBS=$JOBS CUDA_HOME=${CUDA_HOME:-(unset)}"
   "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "CUDA", torch.version.cuda, "| GPUs", torch.cuda.device_count())'
   "$PYTHON" -m flashinfer doctor
-} 2>&1 | tee "$LOG_DIR/env.log"
+} 2>&1 | tee "$SUMMARY"
+echo "== steps" >>"$SUMMARY"
 
 run_step() {  # name, log file, command...
   local name=$1 log=$2; shift 2
