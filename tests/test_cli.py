@@ -406,3 +406,20 @@ def test_unusable_cache_root_is_a_clean_error(tmp_path, capsys, monkeypatch):
     rc = cli.main(["prewarm", "--preset", "probe", "--jobs", "1"])
     err = capsys.readouterr().err
     assert rc == 1 and "JITCacheError" in err and str(blocker / "cache") in err and "Traceback" not in err
+
+
+def test_config_file_of_specs_and_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    one = CliFakeSpec(head_dim=128, dtype_q="f16", dtype_kv="f16", dtype_o="f16", kv_layout="HND", use_window=True)
+    cfg = tmp_path / "matrix.json"
+    cfg.write_text(json.dumps([
+        one.to_json(),
+        {"family": "clitest", "settings": {"dtypes": "bf16", "head_dims": "64", "layouts": "NHD", "window": "all"}},
+    ]))
+    assert cli.main(["prewarm", "--config", str(cfg), "--dry-run", "--json", str(tmp_path / "r.json")]) == 0
+    capsys.readouterr()
+    names = sorted(i["name"] for i in json.loads((tmp_path / "r.json").read_text())["items"])
+    assert names == sorted([one.name(), "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-off",
+                            "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-on"])
+    cfg.write_text(json.dumps([{"family": "clitest", "head_dim": 96, "bogus": 1}]))
+    assert cli.main(["prewarm", "--config", str(cfg), "--dry-run"]) == 2
