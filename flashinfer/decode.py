@@ -21,6 +21,7 @@ from .utils import (
     TensorLayout,
     canonical_layout,
     canonical_pos_encoding,
+    check_aligned,
     check_head_dim,
     check_out,
     check_same_device,
@@ -142,6 +143,9 @@ def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft
         num_kv_heads, kv_len = k.shape[0], k.shape[1]
     module, fn = _launcher(head_dim, DTYPE_SHORT[q.dtype], kv_layout, pos_encoding_mode, window_left >= 0,
                            soft_cap > 0)
+    if (k.data_ptr() | v.data_ptr()) & 15:
+        check_aligned(k, "k")
+        check_aligned(v, "v")
     device = q.device
     max_chunks = min(_MAX_CHUNKS, -(-_kv_span(kv_len, window_left) // _MIN_CHUNK))
     workspace = None

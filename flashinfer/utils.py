@@ -107,8 +107,15 @@ def check_vector_rows(t: torch.Tensor, name: str, leading_dims: int) -> None:
                 f"{name} stride {t.stride(d)} of dim {d} is not a multiple of {align} elements (16 bytes); "
                 f"got strides {t.stride()}. Pass a tensor whose rows start 16-byte aligned, e.g. .contiguous()"
             )
-    if t.data_ptr() % 16 != 0:
-        raise ValueError(f"{name} data pointer must be 16-byte aligned; got a view at offset {t.storage_offset()}")
+    check_aligned(t, name)
+
+
+def check_aligned(t: torch.Tensor, name: str) -> None:
+    """16-byte aligned base pointer (a no-op while torch.compile traces: fake tensors have no address;
+    the op's eager implementation checks again)."""
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0:
+        raise ValueError(f"{name} data pointer must be 16-byte aligned; got a view at element offset "
+                         f"{t.storage_offset()}")
 
 
 def check_out(out: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], dtype: torch.dtype,

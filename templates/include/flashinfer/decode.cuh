@@ -86,23 +86,11 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   // per head. Its softmax statistics (m, d) are kept by the owning lanes only; the probabilities and
   // rescale factors are broadcast to every lane for the P.V update.
   constexpr int HEAD_LANES = LANES / GT;
+  constexpr bool P_IN_SMEM = GT >= 4;
+  float* s_p = reinterpret_cast<float*>(smem_raw + T::kSmemBytes);  // [ROWS][TPR][GT], after the ring
   const int own = lane / HEAD_LANES;
   const int warp_lane = threadIdx.x % 32;
   const int row_base = warp_lane - lane;  // first lane of this row within the warp
-
-  float q[GT][8];
-#pragma unroll
-  for (int j = 0; j < GT; ++j) {
-    // Spare slots of a partial tile repeat the last head; their results are never stored.
-    const int h = qo_head0 + min(j, heads_here - 1);
-    const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + h * p.q_stride_h + lane * 8;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) q[j][i] = to_float(qh[i]);
-    if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
-  }
-  const float slope = ALIBI ? alibi_slope(qo_head0 + min(own, heads_here - 1), p.num_qo_heads) : 0.f;
 
   const int chunk_begin = p.kv_begin + chunk * p.chunk_size;
   const int chunk_end = min(p.kv_len, chunk_begin + p.chunk_size);
@@ -131,6 +119,20 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     if (s < num_tiles) load_tile(s);
     cp_async_commit();
   }
+
+  float q[GT][8];
+#pragma unroll
+  for (int j = 0; j < GT; ++j) {
+    // Spare slots of a partial tile repeat the last head; their results are never stored.
+    const int h = qo_head0 + min(j, heads_here - 1);
+    const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + h * p.q_stride_h + lane * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[j][i] = to_float(qh[i]);
+    if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
+  }
+  const float slope = ALIBI ? alibi_slope(qo_head0 + min(own, heads_here - 1), p.num_qo_heads) : 0.f;
 
   float m = kNegInf, d = 0.f, o[GT][8];
 #pragma unroll
@@ -191,16 +193,35 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       }
     }
 
+    // Every lane needs all GT probabilities of a token: from GT >= 4 one 16-byte shared-memory read per
+    // 4 heads is cheaper than a shuffle per head.
+    if constexpr (P_IN_SMEM) {
+      if (lane % HEAD_LANES == 0) {
+#pragma unroll
+        for (int t = 0; t < TPR; ++t) s_p[(row * TPR + t) * GT + own] = s[t];
+      }
+      __syncwarp();
+    }
 #pragma unroll
     for (int t = 0; t < TPR; ++t) {
       const int tl = t * ROWS + row;
       float vf[8];
       unpack8(sv[tl * LANES + lane], vf, DTypeKV{});
+      float pt[GT];
+      if constexpr (P_IN_SMEM) {
+#pragma unroll
+        for (int j = 0; j < GT; j += 4) {
+          const float4 p4 = *reinterpret_cast<const float4*>(s_p + (row * TPR + t) * GT + j);
+          pt[j] = p4.x, pt[j + 1] = p4.y, pt[j + 2] = p4.z, pt[j + 3] = p4.w;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < GT; ++j) pt[j] = __shfl_sync(0xffffffffu, s[t], row_base + j * HEAD_LANES);
+      }
 #pragma unroll
       for (int j = 0; j < GT; ++j) {
-        const float pj = __shfl_sync(0xffffffffu, s[t], row_base + j * HEAD_LANES);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) o[j][i] = fmaf(pj, vf[i], o[j][i]);
+        for (int i = 0; i < 8; ++i) o[j][i] = fmaf(pt[j], vf[i], o[j][i]);
       }
     }
   }
@@ -273,11 +294,14 @@ template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTyp
 cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
   using T = DecodeTraits<HEAD_DIM>;
   auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>;
+  constexpr int smem_bytes = T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
   static int occupancy[64] = {0};
   int& occ = occupancy[device >= 0 && device < 64 ? device : 0];
-  if (occ == 0) {
+  if (occ == 0) {  // first launch on this device: opt in to > 48 KB and size the grid to what fits
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
     int n = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, T::kThreads, T::kSmemBytes);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, T::kThreads, smem_bytes);
     if (err != cudaSuccess) return err;
     occ = n > 0 ? n : 1;
   }
@@ -297,7 +321,7 @@ cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, 
   }
   std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope;
   if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, HEAD_DIM, p.rope_scale, p.rope_theta);
-  kernel<<<ctas_per_chunk * p.num_chunks, T::kThreads, T::kSmemBytes, stream>>>(p, rope);
+  kernel<<<ctas_per_chunk * p.num_chunks, T::kThreads, smem_bytes, stream>>>(p, rope);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.num_chunks == 1) return err;
 
