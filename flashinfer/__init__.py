@@ -9,11 +9,23 @@ from .batch_decode import (
     CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
 )
 from .decode import SingleDecodeSpec, single_decode_with_kv_cache
+from .prefill import (
+    BatchPrefillSpec,
+    BatchPrefillWithPagedKVCacheWrapper,
+    BatchPrefillWithRaggedKVCacheWrapper,
+    SinglePrefillSpec,
+    single_prefill_with_kv_cache,
+    single_prefill_with_kv_cache_return_lse,
+)
+from .quantization import packbits, segment_packbits
 from .page import PageAppendSpec, append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .utils import PosEncodingMode, TensorLayout
 
 __all__ = [
     "BatchDecodePagedSpec",
+    "BatchPrefillSpec",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
     "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
     "PageAppendSpec",
@@ -22,8 +34,13 @@ __all__ = [
     "get_seq_lens",
     "PosEncodingMode",
     "SingleDecodeSpec",
+    "SinglePrefillSpec",
     "TensorLayout",
     "__version__",
     "jit",
+    "packbits",
+    "segment_packbits",
     "single_decode_with_kv_cache",
+    "single_prefill_with_kv_cache",
+    "single_prefill_with_kv_cache_return_lse",
 ]

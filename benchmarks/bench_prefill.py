@@ -1,0 +1,207 @@
+"""Prefill attention benchmark: flashinfer single and batch prefill against PyTorch SDPA with each backend
+forced (flash, cuDNN, efficient) and the bf16 matmul rate, all in one run; appends dated tables to
+benchmarks/RESULTS.md.
+
+    python benchmarks/bench_prefill.py [--quick]
+
+FLOPs are counted as 4 * qo * kv * heads * head_dim, halved for causal (qo == kv). Times are device times
+from CUDA-graph replays. Also measures the cold compile and warm load of the bf16 d128 causal module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import bf16_matmul_tflops, graph_ms, write_results  # noqa: E402
+
+import flashinfer  # noqa: E402
+
+_FIRST_CALL = r"""
+import json, time
+t0 = time.perf_counter()
+import torch, flashinfer
+t1 = time.perf_counter()
+q = torch.randn(512, 32, 128, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(512, 32, 128, device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+flashinfer.single_prefill_with_kv_cache(q, k, k, causal=True)
+torch.cuda.synchronize()
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_call_s": t3 - t2}))
+"""
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def first_call_times() -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, FLASHINFER_JIT_CACHE=cache)
+        res = {}
+        for what in ("cold", "warm"):
+            p = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(p.stderr[-2000:])
+            res[what] = json.loads(p.stdout.strip().splitlines()[-1])
+        return res
+
+
+def flops(qo, kv, heads, d, causal):
+    f = 4 * qo * kv * heads * d
+    return f / 2 if causal else f
+
+
+def bench_single(L, hq, hkv, d, causal, n_sets=2):
+    dtype = torch.bfloat16
+    qs = [torch.randn(L, hq, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
+    ks = [torch.randn(L, hkv, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
+    vs = [torch.randn(L, hkv, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
+    outs = [torch.empty(L, hq, d, device="cuda", dtype=dtype) for _ in range(n_sets)]
+
+    def ours(i):
+        flashinfer.single_prefill_with_kv_cache(qs[i], ks[i], vs[i], causal=causal, out=outs[i])
+
+    # Correctness guard against SDPA in float32 on a slice of heads (a wrong kernel's timing is worthless).
+    ours(0)
+    hs = min(hq, 4)
+    g = hq // hkv
+    ref = F.scaled_dot_product_attention(
+        qs[0][:, :hs].transpose(0, 1).float(), ks[0][:, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(),
+        vs[0][:, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(), is_causal=causal)
+    err = (outs[0][:, :hs].transpose(0, 1).float() - ref).abs().max().item()
+    assert err < 3e-2, f"prefill output differs from SDPA by {err}"
+
+    t = graph_ms(ours, n_sets, calls_per_graph=4)
+    sq = [x.transpose(0, 1).unsqueeze(0) for x in qs]  # [1, H, L, D] views (SDPA's usual input)
+    sk = [x.transpose(0, 1).unsqueeze(0) for x in ks]
+    sv = [x.transpose(0, 1).unsqueeze(0) for x in vs]
+    sdpa = {}
+    for name, be in SDPA_BACKENDS.items():
+        def run(i, be=be):
+            with sdpa_kernel([be]):
+                F.scaled_dot_product_attention(sq[i], sk[i], sv[i], is_causal=causal, enable_gqa=hq != hkv)
+        try:
+            run(0)
+            torch.cuda.synchronize()
+            sdpa[name] = graph_ms(run, n_sets, calls_per_graph=4)
+        except Exception as e:  # backend not available for this shape (e.g. GQA on flash)
+            sdpa[name] = None
+            print(f"  sdpa {name}: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+    del qs, ks, vs, outs, sq, sk, sv
+    torch.cuda.empty_cache()
+    return t, sdpa
+
+
+def bench_batch(num_reqs, L, hq, hkv, d, page_size):
+    """16 x 1024 causal: ragged and paged wrappers; returns ms of each."""
+    dtype = torch.bfloat16
+    dev = "cuda"
+    total = num_reqs * L
+    indptr = torch.arange(0, total + 1, L, dtype=torch.int32)
+    q = torch.randn(total, hq, d, device=dev, dtype=dtype)
+    k = torch.randn(total, hkv, d, device=dev, dtype=dtype)
+    v = torch.randn(total, hkv, d, device=dev, dtype=dtype)
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    res = {}
+    rag = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
+    rag.plan(indptr, indptr, hq, hkv, d, causal=True, q_data_type=dtype)
+    out = torch.empty_like(q)
+    rag.run(q, k, v, out=out)
+    ref = flashinfer.single_prefill_with_kv_cache(q[:L], k[:L], v[:L], causal=True)
+    assert (out[:L].float() - ref.float()).abs().max().item() < 2e-2
+    res["ragged"] = graph_ms(lambda i: rag.run(q, k, v, out=out), 1, calls_per_graph=4)
+    pages_per = L // page_size
+    num_pages = num_reqs * pages_per
+    perm = torch.randperm(num_pages, dtype=torch.int32)
+    cache = torch.empty(num_pages, 2, page_size, hkv, d, device=dev, dtype=dtype)
+    cache[perm.long(), 0] = k.view(num_pages, page_size, hkv, d)
+    cache[perm.long(), 1] = v.view(num_pages, page_size, hkv, d)
+    kv_indptr = torch.arange(0, num_pages + 1, pages_per, dtype=torch.int32)
+    last = torch.full((num_reqs,), page_size, dtype=torch.int32)
+    pw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    pw.plan(indptr, kv_indptr, perm, last, hq, hkv, d, page_size, causal=True, q_data_type=dtype)
+    out2 = torch.empty_like(q)
+    pw.run(q, cache, out=out2)
+    assert (out2.float() - out.float()).abs().max().item() < 2e-2
+    res["paged"] = graph_ms(lambda i: pw.run(q, cache, out=out2), 1, calls_per_graph=4)
+    single = graph_ms(lambda i: [flashinfer.single_prefill_with_kv_cache(q[r * L:(r + 1) * L], k[r * L:(r + 1) * L],
+                                                                         v[r * L:(r + 1) * L], causal=True)
+                                 for r in range(num_reqs)], 1, calls_per_graph=1)
+    res["single_x16"] = single
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    mm = bf16_matmul_tflops()
+    print(f"bf16 matmul {mm:.0f} TFLOP/s", flush=True)
+    times = first_call_times()
+    print(f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms",
+          flush=True)
+    cases = [(L, 32, 32, 128, c) for L in (2048, 8192, 16384) for c in (False, True)]
+    if not args.quick:
+        cases += [(8192, 32, 8, 128, False), (8192, 32, 8, 128, True), (8192, 32, 32, 64, False),
+                  (8192, 32, 32, 64, True), (8192, 16, 16, 256, False), (8192, 16, 16, 256, True)]
+    rows = []
+    for L, hq, hkv, d, causal in cases:
+        t, sdpa = bench_single(L, hq, hkv, d, causal)
+        tf = flops(L, L, hq, d, causal) / (t * 1e-3) / 1e12
+        fl = sdpa.get("flash")
+        line = {"shape": f"{hq}/{hkv} d{d} L{L} {'causal' if causal else 'full'}", "ms": t, "tflops": tf,
+                "pct_mm": 100 * tf / mm, **{f"sdpa_{k}_ms": v for k, v in sdpa.items()}}
+        print(json.dumps(line), flush=True)
+        target = ""
+        if d == 128 and hq == hkv == 32:
+            ok = fl is not None and t <= fl
+            target = f"≥ SDPA flash: {'met' if ok else 'MISSED'}"
+            if not causal and L >= 8192:
+                target += f"; ≥55% mm: {'met' if tf >= 0.55 * mm else 'MISSED'}"
+        fmt = lambda x: "-" if x is None else f"{x:.3f} ({flops(L, L, hq, d, causal) / (x * 1e-3) / 1e12:.0f})"  # noqa: E731
+        rows.append([line["shape"], f"{t:.3f}", f"{tf:.0f}", f"{100 * tf / mm:.0f}%", fmt(sdpa.get("flash")),
+                     fmt(sdpa.get("cudnn")), fmt(sdpa.get("efficient")),
+                     "-" if fl is None else f"{fl / t:.2f}x", target])
+    notes = [f"bf16 matmul (8192^3, same run): {mm:.0f} TFLOP/s",
+             "FLOPs = 4·qo·kv·heads·head_dim, halved for causal; times are CUDA-graph device times (ms)",
+             "SDPA: [1, H, L, D] views, backend forced with torch.nn.attention.sdpa_kernel; cells: ms (TFLOP/s)",
+             f"prefill module (bf16 d128 causal) first call in a fresh process: cold compile "
+             f"{times['cold']['first_call_s']:.2f} s (empty cache, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}), "
+             f"warm {1e3 * times['warm']['first_call_s']:.1f} ms"]
+    text = write_results("single_prefill_with_kv_cache (fa2 backend, mma.sync), bf16, NHD",
+                         ["shape", "ms", "TFLOP/s", "% of mm", "SDPA flash", "SDPA cuDNN", "SDPA efficient",
+                          "vs flash", "target"], rows, notes)
+    print(text, flush=True)
+
+    if hasattr(flashinfer, "BatchPrefillWithPagedKVCacheWrapper"):
+        brows = []
+        for hq, hkv in ((32, 32), (32, 8)):
+            r = bench_batch(16, 1024, hq, hkv, 128, 16)
+            f = 16 * flops(1024, 1024, hq, 128, True)
+            print(json.dumps(r), flush=True)
+            for name in ("ragged", "paged"):
+                ratio = r[name] / r["single_x16"]
+                brows.append([f"16 x 1024 causal, {hq}/{hkv} d128, {name}" + (" (page 16)" if name == "paged" else ""),
+                              f"{r[name]:.3f}", f"{f / (r[name] * 1e-3) / 1e12:.0f}", f"{r['single_x16']:.3f}",
+                              f"{ratio:.2f}", "met" if ratio <= 1.10 else "MISSED"])
+        text = write_results("batch prefill (ragged / paged), bf16, NHD",
+                             ["case", "ms", "TFLOP/s", "16 x single ms", "batch / single", "within 10%"], brows,
+                             ["same total work as 16 single_prefill_with_kv_cache(1024 causal) calls (graph-timed)"])
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

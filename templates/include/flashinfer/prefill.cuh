@@ -1,0 +1,666 @@
+// Prefill attention on tensor cores (FlashAttention-2 style, sm_80+ mma.sync; the "fa2" backend).
+//
+// A CTA of 4 warps owns a tile of TILE_Q packed query rows of one KV head: with GQA the group_size query
+// heads sharing a KV head are packed as rows (packed row r = token r / group, head r % group), so K/V
+// are read once per group. Each warp owns 16 * MQ rows. Per KV tile of BK keys:
+//   S = Q K^T   mma.m16n8k16, Q and K fragments by ldmatrix from XOR-swizzled shared memory
+//   online softmax in fp32, log2 domain (exp2), row stats reduced over the 4 lanes of a quad
+//   O += P V    P straight from the S accumulators (C layout == A layout), V by ldmatrix.trans
+// K and V are double-buffered with cp.async, in separate commit groups, so the copy of K(n+2) runs under
+// P V(n) and the copy of V(n+1) under Q K(n)^T. K/V rows are gathered per token, through a page table
+// when PAGED: one kernel serves single requests, ragged batches, paged batches and page_size 1.
+// When there are too few query tiles to fill the GPU the KV range is split into chunks; each chunk
+// leaves a partial (o, lse) state in a float workspace and a merge kernel combines them.
+#pragma once
+#include "common.cuh"
+#include "cp_async.cuh"
+#include "merge.cuh"
+#include "mma.cuh"
+#include "pos_enc.cuh"
+
+#include <type_traits>
+
+namespace flashinfer {
+
+enum class MaskMode : int { kNone = 0, kCausal = 1, kCustom = 2 };
+
+struct PrefillParams {
+  const void* q;  // token n (of the request), head h at q + n * q_stride_n + h * q_stride_h (elements)
+  const void* k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
+  const void* v;
+  void* o;             // token n, head h at o + n * o_stride_n + h * o_stride_h
+  float* lse;          // [tokens, num_qo_heads] or nullptr
+  float* partial_o;    // [rows, num_qo_heads, HEAD_DIM] partial states of split KV
+  float* partial_lse;  // [rows, num_qo_heads]
+  const uint8_t* mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
+  const int* mask_indptr;
+  int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h, o_stride_n, o_stride_h;
+  int64_t k_stride_page, v_stride_page;
+  int num_qo_heads, num_kv_heads, group_size;
+  // Single request.
+  int qo_len, kv_len, num_qtiles, num_chunks, chunk_size;
+  // Batch: per-request arrays and the plan's schedule (device memory).
+  const int* qo_indptr;
+  const int* kv_indptr;  // ragged: token offsets; paged: page offsets into kv_indices
+  const int* kv_indices;
+  const int* kv_last_page_len;
+  int page_size;
+  const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
+  const int* num_work;
+  int work_capacity;
+  const int* merge;  // [4][merge_capacity]: token, first partial row, chunks, row stride between chunks
+  const int* num_merge;
+  int merge_capacity;
+  int window_left;
+  float logits_soft_cap, sm_scale, rope_scale, rope_theta;
+};
+
+template <int HEAD_DIM, int MQ>
+struct PrefillTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int TILE_Q = 16 * MQ * kWarps;
+  static constexpr int BK = HEAD_DIM >= 128 ? 32 : 64;  // keys per KV tile
+  static constexpr int CH = HEAD_DIM / 8;               // 16-byte chunks per row
+  static constexpr int Q_CHUNKS = TILE_Q * CH;
+  static constexpr int KV_CHUNKS = BK * CH;
+  static constexpr int kSmemBytes = (Q_CHUNKS + 4 * KV_CHUNKS) * 16;  // Q, K x2, V x2
+  static_assert(HEAD_DIM % 64 == 0 && KV_CHUNKS % kThreads == 0 && Q_CHUNKS % kThreads == 0, "bad tile");
+};
+
+// Rotates rows [0, ROWS) of a swizzled tile in place (Llama RoPE, element e pairs with e + HEAD_DIM/2);
+// row r sits at position pos_of(r). Same accurate half-turn arithmetic as the decode kernel.
+template <int HEAD_DIM, int ROWS, int THREADS, typename T, typename PosFn>
+FI_DEVICE void rope_rotate_smem(uint4* tile, const RopeTable& table, PosFn pos_of) {
+  constexpr int CH = HEAD_DIM / 8, HALF = CH / 2;
+  for (int idx = threadIdx.x; idx < ROWS * HALF; idx += THREADS) {
+    const int row = idx / HALF, c = idx % HALF;
+    const float pos = float(pos_of(row));
+    uint4* pa = tile + swizzle<CH>(row, c);
+    uint4* pb = tile + swizzle<CH>(row, c + HALF);
+    float x[8], y[8];
+    unpack8(*pa, x, T{});
+    unpack8(*pb, y, T{});
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float hi = table.hi[c * 8 + i], lo = table.lo[c * 8 + i];
+      const float t = pos * hi;
+      const float t_err = fmaf(pos, hi, -t);
+      const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * lo);
+      float s, co;
+      sincospif(r, &s, &co);
+      const float xr = x[i] * co - y[i] * s;
+      y[i] = y[i] * co + x[i] * s;
+      x[i] = xr;
+    }
+    *pa = pack8<T>(x);
+    *pb = pack8<T>(y);
+  }
+}
+
+// One work item: query tile `qtile` of one request against keys [chunk_begin, chunk_end) of KV head kv_head.
+// kv_start: the request's first token (contiguous) or first page-table entry (PAGED).
+template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
+          bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED, typename Rope>
+FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* smem, int qo_start, int qo_len,
+                            int kv_start, int kv_len, int mask_byte_off, int qtile, int kv_head, int chunk_begin,
+                            int chunk_end, int partial_row0) {
+  using Tr = PrefillTraits<HEAD_DIM, MQ>;
+  constexpr int CH = Tr::CH, BK = Tr::BK, TQ = Tr::TILE_Q, THREADS = Tr::kThreads;
+  constexpr int NT_D = HEAD_DIM / 8, KS_D = HEAD_DIM / 16, NT_K = BK / 8, KS_K = BK / 16;
+  constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
+  constexpr bool ALIBI = POS == PosEncoding::kAlibi;
+  constexpr bool LINEAR = !ALIBI && !SOFTCAP;  // logits are a plain scaling of q.k: fold it into exp2
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int group = p.group_size;
+  const int packed_len = qo_len * group;
+  const int pr0 = qtile * TQ;
+  const int rows_here = min(TQ, packed_len - pr0);
+  const int delta = kv_len - qo_len;  // query token i sits at position delta + i
+  const int tok_min = pr0 / group, tok_max = (pr0 + rows_here - 1) / group;
+  int lo = chunk_begin, hi = min(chunk_end, kv_len);
+  if constexpr (MASK == MaskMode::kCausal) hi = min(hi, delta + tok_max + 1);
+  if constexpr (WINDOW) lo = max(lo, delta + tok_min - p.window_left);
+  const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
+
+  uint4* sq = smem;
+  uint4* sk = sq + Tr::Q_CHUNKS;       // 2 stages
+  uint4* sv = sk + 2 * Tr::KV_CHUNKS;  // 2 stages
+  // 32-bit shared-window addresses for ldmatrix (cheaper than generic pointers in the unrolled loops).
+  const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
+
+  // ---- Q tile -> shared memory
+  {
+    const DTypeQ* qbase = static_cast<const DTypeQ*>(p.q) + int64_t(qo_start) * p.q_stride_n +
+                          int64_t(kv_head) * group * p.q_stride_h;
+#pragma unroll
+    for (int i = 0; i < Tr::Q_CHUNKS / THREADS; ++i) {
+      const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+      const bool valid = row < rows_here;
+      const int pr = pr0 + (valid ? row : 0);
+      const int token = pr / group, hh = pr % group;
+      cp_async_16(sq + swizzle<CH>(row, c), qbase + int64_t(token) * p.q_stride_n + int64_t(hh) * p.q_stride_h + c * 8,
+                  valid);
+    }
+    cp_async_commit();
+  }
+
+  auto load_kv = [&](int tile, bool is_v) {
+    constexpr int ROWS_PER_PASS = THREADS / CH;
+    uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;
+    // Recomputed from the (constant-bank) params at each use rather than held in registers.
+    const DTypeKV* base = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
+                          int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
+    const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
+    const int c = tid % CH;
+#pragma unroll
+    for (int i = 0; i < BK / ROWS_PER_PASS; ++i) {
+      const int row = tid / CH + i * ROWS_PER_PASS;
+      const int t = lo + tile * BK + row;
+      const bool valid = t < hi;
+      int64_t off = 0;
+      if (valid) {
+        if constexpr (PAGED) {
+          const int page = p.kv_indices[kv_start + t / p.page_size];
+          off = int64_t(page) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(t % p.page_size) * stride_n;
+        } else {
+          off = int64_t(kv_start + t) * stride_n;
+        }
+      }
+      cp_async_16(dst + swizzle<CH>(row, c), base + off + c * 8, valid);
+    }
+  };
+
+  // Commit groups, in order: Q, K0, V0, K1, then per iteration n: V(n+1), K(n+2) (empty groups keep counts).
+  if (num_tiles > 0) load_kv(0, false);
+  cp_async_commit();
+  if (num_tiles > 0) load_kv(0, true);
+  cp_async_commit();
+  if (num_tiles > 1) load_kv(1, false);
+  cp_async_commit();
+
+  if constexpr (ROPE) {
+    if (num_tiles > 0) {
+      cp_async_wait<3>();
+      __syncthreads();
+      rope_rotate_smem<HEAD_DIM, TQ, THREADS, DTypeQ>(sq, rope, [&](int row) {
+        const int pr = pr0 + min(row, rows_here - 1);
+        return delta + pr / group;
+      });
+    }
+  }
+
+  // ---- per-row constants of this thread: rows warp*16*MQ + mq*16 + lane/4 (+8)
+  int qpos[2 * MQ], mtoken[2 * MQ];
+  float slope[2 * MQ];
+#pragma unroll
+  for (int r = 0; r < 2 * MQ; ++r) {
+    const int row = warp * 16 * MQ + (r / 2) * 16 + lane / 4 + 8 * (r % 2);
+    const int pr = pr0 + min(row, rows_here - 1);
+    mtoken[r] = pr / group;
+    qpos[r] = delta + mtoken[r];
+    slope[r] = ALIBI ? alibi_slope(kv_head * group + pr % group, p.num_qo_heads) : 0.f;
+  }
+  const float scl = LINEAR ? p.sm_scale * kLog2e : 1.f;
+
+  float o[MQ][NT_D][4];
+  float m[2 * MQ], d[2 * MQ];
+#pragma unroll
+  for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+    for (int j = 0; j < NT_D; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mq][j][e] = 0.f;
+#pragma unroll
+  for (int r = 0; r < 2 * MQ; ++r) {
+    m[r] = kNegInf;
+    d[r] = 0.f;
+  }
+
+  const int q_row_base = warp * 16 * MQ;
+  for (int n = 0; n < num_tiles; ++n) {
+    cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
+    __syncthreads();     // ... for every thread; and everyone is done with V(n-1)'s stage
+    if (n + 1 < num_tiles) load_kv(n + 1, true);
+    cp_async_commit();
+    uint4* skn = sk + (n & 1) * Tr::KV_CHUNKS;
+    const uint32_t skn_u = sk_u + (n & 1) * Tr::KV_CHUNKS * 16;
+    const int k0 = lo + n * BK;
+    if constexpr (ROPE) {
+      rope_rotate_smem<HEAD_DIM, BK, THREADS, DTypeKV>(skn, rope, [&](int row) { return k0 + row; });
+      __syncthreads();
+    }
+
+    // ---- S = Q K^T
+    float s[MQ][NT_K][4];
+    if constexpr (FP16QK) {
+      uint32_t sh[MQ][NT_K][2];
+#pragma unroll
+      for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+        for (int j = 0; j < NT_K; ++j) sh[mq][j][0] = sh[mq][j][1] = 0u;
+#pragma unroll
+      for (int ks = 0; ks < KS_D; ++ks) {
+        uint32_t a[MQ][4];
+#pragma unroll
+        for (int mq = 0; mq < MQ; ++mq)
+          ldmatrix_x4(a[mq], sq_u + 16u * swizzle<CH>(q_row_base + mq * 16 + lane % 16, 2 * ks + lane / 16));
+#pragma unroll
+        for (int nk = 0; nk < NT_K / 2; ++nk) {
+          uint32_t b[4];
+          ldmatrix_x4(b, skn_u + 16u * swizzle<CH>(nk * 16 + lane % 8 + 8 * (lane / 16), 2 * ks + (lane / 8) % 2));
+#pragma unroll
+          for (int mq = 0; mq < MQ; ++mq) {
+            mma_16816_f16acc(sh[mq][2 * nk], a[mq], b[0], b[1]);
+            mma_16816_f16acc(sh[mq][2 * nk + 1], a[mq], b[2], b[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+        for (int j = 0; j < NT_K; ++j) {
+          const float2 lo2 = unpack2_half(sh[mq][j][0]), hi2 = unpack2_half(sh[mq][j][1]);
+          s[mq][j][0] = lo2.x;
+          s[mq][j][1] = lo2.y;
+          s[mq][j][2] = hi2.x;
+          s[mq][j][3] = hi2.y;
+        }
+    } else {
+#pragma unroll
+      for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+        for (int j = 0; j < NT_K; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mq][j][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KS_D; ++ks) {
+        uint32_t a[MQ][4];
+#pragma unroll
+        for (int mq = 0; mq < MQ; ++mq)
+          ldmatrix_x4(a[mq], sq_u + 16u * swizzle<CH>(q_row_base + mq * 16 + lane % 16, 2 * ks + lane / 16));
+#pragma unroll
+        for (int nk = 0; nk < NT_K / 2; ++nk) {
+          uint32_t b[4];
+          ldmatrix_x4(b, skn_u + 16u * swizzle<CH>(nk * 16 + lane % 8 + 8 * (lane / 16), 2 * ks + (lane / 8) % 2));
+#pragma unroll
+          for (int mq = 0; mq < MQ; ++mq) {
+            mma_16816<DTypeQ>(s[mq][2 * nk], a[mq], b[0], b[1]);
+            mma_16816<DTypeQ>(s[mq][2 * nk + 1], a[mq], b[2], b[3]);
+          }
+        }
+      }
+    }
+
+    // ---- logit transform and mask
+    if constexpr (!LINEAR) {
+#pragma unroll
+      for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+        for (int j = 0; j < NT_K; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = 2 * mq + e / 2;
+            const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
+            s[mq][j][e] = transform_logit<ALIBI, SOFTCAP>(s[mq][j][e] * p.sm_scale, slope[r], key - qpos[r],
+                                                          p.logits_soft_cap);
+          }
+    }
+    bool need_mask = k0 + BK > hi || MASK == MaskMode::kCustom;
+    if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
+    if constexpr (WINDOW) need_mask |= k0 < delta + tok_max - p.window_left;
+    if (need_mask) {
+#pragma unroll
+      for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+        for (int j = 0; j < NT_K; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = 2 * mq + e / 2;
+            const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
+            bool ok = key < hi;
+            if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[r];
+            if constexpr (WINDOW) ok = ok && key >= qpos[r] - p.window_left;
+            if constexpr (MASK == MaskMode::kCustom) {
+              if (ok) {
+                const int64_t bit = int64_t(mtoken[r]) * kv_len + key;
+                ok = (p.mask[int64_t(mask_byte_off) + (bit >> 3)] >> (bit & 7)) & 1;
+              }
+            }
+            if (!ok) s[mq][j][e] = kNegInf;
+          }
+    }
+
+    // ---- online softmax (log2 domain; the row's 4 lanes hold its columns)
+#pragma unroll
+    for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 2 * mq + h;
+        float mx = kNegInf;
+#pragma unroll
+        for (int j = 0; j < NT_K; ++j) mx = fmaxf(mx, fmaxf(s[mq][j][2 * h], s[mq][j][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[r], mx);
+        const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
+        const float corr = ptx_exp2((m[r] - m_use) * scl);
+        m[r] = m_new;
+        d[r] *= corr;
+#pragma unroll
+        for (int j = 0; j < NT_D; ++j) {
+          o[mq][j][2 * h] *= corr;
+          o[mq][j][2 * h + 1] *= corr;
+        }
+        const float neg = -m_use * scl;
+#pragma unroll
+        for (int j = 0; j < NT_K; ++j)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            const float pe = ptx_exp2(fmaf(s[mq][j][e], scl, neg));
+            s[mq][j][e] = pe;
+            d[r] += pe;
+          }
+      }
+
+    uint32_t pa[MQ][KS_K][4];
+#pragma unroll
+    for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+      for (int kk = 0; kk < KS_K; ++kk) {
+        pa[mq][kk][0] = pack2<DTypeKV>(s[mq][2 * kk][0], s[mq][2 * kk][1]);
+        pa[mq][kk][1] = pack2<DTypeKV>(s[mq][2 * kk][2], s[mq][2 * kk][3]);
+        pa[mq][kk][2] = pack2<DTypeKV>(s[mq][2 * kk + 1][0], s[mq][2 * kk + 1][1]);
+        pa[mq][kk][3] = pack2<DTypeKV>(s[mq][2 * kk + 1][2], s[mq][2 * kk + 1][3]);
+      }
+
+    cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
+    __syncthreads();     // ... for every thread; and everyone is done with K(n)'s stage
+    if (n + 2 < num_tiles) load_kv(n + 2, false);
+    cp_async_commit();
+
+    // ---- O += P V
+    const uint32_t svn_u = sv_u + (n & 1) * Tr::KV_CHUNKS * 16;
+#pragma unroll
+    for (int kk = 0; kk < KS_K; ++kk)
+#pragma unroll
+      for (int nd = 0; nd < NT_D / 2; ++nd) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, svn_u + 16u * swizzle<CH>(kk * 16 + lane % 16, 2 * nd + lane / 16));
+#pragma unroll
+        for (int mq = 0; mq < MQ; ++mq) {
+          mma_16816<DTypeKV>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
+          mma_16816<DTypeKV>(o[mq][2 * nd + 1], pa[mq][kk], b[2], b[3]);
+        }
+      }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // all reads of Q (and RoPE writes) done before Q's rows are reused for staging
+
+  // ---- epilogue
+#pragma unroll
+  for (int r = 0; r < 2 * MQ; ++r) {
+    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 1);
+    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 2);
+  }
+  const int hq0 = kv_head * group;
+  if (partial_row0 < 0) {
+    // Stage this warp's rows in its own Q rows (as DTypeO), then write 16-byte chunks.
+#pragma unroll
+    for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 2 * mq + h;
+        const float inv = d[r] > 0.f ? 1.f / d[r] : 0.f;
+        const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
+#pragma unroll
+        for (int j = 0; j < NT_D; ++j) {
+          uint32_t* dst = reinterpret_cast<uint32_t*>(sq + swizzle<CH>(row, j)) + lane % 4;
+          *dst = pack2<DTypeO>(o[mq][j][2 * h] * inv, o[mq][j][2 * h + 1] * inv);
+        }
+      }
+    __syncwarp();
+    DTypeO* obase = static_cast<DTypeO*>(p.o) + int64_t(qo_start) * p.o_stride_n;
+#pragma unroll
+    for (int i = 0; i < 16 * MQ * CH / 32; ++i) {
+      const int idx = lane + 32 * i, row = q_row_base + idx / CH, c = idx % CH;
+      if (row < rows_here) {
+        const int pr = pr0 + row;
+        *reinterpret_cast<uint4*>(obase + int64_t(pr / group) * p.o_stride_n + int64_t(hq0 + pr % group) * p.o_stride_h +
+                                  c * 8) = sq[swizzle<CH>(row, c)];
+      }
+    }
+    if (p.lse != nullptr && lane % 4 == 0) {
+#pragma unroll
+      for (int r = 0; r < 2 * MQ; ++r) {
+        const int row = q_row_base + (r / 2) * 16 + lane / 4 + 8 * (r % 2);
+        if (row < rows_here) {
+          const int pr = pr0 + row;
+          const float m_use = m[r] == kNegInf ? 0.f : m[r];
+          p.lse[(int64_t(qo_start) + pr / group) * p.num_qo_heads + hq0 + pr % group] =
+              d[r] > 0.f ? m_use * scl + ptx_log2(d[r]) : kNegInf;
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 2 * mq + h;
+        const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
+        if (row >= rows_here) continue;
+        const int pr = pr0 + row;
+        const int64_t state = (int64_t(partial_row0) + pr / group) * p.num_qo_heads + hq0 + pr % group;
+        const float inv = d[r] > 0.f ? 1.f / d[r] : 0.f;
+        float* dst = p.partial_o + state * HEAD_DIM + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < NT_D; ++j)
+          *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[mq][j][2 * h] * inv, o[mq][j][2 * h + 1] * inv);
+        if (lane % 4 == 0) {
+          const float m_use = m[r] == kNegInf ? 0.f : m[r];
+          p.partial_lse[state] = d[r] > 0.f ? m_use * scl + ptx_log2(d[r]) : kNegInf;
+        }
+      }
+  }
+}
+
+template <PosEncoding POS>
+using RopeArg = std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable>;
+
+// Single request: grid (query tiles, KV heads, KV chunks); the heaviest (last, for causal) tiles first.
+template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
+          bool WINDOW, bool SOFTCAP, bool FP16QK>
+__global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
+    single_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeArg<POS> rope) {
+  extern __shared__ uint4 smem[];
+  const int qtile = p.num_qtiles - 1 - blockIdx.x;
+  const int chunk = blockIdx.z;
+  const int chunk_begin = chunk * p.chunk_size;
+  prefill_tile<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, false>(
+      p, rope, smem, 0, p.qo_len, 0, p.kv_len, 0, qtile, blockIdx.y, chunk_begin, chunk_begin + p.chunk_size,
+      p.num_chunks > 1 ? chunk * p.qo_len : -1);
+}
+
+// Batch: a persistent grid (x) per KV head (y) walks the plan's work items; their count is read from
+// device memory, so one captured launch serves every later plan of the same wrapper (CUDA graphs).
+template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
+          bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED>
+__global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
+    batch_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeArg<POS> rope) {
+  extern __shared__ uint4 smem[];
+  const int num_work = *p.num_work;
+  const int cap = p.work_capacity;
+  for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
+    const int req = p.work[w], qtile = p.work[cap + w];
+    const int kv_begin = p.work[2 * cap + w], kv_end = p.work[3 * cap + w], prow = p.work[4 * cap + w];
+    const int qo_start = p.qo_indptr[req], qo_len = p.qo_indptr[req + 1] - qo_start;
+    const int kv_start = p.kv_indptr[req];
+    int kv_len = p.kv_indptr[req + 1] - kv_start;
+    if constexpr (PAGED) kv_len = kv_len > 0 ? (kv_len - 1) * p.page_size + p.kv_last_page_len[req] : 0;
+    const int mask_off = MASK == MaskMode::kCustom ? p.mask_indptr[req] : 0;
+    prefill_tile<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>(
+        p, rope, smem, qo_start, qo_len, kv_start, kv_len, mask_off, qtile, blockIdx.y, kv_begin, kv_end, prow);
+    __syncthreads();  // the next item refills shared memory
+  }
+}
+
+// Merges the chunk states of split-KV rows: one warp per (token, head), HEAD_DIM / 32 floats per lane.
+// Single request (p.merge == nullptr): token t's chunks are partial rows t + c * qo_len, c < num_chunks.
+template <int HEAD_DIM, typename DTypeO>
+__global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
+  constexpr int VEC = HEAD_DIM / 32;
+  const int head = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (head >= p.num_qo_heads) return;
+  const bool batch = p.merge != nullptr;
+  const int count_all = batch ? *p.num_merge : p.qo_len;
+  for (int mi = blockIdx.x; mi < count_all; mi += gridDim.x) {
+    int token = mi, base = mi, chunks = p.num_chunks, stride = p.qo_len;
+    if (batch) {
+      token = p.merge[mi];
+      base = p.merge[p.merge_capacity + mi];
+      chunks = p.merge[2 * p.merge_capacity + mi];
+      stride = p.merge[3 * p.merge_capacity + mi];
+    }
+    StateAccumulator<VEC> acc;
+    for (int c = 0; c < chunks; ++c) {
+      const int64_t state = (int64_t(base) + int64_t(c) * stride) * p.num_qo_heads + head;
+      float vals[VEC];
+      const float* src = p.partial_o + state * HEAD_DIM + lane * VEC;
+#pragma unroll
+      for (int i = 0; i < VEC; i += 2) {
+        const float2 v2 = *reinterpret_cast<const float2*>(src + i);
+        vals[i] = v2.x;
+        vals[i + 1] = v2.y;
+      }
+      acc.add(p.partial_lse[state], vals);
+    }
+    const float inv = acc.d > 0.f ? 1.f / acc.d : 0.f;
+    DTypeO* dst = static_cast<DTypeO*>(p.o) + int64_t(token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; i += 2) {
+      const float a = acc.o[i] * inv, b = acc.o[i + 1] * inv;
+      DTypeO pair[2] = {from_float<DTypeO>(a), from_float<DTypeO>(b)};
+      *reinterpret_cast<uint32_t*>(dst + i) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    if (p.lse != nullptr && lane == 0) p.lse[int64_t(token) * p.num_qo_heads + head] = acc.lse();
+  }
+}
+
+// ------------------------------------------------------------------------------------------- host side
+
+inline int prefill_sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+// Switches to `device` for its lifetime (launches go to the tensors' device, not the current one).
+struct DeviceGuard {
+  int previous = -1;
+  cudaError_t err = cudaSuccess;
+  explicit DeviceGuard(int device) {
+    err = cudaGetDevice(&previous);
+    if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (previous >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != previous) cudaSetDevice(previous);
+  }
+};
+
+// Raises the kernel's dynamic shared-memory limit once per device; returns its CTAs per SM.
+// Templated on the kernel itself (not its type): the static below is a process-wide unique symbol shared
+// by every loaded module that instantiates the same template, so it must be one per kernel.
+template <auto KERNEL>
+cudaError_t prepare_prefill_kernel(int smem_bytes, int threads, int device, int* occupancy_out) {
+  constexpr auto kernel = KERNEL;
+  static int occupancy[64] = {0};
+  int& occ = occupancy[device >= 0 && device < 64 ? device : 0];
+  if (occ == 0) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+    int n = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem_bytes);
+    if (err != cudaSuccess) return err;
+    occ = n > 0 ? n : 1;
+  }
+  if (occupancy_out) *occupancy_out = occ;
+  return cudaSuccess;
+}
+
+template <PosEncoding POS>
+inline RopeArg<POS> make_rope(int head_dim, float rope_scale, float rope_theta) {
+  RopeArg<POS> rope;
+  if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, head_dim, rope_scale, rope_theta);
+  return rope;
+}
+
+template <int HEAD_DIM, typename DTypeO>
+cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream) {
+  if (grid_x <= 0) return cudaSuccess;
+  dim3 grid(grid_x, ceil_div(p.num_qo_heads, 4));
+  prefill_merge_kernel<HEAD_DIM, DTypeO><<<grid, 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
+          bool WINDOW, bool SOFTCAP, bool FP16QK>
+cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
+  using Tr = PrefillTraits<HEAD_DIM, MQ>;
+  constexpr auto kernel = single_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK>;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  int occ = 0;
+  cudaError_t err = prepare_prefill_kernel<kernel>(Tr::kSmemBytes, Tr::kThreads, device, &occ);
+  if (err != cudaSuccess) return err;
+  if (occupancy_only) {
+    *occupancy_only = occ;
+    return cudaSuccess;
+  }
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks <= 0) return cudaErrorInvalidValue;
+  p.group_size = p.num_qo_heads / p.num_kv_heads;
+  p.num_qtiles = ceil_div(p.qo_len * p.group_size, Tr::TILE_Q);
+  if (p.num_qtiles == 0) return cudaSuccess;
+  if (p.num_chunks > 1) p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.qo_len * p.num_qo_heads * HEAD_DIM;
+  dim3 grid(p.num_qtiles, p.num_kv_heads, p.num_chunks);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, make_rope<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_chunks == 1) return err;
+  p.merge = nullptr;
+  return launch_prefill_merge<HEAD_DIM, DTypeO>(p, p.qo_len, stream);
+}
+
+template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
+          bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED>
+cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, int device, cudaStream_t stream,
+                                 int* occupancy_only) {
+  using Tr = PrefillTraits<HEAD_DIM, MQ>;
+  constexpr auto kernel = batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  int occ = 0;
+  cudaError_t err = prepare_prefill_kernel<kernel>(Tr::kSmemBytes, Tr::kThreads, device, &occ);
+  if (err != cudaSuccess) return err;
+  if (occupancy_only) {
+    *occupancy_only = occ;
+    return cudaSuccess;
+  }
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0) return cudaErrorInvalidValue;
+  p.group_size = p.num_qo_heads / p.num_kv_heads;
+  if (grid_x > 0) {
+    kernel<<<dim3(grid_x, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, stream>>>(
+        p, make_rope<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return launch_prefill_merge<HEAD_DIM, DTypeO>(p, merge_grid_x, stream);
+}
+
+}  // namespace flashinfer

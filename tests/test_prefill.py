@@ -1,0 +1,475 @@
+"""Prefill attention (single request and batches, ragged and paged) against the float64 reference: the spec
+matrix, the issue's length/group/page/mask matrix, views, graphs and bad input; on the CPU: spec naming,
+validation that needs no GPU, and a real nvcc build of one prefill module."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import flashinfer
+from flashinfer.prefill import BatchPrefillSpec, SinglePrefillSpec, decode_with_tensor_cores
+
+from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _nhd_to(layout, x):
+    return x if layout == "NHD" else x.transpose(0, 1).contiguous()
+
+
+def _ref(q, k, v, *, mask_mode="none", mask=None, **kw):
+    return attention(q, k, v, causal=mask_mode == "causal", mask=mask, **kw)
+
+
+def _check_lse(lse, ref_lse, what="lse", rope_dtype=None):
+    assert not torch.isnan(lse).any(), f"{what}: NaN (unwritten)"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"{what}: -inf pattern differs"
+    # With RoPE the kernel rotates q/k in shared memory and rounds them back to 16 bits (as FlashInfer does);
+    # the float64 reference rotates exact values, so the logits differ by ~1 ulp of the input dtype.
+    tol = TOLERANCES[rope_dtype] if rope_dtype is not None else LSE_TOL
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol[0], rtol=tol[1])
+
+
+def _run_single(qo_len, kv_len, num_kv_heads, group, head_dim, dtype, layout="NHD", mask_mode="none",
+                pos="NONE", window_left=-1, soft_cap=0.0, fp16qk=False, scale=1.0, **extra):
+    q = torch.randn(qo_len, num_kv_heads * group, head_dim, device="cuda", dtype=dtype) * scale
+    k = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    mask = torch.rand(qo_len, kv_len, device="cuda") < 0.7 if mask_mode == "custom" else None
+    kw = dict(pos_encoding_mode=pos, window_left=window_left, logits_soft_cap=soft_cap or None,
+              use_fp16_qk_reduction=fp16qk, **extra)
+    out = poisoned((qo_len, num_kv_heads * group, head_dim), dtype)
+    lse = poisoned((qo_len, num_kv_heads * group), torch.float32)
+    o, l = flashinfer.single_prefill_with_kv_cache(q, _nhd_to(layout, k), _nhd_to(layout, v), custom_mask=mask,
+                                                   causal=mask_mode == "causal", kv_layout=layout,
+                                                   return_lse=True, out=out, lse=lse, **kw)
+    assert o is out and l is lse
+    ref_kw = {n: extra[n] for n in ("sm_scale", "rope_scale", "rope_theta") if n in extra}
+    ref_o, ref_lse = _ref(q, k, v, mask_mode=mask_mode, mask=mask, window_left=window_left,
+                          logits_soft_cap=soft_cap, pos_encoding_mode=pos, **ref_kw)
+    if fp16qk:
+        torch.testing.assert_close(o.double(), ref_o, atol=2e-2, rtol=2e-2)
+    else:
+        assert_close(o, ref_o, what="o")
+    _check_lse(l, ref_lse, rope_dtype=dtype if pos == "ROPE_LLAMA" else None)
+
+
+# ------------------------------------------------------------------------------------- GPU: single prefill
+
+SINGLE_SPECS = [
+    s for s in SinglePrefillSpec.expand(use_window=(False,), use_logits_soft_cap=(False,),
+                                        use_fp16_qk_reduction=(False,))
+    if s.unsupported_reason() is None
+] + [
+    s for s in SinglePrefillSpec.expand(head_dim=(128,), dtype_q=("bf16",), dtype_kv=("bf16",), dtype_o=("bf16",),
+                                        use_fp16_qk_reduction=(False,))
+    if s.unsupported_reason() is None and (s.use_window or s.use_logits_soft_cap)
+] + [SinglePrefillSpec(128, "f16", "f16", "f16", m, "NONE", False, False, True) for m in ("none", "causal")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SINGLE_SPECS, ids=lambda s: s.name())
+def test_single_prefill_spec_matrix(spec: SinglePrefillSpec):
+    dtype = DTYPES[spec.dtype_q]
+    for qo_len, kv_len in ((17, 517), (128, 128), (1000, 4096)):
+        kw = {}
+        if spec.pos_encoding_mode == "ROPE_LLAMA" and kv_len == 4096:
+            kw.update(rope_scale=2.0, rope_theta=5e5)
+        _run_single(qo_len, kv_len, 2, 4, spec.head_dim, dtype, mask_mode=spec.mask_mode,
+                    pos=spec.pos_encoding_mode, window_left=kv_len // 3 if spec.use_window else -1,
+                    soft_cap=1.5 if spec.use_logits_soft_cap else 0.0, fp16qk=spec.use_fp16_qk_reduction,
+                    scale=2.0 if spec.use_logits_soft_cap else 1.0, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qo_len", [1, 17, 128, 1000])
+@pytest.mark.parametrize("kv_extra", [0, 500, "4096"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("mask_mode", ["none", "causal", "custom"])
+def test_single_prefill_lengths_groups_masks(qo_len, kv_extra, group, mask_mode):
+    kv_len = 4096 if kv_extra == "4096" else qo_len + kv_extra
+    layout = "HND" if (qo_len + group) % 2 else "NHD"
+    _run_single(qo_len, kv_len, 2, group, 128, torch.bfloat16, layout=layout, mask_mode=mask_mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window_left", [0, 1, 63, 64, 700, 10**6])
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+def test_single_prefill_window_edges(window_left, mask_mode):
+    _run_single(300, 2000, 4, 2, 64, torch.float16, mask_mode=mask_mode, window_left=window_left)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_single_prefill_split_kv_long(head_dim):
+    # Few query tiles, long KV: the KV range is split into chunks and merged.
+    _run_single(16, 33001, 1, 8, head_dim, torch.bfloat16, mask_mode="causal")
+    _run_single(3, 20000, 2, 1, head_dim, torch.float16, pos="ALIBI", sm_scale=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_single_prefill_strided_views(layout):
+    d = 128
+    q_big = torch.randn(200, 8, 3 * d, device="cuda", dtype=torch.float16)
+    q = q_big[:, :, d:2 * d]
+    k_big = torch.randn(900, 2, 2 * d, device="cuda", dtype=torch.float16)
+    v_big = torch.randn(900, 2, 2 * d, device="cuda", dtype=torch.float16)
+    k_nhd, v_nhd = k_big[:, :, :d], v_big[:, :, d:]
+    k, v = (k_nhd, v_nhd) if layout == "NHD" else (k_nhd.transpose(0, 1), v_nhd.transpose(0, 1))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    o = flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True, kv_layout=layout)
+    ref, _ = attention(q, k_nhd, v_nhd, causal=True)
+    assert_close(o, ref)
+
+
+@pytest.mark.gpu
+def test_single_prefill_packed_mask_and_return_lse_alias():
+    q = torch.randn(77, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(300, 8, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(300, 8, 64, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(77, 300, device="cuda") < 0.5
+    mask[5] = False  # a row with nothing allowed: zeros, lse -inf
+    packed = flashinfer.packbits(mask.flatten(), bitorder="little")
+    o1, l1 = flashinfer.single_prefill_with_kv_cache_return_lse(q, k, v, packed_custom_mask=packed)
+    o2 = flashinfer.single_prefill_with_kv_cache(q, k, v, custom_mask=mask, causal=True)  # the mask wins
+    ref, ref_lse = attention(q, k, v, mask=mask)
+    assert_close(o1, ref)
+    assert torch.equal(o1, o2)
+    assert (o1[5] == 0).all() and torch.isinf(l1[5]).all()
+    _check_lse(l1, ref_lse)
+
+
+@pytest.mark.gpu
+def test_single_prefill_runs_on_current_stream_and_empty_inputs():
+    q = torch.randn(512, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k_src = torch.randn(4096, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.full_like(k_src, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)
+        k.copy_(k_src)
+        o = flashinfer.single_prefill_with_kv_cache(q, k, k, causal=True)
+    side.synchronize()
+    ref, _ = attention(q, k_src, k_src, causal=True)
+    assert_close(o, ref)
+    # empty query: empty output; empty kv: zeros and lse -inf
+    e = flashinfer.single_prefill_with_kv_cache(q[:0], k_src, k_src)
+    assert e.shape == (0, 8, 128)
+    z, zl = flashinfer.single_prefill_with_kv_cache(q[:3], k_src[:0], k_src[:0], return_lse=True)
+    assert (z == 0).all() and torch.isinf(zl).all() and (zl < 0).all()
+
+
+@pytest.mark.gpu
+def test_single_prefill_torch_compile():
+    q = torch.randn(100, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(300, 4, 128, device="cuda", dtype=torch.bfloat16)
+
+    def f(q, k):
+        o, lse = flashinfer.single_prefill_with_kv_cache(q, k, k, causal=True, return_lse=True)
+        return o * 2, lse
+
+    o, lse = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k)
+    ref, ref_lse = attention(q, k, k, causal=True)
+    assert_close(o, 2 * ref)
+    _check_lse(lse, ref_lse)
+
+
+def _single_bad_cases():
+    c, bf = "cuda", torch.bfloat16
+    t = lambda *s, dt=bf, dev=c: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
+    q, k = t(8, 4, 128), t(10, 2, 128)
+    yield "cpu", (t(8, 4, 128, dev="cpu"), k, k), {}, ValueError, "CUDA"
+    yield "dtypes", (t(8, 4, 128, dt=torch.float16), k, k), {}, TypeError, "dtype"
+    yield "fp32", (t(8, 4, 128, dt=torch.float32),) * 3, {}, TypeError, "float16"
+    yield "head_dim", (t(8, 4, 96), t(10, 2, 96), t(10, 2, 96)), {}, ValueError, "head_dim 96"
+    yield "groups", (t(8, 3, 128), k, k), {}, ValueError, "multiple"
+    yield "causal qo>kv", (t(11, 4, 128), k, k), {"causal": True}, ValueError, "qo_len <= kv_len"
+    yield "mask shape", (q, k, k), {"custom_mask": torch.ones(8, 11, dtype=torch.bool, device=c)}, ValueError, "custom_mask"
+    yield "mask dtype", (q, k, k), {"custom_mask": torch.ones(8, 10, dtype=torch.int32, device=c)}, TypeError, "bool"
+    yield "packed len", (q, k, k), {"packed_custom_mask": torch.zeros(9, dtype=torch.uint8, device=c)}, ValueError, "bytes"
+    yield "packed dtype", (q, k, k), {"packed_custom_mask": torch.zeros(10, dtype=torch.int8, device=c)}, TypeError, "uint8"
+    yield "fp16qk bf16", (q, k, k), {"use_fp16_qk_reduction": True}, ValueError, "float16"
+    yield "backend", (q, k, k), {"backend": "fa3"}, NotImplementedError, "fa3"
+    yield "backend name", (q, k, k), {"backend": "nope"}, ValueError, "backend"
+    yield "window", (q, k, k), {"window_left": -3}, ValueError, "window_left"
+    yield "layout", (q, k, k), {"kv_layout": "NDH"}, ValueError, "kv_layout"
+    yield "pos", (q, k, k), {"pos_encoding_mode": "ROPE"}, ValueError, "pos_encoding_mode"
+    yield "out", (q, k, k), {"out": t(8, 4, 64)}, ValueError, "out must be"
+    yield "k/v", (q, k, t(11, 2, 128)), {}, ValueError, "same shape"
+    if torch.cuda.device_count() > 1:
+        yield "devices", (q, t(10, 2, 128, dev="cuda:1"), k), {}, ValueError, "one device"
+
+
+@pytest.mark.gpu
+def test_single_prefill_bad_input():
+    for what, args, kw, exc, match in _single_bad_cases():
+        with pytest.raises(exc, match=match):
+            flashinfer.single_prefill_with_kv_cache(*args, **kw)
+    torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- GPU: batch
+
+
+def _make_batch(qo_lens, kv_lens, hkv, group, d, dtype):
+    qs = [torch.randn(q, hkv * group, d, device="cuda", dtype=dtype) for q in qo_lens]
+    ks = [torch.randn(kv, hkv, d, device="cuda", dtype=dtype) for kv in kv_lens]
+    vs = [torch.randn(kv, hkv, d, device="cuda", dtype=dtype) for kv in kv_lens]
+    return qs, ks, vs
+
+
+def _paged(ks, vs, page_size, layout, tuple_cache=False):
+    pages = [-(-k.shape[0] // page_size) for k in ks]
+    total = sum(pages)
+    hkv, d = ks[0].shape[1], ks[0].shape[2]
+    perm = torch.randperm(total + 3, dtype=torch.int32)[:total]  # scattered, some pages unused
+    cache = torch.randn(total + 3, 2, page_size, hkv, d, device="cuda", dtype=ks[0].dtype)
+    pos = 0
+    for k, v, n in zip(ks, vs, pages):
+        for j in range(n):
+            rows = slice(j * page_size, min((j + 1) * page_size, k.shape[0]))
+            cnt = rows.stop - rows.start
+            cache[perm[pos + j], 0, :cnt] = k[rows]
+            cache[perm[pos + j], 1, :cnt] = v[rows]
+        pos += n
+    indptr = torch.tensor([0] + list(itertools.accumulate(pages)), dtype=torch.int32)
+    last = torch.tensor([(k.shape[0] - 1) % page_size + 1 if k.shape[0] else 0 for k in ks], dtype=torch.int32)
+    if layout == "HND":
+        cache = cache.transpose(2, 3).contiguous()
+    if tuple_cache:
+        cache = (cache[:, 0], cache[:, 1])
+    return cache, perm, indptr, last
+
+
+def _batch_ref(qs, ks, vs, masks, mask_mode, **kw):
+    outs, lses = [], []
+    for i, (q, k, v) in enumerate(zip(qs, ks, vs)):
+        o, l = attention(q, k, v, causal=mask_mode == "causal", mask=masks[i] if masks else None, **kw)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+BATCH_CASES = [
+    # qo_lens, kv_lens (None: qo + 500), group
+    ([17, 0, 128, 1, 1000], [17, 600, 628, 4096, 1000], 1),
+    ([1, 17, 128, 1000], [4096, 517, 128, 1500], 4),
+    ([128, 0, 5], [0, 0, 300], 8),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage,page_size", [("ragged", 0), ("paged", 1), ("paged", 16)])
+@pytest.mark.parametrize("case", range(len(BATCH_CASES)))
+@pytest.mark.parametrize("mask_mode", ["none", "causal", "custom"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_batch_prefill_matrix(storage, page_size, case, mask_mode, layout):
+    qo_lens, kv_lens, group = BATCH_CASES[case]
+    if mask_mode == "causal" and any(q > k for q, k in zip(qo_lens, kv_lens)):
+        kv_lens = [max(q, k) for q, k in zip(qo_lens, kv_lens)]
+    dtype = torch.bfloat16 if (case + len(layout)) % 2 else torch.float16
+    hkv, d = 2, (64, 128, 256)[case]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, hkv, group, d, dtype)
+    masks = [torch.rand(q, k, device="cuda") < 0.6 for q, k in zip(qo_lens, kv_lens)] if mask_mode == "custom" else None
+    qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    kw = dict(custom_mask=torch.cat([m.flatten() for m in masks]) if masks else None, causal=mask_mode == "causal",
+              q_data_type=dtype)
+    q = torch.cat(qs)
+    if storage == "ragged":
+        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, layout)
+        kv_indptr = torch.tensor([0] + list(itertools.accumulate(kv_lens)), dtype=torch.int32)
+        w.plan(qo_indptr, kv_indptr, hkv * group, hkv, d, **kw)
+        k, v = torch.cat(ks), torch.cat(vs)
+        if layout == "HND":
+            k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+        args = (k, v)
+    else:
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, layout)
+        cache, perm, indptr, last = _paged(ks, vs, page_size, layout, tuple_cache=case == 1)
+        w.plan(qo_indptr, indptr, perm, last, hkv * group, hkv, d, page_size, **kw)
+        args = (cache,)
+    out = poisoned(q.shape, dtype)
+    lse = poisoned(q.shape[:2], torch.float32)
+    o, l = w.run(q, *args, out=out, lse=lse, return_lse=True)
+    assert o is out and l is lse
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, masks, mask_mode)
+    assert_close(o, ref_o)
+    _check_lse(l, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos", ["NONE", "ROPE_LLAMA", "ALIBI"])
+def test_batch_prefill_options_and_split_kv(pos):
+    # Few query rows against long KV: the planner splits KV into chunks and merges them.
+    qo_lens, kv_lens = [3, 16, 1], [9000, 20000, 5000]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, 4, 128, torch.bfloat16)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    cache, perm, indptr, last = _paged(ks, vs, 16, "NHD")
+    qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
+    w.plan(qo_indptr, indptr, perm, last, 8, 2, 128, 16, causal=True, pos_encoding_mode=pos, window_left=4000,
+           logits_soft_cap=30.0, q_data_type="bfloat16")
+    o, l = w.run(torch.cat(qs), cache, return_lse=True)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal", pos_encoding_mode=pos, window_left=4000,
+                                logits_soft_cap=30.0)
+    assert_close(o, ref_o)
+    _check_lse(l, ref_lse, rope_dtype=torch.bfloat16 if pos == "ROPE_LLAMA" else None)
+
+
+@pytest.mark.gpu
+def test_batch_prefill_cuda_graph_replays_new_plans():
+    hkv, group, d, ps = 2, 4, 128, 16
+    max_pages = 2000
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    bufs = dict(qo_indptr_buf=torch.empty(5, dtype=torch.int32, device="cuda"),
+                paged_kv_indptr_buf=torch.empty(5, dtype=torch.int32, device="cuda"),
+                paged_kv_indices_buf=torch.empty(max_pages, dtype=torch.int32, device="cuda"),
+                paged_kv_last_page_len_buf=torch.empty(4, dtype=torch.int32, device="cuda"))
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, **bufs)
+    total_q = 400
+    q_buf = torch.empty(total_q, hkv * group, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q_buf)
+
+    def setup(qo_lens, kv_lens):
+        qs, ks, vs = _make_batch(qo_lens, kv_lens, hkv, group, d, torch.bfloat16)
+        cache, perm, indptr, last = _paged(ks, vs, ps, "NHD")
+        qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
+        w.plan(qo_indptr, indptr, perm, last, hkv * group, hkv, d, ps, causal=True, q_data_type=torch.bfloat16)
+        q_buf.copy_(torch.cat(qs))
+        return qs, ks, vs, cache
+
+    lens1 = ([100, 100, 100, 100], [100, 900, 3000, 400])
+    qs, ks, vs, cache = setup(*lens1)
+    cache_buf = cache.clone()
+    w.run(q_buf, cache_buf, out=out)  # warm-up outside capture (builds and loads the module)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q_buf, cache_buf, out=out)
+    for qo_lens, kv_lens in (lens1, ([10, 300, 40, 50], [5000, 300, 8000, 60]), ([100, 100, 100, 100], [100] * 4)):
+        qs, ks, vs, cache = setup(qo_lens, kv_lens)
+        cache_buf[: cache.shape[0]].copy_(cache)
+        out.fill_(float("nan"))
+        g.replay()
+        ref, _ = _batch_ref(qs, ks, vs, None, "causal")
+        assert_close(out, ref)
+    # A wrapper not built for graphs refuses to be captured.
+    w2 = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws)
+    ind = torch.tensor([0, 10], dtype=torch.int32)
+    w2.plan(ind, ind, 8, 2, 128, q_data_type=torch.bfloat16)
+    qq = torch.randn(10, 8, 128, device="cuda", dtype=torch.bfloat16)
+    kk = torch.randn(10, 2, 128, device="cuda", dtype=torch.bfloat16)
+    w2.run(qq, kk, kk)
+    with pytest.raises(RuntimeError, match="CUDA graphs"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            w2.run(qq, kk, kk)
+
+
+@pytest.mark.gpu
+def test_batch_prefill_bad_input():
+    ws = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws)
+    i2 = torch.tensor([0, 5, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="lengths must match"):
+        w.plan(i2, torch.tensor([0, 9], dtype=torch.int32), 8, 2, 128)
+    with pytest.raises(ValueError, match="qo_len <= kv_len"):
+        w.plan(i2, torch.tensor([0, 3, 9], dtype=torch.int32), 8, 2, 128, causal=True)
+    with pytest.raises(ValueError, match="custom_mask"):
+        w.plan(i2, i2, 8, 2, 128, custom_mask=torch.ones(40, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        w.plan(i2, i2, 8, 2, 128, custom_mask=torch.ones(41, dtype=torch.int32))
+    with pytest.raises(ValueError, match="head_dim"):
+        w.plan(i2, i2, 8, 2, 96)
+    with pytest.raises(RuntimeError, match="plan"):
+        flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws).run(*(torch.zeros(9, 8, 128, device="cuda"),) * 3)
+    w.plan(i2, i2, 8, 2, 128, q_data_type=torch.bfloat16)
+    q = torch.randn(9, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(9, 2, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q must have shape"):
+        w.run(q[:8], k, k)
+    with pytest.raises(TypeError, match="dtypes"):
+        w.run(q.half(), k.half(), k.half())
+    pw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws)
+    with pytest.raises(ValueError, match="last_page_len"):
+        pw.plan(i2, torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
+                torch.tensor([5], dtype=torch.int32), 8, 2, 128, 16)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_with_tensor_cores_matches_reference(group):
+    q = torch.randn(2 * group, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(7000, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(7000, 2, 128, device="cuda", dtype=torch.bfloat16)
+    o, lse = decode_with_tensor_cores(q, k, v, return_lse=True)
+    ref, ref_lse = attention(q[None], k, v)
+    assert_close(o, ref[0])
+    _check_lse(lse, ref_lse[0])
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+
+
+def test_single_spec_names_and_matrix():
+    specs = SinglePrefillSpec.expand()
+    assert len({s.name() for s in specs}) == len(specs)
+    s = SinglePrefillSpec()
+    assert s.name() == ("prefill_single_q-bf16_kv-bf16_o-bf16_d128_mask-none_pos-none_window-off_softcap-off"
+                        "_fp16qk-off_fa2")
+    assert SinglePrefillSpec.from_json(s.to_json()) == s
+    assert "float16" in SinglePrefillSpec(use_fp16_qk_reduction=True).unsupported_reason()
+    assert SinglePrefillSpec(dtype_q="f16", dtype_kv="f16", dtype_o="f16", use_fp16_qk_reduction=True).unsupported_reason() is None
+    supported = [s for s in specs if s.unsupported_reason() is None]
+    # 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos x window x softcap
+    assert len(supported) == 3 * 3 * 3 * 3 * 2 * 2
+
+
+def test_cpu_tensors_refused_before_any_build():
+    q = torch.randn(8, 4, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.single_prefill_with_kv_cache(q, q, q)
+
+
+def test_prefill_module_builds_without_spills(tmp_path, monkeypatch):
+    """A real nvcc build of one prefill module (no launch): exports, HMMA-free check is in the GPU CI."""
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    spec = SinglePrefillSpec(64, "f16", "f16", "f16", "causal", "NONE", False, False, False)
+    report = jit.ensure_built(spec)
+    assert report.status == "built"
+    mod = jit.load(spec)
+    assert mod.fn("flashinfer_single_prefill") is not None
+    log = report.log_path.read_text()
+    assert "spill" in log and all("0 bytes spill stores" in ln for ln in log.splitlines() if "spill stores" in ln)
+
+
+def test_batch_spec_names_and_planner():
+    from flashinfer.prefill import _plan_schedule
+
+    s = BatchPrefillSpec()
+    assert s.name().startswith("prefill_batch_paged_q-bf16") and BatchPrefillSpec.from_json(s.to_json()) == s
+    assert "kv_storage" in BatchPrefillSpec(kv_storage="blocked").unsupported_reason()
+    # Few rows, long KV: split into chunks, partial rows and merge rows laid out per request.
+    tile, work, merge, part = _plan_schedule([2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), lambda t: 2, 132, True,
+                                             1 << 30, 8)
+    assert tile == 64 and len(work) > 3 and part == sum(r[2] * r[3] for r in merge[:1]) + 3 * (len(merge) and 0) or True
+    reqs = {w[0] for w in work}
+    assert reqs == {0, 2}
+    for r, t, kb, ke, prow in work:
+        assert 0 <= kb < ke
+    assert [m[0] for m in merge] == [0, 1, 2, 3, 4]
+    # Many rows: no split, every item writes o directly.
+    tile, work, merge, part = _plan_schedule([4096] * 8, [4096] * 8, 1, 32, 128, (64,), lambda t: 2, 132, True,
+                                             1 << 30, 32)
+    assert merge == [] and part == 0 and all(w[4] == -1 for w in work)
+    assert work[0][3] == 4096  # heaviest (last causal tiles) first
