@@ -3,8 +3,8 @@ devices, bad input; and on the CPU, spec naming and a real JIT build of one deco
 
 from __future__ import annotations
 
-import itertools
-import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -241,3 +241,10 @@ def test_decode_module_builds_and_exports_its_launcher(tmp_path, monkeypatch):
     assert "invalid argument" in mod.error_string(1)
     log = report.log_path.read_text() if report.log_path and report.log_path.exists() else ""
     assert "spill" not in log or "0 bytes spill stores" in log
+    # Modules must not share state through GNU "unique" symbols (function-local statics of inline
+    # functions): one module's cached per-device setup would then be skipped by another module.
+    nm = shutil.which("nm")
+    if nm:
+        dyn = subprocess.run([nm, "-D", "--defined-only", str(mod.path)], capture_output=True, text=True).stdout
+        kinds = {line.split()[1] for line in dyn.splitlines() if len(line.split()) == 3}
+        assert "u" not in kinds, [line for line in dyn.splitlines() if " u " in line]

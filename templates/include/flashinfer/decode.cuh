@@ -277,8 +277,12 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   }
 }
 
+// Host-side helpers are `static`: their function-local caches must belong to this module alone. (As
+// inline functions they would become GNU "unique" symbols, shared by every module loaded into the
+// process, and a module would skip the shared-memory opt-in of its own kernel.)
+
 // Cached per device: asking the driver on every call would cost more than the launch itself.
-inline int sm_count(int device) {
+static int sm_count(int device) {
   static int cache[64] = {0};
   if (device < 0 || device >= 64) return 132;
   if (cache[device] == 0) {
@@ -291,7 +295,7 @@ inline int sm_count(int device) {
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
           bool SOFTCAP>
-cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
+static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
   using T = DecodeTraits<HEAD_DIM>;
   auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>;
   constexpr int smem_bytes = T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
@@ -343,7 +347,7 @@ cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, 
 
 // Picks the query-head tile for the group size, and runs under a guard for the tensors' device.
 template <int HEAD_DIM, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW, bool SOFTCAP>
-cudaError_t launch_single_decode(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
+static cudaError_t launch_single_decode(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.kv_len <= 0) return cudaErrorInvalidValue;
   if (workspace_chunks > 1 && p.partial_o == nullptr) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
