@@ -9,6 +9,7 @@
 #include "common.cuh"
 #include "cp_async.cuh"
 #include "merge.cuh"
+#include "mma.cuh"
 #include "pos_enc.cuh"
 
 #include <type_traits>
@@ -46,26 +47,43 @@ struct DecodeTraits {
   static_assert(TILE * LANES % kThreads == 0, "tile must split evenly over the threads");
 };
 
-// Four CTAs per SM (16 warps) hide the latency of the shuffle chains; RoPE's extra live values need
-// the room of three at a 4-head tile.
-template <int GT, bool ROPE>
-constexpr int decode_min_blocks() {
-  return GT >= 8 ? 2 : (GT >= 4 && ROPE ? 3 : 4);
+// With 4 or 8 query heads per KV head the CUDA-core dot products cost more than the memory stream,
+// so their tile math runs on tensor cores instead: Q.K^T and P.V as mma.sync with the heads as the
+// rows of a 16-row tile (the other rows are zero). RoPE, which rotates every key, and head_dim 256,
+// whose accumulators would not fit, stay on CUDA cores.
+template <int HEAD_DIM, int GT, PosEncoding POS>
+__host__ __device__ constexpr bool decode_uses_mma() {
+  return GT >= 4 && HEAD_DIM <= 128 && POS != PosEncoding::kRopeLlama;
+}
+
+// Four CTAs per SM (16 warps) hide the latency of the shuffle chains; wider CUDA-core tiles need more
+// registers per thread.
+template <int HEAD_DIM, int GT, PosEncoding POS>
+__host__ __device__ constexpr int decode_min_blocks() {
+  if (decode_uses_mma<HEAD_DIM, GT, POS>()) return 4;
+  return GT >= 8 ? 2 : (GT >= 4 && POS == PosEncoding::kRopeLlama ? 3 : 4);
 }
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
           bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<GT, POS == PosEncoding::kRopeLlama>())
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
     single_decode_kernel(const __grid_constant__ SingleDecodeParams p,
                          const __grid_constant__ std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope) {
   using T = DecodeTraits<HEAD_DIM>;
   constexpr int LANES = T::LANES, ROWS = T::ROWS, TILE = T::TILE, TPR = T::TOKENS_PER_ROW, STAGES = T::STAGES;
   constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
   constexpr bool ALIBI = POS == PosEncoding::kAlibi;
+  constexpr bool MMA = decode_uses_mma<HEAD_DIM, GT, POS>();
+  constexpr int WARPS = T::kThreads / 32;
+  // Partial softmax states left per head at the end: one per row group (CUDA cores) or warp (MMA).
+  constexpr int NSTATES = MMA ? WARPS : ROWS;
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  uint4* smem = reinterpret_cast<uint4*>(smem_raw);  // [STAGES][K|V][TILE][LANES] x 16 bytes
+  // [STAGES][K|V][TILE][LANES] x 16 bytes; chunk c of token t stored at swizzle<LANES>(t, c), so that the
+  // eight rows an ldmatrix reads at one column fall into different bank groups.
+  uint4* smem = reinterpret_cast<uint4*>(smem_raw);
 
   const int lane = threadIdx.x % LANES, row = threadIdx.x / LANES;
+  const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
   // Head tile varies fastest so that the CTAs reading the same K/V run together and share L2.
   int bid = blockIdx.x;
   const int head_tile = bid % p.head_tiles;
@@ -79,18 +97,6 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   // Let the merge kernel (launched with programmatic dependent launch) be scheduled as soon as SMs free
   // up; it waits in griddepcontrol.wait until this grid has finished and flushed its writes.
   grid_dependency_launch_dependents();
-  RopeRate rate;
-  if constexpr (ROPE) load_rope_rate<HEAD_DIM>(rate, rope, lane);
-
-  // After the transposed reduction each lane owns the logits of one head of the tile: HEAD_LANES lanes
-  // per head. Its softmax statistics (m, d) are kept by the owning lanes only; the probabilities and
-  // rescale factors are broadcast to every lane for the P.V update.
-  constexpr int HEAD_LANES = LANES / GT;
-  constexpr bool P_IN_SMEM = GT >= 4;
-  float* s_p = reinterpret_cast<float*>(smem_raw + T::kSmemBytes);  // [ROWS][TPR][GT], after the ring
-  const int own = lane / HEAD_LANES;
-  const int warp_lane = threadIdx.x % 32;
-  const int row_base = warp_lane - lane;  // first lane of this row within the warp
 
   const int chunk_begin = p.kv_begin + chunk * p.chunk_size;
   const int chunk_end = min(p.kv_len, chunk_begin + p.chunk_size);
@@ -105,154 +111,287 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
 #pragma unroll
     for (int it = 0; it < T::COPIES; ++it) {
       const int idx = threadIdx.x + it * T::kThreads;
-      const int token = chunk_begin + tile * TILE + idx / LANES;
+      const int t = idx / LANES, c = idx % LANES;
+      const int token = chunk_begin + tile * TILE + t;
       const bool valid = token < chunk_end;
       const int64_t n = valid ? token : chunk_begin;  // keep the address in bounds when zero-filling
-      const int col = (idx % LANES) * 8;
-      cp_async_16(sk + idx, k_head + n * stride_n_k + col, valid);
-      cp_async_16(sv + idx, v_head + n * stride_n_v + col, valid);
+      cp_async_16(sk + swizzle<LANES>(t, c), k_head + n * stride_n_k + c * 8, valid);
+      cp_async_16(sv + swizzle<LANES>(t, c), v_head + n * stride_n_v + c * 8, valid);
     }
   };
 
+  // Start the K/V stream before anything else: loading q first would cost every CTA a memory round trip.
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < num_tiles) load_tile(s);
     cp_async_commit();
   }
 
-  float q[GT][8];
-#pragma unroll
-  for (int j = 0; j < GT; ++j) {
-    // Spare slots of a partial tile repeat the last head; their results are never stored.
-    const int h = qo_head0 + min(j, heads_here - 1);
-    const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + h * p.q_stride_h + lane * 8;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) q[j][i] = to_float(qh[i]);
-    if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
-  }
-  const float slope = ALIBI ? alibi_slope(qo_head0 + min(own, heads_here - 1), p.num_qo_heads) : 0.f;
+  float* s_m = reinterpret_cast<float*>(smem_raw);  // [NSTATES][GT], reusing the ring after the loop
+  float* s_d = s_m + NSTATES * GT;                   // [NSTATES][GT]
+  float* s_o = s_d + NSTATES * GT;                   // [NSTATES][GT][HEAD_DIM]
+  static_assert((2 * NSTATES * GT + NSTATES * GT * HEAD_DIM) * 4 <= T::kSmemBytes, "merge scratch exceeds the ring");
 
-  float m = kNegInf, d = 0.f, o[GT][8];
-#pragma unroll
-  for (int j = 0; j < GT; ++j) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) o[j][i] = 0.f;
-  }
+  if constexpr (MMA) {
+    // ---- tensor cores: warp w takes WTOK consecutive tokens of each tile ----
+    constexpr int WTOK = TILE / WARPS;  // 8 (d128) or 16 (d64)
+    constexpr int NT = WTOK / 8;        // n8 tiles of scores per warp and tile
+    constexpr int KS = HEAD_DIM / 16;   // k16 steps of Q.K^T
+    constexpr int MT = HEAD_DIM / 16;   // m16 tiles of the transposed output
+    static_assert(KS % 2 == 0 && MT % 2 == 0, "ldmatrix.x4 covers 32 columns");
+    const int g = warp_lane / 4, t4 = warp_lane % 4;  // fragment row (= head of the tile) and column pair
+    const bool real_row = g < heads_here;
+    const float slope = ALIBI ? alibi_slope(qo_head0 + min(g, heads_here - 1), p.num_qo_heads) : 0.f;
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // tile's data visible to all; everyone is done with the stage refilled next
-    if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
-    cp_async_commit();
-
-    const uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
-    const uint4* sv = sk + TILE * LANES;
-    const int tile_begin = chunk_begin + tile * TILE;
-
-    float s[TPR];  // log2-domain logits of head `own`
+    // q as the A operand, unscaled (exact in its 16-bit type): a0 = cols 2t.., a2 = cols 2t+8..; rows g+8
+    // (a1, a3) are zero, and so are rows beyond the tile's heads.
+    uint32_t qa[KS][2];
+    {
+      const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + (qo_head0 + min(g, heads_here - 1)) * p.q_stride_h;
 #pragma unroll
-    for (int t = 0; t < TPR; ++t) {
-      const int tl = t * ROWS + row;
-      const int token = tile_begin + tl;
-      float kf[8];
-      unpack8(sk[tl * LANES + lane], kf, DTypeKV{});
-      if constexpr (ROPE) rope_rotate<LANES>(kf, rate, float(token), lane);
-      float part[GT];
-#pragma unroll
-      for (int j = 0; j < GT; ++j) {
-        part[j] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) part[j] = fmaf(q[j][i], kf[i], part[j]);
-      }
-      const float x = transform_logit<ALIBI, SOFTCAP>(transpose_group_sum<GT, LANES>(part, lane), slope,
-                                                      token - q_pos, p.logits_soft_cap);
-      s[t] = token < chunk_end ? x : kNegInf;
-    }
-
-    float m_new = m;
-#pragma unroll
-    for (int t = 0; t < TPR; ++t) m_new = fmaxf(m_new, s[t]);
-    const bool any = m_new != kNegInf;  // a row may see only padding in a short chunk
-    const float scale = any ? ptx_exp2(m - m_new) : 1.f;
-    d *= scale;
-#pragma unroll
-    for (int t = 0; t < TPR; ++t) {
-      s[t] = any ? ptx_exp2(s[t] - m_new) : 0.f;
-      d += s[t];
-    }
-    m = m_new;
-    // Once the running max settles, most tiles leave it unchanged: skip the rescale warp-wide then.
-    if (__any_sync(0xffffffffu, scale != 1.f)) {
-#pragma unroll
-      for (int j = 0; j < GT; ++j) {
-        const float sc = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) o[j][i] *= sc;
+      for (int ks = 0; ks < KS; ++ks) {
+        const int c0 = ks * 16 + 2 * t4;
+        qa[ks][0] = real_row ? pack2<DTypeKV>(to_float(qh[c0]), to_float(qh[c0 + 1])) : 0u;
+        qa[ks][1] = real_row ? pack2<DTypeKV>(to_float(qh[c0 + 8]), to_float(qh[c0 + 9])) : 0u;
       }
     }
 
-    // Every lane needs all GT probabilities of a token: from GT >= 4 one 16-byte shared-memory read per
-    // 4 heads is cheaper than a shuffle per head.
-    if constexpr (P_IN_SMEM) {
-      if (lane % HEAD_LANES == 0) {
+    // P.V runs transposed, O^T = V^T P^T (m16n8k8: 16 dims x 8 heads per tile), so that no accumulator
+    // holds a padding row: lane (g, t) accumulates dims mt*16 + g (+8) of heads 2t and 2t+1.
+    float m = kNegInf, d = 0.f;  // of head g; d sums only this lane's columns until the end
+    float o[MT][4];
 #pragma unroll
-        for (int t = 0; t < TPR; ++t) s_p[(row * TPR + t) * GT + own] = s[t];
-      }
-      __syncwarp();
-    }
+    for (int mt = 0; mt < MT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
+      cp_async_commit();
+      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
+      const uint4* sv = sk + TILE * LANES;
+      const int tok0 = warp * WTOK;  // first token of this warp within the tile
+
+      float sc[NT][4];
 #pragma unroll
-    for (int t = 0; t < TPR; ++t) {
-      const int tl = t * ROWS + row;
-      float vf[8];
-      unpack8(sv[tl * LANES + lane], vf, DTypeKV{});
-      float pt[GT];
-      if constexpr (P_IN_SMEM) {
+      for (int nt = 0; nt < NT; ++nt) {
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
-        for (int j = 0; j < GT; j += 4) {
-          const float4 p4 = *reinterpret_cast<const float4*>(s_p + (row * TPR + t) * GT + j);
-          pt[j] = p4.x, pt[j + 1] = p4.y, pt[j + 2] = p4.z, pt[j + 3] = p4.w;
+        for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
+          // Matrix i of the x4 load: tokens tok0 + nt*8 + 0..7, 16-byte column 4*ks2 + i.
+          uint32_t b[4];
+          ldmatrix_x4(b, smem_addr(sk + swizzle<LANES>(tok0 + nt * 8 + (warp_lane & 7), ks2 * 4 + (warp_lane >> 3))));
+          const uint32_t a0[4] = {qa[2 * ks2][0], 0u, qa[2 * ks2][1], 0u};
+          const uint32_t a1[4] = {qa[2 * ks2 + 1][0], 0u, qa[2 * ks2 + 1][1], 0u};
+          mma_16816<DTypeKV>(sc[nt], a0, b[0], b[1]);
+          mma_16816<DTypeKV>(sc[nt], a1, b[2], b[3]);
         }
-      } else {
+      }
+
+      float m_new = m;
 #pragma unroll
-        for (int j = 0; j < GT; ++j) pt[j] = __shfl_sync(0xffffffffu, s[t], row_base + j * HEAD_LANES);
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int token = chunk_begin + tile * TILE + tok0 + nt * 8 + 2 * t4 + i;
+          const float x = transform_logit<ALIBI, SOFTCAP>(sc[nt][i] * p.sm_scale, slope, token - q_pos,
+                                                          p.logits_soft_cap);
+          sc[nt][i] = token < chunk_end ? x : kNegInf;
+          m_new = fmaxf(m_new, sc[nt][i]);
+        }
+      }
+      m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
+      m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
+      const bool any = m_new != kNegInf;  // a warp may see only padding in a short chunk
+      const float scale = any ? ptx_exp2(m - m_new) : 1.f;
+      m = m_new;
+      d *= scale;
+      if (__any_sync(0xffffffffu, scale != 1.f)) {
+        const float scale0 = __shfl_sync(0xffffffffu, scale, 8 * t4);      // head 2t lives in lanes 8t..8t+3
+        const float scale1 = __shfl_sync(0xffffffffu, scale, 8 * t4 + 4);  // head 2t+1
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) o[mt][0] *= scale0, o[mt][1] *= scale1, o[mt][2] *= scale0, o[mt][3] *= scale1;
       }
 #pragma unroll
-      for (int j = 0; j < GT; ++j) {
+      for (int nt = 0; nt < NT; ++nt) {
+        const float p0 = any ? ptx_exp2(sc[nt][0] - m_new) : 0.f;
+        const float p1 = any ? ptx_exp2(sc[nt][1] - m_new) : 0.f;
+        d += p0 + p1;
+        // Scores in C layout (head g, tokens 2t, 2t+1) are P^T in B layout (tokens 2t, 2t+1; head g).
+        const uint32_t pb = real_row ? pack2<DTypeKV>(p0, p1) : 0u;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) o[j][i] = fmaf(pt[j], vf[i], o[j][i]);
+        for (int mt2 = 0; mt2 < MT / 2; ++mt2) {
+          // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
+          // 2i+1 are rows g and g+8 of V^T m-tile 2*mt2 + i.
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, smem_addr(sv + swizzle<LANES>(tok0 + nt * 8 + (warp_lane & 7), mt2 * 4 + (warp_lane >> 3))));
+          mma_1688<DTypeKV>(o[2 * mt2], a[0], a[1], pb);
+          mma_1688<DTypeKV>(o[2 * mt2 + 1], a[2], a[3], pb);
+        }
       }
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-
-  // Merge the ROWS row states of each head through shared memory (the K/V ring is free now).
-  float* s_m = reinterpret_cast<float*>(smem_raw);  // [ROWS][GT]
-  float* s_d = s_m + ROWS * GT;                     // [ROWS][GT]
-  float* s_o = s_d + ROWS * GT;                     // [ROWS][GT][HEAD_DIM]
-  static_assert((2 * ROWS * GT + ROWS * GT * HEAD_DIM) * 4 <= T::kSmemBytes, "merge scratch exceeds the ring");
-  if (lane % HEAD_LANES == 0) {
-    s_m[row * GT + own] = m;
-    s_d[row * GT + own] = d;
-  }
+    cp_async_wait<0>();
+    __syncthreads();
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    if (g < GT && t4 == 0) {
+      s_m[warp * GT + g] = m;
+      s_d[warp * GT + g] = d;
+    }
 #pragma unroll
-  for (int j = 0; j < GT; ++j) {
-    float4* dst = reinterpret_cast<float4*>(s_o + (row * GT + j) * HEAD_DIM + lane * 8);
-    dst[0] = make_float4(o[j][0], o[j][1], o[j][2], o[j][3]);
-    dst[1] = make_float4(o[j][4], o[j][5], o[j][6], o[j][7]);
+    for (int i = 0; i < 2; ++i) {
+      const int head = 2 * t4 + i;
+      if (head < GT) {
+        float* dst = s_o + (warp * GT + head) * HEAD_DIM + g;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          dst[mt * 16] = o[mt][i];
+          dst[mt * 16 + 8] = o[mt][2 + i];
+        }
+      }
+    }
+  } else {
+    // ---- CUDA cores: each row group of LANES threads takes every ROWS-th token of a tile ----
+    // After the transposed reduction each lane owns the logits of one head of the tile: HEAD_LANES lanes
+    // per head. Its softmax statistics (m, d) are kept by the owning lanes only; the probabilities and
+    // rescale factors are broadcast to every lane for the P.V update.
+    constexpr int HEAD_LANES = LANES / GT;
+    constexpr bool P_IN_SMEM = GT >= 4;
+    float* s_p = reinterpret_cast<float*>(smem_raw + T::kSmemBytes);  // [ROWS][TPR][GT], after the ring
+    const int own = lane / HEAD_LANES;
+    const int row_base = warp_lane - lane;  // first lane of this row within the warp
+    RopeRate rate;
+    if constexpr (ROPE) load_rope_rate<HEAD_DIM>(rate, rope, lane);
+
+    float q[GT][8];
+#pragma unroll
+    for (int j = 0; j < GT; ++j) {
+      // Spare slots of a partial tile repeat the last head; their results are never stored.
+      const int h = qo_head0 + min(j, heads_here - 1);
+      const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + h * p.q_stride_h + lane * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[j][i] = to_float(qh[i]);
+      if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
+    }
+    const float slope = ALIBI ? alibi_slope(qo_head0 + min(own, heads_here - 1), p.num_qo_heads) : 0.f;
+
+    float m = kNegInf, d = 0.f, o[GT][8];
+#pragma unroll
+    for (int j = 0; j < GT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[j][i] = 0.f;
+    }
+
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // tile's data visible to all; everyone is done with the stage refilled next
+      if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
+      cp_async_commit();
+
+      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
+      const uint4* sv = sk + TILE * LANES;
+      const int tile_begin = chunk_begin + tile * TILE;
+
+      float s[TPR];  // log2-domain logits of head `own`
+#pragma unroll
+      for (int t = 0; t < TPR; ++t) {
+        const int tl = t * ROWS + row;
+        const int token = tile_begin + tl;
+        float kf[8];
+        unpack8(sk[swizzle<LANES>(tl, lane)], kf, DTypeKV{});
+        if constexpr (ROPE) rope_rotate<LANES>(kf, rate, float(token), lane);
+        float part[GT];
+#pragma unroll
+        for (int j = 0; j < GT; ++j) {
+          part[j] = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) part[j] = fmaf(q[j][i], kf[i], part[j]);
+        }
+        const float x = transform_logit<ALIBI, SOFTCAP>(transpose_group_sum<GT, LANES>(part, lane), slope,
+                                                        token - q_pos, p.logits_soft_cap);
+        s[t] = token < chunk_end ? x : kNegInf;
+      }
+
+      float m_new = m;
+#pragma unroll
+      for (int t = 0; t < TPR; ++t) m_new = fmaxf(m_new, s[t]);
+      const bool any = m_new != kNegInf;  // a row may see only padding in a short chunk
+      const float scale = any ? ptx_exp2(m - m_new) : 1.f;
+      d *= scale;
+#pragma unroll
+      for (int t = 0; t < TPR; ++t) {
+        s[t] = any ? ptx_exp2(s[t] - m_new) : 0.f;
+        d += s[t];
+      }
+      m = m_new;
+      // Once the running max settles, most tiles leave it unchanged: skip the rescale warp-wide then.
+      if (__any_sync(0xffffffffu, scale != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < GT; ++j) {
+          const float sc = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) o[j][i] *= sc;
+        }
+      }
+
+      // Every lane needs all GT probabilities of a token: from GT >= 4 one 16-byte shared-memory read per
+      // 4 heads is cheaper than a shuffle per head.
+      if constexpr (P_IN_SMEM) {
+        if (lane % HEAD_LANES == 0) {
+#pragma unroll
+          for (int t = 0; t < TPR; ++t) s_p[(row * TPR + t) * GT + own] = s[t];
+        }
+        __syncwarp();
+      }
+#pragma unroll
+      for (int t = 0; t < TPR; ++t) {
+        const int tl = t * ROWS + row;
+        float vf[8];
+        unpack8(sv[swizzle<LANES>(tl, lane)], vf, DTypeKV{});
+        float pt[GT];
+        if constexpr (P_IN_SMEM) {
+#pragma unroll
+          for (int j = 0; j < GT; j += 4) {
+            const float4 p4 = *reinterpret_cast<const float4*>(s_p + (row * TPR + t) * GT + j);
+            pt[j] = p4.x, pt[j + 1] = p4.y, pt[j + 2] = p4.z, pt[j + 3] = p4.w;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < GT; ++j) pt[j] = __shfl_sync(0xffffffffu, s[t], row_base + j * HEAD_LANES);
+        }
+#pragma unroll
+        for (int j = 0; j < GT; ++j) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) o[j][i] = fmaf(pt[j], vf[i], o[j][i]);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (lane % HEAD_LANES == 0) {
+      s_m[row * GT + own] = m;
+      s_d[row * GT + own] = d;
+    }
+#pragma unroll
+    for (int j = 0; j < GT; ++j) {
+      float4* dst = reinterpret_cast<float4*>(s_o + (row * GT + j) * HEAD_DIM + lane * 8);
+      dst[0] = make_float4(o[j][0], o[j][1], o[j][2], o[j][3]);
+      dst[1] = make_float4(o[j][4], o[j][5], o[j][6], o[j][7]);
+    }
   }
   __syncthreads();
 
+  // Merge the NSTATES partial states of each head and write the output (one chunk) or a partial state.
   for (int item = threadIdx.x; item < GT * LANES; item += T::kThreads) {
     const int j = item / LANES, col = (item % LANES) * 8;
     if (j >= heads_here) continue;
     float m_all = kNegInf;
-    for (int r = 0; r < ROWS; ++r) m_all = fmaxf(m_all, s_m[r * GT + j]);
+    for (int r = 0; r < NSTATES; ++r) m_all = fmaxf(m_all, s_m[r * GT + j]);
     float d_all = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int r = 0; r < ROWS; ++r) {
-      const float w = ptx_exp2(s_m[r * GT + j] - m_all);  // rows that saw only padding weigh 0
+    for (int r = 0; r < NSTATES; ++r) {
+      const float w = ptx_exp2(s_m[r * GT + j] - m_all);  // states that saw only padding weigh 0
       d_all += w * s_d[r * GT + j];
       const float* src = s_o + (r * GT + j) * HEAD_DIM + col;
 #pragma unroll
