@@ -477,7 +477,7 @@ class BatchPrefillSpec(_PrefillSpecBase):
         "flashinfer_batch_prefill": (
             c_int,
             (c_int,)  # tile_q
-            + (c_void_p,) * 15  # q k v o lse partial_o partial_lse mask mask_indptr qo_indptr kv_indptr kv_indices last work
+            + (c_void_p,) * 14  # q k v o lse partial_o partial_lse mask mask_indptr qo_indptr kv_indptr kv_indices last work
             + (c_int, c_void_p, c_void_p, c_int, c_void_p)  # work_capacity num_work merge merge_capacity num_merge
             + (c_int,) * 5  # grid_x merge_grid_x num_qo_heads num_kv_heads page_size
             + (c_int64,) * 8  # q_n q_h k_page k_n k_h v_page v_n v_h
@@ -770,7 +770,10 @@ class _BatchPrefillBase:
         opts = pl["opts"]
         ws = self._ws
         ws_f = ws.data_ptr()
-        part_lse = ws_f + pl["part_rows"] * pl["num_qo_heads"] * pl["head_dim"] * 4
+        # partial lse at a fixed place (the workspace's tail), so a graph captured under one plan stays valid under
+        # the next: plan() guarantees part_rows * heads * (head_dim + 1) floats fit, so the two never overlap.
+        ws_floats = ws.numel() * ws.element_size() // 4
+        part_lse = ws_f + 4 * (ws_floats - ws_floats // (pl["head_dim"] + 1))
         ib = pl["ibuf"].data_ptr()
         cap_w, cap_m = pl["cap_w"], pl["cap_m"]
         mod = pl["mod"]

@@ -55,6 +55,10 @@ def _run_single(qo_len, kv_len, num_kv_heads, group, head_dim, dtype, layout="NH
                           logits_soft_cap=soft_cap, pos_encoding_mode=pos, **ref_kw)
     if fp16qk:
         torch.testing.assert_close(o.double(), ref_o, atol=2e-2, rtol=2e-2)
+    elif pos == "ROPE_LLAMA":  # rotated q/k are rounded back to 16 bits in shared memory: one more input rounding
+        atol, rtol = TOLERANCES[dtype]
+        assert not torch.isnan(o).any()
+        torch.testing.assert_close(o.double(), ref_o, atol=2 * atol, rtol=2 * rtol)
     else:
         assert_close(o, ref_o, what="o")
     _check_lse(l, ref_lse, rope_dtype=dtype if pos == "ROPE_LLAMA" else None)
@@ -349,7 +353,8 @@ def test_batch_prefill_cuda_graph_replays_new_plans():
 
     lens1 = ([100, 100, 100, 100], [100, 900, 3000, 400])
     qs, ks, vs, cache = setup(*lens1)
-    cache_buf = cache.clone()
+    cache_buf = torch.zeros(1000, *cache.shape[1:], device="cuda", dtype=cache.dtype)
+    cache_buf[: cache.shape[0]].copy_(cache)
     w.run(q_buf, cache_buf, out=out)  # warm-up outside capture (builds and loads the module)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
