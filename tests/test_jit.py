@@ -406,6 +406,53 @@ def test_build_failure_names_spec_key_log_and_first_error():
     assert "nvcc" in Path(e.log_path).read_text()
 
 
+def test_build_goes_through_torch_cpp_extension_load(tmp_path, monkeypatch):
+    """Builds call torch.utils.cpp_extension.load with a fresh name per attempt (torch's in-process
+    versioner never skips a rebuild of the same key), our -gencode flags (torch adds no arch flags), a
+    private build dir; the library links no torch library and loads with ctypes.CDLL without torch."""
+    import torch.utils.cpp_extension as ce
+
+    calls = []
+    real_load = ce.load
+
+    def spy(**kw):
+        calls.append(dict(kw))
+        return real_load(**kw)
+
+    monkeypatch.setattr(ce, "load", spy)
+    s = ProbeSpec(constant=6)
+    mods = []
+    for i in range(2):  # same key twice in one process, in two cache roots: both really build
+        monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / f"cache{i}"))
+        jloader._forget()
+        mods.append(jit.load(s))
+    assert [m.status for m in mods] == ["built", "built"] and len(calls) == 2
+    assert mods[0].key == mods[1].key
+    ident = mods[0].key.replace("-", "_")
+    names = [c["name"] for c in calls]
+    assert names[0] != names[1] and all(n.startswith(ident + "_") for n in names)
+    for i, c in enumerate(calls):
+        assert c["is_python_module"] is False and c["with_cuda"] is True and c["verbose"] is True
+        assert Path(c["build_directory"]).parent == tmp_path / f"cache{i}" / "tmp"
+        assert c["extra_include_paths"] == [str(jit.templates_dir() / "include")]
+        assert "-gencode=arch=compute_90,code=sm_90" in c["extra_cuda_cflags"]
+        assert ce._get_cuda_arch_flags(c["extra_cuda_cflags"]) == []
+    text = Path(mods[1].report.log_path).read_text()
+    assert "[1/2]" in text and "nvcc" in text and "ptxas info" in text  # ninja -v output captured
+    assert not (mods[1].entry_dir / "lock").exists()
+    code = (
+        "import ctypes, sys\n"
+        f"lib = ctypes.CDLL({str(mods[1].path)!r})\n"
+        "f = lib.flashinfer_probe_constant; f.restype = ctypes.c_double\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "assert 'torch' not in sys.modules and 'libtorch' not in maps and 'libc10' not in maps, maps\n"
+        "print(f())\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "6.0"
+
+
 def test_first_error_line():
     log = "$ nvcc -c x.cu -Werror\nx.cu(3): warning: foo\nx.cu(5): error: identifier \"y\" is undefined\nlater error\n"
     assert jit.first_error_line(log) == 'x.cu(5): error: identifier "y" is undefined'

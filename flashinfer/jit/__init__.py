@@ -1,4 +1,5 @@
-"""The JIT engine: specs -> cache keys -> rendered CUDA -> nvcc -> cached shared libraries -> ctypes.
+"""The JIT engine: specs -> cache keys -> rendered CUDA -> torch.utils.cpp_extension.load (ninja, nvcc)
+-> cached shared libraries with a C ABI -> ctypes.
 
 Public API (see the repository contract):
 ``load(spec) -> JITModule``, ``ensure_built(spec) -> BuildReport``, ``cache_key(spec)``, ``render(spec)``,

@@ -1,29 +1,48 @@
-"""Building one module: render into a private temp dir, compile with nvcc, link, publish atomically.
+"""Building one module: render into a private temp dir, build with ``torch.utils.cpp_extension.load``
+(ninja: nvcc compile, c++ link), publish atomically.
 
 The caller (``loader``) holds the key's file lock. The steps:
 
 1. render the spec's template into ``<root>/tmp/<key>.<host>.<pid>.<rand>/``;
-2. compile every ``.cu`` with nvcc (``MAX_JOBS`` in parallel), link ``lib<ident>.so``; the commands and
-   their full output go to ``<root>/logs/<key>.log`` (and to stderr with FLASHINFER_JIT_VERBOSE=1);
-3. remove an invalid old entry of the key (if any), ``os.rename`` the temp dir to ``<root>/<key>/``;
+2. ``torch.utils.cpp_extension.load(name=<key ident>_<nonce>, sources=[rendered .cu files],
+   build_directory=<that temp dir>, is_python_module=False, with_cuda=True, verbose=True, ...)``:
+   torch writes ``build.ninja`` there and runs ``ninja -v`` (``MAX_JOBS`` parallel jobs), which compiles
+   every ``.cu`` with nvcc and links ``<key ident>_<nonce>.so``. The flags are ours (``env.nvcc_flags``:
+   ``-O3 -std=c++17 -lineinfo --resource-usage ... -gencode ...``, ``env.link_flags``); see ``env`` for
+   what torch adds. All output of torch, ninja and the compilers goes to ``<root>/logs/<key>.log``
+   (and to stderr after the build with FLASHINFER_JIT_VERBOSE=1): file descriptors 1 and 2 are
+   redirected to the log around the call (see :func:`_output_to`);
+3. rename the library to ``lib<key ident>.so``, remove an invalid old entry of the key (if any),
+   ``os.rename`` the temp dir to ``<root>/<key>/``;
 4. write ``manifest.json`` last (temp file + ``os.replace``).
 
 A process killed at any point leaves at most a temp dir (removed later by ``cleanup_tmp``) or an entry
 without manifest, which is never loaded.
+
+The library name is unique per build attempt, so torch's in-process ``JIT_EXTENSION_VERSIONER`` never
+treats a build as already done (it would skip ninja for a name/sources/flags it has seen), and
+``build_directory`` is a fresh private dir, so ninja always builds from scratch; freshness is decided by
+our cache key alone. ``load`` also takes torch's own lock file (``<temp dir>/lock``, harmless: private
+dir) and, with ``is_python_module=False``, loads the library into this process
+(``torch.ops.load_library`` -> ``ctypes.CDLL``, RTLD_LOCAL, from the temp path). For ``load()`` that is
+the module about to be used anyway: the loader's ``ctypes.CDLL(<entry>/lib<ident>.so)`` then gets the
+same handle (glibc matches the renamed file by device and inode). ``ensure_built()`` (prewarm workers)
+does not use it: the library just stays mapped in the worker until it exits (no CUDA context is
+created, nothing runs), which costs nothing and does not stop the entry from being cleared or replaced.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import re
-import shlex
-import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 from . import cache, env
 from .errors import JITBuildError
@@ -42,11 +61,13 @@ class BuildReport:
 
 _ERROR_RE = re.compile(r"(\berror\b|\bError\b|\bERROR\b)")
 _STRONG_ERROR_RE = re.compile(r"(:\s*(fatal\s+)?error\b|\berror\s*:|^error\b|#error)", re.I)
+# Command echo lines: ours ("$ ", "# ") and ninja -v's ("[1/2] /usr/local/cuda/bin/nvcc ...").
+_ECHO_RE = re.compile(r"^(\$ |# |\[\d+/\d+\] )")
 
 
 def first_error_line(text: str) -> Optional[str]:
-    """The first compiler error line of a log (command echo lines, starting with ``$ ``, are skipped)."""
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("$ ") and not ln.startswith("# ")]
+    """The first compiler error line of a log (command echo lines, ``$ ``/``# ``/ninja's ``[i/n] ``, are skipped)."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not _ECHO_RE.match(ln)]
     for rx in (_STRONG_ERROR_RE, _ERROR_RE):
         for ln in lines:
             if rx.search(ln):
@@ -55,10 +76,14 @@ def first_error_line(text: str) -> Optional[str]:
 
 
 class _Log:
+    """The build log (append mode, so that output written to it through other descriptors interleaves)."""
+
     def __init__(self, path: Path, echo: bool) -> None:
         self.path = path
         self.echo = echo
-        self.f = open(path, "w", encoding="utf-8", errors="replace")
+        with open(path, "w"):
+            pass  # truncate the previous build's log of this key
+        self.f = open(path, "a", encoding="utf-8", errors="replace")
 
     def write(self, text: str) -> None:
         self.f.write(text)
@@ -71,23 +96,88 @@ class _Log:
         self.f.close()
 
 
-def _run(cmd: List[str], cwd: Path) -> Tuple[int, str]:
-    try:
-        p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    except OSError as e:
-        return 127, f"failed to run {cmd[0]}: {e}\n"
-    return p.returncode, p.stdout
+# torch's load() (and ninja, nvcc, ptxas under it) write to the process's file descriptors 1 and 2,
+# which are process-wide: one redirected build at a time per process. Builds of other keys in other
+# threads of this process wait here (other processes, e.g. prewarm workers, build in parallel), and
+# anything else this process writes to stdout/stderr during a build lands in that build's log.
+_OUTPUT_LOCK = threading.Lock()
+
+
+def _flush_std() -> None:
+    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if s is not None:
+                s.flush()
+        except Exception:
+            pass
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[int]:
+    """Redirect file descriptors 1 and 2 (this process and its children) to ``path`` (appending).
+
+    Measured against the alternative (running load() in a child Python process, whose output a pipe
+    would catch without touching ours): dup2 costs microseconds, a child costs an ``import torch``
+    (1.5-2 s here) per build.
+    """
+    with _OUTPUT_LOCK:
+        _flush_std()
+        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        saved: List[Optional[int]] = []
+        try:
+            for target in (1, 2):
+                try:
+                    saved.append(os.dup(target))
+                except OSError:  # descriptor closed (daemon): close it again afterwards
+                    saved.append(None)
+            try:
+                for target in (1, 2):
+                    os.dup2(fd, target)
+                yield fd
+            finally:
+                _flush_std()
+                for target, old in zip((1, 2), saved):
+                    if old is None:
+                        try:
+                            os.close(target)
+                        except OSError:
+                            pass
+                    else:
+                        os.dup2(old, target)
+        finally:
+            for old in saved:
+                if old is not None:
+                    os.close(old)
+            os.close(fd)
+
+
+def _extension_name(key: str) -> str:
+    """A fresh library name per build attempt: ``<key ident>_<8 hex>``."""
+    return key.replace("-", "_") + "_" + uuid.uuid4().hex[:8]
+
+
+def _cpp_extension(home: Path):
+    """``torch.utils.cpp_extension``, imported lazily (the warm path never imports it), told our CUDA_HOME."""
+    import torch.utils.cpp_extension as ce
+
+    env._export_cuda_home(home)  # its CUDA_HOME was read from the environment at its import
+    ce.CUDA_HOME = str(home)
+    return ce
 
 
 def build_into(spec, key: str, root: Path) -> BuildReport:
     """Build ``spec`` (key ``key``) and publish it under ``root``. Caller holds the key's lock."""
     t0 = time.time()
     name = spec.name()
-    home = env.find_cuda_home()
-    nvcc = str(home / "bin" / "nvcc")
-    compile_flags = env.compile_flags(spec)
+    home = env.find_cuda_home()  # sets CUDA_HOME in the environment before torch's cpp_extension reads it
+    compile_flags = env.compile_flags(spec)  # as in the key (incl. -ccbin $CC, which torch adds itself)
     link_flags = env.link_flags(spec)
+    cuda_cflags = env.nvcc_flags(spec)
+    threads = env.nvcc_threads()
+    if threads:
+        cuda_cflags += ["--threads", str(threads)]
     lib_dir = env.cuda_lib_dir()
+    ldflags = link_flags + [f"-Wl,-rpath,{lib_dir}"]
     inc = env.include_dir()
 
     for sub in ("tmp", "logs"):
@@ -112,53 +202,66 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
                 f"{e.__class__.__name__}: {e}. Log: {lpath}",
                 spec_name=name, key=key, log_path=str(lpath), first_error=f"{e.__class__.__name__}: {e}",
             ) from e
-        objects = []
-        cmds = []
+        cu_files = []
         for fname, text in sources.items():
             (tmp / fname).write_text(text)
             if fname.endswith(".cu"):
-                obj = fname[: -len(".cu")] + ".o"
-                cmd = [nvcc, "-c", fname, "-o", obj, f"-I{inc}"] + compile_flags
-                threads = env.nvcc_threads()
-                if threads:
-                    cmd += ["--threads", str(threads)]
-                objects.append(obj)
-                cmds.append(cmd)
-        if not cmds:
+                cu_files.append(str(tmp / fname))
+        if not cu_files:
             raise JITBuildError(f"{name}: template rendered no .cu source", spec_name=name, key=key)
-        so_name = cache.lib_name(key)
-
-        def compile_one(cmd):
-            return cmd, _run(cmd, tmp)
-
-        jobs = min(len(cmds), env.max_jobs() or os.cpu_count() or 1)
-        failures = []
-        if jobs <= 1:
-            results = [compile_one(c) for c in cmds]
-        else:
-            with concurrent.futures.ThreadPoolExecutor(jobs) as ex:
-                results = list(ex.map(compile_one, cmds))
-        for cmd, (rc, out) in results:
-            log.write("$ " + shlex.join(cmd) + "\n" + out)
-            if rc != 0:
-                failures.append((cmd, rc))
-        if not failures:
-            link = [nvcc, "-o", so_name] + objects + link_flags + [f"-L{lib_dir}", f"-Xlinker=-rpath,{lib_dir}"]
-            cc = env.host_compiler()
-            if cc:
-                link = [link[0], "-ccbin", cc] + link[1:]
-            rc, out = _run(link, tmp)
-            log.write("$ " + shlex.join(link) + "\n" + out)
-            if rc != 0:
-                failures.append((link, rc))
-        if failures:
+        ext_name = _extension_name(key)
+        load_kwargs = dict(
+            name=ext_name,
+            sources=cu_files,
+            extra_cuda_cflags=cuda_cflags,
+            extra_include_paths=[str(inc)],
+            extra_ldflags=list(ldflags),  # torch appends its -L/-l flags to this list
+            build_directory=str(tmp),
+            is_python_module=False,
+            with_cuda=True,
+            verbose=True,
+        )
+        log.write(
+            "$ torch.utils.cpp_extension.load("
+            + ", ".join(f"{k}={v!r}" for k, v in load_kwargs.items())
+            + f")  # CC={os.environ.get('CC', '')!r} CXX={env.cxx_compiler()!r} MAX_JOBS={os.environ.get('MAX_JOBS', '')!r}\n"
+        )
+        failure: Optional[BaseException] = None
+        echo_from = log.f.tell()
+        with _output_to(lpath):
+            try:
+                ce = _cpp_extension(home)
+                ce.load(**load_kwargs)
+            except Exception as e:  # compile/link errors: RuntimeError("Error building extension ...")
+                failure = e
+        if log.echo:  # the compiler output went to the log only: show it now
+            with open(lpath, "r", encoding="utf-8", errors="replace") as f:
+                f.seek(echo_from)
+                sys.stderr.write(f.read())
+                sys.stderr.flush()
+        built = tmp / f"{ext_name}.so"
+        if failure is None and not built.is_file():
+            failure = RuntimeError(f"torch.utils.cpp_extension.load produced no {built.name}")
+        if failure is not None:
+            log.write(f"# torch.utils.cpp_extension.load failed: {failure.__class__.__name__}: {failure}\n")
             log.close()
             text = lpath.read_text(errors="replace")
-            first = first_error_line(text) or f"{os.path.basename(failures[0][0][0])} exited with status {failures[0][1]}"
+            first = first_error_line(text)
+            if first:  # nvcc names the source by its absolute path in the (removed) build dir
+                first = first.replace(str(tmp) + os.sep, "")
+            else:
+                msg = str(failure).strip()
+                first = f"{failure.__class__.__name__}: {msg.splitlines()[0] if msg else '(no message)'}"
             raise JITBuildError(
                 f"building {name} (key {key}) failed: {first}\n  full compiler log: {lpath}",
                 spec_name=name, key=key, log_path=str(lpath), first_error=first,
-            )
+            ) from failure
+        so_name = cache.lib_name(key)
+        os.rename(built, tmp / so_name)
+        try:
+            os.unlink(tmp / "lock")  # torch's FileLock file, released by now
+        except OSError:
+            pass
         seconds = time.time() - t0
         log.write(f"# built in {seconds:.2f} s\n")
         log.close()
@@ -182,7 +285,8 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
             "sources": sorted(sources),
             "so": so_name,
             "so_sha256": so_sha,
-            "flags": {"nvcc": compile_flags, "link": link_flags},
+            "flags": {"nvcc": compile_flags, "link": link_flags, "cxx": env.cxx_compiler()},
+            "torch_load": {"name": ext_name, "extra_ldflags": load_kwargs["extra_ldflags"]},  # incl. torch's
             "versions": env.versions(),
             "cuda_home": str(home),
             "build_seconds": round(seconds, 3),

@@ -2,7 +2,8 @@
 
 Layout under the cache root::
 
-    <root>/<key>/            one published entry: rendered sources, objects, lib<ident>.so, build.log,
+    <root>/<key>/            one published entry: rendered sources, build.ninja and objects (from
+                             torch.utils.cpp_extension.load), lib<ident>.so, build.log,
                              manifest.json (written last; an entry without a valid one is never loaded)
     <root>/tmp/<key>.<host>.<pid>.<rand>/   private build dirs (renamed to <root>/<key> when complete)
     <root>/locks/<key>.lock  per-key file locks

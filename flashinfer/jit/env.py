@@ -19,21 +19,41 @@ from .errors import CUDAToolkitNotFoundError, JITCacheError
 
 # Bump when the build recipe changes in a way that changes binaries (flags, link mode, layout of an
 # entry, manifest format). Part of every cache key.
-RECIPE_VERSION = "1"
+#   1: nvcc compile + nvcc link run by the engine itself
+#   2: torch.utils.cpp_extension.load (ninja; torch's nvcc defaults, c++ link with --as-needed)
+RECIPE_VERSION = "2"
 
-# Default nvcc flags of every module (part of the cache key). No --use_fast_math: specs that want it
-# say so in extra_cuda_cflags().
+# nvcc flags we pass to every module (torch.utils.cpp_extension.load's extra_cuda_cflags; part of the
+# cache key together with the arch flags and the spec's own extra_cuda_cflags()). No --use_fast_math:
+# specs that want it say so in extra_cuda_cflags().
+#
+# torch puts its own flags in front of these: -DTORCH_EXTENSION_NAME=..., -isystem <torch/python/cuda
+# includes> (unused: the kernel sources include no torch header), --compiler-options '-fPIC',
+# --expt-relaxed-constexpr and -D__CUDA_NO_HALF_OPERATORS__ / _HALF_CONVERSIONS__ /
+# _BFLOAT16_CONVERSIONS__ / _HALF2_OPERATORS__. The -U flags below undo the last four, so the kernels
+# see cuda_fp16.h / cuda_bf16.h with their operators and conversions, as nvcc's defaults have them.
+# Because our flags contain -gencode, torch adds no arch flags of its own
+# (cpp_extension._get_cuda_arch_flags returns [] when a flag mentions 'arch'); and since they contain
+# -std=c++17, torch adds no -std either.
 BASE_NVCC_FLAGS: Tuple[str, ...] = (
     "-O3",
     "-std=c++17",
     "-lineinfo",
     "--resource-usage",
     "--expt-relaxed-constexpr",
-    "-Xcompiler=-fPIC",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-U__CUDA_NO_HALF2_OPERATORS__",
 )
-# Link: a plain shared library against the shared CUDA runtime (the libcudart.so.N torch already
-# loaded is reused by the dynamic loader, matched by soname).
-BASE_LINK_FLAGS: Tuple[str, ...] = ("-shared", "-cudart=shared")
+# Link flags we pass (extra_ldflags). torch links with $CXX (default c++) as
+#   c++ <objs> -shared <ours> -L<torch/lib> -lc10 -lc10_cuda -ltorch_cpu -ltorch_cuda -ltorch
+#       -ltorch_python -L<cuda>/lib64 -lcudart -o <name>.so
+# --as-needed (ours come first) drops every torch library, since the kernels reference none of their
+# symbols: the module depends on libcudart.so.N (and libstdc++/libc) only, like a plain nvcc
+# -cudart=shared link, loads with ctypes.CDLL without torch, and in a torch process reuses the
+# libcudart.so.N torch already loaded (matched by soname). The build adds -rpath <cuda>/lib64.
+BASE_LINK_FLAGS: Tuple[str, ...] = ("-Wl,--as-needed",)
 
 DEFAULT_ARCH = "9.0"
 DEFAULT_CUDA_HOME = Path("/usr/local/cuda")
@@ -391,8 +411,13 @@ def versions() -> Dict[str, object]:
 
 
 def host_compiler() -> Optional[str]:
-    """CC when set (passed to nvcc as -ccbin), like torch's cpp_extension."""
+    """CC when set: torch's cpp_extension passes it to nvcc as ``-ccbin`` (part of the key)."""
     return os.environ.get("CC") or None
+
+
+def cxx_compiler() -> str:
+    """The compiler torch's cpp_extension links with: CXX, else ``c++`` (part of the key)."""
+    return os.environ.get("CXX") or "c++"
 
 
 def max_jobs() -> Optional[int]:
@@ -421,9 +446,15 @@ def jit_verbose() -> bool:
     return env_flag("FLASHINFER_JIT_VERBOSE")
 
 
+def nvcc_flags(spec) -> List[str]:
+    """The nvcc flags the build passes to torch.utils.cpp_extension.load (extra_cuda_cflags)."""
+    return list(BASE_NVCC_FLAGS) + arch_flags(spec) + list(spec.extra_cuda_cflags())
+
+
 def compile_flags(spec) -> List[str]:
-    """All nvcc compile flags of ``spec`` except paths and speed-only knobs (the part in the key)."""
-    flags = list(BASE_NVCC_FLAGS) + arch_flags(spec) + list(spec.extra_cuda_cflags())
+    """All nvcc compile flags of ``spec`` that we choose, except paths and speed-only knobs (the part in
+    the key): ``-ccbin $CC`` (added by torch when CC is set) + :func:`nvcc_flags`."""
+    flags = nvcc_flags(spec)
     cc = host_compiler()
     if cc:
         flags = ["-ccbin", cc] + flags
@@ -431,8 +462,9 @@ def compile_flags(spec) -> List[str]:
 
 
 def link_flags(spec) -> List[str]:
+    """Link flags we pass (extra_ldflags), without the rpath (a path)."""
     return list(BASE_LINK_FLAGS)
 
 
 def describe_flags(spec) -> Dict[str, Sequence[str]]:
-    return {"nvcc": compile_flags(spec), "link": link_flags(spec)}
+    return {"nvcc": compile_flags(spec), "link": link_flags(spec), "cxx": [cxx_compiler()]}
