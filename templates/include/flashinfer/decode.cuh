@@ -94,8 +94,10 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   const int qo_head0 = kv_head * p.group_size + head_tile * GT;
   const int q_pos = p.kv_len - 1;
 
-  // Let the merge kernel (launched with programmatic dependent launch) be scheduled as soon as SMs free
-  // up; it waits in griddepcontrol.wait until this grid has finished and flushed its writes.
+  // Both kernels are launched with programmatic dependent launch: this one may be scheduled while the
+  // previous kernel in the stream drains, so it waits here before touching memory that kernel may write;
+  // the merge kernel, in turn, may be scheduled as soon as SMs free up and waits for this grid likewise.
+  grid_dependency_wait();
   grid_dependency_launch_dependents();
 
   const int chunk_begin = p.kv_begin + chunk * p.chunk_size;
@@ -464,20 +466,22 @@ static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_c
   }
   std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope;
   if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, HEAD_DIM, p.rope_scale, p.rope_theta);
-  kernel<<<ctas_per_chunk * p.num_chunks, T::kThreads, smem_bytes, stream>>>(p, rope);
-  cudaError_t err = cudaGetLastError();
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(ctas_per_chunk * p.num_chunks);
+  config.blockDim = dim3(T::kThreads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = pdl;
+  config.numAttrs = 1;
+  cudaError_t err = cudaLaunchKernelEx(&config, kernel, p, rope);
   if (err != cudaSuccess || p.num_chunks == 1) return err;
 
-  cudaLaunchConfig_t config = {};
   config.gridDim = dim3(p.num_qo_heads);
   config.blockDim = dim3(kMergeThreads);
   config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, merge_chunk_states_kernel<HEAD_DIM, DTypeO>,
                             static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
                             p.num_chunks, p.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse,
