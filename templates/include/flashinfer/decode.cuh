@@ -459,7 +459,9 @@ static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_c
     num_chunks = slots / ctas_per_chunk;
     num_chunks = min(num_chunks, min(workspace_chunks, ceil_div(kv_span, T::kMinChunk)));
   }
-  p.chunk_size = ceil_div(ceil_div(kv_span, num_chunks), T::TILE) * T::TILE;
+  // Chunks need not be whole tiles (the last tile of a chunk is masked): filling every resident slot
+  // beats rounding the chunk up to a tile multiple, which left up to one chunk's worth of slots idle.
+  p.chunk_size = ceil_div(kv_span, num_chunks);
   p.num_chunks = ceil_div(kv_span, p.chunk_size);
   if (p.num_chunks > 1) {
     p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.num_qo_heads * HEAD_DIM;

@@ -84,15 +84,21 @@ __global__ void __launch_bounds__(kMergeThreads)
   for (int i = 0; i < 8; ++i) s_o[group][lane * 8 + i] = acc.o[i] * inv_d;
   __syncthreads();
   if (threadIdx.x >= HEAD_DIM) return;
+  // The group states are independent: take their max first, then weigh them all at once, instead of a
+  // serial chain of running merges (this step sits on the decode's critical path).
   const int e = threadIdx.x;
-  StateAccumulator<1> total;
+  float m_all = kNegInf;
+#pragma unroll
+  for (int g = 0; g < GROUPS; ++g) m_all = fmaxf(m_all, s_lse[g]);
+  float d_all = 0.f, acc_e = 0.f;
 #pragma unroll
   for (int g = 0; g < GROUPS; ++g) {
-    const float val[1] = {s_o[g][e]};
-    total.add(s_lse[g], val);
+    const float w = s_lse[g] == kNegInf ? 0.f : ptx_exp2(s_lse[g] - m_all);
+    d_all += w;
+    acc_e = fmaf(w, s_o[g][e], acc_e);
   }
-  out[head * out_stride_h + e] = from_float<DTypeO>(total.d > 0.f ? total.o[0] * (v_scale / total.d) : 0.f);
-  if (lse_out != nullptr && e == 0) lse_out[head] = total.lse();
+  out[head * out_stride_h + e] = from_float<DTypeO>(d_all > 0.f ? acc_e * (v_scale / d_all) : 0.f);
+  if (lse_out != nullptr && e == 0) lse_out[head] = d_all > 0.f ? m_all + ptx_log2(d_all) : kNegInf;
 }
 
 }  // namespace flashinfer
