@@ -7,16 +7,14 @@
 // ends. So one 32k request among 127 short ones, or a batch of one, still fills the GPU. A worker's
 // pieces run one after the other, each streaming its keys through a 16-byte cp.async ring (the pages are
 // looked up per row); a piece that is a whole request writes the output, a piece of a split request
-// writes a partial (o, lse) state that a second kernel (programmatic dependent launch) merges.
+// writes a partial (o, lse) state that a second kernel (programmatic dependent launch) merges. A piece is
+// decode_piece() of decode.cuh, with the keys' rows found through the page table (PagedRows).
 //
 // Everything run() needs that changes with the batch lives in the device workspace (the plan region),
 // so in CUDA-graph mode the grid (W * heads * tiles, and W merge slots) stays fixed across re-plans.
 #pragma once
-#include "common.cuh"
-#include "cp_async.cuh"
-#include "merge.cuh"
+#include "decode.cuh"
 #include "page.cuh"
-#include "pos_enc.cuh"
 
 #include <math.h>
 #include <string.h>
@@ -71,239 +69,76 @@ struct BatchDecodeParams {
   BatchDecodeLayout layout;
   float* partial_o;    // [max_partials, num_qo_heads, HEAD_DIM]
   float* partial_lse;  // [max_partials, num_qo_heads]
-  int num_qo_heads, num_kv_heads, group_size, head_tiles;
-  float logits_soft_cap, sm_scale, v_scale;
+  DecodeScalars sc;
+  int num_kv_heads, group_size, head_tiles;
 };
-
-template <int HEAD_DIM>
-struct BatchDecodeTraits {
-  static constexpr int kThreads = 128;
-  static constexpr int LANES = HEAD_DIM / 8;     // threads sharing one K/V row, 8 elements each
-  static constexpr int ROWS = kThreads / LANES;  // rows processed side by side
-  static constexpr int TILE = 4096 / HEAD_DIM;   // tokens per stage: 8 KB of K and 8 KB of V
-  static constexpr int TOKENS_PER_ROW = TILE / ROWS;
-  static constexpr int STAGES = 3;
-  static constexpr int COPIES = TILE * LANES / kThreads;
-  static constexpr int kSmemBytes = STAGES * 2 * TILE * HEAD_DIM * 2;
-  static_assert(HEAD_DIM % 64 == 0 && LANES <= 32 && TOKENS_PER_ROW >= 1, "unsupported head_dim");
-};
-
-template <int GT>
-constexpr int batch_decode_min_blocks() {
-  return GT <= 2 ? 4 : (GT == 4 ? 3 : 2);
-}
-
-template <PosEncoding POS>
-using RopeTableFor = std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable>;
 
 // ------------------------------------------------------------------------------------------- kernels
 
-// KV_HND: a page holds [num_kv_heads][page_size][HEAD_DIM] (token stride HEAD_DIM); else
-// [page_size][num_kv_heads][HEAD_DIM] (head stride HEAD_DIM). The page stride is free.
+// Rows of one KV head of one request, through its page ids. KV_HND: a page holds
+// [num_kv_heads][page_size][HEAD_DIM] (token stride HEAD_DIM); else [page_size][num_kv_heads][HEAD_DIM]
+// (head stride HEAD_DIM). The page stride is free. Page ids outside [0, num_pages) are never read: their
+// rows count as zeros.
+template <int HEAD_DIM, typename DTypeKV, bool KV_HND>
+struct PagedRows {
+  const BatchDecodeParams& p;
+  const int* pages;  // this request's page ids
+  int kv_head;
+  FI_DEVICE int64_t head_offset() const { return kv_head * (KV_HND ? p.kv.stride_h : int64_t(HEAD_DIM)); }
+  FI_DEVICE const DTypeKV* k() const { return static_cast<const DTypeKV*>(p.kv.k) + head_offset(); }
+  FI_DEVICE const DTypeKV* v() const { return static_cast<const DTypeKV*>(p.kv.v) + head_offset(); }
+  FI_DEVICE bool offsets(int token, int64_t& off_k, int64_t& off_v) const {
+    int page_in_req, slot;
+    p.kv.page_size.divmod(token, page_in_req, slot);
+    const int page = __ldg(pages + page_in_req);
+    if (static_cast<unsigned>(page) >= static_cast<unsigned>(p.kv.num_pages)) return false;
+    off_k = off_v = int64_t(page) * p.kv.stride_page + slot * (KV_HND ? int64_t(HEAD_DIM) : p.kv.stride_n);
+    return true;
+  }
+};
+
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
-__global__ void __launch_bounds__(BatchDecodeTraits<HEAD_DIM>::kThreads, batch_decode_min_blocks<GT>())
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
     batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p, const __grid_constant__ RopeTableFor<POS> rope) {
-  using T = BatchDecodeTraits<HEAD_DIM>;
-  constexpr int LANES = T::LANES, ROWS = T::ROWS, TILE = T::TILE, TPR = T::TOKENS_PER_ROW, STAGES = T::STAGES;
-  constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
-  constexpr bool ALIBI = POS == PosEncoding::kAlibi;
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  uint4* smem = reinterpret_cast<uint4*>(smem_raw);  // [STAGES][K|V][TILE][LANES] x 16 bytes
-
-  const int lane = threadIdx.x % LANES, row = threadIdx.x / LANES;
-  // Head tile varies fastest so that the CTAs reading the same K/V run together and share L2.
+  // Launched with programmatic dependent launch (see single_decode_kernel).
+  grid_dependency_wait();
+  grid_dependency_launch_dependents();
+  // Head tile varies fastest so that the CTAs reading the same K/V run together.
   int bid = blockIdx.x;
   const int head_tile = bid % p.head_tiles;
   bid /= p.head_tiles;
   const int kv_head = bid % p.num_kv_heads;
   const int worker = bid / p.num_kv_heads;
-  const int heads_here = min(GT, p.group_size - head_tile * GT);
   const int qo_head0 = kv_head * p.group_size + head_tile * GT;
   const BatchDecodeLayout& L = p.layout;
-  const int piece_first = p.plan[L.worker_indptr + worker];
   const int piece_last = p.plan[L.worker_indptr + worker + 1];
-
-  RopeRate rate;
-  if constexpr (ROPE) load_rope_rate<HEAD_DIM>(rate, rope, lane);
-  float slope[GT];
-#pragma unroll
-  for (int j = 0; j < GT; ++j) slope[j] = ALIBI ? alibi_slope(qo_head0 + min(j, heads_here - 1), p.num_qo_heads) : 0.f;
-
-  const int64_t stride_h = KV_HND ? p.kv.stride_h : HEAD_DIM;
-  const int64_t stride_n = KV_HND ? HEAD_DIM : p.kv.stride_n;
-  const DTypeKV* k_head = static_cast<const DTypeKV*>(p.kv.k) + kv_head * stride_h;
-  const DTypeKV* v_head = static_cast<const DTypeKV*>(p.kv.v) + kv_head * stride_h;
-
-  for (int piece = piece_first; piece < piece_last; ++piece) {
+  for (int piece = p.plan[L.worker_indptr + worker]; piece < piece_last; ++piece) {
     const int r = p.plan[L.piece_req + piece];
-    const int begin = p.plan[L.piece_begin + piece];
-    const int end = p.plan[L.piece_end + piece];
-    const int slot = p.plan[L.piece_slot + piece];
-    const int* pages = p.kv.indices + p.plan[L.req_page_base + r];
-    const int q_pos = p.plan[L.req_kv_len + r] - 1;
-    const int num_tiles = ceil_div(end - begin, TILE);
-
-    auto load_tile = [&](int tile) {
-      uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
-      uint4* sv = sk + TILE * LANES;
-#pragma unroll
-      for (int it = 0; it < T::COPIES; ++it) {
-        const int idx = threadIdx.x + it * T::kThreads;
-        const int token = begin + tile * TILE + idx / LANES;
-        int page_in_req, slot_in_page;
-        p.kv.page_size.divmod(token < end ? token : begin, page_in_req, slot_in_page);
-        const int page = __ldg(pages + page_in_req);
-        const bool valid = token < end && static_cast<unsigned>(page) < static_cast<unsigned>(p.kv.num_pages);
-        // Zero-filled rows keep an in-bounds address.
-        const int64_t off = valid ? int64_t(page) * p.kv.stride_page + slot_in_page * stride_n : 0;
-        const int col = (idx % LANES) * 8;
-        cp_async_16(sk + idx, k_head + off + col, valid);
-        cp_async_16(sv + idx, v_head + off + col, valid);
-      }
-    };
-
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_tiles) load_tile(s);
-      cp_async_commit();
-    }
-
-    float q[GT][8];
-#pragma unroll
-    for (int j = 0; j < GT; ++j) {
-      // Spare slots of a partial tile repeat the last head; their results are never stored.
-      const int h = qo_head0 + min(j, heads_here - 1);
-      const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + r * p.q_stride_b + h * p.q_stride_h + lane * 8;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) q[j][i] = to_float(qh[i]);
-      if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
-    }
-
-    float m[GT], d[GT], o[GT][8];
-#pragma unroll
-    for (int j = 0; j < GT; ++j) {
-      m[j] = kNegInf;
-      d[j] = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[j][i] = 0.f;
-    }
-
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      cp_async_wait<STAGES - 2>();
-      __syncthreads();  // tile's data visible to all; everyone is done with the stage refilled next
-      if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
-      cp_async_commit();
-
-      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
-      const uint4* sv = sk + TILE * LANES;
-      const int tile_begin = begin + tile * TILE;
-
-      float s[GT][TPR];
-#pragma unroll
-      for (int t = 0; t < TPR; ++t) {
-        const int tl = t * ROWS + row;
-        const int token = tile_begin + tl;
-        float kf[8];
-        unpack8(sk[tl * LANES + lane], kf, DTypeKV{});
-        if constexpr (ROPE) rope_rotate<LANES>(kf, rate, float(token), lane);
-#pragma unroll
-        for (int j = 0; j < GT; ++j) {
-          float acc = 0.f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc = fmaf(q[j][i], kf[i], acc);
-          acc = group_sum<LANES>(acc);
-          const float x = transform_logit<ALIBI, SOFTCAP>(acc, slope[j], token - q_pos, p.logits_soft_cap);
-          s[j][t] = token < end ? x : kNegInf;
-        }
-      }
-
-#pragma unroll
-      for (int j = 0; j < GT; ++j) {
-        float m_new = m[j];
-#pragma unroll
-        for (int t = 0; t < TPR; ++t) m_new = fmaxf(m_new, s[j][t]);
-        const bool any = m_new != kNegInf;  // a row may see only padding in a short piece
-        const float scale = any ? ptx_exp2(m[j] - m_new) : 1.f;
-        d[j] *= scale;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) o[j][i] *= scale;
-#pragma unroll
-        for (int t = 0; t < TPR; ++t) {
-          s[j][t] = any ? ptx_exp2(s[j][t] - m_new) : 0.f;
-          d[j] += s[j][t];
-        }
-        m[j] = m_new;
-      }
-
-#pragma unroll
-      for (int t = 0; t < TPR; ++t) {
-        const int tl = t * ROWS + row;
-        float vf[8];
-        unpack8(sv[tl * LANES + lane], vf, DTypeKV{});
-#pragma unroll
-        for (int j = 0; j < GT; ++j) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) o[j][i] = fmaf(s[j][t], vf[i], o[j][i]);
-        }
-      }
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-
-    // Merge the ROWS row states of each head through shared memory (the K/V ring is idle now).
-    float* s_m = reinterpret_cast<float*>(smem_raw);  // [ROWS][GT]
-    float* s_d = s_m + ROWS * GT;                     // [ROWS][GT]
-    float* s_o = s_d + ROWS * GT;                     // [ROWS][GT][HEAD_DIM]
-    static_assert((2 * ROWS * GT + ROWS * GT * HEAD_DIM) * 4 <= T::kSmemBytes, "merge scratch exceeds the ring");
-#pragma unroll
-    for (int j = 0; j < GT; ++j) {
-      if (lane == 0) {
-        s_m[row * GT + j] = m[j];
-        s_d[row * GT + j] = d[j];
-      }
-      float4* dst = reinterpret_cast<float4*>(s_o + (row * GT + j) * HEAD_DIM + lane * 8);
-      dst[0] = make_float4(o[j][0], o[j][1], o[j][2], o[j][3]);
-      dst[1] = make_float4(o[j][4], o[j][5], o[j][6], o[j][7]);
-    }
-    __syncthreads();
-
-    for (int item = threadIdx.x; item < GT * LANES; item += T::kThreads) {
-      const int j = item / LANES, col = (item % LANES) * 8;
-      if (j >= heads_here) continue;
-      float m_all = kNegInf;
-      for (int rr = 0; rr < ROWS; ++rr) m_all = fmaxf(m_all, s_m[rr * GT + j]);
-      float d_all = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int rr = 0; rr < ROWS; ++rr) {
-        const float w = ptx_exp2(s_m[rr * GT + j] - m_all);  // rows that saw only padding weigh 0
-        d_all += w * s_d[rr * GT + j];
-        const float* src = s_o + (rr * GT + j) * HEAD_DIM + col;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = fmaf(w, src[i], acc[i]);
-      }
+    const PagedRows<HEAD_DIM, DTypeKV, KV_HND> rows{p, p.kv.indices + p.plan[L.req_page_base + r], kv_head};
+    DecodePiece<DTypeQ> w;
+    w.q = static_cast<const DTypeQ*>(p.q) + r * p.q_stride_b + qo_head0 * p.q_stride_h;
+    w.q_stride_h = p.q_stride_h;
+    w.first_head = qo_head0;
+    w.heads_here = min(GT, p.group_size - head_tile * GT);
+    w.begin = p.plan[L.piece_begin + piece];
+    w.end = p.plan[L.piece_end + piece];
+    w.q_pos = p.plan[L.req_kv_len + r] - 1;
+    // The store reads the piece's request and slot again from the plan when it runs (see single decode).
+    const auto store = [&](int j, int col, float(&acc)[8], float d_all, float lse) {
+      const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
       const int h = qo_head0 + j;
-      const float lse = m_all + ptx_log2(d_all);
-      if (slot < 0) {
-        const float scale = p.v_scale / d_all;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] *= scale;
-        const int64_t out_row = int64_t(r) * p.num_qo_heads + h;
-        *reinterpret_cast<uint4*>(static_cast<DTypeO*>(p.o) + out_row * HEAD_DIM + col) = pack8<DTypeO>(acc);
-        if (p.lse != nullptr && col == 0) p.lse[out_row] = lse;
-      } else {
-        const int64_t state = int64_t(slot) * p.num_qo_heads + h;
-        float* dst = p.partial_o + state * HEAD_DIM + col;
-        const float inv_d = 1.f / d_all;
-        reinterpret_cast<float4*>(dst)[0] = make_float4(acc[0] * inv_d, acc[1] * inv_d, acc[2] * inv_d, acc[3] * inv_d);
-        reinterpret_cast<float4*>(dst)[1] = make_float4(acc[4] * inv_d, acc[5] * inv_d, acc[6] * inv_d, acc[7] * inv_d);
-        if (col == 0) p.partial_lse[state] = lse;
-      }
-    }
-    __syncthreads();  // the scratch is read before the next piece refills the ring
+      const int64_t out_row = int64_t(req) * p.sc.num_qo_heads + h;
+      const int64_t state = int64_t(slot) * p.sc.num_qo_heads + h;
+      const bool split = slot >= 0;
+      store_decode_state<HEAD_DIM>(acc, d_all, lse, p.sc.v_scale, col, static_cast<DTypeO*>(p.o) + out_row * HEAD_DIM,
+                                   p.lse != nullptr ? p.lse + out_row : nullptr,
+                                   split ? p.partial_o + state * HEAD_DIM : nullptr,
+                                   split ? p.partial_lse + state : nullptr);
+    };
+    decode_piece<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(rows, w, p.sc, rope, smem_raw, store);
   }
-  grid_dependency_launch_dependents();
 }
 
 // Merges the partial states of the split requests: block (head, merge m) combines the merge_count[m]
@@ -314,44 +149,14 @@ __global__ void __launch_bounds__(kMergeThreads)
     batch_merge_states_kernel(const int* __restrict__ plan, BatchDecodeLayout L, const float* __restrict__ partial_o,
                               const float* __restrict__ partial_lse, int num_heads, DTypeO* __restrict__ out,
                               float* __restrict__ lse_out, float v_scale) {
-  constexpr int LANES = HEAD_DIM / 4;
-  constexpr int GROUPS = kMergeThreads / LANES;
-  __shared__ float s_lse[GROUPS];
-  __shared__ float s_o[GROUPS][HEAD_DIM];
-
   grid_dependency_wait();
   const int head = blockIdx.x, m = blockIdx.y;
   if (m >= plan[0]) return;
-  const int r = plan[L.merge_req + m], first = plan[L.merge_begin + m], count = plan[L.merge_count + m];
-  const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
-  StateAccumulator<4> acc;
-  for (int c = group; c < count; c += GROUPS) {
-    const int64_t state = int64_t(first + c) * num_heads + head;
-    const float4 v = *reinterpret_cast<const float4*>(partial_o + state * HEAD_DIM + lane * 4);
-    const float vals[4] = {v.x, v.y, v.z, v.w};
-    acc.add(partial_lse[state], vals);
-  }
-  const float inv_d = acc.d > 0.f ? 1.f / acc.d : 0.f;
-  if (lane == 0) s_lse[group] = acc.lse();
-#pragma unroll
-  for (int i = 0; i < 4; ++i) s_o[group][lane * 4 + i] = acc.o[i] * inv_d;
-  __syncthreads();
-  if (group != 0) return;
-  StateAccumulator<4> total;
-#pragma unroll
-  for (int g = 0; g < GROUPS; ++g) {
-    const float vals[4] = {s_o[g][lane * 4], s_o[g][lane * 4 + 1], s_o[g][lane * 4 + 2], s_o[g][lane * 4 + 3]};
-    total.add(s_lse[g], vals);
-  }
-  const float inv_total = total.d > 0.f ? v_scale / total.d : 0.f;
+  const int r = plan[L.merge_req + m];
   const int64_t out_row = int64_t(r) * num_heads + head;
-  float res[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) res[i] = total.o[i] * inv_total;
-  DTypeO* dst = out + out_row * HEAD_DIM + lane * 4;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) dst[i] = from_float<DTypeO>(res[i]);
-  if (lse_out != nullptr && lane == 0) lse_out[out_row] = total.lse();
+  merge_states_block<HEAD_DIM>(partial_o, partial_lse, int64_t(plan[L.merge_begin + m]) * num_heads + head, num_heads,
+                               plan[L.merge_count + m], out + out_row * HEAD_DIM,
+                               lse_out != nullptr ? lse_out + out_row : nullptr, v_scale);
 }
 
 // ------------------------------------------------------------------------------------------- host side
@@ -382,24 +187,13 @@ enum BatchDecodePlanError : int {
   kPlanCapacity = -7,         // graph mode: batch or nnz above the frozen capacity
 };
 
-inline int& plan_occupancy_slot(int device, int gt) {
+// `static`: per-module caches (see sm_count in decode.cuh).
+static int& plan_occupancy_slot(int device, int gt) {
   static int cache[64][4] = {};
   const int g = gt <= 1 ? 0 : gt == 2 ? 1 : gt == 4 ? 2 : 3;
   return cache[device >= 0 && device < 64 ? device : 0][g];
 }
 
-inline int device_sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
-    cache[device] = n;
-  }
-  return cache[device];
-}
-
-inline int pick_gt(int group_size) { return group_size == 1 ? 1 : group_size == 2 ? 2 : group_size <= 4 ? 4 : 8; }
 
 struct BatchDecodePlanArgs {
   const int* indptr;         // host [batch + 1]
@@ -427,7 +221,7 @@ struct BatchDecodePlanArgs {
 // is left in `pinned`, and info[10..17] give the layout's offsets (for tests).
 template <int HEAD_DIM>
 int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* plan, int64_t* info) {
-  using T = BatchDecodeTraits<HEAD_DIM>;
+  using T = DecodeTraits<HEAD_DIM>;
   constexpr int kOverhead = 32;          // per-piece cost in keys (launch of the ring, q load, output)
   constexpr int kMinWork = 4 * T::TILE;  // no worker gets less (the merge would cost more than it saves)
   constexpr int kMinPiece = T::TILE;     // no split leaves a piece shorter than this
@@ -463,7 +257,7 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
   }
 
   const int group = a.num_qo_heads / a.num_kv_heads;
-  const int gt = pick_gt(group);
+  const int gt = decode_head_tile(group);
   const int head_tiles = ceil_div(group, gt);
   const int ctas_per_worker = a.num_kv_heads * head_tiles;
   int workers = a.fixed_workers;
@@ -631,11 +425,13 @@ template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTyp
           bool SOFTCAP>
 cudaError_t batch_decode_occupancy(int device, int* out) {
   int& occ = plan_occupancy_slot(device, GT);
-  if (occ == 0) {
-    using T = BatchDecodeTraits<HEAD_DIM>;
+  if (occ == 0) {  // first use on this device: opt in to > 48 KB of shared memory, then ask what fits
+    auto kernel = batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>;
+    constexpr int smem_bytes = decode_smem_bytes<HEAD_DIM, GT>();
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
     int n = 0;
-    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &n, batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>, T::kThreads, T::kSmemBytes);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, DecodeTraits<HEAD_DIM>::kThreads, smem_bytes);
     if (err != cudaSuccess) return err;
     occ = n > 0 ? n : 1;
   }
@@ -646,7 +442,10 @@ cudaError_t batch_decode_occupancy(int device, int* out) {
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
 cudaError_t launch_batch_decode_gt(const BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
-  using T = BatchDecodeTraits<HEAD_DIM>;
+  using T = DecodeTraits<HEAD_DIM>;
+  int occ = 0;  // also makes sure this module's kernel got its shared-memory opt-in in this process
+  cudaError_t err = batch_decode_occupancy<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>(a.device, &occ);
+  if (err != cudaSuccess) return err;
   BatchDecodeParams p;
   p.q = a.q;
   p.q_stride_b = a.q_stride_b;
@@ -666,46 +465,35 @@ cudaError_t launch_batch_decode_gt(const BatchDecodePlan& plan, const BatchDecod
   p.layout = plan.layout;
   p.partial_o = reinterpret_cast<float*>(ws + plan.partial_o_offset);
   p.partial_lse = reinterpret_cast<float*>(ws + plan.partial_lse_offset);
-  p.num_qo_heads = plan.num_qo_heads;
+  p.sc.num_qo_heads = plan.num_qo_heads;
   p.num_kv_heads = plan.num_kv_heads;
   p.group_size = plan.group_size;
   p.head_tiles = plan.head_tiles;
-  p.logits_soft_cap = plan.logits_soft_cap;
-  p.sm_scale = plan.sm_scale * a.scale_mult;
-  p.v_scale = a.v_scale;
+  p.sc.logits_soft_cap = plan.logits_soft_cap;
+  p.sc.sm_scale = plan.sm_scale * a.scale_mult;
+  p.sc.v_scale = a.v_scale;
   RopeTableFor<POS> rope;
   if constexpr (POS == PosEncoding::kRopeLlama) rope = plan.rope;
-  const int grid = plan.workers * plan.num_kv_heads * plan.head_tiles;
-  batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>
-      <<<grid, T::kThreads, T::kSmemBytes, a.stream>>>(p, rope);
-  cudaError_t err = cudaGetLastError();
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(plan.workers * plan.num_kv_heads * plan.head_tiles);
+  config.blockDim = dim3(T::kThreads);
+  config.dynamicSmemBytes = decode_smem_bytes<HEAD_DIM, GT>();
+  config.stream = a.stream;
+  config.attrs = pdl;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>,
+                           p, rope);
   if (err != cudaSuccess || plan.merge_blocks == 0) return err;
 
-  cudaLaunchConfig_t config = {};
   config.gridDim = dim3(plan.num_qo_heads, plan.merge_blocks);
   config.blockDim = dim3(kMergeThreads);
   config.dynamicSmemBytes = 0;
-  config.stream = a.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, batch_merge_states_kernel<HEAD_DIM, DTypeO>, p.plan, p.layout,
                             static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
                             plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse, a.v_scale);
-}
-
-// Runs fn under a guard for `device` (the tensors' device, not necessarily the current one).
-template <typename F>
-cudaError_t with_device(int device, F&& fn) {
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err != cudaSuccess) return err;
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
-  err = fn();
-  if (previous != device) cudaSetDevice(previous);
-  return err;
 }
 
 }  // namespace flashinfer

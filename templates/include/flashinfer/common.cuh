@@ -102,4 +102,16 @@ FI_DEVICE float transpose_group_sum(float (&part)[GT], int lane) {
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Runs fn under a guard for `device` (the tensors' device, not necessarily the current one).
+template <typename F>
+static cudaError_t with_device(int device, F&& fn) {
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  err = fn();
+  if (previous != device) cudaSetDevice(previous);
+  return err;
+}
+
 }  // namespace flashinfer

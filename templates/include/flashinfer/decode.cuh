@@ -1,10 +1,14 @@
-// Decode attention on CUDA cores: one query token per head against a long KV sequence.
+// Decode attention: one query token per head against a long KV sequence.
 //
 // Memory bound: every key and value is read once, with 16-byte cp.async copies into a STAGES-deep
 // shared-memory ring. A CTA serves one KV head and up to GT query heads of its GQA group, so K/V are
 // read once for the whole group. Long sequences are split into chunks across CTAs so that even one
 // request fills every SM; each CTA then leaves a partial (o, lse) state and a second kernel (launched
 // with programmatic dependent launch, so its launch overlaps the first) merges them.
+//
+// decode_piece() is the whole of a CTA's work on one key range of one request; the single-request
+// kernel here and the paged batch kernel (batch_decode.cuh) differ only in how they pick their pieces
+// and in how a key's row is found (a KV "rows" source: contiguous here, through the page table there).
 #pragma once
 #include "common.cuh"
 #include "cp_async.cuh"
@@ -16,6 +20,13 @@
 
 namespace flashinfer {
 
+// Per-call scalars of a decode launch. Kernels take them by reference into their __grid_constant__
+// parameters, so that they are read from parameter space where used instead of held in registers.
+struct DecodeScalars {
+  int num_qo_heads;  // for the ALiBi slopes
+  float sm_scale, logits_soft_cap, v_scale;
+};
+
 struct SingleDecodeParams {
   const void* q;  // [num_qo_heads, HEAD_DIM], row stride q_stride_h
   const void* k;  // token n, head h at k + n * k_stride_n + h * k_stride_h (elements)
@@ -24,10 +35,11 @@ struct SingleDecodeParams {
   float* lse;     // [num_qo_heads] or nullptr
   float* partial_o;    // [num_chunks, num_qo_heads, HEAD_DIM] when num_chunks > 1
   float* partial_lse;  // [num_chunks, num_qo_heads]
-  int num_qo_heads, num_kv_heads, kv_len;
+  DecodeScalars sc;
+  int num_kv_heads, kv_len;
   int64_t q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h;
   int window_left;
-  float logits_soft_cap, sm_scale, v_scale, rope_scale, rope_theta;
+  float rope_scale, rope_theta;
   // Filled in by the launcher.
   int group_size, head_tiles, kv_begin, chunk_size, num_chunks;
 };
@@ -61,14 +73,80 @@ __host__ __device__ constexpr bool decode_uses_mma() {
 template <int HEAD_DIM, int GT, PosEncoding POS>
 __host__ __device__ constexpr int decode_min_blocks() {
   if (decode_uses_mma<HEAD_DIM, GT, POS>()) return 4;
-  return GT >= 8 ? 2 : (GT >= 4 && POS == PosEncoding::kRopeLlama ? 3 : 4);
+  return GT >= 8 ? 2 : (GT >= 4 && (POS == PosEncoding::kRopeLlama || HEAD_DIM >= 256) ? 3 : 4);
 }
 
-template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
-          bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
-    single_decode_kernel(const __grid_constant__ SingleDecodeParams p,
-                         const __grid_constant__ std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope) {
+template <PosEncoding POS>
+using RopeTableFor = std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable>;
+
+// Dynamic shared memory of a decode CTA: the K/V ring, then (CUDA-core tiles of 4+ heads) the
+// probabilities of a tile.
+template <int HEAD_DIM, int GT>
+__host__ __device__ constexpr int decode_smem_bytes() {
+  using T = DecodeTraits<HEAD_DIM>;
+  return T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
+}
+
+// Query heads per CTA for a GQA group: groups of 8, 16, ... take tiles of 8 heads, other groups of 3+
+// tiles of 4. Tiles of one KV head run side by side but do not reliably share K/V through L2
+// (measured: two 4-head tiles read HBM twice), so large tiles win despite fewer resident CTAs.
+__host__ __device__ constexpr int decode_head_tile(int group_size) {
+  return group_size == 1 ? 1 : group_size == 2 ? 2 : group_size % 8 == 0 ? 8 : 4;
+}
+
+// Keys of one KV head stored contiguously with a token stride (NHD or HND tensors, or views). Only the
+// head index is held; the rest is read from the kernel's __grid_constant__ parameters where used, which
+// keeps the register budget of the 4-CTAs-per-SM tile loops.
+template <typename DTypeKV>
+struct ContiguousRows {
+  const SingleDecodeParams& p;
+  int kv_head;
+  FI_DEVICE const DTypeKV* k() const { return static_cast<const DTypeKV*>(p.k) + kv_head * p.k_stride_h; }
+  FI_DEVICE const DTypeKV* v() const { return static_cast<const DTypeKV*>(p.v) + kv_head * p.v_stride_h; }
+  FI_DEVICE bool offsets(int token, int64_t& off_k, int64_t& off_v) const {
+    off_k = token * p.k_stride_n;
+    off_v = token * p.v_stride_n;
+    return true;
+  }
+};
+
+// One CTA's piece of work: query heads [first_head, first_head + heads_here) of one request (a tile of GT
+// slots), keys [begin, end) of it. Where the result goes is the caller's `store` functor's business: it
+// is called once per (head j of the tile, 8 columns) at the end, so that output pointers need not stay
+// live in registers through the loop.
+template <typename DTypeQ>
+struct DecodePiece {
+  const DTypeQ* q;  // head first_head of the request
+  int64_t q_stride_h;
+  int first_head, heads_here;
+  int begin, end, q_pos;  // q_pos: the query's position (kv_len - 1)
+};
+
+// Writes a finished (o, lse) of head j, columns [col, col + 8): to the output (scaled by v_scale) or as
+// a partial state (o normalised, merged later by merge_states_block).
+template <int HEAD_DIM, typename DTypeO>
+FI_DEVICE void store_decode_state(float (&acc)[8], float d_all, float lse, float v_scale, int col, DTypeO* o,
+                                  float* lse_out, float* partial_o, float* partial_lse) {
+  if (partial_o == nullptr) {
+    const float scale = v_scale / d_all;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] *= scale;
+    *reinterpret_cast<uint4*>(o + col) = pack8<DTypeO>(acc);
+    if (lse_out != nullptr && col == 0) *lse_out = lse;
+  } else {
+    const float inv_d = 1.f / d_all;
+    float4* dst = reinterpret_cast<float4*>(partial_o + col);
+    dst[0] = make_float4(acc[0] * inv_d, acc[1] * inv_d, acc[2] * inv_d, acc[3] * inv_d);
+    dst[1] = make_float4(acc[4] * inv_d, acc[5] * inv_d, acc[6] * inv_d, acc[7] * inv_d);
+    if (col == 0) *partial_lse = lse;
+  }
+}
+
+
+template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP,
+          typename Rows, typename Store>
+FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, const DecodeScalars& sc,
+                            const RopeTableFor<POS>& rope, uint8_t* smem_raw, const Store& store) {
   using T = DecodeTraits<HEAD_DIM>;
   constexpr int LANES = T::LANES, ROWS = T::ROWS, TILE = T::TILE, TPR = T::TOKENS_PER_ROW, STAGES = T::STAGES;
   constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
@@ -77,35 +155,13 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   constexpr int WARPS = T::kThreads / 32;
   // Partial softmax states left per head at the end: one per row group (CUDA cores) or warp (MMA).
   constexpr int NSTATES = MMA ? WARPS : ROWS;
-  extern __shared__ __align__(16) uint8_t smem_raw[];
   // [STAGES][K|V][TILE][LANES] x 16 bytes; chunk c of token t stored at swizzle<LANES>(t, c), so that the
   // eight rows an ldmatrix reads at one column fall into different bank groups.
   uint4* smem = reinterpret_cast<uint4*>(smem_raw);
-
   const int lane = threadIdx.x % LANES, row = threadIdx.x / LANES;
   const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
-  // Head tile varies fastest so that the CTAs reading the same K/V run together and share L2.
-  int bid = blockIdx.x;
-  const int head_tile = bid % p.head_tiles;
-  bid /= p.head_tiles;
-  const int chunk = bid % p.num_chunks;
-  const int kv_head = bid / p.num_chunks;
-  const int heads_here = min(GT, p.group_size - head_tile * GT);
-  const int qo_head0 = kv_head * p.group_size + head_tile * GT;
-  const int q_pos = p.kv_len - 1;
-
-  // Both kernels are launched with programmatic dependent launch: this one may be scheduled while the
-  // previous kernel in the stream drains, so it waits here before touching memory that kernel may write;
-  // the merge kernel, in turn, may be scheduled as soon as SMs free up and waits for this grid likewise.
-  grid_dependency_wait();
-  grid_dependency_launch_dependents();
-
-  const int chunk_begin = p.kv_begin + chunk * p.chunk_size;
-  const int chunk_end = min(p.kv_len, chunk_begin + p.chunk_size);
+  const int heads_here = w.heads_here, q_pos = w.q_pos, chunk_begin = w.begin, chunk_end = w.end;
   const int num_tiles = ceil_div(chunk_end - chunk_begin, TILE);
-  const int64_t stride_n_k = p.k_stride_n, stride_n_v = p.v_stride_n;
-  const DTypeKV* k_head = static_cast<const DTypeKV*>(p.k) + kv_head * p.k_stride_h;
-  const DTypeKV* v_head = static_cast<const DTypeKV*>(p.v) + kv_head * p.v_stride_h;
 
   auto load_tile = [&](int tile) {
     uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
@@ -115,14 +171,14 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       const int idx = threadIdx.x + it * T::kThreads;
       const int t = idx / LANES, c = idx % LANES;
       const int token = chunk_begin + tile * TILE + t;
-      const bool valid = token < chunk_end;
-      const int64_t n = valid ? token : chunk_begin;  // keep the address in bounds when zero-filling
-      cp_async_16(sk + swizzle<LANES>(t, c), k_head + n * stride_n_k + c * 8, valid);
-      cp_async_16(sv + swizzle<LANES>(t, c), v_head + n * stride_n_v + c * 8, valid);
+      int64_t off_k = 0, off_v = 0;  // row 0 keeps the address in bounds when zero-filling
+      const bool valid = token < chunk_end && rows.offsets(token, off_k, off_v);
+      cp_async_16(sk + swizzle<LANES>(t, c), rows.k() + off_k + c * 8, valid);
+      cp_async_16(sv + swizzle<LANES>(t, c), rows.v() + off_v + c * 8, valid);
     }
   };
 
-  // Start the K/V stream before anything else: loading q first would cost every CTA a memory round trip.
+  // Start the K/V stream before anything else: loading q first would cost a memory round trip.
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < num_tiles) load_tile(s);
@@ -143,13 +199,13 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     static_assert(KS % 2 == 0 && MT % 2 == 0, "ldmatrix.x4 covers 32 columns");
     const int g = warp_lane / 4, t4 = warp_lane % 4;  // fragment row (= head of the tile) and column pair
     const bool real_row = g < heads_here;
-    const float slope = ALIBI ? alibi_slope(qo_head0 + min(g, heads_here - 1), p.num_qo_heads) : 0.f;
+    const float slope = ALIBI ? alibi_slope(w.first_head + min(g, heads_here - 1), sc.num_qo_heads) : 0.f;
 
     // q as the A operand, unscaled (exact in its 16-bit type): a0 = cols 2t.., a2 = cols 2t+8..; rows g+8
     // (a1, a3) are zero, and so are rows beyond the tile's heads.
     uint32_t qa[KS][2];
     {
-      const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + (qo_head0 + min(g, heads_here - 1)) * p.q_stride_h;
+      const DTypeQ* qh = w.q + min(g, heads_here - 1) * w.q_stride_h;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         const int c0 = ks * 16 + 2 * t4;
@@ -174,10 +230,10 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       const uint4* sv = sk + TILE * LANES;
       const int tok0 = warp * WTOK;  // first token of this warp within the tile
 
-      float sc[NT][4];
+      float st[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+        st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
 #pragma unroll
         for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
           // Matrix i of the x4 load: tokens tok0 + nt*8 + 0..7, 16-byte column 4*ks2 + i.
@@ -185,8 +241,8 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
           ldmatrix_x4(b, smem_addr(sk + swizzle<LANES>(tok0 + nt * 8 + (warp_lane & 7), ks2 * 4 + (warp_lane >> 3))));
           const uint32_t a0[4] = {qa[2 * ks2][0], 0u, qa[2 * ks2][1], 0u};
           const uint32_t a1[4] = {qa[2 * ks2 + 1][0], 0u, qa[2 * ks2 + 1][1], 0u};
-          mma_16816<DTypeKV>(sc[nt], a0, b[0], b[1]);
-          mma_16816<DTypeKV>(sc[nt], a1, b[2], b[3]);
+          mma_16816<DTypeKV>(st[nt], a0, b[0], b[1]);
+          mma_16816<DTypeKV>(st[nt], a1, b[2], b[3]);
         }
       }
 
@@ -196,10 +252,10 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int token = chunk_begin + tile * TILE + tok0 + nt * 8 + 2 * t4 + i;
-          const float x = transform_logit<ALIBI, SOFTCAP>(sc[nt][i] * p.sm_scale, slope, token - q_pos,
-                                                          p.logits_soft_cap);
-          sc[nt][i] = token < chunk_end ? x : kNegInf;
-          m_new = fmaxf(m_new, sc[nt][i]);
+          const float x = transform_logit<ALIBI, SOFTCAP>(st[nt][i] * sc.sm_scale, slope, token - q_pos,
+                                                          sc.logits_soft_cap);
+          st[nt][i] = token < chunk_end ? x : kNegInf;
+          m_new = fmaxf(m_new, st[nt][i]);
         }
       }
       m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
@@ -216,8 +272,8 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const float p0 = any ? ptx_exp2(sc[nt][0] - m_new) : 0.f;
-        const float p1 = any ? ptx_exp2(sc[nt][1] - m_new) : 0.f;
+        const float p0 = any ? ptx_exp2(st[nt][0] - m_new) : 0.f;
+        const float p1 = any ? ptx_exp2(st[nt][1] - m_new) : 0.f;
         d += p0 + p1;
         // Scores in C layout (head g, tokens 2t, 2t+1) are P^T in B layout (tokens 2t, 2t+1; head g).
         const uint32_t pb = real_row ? pack2<DTypeKV>(p0, p1) : 0u;
@@ -269,15 +325,14 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
 #pragma unroll
     for (int j = 0; j < GT; ++j) {
       // Spare slots of a partial tile repeat the last head; their results are never stored.
-      const int h = qo_head0 + min(j, heads_here - 1);
-      const DTypeQ* qh = static_cast<const DTypeQ*>(p.q) + h * p.q_stride_h + lane * 8;
+      const DTypeQ* qh = w.q + min(j, heads_here - 1) * w.q_stride_h + lane * 8;
 #pragma unroll
       for (int i = 0; i < 8; ++i) q[j][i] = to_float(qh[i]);
       if constexpr (ROPE) rope_rotate<LANES>(q[j], rate, float(q_pos), lane);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) q[j][i] *= p.sm_scale;
+      for (int i = 0; i < 8; ++i) q[j][i] *= sc.sm_scale;
     }
-    const float slope = ALIBI ? alibi_slope(qo_head0 + min(own, heads_here - 1), p.num_qo_heads) : 0.f;
+    const float slope = ALIBI ? alibi_slope(w.first_head + min(own, heads_here - 1), sc.num_qo_heads) : 0.f;
 
     float m = kNegInf, d = 0.f, o[GT][8];
 #pragma unroll
@@ -312,7 +367,7 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
           for (int i = 0; i < 8; ++i) part[j] = fmaf(q[j][i], kf[i], part[j]);
         }
         const float x = transform_logit<ALIBI, SOFTCAP>(transpose_group_sum<GT, LANES>(part, lane), slope,
-                                                        token - q_pos, p.logits_soft_cap);
+                                                        token - q_pos, sc.logits_soft_cap);
         s[t] = token < chunk_end ? x : kNegInf;
       }
 
@@ -332,9 +387,9 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       if (__any_sync(0xffffffffu, scale != 1.f)) {
 #pragma unroll
         for (int j = 0; j < GT; ++j) {
-          const float sc = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
+          const float sj = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) o[j][i] *= sc;
+          for (int i = 0; i < 8; ++i) o[j][i] *= sj;
         }
       }
 
@@ -385,7 +440,7 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   }
   __syncthreads();
 
-  // Merge the NSTATES partial states of each head and write the output (one chunk) or a partial state.
+  // Merge the NSTATES partial states of each head and write the output or a partial state.
   for (int item = threadIdx.x; item < GT * LANES; item += T::kThreads) {
     const int j = item / LANES, col = (item % LANES) * 8;
     if (j >= heads_here) continue;
@@ -393,29 +448,59 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     for (int r = 0; r < NSTATES; ++r) m_all = fmaxf(m_all, s_m[r * GT + j]);
     float d_all = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int r = 0; r < NSTATES; ++r) {
-      const float w = ptx_exp2(s_m[r * GT + j] - m_all);  // states that saw only padding weigh 0
-      d_all += w * s_d[r * GT + j];
+      const float wr = ptx_exp2(s_m[r * GT + j] - m_all);  // states that saw only padding weigh 0
+      d_all += wr * s_d[r * GT + j];
       const float* src = s_o + (r * GT + j) * HEAD_DIM + col;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = fmaf(w, src[i], acc[i]);
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(wr, src[i], acc[i]);
     }
-    const int h = qo_head0 + j;
-    const float lse = m_all + ptx_log2(d_all);
-    if (p.num_chunks == 1) {
-      const float scale = p.v_scale / d_all;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] *= scale;
-      *reinterpret_cast<uint4*>(static_cast<DTypeO*>(p.o) + int64_t(h) * HEAD_DIM + col) = pack8<DTypeO>(acc);
-      if (p.lse != nullptr && col == 0) p.lse[h] = lse;
-    } else {
-      const int64_t state = int64_t(chunk) * p.num_qo_heads + h;
-      float* dst = p.partial_o + state * HEAD_DIM + col;
-      const float inv_d = 1.f / d_all;
-      reinterpret_cast<float4*>(dst)[0] = make_float4(acc[0] * inv_d, acc[1] * inv_d, acc[2] * inv_d, acc[3] * inv_d);
-      reinterpret_cast<float4*>(dst)[1] = make_float4(acc[4] * inv_d, acc[5] * inv_d, acc[6] * inv_d, acc[7] * inv_d);
-      if (col == 0) p.partial_lse[state] = lse;
-    }
+    store(j, col, acc, d_all, m_all + ptx_log2(d_all));
   }
+  __syncthreads();  // the scratch is read before a next piece refills the ring
+}
+
+// One CTA per (query-head tile, chunk, KV head) of a single request.
+template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
+    single_decode_kernel(const __grid_constant__ SingleDecodeParams p, const __grid_constant__ RopeTableFor<POS> rope) {
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  // Both kernels are launched with programmatic dependent launch: this one may be scheduled while the
+  // previous kernel in the stream drains, so it waits here before touching memory that kernel may write;
+  // the merge kernel, in turn, may be scheduled as soon as SMs free up and waits for this grid likewise.
+  grid_dependency_wait();
+  grid_dependency_launch_dependents();
+  // Head tile varies fastest so that the CTAs reading the same K/V run together.
+  int bid = blockIdx.x;
+  const int head_tile = bid % p.head_tiles;
+  bid /= p.head_tiles;
+  const int chunk = bid % p.num_chunks;
+  const int kv_head = bid / p.num_chunks;
+  const int qo_head0 = kv_head * p.group_size + head_tile * GT;
+
+  const ContiguousRows<DTypeKV> rows{p, kv_head};
+  DecodePiece<DTypeQ> w;
+  w.q = static_cast<const DTypeQ*>(p.q) + qo_head0 * p.q_stride_h;
+  w.q_stride_h = p.q_stride_h;
+  w.first_head = qo_head0;
+  w.heads_here = min(GT, p.group_size - head_tile * GT);
+  w.begin = p.kv_begin + chunk * p.chunk_size;
+  w.end = min(p.kv_len, w.begin + p.chunk_size);
+  w.q_pos = p.kv_len - 1;
+  // The store re-derives everything from the block index and p (parameter space) when it runs, so that
+  // nothing of it stays live in registers through the loop.
+  const auto store = [&](int j, int col, float(&acc)[8], float d_all, float lse) {
+    int b = blockIdx.x;
+    const int tile_of_head = b % p.head_tiles;
+    b /= p.head_tiles;
+    const int h = (b / p.num_chunks) * p.group_size + tile_of_head * GT + j;
+    const int64_t state = int64_t(b % p.num_chunks) * p.sc.num_qo_heads + h;
+    const bool split = p.num_chunks > 1;
+    store_decode_state<HEAD_DIM>(acc, d_all, lse, p.sc.v_scale, col, static_cast<DTypeO*>(p.o) + int64_t(h) * HEAD_DIM,
+                                 p.lse != nullptr ? p.lse + h : nullptr, split ? p.partial_o + state * HEAD_DIM : nullptr,
+                                 split ? p.partial_lse + state : nullptr);
+  };
+  decode_piece<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(
+      rows, w, p.sc, rope, smem_raw, store);
 }
 
 // Host-side helpers are `static`: their function-local caches must belong to this module alone. (As
@@ -434,12 +519,11 @@ static int sm_count(int device) {
   return cache[device];
 }
 
-template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW,
-          bool SOFTCAP>
+template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
 static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
   using T = DecodeTraits<HEAD_DIM>;
-  auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>;
-  constexpr int smem_bytes = T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
+  auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>;
+  constexpr int smem_bytes = decode_smem_bytes<HEAD_DIM, GT>();
   static int occupancy[64] = {0};
   int& occ = occupancy[device >= 0 && device < 64 ? device : 0];
   if (occ == 0) {  // first launch on this device: opt in to > 48 KB and size the grid to what fits
@@ -464,9 +548,9 @@ static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_c
   p.chunk_size = ceil_div(kv_span, num_chunks);
   p.num_chunks = ceil_div(kv_span, p.chunk_size);
   if (p.num_chunks > 1) {
-    p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.num_qo_heads * HEAD_DIM;
+    p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.sc.num_qo_heads * HEAD_DIM;
   }
-  std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable> rope;
+  RopeTableFor<POS> rope;
   if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, HEAD_DIM, p.rope_scale, p.rope_theta);
   cudaLaunchAttribute pdl[1];
   pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -481,38 +565,33 @@ static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_c
   cudaError_t err = cudaLaunchKernelEx(&config, kernel, p, rope);
   if (err != cudaSuccess || p.num_chunks == 1) return err;
 
-  config.gridDim = dim3(p.num_qo_heads);
+  config.gridDim = dim3(p.sc.num_qo_heads);
   config.blockDim = dim3(kMergeThreads);
   config.dynamicSmemBytes = 0;
   return cudaLaunchKernelEx(&config, merge_chunk_states_kernel<HEAD_DIM, DTypeO>,
                             static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
-                            p.num_chunks, p.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse,
-                            p.v_scale);
+                            p.num_chunks, p.sc.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse,
+                            p.sc.v_scale);
 }
 
 // Picks the query-head tile for the group size, and runs under a guard for the tensors' device.
 template <int HEAD_DIM, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool WINDOW, bool SOFTCAP>
 static cudaError_t launch_single_decode(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
-  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.kv_len <= 0) return cudaErrorInvalidValue;
+  if (p.num_kv_heads <= 0 || p.sc.num_qo_heads % p.num_kv_heads != 0 || p.kv_len <= 0) return cudaErrorInvalidValue;
   if (workspace_chunks > 1 && p.partial_o == nullptr) return cudaErrorInvalidValue;
-  p.group_size = p.num_qo_heads / p.num_kv_heads;
+  p.group_size = p.sc.num_qo_heads / p.num_kv_heads;
   p.kv_begin = WINDOW && p.window_left >= 0 ? max(0, p.kv_len - 1 - p.window_left) : 0;
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err != cudaSuccess) return err;
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
 #define FI_LAUNCH(GT) \
-  launch_single_decode_gt<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, WINDOW, SOFTCAP>(p, workspace_chunks, device, stream)
-  // Groups of 8, 16, ... take tiles of 8 heads; other groups tiles of 4. Tiles of one KV head run side by
-  // side but do not reliably share K/V through L2 (measured: two 4-head tiles read HBM twice), so large
-  // tiles win despite fewer resident CTAs.
-  if (p.group_size == 1) err = FI_LAUNCH(1);
-  else if (p.group_size == 2) err = FI_LAUNCH(2);
-  else if (p.group_size % 8 != 0) err = FI_LAUNCH(4);
-  else err = FI_LAUNCH(8);
+  launch_single_decode_gt<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(p, workspace_chunks, device, stream)
+  return with_device(device, [&]() -> cudaError_t {
+    switch (decode_head_tile(p.group_size)) {
+      case 1: return FI_LAUNCH(1);
+      case 2: return FI_LAUNCH(2);
+      case 4: return FI_LAUNCH(4);
+      default: return FI_LAUNCH(8);
+    }
+  });
 #undef FI_LAUNCH
-  if (previous != device) cudaSetDevice(previous);
-  return err;
 }
 
 }  // namespace flashinfer

@@ -33,39 +33,36 @@ struct StateAccumulator {
   FI_DEVICE float lse() const { return d > 0.f ? m + ptx_log2(d) : kNegInf; }
 };
 
-// Merges num_chunks partial states per query head into the final output.
-// partial_o: [num_chunks, num_heads, HEAD_DIM] f32, partial_lse: [num_chunks, num_heads] f32,
-// out: row h at out + h * out_stride_h, lse_out: [num_heads] f32 (nullable).
-// One block per head: LANES threads cover the head (8 floats each) and GROUPS take every GROUPS-th
-// chunk, loading MERGE_BATCH chunks before using any so that the loads overlap (the merge sits on the
-// critical path of a decode step); then the group states are merged in shared memory.
+// Merges `count` partial states of one output row: states first_row + i * row_stride (i < count) of
+// partial_o [*, HEAD_DIM] f32 and partial_lse [*] f32 go to out[0..HEAD_DIM) (scaled by v_scale) and
+// *lse_out (nullable). Called by a whole block of kMergeThreads: LANES threads cover the row (8 floats
+// each) and GROUPS take every GROUPS-th state, loading kMergeBatch states before using any so that the
+// loads overlap (the merge sits on the critical path of a decode step); then the group states are
+// weighed together in shared memory.
 constexpr int kMergeThreads = 256;
 constexpr int kMergeBatch = 4;
 
 template <int HEAD_DIM, typename DTypeO>
-__global__ void __launch_bounds__(kMergeThreads)
-    merge_chunk_states_kernel(const float* __restrict__ partial_o, const float* __restrict__ partial_lse,
-                              int num_chunks, int num_heads, DTypeO* __restrict__ out, int64_t out_stride_h,
-                              float* __restrict__ lse_out, float v_scale) {
+FI_DEVICE void merge_states_block(const float* __restrict__ partial_o, const float* __restrict__ partial_lse,
+                                  int64_t first_row, int64_t row_stride, int count, DTypeO* __restrict__ out,
+                                  float* __restrict__ lse_out, float v_scale) {
   constexpr int LANES = HEAD_DIM / 8;
   constexpr int GROUPS = kMergeThreads / LANES;
   static_assert(HEAD_DIM <= kMergeThreads, "one thread per output element in the final step");
   __shared__ float s_lse[GROUPS];
   __shared__ float s_o[GROUPS][HEAD_DIM];
 
-  grid_dependency_wait();
-  const int head = blockIdx.x;
   const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
   StateAccumulator<8> acc;
-  for (int base = group; base < num_chunks; base += kMergeBatch * GROUPS) {
+  for (int base = group; base < count; base += kMergeBatch * GROUPS) {
     float lse[kMergeBatch];
     float4 v[kMergeBatch][2];
 #pragma unroll
     for (int u = 0; u < kMergeBatch; ++u) {
       const int c = base + u * GROUPS;
       lse[u] = kNegInf;
-      if (c < num_chunks) {
-        const int64_t row = int64_t(c) * num_heads + head;
+      if (c < count) {
+        const int64_t row = first_row + c * row_stride;
         lse[u] = partial_lse[row];
         const float4* src = reinterpret_cast<const float4*>(partial_o + row * HEAD_DIM + lane * 8);
         v[u][0] = src[0];
@@ -85,7 +82,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   __syncthreads();
   if (threadIdx.x >= HEAD_DIM) return;
   // The group states are independent: take their max first, then weigh them all at once, instead of a
-  // serial chain of running merges (this step sits on the decode's critical path).
+  // serial chain of running merges.
   const int e = threadIdx.x;
   float m_all = kNegInf;
 #pragma unroll
@@ -97,8 +94,20 @@ __global__ void __launch_bounds__(kMergeThreads)
     d_all += w;
     acc_e = fmaf(w, s_o[g][e], acc_e);
   }
-  out[head * out_stride_h + e] = from_float<DTypeO>(d_all > 0.f ? acc_e * (v_scale / d_all) : 0.f);
-  if (lse_out != nullptr && e == 0) lse_out[head] = d_all > 0.f ? m_all + ptx_log2(d_all) : kNegInf;
+  out[e] = from_float<DTypeO>(d_all > 0.f ? acc_e * (v_scale / d_all) : 0.f);
+  if (lse_out != nullptr && e == 0) *lse_out = d_all > 0.f ? m_all + ptx_log2(d_all) : kNegInf;
+}
+
+// Single decode: chunk c of head h is state c * num_heads + h; one block per head.
+template <int HEAD_DIM, typename DTypeO>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_chunk_states_kernel(const float* __restrict__ partial_o, const float* __restrict__ partial_lse,
+                              int num_chunks, int num_heads, DTypeO* __restrict__ out, int64_t out_stride_h,
+                              float* __restrict__ lse_out, float v_scale) {
+  grid_dependency_wait();
+  const int head = blockIdx.x;
+  merge_states_block<HEAD_DIM>(partial_o, partial_lse, head, num_heads, num_chunks, out + head * out_stride_h,
+                               lse_out != nullptr ? lse_out + head : nullptr, v_scale);
 }
 
 }  // namespace flashinfer
