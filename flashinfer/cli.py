@@ -2,7 +2,7 @@
 
 prewarm  expand a configuration matrix (one flag per axis, or a preset), drop unsupported combinations,
          build the rest in parallel worker processes that share the JIT cache and its per-key locks.
-cache    list / verify / clear entries of the JIT cache.
+cache    list / verify / clear / prune / export / import entries of the JIT cache.
 demo     build the bf16 d128 NHD decode module and, with a GPU, run and check it.
 doctor   print the toolkit, arch flags, cache root and versions the JIT engine would use.
 
@@ -38,7 +38,8 @@ class UsageError(Exception):
 # Engine / family access (imported lazily so `--help` stays fast and errors are reported cleanly)
 # --------------------------------------------------------------------------------------------------
 
-_FAMILY_MODULES = ("flashinfer.decode", "flashinfer.jit.probe")
+_FAMILY_MODULES = ("flashinfer.decode", "flashinfer.batch_decode", "flashinfer.page", "flashinfer.prefill",
+                   "flashinfer.jit.probe")
 _NOT_KERNELS = ("probe",)  # families that a "*" preset leaves out
 
 
@@ -94,38 +95,116 @@ AXIS_FLAGS: Tuple[AxisFlag, ...] = (
     AxisFlag("--softcap", "softcap", ("use_logits_soft_cap",), "logits soft cap: on,off"),
 )
 
-# A preset is {family: {flag dest or "axis:<name>": comma list}}; family "*" = every registered kernel
-# family except the probe. Flags given on the command line override the preset's value for the same
-# flag; axes not mentioned take all supported values.
+# A preset is {family: settings or [settings, ...]}, settings = {flag dest or "axis:<name>": comma list};
+# a list is the union of its groups' matrices. Family "*" = every registered kernel family except the
+# probe. Flags given on the command line override the preset's value for the same flag (in every group);
+# axes not mentioned take all supported values; a setting for an axis a family lacks is ignored.
+_NO_EXTRAS = {"window": "off", "softcap": "off", "axis:use_fp16_qk_reduction": "off"}
+
+# `--preset test`: exactly the modules the GPU tests (tests/test_*.py) load, read off their parametrization
+# (tests/test_cli.py checks the statically parametrized lists against this; on a GPU machine
+# `FLASHINFER_JIT_RECORD=FILE pytest -m gpu` records what they really load, see README). The full
+# supported matrix (1194 modules today) is `--preset all`.
+_TEST_PRESET: Dict[str, Any] = {
+    # test_decode.py: SUPPORTED = the whole supported matrix of the family.
+    "decode_single": {},
+    # test_batch_decode.py: the spec matrix at NHD; window/layout/graph tests at bf16 d128 HND.
+    "decode_batch_paged": [
+        {"layouts": "NHD"},
+        {"layouts": "HND", "head_dims": "128", "dtypes": "bf16", "softcap": "off"},
+    ],
+    # test_page.py: d128 at f16 and bf16, d64 f16 (stream / error tests).
+    "page_append": [{"head_dims": "128"}, {"head_dims": "64", "dtypes": "f16"}],
+    # test_prefill.py: SINGLE_SPECS, plus the window-edge test (d64 f16 none/causal, window on).
+    "prefill_single": [
+        {"window": "off", "softcap": "off", "axis:use_fp16_qk_reduction": "off"},
+        {"head_dims": "128", "dtypes": "bf16", "axis:use_fp16_qk_reduction": "off"},
+        {"head_dims": "128", "dtypes": "f16", "axis:mask_mode": "none,causal", "pos_encodings": "NONE",
+         "window": "off", "softcap": "off", "axis:use_fp16_qk_reduction": "on"},
+        {"head_dims": "64", "dtypes": "f16", "axis:mask_mode": "none,causal", "pos_encodings": "NONE",
+         "window": "on", "softcap": "off", "axis:use_fp16_qk_reduction": "off"},
+    ],
+    # test_prefill.py: the batch matrix (case -> d64 bf16, d128 f16, d256 bf16; both storages, all masks),
+    # the options test (paged bf16 d128 causal, window + soft cap, every pos), graph/bad-input tests (bf16 d128).
+    "prefill_batch": [
+        {"head_dims": "64", "dtypes": "bf16", "pos_encodings": "NONE", **_NO_EXTRAS},
+        {"head_dims": "128", "dtypes": "f16", "pos_encodings": "NONE", **_NO_EXTRAS},
+        {"head_dims": "256", "dtypes": "bf16", "pos_encodings": "NONE", **_NO_EXTRAS},
+        {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "paged", "axis:mask_mode": "causal",
+         "window": "on", "softcap": "on", "axis:use_fp16_qk_reduction": "off"},
+        {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "paged", "axis:mask_mode": "causal",
+         "pos_encodings": "NONE", **_NO_EXTRAS},
+        {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "ragged", "axis:mask_mode": "none",
+         "pos_encodings": "NONE", **_NO_EXTRAS},
+    ],
+}
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "test": {
-        "help": "everything the GPU test suite needs: the full supported matrix of every kernel family "
-                "(today decode_single; not the probe)",
+        "help": "exactly what the GPU test suite loads (its parametrization, per family; not the probe)",
+        "families": _TEST_PRESET,
+    },
+    "all": {
+        "help": "the full supported matrix of every kernel family (not the probe): large",
         "families": {"*": {}},
     },
     "llama": {
-        "help": "Llama-style serving: every kernel family at bf16, head_dim 128, NHD, no RoPE fusion/window/soft cap",
+        "help": "Llama-style serving (GQA): every kernel family at bf16, head_dim 128, NHD, no RoPE fusion/"
+                "window/soft cap; causal prefill (+ custom masks for tree speculation)",
         "families": {
             "*": {
                 "dtypes": "bf16",
                 "head_dims": "128",
                 "layouts": "NHD",
                 "pos_encodings": "NONE",
+                "axis:mask_mode": "causal,custom",
+                **_NO_EXTRAS,
+            }
+        },
+    },
+    "fp16": {
+        "help": "fp16 models: every kernel family at f16, head_dim 64/128/256, NHD, no extras, causal prefill "
+                "(fp32 and fp16 QK accumulation)",
+        "families": {
+            "*": {
+                "dtypes": "f16",
+                "head_dims": "64,128,256",
+                "layouts": "NHD",
+                "pos_encodings": "NONE",
+                "axis:mask_mode": "causal",
                 "window": "off",
                 "softcap": "off",
             }
         },
     },
+    "gemma": {
+        "help": "Gemma-2-style: bf16, head_dim 256, logits soft cap, global and sliding-window layers, NHD, "
+                "causal prefill",
+        "families": {
+            "*": {
+                "dtypes": "bf16",
+                "head_dims": "256",
+                "layouts": "NHD",
+                "pos_encodings": "NONE",
+                "axis:mask_mode": "causal",
+                "window": "on,off",
+                "softcap": "on",
+                "axis:use_fp16_qk_reduction": "off",
+            }
+        },
+    },
     "default": {
         "help": "common serving configs of every kernel family: bf16/f16 (q=kv=o), all head dims, NHD, "
-                "pos NONE/ROPE_LLAMA, no window/soft cap",
+                "pos NONE/ROPE_LLAMA, no window/soft cap, causal prefill",
         "families": {
             "*": {
                 "dtypes": "bf16,f16",
                 "layouts": "NHD",
                 "pos_encodings": "NONE,ROPE_LLAMA",
+                "axis:mask_mode": "causal",
                 "window": "off",
                 "softcap": "off",
+                "axis:use_fp16_qk_reduction": "off",
             }
         },
     },
@@ -258,8 +337,12 @@ def expand_matrix(per_family: Dict[str, Dict[str, str]], families: Optional[Dict
     for fam, settings in per_family.items():
         if fam not in families:
             raise UsageError(f"unknown spec family {fam!r}; known: {', '.join(sorted(families)) or '(none)'}")
-        specs, applied = expand_family(families[fam], settings)
-        applied_any |= applied
+        groups = settings if isinstance(settings, (list, tuple)) else [settings]
+        specs = []
+        for group in groups:
+            got, applied = expand_family(families[fam], group)
+            applied_any |= applied
+            specs.extend(got)
         for spec in specs:
             name = spec.name()
             if name not in items:
@@ -314,14 +397,17 @@ def resolve_selection(args: argparse.Namespace, families: Dict[str, type]) -> Tu
         if preset_name not in PRESETS:
             raise UsageError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
         for f, s in PRESETS[preset_name]["families"].items():
+            if f != "*" and f not in families:
+                continue  # a family this checkout does not have
             for fam in (sorted(x for x in families if x not in _NOT_KERNELS) if f == "*" else [f]):
-                base.setdefault(fam, dict(s))
+                groups = s if isinstance(s, (list, tuple)) else [s]
+                base.setdefault(fam, [dict(g) for g in groups])
     if fams_arg:
         for f in fams_arg:
             if f not in families:
                 raise UsageError(f"unknown spec family {f!r}; known: {', '.join(sorted(families)) or '(none)'}")
-        base = {f: base.get(f, {}) for f in fams_arg}
-    per_family = {f: {**s, **cli} for f, s in base.items()}
+        base = {f: base.get(f, [{}]) for f in fams_arg}
+    per_family = {f: [{**g, **cli} for g in groups] for f, groups in base.items()}
     return per_family, cli
 
 
@@ -526,17 +612,61 @@ def _selection(args) -> Tuple[List[MatrixItem], List[MatrixItem], List[MatrixIte
     return mine, supported, dropped, shard
 
 
-def _items_from_config(path: str, families: Dict[str, type]) -> List[MatrixItem]:
-    """--config FILE: a JSON list; each element is either a full spec (``Spec.to_json()``) or
-    ``{"family": F, "settings": {flag dest or "axis:<name>": "v1,v2"}}`` (same keys as presets)."""
-    from flashinfer.jit.spec import Spec
-
+def _read_config(path: str) -> List[Any]:
+    """The elements of a --config file: JSON list, JSON lines (e.g. FLASHINFER_JIT_RECORD output) or TOML."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        text = Path(path).read_text()
+    except OSError as e:
         raise UsageError(f"--config {path}: {e}") from None
+    if path.endswith(".toml"):
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"--config {path}: {e}") from None
+        unknown = set(data) - {"specs", "matrix"}
+        if unknown:
+            raise UsageError(f"--config {path}: unknown tables {sorted(unknown)} (expected [[matrix]] and/or [[specs]])")
+        out: List[Any] = list(data.get("specs", []))
+        for m in data.get("matrix", []):
+            if not isinstance(m, dict) or "family" not in m:
+                raise UsageError(f"--config {path}: each [[matrix]] needs a family: {m!r}")
+            settings = {}
+            for k, v in m.items():
+                if k == "family":
+                    continue
+                if isinstance(v, list):
+                    v = ",".join(_fmt_value(x) for x in v)
+                elif isinstance(v, bool):
+                    v = _fmt_value(v)
+                dest = k.replace("-", "_")
+                settings[dest if any(f.dest == dest for f in AXIS_FLAGS) or k.startswith("axis:") else "axis:" + k] = str(v)
+            out.append({"family": m["family"], "settings": settings})
+        return out
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        except ValueError as e:
+            raise UsageError(f"--config {path}: neither JSON, JSON lines nor TOML (.toml): {e}") from None
+    if isinstance(data, dict):  # JSON lines with a single line
+        data = [data]
     if not isinstance(data, list):
         raise UsageError(f"--config {path}: expected a JSON list")
+    return data
+
+
+def _items_from_config(path: str, families: Dict[str, type]) -> List[MatrixItem]:
+    """--config FILE: a list whose elements are either a full spec (``Spec.to_json()``) or
+    ``{"family": F, "settings": {flag dest or "axis:<name>": "v1,v2"}}`` (same keys as presets).
+    JSON (a list), JSON lines (one element a line), or TOML (``.toml``): ``[[matrix]]`` tables with
+    ``family`` and flag names or axis names as keys (``head_dims = [64, 128]``, ``dtypes = "bf16"``,
+    ``mask_mode = "causal"``), and ``[[specs]]`` tables holding full specs."""
+    from flashinfer.jit.spec import Spec
+
+    data = _read_config(path)
     items: Dict[str, MatrixItem] = {}
     for el in data:
         if not isinstance(el, dict) or "family" not in el:
@@ -799,6 +929,75 @@ def cmd_cache_clear(args) -> int:
     return 0
 
 
+def cmd_cache_prune(args) -> int:
+    from flashinfer.jit import cache as jcache
+
+    jit = _jit()
+    root = jit.cache_root()
+    victims = jcache.prune_cache(root, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for info, why in victims:
+        print(f"{verb} {info.key}: {why}")
+    kept = len(jcache.list_entries(root, check_current=False)) if not args.dry_run else None
+    freed = sum(info.size or 0 for info, _ in victims)
+    print(f"{verb} {len(victims)} entries ({_fmt_size(freed)}) from {root}"
+          + (f"; {kept} kept" if kept is not None else ""))
+    return 0
+
+
+def _entry_filter(args) -> Optional[Any]:
+    fams = {f.strip() for f in (args.family or "").split(",") if f.strip()}
+    keys = set(args.key or [])
+    if not fams and not keys and not args.current:
+        return None
+
+    def pred(e) -> bool:
+        if fams and _entry_family(e) not in fams:
+            return False
+        if keys and str(e.key) not in keys and _entry_name(e) not in keys:
+            return False
+        if args.current and _entry_attr(e, "current") is not True:
+            return False
+        return True
+
+    return pred
+
+
+def cmd_cache_export(args) -> int:
+    from flashinfer.jit import archive
+
+    jit = _jit()
+    t0 = time.perf_counter()
+    rep = archive.export_cache(Path(args.archive), _entry_filter(args), jit.cache_root())
+    for key, why in rep.skipped_invalid:
+        print(f"skipped invalid entry {key}: {why}")
+    size = Path(rep.archive).stat().st_size
+    print(f"exported {len(rep.keys)} entries ({_fmt_size(rep.bytes)} of files, archive {_fmt_size(size)}) "
+          f"from {jit.cache_root()} to {rep.archive} in {_fmt_secs(time.perf_counter() - t0)}; "
+          f"{len(rep.skipped_invalid)} invalid skipped")
+    return 0
+
+
+def cmd_cache_import(args) -> int:
+    from flashinfer.jit import archive
+
+    jit = _jit()
+    root = jit.cache_root()
+    t0 = time.perf_counter()
+    rep = archive.import_cache(Path(args.archive), root)
+    for key in rep.imported + rep.replaced:
+        print(f"imported {key}" + (" (replaced an invalid entry)" if key in rep.replaced else "")
+              + (" (not loadable in this environment: other archs/flags/versions)" if key in rep.not_current else ""))
+    for key in rep.already_present:
+        print(f"kept     {key} (a valid entry is already there)")
+    for key, why in rep.invalid:
+        print(f"REFUSED  {key}: {why}")
+    print(f"imported {len(rep.imported) + len(rep.replaced)}, already present {len(rep.already_present)}, "
+          f"refused {len(rep.invalid)} (invalid), {len(rep.not_current)} of the imported for another environment; "
+          f"into {root} in {_fmt_secs(time.perf_counter() - t0)}")
+    return 0 if rep.ok else 1
+
+
 # --------------------------------------------------------------------------------------------------
 # demo / doctor
 # --------------------------------------------------------------------------------------------------
@@ -940,7 +1139,8 @@ def cmd_doctor(args) -> int:
         line("cache entries", f"{len(entries)} ({sum(1 for e in entries if not _entry_attr(e, 'valid'))} invalid)")
     except Exception as e:
         line("cache entries", f"error: {e}")
-    for var in ("FLASHINFER_JIT_CACHE", "FLASHINFER_DISABLE_JIT", "FLASHINFER_JIT_VERBOSE",
+    for var in ("FLASHINFER_JIT_CACHE", "FLASHINFER_JIT_CACHE_TRUSTED_OWNERS", "FLASHINFER_DISABLE_JIT",
+                "FLASHINFER_JIT_RECORD", "FLASHINFER_JIT_VERBOSE",
                 "FLASHINFER_JIT_LOCK_TIMEOUT", "FLASHINFER_NVCC_THREADS", "TORCH_CUDA_ARCH_LIST",
                 "CUDA_HOME", "CUDA_PATH", "MAX_JOBS"):
         line(var, os.environ.get(var, "(unset)"))
@@ -963,7 +1163,9 @@ def _add_matrix_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--axis", action="append", metavar="NAME=LIST",
                    help="any axis of any family by its field name, e.g. --axis head_dim=64,128 (repeatable)")
     g.add_argument("--config", metavar="FILE",
-                   help="JSON list of specs (Spec.to_json()) or {family, settings} objects, instead of the flags")
+                   help="instead of the flags: TOML ([[matrix]] family + axis/flag keys, [[specs]] full specs), "
+                        "a JSON list or JSON lines of specs (Spec.to_json(), e.g. FLASHINFER_JIT_RECORD output) "
+                        "or {family, settings} objects")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -984,7 +1186,7 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("-v", "--verbose", action="store_true", help="also list cached and skipped modules in the summary")
     pw.set_defaults(func=cmd_prewarm)
 
-    ca = sub.add_parser("cache", help="list, verify or clear JIT cache entries")
+    ca = sub.add_parser("cache", help="list, verify, clear, prune, export or import JIT cache entries")
     csub = ca.add_subparsers(dest="cache_command", metavar="ACTION")
     csub.required = True
     cl = csub.add_parser("list", help="list entries: spec name, key digest, size, build seconds, age, valid, current")
@@ -1001,6 +1203,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only entries built for another environment (toolkit, torch, flags, sources): never loaded here")
     cc.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     cc.set_defaults(func=cmd_cache_clear)
+    cp = csub.add_parser("prune", help="remove entries this installation can never load (built for another "
+                                       "recipe/flashinfer/torch/CUDA version, unknown family) and invalid ones")
+    cp.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    cp.set_defaults(func=cmd_cache_prune)
+    ce = csub.add_parser("export", help="write valid entries to one tar archive (.tar, .tar.gz/.tgz) for `cache import`")
+    ce.add_argument("archive", metavar="ARCHIVE")
+    ce.add_argument("--family", help="only these families (comma list)")
+    ce.add_argument("--key", action="append", help="only this key or spec name (repeatable)")
+    ce.add_argument("--current", action="store_true",
+                    help="only entries this environment would load (same archs, flags, versions)")
+    ce.set_defaults(func=cmd_cache_export)
+    ci = csub.add_parser("import", help="validate and add the entries of an archive made by `cache export`; "
+                                       "exit 1 if any entry was refused")
+    ci.add_argument("archive", metavar="ARCHIVE")
+    ci.set_defaults(func=cmd_cache_import)
 
     de = sub.add_parser("demo", help="build the bf16 d128 NHD decode module; with a GPU, run, check and time it")
     de.add_argument("--kv-len", type=int, default=32768)

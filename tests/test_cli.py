@@ -154,8 +154,9 @@ def test_presets_reference_known_axes_and_families():
                 continue
             if fam not in families:
                 continue  # family not importable in this checkout; checked by its own tests
-            items = cli.expand_matrix({fam: dict(settings)}, families)
-            assert any(it.reason is None for it in items), f"preset {name} builds nothing for {fam}"
+            for group in (settings if isinstance(settings, list) else [settings]):
+                items = cli.expand_matrix({fam: dict(group)}, families)
+                assert any(it.reason is None for it in items), f"preset {name} builds nothing for {fam}: {group}"
 
 
 def test_llama_and_test_presets_for_decode():
@@ -170,10 +171,104 @@ def test_llama_and_test_presets_for_decode():
     s = single[0]
     assert (s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.kv_layout, s.pos_encoding_mode, s.use_window,
             s.use_logits_soft_cap) == (128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)
-    test = _matrix(["--preset", "test"])  # every family but the probe (the stand-in included)
-    assert len(test) == sum(len(cls.expand()) for fam, cls in families.items() if fam != "probe")
+    every = _matrix(["--preset", "all"])  # every family but the probe (the stand-in included)
+    assert len(every) == sum(len(cls.expand()) for fam, cls in families.items() if fam != "probe")
+    test = _matrix(["--preset", "test"])
     assert {it.name for it in test if it.family == "decode_single"} == {s.name() for s in families["decode_single"].expand()}
-    assert {it.name for it in llama} <= {it.name for it in test if it.reason is None}
+
+
+def _supported_names(preset):
+    return {it.name for it in _matrix(["--preset", preset]) if it.reason is None}
+
+
+def test_serving_presets_cover_every_family():
+    families = cli._load_families()
+    kernels = set(families) - {"probe", "clitest"}
+    for name in ("llama", "fp16", "gemma", "default"):
+        got = {it.family for it in _matrix(["--preset", name]) if it.reason is None}
+        assert kernels <= got, (name, kernels - got)
+    fp16 = [it.spec for it in _matrix(["--preset", "fp16"]) if it.reason is None and hasattr(it.spec, "head_dim")]
+    assert {s.head_dim for s in fp16} == {64, 128, 256} and {s.dtype_q for s in fp16 if hasattr(s, "dtype_q")} == {"f16"}
+
+
+def test_test_preset_is_what_the_gpu_tests_parametrize():
+    """--preset test = the GPU tests' modules: a superset of every statically parametrized spec list, and
+    (per family) much smaller than the full matrix where the tests use a subset (prefill)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import importlib
+
+        mods = {m: importlib.import_module(m) for m in ("test_decode", "test_prefill", "test_batch_decode")}
+    except ImportError as e:
+        pytest.skip(f"a GPU test module is not importable here: {e}")
+    finally:
+        sys.path.pop(0)
+    test = _supported_names("test")
+    static = list(getattr(mods["test_decode"], "SUPPORTED", [])) + list(getattr(mods["test_prefill"], "SINGLE_SPECS", []))
+    for fn in ("test_batch_decode_spec_matrix",):
+        marks = getattr(getattr(mods["test_batch_decode"], fn, None), "pytestmark", [])
+        for mk in marks:
+            if mk.name == "parametrize" and mk.args[0] == "spec":
+                static += list(mk.args[1])
+    assert static, "no statically parametrized specs found"
+    missing = sorted(s.name() for s in static if s.name() not in test)
+    assert not missing, f"--preset test lacks specs the GPU tests parametrize: {missing[:10]}"
+    every = {it.name: it for it in _matrix(["--preset", "all"]) if it.reason is None}
+    n_prefill = sum(1 for n in test if n.startswith("prefill_"))
+    assert n_prefill < 200 < sum(1 for n in every if n.startswith("prefill_"))
+    assert test <= set(every)
+
+
+def test_config_toml(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('''
+[[matrix]]
+family = "clitest"
+head_dims = [64, 128]
+dtypes = "bf16"
+kv_layout = "NHD"
+use_window = false
+
+[[specs]]
+family = "clitest"
+head_dim = 256
+dtype_q = "f16"
+dtype_kv = "f16"
+dtype_o = "f16"
+kv_layout = "HND"
+use_window = false
+''')
+    assert cli.main(["prewarm", "--config", str(cfg), "--dry-run", "--json", str(tmp_path / "r.json")]) == 0
+    capsys.readouterr()
+    names = sorted(i["name"] for i in json.loads((tmp_path / "r.json").read_text())["items"])
+    assert names == ["clitest_q-bf16_kv-bf16_o-bf16_d128_nhd_window-off", "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-off",
+                     "clitest_q-f16_kv-f16_o-f16_d256_hnd_window-off"]
+    cfg.write_text("[[bogus]]\nx = 1\n")
+    assert cli.main(["prewarm", "--config", str(cfg), "--dry-run"]) == 2
+
+
+def test_record_env_then_config_jsonl(tmp_path, monkeypatch, capsys):
+    """FLASHINFER_JIT_RECORD=FILE lists the specs a process loads; prewarm --config FILE selects exactly them."""
+    from flashinfer import jit
+    from flashinfer.jit import loader
+    from flashinfer.jit.probe import ProbeSpec
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    rec = tmp_path / "used.jsonl"
+    monkeypatch.setenv("FLASHINFER_JIT_RECORD", str(rec))
+    loader._forget()
+    spec = ProbeSpec(constant=2, dtype="i32")
+    jit.load(spec)
+    jit.load(spec)  # memoized: recorded once
+    loader._forget()
+    lines = rec.read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [spec.to_json()]
+    assert cli.main(["prewarm", "--config", str(rec), "--dry-run", "--json", str(tmp_path / "r.json")]) == 0
+    capsys.readouterr()
+    items = json.loads((tmp_path / "r.json").read_text())["items"]
+    assert [i["name"] for i in items] == [spec.name()] and items[0]["cached"] is True
 
 
 # ------------------------------------------------------------------ sharding
@@ -334,6 +429,9 @@ def test_cache_list_verify_clear(probe_cache):
 def test_module_entry_point_help():
     r = _run_cli(["--help"])
     assert r.returncode == 0 and "prewarm" in r.stdout and "cache" in r.stdout
+    r = _run_cli(["cache", "--help"])
+    for action in ("list", "verify", "clear", "prune", "export", "import"):
+        assert action in r.stdout
     r = _run_cli(["prewarm", "--help"])
     assert r.returncode == 0
     for flag in ("--families", "--head-dims", "--dtypes", "--layouts", "--pos-encodings", "--window",

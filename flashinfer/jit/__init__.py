@@ -9,7 +9,7 @@ Public API (see the repository contract):
 """
 
 from .build import BuildReport, first_error_line
-from .cache import EntryInfo, cache_key, check_entry, clear_cache, cleanup_tmp, entry_info, list_entries
+from .cache import EntryInfo, cache_key, check_entry, clear_cache, cleanup_tmp, entry_info, list_entries, prune_cache
 from .env import (
     RECIPE_VERSION,
     arch_flags,
@@ -19,7 +19,7 @@ from .env import (
     templates_dir,
     versions,
 )
-from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITDisabledError
+from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITCacheInsecureError, JITDisabledError
 from .loader import JITModule, ensure_built, load, loaded_modules
 from .templating import render, templates_digest
 from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
@@ -33,6 +33,7 @@ __all__ = [
     "EntryInfo",
     "JITBuildError",
     "JITCacheError",
+    "JITCacheInsecureError",
     "JITDisabledError",
     "JITModule",
     "ProbeSpec",
@@ -52,6 +53,7 @@ __all__ = [
     "list_entries",
     "load",
     "loaded_modules",
+    "prune_cache",
     "register_family",
     "render",
     "spec_families",

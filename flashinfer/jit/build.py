@@ -258,6 +258,8 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
             ) from failure
         so_name = cache.lib_name(key)
         os.rename(built, tmp / so_name)
+        cache.harden(tmp / so_name)  # no group/other write bits, whatever the umask (loads refuse those)
+        cache.harden(tmp)
         try:
             os.unlink(tmp / "lock")  # torch's FileLock file, released by now
         except OSError:
@@ -288,6 +290,7 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
             "flags": {"nvcc": compile_flags, "link": link_flags, "cxx": env.cxx_compiler()},
             "torch_load": {"name": ext_name, "extra_ldflags": load_kwargs["extra_ldflags"]},  # incl. torch's
             "versions": env.versions(),
+            "templates_sha256": cache.templates_digest(),
             "cuda_home": str(home),
             "build_seconds": round(seconds, 3),
             "created": time.time(),

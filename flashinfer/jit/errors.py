@@ -38,3 +38,8 @@ class JITCacheError(RuntimeError):
 
 class JITDisabledError(RuntimeError):
     """FLASHINFER_DISABLE_JIT is set and the requested module is not in the cache."""
+
+
+class JITCacheInsecureError(JITCacheError):
+    """The cache root or an entry could have been written by someone else (owned by another user, or
+    writable by group/others): refusing to load code from it. The message says how to fix it."""

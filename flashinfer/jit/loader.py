@@ -71,7 +71,7 @@ def _check_supported(spec) -> None:
 def _ensure(spec, key: str) -> BuildReport:
     """Double-checked: valid entry? else lock, look again, build."""
     root = env.cache_root_path()
-    so, man, reason = cache.check_entry(key, root)
+    so, man, reason = cache.check_entry(key, root, raise_insecure=True)
     if so is not None:
         return _cached_report(spec, key, root, man)
     if env.jit_disabled():
@@ -82,7 +82,7 @@ def _ensure(spec, key: str) -> BuildReport:
     _check_supported(spec)
     env.ensure_dir(root)
     with _file_lock(key, root):
-        so, man, reason = cache.check_entry(key, root)
+        so, man, reason = cache.check_entry(key, root, raise_insecure=True)
         if so is not None:
             return _cached_report(spec, key, root, man)
         return build_into(spec, key, root)
@@ -163,6 +163,8 @@ def load(spec) -> JITModule:
         if mod is not None:
             return mod
         report = _ensure(spec, key)
+        if _RECORD_ENV in os.environ:
+            _record(spec)
         so = report.entry_dir / cache.lib_name(key)
         try:
             mod = JITModule(spec, key, so, report.entry_dir, report)
@@ -173,6 +175,25 @@ def load(spec) -> JITModule:
             mod = JITModule(spec, key, report.entry_dir / cache.lib_name(key), report.entry_dir, report)
         _memo[spec] = mod
         return mod
+
+
+_RECORD_ENV = "FLASHINFER_JIT_RECORD"
+
+
+def _record(spec) -> None:
+    """FLASHINFER_JIT_RECORD=FILE: append the spec of every module this process loads (one JSON object a
+    line; ``prewarm --config FILE`` builds exactly those). Once per spec and process (after the memo)."""
+    import json
+
+    path = os.environ.get(_RECORD_ENV)
+    if not path:
+        return
+    line = json.dumps(spec.to_json(), sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write with O_APPEND: lines of parallel processes do not interleave
+    finally:
+        os.close(fd)
 
 
 def loaded_modules() -> Dict[Any, JITModule]:
