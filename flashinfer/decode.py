@@ -36,9 +36,12 @@ from .utils import (
 )
 
 # Chunks shorter than this cost more to merge than they gain in parallelism (matches kMinChunk in
-# templates/include/flashinfer/decode.cuh); the launcher picks at most this many chunks per call.
+# templates/include/flashinfer/decode.cuh). The launcher fills the resident CTA slots with chunks, up to
+# _MAX_CHUNKS per KV head: measured on an H200 (benchmarks/probe_decode_chunks.py), 32q/8kv heads at
+# kv_len 32768 took 37.0 us with 66 chunks (all 4 CTAs per SM) and 36.5 us with 33-48; 32 KV heads were
+# indifferent.
 _MIN_CHUNK = 256
-_MAX_CHUNKS = 128
+_MAX_CHUNKS = 48
 # RoPE positions are carried as floats in the kernel and must be exact.
 _MAX_ROPE_POSITION = 1 << 24
 
