@@ -102,6 +102,22 @@ FI_DEVICE float transpose_group_sum(float (&part)[GT], int lane) {
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Host-side helpers are `static`: their function-local caches must belong to this module alone. (As
+// inline functions they would become GNU "unique" symbols, shared by every module loaded into the
+// process, and a module would skip the shared-memory opt-in of its own kernel.)
+
+// Cached per device: asking the driver on every call would cost more than the launch itself.
+static int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
 // Runs fn under a guard for `device` (the tensors' device, not necessarily the current one).
 template <typename F>
 static cudaError_t with_device(int device, F&& fn) {

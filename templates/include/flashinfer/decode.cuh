@@ -503,22 +503,6 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
       rows, w, p.sc, rope, smem_raw, store);
 }
 
-// Host-side helpers are `static`: their function-local caches must belong to this module alone. (As
-// inline functions they would become GNU "unique" symbols, shared by every module loaded into the
-// process, and a module would skip the shared-memory opt-in of its own kernel.)
-
-// Cached per device: asking the driver on every call would cost more than the launch itself.
-static int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
-    cache[device] = n;
-  }
-  return cache[device];
-}
-
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
 static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
   using T = DecodeTraits<HEAD_DIM>;

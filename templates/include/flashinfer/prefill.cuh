@@ -550,17 +550,6 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
 
 // ------------------------------------------------------------------------------------------- host side
 
-inline int prefill_sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
-    cache[device] = n;
-  }
-  return cache[device];
-}
-
 // Switches to `device` for its lifetime (launches go to the tensors' device, not the current one).
 struct DeviceGuard {
   int previous = -1;
