@@ -20,12 +20,14 @@ import torch
 
 from . import jit
 from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
-from .page import PagedKVCache, unpack_paged_kv_cache
+from .page import PagedKV, PagedKVCache, unpack_paged_kv_cache
+from .prefill import BatchPrefillWithPagedKVCacheWrapper
 from .utils import (
     DTYPE_CUDA,
     DTYPE_SHORT,
     SUPPORTED_HEAD_DIMS,
     PosEncodingMode,
+    aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
@@ -35,6 +37,7 @@ from .utils import (
     on_off,
     pos_encoding_cuda,
     scalar,
+    workspace_too_small,
 )
 
 # RoPE positions are carried as floats in the kernel and must be exact.
@@ -183,6 +186,28 @@ class _Plan:
     indices_ref: Optional[torch.Tensor]  # keeps caller's device indices alive
     stats: Dict[str, int]
     plan_args: Dict[str, Any]
+    prefill: Optional[BatchPrefillWithPagedKVCacheWrapper] = None  # use_tensor_cores: plans and runs instead
+
+
+def _check_page_table(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: int,
+                      window_left: int) -> Tuple[int, int, int]:
+    """The compiled planner's page-table checks, on the host: (its error code or 0, the position it names, keys
+    the requests attend to). For the tensor-core path, whose errors must read the same."""
+    ip, lp = h_indptr.tolist(), h_last.tolist()
+    if ip[0] != 0:
+        return -1, 0, 0
+    keys = 0
+    for r in range(len(lp)):
+        pages = ip[r + 1] - ip[r]
+        if pages < 0:
+            return -1, r + 1, 0
+        if pages == 0:
+            return -2, r, 0
+        if not 1 <= lp[r] <= page_size:
+            return -3, r, 0
+        n = (pages - 1) * page_size + lp[r]
+        keys += min(n, window_left + 1) if window_left >= 0 else n
+    return 0, 0, keys
 
 
 class BatchDecodeWithPagedKVCacheWrapper:
@@ -212,7 +237,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError("float_workspace_buffer must be contiguous")
         self._kv_layout = canonical_layout(kv_layout)
         self._use_cuda_graph = bool(use_cuda_graph)
-        self._use_tensor_cores = bool(use_tensor_cores)  # accepted; the CUDA-core kernel serves both
+        # use_tensor_cores: plan/run through BatchPrefillWithPagedKVCacheWrapper (one query row per request, the
+        # GQA group's heads packed as rows), as FlashInfer does; made by the first plan().
+        self._use_tensor_cores = bool(use_tensor_cores)
+        self._prefill: Optional[BatchPrefillWithPagedKVCacheWrapper] = None
         self._set_workspace(float_workspace_buffer)
         self._fixed_batch: Optional[int] = None
         self._fixed_workers = -1 if self._use_cuda_graph else 0
@@ -255,6 +283,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"the new workspace must stay on {self._device}")
         self._set_workspace(float_workspace_buffer)
         self._plan = None
+        self._prefill = None
 
     def _ensure_staging(self, module, nbytes: int) -> None:
         if self._events[0] is None:
@@ -373,11 +402,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
                                     dtype_o=DTYPE_SHORT[q_dtype], kv_layout=self._kv_layout, pos_encoding_mode=pos,
                                     use_logits_soft_cap=soft_cap > 0)
         frozen = (spec, num_qo_heads, num_kv_heads, page_size)
+        if self._use_tensor_cores:
+            frozen += (window_left,)  # a launch argument of the prefill kernel (the decode planner applies it)
         if self._use_cuda_graph and self._frozen is not None and frozen != self._frozen:
             raise ValueError("a CUDA-graph wrapper keeps its configuration across plans (captured graphs bake it in): "
                              f"was {self._frozen[1:]} heads/page_size with {self._frozen[0].name()}, got {frozen[1:]} "
                              f"with {spec.name()}")
-        module, plan_fn, run_fn, blob_size = _module(spec)
+        if not self._use_tensor_cores:
+            module, plan_fn, run_fn, blob_size = _module(spec)
 
         host_indices = 0
         device_indices = 0
@@ -410,6 +442,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
             indices_ref = indices if indices.is_contiguous() else indices.contiguous()
             device_indices = indices_ref.data_ptr()
 
+        if self._use_tensor_cores:
+            kv_indices = (self._indices_buf if self._use_cuda_graph else h_idx if host_indices else indices_ref)[:nnz]
+            self._plan_tensor_cores(spec, frozen, h_indptr, h_last, kv_indices, bool(host_indices), max_index, batch,
+                                    nnz, num_qo_heads, num_kv_heads, head_dim, page_size, pos, window_left, soft_cap,
+                                    scale, r_scale, r_theta, q_dtype, kv_dtype, non_blocking, plan_args)
+            return
+
         blob = self._plan.blob if self._plan is not None and len(self._plan.blob) >= blob_size else ctypes.create_string_buffer(blob_size)
         info = self._info
         stream = current_stream_ptr(self._device)
@@ -428,7 +467,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 break
             self._ensure_staging(module, int(info[8]))
         if rc:
-            self._plan_error(rc, module, info, h_indptr, h_last, page_size)
+            self._plan_error(rc, int(info[7]), int(info[0]), module, h_indptr, h_last, page_size)
         if host_indices:
             max_index = int(info[4])
         if self._use_cuda_graph and self._fixed_workers < 0:
@@ -440,8 +479,42 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._plan = _Plan(spec, module, run_fn, blob, ctypes.addressof(blob), batch, num_qo_heads, num_kv_heads,
                            head_dim, page_size, q_dtype, kv_dtype, max_index, nnz, indices_ref, stats, plan_args)
 
-    def _plan_error(self, rc: int, module, info, h_indptr, h_last, page_size) -> None:
-        at = int(info[7])
+    def _plan_tensor_cores(self, spec, frozen, h_indptr, h_last, kv_indices, host_indices, max_index, batch, nnz,
+                           num_qo_heads, num_kv_heads, head_dim, page_size, pos, window_left, soft_cap, scale, r_scale,
+                           r_theta, q_dtype, kv_dtype, non_blocking, plan_args) -> None:
+        """plan() of use_tensor_cores=True, on validated arguments: the same page-table checks and errors as the
+        compiled planner, then BatchPrefillWithPagedKVCacheWrapper.plan with one query row per request."""
+        rc, at, keys = _check_page_table(h_indptr, h_last, page_size, window_left)
+        if rc:
+            self._plan_error(rc, at, 0, None, h_indptr, h_last, page_size)
+        if host_indices and nnz:
+            negative = torch.nonzero(kv_indices < 0)
+            if negative.numel():
+                self._plan_error(-6, int(negative[0, 0]), 0, None, h_indptr, h_last, page_size)
+            max_index = int(kv_indices.max())
+        if self._prefill is None:
+            graph = self._use_cuda_graph
+            self._prefill = BatchPrefillWithPagedKVCacheWrapper(
+                self._workspace, self._kv_layout, use_cuda_graph=graph,
+                qo_indptr_buf=torch.empty(batch + 1, dtype=torch.int32, device=self._device) if graph else None,
+                paged_kv_indptr_buf=self._indptr_buf if graph else None,
+                paged_kv_indices_buf=self._indices_buf if graph else None,
+                paged_kv_last_page_len_buf=self._last_page_len_buf if graph else None)
+        pw = self._prefill
+        pw.plan(torch.arange(batch + 1, dtype=torch.int32), h_indptr, kv_indices, h_last, num_qo_heads, num_kv_heads,
+                head_dim, page_size, pos_encoding_mode=pos, window_left=window_left,
+                logits_soft_cap=soft_cap if soft_cap > 0 else None, sm_scale=scale, rope_scale=r_scale,
+                rope_theta=r_theta, q_data_type=q_dtype, kv_data_type=kv_dtype, non_blocking=non_blocking)
+        if self._use_cuda_graph:
+            self._frozen = frozen
+        pl = pw._plan
+        stats = {"workers": pl["grid_x"], "worker_capacity": pl["grid_x"], "pieces": pl["num_work"],
+                 "merges": pl["num_merge"], "partial_states": pl["part_rows"], "total_keys": keys,
+                 "workspace_bytes": pl["part_rows"] * num_qo_heads * (head_dim + 1) * 4}
+        self._plan = _Plan(spec, None, None, None, 0, batch, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype,
+                           kv_dtype, max_index, nnz, None, stats, plan_args, prefill=pw)
+
+    def _plan_error(self, rc: int, at: int, need_bytes: int, module, h_indptr, h_last, page_size) -> None:
         if rc == -1:
             raise ValueError(f"indptr must start at 0 and never decrease; indptr[{at}] = {int(h_indptr[at])}"
                              + (f" < indptr[{at - 1}] = {int(h_indptr[at - 1])}" if at > 0 else ""))
@@ -450,8 +523,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if rc == -3:
             raise ValueError(f"last_page_len[{at}] = {int(h_last[at])} is outside 1..page_size ({page_size})")
         if rc == -4:
-            raise ValueError(f"float_workspace_buffer holds {self._workspace_bytes} bytes; this plan needs "
-                             f"{int(info[0])} bytes: pass a larger buffer")
+            raise workspace_too_small(self._workspace_bytes, need_bytes)
         if rc == -6:
             raise ValueError(f"indices[{at}] is a negative page id")
         if rc == -7:
@@ -522,14 +594,25 @@ class BatchDecodeWithPagedKVCacheWrapper:
             out = torch.empty((p.batch, p.num_qo_heads, p.head_dim), dtype=p.q_dtype, device=self._device)
         if return_lse and lse is None:
             lse = torch.empty((p.batch, p.num_qo_heads), dtype=torch.float32, device=self._device)
+        self._launch(p, q, kv, out, lse if return_lse else None, scale_mult, out_scale)
+        return (out, lse) if return_lse else out
+
+    def _launch(self, p: _Plan, q: torch.Tensor, kv: PagedKV, out: torch.Tensor, lse: Optional[torch.Tensor],
+                scale_mult: float, out_scale: float) -> None:
+        """Launch on validated inputs (q [batch, heads, dim] with unit last stride)."""
+        if p.prefill is not None:
+            strides = (kv.stride_page, kv.stride_n, kv.stride_h) * 2
+            p.prefill._run_kv(aligned_rows(q, 2), kv.k, kv.v, strides, out, lse, lse is not None, scale_mult)
+            if out_scale != 1.0:
+                out.mul_(out_scale)
+            return
         rc = p.run_fn(
             p.blob_ptr, q.data_ptr(), q.stride(0), q.stride(1), kv.k.data_ptr(), kv.v.data_ptr(), kv.stride_page,
-            kv.stride_n, kv.stride_h, kv.num_pages, out.data_ptr(), lse.data_ptr() if return_lse else None,
+            kv.stride_n, kv.stride_h, kv.num_pages, out.data_ptr(), lse.data_ptr() if lse is not None else None,
             scale_mult, out_scale, self._device.index, current_stream_ptr(self._device),
         )
         if rc:
             p.module.check(rc, f"BatchDecodeWithPagedKVCacheWrapper.run ({p.spec.name()}) on {self._device}")
-        return (out, lse) if return_lse else out
 
     def run_return_lse(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, q_scale: Optional[float] = None,
                        k_scale: Optional[float] = None, v_scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 
 from . import jit
 from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
+from .prefill import decode_with_tensor_cores
 from .utils import (
     DTYPE_CUDA,
     DTYPE_SHORT,
@@ -215,8 +216,8 @@ def single_decode_with_kv_cache(
         pos_encoding_mode: ``"NONE"``, ``"ROPE_LLAMA"`` (RoPE applied on the fly: q at position kv_len-1,
             key i at position i, with ``rope_scale`` (default 1) and ``rope_theta`` (default 1e4)) or
             ``"ALIBI"`` (bias slope_h * (i - (kv_len - 1)) with the standard ALiBi slopes).
-        use_tensor_cores: accepted for compatibility; gives the same result (the CUDA-core kernel serves it
-            until the tensor-core prefill kernels exist).
+        use_tensor_cores: run on the tensor-core prefill kernel (the GQA group's heads packed as query rows), as
+            FlashInfer does; same arguments, validation and result up to rounding.
         q_scale, k_scale: multiply the logits; v_scale multiplies the output.
         window_left: ``w >= 0`` attends only to the last ``w + 1`` keys; ``-1`` attends to all.
         logits_soft_cap: ``c > 0`` maps each scaled logit x to ``c * tanh(x / c)``; None or 0 disables.
@@ -277,6 +278,10 @@ def single_decode_with_kv_cache(
         q = q.contiguous()
     check_out(out, "out", (num_qo_heads, head_dim), q.dtype, device)
     check_out(lse, "lse", (num_qo_heads,), torch.float32, device)
+
+    if use_tensor_cores:  # FlashInfer's routing: the tensor-core prefill kernel, GQA heads packed as query rows
+        return decode_with_tensor_cores(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, r_scale,
+                                        r_theta, return_lse, v_scale=out_scale, out=out, lse=lse)
 
     if torch.compiler.is_compiling():
         o, lse_t = _single_decode_op(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale,

@@ -23,6 +23,7 @@ from .utils import (
     DTYPE_CUDA,
     SUPPORTED_HEAD_DIMS,
     PosEncodingMode,
+    aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
@@ -37,6 +38,7 @@ from .utils import (
     on_off,
     pos_encoding_cuda,
     scalar,
+    workspace_too_small,
 )
 
 MASK_MODES = ("none", "causal", "custom")
@@ -672,8 +674,8 @@ class _BatchPrefillBase:
                                                       _batch_tiles(head_dim_qk), occ_of, num_sms(dev.index),
                                                       opts.mask_mode == "causal", ws_floats, num_qo_heads)
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
-            raise ValueError(f"float_workspace_buffer too small: the split-KV schedule needs "
-                             f"{part_rows * num_qo_heads * (head_dim_qk + 1) * 4} bytes")
+            raise workspace_too_small(self._ws.numel() * self._ws.element_size(),
+                                      part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
         # Custom masks: per request qo_len x kv_len bits, each request starting on a byte.
         mask_t = mask_indptr = None
         if has_mask:
@@ -736,10 +738,11 @@ class _BatchPrefillBase:
                           num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
                           q_dtype=q_dtype, ibuf=ibuf, cap_w=cap_w, cap_m=cap_m, grid_x=grid_x,
                           merge_grid_x=merge_grid_x, part_rows=part_rows, mask=mask_t, mask_indptr=mask_indptr,
-                          num_work=len(work))
+                          num_work=len(work), num_merge=len(merge))
         return self._plan
 
-    def _launch(self, q, k, v, strides, kv_indptr_dev, kv_indices_dev, last_dev, page_size, out, lse, return_lse):
+    def _launch(self, q, k, v, strides, kv_indptr_dev, kv_indices_dev, last_dev, page_size, out, lse, return_lse,
+                sm_scale_mult: float = 1.0):
         pl = self._plan
         if pl is None:
             raise RuntimeError("call plan() before run()")
@@ -788,7 +791,7 @@ class _BatchPrefillBase:
             ib + 8, cap_w, ib, ib + 8 + 5 * cap_w * 4, cap_m, ib + 4,
             pl["grid_x"], pl["merge_grid_x"], pl["num_qo_heads"], pl["num_kv_heads"], page_size,
             q.stride(0), q.stride(1), *strides,
-            opts.window_left, opts.soft_cap, opts.sm_scale, opts.rope_scale, opts.rope_theta,
+            opts.window_left, opts.soft_cap, opts.sm_scale * sm_scale_mult, opts.rope_scale, opts.rope_theta,
             device.index, current_stream_ptr(device),
         )
         if rc:
@@ -951,7 +954,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         if self._kv_indices_buf is not None:
             if self._kv_indices_buf.numel() < idx.numel():
                 raise ValueError("paged_kv_indices_buf is smaller than paged_kv_indices")
-            self._kv_indices_buf[: idx.numel()].copy_(idx, non_blocking=non_blocking)
+            if idx.numel() and idx.data_ptr() != self._kv_indices_buf.data_ptr():  # (already there: no self-copy)
+                self._kv_indices_buf[: idx.numel()].copy_(idx, non_blocking=non_blocking)
             pl["indices_dev"] = self._kv_indices_buf
         else:
             pl["indices_dev"] = idx.to(self._device, non_blocking=non_blocking) if idx.numel() else \
@@ -973,8 +977,13 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                              f"kv_layout {self._kv_layout}")
         check_vector_rows(k, "k_cache", 3)
         check_vector_rows(v, "v_cache", 3)
-        return self._launch(q, k, v, strides, pl["kv_dev"], pl["indices_dev"], pl["last_dev"], page_size, out, lse,
-                            return_lse)
+        return self._run_kv(q, k, v, strides, out, lse, return_lse)
+
+    def _run_kv(self, q, k, v, strides, out, lse, return_lse, sm_scale_mult: float = 1.0):
+        """run() on a validated cache taken apart: K/V views and their (page, token, head) strides twice."""
+        pl = self._plan
+        return self._launch(q, k, v, strides, pl["kv_dev"], pl["indices_dev"], pl["last_dev"], pl["page_size"], out,
+                            lse, return_lse, sm_scale_mult)
 
 
 # Legacy FlashInfer aliases (the CUDA-graph variants are the same classes with use_cuda_graph=True).
@@ -985,13 +994,31 @@ def decode_with_tensor_cores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              pos_encoding_mode: str = "NONE", window_left: int = -1,
                              logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
                              rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
-                             return_lse: bool = False):
+                             return_lse: bool = False, *, q_scale: Optional[float] = None,
+                             k_scale: Optional[float] = None, v_scale: Optional[float] = None,
+                             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
     """Single-request decode (q ``[num_qo_heads, head_dim]``) through the tensor-core prefill kernel, the GQA
-    group's heads packed as query rows (what FlashInfer does for ``use_tensor_cores=True``)."""
+    group's heads packed as query rows (what FlashInfer does for ``use_tensor_cores=True``).
+
+    q_scale and k_scale fold into the logit scale, v_scale multiplies the output; ``out`` ``[num_qo_heads,
+    head_dim]`` and ``lse`` ``[num_qo_heads]`` (float32) are optional preallocated outputs. Returns o, or
+    ``(o, lse)`` with ``return_lse=True``."""
     check_tensor(q, "q", 2)
+    scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(q.shape[1]))
+    scale *= scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
+    out_scale = scalar(v_scale, "v_scale", 1.0)
+    check_out(out, "out", tuple(q.shape), q.dtype, q.device)
+    check_out(lse, "lse", (q.shape[0],), torch.float32, q.device)
+    q = aligned_rows(q, 1)  # the prefill kernel loads q rows with 16-byte vectors; decode accepts any view
     res = single_prefill_with_kv_cache(q.unsqueeze(0), k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode,
-                                       window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-                                       rope_scale=rope_scale, rope_theta=rope_theta, return_lse=return_lse)
-    if return_lse:
-        return res[0][0], res[1][0]
-    return res[0]
+                                       window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=scale,
+                                       rope_scale=rope_scale, rope_theta=rope_theta, return_lse=return_lse,
+                                       out=None if out is None else out.unsqueeze(0),
+                                       lse=None if lse is None else lse.unsqueeze(0))
+    o3, lse2 = res if return_lse else (res, None)
+    o = out if out is not None else o3[0]
+    if out_scale != 1.0:
+        o.mul_(out_scale)
+    if not return_lse:
+        return o
+    return o, (lse if lse is not None else lse2[0])

@@ -110,6 +110,16 @@ def check_vector_rows(t: torch.Tensor, name: str, leading_dims: int) -> None:
     check_aligned(t, name)
 
 
+def aligned_rows(t: torch.Tensor, leading_dims: int) -> torch.Tensor:
+    """``t`` itself when its rows suit 16-byte vector loads (what check_vector_rows demands), else a contiguous
+    copy (for inputs that a kernel accepts as any view, passed on to one that needs aligned rows)."""
+    align = 16 // t.element_size()
+    ok = t.stride(-1) == 1 and all(t.size(d) <= 1 or t.stride(d) % align == 0 for d in range(leading_dims))
+    if ok and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def check_aligned(t: torch.Tensor, name: str) -> None:
     """16-byte aligned base pointer (a no-op while torch.compile traces: fake tensors have no address;
     the op's eager implementation checks again)."""
@@ -129,6 +139,12 @@ def check_out(out: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], dt
             f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}; got "
             f"{out.dtype} {tuple(out.shape)} on {out.device}, contiguous={out.is_contiguous()}"
         )
+
+
+def workspace_too_small(have_bytes: int, need_bytes: int) -> ValueError:
+    """The error of a plan whose schedule does not fit the caller's float_workspace_buffer."""
+    return ValueError(f"float_workspace_buffer holds {have_bytes} bytes; this plan needs {need_bytes} bytes: "
+                      f"pass a larger buffer")
 
 
 def scalar(x: object, name: str, default: float) -> float:

@@ -12,7 +12,7 @@ import torch
 import flashinfer
 from flashinfer.batch_decode import BatchDecodePagedSpec, host_schedule
 
-from reference import LSE_TOL, assert_close, attention, poisoned
+from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 LENS = [1, 15, 16, 17, 1000, 4096, 33000]
 
@@ -58,13 +58,13 @@ def _workspace(mb=128):
 
 def _run_case(lens, page_size=16, num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout="NHD",
               form="tuple", pos="NONE", window_left=-1, soft_cap=None, device_indices=False, q_noncontig=False,
-              rope_scale=None, rope_theta=None):
+              rope_scale=None, rope_theta=None, use_tensor_cores=False):
     cache, k, v, indptr, indices, last = _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form)
     if q_noncontig:
         q = torch.randn(len(lens), num_qo_heads, 2 * head_dim, device="cuda", dtype=dtype)[:, :, head_dim:]
     else:
         q = torch.randn(len(lens), num_qo_heads, head_dim, device="cuda", dtype=dtype)
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout, use_tensor_cores=use_tensor_cores)
     w.plan(indptr, indices.cuda() if device_indices else indices, last, num_qo_heads, num_kv_heads, head_dim,
            page_size, pos_encoding_mode=pos, window_left=window_left, logits_soft_cap=soft_cap, q_data_type=dtype,
            rope_scale=rope_scale, rope_theta=rope_theta)
@@ -76,9 +76,17 @@ def _run_case(lens, page_size=16, num_qo_heads=8, num_kv_heads=2, head_dim=128, 
     if rope_scale is not None:
         kw.update(rope_scale=rope_scale, rope_theta=rope_theta)
     ref_o, ref_lse = _reference(q, k, v, layout, indptr, indices, lens, **kw)
-    assert_close(o, ref_o, what="o")
     assert not torch.isnan(l).any(), "lse: NaN (unwritten)"
-    torch.testing.assert_close(l.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    if use_tensor_cores and pos == "ROPE_LLAMA":
+        # the prefill kernel rounds RoPE-rotated q/k back to 16 bits in shared memory (as FlashInfer does): one
+        # more input rounding than the float64 reference, so twice the dtype tolerance (lse: the dtype's)
+        atol, rtol = TOLERANCES[dtype]
+        assert not torch.isnan(o).any(), "o: NaN"
+        torch.testing.assert_close(o.double(), ref_o, atol=2 * atol, rtol=2 * rtol)
+        torch.testing.assert_close(l.double(), ref_lse, atol=atol, rtol=rtol)
+    else:
+        assert_close(o, ref_o, what="o")
+        torch.testing.assert_close(l.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
     return w
 
 
@@ -124,12 +132,13 @@ def test_batch_decode_gqa_groups(group):
 
 
 @pytest.mark.gpu
-def test_batch_decode_noncontiguous_q_scales_defaults_and_aliases():
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_batch_decode_noncontiguous_q_scales_defaults_and_aliases(use_tensor_cores):
     lens = [100, 3000]
     cache, k, v, indptr, indices, last = _make(lens, 16, 4, 128, torch.float16, "NHD", "tuple")
     q = torch.randn(2, 16, 256, device="cuda", dtype=torch.float16)[:, :, 64:192]
     assert not q.is_contiguous()
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=use_tensor_cores)
     w.begin_forward(indptr, indices, last, 16, 4, 128, 16, data_type=torch.float16, sm_scale=0.05)
     o = w.run(q, cache, q_scale=2.0, v_scale=0.5)
     ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens, sm_scale=0.1, v_scale=0.5)
@@ -143,17 +152,20 @@ def test_batch_decode_noncontiguous_q_scales_defaults_and_aliases():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
 @pytest.mark.parametrize("use_class", [False, True])
-def test_graph_mode_replays_after_replan(use_class):
+def test_graph_mode_replays_after_replan(use_class, use_tensor_cores):
     batch, hq, hkv, d, ps = 6, 8, 2, 128, 16
     max_pages = 4000
     indptr_buf = torch.empty(batch + 1, dtype=torch.int32, device="cuda")
     indices_buf = torch.empty(max_pages, dtype=torch.int32, device="cuda")
     last_buf = torch.empty(batch, dtype=torch.int32, device="cuda")
     if use_class:
-        w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(_workspace(), indptr_buf, indices_buf, last_buf)
+        w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(_workspace(), indptr_buf, indices_buf, last_buf,
+                                                                   use_tensor_cores=use_tensor_cores)
     else:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True,
+                                                          use_tensor_cores=use_tensor_cores,
                                                           paged_kv_indptr_buffer=indptr_buf,
                                                           paged_kv_indices_buffer=indices_buf,
                                                           paged_kv_last_page_len_buffer=last_buf)
@@ -197,9 +209,10 @@ def test_graph_mode_replays_after_replan(use_class):
 
 
 @pytest.mark.gpu
-def test_capturing_a_non_graph_wrapper_raises():
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_capturing_a_non_graph_wrapper_raises(use_tensor_cores):
     cache, k, v, indptr, indices, last = _make([100, 200], 16, 2, 128, torch.bfloat16, "NHD", "tuple")
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=use_tensor_cores)
     w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
     q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
@@ -210,13 +223,15 @@ def test_capturing_a_non_graph_wrapper_raises():
 
 
 @pytest.mark.gpu
-def test_plan_and_run_bad_input():
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_plan_and_run_bad_input(use_tensor_cores):
     cache, k, v, indptr, indices, last = _make([100, 200], 16, 2, 128, torch.bfloat16, "NHD", "tuple")
     q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1024, dtype=torch.uint8, device="cuda"), "NHD")
-    with pytest.raises(ValueError, match="needs .* bytes"):
-        w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    if not use_tensor_cores:  # (the prefill schedule splits no request here: it needs no workspace)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1024, dtype=torch.uint8, device="cuda"), "NHD")
+        with pytest.raises(ValueError, match="needs .* bytes"):
+            w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=use_tensor_cores)
     with pytest.raises(RuntimeError, match="before plan"):
         w.run(q, cache)
     bad_last = last.clone()
@@ -253,6 +268,36 @@ def test_plan_and_run_bad_input():
     with pytest.raises(ValueError, match="out must be"):
         w.run(q, cache, out=torch.empty(2, 8, 64, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------- GPU: use_tensor_cores=True (prefill kernel)
+
+# BatchPrefillSpec modules these load (prefill_batch_paged, mask none, fp16 QK reduction off): d64 bf16, d128 f16,
+# d256 bf16 with pos NONE and no window/soft cap (in `--preset test`), and d128 bf16 with every pos, window and
+# soft cap (12 modules, not in `--preset test` as of this change).
+TC_CASES = [(torch.bfloat16, 64, "NONE"), (torch.float16, 128, "NONE"), (torch.bfloat16, 256, "NONE"),
+            (torch.bfloat16, 128, "NONE"), (torch.bfloat16, 128, "ROPE_LLAMA"), (torch.bfloat16, 128, "ALIBI")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,head_dim,pos", TC_CASES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_batch_decode_tensor_cores_matrix(dtype, head_dim, pos, layout):
+    lens = [1, 15, 16, 17, 1000, 4096, 33000, 5]
+    for i, (page_size, group) in enumerate([(1, 1), (16, 4), (16, 8)]):
+        kw = {"rope_scale": 2.0, "rope_theta": 5e5} if pos == "ROPE_LLAMA" and i == 1 else {}
+        _run_case(lens[i:] + lens[:i], page_size=page_size, num_qo_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
+                  dtype=dtype, layout=layout, form="single" if i % 2 else "tuple", pos=pos, device_indices=i == 2,
+                  use_tensor_cores=True, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("pos,window_left,soft_cap", [("NONE", 15, None), ("ROPE_LLAMA", 1000, None),
+                                                      ("ALIBI", -1, 1.5), ("NONE", 0, 30.0)])
+def test_batch_decode_tensor_cores_window_and_soft_cap(layout, pos, window_left, soft_cap):
+    _run_case([1, 16, 17, 1000, 4096, 5000], page_size=16, num_qo_heads=8, num_kv_heads=2, pos=pos,
+              window_left=window_left, soft_cap=soft_cap, layout=layout, use_tensor_cores=True)
 
 
 # ----------------------------------------------------------------------------------------------- CPU
