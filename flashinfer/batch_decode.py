@@ -6,6 +6,9 @@ host copies of the page table, cuts the requests' keys into a balanced work list
 the grid fills the GPU, partial states merged afterwards) and sends it to the device workspace with one
 non-blocking copy from pinned memory. ``run()`` only launches: no host sync, no decisions, no allocation when
 ``out``/``lse`` are given, and in graph mode it is CUDA-graph capturable and replays correctly after re-plans.
+Eager ``run()`` calls the launcher directly; under ``torch.compile`` it is traced through the custom op
+``flashinfer::batch_decode_paged_run`` (with a fake implementation), which reaches the wrapper's current plan by id.
+With ``use_tensor_cores=True`` the wrapper plans and runs through ``BatchPrefillWithPagedKVCacheWrapper`` instead.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import itertools
 import math
+import weakref
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -210,6 +215,11 @@ def _check_page_table(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: i
     return 0, 0, keys
 
 
+# Live wrappers by a process-unique id: the torch.library op below reaches its wrapper's plan through it.
+_LIVE_WRAPPERS: "weakref.WeakValueDictionary[int, BatchDecodeWithPagedKVCacheWrapper]" = weakref.WeakValueDictionary()
+_WRAPPER_IDS = itertools.count(1)
+
+
 class BatchDecodeWithPagedKVCacheWrapper:
     """Decode attention for a batch of requests whose KV caches live in a paged cache.
 
@@ -267,6 +277,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._info = (ctypes.c_int64 * _INFO_LEN)()
         self._info_ptr = ctypes.addressof(self._info)
         self._plan: Optional[_Plan] = None
+        self._op_id = next(_WRAPPER_IDS)
+        _LIVE_WRAPPERS[self._op_id] = self
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -553,7 +565,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         p = self._plan
         if p is None:
             raise RuntimeError("run() before plan(): call wrapper.plan(...) for this batch first")
-        if not self._use_cuda_graph and torch.cuda.is_current_stream_capturing():
+        compiling = torch.compiler.is_compiling()
+        if not self._use_cuda_graph and not compiling and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "run() is being captured in a CUDA graph but this wrapper was built with use_cuda_graph=False: its "
                 "schedule moves with every plan(), so replays would compute garbage. Build the wrapper with "
@@ -590,6 +603,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
         check_out(lse, "lse", (p.batch, p.num_qo_heads), torch.float32, self._device)
         scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
         out_scale = scalar(v_scale, "v_scale", 1.0)
+        if compiling:  # traced: through the custom op (its fake implementation gives the shapes)
+            o, lse_t = _batch_decode_op(q, kv.k, kv.v, self._op_id, scale_mult, out_scale, return_lse)
+            if out is not None:
+                o = out.copy_(o)
+            if return_lse and lse is not None:
+                lse_t = lse.copy_(lse_t)
+            return (o, lse_t) if return_lse else o
         if out is None:
             out = torch.empty((p.batch, p.num_qo_heads, p.head_dim), dtype=p.q_dtype, device=self._device)
         if return_lse and lse is None:
@@ -657,6 +677,29 @@ class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWra
         super().__init__(workspace_buffer, kv_layout, use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
                          paged_kv_indptr_buffer=indptr_buffer, paged_kv_indices_buffer=indices_buffer,
                          paged_kv_last_page_len_buffer=last_page_len_buffer)
+
+
+@torch.library.custom_op("flashinfer::batch_decode_paged_run", mutates_args=())
+def _batch_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrapper_id: int, scale_mult: float,
+                     v_scale: float, return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """run() of a live wrapper (by its id) with its current plan, on K/V views of the paged cache."""
+    w = _LIVE_WRAPPERS.get(wrapper_id)
+    p = w._plan if w is not None else None
+    if p is None:
+        raise RuntimeError("batch decode: the wrapper this call was traced with is gone or has no plan")
+    if tuple(q.shape) != (p.batch, p.num_qo_heads, p.head_dim):
+        raise ValueError(f"q must be [batch_size, num_qo_heads, head_dim] = {[p.batch, p.num_qo_heads, p.head_dim]} "
+                         f"as planned, got {tuple(q.shape)}")
+    kv = unpack_paged_kv_cache((k, v), w._kv_layout)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    w._launch(p, q, kv, o, lse if return_lse else None, scale_mult, v_scale)
+    return o, lse
+
+
+@_batch_decode_op.register_fake
+def _batch_decode_fake(q, k, v, wrapper_id, scale_mult, v_scale, return_lse):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32)
 
 
 def host_schedule(indptr: torch.Tensor, last_page_len: torch.Tensor, page_size: int, num_qo_heads: int,

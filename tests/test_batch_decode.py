@@ -300,6 +300,35 @@ def test_batch_decode_tensor_cores_window_and_soft_cap(layout, pos, window_left,
               window_left=window_left, soft_cap=soft_cap, layout=layout, use_tensor_cores=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_batch_decode_torch_compile_traces_the_custom_op(use_tensor_cores):
+    lens = [17, 3000, 1]
+    cache, k, v, indptr, indices, last = _make(lens, 16, 2, 128, torch.bfloat16, "NHD", "single")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=use_tensor_cores)
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    q = torch.randn(3, 8, 128, device="cuda", dtype=torch.bfloat16)
+
+    def f(q, cache):
+        o, lse = w.run(q, cache, v_scale=0.5, return_lse=True)
+        return o * 4, lse
+
+    o, lse = torch.compile(f, backend="aot_eager", fullgraph=True)(q, cache)
+    ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens)
+    assert_close(o, 2 * ref)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    # with preallocated outputs, and q_scale
+    out = poisoned((3, 8, 128), torch.bfloat16)
+
+    def g(q, cache, out):
+        return w.run(q, cache, q_scale=2.0, out=out)
+
+    o2 = torch.compile(g, backend="aot_eager", fullgraph=True)(q, cache, out)
+    ref2, _ = _reference(q, k, v, "NHD", indptr, indices, lens, sm_scale=2.0 / 128**0.5)
+    assert_close(out, ref2)
+    assert_close(o2, ref2)
+
+
 # ----------------------------------------------------------------------------------------------- CPU
 
 
@@ -392,3 +421,16 @@ def test_batch_decode_spec_names():
 def test_wrapper_refuses_cpu_workspace():
     with pytest.raises(ValueError, match="CUDA tensor"):
         flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1024, dtype=torch.uint8))
+
+
+def test_run_op_is_registered_with_a_fake_implementation():
+    """torch.compile traces run() through flashinfer::batch_decode_paged_run; its fake gives the output shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(3, 8, 128, dtype=torch.bfloat16)
+        k = torch.empty(10, 16, 2, 128, dtype=torch.bfloat16)
+        o, lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, True)
+        assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (3, 8) and lse.dtype == torch.float32
+        _, no_lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, False)
+        assert no_lse.shape == (0,)
