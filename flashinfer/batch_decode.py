@@ -17,30 +17,25 @@ import ctypes
 import dataclasses
 import functools
 import itertools
-import math
 import weakref
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import jit
-from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
+from ._spec_common import AttentionSpec
+from .jit.spec import c_float, c_int, c_int64, c_void_p, register_family
 from .page import PagedKV, PagedKVCache, unpack_paged_kv_cache
 from .prefill import BatchPrefillWithPagedKVCacheWrapper
 from .utils import (
-    DTYPE_CUDA,
     DTYPE_SHORT,
-    SUPPORTED_HEAD_DIMS,
-    PosEncodingMode,
     aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
+    check_logit_options,
     check_out,
-    cuda_bool,
     current_stream_ptr,
-    on_off,
-    pos_encoding_cuda,
     scalar,
     workspace_too_small,
 )
@@ -52,17 +47,13 @@ _INFO_LEN = 18  # kPlanInfoLen in batch_decode.cuh
 
 @register_family
 @dataclasses.dataclass(frozen=True)
-class BatchDecodePagedSpec(Spec):
+class BatchDecodePagedSpec(AttentionSpec):
     """Compile-time configuration of the paged batch decode kernel (and its planner).
 
     page_size is a run-time value; a sliding window is applied by the planner (keys outside it are never
     scheduled), so it needs no variant of its own.
     """
 
-    head_dim: int = 128
-    dtype_q: str = "bf16"
-    dtype_kv: str = "bf16"
-    dtype_o: str = "bf16"
     kv_layout: str = "NHD"
     pos_encoding_mode: str = "NONE"
     use_logits_soft_cap: bool = False
@@ -94,43 +85,6 @@ class BatchDecodePagedSpec(Spec):
         "flashinfer_event_destroy": (None, (c_void_p,)),
     }
 
-    def name(self) -> str:
-        return (
-            f"{self.family}_q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}"
-            f"_{self.kv_layout.lower()}_pos-{self.pos_encoding_mode.lower().replace('_', '')}"
-            f"_softcap-{on_off(self.use_logits_soft_cap)}"
-        )
-
-    def render_vars(self) -> Dict[str, Any]:
-        return {
-            "name": self.name(),
-            "head_dim": self.head_dim,
-            "dtype_q": DTYPE_CUDA[self.dtype_q],
-            "dtype_kv": DTYPE_CUDA[self.dtype_kv],
-            "dtype_o": DTYPE_CUDA[self.dtype_o],
-            "kv_layout_hnd": cuda_bool(self.kv_layout == "HND"),
-            "pos_encoding": pos_encoding_cuda(self.pos_encoding_mode),
-            "use_logits_soft_cap": cuda_bool(self.use_logits_soft_cap),
-        }
-
-    @classmethod
-    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
-        return {
-            "head_dim": SUPPORTED_HEAD_DIMS,
-            "dtype_q": ("bf16", "f16"),
-            "dtype_kv": ("bf16", "f16"),
-            "dtype_o": ("bf16", "f16"),
-            "kv_layout": ("NHD", "HND"),
-            "pos_encoding_mode": tuple(m.name for m in PosEncodingMode),
-            "use_logits_soft_cap": (False, True),
-        }
-
-    def unsupported_reason(self) -> Optional[str]:
-        if self.dtype_kv != self.dtype_q:
-            return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: q and kv must share a 16-bit dtype"
-        if self.dtype_o != self.dtype_q:
-            return f"output dtype {self.dtype_o} differs from q dtype {self.dtype_q}: the output takes q's dtype"
-        return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,17 +335,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if page_size > 2**16:
             raise ValueError(f"page_size {page_size} is too large")
         pos = canonical_pos_encoding(pos_encoding_mode)
-        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-            raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
-        window_left = min(window_left, 2**31 - 2)
-        soft_cap = scalar(logits_soft_cap, "logits_soft_cap", 0.0)
-        if soft_cap < 0:
-            raise ValueError(f"logits_soft_cap must be > 0 (or None/0 to disable), got {soft_cap}")
-        scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim))
-        r_scale = scalar(rope_scale, "rope_scale", 1.0)
-        r_theta = scalar(rope_theta, "rope_theta", 1e4)
-        if pos == "ROPE_LLAMA" and (r_scale <= 0 or r_theta <= 0):
-            raise ValueError(f"rope_scale and rope_theta must be > 0, got {r_scale} and {r_theta}")
+        window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
+            head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=2**31 - 2)
 
         h_indptr = _host_int32(indptr, "indptr")
         h_last = _host_int32(last_page_len, "last_page_len")

@@ -6,33 +6,28 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import jit
-from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
+from ._spec_common import AttentionSpec
+from .jit.spec import c_float, c_int, c_int64, c_void_p, register_family
 from .prefill import decode_with_tensor_cores
 from .utils import (
-    DTYPE_CUDA,
     DTYPE_SHORT,
-    SUPPORTED_HEAD_DIMS,
-    PosEncodingMode,
-    TensorLayout,
     canonical_layout,
     canonical_pos_encoding,
     check_aligned,
     check_head_dim,
+    check_kv,
+    check_logit_options,
+    check_qkv_dtypes,
     check_out,
     check_same_device,
     check_tensor,
     check_vector_rows,
-    cuda_bool,
     current_stream_ptr,
-    dtype_short,
-    on_off,
-    pos_encoding_cuda,
     scalar,
 )
 
@@ -49,13 +44,9 @@ _MAX_ROPE_POSITION = 1 << 24
 
 @register_family
 @dataclasses.dataclass(frozen=True)
-class SingleDecodeSpec(Spec):
+class SingleDecodeSpec(AttentionSpec):
     """Compile-time configuration of the single-request decode kernel."""
 
-    head_dim: int = 128
-    dtype_q: str = "bf16"
-    dtype_kv: str = "bf16"
-    dtype_o: str = "bf16"
     kv_layout: str = "NHD"
     pos_encoding_mode: str = "NONE"
     use_window: bool = False
@@ -75,45 +66,6 @@ class SingleDecodeSpec(Spec):
         )
     }
 
-    def name(self) -> str:
-        return (
-            f"{self.family}_q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}"
-            f"_{self.kv_layout.lower()}_pos-{self.pos_encoding_mode.lower().replace('_', '')}"
-            f"_window-{on_off(self.use_window)}_softcap-{on_off(self.use_logits_soft_cap)}"
-        )
-
-    def render_vars(self) -> Dict[str, Any]:
-        return {
-            "name": self.name(),
-            "head_dim": self.head_dim,
-            "dtype_q": DTYPE_CUDA[self.dtype_q],
-            "dtype_kv": DTYPE_CUDA[self.dtype_kv],
-            "dtype_o": DTYPE_CUDA[self.dtype_o],
-            "kv_layout_hnd": cuda_bool(self.kv_layout == "HND"),
-            "pos_encoding": pos_encoding_cuda(self.pos_encoding_mode),
-            "use_window": cuda_bool(self.use_window),
-            "use_logits_soft_cap": cuda_bool(self.use_logits_soft_cap),
-        }
-
-    @classmethod
-    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
-        return {
-            "head_dim": SUPPORTED_HEAD_DIMS,
-            "dtype_q": ("bf16", "f16"),
-            "dtype_kv": ("bf16", "f16"),
-            "dtype_o": ("bf16", "f16"),
-            "kv_layout": ("NHD", "HND"),
-            "pos_encoding_mode": tuple(m.name for m in PosEncodingMode),
-            "use_window": (False, True),
-            "use_logits_soft_cap": (False, True),
-        }
-
-    def unsupported_reason(self) -> Optional[str]:
-        if self.dtype_kv != self.dtype_q:
-            return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: q and kv must share a 16-bit dtype"
-        if self.dtype_o != self.dtype_q:
-            return f"output dtype {self.dtype_o} differs from q dtype {self.dtype_q}: the output takes q's dtype"
-        return None
 
 
 _launchers: Dict[Tuple[Any, ...], Tuple[jit.JITModule, Any]] = {}
@@ -235,43 +187,20 @@ def single_decode_with_kv_cache(
     device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
     kv_layout = canonical_layout(kv_layout)
     pos_encoding_mode = canonical_pos_encoding(pos_encoding_mode)
-    dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k"), dtype_short(v, "v")
-    if not (dq == dk == dv):
-        raise TypeError(f"q, k and v must share one dtype (float16 or bfloat16); got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv_dtypes(q, k, v)
     num_qo_heads, head_dim = q.shape
     check_head_dim(head_dim)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[2] != head_dim:
-        raise ValueError(f"k/v head_dim {k.shape[2]} does not match q's head_dim {head_dim}")
-    if kv_layout == "NHD":
-        kv_len, num_kv_heads = k.shape[0], k.shape[1]
-    else:
-        num_kv_heads, kv_len = k.shape[0], k.shape[1]
+    kv_len, num_kv_heads = check_kv(k, v, kv_layout, num_qo_heads, head_dim)
     if kv_len == 0:
         raise ValueError("kv_len is 0: decode needs at least one key")
-    if num_kv_heads == 0 or num_qo_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads}) "
-            f"(kv_layout={kv_layout!r}: k is {'[kv_len, num_kv_heads, head_dim]' if kv_layout == 'NHD' else '[num_kv_heads, kv_len, head_dim]'})"
-        )
     if kv_len >= 2**31:
         raise ValueError(f"kv_len {kv_len} exceeds the supported maximum 2**31 - 1")
     if pos_encoding_mode == "ROPE_LLAMA" and kv_len > _MAX_ROPE_POSITION:
         raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}, got {kv_len}")
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
-    window_left = min(window_left, 2**31 - 1)
-    soft_cap = scalar(logits_soft_cap, "logits_soft_cap", 0.0)
-    if soft_cap < 0:
-        raise ValueError(f"logits_soft_cap must be > 0 (or None/0 to disable), got {soft_cap}")
-    scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim))
+    window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
+        head_dim, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
     scale *= scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
     out_scale = scalar(v_scale, "v_scale", 1.0)
-    r_scale = scalar(rope_scale, "rope_scale", 1.0)
-    r_theta = scalar(rope_theta, "rope_theta", 1e4)
-    if pos_encoding_mode == "ROPE_LLAMA" and (r_scale <= 0 or r_theta <= 0):
-        raise ValueError(f"rope_scale and rope_theta must be > 0, got {r_scale} and {r_theta}")
     check_vector_rows(k, "k", 2)
     check_vector_rows(v, "v", 2)
     if q.stride(-1) != 1:

@@ -17,16 +17,17 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from . import jit
+from ._spec_common import AttentionSpec
 from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
 from .quantization import packbits, segment_packbits
 from .utils import (
-    DTYPE_CUDA,
-    SUPPORTED_HEAD_DIMS,
-    PosEncodingMode,
     aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
+    check_kv,
+    check_logit_options,
+    check_qkv_dtypes,
     check_out,
     check_same_device,
     check_tensor,
@@ -35,8 +36,6 @@ from .utils import (
     current_stream_ptr,
     dtype_short,
     num_sms,
-    on_off,
-    pos_encoding_cuda,
     scalar,
     workspace_too_small,
 )
@@ -77,48 +76,16 @@ def _resolve_backend(backend: str) -> str:
     raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
 
 
-class _PrefillSpecBase(Spec):
-    def _common_name(self) -> str:
-        return (
-            f"_q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}_mask-{self.mask_mode}"
-            f"_pos-{self.pos_encoding_mode.lower().replace('_', '')}_window-{on_off(self.use_window)}"
-            f"_softcap-{on_off(self.use_logits_soft_cap)}_fp16qk-{on_off(self.use_fp16_qk_reduction)}_{self.backend}"
-        )
+class _PrefillSpecBase(AttentionSpec):
+    own_axes = {"mask_mode": MASK_MODES, "backend": BACKENDS, "kv_storage": ("paged", "ragged")}
 
-    def _common_vars(self) -> Dict[str, Any]:
-        return {
-            "name": self.name(),
-            "head_dim": self.head_dim,
-            "dtype_q": DTYPE_CUDA[self.dtype_q],
-            "dtype_kv": DTYPE_CUDA[self.dtype_kv],
-            "dtype_o": DTYPE_CUDA[self.dtype_o],
-            "mask_mode": _MASK_CUDA[self.mask_mode],
-            "pos_encoding": pos_encoding_cuda(self.pos_encoding_mode),
-            "use_window": cuda_bool(self.use_window),
-            "use_logits_soft_cap": cuda_bool(self.use_logits_soft_cap),
-            "use_fp16_qk_reduction": cuda_bool(self.use_fp16_qk_reduction),
-        }
-
-    @classmethod
-    def _common_axes(cls) -> Dict[str, Tuple[Any, ...]]:
-        return {
-            "head_dim": SUPPORTED_HEAD_DIMS,
-            "dtype_q": ("bf16", "f16"),
-            "dtype_kv": ("bf16", "f16"),
-            "dtype_o": ("bf16", "f16"),
-            "mask_mode": MASK_MODES,
-            "pos_encoding_mode": tuple(m.name for m in PosEncodingMode),
-            "use_window": (False, True),
-            "use_logits_soft_cap": (False, True),
-            "use_fp16_qk_reduction": (False, True),
-            "backend": BACKENDS,
-        }
+    def attention_vars(self) -> Dict[str, Any]:
+        return {**super().attention_vars(), "mask_mode": _MASK_CUDA[self.mask_mode]}
 
     def unsupported_reason(self) -> Optional[str]:
-        if self.dtype_kv != self.dtype_q:
-            return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: q and kv must share a 16-bit dtype"
-        if self.dtype_o != self.dtype_q:
-            return f"output dtype {self.dtype_o} differs from q dtype {self.dtype_q}: the output takes q's dtype"
+        reason = super().unsupported_reason()
+        if reason is not None:
+            return reason
         if self.use_fp16_qk_reduction and self.dtype_q != "f16":
             return "use_fp16_qk_reduction needs float16 q/k (tensor cores accumulate in fp16 only for fp16 inputs)"
         if self.mask_mode not in MASK_MODES:
@@ -133,10 +100,6 @@ class _PrefillSpecBase(Spec):
 class SinglePrefillSpec(_PrefillSpecBase):
     """Compile-time configuration of the single-request prefill kernel (the KV layout is a run-time stride)."""
 
-    head_dim: int = 128
-    dtype_q: str = "bf16"
-    dtype_kv: str = "bf16"
-    dtype_o: str = "bf16"
     mask_mode: str = "none"
     pos_encoding_mode: str = "NONE"
     use_window: bool = False
@@ -159,15 +122,8 @@ class SinglePrefillSpec(_PrefillSpecBase):
         "flashinfer_single_prefill_occupancy": (c_int, (c_int, c_void_p)),
     }
 
-    def name(self) -> str:
-        return self.family + self._common_name()
-
     def render_vars(self) -> Dict[str, Any]:
-        return {**self._common_vars(), "mq": _mq(self.head_dim)}
-
-    @classmethod
-    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
-        return cls._common_axes()
+        return {**self.attention_vars(), "mq": _mq(self.head_dim)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,29 +161,13 @@ def _check_options(head_dim: int, causal: bool, pos_encoding_mode, window_left, 
                    rope_scale, rope_theta, use_fp16_qk_reduction, backend, has_mask: bool) -> _Opts:
     check_head_dim(head_dim)
     pos = canonical_pos_encoding(pos_encoding_mode)
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
-    window_left = min(window_left, _INT32_MAX)
-    soft_cap = scalar(logits_soft_cap, "logits_soft_cap", 0.0)
-    if soft_cap < 0:
-        raise ValueError(f"logits_soft_cap must be > 0 (or None/0 to disable), got {soft_cap}")
-    scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim))
-    r_scale = scalar(rope_scale, "rope_scale", 1.0)
-    r_theta = scalar(rope_theta, "rope_theta", 1e4)
-    if pos == "ROPE_LLAMA" and (r_scale <= 0 or r_theta <= 0):
-        raise ValueError(f"rope_scale and rope_theta must be > 0, got {r_scale} and {r_theta}")
+    window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
+        head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=_INT32_MAX)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     mask_mode = "custom" if has_mask else ("causal" if causal else "none")
     return _Opts(mask_mode, pos, window_left, soft_cap, scale, r_scale, r_theta, bool(use_fp16_qk_reduction),
                  _resolve_backend(backend))
-
-
-def _check_qkv_dtypes(q, k, v) -> str:
-    dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k"), dtype_short(v, "v")
-    if not (dq == dk == dv):
-        raise TypeError(f"q, k and v must share one dtype (float16 or bfloat16); got {q.dtype}, {k.dtype}, {v.dtype}")
-    return dq
 
 
 def _check_fp16qk(opts: _Opts, dq: str) -> None:
@@ -386,26 +326,13 @@ def single_prefill_with_kv_cache(
     device = check_same_device([("q", q), ("k", k), ("v", v), ("custom_mask", custom_mask),
                                 ("packed_custom_mask", packed_custom_mask), ("out", out), ("lse", lse)])
     kv_layout = canonical_layout(kv_layout)
-    dq = _check_qkv_dtypes(q, k, v)
+    dq = check_qkv_dtypes(q, k, v)
     qo_len, num_qo_heads, head_dim = q.shape
     has_mask = custom_mask is not None or packed_custom_mask is not None
     opts = _check_options(head_dim, causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale,
                           rope_theta, use_fp16_qk_reduction, backend, has_mask)
     _check_fp16qk(opts, dq)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[2] != head_dim:
-        raise ValueError(f"k/v head_dim {k.shape[2]} does not match q's head_dim {head_dim}")
-    if kv_layout == "NHD":
-        kv_len, num_kv_heads = k.shape[0], k.shape[1]
-    else:
-        num_kv_heads, kv_len = k.shape[0], k.shape[1]
-    if num_kv_heads == 0 or num_qo_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads}) "
-            f"(kv_layout={kv_layout!r}: k is "
-            f"{'[kv_len, num_kv_heads, head_dim]' if kv_layout == 'NHD' else '[num_kv_heads, kv_len, head_dim]'})"
-        )
+    kv_len, num_kv_heads = check_kv(k, v, kv_layout, num_qo_heads, head_dim)
     if opts.mask_mode == "causal" and qo_len > kv_len:
         raise ValueError(f"causal=True needs qo_len <= kv_len (the mask is aligned bottom-right); got qo_len={qo_len}, "
                          f"kv_len={kv_len}")
@@ -461,10 +388,6 @@ def _batch_tiles(head_dim: int) -> Tuple[int, ...]:
 class BatchPrefillSpec(_PrefillSpecBase):
     """Compile-time configuration of the batch prefill kernel over ragged or paged KV."""
 
-    head_dim: int = 128
-    dtype_q: str = "bf16"
-    dtype_kv: str = "bf16"
-    dtype_o: str = "bf16"
     kv_storage: str = "paged"
     mask_mode: str = "none"
     pos_encoding_mode: str = "NONE"
@@ -490,19 +413,11 @@ class BatchPrefillSpec(_PrefillSpecBase):
         "flashinfer_batch_prefill_occupancy": (c_int, (c_int, c_int, c_void_p)),
     }
 
-    def name(self) -> str:
-        return f"{self.family}_{self.kv_storage}" + self._common_name()
+    name_prefix = ("kv_storage",)
 
     def render_vars(self) -> Dict[str, Any]:
-        return {**self._common_vars(), "paged": cuda_bool(self.kv_storage == "paged"),
+        return {**self.attention_vars(), "paged": cuda_bool(self.kv_storage == "paged"),
                 "mqs": [t // 64 for t in _batch_tiles(self.head_dim)]}
-
-    @classmethod
-    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
-        axes = cls._common_axes()
-        return {**{k: axes[k] for k in ("head_dim", "dtype_q", "dtype_kv", "dtype_o")},
-                "kv_storage": ("paged", "ragged"), **{k: v for k, v in axes.items()
-                                                       if k not in ("head_dim", "dtype_q", "dtype_kv", "dtype_o")}}
 
     def unsupported_reason(self) -> Optional[str]:
         if self.kv_storage not in ("paged", "ragged"):

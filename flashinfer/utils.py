@@ -40,29 +40,32 @@ def on_off(flag: bool) -> str:
     return "on" if flag else "off"
 
 
+def _enum_name(value: object, enum_cls: type) -> Optional[str]:
+    """The member name of ``enum_cls`` that value spells (a member, its integer value, or its name in any case)."""
+    if isinstance(value, enum_cls):
+        return value.name
+    if isinstance(value, int) and not isinstance(value, bool):
+        for m in enum_cls:
+            if m.value == value:
+                return m.name
+    if isinstance(value, str) and value.upper() in enum_cls.__members__:
+        return value.upper()
+    return None
+
+
 def canonical_pos_encoding(mode: Union[str, int, PosEncodingMode]) -> str:
     """``"NONE"``/``"ROPE_LLAMA"``/``"ALIBI"`` from a string, a PosEncodingMode or its integer value."""
-    if isinstance(mode, PosEncodingMode):
-        return mode.name
-    if isinstance(mode, int) and not isinstance(mode, bool):
-        for m in PosEncodingMode:
-            if m.value == mode:
-                return m.name
-    if isinstance(mode, str) and mode.upper() in _POS_ENCODING_CUDA:
-        return mode.upper()
+    name = _enum_name(mode, PosEncodingMode)
+    if name is not None:
+        return name
     raise ValueError(f"pos_encoding_mode must be one of {list(_POS_ENCODING_CUDA)}, got {mode!r}")
 
 
 def canonical_layout(layout: Union[str, int, TensorLayout]) -> str:
     """``"NHD"`` or ``"HND"`` from a string, a TensorLayout or its integer value."""
-    if isinstance(layout, TensorLayout):
-        return layout.name
-    if isinstance(layout, int) and not isinstance(layout, bool):
-        for m in TensorLayout:
-            if m.value == layout:
-                return m.name
-    if isinstance(layout, str) and layout.upper() in ("NHD", "HND"):
-        return layout.upper()
+    name = _enum_name(layout, TensorLayout)
+    if name is not None:
+        return name
     raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {layout!r}")
 
 
@@ -161,6 +164,53 @@ def scalar(x: object, name: str, default: float) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
+
+
+def check_logit_options(head_dim: int, pos_encoding_mode: str, window_left: object, logits_soft_cap: object,
+                        sm_scale: object, rope_scale: object, rope_theta: object,
+                        max_window: int = 2**31 - 1) -> Tuple[int, float, float, float, float]:
+    """The attention options every kernel takes, checked: returns (window_left clamped to max_window, soft cap
+    (0: off), sm_scale (default 1/sqrt(head_dim)), rope_scale, rope_theta)."""
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+    window_left = min(window_left, max_window)
+    soft_cap = scalar(logits_soft_cap, "logits_soft_cap", 0.0)
+    if soft_cap < 0:
+        raise ValueError(f"logits_soft_cap must be > 0 (or None/0 to disable), got {soft_cap}")
+    scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim))
+    r_scale = scalar(rope_scale, "rope_scale", 1.0)
+    r_theta = scalar(rope_theta, "rope_theta", 1e4)
+    if pos_encoding_mode == "ROPE_LLAMA" and (r_scale <= 0 or r_theta <= 0):
+        raise ValueError(f"rope_scale and rope_theta must be > 0, got {r_scale} and {r_theta}")
+    return window_left, soft_cap, scale, r_scale, r_theta
+
+
+def check_qkv_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """q, k and v share one supported dtype; returns its short name."""
+    dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k"), dtype_short(v, "v")
+    if not (dq == dk == dv):
+        raise TypeError(f"q, k and v must share one dtype (float16 or bfloat16); got {q.dtype}, {k.dtype}, {v.dtype}")
+    return dq
+
+
+def check_kv(k: torch.Tensor, v: torch.Tensor, kv_layout: str, num_qo_heads: int, head_dim: int) -> Tuple[int, int]:
+    """k/v of one request (``[kv_len, num_kv_heads, head_dim]`` NHD or ``[num_kv_heads, kv_len, head_dim]`` HND)
+    against q's heads and head_dim; returns (kv_len, num_kv_heads)."""
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k/v head_dim {k.shape[2]} does not match q's head_dim {head_dim}")
+    if kv_layout == "NHD":
+        kv_len, num_kv_heads = k.shape[0], k.shape[1]
+    else:
+        num_kv_heads, kv_len = k.shape[0], k.shape[1]
+    if num_kv_heads == 0 or num_qo_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads}) "
+            f"(kv_layout={kv_layout!r}: k is "
+            f"{'[kv_len, num_kv_heads, head_dim]' if kv_layout == 'NHD' else '[num_kv_heads, kv_len, head_dim]'})"
+        )
+    return kv_len, num_kv_heads
 
 
 def check_head_dim(head_dim: int) -> None:
