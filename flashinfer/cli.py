@@ -136,6 +136,9 @@ _TEST_PRESET: Dict[str, Any] = {
          "pos_encodings": "NONE", **_NO_EXTRAS},
         {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "ragged", "axis:mask_mode": "none",
          "pos_encodings": "NONE", **_NO_EXTRAS},
+        # batch decode with use_tensor_cores=True runs through the paged prefill kernel (no mask)
+        {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "paged", "axis:mask_mode": "none",
+         "axis:use_fp16_qk_reduction": "off"},
     ],
 }
 
