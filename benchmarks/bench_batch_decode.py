@@ -112,6 +112,10 @@ def plan_host_us(batch=256, kv_len=4096, host_indices=False, iters=300):
         w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=DT)
     times = []
     for _ in range(iters):
+        # Host time of plan() itself: with the previous plans' copies done, it never waits for its staging
+        # buffer. (Back-to-back plans with nothing else to do would time the copy's round trip instead: plan()
+        # reuses a pinned buffer two plans later, after its copy has run.)
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=DT)
         times.append(time.perf_counter() - t0)

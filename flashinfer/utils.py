@@ -40,22 +40,28 @@ def on_off(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-def _enum_name(value: object, enum_cls: type) -> Optional[str]:
-    """The member name of ``enum_cls`` that value spells (a member, its integer value, or its name in any case)."""
+_POS_ENCODING_NAMES = tuple(m.name for m in PosEncodingMode)
+_LAYOUT_NAMES = tuple(m.name for m in TensorLayout)
+
+
+def _enum_name(value: object, enum_cls: type, names: Tuple[str, ...]) -> Optional[str]:
+    """The member name of ``enum_cls`` that value spells (its name in any case, a member, or its integer
+    value). Strings are checked against the plain tuple ``names`` first: torch.compile traces this, and
+    dynamo cannot trace ``Enum.__members__``."""
+    if isinstance(value, str):
+        return value.upper() if value.upper() in names else None
     if isinstance(value, enum_cls):
         return value.name
     if isinstance(value, int) and not isinstance(value, bool):
         for m in enum_cls:
             if m.value == value:
                 return m.name
-    if isinstance(value, str) and value.upper() in enum_cls.__members__:
-        return value.upper()
     return None
 
 
 def canonical_pos_encoding(mode: Union[str, int, PosEncodingMode]) -> str:
     """``"NONE"``/``"ROPE_LLAMA"``/``"ALIBI"`` from a string, a PosEncodingMode or its integer value."""
-    name = _enum_name(mode, PosEncodingMode)
+    name = _enum_name(mode, PosEncodingMode, _POS_ENCODING_NAMES)
     if name is not None:
         return name
     raise ValueError(f"pos_encoding_mode must be one of {list(_POS_ENCODING_CUDA)}, got {mode!r}")
@@ -63,7 +69,7 @@ def canonical_pos_encoding(mode: Union[str, int, PosEncodingMode]) -> str:
 
 def canonical_layout(layout: Union[str, int, TensorLayout]) -> str:
     """``"NHD"`` or ``"HND"`` from a string, a TensorLayout or its integer value."""
-    name = _enum_name(layout, TensorLayout)
+    name = _enum_name(layout, TensorLayout, _LAYOUT_NAMES)
     if name is not None:
         return name
     raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {layout!r}")
