@@ -14,9 +14,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import bf16_matmul_tflops, copy_bandwidth_tbs, graph_ms, median_ms, write_results  # noqa: E402
+from common import bf16_matmul_tflops, copy_bandwidth_tbs, first_call_times, graph_ms, median_ms, write_results  # noqa: E402
 
 import flashinfer  # noqa: E402
 
@@ -42,19 +40,6 @@ torch.cuda.synchronize()
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "first_call_s": t3 - t2}))
 """
-
-
-def first_call_times() -> dict:
-    """Cold (empty cache) and warm (cache hit, new process) first-call times of the bf16 d128 decode module."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, FLASHINFER_JIT_CACHE=cache)
-        res = {}
-        for what in ("cold", "warm"):
-            p = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise RuntimeError(p.stderr[-2000:])
-            res[what] = json.loads(p.stdout.strip().splitlines()[-1])
-        return res
 
 
 def host_overhead_us(n: int = 2000) -> float:
@@ -131,7 +116,7 @@ def main() -> None:
     print(f"copy bandwidth {copy_tbs:.2f} TB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s", flush=True)
     host_us = host_overhead_us()
     print(f"host overhead {host_us:.1f} us/call", flush=True)
-    times = first_call_times()
+    times = first_call_times(_FIRST_CALL)
     print(f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms", flush=True)
 
     cases = [(32, 8, 32768), (32, 32, 32768)] if args.quick else [

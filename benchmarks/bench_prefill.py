@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import bf16_matmul_tflops, graph_ms, write_results  # noqa: E402
+from common import bf16_matmul_tflops, first_call_times, graph_ms, write_results  # noqa: E402
 
 import flashinfer  # noqa: E402
 
@@ -45,18 +43,6 @@ print(json.dumps({"import_s": t1 - t0, "first_call_s": t3 - t2}))
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def first_call_times() -> dict:
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, FLASHINFER_JIT_CACHE=cache)
-        res = {}
-        for what in ("cold", "warm"):
-            p = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise RuntimeError(p.stderr[-2000:])
-            res[what] = json.loads(p.stdout.strip().splitlines()[-1])
-        return res
 
 
 def flops(qo, kv, heads, d, causal):
@@ -157,7 +143,7 @@ def main() -> None:
     mm = bf16_matmul_tflops()
     print(f"bf16 matmul {mm:.0f} TFLOP/s", flush=True)
     times = {"cold": {"first_call_s": float("nan")}, "warm": {"first_call_s": float("nan"), "import_s": 0}} \
-        if args.batch_only else first_call_times()
+        if args.batch_only else first_call_times(_FIRST_CALL)
     print(f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms",
           flush=True)
     cases = [] if args.batch_only else [(L, 32, 32, 128, c) for L in (2048, 8192, 16384) for c in (False, True)]

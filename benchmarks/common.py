@@ -56,6 +56,24 @@ def graph_ms(fn: Callable[[int], object], n_inputs: int, reps: int = 20, calls_p
     return statistics.median(times)
 
 
+def first_call_times(snippet: str) -> dict:
+    """Runs `snippet` (prints one JSON line: its first-call timings) in two fresh processes sharing an empty
+    cache: "cold" builds the module, "warm" loads it from the cache."""
+    import json
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, FLASHINFER_JIT_CACHE=cache)
+        res = {}
+        for what in ("cold", "warm"):
+            p = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(p.stderr[-2000:])
+            res[what] = json.loads(p.stdout.strip().splitlines()[-1])
+        return res
+
+
 def copy_bandwidth_tbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 4, device="cuda")

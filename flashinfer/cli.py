@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "expand_matrix", "shard_items", "MatrixItem", "PRESETS", "AXIS_FLAGS"]
 

@@ -12,7 +12,7 @@ import ctypes
 import dataclasses
 import functools
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 

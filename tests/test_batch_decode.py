@@ -4,7 +4,6 @@ balance, merges), spec naming, validation before any build."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

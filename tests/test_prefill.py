@@ -5,7 +5,6 @@ validation that needs no GPU, and a real nvcc build of one prefill module."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import ctypes
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from . import cache, env
 from .build import BuildReport, build_into
