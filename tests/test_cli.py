@@ -384,6 +384,29 @@ def test_real_prewarm_of_probe_family(probe_cache):
     assert dry.returncode == 0 and f"{n} of {n} already cached" in dry.stdout, dry.stdout + dry.stderr
 
 
+def test_two_concurrent_prewarms_build_each_module_once(tmp_path):
+    """Two prewarms of one matrix racing on one cache: together they build every module exactly once (the
+    per-key locks), and both succeed."""
+    root = tmp_path / "cache"
+    env = dict(os.environ, FLASHINFER_JIT_CACHE=str(root), CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+               TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    reports = [tmp_path / "a.json", tmp_path / "b.json"]
+    procs = [subprocess.Popen([sys.executable, "-m", "flashinfer", "prewarm", "--preset", "probe", "--jobs", "2",
+                               "--json", str(r)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in reports]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out + err
+    reps = [json.loads(r.read_text()) for r in reports]
+    n = reps[0]["counts"]["total"] - reps[0]["counts"]["skipped"]
+    assert n >= 2
+    built = [item["key"] for rep in reps for item in rep["items"] if item["status"] == "built"]
+    assert sorted(built) == sorted(set(built)) and len(built) == n, (reps[0]["counts"], reps[1]["counts"])
+    for rep in reps:
+        assert rep["counts"]["built"] + rep["counts"]["cached"] == n and rep["counts"]["failed"] == 0
+
+
 def test_cache_list_verify_clear(probe_cache):
     assert probe_cache["run"].returncode == 0
     env = probe_cache["env"]
