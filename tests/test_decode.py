@@ -345,3 +345,33 @@ def test_decode_module_builds_and_exports_its_launcher(tmp_path, monkeypatch):
         dyn = subprocess.run([nm, "-D", "--defined-only", str(mod.path)], capture_output=True, text=True).stdout
         kinds = {line.split()[1] for line in dyn.splitlines() if len(line.split()) == 3}
         assert "u" not in kinds, [line for line in dyn.splitlines() if " u " in line]
+
+
+# Each spec compiles every query-head tile (1, 2, 4, 8 heads) of its kernel: the tensor-core tiles (d64/d128
+# without RoPE), the CUDA-core tiles (RoPE, d256) and the paged batch kernel, which shares the tile loop.
+_NO_SPILL_SPECS = [
+    SingleDecodeSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False),
+    SingleDecodeSpec(64, "f16", "f16", "f16", "HND", "ROPE_LLAMA", True, True),
+    SingleDecodeSpec(256, "bf16", "bf16", "bf16", "NHD", "ALIBI", True, True),
+]
+
+
+def _batch_specs():
+    from flashinfer.batch_decode import BatchDecodePagedSpec
+
+    return [BatchDecodePagedSpec(head_dim=256, kv_layout="NHD", pos_encoding_mode="NONE", use_logits_soft_cap=True),
+            BatchDecodePagedSpec(head_dim=128, kv_layout="HND", pos_encoding_mode="ROPE_LLAMA")]
+
+
+@pytest.mark.parametrize("spec", _NO_SPILL_SPECS + _batch_specs(), ids=lambda s: s.name())
+def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch):
+    """ptxas's report (kept in the build log) shows no stack frame and no spills for any kernel of the module:
+    the tile loops are sized to their register budget (4 CTAs per SM for most tiles)."""
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    report = jit.ensure_built(spec)
+    log = report.log_path.read_text()
+    frames = [line.strip() for line in log.splitlines() if "bytes stack frame" in line]
+    assert frames, "no ptxas resource report in the build log"
+    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") for line in frames), frames
