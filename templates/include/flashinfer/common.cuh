@@ -118,16 +118,26 @@ static int sm_count(int device) {
   return cache[device];
 }
 
-// Runs fn under a guard for `device` (the tensors' device, not necessarily the current one).
+// Switches to `device` for its lifetime (launches go to the tensors' device, not the current one).
+struct DeviceGuard {
+  int previous = -1;
+  cudaError_t err = cudaSuccess;
+  explicit DeviceGuard(int device) {
+    err = cudaGetDevice(&previous);
+    if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (previous >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != previous) cudaSetDevice(previous);
+  }
+};
+
+// Runs fn under a DeviceGuard for `device`.
 template <typename F>
 static cudaError_t with_device(int device, F&& fn) {
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err != cudaSuccess) return err;
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
-  err = fn();
-  if (previous != device) cudaSetDevice(previous);
-  return err;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  return fn();
 }
 
 }  // namespace flashinfer

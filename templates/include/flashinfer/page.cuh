@@ -89,16 +89,12 @@ __global__ void __launch_bounds__(256) append_paged_kv_kernel(const __grid_const
 template <int HEAD_DIM, typename DType>
 cudaError_t launch_append_paged_kv(const AppendParams& p, int device, cudaStream_t stream) {
   if (p.nnz == 0 || p.num_heads == 0) return cudaSuccess;
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err != cudaSuccess) return err;
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
   const int64_t total = int64_t(p.nnz) * p.num_heads * (HEAD_DIM / 8);
   const int64_t blocks = (total + 255) / 256;
   append_paged_kv_kernel<HEAD_DIM, DType><<<static_cast<int>(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(p);
-  err = cudaGetLastError();
-  if (previous != device) cudaSetDevice(previous);
-  return err;
+  return cudaGetLastError();
 }
 
 }  // namespace flashinfer

@@ -550,20 +550,6 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
 
 // ------------------------------------------------------------------------------------------- host side
 
-// Switches to `device` for its lifetime (launches go to the tensors' device, not the current one).
-struct DeviceGuard {
-  int previous = -1;
-  cudaError_t err = cudaSuccess;
-  explicit DeviceGuard(int device) {
-    err = cudaGetDevice(&previous);
-    if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (previous >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != previous) cudaSetDevice(previous);
-  }
-};
-
 // Raises the kernel's dynamic shared-memory limit once per device; returns its CTAs per SM.
 // Templated on the kernel itself (not its type): the static below is a process-wide unique symbol shared
 // by every loaded module that instantiates the same template, so it must be one per kernel.
