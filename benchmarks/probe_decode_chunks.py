@@ -1,9 +1,13 @@
-"""Development aid: single-decode time against the cap on split-KV chunks (the launcher fills every resident
-CTA slot up to this cap), to check the chunking heuristic. Prints a table; records nothing."""
+"""Development aid: single-decode time against the depth of the K/V ring (FI_DECODE_STAGES, a compile-time
+knob) and the split-KV target of CTAs per SM (decode._CTAS_PER_SM; the launcher also stops at the resident
+slots), to check the defaults. Prints a table; records nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -14,25 +18,56 @@ from common import copy_bandwidth_tbs, graph_ms  # noqa: E402
 
 import flashinfer  # noqa: E402
 import flashinfer.decode as decode  # noqa: E402
+from flashinfer import jit  # noqa: E402
+
+STAGES = (3, 6)
+CTAS_PER_SM = (1, 2, 3, 4)
+SHAPES = [(32, 8, 32768), (32, 32, 32768), (32, 8, 8192), (32, 32, 8192), (32, 4, 32768), (32, 1, 32768),
+          (64, 64, 8192), (8, 8, 32768)]
+
+
+def staged_spec_class(stages: int):
+    base = decode.SingleDecodeSpec
+
+    @dataclasses.dataclass(frozen=True)
+    class Staged(base):
+        def extra_cuda_cflags(self):
+            return tuple(base.extra_cuda_cflags(self)) + (f"-DFI_DECODE_STAGES={stages}",)
+
+    Staged.__name__ = f"SingleDecodeSpecStages{stages}"
+    return Staged
 
 
 def main() -> None:
+    classes = {s: staged_spec_class(s) for s in STAGES}
+    with ThreadPoolExecutor(len(STAGES)) as pool:  # each build is an nvcc subprocess
+        list(pool.map(lambda c: jit.load(c(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)), classes.values()))
     copy = copy_bandwidth_tbs()
-    print(f"copy {copy:.2f} TB/s")
-    for hq, hkv, L in [(32, 8, 32768), (32, 32, 32768), (32, 8, 8192)]:
+    print(f"copy {copy:.2f} TB/s", flush=True)
+    for hq, hkv, L in SHAPES:
         sets = max(1, int(512e6 // (4 * L * hkv * 128)))
         qs = [torch.randn(hq, 128, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         ks = [torch.randn(L, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         vs = [torch.randn(L, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         out = torch.empty(hq, 128, device="cuda", dtype=torch.bfloat16)
+        ref = flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0]).float()
         nbytes = 4 * L * hkv * 128 + 4 * hq * 128
-        row = []
-        for cap in (128, 66, 48, 33, 24, 16):
-            decode._MAX_CHUNKS = cap
-            t = graph_ms(lambda i: flashinfer.single_decode_with_kv_cache(qs[i], ks[i], vs[i], out=out), sets)
-            row.append(f"cap {cap}: {t * 1e3:.1f} us ({100 * nbytes / (t * 1e-3) / 1e12 / copy:.1f}%)")
-        decode._MAX_CHUNKS = 128
-        print(f"{hq}q/{hkv}kv L={L}: " + ", ".join(row), flush=True)
+        results = {}
+        for _ in range(3):  # interleaved rounds; the median of each variant is printed
+            for stages, cls in classes.items():
+                decode.SingleDecodeSpec = cls
+                decode._launchers.clear()
+                for cap in CTAS_PER_SM:
+                    decode._CTAS_PER_SM = cap
+                    t = graph_ms(lambda i: flashinfer.single_decode_with_kv_cache(qs[i], ks[i], vs[i], out=out), sets)
+                    results.setdefault((stages, cap), []).append(t)
+                    err = (flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0]).float() - ref).abs().max().item()
+                    assert err < 2e-2, (stages, cap, err)
+        print(f"{hq}q/{hkv}kv L={L}:", flush=True)
+        for (stages, cap), ts in results.items():
+            t = statistics.median(ts)
+            print(f"  stages {stages} CTAs/SM {cap}: {t * 1e3:6.1f} us {100 * nbytes / (t * 1e-3) / 1e12 / copy:5.1f}%",
+                  flush=True)
         del qs, ks, vs
         torch.cuda.empty_cache()
 

@@ -42,6 +42,9 @@ from .utils import (
 
 # RoPE positions are carried as floats in the kernel and must be exact.
 _MAX_ROPE_POSITION = 1 << 24
+_PLAN_ARG_NAMES = ("indptr", "indices", "last_page_len", "num_qo_heads", "num_kv_heads", "head_dim", "page_size",
+                   "pos_encoding_mode", "window_left", "logits_soft_cap", "q_data_type", "kv_data_type", "data_type",
+                   "sm_scale", "rope_scale", "rope_theta", "non_blocking")
 _INFO_LEN = 18  # kPlanInfoLen in batch_decode.cuh
 
 
@@ -143,8 +146,8 @@ class _Plan:
     max_index: int  # largest page id when known on the host, else -1
     nnz: int
     indices_ref: Optional[torch.Tensor]  # keeps caller's device indices alive
-    stats: Dict[str, int]
-    plan_args: Dict[str, Any]
+    stats: Any  # dict, or the compiled planner's info words (see plan_stats)
+    plan_args: Tuple[Any, ...]  # plan()'s arguments in _PLAN_ARG_NAMES order, for forward()'s re-plans
     prefill: Optional[BatchPrefillWithPagedKVCacheWrapper] = None  # use_tensor_cores: plans and runs instead
 
 
@@ -231,6 +234,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._info = (ctypes.c_int64 * _INFO_LEN)()
         self._info_ptr = ctypes.addressof(self._info)
         self._plan: Optional[_Plan] = None
+        self._configs: Dict[Tuple[Any, ...], Tuple[Any, ...]] = {}  # validated plan() configurations
         self._op_id = next(_WRAPPER_IDS)
         _LIVE_WRAPPERS[self._op_id] = self
 
@@ -285,9 +289,42 @@ class BatchDecodeWithPagedKVCacheWrapper:
         """The last plan's schedule: workers, pieces, merges, partial states, total keys, workspace bytes."""
         if self._plan is None:
             raise RuntimeError("plan() has not been called")
-        return dict(self._plan.stats)
+        stats = self._plan.stats
+        if isinstance(stats, dict):
+            return dict(stats)
+        return {"workers": stats[1], "worker_capacity": stats[9], "pieces": stats[2], "merges": stats[3],
+                "partial_states": stats[5], "total_keys": stats[6], "workspace_bytes": stats[0]}
 
     # ------------------------------------------------------------------------------------------ plan
+
+    def _validate_config(self, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left,
+                         logits_soft_cap, q_data_type, kv_data_type, data_type, sm_scale, rope_scale, rope_theta):
+        """plan()'s per-configuration work: checks, canonical values, the spec and (CUDA cores) its module."""
+        if data_type is not None:
+            q_data_type = kv_data_type = data_type
+        q_dtype = _canonical_dtype(q_data_type, "q_data_type")
+        kv_dtype = _canonical_dtype(kv_data_type, "kv_data_type") if kv_data_type is not None else q_dtype
+        if kv_dtype != q_dtype:
+            raise TypeError(f"q_data_type {q_dtype} and kv_data_type {kv_dtype} must match (float16 or bfloat16)")
+        for n, v in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                     ("page_size", page_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{n} must be a positive int, got {v!r}")
+        check_head_dim(head_dim)
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if page_size > 2**16:
+            raise ValueError(f"page_size {page_size} is too large")
+        pos = canonical_pos_encoding(pos_encoding_mode)
+        window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
+            head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=2**31 - 2)
+        spec = BatchDecodePagedSpec(head_dim=head_dim, dtype_q=DTYPE_SHORT[q_dtype], dtype_kv=DTYPE_SHORT[kv_dtype],
+                                    dtype_o=DTYPE_SHORT[q_dtype], kv_layout=self._kv_layout, pos_encoding_mode=pos,
+                                    use_logits_soft_cap=soft_cap > 0)
+        frozen = (spec, num_qo_heads, num_kv_heads, page_size)
+        if self._use_tensor_cores:
+            frozen += (window_left,)  # a launch argument of the prefill kernel (the decode planner applies it)
+        return q_dtype, kv_dtype, pos, window_left, soft_cap, scale, r_scale, r_theta, spec, frozen
 
     def plan(
         self,
@@ -312,31 +349,24 @@ class BatchDecodeWithPagedKVCacheWrapper:
         """Schedules a batch: ``indptr [batch + 1]``, ``indices [nnz_pages]``, ``last_page_len [batch]`` (int32,
         CPU or this device). See FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper.plan`` for the arguments;
         ``data_type`` (deprecated) sets both q and kv dtypes."""
-        plan_args = dict(indptr=indptr, indices=indices, last_page_len=last_page_len, num_qo_heads=num_qo_heads,
-                         num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                         pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
-                         q_data_type=q_data_type, kv_data_type=kv_data_type, data_type=data_type, sm_scale=sm_scale,
-                         rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking)
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("plan() cannot be captured in a CUDA graph: call it before capture/replay, then capture run()")
-        if data_type is not None:
-            q_data_type = kv_data_type = data_type
-        q_dtype = _canonical_dtype(q_data_type, "q_data_type")
-        kv_dtype = _canonical_dtype(kv_data_type, "kv_data_type") if kv_data_type is not None else q_dtype
-        if kv_dtype != q_dtype:
-            raise TypeError(f"q_data_type {q_dtype} and kv_data_type {kv_dtype} must match (float16 or bfloat16)")
-        for n, v in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                     ("page_size", page_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{n} must be a positive int, got {v!r}")
-        check_head_dim(head_dim)
-        if num_qo_heads % num_kv_heads:
-            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if page_size > 2**16:
-            raise ValueError(f"page_size {page_size} is too large")
-        pos = canonical_pos_encoding(pos_encoding_mode)
-        window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
-            head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=2**31 - 2)
+        plan_args = (indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
+                     window_left, logits_soft_cap, q_data_type, kv_data_type, data_type, sm_scale, rope_scale,
+                     rope_theta, non_blocking)
+        # An engine plans every step with the same configuration: validate it and build its spec once.
+        config_key = plan_args[3:16]
+        try:
+            config = self._configs.get(config_key)
+        except TypeError:  # an unhashable argument: validate it (and fail) the long way
+            config, config_key = None, None
+        if config is None:
+            config = self._validate_config(*plan_args[3:16])
+            if config_key is not None:
+                if len(self._configs) >= 16:
+                    self._configs.clear()
+                self._configs[config_key] = config
+        q_dtype, kv_dtype, pos, window_left, soft_cap, scale, r_scale, r_theta, spec, frozen = config
 
         h_indptr = _host_int32(indptr, "indptr")
         h_last = _host_int32(last_page_len, "last_page_len")
@@ -348,19 +378,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
                              f"got {h_indptr.numel()}")
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
             raise TypeError("indices must be a 1-D torch.Tensor of page ids")
-        nnz = int(h_indptr[-1])
+        nnz = ctypes.c_int32.from_address(h_indptr.data_ptr() + 4 * batch).value  # indptr[-1], without a tensor op
         if indices.numel() < nnz:
             raise ValueError(f"indices has {indices.numel()} page ids, indptr[-1] says {nnz}")
         if self._fixed_batch is not None and batch != self._fixed_batch:
             raise ValueError(f"this CUDA-graph wrapper was built for batch size {self._fixed_batch} (its buffers' size), "
                              f"got {batch}; the batch size is fixed in graph mode")
 
-        spec = BatchDecodePagedSpec(head_dim=head_dim, dtype_q=DTYPE_SHORT[q_dtype], dtype_kv=DTYPE_SHORT[kv_dtype],
-                                    dtype_o=DTYPE_SHORT[q_dtype], kv_layout=self._kv_layout, pos_encoding_mode=pos,
-                                    use_logits_soft_cap=soft_cap > 0)
-        frozen = (spec, num_qo_heads, num_kv_heads, page_size)
-        if self._use_tensor_cores:
-            frozen += (window_left,)  # a launch argument of the prefill kernel (the decode planner applies it)
         if self._use_cuda_graph and self._frozen is not None and frozen != self._frozen:
             raise ValueError("a CUDA-graph wrapper keeps its configuration across plans (captured graphs bake it in): "
                              f"was {self._frozen[1:]} heads/page_size with {self._frozen[0].name()}, got {frozen[1:]} "
@@ -430,9 +454,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if self._use_cuda_graph and self._fixed_workers < 0:
             self._fixed_workers = int(info[9])
             self._frozen = frozen
-        stats = {"workers": int(info[1]), "worker_capacity": int(info[9]), "pieces": int(info[2]),
-                 "merges": int(info[3]), "partial_states": int(info[5]), "total_keys": int(info[6]),
-                 "workspace_bytes": int(info[0])}
+        stats = info[:10]  # turned into a dict by plan_stats()
         self._plan = _Plan(spec, module, run_fn, blob, ctypes.addressof(blob), batch, num_qo_heads, num_kv_heads,
                            head_dim, page_size, q_dtype, kv_dtype, max_index, nnz, indices_ref, stats, plan_args)
 
@@ -602,7 +624,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
     def _replan_if_changed(self, pos_encoding_mode, logits_soft_cap, sm_scale, rope_scale, rope_theta) -> None:
         if self._plan is None:
             raise RuntimeError("forward() before plan()/begin_forward()")
-        args = dict(self._plan.plan_args)
+        args = dict(zip(_PLAN_ARG_NAMES, self._plan.plan_args))
         new = dict(pos_encoding_mode=pos_encoding_mode, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                    rope_scale=rope_scale, rope_theta=rope_theta)
         if any(args[k] != v for k, v in new.items()):

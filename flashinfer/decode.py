@@ -28,16 +28,18 @@ from .utils import (
     check_tensor,
     check_vector_rows,
     current_stream_ptr,
+    num_sms,
     scalar,
 )
 
 # Chunks shorter than this cost more to merge than they gain in parallelism (matches kMinChunk in
-# templates/include/flashinfer/decode.cuh). The launcher fills the resident CTA slots with chunks, up to
-# _MAX_CHUNKS per KV head: measured on an H200 (benchmarks/probe_decode_chunks.py), 32q/8kv heads at
-# kv_len 32768 took 37.0 us with 66 chunks (all 4 CTAs per SM) and 36.5 us with 33-48; 32 KV heads were
-# indifferent.
+# templates/include/flashinfer/decode.cuh). The split aims at _CTAS_PER_SM CTAs per SM (the launcher also
+# stops at the resident slots, and at _MAX_CHUNKS per KV head): measured on an H200
+# (benchmarks/probe_decode_chunks.py), 2 per SM beat filling all 4 resident slots for 8 and 4 KV heads
+# (fewer partial states to merge, same bytes in flight) and were level for 32.
 _MIN_CHUNK = 256
-_MAX_CHUNKS = 48
+_MAX_CHUNKS = 128
+_CTAS_PER_SM = 2
 # RoPE positions are carried as floats in the kernel and must be exact.
 _MAX_ROPE_POSITION = 1 << 24
 
@@ -84,6 +86,11 @@ def _launcher(head_dim: int, dtype: str, kv_layout: str, pos_encoding_mode: str,
     return hit
 
 
+def _head_tile(group_size: int) -> int:
+    """Query heads per CTA (decode_head_tile in decode.cuh)."""
+    return 1 if group_size == 1 else 2 if group_size == 2 else 8 if group_size % 8 == 0 else 4
+
+
 def _kv_span(kv_len: int, window_left: int) -> int:
     """Keys a query actually attends to: all of them, or the last window_left + 1."""
     return min(kv_len, window_left + 1) if window_left >= 0 else kv_len
@@ -103,7 +110,9 @@ def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft
         check_aligned(k, "k")
         check_aligned(v, "v")
     device = q.device
-    max_chunks = min(_MAX_CHUNKS, -(-_kv_span(kv_len, window_left) // _MIN_CHUNK))
+    head_tiles = -(-(num_qo_heads // num_kv_heads) // _head_tile(num_qo_heads // num_kv_heads))
+    max_chunks = min(_MAX_CHUNKS, -(-_kv_span(kv_len, window_left) // _MIN_CHUNK),
+                     -(-_CTAS_PER_SM * num_sms(device.index) // (num_kv_heads * head_tiles)))
     workspace = None
     if max_chunks > 1:
         workspace = torch.empty(max_chunks * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)

@@ -172,6 +172,10 @@ struct BatchDecodePlan {
   void* workspace;
   const int* indices;  // device page ids (the plan region's copy, or the caller's tensor)
   RopeTable rope;
+  // The (rope_scale, rope_theta) `rope` was filled for: its HEAD_DIM/2 pow() calls are a good part of a
+  // plan's host time, and an engine re-plans with the same values every step.
+  bool rope_filled;
+  float rope_scale, rope_theta;
 };
 
 constexpr int kPlanInfoLen = 18;
@@ -393,7 +397,12 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
   plan->plan_offset = plan_offset;
   plan->workspace = a.workspace;
   plan->indices = a.host_indices != nullptr ? reinterpret_cast<const int*>(dev_plan) + L.indices : a.device_indices;
-  fill_rope_table(plan->rope, HEAD_DIM, a.rope_scale, a.rope_theta);
+  if (!plan->rope_filled || plan->rope_scale != a.rope_scale || plan->rope_theta != a.rope_theta) {
+    fill_rope_table(plan->rope, HEAD_DIM, a.rope_scale, a.rope_theta);
+    plan->rope_filled = true;
+    plan->rope_scale = a.rope_scale;
+    plan->rope_theta = a.rope_theta;
+  }
   info[1] = workers_used;
   info[2] = pieces;
   info[3] = merges;

@@ -44,6 +44,12 @@ struct SingleDecodeParams {
   int group_size, head_tiles, kv_begin, chunk_size, num_chunks;
 };
 
+// Depth of the K/V ring. A tuning knob for probes (benchmarks/probe_decode_chunks.py builds variants with
+// -DFI_DECODE_STAGES=n); the default is the measured best.
+#ifndef FI_DECODE_STAGES
+#define FI_DECODE_STAGES 3
+#endif
+
 template <int HEAD_DIM>
 struct DecodeTraits {
   static constexpr int kThreads = 128;
@@ -51,7 +57,7 @@ struct DecodeTraits {
   static constexpr int ROWS = kThreads / LANES;    // rows processed side by side
   static constexpr int TILE = 4096 / HEAD_DIM;     // tokens per stage: 8 KB of K and 8 KB of V
   static constexpr int TOKENS_PER_ROW = TILE / ROWS;
-  static constexpr int STAGES = 3;
+  static constexpr int STAGES = FI_DECODE_STAGES;
   static constexpr int COPIES = TILE * LANES / kThreads;  // 16-byte copies per thread per stage, each of K and V
   static constexpr int kSmemBytes = STAGES * 2 * TILE * HEAD_DIM * 2;
   static constexpr int kMinChunk = 256;  // shorter chunks cost more in merging than they gain

@@ -55,12 +55,18 @@ struct PrefillParams {
   float logits_soft_cap, sm_scale, rope_scale, rope_theta;
 };
 
+// Keys per KV tile at head_dim 128. A tuning knob for probes (benchmarks/probe_prefill.py builds variants
+// with -DFI_PREFILL_BK128=n); 64 halves the barriers per key but does not fit in 255 registers.
+#ifndef FI_PREFILL_BK128
+#define FI_PREFILL_BK128 32
+#endif
+
 template <int HEAD_DIM, int MQ>
 struct PrefillTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int TILE_Q = 16 * MQ * kWarps;
-  static constexpr int BK = HEAD_DIM >= 128 ? 32 : 64;  // keys per KV tile
+  static constexpr int BK = HEAD_DIM >= 256 ? 32 : HEAD_DIM >= 128 ? FI_PREFILL_BK128 : 64;  // keys per KV tile
   static constexpr int CH = HEAD_DIM / 8;               // 16-byte chunks per row
   static constexpr int Q_CHUNKS = TILE_Q * CH;
   static constexpr int KV_CHUNKS = BK * CH;
@@ -333,6 +339,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     }
 
     // ---- online softmax (log2 domain; the row's 4 lanes hold its columns)
+    float corr[2 * MQ];
+    bool max_moved = false;
 #pragma unroll
     for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
@@ -345,14 +353,10 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[r], mx);
         const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
-        const float corr = ptx_exp2((m[r] - m_use) * scl);
+        corr[r] = ptx_exp2((m[r] - m_use) * scl);
+        max_moved |= m_new != m[r];
         m[r] = m_new;
-        d[r] *= corr;
-#pragma unroll
-        for (int j = 0; j < NT_D; ++j) {
-          o[mq][j][2 * h] *= corr;
-          o[mq][j][2 * h + 1] *= corr;
-        }
+        d[r] *= corr[r];
         const float neg = -m_use * scl;
 #pragma unroll
         for (int j = 0; j < NT_K; ++j)
@@ -363,6 +367,16 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
             d[r] += pe;
           }
       }
+    // Past the first tiles a row's max rarely moves: skip the rescale of O (a third of the non-MMA work of a
+    // tile) when no row of the warp moved (corr is then exactly 1).
+    if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+      for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+        for (int j = 0; j < NT_D; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[mq][j][e] *= corr[2 * mq + e / 2];
+    }
 
     uint32_t pa[MQ][KS_K][4];
 #pragma unroll
