@@ -1,5 +1,5 @@
 """Development aid: single-decode time against the depth of the K/V ring (FI_DECODE_STAGES, a compile-time
-knob) and the split-KV target of CTAs per SM (decode._CTAS_PER_SM; the launcher also stops at the resident
+knob) and the split-KV target of CTAs per SM (decode._ctas_per_sm; the launcher also stops at the resident
 slots), to check the defaults. Prints a table; records nothing."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def staged_spec_class(stages: int):
 
 def main() -> None:
     classes = {s: staged_spec_class(s) for s in STAGES}
+    default_rule = decode._ctas_per_sm
     with ThreadPoolExecutor(len(STAGES)) as pool:  # each build is an nvcc subprocess
         list(pool.map(lambda c: jit.load(c(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)), classes.values()))
     copy = copy_bandwidth_tbs()
@@ -58,11 +59,12 @@ def main() -> None:
                 decode.SingleDecodeSpec = cls
                 decode._launchers.clear()
                 for cap in CTAS_PER_SM:
-                    decode._CTAS_PER_SM = cap
+                    decode._ctas_per_sm = lambda group, cap=cap: cap
                     t = graph_ms(lambda i: flashinfer.single_decode_with_kv_cache(qs[i], ks[i], vs[i], out=out), sets)
                     results.setdefault((stages, cap), []).append(t)
                     err = (flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0]).float() - ref).abs().max().item()
                     assert err < 2e-2, (stages, cap, err)
+        decode._ctas_per_sm = default_rule
         print(f"{hq}q/{hkv}kv L={L}:", flush=True)
         for (stages, cap), ts in results.items():
             t = statistics.median(ts)

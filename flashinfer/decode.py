@@ -33,13 +33,19 @@ from .utils import (
 )
 
 # Chunks shorter than this cost more to merge than they gain in parallelism (matches kMinChunk in
-# templates/include/flashinfer/decode.cuh). The split aims at _CTAS_PER_SM CTAs per SM (the launcher also
-# stops at the resident slots, and at _MAX_CHUNKS per KV head): measured on an H200
-# (benchmarks/probe_decode_chunks.py), 2 per SM beat filling all 4 resident slots for 8 and 4 KV heads
-# (fewer partial states to merge, same bytes in flight) and were level for 32.
+# templates/include/flashinfer/decode.cuh). The split aims at a whole number of CTAs per SM (the launcher
+# also stops at the resident slots, 4 per SM, and at _MAX_CHUNKS per KV head). Measured on an H200
+# (benchmarks/probe_decode_chunks.py, 2026-11-22): tiles of 4+ query heads (groups of 3 and more) run best
+# at 2 per SM (32q/8kv, kv_len 32768: 85.9% of copy bandwidth at 2, 82.3% at 3, 83.5% at 4; fewer partial
+# states to merge), single-head tiles at 4 (32q/32kv: 102.3% at 4, 100.6% at 2).
 _MIN_CHUNK = 256
 _MAX_CHUNKS = 128
-_CTAS_PER_SM = 2
+
+
+def _ctas_per_sm(group_size: int) -> int:
+    return 2 if group_size >= 3 else 4
+
+
 # RoPE positions are carried as floats in the kernel and must be exact.
 _MAX_ROPE_POSITION = 1 << 24
 
@@ -110,9 +116,10 @@ def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft
         check_aligned(k, "k")
         check_aligned(v, "v")
     device = q.device
-    head_tiles = -(-(num_qo_heads // num_kv_heads) // _head_tile(num_qo_heads // num_kv_heads))
+    group = num_qo_heads // num_kv_heads
+    head_tiles = -(-group // _head_tile(group))
     max_chunks = min(_MAX_CHUNKS, -(-_kv_span(kv_len, window_left) // _MIN_CHUNK),
-                     -(-_CTAS_PER_SM * num_sms(device.index) // (num_kv_heads * head_tiles)))
+                     -(-_ctas_per_sm(group) * num_sms(device.index) // (num_kv_heads * head_tiles)))
     workspace = None
     if max_chunks > 1:
         workspace = torch.empty(max_chunks * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
