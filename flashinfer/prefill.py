@@ -58,7 +58,7 @@ def _mq(head_dim: int) -> int:
 
 
 def _kv_tile(head_dim: int) -> int:
-    return 32 if head_dim >= 128 else 64  # BK of PrefillTraits
+    return 32 if head_dim >= 256 else 64  # BK of PrefillTraits
 
 
 def _resolve_backend(backend: str) -> str:

@@ -56,9 +56,10 @@ struct PrefillParams {
 };
 
 // Keys per KV tile at head_dim 128. A tuning knob for probes (benchmarks/probe_prefill.py builds variants
-// with -DFI_PREFILL_BK128=n); 64 halves the barriers per key but does not fit in 255 registers.
+// with -DFI_PREFILL_BK128=n). 64 (half the barriers and bookkeeping per key of 32) measured 7% faster on an
+// H200 even while it spilled; it fits in 255 registers since the XOR ldmatrix addressing.
 #ifndef FI_PREFILL_BK128
-#define FI_PREFILL_BK128 32
+#define FI_PREFILL_BK128 64
 #endif
 
 template <int HEAD_DIM, int MQ>
@@ -70,7 +71,8 @@ struct PrefillTraits {
   static constexpr int CH = HEAD_DIM / 8;               // 16-byte chunks per row
   static constexpr int Q_CHUNKS = TILE_Q * CH;
   static constexpr int KV_CHUNKS = BK * CH;
-  static constexpr int kSmemBytes = (Q_CHUNKS + 4 * KV_CHUNKS) * 16;  // Q, K x2, V x2
+  // Q, K x2, V x2, then (paged KV) the (page, slot) of each row of two KV tiles.
+  static constexpr int kSmemBytes = (Q_CHUNKS + 4 * KV_CHUNKS) * 16 + 2 * BK * 8;
   static_assert(HEAD_DIM % 64 == 0 && KV_CHUNKS % kThreads == 0 && Q_CHUNKS % kThreads == 0, "bad tile");
 };
 
@@ -152,6 +154,27 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     cp_async_commit();
   }
 
+  // Paged KV: the page-table lookup of a tile's rows is done once, a tile ahead, by one thread per row into
+  // shared memory (s_rows[tile & 1][row] = (page, slot)), so that issuing a tile's copies never waits on a
+  // dependent global load or divides by the page size.
+  int2* s_rows = reinterpret_cast<int2*>(sv + 2 * Tr::KV_CHUNKS);
+  auto resolve_rows = [&](int tile) -> int2 {  // this thread's row of `tile` (tid < BK); stored by the caller
+    const int t = lo + tile * BK + tid;
+    int2 r = make_int2(0, 0);
+    if (PAGED && tid < BK && tile < num_tiles && t < hi) {
+      const int page_pos = t / p.page_size;
+      r = make_int2(p.kv_indices[kv_start + page_pos], t - page_pos * p.page_size);
+    }
+    return r;
+  };
+  if constexpr (PAGED) {
+    if (tid < BK) {
+      s_rows[tid] = resolve_rows(0);
+      s_rows[BK + tid] = resolve_rows(1);
+    }
+    __syncthreads();
+  }
+
   auto load_kv = [&](int tile, bool is_v) {
     constexpr int ROWS_PER_PASS = THREADS / CH;
     uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;
@@ -168,8 +191,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
       int64_t off = 0;
       if (valid) {
         if constexpr (PAGED) {
-          const int page = p.kv_indices[kv_start + t / p.page_size];
-          off = int64_t(page) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(t % p.page_size) * stride_n;
+          const int2 ps = s_rows[(tile & 1) * BK + row];
+          off = int64_t(ps.x) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(ps.y) * stride_n;
         } else {
           off = int64_t(kv_start + t) * stride_n;
         }
@@ -225,44 +248,63 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   }
 
   const int q_row_base = warp * 16 * MQ;
+  // ldmatrix addresses. Every fragment row offset is a multiple of 8, so a lane's row has row & 7 ==
+  // lane & 7, and the swizzle only permutes the low 3 bits of the 16-byte column: with tiles aligned to
+  // kRowBytes, 16-byte column 2k + c of the lane's row is (lane part for c) ^ (k << 5). One XOR with an
+  // immediate per ldmatrix, instead of a table of per-column offsets held in registers.
+  constexpr uint32_t kRowBytes = CH * 16;
+  const uint32_t q_addr = sq_u + 16u * swizzle<CH>(q_row_base + lane % 16, lane / 16);
+  const uint32_t k_lane = 16u * swizzle<CH>(lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
+  const uint32_t v_lane = 16u * swizzle<CH>(lane % 16, lane / 16);
   for (int n = 0; n < num_tiles; ++n) {
     cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
     __syncthreads();     // ... for every thread; and everyone is done with V(n-1)'s stage
     if (n + 1 < num_tiles) load_kv(n + 1, true);
     cp_async_commit();
+    // Rows of tile n+2 go where tile n's were (its last reader, V(n), was issued before the barrier above);
+    // the load is started here and stored after the tile's math, so its latency hides behind it.
+    const int2 rows_ahead = resolve_rows(n + 2);
     uint4* skn = sk + (n & 1) * Tr::KV_CHUNKS;
-    const uint32_t skn_u = sk_u + (n & 1) * Tr::KV_CHUNKS * 16;
     const int k0 = lo + n * BK;
     if constexpr (ROPE) {
       rope_rotate_smem<HEAD_DIM, BK, THREADS, DTypeKV>(skn, rope, [&](int row) { return k0 + row; });
       __syncthreads();
     }
 
-    // ---- S = Q K^T
+    // ---- S = Q K^T (fp32 accumulators, or fp16 ones widened afterwards: use_fp16_qk_reduction)
     float s[MQ][NT_K][4];
-    if constexpr (FP16QK) {
-      uint32_t sh[MQ][NT_K][2];
+    uint32_t sh[FP16QK ? MQ : 1][FP16QK ? NT_K : 1][2];
 #pragma unroll
-      for (int mq = 0; mq < MQ; ++mq)
+    for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
-        for (int j = 0; j < NT_K; ++j) sh[mq][j][0] = sh[mq][j][1] = 0u;
+      for (int j = 0; j < NT_K; ++j) {
 #pragma unroll
-      for (int ks = 0; ks < KS_D; ++ks) {
-        uint32_t a[MQ][4];
+        for (int e = 0; e < 4; ++e) s[mq][j][e] = 0.f;
+        if constexpr (FP16QK) sh[mq][j][0] = sh[mq][j][1] = 0u;
+      }
+    const uint32_t k_addr = sk_u + (n & 1) * Tr::KV_CHUNKS * 16 + k_lane;
 #pragma unroll
-        for (int mq = 0; mq < MQ; ++mq)
-          ldmatrix_x4(a[mq], sq_u + 16u * swizzle<CH>(q_row_base + mq * 16 + lane % 16, 2 * ks + lane / 16));
+    for (int ks = 0; ks < KS_D; ++ks) {
+      uint32_t a[MQ][4];
 #pragma unroll
-        for (int nk = 0; nk < NT_K / 2; ++nk) {
-          uint32_t b[4];
-          ldmatrix_x4(b, skn_u + 16u * swizzle<CH>(nk * 16 + lane % 8 + 8 * (lane / 16), 2 * ks + (lane / 8) % 2));
+      for (int mq = 0; mq < MQ; ++mq) ldmatrix_x4(a[mq], (q_addr + mq * 16 * kRowBytes) ^ (ks << 5));
 #pragma unroll
-          for (int mq = 0; mq < MQ; ++mq) {
+      for (int nk = 0; nk < NT_K / 2; ++nk) {
+        uint32_t b[4];
+        ldmatrix_x4(b, (k_addr + nk * 16 * kRowBytes) ^ (ks << 5));
+#pragma unroll
+        for (int mq = 0; mq < MQ; ++mq) {
+          if constexpr (FP16QK) {
             mma_16816_f16acc(sh[mq][2 * nk], a[mq], b[0], b[1]);
             mma_16816_f16acc(sh[mq][2 * nk + 1], a[mq], b[2], b[3]);
+          } else {
+            mma_16816<DTypeQ>(s[mq][2 * nk], a[mq], b[0], b[1]);
+            mma_16816<DTypeQ>(s[mq][2 * nk + 1], a[mq], b[2], b[3]);
           }
         }
       }
+    }
+    if constexpr (FP16QK) {
 #pragma unroll
       for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
@@ -273,30 +315,6 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
           s[mq][j][2] = hi2.x;
           s[mq][j][3] = hi2.y;
         }
-    } else {
-#pragma unroll
-      for (int mq = 0; mq < MQ; ++mq)
-#pragma unroll
-        for (int j = 0; j < NT_K; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mq][j][e] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < KS_D; ++ks) {
-        uint32_t a[MQ][4];
-#pragma unroll
-        for (int mq = 0; mq < MQ; ++mq)
-          ldmatrix_x4(a[mq], sq_u + 16u * swizzle<CH>(q_row_base + mq * 16 + lane % 16, 2 * ks + lane / 16));
-#pragma unroll
-        for (int nk = 0; nk < NT_K / 2; ++nk) {
-          uint32_t b[4];
-          ldmatrix_x4(b, skn_u + 16u * swizzle<CH>(nk * 16 + lane % 8 + 8 * (lane / 16), 2 * ks + (lane / 8) % 2));
-#pragma unroll
-          for (int mq = 0; mq < MQ; ++mq) {
-            mma_16816<DTypeQ>(s[mq][2 * nk], a[mq], b[0], b[1]);
-            mma_16816<DTypeQ>(s[mq][2 * nk + 1], a[mq], b[2], b[3]);
-          }
-        }
-      }
     }
 
     // ---- logit transform and mask
@@ -389,19 +407,20 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         pa[mq][kk][3] = pack2<DTypeKV>(s[mq][2 * kk + 1][2], s[mq][2 * kk + 1][3]);
       }
 
+    if (PAGED && tid < BK) s_rows[(n & 1) * BK + tid] = rows_ahead;
     cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
     __syncthreads();     // ... for every thread; and everyone is done with K(n)'s stage
     if (n + 2 < num_tiles) load_kv(n + 2, false);
     cp_async_commit();
 
     // ---- O += P V
-    const uint32_t svn_u = sv_u + (n & 1) * Tr::KV_CHUNKS * 16;
+    const uint32_t v_addr = sv_u + (n & 1) * Tr::KV_CHUNKS * 16 + v_lane;
 #pragma unroll
     for (int kk = 0; kk < KS_K; ++kk)
 #pragma unroll
       for (int nd = 0; nd < NT_D / 2; ++nd) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, svn_u + 16u * swizzle<CH>(kk * 16 + lane % 16, 2 * nd + lane / 16));
+        ldmatrix_x4_trans(b, (v_addr + kk * 16 * kRowBytes) ^ (nd << 5));
 #pragma unroll
         for (int mq = 0; mq < MQ; ++mq) {
           mma_16816<DTypeKV>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
@@ -488,7 +507,7 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
           bool WINDOW, bool SOFTCAP, bool FP16QK>
 __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
     single_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeArg<POS> rope) {
-  extern __shared__ uint4 smem[];
+  extern __shared__ __align__(1024) uint4 smem[];  // tiles kRowBytes-aligned (ldmatrix addressing)
   const int qtile = p.num_qtiles - 1 - blockIdx.x;
   const int chunk = blockIdx.z;
   const int chunk_begin = chunk * p.chunk_size;
@@ -503,7 +522,7 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
           bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED>
 __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
     batch_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeArg<POS> rope) {
-  extern __shared__ uint4 smem[];
+  extern __shared__ __align__(1024) uint4 smem[];  // tiles kRowBytes-aligned (ldmatrix addressing)
   const int num_work = *p.num_work;
   const int cap = p.work_capacity;
   for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
