@@ -433,3 +433,26 @@ def test_run_op_is_registered_with_a_fake_implementation():
         assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (3, 8) and lse.dtype == torch.float32
         _, no_lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, False)
         assert no_lse.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_batch_decode_on_second_device_while_first_is_current():
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    lens, page_size = [700, 33, 4096], 16
+    pages = [(n + page_size - 1) // page_size for n in lens]
+    indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32)
+    indices = torch.randperm(sum(pages) + 5)[: sum(pages)].to(torch.int32)
+    k = torch.randn(sum(pages) + 5, page_size, 2, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(len(lens), 16, 128, device=dev, dtype=torch.bfloat16)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(32 << 20, dtype=torch.uint8, device=dev))
+    w.plan(indptr, indices.to(dev), last, 16, 2, 128, page_size, q_data_type=torch.bfloat16)
+    o = w.run(q, (k, v))
+    assert o.device == dev and torch.cuda.current_device() == 0
+    for r, n in enumerate(lens):
+        ids = indices[indptr[r]:indptr[r + 1]]
+        ref, _ = attention(q[r][None], _gather(k, "NHD", ids, n), _gather(v, "NHD", ids, n))
+        assert_close(o[r], ref[0])

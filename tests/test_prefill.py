@@ -477,3 +477,17 @@ def test_batch_spec_names_and_planner():
                                              1 << 30, 32)
     assert merge == [] and part == 0 and all(w[4] == -1 for w in work)
     assert work[0][3] == 4096  # heaviest (last causal tiles) first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_prefill_on_second_device_while_first_is_current():
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    q = torch.randn(300, 8, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(800, 2, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    o = flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True)
+    assert o.device == dev and torch.cuda.current_device() == 0
+    ref, _ = attention(q, k, v, causal=True)
+    assert_close(o, ref)
