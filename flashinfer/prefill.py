@@ -376,11 +376,11 @@ def single_prefill_with_kv_cache_return_lse(*args, **kwargs) -> Tuple[torch.Tens
 
 
 def _batch_tiles(head_dim: int) -> Tuple[int, ...]:
-    """Query-tile sizes (packed rows) instantiated per batch module; plan() picks one per batch.
-
-    Only 64-row tiles for now: the 128-row tile of the persistent batch kernel spills at d128 (it does not in
-    the single-request kernel); the planner already chooses among whatever is listed here."""
-    return (64,)
+    """Query-tile sizes (packed rows) instantiated per batch module; plan() picks one per batch: 64 rows for
+    short requests, 128 (as the single-request kernel) for long ones outside graph mode (the 128-row kernel
+    takes one work item per CTA, so its grid is not fixed; see batch_prefill_kernel). head_dim 256 stays at
+    64 rows: a 128-row tile's accumulators do not fit in registers."""
+    return (64,) if head_dim >= 256 else (64, 128) if head_dim >= 256 else (64, 128)
 
 
 @register_family
@@ -586,7 +586,8 @@ class _BatchPrefillBase:
         occ_of = lambda tile: _occupancy(spec, "flashinfer_batch_prefill_occupancy", dev.index, tile)  # noqa: E731
         ws_floats = self._ws.numel() * self._ws.element_size() // 4
         tile, work, merge, part_rows = _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim_qk,
-                                                      _batch_tiles(head_dim_qk), occ_of, num_sms(dev.index),
+                                                      _batch_tiles(head_dim_qk)[:1] if self._use_cuda_graph
+                                                      else _batch_tiles(head_dim_qk), occ_of, num_sms(dev.index),
                                                       opts.mask_mode == "causal", ws_floats, num_qo_heads)
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
             raise workspace_too_small(self._ws.numel() * self._ws.element_size(),

@@ -516,8 +516,11 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
       p.num_chunks > 1 ? chunk * p.qo_len : -1);
 }
 
-// Batch: a persistent grid (x) per KV head (y) walks the plan's work items; their count is read from
-// device memory, so one captured launch serves every later plan of the same wrapper (CUDA graphs).
+// Batch: the grid (x) per KV head (y) takes the plan's work items; their count is read from device memory,
+// so one captured launch serves every later plan of the same wrapper (CUDA graphs). 64-row tiles walk the
+// items as a persistent grid (graph mode's grid is fixed at capture); 128-row tiles take one item per CTA
+// (grid = the plan's item count, never graph mode): the persistent loop's state does not fit in registers
+// beside their accumulators (it spilled 400-540 bytes at head_dim 128).
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
           bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED>
 __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
@@ -525,7 +528,7 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
   extern __shared__ __align__(1024) uint4 smem[];  // tiles kRowBytes-aligned (ldmatrix addressing)
   const int num_work = *p.num_work;
   const int cap = p.work_capacity;
-  for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
+  auto run_item = [&](int w) {
     const int req = p.work[w], qtile = p.work[cap + w];
     const int kv_begin = p.work[2 * cap + w], kv_end = p.work[3 * cap + w], prow = p.work[4 * cap + w];
     const int qo_start = p.qo_indptr[req], qo_len = p.qo_indptr[req + 1] - qo_start;
@@ -535,7 +538,14 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
     const int mask_off = MASK == MaskMode::kCustom ? p.mask_indptr[req] : 0;
     prefill_tile<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>(
         p, rope, smem, qo_start, qo_len, kv_start, kv_len, mask_off, qtile, blockIdx.y, kv_begin, kv_end, prow);
-    __syncthreads();  // the next item refills shared memory
+  };
+  if constexpr (MQ == 1) {
+    for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
+      run_item(w);
+      __syncthreads();  // the next item refills shared memory
+    }
+  } else if (blockIdx.x < num_work) {
+    run_item(blockIdx.x);
   }
 }
 
