@@ -1,9 +1,10 @@
 """Prefill attention on tensor cores: a request's new query tokens attend to its KV (single or batched).
 
 ``single_prefill_with_kv_cache``, ``BatchPrefillWithRaggedKVCacheWrapper`` and
-``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's names. The kernel (templates/include/
-flashinfer/prefill.cuh) is the ``"fa2"`` backend: mma.sync m16n8k16, ldmatrix from swizzled shared memory,
-cp.async double buffering, fp32 online softmax. ``backend=`` stays open for a Hopper (wgmma/TMA) backend.
+``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's names. Two kernels: ``"fa2"``
+(templates/include/flashinfer/prefill.cuh; mma.sync m16n8k16, ldmatrix from swizzled shared memory, cp.async
+double buffering, fp32 online softmax; every feature, sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma,
+single-request prefill at head_dim 128 without masks beyond causal or logit transforms).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .utils import (
 MASK_MODES = ("none", "causal", "custom")
 _MASK_CUDA = {"none": "kNone", "causal": "kCausal", "custom": "kCustom"}
 # Implemented backends; "auto" picks the first. A Hopper wgmma/TMA backend ("fa3") slots in here.
-BACKENDS = ("fa2",)
+BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a), single prefill within _fa3_scope
 # KV chunks shorter than this cost more to merge than they gain in parallelism.
 _MIN_CHUNK = 512
 _MAX_CHUNKS = 64
@@ -62,18 +63,55 @@ def _kv_tile(head_dim: int) -> int:
 
 
 def _resolve_backend(backend: str) -> str:
+    """The canonical backend argument: "auto" (chosen per call), "fa2" or "fa3"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     b = backend.lower()
-    if b == "auto":
-        return BACKENDS[0]
-    if b in BACKENDS:
+    if b == "auto" or b in BACKENDS:
         return b
-    if b in ("fa3", "cudnn", "trtllm-gen", "cutlass"):
+    if b in ("cudnn", "trtllm-gen", "cutlass"):
         raise NotImplementedError(
-            f"prefill backend {backend!r} is not implemented yet; available: 'auto', {', '.join(map(repr, BACKENDS))}"
+            f"prefill backend {backend!r} is not implemented; available: 'auto', {', '.join(map(repr, BACKENDS))}"
         )
     raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+
+
+def _fa3_scope(head_dim: int, dtype_q: str, dtype_kv: str, dtype_o: str, mask_mode: str, pos_encoding_mode: str,
+               use_window: bool, use_logits_soft_cap: bool, use_fp16_qk_reduction: bool) -> Optional[str]:
+    """Why the fa3 (wgmma) kernel cannot run a configuration, or None when it can."""
+    if head_dim != 128:
+        return f"head_dim {head_dim} (fa3 takes 128)"
+    if not (dtype_q == dtype_kv == dtype_o and dtype_q in ("f16", "bf16")):
+        return "mixed dtypes (fa3 takes one of float16/bfloat16 for q, k, v and output)"
+    if mask_mode not in ("none", "causal"):
+        return f"mask_mode {mask_mode!r} (fa3 takes no mask or causal)"
+    if pos_encoding_mode != "NONE" or use_window or use_logits_soft_cap or use_fp16_qk_reduction:
+        return "position encoding, sliding window, soft cap or fp16 QK reduction (fa3 takes none of them)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _single_backend(backend: str, why_not_fa3: Optional[str], device: torch.device, qo_rows: int,
+                    num_kv_heads: int) -> str:
+    """The kernel of a single-prefill call. "auto": fa3 on Hopper where it applies and its 128-row query tiles
+    alone fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features)."""
+    if backend == "fa2":
+        return "fa2"
+    on_hopper = _device_capability(device.index) == (9, 0)
+    if backend == "fa3":
+        if why_not_fa3 is not None:
+            raise ValueError(f"backend='fa3' cannot run this call: {why_not_fa3}; use backend='fa2' or 'auto'")
+        if not on_hopper:
+            major, minor = _device_capability(device.index)
+            raise ValueError(f"backend='fa3' needs a Hopper GPU (sm_90); {device} is sm_{major}{minor}")
+        return "fa3"
+    if why_not_fa3 is None and on_hopper and -(-qo_rows // 128) * num_kv_heads >= num_sms(device.index):
+        return "fa3"
+    return "fa2"
 
 
 class _PrefillSpecBase(AttentionSpec):
@@ -92,7 +130,18 @@ class _PrefillSpecBase(AttentionSpec):
             return f"mask_mode {self.mask_mode!r} is not one of {MASK_MODES}"
         if self.backend not in BACKENDS:
             return f"backend {self.backend!r} is not implemented"
+        if self.backend == "fa3":
+            if self.family != "prefill_single":
+                return "the fa3 backend covers single-request prefill only"
+            why = _fa3_scope(self.head_dim, self.dtype_q, self.dtype_kv, self.dtype_o, self.mask_mode,
+                             self.pos_encoding_mode, self.use_window, self.use_logits_soft_cap,
+                             self.use_fp16_qk_reduction)
+            if why is not None:
+                return f"outside the fa3 backend's scope: {why}"
         return None
+
+    def needs_sm90a(self) -> bool:
+        return self.backend == "fa3"
 
 
 @register_family
@@ -123,7 +172,7 @@ class SinglePrefillSpec(_PrefillSpecBase):
     }
 
     def render_vars(self) -> Dict[str, Any]:
-        return {**self.attention_vars(), "mq": _mq(self.head_dim)}
+        return {**self.attention_vars(), "mq": _mq(self.head_dim), "backend": self.backend}
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,17 +282,23 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
         k_sn, k_sh, v_sn, v_sh = k.stride(1), k.stride(0), v.stride(1), v.stride(0)
     if qo_len == 0:
         return
-    dq = dtype_short(q, "q")
-    spec = SinglePrefillSpec(
-        head_dim=head_dim, dtype_q=dq, dtype_kv=dtype_short(k, "k"), dtype_o=dq, mask_mode=opts.mask_mode,
-        pos_encoding_mode=opts.pos_encoding_mode, use_window=opts.window_left >= 0,
-        use_logits_soft_cap=opts.soft_cap > 0, use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
-        backend=opts.backend,
-    )
-    mod = _module(spec)
+    dq, dk = dtype_short(q, "q"), dtype_short(k, "k")
     device = q.device
     group = num_qo_heads // num_kv_heads
-    num_chunks, chunk_size = _single_chunks(spec, device, qo_len, kv_len, group, num_kv_heads)
+    why_not_fa3 = _fa3_scope(head_dim, dq, dk, dq, opts.mask_mode, opts.pos_encoding_mode, opts.window_left >= 0,
+                             opts.soft_cap > 0, opts.use_fp16_qk_reduction)
+    backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads)
+    spec = SinglePrefillSpec(
+        head_dim=head_dim, dtype_q=dq, dtype_kv=dk, dtype_o=dq, mask_mode=opts.mask_mode,
+        pos_encoding_mode=opts.pos_encoding_mode, use_window=opts.window_left >= 0,
+        use_logits_soft_cap=opts.soft_cap > 0, use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
+        backend=backend,
+    )
+    mod = _module(spec)
+    if backend == "fa3":
+        num_chunks, chunk_size = 1, kv_len
+    else:
+        num_chunks, chunk_size = _single_chunks(spec, device, qo_len, kv_len, group, num_kv_heads)
     workspace = None
     if num_chunks > 1:
         workspace = torch.empty(num_chunks * qo_len * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
@@ -313,7 +368,10 @@ def single_prefill_with_kv_cache(
         use_fp16_qk_reduction: accumulate q.k in fp16 (float16 inputs only): faster, less accurate.
         sm_scale: logit scale, default ``1 / sqrt(head_dim)``. window_left: ``w >= 0`` attends only to keys
             ``j >= pos(i) - w``. logits_soft_cap: ``c > 0`` maps each scaled logit x to ``c * tanh(x / c)``.
-        backend: ``"auto"`` or ``"fa2"`` (mma.sync tensor cores).
+        backend: ``"auto"``, ``"fa2"`` (mma.sync tensor cores, any sm_80+ GPU) or ``"fa3"`` (Hopper wgmma; head_dim
+            128, float16/bfloat16, no mask or causal, no position encoding, window, soft cap or fp16 QK reduction).
+            ``"auto"`` takes fa3 on Hopper when the call is within its scope and has enough query tiles to fill
+            the GPU, fa2 otherwise.
         return_lse: also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
         out, lse: optional preallocated outputs (contiguous); an extension over FlashInfer's signature.
 
@@ -521,6 +579,10 @@ class _BatchPrefillBase:
         self._kv_layout = canonical_layout(kv_layout)
         self._use_cuda_graph = bool(use_cuda_graph)
         self._backend = _resolve_backend(backend)
+        if self._backend == "fa3":
+            raise ValueError("the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
+                             "(backend='auto' or 'fa2')")
+        self._backend = "fa2"
         self._plan = None
         self._int_buf = None
         self._grid_x = None

@@ -87,7 +87,7 @@ def test_single_prefill_spec_matrix(spec: SinglePrefillSpec):
         _run_single(qo_len, kv_len, 2, 4, spec.head_dim, dtype, mask_mode=spec.mask_mode,
                     pos=spec.pos_encoding_mode, window_left=kv_len // 3 if spec.use_window else -1,
                     soft_cap=1.5 if spec.use_logits_soft_cap else 0.0, fp16qk=spec.use_fp16_qk_reduction,
-                    scale=2.0 if spec.use_logits_soft_cap else 1.0, **kw)
+                    scale=2.0 if spec.use_logits_soft_cap else 1.0, backend=spec.backend, **kw)
 
 
 @pytest.mark.gpu
@@ -99,6 +99,30 @@ def test_single_prefill_lengths_groups_masks(qo_len, kv_extra, group, mask_mode)
     kv_len = 4096 if kv_extra == "4096" else qo_len + kv_extra
     layout = "HND" if (qo_len + group) % 2 else "NHD"
     _run_single(qo_len, kv_len, 2, group, 128, torch.bfloat16, layout=layout, mask_mode=mask_mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+@pytest.mark.parametrize("qo_len,kv_len,group", [(1, 1, 1), (17, 17, 4), (128, 628, 1), (1000, 1000, 8),
+                                                 (300, 4096, 4), (2048, 2048, 1)])
+def test_single_prefill_fa3(dtype, mask_mode, qo_len, kv_len, group):
+    # The Hopper wgmma kernel, forced (auto takes it only when its query tiles fill the GPU).
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fa3 backend needs a Hopper (sm_90) GPU")
+    layout = "HND" if qo_len % 2 else "NHD"
+    _run_single(qo_len, kv_len, 2, group, 128, dtype, layout=layout, mask_mode=mask_mode, backend="fa3")
+
+
+@pytest.mark.gpu
+def test_single_prefill_auto_takes_fa3_for_long_queries_on_hopper():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fa3 backend needs a Hopper (sm_90) GPU")
+    from flashinfer import jit
+
+    _run_single(2048, 2048, 8, 4, 128, torch.bfloat16, mask_mode="causal")
+    assert any(getattr(s, "backend", None) == "fa3" and s.family == "prefill_single" and s.mask_mode == "causal"
+               for s in jit.loaded_modules())
 
 
 @pytest.mark.gpu
@@ -200,7 +224,8 @@ def _single_bad_cases():
     yield "packed len", (q, k, k), {"packed_custom_mask": torch.zeros(9, dtype=torch.uint8, device=c)}, ValueError, "bytes"
     yield "packed dtype", (q, k, k), {"packed_custom_mask": torch.zeros(10, dtype=torch.int8, device=c)}, TypeError, "uint8"
     yield "fp16qk bf16", (q, k, k), {"use_fp16_qk_reduction": True}, ValueError, "float16"
-    yield "backend", (q, k, k), {"backend": "fa3"}, NotImplementedError, "fa3"
+    yield "backend", (q, k, k), {"backend": "cudnn"}, NotImplementedError, "cudnn"
+    yield "fa3 scope", (q, k, k), {"backend": "fa3", "window_left": 3}, ValueError, "fa3"
     yield "backend name", (q, k, k), {"backend": "nope"}, ValueError, "backend"
     yield "window", (q, k, k), {"window_left": -3}, ValueError, "window_left"
     yield "layout", (q, k, k), {"kv_layout": "NDH"}, ValueError, "kv_layout"
@@ -433,8 +458,14 @@ def test_single_spec_names_and_matrix():
     assert "float16" in SinglePrefillSpec(use_fp16_qk_reduction=True).unsupported_reason()
     assert SinglePrefillSpec(dtype_q="f16", dtype_kv="f16", dtype_o="f16", use_fp16_qk_reduction=True).unsupported_reason() is None
     supported = [s for s in specs if s.unsupported_reason() is None]
-    # 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos x window x softcap
-    assert len(supported) == 3 * 3 * 3 * 3 * 2 * 2
+    # fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos x window x softcap;
+    # fa3: head_dim 128 x (bf16, f16) x (none, causal)
+    assert len(supported) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2
+    fa3 = [s for s in supported if s.backend == "fa3"]
+    assert {(s.dtype_q, s.mask_mode) for s in fa3} == {(d, m) for d in ("bf16", "f16") for m in ("none", "causal")}
+    assert all(s.needs_sm90a() for s in fa3) and not any(s.needs_sm90a() for s in supported if s.backend == "fa2")
+    assert "fa3" in SinglePrefillSpec(mask_mode="custom", backend="fa3").unsupported_reason()
+    assert "single-request" in BatchPrefillSpec(backend="fa3").unsupported_reason()
 
 
 def test_cpu_tensors_refused_before_any_build():

@@ -1,0 +1,268 @@
+// Prefill attention on Hopper warpgroup MMA (wgmma, sm_90a): the "fa3" backend of single-request prefill.
+//
+// A CTA of two warpgroups owns 128 packed query rows of one KV head (GQA heads packed as rows, as in the fa2
+// kernel); each warpgroup owns 64 rows. Per KV tile of 128 keys:
+//   S = Q K^T   8 x wgmma.m64n128k16, Q and K straight from swizzled shared memory (no ldmatrix)
+//   online softmax in fp32 registers (exp2, the row max reduced over the 4 lanes of a quad), P packed to
+//   16 bits in place: the wgmma accumulator layout is the m16n8k16 A-fragment layout of each warp's rows
+//   O += P V    8 x wgmma.m64n128k16, P from registers, V (keys x head_dim) as an MN-major operand
+// K and V are double-buffered with cp.async in separate commit groups (the copy of K(n+2) runs under P V(n),
+// V(n+1) under Q K(n)^T), as in the fa2 kernel. Scope: head_dim 128, 16-bit q/k/v, no mask / causal, no
+// position encoding, window or soft cap, no KV split; everything else goes to fa2 (see prefill.py).
+#pragma once
+#include "common.cuh"
+#include "cp_async.cuh"
+#include "mma.cuh"
+#include "prefill.cuh"
+#include "wgmma.cuh"
+
+namespace flashinfer {
+
+struct Fa3Traits {
+  static constexpr int kHeadDim = 128;
+  static constexpr int kThreads = 256;  // two warpgroups
+  static constexpr int BQ = 128;        // packed query rows per CTA
+  static constexpr int BK = 128;        // keys per KV tile
+  static constexpr int kQBytes = BQ * kHeadDim * 2;
+  static constexpr int kKVBytes = BK * kHeadDim * 2;
+  static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes;  // Q, K x2, V x2: 160 KB, one CTA per SM
+};
+
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+__global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
+    fa3_single_prefill_kernel(const __grid_constant__ PrefillParams p) {
+  using Tr = Fa3Traits;
+  constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, THREADS = Tr::kThreads, CH = D / 8;
+  static_assert(std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v");
+  extern __shared__ __align__(1024) uint4 smem[];  // same declaration as the fa2 kernels'
+  uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
+  uint8_t* sk = sq + Tr::kQBytes;      // 2 stages
+  uint8_t* sv = sk + 2 * Tr::kKVBytes;  // 2 stages
+  const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  const int qtile = p.num_qtiles - 1 - blockIdx.x;  // heaviest (last, for causal) tiles first
+  const int kv_head = blockIdx.y;
+  const int group = p.group_size;
+  const int qo_len = p.qo_len, kv_len = p.kv_len;
+  const int pr0 = qtile * BQ;
+  const int rows_here = min(BQ, qo_len * group - pr0);
+  const int delta = kv_len - qo_len;  // query token i sits at position delta + i
+  const int tok_min = pr0 / group, tok_max = (pr0 + rows_here - 1) / group;
+  int hi = kv_len;
+  if constexpr (MASK == MaskMode::kCausal) hi = min(hi, delta + tok_max + 1);
+  const int num_tiles = hi > 0 ? ceil_div(hi, BK) : 0;
+
+  // ---- Q tile -> shared memory (rows beyond the request are zero-filled)
+  {
+    const DTypeQ* qbase = static_cast<const DTypeQ*>(p.q) + int64_t(kv_head) * group * p.q_stride_h;
+#pragma unroll
+    for (int i = 0; i < BQ * CH / THREADS; ++i) {
+      const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+      const bool valid = row < rows_here;
+      const int pr = pr0 + (valid ? row : 0);
+      cp_async_16(sq + sm90::tile_offset(row, c, BQ),
+                  qbase + int64_t(pr / group) * p.q_stride_n + int64_t(pr % group) * p.q_stride_h + c * 8, valid);
+    }
+    cp_async_commit();
+  }
+
+  auto load_kv = [&](int tile, bool is_v) {
+    uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;
+    const DTypeKV* base = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
+                          int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
+    const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
+#pragma unroll
+    for (int i = 0; i < BK * CH / THREADS; ++i) {
+      const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+      const int t = tile * BK + row;
+      const bool valid = t < hi;
+      cp_async_16(dst + sm90::tile_offset(row, c, BK), base + int64_t(valid ? t : 0) * stride_n + c * 8, valid);
+    }
+  };
+
+  // Commit groups, in order: Q, K0, V0, K1, then per iteration n: V(n+1), K(n+2) (empty groups keep counts).
+  if (num_tiles > 0) load_kv(0, false);
+  cp_async_commit();
+  if (num_tiles > 0) load_kv(0, true);
+  cp_async_commit();
+  if (num_tiles > 1) load_kv(1, false);
+  cp_async_commit();
+
+  // This thread's accumulator rows (of the CTA's 128): wg*64 + (warp%4)*16 + lane/4, and that + 8; its
+  // columns 8i + 2(lane%4) (+1), i < 16. Accumulator element 4i + 2r + e: row r (0: g, 1: g+8), column e.
+  const int row0 = wg * 64 + (warp % 4) * 16 + lane / 4;
+  int qpos[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) qpos[r] = delta + (pr0 + min(row0 + 8 * r, rows_here - 1)) / group;
+  const float scl = p.sm_scale * kLog2e;
+
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f};
+
+  // Descriptors (see wgmma.cuh): Q rows of this warpgroup and K rows are K-major, V is MN-major.
+  const uint32_t q_base = sq_u + wg * 64 * sm90::kSwizzleRowBytes;
+  constexpr uint32_t kSbo = 8 * sm90::kSwizzleRowBytes;
+
+  for (int n = 0; n < num_tiles; ++n) {
+    cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
+    sm90::fence_async_shared();
+    __syncthreads();  // ... for every thread; and both warpgroups are done with V(n-1)'s stage
+    if (n + 1 < num_tiles) load_kv(n + 1, true);
+    cp_async_commit();
+
+    // ---- S = Q K^T
+    float s[64];
+    const uint32_t k_base = sk_u + (n & 1) * Tr::kKVBytes;
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t col = (ks & 3) * 32;  // k16 step within the 64-column block
+      const uint64_t da = sm90::make_desc(q_base + (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col, 16, kSbo);
+      const uint64_t db = sm90::make_desc(k_base + (ks >> 2) * BK * sm90::kSwizzleRowBytes + col, 16, kSbo);
+      sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+
+    // ---- mask: keys past the end (last tile), and the causal diagonal
+    const int k0 = n * BK;
+    bool need_mask = k0 + BK > hi;
+    if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
+    if (need_mask) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
+          bool ok = key < hi;
+          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[e / 2];
+          if (!ok) s[4 * i + e] = kNegInf;
+        }
+    }
+
+    // ---- online softmax (log2 domain)
+    float corr[2];
+    bool max_moved = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
+      corr[r] = ptx_exp2((m[r] - m_use) * scl);
+      max_moved |= m_new != m[r];
+      m[r] = m_new;
+      d[r] *= corr[r];
+      const float neg = -m_use * scl;
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          const float pe = ptx_exp2(fmaf(s[4 * i + e], scl, neg));
+          s[4 * i + e] = pe;
+          d[r] += pe;
+        }
+    }
+    if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[4 * i + e] *= corr[e / 2];
+    }
+    uint32_t pa[BK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      pa[kk][0] = pack2<DTypeKV>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<DTypeKV>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<DTypeKV>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<DTypeKV>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+
+    cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
+    sm90::fence_async_shared();
+    __syncthreads();  // ... for every thread; and both warpgroups are done with K(n)'s stage
+    if (n + 2 < num_tiles) load_kv(n + 2, false);
+    cp_async_commit();
+
+    // ---- O += P V
+    const uint32_t v_base = sv_u + (n & 1) * Tr::kKVBytes;
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const uint64_t db = sm90::make_desc(v_base + kk * 16 * sm90::kSwizzleRowBytes, BK * sm90::kSwizzleRowBytes, kSbo);
+      sm90::wgmma_m64n128k16_rs<DTypeKV>(o, pa[kk], db, 1);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every wgmma read of Q is done before Q's rows are reused for staging O
+
+  // ---- epilogue: normalise, stage the 16-bit rows in Q's place, write 16-byte chunks
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 1);
+    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float inv = d[r] > 0.f ? 1.f / d[r] : 0.f;
+    const int row = row0 + 8 * r;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(sq + sm90::tile_offset(row, i, BQ)) + lane % 4;
+      *dst = pack2<DTypeO>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+    }
+  }
+  __syncthreads();
+  const int hq0 = kv_head * group;
+  DTypeO* obase = static_cast<DTypeO*>(p.o);
+#pragma unroll
+  for (int i = 0; i < BQ * CH / THREADS; ++i) {
+    const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+    if (row < rows_here) {
+      const int pr = pr0 + row;
+      *reinterpret_cast<uint4*>(obase + int64_t(pr / group) * p.o_stride_n + int64_t(hq0 + pr % group) * p.o_stride_h +
+                                c * 8) = *reinterpret_cast<const uint4*>(sq + sm90::tile_offset(row, c, BQ));
+    }
+  }
+  if (p.lse != nullptr && lane % 4 == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      if (row < rows_here) {
+        const int pr = pr0 + row;
+        const float m_use = m[r] == kNegInf ? 0.f : m[r];
+        p.lse[int64_t(pr / group) * p.num_qo_heads + hq0 + pr % group] =
+            d[r] > 0.f ? m_use * scl + ptx_log2(d[r]) : kNegInf;
+      }
+    }
+  }
+}
+
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+cudaError_t launch_fa3_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
+  constexpr auto kernel = fa3_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK>;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  int occ = 0;
+  cudaError_t err = prepare_prefill_kernel<kernel>(Fa3Traits::kSmemBytes, Fa3Traits::kThreads, device, &occ);
+  if (err != cudaSuccess) return err;
+  if (occupancy_only) {
+    *occupancy_only = occ;
+    return cudaSuccess;
+  }
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks != 1) return cudaErrorInvalidValue;
+  p.group_size = p.num_qo_heads / p.num_kv_heads;
+  p.num_qtiles = ceil_div(p.qo_len * p.group_size, Fa3Traits::BQ);
+  kernel<<<dim3(p.num_qtiles, p.num_kv_heads), Fa3Traits::kThreads, Fa3Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace flashinfer
