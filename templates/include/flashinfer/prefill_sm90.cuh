@@ -6,8 +6,9 @@
 //   online softmax in fp32 registers (exp2, the row max reduced over the 4 lanes of a quad), P packed to
 //   16 bits in place: the wgmma accumulator layout is the m16n8k16 A-fragment layout of each warp's rows
 //   O += P V    8 x wgmma.m64n128k16, P from registers, V (keys x head_dim) as an MN-major operand
-// K and V are double-buffered with cp.async in separate commit groups (the copy of K(n+2) runs under P V(n),
-// V(n+1) under Q K(n)^T), as in the fa2 kernel. Scope: head_dim 128, 16-bit q/k/v, no mask / causal, no
+// Each warpgroup pipelines its tiles: S(n+1) = Q K(n+1)^T is issued before P V(n), and the softmax of
+// S(n+1) runs while P V(n) is on the tensor cores. K and V are double-buffered with cp.async in separate
+// commit groups (the copy of K(n+2) overlaps S(n+1), V(n+1) overlaps P V(n)). Scope: head_dim 128, 16-bit q/k/v, no mask / causal, no
 // position encoding, window or soft cap, no KV split; everything else goes to fa2 (see prefill.py).
 #pragma once
 #include "common.cuh"
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       cp_async_16(sq + sm90::tile_offset(row, c, BQ),
                   qbase + int64_t(pr / group) * p.q_stride_n + int64_t(pr % group) * p.q_stride_h + c * 8, valid);
     }
-    cp_async_commit();
+    // Committed together with K0 below.
   }
 
   auto load_kv = [&](int tile, bool is_v) {
@@ -81,7 +82,8 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     }
   };
 
-  // Commit groups, in order: Q, K0, V0, K1, then per iteration n: V(n+1), K(n+2) (empty groups keep counts).
+  // Commit groups, in order: [Q, K0], [V0], [K1], then per iteration n: [K(n+2)], [V(n+1)] (empty groups keep
+  // the counts).
   if (num_tiles > 0) load_kv(0, false);
   cp_async_commit();
   if (num_tiles > 0) load_kv(0, true);
@@ -97,24 +99,17 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
   for (int r = 0; r < 2; ++r) qpos[r] = delta + (pr0 + min(row0 + 8 * r, rows_here - 1)) / group;
   const float scl = p.sm_scale * kLog2e;
 
-  float o[64];
+  float o[64], s[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
-  float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f};
+  float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f}, corr[2];
+  bool max_moved = false;
+  uint32_t pa[BK / 16][4];
 
   // Descriptors (see wgmma.cuh): Q rows of this warpgroup and K rows are K-major, V is MN-major.
   const uint32_t q_base = sq_u + wg * 64 * sm90::kSwizzleRowBytes;
   constexpr uint32_t kSbo = 8 * sm90::kSwizzleRowBytes;
-
-  for (int n = 0; n < num_tiles; ++n) {
-    cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
-    sm90::fence_async_shared();
-    __syncthreads();  // ... for every thread; and both warpgroups are done with V(n-1)'s stage
-    if (n + 1 < num_tiles) load_kv(n + 1, true);
-    cp_async_commit();
-
-    // ---- S = Q K^T
-    float s[64];
+  auto issue_qk = [&](int n) {  // S = Q K(n)^T into s
     const uint32_t k_base = sk_u + (n & 1) * Tr::kKVBytes;
     sm90::wgmma_fence();
 #pragma unroll
@@ -125,9 +120,21 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
     }
     sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-
-    // ---- mask: keys past the end (last tile), and the causal diagonal
+  };
+  auto issue_pv = [&](int n) {  // O += P V(n)
+    const uint32_t v_base = sv_u + (n & 1) * Tr::kKVBytes;
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const uint64_t db =
+          sm90::make_desc(v_base + kk * 16 * sm90::kSwizzleRowBytes, BK * sm90::kSwizzleRowBytes, kSbo);
+      sm90::wgmma_m64n128k16_rs<DTypeKV>(o, pa[kk], db, 1);
+    }
+    sm90::wgmma_commit();
+  };
+  // Softmax of tile n's scores in s, up to the probabilities (in place) and the row statistics; O is not
+  // touched, so this runs while the previous tile's P V is still on the tensor cores.
+  auto softmax_scores = [&](int n) {
     const int k0 = n * BK;
     bool need_mask = k0 + BK > hi;
     if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
@@ -142,10 +149,7 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
           if (!ok) s[4 * i + e] = kNegInf;
         }
     }
-
-    // ---- online softmax (log2 domain)
-    float corr[2];
-    bool max_moved = false;
+    max_moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = kNegInf;
@@ -169,13 +173,16 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
           d[r] += pe;
         }
     }
+  };
+  // The rest, once the previous P V is done: rescale O (skipped when no row max of the warp moved: corr is
+  // then exactly 1) and pack P to 16 bits, in the A-fragment layout of the next P V.
+  auto rescale_and_pack = [&]() {
     if (__any_sync(0xffffffffu, max_moved)) {
 #pragma unroll
       for (int i = 0; i < 16; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[4 * i + e] *= corr[e / 2];
     }
-    uint32_t pa[BK / 16][4];
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       pa[kk][0] = pack2<DTypeKV>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -183,23 +190,43 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       pa[kk][2] = pack2<DTypeKV>(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = pack2<DTypeKV>(s[8 * kk + 6], s[8 * kk + 7]);
     }
+  };
 
-    cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
+  // Software pipeline (per warpgroup): S(n+1) = Q K(n+1)^T is issued before P V(n), and the softmax of
+  // S(n+1) runs while P V(n) is on the tensor cores.
+  if (num_tiles > 0) {
+    cp_async_wait<2>();  // Q, K0 landed
     sm90::fence_async_shared();
-    __syncthreads();  // ... for every thread; and both warpgroups are done with K(n)'s stage
+    __syncthreads();
+    issue_qk(0);
+    sm90::wgmma_wait<0>();
+    softmax_scores(0);
+    rescale_and_pack();
+  }
+  for (int n = 0; n < num_tiles; ++n) {
+    const bool more = n + 1 < num_tiles;
+    if (n == 0) cp_async_wait<0>(); else cp_async_wait<1>();  // K(n+1) landed
+    sm90::fence_async_shared();
+    __syncthreads();  // ... for every thread; and every warpgroup is done with S(n), so K(n)'s stage is free
     if (n + 2 < num_tiles) load_kv(n + 2, false);
     cp_async_commit();
+    if (more) issue_qk(n + 1);
 
-    // ---- O += P V
-    const uint32_t v_base = sv_u + (n & 1) * Tr::kKVBytes;
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      const uint64_t db = sm90::make_desc(v_base + kk * 16 * sm90::kSwizzleRowBytes, BK * sm90::kSwizzleRowBytes, kSbo);
-      sm90::wgmma_m64n128k16_rs<DTypeKV>(o, pa[kk], db, 1);
+    if (n == 0) cp_async_wait<2>(); else cp_async_wait<1>();  // V(n) landed
+    sm90::fence_async_shared();
+    __syncthreads();  // ... for every thread; and every warpgroup is done with P V(n-1), so V(n-1)'s stage is free
+    if (n + 1 < num_tiles) load_kv(n + 1, true);
+    cp_async_commit();
+    issue_pv(n);
+
+    if (more) {
+      sm90::wgmma_wait<1>();  // S(n+1) done; P V(n) may still run
+      softmax_scores(n + 1);
+      sm90::wgmma_wait<0>();
+      rescale_and_pack();
+    } else {
+      sm90::wgmma_wait<0>();
     }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
   }
   cp_async_wait<0>();
   __syncthreads();  // every wgmma read of Q is done before Q's rows are reused for staging O
