@@ -132,29 +132,27 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     }
     sm90::wgmma_commit();
   };
-  // Softmax of tile n's scores in s, up to the probabilities (in place) and the row statistics; O is not
-  // touched, so this runs while the previous tile's P V is still on the tensor cores.
-  auto softmax_scores = [&](int n) {
+  // Softmax of tile n's scores in s: row statistics, and the probabilities packed to 16 bits into `out` in
+  // the A-fragment layout of P V. Neither s nor O is written (s may still be a wgmma accumulator for
+  // ptxas's pipeline analysis, O is one while the previous P V runs); O's rescale comes after.
+  uint32_t pa_next[BK / 16][4];
+  auto softmax_scores = [&](int n, uint32_t(&out)[BK / 16][4]) {
     const int k0 = n * BK;
     bool need_mask = k0 + BK > hi;
     if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
-    if (need_mask) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
-          bool ok = key < hi;
-          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[e / 2];
-          if (!ok) s[4 * i + e] = kNegInf;
-        }
-    }
+    auto score = [&](int idx) {  // element idx = 4i + e of s, masked
+      const int key = k0 + 8 * (idx / 4) + 2 * (lane % 4) + (idx & 1);
+      bool ok = key < hi;
+      if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[(idx % 4) / 2];
+      return !need_mask || ok ? s[idx] : kNegInf;
+    };
     max_moved = false;
+    float neg[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = kNegInf;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(score(4 * i + 2 * r), score(4 * i + 2 * r + 1)));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[r], mx);
@@ -163,20 +161,23 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       max_moved |= m_new != m[r];
       m[r] = m_new;
       d[r] *= corr[r];
-      const float neg = -m_use * scl;
-#pragma unroll
-      for (int i = 0; i < 16; ++i)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const float pe = ptx_exp2(fmaf(s[4 * i + e], scl, neg));
-          s[4 * i + e] = pe;
-          d[r] += pe;
-        }
+      neg[r] = -m_use * scl;
     }
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // register j of k-step kk: elements 8kk + 2j, +1 (row (j & 1), columns of n8 block 2kk + j / 2)
+        const int idx = 8 * kk + 2 * j, r = j & 1;
+        const float p0 = ptx_exp2(fmaf(score(idx), scl, neg[r]));
+        const float p1 = ptx_exp2(fmaf(score(idx + 1), scl, neg[r]));
+        d[r] += p0 + p1;
+        out[kk][j] = pack2<DTypeKV>(p0, p1);
+      }
   };
-  // The rest, once the previous P V is done: rescale O (skipped when no row max of the warp moved: corr is
-  // then exactly 1) and pack P to 16 bits, in the A-fragment layout of the next P V.
-  auto rescale_and_pack = [&]() {
+  // Once the previous P V is done: rescale O (skipped when no row max of the warp moved: corr is then
+  // exactly 1) and make the new probabilities current.
+  auto rescale_and_take = [&]() {
     if (__any_sync(0xffffffffu, max_moved)) {
 #pragma unroll
       for (int i = 0; i < 16; ++i)
@@ -184,12 +185,9 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
         for (int e = 0; e < 4; ++e) o[4 * i + e] *= corr[e / 2];
     }
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      pa[kk][0] = pack2<DTypeKV>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<DTypeKV>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<DTypeKV>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<DTypeKV>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    for (int kk = 0; kk < BK / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) pa[kk][j] = pa_next[kk][j];
   };
 
   // Software pipeline (per warpgroup): S(n+1) = Q K(n+1)^T is issued before P V(n), and the softmax of
@@ -200,8 +198,8 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     __syncthreads();
     issue_qk(0);
     sm90::wgmma_wait<0>();
-    softmax_scores(0);
-    rescale_and_pack();
+    softmax_scores(0, pa_next);
+    rescale_and_take();
   }
   for (int n = 0; n < num_tiles; ++n) {
     const bool more = n + 1 < num_tiles;
@@ -221,9 +219,9 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
 
     if (more) {
       sm90::wgmma_wait<1>();  // S(n+1) done; P V(n) may still run
-      softmax_scores(n + 1);
+      softmax_scores(n + 1, pa_next);
       sm90::wgmma_wait<0>();
-      rescale_and_pack();
+      rescale_and_take();
     } else {
       sm90::wgmma_wait<0>();
     }
