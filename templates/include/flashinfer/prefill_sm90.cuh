@@ -140,40 +140,52 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     const int k0 = n * BK;
     bool need_mask = k0 + BK > hi;
     if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
-    auto score = [&](int idx) {  // element idx = 4i + e of s, masked
-      const int key = k0 + 8 * (idx / 4) + 2 * (lane % 4) + (idx & 1);
-      bool ok = key < hi;
-      if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[(idx % 4) / 2];
-      return !need_mask || ok ? s[idx] : kNegInf;
-    };
-    max_moved = false;
-    float neg[2];
+    // Two instantiations: the masked one only for the tiles that need it (the last, and the causal diagonal).
+    auto body = [&](auto masked) {
+      auto score = [&](int idx) {  // element idx = 4i + e of s, masked
+        if constexpr (decltype(masked)::value) {
+          const int key = k0 + 8 * (idx / 4) + 2 * (lane % 4) + (idx & 1);
+          bool ok = key < hi;
+          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[(idx % 4) / 2];
+          return ok ? s[idx] : kNegInf;
+        } else {
+          return s[idx];
+        }
+      };
+      max_moved = false;
+      float neg[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = kNegInf;
+      for (int r = 0; r < 2; ++r) {
+        float mx = kNegInf;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(score(4 * i + 2 * r), score(4 * i + 2 * r + 1)));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
-      corr[r] = ptx_exp2((m[r] - m_use) * scl);
-      max_moved |= m_new != m[r];
-      m[r] = m_new;
-      d[r] *= corr[r];
-      neg[r] = -m_use * scl;
-    }
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // register j of k-step kk: elements 8kk + 2j, +1 (row (j & 1), columns of n8 block 2kk + j / 2)
-        const int idx = 8 * kk + 2 * j, r = j & 1;
-        const float p0 = ptx_exp2(fmaf(score(idx), scl, neg[r]));
-        const float p1 = ptx_exp2(fmaf(score(idx + 1), scl, neg[r]));
-        d[r] += p0 + p1;
-        out[kk][j] = pack2<DTypeKV>(p0, p1);
+        for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(score(4 * i + 2 * r), score(4 * i + 2 * r + 1)));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[r], mx);
+        const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
+        corr[r] = ptx_exp2((m[r] - m_use) * scl);
+        max_moved |= m_new != m[r];
+        m[r] = m_new;
+        d[r] *= corr[r];
+        neg[r] = -m_use * scl;
       }
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          // register j of k-step kk: elements 8kk + 2j, +1 (row j & 1, columns of n8 block 2kk + j / 2)
+          const int idx = 8 * kk + 2 * j, r = j & 1;
+          const float p0 = ptx_exp2(fmaf(score(idx), scl, neg[r]));
+          const float p1 = ptx_exp2(fmaf(score(idx + 1), scl, neg[r]));
+          d[r] += p0 + p1;
+          out[kk][j] = pack2<DTypeKV>(p0, p1);
+        }
+    };
+    if (need_mask) {
+      body(std::true_type{});
+    } else {
+      body(std::false_type{});
+    }
   };
   // Once the previous P V is done: rescale O (skipped when no row max of the warp moved: corr is then
   // exactly 1) and make the new probabilities current.
