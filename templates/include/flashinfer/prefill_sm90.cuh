@@ -6,9 +6,11 @@
 //   online softmax in fp32 registers (exp2, the row max reduced over the 4 lanes of a quad), P packed to
 //   16 bits in place: the wgmma accumulator layout is the m16n8k16 A-fragment layout of each warp's rows
 //   O += P V    8 x wgmma.m64n128k16, P from registers, V (keys x head_dim) as an MN-major operand
-// Each warpgroup pipelines its tiles: S(n+1) = Q K(n+1)^T is issued before P V(n), and the softmax of
-// S(n+1) runs while P V(n) is on the tensor cores. K and V are double-buffered with cp.async in separate
-// commit groups (the copy of K(n+2) overlaps S(n+1), V(n+1) overlaps P V(n)). Scope: head_dim 128, 16-bit q/k/v, no mask / causal, no
+// K and V are double-buffered with cp.async in separate commit groups (the copy of K(n+2) runs under P V(n),
+// V(n+1) under Q K(n)^T), as in the fa2 kernel. Measured on an H200 (2026-11-22): 403-414 TFLOP/s at 8192-16384
+// tokens. A software-pipelined variant (S(n+1) issued before P V(n), softmax overlapping P V) measured no
+// faster (395-404 non-causal, slower causal) and was dropped; the two warpgroups' barriers per tile and
+// cp.async loads by the consumer threads themselves are what a next step (TMA, warp specialisation) removes. Scope: head_dim 128, 16-bit q/k/v, no mask / causal, no
 // position encoding, window or soft cap, no KV split; everything else goes to fa2 (see prefill.py).
 #pragma once
 #include "common.cuh"
@@ -65,7 +67,7 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       cp_async_16(sq + sm90::tile_offset(row, c, BQ),
                   qbase + int64_t(pr / group) * p.q_stride_n + int64_t(pr % group) * p.q_stride_h + c * 8, valid);
     }
-    // Committed together with K0 below.
+    cp_async_commit();
   }
 
   auto load_kv = [&](int tile, bool is_v) {
@@ -82,8 +84,7 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     }
   };
 
-  // Commit groups, in order: [Q, K0], [V0], [K1], then per iteration n: [K(n+2)], [V(n+1)] (empty groups keep
-  // the counts).
+  // Commit groups, in order: Q, K0, V0, K1, then per iteration n: V(n+1), K(n+2) (empty groups keep counts).
   if (num_tiles > 0) load_kv(0, false);
   cp_async_commit();
   if (num_tiles > 0) load_kv(0, true);
@@ -99,17 +100,24 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
   for (int r = 0; r < 2; ++r) qpos[r] = delta + (pr0 + min(row0 + 8 * r, rows_here - 1)) / group;
   const float scl = p.sm_scale * kLog2e;
 
-  float o[64], s[64];
+  float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
-  float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f}, corr[2];
-  bool max_moved = false;
-  uint32_t pa[BK / 16][4];
+  float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f};
 
   // Descriptors (see wgmma.cuh): Q rows of this warpgroup and K rows are K-major, V is MN-major.
   const uint32_t q_base = sq_u + wg * 64 * sm90::kSwizzleRowBytes;
   constexpr uint32_t kSbo = 8 * sm90::kSwizzleRowBytes;
-  auto issue_qk = [&](int n) {  // S = Q K(n)^T into s
+
+  for (int n = 0; n < num_tiles; ++n) {
+    cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
+    sm90::fence_async_shared();
+    __syncthreads();  // ... for every thread; and both warpgroups are done with V(n-1)'s stage
+    if (n + 1 < num_tiles) load_kv(n + 1, true);
+    cp_async_commit();
+
+    // ---- S = Q K^T
+    float s[64];
     const uint32_t k_base = sk_u + (n & 1) * Tr::kKVBytes;
     sm90::wgmma_fence();
 #pragma unroll
@@ -120,123 +128,81 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
     }
     sm90::wgmma_commit();
-  };
-  auto issue_pv = [&](int n) {  // O += P V(n)
-    const uint32_t v_base = sv_u + (n & 1) * Tr::kKVBytes;
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      const uint64_t db =
-          sm90::make_desc(v_base + kk * 16 * sm90::kSwizzleRowBytes, BK * sm90::kSwizzleRowBytes, kSbo);
-      sm90::wgmma_m64n128k16_rs<DTypeKV>(o, pa[kk], db, 1);
-    }
-    sm90::wgmma_commit();
-  };
-  // Softmax of tile n's scores in s: row statistics, and the probabilities packed to 16 bits into `out` in
-  // the A-fragment layout of P V. Neither s nor O is written (s may still be a wgmma accumulator for
-  // ptxas's pipeline analysis, O is one while the previous P V runs); O's rescale comes after.
-  uint32_t pa_next[BK / 16][4];
-  auto softmax_scores = [&](int n, uint32_t(&out)[BK / 16][4]) {
+    sm90::wgmma_wait<0>();
+
+    // ---- mask: keys past the end (last tile), and the causal diagonal
     const int k0 = n * BK;
     bool need_mask = k0 + BK > hi;
     if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
-    // Two instantiations: the masked one only for the tiles that need it (the last, and the causal diagonal).
-    auto body = [&](auto masked) {
-      auto score = [&](int idx) {  // element idx = 4i + e of s, masked
-        if constexpr (decltype(masked)::value) {
-          const int key = k0 + 8 * (idx / 4) + 2 * (lane % 4) + (idx & 1);
-          bool ok = key < hi;
-          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[(idx % 4) / 2];
-          return ok ? s[idx] : kNegInf;
-        } else {
-          return s[idx];
-        }
-      };
-      max_moved = false;
-      float neg[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = kNegInf;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(score(4 * i + 2 * r), score(4 * i + 2 * r + 1)));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[r], mx);
-        const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
-        corr[r] = ptx_exp2((m[r] - m_use) * scl);
-        max_moved |= m_new != m[r];
-        m[r] = m_new;
-        d[r] *= corr[r];
-        neg[r] = -m_use * scl;
-      }
-#pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          // register j of k-step kk: elements 8kk + 2j, +1 (row j & 1, columns of n8 block 2kk + j / 2)
-          const int idx = 8 * kk + 2 * j, r = j & 1;
-          const float p0 = ptx_exp2(fmaf(score(idx), scl, neg[r]));
-          const float p1 = ptx_exp2(fmaf(score(idx + 1), scl, neg[r]));
-          d[r] += p0 + p1;
-          out[kk][j] = pack2<DTypeKV>(p0, p1);
-        }
-    };
     if (need_mask) {
-      body(std::true_type{});
-    } else {
-      body(std::false_type{});
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
+          bool ok = key < hi;
+          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[e / 2];
+          if (!ok) s[4 * i + e] = kNegInf;
+        }
     }
-  };
-  // Once the previous P V is done: rescale O (skipped when no row max of the warp moved: corr is then
-  // exactly 1) and make the new probabilities current.
-  auto rescale_and_take = [&]() {
+
+    // ---- online softmax (log2 domain)
+    float corr[2];
+    bool max_moved = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
+      corr[r] = ptx_exp2((m[r] - m_use) * scl);
+      max_moved |= m_new != m[r];
+      m[r] = m_new;
+      d[r] *= corr[r];
+      const float neg = -m_use * scl;
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          const float pe = ptx_exp2(fmaf(s[4 * i + e], scl, neg));
+          s[4 * i + e] = pe;
+          d[r] += pe;
+        }
+    }
     if (__any_sync(0xffffffffu, max_moved)) {
 #pragma unroll
       for (int i = 0; i < 16; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[4 * i + e] *= corr[e / 2];
     }
+    uint32_t pa[BK / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) pa[kk][j] = pa_next[kk][j];
-  };
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      pa[kk][0] = pack2<DTypeKV>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<DTypeKV>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<DTypeKV>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<DTypeKV>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
 
-  // Software pipeline (per warpgroup): S(n+1) = Q K(n+1)^T is issued before P V(n), and the softmax of
-  // S(n+1) runs while P V(n) is on the tensor cores.
-  if (num_tiles > 0) {
-    cp_async_wait<2>();  // Q, K0 landed
+    cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
     sm90::fence_async_shared();
-    __syncthreads();
-    issue_qk(0);
-    sm90::wgmma_wait<0>();
-    softmax_scores(0, pa_next);
-    rescale_and_take();
-  }
-  for (int n = 0; n < num_tiles; ++n) {
-    const bool more = n + 1 < num_tiles;
-    if (n == 0) cp_async_wait<0>(); else cp_async_wait<1>();  // K(n+1) landed
-    sm90::fence_async_shared();
-    __syncthreads();  // ... for every thread; and every warpgroup is done with S(n), so K(n)'s stage is free
+    __syncthreads();  // ... for every thread; and both warpgroups are done with K(n)'s stage
     if (n + 2 < num_tiles) load_kv(n + 2, false);
     cp_async_commit();
-    if (more) issue_qk(n + 1);
 
-    if (n == 0) cp_async_wait<2>(); else cp_async_wait<1>();  // V(n) landed
-    sm90::fence_async_shared();
-    __syncthreads();  // ... for every thread; and every warpgroup is done with P V(n-1), so V(n-1)'s stage is free
-    if (n + 1 < num_tiles) load_kv(n + 1, true);
-    cp_async_commit();
-    issue_pv(n);
-
-    if (more) {
-      sm90::wgmma_wait<1>();  // S(n+1) done; P V(n) may still run
-      softmax_scores(n + 1, pa_next);
-      sm90::wgmma_wait<0>();
-      rescale_and_take();
-    } else {
-      sm90::wgmma_wait<0>();
+    // ---- O += P V
+    const uint32_t v_base = sv_u + (n & 1) * Tr::kKVBytes;
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const uint64_t db = sm90::make_desc(v_base + kk * 16 * sm90::kSwizzleRowBytes, BK * sm90::kSwizzleRowBytes, kSbo);
+      sm90::wgmma_m64n128k16_rs<DTypeKV>(o, pa[kk], db, 1);
     }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
   }
   cp_async_wait<0>();
   __syncthreads();  // every wgmma read of Q is done before Q's rows are reused for staging O
