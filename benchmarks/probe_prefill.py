@@ -1,6 +1,6 @@
-"""Development aid: single-prefill time (bf16, head_dim 128, 32 heads) for compile-time variants of the fa2
-kernel (FI_PREFILL_BK128: keys per KV tile), beside SDPA's flash backend in the same run. Prints a table;
-records nothing."""
+"""Development aid: single-prefill time (bf16, head_dim 128, 32 heads) for compile-time variants of the
+kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK), beside SDPA's flash backend in the same
+run. Prints a table; records nothing."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import flashinfer  # noqa: E402
 import flashinfer.prefill as prefill  # noqa: E402
 from flashinfer import jit  # noqa: E402
 
-VARIANTS = {"bk32": ("-DFI_PREFILL_BK128=32",), "bk64": ("-DFI_PREFILL_BK128=64",)}
-CASES = [(8192, False), (8192, True), (2048, True)]
+VARIANTS = {"fa2": ("fa2", ()), "fa3 bk128": ("fa3", ("-DFI_FA3_BK=128",)), "fa3 bk64": ("fa3", ("-DFI_FA3_BK=64",))}
+CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 
 
 def variant_class(flags):
@@ -39,8 +39,9 @@ def variant_class(flags):
 
 def main() -> None:
     base = prefill.SinglePrefillSpec
-    classes = {name: variant_class(flags) for name, flags in VARIANTS.items()}
-    specs = [c(128, "bf16", "bf16", "bf16", mask_mode=m) for c in classes.values() for m in ("none", "causal")]
+    classes = {name: variant_class(flags) for name, (_, flags) in VARIANTS.items()}
+    specs = [c(128, "bf16", "bf16", "bf16", mask_mode=m, backend=VARIANTS[name][0])
+             for name, c in classes.items() for m in ("none", "causal")]
     with ThreadPoolExecutor(len(specs)) as pool:
         reports = list(pool.map(jit.ensure_built, specs))
     for spec, r in zip(specs, reports):
@@ -56,7 +57,9 @@ def main() -> None:
         for _ in range(3):
             for name, cls in classes.items():
                 prefill.SinglePrefillSpec = cls
-                t = graph_ms(lambda i: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out), 1,
+                be = VARIANTS[name][0]
+                t = graph_ms(lambda i: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out,
+                                                                              backend=be), 1,
                              reps=10, calls_per_graph=4)
                 res.setdefault(name, []).append(t)
                 if ref is None:

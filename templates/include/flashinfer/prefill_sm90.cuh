@@ -21,18 +21,26 @@
 
 namespace flashinfer {
 
+// Keys per KV tile. A tuning knob for probes (benchmarks/probe_prefill.py builds variants with
+// -DFI_FA3_BK=64): 128 keys take 160 KB of shared memory and one CTA per SM; 64 keys fit two CTAs per SM.
+#ifndef FI_FA3_BK
+#define FI_FA3_BK 128
+#endif
+
 struct Fa3Traits {
   static constexpr int kHeadDim = 128;
   static constexpr int kThreads = 256;  // two warpgroups
   static constexpr int BQ = 128;        // packed query rows per CTA
-  static constexpr int BK = 128;        // keys per KV tile
+  static constexpr int BK = FI_FA3_BK;  // keys per KV tile
+  static constexpr int kMinBlocks = BK == 64 ? 2 : 1;
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;
-  static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes;  // Q, K x2, V x2: 160 KB, one CTA per SM
+  static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes;  // Q, K x2, V x2
+  static_assert(BK == 64 || BK == 128, "KV tiles of 64 or 128 keys");
 };
 
 template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
-__global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
+__global__ void __launch_bounds__(Fa3Traits::kThreads, Fa3Traits::kMinBlocks)
     fa3_single_prefill_kernel(const __grid_constant__ PrefillParams p) {
   using Tr = Fa3Traits;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, THREADS = Tr::kThreads, CH = D / 8;
@@ -117,7 +125,8 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     cp_async_commit();
 
     // ---- S = Q K^T
-    float s[64];
+    constexpr int NB = BK / 8;  // n8 blocks of scores
+    float s[BK / 2];
     const uint32_t k_base = sk_u + (n & 1) * Tr::kKVBytes;
     sm90::wgmma_fence();
 #pragma unroll
@@ -125,7 +134,11 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       const uint32_t col = (ks & 3) * 32;  // k16 step within the 64-column block
       const uint64_t da = sm90::make_desc(q_base + (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col, 16, kSbo);
       const uint64_t db = sm90::make_desc(k_base + (ks >> 2) * BK * sm90::kSwizzleRowBytes + col, 16, kSbo);
-      sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
+      if constexpr (BK == 128) {
+        sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
+      } else {
+        sm90::wgmma_m64n64k16_ss<DTypeQ>(s, da, db, ks > 0);
+      }
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
@@ -136,7 +149,7 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
     if (need_mask) {
 #pragma unroll
-      for (int i = 0; i < 16; ++i)
+      for (int i = 0; i < NB; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
@@ -153,7 +166,7 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
     for (int r = 0; r < 2; ++r) {
       float mx = kNegInf;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+      for (int i = 0; i < NB; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[r], mx);
@@ -164,7 +177,7 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, 1)
       d[r] *= corr[r];
       const float neg = -m_use * scl;
 #pragma unroll
-      for (int i = 0; i < 16; ++i)
+      for (int i = 0; i < NB; ++i)
 #pragma unroll
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
           const float pe = ptx_exp2(fmaf(s[4 * i + e], scl, neg));

@@ -44,6 +44,9 @@ FI_DEVICE void fence_async_shared() { asm volatile("fence.proxy.async.shared::ct
 // D (+)= A B, A 64x16 and B 16x128 both from shared memory (K-major); scale_d == 0 overwrites D.
 template <typename T>
 FI_DEVICE void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d);
+// The same with N = 64.
+template <typename T>
+FI_DEVICE void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d);
 // D += A B, A 64x16 from registers (the m16n8k16 A fragment of each warp's 16 rows), B MN-major in shared memory.
 template <typename T>
 FI_DEVICE void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d);
@@ -113,12 +116,40 @@ FI_DEVICE void wgmma_m64n128k16_rs<__half>(float (&d)[64], const uint32_t (&a)[4
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
+template <>
+FI_DEVICE void wgmma_m64n64k16_ss<__nv_bfloat16>(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+template <>
+FI_DEVICE void wgmma_m64n64k16_ss<__half>(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
 #else
 // Not an sm_90a target: the kernels using these are never launched there (the module is built for sm_90a).
 template <>
 FI_DEVICE void wgmma_m64n128k16_ss<__nv_bfloat16>(float (&)[64], uint64_t, uint64_t, int) { __trap(); }
 template <>
 FI_DEVICE void wgmma_m64n128k16_ss<__half>(float (&)[64], uint64_t, uint64_t, int) { __trap(); }
+template <>
+FI_DEVICE void wgmma_m64n64k16_ss<__nv_bfloat16>(float (&)[32], uint64_t, uint64_t, int) { __trap(); }
+template <>
+FI_DEVICE void wgmma_m64n64k16_ss<__half>(float (&)[32], uint64_t, uint64_t, int) { __trap(); }
 template <>
 FI_DEVICE void wgmma_m64n128k16_rs<__nv_bfloat16>(float (&)[64], const uint32_t (&)[4], uint64_t, int) { __trap(); }
 template <>
