@@ -1,11 +1,11 @@
 // Prefill attention on Hopper warpgroup MMA (wgmma, sm_90a): the "fa3" backend of single-request prefill.
 //
 // A CTA of two warpgroups owns 128 packed query rows of one KV head (GQA heads packed as rows, as in the fa2
-// kernel); each warpgroup owns 64 rows. Per KV tile of 128 keys:
-//   S = Q K^T   8 x wgmma.m64n128k16, Q and K straight from swizzled shared memory (no ldmatrix)
+// kernel); each warpgroup owns 64 rows. Per KV tile (64 keys without a mask, 128 causal: fa3_kv_tile):
+//   S = Q K^T   8 x wgmma.m64n{64,128}k16, Q and K straight from swizzled shared memory (no ldmatrix)
 //   online softmax in fp32 registers (exp2, the row max reduced over the 4 lanes of a quad), P packed to
 //   16 bits in place: the wgmma accumulator layout is the m16n8k16 A-fragment layout of each warp's rows
-//   O += P V    8 x wgmma.m64n128k16, P from registers, V (keys x head_dim) as an MN-major operand
+//   O += P V    wgmma.m64n128k16 per 16 keys, P from registers, V (keys x head_dim) as an MN-major operand
 // K and V are double-buffered with cp.async in separate commit groups (the copy of K(n+2) runs under P V(n),
 // V(n+1) under Q K(n)^T), as in the fa2 kernel. Measured on an H200 (2026-11-22): 403-414 TFLOP/s at 8192-16384
 // tokens. A software-pipelined variant (S(n+1) issued before P V(n), softmax overlapping P V) measured no
@@ -21,17 +21,25 @@
 
 namespace flashinfer {
 
-// Keys per KV tile. A tuning knob for probes (benchmarks/probe_prefill.py builds variants with
-// -DFI_FA3_BK=64): 128 keys take 160 KB of shared memory and one CTA per SM; 64 keys fit two CTAs per SM.
-#ifndef FI_FA3_BK
-#define FI_FA3_BK 128
+// Keys per KV tile: 64 fit two CTAs per SM (96 KB of shared memory, 128 registers), 128 take 160 KB and one
+// CTA per SM. Measured on an H200 (benchmarks/probe_prefill.py, 2026-11-22): 64 is 6-14% faster without a
+// mask (431 vs 403 TFLOP/s at 8192 tokens), level for causal at 8192 and 10% slower for causal at 2048, so
+// causal keeps 128. -DFI_FA3_BK=n overrides both (for probes).
+template <MaskMode MASK>
+constexpr int fa3_kv_tile() {
+#ifdef FI_FA3_BK
+  return FI_FA3_BK;
+#else
+  return MASK == MaskMode::kCausal ? 128 : 64;
 #endif
+}
 
+template <MaskMode MASK>
 struct Fa3Traits {
   static constexpr int kHeadDim = 128;
   static constexpr int kThreads = 256;  // two warpgroups
   static constexpr int BQ = 128;        // packed query rows per CTA
-  static constexpr int BK = FI_FA3_BK;  // keys per KV tile
+  static constexpr int BK = fa3_kv_tile<MASK>();  // keys per KV tile
   static constexpr int kMinBlocks = BK == 64 ? 2 : 1;
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;
@@ -40,9 +48,9 @@ struct Fa3Traits {
 };
 
 template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
-__global__ void __launch_bounds__(Fa3Traits::kThreads, Fa3Traits::kMinBlocks)
+__global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kMinBlocks)
     fa3_single_prefill_kernel(const __grid_constant__ PrefillParams p) {
-  using Tr = Fa3Traits;
+  using Tr = Fa3Traits<MASK>;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, THREADS = Tr::kThreads, CH = D / 8;
   static_assert(std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v");
   extern __shared__ __align__(1024) uint4 smem[];  // same declaration as the fa2 kernels'
@@ -103,9 +111,9 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, Fa3Traits::kMinBlocks)
   // This thread's accumulator rows (of the CTA's 128): wg*64 + (warp%4)*16 + lane/4, and that + 8; its
   // columns 8i + 2(lane%4) (+1), i < 16. Accumulator element 4i + 2r + e: row r (0: g, 1: g+8), column e.
   const int row0 = wg * 64 + (warp % 4) * 16 + lane / 4;
-  int qpos[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) qpos[r] = delta + (pr0 + min(row0 + 8 * r, rows_here - 1)) / group;
+  // The query position of accumulator row r (causal mask), recomputed where used: registers are tight at two
+  // CTAs per SM.
+  auto qpos = [&](int r) { return delta + (pr0 + min(row0 + 8 * r, rows_here - 1)) / group; };
   const float scl = p.sm_scale * kLog2e;
 
   float o[64];
@@ -127,13 +135,16 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, Fa3Traits::kMinBlocks)
     // ---- S = Q K^T
     constexpr int NB = BK / 8;  // n8 blocks of scores
     float s[BK / 2];
-    const uint32_t k_base = sk_u + (n & 1) * Tr::kKVBytes;
+    // Descriptor bases made opaque to the compiler, so that it adds each step's offset in place instead of
+    // keeping eight precomputed 64-bit descriptors live across the loop (registers are tight at 2 CTAs/SM).
+    const uint64_t dq = sm90::opaque(sm90::make_desc(q_base, 16, kSbo));
+    const uint64_t dk = sm90::opaque(sm90::make_desc(sk_u + (n & 1) * Tr::kKVBytes, 16, kSbo));
     sm90::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       const uint32_t col = (ks & 3) * 32;  // k16 step within the 64-column block
-      const uint64_t da = sm90::make_desc(q_base + (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col, 16, kSbo);
-      const uint64_t db = sm90::make_desc(k_base + (ks >> 2) * BK * sm90::kSwizzleRowBytes + col, 16, kSbo);
+      const uint64_t da = sm90::desc_advance(dq, (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col);
+      const uint64_t db = sm90::desc_advance(dk, (ks >> 2) * BK * sm90::kSwizzleRowBytes + col);
       if constexpr (BK == 128) {
         sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
       } else {
@@ -148,13 +159,14 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, Fa3Traits::kMinBlocks)
     bool need_mask = k0 + BK > hi;
     if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
     if (need_mask) {
+      const int qpos0 = qpos(0), qpos1 = qpos(1);
 #pragma unroll
       for (int i = 0; i < NB; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
           bool ok = key < hi;
-          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[e / 2];
+          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= (e < 2 ? qpos0 : qpos1);
           if (!ok) s[4 * i + e] = kNegInf;
         }
     }
@@ -207,11 +219,11 @@ __global__ void __launch_bounds__(Fa3Traits::kThreads, Fa3Traits::kMinBlocks)
     cp_async_commit();
 
     // ---- O += P V
-    const uint32_t v_base = sv_u + (n & 1) * Tr::kKVBytes;
+    const uint64_t dv = sm90::opaque(sm90::make_desc(sv_u + (n & 1) * Tr::kKVBytes, BK * sm90::kSwizzleRowBytes, kSbo));
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      const uint64_t db = sm90::make_desc(v_base + kk * 16 * sm90::kSwizzleRowBytes, BK * sm90::kSwizzleRowBytes, kSbo);
+      const uint64_t db = sm90::desc_advance(dv, kk * 16 * sm90::kSwizzleRowBytes);
       sm90::wgmma_m64n128k16_rs<DTypeKV>(o, pa[kk], db, 1);
     }
     sm90::wgmma_commit();
@@ -268,7 +280,8 @@ cudaError_t launch_fa3_single_prefill(PrefillParams p, int device, cudaStream_t 
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   int occ = 0;
-  cudaError_t err = prepare_prefill_kernel<kernel>(Fa3Traits::kSmemBytes, Fa3Traits::kThreads, device, &occ);
+  using Tr = Fa3Traits<MASK>;
+  cudaError_t err = prepare_prefill_kernel<kernel>(Tr::kSmemBytes, Tr::kThreads, device, &occ);
   if (err != cudaSuccess) return err;
   if (occupancy_only) {
     *occupancy_only = occ;
@@ -276,8 +289,8 @@ cudaError_t launch_fa3_single_prefill(PrefillParams p, int device, cudaStream_t 
   }
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks != 1) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
-  p.num_qtiles = ceil_div(p.qo_len * p.group_size, Fa3Traits::BQ);
-  kernel<<<dim3(p.num_qtiles, p.num_kv_heads), Fa3Traits::kThreads, Fa3Traits::kSmemBytes, stream>>>(p);
+  p.num_qtiles = ceil_div(p.qo_len * p.group_size, Tr::BQ);
+  kernel<<<dim3(p.num_qtiles, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -31,6 +31,16 @@ FI_DEVICE uint64_t make_desc(uint32_t smem_address, uint32_t leading_bytes, uint
          (uint64_t((stride_bytes & 0x3FFFF) >> 4) << 32) | (uint64_t(1) << 62);  // 128-byte swizzle
 }
 
+// A descriptor moved `bytes` further in shared memory (the start address field is address >> 4, and shared
+// addresses stay below 256 KB, so the add never carries out of it).
+FI_DEVICE uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// The value, hidden from the optimiser (keeps it from hoisting and holding values derived from it).
+FI_DEVICE uint64_t opaque(uint64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
 // Registers written by ordinary instructions (accumulators, A fragments) before a wgmma reads them.
 FI_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 FI_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
