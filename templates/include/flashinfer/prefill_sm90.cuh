@@ -7,11 +7,12 @@
 //   16 bits in place: the wgmma accumulator layout is the m16n8k16 A-fragment layout of each warp's rows
 //   O += P V    wgmma.m64n128k16 per 16 keys, P from registers, V (keys x head_dim) as an MN-major operand
 // K and V are double-buffered with cp.async in separate commit groups (the copy of K(n+2) runs under P V(n),
-// V(n+1) under Q K(n)^T), as in the fa2 kernel. Measured on an H200 (2026-11-22): 403-414 TFLOP/s at 8192-16384
-// tokens. A software-pipelined variant (S(n+1) issued before P V(n), softmax overlapping P V) measured no
-// faster (395-404 non-causal, slower causal) and was dropped; the two warpgroups' barriers per tile and
-// cp.async loads by the consumer threads themselves are what a next step (TMA, warp specialisation) removes. Scope: head_dim 128, 16-bit q/k/v, no mask / causal, no
-// position encoding, window or soft cap, no KV split; everything else goes to fa2 (see prefill.py).
+// V(n+1) under Q K(n)^T), as in the fa2 kernel. A software-pipelined variant (S(n+1) issued before P V(n),
+// the softmax overlapping P V) measured no faster on an H200 and was dropped; the two barriers per tile and
+// the cp.async loads by the computing threads themselves are what a next step (TMA, warp specialisation)
+// would remove.
+// Scope: head_dim 128, 16-bit q/k/v, no mask or causal, no position encoding, window or soft cap, no KV
+// split; everything else goes to fa2 (see prefill.py).
 #pragma once
 #include "common.cuh"
 #include "cp_async.cuh"
