@@ -497,12 +497,18 @@ def test_batch_spec_names_and_planner():
     # Few rows, long KV: split into chunks, partial rows and merge rows laid out per request.
     tile, work, merge, part = _plan_schedule([2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), lambda t: 2, 132, True,
                                              1 << 30, 8)
-    assert tile == 64 and len(work) > 3 and part == sum(r[2] * r[3] for r in merge[:1]) + 3 * (len(merge) and 0) or True
-    reqs = {w[0] for w in work}
-    assert reqs == {0, 2}
-    for r, t, kb, ke, prow in work:
-        assert 0 <= kb < ke
+    assert tile == 64
+    assert {w[0] for w in work} == {0, 2}  # the empty request has no work
+    for req, kv_len in ((0, 5000), (2, 3000)):  # each request's chunks tile its whole KV range, in order
+        spans = sorted((w[2], w[3]) for w in work if w[0] == req)
+        assert len(spans) > 1 and spans[0][0] == 0 and spans[-1][1] == kv_len
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    # One merge row per query token (2 + 3), each over its request's chunks; their partial rows are distinct
+    # and fill the partial-state area exactly.
     assert [m[0] for m in merge] == [0, 1, 2, 3, 4]
+    assert [m[2] for m in merge] == [10, 10, 6, 6, 6] and part == 38
+    rows = [m[1] + c * m[3] for m in merge for c in range(m[2])]
+    assert sorted(rows) == list(range(part))
     # Many rows: no split, every item writes o directly.
     tile, work, merge, part = _plan_schedule([4096] * 8, [4096] * 8, 1, 32, 128, (64,), lambda t: 2, 132, True,
                                              1 << 30, 32)
