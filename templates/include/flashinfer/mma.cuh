@@ -104,4 +104,35 @@ FI_DEVICE uint32_t pack2<__nv_bfloat16>(float x, float y) {
 
 FI_DEVICE float2 unpack2_half(uint32_t r) { return __half22float2(*reinterpret_cast<__half2*>(&r)); }
 
+// One online-softmax step of a query row whose scores sit in a quad of lanes (the C/D fragment layout of
+// mma.sync and wgmma): each lane holds 2 * N of them, score(j, e) (e in {0, 1}), in units where scl turns
+// them into log2-domain logits. Folds the tile's quad-wide max into m, rescales d, and overwrites the
+// scores with their probabilities, summed into d (this lane's share). Returns the factor the row's
+// output accumulators must be scaled by; `moved` is set when the row's max changed (the factor is exactly
+// 1 otherwise).
+template <int N, typename Score>
+FI_DEVICE float online_softmax_row(float& m, float& d, float scl, bool& moved, Score&& score) {
+  float mx = kNegInf;
+#pragma unroll
+  for (int j = 0; j < N; ++j) mx = fmaxf(mx, fmaxf(score(j, 0), score(j, 1)));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(m, mx);
+  const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
+  const float corr = ptx_exp2((m - m_use) * scl);
+  moved |= m_new != m;
+  m = m_new;
+  d *= corr;
+  const float neg = -m_use * scl;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float& x = score(j, e);
+      x = ptx_exp2(fmaf(x, scl, neg));
+      d += x;
+    }
+  return corr;
+}
+
 }  // namespace flashinfer

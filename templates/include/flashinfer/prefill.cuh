@@ -363,27 +363,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = 2 * mq + h;
-        float mx = kNegInf;
-#pragma unroll
-        for (int j = 0; j < NT_K; ++j) mx = fmaxf(mx, fmaxf(s[mq][j][2 * h], s[mq][j][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[r], mx);
-        const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
-        corr[r] = ptx_exp2((m[r] - m_use) * scl);
-        max_moved |= m_new != m[r];
-        m[r] = m_new;
-        d[r] *= corr[r];
-        const float neg = -m_use * scl;
-#pragma unroll
-        for (int j = 0; j < NT_K; ++j)
-#pragma unroll
-          for (int e = 2 * h; e < 2 * h + 2; ++e) {
-            const float pe = ptx_exp2(fmaf(s[mq][j][e], scl, neg));
-            s[mq][j][e] = pe;
-            d[r] += pe;
-          }
+        corr[2 * mq + h] = online_softmax_row<NT_K>(m[2 * mq + h], d[2 * mq + h], scl, max_moved,
+                                                    [&](int j, int e) -> float& { return s[mq][j][2 * h + e]; });
       }
     // Past the first tiles a row's max rarely moves: skip the rescale of O (a third of the non-MMA work of a
     // tile) when no row of the warp moved (corr is then exactly 1).

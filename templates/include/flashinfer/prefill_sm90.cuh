@@ -177,26 +177,8 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     bool max_moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = kNegInf;
-#pragma unroll
-      for (int i = 0; i < NB; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0
-      corr[r] = ptx_exp2((m[r] - m_use) * scl);
-      max_moved |= m_new != m[r];
-      m[r] = m_new;
-      d[r] *= corr[r];
-      const float neg = -m_use * scl;
-#pragma unroll
-      for (int i = 0; i < NB; ++i)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const float pe = ptx_exp2(fmaf(s[4 * i + e], scl, neg));
-          s[4 * i + e] = pe;
-          d[r] += pe;
-        }
+      corr[r] = online_softmax_row<NB>(m[r], d[r], scl, max_moved,
+                                       [&](int i, int e) -> float& { return s[4 * i + 2 * r + e]; });
     }
     if (__any_sync(0xffffffffu, max_moved)) {
 #pragma unroll
