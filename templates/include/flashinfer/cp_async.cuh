@@ -19,6 +19,20 @@ FI_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Commit-group schedule of the prefill kernels' double-buffered K/V: the prologue commits K(0), V(0), K(1)
+// (after whatever the caller has issued, e.g. Q); iteration n then commits V(n+1) and K(n+2). Groups stay
+// in that order even when a tile does not exist (empty groups), so the wait counts never change.
+// load_kv(tile, is_v) issues one tile's copies.
+template <typename LoadKV>
+FI_DEVICE void kv_pipeline_prologue(int num_tiles, LoadKV&& load_kv) {
+  if (num_tiles > 0) load_kv(0, false);
+  cp_async_commit();
+  if (num_tiles > 0) load_kv(0, true);
+  cp_async_commit();
+  if (num_tiles > 1) load_kv(1, false);
+  cp_async_commit();
+}
+
 // Programmatic dependent launch (sm_90): a kernel launched with the PDL attribute may start while its
 // predecessor drains; it must wait here before reading what the predecessor wrote.
 FI_DEVICE void grid_dependency_wait() {

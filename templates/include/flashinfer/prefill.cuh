@@ -202,12 +202,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   };
 
   // Commit groups, in order: Q, K0, V0, K1, then per iteration n: V(n+1), K(n+2) (empty groups keep counts).
-  if (num_tiles > 0) load_kv(0, false);
-  cp_async_commit();
-  if (num_tiles > 0) load_kv(0, true);
-  cp_async_commit();
-  if (num_tiles > 1) load_kv(1, false);
-  cp_async_commit();
+  kv_pipeline_prologue(num_tiles, load_kv);
 
   if constexpr (ROPE) {
     if (num_tiles > 0) {

@@ -102,12 +102,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   };
 
   // Commit groups, in order: Q, K0, V0, K1, then per iteration n: V(n+1), K(n+2) (empty groups keep counts).
-  if (num_tiles > 0) load_kv(0, false);
-  cp_async_commit();
-  if (num_tiles > 0) load_kv(0, true);
-  cp_async_commit();
-  if (num_tiles > 1) load_kv(1, false);
-  cp_async_commit();
+  kv_pipeline_prologue(num_tiles, load_kv);
 
   // This thread's accumulator rows (of the CTA's 128): wg*64 + (warp%4)*16 + lane/4, and that + 8; its
   // columns 8i + 2(lane%4) (+1), i < 16. Accumulator element 4i + 2r + e: row r (0: g, 1: g+8), column e.
