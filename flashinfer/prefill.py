@@ -90,6 +90,9 @@ def _fa3_scope(head_dim: int, dtype_q: str, dtype_kv: str, dtype_o: str, mask_mo
     return None
 
 
+_FA3_QUERY_TILE = 128  # packed query rows per CTA of the fa3 kernel (Fa3Traits::BQ in prefill_sm90.cuh)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -109,7 +112,7 @@ def _single_backend(backend: str, why_not_fa3: Optional[str], device: torch.devi
             major, minor = _device_capability(device.index)
             raise ValueError(f"backend='fa3' needs a Hopper GPU (sm_90); {device} is sm_{major}{minor}")
         return "fa3"
-    if why_not_fa3 is None and on_hopper and -(-qo_rows // 128) * num_kv_heads >= num_sms(device.index):
+    if why_not_fa3 is None and on_hopper and -(-qo_rows // _FA3_QUERY_TILE) * num_kv_heads >= num_sms(device.index):
         return "fa3"
     return "fa2"
 
@@ -438,7 +441,7 @@ def _batch_tiles(head_dim: int) -> Tuple[int, ...]:
     short requests, 128 (as the single-request kernel) for long ones outside graph mode (the 128-row kernel
     takes one work item per CTA, so its grid is not fixed; see batch_prefill_kernel). head_dim 256 stays at
     64 rows: a 128-row tile's accumulators do not fit in registers."""
-    return (64,) if head_dim >= 256 else (64, 128) if head_dim >= 256 else (64, 128)
+    return (64,) if head_dim >= 256 else (64, 128)
 
 
 @register_family
@@ -572,17 +575,16 @@ class _BatchPrefillBase:
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  backend: str = "auto") -> None:
+        if _resolve_backend(backend) == "fa3":
+            raise ValueError("the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
+                             "(backend='auto' or 'fa2')")
+        self._backend = "fa2"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
             raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. 128 MB of uint8)")
         self._ws = float_workspace_buffer
         self._device = float_workspace_buffer.device
         self._kv_layout = canonical_layout(kv_layout)
         self._use_cuda_graph = bool(use_cuda_graph)
-        self._backend = _resolve_backend(backend)
-        if self._backend == "fa3":
-            raise ValueError("the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
-                             "(backend='auto' or 'fa2')")
-        self._backend = "fa2"
         self._plan = None
         self._int_buf = None
         self._grid_x = None

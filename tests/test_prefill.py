@@ -468,6 +468,17 @@ def test_single_spec_names_and_matrix():
     assert "single-request" in BatchPrefillSpec(backend="fa3").unsupported_reason()
 
 
+@pytest.mark.parametrize("cls", [flashinfer.BatchPrefillWithRaggedKVCacheWrapper,
+                                 flashinfer.BatchPrefillWithPagedKVCacheWrapper])
+def test_batch_wrappers_refuse_the_fa3_backend(cls):
+    with pytest.raises(ValueError, match="fa3 backend covers single_prefill"):
+        cls(torch.empty(16, dtype=torch.uint8), backend="fa3")
+    with pytest.raises(NotImplementedError, match="cudnn"):
+        cls(torch.empty(16, dtype=torch.uint8), backend="cudnn")
+    with pytest.raises(ValueError, match="backend must be"):
+        cls(torch.empty(16, dtype=torch.uint8), backend="nope")
+
+
 def test_cpu_tensors_refused_before_any_build():
     q = torch.randn(8, 4, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="CUDA"):
