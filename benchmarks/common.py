@@ -15,13 +15,30 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def median_ms(fn: Callable[[int], object], n_inputs: int, warmup: int = 10, iters: int = 100) -> float:
-    """Median time of one call, events around each call; fn(i) uses input set i % n_inputs."""
+_L2_FLUSH: dict = {}
+
+
+def flush_l2() -> None:
+    """Evicts the L2 (writes a buffer twice its size) so the next call reads its inputs from HBM."""
+    dev = torch.cuda.current_device()
+    buf = _L2_FLUSH.get(dev)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 64 << 20) or (64 << 20)
+        buf = _L2_FLUSH[dev] = torch.empty(2 * l2 // 4, dtype=torch.int32, device="cuda")
+    buf.zero_()
+
+
+def median_ms(fn: Callable[[int], object], n_inputs: int, warmup: int = 10, iters: int = 100,
+              flush: bool = False) -> float:
+    """Median time of one call, events around each call; fn(i) uses input set i % n_inputs. With
+    ``flush=True`` the L2 is evicted before each call (outside the timed region)."""
     for i in range(warmup):
         fn(i % n_inputs)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
+        if flush:
+            flush_l2()
         starts[i].record()
         fn(i % n_inputs)
         ends[i].record()
@@ -72,6 +89,35 @@ def first_call_times(snippet: str) -> dict:
                 raise RuntimeError(p.stderr[-2000:])
             res[what] = json.loads(p.stdout.strip().splitlines()[-1])
         return res
+
+
+REFERENCE_FLAG = "--flashinfer-reference"
+
+
+def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
+    """Runs ``python <script> --flashinfer-reference <args>`` in its own process with only the real FlashInfer on
+    PYTHONPATH (``FI_REF_SITE``, default /tmp/fi_ref_site, unpacked by .bench/install.sh) and returns the JSON
+    object it prints last; None (with a note on stderr) when the reference is not installed or fails.
+
+    The script's reference mode must import the real ``flashinfer`` (not this project's) and time the same cases
+    with the same helpers from this module."""
+    import json
+    import sys
+
+    site = os.environ.get("FI_REF_SITE", "/tmp/fi_ref_site")
+    if not os.path.isdir(os.path.join(site, "flashinfer")):
+        print(f"[reference] FlashInfer reference not installed at {site}: reference columns left empty", file=sys.stderr)
+        return None
+    bench_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=f"{site}:{bench_dir}", FLASHINFER_CUDA_ARCH_LIST="9.0",
+               FLASHINFER_WORKSPACE_BASE=os.environ.get("FI_REF_WS", "/tmp/fi_ref_ws"))
+    p = subprocess.run([sys.executable, script, REFERENCE_FLAG, *args], env=env, capture_output=True, text=True,
+                       cwd="/tmp")
+    if p.returncode != 0:
+        print(f"[reference] {script} failed (exit {p.returncode}):\n{p.stderr[-4000:]}", file=sys.stderr)
+        return None
+    lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
 
 
 def copy_bandwidth_tbs(nbytes: int = 2 << 30) -> float:

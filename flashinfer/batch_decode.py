@@ -24,7 +24,8 @@ import torch
 
 from . import jit
 from ._spec_common import AttentionSpec
-from .jit.spec import c_float, c_int, c_int64, c_void_p, register_family
+from .jit.abi import Launcher
+from .jit.spec import register_family
 from .page import PagedKV, PagedKVCache, unpack_paged_kv_cache
 from .prefill import BatchPrefillWithPagedKVCacheWrapper
 from .utils import (
@@ -63,30 +64,25 @@ class BatchDecodePagedSpec(AttentionSpec):
 
     family = "decode_batch_paged"
     template = "batch_decode.cu.jinja"
-    exports = {
-        "flashinfer_batch_decode_plan_size": (c_int, ()),
-        "flashinfer_batch_decode_plan": (
-            c_int,
-            (c_void_p,) * 4  # indptr, last_page_len, host_indices, device_indices
-            + (c_int,) * 9  # batch, nnz, page_size, window_left, num_qo_heads, num_kv_heads, fixed_workers,
-            #                 max_batch, indices_capacity
-            + (c_float,) * 4  # logits_soft_cap, sm_scale, rope_scale, rope_theta
-            + (c_void_p, c_int64, c_void_p, c_int64)  # pinned, pinned_bytes, workspace, workspace_bytes
-            + (c_int, c_void_p, c_void_p, c_void_p, c_void_p),  # device, stream, event, plan_out, info
-        ),
-        "flashinfer_batch_decode_run": (
-            c_int,
-            (c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_void_p)  # plan, q, q strides, k, v
-            + (c_int64,) * 3  # stride_page, stride_n, stride_h
-            + (c_int, c_void_p, c_void_p, c_float, c_float, c_int, c_void_p),
-        ),
-        "flashinfer_batch_decode_schedule": (
-            c_int,
-            (c_void_p, c_void_p) + (c_int,) * 7 + (c_void_p, c_int64, c_void_p, c_void_p),
-        ),
-        "flashinfer_event_create": (c_int, (c_int, c_void_p)),
-        "flashinfer_event_destroy": (None, (c_void_p,)),
-    }
+    launchers = (
+        Launcher("flashinfer_batch_decode_plan_size"),
+        Launcher("flashinfer_batch_decode_plan",
+                 "const int* indptr, const int* last_page_len, const int* host_indices, const int* device_indices, "
+                 "int batch, int nnz, int page_size, int window_left, int num_qo_heads, int num_kv_heads, "
+                 "int fixed_workers, int max_batch, int indices_capacity, float logits_soft_cap, float sm_scale, "
+                 "float rope_scale, float rope_theta, void* pinned, int64_t pinned_bytes, void* workspace, "
+                 "int64_t workspace_bytes, int device, void* stream, void* pinned_event, void* plan_out, int64_t* info"),
+        Launcher("flashinfer_batch_decode_schedule",
+                 "const int* indptr, const int* last_page_len, int batch, int page_size, int window_left, "
+                 "int num_qo_heads, int num_kv_heads, int slots, int fixed_workers, void* out, int64_t out_bytes, "
+                 "void* plan_out, int64_t* info"),
+        Launcher("flashinfer_batch_decode_run",
+                 "const void* plan_blob, const void* q, int64_t q_stride_b, int64_t q_stride_h, const void* k, "
+                 "const void* v, int64_t stride_page, int64_t stride_n, int64_t stride_h, int num_pages, void* o, "
+                 "float* lse, float scale_mult, float v_scale, int device, void* stream"),
+        Launcher("flashinfer_event_create", "int device, void** out"),
+        Launcher("flashinfer_event_destroy", "void* event", restype="void"),
+    )
 
 
 

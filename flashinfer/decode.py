@@ -12,7 +12,8 @@ import torch
 
 from . import jit
 from ._spec_common import AttentionSpec
-from .jit.spec import c_float, c_int, c_int64, c_void_p, register_family
+from .jit.abi import Launcher
+from .jit.spec import register_family
 from .prefill import decode_with_tensor_cores
 from .utils import (
     DTYPE_SHORT,
@@ -62,17 +63,14 @@ class SingleDecodeSpec(AttentionSpec):
 
     family = "decode_single"
     template = "single_decode.cu.jinja"
-    exports = {
-        "flashinfer_single_decode": (
-            c_int,
-            (c_void_p,) * 6  # q, k, v, o, lse, workspace
-            + (c_int,) * 4  # workspace_chunks, num_qo_heads, num_kv_heads, kv_len
-            + (c_int64,) * 5  # q_stride_h, k_stride_0, k_stride_1, v_stride_0, v_stride_1
-            + (c_int,)  # window_left
-            + (c_float,) * 5  # logits_soft_cap, sm_scale, v_scale, rope_scale, rope_theta
-            + (c_int, c_void_p),  # device, stream
-        )
-    }
+    launchers = (
+        Launcher("flashinfer_single_decode",
+                 "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
+                 "int workspace_chunks, int num_qo_heads, int num_kv_heads, int kv_len, int64_t q_stride_h, "
+                 "int64_t k_stride_0, int64_t k_stride_1, int64_t v_stride_0, int64_t v_stride_1, int window_left, "
+                 "float logits_soft_cap, float sm_scale, float v_scale, float rope_scale, float rope_theta, "
+                 "int device, void* stream"),
+    )
 
 
 
@@ -88,7 +86,7 @@ def _launcher(head_dim: int, dtype: str, kv_layout: str, pos_encoding_mode: str,
     if hit is None:
         spec = SingleDecodeSpec(head_dim, dtype, dtype, dtype, kv_layout, pos_encoding_mode, use_window, use_soft_cap)
         module = jit.load(spec)
-        hit = _launchers[key] = (module, module.fn("flashinfer_single_decode"))
+        hit = _launchers[key] = (module, module.launcher("flashinfer_single_decode"))
     return hit
 
 
@@ -124,13 +122,14 @@ def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft
     if max_chunks > 1:
         workspace = torch.empty(max_chunks * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
     rc = fn(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
-        lse.data_ptr() if lse is not None else None,
-        workspace.data_ptr() if workspace is not None else None,
-        max_chunks, num_qo_heads, num_kv_heads, kv_len,
-        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        window_left, soft_cap, sm_scale, v_scale, rope_scale, rope_theta,
-        device.index, current_stream_ptr(device),
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), o=o.data_ptr(),
+        lse=lse.data_ptr() if lse is not None else None,
+        workspace=workspace.data_ptr() if workspace is not None else None,
+        workspace_chunks=max_chunks, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, kv_len=kv_len,
+        q_stride_h=q.stride(0), k_stride_0=k.stride(0), k_stride_1=k.stride(1), v_stride_0=v.stride(0),
+        v_stride_1=v.stride(1), window_left=window_left, logits_soft_cap=soft_cap, sm_scale=sm_scale,
+        v_scale=v_scale, rope_scale=rope_scale, rope_theta=rope_theta,
+        device=device.index, stream=current_stream_ptr(device),
     )
     if rc:
         module.check(rc, f"single_decode_with_kv_cache ({module.spec.name()}) on {device}")

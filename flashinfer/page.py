@@ -17,7 +17,8 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 
 from . import jit
-from .jit.spec import Spec, c_int, c_int64, c_void_p, register_family
+from .jit.abi import Launcher
+from .jit.spec import Spec, register_family
 from .utils import (
     DTYPE_CUDA,
     SUPPORTED_HEAD_DIMS,
@@ -41,18 +42,14 @@ class PageAppendSpec(Spec):
 
     family = "page_append"
     template = "page_append.cu.jinja"
-    exports = {
-        "flashinfer_append_paged_kv": (
-            c_int,
-            (c_void_p, c_void_p)  # key, value
-            + (c_int64,) * 4  # key/value token and head strides
-            + (c_void_p,) * 5  # batch_indices, positions, kv_indptr, k_cache, v_cache
-            + (c_int64,) * 3  # stride_page, stride_n, stride_h
-            + (c_void_p,)  # kv_indices
-            + (c_int,) * 6  # num_pages, batch_size, nnz, num_heads, page_size, device
-            + (c_void_p,),  # stream
-        )
-    }
+    launchers = (
+        Launcher("flashinfer_append_paged_kv",
+                 "const void* key, const void* value, int64_t key_stride_n, int64_t key_stride_h, "
+                 "int64_t value_stride_n, int64_t value_stride_h, const int* batch_indices, const int* positions, "
+                 "const int* kv_indptr, void* k_cache, void* v_cache, int64_t stride_page, int64_t stride_n, "
+                 "int64_t stride_h, const int* kv_indices, int num_pages, int batch_size, int nnz, int num_heads, "
+                 "int page_size, int device, void* stream"),
+    )
 
     def name(self) -> str:
         return f"{self.family}_kv-{self.dtype_kv}_d{self.head_dim}"

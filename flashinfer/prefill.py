@@ -19,7 +19,8 @@ import torch
 
 from . import jit
 from ._spec_common import AttentionSpec
-from .jit.spec import Spec, c_float, c_int, c_int64, c_void_p, register_family
+from .jit.abi import Launcher
+from .jit.spec import Spec, register_family
 from .quantization import packbits, segment_packbits
 from .utils import (
     aligned_rows,
@@ -161,18 +162,15 @@ class SinglePrefillSpec(_PrefillSpecBase):
 
     family = "prefill_single"
     template = "single_prefill.cu.jinja"
-    exports = {
-        "flashinfer_single_prefill": (
-            c_int,
-            (c_void_p,) * 7  # q, k, v, o, lse, workspace, mask
-            + (c_int,) * 4  # qo_len, kv_len, num_qo_heads, num_kv_heads
-            + (c_int64,) * 6  # q_stride_n, q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h
-            + (c_int,) * 3  # num_chunks, chunk_size, window_left
-            + (c_float,) * 4  # logits_soft_cap, sm_scale, rope_scale, rope_theta
-            + (c_int, c_void_p),  # device, stream
-        ),
-        "flashinfer_single_prefill_occupancy": (c_int, (c_int, c_void_p)),
-    }
+    launchers = (
+        Launcher("flashinfer_single_prefill",
+                 "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
+                 "const uint8_t* mask, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int64_t q_stride_n, "
+                 "int64_t q_stride_h, int64_t k_stride_n, int64_t k_stride_h, int64_t v_stride_n, int64_t v_stride_h, "
+                 "int num_chunks, int chunk_size, int window_left, float logits_soft_cap, float sm_scale, "
+                 "float rope_scale, float rope_theta, int device, void* stream"),
+        Launcher("flashinfer_single_prefill_occupancy", "int device, int* out"),
+    )
 
     def render_vars(self) -> Dict[str, Any]:
         return {**self.attention_vars(), "mq": _mq(self.head_dim), "backend": self.backend}
@@ -459,20 +457,18 @@ class BatchPrefillSpec(_PrefillSpecBase):
 
     family = "prefill_batch"
     template = "batch_prefill.cu.jinja"
-    exports = {
-        "flashinfer_batch_prefill": (
-            c_int,
-            (c_int,)  # tile_q
-            + (c_void_p,) * 14  # q k v o lse partial_o partial_lse mask mask_indptr qo_indptr kv_indptr kv_indices last work
-            + (c_int, c_void_p, c_void_p, c_int, c_void_p)  # work_capacity num_work merge merge_capacity num_merge
-            + (c_int,) * 5  # grid_x merge_grid_x num_qo_heads num_kv_heads page_size
-            + (c_int64,) * 8  # q_n q_h k_page k_n k_h v_page v_n v_h
-            + (c_int,)  # window_left
-            + (c_float,) * 4
-            + (c_int, c_void_p),
-        ),
-        "flashinfer_batch_prefill_occupancy": (c_int, (c_int, c_int, c_void_p)),
-    }
+    launchers = (
+        Launcher("flashinfer_batch_prefill",
+                 "int tile_q, const void* q, const void* k, const void* v, void* o, float* lse, float* partial_o, "
+                 "float* partial_lse, const uint8_t* mask, const int* mask_indptr, const int* qo_indptr, "
+                 "const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, const int* work, "
+                 "int work_capacity, const int* num_work, const int* merge, int merge_capacity, const int* num_merge, "
+                 "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int64_t q_stride_n, "
+                 "int64_t q_stride_h, int64_t k_stride_page, int64_t k_stride_n, int64_t k_stride_h, "
+                 "int64_t v_stride_page, int64_t v_stride_n, int64_t v_stride_h, int window_left, "
+                 "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int device, void* stream"),
+        Launcher("flashinfer_batch_prefill_occupancy", "int tile_q, int device, int* out"),
+    )
 
     name_prefix = ("kv_storage",)
 

@@ -39,7 +39,8 @@ def test_pyproject_metadata():
     assert proj["name"] == "flashinfer" and "version" in proj["dynamic"]
     assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "flashinfer.__version__"}
     deps = {d.split()[0].split("=")[0].split(">")[0].split("<")[0].lower() for d in proj["dependencies"]}
-    assert deps == {"torch", "jinja2", "ninja", "filelock"}
+    # numpy: torch warns "Failed to initialize NumPy" on every import without it.
+    assert deps == {"torch", "jinja2", "ninja", "filelock", "numpy"}
     assert proj["optional-dependencies"]["test"] == ["pytest"]
     ini = data["tool"]["pytest"]["ini_options"]
     assert ini["testpaths"] == ["tests"] and any(m.startswith("gpu:") for m in ini["markers"])

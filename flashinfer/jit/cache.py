@@ -43,7 +43,7 @@ def key_inputs(spec) -> Dict[str, Any]:
     return {
         "spec": spec.to_json(),
         "template": spec.template,
-        "render_vars": spec.render_vars(),
+        "render_vars": spec.template_vars(),
         "templates_sha256": templates_digest(),
         "flags": env.describe_flags(spec),
         **env.versions(),

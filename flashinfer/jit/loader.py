@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict
 from . import cache, env
 from .build import BuildReport, build_into
 from .errors import JITCacheError, JITDisabledError
-from .spec import ERROR_STRING_SYMBOL
+from .abi import CONSTANTS, COMMON_LAUNCHERS, ERROR_STRING, BoundLauncher, read_constants
 
 _memo: Dict[Any, "JITModule"] = {}
 _memo_lock = threading.Lock()
@@ -103,7 +103,8 @@ def ensure_built(spec) -> BuildReport:
 
 
 class JITModule:
-    """A loaded module: ``.spec``, ``.key``, ``.path`` (the .so), ``.entry_dir``, ``.fn(symbol)``."""
+    """A loaded module: ``.spec``, ``.key``, ``.path`` (the .so), ``.entry_dir``, ``.launcher(symbol)`` (a
+    keyword-argument call of a declared launcher) and ``.constants`` (the module's ``FI_MODULE_CONSTANTS``)."""
 
     def __init__(self, spec, key: str, path: Path, entry_dir: Path, report: BuildReport) -> None:
         self.spec = spec
@@ -112,33 +113,42 @@ class JITModule:
         self.entry_dir = entry_dir
         self.report = report
         self.lib = ctypes.CDLL(str(path))
-        self._fns: Dict[str, Any] = {}
+        self._declared = {ln.symbol: ln for ln in (*COMMON_LAUNCHERS, *spec.launchers)}
+        self._bound: Dict[str, BoundLauncher] = {}
+        self._constants: Dict[str, int] | None = None
 
     @property
     def status(self) -> str:
         """"built" if this process built it, else "cached"."""
         return self.report.status
 
-    def fn(self, symbol: str) -> Callable:
-        """The exported C function ``symbol`` with restype/argtypes from ``spec.exports`` (cached)."""
-        f = self._fns.get(symbol)
-        if f is not None:
-            return f
-        sig = self.spec.exports.get(symbol)
-        if sig is None and symbol == ERROR_STRING_SYMBOL:
-            sig = (ctypes.c_char_p, (ctypes.c_int,))
-        if sig is None:
+    def launcher(self, symbol: str) -> BoundLauncher:
+        """The declared launcher ``symbol``, bound to this library (memoized); call it with keywords."""
+        b = self._bound.get(symbol)
+        if b is not None:
+            return b
+        decl = self._declared.get(symbol)
+        if decl is None:
             raise AttributeError(
-                f"{self.spec.name()}: {symbol!r} is not in {type(self.spec).__name__}.exports "
-                f"(known: {sorted(self.spec.exports)})"
+                f"{self.spec.name()}: {symbol!r} is not declared in {type(self.spec).__name__}.launchers "
+                f"(known: {sorted(self._declared)})"
             )
-        f = getattr(self.lib, symbol)
-        f.restype, f.argtypes = sig[0], list(sig[1])
-        self._fns[symbol] = f
-        return f
+        b = self._bound[symbol] = decl.bind(self.lib)
+        return b
+
+    def fn(self, symbol: str) -> Callable:
+        """The raw ctypes function of a declared launcher (positional arguments, in declaration order)."""
+        return self.launcher(symbol).raw
+
+    @property
+    def constants(self) -> Dict[str, int]:
+        """Named compile-time constants the module exports (tile sizes, layouts, error codes)."""
+        if self._constants is None:
+            self._constants = read_constants(self.launcher(CONSTANTS.symbol))
+        return self._constants
 
     def error_string(self, code: int) -> str:
-        s = self.fn(ERROR_STRING_SYMBOL)(int(code))
+        s = self.launcher(ERROR_STRING.symbol).raw(int(code))
         return s.decode(errors="replace") if isinstance(s, bytes) else str(s)
 
     def check(self, code: int, what: str = "") -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 from typing import Any, Dict, Tuple
 
-from .spec import ERROR_STRING_SYMBOL, Spec, register_family
+from .abi import Launcher
+from .spec import Spec, register_family
 
 _CTYPES = {"f32": "float", "i32": "int"}
 
@@ -27,12 +27,11 @@ class ProbeSpec(Spec):
 
     family = "probe"
     template = "probe.cu.jinja"
-    exports = {
-        "flashinfer_probe_add": (ctypes.c_int, (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)),
-        "flashinfer_probe_constant": (ctypes.c_double, ()),
-        "flashinfer_probe_runtime_version": (ctypes.c_int, ()),
-        ERROR_STRING_SYMBOL: (ctypes.c_char_p, (ctypes.c_int,)),
-    }
+    launchers = (
+        Launcher("flashinfer_probe_add", "void* x, int64_t n, int device, void* stream"),
+        Launcher("flashinfer_probe_constant", restype="double"),
+        Launcher("flashinfer_probe_runtime_version"),
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in _CTYPES:

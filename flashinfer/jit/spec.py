@@ -1,19 +1,20 @@
 """Configuration specs: one frozen dataclass per kernel family, naming itself.
 
 A spec holds every compile-time choice of one module. It knows its template, the Jinja variables it
-renders with, the C symbols the built library exports (with their ctypes signatures), and a readable,
-complete name. The engine (``flashinfer.jit.core``) turns a spec into a cache key by adding a digest of
+renders with, the launchers the built library exports (declared once each, as :class:`~flashinfer.jit.abi.Launcher`),
+and a readable, complete name. The engine (``flashinfer.jit.core``) turns a spec into a cache key by adding a digest of
 everything else that changes the binary.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 from typing import Any, ClassVar, Dict, Iterable, Tuple, Type
 
+from .abi import ERROR_STRING, Launcher, prototypes
+
 # Every module exports this to turn a returned cudaError_t into text.
-ERROR_STRING_SYMBOL = "flashinfer_error_string"
+ERROR_STRING_SYMBOL = ERROR_STRING.symbol
 
 _FAMILIES: Dict[str, Type["Spec"]] = {}
 
@@ -37,12 +38,13 @@ class Spec:
 
     Subclasses are frozen dataclasses decorated with :func:`register_family`; they set ``family``
     (short family name, also the first part of :meth:`name`), ``template`` (path of the ``.cu.jinja``
-    template relative to ``templates/``) and ``exports`` (C symbol -> (restype, argtypes)).
+    template relative to ``templates/``) and ``launchers`` (its ``extern "C"`` functions, each declared once; the
+template stamps their prototypes as ``{{ abi.<symbol> }}`` and includes ``module_exports.jinja``).
     """
 
     family: ClassVar[str] = ""
     template: ClassVar[str] = ""
-    exports: ClassVar[Dict[str, Tuple[Any, Tuple[Any, ...]]]] = {}
+    launchers: ClassVar[Tuple[Launcher, ...]] = ()
 
     def name(self) -> str:
         """Readable, complete, filesystem-safe name of this configuration (``[a-z0-9_-]``)."""
@@ -51,6 +53,10 @@ class Spec:
     def render_vars(self) -> Dict[str, Any]:
         """Variables the template is rendered with (rendered under StrictUndefined)."""
         raise NotImplementedError
+
+    def template_vars(self) -> Dict[str, Any]:
+        """``render_vars()`` plus ``abi``: {symbol: C prototype} of every launcher (the template's declarations)."""
+        return {**self.render_vars(), "abi": prototypes(self.launchers)}
 
     def extra_cuda_cflags(self) -> Tuple[str, ...]:
         """Extra nvcc flags this spec needs (part of the cache key)."""
@@ -95,8 +101,3 @@ class Spec:
         values = [tuple(choices[n]) if n in choices else axes[n] for n in names]
         return [cls(**dict(zip(names, combo))) for combo in itertools.product(*values)]
 
-
-c_int = ctypes.c_int
-c_int64 = ctypes.c_int64
-c_float = ctypes.c_float
-c_void_p = ctypes.c_void_p

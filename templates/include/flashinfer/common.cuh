@@ -140,4 +140,33 @@ static cudaError_t with_device(int device, F&& fn) {
   return fn();
 }
 
+// What a module tells Python about itself (flashinfer/jit/abi.py reads these through the common exports that
+// templates/module_exports.jinja renders): named compile-time constants and the texts of its own error codes.
+struct ModuleConstant {
+  const char* name;
+  int64_t value;
+};
+struct ModuleError {
+  int code;
+  const char* message;
+};
+
+template <int N>
+static int copy_module_constants(const ModuleConstant (&table)[N], const char** names, int64_t* values, int capacity) {
+  if (capacity < N) return -1;
+  for (int i = 0; i < N; ++i) {
+    names[i] = table[i].name;
+    values[i] = table[i].value;
+  }
+  return N;
+}
+
+template <int N>
+static const char* module_error_string(const ModuleError (&table)[N], int error) {
+  for (int i = 0; i < N; ++i) {
+    if (table[i].code == error) return table[i].message;
+  }
+  return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
 }  // namespace flashinfer
