@@ -1,6 +1,6 @@
 """flashinfer: JIT-compiled attention kernels for LLM serving, API-compatible with FlashInfer."""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import jit
 from .batch_decode import (

@@ -37,7 +37,7 @@ def test_pyproject_metadata():
     data = _pyproject()
     proj = data["project"]
     assert proj["name"] == "flashinfer" and "version" in proj["dynamic"]
-    assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "flashinfer.__version__"}
+    assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "flashinfer._version.__version__"}
     deps = {d.split()[0].split("=")[0].split(">")[0].split("<")[0].lower() for d in proj["dependencies"]}
     # numpy: torch warns "Failed to initialize NumPy" on every import without it.
     assert deps == {"torch", "jinja2", "ninja", "filelock", "numpy"}

@@ -383,18 +383,9 @@ def arch_flags(spec=None) -> List[str]:
 
 
 def flashinfer_version() -> str:
-    import sys
+    from .._version import __version__
 
-    mod = sys.modules.get("flashinfer")
-    v = getattr(mod, "__version__", None) if mod is not None else None
-    if v is None:
-        try:
-            import flashinfer  # noqa: F401
-
-            v = getattr(sys.modules["flashinfer"], "__version__", "0")
-        except Exception:
-            v = "0"
-    return str(v)
+    return __version__
 
 
 def versions() -> Dict[str, object]:
