@@ -14,6 +14,10 @@ from typing import Any, ClassVar, Dict, Tuple
 import pytest
 
 from flashinfer import cli
+from flashinfer._families import load_families
+from flashinfer.cli import matrix
+from flashinfer.cli.doctor import demo_reference
+from flashinfer.cli.errors import UsageError
 from flashinfer.jit.spec import Spec, spec_families
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +75,9 @@ def _clitest_family(monkeypatch):
 
 def _matrix(argv):
     args = cli.build_parser().parse_args(["prewarm", *argv])
-    families = cli._load_families()
-    per_family, typed = cli.resolve_selection(args, families)
-    return cli.expand_matrix(per_family, families, typed)
+    families = load_families()
+    per_family, typed = matrix.resolve_selection(args, families)
+    return matrix.expand_matrix(per_family, families, typed)
 
 
 def _run_cli(argv, env=None, timeout=600):
@@ -88,15 +92,15 @@ def _run_cli(argv, env=None, timeout=600):
 
 
 def test_parse_axis_values_types_and_errors():
-    assert cli.parse_axis_values("f", "use_window", "on,off", (False, True)) == (True, False)
-    assert cli.parse_axis_values("f", "use_window", "true, 0", (False, True)) == (True, False)
-    assert cli.parse_axis_values("f", "head_dim", "128,64,128", (64, 128, 256)) == (128, 64)
-    assert cli.parse_axis_values("f", "kv_layout", "nhd", ("NHD", "HND")) == ("NHD",)
-    assert cli.parse_axis_values("f", "kv_layout", "all", ("NHD", "HND")) == ("NHD", "HND")
-    with pytest.raises(cli.UsageError, match="96.*head_dim.*64,128,256"):
-        cli.parse_axis_values("f", "head_dim", "96", (64, 128, 256))
-    with pytest.raises(cli.UsageError, match="empty"):
-        cli.parse_axis_values("f", "head_dim", ",", (64,))
+    assert matrix.parse_axis_values("f", "use_window", "on,off", (False, True)) == (True, False)
+    assert matrix.parse_axis_values("f", "use_window", "true, 0", (False, True)) == (True, False)
+    assert matrix.parse_axis_values("f", "head_dim", "128,64,128", (64, 128, 256)) == (128, 64)
+    assert matrix.parse_axis_values("f", "kv_layout", "nhd", ("NHD", "HND")) == ("NHD",)
+    assert matrix.parse_axis_values("f", "kv_layout", "all", ("NHD", "HND")) == ("NHD", "HND")
+    with pytest.raises(UsageError, match="96.*head_dim.*64,128,256"):
+        matrix.parse_axis_values("f", "head_dim", "96", (64, 128, 256))
+    with pytest.raises(UsageError, match="empty"):
+        matrix.parse_axis_values("f", "head_dim", ",", (64,))
 
 
 def test_full_family_matrix_and_unsupported_filtering():
@@ -130,16 +134,16 @@ def test_generic_axis_flag_and_errors():
     items = _matrix(["--families", "clitest", "--axis", "head_dim=256", "--axis", "use_window=on",
                      "--dtypes", "f16", "--layouts", "NHD"])
     assert len(items) == 1 and items[0].reason == "sliding window needs head_dim <= 128"
-    with pytest.raises(cli.UsageError, match="--pos-encodings does not apply"):
+    with pytest.raises(UsageError, match="--pos-encodings does not apply"):
         _matrix(["--families", "clitest", "--pos-encodings", "ROPE_LLAMA"])
-    with pytest.raises(cli.UsageError, match="unknown spec family 'nope'"):
+    with pytest.raises(UsageError, match="unknown spec family 'nope'"):
         _matrix(["--families", "nope"])
-    with pytest.raises(cli.UsageError, match="not a supported value"):
+    with pytest.raises(UsageError, match="not a supported value"):
         _matrix(["--families", "clitest", "--layouts", "NDH"])
 
 
 def test_preset_values_are_overridden_by_flags(monkeypatch):
-    monkeypatch.setitem(cli.PRESETS, "fake", {"help": "t", "families": {
+    monkeypatch.setitem(matrix.PRESETS, "fake", {"help": "t", "families": {
         "clitest": {"dtypes": "bf16", "head_dims": "128", "layouts": "NHD", "window": "off"}}})
     assert [it.name for it in _matrix(["--preset", "fake"])] == ["clitest_q-bf16_kv-bf16_o-bf16_d128_nhd_window-off"]
     items = _matrix(["--preset", "fake", "--head-dims", "64,256"])
@@ -147,20 +151,18 @@ def test_preset_values_are_overridden_by_flags(monkeypatch):
 
 
 def test_presets_reference_known_axes_and_families():
-    families = cli._load_families()
-    for name, preset in cli.PRESETS.items():
-        for fam, settings in preset["families"].items():
-            if fam == "*":
-                continue
-            if fam not in families:
-                continue  # family not importable in this checkout; checked by its own tests
-            for group in (settings if isinstance(settings, list) else [settings]):
-                items = cli.expand_matrix({fam: dict(group)}, families)
+    families = load_families()
+    for name, preset in matrix.PRESETS.items():
+        if "*" in preset.get("families", {}):
+            continue  # a "*" setting may not apply to every family (by design); see test_serving_presets_*
+        for fam, groups in matrix.preset_groups(name, families).items():
+            for group in groups:
+                items = matrix.expand_matrix({fam: dict(group)}, families)
                 assert any(it.reason is None for it in items), f"preset {name} builds nothing for {fam}: {group}"
 
 
 def test_llama_and_test_presets_for_decode():
-    families = cli._load_families()
+    families = load_families()
     if "decode_single" not in families:
         pytest.skip("flashinfer.decode (family decode_single) is not available")
     llama = [it for it in _matrix(["--preset", "llama"]) if it.reason is None]
@@ -182,7 +184,7 @@ def _supported_names(preset):
 
 
 def test_serving_presets_cover_every_family():
-    families = cli._load_families()
+    families = load_families()
     kernels = set(families) - {"probe", "clitest"}
     for name in ("llama", "fp16", "gemma", "default"):
         got = {it.family for it in _matrix(["--preset", name]) if it.reason is None}
@@ -279,19 +281,19 @@ def test_shards_cover_every_spec_exactly_once(n):
     items = _matrix(["--families", "clitest"])
     seen = []
     for i in range(1, n + 1):
-        part = cli.shard_items(list(reversed(items)), (i, n))  # input order must not matter
-        assert part == cli.shard_items(items, (i, n))
+        part = matrix.shard_items(list(reversed(items)), (i, n))  # input order must not matter
+        assert part == matrix.shard_items(items, (i, n))
         seen.extend(it.name for it in part)
     assert sorted(seen) == sorted(it.name for it in items)
     assert len(seen) == len(set(seen))
 
 
 def test_parse_shard():
-    assert cli.parse_shard("2/4") == (2, 4)
-    assert cli.parse_shard(None) is None
+    assert matrix.parse_shard("2/4") == (2, 4)
+    assert matrix.parse_shard(None) is None
     for bad in ("0/4", "5/4", "1/0", "a/b", "3"):
-        with pytest.raises(cli.UsageError):
-            cli.parse_shard(bad)
+        with pytest.raises(UsageError):
+            matrix.parse_shard(bad)
 
 
 # ------------------------------------------------------------------ dry run
@@ -470,7 +472,7 @@ def test_demo_reference_matches_per_head_softmax():
 
     hq, hkv, d, n = 8, 2, 16, 37
     q, k, v = torch.randn(hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-    got = cli._demo_reference(q, k, v, 0.25)
+    got = demo_reference(q, k, v, 0.25)
     for h in range(hq):
         kv = h // (hq // hkv)  # FlashInfer's GQA mapping: consecutive query heads share a kv head
         p = torch.softmax((k[:, kv] @ q[h]) * 0.25, dim=0)
@@ -544,3 +546,86 @@ def test_config_file_of_specs_and_settings(tmp_path, monkeypatch, capsys):
                             "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-on"])
     cfg.write_text(json.dumps([{"family": "clitest", "head_dim": 96, "bogus": 1}]))
     assert cli.main(["prewarm", "--config", str(cfg), "--dry-run"]) == 2
+
+
+# ------------------------------------------------------------------ the tests' matrix file and config reading
+
+
+def test_test_preset_reads_the_tests_matrix_file():
+    """--preset test is tests/prewarm_test.toml (the file the tests own), not a list in production code."""
+    assert matrix.PRESETS["test"]["config"] == "tests/prewarm_test.toml"
+    assert (REPO / "tests" / "prewarm_test.toml").is_file()
+    by_preset = {it.name for it in _matrix(["--preset", "test"])}
+    args = cli.build_parser().parse_args(["prewarm", "--config", str(REPO / "tests" / "prewarm_test.toml")])
+    assert by_preset == {it.name for it in matrix.select(args)}
+    assert {it.family for it in _matrix(["--preset", "test"])} == set(load_families()) - {"probe", "clitest"}
+
+
+def test_preset_file_missing_is_a_usage_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(matrix, "_CHECKOUT", tmp_path)
+    with pytest.raises(UsageError, match="--config FILE"):
+        _matrix(["--preset", "test"])
+
+
+def test_config_key_that_applies_to_no_axis_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[[matrix]]\nfamily = "clitest"\nmask_mode = "causal"\n')
+    with pytest.raises(UsageError, match="mask_mode does not apply to this family"):
+        matrix.items_from_config(str(cfg), load_families())
+    # bare axis names, lists and booleans are accepted in JSON settings too
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps([{"family": "clitest", "settings": {"head_dim": [64], "dtypes": "f16",
+                                                                    "kv_layout": "HND", "use_window": True}}]))
+    items = matrix.items_from_config(str(cfg), load_families())
+    assert [it.name for it in items] == ["clitest_q-f16_kv-f16_o-f16_d64_hnd_window-on"]
+
+
+def test_toml_without_tomllib_or_tomli_is_a_clear_error_and_json_still_works(tmp_path, monkeypatch):
+    """Python 3.9/3.10 without tomli: only reading a TOML file fails, with a message saying what to do."""
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[[matrix]]\nfamily = "clitest"\n')
+    with pytest.raises(UsageError, match="Python >= 3.11 or the tomli package"):
+        matrix.items_from_config(str(cfg), load_families())
+    js = tmp_path / "m.json"
+    js.write_text(json.dumps({"family": "clitest", "settings": {"head_dims": "64", "dtypes": "bf16",
+                                                                "layouts": "NHD", "window": "off"}}))
+    assert len(matrix.items_from_config(str(js), load_families())) == 1
+
+
+def test_cli_uses_the_family_registry_only():
+    """No hard-coded family list and no swallowed ImportError in the CLI: families come from _families."""
+    import ast
+
+    for path in sorted((REPO / "flashinfer" / "cli").glob("*.py")):
+        text = path.read_text()
+        for fam_module in ("flashinfer.batch_decode", "flashinfer.prefill", "flashinfer.page"):
+            assert fam_module not in text, f"{path.name} names {fam_module}: use flashinfer._families"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ExceptHandler) and isinstance(node.type, ast.Name):
+                assert node.type.id not in ("ImportError", "ModuleNotFoundError") or path.name == "config.py", (
+                    f"{path.name}:{node.lineno} catches {node.type.id}"
+                )
+
+
+# ------------------------------------------------------------------ the engine's prewarm API
+
+
+def test_prewarm_api_reports_failed_unsupported_and_deduplicates(tmp_path, monkeypatch):
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    broken = CliFakeSpec(head_dim=64)  # its template does not exist: the build fails
+    unsupported = CliFakeSpec(head_dim=64, dtype_kv="f16")
+    seen = []
+    rep = jit.prewarm([broken, unsupported, broken], jobs=1, progress=lambda r, building: seen.append((r.name, r.status)))
+    assert [(r.spec, r.status) for r in rep.results] == [(broken, "failed"), (unsupported, "unsupported")]
+    assert rep.results[1].error == "mixed q/kv dtypes are not supported" and rep.results[1].key is None
+    assert "clitest_does_not_exist.cu.jinja" in rep.results[0].error and not rep.ok
+    assert sorted(seen) == sorted((r.name, r.status) for r in rep.results)
+    assert rep.jobs == 1 and rep.by_status("built") == [] and set(rep.results[0].as_dict()) == {
+        "status", "key", "seconds", "entry_dir", "log_path", "error"}
+    with pytest.raises(ValueError, match="unknown status"):
+        rep.by_status("done")

@@ -4,7 +4,8 @@
 Public API (see the repository contract):
 ``load(spec) -> JITModule``, ``ensure_built(spec) -> BuildReport``, ``cache_key(spec)``, ``render(spec)``,
 ``cache_root()``, ``templates_dir()``, ``arch_flags(spec)``, ``find_cuda_home()``, ``list_entries()``,
-``clear_cache(predicate=None)``, and the errors ``JITBuildError``, ``CUDAToolkitNotFoundError``,
+``clear_cache(predicate=None)``, ``prewarm(specs, jobs=None, progress=None) -> PrewarmReport`` (build many
+modules in parallel worker processes), and the errors ``JITBuildError``, ``CUDAToolkitNotFoundError``,
 ``JITCacheError``, ``JITDisabledError``.
 """
 
@@ -21,9 +22,10 @@ from .env import (
 )
 from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITCacheInsecureError, JITDisabledError
 from .loader import JITModule, ensure_built, load, loaded_modules
+from .parallel_build import PrewarmReport, PrewarmResult, prewarm
 from .templating import render, templates_digest
 from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
-from . import probe
+from . import probe as probe
 from .probe import ProbeSpec
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "JITCacheInsecureError",
     "JITDisabledError",
     "JITModule",
+    "PrewarmReport",
+    "PrewarmResult",
     "ProbeSpec",
     "RECIPE_VERSION",
     "Spec",
@@ -53,6 +57,7 @@ __all__ = [
     "list_entries",
     "load",
     "loaded_modules",
+    "prewarm",
     "prune_cache",
     "register_family",
     "render",

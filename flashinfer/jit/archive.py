@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from . import cache, env
 from .errors import JITCacheError
+from .locks import file_lock
 
 INDEX = "flashinfer-cache.json"
 FORMAT = 1
@@ -182,8 +183,6 @@ def _check_members(members: List[tarfile.TarInfo], archive: Path) -> Dict[str, L
 
 def import_cache(archive: Path, root: Optional[Path] = None) -> ImportReport:
     """Import every entry of ``archive`` into the cache (see the module docstring for the checks)."""
-    from .loader import _file_lock  # local import: loader imports cache
-
     archive = Path(archive)
     root = root or env.cache_root_path()
     report = ImportReport(str(archive))
@@ -236,7 +235,7 @@ def import_cache(archive: Path, root: Optional[Path] = None) -> ImportReport:
                 man["log_path"] = str(edir / "build.log") if (tmp / "build.log").is_file() else None
                 man["imported"] = {"archive": str(archive.absolute()), "at": time.time()}
                 cache.write_json_atomic(tmp / cache.MANIFEST, man)
-                with _file_lock(key, root):
+                with file_lock(key, root):
                     existing, _, _ = cache.check_entry(key, root)
                     if existing is not None:  # someone built or imported it meanwhile
                         report.already_present.append(key)

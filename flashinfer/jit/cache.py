@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import env
 from .errors import JITCacheInsecureError
+from .locks import file_lock, lock_path  # noqa: F401 (lock_path: part of the cache layout API)
 from .templating import templates_digest
 
 MANIFEST = "manifest.json"
@@ -72,10 +73,6 @@ def entry_dir(key: str, root: Optional[Path] = None) -> Path:
 
 def log_path(key: str, root: Optional[Path] = None) -> Path:
     return (root or env.cache_root_path()) / "logs" / f"{key}.log"
-
-
-def lock_path(key: str, root: Optional[Path] = None) -> Path:
-    return (root or env.cache_root_path()) / "locks" / f"{key}.lock"
 
 
 def tmp_root(root: Optional[Path] = None) -> Path:
@@ -463,8 +460,6 @@ def clear_cache(predicate: Optional[Callable[[EntryInfo], bool]] = None, root: O
     the logs of removed entries and leftover temp dirs of dead builds (all temp dirs of dead builds
     when predicate is None).
     """
-    from .loader import _file_lock  # local import: loader imports cache
-
     root = root or env.cache_root_path()
     if not root.is_dir():
         return 0
@@ -473,7 +468,7 @@ def clear_cache(predicate: Optional[Callable[[EntryInfo], bool]] = None, root: O
     for info in list_entries(root, check_current=predicate is not None):
         if predicate is not None and not predicate(info):
             continue
-        with _file_lock(info.key, root):
+        with file_lock(info.key, root):
             discard_dir(entry_dir(info.key, root), root)
             try:
                 log_path(info.key, root).unlink()

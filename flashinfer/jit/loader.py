@@ -10,47 +10,12 @@ from typing import Any, Callable, Dict
 
 from . import cache, env
 from .build import BuildReport, build_into
-from .errors import JITCacheError, JITDisabledError
+from .errors import JITDisabledError
+from .locks import file_lock, thread_lock
 from .abi import CONSTANTS, COMMON_LAUNCHERS, ERROR_STRING, BoundLauncher, read_constants
 
 _memo: Dict[Any, "JITModule"] = {}
 _memo_lock = threading.Lock()
-_key_locks: Dict[str, threading.Lock] = {}
-
-
-class _file_lock:
-    """FileLock(<root>/locks/<key>.lock) with FLASHINFER_JIT_LOCK_TIMEOUT; JITCacheError on timeout."""
-
-    def __init__(self, key: str, root: Path) -> None:
-        self.path = cache.lock_path(key, root)
-        self.timeout = env.lock_timeout()
-        self.lock = None
-
-    def __enter__(self):
-        import filelock
-
-        env.ensure_dir(self.path.parent, "JIT lock directory")
-        self.lock = filelock.FileLock(str(self.path), timeout=self.timeout)
-        try:
-            self.lock.acquire()
-        except filelock.Timeout as e:
-            raise JITCacheError(
-                f"timed out after {self.timeout:g} s waiting for the JIT cache lock {self.path} "
-                f"(another process is building this module, or is stuck). Raise "
-                f"FLASHINFER_JIT_LOCK_TIMEOUT, or stop the process holding it (e.g. `fuser {self.path}`)."
-            ) from e
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
-
-
-def _thread_lock(key: str) -> threading.Lock:
-    with _memo_lock:
-        lk = _key_locks.get(key)
-        if lk is None:
-            lk = _key_locks[key] = threading.Lock()
-        return lk
 
 
 def _prewarm_hint(spec) -> str:
@@ -81,7 +46,7 @@ def _ensure(spec, key: str) -> BuildReport:
         )
     _check_supported(spec)
     env.ensure_dir(root)
-    with _file_lock(key, root):
+    with file_lock(key, root):
         so, man, reason = cache.check_entry(key, root, raise_insecure=True)
         if so is not None:
             return _cached_report(spec, key, root, man)
@@ -98,7 +63,7 @@ def ensure_built(spec) -> BuildReport:
     from .cache import cache_key
 
     key = cache_key(spec)
-    with _thread_lock(key):
+    with thread_lock(key):
         return _ensure(spec, key)
 
 
@@ -168,7 +133,7 @@ def load(spec) -> JITModule:
     from .cache import cache_key
 
     key = cache_key(spec)
-    with _thread_lock(key):
+    with thread_lock(key):
         mod = _memo.get(spec)
         if mod is not None:
             return mod
