@@ -31,5 +31,7 @@ def load_families() -> Dict[str, Type]:
     families = spec_families()
     missing = sorted(set(FAMILY_MODULES) - set(families))
     if missing:
-        raise RuntimeError(f"families {missing} are listed in flashinfer/_families.py but their modules register no spec")
+        raise RuntimeError(
+            f"families {missing} are listed in flashinfer/_families.py but their modules register no spec"
+        )
     return families

@@ -38,8 +38,10 @@ class CliFakeSpec(Spec):
     use_window: bool = False
 
     def name(self) -> str:
-        return (f"clitest_q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}_"
-                f"{self.kv_layout.lower()}_window-{'on' if self.use_window else 'off'}")
+        return (
+            f"clitest_q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}_"
+            f"{self.kv_layout.lower()}_window-{'on' if self.use_window else 'off'}"
+        )
 
     def render_vars(self):
         return dataclasses.asdict(self)
@@ -84,8 +86,9 @@ def _run_cli(argv, env=None, timeout=600):
     e = dict(os.environ)
     e.update(env or {})
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "flashinfer", *argv], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flashinfer", *argv], cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # ------------------------------------------------------------------ matrix expansion and filtering
@@ -114,16 +117,33 @@ def test_full_family_matrix_and_unsupported_filtering():
 
 
 def test_dtypes_flag_ties_q_kv_o_and_axis_flags_filter():
-    items = _matrix(["--families", "clitest", "--dtypes", "bf16,f16", "--head-dims", "128",
-                     "--layouts", "NHD", "--window", "off"])
+    items = _matrix(
+        ["--families", "clitest", "--dtypes", "bf16,f16", "--head-dims", "128", "--layouts", "NHD", "--window", "off"]
+    )
     assert sorted((it.spec.dtype_q, it.spec.dtype_kv, it.spec.dtype_o) for it in items) == [
-        ("bf16", "bf16", "bf16"), ("f16", "f16", "f16")]
+        ("bf16", "bf16", "bf16"),
+        ("f16", "f16", "f16"),
+    ]
     assert all(it.spec.head_dim == 128 and it.spec.kv_layout == "NHD" and not it.spec.use_window for it in items)
 
 
 def test_per_tensor_dtype_flag_overrides_the_tie():
-    items = _matrix(["--families", "clitest", "--dtypes", "bf16", "--dtype-kv", "f16,bf16",
-                     "--head-dims", "64", "--layouts", "HND", "--window", "on"])
+    items = _matrix(
+        [
+            "--families",
+            "clitest",
+            "--dtypes",
+            "bf16",
+            "--dtype-kv",
+            "f16,bf16",
+            "--head-dims",
+            "64",
+            "--layouts",
+            "HND",
+            "--window",
+            "on",
+        ]
+    )
     combos = {(it.spec.dtype_q, it.spec.dtype_kv, it.spec.dtype_o): it.reason for it in items}
     assert set(combos) == {("bf16", "f16", "bf16"), ("bf16", "bf16", "bf16")}
     assert combos[("bf16", "f16", "bf16")] == "mixed q/kv dtypes are not supported"
@@ -131,8 +151,20 @@ def test_per_tensor_dtype_flag_overrides_the_tie():
 
 
 def test_generic_axis_flag_and_errors():
-    items = _matrix(["--families", "clitest", "--axis", "head_dim=256", "--axis", "use_window=on",
-                     "--dtypes", "f16", "--layouts", "NHD"])
+    items = _matrix(
+        [
+            "--families",
+            "clitest",
+            "--axis",
+            "head_dim=256",
+            "--axis",
+            "use_window=on",
+            "--dtypes",
+            "f16",
+            "--layouts",
+            "NHD",
+        ]
+    )
     assert len(items) == 1 and items[0].reason == "sliding window needs head_dim <= 128"
     with pytest.raises(UsageError, match="--pos-encodings does not apply"):
         _matrix(["--families", "clitest", "--pos-encodings", "ROPE_LLAMA"])
@@ -143,8 +175,14 @@ def test_generic_axis_flag_and_errors():
 
 
 def test_preset_values_are_overridden_by_flags(monkeypatch):
-    monkeypatch.setitem(matrix.PRESETS, "fake", {"help": "t", "families": {
-        "clitest": {"dtypes": "bf16", "head_dims": "128", "layouts": "NHD", "window": "off"}}})
+    monkeypatch.setitem(
+        matrix.PRESETS,
+        "fake",
+        {
+            "help": "t",
+            "families": {"clitest": {"dtypes": "bf16", "head_dims": "128", "layouts": "NHD", "window": "off"}},
+        },
+    )
     assert [it.name for it in _matrix(["--preset", "fake"])] == ["clitest_q-bf16_kv-bf16_o-bf16_d128_nhd_window-off"]
     items = _matrix(["--preset", "fake", "--head-dims", "64,256"])
     assert sorted(it.spec.head_dim for it in items) == [64, 256]
@@ -171,12 +209,22 @@ def test_llama_and_test_presets_for_decode():
     single = [it.spec for it in llama if it.family == "decode_single"]
     assert len(single) == 1
     s = single[0]
-    assert (s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.kv_layout, s.pos_encoding_mode, s.use_window,
-            s.use_logits_soft_cap) == (128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)
+    assert (
+        s.head_dim,
+        s.dtype_q,
+        s.dtype_kv,
+        s.dtype_o,
+        s.kv_layout,
+        s.pos_encoding_mode,
+        s.use_window,
+        s.use_logits_soft_cap,
+    ) == (128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)
     every = _matrix(["--preset", "all"])  # every family but the probe (the stand-in included)
     assert len(every) == sum(len(cls.expand()) for fam, cls in families.items() if fam != "probe")
     test = _matrix(["--preset", "test"])
-    assert {it.name for it in test if it.family == "decode_single"} == {s.name() for s in families["decode_single"].expand()}
+    assert {it.name for it in test if it.family == "decode_single"} == {
+        s.name() for s in families["decode_single"].expand()
+    }
 
 
 def _supported_names(preset):
@@ -190,7 +238,9 @@ def test_serving_presets_cover_every_family():
         got = {it.family for it in _matrix(["--preset", name]) if it.reason is None}
         assert kernels <= got, (name, kernels - got)
     fp16 = [it.spec for it in _matrix(["--preset", "fp16"]) if it.reason is None and hasattr(it.spec, "head_dim")]
-    assert {s.head_dim for s in fp16} == {64, 128, 256} and {s.dtype_q for s in fp16 if hasattr(s, "dtype_q")} == {"f16"}
+    assert {s.head_dim for s in fp16} == {64, 128, 256} and {s.dtype_q for s in fp16 if hasattr(s, "dtype_q")} == {
+        "f16"
+    }
 
 
 def test_test_preset_is_what_the_gpu_tests_parametrize():
@@ -206,7 +256,9 @@ def test_test_preset_is_what_the_gpu_tests_parametrize():
     finally:
         sys.path.pop(0)
     test = _supported_names("test")
-    static = list(getattr(mods["test_decode"], "SUPPORTED", [])) + list(getattr(mods["test_prefill"], "SINGLE_SPECS", []))
+    static = list(getattr(mods["test_decode"], "SUPPORTED", [])) + list(
+        getattr(mods["test_prefill"], "SINGLE_SPECS", [])
+    )
     for fn in ("test_batch_decode_spec_matrix",):
         marks = getattr(getattr(mods["test_batch_decode"], fn, None), "pytestmark", [])
         for mk in marks:
@@ -224,7 +276,7 @@ def test_test_preset_is_what_the_gpu_tests_parametrize():
 def test_config_toml(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "m.toml"
-    cfg.write_text('''
+    cfg.write_text("""
 [[matrix]]
 family = "clitest"
 head_dims = [64, 128]
@@ -240,12 +292,15 @@ dtype_kv = "f16"
 dtype_o = "f16"
 kv_layout = "HND"
 use_window = false
-''')
+""")
     assert cli.main(["prewarm", "--config", str(cfg), "--dry-run", "--json", str(tmp_path / "r.json")]) == 0
     capsys.readouterr()
     names = sorted(i["name"] for i in json.loads((tmp_path / "r.json").read_text())["items"])
-    assert names == ["clitest_q-bf16_kv-bf16_o-bf16_d128_nhd_window-off", "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-off",
-                     "clitest_q-f16_kv-f16_o-f16_d256_hnd_window-off"]
+    assert names == [
+        "clitest_q-bf16_kv-bf16_o-bf16_d128_nhd_window-off",
+        "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-off",
+        "clitest_q-f16_kv-f16_o-f16_d256_hnd_window-off",
+    ]
     cfg.write_text("[[bogus]]\nx = 1\n")
     assert cli.main(["prewarm", "--config", str(cfg), "--dry-run"]) == 2
 
@@ -301,8 +356,22 @@ def test_parse_shard():
 
 def test_dry_run_lists_keys_cached_state_and_dropped(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
-    rc = cli.main(["prewarm", "--families", "clitest", "--head-dims", "256", "--dtypes", "bf16",
-                   "--layouts", "NHD", "--dry-run", "--json", str(tmp_path / "r.json")])
+    rc = cli.main(
+        [
+            "prewarm",
+            "--families",
+            "clitest",
+            "--head-dims",
+            "256",
+            "--dtypes",
+            "bf16",
+            "--layouts",
+            "NHD",
+            "--dry-run",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "2 combinations, 1 to prewarm, 1 dropped" in out
@@ -318,8 +387,21 @@ def test_dry_run_sharded_union_is_the_matrix(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
     names = []
     for i in (1, 2, 3):
-        assert cli.main(["prewarm", "--families", "clitest", "--dry-run", "--shard", f"{i}/3",
-                         "--json", str(tmp_path / f"s{i}.json")]) == 0
+        assert (
+            cli.main(
+                [
+                    "prewarm",
+                    "--families",
+                    "clitest",
+                    "--dry-run",
+                    "--shard",
+                    f"{i}/3",
+                    "--json",
+                    str(tmp_path / f"s{i}.json"),
+                ]
+            )
+            == 0
+        )
         names += [it["name"] for it in json.loads((tmp_path / f"s{i}.json").read_text())["items"]]
     capsys.readouterr()
     assert sorted(names) == sorted(it.name for it in _matrix(["--families", "clitest"]))
@@ -334,8 +416,25 @@ def test_usage_errors_exit_2(capsys):
 def test_failed_build_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
     # The stand-in family's template does not exist: the build must fail, be summarised, exit 1.
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
-    rc = cli.main(["prewarm", "--families", "clitest", "--head-dims", "64", "--dtypes", "bf16",
-                   "--layouts", "NHD", "--window", "off", "--jobs", "1", "--json", str(tmp_path / "r.json")])
+    rc = cli.main(
+        [
+            "prewarm",
+            "--families",
+            "clitest",
+            "--head-dims",
+            "64",
+            "--dtypes",
+            "bf16",
+            "--layouts",
+            "NHD",
+            "--window",
+            "off",
+            "--jobs",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 1
     assert "failed" in cap.out and "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-off" in cap.out
@@ -354,8 +453,11 @@ def probe_cache(tmp_path_factory):
     except ImportError as e:
         pytest.skip(f"flashinfer.jit.probe is not available yet: {e}")
     root = tmp_path_factory.mktemp("fi_cache")
-    env = {"FLASHINFER_JIT_CACHE": str(root), "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda"),
-           "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")}
+    env = {
+        "FLASHINFER_JIT_CACHE": str(root),
+        "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+        "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+    }
     report = root.parent / "probe_prewarm.json"
     # Two modules (dtype f32, constants 1 and 2) on two worker processes.
     r = _run_cli(["prewarm", "--preset", "probe", "--axis", "dtype=f32", "--jobs", "2", "--json", str(report)], env=env)
@@ -376,8 +478,20 @@ def test_real_prewarm_of_probe_family(probe_cache):
             assert Path(item["entry_dir"]).is_dir() and item["seconds"] > 0
 
     # Second run: everything already cached, nothing compiled.
-    again = _run_cli(["prewarm", "--preset", "probe", "--axis", "dtype=f32", "--jobs", "2", "--json", str(probe_cache["root"].parent / "again.json")],
-                     env=probe_cache["env"])
+    again = _run_cli(
+        [
+            "prewarm",
+            "--preset",
+            "probe",
+            "--axis",
+            "dtype=f32",
+            "--jobs",
+            "2",
+            "--json",
+            str(probe_cache["root"].parent / "again.json"),
+        ],
+        env=probe_cache["env"],
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     rep2 = json.loads((probe_cache["root"].parent / "again.json").read_text())
     assert rep2["counts"]["cached"] == n and rep2["counts"]["built"] == 0
@@ -390,13 +504,25 @@ def test_two_concurrent_prewarms_build_each_module_once(tmp_path):
     """Two prewarms of one matrix racing on one cache: together they build every module exactly once (the
     per-key locks), and both succeed."""
     root = tmp_path / "cache"
-    env = dict(os.environ, FLASHINFER_JIT_CACHE=str(root), CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
-               TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    env = dict(
+        os.environ,
+        FLASHINFER_JIT_CACHE=str(root),
+        CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+        TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+    )
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     reports = [tmp_path / "a.json", tmp_path / "b.json"]
-    procs = [subprocess.Popen([sys.executable, "-m", "flashinfer", "prewarm", "--preset", "probe", "--jobs", "2",
-                               "--json", str(r)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in reports]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flashinfer", "prewarm", "--preset", "probe", "--jobs", "2", "--json", str(r)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in reports
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out + err
@@ -459,8 +585,20 @@ def test_module_entry_point_help():
         assert action in r.stdout
     r = _run_cli(["prewarm", "--help"])
     assert r.returncode == 0
-    for flag in ("--families", "--head-dims", "--dtypes", "--layouts", "--pos-encodings", "--window",
-                 "--softcap", "--preset", "--jobs", "--dry-run", "--shard", "--json"):
+    for flag in (
+        "--families",
+        "--head-dims",
+        "--dtypes",
+        "--layouts",
+        "--pos-encodings",
+        "--window",
+        "--softcap",
+        "--preset",
+        "--jobs",
+        "--dry-run",
+        "--shard",
+        "--json",
+    ):
         assert flag in r.stdout
 
 
@@ -535,15 +673,27 @@ def test_config_file_of_specs_and_settings(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
     one = CliFakeSpec(head_dim=128, dtype_q="f16", dtype_kv="f16", dtype_o="f16", kv_layout="HND", use_window=True)
     cfg = tmp_path / "matrix.json"
-    cfg.write_text(json.dumps([
-        one.to_json(),
-        {"family": "clitest", "settings": {"dtypes": "bf16", "head_dims": "64", "layouts": "NHD", "window": "all"}},
-    ]))
+    cfg.write_text(
+        json.dumps(
+            [
+                one.to_json(),
+                {
+                    "family": "clitest",
+                    "settings": {"dtypes": "bf16", "head_dims": "64", "layouts": "NHD", "window": "all"},
+                },
+            ]
+        )
+    )
     assert cli.main(["prewarm", "--config", str(cfg), "--dry-run", "--json", str(tmp_path / "r.json")]) == 0
     capsys.readouterr()
     names = sorted(i["name"] for i in json.loads((tmp_path / "r.json").read_text())["items"])
-    assert names == sorted([one.name(), "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-off",
-                            "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-on"])
+    assert names == sorted(
+        [
+            one.name(),
+            "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-off",
+            "clitest_q-bf16_kv-bf16_o-bf16_d64_nhd_window-on",
+        ]
+    )
     cfg.write_text(json.dumps([{"family": "clitest", "head_dim": 96, "bogus": 1}]))
     assert cli.main(["prewarm", "--config", str(cfg), "--dry-run"]) == 2
 
@@ -575,8 +725,16 @@ def test_config_key_that_applies_to_no_axis_is_an_error(tmp_path, monkeypatch):
         matrix.items_from_config(str(cfg), load_families())
     # bare axis names, lists and booleans are accepted in JSON settings too
     cfg = tmp_path / "m.json"
-    cfg.write_text(json.dumps([{"family": "clitest", "settings": {"head_dim": [64], "dtypes": "f16",
-                                                                    "kv_layout": "HND", "use_window": True}}]))
+    cfg.write_text(
+        json.dumps(
+            [
+                {
+                    "family": "clitest",
+                    "settings": {"head_dim": [64], "dtypes": "f16", "kv_layout": "HND", "use_window": True},
+                }
+            ]
+        )
+    )
     items = matrix.items_from_config(str(cfg), load_families())
     assert [it.name for it in items] == ["clitest_q-f16_kv-f16_o-f16_d64_hnd_window-on"]
 
@@ -590,8 +748,11 @@ def test_toml_without_tomllib_or_tomli_is_a_clear_error_and_json_still_works(tmp
     with pytest.raises(UsageError, match="Python >= 3.11 or the tomli package"):
         matrix.items_from_config(str(cfg), load_families())
     js = tmp_path / "m.json"
-    js.write_text(json.dumps({"family": "clitest", "settings": {"head_dims": "64", "dtypes": "bf16",
-                                                                "layouts": "NHD", "window": "off"}}))
+    js.write_text(
+        json.dumps(
+            {"family": "clitest", "settings": {"head_dims": "64", "dtypes": "bf16", "layouts": "NHD", "window": "off"}}
+        )
+    )
     assert len(matrix.items_from_config(str(js), load_families())) == 1
 
 
@@ -620,12 +781,17 @@ def test_prewarm_api_reports_failed_unsupported_and_deduplicates(tmp_path, monke
     broken = CliFakeSpec(head_dim=64)  # its template does not exist: the build fails
     unsupported = CliFakeSpec(head_dim=64, dtype_kv="f16")
     seen = []
-    rep = jit.prewarm([broken, unsupported, broken], jobs=1, progress=lambda r, building: seen.append((r.name, r.status)))
+    rep = jit.prewarm(
+        [broken, unsupported, broken], jobs=1, progress=lambda r, building: seen.append((r.name, r.status))
+    )
     assert [(r.spec, r.status) for r in rep.results] == [(broken, "failed"), (unsupported, "unsupported")]
     assert rep.results[1].error == "mixed q/kv dtypes are not supported" and rep.results[1].key is None
     assert "clitest_does_not_exist.cu.jinja" in rep.results[0].error and not rep.ok
     assert sorted(seen) == sorted((r.name, r.status) for r in rep.results)
-    assert rep.jobs == 1 and rep.by_status("built") == [] and set(rep.results[0].as_dict()) == {
-        "status", "key", "seconds", "entry_dir", "log_path", "error"}
+    assert (
+        rep.jobs == 1
+        and rep.by_status("built") == []
+        and set(rep.results[0].as_dict()) == {"status", "key", "seconds", "entry_dir", "log_path", "error"}
+    )
     with pytest.raises(ValueError, match="unknown status"):
         rep.by_status("done")

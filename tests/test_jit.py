@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import flashinfer  # noqa: F401
+import flashinfer._version
 from flashinfer import jit
 from flashinfer.jit import cache as jcache
 from flashinfer.jit import env as jenv
@@ -160,7 +160,7 @@ def test_environment_changes_key(monkeypatch):
     s = ProbeSpec()
     k0 = jit.cache_key(s)
     changes = [
-        lambda m: m.setattr(flashinfer, "__version__", "999.0"),
+        lambda m: m.setattr(flashinfer._version, "__version__", "999.0"),  # the leaf the engine reads
         lambda m: m.setattr(torch, "__version__", "0.0.1"),
         lambda m: m.setattr(torch.version, "cuda", "1.0"),
         lambda m: m.setattr(jenv, "cuda_toolkit_version", lambda: 99000),

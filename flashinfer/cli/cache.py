@@ -192,7 +192,8 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     kept = len(jcache.list_entries(root, check_current=False)) if not args.dry_run else None
     freed = sum(info.size or 0 for info, _ in victims)
     print(
-        f"{verb} {len(victims)} entries ({fmt_size(freed)}) from {root}" + (f"; {kept} kept" if kept is not None else "")
+        f"{verb} {len(victims)} entries ({fmt_size(freed)}) from {root}"
+        + (f"; {kept} kept" if kept is not None else "")
     )
     return 0
 

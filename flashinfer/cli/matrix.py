@@ -192,8 +192,7 @@ def normalize_settings(settings: Dict[str, Any]) -> Settings:
     """Settings as a file may write them (keys: a flag dest, ``axis:NAME`` or a bare axis name; values: a
     comma string, a list, a boolean or a number) as flag-style settings."""
     return {
-        (k if k in _FLAG_DESTS or k.startswith("axis:") else "axis:" + k): _setting_text(v)
-        for k, v in settings.items()
+        (k if k in _FLAG_DESTS or k.startswith("axis:") else "axis:" + k): _setting_text(v) for k, v in settings.items()
     }
 
 

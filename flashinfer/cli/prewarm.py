@@ -55,8 +55,14 @@ def _valid_keys() -> set:
         return set()
 
 
-def _dry_run(args: argparse.Namespace, mine: List[MatrixItem], supported: List[MatrixItem],
-             dropped: List[MatrixItem], shard: Optional[Tuple[int, int]], shard_txt: str) -> int:
+def _dry_run(
+    args: argparse.Namespace,
+    mine: List[MatrixItem],
+    supported: List[MatrixItem],
+    dropped: List[MatrixItem],
+    shard: Optional[Tuple[int, int]],
+    shard_txt: str,
+) -> int:
     out = sys.stdout
     valid = _valid_keys()
     keys = {it.name: _safe_key(it.spec) for it in mine}
@@ -168,11 +174,20 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _print_summary(args: argparse.Namespace, mine: List[MatrixItem], supported: List[MatrixItem],
-                   dropped: List[MatrixItem], results: Dict[str, jit.PrewarmResult], shard_txt: str,
-                   wall: float, jobs: int) -> None:
+def _print_summary(
+    args: argparse.Namespace,
+    mine: List[MatrixItem],
+    supported: List[MatrixItem],
+    dropped: List[MatrixItem],
+    results: Dict[str, jit.PrewarmResult],
+    shard_txt: str,
+    wall: float,
+    jobs: int,
+) -> None:
     out = sys.stdout
-    by = {s: [results[it.name] for it in supported if results[it.name].status == s] for s in ("built", "cached", "failed")}
+    by = {
+        s: [results[it.name] for it in supported if results[it.name].status == s] for s in ("built", "cached", "failed")
+    }
     out.write(f"\nprewarm summary{shard_txt}\n")
     rows = by["built"] + by["failed"] + (by["cached"] if args.verbose else [])
     if rows:

@@ -9,8 +9,9 @@ modules in parallel worker processes), and the errors ``JITBuildError``, ``CUDAT
 ``JITCacheError``, ``JITDisabledError``.
 """
 
+from . import probe as probe
 from .build import BuildReport, first_error_line
-from .cache import EntryInfo, cache_key, check_entry, clear_cache, cleanup_tmp, entry_info, list_entries, prune_cache
+from .cache import EntryInfo, cache_key, check_entry, cleanup_tmp, clear_cache, entry_info, list_entries, prune_cache
 from .env import (
     RECIPE_VERSION,
     arch_flags,
@@ -23,10 +24,9 @@ from .env import (
 from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITCacheInsecureError, JITDisabledError
 from .loader import JITModule, ensure_built, load, loaded_modules
 from .parallel_build import PrewarmReport, PrewarmResult, prewarm
-from .templating import render, templates_digest
-from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
-from . import probe as probe
 from .probe import ProbeSpec
+from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
+from .templating import render, templates_digest
 
 __all__ = [
     "BuildReport",

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict
 
 from . import cache, env
+from .abi import COMMON_LAUNCHERS, CONSTANTS, ERROR_STRING, BoundLauncher, read_constants
 from .build import BuildReport, build_into
 from .errors import JITDisabledError
 from .locks import file_lock, thread_lock
-from .abi import CONSTANTS, COMMON_LAUNCHERS, ERROR_STRING, BoundLauncher, read_constants
 
-_memo: Dict[Any, "JITModule"] = {}
+_memo: Dict[Any, JITModule] = {}
 _memo_lock = threading.Lock()
 
 
@@ -84,7 +84,7 @@ class JITModule:
 
     @property
     def status(self) -> str:
-        """"built" if this process built it, else "cached"."""
+        """``"built"`` if this process built it, else ``"cached"``."""
         return self.report.status
 
     def launcher(self, symbol: str) -> BoundLauncher:
