@@ -690,7 +690,7 @@ def test_warm_load_in_fresh_process(golden, tmp_path, monkeypatch):
         assert r["status"] == "cached" and r["constant"] == 1.0 and r["same"]
         assert r["forbidden_calls"] == []
     best = min(r["warm_load_ms"] for r in runs)
-    all_ms = ", ".join("%.2f" % r["warm_load_ms"] for r in runs)
+    all_ms = ", ".join(f"{r['warm_load_ms']:.2f}" for r in runs)
     print(f"\n[jit] warm load after import torch: {best:.2f} ms (runs: {all_ms} ms; "
           f"memo hit {runs[-1]['memo_us']:.1f} us)")
     assert best < 200  # target is < 20 ms; generous bound for loaded CI machines
