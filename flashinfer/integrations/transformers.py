@@ -33,6 +33,7 @@ optional extra (``pip install 'flashinfer[transformers]'``); this module imports
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Optional, Tuple
 
 import torch
@@ -67,7 +68,7 @@ _decode: Callable[..., torch.Tensor] = flashinfer.single_decode_with_kv_cache
 def _version_tuple(version: str) -> Tuple[int, int]:
     parts = []
     for piece in version.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit()) or "0"  # "5.17.0.dev0", "6rc1"
+        digits = re.match(r"\d*", piece).group() or "0"  # the leading digits: "5.17.0.dev0", "6rc1"
         parts.append(int(digits))
     while len(parts) < 2:
         parts.append(0)
