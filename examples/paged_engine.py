@@ -302,18 +302,21 @@ class DecodeBatch:
         return e.runner.logits(e.runner.forward(self.tokens, self.positions, attend))
 
     def _capture(self, pool) -> None:
-        side = torch.cuda.Stream(self.engine.device)
-        side.wait_stream(torch.cuda.current_stream(self.engine.device))
-        with torch.cuda.stream(side):  # warm-up: loads every module, settles the allocator
-            self._step()
-        torch.cuda.current_stream(self.engine.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self._step()
+        dev = self.engine.device
+        with torch.cuda.device(dev):  # graph capture works on the current device; it may not be ours (cuda:0)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: loads every module, settles the allocator
+                self._step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = self._step()
 
     def run(self, n: int) -> torch.Tensor:
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.engine.device):  # replay on our device's stream, whatever is current
+                self.graph.replay()
             return self.logits[:n]
         return self._step()[:n]
 
@@ -349,7 +352,10 @@ class Engine:
         self.prefill_wrapper = ops.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
         use_graph = use_graph and self.device.type == "cuda"
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max(1, math.ceil(math.log2(max_batch)) + 1))})
-        pool = torch.cuda.graph_pool_handle() if use_graph else None
+        pool = None
+        if use_graph:
+            with torch.cuda.device(self.device):
+                pool = torch.cuda.graph_pool_handle()
         self.decoders: Dict[int, DecodeBatch] = {}
         for s in sorted(self.sizes, reverse=True):  # largest first: the smaller graphs reuse its memory
             self.decoders[s] = DecodeBatch(self, s, use_graph, pool)
