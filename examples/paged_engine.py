@@ -313,8 +313,8 @@ class DecodeBatch:
             with torch.cuda.graph(self.graph, pool=pool):
                 self.logits = self._step()
 
-    def run(self, n: int) -> torch.Tensor:
-        if self.graph is not None:
+    def run(self, n: int, eager: bool = False) -> torch.Tensor:
+        if self.graph is not None and not eager:
             with torch.cuda.device(self.engine.device):  # replay on our device's stream, whatever is current
                 self.graph.replay()
             return self.logits[:n]
@@ -365,7 +365,10 @@ class Engine:
         self.step_count = 0
         self.stats = collections.defaultdict(float)
         self.decode_times: Dict[int, List[float]] = collections.defaultdict(list)  # batch -> step seconds
+        # Called before each decode step's launch with the batch size (profiling); while ``eager_decode`` is set,
+        # steps run without their graphs (the profiler's kernel view) and are left out of ``decode_times``.
         self.on_decode_step: Optional[Callable[["Engine", int], None]] = None
+        self.eager_decode = False
 
     # -- scheduling
 
@@ -468,12 +471,14 @@ class Engine:
         dec.load(tokens, positions, pages, last)
         if self.on_decode_step is not None:
             self.on_decode_step(self, n)
-        next_tokens = dec.run(n).argmax(-1).tolist()  # (the one host sync of the step)
+        eager = self.eager_decode
+        next_tokens = dec.run(n, eager=eager).argmax(-1).tolist()  # (the one host sync of the step)
         for r, t in zip(reqs, next_tokens):
             r.seq_len += 1
             r.output.append(int(t))
         dt = time.perf_counter() - t0
-        self.decode_times[n].append(dt)
+        if not eager:
+            self.decode_times[n].append(dt)
         self.stats["decode_s"] += dt
         self.stats["decode_tokens"] += n
         self.stats["decode_steps"] += 1
