@@ -15,6 +15,7 @@ FAMILY_MODULES: Dict[str, str] = {
     "prefill_single": "flashinfer.prefill",
     "prefill_batch": "flashinfer.prefill",
     "page_append": "flashinfer.page",
+    "merge_state": "flashinfer.cascade",
     "probe": "flashinfer.jit.probe",
 }
 

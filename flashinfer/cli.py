@@ -39,7 +39,7 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 _FAMILY_MODULES = ("flashinfer.decode", "flashinfer.batch_decode", "flashinfer.page", "flashinfer.prefill",
-                   "flashinfer.jit.probe")
+                   "flashinfer.cascade", "flashinfer.jit.probe")
 _NOT_KERNELS = ("probe",)  # families that a "*" preset leaves out
 
 
@@ -140,6 +140,9 @@ _TEST_PRESET: Dict[str, Any] = {
         {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "paged", "axis:mask_mode": "none",
          "axis:use_fp16_qk_reduction": "off"},
     ],
+    # test_cascade.py: the merge kernels at both dtypes (head_dim is a run-time value). Its cascade levels use
+    # prefill_batch / decode_batch_paged / prefill_single specs already listed above (its cases are chosen so).
+    "merge_state": {},
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {
