@@ -659,6 +659,7 @@ class MultiLevelCascadeAttentionWrapper:
         self._plain: Optional[BatchDecodeWithPagedKVCacheWrapper] = None  # the fallback
         self._graph_mask: Optional[torch.Tensor] = None
         self._graph_path: Optional[Tuple[Any, ...]] = None  # graph mode: what the first plan fixed
+        self._graph_batch: Optional[int] = None
         self._plan: Optional[_CascadePlan] = None
 
     # --------------------------------------------------------------------------------------------- helpers
@@ -809,6 +810,9 @@ class MultiLevelCascadeAttentionWrapper:
                 raise ValueError(
                     f"a CUDA-graph wrapper keeps the kernels and shapes of its first plan (decode-shaped last level, "
                     f"heads, head_dim, page_size, dtype): was {self._graph_path}, got {frozen}")
+            if decode_last and self._graph_batch is not None and len(last.last) != self._graph_batch:
+                raise ValueError(f"this CUDA-graph wrapper was planned for batch size {self._graph_batch}; the batch "
+                                 f"size is fixed in graph mode, got {len(last.last)}")
             why_cascade = "graph mode keeps the kernels of its first plan (no fallback)"
         else:
             fallback, why_cascade = self._fallback_decision(decode_shape, pos, window_left, plain_us, cascade_us)
@@ -880,6 +884,8 @@ class MultiLevelCascadeAttentionWrapper:
         if self._decode is None:
             capacity = self._bufs[2][-1].numel() + batch if self._use_cuda_graph else 0
             self._decode = self._make_decode(batch, capacity)
+            if self._use_cuda_graph:
+                self._graph_batch = batch
         if self._use_cuda_graph:
             # The caller's buffers hold the level's arrays, as FlashInfer's graph mode leaves them.
             for buf, src in zip((self._bufs[0][-1], self._bufs[1][-1], self._bufs[3][-1]),
