@@ -6,7 +6,6 @@ real build of the merge module."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import flashinfer
 from flashinfer import cascade
 from flashinfer.cascade import MergeStateSpec, _check_levels, _concatenated_table, _decode_table
 
-from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
+from reference import LSE_TOL, assert_close, attention, poisoned
 
 NEG_INF = float("-inf")
 
