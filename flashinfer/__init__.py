@@ -11,6 +11,7 @@ from .batch_decode import (
 from .cascade import (
     BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
     BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
+    CascadeSharedSpec,
     MergeStateSpec,
     MultiLevelCascadeAttentionWrapper,
     merge_state,
@@ -34,6 +35,7 @@ __all__ = [
     "BatchDecodePagedSpec",
     "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
     "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+    "CascadeSharedSpec",
     "MergeStateSpec",
     "MultiLevelCascadeAttentionWrapper",
     "merge_state",

@@ -16,6 +16,7 @@ FAMILY_MODULES: Dict[str, str] = {
     "prefill_batch": "flashinfer.prefill",
     "page_append": "flashinfer.page",
     "merge_state": "flashinfer.cascade",
+    "cascade_shared": "flashinfer.cascade",
     "probe": "flashinfer.jit.probe",
 }
 

@@ -21,8 +21,10 @@ over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,19 +33,25 @@ from . import jit
 from .batch_decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .page import PagedKVCache
+from ._spec_common import AttentionSpec
+from .page import PagedKVCache, unpack_paged_kv_cache
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 from .utils import (
     DTYPE_CUDA,
+    DTYPE_SHORT,
+    aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
     check_out,
     check_same_device,
     current_stream_ptr,
     dtype_short,
+    num_sms,
+    scalar,
 )
 
 __all__ = [
+    "CascadeSharedSpec",
     "MergeStateSpec",
     "merge_state",
     "merge_state_in_place",
@@ -366,6 +374,116 @@ def merge_states(v: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return v_out, s_out
 
 
+# ============================================================================== shared level on Hopper (wgmma)
+
+_SHARED_MIN_CHUNK = 512  # keys: shorter KV chunks cost more to merge than they gain in parallelism
+
+
+@register_family
+@dataclasses.dataclass(frozen=True)
+class CascadeSharedSpec(AttentionSpec):
+    """Compile-time configuration of a cascade's shared level on Hopper: one request (every query of the batch)
+    against a paged prefix on the wgmma prefill kernel (prefill_sm90.cuh with its PAGED and SPLIT options), its
+    KV range split over the GPU. head_dim 128 only (the kernel's); the axis lists the others so that matrix flags
+    apply, and they are dropped as unsupported (those levels run on batch prefill)."""
+
+    family = "cascade_shared"
+    template = "cascade_shared.cu.jinja"
+    launchers = (
+        Launcher("flashinfer_cascade_shared_prefill",
+                 "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
+                 "const int* kv_indices, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int page_size, "
+                 "int64_t q_stride_n, int64_t q_stride_h, int64_t stride_page, int64_t stride_n, int64_t stride_h, "
+                 "int num_chunks, int chunk_size, float sm_scale, int device, void* stream"),
+        Launcher("flashinfer_cascade_shared_occupancy", "int device, int* out"),
+    )
+
+    def render_vars(self) -> Dict[str, Any]:
+        return {"name": self.name(), "head_dim": self.head_dim, "dtype_q": DTYPE_CUDA[self.dtype_q],
+                "dtype_kv": DTYPE_CUDA[self.dtype_kv], "dtype_o": DTYPE_CUDA[self.dtype_o]}
+
+    def unsupported_reason(self) -> Optional[str]:
+        if self.head_dim != 128:
+            return f"head_dim {self.head_dim}: the wgmma prefill kernel takes 128 (the level runs on batch prefill)"
+        return super().unsupported_reason()
+
+    def needs_sm90a(self) -> bool:
+        return True
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_occupancy(spec: CascadeSharedSpec, device_index: int) -> int:
+    mod = jit.load(spec)
+    out = ctypes.c_int(0)
+    rc = mod.fn("flashinfer_cascade_shared_occupancy")(device_index, ctypes.addressof(out))
+    if rc:
+        mod.check(rc, f"{spec.name()}: occupancy query on cuda:{device_index}")
+    return max(1, out.value)
+
+
+class _SharedLevel:
+    """A level of one request that holds every query (a cascade's shared prefix) on CascadeSharedSpec's kernel:
+    plan() picks the KV split (one wave of CTAs), run() launches with the same arguments as the batch wrappers'."""
+
+    def __init__(self, workspace: torch.Tensor, kv_layout: str) -> None:
+        self._ws = workspace  # partial states of the split (the prefill levels' region: levels run in turn)
+        self._kv_layout = kv_layout
+        self._plan: Optional[Dict[str, Any]] = None
+
+    def plan(self, level: "_Level", num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+             dtype: torch.dtype, sm_scale: Optional[float], device: torch.device) -> None:
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        dt = DTYPE_SHORT[dtype]
+        spec = CascadeSharedSpec(head_dim, dt, dt, dt)
+        mod = jit.load(spec)
+        consts = mod.constants
+        total_q, kv_len = level.qo[-1], level.kv_lens[0]
+        ctas = -(-total_q * (num_qo_heads // num_kv_heads) // consts["query_tile"]) * num_kv_heads
+        slots = _shared_occupancy(spec, device.index) * num_sms(device.index)
+        chunks = max(1, min(slots // max(ctas, 1), -(-kv_len // _SHARED_MIN_CHUNK)))
+        ws_floats = self._ws.numel() * self._ws.element_size() // 4
+        while chunks > 1 and chunks * total_q * num_qo_heads * (head_dim + 1) > ws_floats:
+            chunks = -(-chunks // 2)
+        tile = consts["kv_tile"]
+        chunk_size = -(-(-(-kv_len // chunks)) // tile) * tile
+        chunks = -(-kv_len // chunk_size)
+        pages = level.indices[level.kv[0] : level.kv[1]].to(device=device, dtype=torch.int32, non_blocking=True)
+        self._plan = dict(mod=mod, fn=mod.fn("flashinfer_cascade_shared_prefill"), spec=spec, total_q=total_q,
+                          kv_len=kv_len, pages=pages.contiguous(), num_qo_heads=num_qo_heads,
+                          num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
+                          chunks=chunks, chunk_size=chunk_size,
+                          sm_scale=scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim)))
+
+    def run(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, *, out: torch.Tensor,
+            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+        pl = self._plan
+        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (pl["page_size"], pl["num_kv_heads"], pl["head_dim"]):
+            raise ValueError(f"paged_kv_cache (kv_layout={self._kv_layout!r}) has page_size {kv.page_size}, "
+                             f"{kv.num_kv_heads} kv heads of dim {kv.head_dim}; the plan has {pl['page_size']}, "
+                             f"{pl['num_kv_heads']}, {pl['head_dim']}")
+        if kv.k.dtype != pl["dtype"] or kv.k.device != q.device:
+            raise ValueError(f"paged_kv_cache must be {pl['dtype']} on {q.device}, got {kv.k.dtype} on {kv.k.device}")
+        q = aligned_rows(q, 2)
+        device = q.device
+        rc = pl["fn"](
+            q.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), out.data_ptr(),
+            lse.data_ptr() if (return_lse and lse is not None) else None, self._ws.data_ptr(), pl["pages"].data_ptr(),
+            pl["total_q"], pl["kv_len"], pl["num_qo_heads"], pl["num_kv_heads"], pl["page_size"], q.stride(0),
+            q.stride(1), kv.stride_page, kv.stride_n, kv.stride_h, pl["chunks"], pl["chunk_size"], pl["sm_scale"],
+            device.index, current_stream_ptr(device),
+        )
+        if rc:
+            pl["mod"].check(rc, f"cascade shared level ({pl['spec'].name()}) on {device}")
+        return (out, lse) if return_lse else out
+
+
 # ====================================================================================== level tables (host side)
 
 
@@ -563,8 +681,14 @@ class _Step:
     the positions whose state is merged."""
 
     level: int
-    wrapper: Union[BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper]
+    wrapper: Union[BatchPrefillWithPagedKVCacheWrapper, BatchDecodeWithPagedKVCacheWrapper, _SharedLevel]
     mask: Optional[torch.Tensor] = None
+
+    @property
+    def kernel(self) -> str:
+        if isinstance(self.wrapper, _SharedLevel):
+            return "shared_prefix_wgmma"
+        return "batch_decode" if isinstance(self.wrapper, BatchDecodeWithPagedKVCacheWrapper) else "batch_prefill"
 
 
 @dataclasses.dataclass
@@ -609,9 +733,11 @@ class MultiLevelCascadeAttentionWrapper:
     """
 
     # Not part of FlashInfer's API; for benchmarks and tests. _last_level_decode: run a decode-shaped last level on
-    # the batch decode kernel (else on batch prefill, as FlashInfer does). _fallback: "auto" (cost model), "never",
-    # or "always" (whenever the page tables allow plain batch decode).
+    # the batch decode kernel (else on batch prefill, as FlashInfer does). _shared_level_wgmma: run a level of one
+    # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill). _fallback:
+    # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
     _last_level_decode: bool = True
+    _shared_level_wgmma: bool = True
     _fallback: str = "auto"
 
     def __init__(
@@ -655,6 +781,7 @@ class MultiLevelCascadeAttentionWrapper:
         self._bufs = bufs
         self._decode_ws, self._prefill_ws = self._split_workspace(float_workspace_buffer)
         self._prefill = [self._make_prefill(l) for l in range(num_levels)]
+        self._shared: Dict[int, _SharedLevel] = {}  # levels on the Hopper shared-prefix kernel
         self._decode: Optional[BatchDecodeWithPagedKVCacheWrapper] = None  # the decode-shaped last level
         self._plain: Optional[BatchDecodeWithPagedKVCacheWrapper] = None  # the fallback
         self._graph_mask: Optional[torch.Tensor] = None
@@ -709,6 +836,7 @@ class MultiLevelCascadeAttentionWrapper:
             raise ValueError(f"int_workspace_buffers must hold one buffer per level ({self._num_levels})")
         self._decode_ws, self._prefill_ws = self._split_workspace(float_workspace_buffer)
         self._prefill = [self._make_prefill(l) for l in range(self._num_levels)]
+        self._shared = {}
         self._decode = self._plain = None
         self._plan = None
 
@@ -831,6 +959,12 @@ class MultiLevelCascadeAttentionWrapper:
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
                 continue  # an empty level adds nothing to the merge
+            if self._shared_on_hopper(l, lv, head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction,
+                                      q_dtype, kv_dtype):
+                runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
+                runner.plan(lv, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, sm_scale, self._device)
+                steps.append(_Step(l, runner))
+                continue
             # A single query per request sits at the bottom-right corner: the causal mask hides nothing from it.
             level_causal = causal and l == self._num_levels - 1 and any(n > 1 for n in lv.qo_lens)
             self._prefill[l].plan(_int32_host(lv.qo), _int32_host(lv.kv), lv.indices, _int32_host(lv.last),
@@ -842,11 +976,19 @@ class MultiLevelCascadeAttentionWrapper:
         if self._use_cuda_graph:
             self._graph_path = frozen
         stats.update(path="cascade", reason=why_cascade,
-                     kernels=[("batch_decode" if isinstance(s.wrapper, BatchDecodeWithPagedKVCacheWrapper)
-                               else "batch_prefill", s.level) for s in steps])
+                     kernels=[(s.kernel, s.level) for s in steps])
         self._plan = _CascadePlan("cascade", steps, total_q, num_qo_heads, head_dim, q_dtype, stats)
 
     begin_forward = plan
+
+    def _shared_on_hopper(self, l: int, lv: "_Level", head_dim: int, pos: str, window_left: Any, logits_soft_cap: Any,
+                          use_fp16_qk_reduction: bool, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+        """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
+        last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope."""
+        return (self._shared_level_wgmma and not self._use_cuda_graph and l < self._num_levels - 1
+                and len(lv.kv_lens) == 1 and lv.total_keys > 0 and head_dim == 128 and pos == "NONE"
+                and window_left == -1 and not logits_soft_cap and not use_fp16_qk_reduction and q_dtype == kv_dtype
+                and _is_hopper(self._device.index))
 
     def _fallback_decision(self, decode_shape: bool, pos: str, window_left: int, plain_us: float,
                            cascade_us: float) -> Tuple[Optional[str], str]:

@@ -112,6 +112,8 @@ _TEST_PRESET: Dict[str, Any] = {
     "decode_batch_paged": [
         {"layouts": "NHD"},
         {"layouts": "HND", "head_dims": "128", "dtypes": "bf16", "softcap": "off"},
+        # test_cascade.py: the decode-shaped last level at f16 HND
+        {"layouts": "HND", "head_dims": "128", "dtypes": "f16", "softcap": "off", "pos_encodings": "NONE"},
     ],
     # test_page.py: d128 at f16 and bf16, d64 f16 (stream / error tests).
     "page_append": [{"head_dims": "128"}, {"head_dims": "64", "dtypes": "f16"}],
@@ -140,9 +142,11 @@ _TEST_PRESET: Dict[str, Any] = {
         {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "paged", "axis:mask_mode": "none",
          "axis:use_fp16_qk_reduction": "off"},
     ],
-    # test_cascade.py: the merge kernels at both dtypes (head_dim is a run-time value). Its cascade levels use
-    # prefill_batch / decode_batch_paged / prefill_single specs already listed above (its cases are chosen so).
+    # test_cascade.py: the merge kernels at both dtypes (head_dim is a run-time value) and the Hopper shared-level
+    # kernel (head_dim 128, both dtypes). Its other levels use prefill_batch / decode_batch_paged / prefill_single
+    # specs already listed above (its cases are chosen so).
     "merge_state": {},
+    "cascade_shared": {"head_dims": "128"},
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -12,7 +12,7 @@ import torch
 
 import flashinfer
 from flashinfer import cascade
-from flashinfer.cascade import MergeStateSpec, _check_levels, _concatenated_table, _decode_table
+from flashinfer.cascade import CascadeSharedSpec, MergeStateSpec, _check_levels, _concatenated_table, _decode_table
 
 from reference import LSE_TOL, assert_close, attention, poisoned
 
@@ -309,6 +309,35 @@ def test_three_levels_with_empty_requests_and_levels(mode):
         lv2 = Levels(spec, 16, 4, 128, torch.bfloat16, "NHD")
         w.plan(*lv2.plan_args(), 16, 4, 128, 16, causal=mode == "prefill", q_data_type=torch.bfloat16)
         _check(w, lv2, q, causal=mode == "prefill")
+
+
+def _on_hopper():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("page_size,layout,prefix", [(16, "NHD", 33000), (1, "HND", 2500), (16, "HND", 40)])
+def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, prefix):
+    """A shared level of every query runs on the Hopper wgmma kernel (paged KV, split across the GPU; a prefix
+    ending mid-page; page_size 1; a prefix shorter than one KV tile), or on batch prefill: both match."""
+    unique = [1, 0, 300, 16, 33, 5, 70, 2]
+    lv = Levels([[(len(unique), prefix)], [(1, n) for n in unique]], page_size, 4, 128, dtype, layout)
+    q = torch.randn(len(unique), 32, 128, device="cuda").to(dtype)
+    for wgmma in (True, False):
+        w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
+        w._fallback = "never"
+        w._shared_level_wgmma = wgmma
+        w.plan(*lv.plan_args(), 32, 4, 128, page_size, q_data_type=dtype)
+        assert w.plan_stats()["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma and _on_hopper() else "batch_prefill")
+        _check(w, lv, q)
+    # a prefill-shaped batch: more query tiles, fewer chunks
+    qo = [40, 1, 200, 3]
+    lv = Levels([[(sum(qo), 1500)], [(n, n + 7) for n in qo]], page_size, 4, 128, dtype, layout)
+    q = torch.randn(sum(qo), 32, 128, device="cuda").to(dtype)
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
+    w.plan(*lv.plan_args(), 32, 4, 128, page_size, causal=True, q_data_type=dtype)
+    _check(w, lv, q, causal=True)
 
 
 @pytest.mark.gpu
@@ -695,7 +724,11 @@ def test_merge_spec_and_family():
     assert MergeStateSpec("f32").unsupported_reason() is not None
     from flashinfer.cli import PRESETS
 
-    assert "merge_state" in PRESETS["test"]["families"]
+    assert "merge_state" in PRESETS["test"]["families"] and "cascade_shared" in PRESETS["test"]["families"]
+    shared = [x for x in CascadeSharedSpec.expand() if x.unsupported_reason() is None]
+    assert [x.name() for x in shared] == ["cascade_shared_q-bf16_kv-bf16_o-bf16_d128", "cascade_shared_q-f16_kv-f16_o-f16_d128"]
+    assert all(x.needs_sm90a() for x in shared) and "128" in CascadeSharedSpec(64).unsupported_reason()
+    assert FAMILY_MODULES["cascade_shared"] == "flashinfer.cascade"
 
 
 def test_cpu_tensors_refused_before_any_build():
