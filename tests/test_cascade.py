@@ -770,3 +770,103 @@ def test_merge_module_builds_without_spills(tmp_path, monkeypatch):
     assert mod.fn("flashinfer_merge_state") is not None and mod.fn("flashinfer_merge_states") is not None
     log = report.log_path.read_text()
     assert "spill" in log and all("0 bytes spill stores" in ln for ln in log.splitlines() if "spill stores" in ln)
+
+
+class _FakeWrapper:
+    """Stands in for the batch wrappers on the CPU: checks that plan()/run() are called with arguments the real
+    classes accept (bound to their signatures), records them, and writes recognisable outputs."""
+
+    real = None
+
+    def __init__(self, *args, **kwargs):
+        import inspect
+
+        inspect.signature(self.real.__init__).bind(self, *args, **kwargs)
+        self.plans, self.runs = [], []
+
+    def plan(self, *args, **kwargs):
+        import inspect
+
+        bound = inspect.signature(self.real.plan).bind(self, *args, **kwargs)
+        self.plans.append(bound.arguments)
+
+    def run(self, q, paged_kv_cache, **kwargs):
+        import inspect
+
+        inspect.signature(self.real.run).bind(self, q, paged_kv_cache, **kwargs)
+        self.runs.append(kwargs)
+        out = kwargs.get("out") if kwargs.get("out") is not None else torch.empty_like(q)
+        out.fill_(len(self.runs))
+        lse = kwargs.get("lse") if kwargs.get("lse") is not None else torch.empty(q.shape[:2])
+        if kwargs.get("return_lse"):
+            lse.fill_(1.0)
+        return (out, lse) if kwargs.get("return_lse") else out
+
+
+def _cpu_wrapper(monkeypatch, num_levels):
+    """A MultiLevelCascadeAttentionWrapper on the CPU with fake level wrappers and a recording merge."""
+    from flashinfer import batch_decode, prefill
+
+    class FakePrefill(_FakeWrapper):
+        real = prefill.BatchPrefillWithPagedKVCacheWrapper
+
+    class FakeDecode(_FakeWrapper):
+        real = batch_decode.BatchDecodeWithPagedKVCacheWrapper
+
+    merges = []
+    monkeypatch.setattr(cascade, "BatchPrefillWithPagedKVCacheWrapper", FakePrefill)
+    monkeypatch.setattr(cascade, "BatchDecodeWithPagedKVCacheWrapper", FakeDecode)
+    monkeypatch.setattr(cascade, "_launch_pair", lambda *a: merges.append(a))
+    w = object.__new__(cascade.MultiLevelCascadeAttentionWrapper)
+    w._num_levels, w._kv_layout, w._use_cuda_graph, w._device = num_levels, "NHD", False, torch.device("cpu")
+    w._bufs = [None] * 4
+    w._decode_ws, w._prefill_ws = cascade.MultiLevelCascadeAttentionWrapper._split_workspace(
+        torch.empty(1 << 20, dtype=torch.uint8))
+    w._prefill = [w._make_prefill(l) for l in range(num_levels)]
+    w._shared, w._decode, w._plain, w._graph_mask, w._graph_path, w._graph_batch, w._plan = {}, None, None, None, None, None, None
+    return w, merges
+
+
+def test_plan_and_run_glue_on_the_cpu(monkeypatch):
+    """plan()/run() drive the level wrappers with arguments their real signatures accept: prefill levels, the
+    decode-shaped last level on batch decode (padded requests masked), empty levels skipped, the fallback."""
+    w, merges = _cpu_wrapper(monkeypatch, 3)
+    spec = [[(5, 300)], [(2, 64), (3, 0)], [(1, n) for n in [5, 0, 17, 1, 33]]]
+    qo, kv, idx, last = _cpu_levels(spec)
+    w._fallback = "never"
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, causal=True, sm_scale=0.1, logits_soft_cap=5.0,
+           q_data_type="bfloat16")
+    st = w.plan_stats()
+    assert st["path"] == "cascade" and st["kernels"] == [("batch_prefill", 0), ("batch_prefill", 1), ("batch_decode", 2)]
+    p0 = w._prefill[0].plans[-1]
+    assert p0["causal"] is False and p0["sm_scale"] == 0.1 and p0["logits_soft_cap"] == 5.0
+    assert p0["q_data_type"] == torch.bfloat16
+    dec = w._decode.plans[-1]
+    assert dec["indptr"].tolist() == [0, 1, 2, 4, 5, 8] and dec["last_page_len"].tolist() == [5, 1, 1, 1, 1]
+    q = torch.randn(5, 8, 64).to(torch.bfloat16)
+    o, lse = w.run(q, None, return_lse=True)
+    assert len(merges) == 2
+    assert merges[-1][-1].tolist() == [True, False, True, True, True]  # the padded request keeps its state
+    assert merges[0][-1] is None and merges[-1][5] is lse  # the last merge writes the returned lse
+    o = w.run(q, None)
+    assert merges[-1][5] is None  # no lse asked: the last merge skips it
+    # An empty middle level is skipped; a prefill-shaped last level runs on batch prefill, causal.
+    spec = [[(5, 300)], [(2, 0), (3, 0)], [(1, 4), (4, 40)]]
+    qo, kv, idx, last = _cpu_levels(spec)
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, causal=True, q_data_type="bfloat16")
+    assert w.plan_stats()["kernels"] == [("batch_prefill", 0), ("batch_prefill", 2)]
+    assert w._prefill[2].plans[-1]["causal"] is True
+    # The fallback: a one-page prefix for a decode batch, with full pages above the last level.
+    w._fallback = "auto"
+    spec = [[(5, 16)], [(5, 32)], [(1, n) for n in [5, 0, 17, 1, 33]]]
+    qo, kv, idx, last = _cpu_levels(spec)
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16")
+    st = w.plan_stats()
+    assert st["path"] == "plain_decode" and "short shared prefix" in st["reason"]
+    plain = w._plain.plans[-1]
+    assert plain["indptr"].tolist() == [0, 4, 7, 12, 16, 22] and plain["last_page_len"].tolist() == [5, 16, 1, 1, 1]
+    w.run(q, None)
+    assert w._plain.runs
+    # Positions matter with RoPE: no fallback.
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, pos_encoding_mode="ROPE_LLAMA", q_data_type="bfloat16")
+    assert w.plan_stats()["path"] == "cascade" and "position" in w.plan_stats()["reason"]
