@@ -848,7 +848,7 @@ def test_plan_and_run_glue_on_the_cpu(monkeypatch):
     assert len(merges) == 2
     assert merges[-1][-1].tolist() == [True, False, True, True, True]  # the padded request keeps its state
     assert merges[0][-1] is None and merges[-1][5] is lse  # the last merge writes the returned lse
-    o = w.run(q, None)
+    w.run(q, None)
     assert merges[-1][5] is None  # no lse asked: the last merge skips it
     # An empty middle level is skipped; a prefill-shaped last level runs on batch prefill, causal.
     spec = [[(5, 300)], [(2, 0), (3, 0)], [(1, 4), (4, 40)]]
