@@ -11,9 +11,11 @@ over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -
   and groups the queries into requests (``qo_indptr_arr[l]``); the top level is typically one request holding every
   query of the batch against the shared prefix, so its KV is read once and its work runs on tensor cores (the
   queries packed as rows, the GQA group's heads too). Each level is a batch prefill over its own pages
-  (``BatchPrefillWithPagedKVCacheWrapper``); a last level of one query per request (decode) runs on the paged
-  batch decode kernel instead, which reads the unique pages at close to copy bandwidth. The level states are merged
-  level by level. For a short shared prefix the merge costs more than it saves: plan() then falls back to plain
+  (``BatchPrefillWithPagedKVCacheWrapper``); on Hopper a level of one request holding every query runs on the
+  wgmma prefill kernel instead (``cascade_shared`` family: paged KV, the KV range split over the GPU), and a last
+  level of one query per request (decode) on the paged batch decode kernel, which reads the unique pages at close
+  to copy bandwidth (the prefill kernel would spend its tensor cores on a 64-row tile for 1 x group rows). The
+  level states are merged level by level. For a short shared prefix the merge costs more than it saves: plan() then falls back to plain
   batch decode over the concatenated page tables and says so in ``plan_stats()``.
 * ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper`` and ``BatchPrefillWithSharedPrefixPagedKVCacheWrapper``:
   FlashInfer's older API with the shared prefix in contiguous ``k_shared``/``v_shared`` tensors.

@@ -870,3 +870,64 @@ def test_plan_and_run_glue_on_the_cpu(monkeypatch):
     # Positions matter with RoPE: no fallback.
     w.plan(qo, kv, idx, last, 8, 2, 64, 16, pos_encoding_mode="ROPE_LLAMA", q_data_type="bfloat16")
     assert w.plan_stats()["path"] == "cascade" and "position" in w.plan_stats()["reason"]
+
+
+def test_graph_mode_glue_on_the_cpu(monkeypatch):
+    """Graph mode: every level planned every time (no skipping, no fallback), the caller's buffers filled, one mask
+    buffer for the padded requests, the batch and the kernels fixed by the first plan."""
+    w, merges = _cpu_wrapper(monkeypatch, 2)
+    w._use_cuda_graph = True
+    w._bufs = [[torch.zeros(n, dtype=torch.int32) for n in sizes] for sizes in ((2, 5), (2, 5), (64, 64), (1, 4))]
+    w._prefill = [w._make_prefill(l) for l in range(2)]
+    masks = []
+    for unique in ([5, 0, 17, 1], [0, 0, 0, 0], [3, 3, 3, 3]):
+        qo, kv, idx, last = _cpu_levels([[(4, 40)], [(1, n) for n in unique]])
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16")
+        st = w.plan_stats()
+        assert st["path"] == "cascade" and st["kernels"] == [("batch_prefill", 0), ("batch_decode", 1)]
+        assert w._bufs[1][1].tolist()[:5] == kv[1].tolist() and w._bufs[3][1].tolist() == last[1].tolist()
+        masks.append(w._plan.steps[1].mask)
+        w.run(torch.randn(4, 8, 64).to(torch.bfloat16), None)
+        assert merges[-1][-1].tolist() == [n > 0 for n in unique]
+    assert masks[0] is masks[1] is masks[2]  # one buffer: a captured merge reads it
+    with pytest.raises(ValueError, match="batch size"):
+        qo, kv, idx, last = _cpu_levels([[(3, 40)], [(1, 2)] * 3])
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16")
+    with pytest.raises(ValueError, match="first plan"):
+        qo, kv, idx, last = _cpu_levels([[(4, 40)], [(1, 2)] * 4])
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="float16")
+
+
+def test_shared_level_split_on_the_cpu(monkeypatch):
+    """The Hopper shared level's KV split: one wave of CTAs (2 per SM here), chunks of whole 64-key tiles, never
+    shorter than 512 keys, fewer when the workspace cannot hold the partial states."""
+
+    class FakeModule:
+        constants = {"query_tile": 128, "kv_tile": 64}
+
+        def fn(self, name):
+            return None
+
+    monkeypatch.setattr(cascade.jit, "load", lambda spec: FakeModule())
+    monkeypatch.setattr(cascade, "_shared_occupancy", lambda spec, index: 2)
+    monkeypatch.setattr(cascade, "num_sms", lambda index: 132)
+    cpu = torch.device("cpu")
+
+    def split(batch, prefix, group=4, kv_heads=8, ws_bytes=128 << 20):
+        qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, 8)] * batch])
+        lv = _check_levels(2, qo, kv, idx, last, 16)[0]
+        shared = cascade._SharedLevel(torch.empty(ws_bytes, dtype=torch.uint8), "NHD")
+        shared.plan(lv, group * kv_heads, kv_heads, 128, 16, torch.bfloat16, None, cpu)
+        pl = shared._plan
+        assert pl["chunk_size"] % 64 == 0 and pl["chunks"] * pl["chunk_size"] >= prefix
+        assert (pl["chunks"] - 1) * pl["chunk_size"] < prefix
+        assert pl["pages"].tolist() == lv.indices.tolist() and pl["sm_scale"] == pytest.approx(128 ** -0.5)
+        return pl["chunks"], pl["chunk_size"]
+
+    assert split(64, 32768) == (16, 2048)  # 2 query tiles x 8 heads x 16 chunks = 256 CTAs of 264 slots
+    assert split(8, 131072) == (33, 4032)
+    assert split(64, 40) == (1, 64)
+    assert split(64, 3000) == (6, 512)  # chunks of at least 512 keys
+    assert split(1024, 32768) == (1, 32768)  # 32 query tiles x 8 heads fill the GPU alone
+    chunks, _ = split(64, 32768, ws_bytes=8 << 20)  # 16 chunks' partial states need 17 MB
+    assert chunks < 16 and chunks * 64 * 32 * 129 * 4 <= 8 << 20
