@@ -8,6 +8,16 @@ from .batch_decode import (
     BatchDecodeWithPagedKVCacheWrapper,
     CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
 )
+from .cascade import (
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
+    BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
+    CascadeSharedSpec,
+    MergeStateSpec,
+    MultiLevelCascadeAttentionWrapper,
+    merge_state,
+    merge_state_in_place,
+    merge_states,
+)
 from .decode import SingleDecodeSpec, single_decode_with_kv_cache
 from .prefill import (
     BatchPrefillSpec,
@@ -23,6 +33,14 @@ from .utils import PosEncodingMode, TensorLayout
 
 __all__ = [
     "BatchDecodePagedSpec",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+    "CascadeSharedSpec",
+    "MergeStateSpec",
+    "MultiLevelCascadeAttentionWrapper",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
     "BatchPrefillSpec",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",

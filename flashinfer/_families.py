@@ -15,6 +15,8 @@ FAMILY_MODULES: Dict[str, str] = {
     "prefill_single": "flashinfer.prefill",
     "prefill_batch": "flashinfer.prefill",
     "page_append": "flashinfer.page",
+    "merge_state": "flashinfer.cascade",
+    "cascade_shared": "flashinfer.cascade",
     "probe": "flashinfer.jit.probe",
 }
 

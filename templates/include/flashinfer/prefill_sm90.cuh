@@ -11,8 +11,12 @@
 // the softmax overlapping P V) measured no faster on an H200 and was dropped; the two barriers per tile and
 // the cp.async loads by the computing threads themselves are what a next step (TMA, warp specialisation)
 // would remove.
-// Scope: head_dim 128, 16-bit q/k/v, no mask or causal, no position encoding, window or soft cap, no KV
-// split; everything else goes to fa2 (see prefill.py).
+// Scope: head_dim 128, 16-bit q/k/v, no mask or causal, no position encoding, window or soft cap; everything
+// else goes to fa2 (see prefill.py). Two options (template flags, off for single_prefill_with_kv_cache): PAGED
+// reads K/V through a page table (p.kv_indices, p.page_size, the page strides), the (page, slot) of each row
+// resolved a tile ahead into shared memory as in the fa2 kernel; SPLIT cuts the KV range into p.num_chunks
+// chunks of p.chunk_size keys (grid z), each leaving a partial (o, lse) state that prefill_merge_kernel combines.
+// Together they run a cascade's shared level: every query of a batch against one shared prefix.
 #pragma once
 #include "common.cuh"
 #include "cp_async.cuh"
@@ -45,10 +49,11 @@ struct Fa3Traits {
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;
   static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes;  // Q, K x2, V x2
+  static constexpr int kRowsBytes = 2 * BK * 8;  // PAGED: (page, slot) of the rows of two KV tiles
   static_assert(BK == 64 || BK == 128, "KV tiles of 64 or 128 keys");
 };
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool PAGED = false, bool SPLIT = false>
 __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kMinBlocks)
     fa3_single_prefill_kernel(const __grid_constant__ PrefillParams p) {
   using Tr = Fa3Traits<MASK>;
@@ -69,9 +74,12 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   const int rows_here = min(BQ, qo_len * group - pr0);
   const int delta = kv_len - qo_len;  // query token i sits at position delta + i
   const int tok_min = pr0 / group, tok_max = (pr0 + rows_here - 1) / group;
+  const int chunk = SPLIT ? int(blockIdx.z) : 0;
+  const int lo = SPLIT ? chunk * p.chunk_size : 0;  // this CTA's keys: [lo, hi)
   int hi = kv_len;
+  if constexpr (SPLIT) hi = min(hi, lo + p.chunk_size);
   if constexpr (MASK == MaskMode::kCausal) hi = min(hi, delta + tok_max + 1);
-  const int num_tiles = hi > 0 ? ceil_div(hi, BK) : 0;
+  const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
 
   // ---- Q tile -> shared memory (rows beyond the request are zero-filled)
   {
@@ -87,6 +95,25 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     cp_async_commit();
   }
 
+  // PAGED: the page-table lookup of a tile's rows, one thread per row, a tile ahead (see the fa2 kernel).
+  int2* s_rows = reinterpret_cast<int2*>(sv + 2 * Tr::kKVBytes);
+  auto resolve_rows = [&](int tile) -> int2 {  // this thread's row of `tile` (tid < BK); stored by the caller
+    const int t = lo + tile * BK + tid;
+    int2 r = make_int2(0, 0);
+    if (PAGED && tid < BK && tile < num_tiles && t < hi) {
+      const int page_pos = t / p.page_size;
+      r = make_int2(p.kv_indices[page_pos], t - page_pos * p.page_size);
+    }
+    return r;
+  };
+  if constexpr (PAGED) {
+    if (tid < BK) {
+      s_rows[tid] = resolve_rows(0);
+      s_rows[BK + tid] = resolve_rows(1);
+    }
+    __syncthreads();
+  }
+
   auto load_kv = [&](int tile, bool is_v) {
     uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;
     const DTypeKV* base = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
@@ -95,9 +122,16 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
 #pragma unroll
     for (int i = 0; i < BK * CH / THREADS; ++i) {
       const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
-      const int t = tile * BK + row;
+      const int t = lo + tile * BK + row;
       const bool valid = t < hi;
-      cp_async_16(dst + sm90::tile_offset(row, c, BK), base + int64_t(valid ? t : 0) * stride_n + c * 8, valid);
+      int64_t off;
+      if constexpr (PAGED) {
+        const int2 ps = s_rows[(tile & 1) * BK + row];
+        off = valid ? int64_t(ps.x) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(ps.y) * stride_n : 0;
+      } else {
+        off = int64_t(valid ? t : 0) * stride_n;
+      }
+      cp_async_16(dst + sm90::tile_offset(row, c, BK), base + off + c * 8, valid);
     }
   };
 
@@ -127,6 +161,10 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     __syncthreads();  // ... for every thread; and both warpgroups are done with V(n-1)'s stage
     if (n + 1 < num_tiles) load_kv(n + 1, true);
     cp_async_commit();
+    // PAGED: rows of tile n+2 go where tile n's were (their last reader, V(n), was issued before the barrier
+    // above); loaded now, stored before the next barrier, so the lookup's latency hides behind S = Q K^T.
+    int2 rows_ahead = make_int2(0, 0);
+    if constexpr (PAGED) rows_ahead = resolve_rows(n + 2);
 
     // ---- S = Q K^T
     constexpr int NB = BK / 8;  // n8 blocks of scores
@@ -151,7 +189,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     sm90::wgmma_wait<0>();
 
     // ---- mask: keys past the end (last tile), and the causal diagonal
-    const int k0 = n * BK;
+    const int k0 = lo + n * BK;
     bool need_mask = k0 + BK > hi;
     if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
     if (need_mask) {
@@ -190,6 +228,9 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       pa[kk][3] = pack2<DTypeKV>(s[8 * kk + 6], s[8 * kk + 7]);
     }
 
+    if constexpr (PAGED) {
+      if (tid < BK) s_rows[(n & 1) * BK + tid] = rows_ahead;
+    }
     cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
     sm90::fence_async_shared();
     __syncthreads();  // ... for every thread; and both warpgroups are done with K(n)'s stage
@@ -215,6 +256,27 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   for (int r = 0; r < 2; ++r) {
     d[r] += __shfl_xor_sync(0xffffffffu, d[r], 1);
     d[r] += __shfl_xor_sync(0xffffffffu, d[r], 2);
+  }
+  if constexpr (SPLIT) {
+    if (p.num_chunks > 1) {  // a partial state: float rows (chunk * qo_len + token, head), merged afterwards
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        if (row >= rows_here) continue;
+        const int pr = pr0 + row;
+        const int64_t state = (int64_t(chunk) * qo_len + pr / group) * p.num_qo_heads + kv_head * group + pr % group;
+        const float inv = d[r] > 0.f ? 1.f / d[r] : 0.f;
+        float* dst = p.partial_o + state * D + 2 * (lane % 4);
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+          *reinterpret_cast<float2*>(dst + 8 * i) = make_float2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+        if (lane % 4 == 0) {
+          const float m_use = m[r] == kNegInf ? 0.f : m[r];
+          p.partial_lse[state] = d[r] > 0.f ? m_use * scl + ptx_log2(d[r]) : kNegInf;
+        }
+      }
+      return;
+    }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -252,24 +314,40 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   }
 }
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+// SPLIT: p.num_chunks chunks of p.chunk_size keys, partial states in p.partial_o (num_chunks * qo_len *
+// num_qo_heads rows of 128 floats, then as many lse), merged into p.o / p.lse by a second kernel.
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool PAGED = false, bool SPLIT = false>
 cudaError_t launch_fa3_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
-  constexpr auto kernel = fa3_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK>;
+  constexpr auto kernel = fa3_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK, PAGED, SPLIT>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   int occ = 0;
   using Tr = Fa3Traits<MASK>;
-  cudaError_t err = prepare_prefill_kernel<kernel>(Tr::kSmemBytes, Tr::kThreads, device, &occ);
+  constexpr int kSmem = Tr::kSmemBytes + (PAGED ? Tr::kRowsBytes : 0);
+  cudaError_t err = prepare_prefill_kernel<kernel>(kSmem, Tr::kThreads, device, &occ);
   if (err != cudaSuccess) return err;
   if (occupancy_only) {
     *occupancy_only = occ;
     return cudaSuccess;
   }
-  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks != 1) return cudaErrorInvalidValue;
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks < 1) return cudaErrorInvalidValue;
+  if (!SPLIT && p.num_chunks != 1) return cudaErrorInvalidValue;
+  if (PAGED && p.page_size <= 0) return cudaErrorInvalidValue;
+  const bool split = SPLIT && p.num_chunks > 1;
+  if (split && (p.partial_o == nullptr || p.chunk_size <= 0)) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   p.num_qtiles = ceil_div(p.qo_len * p.group_size, Tr::BQ);
-  kernel<<<dim3(p.num_qtiles, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  if (p.num_qtiles == 0) return cudaSuccess;
+  if (split) p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.qo_len * p.num_qo_heads * Tr::kHeadDim;
+  kernel<<<dim3(p.num_qtiles, p.num_kv_heads, SPLIT ? p.num_chunks : 1), Tr::kThreads, kSmem, stream>>>(p);
+  err = cudaGetLastError();
+  if constexpr (SPLIT) {
+    if (err == cudaSuccess && split) {
+      p.merge = nullptr;
+      return launch_prefill_merge<Tr::kHeadDim, DTypeO>(p, p.qo_len, stream);
+    }
+  }
+  return err;
 }
 
 }  // namespace flashinfer
