@@ -15,6 +15,9 @@ FAMILY_MODULES: Dict[str, str] = {
     "prefill_single": "flashinfer.prefill",
     "prefill_batch": "flashinfer.prefill",
     "page_append": "flashinfer.page",
+    "rope": "flashinfer.rope",
+    "norm": "flashinfer.norm",
+    "activation": "flashinfer.activation",
     "probe": "flashinfer.jit.probe",
 }
 

@@ -39,7 +39,7 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 _FAMILY_MODULES = ("flashinfer.decode", "flashinfer.batch_decode", "flashinfer.page", "flashinfer.prefill",
-                   "flashinfer.jit.probe")
+                   "flashinfer.rope", "flashinfer.norm", "flashinfer.activation", "flashinfer.jit.probe")
 _NOT_KERNELS = ("probe",)  # families that a "*" preset leaves out
 
 
@@ -82,8 +82,9 @@ AXIS_FLAGS: Tuple[AxisFlag, ...] = (
     AxisFlag(
         "--dtypes",
         "dtypes",
-        ("dtype_q", "dtype_kv", "dtype_o"),
-        "data types, e.g. bf16,f16; each applies to q, kv and output alike (q = kv = o)",
+        ("dtype_q", "dtype_kv", "dtype_o", "dtype"),
+        "data types, e.g. bf16,f16; each applies to q, kv and output alike (q = kv = o), and to the element type "
+        "of the single-dtype families (rope, norm, activation)",
         tie=True,
     ),
     AxisFlag("--dtype-q", "dtype_q", ("dtype_q",), "query dtype only (overrides --dtypes for q)"),
@@ -115,6 +116,10 @@ _TEST_PRESET: Dict[str, Any] = {
     ],
     # test_page.py: d128 at f16 and bf16, d64 f16 (stream / error tests).
     "page_append": [{"head_dims": "128"}, {"head_dims": "64", "dtypes": "f16"}],
+    # test_rope.py, test_norm.py, test_activation.py: both dtypes (one module per dtype and family).
+    "rope": {},
+    "norm": {},
+    "activation": {},
     # test_prefill.py: SINGLE_SPECS, plus the window-edge test (d64 f16 none/causal, window on).
     "prefill_single": [
         {"window": "off", "softcap": "off", "axis:use_fp16_qk_reduction": "off"},
