@@ -170,16 +170,13 @@ def _check_qk(q: Any, k: Any, in_place: bool) -> Tuple[torch.Tensor, torch.Tenso
     return q, k
 
 
-def _check_rotary_dim(rotary_dim: Any, head_dim: int, limit: Optional[int]) -> int:
+def _check_rotary_dim(rotary_dim: Any, head_dim: int) -> int:
     if rotary_dim is None:
         rotary_dim = head_dim
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
         raise TypeError(f"rotary_dim must be an int or None, got {type(rotary_dim).__name__}")
     if not (2 <= rotary_dim <= head_dim) or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even and in [2, head_dim={head_dim}], got {rotary_dim}")
-    if limit is not None and rotary_dim > limit:
-        raise ValueError(f"rotary_dim {rotary_dim} exceeds {limit}, the most the on-the-fly frequencies support "
-                         f"(use apply_rope_with_cos_sin_cache for wider rotations)")
     return rotary_dim
 
 
@@ -219,6 +216,9 @@ def _launch_table(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: 
     if nnz == 0:
         return
     m = _rope_module(DTYPE_SHORT[q.dtype])
+    if rotary_dim > m.max_rotary_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} exceeds {m.max_rotary_dim}, the most the on-the-fly frequencies "
+                         f"support (apply_rope_with_cos_sin_cache takes any rotary_dim)")
     device = q.device
     if pos_ids is not None:
         pos_ptr, idx, pos64, ip64, batch = pos_ids.data_ptr(), None, pos_ids.dtype == torch.int64, False, 0
@@ -333,9 +333,7 @@ def _rope(q: Any, k: Any, pos_ids: Any, indptr: Any, offsets: Any, rotary_dim: A
           in_place: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     q, k = _check_qk(q, k, in_place)
     nnz, _, head_dim = q.shape
-    # (while torch.compile traces, the limit is left to the launch: the module is not loaded at trace time)
-    limit = None if torch.compiler.is_compiling() else _rope_module(DTYPE_SHORT[q.dtype]).max_rotary_dim
-    rotary_dim = _check_rotary_dim(rotary_dim, head_dim, limit)
+    rotary_dim = _check_rotary_dim(rotary_dim, head_dim)
     interleave = bool(interleave)
     scale = _positive(rope_scale, "rope_scale", 1.0)
     theta = _positive(rope_theta, "rope_theta", 1e4)

@@ -282,32 +282,11 @@ def test_torch_compile_traces_the_custom_ops():
 
 
 @pytest.mark.gpu
-def test_bad_input_raises_clear_errors():
-    x = torch.randn(4, 256, dtype=torch.float16, device="cuda")
-    w = _weight(256, torch.float16)
-    with pytest.raises(TypeError, match="weight dtype"):
-        flashinfer.rmsnorm(x, w.bfloat16())
-    with pytest.raises(ValueError, match="hidden size 256"):
-        flashinfer.rmsnorm(x, _weight(128, torch.float16))
-    with pytest.raises(TypeError, match="float16"):
-        flashinfer.rmsnorm(x.float(), w.float())
-    with pytest.raises(ValueError, match="2-D"):
-        flashinfer.rmsnorm(x[0], w)
-    with pytest.raises(ValueError, match="exceeds the largest supported"):
-        flashinfer.rmsnorm(torch.randn(1, 32776, dtype=torch.float16, device="cuda"),
-                           _weight(32776, torch.float16))
-    with pytest.raises(ValueError, match="max_hidden_unaligned"):  # element-wise path limit
+def test_limits_checked_at_launch_raise_clear_errors():
+    with pytest.raises(ValueError, match="exceeds the largest supported, 32768"):
+        flashinfer.rmsnorm(torch.randn(1, 32776, dtype=torch.float16, device="cuda"), _weight(32776, torch.float16))
+    with pytest.raises(ValueError, match="max_hidden_unaligned"):  # element-wise path limit (8192)
         flashinfer.rmsnorm(torch.randn(1, 9001, dtype=torch.float16, device="cuda"), _weight(9001, torch.float16))
-    with pytest.raises(ValueError, match="out must be"):
-        flashinfer.rmsnorm(x, w, out=torch.empty(4, 128, dtype=torch.float16, device="cuda"))
-    with pytest.raises(ValueError, match="residual must match"):
-        flashinfer.fused_add_rmsnorm(x, x[:2].clone(), w)
-    with pytest.raises(ValueError, match="in place"):
-        flashinfer.fused_add_rmsnorm(x.t().contiguous().t(), x.clone(), w)
-    with pytest.raises(TypeError, match="enable_pdl"):
-        flashinfer.rmsnorm(x, w, enable_pdl="yes")
-    with pytest.raises(ValueError, match="eps must be finite"):
-        flashinfer.rmsnorm(x, w, eps=float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
@@ -321,6 +300,27 @@ def test_cpu_tensors_are_refused_before_any_build():
         flashinfer.fused_add_rmsnorm(x, x.clone(), x[0])
     with pytest.raises(TypeError, match="torch.Tensor"):
         flashinfer.gemma_rmsnorm([1.0], x[0])
+
+
+def test_bad_input_raises_clear_errors(fake_cuda):
+    x = torch.empty(4, 256, dtype=torch.float16, device="cuda")
+    w = torch.empty(256, dtype=torch.float16, device="cuda")
+    cases = [
+        (lambda: flashinfer.rmsnorm(x, w.bfloat16()), TypeError, "weight dtype"),
+        (lambda: flashinfer.rmsnorm(x, w[:128]), ValueError, "hidden size 256"),
+        (lambda: flashinfer.rmsnorm(x.float(), w.float()), TypeError, "float16"),
+        (lambda: flashinfer.rmsnorm(x[0], w), ValueError, "2-D"),
+        (lambda: flashinfer.rmsnorm(x, w, out=x[:, :128]), ValueError, "out must be"),
+        (lambda: flashinfer.rmsnorm(x, w, out=x.t().contiguous().t()), ValueError, "last dimension"),
+        (lambda: flashinfer.fused_add_rmsnorm(x, x[:2], w), ValueError, "residual must match"),
+        (lambda: flashinfer.fused_add_rmsnorm(x.t().contiguous().t(), x, w), ValueError, "in place"),
+        (lambda: flashinfer.rmsnorm(x, w, enable_pdl="yes"), TypeError, "enable_pdl"),
+        (lambda: flashinfer.rmsnorm(x, w, eps=float("nan")), ValueError, "eps must be finite"),
+        (lambda: flashinfer.gemma_rmsnorm(x[:, :0], w[:0]), ValueError, "hidden size is 0"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
 
 
 def test_module_paths_match_flashinfer():

@@ -462,10 +462,36 @@ def test_torch_compile_traces_the_custom_ops():
 
 
 @pytest.mark.gpu
-def test_bad_input_raises_clear_errors():
+def test_rotary_dim_limit_of_the_on_the_fly_frequencies():
+    wide = torch.randn(2, 1, 512, dtype=torch.float16, device="cuda")
+    pos = torch.arange(2, device="cuda")
+    with pytest.raises(ValueError, match="exceeds 256"):
+        flashinfer.apply_rope_pos_ids(wide, wide, pos, rotary_dim=512)
+    # the cos/sin cache form takes it
+    cache = _cos_sin_cache(8, 512, 1e4)
+    q_out, _ = flashinfer.apply_rope_with_cos_sin_cache(pos, wide.view(2, 512), wide.view(2, 512), 512, cache)
+    assert_close(q_out, _cache_reference(wide.view(2, 512), pos, cache, 512, True))
+
+
+# ---------------------------------------------------------------------------------------------------- CPU
+
+
+def test_cpu_tensors_are_refused_before_any_build():
+    q = torch.randn(4, 2, 64, dtype=torch.float16)
+    pos = torch.arange(4)
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.apply_rope_pos_ids(q, q, pos)
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.apply_rope_with_cos_sin_cache_inplace(pos, q.view(4, -1), q.view(4, -1), 64,
+                                                         torch.zeros(8, 64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        flashinfer.apply_rope_inplace([1.0], q, pos, pos)
+
+
+def test_bad_input_raises_clear_errors(fake_cuda):
     q, k, _ = _packed_qk(8, 4, 2, 64, torch.float16)
     pos = torch.arange(8, device="cuda")
-    cache = _cos_sin_cache(64, 64, 1e4)
+    cache = torch.empty(64, 64, dtype=torch.float32, device="cuda")
     cases = [
         (lambda: flashinfer.apply_rope_pos_ids(q, k, pos, rotary_dim=63), ValueError, "even"),
         (lambda: flashinfer.apply_rope_pos_ids(q, k, pos, rotary_dim=128), ValueError, r"\[2, head_dim=64\]"),
@@ -492,24 +518,6 @@ def test_bad_input_raises_clear_errors():
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
             fn()
-    wide = torch.randn(2, 1, 512, dtype=torch.float16, device="cuda")
-    with pytest.raises(ValueError, match="exceeds 256"):
-        flashinfer.apply_rope_pos_ids(wide, wide, pos[:2], rotary_dim=512)
-
-
-# ---------------------------------------------------------------------------------------------------- CPU
-
-
-def test_cpu_tensors_are_refused_before_any_build():
-    q = torch.randn(4, 2, 64, dtype=torch.float16)
-    pos = torch.arange(4)
-    with pytest.raises(ValueError, match="CUDA"):
-        flashinfer.apply_rope_pos_ids(q, q, pos)
-    with pytest.raises(ValueError, match="CUDA"):
-        flashinfer.apply_rope_with_cos_sin_cache_inplace(pos, q.view(4, -1), q.view(4, -1), 64,
-                                                         torch.zeros(8, 64))
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        flashinfer.apply_rope_inplace([1.0], q, pos, pos)
 
 
 def test_module_paths_match_flashinfer():
