@@ -71,40 +71,43 @@ def _act_module(dtype: str) -> _ActModule:
     return _ActModule(dtype)
 
 
-def _as_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """``t`` (non-empty) as 2-D ``[rows, last]`` sharing its memory, or None when its leading dimensions do
-    not collapse."""
-    if t.dim() == 2:
-        return t
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return None
+def _rows_stride(shape: torch.Size, stride: Tuple[int, ...]) -> Optional[int]:
+    """The row stride of ``shape``'s leading dimensions collapsed into one, or None when they do not collapse."""
+    row_stride = stride[-2] if len(shape) >= 2 else shape[-1]
+    expected = row_stride
+    for i in range(len(shape) - 2, 0, -1):  # dim i - 1 must step over all of dim i
+        expected *= shape[i]
+        if shape[i - 1] > 1 and stride[i - 1] != expected:
+            return None
+    return row_stride
 
 
 def _launch(act: str, out: torch.Tensor, input: torch.Tensor, enable_pdl: Optional[bool]) -> None:
     """Launch on validated tensors: input ``[..., 2d]``, out ``[..., d]``, both with unit last stride."""
-    d = out.shape[-1]
-    if d == 0 or out.numel() == 0:
+    shape = out.shape
+    d = shape[-1]
+    rows = out.numel() // d if d else 0
+    if rows == 0:
         return
-    x = _as_rows(input)
-    if x is None:
-        x = input.reshape(-1, input.shape[-1])
-    y = _as_rows(out)
+    in_stride = _rows_stride(input.shape, input.stride())
+    if in_stride is None:
+        input = input.contiguous()
+        in_stride = input.shape[-1]
+    out_stride = _rows_stride(shape, out.stride())
     target = None
-    if y is None:  # the leading dimensions of out do not collapse: compute contiguously, then copy
-        target, y = out, torch.empty((x.shape[0], d), dtype=out.dtype, device=out.device)
-    rows = x.shape[0]
-    # A single row's stride is never used; report the packed one so it does not block 16-byte vectors.
-    in_stride, out_stride = (x.stride(0), y.stride(0)) if rows > 1 else (2 * d, d)
+    if out_stride is None:  # the leading dimensions of out do not collapse: compute contiguously, then copy
+        target, out = out, torch.empty(shape, dtype=out.dtype, device=out.device)
+        out_stride = d
+    if rows == 1:  # a single row's stride is never used: report the packed one (it must not block 16-byte vectors)
+        in_stride, out_stride = 2 * d, d
     m = _act_module(DTYPE_SHORT[input.dtype])
     device = input.device
-    rc = m.launch(x.data_ptr(), y.data_ptr(), in_stride, out_stride, rows, d, m.codes[act],
+    rc = m.launch(input.data_ptr(), out.data_ptr(), in_stride, out_stride, rows, d, m.codes[act],
                   resolve_pdl(enable_pdl, device), device.index, current_stream_ptr(device))
     if rc:
         raise module_error(m.module, rc, f"{act}_and_mul ({m.module.spec.name()}) on {device}")
     if target is not None:
-        target.copy_(y.view(target.shape))
+        target.copy_(out)
 
 
 def _make_op(act: str):
@@ -125,22 +128,24 @@ _OPS = {act: _make_op(act) for act in ("silu", "gelu", "gelu_tanh")}
 def _act_and_mul(act: str, input: torch.Tensor, out: Optional[torch.Tensor], enable_pdl: Optional[bool]) -> torch.Tensor:
     check_device_tensor(input, "input")
     dtype_short(input, "input")
-    if input.dim() < 1 or input.shape[-1] % 2:
-        raise ValueError(f"input must be (..., 2 * d): its last dimension must be even, got shape {tuple(input.shape)}")
-    if input.shape[-1] // 2 >= 2**31 or (input.shape[-1] and input.numel() // input.shape[-1] >= 2**31):
-        raise ValueError(f"input shape {tuple(input.shape)}: rows and d must stay below 2**31")
+    shape = input.shape
+    if len(shape) < 1 or shape[-1] % 2:
+        raise ValueError(f"input must be (..., 2 * d): its last dimension must be even, got shape {tuple(shape)}")
+    d = shape[-1] // 2
+    if d >= 2**31 or (d and input.numel() // (2 * d) >= 2**31):
+        raise ValueError(f"input shape {tuple(shape)}: rows and d must stay below 2**31")
     pdl = check_pdl_arg(enable_pdl)
-    if input.stride(-1) != 1:
+    if input.stride()[-1] != 1 and d:
         input = input.contiguous()
-    shape = (*input.shape[:-1], input.shape[-1] // 2)
+    out_shape = (*shape[:-1], d)
     if out is None:
-        out = torch.empty(shape, dtype=input.dtype, device=input.device)
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device)
     else:
         check_device_tensor(out, "out")
-        if tuple(out.shape) != shape or out.dtype != input.dtype or out.device != input.device:
-            raise ValueError(f"out must be a {input.dtype} tensor of shape {shape} on {input.device} (input "
-                             f"{tuple(input.shape)} -> (..., d)), got {out.dtype} {tuple(out.shape)} on {out.device}")
-        if out.stride(-1) != 1 and shape[-1] > 1:
+        if out.shape != out_shape or out.dtype != input.dtype or out.device != input.device:
+            raise ValueError(f"out must be a {input.dtype} tensor of shape {out_shape} on {input.device} (input "
+                             f"{tuple(shape)} -> (..., d)), got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if out.stride()[-1] != 1 and d > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out.stride()}")
     if torch.compiler.is_compiling():
         _OPS[act](out, input, pdl)

@@ -81,78 +81,70 @@ def _norm_module(dtype: str) -> _NormModule:
     return _NormModule(dtype)
 
 
-def _rows(t: torch.Tensor) -> Tuple[int, int, int, int]:
+def _rows(shape: torch.Size, stride: Tuple[int, ...]) -> Tuple[int, int, int, int]:
     """(rows, inner, stride0, stride1) of a 2-D ``[rows, hidden]`` or 3-D ``[batch, heads, hidden]`` tensor:
     row r is at (r // inner) * stride0 + (r % inner) * stride1."""
-    if t.dim() == 2:
-        return t.shape[0], 1, t.stride(0), 0
-    return t.shape[0] * t.shape[1], t.shape[1], t.stride(0), t.stride(1)
+    if len(shape) == 2:
+        return shape[0], 1, stride[0], 0
+    return shape[0] * shape[1], shape[1], stride[0], stride[1]
 
 
-def _check_rows(t: Any, name: str) -> torch.Tensor:
-    check_device_tensor(t, name)
-    if t.dim() not in (2, 3):
-        raise ValueError(f"{name} must be 2-D (batch_size, hidden_size) or 3-D (batch_size, num_heads, hidden_size), "
-                         f"got shape {tuple(t.shape)}")
-    return t
+def _check_input(t: Any) -> torch.Size:
+    """A 2-D/3-D float16/bfloat16 CUDA tensor with a non-empty last dimension; returns its shape."""
+    check_device_tensor(t, "input")
+    shape = t.shape
+    if len(shape) not in (2, 3):
+        raise ValueError(f"input must be 2-D (batch_size, hidden_size) or 3-D (batch_size, num_heads, hidden_size), "
+                         f"got shape {tuple(shape)}")
+    dtype_short(t, "input")
+    if shape[-1] == 0:
+        raise ValueError(f"hidden size is 0 (input shape {tuple(shape)})")
+    return shape
 
 
-def _check_weight(weight: Any, input: torch.Tensor) -> torch.Tensor:
+def _check_weight(weight: Any, input: torch.Tensor, hidden: int) -> torch.Tensor:
     check_device_tensor(weight, "weight")
-    hidden = input.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != hidden:
         raise ValueError(f"weight must be 1-D of the hidden size {hidden}, got shape {tuple(weight.shape)}")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match the input's {input.dtype}")
     if weight.device != input.device:
         raise ValueError(f"all tensors must be on one device: input is on {input.device}, weight on {weight.device}")
-    return weight if weight.stride(0) == 1 or hidden <= 1 else weight.contiguous()
+    return weight if weight.stride()[0] == 1 or hidden <= 1 else weight.contiguous()
 
 
-def _module_for(input: torch.Tensor) -> _NormModule:
-    """The module of the input's dtype, with the hidden size checked against its limit."""
-    m = _norm_module(DTYPE_SHORT[input.dtype])
-    hidden = input.shape[-1]
+def _module_for(dtype: torch.dtype, hidden: int) -> _NormModule:
+    """The module of the dtype, with the hidden size checked against its limit."""
+    m = _norm_module(DTYPE_SHORT[dtype])
     if hidden > m.max_hidden:
         raise ValueError(f"hidden size {hidden} exceeds the largest supported, {m.max_hidden}")
     return m
 
 
-def _launch_rmsnorm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, eps: float, weight_bias: float,
-                    enable_pdl: Optional[bool]) -> None:
-    """Launch on validated tensors (input/out: same shape, unit last stride; weight contiguous)."""
-    rows, inner, s0, s1 = _rows(input)
+def _launch(fused_add: bool, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, weight_bias: float,
+            enable_pdl: Optional[bool], shape: torch.Size, a_stride: Tuple[int, ...],
+            b_stride: Tuple[int, ...]) -> None:
+    """Launch on validated tensors of ``shape`` with unit last stride (weight contiguous): rmsnorm(input=a,
+    out=b), or the fused add of input a and residual b."""
+    rows, inner, a0, a1 = _rows(shape, a_stride)
     if rows == 0:
         return
-    _, _, o0, o1 = _rows(out)
-    m = _module_for(input)
-    device = input.device
-    rc = m.rmsnorm(input.data_ptr(), out.data_ptr(), weight.data_ptr(), s0, s1, o0, o1, rows, inner,
-                   input.shape[-1], eps, weight_bias, resolve_pdl(enable_pdl, device), device.index,
-                   current_stream_ptr(device))
+    _, _, b0, b1 = _rows(shape, b_stride)
+    hidden = shape[-1]
+    m = _module_for(a.dtype, hidden)
+    device = a.device
+    fn = m.fused_add if fused_add else m.rmsnorm
+    rc = fn(a.data_ptr(), b.data_ptr(), weight.data_ptr(), a0, a1, b0, b1, rows, inner, hidden, eps, weight_bias,
+            resolve_pdl(enable_pdl, device), device.index, current_stream_ptr(device))
     if rc:
-        raise module_error(m.module, rc, f"rmsnorm ({m.module.spec.name()}) on {device}")
-
-
-def _launch_fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                              weight_bias: float, enable_pdl: Optional[bool]) -> None:
-    rows, inner, s0, s1 = _rows(input)
-    if rows == 0:
-        return
-    _, _, r0, r1 = _rows(residual)
-    m = _module_for(input)
-    device = input.device
-    rc = m.fused_add(input.data_ptr(), residual.data_ptr(), weight.data_ptr(), s0, s1, r0, r1, rows, inner,
-                     input.shape[-1], eps, weight_bias, resolve_pdl(enable_pdl, device), device.index,
-                     current_stream_ptr(device))
-    if rc:
-        raise module_error(m.module, rc, f"fused_add_rmsnorm ({m.module.spec.name()}) on {device}")
+        what = "fused_add_rmsnorm" if fused_add else "rmsnorm"
+        raise module_error(m.module, rc, f"{what} ({m.module.spec.name()}) on {device}")
 
 
 @torch.library.custom_op("flashinfer::rmsnorm", mutates_args=("out",))
 def _rmsnorm_op(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, eps: float, weight_bias: float,
                 enable_pdl: Optional[bool]) -> None:
-    _launch_rmsnorm(out, input, weight, eps, weight_bias, enable_pdl)
+    _launch(False, input, out, weight, eps, weight_bias, enable_pdl, input.shape, input.stride(), out.stride())
 
 
 @_rmsnorm_op.register_fake
@@ -163,7 +155,8 @@ def _rmsnorm_fake(out, input, weight, eps, weight_bias, enable_pdl) -> None:
 @torch.library.custom_op("flashinfer::fused_add_rmsnorm", mutates_args=("input", "residual"))
 def _fused_add_rmsnorm_op(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                           weight_bias: float, enable_pdl: Optional[bool]) -> None:
-    _launch_fused_add_rmsnorm(input, residual, weight, eps, weight_bias, enable_pdl)
+    _launch(True, input, residual, weight, eps, weight_bias, enable_pdl, input.shape, input.stride(),
+            residual.stride())
 
 
 @_fused_add_rmsnorm_op.register_fake
@@ -173,54 +166,50 @@ def _fused_add_rmsnorm_fake(input, residual, weight, eps, weight_bias, enable_pd
 
 def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: object, out: Optional[torch.Tensor],
              enable_pdl: Optional[bool], weight_bias: float) -> torch.Tensor:
-    _check_rows(input, "input")
-    dtype_short(input, "input")
-    weight = _check_weight(weight, input)
+    shape = _check_input(input)
+    weight = _check_weight(weight, input, shape[-1])
     eps = scalar(eps, "eps", 1e-6)
     pdl = check_pdl_arg(enable_pdl)
-    if input.shape[-1] == 0:
-        raise ValueError(f"hidden size is 0 (input shape {tuple(input.shape)})")
-    if input.stride(-1) != 1:
+    stride = input.stride()
+    if stride[-1] != 1 and shape[-1] > 1:
         input = input.contiguous()
+        stride = input.stride()
     if out is None:
-        out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+        out = torch.empty(shape, dtype=input.dtype, device=input.device)
     else:
         check_device_tensor(out, "out")
-        if out.shape != input.shape or out.dtype != input.dtype or out.device != input.device:
-            raise ValueError(f"out must be a {input.dtype} tensor of the input's shape {tuple(input.shape)} on "
+        if out.shape != shape or out.dtype != input.dtype or out.device != input.device:
+            raise ValueError(f"out must be a {input.dtype} tensor of the input's shape {tuple(shape)} on "
                              f"{input.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-        if out.stride(-1) != 1:
+        if out.stride()[-1] != 1 and shape[-1] > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out.stride()}")
     if torch.compiler.is_compiling():
         _rmsnorm_op(out, input, weight, eps, weight_bias, pdl)
     else:
-        _launch_rmsnorm(out, input, weight, eps, weight_bias, pdl)
+        _launch(False, input, out, weight, eps, weight_bias, pdl, shape, stride, out.stride())
     return out
 
 
 def _fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: object,
                        enable_pdl: Optional[bool], weight_bias: float) -> None:
-    _check_rows(input, "input")
-    dtype_short(input, "input")
+    shape = _check_input(input)
     check_device_tensor(residual, "residual")
-    if residual.shape != input.shape or residual.dtype != input.dtype:
-        raise ValueError(f"residual must match the input's shape {tuple(input.shape)} and dtype {input.dtype}, got "
+    if residual.shape != shape or residual.dtype != input.dtype:
+        raise ValueError(f"residual must match the input's shape {tuple(shape)} and dtype {input.dtype}, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
     if residual.device != input.device:
         raise ValueError(f"all tensors must be on one device: input is on {input.device}, residual on {residual.device}")
-    weight = _check_weight(weight, input)
+    weight = _check_weight(weight, input, shape[-1])
     eps = scalar(eps, "eps", 1e-6)
     pdl = check_pdl_arg(enable_pdl)
-    if input.shape[-1] == 0:
-        raise ValueError(f"hidden size is 0 (input shape {tuple(input.shape)})")
-    for name, t in (("input", input), ("residual", residual)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} is updated in place and must be contiguous in its last dimension (stride 1), "
-                             f"got strides {t.stride()}")
+    stride, rstride = input.stride(), residual.stride()
+    if (stride[-1] != 1 or rstride[-1] != 1) and shape[-1] > 1:
+        raise ValueError(f"input and residual are updated in place and must be contiguous in their last dimension "
+                         f"(stride 1), got strides {stride} and {rstride}")
     if torch.compiler.is_compiling():
         _fused_add_rmsnorm_op(input, residual, weight, eps, weight_bias, pdl)
     else:
-        _launch_fused_add_rmsnorm(input, residual, weight, eps, weight_bias, pdl)
+        _launch(True, input, residual, weight, eps, weight_bias, pdl, shape, stride, rstride)
 
 
 def rmsnorm(

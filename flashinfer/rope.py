@@ -150,19 +150,19 @@ def _check_qk(q: Any, k: Any, in_place: bool) -> Tuple[torch.Tensor, torch.Tenso
     place)."""
     check_device_tensor(q, "q")
     check_device_tensor(k, "k")
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"q and k must be 3-D (nnz, num_heads, head_dim), got shapes {tuple(q.shape)} and "
-                         f"{tuple(k.shape)}")
+    qs, ks = q.shape, k.shape
+    if len(qs) != 3 or len(ks) != 3:
+        raise ValueError(f"q and k must be 3-D (nnz, num_heads, head_dim), got shapes {tuple(qs)} and {tuple(ks)}")
     dtype_short(q, "q")
     if k.dtype != q.dtype:
         raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}")
     if k.device != q.device:
         raise ValueError(f"all tensors must be on one device: q is on {q.device}, k on {k.device}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same nnz and head_dim")
-    if q.shape[0] >= 2**31:
-        raise ValueError(f"nnz {q.shape[0]} exceeds 2**31 - 1")
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
+    if qs[0] != ks[0] or qs[2] != ks[2]:
+        raise ValueError(f"q {tuple(qs)} and k {tuple(ks)} must have the same nnz and head_dim")
+    if qs[0] >= 2**31:
+        raise ValueError(f"nnz {qs[0]} exceeds 2**31 - 1")
+    if q.stride()[2] != 1 or k.stride()[2] != 1:
         if in_place:
             raise ValueError(f"q and k are rotated in place and must be contiguous in their last dimension (stride 1),"
                              f" got strides {q.stride()} and {k.stride()}")
@@ -203,58 +203,73 @@ def _positive(x: Any, name: str, default: float) -> float:
 # ------------------------------------------------------------------------------------------ launches
 
 
-def _strides(t: torch.Tensor) -> Tuple[int, int]:
-    return t.stride(0), t.stride(1)
+# A q/k operand of a launch: (data pointer, token stride, head stride, heads), strides in elements.
+_Operand = Tuple[int, int, int, int]
+
+
+def _operand(t: torch.Tensor) -> _Operand:
+    """The operand of a 3-D ``[nnz, heads, head_dim]`` tensor with unit last stride."""
+    st = t.stride()
+    return t.data_ptr(), st[0], st[1], t.shape[1]
 
 
 def _launch_table(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
                   pos_ids: Optional[torch.Tensor], indptr: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                   rotary_dim: int, interleave: bool, rope_scale: float, rope_theta: float, low_freq_factor: float,
                   high_freq_factor: float, old_context_len: float) -> None:
-    """Launch on validated tensors; old_context_len > 0 selects Llama 3.1 scaling."""
-    nnz, hq, d = q.shape
+    """Launch on validated 3-D tensors; old_context_len > 0 selects Llama 3.1 scaling."""
+    nnz, _, d = q.shape
     if nnz == 0:
         return
     m = _rope_module(DTYPE_SHORT[q.dtype])
     if rotary_dim > m.max_rotary_dim:
         raise ValueError(f"rotary_dim {rotary_dim} exceeds {m.max_rotary_dim}, the most the on-the-fly frequencies "
                          f"support (apply_rope_with_cos_sin_cache takes any rotary_dim)")
-    device = q.device
+    qp, qsn, qsh, hq = _operand(q)
+    kp, ksn, ksh, hk = _operand(k)
+    qop, qosn, qosh, _ = _operand(q_out) if q_out is not q else (qp, qsn, qsh, hq)
+    kop, kosn, kosh, _ = _operand(k_out) if k_out is not k else (kp, ksn, ksh, hk)
     if pos_ids is not None:
-        pos_ptr, idx, pos64, ip64, batch = pos_ids.data_ptr(), None, pos_ids.dtype == torch.int64, False, 0
-        off_ptr = None
+        pos_ptr, ip_ptr, off_ptr, pos64, ip64, batch = pos_ids.data_ptr(), None, None, pos_ids.dtype == torch.int64, 0, 0
     else:
-        pos_ptr, idx, pos64, ip64 = None, indptr.data_ptr(), offsets.dtype == torch.int64, indptr.dtype == torch.int64
-        off_ptr, batch = offsets.data_ptr(), offsets.numel()
-    rc = m.table(q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), *_strides(q), *_strides(k),
-                 *_strides(q_out), *_strides(k_out), nnz, hq, k.shape[1], d, rotary_dim, interleave, pos_ptr, idx,
-                 off_ptr, pos64, ip64, batch, rope_scale, rope_theta, low_freq_factor, high_freq_factor,
-                 old_context_len, device.index, current_stream_ptr(device))
+        pos_ptr, ip_ptr, off_ptr = None, indptr.data_ptr(), offsets.data_ptr()
+        pos64, ip64, batch = offsets.dtype == torch.int64, indptr.dtype == torch.int64, offsets.shape[0]
+    device = q.device
+    rc = m.table(qp, kp, qop, kop, qsn, qsh, ksn, ksh, qosn, qosh, kosn, kosh, nnz, hq, hk, d, rotary_dim, interleave,
+                 pos_ptr, ip_ptr, off_ptr, pos64, ip64, batch, rope_scale, rope_theta, low_freq_factor,
+                 high_freq_factor, old_context_len, device.index, current_stream_ptr(device))
     if rc:
         raise module_error(m.module, rc, f"rope ({m.module.spec.name()}) on {device}")
 
 
-def _launch_cache(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
-                  cos_sin_cache: torch.Tensor, positions: torch.Tensor, interleave: bool) -> None:
-    nnz, hq, d = q.shape
-    if nnz == 0:
-        return
-    m = _rope_module(DTYPE_SHORT[q.dtype])
+def _launch_cache_raw(device: torch.device, dtype: torch.dtype, q: _Operand, k: _Operand, q_out: _Operand,
+                      k_out: _Operand, nnz: int, head_dim: int, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
+                      interleave: bool) -> None:
+    m = _rope_module(DTYPE_SHORT[dtype])
     record = m.record()
     if record[0]:
         _raise_recorded(record)
-    rows = cos_sin_cache.shape[0]
-    if _CHECK_POSITIONS and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= rows):
+    rows, rotary_dim = cos_sin_cache.shape
+    if _CHECK_POSITIONS and (int(positions.min()) < 0 or int(positions.max()) >= rows):
         bad = positions[(positions < 0) | (positions >= rows)][0].item()
         raise ValueError(f"apply_rope_with_cos_sin_cache: position {bad} lies outside the cos_sin_cache of {rows} "
                          f"rows (valid positions: 0..{rows - 1})")
-    device = q.device
-    rc = m.cache(q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), *_strides(q), *_strides(k),
-                 *_strides(q_out), *_strides(k_out), nnz, hq, k.shape[1], d, cos_sin_cache.shape[1], interleave,
-                 positions.data_ptr(), positions.dtype == torch.int64, cos_sin_cache.data_ptr(), rows,
-                 cos_sin_cache.stride(0), device.index, current_stream_ptr(device))
+    rc = m.cache(q[0], k[0], q_out[0], k_out[0], q[1], q[2], k[1], k[2], q_out[1], q_out[2], k_out[1], k_out[2], nnz,
+                 q[3], k[3], head_dim, rotary_dim, interleave, positions.data_ptr(), positions.dtype == torch.int64,
+                 cos_sin_cache.data_ptr(), rows, cos_sin_cache.stride()[0], device.index, current_stream_ptr(device))
     if rc:
         raise module_error(m.module, rc, f"apply_rope_with_cos_sin_cache ({m.module.spec.name()}) on {device}")
+
+
+def _launch_cache(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, positions: torch.Tensor, interleave: bool) -> None:
+    """Launch on validated 3-D tensors (the custom ops' eager implementations)."""
+    nnz, _, d = q.shape
+    if nnz == 0:
+        return
+    qo, ko = _operand(q), _operand(k)
+    _launch_cache_raw(q.device, q.dtype, qo, ko, qo if q_out is q else _operand(q_out),
+                      ko if k_out is k else _operand(k_out), nnz, d, cos_sin_cache, positions, interleave)
 
 
 # torch.library ops: what torch.compile traces. Eager calls launch directly (no dispatcher on the hot path).
@@ -594,17 +609,25 @@ def apply_llama31_rope_pos_ids(
                  _llama31(low_freq_factor, high_freq_factor, old_context_len), False)
 
 
-def _heads_view(t: torch.Tensor, nnz: int, head_size: int, name: str) -> torch.Tensor:
-    """``t`` viewed as ``(nnz, num_heads, head_size)`` (as FlashInfer does: ``t.view(nnz, -1, head_size)``)."""
-    per_token = t.numel() // nnz if nnz else 0
-    if t.dim() < 2 or t.shape[0] != nnz or per_token % head_size:
+def _heads_geometry(t: torch.Tensor, nnz: int, head_size: int, name: str) -> Tuple[int, int, int, bool]:
+    """(heads, token stride, head stride, last stride is 1) of ``t`` seen as ``(nnz, -1, head_size)``, as FlashInfer
+    views it (``t.view(nnz, -1, head_size)``), without building the view in the common layouts."""
+    shape, stride = t.shape, t.stride()
+    per_token = t.numel() // nnz
+    if len(shape) < 2 or shape[0] != nnz or per_token % head_size:
         raise ValueError(f"{name} must be (nnz={nnz}, num_heads * head_size) with head_size={head_size}, got shape "
-                         f"{tuple(t.shape)}")
+                         f"{tuple(shape)}")
+    if len(shape) == 2 and (stride[1] == 1 or shape[1] == 1):
+        return per_token // head_size, stride[0], head_size, True
+    if len(shape) == 3 and shape[2] == head_size:
+        return shape[1], stride[0], stride[1], stride[2] == 1 or head_size == 1
     try:
-        return t.view(nnz, per_token // head_size, head_size)
+        v = t.view(nnz, per_token // head_size, head_size)
     except RuntimeError as e:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as "
+        raise ValueError(f"{name} of shape {tuple(shape)} and strides {stride} cannot be viewed as "
                          f"(nnz, num_heads, {head_size}): {e}") from None
+    vs = v.stride()
+    return v.shape[1], vs[0], vs[1], vs[2] == 1
 
 
 def _rope_cos_sin_cache(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_cache: Any, is_neox: Any,
@@ -613,41 +636,69 @@ def _rope_cos_sin_cache(positions: Any, query: Any, key: Any, head_size: Any, co
     if cos_sin_cache.dtype != torch.float32:
         raise ValueError(f"cos_sin_cache should be float32, got {cos_sin_cache.dtype}")
     check_device_tensor(query, "query")
+    dtype = query.dtype
+    dtype_short(query, "query")
     if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size <= 0:
         raise ValueError(f"head_size must be a positive int, got {head_size!r}")
     device = query.device
     nnz = query.shape[0] if query.dim() else 0
     positions = _check_index(positions, "positions", device, nnz)
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.device != device:
+    cshape = cos_sin_cache.shape
+    if len(cshape) != 2 or cos_sin_cache.device != device:
         raise ValueError(f"cos_sin_cache must be 2-D (max_seq_len, rotary_dim) on {device}, got "
-                         f"{tuple(cos_sin_cache.shape)} on {cos_sin_cache.device}")
-    rotary_dim = cos_sin_cache.shape[1]
+                         f"{tuple(cshape)} on {cos_sin_cache.device}")
+    rotary_dim = cshape[1]
     if not (2 <= rotary_dim <= head_size) or rotary_dim % 2:
         raise ValueError(f"cos_sin_cache's rotary_dim ({rotary_dim}: cos in the first half, sin in the second) must "
                          f"be even and in [2, head_size={head_size}]")
-    if cos_sin_cache.stride(1) != 1 and rotary_dim > 1:
+    if cos_sin_cache.stride()[1] != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
+    if key is not None:
+        check_device_tensor(key, "key")
+        if key.dtype != dtype or key.device != device:
+            raise ValueError(f"key must share query's dtype and device ({dtype}, {device}), got {key.dtype} on "
+                             f"{key.device}")
+    if nnz >= 2**31:
+        raise ValueError(f"nnz {nnz} exceeds 2**31 - 1")
     if nnz == 0:
         return None if in_place else (torch.empty_like(query), None if key is None else torch.empty_like(key))
-    q = _heads_view(query, nnz, head_size, "query")
-    k = _heads_view(key, nnz, head_size, "key") if key is not None else q.new_empty((nnz, 0, head_size))
-    q, k = _check_qk(q, k, in_place)
+    qg = _heads_geometry(query, nnz, head_size, "query")
+    kg = _heads_geometry(key, nnz, head_size, "key") if key is not None else (0, 0, 0, True)
+    if not (qg[3] and kg[3]):
+        if in_place:
+            raise ValueError("query and key are rotated in place and must be contiguous in their last dimension")
+        query = query.contiguous()
+        key = key.contiguous() if key is not None else None
+        qg = _heads_geometry(query, nnz, head_size, "query")
+        kg = _heads_geometry(key, nnz, head_size, "key") if key is not None else kg
     interleave = not bool(is_neox)
-    compiling = torch.compiler.is_compiling()
-    if in_place:
-        if compiling:
+
+    if torch.compiler.is_compiling():  # the custom ops take (nnz, heads, head_size) views
+        q = query.view(nnz, qg[0], head_size)
+        k = key.view(nnz, kg[0], head_size) if key is not None else q.new_empty((nnz, 0, head_size))
+        if in_place:
             _rope_cache_inplace_op(q, k, cos_sin_cache, positions, interleave)
-        else:
-            _launch_cache(q, k, q, k, cos_sin_cache, positions, interleave)
+            return None
+        query_out = torch.empty_like(query, memory_format=torch.contiguous_format)
+        key_out = torch.empty_like(key, memory_format=torch.contiguous_format) if key is not None else None
+        _rope_cache_op(q, k, query_out.view(q.shape), key_out.view(k.shape) if key_out is not None else k,
+                       cos_sin_cache, positions, interleave)
+        return query_out, key_out
+
+    qp = query.data_ptr()
+    q_op = (qp, qg[1], qg[2], qg[0])
+    k_op = (key.data_ptr(), kg[1], kg[2], kg[0]) if key is not None else (qp, 0, 0, 0)
+    if in_place:
+        _launch_cache_raw(device, dtype, q_op, k_op, q_op, k_op, nnz, head_size, cos_sin_cache, positions, interleave)
         return None
     query_out = torch.empty_like(query, memory_format=torch.contiguous_format)
-    key_out = torch.empty_like(key, memory_format=torch.contiguous_format) if key is not None else None
-    q_rope = query_out.view(q.shape)
-    k_rope = key_out.view(k.shape) if key_out is not None else k
-    if compiling:
-        _rope_cache_op(q, k, q_rope, k_rope, cos_sin_cache, positions, interleave)
-    else:
-        _launch_cache(q, k, q_rope, k_rope, cos_sin_cache, positions, interleave)
+    per_q = qg[0] * head_size
+    qo_op = (query_out.data_ptr(), per_q, head_size, qg[0])
+    key_out, ko_op = None, k_op
+    if key is not None:
+        key_out = torch.empty_like(key, memory_format=torch.contiguous_format)
+        ko_op = (key_out.data_ptr(), kg[0] * head_size, head_size, kg[0])
+    _launch_cache_raw(device, dtype, q_op, k_op, qo_op, ko_op, nnz, head_size, cos_sin_cache, positions, interleave)
     return query_out, key_out
 
 
