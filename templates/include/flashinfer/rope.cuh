@@ -71,8 +71,9 @@ FI_DEVICE bool rope_position(const RopeParams& p, int token, int64_t& pos) {
   return true;
 }
 
+// At least 5 CTAs (640 threads) per SM: 96 registers, no spills (8 CTAs would spill).
 template <typename T, int N>
-__global__ void __launch_bounds__(kRopeThreads)
+__global__ void __launch_bounds__(kRopeThreads, 5)
     rope_kernel(const __grid_constant__ RopeParams p, const __grid_constant__ RopeTable table, RopeCosSin source) {
   constexpr int kMaxFreqs = N == 8 ? 8 : 1;  // per lane: a NeoX chunk pair has 8, an interleaved chunk 4
   const int tid = blockIdx.x * kRopeThreads + threadIdx.x;
