@@ -99,6 +99,8 @@ def _check_input(t: Any) -> torch.Size:
     dtype_short(t, "input")
     if shape[-1] == 0:
         raise ValueError(f"hidden size is 0 (input shape {tuple(shape)})")
+    if t.numel() // shape[-1] >= 2**31:
+        raise ValueError(f"input shape {tuple(shape)}: more than 2**31 - 1 rows")
     return shape
 
 
