@@ -149,17 +149,16 @@ def test_out_may_alias_input():
 
 @pytest.mark.gpu
 def test_eps_is_used():
-    """Small inputs with a large eps: the result depends on eps, and matches the reference for each."""
-    x = 1e-2 * torch.randn(5, 2048, dtype=torch.float32, device="cuda").to(torch.bfloat16)
-    w = _weight(2048, torch.bfloat16)
+    """eps comparable to the mean square (~1) changes the result by sqrt(1 + eps): checked for each eps."""
+    x = torch.randn(5, 2048, dtype=torch.float16, device="cuda")
+    w = _weight(2048, torch.float16)
     outs = []
-    for eps in (1e-6, 1e-2, 1.0):
+    for eps in (1e-6, 0.5, 4.0):
         y = flashinfer.rmsnorm(x, w, eps=eps)
         assert_close(y, rmsnorm_ref(x, w, eps), what=f"eps={eps}")
         outs.append(y)
-        r = torch.randn_like(x) * 1e-2
-        _check_fused(x.clone(), r, w, eps, True)
-    assert not torch.allclose(outs[0].float(), outs[2].float())
+        _check_fused(x.clone(), torch.randn_like(x), w, eps, True)
+    assert not torch.allclose(outs[0].float(), outs[2].float(), atol=0.1, rtol=0.1)
 
 
 @pytest.mark.gpu
