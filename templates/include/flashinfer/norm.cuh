@@ -6,7 +6,7 @@
 //
 // A row stays in registers from load to store: each thread holds VPT chunks of N elements (N = 8: 16-byte
 // vectors; N = 1: any size or alignment). Short rows (QK-norm over head_dim) take one warp each, several per
-// CTA; long rows one CTA, whose threads are sized at run time by the hidden size (norm_config below).
+// CTA; long rows one CTA, whose threads are sized at run time by the hidden size (launch_rmsnorm below).
 #pragma once
 #include "common.cuh"
 #include "cp_async.cuh"  // grid_dependency_wait / grid_dependency_launch_dependents (PDL)
