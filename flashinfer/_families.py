@@ -17,6 +17,9 @@ FAMILY_MODULES: Dict[str, str] = {
     "page_append": "flashinfer.page",
     "merge_state": "flashinfer.cascade",
     "cascade_shared": "flashinfer.cascade",
+    "rope": "flashinfer.rope",
+    "norm": "flashinfer.norm",
+    "activation": "flashinfer.activation",
     "probe": "flashinfer.jit.probe",
 }
 

@@ -40,8 +40,9 @@ AXIS_FLAGS: Tuple[AxisFlag, ...] = (
     AxisFlag(
         "--dtypes",
         "dtypes",
-        ("dtype_q", "dtype_kv", "dtype_o"),
-        "data types, e.g. bf16,f16; each applies to q, kv and output alike (q = kv = o)",
+        ("dtype_q", "dtype_kv", "dtype_o", "dtype"),
+        "data types, e.g. bf16,f16; each applies to q, kv and output alike (q = kv = o), and to the element type "
+        "of the single-dtype families (rope, norm, activation)",
         tie=True,
     ),
     AxisFlag("--dtype-q", "dtype_q", ("dtype_q",), "query dtype only (overrides --dtypes for q)"),

@@ -72,6 +72,44 @@ FI_DEVICE uint4 pack8(const float (&in)[8]) {
   return raw;
 }
 
+// N consecutive 16-bit floats moved with one memory access and unpacked to floats when used: N = 8 is a
+// 16-byte vector (the fast path; the address must be 16-byte aligned), N = 1 a single element (rows of any
+// size or alignment). Keeping the packed form in registers costs a quarter of the registers of floats.
+template <typename T, int N>
+struct Chunk;
+
+template <typename T>
+struct Chunk<T, 8> {
+  uint4 raw;
+  FI_DEVICE void load(const T* p) { raw = *reinterpret_cast<const uint4*>(p); }
+  FI_DEVICE void store(T* p) const { *reinterpret_cast<uint4*>(p) = raw; }
+  FI_DEVICE void to_floats(float (&f)[8]) const { unpack8(raw, f, T{}); }
+  FI_DEVICE void from_floats(const float (&f)[8]) { raw = pack8<T>(f); }
+};
+
+template <typename T>
+struct Chunk<T, 1> {
+  T raw;
+  FI_DEVICE void load(const T* p) { raw = *p; }
+  FI_DEVICE void store(T* p) const { *p = raw; }
+  FI_DEVICE void to_floats(float (&f)[1]) const { f[0] = to_float<T>(raw); }
+  FI_DEVICE void from_floats(const float (&f)[1]) { raw = from_float<T>(f[0]); }
+};
+
+template <typename T, int N>
+FI_DEVICE void load_floats(const T* p, float (&out)[N]) {
+  Chunk<T, N> c;
+  c.load(p);
+  c.to_floats(out);
+}
+
+template <typename T, int N>
+FI_DEVICE void store_floats(T* p, const float (&in)[N]) {
+  Chunk<T, N> c;
+  c.from_floats(in);
+  c.store(p);
+}
+
 // Sum over groups of WIDTH consecutive lanes (WIDTH a power of two <= 32).
 template <int WIDTH>
 FI_DEVICE float group_sum(float x) {
@@ -138,6 +176,25 @@ static cudaError_t with_device(int device, F&& fn) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   return fn();
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `pdl` (sm_90+:
+// the kernel may start while its predecessor on the stream drains, so it must call grid_dependency_wait() before
+// reading memory the predecessor writes).
+template <typename... Params, typename... Args>
+static cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                 bool pdl, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
 }
 
 // What a module tells Python about itself (flashinfer/jit/abi.py reads these through the common exports that

@@ -22,17 +22,47 @@ FI_DEVICE float alibi_slope(int head, int num_heads) {
 // that pos * rate reduced mod 2 stays accurate to ~1e-7 even at pos ~ 1e5 (a plain float angle is off by
 // ~1e-3 rad there), and sincospif needs no slow range reduction.
 struct RopeTable {
-  float hi[128];  // indexed by e mod (head_dim / 2)
+  float hi[128];  // indexed by frequency: e mod (head_dim / 2) in the attention kernels
   float lo[128];
 };
 struct NoRopeTable {};
 
-inline void fill_rope_table(RopeTable& table, int head_dim, double rope_scale, double rope_theta) {
-  for (int i = 0; i < head_dim / 2; ++i) {
-    const double half_turns = 1.0 / (rope_scale * pow(rope_theta, 2.0 * i / head_dim)) / 3.14159265358979323846;
+// Llama 3.1 frequency scaling (Meta's apply_scaling): a frequency whose wavelength 2*pi/f exceeds
+// old_context_len / low_freq_factor is divided by rope_scale, one below old_context_len / high_freq_factor is
+// kept, and the band between interpolates linearly in old_context_len / wavelength.
+struct Llama31Scaling {
+  double low_freq_factor, high_freq_factor, old_context_len;
+};
+
+// Rotation rate (radians per position) of frequency i of a rotary_dim-wide RoPE, in double on the host.
+inline double rope_frequency(int i, int rotary_dim, double rope_scale, double rope_theta,
+                             const Llama31Scaling* llama31 = nullptr) {
+  if (llama31 == nullptr) return 1.0 / (rope_scale * pow(rope_theta, 2.0 * i / rotary_dim));
+  const double freq = 1.0 / pow(rope_theta, 2.0 * i / rotary_dim);
+  const double band = llama31->high_freq_factor - llama31->low_freq_factor;
+  double smooth = (llama31->old_context_len * freq / (2.0 * 3.14159265358979323846) - llama31->low_freq_factor) / band;
+  smooth = smooth < 0.0 ? 0.0 : smooth > 1.0 ? 1.0 : smooth;
+  return (1.0 - smooth) * freq / rope_scale + smooth * freq;
+}
+
+// Table of the rotary_dim / 2 rates (rotary_dim <= 256), in half-turns.
+inline void fill_rope_table(RopeTable& table, int rotary_dim, double rope_scale, double rope_theta,
+                            const Llama31Scaling* llama31 = nullptr) {
+  for (int i = 0; i < rotary_dim / 2; ++i) {
+    const double half_turns = rope_frequency(i, rotary_dim, rope_scale, rope_theta, llama31) / 3.14159265358979323846;
     table.hi[i] = static_cast<float>(half_turns);
     table.lo[i] = static_cast<float>(half_turns - static_cast<double>(table.hi[i]));
   }
+}
+
+// cos and sin of the angle pos * (hi + lo) half-turns: the one RoPE angle function of every kernel. pos must
+// be an integer below 2^24 (exact as a float); the product is reduced mod 2 before sincospif with its exact
+// rounding error, so the angle stays accurate to ~1e-7 at any such position.
+FI_DEVICE void rope_cos_sin(float pos, float hi, float lo, float& c, float& s) {
+  const float t = pos * hi;
+  const float t_err = fmaf(pos, hi, -t);  // exact rounding error of the product
+  const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * lo);
+  sincospif(r, &s, &c);
 }
 
 struct RopeRate {
@@ -57,11 +87,8 @@ FI_DEVICE void rope_rotate(float (&x)[8], const RopeRate& rate, float pos, int l
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const float partner = __shfl_xor_sync(0xffffffffu, x[i], LANES / 2);
-    const float t = pos * rate.hi[i];
-    const float t_err = fmaf(pos, rate.hi[i], -t);  // exact rounding error of the product
-    const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * rate.lo[i]);
-    float s, c;
-    sincospif(r, &s, &c);
+    float c, s;
+    rope_cos_sin(pos, rate.hi[i], rate.lo[i], c, s);
     x[i] = first_half ? x[i] * c - partner * s : x[i] * c + partner * s;
   }
 }

@@ -91,12 +91,8 @@ FI_DEVICE void rope_rotate_smem(uint4* tile, const RopeTable& table, PosFn pos_o
     unpack8(*pb, y, T{});
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const float hi = table.hi[c * 8 + i], lo = table.lo[c * 8 + i];
-      const float t = pos * hi;
-      const float t_err = fmaf(pos, hi, -t);
-      const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * lo);
-      float s, co;
-      sincospif(r, &s, &co);
+      float co, s;
+      rope_cos_sin(pos, table.hi[c * 8 + i], table.lo[c * 8 + i], co, s);
       const float xr = x[i] * co - y[i] * s;
       y[i] = y[i] * co + x[i] * s;
       x[i] = xr;
