@@ -5,7 +5,7 @@ Public API (see the repository contract):
 ``load(spec) -> JITModule``, ``ensure_built(spec) -> BuildReport``, ``cache_key(spec)``, ``render(spec)``,
 ``cache_root()``, ``templates_dir()``, ``arch_flags(spec)``, ``find_cuda_home()``, ``list_entries()``,
 ``clear_cache(predicate=None)``, and the errors ``JITBuildError``, ``CUDAToolkitNotFoundError``,
-``JITCacheError``, ``JITDisabledError``.
+``JITCacheError``, ``JITDisabledError``, ``JITEnvironmentError`` (a bad value of an environment variable).
 """
 
 from .build import BuildReport, first_error_line
@@ -19,7 +19,14 @@ from .env import (
     templates_dir,
     versions,
 )
-from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITCacheInsecureError, JITDisabledError
+from .errors import (
+    CUDAToolkitNotFoundError,
+    JITBuildError,
+    JITCacheError,
+    JITCacheInsecureError,
+    JITDisabledError,
+    JITEnvironmentError,
+)
 from .loader import JITModule, ensure_built, load, loaded_modules
 from .templating import render, templates_digest
 from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
@@ -35,6 +42,7 @@ __all__ = [
     "JITCacheError",
     "JITCacheInsecureError",
     "JITDisabledError",
+    "JITEnvironmentError",
     "JITModule",
     "ProbeSpec",
     "RECIPE_VERSION",
