@@ -321,8 +321,9 @@ def import_cache(archive: Path, root: Optional[Path] = None, *, max_file_bytes: 
             if cache.check_entry(key, root)[0] is not None:
                 report.already_present.append(key)
                 continue
-            tmp: Optional[Path] = cache.new_tmp_dir(key, root)
+            tmp: Optional[Path] = None
             try:
+                tmp = cache.new_tmp_dir(key, root)
                 # Manifest last, as in a build (the whole dir becomes visible at once anyway).
                 ordered = sorted(files, key=lambda m: _basename(m) == cache.MANIFEST)
                 for m in ordered:

@@ -115,10 +115,9 @@ class _Log:
             os.unlink(path)  # the previous build's log of this key (never write through a planted link)
         except FileNotFoundError:
             pass
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644 if shared else 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         if shared:
-            os.fchmod(fd, 0o644)
+            os.fchmod(fd, 0o644)  # whatever the umask
         self.f = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
     def write(self, text: str) -> None:
@@ -158,7 +157,7 @@ def _output_to(path: Path) -> Iterator[int]:
     """
     with _OUTPUT_LOCK:
         _flush_std()
-        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         saved: List[Optional[int]] = []
         try:
             for target in (1, 2):

@@ -352,8 +352,8 @@ _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(o
 _KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
 
-_SHARED_HINT = ("ask the cache's owner to make it readable (`chmod -R go+rX`), or to build it with "
-                "`prewarm --shared` (FLASHINFER_JIT_CACHE_SHARED=1)")
+_SHARED_HINT = ("ask the cache's owner to make it readable (`chmod -R go+rX`), or to build it readable by "
+                "everyone (`FLASHINFER_JIT_CACHE_SHARED=1 python -m flashinfer prewarm ...`)")
 
 
 def _unreadable(path: Path, what: str, e: OSError) -> str:
@@ -791,10 +791,15 @@ def entry_info(key: str, root: Optional[Path] = None, check_current: bool = True
     spec_json = man.get("spec") if man is not None and isinstance(man.get("spec"), dict) else None
     current = None
     if check_current and spec_json is not None:
-        try:
-            from .spec import Spec
+        from .errors import CUDAToolkitNotFoundError
+        from .spec import Spec
 
-            current = cache_key(Spec.from_json(spec_json)) == key
+        try:
+            spec = Spec.from_json(spec_json)
+            try:
+                current = cache_key(spec) == key
+            except CUDAToolkitNotFoundError:  # no toolkit here: would a load select it?
+                current = man.get("select") == selector_digest(spec)
         except Exception:
             current = None
     lp = man.get("log_path") if man is not None else None

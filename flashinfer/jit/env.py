@@ -101,11 +101,6 @@ def env_bool(name: str, default: bool = False) -> bool:
     raise _bad_env(name, v, _BOOL_ACCEPTED)
 
 
-def env_flag(name: str) -> bool:
-    """``env_bool(name, False)`` (kept for callers of the old name)."""
-    return env_bool(name, False)
-
-
 def env_seconds(name: str, default: float) -> float:
     """A finite, non-negative number of seconds (``inf``, ``nan``, negatives and words are errors)."""
     v = _env_text(name)
@@ -270,6 +265,8 @@ def ensure_dir(path: Path, what: str = "JIT cache directory", shared: bool = Fal
     with ``writable``, that this process can write to it. JITCacheError (saying "permission denied" or
     "read-only file system" when that is the cause) otherwise. Never needs write access when
     ``writable`` is False and the directory exists: read-only commands work on read-only caches."""
+    if os.path.lexists(path) and not path.is_dir():
+        raise JITCacheError(f"{what} {path} ({_root_source()}) is not a directory. {_FIX_HINT}")
     if not path.is_dir():
         try:
             path.mkdir(mode=0o755 if shared else 0o700, parents=True, exist_ok=True)

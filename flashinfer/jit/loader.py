@@ -99,7 +99,7 @@ def _ensure(spec, shared: Optional[bool] = None) -> Tuple[BuildReport, "cache.Ve
         if disabled:
             raise JITDisabledError(  # the hint first: its command is the first `...` of the message
                 f"FLASHINFER_DISABLE_JIT is set and {spec.name()} is not usable from the JIT cache {root}: "
-                f"{_prewarm_hint(spec)}. Found: {reason}."
+                f"{_prewarm_hint(spec)}. In the cache: {reason}."
             )
         raise CUDAToolkitNotFoundError(
             f"{spec.name()} is not in the JIT cache {root} ({reason}), and building it needs a CUDA toolkit: "
