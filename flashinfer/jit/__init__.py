@@ -6,7 +6,7 @@ Public API (see the repository contract):
 ``cache_root()``, ``templates_dir()``, ``arch_flags(spec)``, ``find_cuda_home()``, ``list_entries()``,
 ``clear_cache(predicate=None)``, ``prewarm(specs, jobs=None, progress=None) -> PrewarmReport`` (build many
 modules in parallel worker processes), and the errors ``JITBuildError``, ``CUDAToolkitNotFoundError``,
-``JITCacheError``, ``JITDisabledError``.
+``JITCacheError``, ``JITDisabledError``, ``JITEnvironmentError`` (a bad value of an environment variable).
 """
 
 from . import probe as probe
@@ -21,7 +21,14 @@ from .env import (
     templates_dir,
     versions,
 )
-from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITCacheInsecureError, JITDisabledError
+from .errors import (
+    CUDAToolkitNotFoundError,
+    JITBuildError,
+    JITCacheError,
+    JITCacheInsecureError,
+    JITDisabledError,
+    JITEnvironmentError,
+)
 from .loader import JITModule, ensure_built, load, loaded_modules
 from .parallel_build import PrewarmReport, PrewarmResult, prewarm
 from .probe import ProbeSpec
@@ -37,6 +44,7 @@ __all__ = [
     "JITCacheError",
     "JITCacheInsecureError",
     "JITDisabledError",
+    "JITEnvironmentError",
     "JITModule",
     "PrewarmReport",
     "PrewarmResult",

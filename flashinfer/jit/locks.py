@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Hashable, Optional
 
 from . import env
 from .errors import JITCacheError
 
 LOCKS_DIR = "locks"
 
-_thread_locks: Dict[str, threading.Lock] = {}
+_thread_locks: Dict[Hashable, threading.Lock] = {}
 _thread_locks_guard = threading.Lock()
 
 
@@ -59,8 +59,9 @@ class file_lock:  # lower case: used like a function, ``with file_lock(key, root
         self.lock.release()
 
 
-def thread_lock(key: str) -> threading.Lock:
-    """The process-wide thread lock of ``key`` (created on first use, kept for the process's life)."""
+def thread_lock(key: Hashable) -> threading.Lock:
+    """The process-wide thread lock of ``key`` (a cache key or a spec; created on first use, kept for the
+    process's life)."""
     with _thread_locks_guard:
         lk = _thread_locks.get(key)
         if lk is None:
