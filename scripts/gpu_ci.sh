@@ -75,6 +75,12 @@ for s in "${STEPS[@]}"; do
     prewarm)
       # shellcheck disable=SC2086
       run_step prewarm prewarm.log "$PYTHON" -m flashinfer prewarm $PREWARM_ARGS --jobs "$JOBS" --json "$LOG_DIR/prewarm.json"
+      # The transformers integration tests and examples load a few modules of their own.
+      if [ -f "$REPO/examples/prewarm_transformers.jsonl" ]; then
+        run_step prewarm-examples prewarm_examples.log "$PYTHON" -m flashinfer prewarm \
+          --config "$REPO/examples/prewarm_transformers.jsonl" --jobs "$JOBS"
+        cat "$LOG_DIR/prewarm_examples.log" >>"$LOG_DIR/prewarm.log" && rm -f "$LOG_DIR/prewarm_examples.log"
+      fi
       ;;
     test)
       # shellcheck disable=SC2086

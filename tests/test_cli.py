@@ -797,3 +797,20 @@ def test_prewarm_api_reports_failed_unsupported_and_deduplicates(tmp_path, monke
     )
     with pytest.raises(ValueError, match="unknown status"):
         rep.by_status("done")
+
+
+def test_prewarm_shared_and_import_caps_flags(tmp_path, monkeypatch):
+    """--shared reaches the engine (new entries 0755/0644); a malformed --max-file-bytes is a usage error."""
+    import stat
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    from flashinfer.cli import main
+
+    assert main(["prewarm", "--families", "probe", "--axis", "constant=1", "--axis", "dtype=f32", "--jobs", "1",
+                 "--shared"]) == 0
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("probe_")]
+    assert entries, "prewarm built nothing"
+    for p in entries[0].iterdir():
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o044 == 0o044, (p, oct(mode))  # readable by group and others
+    assert main(["cache", "import", str(tmp_path / "none.tar.gz"), "--max-file-bytes", "lots"]) == 2

@@ -37,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     pw.add_argument("--shard", metavar="I/N", help="build only shard I of N (1-based; deterministic by spec name)")
     pw.add_argument("--json", metavar="PATH", help="write a JSON report")
+    pw.add_argument(
+        "--shared",
+        action="store_true",
+        help="make new entries readable by every user (0755 dirs and libraries, 0644 files): a cache one user "
+        "(e.g. root building an image) prepares for others; same as FLASHINFER_JIT_CACHE_SHARED=1",
+    )
     pw.add_argument("-v", "--verbose", action="store_true", help="also list cached and skipped modules in the summary")
     pw.set_defaults(func=cmd_prewarm)
 
@@ -132,7 +138,8 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        report = jit.prewarm([it.spec for it in supported], jobs=jobs, progress=on_settled)
+        report = jit.prewarm([it.spec for it in supported], jobs=jobs, progress=on_settled,
+                             shared=True if args.shared else None)
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130

@@ -110,14 +110,15 @@ def _log_path_of(exc: BaseException) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def build_one(spec: Any) -> PrewarmResult:
+def build_one(spec: Any, shared: Optional[bool] = None) -> PrewarmResult:
     """Build ``spec`` into the cache unless a valid entry is there; never raises (failures are results).
 
-    Runs in a worker process (it is pickled by reference) or in the calling process.
+    Runs in a worker process (it is pickled by reference) or in the calling process. ``shared``: see
+    :func:`flashinfer.jit.ensure_built`.
     """
     t0 = time.perf_counter()
     try:
-        rep = ensure_built(spec)
+        rep = ensure_built(spec, shared=shared)
     except Exception as e:  # reported, never raised across the process boundary
         return PrewarmResult(
             spec,
@@ -160,6 +161,7 @@ def prewarm(
     specs: Iterable[Any],
     jobs: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
+    shared: Optional[bool] = None,
 ) -> PrewarmReport:
     """Build every supported spec of ``specs`` into the JIT cache, ``jobs`` at a time.
 
@@ -175,6 +177,9 @@ def prewarm(
     progress : callable, optional
         ``progress(result, building)`` is called in the calling process as each spec is settled (cached ones
         first), with the number of builds still running.
+    shared : bool, optional
+        New entries readable by every user (0755 directories and libraries, 0644 files), for a cache one user
+        (e.g. root, in an image) prepares for others; default ``FLASHINFER_JIT_CACHE_SHARED``.
 
     Returns
     -------
@@ -209,18 +214,18 @@ def prewarm(
         except Exception:  # the build reports it
             key = None
         if key is not None and key in valid:
-            settle(build_one(spec), 0)  # a valid entry: ensure_built verifies it and returns "cached"
+            settle(build_one(spec, shared), 0)  # a valid entry: ensure_built verifies it and returns "cached"
         else:
             to_build.append(spec)
 
     if jobs == 1 or len(to_build) <= 1:
         for n, spec in enumerate(to_build):
-            settle(build_one(spec), len(to_build) - n - 1)
+            settle(build_one(spec, shared), len(to_build) - n - 1)
     else:
         workers = min(jobs, len(to_build))
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
         try:
-            futures = {pool.submit(build_one, spec): spec for spec in to_build}
+            futures = {pool.submit(build_one, spec, shared): spec for spec in to_build}
             pending = set(futures)
             while pending:
                 done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
