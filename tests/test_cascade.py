@@ -51,7 +51,7 @@ def _states(shape, dtype, p_inf=0.15):
     return v, s
 
 
-MERGE_SHAPES = [(1, 1, 8), (37, 3, 72), (500, 32, 128), (64, 8, 256)]
+MERGE_SHAPES = [(1, 1, 8), (37, 3, 72), (500, 32, 128), (64, 8, 256), (4100, 5, 256)]  # the last loops over the grid
 
 
 @pytest.mark.gpu
