@@ -326,13 +326,27 @@ def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, pr
     unique = [1, 0, 300, 16, 33, 5, 70, 2]
     lv = Levels([[(len(unique), prefix)], [(1, n) for n in unique]], page_size, 4, 128, dtype, layout)
     q = torch.randn(len(unique), 32, 128, device="cuda").to(dtype)
-    for wgmma in (True, False):
+    for wgmma, overlap in ((True, True), (True, False), (False, True)):
         w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
         w._fallback = "never"
         w._shared_level_wgmma = wgmma
+        w._overlap_levels = overlap
         w.plan(*lv.plan_args(), 32, 4, 128, page_size, q_data_type=dtype)
-        assert w.plan_stats()["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma and _on_hopper() else "batch_prefill")
+        st = w.plan_stats()
+        assert st["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma and _on_hopper() else "batch_prefill")
+        # the wgmma level runs concurrently with the decode level on a side stream, or after it
+        assert st["overlap_levels"] == (wgmma and overlap and _on_hopper()), st
         _check(w, lv, q)
+        if st["overlap_levels"]:  # on a caller's stream, with q produced on it just before
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                q2 = q.flip(0) * 0.5
+                out = torch.full_like(q, float("nan"))
+                o2 = w.run(q2, lv.cache, out=out)
+            torch.cuda.current_stream().wait_stream(s)
+            assert o2 is out
+            assert_close(o2, lv.reference(q2)[0], what="o on a caller's stream")
     # a prefill-shaped batch: more query tiles, fewer chunks
     qo = [40, 1, 200, 3]
     lv = Levels([[(sum(qo), 1500)], [(n, n + 7) for n in qo]], page_size, 4, 128, dtype, layout)
