@@ -466,9 +466,7 @@ class _SharedLevel:
                           sm_scale=scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim)))
 
     def run(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, *, out: torch.Tensor,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False,
-            stream: Optional[torch.cuda.Stream] = None):
-        """stream: where to launch (a stream of q's device), else the device's current stream."""
+            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
         pl = self._plan
         kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (pl["page_size"], pl["num_kv_heads"], pl["head_dim"]):
@@ -484,7 +482,7 @@ class _SharedLevel:
             lse.data_ptr() if (return_lse and lse is not None) else None, self._ws.data_ptr(), pl["pages"].data_ptr(),
             pl["total_q"], pl["kv_len"], pl["num_qo_heads"], pl["num_kv_heads"], pl["page_size"], q.stride(0),
             q.stride(1), kv.stride_page, kv.stride_n, kv.stride_h, pl["chunks"], pl["chunk_size"], pl["sm_scale"],
-            device.index, stream.cuda_stream if stream is not None else current_stream_ptr(device),
+            device.index, current_stream_ptr(device),
         )
         if rc:
             pl["mod"].check(rc, f"cascade shared level ({pl['spec'].name()}) on {device}")
@@ -720,7 +718,7 @@ class MultiLevelCascadeAttentionWrapper:
     as a batch prefill over its pages (the shared level's queries packed as rows on tensor cores, its KV read once),
     a decode-shaped last level (one query per request) on the paged batch decode kernel; the levels' states are
     merged with the merge_state kernel. With two levels, a shared prefix on the Hopper kernel (tensor-core bound)
-    and a decode level (bandwidth bound) run concurrently: the first on a side stream joined back before the merge.
+    and a decode level (bandwidth bound) run concurrently: the second on a side stream joined back before the merge.
     A causal mask applies to the last level only, as in FlashInfer.
 
     Parameters
@@ -801,7 +799,7 @@ class MultiLevelCascadeAttentionWrapper:
         self._graph_path: Optional[Tuple[Any, ...]] = None  # graph mode: what the first plan fixed
         self._graph_batch: Optional[int] = None
         self._plan: Optional[_CascadePlan] = None
-        # Overlapped runs: (side stream, fork event, join event), made on first use.
+        # Overlapped runs: (side stream of the decode level, fork event, join event), made on first use.
         self._side: Optional[Tuple[torch.cuda.Stream, torch.cuda.Event, torch.cuda.Event]] = None
 
     # --------------------------------------------------------------------------------------------- helpers
@@ -1139,23 +1137,28 @@ class MultiLevelCascadeAttentionWrapper:
 
     def _run_overlapped(self, pl: _CascadePlan, q: torch.Tensor, paged_kv_cache: PagedKVCache, o: torch.Tensor,
                         lse: torch.Tensor, return_lse: bool) -> None:
-        """The shared level on a side stream, concurrently with the decode level on the caller's stream; then the
-        merge on the caller's stream. The side stream has the higher priority, so the block scheduler places the
-        shared level's CTAs (one per SM, as planned) first and the decode CTAs fill what each SM has left. The
-        levels use separate workspace regions; everything the side stream touches is joined back into the caller's
-        stream before the merge (and on an error), so the caller's allocations stay ordered."""
+        """The shared level on the caller's stream, concurrently with the decode level on a side stream; then the
+        merge on the caller's stream.
+
+        The shared level is launched first and in the caller's stream order, so its CTAs (one per SM, as planned)
+        are placed as soon as the preceding work ends; the decode level's wait on the fork event resolves a moment
+        later, and its CTAs fill what each SM has left (were they first, they would take every SM and the levels
+        would run one after the other). The levels use separate workspace regions; the side stream's work is
+        joined back into the caller's stream before the merge (and on an error), so the caller's allocations that
+        it touches stay ordered."""
         shared, decode = pl.steps
         if self._side is None:
-            self._side = (torch.cuda.Stream(device=self._device, priority=-1), torch.cuda.Event(), torch.cuda.Event())
+            self._side = (torch.cuda.Stream(device=self._device), torch.cuda.Event(), torch.cuda.Event())
         side, fork, join = self._side
         cur = torch.cuda.current_stream(self._device)
         fork.record(cur)
         side.wait_event(fork)
+        tmp_o = torch.empty_like(o)
+        tmp_lse = torch.empty_like(lse)
         try:
-            shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True, stream=side)
-            tmp_o = torch.empty_like(o)
-            tmp_lse = torch.empty_like(lse)
-            decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True)
+            shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True)
+            with torch.cuda.stream(side):
+                decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True)
         finally:
             join.record(side)
             cur.wait_event(join)
