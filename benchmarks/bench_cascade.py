@@ -170,7 +170,8 @@ def bench_case(case, ref_ms):
         row["prefill_last_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1], _last_level_decode=False)
         row["prefill_shared_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1],
                                                           _shared_level_wgmma=False)
-        row["serial_levels_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1], _overlap_levels=False)
+        row["serial_levels_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1],
+                                                         _overlap_levels="never")
     row["cascade_graph_ms"] = graph_ms(cascade_graph_call(levels, batch, caches, qs), sets)
     gcall, _ = plain_decode(levels, batch, caches, qs, graph=True)
     row["plain_graph_ms"] = graph_ms(gcall, sets)
@@ -256,8 +257,8 @@ def main() -> None:
         "level on batch decode; alternatives (main case): the shared level on batch prefill "
         "(_shared_level_wgmma=False) / the unique level on batch prefill (_last_level_decode=False, FlashInfer's "
         "route), each with the other level as chosen; levels serial: the shared level on wgmma, then the unique "
-        "level (_overlap_levels=False), instead of the two concurrently (side stream of higher priority; kernels "
-        "joined by ||)",
+        "level (_overlap_levels='never'), instead of the two concurrently (the unique level on a side stream; "
+        "kernels joined by ||)",
     ]
     text = write_results(
         "MultiLevelCascadeAttentionWrapper (shared-prefix decode), bf16, d128, 32q/8kv, page_size 16",

@@ -642,6 +642,10 @@ def _concatenated_table(levels: List[_Level], page_size: int,
 _HBM_BYTES_PER_US = 4.0e6
 _TC_FLOPS_PER_US = 3.0e8
 _LEVEL_OVERHEAD_US = 10.0
+# A shared level planned beside the decode level gets one CTA per SM instead of two: assumed ~15% slower alone
+# (the wgmma kernel's one-CTA-per-SM tiles measured 6-14% slower, prefill_sm90.cuh), so overlapping pays when the
+# decode level's time exceeds that share of the shared level's.
+_BESIDE_DECODE_SLOWDOWN = 0.15
 
 
 def _cascade_estimate(levels: List[_Level], num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -657,6 +661,16 @@ def _cascade_estimate(levels: List[_Level], num_qo_heads: int, num_kv_heads: int
         plain += reads * token_bytes / _HBM_BYTES_PER_US
         cascade += max(lv.total_keys * token_bytes / _HBM_BYTES_PER_US, flops / _TC_FLOPS_PER_US) + _LEVEL_OVERHEAD_US
     return plain, cascade
+
+
+def _overlap_pays(shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                  elem_bytes: int) -> bool:
+    """Whether running the shared level beside the decode level (one CTA per SM) beats running them in turn."""
+    token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
+    flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
+    shared_us = max(shared.total_keys * token_bytes / _HBM_BYTES_PER_US, flops / _TC_FLOPS_PER_US)
+    decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
+    return decode_us > _BESIDE_DECODE_SLOWDOWN * shared_us
 
 
 # =========================================================================================== multi-level cascade
@@ -744,12 +758,12 @@ class MultiLevelCascadeAttentionWrapper:
     # the batch decode kernel (else on batch prefill, as FlashInfer does). _shared_level_wgmma: run a level of one
     # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill). _fallback:
     # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
-    # _overlap_levels: run a shared level on the wgmma kernel concurrently with the decode level (else one after
-    # the other).
+    # _overlap_levels: run a shared level on the wgmma kernel concurrently with the decode level: "auto" (when
+    # the cost model says it pays), "always", or "never" (one after the other).
     _last_level_decode: bool = True
     _shared_level_wgmma: bool = True
     _fallback: str = "auto"
-    _overlap_levels: bool = True
+    _overlap_levels: str = "auto"
 
     def __init__(
         self,
@@ -970,8 +984,12 @@ class MultiLevelCascadeAttentionWrapper:
         n_prefill = self._num_levels - 1 if decode_last else self._num_levels
         # Two levels, a shared prefix on the tensor-core kernel and the requests' own tokens on batch decode: the
         # first is bound by tensor-core throughput, the second by HBM bandwidth, so they share the GPU well.
-        overlap = (self._overlap_levels and not self._use_cuda_graph and decode_last and n_prefill == 1
+        if self._overlap_levels not in ("auto", "always", "never"):
+            raise ValueError(f"_overlap_levels must be 'auto', 'always' or 'never', got {self._overlap_levels!r}")
+        overlap = (self._overlap_levels != "never" and not self._use_cuda_graph and decode_last and n_prefill == 1
                    and last.total_keys > 0
+                   and (self._overlap_levels == "always"
+                        or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem))
                    and self._shared_on_hopper(0, levels[0], head_dim, pos, window_left, logits_soft_cap,
                                               use_fp16_qk_reduction, q_dtype, kv_dtype))
         for l in range(n_prefill):
