@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -80,6 +81,18 @@ def cascade_eager_ms(mod, levels, caches, qs, **attrs):
 
     call(0)
     return median_ms(call, len(qs), flush=True), w, outs[0]
+
+
+def host_us_per_run(w, q, cache, out, calls: int = 50) -> float:
+    """Host time of one run() (Python and launches; the GPU queue never fills at this count): when it exceeds the
+    device time, eager timings measure the host."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        w.run(q, cache, out=out)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def merge_timings(mod):
@@ -163,7 +176,8 @@ def bench_case(case, ref_ms):
     err = (o_casc.float() - o_plain.float()).abs().max().item()
     assert err < 3e-2, f"{name}: cascade and plain decode differ by {err}"
     t_plain = median_ms(plain_call, 1, flush=True)
-    row = {"case": name, "cascade_ms": t_casc, "plain_ms": t_plain, "path": stats["path"],
+    host_us = host_us_per_run(w, qs[0], caches[0], torch.empty_like(qs[0]))
+    row = {"case": name, "cascade_ms": t_casc, "host_us": host_us, "plain_ms": t_plain, "path": stats["path"],
            "kernels": stats["kernels"], "overlap": stats.get("overlap_levels", False),
            "ref_ms": ref_ms.get(name) if ref_ms else None}
     if case == MAIN:  # each level's alternative kernel: batch prefill (FlashInfer's route) for both
@@ -210,7 +224,7 @@ def main() -> None:
                      "-" if r["ref_ms"] is None else f"{r['ref_ms'] * 1e3:.1f}",
                      "-" if vs_ref is None else f"{vs_ref:.2f}x", t2,
                      f"{r['cascade_graph_ms'] * 1e3:.1f} / {r['plain_graph_ms'] * 1e3:.1f}",
-                     f"{r['bytes_ratio']:.1f}x",
+                     f"{r['bytes_ratio']:.1f}x", f"{r['host_us']:.0f}",
                      ("+" if not r["overlap"] else " || ").join(k for k, _ in r["kernels"]),
                      "" if "prefill_last_ms" not in r else
                      f"{r['prefill_shared_ms'] * 1e3:.1f} / {r['prefill_last_ms'] * 1e3:.1f} / "
@@ -246,6 +260,7 @@ def main() -> None:
         "permutation); level 0 = one request of all queries over the prefix pages, level 1 = each request's pages",
         "µs: CUDA events around run() (out= given), L2 flushed before each call, median of 100; plain = "
         "BatchDecodeWithPagedKVCacheWrapper over each request's prefix + own pages",
+        "host µs/run: wall time of run() on the host (50 calls, no sync between); eager µs near it are host-bound",
         "graph: CUDA-graph replays of the use_cuda_graph wrappers (the cascade's prefill level then runs 64-row "
         "query tiles, a persistent grid)",
         "FlashInfer: the real MultiLevelCascadeAttentionWrapper "
@@ -263,7 +278,7 @@ def main() -> None:
     text = write_results(
         "MultiLevelCascadeAttentionWrapper (shared-prefix decode), bf16, d128, 32q/8kv, page_size 16",
         ["batch", "cascade µs", "plain decode µs", "speedup", "target", "FlashInfer µs", "vs FlashInfer", "target",
-         "graph µs cascade / plain", "KV bytes plain/cascade", "kernels",
+         "graph µs cascade / plain", "KV bytes plain/cascade", "host µs/run", "kernels",
          "alt. µs: shared / unique on prefill / levels serial"],
         rows, notes)
     print(text)
