@@ -272,6 +272,9 @@ CACHE_CASES = [
     (128, 128, 131072, 500000, True, 1, 32, 8),
     (128, 128, 131072, 500000, True, 127, 32, 8),
     (80, 20, 4096, 10000, True, 33, 4, 4),  # rotary_dim 20: element-wise pairs
+    # Enough work for several heads a thread (on an H200: 4 heads; 12 heads in 3 unrolled batches).
+    (128, 128, 131072, 500000, True, 4096, 32, 8),
+    (128, 128, 131072, 500000, False, 12000, 28, 8),
 ]
 
 
