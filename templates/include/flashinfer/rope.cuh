@@ -38,7 +38,8 @@ struct RopeParams {
   int64_t* position_error;
   int nnz, num_q_heads, num_k_heads, head_dim, rotary_dim, batch_size;
   int interleave, copy_rest;
-  // Launch shape (set by launch_rope).
+  // Launch shape (set by launch_rope); cache_vec4: cos/sin cache rows read as float4 (16-byte aligned rows).
+  int cache_vec4;
   int lanes, rot_lanes, heads_per_thread, groups;
 };
 
@@ -145,6 +146,17 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
       } else if (source == RopeCosSin::kCache) {
         if (in_cache) {
           const float* row = p.cos_sin_cache + pos * p.cache_stride;
+          if constexpr (N == 8) {
+            if (p.cache_vec4) {  // nf is 4 or 8, and freq0 and half are multiples of 4: four a load
+              if (f % 4 == 0) {
+                const float4 c = *reinterpret_cast<const float4*>(row + freq);
+                const float4 s = *reinterpret_cast<const float4*>(row + half + freq);
+                cs[f] = c.x, cs[f + 1] = c.y, cs[f + 2] = c.z, cs[f + 3] = c.w;
+                sn[f] = s.x, sn[f + 1] = s.y, sn[f + 2] = s.z, sn[f + 3] = s.w;
+              }
+              continue;
+            }
+          }
           cs[f] = row[freq], sn[f] = row[half + freq];
         } else {
           cs[f] = sn[f] = __int_as_float(0x7fffffff);  // NaN; the caller learns why from position_error
@@ -217,6 +229,7 @@ static cudaError_t launch_rope(RopeParams p, const RopeTable& table, RopeCosSin 
                    mult8(p.q_stride_h, p.num_q_heads) && mult8(p.k_stride_h, p.num_k_heads) &&
                    mult8(p.q_out_stride_h, p.num_q_heads) && mult8(p.k_out_stride_h, p.num_k_heads);
   const int n = vec ? 8 : 1;
+  p.cache_vec4 = source == RopeCosSin::kCache && p.cache_stride % 4 == 0 && aligned(p.cos_sin_cache);
   p.rot_lanes = vec ? p.rotary_dim / (p.interleave ? 8 : 16) : p.rotary_dim / 2;
   p.lanes = p.rot_lanes + (p.copy_rest ? (p.head_dim - p.rotary_dim) / n : 0);
   const int64_t work = int64_t(p.nnz) * p.lanes * num_heads;
