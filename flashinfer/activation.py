@@ -66,7 +66,7 @@ class _ActModule:
         self.codes = {name: self.module.constants[name] for name in ("silu", "gelu", "gelu_tanh")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _act_module(dtype: str) -> _ActModule:
     return _ActModule(dtype)
 

@@ -76,7 +76,7 @@ class _NormModule:
         self.max_hidden = self.module.constants["max_hidden"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _norm_module(dtype: str) -> _NormModule:
     return _NormModule(dtype)
 

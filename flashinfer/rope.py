@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import functools
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -31,8 +30,16 @@ import torch
 from . import jit
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .utils import (DTYPE_CUDA, DTYPE_SHORT, check_device_tensor, current_stream_at, current_stream_ptr, dtype_short,
-                    module_error, scalar)
+from .utils import (
+    DTYPE_CUDA,
+    DTYPE_SHORT,
+    check_device_tensor,
+    current_stream_at,
+    current_stream_ptr,
+    dtype_short,
+    module_error,
+    scalar,
+)
 
 __all__ = [
     "RopeSpec",

@@ -241,7 +241,7 @@ def current_stream_at(index: int) -> int:
         return torch.cuda.current_stream(index).cuda_stream
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -12,7 +12,8 @@ import torch
 
 import flashinfer
 from flashinfer.norm import NormSpec
-from reference import assert_close, poisoned, rmsnorm as rmsnorm_ref
+from reference import assert_close, poisoned
+from reference import rmsnorm as rmsnorm_ref
 
 DTYPES = [torch.float16, torch.bfloat16]
 GEMMA = [False, True]

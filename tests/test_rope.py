@@ -15,7 +15,8 @@ import torch
 import flashinfer
 import flashinfer.rope as rope_mod
 from flashinfer.rope import RopeSpec
-from reference import assert_close, rope as rope_ref, rope_cos_sin, rope_frequencies
+from reference import assert_close, rope_cos_sin, rope_frequencies
+from reference import rope as rope_ref
 
 DTYPES = [torch.float16, torch.bfloat16]
 LLAMA31_DEFAULT = (1.0, 4.0, 8192.0)
