@@ -158,6 +158,8 @@ def workspace_too_small(have_bytes: int, need_bytes: int) -> ValueError:
 
 def scalar(x: object, name: str, default: float) -> float:
     """A Python number (or a 0-d CPU tensor); CUDA tensors are refused since reading them would sync."""
+    if type(x) is float and math.isfinite(x):  # the common case, first: this runs on every per-token op call
+        return x
     if x is None:
         return float(default)
     if isinstance(x, torch.Tensor):
@@ -226,14 +228,20 @@ def check_head_dim(head_dim: int) -> None:
 
 def current_stream_ptr(device: torch.device) -> int:
     """Raw cudaStream_t of the device's current stream (not of the current device's)."""
+    return current_stream_at(device.index)
+
+
+def current_stream_at(index: int) -> int:
+    """Raw cudaStream_t of the current stream of CUDA device ``index`` (``tensor.get_device()``: cheaper than
+    building a torch.device on every launch)."""
     try:
         # Skips building a torch.cuda.Stream object: a few microseconds on every launch.
-        return torch._C._cuda_getCurrentRawStream(device.index)
+        return torch._C._cuda_getCurrentRawStream(index)
     except AttributeError:  # older or future torch without the private binding
-        return torch.cuda.current_stream(device).cuda_stream
+        return torch.cuda.current_stream(index).cuda_stream
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -245,7 +253,7 @@ def check_device_tensor(t: object, name: str) -> torch.Tensor:
     """A tensor on a CUDA device (any shape)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
+    if not t.is_cuda:  # a third of the cost of t.device.type: this runs for every tensor of every call
         raise ValueError(f"{name} is on {t.device}; the kernels run on CUDA devices only")
     return t
 
@@ -262,9 +270,13 @@ def check_pdl_arg(enable_pdl: object) -> Optional[bool]:
 def resolve_pdl(enable_pdl: Optional[bool], device: torch.device) -> bool:
     """FlashInfer's ``enable_pdl``: None (and True) mean "where the GPU supports it" (sm_90+); False disables.
     Asks the device (once per device): call it at launch, not while torch.compile traces."""
+    return resolve_pdl_at(enable_pdl, device.index)
+
+
+def resolve_pdl_at(enable_pdl: Optional[bool], index: int) -> bool:
+    """:func:`resolve_pdl` for CUDA device ``index``."""
     if enable_pdl is False:
         return False
-    index = device.index
     ok = _PDL_DEVICES.get(index)
     if ok is None:
         ok = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
