@@ -223,7 +223,7 @@ def check_sequence(tokens: Sequence[int], hidden: torch.Tensor, ref_hidden: torc
     - our hidden state ``hidden[t]`` is within ``hidden_tol`` (relative, 2-norm) of the reference's ``h = ref_hidden[t]``;
     - where our token y is not the reference's argmax a, the reference's float32 logit gap is a near-tie:
       ``(W_a - W_y) . h <= NEAR_TIE_SIGMAS * ||W_a - W_y|| * ||e|| / sqrt(hidden_size)``, ``e`` our step's
-      hidden-state error. ``e`` moves that gap by ``(W_a - W_y) . e``, whose standard deviation is
+      hidden-state error (its norm capped at ``hidden_tol * ||h||``). ``e`` moves that gap by ``(W_a - W_y) . e``, whose standard deviation is
       ``||W_a - W_y|| * ||e|| / sqrt(hidden_size)`` when the LM head rows have no preferred direction relative to
       rounding noise (exactly so for a random LM head). A larger gap cannot be flipped by noise of that size; it
       takes an error aimed at the decision, e.g. a wrong row of logits or a token given to the wrong request.
@@ -242,8 +242,8 @@ def check_sequence(tokens: Sequence[int], hidden: torch.Tensor, ref_hidden: torc
     for t in (best != ours).nonzero().flatten().tolist():
         a, y = int(best[t]), int(ours[t])
         gap = float(logits[t, a] - logits[t, y])
-        bound = NEAR_TIE_SIGMAS * float((lm_head_f32[a] - lm_head_f32[y]).norm()) * float(err[t]) / math.sqrt(
-            h.shape[-1])
+        noise = min(float(err[t]), hidden_tol * float(ref_norm[t]))  # at most the noise the first condition allows
+        bound = NEAR_TIE_SIGMAS * float((lm_head_f32[a] - lm_head_f32[y]).norm()) * noise / math.sqrt(h.shape[-1])
         other.append((t, gap, bound))
         if gap > bound:
             bad.append((t, gap, bound))
