@@ -208,7 +208,7 @@ def _reference(q, cache, qo, ip, idx, last, page_size, causal=False):
 def test_paged_prefill_device_page_ids_out_of_cache_read_as_zero_keys(page_size, causal):
     """Before: one id of 100000 in a 64-page cache -> `unspecified launch failure` (a poisoned context)."""
     ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
-    kv_lens, qo_lens = [3 * page_size + 1, 70, 5], [2, 33, 5]
+    kv_lens, qo_lens = [3 * page_size + 1, 20 if page_size == 1 else 70, 5], [2, 17, 5]  # <= 64 pages
     q, cache, qo, ip, idx, last = _paged_case(kv_lens, page_size, qo_lens)
     bad = idx.clone()
     bad[1] = 100000
@@ -302,3 +302,29 @@ def test_paged_prefill_plan_refuses_2_31_keys():
     with pytest.raises(ValueError, match="request 0 has 2147483649 keys; at most"):
         w.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, pages], dtype=torch.int32),
                torch.zeros(pages, dtype=torch.int32), torch.tensor([1], dtype=torch.int32), 8, 2, 128, ps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wgmma", [True, False])
+def test_cascade_device_page_ids_out_of_cache_read_as_zero_keys(wgmma):
+    """The shared level (wgmma kernel on Hopper, else batch prefill) and the last level (batch decode) with a
+    device page id past the cache and a negative one: no CUDA error, and those pages count as zero keys."""
+    import flashinfer
+    from test_cascade import Levels, _check, _workspace
+
+    unique = [1, 40, 300, 16]
+    lv = Levels([[(len(unique), 2500)], [(1, n) for n in unique]], 16, 4, 128, torch.bfloat16, "NHD", spare=1)
+    zero_page = int(torch.tensor(sorted(set(range(lv.cache.shape[0])) - set(torch.cat(lv.idx).tolist())))[0])
+    lv.cache[zero_page].zero_()
+    bad = [i.clone() for i in lv.idx]
+    bad[0][7] = 100000
+    bad[1][-1] = -3
+    lv.idx[0][7] = zero_page  # the reference reads the zero page where the kernel skips the invalid one
+    lv.idx[1][-1] = zero_page
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), "NHD")
+    w._fallback = "never"
+    w._shared_level_wgmma = wgmma
+    w.plan(lv.qo, lv.kv, [b.cuda() for b in bad], lv.last, 32, 4, 128, 16, q_data_type=torch.bfloat16)
+    q = torch.randn(len(unique), 32, 128, device="cuda").to(torch.bfloat16)
+    _check(w, lv, q)
+    torch.cuda.synchronize()
