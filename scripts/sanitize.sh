@@ -107,7 +107,7 @@ run_tool() {  # tool
   # neighbour's block of the same pool, where memcheck cannot see it.
   PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=$([[ $tool == memcheck ]] && echo 1 || echo 0) \
     "$SAN" --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 50 "${extra[@]}" \
-    "$PY" -m pytest -v -p no:cacheprovider -m gpu "${nodes[@]}" >"$OUT/$tool.log" 2>&1
+    "$PY" -m pytest -v -rA -p no:cacheprovider -m gpu "${nodes[@]}" >"$OUT/$tool.log" 2>&1
   echo $? >"$OUT/$tool.rc"
 }
 
@@ -137,9 +137,9 @@ for sel in sorted(out.glob("select.*.*")):
             families[line.strip()] = fam
 fams = sorted(set(families.values()) | {m.split(":")[0] for m in missing})
 # A report starts with "========= <text>" (details are indented further); summaries and banners are not reports.
-header = re.compile(r"^========= (?! )(?!ERROR SUMMARY|RACECHECK SUMMARY|COMPUTE-SANITIZER|Target application)")
+header = re.compile(r"(?<!=)========= (?! )(?!ERROR SUMMARY|RACECHECK SUMMARY|COMPUTE-SANITIZER|Target application)")
 node_re = re.compile(r"^(tests/\S+::\S+)")
-result_re = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED)\b")
+summary_re = re.compile(r"^(PASSED|FAILED|ERROR) (tests/\S+::\S+)")
 table = {f: {t: [0, 0, 0] for t in tools} for f in fams}  # findings, tests run, tests failed
 bad = False
 for t in tools:
@@ -153,18 +153,17 @@ for t in tools:
     reports = []
     for raw in log.read_text(errors="replace").splitlines():
         m = node_re.match(raw)
-        if m:
+        if m:  # -v: "tests/x.py::test_y[id] " is printed as the test starts
             cur = m.group(1)
-            r = result_re.search(raw[m.end():])
-            fam = families.get(cur)
-            if fam and r and r.group(1) != "SKIPPED":
-                table[fam][t][1] += 1
-                table[fam][t][2] += r.group(1) != "PASSED"
-        i = raw.find("========= ")
-        if i >= 0 and header.match(raw[i:]):
+        m = summary_re.match(raw)
+        if m and m.group(2) in families:  # -rA's short summary: one line per test with its outcome
+            table[families[m.group(2)]][t][1] += 1
+            table[families[m.group(2)]][t][2] += m.group(1) != "PASSED"
+        h = header.search(raw)
+        if h:
             fam = families.get(cur, "(outside a test)")
             table.setdefault(fam, {x: [0, 0, 0] for x in tools})[t][0] += 1
-            reports.append(f"  [{fam}] {cur}: {raw[i + 10:].strip()}")
+            reports.append(f"  [{fam}] {cur}: {raw[h.end():].strip()}")
     rc = (out / f"{t}.rc").read_text().strip() if (out / f"{t}.rc").exists() else "?"
     summary = [l.strip() for l in log.read_text(errors="replace").splitlines() if "SUMMARY" in l]
     print(f"## {t}: exit {rc}; {summary[-1] if summary else 'no sanitizer summary'}")
