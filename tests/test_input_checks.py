@@ -69,8 +69,12 @@ def paged_plan_args(kv_lens, page_size, indices=None, qo_lens=None):
         qo.append(qo[-1] + n)
     if indices is None:
         indices = torch.arange(indptr[-1], dtype=torch.int32)
-    return (torch.tensor(qo, dtype=torch.int32), torch.tensor(indptr, dtype=torch.int32), indices,
-            torch.tensor(last, dtype=torch.int32))
+    return (
+        torch.tensor(qo, dtype=torch.int32),
+        torch.tensor(indptr, dtype=torch.int32),
+        indices,
+        torch.tensor(last, dtype=torch.int32),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CPU
@@ -141,7 +145,9 @@ def test_prefill_plans_refuse_requests_past_the_32_bit_limit(monkeypatch):
         ip = torch.tensor([0, pages], dtype=torch.int32)
         idx = torch.zeros(pages, dtype=torch.int32)  # page 0 repeated
         with pytest.raises(ValueError, match=r"request 0 has 2147483649 keys; at most 2147418112"):
-            w.plan(torch.tensor([0, 1], dtype=torch.int32), ip, idx, torch.tensor([1], dtype=torch.int32), 8, 2, 128, ps)
+            w.plan(
+                torch.tensor([0, 1], dtype=torch.int32), ip, idx, torch.tensor([1], dtype=torch.int32), 8, 2, 128, ps
+            )
         r = cpu_wrapper(prefill_mod.BatchPrefillWithRaggedKVCacheWrapper)
         with pytest.raises(ValueError, match=r"kv_indptr\[1\] = 2147483648 does not fit int32"):
             r.plan([0, 1], [0, 2**31], 8, 2, 128)
@@ -300,8 +306,16 @@ def test_paged_prefill_plan_refuses_2_31_keys():
     ps = 1024
     pages = 2**31 // ps + 1
     with pytest.raises(ValueError, match="request 0 has 2147483649 keys; at most"):
-        w.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, pages], dtype=torch.int32),
-               torch.zeros(pages, dtype=torch.int32), torch.tensor([1], dtype=torch.int32), 8, 2, 128, ps)
+        w.plan(
+            torch.tensor([0, 1], dtype=torch.int32),
+            torch.tensor([0, pages], dtype=torch.int32),
+            torch.zeros(pages, dtype=torch.int32),
+            torch.tensor([1], dtype=torch.int32),
+            8,
+            2,
+            128,
+            ps,
+        )
 
 
 @pytest.mark.gpu
