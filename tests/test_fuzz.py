@@ -285,7 +285,7 @@ def test_fuzz_plan_on_the_cpu(monkeypatch, seed):
             except Exception as e:  # noqa: BLE001 - anything else is the defect this test looks for
                 raise AssertionError(
                     f"case {i} (seed {seed}): {type(e).__name__} is not a Python input error: {e}\n{c}"
-                )
+                ) from e
             assert valid, f"case {i} (seed {seed}): plan() accepted the invalid case {c.mutation}\n{c}"
             counts["valid"] += 1
     assert counts["valid"] > 10 and counts["invalid"] > 10, counts
