@@ -189,7 +189,7 @@ enum BatchDecodePlanError : int {
   kPlanPinnedTooSmall = -5,   // info[8]: bytes needed
   kPlanNegativeIndex = -6,    // info[7]: position
   kPlanCapacity = -7,         // graph mode: batch or nnz above the frozen capacity
-  kPlanKvTooLong = -8,        // info[7]: request; info[6]: its keys (above kMaxKvLen)
+  kPlanKvTooLong = -8,          // info[7]: request; info[6]: its keys (above kMaxKvLen)
 };
 
 // Keys of one request: positions are int32 in the kernels, and a KV tile step past the last key must not

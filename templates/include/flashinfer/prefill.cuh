@@ -46,7 +46,7 @@ struct PrefillParams {
   const int* kv_indices;
   const int* kv_last_page_len;
   int page_size;
-  int num_pages;  // PAGED: the cache's page count; rows of pages outside [0, num_pages) read as zeros
+  int num_pages;    // PAGED: the cache's page count; rows of pages outside [0, num_pages) read as zeros
   const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
   const int* num_work;
   int work_capacity;
