@@ -44,6 +44,7 @@ from .utils import (
     aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
+    check_kv_lengths,
     check_out,
     check_page_ids_in_cache,
     check_same_device,
@@ -569,6 +570,7 @@ def _check_levels(num_levels: int, qo_indptr_arr: Sequence, paged_kv_indptr_arr:
             if b > a and not 1 <= last[r] <= page_size:
                 raise ValueError(f"paged_kv_last_page_len[{l}][{r}] = {last[r]} must be in [1, page_size={page_size}]")
             kv_lens.append((b - a - 1) * page_size + last[r] if b > a else 0)
+        check_kv_lengths(kv_lens, f"level {l}: request")
         levels.append(_Level(qo, kv, last, indices, kv_lens))
     return levels
 

@@ -342,3 +342,16 @@ def test_cascade_device_page_ids_out_of_cache_read_as_zero_keys(wgmma):
     q = torch.randn(len(unique), 32, 128, device="cuda").to(torch.bfloat16)
     _check(w, lv, q)
     torch.cuda.synchronize()
+
+
+def test_cascade_levels_refuse_requests_past_the_32_bit_limit():
+    from flashinfer.cascade import _check_levels
+
+    ps = 1024
+    pages = 2**31 // ps + 1
+    qo = [torch.tensor([0, 1], dtype=torch.int32)] * 2
+    kv = [torch.tensor([0, pages], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)]
+    idx = [torch.zeros(pages, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)]
+    last = [torch.tensor([1], dtype=torch.int32)] * 2
+    with pytest.raises(ValueError, match="level 0: request 0 has 2147483649 keys"):
+        _check_levels(2, qo, kv, idx, last, ps)
