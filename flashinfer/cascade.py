@@ -44,11 +44,14 @@ from .utils import (
     aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
+    check_kv_lengths,
     check_out,
+    check_page_ids_in_cache,
     check_same_device,
     current_stream_ptr,
     dtype_short,
     num_sms,
+    page_ids_int32,
     scalar,
 )
 
@@ -395,6 +398,7 @@ class CascadeSharedSpec(AttentionSpec):
         Launcher("flashinfer_cascade_shared_prefill",
                  "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
                  "const int* kv_indices, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int page_size, "
+                 "int num_pages, "
                  "int64_t q_stride_n, int64_t q_stride_h, int64_t stride_page, int64_t stride_n, int64_t stride_h, "
                  "int num_chunks, int chunk_size, float sm_scale, int device, void* stream"),
         Launcher("flashinfer_cascade_shared_occupancy", "int device, int* out"),
@@ -458,11 +462,13 @@ class _SharedLevel:
         tile = consts["kv_tile"]
         chunk_size = -(-(-(-kv_len // chunks)) // tile) * tile
         chunks = -(-kv_len // chunk_size)
-        pages = level.indices[level.kv[0] : level.kv[1]].to(device=device, dtype=torch.int32, non_blocking=True)
+        pages, max_index = page_ids_int32(level.indices[level.kv[0] : level.kv[1]], level.kv[1] - level.kv[0],
+                                          "paged_kv_indices_arr[0]")
+        pages = pages.to(device=device, non_blocking=True)
         self._plan = dict(mod=mod, fn=mod.fn("flashinfer_cascade_shared_prefill"), spec=spec, total_q=total_q,
                           kv_len=kv_len, pages=pages.contiguous(), num_qo_heads=num_qo_heads,
                           num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
-                          chunks=chunks, chunk_size=chunk_size,
+                          chunks=chunks, chunk_size=chunk_size, max_index=max_index,
                           sm_scale=scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim)))
 
     def run(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, *, out: torch.Tensor,
@@ -475,13 +481,14 @@ class _SharedLevel:
                              f"{pl['num_kv_heads']}, {pl['head_dim']}")
         if kv.k.dtype != pl["dtype"] or kv.k.device != q.device:
             raise ValueError(f"paged_kv_cache must be {pl['dtype']} on {q.device}, got {kv.k.dtype} on {kv.k.device}")
+        check_page_ids_in_cache(pl["pages"], kv.num_pages, pl["max_index"], "paged_kv_indices_arr[0]")
         q = aligned_rows(q, 2)
         device = q.device
         rc = pl["fn"](
             q.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), out.data_ptr(),
             lse.data_ptr() if (return_lse and lse is not None) else None, self._ws.data_ptr(), pl["pages"].data_ptr(),
-            pl["total_q"], pl["kv_len"], pl["num_qo_heads"], pl["num_kv_heads"], pl["page_size"], q.stride(0),
-            q.stride(1), kv.stride_page, kv.stride_n, kv.stride_h, pl["chunks"], pl["chunk_size"], pl["sm_scale"],
+            pl["total_q"], pl["kv_len"], pl["num_qo_heads"], pl["num_kv_heads"], pl["page_size"], kv.num_pages,
+            q.stride(0), q.stride(1), kv.stride_page, kv.stride_n, kv.stride_h, pl["chunks"], pl["chunk_size"], pl["sm_scale"],
             device.index, current_stream_ptr(device),
         )
         if rc:
@@ -566,6 +573,7 @@ def _check_levels(num_levels: int, qo_indptr_arr: Sequence, paged_kv_indptr_arr:
             if b > a and not 1 <= last[r] <= page_size:
                 raise ValueError(f"paged_kv_last_page_len[{l}][{r}] = {last[r]} must be in [1, page_size={page_size}]")
             kv_lens.append((b - a - 1) * page_size + last[r] if b > a else 0)
+        check_kv_lengths(kv_lens, f"level {l}: request")
         levels.append(_Level(qo, kv, last, indices, kv_lens))
     return levels
 

@@ -31,6 +31,13 @@ struct FastDivmod {
   }
 };
 
+// Whether `page` names a page of a cache of `num_pages` pages. Every kernel that reads or writes through a
+// page table checks each page id with it before forming an address: an id outside [0, num_pages) (negative,
+// past the cache, or an int64 id narrowed to -1 by the host) is never dereferenced; its keys read as zeros.
+__host__ __device__ __forceinline__ bool page_in_cache(int page, int num_pages) {
+  return static_cast<unsigned>(page) < static_cast<unsigned>(num_pages);
+}
+
 struct PagedKV {
   const void* k;  // element (page, slot, head, d) of K at k + page * stride_page + slot * stride_n + head * stride_h + d
   const void* v;  // same strides as k
@@ -75,7 +82,7 @@ __global__ void __launch_bounds__(256) append_paged_kv_kernel(const __grid_const
     const int first = __ldg(p.kv_indptr + r), last = __ldg(p.kv_indptr + r + 1);
     if (page_in_req >= last - first) continue;
     const int page = __ldg(p.indices + first + page_in_req);
-    if (page < 0 || page >= p.num_pages) continue;
+    if (!page_in_cache(page, p.num_pages)) continue;
     const int64_t dst = int64_t(page) * p.stride_page + int64_t(slot) * p.stride_n + int64_t(h) * p.stride_h + c * 8;
     const uint4 kv = *reinterpret_cast<const uint4*>(static_cast<const DType*>(p.key) + i * p.key_stride_n +
                                                      h * p.key_stride_h + c * 8);

@@ -16,6 +16,7 @@
 #include "cp_async.cuh"
 #include "merge.cuh"
 #include "mma.cuh"
+#include "page.cuh"  // page_in_cache
 #include "pos_enc.cuh"
 
 #include <type_traits>
@@ -45,6 +46,7 @@ struct PrefillParams {
   const int* kv_indices;
   const int* kv_last_page_len;
   int page_size;
+  int num_pages;    // PAGED: the cache's page count; rows of pages outside [0, num_pages) read as zeros
   const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
   const int* num_work;
   int work_capacity;
@@ -159,7 +161,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     int2 r = make_int2(0, 0);
     if (PAGED && tid < BK && tile < num_tiles && t < hi) {
       const int page_pos = t / p.page_size;
-      r = make_int2(p.kv_indices[kv_start + page_pos], t - page_pos * p.page_size);
+      const int page = p.kv_indices[kv_start + page_pos];
+      r = make_int2(page_in_cache(page, p.num_pages) ? page : -1, t - page_pos * p.page_size);  // -1: not read
     }
     return r;
   };
@@ -183,12 +186,13 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     for (int i = 0; i < BK / ROWS_PER_PASS; ++i) {
       const int row = tid / CH + i * ROWS_PER_PASS;
       const int t = lo + tile * BK + row;
-      const bool valid = t < hi;
+      bool valid = t < hi;
       int64_t off = 0;
       if (valid) {
         if constexpr (PAGED) {
           const int2 ps = s_rows[(tile & 1) * BK + row];
-          off = int64_t(ps.x) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(ps.y) * stride_n;
+          valid = ps.x >= 0;  // a row of an invalid page is zero-filled, not read
+          off = valid ? int64_t(ps.x) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(ps.y) * stride_n : 0;
         } else {
           off = int64_t(kv_start + t) * stride_n;
         }

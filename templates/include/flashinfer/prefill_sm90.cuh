@@ -102,7 +102,8 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     int2 r = make_int2(0, 0);
     if (PAGED && tid < BK && tile < num_tiles && t < hi) {
       const int page_pos = t / p.page_size;
-      r = make_int2(p.kv_indices[page_pos], t - page_pos * p.page_size);
+      const int page = p.kv_indices[page_pos];
+      r = make_int2(page_in_cache(page, p.num_pages) ? page : -1, t - page_pos * p.page_size);  // -1: not read
     }
     return r;
   };
@@ -123,10 +124,11 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     for (int i = 0; i < BK * CH / THREADS; ++i) {
       const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
       const int t = lo + tile * BK + row;
-      const bool valid = t < hi;
+      bool valid = t < hi;
       int64_t off;
       if constexpr (PAGED) {
         const int2 ps = s_rows[(tile & 1) * BK + row];
+        valid = valid && ps.x >= 0;  // a row of an invalid page is zero-filled, not read
         off = valid ? int64_t(ps.x) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(ps.y) * stride_n : 0;
       } else {
         off = int64_t(valid ? t : 0) * stride_n;
