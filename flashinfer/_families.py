@@ -15,6 +15,7 @@ FAMILY_MODULES: Dict[str, str] = {
     "prefill_single": "flashinfer.prefill",
     "prefill_batch": "flashinfer.prefill",
     "page_append": "flashinfer.page",
+    "sampling": "flashinfer.sampling",
     "probe": "flashinfer.jit.probe",
 }
 

@@ -39,7 +39,7 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 _FAMILY_MODULES = ("flashinfer.decode", "flashinfer.batch_decode", "flashinfer.page", "flashinfer.prefill",
-                   "flashinfer.jit.probe")
+                   "flashinfer.sampling", "flashinfer.jit.probe")
 _NOT_KERNELS = ("probe",)  # families that a "*" preset leaves out
 
 
@@ -140,6 +140,8 @@ _TEST_PRESET: Dict[str, Any] = {
         {"head_dims": "128", "dtypes": "bf16", "axis:kv_storage": "paged", "axis:mask_mode": "none",
          "axis:use_fp16_qk_reduction": "off"},
     ],
+    # test_sampling.py: float32 rows everywhere, float16/bfloat16 logits and probabilities in the dtype tests.
+    "sampling": {},
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {
