@@ -78,7 +78,7 @@ def lib() -> ctypes.CDLL:
             raise RuntimeError(f"building the sampling emulator failed:\n{p.stderr[-6000:]}")
         os.replace(tmp, so)
     _LIB = ctypes.CDLL(str(so))
-    for name in ("emu_sample", "emu_row_op", "emu_chain"):
+    for name in ("emu_sample", "emu_row_op", "emu_chain", "emu_topk_probe"):
         getattr(_LIB, name).restype = ctypes.c_char_p
     _LIB.emu_philox.restype = None
     _LIB.emu_philox.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
@@ -167,6 +167,14 @@ def weights(row: torch.Tensor, logits: bool) -> list:
     out = (ctypes.c_uint64 * x.numel())()
     lib().emu_weights(x.data_ptr(), x.numel(), int(logits), ctypes.addressof(out))
     return list(out)
+
+
+def topk_probe(row: torch.Tensor, k: int, *, logits: bool, cluster: int = 0, cached: int = -1) -> dict:
+    """The single-pass top-k route on one row (1-D CPU tensor): candidates gathered, bound, whether it held."""
+    out = (ctypes.c_uint * 5)()
+    _check(lib().emu_topk_probe(DTYPES[row.dtype], cluster, cached, _p(row), row.numel(), k, int(logits),
+                                ctypes.c_void_p(ctypes.addressof(out))))
+    return {"n": out[0], "theta": out[1], "ok": bool(out[2]), "max_key": out[3], "num_valid": out[4]}
 
 
 def philox(seed: int, offset: int, row: int, draw: int):

@@ -24,6 +24,38 @@ void row_op_body(void* a) {
 }
 void chain_body(void* a) { chain_speculative_cta(*static_cast<const SpecParams*>(a), emu::my_cta().smem); }
 
+// The single-pass top-k route alone: how many candidates reach rank 0, the bound, whether it held.
+struct TopKProbe {
+  const void* row;
+  int vocab, k, logits;
+  unsigned n, theta, ok, max_key, num_valid;
+};
+template <typename D, bool kC>
+void topk_probe_body(void* a) {
+  TopKProbe& t = *static_cast<TopKProbe*>(a);
+  uint8_t* smem = emu::my_cta().smem;
+  Shared& sh = *reinterpret_cast<Shared*>(smem);
+  ClusterCtx cx = {cluster_rank(), cluster_size(), 0};
+  if (threadIdx.x == 0) sh.gather_count = 0;
+  const Row<D, kC> row(t.row, t.vocab, cx, reinterpret_cast<uint4*>(smem + sizeof(Shared)), t.logits ? -kInf : 0.f);
+  row.fill_cache();
+  const TopKStats ts = topk_collect(sh, cx, topk_filter(row, sh, t.logits != 0, t.k), t.k);
+  const Weigher wg(t.logits != 0, ts.st.max_key);
+  Gathered g = {0, 0};
+  if (ts.ok) g = push_topk_candidates(row, sh, cx, wg, ts, false);
+  if (cx.rank == 0 && threadIdx.x == 0) {
+    t.n = g.n;
+    t.theta = ts.theta;
+    t.ok = ts.ok;
+    t.max_key = ts.st.max_key;
+    t.num_valid = ts.st.num_valid;
+  }
+}
+template <typename D, bool kC>
+struct TopKProbeBody {
+  static constexpr emu::Body fn = topk_probe_body<D, kC>;
+};
+
 int elem_bytes(int dtype) { return dtype == 0 ? 4 : 2; }
 
 // The plan the launcher would make, with the cluster size and caching overridden when asked (cluster 0 / cached -1:
@@ -154,6 +186,21 @@ const char* emu_chain(unsigned sched_seed, const float* draft_probs, const int* 
   for (int b = 0; b < batch; ++b) {
     if (const char* e = emu::run_cluster(chain_body, &p, 1, kThreads, b, sizeof(Shared), sched_seed + b)) return e;
   }
+  return nullptr;
+}
+
+const char* emu_topk_probe(int dtype, int cluster, int cached, const void* row, int vocab, int k, int logits,
+                           unsigned* out) {
+  RowPlan pl;
+  if (const char* e = plan(dtype, vocab, cluster, cached, &pl)) return e;
+  TopKProbe t = {row, vocab, k, logits, 0, 0, 0, 0, 0};
+  if (const char* e = emu::run_cluster(pick<TopKProbeBody>(dtype, pl.cached), &t, pl.cluster, kThreads, 0, pl.smem, 7))
+    return e;
+  out[0] = t.n;
+  out[1] = t.theta;
+  out[2] = t.ok;
+  out[3] = t.max_key;
+  out[4] = t.num_valid;
   return nullptr;
 }
 

@@ -242,6 +242,10 @@ inline DimProxy block_idx() { return {me().bidx.x, 0, 0}; }
 #define blockIdx (::emu::block_idx())
 
 inline void __syncthreads() { ::emu::arrive_wait(::emu::my_cta().block, "block"); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  (void)mask;
+  ::emu::warp_barrier();
+}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int m) {

@@ -30,9 +30,13 @@
 // the cluster in place (CTA r owns bins [r, r + 1) * kBins / C), and finds the bin where the cumulative count or
 // mass from the top reaches the target. Once that bin holds at most kGatherCap elements they are gathered into
 // rank 0, put in order there (a bitonic network over at most kGatherCap candidates), and tau read off exactly.
-// Top-k with k <= kThreads skips the rounds: a lower bound of the k-th largest key from the threads' maxima
-// (see topk_bound) leaves ~1.5 k candidates, which rank 0 orders and resolves, applying top-p within them too,
-// and samples from them directly when at most kSmallKept are kept.
+// Top-k with k <= kFilterMaxK skips the rounds and needs a single pass over the row (see topk_filter): every warp
+// keeps the elements at or above a running threshold, its exact k-th largest so far, in a buffer in shared
+// memory. The warps' thresholds bound the row's k-th largest from below; each CTA merges and orders its warps'
+// survivors, and ranks of these lists published across the cluster give a bound close to the k-th largest, so
+// that rank 0 gathers ~k to 2k candidates, a superset of the top-k set (see topk_collect). It orders and resolves
+// them, applying top-p within them too, and samples from them directly when at most kSmallKept are kept. Large
+// batches run one CTA per row (no cluster barrier at all) streaming the row from HBM once.
 //
 // Sampling is the inverse CDF in vocabulary order over the kept fixed-point weights, with one 64-bit Philox
 // draw r per row: the sampled element is the first whose cumulative weight exceeds floor(total * r / 2^64). The
@@ -60,7 +64,10 @@ constexpr int kMaxCluster = 16;
 constexpr int kMaxChunks = 1088;           // 32-vector chunks of one slice (bounds the vocabulary, see kMaxVocab)
 constexpr int kMaxVocab = 1 << 20;
 constexpr int kWeightBits = 39;
-constexpr int kQuantiles = 16;             // thread-maximum ranks a CTA publishes for topk_bound
+constexpr int kWarpBuf = 384;              // top-k candidates a warp buffers (see topk_filter)
+constexpr int kFilterMaxK = 128;           // top-k takes the single-pass route up to this k
+constexpr int kQuantiles = 16;             // ranks of its candidates a CTA publishes (see topk_collect)
+constexpr int kStreamUnroll = 4;           // 16-byte loads a lane has in flight when streaming a row
 constexpr float kInf = __builtin_huge_valf();
 
 // Filters of the sampling kernel (bit mask) and operations of the row-transform kernel: the values are exported
@@ -258,7 +265,8 @@ FI_DEVICE uint64_t warp_inclusive_scan(uint64_t v) {
 // ------------------------------------------------------------------------------------------ shared memory
 
 struct Exchange {
-  unsigned long long a[kMaxCluster], b[kMaxCluster];  // one pair of values per rank
+  unsigned long long a[kMaxCluster], b[kMaxCluster], c[kMaxCluster], d[kMaxCluster];  // values per rank
+  unsigned int quantile[kMaxCluster][kQuantiles];  // topk_collect
 };
 
 struct alignas(16) Shared {
@@ -267,13 +275,16 @@ struct alignas(16) Shared {
       unsigned int count[kBins];
       unsigned long long mass[kBins];
     } hist;
-    struct Cand {
-      unsigned long long key[kGatherCap];  // key << 32 | ~index: descending order = key desc, then index asc
-      unsigned long long w[kSmallKept];
-      unsigned int quantile[kMaxCluster][kQuantiles];
-    } cand;
-    unsigned long long chunk[kMaxChunks];  // fixed-point mass of each 32-vector chunk, vocabulary order
+    struct TopK {
+      unsigned long long local[kGatherCap];          // the CTA's candidates, merged from the warps' buffers
+      unsigned long long warp_buf[kWarps][kWarpBuf];  // per warp (as cand.key)
+    } topk;
+    unsigned long long chunk[kMaxChunks];           // fixed-point mass of each 32-vector chunk, vocabulary order
   } u;
+  struct Cand {  // rank 0: gathered candidates (outside the union: rank 0's own warps push while others do)
+    unsigned long long key[kGatherCap];  // key << 32 | ~index: descending order = key desc, then index asc
+    unsigned long long w[kSmallKept];
+  } cand;
   // Cluster exchanges write into the other CTAs' slots before a cluster barrier and read their own after it.
   // Two slot buffers alternate: a CTA writes buffer i again only after the next exchange's barrier, which every
   // CTA reaches only after reading buffer i.
@@ -341,27 +352,31 @@ FI_DEVICE void bitonic_sort_desc(unsigned long long* a, int n) {
 }
 
 struct Reduced {
-  uint64_t sum_a, prefix_a, max_a, sum_b;
+  uint64_t sum_a, prefix_a, sum_b, max_c, max_d;
 };
 
-// Every CTA contributes (a, b) (block-uniform values); every CTA gets the sums and maximum over the cluster and
-// the sum of a over the ranks before its own, combined in rank order.
-FI_DEVICE Reduced cluster_reduce(Shared& sh, ClusterCtx& cx, uint64_t a, uint64_t b) {
+// Every CTA contributes block-uniform values a, b, c, d; every CTA gets the sums of a and b, the maxima of c and d
+// over the cluster and the sum of a over the ranks before its own (combined in rank order).
+FI_DEVICE Reduced cluster_reduce(Shared& sh, ClusterCtx& cx, uint64_t a, uint64_t b = 0, uint64_t c = 0,
+                                 uint64_t d = 0) {
   Exchange* slot = &sh.xch[cx.phase & 1];
   if (threadIdx.x < cx.size) {
     Exchange* dst = cluster_map(slot, threadIdx.x);
     dst->a[cx.rank] = a;
     dst->b[cx.rank] = b;
+    dst->c[cx.rank] = c;
+    dst->d[cx.rank] = d;
   }
   cluster_sync();
   ++cx.phase;
-  Reduced r = {0, 0, 0, 0};
+  Reduced r = {0, 0, 0, 0, 0};
   for (unsigned i = 0; i < cx.size; ++i) {
-    const uint64_t ai = slot->a[i];
+    const uint64_t ai = slot->a[i], ci = slot->c[i], di = slot->d[i];
     r.sum_a += ai;
     if (i < cx.rank) r.prefix_a += ai;
-    r.max_a = ai > r.max_a ? ai : r.max_a;
     r.sum_b += slot->b[i];
+    r.max_c = ci > r.max_c ? ci : r.max_c;
+    r.max_d = di > r.max_d ? di : r.max_d;
   }
   return r;
 }
@@ -414,20 +429,25 @@ struct Row {
   FI_DEVICE int chunks_per_warp() const { return warp_len / 32; }
   FI_DEVICE bool edge(int v) const { return v == 0 || v == num_vecs - 1; }
 
-  FI_DEVICE void load(int v, float (&x)[kVec]) const {
+  // The 16 bytes of vector v (one of the slice's), and their values (elements outside the row neutral).
+  FI_DEVICE uint4 raw(int v) const {
     if constexpr (kCached) {
-      E::unpack(cache[v - v0], x);
+      return cache[v - v0];
     } else {
-      E::unpack(__ldg(gvec + v), x);
-      if (edge(v)) {
+      return __ldg(gvec + v);
+    }
+  }
+  FI_DEVICE void unpack(int v, const uint4& r, float (&x)[kVec]) const {
+    E::unpack(r, x);
+    if (!kCached && edge(v)) {  // (the cache holds neutral values there already)
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const int e = elem(v, j);
-          if (e < 0 || e >= vocab) x[j] = neutral;
-        }
+      for (int j = 0; j < kVec; ++j) {
+        const int e = elem(v, j);
+        if (e < 0 || e >= vocab) x[j] = neutral;
       }
     }
   }
+  FI_DEVICE void load(int v, float (&x)[kVec]) const { unpack(v, raw(v), x); }
 
   FI_DEVICE void load_or_neutral(int v, bool in, float (&x)[kVec]) const {
     if (in) {
@@ -521,7 +541,6 @@ struct OutRow {
 struct KeyStats {
   uint32_t max_key;    // over the cluster; 0: no element carries mass
   uint32_t num_valid;  // elements with a nonzero key, over the cluster
-  uint32_t thread_max; // this thread's largest key
 };
 
 template <typename R>
@@ -539,8 +558,8 @@ FI_DEVICE KeyStats key_stats(const R& row, Shared& sh, ClusterCtx& cx, bool logi
   });
   const uint32_t bmax = block_reduce(tmax, MaxOp<uint32_t>(), sh);
   const uint32_t bcount = block_reduce(count, SumOp<uint32_t>(), sh);
-  const Reduced r = cluster_reduce(sh, cx, bmax, bcount);
-  return {static_cast<uint32_t>(r.max_a), static_cast<uint32_t>(r.sum_b), tmax};
+  const Reduced r = cluster_reduce(sh, cx, 0, bcount, bmax);
+  return {static_cast<uint32_t>(r.max_c), static_cast<uint32_t>(r.sum_b)};
 }
 
 // Fixed-point mass of the elements with key >= tau, over the cluster.
@@ -554,49 +573,50 @@ FI_DEVICE uint64_t kept_mass(const R& row, Shared& sh, ClusterCtx& cx, const Wei
 #pragma unroll
     for (int j = 0; j < R::kVec; ++j) m += wg.key(x[j]) >= tau ? wg.weight_fx(x[j]) : 0;
   });
-  return cluster_reduce(sh, cx, block_reduce(m, SumOp<uint64_t>(), sh), 0).sum_a;
+  return cluster_reduce(sh, cx, block_reduce(m, SumOp<uint64_t>(), sh)).sum_a;
 }
 
 // ------------------------------------------------------------------------------------------ candidates
 
 struct Gathered {
-  uint32_t n;  // rank 0: candidates pushed (sorted in u.cand.key[0, n) when n <= kGatherCap)
+  uint32_t n;  // rank 0: candidates pushed (sorted in cand.key[0, n) when n <= kGatherCap)
   uint64_t z;  // the cluster's fixed-point mass of all elements (when asked for)
 };
 
-// Pushes (key, index) of the slice's elements with lo <= key <= hi into rank 0's candidate buffer, and orders
-// them there. Rank 0's gather_count must be 0 and its candidate buffer unused from the last cluster barrier on.
-template <typename R>
-FI_DEVICE Gathered gather_candidates(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, uint32_t lo,
-                                     uint32_t hi, bool want_mass) {
+FI_DEVICE uint32_t cand_key(unsigned long long c) { return static_cast<uint32_t>(c >> 32); }
+FI_DEVICE int cand_index(unsigned long long c) { return static_cast<int>(~static_cast<uint32_t>(c)); }
+FI_DEVICE unsigned long long make_cand(uint32_t key, int index) {
+  return (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~index);
+}
+
+// How many of the first n entries of a list (of at most kGatherCap) have key >= tau.
+FI_DEVICE int count_at_least_in(const unsigned long long* list, int n, uint32_t tau, Shared& sh) {
+  int c = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) c += cand_key(list[i]) >= tau;
+  return block_reduce(c, SumOp<int>(), sh);
+}
+
+// Appends, warp-aggregated, the lanes' candidates c with `take` into rank 0's candidate buffer (past kGatherCap
+// they are only counted).
+FI_DEVICE void push_to_rank0(Shared& sh, bool take, unsigned long long c) {
   const int lane = threadIdx.x % 32;
-  unsigned int* counter = cluster_map(&sh.gather_count, 0);
-  unsigned long long* dst = cluster_map(sh.u.cand.key, 0);
-  uint64_t z = 0;
-  row.for_each([&](int v, bool in, int) {
-    float x[R::kVec];
-    row.load_or_neutral(v, in, x);
-#pragma unroll
-    for (int j = 0; j < R::kVec; ++j) {
-      const uint32_t k = wg.key(x[j]);
-      if (want_mass) z += wg.weight_fx(x[j]);
-      const bool take = k >= lo && k <= hi;
-      const unsigned mask = __ballot_sync(0xffffffffu, take);
-      if (mask) {
-        const int leader = __ffs(mask) - 1;
-        unsigned base = 0;
-        if (lane == leader) base = atomicAdd(counter, static_cast<unsigned>(__popc(mask)));
-        base = __shfl_sync(0xffffffffu, base, leader);
-        if (take) {
-          const unsigned slot = base + __popc(mask & ((1u << lane) - 1u));
-          if (slot < kGatherCap)
-            dst[slot] = (static_cast<unsigned long long>(k) << 32) | static_cast<uint32_t>(~row.elem(v, j));
-        }
-      }
-    }
-  });
+  const unsigned mask = __ballot_sync(0xffffffffu, take);
+  if (!mask) return;
+  const int leader = __ffs(mask) - 1;
+  unsigned base = 0;
+  if (lane == leader) base = atomicAdd(cluster_map(&sh.gather_count, 0), static_cast<unsigned>(__popc(mask)));
+  base = __shfl_sync(0xffffffffu, base, leader);
+  if (take) {
+    const unsigned slot = base + __popc(mask & ((1u << lane) - 1u));
+    if (slot < kGatherCap) cluster_map(sh.cand.key, 0)[slot] = c;
+  }
+}
+
+// After the pushes: the cluster barrier that completes them (summing the CTAs' block-uniform z), then rank 0
+// orders what it received. Rank 0's gather_count is 0 again afterwards.
+FI_DEVICE Gathered finish_gather(Shared& sh, ClusterCtx& cx, uint64_t z) {
   Gathered g;
-  g.z = cluster_reduce(sh, cx, want_mass ? block_reduce(z, SumOp<uint64_t>(), sh) : 0, 0).sum_a;
+  g.z = cluster_reduce(sh, cx, z).sum_a;
   g.n = 0;
   if (cx.rank == 0) {
     if (threadIdx.x == 0) {
@@ -608,29 +628,255 @@ FI_DEVICE Gathered gather_candidates(const R& row, Shared& sh, ClusterCtx& cx, c
     if (g.n <= kGatherCap) {
       int n2 = 32;
       while (n2 < static_cast<int>(g.n)) n2 *= 2;
-      for (int i = static_cast<int>(g.n) + threadIdx.x; i < n2; i += kThreads) sh.u.cand.key[i] = 0;
+      for (int i = static_cast<int>(g.n) + threadIdx.x; i < n2; i += kThreads) sh.cand.key[i] = 0;
       __syncthreads();
-      bitonic_sort_desc(sh.u.cand.key, n2);
+      bitonic_sort_desc(sh.cand.key, n2);
     }
   }
   return g;
 }
 
-FI_DEVICE uint32_t cand_key(unsigned long long c) { return static_cast<uint32_t>(c >> 32); }
-FI_DEVICE int cand_index(unsigned long long c) { return static_cast<int>(~static_cast<uint32_t>(c)); }
+// Gathers (key, index) of the row's elements with lo <= key <= hi into rank 0 and orders them there (see
+// finish_gather); with want_mass, also the cluster's fixed-point mass of all elements. Rank 0's gather_count must be
+// 0 and its candidate buffer unused from the last cluster barrier on.
+template <typename R>
+FI_DEVICE Gathered gather_candidates(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, uint32_t lo,
+                                     uint32_t hi, bool want_mass) {
+  uint64_t z = 0;
+  row.for_each([&](int v, bool in, int) {
+    float x[R::kVec];
+    row.load_or_neutral(v, in, x);
+#pragma unroll
+    for (int j = 0; j < R::kVec; ++j) {
+      const uint32_t k = wg.key(x[j]);
+      if (want_mass) z += wg.weight_fx(x[j]);
+      push_to_rank0(sh, k >= lo && k <= hi, make_cand(k, row.elem(v, j)));
+    }
+  });
+  return finish_gather(sh, cx, want_mass ? block_reduce(z, SumOp<uint64_t>(), sh) : 0);
+}
+
+// ------------------------------------------------------------------------------------------ top-k in one pass
+
+struct WarpFilter {
+  uint32_t tmax = 0, count = 0;  // this thread's largest key and number of elements with mass
+  uint32_t theta = 1;            // the warp's threshold: its exact k-th largest key at its last compaction
+  int n = 0;                     // entries in the warp's buffer
+  bool overflow = false;         // more entries at or above theta than the buffer holds (ties)
+};
+
+// The warp's exact k-th largest key among buf[0, n) (k <= n <= kWarpBuf): a bitwise binary search for the largest
+// t with k entries >= t, over keys held in registers.
+FI_DEVICE uint32_t warp_kth_largest(const unsigned long long* buf, int n, int k) {
+  constexpr int kPer = kWarpBuf / 32;
+  const int lane = threadIdx.x % 32;
+  uint32_t keys[kPer];
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int i = q * 32 + lane;
+    keys[q] = i < n ? cand_key(buf[i]) : 0u;
+  }
+  uint32_t t = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t c = t | (1u << bit);
+    int cnt = 0;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) cnt += keys[q] >= c;
+    if (warp_reduce(cnt, SumOp<int>()) >= k) t = c;
+  }
+  return t;
+}
+
+// Streams this CTA's slice (kStreamUnroll 16-byte loads per lane in flight) and keeps, per warp, the elements whose
+// key is at least the warp's running threshold in its buffer sh.u.warp_buf[warp]. When the buffer might not take
+// another step the warp raises its threshold to the exact k-th largest key of the buffer and drops what is below
+// (k <= kFilterMaxK). A warp's threshold never exceeds the row's k-th largest key (the warp has seen k elements at or
+// above it), and every element of the warp at or above its final threshold is in its buffer.
+template <typename R>
+FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k) {
+  constexpr int kVec = R::kVec;
+  constexpr int kStep = 32 * kVec;  // what one step of a warp may append
+  static_assert(kWarpBuf - kStep >= kFilterMaxK, "a compaction must leave room for k <= kFilterMaxK candidates");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned long long* buf = sh.u.topk.warp_buf[warp];
+  WarpFilter f;
+  const int begin = row.v0 + warp * row.warp_len;
+  const int end = min(row.v1, begin + row.warp_len);
+  for (int base = begin; base < end; base += 32 * kStreamUnroll) {
+    uint4 raw[kStreamUnroll];
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      const int v = base + 32 * u + lane;
+      raw[u] = v < end ? row.raw(v) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      if (base + 32 * u >= end) break;  // (warp-uniform)
+      const int v = base + 32 * u + lane;
+      float x[kVec];
+      if (v < end) {
+        row.unpack(v, raw[u], x);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[j] = row.neutral;
+      }
+      if (f.n > kWarpBuf - kStep && !f.overflow) {
+        __syncwarp();
+        const uint32_t t = warp_kth_largest(buf, f.n, k);
+        f.theta = t > f.theta ? t : f.theta;
+        int kept = 0;  // in place, in order: a group's entries are read before any of it is rewritten
+        for (int q0 = 0; q0 < f.n; q0 += 32) {
+          const int i = q0 + lane;
+          const unsigned long long c = i < f.n ? buf[i] : 0ull;
+          const bool keep = i < f.n && cand_key(c) >= f.theta;
+          const unsigned mask = __ballot_sync(0xffffffffu, keep);
+          if (keep) buf[kept + __popc(mask & ((1u << lane) - 1u))] = c;
+          kept += __popc(mask);
+        }
+        __syncwarp();
+        f.n = kept;
+        f.overflow = f.n > kWarpBuf - kStep;
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const uint32_t key = logits ? logit_key(x[j]) : prob_key(x[j]);
+        f.tmax = key > f.tmax ? key : f.tmax;
+        f.count += key != 0;
+        const bool take = key >= f.theta && !f.overflow;
+        const unsigned mask = __ballot_sync(0xffffffffu, take);
+        if (take) buf[f.n + __popc(mask & ((1u << lane) - 1u))] = make_cand(key, row.elem(v, j));
+        f.n += __popc(mask);
+      }
+    }
+  }
+  __syncwarp();
+  // The warp's final bound: the exact k-th largest of what it kept (a tight bound even for a warp that never had
+  // to compact).
+  if (!f.overflow && f.n > k) {
+    const uint32_t t = warp_kth_largest(buf, f.n, k);
+    f.theta = t > f.theta ? t : f.theta;
+  }
+  return f;
+}
+
+struct TopKStats {
+  KeyStats st;
+  uint32_t theta;  // a lower bound of the row's k-th largest key, close to it
+  bool ok;         // every CTA kept all its elements at or above theta
+  int n_local;     // the CTA's candidates (sorted in u.topk.local)
+};
+
+// The ranks of its sorted candidates a CTA publishes: a value t of CTA c that the published ranks show k
+// elements (over the cluster) at or above is a lower bound of the row's k-th largest key.
+__device__ constexpr int kQuantileRanks[kQuantiles] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256};
+
+// After topk_filter: merges the warps' candidates at or above the CTA's largest warp threshold into u.topk.local
+// (sorted descending), and combines over the cluster (one barrier) the row's statistics and a close bound of its
+// k-th largest key: with one CTA the local list holds the whole top-k set, so its k-th entry; with more, the
+// largest published quantile that the published ranks prove a bound.
+FI_DEVICE TopKStats topk_collect(Shared& sh, ClusterCtx& cx, const WarpFilter& f, int k) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint32_t bmax = block_reduce(f.tmax, MaxOp<uint32_t>(), sh);
+  const uint32_t bcount = block_reduce(f.count, SumOp<uint32_t>(), sh);
+  const uint32_t btheta = block_reduce(f.theta, MaxOp<uint32_t>(), sh);
+  if (threadIdx.x == 0) sh.gather_n = 0;
+  __syncthreads();
+  const unsigned long long* buf = sh.u.topk.warp_buf[warp];
+  for (int q0 = 0; q0 < f.n; q0 += 32) {
+    const int i = q0 + lane;
+    const unsigned long long c = i < f.n ? buf[i] : 0ull;
+    const bool take = !f.overflow && i < f.n && cand_key(c) >= btheta;
+    const unsigned mask = __ballot_sync(0xffffffffu, take);
+    if (!mask) continue;
+    const int leader = __ffs(mask) - 1;
+    unsigned base = 0;
+    if (lane == leader) base = atomicAdd(&sh.gather_n, static_cast<unsigned>(__popc(mask)));
+    base = __shfl_sync(0xffffffffu, base, leader);
+    const unsigned slot = base + __popc(mask & ((1u << lane) - 1u));
+    if (take && slot < kGatherCap) sh.u.topk.local[slot] = c;
+  }
+  __syncthreads();
+  const int n = static_cast<int>(sh.gather_n);
+  const bool over = n > kGatherCap || block_reduce(lane == 0 && f.overflow ? 1 : 0, SumOp<int>(), sh) > 0;
+  if (!over) {
+    int n2 = 32;
+    while (n2 < n) n2 *= 2;
+    for (int i = n + threadIdx.x; i < n2; i += kThreads) sh.u.topk.local[i] = 0;
+    __syncthreads();
+    bitonic_sort_desc(sh.u.topk.local, n2);
+  }
+  // Publish (overflow, count, max) and the quantiles to every CTA.
+  Exchange* slot = &sh.xch[cx.phase & 1];
+  const int t = threadIdx.x;
+  if (t < static_cast<int>(cx.size) * kQuantiles) {
+    const int q = t % kQuantiles, r = kQuantileRanks[q];
+    cluster_map(slot, t / kQuantiles)->quantile[cx.rank][q] = !over && r <= n ? cand_key(sh.u.topk.local[r - 1]) : 0u;
+  }
+  const Reduced red = cluster_reduce(sh, cx, over ? 1 : 0, bcount, bmax);  // (the barrier also covers the quantiles)
+  TopKStats ts;
+  ts.st = {static_cast<uint32_t>(red.max_c), static_cast<uint32_t>(red.sum_b)};
+  ts.ok = red.sum_a == 0;
+  ts.n_local = n;
+  ts.theta = 0;
+  if (!ts.ok) return ts;
+  if (cx.size == 1) {
+    ts.theta = k <= n ? cand_key(sh.u.topk.local[k - 1]) : 0u;
+    return ts;
+  }
+  uint32_t best = 0;
+  if (t < static_cast<int>(cx.size) * kQuantiles) {
+    const uint32_t cand = slot->quantile[t / kQuantiles][t % kQuantiles];
+    int guaranteed = 0;
+    for (unsigned c = 0; c < cx.size; ++c) {
+      int r = 0;
+#pragma unroll
+      for (int q = 0; q < kQuantiles; ++q) r = slot->quantile[c][q] >= cand ? kQuantileRanks[q] : r;
+      guaranteed += r;
+    }
+    if (cand != 0 && guaranteed >= k) best = cand;
+  }
+  ts.theta = block_reduce(best, MaxOp<uint32_t>(), sh);
+  return ts;
+}
+
+// Moves the CTAs' candidates at or above theta (a prefix of each sorted local list) to rank 0 and orders them there
+// (with one CTA: copies them in order); with want_mass also the cluster's fixed-point mass of all elements (a pass
+// over the slice).
+template <typename R>
+FI_DEVICE Gathered push_topk_candidates(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg,
+                                        const TopKStats& ts, bool want_mass) {
+  uint64_t z = 0;
+  if (want_mass) {
+    row.for_each([&](int v, bool in, int) {
+      if (!in) return;
+      float x[R::kVec];
+      row.load(v, x);
+#pragma unroll
+      for (int j = 0; j < R::kVec; ++j) z += wg.weight_fx(x[j]);
+    });
+    z = block_reduce(z, SumOp<uint64_t>(), sh);
+  }
+  const unsigned long long* local = sh.u.topk.local;
+  if (cx.size == 1) {
+    const int n = count_at_least_in(local, ts.n_local, ts.theta, sh);
+    for (int i = threadIdx.x; i < n; i += kThreads) sh.cand.key[i] = local[i];
+    Gathered g;
+    g.z = cluster_reduce(sh, cx, z).sum_a;
+    g.n = static_cast<uint32_t>(n);
+    return g;
+  }
+  for (int q0 = 0; q0 < ts.n_local; q0 += kThreads) {
+    const int i = q0 + threadIdx.x;
+    const unsigned long long c = i < ts.n_local ? local[i] : 0ull;
+    push_to_rank0(sh, i < ts.n_local && cand_key(c) >= ts.theta, c);
+  }
+  return finish_gather(sh, cx, z);
+}
 
 constexpr int kCandPerThread = kGatherCap / kThreads;
 
 // Rank 0, candidates sorted: how many of the first n have key >= tau.
-FI_DEVICE int count_at_least(Shared& sh, int n, uint32_t tau) {
-  int c = 0;
-#pragma unroll
-  for (int q = 0; q < kCandPerThread; ++q) {
-    const int i = threadIdx.x * kCandPerThread + q;
-    c += i < n && cand_key(sh.u.cand.key[i]) >= tau;
-  }
-  return block_reduce(c, SumOp<int>(), sh);
-}
+FI_DEVICE int count_at_least(Shared& sh, int n, uint32_t tau) { return count_at_least_in(sh.cand.key, n, tau, sh); }
 
 // Rank 0, candidates sorted, F_above = F(key > the first candidate's range): the largest candidate key t with
 // F_above + F(candidates >= t) >= target (F = count or fixed-point mass), among the first n.
@@ -640,7 +886,7 @@ FI_DEVICE uint32_t resolve_sorted(Shared& sh, const Weigher& wg, int n, bool by_
 #pragma unroll
   for (int q = 0; q < kCandPerThread; ++q) {
     const int i = threadIdx.x * kCandPerThread + q;
-    f[q] = i < n ? (by_mass ? wg.weight_fx(wg.value(cand_key(sh.u.cand.key[i]))) : 1) : 0;
+    f[q] = i < n ? (by_mass ? wg.weight_fx(wg.value(cand_key(sh.cand.key[i]))) : 1) : 0;
     local += f[q];
   }
   uint64_t total;
@@ -654,7 +900,7 @@ FI_DEVICE uint32_t resolve_sorted(Shared& sh, const Weigher& wg, int n, bool by_
   }
   const int p = block_reduce(failing, SumOp<int>(), sh);
   if (f_total) *f_total = total;
-  return cand_key(sh.u.cand.key[p < n ? p : n - 1]);
+  return cand_key(sh.cand.key[p < n ? p : n - 1]);
 }
 
 // Rank 0, candidates sorted, the first n_kept are the kept set: the inverse CDF in vocabulary order over their
@@ -664,60 +910,23 @@ FI_DEVICE int sample_sorted(Shared& sh, const Weigher& wg, int n_kept, uint64_t 
   uint64_t w = 0;
   int idx = 0;
   if (t < n_kept) {
-    const unsigned long long c = sh.u.cand.key[t];
+    const unsigned long long c = sh.cand.key[t];
     idx = cand_index(c);
     w = wg.weight_fx(wg.value(cand_key(c)));
-    sh.u.cand.w[t] = w;
+    sh.cand.w[t] = w;
   }
   if (t == 0) sh.found = -1;
   const uint64_t total = block_reduce(w, SumOp<uint64_t>(), sh);  // (synchronizes the writes above)
   const uint64_t target = __umul64hi(total, r64);
   if (t < n_kept && w > 0) {
     uint64_t before = 0;
-    for (int j = 0; j < n_kept; ++j) before += cand_index(sh.u.cand.key[j]) < idx ? sh.u.cand.w[j] : 0;
+    for (int j = 0; j < n_kept; ++j) before += cand_index(sh.cand.key[j]) < idx ? sh.cand.w[j] : 0;
     if (before <= target && target - before < w) sh.found = idx;
   }
   __syncthreads();
   const int found = sh.found;
   __syncthreads();
   return found;
-}
-
-// A lower bound of the cluster's k-th largest key (k <= kThreads): every CTA orders its threads' maxima and
-// publishes those of ranks kQuantileRanks; a published value t of CTA c is a bound when the published ranks
-// guarantee k maxima >= t over the cluster (distinct threads, so k distinct elements). Returns the largest such t,
-// 0 when none is.
-__device__ constexpr int kQuantileRanks[kQuantiles] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256};
-
-FI_DEVICE uint32_t topk_bound(Shared& sh, ClusterCtx& cx, uint32_t thread_max, int k) {
-  static_assert(kThreads == 256, "kQuantileRanks assume 256 threads");
-  unsigned long long* a = sh.u.cand.key;
-  a[threadIdx.x] = (static_cast<unsigned long long>(thread_max) << 32) | threadIdx.x;
-  __syncthreads();
-  bitonic_sort_desc(a, kThreads);
-  // Thread t (< size * kQuantiles) sends quantile t % kQuantiles to CTA t / kQuantiles.
-  const int t = threadIdx.x;
-  if (t < static_cast<int>(cx.size) * kQuantiles) {
-    const int q = t % kQuantiles;
-    unsigned int(*dst)[kQuantiles] = cluster_map(sh.u.cand.quantile, t / kQuantiles);
-    dst[cx.rank][q] = cand_key(a[kQuantileRanks[q] - 1]);
-  }
-  cluster_sync();
-  uint32_t best = 0;
-  if (t < static_cast<int>(cx.size) * kQuantiles) {
-    const uint32_t cand = sh.u.cand.quantile[t / kQuantiles][t % kQuantiles];
-    int guaranteed = 0;
-    for (unsigned c = 0; c < cx.size; ++c) {
-      int r = 0;
-#pragma unroll
-      for (int q = 0; q < kQuantiles; ++q) r = sh.u.cand.quantile[c][q] >= cand ? kQuantileRanks[q] : r;
-      guaranteed += r;
-    }
-    if (cand != 0 && guaranteed >= k) best = cand;
-  }
-  best = block_reduce(best, MaxOp<uint32_t>(), sh);
-  cluster_sync();  // the quantiles are read; the buffer is free again
-  return best;
 }
 
 // ------------------------------------------------------------------------------------------ threshold search
@@ -1006,60 +1215,66 @@ FI_DEVICE void sample_cta(const SampleParams& p, uint8_t* smem_raw) {
   const Row<DType, kCached> row(static_cast<const DType*>(p.input) + src * p.row_stride, p.vocab, cx, cache,
                                 p.logits ? -kInf : 0.f);
   row.fill_cache();
-  const KeyStats st = key_stats(row, sh, cx, p.logits);
-  if (st.max_key == 0) {
-    if (lead) emit(0, false);
-    return;
-  }
-  const Weigher wg(p.logits, st.max_key);
-  const int k = p.top_k_arr ? p.top_k_arr[out] : p.top_k_val;
   // Out-of-range parameters clamp (a NaN disables its filter): top_p <= 0 keeps the largest element, min_p > 1
   // acts as 1.
+  const int k = p.top_k_arr ? p.top_k_arr[out] : p.top_k_val;
   float top_p = p.top_p_arr ? p.top_p_arr[out] : p.top_p_val;
   top_p = top_p != top_p ? 1.f : fmaxf(top_p, 0.f);
   float min_p = p.min_p_arr ? p.min_p_arr[out] : p.min_p_val;
   min_p = min_p != min_p ? 0.f : fminf(min_p, 1.f);
-  const bool use_k = (p.filters & kTopK) && k > 0 && static_cast<uint32_t>(k) < st.num_valid;
+  const bool want_k = (p.filters & kTopK) && k > 0;
   const bool use_p = (p.filters & kTopP) && top_p < 1.f;
   const bool use_min_p = (p.filters & kMinP) && !p.logits && min_p > 0.f;
   const uint64_t seed = p.seed_arr ? static_cast<uint64_t>(p.seed_arr[out * p.seed_stride]) : p.seed_val;
   const uint64_t offset = p.offset_arr ? static_cast<uint64_t>(p.offset_arr[out * p.offset_stride]) : p.offset_val;
   const uint64_t r64 = random64(seed, offset, static_cast<uint32_t>(out), 0);
 
+  // Top-k with k <= kFilterMaxK: one pass keeps the candidates (and gives the row's statistics).
+  const bool filtered = want_k && k <= kFilterMaxK;
+  TopKStats ts;
+  if (filtered) {
+    ts = topk_collect(sh, cx, topk_filter(row, sh, p.logits, k), k);
+  } else {
+    ts.st = key_stats(row, sh, cx, p.logits);
+  }
+  const KeyStats st = ts.st;
+  if (st.max_key == 0) {
+    if (lead) emit(0, false);
+    return;
+  }
+  const Weigher wg(p.logits, st.max_key);
+  const bool use_k = want_k && static_cast<uint32_t>(k) < st.num_valid;
+
   uint32_t tau = 1;  // every element with mass
   if (use_k) {
     bool resolved = false;
-    if (k <= kThreads) {
-      const uint32_t theta = topk_bound(sh, cx, st.thread_max, k);
-      if (theta != 0) {
-        const bool want_z = use_p && !p.top_k_first;
-        const Gathered g = gather_candidates(row, sh, cx, wg, theta, st.max_key, want_z);
-        uint64_t res_a = 0, res_b = 0;  // a: 1 << 32 | tau when resolved; b: sampled element + 1
-        if (cx.rank == 0 && g.n <= kGatherCap) {
-          const int n = static_cast<int>(g.n);
-          const uint32_t tau_k = cand_key(sh.u.cand.key[k - 1]);
-          uint32_t t = tau_k;
-          if (use_p) {
-            const int n_k = count_at_least(sh, n, tau_k);
-            uint64_t m_k;
-            // The top-k set's mass first (target 1: just the scan), then its top-p head.
-            resolve_sorted(sh, wg, n_k, true, 0, 1, &m_k);
-            const uint64_t target = mass_target(top_p, p.top_k_first ? m_k : g.z);
-            if (target <= m_k) t = resolve_sorted(sh, wg, n_k, true, 0, target, nullptr);
-          }
-          res_a = (1ull << 32) | t;
-          const int n_kept = count_at_least(sh, n, t);
-          if (n_kept <= kSmallKept) res_b = static_cast<uint64_t>(sample_sorted(sh, wg, n_kept, r64) + 1);
+    if (filtered && ts.ok) {
+      const Gathered g = push_topk_candidates(row, sh, cx, wg, ts, use_p && !p.top_k_first);
+      uint64_t res_a = 0, res_b = 0;  // a: 1 << 32 | tau when resolved; b: sampled element + 1
+      if (cx.rank == 0 && g.n <= kGatherCap) {
+        const int n = static_cast<int>(g.n);
+        const uint32_t tau_k = cand_key(sh.cand.key[k - 1]);
+        uint32_t t = tau_k;
+        if (use_p) {
+          const int n_k = count_at_least(sh, n, tau_k);
+          uint64_t m_k;
+          // The top-k set's mass first (target 1: just the scan), then its top-p head.
+          resolve_sorted(sh, wg, n_k, true, 0, 1, &m_k);
+          const uint64_t target = mass_target(top_p, p.top_k_first ? m_k : g.z);
+          if (target <= m_k) t = resolve_sorted(sh, wg, n_k, true, 0, target, nullptr);
         }
-        uint64_t token1;
-        const uint2 res = broadcast_pair(sh, cx, res_a, res_b, &token1);
-        if (res.y) {
-          resolved = true;
-          tau = res.x;
-          if (token1) {
-            if (lead) emit(static_cast<int64_t>(token1) - 1, true);
-            return;
-          }
+        res_a = (1ull << 32) | t;
+        const int n_kept = count_at_least(sh, n, t);
+        if (n_kept <= kSmallKept) res_b = static_cast<uint64_t>(sample_sorted(sh, wg, n_kept, r64) + 1);
+      }
+      uint64_t token1;
+      const uint2 res = broadcast_pair(sh, cx, res_a, res_b, &token1);
+      if (res.y) {
+        resolved = true;
+        tau = res.x;
+        if (token1) {
+          if (lead) emit(static_cast<int64_t>(token1) - 1, true);
+          return;
         }
       }
     }
@@ -1176,19 +1391,16 @@ FI_DEVICE void softmax_row(const R& row, Shared& sh, ClusterCtx& cx, float tempe
   });
 }
 
-// The k-th largest key of the row (k < number of valid elements).
+// The k-th largest key of the row (0 < k < number of valid elements), after topk_filter (when `filtered`).
 template <typename R>
 FI_DEVICE uint32_t topk_threshold(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, const KeyStats& st,
-                                  int k) {
-  if (k <= kThreads) {
-    const uint32_t theta = topk_bound(sh, cx, st.thread_max, k);
-    if (theta != 0) {
-      const Gathered g = gather_candidates(row, sh, cx, wg, theta, st.max_key, false);
-      uint64_t res = 0, unused;
-      if (cx.rank == 0 && g.n <= kGatherCap) res = (1ull << 32) | cand_key(sh.u.cand.key[k - 1]);
-      const uint2 r = broadcast_pair(sh, cx, res, 0, &unused);
-      if (r.y) return r.x;
-    }
+                                  int k, bool filtered, const TopKStats& ts) {
+  if (filtered && ts.ok) {
+    const Gathered g = push_topk_candidates(row, sh, cx, wg, ts, false);
+    uint64_t res = 0, unused;
+    if (cx.rank == 0 && g.n <= kGatherCap) res = (1ull << 32) | cand_key(sh.cand.key[k - 1]);
+    const uint2 r = broadcast_pair(sh, cx, res, 0, &unused);
+    if (r.y) return r.x;
   }
   return select_threshold(row, sh, cx, wg, false, static_cast<uint64_t>(k), -1.f, 1u, st.max_key);
 }
@@ -1210,16 +1422,23 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
     softmax_row(row, sh, cx, t, static_cast<float*>(p.output) + r * p.out_stride);
     return;
   }
-  const KeyStats st = key_stats(row, sh, cx, logits);
+  const int k = p.op == kTopPRenorm ? 0 : (p.top_k_arr ? p.top_k_arr[r] : p.top_k_val);
+  const bool filtered = k > 0 && k <= kFilterMaxK;
+  TopKStats ts;
+  if (filtered) {
+    ts = topk_collect(sh, cx, topk_filter(row, sh, logits, k), k);
+  } else {
+    ts.st = key_stats(row, sh, cx, logits);
+  }
+  const KeyStats st = ts.st;
   const Weigher wg(logits, st.max_key);
   uint32_t tau = p.op == kTopKMask ? 0u : 1u;  // 0 keeps every element (a copy), 1 every element with mass
   if (p.op == kTopPRenorm) {
     float top_p = p.top_p_arr ? p.top_p_arr[r] : p.top_p_val;
     top_p = top_p != top_p ? 1.f : fmaxf(top_p, 0.f);
     if (st.max_key != 0 && top_p < 1.f) tau = select_threshold(row, sh, cx, wg, true, 0, top_p, 1u, st.max_key);
-  } else {
-    const int k = p.top_k_arr ? p.top_k_arr[r] : p.top_k_val;
-    if (k > 0 && static_cast<uint32_t>(k) < st.num_valid) tau = topk_threshold(row, sh, cx, wg, st, k);
+  } else if (k > 0 && static_cast<uint32_t>(k) < st.num_valid) {
+    tau = topk_threshold(row, sh, cx, wg, st, k, filtered, ts);
   }
   float mass = 0.f;
   if (p.op != kTopKMask) {
