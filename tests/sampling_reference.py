@@ -1,17 +1,18 @@
-"""The exact definition of flashinfer.sampling's samplers, in plain Python integers (tests only).
+"""The exact definition of flashinfer.sampling's samplers, in integers (numpy; tests only).
 
 A row's sample is a function of the row, its filter values and one Philox4x32-10 draw keyed by (seed, offset,
-output position): probabilities (or exp(logit - max)) as fixed-point integers, the filters as thresholds on the
-values, and the inverse CDF in vocabulary order. The kernels compute the same integers, so for probability inputs
-(whose weights involve no exp) a kernel must return exactly these tokens; logits go through the GPU's ex2.approx,
-which only the emulator (tests/_sampling_emu.py) reproduces exactly.
+output position): weights are fixed-point integers (probabilities, or exp(logit - max), scaled so that the row's
+largest weight lies in [2^39, 2^40) and truncated), the filters are thresholds on the values (ties kept), and the
+token is the inverse CDF in vocabulary order at floor(total * r / 2^64). The kernels compute the same integers, so
+for probability rows (whose weights involve no exp) a kernel returns exactly these tokens; for logit rows the weights
+go through the GPU's ex2.approx, which only the CPU emulator (tests/_sampling_emu.py) reproduces exactly (pass its
+weights as ``weights_fx``).
 """
 
 from __future__ import annotations
 
 import math
-import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,35 +38,44 @@ def random64(seed: int, offset: int, row: int, draw: int = 0) -> int:
     return (r[0] << 32) | r[1]
 
 
-def uniform(bits: int) -> float:
-    """float32 (bits + 1) * 2^-32, as the kernels' uniform in (0, 1]."""
-    return float(np.float32(np.float32(bits) + np.float32(1.0)) * np.float32(2.3283064365386963e-10))
+def uniform(bits: int) -> np.float32:
+    """float32 (bits + 1) * 2^-32: the kernels' uniform in (0, 1]."""
+    return np.float32(np.float32(bits) + np.float32(1.0)) * np.float32(2.3283064365386963e-10)
 
 
-def _bits(x: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", x))[0]
+def _f32(row) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(row, dtype=np.float32))
 
 
-def prob_key(p: float) -> int:
-    return _bits(p) if (p > 0 and p < math.inf) else 0
+def prob_keys(row) -> np.ndarray:
+    """Ordered keys of probabilities: the float bits of finite p > 0, else 0."""
+    x = _f32(row)
+    with np.errstate(invalid="ignore"):
+        valid = (x > 0) & (x < np.inf)
+    return np.where(valid, x.view(np.uint32), np.uint32(0)).astype(np.uint32)
 
 
-def logit_key(x: float) -> int:
-    if not (x > -math.inf):
-        return 0
-    b = _bits(x)
-    if b == 0x80000000:
-        b = 0
-    return (~b) & _M32 if b & 0x80000000 else b | 0x80000000
+def logit_keys(row) -> np.ndarray:
+    """Ordered keys of logits (-0 as +0); 0 for NaN and -inf."""
+    x = _f32(row)
+    b = x.view(np.uint32).copy()
+    b[b == 0x80000000] = 0
+    neg = (b & 0x80000000) != 0
+    k = np.where(neg, ~b, b | np.uint32(0x80000000)).astype(np.uint32)
+    with np.errstate(invalid="ignore"):
+        valid = x > -np.inf
+    return np.where(valid, k, np.uint32(0)).astype(np.uint32)
 
 
-def fixed_weight(w: float, ref_exp: int) -> int:
-    """floor(w * 2^(WEIGHT_BITS - ref_exp)) of a float32 w, exactly."""
-    b = _bits(w)
+def fixed_weights(w, ref_exp: int) -> np.ndarray:
+    """floor(w * 2^(WEIGHT_BITS - ref_exp)) of float32 weights 0 <= w < 2^(ref_exp + 1), exactly (uint64)."""
+    b = _f32(w).view(np.uint32).astype(np.int64)
     e = b >> 23
-    mant = (b & 0x7FFFFF) | (0x800000 if e else 0)
-    shift = (e if e else 1) - 150 + WEIGHT_BITS - ref_exp
-    return mant << shift if shift >= 0 else (mant >> -shift if shift > -64 else 0)
+    mant = (b & 0x7FFFFF) | np.where(e != 0, 0x800000, 0)
+    shift = np.where(e != 0, e, 1) - 150 + WEIGHT_BITS - ref_exp
+    left = np.left_shift(mant, np.clip(shift, 0, 63))
+    right = np.where(-shift < 64, np.right_shift(mant, np.clip(-shift, 0, 63)), 0)
+    return np.where(shift >= 0, left, right).astype(np.uint64)
 
 
 def mass_target(fraction: float, total: int) -> int:
@@ -76,95 +86,109 @@ def mass_target(fraction: float, total: int) -> int:
     return total if t >= float(total) else int(t)
 
 
-def keys_and_weights(row: Sequence[float], logits: bool, weights_fx: Optional[Sequence[int]] = None):
-    """(keys, fixed-point weights, number of valid entries) of a float32 row. Logit weights need the device's exp
-    (pass weights_fx); probability weights are exact."""
-    row = np.asarray(row, dtype=np.float32)
-    keys = [logit_key(float(v)) if logits else prob_key(float(v)) for v in row]
-    valid = sum(1 for k in keys if k)
+def keys_and_weights(row, logits: bool, weights_fx: Optional[Sequence[int]] = None):
+    """(keys, fixed-point weights) of a row. Probability weights are exact; logit weights need the device's exp
+    (weights_fx), or are computed here in float64 (close, not bit-exact)."""
+    keys = logit_keys(row) if logits else prob_keys(row)
     if weights_fx is not None:
-        return keys, [int(w) for w in weights_fx], valid
+        return keys, np.asarray(weights_fx, dtype=np.uint64)
+    x = _f32(row)
+    if not keys.any():
+        return keys, np.zeros(keys.shape, dtype=np.uint64)
     if logits:
-        raise ValueError("logit weights need the device's exp2: pass weights_fx")
-    max_key = max(keys)
-    e = max_key >> 23
+        m = float(x[keys.argmax()])
+        if m == math.inf:
+            w = np.where(x == np.inf, np.float32(1), np.float32(0))
+        else:
+            w = np.where(keys != 0, np.exp(np.float64(x) - m), 0).astype(np.float32)
+        return keys, np.where(keys != 0, fixed_weights(w, 0), np.uint64(0))
+    e = int(keys.max()) >> 23
     ref = e - 127 if e else -127
-    return keys, [fixed_weight(float(v), ref) if k else 0 for v, k in zip(row, keys)], valid
+    return keys, np.where(keys != 0, fixed_weights(np.where(keys != 0, x, 0), ref), np.uint64(0))
 
 
-def mass_threshold(keys: List[int], w: List[int], target: int, lo: int = 1) -> int:
-    """The largest key t >= lo of a valid entry with sum(w[key >= t]) >= target."""
-    acc = 0
-    for k in sorted({k for k in keys if k >= lo}, reverse=True):
-        acc += sum(wi for ki, wi in zip(keys, w) if ki == k)
-        if acc >= target:
-            return k
-    return lo
+def _mass_threshold(keys: np.ndarray, w: np.ndarray, target: int, lo: int = 1) -> int:
+    """The largest key t >= lo of an entry with sum(w[key >= t]) >= target (lo if none)."""
+    sel = keys >= lo
+    k, ws = keys[sel], w[sel]
+    if k.size == 0:
+        return lo
+    order = np.argsort(-k.astype(np.int64), kind="stable")
+    k, ws = k[order], ws[order]
+    cum = np.cumsum(ws, dtype=np.uint64)
+    last_of_key = np.r_[k[1:] != k[:-1], True]  # cumulative mass of all keys >= k, at the last entry of each key
+    hit = np.nonzero(last_of_key & (cum >= np.uint64(target)))[0]
+    return int(k[hit[0]]) if hit.size else lo
 
 
-def threshold(keys: List[int], w: List[int], num_valid: int, *, top_k: Optional[int] = None,
-              top_p: Optional[float] = None, min_p: Optional[float] = None, top_k_first: bool = True,
-              max_value: float = 0.0) -> int:
+def threshold(keys: np.ndarray, w: np.ndarray, *, top_k: Optional[int] = None, top_p: Optional[float] = None,
+              min_p: Optional[float] = None, top_k_first: bool = True, max_prob: float = 0.0) -> int:
     """The kept set's threshold tau (kept: key >= tau) for the given filters (None: not applied), with the kernels'
     clamping of out-of-range values."""
+    num_valid = int(np.count_nonzero(keys))
     tau = 1
     if top_p is not None:
-        top_p = 1.0 if top_p != top_p else max(top_p, 0.0)
+        top_p = 1.0 if top_p != top_p else max(float(top_p), 0.0)
     use_k = top_k is not None and 0 < top_k < num_valid
     use_p = top_p is not None and top_p < 1.0
     if use_k:
-        tau = sorted((k for k in keys if k), reverse=True)[top_k - 1]
+        tau = int(np.sort(keys[keys != 0])[::-1][top_k - 1])
         if use_p:
             if top_k_first:
-                m_k = sum(wi for ki, wi in zip(keys, w) if ki >= tau)
-                tau = max(tau, mass_threshold(keys, w, mass_target(top_p, m_k), lo=tau))
+                m_k = int(w[keys >= tau].sum(dtype=np.uint64))
+                tau = max(tau, _mass_threshold(keys, w, mass_target(top_p, m_k), lo=tau))
             else:
-                z = sum(wi for ki, wi in zip(keys, w) if ki)
-                tau = max(tau, mass_threshold(keys, w, mass_target(top_p, z)))
+                z = int(w.sum(dtype=np.uint64))
+                tau = max(tau, _mass_threshold(keys, w, mass_target(top_p, z)))
     elif use_p:
-        z = sum(wi for ki, wi in zip(keys, w) if ki)
-        tau = mass_threshold(keys, w, mass_target(top_p, z))
+        tau = _mass_threshold(keys, w, mass_target(top_p, int(w.sum(dtype=np.uint64))))
     elif min_p is not None:
-        min_p = 0.0 if min_p != min_p else min(min_p, 1.0)
+        min_p = 0.0 if min_p != min_p else min(float(min_p), 1.0)
         if min_p > 0:
-            tau = max(1, _bits(float(np.float32(np.float32(max_value) * np.float32(min_p)))))
+            pivot = np.float32(np.float32(max_prob) * np.float32(min_p))
+            tau = max(1, int(np.array([pivot], dtype=np.float32).view(np.uint32)[0]))
     return tau
 
 
-def inverse_cdf(w_kept: List[int], r64: int) -> int:
+def kept_mask(row, *, logits: bool = False, weights_fx=None, **filters) -> np.ndarray:
+    """The entries a filter keeps (the support of the sampled distribution)."""
+    keys, w = keys_and_weights(row, logits, weights_fx)
+    if not keys.any():
+        return np.zeros(keys.shape, dtype=bool)
+    max_prob = 0.0 if logits else float(_f32(row)[keys.argmax()])
+    tau = threshold(keys, w, max_prob=max_prob, **filters)
+    return (keys >= tau) & (keys != 0)
+
+
+def inverse_cdf(w_kept: np.ndarray, r64: int) -> int:
     """The first index whose cumulative weight exceeds floor(total * r64 / 2^64); -1 if the total is 0."""
-    total = sum(w_kept)
+    cum = np.cumsum(np.asarray(w_kept, dtype=np.uint64), dtype=np.uint64)
+    total = int(cum[-1]) if cum.size else 0
     if total == 0:
         return -1
     target = (total * r64) >> 64
-    acc = 0
-    for i, wi in enumerate(w_kept):
-        acc += wi
-        if acc > target:
-            return i
-    raise AssertionError("unreachable")
+    return int(np.searchsorted(cum, np.uint64(target), side="right"))
 
 
-def sample_row(row: Sequence[float], r64: int, *, logits: bool = False, weights_fx: Optional[Sequence[int]] = None,
-               **filters) -> Tuple[int, bool]:
+def sample_row(row, r64: int, *, logits: bool = False, weights_fx=None, **filters) -> Tuple[int, bool]:
     """(token, valid) of one row under the given filters (see threshold)."""
-    keys, w, num_valid = keys_and_weights(row, logits, weights_fx)
-    if num_valid == 0:
+    keys, w = keys_and_weights(row, logits, weights_fx)
+    if not keys.any():
         return 0, False
-    max_key = max(keys)
-    max_value = struct.unpack("<f", struct.pack("<I", max_key))[0] if not logits else 0.0
-    tau = threshold(keys, w, num_valid, max_value=max_value, **filters)
-    token = inverse_cdf([wi if ki >= tau else 0 for ki, wi in zip(keys, w)], r64)
+    mask = kept_mask(row, logits=logits, weights_fx=w, **filters)
+    token = inverse_cdf(np.where(mask, w, np.uint64(0)), r64)
     return (token, True) if token >= 0 else (0, False)
 
 
-def kept_mask(row: Sequence[float], *, logits: bool = False, weights_fx: Optional[Sequence[int]] = None,
-              **filters) -> np.ndarray:
-    """Boolean mask of the entries a filter keeps (the support of the sampled distribution)."""
-    keys, w, num_valid = keys_and_weights(row, logits, weights_fx)
-    if num_valid == 0:
-        return np.zeros(len(keys), dtype=bool)
-    max_key = max(keys)
-    max_value = struct.unpack("<f", struct.pack("<I", max_key))[0] if not logits else 0.0
-    tau = threshold(keys, w, num_valid, max_value=max_value, **filters)
-    return np.array([k >= tau and k != 0 for k in keys])
+def filtered_distribution(row, *, logits: bool = False, **filters) -> np.ndarray:
+    """The exact (float64) distribution a filtered sampler draws from: the kept entries' probabilities,
+    renormalised (softmax of the logits for logit rows)."""
+    x = np.asarray(row, dtype=np.float64)
+    mask = kept_mask(row, logits=logits, **filters)
+    if logits:
+        m = x[mask].max() if mask.any() else 0.0
+        p = np.where(mask, np.exp(np.where(mask, x - m, -np.inf)), 0.0)
+    else:
+        p = np.where(mask, x, 0.0)
+    s = p.sum()
+    return p / s if s > 0 else p

@@ -60,8 +60,12 @@ int elem_bytes(int dtype) { return dtype == 0 ? 4 : 2; }
 
 // The plan the launcher would make, with the cluster size and caching overridden when asked (cluster 0 / cached -1:
 // the launcher's choice).
-const char* plan(int dtype, int vocab, int cluster, int cached, RowPlan* out) {
-  RowPlan p = plan_rows(vocab, elem_bytes(dtype), kMaxCluster);
+constexpr int kEmulatedSms = 132;
+
+const char* plan(int dtype, int vocab, int cluster, int cached, RowPlan* out, bool stream_rows = false,
+                 int rows = 1) {
+  RowPlan p = stream_rows ? plan_stream(rows, vocab, elem_bytes(dtype), kMaxCluster, kEmulatedSms)
+                          : plan_rows(vocab, elem_bytes(dtype), kMaxCluster);
   if (cluster > 0) p.cluster = cluster;
   const int vec = 16 / elem_bytes(dtype);
   const int slice = ((vocab + vec - 1) / vec + 1 + p.cluster - 1) / p.cluster;
@@ -100,7 +104,7 @@ const char* emu_sample(int dtype, int cluster, int cached, unsigned sched_seed, 
                        const float* min_p_arr, float min_p_val, const int64_t* seed_arr, int seed_stride,
                        uint64_t seed_val, const int64_t* offset_arr, int offset_stride, uint64_t offset_val) {
   RowPlan pl;
-  if (const char* e = plan(dtype, vocab, cluster, cached, &pl)) return e;
+  if (const char* e = plan(dtype, vocab, cluster, cached, &pl, (filters & kTopK) != 0, batch)) return e;
   SampleParams p = {};
   p.input = input;
   p.row_stride = row_stride;

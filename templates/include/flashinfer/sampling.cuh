@@ -1603,8 +1603,12 @@ static cudaError_t kernel_setup(int device, size_t smem_max, int* max_cluster) {
   return cudaSuccess;
 }
 
-// Cluster size and caching for rows of `vocab` elements of `elem_bytes`: slices of at most kPreferredSliceVecs
-// vectors where the cluster allows, never below kMinSliceVecs, cached when they fit kCacheVecs.
+// Whether a slice of the plan's size fits the chunk table of sample_in_order.
+static bool plan_fits_chunks(int vocab, int elem_bytes, const RowPlan& plan);
+
+// Cluster size and caching for rows of `vocab` elements of `elem_bytes` that are read several times: slices of at
+// most kPreferredSliceVecs vectors where the cluster allows, never below kMinSliceVecs, cached when they fit
+// kCacheVecs.
 static RowPlan plan_rows(int vocab, int elem_bytes, int max_cluster) {
   const int vec = 16 / elem_bytes;
   const int max_vecs = (vocab + vec - 1) / vec + 1;  // + 1: a row that starts mid-vector spills into one more
@@ -1619,7 +1623,19 @@ static RowPlan plan_rows(int vocab, int elem_bytes, int max_cluster) {
   return plan;
 }
 
-// Whether a slice of the plan's size fits the chunk table of sample_in_order.
+// For rows read once (the single-pass top-k route): no cache, and only as many CTAs per row as it takes to give
+// every SM one (one CTA per row once the batch does: no cluster barriers), or the chunk table requires.
+static RowPlan plan_stream(int rows, int vocab, int elem_bytes, int max_cluster, int sms) {
+  const int vec = 16 / elem_bytes;
+  const int max_vecs = (vocab + vec - 1) / vec + 1;
+  RowPlan plan = {1, false, sizeof(Shared)};
+  while (plan.cluster < max_cluster && static_cast<int64_t>(rows) * plan.cluster < sms &&
+         max_vecs / (2 * plan.cluster) >= kMinSliceVecs)
+    plan.cluster *= 2;
+  while (plan.cluster < max_cluster && !plan_fits_chunks(vocab, elem_bytes, plan)) plan.cluster *= 2;
+  return plan;
+}
+
 static bool plan_fits_chunks(int vocab, int elem_bytes, const RowPlan& plan) {
   const int vec = 16 / elem_bytes;
   const int slice = ((vocab + vec - 1) / vec + 1 + plan.cluster - 1) / plan.cluster;
@@ -1655,9 +1671,10 @@ static cudaError_t launch_rows(const P& p, int rows, int cluster, size_t smem, b
   return cudaLaunchKernelExC(&cfg, reinterpret_cast<const void*>(Kernel), args);
 }
 
-// Launches row kernel K<DType, cached> over `rows` rows of `vocab` elements.
+// Launches row kernel K<DType, cached> over `rows` rows of `vocab` elements (read once: `stream`).
 template <template <typename, bool> class KernelOf, typename DType, typename P>
-static cudaError_t launch_row_kernel(const P& p, int rows, int vocab, bool pdl, int device, cudaStream_t stream) {
+static cudaError_t launch_row_kernel(const P& p, int rows, int vocab, bool stream_rows, bool pdl, int device,
+                                     cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   constexpr auto kCachedKernel = KernelOf<DType, true>::value;
   constexpr auto kStreamKernel = KernelOf<DType, false>::value;
@@ -1667,7 +1684,8 @@ static cudaError_t launch_row_kernel(const P& p, int rows, int vocab, bool pdl, 
   if (err != cudaSuccess) return err;
   err = kernel_setup<kStreamKernel>(device, sizeof(Shared), &unused);
   if (err != cudaSuccess) return err;
-  const RowPlan plan = plan_rows(vocab, sizeof(DType), max_cluster);
+  const RowPlan plan = stream_rows ? plan_stream(rows, vocab, sizeof(DType), max_cluster, sm_count(device))
+                                   : plan_rows(vocab, sizeof(DType), max_cluster);
   if (!plan_fits_chunks(vocab, sizeof(DType), plan)) return static_cast<cudaError_t>(kErrSliceTooLarge);
   const bool clusters = max_cluster > 1;
   return plan.cached ? launch_rows<kCachedKernel>(p, rows, plan.cluster, plan.smem, clusters, pdl, stream)
@@ -1686,14 +1704,16 @@ struct RowOpKernelOf {
 template <typename DType>
 cudaError_t launch_sample(const SampleParams& p, int device, cudaStream_t stream) {
   return with_device(device, [&] {
-    return launch_row_kernel<SampleKernelOf, DType>(p, p.batch, p.vocab, false, device, stream);
+    // With a top-k filter the row is (normally) read once: stream it.
+    const bool stream_rows = (p.filters & kTopK) != 0;
+    return launch_row_kernel<SampleKernelOf, DType>(p, p.batch, p.vocab, stream_rows, false, device, stream);
   });
 }
 
 template <typename DType>
 cudaError_t launch_row_op(const RowOpParams& p, bool pdl, int device, cudaStream_t stream) {
   return with_device(device, [&] {
-    return launch_row_kernel<RowOpKernelOf, DType>(p, p.rows, p.vocab, pdl, device, stream);
+    return launch_row_kernel<RowOpKernelOf, DType>(p, p.rows, p.vocab, false, pdl, device, stream);
   });
 }
 
