@@ -27,7 +27,7 @@ def flush_l2() -> None:
         l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 64 << 20) or (64 << 20)
         buf = _L2_FLUSH[dev] = (torch.zeros(2 * l2 // 4, dtype=torch.int32, device="cuda"),
                                 torch.empty((), dtype=torch.int64, device="cuda"))
-    torch.sum(buf[0], out=buf[1])
+    torch.sum(buf[0], dim=0, out=buf[1])
 
 
 def median_ms(fn: Callable[[int], object], n_inputs: int, warmup: int = 10, iters: int = 100,
