@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import copy_bandwidth_tbs, graph_ms, median_ms, write_results  # noqa: E402
-
 import flashinfer  # noqa: E402
+from common import copy_bandwidth_tbs, graph_ms, median_ms, write_results  # noqa: E402
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -42,8 +41,10 @@ def bench_case(name, lens, copy_tbs, target):
     page_bytes = PS * HKV * D * 2 * 2
     total_bytes = nnz * page_bytes + 2 * len(lens) * HQ * D * 2
     n_sets = max(1, min(8, math.ceil(512e6 / (nnz * page_bytes))))
-    caches = [(torch.randn(nnz, PS, HKV, D, device="cuda", dtype=DT), torch.randn(nnz, PS, HKV, D, device="cuda", dtype=DT))
-              for _ in range(n_sets)]
+    caches = [
+        (torch.randn(nnz, PS, HKV, D, device="cuda", dtype=DT), torch.randn(nnz, PS, HKV, D, device="cuda", dtype=DT))
+        for _ in range(n_sets)
+    ]
     indices = torch.randperm(nnz).to(torch.int32).cuda()
     qs = [torch.randn(len(lens), HQ, D, device="cuda", dtype=DT) for _ in range(n_sets)]
     outs = [torch.empty(len(lens), HQ, D, device="cuda", dtype=DT) for _ in range(n_sets)]
@@ -52,8 +53,13 @@ def bench_case(name, lens, copy_tbs, target):
     w.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=DT)
     gws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     gw = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        gws, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=indptr.cuda(), paged_kv_indices_buffer=indices.clone(),
-        paged_kv_last_page_len_buffer=last.cuda())
+        gws,
+        "NHD",
+        use_cuda_graph=True,
+        paged_kv_indptr_buffer=indptr.cuda(),
+        paged_kv_indices_buffer=indices.clone(),
+        paged_kv_last_page_len_buffer=last.cuda(),
+    )
     gw.plan(indptr, indices, last, HQ, HKV, D, PS, q_data_type=DT)
 
     def ours(i):
@@ -92,12 +98,18 @@ def bench_case(name, lens, copy_tbs, target):
     torch.cuda.empty_cache()
     pct = 100 * total_bytes / (t_graph * 1e-3) / 1e12 / copy_tbs
     return {
-        "name": name, "us_graph": t_graph * 1e3, "us_eager": t_eager * 1e3,
-        "tbs": total_bytes / (t_graph * 1e-3) / 1e12, "pct": pct,
+        "name": name,
+        "us_graph": t_graph * 1e3,
+        "us_eager": t_eager * 1e3,
+        "tbs": total_bytes / (t_graph * 1e-3) / 1e12,
+        "pct": pct,
         "pct_eager": 100 * total_bytes / (t_eager * 1e-3) / 1e12 / copy_tbs,
         "us_sdpa": None if t_sdpa is None else t_sdpa * 1e3,
         "pct_sdpa": None if t_sdpa is None else 100 * total_bytes / (t_sdpa * 1e-3) / 1e12 / copy_tbs,
-        "target": target, "workers": stats["workers"], "pieces": stats["pieces"], "merges": stats["merges"],
+        "target": target,
+        "workers": stats["workers"],
+        "pieces": stats["pieces"],
+        "merges": stats["merges"],
     }
 
 
@@ -129,10 +141,14 @@ def main() -> None:
     args = ap.parse_args()
     copy_tbs = copy_bandwidth_tbs()
     print(f"copy bandwidth {copy_tbs:.2f} TB/s (read+write)", flush=True)
-    cases = [("batch 64 x kv 1024", [1024] * 64, 80.0), ("batch 64 x kv 4096", [4096] * 64, 95.0),
-             ("batch 256 x kv 1024", [1024] * 256, 80.0), ("batch 256 x kv 4096", [4096] * 256, 95.0),
-             ("skewed: 1 x 32768 + 127 x 512", [32768] + [512] * 127, 75.0),
-             ("batch 1 x kv 32768", [32768], None)]
+    cases = [
+        ("batch 64 x kv 1024", [1024] * 64, 80.0),
+        ("batch 64 x kv 4096", [4096] * 64, 95.0),
+        ("batch 256 x kv 1024", [1024] * 256, 80.0),
+        ("batch 256 x kv 4096", [4096] * 256, 95.0),
+        ("skewed: 1 x 32768 + 127 x 512", [32768] + [512] * 127, 75.0),
+        ("batch 1 x kv 32768", [32768], None),
+    ]
     if args.quick:
         cases = [cases[1], cases[4]]
     rows = []
@@ -142,23 +158,46 @@ def main() -> None:
         verdict = "" if target is None else f"≥{target:.0f}%: {'met' if r['pct'] >= target else 'MISSED'}"
         sdpa = "n/a (lengths differ)" if r["us_sdpa"] is None else f"{r['us_sdpa']:.1f} ({r['pct_sdpa']:.0f}%)"
         speed = "" if r["us_sdpa"] is None else f"{r['us_sdpa'] / r['us_graph']:.2f}x"
-        rows.append([name, f"{r['us_graph']:.1f}", f"{r['tbs']:.2f}", f"{r['pct']:.1f}%", verdict,
-                     f"{r['us_eager']:.1f} ({r['pct_eager']:.0f}%)", sdpa, speed,
-                     f"{r['workers']}/{r['pieces']}/{r['merges']}"])
+        rows.append(
+            [
+                name,
+                f"{r['us_graph']:.1f}",
+                f"{r['tbs']:.2f}",
+                f"{r['pct']:.1f}%",
+                verdict,
+                f"{r['us_eager']:.1f} ({r['pct_eager']:.0f}%)",
+                sdpa,
+                speed,
+                f"{r['workers']}/{r['pieces']}/{r['merges']}",
+            ]
+        )
     plan_dev = plan_host_us()
     plan_host = plan_host_us(host_indices=True)
-    print(f"plan() host time, batch 256 x 4096, page 16: {plan_dev:.1f} us (device indices), {plan_host:.1f} us (CPU indices)")
+    print(
+        f"plan() host time, batch 256 x 4096, page 16: {plan_dev:.1f} us (device indices), {plan_host:.1f} us (CPU indices)"
+    )
     text = write_results(
         "BatchDecodeWithPagedKVCacheWrapper, bf16, d128, 32q/8kv heads, page_size 16, NHD",
-        ["shape", "µs (graph)", "TB/s", "% of copy BW", "target", "µs eager (% copy)", "SDPA gather+attend µs (% copy)",
-         "vs SDPA", "workers/pieces/merges"],
+        [
+            "shape",
+            "µs (graph)",
+            "TB/s",
+            "% of copy BW",
+            "target",
+            "µs eager (% copy)",
+            "SDPA gather+attend µs (% copy)",
+            "vs SDPA",
+            "workers/pieces/merges",
+        ],
         rows,
-        [f"measured ceiling: device-to-device copy {copy_tbs:.2f} TB/s (read+write)",
-         "bytes = K and V of the used pages + q + o, once; inputs rotate over cache sets > 512 MB where they fit",
-         "µs (graph): CUDA-graph replays of a use_cuda_graph wrapper; eager: CUDA events around run() of a plain wrapper",
-         "SDPA: index the pages into [B, H, L, D], then scaled_dot_product_attention(enable_gqa), graph-timed",
-         f"plan() host time, batch 256 x kv 4096 (CPU indptr/last_page_len), steady state median: "
-         f"{plan_dev:.1f} µs with device kv_indices, {plan_host:.1f} µs with CPU kv_indices (copied along); target ≤ 30 µs"],
+        [
+            f"measured ceiling: device-to-device copy {copy_tbs:.2f} TB/s (read+write)",
+            "bytes = K and V of the used pages + q + o, once; inputs rotate over cache sets > 512 MB where they fit",
+            "µs (graph): CUDA-graph replays of a use_cuda_graph wrapper; eager: CUDA events around run() of a plain wrapper",
+            "SDPA: index the pages into [B, H, L, D], then scaled_dot_product_attention(enable_gqa), graph-timed",
+            f"plan() host time, batch 256 x kv 4096 (CPU indptr/last_page_len), steady state median: "
+            f"{plan_dev:.1f} µs with device kv_indices, {plan_host:.1f} µs with CPU kv_indices (copied along); target ≤ 30 µs",
+        ],
     )
     print(text)
 

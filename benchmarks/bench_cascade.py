@@ -28,9 +28,8 @@ REFERENCE = "--flashinfer-reference" in sys.argv
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not REFERENCE:  # the reference process must import the real FlashInfer, not this repository's package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import REFERENCE_FLAG, copy_bandwidth_tbs, graph_ms, median_ms, run_reference, write_results  # noqa: E402
-
 import flashinfer  # noqa: E402
+from common import REFERENCE_FLAG, copy_bandwidth_tbs, graph_ms, median_ms, run_reference, write_results  # noqa: E402
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -114,7 +113,7 @@ def merge_timings(mod):
 def reference_main(quick: bool) -> None:
     """--flashinfer-reference: time the real FlashInfer on the same cases; print one JSON line."""
     out = {"version": getattr(flashinfer, "__version__", "?"), "cascade_ms": {}}
-    for case in ([MAIN] if quick else CASES):
+    for case in [MAIN] if quick else CASES:
         caches, qs, levels = make_case(*case)
         t, _, _ = cascade_eager_ms(flashinfer, levels, caches, qs)
         out["cascade_ms"]["x".join(map(str, case))] = t
@@ -136,8 +135,13 @@ def plain_decode(levels, batch, caches, qs, graph: bool):
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     if graph:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            ws, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=indptr.cuda(), paged_kv_indices_buffer=table.clone(),
-            paged_kv_last_page_len_buffer=last.cuda())
+            ws,
+            "NHD",
+            use_cuda_graph=True,
+            paged_kv_indptr_buffer=indptr.cuda(),
+            paged_kv_indices_buffer=table.clone(),
+            paged_kv_last_page_len_buffer=last.cuda(),
+        )
     else:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
     w.plan(indptr, table, last, HQ, HKV, D, PS, q_data_type=DT)
@@ -153,9 +157,16 @@ def plain_decode(levels, batch, caches, qs, graph: bool):
 def cascade_graph_call(levels, batch, caches, qs):
     bufs = [[t.clone() for t in levels[k]] for k in ("qo", "indptr", "indices", "last")]
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, ws, "NHD", use_cuda_graph=True, qo_indptr_buf_arr=bufs[0],
-                                                     paged_kv_indptr_buf_arr=bufs[1], paged_kv_indices_buf_arr=bufs[2],
-                                                     paged_kv_last_page_len_buf_arr=bufs[3])
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(
+        2,
+        ws,
+        "NHD",
+        use_cuda_graph=True,
+        qo_indptr_buf_arr=bufs[0],
+        paged_kv_indptr_buf_arr=bufs[1],
+        paged_kv_indices_buf_arr=bufs[2],
+        paged_kv_last_page_len_buf_arr=bufs[3],
+    )
     w.plan(levels["qo"], levels["indptr"], levels["indices"], levels["last"], HQ, HKV, D, PS, q_data_type=DT)
     outs = [torch.empty_like(q) for q in qs]
 
@@ -177,15 +188,26 @@ def bench_case(case, ref_ms):
     assert err < 3e-2, f"{name}: cascade and plain decode differ by {err}"
     t_plain = median_ms(plain_call, 1, flush=True)
     host_us = host_us_per_run(w, qs[0], caches[0], torch.empty_like(qs[0]))
-    row = {"case": name, "cascade_ms": t_casc, "host_us": host_us, "plain_ms": t_plain, "path": stats["path"],
-           "kernels": stats["kernels"], "overlap": stats.get("overlap_levels", False),
-           "ref_ms": ref_ms.get(name) if ref_ms else None}
+    row = {
+        "case": name,
+        "cascade_ms": t_casc,
+        "host_us": host_us,
+        "plain_ms": t_plain,
+        "path": stats["path"],
+        "kernels": stats["kernels"],
+        "overlap": stats.get("overlap_levels", False),
+        "ref_ms": ref_ms.get(name) if ref_ms else None,
+    }
     if case == MAIN:  # each level's alternative kernel: batch prefill (FlashInfer's route) for both
-        row["prefill_last_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1], _last_level_decode=False)
-        row["prefill_shared_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1],
-                                                          _shared_level_wgmma=False)
-        row["serial_levels_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1],
-                                                         _overlap_levels="never")
+        row["prefill_last_ms"], _, _ = cascade_eager_ms(
+            flashinfer, levels, caches[:1], qs[:1], _last_level_decode=False
+        )
+        row["prefill_shared_ms"], _, _ = cascade_eager_ms(
+            flashinfer, levels, caches[:1], qs[:1], _shared_level_wgmma=False
+        )
+        row["serial_levels_ms"], _, _ = cascade_eager_ms(
+            flashinfer, levels, caches[:1], qs[:1], _overlap_levels="never"
+        )
     row["cascade_graph_ms"] = graph_ms(cascade_graph_call(levels, batch, caches, qs), sets)
     gcall, _ = plain_decode(levels, batch, caches, qs, graph=True)
     row["plain_graph_ms"] = graph_ms(gcall, sets)
@@ -212,23 +234,37 @@ def main() -> None:
     print(f"copy bandwidth {copy_tbs:.2f} TB/s (read+write)", flush=True)
 
     rows = []
-    for case in ([MAIN] if args.quick else CASES):
+    for case in [MAIN] if args.quick else CASES:
         r = bench_case(case, ref_ms)
         print(json.dumps(r), flush=True)
         speed = r["plain_ms"] / r["cascade_ms"]
         vs_ref = r["ref_ms"] / r["cascade_ms"] if r["ref_ms"] else None
         t1 = f"≥12x: {'met' if speed >= 12 else 'MISSED'}" if case == MAIN else ""
-        t2 = "" if case != MAIN else ("no reference" if vs_ref is None else f"≥1.05x: {'met' if vs_ref >= 1.05 else 'MISSED'}")
-        rows.append([f"{case[0]} req x {case[1]} prefix + {case[2]} own", f"{r['cascade_ms'] * 1e3:.1f}",
-                     f"{r['plain_ms'] * 1e3:.1f}", f"{speed:.1f}x", t1,
-                     "-" if r["ref_ms"] is None else f"{r['ref_ms'] * 1e3:.1f}",
-                     "-" if vs_ref is None else f"{vs_ref:.2f}x", t2,
-                     f"{r['cascade_graph_ms'] * 1e3:.1f} / {r['plain_graph_ms'] * 1e3:.1f}",
-                     f"{r['bytes_ratio']:.1f}x", f"{r['host_us']:.0f}",
-                     ("+" if not r["overlap"] else " || ").join(k for k, _ in r["kernels"]),
-                     "" if "prefill_last_ms" not in r else
-                     f"{r['prefill_shared_ms'] * 1e3:.1f} / {r['prefill_last_ms'] * 1e3:.1f} / "
-                     f"{r['serial_levels_ms'] * 1e3:.1f}"])
+        t2 = (
+            ""
+            if case != MAIN
+            else ("no reference" if vs_ref is None else f"≥1.05x: {'met' if vs_ref >= 1.05 else 'MISSED'}")
+        )
+        rows.append(
+            [
+                f"{case[0]} req x {case[1]} prefix + {case[2]} own",
+                f"{r['cascade_ms'] * 1e3:.1f}",
+                f"{r['plain_ms'] * 1e3:.1f}",
+                f"{speed:.1f}x",
+                t1,
+                "-" if r["ref_ms"] is None else f"{r['ref_ms'] * 1e3:.1f}",
+                "-" if vs_ref is None else f"{vs_ref:.2f}x",
+                t2,
+                f"{r['cascade_graph_ms'] * 1e3:.1f} / {r['plain_graph_ms'] * 1e3:.1f}",
+                f"{r['bytes_ratio']:.1f}x",
+                f"{r['host_us']:.0f}",
+                ("+" if not r["overlap"] else " || ").join(k for k, _ in r["kernels"]),
+                ""
+                if "prefill_last_ms" not in r
+                else f"{r['prefill_shared_ms'] * 1e3:.1f} / {r['prefill_last_ms'] * 1e3:.1f} / "
+                f"{r['serial_levels_ms'] * 1e3:.1f}",
+            ]
+        )
 
     # Short prefix: plan() falls back to plain decode.
     caches, qs, levels = make_case(*SHORT)
@@ -244,15 +280,26 @@ def main() -> None:
     ref_merge = ref["merge_ms"] if ref else {}
     n, h, d = MERGE_SHAPE
     v_bytes, s_bytes = n * h * d * 2, n * h * 4
-    merge_bytes = {"merge_state": 3 * (v_bytes + s_bytes), "merge_state_in_place": 3 * (v_bytes + s_bytes),
-                   "merge_states_8": 9 * v_bytes + 9 * s_bytes}
+    merge_bytes = {
+        "merge_state": 3 * (v_bytes + s_bytes),
+        "merge_state_in_place": 3 * (v_bytes + s_bytes),
+        "merge_states_8": 9 * v_bytes + 9 * s_bytes,
+    }
     mrows = []
     for op, ms in merge.items():
         pct = 100 * merge_bytes[op] / (ms * 1e-3) / 1e12 / copy_tbs
         rms = ref_merge.get(op)
-        mrows.append([op, f"{ms * 1e3:.1f}", f"{merge_bytes[op] / (ms * 1e-3) / 1e12:.2f}", f"{pct:.1f}%",
-                      f"≥80%: {'met' if pct >= 80 else 'MISSED'}", "-" if rms is None else f"{rms * 1e3:.1f}",
-                      "-" if rms is None else f"{rms / ms:.2f}x"])
+        mrows.append(
+            [
+                op,
+                f"{ms * 1e3:.1f}",
+                f"{merge_bytes[op] / (ms * 1e-3) / 1e12:.2f}",
+                f"{pct:.1f}%",
+                f"≥80%: {'met' if pct >= 80 else 'MISSED'}",
+                "-" if rms is None else f"{rms * 1e3:.1f}",
+                "-" if rms is None else f"{rms / ms:.2f}x",
+            ]
+        )
 
     notes = [
         f"measured ceiling: device-to-device copy {copy_tbs:.2f} TB/s (read+write)",
@@ -277,18 +324,35 @@ def main() -> None:
     ]
     text = write_results(
         "MultiLevelCascadeAttentionWrapper (shared-prefix decode), bf16, d128, 32q/8kv, page_size 16",
-        ["batch", "cascade µs", "plain decode µs", "speedup", "target", "FlashInfer µs", "vs FlashInfer", "target",
-         "graph µs cascade / plain", "KV bytes plain/cascade", "host µs/run", "kernels",
-         "alt. µs: shared / unique on prefill / levels serial"],
-        rows, notes)
+        [
+            "batch",
+            "cascade µs",
+            "plain decode µs",
+            "speedup",
+            "target",
+            "FlashInfer µs",
+            "vs FlashInfer",
+            "target",
+            "graph µs cascade / plain",
+            "KV bytes plain/cascade",
+            "host µs/run",
+            "kernels",
+            "alt. µs: shared / unique on prefill / levels serial",
+        ],
+        rows,
+        notes,
+    )
     print(text)
     text = write_results(
         f"merge_state / merge_states, bf16, {n} x {h} x {d}",
         ["op", "µs", "TB/s", "% of copy BW", "target", "FlashInfer µs", "FlashInfer / ours"],
         mrows,
-        [f"measured ceiling: device-to-device copy {copy_tbs:.2f} TB/s (read+write)",
-         "bytes: every v and lse read once and the output written once (merge_states: 8 states in, 1 out)",
-         "CUDA events, L2 flushed before each call, median of 100"])
+        [
+            f"measured ceiling: device-to-device copy {copy_tbs:.2f} TB/s (read+write)",
+            "bytes: every v and lse read once and the output written once (merge_states: 8 states in, 1 out)",
+            "CUDA events, L2 flushed before each call, median of 100",
+        ],
+    )
     print(text)
 
 

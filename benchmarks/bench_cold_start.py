@@ -27,17 +27,49 @@ REPO = Path(__file__).resolve().parents[1]
 
 # One representative (Llama-style bf16 d128) spec per family, as a Spec.to_json() fragment.
 REPRESENTATIVE = {
-    "decode_single": dict(head_dim=128, dtype_q="bf16", dtype_kv="bf16", dtype_o="bf16", kv_layout="NHD",
-                          pos_encoding_mode="NONE", use_window=False, use_logits_soft_cap=False),
-    "decode_batch_paged": dict(head_dim=128, dtype_q="bf16", dtype_kv="bf16", dtype_o="bf16", kv_layout="NHD",
-                               pos_encoding_mode="NONE", use_logits_soft_cap=False),
+    "decode_single": dict(
+        head_dim=128,
+        dtype_q="bf16",
+        dtype_kv="bf16",
+        dtype_o="bf16",
+        kv_layout="NHD",
+        pos_encoding_mode="NONE",
+        use_window=False,
+        use_logits_soft_cap=False,
+    ),
+    "decode_batch_paged": dict(
+        head_dim=128,
+        dtype_q="bf16",
+        dtype_kv="bf16",
+        dtype_o="bf16",
+        kv_layout="NHD",
+        pos_encoding_mode="NONE",
+        use_logits_soft_cap=False,
+    ),
     "page_append": dict(head_dim=128, dtype_kv="bf16"),
-    "prefill_single": dict(head_dim=128, dtype_q="bf16", dtype_kv="bf16", dtype_o="bf16", mask_mode="causal",
-                           pos_encoding_mode="NONE", use_window=False, use_logits_soft_cap=False,
-                           use_fp16_qk_reduction=False),
-    "prefill_batch": dict(head_dim=128, dtype_q="bf16", dtype_kv="bf16", dtype_o="bf16", kv_storage="paged",
-                          mask_mode="causal", pos_encoding_mode="NONE", use_window=False,
-                          use_logits_soft_cap=False, use_fp16_qk_reduction=False),
+    "prefill_single": dict(
+        head_dim=128,
+        dtype_q="bf16",
+        dtype_kv="bf16",
+        dtype_o="bf16",
+        mask_mode="causal",
+        pos_encoding_mode="NONE",
+        use_window=False,
+        use_logits_soft_cap=False,
+        use_fp16_qk_reduction=False,
+    ),
+    "prefill_batch": dict(
+        head_dim=128,
+        dtype_q="bf16",
+        dtype_kv="bf16",
+        dtype_o="bf16",
+        kv_storage="paged",
+        mask_mode="causal",
+        pos_encoding_mode="NONE",
+        use_window=False,
+        use_logits_soft_cap=False,
+        use_fp16_qk_reduction=False,
+    ),
 }
 
 # Runs in the child: time the first call (GPU: the public API on small inputs; CPU: jit.load).
@@ -101,7 +133,7 @@ def _child(code: str, argv, env) -> dict:
     r = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, cwd=REPO)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"child failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
@@ -126,11 +158,21 @@ def main() -> int:
     if not gpu:
         base_env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     rows, notes = [], []
-    mode = "GPU: first call = public API on small inputs (compile+load+launch) for single decode/prefill, jit.load for the rest" \
-        if gpu else "CPU only (no GPU): first call = jit.load(spec), i.e. compile + dlopen; nothing launched"
+    mode = (
+        "GPU: first call = public API on small inputs (compile+load+launch) for single decode/prefill, jit.load for the rest"
+        if gpu
+        else "CPU only (no GPU): first call = jit.load(spec), i.e. compile + dlopen; nothing launched"
+    )
     print(f"# cold starts ({mode}); {os.cpu_count()} CPU cores", flush=True)
-    hdr = ["family", "cold first call s", "warm load ms (new process, median)", "key ms", "manifest+sha256 ms",
-           "dlopen ms", ".so KiB"]
+    hdr = [
+        "family",
+        "cold first call s",
+        "warm load ms (new process, median)",
+        "key ms",
+        "manifest+sha256 ms",
+        "dlopen ms",
+        ".so KiB",
+    ]
     for fam in fams:
         frag = REPRESENTATIVE[fam]
         with tempfile.TemporaryDirectory(prefix="fi_cold_") as d:
@@ -142,8 +184,15 @@ def main() -> int:
             wl = statistics.median(w["load"] for w in warm) * 1e3
             splits = [_child(_WARM, [fam, json.dumps(frag), "split"], env) for _ in range(args.warm_reps)]
             sp = {k: statistics.median(x[k] for x in splits) for k in ("key", "check", "dlopen")}
-        row = [fam, f"{cold['first']:.1f}", f"{wl:.1f}", f"{sp['key'] * 1e3:.2f}", f"{sp['check'] * 1e3:.2f}",
-               f"{sp['dlopen'] * 1e3:.2f}", f"{splits[0]['so_bytes'] / 1024:.0f}"]
+        row = [
+            fam,
+            f"{cold['first']:.1f}",
+            f"{wl:.1f}",
+            f"{sp['key'] * 1e3:.2f}",
+            f"{sp['check'] * 1e3:.2f}",
+            f"{sp['dlopen'] * 1e3:.2f}",
+            f"{splits[0]['so_bytes'] / 1024:.0f}",
+        ]
         rows.append(row)
         print(" | ".join(row), flush=True)
 
@@ -152,8 +201,18 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="fi_prewarm_") as d:
             env = dict(base_env, FLASHINFER_JIT_CACHE=str(Path(d) / "cache"))
             rep = Path(d) / "r.json"
-            cmd = [sys.executable, "-m", "flashinfer", "prewarm", "--preset", args.prewarm_preset,
-                   "--jobs", str(args.jobs), "--json", str(rep)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "flashinfer",
+                "prewarm",
+                "--preset",
+                args.prewarm_preset,
+                "--jobs",
+                str(args.jobs),
+                "--json",
+                str(rep),
+            ]
             if args.prewarm_shard:
                 cmd += ["--shard", args.prewarm_shard]
             t0 = time.perf_counter()
@@ -163,17 +222,22 @@ def main() -> int:
             c = data.get("counts", {})
             n = c.get("built", 0)
             shard = f" shard {args.prewarm_shard}" if args.prewarm_shard else ""
-            prewarm_line = (f"prewarm --preset {args.prewarm_preset}{shard} --jobs {args.jobs}: {n} modules built, "
-                            f"{c.get('failed', '?')} failed, wall {wall:.1f} s (command), "
-                            f"{60.0 * n / wall if wall else 0:.1f} modules/min, slowest "
-                            f"{(data.get('slowest') or {}).get('seconds', 0):.1f} s; exit {r.returncode}")
+            prewarm_line = (
+                f"prewarm --preset {args.prewarm_preset}{shard} --jobs {args.jobs}: {n} modules built, "
+                f"{c.get('failed', '?')} failed, wall {wall:.1f} s (command), "
+                f"{60.0 * n / wall if wall else 0:.1f} modules/min, slowest "
+                f"{(data.get('slowest') or {}).get('seconds', 0):.1f} s; exit {r.returncode}"
+            )
             print(prewarm_line, flush=True)
             if r.returncode:
                 print(r.stdout[-2000:], r.stderr[-2000:], file=sys.stderr)
         notes.append(prewarm_line)
-    notes = [mode, f"{os.cpu_count()} CPU cores; warm load = first jit.load in a fresh process (imports excluded), "
-             f"median of {args.warm_reps}; key / manifest+sha256 / dlopen = the parts of that first load, each timed "
-             f"in a fresh process (key includes the once-per-process templates digest)"] + notes
+    notes = [
+        mode,
+        f"{os.cpu_count()} CPU cores; warm load = first jit.load in a fresh process (imports excluded), "
+        f"median of {args.warm_reps}; key / manifest+sha256 / dlopen = the parts of that first load, each timed "
+        f"in a fresh process (key includes the once-per-process templates digest)",
+    ] + notes
     print("| " + " | ".join(hdr) + " |")
     for r_ in rows:
         print("| " + " | ".join(r_) + " |")

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import bf16_matmul_tflops, copy_bandwidth_tbs, first_call_times, graph_ms, median_ms, write_results  # noqa: E402
-
 import flashinfer  # noqa: E402
+from common import bf16_matmul_tflops, copy_bandwidth_tbs, first_call_times, graph_ms, median_ms, write_results  # noqa: E402
 
 _FIRST_CALL = r"""
 import json, time, sys
@@ -81,7 +80,9 @@ def bench_case(num_qo_heads: int, num_kv_heads: int, kv_len: int, head_dim: int,
         F.scaled_dot_product_attention(sq[i], sk[i], sv[i], enable_gqa=num_qo_heads != num_kv_heads)
 
     # Correctness guard: a benchmark of a wrong kernel is worthless.
-    ref = F.scaled_dot_product_attention(sq[0].float(), sk[0].float(), sv[0].float(), enable_gqa=num_qo_heads != num_kv_heads)
+    ref = F.scaled_dot_product_attention(
+        sq[0].float(), sk[0].float(), sv[0].float(), enable_gqa=num_qo_heads != num_kv_heads
+    )
     ours(0)
     err = (outs[0].float() - ref.view(num_qo_heads, head_dim)).abs().max().item()
     assert err < 2e-2, f"decode output differs from SDPA by {err}"
@@ -98,9 +99,14 @@ def bench_case(num_qo_heads: int, num_kv_heads: int, kv_len: int, head_dim: int,
     torch.cuda.empty_cache()
     return {
         "shape": f"{num_qo_heads}q/{num_kv_heads}kv d{head_dim} kv_len {kv_len}",
-        "us_graph": t_graph * 1e3, "us_eager": t_eager * 1e3, "us_sdpa": t_sdpa * 1e3,
-        "tbs": bw, "pct": 100 * bw / copy_tbs, "pct_eager": 100 * bw_eager / copy_tbs,
-        "pct_sdpa": 100 * bw_sdpa / copy_tbs, "speedup": t_sdpa / t_graph,
+        "us_graph": t_graph * 1e3,
+        "us_eager": t_eager * 1e3,
+        "us_sdpa": t_sdpa * 1e3,
+        "tbs": bw,
+        "pct": 100 * bw / copy_tbs,
+        "pct_eager": 100 * bw_eager / copy_tbs,
+        "pct_sdpa": 100 * bw_sdpa / copy_tbs,
+        "speedup": t_sdpa / t_graph,
         "pct_runs": [round(100 * total_bytes / (t * 1e-3) / 1e12 / copy_tbs, 2) for t in graph_runs],
     }
 
@@ -117,10 +123,16 @@ def main() -> None:
     host_us = host_overhead_us()
     print(f"host overhead {host_us:.1f} us/call", flush=True)
     times = first_call_times(_FIRST_CALL)
-    print(f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms", flush=True)
+    print(
+        f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms",
+        flush=True,
+    )
 
-    cases = [(32, 8, 32768), (32, 32, 32768)] if args.quick else [
-        (32, 8, 2048), (32, 8, 8192), (32, 8, 32768), (32, 32, 2048), (32, 32, 8192), (32, 32, 32768)]
+    cases = (
+        [(32, 8, 32768), (32, 32, 32768)]
+        if args.quick
+        else [(32, 8, 2048), (32, 8, 8192), (32, 8, 32768), (32, 32, 2048), (32, 32, 8192), (32, 32, 32768)]
+    )
     rows = []
     rows_pct = {}
     for hq, hkv, L in cases:
@@ -129,26 +141,36 @@ def main() -> None:
         rows_pct[(hq, hkv, L)] = r["pct_runs"]
         target = {(32, 8, 32768): 85.0, (32, 32, 32768): 92.0}.get((hq, hkv, L))
         verdict = "" if target is None else (f"≥{target:.0f}%: {'met' if r['pct'] >= target else 'MISSED'}")
-        rows.append([r["shape"], f"{r['us_graph']:.1f}", f"{r['tbs']:.2f}", f"{r['pct']:.1f}%", verdict,
-                     f"{r['us_eager']:.1f} ({r['pct_eager']:.0f}%)", f"{r['us_sdpa']:.1f} ({r['pct_sdpa']:.0f}%)",
-                     f"{r['speedup']:.2f}x"])
+        rows.append(
+            [
+                r["shape"],
+                f"{r['us_graph']:.1f}",
+                f"{r['tbs']:.2f}",
+                f"{r['pct']:.1f}%",
+                verdict,
+                f"{r['us_eager']:.1f} ({r['pct_eager']:.0f}%)",
+                f"{r['us_sdpa']:.1f} ({r['pct_sdpa']:.0f}%)",
+                f"{r['speedup']:.2f}x",
+            ]
+        )
     text = write_results(
         "single_decode_with_kv_cache, bf16, NHD",
-        ["shape", "µs (graph)", "TB/s", "% of copy BW", "target", "µs eager (% copy)", "SDPA µs (% copy)",
-         "vs SDPA"],
+        ["shape", "µs (graph)", "TB/s", "% of copy BW", "target", "µs eager (% copy)", "SDPA µs (% copy)", "vs SDPA"],
         rows,
-        [f"measured ceilings: device-to-device copy {copy_tbs:.2f} TB/s (read+write; median of "
-         f"{', '.join(f'{c:.2f}' for c in copies)}), bf16 matmul {mm:.0f} TFLOP/s",
-         f"every time is the median of {args.repeat} interleaved measurements (each a median itself); % of copy BW of "
-         f"each, 32q/8kv 32768: {rows_pct.get((32, 8, 32768), '-')}",
-         "bytes = q + k + v + o; inputs rotate over sets > 512 MB so every call reads HBM",
-         "µs (graph): device time per call from CUDA-graph replays; eager: CUDA events around each call "
-         "(includes host overhead when the kernel is shorter than it)",
-         "SDPA: torch.nn.functional.scaled_dot_product_attention on [1, heads, len, dim] contiguous, enable_gqa, graph-timed",
-         f"host time per eager call (validation + launch, kv_len 512, out= given): {host_us:.1f} µs",
-         f"decode module (bf16 d128 NHD) first call in a fresh process: cold compile "
-         f"{times['cold']['first_call_s']:.2f} s (empty cache, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}), "
-         f"warm {1e3 * times['warm']['first_call_s']:.1f} ms (cache hit; import flashinfer {1e3 * times['warm']['import_s']:.0f} ms)"],
+        [
+            f"measured ceilings: device-to-device copy {copy_tbs:.2f} TB/s (read+write; median of "
+            f"{', '.join(f'{c:.2f}' for c in copies)}), bf16 matmul {mm:.0f} TFLOP/s",
+            f"every time is the median of {args.repeat} interleaved measurements (each a median itself); % of copy BW of "
+            f"each, 32q/8kv 32768: {rows_pct.get((32, 8, 32768), '-')}",
+            "bytes = q + k + v + o; inputs rotate over sets > 512 MB so every call reads HBM",
+            "µs (graph): device time per call from CUDA-graph replays; eager: CUDA events around each call "
+            "(includes host overhead when the kernel is shorter than it)",
+            "SDPA: torch.nn.functional.scaled_dot_product_attention on [1, heads, len, dim] contiguous, enable_gqa, graph-timed",
+            f"host time per eager call (validation + launch, kv_len 512, out= given): {host_us:.1f} µs",
+            f"decode module (bf16 d128 NHD) first call in a fresh process: cold compile "
+            f"{times['cold']['first_call_s']:.2f} s (empty cache, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}), "
+            f"warm {1e3 * times['warm']['first_call_s']:.1f} ms (cache hit; import flashinfer {1e3 * times['warm']['import_s']:.0f} ms)",
+        ],
     )
     print(text)
 

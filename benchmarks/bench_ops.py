@@ -37,8 +37,12 @@ SILU_D = 14336
 def cases(tokens: Tuple[int, ...]) -> List[Tuple[str, int, int]]:
     """(op, size, tokens): size is the hidden size (norms), d (silu) or head_dim (rope)."""
     out = []
-    for op, sizes in (("rmsnorm", (4096, 8192)), ("fused_add_rmsnorm", (4096, 8192)), ("silu_and_mul", (SILU_D,)),
-                      ("rope_cos_sin_cache_inplace", (ROPE_HEADS[2],))):
+    for op, sizes in (
+        ("rmsnorm", (4096, 8192)),
+        ("fused_add_rmsnorm", (4096, 8192)),
+        ("silu_and_mul", (SILU_D,)),
+        ("rope_cos_sin_cache_inplace", (ROPE_HEADS[2],)),
+    ):
         for size in sizes:
             for t in tokens:
                 out.append((op, size, t))
@@ -186,10 +190,15 @@ def compile_ceiling_notes(compiled: Dict[str, float], ours: Dict[str, Dict[str, 
     for k, ms in sorted(compiled.items()):
         floor_ms = ours[k]["bytes"] / (copy_tbs * 1e12) * 1e3
         ceiling = ms / floor_ms
-        verdict = ("2x over it is physically unreachable for a memory-bound kernel" if ceiling < 2 else
-                   "2x over it is within reach")
-        notes.append(f"torch.compile ceiling {k}: it runs at {100 / ceiling:.0f}% of copy bandwidth, so a kernel at "
-                     f"100% would be {ceiling:.2f}x faster; {verdict}")
+        verdict = (
+            "2x over it is physically unreachable for a memory-bound kernel"
+            if ceiling < 2
+            else "2x over it is within reach"
+        )
+        notes.append(
+            f"torch.compile ceiling {k}: it runs at {100 / ceiling:.0f}% of copy bandwidth, so a kernel at "
+            f"100% would be {ceiling:.2f}x faster; {verdict}"
+        )
     return notes
 
 
@@ -198,8 +207,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} only")
     ap.add_argument("--no-reference", action="store_true", help="skip the real FlashInfer")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    ap.add_argument(REFERENCE_FLAG, dest="reference", action="store_true",
-                    help="(internal) time the real FlashInfer on PYTHONPATH and print one JSON line")
+    ap.add_argument(
+        REFERENCE_FLAG,
+        dest="reference",
+        action="store_true",
+        help="(internal) time the real FlashInfer on PYTHONPATH and print one JSON line",
+    )
     args = ap.parse_args()
     tokens = QUICK_TOKENS if args.quick else TOKENS
 
@@ -209,7 +222,9 @@ def main() -> None:
         import flashinfer.norm  # noqa: F401
         import flashinfer.rope  # noqa: F401
 
-        print(json.dumps({"version": getattr(flashinfer, "__version__", "?"), "cases": time_library(flashinfer, tokens)}))
+        print(
+            json.dumps({"version": getattr(flashinfer, "__version__", "?"), "cases": time_library(flashinfer, tokens)})
+        )
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -228,8 +243,19 @@ def main() -> None:
     ref = None if args.no_reference else run_reference(str(Path(__file__).resolve()), ["--quick"] if args.quick else [])
     ref_cases = (ref or {}).get("cases", {})
 
-    header = ["op", "size", "tokens", "ours µs", "FlashInfer µs", "ours vs FI", "torch.compile µs",
-              "ours vs compile", "% copy BW", "host µs ours", "host µs FI"]
+    header = [
+        "op",
+        "size",
+        "tokens",
+        "ours µs",
+        "FlashInfer µs",
+        "ours vs FI",
+        "torch.compile µs",
+        "ours vs compile",
+        "% copy BW",
+        "host µs ours",
+        "host µs FI",
+    ]
     rows = []
     for op, size, t in cases(tokens):
         k = key(op, size, t)
@@ -238,16 +264,21 @@ def main() -> None:
         bw = o["bytes"] / (o["ms"] * 1e-3) / 1e12
         r = ref_cases.get(k)
         c = compiled.get(k)
-        rows.append([
-            op, size, t, f"{us:.2f}",
-            f"{r['ms'] * 1e3:.2f}" if r else "-",
-            f"{r['ms'] / o['ms']:.2f}x" if r else "-",
-            f"{c * 1e3:.2f}" if c else "-",
-            f"{c / o['ms']:.2f}x" if c else "-",
-            f"{100 * bw / copy_tbs:.1f}%",
-            f"{o['host_us']:.1f}",
-            f"{r['host_us']:.1f}" if r else "-",
-        ])
+        rows.append(
+            [
+                op,
+                size,
+                t,
+                f"{us:.2f}",
+                f"{r['ms'] * 1e3:.2f}" if r else "-",
+                f"{r['ms'] / o['ms']:.2f}x" if r else "-",
+                f"{c * 1e3:.2f}" if c else "-",
+                f"{c / o['ms']:.2f}x" if c else "-",
+                f"{100 * bw / copy_tbs:.1f}%",
+                f"{o['host_us']:.1f}",
+                f"{r['host_us']:.1f}" if r else "-",
+            ]
+        )
     notes = [
         f"copy bandwidth (device-to-device copy, read + write): {copy_tbs:.2f} TB/s",
         "bf16; norms: weight (hidden) and eps 1e-6, out= given (rmsnorm), in place (fused add: input and residual "

@@ -22,9 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import bf16_matmul_tflops, first_call_times, graph_ms, median_ms, write_results  # noqa: E402
-
 import flashinfer  # noqa: E402
+from common import bf16_matmul_tflops, first_call_times, graph_ms, median_ms, write_results  # noqa: E402
 
 _FIRST_CALL = r"""
 import json, time
@@ -41,8 +40,11 @@ t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "first_call_s": t3 - t2}))
 """
 
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 def prefill_backend_of(L, hq, hkv, d, causal) -> str:
@@ -73,8 +75,11 @@ def bench_single(L, hq, hkv, d, causal, n_sets=2):
     hs = min(hq, 4)
     g = hq // hkv
     ref = F.scaled_dot_product_attention(
-        qs[0][:, :hs].transpose(0, 1).float(), ks[0][:, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(),
-        vs[0][:, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(), is_causal=causal)
+        qs[0][:, :hs].transpose(0, 1).float(),
+        ks[0][:, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(),
+        vs[0][:, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(),
+        is_causal=causal,
+    )
     err = (outs[0][:, :hs].transpose(0, 1).float() - ref).abs().max().item()
     assert err < 3e-2, f"prefill output differs from SDPA by {err}"
 
@@ -84,9 +89,11 @@ def bench_single(L, hq, hkv, d, causal, n_sets=2):
     sv = [x.transpose(0, 1).unsqueeze(0) for x in vs]
     sdpa = {}
     for name, be in SDPA_BACKENDS.items():
+
         def run(i, be=be):
             with sdpa_kernel([be]):
                 F.scaled_dot_product_attention(sq[i], sk[i], sv[i], is_causal=causal, enable_gqa=hq != hkv)
+
         try:
             run(0)
             torch.cuda.synchronize()
@@ -128,8 +135,16 @@ def bench_batch(num_reqs, L, hq, hkv, d, page_size):
         out = torch.empty_like(q)
         rag.run(q, k, v, out=out)
         assert (out[:L].float() - ref).abs().max().item() < 2e-2
-        extra = dict(qo_indptr_buf=ind_dev.clone(), paged_kv_indptr_buf=kv_indptr.to(dev),
-                     paged_kv_indices_buf=perm.to(dev), paged_kv_last_page_len_buf=last.to(dev)) if graph else {}
+        extra = (
+            dict(
+                qo_indptr_buf=ind_dev.clone(),
+                paged_kv_indptr_buf=kv_indptr.to(dev),
+                paged_kv_indices_buf=perm.to(dev),
+                paged_kv_last_page_len_buf=last.to(dev),
+            )
+            if graph
+            else {}
+        )
         pw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=graph, **extra)
         pw.plan(indptr, kv_indptr, perm, last, hq, hkv, d, page_size, causal=True, q_data_type=dtype)
         out2 = torch.empty_like(q)
@@ -142,9 +157,16 @@ def bench_batch(num_reqs, L, hq, hkv, d, page_size):
         else:
             res["ragged"] = median_ms(lambda i: rag.run(q, k, v, out=out), 1, iters=30)
             res["paged"] = median_ms(lambda i: pw.run(q, cache, out=out2), 1, iters=30)
-    single = graph_ms(lambda i: [flashinfer.single_prefill_with_kv_cache(q[r * L:(r + 1) * L], k[r * L:(r + 1) * L],
-                                                                         v[r * L:(r + 1) * L], causal=True)
-                                 for r in range(num_reqs)], 1, calls_per_graph=1)
+    single = graph_ms(
+        lambda i: [
+            flashinfer.single_prefill_with_kv_cache(
+                q[r * L : (r + 1) * L], k[r * L : (r + 1) * L], v[r * L : (r + 1) * L], causal=True
+            )
+            for r in range(num_reqs)
+        ],
+        1,
+        calls_per_graph=1,
+    )
     res["single_x16"] = single
     return res
 
@@ -156,22 +178,39 @@ def main() -> None:
     args = ap.parse_args()
     mm = bf16_matmul_tflops()
     print(f"bf16 matmul {mm:.0f} TFLOP/s", flush=True)
-    times = {"cold": {"first_call_s": float("nan")}, "warm": {"first_call_s": float("nan"), "import_s": 0}} \
-        if args.batch_only else first_call_times(_FIRST_CALL)
-    print(f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms",
-          flush=True)
+    times = (
+        {"cold": {"first_call_s": float("nan")}, "warm": {"first_call_s": float("nan"), "import_s": 0}}
+        if args.batch_only
+        else first_call_times(_FIRST_CALL)
+    )
+    print(
+        f"first call: cold {times['cold']['first_call_s']:.2f} s, warm {1e3 * times['warm']['first_call_s']:.1f} ms",
+        flush=True,
+    )
     cases = [] if args.batch_only else [(L, 32, 32, 128, c) for L in (2048, 8192, 16384) for c in (False, True)]
     if not args.quick and not args.batch_only:
-        cases += [(8192, 32, 8, 128, False), (8192, 32, 8, 128, True), (8192, 32, 32, 64, False),
-                  (8192, 32, 32, 64, True), (8192, 16, 16, 256, False), (8192, 16, 16, 256, True)]
+        cases += [
+            (8192, 32, 8, 128, False),
+            (8192, 32, 8, 128, True),
+            (8192, 32, 32, 64, False),
+            (8192, 32, 32, 64, True),
+            (8192, 16, 16, 256, False),
+            (8192, 16, 16, 256, True),
+        ]
     rows = []
     for L, hq, hkv, d, causal in cases:
         t, sdpa = bench_single(L, hq, hkv, d, causal)
         tf = flops(L, L, hq, d, causal) / (t * 1e-3) / 1e12
         fl = sdpa.get("flash")
         kernel = prefill_backend_of(L, hq, hkv, d, causal)
-        line = {"shape": f"{hq}/{hkv} d{d} L{L} {'causal' if causal else 'full'}", "kernel": kernel, "ms": t, "tflops": tf,
-                "pct_mm": 100 * tf / mm, **{f"sdpa_{k}_ms": v for k, v in sdpa.items()}}
+        line = {
+            "shape": f"{hq}/{hkv} d{d} L{L} {'causal' if causal else 'full'}",
+            "kernel": kernel,
+            "ms": t,
+            "tflops": tf,
+            "pct_mm": 100 * tf / mm,
+            **{f"sdpa_{k}_ms": v for k, v in sdpa.items()},
+        }
         print(json.dumps(line), flush=True)
         target = ""
         if d == 128 and hq == hkv == 32:
@@ -180,18 +219,49 @@ def main() -> None:
             if not causal and L >= 8192:
                 target += f"; ≥55% mm: {'met' if tf >= 0.55 * mm else 'MISSED'}"
         fmt = lambda x: "-" if x is None else f"{x:.3f} ({flops(L, L, hq, d, causal) / (x * 1e-3) / 1e12:.0f})"  # noqa: E731
-        rows.append([line["shape"], kernel, f"{t:.3f}", f"{tf:.0f}", f"{100 * tf / mm:.0f}%", fmt(sdpa.get("flash")),
-                     fmt(sdpa.get("cudnn")), fmt(sdpa.get("efficient")),
-                     "-" if fl is None else f"{fl / t:.2f}x", target])
-    notes = [f"bf16 matmul (8192^3, same run): {mm:.0f} TFLOP/s",
-             "FLOPs = 4·qo·kv·heads·head_dim, halved for causal; times are CUDA-graph device times (ms)",
-             "SDPA: [1, H, L, D] views, backend forced with torch.nn.attention.sdpa_kernel; cells: ms (TFLOP/s)",
-             f"prefill module (bf16 d128 causal) first call in a fresh process: cold compile "
-             f"{times['cold']['first_call_s']:.2f} s (empty cache, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}), "
-             f"warm {1e3 * times['warm']['first_call_s']:.1f} ms"]
-    text = "" if not rows else write_results("single_prefill_with_kv_cache (backend=\"auto\"), bf16, NHD",
-                         ["shape", "kernel", "ms", "TFLOP/s", "% of mm", "SDPA flash", "SDPA cuDNN", "SDPA efficient",
-                          "vs flash", "target"], rows, notes)
+        rows.append(
+            [
+                line["shape"],
+                kernel,
+                f"{t:.3f}",
+                f"{tf:.0f}",
+                f"{100 * tf / mm:.0f}%",
+                fmt(sdpa.get("flash")),
+                fmt(sdpa.get("cudnn")),
+                fmt(sdpa.get("efficient")),
+                "-" if fl is None else f"{fl / t:.2f}x",
+                target,
+            ]
+        )
+    notes = [
+        f"bf16 matmul (8192^3, same run): {mm:.0f} TFLOP/s",
+        "FLOPs = 4·qo·kv·heads·head_dim, halved for causal; times are CUDA-graph device times (ms)",
+        "SDPA: [1, H, L, D] views, backend forced with torch.nn.attention.sdpa_kernel; cells: ms (TFLOP/s)",
+        f"prefill module (bf16 d128 causal) first call in a fresh process: cold compile "
+        f"{times['cold']['first_call_s']:.2f} s (empty cache, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}), "
+        f"warm {1e3 * times['warm']['first_call_s']:.1f} ms",
+    ]
+    text = (
+        ""
+        if not rows
+        else write_results(
+            'single_prefill_with_kv_cache (backend="auto"), bf16, NHD',
+            [
+                "shape",
+                "kernel",
+                "ms",
+                "TFLOP/s",
+                "% of mm",
+                "SDPA flash",
+                "SDPA cuDNN",
+                "SDPA efficient",
+                "vs flash",
+                "target",
+            ],
+            rows,
+            notes,
+        )
+    )
     print(text, flush=True)
 
     if hasattr(flashinfer, "BatchPrefillWithPagedKVCacheWrapper"):
@@ -202,16 +272,35 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             for name in ("ragged", "paged"):
                 ratio = r[name] / r["single_x16"]
-                brows.append([f"16 x 1024 causal, {hq}/{hkv} d128, {name}" + (" (page 16)" if name == "paged" else ""),
-                              f"{r[name]:.3f}", f"{f / (r[name] * 1e-3) / 1e12:.0f}", f"{r['single_x16']:.3f}",
-                              f"{ratio:.2f}", "met" if ratio <= 1.10 else "MISSED",
-                              f"{r[name + '_graph']:.3f} ({r[name + '_graph'] / r['single_x16']:.2f})"])
-        text = write_results("batch prefill (ragged / paged), bf16, NHD",
-                             ["case", "ms", "TFLOP/s", "16 x single ms", "batch / single", "within 10%",
-                              "graph-mode wrapper ms (/ single)"], brows,
-                             ["same total work as 16 single_prefill_with_kv_cache(1024 causal) calls (graph-timed)",
-                              "ms: plain wrapper, CUDA events around each run() (128-row query tiles, one work item "
-                              "per CTA); graph-mode wrapper: graph replays (64-row tiles, persistent grid)"])
+                brows.append(
+                    [
+                        f"16 x 1024 causal, {hq}/{hkv} d128, {name}" + (" (page 16)" if name == "paged" else ""),
+                        f"{r[name]:.3f}",
+                        f"{f / (r[name] * 1e-3) / 1e12:.0f}",
+                        f"{r['single_x16']:.3f}",
+                        f"{ratio:.2f}",
+                        "met" if ratio <= 1.10 else "MISSED",
+                        f"{r[name + '_graph']:.3f} ({r[name + '_graph'] / r['single_x16']:.2f})",
+                    ]
+                )
+        text = write_results(
+            "batch prefill (ragged / paged), bf16, NHD",
+            [
+                "case",
+                "ms",
+                "TFLOP/s",
+                "16 x single ms",
+                "batch / single",
+                "within 10%",
+                "graph-mode wrapper ms (/ single)",
+            ],
+            brows,
+            [
+                "same total work as 16 single_prefill_with_kv_cache(1024 causal) calls (graph-timed)",
+                "ms: plain wrapper, CUDA events around each run() (128-row query tiles, one work item "
+                "per CTA); graph-mode wrapper: graph replays (64-row tiles, persistent grid)",
+            ],
+        )
         print(text, flush=True)
 
 

@@ -61,10 +61,12 @@ def time_renorm(op: str, batch: int, vocab: int) -> float:
     xs = _logits(batch, vocab, n)
     if op == "top_p_renorm_probs":
         xs = [torch.softmax(x, -1) for x in xs]
-        return median_ms(lambda i: flashinfer.sampling.top_p_renorm_probs(xs[i], TOP_P), n, warmup=5, iters=ITERS,
-                         flush=True)
-    return median_ms(lambda i: flashinfer.sampling.top_k_mask_logits(xs[i], TOP_K), n, warmup=5, iters=ITERS,
-                     flush=True)
+        return median_ms(
+            lambda i: flashinfer.sampling.top_p_renorm_probs(xs[i], TOP_P), n, warmup=5, iters=ITERS, flush=True
+        )
+    return median_ms(
+        lambda i: flashinfer.sampling.top_k_mask_logits(xs[i], TOP_K), n, warmup=5, iters=ITERS, flush=True
+    )
 
 
 def sort_sampler(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -113,28 +115,55 @@ def main() -> None:
                 key = f"sample/{form}/{batch}/{vocab}"
                 t, r = ours[key], ref.get(key)
                 sort_ms = time_sort(batch, vocab) if batch == 256 and form == "tensor" else None
-                rows.append([
-                    f"top_k_top_p_sampling_from_logits ({form} k/p)", batch, vocab, f"{t * 1e3:.1f}",
-                    f"{r * 1e3:.1f}" if r else "-", f"{r / t:.2f}x" if r else "-",
-                    f"{sort_ms / t:.1f}x" if sort_ms else "", "",
-                ])
+                rows.append(
+                    [
+                        f"top_k_top_p_sampling_from_logits ({form} k/p)",
+                        batch,
+                        vocab,
+                        f"{t * 1e3:.1f}",
+                        f"{r * 1e3:.1f}" if r else "-",
+                        f"{r / t:.2f}x" if r else "-",
+                        f"{sort_ms / t:.1f}x" if sort_ms else "",
+                        "",
+                    ]
+                )
     for op in ("top_p_renorm_probs", "top_k_mask_logits"):
         key = f"{op}/256/128256"
         t, r = ours[key], ref.get(key)
         bw = 2 * 256 * 128256 * 4 / (t * 1e-3) / 1e12
-        rows.append([op, 256, 128256, f"{t * 1e3:.1f}", f"{r * 1e3:.1f}" if r else "-", f"{r / t:.2f}x" if r else "-",
-                     "", f"{bw:.2f} TB/s = {100 * bw / copy_tbs:.0f}%"])
+        rows.append(
+            [
+                op,
+                256,
+                128256,
+                f"{t * 1e3:.1f}",
+                f"{r * 1e3:.1f}" if r else "-",
+                f"{r / t:.2f}x" if r else "-",
+                "",
+                f"{bw:.2f} TB/s = {100 * bw / copy_tbs:.0f}%",
+            ]
+        )
     table = write_results(
         "Sampling (flashinfer.sampling)",
-        ["op", "batch", "vocab", "ours (us)", "FlashInfer (us)", "FlashInfer / ours", "sort-based / ours",
-         "of copy bandwidth"],
+        [
+            "op",
+            "batch",
+            "vocab",
+            "ours (us)",
+            "FlashInfer (us)",
+            "FlashInfer / ours",
+            "sort-based / ours",
+            "of copy bandwidth",
+        ],
         rows,
-        [f"copy bandwidth (read + write): {copy_tbs:.2f} TB/s",
-         f"top_k {TOP_K}, top_p {TOP_P}, float32 logits ~ 2 N(0, 1); medians of {ITERS} single calls (CUDA events, "
-         "L2 flushed before each); seeds from the default CUDA generator",
-         "targets: sampling >= 1.05x FlashInfer (every batch and vocab), >= 10x sort-based at batch 256; "
-         "renorm/mask >= 70% of copy bandwidth at batch 256",
-         "FlashInfer: " + ("reference run OK" if ref else "reference not available (columns empty)")],
+        [
+            f"copy bandwidth (read + write): {copy_tbs:.2f} TB/s",
+            f"top_k {TOP_K}, top_p {TOP_P}, float32 logits ~ 2 N(0, 1); medians of {ITERS} single calls (CUDA events, "
+            "L2 flushed before each); seeds from the default CUDA generator",
+            "targets: sampling >= 1.05x FlashInfer (every batch and vocab), >= 10x sort-based at batch 256; "
+            "renorm/mask >= 70% of copy bandwidth at batch 256",
+            "FlashInfer: " + ("reference run OK" if ref else "reference not available (columns empty)"),
+        ],
     )
     print(table)
 

@@ -29,11 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
-from common import write_results  # noqa: E402
-
 import hf_common  # noqa: E402
 
 import flashinfer.integrations.transformers as fi_tf  # noqa: E402
+from common import write_results  # noqa: E402
 
 
 def _backends():
@@ -87,23 +86,51 @@ def _engine_row(n_req: int) -> list:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "engine.json"
-        rc = generate_paged.main(["--size", "bench", "--requests", str(n_req), "--batch", "64", "--prompt-len",
-                                  "128-512", "--new-tokens", "64-128", "--arrival", "16", "--check", "0", "--quiet",
-                                  "--json", str(out)])
+        rc = generate_paged.main(
+            [
+                "--size",
+                "bench",
+                "--requests",
+                str(n_req),
+                "--batch",
+                "64",
+                "--prompt-len",
+                "128-512",
+                "--new-tokens",
+                "64-128",
+                "--arrival",
+                "16",
+                "--check",
+                "0",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
         if rc != 0 or not out.exists():
             raise RuntimeError(f"generate_paged.py exited with status {rc}")
         engine = json.loads(out.read_text())
     step = engine["decode_step_ms_at_max_batch"]
-    return [f"ours: paged engine ({n_req} requests, batch <= 64)", "<= 64", "128-512", "64-128", "-",
-            f"{engine['tokens_per_s']:.0f}",
-            f"{engine['decode_tokens_per_s']:.0f}" + (f" ({step:.2f} ms/step at 64)" if step else "")]
+    return [
+        f"ours: paged engine ({n_req} requests, batch <= 64)",
+        "<= 64",
+        "128-512",
+        "64-128",
+        "-",
+        f"{engine['tokens_per_s']:.0f}",
+        f"{engine['decode_tokens_per_s']:.0f}" + (f" ({step:.2f} ms/step at 64)" if step else ""),
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
-    ap.add_argument("--time-budget", type=float, default=75.0,
-                    help="seconds; rows not started within it are reported as skipped (default 75)")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=75.0,
+        help="seconds; rows not started within it are reported as skipped (default 75)",
+    )
     args = ap.parse_args()
     t_start = time.perf_counter()
     cases = [(1, 512, 128), (8, 2048, 64)] if not args.quick else [(1, 512, 32)]
@@ -150,8 +177,9 @@ def main() -> None:
     # Our engine on the same weights: continuous batching, paged KV cache, CUDA-graph decode steps.
     engine_name = f"ours: paged engine ({n_req} requests, batch <= 64)"
     if over_budget():
-        rows.append([engine_name, "<= 64", "128-512", "64-128", "-", "-",
-                     f"skipped: over the {args.time_budget:.0f} s budget"])
+        rows.append(
+            [engine_name, "<= 64", "128-512", "64-128", "-", "-", f"skipped: over the {args.time_budget:.0f} s budget"]
+        )
     else:
         try:
             rows.append(_engine_row(n_req))

@@ -25,13 +25,16 @@ def flush_l2() -> None:
     buf = _L2_FLUSH.get(dev)
     if buf is None:
         l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 64 << 20) or (64 << 20)
-        buf = _L2_FLUSH[dev] = (torch.zeros(2 * l2 // 4, dtype=torch.int32, device="cuda"),
-                                torch.empty((), dtype=torch.int64, device="cuda"))
+        buf = _L2_FLUSH[dev] = (
+            torch.zeros(2 * l2 // 4, dtype=torch.int32, device="cuda"),
+            torch.empty((), dtype=torch.int64, device="cuda"),
+        )
     torch.sum(buf[0], dim=0, out=buf[1])
 
 
-def median_ms(fn: Callable[[int], object], n_inputs: int, warmup: int = 10, iters: int = 100,
-              flush: bool = False) -> float:
+def median_ms(
+    fn: Callable[[int], object], n_inputs: int, warmup: int = 10, iters: int = 100, flush: bool = False
+) -> float:
     """Median time of one call, events around each call; fn(i) uses input set i % n_inputs. With
     ``flush=True`` the L2 is evicted before each call (outside the timed region)."""
     for i in range(warmup):
@@ -108,13 +111,20 @@ def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
 
     site = os.environ.get("FI_REF_SITE", "/tmp/fi_ref_site")
     if not os.path.isdir(os.path.join(site, "flashinfer")):
-        print(f"[reference] FlashInfer reference not installed at {site}: reference columns left empty", file=sys.stderr)
+        print(
+            f"[reference] FlashInfer reference not installed at {site}: reference columns left empty", file=sys.stderr
+        )
         return None
     bench_dir = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, PYTHONPATH=f"{site}:{bench_dir}", FLASHINFER_CUDA_ARCH_LIST="9.0",
-               FLASHINFER_WORKSPACE_BASE=os.environ.get("FI_REF_WS", "/tmp/fi_ref_ws"))
-    p = subprocess.run([sys.executable, script, REFERENCE_FLAG, *args], env=env, capture_output=True, text=True,
-                       cwd="/tmp")
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{site}:{bench_dir}",
+        FLASHINFER_CUDA_ARCH_LIST="9.0",
+        FLASHINFER_WORKSPACE_BASE=os.environ.get("FI_REF_WS", "/tmp/fi_ref_ws"),
+    )
+    p = subprocess.run(
+        [sys.executable, script, REFERENCE_FLAG, *args], env=env, capture_output=True, text=True, cwd="/tmp"
+    )
     if p.returncode != 0:
         print(f"[reference] {script} failed (exit {p.returncode}):\n{p.stderr[-4000:]}", file=sys.stderr)
         return None
@@ -143,8 +153,9 @@ def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return out.stdout.strip() + ("+uncommitted" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"

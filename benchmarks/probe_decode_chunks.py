@@ -14,16 +14,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import copy_bandwidth_tbs, graph_ms  # noqa: E402
-
 import flashinfer  # noqa: E402
 import flashinfer.decode as decode  # noqa: E402
+from common import copy_bandwidth_tbs, graph_ms  # noqa: E402
 from flashinfer import jit  # noqa: E402
 
 STAGES = (3, 6)
 CTAS_PER_SM = (1, 2, 3, 4)
-SHAPES = [(32, 8, 32768), (32, 32, 32768), (32, 8, 8192), (32, 32, 8192), (32, 4, 32768), (32, 1, 32768),
-          (64, 64, 8192), (8, 8, 32768)]
+SHAPES = [
+    (32, 8, 32768),
+    (32, 32, 32768),
+    (32, 8, 8192),
+    (32, 32, 8192),
+    (32, 4, 32768),
+    (32, 1, 32768),
+    (64, 64, 8192),
+    (8, 8, 32768),
+]
 
 
 def staged_spec_class(stages: int):
@@ -42,7 +49,9 @@ def main() -> None:
     classes = {s: staged_spec_class(s) for s in STAGES}
     default_rule = decode._ctas_per_sm
     with ThreadPoolExecutor(len(STAGES)) as pool:  # each build is an nvcc subprocess
-        list(pool.map(lambda c: jit.load(c(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)), classes.values()))
+        list(
+            pool.map(lambda c: jit.load(c(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)), classes.values())
+        )
     copy = copy_bandwidth_tbs()
     print(f"copy {copy:.2f} TB/s", flush=True)
     for hq, hkv, L in SHAPES:
@@ -68,8 +77,10 @@ def main() -> None:
         print(f"{hq}q/{hkv}kv L={L}:", flush=True)
         for (stages, cap), ts in results.items():
             t = statistics.median(ts)
-            print(f"  stages {stages} CTAs/SM {cap}: {t * 1e3:6.1f} us {100 * nbytes / (t * 1e-3) / 1e12 / copy:5.1f}%",
-                  flush=True)
+            print(
+                f"  stages {stages} CTAs/SM {cap}: {t * 1e3:6.1f} us {100 * nbytes / (t * 1e-3) / 1e12 / copy:5.1f}%",
+                flush=True,
+            )
         del qs, ks, vs
         torch.cuda.empty_cache()
 

@@ -16,10 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import graph_ms  # noqa: E402
-
 import flashinfer  # noqa: E402
 import flashinfer.prefill as prefill  # noqa: E402
+from common import graph_ms  # noqa: E402
 from flashinfer import jit  # noqa: E402
 
 VARIANTS = {"fa2": ("fa2", ()), "fa3 bk128": ("fa3", ("-DFI_FA3_BK=128",)), "fa3 bk64": ("fa3", ("-DFI_FA3_BK=64",))}
@@ -40,8 +39,11 @@ def variant_class(flags):
 def main() -> None:
     base = prefill.SinglePrefillSpec
     classes = {name: variant_class(flags) for name, (_, flags) in VARIANTS.items()}
-    specs = [c(128, "bf16", "bf16", "bf16", mask_mode=m, backend=VARIANTS[name][0])
-             for name, c in classes.items() for m in ("none", "causal")]
+    specs = [
+        c(128, "bf16", "bf16", "bf16", mask_mode=m, backend=VARIANTS[name][0])
+        for name, c in classes.items()
+        for m in ("none", "causal")
+    ]
     with ThreadPoolExecutor(len(specs)) as pool:
         reports = list(pool.map(jit.ensure_built, specs))
     for spec, r in zip(specs, reports):
@@ -58,9 +60,12 @@ def main() -> None:
             for name, cls in classes.items():
                 prefill.SinglePrefillSpec = cls
                 be = VARIANTS[name][0]
-                t = graph_ms(lambda i: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out,
-                                                                              backend=be), 1,
-                             reps=10, calls_per_graph=4)
+                t = graph_ms(
+                    lambda i: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out, backend=be),
+                    1,
+                    reps=10,
+                    calls_per_graph=4,
+                )
                 res.setdefault(name, []).append(t)
                 if ref is None:
                     ref = out.float().clone()

@@ -13,8 +13,17 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashinfer  # noqa: E402
 
-SHAPES = [(32, 8, 32768), (32, 8, 65536), (32, 8, 131072), (8, 8, 32768), (32, 32, 32768), (32, 8, 8192),
-          (32, 8, 2048), (64, 8, 32768), (32, 4, 32768)]
+SHAPES = [
+    (32, 8, 32768),
+    (32, 8, 65536),
+    (32, 8, 131072),
+    (8, 8, 32768),
+    (32, 32, 32768),
+    (32, 8, 8192),
+    (32, 8, 2048),
+    (64, 8, 32768),
+    (32, 4, 32768),
+]
 
 
 def main() -> None:

@@ -46,7 +46,9 @@ def _range(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="local checkpoint directory (config.json + safetensors); default: a random model")
     p.add_argument("--arch", choices=hf_common.ARCHS, default="llama", help="random model: Llama or Mistral style")
     p.add_argument("--size", choices=["tiny", "small", "bench"], default="small", help="random model size")
@@ -62,8 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly")
     p.add_argument("--check", type=int, default=-1, help="requests checked against float32 SDPA (default all; 0: none)")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="profile this many decode steps at full batch (torch.profiler): share of GPU time in our kernels")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="profile this many decode steps at full batch (torch.profiler): share of GPU time in our kernels",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the summary here as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,8 +108,9 @@ class _Profiler:
         if self.prof is None:
             if n < self.batch:
                 return
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
             self.prof.start()
             engine.eager_decode = True
             self.t0 = time.perf_counter()
@@ -133,9 +141,14 @@ class _Profiler:
                 ours += t
                 short = e.name.split("(")[0].split("<")[0].replace("void ", "").replace("flashinfer::", "")
                 per_kernel[short] = per_kernel.get(short, 0.0) + t
-        return {"steps": steps, "eager_wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": total / 1e3 / steps,
-                "ours_ms_per_step": ours / 1e3 / steps, "ours_share_of_gpu": ours / total if total else 0.0,
-                "ours_kernels_ms_per_step": {k: v / 1e3 / steps for k, v in sorted(per_kernel.items())}}
+        return {
+            "steps": steps,
+            "eager_wall_ms_per_step": 1e3 * wall / steps,
+            "gpu_ms_per_step": total / 1e3 / steps,
+            "ours_ms_per_step": ours / 1e3 / steps,
+            "ours_share_of_gpu": ours / total if total else 0.0,
+            "ours_kernels_ms_per_step": {k: v / 1e3 / steps for k, v in sorted(per_kernel.items())},
+        }
 
 
 def main(argv=None) -> int:
@@ -160,8 +173,15 @@ def main(argv=None) -> int:
     pages_per_request = -(-longest // args.page_size)
     num_pages = args.batch * pages_per_request + 1
     t_setup = time.perf_counter()
-    engine = paged_engine.Engine(runner, ops, args.batch, args.page_size, num_pages,
-                                 max_prefill_tokens=args.max_prefill_tokens, use_graph=not args.no_cuda_graph)
+    engine = paged_engine.Engine(
+        runner,
+        ops,
+        args.batch,
+        args.page_size,
+        num_pages,
+        max_prefill_tokens=args.max_prefill_tokens,
+        use_graph=not args.no_cuda_graph,
+    )
     setup_s = time.perf_counter() - t_setup
     profiler = _Profiler(args.profile, args.batch) if args.profile and device.type == "cuda" else None
     engine.on_decode_step = profiler
@@ -199,10 +219,16 @@ def main(argv=None) -> int:
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": args.model or f"random {args.arch} ({args.size})",
-        "dtype": str(dtype).replace("torch.", ""), "requests": args.requests, "max_batch": args.batch,
-        "cuda_graph": device.type == "cuda" and not args.no_cuda_graph, "steps": engine.step_count,
-        "generated_tokens": done_tokens, "prefill_tokens": int(st["prefill_tokens"]), "wall_s": wall,
-        "setup_s": setup_s, "tokens_per_s": done_tokens / wall,
+        "dtype": str(dtype).replace("torch.", ""),
+        "requests": args.requests,
+        "max_batch": args.batch,
+        "cuda_graph": device.type == "cuda" and not args.no_cuda_graph,
+        "steps": engine.step_count,
+        "generated_tokens": done_tokens,
+        "prefill_tokens": int(st["prefill_tokens"]),
+        "wall_s": wall,
+        "setup_s": setup_s,
+        "tokens_per_s": done_tokens / wall,
         "decode_tokens_per_s": st["decode_tokens"] / st["decode_s"] if st["decode_s"] else 0.0,
         "decode_step_ms_median": {n: 1e3 * statistics.median(v) for n, v in sorted(engine.decode_times.items())},
         "decode_step_ms_at_max_batch": 1e3 * statistics.median(full) if full else None,
@@ -211,17 +237,23 @@ def main(argv=None) -> int:
     if profiler is not None:
         summary["profile"] = profiler.result or f"never reached {args.profile} decode steps at batch {args.batch}"
 
-    print(f"{summary['generated_tokens']} tokens for {args.requests} requests in {wall:.2f} s on {summary['device']}: "
-          f"{summary['tokens_per_s']:.0f} tok/s overall, {summary['decode_tokens_per_s']:.0f} tok/s in decode steps "
-          f"({engine.step_count} steps; graphs/setup {setup_s:.1f} s)")
+    print(
+        f"{summary['generated_tokens']} tokens for {args.requests} requests in {wall:.2f} s on {summary['device']}: "
+        f"{summary['tokens_per_s']:.0f} tok/s overall, {summary['decode_tokens_per_s']:.0f} tok/s in decode steps "
+        f"({engine.step_count} steps; graphs/setup {setup_s:.1f} s)"
+    )
     if full:
-        print(f"decode step at batch {args.batch}: {summary['decode_step_ms_at_max_batch']:.3f} ms median "
-              f"over {len(full)} steps (plan + graph replay + argmax readback)")
+        print(
+            f"decode step at batch {args.batch}: {summary['decode_step_ms_at_max_batch']:.3f} ms median "
+            f"over {len(full)} steps (plan + graph replay + argmax readback)"
+        )
     if isinstance(summary.get("profile"), dict):
         p = summary["profile"]
         kernels = ", ".join(f"{k} {v:.3f}" for k, v in p["ours_kernels_ms_per_step"].items())
-        print(f"profile ({p['steps']} steps at batch {args.batch}): {p['gpu_ms_per_step']:.3f} ms GPU per step, "
-              f"{p['ours_ms_per_step']:.3f} ms in our kernels = {100 * p['ours_share_of_gpu']:.1f}% ({kernels})")
+        print(
+            f"profile ({p['steps']} steps at batch {args.batch}): {p['gpu_ms_per_step']:.3f} ms GPU per step, "
+            f"{p['ours_ms_per_step']:.3f} ms in our kernels = {100 * p['ours_share_of_gpu']:.1f}% ({kernels})"
+        )
 
     failures = 0
     if args.check:
@@ -243,12 +275,20 @@ def main(argv=None) -> int:
                 print(f"  request {r.rid} (prompt {len(r.prompt)}, {r.max_new_tokens} new): {m.describe()}")
             failures += not m.ok
         del ref
-        summary.update(checked=len(checked), identical=identical, near_tie_divergences=near_ties, mismatches=failures,
-                       max_hidden_rel_err=worst, hidden_rel_tol=tol)
+        summary.update(
+            checked=len(checked),
+            identical=identical,
+            near_tie_divergences=near_ties,
+            mismatches=failures,
+            max_hidden_rel_err=worst,
+            hidden_rel_tol=tol,
+        )
         verdict = "OK" if not failures else "FAILED"
-        print(f"check vs transformers SDPA in float32 (teacher forced, every step): {identical}/{len(checked)} "
-              f"requests chose the reference's argmax at every token, {near_ties} differ only at near-ties, "
-              f"{failures} mismatched; largest hidden-state error {worst:.3g} (bound {tol:.3g}): {verdict}")
+        print(
+            f"check vs transformers SDPA in float32 (teacher forced, every step): {identical}/{len(checked)} "
+            f"requests chose the reference's argmax at every token, {near_ties} differ only at near-ties, "
+            f"{failures} mismatched; largest hidden-state error {worst:.3g} (bound {tol:.3g}): {verdict}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
     return 1 if failures else 0

@@ -18,20 +18,46 @@ import torch
 # name -> (config class name, architecture arguments). "small" fits a quick GPU test; "bench" is an
 # 8B-like attention geometry (32 query heads, 8 KV heads, head_dim 128, hidden 4096) with fewer layers.
 _SIZES: Dict[str, dict] = {
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, vocab_size=512),
-    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=128, vocab_size=8192),
-    "bench": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
-                  num_key_value_heads=8, head_dim=128, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=512,
+    ),
+    "small": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        vocab_size=8192,
+    ),
+    "bench": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=8,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=32000,
+    ),
 }
 ARCHS = ("llama", "mistral")
 QK_GAIN = 2.5  # attention logits' spread: about 2 instead of about 0.3 with the default init
 LOGIT_GAIN = 8.0  # next-token logits' spread: a few units instead of well below one
 
 
-def make_config(arch: str = "llama", size: str = "small", sliding_window: Optional[int] = None,
-                max_position_embeddings: int = 4096, **overrides):
+def make_config(
+    arch: str = "llama",
+    size: str = "small",
+    sliding_window: Optional[int] = None,
+    max_position_embeddings: int = 4096,
+    **overrides,
+):
     """A transformers config of a Llama-style (``arch="llama"``) or Mistral-style (``"mistral"``: sliding-window
     attention, ``sliding_window`` tokens, default 64) decoder of the given size (``tiny``, ``small``, ``bench``)."""
     import transformers
@@ -40,8 +66,14 @@ def make_config(arch: str = "llama", size: str = "small", sliding_window: Option
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if size not in _SIZES:
         raise ValueError(f"size must be one of {list(_SIZES)}, got {size!r}")
-    kw = dict(_SIZES[size], max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        _SIZES[size],
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     if arch == "mistral":
         return transformers.MistralConfig(sliding_window=sliding_window or 64, **kw)
@@ -56,8 +88,9 @@ def random_model(config, dtype: torch.dtype, device, seed: int = 0, attn_impleme
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                              attn_implementation=attn_implementation)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(QK_GAIN)
@@ -70,8 +103,13 @@ def load_model(model_dir: str, dtype: torch.dtype, device, attn_implementation: 
     """A local checkpoint directory (``config.json`` + safetensors), in eval mode; nothing is downloaded."""
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True).to(device).eval()
+    return (
+        transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+        .to(device)
+        .eval()
+    )
 
 
 def random_prompts(n: int, vocab_size: int, min_len: int, max_len: int, seed: int = 0) -> List[List[int]]:
@@ -92,10 +130,18 @@ def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int):
     """
     device = model.device
     ids = torch.tensor([list(prompt)], device=device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         min_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
-    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    tokens = out.sequences[0, ids.shape[1] :].tolist()
     logits = torch.stack([s[0].float() for s in out.logits])
     return tokens, logits
 
@@ -118,8 +164,10 @@ class GreedyMatch:
         if self.diverged_at is None:
             return f"identical ({self.tokens} tokens)"
         kind = "after a near-tie" if self.near_tie else "NOT at a near-tie"
-        return (f"diverged at token {self.diverged_at}/{self.tokens} {kind}: reference top-2 gap {self.gap:.4g}, "
-                f"tolerance {self.tolerance:.4g}")
+        return (
+            f"diverged at token {self.diverged_at}/{self.tokens} {kind}: reference top-2 gap {self.gap:.4g}, "
+            f"tolerance {self.tolerance:.4g}"
+        )
 
 
 def tie_tolerance(logits_row: torch.Tensor, rel: float = 0.02) -> float:
@@ -178,7 +226,7 @@ def teacher_forced_hidden(ref_model, prompt: Sequence[int], output: Sequence[int
     state output token t is chosen from, given the prompt and our output tokens before t."""
     ids = torch.tensor([list(prompt) + list(output[:-1])], device=ref_model.device)
     h = ref_model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
-    return h[len(prompt) - 1:].float()
+    return h[len(prompt) - 1 :].float()
 
 
 @dataclasses.dataclass
@@ -200,21 +248,26 @@ class SequenceCheck:
         return self.hidden_rel_err <= self.hidden_tol and not self.bad_choices
 
     def describe(self) -> str:
-        parts = [f"hidden-state error {self.hidden_rel_err:.3g} (bound {self.hidden_tol:.3g})"
-                 + ("" if self.hidden_rel_err <= self.hidden_tol else " EXCEEDED")]
+        parts = [
+            f"hidden-state error {self.hidden_rel_err:.3g} (bound {self.hidden_tol:.3g})"
+            + ("" if self.hidden_rel_err <= self.hidden_tol else " EXCEEDED")
+        ]
         if self.other_choices:
             worst = max(self.other_choices, key=lambda c: c[1] / c[2] if c[2] else float("inf"))
-            parts.append(f"{len(self.other_choices)}/{self.tokens} tokens not the reference's argmax "
-                         f"({len(self.bad_choices)} beyond the near-tie bound; worst at token {worst[0]}: "
-                         f"reference logit gap {worst[1]:.4g}, bound {worst[2]:.4g})")
+            parts.append(
+                f"{len(self.other_choices)}/{self.tokens} tokens not the reference's argmax "
+                f"({len(self.bad_choices)} beyond the near-tie bound; worst at token {worst[0]}: "
+                f"reference logit gap {worst[1]:.4g}, bound {worst[2]:.4g})"
+            )
         else:
             parts.append(f"all {self.tokens} tokens the reference's argmax")
         return ", ".join(parts)
 
 
 @torch.no_grad()
-def check_sequence(tokens: Sequence[int], hidden: torch.Tensor, ref_hidden: torch.Tensor, lm_head_f32: torch.Tensor,
-                   hidden_tol: float) -> SequenceCheck:
+def check_sequence(
+    tokens: Sequence[int], hidden: torch.Tensor, ref_hidden: torch.Tensor, lm_head_f32: torch.Tensor, hidden_tol: float
+) -> SequenceCheck:
     """Checks our greedy output against the float32 reference (see :func:`teacher_forced_hidden`).
 
     Two conditions, at every step t (teacher forced: the reference scores our tokens, so every step is checked,

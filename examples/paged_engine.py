@@ -44,12 +44,18 @@ class ModelRunner:
     the heads of every rank before the output projection (``gather`` callback).
     """
 
-    def __init__(self, model, head_slice: Optional[Tuple[int, int]] = None,
-                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+    def __init__(
+        self,
+        model,
+        head_slice: Optional[Tuple[int, int]] = None,
+        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise NotImplementedError(f"model_type {config.model_type!r} is not wired into this engine "
-                                      f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise NotImplementedError(
+                f"model_type {config.model_type!r} is not wired into this engine "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
         self.model = model
         self.layers = list(model.model.layers)
         attn = self.layers[0].self_attn
@@ -87,8 +93,12 @@ class ModelRunner:
         return torch.nn.functional.linear(x, linear.weight[rows], bias)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """Hidden states ``[n, hidden]`` (after the final norm) of ``tokens [n]`` at ``positions [n]`` (int64).
         ``attend(layer, q [n, Hq, D], k [n, Hkv, D], v [n, Hkv, D]) -> o [n, Hq, D]`` stores k/v and attends."""
         n = tokens.shape[0]
@@ -121,7 +131,7 @@ class ModelRunner:
 
 
 def _pages_of(indptr: Sequence[int], indices: Sequence[int], last: Sequence[int], r: int, page_size: int):
-    pages = list(indices[indptr[r]:indptr[r + 1]])
+    pages = list(indices[indptr[r] : indptr[r + 1]])
     return pages, (len(pages) - 1) * page_size + last[r]
 
 
@@ -151,19 +161,39 @@ class _TorchPrefillWrapper:
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
         assert kv_layout == "NHD"
 
-    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads,
-             head_dim_qk, page_size, causal=False, sm_scale=None, window_left=-1, q_data_type=None,
-             kv_data_type=None):
+    def plan(
+        self,
+        qo_indptr,
+        paged_kv_indptr,
+        paged_kv_indices,
+        paged_kv_last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim_qk,
+        page_size,
+        causal=False,
+        sm_scale=None,
+        window_left=-1,
+        q_data_type=None,
+        kv_data_type=None,
+    ):
         assert causal
-        self._plan = (qo_indptr.tolist(), paged_kv_indptr.tolist(), paged_kv_indices.tolist(),
-                      paged_kv_last_page_len.tolist(), page_size, sm_scale, window_left)
+        self._plan = (
+            qo_indptr.tolist(),
+            paged_kv_indptr.tolist(),
+            paged_kv_indices.tolist(),
+            paged_kv_last_page_len.tolist(),
+            page_size,
+            sm_scale,
+            window_left,
+        )
 
     def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor) -> torch.Tensor:
         qo, indptr, indices, last, page_size, scale, window_left = self._plan
         out = torch.empty_like(q)
         for r in range(len(qo) - 1):
             k, v = _gather_kv(paged_kv_cache, *_pages_of(indptr, indices, last, r, page_size))
-            out[qo[r]:qo[r + 1]] = _attend(q[qo[r]:qo[r + 1]], k, v, scale, window_left)
+            out[qo[r] : qo[r + 1]] = _attend(q[qo[r] : qo[r + 1]], k, v, scale, window_left)
         return out
 
 
@@ -171,8 +201,20 @@ class _TorchDecodeWrapper:
     def __init__(self, workspace_buffer, indptr_buffer, indices_buffer, last_page_len_buffer, kv_layout="NHD"):
         assert kv_layout == "NHD"
 
-    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, window_left=-1,
-             q_data_type=None, kv_data_type=None, sm_scale=None):
+    def plan(
+        self,
+        indptr,
+        indices,
+        last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        window_left=-1,
+        q_data_type=None,
+        kv_data_type=None,
+        sm_scale=None,
+    ):
         self._plan = (indptr.tolist(), indices.tolist(), last_page_len.tolist(), page_size, sm_scale, window_left)
 
     def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor) -> torch.Tensor:
@@ -180,7 +222,7 @@ class _TorchDecodeWrapper:
         out = torch.empty_like(q)
         for r in range(q.shape[0]):
             k, v = _gather_kv(paged_kv_cache, *_pages_of(indptr, indices, last, r, page_size))
-            out[r] = _attend(q[r:r + 1], k, v, scale, window_left)[0]
+            out[r] = _attend(q[r : r + 1], k, v, scale, window_left)[0]
         return out
 
 
@@ -191,8 +233,17 @@ class TorchPagedOps:
     CUDAGraphBatchDecodeWithPagedKVCacheWrapper = _TorchDecodeWrapper
 
     @staticmethod
-    def append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
-                              kv_indptr, kv_last_page_len, kv_layout="NHD"):
+    def append_paged_kv_cache(
+        append_key,
+        append_value,
+        batch_indices,
+        positions,
+        paged_kv_cache,
+        kv_indices,
+        kv_indptr,
+        kv_last_page_len,
+        kv_layout="NHD",
+    ):
         page_size = paged_kv_cache.shape[2]
         pos = positions.long()
         page = kv_indices.long()[kv_indptr.long()[batch_indices.long()] + pos // page_size]
@@ -260,7 +311,7 @@ class DecodeBatch:
     """Decode of a fixed (padded) batch size: fixed input buffers, a graph-mode decode wrapper over fixed page-table
     buffers, and, with ``use_graph``, a CUDA graph of the whole model step that ``run()`` replays."""
 
-    def __init__(self, engine: "Engine", size: int, use_graph: bool, pool=None) -> None:
+    def __init__(self, engine: Engine, size: int, use_graph: bool, pool=None) -> None:
         self.engine, self.size = engine, size
         dev = engine.device
         self.tokens = torch.zeros(size, dtype=torch.long, device=dev)
@@ -271,8 +322,9 @@ class DecodeBatch:
         self.indices = torch.zeros(engine.pool.num_pages, dtype=torch.int32, device=dev)
         self.last = torch.ones(size, dtype=torch.int32, device=dev)
         workspace = torch.empty(WORKSPACE_BYTES if dev.type == "cuda" else 0, dtype=torch.uint8, device=dev)
-        self.wrapper = engine.ops.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(workspace, self.indptr, self.indices,
-                                                                               self.last, "NHD")
+        self.wrapper = engine.ops.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(
+            workspace, self.indptr, self.indices, self.last, "NHD"
+        )
         self.graph = None
         self.hidden = self.logits = None
         # Every slot on the scratch page, for the warm-up and capture.
@@ -280,8 +332,9 @@ class DecodeBatch:
         if use_graph:
             self._capture(pool)
 
-    def load(self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]],
-             last: Sequence[int]) -> None:
+    def load(
+        self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]], last: Sequence[int]
+    ) -> None:
         """Inputs of this step (already padded to ``size``) into the fixed buffers, and the wrapper's plan."""
         e = self.engine
         indptr, flat = _csr(pages)
@@ -293,17 +346,28 @@ class DecodeBatch:
         self.indptr.copy_(h_indptr, non_blocking=True)
         self.indices[: len(flat)].copy_(h_indices, non_blocking=True)
         self.last.copy_(h_last, non_blocking=True)
-        self.wrapper.plan(h_indptr, h_indices, h_last, e.runner.local_qo_heads, e.runner.local_kv_heads,
-                          e.runner.head_dim, e.page_size, window_left=e.runner.window_left, q_data_type=e.dtype,
-                          kv_data_type=e.dtype, sm_scale=e.runner.sm_scale)
+        self.wrapper.plan(
+            h_indptr,
+            h_indices,
+            h_last,
+            e.runner.local_qo_heads,
+            e.runner.local_kv_heads,
+            e.runner.head_dim,
+            e.page_size,
+            window_left=e.runner.window_left,
+            q_data_type=e.dtype,
+            kv_data_type=e.dtype,
+            sm_scale=e.runner.sm_scale,
+        )
 
     def _step(self) -> torch.Tensor:
         e = self.engine
 
         def attend(layer: int, q, k, v):
             cache = e.kv_cache[layer]
-            e.ops.append_paged_kv_cache(k, v, self.batch_indices, self.positions32, cache, self.indices, self.indptr,
-                                        self.last)
+            e.ops.append_paged_kv_cache(
+                k, v, self.batch_indices, self.positions32, cache, self.indices, self.indptr, self.last
+            )
             return self.wrapper.run(q, cache)
 
         hidden = e.runner.forward(self.tokens, self.positions, attend)
@@ -349,16 +413,29 @@ class Engine:
         Capture the decode step in CUDA graphs (CUDA only).
     """
 
-    def __init__(self, runner: ModelRunner, ops, max_batch: int, page_size: int, num_pages: int,
-                 max_prefill_tokens: int = 8192, use_graph: bool = True) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        ops,
+        max_batch: int,
+        page_size: int,
+        num_pages: int,
+        max_prefill_tokens: int = 8192,
+        use_graph: bool = True,
+    ) -> None:
         self.runner, self.ops = runner, ops
         self.device, self.dtype = runner.device, runner.dtype
         self.max_batch, self.page_size, self.max_prefill_tokens = max_batch, page_size, max_prefill_tokens
         self.pool = PagePool(num_pages)
-        self.kv_cache = [torch.zeros(num_pages, 2, page_size, runner.local_kv_heads, runner.head_dim,
-                                     dtype=self.dtype, device=self.device) for _ in runner.layers]
-        workspace = torch.empty(WORKSPACE_BYTES if self.device.type == "cuda" else 0, dtype=torch.uint8,
-                                device=self.device)
+        self.kv_cache = [
+            torch.zeros(
+                num_pages, 2, page_size, runner.local_kv_heads, runner.head_dim, dtype=self.dtype, device=self.device
+            )
+            for _ in runner.layers
+        ]
+        workspace = torch.empty(
+            WORKSPACE_BYTES if self.device.type == "cuda" else 0, dtype=torch.uint8, device=self.device
+        )
         self.prefill_wrapper = ops.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
         use_graph = use_graph and self.device.type == "cuda"
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max(1, math.ceil(math.log2(max_batch)) + 1))})
@@ -377,7 +454,7 @@ class Engine:
         self.decode_times: Dict[int, List[float]] = collections.defaultdict(list)  # batch -> step seconds
         # Called before each decode step's launch with the batch size (profiling); while ``eager_decode`` is set,
         # steps run without their graphs (the profiler's kernel view) and are left out of ``decode_times``.
-        self.on_decode_step: Optional[Callable[["Engine", int], None]] = None
+        self.on_decode_step: Optional[Callable[[Engine, int], None]] = None
         self.eager_decode = False
         # Keep each output token's hidden state in Request.hidden (for checking against a reference model).
         self.record_hidden = False
@@ -396,8 +473,11 @@ class Engine:
     def step(self) -> None:
         """Admit and prefill arrived requests, one decode step for all running ones, retire the finished."""
         admitted, budget = [], self.max_prefill_tokens
-        while (self.waiting and self.waiting[0].arrival_step <= self.step_count
-               and len(self.running) + len(admitted) < self.max_batch):
+        while (
+            self.waiting
+            and self.waiting[0].arrival_step <= self.step_count
+            and len(self.running) + len(admitted) < self.max_batch
+        ):
             r = self.waiting[0]
             if admitted and len(r.prompt) > budget:
                 break
@@ -448,9 +528,21 @@ class Engine:
         seq_lens_d = _i32([len(r.prompt) for r in reqs], dev)
         batch_indices, append_pos = self.ops.get_batch_indices_positions(qo_d, seq_lens_d, nnz)
         rn = self.runner
-        self.prefill_wrapper.plan(_i32(qo_indptr), _i32(kv_indptr), indices_d, _i32(last), rn.local_qo_heads,
-                                  rn.local_kv_heads, rn.head_dim, ps, causal=True, sm_scale=rn.sm_scale,
-                                  window_left=rn.window_left, q_data_type=self.dtype, kv_data_type=self.dtype)
+        self.prefill_wrapper.plan(
+            _i32(qo_indptr),
+            _i32(kv_indptr),
+            indices_d,
+            _i32(last),
+            rn.local_qo_heads,
+            rn.local_kv_heads,
+            rn.head_dim,
+            ps,
+            causal=True,
+            sm_scale=rn.sm_scale,
+            window_left=rn.window_left,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
 
         def attend(layer: int, q, k, v):
             cache = self.kv_cache[layer]

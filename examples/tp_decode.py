@@ -58,8 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="capture decode steps (with their all-gathers) in graphs")
     p.add_argument("--set-device", action="store_true", help="make each rank's GPU current (default: cuda:0 stays)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true",
-                   help="dry run on the CPU: gloo instead of NCCL, PyTorch stand-ins for the kernels (float32)")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="dry run on the CPU: gloo instead of NCCL, PyTorch stand-ins for the kernels (float32)",
+    )
     p.add_argument("--json", help="rank 0 writes its summary here")
     return p.parse_args(argv)
 
@@ -67,10 +70,12 @@ def parse_args(argv=None):
 def _head_gather(world: int):
     """all-gather of attention outputs ``[n, local_heads, D]`` -> ``[n, world * local_heads, D]`` in rank order
     (rank r holds KV heads r*k .. r*k+k-1 and their query heads, a contiguous block)."""
+
     def gather(o: torch.Tensor) -> torch.Tensor:
         parts = torch.empty((world * o.shape[0], *o.shape[1:]), dtype=o.dtype, device=o.device)
         dist.all_gather_into_tensor(parts, o.contiguous())
         return parts.view(world, *o.shape).permute(1, 0, 2, 3).reshape(o.shape[0], world * o.shape[1], o.shape[2])
+
     return gather
 
 
@@ -103,21 +108,26 @@ def kernel_check(rank: int, world: int, device: torch.device, kv_heads: int, gro
     cache_all = torch.randn(num_pages, 2, page_size, kv_heads, head_dim, generator=g).to(device, torch.bfloat16)
 
     def decode(q, cache, heads):
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(64 << 20, dtype=torch.uint8, device=device), "NHD")
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            torch.empty(64 << 20, dtype=torch.uint8, device=device), "NHD"
+        )
         w.plan(indptr, indices, last, heads * group, heads, head_dim, page_size, q_data_type=torch.bfloat16)
         return w.run(q, cache)
 
     local = kv_heads // world
-    q = q_all[:, rank * local * group:(rank + 1) * local * group].contiguous()
-    cache = cache_all[:, :, :, rank * local:(rank + 1) * local].contiguous()
+    q = q_all[:, rank * local * group : (rank + 1) * local * group].contiguous()
+    cache = cache_all[:, :, :, rank * local : (rank + 1) * local].contiguous()
     o = _head_gather(world)(decode(q, cache, local)) if world > 1 else decode(q, cache, local)
     result = {}
     if rank == 0:
         ref = decode(q_all, cache_all, kv_heads)
         diff = (o.float() - ref.float()).abs()
         bound = 1e-2 + 1e-2 * ref.float().abs()
-        result = {"max_abs_diff": float(diff.max()), "bitwise_equal": bool(torch.equal(o, ref)),
-                  "ok": bool(torch.isfinite(o).all() and (diff <= bound).all())}
+        result = {
+            "max_abs_diff": float(diff.max()),
+            "bitwise_equal": bool(torch.equal(o, ref)),
+            "ok": bool(torch.isfinite(o).all() and (diff <= bound).all()),
+        }
     return result
 
 
@@ -129,8 +139,7 @@ def _sync(device: torch.device) -> None:
 def run_engine(runner, requests, args, ops, record_hidden: bool = False) -> dict:
     longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
     num_pages = args.batch * -(-longest // args.page_size) + 1
-    engine = paged_engine.Engine(runner, ops, args.batch, args.page_size, num_pages,
-                                 use_graph=args.cuda_graph)
+    engine = paged_engine.Engine(runner, ops, args.batch, args.page_size, num_pages, use_graph=args.cuda_graph)
     engine.record_hidden = record_hidden
     engine.submit(requests)
     _sync(runner.device)
@@ -140,9 +149,14 @@ def run_engine(runner, requests, args, ops, record_hidden: bool = False) -> dict
     _sync(runner.device)
     wall = time.perf_counter() - t0
     tokens = sum(len(r.output) for r in engine.finished)
-    return {"outputs": {r.rid: r.output for r in engine.finished}, "wall_s": wall, "tokens": tokens,
-            "tokens_per_s": tokens / wall, "steps": engine.step_count,
-            "hidden": {r.rid: torch.stack(r.hidden) for r in engine.finished} if record_hidden else {}}
+    return {
+        "outputs": {r.rid: r.output for r in engine.finished},
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "steps": engine.step_count,
+        "hidden": {r.rid: torch.stack(r.hidden) for r in engine.finished} if record_hidden else {},
+    }
 
 
 def make_requests(args, vocab: int):
@@ -179,11 +193,15 @@ def main(argv=None) -> int:
     group = config.num_attention_heads // config.num_key_value_heads
     local_kv = config.num_key_value_heads // world
 
-    kernel = {"ok": True, "max_abs_diff": 0.0, "bitwise_equal": True, "skipped": "cpu"} if args.cpu else \
-        kernel_check(rank, world, device, config.num_key_value_heads, group, args.seed)
+    kernel = (
+        {"ok": True, "max_abs_diff": 0.0, "bitwise_equal": True, "skipped": "cpu"}
+        if args.cpu
+        else kernel_check(rank, world, device, config.num_key_value_heads, group, args.seed)
+    )
 
-    runner = paged_engine.ModelRunner(model, head_slice=(rank * local_kv, local_kv),
-                                      gather=_head_gather(world) if world > 1 else None)
+    runner = paged_engine.ModelRunner(
+        model, head_slice=(rank * local_kv, local_kv), gather=_head_gather(world) if world > 1 else None
+    )
     tp = run_engine(runner, make_requests(args, runner.vocab_size), args, ops, record_hidden=rank == 0)
 
     # Which modules each rank built (vs found in the cache) -> rank 0.
@@ -193,8 +211,9 @@ def main(argv=None) -> int:
     ok = True
     summary = {}
     if rank == 0:
-        single = run_engine(paged_engine.ModelRunner(model), make_requests(args, runner.vocab_size), args, ops,
-                            record_hidden=True)
+        single = run_engine(
+            paged_engine.ModelRunner(model), make_requests(args, runner.vocab_size), args, ops, record_hidden=True
+        )
         identical, near, bad = 0, 0, []
         f32_model = None
         tol = hf_common.HIDDEN_REL_TOL[dtype]
@@ -208,10 +227,16 @@ def main(argv=None) -> int:
             if f32_model is None:
                 f32_model = hf_common.float32_reference(model)
             req = make_requests(args, runner.vocab_size)[rid]
-            m_tp, m_single = (hf_common.check_sequence(o, run["hidden"][rid],
-                                                       hf_common.teacher_forced_hidden(f32_model, req.prompt, o),
-                                                       runner.lm_head_f32, tol)
-                              for o, run in ((out, tp), (ref, single)))
+            m_tp, m_single = (
+                hf_common.check_sequence(
+                    o,
+                    run["hidden"][rid],
+                    hf_common.teacher_forced_hidden(f32_model, req.prompt, o),
+                    runner.lm_head_f32,
+                    tol,
+                )
+                for o, run in ((out, tp), (ref, single))
+            )
             if m_tp.ok and m_single.ok:
                 near += 1
             else:
@@ -225,19 +250,32 @@ def main(argv=None) -> int:
                     built[key].append(r)
         twice = {k: v for k, v in built.items() if len(v) > 1}
         ok = kernel["ok"] and not bad and not twice
-        summary = {"world_size": world, "devices": [f"cuda:{i}" for i in range(world)],
-                   "current_device_of_rank0": current, "kernel_check": kernel,
-                   "tp": {k: v for k, v in tp.items() if k not in ("outputs", "hidden")},
-                   "single_gpu": {k: v for k, v in single.items() if k not in ("outputs", "hidden")},
-                   "requests": len(tp["outputs"]), "identical": identical, "near_tie_divergences": near,
-                   "mismatches": bad, "modules": {k: v for k, v in sorted(built.items())},
-                   "built_more_than_once": twice, "jit_cache": str(flashinfer.jit.cache_root()), "ok": ok}
+        summary = {
+            "world_size": world,
+            "devices": [f"cuda:{i}" for i in range(world)],
+            "current_device_of_rank0": current,
+            "kernel_check": kernel,
+            "tp": {k: v for k, v in tp.items() if k not in ("outputs", "hidden")},
+            "single_gpu": {k: v for k, v in single.items() if k not in ("outputs", "hidden")},
+            "requests": len(tp["outputs"]),
+            "identical": identical,
+            "near_tie_divergences": near,
+            "mismatches": bad,
+            "modules": {k: v for k, v in sorted(built.items())},
+            "built_more_than_once": twice,
+            "jit_cache": str(flashinfer.jit.cache_root()),
+            "ok": ok,
+        }
         print(f"tensor parallel over {world} rank(s) (rank 0 on {device}, current device {current})")
-        print(f"kernel check: TP batch decode vs one GPU: max |diff| {kernel['max_abs_diff']:.3g}"
-              f"{' (bitwise equal)' if kernel['bitwise_equal'] else ''}: {'OK' if kernel['ok'] else 'FAILED'}")
-        print(f"engine: {tp['tokens']} tokens, TP {tp['tokens_per_s']:.0f} tok/s vs one GPU "
-              f"{single['tokens_per_s']:.0f} tok/s; {identical}/{len(tp['outputs'])} requests identical, "
-              f"{near} differ but both pass the float32 check, {len(bad)} mismatched")
+        print(
+            f"kernel check: TP batch decode vs one GPU: max |diff| {kernel['max_abs_diff']:.3g}"
+            f"{' (bitwise equal)' if kernel['bitwise_equal'] else ''}: {'OK' if kernel['ok'] else 'FAILED'}"
+        )
+        print(
+            f"engine: {tp['tokens']} tokens, TP {tp['tokens_per_s']:.0f} tok/s vs one GPU "
+            f"{single['tokens_per_s']:.0f} tok/s; {identical}/{len(tp['outputs'])} requests identical, "
+            f"{near} differ but both pass the float32 check, {len(bad)} mismatched"
+        )
         for line in bad:
             print("  " + line)
         print(f"JIT cache {flashinfer.jit.cache_root()}: {len(built)} modules; built by rank(s):")

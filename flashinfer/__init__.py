@@ -1,8 +1,7 @@
 """flashinfer: JIT-compiled attention kernels for LLM serving, API-compatible with FlashInfer."""
 
+from . import activation, jit, norm, rope, sampling
 from ._version import __version__
-
-from . import activation, jit, norm, rope
 from .activation import ActivationSpec, gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .batch_decode import (
     BatchDecodePagedSpec,
@@ -20,6 +19,8 @@ from .cascade import (
     merge_states,
 )
 from .decode import SingleDecodeSpec, single_decode_with_kv_cache
+from .norm import NormSpec, fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
+from .page import PageAppendSpec, append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .prefill import (
     BatchPrefillSpec,
     BatchPrefillWithPagedKVCacheWrapper,
@@ -29,8 +30,6 @@ from .prefill import (
     single_prefill_with_kv_cache_return_lse,
 )
 from .quantization import packbits, segment_packbits
-from .norm import NormSpec, fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
-from .page import PageAppendSpec, append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .rope import (
     RopeSpec,
     apply_llama31_rope,
@@ -44,7 +43,6 @@ from .rope import (
     apply_rope_with_cos_sin_cache,
     apply_rope_with_cos_sin_cache_inplace,
 )
-from . import sampling
 from .sampling import (
     SamplingSpec,
     chain_speculative_sampling,

@@ -62,10 +62,16 @@ class AttentionSpec(Spec):
     name_prefix: ClassVar[Tuple[str, ...]] = ()  # fields named right after the family (e.g. kv_storage)
 
     def name(self) -> str:
-        parts = [self.family, *(str(getattr(self, f)) for f in self.name_prefix),
-                 f"q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}"]
-        parts += [_name_part(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                  if f.name not in _DTYPE_FIELDS and f.name not in self.name_prefix]
+        parts = [
+            self.family,
+            *(str(getattr(self, f)) for f in self.name_prefix),
+            f"q-{self.dtype_q}_kv-{self.dtype_kv}_o-{self.dtype_o}_d{self.head_dim}",
+        ]
+        parts += [
+            _name_part(f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in _DTYPE_FIELDS and f.name not in self.name_prefix
+        ]
         return "_".join(parts)
 
     def attention_vars(self) -> Dict[str, Any]:
@@ -84,8 +90,10 @@ class AttentionSpec(Spec):
 
     @classmethod
     def axes(cls) -> Dict[str, Tuple[Any, ...]]:
-        return {f.name: cls.own_axes[f.name] if f.name in cls.own_axes else SHARED_AXES[f.name]
-                for f in dataclasses.fields(cls)}
+        return {
+            f.name: cls.own_axes[f.name] if f.name in cls.own_axes else SHARED_AXES[f.name]
+            for f in dataclasses.fields(cls)
+        }
 
     def unsupported_reason(self) -> Optional[str]:
         if self.dtype_kv != self.dtype_q:

@@ -40,9 +40,11 @@ class ActivationSpec(Spec):
     family = "activation"
     template = "activation.cu.jinja"
     launchers = (
-        Launcher("flashinfer_act_and_mul",
-                 "const void* input, void* out, int64_t input_stride, int64_t out_stride, int rows, int d, "
-                 "int activation, int enable_pdl, int device, void* stream"),
+        Launcher(
+            "flashinfer_act_and_mul",
+            "const void* input, void* out, int64_t input_stride, int64_t out_stride, int rows, int d, "
+            "int activation, int enable_pdl, int device, void* stream",
+        ),
     )
 
     def name(self) -> str:
@@ -108,8 +110,18 @@ def _launch(act: str, out: torch.Tensor, input: torch.Tensor, enable_pdl: Option
     if m is None:
         m = _MODULES[input.dtype] = _act_module(DTYPE_SHORT[input.dtype])
     device = input.get_device()
-    rc = m.launch(input.data_ptr(), out.data_ptr(), in_stride, out_stride, rows, d, m.codes[act],
-                  resolve_pdl_at(enable_pdl, device), device, current_stream_at(device))
+    rc = m.launch(
+        input.data_ptr(),
+        out.data_ptr(),
+        in_stride,
+        out_stride,
+        rows,
+        d,
+        m.codes[act],
+        resolve_pdl_at(enable_pdl, device),
+        device,
+        current_stream_at(device),
+    )
     if rc:
         raise module_error(m.module, rc, f"{act}_and_mul ({m.module.spec.name()}) on {input.device}")
     if target is not None:
@@ -131,7 +143,9 @@ def _make_op(act: str):
 _OPS = {act: _make_op(act) for act in ("silu", "gelu", "gelu_tanh")}
 
 
-def _act_and_mul(act: str, input: torch.Tensor, out: Optional[torch.Tensor], enable_pdl: Optional[bool]) -> torch.Tensor:
+def _act_and_mul(
+    act: str, input: torch.Tensor, out: Optional[torch.Tensor], enable_pdl: Optional[bool]
+) -> torch.Tensor:
     check_device_tensor(input, "input")
     if input.dtype not in DTYPE_SHORT:
         dtype_short(input, "input")  # raises the dtype error
@@ -150,8 +164,10 @@ def _act_and_mul(act: str, input: torch.Tensor, out: Optional[torch.Tensor], ena
     else:
         check_device_tensor(out, "out")
         if out.size() != out_shape or out.dtype != input.dtype or out.get_device() != input.get_device():
-            raise ValueError(f"out must be a {input.dtype} tensor of shape {out_shape} on {input.device} (input "
-                             f"{tuple(shape)} -> (..., d)), got {out.dtype} {tuple(out.shape)} on {out.device}")
+            raise ValueError(
+                f"out must be a {input.dtype} tensor of shape {out_shape} on {input.device} (input "
+                f"{tuple(shape)} -> (..., d)), got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
         if out.stride()[-1] != 1 and d > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out.stride()}")
     if torch.compiler.is_compiling():
@@ -161,8 +177,9 @@ def _act_and_mul(act: str, input: torch.Tensor, out: Optional[torch.Tensor], ena
     return out
 
 
-def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
-                 enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def silu_and_mul(
+    input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None
+) -> torch.Tensor:
     r"""Fused SiLU and multiply: ``silu(input[..., :d]) * input[..., d:]``.
 
     Parameters
@@ -183,8 +200,9 @@ def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
     return _act_and_mul("silu", input, out, enable_pdl)
 
 
-def gelu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
-                 enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def gelu_and_mul(
+    input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None
+) -> torch.Tensor:
     r"""Fused GELU (exact, erf form) and multiply: ``gelu(input[..., :d]) * input[..., d:]``.
 
     Parameters and result as :func:`silu_and_mul`.
@@ -197,8 +215,9 @@ def gelu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
     return _act_and_mul("gelu", input, out, enable_pdl)
 
 
-def gelu_tanh_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
-                      enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def gelu_tanh_and_mul(
+    input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None
+) -> torch.Tensor:
     r"""Fused GELU (tanh approximation) and multiply: ``gelu_tanh(input[..., :d]) * input[..., d:]``.
 
     Parameters and result as :func:`silu_and_mul`.

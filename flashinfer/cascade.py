@@ -32,10 +32,10 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from . import jit
+from ._spec_common import AttentionSpec
 from .batch_decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from ._spec_common import AttentionSpec
 from .page import PagedKVCache, unpack_paged_kv_cache
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 from .utils import (
@@ -83,17 +83,21 @@ class MergeStateSpec(Spec):
     family = "merge_state"
     template = "merge_state.cu.jinja"
     launchers = (
-        Launcher("flashinfer_merge_state",
-                 "const void* v_a, const float* s_a, const void* v_b, const float* s_b, void* v_out, float* s_out, "
-                 "const uint8_t* mask, int seq_len, int num_heads, int head_dim, int64_t va_stride_n, "
-                 "int64_t va_stride_h, int64_t sa_stride_n, int64_t sa_stride_h, int64_t vb_stride_n, "
-                 "int64_t vb_stride_h, int64_t sb_stride_n, int64_t sb_stride_h, int64_t vo_stride_n, "
-                 "int64_t vo_stride_h, int64_t so_stride_n, int64_t so_stride_h, int device, void* stream"),
-        Launcher("flashinfer_merge_states",
-                 "const void* v, const float* s, void* v_out, float* s_out, int seq_len, int num_states, "
-                 "int num_heads, int head_dim, int64_t v_stride_n, int64_t v_stride_state, int64_t v_stride_h, "
-                 "int64_t s_stride_n, int64_t s_stride_state, int64_t s_stride_h, int64_t vo_stride_n, "
-                 "int64_t vo_stride_h, int64_t so_stride_n, int64_t so_stride_h, int device, void* stream"),
+        Launcher(
+            "flashinfer_merge_state",
+            "const void* v_a, const float* s_a, const void* v_b, const float* s_b, void* v_out, float* s_out, "
+            "const uint8_t* mask, int seq_len, int num_heads, int head_dim, int64_t va_stride_n, "
+            "int64_t va_stride_h, int64_t sa_stride_n, int64_t sa_stride_h, int64_t vb_stride_n, "
+            "int64_t vb_stride_h, int64_t sb_stride_n, int64_t sb_stride_h, int64_t vo_stride_n, "
+            "int64_t vo_stride_h, int64_t so_stride_n, int64_t so_stride_h, int device, void* stream",
+        ),
+        Launcher(
+            "flashinfer_merge_states",
+            "const void* v, const float* s, void* v_out, float* s_out, int seq_len, int num_states, "
+            "int num_heads, int head_dim, int64_t v_stride_n, int64_t v_stride_state, int64_t v_stride_h, "
+            "int64_t s_stride_n, int64_t s_stride_state, int64_t s_stride_h, int64_t vo_stride_n, "
+            "int64_t vo_stride_h, int64_t so_stride_n, int64_t so_stride_h, int device, void* stream",
+        ),
     )
 
     def name(self) -> str:
@@ -112,7 +116,7 @@ class MergeStateSpec(Spec):
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _merge_module(dtype: str) -> jit.JITModule:
     return jit.load(MergeStateSpec(dtype))
 
@@ -128,8 +132,9 @@ def _check_v(v: Any, name: str, ndim: int) -> torch.Tensor:
     dtype_short(v, name)
     head_dim = v.shape[-1]
     if head_dim % 8 != 0 or not 0 < head_dim <= _MAX_MERGE_HEAD_DIM:
-        raise ValueError(f"{name}: head_dim {head_dim} must be a positive multiple of 8 (16-byte rows) up to "
-                         f"{_MAX_MERGE_HEAD_DIM}")
+        raise ValueError(
+            f"{name}: head_dim {head_dim} must be a positive multiple of 8 (16-byte rows) up to {_MAX_MERGE_HEAD_DIM}"
+        )
     return v
 
 
@@ -142,8 +147,10 @@ def _check_s(s: Any, name: str, shape: Tuple[int, ...], device: torch.device, co
         raise ValueError(f"all tensors must be on one device: the states' v is on {device} but {name} is on {s.device}")
     if s.dtype != torch.float32:
         if not convert or not s.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a float32 tensor (base-2 log-sum-exp), got {s.dtype}"
-                            + ("; an in-place merge updates it, so it cannot be converted" if not convert else ""))
+            raise TypeError(
+                f"{name} must be a float32 tensor (base-2 log-sum-exp), got {s.dtype}"
+                + ("; an in-place merge updates it, so it cannot be converted" if not convert else "")
+            )
         s = s.float()
     return s
 
@@ -166,8 +173,15 @@ def _check_rows(seq_len: int, num_heads: int) -> None:
         raise ValueError(f"seq_len * num_heads = {seq_len * num_heads} must stay below 2**31")
 
 
-def _launch_pair(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor, v_out: torch.Tensor,
-                 s_out: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
+def _launch_pair(
+    v_a: torch.Tensor,
+    s_a: torch.Tensor,
+    v_b: torch.Tensor,
+    s_b: torch.Tensor,
+    v_out: torch.Tensor,
+    s_out: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+) -> None:
     """out = merge(a, b) on validated tensors ([seq, heads, dim] v with vector rows; out may alias a)."""
     seq_len, num_heads, head_dim = v_a.shape
     if seq_len == 0 or num_heads == 0:
@@ -175,12 +189,30 @@ def _launch_pair(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: t
     device = v_a.device
     mod = _merge_module(dtype_short(v_a, "v"))
     rc = mod.fn("flashinfer_merge_state")(
-        v_a.data_ptr(), s_a.data_ptr(), v_b.data_ptr(), s_b.data_ptr(), v_out.data_ptr(),
-        s_out.data_ptr() if s_out is not None else None, mask.data_ptr() if mask is not None else None,
-        seq_len, num_heads, head_dim, v_a.stride(0), v_a.stride(1), s_a.stride(0), s_a.stride(1),
-        v_b.stride(0), v_b.stride(1), s_b.stride(0), s_b.stride(1), v_out.stride(0), v_out.stride(1),
-        s_out.stride(0) if s_out is not None else 0, s_out.stride(1) if s_out is not None else 0,
-        device.index, current_stream_ptr(device),
+        v_a.data_ptr(),
+        s_a.data_ptr(),
+        v_b.data_ptr(),
+        s_b.data_ptr(),
+        v_out.data_ptr(),
+        s_out.data_ptr() if s_out is not None else None,
+        mask.data_ptr() if mask is not None else None,
+        seq_len,
+        num_heads,
+        head_dim,
+        v_a.stride(0),
+        v_a.stride(1),
+        s_a.stride(0),
+        s_a.stride(1),
+        v_b.stride(0),
+        v_b.stride(1),
+        s_b.stride(0),
+        s_b.stride(1),
+        v_out.stride(0),
+        v_out.stride(1),
+        s_out.stride(0) if s_out is not None else 0,
+        s_out.stride(1) if s_out is not None else 0,
+        device.index,
+        current_stream_ptr(device),
     )
     if rc:
         mod.check(rc, f"merge_state ({mod.spec.name()}) on {device}")
@@ -193,9 +225,26 @@ def _launch_states(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor, s_out:
     device = v.device
     mod = _merge_module(dtype_short(v, "v"))
     rc = mod.fn("flashinfer_merge_states")(
-        v.data_ptr(), s.data_ptr(), v_out.data_ptr(), s_out.data_ptr(), seq_len, num_states, num_heads, head_dim,
-        v.stride(0), v.stride(1), v.stride(2), s.stride(0), s.stride(1), s.stride(2), v_out.stride(0),
-        v_out.stride(1), s_out.stride(0), s_out.stride(1), device.index, current_stream_ptr(device),
+        v.data_ptr(),
+        s.data_ptr(),
+        v_out.data_ptr(),
+        s_out.data_ptr(),
+        seq_len,
+        num_states,
+        num_heads,
+        head_dim,
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        s.stride(0),
+        s.stride(1),
+        s.stride(2),
+        v_out.stride(0),
+        v_out.stride(1),
+        s_out.stride(0),
+        s_out.stride(1),
+        device.index,
+        current_stream_ptr(device),
     )
     if rc:
         mod.check(rc, f"merge_states ({mod.spec.name()}) on {device}")
@@ -233,8 +282,9 @@ def _check_mask(mask: Any, seq_len: int, device: torch.device) -> Optional[torch
 
 
 @torch.library.custom_op("flashinfer::merge_state", mutates_args=())
-def _merge_state_op(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor,
-                    s_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _merge_state_op(
+    v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     v = torch.empty(v_a.shape, dtype=v_a.dtype, device=v_a.device)
     s = torch.empty(s_a.shape, dtype=torch.float32, device=s_a.device)
     _launch_pair(_vector_rows(v_a, 2), s_a, _vector_rows(v_b, 2), s_b, v, s, None)
@@ -247,8 +297,9 @@ def _merge_state_fake(v_a, s_a, v_b, s_b):
 
 
 @torch.library.custom_op("flashinfer::merge_state_in_place", mutates_args=("v", "s"))
-def _merge_state_in_place_op(v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor, s_other: torch.Tensor,
-                             mask: Optional[torch.Tensor]) -> None:
+def _merge_state_in_place_op(
+    v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor, s_other: torch.Tensor, mask: Optional[torch.Tensor]
+) -> None:
     _launch_pair(v, s, _vector_rows(v_other, 2), s_other, v, s, mask)
 
 
@@ -272,8 +323,9 @@ def _merge_states_fake(v, s):
     return v.new_empty((seq_len, num_heads, head_dim)), s.new_empty((seq_len, num_heads), dtype=torch.float32)
 
 
-def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor,
-                s_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_state(
+    v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merges the attention states of two disjoint key sets A and B into the state over A and B.
 
     Parameters
@@ -310,8 +362,9 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor,
     return v, s
 
 
-def merge_state_in_place(v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor, s_other: torch.Tensor,
-                         mask: Optional[torch.Tensor] = None) -> None:
+def merge_state_in_place(
+    v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor, s_other: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> None:
     """Merges the state ``(v_other, s_other)`` into ``(v, s)``, in place.
 
     Parameters
@@ -334,8 +387,10 @@ def merge_state_in_place(v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor
     """
     v_other, s, s_other = _check_pair(v, s, v_other, s_other, ("v", "s", "v_other", "s_other"), False)
     if not _rows_ready(v, 2):
-        raise ValueError(f"v is updated in place, so it must be contiguous in head_dim with 16-byte aligned rows "
-                         f"(strides multiples of 8 elements); got strides {v.stride()}")
+        raise ValueError(
+            f"v is updated in place, so it must be contiguous in head_dim with 16-byte aligned rows "
+            f"(strides multiples of 8 elements); got strides {v.stride()}"
+        )
     mask = _check_mask(mask, v.shape[0], v.device)
     if torch.compiler.is_compiling():
         _merge_state_in_place_op(v, s, v_other, s_other, mask)
@@ -395,18 +450,25 @@ class CascadeSharedSpec(AttentionSpec):
     family = "cascade_shared"
     template = "cascade_shared.cu.jinja"
     launchers = (
-        Launcher("flashinfer_cascade_shared_prefill",
-                 "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
-                 "const int* kv_indices, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int page_size, "
-                 "int num_pages, "
-                 "int64_t q_stride_n, int64_t q_stride_h, int64_t stride_page, int64_t stride_n, int64_t stride_h, "
-                 "int num_chunks, int chunk_size, float sm_scale, int device, void* stream"),
+        Launcher(
+            "flashinfer_cascade_shared_prefill",
+            "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
+            "const int* kv_indices, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int page_size, "
+            "int num_pages, "
+            "int64_t q_stride_n, int64_t q_stride_h, int64_t stride_page, int64_t stride_n, int64_t stride_h, "
+            "int num_chunks, int chunk_size, float sm_scale, int device, void* stream",
+        ),
         Launcher("flashinfer_cascade_shared_occupancy", "int device, int* out"),
     )
 
     def render_vars(self) -> Dict[str, Any]:
-        return {"name": self.name(), "head_dim": self.head_dim, "dtype_q": DTYPE_CUDA[self.dtype_q],
-                "dtype_kv": DTYPE_CUDA[self.dtype_kv], "dtype_o": DTYPE_CUDA[self.dtype_o]}
+        return {
+            "name": self.name(),
+            "head_dim": self.head_dim,
+            "dtype_q": DTYPE_CUDA[self.dtype_q],
+            "dtype_kv": DTYPE_CUDA[self.dtype_kv],
+            "dtype_o": DTYPE_CUDA[self.dtype_o],
+        }
 
     def unsupported_reason(self) -> Optional[str]:
         if self.head_dim != 128:
@@ -417,12 +479,12 @@ class CascadeSharedSpec(AttentionSpec):
         return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shared_occupancy(spec: CascadeSharedSpec, device_index: int) -> int:
     mod = jit.load(spec)
     out = ctypes.c_int(0)
@@ -441,13 +503,25 @@ class _SharedLevel:
         self._kv_layout = kv_layout
         self._plan: Optional[Dict[str, Any]] = None
 
-    def plan(self, level: "_Level", num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-             dtype: torch.dtype, sm_scale: Optional[float], device: torch.device, beside_decode: bool = False) -> None:
+    def plan(
+        self,
+        level: _Level,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        sm_scale: Optional[float],
+        device: torch.device,
+        beside_decode: bool = False,
+    ) -> None:
         """beside_decode: the level will run concurrently with the decode level, so its split takes one CTA per SM
         (the rest of each SM's registers and shared memory is left to the memory-bound decode CTAs) instead of
         every resident slot."""
         if num_qo_heads % num_kv_heads:
-            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+            raise ValueError(
+                f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+            )
         dt = DTYPE_SHORT[dtype]
         spec = CascadeSharedSpec(head_dim, dt, dt, dt)
         mod = jit.load(spec)
@@ -460,36 +534,77 @@ class _SharedLevel:
         while chunks > 1 and chunks * total_q * num_qo_heads * (head_dim + 1) > ws_floats:
             chunks = -(-chunks // 2)
         tile = consts["kv_tile"]
-        chunk_size = -(-(-(-kv_len // chunks)) // tile) * tile
+        per_chunk = -(-kv_len // chunks)
+        chunk_size = -(-per_chunk // tile) * tile
         chunks = -(-kv_len // chunk_size)
-        pages, max_index = page_ids_int32(level.indices[level.kv[0] : level.kv[1]], level.kv[1] - level.kv[0],
-                                          "paged_kv_indices_arr[0]")
+        pages, max_index = page_ids_int32(
+            level.indices[level.kv[0] : level.kv[1]], level.kv[1] - level.kv[0], "paged_kv_indices_arr[0]"
+        )
         pages = pages.to(device=device, non_blocking=True)
-        self._plan = dict(mod=mod, fn=mod.fn("flashinfer_cascade_shared_prefill"), spec=spec, total_q=total_q,
-                          kv_len=kv_len, pages=pages.contiguous(), num_qo_heads=num_qo_heads,
-                          num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
-                          chunks=chunks, chunk_size=chunk_size, max_index=max_index,
-                          sm_scale=scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim)))
+        self._plan = dict(
+            mod=mod,
+            fn=mod.fn("flashinfer_cascade_shared_prefill"),
+            spec=spec,
+            total_q=total_q,
+            kv_len=kv_len,
+            pages=pages.contiguous(),
+            num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            page_size=page_size,
+            dtype=dtype,
+            chunks=chunks,
+            chunk_size=chunk_size,
+            max_index=max_index,
+            sm_scale=scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim)),
+        )
 
-    def run(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, *, out: torch.Tensor,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache: PagedKVCache,
+        *,
+        out: torch.Tensor,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+    ):
         pl = self._plan
         kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (pl["page_size"], pl["num_kv_heads"], pl["head_dim"]):
-            raise ValueError(f"paged_kv_cache (kv_layout={self._kv_layout!r}) has page_size {kv.page_size}, "
-                             f"{kv.num_kv_heads} kv heads of dim {kv.head_dim}; the plan has {pl['page_size']}, "
-                             f"{pl['num_kv_heads']}, {pl['head_dim']}")
+            raise ValueError(
+                f"paged_kv_cache (kv_layout={self._kv_layout!r}) has page_size {kv.page_size}, "
+                f"{kv.num_kv_heads} kv heads of dim {kv.head_dim}; the plan has {pl['page_size']}, "
+                f"{pl['num_kv_heads']}, {pl['head_dim']}"
+            )
         if kv.k.dtype != pl["dtype"] or kv.k.device != q.device:
             raise ValueError(f"paged_kv_cache must be {pl['dtype']} on {q.device}, got {kv.k.dtype} on {kv.k.device}")
         check_page_ids_in_cache(pl["pages"], kv.num_pages, pl["max_index"], "paged_kv_indices_arr[0]")
         q = aligned_rows(q, 2)
         device = q.device
         rc = pl["fn"](
-            q.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), out.data_ptr(),
-            lse.data_ptr() if (return_lse and lse is not None) else None, self._ws.data_ptr(), pl["pages"].data_ptr(),
-            pl["total_q"], pl["kv_len"], pl["num_qo_heads"], pl["num_kv_heads"], pl["page_size"], kv.num_pages,
-            q.stride(0), q.stride(1), kv.stride_page, kv.stride_n, kv.stride_h, pl["chunks"], pl["chunk_size"], pl["sm_scale"],
-            device.index, current_stream_ptr(device),
+            q.data_ptr(),
+            kv.k.data_ptr(),
+            kv.v.data_ptr(),
+            out.data_ptr(),
+            lse.data_ptr() if (return_lse and lse is not None) else None,
+            self._ws.data_ptr(),
+            pl["pages"].data_ptr(),
+            pl["total_q"],
+            pl["kv_len"],
+            pl["num_qo_heads"],
+            pl["num_kv_heads"],
+            pl["page_size"],
+            kv.num_pages,
+            q.stride(0),
+            q.stride(1),
+            kv.stride_page,
+            kv.stride_n,
+            kv.stride_h,
+            pl["chunks"],
+            pl["chunk_size"],
+            pl["sm_scale"],
+            device.index,
+            current_stream_ptr(device),
         )
         if rc:
             pl["mod"].check(rc, f"cascade shared level ({pl['spec'].name()}) on {device}")
@@ -530,11 +645,21 @@ def _host_list(x: Any, name: str) -> List[int]:
     raise TypeError(f"{name} must be a 1-D integer tensor, got {type(x).__name__}")
 
 
-def _check_levels(num_levels: int, qo_indptr_arr: Sequence, paged_kv_indptr_arr: Sequence,
-                  paged_kv_indices_arr: Sequence, paged_kv_last_page_len: Sequence, page_size: int) -> List[_Level]:
+def _check_levels(
+    num_levels: int,
+    qo_indptr_arr: Sequence,
+    paged_kv_indptr_arr: Sequence,
+    paged_kv_indices_arr: Sequence,
+    paged_kv_last_page_len: Sequence,
+    page_size: int,
+) -> List[_Level]:
     """plan()'s structural checks of the per-level arrays; returns the levels with host copies."""
-    arrays = (("qo_indptr_arr", qo_indptr_arr), ("paged_kv_indptr_arr", paged_kv_indptr_arr),
-              ("paged_kv_indices_arr", paged_kv_indices_arr), ("paged_kv_last_page_len", paged_kv_last_page_len))
+    arrays = (
+        ("qo_indptr_arr", qo_indptr_arr),
+        ("paged_kv_indptr_arr", paged_kv_indptr_arr),
+        ("paged_kv_indices_arr", paged_kv_indices_arr),
+        ("paged_kv_last_page_len", paged_kv_last_page_len),
+    )
     for name, arr in arrays:
         if not isinstance(arr, (list, tuple)) or len(arr) != num_levels:
             got = len(arr) if isinstance(arr, (list, tuple)) else type(arr).__name__
@@ -550,24 +675,32 @@ def _check_levels(num_levels: int, qo_indptr_arr: Sequence, paged_kv_indptr_arr:
         indices = paged_kv_indices_arr[l]
         for name, arr in ((f"qo_indptr_arr[{l}]", qo), (f"paged_kv_indptr_arr[{l}]", kv)):
             if len(arr) < 1 or arr[0] != 0 or any(b < a for a, b in zip(arr, arr[1:])):
-                raise ValueError(f"{name} must start at 0 and never decrease, got {arr[:8]}{'...' if len(arr) > 8 else ''}")
+                raise ValueError(
+                    f"{name} must start at 0 and never decrease, got {arr[:8]}{'...' if len(arr) > 8 else ''}"
+                )
         if len(kv) != len(qo):
-            raise ValueError(f"level {l}: qo_indptr_arr[{l}] describes {len(qo) - 1} requests but paged_kv_indptr_arr[{l}] "
-                             f"describes {len(kv) - 1}")
+            raise ValueError(
+                f"level {l}: qo_indptr_arr[{l}] describes {len(qo) - 1} requests but paged_kv_indptr_arr[{l}] "
+                f"describes {len(kv) - 1}"
+            )
         if len(last) != len(kv) - 1:
-            raise ValueError(f"paged_kv_last_page_len[{l}] has {len(last)} entries, expected {len(kv) - 1} (one per request)")
+            raise ValueError(
+                f"paged_kv_last_page_len[{l}] has {len(last)} entries, expected {len(kv) - 1} (one per request)"
+            )
         if total_q is None:
             total_q = qo[-1]
         elif qo[-1] != total_q:
-            raise ValueError(f"every level holds all queries: qo_indptr_arr[{l}][-1] = {qo[-1]} but "
-                             f"qo_indptr_arr[0][-1] = {total_q}")
+            raise ValueError(
+                f"every level holds all queries: qo_indptr_arr[{l}][-1] = {qo[-1]} but qo_indptr_arr[0][-1] = {total_q}"
+            )
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
             raise TypeError(f"paged_kv_indices_arr[{l}] must be a 1-D int32 tensor")
         if indices.dtype != torch.int32:
             raise TypeError(f"paged_kv_indices_arr[{l}] must be torch.int32, got {indices.dtype}")
         if indices.numel() < kv[-1]:
-            raise ValueError(f"paged_kv_indices_arr[{l}] has {indices.numel()} page ids, paged_kv_indptr_arr[{l}][-1] "
-                             f"says {kv[-1]}")
+            raise ValueError(
+                f"paged_kv_indices_arr[{l}] has {indices.numel()} page ids, paged_kv_indptr_arr[{l}][-1] says {kv[-1]}"
+            )
         kv_lens = []
         for r, (a, b) in enumerate(zip(kv, kv[1:])):
             if b > a and not 1 <= last[r] <= page_size:
@@ -603,8 +736,9 @@ def _decode_table(level: _Level) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
     return indptr.to(torch.int32), indices, last, has
 
 
-def _concatenated_table(levels: List[_Level], page_size: int,
-                        device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _concatenated_table(
+    levels: List[_Level], page_size: int, device: torch.device
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Decode-shaped batches: each query's pages across all levels, laid end to end, as one plain batch decode
     page table (indptr, indices on `device`, last_page_len), or None when that is not a valid table (a request
     with no pages at all, or a page before the last that is not full)."""
@@ -656,8 +790,9 @@ _LEVEL_OVERHEAD_US = 10.0
 _BESIDE_DECODE_SLOWDOWN = 0.15
 
 
-def _cascade_estimate(levels: List[_Level], num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                      elem_bytes: int) -> Tuple[float, float]:
+def _cascade_estimate(
+    levels: List[_Level], num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int
+) -> Tuple[float, float]:
     """(µs plain batch decode spends reading the levels above the last, µs cascade spends on them)."""
     token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
     plain = cascade = 0.0
@@ -671,8 +806,9 @@ def _cascade_estimate(levels: List[_Level], num_qo_heads: int, num_kv_heads: int
     return plain, cascade
 
 
-def _overlap_pays(shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                  elem_bytes: int) -> bool:
+def _overlap_pays(
+    shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int
+) -> bool:
     """Whether running the shared level beside the decode level (one CTA per SM) beats running them in turn."""
     token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
     flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
@@ -787,25 +923,41 @@ class MultiLevelCascadeAttentionWrapper:
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
             raise ValueError(f"num_levels must be a positive int, got {num_levels!r}")
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
-            raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. torch.empty(128 << 20, "
-                             "dtype=torch.uint8, device='cuda'))")
+            raise ValueError(
+                "float_workspace_buffer must be a CUDA tensor (e.g. torch.empty(128 << 20, "
+                "dtype=torch.uint8, device='cuda'))"
+            )
         if not float_workspace_buffer.is_contiguous():
             raise ValueError("float_workspace_buffer must be contiguous")
         self._num_levels = num_levels
         self._kv_layout = canonical_layout(kv_layout)
         self._use_cuda_graph = bool(use_cuda_graph)
         self._device = float_workspace_buffer.device
-        bufs: List[Optional[List[torch.Tensor]]] = [qo_indptr_buf_arr, paged_kv_indptr_buf_arr,
-                                                     paged_kv_indices_buf_arr, paged_kv_last_page_len_buf_arr]
-        names = ("qo_indptr_buf_arr", "paged_kv_indptr_buf_arr", "paged_kv_indices_buf_arr",
-                 "paged_kv_last_page_len_buf_arr")
+        bufs: List[Optional[List[torch.Tensor]]] = [
+            qo_indptr_buf_arr,
+            paged_kv_indptr_buf_arr,
+            paged_kv_indices_buf_arr,
+            paged_kv_last_page_len_buf_arr,
+        ]
+        names = (
+            "qo_indptr_buf_arr",
+            "paged_kv_indptr_buf_arr",
+            "paged_kv_indices_buf_arr",
+            "paged_kv_last_page_len_buf_arr",
+        )
         if self._use_cuda_graph:
             for name, arr in zip(names, bufs):
                 if not isinstance(arr, (list, tuple)) or len(arr) != num_levels:
-                    raise ValueError(f"use_cuda_graph=True needs {name}: a list of {num_levels} int32 device tensors "
-                                     f"(one per level)")
+                    raise ValueError(
+                        f"use_cuda_graph=True needs {name}: a list of {num_levels} int32 device tensors (one per level)"
+                    )
                 for l, t in enumerate(arr):
-                    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32 or t.device != self._device:
+                    if (
+                        not isinstance(t, torch.Tensor)
+                        or t.dim() != 1
+                        or t.dtype != torch.int32
+                        or t.device != self._device
+                    ):
                         raise ValueError(f"{name}[{l}] must be a 1-D int32 tensor on {self._device}")
         else:
             for name, arr in zip(names, bufs):
@@ -838,31 +990,42 @@ class MultiLevelCascadeAttentionWrapper:
         if not self._use_cuda_graph:
             return BatchPrefillWithPagedKVCacheWrapper(self._prefill_ws, self._kv_layout)
         qo, kv, idx, last = (arr[level] for arr in self._bufs)
-        return BatchPrefillWithPagedKVCacheWrapper(self._prefill_ws, self._kv_layout, use_cuda_graph=True,
-                                                   qo_indptr_buf=qo, paged_kv_indptr_buf=kv, paged_kv_indices_buf=idx,
-                                                   paged_kv_last_page_len_buf=last)
+        return BatchPrefillWithPagedKVCacheWrapper(
+            self._prefill_ws,
+            self._kv_layout,
+            use_cuda_graph=True,
+            qo_indptr_buf=qo,
+            paged_kv_indptr_buf=kv,
+            paged_kv_indices_buf=idx,
+            paged_kv_last_page_len_buf=last,
+        )
 
     def _make_decode(self, batch: int, indices_capacity: int) -> BatchDecodeWithPagedKVCacheWrapper:
         if not self._use_cuda_graph:
             return BatchDecodeWithPagedKVCacheWrapper(self._decode_ws, self._kv_layout)
         dev = self._device
         return BatchDecodeWithPagedKVCacheWrapper(
-            self._decode_ws, self._kv_layout, use_cuda_graph=True,
+            self._decode_ws,
+            self._kv_layout,
+            use_cuda_graph=True,
             paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(indices_capacity, dtype=torch.int32, device=dev),
-            paged_kv_last_page_len_buffer=torch.ones(batch, dtype=torch.int32, device=dev))
+            paged_kv_last_page_len_buffer=torch.ones(batch, dtype=torch.int32, device=dev),
+        )
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
-    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
-                               int_workspace_buffers: Optional[List[torch.Tensor]] = None) -> None:
+    def reset_workspace_buffer(
+        self, float_workspace_buffer: torch.Tensor, int_workspace_buffers: Optional[List[torch.Tensor]] = None
+    ) -> None:
         """Moves the wrapper to a new float workspace (plan again before the next run). ``int_workspace_buffers``
         is accepted for FlashInfer compatibility: schedules live in the float workspace here."""
         if self._use_cuda_graph:
-            raise RuntimeError("reset_workspace_buffer: a CUDA-graph wrapper's workspace is fixed (captured graphs "
-                               "point at it)")
+            raise RuntimeError(
+                "reset_workspace_buffer: a CUDA-graph wrapper's workspace is fixed (captured graphs point at it)"
+            )
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device != self._device:
             raise ValueError(f"the new float workspace must be a CUDA tensor on {self._device}")
         if not float_workspace_buffer.is_contiguous():
@@ -935,10 +1098,17 @@ class MultiLevelCascadeAttentionWrapper:
         mode, whose kernels are fixed by the first plan.
         """
         if _is_capturing():
-            raise RuntimeError("plan() cannot be captured in a CUDA graph: call it before capture/replay, then "
-                               "capture run()")
-        levels = _check_levels(self._num_levels, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr,
-                               paged_kv_last_page_len, page_size)
+            raise RuntimeError(
+                "plan() cannot be captured in a CUDA graph: call it before capture/replay, then capture run()"
+            )
+        levels = _check_levels(
+            self._num_levels,
+            qo_indptr_arr,
+            paged_kv_indptr_arr,
+            paged_kv_indices_arr,
+            paged_kv_last_page_len,
+            page_size,
+        )
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         for n, v in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -949,22 +1119,38 @@ class MultiLevelCascadeAttentionWrapper:
         kv_dtype = _dtype_arg(kv_data_type, "kv_data_type", q_dtype)
         for l, lv in enumerate(levels):
             if lv.indices.device.type == "cuda" and lv.indices.device != self._device:
-                raise ValueError(f"paged_kv_indices_arr[{l}] is on {lv.indices.device}, the workspace on {self._device}")
+                raise ValueError(
+                    f"paged_kv_indices_arr[{l}] is on {lv.indices.device}, the workspace on {self._device}"
+                )
         total_q = levels[0].qo[-1]
         last = levels[-1]
         decode_shape = len(last.qo_lens) > 0 and all(n == 1 for n in last.qo_lens)
         all_have_pages = all(b > a for a, b in zip(last.kv, last.kv[1:]))
-        decode_last = (decode_shape and self._last_level_decode and not use_fp16_qk_reduction
-                       and (self._num_levels > 1 or (all_have_pages and not self._use_cuda_graph)))
-        options = dict(pos_encoding_mode=pos, sm_scale=sm_scale, window_left=window_left,
-                       logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
-                       q_data_type=q_dtype, kv_data_type=kv_dtype)
+        decode_last = (
+            decode_shape
+            and self._last_level_decode
+            and not use_fp16_qk_reduction
+            and (self._num_levels > 1 or (all_have_pages and not self._use_cuda_graph))
+        )
+        options = dict(
+            pos_encoding_mode=pos,
+            sm_scale=sm_scale,
+            window_left=window_left,
+            logits_soft_cap=logits_soft_cap,
+            rope_scale=rope_scale,
+            rope_theta=rope_theta,
+            q_data_type=q_dtype,
+            kv_data_type=kv_dtype,
+        )
         elem = torch.finfo(kv_dtype).bits // 8
         plain_us, cascade_us = _cascade_estimate(levels, num_qo_heads, num_kv_heads, head_dim, elem)
         stats: Dict[str, Any] = {
-            "num_levels": self._num_levels, "total_q": total_q, "decode_shape": decode_shape,
+            "num_levels": self._num_levels,
+            "total_q": total_q,
+            "decode_shape": decode_shape,
             "levels": [{"requests": len(lv.last), "pages": lv.kv[-1], "total_keys": lv.total_keys} for lv in levels],
-            "estimated_plain_us": round(plain_us, 2), "estimated_cascade_us": round(cascade_us, 2),
+            "estimated_plain_us": round(plain_us, 2),
+            "estimated_cascade_us": round(cascade_us, 2),
         }
 
         if self._use_cuda_graph:
@@ -972,21 +1158,36 @@ class MultiLevelCascadeAttentionWrapper:
             if self._graph_path is not None and frozen != self._graph_path:
                 raise ValueError(
                     f"a CUDA-graph wrapper keeps the kernels and shapes of its first plan (decode-shaped last level, "
-                    f"heads, head_dim, page_size, dtype): was {self._graph_path}, got {frozen}")
+                    f"heads, head_dim, page_size, dtype): was {self._graph_path}, got {frozen}"
+                )
             if decode_last and self._graph_batch is not None and len(last.last) != self._graph_batch:
-                raise ValueError(f"this CUDA-graph wrapper was planned for batch size {self._graph_batch}; the batch "
-                                 f"size is fixed in graph mode, got {len(last.last)}")
+                raise ValueError(
+                    f"this CUDA-graph wrapper was planned for batch size {self._graph_batch}; the batch "
+                    f"size is fixed in graph mode, got {len(last.last)}"
+                )
             why_cascade = "graph mode keeps the kernels of its first plan (no fallback)"
         else:
             fallback, why_cascade = self._fallback_decision(decode_shape, pos, window_left, plain_us, cascade_us)
             if fallback is not None:
                 table = _concatenated_table(levels, page_size, self._device)
                 if table is not None:
-                    self._plan_plain(table, stats, fallback, num_qo_heads, num_kv_heads, head_dim, page_size, options,
-                                     total_q, q_dtype)
+                    self._plan_plain(
+                        table,
+                        stats,
+                        fallback,
+                        num_qo_heads,
+                        num_kv_heads,
+                        head_dim,
+                        page_size,
+                        options,
+                        total_q,
+                        q_dtype,
+                    )
                     return
-                why_cascade = (f"plain decode would be cheaper ({fallback}), but the levels' page tables do not "
-                               f"concatenate (a partial page above the last level, or a query without pages)")
+                why_cascade = (
+                    f"plain decode would be cheaper ({fallback}), but the levels' page tables do not "
+                    f"concatenate (a partial page above the last level, or a query without pages)"
+                )
 
         steps: List[_Step] = []
         n_prefill = self._num_levels - 1 if decode_last else self._num_levels
@@ -994,79 +1195,141 @@ class MultiLevelCascadeAttentionWrapper:
         # first is bound by tensor-core throughput, the second by HBM bandwidth, so they share the GPU well.
         if self._overlap_levels not in ("auto", "always", "never"):
             raise ValueError(f"_overlap_levels must be 'auto', 'always' or 'never', got {self._overlap_levels!r}")
-        overlap = (self._overlap_levels != "never" and not self._use_cuda_graph and decode_last and n_prefill == 1
-                   and last.total_keys > 0
-                   and (self._overlap_levels == "always"
-                        or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem))
-                   and self._shared_on_hopper(0, levels[0], head_dim, pos, window_left, logits_soft_cap,
-                                              use_fp16_qk_reduction, q_dtype, kv_dtype))
+        overlap = (
+            self._overlap_levels != "never"
+            and not self._use_cuda_graph
+            and decode_last
+            and n_prefill == 1
+            and last.total_keys > 0
+            and (
+                self._overlap_levels == "always"
+                or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem)
+            )
+            and self._shared_on_hopper(
+                0, levels[0], head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction, q_dtype, kv_dtype
+            )
+        )
         for l in range(n_prefill):
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
                 continue  # an empty level adds nothing to the merge
-            if self._shared_on_hopper(l, lv, head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction,
-                                      q_dtype, kv_dtype):
+            if self._shared_on_hopper(
+                l, lv, head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction, q_dtype, kv_dtype
+            ):
                 runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
-                runner.plan(lv, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, sm_scale, self._device,
-                            beside_decode=overlap)
+                runner.plan(
+                    lv,
+                    num_qo_heads,
+                    num_kv_heads,
+                    head_dim,
+                    page_size,
+                    q_dtype,
+                    sm_scale,
+                    self._device,
+                    beside_decode=overlap,
+                )
                 steps.append(_Step(l, runner))
                 continue
             # A single query per request sits at the bottom-right corner: the causal mask hides nothing from it.
             level_causal = causal and l == self._num_levels - 1 and any(n > 1 for n in lv.qo_lens)
-            self._prefill[l].plan(_int32_host(lv.qo), _int32_host(lv.kv), lv.indices, _int32_host(lv.last),
-                                  num_qo_heads, num_kv_heads, head_dim, page_size, causal=level_causal,
-                                  use_fp16_qk_reduction=use_fp16_qk_reduction, **options)
+            self._prefill[l].plan(
+                _int32_host(lv.qo),
+                _int32_host(lv.kv),
+                lv.indices,
+                _int32_host(lv.last),
+                num_qo_heads,
+                num_kv_heads,
+                head_dim,
+                page_size,
+                causal=level_causal,
+                use_fp16_qk_reduction=use_fp16_qk_reduction,
+                **options,
+            )
             steps.append(_Step(l, self._prefill[l]))
         if decode_last and (self._use_cuda_graph or last.total_keys > 0 or not steps):
             steps.append(self._plan_decode_level(last, num_qo_heads, num_kv_heads, head_dim, page_size, options))
         if self._use_cuda_graph:
             self._graph_path = frozen
-        overlap = (overlap and len(steps) == 2 and isinstance(steps[0].wrapper, _SharedLevel)
-                   and steps[1].wrapper is self._decode)
-        stats.update(path="cascade", reason=why_cascade,
-                     kernels=[(s.kernel, s.level) for s in steps], overlap_levels=overlap)
+        overlap = (
+            overlap
+            and len(steps) == 2
+            and isinstance(steps[0].wrapper, _SharedLevel)
+            and steps[1].wrapper is self._decode
+        )
+        stats.update(
+            path="cascade", reason=why_cascade, kernels=[(s.kernel, s.level) for s in steps], overlap_levels=overlap
+        )
         self._plan = _CascadePlan("cascade", steps, total_q, num_qo_heads, head_dim, q_dtype, stats, overlap)
 
     begin_forward = plan
 
-    def _shared_on_hopper(self, l: int, lv: "_Level", head_dim: int, pos: str, window_left: Any, logits_soft_cap: Any,
-                          use_fp16_qk_reduction: bool, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    def _shared_on_hopper(
+        self,
+        l: int,
+        lv: _Level,
+        head_dim: int,
+        pos: str,
+        window_left: Any,
+        logits_soft_cap: Any,
+        use_fp16_qk_reduction: bool,
+        q_dtype: torch.dtype,
+        kv_dtype: torch.dtype,
+    ) -> bool:
         """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
         last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope."""
-        return (self._shared_level_wgmma and not self._use_cuda_graph and l < self._num_levels - 1
-                and len(lv.kv_lens) == 1 and lv.total_keys > 0 and head_dim == 128 and pos == "NONE"
-                and window_left == -1 and not logits_soft_cap and not use_fp16_qk_reduction and q_dtype == kv_dtype
-                and _is_hopper(self._device.index))
+        return (
+            self._shared_level_wgmma
+            and not self._use_cuda_graph
+            and l < self._num_levels - 1
+            and len(lv.kv_lens) == 1
+            and lv.total_keys > 0
+            and head_dim == 128
+            and pos == "NONE"
+            and window_left == -1
+            and not logits_soft_cap
+            and not use_fp16_qk_reduction
+            and q_dtype == kv_dtype
+            and _is_hopper(self._device.index)
+        )
 
-    def _fallback_decision(self, decode_shape: bool, pos: str, window_left: int, plain_us: float,
-                           cascade_us: float) -> Tuple[Optional[str], str]:
+    def _fallback_decision(
+        self, decode_shape: bool, pos: str, window_left: int, plain_us: float, cascade_us: float
+    ) -> Tuple[Optional[str], str]:
         """(why plain batch decode should run this plan, or None; why the cascade runs otherwise)."""
         if self._num_levels == 1:
             return None, "one level"
         if not decode_shape:
             return None, "prefill-shaped batch (the plain-decode fallback is for one query per request)"
         if pos != "NONE" or window_left >= 0:
-            return None, ("position encoding or window: positions restart at every level of a cascade, so a "
-                          "concatenation would differ")
+            return None, (
+                "position encoding or window: positions restart at every level of a cascade, so a "
+                "concatenation would differ"
+            )
         if self._fallback == "never":
             return None, "fallback disabled (_fallback='never')"
         if self._fallback == "always":
             return "forced (_fallback='always')", ""
         if cascade_us >= plain_us:
-            return (f"short shared prefix: reading it again per query (~{plain_us:.1f} us) costs less than "
-                    f"attending it once and merging (~{cascade_us:.1f} us)"), ""
-        return None, (f"the levels above the last save more (~{plain_us:.1f} us of plain decode reads) than they "
-                      f"cost (~{cascade_us:.1f} us)")
+            return (
+                f"short shared prefix: reading it again per query (~{plain_us:.1f} us) costs less than "
+                f"attending it once and merging (~{cascade_us:.1f} us)"
+            ), ""
+        return None, (
+            f"the levels above the last save more (~{plain_us:.1f} us of plain decode reads) than they "
+            f"cost (~{cascade_us:.1f} us)"
+        )
 
-    def _plan_plain(self, table, stats, reason, num_qo_heads, num_kv_heads, head_dim, page_size, options, total_q,
-                    q_dtype) -> None:
+    def _plan_plain(
+        self, table, stats, reason, num_qo_heads, num_kv_heads, head_dim, page_size, options, total_q, q_dtype
+    ) -> None:
         indptr, indices, last = table
         if self._plain is None:
             self._plain = BatchDecodeWithPagedKVCacheWrapper(self._decode_ws, self._kv_layout)
         self._plain.plan(indptr, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size, **options)
         stats.update(path="plain_decode", reason=reason, kernels=[("batch_decode", "all levels concatenated")])
-        self._plan = _CascadePlan("plain_decode", [_Step(-1, self._plain)], total_q, num_qo_heads, head_dim, q_dtype,
-                                  stats)
+        self._plan = _CascadePlan(
+            "plain_decode", [_Step(-1, self._plain)], total_q, num_qo_heads, head_dim, q_dtype, stats
+        )
 
     def _plan_decode_level(self, level: _Level, num_qo_heads, num_kv_heads, head_dim, page_size, options) -> _Step:
         indptr, indices, last, has = _decode_table(level)
@@ -1078,15 +1341,17 @@ class MultiLevelCascadeAttentionWrapper:
                 self._graph_batch = batch
         if self._use_cuda_graph:
             # The caller's buffers hold the level's arrays, as FlashInfer's graph mode leaves them.
-            for buf, src in zip((self._bufs[0][-1], self._bufs[1][-1], self._bufs[3][-1]),
-                                (level.qo, level.kv, level.last)):
+            for buf, src in zip(
+                (self._bufs[0][-1], self._bufs[1][-1], self._bufs[3][-1]), (level.qo, level.kv, level.last)
+            ):
                 if buf.numel() < len(src):
                     raise ValueError(f"a last-level buffer holds {buf.numel()} entries, the plan needs {len(src)}")
                 buf[: len(src)].copy_(_int32_host(src), non_blocking=True)
             nnz = level.kv[-1]
             if self._bufs[2][-1].numel() < nnz:
-                raise ValueError(f"paged_kv_indices_buf_arr[-1] holds {self._bufs[2][-1].numel()} page ids, the plan "
-                                 f"needs {nnz}")
+                raise ValueError(
+                    f"paged_kv_indices_buf_arr[-1] holds {self._bufs[2][-1].numel()} page ids, the plan needs {nnz}"
+                )
             if nnz and level.indices.data_ptr() != self._bufs[2][-1].data_ptr():
                 self._bufs[2][-1][:nnz].copy_(level.indices[:nnz], non_blocking=True)
         self._decode.plan(indptr, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size, **options)
@@ -1112,8 +1377,15 @@ class MultiLevelCascadeAttentionWrapper:
 
     # --------------------------------------------------------------------------------------------- run
 
-    def run(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, *, out: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache: PagedKVCache,
+        *,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+    ):
         """Cascade attention of ``q`` ``[total_q, num_qo_heads, head_dim]`` (the planned dtype) over the planned
         levels of ``paged_kv_cache`` (one tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND
         swaps page_size and heads) or a tuple ``(k_cache, v_cache)``).
@@ -1125,26 +1397,35 @@ class MultiLevelCascadeAttentionWrapper:
         if pl is None:
             raise RuntimeError("run() before plan(): call wrapper.plan(...) for this batch first")
         if not self._use_cuda_graph and _is_capturing():
-            raise RuntimeError("run() is being captured in a CUDA graph but this wrapper was built with "
-                               "use_cuda_graph=False: its schedules move with every plan(), so replays would compute "
-                               "garbage. Build it with use_cuda_graph=True and fixed buffers")
+            raise RuntimeError(
+                "run() is being captured in a CUDA graph but this wrapper was built with "
+                "use_cuda_graph=False: its schedules move with every plan(), so replays would compute "
+                "garbage. Build it with use_cuda_graph=True and fixed buffers"
+            )
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
         if q.device != self._device:
-            raise ValueError(f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}")
+            raise ValueError(
+                f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}"
+            )
         if pl.path == "plain_decode":
             return pl.steps[0].wrapper.run(q, paged_kv_cache, out=out, lse=lse, return_lse=return_lse)
         shape = (pl.total_q, pl.num_qo_heads, pl.head_dim)
         if tuple(q.shape) != shape:
-            raise ValueError(f"q must be [total_q, num_qo_heads, head_dim] = {list(shape)} as planned, got {tuple(q.shape)}")
+            raise ValueError(
+                f"q must be [total_q, num_qo_heads, head_dim] = {list(shape)} as planned, got {tuple(q.shape)}"
+            )
         if q.dtype != pl.q_dtype:
             raise TypeError(f"q dtype {q.dtype} does not match the planned q_data_type {pl.q_dtype}")
         check_out(out, "out", shape, q.dtype, self._device)
         check_out(lse, "lse", shape[:2], torch.float32, self._device)
         o = out if out is not None else torch.empty(shape, dtype=q.dtype, device=self._device)
         merging = len(pl.steps) > 1
-        lse_buf = lse if (return_lse and lse is not None) else (
-            torch.empty(shape[:2], dtype=torch.float32, device=self._device) if (return_lse or merging) else None)
+        lse_buf = (
+            lse
+            if (return_lse and lse is not None)
+            else (torch.empty(shape[:2], dtype=torch.float32, device=self._device) if (return_lse or merging) else None)
+        )
         first = pl.steps[0]
         if pl.overlap and not torch.compiler.is_compiling():
             self._run_overlapped(pl, q, paged_kv_cache, o, lse_buf, return_lse)
@@ -1161,8 +1442,15 @@ class MultiLevelCascadeAttentionWrapper:
 
     forward = run
 
-    def _run_overlapped(self, pl: _CascadePlan, q: torch.Tensor, paged_kv_cache: PagedKVCache, o: torch.Tensor,
-                        lse: torch.Tensor, return_lse: bool) -> None:
+    def _run_overlapped(
+        self,
+        pl: _CascadePlan,
+        q: torch.Tensor,
+        paged_kv_cache: PagedKVCache,
+        o: torch.Tensor,
+        lse: torch.Tensor,
+        return_lse: bool,
+    ) -> None:
         """The shared level on the caller's stream, concurrently with the decode level on a side stream; then the
         merge on the caller's stream.
 
@@ -1218,29 +1506,47 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
         self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
 
-    def begin_forward(self, unique_kv_indptr: torch.Tensor, unique_kv_indices: torch.Tensor,
-                      unique_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                      page_size: int, data_type: Union[str, torch.dtype] = "float16") -> None:
+    def begin_forward(
+        self,
+        unique_kv_indptr: torch.Tensor,
+        unique_kv_indices: torch.Tensor,
+        unique_kv_last_page_len: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        data_type: Union[str, torch.dtype] = "float16",
+    ) -> None:
         """Plans the unique part: ``unique_kv_indptr [batch + 1]``, ``unique_kv_indices``,
         ``unique_kv_last_page_len [batch]`` (int32; every request needs at least one unique page), heads, head_dim,
         page_size, and the dtype of q and of the caches."""
-        self._batch_decode_wrapper.plan(unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads,
-                                        num_kv_heads, head_dim, page_size, pos_encoding_mode="NONE",
-                                        data_type=data_type)
+        self._batch_decode_wrapper.plan(
+            unique_kv_indptr,
+            unique_kv_indices,
+            unique_kv_last_page_len,
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            pos_encoding_mode="NONE",
+            data_type=data_type,
+        )
 
     plan = begin_forward
 
     def end_forward(self) -> None:
         """Kept for FlashInfer compatibility; nothing to release."""
 
-    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor,
-                unique_kv_cache: PagedKVCache) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache: PagedKVCache
+    ) -> torch.Tensor:
         """``q [batch_size, num_qo_heads, head_dim]`` against the shared prefix ``k_shared``/``v_shared``
         (``[shared_len, num_kv_heads, head_dim]`` NHD, ``[num_kv_heads, shared_len, head_dim]`` HND) and each
         request's pages of ``unique_kv_cache`` (as in ``BatchDecodeWithPagedKVCacheWrapper.run``). Returns o
         ``[batch_size, num_qo_heads, head_dim]``."""
-        o, s = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
-                                            return_lse=True)
+        o, s = single_prefill_with_kv_cache(
+            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, return_lse=True
+        )
         o_unique, s_unique = self._batch_decode_wrapper.run(q, unique_kv_cache, return_lse=True)
         merge_state_in_place(o, s, o_unique, s_unique)
         return o
@@ -1272,16 +1578,32 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._planned = None
 
-    def begin_forward(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
-                      paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                      page_size: int) -> None:
+    def begin_forward(
+        self,
+        qo_indptr: torch.Tensor,
+        paged_kv_indptr: torch.Tensor,
+        paged_kv_indices: torch.Tensor,
+        paged_kv_last_page_len: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+    ) -> None:
         """Records the batch: ``qo_indptr [batch + 1]`` and the unique pages' table (``paged_kv_indptr``,
         ``paged_kv_indices``, ``paged_kv_last_page_len``, int32), heads, head_dim, page_size. The schedule is made
         by the first ``forward`` (which knows ``causal`` and the dtype) and reused while those stay the same."""
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
-        self._args = (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
-                      num_kv_heads, head_dim, page_size)
+        self._args = (
+            qo_indptr,
+            paged_kv_indptr,
+            paged_kv_indices,
+            paged_kv_last_page_len,
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            page_size,
+        )
         self._planned = None
 
     plan = begin_forward
@@ -1289,9 +1611,18 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
     def end_forward(self) -> None:
         """Kept for FlashInfer compatibility; nothing to release."""
 
-    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache: PagedKVCache,
-                causal: bool = False, use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
-                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_shared: torch.Tensor,
+        v_shared: torch.Tensor,
+        unique_kv_cache: PagedKVCache,
+        causal: bool = False,
+        use_fp16_qk_reduction: bool = False,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+    ) -> torch.Tensor:
         """``q [qo_indptr[-1], num_qo_heads, head_dim]`` against the shared prefix (``[shared_len, num_kv_heads,
         head_dim]`` NHD / ``[num_kv_heads, shared_len, head_dim]`` HND) and each request's pages of
         ``unique_kv_cache``; ``causal`` masks the unique part (aligned bottom-right, so each request's unique KV
@@ -1302,13 +1633,28 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
         options = (causal, use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta, q.dtype)
         if options != self._planned:
-            self._batch_prefill_wrapper.plan(*self._args, causal=causal, use_fp16_qk_reduction=use_fp16_qk_reduction,
-                                             sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
-                                             q_data_type=q.dtype)
+            self._batch_prefill_wrapper.plan(
+                *self._args,
+                causal=causal,
+                use_fp16_qk_reduction=use_fp16_qk_reduction,
+                sm_scale=sm_scale,
+                rope_scale=rope_scale,
+                rope_theta=rope_theta,
+                q_data_type=q.dtype,
+            )
             self._planned = options
-        o, s = single_prefill_with_kv_cache(q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout,
-                                            use_fp16_qk_reduction=use_fp16_qk_reduction, sm_scale=sm_scale,
-                                            rope_scale=rope_scale, rope_theta=rope_theta, return_lse=True)
+        o, s = single_prefill_with_kv_cache(
+            q,
+            k_shared,
+            v_shared,
+            causal=False,
+            kv_layout=self._kv_layout,
+            use_fp16_qk_reduction=use_fp16_qk_reduction,
+            sm_scale=sm_scale,
+            rope_scale=rope_scale,
+            rope_theta=rope_theta,
+            return_lse=True,
+        )
         o_unique, s_unique = self._batch_prefill_wrapper.run(q, unique_kv_cache, return_lse=True)
         merge_state_in_place(o, s, o_unique, s_unique)
         return o

@@ -23,8 +23,8 @@ from .utils import (
     check_head_dim,
     check_kv,
     check_logit_options,
-    check_qkv_dtypes,
     check_out,
+    check_qkv_dtypes,
     check_same_device,
     check_tensor,
     check_vector_rows,
@@ -64,21 +64,23 @@ class SingleDecodeSpec(AttentionSpec):
     family = "decode_single"
     template = "single_decode.cu.jinja"
     launchers = (
-        Launcher("flashinfer_single_decode",
-                 "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
-                 "int workspace_chunks, int num_qo_heads, int num_kv_heads, int kv_len, int64_t q_stride_h, "
-                 "int64_t k_stride_0, int64_t k_stride_1, int64_t v_stride_0, int64_t v_stride_1, int window_left, "
-                 "float logits_soft_cap, float sm_scale, float v_scale, float rope_scale, float rope_theta, "
-                 "int device, void* stream"),
+        Launcher(
+            "flashinfer_single_decode",
+            "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
+            "int workspace_chunks, int num_qo_heads, int num_kv_heads, int kv_len, int64_t q_stride_h, "
+            "int64_t k_stride_0, int64_t k_stride_1, int64_t v_stride_0, int64_t v_stride_1, int window_left, "
+            "float logits_soft_cap, float sm_scale, float v_scale, float rope_scale, float rope_theta, "
+            "int device, void* stream",
+        ),
     )
-
 
 
 _launchers: Dict[Tuple[Any, ...], Tuple[jit.JITModule, Any]] = {}
 
 
-def _launcher(head_dim: int, dtype: str, kv_layout: str, pos_encoding_mode: str, use_window: bool,
-              use_soft_cap: bool) -> Tuple[jit.JITModule, Any]:
+def _launcher(
+    head_dim: int, dtype: str, kv_layout: str, pos_encoding_mode: str, use_window: bool, use_soft_cap: bool
+) -> Tuple[jit.JITModule, Any]:
     """The module and its ctypes launcher for a configuration, memoized on a plain tuple (cheaper to hash
     than the spec on every call)."""
     key = (head_dim, dtype, kv_layout, pos_encoding_mode, use_window, use_soft_cap)
@@ -100,55 +102,121 @@ def _kv_span(kv_len: int, window_left: int) -> int:
     return min(kv_len, window_left + 1) if window_left >= 0 else kv_len
 
 
-def _run(q, k, v, kv_layout: str, pos_encoding_mode: str, window_left: int, soft_cap: float, sm_scale: float,
-         v_scale: float, rope_scale: float, rope_theta: float, o: torch.Tensor, lse: Optional[torch.Tensor]) -> None:
+def _run(
+    q,
+    k,
+    v,
+    kv_layout: str,
+    pos_encoding_mode: str,
+    window_left: int,
+    soft_cap: float,
+    sm_scale: float,
+    v_scale: float,
+    rope_scale: float,
+    rope_theta: float,
+    o: torch.Tensor,
+    lse: Optional[torch.Tensor],
+) -> None:
     """Launch on validated inputs (q [H, D] with unit last stride; k/v checked by check_vector_rows)."""
     num_qo_heads, head_dim = q.shape
     if kv_layout == "NHD":
         kv_len, num_kv_heads = k.shape[0], k.shape[1]
     else:
         num_kv_heads, kv_len = k.shape[0], k.shape[1]
-    module, fn = _launcher(head_dim, DTYPE_SHORT[q.dtype], kv_layout, pos_encoding_mode, window_left >= 0,
-                           soft_cap > 0)
+    module, fn = _launcher(head_dim, DTYPE_SHORT[q.dtype], kv_layout, pos_encoding_mode, window_left >= 0, soft_cap > 0)
     if (k.data_ptr() | v.data_ptr()) & 15:
         check_aligned(k, "k")
         check_aligned(v, "v")
     device = q.device
     group = num_qo_heads // num_kv_heads
     head_tiles = -(-group // _head_tile(group))
-    max_chunks = min(_MAX_CHUNKS, -(-_kv_span(kv_len, window_left) // _MIN_CHUNK),
-                     -(-_ctas_per_sm(group) * num_sms(device.index) // (num_kv_heads * head_tiles)))
+    max_chunks = min(
+        _MAX_CHUNKS,
+        -(-_kv_span(kv_len, window_left) // _MIN_CHUNK),
+        -(-_ctas_per_sm(group) * num_sms(device.index) // (num_kv_heads * head_tiles)),
+    )
     workspace = None
     if max_chunks > 1:
         workspace = torch.empty(max_chunks * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
     rc = fn(
-        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), o=o.data_ptr(),
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        v=v.data_ptr(),
+        o=o.data_ptr(),
         lse=lse.data_ptr() if lse is not None else None,
         workspace=workspace.data_ptr() if workspace is not None else None,
-        workspace_chunks=max_chunks, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, kv_len=kv_len,
-        q_stride_h=q.stride(0), k_stride_0=k.stride(0), k_stride_1=k.stride(1), v_stride_0=v.stride(0),
-        v_stride_1=v.stride(1), window_left=window_left, logits_soft_cap=soft_cap, sm_scale=sm_scale,
-        v_scale=v_scale, rope_scale=rope_scale, rope_theta=rope_theta,
-        device=device.index, stream=current_stream_ptr(device),
+        workspace_chunks=max_chunks,
+        num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads,
+        kv_len=kv_len,
+        q_stride_h=q.stride(0),
+        k_stride_0=k.stride(0),
+        k_stride_1=k.stride(1),
+        v_stride_0=v.stride(0),
+        v_stride_1=v.stride(1),
+        window_left=window_left,
+        logits_soft_cap=soft_cap,
+        sm_scale=sm_scale,
+        v_scale=v_scale,
+        rope_scale=rope_scale,
+        rope_theta=rope_theta,
+        device=device.index,
+        stream=current_stream_ptr(device),
     )
     if rc:
         module.check(rc, f"single_decode_with_kv_cache ({module.spec.name()}) on {device}")
 
 
 @torch.library.custom_op("flashinfer::single_decode", mutates_args=())
-def _single_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str, pos_encoding_mode: str,
-                      window_left: int, logits_soft_cap: float, sm_scale: float, v_scale: float, rope_scale: float,
-                      rope_theta: float, return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _single_decode_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layout: str,
+    pos_encoding_mode: str,
+    window_left: int,
+    logits_soft_cap: float,
+    sm_scale: float,
+    v_scale: float,
+    rope_scale: float,
+    rope_theta: float,
+    return_lse: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[0] if return_lse else 0, dtype=torch.float32, device=q.device)
-    _run(q, k, v, kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, v_scale, rope_scale,
-         rope_theta, o, lse if return_lse else None)
+    _run(
+        q,
+        k,
+        v,
+        kv_layout,
+        pos_encoding_mode,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        v_scale,
+        rope_scale,
+        rope_theta,
+        o,
+        lse if return_lse else None,
+    )
     return o, lse
 
 
 @_single_decode_op.register_fake
-def _single_decode_fake(q, k, v, kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, v_scale,
-                        rope_scale, rope_theta, return_lse):
+def _single_decode_fake(
+    q,
+    k,
+    v,
+    kv_layout,
+    pos_encoding_mode,
+    window_left,
+    logits_soft_cap,
+    sm_scale,
+    v_scale,
+    rope_scale,
+    rope_theta,
+    return_lse,
+):
     return q.new_empty(q.shape), q.new_empty((q.shape[0] if return_lse else 0,), dtype=torch.float32)
 
 
@@ -213,7 +281,8 @@ def single_decode_with_kv_cache(
     if pos_encoding_mode == "ROPE_LLAMA" and kv_len > _MAX_ROPE_POSITION:
         raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}, got {kv_len}")
     window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
-        head_dim, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        head_dim, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta
+    )
     scale *= scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
     out_scale = scalar(v_scale, "v_scale", 1.0)
     check_vector_rows(k, "k", 2)
@@ -224,12 +293,27 @@ def single_decode_with_kv_cache(
     check_out(lse, "lse", (num_qo_heads,), torch.float32, device)
 
     if use_tensor_cores:  # FlashInfer's routing: the tensor-core prefill kernel, GQA heads packed as query rows
-        return decode_with_tensor_cores(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, r_scale,
-                                        r_theta, return_lse, v_scale=out_scale, out=out, lse=lse)
+        return decode_with_tensor_cores(
+            q,
+            k,
+            v,
+            kv_layout,
+            pos_encoding_mode,
+            window_left,
+            soft_cap,
+            scale,
+            r_scale,
+            r_theta,
+            return_lse,
+            v_scale=out_scale,
+            out=out,
+            lse=lse,
+        )
 
     if torch.compiler.is_compiling():
-        o, lse_t = _single_decode_op(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale,
-                                     r_scale, r_theta, return_lse)
+        o, lse_t = _single_decode_op(
+            q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale, r_scale, r_theta, return_lse
+        )
         if out is not None:
             o = out.copy_(o)
         if return_lse and lse is not None:
@@ -239,6 +323,19 @@ def single_decode_with_kv_cache(
     o = out if out is not None else torch.empty((num_qo_heads, head_dim), dtype=q.dtype, device=device)
     if return_lse and lse is None:
         lse = torch.empty((num_qo_heads,), dtype=torch.float32, device=device)
-    _run(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale, r_scale, r_theta, o,
-         lse if return_lse else None)
+    _run(
+        q,
+        k,
+        v,
+        kv_layout,
+        pos_encoding_mode,
+        window_left,
+        soft_cap,
+        scale,
+        out_scale,
+        r_scale,
+        r_theta,
+        o,
+        lse if return_lse else None,
+    )
     return (o, lse) if return_lse else o

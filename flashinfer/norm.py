@@ -43,14 +43,18 @@ class NormSpec(Spec):
     family = "norm"
     template = "norm.cu.jinja"
     launchers = (
-        Launcher("flashinfer_rmsnorm",
-                 "const void* input, void* out, const void* weight, int64_t input_stride0, int64_t input_stride1, "
-                 "int64_t out_stride0, int64_t out_stride1, int rows, int inner, int hidden, float eps, "
-                 "float weight_bias, int enable_pdl, int device, void* stream"),
-        Launcher("flashinfer_fused_add_rmsnorm",
-                 "void* input, void* residual, const void* weight, int64_t input_stride0, int64_t input_stride1, "
-                 "int64_t residual_stride0, int64_t residual_stride1, int rows, int inner, int hidden, float eps, "
-                 "float weight_bias, int enable_pdl, int device, void* stream"),
+        Launcher(
+            "flashinfer_rmsnorm",
+            "const void* input, void* out, const void* weight, int64_t input_stride0, int64_t input_stride1, "
+            "int64_t out_stride0, int64_t out_stride1, int rows, int inner, int hidden, float eps, "
+            "float weight_bias, int enable_pdl, int device, void* stream",
+        ),
+        Launcher(
+            "flashinfer_fused_add_rmsnorm",
+            "void* input, void* residual, const void* weight, int64_t input_stride0, int64_t input_stride1, "
+            "int64_t residual_stride0, int64_t residual_stride1, int rows, int inner, int hidden, float eps, "
+            "float weight_bias, int enable_pdl, int device, void* stream",
+        ),
     )
 
     def name(self) -> str:
@@ -94,8 +98,10 @@ def _check_input(t: Any) -> torch.Size:
     check_device_tensor(t, "input")
     shape = t.size()  # .size() is half the cost of .shape
     if len(shape) not in (2, 3):
-        raise ValueError(f"input must be 2-D (batch_size, hidden_size) or 3-D (batch_size, num_heads, hidden_size), "
-                         f"got shape {tuple(shape)}")
+        raise ValueError(
+            f"input must be 2-D (batch_size, hidden_size) or 3-D (batch_size, num_heads, hidden_size), "
+            f"got shape {tuple(shape)}"
+        )
     if t.dtype not in DTYPE_SHORT:
         dtype_short(t, "input")  # raises the dtype error
     if shape[-1] == 0:
@@ -130,9 +136,18 @@ def _module_for(dtype: torch.dtype, hidden: int) -> _NormModule:
     return m
 
 
-def _launch(fused_add: bool, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, weight_bias: float,
-            enable_pdl: Optional[bool], shape: torch.Size, a_stride: Tuple[int, ...],
-            b_stride: Tuple[int, ...]) -> None:
+def _launch(
+    fused_add: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    weight_bias: float,
+    enable_pdl: Optional[bool],
+    shape: torch.Size,
+    a_stride: Tuple[int, ...],
+    b_stride: Tuple[int, ...],
+) -> None:
     """Launch on validated tensors of ``shape`` with unit last stride (weight contiguous): rmsnorm(input=a,
     out=b), or the fused add of input a and residual b."""
     rows, inner, a0, a1 = _rows(shape, a_stride)
@@ -143,16 +158,37 @@ def _launch(fused_add: bool, a: torch.Tensor, b: torch.Tensor, weight: torch.Ten
     m = _module_for(a.dtype, hidden)
     device = a.get_device()
     fn = m.fused_add if fused_add else m.rmsnorm
-    rc = fn(a.data_ptr(), b.data_ptr(), weight.data_ptr(), a0, a1, b0, b1, rows, inner, hidden, eps, weight_bias,
-            resolve_pdl_at(enable_pdl, device), device, current_stream_at(device))
+    rc = fn(
+        a.data_ptr(),
+        b.data_ptr(),
+        weight.data_ptr(),
+        a0,
+        a1,
+        b0,
+        b1,
+        rows,
+        inner,
+        hidden,
+        eps,
+        weight_bias,
+        resolve_pdl_at(enable_pdl, device),
+        device,
+        current_stream_at(device),
+    )
     if rc:
         what = "fused_add_rmsnorm" if fused_add else "rmsnorm"
         raise module_error(m.module, rc, f"{what} ({m.module.spec.name()}) on {a.device}")
 
 
 @torch.library.custom_op("flashinfer::rmsnorm", mutates_args=("out",))
-def _rmsnorm_op(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, eps: float, weight_bias: float,
-                enable_pdl: Optional[bool]) -> None:
+def _rmsnorm_op(
+    out: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    weight_bias: float,
+    enable_pdl: Optional[bool],
+) -> None:
     _launch(False, input, out, weight, eps, weight_bias, enable_pdl, input.shape, input.stride(), out.stride())
 
 
@@ -162,10 +198,15 @@ def _rmsnorm_fake(out, input, weight, eps, weight_bias, enable_pdl) -> None:
 
 
 @torch.library.custom_op("flashinfer::fused_add_rmsnorm", mutates_args=("input", "residual"))
-def _fused_add_rmsnorm_op(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                          weight_bias: float, enable_pdl: Optional[bool]) -> None:
-    _launch(True, input, residual, weight, eps, weight_bias, enable_pdl, input.shape, input.stride(),
-            residual.stride())
+def _fused_add_rmsnorm_op(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    weight_bias: float,
+    enable_pdl: Optional[bool],
+) -> None:
+    _launch(True, input, residual, weight, eps, weight_bias, enable_pdl, input.shape, input.stride(), residual.stride())
 
 
 @_fused_add_rmsnorm_op.register_fake
@@ -173,8 +214,14 @@ def _fused_add_rmsnorm_fake(input, residual, weight, eps, weight_bias, enable_pd
     return None
 
 
-def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: object, out: Optional[torch.Tensor],
-             enable_pdl: Optional[bool], weight_bias: float) -> torch.Tensor:
+def _rmsnorm(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    eps: object,
+    out: Optional[torch.Tensor],
+    enable_pdl: Optional[bool],
+    weight_bias: float,
+) -> torch.Tensor:
     shape = _check_input(input)
     device = input.get_device()
     weight = _check_weight(weight, input, shape[-1], device)
@@ -190,8 +237,10 @@ def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: object, out: Option
     else:
         check_device_tensor(out, "out")
         if out.size() != shape or out.dtype != input.dtype or out.get_device() != device:
-            raise ValueError(f"out must be a {input.dtype} tensor of the input's shape {tuple(shape)} on "
-                             f"{input.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+            raise ValueError(
+                f"out must be a {input.dtype} tensor of the input's shape {tuple(shape)} on "
+                f"{input.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
         out_stride = out.stride()
         if out_stride[-1] != 1 and shape[-1] > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out_stride}")
@@ -202,23 +251,35 @@ def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: object, out: Option
     return out
 
 
-def _fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: object,
-                       enable_pdl: Optional[bool], weight_bias: float) -> None:
+def _fused_add_rmsnorm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: object,
+    enable_pdl: Optional[bool],
+    weight_bias: float,
+) -> None:
     shape = _check_input(input)
     check_device_tensor(residual, "residual")
     if residual.size() != shape or residual.dtype != input.dtype:
-        raise ValueError(f"residual must match the input's shape {tuple(shape)} and dtype {input.dtype}, got "
-                         f"{tuple(residual.shape)} {residual.dtype}")
+        raise ValueError(
+            f"residual must match the input's shape {tuple(shape)} and dtype {input.dtype}, got "
+            f"{tuple(residual.shape)} {residual.dtype}"
+        )
     device = input.get_device()
     if residual.get_device() != device:
-        raise ValueError(f"all tensors must be on one device: input is on {input.device}, residual on {residual.device}")
+        raise ValueError(
+            f"all tensors must be on one device: input is on {input.device}, residual on {residual.device}"
+        )
     weight = _check_weight(weight, input, shape[-1], device)
     eps = scalar(eps, "eps", 1e-6)
     pdl = check_pdl_arg(enable_pdl)
     stride, rstride = input.stride(), residual.stride()
     if (stride[-1] != 1 or rstride[-1] != 1) and shape[-1] > 1:
-        raise ValueError(f"input and residual are updated in place and must be contiguous in their last dimension "
-                         f"(stride 1), got strides {stride} and {rstride}")
+        raise ValueError(
+            f"input and residual are updated in place and must be contiguous in their last dimension "
+            f"(stride 1), got strides {stride} and {rstride}"
+        )
     if torch.compiler.is_compiling():
         _fused_add_rmsnorm_op(input, residual, weight, eps, weight_bias, pdl)
     else:

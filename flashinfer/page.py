@@ -43,12 +43,14 @@ class PageAppendSpec(Spec):
     family = "page_append"
     template = "page_append.cu.jinja"
     launchers = (
-        Launcher("flashinfer_append_paged_kv",
-                 "const void* key, const void* value, int64_t key_stride_n, int64_t key_stride_h, "
-                 "int64_t value_stride_n, int64_t value_stride_h, const int* batch_indices, const int* positions, "
-                 "const int* kv_indptr, void* k_cache, void* v_cache, int64_t stride_page, int64_t stride_n, "
-                 "int64_t stride_h, const int* kv_indices, int num_pages, int batch_size, int nnz, int num_heads, "
-                 "int page_size, int device, void* stream"),
+        Launcher(
+            "flashinfer_append_paged_kv",
+            "const void* key, const void* value, int64_t key_stride_n, int64_t key_stride_h, "
+            "int64_t value_stride_n, int64_t value_stride_h, const int* batch_indices, const int* positions, "
+            "const int* kv_indptr, void* k_cache, void* v_cache, int64_t stride_page, int64_t stride_n, "
+            "int64_t stride_h, const int* kv_indices, int num_pages, int batch_size, int nnz, int num_heads, "
+            "int page_size, int device, void* stream",
+        ),
     )
 
     def name(self) -> str:
@@ -92,10 +94,14 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
                     f"head_dim] (kv_layout={kv_layout!r}), got shape {tuple(t.shape)}"
                 )
         if k.shape != v.shape or k.stride() != v.stride():
-            raise ValueError(f"k_cache and v_cache must have the same shape and strides, got {tuple(k.shape)}/"
-                             f"{k.stride()} and {tuple(v.shape)}/{v.stride()}")
+            raise ValueError(
+                f"k_cache and v_cache must have the same shape and strides, got {tuple(k.shape)}/"
+                f"{k.stride()} and {tuple(v.shape)}/{v.stride()}"
+            )
         if k.dtype != v.dtype or k.device != v.device:
-            raise ValueError(f"k_cache and v_cache must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}")
+            raise ValueError(
+                f"k_cache and v_cache must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
+            )
     elif isinstance(paged_kv_cache, torch.Tensor):
         if paged_kv_cache.dim() != 5 or paged_kv_cache.shape[1] != 2:
             raise ValueError(
@@ -104,7 +110,9 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
             )
         k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
     else:
-        raise TypeError(f"paged_kv_cache must be a tensor or a (k_cache, v_cache) tuple, got {type(paged_kv_cache).__name__}")
+        raise TypeError(
+            f"paged_kv_cache must be a tensor or a (k_cache, v_cache) tuple, got {type(paged_kv_cache).__name__}"
+        )
     if k.device.type != "cuda":
         raise ValueError(f"paged_kv_cache is on {k.device}; the kernels run on CUDA devices only")
     dtype_short(k, "paged_kv_cache")
@@ -137,13 +145,15 @@ def _check_index(t: Any, name: str, device: torch.device, length: Optional[int] 
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be torch.int32 (FlashInfer's index dtype), got {t.dtype}")
     if t.device != device:
-        raise ValueError(f"all tensors must be on one device: paged_kv_cache is on {device} but {name} is on {t.device}")
+        raise ValueError(
+            f"all tensors must be on one device: paged_kv_cache is on {device} but {name} is on {t.device}"
+        )
     if length is not None and t.numel() != length:
         raise ValueError(f"{name} must have {length} elements, got {t.numel()}")
     return t if t.is_contiguous() else t.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _append_fn(spec: PageAppendSpec):
     module = jit.load(spec)
     return module, module.fn("flashinfer_append_paged_kv")
@@ -176,13 +186,19 @@ def append_paged_kv_cache(
             raise ValueError(f"{n} must be 3-D [nnz, num_kv_heads, head_dim], got shape {tuple(t.shape)}")
     check_same_device([("paged_kv_cache", kv.k), ("append_key", append_key), ("append_value", append_value)])
     if append_key.shape != append_value.shape:
-        raise ValueError(f"append_key and append_value shapes differ: {tuple(append_key.shape)} vs {tuple(append_value.shape)}")
+        raise ValueError(
+            f"append_key and append_value shapes differ: {tuple(append_key.shape)} vs {tuple(append_value.shape)}"
+        )
     nnz, heads, head_dim = append_key.shape
     if (heads, head_dim) != (kv.num_kv_heads, kv.head_dim):
-        raise ValueError(f"append_key has {heads} heads of dim {head_dim}, the cache {kv.num_kv_heads} of dim {kv.head_dim} "
-                         f"(kv_layout={canonical_layout(kv_layout)!r})")
+        raise ValueError(
+            f"append_key has {heads} heads of dim {head_dim}, the cache {kv.num_kv_heads} of dim {kv.head_dim} "
+            f"(kv_layout={canonical_layout(kv_layout)!r})"
+        )
     if append_key.dtype != kv.k.dtype or append_value.dtype != kv.k.dtype:
-        raise TypeError(f"append_key/append_value dtype ({append_key.dtype}/{append_value.dtype}) must match the cache's {kv.k.dtype}")
+        raise TypeError(
+            f"append_key/append_value dtype ({append_key.dtype}/{append_value.dtype}) must match the cache's {kv.k.dtype}"
+        )
     batch_indices = _check_index(batch_indices, "batch_indices", device, nnz)
     positions = _check_index(positions, "positions", device, nnz)
     kv_indptr = _check_index(kv_indptr, "kv_indptr", device)
@@ -191,8 +207,13 @@ def append_paged_kv_cache(
     if kv_indptr.numel() < 1:
         raise ValueError("kv_indptr must have batch_size + 1 >= 1 elements")
     tensors = []
-    for n, t in (("append_key", append_key), ("append_value", append_value)):
-        if t.stride(-1) != 1 or (t.size(0) > 1 and t.stride(0) % 8) or (t.size(1) > 1 and t.stride(1) % 8) or t.data_ptr() % 16:
+    for _name, t in (("append_key", append_key), ("append_value", append_value)):
+        if (
+            t.stride(-1) != 1
+            or (t.size(0) > 1 and t.stride(0) % 8)
+            or (t.size(1) > 1 and t.stride(1) % 8)
+            or t.data_ptr() % 16
+        ):
             t = t.contiguous()
         tensors.append(t)
     key, value = tensors
@@ -201,10 +222,28 @@ def append_paged_kv_cache(
     spec = PageAppendSpec(head_dim=head_dim, dtype_kv=dtype_short(kv.k, "paged_kv_cache"))
     module, fn = _append_fn(spec)
     rc = fn(
-        key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        batch_indices.data_ptr(), positions.data_ptr(), kv_indptr.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(),
-        kv.stride_page, kv.stride_n, kv.stride_h, kv_indices.data_ptr(), kv.num_pages, kv_indptr.numel() - 1, nnz,
-        heads, kv.page_size, device.index, current_stream_ptr(device),
+        key.data_ptr(),
+        value.data_ptr(),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        batch_indices.data_ptr(),
+        positions.data_ptr(),
+        kv_indptr.data_ptr(),
+        kv.k.data_ptr(),
+        kv.v.data_ptr(),
+        kv.stride_page,
+        kv.stride_n,
+        kv.stride_h,
+        kv_indices.data_ptr(),
+        kv.num_pages,
+        kv_indptr.numel() - 1,
+        nnz,
+        heads,
+        kv.page_size,
+        device.index,
+        current_stream_ptr(device),
     )
     if rc:
         module.check(rc, f"append_paged_kv_cache ({spec.name()}) on {device}")
@@ -215,7 +254,9 @@ def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_s
     return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
 
 
-def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Tensor, nnz: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def get_batch_indices_positions(
+    append_indptr: torch.Tensor, seq_lens: torch.Tensor, nnz: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """For the ``nnz`` tokens appended (``append_indptr [batch + 1]`` CSR), their request and position:
     request r's appended tokens take the last ``append_len_r`` positions of its ``seq_lens[r]`` (the lengths
     after the append). Returns int32 ``(batch_indices, positions)``; no host sync (``nnz`` is given)."""

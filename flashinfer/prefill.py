@@ -23,19 +23,18 @@ from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .quantization import packbits, segment_packbits
 from .utils import (
+    INT32_MAX,
     aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
-    INT32_MAX,
     check_int32_values,
-    check_kv_lengths,
-    check_page_ids_in_cache,
-    page_ids_int32,
     check_kv,
+    check_kv_lengths,
     check_logit_options,
-    check_qkv_dtypes,
     check_out,
+    check_page_ids_in_cache,
+    check_qkv_dtypes,
     check_same_device,
     check_tensor,
     check_vector_rows,
@@ -43,6 +42,7 @@ from .utils import (
     current_stream_ptr,
     dtype_short,
     num_sms,
+    page_ids_int32,
     scalar,
     workspace_too_small,
 )
@@ -82,8 +82,17 @@ def _resolve_backend(backend: str) -> str:
     raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
 
 
-def _fa3_scope(head_dim: int, dtype_q: str, dtype_kv: str, dtype_o: str, mask_mode: str, pos_encoding_mode: str,
-               use_window: bool, use_logits_soft_cap: bool, use_fp16_qk_reduction: bool) -> Optional[str]:
+def _fa3_scope(
+    head_dim: int,
+    dtype_q: str,
+    dtype_kv: str,
+    dtype_o: str,
+    mask_mode: str,
+    pos_encoding_mode: str,
+    use_window: bool,
+    use_logits_soft_cap: bool,
+    use_fp16_qk_reduction: bool,
+) -> Optional[str]:
     """Why the fa3 (wgmma) kernel cannot run a configuration, or None when it can."""
     if head_dim != 128:
         return f"head_dim {head_dim} (fa3 takes 128)"
@@ -99,13 +108,14 @@ def _fa3_scope(head_dim: int, dtype_q: str, dtype_kv: str, dtype_o: str, mask_mo
 _FA3_QUERY_TILE = 128  # packed query rows per CTA of the fa3 kernel (Fa3Traits::BQ in prefill_sm90.cuh)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _single_backend(backend: str, why_not_fa3: Optional[str], device: torch.device, qo_rows: int,
-                    num_kv_heads: int) -> str:
+def _single_backend(
+    backend: str, why_not_fa3: Optional[str], device: torch.device, qo_rows: int, num_kv_heads: int
+) -> str:
     """The kernel of a single-prefill call. "auto": fa3 on Hopper where it applies and its 128-row query tiles
     alone fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features)."""
     if backend == "fa2":
@@ -142,9 +152,17 @@ class _PrefillSpecBase(AttentionSpec):
         if self.backend == "fa3":
             if self.family != "prefill_single":
                 return "the fa3 backend covers single-request prefill only"
-            why = _fa3_scope(self.head_dim, self.dtype_q, self.dtype_kv, self.dtype_o, self.mask_mode,
-                             self.pos_encoding_mode, self.use_window, self.use_logits_soft_cap,
-                             self.use_fp16_qk_reduction)
+            why = _fa3_scope(
+                self.head_dim,
+                self.dtype_q,
+                self.dtype_kv,
+                self.dtype_o,
+                self.mask_mode,
+                self.pos_encoding_mode,
+                self.use_window,
+                self.use_logits_soft_cap,
+                self.use_fp16_qk_reduction,
+            )
             if why is not None:
                 return f"outside the fa3 backend's scope: {why}"
         return None
@@ -168,12 +186,14 @@ class SinglePrefillSpec(_PrefillSpecBase):
     family = "prefill_single"
     template = "single_prefill.cu.jinja"
     launchers = (
-        Launcher("flashinfer_single_prefill",
-                 "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
-                 "const uint8_t* mask, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int64_t q_stride_n, "
-                 "int64_t q_stride_h, int64_t k_stride_n, int64_t k_stride_h, int64_t v_stride_n, int64_t v_stride_h, "
-                 "int num_chunks, int chunk_size, int window_left, float logits_soft_cap, float sm_scale, "
-                 "float rope_scale, float rope_theta, int device, void* stream"),
+        Launcher(
+            "flashinfer_single_prefill",
+            "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
+            "const uint8_t* mask, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int64_t q_stride_n, "
+            "int64_t q_stride_h, int64_t k_stride_n, int64_t k_stride_h, int64_t v_stride_n, int64_t v_stride_h, "
+            "int num_chunks, int chunk_size, int window_left, float logits_soft_cap, float sm_scale, "
+            "float rope_scale, float rope_theta, int device, void* stream",
+        ),
         Launcher("flashinfer_single_prefill_occupancy", "int device, int* out"),
     )
 
@@ -181,12 +201,12 @@ class SinglePrefillSpec(_PrefillSpecBase):
         return {**self.attention_vars(), "mq": _mq(self.head_dim), "backend": self.backend}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(spec: Spec) -> jit.JITModule:
     return jit.load(spec)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _occupancy(spec: Spec, symbol: str, device_index: int, *extra: int) -> int:
     mod = _module(spec)
     out = ctypes.c_int(0)
@@ -212,17 +232,38 @@ class _Opts:
     backend: str
 
 
-def _check_options(head_dim: int, causal: bool, pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
-                   rope_scale, rope_theta, use_fp16_qk_reduction, backend, has_mask: bool) -> _Opts:
+def _check_options(
+    head_dim: int,
+    causal: bool,
+    pos_encoding_mode,
+    window_left,
+    logits_soft_cap,
+    sm_scale,
+    rope_scale,
+    rope_theta,
+    use_fp16_qk_reduction,
+    backend,
+    has_mask: bool,
+) -> _Opts:
     check_head_dim(head_dim)
     pos = canonical_pos_encoding(pos_encoding_mode)
     window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
-        head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=_INT32_MAX)
+        head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=_INT32_MAX
+    )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     mask_mode = "custom" if has_mask else ("causal" if causal else "none")
-    return _Opts(mask_mode, pos, window_left, soft_cap, scale, r_scale, r_theta, bool(use_fp16_qk_reduction),
-                 _resolve_backend(backend))
+    return _Opts(
+        mask_mode,
+        pos,
+        window_left,
+        soft_cap,
+        scale,
+        r_scale,
+        r_theta,
+        bool(use_fp16_qk_reduction),
+        _resolve_backend(backend),
+    )
 
 
 def _check_fp16qk(opts: _Opts, dq: str) -> None:
@@ -244,7 +285,9 @@ def _packed_mask(custom_mask, packed_custom_mask, rows: int, cols: int, device) 
                 f"packed_custom_mask must be 1-D with ceil(qo_len * kv_len / 8) = {need} bytes, got shape {tuple(m.shape)}"
             )
         if m.device != device:
-            raise ValueError(f"all tensors must be on one device: q is on {device} but packed_custom_mask is on {m.device}")
+            raise ValueError(
+                f"all tensors must be on one device: q is on {device} but packed_custom_mask is on {m.device}"
+            )
         return m.contiguous()
     if custom_mask is None:
         return None
@@ -254,8 +297,10 @@ def _packed_mask(custom_mask, packed_custom_mask, rows: int, cols: int, device) 
     if m.dtype != torch.bool:
         raise TypeError(f"custom_mask must be a bool tensor (True: attend), got {m.dtype}")
     if m.numel() != rows * cols or (m.dim() == 2 and tuple(m.shape) != (rows, cols)) or m.dim() > 2:
-        raise ValueError(f"custom_mask must have shape [qo_len, kv_len] = [{rows}, {cols}] (or be its flattening), "
-                         f"got {tuple(m.shape)}")
+        raise ValueError(
+            f"custom_mask must have shape [qo_len, kv_len] = [{rows}, {cols}] (or be its flattening), "
+            f"got {tuple(m.shape)}"
+        )
     if m.device != device:
         raise ValueError(f"all tensors must be on one device: q is on {device} but custom_mask is on {m.device}")
     return packbits(m.reshape(-1), bitorder="little")
@@ -264,8 +309,9 @@ def _packed_mask(custom_mask, packed_custom_mask, rows: int, cols: int, device) 
 # ------------------------------------------------------------------------------------------ single prefill
 
 
-def _single_chunks(spec: SinglePrefillSpec, device: torch.device, qo_len: int, kv_len: int, group: int,
-                   num_kv_heads: int) -> Tuple[int, int]:
+def _single_chunks(
+    spec: SinglePrefillSpec, device: torch.device, qo_len: int, kv_len: int, group: int, num_kv_heads: int
+) -> Tuple[int, int]:
     """(num_chunks, chunk_size): split the KV range when the query tiles alone cannot fill the GPU."""
     bk = _kv_tile(spec.head_dim)
     ctas = -(-qo_len * group // (64 * _mq(spec.head_dim))) * num_kv_heads
@@ -291,13 +337,28 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
     dq, dk = dtype_short(q, "q"), dtype_short(k, "k")
     device = q.device
     group = num_qo_heads // num_kv_heads
-    why_not_fa3 = _fa3_scope(head_dim, dq, dk, dq, opts.mask_mode, opts.pos_encoding_mode, opts.window_left >= 0,
-                             opts.soft_cap > 0, opts.use_fp16_qk_reduction)
+    why_not_fa3 = _fa3_scope(
+        head_dim,
+        dq,
+        dk,
+        dq,
+        opts.mask_mode,
+        opts.pos_encoding_mode,
+        opts.window_left >= 0,
+        opts.soft_cap > 0,
+        opts.use_fp16_qk_reduction,
+    )
     backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads)
     spec = SinglePrefillSpec(
-        head_dim=head_dim, dtype_q=dq, dtype_kv=dk, dtype_o=dq, mask_mode=opts.mask_mode,
-        pos_encoding_mode=opts.pos_encoding_mode, use_window=opts.window_left >= 0,
-        use_logits_soft_cap=opts.soft_cap > 0, use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
+        head_dim=head_dim,
+        dtype_q=dq,
+        dtype_kv=dk,
+        dtype_o=dq,
+        mask_mode=opts.mask_mode,
+        pos_encoding_mode=opts.pos_encoding_mode,
+        use_window=opts.window_left >= 0,
+        use_logits_soft_cap=opts.soft_cap > 0,
+        use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
         backend=backend,
     )
     mod = _module(spec)
@@ -309,32 +370,90 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
     if num_chunks > 1:
         workspace = torch.empty(num_chunks * qo_len * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
     rc = mod.fn("flashinfer_single_prefill")(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr() if lse is not None else None,
-        workspace.data_ptr() if workspace is not None else None, mask.data_ptr() if mask is not None else None,
-        qo_len, kv_len, num_qo_heads, num_kv_heads, q.stride(0), q.stride(1), k_sn, k_sh, v_sn, v_sh,
-        num_chunks, chunk_size, opts.window_left, opts.soft_cap, opts.sm_scale, opts.rope_scale, opts.rope_theta,
-        device.index, current_stream_ptr(device),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        o.data_ptr(),
+        lse.data_ptr() if lse is not None else None,
+        workspace.data_ptr() if workspace is not None else None,
+        mask.data_ptr() if mask is not None else None,
+        qo_len,
+        kv_len,
+        num_qo_heads,
+        num_kv_heads,
+        q.stride(0),
+        q.stride(1),
+        k_sn,
+        k_sh,
+        v_sn,
+        v_sh,
+        num_chunks,
+        chunk_size,
+        opts.window_left,
+        opts.soft_cap,
+        opts.sm_scale,
+        opts.rope_scale,
+        opts.rope_theta,
+        device.index,
+        current_stream_ptr(device),
     )
     if rc:
         mod.check(rc, f"single_prefill_with_kv_cache ({spec.name()}) on {device}")
 
 
 @torch.library.custom_op("flashinfer::single_prefill", mutates_args=())
-def _single_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                       kv_layout: str, mask_mode: str, pos_encoding_mode: str, window_left: int,
-                       logits_soft_cap: float, sm_scale: float, rope_scale: float, rope_theta: float,
-                       use_fp16_qk_reduction: bool, backend: str, return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _single_prefill_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    kv_layout: str,
+    mask_mode: str,
+    pos_encoding_mode: str,
+    window_left: int,
+    logits_soft_cap: float,
+    sm_scale: float,
+    rope_scale: float,
+    rope_theta: float,
+    use_fp16_qk_reduction: bool,
+    backend: str,
+    return_lse: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32, device=q.device)
-    opts = _Opts(mask_mode, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta,
-                 use_fp16_qk_reduction, backend)
+    opts = _Opts(
+        mask_mode,
+        pos_encoding_mode,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        rope_scale,
+        rope_theta,
+        use_fp16_qk_reduction,
+        backend,
+    )
     _single_run(q, k, v, mask, kv_layout, opts, o, lse if return_lse else None)
     return o, lse
 
 
 @_single_prefill_op.register_fake
-def _single_prefill_fake(q, k, v, mask, kv_layout, mask_mode, pos_encoding_mode, window_left, logits_soft_cap,
-                         sm_scale, rope_scale, rope_theta, use_fp16_qk_reduction, backend, return_lse):
+def _single_prefill_fake(
+    q,
+    k,
+    v,
+    mask,
+    kv_layout,
+    mask_mode,
+    pos_encoding_mode,
+    window_left,
+    logits_soft_cap,
+    sm_scale,
+    rope_scale,
+    rope_theta,
+    use_fp16_qk_reduction,
+    backend,
+    return_lse,
+):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32)
 
 
@@ -387,19 +506,41 @@ def single_prefill_with_kv_cache(
     check_tensor(q, "q", 3)
     check_tensor(k, "k", 3)
     check_tensor(v, "v", 3)
-    device = check_same_device([("q", q), ("k", k), ("v", v), ("custom_mask", custom_mask),
-                                ("packed_custom_mask", packed_custom_mask), ("out", out), ("lse", lse)])
+    device = check_same_device(
+        [
+            ("q", q),
+            ("k", k),
+            ("v", v),
+            ("custom_mask", custom_mask),
+            ("packed_custom_mask", packed_custom_mask),
+            ("out", out),
+            ("lse", lse),
+        ]
+    )
     kv_layout = canonical_layout(kv_layout)
     dq = check_qkv_dtypes(q, k, v)
     qo_len, num_qo_heads, head_dim = q.shape
     has_mask = custom_mask is not None or packed_custom_mask is not None
-    opts = _check_options(head_dim, causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale,
-                          rope_theta, use_fp16_qk_reduction, backend, has_mask)
+    opts = _check_options(
+        head_dim,
+        causal,
+        pos_encoding_mode,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        rope_scale,
+        rope_theta,
+        use_fp16_qk_reduction,
+        backend,
+        has_mask,
+    )
     _check_fp16qk(opts, dq)
     kv_len, num_kv_heads = check_kv(k, v, kv_layout, num_qo_heads, head_dim)
     if opts.mask_mode == "causal" and qo_len > kv_len:
-        raise ValueError(f"causal=True needs qo_len <= kv_len (the mask is aligned bottom-right); got qo_len={qo_len}, "
-                         f"kv_len={kv_len}")
+        raise ValueError(
+            f"causal=True needs qo_len <= kv_len (the mask is aligned bottom-right); got qo_len={qo_len}, "
+            f"kv_len={kv_len}"
+        )
     if max(kv_len, qo_len * (num_qo_heads // num_kv_heads)) > _INT32_MAX // 2:
         raise ValueError(f"sequence too long: qo_len {qo_len} x group, kv_len {kv_len} must stay below 2**30")
     if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_len > _MAX_ROPE_POSITION:
@@ -414,9 +555,23 @@ def single_prefill_with_kv_cache(
     check_out(lse, "lse", (qo_len, num_qo_heads), torch.float32, device)
 
     if torch.compiler.is_compiling():
-        o, lse_t = _single_prefill_op(q, k, v, mask, kv_layout, opts.mask_mode, opts.pos_encoding_mode,
-                                      opts.window_left, opts.soft_cap, opts.sm_scale, opts.rope_scale,
-                                      opts.rope_theta, opts.use_fp16_qk_reduction, opts.backend, return_lse)
+        o, lse_t = _single_prefill_op(
+            q,
+            k,
+            v,
+            mask,
+            kv_layout,
+            opts.mask_mode,
+            opts.pos_encoding_mode,
+            opts.window_left,
+            opts.soft_cap,
+            opts.sm_scale,
+            opts.rope_scale,
+            opts.rope_theta,
+            opts.use_fp16_qk_reduction,
+            opts.backend,
+            return_lse,
+        )
         if out is not None:
             o = out.copy_(o)
         if return_lse and lse is not None:
@@ -463,24 +618,29 @@ class BatchPrefillSpec(_PrefillSpecBase):
     family = "prefill_batch"
     template = "batch_prefill.cu.jinja"
     launchers = (
-        Launcher("flashinfer_batch_prefill",
-                 "int tile_q, const void* q, const void* k, const void* v, void* o, float* lse, float* partial_o, "
-                 "float* partial_lse, const uint8_t* mask, const int* mask_indptr, const int* qo_indptr, "
-                 "const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, const int* work, "
-                 "int work_capacity, const int* num_work, const int* merge, int merge_capacity, const int* num_merge, "
-                 "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int num_pages, "
-                 "int64_t q_stride_n, "
-                 "int64_t q_stride_h, int64_t k_stride_page, int64_t k_stride_n, int64_t k_stride_h, "
-                 "int64_t v_stride_page, int64_t v_stride_n, int64_t v_stride_h, int window_left, "
-                 "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int device, void* stream"),
+        Launcher(
+            "flashinfer_batch_prefill",
+            "int tile_q, const void* q, const void* k, const void* v, void* o, float* lse, float* partial_o, "
+            "float* partial_lse, const uint8_t* mask, const int* mask_indptr, const int* qo_indptr, "
+            "const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, const int* work, "
+            "int work_capacity, const int* num_work, const int* merge, int merge_capacity, const int* num_merge, "
+            "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int num_pages, "
+            "int64_t q_stride_n, "
+            "int64_t q_stride_h, int64_t k_stride_page, int64_t k_stride_n, int64_t k_stride_h, "
+            "int64_t v_stride_page, int64_t v_stride_n, int64_t v_stride_h, int window_left, "
+            "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int device, void* stream",
+        ),
         Launcher("flashinfer_batch_prefill_occupancy", "int tile_q, int device, int* out"),
     )
 
     name_prefix = ("kv_storage",)
 
     def render_vars(self) -> Dict[str, Any]:
-        return {**self.attention_vars(), "paged": cuda_bool(self.kv_storage == "paged"),
-                "mqs": [t // 64 for t in _batch_tiles(self.head_dim)]}
+        return {
+            **self.attention_vars(),
+            "paged": cuda_bool(self.kv_storage == "paged"),
+            "mqs": [t // 64 for t in _batch_tiles(self.head_dim)],
+        }
 
     def unsupported_reason(self) -> Optional[str]:
         if self.kv_storage not in ("paged", "ragged"):
@@ -522,7 +682,8 @@ def _whole_waves_chunk(chunk: int, big: int, bk: int, items, num_kv_heads: int, 
     floor_c = -(-_MIN_CHUNK // bk) * bk
     best = None
     for n in range(max(1, n0 // 2), 2 * n0 + 1):
-        c = max(floor_c, -(-(-(-big // n)) // bk) * bk)
+        per_item = -(-big // n)
+        c = max(floor_c, -(-per_item // bk) * bk)
         k = items(c)
         key = (-(-k * num_kv_heads // target) * min(c, big), k)
         if best is None or key < best[0]:
@@ -530,8 +691,9 @@ def _whole_waves_chunk(chunk: int, big: int, bk: int, items, num_kv_heads: int, 
     return best[1] if best is not None else chunk
 
 
-def _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim, tiles, occ_of, sms, causal, workspace_floats,
-                   num_qo_heads):
+def _plan_schedule(
+    qo_lens, kv_lens, group, num_kv_heads, head_dim, tiles, occ_of, sms, causal, workspace_floats, num_qo_heads
+):
     """Work items (request, q tile, kv begin, kv end, partial row) and merge rows, heaviest first."""
     total_rows = sum(q * group for q in qo_lens)
     nonempty = sum(1 for q in qo_lens if q > 0)
@@ -593,11 +755,18 @@ def _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim, tiles, occ_o
 class _BatchPrefillBase:
     _storage = ""
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        backend: str = "auto",
+    ) -> None:
         if _resolve_backend(backend) == "fa3":
-            raise ValueError("the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
-                             "(backend='auto' or 'fa2')")
+            raise ValueError(
+                "the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
+                "(backend='auto' or 'fa2')"
+            )
         self._backend = "fa2"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
             raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. 128 MB of uint8)")
@@ -628,9 +797,29 @@ class _BatchPrefillBase:
         buf[: host.numel()].copy_(host, non_blocking=non_blocking)
         return buf
 
-    def _plan_common(self, qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
-                     packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale, window_left,
-                     logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, non_blocking, extra_lens):
+    def _plan_common(
+        self,
+        qo_indptr,
+        kv_lens,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim_qk,
+        head_dim_vo,
+        custom_mask,
+        packed_custom_mask,
+        causal,
+        pos_encoding_mode,
+        use_fp16_qk_reduction,
+        sm_scale,
+        window_left,
+        logits_soft_cap,
+        rope_scale,
+        rope_theta,
+        q_data_type,
+        kv_data_type,
+        non_blocking,
+        extra_lens,
+    ):
         qo = _host_ints(qo_indptr, "qo_indptr")
         check_int32_values(qo, "qo_indptr")
         check_kv_lengths(kv_lens)
@@ -638,17 +827,36 @@ class _BatchPrefillBase:
             raise ValueError("qo_indptr must start at 0 and be non-decreasing")
         batch = len(qo) - 1
         if len(kv_lens) != batch:
-            raise ValueError(f"qo_indptr describes {batch} requests but the KV indptr describes {len(kv_lens)} "
-                             f"(their lengths must match)")
+            raise ValueError(
+                f"qo_indptr describes {batch} requests but the KV indptr describes {len(kv_lens)} "
+                f"(their lengths must match)"
+            )
         if head_dim_vo is not None and head_dim_vo != head_dim_qk:
             raise ValueError(f"head_dim_vo ({head_dim_vo}) must equal head_dim_qk ({head_dim_qk})")
-        if not isinstance(num_qo_heads, int) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or \
-                num_qo_heads % num_kv_heads != 0:
-            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        if (
+            not isinstance(num_qo_heads, int)
+            or not isinstance(num_kv_heads, int)
+            or num_kv_heads <= 0
+            or num_qo_heads % num_kv_heads != 0
+        ):
+            raise ValueError(
+                f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+            )
         qo_lens = [b - a for a, b in zip(qo, qo[1:])]
         has_mask = custom_mask is not None or packed_custom_mask is not None
-        opts = _check_options(head_dim_qk, causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
-                              rope_scale, rope_theta, use_fp16_qk_reduction, self._backend, has_mask)
+        opts = _check_options(
+            head_dim_qk,
+            causal,
+            pos_encoding_mode,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+            use_fp16_qk_reduction,
+            self._backend,
+            has_mask,
+        )
         q_dtype = _dtype_arg(q_data_type, torch.float16, "q_data_type")
         kv_dtype = _dtype_arg(kv_data_type, q_dtype, "kv_data_type")
         if kv_dtype != q_dtype:
@@ -657,27 +865,48 @@ class _BatchPrefillBase:
         if opts.mask_mode == "causal":
             bad = [i for i, (a, b) in enumerate(zip(qo_lens, kv_lens)) if a > b]
             if bad:
-                raise ValueError(f"causal=True needs qo_len <= kv_len for every request (bottom-right alignment); "
-                                 f"request {bad[0]} has qo_len {qo_lens[bad[0]]} > kv_len {kv_lens[bad[0]]}")
+                raise ValueError(
+                    f"causal=True needs qo_len <= kv_len for every request (bottom-right alignment); "
+                    f"request {bad[0]} has qo_len {qo_lens[bad[0]]} > kv_len {kv_lens[bad[0]]}"
+                )
         if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_lens and max(kv_lens) > _MAX_ROPE_POSITION:
             raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}")
         dq = "f16" if q_dtype == torch.float16 else "bf16"
-        spec = BatchPrefillSpec(head_dim=head_dim_qk, dtype_q=dq, dtype_kv=dq, dtype_o=dq, kv_storage=self._storage,
-                                mask_mode=opts.mask_mode, pos_encoding_mode=opts.pos_encoding_mode,
-                                use_window=opts.window_left >= 0, use_logits_soft_cap=opts.soft_cap > 0,
-                                use_fp16_qk_reduction=opts.use_fp16_qk_reduction, backend=opts.backend)
+        spec = BatchPrefillSpec(
+            head_dim=head_dim_qk,
+            dtype_q=dq,
+            dtype_kv=dq,
+            dtype_o=dq,
+            kv_storage=self._storage,
+            mask_mode=opts.mask_mode,
+            pos_encoding_mode=opts.pos_encoding_mode,
+            use_window=opts.window_left >= 0,
+            use_logits_soft_cap=opts.soft_cap > 0,
+            use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
+            backend=opts.backend,
+        )
         dev = self._device
         group = num_qo_heads // num_kv_heads
         mod = _module(spec)
         occ_of = lambda tile: _occupancy(spec, "flashinfer_batch_prefill_occupancy", dev.index, tile)  # noqa: E731
         ws_floats = self._ws.numel() * self._ws.element_size() // 4
-        tile, work, merge, part_rows = _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim_qk,
-                                                      _batch_tiles(head_dim_qk)[:1] if self._use_cuda_graph
-                                                      else _batch_tiles(head_dim_qk), occ_of, num_sms(dev.index),
-                                                      opts.mask_mode == "causal", ws_floats, num_qo_heads)
+        tile, work, merge, part_rows = _plan_schedule(
+            qo_lens,
+            kv_lens,
+            group,
+            num_kv_heads,
+            head_dim_qk,
+            _batch_tiles(head_dim_qk)[:1] if self._use_cuda_graph else _batch_tiles(head_dim_qk),
+            occ_of,
+            num_sms(dev.index),
+            opts.mask_mode == "causal",
+            ws_floats,
+            num_qo_heads,
+        )
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
-            raise workspace_too_small(self._ws.numel() * self._ws.element_size(),
-                                      part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
+            raise workspace_too_small(
+                self._ws.numel() * self._ws.element_size(), part_rows * num_qo_heads * (head_dim_qk + 1) * 4
+            )
         # Custom masks: per request qo_len x kv_len bits, each request starting on a byte.
         mask_t = mask_indptr = None
         if has_mask:
@@ -691,20 +920,25 @@ class _BatchPrefillBase:
                 if not isinstance(m, torch.Tensor) or m.dtype != torch.uint8:
                     raise TypeError("packed_custom_mask must be a uint8 tensor (from flashinfer.segment_packbits)")
                 if m.dim() != 1 or m.numel() != offs[-1]:
-                    raise ValueError(f"packed_custom_mask must hold sum(ceil(qo_len * kv_len / 8)) = {offs[-1]} bytes, "
-                                     f"got {m.numel()}")
+                    raise ValueError(
+                        f"packed_custom_mask must hold sum(ceil(qo_len * kv_len / 8)) = {offs[-1]} bytes, "
+                        f"got {m.numel()}"
+                    )
                 mask_t = m.to(dev)
             else:
                 m = custom_mask
                 if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
                     raise TypeError("custom_mask must be a bool tensor (flattened per-request qo_len x kv_len masks)")
                 if m.numel() != sum(sizes):
-                    raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} elements, got {m.numel()}")
+                    raise ValueError(
+                        f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} elements, got {m.numel()}"
+                    )
                 seg = [0]
                 for s_ in sizes:
                     seg.append(seg[-1] + s_)
-                mask_t, _ = segment_packbits(m.reshape(-1).to(dev), torch.tensor(seg, dtype=torch.int64),
-                                             bitorder="little")
+                mask_t, _ = segment_packbits(
+                    m.reshape(-1).to(dev), torch.tensor(seg, dtype=torch.int64), bitorder="little"
+                )
             if mask_t.numel() == 0:
                 mask_t = torch.zeros(1, dtype=torch.uint8, device=dev)
             if offs[-1] > INT32_MAX // 8:  # the kernel addresses mask bits with 32-bit offsets
@@ -714,8 +948,10 @@ class _BatchPrefillBase:
         if self._use_cuda_graph:
             cap_w, cap_m = _GRAPH_WORK_CAPACITY, _GRAPH_MERGE_CAPACITY
             if len(work) > cap_w or len(merge) > cap_m:
-                raise ValueError(f"batch too large for the CUDA-graph schedule capacity ({len(work)} > {cap_w} work "
-                                 f"items or {len(merge)} > {cap_m} merge rows)")
+                raise ValueError(
+                    f"batch too large for the CUDA-graph schedule capacity ({len(work)} > {cap_w} work "
+                    f"items or {len(merge)} > {cap_m} merge rows)"
+                )
         else:
             cap_w, cap_m = max(1, len(work)), max(1, len(merge))
         flat = [len(work), len(merge)] + [0] * (5 * cap_w + 4 * cap_m)
@@ -738,22 +974,56 @@ class _BatchPrefillBase:
         else:
             grid_x, merge_grid_x = len(work), len(merge)
         qo_dev = self._to_device_int(qo, self._qo_indptr_buf, "qo_indptr", non_blocking)
-        self._plan = dict(spec=spec, mod=mod, opts=opts, tile=tile, qo=qo, qo_dev=qo_dev, total_q=qo[-1],
-                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
-                          q_dtype=q_dtype, ibuf=ibuf, cap_w=cap_w, cap_m=cap_m, grid_x=grid_x,
-                          merge_grid_x=merge_grid_x, part_rows=part_rows, mask=mask_t, mask_indptr=mask_indptr,
-                          num_work=len(work), num_merge=len(merge))
+        self._plan = dict(
+            spec=spec,
+            mod=mod,
+            opts=opts,
+            tile=tile,
+            qo=qo,
+            qo_dev=qo_dev,
+            total_q=qo[-1],
+            num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim_qk,
+            q_dtype=q_dtype,
+            ibuf=ibuf,
+            cap_w=cap_w,
+            cap_m=cap_m,
+            grid_x=grid_x,
+            merge_grid_x=merge_grid_x,
+            part_rows=part_rows,
+            mask=mask_t,
+            mask_indptr=mask_indptr,
+            num_work=len(work),
+            num_merge=len(merge),
+        )
         return self._plan
 
-    def _launch(self, q, k, v, strides, kv_indptr_dev, kv_indices_dev, last_dev, page_size, out, lse, return_lse,
-                sm_scale_mult: float = 1.0, num_pages: int = 0):
+    def _launch(
+        self,
+        q,
+        k,
+        v,
+        strides,
+        kv_indptr_dev,
+        kv_indices_dev,
+        last_dev,
+        page_size,
+        out,
+        lse,
+        return_lse,
+        sm_scale_mult: float = 1.0,
+        num_pages: int = 0,
+    ):
         pl = self._plan
         if pl is None:
             raise RuntimeError("call plan() before run()")
         if torch.cuda.is_current_stream_capturing() and not self._use_cuda_graph:
-            raise RuntimeError("this wrapper was not built for CUDA graphs (use_cuda_graph=False): its plan() "
-                               "buffers move between plans, so a captured run() would replay stale schedules; "
-                               "construct it with use_cuda_graph=True and fixed buffers")
+            raise RuntimeError(
+                "this wrapper was not built for CUDA graphs (use_cuda_graph=False): its plan() "
+                "buffers move between plans, so a captured run() would replay stale schedules; "
+                "construct it with use_cuda_graph=True and fixed buffers"
+            )
         check_tensor(q, "q", 3)
         device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
         if device != self._device:
@@ -762,8 +1032,9 @@ class _BatchPrefillBase:
             raise TypeError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the planned {pl['q_dtype']}")
         exp_q = (pl["total_q"], pl["num_qo_heads"], pl["head_dim"])
         if tuple(q.shape) != exp_q:
-            raise ValueError(f"q must have shape [qo_indptr[-1], num_qo_heads, head_dim] = {list(exp_q)}, "
-                             f"got {tuple(q.shape)}")
+            raise ValueError(
+                f"q must have shape [qo_indptr[-1], num_qo_heads, head_dim] = {list(exp_q)}, got {tuple(q.shape)}"
+            )
         if q.stride(-1) != 1:
             q = q.contiguous()
         check_vector_rows(q, "q", 2)
@@ -785,18 +1056,42 @@ class _BatchPrefillBase:
         cap_w, cap_m = pl["cap_w"], pl["cap_m"]
         mod = pl["mod"]
         rc = mod.fn("flashinfer_batch_prefill")(
-            pl["tile"], q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
-            lse.data_ptr() if (return_lse and lse is not None) else None, ws_f, part_lse,
+            pl["tile"],
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            o.data_ptr(),
+            lse.data_ptr() if (return_lse and lse is not None) else None,
+            ws_f,
+            part_lse,
             pl["mask"].data_ptr() if pl["mask"] is not None else None,
             pl["mask_indptr"].data_ptr() if pl["mask_indptr"] is not None else None,
-            pl["qo_dev"].data_ptr(), kv_indptr_dev.data_ptr(),
+            pl["qo_dev"].data_ptr(),
+            kv_indptr_dev.data_ptr(),
             kv_indices_dev.data_ptr() if kv_indices_dev is not None else None,
             last_dev.data_ptr() if last_dev is not None else None,
-            ib + 8, cap_w, ib, ib + 8 + 5 * cap_w * 4, cap_m, ib + 4,
-            pl["grid_x"], pl["merge_grid_x"], pl["num_qo_heads"], pl["num_kv_heads"], page_size,
-            num_pages, q.stride(0), q.stride(1), *strides,
-            opts.window_left, opts.soft_cap, opts.sm_scale * sm_scale_mult, opts.rope_scale, opts.rope_theta,
-            device.index, current_stream_ptr(device),
+            ib + 8,
+            cap_w,
+            ib,
+            ib + 8 + 5 * cap_w * 4,
+            cap_m,
+            ib + 4,
+            pl["grid_x"],
+            pl["merge_grid_x"],
+            pl["num_qo_heads"],
+            pl["num_kv_heads"],
+            page_size,
+            num_pages,
+            q.stride(0),
+            q.stride(1),
+            *strides,
+            opts.window_left,
+            opts.soft_cap,
+            opts.sm_scale * sm_scale_mult,
+            opts.rope_scale,
+            opts.rope_theta,
+            device.index,
+            current_stream_ptr(device),
         )
         if rc:
             mod.check(rc, f"batch prefill ({pl['spec'].name()}) on {device}")
@@ -827,38 +1122,88 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
 
     _storage = "ragged"
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 qo_indptr_buf: Optional[torch.Tensor] = None, kv_indptr_buf: Optional[torch.Tensor] = None,
-                 custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
-                 backend: str = "auto", jit_args=None) -> None:
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        qo_indptr_buf: Optional[torch.Tensor] = None,
+        kv_indptr_buf: Optional[torch.Tensor] = None,
+        custom_mask_buf: Optional[torch.Tensor] = None,
+        mask_indptr_buf: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        jit_args=None,
+    ) -> None:
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
         if use_cuda_graph and (qo_indptr_buf is None or kv_indptr_buf is None):
             raise ValueError("use_cuda_graph=True needs fixed qo_indptr_buf and kv_indptr_buf (int32, batch_size + 1)")
         self._qo_indptr_buf = qo_indptr_buf
         self._kv_indptr_buf = kv_indptr_buf
 
-    def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
-             head_dim_vo: Optional[int] = None, custom_mask=None, packed_custom_mask=None, causal: bool = False,
-             pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
-             logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
-             rope_scale: Optional[float] = None, rope_theta: Optional[float] = None, q_data_type="float16",
-             kv_data_type=None, non_blocking: bool = True) -> None:
+    def plan(
+        self,
+        qo_indptr,
+        kv_indptr,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim_qk: int,
+        head_dim_vo: Optional[int] = None,
+        custom_mask=None,
+        packed_custom_mask=None,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type="float16",
+        kv_data_type=None,
+        non_blocking: bool = True,
+    ) -> None:
         kv = _host_ints(kv_indptr, "kv_indptr")
         check_int32_values(kv, "kv_indptr")
         if len(kv) < 1 or kv[0] != 0 or any(b < a for a, b in zip(kv, kv[1:])):
             raise ValueError("kv_indptr must start at 0 and be non-decreasing")
         kv_lens = [b - a for a, b in zip(kv, kv[1:])]
-        pl = self._plan_common(qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
-                               packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale,
-                               window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type,
-                               non_blocking, None)
+        pl = self._plan_common(
+            qo_indptr,
+            kv_lens,
+            num_qo_heads,
+            num_kv_heads,
+            head_dim_qk,
+            head_dim_vo,
+            custom_mask,
+            packed_custom_mask,
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+            sm_scale,
+            window_left,
+            logits_soft_cap,
+            rope_scale,
+            rope_theta,
+            q_data_type,
+            kv_data_type,
+            non_blocking,
+            None,
+        )
         pl["kv_dev"] = self._to_device_int(kv, self._kv_indptr_buf, "kv_indptr", non_blocking)
         pl["total_kv"] = kv[-1]
 
     begin_forward = plan
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+    ):
         pl = self._plan
         if pl is None:
             raise RuntimeError("call plan() before run()")
@@ -909,29 +1254,58 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
 
     _storage = "paged"
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 qo_indptr_buf: Optional[torch.Tensor] = None, paged_kv_indptr_buf: Optional[torch.Tensor] = None,
-                 paged_kv_indices_buf: Optional[torch.Tensor] = None,
-                 paged_kv_last_page_len_buf: Optional[torch.Tensor] = None,
-                 custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
-                 backend: str = "auto", jit_args=None) -> None:
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        qo_indptr_buf: Optional[torch.Tensor] = None,
+        paged_kv_indptr_buf: Optional[torch.Tensor] = None,
+        paged_kv_indices_buf: Optional[torch.Tensor] = None,
+        paged_kv_last_page_len_buf: Optional[torch.Tensor] = None,
+        custom_mask_buf: Optional[torch.Tensor] = None,
+        mask_indptr_buf: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        jit_args=None,
+    ) -> None:
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
-        if use_cuda_graph and any(b is None for b in (qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf,
-                                                      paged_kv_last_page_len_buf)):
-            raise ValueError("use_cuda_graph=True needs fixed qo_indptr_buf, paged_kv_indptr_buf, "
-                             "paged_kv_indices_buf and paged_kv_last_page_len_buf (int32 device tensors)")
+        if use_cuda_graph and any(
+            b is None for b in (qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf)
+        ):
+            raise ValueError(
+                "use_cuda_graph=True needs fixed qo_indptr_buf, paged_kv_indptr_buf, "
+                "paged_kv_indices_buf and paged_kv_last_page_len_buf (int32 device tensors)"
+            )
         self._qo_indptr_buf = qo_indptr_buf
         self._kv_indptr_buf = paged_kv_indptr_buf
         self._kv_indices_buf = paged_kv_indices_buf
         self._last_buf = paged_kv_last_page_len_buf
 
-    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
-             num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: Optional[int] = None,
-             custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
-             use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None, window_left: int = -1,
-             logits_soft_cap: Optional[float] = None, rope_scale: Optional[float] = None,
-             rope_theta: Optional[float] = None, q_data_type="float16", kv_data_type=None,
-             non_blocking: bool = True) -> None:
+    def plan(
+        self,
+        qo_indptr,
+        paged_kv_indptr,
+        paged_kv_indices,
+        paged_kv_last_page_len,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim_qk: int,
+        page_size: int,
+        head_dim_vo: Optional[int] = None,
+        custom_mask=None,
+        packed_custom_mask=None,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        sm_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type="float16",
+        kv_data_type=None,
+        non_blocking: bool = True,
+    ) -> None:
         ind = _host_ints(paged_kv_indptr, "paged_kv_indptr")
         last = _host_ints(paged_kv_last_page_len, "paged_kv_last_page_len")
         check_int32_values(ind, "paged_kv_indptr")
@@ -941,8 +1315,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         if len(ind) < 1 or ind[0] != 0 or any(b < a for a, b in zip(ind, ind[1:])):
             raise ValueError("paged_kv_indptr must start at 0 and be non-decreasing")
         if len(last) != len(ind) - 1:
-            raise ValueError(f"paged_kv_last_page_len has {len(last)} entries, expected {len(ind) - 1} "
-                             f"(one per request of paged_kv_indptr)")
+            raise ValueError(
+                f"paged_kv_last_page_len has {len(last)} entries, expected {len(ind) - 1} "
+                f"(one per request of paged_kv_indptr)"
+            )
         kv_lens = []
         for r, (a, b) in enumerate(zip(ind, ind[1:])):
             if b > a and not (1 <= last[r] <= page_size):
@@ -951,14 +1327,34 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         if not isinstance(paged_kv_indices, torch.Tensor) or paged_kv_indices.dim() != 1:
             raise ValueError("paged_kv_indices must be a 1-D int32 tensor")
         if paged_kv_indices.numel() < ind[-1]:
-            raise ValueError(f"paged_kv_indices has {paged_kv_indices.numel()} entries, paged_kv_indptr needs {ind[-1]}")
+            raise ValueError(
+                f"paged_kv_indices has {paged_kv_indices.numel()} entries, paged_kv_indptr needs {ind[-1]}"
+            )
         # CPU ids: negatives and int32 overflow fail here, the largest is compared with the cache in run();
         # device ids: bounded by the kernel (FLASHINFER_CHECK_INPUTS=1 checks them in run()).
         idx, max_index = page_ids_int32(paged_kv_indices, ind[-1], "paged_kv_indices")
-        pl = self._plan_common(qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
-                               packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale,
-                               window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type,
-                               non_blocking, None)
+        pl = self._plan_common(
+            qo_indptr,
+            kv_lens,
+            num_qo_heads,
+            num_kv_heads,
+            head_dim_qk,
+            head_dim_vo,
+            custom_mask,
+            packed_custom_mask,
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+            sm_scale,
+            window_left,
+            logits_soft_cap,
+            rope_scale,
+            rope_theta,
+            q_data_type,
+            kv_data_type,
+            non_blocking,
+            None,
+        )
         pl["kv_dev"] = self._to_device_int(ind, self._kv_indptr_buf, "paged_kv_indptr", non_blocking)
         if self._kv_indices_buf is not None:
             if self._kv_indices_buf.numel() < idx.numel():
@@ -967,8 +1363,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                 self._kv_indices_buf[: idx.numel()].copy_(idx, non_blocking=non_blocking)
             pl["indices_dev"] = self._kv_indices_buf
         else:
-            pl["indices_dev"] = idx.to(self._device, non_blocking=non_blocking) if idx.numel() else \
-                torch.zeros(1, dtype=torch.int32, device=self._device)
+            pl["indices_dev"] = (
+                idx.to(self._device, non_blocking=non_blocking)
+                if idx.numel()
+                else torch.zeros(1, dtype=torch.int32, device=self._device)
+            )
         pl["last_dev"] = self._to_device_int(last, self._last_buf, "paged_kv_last_page_len", non_blocking)
         pl["page_size"] = page_size
         pl["max_index"] = max_index
@@ -976,16 +1375,25 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
 
     begin_forward = plan
 
-    def run(self, q: torch.Tensor, paged_kv_cache, *, out: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache,
+        *,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+    ):
         pl = self._plan
         if pl is None:
             raise RuntimeError("call plan() before run()")
         k, v, page_size, heads, strides = _unpack_paged_cache(paged_kv_cache, self._kv_layout)
         if page_size != pl["page_size"] or heads != pl["num_kv_heads"] or k.shape[-1] != pl["head_dim"]:
-            raise ValueError(f"paged_kv_cache page_size/heads/head_dim ({page_size}, {heads}, {k.shape[-1]}) differ "
-                             f"from the plan ({pl['page_size']}, {pl['num_kv_heads']}, {pl['head_dim']}) for "
-                             f"kv_layout {self._kv_layout}")
+            raise ValueError(
+                f"paged_kv_cache page_size/heads/head_dim ({page_size}, {heads}, {k.shape[-1]}) differ "
+                f"from the plan ({pl['page_size']}, {pl['num_kv_heads']}, {pl['head_dim']}) for "
+                f"kv_layout {self._kv_layout}"
+            )
         check_vector_rows(k, "k_cache", 3)
         check_vector_rows(v, "v_cache", 3)
         return self._run_kv(q, k, v, strides, out, lse, return_lse)
@@ -995,21 +1403,46 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         pl = self._plan
         num_pages = k.shape[0]
         check_page_ids_in_cache(pl["indices_dev"][: pl["nnz_pages"]], num_pages, pl["max_index"], "paged_kv_indices")
-        return self._launch(q, k, v, strides, pl["kv_dev"], pl["indices_dev"], pl["last_dev"], pl["page_size"], out,
-                            lse, return_lse, sm_scale_mult, num_pages)
+        return self._launch(
+            q,
+            k,
+            v,
+            strides,
+            pl["kv_dev"],
+            pl["indices_dev"],
+            pl["last_dev"],
+            pl["page_size"],
+            out,
+            lse,
+            return_lse,
+            sm_scale_mult,
+            num_pages,
+        )
 
 
 # Legacy FlashInfer aliases (the CUDA-graph variants are the same classes with use_cuda_graph=True).
 BatchPrefillWithPagedKVCacheWrapper.forward.__doc__ = "Legacy alias of run()."
 
 
-def decode_with_tensor_cores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str = "NHD",
-                             pos_encoding_mode: str = "NONE", window_left: int = -1,
-                             logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
-                             rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
-                             return_lse: bool = False, *, q_scale: Optional[float] = None,
-                             k_scale: Optional[float] = None, v_scale: Optional[float] = None,
-                             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+def decode_with_tensor_cores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layout: str = "NHD",
+    pos_encoding_mode: str = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: Optional[float] = None,
+    sm_scale: Optional[float] = None,
+    rope_scale: Optional[float] = None,
+    rope_theta: Optional[float] = None,
+    return_lse: bool = False,
+    *,
+    q_scale: Optional[float] = None,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+):
     """Single-request decode (q ``[num_qo_heads, head_dim]``) through the tensor-core prefill kernel, the GQA
     group's heads packed as query rows (what FlashInfer does for ``use_tensor_cores=True``).
 
@@ -1023,11 +1456,21 @@ def decode_with_tensor_cores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_out(out, "out", tuple(q.shape), q.dtype, q.device)
     check_out(lse, "lse", (q.shape[0],), torch.float32, q.device)
     q = aligned_rows(q, 1)  # the prefill kernel loads q rows with 16-byte vectors; decode accepts any view
-    res = single_prefill_with_kv_cache(q.unsqueeze(0), k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode,
-                                       window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=scale,
-                                       rope_scale=rope_scale, rope_theta=rope_theta, return_lse=return_lse,
-                                       out=None if out is None else out.unsqueeze(0),
-                                       lse=None if lse is None else lse.unsqueeze(0))
+    res = single_prefill_with_kv_cache(
+        q.unsqueeze(0),
+        k,
+        v,
+        kv_layout=kv_layout,
+        pos_encoding_mode=pos_encoding_mode,
+        window_left=window_left,
+        logits_soft_cap=logits_soft_cap,
+        sm_scale=scale,
+        rope_scale=rope_scale,
+        rope_theta=rope_theta,
+        return_lse=return_lse,
+        out=None if out is None else out.unsqueeze(0),
+        lse=None if lse is None else lse.unsqueeze(0),
+    )
     o3, lse2 = res if return_lse else (res, None)
     o = out if out is not None else o3[0]
     if out_scale != 1.0:

@@ -70,6 +70,6 @@ def segment_packbits(x: torch.Tensor, indptr: torch.Tensor, bitorder: str = "big
     pos_in_seg = torch.arange(int(lengths.sum())) - torch.repeat_interleave(ind[:-1] - ind[0], lengths)
     dst = (packed_indptr[:-1][seg] * 8 + pos_in_seg).to(x.device)
     bits = torch.zeros(total * 8, dtype=torch.uint8, device=x.device)
-    bits[dst] = (flat[int(ind[0]):int(ind[-1])] != 0).to(torch.uint8)
+    bits[dst] = (flat[int(ind[0]) : int(ind[-1])] != 0).to(torch.uint8)
     packed = (bits.view(total, 8) * _weights(bitorder, x.device)).sum(dim=1, dtype=torch.int32).to(torch.uint8)
     return packed, packed_indptr.to(device=indptr.device, dtype=indptr.dtype)

@@ -56,10 +56,12 @@ __all__ = [
     "check_cos_sin_cache_positions",
 ]
 
-_QK_PARAMS = ("const void* q, const void* k, void* q_out, void* k_out, int64_t q_stride_n, int64_t q_stride_h, "
-              "int64_t k_stride_n, int64_t k_stride_h, int64_t q_out_stride_n, int64_t q_out_stride_h, "
-              "int64_t k_out_stride_n, int64_t k_out_stride_h, int nnz, int num_q_heads, int num_k_heads, "
-              "int head_dim, int rotary_dim, int interleave, ")
+_QK_PARAMS = (
+    "const void* q, const void* k, void* q_out, void* k_out, int64_t q_stride_n, int64_t q_stride_h, "
+    "int64_t k_stride_n, int64_t k_stride_h, int64_t q_out_stride_n, int64_t q_out_stride_h, "
+    "int64_t k_out_stride_n, int64_t k_out_stride_h, int nnz, int num_q_heads, int num_k_heads, "
+    "int head_dim, int rotary_dim, int interleave, "
+)
 
 
 @register_family
@@ -73,13 +75,17 @@ class RopeSpec(Spec):
     template = "rope.cu.jinja"
     launchers = (
         # cos/sin from the frequencies (old_context_len > 0: Llama 3.1 scaling); pos_ids or indptr/offsets
-        Launcher("flashinfer_rope",
-                 _QK_PARAMS + "const void* pos_ids, const void* indptr, const void* offsets, int pos_int64, "
-                 "int indptr_int64, int batch_size, double rope_scale, double rope_theta, double low_freq_factor, "
-                 "double high_freq_factor, double old_context_len, int device, void* stream"),
-        Launcher("flashinfer_rope_cos_sin_cache",
-                 _QK_PARAMS + "const void* pos_ids, int pos_int64, const float* cos_sin_cache, int64_t cache_rows, "
-                 "int64_t cache_stride, int device, void* stream"),
+        Launcher(
+            "flashinfer_rope",
+            _QK_PARAMS + "const void* pos_ids, const void* indptr, const void* offsets, int pos_int64, "
+            "int indptr_int64, int batch_size, double rope_scale, double rope_theta, double low_freq_factor, "
+            "double high_freq_factor, double old_context_len, int device, void* stream",
+        ),
+        Launcher(
+            "flashinfer_rope_cos_sin_cache",
+            _QK_PARAMS + "const void* pos_ids, int pos_int64, const float* cos_sin_cache, int64_t cache_rows, "
+            "int64_t cache_stride, int device, void* stream",
+        ),
         Launcher("flashinfer_rope_position_error_record", "", restype="int64_t*"),
     )
 
@@ -113,8 +119,10 @@ class _RopeModule:
         if self._record is None:
             addr = self.module.launcher("flashinfer_rope_position_error_record").raw()
             if not addr:
-                raise RuntimeError(f"{self.module.spec.name()}: could not allocate the mapped host record of "
-                                   f"out-of-cache positions (cudaHostAlloc failed)")
+                raise RuntimeError(
+                    f"{self.module.spec.name()}: could not allocate the mapped host record of "
+                    f"out-of-cache positions (cudaHostAlloc failed)"
+                )
             self._record = (ctypes.c_int64 * 3).from_address(addr)
         return self._record
 
@@ -137,7 +145,8 @@ def _raise_recorded(record: Any) -> None:
             f"apply_rope_with_cos_sin_cache: position {pos} lies outside the cos_sin_cache of {rows} rows "
             f"(valid positions: 0..{rows - 1}), in this call or an earlier one since the last check; the tokens "
             f"at such positions were left NaN in query/key. Pass positions below max_seq_len (or a larger "
-            f"cache); FLASHINFER_ROPE_CHECK_POSITIONS=1 checks every call before launching")
+            f"cache); FLASHINFER_ROPE_CHECK_POSITIONS=1 checks every call before launching"
+        )
 
 
 def check_cos_sin_cache_positions() -> None:
@@ -172,8 +181,10 @@ def _check_qk(q: Any, k: Any, in_place: bool) -> Tuple[torch.Tensor, torch.Tenso
         raise ValueError(f"nnz {qs[0]} exceeds 2**31 - 1")
     if q.stride()[2] != 1 or k.stride()[2] != 1:
         if in_place:
-            raise ValueError(f"q and k are rotated in place and must be contiguous in their last dimension (stride 1),"
-                             f" got strides {q.stride()} and {k.stride()}")
+            raise ValueError(
+                f"q and k are rotated in place and must be contiguous in their last dimension (stride 1),"
+                f" got strides {q.stride()} and {k.stride()}"
+            )
         q, k = q.contiguous(), k.contiguous()
     return q, k
 
@@ -221,38 +232,99 @@ def _operand(t: torch.Tensor) -> _Operand:
     return t.data_ptr(), st[0], st[1], t.shape[1]
 
 
-def _launch_table(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
-                  pos_ids: Optional[torch.Tensor], indptr: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-                  rotary_dim: int, interleave: bool, rope_scale: float, rope_theta: float, low_freq_factor: float,
-                  high_freq_factor: float, old_context_len: float) -> None:
+def _launch_table(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    pos_ids: Optional[torch.Tensor],
+    indptr: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    rotary_dim: int,
+    interleave: bool,
+    rope_scale: float,
+    rope_theta: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    old_context_len: float,
+) -> None:
     """Launch on validated 3-D tensors; old_context_len > 0 selects Llama 3.1 scaling."""
     nnz, _, d = q.shape
     if nnz == 0:
         return
     m = _rope_module(DTYPE_SHORT[q.dtype])
     if rotary_dim > m.max_rotary_dim:
-        raise ValueError(f"rotary_dim {rotary_dim} exceeds {m.max_rotary_dim}, the most the on-the-fly frequencies "
-                         f"support (apply_rope_with_cos_sin_cache takes any rotary_dim)")
+        raise ValueError(
+            f"rotary_dim {rotary_dim} exceeds {m.max_rotary_dim}, the most the on-the-fly frequencies "
+            f"support (apply_rope_with_cos_sin_cache takes any rotary_dim)"
+        )
     qp, qsn, qsh, hq = _operand(q)
     kp, ksn, ksh, hk = _operand(k)
     qop, qosn, qosh, _ = _operand(q_out) if q_out is not q else (qp, qsn, qsh, hq)
     kop, kosn, kosh, _ = _operand(k_out) if k_out is not k else (kp, ksn, ksh, hk)
     if pos_ids is not None:
-        pos_ptr, ip_ptr, off_ptr, pos64, ip64, batch = pos_ids.data_ptr(), None, None, pos_ids.dtype == torch.int64, 0, 0
+        pos_ptr, ip_ptr, off_ptr, pos64, ip64, batch = (
+            pos_ids.data_ptr(),
+            None,
+            None,
+            pos_ids.dtype == torch.int64,
+            0,
+            0,
+        )
     else:
         pos_ptr, ip_ptr, off_ptr = None, indptr.data_ptr(), offsets.data_ptr()
         pos64, ip64, batch = offsets.dtype == torch.int64, indptr.dtype == torch.int64, offsets.shape[0]
     device = q.device
-    rc = m.table(qp, kp, qop, kop, qsn, qsh, ksn, ksh, qosn, qosh, kosn, kosh, nnz, hq, hk, d, rotary_dim, interleave,
-                 pos_ptr, ip_ptr, off_ptr, pos64, ip64, batch, rope_scale, rope_theta, low_freq_factor,
-                 high_freq_factor, old_context_len, device.index, current_stream_ptr(device))
+    rc = m.table(
+        qp,
+        kp,
+        qop,
+        kop,
+        qsn,
+        qsh,
+        ksn,
+        ksh,
+        qosn,
+        qosh,
+        kosn,
+        kosh,
+        nnz,
+        hq,
+        hk,
+        d,
+        rotary_dim,
+        interleave,
+        pos_ptr,
+        ip_ptr,
+        off_ptr,
+        pos64,
+        ip64,
+        batch,
+        rope_scale,
+        rope_theta,
+        low_freq_factor,
+        high_freq_factor,
+        old_context_len,
+        device.index,
+        current_stream_ptr(device),
+    )
     if rc:
         raise module_error(m.module, rc, f"rope ({m.module.spec.name()}) on {device}")
 
 
-def _launch_cache_raw(device: torch.device, dtype: torch.dtype, q: _Operand, k: _Operand, q_out: _Operand,
-                      k_out: _Operand, nnz: int, head_dim: int, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
-                      interleave: bool) -> None:
+def _launch_cache_raw(
+    device: torch.device,
+    dtype: torch.dtype,
+    q: _Operand,
+    k: _Operand,
+    q_out: _Operand,
+    k_out: _Operand,
+    nnz: int,
+    head_dim: int,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    interleave: bool,
+) -> None:
     m = _rope_module(DTYPE_SHORT[dtype])
     record = m.record()
     if record[0]:
@@ -260,63 +332,190 @@ def _launch_cache_raw(device: torch.device, dtype: torch.dtype, q: _Operand, k: 
     rows, rotary_dim = cos_sin_cache.shape
     if _CHECK_POSITIONS and (int(positions.min()) < 0 or int(positions.max()) >= rows):
         bad = positions[(positions < 0) | (positions >= rows)][0].item()
-        raise ValueError(f"apply_rope_with_cos_sin_cache: position {bad} lies outside the cos_sin_cache of {rows} "
-                         f"rows (valid positions: 0..{rows - 1})")
+        raise ValueError(
+            f"apply_rope_with_cos_sin_cache: position {bad} lies outside the cos_sin_cache of {rows} "
+            f"rows (valid positions: 0..{rows - 1})"
+        )
     index = device.index
-    rc = m.cache(q[0], k[0], q_out[0], k_out[0], q[1], q[2], k[1], k[2], q_out[1], q_out[2], k_out[1], k_out[2], nnz,
-                 q[3], k[3], head_dim, rotary_dim, interleave, positions.data_ptr(), positions.dtype == torch.int64,
-                 cos_sin_cache.data_ptr(), rows, cos_sin_cache.stride(0), index, current_stream_at(index))
+    rc = m.cache(
+        q[0],
+        k[0],
+        q_out[0],
+        k_out[0],
+        q[1],
+        q[2],
+        k[1],
+        k[2],
+        q_out[1],
+        q_out[2],
+        k_out[1],
+        k_out[2],
+        nnz,
+        q[3],
+        k[3],
+        head_dim,
+        rotary_dim,
+        interleave,
+        positions.data_ptr(),
+        positions.dtype == torch.int64,
+        cos_sin_cache.data_ptr(),
+        rows,
+        cos_sin_cache.stride(0),
+        index,
+        current_stream_at(index),
+    )
     if rc:
         raise module_error(m.module, rc, f"apply_rope_with_cos_sin_cache ({m.module.spec.name()}) on {device}")
 
 
-def _launch_cache(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
-                  cos_sin_cache: torch.Tensor, positions: torch.Tensor, interleave: bool) -> None:
+def _launch_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    interleave: bool,
+) -> None:
     """Launch on validated 3-D tensors (the custom ops' eager implementations)."""
     nnz, _, d = q.shape
     if nnz == 0:
         return
     qo, ko = _operand(q), _operand(k)
-    _launch_cache_raw(q.device, q.dtype, qo, ko, qo if q_out is q else _operand(q_out),
-                      ko if k_out is k else _operand(k_out), nnz, d, cos_sin_cache, positions, interleave)
+    _launch_cache_raw(
+        q.device,
+        q.dtype,
+        qo,
+        ko,
+        qo if q_out is q else _operand(q_out),
+        ko if k_out is k else _operand(k_out),
+        nnz,
+        d,
+        cos_sin_cache,
+        positions,
+        interleave,
+    )
 
 
 # torch.library ops: what torch.compile traces. Eager calls launch directly (no dispatcher on the hot path).
 
 
 @torch.library.custom_op("flashinfer::rope", mutates_args=("q_rope", "k_rope"))
-def _rope_op(q: torch.Tensor, k: torch.Tensor, q_rope: torch.Tensor, k_rope: torch.Tensor,
-             pos_ids: Optional[torch.Tensor], indptr: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-             rotary_dim: int, interleave: bool, rope_scale: float, rope_theta: float, low_freq_factor: float,
-             high_freq_factor: float, old_context_len: float) -> None:
-    _launch_table(q, k, q_rope, k_rope, pos_ids, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-                  low_freq_factor, high_freq_factor, old_context_len)
+def _rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_rope: torch.Tensor,
+    k_rope: torch.Tensor,
+    pos_ids: Optional[torch.Tensor],
+    indptr: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    rotary_dim: int,
+    interleave: bool,
+    rope_scale: float,
+    rope_theta: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    old_context_len: float,
+) -> None:
+    _launch_table(
+        q,
+        k,
+        q_rope,
+        k_rope,
+        pos_ids,
+        indptr,
+        offsets,
+        rotary_dim,
+        interleave,
+        rope_scale,
+        rope_theta,
+        low_freq_factor,
+        high_freq_factor,
+        old_context_len,
+    )
 
 
 @_rope_op.register_fake
-def _rope_fake(q, k, q_rope, k_rope, pos_ids, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-               low_freq_factor, high_freq_factor, old_context_len) -> None:
+def _rope_fake(
+    q,
+    k,
+    q_rope,
+    k_rope,
+    pos_ids,
+    indptr,
+    offsets,
+    rotary_dim,
+    interleave,
+    rope_scale,
+    rope_theta,
+    low_freq_factor,
+    high_freq_factor,
+    old_context_len,
+) -> None:
     return None
 
 
 @torch.library.custom_op("flashinfer::rope_inplace", mutates_args=("q", "k"))
-def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, pos_ids: Optional[torch.Tensor],
-                     indptr: Optional[torch.Tensor], offsets: Optional[torch.Tensor], rotary_dim: int,
-                     interleave: bool, rope_scale: float, rope_theta: float, low_freq_factor: float,
-                     high_freq_factor: float, old_context_len: float) -> None:
-    _launch_table(q, k, q, k, pos_ids, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-                  low_freq_factor, high_freq_factor, old_context_len)
+def _rope_inplace_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos_ids: Optional[torch.Tensor],
+    indptr: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    rotary_dim: int,
+    interleave: bool,
+    rope_scale: float,
+    rope_theta: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    old_context_len: float,
+) -> None:
+    _launch_table(
+        q,
+        k,
+        q,
+        k,
+        pos_ids,
+        indptr,
+        offsets,
+        rotary_dim,
+        interleave,
+        rope_scale,
+        rope_theta,
+        low_freq_factor,
+        high_freq_factor,
+        old_context_len,
+    )
 
 
 @_rope_inplace_op.register_fake
-def _rope_inplace_fake(q, k, pos_ids, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-                       low_freq_factor, high_freq_factor, old_context_len) -> None:
+def _rope_inplace_fake(
+    q,
+    k,
+    pos_ids,
+    indptr,
+    offsets,
+    rotary_dim,
+    interleave,
+    rope_scale,
+    rope_theta,
+    low_freq_factor,
+    high_freq_factor,
+    old_context_len,
+) -> None:
     return None
 
 
 @torch.library.custom_op("flashinfer::rope_cos_sin_cache", mutates_args=("q_rope", "k_rope"))
-def _rope_cache_op(q: torch.Tensor, k: torch.Tensor, q_rope: torch.Tensor, k_rope: torch.Tensor,
-                   cos_sin_cache: torch.Tensor, positions: torch.Tensor, interleave: bool) -> None:
+def _rope_cache_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_rope: torch.Tensor,
+    k_rope: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    interleave: bool,
+) -> None:
     _launch_cache(q, k, q_rope, k_rope, cos_sin_cache, positions, interleave)
 
 
@@ -326,8 +525,9 @@ def _rope_cache_fake(q, k, q_rope, k_rope, cos_sin_cache, positions, interleave)
 
 
 @torch.library.custom_op("flashinfer::rope_cos_sin_cache_inplace", mutates_args=("q", "k"))
-def _rope_cache_inplace_op(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
-                           interleave: bool) -> None:
+def _rope_cache_inplace_op(
+    q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor, interleave: bool
+) -> None:
     _launch_cache(q, k, q, k, cos_sin_cache, positions, interleave)
 
 
@@ -347,14 +547,26 @@ def _llama31(low_freq_factor: Any, high_freq_factor: Any, old_context_len: Any) 
     high = scalar(high_freq_factor, "high_freq_factor", 4.0)
     old = _positive(old_context_len, "old_context_len", 8192.0)
     if not high > low:
-        raise ValueError(f"high_freq_factor ({high}) must exceed low_freq_factor ({low}): the Llama 3.1 "
-                         f"interpolation band between them would be empty")
+        raise ValueError(
+            f"high_freq_factor ({high}) must exceed low_freq_factor ({low}): the Llama 3.1 "
+            f"interpolation band between them would be empty"
+        )
     return low, high, old
 
 
-def _rope(q: Any, k: Any, pos_ids: Any, indptr: Any, offsets: Any, rotary_dim: Any, interleave: Any,
-          rope_scale: Any, rope_theta: Any, llama31: Tuple[float, float, float],
-          in_place: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def _rope(
+    q: Any,
+    k: Any,
+    pos_ids: Any,
+    indptr: Any,
+    offsets: Any,
+    rotary_dim: Any,
+    interleave: Any,
+    rope_scale: Any,
+    rope_theta: Any,
+    llama31: Tuple[float, float, float],
+    in_place: bool,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     q, k = _check_qk(q, k, in_place)
     nnz, _, head_dim = q.shape
     rotary_dim = _check_rotary_dim(rotary_dim, head_dim)
@@ -526,8 +738,19 @@ def apply_llama31_rope_inplace(
     old_context_len : int
         The original context length.
     """
-    _rope(q, k, None, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-          _llama31(low_freq_factor, high_freq_factor, old_context_len), True)
+    _rope(
+        q,
+        k,
+        None,
+        indptr,
+        offsets,
+        rotary_dim,
+        interleave,
+        rope_scale,
+        rope_theta,
+        _llama31(low_freq_factor, high_freq_factor, old_context_len),
+        True,
+    )
 
 
 def apply_llama31_rope(
@@ -557,8 +780,19 @@ def apply_llama31_rope(
     k_rope : torch.Tensor
         ``(nnz, num_k_heads, head_dim)``, k's dtype.
     """
-    return _rope(q, k, None, indptr, offsets, rotary_dim, interleave, rope_scale, rope_theta,
-                 _llama31(low_freq_factor, high_freq_factor, old_context_len), False)
+    return _rope(
+        q,
+        k,
+        None,
+        indptr,
+        offsets,
+        rotary_dim,
+        interleave,
+        rope_scale,
+        rope_theta,
+        _llama31(low_freq_factor, high_freq_factor, old_context_len),
+        False,
+    )
 
 
 def apply_llama31_rope_pos_ids_inplace(
@@ -582,8 +816,19 @@ def apply_llama31_rope_pos_ids_inplace(
     rotary_dim, interleave, rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len
         As :func:`apply_llama31_rope_inplace`.
     """
-    _rope(q, k, pos_ids, None, None, rotary_dim, interleave, rope_scale, rope_theta,
-          _llama31(low_freq_factor, high_freq_factor, old_context_len), True)
+    _rope(
+        q,
+        k,
+        pos_ids,
+        None,
+        None,
+        rotary_dim,
+        interleave,
+        rope_scale,
+        rope_theta,
+        _llama31(low_freq_factor, high_freq_factor, old_context_len),
+        True,
+    )
 
 
 def apply_llama31_rope_pos_ids(
@@ -614,8 +859,19 @@ def apply_llama31_rope_pos_ids(
     k_rope : torch.Tensor
         ``(nnz, num_k_heads, head_dim)``, k's dtype.
     """
-    return _rope(q, k, pos_ids, None, None, rotary_dim, interleave, rope_scale, rope_theta,
-                 _llama31(low_freq_factor, high_freq_factor, old_context_len), False)
+    return _rope(
+        q,
+        k,
+        pos_ids,
+        None,
+        None,
+        rotary_dim,
+        interleave,
+        rope_scale,
+        rope_theta,
+        _llama31(low_freq_factor, high_freq_factor, old_context_len),
+        False,
+    )
 
 
 def _heads_geometry(t: torch.Tensor, nnz: int, head_size: int, name: str) -> Tuple[int, int, int, bool]:
@@ -624,8 +880,9 @@ def _heads_geometry(t: torch.Tensor, nnz: int, head_size: int, name: str) -> Tup
     shape, stride = t.size(), t.stride()
     per_token = t.numel() // nnz
     if len(shape) < 2 or shape[0] != nnz or per_token % head_size:
-        raise ValueError(f"{name} must be (nnz={nnz}, num_heads * head_size) with head_size={head_size}, got shape "
-                         f"{tuple(shape)}")
+        raise ValueError(
+            f"{name} must be (nnz={nnz}, num_heads * head_size) with head_size={head_size}, got shape {tuple(shape)}"
+        )
     if len(shape) == 2 and (stride[1] == 1 or shape[1] == 1):
         return per_token // head_size, stride[0], head_size, True
     if len(shape) == 3 and shape[2] == head_size:
@@ -633,14 +890,17 @@ def _heads_geometry(t: torch.Tensor, nnz: int, head_size: int, name: str) -> Tup
     try:
         v = t.view(nnz, per_token // head_size, head_size)
     except RuntimeError as e:
-        raise ValueError(f"{name} of shape {tuple(shape)} and strides {stride} cannot be viewed as "
-                         f"(nnz, num_heads, {head_size}): {e}") from None
+        raise ValueError(
+            f"{name} of shape {tuple(shape)} and strides {stride} cannot be viewed as "
+            f"(nnz, num_heads, {head_size}): {e}"
+        ) from None
     vs = v.stride()
     return v.shape[1], vs[0], vs[1], vs[2] == 1
 
 
-def _rope_cos_sin_cache(positions: Any, query: Any, key: Any, head_size: Any, cos_sin_cache: Any, is_neox: Any,
-                        in_place: bool) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def _rope_cos_sin_cache(
+    positions: Any, query: Any, key: Any, head_size: Any, cos_sin_cache: Any, is_neox: Any, in_place: bool
+) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     check_device_tensor(cos_sin_cache, "cos_sin_cache")
     if cos_sin_cache.dtype != torch.float32:
         raise ValueError(f"cos_sin_cache should be float32, got {cos_sin_cache.dtype}")
@@ -655,19 +915,24 @@ def _rope_cos_sin_cache(positions: Any, query: Any, key: Any, head_size: Any, co
     positions = _check_index(positions, "positions", device, nnz)
     cshape = cos_sin_cache.size()
     if len(cshape) != 2 or cos_sin_cache.get_device() != index:
-        raise ValueError(f"cos_sin_cache must be 2-D (max_seq_len, rotary_dim) on {device}, got "
-                         f"{tuple(cshape)} on {cos_sin_cache.device}")
+        raise ValueError(
+            f"cos_sin_cache must be 2-D (max_seq_len, rotary_dim) on {device}, got "
+            f"{tuple(cshape)} on {cos_sin_cache.device}"
+        )
     rotary_dim = cshape[1]
     if not (2 <= rotary_dim <= head_size) or rotary_dim % 2:
-        raise ValueError(f"cos_sin_cache's rotary_dim ({rotary_dim}: cos in the first half, sin in the second) must "
-                         f"be even and in [2, head_size={head_size}]")
+        raise ValueError(
+            f"cos_sin_cache's rotary_dim ({rotary_dim}: cos in the first half, sin in the second) must "
+            f"be even and in [2, head_size={head_size}]"
+        )
     if cos_sin_cache.stride(1) != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
     if key is not None:
         check_device_tensor(key, "key")
         if key.dtype != dtype or key.get_device() != index:
-            raise ValueError(f"key must share query's dtype and device ({dtype}, {device}), got {key.dtype} on "
-                             f"{key.device}")
+            raise ValueError(
+                f"key must share query's dtype and device ({dtype}, {device}), got {key.dtype} on {key.device}"
+            )
     if nnz >= 2**31:
         raise ValueError(f"nnz {nnz} exceeds 2**31 - 1")
     if nnz == 0:
@@ -691,8 +956,15 @@ def _rope_cos_sin_cache(positions: Any, query: Any, key: Any, head_size: Any, co
             return None
         query_out = torch.empty_like(query, memory_format=torch.contiguous_format)
         key_out = torch.empty_like(key, memory_format=torch.contiguous_format) if key is not None else None
-        _rope_cache_op(q, k, query_out.view(q.shape), key_out.view(k.shape) if key_out is not None else k,
-                       cos_sin_cache, positions, interleave)
+        _rope_cache_op(
+            q,
+            k,
+            query_out.view(q.shape),
+            key_out.view(k.shape) if key_out is not None else k,
+            cos_sin_cache,
+            positions,
+            interleave,
+        )
         return query_out, key_out
 
     qp = query.data_ptr()

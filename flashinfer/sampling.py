@@ -71,22 +71,28 @@ class SamplingSpec(Spec):
     family = "sampling"
     template = "sampling.cu.jinja"
     launchers = (
-        Launcher("flashinfer_sampling_sample",
-                 "const void* input, int64_t row_stride, int num_rows, int vocab, int batch, int is_logits, "
-                 "const void* indices, int indices_int64, void* samples, int samples_int64, void* valid, "
-                 "int filters, int top_k_first, const int* top_k_arr, int top_k_val, const float* top_p_arr, "
-                 "float top_p_val, const float* min_p_arr, float min_p_val, const int64_t* seed_arr, "
-                 "int seed_stride, uint64_t seed_val, const int64_t* offset_arr, int offset_stride, "
-                 "uint64_t offset_val, int device, void* stream"),
-        Launcher("flashinfer_sampling_row_op",
-                 "const void* input, int64_t in_stride, void* output, int64_t out_stride, int rows, int vocab, "
-                 "int op, const int* top_k_arr, int top_k_val, const float* top_p_arr, float top_p_val, "
-                 "const float* temperature_arr, float temperature_val, int pdl, int device, void* stream"),
-        Launcher("flashinfer_sampling_chain_speculative",
-                 "const float* draft_probs, const int* draft_token_ids, const float* target_probs, "
-                 "int* output_token_ids, int* accepted, int* emitted, int batch, int num_speculative, int vocab, "
-                 "const int64_t* seed_arr, int seed_stride, uint64_t seed_val, const int64_t* offset_arr, "
-                 "int offset_stride, uint64_t offset_val, int device, void* stream"),
+        Launcher(
+            "flashinfer_sampling_sample",
+            "const void* input, int64_t row_stride, int num_rows, int vocab, int batch, int is_logits, "
+            "const void* indices, int indices_int64, void* samples, int samples_int64, void* valid, "
+            "int filters, int top_k_first, const int* top_k_arr, int top_k_val, const float* top_p_arr, "
+            "float top_p_val, const float* min_p_arr, float min_p_val, const int64_t* seed_arr, "
+            "int seed_stride, uint64_t seed_val, const int64_t* offset_arr, int offset_stride, "
+            "uint64_t offset_val, int device, void* stream",
+        ),
+        Launcher(
+            "flashinfer_sampling_row_op",
+            "const void* input, int64_t in_stride, void* output, int64_t out_stride, int rows, int vocab, "
+            "int op, const int* top_k_arr, int top_k_val, const float* top_p_arr, float top_p_val, "
+            "const float* temperature_arr, float temperature_val, int pdl, int device, void* stream",
+        ),
+        Launcher(
+            "flashinfer_sampling_chain_speculative",
+            "const float* draft_probs, const int* draft_token_ids, const float* target_probs, "
+            "int* output_token_ids, int* accepted, int* emitted, int batch, int num_speculative, int vocab, "
+            "const int64_t* seed_arr, int seed_stride, uint64_t seed_val, const int64_t* offset_arr, "
+            "int offset_stride, uint64_t offset_val, int device, void* stream",
+        ),
     )
 
     def name(self) -> str:
@@ -178,20 +184,32 @@ def _check_indices(indices: Optional[torch.Tensor], device: torch.device) -> Opt
     return indices.contiguous()
 
 
-def _param(value: Any, name: str, batch: int, device: torch.device, integral: bool,
-           lo: Optional[float] = None, hi: Optional[float] = None) -> Tuple[Optional[torch.Tensor], Any]:
+def _param(
+    value: Any,
+    name: str,
+    batch: int,
+    device: torch.device,
+    integral: bool,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+) -> Tuple[Optional[torch.Tensor], Any]:
     """A per-request filter value: (tensor or None, scalar). Tensors must be 1-D of length batch_size on the rows'
     device (converted to int32 / float32, no host synchronization); scalars are checked against [lo, hi]."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
-            raise ValueError(f"Expected a 1D tensor of shape (batch_size,) or scalar for the sampling parameter "
-                             f"{name}, but got a 0-dimensional tensor.")
+            raise ValueError(
+                f"Expected a 1D tensor of shape (batch_size,) or scalar for the sampling parameter "
+                f"{name}, but got a 0-dimensional tensor."
+            )
         if value.dim() > 1:
-            raise ValueError(f"Expected a 1D tensor or scalar for the sampling parameter {name}, but got a "
-                             f"{value.dim()}D tensor.")
+            raise ValueError(
+                f"Expected a 1D tensor or scalar for the sampling parameter {name}, but got a {value.dim()}D tensor."
+            )
         if value.size(0) != batch:
-            raise ValueError(f"Sampling parameter tensor batch size mismatch: {name} has length {value.size(0)}, "
-                             f"expected {batch} (one value per output row).")
+            raise ValueError(
+                f"Sampling parameter tensor batch size mismatch: {name} has length {value.size(0)}, "
+                f"expected {batch} (one value per output row)."
+            )
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the rows are on {device}")
         if value.dtype.is_complex or value.dtype == torch.bool:
@@ -210,8 +228,9 @@ def _param(value: Any, name: str, batch: int, device: torch.device, integral: bo
     return None, v
 
 
-def _seed_offset(generator: Optional[torch.Generator], seed: Any, offset: Any, device: torch.device, batch: int,
-                 increment: int) -> Tuple[Optional[torch.Tensor], int, Optional[torch.Tensor], int]:
+def _seed_offset(
+    generator: Optional[torch.Generator], seed: Any, offset: Any, device: torch.device, batch: int, increment: int
+) -> Tuple[Optional[torch.Tensor], int, Optional[torch.Tensor], int]:
     """(seed tensor or None, seed, offset tensor or None, offset): from seed/offset when given, else from the
     generator, whose Philox offset advances by ``increment`` rounded up to a multiple of 4 (as FlashInfer's)."""
     if seed is None and offset is None:
@@ -221,7 +240,11 @@ def _seed_offset(generator: Optional[torch.Generator], seed: Any, offset: Any, d
             gen = torch.cuda.default_generators[device.index]
         elif not isinstance(gen, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(gen).__name__}")
-        elif gen.device != device:
+        elif (
+            gen.device.type != device.type
+            or (gen.device.index if gen.device.index is not None else torch.cuda.current_device()) != device.index
+        ):
+            # torch.Generator(device="cuda") reports device "cuda" without an index: the device current at its creation.
             raise ValueError(f"generator is on {gen.device} but the rows are on {device}")
         state = gen.get_state()
         words = state.view(torch.int64).clone()
@@ -270,10 +293,23 @@ def _stride(t: Optional[torch.Tensor]) -> int:
 # ----------------------------------------------------------------------------------------- launches
 
 
-def _sample(x: torch.Tensor, indices: Optional[torch.Tensor], is_logits: bool, filters: int, top_k_first: bool,
-            top_k_arr: Optional[torch.Tensor], top_k_val: int, top_p_arr: Optional[torch.Tensor], top_p_val: float,
-            min_p_arr: Optional[torch.Tensor], min_p_val: float, seed_arr: Optional[torch.Tensor], seed_val: int,
-            offset_arr: Optional[torch.Tensor], offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _sample(
+    x: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    is_logits: bool,
+    filters: int,
+    top_k_first: bool,
+    top_k_arr: Optional[torch.Tensor],
+    top_k_val: int,
+    top_p_arr: Optional[torch.Tensor],
+    top_p_val: float,
+    min_p_arr: Optional[torch.Tensor],
+    min_p_val: float,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch on validated inputs; returns (samples, valid)."""
     device = x.device
     batch = indices.size(0) if indices is not None else x.size(0)
@@ -283,14 +319,32 @@ def _sample(x: torch.Tensor, indices: Optional[torch.Tensor], is_logits: bool, f
         return samples, valid
     m = _module(_DTYPE_NAMES[x.dtype])
     rc = m.sample(
-        input=x.data_ptr(), row_stride=x.stride(0), num_rows=x.size(0), vocab=x.size(1), batch=batch,
-        is_logits=int(is_logits), indices=_ptr(indices),
-        indices_int64=int(indices is not None and indices.dtype == torch.int64), samples=samples.data_ptr(),
-        samples_int64=int(samples.dtype == torch.int64), valid=valid.data_ptr(), filters=filters,
-        top_k_first=int(top_k_first), top_k_arr=_ptr(top_k_arr), top_k_val=top_k_val, top_p_arr=_ptr(top_p_arr),
-        top_p_val=top_p_val, min_p_arr=_ptr(min_p_arr), min_p_val=min_p_val, seed_arr=_ptr(seed_arr),
-        seed_stride=_stride(seed_arr), seed_val=seed_val & _U64, offset_arr=_ptr(offset_arr),
-        offset_stride=_stride(offset_arr), offset_val=offset_val & _U64, device=device.index,
+        input=x.data_ptr(),
+        row_stride=x.stride(0),
+        num_rows=x.size(0),
+        vocab=x.size(1),
+        batch=batch,
+        is_logits=int(is_logits),
+        indices=_ptr(indices),
+        indices_int64=int(indices is not None and indices.dtype == torch.int64),
+        samples=samples.data_ptr(),
+        samples_int64=int(samples.dtype == torch.int64),
+        valid=valid.data_ptr(),
+        filters=filters,
+        top_k_first=int(top_k_first),
+        top_k_arr=_ptr(top_k_arr),
+        top_k_val=top_k_val,
+        top_p_arr=_ptr(top_p_arr),
+        top_p_val=top_p_val,
+        min_p_arr=_ptr(min_p_arr),
+        min_p_val=min_p_val,
+        seed_arr=_ptr(seed_arr),
+        seed_stride=_stride(seed_arr),
+        seed_val=seed_val & _U64,
+        offset_arr=_ptr(offset_arr),
+        offset_stride=_stride(offset_arr),
+        offset_val=offset_val & _U64,
+        device=device.index,
         stream=current_stream_ptr(device),
     )
     if rc:
@@ -298,20 +352,39 @@ def _sample(x: torch.Tensor, indices: Optional[torch.Tensor], is_logits: bool, f
     return samples, valid
 
 
-def _row_op(x: torch.Tensor, op: str, top_k_arr: Optional[torch.Tensor] = None, top_k_val: int = 0,
-            top_p_arr: Optional[torch.Tensor] = None, top_p_val: float = 1.0,
-            temperature_arr: Optional[torch.Tensor] = None, temperature_val: float = 1.0,
-            pdl: bool = False) -> torch.Tensor:
+def _row_op(
+    x: torch.Tensor,
+    op: str,
+    top_k_arr: Optional[torch.Tensor] = None,
+    top_k_val: int = 0,
+    top_p_arr: Optional[torch.Tensor] = None,
+    top_p_val: float = 1.0,
+    temperature_arr: Optional[torch.Tensor] = None,
+    temperature_val: float = 1.0,
+    pdl: bool = False,
+) -> torch.Tensor:
     """softmax / top_p_renorm / top_k_renorm / top_k_mask of validated rows into a new contiguous tensor."""
     out = torch.empty(x.shape, dtype=torch.float32 if op == "softmax" else x.dtype, device=x.device)
     if x.size(0) == 0:
         return out
     m = _module(_DTYPE_NAMES[x.dtype])
     rc = m.row_op(
-        input=x.data_ptr(), in_stride=x.stride(0), output=out.data_ptr(), out_stride=out.stride(0), rows=x.size(0),
-        vocab=x.size(1), op=m.c["op_" + op], top_k_arr=_ptr(top_k_arr), top_k_val=top_k_val,
-        top_p_arr=_ptr(top_p_arr), top_p_val=top_p_val, temperature_arr=_ptr(temperature_arr),
-        temperature_val=temperature_val, pdl=int(pdl), device=x.device.index, stream=current_stream_ptr(x.device),
+        input=x.data_ptr(),
+        in_stride=x.stride(0),
+        output=out.data_ptr(),
+        out_stride=out.stride(0),
+        rows=x.size(0),
+        vocab=x.size(1),
+        op=m.c["op_" + op],
+        top_k_arr=_ptr(top_k_arr),
+        top_k_val=top_k_val,
+        top_p_arr=_ptr(top_p_arr),
+        top_p_val=top_p_val,
+        temperature_arr=_ptr(temperature_arr),
+        temperature_val=temperature_val,
+        pdl=int(pdl),
+        device=x.device.index,
+        stream=current_stream_ptr(x.device),
     )
     if rc:
         m.module.check(rc, f"{op} ({m.module.spec.name()}) on {x.device}")
@@ -319,8 +392,11 @@ def _row_op(x: torch.Tensor, op: str, top_k_arr: Optional[torch.Tensor] = None, 
 
 
 def _filters(m: _Module, top_k: bool = False, top_p: bool = False, min_p: bool = False) -> int:
-    return ((m.c["filter_top_k"] if top_k else 0) | (m.c["filter_top_p"] if top_p else 0)
-            | (m.c["filter_min_p"] if min_p else 0))
+    return (
+        (m.c["filter_top_k"] if top_k else 0)
+        | (m.c["filter_top_p"] if top_p else 0)
+        | (m.c["filter_min_p"] if min_p else 0)
+    )
 
 
 # ----------------------------------------------------------------------------------------- custom ops
@@ -353,67 +429,212 @@ def _fake_rows(x: torch.Tensor, *_) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _sampling_from_probs_impl(probs: torch.Tensor, indices: Optional[torch.Tensor], seed_arr: Optional[torch.Tensor],
-                              seed_val: int, offset_arr: Optional[torch.Tensor],
-                              offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _sample(probs, indices, False, 0, False, None, 0, None, 1.0, None, 0.0, seed_arr, seed_val, offset_arr,
-                   offset_val)
+def _sampling_from_probs_impl(
+    probs: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _sample(
+        probs, indices, False, 0, False, None, 0, None, 1.0, None, 0.0, seed_arr, seed_val, offset_arr, offset_val
+    )
 
 
-def _sampling_from_logits_impl(logits: torch.Tensor, indices: Optional[torch.Tensor],
-                               seed_arr: Optional[torch.Tensor], seed_val: int, offset_arr: Optional[torch.Tensor],
-                               offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _sample(logits, indices, True, 0, False, None, 0, None, 1.0, None, 0.0, seed_arr, seed_val, offset_arr,
-                   offset_val)
+def _sampling_from_logits_impl(
+    logits: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _sample(
+        logits, indices, True, 0, False, None, 0, None, 1.0, None, 0.0, seed_arr, seed_val, offset_arr, offset_val
+    )
 
 
-def _top_p_sampling_impl(probs: torch.Tensor, indices: Optional[torch.Tensor], top_p_arr: Optional[torch.Tensor],
-                         top_p_val: float, seed_arr: Optional[torch.Tensor], seed_val: int,
-                         offset_arr: Optional[torch.Tensor], offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _top_p_sampling_impl(
+    probs: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    top_p_arr: Optional[torch.Tensor],
+    top_p_val: float,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     m = _module(_DTYPE_NAMES[probs.dtype])
-    return _sample(probs, indices, False, _filters(m, top_p=True), False, None, 0, top_p_arr, top_p_val, None, 0.0,
-                   seed_arr, seed_val, offset_arr, offset_val)
+    return _sample(
+        probs,
+        indices,
+        False,
+        _filters(m, top_p=True),
+        False,
+        None,
+        0,
+        top_p_arr,
+        top_p_val,
+        None,
+        0.0,
+        seed_arr,
+        seed_val,
+        offset_arr,
+        offset_val,
+    )
 
 
-def _top_k_sampling_impl(probs: torch.Tensor, indices: Optional[torch.Tensor], top_k_arr: Optional[torch.Tensor],
-                         top_k_val: int, seed_arr: Optional[torch.Tensor], seed_val: int,
-                         offset_arr: Optional[torch.Tensor], offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _top_k_sampling_impl(
+    probs: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    top_k_arr: Optional[torch.Tensor],
+    top_k_val: int,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     m = _module(_DTYPE_NAMES[probs.dtype])
-    return _sample(probs, indices, False, _filters(m, top_k=True), False, top_k_arr, top_k_val, None, 1.0, None, 0.0,
-                   seed_arr, seed_val, offset_arr, offset_val)
+    return _sample(
+        probs,
+        indices,
+        False,
+        _filters(m, top_k=True),
+        False,
+        top_k_arr,
+        top_k_val,
+        None,
+        1.0,
+        None,
+        0.0,
+        seed_arr,
+        seed_val,
+        offset_arr,
+        offset_val,
+    )
 
 
-def _min_p_sampling_impl(probs: torch.Tensor, indices: Optional[torch.Tensor], min_p_arr: Optional[torch.Tensor],
-                         min_p_val: float, seed_arr: Optional[torch.Tensor], seed_val: int,
-                         offset_arr: Optional[torch.Tensor], offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _min_p_sampling_impl(
+    probs: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    min_p_arr: Optional[torch.Tensor],
+    min_p_val: float,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     m = _module(_DTYPE_NAMES[probs.dtype])
-    return _sample(probs, indices, False, _filters(m, min_p=True), False, None, 0, None, 1.0, min_p_arr, min_p_val,
-                   seed_arr, seed_val, offset_arr, offset_val)
+    return _sample(
+        probs,
+        indices,
+        False,
+        _filters(m, min_p=True),
+        False,
+        None,
+        0,
+        None,
+        1.0,
+        min_p_arr,
+        min_p_val,
+        seed_arr,
+        seed_val,
+        offset_arr,
+        offset_val,
+    )
 
 
-def _top_k_top_p_impl(x: torch.Tensor, indices: Optional[torch.Tensor], top_k_arr: Optional[torch.Tensor],
-                      top_k_val: int, top_p_arr: Optional[torch.Tensor], top_p_val: float, top_k_first: bool,
-                      is_logits: bool, seed_arr: Optional[torch.Tensor], seed_val: int,
-                      offset_arr: Optional[torch.Tensor], offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _top_k_top_p_impl(
+    x: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    top_k_arr: Optional[torch.Tensor],
+    top_k_val: int,
+    top_p_arr: Optional[torch.Tensor],
+    top_p_val: float,
+    top_k_first: bool,
+    is_logits: bool,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     m = _module(_DTYPE_NAMES[x.dtype])
-    return _sample(x, indices, is_logits, _filters(m, top_k=True, top_p=True), top_k_first, top_k_arr, top_k_val,
-                   top_p_arr, top_p_val, None, 0.0, seed_arr, seed_val, offset_arr, offset_val)
+    return _sample(
+        x,
+        indices,
+        is_logits,
+        _filters(m, top_k=True, top_p=True),
+        top_k_first,
+        top_k_arr,
+        top_k_val,
+        top_p_arr,
+        top_p_val,
+        None,
+        0.0,
+        seed_arr,
+        seed_val,
+        offset_arr,
+        offset_val,
+    )
 
 
-def _top_k_top_p_probs_impl(probs: torch.Tensor, indices: Optional[torch.Tensor], top_k_arr: Optional[torch.Tensor],
-                            top_k_val: int, top_p_arr: Optional[torch.Tensor], top_p_val: float, top_k_first: bool,
-                            seed_arr: Optional[torch.Tensor], seed_val: int, offset_arr: Optional[torch.Tensor],
-                            offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _top_k_top_p_impl(probs, indices, top_k_arr, top_k_val, top_p_arr, top_p_val, top_k_first, False,
-                             seed_arr, seed_val, offset_arr, offset_val)
+def _top_k_top_p_probs_impl(
+    probs: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    top_k_arr: Optional[torch.Tensor],
+    top_k_val: int,
+    top_p_arr: Optional[torch.Tensor],
+    top_p_val: float,
+    top_k_first: bool,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _top_k_top_p_impl(
+        probs,
+        indices,
+        top_k_arr,
+        top_k_val,
+        top_p_arr,
+        top_p_val,
+        top_k_first,
+        False,
+        seed_arr,
+        seed_val,
+        offset_arr,
+        offset_val,
+    )
 
 
-def _top_k_top_p_logits_impl(logits: torch.Tensor, indices: Optional[torch.Tensor],
-                             top_k_arr: Optional[torch.Tensor], top_k_val: int, top_p_arr: Optional[torch.Tensor],
-                             top_p_val: float, top_k_first: bool, seed_arr: Optional[torch.Tensor], seed_val: int,
-                             offset_arr: Optional[torch.Tensor], offset_val: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _top_k_top_p_impl(logits, indices, top_k_arr, top_k_val, top_p_arr, top_p_val, top_k_first, True,
-                             seed_arr, seed_val, offset_arr, offset_val)
+def _top_k_top_p_logits_impl(
+    logits: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    top_k_arr: Optional[torch.Tensor],
+    top_k_val: int,
+    top_p_arr: Optional[torch.Tensor],
+    top_p_val: float,
+    top_k_first: bool,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _top_k_top_p_impl(
+        logits,
+        indices,
+        top_k_arr,
+        top_k_val,
+        top_p_arr,
+        top_p_val,
+        top_k_first,
+        True,
+        seed_arr,
+        seed_val,
+        offset_arr,
+        offset_val,
+    )
 
 
 def _top_p_renorm_impl(probs: torch.Tensor, top_p_arr: Optional[torch.Tensor], top_p_val: float) -> torch.Tensor:
@@ -428,30 +649,49 @@ def _top_k_mask_impl(logits: torch.Tensor, top_k_arr: Optional[torch.Tensor], to
     return _row_op(logits, "top_k_mask", top_k_arr=top_k_arr, top_k_val=top_k_val)
 
 
-def _softmax_impl(logits: torch.Tensor, temperature_arr: Optional[torch.Tensor], temperature_val: float,
-                  enable_pdl: bool) -> torch.Tensor:
-    return _row_op(logits, "softmax", temperature_arr=temperature_arr, temperature_val=temperature_val,
-                   pdl=enable_pdl)
+def _softmax_impl(
+    logits: torch.Tensor, temperature_arr: Optional[torch.Tensor], temperature_val: float, enable_pdl: bool
+) -> torch.Tensor:
+    return _row_op(logits, "softmax", temperature_arr=temperature_arr, temperature_val=temperature_val, pdl=enable_pdl)
 
 
 def _fake_softmax(logits, *_):
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
-def _chain_impl(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor,
-                accepted: torch.Tensor, emitted: torch.Tensor, seed_arr: Optional[torch.Tensor], seed_val: int,
-                offset_arr: Optional[torch.Tensor], offset_val: int) -> torch.Tensor:
+def _chain_impl(
+    draft_probs: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    accepted: torch.Tensor,
+    emitted: torch.Tensor,
+    seed_arr: Optional[torch.Tensor],
+    seed_val: int,
+    offset_arr: Optional[torch.Tensor],
+    offset_val: int,
+) -> torch.Tensor:
     b, n = draft_token_ids.shape
     out = torch.empty((b, n + 1), dtype=torch.int32, device=draft_probs.device)
     if b == 0:
         return out
     m = _module("f32")
     rc = m.chain(
-        draft_probs=draft_probs.data_ptr(), draft_token_ids=draft_token_ids.data_ptr(),
-        target_probs=target_probs.data_ptr(), output_token_ids=out.data_ptr(), accepted=accepted.data_ptr(),
-        emitted=emitted.data_ptr(), batch=b, num_speculative=n, vocab=draft_probs.size(2), seed_arr=_ptr(seed_arr),
-        seed_stride=_stride(seed_arr), seed_val=seed_val & _U64, offset_arr=_ptr(offset_arr),
-        offset_stride=_stride(offset_arr), offset_val=offset_val & _U64, device=draft_probs.device.index,
+        draft_probs=draft_probs.data_ptr(),
+        draft_token_ids=draft_token_ids.data_ptr(),
+        target_probs=target_probs.data_ptr(),
+        output_token_ids=out.data_ptr(),
+        accepted=accepted.data_ptr(),
+        emitted=emitted.data_ptr(),
+        batch=b,
+        num_speculative=n,
+        vocab=draft_probs.size(2),
+        seed_arr=_ptr(seed_arr),
+        seed_stride=_stride(seed_arr),
+        seed_val=seed_val & _U64,
+        offset_arr=_ptr(offset_arr),
+        offset_stride=_stride(offset_arr),
+        offset_val=offset_val & _U64,
+        device=draft_probs.device.index,
         stream=current_stream_ptr(draft_probs.device),
     )
     if rc:
@@ -483,8 +723,17 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _sampling_call(op: _Op, x: torch.Tensor, indices: Optional[torch.Tensor], params: tuple, generator, seed, offset,
-                   increment_per_row: int, return_valid: bool):
+def _sampling_call(
+    op: _Op,
+    x: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    params: tuple,
+    generator,
+    seed,
+    offset,
+    increment_per_row: int,
+    return_valid: bool,
+):
     batch = indices.size(0) if indices is not None else x.size(0)
     sa, sv, oa, ov = _seed_offset(generator, seed, offset, x.device, batch, batch * increment_per_row)
     samples, valid = op(x, indices, *params, sa, _signed(sv), oa, _signed(ov))
@@ -522,19 +771,26 @@ def softmax(
     if temperature is not None:
         if isinstance(temperature, torch.Tensor):
             if temperature.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                raise ValueError(f"temperature tensor must have dtype float16, bfloat16, float32, or float64, got "
-                                 f"{temperature.dtype}")
+                raise ValueError(
+                    f"temperature tensor must have dtype float16, bfloat16, float32, or float64, got "
+                    f"{temperature.dtype}"
+                )
             if temperature.dim() != 1 or temperature.size(0) != logits.size(0):
-                raise ValueError(f"temperature tensor must be 1D with one value per logits row ({logits.size(0)}), "
-                                 f"got shape {tuple(temperature.shape)}")
+                raise ValueError(
+                    f"temperature tensor must be 1D with one value per logits row ({logits.size(0)}), "
+                    f"got shape {tuple(temperature.shape)}"
+                )
             if temperature.device != device:
-                raise ValueError(f"temperature tensor must be on the same device as logits ({device}), got "
-                                 f"{temperature.device}")
+                raise ValueError(
+                    f"temperature tensor must be on the same device as logits ({device}), got {temperature.device}"
+                )
             t_arr = temperature.to(torch.float32).contiguous()
         else:
             if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-                raise TypeError("temperature must be None, a real scalar, or a 1D floating-point tensor with one "
-                                "value per logits row")
+                raise TypeError(
+                    "temperature must be None, a real scalar, or a 1D floating-point tensor with one "
+                    "value per logits row"
+                )
             t_val = float(temperature)
             if not t_val > 0 or t_val == float("inf"):
                 raise ValueError(f"temperature must be positive and finite, got {temperature}")
@@ -613,8 +869,7 @@ def sampling_from_logits(
         ``samples`` ``(batch_size,)``, int32 or the dtype of ``indices``.
     """
     logits, indices = _prepare(logits, "logits", indices, check_nan)
-    return _sampling_call(_SAMPLING_FROM_LOGITS, logits, indices, (), generator, seed, offset, logits.size(1),
-                          False)
+    return _sampling_call(_SAMPLING_FROM_LOGITS, logits, indices, (), generator, seed, offset, logits.size(1), False)
 
 
 def top_p_sampling_from_probs(
@@ -764,8 +1019,11 @@ def top_k_top_p_sampling_from_logits(
     top_k_first = _filter_order(filter_apply_order)
     logits, indices = _prepare(logits, "logits", indices, check_nan)
     batch = indices.size(0) if indices is not None else logits.size(0)
-    params = (*_param(top_k, "top_k", batch, logits.device, True),
-              *_param(top_p, "top_p", batch, logits.device, False, 0.0, 1.0), top_k_first)
+    params = (
+        *_param(top_k, "top_k", batch, logits.device, True),
+        *_param(top_p, "top_p", batch, logits.device, False, 0.0, 1.0),
+        top_k_first,
+    )
     return _sampling_call(_TOP_K_TOP_P_LOGITS, logits, indices, params, generator, seed, offset, 32, False)
 
 
@@ -802,8 +1060,11 @@ def top_k_top_p_sampling_from_probs(
     top_k_first = _filter_order(filter_apply_order)
     probs, indices = _prepare(probs, "probs", indices, check_nan)
     batch = indices.size(0) if indices is not None else probs.size(0)
-    params = (*_param(top_k, "top_k", batch, probs.device, True),
-              *_param(top_p, "top_p", batch, probs.device, False, 0.0, 1.0), top_k_first)
+    params = (
+        *_param(top_k, "top_k", batch, probs.device, True),
+        *_param(top_p, "top_p", batch, probs.device, False, 0.0, 1.0),
+        top_k_first,
+    )
     return _sampling_call(_TOP_K_TOP_P_PROBS, probs, indices, params, generator, seed, offset, 32, return_valid)
 
 
@@ -936,8 +1197,11 @@ def chain_speculative_sampling(
         ``output_token_ids`` ``(batch_size, n + 1)`` int32 (-1 after the first rejection), the accepted and the
         emitted counts (the given tensors, or new int32 ones).
     """
-    for name, t, nd in (("draft_probs", draft_probs, 3), ("draft_token_ids", draft_token_ids, 2),
-                        ("target_probs", target_probs, 3)):
+    for name, t, nd in (
+        ("draft_probs", draft_probs, 3),
+        ("draft_token_ids", draft_token_ids, 2),
+        ("target_probs", target_probs, 3),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type != "cuda":
@@ -947,8 +1211,9 @@ def chain_speculative_sampling(
     device = draft_probs.device
     b, n, vocab = draft_probs.shape
     if tuple(draft_token_ids.shape) != (b, n):
-        raise ValueError(f"draft_token_ids must be ({b}, {n}) like draft_probs' first dims, got "
-                         f"{tuple(draft_token_ids.shape)}")
+        raise ValueError(
+            f"draft_token_ids must be ({b}, {n}) like draft_probs' first dims, got {tuple(draft_token_ids.shape)}"
+        )
     if tuple(target_probs.shape) != (b, n + 1, vocab):
         raise ValueError(f"target_probs must be ({b}, {n + 1}, {vocab}), got {tuple(target_probs.shape)}")
     for name, t in (("draft_token_ids", draft_token_ids), ("target_probs", target_probs)):
@@ -969,8 +1234,10 @@ def chain_speculative_sampling(
     target_probs = target_probs.to(torch.float32).contiguous()
     ids = draft_token_ids.to(torch.int32).contiguous()
     counts = []
-    for name, t in (("maybe_output_accepted_token_num", maybe_output_accepted_token_num),
-                    ("maybe_output_emitted_draft_token_num", maybe_output_emitted_draft_token_num)):
+    for name, t in (
+        ("maybe_output_accepted_token_num", maybe_output_accepted_token_num),
+        ("maybe_output_emitted_draft_token_num", maybe_output_emitted_draft_token_num),
+    ):
         if t is None:
             counts.append((torch.zeros(b, dtype=torch.int32, device=device), None))
             continue
@@ -992,8 +1259,9 @@ def chain_speculative_sampling(
     return out, acc, emi
 
 
-def _prepare(x: torch.Tensor, name: str, indices: Optional[torch.Tensor],
-             check_nan: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _prepare(
+    x: torch.Tensor, name: str, indices: Optional[torch.Tensor], check_nan: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     x = _check_rows(x, name)
     _check_vocab(_module(_DTYPE_NAMES[x.dtype]), x.size(1), name)
     indices = _check_indices(indices, x.device)

@@ -133,12 +133,14 @@ def check_aligned(t: torch.Tensor, name: str) -> None:
     """16-byte aligned base pointer (a no-op while torch.compile traces: fake tensors have no address;
     the op's eager implementation checks again)."""
     if not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0:
-        raise ValueError(f"{name} data pointer must be 16-byte aligned; got a view at element offset "
-                         f"{t.storage_offset()}")
+        raise ValueError(
+            f"{name} data pointer must be 16-byte aligned; got a view at element offset {t.storage_offset()}"
+        )
 
 
-def check_out(out: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], dtype: torch.dtype,
-              device: torch.device) -> None:
+def check_out(
+    out: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> None:
     if out is None:
         return
     if not isinstance(out, torch.Tensor):
@@ -152,8 +154,9 @@ def check_out(out: Optional[torch.Tensor], name: str, shape: Tuple[int, ...], dt
 
 def workspace_too_small(have_bytes: int, need_bytes: int) -> ValueError:
     """The error of a plan whose schedule does not fit the caller's float_workspace_buffer."""
-    return ValueError(f"float_workspace_buffer holds {have_bytes} bytes; this plan needs {need_bytes} bytes: "
-                      f"pass a larger buffer")
+    return ValueError(
+        f"float_workspace_buffer holds {have_bytes} bytes; this plan needs {need_bytes} bytes: pass a larger buffer"
+    )
 
 
 def scalar(x: object, name: str, default: float) -> float:
@@ -164,7 +167,9 @@ def scalar(x: object, name: str, default: float) -> float:
         return float(default)
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu" or x.numel() != 1:
-            raise TypeError(f"{name} must be a Python number or a one-element CPU tensor, got {x.device} {tuple(x.shape)}")
+            raise TypeError(
+                f"{name} must be a Python number or a one-element CPU tensor, got {x.device} {tuple(x.shape)}"
+            )
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
@@ -174,9 +179,16 @@ def scalar(x: object, name: str, default: float) -> float:
     return v
 
 
-def check_logit_options(head_dim: int, pos_encoding_mode: str, window_left: object, logits_soft_cap: object,
-                        sm_scale: object, rope_scale: object, rope_theta: object,
-                        max_window: int = 2**31 - 1) -> Tuple[int, float, float, float, float]:
+def check_logit_options(
+    head_dim: int,
+    pos_encoding_mode: str,
+    window_left: object,
+    logits_soft_cap: object,
+    sm_scale: object,
+    rope_scale: object,
+    rope_theta: object,
+    max_window: int = 2**31 - 1,
+) -> Tuple[int, float, float, float, float]:
     """The attention options every kernel takes, checked: returns (window_left clamped to max_window, soft cap
     (0: off), sm_scale (default 1/sqrt(head_dim)), rope_scale, rope_theta)."""
     if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
@@ -320,8 +332,10 @@ def check_int32_values(values: Sequence[int], name: str) -> None:
     """
     for i, v in enumerate(values):
         if not -(2**31) <= v <= INT32_MAX:
-            raise ValueError(f"{name}[{i}] = {v} does not fit int32 (the kernels index with 32-bit ints; accepted: "
-                             f"[-2**31, 2**31 - 1])")
+            raise ValueError(
+                f"{name}[{i}] = {v} does not fit int32 (the kernels index with 32-bit ints; accepted: "
+                f"[-2**31, 2**31 - 1])"
+            )
 
 
 def check_kv_lengths(kv_lens: Sequence[int], what: str = "request") -> None:
@@ -337,8 +351,10 @@ def check_kv_lengths(kv_lens: Sequence[int], what: str = "request") -> None:
     """
     for r, n in enumerate(kv_lens):
         if n > MAX_KV_LEN:
-            raise ValueError(f"{what} {r} has {n} keys; at most {MAX_KV_LEN} (2**31 - 2**16) keys per request are "
-                             f"supported (token positions are 32-bit in the kernels)")
+            raise ValueError(
+                f"{what} {r} has {n} keys; at most {MAX_KV_LEN} (2**31 - 2**16) keys per request are "
+                f"supported (token positions are 32-bit in the kernels)"
+            )
 
 
 def page_ids_int32(indices: torch.Tensor, count: int, name: str) -> Tuple[torch.Tensor, int]:
@@ -372,8 +388,10 @@ def page_ids_int32(indices: torch.Tensor, count: int, name: str) -> Tuple[torch.
             bad = torch.nonzero((ids < 0) | (ids > INT32_MAX))
             if bad.numel():
                 at = int(bad[0, 0])
-                raise ValueError(f"{name}[{at}] = {int(ids[at])} is not a page id (accepted: 0 <= id < num_pages, "
-                                 f"num_pages <= 2**31 - 1)")
+                raise ValueError(
+                    f"{name}[{at}] = {int(ids[at])} is not a page id (accepted: 0 <= id < num_pages, "
+                    f"num_pages <= 2**31 - 1)"
+                )
         return ids.to(torch.int32).contiguous(), int(ids.max()) if count else -1
     if ids.dtype == torch.int64:
         ids = torch.where((ids < 0) | (ids > INT32_MAX), torch.full_like(ids, -1), ids)
@@ -405,12 +423,16 @@ def check_page_ids_in_cache(indices: torch.Tensor, num_pages: int, max_index: in
         The argument's name, for the message.
     """
     if max_index >= num_pages:
-        raise ValueError(f"{name} holds page id {max_index} but paged_kv_cache has {num_pages} pages "
-                         f"(accepted: 0 <= id < {num_pages})")
+        raise ValueError(
+            f"{name} holds page id {max_index} but paged_kv_cache has {num_pages} pages "
+            f"(accepted: 0 <= id < {num_pages})"
+        )
     if indices is None or indices.numel() == 0 or indices.device.type == "cpu" or not check_inputs_enabled():
         return
     bad = torch.nonzero((indices < 0) | (indices >= num_pages))
     if bad.numel():
         at = int(bad[0, 0])
-        raise ValueError(f"{name}[{at}] = {int(indices[at])} is not a page of paged_kv_cache (accepted: 0 <= id < "
-                         f"{num_pages}; FLASHINFER_CHECK_INPUTS=1 found it)")
+        raise ValueError(
+            f"{name}[{at}] = {int(indices[at])} is not a page of paged_kv_cache (accepted: 0 <= id < "
+            f"{num_pages}; FLASHINFER_CHECK_INPUTS=1 found it)"
+        )

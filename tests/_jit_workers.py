@@ -79,6 +79,7 @@ def cmd_keys(specs_json: str) -> None:
 def cmd_race(spec_json: str, ready_dir: str, go_file: str) -> None:
     """Import everything, say ready, wait for the go file, then load the spec."""
     import torch  # noqa: F401
+
     import flashinfer  # noqa: F401
     from flashinfer import jit
 

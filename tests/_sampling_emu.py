@@ -71,8 +71,17 @@ def lib() -> ctypes.CDLL:
         for name, text in files.items():
             (src / name).write_text(text)
         tmp = src / "libemu.so"
-        cmd = ["g++", *flags, f"-I{src}", f"-I{CUDA_HOME / 'include'}",
-               str(src / "driver.cpp"), "-o", str(tmp), f"-L{CUDA_HOME / 'lib64'}", "-lcudart"]
+        cmd = [
+            "g++",
+            *flags,
+            f"-I{src}",
+            f"-I{CUDA_HOME / 'include'}",
+            str(src / "driver.cpp"),
+            "-o",
+            str(tmp),
+            f"-L{CUDA_HOME / 'lib64'}",
+            "-lcudart",
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"building the sampling emulator failed:\n{p.stderr[-6000:]}")
@@ -112,10 +121,24 @@ FILTER_TOP_K, FILTER_TOP_P, FILTER_MIN_P = 1, 2, 4  # (the module exports the sa
 OP_SOFTMAX, OP_TOP_P_RENORM, OP_TOP_K_RENORM, OP_TOP_K_MASK = 0, 1, 2, 3
 
 
-def sample(x: torch.Tensor, *, logits: bool, filters: int = 0, top_k_first: bool = True, top_k=0, top_p=1.0,
-           min_p=0.0, indices: Optional[torch.Tensor] = None, seed: int = 0, offset: int = 0,
-           seed_arr: Optional[torch.Tensor] = None, offset_arr: Optional[torch.Tensor] = None, cluster: int = 0,
-           cached: int = -1, sched_seed: int = 1):
+def sample(
+    x: torch.Tensor,
+    *,
+    logits: bool,
+    filters: int = 0,
+    top_k_first: bool = True,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    indices: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    offset: int = 0,
+    seed_arr: Optional[torch.Tensor] = None,
+    offset_arr: Optional[torch.Tensor] = None,
+    cluster: int = 0,
+    cached: int = -1,
+    sched_seed: int = 1,
+):
     """Runs the sampling kernel over CPU rows x [rows, >= vocab] (any row stride); returns (samples, valid)."""
     vocab = x.size(1)
     batch = indices.size(0) if indices is not None else x.size(0)
@@ -124,29 +147,79 @@ def sample(x: torch.Tensor, *, logits: bool, filters: int = 0, top_k_first: bool
     k_arr = top_k if isinstance(top_k, torch.Tensor) else None
     p_arr = top_p if isinstance(top_p, torch.Tensor) else None
     m_arr = min_p if isinstance(min_p, torch.Tensor) else None
-    _check(lib().emu_sample(
-        DTYPES[x.dtype], cluster, cached, ctypes.c_uint(sched_seed), _p(x), ctypes.c_int64(x.stride(0)),
-        x.size(0), vocab, batch, int(logits), _p(indices), int(indices is not None and indices.dtype == torch.int64),
-        _p(samples), int(samples.dtype == torch.int64), _p(valid), filters, int(top_k_first), _p(k_arr),
-        0 if k_arr is not None else int(top_k), _p(p_arr), ctypes.c_float(0 if p_arr is not None else top_p),
-        _p(m_arr), ctypes.c_float(0 if m_arr is not None else min_p), _p(seed_arr),
-        0 if seed_arr is None or seed_arr.numel() == 1 else 1, ctypes.c_uint64(seed), _p(offset_arr),
-        0 if offset_arr is None or offset_arr.numel() == 1 else 1, ctypes.c_uint64(offset)))
+    _check(
+        lib().emu_sample(
+            DTYPES[x.dtype],
+            cluster,
+            cached,
+            ctypes.c_uint(sched_seed),
+            _p(x),
+            ctypes.c_int64(x.stride(0)),
+            x.size(0),
+            vocab,
+            batch,
+            int(logits),
+            _p(indices),
+            int(indices is not None and indices.dtype == torch.int64),
+            _p(samples),
+            int(samples.dtype == torch.int64),
+            _p(valid),
+            filters,
+            int(top_k_first),
+            _p(k_arr),
+            0 if k_arr is not None else int(top_k),
+            _p(p_arr),
+            ctypes.c_float(0 if p_arr is not None else top_p),
+            _p(m_arr),
+            ctypes.c_float(0 if m_arr is not None else min_p),
+            _p(seed_arr),
+            0 if seed_arr is None or seed_arr.numel() == 1 else 1,
+            ctypes.c_uint64(seed),
+            _p(offset_arr),
+            0 if offset_arr is None or offset_arr.numel() == 1 else 1,
+            ctypes.c_uint64(offset),
+        )
+    )
     return samples, valid
 
 
-def row_op(x: torch.Tensor, op: int, *, top_k=0, top_p=1.0, temperature=1.0, cluster: int = 0, cached: int = -1,
-           sched_seed: int = 1) -> torch.Tensor:
+def row_op(
+    x: torch.Tensor,
+    op: int,
+    *,
+    top_k=0,
+    top_p=1.0,
+    temperature=1.0,
+    cluster: int = 0,
+    cached: int = -1,
+    sched_seed: int = 1,
+) -> torch.Tensor:
     out_dtype = torch.float32 if op == OP_SOFTMAX else x.dtype
     out = torch.full((x.size(0), x.size(1)), float("nan"), dtype=out_dtype)
     k_arr = top_k if isinstance(top_k, torch.Tensor) else None
     p_arr = top_p if isinstance(top_p, torch.Tensor) else None
     t_arr = temperature if isinstance(temperature, torch.Tensor) else None
-    _check(lib().emu_row_op(
-        DTYPES[x.dtype], cluster, cached, ctypes.c_uint(sched_seed), _p(x), ctypes.c_int64(x.stride(0)), _p(out),
-        ctypes.c_int64(out.stride(0)), x.size(0), x.size(1), op, _p(k_arr), 0 if k_arr is not None else int(top_k),
-        _p(p_arr), ctypes.c_float(0 if p_arr is not None else top_p), _p(t_arr),
-        ctypes.c_float(0 if t_arr is not None else temperature)))
+    _check(
+        lib().emu_row_op(
+            DTYPES[x.dtype],
+            cluster,
+            cached,
+            ctypes.c_uint(sched_seed),
+            _p(x),
+            ctypes.c_int64(x.stride(0)),
+            _p(out),
+            ctypes.c_int64(out.stride(0)),
+            x.size(0),
+            x.size(1),
+            op,
+            _p(k_arr),
+            0 if k_arr is not None else int(top_k),
+            _p(p_arr),
+            ctypes.c_float(0 if p_arr is not None else top_p),
+            _p(t_arr),
+            ctypes.c_float(0 if t_arr is not None else temperature),
+        )
+    )
     return out
 
 
@@ -155,9 +228,26 @@ def chain(draft_probs, draft_ids, target_probs, *, seed: int = 0, offset: int = 
     out = torch.full((b, n + 1), -7, dtype=torch.int32)
     acc = torch.zeros(b, dtype=torch.int32)
     emi = torch.zeros(b, dtype=torch.int32)
-    _check(lib().emu_chain(
-        ctypes.c_uint(sched_seed), _p(draft_probs), _p(draft_ids), _p(target_probs), _p(out), _p(acc), _p(emi), b, n,
-        vocab, _p(None), 0, ctypes.c_uint64(seed), _p(None), 0, ctypes.c_uint64(offset)))
+    _check(
+        lib().emu_chain(
+            ctypes.c_uint(sched_seed),
+            _p(draft_probs),
+            _p(draft_ids),
+            _p(target_probs),
+            _p(out),
+            _p(acc),
+            _p(emi),
+            b,
+            n,
+            vocab,
+            _p(None),
+            0,
+            ctypes.c_uint64(seed),
+            _p(None),
+            0,
+            ctypes.c_uint64(offset),
+        )
+    )
     return out, acc, emi
 
 
@@ -172,8 +262,18 @@ def weights(row: torch.Tensor, logits: bool) -> list:
 def topk_probe(row: torch.Tensor, k: int, *, logits: bool, cluster: int = 0, cached: int = -1) -> dict:
     """The single-pass top-k route on one row (1-D CPU tensor): candidates gathered, bound, whether it held."""
     out = (ctypes.c_uint * 5)()
-    _check(lib().emu_topk_probe(DTYPES[row.dtype], cluster, cached, _p(row), row.numel(), k, int(logits),
-                                ctypes.c_void_p(ctypes.addressof(out))))
+    _check(
+        lib().emu_topk_probe(
+            DTYPES[row.dtype],
+            cluster,
+            cached,
+            _p(row),
+            row.numel(),
+            k,
+            int(logits),
+            ctypes.c_void_p(ctypes.addressof(out)),
+        )
+    )
     return {"n": out[0], "theta": out[1], "ok": bool(out[2]), "max_key": out[3], "num_valid": out[4]}
 
 

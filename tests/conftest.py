@@ -13,7 +13,9 @@ HAS_GPU = torch.cuda.is_available()
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); run scripts/gpu_ci.sh on a GPU machine")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU (torch.cuda.is_available() is False); run scripts/gpu_ci.sh on a GPU machine"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -23,8 +25,6 @@ def pytest_collection_modifyitems(config, items):
 def _seed(request):
     # A different seed per test (from its id) so that no two tests share inputs, yet reruns reproduce.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
 
 
 @pytest.fixture

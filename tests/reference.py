@@ -22,10 +22,14 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(base + extra, dtype=torch.float64)
 
 
-def rope_llama(x: torch.Tensor, positions: torch.Tensor, rope_scale: float = 1.0, rope_theta: float = 1e4) -> torch.Tensor:
+def rope_llama(
+    x: torch.Tensor, positions: torch.Tensor, rope_scale: float = 1.0, rope_theta: float = 1e4
+) -> torch.Tensor:
     """Non-interleaved RoPE on ``x [L, H, D]`` at integer ``positions [L]``, in float64."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (rope_scale * rope_theta ** (torch.arange(0, d // 2, dtype=torch.float64, device=x.device) * 2 / d))
+    inv_freq = 1.0 / (
+        rope_scale * rope_theta ** (torch.arange(0, d // 2, dtype=torch.float64, device=x.device) * 2 / d)
+    )
     angle = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [L, D/2]
     cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]
     x = x.to(torch.float64)
@@ -111,8 +115,12 @@ def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     return y * b
 
 
-def rope_frequencies(rotary_dim: int, rope_scale: float = 1.0, rope_theta: float = 1e4,
-                     llama31: Optional[Tuple[float, float, float]] = None) -> torch.Tensor:
+def rope_frequencies(
+    rotary_dim: int,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    llama31: Optional[Tuple[float, float, float]] = None,
+) -> torch.Tensor:
     """Radians per position of the rotary_dim / 2 frequencies, float64. llama31 = (low_freq_factor,
     high_freq_factor, old_context_len) applies Meta's Llama 3.1 scaling band by band (rope_scale is its factor)."""
     i = torch.arange(rotary_dim // 2, dtype=torch.float64)

@@ -121,8 +121,16 @@ def _mass_threshold(keys: np.ndarray, w: np.ndarray, target: int, lo: int = 1) -
     return int(k[hit[0]]) if hit.size else lo
 
 
-def threshold(keys: np.ndarray, w: np.ndarray, *, top_k: Optional[int] = None, top_p: Optional[float] = None,
-              min_p: Optional[float] = None, top_k_first: bool = True, max_prob: float = 0.0) -> int:
+def threshold(
+    keys: np.ndarray,
+    w: np.ndarray,
+    *,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k_first: bool = True,
+    max_prob: float = 0.0,
+) -> int:
     """The kept set's threshold tau (kept: key >= tau) for the given filters (None: not applied), with the kernels'
     clamping of out-of-range values."""
     num_valid = int(np.count_nonzero(keys))

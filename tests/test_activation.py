@@ -20,8 +20,11 @@ ACTS = ["silu", "gelu", "gelu_tanh"]
 
 
 def _fn(act):
-    return {"silu": flashinfer.silu_and_mul, "gelu": flashinfer.gelu_and_mul,
-            "gelu_tanh": flashinfer.gelu_tanh_and_mul}[act]
+    return {
+        "silu": flashinfer.silu_and_mul,
+        "gelu": flashinfer.gelu_and_mul,
+        "gelu_tanh": flashinfer.gelu_tanh_and_mul,
+    }[act]
 
 
 def _check(act, x, out=None, **kw):
@@ -96,7 +99,6 @@ def test_shapes_and_strides(act):
 def test_extreme_values(act):
     """Large magnitudes stay finite where the reference is (silu's exp overflows to a clean -0)."""
     vals = torch.tensor([-100.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 100.0])
-    d = vals.numel() * 8
     a = vals.repeat(8)
     x = torch.cat([a, torch.full_like(a, 2.0)])[None].to(device="cuda", dtype=torch.float16).repeat(3, 1)
     y = _check(act, x)
@@ -192,12 +194,21 @@ def test_bad_input_raises_clear_errors(fake_cuda):
     cases = [
         (lambda: flashinfer.silu_and_mul(x[:, :255]), ValueError, "even"),
         (lambda: flashinfer.silu_and_mul(x.float()), TypeError, "float16"),
-        (lambda: flashinfer.silu_and_mul(x, out=torch.empty(4, 256, dtype=torch.float16, device="cuda")),
-         ValueError, "out must be"),
-        (lambda: flashinfer.gelu_and_mul(x, out=torch.empty(4, 128, dtype=torch.bfloat16, device="cuda")),
-         ValueError, "out must be"),
-        (lambda: flashinfer.gelu_and_mul(x, out=torch.empty(128, 4, dtype=torch.float16, device="cuda").t()),
-         ValueError, "contiguous in its last dimension"),
+        (
+            lambda: flashinfer.silu_and_mul(x, out=torch.empty(4, 256, dtype=torch.float16, device="cuda")),
+            ValueError,
+            "out must be",
+        ),
+        (
+            lambda: flashinfer.gelu_and_mul(x, out=torch.empty(4, 128, dtype=torch.bfloat16, device="cuda")),
+            ValueError,
+            "out must be",
+        ),
+        (
+            lambda: flashinfer.gelu_and_mul(x, out=torch.empty(128, 4, dtype=torch.float16, device="cuda").t()),
+            ValueError,
+            "contiguous in its last dimension",
+        ),
         (lambda: flashinfer.gelu_tanh_and_mul(x, enable_pdl=1), TypeError, "enable_pdl"),
     ]
     for fn, exc, match in cases:

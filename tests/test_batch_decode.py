@@ -4,13 +4,11 @@ balance, merges), spec naming, validation before any build."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import flashinfer
 from flashinfer.batch_decode import BatchDecodePagedSpec, host_schedule
-
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 LENS = [1, 15, 16, 17, 1000, 4096, 33000]
@@ -22,7 +20,11 @@ def _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form, spare_pa
     perm = torch.randperm(num_pages)[: sum(pages)].to(torch.int32)
     indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
     last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32)
-    shape = (num_pages, page_size, num_kv_heads, head_dim) if layout == "NHD" else (num_pages, num_kv_heads, page_size, head_dim)
+    shape = (
+        (num_pages, page_size, num_kv_heads, head_dim)
+        if layout == "NHD"
+        else (num_pages, num_kv_heads, page_size, head_dim)
+    )
     if form == "single":
         cache = torch.randn(num_pages, 2, *shape[1:], device="cuda", dtype=dtype)
         k, v = cache[:, 0], cache[:, 1]
@@ -55,18 +57,45 @@ def _workspace(mb=128):
     return torch.empty(mb << 20, dtype=torch.uint8, device="cuda")
 
 
-def _run_case(lens, page_size=16, num_qo_heads=8, num_kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout="NHD",
-              form="tuple", pos="NONE", window_left=-1, soft_cap=None, device_indices=False, q_noncontig=False,
-              rope_scale=None, rope_theta=None, use_tensor_cores=False):
+def _run_case(
+    lens,
+    page_size=16,
+    num_qo_heads=8,
+    num_kv_heads=2,
+    head_dim=128,
+    dtype=torch.bfloat16,
+    layout="NHD",
+    form="tuple",
+    pos="NONE",
+    window_left=-1,
+    soft_cap=None,
+    device_indices=False,
+    q_noncontig=False,
+    rope_scale=None,
+    rope_theta=None,
+    use_tensor_cores=False,
+):
     cache, k, v, indptr, indices, last = _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form)
     if q_noncontig:
         q = torch.randn(len(lens), num_qo_heads, 2 * head_dim, device="cuda", dtype=dtype)[:, :, head_dim:]
     else:
         q = torch.randn(len(lens), num_qo_heads, head_dim, device="cuda", dtype=dtype)
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout, use_tensor_cores=use_tensor_cores)
-    w.plan(indptr, indices.cuda() if device_indices else indices, last, num_qo_heads, num_kv_heads, head_dim,
-           page_size, pos_encoding_mode=pos, window_left=window_left, logits_soft_cap=soft_cap, q_data_type=dtype,
-           rope_scale=rope_scale, rope_theta=rope_theta)
+    w.plan(
+        indptr,
+        indices.cuda() if device_indices else indices,
+        last,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        pos_encoding_mode=pos,
+        window_left=window_left,
+        logits_soft_cap=soft_cap,
+        q_data_type=dtype,
+        rope_scale=rope_scale,
+        rope_theta=rope_theta,
+    )
     out = poisoned((len(lens), num_qo_heads, head_dim), dtype)
     lse = poisoned((len(lens), num_qo_heads), torch.float32)
     o, l = w.run(q, cache, out=out, lse=lse, return_lse=True)
@@ -106,22 +135,39 @@ def test_batch_decode_mixed_lengths(batch, page_size, layout, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec", [s for s in BatchDecodePagedSpec.expand(head_dim=(64, 128, 256), kv_layout=("NHD",))
-                                  if s.unsupported_reason() is None], ids=lambda s: s.name())
+@pytest.mark.parametrize(
+    "spec",
+    [
+        s
+        for s in BatchDecodePagedSpec.expand(head_dim=(64, 128, 256), kv_layout=("NHD",))
+        if s.unsupported_reason() is None
+    ],
+    ids=lambda s: s.name(),
+)
 def test_batch_decode_spec_matrix(spec):
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[spec.dtype_q]
     kw = {}
     if spec.pos_encoding_mode == "ROPE_LLAMA":
         kw.update(rope_scale=2.0, rope_theta=5e5)
-    _run_case([17, 4096, 1, 1000, 33000], page_size=16, head_dim=spec.head_dim, dtype=dtype, layout=spec.kv_layout,
-              pos=spec.pos_encoding_mode, soft_cap=1.5 if spec.use_logits_soft_cap else None, **kw)
+    _run_case(
+        [17, 4096, 1, 1000, 33000],
+        page_size=16,
+        head_dim=spec.head_dim,
+        dtype=dtype,
+        layout=spec.kv_layout,
+        pos=spec.pos_encoding_mode,
+        soft_cap=1.5 if spec.use_logits_soft_cap else None,
+        **kw,
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pos", ["NONE", "ROPE_LLAMA", "ALIBI"])
 @pytest.mark.parametrize("window_left", [0, 15, 1000])
 def test_batch_decode_window(pos, window_left):
-    _run_case([1, 16, 17, 1000, 4096, 5000], page_size=16, pos=pos, window_left=window_left, layout="HND", form="single")
+    _run_case(
+        [1, 16, 17, 1000, 4096, 5000], page_size=16, pos=pos, window_left=window_left, layout="HND", form="single"
+    )
 
 
 @pytest.mark.gpu
@@ -160,14 +206,19 @@ def test_graph_mode_replays_after_replan(use_class, use_tensor_cores):
     indices_buf = torch.empty(max_pages, dtype=torch.int32, device="cuda")
     last_buf = torch.empty(batch, dtype=torch.int32, device="cuda")
     if use_class:
-        w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(_workspace(), indptr_buf, indices_buf, last_buf,
-                                                                   use_tensor_cores=use_tensor_cores)
+        w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(
+            _workspace(), indptr_buf, indices_buf, last_buf, use_tensor_cores=use_tensor_cores
+        )
     else:
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True,
-                                                          use_tensor_cores=use_tensor_cores,
-                                                          paged_kv_indptr_buffer=indptr_buf,
-                                                          paged_kv_indices_buffer=indices_buf,
-                                                          paged_kv_last_page_len_buffer=last_buf)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            _workspace(),
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=use_tensor_cores,
+            paged_kv_indptr_buffer=indptr_buf,
+            paged_kv_indices_buffer=indices_buf,
+            paged_kv_last_page_len_buffer=last_buf,
+        )
     k = torch.randn(max_pages, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -274,8 +325,14 @@ def test_plan_and_run_bad_input(use_tensor_cores):
 # BatchPrefillSpec modules these load (prefill_batch_paged, mask none, fp16 QK reduction off): d64 bf16, d128 f16,
 # d256 bf16 with pos NONE and no window/soft cap (in `--preset test`), and d128 bf16 with every pos, window and
 # soft cap (12 modules, not in `--preset test` as of this change).
-TC_CASES = [(torch.bfloat16, 64, "NONE"), (torch.float16, 128, "NONE"), (torch.bfloat16, 256, "NONE"),
-            (torch.bfloat16, 128, "NONE"), (torch.bfloat16, 128, "ROPE_LLAMA"), (torch.bfloat16, 128, "ALIBI")]
+TC_CASES = [
+    (torch.bfloat16, 64, "NONE"),
+    (torch.float16, 128, "NONE"),
+    (torch.bfloat16, 256, "NONE"),
+    (torch.bfloat16, 128, "NONE"),
+    (torch.bfloat16, 128, "ROPE_LLAMA"),
+    (torch.bfloat16, 128, "ALIBI"),
+]
 
 
 @pytest.mark.gpu
@@ -285,18 +342,39 @@ def test_batch_decode_tensor_cores_matrix(dtype, head_dim, pos, layout):
     lens = [1, 15, 16, 17, 1000, 4096, 33000, 5]
     for i, (page_size, group) in enumerate([(1, 1), (16, 4), (16, 8)]):
         kw = {"rope_scale": 2.0, "rope_theta": 5e5} if pos == "ROPE_LLAMA" and i == 1 else {}
-        _run_case(lens[i:] + lens[:i], page_size=page_size, num_qo_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
-                  dtype=dtype, layout=layout, form="single" if i % 2 else "tuple", pos=pos, device_indices=i == 2,
-                  use_tensor_cores=True, **kw)
+        _run_case(
+            lens[i:] + lens[:i],
+            page_size=page_size,
+            num_qo_heads=2 * group,
+            num_kv_heads=2,
+            head_dim=head_dim,
+            dtype=dtype,
+            layout=layout,
+            form="single" if i % 2 else "tuple",
+            pos=pos,
+            device_indices=i == 2,
+            use_tensor_cores=True,
+            **kw,
+        )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("pos,window_left,soft_cap", [("NONE", 15, None), ("ROPE_LLAMA", 1000, None),
-                                                      ("ALIBI", -1, 1.5), ("NONE", 0, 30.0)])
+@pytest.mark.parametrize(
+    "pos,window_left,soft_cap", [("NONE", 15, None), ("ROPE_LLAMA", 1000, None), ("ALIBI", -1, 1.5), ("NONE", 0, 30.0)]
+)
 def test_batch_decode_tensor_cores_window_and_soft_cap(layout, pos, window_left, soft_cap):
-    _run_case([1, 16, 17, 1000, 4096, 5000], page_size=16, num_qo_heads=8, num_kv_heads=2, pos=pos,
-              window_left=window_left, soft_cap=soft_cap, layout=layout, use_tensor_cores=True)
+    _run_case(
+        [1, 16, 17, 1000, 4096, 5000],
+        page_size=16,
+        num_qo_heads=8,
+        num_kv_heads=2,
+        pos=pos,
+        window_left=window_left,
+        soft_cap=soft_cap,
+        layout=layout,
+        use_tensor_cores=True,
+    )
 
 
 @pytest.mark.gpu
@@ -453,6 +531,6 @@ def test_batch_decode_on_second_device_while_first_is_current():
     o = w.run(q, (k, v))
     assert o.device == dev and torch.cuda.current_device() == 0
     for r, n in enumerate(lens):
-        ids = indices[indptr[r]:indptr[r + 1]]
+        ids = indices[indptr[r] : indptr[r + 1]]
         ref, _ = attention(q[r][None], _gather(k, "NHD", ids, n), _gather(v, "NHD", ids, n))
         assert_close(o[r], ref[0])

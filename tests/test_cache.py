@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from flashinfer import jit
-from flashinfer.jit import archive
+from flashinfer.jit import archive, loader
 from flashinfer.jit import cache as jcache
-from flashinfer.jit import loader
 from flashinfer.jit.probe import ProbeSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,11 +31,21 @@ SPECS = [ProbeSpec(constant=1, dtype="f32"), ProbeSpec(constant=2, dtype="f32")]
 def cache_a(tmp_path_factory):
     """Cache A: the two probe specs, prewarmed once by the real CLI (two worker processes)."""
     root = tmp_path_factory.mktemp("cache_a") / "cache"
-    env = dict(os.environ, FLASHINFER_JIT_CACHE=str(root), TORCH_CUDA_ARCH_LIST="9.0",
-               CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    env = dict(
+        os.environ,
+        FLASHINFER_JIT_CACHE=str(root),
+        TORCH_CUDA_ARCH_LIST="9.0",
+        CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+    )
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "flashinfer", "prewarm", "--preset", "probe", "--axis", "dtype=f32",
-                        "--jobs", "2"], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "flashinfer", "prewarm", "--preset", "probe", "--axis", "dtype=f32", "--jobs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return root
 
@@ -89,7 +98,9 @@ def test_world_writable_root_is_refused(env_a, capsys):
     with pytest.raises(jit.JITCacheInsecureError) as ei:
         jit.load(SPECS[0])
     msg = str(ei.value)
-    assert str(env_a) in msg and "writable by group and others" in msg and "chmod" in msg and "FLASHINFER_JIT_CACHE" in msg
+    assert (
+        str(env_a) in msg and "writable by group and others" in msg and "chmod" in msg and "FLASHINFER_JIT_CACHE" in msg
+    )
     # group-writable alone is refused too
     os.chmod(env_a, 0o770)
     with pytest.raises(jit.JITCacheInsecureError, match="writable by group"):
@@ -172,7 +183,9 @@ def test_warm_path_does_one_stat_per_item(env_a, monkeypatch):
     calls = []
     for name in ("stat", "lstat", "fstat"):
         real = getattr(os, name)
-        monkeypatch.setattr(os, name, (lambda real, name: lambda *a, **k: (calls.append(name), real(*a, **k))[1])(real, name))
+        monkeypatch.setattr(
+            os, name, (lambda real, name: lambda *a, **k: (calls.append(name), real(*a, **k))[1])(real, name)
+        )
     so, man, reason = jcache.check_entry(key, env_a)
     assert so is not None, reason
     assert sorted(calls) == ["fstat", "fstat", "fstat", "stat"], calls
@@ -293,9 +306,17 @@ def _evil_archive(path: Path, kind: str) -> None:
             t.addfile(ti, io.BytesIO(b"x"))
 
 
-@pytest.mark.parametrize("kind,match", [("dotdot", "path traversal"), ("absolute", "absolute"),
-                                        ("symlink", "symbolic link"), ("hardlink", "hard link"),
-                                        ("device", "not a regular file"), ("nested", "not <key>/")])
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("dotdot", "path traversal"),
+        ("absolute", "absolute"),
+        ("symlink", "symbolic link"),
+        ("hardlink", "hard link"),
+        ("device", "not a regular file"),
+        ("nested", "not <key>/"),
+    ],
+)
 def test_import_refuses_unsafe_archives(tmp_path, monkeypatch, capsys, kind, match):
     arc = tmp_path / "evil.tar"
     _evil_archive(arc, kind)

@@ -34,9 +34,17 @@ from flashinfer.jit import loader as jloader
 from flashinfer.jit.probe import ProbeSpec
 
 REPO = Path(__file__).resolve().parents[1]
-_SWITCHES = ("FLASHINFER_DISABLE_JIT", "FLASHINFER_JIT_VERBOSE", "FLASHINFER_JIT_LOCK_TIMEOUT",
-             "FLASHINFER_JIT_CACHE_SHARED", "FLASHINFER_JIT_CACHE_TRUSTED_OWNERS", "FLASHINFER_NVCC_THREADS",
-             "FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES", "FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES", "FLASHINFER_JIT_RECORD")
+_SWITCHES = (
+    "FLASHINFER_DISABLE_JIT",
+    "FLASHINFER_JIT_VERBOSE",
+    "FLASHINFER_JIT_LOCK_TIMEOUT",
+    "FLASHINFER_JIT_CACHE_SHARED",
+    "FLASHINFER_JIT_CACHE_TRUSTED_OWNERS",
+    "FLASHINFER_NVCC_THREADS",
+    "FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES",
+    "FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES",
+    "FLASHINFER_JIT_RECORD",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -132,11 +140,16 @@ def test_cleanup_keeps_live_build_of_a_pid_not_visible_here(tmp_path):
     (d / LOCK_FILE).write_text("")
     # The other container's builder: a separate process holding the lock.
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(d / LOCK_FILE)!r}, os.O_RDWR)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)\n"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(d / LOCK_FILE)!r}, os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert jit.cleanup_tmp(root) == 0
@@ -198,8 +211,14 @@ def test_prewarmed_cache_loads_in_a_process_without_toolkit(cache_copy, tmp_path
         "                  'cuda_home': os.environ.get('CUDA_HOME')}))\n"
     )
     envv = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH",)}
-    envv.update(FLASHINFER_JIT_CACHE=str(root), CUDA_HOME=str(empty), FLASHINFER_DISABLE_JIT="1",
-                PATH=os.path.dirname(sys.executable), PYTHONPATH=str(REPO), TORCH_CUDA_ARCH_LIST="9.0")
+    envv.update(
+        FLASHINFER_JIT_CACHE=str(root),
+        CUDA_HOME=str(empty),
+        FLASHINFER_DISABLE_JIT="1",
+        PATH=os.path.dirname(sys.executable),
+        PYTHONPATH=str(REPO),
+        TORCH_CUDA_ARCH_LIST="9.0",
+    )
     r = subprocess.run([sys.executable, "-c", code], env=envv, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -223,8 +242,10 @@ def test_toolkit_free_selection_ranks_and_refuses_other_environments(cache_copy,
     import torch
 
     major = int(torch.version.cuda.split(".")[0])
-    for digest, tk, created in (("00000000000000aa", (major - 1) * 1000 + 800, 2e9),
-                                ("00000000000000bb", major * 1000 + 900, 1e9)):
+    for digest, tk, created in (
+        ("00000000000000aa", (major - 1) * 1000 + 800, 2e9),
+        ("00000000000000bb", major * 1000 + 900, 1e9),
+    ):
         k2 = f"{ProbeSpec().name()}-{digest}"
         shutil.copytree(root / key, root / k2)
         os.rename(root / k2 / jcache.lib_name(key), root / k2 / jcache.lib_name(k2))
@@ -315,7 +336,7 @@ print(json.dumps(out))
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _other_user_can_run_python() -> bool:
     """Root, and uid 65534 can run this interpreter and import this checkout's flashinfer.jit."""
     if os.geteuid() != 0:
@@ -323,8 +344,17 @@ def _other_user_can_run_python() -> bool:
     envv = {k: v for k, v in os.environ.items() if not k.startswith("FLASHINFER_")}
     envv.update(PYTHONPATH=str(REPO), HOME="/tmp", PYTHONDONTWRITEBYTECODE="1")
     try:
-        r = subprocess.run([sys.executable, "-c", "import flashinfer.jit"], user=65534, group=65534,
-                           extra_groups=[], env=envv, capture_output=True, timeout=120, cwd="/", check=False)
+        r = subprocess.run(
+            [sys.executable, "-c", "import flashinfer.jit"],
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            env=envv,
+            capture_output=True,
+            timeout=120,
+            cwd="/",
+            check=False,
+        )
     except OSError:
         return False
     return r.returncode == 0
@@ -333,8 +363,11 @@ def _other_user_can_run_python() -> bool:
 def _can_mount_read_only() -> bool:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         return False
-    r = subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind -o ro / /mnt 2>/dev/null || exit 1"],
-                       capture_output=True, timeout=60)
+    r = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount --bind -o ro / /mnt 2>/dev/null || exit 1"],
+        capture_output=True,
+        timeout=60,
+    )
     return r.returncode == 0
 
 
@@ -352,9 +385,14 @@ def _reader_mode() -> str:
 
 def _run_reader(root: Path, scratch: Path, mode: str):
     envv = {k: v for k, v in os.environ.items() if not k.startswith("FLASHINFER_")}
-    envv.update(FLASHINFER_JIT_CACHE=str(root), PYTHONPATH=str(REPO), TORCH_CUDA_ARCH_LIST="9.0",
-                HOME=str(scratch), PYTHONDONTWRITEBYTECODE="1",
-                CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    envv.update(
+        FLASHINFER_JIT_CACHE=str(root),
+        PYTHONPATH=str(REPO),
+        TORCH_CUDA_ARCH_LIST="9.0",
+        HOME=str(scratch),
+        PYTHONDONTWRITEBYTECODE="1",
+        CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+    )
     argv = [sys.executable, "-c", _READER, str(scratch)]
     kw = {}
     if mode == "other_user":
@@ -362,9 +400,14 @@ def _run_reader(root: Path, scratch: Path, mode: str):
     elif mode == "ro_mount":
         import shlex
 
-        argv = ["unshare", "-m", "sh", "-c",
-                f"mount --bind {shlex.quote(str(root))} {shlex.quote(str(root))} && "
-                f"mount -o remount,bind,ro {shlex.quote(str(root))} && exec " + " ".join(map(shlex.quote, argv))]
+        argv = [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f"mount --bind {shlex.quote(str(root))} {shlex.quote(str(root))} && "
+            f"mount -o remount,bind,ro {shlex.quote(str(root))} && exec " + " ".join(map(shlex.quote, argv)),
+        ]
     r = subprocess.run(argv, env=envv, capture_output=True, text=True, timeout=300, cwd=str(scratch), **kw)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -424,12 +467,22 @@ def test_private_root_cache_read_by_another_user_says_permission_denied(golden, 
         shutil.copytree(root, base / "cache", symlinks=True)
         os.chmod(base / "cache", 0o755)  # the root is listable, the entry (0700, root's) is not
         os.chmod(base / "cache" / key, 0o700)
-        code = ("from flashinfer import cli; import sys; sys.exit(cli.main(['cache', 'verify']))")
+        code = "from flashinfer import cli; import sys; sys.exit(cli.main(['cache', 'verify']))"
         envv = {k: v for k, v in os.environ.items() if not k.startswith("FLASHINFER_")}
-        envv.update(FLASHINFER_JIT_CACHE=str(base / "cache"), PYTHONPATH=str(REPO), HOME=str(base),
-                    PYTHONDONTWRITEBYTECODE="1")
-        r = subprocess.run([sys.executable, "-c", code], env=envv, capture_output=True, text=True, timeout=300,
-                           cwd=str(base), user=65534, group=65534, extra_groups=[])
+        envv.update(
+            FLASHINFER_JIT_CACHE=str(base / "cache"), PYTHONPATH=str(REPO), HOME=str(base), PYTHONDONTWRITEBYTECODE="1"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            env=envv,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=str(base),
+            user=65534,
+            group=65534,
+            extra_groups=[],
+        )
         assert r.returncode == 1, r.stdout + r.stderr
         assert "permission denied" in r.stdout and "FLASHINFER_JIT_CACHE_SHARED=1" in r.stdout
         assert "not writable" not in r.stdout + r.stderr
@@ -596,21 +649,36 @@ def test_link_error_quotes_the_linker_not_collect2(tmp_path, monkeypatch):
     assert [p.name for p in (root / "tmp").iterdir()] == []
 
 
-@pytest.mark.parametrize("log,want", [
-    ("[2/2] c++ x.o -shared -o x.so\n/usr/bin/ld: cannot find -lc10_cuda: No such file or directory\n"
-     "collect2: error: ld returned 1 exit status\nninja: build stopped: subcommand failed.\n",
-     "/usr/bin/ld: cannot find -lc10_cuda: No such file or directory"),
-    ("/usr/bin/ld: final link failed: No space left on device\ncollect2: error: ld returned 1 exit status\n",
-     "/usr/bin/ld: final link failed: No space left on device"),
-    ("FAILED: x.cuda.o\nnvcc fatal   : Could not write file: No space left on device\n",
-     "nvcc fatal   : Could not write file: No space left on device"),
-    ("x.o: In function `f':\nx.cu:(.text+0x1): undefined reference to `g'\ncollect2: error: ld returned 1 exit status\n",
-     "x.cu:(.text+0x1): undefined reference to `g'"),
-    ("ninja: build stopped: subcommand failed.\ncollect2: error: ld returned 1 exit status\n",
-     "collect2: error: ld returned 1 exit status"),
-    ("x.cu(5): error: identifier \"y\" is undefined\n/usr/bin/ld: cannot find -lfoo\n",
-     'x.cu(5): error: identifier "y" is undefined'),
-])
+@pytest.mark.parametrize(
+    "log,want",
+    [
+        (
+            "[2/2] c++ x.o -shared -o x.so\n/usr/bin/ld: cannot find -lc10_cuda: No such file or directory\n"
+            "collect2: error: ld returned 1 exit status\nninja: build stopped: subcommand failed.\n",
+            "/usr/bin/ld: cannot find -lc10_cuda: No such file or directory",
+        ),
+        (
+            "/usr/bin/ld: final link failed: No space left on device\ncollect2: error: ld returned 1 exit status\n",
+            "/usr/bin/ld: final link failed: No space left on device",
+        ),
+        (
+            "FAILED: x.cuda.o\nnvcc fatal   : Could not write file: No space left on device\n",
+            "nvcc fatal   : Could not write file: No space left on device",
+        ),
+        (
+            "x.o: In function `f':\nx.cu:(.text+0x1): undefined reference to `g'\ncollect2: error: ld returned 1 exit status\n",
+            "x.cu:(.text+0x1): undefined reference to `g'",
+        ),
+        (
+            "ninja: build stopped: subcommand failed.\ncollect2: error: ld returned 1 exit status\n",
+            "collect2: error: ld returned 1 exit status",
+        ),
+        (
+            'x.cu(5): error: identifier "y" is undefined\n/usr/bin/ld: cannot find -lfoo\n',
+            'x.cu(5): error: identifier "y" is undefined',
+        ),
+    ],
+)
 def test_first_error_line_is_the_meaningful_one(log, want):
     assert jit.first_error_line(log) == want
 
@@ -661,7 +729,8 @@ def test_import_takes_only_files_the_manifest_lists(cache_copy, tmp_path):
     assert not (dst / key / "payload.bin").exists()
     assert rep.imported == [key] and rep.skipped_files == [f"{key}/payload.bin"]
     assert sorted(p.name for p in (dst / key).iterdir()) == sorted(
-        ["build.log", jcache.MANIFEST, jcache.lib_name(key), "probe.cu"])
+        ["build.log", jcache.MANIFEST, jcache.lib_name(key), "probe.cu"]
+    )
     assert jcache.check_entry(key, dst)[0] is not None
 
 
@@ -670,7 +739,9 @@ def test_import_per_file_cap_refuses_before_writing(cache_copy, tmp_path, monkey
     arc = tmp_path / "big.tar.gz"
     _repack(_export(root, tmp_path), arc, {f"{key}/payload.bin": 8 << 20})
     dst = tmp_path / "b"
-    with pytest.raises(archive.ArchiveError, match="per-file cap of 1048576 bytes.*FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES"):
+    with pytest.raises(
+        archive.ArchiveError, match="per-file cap of 1048576 bytes.*FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES"
+    ):
         archive.import_cache(arc, dst, max_file_bytes=1 << 20)
     monkeypatch.setenv("FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES", "1M")
     with pytest.raises(archive.ArchiveError, match="per-file cap"):
@@ -734,10 +805,25 @@ def test_lock_timeout_error_reaches_the_loader(monkeypatch):
 
 @pytest.mark.parametrize("name", ["FLASHINFER_DISABLE_JIT", "FLASHINFER_JIT_VERBOSE", "FLASHINFER_JIT_CACHE_SHARED"])
 def test_boolean_variables_are_strict(monkeypatch, name):
-    read = getattr(jenv, {"FLASHINFER_DISABLE_JIT": "jit_disabled", "FLASHINFER_JIT_VERBOSE": "jit_verbose",
-                          "FLASHINFER_JIT_CACHE_SHARED": "shared_cache"}[name])
-    for text, want in (("1", True), ("TRUE", True), ("Yes", True), ("on", True), ("0", False), ("false", False),
-                       ("NO", False), ("Off", False), ("", False)):
+    read = getattr(
+        jenv,
+        {
+            "FLASHINFER_DISABLE_JIT": "jit_disabled",
+            "FLASHINFER_JIT_VERBOSE": "jit_verbose",
+            "FLASHINFER_JIT_CACHE_SHARED": "shared_cache",
+        }[name],
+    )
+    for text, want in (
+        ("1", True),
+        ("TRUE", True),
+        ("Yes", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("NO", False),
+        ("Off", False),
+        ("", False),
+    ):
         monkeypatch.setenv(name, text)
         assert read() is want, text
     for text in ("2", "enable", "y", "disabled", "-1"):
@@ -780,18 +866,23 @@ def test_toolkit_lookup_never_writes_the_environment(monkeypatch):
     assert dict(os.environ) == before
 
 
-@pytest.mark.parametrize("name,value,accepted", [
-    ("FLASHINFER_NVCC_THREADS", "x", "an integer >= 0"),
-    ("FLASHINFER_NVCC_THREADS", "-2", "an integer >= 0"),
-    ("FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES", "lots", "a positive size in bytes"),
-    ("FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES", "0", "a positive size in bytes"),
-    ("FLASHINFER_JIT_CACHE_TRUSTED_OWNERS", "no_such_user_xyz", "user names or numeric uids"),
-])
+@pytest.mark.parametrize(
+    "name,value,accepted",
+    [
+        ("FLASHINFER_NVCC_THREADS", "x", "an integer >= 0"),
+        ("FLASHINFER_NVCC_THREADS", "-2", "an integer >= 0"),
+        ("FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES", "lots", "a positive size in bytes"),
+        ("FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES", "0", "a positive size in bytes"),
+        ("FLASHINFER_JIT_CACHE_TRUSTED_OWNERS", "no_such_user_xyz", "user names or numeric uids"),
+    ],
+)
 def test_other_variables_are_strict(monkeypatch, name, value, accepted):
-    read = {"FLASHINFER_NVCC_THREADS": lambda: jenv.nvcc_threads(),
-            "FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES": lambda: jenv.import_max_file_bytes(),
-            "FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES": lambda: jenv.import_max_total_bytes(),
-            "FLASHINFER_JIT_CACHE_TRUSTED_OWNERS": lambda: jcache.trusted_uids()}[name]
+    read = {
+        "FLASHINFER_NVCC_THREADS": lambda: jenv.nvcc_threads(),
+        "FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES": lambda: jenv.import_max_file_bytes(),
+        "FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES": lambda: jenv.import_max_total_bytes(),
+        "FLASHINFER_JIT_CACHE_TRUSTED_OWNERS": lambda: jcache.trusted_uids(),
+    }[name]
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError) as ei:
         read()
@@ -800,6 +891,13 @@ def test_other_variables_are_strict(monkeypatch, name, value, accepted):
 
 
 def test_sizes_parse_with_binary_units():
-    assert [jenv.parse_bytes(t) for t in ("4096", "512K", "256M", "16G", "1T", "2GiB", "3mb")] == \
-        [4096, 512 << 10, 256 << 20, 16 << 30, 1 << 40, 2 << 30, 3 << 20]
+    assert [jenv.parse_bytes(t) for t in ("4096", "512K", "256M", "16G", "1T", "2GiB", "3mb")] == [
+        4096,
+        512 << 10,
+        256 << 20,
+        16 << 30,
+        1 << 40,
+        2 << 30,
+        3 << 20,
+    ]
     assert [jenv.parse_bytes(t) for t in ("", "0", "-1", "1.5G", "12Q")] == [None] * 5

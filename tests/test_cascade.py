@@ -6,7 +6,6 @@ real build of the merge module."""
 from __future__ import annotations
 
 import itertools
-
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 import flashinfer
 from flashinfer import cascade
 from flashinfer.cascade import CascadeSharedSpec, MergeStateSpec, _check_levels, _concatenated_table, _decode_table
-
 from reference import LSE_TOL, assert_close, attention, poisoned
 
 NEG_INF = float("-inf")
@@ -31,8 +29,11 @@ def _merge_ref(vs, ss):
     w = torch.where(torch.isinf(ss) & (ss < 0), torch.zeros_like(ss), torch.exp2(ss - m.nan_to_num(0.0)))
     d = w.sum(dim=-2)
     o = (w[..., None] * vs).sum(dim=-3) / torch.where(d > 0, d, torch.ones_like(d))[..., None]
-    s = torch.where(d > 0, m.squeeze(-2).nan_to_num(0.0) + torch.log2(torch.where(d > 0, d, torch.ones_like(d))),
-                    torch.full_like(d, NEG_INF))
+    s = torch.where(
+        d > 0,
+        m.squeeze(-2).nan_to_num(0.0) + torch.log2(torch.where(d > 0, d, torch.ones_like(d))),
+        torch.full_like(d, NEG_INF),
+    )
     return o, s
 
 
@@ -109,8 +110,9 @@ def test_merge_state_in_place_with_mask_and_views(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("shape", [(5, 0, 2, 64), (1, 1, 4, 128), (300, 8, 32, 128), (7, 13, 3, 40)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(5, 0, 2, 64), (1, 1, 4, 128), (300, 8, 32, 128), (7, 13, 3, 40)], ids=lambda s: "x".join(map(str, s))
+)
 def test_merge_states(dtype, shape):
     v, s = _states(shape, dtype, p_inf=0.3)
     if shape[1]:
@@ -400,21 +402,33 @@ def test_short_prefix_falls_back_to_plain_decode():
 def test_cuda_graph_replays_after_replans():
     batch, hq, hkv, d, ps = 6, 32, 8, 128, 16
     max_pages = 3000
-    bufs = [[torch.zeros(n, dtype=torch.int32, device="cuda") for _ in range(2)] for n in (batch + 1, batch + 1,
-                                                                                        max_pages, batch)]
+    bufs = [
+        [torch.zeros(n, dtype=torch.int32, device="cuda") for _ in range(2)]
+        for n in (batch + 1, batch + 1, max_pages, batch)
+    ]
     bufs[0][0] = torch.zeros(2, dtype=torch.int32, device="cuda")  # level 0: one request
     bufs[1][0] = torch.zeros(2, dtype=torch.int32, device="cuda")
     bufs[3][0] = torch.zeros(1, dtype=torch.int32, device="cuda")
-    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), "NHD", use_cuda_graph=True,
-                                                     qo_indptr_buf_arr=bufs[0], paged_kv_indptr_buf_arr=bufs[1],
-                                                     paged_kv_indices_buf_arr=bufs[2],
-                                                     paged_kv_last_page_len_buf_arr=bufs[3])
-    plans = [(5000, [1, 17, 400, 0, 33, 2]), (40, [700, 700, 700, 700, 700, 700]), (0, [5, 0, 0, 9, 1, 64]),
-             (12000, [0, 0, 0, 0, 0, 0]), (333, [16, 32, 1, 1000, 77, 3])]
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(
+        2,
+        _workspace(),
+        "NHD",
+        use_cuda_graph=True,
+        qo_indptr_buf_arr=bufs[0],
+        paged_kv_indptr_buf_arr=bufs[1],
+        paged_kv_indices_buf_arr=bufs[2],
+        paged_kv_last_page_len_buf_arr=bufs[3],
+    )
+    plans = [
+        (5000, [1, 17, 400, 0, 33, 2]),
+        (40, [700, 700, 700, 700, 700, 700]),
+        (0, [5, 0, 0, 9, 1, 64]),
+        (12000, [0, 0, 0, 0, 0, 0]),
+        (333, [16, 32, 1, 1000, 77, 3]),
+    ]
     caches = []
     for prefix, unique in plans:
-        caches.append(Levels([[(batch, prefix)], [(1, n) for n in unique]], ps, hkv, d, torch.bfloat16, "NHD",
-                             spare=0))
+        caches.append(Levels([[(batch, prefix)], [(1, n) for n in unique]], ps, hkv, d, torch.bfloat16, "NHD", spare=0))
     num_pages = max(c.k.shape[0] for c in caches)
     cache = torch.randn(num_pages, 2, ps, hkv, d, device="cuda").to(torch.bfloat16)
     q = torch.randn(batch, hq, d, device="cuda").to(torch.bfloat16)
@@ -459,7 +473,9 @@ def test_cuda_graph_replays_after_replans():
 def test_flashinfer_doc_example_runs_unchanged():
     """FlashInfer's MultiLevelCascadeAttentionWrapper docstring example, as written, then checked."""
     import torch
+
     import flashinfer
+
     num_layers = 32
     num_qo_heads = 64
     num_kv_heads = 8
@@ -467,9 +483,7 @@ def test_flashinfer_doc_example_runs_unchanged():
     page_size = 16
     # allocate 128MB workspace buffer
     workspace_buffer = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda:0")
-    wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(
-        2, workspace_buffer, "NHD"
-    )
+    wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace_buffer, "NHD")
     batch_size = 7
     shared_kv_num_pages = 512
     unique_kv_num_pages = 128
@@ -477,22 +491,17 @@ def test_flashinfer_doc_example_runs_unchanged():
     shared_kv_page_indices = torch.arange(shared_kv_num_pages).int().to("cuda:0")
     shared_kv_page_indptr = torch.tensor([0, shared_kv_num_pages], dtype=torch.int32, device="cuda:0")
     unique_kv_page_indices = torch.arange(shared_kv_num_pages, total_num_pages).int().to("cuda:0")
-    unique_kv_page_indptr = torch.tensor(
-        [0, 17, 29, 44, 48, 66, 100, 128], dtype=torch.int32, device="cuda:0"
-    )
+    unique_kv_page_indptr = torch.tensor([0, 17, 29, 44, 48, 66, 100, 128], dtype=torch.int32, device="cuda:0")
     shared_kv_last_page_len = torch.tensor([page_size], dtype=torch.int32, device="cuda:0")
     # 1 <= kv_last_page_len <= page_size
-    unique_kv_last_page_len = torch.tensor(
-        [1, 7, 14, 4, 3, 1, 16], dtype=torch.int32, device="cuda:0"
-    )
+    unique_kv_last_page_len = torch.tensor([1, 7, 14, 4, 3, 1, 16], dtype=torch.int32, device="cuda:0")
     kv_cache_at_layer = [
-        torch.randn(
-            total_num_pages, 2, page_size, num_kv_heads, head_dim, dtype=torch.float16, device="cuda:0"
-        ) for _ in range(num_layers)
+        torch.randn(total_num_pages, 2, page_size, num_kv_heads, head_dim, dtype=torch.float16, device="cuda:0")
+        for _ in range(num_layers)
     ]
     qo_indptr_arr = [
         torch.tensor([0, batch_size], dtype=torch.int32, device="cuda:0"),  # top-level for shared KV-Cache
-        torch.arange(batch_size + 1, dtype=torch.int32, device="cuda:0")    # bottom-level for unique KV-Cache
+        torch.arange(batch_size + 1, dtype=torch.int32, device="cuda:0"),  # bottom-level for unique KV-Cache
     ]
     # create auxiliary data structures for batch decode attention
     wrapper.plan(
@@ -540,9 +549,14 @@ def test_legacy_shared_prefix_wrappers(layout, dtype):
     indptr = torch.tensor([0, 17, 29, 44, 48, 66, 100, 128], dtype=torch.int32, device="cuda:0")
     indices = torch.randperm(max_num_pages).int().to("cuda:0")
     last = torch.tensor([1, 7, 14, 4, 3, 1, 16], dtype=torch.int32, device="cuda:0")
-    shape = (max_num_pages, 2, page_size, num_kv_heads, head_dim) if layout == "NHD" else \
-        (max_num_pages, 2, num_kv_heads, page_size, head_dim)
-    sshape = (shared_prefix_len, num_kv_heads, head_dim) if layout == "NHD" else (num_kv_heads, shared_prefix_len, head_dim)
+    shape = (
+        (max_num_pages, 2, page_size, num_kv_heads, head_dim)
+        if layout == "NHD"
+        else (max_num_pages, 2, num_kv_heads, page_size, head_dim)
+    )
+    sshape = (
+        (shared_prefix_len, num_kv_heads, head_dim) if layout == "NHD" else (num_kv_heads, shared_prefix_len, head_dim)
+    )
     cache = torch.randn(shape, dtype=dtype, device="cuda:0")
     k_shared = torch.randn(sshape, dtype=dtype, device="cuda:0")
     v_shared = torch.randn(sshape, dtype=dtype, device="cuda:0")
@@ -627,8 +641,9 @@ def test_run_and_plan_bad_input():
         w.plan(*bad.plan_args(), 8, 2, 64, 16, causal=True, q_data_type=torch.bfloat16)
     with pytest.raises(ValueError, match="contiguous in head_dim"):
         v = torch.randn(4, 2, 64, device="cuda").to(torch.bfloat16)[:, :, ::2]  # last stride 2
-        flashinfer.merge_state_in_place(v, torch.zeros(4, 2, device="cuda"), v.contiguous(),
-                                        torch.zeros(4, 2, device="cuda"))
+        flashinfer.merge_state_in_place(
+            v, torch.zeros(4, 2, device="cuda"), v.contiguous(), torch.zeros(4, 2, device="cuda")
+        )
     with pytest.raises(TypeError, match="float32"):
         v = torch.randn(4, 2, 64, device="cuda").to(torch.bfloat16)
         flashinfer.merge_state_in_place(v, torch.zeros(4, 2, device="cuda").half(), v, torch.zeros(4, 2, device="cuda"))
@@ -655,8 +670,14 @@ def _cpu_levels(levels, page_size=16, full_pages_above=False):
         qo = [0] + list(itertools.accumulate(q for q, _ in reqs))
         kv = [0] + list(itertools.accumulate(pages))
         last = [n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)]
-        tables.append((torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32),
-                       torch.arange(base, base + kv[-1], dtype=torch.int32) * 3 + 1, torch.tensor(last, dtype=torch.int32)))
+        tables.append(
+            (
+                torch.tensor(qo, dtype=torch.int32),
+                torch.tensor(kv, dtype=torch.int32),
+                torch.arange(base, base + kv[-1], dtype=torch.int32) * 3 + 1,
+                torch.tensor(last, dtype=torch.int32),
+            )
+        )
         base += kv[-1]
     return [list(x) for x in zip(*tables)]
 
@@ -681,9 +702,16 @@ def test_check_levels_rejects_bad_tables():
         _check_levels(2, qo, [kv[0], kv[1][:-1]], idx, last, 16)
 
 
-@pytest.mark.parametrize("batch,prefix,unique,pays", [(64, 32768, 1024, True), (256, 32768, 1024, True),
-                                                      (64, 4096, 1024, True), (64, 262144, 256, False),
-                                                      (8, 32768, 16, False)])
+@pytest.mark.parametrize(
+    "batch,prefix,unique,pays",
+    [
+        (64, 32768, 1024, True),
+        (256, 32768, 1024, True),
+        (64, 4096, 1024, True),
+        (64, 262144, 256, False),
+        (8, 32768, 16, False),
+    ],
+)
 def test_overlap_of_shared_and_decode_levels_pays_when_decode_is_not_negligible(batch, prefix, unique, pays):
     qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, unique)] * batch])
     shared, own = _check_levels(2, qo, kv, idx, last, 16)
@@ -733,9 +761,11 @@ def test_fallback_cost_model():
     assert plain > 10 * casc
     plain, casc = estimate(8, 4096)
     assert plain > casc
+
     # the break-even prefix grows as the batch shrinks
     def breakeven(batch):
         return next(p for p in itertools.count(16, 16) if estimate(batch, p)[0] > estimate(batch, p)[1])
+
     assert breakeven(64) < breakeven(8) < 4096
 
 
@@ -750,7 +780,10 @@ def test_merge_spec_and_family():
     preset = (Path(__file__).resolve().parent / "prewarm_test.toml").read_text()
     assert 'family = "merge_state"' in preset and 'family = "cascade_shared"' in preset
     shared = [x for x in CascadeSharedSpec.expand() if x.unsupported_reason() is None]
-    assert [x.name() for x in shared] == ["cascade_shared_q-bf16_kv-bf16_o-bf16_d128", "cascade_shared_q-f16_kv-f16_o-f16_d128"]
+    assert [x.name() for x in shared] == [
+        "cascade_shared_q-bf16_kv-bf16_o-bf16_d128",
+        "cascade_shared_q-f16_kv-f16_o-f16_d128",
+    ]
     assert all(x.needs_sm90a() for x in shared) and "128" in CascadeSharedSpec(64).unsupported_reason()
     assert FAMILY_MODULES["cascade_shared"] == "flashinfer.cascade"
 
@@ -845,9 +878,18 @@ def _cpu_wrapper(monkeypatch, num_levels):
     w._num_levels, w._kv_layout, w._use_cuda_graph, w._device = num_levels, "NHD", False, torch.device("cpu")
     w._bufs = [None] * 4
     w._decode_ws, w._prefill_ws = cascade.MultiLevelCascadeAttentionWrapper._split_workspace(
-        torch.empty(1 << 20, dtype=torch.uint8))
+        torch.empty(1 << 20, dtype=torch.uint8)
+    )
     w._prefill = [w._make_prefill(l) for l in range(num_levels)]
-    w._shared, w._decode, w._plain, w._graph_mask, w._graph_path, w._graph_batch, w._plan = {}, None, None, None, None, None, None
+    w._shared, w._decode, w._plain, w._graph_mask, w._graph_path, w._graph_batch, w._plan = (
+        {},
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
     return w, merges
 
 
@@ -858,10 +900,13 @@ def test_plan_and_run_glue_on_the_cpu(monkeypatch):
     spec = [[(5, 300)], [(2, 64), (3, 0)], [(1, n) for n in [5, 0, 17, 1, 33]]]
     qo, kv, idx, last = _cpu_levels(spec)
     w._fallback = "never"
-    w.plan(qo, kv, idx, last, 8, 2, 64, 16, causal=True, sm_scale=0.1, logits_soft_cap=5.0,
-           q_data_type="bfloat16")
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, causal=True, sm_scale=0.1, logits_soft_cap=5.0, q_data_type="bfloat16")
     st = w.plan_stats()
-    assert st["path"] == "cascade" and st["kernels"] == [("batch_prefill", 0), ("batch_prefill", 1), ("batch_decode", 2)]
+    assert st["path"] == "cascade" and st["kernels"] == [
+        ("batch_prefill", 0),
+        ("batch_prefill", 1),
+        ("batch_decode", 2),
+    ]
     p0 = w._prefill[0].plans[-1]
     assert p0["causal"] is False and p0["sm_scale"] == 0.1 and p0["logits_soft_cap"] == 5.0
     assert p0["q_data_type"] == torch.bfloat16
@@ -945,7 +990,7 @@ def test_shared_level_split_on_the_cpu(monkeypatch):
         pl = shared._plan
         assert pl["chunk_size"] % 64 == 0 and pl["chunks"] * pl["chunk_size"] >= prefix
         assert (pl["chunks"] - 1) * pl["chunk_size"] < prefix
-        assert pl["pages"].tolist() == lv.indices.tolist() and pl["sm_scale"] == pytest.approx(128 ** -0.5)
+        assert pl["pages"].tolist() == lv.indices.tolist() and pl["sm_scale"] == pytest.approx(128**-0.5)
         return pl["chunks"], pl["chunk_size"]
 
     assert split(64, 32768) == (16, 2048)  # 2 query tiles x 8 heads x 16 chunks = 256 CTAs of 264 slots

@@ -806,8 +806,12 @@ def test_prewarm_shared_and_import_caps_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
     from flashinfer.cli import main
 
-    assert main(["prewarm", "--families", "probe", "--axis", "constant=1", "--axis", "dtype=f32", "--jobs", "1",
-                 "--shared"]) == 0
+    assert (
+        main(
+            ["prewarm", "--families", "probe", "--axis", "constant=1", "--axis", "dtype=f32", "--jobs", "1", "--shared"]
+        )
+        == 0
+    )
     entries = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("probe_")]
     assert entries, "prewarm built nothing"
     for p in entries[0].iterdir():

@@ -11,7 +11,6 @@ import torch
 
 import flashinfer
 from flashinfer.decode import SingleDecodeSpec
-
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
@@ -34,8 +33,14 @@ def _check(q, k, v, k_nhd, v_nhd, layout, **kw):
     o, l = flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout=layout, return_lse=True, out=out, lse=lse, **kw)
     assert o is out and l is lse
     ref_kw = {n: kw[n] for n in ("pos_encoding_mode", "window_left", "sm_scale", "rope_scale", "rope_theta") if n in kw}
-    ref_o, ref_lse = attention(q[None], k_nhd, v_nhd, logits_soft_cap=kw.get("logits_soft_cap") or 0.0,
-                               v_scale=kw.get("v_scale") or 1.0, **ref_kw)
+    ref_o, ref_lse = attention(
+        q[None],
+        k_nhd,
+        v_nhd,
+        logits_soft_cap=kw.get("logits_soft_cap") or 0.0,
+        v_scale=kw.get("v_scale") or 1.0,
+        **ref_kw,
+    )
     assert_close(o, ref_o[0], what="o")
     assert not torch.isnan(l).any(), "lse: NaN (unwritten)"
     torch.testing.assert_close(l.double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
@@ -61,8 +66,9 @@ def test_decode_matrix(spec: SingleDecodeSpec, kv_len: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_kv_heads,group", [(1, 1), (32, 1), (8, 2), (4, 3), (8, 4), (2, 5), (4, 7), (8, 8),
-                                                (2, 16), (1, 32), (3, 12)])
+@pytest.mark.parametrize(
+    "num_kv_heads,group", [(1, 1), (32, 1), (8, 2), (4, 3), (8, 4), (2, 5), (4, 7), (8, 8), (2, 16), (1, 32), (3, 12)]
+)
 @pytest.mark.parametrize("kv_len", [127, 33001])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_decode_gqa_groups(num_kv_heads, group, kv_len, layout):
@@ -75,8 +81,9 @@ def test_decode_gqa_groups(num_kv_heads, group, kv_len, layout):
 def test_decode_scales_and_defaults(pos):
     q, k, v, k_nhd, v_nhd = _inputs(5000, 16, 4, 64, torch.float16, "NHD")
     sm = 0.07
-    out = flashinfer.single_decode_with_kv_cache(q, k, v, pos_encoding_mode=pos, sm_scale=sm, q_scale=0.5, k_scale=1.5,
-                                                 v_scale=0.25)
+    out = flashinfer.single_decode_with_kv_cache(
+        q, k, v, pos_encoding_mode=pos, sm_scale=sm, q_scale=0.5, k_scale=1.5, v_scale=0.25
+    )
     ref, _ = attention(q[None], k_nhd, v_nhd, sm_scale=sm * 0.75, pos_encoding_mode=pos, v_scale=0.25)
     assert_close(out, ref[0])
     # Defaults: sm_scale 1/sqrt(d), no lse; the tensor-core route (the prefill kernel) agrees up to rounding.
@@ -178,23 +185,52 @@ def _check_tc(q, k, v, k_nhd, v_nhd, layout, pos="NONE", q_scale=None, k_scale=N
     num_qo_heads, head_dim = q.shape
     out = poisoned((num_qo_heads, head_dim), q.dtype)
     lse = poisoned((num_qo_heads,), torch.float32)
-    o, l = flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout=layout, pos_encoding_mode=pos,
-                                                  use_tensor_cores=True, q_scale=q_scale, k_scale=k_scale,
-                                                  v_scale=v_scale, return_lse=True, out=out, lse=lse, **kw)
+    o, l = flashinfer.single_decode_with_kv_cache(
+        q,
+        k,
+        v,
+        kv_layout=layout,
+        pos_encoding_mode=pos,
+        use_tensor_cores=True,
+        q_scale=q_scale,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        return_lse=True,
+        out=out,
+        lse=lse,
+        **kw,
+    )
     assert o is out and l is lse
     sm = kw.get("sm_scale") or 1.0 / head_dim**0.5
     sm *= (q_scale or 1.0) * (k_scale or 1.0)
     ref_kw = {n: kw[n] for n in ("window_left", "rope_scale", "rope_theta") if n in kw}
-    ref_o, ref_lse = attention(q[None], k_nhd, v_nhd, sm_scale=sm, pos_encoding_mode=pos,
-                               logits_soft_cap=kw.get("logits_soft_cap") or 0.0, v_scale=v_scale or 1.0, **ref_kw)
+    ref_o, ref_lse = attention(
+        q[None],
+        k_nhd,
+        v_nhd,
+        sm_scale=sm,
+        pos_encoding_mode=pos,
+        logits_soft_cap=kw.get("logits_soft_cap") or 0.0,
+        v_scale=v_scale or 1.0,
+        **ref_kw,
+    )
     _assert_close_tc(o, ref_o[0], pos)
     assert not torch.isnan(l).any(), "lse: NaN (unwritten)"
     tol = TOLERANCES[q.dtype] if pos == "ROPE_LLAMA" else LSE_TOL
     torch.testing.assert_close(l.double(), ref_lse[0], atol=tol[0], rtol=tol[1])
     # Without out/lse and without return_lse: fresh tensors, the same values.
-    o2 = flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout=layout, pos_encoding_mode=pos,
-                                                use_tensor_cores=True, q_scale=q_scale, k_scale=k_scale,
-                                                v_scale=v_scale, **kw)
+    o2 = flashinfer.single_decode_with_kv_cache(
+        q,
+        k,
+        v,
+        kv_layout=layout,
+        pos_encoding_mode=pos,
+        use_tensor_cores=True,
+        q_scale=q_scale,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        **kw,
+    )
     assert o2.shape == o.shape and o2.dtype == o.dtype
     torch.testing.assert_close(o2, o, atol=0, rtol=0)
 
@@ -202,8 +238,11 @@ def _check_tc(q, k, v, k_nhd, v_nhd, layout, pos="NONE", q_scale=None, k_scale=N
 # prefill_single specs these need: window/soft cap off at every head_dim/dtype/pos (and d128 bf16 with both):
 # all inside `--preset test` (SINGLE_SPECS of test_prefill.py).
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 256)],
-                         ids=["bf16-d128", "f16-d64", "bf16-d256"])
+@pytest.mark.parametrize(
+    "dtype,head_dim",
+    [(torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 256)],
+    ids=["bf16-d128", "f16-d64", "bf16-d256"],
+)
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("pos", ["NONE", "ROPE_LLAMA", "ALIBI"])
 def test_decode_tensor_cores_matrix(dtype, head_dim, layout, pos):
@@ -231,8 +270,14 @@ def test_decode_tensor_cores_scales_and_views():
     k_big = torch.randn(3000, 4, 256, device="cuda", dtype=torch.float16)
     k_view, v_view = k_big[:, :, :128], k_big[:, :, 128:]
     _check_tc(q_big[:, 128:256], k_view, v_view, k_view, v_view, "NHD", v_scale=2.0)
-    _check_tc(q_big.view(-1)[4 : 4 + 16 * 128].view(16, 128), k_view.transpose(0, 1), v_view.transpose(0, 1),
-              k_view, v_view, "HND")
+    _check_tc(
+        q_big.view(-1)[4 : 4 + 16 * 128].view(16, 128),
+        k_view.transpose(0, 1),
+        v_view.transpose(0, 1),
+        k_view,
+        v_view,
+        "HND",
+    )
 
 
 @pytest.mark.gpu
@@ -240,8 +285,9 @@ def test_decode_tensor_cores_torch_compile():
     q, k, v, k_nhd, v_nhd = _inputs(3000, 16, 4, 128, torch.bfloat16, "HND")
 
     def f(q, k, v):
-        o, lse = flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout="HND", use_tensor_cores=True,
-                                                        v_scale=0.5, return_lse=True)
+        o, lse = flashinfer.single_decode_with_kv_cache(
+            q, k, v, kv_layout="HND", use_tensor_cores=True, v_scale=0.5, return_lse=True
+        )
         return o * 2, lse
 
     o, lse = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
@@ -262,10 +308,22 @@ def _bad_cases():
     c = "cuda"
     bf = torch.bfloat16
     q = lambda *s, dt=bf, dev=c: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
-    yield "cpu tensors", (q(8, 128, dev="cpu"), q(10, 2, 128, dev="cpu"), q(10, 2, 128, dev="cpu")), {}, ValueError, "CUDA"
+    yield (
+        "cpu tensors",
+        (q(8, 128, dev="cpu"), q(10, 2, 128, dev="cpu"), q(10, 2, 128, dev="cpu")),
+        {},
+        ValueError,
+        "CUDA",
+    )
     yield "q on cpu", (q(8, 128, dev="cpu"), q(10, 2, 128), q(10, 2, 128)), {}, ValueError, "CUDA"
     yield "mixed dtypes", (q(8, 128, dt=torch.float16), q(10, 2, 128), q(10, 2, 128)), {}, TypeError, "dtype"
-    yield "float32", (q(8, 128, dt=torch.float32), q(10, 2, 128, dt=torch.float32), q(10, 2, 128, dt=torch.float32)), {}, TypeError, "float16"
+    yield (
+        "float32",
+        (q(8, 128, dt=torch.float32), q(10, 2, 128, dt=torch.float32), q(10, 2, 128, dt=torch.float32)),
+        {},
+        TypeError,
+        "float16",
+    )
     yield "head_dim 96", (q(8, 96), q(10, 2, 96), q(10, 2, 96)), {}, ValueError, "head_dim 96"
     yield "q rank", (q(1, 8, 128), q(10, 2, 128), q(10, 2, 128)), {}, ValueError, "2 dimensions"
     yield "k rank", (q(8, 128), q(10, 256), q(10, 256)), {}, ValueError, "3 dimensions"
@@ -274,10 +332,28 @@ def _bad_cases():
     yield "groups", (q(6, 128), q(10, 4, 128), q(10, 4, 128)), {}, ValueError, "multiple"
     yield "kv_len 0", (q(8, 128), q(0, 2, 128), q(0, 2, 128)), {}, ValueError, "kv_len is 0"
     yield "layout", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"kv_layout": "NDH"}, ValueError, "kv_layout"
-    yield "pos mode", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"pos_encoding_mode": "ROPE"}, ValueError, "pos_encoding_mode"
+    yield (
+        "pos mode",
+        (q(8, 128), q(10, 2, 128), q(10, 2, 128)),
+        {"pos_encoding_mode": "ROPE"},
+        ValueError,
+        "pos_encoding_mode",
+    )
     yield "window", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"window_left": -2}, ValueError, "window_left"
-    yield "soft cap", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"logits_soft_cap": -1.0}, ValueError, "logits_soft_cap"
-    yield "cuda scale", (q(8, 128), q(10, 2, 128), q(10, 2, 128)), {"k_scale": torch.ones(1, device=c)}, TypeError, "k_scale"
+    yield (
+        "soft cap",
+        (q(8, 128), q(10, 2, 128), q(10, 2, 128)),
+        {"logits_soft_cap": -1.0},
+        ValueError,
+        "logits_soft_cap",
+    )
+    yield (
+        "cuda scale",
+        (q(8, 128), q(10, 2, 128), q(10, 2, 128)),
+        {"k_scale": torch.ones(1, device=c)},
+        TypeError,
+        "k_scale",
+    )
     unaligned = q(10, 2, 136)[:, :, 4:132]
     yield "unaligned k", (q(8, 128), unaligned, unaligned), {}, ValueError, "16-byte"
     odd_stride = q(10, 2, 129)[:, :, :128]
@@ -359,8 +435,10 @@ _NO_SPILL_SPECS = [
 def _batch_specs():
     from flashinfer.batch_decode import BatchDecodePagedSpec
 
-    return [BatchDecodePagedSpec(head_dim=256, kv_layout="NHD", pos_encoding_mode="NONE", use_logits_soft_cap=True),
-            BatchDecodePagedSpec(head_dim=128, kv_layout="HND", pos_encoding_mode="ROPE_LLAMA")]
+    return [
+        BatchDecodePagedSpec(head_dim=256, kv_layout="NHD", pos_encoding_mode="NONE", use_logits_soft_cap=True),
+        BatchDecodePagedSpec(head_dim=128, kv_layout="HND", pos_encoding_mode="ROPE_LLAMA"),
+    ]
 
 
 @pytest.mark.parametrize("spec", _NO_SPILL_SPECS + _batch_specs(), ids=lambda s: s.name())
@@ -374,4 +452,6 @@ def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch):
     log = report.log_path.read_text()
     frames = [line.strip() for line in log.splitlines() if "bytes stack frame" in line]
     assert frames, "no ptxas resource report in the build log"
-    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") for line in frames), frames
+    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") for line in frames), (
+        frames
+    )

@@ -26,8 +26,13 @@ EXAMPLES = ROOT / "examples"
 def _env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(
+        NCCL_NVLS_ENABLE="0",
+        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+        NVSHMEM_DISABLE_NVLS="1",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     env.update(extra)
     return env
 
@@ -40,8 +45,19 @@ def _run(args, timeout: int, **env) -> subprocess.CompletedProcess:
 
 
 def _torchrun(nproc: int, script: Path, *args: str, timeout: int, **env) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                 str(script), *args], timeout, **env)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(script),
+            *args,
+        ],
+        timeout,
+        **env,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- CPU runs
@@ -49,17 +65,41 @@ def _torchrun(nproc: int, script: Path, *args: str, timeout: int, **env) -> subp
 
 def test_generate_paged_cpu(tmp_path):
     out = tmp_path / "summary.json"
-    p = _run([sys.executable, str(EXAMPLES / "generate_paged.py"), "--device", "cpu", "--size", "tiny",
-              "--requests", "5", "--batch", "3", "--prompt-len", "3-20", "--new-tokens", "1-6", "--arrival", "2",
-              "--page-size", "4", "--quiet", "--json", str(out)], timeout=600)
+    p = _run(
+        [
+            sys.executable,
+            str(EXAMPLES / "generate_paged.py"),
+            "--device",
+            "cpu",
+            "--size",
+            "tiny",
+            "--requests",
+            "5",
+            "--batch",
+            "3",
+            "--prompt-len",
+            "3-20",
+            "--new-tokens",
+            "1-6",
+            "--arrival",
+            "2",
+            "--page-size",
+            "4",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     s = json.loads(out.read_text())
     assert s["checked"] == 5 and s["mismatches"] == 0
     assert s["generated_tokens"] >= s["requests"]  # at least one token each
 
 
-@pytest.mark.parametrize("bug", ["softmax scale 10% too large", "decode step misses its own new key",
-                                 "tokens handed to the wrong request"])
+@pytest.mark.parametrize(
+    "bug", ["softmax scale 10% too large", "decode step misses its own new key", "tokens handed to the wrong request"]
+)
 def test_generate_paged_check_catches_bugs(bug, tmp_path, monkeypatch, capsys):
     """The example's check (float32 reference, teacher forced) fails on a real bug in the attention or the
     scheduling, run in-process with a broken PyTorch stand-in."""
@@ -71,8 +111,13 @@ def test_generate_paged_check_catches_bugs(bug, tmp_path, monkeypatch, capsys):
     if bug.startswith("softmax"):
         monkeypatch.setattr(paged_engine, "_attend", lambda q, k, v, s, w: attend(q, k, v, s * 1.1, w))
     elif bug.startswith("decode"):
-        monkeypatch.setattr(paged_engine, "_attend", lambda q, k, v, s, w: attend(
-            q, k[:-1], v[:-1], s, w) if q.shape[0] == 1 and k.shape[0] > 1 else attend(q, k, v, s, w))
+        monkeypatch.setattr(
+            paged_engine,
+            "_attend",
+            lambda q, k, v, s, w: (
+                attend(q, k[:-1], v[:-1], s, w) if q.shape[0] == 1 and k.shape[0] > 1 else attend(q, k, v, s, w)
+            ),
+        )
     else:
         decode = paged_engine.Engine._decode
 
@@ -83,17 +128,54 @@ def test_generate_paged_check_catches_bugs(bug, tmp_path, monkeypatch, capsys):
 
         monkeypatch.setattr(paged_engine.Engine, "_decode", swapped)
     out = tmp_path / "summary.json"
-    rc = generate_paged.main(["--device", "cpu", "--size", "tiny", "--requests", "5", "--batch", "3", "--prompt-len",
-                              "3-20", "--new-tokens", "4-8", "--arrival", "2", "--page-size", "4", "--quiet", "--json",
-                              str(out)])
+    rc = generate_paged.main(
+        [
+            "--device",
+            "cpu",
+            "--size",
+            "tiny",
+            "--requests",
+            "5",
+            "--batch",
+            "3",
+            "--prompt-len",
+            "3-20",
+            "--new-tokens",
+            "4-8",
+            "--arrival",
+            "2",
+            "--page-size",
+            "4",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     s = json.loads(out.read_text())
     assert rc == 1 and s["mismatches"] > 0, (bug, s, capsys.readouterr().out[-2000:])
 
 
 def test_tp_decode_cpu(tmp_path):
     out = tmp_path / "tp.json"
-    p = _torchrun(2, EXAMPLES / "tp_decode.py", "--cpu", "--size", "tiny", "--requests", "3", "--batch", "2",
-                  "--prompt-len", "3", "20", "--new-tokens", "4", "--json", str(out), timeout=600)
+    p = _torchrun(
+        2,
+        EXAMPLES / "tp_decode.py",
+        "--cpu",
+        "--size",
+        "tiny",
+        "--requests",
+        "3",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "3",
+        "20",
+        "--new-tokens",
+        "4",
+        "--json",
+        str(out),
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     s = json.loads(out.read_text())
     assert s["ok"] and s["world_size"] == 2 and s["identical"] + s["near_tie_divergences"] == 3
@@ -105,8 +187,24 @@ def test_tp_decode_cpu(tmp_path):
 @pytest.mark.gpu
 def test_generate_paged_gpu_small(tmp_path):
     out = tmp_path / "summary.json"
-    p = _run([sys.executable, str(EXAMPLES / "generate_paged.py"), "--requests", "24", "--batch", "8",
-              "--prompt-len", "1-300", "--new-tokens", "1-40", "--quiet", "--json", str(out)], timeout=900)
+    p = _run(
+        [
+            sys.executable,
+            str(EXAMPLES / "generate_paged.py"),
+            "--requests",
+            "24",
+            "--batch",
+            "8",
+            "--prompt-len",
+            "1-300",
+            "--new-tokens",
+            "1-40",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     s = json.loads(out.read_text())
     assert s["cuda_graph"] and s["checked"] == 24 and s["mismatches"] == 0
@@ -115,9 +213,28 @@ def test_generate_paged_gpu_small(tmp_path):
 @pytest.mark.gpu
 def test_generate_paged_gpu_batch64_profiled(tmp_path):
     out = tmp_path / "summary.json"
-    p = _run([sys.executable, str(EXAMPLES / "generate_paged.py"), "--batch", "64", "--requests", "96",
-              "--prompt-len", "16-512", "--new-tokens", "24-48", "--arrival", "32", "--profile", "5", "--quiet",
-              "--json", str(out)], timeout=900)
+    p = _run(
+        [
+            sys.executable,
+            str(EXAMPLES / "generate_paged.py"),
+            "--batch",
+            "64",
+            "--requests",
+            "96",
+            "--prompt-len",
+            "16-512",
+            "--new-tokens",
+            "24-48",
+            "--arrival",
+            "32",
+            "--profile",
+            "5",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     s = json.loads(out.read_text())
     assert s["checked"] == 96 and s["mismatches"] == 0
@@ -125,8 +242,10 @@ def test_generate_paged_gpu_batch64_profiled(tmp_path):
     prof = s["profile"]
     assert isinstance(prof, dict), prof
     assert 0 < prof["ours_share_of_gpu"] < 1 and prof["ours_kernels_ms_per_step"]
-    print(f"batch 64: decode step {s['decode_step_ms_at_max_batch']:.3f} ms, our kernels "
-          f"{100 * prof['ours_share_of_gpu']:.1f}% of GPU time")
+    print(
+        f"batch 64: decode step {s['decode_step_ms_at_max_batch']:.3f} ms, our kernels "
+        f"{100 * prof['ours_share_of_gpu']:.1f}% of GPU time"
+    )
 
 
 @pytest.mark.gpu

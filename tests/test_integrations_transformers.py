@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[transformers]')")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install '.[transformers]')"
+)
 
 import flashinfer.integrations.transformers as fi_tf  # noqa: E402
-
 from reference import attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -44,22 +45,49 @@ class _ReferenceKernels:
     def __init__(self):
         self.calls = []
 
-    def prefill(self, q, k, v, custom_mask=None, causal=False, kv_layout="NHD", sm_scale=None, window_left=-1,
-                logits_soft_cap=None, out=None):
+    def prefill(
+        self,
+        q,
+        k,
+        v,
+        custom_mask=None,
+        causal=False,
+        kv_layout="NHD",
+        sm_scale=None,
+        window_left=-1,
+        logits_soft_cap=None,
+        out=None,
+    ):
         assert kv_layout == "HND" and out is not None and out.is_contiguous()
         k, v = k.transpose(0, 1), v.transpose(0, 1)
-        self.calls.append(("mask" if custom_mask is not None else "causal" if causal else "full", q.shape[0],
-                           k.shape[0], window_left, logits_soft_cap))
-        o, _ = attention(q, k, v, causal=causal, sm_scale=sm_scale, window_left=window_left,
-                         logits_soft_cap=logits_soft_cap or 0.0, mask=custom_mask)
+        self.calls.append(
+            (
+                "mask" if custom_mask is not None else "causal" if causal else "full",
+                q.shape[0],
+                k.shape[0],
+                window_left,
+                logits_soft_cap,
+            )
+        )
+        o, _ = attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            sm_scale=sm_scale,
+            window_left=window_left,
+            logits_soft_cap=logits_soft_cap or 0.0,
+            mask=custom_mask,
+        )
         return out.copy_(o)
 
     def decode(self, q, k, v, kv_layout="NHD", window_left=-1, logits_soft_cap=None, sm_scale=None, out=None):
         assert kv_layout == "HND" and out is not None and out.is_contiguous()
         k, v = k.transpose(0, 1), v.transpose(0, 1)
         self.calls.append(("decode", 1, k.shape[0], window_left, logits_soft_cap))
-        o, _ = attention(q[None], k, v, sm_scale=sm_scale, window_left=window_left,
-                         logits_soft_cap=logits_soft_cap or 0.0)
+        o, _ = attention(
+            q[None], k, v, sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap or 0.0
+        )
         return out.copy_(o[0])
 
 
@@ -81,8 +109,9 @@ def test_register_makes_models_loadable():
     assert fi_tf.is_registered(NAME)
     assert AttentionInterface._global_mapping[NAME] is fi_tf.flashinfer_attention_forward
     assert AttentionMaskInterface._global_mapping[NAME] is fi_tf.flashinfer_attention_mask
-    model = hf_common.random_model(hf_common.make_config("llama", "tiny"), torch.bfloat16, "cpu",
-                                   attn_implementation=NAME)
+    model = hf_common.random_model(
+        hf_common.make_config("llama", "tiny"), torch.bfloat16, "cpu", attn_implementation=NAME
+    )
     assert model.config._attn_implementation == NAME
     assert fi_tf.register(NAME) == NAME  # idempotent
 
@@ -138,24 +167,29 @@ class _Layer(torch.nn.Module):
 
 
 def _qkv(batch=1, heads=4, kv_heads=2, q_len=5, kv_len=9, d=64, dtype=torch.bfloat16, device="cpu"):
-    return (torch.randn(batch, heads, q_len, d, dtype=dtype, device=device),
-            torch.randn(batch, kv_heads, kv_len, d, dtype=dtype, device=device),
-            torch.randn(batch, kv_heads, kv_len, d, dtype=dtype, device=device))
+    return (
+        torch.randn(batch, heads, q_len, d, dtype=dtype, device=device),
+        torch.randn(batch, kv_heads, kv_len, d, dtype=dtype, device=device),
+        torch.randn(batch, kv_heads, kv_len, d, dtype=dtype, device=device),
+    )
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    (dict(dropout=0.1), NotImplementedError, "dropout"),
-    (dict(output_attentions=True), NotImplementedError, "output_attentions"),
-    (dict(s_aux=torch.zeros(4)), NotImplementedError, "s_aux"),
-    (dict(position_bias=torch.zeros(1)), NotImplementedError, "position_bias"),
-    (dict(dtype=torch.float32), TypeError, "float16/bfloat16"),
-    (dict(d=80), NotImplementedError, "head_dim 80"),
-    (dict(kv_heads=3, heads=4), ValueError, "multiple"),
-    (dict(mask=torch.zeros(1, 1, 5, 9)), NotImplementedError, "additive"),
-    (dict(mask=torch.ones(1, 4, 5, 9, dtype=torch.bool)), NotImplementedError, "per-head"),
-    (dict(mask=torch.ones(1, 1, 5, 8, dtype=torch.bool)), NotImplementedError, "shape"),
-    (dict(sliding_window=0), ValueError, "sliding_window"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        (dict(dropout=0.1), NotImplementedError, "dropout"),
+        (dict(output_attentions=True), NotImplementedError, "output_attentions"),
+        (dict(s_aux=torch.zeros(4)), NotImplementedError, "s_aux"),
+        (dict(position_bias=torch.zeros(1)), NotImplementedError, "position_bias"),
+        (dict(dtype=torch.float32), TypeError, "float16/bfloat16"),
+        (dict(d=80), NotImplementedError, "head_dim 80"),
+        (dict(kv_heads=3, heads=4), ValueError, "multiple"),
+        (dict(mask=torch.zeros(1, 1, 5, 9)), NotImplementedError, "additive"),
+        (dict(mask=torch.ones(1, 4, 5, 9, dtype=torch.bool)), NotImplementedError, "per-head"),
+        (dict(mask=torch.ones(1, 1, 5, 8, dtype=torch.bool)), NotImplementedError, "shape"),
+        (dict(sliding_window=0), ValueError, "sliding_window"),
+    ],
+)
 def test_unsupported_inputs_raise(case, exc, match):
     shape = {k: case.pop(k) for k in ("dtype", "d", "kv_heads", "heads") if k in case}
     q, k, v = _qkv(**shape)
@@ -179,8 +213,9 @@ def test_cpu_tensors_reach_the_kernel_and_are_refused():
 
 
 def test_training_model_refused(ref_kernels):
-    model = hf_common.random_model(hf_common.make_config("llama", "tiny", attention_dropout=0.1), torch.bfloat16,
-                                   "cpu", attn_implementation=NAME)
+    model = hf_common.random_model(
+        hf_common.make_config("llama", "tiny", attention_dropout=0.1), torch.bfloat16, "cpu", attn_implementation=NAME
+    )
     model.train()
     with pytest.raises(NotImplementedError, match="dropout"):
         model(torch.randint(3, 500, (1, 8)))
@@ -193,8 +228,11 @@ def test_kernel_pattern():
     p = fi_tf.kernel_causal_pattern(3, 5, None, "cpu")
     assert p.tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
     w = fi_tf.kernel_causal_pattern(3, 5, 2, "cpu")
-    assert w.tolist() == [[False, True, True, False, False], [False, False, True, True, False],
-                          [False, False, False, True, True]]
+    assert w.tolist() == [
+        [False, True, True, False, False],
+        [False, False, True, True, False],
+        [False, False, False, True, True],
+    ]
 
 
 def _mask(batch, q_len, kv_len, q_offset=0, kv_offset=0, attention_mask=None, **kw):
@@ -205,9 +243,17 @@ def _mask(batch, q_len, kv_len, q_offset=0, kv_offset=0, attention_mask=None, **
     if "q_length" not in inspect.signature(sdpa_mask).parameters:  # before 5.x's q_length/q_offset arguments
         pytest.skip("this transformers' mask builders take cache_position (covered by the whole-model tests)")
 
-    return fi_tf.flashinfer_attention_mask(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=q_offset,
-                                           kv_offset=kv_offset, mask_function=kw.pop("mask_function", causal_mask_function),
-                                           attention_mask=attention_mask, device="cpu", **kw)
+    return fi_tf.flashinfer_attention_mask(
+        batch_size=batch,
+        q_length=q_len,
+        kv_length=kv_len,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=kw.pop("mask_function", causal_mask_function),
+        attention_mask=attention_mask,
+        device="cpu",
+        **kw,
+    )
 
 
 def test_mask_builder_returns_none_for_the_kernels_pattern():
@@ -217,8 +263,10 @@ def test_mask_builder_returns_none_for_the_kernels_pattern():
     assert _mask(2, 1, 20, q_offset=19) is None  # decode
     assert _mask(1, 4, 20, q_offset=16, attention_mask=torch.ones(1, 20, dtype=torch.bool)) is None  # chunk
     # Mistral's sliding-window cache: the last window-1 tokens plus the new ones, offset accordingly.
-    assert _mask(1, 1, 8, q_offset=30, kv_offset=23, local_size=8,
-                 mask_function=sliding_window_causal_mask_function(8)) is None
+    assert (
+        _mask(1, 1, 8, q_offset=30, kv_offset=23, local_size=8, mask_function=sliding_window_causal_mask_function(8))
+        is None
+    )
     assert _mask(1, 12, 12, local_size=8, mask_function=sliding_window_causal_mask_function(8)) is None
 
 
@@ -237,8 +285,17 @@ def test_mask_builder_returns_the_mask_otherwise():
 
 
 def _generate(model, ids, attention_mask, n):
-    return model.generate(ids, attention_mask=attention_mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    return model.generate(
+        ids,
+        attention_mask=attention_mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
 
 
 def _compare(model, ids, n, attention_mask=None):
@@ -251,8 +308,8 @@ def _compare(model, ids, n, attention_mask=None):
         ref = _generate(model, ids, attention_mask, n)
         model.set_attn_implementation(NAME)
     for b in range(ids.shape[0]):
-        got = ours.sequences[b, ids.shape[1]:].tolist()
-        want = ref.sequences[b, ids.shape[1]:].tolist()
+        got = ours.sequences[b, ids.shape[1] :].tolist()
+        want = ref.sequences[b, ids.shape[1] :].tolist()
         m = hf_common.compare_greedy(got, want, torch.stack([s[b].float() for s in ref.logits]))
         assert m.ok, f"sequence {b}: {m.describe()}"
     return ours, ref
@@ -287,10 +344,20 @@ def test_cpu_left_padded_batch_runs_custom_masks(ref_kernels):
 
 
 def test_cpu_gemma2_soft_cap_and_hybrid_window(ref_kernels):
-    cfg = transformers.Gemma2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=8,
-                                    attn_logit_softcapping=20.0, final_logit_softcapping=None,
-                                    query_pre_attn_scalar=64, max_position_embeddings=256)
+    cfg = transformers.Gemma2Config(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        sliding_window=8,
+        attn_logit_softcapping=20.0,
+        final_logit_softcapping=None,
+        query_pre_attn_scalar=64,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=NAME).eval()
     ids = torch.randint(3, 512, (1, 20))
@@ -327,9 +394,12 @@ def test_gpu_model_matches_sdpa(arch):
     prompts = hf_common.random_prompts(4, cfg.vocab_size, 30, 300, seed=1)
     prompts[0] = prompts[0][:1]  # a one-token prompt: prefill of length 1
     (ours_max, ours_mean), (sdpa_max, sdpa_mean) = _prefill_logit_errors(
-        model, torch.tensor([prompts[1]], device="cuda"))
-    print(f"\n{arch} prefill logits vs float32: ours max {ours_max:.4g} mean {ours_mean:.4g}; "
-          f"sdpa max {sdpa_max:.4g} mean {sdpa_mean:.4g}")
+        model, torch.tensor([prompts[1]], device="cuda")
+    )
+    print(
+        f"\n{arch} prefill logits vs float32: ours max {ours_max:.4g} mean {ours_mean:.4g}; "
+        f"sdpa max {sdpa_max:.4g} mean {sdpa_mean:.4g}"
+    )
     assert ours_max <= 2 * sdpa_max + 1e-2 and ours_mean <= 2 * sdpa_mean + 1e-3
 
     reports = []
@@ -358,14 +428,25 @@ def test_gpu_left_padded_batch_matches_sdpa():
 
 @pytest.mark.gpu
 def test_gpu_gemma2_soft_cap():
-    cfg = transformers.Gemma2Config(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
-                                    num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=64,
-                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                                    query_pre_attn_scalar=256, max_position_embeddings=1024)
+    cfg = transformers.Gemma2Config(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        sliding_window=64,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        query_pre_attn_scalar=256,
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
-                                                              attn_implementation=NAME).eval()
+        model = transformers.AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation=NAME
+        ).eval()
     ids = torch.randint(3, cfg.vocab_size, (1, 150), device="cuda")
     (ours_max, ours_mean), (sdpa_max, sdpa_mean) = _prefill_logit_errors(model, ids)
     assert ours_max <= 2 * sdpa_max + 1e-2 and ours_mean <= 2 * sdpa_mean + 1e-3

@@ -65,7 +65,11 @@ def _worker_env(**extra):
 def _run_worker(*args, timeout=240, **extra_env):
     p = subprocess.run(
         [sys.executable, "-W", "ignore", str(WORKERS), *args],
-        cwd=str(REPO), env=_worker_env(**extra_env), capture_output=True, text=True, timeout=timeout,
+        cwd=str(REPO),
+        env=_worker_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert p.returncode == 0, f"worker {args[0]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -453,14 +457,16 @@ def test_build_goes_through_torch_cpp_extension_load(tmp_path, monkeypatch):
 
 
 def test_first_error_line():
-    log = "$ nvcc -c x.cu -Werror\nx.cu(3): warning: foo\nx.cu(5): error: identifier \"y\" is undefined\nlater error\n"
+    log = '$ nvcc -c x.cu -Werror\nx.cu(3): warning: foo\nx.cu(5): error: identifier "y" is undefined\nlater error\n'
     assert jit.first_error_line(log) == 'x.cu(5): error: identifier "y" is undefined'
     assert jit.first_error_line("x.cu:1:2: error: #error boom\n") == "x.cu:1:2: error: #error boom"
     assert jit.first_error_line("all fine\n") is None
 
 
-@pytest.mark.parametrize("damage", ["so_bytes", "so_missing", "manifest_garbage", "manifest_missing",
-                                    "manifest_other_key", "manifest_wrong_sha"])
+@pytest.mark.parametrize(
+    "damage",
+    ["so_bytes", "so_missing", "manifest_garbage", "manifest_missing", "manifest_other_key", "manifest_wrong_sha"],
+)
 def test_damaged_entry_is_rebuilt(golden, tmp_path, monkeypatch, damage):
     root, key = _use_copy_of(golden, tmp_path, monkeypatch)
     edir = root / key
@@ -622,7 +628,11 @@ def test_eight_processes_race_one_build(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-W", "ignore", str(WORKERS), "race", json.dumps(spec.to_json()), str(ready), str(go)],
-            cwd=str(REPO), env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=str(REPO),
+            env=_worker_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(8)
     ]
@@ -655,7 +665,10 @@ def test_sigkill_midway_leaves_no_loadable_entry(tmp_path):
     root = jit.cache_root()
     proc = subprocess.Popen(
         [sys.executable, "-W", "ignore", str(WORKERS), "build", json.dumps(spec.to_json())],
-        cwd=str(REPO), env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=str(REPO),
+        env=_worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         start_new_session=True,  # own process group: the kill takes nvcc along
     )
     killed_dir = None
@@ -697,6 +710,8 @@ def test_warm_load_in_fresh_process(golden, tmp_path, monkeypatch):
         assert r["forbidden_calls"] == []
     best = min(r["warm_load_ms"] for r in runs)
     all_ms = ", ".join(f"{r['warm_load_ms']:.2f}" for r in runs)
-    print(f"\n[jit] warm load after import torch: {best:.2f} ms (runs: {all_ms} ms; "
-          f"memo hit {runs[-1]['memo_us']:.1f} us)")
+    print(
+        f"\n[jit] warm load after import torch: {best:.2f} ms (runs: {all_ms} ms; "
+        f"memo hit {runs[-1]['memo_us']:.1f} us)"
+    )
     assert best < 200  # target is < 20 ms; generous bound for loaded CI machines

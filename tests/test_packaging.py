@@ -68,21 +68,42 @@ def test_non_editable_install_ships_templates(tmp_path):
     shutil.copytree(REPO / "templates", src / "templates", ignore=ignore)
     target = tmp_path / "site"
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-         *build_args, "--target", str(target), str(src)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--disable-pip-version-check",
+            *build_args,
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
     installed = target / "flashinfer" / "_templates"
-    want = sorted(p.relative_to(REPO / "templates").as_posix() for p in (REPO / "templates").rglob("*")
-                  if p.is_file() and (p.name.endswith(".jinja") or p.suffix in (".cuh", ".h")))
-    got = sorted(p.relative_to(installed).as_posix() for p in installed.rglob("*") if p.is_file()
-                 and p.name != "__init__.py" and "__pycache__" not in p.parts)
+    want = sorted(
+        p.relative_to(REPO / "templates").as_posix()
+        for p in (REPO / "templates").rglob("*")
+        if p.is_file() and (p.name.endswith(".jinja") or p.suffix in (".cuh", ".h"))
+    )
+    got = sorted(
+        p.relative_to(installed).as_posix()
+        for p in installed.rglob("*")
+        if p.is_file() and p.name != "__init__.py" and "__pycache__" not in p.parts
+    )
     assert want and got == want
     assert any(g.startswith("include/flashinfer/") and g.endswith(".cuh") for g in got) or not any(
-        w.endswith(".cuh") for w in want)
-    assert (target / "flashinfer" / "cli" / "__init__.py").is_file() and (target / "flashinfer" / "__main__.py").is_file()
+        w.endswith(".cuh") for w in want
+    )
+    assert (target / "flashinfer" / "cli" / "__init__.py").is_file() and (
+        target / "flashinfer" / "__main__.py"
+    ).is_file()
     assert (target / "flashinfer" / "jit" / "parallel_build.py").is_file()
     assert not (target / "templates").exists() and not (target / "tests").exists()
 
@@ -90,9 +111,17 @@ def test_non_editable_install_ships_templates(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FLASHINFER_JIT_CACHE", "PYTHONPATH")}
     env.update(PYTHONPATH=str(target), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     r = subprocess.run(
-        [sys.executable, "-c", "import flashinfer, flashinfer.jit as j; print(flashinfer.__file__); "
-         "print(j.templates_dir()); print(j.cache_root())"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import flashinfer, flashinfer.jit as j; print(flashinfer.__file__); "
+            "print(j.templates_dir()); print(j.cache_root())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     mod_file, tdir, root = r.stdout.split()[-3:]

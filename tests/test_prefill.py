@@ -11,7 +11,6 @@ import torch
 
 import flashinfer
 from flashinfer.prefill import BatchPrefillSpec, SinglePrefillSpec, decode_with_tensor_cores
-
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
@@ -35,23 +34,60 @@ def _check_lse(lse, ref_lse, what="lse", rope_dtype=None):
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol[0], rtol=tol[1])
 
 
-def _run_single(qo_len, kv_len, num_kv_heads, group, head_dim, dtype, layout="NHD", mask_mode="none",
-                pos="NONE", window_left=-1, soft_cap=0.0, fp16qk=False, scale=1.0, **extra):
+def _run_single(
+    qo_len,
+    kv_len,
+    num_kv_heads,
+    group,
+    head_dim,
+    dtype,
+    layout="NHD",
+    mask_mode="none",
+    pos="NONE",
+    window_left=-1,
+    soft_cap=0.0,
+    fp16qk=False,
+    scale=1.0,
+    **extra,
+):
     q = torch.randn(qo_len, num_kv_heads * group, head_dim, device="cuda", dtype=dtype) * scale
     k = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=dtype)
     v = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=dtype)
     mask = torch.rand(qo_len, kv_len, device="cuda") < 0.7 if mask_mode == "custom" else None
-    kw = dict(pos_encoding_mode=pos, window_left=window_left, logits_soft_cap=soft_cap or None,
-              use_fp16_qk_reduction=fp16qk, **extra)
+    kw = dict(
+        pos_encoding_mode=pos,
+        window_left=window_left,
+        logits_soft_cap=soft_cap or None,
+        use_fp16_qk_reduction=fp16qk,
+        **extra,
+    )
     out = poisoned((qo_len, num_kv_heads * group, head_dim), dtype)
     lse = poisoned((qo_len, num_kv_heads * group), torch.float32)
-    o, l = flashinfer.single_prefill_with_kv_cache(q, _nhd_to(layout, k), _nhd_to(layout, v), custom_mask=mask,
-                                                   causal=mask_mode == "causal", kv_layout=layout,
-                                                   return_lse=True, out=out, lse=lse, **kw)
+    o, l = flashinfer.single_prefill_with_kv_cache(
+        q,
+        _nhd_to(layout, k),
+        _nhd_to(layout, v),
+        custom_mask=mask,
+        causal=mask_mode == "causal",
+        kv_layout=layout,
+        return_lse=True,
+        out=out,
+        lse=lse,
+        **kw,
+    )
     assert o is out and l is lse
     ref_kw = {n: extra[n] for n in ("sm_scale", "rope_scale", "rope_theta") if n in extra}
-    ref_o, ref_lse = _ref(q, k, v, mask_mode=mask_mode, mask=mask, window_left=window_left,
-                          logits_soft_cap=soft_cap, pos_encoding_mode=pos, **ref_kw)
+    ref_o, ref_lse = _ref(
+        q,
+        k,
+        v,
+        mask_mode=mask_mode,
+        mask=mask,
+        window_left=window_left,
+        logits_soft_cap=soft_cap,
+        pos_encoding_mode=pos,
+        **ref_kw,
+    )
     if fp16qk:
         torch.testing.assert_close(o.double(), ref_o, atol=2e-2, rtol=2e-2)
     elif pos == "ROPE_LLAMA":  # rotated q/k are rounded back to 16 bits in shared memory: one more input rounding
@@ -65,15 +101,23 @@ def _run_single(qo_len, kv_len, num_kv_heads, group, head_dim, dtype, layout="NH
 
 # ------------------------------------------------------------------------------------- GPU: single prefill
 
-SINGLE_SPECS = [
-    s for s in SinglePrefillSpec.expand(use_window=(False,), use_logits_soft_cap=(False,),
-                                        use_fp16_qk_reduction=(False,))
-    if s.unsupported_reason() is None
-] + [
-    s for s in SinglePrefillSpec.expand(head_dim=(128,), dtype_q=("bf16",), dtype_kv=("bf16",), dtype_o=("bf16",),
-                                        use_fp16_qk_reduction=(False,))
-    if s.unsupported_reason() is None and (s.use_window or s.use_logits_soft_cap)
-] + [SinglePrefillSpec(128, "f16", "f16", "f16", m, "NONE", False, False, True) for m in ("none", "causal")]
+SINGLE_SPECS = (
+    [
+        s
+        for s in SinglePrefillSpec.expand(
+            use_window=(False,), use_logits_soft_cap=(False,), use_fp16_qk_reduction=(False,)
+        )
+        if s.unsupported_reason() is None
+    ]
+    + [
+        s
+        for s in SinglePrefillSpec.expand(
+            head_dim=(128,), dtype_q=("bf16",), dtype_kv=("bf16",), dtype_o=("bf16",), use_fp16_qk_reduction=(False,)
+        )
+        if s.unsupported_reason() is None and (s.use_window or s.use_logits_soft_cap)
+    ]
+    + [SinglePrefillSpec(128, "f16", "f16", "f16", m, "NONE", False, False, True) for m in ("none", "causal")]
+)
 
 
 @pytest.mark.gpu
@@ -84,10 +128,22 @@ def test_single_prefill_spec_matrix(spec: SinglePrefillSpec):
         kw = {}
         if spec.pos_encoding_mode == "ROPE_LLAMA" and kv_len == 4096:
             kw.update(rope_scale=2.0, rope_theta=5e5)
-        _run_single(qo_len, kv_len, 2, 4, spec.head_dim, dtype, mask_mode=spec.mask_mode,
-                    pos=spec.pos_encoding_mode, window_left=kv_len // 3 if spec.use_window else -1,
-                    soft_cap=1.5 if spec.use_logits_soft_cap else 0.0, fp16qk=spec.use_fp16_qk_reduction,
-                    scale=2.0 if spec.use_logits_soft_cap else 1.0, backend=spec.backend, **kw)
+        _run_single(
+            qo_len,
+            kv_len,
+            2,
+            4,
+            spec.head_dim,
+            dtype,
+            mask_mode=spec.mask_mode,
+            pos=spec.pos_encoding_mode,
+            window_left=kv_len // 3 if spec.use_window else -1,
+            soft_cap=1.5 if spec.use_logits_soft_cap else 0.0,
+            fp16qk=spec.use_fp16_qk_reduction,
+            scale=2.0 if spec.use_logits_soft_cap else 1.0,
+            backend=spec.backend,
+            **kw,
+        )
 
 
 @pytest.mark.gpu
@@ -104,8 +160,9 @@ def test_single_prefill_lengths_groups_masks(qo_len, kv_extra, group, mask_mode)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
-@pytest.mark.parametrize("qo_len,kv_len,group", [(1, 1, 1), (17, 17, 4), (128, 628, 1), (1000, 1000, 8),
-                                                 (300, 4096, 4), (2048, 2048, 1)])
+@pytest.mark.parametrize(
+    "qo_len,kv_len,group", [(1, 1, 1), (17, 17, 4), (128, 628, 1), (1000, 1000, 8), (300, 4096, 4), (2048, 2048, 1)]
+)
 def test_single_prefill_fa3(dtype, mask_mode, qo_len, kv_len, group):
     # The Hopper wgmma kernel, forced (auto takes it only when its query tiles fill the GPU).
     if torch.cuda.get_device_capability() != (9, 0):
@@ -121,8 +178,10 @@ def test_single_prefill_auto_takes_fa3_for_long_queries_on_hopper():
     from flashinfer import jit
 
     _run_single(2048, 2048, 8, 4, 128, torch.bfloat16, mask_mode="causal")
-    assert any(getattr(s, "backend", None) == "fa3" and s.family == "prefill_single" and s.mask_mode == "causal"
-               for s in jit.loaded_modules())
+    assert any(
+        getattr(s, "backend", None) == "fa3" and s.family == "prefill_single" and s.mask_mode == "causal"
+        for s in jit.loaded_modules()
+    )
 
 
 @pytest.mark.gpu
@@ -145,7 +204,7 @@ def test_single_prefill_split_kv_long(head_dim):
 def test_single_prefill_strided_views(layout):
     d = 128
     q_big = torch.randn(200, 8, 3 * d, device="cuda", dtype=torch.float16)
-    q = q_big[:, :, d:2 * d]
+    q = q_big[:, :, d : 2 * d]
     k_big = torch.randn(900, 2, 2 * d, device="cuda", dtype=torch.float16)
     v_big = torch.randn(900, 2, 2 * d, device="cuda", dtype=torch.float16)
     k_nhd, v_nhd = k_big[:, :, :d], v_big[:, :, d:]
@@ -219,10 +278,28 @@ def _single_bad_cases():
     yield "head_dim", (t(8, 4, 96), t(10, 2, 96), t(10, 2, 96)), {}, ValueError, "head_dim 96"
     yield "groups", (t(8, 3, 128), k, k), {}, ValueError, "multiple"
     yield "causal qo>kv", (t(11, 4, 128), k, k), {"causal": True}, ValueError, "qo_len <= kv_len"
-    yield "mask shape", (q, k, k), {"custom_mask": torch.ones(8, 11, dtype=torch.bool, device=c)}, ValueError, "custom_mask"
+    yield (
+        "mask shape",
+        (q, k, k),
+        {"custom_mask": torch.ones(8, 11, dtype=torch.bool, device=c)},
+        ValueError,
+        "custom_mask",
+    )
     yield "mask dtype", (q, k, k), {"custom_mask": torch.ones(8, 10, dtype=torch.int32, device=c)}, TypeError, "bool"
-    yield "packed len", (q, k, k), {"packed_custom_mask": torch.zeros(9, dtype=torch.uint8, device=c)}, ValueError, "bytes"
-    yield "packed dtype", (q, k, k), {"packed_custom_mask": torch.zeros(10, dtype=torch.int8, device=c)}, TypeError, "uint8"
+    yield (
+        "packed len",
+        (q, k, k),
+        {"packed_custom_mask": torch.zeros(9, dtype=torch.uint8, device=c)},
+        ValueError,
+        "bytes",
+    )
+    yield (
+        "packed dtype",
+        (q, k, k),
+        {"packed_custom_mask": torch.zeros(10, dtype=torch.int8, device=c)},
+        TypeError,
+        "uint8",
+    )
     yield "fp16qk bf16", (q, k, k), {"use_fp16_qk_reduction": True}, ValueError, "float16"
     yield "backend", (q, k, k), {"backend": "cudnn"}, NotImplementedError, "cudnn"
     yield "fa3 scope", (q, k, k), {"backend": "fa3", "window_left": 3}, ValueError, "fa3"
@@ -309,8 +386,11 @@ def test_batch_prefill_matrix(storage, page_size, case, mask_mode, layout):
     masks = [torch.rand(q, k, device="cuda") < 0.6 for q, k in zip(qo_lens, kv_lens)] if mask_mode == "custom" else None
     qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    kw = dict(custom_mask=torch.cat([m.flatten() for m in masks]) if masks else None, causal=mask_mode == "causal",
-              q_data_type=dtype)
+    kw = dict(
+        custom_mask=torch.cat([m.flatten() for m in masks]) if masks else None,
+        causal=mask_mode == "causal",
+        q_data_type=dtype,
+    )
     q = torch.cat(qs)
     if storage == "ragged":
         w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, layout)
@@ -344,11 +424,25 @@ def test_batch_prefill_options_and_split_kv(pos):
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
     cache, perm, indptr, last = _paged(ks, vs, 16, "NHD")
     qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
-    w.plan(qo_indptr, indptr, perm, last, 8, 2, 128, 16, causal=True, pos_encoding_mode=pos, window_left=4000,
-           logits_soft_cap=30.0, q_data_type="bfloat16")
+    w.plan(
+        qo_indptr,
+        indptr,
+        perm,
+        last,
+        8,
+        2,
+        128,
+        16,
+        causal=True,
+        pos_encoding_mode=pos,
+        window_left=4000,
+        logits_soft_cap=30.0,
+        q_data_type="bfloat16",
+    )
     o, l = w.run(torch.cat(qs), cache, return_lse=True)
-    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal", pos_encoding_mode=pos, window_left=4000,
-                                logits_soft_cap=30.0)
+    ref_o, ref_lse = _batch_ref(
+        qs, ks, vs, None, "causal", pos_encoding_mode=pos, window_left=4000, logits_soft_cap=30.0
+    )
     assert_close(o, ref_o)
     _check_lse(l, ref_lse, rope_dtype=torch.bfloat16 if pos == "ROPE_LLAMA" else None)
 
@@ -358,10 +452,12 @@ def test_batch_prefill_cuda_graph_replays_new_plans():
     hkv, group, d, ps = 2, 4, 128, 16
     max_pages = 2000
     ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
-    bufs = dict(qo_indptr_buf=torch.empty(5, dtype=torch.int32, device="cuda"),
-                paged_kv_indptr_buf=torch.empty(5, dtype=torch.int32, device="cuda"),
-                paged_kv_indices_buf=torch.empty(max_pages, dtype=torch.int32, device="cuda"),
-                paged_kv_last_page_len_buf=torch.empty(4, dtype=torch.int32, device="cuda"))
+    bufs = dict(
+        qo_indptr_buf=torch.empty(5, dtype=torch.int32, device="cuda"),
+        paged_kv_indptr_buf=torch.empty(5, dtype=torch.int32, device="cuda"),
+        paged_kv_indices_buf=torch.empty(max_pages, dtype=torch.int32, device="cuda"),
+        paged_kv_last_page_len_buf=torch.empty(4, dtype=torch.int32, device="cuda"),
+    )
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, **bufs)
     total_q = 400
     q_buf = torch.empty(total_q, hkv * group, d, device="cuda", dtype=torch.bfloat16)
@@ -428,8 +524,16 @@ def test_batch_prefill_bad_input():
         w.run(q.half(), k.half(), k.half())
     pw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws)
     with pytest.raises(ValueError, match="last_page_len"):
-        pw.plan(i2, torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
-                torch.tensor([5], dtype=torch.int32), 8, 2, 128, 16)
+        pw.plan(
+            i2,
+            torch.tensor([0, 1, 2], dtype=torch.int32),
+            torch.tensor([0, 1], dtype=torch.int32),
+            torch.tensor([5], dtype=torch.int32),
+            8,
+            2,
+            128,
+            16,
+        )
     torch.cuda.synchronize()
 
 
@@ -452,11 +556,15 @@ def test_single_spec_names_and_matrix():
     specs = SinglePrefillSpec.expand()
     assert len({s.name() for s in specs}) == len(specs)
     s = SinglePrefillSpec()
-    assert s.name() == ("prefill_single_q-bf16_kv-bf16_o-bf16_d128_mask-none_pos-none_window-off_softcap-off"
-                        "_fp16qk-off_fa2")
+    assert s.name() == (
+        "prefill_single_q-bf16_kv-bf16_o-bf16_d128_mask-none_pos-none_window-off_softcap-off_fp16qk-off_fa2"
+    )
     assert SinglePrefillSpec.from_json(s.to_json()) == s
     assert "float16" in SinglePrefillSpec(use_fp16_qk_reduction=True).unsupported_reason()
-    assert SinglePrefillSpec(dtype_q="f16", dtype_kv="f16", dtype_o="f16", use_fp16_qk_reduction=True).unsupported_reason() is None
+    assert (
+        SinglePrefillSpec(dtype_q="f16", dtype_kv="f16", dtype_o="f16", use_fp16_qk_reduction=True).unsupported_reason()
+        is None
+    )
     supported = [s for s in specs if s.unsupported_reason() is None]
     # fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos x window x softcap;
     # fa3: head_dim 128 x (bf16, f16) x (none, causal)
@@ -468,8 +576,9 @@ def test_single_spec_names_and_matrix():
     assert "single-request" in BatchPrefillSpec(backend="fa3").unsupported_reason()
 
 
-@pytest.mark.parametrize("cls", [flashinfer.BatchPrefillWithRaggedKVCacheWrapper,
-                                 flashinfer.BatchPrefillWithPagedKVCacheWrapper])
+@pytest.mark.parametrize(
+    "cls", [flashinfer.BatchPrefillWithRaggedKVCacheWrapper, flashinfer.BatchPrefillWithPagedKVCacheWrapper]
+)
 def test_batch_wrappers_refuse_the_fa3_backend(cls):
     with pytest.raises(ValueError, match="fa3 backend covers single_prefill"):
         cls(torch.empty(16, dtype=torch.uint8), backend="fa3")
@@ -506,8 +615,9 @@ def test_batch_spec_names_and_planner():
     assert s.name().startswith("prefill_batch_paged_q-bf16") and BatchPrefillSpec.from_json(s.to_json()) == s
     assert "kv_storage" in BatchPrefillSpec(kv_storage="blocked").unsupported_reason()
     # Few rows, long KV: split into chunks, partial rows and merge rows laid out per request.
-    tile, work, merge, part = _plan_schedule([2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), lambda t: 2, 132, True,
-                                             1 << 30, 8)
+    tile, work, merge, part = _plan_schedule(
+        [2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), lambda t: 2, 132, True, 1 << 30, 8
+    )
     assert tile == 64
     assert {w[0] for w in work} == {0, 2}  # the empty request has no work
     for req, kv_len in ((0, 5000), (2, 3000)):  # each request's chunks tile its whole KV range, in order
@@ -521,8 +631,9 @@ def test_batch_spec_names_and_planner():
     rows = [m[1] + c * m[3] for m in merge for c in range(m[2])]
     assert sorted(rows) == list(range(part))
     # Many rows: no split, every item writes o directly.
-    tile, work, merge, part = _plan_schedule([4096] * 8, [4096] * 8, 1, 32, 128, (64,), lambda t: 2, 132, True,
-                                             1 << 30, 32)
+    tile, work, merge, part = _plan_schedule(
+        [4096] * 8, [4096] * 8, 1, 32, 128, (64,), lambda t: 2, 132, True, 1 << 30, 32
+    )
     assert merge == [] and part == 0 and all(w[4] == -1 for w in work)
     assert work[0][3] == 4096  # heaviest (last causal tiles) first
 
@@ -533,10 +644,15 @@ def test_split_kv_fills_whole_waves():
     from flashinfer.prefill import _plan_schedule
 
     # (query rows, KV, KV heads, fewest CTAs expected: chunks stay >= 512 keys, so short KV fills less)
-    for qo, kv, heads, least in (([64], [32768], 8, 240), ([8], [131072], 8, 240), ([256], [32768], 8, 240),
-                                 ([3], [20000], 2, 78)):
-        tile, work, merge, part = _plan_schedule(qo, kv, 4, heads, 128, (64, 128), lambda t: 2, 132, False, 1 << 30,
-                                                 4 * heads)
+    for qo, kv, heads, least in (
+        ([64], [32768], 8, 240),
+        ([8], [131072], 8, 240),
+        ([256], [32768], 8, 240),
+        ([3], [20000], 2, 78),
+    ):
+        tile, work, merge, part = _plan_schedule(
+            qo, kv, 4, heads, 128, (64, 128), lambda t: 2, 132, False, 1 << 30, 4 * heads
+        )
         ctas = len(work) * heads
         assert least <= ctas <= 264, (qo, kv, ctas)  # one wave
         spans = sorted((w[1], w[2], w[3]) for w in work)

@@ -11,7 +11,7 @@ import flashinfer
 def _pack_py(bits, bitorder):
     out = []
     for i in range(0, len(bits), 8):
-        chunk = bits[i:i + 8] + [0] * (8 - len(bits[i:i + 8]))
+        chunk = bits[i : i + 8] + [0] * (8 - len(bits[i : i + 8]))
         val = 0
         for b, x in enumerate(chunk):
             if x:
@@ -43,7 +43,7 @@ def test_segment_packbits_pads_each_segment(bitorder):
     assert pindptr.dtype == torch.int32
     expect, offs = [], [0]
     for i in range(len(lens)):
-        seg = [int(b) for b in x[indptr[i]:indptr[i + 1]].tolist()]
+        seg = [int(b) for b in x[indptr[i] : indptr[i + 1]].tolist()]
         expect += _pack_py(seg, bitorder)
         offs.append(len(expect))
     assert packed.tolist() == expect and pindptr.tolist() == offs

@@ -55,8 +55,11 @@ def _ragged(lens, nnz_extra=0, idtype=torch.int32, device="cuda"):
     for n, o in zip(lens, offsets):
         pos += list(range(o, o + n))
     pos += [-1] * nnz_extra
-    return (torch.tensor(indptr, dtype=idtype, device=device), torch.tensor(offsets, dtype=idtype, device=device),
-            torch.tensor(pos, dtype=torch.int64))
+    return (
+        torch.tensor(indptr, dtype=idtype, device=device),
+        torch.tensor(offsets, dtype=idtype, device=device),
+        torch.tensor(pos, dtype=torch.int64),
+    )
 
 
 def _expected(x, positions, freqs, interleave):
@@ -102,8 +105,9 @@ def test_pos_ids_matches_reference(dtype, head_dim, rotary_dim, interleave, in_p
         ref_q, ref_k = _expected(q, pos.cpu(), freqs, interleave), _expected(k, pos.cpu(), freqs, interleave)
         for idtype in (torch.int32, torch.int64):
             qi, ki = (q.clone(), k.clone()) if in_place else (q, k)
-            q_rope, k_rope = _run_table("apply_rope_pos_ids", qi, ki, (pos.to(idtype),), rotary_dim, interleave,
-                                        in_place)
+            q_rope, k_rope = _run_table(
+                "apply_rope_pos_ids", qi, ki, (pos.to(idtype),), rotary_dim, interleave, in_place
+            )
             assert_close(q_rope, ref_q, what=f"q nnz={nnz} {idtype}")
             assert_close(k_rope, ref_k, what=f"k nnz={nnz} {idtype}")
 
@@ -127,8 +131,9 @@ def test_ragged_indptr_offsets(dtype, interleave, in_place, idtype, nan_outputs)
     assert_close(q_rope, ref_q, what="q")
     assert_close(k_rope, ref_k, what="k")
     covered = pos >= 0
-    qp, kp = flashinfer.apply_rope_pos_ids(q[covered], k[covered], pos[covered].cuda(), rotary_dim=64,
-                                           interleave=interleave)
+    qp, kp = flashinfer.apply_rope_pos_ids(
+        q[covered], k[covered], pos[covered].cuda(), rotary_dim=64, interleave=interleave
+    )
     torch.testing.assert_close(qp, q_rope[covered], atol=0, rtol=0)
     torch.testing.assert_close(kp, k_rope[covered], atol=0, rtol=0)
 
@@ -143,8 +148,9 @@ def test_single_request_batch_and_empty_batch():
     pos = torch.arange(100, 109)
     assert_close(q_rope, _expected(q, pos, freqs, False))
     # batch_size 0: no token belongs to a request, all pass through
-    q_rope, k_rope = flashinfer.apply_rope(q, k, torch.zeros(1, dtype=torch.int32, device="cuda"),
-                                           torch.zeros(0, dtype=torch.int32, device="cuda"))
+    q_rope, k_rope = flashinfer.apply_rope(
+        q, k, torch.zeros(1, dtype=torch.int32, device="cuda"), torch.zeros(0, dtype=torch.int32, device="cuda")
+    )
     assert torch.equal(q_rope, q) and torch.equal(k_rope, k)
 
 
@@ -164,8 +170,9 @@ def test_large_positions_keep_their_accuracy():
     """Positions up to 2**24 - 1: the angle is reduced in double-float half-turns, still within the dtype's
     rounding of the float64 reference (a float32 angle would be off by ~1 radian there)."""
     q, k, _ = _packed_qk(64, 2, 1, 128, torch.float16)
-    pos = torch.cat([torch.tensor([2**24 - 1, 2**24 - 2, 10_000_000, 1_000_003]),
-                     torch.randint(0, 2**24, (60,))]).cuda()
+    pos = torch.cat(
+        [torch.tensor([2**24 - 1, 2**24 - 2, 10_000_000, 1_000_003]), torch.randint(0, 2**24, (60,))]
+    ).cuda()
     freqs = rope_frequencies(128, 1.0, 1e4)
     q_rope, k_rope = flashinfer.apply_rope_pos_ids(q, k, pos)
     assert_close(q_rope, _expected(q, pos.cpu(), freqs, False))
@@ -200,8 +207,9 @@ def test_llama31_matches_meta_scaling(case, interleave, rotary_dim, nan_outputs)
     ref_q, ref_k = _expected(q, pos.cpu(), freqs, interleave), _expected(k, pos.cpu(), freqs, interleave)
     for in_place in (False, True):
         qi, ki = (q.clone(), k.clone()) if in_place else (q, k)
-        q_rope, k_rope = _run_table("apply_llama31_rope_pos_ids", qi, ki, (pos,), rotary_dim, interleave, in_place,
-                                    **kw)
+        q_rope, k_rope = _run_table(
+            "apply_llama31_rope_pos_ids", qi, ki, (pos,), rotary_dim, interleave, in_place, **kw
+        )
         assert_close(q_rope, ref_q, what=f"llama31 pos_ids in_place={in_place}")
         assert_close(k_rope, ref_k)
     indptr = torch.tensor([0, 30, nnz], dtype=torch.int32, device="cuda")
@@ -293,8 +301,10 @@ def test_cos_sin_cache_matches_reference(dtype, case, in_place, nan_outputs):
     ref_k = _cache_reference(key, positions, cache, head_size, is_neox)
     if in_place:
         v_before = qkv[:, (hq + hk) * head_size :].clone()
-        assert flashinfer.apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cache,
-                                                                 is_neox=is_neox) is None
+        assert (
+            flashinfer.apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cache, is_neox=is_neox)
+            is None
+        )
         q_out, k_out = query, key
         assert torch.equal(qkv[:, (hq + hk) * head_size :], v_before)
     else:
@@ -507,8 +517,7 @@ def test_cpu_tensors_are_refused_before_any_build():
     with pytest.raises(ValueError, match="CUDA"):
         flashinfer.apply_rope_pos_ids(q, q, pos)
     with pytest.raises(ValueError, match="CUDA"):
-        flashinfer.apply_rope_with_cos_sin_cache_inplace(pos, q.view(4, -1), q.view(4, -1), 64,
-                                                         torch.zeros(8, 64))
+        flashinfer.apply_rope_with_cos_sin_cache_inplace(pos, q.view(4, -1), q.view(4, -1), 64, torch.zeros(8, 64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         flashinfer.apply_rope_inplace([1.0], q, pos, pos)
 
@@ -527,18 +536,36 @@ def test_bad_input_raises_clear_errors(fake_cuda):
         (lambda: flashinfer.apply_rope_pos_ids(q[0], k, pos), ValueError, "3-D"),
         (lambda: flashinfer.apply_rope_pos_ids(q, k, pos, rope_theta=0), ValueError, "rope_theta must be > 0"),
         (lambda: flashinfer.apply_rope(q, k, pos[:3].int(), pos[:1].int()), ValueError, "offsets must have 2"),
-        (lambda: flashinfer.apply_llama31_rope_pos_ids(q, k, pos, low_freq_factor=4, high_freq_factor=4),
-         ValueError, "must exceed low_freq_factor"),
-        (lambda: flashinfer.apply_rope_pos_ids_inplace(q.transpose(1, 2).contiguous().transpose(1, 2), k, pos),
-         ValueError, "in place"),
-        (lambda: flashinfer.apply_rope_with_cos_sin_cache(pos, q.view(8, -1), k.reshape(8, -1), 64, cache.half()),
-         ValueError, "cos_sin_cache should be float32"),
-        (lambda: flashinfer.apply_rope_with_cos_sin_cache(pos, q.reshape(8, -1), k.reshape(8, -1), 48, cache),
-         ValueError, "head_size=48"),
-        (lambda: flashinfer.apply_rope_with_cos_sin_cache(pos, q.reshape(8, -1), k.reshape(8, -1), 32, cache),
-         ValueError, r"\[2, head_size=32\]"),
-        (lambda: flashinfer.apply_rope_with_cos_sin_cache(pos[:3], q.reshape(8, -1), k.reshape(8, -1), 64, cache),
-         ValueError, "positions must have 8"),
+        (
+            lambda: flashinfer.apply_llama31_rope_pos_ids(q, k, pos, low_freq_factor=4, high_freq_factor=4),
+            ValueError,
+            "must exceed low_freq_factor",
+        ),
+        (
+            lambda: flashinfer.apply_rope_pos_ids_inplace(q.transpose(1, 2).contiguous().transpose(1, 2), k, pos),
+            ValueError,
+            "in place",
+        ),
+        (
+            lambda: flashinfer.apply_rope_with_cos_sin_cache(pos, q.view(8, -1), k.reshape(8, -1), 64, cache.half()),
+            ValueError,
+            "cos_sin_cache should be float32",
+        ),
+        (
+            lambda: flashinfer.apply_rope_with_cos_sin_cache(pos, q.reshape(8, -1), k.reshape(8, -1), 48, cache),
+            ValueError,
+            "head_size=48",
+        ),
+        (
+            lambda: flashinfer.apply_rope_with_cos_sin_cache(pos, q.reshape(8, -1), k.reshape(8, -1), 32, cache),
+            ValueError,
+            r"\[2, head_size=32\]",
+        ),
+        (
+            lambda: flashinfer.apply_rope_with_cos_sin_cache(pos[:3], q.reshape(8, -1), k.reshape(8, -1), 64, cache),
+            ValueError,
+            "positions must have 8",
+        ),
     ]
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):

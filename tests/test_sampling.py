@@ -44,7 +44,9 @@ def assert_distribution(samples: torch.Tensor, p: np.ndarray, what: str = "") ->
     assert int(s.min()) >= 0 and int(s.max()) < len(p), f"{what}: token out of range"
     counts = torch.bincount(s, minlength=len(p)).numpy()
     outside = int(counts[p == 0].sum())
-    assert outside == 0, f"{what}: {outside} draws outside the kept set, e.g. {np.nonzero((counts > 0) & (p == 0))[0][:5]}"
+    assert outside == 0, (
+        f"{what}: {outside} draws outside the kept set, e.g. {np.nonzero((counts > 0) & (p == 0))[0][:5]}"
+    )
     e = n * p
     big = e >= 20
     tail = (~big) & (p > 0)
@@ -62,7 +64,9 @@ def assert_distribution(samples: torch.Tensor, p: np.ndarray, what: str = "") ->
         assert obs[0] == n, what
         return
     x2 = float(((obs - exp) ** 2 / exp).sum())
-    assert x2 < chi2_bound(len(exp) - 1), f"{what}: chi-square {x2:.1f} over {len(exp) - 1} dof (bound {chi2_bound(len(exp) - 1):.1f})"
+    assert x2 < chi2_bound(len(exp) - 1), (
+        f"{what}: chi-square {x2:.1f} over {len(exp) - 1} dof (bound {chi2_bound(len(exp) - 1):.1f})"
+    )
 
 
 def draws(fn, row: torch.Tensor, *args, n: int = N_DRAWS, **kw) -> torch.Tensor:
@@ -118,23 +122,58 @@ def test_template_renders_every_launcher():
 def test_public_api_is_flashinfers():
     import inspect
 
-    names = ["sampling_from_probs", "sampling_from_logits", "top_p_sampling_from_probs", "top_k_sampling_from_probs",
-             "min_p_sampling_from_probs", "top_k_top_p_sampling_from_logits", "top_k_top_p_sampling_from_probs",
-             "top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits", "softmax", "chain_speculative_sampling"]
+    names = [
+        "sampling_from_probs",
+        "sampling_from_logits",
+        "top_p_sampling_from_probs",
+        "top_k_sampling_from_probs",
+        "min_p_sampling_from_probs",
+        "top_k_top_p_sampling_from_logits",
+        "top_k_top_p_sampling_from_probs",
+        "top_p_renorm_probs",
+        "top_k_renorm_probs",
+        "top_k_mask_logits",
+        "softmax",
+        "chain_speculative_sampling",
+    ]
     for n in names:
         assert getattr(flashinfer, n) is getattr(sampling, n)
     assert sampling.top_p_renorm_prob is sampling.top_p_renorm_probs
     assert sampling.top_k_renorm_prob is sampling.top_k_renorm_probs
     sig = inspect.signature(sampling.top_k_top_p_sampling_from_logits)
-    assert list(sig.parameters) == ["logits", "top_k", "top_p", "indices", "filter_apply_order", "deterministic",
-                                    "generator", "check_nan", "seed", "offset"]
+    assert list(sig.parameters) == [
+        "logits",
+        "top_k",
+        "top_p",
+        "indices",
+        "filter_apply_order",
+        "deterministic",
+        "generator",
+        "check_nan",
+        "seed",
+        "offset",
+    ]
     assert sig.parameters["filter_apply_order"].default == "top_k_first"
     sig = inspect.signature(sampling.top_p_sampling_from_probs)
-    assert list(sig.parameters) == ["probs", "top_p", "indices", "deterministic", "generator", "check_nan", "seed",
-                                    "offset", "return_valid"]
+    assert list(sig.parameters) == [
+        "probs",
+        "top_p",
+        "indices",
+        "deterministic",
+        "generator",
+        "check_nan",
+        "seed",
+        "offset",
+        "return_valid",
+    ]
     sig = inspect.signature(sampling.chain_speculative_sampling)
-    assert list(sig.parameters)[:5] == ["draft_probs", "draft_token_ids", "target_probs",
-                                        "maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num"]
+    assert list(sig.parameters)[:5] == [
+        "draft_probs",
+        "draft_token_ids",
+        "target_probs",
+        "maybe_output_accepted_token_num",
+        "maybe_output_emitted_draft_token_num",
+    ]
     assert list(inspect.signature(sampling.softmax).parameters) == ["logits", "temperature", "enable_pdl"]
 
 
@@ -255,7 +294,7 @@ def _emu_case(rng, vocab, kind, dtype):
     else:
         buf = torch.from_numpy(rng.standard_normal((2, vocab + pad)).astype(np.float32)) * 3
         buf[1, rng.random(vocab + pad) < 0.3] = float("-inf")
-    return buf.to(dtype)[:, pad:pad + vocab]
+    return buf.to(dtype)[:, pad : pad + vocab]
 
 
 @needs_emu
@@ -278,8 +317,20 @@ def test_emulated_sampler_matches_the_exact_definition(case):
     seed, offset = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40))
     cluster = int(rng.choice([0, 1, 2, 8]))
     cached = int(rng.choice([-1, 0, 1]))
-    samples, valid = emu.sample(x, logits=logits, filters=bits, top_k_first=filt != "kp_joint", top_k=k, top_p=p,
-                                min_p=0.2, seed=seed, offset=offset, cluster=cluster, cached=cached, sched_seed=case)
+    samples, valid = emu.sample(
+        x,
+        logits=logits,
+        filters=bits,
+        top_k_first=filt != "kp_joint",
+        top_k=k,
+        top_p=p,
+        min_p=0.2,
+        seed=seed,
+        offset=offset,
+        cluster=cluster,
+        cached=cached,
+        sched_seed=case,
+    )
     for b in range(x.size(0)):
         kw = {"top_k_first": filt != "kp_joint"}
         if filt in ("k", "kp_first", "kp_joint"):
@@ -335,8 +386,10 @@ def test_emulated_row_transforms_match_references(case):
         assert torch.equal(out[b].float(), want)
     # renorm: the kept set exactly, the values to the dtype's rounding
     tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-    for op, kw, filters in ((emu.OP_TOP_K_RENORM, {"top_k": k}, {"top_k": k}),
-                            (emu.OP_TOP_P_RENORM, {"top_p": 0.8}, {"top_p": 0.8})):
+    for op, kw, filters in (
+        (emu.OP_TOP_K_RENORM, {"top_k": k}, {"top_k": k}),
+        (emu.OP_TOP_P_RENORM, {"top_p": 0.8}, {"top_p": 0.8}),
+    ):
         x = probs if op == emu.OP_TOP_K_RENORM else probs.float()
         out = emu.row_op(x, op, cluster=cluster, cached=cached, **kw)
         for b in range(2):
@@ -359,10 +412,12 @@ def _chain_reference(dp, ids, tp, seed, offset):
     out = np.full((b, n + 1), -1, dtype=np.int64)
     acc, emi = np.zeros(b, dtype=np.int64), np.zeros(b, dtype=np.int64)
     for r in range(b):
+
         def accept(i, draw):
             d = int(ids[r, i])
             u = R.uniform(R.philox4x32_10(seed, offset, r, draw)[0])
             return np.float32(u * np.float32(dp[r, i, d])) < np.float32(tp[r, i, d])
+
         pos = n
         for i in range(n):
             if not accept(i, i):
@@ -446,9 +501,14 @@ def _call(filt, x, k, p, m, **kw):
 
 
 def _ref_filters(filt, k, p, m):
-    return {"plain": {}, "top_k": {"top_k": k}, "top_p": {"top_p": p}, "min_p": {"min_p": m},
-            "kp_first": {"top_k": k, "top_p": p, "top_k_first": True},
-            "kp_joint": {"top_k": k, "top_p": p, "top_k_first": False}}[filt]
+    return {
+        "plain": {},
+        "top_k": {"top_k": k},
+        "top_p": {"top_p": p},
+        "min_p": {"min_p": m},
+        "kp_first": {"top_k": k, "top_p": p, "top_k_first": True},
+        "kp_joint": {"top_k": k, "top_p": p, "top_k_first": False},
+    }[filt]
 
 
 @pytest.mark.gpu
@@ -473,8 +533,8 @@ def test_probs_samples_are_exactly_the_definitions(filt, vocab, batch, kind):
     assert got.tolist() == want and valid.tolist() == want_valid
     # per-row parameters, rows starting 4 bytes past a 16-byte boundary
     buf = torch.zeros(batch, vocab + 3, device=GPU)
-    buf[:, 1:vocab + 1] = x.to(GPU)
-    view = buf[:, 1:vocab + 1]
+    buf[:, 1 : vocab + 1] = x.to(GPU)
+    view = buf[:, 1 : vocab + 1]
     kt = torch.tensor(k, device=GPU)
     pt = torch.tensor(p, device=GPU)
     mt = torch.tensor(m, device=GPU)
@@ -547,11 +607,13 @@ def test_probs_draws_follow_the_filtered_distribution(filt, vocab):
 def test_ties_at_the_boundary_are_all_kept():
     x = torch.tensor([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05], dtype=torch.float32)
     # top-k 3: 0.3, 0.2 and the four 0.1s; top-p 0.55: the head up to the 0.1s (0.3 + 0.2 < 0.55), all four of them
-    for fn, args, expect in ((sampling.top_k_sampling_from_probs, (3,), [0, 1, 2, 3, 4, 5]),
-                             (sampling.top_p_sampling_from_probs, (0.55,), [0, 1, 2, 3, 4, 5]),
-                             (sampling.min_p_sampling_from_probs, (1 / 3 - 1e-3,), [0, 1, 2, 3, 4, 5]),  # pivot 0.0997
-                             (sampling.min_p_sampling_from_probs, (1 / 3 + 1e-3,), [0, 1]),  # pivot 0.1003
-                             (sampling.top_p_sampling_from_probs, (0.45,), [0, 1])):
+    for fn, args, expect in (
+        (sampling.top_k_sampling_from_probs, (3,), [0, 1, 2, 3, 4, 5]),
+        (sampling.top_p_sampling_from_probs, (0.55,), [0, 1, 2, 3, 4, 5]),
+        (sampling.min_p_sampling_from_probs, (1 / 3 - 1e-3,), [0, 1, 2, 3, 4, 5]),  # pivot 0.0997
+        (sampling.min_p_sampling_from_probs, (1 / 3 + 1e-3,), [0, 1]),  # pivot 0.1003
+        (sampling.top_p_sampling_from_probs, (0.45,), [0, 1]),
+    ):
         s = draws(fn, x.to(GPU), *args, seed=5, offset=5, n=1 << 18)
         target = np.zeros(8)
         target[expect] = x.numpy()[expect]
@@ -562,8 +624,12 @@ def test_ties_at_the_boundary_are_all_kept():
 def test_all_mass_on_one_token_and_exact_zeros():
     x = torch.zeros(1000)
     x[417] = 1.0
-    for fn, args in ((sampling.sampling_from_probs, ()), (sampling.top_p_sampling_from_probs, (0.9,)),
-                     (sampling.top_k_sampling_from_probs, (10,)), (sampling.min_p_sampling_from_probs, (0.5,))):
+    for fn, args in (
+        (sampling.sampling_from_probs, ()),
+        (sampling.top_p_sampling_from_probs, (0.9,)),
+        (sampling.top_k_sampling_from_probs, (10,)),
+        (sampling.min_p_sampling_from_probs, (0.5,)),
+    ):
         assert set(draws(fn, x.to(GPU), *args, seed=1, offset=1, n=4096).tolist()) == {417}
     logits = torch.full((1000,), -1e4)
     logits[5] = 0.0
@@ -587,13 +653,17 @@ def test_logits_draws_follow_the_filtered_distribution(dtype, order, vocab):
     row = logits.float().numpy()
     k = 20 if vocab == 64 else 100
     # a top_p halfway between two consecutive head masses of the filtered distribution (robust to rounding)
-    base = R.filtered_distribution(row, logits=True, top_k=k) if order == "top_k_first" else \
-        R.filtered_distribution(row, logits=True)
+    base = (
+        R.filtered_distribution(row, logits=True, top_k=k)
+        if order == "top_k_first"
+        else R.filtered_distribution(row, logits=True)
+    )
     cum = np.cumsum(np.sort(base)[::-1])
     j = int(np.searchsorted(cum, 0.7))
     top_p = float((cum[j - 1] + cum[j]) / 2) if j > 0 else float(cum[0] / 2)
-    s = draws(sampling.top_k_top_p_sampling_from_logits, logits.to(GPU), k, top_p, filter_apply_order=order,
-              seed=17, offset=3)
+    s = draws(
+        sampling.top_k_top_p_sampling_from_logits, logits.to(GPU), k, top_p, filter_apply_order=order, seed=17, offset=3
+    )
     target = R.filtered_distribution(row, logits=True, top_k=k, top_p=top_p, top_k_first=order == "top_k_first")
     assert_distribution(s, target, f"{order} {dtype} vocab {vocab}")
     s = draws(sampling.sampling_from_logits, logits.to(GPU), seed=18, offset=3)
@@ -619,8 +689,9 @@ def test_same_seed_same_tokens_and_generators_advance():
     torch.manual_seed(0)
     logits = torch.randn(64, 32000, device=GPU)
     a = sampling.top_k_top_p_sampling_from_logits(logits, 50, 0.9, seed=7, offset=8)
-    b = sampling.top_k_top_p_sampling_from_logits(logits, 50, 0.9, seed=torch.tensor([7], device=GPU),
-                                                  offset=torch.tensor([8], device=GPU))
+    b = sampling.top_k_top_p_sampling_from_logits(
+        logits, 50, 0.9, seed=torch.tensor([7], device=GPU), offset=torch.tensor([8], device=GPU)
+    )
     assert torch.equal(a, b)
     c = sampling.top_k_top_p_sampling_from_logits(logits, 50, 0.9, seed=7, offset=12)
     assert not torch.equal(a, c)
@@ -644,9 +715,11 @@ def test_tokens_do_not_depend_on_the_batch_they_come_in(vocab):
     and of 300 (different launch plans), and in the probability and logit entry points of equal content."""
     torch.manual_seed(1)
     logits = torch.randn(300, vocab, device=GPU) * 2
-    for fn, args in ((sampling.top_k_top_p_sampling_from_logits, (40, 0.8)),
-                     (sampling.top_k_top_p_sampling_from_logits, (300, 0.8)),
-                     (sampling.sampling_from_logits, ())):
+    for fn, args in (
+        (sampling.top_k_top_p_sampling_from_logits, (40, 0.8)),
+        (sampling.top_k_top_p_sampling_from_logits, (300, 0.8)),
+        (sampling.sampling_from_logits, ()),
+    ):
         big = fn(logits, *args, seed=11, offset=4)
         small = fn(logits[:3].clone(), *args, seed=11, offset=4)
         assert torch.equal(big[:3], small)
@@ -723,8 +796,11 @@ def test_softmax_matches_torch(vocab, batch, dtype):
         logits[0, ::3] = float("-inf")
     for temperature in (None, 0.5, torch.rand(batch, device=GPU) + 0.1):
         out = sampling.softmax(logits, temperature)
-        t = 1.0 if temperature is None else (temperature[:, None].double() if isinstance(temperature, torch.Tensor)
-                                             else temperature)
+        t = (
+            1.0
+            if temperature is None
+            else (temperature[:, None].double() if isinstance(temperature, torch.Tensor) else temperature)
+        )
         want = torch.softmax(logits.double() / t, -1)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=1e-5)
@@ -749,8 +825,14 @@ def test_chain_speculative_sampling_is_its_definition(b, n, vocab):
     acc0 = torch.full((b,), 10, dtype=torch.int32, device=GPU)
     emi0 = torch.full((b,), 20, dtype=torch.int64, device=GPU)
     out, acc, emi = sampling.chain_speculative_sampling(
-        torch.from_numpy(dp).to(GPU), torch.from_numpy(ids).to(GPU), torch.from_numpy(tp).to(GPU), acc0, emi0,
-        seed=21, offset=8)
+        torch.from_numpy(dp).to(GPU),
+        torch.from_numpy(ids).to(GPU),
+        torch.from_numpy(tp).to(GPU),
+        acc0,
+        emi0,
+        seed=21,
+        offset=8,
+    )
     want = _chain_reference(dp, ids, tp, 21, 8)
     assert out.dtype == torch.int32 and out.tolist() == want[0].tolist()
     assert acc is acc0 and emi is emi0  # added to in place
@@ -887,7 +969,10 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="temperature tensor"):
         sampling.softmax(x, torch.ones(3, device=GPU))
     with pytest.raises(ValueError, match="target_probs"):
-        sampling.chain_speculative_sampling(torch.rand(2, 3, 10, device=GPU), torch.zeros(2, 3, dtype=torch.int32,
-                                            device=GPU), torch.rand(2, 3, 10, device=GPU))
+        sampling.chain_speculative_sampling(
+            torch.rand(2, 3, 10, device=GPU),
+            torch.zeros(2, 3, dtype=torch.int32, device=GPU),
+            torch.rand(2, 3, 10, device=GPU),
+        )
     assert sampling.top_k_sampling_from_probs(x[:0], 3).shape == (0,)
     assert sampling.top_k_mask_logits(x[:0], 3).shape == (0, 100)

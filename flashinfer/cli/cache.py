@@ -64,10 +64,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     ci.add_argument("archive", metavar="ARCHIVE")
     ci.add_argument("--shared", action="store_true", help="imported entries readable by every user (0755/0644)")
-    ci.add_argument("--max-file-bytes", metavar="SIZE",
-                    help="largest file imported (e.g. 512M; default FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES or 256M)")
-    ci.add_argument("--max-total-bytes", metavar="SIZE",
-                    help="most bytes imported in all (default FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES or 16G)")
+    ci.add_argument(
+        "--max-file-bytes",
+        metavar="SIZE",
+        help="largest file imported (e.g. 512M; default FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES or 256M)",
+    )
+    ci.add_argument(
+        "--max-total-bytes",
+        metavar="SIZE",
+        help="most bytes imported in all (default FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES or 16G)",
+    )
     ci.set_defaults(func=cmd_cache_import)
 
 
@@ -248,8 +254,13 @@ def cmd_cache_import(args: argparse.Namespace) -> int:
             raise UsageError(f"{opt} {value!r}: expected a positive size such as 4096, 512M, 16G")
         caps[opt] = parse_bytes(value) if value is not None else None
     max_file, max_total = caps["--max-file-bytes"], caps["--max-total-bytes"]
-    rep = archive.import_cache(Path(args.archive), root, max_file_bytes=max_file, max_total_bytes=max_total,
-                               shared=True if args.shared else None)
+    rep = archive.import_cache(
+        Path(args.archive),
+        root,
+        max_file_bytes=max_file,
+        max_total_bytes=max_total,
+        shared=True if args.shared else None,
+    )
     for item in rep.skipped_files:
         print(f"skipped  {item}: not listed in its manifest")
     for key in rep.imported + rep.replaced:

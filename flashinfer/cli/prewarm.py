@@ -138,8 +138,9 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        report = jit.prewarm([it.spec for it in supported], jobs=jobs, progress=on_settled,
-                             shared=True if args.shared else None)
+        report = jit.prewarm(
+            [it.spec for it in supported], jobs=jobs, progress=on_settled, shared=True if args.shared else None
+        )
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130

@@ -118,16 +118,20 @@ def register(name: str = DEFAULT_NAME) -> str:
     if not isinstance(name, str) or not name or name.startswith("paged|") or name == "eager":
         raise ValueError(f"name must be a non-empty string, not 'eager' nor a 'paged|' name; got {name!r}")
     if "flash" in name:
-        raise ValueError(f"name {name!r} contains 'flash': transformers would treat it as a flash-attention kernel to "
-                         f"import; use a name without it (default {DEFAULT_NAME!r})")
+        raise ValueError(
+            f"name {name!r} contains 'flash': transformers would treat it as a flash-attention kernel to "
+            f"import; use a name without it (default {DEFAULT_NAME!r})"
+        )
     _transformers()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     current = AttentionInterface._global_mapping.get(name)
     if current is not None and current is not flashinfer_attention_forward:
-        raise ValueError(f"attn_implementation {name!r} is already registered by transformers or another library "
-                         f"({getattr(current, '__module__', '?')}.{getattr(current, '__name__', '?')}); choose another name")
+        raise ValueError(
+            f"attn_implementation {name!r} is already registered by transformers or another library "
+            f"({getattr(current, '__module__', '?')}.{getattr(current, '__name__', '?')}); choose another name"
+        )
     AttentionInterface.register(name, flashinfer_attention_forward)
     AttentionMaskInterface.register(name, flashinfer_attention_mask)
     return name
@@ -198,55 +202,84 @@ def flashinfer_attention_mask(*args: Any, **kwargs: Any) -> Optional[torch.Tenso
 # --------------------------------------------------------------------------------------------------- attention
 
 
-def _check_inputs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Optional[torch.Tensor], dropout: float, kwargs: dict) -> None:
+def _check_inputs(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float,
+    kwargs: dict,
+) -> None:
     where = f"layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__})"
     if dropout and dropout > 0:
         raise NotImplementedError(
             f"{where}: attention dropout {dropout} (training mode) is not supported by the flashinfer backend, "
-            "which is inference-only; call model.eval() or use attn_implementation='sdpa' for training")
+            "which is inference-only; call model.eval() or use attn_implementation='sdpa' for training"
+        )
     if kwargs.get("output_attentions"):
-        raise NotImplementedError(f"{where}: output_attentions=True: the flashinfer backend never materialises the "
-                                  "attention weights; use attn_implementation='eager'")
+        raise NotImplementedError(
+            f"{where}: output_attentions=True: the flashinfer backend never materialises the "
+            "attention weights; use attn_implementation='eager'"
+        )
     for unsupported in ("s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"{where}: {unsupported} (attention sinks / additive position bias) is not "
-                                      "supported by the flashinfer backend")
+            raise NotImplementedError(
+                f"{where}: {unsupported} (attention sinks / additive position bias) is not "
+                "supported by the flashinfer backend"
+            )
     for n, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{where}: {n} must be a 4-D tensor [batch, heads, seq_len, head_dim], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"{where}: {n} must be a 4-D tensor [batch, heads, seq_len, head_dim], got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
     if query.dtype not in _DTYPES:
-        raise TypeError(f"{where}: the flashinfer backend runs float16/bfloat16 models, got {query.dtype}; load the "
-                        "model with dtype=torch.bfloat16 (or float16)")
+        raise TypeError(
+            f"{where}: the flashinfer backend runs float16/bfloat16 models, got {query.dtype}; load the "
+            "model with dtype=torch.bfloat16 (or float16)"
+        )
     if key.dtype != query.dtype or value.dtype != query.dtype:
-        raise TypeError(f"{where}: query, key and value must share one dtype, got {query.dtype}, {key.dtype}, "
-                        f"{value.dtype}")
+        raise TypeError(
+            f"{where}: query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
     batch, num_qo_heads, _, head_dim = query.shape
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"{where}: key {tuple(key.shape)} and value {tuple(value.shape)} do not match query "
-                         f"{tuple(query.shape)} (expected [batch, kv_heads, kv_len, head_dim])")
+        raise ValueError(
+            f"{where}: key {tuple(key.shape)} and value {tuple(value.shape)} do not match query "
+            f"{tuple(query.shape)} (expected [batch, kv_heads, kv_len, head_dim])"
+        )
     if key.shape[-1] != head_dim or value.shape[-1] != head_dim:
-        raise NotImplementedError(f"{where}: query/key/value head dims {head_dim}/{key.shape[-1]}/{value.shape[-1]} "
-                                  "differ; the flashinfer backend needs one head_dim")
+        raise NotImplementedError(
+            f"{where}: query/key/value head dims {head_dim}/{key.shape[-1]}/{value.shape[-1]} "
+            "differ; the flashinfer backend needs one head_dim"
+        )
     if head_dim not in _HEAD_DIMS:
         raise NotImplementedError(f"{where}: head_dim {head_dim} is not supported (supported: {list(_HEAD_DIMS)})")
     if num_qo_heads % key.shape[1]:
         raise ValueError(f"{where}: {num_qo_heads} query heads is not a multiple of {key.shape[1]} KV heads")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise NotImplementedError(f"{where}: attention_mask of type {type(attention_mask).__name__} (e.g. a "
-                                      "flex-attention BlockMask) is not supported; pass a bool mask or none")
+            raise NotImplementedError(
+                f"{where}: attention_mask of type {type(attention_mask).__name__} (e.g. a "
+                "flex-attention BlockMask) is not supported; pass a bool mask or none"
+            )
         if attention_mask.dtype != torch.bool:
             raise NotImplementedError(
                 f"{where}: an additive (float, {attention_mask.dtype}) attention mask is not supported; the flashinfer "
-                "backend takes boolean masks (True: attend), as its registered mask builder makes")
+                "backend takes boolean masks (True: attend), as its registered mask builder makes"
+            )
         q_len, kv_len = query.shape[2], key.shape[2]
-        if (attention_mask.dim() != 4 or attention_mask.shape[0] not in (1, batch) or attention_mask.shape[1] != 1
-                or tuple(attention_mask.shape[2:]) != (q_len, kv_len)):
+        if (
+            attention_mask.dim() != 4
+            or attention_mask.shape[0] not in (1, batch)
+            or attention_mask.shape[1] != 1
+            or tuple(attention_mask.shape[2:]) != (q_len, kv_len)
+        ):
             raise NotImplementedError(
                 f"{where}: attention_mask of shape {tuple(attention_mask.shape)} is not supported; expected "
-                f"[batch or 1, 1, q_len, kv_len] = [{batch}, 1, {q_len}, {kv_len}] (per-head masks are not supported)")
+                f"[batch or 1, 1, q_len, kv_len] = [{batch}, 1, {q_len}, {kv_len}] (per-head masks are not supported)"
+            )
 
 
 def flashinfer_attention_forward(
@@ -314,12 +347,30 @@ def flashinfer_attention_forward(
         k, v = key[b], value[b]  # [kv_heads, kv_len, head_dim]: HND, read in place
         if attention_mask is not None:
             mask = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0]
-            _prefill(q, k, v, custom_mask=mask, kv_layout="HND", sm_scale=sm_scale, logits_soft_cap=soft_cap,
-                     out=out[b])
+            _prefill(
+                q, k, v, custom_mask=mask, kv_layout="HND", sm_scale=sm_scale, logits_soft_cap=soft_cap, out=out[b]
+            )
         elif q_len == 1:  # one new token: it attends to every key (causal or not), minus the window
-            _decode(q[0], k, v, kv_layout="HND", window_left=window_left, logits_soft_cap=soft_cap,
-                    sm_scale=sm_scale, out=out[b, 0])
+            _decode(
+                q[0],
+                k,
+                v,
+                kv_layout="HND",
+                window_left=window_left,
+                logits_soft_cap=soft_cap,
+                sm_scale=sm_scale,
+                out=out[b, 0],
+            )
         else:
-            _prefill(q, k, v, causal=causal, kv_layout="HND", sm_scale=sm_scale, window_left=window_left,
-                     logits_soft_cap=soft_cap, out=out[b])
+            _prefill(
+                q,
+                k,
+                v,
+                causal=causal,
+                kv_layout="HND",
+                sm_scale=sm_scale,
+                window_left=window_left,
+                logits_soft_cap=soft_cap,
+                out=out[b],
+            )
     return out, None

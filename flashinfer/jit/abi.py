@@ -83,7 +83,7 @@ class Launcher:
         """The C declarator the template puts in front of the body: ``extern "C" FI_EXPORT int f(...)``."""
         return f'extern "C" FI_EXPORT {self.restype} {self.symbol}({self.params})'
 
-    def bind(self, lib: ctypes.CDLL) -> "BoundLauncher":
+    def bind(self, lib: ctypes.CDLL) -> BoundLauncher:
         fn = getattr(lib, self.symbol)
         fn.restype = self.c_restype
         fn.argtypes = list(self.argtypes)

@@ -86,8 +86,9 @@ def _tar_mode(path: Path, write: bool) -> str:
     return "r:*"
 
 
-def export_cache(archive: Path, predicate: Optional[Callable[[cache.EntryInfo], bool]] = None,
-                 root: Optional[Path] = None) -> ExportReport:
+def export_cache(
+    archive: Path, predicate: Optional[Callable[[cache.EntryInfo], bool]] = None, root: Optional[Path] = None
+) -> ExportReport:
     """Write the valid entries for which ``predicate`` holds (all when None) to ``archive``.
 
     Only the files an entry needs (manifest, library) plus its build log and rendered sources go in;
@@ -111,8 +112,12 @@ def export_cache(archive: Path, predicate: Optional[Callable[[cache.EntryInfo], 
                     skipped.append((info.key, info.reason))
                     continue
                 chosen.append(info)
-            index = {"format": FORMAT, "created": time.time(), "versions": _exporter_versions(),
-                     "keys": [i.key for i in chosen]}
+            index = {
+                "format": FORMAT,
+                "created": time.time(),
+                "versions": _exporter_versions(),
+                "keys": [i.key for i in chosen],
+            }
             _add_bytes(tar, INDEX, json.dumps(index, indent=2, sort_keys=True, default=repr).encode())
             for info in chosen:
                 # again, right before reading it; then read only through the verified descriptors
@@ -124,8 +129,10 @@ def export_cache(archive: Path, predicate: Optional[Callable[[cache.EntryInfo], 
                     so_bytes = cache.read_fd(ent.lib_fd)
                     if hashlib.sha256(so_bytes).hexdigest() != man.get("so_sha256"):
                         raise JITCacheError(f"{ent.so} changed while being exported; run the export again")
-                    files = [(cache.MANIFEST, json.dumps(man, indent=2, sort_keys=True).encode() + b"\n", 0o644),
-                             (ent.so.name, so_bytes, 0o755)]
+                    files = [
+                        (cache.MANIFEST, json.dumps(man, indent=2, sort_keys=True).encode() + b"\n", 0o644),
+                        (ent.so.name, so_bytes, 0o755),
+                    ]
                     have = {f[0] for f in files}
                     for extra in [*EXTRA_FILES, *(man.get("sources") or [])]:
                         if isinstance(extra, str) and _FILE_RE.match(extra) and extra not in have:
@@ -193,12 +200,14 @@ def _scan_members(tar: tarfile.TarFile, archive: Path, max_file: int, max_total:
             if m.size > max_file:
                 raise ArchiveError(
                     f"{archive}: member {m.name!r} is {m.size} bytes, over the per-file cap of {max_file} bytes "
-                    f"(raise it with FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES or max_file_bytes=); nothing imported")
+                    f"(raise it with FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES or max_file_bytes=); nothing imported"
+                )
             total += m.size
             if total > max_total:
                 raise ArchiveError(
                     f"{archive}: its files add up to more than the total cap of {max_total} bytes (raise it "
-                    f"with FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES or max_total_bytes=); nothing imported")
+                    f"with FLASHINFER_JIT_IMPORT_MAX_TOTAL_BYTES or max_total_bytes=); nothing imported"
+                )
         members.append(m)
 
 
@@ -214,10 +223,13 @@ def _check_members(members: List[tarfile.TarInfo], archive: Path) -> Dict[str, L
         if any(p == ".." for p in parts):
             raise ArchiveError(f"{where}: path traversal ('..'); refusing the whole archive")
         if m.issym() or m.islnk():
-            raise ArchiveError(f"{where}: a {'symbolic' if m.issym() else 'hard'} link (to {m.linkname!r}); "
-                               "refusing the whole archive")
+            raise ArchiveError(
+                f"{where}: a {'symbolic' if m.issym() else 'hard'} link (to {m.linkname!r}); refusing the whole archive"
+            )
         if not (m.isfile() or m.isdir()):
-            raise ArchiveError(f"{where}: not a regular file or directory (device, FIFO...); refusing the whole archive")
+            raise ArchiveError(
+                f"{where}: not a regular file or directory (device, FIFO...); refusing the whole archive"
+            )
         if parts == [INDEX] and m.isfile():
             continue
         if not parts or len(parts) > 2 or (m.isdir() and len(parts) != 1) or (m.isfile() and len(parts) != 2):
@@ -260,8 +272,14 @@ def _free_bytes(root: Path) -> Optional[int]:
         return None
 
 
-def import_cache(archive: Path, root: Optional[Path] = None, *, max_file_bytes: Optional[int] = None,
-                 max_total_bytes: Optional[int] = None, shared: Optional[bool] = None) -> ImportReport:
+def import_cache(
+    archive: Path,
+    root: Optional[Path] = None,
+    *,
+    max_file_bytes: Optional[int] = None,
+    max_total_bytes: Optional[int] = None,
+    shared: Optional[bool] = None,
+) -> ImportReport:
     """Import every entry of ``archive`` into the cache (see the module docstring for the checks).
 
     ``max_file_bytes`` / ``max_total_bytes``: the caps (defaults FLASHINFER_JIT_IMPORT_MAX_FILE_BYTES,
@@ -305,8 +323,10 @@ def import_cache(archive: Path, root: Optional[Path] = None, *, max_file_bytes: 
         need = sum(m.size for files, _ in plans.values() for m in files)
         free = _free_bytes(root)
         if free is not None and need > free:
-            raise ArchiveError(f"{archive}: its entries need {need} bytes, but the file system of {root} has "
-                               f"{free} bytes free (No space left on device); nothing imported")
+            raise ArchiveError(
+                f"{archive}: its entries need {need} bytes, but the file system of {root} has "
+                f"{free} bytes free (No space left on device); nothing imported"
+            )
         if not plans:
             return report
 
@@ -330,8 +350,9 @@ def import_cache(archive: Path, root: Optional[Path] = None, *, max_file_bytes: 
                     src = tar.extractfile(m)
                     if src is None:
                         raise ArchiveError(f"{archive}: member {m.name!r} has no data")
-                    fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600)
+                    fd = os.open(
+                        tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                    )
                     with os.fdopen(fd, "wb") as out:
                         shutil.copyfileobj(src, out, 1 << 20)
                     os.chmod(tmp / fname, 0o755 if fname.endswith(".so") else 0o644)
@@ -360,8 +381,10 @@ def import_cache(archive: Path, root: Optional[Path] = None, *, max_file_bytes: 
                 if not _is_current(man, key):
                     report.not_current.append(key)
             except OSError as e:
-                raise JITCacheError(f"importing {key} from {archive} into {root} failed: {e.strerror or e} "
-                                    f"({env.why_not_writable(root, e)}); that entry was not imported") from e
+                raise JITCacheError(
+                    f"importing {key} from {archive} into {root} failed: {e.strerror or e} "
+                    f"({env.why_not_writable(root, e)}); that entry was not imported"
+                ) from e
             finally:
                 if tmp is not None:
                     cache.release_tmp_dir(tmp, remove=True)

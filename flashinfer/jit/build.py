@@ -73,16 +73,22 @@ class BuildReport:
 # summary lines that follow them ("collect2: error: ld returned 1 exit status", ninja's "FAILED:" and
 # "build stopped", torch's "Error building extension") say only that something failed: used last.
 _COMPILER_ERROR_RE = re.compile(
-    r"(:\s*(fatal\s+)?error\b|\berror\s*:|^error\b|#error|^\S*nvcc fatal\s*:|^\S*ptxas fatal\s*:|\bfatal\s*:)", re.I)
+    r"(:\s*(fatal\s+)?error\b|\berror\s*:|^error\b|#error|^\S*nvcc fatal\s*:|^\S*ptxas fatal\s*:|\bfatal\s*:)", re.I
+)
 _LINKER_RE = re.compile(
     r"(^(\S*/)?(ld|ld\.gold|ld\.lld|lld|ld\.bfd|collect2)(\.exe)?:\s*(?!error: ld returned)"
-    r"|undefined reference to|cannot find -l|multiple definition of)")
+    r"|undefined reference to|cannot find -l|multiple definition of)"
+)
 _SYSTEM_RE = re.compile(
     r"(No space left on device|Disk quota exceeded|Read-only file system|Permission denied|"
-    r"Cannot allocate memory|out of memory|\bKilled\b|Segmentation fault|Too many open files)", re.I)
+    r"Cannot allocate memory|out of memory|\bKilled\b|Segmentation fault|Too many open files)",
+    re.I,
+)
 _SUMMARY_RE = re.compile(
     r"(collect2:\s*error:\s*ld returned|^FAILED:|^ninja: build stopped|ninja: error: |"
-    r"Error building extension|subprocess\.CalledProcessError|^RuntimeError:|^Traceback|exit status)", re.I)
+    r"Error building extension|subprocess\.CalledProcessError|^RuntimeError:|^Traceback|exit status)",
+    re.I,
+)
 _ERROR_RE = re.compile(r"(\berror\b|\bError\b|\bERROR\b)")
 # Command echo lines: ours ("$ ", "# ") and ninja -v's ("[1/2] /usr/local/cuda/bin/nvcc ...").
 _ECHO_RE = re.compile(r"^(\$ |# |\[\d+/\d+\] )")
@@ -261,7 +267,10 @@ def _build_into(spec, key: str, root: Path, shared: bool) -> BuildReport:
             raise JITBuildError(
                 f"rendering templates/{spec.template} for {name} (key {key}) failed: "
                 f"{e.__class__.__name__}: {e}. Log: {lpath}",
-                spec_name=name, key=key, log_path=str(lpath), first_error=f"{e.__class__.__name__}: {e}",
+                spec_name=name,
+                key=key,
+                log_path=str(lpath),
+                first_error=f"{e.__class__.__name__}: {e}",
             ) from e
         cu_files = []
         for fname, text in sources.items():
@@ -296,7 +305,7 @@ def _build_into(spec, key: str, root: Path, shared: bool) -> BuildReport:
             except Exception as e:  # compile/link errors: RuntimeError("Error building extension ...")
                 failure = e
         if log.echo:  # the compiler output went to the log only: show it now
-            with open(lpath, "r", encoding="utf-8", errors="replace") as f:
+            with open(lpath, encoding="utf-8", errors="replace") as f:
                 f.seek(echo_from)
                 sys.stderr.write(f.read())
                 sys.stderr.flush()
@@ -315,7 +324,10 @@ def _build_into(spec, key: str, root: Path, shared: bool) -> BuildReport:
                 first = f"{failure.__class__.__name__}: {msg.splitlines()[0] if msg else '(no message)'}"
             raise JITBuildError(
                 f"building {name} (key {key}) failed: {first}\n  full compiler log: {lpath}",
-                spec_name=name, key=key, log_path=str(lpath), first_error=first,
+                spec_name=name,
+                key=key,
+                log_path=str(lpath),
+                first_error=first,
             ) from failure
         so_name = cache.lib_name(key)
         os.rename(built, tmp / so_name)

@@ -324,7 +324,7 @@ def make_shared_tree(path: Path) -> None:
     """Make a tree this process wrote readable by everyone: dirs 0755, libraries and other executables
     0755, files 0644 (shared caches, e.g. built by root for the unprivileged users of an image). Never
     adds write access; symbolic links are left alone."""
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, _dirnames, filenames in os.walk(path):
         env.make_shared_dir(Path(dirpath))
         for fn in filenames:
             p = os.path.join(dirpath, fn)
@@ -346,27 +346,36 @@ def make_shared_tree(path: Path) -> None:
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", 0)
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
-_KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-         stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+_KIND = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+}
 
-_SHARED_HINT = ("ask the cache's owner to make it readable (`chmod -R go+rX`), or to build it readable by "
-                "everyone (`FLASHINFER_JIT_CACHE_SHARED=1 python -m flashinfer prewarm ...`)")
+_SHARED_HINT = (
+    "ask the cache's owner to make it readable (`chmod -R go+rX`), or to build it readable by "
+    "everyone (`FLASHINFER_JIT_CACHE_SHARED=1 python -m flashinfer prewarm ...`)"
+)
 
 
 def _unreadable(path: Path, what: str, e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
         try:
             st = os.lstat(path)
-            detail = f" (owned by {_owner_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}; this process " \
-                     f"runs as {_owner_name(os.geteuid())})"
+            detail = (
+                f" (owned by {_owner_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}; this process "
+                f"runs as {_owner_name(os.geteuid())})"
+            )
         except OSError:
             detail = ""
         return f"{what} {path} unreadable: permission denied{detail}; {_SHARED_HINT}"
     return f"{what} {path} unreadable ({e.strerror or e})"
 
 
-def open_regular(name: str, dir_fd: Optional[int], path: Path, what: str, secure: bool
-                 ) -> Tuple[Optional[int], str]:
+def open_regular(name: str, dir_fd: Optional[int], path: Path, what: str, secure: bool) -> Tuple[Optional[int], str]:
     """Open ``name`` (relative to ``dir_fd``; ``path`` names it in messages) read-only without following a
     symbolic link and without blocking; (fd, "") for a regular file that passes the owner/mode check
     (``secure``), else (None, reason): "missing", "insecure: ..." (a link, FIFO, device...) or why it is
@@ -528,15 +537,16 @@ class VerifiedEntry:
                 except OSError:
                     pass
 
-    def __enter__(self) -> "VerifiedEntry":
+    def __enter__(self) -> VerifiedEntry:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def verify_entry_dir(edir: Path, key: str, secure: bool = True, select: Optional[str] = None
-                     ) -> Tuple[Optional[VerifiedEntry], Optional[Dict[str, Any]], str]:
+def verify_entry_dir(
+    edir: Path, key: str, secure: bool = True, select: Optional[str] = None
+) -> Tuple[Optional[VerifiedEntry], Optional[Dict[str, Any]], str]:
     """Verify ``edir`` as the entry of ``key``: (VerifiedEntry, manifest, "") or (None, manifest|None,
     reason). The dir is opened without following links, the manifest and library through it
     (:func:`open_regular`); ``secure`` adds the owner/mode checks; ``select``: also require the
@@ -549,7 +559,11 @@ def verify_entry_dir(edir: Path, key: str, secure: bool = True, select: Optional
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             try:
                 if stat.S_ISLNK(os.lstat(edir).st_mode):
-                    return None, None, f"insecure: JIT cache entry {edir} is a symbolic link (entries are plain directories)"
+                    return (
+                        None,
+                        None,
+                        f"insecure: JIT cache entry {edir} is a symbolic link (entries are plain directories)",
+                    )
             except OSError:
                 pass
             return None, None, f"JIT cache entry {edir} is not a directory"
@@ -607,7 +621,9 @@ def verify_entry_dir(edir: Path, key: str, secure: bool = True, select: Optional
             os.close(dfd)
 
 
-def validate_entry_dir(edir: Path, key: str, secure: bool = True) -> Tuple[Optional[Path], Optional[Dict[str, Any]], str]:
+def validate_entry_dir(
+    edir: Path, key: str, secure: bool = True
+) -> Tuple[Optional[Path], Optional[Dict[str, Any]], str]:
     """Validate the entry directory ``edir`` as the entry of ``key`` (see :func:`check_entry`)."""
     ent, man, reason = verify_entry_dir(edir, key, secure=secure)
     if ent is None:
@@ -618,13 +634,14 @@ def validate_entry_dir(edir: Path, key: str, secure: bool = True) -> Tuple[Optio
 
 def _insecure_error(key: str, reason: str) -> JITCacheInsecureError:
     return JITCacheInsecureError(
-        f"refusing to load JIT cache entry {key}: {reason[len('insecure: '):]}; or remove the entry "
+        f"refusing to load JIT cache entry {key}: {reason[len('insecure: ') :]}; or remove the entry "
         f"(`python -m flashinfer cache clear --invalid --yes`) so that it is rebuilt."
     )
 
 
-def open_entry(key: str, root: Optional[Path] = None, raise_insecure: bool = False
-               ) -> Tuple[Optional[VerifiedEntry], Optional[Dict[str, Any]], str]:
+def open_entry(
+    key: str, root: Optional[Path] = None, raise_insecure: bool = False
+) -> Tuple[Optional[VerifiedEntry], Optional[Dict[str, Any]], str]:
     """Like :func:`check_entry`, but a valid entry comes back as a :class:`VerifiedEntry` holding open
     descriptors (the caller closes it)."""
     root = root or env.cache_root_path()
@@ -639,8 +656,9 @@ def open_entry(key: str, root: Optional[Path] = None, raise_insecure: bool = Fal
     return ent, man, reason
 
 
-def check_entry(key: str, root: Optional[Path] = None, raise_insecure: bool = False
-                ) -> Tuple[Optional[Path], Optional[Dict[str, Any]], str]:
+def check_entry(
+    key: str, root: Optional[Path] = None, raise_insecure: bool = False
+) -> Tuple[Optional[Path], Optional[Dict[str, Any]], str]:
     """Validate the entry of ``key``: (path of its .so, manifest, "") if loadable, else (None, manifest|None, reason).
 
     Loadable means: the cache root, the entry dir, manifest.json and the library are owned by a trusted
@@ -667,8 +685,9 @@ def _toolkit_major(v: Any) -> Optional[int]:
         return None
 
 
-def select_entry(spec, root: Optional[Path] = None, raise_insecure: bool = False
-                 ) -> Tuple[Optional[VerifiedEntry], str]:
+def select_entry(
+    spec, root: Optional[Path] = None, raise_insecure: bool = False
+) -> Tuple[Optional[VerifiedEntry], str]:
     """Find a valid entry for ``spec`` without the CUDA toolkit (FLASHINFER_DISABLE_JIT, or no toolkit
     on this host): among the entries named ``<spec.name()>-<digest>``, those whose manifest's "select"
     equals :func:`selector_digest` (same spec, sources, flags, archs, recipe, flashinfer, torch, torch
@@ -714,8 +733,10 @@ def select_entry(spec, root: Optional[Path] = None, raise_insecure: bool = False
             raise _insecure_error(*insecure[0])
         parts = problems + [f"{k}: {r}" for k, r in insecure]
         if other:
-            parts.append(f"{other} entr{'y' if other == 1 else 'ies'} of {spec.name()} built for another "
-                         f"environment (target archs, flags, flashinfer/torch versions)")
+            parts.append(
+                f"{other} entr{'y' if other == 1 else 'ies'} of {spec.name()} built for another "
+                f"environment (target archs, flags, flashinfer/torch versions)"
+            )
         return None, "; ".join(parts) or "not built"
     import torch
 
@@ -727,8 +748,12 @@ def select_entry(spec, root: Optional[Path] = None, raise_insecure: bool = False
     def rank(e: VerifiedEntry):
         v = (e.manifest.get("versions") or {}).get("cuda_toolkit")
         created = e.manifest.get("created")
-        return (_toolkit_major(v) == torch_major, v if isinstance(v, int) else -1,
-                created if isinstance(created, (int, float)) else 0.0, e.key)
+        return (
+            _toolkit_major(v) == torch_major,
+            v if isinstance(v, int) else -1,
+            created if isinstance(created, (int, float)) else 0.0,
+            e.key,
+        )
 
     found.sort(key=rank)
     best = found.pop()
@@ -806,7 +831,11 @@ def entry_info(key: str, root: Optional[Path] = None, check_current: bool = True
         key=key,
         spec=spec_json,
         size=_dir_size(edir),
-        build_seconds=(float(man["build_seconds"]) if man is not None and isinstance(man.get("build_seconds"), (int, float)) else None),
+        build_seconds=(
+            float(man["build_seconds"])
+            if man is not None and isinstance(man.get("build_seconds"), (int, float))
+            else None
+        ),
         created=created,
         valid=so is not None,
         reason=reason,
@@ -883,8 +912,11 @@ def prune_reason(info: EntryInfo, current_versions: Optional[Dict[str, Any]] = N
     """
     cur = current_versions if current_versions is not None else env.versions()
     if info.versions is not None:
-        diff = [f"{k} {info.versions.get(k)!r} != {cur.get(k)!r}" for k in PRUNE_FIELDS
-                if k in info.versions and str(info.versions.get(k)) != str(cur.get(k))]
+        diff = [
+            f"{k} {info.versions.get(k)!r} != {cur.get(k)!r}"
+            for k in PRUNE_FIELDS
+            if k in info.versions and str(info.versions.get(k)) != str(cur.get(k))
+        ]
         if diff:
             return "built for another version: " + ", ".join(diff)
     if isinstance(info.templates_sha256, str) and info.templates_sha256 != templates_digest():

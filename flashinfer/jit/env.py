@@ -11,16 +11,15 @@ accepted (an unset or empty variable means its default). Nothing here writes ``o
 
 from __future__ import annotations
 
+import errno
 import functools
+import math
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
-
-import errno
-import math
 
 from .errors import CUDAToolkitNotFoundError, JITCacheError, JITEnvironmentError
 
@@ -158,7 +157,7 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checkout_root() -> Optional[Path]:
     """Repo root when running from a source checkout (pyproject.toml + templates/ beside flashinfer/)."""
     root = package_dir().parent
@@ -167,7 +166,7 @@ def checkout_root() -> Optional[Path]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def templates_dir() -> Path:
     """``<repo>/templates`` in a checkout, else the installed package data dir ``flashinfer/_templates``."""
     root = checkout_root()
@@ -192,8 +191,7 @@ def include_dir() -> Path:
 # --------------------------------------------------------------------------------------------------
 
 _FIX_HINT = (
-    "Set FLASHINFER_JIT_CACHE to a writable directory, e.g. "
-    "`export FLASHINFER_JIT_CACHE=$HOME/.cache/flashinfer/jit`."
+    "Set FLASHINFER_JIT_CACHE to a writable directory, e.g. `export FLASHINFER_JIT_CACHE=$HOME/.cache/flashinfer/jit`."
 )
 
 
@@ -253,8 +251,10 @@ def why_not_writable(path: Path, err: Optional[OSError] = None) -> str:
     if code in (None, errno.EACCES, errno.EPERM):
         try:
             st = os.stat(probe)
-            return (f"permission denied ({probe} is owned by {_owner_desc(st.st_uid)}, mode "
-                    f"{st.st_mode & 0o7777:04o}; this process runs as {_owner_desc(os.geteuid())})")
+            return (
+                f"permission denied ({probe} is owned by {_owner_desc(st.st_uid)}, mode "
+                f"{st.st_mode & 0o7777:04o}; this process runs as {_owner_desc(os.geteuid())})"
+            )
         except OSError:
             return "permission denied"
     return (err.strerror or str(err)).lower() if err is not None else "not writable"
@@ -411,7 +411,7 @@ def _find_cuda_home_uncached() -> Path:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_version_of(home: str) -> int:
     try:
         with open(os.path.join(home, "include", "cuda.h"), "rb") as f:
@@ -474,7 +474,7 @@ def _parse_arch_list(text: str) -> List[Tuple[str, bool]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _visible_device_archs() -> Tuple[str, ...]:
     """Capabilities of visible CUDA devices (memoized; torch's device query, no subprocess)."""
     try:
@@ -516,7 +516,11 @@ def arch_flags(spec=None) -> List[str]:
     seen = set()
     for cc, ptx in archs:
         codes = [f"sm_{cc}"] + ([f"compute_{cc}"] if ptx else [])
-        flag = f"-gencode=arch=compute_{cc},code=[{','.join(codes)}]" if ptx else f"-gencode=arch=compute_{cc},code=sm_{cc}"
+        flag = (
+            f"-gencode=arch=compute_{cc},code=[{','.join(codes)}]"
+            if ptx
+            else f"-gencode=arch=compute_{cc},code=sm_{cc}"
+        )
         if flag not in seen:
             seen.add(flag)
             flags.append(flag)
@@ -619,8 +623,9 @@ def trusted_owner_uids() -> frozenset:
 
             uids.add(pwd.getpwnam(tok).pw_uid)
         except (KeyError, ImportError):
-            raise _bad_env(TRUSTED_OWNERS_ENV, text, f"a comma list of user names or numeric uids; "
-                                                     f"unknown user {tok!r}") from None
+            raise _bad_env(
+                TRUSTED_OWNERS_ENV, text, f"a comma list of user names or numeric uids; unknown user {tok!r}"
+            ) from None
     out = frozenset(uids)
     _trusted_memo[text] = out
     return out

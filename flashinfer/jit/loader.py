@@ -43,7 +43,7 @@ def _check_supported(spec) -> None:
         raise ValueError(f"{spec.name()} is not supported: {reason}")
 
 
-def _ensure(spec, shared: Optional[bool] = None) -> Tuple[BuildReport, "cache.VerifiedEntry"]:
+def _ensure(spec, shared: Optional[bool] = None) -> Tuple[BuildReport, cache.VerifiedEntry]:
     """The verified entry of ``spec`` (open: the caller closes it) and how it was obtained.
 
     With a toolkit: double-checked by key (valid entry? else lock, look again, build). With
@@ -68,7 +68,8 @@ def _ensure(spec, shared: Optional[bool] = None) -> Tuple[BuildReport, "cache.Ve
             )
         raise CUDAToolkitNotFoundError(
             f"{spec.name()} is not in the JIT cache {root} ({reason}), and building it needs a CUDA toolkit: "
-            f"{no_toolkit}", spec_name=spec.name(),
+            f"{no_toolkit}",
+            spec_name=spec.name(),
         ) from no_toolkit
     ent, man, reason = cache.open_entry(key, root, raise_insecure=True)
     if ent is not None:
@@ -79,8 +80,7 @@ def _ensure(spec, shared: Optional[bool] = None) -> Tuple[BuildReport, "cache.Ve
         env.ensure_dir(root, shared=shared)
     except JITCacheError as e:
         raise JITCacheError(
-            f"{spec.name()} (key {key}) is not usable from the JIT cache ({reason}) and cannot be built "
-            f"there: {e}"
+            f"{spec.name()} (key {key}) is not usable from the JIT cache ({reason}) and cannot be built there: {e}"
         ) from e
     with file_lock(key, root):
         ent, man, reason = cache.open_entry(key, root, raise_insecure=True)
@@ -114,8 +114,9 @@ class JITModule:
     """A loaded module: ``.spec``, ``.key``, ``.path`` (the .so), ``.entry_dir``, ``.launcher(symbol)`` (a
     keyword-argument call of a declared launcher) and ``.constants`` (the module's ``FI_MODULE_CONSTANTS``)."""
 
-    def __init__(self, spec, key: str, path: Path, entry_dir: Path, report: BuildReport,
-                 handle_path: Optional[str] = None) -> None:
+    def __init__(
+        self, spec, key: str, path: Path, entry_dir: Path, report: BuildReport, handle_path: Optional[str] = None
+    ) -> None:
         self.spec = spec
         self.key = key
         self.path = path

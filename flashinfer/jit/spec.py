@@ -16,10 +16,10 @@ from .abi import ERROR_STRING, Launcher, prototypes
 # Every module exports this to turn a returned cudaError_t into text.
 ERROR_STRING_SYMBOL = ERROR_STRING.symbol
 
-_FAMILIES: Dict[str, Type["Spec"]] = {}
+_FAMILIES: Dict[str, Type[Spec]] = {}
 
 
-def register_family(cls: Type["Spec"]) -> Type["Spec"]:
+def register_family(cls: Type[Spec]) -> Type[Spec]:
     """Class decorator: make a spec family known to the CLI, the manifest reader and the tests."""
     if cls.family in _FAMILIES and _FAMILIES[cls.family] is not cls:
         raise ValueError(f"spec family {cls.family!r} registered twice")
@@ -27,7 +27,7 @@ def register_family(cls: Type["Spec"]) -> Type["Spec"]:
     return cls
 
 
-def spec_families() -> Dict[str, Type["Spec"]]:
+def spec_families() -> Dict[str, Type[Spec]]:
     """All registered families, by name (importing flashinfer registers the built-in ones)."""
     return dict(_FAMILIES)
 
@@ -36,10 +36,10 @@ def spec_families() -> Dict[str, Type["Spec"]]:
 class Spec:
     """Base class of all configuration specs.
 
-    Subclasses are frozen dataclasses decorated with :func:`register_family`; they set ``family``
-    (short family name, also the first part of :meth:`name`), ``template`` (path of the ``.cu.jinja``
-    template relative to ``templates/``) and ``launchers`` (its ``extern "C"`` functions, each declared once; the
-template stamps their prototypes as ``{{ abi.<symbol> }}`` and includes ``module_exports.jinja``).
+        Subclasses are frozen dataclasses decorated with :func:`register_family`; they set ``family``
+        (short family name, also the first part of :meth:`name`), ``template`` (path of the ``.cu.jinja``
+        template relative to ``templates/``) and ``launchers`` (its ``extern "C"`` functions, each declared once; the
+    template stamps their prototypes as ``{{ abi.<symbol> }}`` and includes ``module_exports.jinja``).
     """
 
     family: ClassVar[str] = ""
@@ -74,7 +74,7 @@ template stamps their prototypes as ``{{ abi.<symbol> }}`` and includes ``module
         return {"family": self.family, **dataclasses.asdict(self)}
 
     @staticmethod
-    def from_json(data: Dict[str, Any]) -> "Spec":
+    def from_json(data: Dict[str, Any]) -> Spec:
         data = dict(data)
         family = data.pop("family")
         try:
@@ -89,7 +89,7 @@ template stamps their prototypes as ``{{ abi.<symbol> }}`` and includes ``module
         raise NotImplementedError
 
     @classmethod
-    def expand(cls, **choices: Iterable[Any]) -> list["Spec"]:
+    def expand(cls, **choices: Iterable[Any]) -> list[Spec]:
         """Cartesian product over the axes; an axis not given takes all its supported values."""
         import itertools
 
@@ -100,4 +100,3 @@ template stamps their prototypes as ``{{ abi.<symbol> }}`` and includes ``module
         names = list(axes)
         values = [tuple(choices[n]) if n in choices else axes[n] for n in names]
         return [cls(**dict(zip(names, combo))) for combo in itertools.product(*values)]
-

@@ -28,11 +28,11 @@ namespace flashinfer {
 // Offsets (in int32 elements from the start of the plan region) of the plan's arrays; [0] holds the number
 // of merges. Capacities are fixed per wrapper in graph mode, so the offsets are too.
 struct BatchDecodeLayout {
-  int worker_indptr;                                // [workers + 1]
+  int worker_indptr;                                  // [workers + 1]
   int piece_req, piece_begin, piece_end, piece_slot;  // [max_pieces]; slot -1: write the output directly
-  int req_page_base, req_kv_len;                    // [max_batch]
-  int merge_req, merge_begin, merge_count;          // [max_merges]
-  int indices;                                      // [indices_capacity] (host indices copied along), or -1
+  int req_page_base, req_kv_len;                      // [max_batch]
+  int merge_req, merge_begin, merge_count;            // [max_merges]
+  int indices;                                        // [indices_capacity] (host indices copied along), or -1
   int total;
 
   static BatchDecodeLayout make(int workers, int max_pieces, int max_batch, int max_merges, int indices_capacity) {
@@ -100,7 +100,8 @@ struct PagedRows {
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
 __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
-    batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p, const __grid_constant__ RopeTableFor<POS> rope) {
+    batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p,
+                              const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // Launched with programmatic dependent launch (see single_decode_kernel).
   grid_dependency_wait();
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     w.end = p.plan[L.piece_end + piece];
     w.q_pos = p.plan[L.req_kv_len + r] - 1;
     // The store reads the piece's request and slot again from the plan when it runs (see single decode).
-    const auto store = [&](int j, int col, float(&acc)[8], float d_all, float lse) {
+    const auto store = [&](int j, int col, float (&acc)[8], float d_all, float lse) {
       const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
       const int h = qo_head0 + j;
       const int64_t out_row = int64_t(req) * p.sc.num_qo_heads + h;
@@ -182,13 +183,13 @@ constexpr int kPlanInfoLen = 18;
 
 // Plan error codes (negative; positive values are cudaError_t).
 enum BatchDecodePlanError : int {
-  kPlanBadIndptr = -1,        // info[7]: first bad position
-  kPlanEmptyRequest = -2,     // info[7]: request
-  kPlanBadLastPageLen = -3,   // info[7]: request
+  kPlanBadIndptr = -1,          // info[7]: first bad position
+  kPlanEmptyRequest = -2,       // info[7]: request
+  kPlanBadLastPageLen = -3,     // info[7]: request
   kPlanWorkspaceTooSmall = -4,  // info[0]: bytes needed
-  kPlanPinnedTooSmall = -5,   // info[8]: bytes needed
-  kPlanNegativeIndex = -6,    // info[7]: position
-  kPlanCapacity = -7,         // graph mode: batch or nnz above the frozen capacity
+  kPlanPinnedTooSmall = -5,     // info[8]: bytes needed
+  kPlanNegativeIndex = -6,      // info[7]: position
+  kPlanCapacity = -7,           // graph mode: batch or nnz above the frozen capacity
   kPlanKvTooLong = -8,          // info[7]: request; info[6]: its keys (above kMaxKvLen)
 };
 
@@ -203,16 +204,15 @@ static int& plan_occupancy_slot(int device, int gt) {
   return cache[device >= 0 && device < 64 ? device : 0][g];
 }
 
-
 struct BatchDecodePlanArgs {
   const int* indptr;         // host [batch + 1]
   const int* last_page_len;  // host [batch]
   const int* host_indices;   // host [nnz] or nullptr (then device_indices is used as is)
   const int* device_indices;
   int batch, nnz, page_size, window_left, num_qo_heads, num_kv_heads, head_dim;
-  int fixed_workers;      // > 0: graph mode, this frozen worker count; -1: graph mode, choose; 0: not graph mode
-  int max_batch;          // graph mode: frozen batch capacity; 0: batch
-  int indices_capacity;   // graph mode with host indices: frozen capacity; 0: nnz
+  int fixed_workers;     // > 0: graph mode, this frozen worker count; -1: graph mode, choose; 0: not graph mode
+  int max_batch;         // graph mode: frozen batch capacity; 0: batch
+  int indices_capacity;  // graph mode with host indices: frozen capacity; 0: nnz
   float logits_soft_cap, sm_scale, rope_scale, rope_theta;
   void* pinned;  // host staging buffer (page-locked), one of two the caller alternates between
   int64_t pinned_bytes;
@@ -503,8 +503,8 @@ cudaError_t launch_batch_decode_gt(const BatchDecodePlan& plan, const BatchDecod
   config.stream = a.stream;
   config.attrs = pdl;
   config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>,
-                           p, rope);
+  err = cudaLaunchKernelEx(
+      &config, batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>, p, rope);
   if (err != cudaSuccess || plan.merge_blocks == 0) return err;
 
   config.gridDim = dim3(plan.num_qo_heads, plan.merge_blocks);

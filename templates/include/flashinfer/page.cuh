@@ -39,7 +39,8 @@ __host__ __device__ __forceinline__ bool page_in_cache(int page, int num_pages) 
 }
 
 struct PagedKV {
-  const void* k;  // element (page, slot, head, d) of K at k + page * stride_page + slot * stride_n + head * stride_h + d
+  const void*
+      k;  // element (page, slot, head, d) of K at k + page * stride_page + slot * stride_n + head * stride_h + d
   const void* v;  // same strides as k
   int64_t stride_page, stride_n, stride_h;
   const int* indices;  // page ids, CSR over requests

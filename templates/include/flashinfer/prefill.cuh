@@ -27,13 +27,15 @@ enum class MaskMode : int { kNone = 0, kCausal = 1, kCustom = 2 };
 
 struct PrefillParams {
   const void* q;  // token n (of the request), head h at q + n * q_stride_n + h * q_stride_h (elements)
-  const void* k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
+  const void*
+      k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
   const void* v;
   void* o;             // token n, head h at o + n * o_stride_n + h * o_stride_h
   float* lse;          // [tokens, num_qo_heads] or nullptr
   float* partial_o;    // [rows, num_qo_heads, HEAD_DIM] partial states of split KV
   float* partial_lse;  // [rows, num_qo_heads]
-  const uint8_t* mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
+  const uint8_t*
+      mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
   const int* mask_indptr;
   int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h, o_stride_n, o_stride_h;
   int64_t k_stride_page, v_stride_page;
@@ -70,7 +72,7 @@ struct PrefillTraits {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int TILE_Q = 16 * MQ * kWarps;
   static constexpr int BK = HEAD_DIM >= 256 ? 32 : HEAD_DIM >= 128 ? FI_PREFILL_BK128 : 64;  // keys per KV tile
-  static constexpr int CH = HEAD_DIM / 8;               // 16-byte chunks per row
+  static constexpr int CH = HEAD_DIM / 8;                                                    // 16-byte chunks per row
   static constexpr int Q_CHUNKS = TILE_Q * CH;
   static constexpr int KV_CHUNKS = BK * CH;
   // Q, K x2, V x2, then (paged KV) the (page, slot) of each row of two KV tiles.
@@ -138,8 +140,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 
   // ---- Q tile -> shared memory
   {
-    const DTypeQ* qbase = static_cast<const DTypeQ*>(p.q) + int64_t(qo_start) * p.q_stride_n +
-                          int64_t(kv_head) * group * p.q_stride_h;
+    const DTypeQ* qbase =
+        static_cast<const DTypeQ*>(p.q) + int64_t(qo_start) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h;
 #pragma unroll
     for (int i = 0; i < Tr::Q_CHUNKS / THREADS; ++i) {
       const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
@@ -178,8 +180,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     constexpr int ROWS_PER_PASS = THREADS / CH;
     uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;
     // Recomputed from the (constant-bank) params at each use rather than held in registers.
-    const DTypeKV* base = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
-                          int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
+    const DTypeKV* base =
+        static_cast<const DTypeKV*>(is_v ? p.v : p.k) + int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
     const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
     const int c = tid % CH;
 #pragma unroll
@@ -322,8 +324,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
           for (int e = 0; e < 4; ++e) {
             const int r = 2 * mq + e / 2;
             const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
-            s[mq][j][e] = transform_logit<ALIBI, SOFTCAP>(s[mq][j][e] * p.sm_scale, slope[r], key - qpos[r],
-                                                          p.logits_soft_cap);
+            s[mq][j][e] =
+                transform_logit<ALIBI, SOFTCAP>(s[mq][j][e] * p.sm_scale, slope[r], key - qpos[r], p.logits_soft_cap);
           }
     }
     bool need_mask = k0 + BK > hi || MASK == MaskMode::kCustom;
@@ -436,8 +438,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
       const int idx = lane + 32 * i, row = q_row_base + idx / CH, c = idx % CH;
       if (row < rows_here) {
         const int pr = pr0 + row;
-        *reinterpret_cast<uint4*>(obase + int64_t(pr / group) * p.o_stride_n + int64_t(hq0 + pr % group) * p.o_stride_h +
-                                  c * 8) = sq[swizzle<CH>(row, c)];
+        *reinterpret_cast<uint4*>(obase + int64_t(pr / group) * p.o_stride_n +
+                                  int64_t(hq0 + pr % group) * p.o_stride_h + c * 8) = sq[swizzle<CH>(row, c)];
       }
     }
     if (p.lse != nullptr && lane % 4 == 0) {
@@ -608,7 +610,8 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
           bool WINDOW, bool SOFTCAP, bool FP16QK>
 cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
   using Tr = PrefillTraits<HEAD_DIM, MQ>;
-  constexpr auto kernel = single_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK>;
+  constexpr auto kernel =
+      single_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   int occ = 0;
@@ -636,7 +639,8 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
 cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, int device, cudaStream_t stream,
                                  int* occupancy_only) {
   using Tr = PrefillTraits<HEAD_DIM, MQ>;
-  constexpr auto kernel = batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
+  constexpr auto kernel =
+      batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   int occ = 0;

@@ -61,13 +61,13 @@ constexpr int kCacheVecs = 4096 + 64;      // largest slice kept in shared memor
 constexpr int kPreferredSliceVecs = 2048;  // the planner splits rows until slices are this small (16 CTAs max)
 constexpr int kMinSliceVecs = 256;         // ... but never below this
 constexpr int kMaxCluster = 16;
-constexpr int kMaxChunks = 1088;           // 32-vector chunks of one slice (bounds the vocabulary, see kMaxVocab)
+constexpr int kMaxChunks = 1088;  // 32-vector chunks of one slice (bounds the vocabulary, see kMaxVocab)
 constexpr int kMaxVocab = 1 << 20;
 constexpr int kWeightBits = 39;
-constexpr int kWarpBuf = 384;              // top-k candidates a warp buffers (see topk_filter)
-constexpr int kFilterMaxK = 128;           // top-k takes the single-pass route up to this k
-constexpr int kQuantiles = 16;             // ranks of its candidates a CTA publishes (see topk_collect)
-constexpr int kStreamUnroll = 4;           // 16-byte loads a lane has in flight when streaming a row
+constexpr int kWarpBuf = 384;     // top-k candidates a warp buffers (see topk_filter)
+constexpr int kFilterMaxK = 128;  // top-k takes the single-pass route up to this k
+constexpr int kQuantiles = 16;    // ranks of its candidates a CTA publishes (see topk_collect)
+constexpr int kStreamUnroll = 4;  // 16-byte loads a lane has in flight when streaming a row
 constexpr float kInf = __builtin_huge_valf();
 
 // Filters of the sampling kernel (bit mask) and operations of the row-transform kernel: the values are exported
@@ -266,7 +266,7 @@ FI_DEVICE uint64_t warp_inclusive_scan(uint64_t v) {
 
 struct Exchange {
   unsigned long long a[kMaxCluster], b[kMaxCluster], c[kMaxCluster], d[kMaxCluster];  // values per rank
-  unsigned int quantile[kMaxCluster][kQuantiles];  // topk_collect
+  unsigned int quantile[kMaxCluster][kQuantiles];                                     // topk_collect
 };
 
 struct alignas(16) Shared {
@@ -276,10 +276,10 @@ struct alignas(16) Shared {
       unsigned long long mass[kBins];
     } hist;
     struct TopK {
-      unsigned long long local[kGatherCap];          // the CTA's candidates, merged from the warps' buffers
+      unsigned long long local[kGatherCap];           // the CTA's candidates, merged from the warps' buffers
       unsigned long long warp_buf[kWarps][kWarpBuf];  // per warp (as cand.key)
     } topk;
-    unsigned long long chunk[kMaxChunks];           // fixed-point mass of each 32-vector chunk, vocabulary order
+    unsigned long long chunk[kMaxChunks];  // fixed-point mass of each 32-vector chunk, vocabulary order
   } u;
   struct Cand {  // rank 0: gathered candidates (outside the union: rank 0's own warps push while others do)
     unsigned long long key[kGatherCap];  // key << 32 | ~index: descending order = key desc, then index asc
@@ -411,7 +411,7 @@ struct Row {
   uint4* cache;       // shared-memory copy of vectors [v0, v1) (kCached)
   int head;           // elements of vector 0 before element 0
   int vocab, num_vecs, v0, v1, warp_len;
-  float neutral;      // what stands for elements outside the row: probability 0 / logit -inf
+  float neutral;  // what stands for elements outside the row: probability 0 / logit -inf
 
   FI_DEVICE Row(const void* row, int vocab_, const ClusterCtx& cx, uint4* cache_, float neutral_)
       : cache(cache_), vocab(vocab_), neutral(neutral_) {
@@ -880,8 +880,8 @@ FI_DEVICE int count_at_least(Shared& sh, int n, uint32_t tau) { return count_at_
 
 // Rank 0, candidates sorted, F_above = F(key > the first candidate's range): the largest candidate key t with
 // F_above + F(candidates >= t) >= target (F = count or fixed-point mass), among the first n.
-FI_DEVICE uint32_t resolve_sorted(Shared& sh, const Weigher& wg, int n, bool by_mass, uint64_t f_above,
-                                  uint64_t target, uint64_t* f_total) {
+FI_DEVICE uint32_t resolve_sorted(Shared& sh, const Weigher& wg, int n, bool by_mass, uint64_t f_above, uint64_t target,
+                                  uint64_t* f_total) {
   uint64_t f[kCandPerThread], local = 0;
 #pragma unroll
   for (int q = 0; q < kCandPerThread; ++q) {
@@ -941,8 +941,8 @@ struct RoundResult {
 // its range. Returns the bin where F first reaches `need` (F = count or mass; need >= 1); *total = F([lo, hi]).
 // `need_of_total(total)` gives need (the target may depend on the total, e.g. top_p * mass).
 template <typename R, typename NeedF>
-FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, uint32_t lo,
-                                  uint32_t hi, int shift, bool by_mass, NeedF&& need_of_total) {
+FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, uint32_t lo, uint32_t hi,
+                                  int shift, bool by_mass, NeedF&& need_of_total) {
   auto& h = sh.u.hist;
   for (int b = threadIdx.x; b < kBins; b += kThreads) {
     h.count[b] = 0;
@@ -1207,7 +1207,8 @@ FI_DEVICE void sample_cta(const SampleParams& p, uint8_t* smem_raw) {
   };
   if (threadIdx.x == 0) sh.gather_count = 0;
   int64_t src = out;
-  if (p.indices) src = p.indices_int64 ? static_cast<const int64_t*>(p.indices)[out] : static_cast<const int*>(p.indices)[out];
+  if (p.indices)
+    src = p.indices_int64 ? static_cast<const int64_t*>(p.indices)[out] : static_cast<const int*>(p.indices)[out];
   if (src < 0 || src >= p.num_rows) {  // the same decision in every CTA of the cluster
     if (lead) emit(0, false);
     return;
@@ -1364,7 +1365,8 @@ FI_DEVICE void softmax_row(const R& row, Shared& sh, ClusterCtx& cx, float tempe
   m = -kInf;
   s = 0.f;
   for (int w = 0; w < kWarps; ++w)
-    combine(m, s, __uint_as_float(static_cast<uint32_t>(sh.red[w] >> 32)), __uint_as_float(static_cast<uint32_t>(sh.red[w])));
+    combine(m, s, __uint_as_float(static_cast<uint32_t>(sh.red[w] >> 32)),
+            __uint_as_float(static_cast<uint32_t>(sh.red[w])));
   __syncthreads();
   {
     Exchange* slot = &sh.xch[cx.phase & 1];
@@ -1378,7 +1380,8 @@ FI_DEVICE void softmax_row(const R& row, Shared& sh, ClusterCtx& cx, float tempe
     m = -kInf;
     s = 0.f;
     for (unsigned r = 0; r < cx.size; ++r)
-      combine(m, s, __uint_as_float(static_cast<uint32_t>(slot->a[r])), __uint_as_float(static_cast<uint32_t>(slot->b[r])));
+      combine(m, s, __uint_as_float(static_cast<uint32_t>(slot->a[r])),
+              __uint_as_float(static_cast<uint32_t>(slot->b[r])));
   }
   const OutRow<float> o(out, row.vocab, row.head, typename R::T());
   row.for_each([&](int v, bool in, int) {
@@ -1712,9 +1715,8 @@ cudaError_t launch_sample(const SampleParams& p, int device, cudaStream_t stream
 
 template <typename DType>
 cudaError_t launch_row_op(const RowOpParams& p, bool pdl, int device, cudaStream_t stream) {
-  return with_device(device, [&] {
-    return launch_row_kernel<RowOpKernelOf, DType>(p, p.rows, p.vocab, false, pdl, device, stream);
-  });
+  return with_device(
+      device, [&] { return launch_row_kernel<RowOpKernelOf, DType>(p, p.rows, p.vocab, false, pdl, device, stream); });
 }
 
 inline cudaError_t launch_chain_speculative(const SpecParams& p, int device, cudaStream_t stream) {
