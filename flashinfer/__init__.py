@@ -1,14 +1,22 @@
-"""flashinfer: JIT-compiled attention kernels for LLM serving, API-compatible with FlashInfer."""
+"""flashinfer: JIT-compiled attention kernels for LLM serving, API-compatible with FlashInfer.
 
-from ._version import __version__
+Every name FlashInfer's top level exports for the operations implemented here is exported here too, from the
+same modules (``flashinfer.decode``, ``flashinfer.prefill``, ``flashinfer.page``, ``flashinfer.quantization``,
+``flashinfer.utils``). ``__version__`` tells which FlashInfer API level this implements (see _version.py).
+"""
+
+from ._version import __version__, __flashinfer_api_version__
 
 from . import jit
-from .batch_decode import (
+from .decode import (
     BatchDecodePagedSpec,
     BatchDecodeWithPagedKVCacheWrapper,
     CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
+    SingleDecodeSpec,
+    fast_decode_plan,
+    single_decode_with_kv_cache,
 )
-from .decode import SingleDecodeSpec, single_decode_with_kv_cache
+from .page import PageAppendSpec, append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .prefill import (
     BatchPrefillSpec,
     BatchPrefillWithPagedKVCacheWrapper,
@@ -18,25 +26,27 @@ from .prefill import (
     single_prefill_with_kv_cache_return_lse,
 )
 from .quantization import packbits, segment_packbits
-from .page import PageAppendSpec, append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
-from .utils import PosEncodingMode, TensorLayout
+from .utils import MaskMode, PosEncodingMode, TensorLayout
 
 __all__ = [
     "BatchDecodePagedSpec",
+    "BatchDecodeWithPagedKVCacheWrapper",
     "BatchPrefillSpec",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
-    "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
+    "MaskMode",
     "PageAppendSpec",
-    "append_paged_kv_cache",
-    "get_batch_indices_positions",
-    "get_seq_lens",
     "PosEncodingMode",
     "SingleDecodeSpec",
     "SinglePrefillSpec",
     "TensorLayout",
+    "__flashinfer_api_version__",
     "__version__",
+    "append_paged_kv_cache",
+    "fast_decode_plan",
+    "get_batch_indices_positions",
+    "get_seq_lens",
     "jit",
     "packbits",
     "segment_packbits",

@@ -1,66 +1,91 @@
 """Prefill attention on tensor cores: a request's new query tokens attend to its KV (single or batched).
 
-``single_prefill_with_kv_cache``, ``BatchPrefillWithRaggedKVCacheWrapper`` and
-``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's names. Two kernels: ``"fa2"``
-(templates/include/flashinfer/prefill.cuh; mma.sync m16n8k16, ldmatrix from swizzled shared memory, cp.async
-double buffering, fp32 online softmax; every feature, sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma,
-single-request prefill at head_dim 128 without masks beyond causal or logit transforms).
+``single_prefill_with_kv_cache``, ``single_prefill_with_kv_cache_return_lse``,
+``BatchPrefillWithRaggedKVCacheWrapper`` and ``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's
+names in ``flashinfer.prefill``. Two kernels: ``"fa2"`` (templates/include/flashinfer/prefill.cuh; mma.sync
+m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
+sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
+beyond causal or logit transforms).
+
+The batch wrappers plan in Python (flashinfer/_planning.py: ``schedule_prefill``) and keep FlashInfer's
+attention options on the wrapper (``_causal``, ``_sm_scale``, ``_window_left``, ``_logits_soft_cap``,
+``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_rope_scale``, ``_rope_theta``): ``plan()`` sets them, the
+legacy ``forward()`` replaces them, and ``run()`` launches the kernel variant they ask for, on the planned
+schedule, without a new plan.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
+import itertools
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import jit
+from ._planning import (
+    BatchPlan,
+    PlanStats,
+    PrefillSchedule,
+    PrefillScheduleLayout,
+    check_table_lengths,
+    prefill_query_tiles,
+    schedule_prefill,
+)
 from ._spec_common import AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
+from .page import PagedKVCache, unpack_paged_kv_cache
 from .quantization import packbits, segment_packbits
 from .utils import (
+    MAX_ROPE_POSITION,
     aligned_rows,
+    canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
     check_kv,
     check_logit_options,
-    check_qkv_dtypes,
     check_out,
+    check_qkv_dtypes,
     check_same_device,
     check_tensor,
     check_vector_rows,
     cuda_bool,
     current_stream_ptr,
     dtype_short,
+    host_int32,
+    not_supported,
     num_sms,
     scalar,
     workspace_too_small,
 )
 
+__all__ = [
+    "BatchPrefillSpec",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
+    "SinglePrefillSpec",
+    "single_prefill_with_kv_cache",
+    "single_prefill_with_kv_cache_return_lse",
+]
+
 MASK_MODES = ("none", "causal", "custom")
 _MASK_CUDA = {"none": "kNone", "causal": "kCausal", "custom": "kCustom"}
-# Implemented backends; "auto" picks the first. A Hopper wgmma/TMA backend ("fa3") slots in here.
+# Implemented backends; "auto" picks per call.
 BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a), single prefill within _fa3_scope
-# KV chunks shorter than this cost more to merge than they gain in parallelism.
+# KV chunks of a single prefill shorter than this cost more to merge than they gain in parallelism.
 _MIN_CHUNK = 512
 _MAX_CHUNKS = 64
-# RoPE positions are carried as floats in the kernel and must be exact.
-_MAX_ROPE_POSITION = 1 << 24
 _INT32_MAX = 2**31 - 1
 
 
 def _mq(head_dim: int) -> int:
-    """16-row MMA tiles per warp (4 warps): query tiles of 128 packed rows, 64 for head_dim 256."""
+    """16-row MMA tiles per warp of the single-prefill kernel (a choice stamped into the template): query tiles
+    of 128 packed rows, 64 for head_dim 256 (a 128-row tile's accumulators do not fit in registers there)."""
     return 1 if head_dim >= 256 else 2
-
-
-def _kv_tile(head_dim: int) -> int:
-    return 32 if head_dim >= 256 else 64  # BK of PrefillTraits
 
 
 def _resolve_backend(backend: str) -> str:
@@ -70,7 +95,7 @@ def _resolve_backend(backend: str) -> str:
     b = backend.lower()
     if b == "auto" or b in BACKENDS:
         return b
-    if b in ("cudnn", "trtllm-gen", "cutlass"):
+    if b in ("cudnn", "trtllm-gen", "cutlass", "cute-dsl"):
         raise NotImplementedError(
             f"prefill backend {backend!r} is not implemented; available: 'auto', {', '.join(map(repr, BACKENDS))}"
         )
@@ -91,7 +116,9 @@ def _fa3_scope(head_dim: int, dtype_q: str, dtype_kv: str, dtype_o: str, mask_mo
     return None
 
 
-_FA3_QUERY_TILE = 128  # packed query rows per CTA of the fa3 kernel (Fa3Traits::BQ in prefill_sm90.cuh)
+# Packed query rows per CTA that "auto" assumes of the fa3 kernel when deciding whether its tiles alone fill
+# the GPU, before loading its module (which reports the real value, checked when it runs).
+_FA3_QUERY_TILE = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,8 +128,8 @@ def _device_capability(index: int) -> Tuple[int, int]:
 
 def _single_backend(backend: str, why_not_fa3: Optional[str], device: torch.device, qo_rows: int,
                     num_kv_heads: int) -> str:
-    """The kernel of a single-prefill call. "auto": fa3 on Hopper where it applies and its 128-row query tiles
-    alone fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features)."""
+    """The kernel of a single-prefill call. "auto": fa3 on Hopper where it applies and its query tiles alone
+    fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features)."""
     if backend == "fa2":
         return "fa2"
     on_hopper = _device_capability(device.index) == (9, 0)
@@ -182,10 +209,17 @@ def _module(spec: Spec) -> jit.JITModule:
 
 
 @functools.lru_cache(maxsize=None)
-def _occupancy(spec: Spec, symbol: str, device_index: int, *extra: int) -> int:
+def _occupancy(spec: Spec, device_index: int, tile_q: int = 0) -> int:
+    """CTAs per SM of a prefill module's kernel (the batch module's for query tile ``tile_q``)."""
+    import ctypes
+
     mod = _module(spec)
     out = ctypes.c_int(0)
-    rc = mod.fn(symbol)(*extra, device_index, ctypes.addressof(out))
+    if isinstance(spec, SinglePrefillSpec):
+        rc = mod.launcher("flashinfer_single_prefill_occupancy")(device=device_index, out=ctypes.addressof(out))
+    else:
+        rc = mod.launcher("flashinfer_batch_prefill_occupancy")(tile_q=tile_q, device=device_index,
+                                                                 out=ctypes.addressof(out))
     if rc:
         mod.check(rc, f"{spec.name()}: occupancy query on cuda:{device_index}")
     return max(1, out.value)
@@ -194,8 +228,10 @@ def _occupancy(spec: Spec, symbol: str, device_index: int, *extra: int) -> int:
 # --------------------------------------------------------------------------------------------- validation
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Opts:
+    """Canonical attention options of a prefill call."""
+
     mask_mode: str
     pos_encoding_mode: str
     window_left: int
@@ -215,8 +251,10 @@ def _check_options(head_dim: int, causal: bool, pos_encoding_mode, window_left, 
         head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=_INT32_MAX)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(use_fp16_qk_reduction, bool):
+        raise TypeError(f"use_fp16_qk_reduction must be a bool, got {type(use_fp16_qk_reduction).__name__}")
     mask_mode = "custom" if has_mask else ("causal" if causal else "none")
-    return _Opts(mask_mode, pos, window_left, soft_cap, scale, r_scale, r_theta, bool(use_fp16_qk_reduction),
+    return _Opts(mask_mode, pos, window_left, soft_cap, scale, r_scale, r_theta, use_fp16_qk_reduction,
                  _resolve_backend(backend))
 
 
@@ -262,9 +300,10 @@ def _packed_mask(custom_mask, packed_custom_mask, rows: int, cols: int, device) 
 def _single_chunks(spec: SinglePrefillSpec, device: torch.device, qo_len: int, kv_len: int, group: int,
                    num_kv_heads: int) -> Tuple[int, int]:
     """(num_chunks, chunk_size): split the KV range when the query tiles alone cannot fill the GPU."""
-    bk = _kv_tile(spec.head_dim)
-    ctas = -(-qo_len * group // (64 * _mq(spec.head_dim))) * num_kv_heads
-    slots = _occupancy(spec, "flashinfer_single_prefill_occupancy", device.index) * num_sms(device.index)
+    c = _module(spec).constants
+    bk = c["kv_tile"]
+    ctas = -(-qo_len * group // c["query_tile"]) * num_kv_heads
+    slots = _occupancy(spec, device.index) * num_sms(device.index)
     chunks = 1
     if ctas * 2 <= slots and kv_len >= 2 * _MIN_CHUNK:
         chunks = min(_MAX_CHUNKS, -(-slots // ctas), kv_len // _MIN_CHUNK)
@@ -303,12 +342,14 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
     workspace = None
     if num_chunks > 1:
         workspace = torch.empty(num_chunks * qo_len * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
-    rc = mod.fn("flashinfer_single_prefill")(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr() if lse is not None else None,
-        workspace.data_ptr() if workspace is not None else None, mask.data_ptr() if mask is not None else None,
-        qo_len, kv_len, num_qo_heads, num_kv_heads, q.stride(0), q.stride(1), k_sn, k_sh, v_sn, v_sh,
-        num_chunks, chunk_size, opts.window_left, opts.soft_cap, opts.sm_scale, opts.rope_scale, opts.rope_theta,
-        device.index, current_stream_ptr(device),
+    rc = mod.launcher("flashinfer_single_prefill")(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), o=o.data_ptr(), lse=lse.data_ptr() if lse is not None else None,
+        workspace=workspace.data_ptr() if workspace is not None else None,
+        mask=mask.data_ptr() if mask is not None else None, qo_len=qo_len, kv_len=kv_len, num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads, q_stride_n=q.stride(0), q_stride_h=q.stride(1), k_stride_n=k_sn, k_stride_h=k_sh,
+        v_stride_n=v_sn, v_stride_h=v_sh, num_chunks=num_chunks, chunk_size=chunk_size, window_left=opts.window_left,
+        logits_soft_cap=opts.soft_cap, sm_scale=opts.sm_scale, rope_scale=opts.rope_scale, rope_theta=opts.rope_theta,
+        device=device.index, stream=current_stream_ptr(device),
     )
     if rc:
         mod.check(rc, f"single_prefill_with_kv_cache ({spec.name()}) on {device}")
@@ -337,6 +378,10 @@ def single_prefill_with_kv_cache(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    scale_q: Optional[torch.Tensor] = None,
+    scale_k: Optional[torch.Tensor] = None,
+    scale_v: Optional[torch.Tensor] = None,
+    o_dtype: Optional[torch.dtype] = None,
     custom_mask: Optional[torch.Tensor] = None,
     packed_custom_mask: Optional[torch.Tensor] = None,
     causal: bool = False,
@@ -350,35 +395,69 @@ def single_prefill_with_kv_cache(
     rope_theta: Optional[float] = None,
     backend: str = "auto",
     return_lse: bool = False,
+    kv_cache_sf: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
     *,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Prefill attention of one request: qo_len new query tokens against kv_len keys on tensor cores.
 
-    Args:
-        q: ``[qo_len, num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
-        k, v: ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]``
-            (``"HND"``), q's dtype. Views are accepted when the last dimension is contiguous and the other strides
-            are multiples of 16 bytes. ``num_qo_heads`` a multiple of ``num_kv_heads``; head_dim 64, 128 or 256.
-        custom_mask: bool ``[qo_len, kv_len]`` (True: attend), or ``packed_custom_mask``: its flattening packed by
-            ``flashinfer.packbits(..., bitorder="little")``. A custom mask replaces ``causal``.
-        causal: query i attends to keys ``j <= kv_len - qo_len + i`` (aligned bottom-right); needs qo_len <= kv_len.
-        pos_encoding_mode: ``"NONE"``, ``"ROPE_LLAMA"`` (RoPE on the fly: query i at position kv_len - qo_len + i,
-            key j at j) or ``"ALIBI"``.
-        use_fp16_qk_reduction: accumulate q.k in fp16 (float16 inputs only): faster, less accurate.
-        sm_scale: logit scale, default ``1 / sqrt(head_dim)``. window_left: ``w >= 0`` attends only to keys
-            ``j >= pos(i) - w``. logits_soft_cap: ``c > 0`` maps each scaled logit x to ``c * tanh(x / c)``.
-        backend: ``"auto"``, ``"fa2"`` (mma.sync tensor cores, any sm_80+ GPU) or ``"fa3"`` (Hopper wgmma; head_dim
-            128, float16/bfloat16, no mask or causal, no position encoding, window, soft cap or fp16 QK reduction).
-            ``"auto"`` takes fa3 on Hopper when the call is within its scope and has enough query tiles to fill
-            the GPU, fa2 otherwise.
-        return_lse: also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
-        out, lse: optional preallocated outputs (contiguous); an extension over FlashInfer's signature.
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[qo_len, num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
+    k, v : torch.Tensor
+        ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``),
+        q's dtype. Views are accepted when the last dimension is contiguous and the other strides are multiples of
+        16 bytes. ``num_qo_heads`` a multiple of ``num_kv_heads``; head_dim 64, 128 or 256.
+    scale_q, scale_k, scale_v : torch.Tensor, optional
+        FlashInfer's fp8 per-head scale tensors: not implemented (must be None; see k_scale/v_scale).
+    o_dtype : torch.dtype, optional
+        The output dtype: None or q's dtype.
+    custom_mask : torch.Tensor, optional
+        bool ``[qo_len, kv_len]`` (True: attend), or ``packed_custom_mask``: its flattening packed by
+        ``flashinfer.packbits(..., bitorder="little")``. A custom mask replaces ``causal``.
+    causal : bool
+        Query i attends to keys ``j <= kv_len - qo_len + i`` (aligned bottom-right); needs qo_len <= kv_len.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    pos_encoding_mode : str
+        ``"NONE"``, ``"ROPE_LLAMA"`` (RoPE on the fly: query i at position kv_len - qo_len + i, key j at j) or
+        ``"ALIBI"``.
+    use_fp16_qk_reduction : bool
+        Accumulate q.k in fp16 (float16 inputs only): faster, less accurate.
+    sm_scale : float, optional
+        Logit scale, default ``1 / sqrt(head_dim)``.
+    window_left : int
+        ``w >= 0`` attends only to keys ``j >= pos(i) - w``; -1: no window.
+    logits_soft_cap : float, optional
+        ``c > 0`` maps each scaled logit x to ``c * tanh(x / c)``.
+    rope_scale, rope_theta : float, optional
+        RoPE constants (defaults 1 and 1e4).
+    backend : str
+        ``"auto"``, ``"fa2"`` (mma.sync tensor cores, any sm_80+ GPU) or ``"fa3"`` (Hopper wgmma; head_dim 128,
+        float16/bfloat16, no mask or causal, no position encoding, window, soft cap or fp16 QK reduction).
+        ``"auto"`` takes fa3 on Hopper when the call is within its scope and has enough query tiles to fill the
+        GPU, fa2 otherwise.
+    return_lse : bool
+        Also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
+    kv_cache_sf : (torch.Tensor, torch.Tensor), optional
+        FlashInfer's NVFP4 KV scale factors: not implemented (must be None).
+    k_scale, v_scale : float, optional
+        k_scale multiplies the logits, v_scale the output.
+    out, lse : torch.Tensor, optional
+        Preallocated outputs (contiguous); an extension over FlashInfer's signature.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
         o ``[qo_len, num_qo_heads, head_dim]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
     """
+    for name, t in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("kv_cache_sf", kv_cache_sf)):
+        if t is not None:
+            raise not_supported(name, "a tensor", "None (16-bit inputs; k_scale/v_scale take scalar scales)")
     check_tensor(q, "q", 3)
     check_tensor(k, "k", 3)
     check_tensor(v, "v", 3)
@@ -386,10 +465,16 @@ def single_prefill_with_kv_cache(
                                 ("packed_custom_mask", packed_custom_mask), ("out", out), ("lse", lse)])
     kv_layout = canonical_layout(kv_layout)
     dq = check_qkv_dtypes(q, k, v)
+    if canonical_dtype(o_dtype, "o_dtype", q.dtype) != q.dtype:
+        raise not_supported("o_dtype", o_dtype, f"None or q's dtype ({q.dtype})")
     qo_len, num_qo_heads, head_dim = q.shape
     has_mask = custom_mask is not None or packed_custom_mask is not None
     opts = _check_options(head_dim, causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale,
                           rope_theta, use_fp16_qk_reduction, backend, has_mask)
+    logit_mult = scalar(k_scale, "k_scale", 1.0)
+    out_scale = scalar(v_scale, "v_scale", 1.0)
+    if logit_mult != 1.0:
+        opts = dataclasses.replace(opts, sm_scale=opts.sm_scale * logit_mult)
     _check_fp16qk(opts, dq)
     kv_len, num_kv_heads = check_kv(k, v, kv_layout, num_qo_heads, head_dim)
     if opts.mask_mode == "causal" and qo_len > kv_len:
@@ -397,8 +482,8 @@ def single_prefill_with_kv_cache(
                          f"kv_len={kv_len}")
     if max(kv_len, qo_len * (num_qo_heads // num_kv_heads)) > _INT32_MAX // 2:
         raise ValueError(f"sequence too long: qo_len {qo_len} x group, kv_len {kv_len} must stay below 2**30")
-    if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_len > _MAX_ROPE_POSITION:
-        raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}, got {kv_len}")
+    if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_len > MAX_ROPE_POSITION:
+        raise ValueError(f"ROPE_LLAMA supports kv_len up to {MAX_ROPE_POSITION}, got {kv_len}")
     mask = _packed_mask(custom_mask, packed_custom_mask, qo_len, kv_len, device)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -412,6 +497,8 @@ def single_prefill_with_kv_cache(
         o, lse_t = _single_prefill_op(q, k, v, mask, kv_layout, opts.mask_mode, opts.pos_encoding_mode,
                                       opts.window_left, opts.soft_cap, opts.sm_scale, opts.rope_scale,
                                       opts.rope_theta, opts.use_fp16_qk_reduction, opts.backend, return_lse)
+        if out_scale != 1.0:
+            o = o * out_scale
         if out is not None:
             o = out.copy_(o)
         if return_lse and lse is not None:
@@ -422,24 +509,24 @@ def single_prefill_with_kv_cache(
     if return_lse and lse is None:
         lse = torch.empty((qo_len, num_qo_heads), dtype=torch.float32, device=device)
     _single_run(q, k, v, mask, kv_layout, opts, o, lse if return_lse else None)
+    if out_scale != 1.0:
+        o.mul_(out_scale)
     return (o, lse) if return_lse else o
 
 
-def single_prefill_with_kv_cache_return_lse(*args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``single_prefill_with_kv_cache(..., return_lse=True)``."""
-    kwargs["return_lse"] = True
-    return single_prefill_with_kv_cache(*args, **kwargs)
+single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
+single_prefill_with_kv_cache_return_lse.__doc__ = "``single_prefill_with_kv_cache(..., return_lse=True)``."
 
 
 # ------------------------------------------------------------------------------------------- batch prefill
 
 
 def _batch_tiles(head_dim: int) -> Tuple[int, ...]:
-    """Query-tile sizes (packed rows) instantiated per batch module; plan() picks one per batch: 64 rows for
+    """MMA row tiles per warp (16 rows each, 4 warps) instantiated per batch module: query tiles of 64 rows for
     short requests, 128 (as the single-request kernel) for long ones outside graph mode (the 128-row kernel
     takes one work item per CTA, so its grid is not fixed; see batch_prefill_kernel). head_dim 256 stays at
     64 rows: a 128-row tile's accumulators do not fit in registers."""
-    return (64,) if head_dim >= 256 else (64, 128)
+    return (1,) if head_dim >= 256 else (1, 2)
 
 
 @register_family
@@ -466,7 +553,8 @@ class BatchPrefillSpec(_PrefillSpecBase):
                  "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int64_t q_stride_n, "
                  "int64_t q_stride_h, int64_t k_stride_page, int64_t k_stride_n, int64_t k_stride_h, "
                  "int64_t v_stride_page, int64_t v_stride_n, int64_t v_stride_h, int window_left, "
-                 "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int device, void* stream"),
+                 "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int enable_pdl, "
+                 "int device, void* stream"),
         Launcher("flashinfer_batch_prefill_occupancy", "int tile_q, int device, int* out"),
     )
 
@@ -474,7 +562,7 @@ class BatchPrefillSpec(_PrefillSpecBase):
 
     def render_vars(self) -> Dict[str, Any]:
         return {**self.attention_vars(), "paged": cuda_bool(self.kv_storage == "paged"),
-                "mqs": [t // 64 for t in _batch_tiles(self.head_dim)]}
+                "mqs": list(_batch_tiles(self.head_dim))}
 
     def unsupported_reason(self) -> Optional[str]:
         if self.kv_storage not in ("paged", "ragged"):
@@ -486,116 +574,116 @@ class BatchPrefillSpec(_PrefillSpecBase):
 _GRAPH_WORK_CAPACITY = 1 << 16
 _GRAPH_MERGE_CAPACITY = 1 << 17
 
-
-def _host_ints(x, name: str) -> list:
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
-        return x.tolist()  # a CUDA tensor costs a sync here: pass CPU tensors to plan()
-    return [int(v) for v in x]
+# The attention options of a prefill wrapper, as FlashInfer names its attributes; run() uses their current values.
+_OPTION_ATTRS = ("_causal", "_pos_encoding_mode", "_use_fp16_qk_reduction", "_window_left", "_logits_soft_cap",
+                 "_sm_scale", "_rope_scale", "_rope_theta")
 
 
-def _dtype_arg(x, default: torch.dtype, name: str) -> torch.dtype:
-    if x is None:
-        return default
-    if isinstance(x, str):
-        x = getattr(torch, x, None)
-    if x not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"{name} must be torch.float16 or torch.bfloat16 (or their names), got {x!r}")
-    return x
+@dataclasses.dataclass(frozen=True)
+class _PrefillLaunch:
+    """The run-time values of a batch prefill launch, resolved from the wrapper's attention options."""
+
+    run: Any  # the launcher of the kernel variant
+    module: jit.JITModule
+    window_left: int
+    soft_cap: float
+    sm_scale: float
+    rope_scale: float
+    rope_theta: float
 
 
-def _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim, tiles, occ_of, sms, causal, workspace_floats,
-                   num_qo_heads):
-    """Work items (request, q tile, kv begin, kv end, partial row) and merge rows, heaviest first."""
-    total_rows = sum(q * group for q in qo_lens)
-    nonempty = sum(1 for q in qo_lens if q > 0)
-    tile = tiles[-1] if nonempty == 0 or total_rows / max(nonempty, 1) > tiles[0] else tiles[0]
-    qtiles = [-(-q * group // tile) for q in qo_lens]
-    target = occ_of(tile) * sms  # CTAs that run at once
-    ctas = sum(qtiles) * num_kv_heads
-    bk = _kv_tile(head_dim)
-    big = max(kv_lens) if kv_lens else 0
-    chunk = max(big, 1)
-    if ctas * 2 <= target and big >= 2 * _MIN_CHUNK:
-        want = -(-target // num_kv_heads)
+def _launch_of(spec: BatchPrefillSpec, opts: _Opts) -> _PrefillLaunch:
+    mod = _module(spec)
+    return _PrefillLaunch(mod.launcher("flashinfer_batch_prefill"), mod, opts.window_left, opts.soft_cap,
+                          opts.sm_scale, opts.rope_scale, opts.rope_theta)
 
-        def items(c):
-            return sum(t * max(1, -(-kv // c)) for t, kv in zip(qtiles, kv_lens))
 
-        lo_c, hi_c = _MIN_CHUNK, big
-        if items(lo_c) >= want:
-            while hi_c - lo_c > bk:  # the largest chunk that still gives `want` items
-                mid = (lo_c + hi_c) // 2
-                if items(mid) >= want:
-                    lo_c = mid
-                else:
-                    hi_c = mid
-        chunk = -(-lo_c // bk) * bk
-
-        def partial_rows(c):
-            return sum(q * -(-kv // c) for q, kv in zip(qo_lens, kv_lens) if kv > c)
-
-        while chunk < big and partial_rows(chunk) * num_qo_heads * (head_dim + 1) > workspace_floats:
-            chunk *= 2
-        chunk = min(chunk, big)
-    work, merge = [], []
-    part = 0
-    qo_start = 0
-    for r, (q, kv) in enumerate(zip(qo_lens, kv_lens)):
-        if q == 0:
-            continue
-        nch = max(1, -(-kv // chunk))
-        base = part if nch > 1 else -1
-        for t in range(qtiles[r]):
-            rows_end = min((t + 1) * tile, q * group)
-            tok_max = (rows_end - 1) // group
-            limit = kv - q + tok_max + 1 if causal else kv
-            for c in range(nch):
-                kb, ke = c * chunk, min(kv, (c + 1) * chunk)
-                cost = max(0, min(ke, limit) - kb) * (rows_end - t * tile) + 64
-                work.append((cost, r, t, kb, ke, base + c * q if nch > 1 else -1))
-        if nch > 1:
-            for tok in range(q):
-                merge.append((qo_start + tok, part + tok, nch, q))
-            part += nch * q
-        qo_start += q
-    work.sort(key=lambda w: -w[0])
-    return tile, [w[1:] for w in work], merge, part
+def _unsupported_plan_args(**named: Any) -> None:
+    """FlashInfer plan() arguments of features not implemented here: refused unless left at their defaults."""
+    for name, value in named.items():
+        if value is not None and not (name == "token_pos_in_items_len" and value == 0):
+            raise not_supported(name, value if not isinstance(value, torch.Tensor) else "a tensor",
+                                "its default (multi-item scoring, block tables and separate v/o offsets are not "
+                                "implemented)")
 
 
 class _BatchPrefillBase:
+    """What the ragged and paged batch prefill wrappers share: the workspace, graph-mode buffers, the plan
+    (through the Python planner) and the launch."""
+
     _storage = ""
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 backend: str = "auto") -> None:
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool,
+                 qo_indptr_buf: Optional[torch.Tensor], custom_mask_buf: Optional[torch.Tensor],
+                 mask_indptr_buf: Optional[torch.Tensor], backend: str, jit_args: Any, jit_kwargs: Any) -> None:
+        if jit_args is not None or jit_kwargs is not None:
+            raise not_supported("jit_args" if jit_args is not None else "jit_kwargs", "...", "None (the built-in kernels)")
         if _resolve_backend(backend) == "fa3":
             raise ValueError("the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
                              "(backend='auto' or 'fa2')")
         self._backend = "fa2"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
             raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. 128 MB of uint8)")
-        self._ws = float_workspace_buffer
-        self._device = float_workspace_buffer.device
+        self._float_workspace_buffer = float_workspace_buffer
+        self._device = self.device = float_workspace_buffer.device
         self._kv_layout = canonical_layout(kv_layout)
         self._use_cuda_graph = bool(use_cuda_graph)
-        self._plan = None
-        self._int_buf = None
-        self._grid_x = None
-        self._merge_grid_x = None
+        for n, t in (("qo_indptr_buf", qo_indptr_buf), ("custom_mask_buf", custom_mask_buf),
+                     ("mask_indptr_buf", mask_indptr_buf)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.device != self._device or t.dim() != 1):
+                raise ValueError(f"{n} must be a 1-D tensor on {self._device}")
+        if custom_mask_buf is not None and custom_mask_buf.dtype != torch.uint8:
+            raise TypeError(f"custom_mask_buf must be uint8 (packed mask bits), got {custom_mask_buf.dtype}")
+        # Graph mode's fixed buffers (plan() refills them; captured launches read them). FlashInfer's attributes
+        # of the same names (_qo_indptr_buf, ...) hold the last plan's device tables in either mode.
+        self._fixed_qo_indptr = qo_indptr_buf if self._use_cuda_graph else None
+        self._qo_indptr_buf = qo_indptr_buf
+        self._custom_mask_buf = custom_mask_buf
+        self._mask_indptr_buf = mask_indptr_buf
+        self._fixed_batch_size = qo_indptr_buf.numel() - 1 if use_cuda_graph and qo_indptr_buf is not None else 0
+        self._plan_info: Optional[BatchPlan] = None
+        self._schedule_buf: Optional[torch.Tensor] = None  # graph mode: the fixed schedule buffer
+        self._grid: Optional[Tuple[int, int]] = None  # graph mode: (grid_x, merge_grid_x), fixed at the first plan
+        self._frozen_spec: Optional[BatchPrefillSpec] = None
+        for a in _OPTION_ATTRS:
+            setattr(self, a, None)
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
+        """Whether the wrapper was built for CUDA graphs (fixed buffers)."""
         return self._use_cuda_graph
 
-    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
-        self._ws = float_workspace_buffer
+    @property
+    def plan_stats(self) -> Dict[str, int]:
+        """The last plan's schedule: work items (pieces), merges, partial states, total keys, workspace bytes."""
+        if self._plan_info is None:
+            raise RuntimeError("plan() has not been called")
+        return self._plan_info.get_stats().as_dict()
 
-    def _to_device_int(self, values, buf: Optional[torch.Tensor], name: str, non_blocking: bool) -> torch.Tensor:
-        host = torch.tensor(values if values else [0], dtype=torch.int32)
-        if host.device.type == "cpu" and torch.cuda.is_available():
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
+                               int_workspace_buffer: Optional[torch.Tensor] = None) -> None:
+        """Replace the workspace (same device); the next run() needs a new plan().
+
+        Parameters
+        ----------
+        float_workspace_buffer : torch.Tensor
+            The new workspace, a contiguous CUDA tensor on the wrapper's device.
+        int_workspace_buffer : torch.Tensor, optional
+            FlashInfer's second (integer) workspace: None or a tensor on the same device (this implementation
+            keeps its schedule elsewhere).
+        """
+        if self._use_cuda_graph:
+            raise RuntimeError("reset_workspace_buffer: a CUDA-graph wrapper's workspace is fixed (captured graphs point at it)")
+        for n, t in (("float_workspace_buffer", float_workspace_buffer), ("int_workspace_buffer", int_workspace_buffer)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.device != self._device):
+                raise ValueError(f"{n} must be a tensor on {self._device}")
+        self._float_workspace_buffer = float_workspace_buffer
+        self._plan_info = None
+
+    def _to_device_int(self, values: Sequence[int], buf: Optional[torch.Tensor], name: str,
+                       non_blocking: bool) -> torch.Tensor:
+        host = torch.tensor(values if len(values) else [0], dtype=torch.int32)
+        if torch.cuda.is_available():
             host = host.pin_memory()
         if buf is None:
             return host.to(self._device, non_blocking=non_blocking)
@@ -604,10 +692,58 @@ class _BatchPrefillBase:
         buf[: host.numel()].copy_(host, non_blocking=non_blocking)
         return buf
 
-    def _plan_common(self, qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
-                     packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale, window_left,
-                     logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, non_blocking, extra_lens):
-        qo = _host_ints(qo_indptr, "qo_indptr")
+    def _mask_tensors(self, custom_mask, packed_custom_mask, qo_lens, kv_lens,
+                      non_blocking) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Custom masks, per request qo_len x kv_len bits from a byte boundary: (packed bits, byte offsets) on
+        the device (graph mode: in the wrapper's fixed custom_mask_buf / mask_indptr_buf)."""
+        if custom_mask is None and packed_custom_mask is None:
+            return None, None
+        sizes = [a * b for a, b in zip(qo_lens, kv_lens)]
+        offs = [0, *itertools.accumulate((s + 7) // 8 for s in sizes)]
+        dev = self._device
+        if packed_custom_mask is not None:
+            m = packed_custom_mask
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.uint8:
+                raise TypeError("packed_custom_mask must be a uint8 tensor (from flashinfer.segment_packbits)")
+            if m.dim() != 1 or m.numel() != offs[-1]:
+                raise ValueError(f"packed_custom_mask must hold sum(ceil(qo_len * kv_len / 8)) = {offs[-1]} bytes, "
+                                 f"got {m.numel()}")
+            mask_t = m.to(dev)
+        else:
+            m = custom_mask
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError("custom_mask must be a bool tensor (flattened per-request qo_len x kv_len masks)")
+            if m.numel() != sum(sizes):
+                raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} elements, got {m.numel()}")
+            seg = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64)
+            mask_t, _ = segment_packbits(m.reshape(-1).to(dev), seg, bitorder="little")
+        if self._use_cuda_graph:
+            # A captured run() reads the mask through fixed addresses: the caller's buffers, refilled here (never
+            # reallocated, so a replay after a re-plan reads live memory).
+            if self._custom_mask_buf is None or self._mask_indptr_buf is None:
+                raise ValueError("a custom mask in CUDA-graph mode needs the wrapper's custom_mask_buf and "
+                                 "mask_indptr_buf (fixed device buffers)")
+            if mask_t.numel() > self._custom_mask_buf.numel():
+                raise ValueError(f"custom_mask_buf holds {self._custom_mask_buf.numel()} bytes, the packed mask needs "
+                                 f"{mask_t.numel()}")
+            self._custom_mask_buf[: mask_t.numel()].copy_(mask_t, non_blocking=non_blocking)
+            return self._custom_mask_buf, self._to_device_int(offs, self._mask_indptr_buf, "mask_indptr", non_blocking)
+        if mask_t.numel() == 0:
+            mask_t = torch.zeros(1, dtype=torch.uint8, device=dev)
+        return mask_t, self._to_device_int(offs, None, "mask_indptr", non_blocking)
+
+    def _plan_common(self, qo_indptr, kv_lens: List[int], num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo,
+                     custom_mask, packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale,
+                     window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type,
+                     non_blocking, seq_lens_q, max_token_per_sequence, max_sequence_kv, fixed_chunk: int,
+                     disable_split_kv: bool, page_size: int, kv_tables: Dict[str, torch.Tensor],
+                     max_page_id: int) -> BatchPlan:
+        """plan() of both wrappers once the KV side is known as per-request lengths: checks, the kernel
+        variant, the schedule (to the device) and the attention options."""
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("plan() cannot be captured in a CUDA graph: call it before capture/replay, then capture run()")
+        h_qo = host_int32(qo_indptr, "qo_indptr")
+        qo = h_qo.tolist()
         if len(qo) < 1 or qo[0] != 0 or any(b < a for a, b in zip(qo, qo[1:])):
             raise ValueError("qo_indptr must start at 0 and be non-decreasing")
         batch = len(qo) - 1
@@ -615,74 +751,53 @@ class _BatchPrefillBase:
             raise ValueError(f"qo_indptr describes {batch} requests but the KV indptr describes {len(kv_lens)} "
                              f"(their lengths must match)")
         if head_dim_vo is not None and head_dim_vo != head_dim_qk:
-            raise ValueError(f"head_dim_vo ({head_dim_vo}) must equal head_dim_qk ({head_dim_qk})")
-        if not isinstance(num_qo_heads, int) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or \
-                num_qo_heads % num_kv_heads != 0:
+            raise not_supported("head_dim_vo", head_dim_vo, f"None or head_dim_qk ({head_dim_qk})")
+        if isinstance(num_qo_heads, bool) or not isinstance(num_qo_heads, int) or \
+                isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or \
+                num_qo_heads <= 0 or num_qo_heads % num_kv_heads != 0:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         qo_lens = [b - a for a, b in zip(qo, qo[1:])]
+        if seq_lens_q is not None:
+            check_table_lengths("seq_lens_q", seq_lens_q, h_qo[1:] - h_qo[:-1])
+        for name, bound, lens in (("max_token_per_sequence", max_token_per_sequence, qo_lens),
+                                  ("max_sequence_kv", max_sequence_kv, kv_lens)):
+            if bound is not None and lens and max(lens) > bound:
+                raise ValueError(f"{name}={bound} is below the batch's longest request ({max(lens)})")
         has_mask = custom_mask is not None or packed_custom_mask is not None
         opts = _check_options(head_dim_qk, causal, pos_encoding_mode, window_left, logits_soft_cap, sm_scale,
                               rope_scale, rope_theta, use_fp16_qk_reduction, self._backend, has_mask)
-        q_dtype = _dtype_arg(q_data_type, torch.float16, "q_data_type")
-        kv_dtype = _dtype_arg(kv_data_type, q_dtype, "kv_data_type")
+        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16)
+        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype)
         if kv_dtype != q_dtype:
             raise TypeError(f"kv_data_type {kv_dtype} must equal q_data_type {q_dtype}")
-        _check_fp16qk(opts, "f16" if q_dtype == torch.float16 else "bf16")
-        if opts.mask_mode == "causal":
-            bad = [i for i, (a, b) in enumerate(zip(qo_lens, kv_lens)) if a > b]
-            if bad:
-                raise ValueError(f"causal=True needs qo_len <= kv_len for every request (bottom-right alignment); "
-                                 f"request {bad[0]} has qo_len {qo_lens[bad[0]]} > kv_len {kv_lens[bad[0]]}")
-        if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_lens and max(kv_lens) > _MAX_ROPE_POSITION:
-            raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}")
+        if canonical_dtype(o_data_type, "o_data_type", q_dtype) != q_dtype:
+            raise not_supported("o_data_type", o_data_type, f"None or q_data_type ({q_dtype})")
         dq = "f16" if q_dtype == torch.float16 else "bf16"
+        _check_fp16qk(opts, dq)
+        max_kv = max(kv_lens) if kv_lens else 0
+        if opts.pos_encoding_mode == "ROPE_LLAMA" and max_kv > MAX_ROPE_POSITION:
+            raise ValueError(f"ROPE_LLAMA supports kv_len up to {MAX_ROPE_POSITION}")
         spec = BatchPrefillSpec(head_dim=head_dim_qk, dtype_q=dq, dtype_kv=dq, dtype_o=dq, kv_storage=self._storage,
                                 mask_mode=opts.mask_mode, pos_encoding_mode=opts.pos_encoding_mode,
                                 use_window=opts.window_left >= 0, use_logits_soft_cap=opts.soft_cap > 0,
                                 use_fp16_qk_reduction=opts.use_fp16_qk_reduction, backend=opts.backend)
+        if self._use_cuda_graph and self._frozen_spec is not None and spec != self._frozen_spec:
+            raise ValueError("a CUDA-graph wrapper keeps its kernel variant across plans (captured graphs bake it in): "
+                             f"was {self._frozen_spec.name()}, got {spec.name()}")
         dev = self._device
         group = num_qo_heads // num_kv_heads
         mod = _module(spec)
-        occ_of = lambda tile: _occupancy(spec, "flashinfer_batch_prefill_occupancy", dev.index, tile)  # noqa: E731
-        ws_floats = self._ws.numel() * self._ws.element_size() // 4
-        tile, work, merge, part_rows = _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim_qk,
-                                                      _batch_tiles(head_dim_qk)[:1] if self._use_cuda_graph
-                                                      else _batch_tiles(head_dim_qk), occ_of, num_sms(dev.index),
-                                                      opts.mask_mode == "causal", ws_floats, num_qo_heads)
+        tiles = prefill_query_tiles(mod)
+        ws = self._float_workspace_buffer
+        ws_floats = ws.numel() * ws.element_size() // 4
+        tile, work, merge, part_rows = schedule_prefill(
+            qo_lens, kv_lens, group, num_kv_heads, head_dim_qk, tiles[:1] if self._use_cuda_graph else tiles,
+            mod.constants["kv_tile"], lambda t: _occupancy(spec, dev.index, t), num_sms(dev.index),
+            opts.mask_mode == "causal", ws_floats, num_qo_heads, fixed_chunk=fixed_chunk,
+            split_kv=not disable_split_kv)
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
-            raise workspace_too_small(self._ws.numel() * self._ws.element_size(),
-                                      part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
-        # Custom masks: per request qo_len x kv_len bits, each request starting on a byte.
-        mask_t = mask_indptr = None
-        if has_mask:
-            sizes = [a * b for a, b in zip(qo_lens, kv_lens)]
-            nbytes = [(s + 7) // 8 for s in sizes]
-            offs = [0]
-            for n in nbytes:
-                offs.append(offs[-1] + n)
-            if packed_custom_mask is not None:
-                m = packed_custom_mask
-                if not isinstance(m, torch.Tensor) or m.dtype != torch.uint8:
-                    raise TypeError("packed_custom_mask must be a uint8 tensor (from flashinfer.segment_packbits)")
-                if m.dim() != 1 or m.numel() != offs[-1]:
-                    raise ValueError(f"packed_custom_mask must hold sum(ceil(qo_len * kv_len / 8)) = {offs[-1]} bytes, "
-                                     f"got {m.numel()}")
-                mask_t = m.to(dev)
-            else:
-                m = custom_mask
-                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-                    raise TypeError("custom_mask must be a bool tensor (flattened per-request qo_len x kv_len masks)")
-                if m.numel() != sum(sizes):
-                    raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} elements, got {m.numel()}")
-                seg = [0]
-                for s_ in sizes:
-                    seg.append(seg[-1] + s_)
-                mask_t, _ = segment_packbits(m.reshape(-1).to(dev), torch.tensor(seg, dtype=torch.int64),
-                                             bitorder="little")
-            if mask_t.numel() == 0:
-                mask_t = torch.zeros(1, dtype=torch.uint8, device=dev)
-            mask_indptr = self._to_device_int(offs, None, "mask_indptr", non_blocking)
-        # Schedule -> one int32 buffer: [num_work, num_merge, work[5][cap_w], merge[4][cap_m]]
+            raise workspace_too_small(ws.numel() * ws.element_size(), part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
+        mask_t, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, qo_lens, kv_lens, non_blocking)
         if self._use_cuda_graph:
             cap_w, cap_m = _GRAPH_WORK_CAPACITY, _GRAPH_MERGE_CAPACITY
             if len(work) > cap_w or len(merge) > cap_m:
@@ -690,37 +805,70 @@ class _BatchPrefillBase:
                                  f"items or {len(merge)} > {cap_m} merge rows)")
         else:
             cap_w, cap_m = max(1, len(work)), max(1, len(merge))
-        flat = [len(work), len(merge)] + [0] * (5 * cap_w + 4 * cap_m)
-        for i, w in enumerate(work):
-            for f in range(5):
-                flat[2 + f * cap_w + i] = w[f]
-        mb = 2 + 5 * cap_w
-        for i, mrow in enumerate(merge):
-            for f in range(4):
-                flat[mb + f * cap_m + i] = mrow[f]
-        if self._use_cuda_graph and self._int_buf is None:
-            self._int_buf = torch.empty(len(flat), dtype=torch.int32, device=dev)
-        ibuf = self._to_device_int(flat, self._int_buf if self._use_cuda_graph else None, "schedule", non_blocking)
-        slots = occ_of(tile) * num_sms(dev.index)
+        layout = PrefillScheduleLayout(cap_w, cap_m, mod.constants["work_fields"], mod.constants["merge_fields"])
+        if self._use_cuda_graph and self._schedule_buf is None:
+            self._schedule_buf = torch.empty(layout.total, dtype=torch.int32, device=dev)
+        sched_buf = self._to_device_int(layout.pack(work, merge), self._schedule_buf, "schedule", non_blocking)
         if self._use_cuda_graph:
-            if self._grid_x is None:
-                self._grid_x = max(1, -(-slots // num_kv_heads))
-                self._merge_grid_x = 4 * num_sms(dev.index)
-            grid_x, merge_grid_x = self._grid_x, self._merge_grid_x
+            if self._grid is None:
+                slots = _occupancy(spec, dev.index, tile) * num_sms(dev.index)
+                self._grid = (max(1, -(-slots // num_kv_heads)), 4 * num_sms(dev.index))
+            grid_x, merge_grid_x = self._grid
+            self._frozen_spec = spec
         else:
             grid_x, merge_grid_x = len(work), len(merge)
-        qo_dev = self._to_device_int(qo, self._qo_indptr_buf, "qo_indptr", non_blocking)
-        self._plan = dict(spec=spec, mod=mod, opts=opts, tile=tile, qo=qo, qo_dev=qo_dev, total_q=qo[-1],
-                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
-                          q_dtype=q_dtype, ibuf=ibuf, cap_w=cap_w, cap_m=cap_m, grid_x=grid_x,
-                          merge_grid_x=merge_grid_x, part_rows=part_rows, mask=mask_t, mask_indptr=mask_indptr,
-                          num_work=len(work), num_merge=len(merge))
-        return self._plan
+        qo_dev = self._qo_indptr_buf = self._to_device_int(qo, self._fixed_qo_indptr, "qo_indptr", non_blocking)
+        schedule = PrefillSchedule(tile, layout, sched_buf, grid_x, merge_grid_x, len(work), len(merge), qo_dev,
+                                   kv_tables["kv_indptr"], kv_tables.get("kv_indices"),
+                                   kv_tables.get("kv_last_page_len"), mask_t, mask_indptr, has_mask)
+        stats = PlanStats(workers=grid_x, worker_capacity=grid_x, pieces=len(work), merges=len(merge),
+                          partial_states=part_rows, total_keys=sum(kv_lens),
+                          workspace_bytes=part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
+        # The attention options run() uses, with FlashInfer's meaning (a legacy forward() replaces them).
+        self._causal, self._pos_encoding_mode, self._use_fp16_qk_reduction = causal, pos_encoding_mode, use_fp16_qk_reduction
+        self._window_left, self._sm_scale, self._rope_scale, self._rope_theta = window_left, sm_scale, rope_scale, rope_theta
+        self._logits_soft_cap = 0.0 if logits_soft_cap is None else logits_soft_cap
+        self._cached_q_data_type = self._cached_o_data_type = q_dtype
+        self._cached_kv_data_type = kv_dtype
+        plan = BatchPlan(spec, mod, batch, qo[-1], num_qo_heads, num_kv_heads, head_dim_qk, page_size, q_dtype,
+                         kv_dtype, max_kv, stats, schedule, options_key=self._options_key(),
+                         launch=_launch_of(spec, opts), max_page_id=max_page_id)
+        self._plan_info = plan
+        if not non_blocking:
+            torch.cuda.current_stream(dev).synchronize()
+        return plan
 
-    def _launch(self, q, k, v, strides, kv_indptr_dev, kv_indices_dev, last_dev, page_size, out, lse, return_lse,
-                sm_scale_mult: float = 1.0):
-        pl = self._plan
-        if pl is None:
+    def _options_key(self) -> Tuple[Any, ...]:
+        return (self._causal, self._pos_encoding_mode, self._use_fp16_qk_reduction, self._window_left,
+                self._logits_soft_cap, self._sm_scale, self._rope_scale, self._rope_theta)
+
+    def _resolve_options(self, p: BatchPlan, key: Tuple[Any, ...]) -> None:
+        """Launch values for the wrapper's current attention options (set by forward() or by hand), on the
+        planned schedule: the kernel variant they need (mask, position encoding, window, soft cap, fp16 QK)."""
+        hit = p.resolved.get(key)
+        if hit is None:
+            causal, pos, fp16qk, window, soft_cap, sm_scale, rope_scale, rope_theta = key
+            opts = _check_options(p.head_dim, causal, pos, window, soft_cap, sm_scale, rope_scale, rope_theta,
+                                  fp16qk, self._backend, p.schedule.has_mask)
+            _check_fp16qk(opts, p.spec.dtype_q)
+            if opts.pos_encoding_mode == "ROPE_LLAMA" and p.max_kv_len > MAX_ROPE_POSITION:
+                raise ValueError(f"ROPE_LLAMA supports kv_len up to {MAX_ROPE_POSITION}")
+            spec = dataclasses.replace(p.spec, mask_mode=opts.mask_mode, pos_encoding_mode=opts.pos_encoding_mode,
+                                       use_window=opts.window_left >= 0, use_logits_soft_cap=opts.soft_cap > 0,
+                                       use_fp16_qk_reduction=opts.use_fp16_qk_reduction)
+            hit = _launch_of(spec, opts)
+            if len(p.resolved) >= 8:
+                p.resolved.clear()
+            p.resolved[key] = hit
+        p.launch = hit
+        p.options_key = key
+
+    def _launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, strides: Tuple[int, ...],
+                out: Optional[torch.Tensor], lse: Optional[torch.Tensor], return_lse: bool, scale_mult: float,
+                out_scale: float, enable_pdl: Optional[bool]):
+        """Launch on a validated KV side: K/V base tensors and their (page, token, head) strides twice."""
+        p = self._plan_info
+        if p is None:
             raise RuntimeError("call plan() before run()")
         if torch.cuda.is_current_stream_capturing() and not self._use_cuda_graph:
             raise RuntimeError("this wrapper was not built for CUDA graphs (use_cuda_graph=False): its plan() "
@@ -730,153 +878,329 @@ class _BatchPrefillBase:
         device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
         if device != self._device:
             raise ValueError(f"q is on {device} but the wrapper's workspace is on {self._device}")
-        if q.dtype != pl["q_dtype"] or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise TypeError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the planned {pl['q_dtype']}")
-        exp_q = (pl["total_q"], pl["num_qo_heads"], pl["head_dim"])
+        if q.dtype != p.q_dtype or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the planned {p.q_dtype}")
+        exp_q = (p.total_q, p.num_qo_heads, p.head_dim)
         if tuple(q.shape) != exp_q:
             raise ValueError(f"q must have shape [qo_indptr[-1], num_qo_heads, head_dim] = {list(exp_q)}, "
                              f"got {tuple(q.shape)}")
-        if q.stride(-1) != 1:
-            q = q.contiguous()
-        check_vector_rows(q, "q", 2)
+        if enable_pdl is not None and not isinstance(enable_pdl, bool):
+            raise TypeError(f"enable_pdl must be a bool or None, got {enable_pdl!r}")
+        q = aligned_rows(q, 2)
         check_out(out, "out", exp_q, q.dtype, device)
         check_out(lse, "lse", exp_q[:2], torch.float32, device)
         o = out if out is not None else torch.empty(exp_q, dtype=q.dtype, device=device)
         if return_lse and lse is None:
             lse = torch.empty(exp_q[:2], dtype=torch.float32, device=device)
-        if pl["total_q"] == 0:
+        if p.total_q == 0:
             return (o, lse) if return_lse else o
-        opts = pl["opts"]
-        ws = self._ws
+        key = self._options_key()
+        if key != p.options_key:
+            self._resolve_options(p, key)
+        L = p.launch
+        s = p.schedule
+        lay = s.layout
+        ws = self._float_workspace_buffer
         ws_f = ws.data_ptr()
-        # partial lse at a fixed place (the workspace's tail), so a graph captured under one plan stays valid under
+        # Partial lse at a fixed place (the workspace's tail), so a graph captured under one plan stays valid under
         # the next: plan() guarantees part_rows * heads * (head_dim + 1) floats fit, so the two never overlap.
         ws_floats = ws.numel() * ws.element_size() // 4
-        part_lse = ws_f + 4 * (ws_floats - ws_floats // (pl["head_dim"] + 1))
-        ib = pl["ibuf"].data_ptr()
-        cap_w, cap_m = pl["cap_w"], pl["cap_m"]
-        mod = pl["mod"]
-        rc = mod.fn("flashinfer_batch_prefill")(
-            pl["tile"], q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
-            lse.data_ptr() if (return_lse and lse is not None) else None, ws_f, part_lse,
-            pl["mask"].data_ptr() if pl["mask"] is not None else None,
-            pl["mask_indptr"].data_ptr() if pl["mask_indptr"] is not None else None,
-            pl["qo_dev"].data_ptr(), kv_indptr_dev.data_ptr(),
-            kv_indices_dev.data_ptr() if kv_indices_dev is not None else None,
-            last_dev.data_ptr() if last_dev is not None else None,
-            ib + 8, cap_w, ib, ib + 8 + 5 * cap_w * 4, cap_m, ib + 4,
-            pl["grid_x"], pl["merge_grid_x"], pl["num_qo_heads"], pl["num_kv_heads"], page_size,
-            q.stride(0), q.stride(1), *strides,
-            opts.window_left, opts.soft_cap, opts.sm_scale * sm_scale_mult, opts.rope_scale, opts.rope_theta,
-            device.index, current_stream_ptr(device),
+        part_lse = ws_f + 4 * (ws_floats - ws_floats // (p.head_dim + 1))
+        sched = s.buffer.data_ptr()
+        k_sp, k_sn, k_sh, v_sp, v_sn, v_sh = strides
+        rc = L.run(
+            tile_q=s.tile_q, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), o=o.data_ptr(),
+            lse=lse.data_ptr() if return_lse else None, partial_o=ws_f, partial_lse=part_lse,
+            mask=s.mask.data_ptr() if s.mask is not None else None,
+            mask_indptr=s.mask_indptr.data_ptr() if s.mask_indptr is not None else None,
+            qo_indptr=s.qo_indptr.data_ptr(), kv_indptr=s.kv_indptr.data_ptr(),
+            kv_indices=s.kv_indices.data_ptr() if s.kv_indices is not None else None,
+            kv_last_page_len=s.kv_last_page_len.data_ptr() if s.kv_last_page_len is not None else None,
+            work=sched + 4 * lay.work, work_capacity=lay.work_capacity, num_work=sched + 4 * lay.num_work,
+            merge=sched + 4 * lay.merge, merge_capacity=lay.merge_capacity, num_merge=sched + 4 * lay.num_merge,
+            grid_x=s.grid_x, merge_grid_x=s.merge_grid_x, num_qo_heads=p.num_qo_heads, num_kv_heads=p.num_kv_heads,
+            page_size=p.page_size, q_stride_n=q.stride(0), q_stride_h=q.stride(1), k_stride_page=k_sp,
+            k_stride_n=k_sn, k_stride_h=k_sh, v_stride_page=v_sp, v_stride_n=v_sn, v_stride_h=v_sh,
+            window_left=L.window_left, logits_soft_cap=L.soft_cap, sm_scale=L.sm_scale * scale_mult,
+            rope_scale=L.rope_scale, rope_theta=L.rope_theta, enable_pdl=bool(enable_pdl),
+            device=device.index, stream=current_stream_ptr(device),
         )
         if rc:
-            mod.check(rc, f"batch prefill ({pl['spec'].name()}) on {device}")
+            L.module.check(rc, f"batch prefill ({L.module.spec.name()}) on {device}")
+        if out_scale != 1.0:
+            o.mul_(out_scale)
         return (o, lse) if return_lse else o
 
-    # Legacy names.
-    def begin_forward(self, *args, **kwargs):
-        return self.plan(*args, **kwargs)
+    def _set_options(self, causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
+                     rope_scale, rope_theta) -> None:
+        if self._plan_info is None:
+            raise RuntimeError("forward() before plan()/begin_forward()")
+        (self._causal, self._pos_encoding_mode, self._use_fp16_qk_reduction, self._window_left, self._logits_soft_cap,
+         self._sm_scale, self._rope_scale, self._rope_theta) = (causal, pos_encoding_mode, use_fp16_qk_reduction,
+                                                                window_left, logits_soft_cap, sm_scale, rope_scale,
+                                                                rope_theta)
 
     def end_forward(self) -> None:
-        pass
+        """Deprecated and a no-op, as in FlashInfer."""
 
-    def forward(self, *args, return_lse: bool = False, out=None, lse=None, **ignored):
-        return self.run(*args, out=out, lse=lse, return_lse=return_lse)
 
-    def forward_return_lse(self, *args, **kwargs):
-        kwargs.pop("return_lse", None)
-        return self.forward(*args, return_lse=True, **kwargs)
-
-    def run_return_lse(self, *args, **kwargs):
-        kwargs["return_lse"] = True
-        return self.run(*args, **kwargs)
+def _check_run_extras(args: Tuple[Any, ...], **named: Any) -> None:
+    """run() arguments of FlashInfer features not implemented here: refused unless left at their defaults."""
+    if args:
+        raise not_supported("positional arguments after the KV", len(args), "none (they feed jit_args kernels)")
+    for name, value in named.items():
+        if value is not None:
+            raise not_supported(name, value if not isinstance(value, torch.Tensor) else "a tensor", "None")
 
 
 class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
-    """Batch prefill where request r's keys/values are rows kv_indptr[r]:kv_indptr[r+1] of k/v
-    (``[total_kv, num_kv_heads, head_dim]`` for NHD, ``[num_kv_heads, total_kv, head_dim]`` for HND)."""
+    """Batch prefill where request r's keys/values are rows ``kv_indptr[r]:kv_indptr[r+1]`` of k/v
+    (``[total_kv, num_kv_heads, head_dim]`` for NHD, ``[num_kv_heads, total_kv, head_dim]`` for HND).
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        A CUDA tensor (e.g. 128 MB of uint8) for the partial states of split requests.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    use_cuda_graph : bool
+        Fixed buffers: run() may be captured and replayed after re-plans (the kernel variant stays fixed).
+    qo_indptr_buf, kv_indptr_buf : torch.Tensor, optional
+        Graph mode's fixed int32 device buffers ``[batch_size + 1]`` (required then).
+    custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
+        Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
+    backend : str
+        ``"auto"`` or ``"fa2"``. jit_args, jit_kwargs : optional -- not implemented (must be None).
+    """
 
     _storage = "ragged"
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf: Optional[torch.Tensor] = None, kv_indptr_buf: Optional[torch.Tensor] = None,
                  custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
-                 backend: str = "auto", jit_args=None) -> None:
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
+                 backend: str = "auto", jit_args: Optional[List[Any]] = None,
+                 jit_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, custom_mask_buf,
+                         mask_indptr_buf, backend, jit_args, jit_kwargs)
         if use_cuda_graph and (qo_indptr_buf is None or kv_indptr_buf is None):
             raise ValueError("use_cuda_graph=True needs fixed qo_indptr_buf and kv_indptr_buf (int32, batch_size + 1)")
-        self._qo_indptr_buf = qo_indptr_buf
+        self._fixed_kv_indptr = kv_indptr_buf if use_cuda_graph else None
         self._kv_indptr_buf = kv_indptr_buf
 
-    def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
-             head_dim_vo: Optional[int] = None, custom_mask=None, packed_custom_mask=None, causal: bool = False,
-             pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
-             logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
-             rope_scale: Optional[float] = None, rope_theta: Optional[float] = None, q_data_type="float16",
-             kv_data_type=None, non_blocking: bool = True) -> None:
-        kv = _host_ints(kv_indptr, "kv_indptr")
+    def plan(
+        self,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim_qk: int,
+        head_dim_vo: Optional[int] = None,
+        custom_mask: Optional[torch.Tensor] = None,
+        packed_custom_mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
+        non_blocking: bool = True,
+        prefix_len_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_len: int = 0,
+        max_item_len_ptr: Optional[torch.Tensor] = None,
+        fixed_split_size: Optional[int] = None,
+        disable_split_kv: bool = False,
+        seq_lens: Optional[torch.Tensor] = None,
+        seq_lens_q: Optional[torch.Tensor] = None,
+        max_token_per_sequence: Optional[int] = None,
+        max_sequence_kv: Optional[int] = None,
+        v_indptr: Optional[torch.Tensor] = None,
+        o_indptr: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Schedule a batch for run().
+
+        Parameters
+        ----------
+        qo_indptr : torch.Tensor
+            ``[batch_size + 1]`` int32/int64: request r's queries are rows ``qo_indptr[r]:qo_indptr[r+1]`` of q.
+        kv_indptr : torch.Tensor
+            ``[batch_size + 1]``: request r's keys are rows ``kv_indptr[r]:kv_indptr[r+1]`` of k/v (a request may
+            have none: its output is 0 and its lse -inf).
+        num_qo_heads, num_kv_heads : int
+            Query heads (a multiple of num_kv_heads) and KV heads.
+        head_dim_qk : int
+            64, 128 or 256. head_dim_vo : int, optional -- None or head_dim_qk.
+        custom_mask : torch.Tensor, optional
+            bool, the requests' ``[qo_len, kv_len]`` masks flattened and concatenated (True: attend); or
+            ``packed_custom_mask``: uint8, each request's bits packed from a byte boundary
+            (``segment_packbits(..., bitorder="little")``). Replaces ``causal``.
+        causal : bool
+            Query row i of a request attends to keys ``j <= i + kv_len - qo_len``; with qo_len > kv_len the first
+            rows see no key (output 0, lse -inf), as in FlashInfer.
+        pos_encoding_mode : str
+            ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"``. use_fp16_qk_reduction : bool -- fp16 q.k (float16 only).
+        window_left : int
+            ``w >= 0``: query at position p attends to keys ``j >= p - w``; -1 no window.
+        logits_soft_cap, sm_scale, rope_scale, rope_theta : float, optional
+            As single_prefill_with_kv_cache.
+        q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
+            float16 or bfloat16 (q's default float16; kv and o must match it).
+        non_blocking : bool
+            False: plan() returns once its copies to the device have completed.
+        prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr : optional
+            FlashInfer's multi-item scoring: not implemented (defaults only).
+        fixed_split_size : int, optional
+            Cut every request's keys into chunks of exactly this many (batch-size invariant sums); None/<= 0:
+            chosen per batch.
+        disable_split_kv : bool
+            Never cut a request's keys across CTAs.
+        seq_lens, seq_lens_q : torch.Tensor, optional
+            ``[batch_size]`` KV and query lengths: accepted when they agree with kv_indptr and qo_indptr.
+        max_token_per_sequence, max_sequence_kv : int, optional
+            Upper bounds of the query and KV lengths: checked.
+        v_indptr, o_indptr : torch.Tensor, optional
+            Separate value/output offsets: not implemented (must be None).
+        """
+        _unsupported_plan_args(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                               token_pos_in_items_len=token_pos_in_items_len, max_item_len_ptr=max_item_len_ptr,
+                               v_indptr=v_indptr, o_indptr=o_indptr)
+        h_kv = host_int32(kv_indptr, "kv_indptr")
+        kv = h_kv.tolist()
         if len(kv) < 1 or kv[0] != 0 or any(b < a for a, b in zip(kv, kv[1:])):
             raise ValueError("kv_indptr must start at 0 and be non-decreasing")
         kv_lens = [b - a for a, b in zip(kv, kv[1:])]
-        pl = self._plan_common(qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
-                               packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale,
-                               window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type,
-                               non_blocking, None)
-        pl["kv_dev"] = self._to_device_int(kv, self._kv_indptr_buf, "kv_indptr", non_blocking)
-        pl["total_kv"] = kv[-1]
+        if seq_lens is not None:
+            check_table_lengths("seq_lens", seq_lens, h_kv[1:] - h_kv[:-1])
+        fixed = fixed_split_size if isinstance(fixed_split_size, int) and fixed_split_size > 0 else 0
+        kv_dev = self._kv_indptr_buf = self._to_device_int(kv, self._fixed_kv_indptr, "kv_indptr", non_blocking)
+        plan = self._plan_common(qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
+                                 packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale,
+                                 window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type,
+                                 o_data_type, non_blocking, seq_lens_q, max_token_per_sequence, max_sequence_kv,
+                                 fixed, disable_split_kv, 1, {"kv_indptr": kv_dev}, -1)
+        plan.total_kv = kv[-1]  # rows of k/v run() expects
 
     begin_forward = plan
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
-        pl = self._plan
-        if pl is None:
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *args: Any,
+        q_scale: Optional[float] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        o_scale: Optional[float] = None,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+        enable_pdl: Optional[bool] = None,
+        kv_cache_sf: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Batch prefill of the planned requests.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[qo_indptr[-1], num_qo_heads, head_dim]`` in the planned dtype.
+        k, v : torch.Tensor
+            ``[kv_indptr[-1], num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, kv_indptr[-1], head_dim]`` (HND).
+        *args
+            FlashInfer's jit_args kernel arguments: not implemented (must be empty).
+        q_scale, k_scale : float, optional
+            Multiply the logits. v_scale : float, optional -- multiplies the output.
+        o_scale : float, optional
+            FlashInfer's fp8 output scale: not implemented (must be None).
+        out, lse : torch.Tensor, optional
+            Preallocated ``[qo_indptr[-1], num_qo_heads, head_dim]`` (q's dtype) and ``[qo_indptr[-1], num_qo_heads]``
+            float32 (with return_lse).
+        return_lse : bool
+            Also return the base-2 log-sum-exp (-inf for rows without a visible key).
+        enable_pdl : bool, optional
+            Launch with programmatic dependent launch (sm_90+); None: off.
+        kv_cache_sf : (torch.Tensor, torch.Tensor), optional
+            NVFP4 KV scale factors: not implemented (must be None).
+
+        Returns
+        -------
+        torch.Tensor or (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``, or ``(o, lse)``.
+        """
+        _check_run_extras(args, o_scale=o_scale, kv_cache_sf=kv_cache_sf)
+        p = self._plan_info
+        if p is None:
             raise RuntimeError("call plan() before run()")
         check_tensor(k, "k", 3)
         check_tensor(v, "v", 3)
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         if self._kv_layout == "NHD":
-            exp = (pl["total_kv"], pl["num_kv_heads"], pl["head_dim"])
+            exp = (p.total_kv, p.num_kv_heads, p.head_dim)
             strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
         else:
-            exp = (pl["num_kv_heads"], pl["total_kv"], pl["head_dim"])
+            exp = (p.num_kv_heads, p.total_kv, p.head_dim)
             strides = (0, k.stride(1), k.stride(0), 0, v.stride(1), v.stride(0))
         if tuple(k.shape) != exp:
             raise ValueError(f"k must have shape {list(exp)} ({self._kv_layout}), got {tuple(k.shape)}")
         check_vector_rows(k, "k", 2)
         check_vector_rows(v, "v", 2)
-        return self._launch(q, k, v, strides, pl["kv_dev"], None, None, 1, out, lse, return_lse)
+        scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
+        return self._launch(q, k, v, strides, out, lse, return_lse, scale_mult, scalar(v_scale, "v_scale", 1.0),
+                            enable_pdl)
 
+    run_return_lse = functools.partialmethod(run, return_lse=True)
 
-def _unpack_paged_cache(paged_kv_cache, kv_layout: str):
-    if isinstance(paged_kv_cache, (tuple, list)):
-        if len(paged_kv_cache) != 2:
-            raise ValueError("paged_kv_cache tuple must be (k_cache, v_cache)")
-        k, v = paged_kv_cache
-        check_tensor(k, "k_cache", 4)
-        check_tensor(v, "v_cache", 4)
-    else:
-        check_tensor(paged_kv_cache, "paged_kv_cache", 5)
-        if paged_kv_cache.shape[1] != 2:
-            raise ValueError(f"paged_kv_cache must be [num_pages, 2, ...], got {tuple(paged_kv_cache.shape)}")
-        k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
-    if k.shape != v.shape:
-        raise ValueError(f"k and v caches must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if kv_layout == "NHD":  # [pages, page_size, heads, dim]
-        page_size, heads = k.shape[1], k.shape[2]
-        strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    else:  # [pages, heads, page_size, dim]
-        page_size, heads = k.shape[2], k.shape[1]
-        strides = (k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1))
-    return k, v, page_size, heads, strides
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
+                logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+        """Deprecated FlashInfer spelling of run(): the attention options given here (defaults included) replace
+        the wrapper's (``_causal``, ``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_window_left``,
+        ``_logits_soft_cap``, ``_sm_scale``, ``_rope_scale``, ``_rope_theta``) for this and later runs, as in
+        FlashInfer, without a new plan. Parameters as in :meth:`plan`; returns o ``[qo_indptr[-1], num_qo_heads,
+        head_dim]``."""
+        self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
+                          rope_scale, rope_theta)
+        return self.run(q, k, v)
+
+    def forward_return_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                           pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                           window_left: int = -1, logits_soft_cap: Optional[float] = None,
+                           sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
+                           rope_theta: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` that also returns lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2)."""
+        self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
+                          rope_scale, rope_theta)
+        return self.run(q, k, v, return_lse=True)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
-    """Batch prefill over a paged KV cache: request r's pages are paged_kv_indices[paged_kv_indptr[r]:...],
-    its last page holding paged_kv_last_page_len[r] tokens. The cache is one tensor ``[num_pages, 2, page_size,
-    num_kv_heads, head_dim]`` (NHD; HND swaps page_size and heads) or a tuple (k_cache, v_cache)."""
+    """Batch prefill over a paged KV cache: request r's pages are ``paged_kv_indices[paged_kv_indptr[r]:...]``,
+    its last page holding ``paged_kv_last_page_len[r]`` tokens. The cache is one tensor ``[num_pages, 2,
+    page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and heads) or a tuple (k_cache, v_cache).
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        A CUDA tensor (e.g. 128 MB of uint8) for the partial states of split requests.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    use_cuda_graph : bool
+        Fixed buffers: run() may be captured and replayed after re-plans (the kernel variant stays fixed).
+    qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf : torch.Tensor, optional
+        Graph mode's fixed int32 device buffers (required then): ``[batch_size + 1]``, ``[batch_size + 1]``,
+        ``[max_num_pages]``, ``[batch_size]``.
+    custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
+        Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
+    backend : str
+        ``"auto"`` or ``"fa2"``. jit_args, jit_kwargs : optional -- not implemented (must be None).
+    """
 
     _storage = "paged"
 
@@ -885,28 +1209,104 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                  paged_kv_indices_buf: Optional[torch.Tensor] = None,
                  paged_kv_last_page_len_buf: Optional[torch.Tensor] = None,
                  custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
-                 backend: str = "auto", jit_args=None) -> None:
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
+                 backend: str = "auto", jit_args: Optional[List[Any]] = None,
+                 jit_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, custom_mask_buf,
+                         mask_indptr_buf, backend, jit_args, jit_kwargs)
         if use_cuda_graph and any(b is None for b in (qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf,
                                                       paged_kv_last_page_len_buf)):
             raise ValueError("use_cuda_graph=True needs fixed qo_indptr_buf, paged_kv_indptr_buf, "
                              "paged_kv_indices_buf and paged_kv_last_page_len_buf (int32 device tensors)")
-        self._qo_indptr_buf = qo_indptr_buf
-        self._kv_indptr_buf = paged_kv_indptr_buf
-        self._kv_indices_buf = paged_kv_indices_buf
-        self._last_buf = paged_kv_last_page_len_buf
+        graph = self._use_cuda_graph
+        self._fixed_tables = (paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf) if graph \
+            else (None, None, None)
+        self._paged_kv_indptr_buf = paged_kv_indptr_buf
+        self._paged_kv_indices_buf = paged_kv_indices_buf
+        self._paged_kv_last_page_len_buf = paged_kv_last_page_len_buf
 
-    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
-             num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: Optional[int] = None,
-             custom_mask=None, packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
-             use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None, window_left: int = -1,
-             logits_soft_cap: Optional[float] = None, rope_scale: Optional[float] = None,
-             rope_theta: Optional[float] = None, q_data_type="float16", kv_data_type=None,
-             non_blocking: bool = True) -> None:
-        ind = _host_ints(paged_kv_indptr, "paged_kv_indptr")
-        last = _host_ints(paged_kv_last_page_len, "paged_kv_last_page_len")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
-            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+    def plan(
+        self,
+        qo_indptr: torch.Tensor,
+        paged_kv_indptr: torch.Tensor,
+        paged_kv_indices: torch.Tensor,
+        paged_kv_last_page_len: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim_qk: int,
+        page_size: int,
+        head_dim_vo: Optional[int] = None,
+        custom_mask: Optional[torch.Tensor] = None,
+        packed_custom_mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        sm_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
+        non_blocking: bool = True,
+        prefix_len_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_len: int = 0,
+        max_item_len_ptr: Optional[torch.Tensor] = None,
+        seq_lens: Optional[torch.Tensor] = None,
+        seq_lens_q: Optional[torch.Tensor] = None,
+        block_tables: Optional[torch.Tensor] = None,
+        max_token_per_sequence: Optional[int] = None,
+        max_sequence_kv: Optional[int] = None,
+        fixed_split_size: Optional[int] = None,
+        disable_split_kv: bool = False,
+    ) -> None:
+        """Schedule a batch for run().
+
+        Parameters
+        ----------
+        qo_indptr : torch.Tensor
+            ``[batch_size + 1]``: request r's queries are rows ``qo_indptr[r]:qo_indptr[r+1]`` of q.
+        paged_kv_indptr : torch.Tensor
+            ``[batch_size + 1]`` int32: request r owns pages ``paged_kv_indices[paged_kv_indptr[r]:...]``.
+        paged_kv_indices : torch.Tensor
+            ``[>= paged_kv_indptr[-1]]`` int32 page ids (CPU or the wrapper's device).
+        paged_kv_last_page_len : torch.Tensor
+            ``[batch_size]`` int32, tokens in each request's last page (``0..page_size``); a request without pages
+            has no keys (output 0, lse -inf), whatever its last_page_len.
+        num_qo_heads, num_kv_heads, head_dim_qk, page_size : int
+            Query heads (a multiple of num_kv_heads), KV heads, head dimension (64, 128, 256), tokens per page.
+        head_dim_vo : int, optional
+            None or head_dim_qk.
+        custom_mask, packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction : optional
+            As :meth:`BatchPrefillWithRaggedKVCacheWrapper.plan`.
+        sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta : optional
+            As single_prefill_with_kv_cache.
+        q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
+            float16 or bfloat16 (q's default float16; kv and o must match it).
+        non_blocking : bool
+            False: plan() returns once its copies to the device have completed.
+        prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr : optional
+            FlashInfer's multi-item scoring: not implemented (defaults only).
+        seq_lens, seq_lens_q : torch.Tensor, optional
+            ``[batch_size]`` KV and query lengths: accepted when they agree with the page table and qo_indptr.
+        block_tables : torch.Tensor, optional
+            FlashInfer's trtllm-gen page table: not implemented (must be None).
+        max_token_per_sequence, max_sequence_kv : int, optional
+            Upper bounds of the query and KV lengths: checked.
+        fixed_split_size : int, optional
+            Cut every request's keys into chunks of exactly this many pages; None/<= 0: chosen per batch.
+        disable_split_kv : bool
+            Never cut a request's keys across CTAs.
+        """
+        _unsupported_plan_args(prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                               token_pos_in_items_len=token_pos_in_items_len, max_item_len_ptr=max_item_len_ptr,
+                               block_tables=block_tables)
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or not 0 < page_size <= 2**16:
+            raise ValueError(f"page_size must be a positive int up to 65536, got {page_size!r}")
+        h_ind = host_int32(paged_kv_indptr, "paged_kv_indptr")
+        h_last = host_int32(paged_kv_last_page_len, "paged_kv_last_page_len")
+        ind, last = h_ind.tolist(), h_last.tolist()
         if len(ind) < 1 or ind[0] != 0 or any(b < a for a, b in zip(ind, ind[1:])):
             raise ValueError("paged_kv_indptr must start at 0 and be non-decreasing")
         if len(last) != len(ind) - 1:
@@ -914,56 +1314,155 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                              f"(one per request of paged_kv_indptr)")
         kv_lens = []
         for r, (a, b) in enumerate(zip(ind, ind[1:])):
-            if b > a and not (1 <= last[r] <= page_size):
-                raise ValueError(f"paged_kv_last_page_len[{r}] = {last[r]} must be in [1, page_size={page_size}]")
+            # More than page_size would read past the request's pages; a request without pages has no keys.
+            if b > a and not (0 <= last[r] <= page_size):
+                raise ValueError(f"paged_kv_last_page_len[{r}] = {last[r]} is outside 0..page_size ({page_size})")
             kv_lens.append((b - a - 1) * page_size + last[r] if b > a else 0)
+        if seq_lens is not None:
+            check_table_lengths("seq_lens", seq_lens, torch.tensor(kv_lens, dtype=torch.int32))
         if not isinstance(paged_kv_indices, torch.Tensor) or paged_kv_indices.dim() != 1:
             raise ValueError("paged_kv_indices must be a 1-D int32 tensor")
         if paged_kv_indices.numel() < ind[-1]:
             raise ValueError(f"paged_kv_indices has {paged_kv_indices.numel()} entries, paged_kv_indptr needs {ind[-1]}")
-        pl = self._plan_common(qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
-                               packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale,
-                               window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type,
-                               non_blocking, None)
-        pl["kv_dev"] = self._to_device_int(ind, self._kv_indptr_buf, "paged_kv_indptr", non_blocking)
-        idx = paged_kv_indices.to(torch.int32)
-        if self._kv_indices_buf is not None:
-            if self._kv_indices_buf.numel() < idx.numel():
+        if paged_kv_indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"paged_kv_indices must be int32, got {paged_kv_indices.dtype}")
+        idx = paged_kv_indices[: ind[-1]]
+        max_page_id = -1
+        if idx.device.type == "cpu" and idx.numel():
+            if int(idx.min()) < 0:
+                raise ValueError("paged_kv_indices holds a negative page id")
+            max_page_id = int(idx.max())
+        idx = idx.to(torch.int32)
+        fixed_indptr, fixed_indices, fixed_last = self._fixed_tables
+        if fixed_indices is not None:
+            if fixed_indices.numel() < idx.numel():
                 raise ValueError("paged_kv_indices_buf is smaller than paged_kv_indices")
-            if idx.numel() and idx.data_ptr() != self._kv_indices_buf.data_ptr():  # (already there: no self-copy)
-                self._kv_indices_buf[: idx.numel()].copy_(idx, non_blocking=non_blocking)
-            pl["indices_dev"] = self._kv_indices_buf
+            if idx.numel() and (idx.device != fixed_indices.device or idx.data_ptr() != fixed_indices.data_ptr()):
+                fixed_indices[: idx.numel()].copy_(idx, non_blocking=non_blocking)  # (already there: no self-copy)
+            indices_dev = fixed_indices
         else:
-            pl["indices_dev"] = idx.to(self._device, non_blocking=non_blocking) if idx.numel() else \
+            indices_dev = idx.to(self._device, non_blocking=non_blocking) if idx.numel() else \
                 torch.zeros(1, dtype=torch.int32, device=self._device)
-        pl["last_dev"] = self._to_device_int(last, self._last_buf, "paged_kv_last_page_len", non_blocking)
-        pl["page_size"] = page_size
+        tables = {"kv_indptr": self._to_device_int(ind, fixed_indptr, "paged_kv_indptr", non_blocking),
+                  "kv_indices": indices_dev,
+                  "kv_last_page_len": self._to_device_int(last, fixed_last, "paged_kv_last_page_len", non_blocking)}
+        fixed = fixed_split_size * page_size if isinstance(fixed_split_size, int) and fixed_split_size > 0 else 0
+        self._plan_common(qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
+                          packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale, window_left,
+                          logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type,
+                          non_blocking, seq_lens_q, max_token_per_sequence, max_sequence_kv, fixed, disable_split_kv,
+                          page_size, tables, max_page_id)
+        # FlashInfer's attributes: the device page table of the last plan (graph mode: the fixed buffers).
+        self._paged_kv_indptr_buf, self._paged_kv_indices_buf, self._paged_kv_last_page_len_buf = (
+            tables["kv_indptr"], indices_dev, tables["kv_last_page_len"])
 
     begin_forward = plan
 
-    def run(self, q: torch.Tensor, paged_kv_cache, *, out: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
-        pl = self._plan
-        if pl is None:
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache: PagedKVCache,
+        *args: Any,
+        q_scale: Optional[float] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+        enable_pdl: Optional[bool] = None,
+        window_left: Optional[int] = None,
+        sinks: Optional[torch.Tensor] = None,
+        kv_cache_sf: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        skip_softmax_threshold_scale_factor: Optional[float] = None,
+        use_fp16_softmax: Optional[bool] = None,
+        uses_spcompress: Optional[bool] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Batch prefill of the planned requests against their pages.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[qo_indptr[-1], num_qo_heads, head_dim]`` in the planned dtype.
+        paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
+            tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``.
+        *args
+            FlashInfer's jit_args kernel arguments: not implemented (must be empty).
+        q_scale, k_scale : float, optional
+            Multiply the logits. v_scale : float, optional -- multiplies the output.
+        out, lse : torch.Tensor, optional
+            Preallocated ``[qo_indptr[-1], num_qo_heads, head_dim]`` (q's dtype) and ``[qo_indptr[-1], num_qo_heads]``
+            float32 (with return_lse).
+        return_lse : bool
+            Also return the base-2 log-sum-exp (-inf for rows without a visible key).
+        enable_pdl : bool, optional
+            Launch with programmatic dependent launch (sm_90+); None: off.
+        window_left : int, optional
+            Must equal the wrapper's ``_window_left`` (FlashInfer plans the window); None uses it.
+        sinks, kv_cache_sf, skip_softmax_threshold_scale_factor : optional
+            Not implemented (must be None).
+        use_fp16_softmax, uses_spcompress : bool, optional
+            Other backends' variants: None or False (fp32 softmax, no compression).
+
+        Returns
+        -------
+        torch.Tensor or (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``, or ``(o, lse)``.
+        """
+        _check_run_extras(args, sinks=sinks, kv_cache_sf=kv_cache_sf,
+                          skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor,
+                          use_fp16_softmax=use_fp16_softmax or None, uses_spcompress=uses_spcompress or None)
+        p = self._plan_info
+        if p is None:
             raise RuntimeError("call plan() before run()")
-        k, v, page_size, heads, strides = _unpack_paged_cache(paged_kv_cache, self._kv_layout)
-        if page_size != pl["page_size"] or heads != pl["num_kv_heads"] or k.shape[-1] != pl["head_dim"]:
-            raise ValueError(f"paged_kv_cache page_size/heads/head_dim ({page_size}, {heads}, {k.shape[-1]}) differ "
-                             f"from the plan ({pl['page_size']}, {pl['num_kv_heads']}, {pl['head_dim']}) for "
-                             f"kv_layout {self._kv_layout}")
-        check_vector_rows(k, "k_cache", 3)
-        check_vector_rows(v, "v_cache", 3)
-        return self._run_kv(q, k, v, strides, out, lse, return_lse)
+        if window_left is not None and window_left != self._window_left:
+            raise ValueError(f"run(window_left={window_left}) differs from the wrapper's window_left "
+                             f"{self._window_left} (set by plan() or forward()): plan with that window")
+        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
+            raise ValueError(f"paged_kv_cache page_size/heads/head_dim ({kv.page_size}, {kv.num_kv_heads}, "
+                             f"{kv.head_dim}) differ from the plan ({p.page_size}, {p.num_kv_heads}, {p.head_dim}) "
+                             f"for kv_layout {self._kv_layout}")
+        if p.max_page_id >= kv.num_pages:
+            raise ValueError(f"paged_kv_indices holds page id {p.max_page_id} but paged_kv_cache has {kv.num_pages} pages")
+        check_vector_rows(kv.k, "k_cache", 3)
+        check_vector_rows(kv.v, "v_cache", 3)
+        scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
+        return self._run_kv(q, kv.k, kv.v, (kv.stride_page, kv.stride_n, kv.stride_h) * 2, out, lse, return_lse,
+                            scale_mult, scalar(v_scale, "v_scale", 1.0), enable_pdl)
 
-    def _run_kv(self, q, k, v, strides, out, lse, return_lse, sm_scale_mult: float = 1.0):
-        """run() on a validated cache taken apart: K/V views and their (page, token, head) strides twice."""
-        pl = self._plan
-        return self._launch(q, k, v, strides, pl["kv_dev"], pl["indices_dev"], pl["last_dev"], pl["page_size"], out,
-                            lse, return_lse, sm_scale_mult)
+    run_return_lse = functools.partialmethod(run, return_lse=True)
 
+    def _run_kv(self, q, k, v, strides, out, lse, return_lse, scale_mult: float = 1.0, out_scale: float = 1.0,
+                enable_pdl: Optional[bool] = None):
+        """run() on a validated cache taken apart: K/V views and their (page, token, head) strides twice (also
+        the tensor-core path of batch decode)."""
+        return self._launch(q, k, v, strides, out, lse, return_lse, scale_mult, out_scale, enable_pdl)
 
-# Legacy FlashInfer aliases (the CUDA-graph variants are the same classes with use_cuda_graph=True).
-BatchPrefillWithPagedKVCacheWrapper.forward.__doc__ = "Legacy alias of run()."
+    def forward(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, causal: bool = False,
+                pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                k_scale: Optional[float] = None, v_scale: Optional[float] = None, window_left: int = -1,
+                logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+        """Deprecated FlashInfer spelling of run(): the attention options given here (defaults included) replace
+        the wrapper's (``_causal``, ``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_window_left``,
+        ``_logits_soft_cap``, ``_sm_scale``, ``_rope_scale``, ``_rope_theta``) for this and later runs, as in
+        FlashInfer, without a new plan; k_scale/v_scale as in :meth:`run`. Returns o ``[qo_indptr[-1],
+        num_qo_heads, head_dim]``."""
+        self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
+                          rope_scale, rope_theta)
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)
+
+    def forward_return_lse(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, causal: bool = False,
+                           pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                           k_scale: Optional[float] = None, v_scale: Optional[float] = None, window_left: int = -1,
+                           logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                           rope_scale: Optional[float] = None,
+                           rope_theta: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` that also returns lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2)."""
+        self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
+                          rope_scale, rope_theta)
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
 
 def decode_with_tensor_cores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str = "NHD",
@@ -973,28 +1472,45 @@ def decode_with_tensor_cores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              return_lse: bool = False, *, q_scale: Optional[float] = None,
                              k_scale: Optional[float] = None, v_scale: Optional[float] = None,
                              out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
-    """Single-request decode (q ``[num_qo_heads, head_dim]``) through the tensor-core prefill kernel, the GQA
-    group's heads packed as query rows (what FlashInfer does for ``use_tensor_cores=True``).
+    """Single-request decode through the tensor-core prefill kernel, the GQA group's heads packed as query rows
+    (what FlashInfer does for ``use_tensor_cores=True``).
 
-    q_scale and k_scale fold into the logit scale, v_scale multiplies the output; ``out`` ``[num_qo_heads,
-    head_dim]`` and ``lse`` ``[num_qo_heads]`` (float32) are optional preallocated outputs. Returns o, or
-    ``(o, lse)`` with ``return_lse=True``."""
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[num_qo_heads, head_dim]``. k, v : torch.Tensor -- as single_decode_with_kv_cache.
+    kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse
+        As single_decode_with_kv_cache.
+    q_scale, k_scale : float, optional
+        Fold into the logit scale. v_scale : float, optional -- multiplies the output.
+    out, lse : torch.Tensor, optional
+        ``[num_qo_heads, head_dim]`` and ``[num_qo_heads]`` float32 preallocated outputs.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
+        o ``[num_qo_heads, head_dim]``, or ``(o, lse)`` with ``return_lse=True``.
+    """
     check_tensor(q, "q", 2)
     scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(q.shape[1]))
     scale *= scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
-    out_scale = scalar(v_scale, "v_scale", 1.0)
     check_out(out, "out", tuple(q.shape), q.dtype, q.device)
     check_out(lse, "lse", (q.shape[0],), torch.float32, q.device)
     q = aligned_rows(q, 1)  # the prefill kernel loads q rows with 16-byte vectors; decode accepts any view
     res = single_prefill_with_kv_cache(q.unsqueeze(0), k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode,
                                        window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=scale,
                                        rope_scale=rope_scale, rope_theta=rope_theta, return_lse=return_lse,
-                                       out=None if out is None else out.unsqueeze(0),
+                                       v_scale=v_scale, out=None if out is None else out.unsqueeze(0),
                                        lse=None if lse is None else lse.unsqueeze(0))
     o3, lse2 = res if return_lse else (res, None)
     o = out if out is not None else o3[0]
-    if out_scale != 1.0:
-        o.mul_(out_scale)
     if not return_lse:
         return o
     return o, (lse if lse is not None else lse2[0])
+
+
+def trtllm_batch_context_with_kv_cache(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """FlashInfer's TensorRT-LLM context kernel (Blackwell): not implemented here; importable so that engines'
+    backends load, and raises NotImplementedError when called."""
+    raise NotImplementedError("trtllm_batch_context_with_kv_cache (the trtllm-gen backend) is not implemented; use "
+                              f"BatchPrefillWithPagedKVCacheWrapper (got {len(args)} positional, {sorted(kwargs)} keyword arguments)")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import flashinfer
-from flashinfer.batch_decode import BatchDecodePagedSpec, host_schedule
+from flashinfer._planning import host_schedule
+from flashinfer.decode import BatchDecodePagedSpec
 
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
@@ -235,10 +236,10 @@ def test_plan_and_run_bad_input(use_tensor_cores):
         w.run(q, cache)
     bad_last = last.clone()
     bad_last[1] = 17
-    with pytest.raises(ValueError, match="outside 1..page_size"):
+    with pytest.raises(ValueError, match="outside 0..page_size"):
         w.plan(indptr, indices, bad_last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
-    bad_last[1] = 0
-    with pytest.raises(ValueError, match="outside 1..page_size"):
+    bad_last[1] = -1
+    with pytest.raises(ValueError, match="outside 0..page_size"):
         w.plan(indptr, indices, bad_last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
     with pytest.raises(ValueError, match="never decrease"):
         w.plan(torch.tensor([0, 7, 3], dtype=torch.int32), indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
@@ -334,20 +335,21 @@ def test_batch_decode_torch_compile_traces_the_custom_op(use_tensor_cores):
 def _table(lens, ps):
     pages = [(n + ps - 1) // ps for n in lens]
     indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
-    last = torch.tensor([n - (p - 1) * ps for n, p in zip(lens, pages)], dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * ps if p else 1 for n, p in zip(lens, pages)], dtype=torch.int32)
     return indptr, last
 
 
-def _check_schedule(lens, ps, window_left=-1, slots=396, hq=32, hkv=8, fixed_workers=0):
+def _check_schedule(lens, ps, window_left=-1, slots=396, hq=32, hkv=8, fixed_workers=0, disable_split_kv=False):
     indptr, last = _table(lens, ps)
-    s = host_schedule(indptr, last, ps, hq, hkv, slots, window_left=window_left, fixed_workers=fixed_workers)
+    s = host_schedule(indptr, last, ps, hq, hkv, slots, window_left=window_left, fixed_workers=fixed_workers,
+                      disable_split_kv=disable_split_kv)
     cover = {r: [] for r in range(len(lens))}
     slots_seen = []
     loads = []
     for w in s["workers"]:
         loads.append(sum(e - b for _, b, e, _ in w) + 32 * len(w))
         for r, b, e, slot in w:
-            assert b < e
+            assert b < e or (b == e == 0 and lens[r] == 0)  # an empty request: one empty piece
             cover[r].append((b, e, slot))
     for r, n in enumerate(lens):
         start = max(0, n - 1 - window_left) if window_left >= 0 else 0
@@ -402,10 +404,41 @@ def test_schedule_rejects_bad_tables():
     indptr, last = _table([10, 20], 16)
     with pytest.raises(ValueError, match="code -3"):
         host_schedule(indptr, torch.tensor([10, 17], dtype=torch.int32), 16, 8, 2, 132)
+    with pytest.raises(ValueError, match="code -3"):
+        host_schedule(indptr, torch.tensor([10, -1], dtype=torch.int32), 16, 8, 2, 132)
     with pytest.raises(ValueError, match="code -1"):
         host_schedule(torch.tensor([0, 2, 1], dtype=torch.int32), last, 16, 8, 2, 132)
-    with pytest.raises(ValueError, match="code -2"):
-        host_schedule(torch.tensor([0, 0, 2], dtype=torch.int32), last, 16, 8, 2, 132)
+    with pytest.raises(ValueError, match="code -1"):
+        host_schedule(torch.tensor([1, 2, 3], dtype=torch.int32), last, 16, 8, 2, 132)
+
+
+def test_schedule_gives_requests_without_keys_one_empty_piece():
+    """Engines pad CUDA-graph batches with requests of no pages (any last_page_len, as FlashInfer reads it) and
+    a request may have a page with last_page_len 0: each gets one empty piece (output 0, lse -inf), written
+    directly; the others are scheduled as usual."""
+    lens = [0, 700, 0, 33000, 0]
+    s, _ = _check_schedule(lens, 16)
+    empties = [(r, b, e, slot) for w in s["workers"] for r, b, e, slot in w if lens[r] == 0]
+    assert sorted(empties) == [(0, 0, 0, -1), (2, 0, 0, -1), (4, 0, 0, -1)]
+    assert s["total_keys"] == 33700
+    # A page whose last_page_len is 0: (pages - 1) * page_size keys; here none at all.
+    indptr = torch.tensor([0, 1, 3], dtype=torch.int32)
+    s = host_schedule(indptr, torch.tensor([0, 0], dtype=torch.int32), 16, 8, 2, 132)
+    assert s["total_keys"] == 16
+    pieces = sorted(p for w in s["workers"] for p in w)
+    assert pieces[0] == (0, 0, 0, -1) and pieces[-1][2] == 16
+    # Padding requests of the usual form: no pages, last_page_len 1 (vLLM) or page_size.
+    for pad_last in (1, 16):
+        s = host_schedule(torch.tensor([0, 2, 2, 2], dtype=torch.int32),
+                          torch.tensor([5, pad_last, pad_last], dtype=torch.int32), 16, 8, 2, 132)
+        assert s["total_keys"] == 21 and s["pieces"] == 3
+
+
+def test_schedule_without_splits_keeps_every_request_whole():
+    lens = [33000, 512, 4096, 1, 0, 700]
+    s, _ = _check_schedule(lens, 16, disable_split_kv=True)
+    assert s["merges"] == [] and s["partial_states"] == 0 and s["pieces"] == len(lens)
+    assert _check_schedule(lens, 16)[0]["merges"]  # (the same batch is split otherwise)
 
 
 def test_batch_decode_spec_names():
@@ -429,9 +462,9 @@ def test_run_op_is_registered_with_a_fake_implementation():
     with FakeTensorMode():
         q = torch.empty(3, 8, 128, dtype=torch.bfloat16)
         k = torch.empty(10, 16, 2, 128, dtype=torch.bfloat16)
-        o, lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, True)
+        o, lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, True, -1)
         assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (3, 8) and lse.dtype == torch.float32
-        _, no_lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, False)
+        _, no_lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, False, -1)
         assert no_lse.shape == (0,)
 
 

@@ -409,8 +409,6 @@ def test_batch_prefill_bad_input():
     i2 = torch.tensor([0, 5, 9], dtype=torch.int32)
     with pytest.raises(ValueError, match="lengths must match"):
         w.plan(i2, torch.tensor([0, 9], dtype=torch.int32), 8, 2, 128)
-    with pytest.raises(ValueError, match="qo_len <= kv_len"):
-        w.plan(i2, torch.tensor([0, 3, 9], dtype=torch.int32), 8, 2, 128, causal=True)
     with pytest.raises(ValueError, match="custom_mask"):
         w.plan(i2, i2, 8, 2, 128, custom_mask=torch.ones(40, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
@@ -500,14 +498,14 @@ def test_prefill_module_builds_without_spills(tmp_path, monkeypatch):
 
 
 def test_batch_spec_names_and_planner():
-    from flashinfer.prefill import _plan_schedule
+    from flashinfer._planning import schedule_prefill
 
     s = BatchPrefillSpec()
     assert s.name().startswith("prefill_batch_paged_q-bf16") and BatchPrefillSpec.from_json(s.to_json()) == s
     assert "kv_storage" in BatchPrefillSpec(kv_storage="blocked").unsupported_reason()
     # Few rows, long KV: split into chunks, partial rows and merge rows laid out per request.
-    tile, work, merge, part = _plan_schedule([2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), lambda t: 2, 132, True,
-                                             1 << 30, 8)
+    tile, work, merge, part = schedule_prefill([2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), 64, lambda t: 2, 132,
+                                               True, 1 << 30, 8)
     assert tile == 64
     assert {w[0] for w in work} == {0, 2}  # the empty request has no work
     for req, kv_len in ((0, 5000), (2, 3000)):  # each request's chunks tile its whole KV range, in order
@@ -521,10 +519,19 @@ def test_batch_spec_names_and_planner():
     rows = [m[1] + c * m[3] for m in merge for c in range(m[2])]
     assert sorted(rows) == list(range(part))
     # Many rows: no split, every item writes o directly.
-    tile, work, merge, part = _plan_schedule([4096] * 8, [4096] * 8, 1, 32, 128, (64,), lambda t: 2, 132, True,
-                                             1 << 30, 32)
+    tile, work, merge, part = schedule_prefill([4096] * 8, [4096] * 8, 1, 32, 128, (64,), 64, lambda t: 2, 132, True,
+                                               1 << 30, 32)
     assert merge == [] and part == 0 and all(w[4] == -1 for w in work)
     assert work[0][3] == 4096  # heaviest (last causal tiles) first
+    # fixed_split_size: every request cut at the same key offsets whatever the batch; disable_split_kv: never cut.
+    for qo, kv in (([2, 3], [5000, 3000]), ([2], [5000])):
+        tile, work, merge, part = schedule_prefill(qo, kv, 4, 2, 128, (64,), 64, lambda t: 2, 132, True, 1 << 30, 8,
+                                                   fixed_chunk=1024)
+        assert sorted((w[2], w[3]) for w in work if w[0] == 0) == [(0, 1024), (1024, 2048), (2048, 3072),
+                                                                   (3072, 4096), (4096, 5000)]
+    tile, work, merge, part = schedule_prefill([2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), 64, lambda t: 2, 132,
+                                               True, 1 << 30, 8, split_kv=False)
+    assert merge == [] and part == 0 and sorted((w[0], w[2], w[3]) for w in work) == [(0, 0, 5000), (2, 0, 3000)]
 
 
 @pytest.mark.gpu

@@ -133,14 +133,15 @@ struct DecodePiece {
 template <int HEAD_DIM, typename DTypeO>
 FI_DEVICE void store_decode_state(float (&acc)[8], float d_all, float lse, float v_scale, int col, DTypeO* o,
                                   float* lse_out, float* partial_o, float* partial_lse) {
+  // d_all == 0: the piece saw no key (an empty request, or keys all outside a window): o 0, lse -inf.
   if (partial_o == nullptr) {
-    const float scale = v_scale / d_all;
+    const float scale = d_all > 0.f ? v_scale / d_all : 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] *= scale;
     *reinterpret_cast<uint4*>(o + col) = pack8<DTypeO>(acc);
     if (lse_out != nullptr && col == 0) *lse_out = lse;
   } else {
-    const float inv_d = 1.f / d_all;
+    const float inv_d = d_all > 0.f ? 1.f / d_all : 0.f;
     float4* dst = reinterpret_cast<float4*>(partial_o + col);
     dst[0] = make_float4(acc[0] * inv_d, acc[1] * inv_d, acc[2] * inv_d, acc[3] * inv_d);
     dst[1] = make_float4(acc[4] * inv_d, acc[5] * inv_d, acc[6] * inv_d, acc[7] * inv_d);
@@ -454,13 +455,14 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
     for (int r = 0; r < NSTATES; ++r) m_all = fmaxf(m_all, s_m[r * GT + j]);
     float d_all = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int r = 0; r < NSTATES; ++r) {
-      const float wr = ptx_exp2(s_m[r * GT + j] - m_all);  // states that saw only padding weigh 0
+      // States that saw only padding weigh 0; so do all of them when the piece has no key (m_all -inf).
+      const float wr = m_all == kNegInf ? 0.f : ptx_exp2(s_m[r * GT + j] - m_all);
       d_all += wr * s_d[r * GT + j];
       const float* src = s_o + (r * GT + j) * HEAD_DIM + col;
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = fmaf(wr, src[i], acc[i]);
     }
-    store(j, col, acc, d_all, m_all + ptx_log2(d_all));
+    store(j, col, acc, d_all, d_all > 0.f ? m_all + ptx_log2(d_all) : kNegInf);
   }
   __syncthreads();  // the scratch is read before a next piece refills the ring
 }

@@ -19,6 +19,7 @@
 #include "pos_enc.cuh"
 
 #include <type_traits>
+#include <utility>
 
 namespace flashinfer {
 
@@ -502,6 +503,10 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
 __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
     batch_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeArg<POS> rope) {
   extern __shared__ __align__(1024) uint4 smem[];  // tiles kRowBytes-aligned (ldmatrix addressing)
+  // May be launched with programmatic dependent launch (run(enable_pdl=True)): wait for the previous kernel
+  // before reading what it wrote; a no-op otherwise.
+  grid_dependency_wait();
+  grid_dependency_launch_dependents();
   const int num_work = *p.num_work;
   const int cap = p.work_capacity;
   auto run_item = [&](int w) {
@@ -530,6 +535,7 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
 template <int HEAD_DIM, typename DTypeO>
 __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
   constexpr int VEC = HEAD_DIM / 32;
+  grid_dependency_wait();  // (launched with PDL after the batch kernel: its partial states must be complete)
   const int head = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (head >= p.num_qo_heads) return;
   const bool batch = p.merge != nullptr;
@@ -596,12 +602,29 @@ inline RopeArg<POS> make_rope(int head_dim, float rope_scale, float rope_theta) 
   return rope;
 }
 
+// Launches `kernel` on grid x block with dynamic shared memory, with programmatic dependent launch when `pdl`
+// (the kernel then waits in grid_dependency_wait() for its predecessor in the stream).
+template <typename... Params, typename... Args>
+cudaError_t launch_prefill_kernel(void (*kernel)(Params...), dim3 grid, int threads, int smem_bytes, bool pdl,
+                                  cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
 template <int HEAD_DIM, typename DTypeO>
-cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream) {
+cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream, bool pdl = false) {
   if (grid_x <= 0) return cudaSuccess;
-  dim3 grid(grid_x, ceil_div(p.num_qo_heads, 4));
-  prefill_merge_kernel<HEAD_DIM, DTypeO><<<grid, 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_prefill_kernel(prefill_merge_kernel<HEAD_DIM, DTypeO>, dim3(grid_x, ceil_div(p.num_qo_heads, 4)), 128,
+                               0, pdl, stream, p);
 }
 
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
@@ -634,7 +657,7 @@ cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stre
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
           bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED>
 cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, int device, cudaStream_t stream,
-                                 int* occupancy_only) {
+                                 bool pdl, int* occupancy_only) {
   using Tr = PrefillTraits<HEAD_DIM, MQ>;
   constexpr auto kernel = batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
   DeviceGuard guard(device);
@@ -649,12 +672,11 @@ cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, 
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   if (grid_x > 0) {
-    kernel<<<dim3(grid_x, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, stream>>>(
-        p, make_rope<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
-    err = cudaGetLastError();
+    err = launch_prefill_kernel(kernel, dim3(grid_x, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, pdl, stream, p,
+                                make_rope<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
     if (err != cudaSuccess) return err;
   }
-  return launch_prefill_merge<HEAD_DIM, DTypeO>(p, merge_grid_x, stream);
+  return launch_prefill_merge<HEAD_DIM, DTypeO>(p, merge_grid_x, stream, pdl);
 }
 
 }  // namespace flashinfer

@@ -1,0 +1,307 @@
+"""Batch planning, for every batch wrapper: the one shape a plan has (:class:`BatchPlan`), and the two planners
+side by side: the paged batch decode planner (compiled C++, ``batch_decode_plan`` in
+templates/include/flashinfer/batch_decode.cuh; :func:`run_decode_planner` drives it) and the batch prefill
+planner (Python, :func:`schedule_prefill`; its schedule goes to the device as one int32 buffer laid out by
+:class:`PrefillScheduleLayout`).
+
+Tile sizes, the decode planner's info array and error codes, and the prefill schedule's field counts are read
+from the modules (``module.constants``): Python keeps no copy of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .utils import host_int32, workspace_too_small
+
+# Keys the prefill planner never splits further: a KV chunk shorter than this costs more to merge than it
+# gains in parallelism (a scheduling policy, not a kernel constant).
+PREFILL_MIN_CHUNK = 512
+
+
+# ------------------------------------------------------------------------------------------- the plan shape
+
+
+@dataclasses.dataclass
+class PlanStats:
+    """The schedule a plan chose (``wrapper.plan_stats``): CTAs' worth of work, pieces of requests, merges of
+    split requests, partial states in the workspace, keys attended to and workspace bytes used."""
+
+    workers: int
+    worker_capacity: int
+    pieces: int
+    merges: int
+    partial_states: int
+    total_keys: int
+    workspace_bytes: int
+
+    def as_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BatchPlan:
+    """What ``plan()`` leaves for ``run()``, in every batch wrapper (``wrapper._plan_info``).
+
+    ``spec``/``module`` are the planned kernel variant; ``schedule`` is the launcher's schedule (decode: the
+    C ``BatchDecodePlan`` bytes; prefill: a :class:`PrefillSchedule`). ``options_key`` is the wrapper's
+    attention options (``_sm_scale``, ``_window_left``...) ``launch`` was resolved for: a legacy ``forward()``
+    that changes them makes the next launch resolve them again, without a new plan.
+    """
+
+    spec: Any
+    module: Any
+    batch_size: int
+    total_q: int  # rows of q: batch_size for decode, qo_indptr[-1] for prefill
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    max_kv_len: int  # longest request (keys), for checks of run-time options (window, RoPE range)
+    stats: Any  # PlanStats, or a zero-argument callable making it (the decode planner's report, read when asked)
+    schedule: Any
+    options_key: Tuple[Any, ...] = ()
+    launch: Any = None  # the resolved launch values for options_key (family-specific)
+    resolved: Dict[Tuple[Any, ...], Any] = dataclasses.field(default_factory=dict)
+    keep: Tuple[Any, ...] = ()  # tensors the device schedule points into (kept alive)
+    max_page_id: int = -1  # paged KV: largest page id when known on the host, else -1
+    planned_window: int = -1  # the window_left the schedule was made for (-1: every key scheduled)
+    pdl: Optional[bool] = None  # run()'s enable_pdl default
+    total_kv: int = 0  # ragged KV: rows of k/v
+
+    def get_stats(self) -> PlanStats:
+        if not isinstance(self.stats, PlanStats):
+            self.stats = self.stats()
+        return self.stats
+
+
+def check_table_lengths(name: str, given: Any, expected: torch.Tensor) -> None:
+    """``seq_lens``-style arguments restate what the index tables imply: accepted when they agree."""
+    g = host_int32(given.reshape(-1) if isinstance(given, torch.Tensor) else given, name)
+    if g.numel() != expected.numel() or not torch.equal(g, expected.to(torch.int32)):
+        raise ValueError(f"{name} {g.tolist()[:8]}... disagrees with the lengths the index tables give "
+                         f"({expected.tolist()[:8]}...); pass the same lengths or leave {name}=None")
+
+
+# ------------------------------------------------------------------------------- batch decode (C++ planner)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlannerABI:
+    """Where the compiled decode planner reports what (its int64 info array) and its error codes, as the
+    module exports them (``FI_MODULE_CONSTANTS`` of templates/batch_decode.cu.jinja)."""
+
+    info_len: int
+    info: Dict[str, int]  # field -> position in the info array
+    errors: Dict[str, int]  # name -> code
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def of(module: Any) -> "DecodePlannerABI":
+        c = module.constants
+        return DecodePlannerABI(c["info_len"], {k[5:]: v for k, v in c.items() if k.startswith("info.")},
+                                {k[6:]: v for k, v in c.items() if k.startswith("error.")})
+
+    def stats(self, info: Any) -> PlanStats:
+        i = self.info
+        return PlanStats(workers=int(info[i["workers"]]), worker_capacity=int(info[i["worker_capacity"]]),
+                         pieces=int(info[i["pieces"]]), merges=int(info[i["merges"]]),
+                         partial_states=int(info[i["partial_states"]]), total_keys=int(info[i["total_keys"]]),
+                         workspace_bytes=int(info[i["workspace_bytes"]]))
+
+    def raise_error(self, rc: int, info: Any, module: Any, what: str, h_indptr: torch.Tensor,
+                    h_last: torch.Tensor, page_size: int, workspace_bytes: int) -> None:
+        """The planner's error ``rc`` as the exception a caller can act on."""
+        at = int(info[self.info["bad_position"]])
+        e = self.errors
+        if rc == e["bad_indptr"]:
+            raise ValueError(f"indptr must start at 0 and never decrease; indptr[{at}] = {int(h_indptr[at])}"
+                             + (f" < indptr[{at - 1}] = {int(h_indptr[at - 1])}" if at > 0 else ""))
+        if rc == e["bad_last_page_len"]:
+            raise ValueError(f"last_page_len[{at}] = {int(h_last[at])} is outside 0..page_size ({page_size}) for a "
+                             f"request with pages (more would read past its last page)")
+        if rc == e["workspace_too_small"]:
+            raise workspace_too_small(workspace_bytes, int(info[self.info["workspace_bytes"]]))
+        if rc == e["negative_index"]:
+            raise ValueError(f"indices[{at}] is a negative page id")
+        if rc == e["capacity"]:
+            raise ValueError("batch or page count above the CUDA-graph wrapper's fixed capacity")
+        module.check(rc, what)
+
+
+def host_schedule(indptr: torch.Tensor, last_page_len: torch.Tensor, page_size: int, num_qo_heads: int,
+                  num_kv_heads: int, slots: int, window_left: int = -1, fixed_workers: int = 0,
+                  disable_split_kv: bool = False, spec: Any = None) -> Dict[str, Any]:
+    """The decode planner alone, on the host (no GPU needed; for tests and inspection): the work list plan()
+    would send for a GPU with ``slots`` resident CTAs.
+
+    Returns a dict: ``workers`` (per worker, its pieces ``(request, begin, end, partial slot or -1)``),
+    ``merges`` (``(request, first slot, count)``), ``workers_used``, ``worker_capacity``, ``pieces``,
+    ``partial_states``, ``total_keys``."""
+    from . import jit
+    from .decode import BatchDecodePagedSpec
+
+    module = jit.load(spec or BatchDecodePagedSpec())
+    abi = DecodePlannerABI.of(module)
+    ip, lp = host_int32(indptr, "indptr"), host_int32(last_page_len, "last_page_len")
+    blob = ctypes.create_string_buffer(module.launcher("flashinfer_batch_decode_plan_size")())
+    info = (ctypes.c_int64 * abi.info_len)()
+    out = torch.zeros(1 << 20, dtype=torch.int32)
+    rc = module.launcher("flashinfer_batch_decode_schedule")(
+        indptr=ip.data_ptr(), last_page_len=lp.data_ptr(), batch=lp.numel(), page_size=page_size,
+        window_left=window_left, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, slots=slots,
+        fixed_workers=fixed_workers, no_split=int(disable_split_kv), out=out.data_ptr(), out_bytes=out.numel() * 4,
+        plan_out=ctypes.addressof(blob), info=ctypes.addressof(info))
+    if rc:
+        raise ValueError(f"schedule failed: {module.error_string(rc)} (code {rc}, at {info[abi.info['bad_position']]})")
+    o = out.tolist()
+    at = {k: int(info[v]) for k, v in abi.info.items()}
+    workers = []
+    for w in range(at["worker_capacity"]):
+        workers.append([(o[at["piece_req"] + i], o[at["piece_begin"] + i], o[at["piece_end"] + i], o[at["piece_slot"] + i])
+                        for i in range(o[at["worker_indptr"] + w], o[at["worker_indptr"] + w + 1])])
+    merges = [(o[at["merge_req"] + m], o[at["merge_begin"] + m], o[at["merge_count"] + m]) for m in range(o[0])]
+    return {"workers": workers, "merges": merges, "workers_used": at["workers"], "worker_capacity": at["worker_capacity"],
+            "pieces": at["pieces"], "partial_states": at["partial_states"], "total_keys": at["total_keys"]}
+
+
+# ------------------------------------------------------------------------------ batch prefill (Python planner)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillScheduleLayout:
+    """The device schedule of a batch prefill plan: one int32 buffer ``[num_work, num_merge,
+    work[work_fields][work_capacity], merge[merge_fields][merge_capacity]]``. Offsets in int32 elements; the
+    field counts come from the module (``work_fields``/``merge_fields``)."""
+
+    work_capacity: int
+    merge_capacity: int
+    work_fields: int
+    merge_fields: int
+
+    num_work = 0
+    num_merge = 1
+    work = 2
+
+    @property
+    def merge(self) -> int:
+        return self.work + self.work_fields * self.work_capacity
+
+    @property
+    def total(self) -> int:
+        return self.merge + self.merge_fields * self.merge_capacity
+
+    def pack(self, work: Sequence[Tuple[int, ...]], merge: Sequence[Tuple[int, ...]]) -> List[int]:
+        """The buffer's contents: counts, then each field of every item (structure of arrays)."""
+        flat = [0] * self.total
+        flat[self.num_work], flat[self.num_merge] = len(work), len(merge)
+        for base, cap, nf, rows in ((self.work, self.work_capacity, self.work_fields, work),
+                                    (self.merge, self.merge_capacity, self.merge_fields, merge)):
+            for f in range(nf):
+                flat[base + f * cap: base + f * cap + len(rows)] = [row[f] for row in rows]
+        return flat
+
+
+@dataclasses.dataclass
+class PrefillSchedule:
+    """A batch prefill plan's launch schedule: query tile, work items and merges on the device, the grid."""
+
+    tile_q: int
+    layout: PrefillScheduleLayout
+    buffer: torch.Tensor  # int32 [layout.total] on the device
+    grid_x: int
+    merge_grid_x: int
+    num_work: int
+    num_merge: int
+    qo_indptr: torch.Tensor  # device int32
+    kv_indptr: torch.Tensor  # device int32 (ragged: token offsets; paged: page offsets)
+    kv_indices: Optional[torch.Tensor]  # paged: device int32 page ids
+    kv_last_page_len: Optional[torch.Tensor]  # paged: device int32
+    mask: Optional[torch.Tensor]  # packed custom mask bits (uint8), per request from a byte boundary
+    mask_indptr: Optional[torch.Tensor]  # device int32 byte offsets of the requests' masks
+    has_mask: bool
+
+
+def prefill_query_tiles(module: Any) -> Tuple[int, ...]:
+    """Query-tile sizes (packed rows) the batch prefill module instantiates, smallest first."""
+    c = module.constants
+    return tuple(sorted(c[f"query_tile_{i}"] for i in range(c["query_tiles"])))
+
+
+def schedule_prefill(qo_lens: Sequence[int], kv_lens: Sequence[int], group: int, num_kv_heads: int, head_dim: int,
+                     tiles: Sequence[int], kv_tile: int, occupancy: Callable[[int], int], sms: int, causal: bool,
+                     workspace_floats: int, num_qo_heads: int, fixed_chunk: int = 0,
+                     split_kv: bool = True) -> Tuple[int, List[Tuple[int, ...]], List[Tuple[int, ...]], int]:
+    """The batch prefill planner: ``(query tile, work items, merge rows, partial rows)``.
+
+    Work items are ``(request, query tile, kv begin, kv end, partial row or -1)``, heaviest first; merge rows
+    ``(token, first partial row, chunks, row stride)``. Long requests' keys are cut into chunks when the query
+    tiles alone cannot fill the GPU (``occupancy(tile) * sms`` resident CTAs): the largest chunk (a multiple
+    of ``kv_tile``) that still gives every resident CTA a work item, grown until the partial states fit the
+    workspace. ``fixed_chunk > 0`` cuts every request into chunks of exactly that many keys instead;
+    ``split_kv=False`` never cuts.
+    """
+    total_rows = sum(q * group for q in qo_lens)
+    nonempty = sum(1 for q in qo_lens if q > 0)
+    tile = tiles[-1] if nonempty == 0 or total_rows / max(nonempty, 1) > tiles[0] else tiles[0]
+    qtiles = [-(-q * group // tile) for q in qo_lens]
+    target = occupancy(tile) * sms  # CTAs that run at once
+    ctas = sum(qtiles) * num_kv_heads
+    big = max(kv_lens) if kv_lens else 0
+    chunk = max(big, 1)
+    if not split_kv:
+        pass
+    elif fixed_chunk > 0:
+        chunk = fixed_chunk
+    elif ctas * 2 <= target and big >= 2 * PREFILL_MIN_CHUNK:
+        want = -(-target // num_kv_heads)
+
+        def items(c: int) -> int:
+            return sum(t * max(1, -(-kv // c)) for t, kv in zip(qtiles, kv_lens))
+
+        lo_c, hi_c = PREFILL_MIN_CHUNK, big
+        if items(lo_c) >= want:
+            while hi_c - lo_c > kv_tile:  # the largest chunk that still gives `want` items
+                mid = (lo_c + hi_c) // 2
+                if items(mid) >= want:
+                    lo_c = mid
+                else:
+                    hi_c = mid
+        chunk = -(-lo_c // kv_tile) * kv_tile
+
+        def partial_rows(c: int) -> int:
+            return sum(q * -(-kv // c) for q, kv in zip(qo_lens, kv_lens) if kv > c)
+
+        while chunk < big and partial_rows(chunk) * num_qo_heads * (head_dim + 1) > workspace_floats:
+            chunk *= 2
+        chunk = min(chunk, big)
+    work, merge = [], []
+    part = 0
+    qo_start = 0
+    for r, (q, kv) in enumerate(zip(qo_lens, kv_lens)):
+        if q == 0:
+            continue
+        nch = max(1, -(-kv // chunk))
+        base = part if nch > 1 else -1
+        for t in range(qtiles[r]):
+            rows_end = min((t + 1) * tile, q * group)
+            tok_max = (rows_end - 1) // group
+            limit = kv - q + tok_max + 1 if causal else kv
+            for c in range(nch):
+                kb, ke = c * chunk, min(kv, (c + 1) * chunk)
+                cost = max(0, min(ke, limit) - kb) * (rows_end - t * tile) + 64
+                work.append((cost, r, t, kb, ke, base + c * q if nch > 1 else -1))
+        if nch > 1:
+            for tok in range(q):
+                merge.append((qo_start + tok, part + tok, nch, q))
+            part += nch * q
+        qo_start += q
+    work.sort(key=lambda w: -w[0])
+    return tile, [w[1:] for w in work], merge, part
