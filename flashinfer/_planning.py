@@ -69,7 +69,7 @@ class BatchPlan:
     schedule: Any
     options_key: Tuple[Any, ...] = ()
     launch: Any = None  # the resolved launch values for options_key (family-specific)
-    resolved: Dict[Tuple[Any, ...], Any] = dataclasses.field(default_factory=dict)
+    resolved: Optional[Dict[Tuple[Any, ...], Any]] = None  # options key -> launch values, made when first needed
     keep: Tuple[Any, ...] = ()  # tensors the device schedule points into (kept alive)
     max_page_id: int = -1  # paged KV: largest page id when known on the host, else -1
     planned_window: int = -1  # the window_left the schedule was made for (-1: every key scheduled)
@@ -93,6 +93,33 @@ def check_table_lengths(name: str, given: Any, expected: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------- batch decode (C++ planner)
 
 
+def bad_indptr(h_indptr: torch.Tensor, at: int) -> ValueError:
+    return ValueError(f"indptr must start at 0 and never decrease; indptr[{at}] = {int(h_indptr[at])}"
+                      + (f" < indptr[{at - 1}] = {int(h_indptr[at - 1])}" if at > 0 else ""))
+
+
+def bad_last_page_len(h_last: torch.Tensor, at: int, page_size: int) -> ValueError:
+    return ValueError(f"last_page_len[{at}] = {int(h_last[at])} is outside 0..page_size ({page_size}) for a request "
+                      f"with pages (more would read past its last page)")
+
+
+def paged_kv_lens(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Keys per request of a host page table, with the decode planner's checks (raised as its errors): 0 for a
+    request without pages (whatever its last_page_len), else ``(pages - 1) * page_size + last_page_len`` with
+    last_page_len in ``0..page_size``."""
+    pages = h_indptr[1:] - h_indptr[:-1]
+    if int(h_indptr[0]) != 0:
+        raise bad_indptr(h_indptr, 0)
+    bad = torch.nonzero(pages < 0)
+    if bad.numel():
+        raise bad_indptr(h_indptr, int(bad[0, 0]) + 1)
+    bad = torch.nonzero((pages > 0) & ((h_last < 0) | (h_last > page_size)))
+    if bad.numel():
+        raise bad_last_page_len(h_last, int(bad[0, 0]), page_size)
+    return torch.where(pages > 0, (pages - 1) * page_size + h_last, torch.zeros_like(pages))
+
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodePlannerABI:
     """Where the compiled decode planner reports what (its int64 info array) and its error codes, as the
@@ -101,13 +128,17 @@ class DecodePlannerABI:
     info_len: int
     info: Dict[str, int]  # field -> position in the info array
     errors: Dict[str, int]  # name -> code
+    info_type: Any  # ctypes int64 array type of the info array
+
+    def new_info(self) -> Any:
+        return self.info_type()
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def of(module: Any) -> "DecodePlannerABI":
         c = module.constants
         return DecodePlannerABI(c["info_len"], {k[5:]: v for k, v in c.items() if k.startswith("info.")},
-                                {k[6:]: v for k, v in c.items() if k.startswith("error.")})
+                                {k[6:]: v for k, v in c.items() if k.startswith("error.")}, ctypes.c_int64 * c["info_len"])
 
     def stats(self, info: Any) -> PlanStats:
         i = self.info
@@ -122,11 +153,9 @@ class DecodePlannerABI:
         at = int(info[self.info["bad_position"]])
         e = self.errors
         if rc == e["bad_indptr"]:
-            raise ValueError(f"indptr must start at 0 and never decrease; indptr[{at}] = {int(h_indptr[at])}"
-                             + (f" < indptr[{at - 1}] = {int(h_indptr[at - 1])}" if at > 0 else ""))
+            raise bad_indptr(h_indptr, at)
         if rc == e["bad_last_page_len"]:
-            raise ValueError(f"last_page_len[{at}] = {int(h_last[at])} is outside 0..page_size ({page_size}) for a "
-                             f"request with pages (more would read past its last page)")
+            raise bad_last_page_len(h_last, at, page_size)
         if rc == e["workspace_too_small"]:
             raise workspace_too_small(workspace_bytes, int(info[self.info["workspace_bytes"]]))
         if rc == e["negative_index"]:
@@ -152,7 +181,7 @@ def host_schedule(indptr: torch.Tensor, last_page_len: torch.Tensor, page_size: 
     abi = DecodePlannerABI.of(module)
     ip, lp = host_int32(indptr, "indptr"), host_int32(last_page_len, "last_page_len")
     blob = ctypes.create_string_buffer(module.launcher("flashinfer_batch_decode_plan_size")())
-    info = (ctypes.c_int64 * abi.info_len)()
+    info = abi.new_info()
     out = torch.zeros(1 << 20, dtype=torch.int32)
     rc = module.launcher("flashinfer_batch_decode_schedule")(
         indptr=ip.data_ptr(), last_page_len=lp.data_ptr(), batch=lp.numel(), page_size=page_size,

@@ -32,7 +32,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import jit
-from ._planning import BatchPlan, DecodePlannerABI, PlanStats, check_table_lengths, host_schedule
+from ._planning import BatchPlan, DecodePlannerABI, check_table_lengths, paged_kv_lens
 from ._spec_common import AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import register_family
@@ -254,7 +254,7 @@ def single_decode_with_kv_cache(
         Also return lse ``[num_qo_heads]`` float32, the base-2 log-sum-exp of the scaled logits.
     out, lse : torch.Tensor, optional
         Preallocated outputs (contiguous, ``[num_qo_heads, head_dim]`` in q's dtype and ``[num_qo_heads]``
-        float32); an extension over FlashInfer's signature.
+        float32; lse is written even with ``return_lse=False``); an extension over FlashInfer's signature.
 
     Returns
     -------
@@ -294,18 +294,17 @@ def single_decode_with_kv_cache(
 
     if torch.compiler.is_compiling():
         o, lse_t = _single_decode_op(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale,
-                                     r_scale, r_theta, return_lse)
+                                     r_scale, r_theta, return_lse or lse is not None)
         if out is not None:
             o = out.copy_(o)
-        if return_lse and lse is not None:
+        if lse is not None:
             lse_t = lse.copy_(lse_t)
         return (o, lse_t) if return_lse else o
 
     o = out if out is not None else torch.empty((num_qo_heads, head_dim), dtype=q.dtype, device=device)
     if return_lse and lse is None:
         lse = torch.empty((num_qo_heads,), dtype=torch.float32, device=device)
-    _run(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale, r_scale, r_theta, o,
-         lse if return_lse else None)
+    _run(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale, r_scale, r_theta, o, lse)
     return (o, lse) if return_lse else o
 
 
@@ -394,28 +393,13 @@ class _DecodeConfig:
     fixed_chunk: int  # fixed_split_size in keys (tensor cores), 0: off
     no_split: bool
     launch: Optional[_DecodeLaunch]  # None with tensor cores
+    module: Optional[_DecodeModule]  # the CUDA-core module (its planner), None with tensor cores
     options: Tuple[Any, ...]  # the wrapper attributes plan() sets, in _OPTION_ATTRS order
     logit_options: Tuple[Any, ...]  # (soft cap, sm_scale, rope_scale, rope_theta) as plan() received them
 
 
 # The attention options of a decode wrapper, as FlashInfer names its attributes; run() uses their current values.
 _OPTION_ATTRS = ("_pos_encoding_mode", "_window_left", "_logits_soft_cap", "_sm_scale", "_rope_scale", "_rope_theta")
-
-
-def _check_page_table(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: int) -> Tuple[int, int, torch.Tensor]:
-    """The compiled planner's page-table checks, on the host, for the tensor-core path (whose errors must read
-    the same): (error name or "", the position it names, keys per request)."""
-    pages = h_indptr[1:] - h_indptr[:-1]
-    if int(h_indptr[0]) != 0:
-        return "bad_indptr", 0, pages
-    bad = torch.nonzero(pages < 0)
-    if bad.numel():
-        return "bad_indptr", int(bad[0, 0]) + 1, pages
-    bad = torch.nonzero((pages > 0) & ((h_last < 0) | (h_last > page_size)))
-    if bad.numel():
-        return "bad_last_page_len", int(bad[0, 0]), pages
-    lens = torch.where(pages > 0, (pages - 1) * page_size + h_last, torch.zeros_like(pages))
-    return "", 0, lens
 
 
 # Live wrappers by a process-unique id: the torch.library op below reaches its wrapper's plan through it.
@@ -444,8 +428,12 @@ class _CachedModulePlanner:
         if not w._use_tensor_cores:
             raise NotImplementedError("_cached_module.plan() takes FlashInfer's tensor-core planner arguments; this "
                                       "wrapper decodes on CUDA cores: call plan()")
-        if float_workspace_buffer is not w._float_workspace_buffer:
-            raise ValueError("_cached_module.plan(): float_workspace_buffer must be the wrapper's own")
+        for name, given, own in (("float_workspace_buffer", float_workspace_buffer, w._float_workspace_buffer),
+                                 ("int_workspace_buffer", int_workspace_buffer, w._int_workspace_buffer),
+                                 ("pinned_workspace_buffer", pinned_workspace_buffer,
+                                  w._pin_memory_int_workspace_buffer)):
+            if given is not own:
+                raise ValueError(f"_cached_module.plan(): {name} must be the wrapper's own ({name[:-7]} attribute)")
         if causal or head_dim_vo != head_dim_qk or num_colocated_ctas:
             raise not_supported("causal/head_dim_vo/num_colocated_ctas", (causal, head_dim_vo, num_colocated_ctas),
                                 "decode's values (False, head_dim_qk, 0)")
@@ -529,6 +517,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._indptr_buf = paged_kv_indptr_buffer
         self._indices_buf = paged_kv_indices_buffer
         self._last_page_len_buf = paged_kv_last_page_len_buffer
+        if not self._use_cuda_graph and any(t is not None for t in (paged_kv_indptr_buffer, paged_kv_indices_buffer,
+                                                                    paged_kv_last_page_len_buffer)):
+            raise ValueError("paged_kv_*_buffer are CUDA-graph mode's fixed buffers: pass use_cuda_graph=True with them "
+                             "(without it, plan() makes its own copies)")
         if self._use_cuda_graph:
             for n, t in (("paged_kv_indptr_buffer", paged_kv_indptr_buffer),
                          ("paged_kv_indices_buffer", paged_kv_indices_buffer),
@@ -545,7 +537,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._events = [None, None]
         self._event_free = None
         self._half = 0
-        self._info = None  # the planner's int64 report (sized from the module)
+        self._pdl_default: Optional[bool] = None  # run()'s enable_pdl=None: where the GPU supports PDL
         self._plan_info: Optional[BatchPlan] = None
         self._configs: Dict[Tuple[Any, ...], _DecodeConfig] = {}  # validated plan() configurations
         self._tables: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # last plan's page table
@@ -559,8 +551,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _set_workspace(self, buf: torch.Tensor) -> None:
+    def _set_workspace(self, buf: torch.Tensor, int_buf: Optional[torch.Tensor] = None) -> None:
         self._float_workspace_buffer = buf
+        # FlashInfer's integer workspaces: the schedule lives in the float workspace here, so there are none (the
+        # attributes exist for engines that pass them back to _cached_module.plan).
+        self._int_workspace_buffer = int_buf
+        self._pin_memory_int_workspace_buffer = None
         self._device = buf.device
         self.device = buf.device
         self._workspace_ptr = buf.data_ptr()
@@ -585,7 +581,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 raise ValueError(f"{n} must be a tensor on {self._device}")
         if not float_workspace_buffer.is_contiguous():
             raise ValueError("float_workspace_buffer must be contiguous")
-        self._set_workspace(float_workspace_buffer)
+        self._set_workspace(float_workspace_buffer, int_workspace_buffer)
         self._plan_info = None
         self._prefill = None
 
@@ -691,14 +687,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
                                     dtype_o=DTYPE_SHORT[q_dtype], kv_layout=self._kv_layout, pos_encoding_mode=pos,
                                     use_logits_soft_cap=soft_cap > 0)
         frozen = (spec, num_qo_heads, num_kv_heads, page_size)
-        launch = None
+        launch = dm = None
         if not self._use_tensor_cores:
             dm = _decode_module(spec)
             launch = _DecodeLaunch(dm.run, dm.module, scale, soft_cap, window, r_scale, r_theta)
         options = (pos_encoding_mode, window_left, 0.0 if logits_soft_cap is None else logits_soft_cap, sm_scale,
                    rope_scale, rope_theta)
         return _DecodeConfig(q_dtype, kv_dtype, pos, window, spec, frozen, fixed * page_size, bool(disable_split_kv),
-                             launch, options, (logits_soft_cap, sm_scale, rope_scale, rope_theta))
+                             launch, dm, options, (logits_soft_cap, sm_scale, rope_scale, rope_theta))
 
     def plan(
         self,
@@ -818,9 +814,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                              f"was {self._frozen[1:]} heads/page_size with {self._frozen[0].name()}, got "
                              f"{config.frozen[1:]} with {spec.name()}")
         if seq_lens is not None:
-            code, at, lens = _check_page_table(h_indptr, h_last, page_size)
-            if not code:
-                check_table_lengths("seq_lens", seq_lens, lens)
+            check_table_lengths("seq_lens", seq_lens, paged_kv_lens(h_indptr, h_last, page_size))
 
         host_indices = 0
         device_indices = 0
@@ -884,16 +878,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
                          max_index, batch, nnz, num_qo_heads, num_kv_heads, head_dim, page_size) -> None:
         """plan() on the CUDA-core kernel: the compiled planner writes the schedule to pinned memory and copies it
         to the workspace (one async copy, alternating between two staging buffers)."""
-        dm = _decode_module(config.spec)
+        dm = config.module
         abi = dm.abi
         old = self._plan_info
         # The blob is reused (it caches the RoPE table); a captured graph holds none of it (kernel parameters
         # are copied at launch).
         blob = old.schedule[0] if old is not None and old.launch is not None and len(old.schedule[0]) >= dm.blob_size \
             else ctypes.create_string_buffer(dm.blob_size)
-        if self._info is None or len(self._info) != abi.info_len:
-            self._info = (ctypes.c_int64 * abi.info_len)()
-        info = self._info
+        info = abi.new_info()  # (kept by the plan: plan_stats reads it)
         stream = current_stream_ptr(self._device)
         self._ensure_staging(dm.module, 64 << 10)
         for _ in range(2):
@@ -920,23 +912,18 @@ class BatchDecodeWithPagedKVCacheWrapper:
             max_index = info[at["max_index"]]
         if self._use_cuda_graph and self._fixed_workers < 0:
             self._fixed_workers = info[at["worker_capacity"]]
-        report = info[:]  # (turned into PlanStats when plan_stats is read)
+        if self._pdl_default is None:
+            self._pdl_default = device_support_pdl(self._device)
         self._plan_info = BatchPlan(
             config.spec, dm.module, batch, batch, num_qo_heads, num_kv_heads, head_dim, page_size, config.q_dtype,
-            config.kv_dtype, info[at["max_keys"]], functools.partial(abi.stats, report), (blob, ctypes.addressof(blob)),
-            config.options, config.launch, {}, (indices_ref,), max_index, config.window_left,
-            device_support_pdl(self._device))
+            config.kv_dtype, info[at["max_keys"]], functools.partial(abi.stats, info), (blob, ctypes.addressof(blob)),
+            config.options, config.launch, None, (indices_ref,), max_index, config.window_left, self._pdl_default)
 
     def _plan_tensor_cores(self, config: _DecodeConfig, h_indptr, h_last, kv_indices, max_index, batch, num_qo_heads,
                            num_kv_heads, head_dim, page_size, non_blocking) -> None:
         """plan() of use_tensor_cores=True, on validated arguments: the same page-table checks and errors as the
         compiled planner, then BatchPrefillWithPagedKVCacheWrapper.plan with one query row per request."""
-        code, at, lens = _check_page_table(h_indptr, h_last, page_size)
-        if code:
-            abi = DecodePlannerABI.of(_decode_module(config.spec).module)
-            info = [0] * abi.info_len
-            info[abi.info["bad_position"]] = at
-            abi.raise_error(abi.errors[code], info, None, "", h_indptr, h_last, page_size, self._workspace_bytes)
+        lens = paged_kv_lens(h_indptr, h_last, page_size)  # (the compiled planner's checks and errors)
         if kv_indices.device.type == "cpu" and kv_indices.numel():
             negative = torch.nonzero(kv_indices < 0)
             if negative.numel():
@@ -951,6 +938,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 paged_kv_indices_buf=self._indices_buf if graph else None,
                 paged_kv_last_page_len_buf=self._last_page_len_buf if graph else None)
         pw = self._prefill
+        if self._backend == "auto":
+            self._backend = "fa2"  # FlashInfer's meaning: the backend "auto" resolved to
         soft_cap, sm_scale, rope_scale, rope_theta = config.logit_options
         pw.plan(_get_range_buf(batch + 1, "cpu"), h_indptr, kv_indices, h_last, num_qo_heads, num_kv_heads, head_dim,
                 page_size, pos_encoding_mode=config.pos_encoding_mode, window_left=config.window_left,
@@ -1002,7 +991,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         out : torch.Tensor, optional
             ``[batch_size, num_qo_heads, head_dim]`` contiguous, q's dtype: written and returned.
         lse : torch.Tensor, optional
-            ``[batch_size, num_qo_heads]`` float32, with ``return_lse=True``.
+            ``[batch_size, num_qo_heads]`` float32: written (also with ``return_lse=False``) and returned with
+            ``return_lse=True``.
         return_lse : bool
             Also return the base-2 log-sum-exp of the scaled logits (-inf for a request without keys).
         enable_pdl : bool, optional
@@ -1074,29 +1064,28 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise TypeError(f"enable_pdl must be a bool or None, got {enable_pdl!r}")
         if compiling:  # traced: through the custom op (its fake implementation gives the shapes)
             pdl = -1 if enable_pdl is None else int(enable_pdl)
-            o, lse_t = _batch_decode_op(q, kv.k, kv.v, self._op_id, scale_mult, out_scale, return_lse, pdl)
+            o, lse_t = _batch_decode_op(q, kv.k, kv.v, self._op_id, scale_mult, out_scale,
+                                        return_lse or lse is not None, pdl)
             if out is not None:
                 o = out.copy_(o)
-            if return_lse and lse is not None:
+            if lse is not None:
                 lse_t = lse.copy_(lse_t)
             return (o, lse_t) if return_lse else o
         if out is None:
             out = torch.empty((p.batch_size, p.num_qo_heads, p.head_dim), dtype=p.q_dtype, device=self._device)
         if return_lse and lse is None:
             lse = torch.empty((p.batch_size, p.num_qo_heads), dtype=torch.float32, device=self._device)
-        self._launch(p, q, kv, out, lse if return_lse else None, scale_mult, out_scale, enable_pdl)
+        self._launch(p, q, kv, out, lse, scale_mult, out_scale, enable_pdl)
         return (out, lse) if return_lse else out
 
     run_return_lse = functools.partialmethod(run, return_lse=True)
-
-    def _options_key(self) -> Tuple[Any, ...]:
-        return (self._pos_encoding_mode, self._window_left, self._logits_soft_cap, self._sm_scale, self._rope_scale,
-                self._rope_theta)
 
     def _resolve_options(self, p: BatchPlan, key: Tuple[Any, ...]) -> None:
         """Launch values for the wrapper's current attention options (set by forward() or by hand), on the
         planned schedule: another kernel variant for another position encoding or soft cap; a window only
         within the planned keys."""
+        if p.resolved is None:
+            p.resolved = {}
         hit = p.resolved.get(key)
         if hit is None:
             pos_attr, window_attr, soft_attr, scale_attr, rs_attr, rt_attr = key
@@ -1128,7 +1117,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 scale_mult: float, out_scale: float, enable_pdl: Optional[bool]) -> None:
         """Launch on validated inputs (q [batch, heads, dim] with unit last stride), with the wrapper's current
         attention options."""
-        key = self._options_key()
+        key = (self._pos_encoding_mode, self._window_left, self._logits_soft_cap, self._sm_scale, self._rope_scale,
+               self._rope_theta)
         if key != p.options_key:
             self._resolve_options(p, key)
         if p.launch is None:  # tensor cores: the prefill wrapper's plan

@@ -448,7 +448,8 @@ def single_prefill_with_kv_cache(
     k_scale, v_scale : float, optional
         k_scale multiplies the logits, v_scale the output.
     out, lse : torch.Tensor, optional
-        Preallocated outputs (contiguous); an extension over FlashInfer's signature.
+        Preallocated outputs (contiguous; lse is written even with ``return_lse=False``); an extension over
+        FlashInfer's signature.
 
     Returns
     -------
@@ -496,19 +497,20 @@ def single_prefill_with_kv_cache(
     if torch.compiler.is_compiling():
         o, lse_t = _single_prefill_op(q, k, v, mask, kv_layout, opts.mask_mode, opts.pos_encoding_mode,
                                       opts.window_left, opts.soft_cap, opts.sm_scale, opts.rope_scale,
-                                      opts.rope_theta, opts.use_fp16_qk_reduction, opts.backend, return_lse)
+                                      opts.rope_theta, opts.use_fp16_qk_reduction, opts.backend,
+                                      return_lse or lse is not None)
         if out_scale != 1.0:
             o = o * out_scale
         if out is not None:
             o = out.copy_(o)
-        if return_lse and lse is not None:
+        if lse is not None:
             lse_t = lse.copy_(lse_t)
         return (o, lse_t) if return_lse else o
 
     o = out if out is not None else torch.empty((qo_len, num_qo_heads, head_dim), dtype=q.dtype, device=device)
     if return_lse and lse is None:
         lse = torch.empty((qo_len, num_qo_heads), dtype=torch.float32, device=device)
-    _single_run(q, k, v, mask, kv_layout, opts, o, lse if return_lse else None)
+    _single_run(q, k, v, mask, kv_layout, opts, o, lse)
     if out_scale != 1.0:
         o.mul_(out_scale)
     return (o, lse) if return_lse else o
@@ -625,11 +627,15 @@ class _BatchPrefillBase:
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
             raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. 128 MB of uint8)")
         self._float_workspace_buffer = float_workspace_buffer
+        self._int_workspace_buffer: Optional[torch.Tensor] = None  # FlashInfer's second workspace: none needed here
         self._device = self.device = float_workspace_buffer.device
         self._kv_layout = canonical_layout(kv_layout)
         self._use_cuda_graph = bool(use_cuda_graph)
         for n, t in (("qo_indptr_buf", qo_indptr_buf), ("custom_mask_buf", custom_mask_buf),
                      ("mask_indptr_buf", mask_indptr_buf)):
+            if t is not None and not self._use_cuda_graph:
+                raise ValueError(f"{n} is one of CUDA-graph mode's fixed buffers: pass use_cuda_graph=True with it "
+                                 "(without it, plan() makes its own copies)")
             if t is not None and (not isinstance(t, torch.Tensor) or t.device != self._device or t.dim() != 1):
                 raise ValueError(f"{n} must be a 1-D tensor on {self._device}")
         if custom_mask_buf is not None and custom_mask_buf.dtype != torch.uint8:
@@ -678,6 +684,7 @@ class _BatchPrefillBase:
             if t is not None and (not isinstance(t, torch.Tensor) or t.device != self._device):
                 raise ValueError(f"{n} must be a tensor on {self._device}")
         self._float_workspace_buffer = float_workspace_buffer
+        self._int_workspace_buffer = int_workspace_buffer
         self._plan_info = None
 
     def _to_device_int(self, values: Sequence[int], buf: Optional[torch.Tensor], name: str,
@@ -845,6 +852,8 @@ class _BatchPrefillBase:
     def _resolve_options(self, p: BatchPlan, key: Tuple[Any, ...]) -> None:
         """Launch values for the wrapper's current attention options (set by forward() or by hand), on the
         planned schedule: the kernel variant they need (mask, position encoding, window, soft cap, fp16 QK)."""
+        if p.resolved is None:
+            p.resolved = {}
         hit = p.resolved.get(key)
         if hit is None:
             causal, pos, fp16qk, window, soft_cap, sm_scale, rope_scale, rope_theta = key
@@ -870,7 +879,7 @@ class _BatchPrefillBase:
         p = self._plan_info
         if p is None:
             raise RuntimeError("call plan() before run()")
-        if torch.cuda.is_current_stream_capturing() and not self._use_cuda_graph:
+        if torch.cuda.is_current_stream_capturing() and not self._use_cuda_graph:  # (lse, when given, is written)
             raise RuntimeError("this wrapper was not built for CUDA graphs (use_cuda_graph=False): its plan() "
                                "buffers move between plans, so a captured run() would replay stale schedules; "
                                "construct it with use_cuda_graph=True and fixed buffers")
@@ -910,7 +919,7 @@ class _BatchPrefillBase:
         k_sp, k_sn, k_sh, v_sp, v_sn, v_sh = strides
         rc = L.run(
             tile_q=s.tile_q, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), o=o.data_ptr(),
-            lse=lse.data_ptr() if return_lse else None, partial_o=ws_f, partial_lse=part_lse,
+            lse=lse.data_ptr() if lse is not None else None, partial_o=ws_f, partial_lse=part_lse,
             mask=s.mask.data_ptr() if s.mask is not None else None,
             mask_indptr=s.mask_indptr.data_ptr() if s.mask_indptr is not None else None,
             qo_indptr=s.qo_indptr.data_ptr(), kv_indptr=s.kv_indptr.data_ptr(),
@@ -984,6 +993,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
                          mask_indptr_buf, backend, jit_args, jit_kwargs)
         if use_cuda_graph and (qo_indptr_buf is None or kv_indptr_buf is None):
             raise ValueError("use_cuda_graph=True needs fixed qo_indptr_buf and kv_indptr_buf (int32, batch_size + 1)")
+        if not use_cuda_graph and kv_indptr_buf is not None:
+            raise ValueError("kv_indptr_buf is one of CUDA-graph mode's fixed buffers: pass use_cuda_graph=True with it")
         self._fixed_kv_indptr = kv_indptr_buf if use_cuda_graph else None
         self._kv_indptr_buf = kv_indptr_buf
 
@@ -1217,6 +1228,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                                                       paged_kv_last_page_len_buf)):
             raise ValueError("use_cuda_graph=True needs fixed qo_indptr_buf, paged_kv_indptr_buf, "
                              "paged_kv_indices_buf and paged_kv_last_page_len_buf (int32 device tensors)")
+        if not use_cuda_graph and any(b is not None for b in (paged_kv_indptr_buf, paged_kv_indices_buf,
+                                                              paged_kv_last_page_len_buf)):
+            raise ValueError("paged_kv_*_buf are CUDA-graph mode's fixed buffers: pass use_cuda_graph=True with them")
         graph = self._use_cuda_graph
         self._fixed_tables = (paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf) if graph \
             else (None, None, None)
