@@ -1282,7 +1282,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         qo_indptr : torch.Tensor
             ``[batch_size + 1]``: request r's queries are rows ``qo_indptr[r]:qo_indptr[r+1]`` of q.
         paged_kv_indptr : torch.Tensor
-            ``[batch_size + 1]`` int32: request r owns pages ``paged_kv_indices[paged_kv_indptr[r]:...]``.
+            ``[batch_size + 1]`` int32, non-decreasing (it may start past 0): request r owns pages
+            ``paged_kv_indices[paged_kv_indptr[r]:paged_kv_indptr[r + 1]]``.
         paged_kv_indices : torch.Tensor
             ``[>= paged_kv_indptr[-1]]`` int32 page ids (CPU or the wrapper's device).
         paged_kv_last_page_len : torch.Tensor
@@ -1321,8 +1322,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         h_ind = host_int32(paged_kv_indptr, "paged_kv_indptr")
         h_last = host_int32(paged_kv_last_page_len, "paged_kv_last_page_len")
         ind, last = h_ind.tolist(), h_last.tolist()
-        if len(ind) < 1 or ind[0] != 0 or any(b < a for a, b in zip(ind, ind[1:])):
-            raise ValueError("paged_kv_indptr must start at 0 and be non-decreasing")
+        # (It may start past 0, as vLLM's does for the prefills after its decodes: offsets into paged_kv_indices.)
+        if len(ind) < 1 or ind[0] < 0 or any(b < a for a, b in zip(ind, ind[1:])):
+            raise ValueError("paged_kv_indptr must be non-negative and non-decreasing")
         if len(last) != len(ind) - 1:
             raise ValueError(f"paged_kv_last_page_len has {len(last)} entries, expected {len(ind) - 1} "
                              f"(one per request of paged_kv_indptr)")
@@ -1340,7 +1342,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
             raise ValueError(f"paged_kv_indices has {paged_kv_indices.numel()} entries, paged_kv_indptr needs {ind[-1]}")
         if paged_kv_indices.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"paged_kv_indices must be int32, got {paged_kv_indices.dtype}")
-        idx = paged_kv_indices[: ind[-1]]
+        idx = paged_kv_indices[: ind[-1]]  # (the kernel reads entries indptr[r]:indptr[r + 1] of these)
         max_page_id = -1
         if idx.device.type == "cpu" and idx.numel():
             if int(idx.min()) < 0:

@@ -270,6 +270,166 @@ def test_plan_and_run_bad_input(use_tensor_cores):
     torch.cuda.synchronize()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+@pytest.mark.parametrize("graph", [False, True])
+def test_requests_without_keys_give_zero_and_minus_inf(use_tensor_cores, graph):
+    """Engines pad CUDA-graph batches with requests of no pages (indptr repeated, last_page_len 1 as vLLM writes
+    it, or anything: it is not read); a request whose one page has last_page_len 0 has no key either. Their output
+    is 0 and lse -inf (as FlashInfer's kernels give), the others are unaffected; in graph mode across re-plans and
+    replays too."""
+    hq, hkv, d, ps, batch, num_pages = 8, 2, 128, 16, 6, 2600
+    k = torch.randn(num_pages, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+
+    def table(lens, pad_last, empty_page_request=None):
+        pages = [(n + ps - 1) // ps for n in lens]
+        last = [n - (p - 1) * ps if p else pad_last for n, p in zip(lens, pages)]
+        if empty_page_request is not None:  # one page holding no token
+            pages[empty_page_request], last[empty_page_request] = 1, 0
+        indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+        return indptr, torch.randperm(num_pages)[: int(indptr[-1])].to(torch.int32), torch.tensor(last, dtype=torch.int32)
+
+    plans = [([700, 0, 33000, 0, 5, 0], 1, None), ([0, 0, 16, 4000, 0, 0], 16, 1), ([0] * 6, 1, None),
+             ([17, 0, 1, 2, 3, 4096], 0, 1)]
+    if graph:
+        bufs = (torch.empty(batch + 1, dtype=torch.int32, device="cuda"),
+                torch.empty(num_pages, dtype=torch.int32, device="cuda"),
+                torch.empty(batch, dtype=torch.int32, device="cuda"))
+        w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(_workspace(), *bufs, use_tensor_cores=use_tensor_cores)
+    else:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), use_tensor_cores=use_tensor_cores)
+    out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(batch, hq, device="cuda", dtype=torch.float32)
+    g = None
+    for lens, pad_last, empty_page_request in plans:
+        indptr, indices, last = table(lens, pad_last, empty_page_request)
+        w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=torch.bfloat16)
+        if graph and g is None:
+            w.run(q, (k, v), out=out, lse=lse, return_lse=True)  # warm-up: modules loaded before capture
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                w.run(q, (k, v), out=out, lse=lse, return_lse=True)
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        if graph:
+            g.replay()
+        else:
+            w.run(q, (k, v), out=out, lse=lse, return_lse=True)
+        for r, n in enumerate(lens):
+            if n == 0:
+                assert torch.equal(out[r], torch.zeros_like(out[r])), f"request {r} without keys: output not 0"
+                assert torch.isneginf(lse[r]).all(), f"request {r} without keys: lse not -inf"
+            else:
+                ids = indices[indptr[r]:indptr[r + 1]]
+                ref, ref_lse = attention(q[r:r + 1], _gather(k, "NHD", ids, n), _gather(v, "NHD", ids, n))
+                assert_close(out[r], ref[0], what=f"request {r}")
+                torch.testing.assert_close(lse[r].double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_forward_applies_its_options_without_a_new_plan(use_tensor_cores):
+    """The legacy forward() replaces the wrapper's attention options for this and later runs (FlashInfer's
+    meaning): another scale, soft cap (another kernel variant), a window within the planned keys and ALiBi, with
+    the plan untouched; run() then keeps them, and the next plan() restores the plan's."""
+    lens = [100, 3000, 17, 33000]
+    cache, k, v, indptr, indices, last = _make(lens, 16, 2, 128, torch.bfloat16, "NHD", "tuple")
+    q = torch.randn(len(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=use_tensor_cores)
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    plan = w._plan_info
+    for kw in ({"sm_scale": 0.05}, {"logits_soft_cap": 2.0, "sm_scale": 0.2}, {"window_left": 70},
+               {"pos_encoding_mode": "ALIBI"}, {}):
+        o = w.forward(q, cache, **kw)
+        assert w._plan_info is plan, "forward() planned again"
+        ref_kw = {"sm_scale": kw.get("sm_scale"), "logits_soft_cap": kw.get("logits_soft_cap") or 0.0,
+                  "window_left": kw.get("window_left", -1), "pos_encoding_mode": kw.get("pos_encoding_mode", "NONE")}
+        ref, _ = _reference(q, k, v, "NHD", indptr, indices, lens, **ref_kw)
+        assert_close(o, ref, what=str(kw))
+        if kw:
+            assert_close(w.run(q, cache), ref, what=f"run() after forward({kw})")
+    assert w._sm_scale is None and w._logits_soft_cap is None and w._window_left == -1
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, window_left=10)
+    if use_tensor_cores:  # the prefill kernel applies windows at run time: forward()'s default -1 attends to all
+        ref, _ = _reference(q, k, v, "NHD", indptr, indices, lens)
+        assert_close(w.forward(q, cache), ref, what="window -1 after a windowed plan")
+    else:  # the CUDA-core plan scheduled only the window's keys: a wider window needs a new plan
+        with pytest.raises(ValueError, match="wider than the planned window"):
+            w.forward(q, cache)
+    with pytest.raises(ValueError, match="window_left"):
+        w.run(q, cache, window_left=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_forward_inside_graph_capture_then_replays_after_replan(use_tensor_cores):
+    """SGLang's decode step: forward(q, cache, sm_scale=..., logits_soft_cap=...) captured in a CUDA graph (no
+    plan inside the capture), replayed after new plans."""
+    batch, hq, hkv, d, ps = 4, 8, 2, 128, 16
+    bufs = (torch.empty(batch + 1, dtype=torch.int32, device="cuda"), torch.empty(3000, dtype=torch.int32, device="cuda"),
+            torch.empty(batch, dtype=torch.int32, device="cuda"))
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_cuda_graph=True,
+                                                      use_tensor_cores=use_tensor_cores, paged_kv_indptr_buffer=bufs[0],
+                                                      paged_kv_indices_buffer=bufs[1], paged_kv_last_page_len_buffer=bufs[2])
+    k = torch.randn(3000, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+
+    def table(lens):
+        pages = [(n + ps - 1) // ps for n in lens]
+        indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+        last = torch.tensor([n - (p - 1) * ps if p else 1 for n, p in zip(lens, pages)], dtype=torch.int32)
+        return indptr, torch.randperm(3000)[: int(indptr[-1])].to(torch.int32), last
+
+    def step():
+        out.copy_(w.forward(q, (k, v), sm_scale=0.07, logits_soft_cap=30.0))
+
+    lens0 = [100, 2000, 0, 7]
+    w.plan(*table(lens0), hq, hkv, d, ps, q_data_type=torch.bfloat16, logits_soft_cap=30.0)
+    step()  # warm-up outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for lens in ([9, 20000, 1, 0], [0, 0, 0, 40000], lens0):
+        indptr, indices, last = table(lens)
+        w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=torch.bfloat16, logits_soft_cap=30.0)
+        out.fill_(float("nan"))
+        g.replay()
+        ref, _ = _reference(q, k, v, "NHD", indptr, indices, lens, sm_scale=0.07, logits_soft_cap=30.0)
+        assert_close(out, ref, what=str(lens))
+
+
+@pytest.mark.gpu
+def test_split_control_pdl_and_lse_without_return_lse():
+    """disable_split_kv (CUDA cores) and fixed_split_size (tensor cores) make a request's result independent of
+    the rest of the batch (bitwise); enable_pdl on or off computes the same; lse given without return_lse is
+    written."""
+    lens = [33000, 50, 4000]
+    cache, k, v, indptr, indices, last = _make(lens, 16, 2, 128, torch.bfloat16, "NHD", "tuple")
+    q = torch.randn(3, 8, 128, device="cuda", dtype=torch.bfloat16)
+    ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens)
+    for tc, kw in ((False, {"disable_split_kv": True}), (True, {"fixed_split_size": 64}), (True, {"disable_split_kv": True})):
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=tc)
+        w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, **kw)
+        o_all = w.run(q, cache)
+        assert_close(o_all, ref, what=str(kw))
+        if not tc:
+            assert w.plan_stats["merges"] == 0
+        w.plan(indptr[:2], indices, last[:1], 8, 2, 128, 16, q_data_type=torch.bfloat16, **kw)
+        o_one = w.run(q[:1], cache)
+        assert torch.equal(o_one[0], o_all[0]), f"{kw}: request 0 depends on the rest of the batch"
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    o_pdl = w.run(q, cache, enable_pdl=True)
+    lse = poisoned((3, 8), torch.float32)
+    o_no = w.run(q, cache, enable_pdl=False, lse=lse)
+    assert torch.equal(o_pdl, o_no) and isinstance(o_no, torch.Tensor)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
 # ------------------------------------------------------------------- GPU: use_tensor_cores=True (prefill kernel)
 
 # BatchPrefillSpec modules these load (prefill_batch_paged, mask none, fp16 QK reduction off): d64 bf16, d128 f16,
