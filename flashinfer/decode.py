@@ -241,7 +241,9 @@ def single_decode_with_kv_cache(
         Run on the tensor-core prefill kernel (the GQA group's heads packed as query rows), as FlashInfer does;
         same arguments, validation and result up to rounding.
     q_scale, k_scale : float, optional
-        Multiply the logits. v_scale : float, optional -- multiplies the output.
+        Multiply the logits.
+    v_scale : float, optional
+        Multiplies the output.
     window_left : int
         ``w >= 0`` attends only to the last ``w + 1`` keys; ``-1`` attends to all.
     logits_soft_cap : float, optional
@@ -749,7 +751,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         data_type : str or torch.dtype, optional
             Deprecated: fills q_data_type and kv_data_type where they are None (FlashInfer's rule).
         sm_scale : float, optional
-            Logit scale (default ``1 / sqrt(head_dim)``). rope_scale, rope_theta : float, optional -- RoPE constants.
+            Logit scale (default ``1 / sqrt(head_dim)``).
+        rope_scale, rope_theta : float, optional
+            RoPE interpolation scale (default 1) and base (default 1e4).
         non_blocking : bool
             False: plan() returns only once its copies to the device have completed.
         block_tables : torch.Tensor, optional
@@ -987,7 +991,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         *args
             FlashInfer's extra arguments of custom (jit_args) kernels: not implemented (must be empty).
         q_scale, k_scale : float, optional
-            Multiply the logits. v_scale : float, optional -- multiplies the output.
+            Multiply the logits.
+        v_scale : float, optional
+            Multiplies the output.
         out : torch.Tensor, optional
             ``[batch_size, num_qo_heads, head_dim]`` contiguous, q's dtype: written and returned.
         lse : torch.Tensor, optional
@@ -1001,7 +1007,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         window_left : int, optional
             Must equal the wrapper's ``_window_left`` (FlashInfer plans the window); None uses it.
         sinks, skip_softmax_threshold_scale_factor, kv_cache_sf : optional
-            Not implemented (must be None). q_len_per_req : int -- 1 (or None).
+            Not implemented (must be None).
+        q_len_per_req : int, optional
+            Query tokens per request: 1 (or None).
 
         Returns
         -------
@@ -1146,9 +1154,25 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
         """Deprecated FlashInfer spelling of run(): the attention options given here (defaults included) replace
         the wrapper's (``_pos_encoding_mode``, ``_window_left``, ``_logits_soft_cap``, ``_sm_scale``,
-        ``_rope_scale``, ``_rope_theta``) for this and later runs, as in FlashInfer, without a new plan (a wider
-        window than planned raises). Parameters as in :meth:`plan` and :meth:`run`; returns o
-        ``[batch_size, num_qo_heads, head_dim]``."""
+        ``_rope_scale``, ``_rope_theta``) for this and later runs, as in FlashInfer, without a new plan.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[batch_size, num_qo_heads, head_dim]``.
+        paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            As :meth:`run`.
+        pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta
+            As :meth:`plan`; another position encoding or soft cap runs another kernel variant. On CUDA cores
+            the plan scheduled only its window's keys: a wider window raises ValueError (plan with it).
+        q_scale, k_scale, v_scale : float, optional
+            As :meth:`run`.
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[batch_size, num_qo_heads, head_dim]``.
+        """
         self._set_options(pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
 
@@ -1158,7 +1182,19 @@ class BatchDecodeWithPagedKVCacheWrapper:
                            logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
                            rope_scale: Optional[float] = None,
                            rope_theta: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` that also returns lse ``[batch_size, num_qo_heads]`` float32 (base 2)."""
+        """:meth:`forward` that also returns the log-sum-exp.
+
+        Parameters
+        ----------
+        q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale, v_scale, window_left, logits_soft_cap, sm_scale,
+        rope_scale, rope_theta
+            As :meth:`forward`.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            o ``[batch_size, num_qo_heads, head_dim]`` and lse ``[batch_size, num_qo_heads]`` float32 (base 2).
+        """
         self._set_options(pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
@@ -1183,7 +1219,9 @@ class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWra
     indptr_buffer, indices_buffer, last_page_len_buffer : torch.Tensor
         int32 device buffers ``[batch_size + 1]``, ``[max_num_pages]``, ``[batch_size]``.
     kv_layout : str
-        ``"NHD"`` or ``"HND"``. use_tensor_cores : bool -- as in the base class.
+        ``"NHD"`` or ``"HND"``.
+    use_tensor_cores : bool
+        As in the base class.
     """
 
     def __init__(self, workspace_buffer: torch.Tensor, indptr_buffer: torch.Tensor, indices_buffer: torch.Tensor,
@@ -1245,10 +1283,23 @@ def fast_decode_plan(
     ``wrapper.begin_forward = functools.partial(fast_decode_plan, wrapper)`` around CUDA-graph replays.
 
     Its page table is usually already in the wrapper's graph buffers (indices written in place): plan() then
-    copies nothing. ``global_override_indptr_cpu`` (``[batch_size + 1]`` int32 on the CPU) replaces ``indptr``'s
-    values on the host, saving its device-to-host copy; with ``page_size == 1`` the last page lengths are 1, so
-    ``last_page_len`` is not read back either (FlashInfer's shortcut). ``q_data_type`` None means float16 unless
-    ``data_type`` gives it. Other parameters as in :meth:`BatchDecodeWithPagedKVCacheWrapper.plan`.
+    copies nothing.
+
+    Parameters
+    ----------
+    self : BatchDecodeWithPagedKVCacheWrapper
+        The wrapper to plan.
+    indptr, indices, last_page_len : torch.Tensor
+        ``[batch_size + 1]``, ``[>= indptr[-1]]``, ``[batch_size]`` int32, as :meth:`BatchDecodeWithPagedKVCacheWrapper.plan`;
+        with ``page_size == 1`` a device ``last_page_len`` is taken as all ones (FlashInfer's shortcut: not read back).
+    num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap
+        As plan().
+    q_data_type, kv_data_type, data_type : str or torch.dtype, optional
+        As plan(), except that ``q_data_type`` None means float16 unless ``data_type`` gives it.
+    sm_scale, rope_scale, rope_theta, non_blocking, fixed_split_size, disable_split_kv, q_len_per_req
+        As plan().
+    global_override_indptr_cpu : torch.Tensor, optional
+        ``[>= batch_size + 1]`` int32 on the CPU: indptr's values, saving its device-to-host copy.
     """
     if global_override_indptr_cpu is not None:
         indptr = global_override_indptr_cpu[: len(last_page_len) + 1]

@@ -190,7 +190,9 @@ def append_paged_kv_cache(
     paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
         The cache (see :func:`unpack_paged_kv_cache`), written in place.
     kv_indices : torch.Tensor
-        ``[nnz_pages]`` int32 page ids. kv_indptr : torch.Tensor -- ``[batch_size + 1]`` int32.
+        ``[nnz_pages]`` int32 page ids.
+    kv_indptr : torch.Tensor
+        ``[batch_size + 1]`` int32 page offsets of the requests.
     kv_last_page_len : torch.Tensor
         ``[batch_size]`` int32: validated (shape, dtype, device) as FlashInfer's; the writes are bounded by the
         pages themselves, so it changes nothing here.
@@ -248,7 +250,9 @@ def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_s
     Parameters
     ----------
     kv_indptr : torch.Tensor
-        ``[batch_size + 1]`` page offsets. kv_last_page_len : torch.Tensor -- ``[batch_size]``.
+        ``[batch_size + 1]`` page offsets.
+    kv_last_page_len : torch.Tensor
+        ``[batch_size]`` tokens in each request's last page.
     page_size : int
         Tokens per page.
 

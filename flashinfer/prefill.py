@@ -417,8 +417,9 @@ def single_prefill_with_kv_cache(
     o_dtype : torch.dtype, optional
         The output dtype: None or q's dtype.
     custom_mask : torch.Tensor, optional
-        bool ``[qo_len, kv_len]`` (True: attend), or ``packed_custom_mask``: its flattening packed by
-        ``flashinfer.packbits(..., bitorder="little")``. A custom mask replaces ``causal``.
+        bool ``[qo_len, kv_len]`` (True: attend). A custom mask replaces ``causal``.
+    packed_custom_mask : torch.Tensor, optional
+        The flattened mask packed by ``flashinfer.packbits(..., bitorder="little")``; instead of custom_mask.
     causal : bool
         Query i attends to keys ``j <= kv_len - qo_len + i`` (aligned bottom-right); needs qo_len <= kv_len.
     kv_layout : str
@@ -979,7 +980,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
     custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
         Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
     backend : str
-        ``"auto"`` or ``"fa2"``. jit_args, jit_kwargs : optional -- not implemented (must be None).
+        ``"auto"`` or ``"fa2"``.
+    jit_args, jit_kwargs : optional
+        FlashInfer's custom-kernel arguments: not implemented (must be None).
     """
 
     _storage = "ragged"
@@ -1045,16 +1048,22 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         num_qo_heads, num_kv_heads : int
             Query heads (a multiple of num_kv_heads) and KV heads.
         head_dim_qk : int
-            64, 128 or 256. head_dim_vo : int, optional -- None or head_dim_qk.
+            64, 128 or 256.
+        head_dim_vo : int, optional
+            None or head_dim_qk.
         custom_mask : torch.Tensor, optional
-            bool, the requests' ``[qo_len, kv_len]`` masks flattened and concatenated (True: attend); or
-            ``packed_custom_mask``: uint8, each request's bits packed from a byte boundary
-            (``segment_packbits(..., bitorder="little")``). Replaces ``causal``.
+            bool, the requests' ``[qo_len, kv_len]`` masks flattened and concatenated (True: attend). Replaces
+            ``causal``.
+        packed_custom_mask : torch.Tensor, optional
+            uint8, each request's mask bits packed from a byte boundary (``segment_packbits(...,
+            bitorder="little")``); instead of custom_mask.
         causal : bool
             Query row i of a request attends to keys ``j <= i + kv_len - qo_len``; with qo_len > kv_len the first
             rows see no key (output 0, lse -inf), as in FlashInfer.
         pos_encoding_mode : str
-            ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"``. use_fp16_qk_reduction : bool -- fp16 q.k (float16 only).
+            ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"``.
+        use_fp16_qk_reduction : bool
+            Accumulate q.k in fp16 (float16 only).
         window_left : int
             ``w >= 0``: query at position p attends to keys ``j >= p - w``; -1 no window.
         logits_soft_cap, sm_scale, rope_scale, rope_theta : float, optional
@@ -1125,7 +1134,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         *args
             FlashInfer's jit_args kernel arguments: not implemented (must be empty).
         q_scale, k_scale : float, optional
-            Multiply the logits. v_scale : float, optional -- multiplies the output.
+            Multiply the logits.
+        v_scale : float, optional
+            Multiplies the output.
         o_scale : float, optional
             FlashInfer's fp8 output scale: not implemented (must be None).
         out, lse : torch.Tensor, optional
@@ -1174,8 +1185,20 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         """Deprecated FlashInfer spelling of run(): the attention options given here (defaults included) replace
         the wrapper's (``_causal``, ``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_window_left``,
         ``_logits_soft_cap``, ``_sm_scale``, ``_rope_scale``, ``_rope_theta``) for this and later runs, as in
-        FlashInfer, without a new plan. Parameters as in :meth:`plan`; returns o ``[qo_indptr[-1], num_qo_heads,
-        head_dim]``."""
+        FlashInfer, without a new plan (the kernel variant they need runs on the planned schedule).
+
+        Parameters
+        ----------
+        q, k, v : torch.Tensor
+            As :meth:`run`.
+        causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta
+            As :meth:`plan` (causal has no effect when the plan has a custom mask, as in FlashInfer).
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``.
+        """
         self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
                           rope_scale, rope_theta)
         return self.run(q, k, v)
@@ -1185,7 +1208,19 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
                            window_left: int = -1, logits_soft_cap: Optional[float] = None,
                            sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
                            rope_theta: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` that also returns lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2)."""
+        """:meth:`forward` that also returns the log-sum-exp.
+
+        Parameters
+        ----------
+        q, k, v, causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
+        rope_scale, rope_theta
+            As :meth:`forward`.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]`` and lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2).
+        """
         self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
                           rope_scale, rope_theta)
         return self.run(q, k, v, return_lse=True)
@@ -1210,7 +1245,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
     custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
         Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
     backend : str
-        ``"auto"`` or ``"fa2"``. jit_args, jit_kwargs : optional -- not implemented (must be None).
+        ``"auto"`` or ``"fa2"``.
+    jit_args, jit_kwargs : optional
+        FlashInfer's custom-kernel arguments: not implemented (must be None).
     """
 
     _storage = "paged"
@@ -1405,7 +1442,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         *args
             FlashInfer's jit_args kernel arguments: not implemented (must be empty).
         q_scale, k_scale : float, optional
-            Multiply the logits. v_scale : float, optional -- multiplies the output.
+            Multiply the logits.
+        v_scale : float, optional
+            Multiplies the output.
         out, lse : torch.Tensor, optional
             Preallocated ``[qo_indptr[-1], num_qo_heads, head_dim]`` (q's dtype) and ``[qo_indptr[-1], num_qo_heads]``
             float32 (with return_lse).
@@ -1463,8 +1502,22 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         """Deprecated FlashInfer spelling of run(): the attention options given here (defaults included) replace
         the wrapper's (``_causal``, ``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_window_left``,
         ``_logits_soft_cap``, ``_sm_scale``, ``_rope_scale``, ``_rope_theta``) for this and later runs, as in
-        FlashInfer, without a new plan; k_scale/v_scale as in :meth:`run`. Returns o ``[qo_indptr[-1],
-        num_qo_heads, head_dim]``."""
+        FlashInfer, without a new plan (the kernel variant they need runs on the planned schedule).
+
+        Parameters
+        ----------
+        q, paged_kv_cache : torch.Tensor
+            As :meth:`run`.
+        causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta
+            As :meth:`plan` (causal has no effect when the plan has a custom mask, as in FlashInfer).
+        k_scale, v_scale : float, optional
+            As :meth:`run`.
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``.
+        """
         self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
                           rope_scale, rope_theta)
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)
@@ -1475,7 +1528,19 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                            logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
                            rope_scale: Optional[float] = None,
                            rope_theta: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` that also returns lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2)."""
+        """:meth:`forward` that also returns the log-sum-exp.
+
+        Parameters
+        ----------
+        q, paged_kv_cache, causal, pos_encoding_mode, use_fp16_qk_reduction, k_scale, v_scale, window_left, logits_soft_cap, sm_scale,
+        rope_scale, rope_theta
+            As :meth:`forward`.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]`` and lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2).
+        """
         self._set_options(causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
                           rope_scale, rope_theta)
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)

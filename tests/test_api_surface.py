@@ -710,3 +710,27 @@ def test_every_public_callable_is_covered():
         if optional and name not in covered and fn not in {CALLABLES[c][0] for c in CALLABLES}:
             missing.append(name)
     assert not missing, f"public callables without a parameter test: {missing}"
+
+
+# ------------------------------------------------------------------------------------------ docstrings
+
+
+@pytest.mark.parametrize("qualname,fn", [(n, f) for n, f in _public_functions() if not n.startswith("trtllm_")],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_public_functions_have_numpydoc_sections(qualname, fn):
+    """Numpydoc sections: Parameters (every parameter named) where there are parameters, Returns where something
+    is returned; a constructor's parameters may be documented on its class."""
+    doc = inspect.getdoc(fn) or ""
+    if qualname.endswith(".__init__"):
+        doc += "\n" + (inspect.getdoc(getattr(decode, qualname.split(".")[0], None) or
+                                      getattr(prefill, qualname.split(".")[0])) or "")
+    params = [p for p in inspect.signature(fn).parameters if p != "self" or qualname == "fast_decode_plan"]
+    if params:
+        assert "Parameters\n----------" in doc, f"{qualname}: no Parameters section"
+        section = doc.split("Parameters\n----------", 1)[1]
+        undocumented = [p for p in params if not any(p in line for line in section.splitlines()
+                                                     if line and not line.startswith(" "))]
+        assert not undocumented, f"{qualname}: parameters not documented: {undocumented}"
+    returns = inspect.signature(fn).return_annotation
+    if returns not in (None, "None", inspect.Signature.empty) and not qualname.endswith(".__init__"):
+        assert "Returns\n-------" in doc, f"{qualname}: no Returns section"
