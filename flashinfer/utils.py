@@ -327,3 +327,12 @@ def current_stream_ptr(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class FP4Tensor:
+    """FlashInfer's NVFP4 tensor wrapper (data plus block scales): not implemented here. Importable so that
+    engines' backends, which import it at load time, load; constructing one raises NotImplementedError."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError(f"FP4Tensor (NVFP4 data, {len(args)} positional / {sorted(kwargs)} keyword "
+                                  "arguments) is not implemented: outputs take q's 16-bit dtype")

@@ -734,3 +734,125 @@ def test_public_functions_have_numpydoc_sections(qualname, fn):
     returns = inspect.signature(fn).return_annotation
     if returns not in (None, "None", inspect.Signature.empty) and not qualname.endswith(".__init__"):
         assert "Returns\n-------" in doc, f"{qualname}: no Returns section"
+
+
+# ------------------------------------------------------------------------ wrapper behaviours (fake GPU)
+
+
+def _launches(rec, part):
+    return [(kw["_spec"], kw) for s, kw in rec.calls if s.endswith(part)]
+
+
+@pytest.mark.parametrize("kind", ["decode", "decode-tc", "paged", "ragged"])
+def test_forward_changes_the_options_not_the_plan(kind, monkeypatch):
+    """forward(...) sets the wrapper's options (FlashInfer's attributes) and the launch follows them with the same
+    plan; run() keeps them; plan() resets them to its own."""
+    with fake_cuda(monkeypatch) as rec:
+        if kind.startswith("decode"):
+            indptr, indices, last, q, cache = _decode_inputs()
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), use_tensor_cores=kind == "decode-tc")
+            replan = lambda: w.plan(indptr, indices, last, H, HKV, D, 16, q_data_type=F16)  # noqa: E731
+            fwd = lambda **kw: w.forward(q, cache, **kw)  # noqa: E731
+            kv_args, launch = (cache,), "_run" if kind == "decode" else "batch_prefill"
+            options = dict(sm_scale=0.25, logits_soft_cap=7.0, window_left=9, pos_encoding_mode="ALIBI")
+        else:
+            qo, indptr, indices, last, kv_indptr, q, cache, k = _prefill_inputs()
+            if kind == "paged":
+                w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace())
+                replan = lambda: w.plan(qo, indptr, indices, last, H, HKV, D, 16, q_data_type=F16)  # noqa: E731
+                kv_args = (cache,)
+            else:
+                w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace())
+                replan = lambda: w.plan(qo, kv_indptr, H, HKV, D, q_data_type=F16)  # noqa: E731
+                kv_args = (k, k)
+            fwd = lambda **kw: w.forward(q, *kv_args, **kw)  # noqa: E731
+            launch = "batch_prefill"
+            options = dict(causal=True, sm_scale=0.25, logits_soft_cap=7.0, window_left=9, pos_encoding_mode="ALIBI",
+                           use_fp16_qk_reduction=True)
+        replan()
+        plan = w._plan_info
+        rec.clear()
+        fwd(**options)
+        assert w._plan_info is plan
+        spec, kw = _launches(rec, launch)[-1]
+        assert spec.pos_encoding_mode == "ALIBI" and spec.use_logits_soft_cap
+        assert kw["sm_scale"] == pytest.approx(0.25) and kw["logits_soft_cap"] == 7.0 and kw["window_left"] == 9
+        if kind in ("paged", "ragged"):
+            assert spec.mask_mode == "causal" and spec.use_fp16_qk_reduction and spec.use_window
+            assert w._causal is True
+        rec.clear()
+        w.run(q, *kv_args)
+        assert _launches(rec, launch)[-1][0] == spec  # run() keeps forward()'s options
+        replan()
+        rec.clear()
+        w.run(q, *kv_args)
+        spec2, kw2 = _launches(rec, launch)[-1]
+        assert spec2.pos_encoding_mode == "NONE" and not spec2.use_logits_soft_cap and kw2["window_left"] == -1
+
+
+def test_graph_mode_custom_mask_lives_in_the_callers_buffers(monkeypatch):
+    with fake_cuda(monkeypatch):
+        qo, indptr, indices, last, kv_indptr, q, cache, k = _prefill_inputs()
+        bufs = dict(qo_indptr_buf=_i32(0, 0, 0), paged_kv_indptr_buf=_i32(0, 0, 0),
+                    paged_kv_indices_buf=cuda(torch.zeros(400, dtype=torch.int32)), paged_kv_last_page_len_buf=_i32(0, 0),
+                    custom_mask_buf=cuda(torch.zeros(4096, dtype=torch.uint8)), mask_indptr_buf=_i32(0, 0, 0))
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), use_cuda_graph=True, **bufs)
+        n = 5 * 20 + 7 * 3000
+        addresses = set()
+        for seed in range(3):
+            mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+            w.plan(qo, indptr, indices, last, H, HKV, D, 16, q_data_type=F16, custom_mask=cuda(mask))
+            s = w._plan_info.schedule
+            addresses.add((s.mask.data_ptr(), s.mask_indptr.data_ptr(), s.buffer.data_ptr(), s.qo_indptr.data_ptr(),
+                           s.kv_indptr.data_ptr(), s.kv_indices.data_ptr(), s.kv_last_page_len.data_ptr()))
+            packed = quantization.segment_packbits(mask, torch.tensor([0, 100, n]), bitorder="little")[0]
+            assert torch.equal(bufs["custom_mask_buf"][: packed.numel()].as_subclass(torch.Tensor), packed)
+        assert addresses == {(bufs["custom_mask_buf"].data_ptr(), bufs["mask_indptr_buf"].data_ptr(),
+                              *next(iter(addresses))[2:3], bufs["qo_indptr_buf"].data_ptr(),
+                              bufs["paged_kv_indptr_buf"].data_ptr(), bufs["paged_kv_indices_buf"].data_ptr(),
+                              bufs["paged_kv_last_page_len_buf"].data_ptr())}
+        with pytest.raises(ValueError, match="kernel variant"):  # a captured graph bakes the variant in
+            w.plan(qo, indptr, indices, last, H, HKV, D, 16, q_data_type=F16, causal=True)
+        w2 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            workspace(), use_cuda_graph=True, **{k: v for k, v in bufs.items() if "mask" not in k})
+        with pytest.raises(ValueError, match="custom_mask_buf"):
+            w2.plan(qo, indptr, indices, last, H, HKV, D, 16, q_data_type=F16, custom_mask=cuda(torch.ones(n, dtype=torch.bool)))
+
+
+def test_plans_flashinfer_accepts(monkeypatch):
+    """Causal with more queries than keys, requests without keys, last_page_len 0 or anything without pages,
+    paged indptr starting past 0 (vLLM's prefills after its decodes): planned, as FlashInfer does."""
+    with fake_cuda(monkeypatch) as rec:
+        pw = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace())
+        pw.plan(torch.tensor([0, 300, 301], dtype=torch.int32), torch.tensor([0, 100, 100], dtype=torch.int32), H, HKV,
+                D, causal=True, q_data_type=F16)
+        assert pw._plan_info.max_kv_len == 100
+        pp = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace())
+        pp.plan(torch.tensor([0, 4, 8, 9], dtype=torch.int32), torch.tensor([5, 7, 7, 8], dtype=torch.int32),
+                torch.arange(8, dtype=torch.int32), torch.tensor([3, 99, 0], dtype=torch.int32), H, HKV, D, 16,
+                causal=True, q_data_type=F16)
+        assert pp._plan_info.get_stats().total_keys == 16 + 3 + 0  # (pages 5-6, none, page 7 with 0 tokens)
+        for tc in (False, True):
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), use_tensor_cores=tc)
+            w.plan(torch.tensor([0, 0, 2, 2, 3], dtype=torch.int32), torch.arange(3, dtype=torch.int32),
+                   torch.tensor([1, 5, 16, 0], dtype=torch.int32), H, HKV, D, 16, q_data_type=F16)
+            assert w.plan_stats["total_keys"] == 21
+            if not tc:
+                continue  # (the compiled planner's errors: test_batch_decode.py's host_schedule tests)
+            with pytest.raises(ValueError, match="outside 0..page_size"):
+                w.plan(torch.tensor([0, 1], dtype=torch.int32), torch.arange(1, dtype=torch.int32),
+                       torch.tensor([17], dtype=torch.int32), H, HKV, D, 16, q_data_type=F16)
+
+
+def test_data_type_fills_only_the_dtypes_left_none(monkeypatch):
+    """FlashInfer's rule for the deprecated data_type: it fills q_data_type/kv_data_type only where they are None
+    (q_data_type's default is "float16", so a bfloat16 data_type alone makes a float16/bfloat16 mix)."""
+    with fake_cuda(monkeypatch):
+        indptr, indices, last, q, cache = _decode_inputs()
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace())
+        w.plan(indptr, indices, last, H, HKV, D, 16, q_data_type=None, data_type=torch.bfloat16)
+        assert w._cached_q_data_type == w._cached_kv_data_type == torch.bfloat16
+        w.plan(indptr, indices, last, H, HKV, D, 16, data_type="float16")
+        assert w._cached_q_data_type == w._cached_kv_data_type == torch.float16
+        with pytest.raises(TypeError, match="must match"):
+            w.plan(indptr, indices, last, H, HKV, D, 16, data_type=torch.bfloat16)

@@ -401,6 +401,9 @@ def test_engines_import_what_they_import():
                             BatchPrefillWithRaggedKVCacheWrapper, fast_decode_plan)
     from flashinfer.decode import _get_range_buf, trtllm_batch_decode_with_kv_cache  # noqa: F401
     from flashinfer.prefill import trtllm_batch_context_with_kv_cache  # noqa: F401
+    from flashinfer.utils import FP4Tensor
+    with pytest.raises(NotImplementedError, match="FP4Tensor"):
+        FP4Tensor(data=None)
     with pytest.raises(NotImplementedError, match="trtllm"):
         trtllm_batch_decode_with_kv_cache(query=None)
     assert LSE_TOL  # (the module's shared tolerances are imported for the reference checks above)

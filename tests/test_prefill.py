@@ -506,17 +506,17 @@ def test_batch_prefill_graph_mode_custom_mask_buffers_stay_across_replans():
                 custom_mask_buf=torch.empty(1 << 20, dtype=torch.uint8, device="cuda"),
                 mask_indptr_buf=torch.empty(batch + 1, **i32))
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, **bufs)
-    q_buf = torch.empty(64, hkv * group, d, device="cuda", dtype=torch.bfloat16)
+    q_buf = torch.empty(64, hkv * group, d, device="cuda", dtype=torch.float16)
     out = torch.empty_like(q_buf)
-    cache_buf = torch.zeros(400, 2, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
+    cache_buf = torch.zeros(400, 2, ps, hkv, d, device="cuda", dtype=torch.float16)
 
     def setup(qo_lens, kv_lens):
-        qs, ks, vs = _make_batch(qo_lens, kv_lens, hkv, group, d, torch.bfloat16)
+        qs, ks, vs = _make_batch(qo_lens, kv_lens, hkv, group, d, torch.float16)
         masks = [torch.rand(a, b, device="cuda") < 0.6 for a, b in zip(qo_lens, kv_lens)]
         cache, perm, indptr, last = _paged(ks, vs, ps, "NHD")
         cache_buf[: cache.shape[0]].copy_(cache)
         qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
-        w.plan(qo_indptr, indptr, perm, last, hkv * group, hkv, d, ps, q_data_type=torch.bfloat16,
+        w.plan(qo_indptr, indptr, perm, last, hkv * group, hkv, d, ps, q_data_type=torch.float16,
                custom_mask=torch.cat([m.flatten() for m in masks]))
         q_buf.copy_(torch.cat(qs))
         return qs, ks, vs, masks
