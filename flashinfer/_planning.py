@@ -120,15 +120,52 @@ def paged_kv_lens(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: int) 
 
 
 
+# The batch decode launchers take their arguments as C structs of templates/include/flashinfer/batch_decode.cuh
+# (BatchDecodePlanArgs, BatchDecodeRunArgs): their fields' names and C types, in order. A wrapper keeps one of each
+# and sets fields by name, cheaper on these hot paths than 20-odd call arguments (plan() must stay < 30 us). The
+# template exports each field's offset and the struct's size (from these names), and the ctypes struct built from
+# this list is checked against them (c_struct), so a layout change in C++ cannot go unnoticed.
+DECODE_PLAN_ARGS = (
+    ("indptr", "ptr"), ("last_page_len", "ptr"), ("host_indices", "ptr"), ("device_indices", "ptr"),
+    ("batch", "int"), ("nnz", "int"), ("page_size", "int"), ("window_left", "int"), ("num_qo_heads", "int"),
+    ("num_kv_heads", "int"), ("head_dim", "int"), ("fixed_workers", "int"), ("max_batch", "int"),
+    ("indices_capacity", "int"), ("no_split", "bool"), ("pinned", "ptr"), ("pinned_bytes", "int64"),
+    ("workspace", "ptr"), ("workspace_bytes", "int64"), ("device", "int"), ("stream", "ptr"), ("pinned_event", "ptr"),
+)
+DECODE_RUN_ARGS = (
+    ("q", "ptr"), ("q_stride_b", "int64"), ("q_stride_h", "int64"), ("k", "ptr"), ("v", "ptr"),
+    ("stride_page", "int64"), ("stride_n", "int64"), ("stride_h", "int64"), ("num_pages", "int"), ("o", "ptr"),
+    ("lse", "ptr"), ("sm_scale", "float"), ("logits_soft_cap", "float"), ("v_scale", "float"), ("rope_scale", "float"),
+    ("rope_theta", "float"), ("window_left", "int"), ("enable_pdl", "bool"), ("device", "int"), ("stream", "ptr"),
+)
+_CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "int64": ctypes.c_int64, "bool": ctypes.c_bool,
+           "float": ctypes.c_float}
+
+
+def c_struct(name: str, fields: Sequence[Tuple[str, str]], constants: Dict[str, int], prefix: str) -> Any:
+    """A ctypes Structure of ``fields``, checked against the offsets and size a module exports as
+    ``<prefix>.<field>`` / ``<prefix>.size``."""
+    cls = type(name, (ctypes.Structure,), {"_fields_": [(n, _CTYPES[kind]) for n, kind in fields]})
+    layout = {n: getattr(cls, n).offset for n, _ in fields}
+    exported = {k[len(prefix) + 1:]: v for k, v in constants.items() if k.startswith(prefix + ".") and k != prefix + ".size"}
+    if layout != exported or ctypes.sizeof(cls) != constants[prefix + ".size"]:
+        raise RuntimeError(f"{name}: the module's layout {exported} (size {constants[prefix + '.size']}) differs from "
+                           f"the declared one {layout} (size {ctypes.sizeof(cls)})")
+    return cls
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodePlannerABI:
-    """Where the compiled decode planner reports what (its int64 info array) and its error codes, as the
-    module exports them (``FI_MODULE_CONSTANTS`` of templates/batch_decode.cu.jinja)."""
+    """The compiled decode planner's interface as the module exports it (``FI_MODULE_CONSTANTS`` of
+    templates/batch_decode.cu.jinja): its argument struct, where it reports what (its int64 info array) and its
+    error codes."""
 
     info_len: int
     info: Dict[str, int]  # field -> position in the info array
     errors: Dict[str, int]  # name -> code
     info_type: Any  # ctypes int64 array type of the info array
+    args_type: Any  # ctypes Structure of BatchDecodePlanArgs
+    run_args_type: Any  # ctypes Structure of BatchDecodeRunArgs
 
     def new_info(self) -> Any:
         return self.info_type()
@@ -138,7 +175,9 @@ class DecodePlannerABI:
     def of(module: Any) -> "DecodePlannerABI":
         c = module.constants
         return DecodePlannerABI(c["info_len"], {k[5:]: v for k, v in c.items() if k.startswith("info.")},
-                                {k[6:]: v for k, v in c.items() if k.startswith("error.")}, ctypes.c_int64 * c["info_len"])
+                                {k[6:]: v for k, v in c.items() if k.startswith("error.")},
+                                ctypes.c_int64 * c["info_len"], c_struct("BatchDecodePlanArgs", DECODE_PLAN_ARGS, c, "plan_args"),
+                                c_struct("BatchDecodeRunArgs", DECODE_RUN_ARGS, c, "run_args"))
 
     def stats(self, info: Any) -> PlanStats:
         i = self.info

@@ -32,7 +32,14 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import jit
-from ._planning import BatchPlan, DecodePlannerABI, check_table_lengths, paged_kv_lens
+from ._planning import (
+    DECODE_PLAN_ARGS,
+    DECODE_RUN_ARGS,
+    BatchPlan,
+    DecodePlannerABI,
+    check_table_lengths,
+    paged_kv_lens,
+)
 from ._spec_common import AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import register_family
@@ -330,24 +337,22 @@ class BatchDecodePagedSpec(AttentionSpec):
     template = "batch_decode.cu.jinja"
     launchers = (
         Launcher("flashinfer_batch_decode_plan_size"),
-        Launcher("flashinfer_batch_decode_plan",
-                 "const int* indptr, const int* last_page_len, const int* host_indices, const int* device_indices, "
-                 "int batch, int nnz, int page_size, int window_left, int num_qo_heads, int num_kv_heads, "
-                 "int fixed_workers, int max_batch, int indices_capacity, int no_split, void* pinned, "
-                 "int64_t pinned_bytes, void* workspace, int64_t workspace_bytes, int device, void* stream, "
-                 "void* pinned_event, void* plan_out, int64_t* info"),
+        # args: a BatchDecodePlanArgs (flashinfer/_planning.py: DECODE_PLAN_ARGS, checked against the module)
+        Launcher("flashinfer_batch_decode_plan", "const void* args, void* plan_out, int64_t* info"),
         Launcher("flashinfer_batch_decode_schedule",
                  "const int* indptr, const int* last_page_len, int batch, int page_size, int window_left, "
                  "int num_qo_heads, int num_kv_heads, int slots, int fixed_workers, int no_split, void* out, "
                  "int64_t out_bytes, void* plan_out, int64_t* info"),
-        Launcher("flashinfer_batch_decode_run",
-                 "void* plan_blob, const void* q, int64_t q_stride_b, int64_t q_stride_h, const void* k, "
-                 "const void* v, int64_t stride_page, int64_t stride_n, int64_t stride_h, int num_pages, void* o, "
-                 "float* lse, float sm_scale, float logits_soft_cap, float v_scale, float rope_scale, "
-                 "float rope_theta, int window_left, int enable_pdl, int device, void* stream"),
+        # args: a BatchDecodeRunArgs (flashinfer/_planning.py: DECODE_RUN_ARGS, checked against the module)
+        Launcher("flashinfer_batch_decode_run", "void* plan_blob, const void* args"),
         Launcher("flashinfer_event_create", "int device, void** out"),
         Launcher("flashinfer_event_destroy", "void* event", restype="void"),
     )
+
+    def render_vars(self) -> Dict[str, Any]:
+        # The argument structs' field names, for the template's export of their layout.
+        return {**self.attention_vars(), "plan_args": [n for n, _ in DECODE_PLAN_ARGS],
+                "run_args": [n for n, _ in DECODE_RUN_ARGS]}
 
 
 @dataclasses.dataclass
@@ -375,6 +380,7 @@ class _DecodeLaunch:
 
     run: Any  # the launcher of the kernel variant the options need
     module: jit.JITModule
+    run_args_type: Any  # its BatchDecodeRunArgs ctypes struct
     sm_scale: float
     logits_soft_cap: float
     window_left: int
@@ -540,6 +546,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._event_free = None
         self._half = 0
         self._pdl_default: Optional[bool] = None  # run()'s enable_pdl=None: where the GPU supports PDL
+        self._plan_args: Any = None  # the planner's BatchDecodePlanArgs, kept between plans
+        self._run_args: Any = None  # the run launcher's BatchDecodeRunArgs, kept between runs
+        self._plan_args_for: Optional[_DecodeConfig] = None  # the configuration its stable fields hold
         self._plan_info: Optional[BatchPlan] = None
         self._configs: Dict[Tuple[Any, ...], _DecodeConfig] = {}  # validated plan() configurations
         self._tables: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # last plan's page table
@@ -560,6 +569,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._int_workspace_buffer = int_buf
         self._pin_memory_int_workspace_buffer = None
         self._device = buf.device
+        self._device_index = buf.device.index
         self.device = buf.device
         self._workspace_ptr = buf.data_ptr()
         self._workspace_bytes = buf.numel() * buf.element_size()
@@ -586,6 +596,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._set_workspace(float_workspace_buffer, int_workspace_buffer)
         self._plan_info = None
         self._prefill = None
+        self._plan_args_for = None  # (the planner's arguments hold the old workspace)
 
     def _ensure_staging(self, module: jit.JITModule, nbytes: int) -> None:
         if self._events[0] is None:
@@ -692,7 +703,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         launch = dm = None
         if not self._use_tensor_cores:
             dm = _decode_module(spec)
-            launch = _DecodeLaunch(dm.run, dm.module, scale, soft_cap, window, r_scale, r_theta)
+            launch = _DecodeLaunch(dm.run, dm.module, dm.abi.run_args_type, scale, soft_cap, window, r_scale, r_theta)
         options = (pos_encoding_mode, window_left, 0.0 if logits_soft_cap is None else logits_soft_cap, sm_scale,
                    rope_scale, rope_theta)
         return _DecodeConfig(q_dtype, kv_dtype, pos, window, spec, frozen, fixed * page_size, bool(disable_split_kv),
@@ -828,7 +839,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             buf = self._indices_buf
             if nnz > buf.numel():
                 raise ValueError(f"paged_kv_indices_buffer holds {buf.numel()} page ids, the plan needs {nnz}")
-            if indices.device.type == "cpu":
+            if indices.is_cpu:
                 idx = indices[:nnz]
                 if nnz and int(idx.min()) < 0:
                     raise ValueError("indices holds a negative page id")
@@ -844,12 +855,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 if given.device != dst.device or given.data_ptr() != dst.data_ptr():
                     dst.copy_(host, non_blocking=non_blocking)
             device_indices = buf.data_ptr()
-        elif indices.device.type == "cpu":
+        elif indices.is_cpu:
             h_idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else host_int32(indices, "indices")
             host_indices = h_idx.data_ptr()
             indices_ref = h_idx
         else:
-            if indices.device != self._device:
+            if indices.get_device() != self._device_index:  # (cheaper than comparing torch.device objects)
                 raise ValueError(f"indices is on {indices.device}, the workspace on {self._device}")
             if indices.dtype != torch.int32:
                 raise TypeError(f"indices must be torch.int32, got {indices.dtype}")
@@ -887,24 +898,31 @@ class BatchDecodeWithPagedKVCacheWrapper:
         old = self._plan_info
         # The blob is reused (it caches the RoPE table); a captured graph holds none of it (kernel parameters
         # are copied at launch).
-        blob = old.schedule[0] if old is not None and old.launch is not None and len(old.schedule[0]) >= dm.blob_size \
-            else ctypes.create_string_buffer(dm.blob_size)
+        if old is not None and old.launch is not None and len(old.schedule[0]) >= dm.blob_size:
+            schedule = old.schedule
+        else:
+            blob = ctypes.create_string_buffer(dm.blob_size)
+            schedule = (blob, ctypes.addressof(blob))
         info = abi.new_info()  # (kept by the plan: plan_stats reads it)
-        stream = current_stream_ptr(self._device)
         self._ensure_staging(dm.module, 64 << 10)
+        a = self._plan_args
+        if a is None or not isinstance(a, abi.args_type):
+            a = self._plan_args = abi.args_type()
+            self._plan_args_for = None
+        if self._plan_args_for is not config:  # the fields that stay while the configuration does
+            a.page_size, a.window_left, a.num_qo_heads, a.num_kv_heads = page_size, config.window_left, num_qo_heads, num_kv_heads
+            a.max_batch, a.indices_capacity, a.no_split = self._fixed_batch_size, 0, config.no_split
+            a.workspace, a.workspace_bytes, a.device = self._workspace_ptr, self._workspace_bytes, self._device.index
+            self._plan_args_for = config
+        a.indptr, a.last_page_len, a.host_indices, a.device_indices = (h_indptr.data_ptr(), h_last.data_ptr(),
+                                                                       host_indices, device_indices)
+        a.batch, a.nnz, a.fixed_workers = batch, nnz, self._fixed_workers
+        a.stream = current_stream_ptr(self._device)
         for _ in range(2):
             half = self._half = self._half ^ 1
             pinned = self._pinned[half]
-            rc = dm.plan(
-                indptr=h_indptr.data_ptr(), last_page_len=h_last.data_ptr(), host_indices=host_indices,
-                device_indices=device_indices, batch=batch, nnz=nnz, page_size=page_size,
-                window_left=config.window_left, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
-                fixed_workers=self._fixed_workers, max_batch=self._fixed_batch_size, indices_capacity=0,
-                no_split=config.no_split, pinned=pinned.data_ptr(), pinned_bytes=pinned.numel(),
-                workspace=self._workspace_ptr, workspace_bytes=self._workspace_bytes, device=self._device.index,
-                stream=stream, pinned_event=self._events[half], plan_out=ctypes.addressof(blob),
-                info=ctypes.addressof(info),
-            )
+            a.pinned, a.pinned_bytes, a.pinned_event = pinned.data_ptr(), pinned.numel(), self._events[half]
+            rc = dm.plan(args=ctypes.addressof(a), plan_out=schedule[1], info=ctypes.addressof(info))
             if rc != abi.errors["pinned_too_small"]:
                 break
             self._ensure_staging(dm.module, int(info[abi.info["pinned_bytes"]]))
@@ -920,7 +938,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._pdl_default = device_support_pdl(self._device)
         self._plan_info = BatchPlan(
             config.spec, dm.module, batch, batch, num_qo_heads, num_kv_heads, head_dim, page_size, config.q_dtype,
-            config.kv_dtype, info[at["max_keys"]], functools.partial(abi.stats, info), (blob, ctypes.addressof(blob)),
+            config.kv_dtype, info[at["max_keys"]], functools.partial(abi.stats, info), schedule,
             config.options, config.launch, None, (indices_ref,), max_index, config.window_left, self._pdl_default)
 
     def _plan_tensor_cores(self, config: _DecodeConfig, h_indptr, h_last, kv_indices, max_index, batch, num_qo_heads,
@@ -928,7 +946,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         """plan() of use_tensor_cores=True, on validated arguments: the same page-table checks and errors as the
         compiled planner, then BatchPrefillWithPagedKVCacheWrapper.plan with one query row per request."""
         lens = paged_kv_lens(h_indptr, h_last, page_size)  # (the compiled planner's checks and errors)
-        if kv_indices.device.type == "cpu" and kv_indices.numel():
+        if kv_indices.is_cpu and kv_indices.numel():
             negative = torch.nonzero(kv_indices < 0)
             if negative.numel():
                 raise ValueError(f"indices[{int(negative[0, 0])}] is a negative page id")
@@ -1043,10 +1061,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
                              f"as planned, got {tuple(q.shape)}")
         if q.dtype != p.q_dtype:
             raise TypeError(f"q dtype {q.dtype} does not match the planned q_data_type {p.q_dtype}")
-        if q.device != self._device:
+        if q.get_device() != self._device_index:
             raise ValueError(f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}")
         kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
-        if kv.k.device != self._device:
+        if kv.k.get_device() != self._device_index:
             raise ValueError(f"all tensors must be on one device: the workspace is on {self._device} but "
                              f"paged_kv_cache is on {kv.k.device}")
         if kv.k.dtype != p.kv_dtype:
@@ -1109,7 +1127,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 hit = (pos, window, soft_cap, scale, r_scale, r_theta)  # pushed to the prefill wrapper at launch
             else:
                 dm = _decode_module(dataclasses.replace(p.spec, pos_encoding_mode=pos, use_logits_soft_cap=soft_cap > 0))
-                hit = _DecodeLaunch(dm.run, dm.module, scale, soft_cap, window, r_scale, r_theta)
+                hit = _DecodeLaunch(dm.run, dm.module, dm.abi.run_args_type, scale, soft_cap, window, r_scale, r_theta)
             if len(p.resolved) >= 8:
                 p.resolved.clear()
             p.resolved[key] = hit
@@ -1134,15 +1152,18 @@ class BatchDecodeWithPagedKVCacheWrapper:
             p.schedule._run_kv(q, kv.k, kv.v, strides, out, lse, lse is not None, scale_mult, out_scale, enable_pdl)
             return
         L = p.launch
-        rc = L.run(
-            plan_blob=p.schedule[1], q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1), k=kv.k.data_ptr(),
-            v=kv.v.data_ptr(), stride_page=kv.stride_page, stride_n=kv.stride_n, stride_h=kv.stride_h,
-            num_pages=kv.num_pages, o=out.data_ptr(), lse=lse.data_ptr() if lse is not None else None,
-            sm_scale=L.sm_scale * scale_mult, logits_soft_cap=L.logits_soft_cap, v_scale=out_scale,
-            rope_scale=L.rope_scale, rope_theta=L.rope_theta, window_left=L.window_left,
-            enable_pdl=p.pdl if enable_pdl is None else enable_pdl, device=self._device.index,
-            stream=current_stream_ptr(self._device),
-        )
+        a = self._run_args
+        if a is None or not isinstance(a, L.run_args_type):
+            a = self._run_args = L.run_args_type()
+            a.device = self._device_index
+        a.q, a.q_stride_b, a.q_stride_h, a.k, a.v = q.data_ptr(), q.stride(0), q.stride(1), kv.k.data_ptr(), kv.v.data_ptr()
+        a.stride_page, a.stride_n, a.stride_h, a.num_pages = kv.stride_page, kv.stride_n, kv.stride_h, kv.num_pages
+        a.o, a.lse = out.data_ptr(), lse.data_ptr() if lse is not None else None
+        a.sm_scale, a.logits_soft_cap, a.v_scale = L.sm_scale * scale_mult, L.logits_soft_cap, out_scale
+        a.rope_scale, a.rope_theta, a.window_left = L.rope_scale, L.rope_theta, L.window_left
+        a.enable_pdl = p.pdl if enable_pdl is None else enable_pdl
+        a.stream = current_stream_ptr(self._device)
+        rc = L.run(plan_blob=p.schedule[1], args=ctypes.addressof(a))
         if rc:
             L.module.check(rc, f"BatchDecodeWithPagedKVCacheWrapper.run ({L.module.spec.name()}) on {self._device}")
 
@@ -1303,7 +1324,7 @@ def fast_decode_plan(
     """
     if global_override_indptr_cpu is not None:
         indptr = global_override_indptr_cpu[: len(last_page_len) + 1]
-    if page_size == 1 and last_page_len.device.type != "cpu":
+    if page_size == 1 and not last_page_len.is_cpu:
         n = len(last_page_len)
         if n not in _ONES:
             _ONES[n] = torch.ones(n, dtype=torch.int32)

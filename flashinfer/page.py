@@ -120,7 +120,7 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
         k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
     else:
         raise TypeError(f"paged_kv_cache must be a tensor or a (k_cache, v_cache) tuple, got {type(paged_kv_cache).__name__}")
-    if k.device.type != "cuda":
+    if not k.is_cuda:
         raise ValueError(f"paged_kv_cache is on {k.device}; the kernels run on CUDA devices only")
     dtype_short(k, "paged_kv_cache")
     num_pages, a, b, head_dim = k.shape

@@ -129,7 +129,7 @@ def host_int32(t: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an integer tensor (torch.int32), got {t.dtype}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.to("cpu")
     if t.dtype != torch.int32:
         if t.numel() and (int(t.max()) >= 2**31 or int(t.min()) < -(2**31)):
@@ -176,7 +176,7 @@ def dtype_short(t: torch.Tensor, name: str) -> str:
 def check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
+    if not t.is_cuda:  # (cheaper than t.device.type: no device object)
         raise ValueError(f"{name} is on {t.device}; the kernels run on CUDA devices only")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")

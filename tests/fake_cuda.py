@@ -41,6 +41,9 @@ class FakeCudaTensor(torch.Tensor):
     def is_cpu(self) -> bool:  # type: ignore[override]
         return False
 
+    def get_device(self) -> int:  # type: ignore[override]
+        return 0
+
 
 def cuda(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a fake device tensor (same memory)."""
@@ -155,7 +158,10 @@ class _FakeLauncher:
         unknown = [n for n in kwargs if n not in names]
         if missing or unknown:
             raise TypeError(f"{self.decl.symbol}: missing arguments {missing}, unknown arguments {unknown}")
-        self.module.rec.calls.append((self.decl.symbol, dict(kwargs, _spec=self.module.spec)))
+        recorded = dict(kwargs, _spec=self.module.spec)
+        if self.decl.symbol in ("flashinfer_batch_decode_plan", "flashinfer_batch_decode_run"):
+            recorded.update(self.module.struct_args(self.decl.symbol, kwargs["args"]))  # a struct: its fields
+        self.module.rec.calls.append((self.decl.symbol, recorded))
         return self.module.respond(self.decl.symbol, kwargs)
 
     @property
@@ -188,6 +194,16 @@ class _FakeModule:
         if code:
             raise RuntimeError(f"{what}: fake CUDA error {code}")
 
+    def struct_args(self, symbol: str, address: int) -> Dict[str, Any]:
+        """The batch decode launcher's argument struct at ``address``, as ``args.<field>`` values (pointers:
+        whether there is one)."""
+        from flashinfer._planning import DECODE_PLAN_ARGS, DECODE_RUN_ARGS, DecodePlannerABI
+
+        abi = DecodePlannerABI.of(self)
+        fields, cls = (DECODE_PLAN_ARGS, abi.args_type) if symbol.endswith("_plan") else (DECODE_RUN_ARGS, abi.run_args_type)
+        a = cls.from_address(address)
+        return {f"args.{n}": (bool(getattr(a, n)) if kind == "ptr" else getattr(a, n)) for n, kind in fields}
+
     def respond(self, symbol: str, kw: Dict[str, Any]) -> Any:
         if symbol == "flashinfer_batch_decode_plan_size":
             return 8192
@@ -200,10 +216,13 @@ class _FakeModule:
             ctypes.c_void_p.from_address(kw["out"]).value = 0x1000
             return 0
         if symbol == "flashinfer_batch_decode_plan":
+            from flashinfer._planning import DecodePlannerABI
+
             c = self.constants
-            batch, ps = kw["batch"], kw["page_size"]
-            ip = (ctypes.c_int * (batch + 1)).from_address(kw["indptr"])
-            lp = (ctypes.c_int * batch).from_address(kw["last_page_len"])
+            a = DecodePlannerABI.of(self).args_type.from_address(kw["args"])
+            batch, ps = a.batch, a.page_size
+            ip = (ctypes.c_int * (batch + 1)).from_address(a.indptr)
+            lp = (ctypes.c_int * batch).from_address(a.last_page_len)
             lens = [0 if ip[r + 1] == ip[r] else (ip[r + 1] - ip[r] - 1) * ps + lp[r] for r in range(batch)]
             info = (ctypes.c_int64 * c["info_len"]).from_address(kw["info"])
             info[c["info.max_keys"]] = max(lens)

@@ -225,6 +225,8 @@ static int& plan_occupancy_slot(int device, int gt) {
 }
 
 
+// Filled by Python field by field (flashinfer/_planning.py: DECODE_PLAN_ARGS names the fields; the template
+// exports their offsets, which Python checks when it loads the module).
 struct BatchDecodePlanArgs {
   const int* indptr;         // host [batch + 1]
   const int* last_page_len;  // host [batch]
@@ -450,6 +452,7 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
   return 0;
 }
 
+// Filled by Python field by field, as BatchDecodePlanArgs (DECODE_RUN_ARGS).
 struct BatchDecodeRunArgs {
   const void* q;
   int64_t q_stride_b, q_stride_h;
