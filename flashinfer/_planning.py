@@ -120,32 +120,56 @@ def paged_kv_lens(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: int) 
 
 
 
-# The batch decode launchers take their arguments as C structs of templates/include/flashinfer/batch_decode.cuh
-# (BatchDecodePlanArgs, BatchDecodeRunArgs): their fields' names and C types, in order. A wrapper keeps one of each
-# and sets fields by name, cheaper on these hot paths than 20-odd call arguments (plan() must stay < 30 us). The
-# template exports each field's offset and the struct's size (from these names), and the ctypes struct built from
-# this list is checked against them (c_struct), so a layout change in C++ cannot go unnoticed.
+# The hot launchers (batch decode plan and run, batch prefill) take their arguments as one C struct each, which a
+# wrapper keeps and fills field by field: cheaper than 20 to 40 call arguments per call (plan() must stay
+# < 30 us, run() adds no host time). Here are their fields' names and C types, in order: BatchDecodePlanArgs and
+# BatchDecodeRunArgs of templates/include/flashinfer/batch_decode.cuh, BatchPrefillArgs stamped into
+# templates/batch_prefill.cu.jinja from BATCH_PREFILL_ARGS itself. Each template exports its structs' field
+# offsets and sizes (by these names), and the ctypes struct built from a list is checked against them
+# (c_struct): a layout change in C++ cannot go unnoticed.
 DECODE_PLAN_ARGS = (
-    ("indptr", "ptr"), ("last_page_len", "ptr"), ("host_indices", "ptr"), ("device_indices", "ptr"),
-    ("batch", "int"), ("nnz", "int"), ("page_size", "int"), ("window_left", "int"), ("num_qo_heads", "int"),
-    ("num_kv_heads", "int"), ("head_dim", "int"), ("fixed_workers", "int"), ("max_batch", "int"),
-    ("indices_capacity", "int"), ("no_split", "bool"), ("pinned", "ptr"), ("pinned_bytes", "int64"),
-    ("workspace", "ptr"), ("workspace_bytes", "int64"), ("device", "int"), ("stream", "ptr"), ("pinned_event", "ptr"),
+    ("indptr", "const int*"), ("last_page_len", "const int*"), ("host_indices", "const int*"),
+    ("device_indices", "const int*"), ("batch", "int"), ("nnz", "int"), ("page_size", "int"), ("window_left", "int"),
+    ("num_qo_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("fixed_workers", "int"),
+    ("max_batch", "int"), ("indices_capacity", "int"), ("no_split", "bool"), ("pinned", "void*"),
+    ("pinned_bytes", "int64_t"), ("workspace", "void*"), ("workspace_bytes", "int64_t"), ("device", "int"),
+    ("stream", "cudaStream_t"), ("pinned_event", "cudaEvent_t"),
 )
 DECODE_RUN_ARGS = (
-    ("q", "ptr"), ("q_stride_b", "int64"), ("q_stride_h", "int64"), ("k", "ptr"), ("v", "ptr"),
-    ("stride_page", "int64"), ("stride_n", "int64"), ("stride_h", "int64"), ("num_pages", "int"), ("o", "ptr"),
-    ("lse", "ptr"), ("sm_scale", "float"), ("logits_soft_cap", "float"), ("v_scale", "float"), ("rope_scale", "float"),
-    ("rope_theta", "float"), ("window_left", "int"), ("enable_pdl", "bool"), ("device", "int"), ("stream", "ptr"),
+    ("q", "const void*"), ("q_stride_b", "int64_t"), ("q_stride_h", "int64_t"), ("k", "const void*"),
+    ("v", "const void*"), ("stride_page", "int64_t"), ("stride_n", "int64_t"), ("stride_h", "int64_t"),
+    ("num_pages", "int"), ("o", "void*"), ("lse", "float*"), ("sm_scale", "float"), ("logits_soft_cap", "float"),
+    ("v_scale", "float"), ("rope_scale", "float"), ("rope_theta", "float"), ("window_left", "int"),
+    ("enable_pdl", "bool"), ("device", "int"), ("stream", "cudaStream_t"),
 )
-_CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "int64": ctypes.c_int64, "bool": ctypes.c_bool,
-           "float": ctypes.c_float}
+BATCH_PREFILL_ARGS = (
+    # fixed by plan()
+    ("tile_q", "int"), ("qo_indptr", "const int*"), ("kv_indptr", "const int*"), ("kv_indices", "const int*"),
+    ("kv_last_page_len", "const int*"), ("mask", "const uint8_t*"), ("mask_indptr", "const int*"),
+    ("work", "const int*"), ("num_work", "const int*"), ("merge", "const int*"), ("num_merge", "const int*"),
+    ("work_capacity", "int"), ("merge_capacity", "int"), ("grid_x", "int"), ("merge_grid_x", "int"),
+    ("num_qo_heads", "int"), ("num_kv_heads", "int"), ("page_size", "int"), ("device", "int"),
+    # set by each run()
+    ("q", "const void*"), ("k", "const void*"), ("v", "const void*"), ("o", "void*"), ("lse", "float*"),
+    ("partial_o", "float*"), ("partial_lse", "float*"), ("q_stride_n", "int64_t"), ("q_stride_h", "int64_t"),
+    ("k_stride_page", "int64_t"), ("k_stride_n", "int64_t"), ("k_stride_h", "int64_t"), ("v_stride_page", "int64_t"),
+    ("v_stride_n", "int64_t"), ("v_stride_h", "int64_t"), ("window_left", "int"), ("logits_soft_cap", "float"),
+    ("sm_scale", "float"), ("rope_scale", "float"), ("rope_theta", "float"), ("enable_pdl", "bool"),
+    ("stream", "void*"),
+)
+_SCALARS = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "bool": ctypes.c_bool, "float": ctypes.c_float}
+
+
+def _field_ctype(c_type: str) -> Any:
+    if c_type.endswith("*") or c_type in ("cudaStream_t", "cudaEvent_t"):
+        return ctypes.c_void_p
+    return _SCALARS[c_type]
 
 
 def c_struct(name: str, fields: Sequence[Tuple[str, str]], constants: Dict[str, int], prefix: str) -> Any:
-    """A ctypes Structure of ``fields``, checked against the offsets and size a module exports as
-    ``<prefix>.<field>`` / ``<prefix>.size``."""
-    cls = type(name, (ctypes.Structure,), {"_fields_": [(n, _CTYPES[kind]) for n, kind in fields]})
+    """A ctypes Structure of ``fields`` ((name, C type) pairs), checked against the offsets and size a module
+    exports as ``<prefix>.<field>`` / ``<prefix>.size``."""
+    cls = type(name, (ctypes.Structure,), {"_fields_": [(n, _field_ctype(t)) for n, t in fields]})
     layout = {n: getattr(cls, n).offset for n, _ in fields}
     exported = {k[len(prefix) + 1:]: v for k, v in constants.items() if k.startswith(prefix + ".") and k != prefix + ".size"}
     if layout != exported or ctypes.sizeof(cls) != constants[prefix + ".size"]:
@@ -295,6 +319,7 @@ class PrefillSchedule:
     mask: Optional[torch.Tensor]  # packed custom mask bits (uint8), per request from a byte boundary
     mask_indptr: Optional[torch.Tensor]  # device int32 byte offsets of the requests' masks
     has_mask: bool
+    args: Any = None  # the launcher's BatchPrefillArgs: the plan's fields filled here, each run() sets the rest
 
 
 def prefill_query_tiles(module: Any) -> Tuple[int, ...]:

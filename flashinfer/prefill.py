@@ -16,6 +16,7 @@ schedule, without a new plan.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import itertools
@@ -26,10 +27,12 @@ import torch
 
 from . import jit
 from ._planning import (
+    BATCH_PREFILL_ARGS,
     BatchPlan,
     PlanStats,
     PrefillSchedule,
     PrefillScheduleLayout,
+    c_struct,
     check_table_lengths,
     prefill_query_tiles,
     schedule_prefill,
@@ -211,8 +214,6 @@ def _module(spec: Spec) -> jit.JITModule:
 @functools.lru_cache(maxsize=None)
 def _occupancy(spec: Spec, device_index: int, tile_q: int = 0) -> int:
     """CTAs per SM of a prefill module's kernel (the batch module's for query tile ``tile_q``)."""
-    import ctypes
-
     mod = _module(spec)
     out = ctypes.c_int(0)
     if isinstance(spec, SinglePrefillSpec):
@@ -548,16 +549,8 @@ class BatchPrefillSpec(_PrefillSpecBase):
     family = "prefill_batch"
     template = "batch_prefill.cu.jinja"
     launchers = (
-        Launcher("flashinfer_batch_prefill",
-                 "int tile_q, const void* q, const void* k, const void* v, void* o, float* lse, float* partial_o, "
-                 "float* partial_lse, const uint8_t* mask, const int* mask_indptr, const int* qo_indptr, "
-                 "const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, const int* work, "
-                 "int work_capacity, const int* num_work, const int* merge, int merge_capacity, const int* num_merge, "
-                 "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int64_t q_stride_n, "
-                 "int64_t q_stride_h, int64_t k_stride_page, int64_t k_stride_n, int64_t k_stride_h, "
-                 "int64_t v_stride_page, int64_t v_stride_n, int64_t v_stride_h, int window_left, "
-                 "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int enable_pdl, "
-                 "int device, void* stream"),
+        # args: a BatchPrefillArgs (flashinfer/_planning.py: BATCH_PREFILL_ARGS, stamped into the template)
+        Launcher("flashinfer_batch_prefill", "const void* args"),
         Launcher("flashinfer_batch_prefill_occupancy", "int tile_q, int device, int* out"),
     )
 
@@ -565,7 +558,7 @@ class BatchPrefillSpec(_PrefillSpecBase):
 
     def render_vars(self) -> Dict[str, Any]:
         return {**self.attention_vars(), "paged": cuda_bool(self.kv_storage == "paged"),
-                "mqs": list(_batch_tiles(self.head_dim))}
+                "mqs": list(_batch_tiles(self.head_dim)), "args": list(BATCH_PREFILL_ARGS)}
 
     def unsupported_reason(self) -> Optional[str]:
         if self.kv_storage not in ("paged", "ragged"):
@@ -582,12 +575,19 @@ _OPTION_ATTRS = ("_causal", "_pos_encoding_mode", "_use_fp16_qk_reduction", "_wi
                  "_sm_scale", "_rope_scale", "_rope_theta")
 
 
+@functools.lru_cache(maxsize=None)
+def _args_type(module: jit.JITModule) -> Any:
+    """The module's BatchPrefillArgs as a ctypes struct (checked against the layout it exports)."""
+    return c_struct("BatchPrefillArgs", BATCH_PREFILL_ARGS, module.constants, "args")
+
+
 @dataclasses.dataclass(frozen=True)
 class _PrefillLaunch:
     """The run-time values of a batch prefill launch, resolved from the wrapper's attention options."""
 
     run: Any  # the launcher of the kernel variant
     module: jit.JITModule
+    args_type: Any  # its BatchPrefillArgs ctypes struct
     window_left: int
     soft_cap: float
     sm_scale: float
@@ -597,7 +597,7 @@ class _PrefillLaunch:
 
 def _launch_of(spec: BatchPrefillSpec, opts: _Opts) -> _PrefillLaunch:
     mod = _module(spec)
-    return _PrefillLaunch(mod.launcher("flashinfer_batch_prefill"), mod, opts.window_left, opts.soft_cap,
+    return _PrefillLaunch(mod.launcher("flashinfer_batch_prefill"), mod, _args_type(mod), opts.window_left, opts.soft_cap,
                           opts.sm_scale, opts.rope_scale, opts.rope_theta)
 
 
@@ -829,6 +829,18 @@ class _BatchPrefillBase:
         schedule = PrefillSchedule(tile, layout, sched_buf, grid_x, merge_grid_x, len(work), len(merge), qo_dev,
                                    kv_tables["kv_indptr"], kv_tables.get("kv_indices"),
                                    kv_tables.get("kv_last_page_len"), mask_t, mask_indptr, has_mask)
+        # The launcher's arguments that stay for this plan. (Every batch prefill module has the same
+        # BatchPrefillArgs, stamped from one declaration: the struct also serves the variants forward() picks.)
+        a = schedule.args = _args_type(mod)()
+        sched = sched_buf.data_ptr()
+        ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+        a.tile_q, a.qo_indptr, a.kv_indptr = tile, qo_dev.data_ptr(), schedule.kv_indptr.data_ptr()
+        a.kv_indices, a.kv_last_page_len = ptr(schedule.kv_indices), ptr(schedule.kv_last_page_len)
+        a.mask, a.mask_indptr = ptr(mask_t), ptr(mask_indptr)
+        a.work, a.num_work = sched + 4 * layout.work, sched + 4 * layout.num_work
+        a.merge, a.num_merge = sched + 4 * layout.merge, sched + 4 * layout.num_merge
+        a.work_capacity, a.merge_capacity, a.grid_x, a.merge_grid_x = cap_w, cap_m, grid_x, merge_grid_x
+        a.num_qo_heads, a.num_kv_heads, a.page_size, a.device = num_qo_heads, num_kv_heads, page_size, dev.index
         stats = PlanStats(workers=grid_x, worker_capacity=grid_x, pieces=len(work), merges=len(merge),
                           partial_states=part_rows, total_keys=sum(kv_lens),
                           workspace_bytes=part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
@@ -908,33 +920,21 @@ class _BatchPrefillBase:
         if key != p.options_key:
             self._resolve_options(p, key)
         L = p.launch
-        s = p.schedule
-        lay = s.layout
+        a = p.schedule.args
         ws = self._float_workspace_buffer
         ws_f = ws.data_ptr()
         # Partial lse at a fixed place (the workspace's tail), so a graph captured under one plan stays valid under
         # the next: plan() guarantees part_rows * heads * (head_dim + 1) floats fit, so the two never overlap.
         ws_floats = ws.numel() * ws.element_size() // 4
-        part_lse = ws_f + 4 * (ws_floats - ws_floats // (p.head_dim + 1))
-        sched = s.buffer.data_ptr()
-        k_sp, k_sn, k_sh, v_sp, v_sn, v_sh = strides
-        rc = L.run(
-            tile_q=s.tile_q, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), o=o.data_ptr(),
-            lse=lse.data_ptr() if lse is not None else None, partial_o=ws_f, partial_lse=part_lse,
-            mask=s.mask.data_ptr() if s.mask is not None else None,
-            mask_indptr=s.mask_indptr.data_ptr() if s.mask_indptr is not None else None,
-            qo_indptr=s.qo_indptr.data_ptr(), kv_indptr=s.kv_indptr.data_ptr(),
-            kv_indices=s.kv_indices.data_ptr() if s.kv_indices is not None else None,
-            kv_last_page_len=s.kv_last_page_len.data_ptr() if s.kv_last_page_len is not None else None,
-            work=sched + 4 * lay.work, work_capacity=lay.work_capacity, num_work=sched + 4 * lay.num_work,
-            merge=sched + 4 * lay.merge, merge_capacity=lay.merge_capacity, num_merge=sched + 4 * lay.num_merge,
-            grid_x=s.grid_x, merge_grid_x=s.merge_grid_x, num_qo_heads=p.num_qo_heads, num_kv_heads=p.num_kv_heads,
-            page_size=p.page_size, q_stride_n=q.stride(0), q_stride_h=q.stride(1), k_stride_page=k_sp,
-            k_stride_n=k_sn, k_stride_h=k_sh, v_stride_page=v_sp, v_stride_n=v_sn, v_stride_h=v_sh,
-            window_left=L.window_left, logits_soft_cap=L.soft_cap, sm_scale=L.sm_scale * scale_mult,
-            rope_scale=L.rope_scale, rope_theta=L.rope_theta, enable_pdl=bool(enable_pdl),
-            device=device.index, stream=current_stream_ptr(device),
-        )
+        a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr()
+        a.lse = lse.data_ptr() if lse is not None else None
+        a.partial_o, a.partial_lse = ws_f, ws_f + 4 * (ws_floats - ws_floats // (p.head_dim + 1))
+        a.q_stride_n, a.q_stride_h = q.stride(0), q.stride(1)
+        a.k_stride_page, a.k_stride_n, a.k_stride_h, a.v_stride_page, a.v_stride_n, a.v_stride_h = strides
+        a.window_left, a.logits_soft_cap, a.sm_scale = L.window_left, L.soft_cap, L.sm_scale * scale_mult
+        a.rope_scale, a.rope_theta, a.enable_pdl = L.rope_scale, L.rope_theta, bool(enable_pdl)
+        a.stream = current_stream_ptr(device)
+        rc = L.run(args=ctypes.addressof(a))
         if rc:
             L.module.check(rc, f"batch prefill ({L.module.spec.name()}) on {device}")
         if out_scale != 1.0:

@@ -143,6 +143,10 @@ def _constants(spec: Any) -> Dict[str, int]:
 _REAL_LOAD = jit.load
 
 
+def _is_pointer(c_type: str) -> bool:
+    return c_type.endswith("*") or c_type in ("cudaStream_t", "cudaEvent_t")
+
+
 def _decode_head_tile(group: int) -> int:
     return 1 if group == 1 else 2 if group == 2 else 8 if group % 8 == 0 else 4
 
@@ -159,7 +163,7 @@ class _FakeLauncher:
         if missing or unknown:
             raise TypeError(f"{self.decl.symbol}: missing arguments {missing}, unknown arguments {unknown}")
         recorded = dict(kwargs, _spec=self.module.spec)
-        if self.decl.symbol in ("flashinfer_batch_decode_plan", "flashinfer_batch_decode_run"):
+        if self.decl.symbol in ("flashinfer_batch_decode_plan", "flashinfer_batch_decode_run", "flashinfer_batch_prefill"):
             recorded.update(self.module.struct_args(self.decl.symbol, kwargs["args"]))  # a struct: its fields
         self.module.rec.calls.append((self.decl.symbol, recorded))
         return self.module.respond(self.decl.symbol, kwargs)
@@ -197,12 +201,16 @@ class _FakeModule:
     def struct_args(self, symbol: str, address: int) -> Dict[str, Any]:
         """The batch decode launcher's argument struct at ``address``, as ``args.<field>`` values (pointers:
         whether there is one)."""
-        from flashinfer._planning import DECODE_PLAN_ARGS, DECODE_RUN_ARGS, DecodePlannerABI
+        from flashinfer import prefill
+        from flashinfer._planning import BATCH_PREFILL_ARGS, DECODE_PLAN_ARGS, DECODE_RUN_ARGS, DecodePlannerABI
 
-        abi = DecodePlannerABI.of(self)
-        fields, cls = (DECODE_PLAN_ARGS, abi.args_type) if symbol.endswith("_plan") else (DECODE_RUN_ARGS, abi.run_args_type)
+        if symbol == "flashinfer_batch_prefill":
+            fields, cls = BATCH_PREFILL_ARGS, prefill._args_type(self)
+        else:
+            abi = DecodePlannerABI.of(self)
+            fields, cls = (DECODE_PLAN_ARGS, abi.args_type) if symbol.endswith("_plan") else (DECODE_RUN_ARGS, abi.run_args_type)
         a = cls.from_address(address)
-        return {f"args.{n}": (bool(getattr(a, n)) if kind == "ptr" else getattr(a, n)) for n, kind in fields}
+        return {f"args.{n}": (bool(getattr(a, n)) if _is_pointer(t) else getattr(a, n)) for n, t in fields}
 
     def respond(self, symbol: str, kw: Dict[str, Any]) -> Any:
         if symbol == "flashinfer_batch_decode_plan_size":
@@ -249,7 +257,7 @@ def fake_cuda(monkeypatch) -> Iterator[Recorder]:
         return modules[spec]
 
     caches = (decode._decode_module, prefill._module, prefill._occupancy, prefill._device_capability,
-              page._append_fn, utils._capability, _planning.DecodePlannerABI.of)
+              prefill._args_type, page._append_fn, utils._capability, _planning.DecodePlannerABI.of)
     for cache in caches:
         cache.cache_clear()
     decode._single_kernels.clear()

@@ -16,12 +16,11 @@ CPU only. What is checked:
 from __future__ import annotations
 
 import ast
-import functools
 import importlib
 import inspect
 import pkgutil
 import textwrap
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ import torch
 import flashinfer
 from flashinfer import decode, page, prefill, quantization, utils
 
-from fake_cuda import FakeCudaTensor, cuda, fake_cuda, workspace
+from fake_cuda import cuda, fake_cuda, workspace
 
 # ------------------------------------------------------------------------------------------- module paths
 
@@ -824,7 +823,7 @@ def test_graph_mode_custom_mask_lives_in_the_callers_buffers(monkeypatch):
 def test_plans_flashinfer_accepts(monkeypatch):
     """Causal with more queries than keys, requests without keys, last_page_len 0 or anything without pages,
     paged indptr starting past 0 (vLLM's prefills after its decodes): planned, as FlashInfer does."""
-    with fake_cuda(monkeypatch) as rec:
+    with fake_cuda(monkeypatch):
         pw = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace())
         pw.plan(torch.tensor([0, 300, 301], dtype=torch.int32), torch.tensor([0, 100, 100], dtype=torch.int32), H, HKV,
                 D, causal=True, q_data_type=F16)
