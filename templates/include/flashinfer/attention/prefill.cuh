@@ -11,49 +11,20 @@
 // when PAGED: one kernel serves single requests, ragged batches, paged batches and page_size 1.
 // When there are too few query tiles to fill the GPU the KV range is split into chunks; each chunk
 // leaves a partial (o, lse) state in a float workspace and a merge kernel combines them.
+// The mask, online softmax, Q load and epilogue are shared with the fa3 kernel (prefill_common.cuh).
 #pragma once
-#include "common.cuh"
-#include "cp_async.cuh"
-#include "merge.cuh"
-#include "mma.cuh"
-#include "pos_enc.cuh"
-
-#include <type_traits>
+#include "flashinfer/attention/mask.cuh"
+#include "flashinfer/attention/pos_enc.cuh"
+#include "flashinfer/attention/prefill_common.cuh"
+#include "flashinfer/attention/state.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+#include "flashinfer/paged.cuh"
+#include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/math.cuh"
+#include "flashinfer/ptx/mma.cuh"
 
 namespace flashinfer {
-
-enum class MaskMode : int { kNone = 0, kCausal = 1, kCustom = 2 };
-
-struct PrefillParams {
-  const void* q;  // token n (of the request), head h at q + n * q_stride_n + h * q_stride_h (elements)
-  const void* k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
-  const void* v;
-  void* o;             // token n, head h at o + n * o_stride_n + h * o_stride_h
-  float* lse;          // [tokens, num_qo_heads] or nullptr
-  float* partial_o;    // [rows, num_qo_heads, HEAD_DIM] partial states of split KV
-  float* partial_lse;  // [rows, num_qo_heads]
-  const uint8_t* mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
-  const int* mask_indptr;
-  int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h, o_stride_n, o_stride_h;
-  int64_t k_stride_page, v_stride_page;
-  int num_qo_heads, num_kv_heads, group_size;
-  // Single request.
-  int qo_len, kv_len, num_qtiles, num_chunks, chunk_size;
-  // Batch: per-request arrays and the plan's schedule (device memory).
-  const int* qo_indptr;
-  const int* kv_indptr;  // ragged: token offsets; paged: page offsets into kv_indices
-  const int* kv_indices;
-  const int* kv_last_page_len;
-  int page_size;
-  const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
-  const int* num_work;
-  int work_capacity;
-  const int* merge;  // [4][merge_capacity]: token, first partial row, chunks, row stride between chunks
-  const int* num_merge;
-  int merge_capacity;
-  int window_left;
-  float logits_soft_cap, sm_scale, rope_scale, rope_theta;
-};
 
 // Keys per KV tile at head_dim 128. A tuning knob for probes (benchmarks/probe_prefill.py builds variants
 // with -DFI_PREFILL_BK128=n). 64 (half the barriers and bookkeeping per key of 32) measured 7% faster on an
@@ -77,7 +48,7 @@ struct PrefillTraits {
 };
 
 // Rotates rows [0, ROWS) of a swizzled tile in place (Llama RoPE, element e pairs with e + HEAD_DIM/2);
-// row r sits at position pos_of(r). Same accurate half-turn arithmetic as the decode kernel.
+// row r sits at position pos_of(r). The angle is pos_enc.cuh's rope_sincos, as in the decode kernel.
 template <int HEAD_DIM, int ROWS, int THREADS, typename T, typename PosFn>
 FI_DEVICE void rope_rotate_smem(uint4* tile, const RopeTable& table, PosFn pos_of) {
   constexpr int CH = HEAD_DIM / 8, HALF = CH / 2;
@@ -91,12 +62,8 @@ FI_DEVICE void rope_rotate_smem(uint4* tile, const RopeTable& table, PosFn pos_o
     unpack8(*pb, y, T{});
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const float hi = table.hi[c * 8 + i], lo = table.lo[c * 8 + i];
-      const float t = pos * hi;
-      const float t_err = fmaf(pos, hi, -t);
-      const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * lo);
       float s, co;
-      sincospif(r, &s, &co);
+      rope_sincos(pos, table.hi[c * 8 + i], table.lo[c * 8 + i], s, co);
       const float xr = x[i] * co - y[i] * s;
       y[i] = y[i] * co + x[i] * s;
       x[i] = xr;
@@ -127,9 +94,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   const int rows_here = min(TQ, packed_len - pr0);
   const int delta = kv_len - qo_len;  // query token i sits at position delta + i
   const int tok_min = pr0 / group, tok_max = (pr0 + rows_here - 1) / group;
-  int lo = chunk_begin, hi = min(chunk_end, kv_len);
-  if constexpr (MASK == MaskMode::kCausal) hi = min(hi, delta + tok_max + 1);
-  if constexpr (WINDOW) lo = max(lo, delta + tok_min - p.window_left);
+  int lo, hi;
+  visible_key_range<MASK, WINDOW>(chunk_begin, chunk_end, kv_len, delta, tok_min, tok_max, p.window_left, lo, hi);
   const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
 
   uint4* sq = smem;
@@ -139,20 +105,9 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
 
   // ---- Q tile -> shared memory
-  {
-    const DTypeQ* qbase = static_cast<const DTypeQ*>(p.q) + int64_t(qo_start) * p.q_stride_n +
-                          int64_t(kv_head) * group * p.q_stride_h;
-#pragma unroll
-    for (int i = 0; i < Tr::Q_CHUNKS / THREADS; ++i) {
-      const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
-      const bool valid = row < rows_here;
-      const int pr = pr0 + (valid ? row : 0);
-      const int token = pr / group, hh = pr % group;
-      cp_async_16(sq + swizzle<CH>(row, c), qbase + int64_t(token) * p.q_stride_n + int64_t(hh) * p.q_stride_h + c * 8,
-                  valid);
-    }
-    cp_async_commit();
-  }
+  load_q_tile<TQ, CH, THREADS>(
+      p, static_cast<const DTypeQ*>(p.q) + int64_t(qo_start) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h,
+      group, pr0, rows_here, tid, [&](int row, int c) { return sq + swizzle<CH>(row, c); });
 
   // Paged KV: the page-table lookup of a tile's rows is done once, a tile ahead, by one thread per row into
   // shared memory (s_rows[tile & 1][row] = (page, slot)), so that issuing a tile's copies never waits on a
@@ -162,8 +117,9 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     const int t = lo + tile * BK + tid;
     int2 r = make_int2(0, 0);
     if (PAGED && tid < BK && tile < num_tiles && t < hi) {
-      const int page_pos = t / p.page_size;
-      r = make_int2(p.kv_indices[kv_start + page_pos], t - page_pos * p.page_size);
+      int page_pos, slot;
+      split_token(t, p.page_size, page_pos, slot);
+      r = make_int2(p.kv_indices[kv_start + page_pos], slot);
     }
     return r;
   };
@@ -326,10 +282,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
                                                           p.logits_soft_cap);
           }
     }
-    bool need_mask = k0 + BK > hi || MASK == MaskMode::kCustom;
-    if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
-    if constexpr (WINDOW) need_mask |= k0 < delta + tok_max - p.window_left;
-    if (need_mask) {
+    if (tile_needs_mask<MASK, WINDOW, BK>(k0, hi, delta, tok_min, tok_max, p.window_left)) {
 #pragma unroll
       for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
@@ -338,16 +291,10 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
           for (int e = 0; e < 4; ++e) {
             const int r = 2 * mq + e / 2;
             const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
-            bool ok = key < hi;
-            if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= qpos[r];
-            if constexpr (WINDOW) ok = ok && key >= qpos[r] - p.window_left;
-            if constexpr (MASK == MaskMode::kCustom) {
-              if (ok) {
-                const int64_t bit = int64_t(mtoken[r]) * kv_len + key;
-                ok = (p.mask[int64_t(mask_byte_off) + (bit >> 3)] >> (bit & 7)) & 1;
-              }
+            if (!key_visible<MASK, WINDOW>(key, hi, mtoken[r], qpos[r], p.window_left,
+                                           CustomMask{p.mask, mask_byte_off, kv_len})) {
+              s[mq][j][e] = kNegInf;
             }
-            if (!ok) s[mq][j][e] = kNegInf;
           }
     }
 
@@ -409,10 +356,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 
   // ---- epilogue
 #pragma unroll
-  for (int r = 0; r < 2 * MQ; ++r) {
-    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 1);
-    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 2);
-  }
+  for (int r = 0; r < 2 * MQ; ++r) d[r] = quad_sum(d[r]);
   const int hq0 = kv_head * group;
   if (partial_row0 < 0) {
     // Stage this warp's rows in its own Q rows (as DTypeO), then write 16-byte chunks.
@@ -420,35 +364,19 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = 2 * mq + h;
-        const float inv = d[r] > 0.f ? 1.f / d[r] : 0.f;
-        const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
-#pragma unroll
-        for (int j = 0; j < NT_D; ++j) {
-          uint32_t* dst = reinterpret_cast<uint32_t*>(sq + swizzle<CH>(row, j)) + lane % 4;
-          *dst = pack2<DTypeO>(o[mq][j][2 * h] * inv, o[mq][j][2 * h + 1] * inv);
-        }
+        stage_o_row<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
+                                  &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
       }
     __syncwarp();
-    DTypeO* obase = static_cast<DTypeO*>(p.o) + int64_t(qo_start) * p.o_stride_n;
-#pragma unroll
-    for (int i = 0; i < 16 * MQ * CH / 32; ++i) {
-      const int idx = lane + 32 * i, row = q_row_base + idx / CH, c = idx % CH;
-      if (row < rows_here) {
-        const int pr = pr0 + row;
-        *reinterpret_cast<uint4*>(obase + int64_t(pr / group) * p.o_stride_n + int64_t(hq0 + pr % group) * p.o_stride_h +
-                                  c * 8) = sq[swizzle<CH>(row, c)];
-      }
-    }
+    store_o_tile<16 * MQ, CH, 32>(p, static_cast<DTypeO*>(p.o) + int64_t(qo_start) * p.o_stride_n, group, hq0, pr0,
+                                  q_row_base, rows_here, lane, [&](int row, int c) { return sq[swizzle<CH>(row, c)]; });
     if (p.lse != nullptr && lane % 4 == 0) {
 #pragma unroll
       for (int r = 0; r < 2 * MQ; ++r) {
         const int row = q_row_base + (r / 2) * 16 + lane / 4 + 8 * (r % 2);
         if (row < rows_here) {
           const int pr = pr0 + row;
-          const float m_use = m[r] == kNegInf ? 0.f : m[r];
-          p.lse[(int64_t(qo_start) + pr / group) * p.num_qo_heads + hq0 + pr % group] =
-              d[r] > 0.f ? m_use * scl + ptx_log2(d[r]) : kNegInf;
+          p.lse[packed_row_index(p, qo_start, pr, group, hq0)] = row_lse(m[r], d[r], scl);
         }
       }
     }
@@ -460,29 +388,22 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         const int r = 2 * mq + h;
         const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
         if (row >= rows_here) continue;
-        const int pr = pr0 + row;
-        const int64_t state = (int64_t(partial_row0) + pr / group) * p.num_qo_heads + hq0 + pr % group;
-        const float inv = d[r] > 0.f ? 1.f / d[r] : 0.f;
+        const int64_t state = packed_row_index(p, partial_row0, pr0 + row, group, hq0);
+        const float inv = inverse_or_zero(d[r]);
         float* dst = p.partial_o + state * HEAD_DIM + 2 * (lane % 4);
 #pragma unroll
         for (int j = 0; j < NT_D; ++j)
           *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[mq][j][2 * h] * inv, o[mq][j][2 * h + 1] * inv);
-        if (lane % 4 == 0) {
-          const float m_use = m[r] == kNegInf ? 0.f : m[r];
-          p.partial_lse[state] = d[r] > 0.f ? m_use * scl + ptx_log2(d[r]) : kNegInf;
-        }
+        if (lane % 4 == 0) p.partial_lse[state] = row_lse(m[r], d[r], scl);
       }
   }
 }
-
-template <PosEncoding POS>
-using RopeArg = std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable>;
 
 // Single request: grid (query tiles, KV heads, KV chunks); the heaviest (last, for causal) tiles first.
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
           bool WINDOW, bool SOFTCAP, bool FP16QK>
 __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
-    single_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeArg<POS> rope) {
+    single_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(1024) uint4 smem[];  // tiles kRowBytes-aligned (ldmatrix addressing)
   const int qtile = p.num_qtiles - 1 - blockIdx.x;
   const int chunk = blockIdx.z;
@@ -500,7 +421,7 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
           bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED>
 __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
-    batch_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeArg<POS> rope) {
+    batch_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(1024) uint4 smem[];  // tiles kRowBytes-aligned (ldmatrix addressing)
   const int num_work = *p.num_work;
   const int cap = p.work_capacity;
@@ -510,7 +431,7 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
     const int qo_start = p.qo_indptr[req], qo_len = p.qo_indptr[req + 1] - qo_start;
     const int kv_start = p.kv_indptr[req];
     int kv_len = p.kv_indptr[req + 1] - kv_start;
-    if constexpr (PAGED) kv_len = kv_len > 0 ? (kv_len - 1) * p.page_size + p.kv_last_page_len[req] : 0;
+    if constexpr (PAGED) kv_len = kv_len > 0 ? paged_kv_len(kv_len, p.page_size, p.kv_last_page_len[req]) : 0;
     const int mask_off = MASK == MaskMode::kCustom ? p.mask_indptr[req] : 0;
     prefill_tile<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>(
         p, rope, smem, qo_start, qo_len, kv_start, kv_len, mask_off, qtile, blockIdx.y, kv_begin, kv_end, prow);
@@ -569,33 +490,6 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
 
 // ------------------------------------------------------------------------------------------- host side
 
-// Raises the kernel's dynamic shared-memory limit once per device; returns its CTAs per SM.
-// Templated on the kernel itself (not its type): the static below is a process-wide unique symbol shared
-// by every loaded module that instantiates the same template, so it must be one per kernel.
-template <auto KERNEL>
-cudaError_t prepare_prefill_kernel(int smem_bytes, int threads, int device, int* occupancy_out) {
-  constexpr auto kernel = KERNEL;
-  static int occupancy[64] = {0};
-  int& occ = occupancy[device >= 0 && device < 64 ? device : 0];
-  if (occ == 0) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-    int n = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem_bytes);
-    if (err != cudaSuccess) return err;
-    occ = n > 0 ? n : 1;
-  }
-  if (occupancy_out) *occupancy_out = occ;
-  return cudaSuccess;
-}
-
-template <PosEncoding POS>
-inline RopeArg<POS> make_rope(int head_dim, float rope_scale, float rope_theta) {
-  RopeArg<POS> rope;
-  if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, head_dim, rope_scale, rope_theta);
-  return rope;
-}
-
 template <int HEAD_DIM, typename DTypeO>
 cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream) {
   if (grid_x <= 0) return cudaSuccess;
@@ -612,7 +506,7 @@ cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stre
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   int occ = 0;
-  cudaError_t err = prepare_prefill_kernel<kernel>(Tr::kSmemBytes, Tr::kThreads, device, &occ);
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, &occ);
   if (err != cudaSuccess) return err;
   if (occupancy_only) {
     *occupancy_only = occ;
@@ -624,7 +518,7 @@ cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stre
   if (p.num_qtiles == 0) return cudaSuccess;
   if (p.num_chunks > 1) p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.qo_len * p.num_qo_heads * HEAD_DIM;
   dim3 grid(p.num_qtiles, p.num_kv_heads, p.num_chunks);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, make_rope<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, make_rope_table<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_chunks == 1) return err;
   p.merge = nullptr;
@@ -640,7 +534,7 @@ cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, 
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   int occ = 0;
-  cudaError_t err = prepare_prefill_kernel<kernel>(Tr::kSmemBytes, Tr::kThreads, device, &occ);
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, &occ);
   if (err != cudaSuccess) return err;
   if (occupancy_only) {
     *occupancy_only = occ;
@@ -650,7 +544,7 @@ cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, 
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   if (grid_x > 0) {
     kernel<<<dim3(grid_x, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, stream>>>(
-        p, make_rope<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
+        p, make_rope_table<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

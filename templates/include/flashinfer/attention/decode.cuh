@@ -10,13 +10,14 @@
 // kernel here and the paged batch kernel (batch_decode.cuh) differ only in how they pick their pieces
 // and in how a key's row is found (a KV "rows" source: contiguous here, through the page table there).
 #pragma once
-#include "common.cuh"
-#include "cp_async.cuh"
-#include "merge.cuh"
-#include "mma.cuh"
-#include "pos_enc.cuh"
-
-#include <type_traits>
+#include "flashinfer/attention/pos_enc.cuh"
+#include "flashinfer/attention/state.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+#include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/griddepcontrol.cuh"
+#include "flashinfer/ptx/math.cuh"
+#include "flashinfer/ptx/mma.cuh"
 
 namespace flashinfer {
 
@@ -82,9 +83,6 @@ __host__ __device__ constexpr int decode_min_blocks() {
   return GT >= 8 ? 2 : (GT >= 4 && (POS == PosEncoding::kRopeLlama || HEAD_DIM >= 256) ? 3 : 4);
 }
 
-template <PosEncoding POS>
-using RopeTableFor = std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable>;
-
 // Dynamic shared memory of a decode CTA: the K/V ring, then (CUDA-core tiles of 4+ heads) the
 // probabilities of a tile.
 template <int HEAD_DIM, int GT>
@@ -126,7 +124,25 @@ struct DecodePiece {
   int64_t q_stride_h;
   int first_head, heads_here;
   int begin, end, q_pos;  // q_pos: the query's position (kv_len - 1)
+
+  // The heads of query-head tile `head_tile` (GT slots) of KV head kv_head's group; q_request: head 0 of the
+  // request's query.
+  template <int GT>
+  FI_DEVICE void set_heads(const DTypeQ* q_request, int64_t q_stride_h_, int kv_head, int group_size, int head_tile) {
+    first_head = kv_head * group_size + head_tile * GT;
+    q = q_request + first_head * q_stride_h_;
+    q_stride_h = q_stride_h_;
+    heads_here = min(GT, group_size - head_tile * GT);
+  }
 };
+
+// The fastest-varying part of a CTA's block index (and the rest, left in bid): the query-head tile varies
+// fastest so that the CTAs reading the same K/V run together.
+FI_DEVICE int take_block_index(int& bid, int n) {
+  const int part = bid % n;
+  bid /= n;
+  return part;
+}
 
 // Writes a finished (o, lse) of head j, columns [col, col + 8): to the output (scaled by v_scale) or as
 // a partial state (o normalised, merged later by merge_states_block).
@@ -252,7 +268,6 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
         }
       }
 
-      float m_new = m;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -261,28 +276,21 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
           const float x = transform_logit<ALIBI, SOFTCAP>(st[nt][i] * sc.sm_scale, slope, token - q_pos,
                                                           sc.logits_soft_cap);
           st[nt][i] = token < chunk_end ? x : kNegInf;
-          m_new = fmaxf(m_new, st[nt][i]);
         }
       }
-      m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
-      m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
-      const bool any = m_new != kNegInf;  // a warp may see only padding in a short chunk
-      const float scale = any ? ptx_exp2(m - m_new) : 1.f;
-      m = m_new;
-      d *= scale;
-      if (__any_sync(0xffffffffu, scale != 1.f)) {
-        const float scale0 = __shfl_sync(0xffffffffu, scale, 8 * t4);      // head 2t lives in lanes 8t..8t+3
-        const float scale1 = __shfl_sync(0xffffffffu, scale, 8 * t4 + 4);  // head 2t+1
+      // Logits are already in the log2 domain (scl 1); a warp may see only padding in a short chunk.
+      bool moved = false;
+      const float corr = online_softmax_row<NT>(m, d, 1.f, moved, [&](int nt, int i) -> float& { return st[nt][i]; });
+      if (__any_sync(0xffffffffu, moved)) {
+        const float scale0 = __shfl_sync(0xffffffffu, corr, 8 * t4);      // head 2t lives in lanes 8t..8t+3
+        const float scale1 = __shfl_sync(0xffffffffu, corr, 8 * t4 + 4);  // head 2t+1
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) o[mt][0] *= scale0, o[mt][1] *= scale1, o[mt][2] *= scale0, o[mt][3] *= scale1;
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const float p0 = any ? ptx_exp2(st[nt][0] - m_new) : 0.f;
-        const float p1 = any ? ptx_exp2(st[nt][1] - m_new) : 0.f;
-        d += p0 + p1;
         // Scores in C layout (head g, tokens 2t, 2t+1) are P^T in B layout (tokens 2t, 2t+1; head g).
-        const uint32_t pb = real_row ? pack2<DTypeKV>(p0, p1) : 0u;
+        const uint32_t pb = real_row ? pack2<DTypeKV>(st[nt][0], st[nt][1]) : 0u;
 #pragma unroll
         for (int mt2 = 0; mt2 < MT / 2; ++mt2) {
           // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
@@ -296,8 +304,7 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
     }
     cp_async_wait<0>();
     __syncthreads();
-    d += __shfl_xor_sync(0xffffffffu, d, 1);
-    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    d = quad_sum(d);
     if (g < GT && t4 == 0) {
       s_m[warp * GT + g] = m;
       s_d[warp * GT + g] = d;
@@ -377,23 +384,15 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
         s[t] = token < chunk_end ? x : kNegInf;
       }
 
-      float m_new = m;
-#pragma unroll
-      for (int t = 0; t < TPR; ++t) m_new = fmaxf(m_new, s[t]);
-      const bool any = m_new != kNegInf;  // a row may see only padding in a short chunk
-      const float scale = any ? ptx_exp2(m - m_new) : 1.f;
-      d *= scale;
-#pragma unroll
-      for (int t = 0; t < TPR; ++t) {
-        s[t] = any ? ptx_exp2(s[t] - m_new) : 0.f;
-        d += s[t];
-      }
-      m = m_new;
+      // This lane holds all of its head's TPR logits (log2 domain already: scl 1); a row may see only padding
+      // in a short chunk.
+      bool moved = false;
+      const float corr = online_softmax_row<TPR, 1, 1>(m, d, 1.f, moved, [&](int t, int) -> float& { return s[t]; });
       // Once the running max settles, most tiles leave it unchanged: skip the rescale warp-wide then.
-      if (__any_sync(0xffffffffu, scale != 1.f)) {
+      if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
         for (int j = 0; j < GT; ++j) {
-          const float sj = __shfl_sync(0xffffffffu, scale, row_base + j * HEAD_LANES);
+          const float sj = __shfl_sync(0xffffffffu, corr, row_base + j * HEAD_LANES);
 #pragma unroll
           for (int i = 0; i < 8; ++i) o[j][i] *= sj;
         }
@@ -450,16 +449,11 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   for (int item = threadIdx.x; item < GT * LANES; item += T::kThreads) {
     const int j = item / LANES, col = (item % LANES) * 8;
     if (j >= heads_here) continue;
-    float m_all = kNegInf;
-    for (int r = 0; r < NSTATES; ++r) m_all = fmaxf(m_all, s_m[r * GT + j]);
-    float d_all = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int r = 0; r < NSTATES; ++r) {
-      const float wr = ptx_exp2(s_m[r * GT + j] - m_all);  // states that saw only padding weigh 0
-      d_all += wr * s_d[r * GT + j];
-      const float* src = s_o + (r * GT + j) * HEAD_DIM + col;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = fmaf(wr, src[i], acc[i]);
-    }
+    // Every chunk holds a key, so some state of the head saw one; states that saw only padding weigh 0.
+    float m_all, acc[8];
+    const float d_all = merge_state_set<NSTATES, 8, false>(
+        m_all, acc, [&](int r) { return s_m[r * GT + j]; }, [&](int r) { return s_d[r * GT + j]; },
+        [&](int r, int i) { return (s_o + (r * GT + j) * HEAD_DIM + col)[i]; });
     store(j, col, acc, d_all, m_all + ptx_log2(d_all));
   }
   __syncthreads();  // the scratch is read before a next piece refills the ring
@@ -475,20 +469,14 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   // the merge kernel, in turn, may be scheduled as soon as SMs free up and waits for this grid likewise.
   grid_dependency_wait();
   grid_dependency_launch_dependents();
-  // Head tile varies fastest so that the CTAs reading the same K/V run together.
   int bid = blockIdx.x;
-  const int head_tile = bid % p.head_tiles;
-  bid /= p.head_tiles;
-  const int chunk = bid % p.num_chunks;
-  const int kv_head = bid / p.num_chunks;
-  const int qo_head0 = kv_head * p.group_size + head_tile * GT;
+  const int head_tile = take_block_index(bid, p.head_tiles);
+  const int chunk = take_block_index(bid, p.num_chunks);
+  const int kv_head = bid;
 
   const ContiguousRows<DTypeKV> rows{p, kv_head};
   DecodePiece<DTypeQ> w;
-  w.q = static_cast<const DTypeQ*>(p.q) + qo_head0 * p.q_stride_h;
-  w.q_stride_h = p.q_stride_h;
-  w.first_head = qo_head0;
-  w.heads_here = min(GT, p.group_size - head_tile * GT);
+  w.set_heads<GT>(static_cast<const DTypeQ*>(p.q), p.q_stride_h, kv_head, p.group_size, head_tile);
   w.begin = p.kv_begin + chunk * p.chunk_size;
   w.end = min(p.kv_len, w.begin + p.chunk_size);
   w.q_pos = p.kv_len - 1;
@@ -496,8 +484,7 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   // nothing of it stays live in registers through the loop.
   const auto store = [&](int j, int col, float(&acc)[8], float d_all, float lse) {
     int b = blockIdx.x;
-    const int tile_of_head = b % p.head_tiles;
-    b /= p.head_tiles;
+    const int tile_of_head = take_block_index(b, p.head_tiles);
     const int h = (b / p.num_chunks) * p.group_size + tile_of_head * GT + j;
     const int64_t state = int64_t(b % p.num_chunks) * p.sc.num_qo_heads + h;
     const bool split = p.num_chunks > 1;
@@ -512,18 +499,11 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
 static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
   using T = DecodeTraits<HEAD_DIM>;
-  auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>;
+  constexpr auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>;
   constexpr int smem_bytes = decode_smem_bytes<HEAD_DIM, GT>();
-  static int occupancy[64] = {0};
-  int& occ = occupancy[device >= 0 && device < 64 ? device : 0];
-  if (occ == 0) {  // first launch on this device: opt in to > 48 KB and size the grid to what fits
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-    int n = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, T::kThreads, smem_bytes);
-    if (err != cudaSuccess) return err;
-    occ = n > 0 ? n : 1;
-  }
+  int occ = 0;  // the grid is sized to what fits
+  cudaError_t err = kernel_occupancy<kernel>(T::kThreads, smem_bytes, device, &occ);
+  if (err != cudaSuccess) return err;
   p.head_tiles = ceil_div(p.group_size, GT);
   const int kv_span = p.kv_len - p.kv_begin;
   const int ctas_per_chunk = p.num_kv_heads * p.head_tiles;
@@ -540,28 +520,14 @@ static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_c
   if (p.num_chunks > 1) {
     p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.sc.num_qo_heads * HEAD_DIM;
   }
-  RopeTableFor<POS> rope;
-  if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, HEAD_DIM, p.rope_scale, p.rope_theta);
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(ctas_per_chunk * p.num_chunks);
-  config.blockDim = dim3(T::kThreads);
-  config.dynamicSmemBytes = smem_bytes;
-  config.stream = stream;
-  config.attrs = pdl;
-  config.numAttrs = 1;
-  cudaError_t err = cudaLaunchKernelEx(&config, kernel, p, rope);
+  // Both kernels with programmatic dependent launch (see single_decode_kernel).
+  err = launch_kernel(kernel, LaunchConfig{dim3(ctas_per_chunk * p.num_chunks), dim3(T::kThreads), smem_bytes, stream, true},
+                      p, make_rope_table<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
   if (err != cudaSuccess || p.num_chunks == 1) return err;
-
-  config.gridDim = dim3(p.sc.num_qo_heads);
-  config.blockDim = dim3(kMergeThreads);
-  config.dynamicSmemBytes = 0;
-  return cudaLaunchKernelEx(&config, merge_chunk_states_kernel<HEAD_DIM, DTypeO>,
-                            static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
-                            p.num_chunks, p.sc.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse,
-                            p.sc.v_scale);
+  return launch_kernel(merge_chunk_states_kernel<HEAD_DIM, DTypeO>,
+                       LaunchConfig{dim3(p.sc.num_qo_heads), dim3(kMergeThreads), 0, stream, true},
+                       static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse), p.num_chunks,
+                       p.sc.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse, p.sc.v_scale);
 }
 
 // Picks the query-head tile for the group size, and runs under a guard for the tensors' device.

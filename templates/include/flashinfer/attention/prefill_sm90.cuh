@@ -12,13 +12,19 @@
 // the cp.async loads by the computing threads themselves are what a next step (TMA, warp specialisation)
 // would remove.
 // Scope: head_dim 128, 16-bit q/k/v, no mask or causal, no position encoding, window or soft cap, no KV
-// split; everything else goes to fa2 (see prefill.py).
+// split; everything else goes to fa2 (see prefill.py). The key range, mask predicate, online softmax, Q load and
+// epilogue are the fa2 kernel's (prefill_common.cuh), on this kernel's shared-memory layout.
 #pragma once
-#include "common.cuh"
-#include "cp_async.cuh"
-#include "mma.cuh"
-#include "prefill.cuh"
-#include "wgmma.cuh"
+#include "flashinfer/attention/mask.cuh"
+#include "flashinfer/attention/prefill.cuh"
+#include "flashinfer/attention/prefill_common.cuh"
+#include "flashinfer/attention/state.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+#include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/wgmma.cuh"
+
+#include <type_traits>
 
 namespace flashinfer {
 
@@ -69,23 +75,13 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   const int rows_here = min(BQ, qo_len * group - pr0);
   const int delta = kv_len - qo_len;  // query token i sits at position delta + i
   const int tok_min = pr0 / group, tok_max = (pr0 + rows_here - 1) / group;
-  int hi = kv_len;
-  if constexpr (MASK == MaskMode::kCausal) hi = min(hi, delta + tok_max + 1);
-  const int num_tiles = hi > 0 ? ceil_div(hi, BK) : 0;
+  int lo, hi;  // lo is 0: no window, no KV split
+  visible_key_range<MASK, false>(0, kv_len, kv_len, delta, tok_min, tok_max, 0, lo, hi);
+  const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
 
   // ---- Q tile -> shared memory (rows beyond the request are zero-filled)
-  {
-    const DTypeQ* qbase = static_cast<const DTypeQ*>(p.q) + int64_t(kv_head) * group * p.q_stride_h;
-#pragma unroll
-    for (int i = 0; i < BQ * CH / THREADS; ++i) {
-      const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
-      const bool valid = row < rows_here;
-      const int pr = pr0 + (valid ? row : 0);
-      cp_async_16(sq + sm90::tile_offset(row, c, BQ),
-                  qbase + int64_t(pr / group) * p.q_stride_n + int64_t(pr % group) * p.q_stride_h + c * 8, valid);
-    }
-    cp_async_commit();
-  }
+  load_q_tile<BQ, CH, THREADS>(p, static_cast<const DTypeQ*>(p.q) + int64_t(kv_head) * group * p.q_stride_h, group, pr0,
+                               rows_here, tid, [&](int row, int c) { return sq + sm90::tile_offset(row, c, BQ); });
 
   auto load_kv = [&](int tile, bool is_v) {
     uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;
@@ -95,7 +91,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
 #pragma unroll
     for (int i = 0; i < BK * CH / THREADS; ++i) {
       const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
-      const int t = tile * BK + row;
+      const int t = lo + tile * BK + row;
       const bool valid = t < hi;
       cp_async_16(dst + sm90::tile_offset(row, c, BK), base + int64_t(valid ? t : 0) * stride_n + c * 8, valid);
     }
@@ -151,19 +147,15 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     sm90::wgmma_wait<0>();
 
     // ---- mask: keys past the end (last tile), and the causal diagonal
-    const int k0 = n * BK;
-    bool need_mask = k0 + BK > hi;
-    if constexpr (MASK == MaskMode::kCausal) need_mask |= k0 + BK - 1 > delta + tok_min;
-    if (need_mask) {
+    const int k0 = lo + n * BK;
+    if (tile_needs_mask<MASK, false, BK>(k0, hi, delta, tok_min, tok_max, 0)) {
       const int qpos0 = qpos(0), qpos1 = qpos(1);
 #pragma unroll
       for (int i = 0; i < NB; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
-          bool ok = key < hi;
-          if constexpr (MASK == MaskMode::kCausal) ok = ok && key <= (e < 2 ? qpos0 : qpos1);
-          if (!ok) s[4 * i + e] = kNegInf;
+          if (!key_visible<MASK, false>(key, hi, 0, e < 2 ? qpos0 : qpos1, 0, CustomMask{})) s[4 * i + e] = kNegInf;
         }
     }
 
@@ -212,42 +204,22 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
 
   // ---- epilogue: normalise, stage the 16-bit rows in Q's place, write 16-byte chunks
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 1);
-    d[r] += __shfl_xor_sync(0xffffffffu, d[r], 2);
-  }
+  for (int r = 0; r < 2; ++r) d[r] = quad_sum(d[r]);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float inv = d[r] > 0.f ? 1.f / d[r] : 0.f;
-    const int row = row0 + 8 * r;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      uint32_t* dst = reinterpret_cast<uint32_t*>(sq + sm90::tile_offset(row, i, BQ)) + lane % 4;
-      *dst = pack2<DTypeO>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
-    }
+    stage_o_row<16, DTypeO>(inverse_or_zero(d[r]), row0 + 8 * r, lane, o + 2 * r,
+                            [&](int row, int i) { return sq + sm90::tile_offset(row, i, BQ); });
   }
   __syncthreads();
   const int hq0 = kv_head * group;
-  DTypeO* obase = static_cast<DTypeO*>(p.o);
-#pragma unroll
-  for (int i = 0; i < BQ * CH / THREADS; ++i) {
-    const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
-    if (row < rows_here) {
-      const int pr = pr0 + row;
-      *reinterpret_cast<uint4*>(obase + int64_t(pr / group) * p.o_stride_n + int64_t(hq0 + pr % group) * p.o_stride_h +
-                                c * 8) = *reinterpret_cast<const uint4*>(sq + sm90::tile_offset(row, c, BQ));
-    }
-  }
+  store_o_tile<BQ, CH, THREADS>(p, static_cast<DTypeO*>(p.o), group, hq0, pr0, 0, rows_here, tid, [&](int row, int c) {
+    return *reinterpret_cast<const uint4*>(sq + sm90::tile_offset(row, c, BQ));
+  });
   if (p.lse != nullptr && lane % 4 == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + 8 * r;
-      if (row < rows_here) {
-        const int pr = pr0 + row;
-        const float m_use = m[r] == kNegInf ? 0.f : m[r];
-        p.lse[int64_t(pr / group) * p.num_qo_heads + hq0 + pr % group] =
-            d[r] > 0.f ? m_use * scl + ptx_log2(d[r]) : kNegInf;
-      }
+      if (row < rows_here) p.lse[packed_row_index(p, 0, pr0 + row, group, hq0)] = row_lse(m[r], d[r], scl);
     }
   }
 }
@@ -259,7 +231,7 @@ cudaError_t launch_fa3_single_prefill(PrefillParams p, int device, cudaStream_t 
   if (guard.err != cudaSuccess) return guard.err;
   int occ = 0;
   using Tr = Fa3Traits<MASK>;
-  cudaError_t err = prepare_prefill_kernel<kernel>(Tr::kSmemBytes, Tr::kThreads, device, &occ);
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, &occ);
   if (err != cudaSuccess) return err;
   if (occupancy_only) {
     *occupancy_only = occ;

@@ -11,7 +11,7 @@
 //   MN-major operand (V as B of P.V, rows = keys): 64-column blocks LBO bytes apart, 8-key groups 1024 bytes
 //     apart (SBO); the k16 step s (keys 16s..16s+15) starts 16 rows = 2048 bytes further.
 #pragma once
-#include "common.cuh"
+#include "flashinfer/common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,0 +1,125 @@
+// What the two prefill kernels (fa2: prefill.cuh, mma.sync; fa3: prefill_sm90.cuh, wgmma) share, apart from
+// their tile shapes and shared-memory layouts (each passes its own `smem_at(row, chunk)`):
+//   packed query rows   with GQA the `group` query heads of a KV head are packed as rows: packed row pr is
+//                       token pr / group, head first_head + pr % group
+//   load_q_tile         the query tile's cp.async copies
+//   kv_pipeline_prologue the commit-group schedule of the double-buffered K/V tiles
+//   inverse_or_zero, stage_o_row, store_o_tile, packed_row_index and row_lse (state.cuh): the epilogue
+// The mask predicate they share is in mask.cuh, the online softmax in state.cuh.
+#pragma once
+#include "flashinfer/attention/mask.cuh"
+#include "flashinfer/attention/state.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/ptx/cp_async.cuh"
+
+namespace flashinfer {
+
+// Parameters of both prefill kernels (single request: fa2 and fa3; batch: fa2). The shared pieces below read
+// them from the kernel's __grid_constant__ parameter space where used, rather than holding them in registers.
+struct PrefillParams {
+  const void* q;  // token n (of the request), head h at q + n * q_stride_n + h * q_stride_h (elements)
+  const void* k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
+  const void* v;
+  void* o;             // token n, head h at o + n * o_stride_n + h * o_stride_h
+  float* lse;          // [tokens, num_qo_heads] or nullptr
+  float* partial_o;    // [rows, num_qo_heads, HEAD_DIM] partial states of split KV
+  float* partial_lse;  // [rows, num_qo_heads]
+  const uint8_t* mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
+  const int* mask_indptr;
+  int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h, o_stride_n, o_stride_h;
+  int64_t k_stride_page, v_stride_page;
+  int num_qo_heads, num_kv_heads, group_size;
+  // Single request.
+  int qo_len, kv_len, num_qtiles, num_chunks, chunk_size;
+  // Batch: per-request arrays and the plan's schedule (device memory).
+  const int* qo_indptr;
+  const int* kv_indptr;  // ragged: token offsets; paged: page offsets into kv_indices
+  const int* kv_indices;
+  const int* kv_last_page_len;
+  int page_size;
+  const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
+  const int* num_work;
+  int work_capacity;
+  const int* merge;  // [4][merge_capacity]: token, first partial row, chunks, row stride between chunks
+  const int* num_merge;
+  int merge_capacity;
+  int window_left;
+  float logits_soft_cap, sm_scale, rope_scale, rope_theta;
+};
+
+
+// Element index of packed row pr's (token, head) in a [tokens, num_qo_heads] array (an lse, a partial
+// state's row) whose request starts at token `first_token`.
+FI_DEVICE int64_t packed_row_index(const PrefillParams& p, int first_token, int pr, int group, int first_head) {
+  return (int64_t(first_token) + pr / group) * p.num_qo_heads + first_head + pr % group;
+}
+
+// Issues (by THREADS threads, this one `tid`) and commits as one group the cp.async copies of a tile of ROWS
+// packed query rows from pr0 on, CH 16-byte chunks each: packed row pr at q + (pr / group) * p.q_stride_n +
+// (pr % group) * p.q_stride_h (q: the request's first token and the KV head's first query head). Chunk c of
+// tile row `row` goes to smem_at(row, c); rows from rows_here on are zero-filled.
+template <int ROWS, int CH, int THREADS, typename T, typename SmemAt>
+FI_DEVICE void load_q_tile(const PrefillParams& p, const T* q, int group, int pr0, int rows_here, int tid,
+                           SmemAt&& smem_at) {
+  static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+    const bool valid = row < rows_here;
+    const int pr = pr0 + (valid ? row : 0);
+    const int token = pr / group, hh = pr % group;
+    cp_async_16(smem_at(row, c), q + int64_t(token) * p.q_stride_n + int64_t(hh) * p.q_stride_h + c * 8, valid);
+  }
+  cp_async_commit();
+}
+
+// Commit-group schedule of the prefill kernels' double-buffered K/V: the prologue commits K(0), V(0), K(1)
+// (after whatever the caller has issued, e.g. Q); iteration n then commits V(n+1) and K(n+2). Groups stay
+// in that order even when a tile does not exist (empty groups), so the wait counts never change.
+// load_kv(tile, is_v) issues one tile's copies.
+template <typename LoadKV>
+FI_DEVICE void kv_pipeline_prologue(int num_tiles, LoadKV&& load_kv) {
+  if (num_tiles > 0) load_kv(0, false);
+  cp_async_commit();
+  if (num_tiles > 0) load_kv(0, true);
+  cp_async_commit();
+  if (num_tiles > 1) load_kv(1, false);
+  cp_async_commit();
+}
+
+// 1 / a row's softmax denominator, 0 for a row that saw no key (its output is then 0).
+FI_DEVICE float inverse_or_zero(float d) { return d > 0.f ? 1.f / d : 0.f; }
+
+// Scales one accumulator row by inv (inverse_or_zero of its quad-summed denominator) and stores it as DTypeO
+// pairs into the staging tile row `row`: the row's NT n8 blocks, this lane holding columns 2 (lane % 4) and
+// + 1 of block j at acc[4 j] and acc[4 j + 1] (the C fragment layout of mma.sync and wgmma, 4 floats per
+// block); block j's 16 bytes at chunk_at(row, j).
+template <int NT, typename DTypeO, typename ChunkAt>
+FI_DEVICE void stage_o_row(float inv, int row, int lane, const float* acc, ChunkAt&& chunk_at) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(chunk_at(row, j)) + lane % 4;
+    *dst = pack2<DTypeO>(acc[4 * j] * inv, acc[4 * j + 1] * inv);
+  }
+}
+
+// Copies staged output rows [first_row, first_row + ROWS) of a tile (16-byte chunk c of row `row`: the uint4
+// staged(row, c)) to o, by THREADS threads (this one `thread`); packed row pr0 + row goes to
+// o + (pr / group) * p.o_stride_n + (first_head + pr % group) * p.o_stride_h (o: the request's first token).
+// Rows from rows_here on are not written.
+template <int ROWS, int CH, int THREADS, typename T, typename Staged>
+FI_DEVICE void store_o_tile(const PrefillParams& p, T* o, int group, int first_head, int pr0, int first_row,
+                            int rows_here, int thread, Staged&& staged) {
+  static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = thread + THREADS * i, row = first_row + idx / CH, c = idx % CH;
+    if (row < rows_here) {
+      const int pr = pr0 + row;
+      *reinterpret_cast<uint4*>(o + int64_t(pr / group) * p.o_stride_n + int64_t(first_head + pr % group) * p.o_stride_h +
+                                c * 8) = staged(row, c);
+    }
+  }
+}
+
+}  // namespace flashinfer

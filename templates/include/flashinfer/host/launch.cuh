@@ -1,0 +1,92 @@
+// Host side of a launch: the device guard, the SM count, the once-per-device kernel setup (shared-memory
+// opt-in and occupancy) and the launch itself (with programmatic dependent launch where asked).
+//
+// Host-side helpers are `static`: their function-local caches must belong to this module alone. (As inline
+// functions, or non-static templates, they would become GNU "unique" symbols, shared by every module loaded
+// into the process, and a module would skip the shared-memory opt-in of its own kernel.)
+#pragma once
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace flashinfer {
+
+// Cached per device: asking the driver on every call would cost more than the launch itself.
+static int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+// Switches to `device` for its lifetime (launches go to the tensors' device, not the current one).
+struct DeviceGuard {
+  int previous = -1;
+  cudaError_t err = cudaSuccess;
+  explicit DeviceGuard(int device) {
+    err = cudaGetDevice(&previous);
+    if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (previous >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != previous) cudaSetDevice(previous);
+  }
+};
+
+// Runs fn under a DeviceGuard for `device`.
+template <typename F>
+static cudaError_t with_device(int device, F&& fn) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  return fn();
+}
+
+// Opts KERNEL in to `smem_bytes` of dynamic shared memory (required above 48 KB) and returns in *occupancy (if
+// not null) its resident CTAs per SM at `threads` threads per CTA. Done once per device and cached: asking the
+// driver on every call would cost more than the launch itself. One cache per kernel (the template argument).
+template <auto KERNEL>
+static cudaError_t kernel_occupancy(int threads, int smem_bytes, int device, int* occupancy) {
+  static int cache[64] = {0};
+  int& occ = cache[device >= 0 && device < 64 ? device : 0];
+  if (occ == 0) {
+    cudaError_t err = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+    int n = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KERNEL, threads, smem_bytes);
+    if (err != cudaSuccess) return err;
+    occ = n > 0 ? n : 1;
+  }
+  if (occupancy != nullptr) *occupancy = occ;
+  return cudaSuccess;
+}
+
+// Grid, block, dynamic shared memory and stream of a launch_kernel() call. pdl: launch with programmatic
+// dependent launch (sm_90): the kernel may be scheduled while its predecessor in the stream drains, so it
+// must call grid_dependency_wait() (ptx/griddepcontrol.cuh) before reading anything that predecessor wrote.
+struct LaunchConfig {
+  dim3 grid, block;
+  size_t smem_bytes;
+  cudaStream_t stream;
+  bool pdl;
+};
+
+template <typename... Params, typename... Args>
+static cudaError_t launch_kernel(void (*kernel)(Params...), const LaunchConfig& launch, Args&&... args) {
+  cudaLaunchAttribute attrs[1];
+  attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = launch.grid;
+  config.blockDim = launch.block;
+  config.dynamicSmemBytes = launch.smem_bytes;
+  config.stream = launch.stream;
+  config.attrs = attrs;
+  config.numAttrs = launch.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace flashinfer
