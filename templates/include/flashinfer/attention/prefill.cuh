@@ -105,9 +105,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
 
   // ---- Q tile -> shared memory
-  load_q_tile<TQ, CH, THREADS>(
-      p, static_cast<const DTypeQ*>(p.q) + int64_t(qo_start) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h,
-      group, pr0, rows_here, tid, [&](int row, int c) { return sq + swizzle<CH>(row, c); });
+  load_q_tile<TQ, CH, THREADS, DTypeQ>(p, qo_start, kv_head, group, pr0, rows_here, tid,
+                                       [&](int row, int c) { return sq + swizzle<CH>(row, c); });
 
   // Paged KV: the page-table lookup of a tile's rows is done once, a tile ahead, by one thread per row into
   // shared memory (s_rows[tile & 1][row] = (page, slot)), so that issuing a tile's copies never waits on a
@@ -368,8 +367,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
                                   &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
       }
     __syncwarp();
-    store_o_tile<16 * MQ, CH, 32>(p, static_cast<DTypeO*>(p.o) + int64_t(qo_start) * p.o_stride_n, group, hq0, pr0,
-                                  q_row_base, rows_here, lane, [&](int row, int c) { return sq[swizzle<CH>(row, c)]; });
+    store_o_tile<16 * MQ, CH, 32, DTypeO>(p, qo_start, group, hq0, pr0, q_row_base, rows_here, lane,
+                                          [&](int row, int c) { return sq[swizzle<CH>(row, c)]; });
     if (p.lse != nullptr && lane % 4 == 0) {
 #pragma unroll
       for (int r = 0; r < 2 * MQ; ++r) {

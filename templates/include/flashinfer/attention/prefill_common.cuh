@@ -55,13 +55,14 @@ FI_DEVICE int64_t packed_row_index(const PrefillParams& p, int first_token, int 
 }
 
 // Issues (by THREADS threads, this one `tid`) and commits as one group the cp.async copies of a tile of ROWS
-// packed query rows from pr0 on, CH 16-byte chunks each: packed row pr at q + (pr / group) * p.q_stride_n +
-// (pr % group) * p.q_stride_h (q: the request's first token and the KV head's first query head). Chunk c of
-// tile row `row` goes to smem_at(row, c); rows from rows_here on are zero-filled.
+// packed query rows from pr0 on, CH 16-byte chunks each, of KV head kv_head's query heads: packed row pr is
+// token first_token + pr / group, head kv_head * group + pr % group of p.q. Chunk c of tile row `row` goes to
+// smem_at(row, c); rows from rows_here on are zero-filled.
 template <int ROWS, int CH, int THREADS, typename T, typename SmemAt>
-FI_DEVICE void load_q_tile(const PrefillParams& p, const T* q, int group, int pr0, int rows_here, int tid,
-                           SmemAt&& smem_at) {
+FI_DEVICE void load_q_tile(const PrefillParams& p, int first_token, int kv_head, int group, int pr0, int rows_here,
+                           int tid, SmemAt&& smem_at) {
   static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+  const T* q = static_cast<const T*>(p.q) + int64_t(first_token) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h;
 #pragma unroll
   for (int i = 0; i < ROWS * CH / THREADS; ++i) {
     const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
@@ -104,13 +105,13 @@ FI_DEVICE void stage_o_row(float inv, int row, int lane, const float* acc, Chunk
 }
 
 // Copies staged output rows [first_row, first_row + ROWS) of a tile (16-byte chunk c of row `row`: the uint4
-// staged(row, c)) to o, by THREADS threads (this one `thread`); packed row pr0 + row goes to
-// o + (pr / group) * p.o_stride_n + (first_head + pr % group) * p.o_stride_h (o: the request's first token).
-// Rows from rows_here on are not written.
+// staged(row, c)) to p.o, by THREADS threads (this one `thread`); packed row pr0 + row goes to token
+// first_token + pr / group, head first_head + pr % group. Rows from rows_here on are not written.
 template <int ROWS, int CH, int THREADS, typename T, typename Staged>
-FI_DEVICE void store_o_tile(const PrefillParams& p, T* o, int group, int first_head, int pr0, int first_row,
-                            int rows_here, int thread, Staged&& staged) {
+FI_DEVICE void store_o_tile(const PrefillParams& p, int first_token, int group, int first_head, int pr0,
+                            int first_row, int rows_here, int thread, Staged&& staged) {
   static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+  T* o = static_cast<T*>(p.o) + int64_t(first_token) * p.o_stride_n;
 #pragma unroll
   for (int i = 0; i < ROWS * CH / THREADS; ++i) {
     const int idx = thread + THREADS * i, row = first_row + idx / CH, c = idx % CH;

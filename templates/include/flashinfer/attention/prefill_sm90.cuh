@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
 
   // ---- Q tile -> shared memory (rows beyond the request are zero-filled)
-  load_q_tile<BQ, CH, THREADS>(p, static_cast<const DTypeQ*>(p.q) + int64_t(kv_head) * group * p.q_stride_h, group, pr0,
-                               rows_here, tid, [&](int row, int c) { return sq + sm90::tile_offset(row, c, BQ); });
+  load_q_tile<BQ, CH, THREADS, DTypeQ>(p, 0, kv_head, group, pr0, rows_here, tid,
+                                       [&](int row, int c) { return sq + sm90::tile_offset(row, c, BQ); });
 
   auto load_kv = [&](int tile, bool is_v) {
     uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   }
   __syncthreads();
   const int hq0 = kv_head * group;
-  store_o_tile<BQ, CH, THREADS>(p, static_cast<DTypeO*>(p.o), group, hq0, pr0, 0, rows_here, tid, [&](int row, int c) {
+  store_o_tile<BQ, CH, THREADS, DTypeO>(p, 0, group, hq0, pr0, 0, rows_here, tid, [&](int row, int c) {
     return *reinterpret_cast<const uint4*>(sq + sm90::tile_offset(row, c, BQ));
   });
   if (p.lse != nullptr && lane % 4 == 0) {
