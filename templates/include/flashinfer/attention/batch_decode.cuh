@@ -73,20 +73,21 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   const int head_tile = take_block_index(bid, p.head_tiles);
   const int kv_head = take_block_index(bid, p.num_kv_heads);
   const int worker = bid;
+  const int qo_head0 = kv_head * p.group_size + head_tile * GT;
   const BatchDecodeLayout& L = p.layout;
   const int piece_last = p.plan[L.worker_indptr + worker + 1];
   for (int piece = p.plan[L.worker_indptr + worker]; piece < piece_last; ++piece) {
     const int r = p.plan[L.piece_req + piece];
     const PagedRows<HEAD_DIM, DTypeKV, KV_HND> rows{p, p.kv.indices + p.plan[L.req_page_base + r], kv_head};
     DecodePiece<DTypeQ> w;
-    w.set_heads<GT>(static_cast<const DTypeQ*>(p.q) + r * p.q_stride_b, p.q_stride_h, kv_head, p.group_size, head_tile);
+    w.set_heads<GT>(static_cast<const DTypeQ*>(p.q) + r * p.q_stride_b, p.q_stride_h, qo_head0, p.group_size, head_tile);
     w.begin = p.plan[L.piece_begin + piece];
     w.end = p.plan[L.piece_end + piece];
     w.q_pos = p.plan[L.req_kv_len + r] - 1;
     // The store reads the piece's request and slot again from the plan when it runs (see single decode).
     const auto store = [&](int j, int col, float(&acc)[8], float d_all, float lse) {
       const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
-      const int h = w.first_head + j;
+      const int h = qo_head0 + j;
       const int64_t out_row = int64_t(req) * p.sc.num_qo_heads + h;
       const int64_t state = int64_t(slot) * p.sc.num_qo_heads + h;
       const bool split = slot >= 0;

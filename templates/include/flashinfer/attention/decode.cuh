@@ -125,11 +125,11 @@ struct DecodePiece {
   int first_head, heads_here;
   int begin, end, q_pos;  // q_pos: the query's position (kv_len - 1)
 
-  // The heads of query-head tile `head_tile` (GT slots) of KV head kv_head's group; q_request: head 0 of the
-  // request's query.
+  // The heads of query-head tile `head_tile` (GT slots, from head first_head_ on) of a KV head's group of
+  // group_size heads; q_request: head 0 of the request's query.
   template <int GT>
-  FI_DEVICE void set_heads(const DTypeQ* q_request, int64_t q_stride_h_, int kv_head, int group_size, int head_tile) {
-    first_head = kv_head * group_size + head_tile * GT;
+  FI_DEVICE void set_heads(const DTypeQ* q_request, int64_t q_stride_h_, int first_head_, int group_size, int head_tile) {
+    first_head = first_head_;
     q = q_request + first_head * q_stride_h_;
     q_stride_h = q_stride_h_;
     heads_here = min(GT, group_size - head_tile * GT);
@@ -473,10 +473,11 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   const int head_tile = take_block_index(bid, p.head_tiles);
   const int chunk = take_block_index(bid, p.num_chunks);
   const int kv_head = bid;
+  const int qo_head0 = kv_head * p.group_size + head_tile * GT;
 
   const ContiguousRows<DTypeKV> rows{p, kv_head};
   DecodePiece<DTypeQ> w;
-  w.set_heads<GT>(static_cast<const DTypeQ*>(p.q), p.q_stride_h, kv_head, p.group_size, head_tile);
+  w.set_heads<GT>(static_cast<const DTypeQ*>(p.q), p.q_stride_h, qo_head0, p.group_size, head_tile);
   w.begin = p.kv_begin + chunk * p.chunk_size;
   w.end = min(p.kv_len, w.begin + p.chunk_size);
   w.q_pos = p.kv_len - 1;
