@@ -66,9 +66,7 @@ template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTyp
 __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
     batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p, const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  // Launched with programmatic dependent launch (see single_decode_kernel).
-  grid_dependency_wait();
-  grid_dependency_launch_dependents();
+  grid_dependency_chain();  // launched with programmatic dependent launch (see single_decode_kernel)
   int bid = blockIdx.x;
   const int head_tile = take_block_index(bid, p.head_tiles);
   const int kv_head = take_block_index(bid, p.num_kv_heads);

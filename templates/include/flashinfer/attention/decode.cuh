@@ -467,8 +467,7 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   // Both kernels are launched with programmatic dependent launch: this one may be scheduled while the
   // previous kernel in the stream drains, so it waits here before touching memory that kernel may write;
   // the merge kernel, in turn, may be scheduled as soon as SMs free up and waits for this grid likewise.
-  grid_dependency_wait();
-  grid_dependency_launch_dependents();
+  grid_dependency_chain();
   int bid = blockIdx.x;
   const int head_tile = take_block_index(bid, p.head_tiles);
   const int chunk = take_block_index(bid, p.num_chunks);

@@ -73,6 +73,22 @@ FI_DEVICE void rope_rotate_smem(uint4* tile, const RopeTable& table, PosFn pos_o
   }
 }
 
+// Calls f(score, r, key) for every score of this lane's MQ x NT tile of S fragments (m16n8 C layout): r is the
+// lane's row of the score (2 mq + e / 2; rows r of a lane are its 2 MQ query rows), key its key (from k0 on).
+template <int MQ, int NT, typename F>
+FI_DEVICE void for_each_score(float (&s)[MQ][NT][4], int k0, int lane, F&& f) {
+#pragma unroll
+  for (int mq = 0; mq < MQ; ++mq)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 2 * mq + e / 2;
+        const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
+        f(s[mq][j][e], r, key);
+      }
+}
+
 // One work item: query tile `qtile` of one request against keys [chunk_begin, chunk_end) of KV head kv_head.
 // kv_start: the request's first token (contiguous) or first page-table entry (PAGED).
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
@@ -269,32 +285,16 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 
     // ---- logit transform and mask
     if constexpr (!LINEAR) {
-#pragma unroll
-      for (int mq = 0; mq < MQ; ++mq)
-#pragma unroll
-        for (int j = 0; j < NT_K; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = 2 * mq + e / 2;
-            const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
-            s[mq][j][e] = transform_logit<ALIBI, SOFTCAP>(s[mq][j][e] * p.sm_scale, slope[r], key - qpos[r],
-                                                          p.logits_soft_cap);
-          }
+      for_each_score<MQ, NT_K>(s, k0, lane, [&](float& x, int r, int key) {
+        x = transform_logit<ALIBI, SOFTCAP>(x * p.sm_scale, slope[r], key - qpos[r], p.logits_soft_cap);
+      });
     }
     if (tile_needs_mask<MASK, WINDOW, BK>(k0, hi, delta, tok_min, tok_max, p.window_left)) {
-#pragma unroll
-      for (int mq = 0; mq < MQ; ++mq)
-#pragma unroll
-        for (int j = 0; j < NT_K; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = 2 * mq + e / 2;
-            const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
-            if (!key_visible<MASK, WINDOW>(key, hi, mtoken[r], qpos[r], p.window_left,
-                                           CustomMask{p.mask, mask_byte_off, kv_len})) {
-              s[mq][j][e] = kNegInf;
-            }
-          }
+      for_each_score<MQ, NT_K>(s, k0, lane, [&](float& x, int r, int key) {
+        if (!key_visible<MASK, WINDOW>(key, hi, mtoken[r], qpos[r], p.window_left, CustomMask{p.mask, mask_byte_off, kv_len})) {
+          x = kNegInf;
+        }
+      });
     }
 
     // ---- online softmax (log2 domain; the row's 4 lanes hold its columns)

@@ -22,4 +22,11 @@ FI_DEVICE void grid_dependency_launch_dependents() {
 #endif
 }
 
+// The start of a kernel in a chain of PDL launches: wait for the predecessor's writes, then let the successor
+// be scheduled (it waits in turn for this grid's completion before reading anything).
+FI_DEVICE void grid_dependency_chain() {
+  grid_dependency_wait();
+  grid_dependency_launch_dependents();
+}
+
 }  // namespace flashinfer
