@@ -475,7 +475,7 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
       }
       acc.add(p.partial_lse[state], vals);
     }
-    const float inv = acc.d > 0.f ? 1.f / acc.d : 0.f;
+    const float inv = inverse_or_zero(acc.d);
     DTypeO* dst = static_cast<DTypeO*>(p.o) + int64_t(token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * VEC;
 #pragma unroll
     for (int i = 0; i < VEC; i += 2) {
@@ -504,13 +504,9 @@ cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stre
   constexpr auto kernel = single_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
-  int occ = 0;
-  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, &occ);
-  if (err != cudaSuccess) return err;
-  if (occupancy_only) {
-    *occupancy_only = occ;
-    return cudaSuccess;
-  }
+  // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, occupancy_only);
+  if (err != cudaSuccess || occupancy_only != nullptr) return err;
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks <= 0) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   p.num_qtiles = ceil_div(p.qo_len * p.group_size, Tr::TILE_Q);
@@ -532,13 +528,9 @@ cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, 
   constexpr auto kernel = batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
-  int occ = 0;
-  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, &occ);
-  if (err != cudaSuccess) return err;
-  if (occupancy_only) {
-    *occupancy_only = occ;
-    return cudaSuccess;
-  }
+  // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, occupancy_only);
+  if (err != cudaSuccess || occupancy_only != nullptr) return err;
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   if (grid_x > 0) {

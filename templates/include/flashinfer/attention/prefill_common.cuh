@@ -4,7 +4,7 @@
 //                       token pr / group, head first_head + pr % group
 //   load_q_tile         the query tile's cp.async copies
 //   kv_pipeline_prologue the commit-group schedule of the double-buffered K/V tiles
-//   inverse_or_zero, stage_o_row, store_o_tile, packed_row_index and row_lse (state.cuh): the epilogue
+//   stage_o_row, store_o_tile, packed_row_index, and inverse_or_zero and row_lse (state.cuh): the epilogue
 // The mask predicate they share is in mask.cuh, the online softmax in state.cuh.
 #pragma once
 #include "flashinfer/attention/mask.cuh"
@@ -87,9 +87,6 @@ FI_DEVICE void kv_pipeline_prologue(int num_tiles, LoadKV&& load_kv) {
   if (num_tiles > 1) load_kv(1, false);
   cp_async_commit();
 }
-
-// 1 / a row's softmax denominator, 0 for a row that saw no key (its output is then 0).
-FI_DEVICE float inverse_or_zero(float d) { return d > 0.f ? 1.f / d : 0.f; }
 
 // Scales one accumulator row by inv (inverse_or_zero of its quad-summed denominator) and stores it as DTypeO
 // pairs into the staging tile row `row`: the row's NT n8 blocks, this lane holding columns 2 (lane % 4) and

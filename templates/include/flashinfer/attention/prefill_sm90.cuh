@@ -229,14 +229,10 @@ cudaError_t launch_fa3_single_prefill(PrefillParams p, int device, cudaStream_t 
   constexpr auto kernel = fa3_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
-  int occ = 0;
   using Tr = Fa3Traits<MASK>;
-  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, &occ);
-  if (err != cudaSuccess) return err;
-  if (occupancy_only) {
-    *occupancy_only = occ;
-    return cudaSuccess;
-  }
+  // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, occupancy_only);
+  if (err != cudaSuccess || occupancy_only != nullptr) return err;
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks != 1) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   p.num_qtiles = ceil_div(p.qo_len * p.group_size, Tr::BQ);

@@ -8,7 +8,7 @@
 // (d, o) with exp2(m - max m).
 //
 //   online_softmax_row    one key tile of a row: m, d updated, scores overwritten by probabilities
-//   row_lse               the lse of a row's final (m, d)
+//   inverse_or_zero, row_lse  normalising a row's final (m, d), its lse
 //   merge_state_set       a known set of states, max first, then all weights at once (no serial chain)
 //   StateAccumulator      a running merge of normalised states streamed from memory
 //   merge_states_block    a block-wide merge of one output row's partial states in memory
@@ -58,6 +58,9 @@ FI_DEVICE float online_softmax_row(float& m, float& d, float scl, bool& moved, S
     }
   return corr;
 }
+
+// 1 / a row's softmax denominator, 0 for a row that saw no key (its output is then 0).
+FI_DEVICE float inverse_or_zero(float d) { return d > 0.f ? 1.f / d : 0.f; }
 
 // The lse of a row's final state (m in the units of online_softmax_row's scl, d summed over the row's lanes):
 // -inf for a row that saw no key.
@@ -159,7 +162,7 @@ FI_DEVICE void merge_states_block(const float* __restrict__ partial_o, const flo
       acc.add(lse[u], vals);
     }
   }
-  const float inv_d = acc.d > 0.f ? 1.f / acc.d : 0.f;
+  const float inv_d = inverse_or_zero(acc.d);
   if (lane == 0) s_lse[group] = acc.lse();
 #pragma unroll
   for (int i = 0; i < 8; ++i) s_o[group][lane * 8 + i] = acc.o[i] * inv_d;
