@@ -16,7 +16,6 @@
 // epilogue are the fa2 kernel's (prefill_common.cuh), on this kernel's shared-memory layout.
 #pragma once
 #include "flashinfer/attention/mask.cuh"
-#include "flashinfer/attention/prefill.cuh"
 #include "flashinfer/attention/prefill_common.cuh"
 #include "flashinfer/attention/state.cuh"
 #include "flashinfer/common.cuh"
