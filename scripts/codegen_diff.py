@@ -10,8 +10,10 @@ spec, its arch; no -lineinfo), disassembles both with cuobjdump and reports, per
   identical                     the same instructions, registers and encodings
   identical but for offsets     only the kernel-parameter offsets (c[0x0][...]) or branch targets differ
   commuted compares             as above, and compares written the other way round (a < b vs b > a)
-  same multiset                 the same instructions, in another order or with other registers
-  differs (-n +m)               n instructions gone, m new (opcode and modifiers, registers ignored)
+  same multiset                 the same instructions (compares commuted as above), in another order or with
+                                other registers
+  differs (-n +m: ...)          n instructions gone, m new (opcode and modifiers, registers ignored), and the
+                                mnemonics whose counts changed
 
 with the registers, stack and spills of both. Runs on a machine without a GPU (nvcc and cuobjdump only;
 cuobjdump comes with the CUDA toolkit, or `pip install nvidia-cuda-cuobjdump`: pass --cuobjdump).
@@ -145,6 +147,10 @@ def opcodes(ins: List[str]) -> collections.Counter:
     return collections.Counter(re.sub(r"\bU?R\d+\b|\bU?P\d\b|0x[0-9a-f]+|c\[0x0\]\[\.\]|\.reuse", "_", i) for i in ins)
 
 
+def mnemonics(ins: List[str]) -> collections.Counter:
+    return collections.Counter(i.split()[1] if i.startswith("@") else i.split()[0] for i in ins)
+
+
 def verdict(before: List[str], after: List[str]) -> str:
     if before == after:
         return "identical"
@@ -153,10 +159,12 @@ def verdict(before: List[str], after: List[str]) -> str:
         return "identical but for offsets"
     if [commuted(i) for i in b] == [commuted(i) for i in a]:
         return "commuted compares"
-    ob, oa = opcodes(b), opcodes(a)
+    ob, oa = opcodes([commuted(i) for i in b]), opcodes([commuted(i) for i in a])
     if ob == oa:
         return "same multiset"
-    return f"differs (-{sum((ob - oa).values())} +{sum((oa - ob).values())})"
+    gone, new = mnemonics(b) - mnemonics(a), mnemonics(a) - mnemonics(b)
+    delta = " ".join([f"-{n} {op}" for op, n in gone.most_common(6)] + [f"+{n} {op}" for op, n in new.most_common(6)])
+    return f"differs (-{sum((ob - oa).values())} +{sum((oa - ob).values())}: {delta})"
 
 
 def main() -> int:
@@ -192,7 +200,7 @@ def main() -> int:
             v = verdict(kb[k], ka[k]) if k in kb and k in ka else ("only in base" if k in kb else "only in tree")
             totals[v.split(" (")[0]] += 1
             res = rb.get(k) if rb.get(k) == ra.get(k) else f"{rb.get(k)} -> {ra.get(k)}"
-            print(f"  {v:27s} {len(kb.get(k, []))}->{len(ka.get(k, []))} instrs  {res}  {k}")
+            print(f"  {v}\n      {len(kb.get(k, []))}->{len(ka.get(k, []))} instrs  {res}  {k}")
     print("kernels: " + ", ".join(f"{n} {v}" for v, n in totals.most_common()))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
