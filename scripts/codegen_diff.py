@@ -25,9 +25,8 @@ cuobjdump comes with the CUDA toolkit, or `pip install nvidia-cuda-cuobjdump`: p
 from __future__ import annotations
 
 import argparse
-import io
 import collections
-import os
+import io
 import re
 import shutil
 import subprocess
@@ -35,24 +34,25 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flashinfer.batch_decode import BatchDecodePagedSpec as BD  # noqa: E402
-from flashinfer.decode import SingleDecodeSpec as SD  # noqa: E402
-from flashinfer.jit import env  # noqa: E402
-from flashinfer.page import PageAppendSpec  # noqa: E402
-from flashinfer.prefill import BatchPrefillSpec as BP  # noqa: E402
-from flashinfer.prefill import SinglePrefillSpec as SP  # noqa: E402
+from flashinfer.batch_decode import BatchDecodePagedSpec as BD
+from flashinfer.decode import SingleDecodeSpec as SD
+from flashinfer.jit import env
+from flashinfer.page import PageAppendSpec
+from flashinfer.prefill import BatchPrefillSpec as BP
+from flashinfer.prefill import SinglePrefillSpec as SP
 
-F16 = dict(dtype_q="f16", dtype_kv="f16", dtype_o="f16")
+F16 = {"dtype_q": "f16", "dtype_kv": "f16", "dtype_o": "f16"}
 # Every family, every decode head tile (a decode module holds the 1-, 2-, 4- and 8-head tiles), the tensor-core
 # and CUDA-core decode paths, every position encoding, mask, window, soft cap, fp16 QK, both KV storages, fa3.
 SPECS = {
     "sd1": SD(head_dim=128, kv_layout="NHD", pos_encoding_mode="NONE"),
-    "sd2": SD(head_dim=64, **F16, kv_layout="HND", pos_encoding_mode="ROPE_LLAMA", use_window=True, use_logits_soft_cap=True),
+    "sd2": SD(
+        head_dim=64, **F16, kv_layout="HND", pos_encoding_mode="ROPE_LLAMA", use_window=True, use_logits_soft_cap=True
+    ),
     "sd3": SD(head_dim=256, pos_encoding_mode="ALIBI", use_window=True, use_logits_soft_cap=True),
     "sd4": SD(head_dim=64, pos_encoding_mode="ALIBI", use_logits_soft_cap=True),
     "bd1": BD(head_dim=128, kv_layout="NHD", pos_encoding_mode="NONE"),
@@ -60,8 +60,15 @@ SPECS = {
     "bd3": BD(head_dim=256, pos_encoding_mode="NONE", use_logits_soft_cap=True),
     "bd4": BD(head_dim=64, **F16, kv_layout="HND", pos_encoding_mode="ALIBI"),
     "sp1": SP(head_dim=128, mask_mode="causal"),
-    "sp2": SP(head_dim=64, **F16, mask_mode="custom", pos_encoding_mode="ROPE_LLAMA", use_window=True,
-              use_logits_soft_cap=True, use_fp16_qk_reduction=True),
+    "sp2": SP(
+        head_dim=64,
+        **F16,
+        mask_mode="custom",
+        pos_encoding_mode="ROPE_LLAMA",
+        use_window=True,
+        use_logits_soft_cap=True,
+        use_fp16_qk_reduction=True,
+    ),
     "sp3": SP(head_dim=256, pos_encoding_mode="ALIBI"),
     "sp4": SP(head_dim=128, **F16, use_fp16_qk_reduction=True),
     "fa3a": SP(head_dim=128, backend="fa3"),
@@ -80,18 +87,39 @@ def render(templates: Path, spec) -> str:
     import jinja2
 
     # The options of flashinfer.jit.templating.jinja_env, over another templates/ tree.
-    e = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)), undefined=jinja2.StrictUndefined,
-                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    e = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
     return e.get_template(spec.template).render(**spec.template_vars())
 
 
-def compile_sass(templates: Path, spec, out: Path, tag: str, cuobjdump: str) -> Tuple[str, str]:
+def compile_sass(templates: Path, spec, out: Path, tag: str, cuobjdump: str) -> tuple[str, str]:
     cu = out / f"{tag}.cu"
     cu.write_text(render(templates, spec))
     flags = [f for f in env.nvcc_flags(spec) if f not in ("-lineinfo", "--resource-usage")]
     cubin = out / f"{tag}.cubin"
-    r = subprocess.run([str(env.find_cuda_home() / "bin" / "nvcc"), "-cubin", *flags, "-I", str(templates / "include"),
-                        "-Xptxas", "-v", "-o", str(cubin), str(cu)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(env.find_cuda_home() / "bin" / "nvcc"),
+            "-cubin",
+            *flags,
+            "-I",
+            str(templates / "include"),
+            "-Xptxas",
+            "-v",
+            "-o",
+            str(cubin),
+            str(cu),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise RuntimeError(f"{tag}: nvcc failed\n{r.stderr[-3000:]}")
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
@@ -99,8 +127,8 @@ def compile_sass(templates: Path, spec, out: Path, tag: str, cuobjdump: str) -> 
     return sass, res
 
 
-def kernels(sass: str) -> Dict[str, List[str]]:
-    out: Dict[str, List[str]] = {}
+def kernels(sass: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
     cur = None
     for line in sass.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
@@ -114,7 +142,7 @@ def kernels(sass: str) -> Dict[str, List[str]]:
     return out
 
 
-def resources(res: str) -> Dict[str, str]:
+def resources(res: str) -> dict[str, str]:
     out, cur = {}, None
     for line in res.splitlines():
         m = re.match(r"\s*Function (\S+):", line)
@@ -125,7 +153,7 @@ def resources(res: str) -> Dict[str, str]:
     return out
 
 
-def without_offsets(ins: List[str]) -> List[str]:
+def without_offsets(ins: list[str]) -> list[str]:
     ins = [re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[0x0][.]", i) for i in ins]
     return [re.sub(r"\b(BRA|CALL\.REL\.NOINC|BSSY|BRX)(\s+\S+,)?\s+(`\(\S+\)\s*)?0x[0-9a-f]+", r"\1 .", i) for i in ins]
 
@@ -143,15 +171,15 @@ def commuted(i: str) -> str:
     return f"{pred or ''}{op}.{cmp}{mods} {d1}, {d2}, {a}, {b}{rest}"
 
 
-def opcodes(ins: List[str]) -> collections.Counter:
+def opcodes(ins: list[str]) -> collections.Counter:
     return collections.Counter(re.sub(r"\bU?R\d+\b|\bU?P\d\b|0x[0-9a-f]+|c\[0x0\]\[\.\]|\.reuse", "_", i) for i in ins)
 
 
-def mnemonics(ins: List[str]) -> collections.Counter:
+def mnemonics(ins: list[str]) -> collections.Counter:
     return collections.Counter(i.split()[1] if i.startswith("@") else i.split()[0] for i in ins)
 
 
-def verdict(before: List[str], after: List[str]) -> str:
+def verdict(before: list[str], after: list[str]) -> str:
     if before == after:
         return "identical"
     b, a = without_offsets(before), without_offsets(after)
@@ -185,7 +213,9 @@ def main() -> int:
     base = work / "base"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base, "templates"], capture_output=True, check=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", args.base, "templates"], capture_output=True, check=True
+    )
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(base)
     totals = collections.Counter()
