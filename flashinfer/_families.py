@@ -15,6 +15,11 @@ FAMILY_MODULES: Dict[str, str] = {
     "prefill_single": "flashinfer.prefill",
     "prefill_batch": "flashinfer.prefill",
     "page_append": "flashinfer.page",
+    "merge_state": "flashinfer.cascade",
+    "cascade_shared": "flashinfer.cascade",
+    "rope": "flashinfer.rope",
+    "norm": "flashinfer.norm",
+    "activation": "flashinfer.activation",
     "probe": "flashinfer.jit.probe",
 }
 
@@ -31,5 +36,7 @@ def load_families() -> Dict[str, Type]:
     families = spec_families()
     missing = sorted(set(FAMILY_MODULES) - set(families))
     if missing:
-        raise RuntimeError(f"families {missing} are listed in flashinfer/_families.py but their modules register no spec")
+        raise RuntimeError(
+            f"families {missing} are listed in flashinfer/_families.py but their modules register no spec"
+        )
     return families

@@ -507,6 +507,23 @@ def _dtype_arg(x, default: torch.dtype, name: str) -> torch.dtype:
     return x
 
 
+def _whole_waves_chunk(chunk: int, big: int, bk: int, items, num_kv_heads: int, target: int) -> int:
+    """The KV chunk length near ``chunk`` that finishes soonest when the split items run in waves of ``target``
+    CTAs (``items(c)`` work items per KV head): a split that leaves a few CTAs over a whole wave (e.g. 272 of 264
+    slots) runs a second wave for them alone, nearly doubling the time. Estimated time: waves x chunk length;
+    ties go to fewer items (less to merge)."""
+    n0 = -(-big // chunk)
+    floor_c = -(-_MIN_CHUNK // bk) * bk
+    best = None
+    for n in range(max(1, n0 // 2), 2 * n0 + 1):
+        c = max(floor_c, -(-(-(-big // n)) // bk) * bk)
+        k = items(c)
+        key = (-(-k * num_kv_heads // target) * min(c, big), k)
+        if best is None or key < best[0]:
+            best = (key, c)
+    return best[1] if best is not None else chunk
+
+
 def _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim, tiles, occ_of, sms, causal, workspace_floats,
                    num_qo_heads):
     """Work items (request, q tile, kv begin, kv end, partial row) and merge rows, heaviest first."""
@@ -534,6 +551,7 @@ def _plan_schedule(qo_lens, kv_lens, group, num_kv_heads, head_dim, tiles, occ_o
                 else:
                     hi_c = mid
         chunk = -(-lo_c // bk) * bk
+        chunk = _whole_waves_chunk(chunk, big, bk, items, num_kv_heads, target)
 
         def partial_rows(c):
             return sum(q * -(-kv // c) for q, kv in zip(qo_lens, kv_lens) if kv > c)

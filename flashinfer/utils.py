@@ -236,3 +236,44 @@ def current_stream_ptr(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# ------------------------------------------------------------------ helpers of the per-token op families
+
+
+def check_device_tensor(t: object, name: str) -> torch.Tensor:
+    """A tensor on a CUDA device (any shape)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} is on {t.device}; the kernels run on CUDA devices only")
+    return t
+
+
+_PDL_DEVICES: dict = {}
+
+
+def check_pdl_arg(enable_pdl: object) -> Optional[bool]:
+    if enable_pdl is not None and not isinstance(enable_pdl, bool):
+        raise TypeError(f"enable_pdl must be None or a bool, got {type(enable_pdl).__name__}")
+    return enable_pdl
+
+
+def resolve_pdl(enable_pdl: Optional[bool], device: torch.device) -> bool:
+    """FlashInfer's ``enable_pdl``: None (and True) mean "where the GPU supports it" (sm_90+); False disables.
+    Asks the device (once per device): call it at launch, not while torch.compile traces."""
+    if enable_pdl is False:
+        return False
+    index = device.index
+    ok = _PDL_DEVICES.get(index)
+    if ok is None:
+        ok = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return ok
+
+
+def module_error(module, code: int, what: str) -> Exception:
+    """The exception for a launcher's non-zero return: ValueError for the module's own codes (bad input it
+    alone could see, e.g. alignment), RuntimeError for a CUDA error."""
+    text = module.error_string(code)
+    cls = ValueError if code >= 1000 else RuntimeError
+    return cls(f"{what}: {'CUDA error ' if cls is RuntimeError else ''}{code}: {text}")

@@ -12,6 +12,9 @@ spec, its arch; no -lineinfo), disassembles both with cuobjdump and reports, per
   commuted compares             as above, and compares written the other way round (a < b vs b > a)
   same multiset                 the same instructions (compares commuted as above), in another order or with
                                 other registers
+  equivalent ALU forms          as above but for the form ptxas chose for an add, shift or multiply-add (IADD3,
+                                VIADD or IMAD.IADD; SHF or IMAD.SHL; LEA or IMAD), the direction of compares
+                                and the number of register moves (MOV, IMAD.MOV.U32, CS2R, ...) and NOPs
   differs (-n +m: ...)          n instructions gone, m new (opcode and modifiers, registers ignored), and the
                                 mnemonics whose counts changed
 
@@ -38,16 +41,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flashinfer.batch_decode import BatchDecodePagedSpec as BD
-from flashinfer.decode import SingleDecodeSpec as SD
-from flashinfer.jit import env
-from flashinfer.page import PageAppendSpec
-from flashinfer.prefill import BatchPrefillSpec as BP
-from flashinfer.prefill import SinglePrefillSpec as SP
+from flashinfer.activation import ActivationSpec  # noqa: E402
+from flashinfer.batch_decode import BatchDecodePagedSpec as BD  # noqa: E402
+from flashinfer.cascade import CascadeSharedSpec, MergeStateSpec  # noqa: E402
+from flashinfer.decode import SingleDecodeSpec as SD  # noqa: E402
+from flashinfer.jit import env  # noqa: E402
+from flashinfer.norm import NormSpec  # noqa: E402
+from flashinfer.page import PageAppendSpec  # noqa: E402
+from flashinfer.prefill import BatchPrefillSpec as BP  # noqa: E402
+from flashinfer.prefill import SinglePrefillSpec as SP  # noqa: E402
+from flashinfer.rope import RopeSpec  # noqa: E402
 
 F16 = {"dtype_q": "f16", "dtype_kv": "f16", "dtype_o": "f16"}
 # Every family, every decode head tile (a decode module holds the 1-, 2-, 4- and 8-head tiles), the tensor-core
-# and CUDA-core decode paths, every position encoding, mask, window, soft cap, fp16 QK, both KV storages, fa3.
+# and CUDA-core decode paths, every position encoding, mask, window, soft cap, fp16 QK, both KV storages, fa3;
+# and one of each op family (merge_state, cascade_shared, rope, norm, activation).
 SPECS = {
     "sd1": SD(head_dim=128, kv_layout="NHD", pos_encoding_mode="NONE"),
     "sd2": SD(
@@ -80,6 +88,12 @@ SPECS = {
     "bp3": BP(kv_storage="paged", head_dim=64, **F16, mask_mode="custom", use_window=True, use_fp16_qk_reduction=True),
     "pa1": PageAppendSpec(head_dim=128, dtype_kv="bf16"),
     "pa2": PageAppendSpec(head_dim=64, dtype_kv="f16"),
+    "ms1": MergeStateSpec(),
+    "cs1": CascadeSharedSpec(),
+    "cs2": CascadeSharedSpec(**F16),
+    "rp1": RopeSpec(),
+    "nm1": NormSpec(),
+    "ac1": ActivationSpec(),
 }
 
 
@@ -179,6 +193,36 @@ def mnemonics(ins: list[str]) -> collections.Counter:
     return collections.Counter(i.split()[1] if i.startswith("@") else i.split()[0] for i in ins)
 
 
+# Instructions ptxas picks among to balance its pipes: the same operation (an add, a move, a shift, a multiply-add
+# by a constant) in another form. Moves and NOPs are register-allocation and scheduling artefacts.
+_ALU_FORMS = {
+    "IADD3": "add",
+    "VIADD": "add",
+    "IMAD.IADD": "add",
+    "IMAD.MOV": "add",
+    "MOV": "move",
+    "IMAD.MOV.U32": "move",
+    "IMAD.U32": "move",
+    "HFMA2.MMA": "move",
+    "CS2R": "move",
+    "UMOV": "move",
+    "SHF.L.U32": "shift",
+    "IMAD.SHL.U32": "shift",
+    "LEA": "mad",
+    "IMAD": "mad",
+    "NOP": "move",
+}
+
+
+def alu_classes(ins: list[str]) -> collections.Counter:
+    counts = collections.Counter()
+    for op, n in mnemonics([commuted(i) for i in ins]).items():
+        op = re.sub(r"^(U?ISETP)\.(LT|GT|LE|GE)", r"\1.ORD", op)  # compare direction: see commuted()
+        counts[_ALU_FORMS.get(op, op)] += n
+    counts.pop("move", None)
+    return counts
+
+
 def verdict(before: list[str], after: list[str]) -> str:
     if before == after:
         return "identical"
@@ -190,6 +234,8 @@ def verdict(before: list[str], after: list[str]) -> str:
     ob, oa = opcodes([commuted(i) for i in b]), opcodes([commuted(i) for i in a])
     if ob == oa:
         return "same multiset"
+    if alu_classes(b) == alu_classes(a):
+        return "equivalent ALU forms"
     gone, new = mnemonics(b) - mnemonics(a), mnemonics(a) - mnemonics(b)
     delta = " ".join([f"-{n} {op}" for op, n in gone.most_common(6)] + [f"+{n} {op}" for op, n in new.most_common(6)])
     return f"differs (-{sum((ob - oa).values())} +{sum((oa - ob).values())}: {delta})"

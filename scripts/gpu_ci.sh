@@ -10,7 +10,7 @@
 #   pytest_gpu.log bench.log (all benchmarks, in order) RESULTS.md
 # (6 files, within the 8 that a lent GPU machine returns).
 # Env knobs: PYTHON (default python3), PYTEST_ARGS (extra pytest args, e.g. "-k decode -x"),
-#   PREWARM_ARGS (default "--preset test"), BENCH (benchmark scripts to run, space-separated; default every
+#   PREWARM_ARGS (default "--config tests/prewarm_test.toml", the modules the GPU tests load), BENCH (benchmark scripts to run, space-separated; default every
 #   benchmarks/bench_*.py), JOBS (prewarm workers, default nproc), TORCH_CUDA_ARCH_LIST
 #   (default 9.0), MAX_JOBS (default 16), FLASHINFER_JIT_CACHE (default /tmp/fi_jit_cache).
 # Exit status: non-zero if any step failed; the benchmarks still run after failed tests.
@@ -27,7 +27,7 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export FLASHINFER_JIT_CACHE=${FLASHINFER_JIT_CACHE:-/tmp/fi_jit_cache}
 export PYTHONUNBUFFERED=1
 JOBS=${JOBS:-$(nproc)}
-PREWARM_ARGS=${PREWARM_ARGS:---preset test}
+PREWARM_ARGS=${PREWARM_ARGS:---config tests/prewarm_test.toml}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 
 if [ $# -eq 0 ]; then STEPS=(prewarm test bench); else STEPS=("$@"); fi
@@ -75,6 +75,12 @@ for s in "${STEPS[@]}"; do
     prewarm)
       # shellcheck disable=SC2086
       run_step prewarm prewarm.log "$PYTHON" -m flashinfer prewarm $PREWARM_ARGS --jobs "$JOBS" --json "$LOG_DIR/prewarm.json"
+      # The transformers integration tests and examples load a few modules of their own.
+      if [ -f "$REPO/examples/prewarm_transformers.jsonl" ]; then
+        run_step prewarm-examples prewarm_examples.log "$PYTHON" -m flashinfer prewarm \
+          --config "$REPO/examples/prewarm_transformers.jsonl" --jobs "$JOBS"
+        cat "$LOG_DIR/prewarm_examples.log" >>"$LOG_DIR/prewarm.log" && rm -f "$LOG_DIR/prewarm_examples.log"
+      fi
       ;;
     test)
       # shellcheck disable=SC2086

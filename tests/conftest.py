@@ -25,3 +25,13 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+
+
+@pytest.fixture
+def fake_cuda():
+    """Fake CUDA tensors (metadata only, no GPU needed): for tests of validation that raises before any launch.
+    Create the tensors inside the test, after this fixture is active."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        yield

@@ -85,6 +85,76 @@ def attention(
     return o, lse.transpose(0, 1)
 
 
+# ---------------------------------------------------------------- per-token ops: RMSNorm, gated activations, RoPE
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, weight_bias: float = 0.0) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * (weight + weight_bias) over the last dimension, in float64."""
+    x = x.double()
+    rms = torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x / rms * (weight.double() + weight_bias)
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """act(x[..., :d]) * x[..., d:] in float64; act one of silu, gelu (erf), gelu_tanh."""
+    x = x.double()
+    d = x.shape[-1] // 2
+    a, b = x[..., :d], x[..., d:]
+    if act == "silu":
+        y = a / (1.0 + torch.exp(-a))
+    elif act == "gelu":
+        y = 0.5 * a * (1.0 + torch.erf(a / math.sqrt(2.0)))
+    elif act == "gelu_tanh":
+        y = 0.5 * a * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a**3)))
+    else:
+        raise ValueError(act)
+    return y * b
+
+
+def rope_frequencies(rotary_dim: int, rope_scale: float = 1.0, rope_theta: float = 1e4,
+                     llama31: Optional[Tuple[float, float, float]] = None) -> torch.Tensor:
+    """Radians per position of the rotary_dim / 2 frequencies, float64. llama31 = (low_freq_factor,
+    high_freq_factor, old_context_len) applies Meta's Llama 3.1 scaling band by band (rope_scale is its factor)."""
+    i = torch.arange(rotary_dim // 2, dtype=torch.float64)
+    freq = 1.0 / rope_theta ** (2.0 * i / rotary_dim)
+    if llama31 is None:
+        return freq / rope_scale
+    low, high, old = llama31
+    out = []
+    for f in freq.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(f)
+        elif wavelen > old / low:
+            out.append(f / rope_scale)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / rope_scale + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """RoPE of x ``[nnz, heads, head_dim]`` with per-token cos/sin ``[nnz, rotary_dim / 2]``, in float64: NeoX
+    halves (f with f + rotary_dim/2) or interleaved pairs (2f with 2f + 1); elements past rotary_dim unchanged."""
+    x = x.double()
+    rot = 2 * cos.shape[-1]
+    out = x.clone()
+    c, s = cos.double()[:, None, :].to(x.device), sin.double()[:, None, :].to(x.device)
+    if interleave:
+        a, b = x[..., 0:rot:2], x[..., 1:rot:2]
+        out[..., 0:rot:2], out[..., 1:rot:2] = a * c - b * s, b * c + a * s
+    else:
+        a, b = x[..., : rot // 2], x[..., rot // 2 : rot]
+        out[..., : rot // 2], out[..., rot // 2 : rot] = a * c - b * s, b * c + a * s
+    return out
+
+
+def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[nnz, rotary_dim / 2]`` (float64) of integer positions times frequencies."""
+    angle = positions.double().cpu()[:, None] * freqs.double().cpu()[None, :]
+    return torch.cos(angle), torch.sin(angle)
+
+
 # ---------------------------------------------------------------- comparing kernels with the reference
 
 

@@ -13,7 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:
+    tomllib = pytest.importorskip("tomli")  # the test extra installs it on older Pythons
 
 
 def _pyproject():
@@ -41,7 +44,10 @@ def test_pyproject_metadata():
     deps = {d.split()[0].split("=")[0].split(">")[0].split("<")[0].lower() for d in proj["dependencies"]}
     # numpy: torch warns "Failed to initialize NumPy" on every import without it.
     assert deps == {"torch", "jinja2", "ninja", "filelock", "numpy"}
-    assert proj["optional-dependencies"]["test"] == ["pytest"]
+    extras = proj["optional-dependencies"]
+    assert extras["test"] == ["pytest", "tomli>=1.1; python_version < '3.11'"]
+    assert {d.split("==")[0] for d in extras["lint"]} == {"ruff", "clang-format"}
+    assert data["project"]["scripts"] == {"flashinfer": "flashinfer.cli:main"}
     ini = data["tool"]["pytest"]["ini_options"]
     assert ini["testpaths"] == ["tests"] and any(m.startswith("gpu:") for m in ini["markers"])
 
@@ -76,7 +82,8 @@ def test_non_editable_install_ships_templates(tmp_path):
     assert want and got == want
     assert any(g.startswith("include/flashinfer/") and g.endswith(".cuh") for g in got) or not any(
         w.endswith(".cuh") for w in want)
-    assert (target / "flashinfer" / "cli.py").is_file() and (target / "flashinfer" / "__main__.py").is_file()
+    assert (target / "flashinfer" / "cli" / "__init__.py").is_file() and (target / "flashinfer" / "__main__.py").is_file()
+    assert (target / "flashinfer" / "jit" / "parallel_build.py").is_file()
     assert not (target / "templates").exists() and not (target / "tests").exists()
 
     # The installed package (no checkout around it) finds its templates there, and a cache outside it.

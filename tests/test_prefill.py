@@ -527,6 +527,22 @@ def test_batch_spec_names_and_planner():
     assert work[0][3] == 4096  # heaviest (last causal tiles) first
 
 
+def test_split_kv_fills_whole_waves():
+    """One long request with few query rows (a cascade's shared level: 64 decode queries x group 4): the chunks
+    fill one wave of resident CTAs instead of overflowing it by a few (272 CTAs for 264 slots ran a second wave)."""
+    from flashinfer.prefill import _plan_schedule
+
+    # (query rows, KV, KV heads, fewest CTAs expected: chunks stay >= 512 keys, so short KV fills less)
+    for qo, kv, heads, least in (([64], [32768], 8, 240), ([8], [131072], 8, 240), ([256], [32768], 8, 240),
+                                 ([3], [20000], 2, 78)):
+        tile, work, merge, part = _plan_schedule(qo, kv, 4, heads, 128, (64, 128), lambda t: 2, 132, False, 1 << 30,
+                                                 4 * heads)
+        ctas = len(work) * heads
+        assert least <= ctas <= 264, (qo, kv, ctas)  # one wave
+        spans = sorted((w[1], w[2], w[3]) for w in work)
+        assert spans[0][1] == 0 and max(w[3] for w in work) == kv[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_prefill_on_second_device_while_first_is_current():

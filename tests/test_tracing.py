@@ -41,3 +41,39 @@ def test_single_decode_traces_into_one_custom_op(kwargs, op):
 def test_single_prefill_traces_into_one_custom_op():
     ops = _traced_ops(lambda q, k, v: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True), PREFILL)
     assert ops == ["flashinfer.single_prefill.default"]
+
+
+def _traced_ops_typed(fn, specs):
+    """As _traced_ops, for arguments of mixed dtypes: specs = [(shape, dtype), ...]."""
+    torch._dynamo.reset()
+    with FakeTensorMode():
+        args = [torch.empty(*s, dtype=d, device="cuda") for s, d in specs]
+        graph, _ = torch._dynamo.export(fn, assume_static_by_default=True)(*args)
+    return [str(n.target) for n in graph.graph.nodes if n.op == "call_function" and "flashinfer" in str(n.target)]
+
+
+X, W = ((16, 4096), BF16), ((4096,), BF16)
+
+
+@pytest.mark.parametrize("fn,specs,ops", [
+    (lambda x, w: flashinfer.rmsnorm(x, w), [X, W], ["flashinfer.rmsnorm.default"]),
+    (lambda x, w: flashinfer.norm.gemma_rmsnorm(x, w, 1e-5, enable_pdl=False), [X, W], ["flashinfer.rmsnorm.default"]),
+    (lambda x, r, w: flashinfer.fused_add_rmsnorm(x, r, w), [X, X, W], ["flashinfer.fused_add_rmsnorm.default"]),
+    (lambda x, r, w: flashinfer.gemma_fused_add_rmsnorm(x, r, w), [X, X, W], ["flashinfer.fused_add_rmsnorm.default"]),
+    (lambda x: flashinfer.silu_and_mul(x), [X], ["flashinfer.silu_and_mul.default"]),
+    (lambda x: flashinfer.activation.gelu_and_mul(x), [((2, 3, 256), BF16)], ["flashinfer.gelu_and_mul.default"]),
+    (lambda x: flashinfer.gelu_tanh_and_mul(x), [X], ["flashinfer.gelu_tanh_and_mul.default"]),
+    (lambda p, q, k, c: flashinfer.apply_rope_with_cos_sin_cache_inplace(p, q, k, 128, c),
+     [((16,), torch.int64), ((16, 4096), BF16), ((16, 1024), BF16), ((4096, 128), torch.float32)],
+     ["flashinfer.rope_cos_sin_cache_inplace.default"]),
+    (lambda p, q, k, c: flashinfer.rope.apply_rope_with_cos_sin_cache(p, q, k, 128, c, is_neox=False),
+     [((16,), torch.int64), ((16, 4096), BF16), ((16, 1024), BF16), ((4096, 64), torch.float32)],
+     ["flashinfer.rope_cos_sin_cache.default"]),
+    (lambda q, k, p: flashinfer.apply_rope_pos_ids(q, k, p, rotary_dim=64),
+     [((16, 32, 128), BF16), ((16, 8, 128), BF16), ((16,), torch.int32)], ["flashinfer.rope.default"]),
+    (lambda q, k, i, o: flashinfer.apply_llama31_rope_inplace(q, k, i, o, interleave=True),
+     [((16, 32, 128), BF16), ((16, 8, 128), BF16), ((3,), torch.int32), ((2,), torch.int32)],
+     ["flashinfer.rope_inplace.default"]),
+])
+def test_per_token_ops_trace_into_one_custom_op(fn, specs, ops):
+    assert _traced_ops_typed(fn, specs) == ops

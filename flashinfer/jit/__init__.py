@@ -4,12 +4,14 @@
 Public API (see the repository contract):
 ``load(spec) -> JITModule``, ``ensure_built(spec) -> BuildReport``, ``cache_key(spec)``, ``render(spec)``,
 ``cache_root()``, ``templates_dir()``, ``arch_flags(spec)``, ``find_cuda_home()``, ``list_entries()``,
-``clear_cache(predicate=None)``, and the errors ``JITBuildError``, ``CUDAToolkitNotFoundError``,
-``JITCacheError``, ``JITDisabledError``.
+``clear_cache(predicate=None)``, ``prewarm(specs, jobs=None, progress=None) -> PrewarmReport`` (build many
+modules in parallel worker processes), and the errors ``JITBuildError``, ``CUDAToolkitNotFoundError``,
+``JITCacheError``, ``JITDisabledError``, ``JITEnvironmentError`` (a bad value of an environment variable).
 """
 
+from . import probe as probe
 from .build import BuildReport, first_error_line
-from .cache import EntryInfo, cache_key, check_entry, clear_cache, cleanup_tmp, entry_info, list_entries, prune_cache
+from .cache import EntryInfo, cache_key, check_entry, cleanup_tmp, clear_cache, entry_info, list_entries, prune_cache
 from .env import (
     RECIPE_VERSION,
     arch_flags,
@@ -19,12 +21,19 @@ from .env import (
     templates_dir,
     versions,
 )
-from .errors import CUDAToolkitNotFoundError, JITBuildError, JITCacheError, JITCacheInsecureError, JITDisabledError
+from .errors import (
+    CUDAToolkitNotFoundError,
+    JITBuildError,
+    JITCacheError,
+    JITCacheInsecureError,
+    JITDisabledError,
+    JITEnvironmentError,
+)
 from .loader import JITModule, ensure_built, load, loaded_modules
-from .templating import render, templates_digest
-from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
-from . import probe
+from .parallel_build import PrewarmReport, PrewarmResult, prewarm
 from .probe import ProbeSpec
+from .spec import ERROR_STRING_SYMBOL, Spec, register_family, spec_families
+from .templating import render, templates_digest
 
 __all__ = [
     "BuildReport",
@@ -35,7 +44,10 @@ __all__ = [
     "JITCacheError",
     "JITCacheInsecureError",
     "JITDisabledError",
+    "JITEnvironmentError",
     "JITModule",
+    "PrewarmReport",
+    "PrewarmResult",
     "ProbeSpec",
     "RECIPE_VERSION",
     "Spec",
@@ -53,6 +65,7 @@ __all__ = [
     "list_entries",
     "load",
     "loaded_modules",
+    "prewarm",
     "prune_cache",
     "register_family",
     "render",

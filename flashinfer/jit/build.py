@@ -16,8 +16,15 @@ The caller (``loader``) holds the key's file lock. The steps:
    ``os.rename`` the temp dir to ``<root>/<key>/``;
 4. write ``manifest.json`` last (temp file + ``os.replace``).
 
-A process killed at any point leaves at most a temp dir (removed later by ``cleanup_tmp``) or an entry
-without manifest, which is never loaded.
+A process killed at any point leaves at most a temp dir (its builder lock is then free: removed by the
+next ``cleanup_tmp`` in any process, container or host sharing the cache) or an entry without manifest,
+which is never loaded. A failure (compile or link error, disk full, permission) removes the temp dir or
+the half-published entry before it raises: ``JITBuildError`` for the compiler (quoting the first
+meaningful error line of the log, a linker's own message included), ``JITCacheError`` for the cache.
+
+With ``shared`` (``ensure_built(spec, shared=True)`` or FLASHINFER_JIT_CACHE_SHARED=1) the entry and its
+log are made readable by everyone (dirs and libraries 0755, files 0644); by default they are private
+to the builder's umask. Never writable by group or others either way.
 
 The library name is unique per build attempt, so torch's in-process ``JIT_EXTENSION_VERSIONER`` never
 treats a build as already done (it would skip ninja for a name/sources/flags it has seen), and
@@ -59,31 +66,59 @@ class BuildReport:
     log_path: Optional[Path]
 
 
+# What a build log's error lines look like, most telling first. A compile error names the source line
+# ("x.cu(5): error: ...", "x.cu:1:2: fatal error: ...", "nvcc fatal : ..."); a link error is the
+# linker's own message ("/usr/bin/ld: cannot find -lc10_cuda: ...", "undefined reference to ...");
+# system failures ("No space left on device", "Killed" by the OOM killer) may come from any tool. The
+# summary lines that follow them ("collect2: error: ld returned 1 exit status", ninja's "FAILED:" and
+# "build stopped", torch's "Error building extension") say only that something failed: used last.
+_COMPILER_ERROR_RE = re.compile(
+    r"(:\s*(fatal\s+)?error\b|\berror\s*:|^error\b|#error|^\S*nvcc fatal\s*:|^\S*ptxas fatal\s*:|\bfatal\s*:)", re.I)
+_LINKER_RE = re.compile(
+    r"(^(\S*/)?(ld|ld\.gold|ld\.lld|lld|ld\.bfd|collect2)(\.exe)?:\s*(?!error: ld returned)"
+    r"|undefined reference to|cannot find -l|multiple definition of)")
+_SYSTEM_RE = re.compile(
+    r"(No space left on device|Disk quota exceeded|Read-only file system|Permission denied|"
+    r"Cannot allocate memory|out of memory|\bKilled\b|Segmentation fault|Too many open files)", re.I)
+_SUMMARY_RE = re.compile(
+    r"(collect2:\s*error:\s*ld returned|^FAILED:|^ninja: build stopped|ninja: error: |"
+    r"Error building extension|subprocess\.CalledProcessError|^RuntimeError:|^Traceback|exit status)", re.I)
 _ERROR_RE = re.compile(r"(\berror\b|\bError\b|\bERROR\b)")
-_STRONG_ERROR_RE = re.compile(r"(:\s*(fatal\s+)?error\b|\berror\s*:|^error\b|#error)", re.I)
 # Command echo lines: ours ("$ ", "# ") and ninja -v's ("[1/2] /usr/local/cuda/bin/nvcc ...").
 _ECHO_RE = re.compile(r"^(\$ |# |\[\d+/\d+\] )")
 
 
 def first_error_line(text: str) -> Optional[str]:
-    """The first compiler error line of a log (command echo lines, ``$ ``/``# ``/ninja's ``[i/n] ``, are skipped)."""
-    lines = [ln for ln in text.splitlines() if ln.strip() and not _ECHO_RE.match(ln)]
-    for rx in (_STRONG_ERROR_RE, _ERROR_RE):
-        for ln in lines:
+    """The first meaningful error line of a build log: a compiler error, else the linker's own message
+    (not collect2's "ld returned 1 exit status"), else a system error (disk full, permission, killed),
+    else any line mentioning an error; summary lines (collect2, ninja's FAILED:, torch's "Error building
+    extension") only when nothing else is there. Command echo lines are skipped."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not _ECHO_RE.match(ln)]
+    meaningful = [ln for ln in lines if not _SUMMARY_RE.search(ln)]
+    for rx in (_COMPILER_ERROR_RE, _LINKER_RE, _SYSTEM_RE, _ERROR_RE):
+        for ln in meaningful:
             if rx.search(ln):
-                return ln.strip()
+                return ln
+    for ln in lines:
+        if _ERROR_RE.search(ln) or _SYSTEM_RE.search(ln):
+            return ln
     return None
 
 
 class _Log:
     """The build log (append mode, so that output written to it through other descriptors interleaves)."""
 
-    def __init__(self, path: Path, echo: bool) -> None:
+    def __init__(self, path: Path, echo: bool, shared: bool = False) -> None:
         self.path = path
         self.echo = echo
-        with open(path, "w"):
-            pass  # truncate the previous build's log of this key
-        self.f = open(path, "a", encoding="utf-8", errors="replace")
+        try:
+            os.unlink(path)  # the previous build's log of this key (never write through a planted link)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        if shared:
+            os.fchmod(fd, 0o644)  # whatever the umask
+        self.f = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
     def write(self, text: str) -> None:
         self.f.write(text)
@@ -122,7 +157,7 @@ def _output_to(path: Path) -> Iterator[int]:
     """
     with _OUTPUT_LOCK:
         _flush_std()
-        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         saved: List[Optional[int]] = []
         try:
             for target in (1, 2):
@@ -156,20 +191,45 @@ def _extension_name(key: str) -> str:
     return key.replace("-", "_") + "_" + uuid.uuid4().hex[:8]
 
 
+@contextlib.contextmanager
 def _cpp_extension(home: Path):
-    """``torch.utils.cpp_extension``, imported lazily (the warm path never imports it), told our CUDA_HOME."""
+    """``torch.utils.cpp_extension`` (imported lazily: the warm path never imports it), told our toolkit
+    for the duration of one build. Its module-level CUDA_HOME (read from the environment when it was
+    imported) is what it joins nvcc's and the CUDA libraries' paths with; it is restored afterwards, and
+    ``os.environ`` is never touched. Callers hold ``_OUTPUT_LOCK`` (one build at a time per process)."""
     import torch.utils.cpp_extension as ce
 
-    env._export_cuda_home(home)  # its CUDA_HOME was read from the environment at its import
+    saved = ce.CUDA_HOME
     ce.CUDA_HOME = str(home)
-    return ce
+    try:
+        yield ce
+    finally:
+        ce.CUDA_HOME = saved
 
 
-def build_into(spec, key: str, root: Path) -> BuildReport:
-    """Build ``spec`` (key ``key``) and publish it under ``root``. Caller holds the key's lock."""
+def build_into(spec, key: str, root: Path, shared: Optional[bool] = None) -> BuildReport:
+    """Build ``spec`` (key ``key``) and publish it under ``root``. Caller holds the key's lock.
+
+    ``shared`` (default FLASHINFER_JIT_CACHE_SHARED): make the entry and its log readable by everyone.
+    Raises JITBuildError (compiler/linker), CUDAToolkitNotFoundError, or JITCacheError (the cache could
+    not be written: disk full, permission); every failure leaves nothing half-written behind."""
+    shared = env.shared_cache() if shared is None else shared
+    try:
+        return _build_into(spec, key, root, shared)
+    except OSError as e:  # our own file operations (the compiler's failures are JITBuildErrors)
+        from .errors import JITCacheError
+
+        where = Path(os.fsdecode(e.filename)) if getattr(e, "filename", None) else root
+        raise JITCacheError(
+            f"building {spec.name()} (key {key}) failed writing {where}: {e.strerror or e} "
+            f"({env.why_not_writable(where.parent, e)}); nothing was published"
+        ) from e
+
+
+def _build_into(spec, key: str, root: Path, shared: bool) -> BuildReport:
     t0 = time.time()
     name = spec.name()
-    home = env.find_cuda_home()  # sets CUDA_HOME in the environment before torch's cpp_extension reads it
+    home = env.find_cuda_home()
     compile_flags = env.compile_flags(spec)  # as in the key (incl. -ccbin $CC, which torch adds itself)
     link_flags = env.link_flags(spec)
     cuda_cflags = env.nvcc_flags(spec)
@@ -180,12 +240,13 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
     ldflags = link_flags + [f"-Wl,-rpath,{lib_dir}"]
     inc = env.include_dir()
 
-    for sub in ("tmp", "logs"):
-        env.ensure_dir(root / sub)
+    env.ensure_dir(root / "tmp")
+    env.ensure_dir(root / "logs", shared=shared)
     cache.cleanup_tmp(root)
     lpath = cache.log_path(key, root)
-    log = _Log(lpath, env.jit_verbose())
+    log = _Log(lpath, env.jit_verbose(), shared)
     tmp = None
+    edir = None  # set while a renamed entry has no manifest yet
     try:
         log.write(
             f"# flashinfer.jit build of {name}\n# key: {key}\n# cuda_home: {home}\n"
@@ -230,8 +291,8 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
         echo_from = log.f.tell()
         with _output_to(lpath):
             try:
-                ce = _cpp_extension(home)
-                ce.load(**load_kwargs)
+                with _cpp_extension(home) as ce:
+                    ce.load(**load_kwargs)
             except Exception as e:  # compile/link errors: RuntimeError("Error building extension ...")
                 failure = e
         if log.echo:  # the compiler output went to the log only: show it now
@@ -258,8 +319,6 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
             ) from failure
         so_name = cache.lib_name(key)
         os.rename(built, tmp / so_name)
-        cache.harden(tmp / so_name)  # no group/other write bits, whatever the umask (loads refuse those)
-        cache.harden(tmp)
         try:
             os.unlink(tmp / "lock")  # torch's FileLock file, released by now
         except OSError:
@@ -267,15 +326,17 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
         seconds = time.time() - t0
         log.write(f"# built in {seconds:.2f} s\n")
         log.close()
-        try:
-            (tmp / "build.log").write_bytes(lpath.read_bytes())
-        except OSError:
-            pass
+        (tmp / "build.log").write_bytes(lpath.read_bytes())
+        if shared:
+            cache.make_shared_tree(tmp)
+        cache.harden(tmp / so_name)  # no group/other write bits, whatever the umask (loads refuse those)
+        cache.harden(tmp)
         so_sha = cache.sha256_file(tmp / so_name)
 
         # Publish: move a stale/invalid entry out of the way, rename, then write the manifest last.
         edir = cache.entry_dir(key, root)
         cache.discard_dir(edir, root)
+        cache.release_tmp_dir(tmp, remove=False)  # drops the builder lock file: not part of the entry
         os.rename(tmp, edir)
         tmp = None
         manifest = {
@@ -283,6 +344,8 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
             "recipe": env.RECIPE_VERSION,
             "name": name,
             "spec": spec.to_json(),
+            "select": cache.selector_digest(spec),  # found by this on hosts without a toolkit
+            "archs": [f"{cc}{'+ptx' if ptx else ''}" for cc, ptx in env.target_archs()],
             "template": spec.template,
             "sources": sorted(sources),
             "so": so_name,
@@ -296,13 +359,15 @@ def build_into(spec, key: str, root: Path) -> BuildReport:
             "created": time.time(),
             "log_path": str(lpath),
             "builder": {"pid": os.getpid(), "python": sys.version.split()[0]},
+            "shared": shared,
         }
         cache.write_json_atomic(edir / cache.MANIFEST, manifest)
-        return BuildReport(spec, key, "built", seconds, edir, lpath)
+        published, edir = edir, None
+        return BuildReport(spec, key, "built", seconds, published, lpath)
     finally:
         if not log.f.closed:
             log.close()
         if tmp is not None:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+            cache.release_tmp_dir(tmp, remove=True)
+        if edir is not None:  # renamed into place but no manifest (write failed): never leave it there
+            cache.discard_dir(edir, root)

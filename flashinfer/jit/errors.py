@@ -33,7 +33,9 @@ class CUDAToolkitNotFoundError(JITBuildError):
 
 
 class JITCacheError(RuntimeError):
-    """The cache directory is unusable (not writable, not a directory), or a cache lock timed out."""
+    """The cache is unusable for what was asked: its directory cannot be created or written (the message
+    says "permission denied", "read-only file system" or "no space left on device" when that is the
+    cause), writing an entry failed, or a cache lock timed out."""
 
 
 class JITDisabledError(RuntimeError):
@@ -43,3 +45,8 @@ class JITDisabledError(RuntimeError):
 class JITCacheInsecureError(JITCacheError):
     """The cache root or an entry could have been written by someone else (owned by another user, or
     writable by group/others): refusing to load code from it. The message says how to fix it."""
+
+
+class JITEnvironmentError(ValueError):
+    """An environment variable the JIT engine reads has a value it does not accept. The message names
+    the variable, the value and the accepted values; nothing falls back to a default silently."""

@@ -1,4 +1,13 @@
-"""Loading modules: in-process memo -> valid on-disk entry -> build under the key's file lock."""
+"""Loading modules: in-process memo -> valid on-disk entry -> build under the key's file lock.
+
+The entry is found by its key when this host can compute one (the key includes the CUDA toolkit's
+version). With FLASHINFER_DISABLE_JIT, or when no toolkit is found, it is selected without the toolkit
+(:func:`cache.select_entry`: the manifest's toolkit-free selector), so a prewarmed or imported cache
+loads on a host with only the driver and torch. The library is loaded through the descriptor it was
+verified on (``/proc/self/fd/N``); that descriptor stays open for the life of the process, because
+glibc remembers a loaded library by the path it was opened with and would hand the old library back for
+a later ``dlopen`` of the same ``/proc/self/fd/N`` string (one descriptor per loaded module).
+"""
 
 from __future__ import annotations
 
@@ -6,51 +15,17 @@ import ctypes
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import cache, env
+from .abi import COMMON_LAUNCHERS, CONSTANTS, ERROR_STRING, BoundLauncher, read_constants
 from .build import BuildReport, build_into
-from .errors import JITCacheError, JITDisabledError
-from .abi import CONSTANTS, COMMON_LAUNCHERS, ERROR_STRING, BoundLauncher, read_constants
+from .errors import CUDAToolkitNotFoundError, JITCacheError, JITDisabledError
+from .locks import file_lock, thread_lock
 
-_memo: Dict[Any, "JITModule"] = {}
+_memo: Dict[Any, JITModule] = {}
 _memo_lock = threading.Lock()
-_key_locks: Dict[str, threading.Lock] = {}
-
-
-class _file_lock:
-    """FileLock(<root>/locks/<key>.lock) with FLASHINFER_JIT_LOCK_TIMEOUT; JITCacheError on timeout."""
-
-    def __init__(self, key: str, root: Path) -> None:
-        self.path = cache.lock_path(key, root)
-        self.timeout = env.lock_timeout()
-        self.lock = None
-
-    def __enter__(self):
-        import filelock
-
-        env.ensure_dir(self.path.parent, "JIT lock directory")
-        self.lock = filelock.FileLock(str(self.path), timeout=self.timeout)
-        try:
-            self.lock.acquire()
-        except filelock.Timeout as e:
-            raise JITCacheError(
-                f"timed out after {self.timeout:g} s waiting for the JIT cache lock {self.path} "
-                f"(another process is building this module, or is stuck). Raise "
-                f"FLASHINFER_JIT_LOCK_TIMEOUT, or stop the process holding it (e.g. `fuser {self.path}`)."
-            ) from e
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
-
-
-def _thread_lock(key: str) -> threading.Lock:
-    with _memo_lock:
-        lk = _key_locks.get(key)
-        if lk is None:
-            lk = _key_locks[key] = threading.Lock()
-        return lk
+_lib_fds: List[int] = []  # descriptors of loaded libraries: kept open (see the module docstring)
 
 
 def _prewarm_hint(spec) -> str:
@@ -68,24 +43,54 @@ def _check_supported(spec) -> None:
         raise ValueError(f"{spec.name()} is not supported: {reason}")
 
 
-def _ensure(spec, key: str) -> BuildReport:
-    """Double-checked: valid entry? else lock, look again, build."""
+def _ensure(spec, shared: Optional[bool] = None) -> Tuple[BuildReport, "cache.VerifiedEntry"]:
+    """The verified entry of ``spec`` (open: the caller closes it) and how it was obtained.
+
+    With a toolkit: double-checked by key (valid entry? else lock, look again, build). With
+    FLASHINFER_DISABLE_JIT or without a toolkit: selected by the toolkit-free selector, never built."""
     root = env.cache_root_path()
-    so, man, reason = cache.check_entry(key, root, raise_insecure=True)
-    if so is not None:
-        return _cached_report(spec, key, root, man)
-    if env.jit_disabled():
-        raise JITDisabledError(
-            f"FLASHINFER_DISABLE_JIT is set and {spec.name()} (key {key}) is not in the JIT cache "
-            f"{root} ({reason}); {_prewarm_hint(spec)}."
-        )
+    disabled = env.jit_disabled()
+    key = None
+    no_toolkit: Optional[CUDAToolkitNotFoundError] = None
+    if not disabled:
+        try:
+            key = cache.cache_key(spec)
+        except CUDAToolkitNotFoundError as e:
+            no_toolkit = e
+    if key is None:
+        ent, reason = cache.select_entry(spec, root, raise_insecure=True)
+        if ent is not None:
+            return _cached_report(spec, ent.key, root, ent.manifest), ent
+        if disabled:
+            raise JITDisabledError(  # the hint first: its command is the first `...` of the message
+                f"FLASHINFER_DISABLE_JIT is set and {spec.name()} is not usable from the JIT cache {root}: "
+                f"{_prewarm_hint(spec)}. In the cache: {reason}."
+            )
+        raise CUDAToolkitNotFoundError(
+            f"{spec.name()} is not in the JIT cache {root} ({reason}), and building it needs a CUDA toolkit: "
+            f"{no_toolkit}", spec_name=spec.name(),
+        ) from no_toolkit
+    ent, man, reason = cache.open_entry(key, root, raise_insecure=True)
+    if ent is not None:
+        return _cached_report(spec, key, root, man), ent
     _check_supported(spec)
-    env.ensure_dir(root)
-    with _file_lock(key, root):
-        so, man, reason = cache.check_entry(key, root, raise_insecure=True)
-        if so is not None:
-            return _cached_report(spec, key, root, man)
-        return build_into(spec, key, root)
+    shared = env.shared_cache() if shared is None else shared
+    try:
+        env.ensure_dir(root, shared=shared)
+    except JITCacheError as e:
+        raise JITCacheError(
+            f"{spec.name()} (key {key}) is not usable from the JIT cache ({reason}) and cannot be built "
+            f"there: {e}"
+        ) from e
+    with file_lock(key, root):
+        ent, man, reason = cache.open_entry(key, root, raise_insecure=True)
+        if ent is not None:
+            return _cached_report(spec, key, root, man), ent
+        report = build_into(spec, key, root, shared)
+        ent, man, reason = cache.open_entry(key, root, raise_insecure=True)
+    if ent is None:
+        raise JITCacheError(f"{spec.name()} (key {key}) was built but does not verify: {reason}")
+    return report, ent
 
 
 def _cached_report(spec, key: str, root: Path, man) -> BuildReport:
@@ -93,33 +98,37 @@ def _cached_report(spec, key: str, root: Path, man) -> BuildReport:
     return BuildReport(spec, key, "cached", 0.0, cache.entry_dir(key, root), Path(lp) if lp else None)
 
 
-def ensure_built(spec) -> BuildReport:
-    """Build ``spec`` if it is not cached, without loading it into this process."""
-    from .cache import cache_key
+def ensure_built(spec, shared: Optional[bool] = None) -> BuildReport:
+    """Build ``spec`` if it is not cached, without loading it into this process.
 
-    key = cache_key(spec)
-    with _thread_lock(key):
-        return _ensure(spec, key)
+    ``shared`` (default FLASHINFER_JIT_CACHE_SHARED=1 or not): a new entry is made readable by every user
+    (dirs and library 0755, files 0644), for caches prepared by one user (e.g. root, in an image) and
+    read by others. Needs no write access when the module is cached."""
+    with thread_lock(spec):
+        report, ent = _ensure(spec, shared)
+        ent.close()
+        return report
 
 
 class JITModule:
     """A loaded module: ``.spec``, ``.key``, ``.path`` (the .so), ``.entry_dir``, ``.launcher(symbol)`` (a
     keyword-argument call of a declared launcher) and ``.constants`` (the module's ``FI_MODULE_CONSTANTS``)."""
 
-    def __init__(self, spec, key: str, path: Path, entry_dir: Path, report: BuildReport) -> None:
+    def __init__(self, spec, key: str, path: Path, entry_dir: Path, report: BuildReport,
+                 handle_path: Optional[str] = None) -> None:
         self.spec = spec
         self.key = key
         self.path = path
         self.entry_dir = entry_dir
         self.report = report
-        self.lib = ctypes.CDLL(str(path))
+        self.lib = ctypes.CDLL(handle_path or str(path))  # handle_path: the verified descriptor
         self._declared = {ln.symbol: ln for ln in (*COMMON_LAUNCHERS, *spec.launchers)}
         self._bound: Dict[str, BoundLauncher] = {}
         self._constants: Dict[str, int] | None = None
 
     @property
     def status(self) -> str:
-        """"built" if this process built it, else "cached"."""
+        """``"built"`` if this process built it, else ``"cached"``."""
         return self.report.status
 
     def launcher(self, symbol: str) -> BoundLauncher:
@@ -161,28 +170,30 @@ class JITModule:
 
 
 def load(spec) -> JITModule:
-    """The module of ``spec``: memo -> valid cache entry -> build under the file lock; then ctypes.CDLL."""
+    """The module of ``spec``: memo -> valid cache entry -> build under the file lock; then dlopen of the
+    verified library through its descriptor."""
     mod = _memo.get(spec)
     if mod is not None:
         return mod
-    from .cache import cache_key
-
-    key = cache_key(spec)
-    with _thread_lock(key):
+    with thread_lock(spec):
         mod = _memo.get(spec)
         if mod is not None:
             return mod
-        report = _ensure(spec, key)
-        if _RECORD_ENV in os.environ:
-            _record(spec)
-        so = report.entry_dir / cache.lib_name(key)
+        report, ent = _ensure(spec)
         try:
-            mod = JITModule(spec, key, so, report.entry_dir, report)
-        except OSError:
-            # Entry removed or replaced between verification and dlopen (e.g. a concurrent cache clear):
-            # go through the lock once more.
-            report = _ensure(spec, key)
-            mod = JITModule(spec, key, report.entry_dir / cache.lib_name(key), report.entry_dir, report)
+            if env.record_path():
+                _record(spec)
+            try:
+                mod = JITModule(spec, ent.key, ent.so, ent.path, report, handle_path=ent.load_path())
+            except OSError as e:
+                raise JITCacheError(
+                    f"loading {ent.so} ({spec.name()}) failed: {e}. The library was verified (checksum) but "
+                    f"the dynamic loader refused it: its dependencies (libcudart.so of torch's CUDA version) "
+                    f"must be loadable in this process"
+                ) from e
+            _lib_fds.append(ent.take_lib_fd())
+        finally:
+            ent.close()
         _memo[spec] = mod
         return mod
 
@@ -195,7 +206,7 @@ def _record(spec) -> None:
     line; ``prewarm --config FILE`` builds exactly those). Once per spec and process (after the memo)."""
     import json
 
-    path = os.environ.get(_RECORD_ENV)
+    path = env.record_path()
     if not path:
         return
     line = json.dumps(spec.to_json(), sort_keys=True) + "\n"

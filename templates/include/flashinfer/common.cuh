@@ -84,6 +84,44 @@ FI_DEVICE float2 unpack2_half(uint32_t r) { return __half22float2(*reinterpret_c
 // wgmma descriptors take; cheaper than generic pointers in unrolled loops).
 FI_DEVICE uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
+// N consecutive 16-bit floats moved with one memory access and unpacked to floats when used: N = 8 is a
+// 16-byte vector (the fast path; the address must be 16-byte aligned), N = 1 a single element (rows of any
+// size or alignment). Keeping the packed form in registers costs a quarter of the registers of floats.
+template <typename T, int N>
+struct Chunk;
+
+template <typename T>
+struct Chunk<T, 8> {
+  uint4 raw;
+  FI_DEVICE void load(const T* p) { raw = *reinterpret_cast<const uint4*>(p); }
+  FI_DEVICE void store(T* p) const { *reinterpret_cast<uint4*>(p) = raw; }
+  FI_DEVICE void to_floats(float (&f)[8]) const { unpack8(raw, f, T{}); }
+  FI_DEVICE void from_floats(const float (&f)[8]) { raw = pack8<T>(f); }
+};
+
+template <typename T>
+struct Chunk<T, 1> {
+  T raw;
+  FI_DEVICE void load(const T* p) { raw = *p; }
+  FI_DEVICE void store(T* p) const { *p = raw; }
+  FI_DEVICE void to_floats(float (&f)[1]) const { f[0] = to_float<T>(raw); }
+  FI_DEVICE void from_floats(const float (&f)[1]) { raw = from_float<T>(f[0]); }
+};
+
+template <typename T, int N>
+FI_DEVICE void load_floats(const T* p, float (&out)[N]) {
+  Chunk<T, N> c;
+  c.load(p);
+  c.to_floats(out);
+}
+
+template <typename T, int N>
+FI_DEVICE void store_floats(T* p, const float (&in)[N]) {
+  Chunk<T, N> c;
+  c.from_floats(in);
+  c.store(p);
+}
+
 // Sum over groups of WIDTH consecutive lanes (WIDTH a power of two <= 32).
 template <int WIDTH>
 FI_DEVICE float group_sum(float x) {

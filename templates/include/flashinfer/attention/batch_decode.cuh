@@ -176,13 +176,11 @@ cudaError_t launch_batch_decode_gt(const BatchDecodePlan& plan, const BatchDecod
   if constexpr (POS == PosEncoding::kRopeLlama) rope = plan.rope;
   // Both kernels with programmatic dependent launch (see single_decode_kernel).
   err = launch_kernel(batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>,
-                      LaunchConfig{dim3(plan.workers * plan.num_kv_heads * plan.head_tiles), dim3(T::kThreads),
-                                   decode_smem_bytes<HEAD_DIM, GT>(), a.stream, true},
-                      p, rope);
+                      dim3(plan.workers * plan.num_kv_heads * plan.head_tiles), dim3(T::kThreads),
+                      decode_smem_bytes<HEAD_DIM, GT>(), a.stream, true, p, rope);
   if (err != cudaSuccess || plan.merge_blocks == 0) return err;
-  return launch_kernel(batch_merge_states_kernel<HEAD_DIM, DTypeO>,
-                       LaunchConfig{dim3(plan.num_qo_heads, plan.merge_blocks), dim3(kMergeThreads), 0, a.stream, true},
-                       p.plan, p.layout, static_cast<const float*>(p.partial_o),
+  return launch_kernel(batch_merge_states_kernel<HEAD_DIM, DTypeO>, dim3(plan.num_qo_heads, plan.merge_blocks),
+                       dim3(kMergeThreads), 0, a.stream, true, p.plan, p.layout, static_cast<const float*>(p.partial_o),
                        static_cast<const float*>(p.partial_lse), plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse,
                        a.v_scale);
 }

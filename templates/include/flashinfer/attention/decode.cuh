@@ -521,13 +521,13 @@ static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_c
     p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.sc.num_qo_heads * HEAD_DIM;
   }
   // Both kernels with programmatic dependent launch (see single_decode_kernel).
-  err = launch_kernel(kernel, LaunchConfig{dim3(ctas_per_chunk * p.num_chunks), dim3(T::kThreads), smem_bytes, stream, true},
-                      p, make_rope_table<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
+  err = launch_kernel(kernel, dim3(ctas_per_chunk * p.num_chunks), dim3(T::kThreads), smem_bytes, stream, true, p,
+                      make_rope_table<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
   if (err != cudaSuccess || p.num_chunks == 1) return err;
-  return launch_kernel(merge_chunk_states_kernel<HEAD_DIM, DTypeO>,
-                       LaunchConfig{dim3(p.sc.num_qo_heads), dim3(kMergeThreads), 0, stream, true},
-                       static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse), p.num_chunks,
-                       p.sc.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse, p.sc.v_scale);
+  return launch_kernel(merge_chunk_states_kernel<HEAD_DIM, DTypeO>, dim3(p.sc.num_qo_heads), dim3(kMergeThreads), 0,
+                       stream, true, static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
+                       p.num_chunks, p.sc.num_qo_heads, static_cast<DTypeO*>(p.o), int64_t(HEAD_DIM), p.lse,
+                       p.sc.v_scale);
 }
 
 // Picks the query-head tile for the group size, and runs under a guard for the tensors' device.

@@ -23,41 +23,15 @@ FI_DEVICE float alibi_slope(int head, int num_heads) {
 
 // ---------------------------------------------------------------------------------------------- RoPE
 //
-// Llama RoPE rotates the pair (x[i], x[i + rotary_dim/2]) of a head vector (non-interleaved), i < rotary_dim/2,
-// by the angle
-//     pos / (rope_scale * rope_theta^(2i / rotary_dim))      radians.
-// The angle is computed in half-turns (units of pi): the per-position rate, rope_rate_half_turns(), is kept as
-// a float pair hi + lo (split from double), so that pos * rate reduced mod 2 stays accurate to ~1e-7 even at
-// pos ~ 1e5 (a plain float angle is off by ~1e-3 rad there), and sincospif needs no slow range reduction.
-
-// Rotation rate of pair i, in half-turns per position.
-__host__ __device__ inline double rope_rate_half_turns(int i, int rotary_dim, double rope_scale, double rope_theta) {
-  return 1.0 / (rope_scale * pow(rope_theta, 2.0 * i / rotary_dim)) / 3.14159265358979323846;
-}
-
-// sin and cos of the RoPE angle of position `pos` (an integer below 2^24, as a float) at the rate hi + lo
-// (half-turns per position, hi the float nearest to the rate and lo the rest).
-FI_DEVICE void rope_sincos(float pos, float rate_hi, float rate_lo, float& sin_out, float& cos_out) {
-  const float t = pos * rate_hi;
-  const float t_err = fmaf(pos, rate_hi, -t);  // exact rounding error of the product
-  const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * rate_lo);
-  sincospif(r, &sin_out, &cos_out);
-}
-
-// sin and cos of the RoPE angle of position `pos` for pair `i` (0 <= i < rotary_dim / 2): the rate computed
-// here, in double. For kernels that rotate one pair of a head at a time; a kernel that rotates many positions
-// with the same rates precomputes them once (RopeTable).
-FI_DEVICE void rope_sincos(int pos, int i, int rotary_dim, float rope_scale, float rope_theta, float& sin_out,
-                           float& cos_out) {
-  const double rate = rope_rate_half_turns(i, rotary_dim, rope_scale, rope_theta);
-  const float hi = static_cast<float>(rate);
-  rope_sincos(float(pos), hi, static_cast<float>(rate - static_cast<double>(hi)), sin_out, cos_out);
-}
-
-// The rates of every pair of a head (rotary_dim = head_dim), filled on the host and passed as a kernel
-// parameter.
+// Llama RoPE rotates the pair (x[i], x[i + rotary_dim/2]) of a head vector (non-interleaved; the standalone
+// RoPE op also has the interleaved pairing), i < rotary_dim/2, by pos times the rate of frequency i,
+// rope_frequency(): 1 / (rope_scale * rope_theta^(2i / rotary_dim)) radians per position, or Llama 3.1's
+// scaled rate. Kernels take the rates as a table of float pairs hi + lo in half-turns (filled in double on
+// the host), so that pos * rate reduced mod 2 stays accurate to ~1e-7 even at pos ~ 1e5 (a plain float
+// angle is off by ~1e-3 rad there), and sincospif needs no slow range reduction: rope_cos_sin() is the one
+// angle function of every kernel.
 struct RopeTable {
-  float hi[128];  // indexed by e mod (head_dim / 2)
+  float hi[128];  // indexed by frequency: e mod (head_dim / 2) in the attention kernels
   float lo[128];
 };
 struct NoRopeTable {};
@@ -65,20 +39,50 @@ struct NoRopeTable {};
 template <PosEncoding POS>
 using RopeTableFor = std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable>;
 
-inline void fill_rope_table(RopeTable& table, int head_dim, double rope_scale, double rope_theta) {
-  for (int i = 0; i < head_dim / 2; ++i) {
-    const double half_turns = rope_rate_half_turns(i, head_dim, rope_scale, rope_theta);
+// Llama 3.1 frequency scaling (Meta's apply_scaling): a frequency whose wavelength 2*pi/f exceeds
+// old_context_len / low_freq_factor is divided by rope_scale, one below old_context_len / high_freq_factor is
+// kept, and the band between interpolates linearly in old_context_len / wavelength.
+struct Llama31Scaling {
+  double low_freq_factor, high_freq_factor, old_context_len;
+};
+
+// Rotation rate (radians per position) of frequency i of a rotary_dim-wide RoPE, in double on the host.
+inline double rope_frequency(int i, int rotary_dim, double rope_scale, double rope_theta,
+                             const Llama31Scaling* llama31 = nullptr) {
+  if (llama31 == nullptr) return 1.0 / (rope_scale * pow(rope_theta, 2.0 * i / rotary_dim));
+  const double freq = 1.0 / pow(rope_theta, 2.0 * i / rotary_dim);
+  const double band = llama31->high_freq_factor - llama31->low_freq_factor;
+  double smooth = (llama31->old_context_len * freq / (2.0 * 3.14159265358979323846) - llama31->low_freq_factor) / band;
+  smooth = smooth < 0.0 ? 0.0 : smooth > 1.0 ? 1.0 : smooth;
+  return (1.0 - smooth) * freq / rope_scale + smooth * freq;
+}
+
+// Table of the rotary_dim / 2 rates (rotary_dim <= 256), in half-turns.
+inline void fill_rope_table(RopeTable& table, int rotary_dim, double rope_scale, double rope_theta,
+                            const Llama31Scaling* llama31 = nullptr) {
+  for (int i = 0; i < rotary_dim / 2; ++i) {
+    const double half_turns = rope_frequency(i, rotary_dim, rope_scale, rope_theta, llama31) / 3.14159265358979323846;
     table.hi[i] = static_cast<float>(half_turns);
     table.lo[i] = static_cast<float>(half_turns - static_cast<double>(table.hi[i]));
   }
 }
 
-// The table of a launch: filled for RoPE kernels, empty otherwise.
+// The table of an attention launch: filled (rotary_dim = head_dim) for RoPE kernels, empty otherwise.
 template <PosEncoding POS>
 inline RopeTableFor<POS> make_rope_table(int head_dim, float rope_scale, float rope_theta) {
   RopeTableFor<POS> rope;
   if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, head_dim, rope_scale, rope_theta);
   return rope;
+}
+
+// cos and sin of the angle pos * (hi + lo) half-turns: the one RoPE angle function of every kernel. pos must
+// be an integer below 2^24 (exact as a float); the product is reduced mod 2 before sincospif with its exact
+// rounding error, so the angle stays accurate to ~1e-7 at any such position.
+FI_DEVICE void rope_cos_sin(float pos, float hi, float lo, float& c, float& s) {
+  const float t = pos * hi;
+  const float t_err = fmaf(pos, hi, -t);  // exact rounding error of the product
+  const float r = (t - 2.f * rintf(0.5f * t)) + (t_err + pos * lo);
+  sincospif(r, &s, &c);
 }
 
 // The rates of the 8 elements [lane*8, lane*8+8) a lane holds of a head vector.
@@ -104,8 +108,8 @@ FI_DEVICE void rope_rotate(float (&x)[8], const RopeRate& rate, float pos, int l
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const float partner = __shfl_xor_sync(0xffffffffu, x[i], LANES / 2);
-    float s, c;
-    rope_sincos(pos, rate.hi[i], rate.lo[i], s, c);
+    float c, s;
+    rope_cos_sin(pos, rate.hi[i], rate.lo[i], c, s);
     x[i] = first_half ? x[i] * c - partner * s : x[i] * c + partner * s;
   }
 }

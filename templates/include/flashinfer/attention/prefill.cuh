@@ -48,7 +48,7 @@ struct PrefillTraits {
 };
 
 // Rotates rows [0, ROWS) of a swizzled tile in place (Llama RoPE, element e pairs with e + HEAD_DIM/2);
-// row r sits at position pos_of(r). The angle is pos_enc.cuh's rope_sincos, as in the decode kernel.
+// row r sits at position pos_of(r). The angle is pos_enc.cuh's rope_cos_sin, as in the decode kernel.
 template <int HEAD_DIM, int ROWS, int THREADS, typename T, typename PosFn>
 FI_DEVICE void rope_rotate_smem(uint4* tile, const RopeTable& table, PosFn pos_of) {
   constexpr int CH = HEAD_DIM / 8, HALF = CH / 2;
@@ -62,8 +62,8 @@ FI_DEVICE void rope_rotate_smem(uint4* tile, const RopeTable& table, PosFn pos_o
     unpack8(*pb, y, T{});
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      float s, co;
-      rope_sincos(pos, table.hi[c * 8 + i], table.lo[c * 8 + i], s, co);
+      float co, s;
+      rope_cos_sin(pos, table.hi[c * 8 + i], table.lo[c * 8 + i], co, s);
       const float xr = x[i] * co - y[i] * s;
       y[i] = y[i] * co + x[i] * s;
       x[i] = xr;
@@ -124,27 +124,10 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   load_q_tile<TQ, CH, THREADS, DTypeQ>(p, qo_start, kv_head, group, pr0, rows_here, tid,
                                        [&](int row, int c) { return sq + swizzle<CH>(row, c); });
 
-  // Paged KV: the page-table lookup of a tile's rows is done once, a tile ahead, by one thread per row into
-  // shared memory (s_rows[tile & 1][row] = (page, slot)), so that issuing a tile's copies never waits on a
-  // dependent global load or divides by the page size.
+  // Paged KV: the (page, slot) of each row, looked up a tile ahead into shared memory (paged_row_ahead).
   int2* s_rows = reinterpret_cast<int2*>(sv + 2 * Tr::KV_CHUNKS);
-  auto resolve_rows = [&](int tile) -> int2 {  // this thread's row of `tile` (tid < BK); stored by the caller
-    const int t = lo + tile * BK + tid;
-    int2 r = make_int2(0, 0);
-    if (PAGED && tid < BK && tile < num_tiles && t < hi) {
-      int page_pos, slot;
-      split_token(t, p.page_size, page_pos, slot);
-      r = make_int2(p.kv_indices[kv_start + page_pos], slot);
-    }
-    return r;
-  };
-  if constexpr (PAGED) {
-    if (tid < BK) {
-      s_rows[tid] = resolve_rows(0);
-      s_rows[BK + tid] = resolve_rows(1);
-    }
-    __syncthreads();
-  }
+  auto resolve_rows = [&](int tile) { return paged_row_ahead<PAGED, BK>(p, kv_start, lo, hi, num_tiles, tile, tid); };
+  paged_rows_prologue<PAGED, BK>(s_rows, tid, resolve_rows);
 
   auto load_kv = [&](int tile, bool is_v) {
     constexpr int ROWS_PER_PASS = THREADS / CH;
@@ -163,7 +146,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
       if (valid) {
         if constexpr (PAGED) {
           const int2 ps = s_rows[(tile & 1) * BK + row];
-          off = int64_t(ps.x) * (is_v ? p.v_stride_page : p.k_stride_page) + int64_t(ps.y) * stride_n;
+          off = paged_row_offset(ps, is_v ? p.v_stride_page : p.k_stride_page, stride_n);
         } else {
           off = int64_t(kv_start + t) * stride_n;
         }
@@ -387,13 +370,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         const int r = 2 * mq + h;
         const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
         if (row >= rows_here) continue;
-        const int64_t state = packed_row_index(p, partial_row0, pr0 + row, group, hq0);
-        const float inv = inverse_or_zero(d[r]);
-        float* dst = p.partial_o + state * HEAD_DIM + 2 * (lane % 4);
-#pragma unroll
-        for (int j = 0; j < NT_D; ++j)
-          *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[mq][j][2 * h] * inv, o[mq][j][2 * h + 1] * inv);
-        if (lane % 4 == 0) p.partial_lse[state] = row_lse(m[r], d[r], scl);
+        store_partial_row<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
+                                          inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
       }
   }
 }
@@ -445,57 +423,7 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
   }
 }
 
-// Merges the chunk states of split-KV rows: one warp per (token, head), HEAD_DIM / 32 floats per lane.
-// Single request (p.merge == nullptr): token t's chunks are partial rows t + c * qo_len, c < num_chunks.
-template <int HEAD_DIM, typename DTypeO>
-__global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
-  constexpr int VEC = HEAD_DIM / 32;
-  const int head = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (head >= p.num_qo_heads) return;
-  const bool batch = p.merge != nullptr;
-  const int count_all = batch ? *p.num_merge : p.qo_len;
-  for (int mi = blockIdx.x; mi < count_all; mi += gridDim.x) {
-    int token = mi, base = mi, chunks = p.num_chunks, stride = p.qo_len;
-    if (batch) {
-      token = p.merge[mi];
-      base = p.merge[p.merge_capacity + mi];
-      chunks = p.merge[2 * p.merge_capacity + mi];
-      stride = p.merge[3 * p.merge_capacity + mi];
-    }
-    StateAccumulator<VEC> acc;
-    for (int c = 0; c < chunks; ++c) {
-      const int64_t state = (int64_t(base) + int64_t(c) * stride) * p.num_qo_heads + head;
-      float vals[VEC];
-      const float* src = p.partial_o + state * HEAD_DIM + lane * VEC;
-#pragma unroll
-      for (int i = 0; i < VEC; i += 2) {
-        const float2 v2 = *reinterpret_cast<const float2*>(src + i);
-        vals[i] = v2.x;
-        vals[i + 1] = v2.y;
-      }
-      acc.add(p.partial_lse[state], vals);
-    }
-    const float inv = inverse_or_zero(acc.d);
-    DTypeO* dst = static_cast<DTypeO*>(p.o) + int64_t(token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * VEC;
-#pragma unroll
-    for (int i = 0; i < VEC; i += 2) {
-      const float a = acc.o[i] * inv, b = acc.o[i + 1] * inv;
-      DTypeO pair[2] = {from_float<DTypeO>(a), from_float<DTypeO>(b)};
-      *reinterpret_cast<uint32_t*>(dst + i) = *reinterpret_cast<uint32_t*>(pair);
-    }
-    if (p.lse != nullptr && lane == 0) p.lse[int64_t(token) * p.num_qo_heads + head] = acc.lse();
-  }
-}
-
 // ------------------------------------------------------------------------------------------- host side
-
-template <int HEAD_DIM, typename DTypeO>
-cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream) {
-  if (grid_x <= 0) return cudaSuccess;
-  dim3 grid(grid_x, ceil_div(p.num_qo_heads, 4));
-  prefill_merge_kernel<HEAD_DIM, DTypeO><<<grid, 128, 0, stream>>>(p);
-  return cudaGetLastError();
-}
 
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
           bool WINDOW, bool SOFTCAP, bool FP16QK>

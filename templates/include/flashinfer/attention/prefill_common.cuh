@@ -5,11 +5,14 @@
 //   load_q_tile         the query tile's cp.async copies
 //   kv_pipeline_prologue the commit-group schedule of the double-buffered K/V tiles
 //   stage_o_row, store_o_tile, packed_row_index, and inverse_or_zero and row_lse (state.cuh): the epilogue
+//   store_partial_row, prefill_merge_kernel: the states of a KV split and their merge
+//   paged_row_ahead, paged_rows_prologue, paged_row_offset: K/V rows through the page table
 // The mask predicate they share is in mask.cuh, the online softmax in state.cuh.
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/state.cuh"
 #include "flashinfer/common.cuh"
+#include "flashinfer/paged.cuh"
 #include "flashinfer/ptx/cp_async.cuh"
 
 namespace flashinfer {
@@ -118,6 +121,107 @@ FI_DEVICE void store_o_tile(const PrefillParams& p, int first_token, int group, 
                                 c * 8) = staged(row, c);
     }
   }
+}
+
+// Writes one accumulator row as a partial state of a KV split: its columns scaled by inv (inverse_or_zero of
+// the quad-summed denominator) as floats, p.partial_o + state * HEAD_DIM (this lane's 2 columns of each of the
+// NT n8 blocks at acc[4 j] and acc[4 j + 1], as in stage_o_row), and (one lane of the quad) its lse,
+// p.partial_lse[state] = row_lse(m, d, scl). prefill_merge_kernel combines the chunks.
+template <int NT, int HEAD_DIM>
+FI_DEVICE void store_partial_row(const PrefillParams& p, int64_t state, float inv, int lane, const float* acc, float m,
+                                 float d, float scl) {
+  float* dst = p.partial_o + state * HEAD_DIM + 2 * (lane % 4);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+    *reinterpret_cast<float2*>(dst + j * 8) = make_float2(acc[4 * j] * inv, acc[4 * j + 1] * inv);
+  if (lane % 4 == 0) p.partial_lse[state] = row_lse(m, d, scl);
+}
+
+// ---------------------------------------------------------------------------------------------- paged K/V
+// The (page, slot) of each row of two K/V tiles sits in shared memory (s_rows[tile & 1][row]), looked up a tile
+// ahead by one thread per row, so that issuing a tile's copies never waits on a dependent global load or a
+// division by the page size. kv_start: the request's first entry of p.kv_indices.
+
+// This thread's row (tid < BK) of K/V tile `tile` (keys from lo on): (page, slot), or (0, 0) for rows from hi
+// on, tiles past the last, other threads, or without PAGED.
+template <bool PAGED, int BK>
+FI_DEVICE int2 paged_row_ahead(const PrefillParams& p, int kv_start, int lo, int hi, int num_tiles, int tile, int tid) {
+  const int t = lo + tile * BK + tid;
+  int2 r = make_int2(0, 0);
+  if (PAGED && tid < BK && tile < num_tiles && t < hi) {
+    int page_pos, slot;
+    split_token(t, p.page_size, page_pos, slot);
+    r = make_int2(p.kv_indices[kv_start + page_pos], slot);
+  }
+  return r;
+}
+
+// Fills the rows of tiles 0 and 1 (lookup(tile): this thread's paged_row_ahead) before the first copies.
+template <bool PAGED, int BK, typename Lookup>
+FI_DEVICE void paged_rows_prologue(int2* s_rows, int tid, Lookup&& lookup) {
+  if constexpr (PAGED) {
+    if (tid < BK) {
+      s_rows[tid] = lookup(0);
+      s_rows[BK + tid] = lookup(1);
+    }
+    __syncthreads();
+  }
+}
+
+// Element offset of the row at (page, slot) = ps, from p.k or p.v with that tensor's page and token strides.
+FI_DEVICE int64_t paged_row_offset(int2 ps, int64_t stride_page, int64_t stride_n) {
+  return int64_t(ps.x) * stride_page + int64_t(ps.y) * stride_n;
+}
+
+// ---------------------------------------------------------------------------------------------- KV split
+// Merges the chunk states of split-KV rows: one warp per (token, head), HEAD_DIM / 32 floats per lane.
+// Single request (p.merge == nullptr): token t's chunks are partial rows t + c * qo_len, c < num_chunks.
+template <int HEAD_DIM, typename DTypeO>
+__global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
+  constexpr int VEC = HEAD_DIM / 32;
+  const int head = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (head >= p.num_qo_heads) return;
+  const bool batch = p.merge != nullptr;
+  const int count_all = batch ? *p.num_merge : p.qo_len;
+  for (int mi = blockIdx.x; mi < count_all; mi += gridDim.x) {
+    int token = mi, base = mi, chunks = p.num_chunks, stride = p.qo_len;
+    if (batch) {
+      token = p.merge[mi];
+      base = p.merge[p.merge_capacity + mi];
+      chunks = p.merge[2 * p.merge_capacity + mi];
+      stride = p.merge[3 * p.merge_capacity + mi];
+    }
+    StateAccumulator<VEC> acc;
+    for (int c = 0; c < chunks; ++c) {
+      const int64_t state = (int64_t(base) + int64_t(c) * stride) * p.num_qo_heads + head;
+      float vals[VEC];
+      const float* src = p.partial_o + state * HEAD_DIM + lane * VEC;
+#pragma unroll
+      for (int i = 0; i < VEC; i += 2) {
+        const float2 v2 = *reinterpret_cast<const float2*>(src + i);
+        vals[i] = v2.x;
+        vals[i + 1] = v2.y;
+      }
+      acc.add(p.partial_lse[state], vals);
+    }
+    const float inv = inverse_or_zero(acc.d);
+    DTypeO* dst = static_cast<DTypeO*>(p.o) + int64_t(token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; i += 2) {
+      const float a = acc.o[i] * inv, b = acc.o[i + 1] * inv;
+      DTypeO pair[2] = {from_float<DTypeO>(a), from_float<DTypeO>(b)};
+      *reinterpret_cast<uint32_t*>(dst + i) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    if (p.lse != nullptr && lane == 0) p.lse[int64_t(token) * p.num_qo_heads + head] = acc.lse();
+  }
+}
+
+template <int HEAD_DIM, typename DTypeO>
+cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream) {
+  if (grid_x <= 0) return cudaSuccess;
+  dim3 grid(grid_x, ceil_div(p.num_qo_heads, 4));
+  prefill_merge_kernel<HEAD_DIM, DTypeO><<<grid, 128, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace flashinfer

@@ -11,16 +11,23 @@
 // the softmax overlapping P V) measured no faster on an H200 and was dropped; the two barriers per tile and
 // the cp.async loads by the computing threads themselves are what a next step (TMA, warp specialisation)
 // would remove.
-// Scope: head_dim 128, 16-bit q/k/v, no mask or causal, no position encoding, window or soft cap, no KV
-// split; everything else goes to fa2 (see prefill.py). The key range, mask predicate, online softmax, Q load and
-// epilogue are the fa2 kernel's (prefill_common.cuh), on this kernel's shared-memory layout.
+// Scope: head_dim 128, 16-bit q/k/v, no mask or causal, no position encoding, window or soft cap; everything
+// else goes to fa2 (see prefill.py). Two options (template flags, off for single_prefill_with_kv_cache): PAGED
+// reads K/V through a page table (p.kv_indices, p.page_size, the page strides), the (page, slot) of each row
+// resolved a tile ahead into shared memory as in the fa2 kernel; SPLIT cuts the KV range into p.num_chunks
+// chunks of p.chunk_size keys (grid z), each leaving a partial (o, lse) state that prefill_merge_kernel combines.
+// Together they run a cascade's shared level: every query of a batch against one shared prefix.
+// The key range, mask predicate, online softmax, Q load, paged row lookup, merge and epilogue are the fa2
+// kernel's (prefill_common.cuh), on this kernel's shared-memory layout.
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/prefill_common.cuh"
 #include "flashinfer/attention/state.cuh"
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"
+#include "flashinfer/paged.cuh"
 #include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/math.cuh"
 #include "flashinfer/ptx/wgmma.cuh"
 
 #include <type_traits>
@@ -50,10 +57,11 @@ struct Fa3Traits {
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;
   static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes;  // Q, K x2, V x2
+  static constexpr int kRowsBytes = 2 * BK * 8;  // PAGED: (page, slot) of the rows of two KV tiles
   static_assert(BK == 64 || BK == 128, "KV tiles of 64 or 128 keys");
 };
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool PAGED = false, bool SPLIT = false>
 __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kMinBlocks)
     fa3_single_prefill_kernel(const __grid_constant__ PrefillParams p) {
   using Tr = Fa3Traits<MASK>;
@@ -74,13 +82,21 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   const int rows_here = min(BQ, qo_len * group - pr0);
   const int delta = kv_len - qo_len;  // query token i sits at position delta + i
   const int tok_min = pr0 / group, tok_max = (pr0 + rows_here - 1) / group;
-  int lo, hi;  // lo is 0: no window, no KV split
-  visible_key_range<MASK, false>(0, kv_len, kv_len, delta, tok_min, tok_max, 0, lo, hi);
+  const int chunk = SPLIT ? int(blockIdx.z) : 0;
+  const int chunk_begin = SPLIT ? chunk * p.chunk_size : 0;
+  int lo, hi;  // this CTA's keys (no window)
+  visible_key_range<MASK, false>(chunk_begin, SPLIT ? chunk_begin + p.chunk_size : kv_len, kv_len, delta, tok_min,
+                                 tok_max, 0, lo, hi);
   const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
 
   // ---- Q tile -> shared memory (rows beyond the request are zero-filled)
   load_q_tile<BQ, CH, THREADS, DTypeQ>(p, 0, kv_head, group, pr0, rows_here, tid,
                                        [&](int row, int c) { return sq + sm90::tile_offset(row, c, BQ); });
+
+  // PAGED: the page-table lookup of a tile's rows, one thread per row, a tile ahead (see the fa2 kernel).
+  int2* s_rows = reinterpret_cast<int2*>(sv + 2 * Tr::kKVBytes);
+  auto resolve_rows = [&](int tile) { return paged_row_ahead<PAGED, BK>(p, 0, lo, hi, num_tiles, tile, tid); };
+  paged_rows_prologue<PAGED, BK>(s_rows, tid, resolve_rows);
 
   auto load_kv = [&](int tile, bool is_v) {
     uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;
@@ -92,7 +108,15 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
       const int t = lo + tile * BK + row;
       const bool valid = t < hi;
-      cp_async_16(dst + sm90::tile_offset(row, c, BK), base + int64_t(valid ? t : 0) * stride_n + c * 8, valid);
+      int64_t off;
+      if constexpr (PAGED) {
+        const int64_t paged = paged_row_offset(s_rows[(tile & 1) * BK + row], is_v ? p.v_stride_page : p.k_stride_page,
+                                               stride_n);
+        off = valid ? paged : 0;
+      } else {
+        off = int64_t(valid ? t : 0) * stride_n;
+      }
+      cp_async_16(dst + sm90::tile_offset(row, c, BK), base + off + c * 8, valid);
     }
   };
 
@@ -122,6 +146,10 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     __syncthreads();  // ... for every thread; and both warpgroups are done with V(n-1)'s stage
     if (n + 1 < num_tiles) load_kv(n + 1, true);
     cp_async_commit();
+    // PAGED: rows of tile n+2 go where tile n's were (their last reader, V(n), was issued before the barrier
+    // above); loaded now, stored before the next barrier, so the lookup's latency hides behind S = Q K^T.
+    int2 rows_ahead = make_int2(0, 0);
+    if constexpr (PAGED) rows_ahead = resolve_rows(n + 2);
 
     // ---- S = Q K^T
     constexpr int NB = BK / 8;  // n8 blocks of scores
@@ -181,6 +209,9 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       pa[kk][3] = pack2<DTypeKV>(s[8 * kk + 6], s[8 * kk + 7]);
     }
 
+    if constexpr (PAGED) {
+      if (tid < BK) s_rows[(n & 1) * BK + tid] = rows_ahead;
+    }
     cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
     sm90::fence_async_shared();
     __syncthreads();  // ... for every thread; and both warpgroups are done with K(n)'s stage
@@ -204,6 +235,18 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   // ---- epilogue: normalise, stage the 16-bit rows in Q's place, write 16-byte chunks
 #pragma unroll
   for (int r = 0; r < 2; ++r) d[r] = quad_sum(d[r]);
+  if constexpr (SPLIT) {
+    if (p.num_chunks > 1) {  // a partial state: float rows (chunk * qo_len + token, head), merged afterwards
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        if (row >= rows_here) continue;
+        store_partial_row<16, D>(p, packed_row_index(p, chunk * qo_len, pr0 + row, group, kv_head * group),
+                                 inverse_or_zero(d[r]), lane, o + 2 * r, m[r], d[r], scl);
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     stage_o_row<16, DTypeO>(inverse_or_zero(d[r]), row0 + 8 * r, lane, o + 2 * r,
@@ -223,20 +266,36 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   }
 }
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+// SPLIT: p.num_chunks chunks of p.chunk_size keys, partial states in p.partial_o (num_chunks * qo_len *
+// num_qo_heads rows of 128 floats, then as many lse), merged into p.o / p.lse by a second kernel.
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool PAGED = false, bool SPLIT = false>
 cudaError_t launch_fa3_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
-  constexpr auto kernel = fa3_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK>;
+  constexpr auto kernel = fa3_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK, PAGED, SPLIT>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   using Tr = Fa3Traits<MASK>;
+  constexpr int kSmem = Tr::kSmemBytes + (PAGED ? Tr::kRowsBytes : 0);
   // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
-  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, occupancy_only);
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, kSmem, device, occupancy_only);
   if (err != cudaSuccess || occupancy_only != nullptr) return err;
-  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks != 1) return cudaErrorInvalidValue;
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks < 1) return cudaErrorInvalidValue;
+  if (!SPLIT && p.num_chunks != 1) return cudaErrorInvalidValue;
+  if (PAGED && p.page_size <= 0) return cudaErrorInvalidValue;
+  const bool split = SPLIT && p.num_chunks > 1;
+  if (split && (p.partial_o == nullptr || p.chunk_size <= 0)) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   p.num_qtiles = ceil_div(p.qo_len * p.group_size, Tr::BQ);
-  kernel<<<dim3(p.num_qtiles, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  if (p.num_qtiles == 0) return cudaSuccess;
+  if (split) p.partial_lse = p.partial_o + int64_t(p.num_chunks) * p.qo_len * p.num_qo_heads * Tr::kHeadDim;
+  kernel<<<dim3(p.num_qtiles, p.num_kv_heads, SPLIT ? p.num_chunks : 1), Tr::kThreads, kSmem, stream>>>(p);
+  err = cudaGetLastError();
+  if constexpr (SPLIT) {
+    if (err == cudaSuccess && split) {
+      p.merge = nullptr;
+      return launch_prefill_merge<Tr::kHeadDim, DTypeO>(p, p.qo_len, stream);
+    }
+  }
+  return err;
 }
 
 }  // namespace flashinfer

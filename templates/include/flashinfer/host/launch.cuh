@@ -64,28 +64,22 @@ static cudaError_t kernel_occupancy(int threads, int smem_bytes, int device, int
   return cudaSuccess;
 }
 
-// Grid, block, dynamic shared memory and stream of a launch_kernel() call. pdl: launch with programmatic
-// dependent launch (sm_90): the kernel may be scheduled while its predecessor in the stream drains, so it
-// must call grid_dependency_wait() (ptx/griddepcontrol.cuh) before reading anything that predecessor wrote.
-struct LaunchConfig {
-  dim3 grid, block;
-  size_t smem_bytes;
-  cudaStream_t stream;
-  bool pdl;
-};
-
+// Launches kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx, as a programmatic
+// dependent launch when `pdl` (sm_90+: the kernel may be scheduled while its predecessor on the stream drains,
+// so it must call grid_dependency_wait() (ptx/griddepcontrol.cuh) before reading memory the predecessor writes).
 template <typename... Params, typename... Args>
-static cudaError_t launch_kernel(void (*kernel)(Params...), const LaunchConfig& launch, Args&&... args) {
-  cudaLaunchAttribute attrs[1];
-  attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[0].val.programmaticStreamSerializationAllowed = 1;
+static cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                 bool pdl, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = launch.grid;
-  config.blockDim = launch.block;
-  config.dynamicSmemBytes = launch.smem_bytes;
-  config.stream = launch.stream;
-  config.attrs = attrs;
-  config.numAttrs = launch.pdl ? 1 : 0;
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 

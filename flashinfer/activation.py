@@ -1,0 +1,204 @@
+"""Gated activations: ``silu_and_mul``, ``gelu_and_mul``, ``gelu_tanh_and_mul``; drop-ins for FlashInfer's
+``flashinfer.activation`` functions of those names.
+
+``input [..., 2d] -> out [..., d]`` with ``out = act(input[..., :d]) * input[..., d:]`` in float32. One JIT module
+per dtype (``activation_bf16``, ``activation_f16``) holds all three activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from . import jit
+from .jit.abi import Launcher
+from .jit.spec import Spec, register_family
+from .utils import (
+    DTYPE_CUDA,
+    DTYPE_SHORT,
+    check_device_tensor,
+    check_pdl_arg,
+    current_stream_ptr,
+    dtype_short,
+    module_error,
+    resolve_pdl,
+)
+
+__all__ = ["ActivationSpec", "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"]
+
+
+@register_family
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec(Spec):
+    """Compile-time configuration of the gated-activation module: only the element type."""
+
+    dtype: str = "bf16"
+
+    family = "activation"
+    template = "activation.cu.jinja"
+    launchers = (
+        Launcher("flashinfer_act_and_mul",
+                 "const void* input, void* out, int64_t input_stride, int64_t out_stride, int rows, int d, "
+                 "int activation, int enable_pdl, int device, void* stream"),
+    )
+
+    def name(self) -> str:
+        return f"{self.family}_{self.dtype}"
+
+    def render_vars(self) -> Dict[str, Any]:
+        return {"name": self.name(), "dtype": DTYPE_CUDA[self.dtype]}
+
+    @classmethod
+    def axes(cls) -> Dict[str, Tuple[Any, ...]]:
+        return {"dtype": ("bf16", "f16")}
+
+
+class _ActModule:
+    __slots__ = ("module", "launch", "codes")
+
+    def __init__(self, dtype: str) -> None:
+        self.module = jit.load(ActivationSpec(dtype=dtype))
+        self.launch = self.module.launcher("flashinfer_act_and_mul").raw
+        # The activation ids the module exports (FI_MODULE_CONSTANTS), by FlashInfer's function prefix.
+        self.codes = {name: self.module.constants[name] for name in ("silu", "gelu", "gelu_tanh")}
+
+
+@functools.lru_cache(maxsize=None)
+def _act_module(dtype: str) -> _ActModule:
+    return _ActModule(dtype)
+
+
+def _rows_stride(shape: torch.Size, stride: Tuple[int, ...]) -> Optional[int]:
+    """The row stride of ``shape``'s leading dimensions collapsed into one, or None when they do not collapse."""
+    row_stride = stride[-2] if len(shape) >= 2 else shape[-1]
+    expected = row_stride
+    for i in range(len(shape) - 2, 0, -1):  # dim i - 1 must step over all of dim i
+        expected *= shape[i]
+        if shape[i - 1] > 1 and stride[i - 1] != expected:
+            return None
+    return row_stride
+
+
+def _launch(act: str, out: torch.Tensor, input: torch.Tensor, enable_pdl: Optional[bool]) -> None:
+    """Launch on validated tensors: input ``[..., 2d]``, out ``[..., d]``, both with unit last stride."""
+    shape = out.shape
+    d = shape[-1]
+    rows = out.numel() // d if d else 0
+    if rows == 0:
+        return
+    in_stride = _rows_stride(input.shape, input.stride())
+    if in_stride is None:
+        input = input.contiguous()
+        in_stride = input.shape[-1]
+    out_stride = _rows_stride(shape, out.stride())
+    target = None
+    if out_stride is None:  # the leading dimensions of out do not collapse: compute contiguously, then copy
+        target, out = out, torch.empty(shape, dtype=out.dtype, device=out.device)
+        out_stride = d
+    if rows == 1:  # a single row's stride is never used: report the packed one (it must not block 16-byte vectors)
+        in_stride, out_stride = 2 * d, d
+    m = _act_module(DTYPE_SHORT[input.dtype])
+    device = input.device
+    rc = m.launch(input.data_ptr(), out.data_ptr(), in_stride, out_stride, rows, d, m.codes[act],
+                  resolve_pdl(enable_pdl, device), device.index, current_stream_ptr(device))
+    if rc:
+        raise module_error(m.module, rc, f"{act}_and_mul ({m.module.spec.name()}) on {device}")
+    if target is not None:
+        target.copy_(out)
+
+
+def _make_op(act: str):
+    @torch.library.custom_op(f"flashinfer::{act}_and_mul", mutates_args=("out",))
+    def op(out: torch.Tensor, input: torch.Tensor, enable_pdl: Optional[bool]) -> None:
+        _launch(act, out, input, enable_pdl)
+
+    @op.register_fake
+    def _fake(out, input, enable_pdl) -> None:
+        return None
+
+    return op
+
+
+_OPS = {act: _make_op(act) for act in ("silu", "gelu", "gelu_tanh")}
+
+
+def _act_and_mul(act: str, input: torch.Tensor, out: Optional[torch.Tensor], enable_pdl: Optional[bool]) -> torch.Tensor:
+    check_device_tensor(input, "input")
+    dtype_short(input, "input")
+    shape = input.shape
+    if len(shape) < 1 or shape[-1] % 2:
+        raise ValueError(f"input must be (..., 2 * d): its last dimension must be even, got shape {tuple(shape)}")
+    d = shape[-1] // 2
+    if d >= 2**31 or (d and input.numel() // (2 * d) >= 2**31):
+        raise ValueError(f"input shape {tuple(shape)}: rows and d must stay below 2**31")
+    pdl = check_pdl_arg(enable_pdl)
+    if input.stride()[-1] != 1 and d:
+        input = input.contiguous()
+    out_shape = (*shape[:-1], d)
+    if out is None:
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device)
+    else:
+        check_device_tensor(out, "out")
+        if out.shape != out_shape or out.dtype != input.dtype or out.device != input.device:
+            raise ValueError(f"out must be a {input.dtype} tensor of shape {out_shape} on {input.device} (input "
+                             f"{tuple(shape)} -> (..., d)), got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if out.stride()[-1] != 1 and d > 1:
+            raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out.stride()}")
+    if torch.compiler.is_compiling():
+        _OPS[act](out, input, pdl)
+    else:
+        _launch(act, out, input, pdl)
+    return out
+
+
+def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
+                 enable_pdl: Optional[bool] = None) -> torch.Tensor:
+    r"""Fused SiLU and multiply: ``silu(input[..., :d]) * input[..., d:]``.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``(..., 2 * d)``, float16 or bfloat16, on a CUDA device; any strides (a copy is made when the last
+        dimension is not contiguous or the leading ones do not collapse).
+    out : Optional[torch.Tensor]
+        ``(..., d)`` output in the input's dtype, last dimension contiguous; written in place.
+    enable_pdl : Optional[bool]
+        Launch as a programmatic dependent launch; ``None`` enables it on sm_90+ (ignored below sm_90).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., d)`` in the input's dtype (``out`` when given), computed in float32.
+    """
+    return _act_and_mul("silu", input, out, enable_pdl)
+
+
+def gelu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
+                 enable_pdl: Optional[bool] = None) -> torch.Tensor:
+    r"""Fused GELU (exact, erf form) and multiply: ``gelu(input[..., :d]) * input[..., d:]``.
+
+    Parameters and result as :func:`silu_and_mul`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., d)`` in the input's dtype (``out`` when given).
+    """
+    return _act_and_mul("gelu", input, out, enable_pdl)
+
+
+def gelu_tanh_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
+                      enable_pdl: Optional[bool] = None) -> torch.Tensor:
+    r"""Fused GELU (tanh approximation) and multiply: ``gelu_tanh(input[..., :d]) * input[..., d:]``.
+
+    Parameters and result as :func:`silu_and_mul`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., d)`` in the input's dtype (``out`` when given).
+    """
+    return _act_and_mul("gelu_tanh", input, out, enable_pdl)

@@ -1,0 +1,89 @@
+// Gated activations: out[r, j] = act(input[r, j]) * input[r, d + j] for rows r and j < d, in fp32.
+//
+// Purely elementwise and memory-bound: CTA (row, column block) of kActThreads threads, each moving up to
+// kActUnroll chunks of N elements (N = 8: 16-byte vectors; N = 1 when d or the rows are not 16-byte aligned),
+// all loads issued before the first store. The chunks per thread are picked at launch from the size: few for
+// small batches (more CTAs, lower latency), the most once the GPU is full.
+#pragma once
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+#include "flashinfer/ptx/griddepcontrol.cuh"
+
+namespace flashinfer {
+
+enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+template <Activation ACT>
+FI_DEVICE float activate(float x) {
+  if constexpr (ACT == Activation::kSilu) {
+    return x / (1.f + __expf(-x));  // -> -0 for very negative x (exp overflows to inf)
+  } else if constexpr (ACT == Activation::kGelu) {
+    return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+  } else {
+    const float inner = 0.79788456080286536f * fmaf(0.044715f * x, x * x, x);  // sqrt(2/pi) (x + 0.044715 x^3)
+    return 0.5f * x * (1.f + tanhf(inner));
+  }
+}
+
+struct ActParams {
+  const void* input;  // [rows, 2d], row stride in_stride
+  void* out;          // [rows, d], row stride out_stride
+  int64_t in_stride, out_stride;
+  int rows, d, chunks_per_thread;
+};
+
+constexpr int kActThreads = 128;
+constexpr int kActUnroll = 4;
+
+template <typename T, Activation ACT, int N>
+__global__ void __launch_bounds__(kActThreads) act_and_mul_kernel(const __grid_constant__ ActParams p) {
+  grid_dependency_wait();
+  const int row = blockIdx.x;
+  const int chunks = p.d / N;
+  const int first = blockIdx.y * kActThreads * p.chunks_per_thread + threadIdx.x;
+  const T* gate = static_cast<const T*>(p.input) + row * p.in_stride;
+  const T* up = gate + p.d;
+  T* out = static_cast<T*>(p.out) + row * p.out_stride;
+  Chunk<T, N> g[kActUnroll], u[kActUnroll];
+#pragma unroll
+  for (int i = 0; i < kActUnroll; ++i) {
+    const int c = first + i * kActThreads;
+    if (i < p.chunks_per_thread && c < chunks) {
+      g[i].load(gate + c * N);
+      u[i].load(up + c * N);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kActUnroll; ++i) {
+    const int c = first + i * kActThreads;
+    if (i < p.chunks_per_thread && c < chunks) {
+      float gf[N], uf[N];
+      g[i].to_floats(gf);
+      u[i].to_floats(uf);
+#pragma unroll
+      for (int e = 0; e < N; ++e) gf[e] = activate<ACT>(gf[e]) * uf[e];
+      store_floats<T, N>(out + c * N, gf);
+    }
+  }
+  grid_dependency_launch_dependents();
+}
+
+// sm_count: the device's SMs, to size the work per thread (the GPU holds 2048 threads per SM).
+template <typename T, Activation ACT>
+static cudaError_t launch_act_and_mul(ActParams p, int sm_count, bool pdl, cudaStream_t stream) {
+  if (p.rows == 0 || p.d == 0) return cudaSuccess;
+  const bool vec = p.d % 8 == 0 && p.in_stride % 8 == 0 && p.out_stride % 8 == 0 &&
+                   ((reinterpret_cast<uintptr_t>(p.input) | reinterpret_cast<uintptr_t>(p.out)) & 15) == 0;
+  const int n = vec ? 8 : 1;
+  const int chunks = p.d / n;
+  const int64_t total = int64_t(p.rows) * chunks;
+  const int64_t full = int64_t(sm_count) * 2048;
+  p.chunks_per_thread = static_cast<int>(total >= full * kActUnroll ? kActUnroll : total >= full * 2 ? 2 : 1);
+  const int col_blocks = ceil_div(chunks, kActThreads * p.chunks_per_thread);
+  if (col_blocks > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(p.rows, col_blocks);
+  if (vec) return launch_kernel(act_and_mul_kernel<T, ACT, 8>, grid, dim3(kActThreads), 0, stream, pdl, p);
+  return launch_kernel(act_and_mul_kernel<T, ACT, 1>, grid, dim3(kActThreads), 0, stream, pdl, p);
+}
+
+}  // namespace flashinfer

@@ -1,0 +1,934 @@
+"""flashinfer.cascade: the state merges against a float64 reference (with -inf states on either side and masks), and
+cascade attention against float64 attention computed without any merging (each query's KV of every level laid end
+to end, attended once). On the CPU: page-table handling, the fallback's cost model, validation, spec naming and one
+real build of the merge module."""
+
+from __future__ import annotations
+
+import itertools
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashinfer
+from flashinfer import cascade
+from flashinfer.cascade import CascadeSharedSpec, MergeStateSpec, _check_levels, _concatenated_table, _decode_table
+
+from reference import LSE_TOL, assert_close, attention, poisoned
+
+NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------ merge references
+
+
+def _merge_ref(vs, ss):
+    """float64 merge of states vs [..., n, H, D], ss [..., n, H] along dim -3 / -2 (-inf: empty)."""
+    vs, ss = vs.double(), ss.double()
+    m = ss.max(dim=-2, keepdim=True).values
+    w = torch.where(torch.isinf(ss) & (ss < 0), torch.zeros_like(ss), torch.exp2(ss - m.nan_to_num(0.0)))
+    d = w.sum(dim=-2)
+    o = (w[..., None] * vs).sum(dim=-3) / torch.where(d > 0, d, torch.ones_like(d))[..., None]
+    s = torch.where(d > 0, m.squeeze(-2).nan_to_num(0.0) + torch.log2(torch.where(d > 0, d, torch.ones_like(d))),
+                    torch.full_like(d, NEG_INF))
+    return o, s
+
+
+def _lse_close(got, ref):
+    finite = torch.isfinite(ref)
+    assert not torch.isnan(got).any(), "lse: NaN"
+    assert torch.equal(torch.isinf(got), ~finite), "lse: -inf where the reference is finite, or the reverse"
+    torch.testing.assert_close(got[finite].double(), ref[finite], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
+def _states(shape, dtype, p_inf=0.15):
+    """Random v (in dtype) and lse in a realistic range, a fraction of the lse -inf (empty states)."""
+    v = torch.randn(*shape, device="cuda").to(dtype)
+    s = torch.randn(*shape[:-1], device="cuda") * 4 + 10
+    s[torch.rand_like(s) < p_inf] = NEG_INF
+    return v, s
+
+
+MERGE_SHAPES = [(1, 1, 8), (37, 3, 72), (500, 32, 128), (64, 8, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("shape", MERGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_merge_state(dtype, shape):
+    va, sa = _states(shape, dtype)
+    vb, sb = _states(shape, dtype)
+    sa[0, 0], sb[0, 0] = NEG_INF, NEG_INF  # both empty
+    if shape[0] > 1:
+        sa[1, 0], sb[1, 0] = NEG_INF, 3.0  # only b
+        sa[1, -1], sb[1, -1] = 7.0, NEG_INF  # only a
+    v, s = flashinfer.merge_state(va, sa, vb, sb)
+    ref_v, ref_s = _merge_ref(torch.stack([va, vb], -3), torch.stack([sa, sb], -2))
+    assert_close(v, ref_v, what="v")
+    _lse_close(s, ref_s)
+    # An empty side gives the other exactly; both empty give v = 0, s = -inf.
+    only_a, only_b = torch.isinf(sb) & ~torch.isinf(sa), torch.isinf(sa) & ~torch.isinf(sb)
+    assert torch.equal(v[only_a], va[only_a]) and torch.equal(s[only_a], sa[only_a])
+    assert torch.equal(v[only_b], vb[only_b]) and torch.equal(s[only_b], sb[only_b])
+    both = torch.isinf(sa) & torch.isinf(sb)
+    assert (v[both] == 0).all() and (s[both] == NEG_INF).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_merge_state_in_place_with_mask_and_views(dtype):
+    seq, heads, d = 300, 6, 128
+    # v as a view into a wider buffer (row stride 2 * heads * d), s transposed (non-contiguous), v_other strided.
+    big = torch.randn(seq, heads, 2 * d, device="cuda").to(dtype)
+    v = big[:, :, d:]
+    s_store = torch.randn(heads, seq, device="cuda") * 3 + 8
+    s = s_store.t()
+    s[torch.rand_like(s) < 0.2] = NEG_INF
+    vo_big = torch.randn(seq, 2 * heads, d, device="cuda").to(dtype)
+    v_other = vo_big[:, ::2]
+    s_other = torch.randn(seq, heads, device="cuda") * 3 + 8
+    s_other[torch.rand_like(s_other) < 0.2] = NEG_INF
+    mask = torch.rand(seq, device="cuda") < 0.7
+    v0, s0 = v.clone(), s.clone()
+    untouched = big[:, :, :d].clone()
+    flashinfer.merge_state_in_place(v, s, v_other, s_other, mask=mask)
+    ref_v, ref_s = _merge_ref(torch.stack([v0, v_other], -3), torch.stack([s0, s_other], -2))
+    assert_close(v[mask], ref_v[mask], what="merged rows")
+    _lse_close(s[mask], ref_s[mask])
+    assert torch.equal(v[~mask], v0[~mask]) and torch.equal(s[~mask], s0[~mask]), "masked-off rows changed"
+    assert torch.equal(big[:, :, :d], untouched), "wrote outside the view"
+    # No mask: every row; s_other in float16 is converted.
+    v1, s1 = v.clone(), s.clone()
+    flashinfer.merge_state_in_place(v, s, v_other, s_other.half())
+    ref_v, ref_s = _merge_ref(torch.stack([v1, v_other], -3), torch.stack([s1, s_other.half().float()], -2))
+    assert_close(v, ref_v)
+    _lse_close(s, ref_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("shape", [(5, 0, 2, 64), (1, 1, 4, 128), (300, 8, 32, 128), (7, 13, 3, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_merge_states(dtype, shape):
+    v, s = _states(shape, dtype, p_inf=0.3)
+    if shape[1]:
+        s[0, :, 0] = NEG_INF  # a row with every state empty
+        s[-1, :, -1] = NEG_INF
+        s[-1, shape[1] // 2, -1] = 2.0  # ... but one
+    vo, so = flashinfer.merge_states(v, s)
+    assert vo.shape == (shape[0], shape[2], shape[3]) and so.shape == (shape[0], shape[2])
+    if shape[1] == 0:
+        assert (vo == 0).all() and (so == NEG_INF).all()
+        return
+    ref_v, ref_s = _merge_ref(v, s)
+    assert_close(vo, ref_v)
+    _lse_close(so, ref_s)
+    assert torch.equal(vo[-1, -1], v[-1, shape[1] // 2, -1]), "a single non-empty state must come out exactly"
+    # merge_states on a non-contiguous v (a slice of the state axis) agrees
+    if shape[1] > 2:
+        vo2, so2 = flashinfer.merge_states(v[:, 1:], s[:, 1:])
+        ref_v2, ref_s2 = _merge_ref(v[:, 1:], s[:, 1:])
+        assert_close(vo2, ref_v2)
+        _lse_close(so2, ref_s2)
+
+
+@pytest.mark.gpu
+def test_merge_ops_trace_under_torch_compile_and_follow_the_stream():
+    va, sa = _states((64, 4, 128), torch.bfloat16)
+    vb, sb = _states((64, 4, 128), torch.bfloat16)
+
+    def f(va, sa, vb, sb):
+        v, s = flashinfer.merge_state(va, sa, vb, sb)
+        v2, s2 = flashinfer.merge_states(torch.stack([va, vb], 1), torch.stack([sa, sb], 1))
+        return v, s, v2, s2
+
+    v, s, v2, s2 = torch.compile(f, backend="aot_eager", fullgraph=True)(va, sa, vb, sb)
+    ref_v, ref_s = _merge_ref(torch.stack([va, vb], -3), torch.stack([sa, sb], -2))
+    assert_close(v, ref_v)
+    assert_close(v2, ref_v)
+    _lse_close(s, ref_s)
+    _lse_close(s2, ref_s)
+    # In place on a side stream, right after the inputs were produced there.
+    st = torch.cuda.Stream()
+    with torch.cuda.stream(st):
+        x = va.clone()
+        xs = sa.clone()
+        flashinfer.merge_state_in_place(x, xs, vb, sb)
+    st.synchronize()
+    assert_close(x, ref_v)
+
+
+# ------------------------------------------------------------------------------------ cascade page tables
+
+
+class Levels:
+    """A random paged cache and the page tables of a cascade batch: level l holds requests (query count, KV
+    tokens); every level covers the same queries in order."""
+
+    def __init__(self, levels, page_size, hkv, d, dtype, layout, form="single", spare=3, full_pages_above=False):
+        self.page_size, self.layout = page_size, layout
+        tables = []
+        pages_total = 0
+        for l, reqs in enumerate(levels):
+            qo = [0] + list(itertools.accumulate(q for q, _ in reqs))
+            lens = [n for _, n in reqs]
+            if full_pages_above and l < len(levels) - 1:
+                lens = [-(-n // page_size) * page_size for n in lens]
+            pages = [-(-n // page_size) for n in lens]
+            kv = [0] + list(itertools.accumulate(pages))
+            last = [n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)]
+            tables.append((qo, kv, last, lens))
+            pages_total += kv[-1]
+        num_pages = pages_total + spare
+        perm = torch.randperm(num_pages).to(torch.int32)
+        at = 0
+        self.qo, self.kv, self.idx, self.last, self.lens = [], [], [], [], []
+        for qo, kv, last, lens in tables:
+            self.qo.append(torch.tensor(qo, dtype=torch.int32))
+            self.kv.append(torch.tensor(kv, dtype=torch.int32))
+            self.idx.append(perm[at : at + kv[-1]].clone())
+            self.last.append(torch.tensor(last, dtype=torch.int32))
+            self.lens.append(lens)
+            at += kv[-1]
+        shape = (num_pages, page_size, hkv, d) if layout == "NHD" else (num_pages, hkv, page_size, d)
+        if form == "single":
+            self.cache = torch.randn(num_pages, 2, *shape[1:], device="cuda").to(dtype)
+            self.k, self.v = self.cache[:, 0], self.cache[:, 1]
+        else:
+            self.k = torch.randn(shape, device="cuda").to(dtype)
+            self.v = torch.randn(shape, device="cuda").to(dtype)
+            self.cache = (self.k, self.v)
+        self.total_q = int(self.qo[0][-1])
+
+    def plan_args(self, device_indices=True):
+        idx = [i.cuda() for i in self.idx] if device_indices else self.idx
+        return self.qo, self.kv, idx, self.last
+
+    def gather(self, t, level, req):
+        n = self.lens[level][req]
+        ids = self.idx[level][self.kv[level][req] : self.kv[level][req + 1]].long().to(t.device)
+        x = t[ids]
+        if self.layout == "HND":
+            x = x.transpose(1, 2)
+        return x.reshape(-1, x.shape[-2], x.shape[-1])[:n]
+
+    def reference(self, q, causal=False, **kw):
+        """Each request of the last level: its queries against the KV of every level laid end to end, attended
+        once in float64 (causal: aligned bottom-right over the whole concatenation)."""
+        outs, lses = [], []
+        qo_last = self.qo[-1].tolist()
+        for j in range(len(qo_last) - 1):
+            a, b = qo_last[j], qo_last[j + 1]
+            if a == b:
+                continue
+            ks, vs = [], []
+            for l in range(len(self.qo)):
+                req = int(torch.searchsorted(self.qo[l], torch.tensor(a, dtype=torch.int32), right=True)) - 1
+                ks.append(self.gather(self.k, l, req))
+                vs.append(self.gather(self.v, l, req))
+            o, s = attention(q[a:b], torch.cat(ks), torch.cat(vs), causal=causal, **kw)
+            outs.append(o)
+            lses.append(s)
+        return torch.cat(outs), torch.cat(lses)
+
+
+def _workspace(mb=128, device="cuda"):
+    return torch.empty(mb << 20, dtype=torch.uint8, device=device)
+
+
+def _check(w, lv, q, causal=False, **kw):
+    out = poisoned(q.shape, q.dtype)
+    lse = poisoned(q.shape[:2], torch.float32)
+    o, s = w.run(q, lv.cache, out=out, lse=lse, return_lse=True)
+    assert o is out and s is lse
+    ref_o, ref_s = lv.reference(q, causal=causal, **kw)
+    assert_close(o, ref_o, what="o")
+    _lse_close(s, ref_s)
+    return o
+
+
+# (dtype, head_dim, num_qo_heads, num_kv_heads, layout, cache form): GQA groups 1, 4, 8, every head_dim, both
+# layouts and dtypes, both cache forms (specs chosen within the test preset, see flashinfer/cli.py).
+CASES = [
+    (torch.bfloat16, 64, 8, 8, "NHD", "single"),
+    (torch.float16, 128, 32, 8, "NHD", "tuple"),
+    (torch.bfloat16, 256, 16, 2, "NHD", "single"),
+    (torch.bfloat16, 128, 32, 4, "HND", "tuple"),
+    (torch.bfloat16, 128, 8, 8, "HND", "single"),
+]
+_case_id = lambda c: f"{str(c[0])[6:]}-d{c[1]}-{c[2]}q{c[3]}kv-{c[4]}-{c[5]}"  # noqa: E731
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_two_levels(case, mode):
+    dtype, d, hq, hkv, layout, form = case
+    if mode == "decode":
+        # One query per request; a 3000-token prefix (its KV split across the GPU) ending mid-page; unique lengths
+        # across page edges, and one request with no unique tokens.
+        unique = [1, 17, 0, 300, 16, 33, 5]
+        levels = [[(len(unique), 3000)], [(1, n) for n in unique]]
+    else:
+        # Causal append: each request's unique KV ends with its queries.
+        qo = [5, 1, 20, 3]
+        levels = [[(sum(qo), 700)], [(q, n) for q, n in zip(qo, [5, 40, 37, 3])]]
+    lv = Levels(levels, 16, hkv, d, dtype, layout, form)
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
+    w._fallback = "never"
+    w.plan(*lv.plan_args(), hq, hkv, d, 16, causal=mode == "prefill", q_data_type=dtype)
+    st = w.plan_stats()
+    assert st["path"] == "cascade"
+    assert st["kernels"][-1][0] == ("batch_decode" if mode == "decode" else "batch_prefill")
+    q = torch.randn(lv.total_q, hq, d, device="cuda").to(dtype)
+    _check(w, lv, q, causal=mode == "prefill")
+    # Without lse, and a second run reusing the plan (a next layer).
+    q2 = torch.randn_like(q)
+    o2 = w.run(q2, lv.cache)
+    assert_close(o2, lv.reference(q2, causal=mode == "prefill")[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_three_levels_with_empty_requests_and_levels(mode):
+    if mode == "decode":
+        # 7 queries: a shared prefix, two groups (the second without group pages), unique tokens (one request without).
+        levels = [[(7, 1000)], [(3, 250), (4, 0)], [(1, n) for n in [40, 0, 16, 1, 90, 7, 33]]]
+    else:
+        levels = [[(30, 513)], [(12, 64), (18, 100)], [(4, 10), (8, 8), (1, 1), (17, 40)]]
+    lv = Levels(levels, 16, 4, 128, torch.bfloat16, "NHD")
+    q = torch.randn(lv.total_q, 16, 128, device="cuda").to(torch.bfloat16)
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(3, _workspace(), "NHD")
+    w._fallback = "never"
+    w.plan(*lv.plan_args(device_indices=False), 16, 4, 128, 16, causal=mode == "prefill", q_data_type=torch.bfloat16)
+    _check(w, lv, q, causal=mode == "prefill")
+    # A whole level empty (skipped), then no shared prefix at all (level 0 empty: it still writes the base state).
+    for empty in (1, 0):
+        spec = [list(r) for r in levels]
+        spec[empty] = [(qn, 0) for qn, _ in levels[empty]]
+        lv2 = Levels(spec, 16, 4, 128, torch.bfloat16, "NHD")
+        w.plan(*lv2.plan_args(), 16, 4, 128, 16, causal=mode == "prefill", q_data_type=torch.bfloat16)
+        _check(w, lv2, q, causal=mode == "prefill")
+
+
+def _on_hopper():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("page_size,layout,prefix", [(16, "NHD", 33000), (1, "HND", 2500), (16, "HND", 40)])
+def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, prefix):
+    """A shared level of every query runs on the Hopper wgmma kernel (paged KV, split across the GPU; a prefix
+    ending mid-page; page_size 1; a prefix shorter than one KV tile), or on batch prefill: both match."""
+    unique = [1, 0, 300, 16, 33, 5, 70, 2]
+    lv = Levels([[(len(unique), prefix)], [(1, n) for n in unique]], page_size, 4, 128, dtype, layout)
+    q = torch.randn(len(unique), 32, 128, device="cuda").to(dtype)
+    for wgmma in (True, False):
+        w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
+        w._fallback = "never"
+        w._shared_level_wgmma = wgmma
+        w.plan(*lv.plan_args(), 32, 4, 128, page_size, q_data_type=dtype)
+        assert w.plan_stats()["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma and _on_hopper() else "batch_prefill")
+        _check(w, lv, q)
+    # a prefill-shaped batch: more query tiles, fewer chunks
+    qo = [40, 1, 200, 3]
+    lv = Levels([[(sum(qo), 1500)], [(n, n + 7) for n in qo]], page_size, 4, 128, dtype, layout)
+    q = torch.randn(sum(qo), 32, 128, device="cuda").to(dtype)
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
+    w.plan(*lv.plan_args(), 32, 4, 128, page_size, causal=True, q_data_type=dtype)
+    _check(w, lv, q, causal=True)
+
+
+@pytest.mark.gpu
+def test_decode_last_level_on_prefill_kernel_and_options():
+    """The last level on batch prefill (FlashInfer's route) gives the same result; sm_scale and the logits soft cap
+    (position-free options) apply to every level."""
+    unique = [3, 0, 100, 16]
+    lv = Levels([[(4, 2000)], [(1, n) for n in unique]], 16, 2, 128, torch.bfloat16, "NHD")
+    q = torch.randn(4, 8, 128, device="cuda").to(torch.bfloat16)
+    for on_decode in (True, False):
+        w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), "NHD")
+        w._fallback = "never"
+        w._last_level_decode = on_decode
+        w.plan(*lv.plan_args(), 8, 2, 128, 16, sm_scale=0.05, logits_soft_cap=8.0, q_data_type=torch.bfloat16)
+        assert w.plan_stats()["kernels"][-1][0] == ("batch_decode" if on_decode else "batch_prefill")
+        _check(w, lv, q, sm_scale=0.05, logits_soft_cap=8.0)
+
+
+@pytest.mark.gpu
+def test_short_prefix_falls_back_to_plain_decode():
+    unique = [100, 1, 2000, 40, 16, 17, 300, 5]
+    # A 16-token prefix (one full page) for 8 queries: plain decode over the concatenated tables is cheaper.
+    lv = Levels([[(8, 16)], [(1, n) for n in unique]], 16, 8, 128, torch.bfloat16, "NHD")
+    q = torch.randn(8, 32, 128, device="cuda").to(torch.bfloat16)
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), "NHD")
+    w.plan(*lv.plan_args(), 32, 8, 128, 16, q_data_type=torch.bfloat16)
+    st = w.plan_stats()
+    assert st["path"] == "plain_decode" and "short shared prefix" in st["reason"], st
+    _check(w, lv, q)
+    # A partial shared page cannot be concatenated: the cascade runs and says why.
+    lv2 = Levels([[(8, 10)], [(1, n) for n in unique]], 16, 8, 128, torch.bfloat16, "NHD")
+    w.plan(*lv2.plan_args(), 32, 8, 128, 16, q_data_type=torch.bfloat16)
+    st = w.plan_stats()
+    assert st["path"] == "cascade" and "do not concatenate" in st["reason"], st
+    _check(w, lv2, q)
+    # A long prefix: the cascade.
+    lv3 = Levels([[(8, 8192)], [(1, n) for n in unique]], 16, 8, 128, torch.bfloat16, "NHD")
+    w.plan(*lv3.plan_args(), 32, 8, 128, 16, q_data_type=torch.bfloat16)
+    assert w.plan_stats()["path"] == "cascade"
+    _check(w, lv3, q)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_after_replans():
+    batch, hq, hkv, d, ps = 6, 32, 8, 128, 16
+    max_pages = 3000
+    bufs = [[torch.zeros(n, dtype=torch.int32, device="cuda") for _ in range(2)] for n in (batch + 1, batch + 1,
+                                                                                        max_pages, batch)]
+    bufs[0][0] = torch.zeros(2, dtype=torch.int32, device="cuda")  # level 0: one request
+    bufs[1][0] = torch.zeros(2, dtype=torch.int32, device="cuda")
+    bufs[3][0] = torch.zeros(1, dtype=torch.int32, device="cuda")
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), "NHD", use_cuda_graph=True,
+                                                     qo_indptr_buf_arr=bufs[0], paged_kv_indptr_buf_arr=bufs[1],
+                                                     paged_kv_indices_buf_arr=bufs[2],
+                                                     paged_kv_last_page_len_buf_arr=bufs[3])
+    plans = [(5000, [1, 17, 400, 0, 33, 2]), (40, [700, 700, 700, 700, 700, 700]), (0, [5, 0, 0, 9, 1, 64]),
+             (12000, [0, 0, 0, 0, 0, 0]), (333, [16, 32, 1, 1000, 77, 3])]
+    caches = []
+    for prefix, unique in plans:
+        caches.append(Levels([[(batch, prefix)], [(1, n) for n in unique]], ps, hkv, d, torch.bfloat16, "NHD",
+                             spare=0))
+    num_pages = max(c.k.shape[0] for c in caches)
+    cache = torch.randn(num_pages, 2, ps, hkv, d, device="cuda").to(torch.bfloat16)
+    q = torch.randn(batch, hq, d, device="cuda").to(torch.bfloat16)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, hq, device="cuda")
+    lv = caches[0]
+    w.plan(*lv.plan_args(), hq, hkv, d, ps, q_data_type=torch.bfloat16)
+    assert w.plan_stats()["kernels"][-1][0] == "batch_decode"
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        w.run(q, cache, out=out, lse=lse, return_lse=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q, cache, out=out, lse=lse, return_lse=True)
+    for i, lv in enumerate(caches):
+        lv.cache = cache  # one cache for every plan (page ids index it)
+        lv.k, lv.v = cache[:, 0], cache[:, 1]
+        w.plan(*lv.plan_args(device_indices=i % 2 == 0), hq, hkv, d, ps, q_data_type=torch.bfloat16)
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        g.replay()
+        ref_o, ref_s = lv.reference(q)
+        assert_close(out, ref_o, what=f"replay {i}")
+        _lse_close(lse, ref_s)
+    with pytest.raises(ValueError, match="batch size"):
+        small = Levels([[(batch - 1, 64)], [(1, 5)] * (batch - 1)], ps, hkv, d, torch.bfloat16, "NHD")
+        w.plan(*small.plan_args(), hq, hkv, d, ps, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="first plan"):
+        w.plan(*caches[0].plan_args(), hq, hkv, 64, ps, q_data_type=torch.bfloat16)
+    # A non-graph wrapper refuses capture.
+    w2 = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), "NHD")
+    w2.plan(*caches[0].plan_args(), hq, hkv, d, ps, q_data_type=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="use_cuda_graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            w2.run(q, cache)
+
+
+@pytest.mark.gpu
+def test_flashinfer_doc_example_runs_unchanged():
+    """FlashInfer's MultiLevelCascadeAttentionWrapper docstring example, as written, then checked."""
+    import torch
+    import flashinfer
+    num_layers = 32
+    num_qo_heads = 64
+    num_kv_heads = 8
+    head_dim = 128
+    page_size = 16
+    # allocate 128MB workspace buffer
+    workspace_buffer = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda:0")
+    wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(
+        2, workspace_buffer, "NHD"
+    )
+    batch_size = 7
+    shared_kv_num_pages = 512
+    unique_kv_num_pages = 128
+    total_num_pages = shared_kv_num_pages + unique_kv_num_pages
+    shared_kv_page_indices = torch.arange(shared_kv_num_pages).int().to("cuda:0")
+    shared_kv_page_indptr = torch.tensor([0, shared_kv_num_pages], dtype=torch.int32, device="cuda:0")
+    unique_kv_page_indices = torch.arange(shared_kv_num_pages, total_num_pages).int().to("cuda:0")
+    unique_kv_page_indptr = torch.tensor(
+        [0, 17, 29, 44, 48, 66, 100, 128], dtype=torch.int32, device="cuda:0"
+    )
+    shared_kv_last_page_len = torch.tensor([page_size], dtype=torch.int32, device="cuda:0")
+    # 1 <= kv_last_page_len <= page_size
+    unique_kv_last_page_len = torch.tensor(
+        [1, 7, 14, 4, 3, 1, 16], dtype=torch.int32, device="cuda:0"
+    )
+    kv_cache_at_layer = [
+        torch.randn(
+            total_num_pages, 2, page_size, num_kv_heads, head_dim, dtype=torch.float16, device="cuda:0"
+        ) for _ in range(num_layers)
+    ]
+    qo_indptr_arr = [
+        torch.tensor([0, batch_size], dtype=torch.int32, device="cuda:0"),  # top-level for shared KV-Cache
+        torch.arange(batch_size + 1, dtype=torch.int32, device="cuda:0")    # bottom-level for unique KV-Cache
+    ]
+    # create auxiliary data structures for batch decode attention
+    wrapper.plan(
+        qo_indptr_arr,
+        [shared_kv_page_indptr, unique_kv_page_indptr],
+        [shared_kv_page_indices, unique_kv_page_indices],
+        [shared_kv_last_page_len, unique_kv_last_page_len],
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+    )
+    outputs = []
+    qs = []
+    for i in range(num_layers):
+        q = torch.randn(batch_size, num_qo_heads, head_dim).half().to("cuda:0")
+        qs.append(q)
+        # compute batch decode attention, reuse auxiliary data structures for all layers
+        o = wrapper.run(q, kv_cache_at_layer[i])
+        outputs.append(o)
+    assert outputs[0].shape == torch.Size([7, 64, 128])
+    assert wrapper.plan_stats()["path"] == "cascade"
+    # check two layers against attention over each request's pages (shared, then unique)
+    for layer in (0, num_layers - 1):
+        k, v = kv_cache_at_layer[layer][:, 0], kv_cache_at_layer[layer][:, 1]
+        shared_k = k[:shared_kv_num_pages].reshape(-1, num_kv_heads, head_dim)
+        shared_v = v[:shared_kv_num_pages].reshape(-1, num_kv_heads, head_dim)
+        ip, last = unique_kv_page_indptr.tolist(), unique_kv_last_page_len.tolist()
+        for r in range(batch_size):
+            n = (ip[r + 1] - ip[r] - 1) * page_size + last[r]
+            pages = slice(shared_kv_num_pages + ip[r], shared_kv_num_pages + ip[r + 1])
+            uk = k[pages].reshape(-1, num_kv_heads, head_dim)[:n]
+            uv = v[pages].reshape(-1, num_kv_heads, head_dim)[:n]
+            ref, _ = attention(qs[layer][r : r + 1], torch.cat([shared_k, uk]), torch.cat([shared_v, uv]))
+            assert_close(outputs[layer][r : r + 1], ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,dtype", [("NHD", torch.float16), ("HND", torch.bfloat16)], ids=["NHD-f16", "HND-bf16"])
+def test_legacy_shared_prefix_wrappers(layout, dtype):
+    """FlashInfer's BatchDecode/BatchPrefillWithSharedPrefixPagedKVCacheWrapper examples (one layer), checked."""
+    num_qo_heads, num_kv_heads, head_dim, page_size, max_num_pages = 64, 16, 128, 16, 128
+    ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda:0")
+    shared_prefix_len = 8192
+    indptr = torch.tensor([0, 17, 29, 44, 48, 66, 100, 128], dtype=torch.int32, device="cuda:0")
+    indices = torch.randperm(max_num_pages).int().to("cuda:0")
+    last = torch.tensor([1, 7, 14, 4, 3, 1, 16], dtype=torch.int32, device="cuda:0")
+    shape = (max_num_pages, 2, page_size, num_kv_heads, head_dim) if layout == "NHD" else \
+        (max_num_pages, 2, num_kv_heads, page_size, head_dim)
+    sshape = (shared_prefix_len, num_kv_heads, head_dim) if layout == "NHD" else (num_kv_heads, shared_prefix_len, head_dim)
+    cache = torch.randn(shape, dtype=dtype, device="cuda:0")
+    k_shared = torch.randn(sshape, dtype=dtype, device="cuda:0")
+    v_shared = torch.randn(sshape, dtype=dtype, device="cuda:0")
+    ks_nhd = k_shared if layout == "NHD" else k_shared.transpose(0, 1)
+    vs_nhd = v_shared if layout == "NHD" else v_shared.transpose(0, 1)
+
+    def unique_kv(r):
+        ids = indices[indptr[r] : indptr[r + 1]].long()
+        n = (int(indptr[r + 1] - indptr[r]) - 1) * page_size + int(last[r])
+        k, v = cache[ids, 0], cache[ids, 1]
+        if layout == "HND":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return k.reshape(-1, num_kv_heads, head_dim)[:n], v.reshape(-1, num_kv_heads, head_dim)[:n]
+
+    dec = flashinfer.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(ws, layout)
+    dec.begin_forward(indptr, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size, data_type=dtype)
+    q = torch.randn(7, num_qo_heads, head_dim).to(dtype).to("cuda:0")
+    o = dec.forward(q, k_shared, v_shared, cache)
+    assert o.shape == torch.Size([7, 64, 128])
+    for r in range(7):
+        uk, uv = unique_kv(r)
+        ref, _ = attention(q[r : r + 1], torch.cat([ks_nhd, uk]), torch.cat([vs_nhd, uv]))
+        assert_close(o[r : r + 1], ref)
+    dec.end_forward()
+
+    nnz_qo = 100
+    qo_indptr = torch.tensor([0, 33, 44, 55, 66, 77, 88, nnz_qo], dtype=torch.int32, device="cuda:0")
+    pre = flashinfer.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(ws, layout)
+    pre.begin_forward(qo_indptr, indptr, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size)
+    q = torch.randn(nnz_qo, num_qo_heads, head_dim).to(dtype).to("cuda:0")
+    for causal in (True, False):
+        o = pre.forward(q, k_shared, v_shared, cache, causal=causal)
+        assert o.shape == torch.Size([100, 64, 128])
+        qi = qo_indptr.tolist()
+        for r in range(7):
+            uk, uv = unique_kv(r)
+            ref, _ = attention(q[qi[r] : qi[r + 1]], torch.cat([ks_nhd, uk]), torch.cat([vs_nhd, uv]), causal=causal)
+            assert_close(o[qi[r] : qi[r + 1]], ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cascade_on_second_device_while_first_is_current():
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    with torch.cuda.device(dev):
+        lv = Levels([[(5, 900)], [(1, n) for n in [3, 0, 50, 16, 700]]], 16, 2, 128, torch.bfloat16, "NHD")
+    lv.cache = lv.cache.to(dev)
+    lv.k, lv.v = lv.cache[:, 0], lv.cache[:, 1]
+    q = torch.randn(5, 8, 128, device=dev).to(torch.bfloat16)
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(32, dev), "NHD")
+    w._fallback = "never"
+    qo, kv, idx, last = lv.plan_args(device_indices=False)
+    w.plan(qo, kv, [i.to(dev) for i in idx], last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    o, s = w.run(q, lv.cache, return_lse=True)
+    assert o.device == dev and torch.cuda.current_device() == 0
+    ref_o, ref_s = lv.reference(q)
+    assert_close(o, ref_o.to(dev))
+    v2, s2 = flashinfer.merge_state(o, s, o, s)
+    assert_close(v2, o.double())
+
+
+@pytest.mark.gpu
+def test_run_and_plan_bad_input():
+    lv = Levels([[(3, 100)], [(1, 5), (1, 6), (1, 7)]], 16, 2, 64, torch.bfloat16, "NHD")
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(16), "NHD")
+    w._fallback = "never"
+    q = torch.randn(3, 8, 64, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="before plan"):
+        w.run(q, lv.cache)
+    w.plan(*lv.plan_args(), 8, 2, 64, 16, q_data_type=torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype"):
+        w.run(q.half(), lv.cache)
+    with pytest.raises(ValueError, match="total_q"):
+        w.run(q[:2], lv.cache)
+    with pytest.raises(ValueError, match="out"):
+        w.run(q, lv.cache, out=torch.empty(3, 8, 32, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="num_qo_heads"):
+        w.plan(*lv.plan_args(), 6, 4, 64, 16, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="causal"):  # more queries than unique keys under a causal mask
+        bad = Levels([[(8, 100)], [(8, 5)]], 16, 2, 64, torch.bfloat16, "NHD")
+        w.plan(*bad.plan_args(), 8, 2, 64, 16, causal=True, q_data_type=torch.bfloat16)
+    with pytest.raises(ValueError, match="contiguous in head_dim"):
+        v = torch.randn(4, 2, 64, device="cuda").to(torch.bfloat16)[:, :, ::2]  # last stride 2
+        flashinfer.merge_state_in_place(v, torch.zeros(4, 2, device="cuda"), v.contiguous(),
+                                        torch.zeros(4, 2, device="cuda"))
+    with pytest.raises(TypeError, match="float32"):
+        v = torch.randn(4, 2, 64, device="cuda").to(torch.bfloat16)
+        flashinfer.merge_state_in_place(v, torch.zeros(4, 2, device="cuda").half(), v, torch.zeros(4, 2, device="cuda"))
+    with pytest.raises(ValueError, match="shape"):
+        v = torch.randn(4, 2, 64, device="cuda").to(torch.bfloat16)
+        flashinfer.merge_state(v, torch.zeros(4, 3, device="cuda"), v, torch.zeros(4, 2, device="cuda"))
+    with pytest.raises(ValueError, match="mask"):
+        v = torch.randn(4, 2, 64, device="cuda").to(torch.bfloat16)
+        s = torch.zeros(4, 2, device="cuda")
+        flashinfer.merge_state_in_place(v, s, v.clone(), s.clone(), mask=torch.ones(5, dtype=torch.bool, device="cuda"))
+
+
+# ------------------------------------------------------------------------------------------------------ CPU
+
+
+def _cpu_levels(levels, page_size=16, full_pages_above=False):
+    tables = []
+    base = 0
+    for l, reqs in enumerate(levels):
+        lens = [n for _, n in reqs]
+        if full_pages_above and l < len(levels) - 1:
+            lens = [-(-n // page_size) * page_size for n in lens]
+        pages = [-(-n // page_size) for n in lens]
+        qo = [0] + list(itertools.accumulate(q for q, _ in reqs))
+        kv = [0] + list(itertools.accumulate(pages))
+        last = [n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)]
+        tables.append((torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32),
+                       torch.arange(base, base + kv[-1], dtype=torch.int32) * 3 + 1, torch.tensor(last, dtype=torch.int32)))
+        base += kv[-1]
+    return [list(x) for x in zip(*tables)]
+
+
+def test_check_levels_rejects_bad_tables():
+    qo, kv, idx, last = _cpu_levels([[(3, 40)], [(1, 5), (1, 0), (1, 17)]])
+    levels = _check_levels(2, qo, kv, idx, last, 16)
+    assert [lv.kv_lens for lv in levels] == [[40], [5, 0, 17]] and levels[1].qo_lens == [1, 1, 1]
+    with pytest.raises(ValueError, match="list of 2"):
+        _check_levels(2, qo[:1], kv, idx, last, 16)
+    with pytest.raises(ValueError, match=r"qo_indptr_arr\[0\]\[-1\]"):
+        _check_levels(2, [torch.tensor([0, 2], dtype=torch.int32), qo[1]], kv, idx, last, 16)
+    with pytest.raises(ValueError, match="never decrease"):
+        _check_levels(2, qo, [kv[0], torch.tensor([0, 2, 1, 3], dtype=torch.int32)], idx, last, 16)
+    with pytest.raises(ValueError, match="last_page_len"):
+        _check_levels(2, qo, kv, idx, [last[0], torch.tensor([5, 0, 17], dtype=torch.int32)], 16)
+    with pytest.raises(ValueError, match="page ids"):
+        _check_levels(2, qo, kv, [idx[0], idx[1][:1]], last, 16)
+    with pytest.raises(TypeError, match="int32"):
+        _check_levels(2, qo, kv, [idx[0], idx[1].long()], last, 16)
+    with pytest.raises(ValueError, match="describes"):
+        _check_levels(2, qo, [kv[0], kv[1][:-1]], idx, last, 16)
+
+
+def test_decode_table_pads_requests_without_pages():
+    qo, kv, idx, last = _cpu_levels([[(4, 40)], [(1, 5), (1, 0), (1, 17), (1, 0)]])
+    lv = _check_levels(2, qo, kv, idx, last, 16)[1]
+    indptr, indices, lastp, has = _decode_table(lv)
+    assert has.tolist() == [True, False, True, False]
+    assert indptr.tolist() == [0, 1, 2, 4, 5] and lastp.tolist() == [5, 1, 1, 1]
+    own = lv.indices.tolist()
+    assert indices.tolist() == [own[0], 0, own[1], own[2], 0]
+    qo, kv, idx, last = _cpu_levels([[(2, 40)], [(1, 5), (1, 20)]])
+    lv = _check_levels(2, qo, kv, idx, last, 16)[1]
+    indptr, indices, lastp, has = _decode_table(lv)
+    assert has is None and indices.tolist() == lv.indices.tolist() and lastp.tolist() == [5, 4]
+
+
+def test_concatenated_table_lays_levels_end_to_end():
+    # 5 queries: shared 32 tokens, groups of (2, 3) queries with 16 / 0 tokens, unique tokens (one without).
+    spec = [[(5, 32)], [(2, 16), (3, 0)], [(1, 5), (1, 0), (1, 17), (1, 1), (1, 33)]]
+    qo, kv, idx, last = _cpu_levels(spec)
+    levels = _check_levels(3, qo, kv, idx, last, 16)
+    indptr, indices, lastp = _concatenated_table(levels, 16, torch.device("cpu"))
+    s, g, u = (lv.indices.tolist() for lv in levels)
+    want = [s + g + u[0:1], s + g, s + u[1:3], s + u[3:4], s + u[4:7]]
+    assert indptr.tolist() == [0] + list(itertools.accumulate(len(x) for x in want))
+    assert indices.tolist() == sum(want, [])
+    assert lastp.tolist() == [5, 16, 1, 1, 1]
+    # A partial page above the last level, or a query without any page: no plain-decode table.
+    qo, kv, idx, last = _cpu_levels([[(2, 20)], [(1, 5), (1, 3)]])
+    assert _concatenated_table(_check_levels(2, qo, kv, idx, last, 16), 16, torch.device("cpu")) is None
+    qo, kv, idx, last = _cpu_levels([[(2, 0)], [(1, 5), (1, 0)]])
+    assert _concatenated_table(_check_levels(2, qo, kv, idx, last, 16), 16, torch.device("cpu")) is None
+
+
+def test_fallback_cost_model():
+    def estimate(batch, prefix, hq=32, hkv=8):
+        qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, 1024)] * batch])
+        return cascade._cascade_estimate(_check_levels(2, qo, kv, idx, last, 16), hq, hkv, 128, 2)
+
+    plain, casc = estimate(64, 16)
+    assert casc > plain  # the benchmark's short-prefix case falls back
+    plain, casc = estimate(64, 32768)
+    assert plain > 10 * casc
+    plain, casc = estimate(8, 4096)
+    assert plain > casc
+    # the break-even prefix grows as the batch shrinks
+    def breakeven(batch):
+        return next(p for p in itertools.count(16, 16) if estimate(batch, p)[0] > estimate(batch, p)[1])
+    assert breakeven(64) < breakeven(8) < 4096
+
+
+def test_merge_spec_and_family():
+    from flashinfer._families import FAMILY_MODULES
+
+    s = MergeStateSpec("f16")
+    assert s.name() == "merge_state_o-f16" and MergeStateSpec.from_json(s.to_json()) == s
+    assert FAMILY_MODULES["merge_state"] == "flashinfer.cascade"
+    assert [x.dtype_o for x in MergeStateSpec.expand()] == ["bf16", "f16"]
+    assert MergeStateSpec("f32").unsupported_reason() is not None
+    preset = (Path(__file__).resolve().parent / "prewarm_test.toml").read_text()
+    assert 'family = "merge_state"' in preset and 'family = "cascade_shared"' in preset
+    shared = [x for x in CascadeSharedSpec.expand() if x.unsupported_reason() is None]
+    assert [x.name() for x in shared] == ["cascade_shared_q-bf16_kv-bf16_o-bf16_d128", "cascade_shared_q-f16_kv-f16_o-f16_d128"]
+    assert all(x.needs_sm90a() for x in shared) and "128" in CascadeSharedSpec(64).unsupported_reason()
+    assert FAMILY_MODULES["cascade_shared"] == "flashinfer.cascade"
+
+
+def test_cpu_tensors_refused_before_any_build():
+    v = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
+    s = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.merge_state(v, s, v, s)
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.merge_state_in_place(v, s, v, s)
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.merge_states(v[:, None], s[:, None])
+    with pytest.raises(ValueError, match="CUDA"):
+        flashinfer.MultiLevelCascadeAttentionWrapper(2, torch.empty(1024, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="num_levels"):
+        flashinfer.MultiLevelCascadeAttentionWrapper(0, torch.empty(1024, dtype=torch.uint8))
+
+
+def test_merge_ops_are_registered_with_fake_implementations():
+    for name in ("merge_state", "merge_state_in_place", "merge_states"):
+        assert hasattr(torch.ops.flashinfer, name)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        v = torch.empty(5, 3, 2, 64, dtype=torch.bfloat16)
+        s = torch.empty(5, 3, 2)
+        vo, so = torch.ops.flashinfer.merge_states(v, s)
+        assert vo.shape == (5, 2, 64) and so.shape == (5, 2) and so.dtype == torch.float32
+        vo, so = torch.ops.flashinfer.merge_state(v[:, 0], s[:, 0], v[:, 1], s[:, 1])
+        assert vo.shape == (5, 2, 64) and vo.dtype == torch.bfloat16
+
+
+def test_merge_module_builds_without_spills(tmp_path, monkeypatch):
+    """A real nvcc build of one merge module (no launch)."""
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    spec = MergeStateSpec("bf16")
+    report = jit.ensure_built(spec)
+    assert report.status == "built"
+    mod = jit.load(spec)
+    assert mod.fn("flashinfer_merge_state") is not None and mod.fn("flashinfer_merge_states") is not None
+    log = report.log_path.read_text()
+    assert "spill" in log and all("0 bytes spill stores" in ln for ln in log.splitlines() if "spill stores" in ln)
+
+
+class _FakeWrapper:
+    """Stands in for the batch wrappers on the CPU: checks that plan()/run() are called with arguments the real
+    classes accept (bound to their signatures), records them, and writes recognisable outputs."""
+
+    real = None
+
+    def __init__(self, *args, **kwargs):
+        import inspect
+
+        inspect.signature(self.real.__init__).bind(self, *args, **kwargs)
+        self.plans, self.runs = [], []
+
+    def plan(self, *args, **kwargs):
+        import inspect
+
+        bound = inspect.signature(self.real.plan).bind(self, *args, **kwargs)
+        self.plans.append(bound.arguments)
+
+    def run(self, q, paged_kv_cache, **kwargs):
+        import inspect
+
+        inspect.signature(self.real.run).bind(self, q, paged_kv_cache, **kwargs)
+        self.runs.append(kwargs)
+        out = kwargs.get("out") if kwargs.get("out") is not None else torch.empty_like(q)
+        out.fill_(len(self.runs))
+        lse = kwargs.get("lse") if kwargs.get("lse") is not None else torch.empty(q.shape[:2])
+        if kwargs.get("return_lse"):
+            lse.fill_(1.0)
+        return (out, lse) if kwargs.get("return_lse") else out
+
+
+def _cpu_wrapper(monkeypatch, num_levels):
+    """A MultiLevelCascadeAttentionWrapper on the CPU with fake level wrappers and a recording merge."""
+    from flashinfer import batch_decode, prefill
+
+    class FakePrefill(_FakeWrapper):
+        real = prefill.BatchPrefillWithPagedKVCacheWrapper
+
+    class FakeDecode(_FakeWrapper):
+        real = batch_decode.BatchDecodeWithPagedKVCacheWrapper
+
+    merges = []
+    monkeypatch.setattr(cascade, "BatchPrefillWithPagedKVCacheWrapper", FakePrefill)
+    monkeypatch.setattr(cascade, "BatchDecodeWithPagedKVCacheWrapper", FakeDecode)
+    monkeypatch.setattr(cascade, "_launch_pair", lambda *a: merges.append(a))
+    w = object.__new__(cascade.MultiLevelCascadeAttentionWrapper)
+    w._num_levels, w._kv_layout, w._use_cuda_graph, w._device = num_levels, "NHD", False, torch.device("cpu")
+    w._bufs = [None] * 4
+    w._decode_ws, w._prefill_ws = cascade.MultiLevelCascadeAttentionWrapper._split_workspace(
+        torch.empty(1 << 20, dtype=torch.uint8))
+    w._prefill = [w._make_prefill(l) for l in range(num_levels)]
+    w._shared, w._decode, w._plain, w._graph_mask, w._graph_path, w._graph_batch, w._plan = {}, None, None, None, None, None, None
+    return w, merges
+
+
+def test_plan_and_run_glue_on_the_cpu(monkeypatch):
+    """plan()/run() drive the level wrappers with arguments their real signatures accept: prefill levels, the
+    decode-shaped last level on batch decode (padded requests masked), empty levels skipped, the fallback."""
+    w, merges = _cpu_wrapper(monkeypatch, 3)
+    spec = [[(5, 300)], [(2, 64), (3, 0)], [(1, n) for n in [5, 0, 17, 1, 33]]]
+    qo, kv, idx, last = _cpu_levels(spec)
+    w._fallback = "never"
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, causal=True, sm_scale=0.1, logits_soft_cap=5.0,
+           q_data_type="bfloat16")
+    st = w.plan_stats()
+    assert st["path"] == "cascade" and st["kernels"] == [("batch_prefill", 0), ("batch_prefill", 1), ("batch_decode", 2)]
+    p0 = w._prefill[0].plans[-1]
+    assert p0["causal"] is False and p0["sm_scale"] == 0.1 and p0["logits_soft_cap"] == 5.0
+    assert p0["q_data_type"] == torch.bfloat16
+    dec = w._decode.plans[-1]
+    assert dec["indptr"].tolist() == [0, 1, 2, 4, 5, 8] and dec["last_page_len"].tolist() == [5, 1, 1, 1, 1]
+    q = torch.randn(5, 8, 64).to(torch.bfloat16)
+    o, lse = w.run(q, None, return_lse=True)
+    assert len(merges) == 2
+    assert merges[-1][-1].tolist() == [True, False, True, True, True]  # the padded request keeps its state
+    assert merges[0][-1] is None and merges[-1][5] is lse  # the last merge writes the returned lse
+    w.run(q, None)
+    assert merges[-1][5] is None  # no lse asked: the last merge skips it
+    # An empty middle level is skipped; a prefill-shaped last level runs on batch prefill, causal.
+    spec = [[(5, 300)], [(2, 0), (3, 0)], [(1, 4), (4, 40)]]
+    qo, kv, idx, last = _cpu_levels(spec)
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, causal=True, q_data_type="bfloat16")
+    assert w.plan_stats()["kernels"] == [("batch_prefill", 0), ("batch_prefill", 2)]
+    assert w._prefill[2].plans[-1]["causal"] is True
+    # The fallback: a one-page prefix for a decode batch, with full pages above the last level.
+    w._fallback = "auto"
+    spec = [[(5, 16)], [(5, 32)], [(1, n) for n in [5, 0, 17, 1, 33]]]
+    qo, kv, idx, last = _cpu_levels(spec)
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16")
+    st = w.plan_stats()
+    assert st["path"] == "plain_decode" and "short shared prefix" in st["reason"]
+    plain = w._plain.plans[-1]
+    assert plain["indptr"].tolist() == [0, 4, 7, 12, 16, 22] and plain["last_page_len"].tolist() == [5, 16, 1, 1, 1]
+    w.run(q, None)
+    assert w._plain.runs
+    # Positions matter with RoPE: no fallback.
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, pos_encoding_mode="ROPE_LLAMA", q_data_type="bfloat16")
+    assert w.plan_stats()["path"] == "cascade" and "position" in w.plan_stats()["reason"]
+
+
+def test_graph_mode_glue_on_the_cpu(monkeypatch):
+    """Graph mode: every level planned every time (no skipping, no fallback), the caller's buffers filled, one mask
+    buffer for the padded requests, the batch and the kernels fixed by the first plan."""
+    w, merges = _cpu_wrapper(monkeypatch, 2)
+    w._use_cuda_graph = True
+    w._bufs = [[torch.zeros(n, dtype=torch.int32) for n in sizes] for sizes in ((2, 5), (2, 5), (64, 64), (1, 4))]
+    w._prefill = [w._make_prefill(l) for l in range(2)]
+    masks = []
+    for unique in ([5, 0, 17, 1], [0, 0, 0, 0], [3, 3, 3, 3]):
+        qo, kv, idx, last = _cpu_levels([[(4, 40)], [(1, n) for n in unique]])
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16")
+        st = w.plan_stats()
+        assert st["path"] == "cascade" and st["kernels"] == [("batch_prefill", 0), ("batch_decode", 1)]
+        assert w._bufs[1][1].tolist()[:5] == kv[1].tolist() and w._bufs[3][1].tolist() == last[1].tolist()
+        masks.append(w._plan.steps[1].mask)
+        w.run(torch.randn(4, 8, 64).to(torch.bfloat16), None)
+        assert merges[-1][-1].tolist() == [n > 0 for n in unique]
+    assert masks[0] is masks[1] is masks[2]  # one buffer: a captured merge reads it
+    with pytest.raises(ValueError, match="batch size"):
+        qo, kv, idx, last = _cpu_levels([[(3, 40)], [(1, 2)] * 3])
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16")
+    with pytest.raises(ValueError, match="first plan"):
+        qo, kv, idx, last = _cpu_levels([[(4, 40)], [(1, 2)] * 4])
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="float16")
+
+
+def test_shared_level_split_on_the_cpu(monkeypatch):
+    """The Hopper shared level's KV split: one wave of CTAs (2 per SM here), chunks of whole 64-key tiles, never
+    shorter than 512 keys, fewer when the workspace cannot hold the partial states."""
+
+    class FakeModule:
+        constants = {"query_tile": 128, "kv_tile": 64}
+
+        def fn(self, name):
+            return None
+
+    monkeypatch.setattr(cascade.jit, "load", lambda spec: FakeModule())
+    monkeypatch.setattr(cascade, "_shared_occupancy", lambda spec, index: 2)
+    monkeypatch.setattr(cascade, "num_sms", lambda index: 132)
+    cpu = torch.device("cpu")
+
+    def split(batch, prefix, group=4, kv_heads=8, ws_bytes=128 << 20):
+        qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, 8)] * batch])
+        lv = _check_levels(2, qo, kv, idx, last, 16)[0]
+        shared = cascade._SharedLevel(torch.empty(ws_bytes, dtype=torch.uint8), "NHD")
+        shared.plan(lv, group * kv_heads, kv_heads, 128, 16, torch.bfloat16, None, cpu)
+        pl = shared._plan
+        assert pl["chunk_size"] % 64 == 0 and pl["chunks"] * pl["chunk_size"] >= prefix
+        assert (pl["chunks"] - 1) * pl["chunk_size"] < prefix
+        assert pl["pages"].tolist() == lv.indices.tolist() and pl["sm_scale"] == pytest.approx(128 ** -0.5)
+        return pl["chunks"], pl["chunk_size"]
+
+    assert split(64, 32768) == (16, 2048)  # 2 query tiles x 8 heads x 16 chunks = 256 CTAs of 264 slots
+    assert split(8, 131072) == (33, 4032)
+    assert split(64, 40) == (1, 64)
+    assert split(64, 3000) == (6, 512)  # chunks of at least 512 keys
+    assert split(1024, 32768) == (1, 32768)  # 32 query tiles x 8 heads fill the GPU alone
+    chunks, _ = split(64, 32768, ws_bytes=8 << 20)  # 16 chunks' partial states need 17 MB
+    assert chunks < 16 and chunks * 64 * 32 * 129 * 4 <= 8 << 20
