@@ -42,16 +42,24 @@ FI_DEVICE void unpack8(const uint4& raw, float (&out)[8], __half /*tag*/) {
 template <typename T>
 FI_DEVICE T from_float(float x);
 template <>
-FI_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
+FI_DEVICE __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-FI_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+FI_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 template <typename T>
 FI_DEVICE float to_float(T x);
 template <>
-FI_DEVICE float to_float<__half>(__half x) { return __half2float(x); }
+FI_DEVICE float to_float<__half>(__half x) {
+  return __half2float(x);
+}
 template <>
-FI_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+FI_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
 
 template <typename T>
 FI_DEVICE uint4 pack8(const float (&in)[8]) {

@@ -64,7 +64,8 @@ struct PagedRows {
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
 __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
-    batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p, const __grid_constant__ RopeTableFor<POS> rope) {
+    batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p,
+                              const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   grid_dependency_chain();  // launched with programmatic dependent launch (see single_decode_kernel)
   int bid = blockIdx.x;
@@ -78,12 +79,13 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     const int r = p.plan[L.piece_req + piece];
     const PagedRows<HEAD_DIM, DTypeKV, KV_HND> rows{p, p.kv.indices + p.plan[L.req_page_base + r], kv_head};
     DecodePiece<DTypeQ> w;
-    w.set_heads<GT>(static_cast<const DTypeQ*>(p.q) + r * p.q_stride_b, p.q_stride_h, qo_head0, p.group_size, head_tile);
+    w.set_heads<GT>(static_cast<const DTypeQ*>(p.q) + r * p.q_stride_b, p.q_stride_h, qo_head0, p.group_size,
+                    head_tile);
     w.begin = p.plan[L.piece_begin + piece];
     w.end = p.plan[L.piece_end + piece];
     w.q_pos = p.plan[L.req_kv_len + r] - 1;
     // The store reads the piece's request and slot again from the plan when it runs (see single decode).
-    const auto store = [&](int j, int col, float(&acc)[8], float d_all, float lse) {
+    const auto store = [&](int j, int col, float (&acc)[8], float d_all, float lse) {
       const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
       const int h = qo_head0 + j;
       const int64_t out_row = int64_t(req) * p.sc.num_qo_heads + h;

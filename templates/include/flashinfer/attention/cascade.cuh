@@ -57,7 +57,8 @@ FI_DEVICE void store_state(const MergeParams& p, const StateAccumulator<8>& acc,
   *reinterpret_cast<uint4*>(static_cast<DType*>(p.v_out) + n * p.o_stride_n + h * p.o_stride_h + chunk * 8) =
       pack8<DType>(o);
   // log2(1) = 0 spelled out: a single non-empty state keeps its lse exactly (lg2.approx only bounds the error).
-  if (p.s_out != nullptr && chunk == 0) p.s_out[n * p.so_stride_n + h * p.so_stride_h] = acc.d == 1.f ? acc.m : acc.lse();
+  if (p.s_out != nullptr && chunk == 0)
+    p.s_out[n * p.so_stride_n + h * p.so_stride_h] = acc.d == 1.f ? acc.m : acc.lse();
 }
 
 // Two states per row (a, b) -> out; out may be a itself.

@@ -32,8 +32,8 @@ struct SingleDecodeParams {
   const void* q;  // [num_qo_heads, HEAD_DIM], row stride q_stride_h
   const void* k;  // token n, head h at k + n * k_stride_n + h * k_stride_h (elements)
   const void* v;
-  void* o;        // [num_qo_heads, HEAD_DIM] contiguous
-  float* lse;     // [num_qo_heads] or nullptr
+  void* o;             // [num_qo_heads, HEAD_DIM] contiguous
+  float* lse;          // [num_qo_heads] or nullptr
   float* partial_o;    // [num_chunks, num_qo_heads, HEAD_DIM] when num_chunks > 1
   float* partial_lse;  // [num_chunks, num_qo_heads]
   DecodeScalars sc;
@@ -54,9 +54,9 @@ struct SingleDecodeParams {
 template <int HEAD_DIM>
 struct DecodeTraits {
   static constexpr int kThreads = 128;
-  static constexpr int LANES = HEAD_DIM / 8;       // threads sharing one K/V row, 8 elements each
-  static constexpr int ROWS = kThreads / LANES;    // rows processed side by side
-  static constexpr int TILE = 4096 / HEAD_DIM;     // tokens per stage: 8 KB of K and 8 KB of V
+  static constexpr int LANES = HEAD_DIM / 8;     // threads sharing one K/V row, 8 elements each
+  static constexpr int ROWS = kThreads / LANES;  // rows processed side by side
+  static constexpr int TILE = 4096 / HEAD_DIM;   // tokens per stage: 8 KB of K and 8 KB of V
   static constexpr int TOKENS_PER_ROW = TILE / ROWS;
   static constexpr int STAGES = FI_DECODE_STAGES;
   static constexpr int COPIES = TILE * LANES / kThreads;  // 16-byte copies per thread per stage, each of K and V
@@ -128,7 +128,8 @@ struct DecodePiece {
   // The heads of query-head tile `head_tile` (GT slots, from head first_head_ on) of a KV head's group of
   // group_size heads; q_request: head 0 of the request's query.
   template <int GT>
-  FI_DEVICE void set_heads(const DTypeQ* q_request, int64_t q_stride_h_, int first_head_, int group_size, int head_tile) {
+  FI_DEVICE void set_heads(const DTypeQ* q_request, int64_t q_stride_h_, int first_head_, int group_size,
+                           int head_tile) {
     first_head = first_head_;
     q = q_request + first_head * q_stride_h_;
     q_stride_h = q_stride_h_;
@@ -163,7 +164,6 @@ FI_DEVICE void store_decode_state(float (&acc)[8], float d_all, float lse, float
     if (col == 0) *partial_lse = lse;
   }
 }
-
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP,
           typename Rows, typename Store>
@@ -208,8 +208,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   }
 
   float* s_m = reinterpret_cast<float*>(smem_raw);  // [NSTATES][GT], reusing the ring after the loop
-  float* s_d = s_m + NSTATES * GT;                   // [NSTATES][GT]
-  float* s_o = s_d + NSTATES * GT;                   // [NSTATES][GT][HEAD_DIM]
+  float* s_d = s_m + NSTATES * GT;                  // [NSTATES][GT]
+  float* s_o = s_d + NSTATES * GT;                  // [NSTATES][GT][HEAD_DIM]
   static_assert((2 * NSTATES * GT + NSTATES * GT * HEAD_DIM) * 4 <= T::kSmemBytes, "merge scratch exceeds the ring");
 
   if constexpr (MMA) {
@@ -273,8 +273,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int token = chunk_begin + tile * TILE + tok0 + nt * 8 + 2 * t4 + i;
-          const float x = transform_logit<ALIBI, SOFTCAP>(st[nt][i] * sc.sm_scale, slope, token - q_pos,
-                                                          sc.logits_soft_cap);
+          const float x =
+              transform_logit<ALIBI, SOFTCAP>(st[nt][i] * sc.sm_scale, slope, token - q_pos, sc.logits_soft_cap);
           st[nt][i] = token < chunk_end ? x : kNegInf;
         }
       }
@@ -296,7 +296,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
           // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
           // 2i+1 are rows g and g+8 of V^T m-tile 2*mt2 + i.
           uint32_t a[4];
-          ldmatrix_x4_trans(a, smem_addr(sv + swizzle<LANES>(tok0 + nt * 8 + (warp_lane & 7), mt2 * 4 + (warp_lane >> 3))));
+          ldmatrix_x4_trans(
+              a, smem_addr(sv + swizzle<LANES>(tok0 + nt * 8 + (warp_lane & 7), mt2 * 4 + (warp_lane >> 3))));
           mma_1688<DTypeKV>(o[2 * mt2], a[0], a[1], pb);
           mma_1688<DTypeKV>(o[2 * mt2 + 1], a[2], a[3], pb);
         }
@@ -482,22 +483,23 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
   w.q_pos = p.kv_len - 1;
   // The store re-derives everything from the block index and p (parameter space) when it runs, so that
   // nothing of it stays live in registers through the loop.
-  const auto store = [&](int j, int col, float(&acc)[8], float d_all, float lse) {
+  const auto store = [&](int j, int col, float (&acc)[8], float d_all, float lse) {
     int b = blockIdx.x;
     const int tile_of_head = take_block_index(b, p.head_tiles);
     const int h = (b / p.num_chunks) * p.group_size + tile_of_head * GT + j;
     const int64_t state = int64_t(b % p.num_chunks) * p.sc.num_qo_heads + h;
     const bool split = p.num_chunks > 1;
     store_decode_state<HEAD_DIM>(acc, d_all, lse, p.sc.v_scale, col, static_cast<DTypeO*>(p.o) + int64_t(h) * HEAD_DIM,
-                                 p.lse != nullptr ? p.lse + h : nullptr, split ? p.partial_o + state * HEAD_DIM : nullptr,
+                                 p.lse != nullptr ? p.lse + h : nullptr,
+                                 split ? p.partial_o + state * HEAD_DIM : nullptr,
                                  split ? p.partial_lse + state : nullptr);
   };
-  decode_piece<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(
-      rows, w, p.sc, rope, smem_raw, store);
+  decode_piece<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(rows, w, p.sc, rope, smem_raw, store);
 }
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
-static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device, cudaStream_t stream) {
+static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device,
+                                           cudaStream_t stream) {
   using T = DecodeTraits<HEAD_DIM>;
   constexpr auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>;
   constexpr int smem_bytes = decode_smem_bytes<HEAD_DIM, GT>();
@@ -541,10 +543,14 @@ static cudaError_t launch_single_decode(SingleDecodeParams p, int workspace_chun
   launch_single_decode_gt<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(p, workspace_chunks, device, stream)
   return with_device(device, [&]() -> cudaError_t {
     switch (decode_head_tile(p.group_size)) {
-      case 1: return FI_LAUNCH(1);
-      case 2: return FI_LAUNCH(2);
-      case 4: return FI_LAUNCH(4);
-      default: return FI_LAUNCH(8);
+      case 1:
+        return FI_LAUNCH(1);
+      case 2:
+        return FI_LAUNCH(2);
+      case 4:
+        return FI_LAUNCH(4);
+      default:
+        return FI_LAUNCH(8);
     }
   });
 #undef FI_LAUNCH

@@ -39,7 +39,7 @@ struct PrefillTraits {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int TILE_Q = 16 * MQ * kWarps;
   static constexpr int BK = HEAD_DIM >= 256 ? 32 : HEAD_DIM >= 128 ? FI_PREFILL_BK128 : 64;  // keys per KV tile
-  static constexpr int CH = HEAD_DIM / 8;               // 16-byte chunks per row
+  static constexpr int CH = HEAD_DIM / 8;                                                    // 16-byte chunks per row
   static constexpr int Q_CHUNKS = TILE_Q * CH;
   static constexpr int KV_CHUNKS = BK * CH;
   // Q, K x2, V x2, then (paged KV) the (page, slot) of each row of two KV tiles.
@@ -133,8 +133,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     constexpr int ROWS_PER_PASS = THREADS / CH;
     uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;
     // Recomputed from the (constant-bank) params at each use rather than held in registers.
-    const DTypeKV* base = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
-                          int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
+    const DTypeKV* base =
+        static_cast<const DTypeKV*>(is_v ? p.v : p.k) + int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
     const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
     const int c = tid % CH;
 #pragma unroll
@@ -274,7 +274,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     }
     if (tile_needs_mask<MASK, WINDOW, BK>(k0, hi, delta, tok_min, tok_max, p.window_left)) {
       for_each_score<MQ, NT_K>(s, k0, lane, [&](float& x, int r, int key) {
-        if (!key_visible<MASK, WINDOW>(key, hi, mtoken[r], qpos[r], p.window_left, CustomMask{p.mask, mask_byte_off, kv_len})) {
+        if (!key_visible<MASK, WINDOW>(key, hi, mtoken[r], qpos[r], p.window_left,
+                                       CustomMask{p.mask, mask_byte_off, kv_len})) {
           x = kNegInf;
         }
       });
@@ -429,7 +430,8 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
           bool WINDOW, bool SOFTCAP, bool FP16QK>
 cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
   using Tr = PrefillTraits<HEAD_DIM, MQ>;
-  constexpr auto kernel = single_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK>;
+  constexpr auto kernel =
+      single_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
@@ -453,7 +455,8 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
 cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, int device, cudaStream_t stream,
                                  int* occupancy_only) {
   using Tr = PrefillTraits<HEAD_DIM, MQ>;
-  constexpr auto kernel = batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
+  constexpr auto kernel =
+      batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).

@@ -21,13 +21,15 @@ namespace flashinfer {
 // them from the kernel's __grid_constant__ parameter space where used, rather than holding them in registers.
 struct PrefillParams {
   const void* q;  // token n (of the request), head h at q + n * q_stride_n + h * q_stride_h (elements)
-  const void* k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
+  const void*
+      k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
   const void* v;
   void* o;             // token n, head h at o + n * o_stride_n + h * o_stride_h
   float* lse;          // [tokens, num_qo_heads] or nullptr
   float* partial_o;    // [rows, num_qo_heads, HEAD_DIM] partial states of split KV
   float* partial_lse;  // [rows, num_qo_heads]
-  const uint8_t* mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
+  const uint8_t*
+      mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
   const int* mask_indptr;
   int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h, o_stride_n, o_stride_h;
   int64_t k_stride_page, v_stride_page;
@@ -50,7 +52,6 @@ struct PrefillParams {
   float logits_soft_cap, sm_scale, rope_scale, rope_theta;
 };
 
-
 // Element index of packed row pr's (token, head) in a [tokens, num_qo_heads] array (an lse, a partial
 // state's row) whose request starts at token `first_token`.
 FI_DEVICE int64_t packed_row_index(const PrefillParams& p, int first_token, int pr, int group, int first_head) {
@@ -65,7 +66,8 @@ template <int ROWS, int CH, int THREADS, typename T, typename SmemAt>
 FI_DEVICE void load_q_tile(const PrefillParams& p, int first_token, int kv_head, int group, int pr0, int rows_here,
                            int tid, SmemAt&& smem_at) {
   static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
-  const T* q = static_cast<const T*>(p.q) + int64_t(first_token) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h;
+  const T* q =
+      static_cast<const T*>(p.q) + int64_t(first_token) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h;
 #pragma unroll
   for (int i = 0; i < ROWS * CH / THREADS; ++i) {
     const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
@@ -108,8 +110,8 @@ FI_DEVICE void stage_o_row(float inv, int row, int lane, const float* acc, Chunk
 // staged(row, c)) to p.o, by THREADS threads (this one `thread`); packed row pr0 + row goes to token
 // first_token + pr / group, head first_head + pr % group. Rows from rows_here on are not written.
 template <int ROWS, int CH, int THREADS, typename T, typename Staged>
-FI_DEVICE void store_o_tile(const PrefillParams& p, int first_token, int group, int first_head, int pr0,
-                            int first_row, int rows_here, int thread, Staged&& staged) {
+FI_DEVICE void store_o_tile(const PrefillParams& p, int first_token, int group, int first_head, int pr0, int first_row,
+                            int rows_here, int thread, Staged&& staged) {
   static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
   T* o = static_cast<T*>(p.o) + int64_t(first_token) * p.o_stride_n;
 #pragma unroll
@@ -117,8 +119,8 @@ FI_DEVICE void store_o_tile(const PrefillParams& p, int first_token, int group, 
     const int idx = thread + THREADS * i, row = first_row + idx / CH, c = idx % CH;
     if (row < rows_here) {
       const int pr = pr0 + row;
-      *reinterpret_cast<uint4*>(o + int64_t(pr / group) * p.o_stride_n + int64_t(first_head + pr % group) * p.o_stride_h +
-                                c * 8) = staged(row, c);
+      *reinterpret_cast<uint4*>(o + int64_t(pr / group) * p.o_stride_n +
+                                int64_t(first_head + pr % group) * p.o_stride_h + c * 8) = staged(row, c);
     }
   }
 }

@@ -50,14 +50,14 @@ constexpr int fa3_kv_tile() {
 template <MaskMode MASK>
 struct Fa3Traits {
   static constexpr int kHeadDim = 128;
-  static constexpr int kThreads = 256;  // two warpgroups
-  static constexpr int BQ = 128;        // packed query rows per CTA
+  static constexpr int kThreads = 256;            // two warpgroups
+  static constexpr int BQ = 128;                  // packed query rows per CTA
   static constexpr int BK = fa3_kv_tile<MASK>();  // keys per KV tile
   static constexpr int kMinBlocks = BK == 64 ? 2 : 1;
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;
   static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes;  // Q, K x2, V x2
-  static constexpr int kRowsBytes = 2 * BK * 8;  // PAGED: (page, slot) of the rows of two KV tiles
+  static constexpr int kRowsBytes = 2 * BK * 8;              // PAGED: (page, slot) of the rows of two KV tiles
   static_assert(BK == 64 || BK == 128, "KV tiles of 64 or 128 keys");
 };
 
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   static_assert(std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v");
   extern __shared__ __align__(1024) uint4 smem[];  // same declaration as the fa2 kernels'
   uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
-  uint8_t* sk = sq + Tr::kQBytes;      // 2 stages
+  uint8_t* sk = sq + Tr::kQBytes;       // 2 stages
   uint8_t* sv = sk + 2 * Tr::kKVBytes;  // 2 stages
   const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
 
@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
 
   auto load_kv = [&](int tile, bool is_v) {
     uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;
-    const DTypeKV* base = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
-                          int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
+    const DTypeKV* base =
+        static_cast<const DTypeKV*>(is_v ? p.v : p.k) + int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
     const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
 #pragma unroll
     for (int i = 0; i < BK * CH / THREADS; ++i) {
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       const bool valid = t < hi;
       int64_t off;
       if constexpr (PAGED) {
-        const int64_t paged = paged_row_offset(s_rows[(tile & 1) * BK + row], is_v ? p.v_stride_page : p.k_stride_page,
-                                               stride_n);
+        const int64_t paged =
+            paged_row_offset(s_rows[(tile & 1) * BK + row], is_v ? p.v_stride_page : p.k_stride_page, stride_n);
         off = valid ? paged : 0;
       } else {
         off = int64_t(valid ? t : 0) * stride_n;

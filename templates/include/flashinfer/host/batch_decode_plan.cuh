@@ -15,11 +15,11 @@ namespace flashinfer {
 // Offsets (in int32 elements from the start of the plan region) of the plan's arrays; [0] holds the number
 // of merges. Capacities are fixed per wrapper in graph mode, so the offsets are too.
 struct BatchDecodeLayout {
-  int worker_indptr;                                // [workers + 1]
+  int worker_indptr;                                  // [workers + 1]
   int piece_req, piece_begin, piece_end, piece_slot;  // [max_pieces]; slot -1: write the output directly
-  int req_page_base, req_kv_len;                    // [max_batch]
-  int merge_req, merge_begin, merge_count;          // [max_merges]
-  int indices;                                      // [indices_capacity] (host indices copied along), or -1
+  int req_page_base, req_kv_len;                      // [max_batch]
+  int merge_req, merge_begin, merge_count;            // [max_merges]
+  int indices;                                        // [indices_capacity] (host indices copied along), or -1
   int total;
 
   static BatchDecodeLayout make(int workers, int max_pieces, int max_batch, int max_merges, int indices_capacity) {
@@ -67,13 +67,13 @@ constexpr int kPlanInfoLen = 18;
 
 // Plan error codes (negative; positive values are cudaError_t).
 enum BatchDecodePlanError : int {
-  kPlanBadIndptr = -1,        // info[7]: first bad position
-  kPlanEmptyRequest = -2,     // info[7]: request
-  kPlanBadLastPageLen = -3,   // info[7]: request
+  kPlanBadIndptr = -1,          // info[7]: first bad position
+  kPlanEmptyRequest = -2,       // info[7]: request
+  kPlanBadLastPageLen = -3,     // info[7]: request
   kPlanWorkspaceTooSmall = -4,  // info[0]: bytes needed
-  kPlanPinnedTooSmall = -5,   // info[8]: bytes needed
-  kPlanNegativeIndex = -6,    // info[7]: position
-  kPlanCapacity = -7,         // graph mode: batch or nnz above the frozen capacity
+  kPlanPinnedTooSmall = -5,     // info[8]: bytes needed
+  kPlanNegativeIndex = -6,      // info[7]: position
+  kPlanCapacity = -7,           // graph mode: batch or nnz above the frozen capacity
 };
 
 struct BatchDecodePlanArgs {
@@ -82,9 +82,9 @@ struct BatchDecodePlanArgs {
   const int* host_indices;   // host [nnz] or nullptr (then device_indices is used as is)
   const int* device_indices;
   int batch, nnz, page_size, window_left, num_qo_heads, num_kv_heads, head_dim;
-  int fixed_workers;      // > 0: graph mode, this frozen worker count; -1: graph mode, choose; 0: not graph mode
-  int max_batch;          // graph mode: frozen batch capacity; 0: batch
-  int indices_capacity;   // graph mode with host indices: frozen capacity; 0: nnz
+  int fixed_workers;     // > 0: graph mode, this frozen worker count; -1: graph mode, choose; 0: not graph mode
+  int max_batch;         // graph mode: frozen batch capacity; 0: batch
+  int indices_capacity;  // graph mode with host indices: frozen capacity; 0: nnz
   float logits_soft_cap, sm_scale, rope_scale, rope_theta;
   void* pinned;  // host staging buffer (page-locked), one of two the caller alternates between
   int64_t pinned_bytes;

@@ -21,16 +21,16 @@ struct NormRows {
 
 struct NormParams {
   const void* input;
-  void* out;         // may be input itself (in place)
-  void* residual;    // fused add only
+  void* out;       // may be input itself (in place)
+  void* residual;  // fused add only
   const void* weight;
   NormRows in, o, res;
   int rows, inner, hidden;
   float eps, weight_bias;
 };
 
-constexpr int kNormWarpRowsPerCta = 8;  // warp-per-row kernel: 8 rows (256 threads) per CTA
-constexpr int kNormMaxThreads = 512;    // CTA-per-row kernel over 16-byte chunks
+constexpr int kNormWarpRowsPerCta = 8;       // warp-per-row kernel: 8 rows (256 threads) per CTA
+constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte chunks
 constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single elements
 
 FI_DEVICE int64_t norm_row_offset(const NormRows& s, int row, int inner) {
@@ -38,7 +38,9 @@ FI_DEVICE int64_t norm_row_offset(const NormRows& s, int row, int inner) {
 }
 
 template <typename T, int N, int VPT, bool FUSED_ADD, bool WARP_PER_ROW>
-__global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta : N == 8 ? kNormMaxThreads : kNormMaxScalarThreads)
+__global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta
+                                  : N == 8     ? kNormMaxThreads
+                                               : kNormMaxScalarThreads)
     rmsnorm_kernel(const __grid_constant__ NormParams p) {
   grid_dependency_wait();
   const int nthreads = WARP_PER_ROW ? 32 : blockDim.x;
@@ -125,24 +127,28 @@ static cudaError_t launch_rmsnorm(const NormParams& p, bool pdl, cudaStream_t st
   const auto rows_aligned = [&](const NormRows& s) {
     return (p.rows <= p.inner || s.stride0 % 8 == 0) && (p.inner <= 1 || s.stride1 % 8 == 0);
   };
-  const bool vec = p.hidden % 8 == 0 && aligned(p.input) && aligned(p.out) && aligned(p.weight) &&
-                   rows_aligned(p.in) && rows_aligned(p.o) &&
-                   (!FUSED_ADD || (aligned(p.residual) && rows_aligned(p.res)));
+  const bool vec = p.hidden % 8 == 0 && aligned(p.input) && aligned(p.out) && aligned(p.weight) && rows_aligned(p.in) &&
+                   rows_aligned(p.o) && (!FUSED_ADD || (aligned(p.residual) && rows_aligned(p.res)));
   const int n = vec ? 8 : 1;
   const int chunks = p.hidden / n;
   const dim3 warp_grid((p.rows + kNormWarpRowsPerCta - 1) / kNormWarpRowsPerCta), warp_block(32 * kNormWarpRowsPerCta);
   if (vec) {
-    if (chunks <= 32) return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
-    if (chunks <= 128) return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
+    if (chunks <= 32)
+      return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
+    if (chunks <= 128)
+      return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
     if (chunks > kNormMaxThreads * kNormVpt) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
     // Up to 16384 elements: 4 chunks a thread (128 threads at 4096); beyond, 8.
     const int vpt = chunks <= kNormMaxThreads * 4 ? 4 : 8;
     const int threads = (ceil_div(chunks, vpt) + 31) / 32 * 32;
-    if (vpt == 4) return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
-    return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
+    if (vpt == 4)
+      return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
+    return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl,
+                         p);
   }
   if (chunks <= 32 * kNormScalarVpt) {
-    return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
+    return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl,
+                         p);
   }
   if (chunks > kNormMaxHiddenScalar) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
   const int threads = (ceil_div(chunks, kNormScalarVpt) + 31) / 32 * 32;

@@ -44,7 +44,7 @@ struct RopeParams {
 };
 
 constexpr int kRopeThreads = 128;
-constexpr int kRopeUnroll = 4;  // heads loaded before the first store
+constexpr int kRopeUnroll = 4;          // heads loaded before the first store
 constexpr int kRopeMaxRotaryDim = 256;  // RopeTable's frequencies
 constexpr int kRopeErrBadShape = 1101;  // module error codes (the template gives their text)
 constexpr int kRopeErrNoRecord = 1102;
@@ -64,7 +64,10 @@ FI_DEVICE bool rope_position(const RopeParams& p, int token, int64_t& pos) {
   if (p.batch_size == 0 || rope_load_index(p.indptr, 0, p.indptr_int64) > token) return false;
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (rope_load_index(p.indptr, mid, p.indptr_int64) <= token) lo = mid; else hi = mid;
+    if (rope_load_index(p.indptr, mid, p.indptr_int64) <= token)
+      lo = mid;
+    else
+      hi = mid;
   }
   const int64_t start = rope_load_index(p.indptr, lo, p.indptr_int64);
   if (token >= rope_load_index(p.indptr, lo + 1, p.indptr_int64)) return false;
@@ -211,9 +214,9 @@ static cudaError_t launch_rope(RopeParams p, const RopeTable& table, RopeCosSin 
   p.copy_rest = !in_place && p.rotary_dim < p.head_dim;
   const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   const auto mult8 = [&](int64_t s, int count) { return count <= 1 || s % 8 == 0; };
-  const bool vec = p.head_dim % 8 == 0 && p.rotary_dim % (p.interleave ? 8 : 16) == 0 && aligned(p.q) &&
-                   aligned(p.k) && aligned(p.q_out) && aligned(p.k_out) && mult8(p.q_stride_n, p.nnz) &&
-                   mult8(p.k_stride_n, p.nnz) && mult8(p.q_out_stride_n, p.nnz) && mult8(p.k_out_stride_n, p.nnz) &&
+  const bool vec = p.head_dim % 8 == 0 && p.rotary_dim % (p.interleave ? 8 : 16) == 0 && aligned(p.q) && aligned(p.k) &&
+                   aligned(p.q_out) && aligned(p.k_out) && mult8(p.q_stride_n, p.nnz) && mult8(p.k_stride_n, p.nnz) &&
+                   mult8(p.q_out_stride_n, p.nnz) && mult8(p.k_out_stride_n, p.nnz) &&
                    mult8(p.q_stride_h, p.num_q_heads) && mult8(p.k_stride_h, p.num_k_heads) &&
                    mult8(p.q_out_stride_h, p.num_q_heads) && mult8(p.k_out_stride_h, p.num_k_heads);
   const int n = vec ? 8 : 1;

@@ -8,8 +8,7 @@ namespace flashinfer {
 FI_DEVICE void cp_async_16(void* smem_ptr, const void* gmem_ptr, bool pred) {
   const uint32_t saddr = smem_addr(smem_ptr);
   const int src_size = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem_ptr), "r"(src_size)
-               : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem_ptr), "r"(src_size) : "memory");
 }
 
 FI_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
