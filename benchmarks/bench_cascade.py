@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -80,6 +81,18 @@ def cascade_eager_ms(mod, levels, caches, qs, **attrs):
 
     call(0)
     return median_ms(call, len(qs), flush=True), w, outs[0]
+
+
+def host_us_per_run(w, q, cache, out, calls: int = 50) -> float:
+    """Host time of one run() (Python and launches; the GPU queue never fills at this count): when it exceeds the
+    device time, eager timings measure the host."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        w.run(q, cache, out=out)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def merge_timings(mod):
@@ -163,12 +176,16 @@ def bench_case(case, ref_ms):
     err = (o_casc.float() - o_plain.float()).abs().max().item()
     assert err < 3e-2, f"{name}: cascade and plain decode differ by {err}"
     t_plain = median_ms(plain_call, 1, flush=True)
-    row = {"case": name, "cascade_ms": t_casc, "plain_ms": t_plain, "path": stats["path"],
-           "kernels": stats["kernels"], "ref_ms": ref_ms.get(name) if ref_ms else None}
+    host_us = host_us_per_run(w, qs[0], caches[0], torch.empty_like(qs[0]))
+    row = {"case": name, "cascade_ms": t_casc, "host_us": host_us, "plain_ms": t_plain, "path": stats["path"],
+           "kernels": stats["kernels"], "overlap": stats.get("overlap_levels", False),
+           "ref_ms": ref_ms.get(name) if ref_ms else None}
     if case == MAIN:  # each level's alternative kernel: batch prefill (FlashInfer's route) for both
         row["prefill_last_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1], _last_level_decode=False)
         row["prefill_shared_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1],
                                                           _shared_level_wgmma=False)
+        row["serial_levels_ms"], _, _ = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1],
+                                                         _overlap_levels="never")
     row["cascade_graph_ms"] = graph_ms(cascade_graph_call(levels, batch, caches, qs), sets)
     gcall, _ = plain_decode(levels, batch, caches, qs, graph=True)
     row["plain_graph_ms"] = graph_ms(gcall, sets)
@@ -207,9 +224,11 @@ def main() -> None:
                      "-" if r["ref_ms"] is None else f"{r['ref_ms'] * 1e3:.1f}",
                      "-" if vs_ref is None else f"{vs_ref:.2f}x", t2,
                      f"{r['cascade_graph_ms'] * 1e3:.1f} / {r['plain_graph_ms'] * 1e3:.1f}",
-                     f"{r['bytes_ratio']:.1f}x", "+".join(k for k, _ in r["kernels"]),
+                     f"{r['bytes_ratio']:.1f}x", f"{r['host_us']:.0f}",
+                     ("+" if not r["overlap"] else " || ").join(k for k, _ in r["kernels"]),
                      "" if "prefill_last_ms" not in r else
-                     f"{r['prefill_shared_ms'] * 1e3:.1f} / {r['prefill_last_ms'] * 1e3:.1f}"])
+                     f"{r['prefill_shared_ms'] * 1e3:.1f} / {r['prefill_last_ms'] * 1e3:.1f} / "
+                     f"{r['serial_levels_ms'] * 1e3:.1f}"])
 
     # Short prefix: plan() falls back to plain decode.
     caches, qs, levels = make_case(*SHORT)
@@ -241,6 +260,7 @@ def main() -> None:
         "permutation); level 0 = one request of all queries over the prefix pages, level 1 = each request's pages",
         "µs: CUDA events around run() (out= given), L2 flushed before each call, median of 100; plain = "
         "BatchDecodeWithPagedKVCacheWrapper over each request's prefix + own pages",
+        "host µs/run: wall time of run() on the host (50 calls, no sync between); eager µs near it are host-bound",
         "graph: CUDA-graph replays of the use_cuda_graph wrappers (the cascade's prefill level then runs 64-row "
         "query tiles, a persistent grid)",
         "FlashInfer: the real MultiLevelCascadeAttentionWrapper "
@@ -251,12 +271,15 @@ def main() -> None:
         "kernels: the shared level on the Hopper wgmma kernel (shared_prefix_wgmma) or batch prefill, the unique "
         "level on batch decode; alternatives (main case): the shared level on batch prefill "
         "(_shared_level_wgmma=False) / the unique level on batch prefill (_last_level_decode=False, FlashInfer's "
-        "route), each with the other level as chosen",
+        "route), each with the other level as chosen; levels serial: the shared level on wgmma, then the unique "
+        "level (_overlap_levels='never'), instead of the two concurrently (the unique level on a side stream; "
+        "kernels joined by ||)",
     ]
     text = write_results(
         "MultiLevelCascadeAttentionWrapper (shared-prefix decode), bf16, d128, 32q/8kv, page_size 16",
         ["batch", "cascade µs", "plain decode µs", "speedup", "target", "FlashInfer µs", "vs FlashInfer", "target",
-         "graph µs cascade / plain", "KV bytes plain/cascade", "kernels", "alt. µs: shared / unique on prefill"],
+         "graph µs cascade / plain", "KV bytes plain/cascade", "host µs/run", "kernels",
+         "alt. µs: shared / unique on prefill / levels serial"],
         rows, notes)
     print(text)
     text = write_results(

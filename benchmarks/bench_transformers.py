@@ -1,7 +1,7 @@
 """Tokens per second of one transformers model on our attention backend vs PyTorch SDPA (its default dispatch and
 forced to its FlashAttention-2 kernel), plus our paged continuous-batching engine; appends to RESULTS.md.
 
-    python benchmarks/bench_transformers.py [--quick]
+    python benchmarks/bench_transformers.py [--quick] [--time-budget SECONDS]
 
 The model is a random one with an 8B-like attention geometry (32 query heads, 8 KV heads, head_dim 128, hidden
 4096; 8 layers, vocab 32000: examples/hf_common.py "bench") in bf16, so that no download is needed. For each
@@ -76,63 +76,103 @@ def _generate_s(model, ids, new_tokens: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def _error(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"n/a: {type(e).__name__}: {lines[0][:100] if lines else ''}"
+
+
+def _engine_row(n_req: int) -> list:
+    """examples/generate_paged.py on the same geometry (its own copy of the random weights)."""
+    import generate_paged
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engine.json"
+        rc = generate_paged.main(["--size", "bench", "--requests", str(n_req), "--batch", "64", "--prompt-len",
+                                  "128-512", "--new-tokens", "64-128", "--arrival", "16", "--check", "0", "--quiet",
+                                  "--json", str(out)])
+        if rc != 0 or not out.exists():
+            raise RuntimeError(f"generate_paged.py exited with status {rc}")
+        engine = json.loads(out.read_text())
+    step = engine["decode_step_ms_at_max_batch"]
+    return [f"ours: paged engine ({n_req} requests, batch <= 64)", "<= 64", "128-512", "64-128", "-",
+            f"{engine['tokens_per_s']:.0f}",
+            f"{engine['decode_tokens_per_s']:.0f}" + (f" ({step:.2f} ms/step at 64)" if step else "")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
+    ap.add_argument("--time-budget", type=float, default=75.0,
+                    help="seconds; rows not started within it are reported as skipped (default 75)")
     args = ap.parse_args()
-    fi_tf.register()
-    cfg = hf_common.make_config("llama", "bench")
-    model = hf_common.random_model(cfg, torch.bfloat16, "cuda", attn_implementation=fi_tf.DEFAULT_NAME)
+    t_start = time.perf_counter()
     cases = [(1, 512, 128), (8, 2048, 64)] if not args.quick else [(1, 512, 32)]
     reps = 2 if not args.quick else 1
-    g = torch.Generator().manual_seed(0)
+    n_req = 128 if not args.quick else 32
+    header = ["backend", "batch", "prompt", "new", "prefill ms", "overall tok/s", "decode tok/s"]
     rows, tok_s = [], {}
-    for batch, prompt, new in cases:
+
+    def over_budget() -> bool:
+        return time.perf_counter() - t_start > args.time_budget
+
+    # Every failure is a row of the table, never an exception out of the benchmark (the GPU run goes on).
+    model = cfg = None
+    try:
+        fi_tf.register()
+        cfg = hf_common.make_config("llama", "bench")
+        model = hf_common.random_model(cfg, torch.bfloat16, "cuda", attn_implementation=fi_tf.DEFAULT_NAME)
+    except Exception as e:  # noqa: BLE001
+        rows.append(["model setup", "-", "-", "-", "-", "-", _error(e)])
+    g = torch.Generator().manual_seed(0)
+    for batch, prompt, new in cases if model is not None else []:
         ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=g).to("cuda")
         for name, (impl, ctx) in _backends().items():
-            model.set_attn_implementation(impl)
+            if over_budget():
+                rows.append([name, batch, prompt, new, "-", "-", f"skipped: over the {args.time_budget:.0f} s budget"])
+                continue
             try:
+                model.set_attn_implementation(impl)
                 with ctx():
                     pre = _prefill_ms(model, ids, reps=3)
                     total = _generate_s(model, ids, new, reps)
-            except RuntimeError as e:  # e.g. a forced SDPA kernel that refuses these inputs
-                rows.append([name, batch, prompt, new, "n/a", "n/a", f"n/a: {str(e).splitlines()[0][:80]}"])
+            except Exception as e:  # noqa: BLE001 - e.g. a forced SDPA kernel that refuses these inputs
+                rows.append([name, batch, prompt, new, "n/a", "n/a", _error(e)])
+                print(rows[-1], flush=True)
+                torch.cuda.synchronize()
                 continue
             decode = batch * new / max(total - pre / 1e3, 1e-9)
             tok_s[(name, batch, prompt)] = decode
             rows.append([name, batch, prompt, new, f"{pre:.2f}", f"{batch * new / total:.0f}", f"{decode:.0f}"])
             print(rows[-1], flush=True)
+    del model
+    torch.cuda.empty_cache()
 
     # Our engine on the same weights: continuous batching, paged KV cache, CUDA-graph decode steps.
-    import generate_paged
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "engine.json"
-        n_req = 128 if not args.quick else 32
-        rc = generate_paged.main(["--size", "bench", "--requests", str(n_req), "--batch", "64", "--prompt-len",
-                                  "128-512", "--new-tokens", "64-128", "--arrival", "16", "--check", "0", "--quiet",
-                                  "--json", str(out)])
-        engine = json.loads(out.read_text()) if rc == 0 and out.exists() else None
-    if engine:
-        step = engine["decode_step_ms_at_max_batch"]
-        rows.append([f"ours: paged engine ({n_req} requests, batch <= 64)", "<= 64", "128-512", "64-128",
-                     "-", f"{engine['tokens_per_s']:.0f}",
-                     f"{engine['decode_tokens_per_s']:.0f}" + (f" ({step:.2f} ms/step at 64)" if step else "")])
+    engine_name = f"ours: paged engine ({n_req} requests, batch <= 64)"
+    if over_budget():
+        rows.append([engine_name, "<= 64", "128-512", "64-128", "-", "-",
+                     f"skipped: over the {args.time_budget:.0f} s budget"])
+    else:
+        try:
+            rows.append(_engine_row(n_req))
+        except Exception as e:  # noqa: BLE001
+            rows.append([engine_name, "<= 64", "128-512", "64-128", "-", "-", _error(e)])
+        print(rows[-1], flush=True)
     notes = [
         "random bf16 model, 8B-like attention (32 q heads, 8 KV heads, head_dim 128, hidden 4096), 8 layers, vocab 32000",
         "generate rows: transformers greedy generate, batch without padding, DynamicCache; prefill = one forward "
         "of the prompt (CUDA events, median of 3); overall tok/s = batch*new / generate time; decode tok/s excludes "
         "the prefill time",
-        "engine row: examples/generate_paged.py (requests arriving 16 per step, 64 running at most)",
+        "engine row: examples/generate_paged.py (requests arriving 16 per step, 64 running at most; LM head in "
+        "float32)",
+        f"total benchmark time {time.perf_counter() - t_start:.0f} s",
     ]
     for (name, batch, prompt), v in tok_s.items():
         if name.startswith("ours"):
             base = tok_s.get(("SDPA (default dispatch)", batch, prompt))
             if base:
                 notes.append(f"decode speed-up vs SDPA default at batch {batch}, prompt {prompt}: {v / base:.2f}x")
-    text = write_results("transformers backend: tokens/s vs SDPA (bench_transformers.py)",
-                         ["backend", "batch", "prompt", "new", "prefill ms", "overall tok/s", "decode tok/s"],
-                         rows, notes)
+    text = write_results("transformers backend: tokens/s vs SDPA (bench_transformers.py)", header, rows, notes)
     print(text)
 
 

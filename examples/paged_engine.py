@@ -75,6 +75,10 @@ class ModelRunner:
         self.dtype = model.lm_head.weight.dtype
         self.device = model.lm_head.weight.device
         self.vocab_size = model.lm_head.weight.shape[0]
+        # The LM head runs in float32 (from the bf16/fp16 hidden state): rounding the logits to bf16 would make
+        # ties (bf16's ulp is 0.125 at |logit| 16..32) and the greedy choice among them arbitrary.
+        self.lm_head_f32 = model.lm_head.weight.detach().float()
+        self.lm_head_bias_f32 = None if model.lm_head.bias is None else model.lm_head.bias.detach().float()
 
     def _proj(self, linear: torch.nn.Linear, x: torch.Tensor, rows: slice) -> torch.Tensor:
         if self.local_kv_heads == self.num_kv_heads:
@@ -109,7 +113,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        """float32 ``[n, vocab]`` logits of hidden states ``[n, hidden]`` (LM head in float32)."""
+        return torch.nn.functional.linear(hidden.float(), self.lm_head_f32, self.lm_head_bias_f32)
 
 
 # ---------------------------------------------------------------------------------- plain-PyTorch stand-ins
@@ -231,6 +236,8 @@ class Request:
     seq_len: int = 0  # tokens whose K/V are in the cache
     admitted_step: int = -1
     finished_step: int = -1
+    # With Engine.record_hidden: the final hidden state (after the final norm) each output token was chosen from.
+    hidden: List[torch.Tensor] = dataclasses.field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -267,7 +274,7 @@ class DecodeBatch:
         self.wrapper = engine.ops.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(workspace, self.indptr, self.indices,
                                                                                self.last, "NHD")
         self.graph = None
-        self.logits = None
+        self.hidden = self.logits = None
         # Every slot on the scratch page, for the warm-up and capture.
         self.load([0] * size, [0] * size, [[0]] * size, [1] * size)
         if use_graph:
@@ -299,7 +306,8 @@ class DecodeBatch:
                                         self.last)
             return self.wrapper.run(q, cache)
 
-        return e.runner.logits(e.runner.forward(self.tokens, self.positions, attend))
+        hidden = e.runner.forward(self.tokens, self.positions, attend)
+        return hidden, e.runner.logits(hidden)
 
     def _capture(self, pool) -> None:
         dev = self.engine.device
@@ -311,14 +319,16 @@ class DecodeBatch:
             torch.cuda.current_stream(dev).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = self._step()
+                self.hidden, self.logits = self._step()
 
-    def run(self, n: int, eager: bool = False) -> torch.Tensor:
+    def run(self, n: int, eager: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states ``[n, hidden]`` and float32 logits ``[n, vocab]`` of the first ``n`` slots."""
         if self.graph is not None and not eager:
             with torch.cuda.device(self.engine.device):  # replay on our device's stream, whatever is current
                 self.graph.replay()
-            return self.logits[:n]
-        return self._step()[:n]
+            return self.hidden[:n], self.logits[:n]
+        hidden, logits = self._step()
+        return hidden[:n], logits[:n]
 
 
 class Engine:
@@ -369,6 +379,8 @@ class Engine:
         # steps run without their graphs (the profiler's kernel view) and are left out of ``decode_times``.
         self.on_decode_step: Optional[Callable[["Engine", int], None]] = None
         self.eager_decode = False
+        # Keep each output token's hidden state in Request.hidden (for checking against a reference model).
+        self.record_hidden = False
 
     # -- scheduling
 
@@ -447,10 +459,13 @@ class Engine:
 
         hidden = rn.forward(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), attend)
         last_rows = torch.tensor(qo_indptr[1:], device=dev) - 1
-        next_tokens = rn.logits(hidden[last_rows]).argmax(-1).tolist()
-        for r, t in zip(reqs, next_tokens):
+        last_hidden = hidden[last_rows]
+        next_tokens = rn.logits(last_hidden).argmax(-1).tolist()
+        for i, (r, t) in enumerate(zip(reqs, next_tokens)):
             r.seq_len = len(r.prompt)
             r.output.append(int(t))
+            if self.record_hidden:
+                r.hidden.append(last_hidden[i])
         self.stats["prefill_s"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += nnz
         self.stats["prefill_steps"] += 1
@@ -472,10 +487,15 @@ class Engine:
         if self.on_decode_step is not None:
             self.on_decode_step(self, n)
         eager = self.eager_decode
-        next_tokens = dec.run(n, eager=eager).argmax(-1).tolist()  # (the one host sync of the step)
-        for r, t in zip(reqs, next_tokens):
+        hidden, logits = dec.run(n, eager=eager)
+        if self.record_hidden:
+            hidden = hidden.clone()  # the graph's output buffer is overwritten by the next replay
+        next_tokens = logits.argmax(-1).tolist()  # (the one host sync of the step)
+        for i, (r, t) in enumerate(zip(reqs, next_tokens)):
             r.seq_len += 1
             r.output.append(int(t))
+            if self.record_hidden:
+                r.hidden.append(hidden[i])
         dt = time.perf_counter() - t0
         if not eager:
             self.decode_times[n].append(dt)

@@ -20,6 +20,7 @@ FAMILY_MODULES: Dict[str, str] = {
     "rope": "flashinfer.rope",
     "norm": "flashinfer.norm",
     "activation": "flashinfer.activation",
+    "sampling": "flashinfer.sampling",
     "probe": "flashinfer.jit.probe",
 }
 

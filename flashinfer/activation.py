@@ -21,10 +21,10 @@ from .utils import (
     DTYPE_SHORT,
     check_device_tensor,
     check_pdl_arg,
-    current_stream_ptr,
+    current_stream_at,
     dtype_short,
     module_error,
-    resolve_pdl,
+    resolve_pdl_at,
 )
 
 __all__ = ["ActivationSpec", "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"]
@@ -66,9 +66,13 @@ class _ActModule:
         self.codes = {name: self.module.constants[name] for name in ("silu", "gelu", "gelu_tanh")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _act_module(dtype: str) -> _ActModule:
     return _ActModule(dtype)
+
+
+# dtype -> loaded module: a dict read per call instead of the lru_cache'd builder.
+_MODULES: Dict[torch.dtype, _ActModule] = {}
 
 
 def _rows_stride(shape: torch.Size, stride: Tuple[int, ...]) -> Optional[int]:
@@ -84,12 +88,12 @@ def _rows_stride(shape: torch.Size, stride: Tuple[int, ...]) -> Optional[int]:
 
 def _launch(act: str, out: torch.Tensor, input: torch.Tensor, enable_pdl: Optional[bool]) -> None:
     """Launch on validated tensors: input ``[..., 2d]``, out ``[..., d]``, both with unit last stride."""
-    shape = out.shape
+    shape = out.size()
     d = shape[-1]
     rows = out.numel() // d if d else 0
     if rows == 0:
         return
-    in_stride = _rows_stride(input.shape, input.stride())
+    in_stride = _rows_stride(input.size(), input.stride())
     if in_stride is None:
         input = input.contiguous()
         in_stride = input.shape[-1]
@@ -100,12 +104,14 @@ def _launch(act: str, out: torch.Tensor, input: torch.Tensor, enable_pdl: Option
         out_stride = d
     if rows == 1:  # a single row's stride is never used: report the packed one (it must not block 16-byte vectors)
         in_stride, out_stride = 2 * d, d
-    m = _act_module(DTYPE_SHORT[input.dtype])
-    device = input.device
+    m = _MODULES.get(input.dtype)
+    if m is None:
+        m = _MODULES[input.dtype] = _act_module(DTYPE_SHORT[input.dtype])
+    device = input.get_device()
     rc = m.launch(input.data_ptr(), out.data_ptr(), in_stride, out_stride, rows, d, m.codes[act],
-                  resolve_pdl(enable_pdl, device), device.index, current_stream_ptr(device))
+                  resolve_pdl_at(enable_pdl, device), device, current_stream_at(device))
     if rc:
-        raise module_error(m.module, rc, f"{act}_and_mul ({m.module.spec.name()}) on {device}")
+        raise module_error(m.module, rc, f"{act}_and_mul ({m.module.spec.name()}) on {input.device}")
     if target is not None:
         target.copy_(out)
 
@@ -127,8 +133,9 @@ _OPS = {act: _make_op(act) for act in ("silu", "gelu", "gelu_tanh")}
 
 def _act_and_mul(act: str, input: torch.Tensor, out: Optional[torch.Tensor], enable_pdl: Optional[bool]) -> torch.Tensor:
     check_device_tensor(input, "input")
-    dtype_short(input, "input")
-    shape = input.shape
+    if input.dtype not in DTYPE_SHORT:
+        dtype_short(input, "input")  # raises the dtype error
+    shape = input.size()
     if len(shape) < 1 or shape[-1] % 2:
         raise ValueError(f"input must be (..., 2 * d): its last dimension must be even, got shape {tuple(shape)}")
     d = shape[-1] // 2
@@ -142,7 +149,7 @@ def _act_and_mul(act: str, input: torch.Tensor, out: Optional[torch.Tensor], ena
         out = torch.empty(out_shape, dtype=input.dtype, device=input.device)
     else:
         check_device_tensor(out, "out")
-        if out.shape != out_shape or out.dtype != input.dtype or out.device != input.device:
+        if out.size() != out_shape or out.dtype != input.dtype or out.get_device() != input.get_device():
             raise ValueError(f"out must be a {input.dtype} tensor of shape {out_shape} on {input.device} (input "
                              f"{tuple(shape)} -> (..., d)), got {out.dtype} {tuple(out.shape)} on {out.device}")
         if out.stride()[-1] != 1 and d > 1:

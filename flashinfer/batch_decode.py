@@ -35,7 +35,10 @@ from .utils import (
     canonical_pos_encoding,
     check_head_dim,
     check_logit_options,
+    MAX_KV_LEN,
+    check_inputs_enabled,
     check_out,
+    check_page_ids_in_cache,
     current_stream_ptr,
     scalar,
     workspace_too_small,
@@ -164,6 +167,8 @@ def _check_page_table(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: i
         if not 1 <= lp[r] <= page_size:
             return -3, r, 0
         n = (pages - 1) * page_size + lp[r]
+        if n > MAX_KV_LEN:
+            return -8, r, 0
         keys += min(n, window_left + 1) if window_left >= 0 else n
     return 0, 0, keys
 
@@ -503,6 +508,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"indices[{at}] is a negative page id")
         if rc == -7:
             raise ValueError("batch or page count above the CUDA-graph wrapper's fixed capacity")
+        if rc == -8:
+            keys = (int(h_indptr[at + 1]) - int(h_indptr[at]) - 1) * page_size + int(h_last[at])
+            raise ValueError(f"request {at} has {keys} keys; at most {MAX_KV_LEN} (2**31 - 2**16) keys per request are "
+                             f"supported (token positions are 32-bit in the kernels)")
         module.check(rc, f"BatchDecodeWithPagedKVCacheWrapper.plan ({module.spec.name()}) on {self._device}")
 
     begin_forward = plan
@@ -560,6 +569,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(f"HND paged_kv_cache needs the tokens of a page contiguous (token stride {kv.head_dim}), got {kv.stride_n}")
         if p.max_index >= kv.num_pages:
             raise ValueError(f"kv_indices holds page id {p.max_index} but paged_kv_cache has {kv.num_pages} pages")
+        if p.prefill is None and p.max_index < 0 and check_inputs_enabled():  # device ids (tensor cores: in _run_kv)
+            ids = p.indices_ref if p.indices_ref is not None else self._indices_buf
+            check_page_ids_in_cache(ids[: p.nnz], kv.num_pages, -1, "indices")
         if q.stride(-1) != 1:
             q = q.contiguous()
         check_out(out, "out", (p.batch, p.num_qo_heads, p.head_dim), p.q_dtype, self._device)

@@ -44,11 +44,14 @@ from .utils import (
     aligned_rows,
     canonical_layout,
     canonical_pos_encoding,
+    check_kv_lengths,
     check_out,
+    check_page_ids_in_cache,
     check_same_device,
     current_stream_ptr,
     dtype_short,
     num_sms,
+    page_ids_int32,
     scalar,
 )
 
@@ -395,6 +398,7 @@ class CascadeSharedSpec(AttentionSpec):
         Launcher("flashinfer_cascade_shared_prefill",
                  "const void* q, const void* k, const void* v, void* o, float* lse, float* workspace, "
                  "const int* kv_indices, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int page_size, "
+                 "int num_pages, "
                  "int64_t q_stride_n, int64_t q_stride_h, int64_t stride_page, int64_t stride_n, int64_t stride_h, "
                  "int num_chunks, int chunk_size, float sm_scale, int device, void* stream"),
         Launcher("flashinfer_cascade_shared_occupancy", "int device, int* out"),
@@ -438,7 +442,10 @@ class _SharedLevel:
         self._plan: Optional[Dict[str, Any]] = None
 
     def plan(self, level: "_Level", num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-             dtype: torch.dtype, sm_scale: Optional[float], device: torch.device) -> None:
+             dtype: torch.dtype, sm_scale: Optional[float], device: torch.device, beside_decode: bool = False) -> None:
+        """beside_decode: the level will run concurrently with the decode level, so its split takes one CTA per SM
+        (the rest of each SM's registers and shared memory is left to the memory-bound decode CTAs) instead of
+        every resident slot."""
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         dt = DTYPE_SHORT[dtype]
@@ -447,7 +454,7 @@ class _SharedLevel:
         consts = mod.constants
         total_q, kv_len = level.qo[-1], level.kv_lens[0]
         ctas = -(-total_q * (num_qo_heads // num_kv_heads) // consts["query_tile"]) * num_kv_heads
-        slots = _shared_occupancy(spec, device.index) * num_sms(device.index)
+        slots = (1 if beside_decode else _shared_occupancy(spec, device.index)) * num_sms(device.index)
         chunks = max(1, min(slots // max(ctas, 1), -(-kv_len // _SHARED_MIN_CHUNK)))
         ws_floats = self._ws.numel() * self._ws.element_size() // 4
         while chunks > 1 and chunks * total_q * num_qo_heads * (head_dim + 1) > ws_floats:
@@ -455,11 +462,13 @@ class _SharedLevel:
         tile = consts["kv_tile"]
         chunk_size = -(-(-(-kv_len // chunks)) // tile) * tile
         chunks = -(-kv_len // chunk_size)
-        pages = level.indices[level.kv[0] : level.kv[1]].to(device=device, dtype=torch.int32, non_blocking=True)
+        pages, max_index = page_ids_int32(level.indices[level.kv[0] : level.kv[1]], level.kv[1] - level.kv[0],
+                                          "paged_kv_indices_arr[0]")
+        pages = pages.to(device=device, non_blocking=True)
         self._plan = dict(mod=mod, fn=mod.fn("flashinfer_cascade_shared_prefill"), spec=spec, total_q=total_q,
                           kv_len=kv_len, pages=pages.contiguous(), num_qo_heads=num_qo_heads,
                           num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
-                          chunks=chunks, chunk_size=chunk_size,
+                          chunks=chunks, chunk_size=chunk_size, max_index=max_index,
                           sm_scale=scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(head_dim)))
 
     def run(self, q: torch.Tensor, paged_kv_cache: PagedKVCache, *, out: torch.Tensor,
@@ -472,13 +481,14 @@ class _SharedLevel:
                              f"{pl['num_kv_heads']}, {pl['head_dim']}")
         if kv.k.dtype != pl["dtype"] or kv.k.device != q.device:
             raise ValueError(f"paged_kv_cache must be {pl['dtype']} on {q.device}, got {kv.k.dtype} on {kv.k.device}")
+        check_page_ids_in_cache(pl["pages"], kv.num_pages, pl["max_index"], "paged_kv_indices_arr[0]")
         q = aligned_rows(q, 2)
         device = q.device
         rc = pl["fn"](
             q.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(), out.data_ptr(),
             lse.data_ptr() if (return_lse and lse is not None) else None, self._ws.data_ptr(), pl["pages"].data_ptr(),
-            pl["total_q"], pl["kv_len"], pl["num_qo_heads"], pl["num_kv_heads"], pl["page_size"], q.stride(0),
-            q.stride(1), kv.stride_page, kv.stride_n, kv.stride_h, pl["chunks"], pl["chunk_size"], pl["sm_scale"],
+            pl["total_q"], pl["kv_len"], pl["num_qo_heads"], pl["num_kv_heads"], pl["page_size"], kv.num_pages,
+            q.stride(0), q.stride(1), kv.stride_page, kv.stride_n, kv.stride_h, pl["chunks"], pl["chunk_size"], pl["sm_scale"],
             device.index, current_stream_ptr(device),
         )
         if rc:
@@ -563,6 +573,7 @@ def _check_levels(num_levels: int, qo_indptr_arr: Sequence, paged_kv_indptr_arr:
             if b > a and not 1 <= last[r] <= page_size:
                 raise ValueError(f"paged_kv_last_page_len[{l}][{r}] = {last[r]} must be in [1, page_size={page_size}]")
             kv_lens.append((b - a - 1) * page_size + last[r] if b > a else 0)
+        check_kv_lengths(kv_lens, f"level {l}: request")
         levels.append(_Level(qo, kv, last, indices, kv_lens))
     return levels
 
@@ -639,6 +650,10 @@ def _concatenated_table(levels: List[_Level], page_size: int,
 _HBM_BYTES_PER_US = 4.0e6
 _TC_FLOPS_PER_US = 3.0e8
 _LEVEL_OVERHEAD_US = 10.0
+# A shared level planned beside the decode level gets one CTA per SM instead of two: assumed ~15% slower alone
+# (the wgmma kernel's one-CTA-per-SM tiles measured 6-14% slower, prefill_sm90.cuh), so overlapping pays when the
+# decode level's time exceeds that share of the shared level's.
+_BESIDE_DECODE_SLOWDOWN = 0.15
 
 
 def _cascade_estimate(levels: List[_Level], num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -654,6 +669,16 @@ def _cascade_estimate(levels: List[_Level], num_qo_heads: int, num_kv_heads: int
         plain += reads * token_bytes / _HBM_BYTES_PER_US
         cascade += max(lv.total_keys * token_bytes / _HBM_BYTES_PER_US, flops / _TC_FLOPS_PER_US) + _LEVEL_OVERHEAD_US
     return plain, cascade
+
+
+def _overlap_pays(shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                  elem_bytes: int) -> bool:
+    """Whether running the shared level beside the decode level (one CTA per SM) beats running them in turn."""
+    token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
+    flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
+    shared_us = max(shared.total_keys * token_bytes / _HBM_BYTES_PER_US, flops / _TC_FLOPS_PER_US)
+    decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
+    return decode_us > _BESIDE_DECODE_SLOWDOWN * shared_us
 
 
 # =========================================================================================== multi-level cascade
@@ -702,6 +727,7 @@ class _CascadePlan:
     head_dim: int
     q_dtype: torch.dtype
     stats: Dict[str, Any]
+    overlap: bool = False  # steps = [shared level, decode level], run concurrently (see run())
 
 
 class MultiLevelCascadeAttentionWrapper:
@@ -713,7 +739,9 @@ class MultiLevelCascadeAttentionWrapper:
     shared prefix (``qo_indptr = [0, total_q]``) and the last level holds each request's own tokens. Each level runs
     as a batch prefill over its pages (the shared level's queries packed as rows on tensor cores, its KV read once),
     a decode-shaped last level (one query per request) on the paged batch decode kernel; the levels' states are
-    merged with the merge_state kernel. A causal mask applies to the last level only, as in FlashInfer.
+    merged with the merge_state kernel. With two levels, a shared prefix on the Hopper kernel (tensor-core bound)
+    and a decode level (bandwidth bound) run concurrently: the second on a side stream joined back before the merge.
+    A causal mask applies to the last level only, as in FlashInfer.
 
     Parameters
     ----------
@@ -738,9 +766,12 @@ class MultiLevelCascadeAttentionWrapper:
     # the batch decode kernel (else on batch prefill, as FlashInfer does). _shared_level_wgmma: run a level of one
     # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill). _fallback:
     # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
+    # _overlap_levels: run a shared level on the wgmma kernel concurrently with the decode level: "auto" (when
+    # the cost model says it pays), "always", or "never" (one after the other).
     _last_level_decode: bool = True
     _shared_level_wgmma: bool = True
     _fallback: str = "auto"
+    _overlap_levels: str = "auto"
 
     def __init__(
         self,
@@ -790,6 +821,8 @@ class MultiLevelCascadeAttentionWrapper:
         self._graph_path: Optional[Tuple[Any, ...]] = None  # graph mode: what the first plan fixed
         self._graph_batch: Optional[int] = None
         self._plan: Optional[_CascadePlan] = None
+        # Overlapped runs: (side stream of the decode level, fork event, join event), made on first use.
+        self._side: Optional[Tuple[torch.cuda.Stream, torch.cuda.Event, torch.cuda.Event]] = None
 
     # --------------------------------------------------------------------------------------------- helpers
 
@@ -957,6 +990,16 @@ class MultiLevelCascadeAttentionWrapper:
 
         steps: List[_Step] = []
         n_prefill = self._num_levels - 1 if decode_last else self._num_levels
+        # Two levels, a shared prefix on the tensor-core kernel and the requests' own tokens on batch decode: the
+        # first is bound by tensor-core throughput, the second by HBM bandwidth, so they share the GPU well.
+        if self._overlap_levels not in ("auto", "always", "never"):
+            raise ValueError(f"_overlap_levels must be 'auto', 'always' or 'never', got {self._overlap_levels!r}")
+        overlap = (self._overlap_levels != "never" and not self._use_cuda_graph and decode_last and n_prefill == 1
+                   and last.total_keys > 0
+                   and (self._overlap_levels == "always"
+                        or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem))
+                   and self._shared_on_hopper(0, levels[0], head_dim, pos, window_left, logits_soft_cap,
+                                              use_fp16_qk_reduction, q_dtype, kv_dtype))
         for l in range(n_prefill):
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
@@ -964,7 +1007,8 @@ class MultiLevelCascadeAttentionWrapper:
             if self._shared_on_hopper(l, lv, head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction,
                                       q_dtype, kv_dtype):
                 runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
-                runner.plan(lv, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, sm_scale, self._device)
+                runner.plan(lv, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, sm_scale, self._device,
+                            beside_decode=overlap)
                 steps.append(_Step(l, runner))
                 continue
             # A single query per request sits at the bottom-right corner: the causal mask hides nothing from it.
@@ -977,9 +1021,11 @@ class MultiLevelCascadeAttentionWrapper:
             steps.append(self._plan_decode_level(last, num_qo_heads, num_kv_heads, head_dim, page_size, options))
         if self._use_cuda_graph:
             self._graph_path = frozen
+        overlap = (overlap and len(steps) == 2 and isinstance(steps[0].wrapper, _SharedLevel)
+                   and steps[1].wrapper is self._decode)
         stats.update(path="cascade", reason=why_cascade,
-                     kernels=[(s.kernel, s.level) for s in steps])
-        self._plan = _CascadePlan("cascade", steps, total_q, num_qo_heads, head_dim, q_dtype, stats)
+                     kernels=[(s.kernel, s.level) for s in steps], overlap_levels=overlap)
+        self._plan = _CascadePlan("cascade", steps, total_q, num_qo_heads, head_dim, q_dtype, stats, overlap)
 
     begin_forward = plan
 
@@ -1059,7 +1105,7 @@ class MultiLevelCascadeAttentionWrapper:
         """The last plan: ``path`` ("cascade" or "plain_decode") and ``reason``, the kernel of each level run
         (``kernels``), per-level sizes, and the cost model's estimates (µs of device time) of the levels above the
         last: ``estimated_plain_us`` (read per query by plain decode) and ``estimated_cascade_us`` (attended once,
-        plus the merge)."""
+        plus the merge); ``overlap_levels``: whether the shared and the decode level run concurrently."""
         if self._plan is None:
             raise RuntimeError("plan() has not been called")
         return dict(self._plan.stats)
@@ -1100,6 +1146,9 @@ class MultiLevelCascadeAttentionWrapper:
         lse_buf = lse if (return_lse and lse is not None) else (
             torch.empty(shape[:2], dtype=torch.float32, device=self._device) if (return_lse or merging) else None)
         first = pl.steps[0]
+        if pl.overlap and not torch.compiler.is_compiling():
+            self._run_overlapped(pl, q, paged_kv_cache, o, lse_buf, return_lse)
+            return (o, lse_buf) if return_lse else o
         first.wrapper.run(q, paged_kv_cache, out=o, lse=lse_buf, return_lse=lse_buf is not None)
         if merging:
             tmp_o = torch.empty_like(o)
@@ -1111,6 +1160,35 @@ class MultiLevelCascadeAttentionWrapper:
         return (o, lse_buf) if return_lse else o
 
     forward = run
+
+    def _run_overlapped(self, pl: _CascadePlan, q: torch.Tensor, paged_kv_cache: PagedKVCache, o: torch.Tensor,
+                        lse: torch.Tensor, return_lse: bool) -> None:
+        """The shared level on the caller's stream, concurrently with the decode level on a side stream; then the
+        merge on the caller's stream.
+
+        The shared level is launched first and in the caller's stream order, so its CTAs (one per SM, as planned)
+        are placed as soon as the preceding work ends; the decode level's wait on the fork event resolves a moment
+        later, and its CTAs fill what each SM has left (were they first, they would take every SM and the levels
+        would run one after the other). The levels use separate workspace regions; the side stream's work is
+        joined back into the caller's stream before the merge (and on an error), so the caller's allocations that
+        it touches stay ordered."""
+        shared, decode = pl.steps
+        if self._side is None:
+            self._side = (torch.cuda.Stream(device=self._device), torch.cuda.Event(), torch.cuda.Event())
+        side, fork, join = self._side
+        cur = torch.cuda.current_stream(self._device)
+        fork.record(cur)
+        side.wait_event(fork)
+        tmp_o = torch.empty_like(o)
+        tmp_lse = torch.empty_like(lse)
+        try:
+            shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True)
+            with torch.cuda.stream(side):
+                decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True)
+        finally:
+            join.record(side)
+            cur.wait_event(join)
+        _launch_pair(o, lse, tmp_o, tmp_lse, o, lse if return_lse else None, decode.mask)
 
     def end_forward(self) -> None:
         """Kept for FlashInfer 0.1/0.2 compatibility; nothing to release."""

@@ -22,10 +22,10 @@ from .utils import (
     DTYPE_SHORT,
     check_device_tensor,
     check_pdl_arg,
-    current_stream_ptr,
+    current_stream_at,
     dtype_short,
     module_error,
-    resolve_pdl,
+    resolve_pdl_at,
     scalar,
 )
 
@@ -76,7 +76,7 @@ class _NormModule:
         self.max_hidden = self.module.constants["max_hidden"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _norm_module(dtype: str) -> _NormModule:
     return _NormModule(dtype)
 
@@ -92,32 +92,39 @@ def _rows(shape: torch.Size, stride: Tuple[int, ...]) -> Tuple[int, int, int, in
 def _check_input(t: Any) -> torch.Size:
     """A 2-D/3-D float16/bfloat16 CUDA tensor with a non-empty last dimension; returns its shape."""
     check_device_tensor(t, "input")
-    shape = t.shape
+    shape = t.size()  # .size() is half the cost of .shape
     if len(shape) not in (2, 3):
         raise ValueError(f"input must be 2-D (batch_size, hidden_size) or 3-D (batch_size, num_heads, hidden_size), "
                          f"got shape {tuple(shape)}")
-    dtype_short(t, "input")
+    if t.dtype not in DTYPE_SHORT:
+        dtype_short(t, "input")  # raises the dtype error
     if shape[-1] == 0:
         raise ValueError(f"hidden size is 0 (input shape {tuple(shape)})")
-    if t.numel() // shape[-1] >= 2**31:
+    if (shape[0] if len(shape) == 2 else shape[0] * shape[1]) >= 2**31:
         raise ValueError(f"input shape {tuple(shape)}: more than 2**31 - 1 rows")
     return shape
 
 
-def _check_weight(weight: Any, input: torch.Tensor, hidden: int) -> torch.Tensor:
+def _check_weight(weight: Any, input: torch.Tensor, hidden: int, device: int) -> torch.Tensor:
     check_device_tensor(weight, "weight")
-    if weight.dim() != 1 or weight.shape[0] != hidden:
+    if weight.dim() != 1 or weight.size(0) != hidden:
         raise ValueError(f"weight must be 1-D of the hidden size {hidden}, got shape {tuple(weight.shape)}")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match the input's {input.dtype}")
-    if weight.device != input.device:
+    if weight.get_device() != device:
         raise ValueError(f"all tensors must be on one device: input is on {input.device}, weight on {weight.device}")
-    return weight if weight.stride()[0] == 1 or hidden <= 1 else weight.contiguous()
+    return weight if weight.stride(0) == 1 or hidden <= 1 else weight.contiguous()
+
+
+# dtype -> loaded module: a dict read per call instead of the lru_cache'd builder.
+_MODULES: Dict[torch.dtype, _NormModule] = {}
 
 
 def _module_for(dtype: torch.dtype, hidden: int) -> _NormModule:
     """The module of the dtype, with the hidden size checked against its limit."""
-    m = _norm_module(DTYPE_SHORT[dtype])
+    m = _MODULES.get(dtype)
+    if m is None:
+        m = _MODULES[dtype] = _norm_module(DTYPE_SHORT[dtype])
     if hidden > m.max_hidden:
         raise ValueError(f"hidden size {hidden} exceeds the largest supported, {m.max_hidden}")
     return m
@@ -134,13 +141,13 @@ def _launch(fused_add: bool, a: torch.Tensor, b: torch.Tensor, weight: torch.Ten
     _, _, b0, b1 = _rows(shape, b_stride)
     hidden = shape[-1]
     m = _module_for(a.dtype, hidden)
-    device = a.device
+    device = a.get_device()
     fn = m.fused_add if fused_add else m.rmsnorm
     rc = fn(a.data_ptr(), b.data_ptr(), weight.data_ptr(), a0, a1, b0, b1, rows, inner, hidden, eps, weight_bias,
-            resolve_pdl(enable_pdl, device), device.index, current_stream_ptr(device))
+            resolve_pdl_at(enable_pdl, device), device, current_stream_at(device))
     if rc:
         what = "fused_add_rmsnorm" if fused_add else "rmsnorm"
-        raise module_error(m.module, rc, f"{what} ({m.module.spec.name()}) on {device}")
+        raise module_error(m.module, rc, f"{what} ({m.module.spec.name()}) on {a.device}")
 
 
 @torch.library.custom_op("flashinfer::rmsnorm", mutates_args=("out",))
@@ -169,7 +176,8 @@ def _fused_add_rmsnorm_fake(input, residual, weight, eps, weight_bias, enable_pd
 def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: object, out: Optional[torch.Tensor],
              enable_pdl: Optional[bool], weight_bias: float) -> torch.Tensor:
     shape = _check_input(input)
-    weight = _check_weight(weight, input, shape[-1])
+    device = input.get_device()
+    weight = _check_weight(weight, input, shape[-1], device)
     eps = scalar(eps, "eps", 1e-6)
     pdl = check_pdl_arg(enable_pdl)
     stride = input.stride()
@@ -178,17 +186,19 @@ def _rmsnorm(input: torch.Tensor, weight: torch.Tensor, eps: object, out: Option
         stride = input.stride()
     if out is None:
         out = torch.empty(shape, dtype=input.dtype, device=input.device)
+        out_stride = out.stride()
     else:
         check_device_tensor(out, "out")
-        if out.shape != shape or out.dtype != input.dtype or out.device != input.device:
+        if out.size() != shape or out.dtype != input.dtype or out.get_device() != device:
             raise ValueError(f"out must be a {input.dtype} tensor of the input's shape {tuple(shape)} on "
                              f"{input.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-        if out.stride()[-1] != 1 and shape[-1] > 1:
-            raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out.stride()}")
+        out_stride = out.stride()
+        if out_stride[-1] != 1 and shape[-1] > 1:
+            raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out_stride}")
     if torch.compiler.is_compiling():
         _rmsnorm_op(out, input, weight, eps, weight_bias, pdl)
     else:
-        _launch(False, input, out, weight, eps, weight_bias, pdl, shape, stride, out.stride())
+        _launch(False, input, out, weight, eps, weight_bias, pdl, shape, stride, out_stride)
     return out
 
 
@@ -196,12 +206,13 @@ def _fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torc
                        enable_pdl: Optional[bool], weight_bias: float) -> None:
     shape = _check_input(input)
     check_device_tensor(residual, "residual")
-    if residual.shape != shape or residual.dtype != input.dtype:
+    if residual.size() != shape or residual.dtype != input.dtype:
         raise ValueError(f"residual must match the input's shape {tuple(shape)} and dtype {input.dtype}, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
-    if residual.device != input.device:
+    device = input.get_device()
+    if residual.get_device() != device:
         raise ValueError(f"all tensors must be on one device: input is on {input.device}, residual on {residual.device}")
-    weight = _check_weight(weight, input, shape[-1])
+    weight = _check_weight(weight, input, shape[-1], device)
     eps = scalar(eps, "eps", 1e-6)
     pdl = check_pdl_arg(enable_pdl)
     stride, rstride = input.stride(), residual.stride()

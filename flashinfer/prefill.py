@@ -27,6 +27,11 @@ from .utils import (
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
+    INT32_MAX,
+    check_int32_values,
+    check_kv_lengths,
+    check_page_ids_in_cache,
+    page_ids_int32,
     check_kv,
     check_logit_options,
     check_qkv_dtypes,
@@ -463,7 +468,8 @@ class BatchPrefillSpec(_PrefillSpecBase):
                  "float* partial_lse, const uint8_t* mask, const int* mask_indptr, const int* qo_indptr, "
                  "const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, const int* work, "
                  "int work_capacity, const int* num_work, const int* merge, int merge_capacity, const int* num_merge, "
-                 "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int64_t q_stride_n, "
+                 "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int num_pages, "
+                 "int64_t q_stride_n, "
                  "int64_t q_stride_h, int64_t k_stride_page, int64_t k_stride_n, int64_t k_stride_h, "
                  "int64_t v_stride_page, int64_t v_stride_n, int64_t v_stride_h, int window_left, "
                  "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int device, void* stream"),
@@ -626,6 +632,8 @@ class _BatchPrefillBase:
                      packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale, window_left,
                      logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type, non_blocking, extra_lens):
         qo = _host_ints(qo_indptr, "qo_indptr")
+        check_int32_values(qo, "qo_indptr")
+        check_kv_lengths(kv_lens)
         if len(qo) < 1 or qo[0] != 0 or any(b < a for a, b in zip(qo, qo[1:])):
             raise ValueError("qo_indptr must start at 0 and be non-decreasing")
         batch = len(qo) - 1
@@ -699,6 +707,8 @@ class _BatchPrefillBase:
                                              bitorder="little")
             if mask_t.numel() == 0:
                 mask_t = torch.zeros(1, dtype=torch.uint8, device=dev)
+            if offs[-1] > INT32_MAX // 8:  # the kernel addresses mask bits with 32-bit offsets
+                raise ValueError(f"the custom mask holds {offs[-1]} bytes; at most {INT32_MAX // 8} are supported")
             mask_indptr = self._to_device_int(offs, None, "mask_indptr", non_blocking)
         # Schedule -> one int32 buffer: [num_work, num_merge, work[5][cap_w], merge[4][cap_m]]
         if self._use_cuda_graph:
@@ -736,7 +746,7 @@ class _BatchPrefillBase:
         return self._plan
 
     def _launch(self, q, k, v, strides, kv_indptr_dev, kv_indices_dev, last_dev, page_size, out, lse, return_lse,
-                sm_scale_mult: float = 1.0):
+                sm_scale_mult: float = 1.0, num_pages: int = 0):
         pl = self._plan
         if pl is None:
             raise RuntimeError("call plan() before run()")
@@ -784,7 +794,7 @@ class _BatchPrefillBase:
             last_dev.data_ptr() if last_dev is not None else None,
             ib + 8, cap_w, ib, ib + 8 + 5 * cap_w * 4, cap_m, ib + 4,
             pl["grid_x"], pl["merge_grid_x"], pl["num_qo_heads"], pl["num_kv_heads"], page_size,
-            q.stride(0), q.stride(1), *strides,
+            num_pages, q.stride(0), q.stride(1), *strides,
             opts.window_left, opts.soft_cap, opts.sm_scale * sm_scale_mult, opts.rope_scale, opts.rope_theta,
             device.index, current_stream_ptr(device),
         )
@@ -834,6 +844,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
              rope_scale: Optional[float] = None, rope_theta: Optional[float] = None, q_data_type="float16",
              kv_data_type=None, non_blocking: bool = True) -> None:
         kv = _host_ints(kv_indptr, "kv_indptr")
+        check_int32_values(kv, "kv_indptr")
         if len(kv) < 1 or kv[0] != 0 or any(b < a for a, b in zip(kv, kv[1:])):
             raise ValueError("kv_indptr must start at 0 and be non-decreasing")
         kv_lens = [b - a for a, b in zip(kv, kv[1:])]
@@ -923,6 +934,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
              non_blocking: bool = True) -> None:
         ind = _host_ints(paged_kv_indptr, "paged_kv_indptr")
         last = _host_ints(paged_kv_last_page_len, "paged_kv_last_page_len")
+        check_int32_values(ind, "paged_kv_indptr")
+        check_int32_values(last, "paged_kv_last_page_len")
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         if len(ind) < 1 or ind[0] != 0 or any(b < a for a, b in zip(ind, ind[1:])):
@@ -939,12 +952,14 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
             raise ValueError("paged_kv_indices must be a 1-D int32 tensor")
         if paged_kv_indices.numel() < ind[-1]:
             raise ValueError(f"paged_kv_indices has {paged_kv_indices.numel()} entries, paged_kv_indptr needs {ind[-1]}")
+        # CPU ids: negatives and int32 overflow fail here, the largest is compared with the cache in run();
+        # device ids: bounded by the kernel (FLASHINFER_CHECK_INPUTS=1 checks them in run()).
+        idx, max_index = page_ids_int32(paged_kv_indices, ind[-1], "paged_kv_indices")
         pl = self._plan_common(qo_indptr, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, custom_mask,
                                packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction, sm_scale,
                                window_left, logits_soft_cap, rope_scale, rope_theta, q_data_type, kv_data_type,
                                non_blocking, None)
         pl["kv_dev"] = self._to_device_int(ind, self._kv_indptr_buf, "paged_kv_indptr", non_blocking)
-        idx = paged_kv_indices.to(torch.int32)
         if self._kv_indices_buf is not None:
             if self._kv_indices_buf.numel() < idx.numel():
                 raise ValueError("paged_kv_indices_buf is smaller than paged_kv_indices")
@@ -956,6 +971,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                 torch.zeros(1, dtype=torch.int32, device=self._device)
         pl["last_dev"] = self._to_device_int(last, self._last_buf, "paged_kv_last_page_len", non_blocking)
         pl["page_size"] = page_size
+        pl["max_index"] = max_index
+        pl["nnz_pages"] = ind[-1]
 
     begin_forward = plan
 
@@ -976,8 +993,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
     def _run_kv(self, q, k, v, strides, out, lse, return_lse, sm_scale_mult: float = 1.0):
         """run() on a validated cache taken apart: K/V views and their (page, token, head) strides twice."""
         pl = self._plan
+        num_pages = k.shape[0]
+        check_page_ids_in_cache(pl["indices_dev"][: pl["nnz_pages"]], num_pages, pl["max_index"], "paged_kv_indices")
         return self._launch(q, k, v, strides, pl["kv_dev"], pl["indices_dev"], pl["last_dev"], pl["page_size"], out,
-                            lse, return_lse, sm_scale_mult)
+                            lse, return_lse, sm_scale_mult, num_pages)
 
 
 # Legacy FlashInfer aliases (the CUDA-graph variants are the same classes with use_cuda_graph=True).

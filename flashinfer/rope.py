@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import functools
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -31,7 +30,16 @@ import torch
 from . import jit
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .utils import DTYPE_CUDA, DTYPE_SHORT, check_device_tensor, current_stream_ptr, dtype_short, module_error, scalar
+from .utils import (
+    DTYPE_CUDA,
+    DTYPE_SHORT,
+    check_device_tensor,
+    current_stream_at,
+    current_stream_ptr,
+    dtype_short,
+    module_error,
+    scalar,
+)
 
 __all__ = [
     "RopeSpec",
@@ -186,7 +194,7 @@ def _check_index(t: Any, name: str, device: torch.device, length: Optional[int] 
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be torch.int32 or torch.int64, got {t.dtype}")
-    if t.device != device:
+    if t.get_device() != device.index:
         raise ValueError(f"all tensors must be on one device: q is on {device}, {name} on {t.device}")
     if length is not None and t.numel() != length:
         raise ValueError(f"{name} must have {length} elements, got {t.numel()}")
@@ -254,9 +262,10 @@ def _launch_cache_raw(device: torch.device, dtype: torch.dtype, q: _Operand, k: 
         bad = positions[(positions < 0) | (positions >= rows)][0].item()
         raise ValueError(f"apply_rope_with_cos_sin_cache: position {bad} lies outside the cos_sin_cache of {rows} "
                          f"rows (valid positions: 0..{rows - 1})")
+    index = device.index
     rc = m.cache(q[0], k[0], q_out[0], k_out[0], q[1], q[2], k[1], k[2], q_out[1], q_out[2], k_out[1], k_out[2], nnz,
                  q[3], k[3], head_dim, rotary_dim, interleave, positions.data_ptr(), positions.dtype == torch.int64,
-                 cos_sin_cache.data_ptr(), rows, cos_sin_cache.stride()[0], device.index, current_stream_ptr(device))
+                 cos_sin_cache.data_ptr(), rows, cos_sin_cache.stride(0), index, current_stream_at(index))
     if rc:
         raise module_error(m.module, rc, f"apply_rope_with_cos_sin_cache ({m.module.spec.name()}) on {device}")
 
@@ -612,7 +621,7 @@ def apply_llama31_rope_pos_ids(
 def _heads_geometry(t: torch.Tensor, nnz: int, head_size: int, name: str) -> Tuple[int, int, int, bool]:
     """(heads, token stride, head stride, last stride is 1) of ``t`` seen as ``(nnz, -1, head_size)``, as FlashInfer
     views it (``t.view(nnz, -1, head_size)``), without building the view in the common layouts."""
-    shape, stride = t.shape, t.stride()
+    shape, stride = t.size(), t.stride()
     per_token = t.numel() // nnz
     if len(shape) < 2 or shape[0] != nnz or per_token % head_size:
         raise ValueError(f"{name} must be (nnz={nnz}, num_heads * head_size) with head_size={head_size}, got shape "
@@ -641,21 +650,22 @@ def _rope_cos_sin_cache(positions: Any, query: Any, key: Any, head_size: Any, co
     if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size <= 0:
         raise ValueError(f"head_size must be a positive int, got {head_size!r}")
     device = query.device
-    nnz = query.shape[0] if query.dim() else 0
+    index = device.index
+    nnz = query.size(0) if query.dim() else 0
     positions = _check_index(positions, "positions", device, nnz)
-    cshape = cos_sin_cache.shape
-    if len(cshape) != 2 or cos_sin_cache.device != device:
+    cshape = cos_sin_cache.size()
+    if len(cshape) != 2 or cos_sin_cache.get_device() != index:
         raise ValueError(f"cos_sin_cache must be 2-D (max_seq_len, rotary_dim) on {device}, got "
                          f"{tuple(cshape)} on {cos_sin_cache.device}")
     rotary_dim = cshape[1]
     if not (2 <= rotary_dim <= head_size) or rotary_dim % 2:
         raise ValueError(f"cos_sin_cache's rotary_dim ({rotary_dim}: cos in the first half, sin in the second) must "
                          f"be even and in [2, head_size={head_size}]")
-    if cos_sin_cache.stride()[1] != 1:
+    if cos_sin_cache.stride(1) != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
     if key is not None:
         check_device_tensor(key, "key")
-        if key.dtype != dtype or key.device != device:
+        if key.dtype != dtype or key.get_device() != index:
             raise ValueError(f"key must share query's dtype and device ({dtype}, {device}), got {key.dtype} on "
                              f"{key.device}")
     if nnz >= 2**31:

@@ -158,6 +158,8 @@ def workspace_too_small(have_bytes: int, need_bytes: int) -> ValueError:
 
 def scalar(x: object, name: str, default: float) -> float:
     """A Python number (or a 0-d CPU tensor); CUDA tensors are refused since reading them would sync."""
+    if type(x) is float and math.isfinite(x):  # the common case, first: this runs on every per-token op call
+        return x
     if x is None:
         return float(default)
     if isinstance(x, torch.Tensor):
@@ -226,14 +228,20 @@ def check_head_dim(head_dim: int) -> None:
 
 def current_stream_ptr(device: torch.device) -> int:
     """Raw cudaStream_t of the device's current stream (not of the current device's)."""
+    return current_stream_at(device.index)
+
+
+def current_stream_at(index: int) -> int:
+    """Raw cudaStream_t of the current stream of CUDA device ``index`` (``tensor.get_device()``: cheaper than
+    building a torch.device on every launch)."""
     try:
         # Skips building a torch.cuda.Stream object: a few microseconds on every launch.
-        return torch._C._cuda_getCurrentRawStream(device.index)
+        return torch._C._cuda_getCurrentRawStream(index)
     except AttributeError:  # older or future torch without the private binding
-        return torch.cuda.current_stream(device).cuda_stream
+        return torch.cuda.current_stream(index).cuda_stream
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -245,7 +253,7 @@ def check_device_tensor(t: object, name: str) -> torch.Tensor:
     """A tensor on a CUDA device (any shape)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
+    if not t.is_cuda:  # a third of the cost of t.device.type: this runs for every tensor of every call
         raise ValueError(f"{name} is on {t.device}; the kernels run on CUDA devices only")
     return t
 
@@ -262,9 +270,13 @@ def check_pdl_arg(enable_pdl: object) -> Optional[bool]:
 def resolve_pdl(enable_pdl: Optional[bool], device: torch.device) -> bool:
     """FlashInfer's ``enable_pdl``: None (and True) mean "where the GPU supports it" (sm_90+); False disables.
     Asks the device (once per device): call it at launch, not while torch.compile traces."""
+    return resolve_pdl_at(enable_pdl, device.index)
+
+
+def resolve_pdl_at(enable_pdl: Optional[bool], index: int) -> bool:
+    """:func:`resolve_pdl` for CUDA device ``index``."""
     if enable_pdl is False:
         return False
-    index = device.index
     ok = _PDL_DEVICES.get(index)
     if ok is None:
         ok = _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
@@ -277,3 +289,128 @@ def module_error(module, code: int, what: str) -> Exception:
     text = module.error_string(code)
     cls = ValueError if code >= 1000 else RuntimeError
     return cls(f"{what}: {'CUDA error ' if cls is RuntimeError else ''}{code}: {text}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Page tables and lengths that reach a kernel
+#
+# The kernels index tokens with 32-bit ints and read pages through int32 ids. What the host can see is checked
+# here, before any narrowing or launch; what it cannot see without a device sync (page ids already on the GPU)
+# is bounded in every kernel that reads or writes through a page table: an id outside [0, num_pages) is never
+# dereferenced and its keys read as zeros (K = 0 and V = 0: each such key adds weight exp(-max logit) and nothing
+# to the output, a finite, deterministic result). FlashInfer leaves such ids undefined. With
+# FLASHINFER_CHECK_INPUTS=1 run() also checks device page ids (one sync) and names the first invalid one.
+
+INT32_MAX = 2**31 - 1
+# Keys of one request: positions are int32 in the kernels, which step a KV tile (at most 64 Ki keys) past the
+# last key; a longer request would overflow there, so every plan() refuses it.
+MAX_KV_LEN = 2**31 - 2**16
+
+
+def check_int32_values(values: Sequence[int], name: str) -> None:
+    """Raise ValueError naming ``name``'s first entry outside int32, instead of narrowing it (or torch's
+    ``value cannot be converted to type int32``).
+
+    Parameters
+    ----------
+    values : sequence of int
+        Host values (indptr arrays, lengths) about to be stored as int32.
+    name : str
+        The argument's name, for the message.
+    """
+    for i, v in enumerate(values):
+        if not -(2**31) <= v <= INT32_MAX:
+            raise ValueError(f"{name}[{i}] = {v} does not fit int32 (the kernels index with 32-bit ints; accepted: "
+                             f"[-2**31, 2**31 - 1])")
+
+
+def check_kv_lengths(kv_lens: Sequence[int], what: str = "request") -> None:
+    """Raise ValueError for the first request whose KV length exceeds ``MAX_KV_LEN`` (computed in Python ints,
+    so a table of repeated pages that sums past 2**31 is caught, never wrapped).
+
+    Parameters
+    ----------
+    kv_lens : sequence of int
+        Keys per request.
+    what : str
+        What one entry is, for the message.
+    """
+    for r, n in enumerate(kv_lens):
+        if n > MAX_KV_LEN:
+            raise ValueError(f"{what} {r} has {n} keys; at most {MAX_KV_LEN} (2**31 - 2**16) keys per request are "
+                             f"supported (token positions are 32-bit in the kernels)")
+
+
+def page_ids_int32(indices: torch.Tensor, count: int, name: str) -> Tuple[torch.Tensor, int]:
+    """The first ``count`` page ids as int32, and the largest id when the host knows it (-1 otherwise).
+
+    CPU ids are checked: a negative id or one beyond int32 raises ValueError naming its position. Device
+    int64 ids are narrowed without a sync: an id outside [0, 2**31) becomes -1, an invalid page the kernels
+    never read (never a silent wrap onto another page). Device int32 ids are returned as they are.
+
+    Parameters
+    ----------
+    indices : torch.Tensor
+        1-D int32 or int64 page ids, CPU or CUDA.
+    count : int
+        How many of them the page table uses (indptr[-1]).
+    name : str
+        The argument's name, for messages.
+
+    Returns
+    -------
+    (torch.Tensor, int)
+        int32 ids ``[count]`` on ``indices``'s device (contiguous), and the largest id or -1.
+    """
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D int32 or int64 tensor of page ids")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {indices.dtype}")
+    ids = indices[:count]
+    if ids.device.type == "cpu":
+        if count:
+            bad = torch.nonzero((ids < 0) | (ids > INT32_MAX))
+            if bad.numel():
+                at = int(bad[0, 0])
+                raise ValueError(f"{name}[{at}] = {int(ids[at])} is not a page id (accepted: 0 <= id < num_pages, "
+                                 f"num_pages <= 2**31 - 1)")
+        return ids.to(torch.int32).contiguous(), int(ids.max()) if count else -1
+    if ids.dtype == torch.int64:
+        ids = torch.where((ids < 0) | (ids > INT32_MAX), torch.full_like(ids, -1), ids)
+    return ids.to(torch.int32).contiguous(), -1
+
+
+def check_inputs_enabled() -> bool:
+    """Whether ``FLASHINFER_CHECK_INPUTS`` asks run() to check device-side page ids (one device sync per call).
+    Strict: 1/true/yes/on or 0/false/no/off; anything else raises JITEnvironmentError naming the variable."""
+    from .jit.env import env_bool
+
+    return env_bool("FLASHINFER_CHECK_INPUTS", False)
+
+
+def check_page_ids_in_cache(indices: torch.Tensor, num_pages: int, max_index: int, name: str) -> None:
+    """run()'s page-id check against the cache: ``max_index`` (known on the host from plan()) is compared at
+    no cost; device ids are compared only under FLASHINFER_CHECK_INPUTS=1 (one sync), else the kernel skips
+    invalid ids (their keys read as zeros). Raises ValueError naming the first invalid id.
+
+    Parameters
+    ----------
+    indices : torch.Tensor or None
+        The planned int32 page ids ``[nnz]`` (any device), or None when there are none.
+    num_pages : int
+        Pages of the cache given to run().
+    max_index : int
+        Largest id when the host knows it, else -1.
+    name : str
+        The argument's name, for the message.
+    """
+    if max_index >= num_pages:
+        raise ValueError(f"{name} holds page id {max_index} but paged_kv_cache has {num_pages} pages "
+                         f"(accepted: 0 <= id < {num_pages})")
+    if indices is None or indices.numel() == 0 or indices.device.type == "cpu" or not check_inputs_enabled():
+        return
+    bad = torch.nonzero((indices < 0) | (indices >= num_pages))
+    if bad.numel():
+        at = int(bad[0, 0])
+        raise ValueError(f"{name}[{at}] = {int(indices[at])} is not a page of paged_kv_cache (accepted: 0 <= id < "
+                         f"{num_pages}; FLASHINFER_CHECK_INPUTS=1 found it)")

@@ -51,11 +51,12 @@ from flashinfer.page import PageAppendSpec  # noqa: E402
 from flashinfer.prefill import BatchPrefillSpec as BP  # noqa: E402
 from flashinfer.prefill import SinglePrefillSpec as SP  # noqa: E402
 from flashinfer.rope import RopeSpec  # noqa: E402
+from flashinfer.sampling import SamplingSpec  # noqa: E402
 
 F16 = {"dtype_q": "f16", "dtype_kv": "f16", "dtype_o": "f16"}
 # Every family, every decode head tile (a decode module holds the 1-, 2-, 4- and 8-head tiles), the tensor-core
 # and CUDA-core decode paths, every position encoding, mask, window, soft cap, fp16 QK, both KV storages, fa3;
-# and one of each op family (merge_state, cascade_shared, rope, norm, activation).
+# and one of each op family (merge_state, cascade_shared, rope, norm, activation, sampling).
 SPECS = {
     "sd1": SD(head_dim=128, kv_layout="NHD", pos_encoding_mode="NONE"),
     "sd2": SD(
@@ -94,6 +95,7 @@ SPECS = {
     "rp1": RopeSpec(),
     "nm1": NormSpec(),
     "ac1": ActivationSpec(),
+    "sa1": SamplingSpec(),
 }
 
 

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The one script GPU runners run (self-hosted CI, or a lent H100/H200 box with no network).
 #
-#   scripts/gpu_ci.sh [prewarm] [test] [bench]      (default: all three, in that order)
+#   scripts/gpu_ci.sh [reference] [prewarm] [test] [sanitize] [before] [bench]
+#       (default: reference prewarm test bench, in the order given)
+#   reference: unpack the real FlashInfer bundle (.bench/fi, see shared/tools/flashinfer-reference) into
+#              /tmp/fi_ref_site, for the benchmarks' reference columns (skipped when .bench/fi is absent)
+#   sanitize:  scripts/sanitize.sh (compute-sanitizer over a subset of every family's GPU tests)
+#   before:    the benchmarks of an older tree (BEFORE_TREE, default .bench/before: e.g. `git archive <rev>`)
+#              in this same run, with their own JIT cache: before/after speeds measured side by side
 #
 # Uses the python3 on PATH as is (torch with CUDA, nvcc, ninja, jinja2, filelock, pytest): nothing is
 # downloaded. The checkout is put on PYTHONPATH (set FI_PIP_INSTALL=1 to `pip install --no-build-isolation
@@ -30,10 +36,13 @@ JOBS=${JOBS:-$(nproc)}
 PREWARM_ARGS=${PREWARM_ARGS:---config tests/prewarm_test.toml}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 
-if [ $# -eq 0 ]; then STEPS=(prewarm test bench); else STEPS=("$@"); fi
+if [ $# -eq 0 ]; then STEPS=(reference prewarm test bench); else STEPS=("$@"); fi
 for s in "${STEPS[@]}"; do
-  case $s in prewarm|test|bench) ;; *) echo "usage: $0 [prewarm] [test] [bench]  (unknown step '$s')" >&2; exit 2 ;; esac
+  case $s in reference|prewarm|test|sanitize|before|bench) ;;
+    *) echo "usage: $0 [reference] [prewarm] [test] [sanitize] [before] [bench]  (unknown step '$s')" >&2; exit 2 ;;
+  esac
 done
+BEFORE_TREE=${BEFORE_TREE:-$REPO/.bench/before}
 
 if [ "${FI_PIP_INSTALL:-0}" = 1 ]; then
   "$PYTHON" -m pip install --no-build-isolation --no-deps -e "$REPO" >"$LOG_DIR/pip_install.log" 2>&1 \
@@ -72,6 +81,34 @@ run_step() {  # name, log file, command...
 
 for s in "${STEPS[@]}"; do
   case $s in
+    reference)
+      if [ -d "$REPO/.bench/fi" ] && [ -f "$REPO/.bench/install.sh" ]; then
+        run_step reference reference.log bash "$REPO/.bench/install.sh" "$REPO/.bench/fi"
+        cat "$LOG_DIR/reference.log" >>"$SUMMARY" && rm -f "$LOG_DIR/reference.log"
+      else
+        note "reference: skipped (.bench/fi absent: reference columns stay empty)"
+      fi
+      ;;
+    sanitize)
+      if [ -f "$REPO/scripts/sanitize.sh" ]; then
+        run_step sanitize sanitize.log bash "$REPO/scripts/sanitize.sh"
+      else
+        note "sanitize: FAILED: scripts/sanitize.sh not found"; FAILED=1
+      fi
+      ;;
+    before)
+      # The same benchmarks from the older tree, run now, on this GPU: the "before" column of a redesign.
+      if [ -d "$BEFORE_TREE/benchmarks" ]; then
+        : >"$LOG_DIR/before.log"; mkdir -p "$LOG_DIR/before"
+        for b in ${BEFORE_BENCH:-bench_decode.py bench_batch_decode.py bench_prefill.py}; do
+          (cd "$BEFORE_TREE" && OUT="$LOG_DIR/before" FLASHINFER_JIT_CACHE=/tmp/fi_jit_cache_before \
+             PYTHONPATH="$BEFORE_TREE" run_step "before $b" before.part.log "$PYTHON" "benchmarks/$b")
+          cat "$LOG_DIR/before.part.log" >>"$LOG_DIR/before.log"; rm -f "$LOG_DIR/before.part.log"
+        done
+      else
+        note "before: FAILED: no benchmarks in $BEFORE_TREE"; FAILED=1
+      fi
+      ;;
     prewarm)
       # shellcheck disable=SC2086
       run_step prewarm prewarm.log "$PYTHON" -m flashinfer prewarm $PREWARM_ARGS --jobs "$JOBS" --json "$LOG_DIR/prewarm.json"

@@ -51,7 +51,7 @@ def _states(shape, dtype, p_inf=0.15):
     return v, s
 
 
-MERGE_SHAPES = [(1, 1, 8), (37, 3, 72), (500, 32, 128), (64, 8, 256)]
+MERGE_SHAPES = [(1, 1, 8), (37, 3, 72), (500, 32, 128), (64, 8, 256), (4100, 5, 256)]  # the last loops over the grid
 
 
 @pytest.mark.gpu
@@ -326,13 +326,27 @@ def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, pr
     unique = [1, 0, 300, 16, 33, 5, 70, 2]
     lv = Levels([[(len(unique), prefix)], [(1, n) for n in unique]], page_size, 4, 128, dtype, layout)
     q = torch.randn(len(unique), 32, 128, device="cuda").to(dtype)
-    for wgmma in (True, False):
+    for wgmma, overlap in ((True, "always"), (True, "never"), (False, "always")):
         w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
         w._fallback = "never"
         w._shared_level_wgmma = wgmma
+        w._overlap_levels = overlap
         w.plan(*lv.plan_args(), 32, 4, 128, page_size, q_data_type=dtype)
-        assert w.plan_stats()["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma and _on_hopper() else "batch_prefill")
+        st = w.plan_stats()
+        assert st["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma and _on_hopper() else "batch_prefill")
+        # the wgmma level runs concurrently with the decode level on a side stream, or after it
+        assert st["overlap_levels"] == (wgmma and overlap == "always" and _on_hopper()), st
         _check(w, lv, q)
+        if st["overlap_levels"]:  # on a caller's stream, with q produced on it just before
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                q2 = q.flip(0) * 0.5
+                out = torch.full_like(q, float("nan"))
+                o2 = w.run(q2, lv.cache, out=out)
+            torch.cuda.current_stream().wait_stream(s)
+            assert o2 is out
+            assert_close(o2, lv.reference(q2)[0], what="o on a caller's stream")
     # a prefill-shaped batch: more query tiles, fewer chunks
     qo = [40, 1, 200, 3]
     lv = Levels([[(sum(qo), 1500)], [(n, n + 7) for n in qo]], page_size, 4, 128, dtype, layout)
@@ -665,6 +679,15 @@ def test_check_levels_rejects_bad_tables():
         _check_levels(2, qo, kv, [idx[0], idx[1].long()], last, 16)
     with pytest.raises(ValueError, match="describes"):
         _check_levels(2, qo, [kv[0], kv[1][:-1]], idx, last, 16)
+
+
+@pytest.mark.parametrize("batch,prefix,unique,pays", [(64, 32768, 1024, True), (256, 32768, 1024, True),
+                                                      (64, 4096, 1024, True), (64, 262144, 256, False),
+                                                      (8, 32768, 16, False)])
+def test_overlap_of_shared_and_decode_levels_pays_when_decode_is_not_negligible(batch, prefix, unique, pays):
+    qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, unique)] * batch])
+    shared, own = _check_levels(2, qo, kv, idx, last, 16)
+    assert cascade._overlap_pays(shared, own, 32, 8, 128, 2) is pays
 
 
 def test_decode_table_pads_requests_without_pages():

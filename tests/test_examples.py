@@ -2,7 +2,7 @@
 tensor-parallel example, each checking its own output against a reference (exit status 1 otherwise).
 
 CPU: both with their PyTorch stand-ins for the kernels (scheduling, page tables, head split and gather, checks
-against transformers SDPA). GPU: the real kernels; the batch-64 run reports decode-step time and the profiled
+against the float32 model on transformers SDPA), and the check itself failing on injected bugs. GPU: the real kernels; the batch-64 run reports decode-step time and the profiled
 share of our kernels; the tensor-parallel run needs two GPUs and a fresh JIT cache (each module built once).
 """
 
@@ -56,6 +56,38 @@ def test_generate_paged_cpu(tmp_path):
     s = json.loads(out.read_text())
     assert s["checked"] == 5 and s["mismatches"] == 0
     assert s["generated_tokens"] >= s["requests"]  # at least one token each
+
+
+@pytest.mark.parametrize("bug", ["softmax scale 10% too large", "decode step misses its own new key",
+                                 "tokens handed to the wrong request"])
+def test_generate_paged_check_catches_bugs(bug, tmp_path, monkeypatch, capsys):
+    """The example's check (float32 reference, teacher forced) fails on a real bug in the attention or the
+    scheduling, run in-process with a broken PyTorch stand-in."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import generate_paged
+    import paged_engine
+
+    attend = paged_engine._attend
+    if bug.startswith("softmax"):
+        monkeypatch.setattr(paged_engine, "_attend", lambda q, k, v, s, w: attend(q, k, v, s * 1.1, w))
+    elif bug.startswith("decode"):
+        monkeypatch.setattr(paged_engine, "_attend", lambda q, k, v, s, w: attend(
+            q, k[:-1], v[:-1], s, w) if q.shape[0] == 1 and k.shape[0] > 1 else attend(q, k, v, s, w))
+    else:
+        decode = paged_engine.Engine._decode
+
+        def swapped(self, reqs):  # the first two running requests get each other's next token
+            decode(self, reqs)
+            if len(reqs) > 1:
+                reqs[0].output[-1], reqs[1].output[-1] = reqs[1].output[-1], reqs[0].output[-1]
+
+        monkeypatch.setattr(paged_engine.Engine, "_decode", swapped)
+    out = tmp_path / "summary.json"
+    rc = generate_paged.main(["--device", "cpu", "--size", "tiny", "--requests", "5", "--batch", "3", "--prompt-len",
+                              "3-20", "--new-tokens", "4-8", "--arrival", "2", "--page-size", "4", "--quiet", "--json",
+                              str(out)])
+    s = json.loads(out.read_text())
+    assert rc == 1 and s["mismatches"] > 0, (bug, s, capsys.readouterr().out[-2000:])
 
 
 def test_tp_decode_cpu(tmp_path):

@@ -15,7 +15,8 @@ import torch
 import flashinfer
 import flashinfer.rope as rope_mod
 from flashinfer.rope import RopeSpec
-from reference import assert_close, rope as rope_ref, rope_cos_sin, rope_frequencies
+from reference import assert_close, rope_cos_sin, rope_frequencies
+from reference import rope as rope_ref
 
 DTYPES = [torch.float16, torch.bfloat16]
 LLAMA31_DEFAULT = (1.0, 4.0, 8192.0)
@@ -272,6 +273,9 @@ CACHE_CASES = [
     (128, 128, 131072, 500000, True, 1, 32, 8),
     (128, 128, 131072, 500000, True, 127, 32, 8),
     (80, 20, 4096, 10000, True, 33, 4, 4),  # rotary_dim 20: element-wise pairs
+    # Enough work for several heads a thread (on an H200: 4 heads; 12 heads in 3 unrolled batches).
+    (128, 128, 131072, 500000, True, 4096, 32, 8),
+    (128, 128, 131072, 500000, False, 12000, 28, 8),
 ]
 
 
@@ -299,6 +303,27 @@ def test_cos_sin_cache_matches_reference(dtype, case, in_place, nan_outputs):
     assert_close(q_out, ref_q, what="query")
     assert_close(k_out, ref_k, what="key")
     rope_mod.check_cos_sin_cache_positions()  # no position was out of range
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_cos_sin_cache_with_padded_or_offset_rows(is_neox, pad):
+    """Cache rows whose stride is not a multiple of 4 floats, or that start off 16 bytes (a column slice):
+    the kernel reads them element by element instead of as float4."""
+    nnz, hq, hk, d, max_pos = 37, 4, 2, 128, 512
+    full = _cos_sin_cache(max_pos, d + 2 * pad, 1e4) if pad else _cos_sin_cache(max_pos, d, 1e4)
+    # pad 1: rows of 130 floats (stride 2 mod 4); pad 2: a slice starting 1 float in (pointer off 16 bytes).
+    cache = full[:, :d] if pad == 1 else full[:, 1 : d + 1] if pad == 2 else full[1:]
+    assert cache.stride(1) == 1
+    positions = torch.randint(0, cache.shape[0], (nnz,), device="cuda")
+    query = torch.randn(nnz, hq * d, dtype=torch.bfloat16, device="cuda")
+    key = torch.randn(nnz, hk * d, dtype=torch.bfloat16, device="cuda")
+    ref_q = _cache_reference(query, positions, cache, d, is_neox)
+    ref_k = _cache_reference(key, positions, cache, d, is_neox)
+    q_out, k_out = flashinfer.apply_rope_with_cos_sin_cache(positions, query, key, d, cache, is_neox)
+    assert_close(q_out, ref_q, what="query")
+    assert_close(k_out, ref_k, what="key")
 
 
 @pytest.mark.gpu

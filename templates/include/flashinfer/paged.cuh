@@ -32,6 +32,13 @@ struct FastDivmod {
   }
 };
 
+// Whether `page` names a page of a cache of `num_pages` pages. Every kernel that reads or writes through a
+// page table checks each page id with it before forming an address: an id outside [0, num_pages) (negative,
+// past the cache, or an int64 id narrowed to -1 by the host) is never dereferenced; its keys read as zeros.
+__host__ __device__ __forceinline__ bool page_in_cache(int page, int num_pages) {
+  return static_cast<unsigned>(page) < static_cast<unsigned>(num_pages);
+}
+
 // Token `token` of a request -> (page_in_request, slot): by a precomputed FastDivmod, or by a plain int page
 // size (kernels whose launch ABI passes only the int; the lookup runs once per row, ahead of its use).
 FI_DEVICE void split_token(int token, const FastDivmod& page_size, int& page_in_request, int& slot) {
@@ -59,7 +66,7 @@ struct PagedKV {
   // [0, num_pages).
   FI_DEVICE bool page_id(const int* pages, int page_in_request, int& page) const {
     page = __ldg(pages + page_in_request);
-    return static_cast<unsigned>(page) < static_cast<unsigned>(num_pages);
+    return page_in_cache(page, num_pages);
   }
 
   // Page id and slot of token `token` of the request whose page ids start at `pages`; false when its page id

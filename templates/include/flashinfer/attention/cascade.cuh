@@ -42,11 +42,6 @@ struct MergeParams {
   int rows_per_block;
 };
 
-template <typename DType>
-FI_DEVICE void load_chunk(const void* base, int64_t offset, float (&out)[8]) {
-  unpack8(*reinterpret_cast<const uint4*>(static_cast<const DType*>(base) + offset), out, DType{});
-}
-
 // Writes the accumulated state of one chunk (the lse from the row's first thread only).
 template <typename DType>
 FI_DEVICE void store_state(const MergeParams& p, const StateAccumulator<8>& acc, int n, int h, int chunk) {
@@ -61,30 +56,55 @@ FI_DEVICE void store_state(const MergeParams& p, const StateAccumulator<8>& acc,
     p.s_out[n * p.so_stride_n + h * p.so_stride_h] = acc.d == 1.f ? acc.m : acc.lse();
 }
 
-// Two states per row (a, b) -> out; out may be a itself.
+// Two states per row (a, b) -> out; out may be a itself. A memory-bound stream of 2 x 16 bytes in and 16 out
+// per thread and row: each thread takes kPairRowsInFlight rows of its block's span per step and issues all
+// their loads before weighing any (one row's loads per step left a third of the copy bandwidth unused).
+constexpr int kPairRowsInFlight = 4;
+constexpr int kPairMinBlocks = 4;  // 1024 threads per SM: up to 64 registers for the loads in flight
+
 template <typename DType>
-__global__ void __launch_bounds__(kMergeRowThreads) merge_state_pair_kernel(const __grid_constant__ MergeParams p) {
+__global__ void __launch_bounds__(kMergeRowThreads, kPairMinBlocks)
+    merge_state_pair_kernel(const __grid_constant__ MergeParams p) {
+  constexpr int U = kPairRowsInFlight;
   const int local_row = threadIdx.x / p.chunks_per_row;
   const int chunk = threadIdx.x - local_row * p.chunks_per_row;
-  for (int row0 = blockIdx.x * p.rows_per_block; row0 < p.rows; row0 += gridDim.x * p.rows_per_block) {
-    const int row = row0 + local_row;
-    int n = 0, h = 0;
-    bool active = row < p.rows;
-    if (active) p.heads.divmod(row, n, h);
-    if (active && p.mask != nullptr) active = p.mask[n] != 0;
-    float sa = kNegInf, sb = kNegInf, va[8], vb[8];
-    if (active) {
+  const int span = U * p.rows_per_block;  // rows of one block step: U sub-blocks of rows_per_block rows
+  for (int row0 = blockIdx.x * span; row0 < p.rows; row0 += gridDim.x * span) {
+    // Only the loaded values stay in registers across the barrier; (position, head) is recomputed for the
+    // store (a multiply-high), which keeps the kernel within kPairMinBlocks' 64 registers.
+    unsigned active = 0;  // bit u: row u of this thread is merged
+    float sa[U], sb[U];
+    uint4 va[U], vb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int row = row0 + u * p.rows_per_block + local_row;
+      sa[u] = sb[u] = kNegInf;
+      va[u] = vb[u] = make_uint4(0, 0, 0, 0);
+      if (row >= p.rows) continue;
+      int n, h;
+      p.heads.divmod(row, n, h);
+      if (p.mask != nullptr && p.mask[n] == 0) continue;
+      active |= 1u << u;
       const int64_t nn = n, hh = h;
-      sa = p.a.s[nn * p.a.s_stride_n + hh * p.a.s_stride_h];
-      sb = p.b.s[nn * p.b.s_stride_n + hh * p.b.s_stride_h];
-      load_chunk<DType>(p.a.v, nn * p.a.v_stride_n + hh * p.a.v_stride_h + chunk * 8, va);
-      load_chunk<DType>(p.b.v, nn * p.b.v_stride_n + hh * p.b.v_stride_h + chunk * 8, vb);
+      sa[u] = p.a.s[nn * p.a.s_stride_n + hh * p.a.s_stride_h];
+      sb[u] = p.b.s[nn * p.b.s_stride_n + hh * p.b.s_stride_h];
+      va[u] = *reinterpret_cast<const uint4*>(static_cast<const DType*>(p.a.v) + nn * p.a.v_stride_n +
+                                              hh * p.a.v_stride_h + chunk * 8);
+      vb[u] = *reinterpret_cast<const uint4*>(static_cast<const DType*>(p.b.v) + nn * p.b.v_stride_n +
+                                              hh * p.b.v_stride_h + chunk * 8);
     }
     __syncthreads();  // in place: every thread of the block has read its s before any is overwritten
-    if (active) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!(active & (1u << u))) continue;
+      int n, h;
+      p.heads.divmod(row0 + u * p.rows_per_block + local_row, n, h);
+      float fa[8], fb[8];
+      unpack8(va[u], fa, DType{});
+      unpack8(vb[u], fb, DType{});
       StateAccumulator<8> acc;
-      acc.add(sa, va);
-      acc.add(sb, vb);
+      acc.add(sa[u], fa);
+      acc.add(sb[u], fb);
       store_state<DType>(p, acc, n, h, chunk);
     }
   }
@@ -142,9 +162,11 @@ cudaError_t launch_merge(MergeParams p, int seq_len, int num_heads, int head_dim
     p.chunks_per_row = head_dim / 8;
     p.rows_per_block = kMergeRowThreads / p.chunks_per_row;
     const int threads = p.rows_per_block * p.chunks_per_row;
-    // A grid of whole resident waves (the blocks loop over the rows): 2048 threads per SM.
-    const int blocks_needed = ceil_div(p.rows, p.rows_per_block);
-    const int resident = sm_count(device) * (2048 / threads);
+    // A grid of whole resident waves (the blocks loop over the rows): 2048 threads per SM, or the pair
+    // kernel's kPairMinBlocks blocks of kPairRowsInFlight rows per thread.
+    const int rows_per_step = PAIR ? kPairRowsInFlight * p.rows_per_block : p.rows_per_block;
+    const int blocks_needed = ceil_div(p.rows, rows_per_step);
+    const int resident = sm_count(device) * (PAIR ? kPairMinBlocks : 2048 / threads);
     const int blocks = blocks_needed < resident ? blocks_needed : resident;
     if (PAIR) {
       merge_state_pair_kernel<DType><<<blocks, threads, 0, stream>>>(p);

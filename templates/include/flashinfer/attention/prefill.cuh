@@ -141,12 +141,14 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     for (int i = 0; i < BK / ROWS_PER_PASS; ++i) {
       const int row = tid / CH + i * ROWS_PER_PASS;
       const int t = lo + tile * BK + row;
-      const bool valid = t < hi;
+      bool valid = t < hi;
       int64_t off = 0;
       if (valid) {
         if constexpr (PAGED) {
           const int2 ps = s_rows[(tile & 1) * BK + row];
-          off = paged_row_offset(ps, is_v ? p.v_stride_page : p.k_stride_page, stride_n);
+          valid = ps.x >= 0;  // a row of an invalid page (paged_row_ahead) is zero-filled, not read
+          const int64_t paged = paged_row_offset(ps, is_v ? p.v_stride_page : p.k_stride_page, stride_n);
+          off = valid ? paged : 0;
         } else {
           off = int64_t(kv_start + t) * stride_n;
         }

@@ -42,6 +42,7 @@ struct PrefillParams {
   const int* kv_indices;
   const int* kv_last_page_len;
   int page_size;
+  int num_pages;    // PAGED: the cache's page count; rows of pages outside [0, num_pages) read as zeros
   const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
   const int* num_work;
   int work_capacity;
@@ -144,8 +145,9 @@ FI_DEVICE void store_partial_row(const PrefillParams& p, int64_t state, float in
 // ahead by one thread per row, so that issuing a tile's copies never waits on a dependent global load or a
 // division by the page size. kv_start: the request's first entry of p.kv_indices.
 
-// This thread's row (tid < BK) of K/V tile `tile` (keys from lo on): (page, slot), or (0, 0) for rows from hi
-// on, tiles past the last, other threads, or without PAGED.
+// This thread's row (tid < BK) of K/V tile `tile` (keys from lo on): (page, slot), with page -1 for a page id
+// outside the cache (page_in_cache: the row is zero-filled, never read); (0, 0) for rows from hi on, tiles past
+// the last, other threads, or without PAGED.
 template <bool PAGED, int BK>
 FI_DEVICE int2 paged_row_ahead(const PrefillParams& p, int kv_start, int lo, int hi, int num_tiles, int tile, int tid) {
   const int t = lo + tile * BK + tid;
@@ -153,7 +155,8 @@ FI_DEVICE int2 paged_row_ahead(const PrefillParams& p, int kv_start, int lo, int
   if (PAGED && tid < BK && tile < num_tiles && t < hi) {
     int page_pos, slot;
     split_token(t, p.page_size, page_pos, slot);
-    r = make_int2(p.kv_indices[kv_start + page_pos], slot);
+    const int page = p.kv_indices[kv_start + page_pos];
+    r = make_int2(page_in_cache(page, p.num_pages) ? page : -1, slot);
   }
   return r;
 }

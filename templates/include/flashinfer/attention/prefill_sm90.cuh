@@ -107,11 +107,12 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     for (int i = 0; i < BK * CH / THREADS; ++i) {
       const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
       const int t = lo + tile * BK + row;
-      const bool valid = t < hi;
+      bool valid = t < hi;
       int64_t off;
       if constexpr (PAGED) {
-        const int64_t paged =
-            paged_row_offset(s_rows[(tile & 1) * BK + row], is_v ? p.v_stride_page : p.k_stride_page, stride_n);
+        const int2 ps = s_rows[(tile & 1) * BK + row];
+        valid = valid && ps.x >= 0;  // a row of an invalid page (paged_row_ahead) is zero-filled, not read
+        const int64_t paged = paged_row_offset(ps, is_v ? p.v_stride_page : p.k_stride_page, stride_n);
         off = valid ? paged : 0;
       } else {
         off = int64_t(valid ? t : 0) * stride_n;

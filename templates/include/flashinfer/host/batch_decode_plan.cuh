@@ -74,7 +74,12 @@ enum BatchDecodePlanError : int {
   kPlanPinnedTooSmall = -5,     // info[8]: bytes needed
   kPlanNegativeIndex = -6,      // info[7]: position
   kPlanCapacity = -7,           // graph mode: batch or nnz above the frozen capacity
+  kPlanKvTooLong = -8,          // info[7]: request; info[6]: its keys (above kMaxKvLen)
 };
+
+// Keys of one request: positions are int32 in the kernels, and a KV tile step past the last key must not
+// overflow. The lengths are computed in 64-bit (page ids may repeat, so nothing else bounds them).
+constexpr int64_t kMaxKvLen = (int64_t(1) << 31) - (int64_t(1) << 16);
 
 struct BatchDecodePlanArgs {
   const int* indptr;         // host [batch + 1]
@@ -132,6 +137,11 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
       return kPlanBadLastPageLen;
     }
     const int64_t len = int64_t(pages - 1) * a.page_size + lp[r];
+    if (len > kMaxKvLen) {
+      info[7] = r;
+      info[6] = len;
+      return kPlanKvTooLong;
+    }
     const int64_t span = a.window_left >= 0 && len > int64_t(a.window_left) + 1 ? int64_t(a.window_left) + 1 : len;
     total_keys += span;
     total_cost += span + kOverhead;

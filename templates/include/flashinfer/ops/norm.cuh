@@ -112,8 +112,9 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta
 }
 
 // Kernel shapes: a warp per row up to 32 * 4 chunks, else a CTA of up to kNormMaxThreads threads per row, 4
-// chunks a thread up to 16384 elements (128 threads at 4096) and 8 beyond; rows that are not 16-byte aligned
-// go element by element (kNormScalarVpt a thread).
+// chunks a thread up to 16384 elements (128 threads at 4096) and 8 beyond, or 2 while the rows leave SMs idle
+// (up to 8192 elements: twice the threads, half the serial loads and conversions per thread; small batches are
+// latency-bound); rows that are not 16-byte aligned go element by element (kNormScalarVpt a thread).
 constexpr int kNormVpt = 8;
 constexpr int kNormScalarVpt = 8;
 constexpr int kNormMaxHiddenVec = kNormMaxThreads * kNormVpt * 8;             // 32768
@@ -121,7 +122,7 @@ constexpr int kNormMaxHiddenScalar = kNormMaxScalarThreads * kNormScalarVpt;  //
 constexpr int kNormErrHiddenTooLarge = 1001;  // a module error code (the template gives its text)
 
 template <typename T, bool FUSED_ADD>
-static cudaError_t launch_rmsnorm(const NormParams& p, bool pdl, cudaStream_t stream) {
+static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   const auto rows_aligned = [&](const NormRows& s) {
@@ -138,9 +139,12 @@ static cudaError_t launch_rmsnorm(const NormParams& p, bool pdl, cudaStream_t st
     if (chunks <= 128)
       return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
     if (chunks > kNormMaxThreads * kNormVpt) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
-    // Up to 16384 elements: 4 chunks a thread (128 threads at 4096); beyond, 8.
-    const int vpt = chunks <= kNormMaxThreads * 4 ? 4 : 8;
+    const int vpt = chunks <= kNormMaxThreads * 2 && p.rows < sm_count(device) ? 2
+                    : chunks <= kNormMaxThreads * 4                            ? 4
+                                                                               : 8;
     const int threads = (ceil_div(chunks, vpt) + 31) / 32 * 32;
+    if (vpt == 2)
+      return launch_kernel(rmsnorm_kernel<T, 8, 2, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
     if (vpt == 4)
       return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
     return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl,

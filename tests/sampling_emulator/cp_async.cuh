@@ -1,0 +1,20 @@
+// Emulated cp_async.cuh for tests/sampling_emulator (see emu.h): the copies happen at once.
+#pragma once
+#include "common.cuh"
+
+namespace flashinfer {
+
+FI_DEVICE void cp_async_16(void* smem_ptr, const void* gmem_ptr, bool pred) {
+  if (pred) {
+    std::memcpy(smem_ptr, gmem_ptr, 16);
+  } else {
+    std::memset(smem_ptr, 0, 16);
+  }
+}
+FI_DEVICE void cp_async_commit() {}
+template <int N>
+FI_DEVICE void cp_async_wait() {}
+FI_DEVICE void grid_dependency_wait() {}
+FI_DEVICE void grid_dependency_launch_dependents() {}
+
+}  // namespace flashinfer
