@@ -1,5 +1,5 @@
 // What every kernel header uses: the FI_ macros, float constants, conversions between floats and 16-bit
-// vector types (16-byte chunks of eight, registers of two), shared-window addresses, warp reductions.
+// vector types (16-byte chunks of eight, registers of two), warp reductions.
 // Framework-agnostic: raw pointers only, no torch headers (they cost a minute of compile time).
 // Layout of include/flashinfer/: ptx/ (one PTX instruction family per header), attention/ (the attention
 // primitives and kernels), paged.cuh (page-table addressing), host/ (launch helpers, module exports, schedulers).
@@ -87,10 +87,6 @@ FI_DEVICE uint32_t pack2<__nv_bfloat16>(float x, float y) {
 }
 
 FI_DEVICE float2 unpack2_half(uint32_t r) { return __half22float2(*reinterpret_cast<__half2*>(&r)); }
-
-// The 32-bit shared-window address of a generic pointer into shared memory (what cp.async, ldmatrix and the
-// wgmma descriptors take; cheaper than generic pointers in unrolled loops).
-FI_DEVICE uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 // N consecutive 16-bit floats moved with one memory access and unpacked to floats when used: N = 8 is a
 // 16-byte vector (the fast path; the address must be 16-byte aligned), N = 1 a single element (rows of any

@@ -15,6 +15,7 @@
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"
 #include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/smem.cuh"
 #include "flashinfer/ptx/griddepcontrol.cuh"
 #include "flashinfer/ptx/math.cuh"
 #include "flashinfer/ptx/mma.cuh"

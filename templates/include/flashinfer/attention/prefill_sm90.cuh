@@ -27,6 +27,7 @@
 #include "flashinfer/host/launch.cuh"
 #include "flashinfer/paged.cuh"
 #include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/smem.cuh"
 #include "flashinfer/ptx/math.cuh"
 #include "flashinfer/ptx/wgmma.cuh"
 

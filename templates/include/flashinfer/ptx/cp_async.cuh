@@ -1,6 +1,7 @@
 // cp.async (sm_80+): 16-byte global->shared copies that bypass registers, grouped into pipeline stages.
 #pragma once
 #include "flashinfer/common.cuh"
+#include "flashinfer/ptx/smem.cuh"
 
 namespace flashinfer {
 

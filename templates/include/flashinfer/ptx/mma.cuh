@@ -10,6 +10,7 @@
 // tile feeds the next product straight from registers.
 #pragma once
 #include "flashinfer/common.cuh"
+#include "flashinfer/ptx/smem.cuh"
 
 namespace flashinfer {
 

@@ -12,6 +12,7 @@
 //     apart (SBO); the k16 step s (keys 16s..16s+15) starts 16 rows = 2048 bytes further.
 #pragma once
 #include "flashinfer/common.cuh"
+#include "flashinfer/ptx/smem.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
