@@ -148,8 +148,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         if constexpr (PAGED) {
           const int2 ps = s_rows[(tile & 1) * BK + row];
           valid = ps.x >= 0;  // a row of an invalid page (paged_row_ahead) is zero-filled, not read
-          const int64_t paged = paged_row_offset(ps, is_v ? p.v_stride_page : p.k_stride_page, stride_n);
-          off = valid ? paged : 0;
+          off = valid ? paged_row_offset(ps, is_v ? p.v_stride_page : p.k_stride_page, stride_n) : 0;
         } else {
           off = int64_t(kv_start + t) * stride_n;
         }
