@@ -191,6 +191,33 @@ def test_seed_and_offset_validation_on_the_host():
     assert s.numel() == 1 and o.numel() == 4 and sv == ov == 0
 
 
+def _traced_ops(fn, shapes, dtype=torch.float32):
+    import torch._dynamo
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch._dynamo.reset()
+    with FakeTensorMode():
+        args = [torch.empty(*s, dtype=dtype, device="cuda") for s in shapes]
+        graph, _ = torch._dynamo.export(fn, assume_static_by_default=True)(*args)
+    return [str(n.target) for n in graph.graph.nodes if n.op == "call_function" and "flashinfer" in str(n.target)]
+
+
+@pytest.mark.parametrize("fn,op", [
+    (lambda x: sampling.top_k_top_p_sampling_from_logits(x, 50, 0.9, seed=1, offset=2),
+     "flashinfer.top_k_top_p_sampling_from_logits.default"),
+    (lambda x: sampling.top_k_top_p_sampling_from_probs(x, 5, 0.5, filter_apply_order="joint", seed=1, offset=2),
+     "flashinfer.top_k_top_p_sampling_from_probs.default"),
+    (lambda x: sampling.top_p_sampling_from_probs(x, 0.7, seed=3, offset=4), "flashinfer.top_p_sampling_from_probs.default"),
+    (lambda x: sampling.sampling_from_logits(x, seed=3, offset=4), "flashinfer.sampling_from_logits.default"),
+    (lambda x: sampling.top_k_mask_logits(x, 10), "flashinfer.top_k_mask_logits.default"),
+    (lambda x: sampling.top_p_renorm_probs(x, 0.5), "flashinfer.top_p_renorm_probs.default"),
+    (lambda x: sampling.softmax(x, 0.7, enable_pdl=False), "flashinfer.softmax.default"),
+])
+def test_public_functions_trace_into_one_custom_op(fn, op):
+    """torch.compile sees one custom op per call (on fake CUDA tensors: nothing builds or launches)."""
+    assert _traced_ops(fn, [(4, 1000)]) == [op]
+
+
 def test_sampling_module_builds(tmp_path, monkeypatch):
     from flashinfer import jit
 
@@ -316,7 +343,7 @@ def test_emulated_indices_and_per_row_parameters():
 @pytest.mark.parametrize("case", range(8))
 def test_emulated_row_transforms_match_references(case):
     rng = np.random.default_rng(2000 + case)
-    vocab = [7, 333, 2000, 9000][case % 4]
+    vocab = [7, 333, 2000, 5000][case % 4]
     dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
     pad = case % 3
     cluster, cached = [(0, -1), (1, 0), (4, 1), (16, 0)][case % 4]
@@ -405,14 +432,14 @@ def test_emulated_top_k_route_gathers_few_candidates():
     """The single-pass top-k route: its bound never exceeds the k-th largest key, and about k candidates reach rank 0
     whatever the cluster size, even for sorted rows."""
     torch.manual_seed(0)
-    for row in (torch.randn(40000), torch.linspace(-3, 3, 40000), torch.randint(0, 5000, (40000,)).float()):
+    vocab = 20000
+    for row in (torch.randn(vocab), torch.linspace(-3, 3, vocab), torch.randint(0, 5000, (vocab,)).float()):
         keys = np.sort(R.logit_keys(row.numpy()))[::-1]
-        for k in (1, 50, 128):
-            for cluster in (1, 4, 16):
-                r = emu.topk_probe(row, k, logits=True, cluster=cluster, cached=0)
-                assert r["ok"] and r["theta"] <= keys[k - 1]
-                assert r["max_key"] == keys[0] and r["num_valid"] == 40000
-                assert k <= r["n"] <= 2 * k + 40, (k, cluster, r["n"])
+        for k, cluster in ((1, 16), (50, 1), (50, 4), (128, 16)):
+            r = emu.topk_probe(row, k, logits=True, cluster=cluster, cached=0)
+            assert r["ok"] and r["theta"] <= keys[k - 1]
+            assert r["max_key"] == keys[0] and r["num_valid"] == vocab
+            assert k <= r["n"] <= 2 * k + 40, (k, cluster, r["n"])
 
 
 # ----------------------------------------------------------------------------------------- GPU: exact
