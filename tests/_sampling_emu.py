@@ -1,8 +1,9 @@
 """The sampling kernels' device code run on the CPU (tests/sampling_emulator): builds the emulator once per
 content hash with the host compiler and wraps its entry points for CPU torch tensors.
 
-The device functions compiled here are the unmodified ones of templates/include/flashinfer/sampling.cuh; only
-common.cuh's PTX (ex2/lg2 approximations) and cp_async.cuh are replaced by host versions. What this cannot show:
+The device functions compiled here are the unmodified ones of templates/include/flashinfer/ops/sampling.cuh; only
+ptx/math.cuh's PTX (ex2/lg2 approximations), ptx/cp_async.cuh and ptx/griddepcontrol.cuh are replaced by host
+versions. What this cannot show:
 timing, the memory model (threads interleave only at barriers, in a random order), PTX-level details.
 """
 
@@ -42,13 +43,18 @@ def available() -> Optional[str]:
 
 
 def _sources() -> dict:
-    common = (HEADERS / "common.cuh").read_text()
+    """{path under the build dir: text}: the headers sampling.cuh includes, by their include paths."""
+    math = (HEADERS / "ptx" / "math.cuh").read_text()
     for pattern, repl in _PTX.items():
-        common = re.sub(pattern, repl, common)
-    if "asm" in re.sub(r"//.*", "", common):
-        raise RuntimeError("common.cuh has PTX the emulator does not replace")
-    files = {"common.cuh": common, "sampling.cuh": (HEADERS / "sampling.cuh").read_text()}
-    for f in ("emu.h", "cooperative_groups.h", "cp_async.cuh", "driver.cpp"):
+        math = re.sub(pattern, repl, math)
+    if "asm" in re.sub(r"//.*", "", math):
+        raise RuntimeError("ptx/math.cuh has PTX the emulator does not replace")
+    files = {"sampling.cuh": (HEADERS / "ops" / "sampling.cuh").read_text(), "flashinfer/ptx/math.cuh": math}
+    for f in ("common.cuh", "host/launch.cuh"):  # host-compilable as they are
+        files[f"flashinfer/{f}"] = (HEADERS / f).read_text()
+    for f in ("cp_async.cuh", "griddepcontrol.cuh"):
+        files[f"flashinfer/ptx/{f}"] = (EMU / f).read_text()
+    for f in ("emu.h", "cooperative_groups.h", "driver.cpp"):
         files[f] = (EMU / f).read_text()
     return files
 
@@ -69,6 +75,7 @@ def lib() -> ctypes.CDLL:
         root.mkdir(parents=True, exist_ok=True)
         src = Path(tempfile.mkdtemp(dir=root))
         for name, text in files.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_text(text)
         tmp = src / "libemu.so"
         cmd = [

@@ -1,6 +1,6 @@
-// Emulated cp_async.cuh for tests/sampling_emulator (see emu.h): the copies happen at once.
+// Emulated ptx/cp_async.cuh for tests/sampling_emulator (see emu.h): the copies happen at once.
 #pragma once
-#include "common.cuh"
+#include "flashinfer/common.cuh"
 
 namespace flashinfer {
 
@@ -14,7 +14,5 @@ FI_DEVICE void cp_async_16(void* smem_ptr, const void* gmem_ptr, bool pred) {
 FI_DEVICE void cp_async_commit() {}
 template <int N>
 FI_DEVICE void cp_async_wait() {}
-FI_DEVICE void grid_dependency_wait() {}
-FI_DEVICE void grid_dependency_launch_dependents() {}
 
 }  // namespace flashinfer

@@ -4,9 +4,10 @@
 // shuffles and ballots, shared-memory atomics, distributed shared memory (cluster_map) and cp.async are emulated;
 // a barrier that not every live thread reaches is reported as a deadlock.
 //
-// It runs the unmodified device functions of templates/include/flashinfer/sampling.cuh: tests/_sampling_emu.py
-// copies the header next to emulated versions of common.cuh (the real one, its PTX replaced) and cp_async.cuh and
-// compiles driver.cpp with the host compiler.
+// It runs the unmodified device functions of templates/include/flashinfer/ops/sampling.cuh: tests/_sampling_emu.py
+// copies the header next to the headers it includes (common.cuh and host/launch.cuh as they are, ptx/math.cuh with
+// its PTX replaced, emulated ptx/cp_async.cuh and ptx/griddepcontrol.cuh) and compiles driver.cpp with the host
+// compiler.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

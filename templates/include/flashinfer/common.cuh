@@ -1,5 +1,8 @@
-// Shared device utilities: 16-byte vectors of 16-bit floats, fast exp2/log2, warp reductions.
+// What every kernel header uses: the FI_ macros, float constants, conversions between floats and 16-bit
+// vector types (16-byte chunks of eight, registers of two), warp reductions.
 // Framework-agnostic: raw pointers only, no torch headers (they cost a minute of compile time).
+// Layout of include/flashinfer/: ptx/ (one PTX instruction family per header), attention/ (the attention
+// primitives and kernels), paged.cuh (page-table addressing), host/ (launch helpers, module exports, schedulers).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,19 +16,6 @@ namespace flashinfer {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
-
-// ex2.approx has ~2 ulp error and maps -inf to +0, which is what the online softmax wants.
-FI_DEVICE float ptx_exp2(float x) {
-  float y;
-  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-FI_DEVICE float ptx_log2(float x) {
-  float y;
-  asm volatile("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Eight 16-bit values packed in 16 bytes <-> eight floats.
 FI_DEVICE void unpack8(const uint4& raw, float (&out)[8], __nv_bfloat16 /*tag*/) {
@@ -79,6 +69,24 @@ FI_DEVICE uint4 pack8(const float (&in)[8]) {
   for (int i = 0; i < 8; ++i) h[i] = from_float<T>(in[i]);
   return raw;
 }
+
+// Two floats -> one register of two 16-bit values (x in the low half): the operand form of mma/wgmma.
+template <typename T>
+FI_DEVICE uint32_t pack2(float x, float y);
+
+template <>
+FI_DEVICE uint32_t pack2<__half>(float x, float y) {
+  __half2 h = __floats2half2_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <>
+FI_DEVICE uint32_t pack2<__nv_bfloat16>(float x, float y) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+FI_DEVICE float2 unpack2_half(uint32_t r) { return __half22float2(*reinterpret_cast<__half2*>(&r)); }
 
 // N consecutive 16-bit floats moved with one memory access and unpacked to floats when used: N = 8 is a
 // 16-byte vector (the fast path; the address must be 16-byte aligned), N = 1 a single element (rows of any
@@ -146,92 +154,14 @@ FI_DEVICE float transpose_group_sum(float (&part)[GT], int lane) {
   return group_sum<WIDTH / GT>(part[0]);
 }
 
+// Sum over the four lanes of a quad (lane ^ 1, then lane ^ 2): the lanes that share one row of an mma.sync or
+// wgmma accumulator fragment.
+FI_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// Host-side helpers are `static`: their function-local caches must belong to this module alone. (As
-// inline functions they would become GNU "unique" symbols, shared by every module loaded into the
-// process, and a module would skip the shared-memory opt-in of its own kernel.)
-
-// Cached per device: asking the driver on every call would cost more than the launch itself.
-static int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
-    cache[device] = n;
-  }
-  return cache[device];
-}
-
-// Switches to `device` for its lifetime (launches go to the tensors' device, not the current one).
-struct DeviceGuard {
-  int previous = -1;
-  cudaError_t err = cudaSuccess;
-  explicit DeviceGuard(int device) {
-    err = cudaGetDevice(&previous);
-    if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (previous >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != previous) cudaSetDevice(previous);
-  }
-};
-
-// Runs fn under a DeviceGuard for `device`.
-template <typename F>
-static cudaError_t with_device(int device, F&& fn) {
-  DeviceGuard guard(device);
-  if (guard.err != cudaSuccess) return guard.err;
-  return fn();
-}
-
-// Launches kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `pdl` (sm_90+:
-// the kernel may start while its predecessor on the stream drains, so it must call grid_dependency_wait() before
-// reading memory the predecessor writes).
-template <typename... Params, typename... Args>
-static cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                 bool pdl, Args&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
-}
-
-// What a module tells Python about itself (flashinfer/jit/abi.py reads these through the common exports that
-// templates/module_exports.jinja renders): named compile-time constants and the texts of its own error codes.
-struct ModuleConstant {
-  const char* name;
-  int64_t value;
-};
-struct ModuleError {
-  int code;
-  const char* message;
-};
-
-template <int N>
-static int copy_module_constants(const ModuleConstant (&table)[N], const char** names, int64_t* values, int capacity) {
-  if (capacity < N) return -1;
-  for (int i = 0; i < N; ++i) {
-    names[i] = table[i].name;
-    values[i] = table[i].value;
-  }
-  return N;
-}
-
-template <int N>
-static const char* module_error_string(const ModuleError (&table)[N], int error) {
-  for (int i = 0; i < N; ++i) {
-    if (table[i].code == error) return table[i].message;
-  }
-  return cudaGetErrorString(static_cast<cudaError_t>(error));
-}
 
 }  // namespace flashinfer

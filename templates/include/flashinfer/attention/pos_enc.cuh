@@ -1,6 +1,12 @@
-// Position encodings and logit transforms shared by the attention kernels.
+// Position encodings and logit transforms of the attention kernels: ALiBi slopes, Llama RoPE (the rotation
+// angle as a primitive, and the in-register rotation of the decode kernel; prefill rotates its shared-memory
+// tiles with the same angle, in prefill.cuh), soft cap.
 #pragma once
-#include "common.cuh"
+#include "flashinfer/common.cuh"
+
+#include <math.h>
+
+#include <type_traits>
 
 namespace flashinfer {
 
@@ -15,17 +21,23 @@ FI_DEVICE float alibi_slope(int head, int num_heads) {
   return exp2f(-4.f * float((head + 1 - n) * 2 - 1) / float(n));
 }
 
-// Llama RoPE (non-interleaved): element e pairs with e +- head_dim/2 and rotates by the angle
-// pos / (rope_scale * rope_theta^(2 * (e mod head_dim/2) / head_dim)).
+// ---------------------------------------------------------------------------------------------- RoPE
 //
-// The per-position rate is kept in half-turns as a float pair (hi + lo, from double on the host), so
-// that pos * rate reduced mod 2 stays accurate to ~1e-7 even at pos ~ 1e5 (a plain float angle is off by
-// ~1e-3 rad there), and sincospif needs no slow range reduction.
+// Llama RoPE rotates the pair (x[i], x[i + rotary_dim/2]) of a head vector (non-interleaved; the standalone
+// RoPE op also has the interleaved pairing), i < rotary_dim/2, by pos times the rate of frequency i,
+// rope_frequency(): 1 / (rope_scale * rope_theta^(2i / rotary_dim)) radians per position, or Llama 3.1's
+// scaled rate. Kernels take the rates as a table of float pairs hi + lo in half-turns (filled in double on
+// the host), so that pos * rate reduced mod 2 stays accurate to ~1e-7 even at pos ~ 1e5 (a plain float
+// angle is off by ~1e-3 rad there), and sincospif needs no slow range reduction: rope_cos_sin() is the one
+// angle function of every kernel.
 struct RopeTable {
   float hi[128];  // indexed by frequency: e mod (head_dim / 2) in the attention kernels
   float lo[128];
 };
 struct NoRopeTable {};
+
+template <PosEncoding POS>
+using RopeTableFor = std::conditional_t<POS == PosEncoding::kRopeLlama, RopeTable, NoRopeTable>;
 
 // Llama 3.1 frequency scaling (Meta's apply_scaling): a frequency whose wavelength 2*pi/f exceeds
 // old_context_len / low_freq_factor is divided by rope_scale, one below old_context_len / high_freq_factor is
@@ -55,6 +67,14 @@ inline void fill_rope_table(RopeTable& table, int rotary_dim, double rope_scale,
   }
 }
 
+// The table of an attention launch: filled (rotary_dim = head_dim) for RoPE kernels, empty otherwise.
+template <PosEncoding POS>
+inline RopeTableFor<POS> make_rope_table(int head_dim, float rope_scale, float rope_theta) {
+  RopeTableFor<POS> rope;
+  if constexpr (POS == PosEncoding::kRopeLlama) fill_rope_table(rope, head_dim, rope_scale, rope_theta);
+  return rope;
+}
+
 // cos and sin of the angle pos * (hi + lo) half-turns: the one RoPE angle function of every kernel. pos must
 // be an integer below 2^24 (exact as a float); the product is reduced mod 2 before sincospif with its exact
 // rounding error, so the angle stays accurate to ~1e-7 at any such position.
@@ -65,6 +85,7 @@ FI_DEVICE void rope_cos_sin(float pos, float hi, float lo, float& c, float& s) {
   sincospif(r, &s, &c);
 }
 
+// The rates of the 8 elements [lane*8, lane*8+8) a lane holds of a head vector.
 struct RopeRate {
   float hi[8], lo[8];
 };

@@ -5,8 +5,9 @@
 // all loads issued before the first store. The chunks per thread are picked at launch from the size: few for
 // small batches (more CTAs, lower latency), the most once the GPU is full.
 #pragma once
-#include "common.cuh"
-#include "cp_async.cuh"  // grid_dependency_wait / grid_dependency_launch_dependents (PDL)
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+#include "flashinfer/ptx/griddepcontrol.cuh"
 
 namespace flashinfer {
 

@@ -1,29 +1,16 @@
-// Batch decode attention over a paged KV cache, on CUDA cores.
-//
-// plan() (host, once per batch shape) turns the page table into a balanced work list: W "workers" per
-// (kv head, query-head tile), W chosen so that every CTA of the grid is resident at once (W * heads * tiles
-// = occupancy * SMs). The requests' keys, laid end to end, are cut into W runs of equal cost (keys plus a
-// fixed per-piece overhead); a run holds whole requests and at most two pieces of requests split at its
-// ends. So one 32k request among 127 short ones, or a batch of one, still fills the GPU. A worker's
-// pieces run one after the other, each streaming its keys through a 16-byte cp.async ring (the pages are
-// looked up per row); a piece that is a whole request writes the output, a piece of a split request
-// writes a partial (o, lse) state that a second kernel (programmatic dependent launch) merges. A piece is
-// decode_piece() of decode.cuh, with the keys' rows found through the page table (PagedRows).
-//
-// Everything run() needs that changes with the batch lives in the device workspace (the plan region),
-// so in CUDA-graph mode the grid (W * heads * tiles, and W merge slots) stays fixed across re-plans.
+// The batch decode planner (host side of attention/batch_decode.cuh): turns a batch's page table into the
+// balanced work list the paged decode kernel walks (see batch_decode.cuh for the scheme), and the layout of
+// that list in the device workspace.
 #pragma once
-#include "decode.cuh"
-#include "page.cuh"
+#include "flashinfer/attention/decode.cuh"
+#include "flashinfer/attention/pos_enc.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/paged.cuh"
 
-#include <math.h>
-#include <string.h>
-
-#include <type_traits>
+#include <cuda_runtime.h>
+#include <stdint.h>
 
 namespace flashinfer {
-
-// ------------------------------------------------------------------------------------------- plan layout
 
 // Offsets (in int32 elements from the start of the plan region) of the plan's arrays; [0] holds the number
 // of merges. Capacities are fixed per wrapper in graph mode, so the offsets are too.
@@ -59,109 +46,6 @@ struct BatchDecodeLayout {
   }
 };
 
-struct BatchDecodeParams {
-  const void* q;  // request r, head h at q + r * q_stride_b + h * q_stride_h
-  int64_t q_stride_b, q_stride_h;
-  PagedKV kv;
-  void* o;     // [batch, num_qo_heads, HEAD_DIM] contiguous
-  float* lse;  // [batch, num_qo_heads] or nullptr
-  const int* plan;
-  BatchDecodeLayout layout;
-  float* partial_o;    // [max_partials, num_qo_heads, HEAD_DIM]
-  float* partial_lse;  // [max_partials, num_qo_heads]
-  DecodeScalars sc;
-  int num_kv_heads, group_size, head_tiles;
-};
-
-// ------------------------------------------------------------------------------------------- kernels
-
-// Rows of one KV head of one request, through its page ids. KV_HND: a page holds
-// [num_kv_heads][page_size][HEAD_DIM] (token stride HEAD_DIM); else [page_size][num_kv_heads][HEAD_DIM]
-// (head stride HEAD_DIM). The page stride is free. Page ids outside [0, num_pages) are never read: their
-// rows count as zeros.
-template <int HEAD_DIM, typename DTypeKV, bool KV_HND>
-struct PagedRows {
-  const BatchDecodeParams& p;
-  const int* pages;  // this request's page ids
-  int kv_head;
-  FI_DEVICE int64_t head_offset() const { return kv_head * (KV_HND ? p.kv.stride_h : int64_t(HEAD_DIM)); }
-  FI_DEVICE const DTypeKV* k() const { return static_cast<const DTypeKV*>(p.kv.k) + head_offset(); }
-  FI_DEVICE const DTypeKV* v() const { return static_cast<const DTypeKV*>(p.kv.v) + head_offset(); }
-  FI_DEVICE bool offsets(int token, int64_t& off_k, int64_t& off_v) const {
-    int page_in_req, slot;
-    p.kv.page_size.divmod(token, page_in_req, slot);
-    const int page = __ldg(pages + page_in_req);
-    if (!page_in_cache(page, p.kv.num_pages)) return false;
-    off_k = off_v = int64_t(page) * p.kv.stride_page + slot * (KV_HND ? int64_t(HEAD_DIM) : p.kv.stride_n);
-    return true;
-  }
-};
-
-template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
-          bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
-    batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p,
-                              const __grid_constant__ RopeTableFor<POS> rope) {
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  // Launched with programmatic dependent launch (see single_decode_kernel).
-  grid_dependency_wait();
-  grid_dependency_launch_dependents();
-  // Head tile varies fastest so that the CTAs reading the same K/V run together.
-  int bid = blockIdx.x;
-  const int head_tile = bid % p.head_tiles;
-  bid /= p.head_tiles;
-  const int kv_head = bid % p.num_kv_heads;
-  const int worker = bid / p.num_kv_heads;
-  const int qo_head0 = kv_head * p.group_size + head_tile * GT;
-  const BatchDecodeLayout& L = p.layout;
-  const int piece_last = p.plan[L.worker_indptr + worker + 1];
-  for (int piece = p.plan[L.worker_indptr + worker]; piece < piece_last; ++piece) {
-    const int r = p.plan[L.piece_req + piece];
-    const PagedRows<HEAD_DIM, DTypeKV, KV_HND> rows{p, p.kv.indices + p.plan[L.req_page_base + r], kv_head};
-    DecodePiece<DTypeQ> w;
-    w.q = static_cast<const DTypeQ*>(p.q) + r * p.q_stride_b + qo_head0 * p.q_stride_h;
-    w.q_stride_h = p.q_stride_h;
-    w.first_head = qo_head0;
-    w.heads_here = min(GT, p.group_size - head_tile * GT);
-    w.begin = p.plan[L.piece_begin + piece];
-    w.end = p.plan[L.piece_end + piece];
-    w.q_pos = p.plan[L.req_kv_len + r] - 1;
-    // The store reads the piece's request and slot again from the plan when it runs (see single decode).
-    const auto store = [&](int j, int col, float (&acc)[8], float d_all, float lse) {
-      const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
-      const int h = qo_head0 + j;
-      const int64_t out_row = int64_t(req) * p.sc.num_qo_heads + h;
-      const int64_t state = int64_t(slot) * p.sc.num_qo_heads + h;
-      const bool split = slot >= 0;
-      store_decode_state<HEAD_DIM>(acc, d_all, lse, p.sc.v_scale, col, static_cast<DTypeO*>(p.o) + out_row * HEAD_DIM,
-                                   p.lse != nullptr ? p.lse + out_row : nullptr,
-                                   split ? p.partial_o + state * HEAD_DIM : nullptr,
-                                   split ? p.partial_lse + state : nullptr);
-    };
-    decode_piece<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(rows, w, p.sc, rope, smem_raw, store);
-  }
-}
-
-// Merges the partial states of the split requests: block (head, merge m) combines the merge_count[m]
-// consecutive states starting at merge_begin[m] into the output row of request merge_req[m]. Blocks
-// beyond the plan's number of merges (graph mode launches a fixed number) exit.
-template <int HEAD_DIM, typename DTypeO>
-__global__ void __launch_bounds__(kMergeThreads)
-    batch_merge_states_kernel(const int* __restrict__ plan, BatchDecodeLayout L, const float* __restrict__ partial_o,
-                              const float* __restrict__ partial_lse, int num_heads, DTypeO* __restrict__ out,
-                              float* __restrict__ lse_out, float v_scale) {
-  grid_dependency_wait();
-  const int head = blockIdx.x, m = blockIdx.y;
-  if (m >= plan[0]) return;
-  const int r = plan[L.merge_req + m];
-  const int64_t out_row = int64_t(r) * num_heads + head;
-  merge_states_block<HEAD_DIM>(partial_o, partial_lse, int64_t(plan[L.merge_begin + m]) * num_heads + head, num_heads,
-                               plan[L.merge_count + m], out + out_row * HEAD_DIM,
-                               lse_out != nullptr ? lse_out + out_row : nullptr, v_scale);
-}
-
-// ------------------------------------------------------------------------------------------- host side
-
 // What plan() leaves for run(): everything but the per-call pointers. Lives in host memory owned by the
 // Python wrapper (a plain byte buffer of sizeof(BatchDecodePlan)).
 struct BatchDecodePlan {
@@ -196,13 +80,6 @@ enum BatchDecodePlanError : int {
 // Keys of one request: positions are int32 in the kernels, and a KV tile step past the last key must not
 // overflow. The lengths are computed in 64-bit (page ids may repeat, so nothing else bounds them).
 constexpr int64_t kMaxKvLen = (int64_t(1) << 31) - (int64_t(1) << 16);
-
-// `static`: per-module caches (see sm_count in decode.cuh).
-static int& plan_occupancy_slot(int device, int gt) {
-  static int cache[64][4] = {};
-  const int g = gt <= 1 ? 0 : gt == 2 ? 1 : gt == 4 ? 2 : 3;
-  return cache[device >= 0 && device < 64 ? device : 0][g];
-}
 
 struct BatchDecodePlanArgs {
   const int* indptr;         // host [batch + 1]
@@ -328,7 +205,7 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
     budget = budget_of(w);
   };
   for (int r = 0; r < B; ++r) {
-    const int len = (ip[r + 1] - ip[r] - 1) * a.page_size + lp[r];
+    const int len = paged_kv_len(ip[r + 1] - ip[r], a.page_size, lp[r]);
     int b = a.window_left >= 0 && len > a.window_left + 1 ? len - 1 - a.window_left : 0;
     const int e = len;
     h[L.req_page_base + r] = ip[r];
@@ -424,95 +301,6 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
                           L.piece_slot,    L.merge_req, L.merge_begin, L.merge_count};
   for (int i = 0; i < 8; ++i) info[10 + i] = offsets[i];
   return 0;
-}
-
-struct BatchDecodeRunArgs {
-  const void* q;
-  int64_t q_stride_b, q_stride_h;
-  const void* k;
-  const void* v;
-  int64_t stride_page, stride_n, stride_h;
-  int num_pages;
-  void* o;
-  float* lse;
-  float scale_mult, v_scale;
-  int device;
-  cudaStream_t stream;
-};
-
-template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
-          bool SOFTCAP>
-cudaError_t batch_decode_occupancy(int device, int* out) {
-  int& occ = plan_occupancy_slot(device, GT);
-  if (occ == 0) {  // first use on this device: opt in to > 48 KB of shared memory, then ask what fits
-    auto kernel = batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>;
-    constexpr int smem_bytes = decode_smem_bytes<HEAD_DIM, GT>();
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-    int n = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, DecodeTraits<HEAD_DIM>::kThreads, smem_bytes);
-    if (err != cudaSuccess) return err;
-    occ = n > 0 ? n : 1;
-  }
-  *out = occ;
-  return cudaSuccess;
-}
-
-template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
-          bool SOFTCAP>
-cudaError_t launch_batch_decode_gt(const BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
-  using T = DecodeTraits<HEAD_DIM>;
-  int occ = 0;  // also makes sure this module's kernel got its shared-memory opt-in in this process
-  cudaError_t err = batch_decode_occupancy<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>(a.device, &occ);
-  if (err != cudaSuccess) return err;
-  BatchDecodeParams p;
-  p.q = a.q;
-  p.q_stride_b = a.q_stride_b;
-  p.q_stride_h = a.q_stride_h;
-  p.kv.k = a.k;
-  p.kv.v = a.v;
-  p.kv.stride_page = a.stride_page;
-  p.kv.stride_n = a.stride_n;
-  p.kv.stride_h = a.stride_h;
-  p.kv.indices = plan.indices;
-  p.kv.num_pages = a.num_pages;
-  p.kv.page_size = FastDivmod(plan.page_size);
-  p.o = a.o;
-  p.lse = a.lse;
-  char* ws = static_cast<char*>(plan.workspace);
-  p.plan = reinterpret_cast<const int*>(ws + plan.plan_offset);
-  p.layout = plan.layout;
-  p.partial_o = reinterpret_cast<float*>(ws + plan.partial_o_offset);
-  p.partial_lse = reinterpret_cast<float*>(ws + plan.partial_lse_offset);
-  p.sc.num_qo_heads = plan.num_qo_heads;
-  p.num_kv_heads = plan.num_kv_heads;
-  p.group_size = plan.group_size;
-  p.head_tiles = plan.head_tiles;
-  p.sc.logits_soft_cap = plan.logits_soft_cap;
-  p.sc.sm_scale = plan.sm_scale * a.scale_mult;
-  p.sc.v_scale = a.v_scale;
-  RopeTableFor<POS> rope;
-  if constexpr (POS == PosEncoding::kRopeLlama) rope = plan.rope;
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(plan.workers * plan.num_kv_heads * plan.head_tiles);
-  config.blockDim = dim3(T::kThreads);
-  config.dynamicSmemBytes = decode_smem_bytes<HEAD_DIM, GT>();
-  config.stream = a.stream;
-  config.attrs = pdl;
-  config.numAttrs = 1;
-  err = cudaLaunchKernelEx(
-      &config, batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>, p, rope);
-  if (err != cudaSuccess || plan.merge_blocks == 0) return err;
-
-  config.gridDim = dim3(plan.num_qo_heads, plan.merge_blocks);
-  config.blockDim = dim3(kMergeThreads);
-  config.dynamicSmemBytes = 0;
-  return cudaLaunchKernelEx(&config, batch_merge_states_kernel<HEAD_DIM, DTypeO>, p.plan, p.layout,
-                            static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
-                            plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse, a.v_scale);
 }
 
 }  // namespace flashinfer

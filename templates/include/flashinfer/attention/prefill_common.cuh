@@ -1,0 +1,232 @@
+// What the two prefill kernels (fa2: prefill.cuh, mma.sync; fa3: prefill_sm90.cuh, wgmma) share, apart from
+// their tile shapes and shared-memory layouts (each passes its own `smem_at(row, chunk)`):
+//   packed query rows   with GQA the `group` query heads of a KV head are packed as rows: packed row pr is
+//                       token pr / group, head first_head + pr % group
+//   load_q_tile         the query tile's cp.async copies
+//   kv_pipeline_prologue the commit-group schedule of the double-buffered K/V tiles
+//   stage_o_row, store_o_tile, packed_row_index, and inverse_or_zero and row_lse (state.cuh): the epilogue
+//   store_partial_row, prefill_merge_kernel: the states of a KV split and their merge
+//   paged_row_ahead, paged_rows_prologue, paged_row_offset: K/V rows through the page table
+// The mask predicate they share is in mask.cuh, the online softmax in state.cuh.
+#pragma once
+#include "flashinfer/attention/mask.cuh"
+#include "flashinfer/attention/state.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/paged.cuh"
+#include "flashinfer/ptx/cp_async.cuh"
+
+namespace flashinfer {
+
+// Parameters of both prefill kernels (single request: fa2 and fa3; batch: fa2). The shared pieces below read
+// them from the kernel's __grid_constant__ parameter space where used, rather than holding them in registers.
+struct PrefillParams {
+  const void* q;  // token n (of the request), head h at q + n * q_stride_n + h * q_stride_h (elements)
+  const void*
+      k;  // key t: k + off(t) + h * k_stride_h, off(t) = t * k_stride_n or page * k_stride_page + slot * k_stride_n
+  const void* v;
+  void* o;             // token n, head h at o + n * o_stride_n + h * o_stride_h
+  float* lse;          // [tokens, num_qo_heads] or nullptr
+  float* partial_o;    // [rows, num_qo_heads, HEAD_DIM] partial states of split KV
+  float* partial_lse;  // [rows, num_qo_heads]
+  const uint8_t*
+      mask;  // custom mask bits, little bit order; request r's bit (i, j) at 8 * mask_indptr[r] + i * kv_len + j
+  const int* mask_indptr;
+  int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h, v_stride_n, v_stride_h, o_stride_n, o_stride_h;
+  int64_t k_stride_page, v_stride_page;
+  int num_qo_heads, num_kv_heads, group_size;
+  // Single request.
+  int qo_len, kv_len, num_qtiles, num_chunks, chunk_size;
+  // Batch: per-request arrays and the plan's schedule (device memory).
+  const int* qo_indptr;
+  const int* kv_indptr;  // ragged: token offsets; paged: page offsets into kv_indices
+  const int* kv_indices;
+  const int* kv_last_page_len;
+  int page_size;
+  int num_pages;    // PAGED: the cache's page count; rows of pages outside [0, num_pages) read as zeros
+  const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
+  const int* num_work;
+  int work_capacity;
+  const int* merge;  // [4][merge_capacity]: token, first partial row, chunks, row stride between chunks
+  const int* num_merge;
+  int merge_capacity;
+  int window_left;
+  float logits_soft_cap, sm_scale, rope_scale, rope_theta;
+};
+
+// Element index of packed row pr's (token, head) in a [tokens, num_qo_heads] array (an lse, a partial
+// state's row) whose request starts at token `first_token`.
+FI_DEVICE int64_t packed_row_index(const PrefillParams& p, int first_token, int pr, int group, int first_head) {
+  return (int64_t(first_token) + pr / group) * p.num_qo_heads + first_head + pr % group;
+}
+
+// Issues (by THREADS threads, this one `tid`) and commits as one group the cp.async copies of a tile of ROWS
+// packed query rows from pr0 on, CH 16-byte chunks each, of KV head kv_head's query heads: packed row pr is
+// token first_token + pr / group, head kv_head * group + pr % group of p.q. Chunk c of tile row `row` goes to
+// smem_at(row, c); rows from rows_here on are zero-filled.
+template <int ROWS, int CH, int THREADS, typename T, typename SmemAt>
+FI_DEVICE void load_q_tile(const PrefillParams& p, int first_token, int kv_head, int group, int pr0, int rows_here,
+                           int tid, SmemAt&& smem_at) {
+  static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+  const T* q =
+      static_cast<const T*>(p.q) + int64_t(first_token) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h;
+#pragma unroll
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+    const bool valid = row < rows_here;
+    const int pr = pr0 + (valid ? row : 0);
+    const int token = pr / group, hh = pr % group;
+    cp_async_16(smem_at(row, c), q + int64_t(token) * p.q_stride_n + int64_t(hh) * p.q_stride_h + c * 8, valid);
+  }
+  cp_async_commit();
+}
+
+// Commit-group schedule of the prefill kernels' double-buffered K/V: the prologue commits K(0), V(0), K(1)
+// (after whatever the caller has issued, e.g. Q); iteration n then commits V(n+1) and K(n+2). Groups stay
+// in that order even when a tile does not exist (empty groups), so the wait counts never change.
+// load_kv(tile, is_v) issues one tile's copies.
+template <typename LoadKV>
+FI_DEVICE void kv_pipeline_prologue(int num_tiles, LoadKV&& load_kv) {
+  if (num_tiles > 0) load_kv(0, false);
+  cp_async_commit();
+  if (num_tiles > 0) load_kv(0, true);
+  cp_async_commit();
+  if (num_tiles > 1) load_kv(1, false);
+  cp_async_commit();
+}
+
+// Scales one accumulator row by inv (inverse_or_zero of its quad-summed denominator) and stores it as DTypeO
+// pairs into the staging tile row `row`: the row's NT n8 blocks, this lane holding columns 2 (lane % 4) and
+// + 1 of block j at acc[4 j] and acc[4 j + 1] (the C fragment layout of mma.sync and wgmma, 4 floats per
+// block); block j's 16 bytes at chunk_at(row, j).
+template <int NT, typename DTypeO, typename ChunkAt>
+FI_DEVICE void stage_o_row(float inv, int row, int lane, const float* acc, ChunkAt&& chunk_at) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(chunk_at(row, j)) + lane % 4;
+    *dst = pack2<DTypeO>(acc[4 * j] * inv, acc[4 * j + 1] * inv);
+  }
+}
+
+// Copies staged output rows [first_row, first_row + ROWS) of a tile (16-byte chunk c of row `row`: the uint4
+// staged(row, c)) to p.o, by THREADS threads (this one `thread`); packed row pr0 + row goes to token
+// first_token + pr / group, head first_head + pr % group. Rows from rows_here on are not written.
+template <int ROWS, int CH, int THREADS, typename T, typename Staged>
+FI_DEVICE void store_o_tile(const PrefillParams& p, int first_token, int group, int first_head, int pr0, int first_row,
+                            int rows_here, int thread, Staged&& staged) {
+  static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+  T* o = static_cast<T*>(p.o) + int64_t(first_token) * p.o_stride_n;
+#pragma unroll
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = thread + THREADS * i, row = first_row + idx / CH, c = idx % CH;
+    if (row < rows_here) {
+      const int pr = pr0 + row;
+      *reinterpret_cast<uint4*>(o + int64_t(pr / group) * p.o_stride_n +
+                                int64_t(first_head + pr % group) * p.o_stride_h + c * 8) = staged(row, c);
+    }
+  }
+}
+
+// Writes one accumulator row as a partial state of a KV split: its columns scaled by inv (inverse_or_zero of
+// the quad-summed denominator) as floats, p.partial_o + state * HEAD_DIM (this lane's 2 columns of each of the
+// NT n8 blocks at acc[4 j] and acc[4 j + 1], as in stage_o_row), and (one lane of the quad) its lse,
+// p.partial_lse[state] = row_lse(m, d, scl). prefill_merge_kernel combines the chunks.
+template <int NT, int HEAD_DIM>
+FI_DEVICE void store_partial_row(const PrefillParams& p, int64_t state, float inv, int lane, const float* acc, float m,
+                                 float d, float scl) {
+  float* dst = p.partial_o + state * HEAD_DIM + 2 * (lane % 4);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+    *reinterpret_cast<float2*>(dst + j * 8) = make_float2(acc[4 * j] * inv, acc[4 * j + 1] * inv);
+  if (lane % 4 == 0) p.partial_lse[state] = row_lse(m, d, scl);
+}
+
+// ---------------------------------------------------------------------------------------------- paged K/V
+// The (page, slot) of each row of two K/V tiles sits in shared memory (s_rows[tile & 1][row]), looked up a tile
+// ahead by one thread per row, so that issuing a tile's copies never waits on a dependent global load or a
+// division by the page size. kv_start: the request's first entry of p.kv_indices.
+
+// This thread's row (tid < BK) of K/V tile `tile` (keys from lo on): (page, slot), with page -1 for a page id
+// outside the cache (page_in_cache: the row is zero-filled, never read); (0, 0) for rows from hi on, tiles past
+// the last, other threads, or without PAGED.
+template <bool PAGED, int BK>
+FI_DEVICE int2 paged_row_ahead(const PrefillParams& p, int kv_start, int lo, int hi, int num_tiles, int tile, int tid) {
+  const int t = lo + tile * BK + tid;
+  int2 r = make_int2(0, 0);
+  if (PAGED && tid < BK && tile < num_tiles && t < hi) {
+    int page_pos, slot;
+    split_token(t, p.page_size, page_pos, slot);
+    const int page = p.kv_indices[kv_start + page_pos];
+    r = make_int2(page_in_cache(page, p.num_pages) ? page : -1, slot);
+  }
+  return r;
+}
+
+// Fills the rows of tiles 0 and 1 (lookup(tile): this thread's paged_row_ahead) before the first copies.
+template <bool PAGED, int BK, typename Lookup>
+FI_DEVICE void paged_rows_prologue(int2* s_rows, int tid, Lookup&& lookup) {
+  if constexpr (PAGED) {
+    if (tid < BK) {
+      s_rows[tid] = lookup(0);
+      s_rows[BK + tid] = lookup(1);
+    }
+    __syncthreads();
+  }
+}
+
+// Element offset of the row at (page, slot) = ps, from p.k or p.v with that tensor's page and token strides.
+FI_DEVICE int64_t paged_row_offset(int2 ps, int64_t stride_page, int64_t stride_n) {
+  return int64_t(ps.x) * stride_page + int64_t(ps.y) * stride_n;
+}
+
+// ---------------------------------------------------------------------------------------------- KV split
+// Merges the chunk states of split-KV rows: one warp per (token, head), HEAD_DIM / 32 floats per lane.
+// Single request (p.merge == nullptr): token t's chunks are partial rows t + c * qo_len, c < num_chunks.
+template <int HEAD_DIM, typename DTypeO>
+__global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
+  constexpr int VEC = HEAD_DIM / 32;
+  const int head = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (head >= p.num_qo_heads) return;
+  const bool batch = p.merge != nullptr;
+  const int count_all = batch ? *p.num_merge : p.qo_len;
+  for (int mi = blockIdx.x; mi < count_all; mi += gridDim.x) {
+    int token = mi, base = mi, chunks = p.num_chunks, stride = p.qo_len;
+    if (batch) {
+      token = p.merge[mi];
+      base = p.merge[p.merge_capacity + mi];
+      chunks = p.merge[2 * p.merge_capacity + mi];
+      stride = p.merge[3 * p.merge_capacity + mi];
+    }
+    StateAccumulator<VEC> acc;
+    for (int c = 0; c < chunks; ++c) {
+      const int64_t state = (int64_t(base) + int64_t(c) * stride) * p.num_qo_heads + head;
+      float vals[VEC];
+      const float* src = p.partial_o + state * HEAD_DIM + lane * VEC;
+#pragma unroll
+      for (int i = 0; i < VEC; i += 2) {
+        const float2 v2 = *reinterpret_cast<const float2*>(src + i);
+        vals[i] = v2.x;
+        vals[i + 1] = v2.y;
+      }
+      acc.add(p.partial_lse[state], vals);
+    }
+    const float inv = inverse_or_zero(acc.d);
+    DTypeO* dst = static_cast<DTypeO*>(p.o) + int64_t(token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; i += 2) {
+      const float a = acc.o[i] * inv, b = acc.o[i + 1] * inv;
+      DTypeO pair[2] = {from_float<DTypeO>(a), from_float<DTypeO>(b)};
+      *reinterpret_cast<uint32_t*>(dst + i) = *reinterpret_cast<uint32_t*>(pair);
+    }
+    if (p.lse != nullptr && lane == 0) p.lse[int64_t(token) * p.num_qo_heads + head] = acc.lse();
+  }
+}
+
+template <int HEAD_DIM, typename DTypeO>
+cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream) {
+  if (grid_x <= 0) return cudaSuccess;
+  dim3 grid(grid_x, ceil_div(p.num_qo_heads, 4));
+  prefill_merge_kernel<HEAD_DIM, DTypeO><<<grid, 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace flashinfer

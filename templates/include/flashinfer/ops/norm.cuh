@@ -1,0 +1,163 @@
+// RMSNorm of rows, optionally fused with the residual add that precedes it:
+//   x   = input                       (rmsnorm)
+//   x   = input + residual; residual = x      (fused add; residual written back in place)
+//   out = x * rsqrt(mean(x^2) + eps) * (weight_bias + weight)      (weight_bias 1: Gemma's weight + 1)
+// in fp32; the norm of the fused add uses the fp32 sum, not the residual rounded to 16 bits.
+//
+// A row stays in registers from load to store: each thread holds VPT chunks of N elements (N = 8: 16-byte
+// vectors; N = 1: any size or alignment). Short rows (QK-norm over head_dim) take one warp each, several per
+// CTA; long rows one CTA, whose threads are sized at run time by the hidden size (launch_rmsnorm below).
+#pragma once
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+#include "flashinfer/ptx/griddepcontrol.cuh"
+
+namespace flashinfer {
+
+// Rows are 2-D or 3-D tensors flattened: row r sits at (r / inner) * stride0 + (r % inner) * stride1 elements.
+struct NormRows {
+  int64_t stride0, stride1;
+};
+
+struct NormParams {
+  const void* input;
+  void* out;       // may be input itself (in place)
+  void* residual;  // fused add only
+  const void* weight;
+  NormRows in, o, res;
+  int rows, inner, hidden;
+  float eps, weight_bias;
+};
+
+constexpr int kNormWarpRowsPerCta = 8;       // warp-per-row kernel: 8 rows (256 threads) per CTA
+constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte chunks
+constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single elements
+
+FI_DEVICE int64_t norm_row_offset(const NormRows& s, int row, int inner) {
+  return int64_t(row / inner) * s.stride0 + int64_t(row % inner) * s.stride1;
+}
+
+template <typename T, int N, int VPT, bool FUSED_ADD, bool WARP_PER_ROW>
+__global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta
+                                  : N == 8     ? kNormMaxThreads
+                                               : kNormMaxScalarThreads)
+    rmsnorm_kernel(const __grid_constant__ NormParams p) {
+  grid_dependency_wait();
+  const int nthreads = WARP_PER_ROW ? 32 : blockDim.x;
+  const int t = WARP_PER_ROW ? threadIdx.x % 32 : threadIdx.x;
+  const int row = WARP_PER_ROW ? blockIdx.x * kNormWarpRowsPerCta + threadIdx.x / 32 : blockIdx.x;
+  if (WARP_PER_ROW && row >= p.rows) return;  // whole warps: this kernel has no CTA-wide barrier then
+  const int chunks = p.hidden / N;
+  const T* in = static_cast<const T*>(p.input) + norm_row_offset(p.in, row, p.inner);
+  T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset(p.res, row, p.inner) : nullptr;
+  const T* w = static_cast<const T*>(p.weight);
+
+  // Every load of the row first (input, residual, weight), then the math: one memory round trip per row.
+  Chunk<T, N> xc[VPT], rc[VPT], wc[VPT];
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int c = v * nthreads + t;
+    if (c < chunks) {
+      xc[v].load(in + c * N);
+      if constexpr (FUSED_ADD) rc[v].load(res + c * N);
+      wc[v].load(w + c * N);
+    }
+  }
+  // x of chunk v in fp32 (the fused add recomputes input + residual exactly as it first did).
+  const auto row_values = [&](int v, float (&x)[N]) {
+    xc[v].to_floats(x);
+    if constexpr (FUSED_ADD) {
+      float r[N];
+      rc[v].to_floats(r);
+#pragma unroll
+      for (int i = 0; i < N; ++i) x[i] += r[i];
+    }
+  };
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int c = v * nthreads + t;
+    if (c < chunks) {
+      float x[N];
+      row_values(v, x);
+      if constexpr (FUSED_ADD) store_floats<T, N>(res + c * N, x);
+#pragma unroll
+      for (int i = 0; i < N; ++i) sum_sq = fmaf(x[i], x[i], sum_sq);
+    }
+  }
+  sum_sq = group_sum<32>(sum_sq);
+  if constexpr (!WARP_PER_ROW) {
+    __shared__ float warp_sums[kNormMaxScalarThreads / 32];
+    if (t % 32 == 0) warp_sums[t / 32] = sum_sq;
+    __syncthreads();
+    sum_sq = 0.f;
+    for (int i = 0; i < nthreads / 32; ++i) sum_sq += warp_sums[i];
+  }
+  const float rrms = rsqrtf(sum_sq / float(p.hidden) + p.eps);
+
+  T* out = static_cast<T*>(p.out) + norm_row_offset(p.o, row, p.inner);
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int c = v * nthreads + t;
+    if (c < chunks) {
+      float x[N], wf[N];
+      row_values(v, x);
+      wc[v].to_floats(wf);
+#pragma unroll
+      for (int i = 0; i < N; ++i) x[i] = x[i] * rrms * (p.weight_bias + wf[i]);
+      store_floats<T, N>(out + c * N, x);
+    }
+  }
+  grid_dependency_launch_dependents();
+}
+
+// Kernel shapes: a warp per row up to 32 * 4 chunks, else a CTA of up to kNormMaxThreads threads per row, 4
+// chunks a thread up to 16384 elements (128 threads at 4096) and 8 beyond, or 2 while the rows leave SMs idle
+// (up to 8192 elements: twice the threads, half the serial loads and conversions per thread; small batches are
+// latency-bound); rows that are not 16-byte aligned go element by element (kNormScalarVpt a thread).
+constexpr int kNormVpt = 8;
+constexpr int kNormScalarVpt = 8;
+constexpr int kNormMaxHiddenVec = kNormMaxThreads * kNormVpt * 8;             // 32768
+constexpr int kNormMaxHiddenScalar = kNormMaxScalarThreads * kNormScalarVpt;  // 8192
+constexpr int kNormErrHiddenTooLarge = 1001;  // a module error code (the template gives its text)
+
+template <typename T, bool FUSED_ADD>
+static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+  const auto rows_aligned = [&](const NormRows& s) {
+    return (p.rows <= p.inner || s.stride0 % 8 == 0) && (p.inner <= 1 || s.stride1 % 8 == 0);
+  };
+  const bool vec = p.hidden % 8 == 0 && aligned(p.input) && aligned(p.out) && aligned(p.weight) && rows_aligned(p.in) &&
+                   rows_aligned(p.o) && (!FUSED_ADD || (aligned(p.residual) && rows_aligned(p.res)));
+  const int n = vec ? 8 : 1;
+  const int chunks = p.hidden / n;
+  const dim3 warp_grid((p.rows + kNormWarpRowsPerCta - 1) / kNormWarpRowsPerCta), warp_block(32 * kNormWarpRowsPerCta);
+  if (vec) {
+    if (chunks <= 32)
+      return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
+    if (chunks <= 128)
+      return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
+    if (chunks > kNormMaxThreads * kNormVpt) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
+    const int vpt = chunks <= kNormMaxThreads * 2 && p.rows < sm_count(device) ? 2
+                    : chunks <= kNormMaxThreads * 4                            ? 4
+                                                                               : 8;
+    const int threads = (ceil_div(chunks, vpt) + 31) / 32 * 32;
+    if (vpt == 2)
+      return launch_kernel(rmsnorm_kernel<T, 8, 2, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
+    if (vpt == 4)
+      return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
+    return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl,
+                         p);
+  }
+  if (chunks <= 32 * kNormScalarVpt) {
+    return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl,
+                         p);
+  }
+  if (chunks > kNormMaxHiddenScalar) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
+  const int threads = (ceil_div(chunks, kNormScalarVpt) + 31) / 32 * 32;
+  return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream,
+                       pdl, p);
+}
+
+}  // namespace flashinfer

@@ -1,0 +1,256 @@
+// Rotary position embedding of q [nnz, Hq, D] and k [nnz, Hk, D], in place or into separate outputs.
+//
+// The first rotary_dim elements of every head rotate in pairs: NeoX halves (element e with e + rotary_dim/2,
+// frequency e) or GPT-J interleaved pairs (2f with 2f + 1, frequency f); the rest of the head passes through.
+// A token's position comes from pos_ids, or from a ragged batch (indptr/offsets: token indptr[b] + i of
+// request b sits at offsets[b] + i; tokens outside every request pass through unrotated). Its cos/sin come
+// from a float32 cos/sin cache [rows, rotary_dim] (cos first half, sin second) or from the frequency table
+// of attention/pos_enc.cuh (rope_cos_sin: the same angle function as the attention kernels' on-the-fly RoPE).
+//
+// Work item: (token, head group, lane). A lane owns a fixed set of frequencies (8 for a NeoX 16-byte chunk
+// and its partner chunk, 4 for an interleaved chunk, 1 element pair in the scalar form), computes their
+// cos/sin once, and applies them to every head of its group (q heads then k heads); pass-through lanes copy
+// the rest of the head when the output is not the input. The launcher sizes the head groups so the grid
+// fills the GPU: many heads per thread for large batches, one for a single token.
+#pragma once
+#include "flashinfer/attention/pos_enc.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+
+namespace flashinfer {
+
+enum class RopeCosSin : int { kTable = 0, kCache = 1 };
+
+struct RopeParams {
+  const void* q;
+  const void* k;
+  void* q_out;  // may be q (in place)
+  void* k_out;
+  int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h;
+  int64_t q_out_stride_n, q_out_stride_h, k_out_stride_n, k_out_stride_h;
+  const void* pos_ids;  // [nnz] int32/int64, or null: ragged form
+  const void* indptr;   // [batch + 1]
+  const void* offsets;  // [batch], pos_ids' index type
+  int pos_int64, indptr_int64;
+  const float* cos_sin_cache;  // [cache_rows, rotary_dim], row stride cache_stride (kCache)
+  int64_t cache_rows, cache_stride;
+  // Mapped host memory {flag, position, cache rows}: a position outside the cache is recorded here (and the
+  // token's rotated elements become NaN; nothing outside the cache is read).
+  int64_t* position_error;
+  int nnz, num_q_heads, num_k_heads, head_dim, rotary_dim, batch_size;
+  int interleave, copy_rest;
+  // Launch shape (set by launch_rope); cache_vec4: cos/sin cache rows read as float4 (16-byte aligned rows).
+  int cache_vec4;
+  int lanes, rot_lanes, heads_per_thread, groups;
+};
+
+constexpr int kRopeThreads = 128;
+constexpr int kRopeUnroll = 4;          // heads loaded before the first store
+constexpr int kRopeMaxRotaryDim = 256;  // RopeTable's frequencies
+constexpr int kRopeErrBadShape = 1101;  // module error codes (the template gives their text)
+constexpr int kRopeErrNoRecord = 1102;
+
+FI_DEVICE int64_t rope_load_index(const void* p, int i, bool is_int64) {
+  return is_int64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int*>(p)[i];
+}
+
+// Position of a token, or false when the ragged batch does not cover it.
+FI_DEVICE bool rope_position(const RopeParams& p, int token, int64_t& pos) {
+  if (p.pos_ids != nullptr) {
+    pos = rope_load_index(p.pos_ids, token, p.pos_int64);
+    return true;
+  }
+  // Last request b with indptr[b] <= token (requests may be empty), by binary search.
+  int lo = 0, hi = p.batch_size;  // answer in [lo, hi)
+  if (p.batch_size == 0 || rope_load_index(p.indptr, 0, p.indptr_int64) > token) return false;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (rope_load_index(p.indptr, mid, p.indptr_int64) <= token)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  const int64_t start = rope_load_index(p.indptr, lo, p.indptr_int64);
+  if (token >= rope_load_index(p.indptr, lo + 1, p.indptr_int64)) return false;
+  pos = rope_load_index(p.offsets, lo, p.pos_int64) + (token - start);
+  return true;
+}
+
+// At least 5 CTAs (640 threads) per SM: 96 registers, no spills (8 CTAs would spill).
+template <typename T, int N>
+__global__ void __launch_bounds__(kRopeThreads, 5)
+    rope_kernel(const __grid_constant__ RopeParams p, const __grid_constant__ RopeTable table, RopeCosSin source) {
+  constexpr int kMaxFreqs = N == 8 ? 8 : 1;  // per lane: a NeoX chunk pair has 8, an interleaved chunk 4
+  const int tid = blockIdx.x * kRopeThreads + threadIdx.x;
+  const int per_token = p.groups * p.lanes;
+  const int token = tid / per_token;
+  if (token >= p.nnz) return;
+  const int group = (tid - token * per_token) / p.lanes;
+  const int lane = tid - token * per_token - group * p.lanes;
+  const bool interleave = p.interleave != 0;
+  const int half = p.rotary_dim / 2;
+
+  // This lane's elements: a rotary lane rotates frequencies [freq0, freq0 + nf) of the elements at a0 (N of
+  // them) against those at b0 (NeoX, scalar interleave) or within its own chunk (vector interleave); a pass
+  // lane copies one chunk past rotary_dim.
+  const bool rotate = lane < p.rot_lanes;
+  int a0, b0, freq0 = 0, nf = 0;
+  if (!rotate) {
+    a0 = b0 = p.rotary_dim + (lane - p.rot_lanes) * N;
+  } else if (N == 1) {
+    a0 = interleave ? 2 * lane : lane, b0 = interleave ? 2 * lane + 1 : half + lane, freq0 = lane, nf = 1;
+  } else if (interleave) {
+    a0 = b0 = lane * 8, freq0 = lane * 4, nf = 4;
+  } else {
+    a0 = lane * 8, b0 = half + lane * 8, freq0 = lane * 8, nf = 8;
+  }
+  if (!rotate && !p.copy_rest) return;  // in place: pass-through elements are already where they belong
+
+  const int num_heads = p.num_q_heads + p.num_k_heads;
+  const int h_begin = group * p.heads_per_thread;
+  const int h_end = min(num_heads, h_begin + p.heads_per_thread);
+  const bool paired = rotate && !(N == 8 && interleave);  // a and b are separate loads
+  Chunk<T, N> a[kRopeUnroll], b[kRopeUnroll];
+  const auto load_heads = [&](int h0) {
+#pragma unroll
+    for (int u = 0; u < kRopeUnroll; ++u) {
+      const int h = h0 + u;
+      if (h < h_end) {
+        const T* x = h < p.num_q_heads
+                         ? static_cast<const T*>(p.q) + token * p.q_stride_n + h * p.q_stride_h
+                         : static_cast<const T*>(p.k) + token * p.k_stride_n + (h - p.num_q_heads) * p.k_stride_h;
+        a[u].load(x + a0);
+        if (paired) b[u].load(x + b0);
+      }
+    }
+  };
+  // The first heads are in flight while the position and its cos/sin are looked up.
+  load_heads(h_begin);
+
+  float cs[kMaxFreqs], sn[kMaxFreqs];
+  if (rotate) {
+    int64_t pos = 0;
+    const bool covered = rope_position(p, token, pos);
+    const bool in_cache = pos >= 0 && pos < p.cache_rows;
+    if (source == RopeCosSin::kCache && covered && !in_cache && group == 0 && lane == 0) {
+      // One naturally aligned 8-byte store per field: a record racing with another bad token's stays
+      // readable (the flag goes last, after a system-scope fence).
+      volatile int64_t* e = p.position_error;
+      e[1] = pos;
+      e[2] = p.cache_rows;
+      __threadfence_system();
+      e[0] = 1;
+    }
+#pragma unroll
+    for (int f = 0; f < kMaxFreqs; ++f) {
+      if (f >= nf) break;
+      const int freq = freq0 + f;
+      if (!covered) {
+        cs[f] = 1.f, sn[f] = 0.f;
+      } else if (source == RopeCosSin::kCache) {
+        if (in_cache) {
+          const float* row = p.cos_sin_cache + pos * p.cache_stride;
+          if constexpr (N == 8) {
+            if (p.cache_vec4) {  // nf is 4 or 8, and freq0 and half are multiples of 4: four a load
+              if (f % 4 == 0) {
+                const float4 c = *reinterpret_cast<const float4*>(row + freq);
+                const float4 s = *reinterpret_cast<const float4*>(row + half + freq);
+                cs[f] = c.x, cs[f + 1] = c.y, cs[f + 2] = c.z, cs[f + 3] = c.w;
+                sn[f] = s.x, sn[f + 1] = s.y, sn[f + 2] = s.z, sn[f + 3] = s.w;
+              }
+              continue;
+            }
+          }
+          cs[f] = row[freq], sn[f] = row[half + freq];
+        } else {
+          cs[f] = sn[f] = __int_as_float(0x7fffffff);  // NaN; the caller learns why from position_error
+        }
+      } else {
+        rope_cos_sin(float(pos), table.hi[freq], table.lo[freq], cs[f], sn[f]);
+      }
+    }
+  }
+
+  for (int h0 = h_begin; h0 < h_end; h0 += kRopeUnroll) {
+#pragma unroll
+    for (int u = 0; u < kRopeUnroll; ++u) {
+      const int h = h0 + u;
+      if (h >= h_end) break;
+      T* y = h < p.num_q_heads
+                 ? static_cast<T*>(p.q_out) + token * p.q_out_stride_n + h * p.q_out_stride_h
+                 : static_cast<T*>(p.k_out) + token * p.k_out_stride_n + (h - p.num_q_heads) * p.k_out_stride_h;
+      if (!rotate) {
+        a[u].store(y + a0);
+        continue;
+      }
+      float av[N], bv[N];
+      a[u].to_floats(av);
+      if (paired) {
+        b[u].to_floats(bv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          const int f = N == 8 ? e : 0;
+          const float ra = av[e] * cs[f] - bv[e] * sn[f];
+          bv[e] = bv[e] * cs[f] + av[e] * sn[f];
+          av[e] = ra;
+        }
+        store_floats<T, N>(y + a0, av);
+        store_floats<T, N>(y + b0, bv);
+      } else if constexpr (N == 8) {
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          const float x0 = av[2 * f], x1 = av[2 * f + 1];
+          av[2 * f] = x0 * cs[f] - x1 * sn[f];
+          av[2 * f + 1] = x1 * cs[f] + x0 * sn[f];
+        }
+        store_floats<T, N>(y + a0, av);
+      }
+    }
+    if (h0 + kRopeUnroll < h_end) load_heads(h0 + kRopeUnroll);
+  }
+}
+
+// Picks the vector or scalar form and the launch shape. sm_count sizes the head groups: the work items of
+// all heads are spread over about one full GPU of threads (2048 per SM), at least one head per thread, and
+// beyond kRopeUnroll heads a thread a multiple of kRopeUnroll.
+template <typename T>
+static cudaError_t launch_rope(RopeParams p, const RopeTable& table, RopeCosSin source, int sm_count,
+                               cudaStream_t stream) {
+  if (p.nnz == 0) return cudaSuccess;
+  const int num_heads = p.num_q_heads + p.num_k_heads;
+  if (num_heads == 0) return cudaSuccess;
+  const bool in_place = p.q_out == p.q && p.k_out == p.k;
+  if (in_place && (p.q_out_stride_n != p.q_stride_n || p.q_out_stride_h != p.q_stride_h ||
+                   p.k_out_stride_n != p.k_stride_n || p.k_out_stride_h != p.k_stride_h)) {
+    return static_cast<cudaError_t>(kRopeErrBadShape);
+  }
+  p.copy_rest = !in_place && p.rotary_dim < p.head_dim;
+  const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+  const auto mult8 = [&](int64_t s, int count) { return count <= 1 || s % 8 == 0; };
+  const bool vec = p.head_dim % 8 == 0 && p.rotary_dim % (p.interleave ? 8 : 16) == 0 && aligned(p.q) && aligned(p.k) &&
+                   aligned(p.q_out) && aligned(p.k_out) && mult8(p.q_stride_n, p.nnz) && mult8(p.k_stride_n, p.nnz) &&
+                   mult8(p.q_out_stride_n, p.nnz) && mult8(p.k_out_stride_n, p.nnz) &&
+                   mult8(p.q_stride_h, p.num_q_heads) && mult8(p.k_stride_h, p.num_k_heads) &&
+                   mult8(p.q_out_stride_h, p.num_q_heads) && mult8(p.k_out_stride_h, p.num_k_heads);
+  const int n = vec ? 8 : 1;
+  p.cache_vec4 = source == RopeCosSin::kCache && p.cache_stride % 4 == 0 && aligned(p.cos_sin_cache);
+  p.rot_lanes = vec ? p.rotary_dim / (p.interleave ? 8 : 16) : p.rotary_dim / 2;
+  p.lanes = p.rot_lanes + (p.copy_rest ? (p.head_dim - p.rotary_dim) / n : 0);
+  const int64_t work = int64_t(p.nnz) * p.lanes * num_heads;
+  const int64_t full = int64_t(sm_count) * 2048;
+  int64_t hpt = (work + full - 1) / full;
+  hpt = hpt < 1 ? 1 : hpt > num_heads ? num_heads : hpt;
+  // Whole batches of kRopeUnroll heads: a thread's last batch of one head (5 heads a thread: 40 heads over
+  // 4096 tokens) would keep a fifth of the bytes in flight while it runs. Rounding down adds threads instead.
+  if (hpt > kRopeUnroll) hpt = hpt / kRopeUnroll * kRopeUnroll;
+  p.groups = static_cast<int>((num_heads + hpt - 1) / hpt);
+  p.heads_per_thread = (num_heads + p.groups - 1) / p.groups;
+  if (p.heads_per_thread > kRopeUnroll) p.heads_per_thread = ceil_div(p.heads_per_thread, kRopeUnroll) * kRopeUnroll;
+  const int64_t threads = int64_t(p.nnz) * p.groups * p.lanes;
+  if (threads >= (int64_t(1) << 31)) return static_cast<cudaError_t>(kRopeErrBadShape);
+  const dim3 grid(static_cast<unsigned>((threads + kRopeThreads - 1) / kRopeThreads));
+  if (vec) return launch_kernel(rope_kernel<T, 8>, grid, dim3(kRopeThreads), 0, stream, false, p, table, source);
+  return launch_kernel(rope_kernel<T, 1>, grid, dim3(kRopeThreads), 0, stream, false, p, table, source);
+}
+
+}  // namespace flashinfer
