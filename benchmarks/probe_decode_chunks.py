@@ -66,7 +66,7 @@ def main() -> None:
         for _ in range(3):  # interleaved rounds; the median of each variant is printed
             for stages, cls in classes.items():
                 decode.SingleDecodeSpec = cls
-                decode._launchers.clear()
+                decode._single_kernels.clear()
                 for cap in CTAS_PER_SM:
                     decode._ctas_per_sm = lambda group, cap=cap: cap
                     t = graph_ms(lambda i: flashinfer.single_decode_with_kv_cache(qs[i], ks[i], vs[i], out=out), sets)

@@ -1,13 +1,13 @@
-"""flashinfer: JIT-compiled attention kernels for LLM serving, API-compatible with FlashInfer."""
+"""flashinfer: JIT-compiled attention kernels for LLM serving, API-compatible with FlashInfer.
+
+Every name FlashInfer's top level exports for the operations implemented here is exported here too, from the
+same modules (``flashinfer.decode``, ``flashinfer.prefill``, ``flashinfer.page``, ``flashinfer.quantization``,
+``flashinfer.utils``). ``__version__`` tells which FlashInfer API level this implements (see _version.py).
+"""
 
 from . import activation, jit, norm, rope, sampling
-from ._version import __version__
+from ._version import __flashinfer_api_version__, __version__
 from .activation import ActivationSpec, gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
-from .batch_decode import (
-    BatchDecodePagedSpec,
-    BatchDecodeWithPagedKVCacheWrapper,
-    CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
-)
 from .cascade import (
     BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
     BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
@@ -18,7 +18,14 @@ from .cascade import (
     merge_state_in_place,
     merge_states,
 )
-from .decode import SingleDecodeSpec, single_decode_with_kv_cache
+from .decode import (
+    BatchDecodePagedSpec,
+    BatchDecodeWithPagedKVCacheWrapper,
+    CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
+    SingleDecodeSpec,
+    fast_decode_plan,
+    single_decode_with_kv_cache,
+)
 from .norm import NormSpec, fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
 from .page import PageAppendSpec, append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .prefill import (
@@ -58,7 +65,7 @@ from .sampling import (
     top_p_renorm_probs,
     top_p_sampling_from_probs,
 )
-from .utils import PosEncodingMode, TensorLayout
+from .utils import MaskMode, PosEncodingMode, TensorLayout
 
 __all__ = [
     "ActivationSpec",
@@ -93,11 +100,12 @@ __all__ = [
     "merge_state",
     "merge_state_in_place",
     "merge_states",
+    "BatchDecodeWithPagedKVCacheWrapper",
     "BatchPrefillSpec",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
-    "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
+    "MaskMode",
     "PageAppendSpec",
     "append_paged_kv_cache",
     "chain_speculative_sampling",
@@ -108,7 +116,9 @@ __all__ = [
     "SingleDecodeSpec",
     "SinglePrefillSpec",
     "TensorLayout",
+    "__flashinfer_api_version__",
     "__version__",
+    "fast_decode_plan",
     "jit",
     "min_p_sampling_from_probs",
     "packbits",

@@ -11,7 +11,7 @@ from typing import Dict, Type
 
 FAMILY_MODULES: Dict[str, str] = {
     "decode_single": "flashinfer.decode",
-    "decode_batch_paged": "flashinfer.batch_decode",
+    "decode_batch_paged": "flashinfer.decode",
     "prefill_single": "flashinfer.prefill",
     "prefill_batch": "flashinfer.prefill",
     "page_append": "flashinfer.page",

@@ -33,7 +33,7 @@ import torch
 
 from . import jit
 from ._spec_common import AttentionSpec
-from .batch_decode import BatchDecodeWithPagedKVCacheWrapper
+from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .page import PagedKVCache, unpack_paged_kv_cache

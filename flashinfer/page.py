@@ -4,8 +4,9 @@ and ``get_seq_lens``; drop-ins for FlashInfer's functions of those names.
 A paged KV cache is either one tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (``kv_layout="NHD"``)
 / ``[num_pages, 2, num_kv_heads, page_size, head_dim]`` (``"HND"``), or a tuple ``(k_cache, v_cache)`` of
 ``[num_pages, page_size, num_kv_heads, head_dim]`` / ``[num_pages, num_kv_heads, page_size, head_dim]``. The page
-table is CSR: ``kv_indptr [batch + 1]``, ``kv_indices [nnz_pages]``, ``kv_last_page_len [batch]`` (1..page_size);
-request r holds ``(pages - 1) * page_size + last_page_len`` tokens.
+table is CSR: ``kv_indptr [batch + 1]``, ``kv_indices [nnz_pages]``, ``kv_last_page_len [batch]`` (0..page_size);
+request r holds ``(pages - 1) * page_size + last_page_len`` tokens, none when it has no pages. This module is the one
+place that takes a paged cache apart (``unpack_paged_kv_cache``) for every wrapper.
 """
 
 from __future__ import annotations
@@ -79,7 +80,21 @@ class PagedKV(NamedTuple):
 
 
 def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> PagedKV:
-    """Validates a paged cache of either form and returns its K/V views, geometry and element strides."""
+    """Validates a paged cache of either form and returns its K/V views, geometry and element strides.
+
+    Parameters
+    ----------
+    paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+        ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
+        tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``; float16/bfloat16 on CUDA.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+
+    Returns
+    -------
+    PagedKV
+        The K/V views ``[num_pages, ...]``, the geometry and the strides (elements) of pages, tokens and heads.
+    """
     kv_layout = canonical_layout(kv_layout)
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
@@ -113,7 +128,7 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
         raise TypeError(
             f"paged_kv_cache must be a tensor or a (k_cache, v_cache) tuple, got {type(paged_kv_cache).__name__}"
         )
-    if k.device.type != "cuda":
+    if not k.is_cuda:
         raise ValueError(f"paged_kv_cache is on {k.device}; the kernels run on CUDA devices only")
     dtype_short(k, "paged_kv_cache")
     num_pages, a, b, head_dim = k.shape
@@ -156,7 +171,7 @@ def _check_index(t: Any, name: str, device: torch.device, length: Optional[int] 
 @functools.cache
 def _append_fn(spec: PageAppendSpec):
     module = jit.load(spec)
-    return module, module.fn("flashinfer_append_paged_kv")
+    return module, module.launcher("flashinfer_append_paged_kv")
 
 
 def append_paged_kv_cache(
@@ -170,12 +185,29 @@ def append_paged_kv_cache(
     kv_last_page_len: torch.Tensor,
     kv_layout: str = "NHD",
 ) -> None:
-    """Writes ``append_key``/``append_value`` ``[nnz, num_kv_heads, head_dim]`` into the paged cache, in place:
-    token i goes to request ``batch_indices[i]`` at position ``positions[i]`` (see ``get_batch_indices_positions``).
+    """Writes new keys and values into a paged KV cache, in place (FlashInfer's function).
 
-    Index tensors are int32 on the cache's device. The kernel runs on that device and its current stream.
-    Entries whose request, position or page fall outside the page table are skipped (never written out of
-    bounds); ``kv_last_page_len`` is accepted for FlashInfer compatibility (the page table bounds the writes).
+    Token i goes to request ``batch_indices[i]`` at position ``positions[i]`` (see ``get_batch_indices_positions``).
+    The kernel runs on the cache's device and its current stream. Entries whose request, position or page fall
+    outside the page table are skipped (never written out of bounds).
+
+    Parameters
+    ----------
+    append_key, append_value : torch.Tensor
+        ``[nnz, num_kv_heads, head_dim]`` in the cache's dtype.
+    batch_indices, positions : torch.Tensor
+        ``[nnz]`` int32: each token's request and position in it.
+    paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+        The cache (see :func:`unpack_paged_kv_cache`), written in place.
+    kv_indices : torch.Tensor
+        ``[nnz_pages]`` int32 page ids.
+    kv_indptr : torch.Tensor
+        ``[batch_size + 1]`` int32 page offsets of the requests.
+    kv_last_page_len : torch.Tensor
+        ``[batch_size]`` int32: validated (shape, dtype, device) as FlashInfer's; the writes are bounded by the
+        pages themselves, so it changes nothing here.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
     """
     kv = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
     device = kv.k.device
@@ -222,49 +254,100 @@ def append_paged_kv_cache(
     spec = PageAppendSpec(head_dim=head_dim, dtype_kv=dtype_short(kv.k, "paged_kv_cache"))
     module, fn = _append_fn(spec)
     rc = fn(
-        key.data_ptr(),
-        value.data_ptr(),
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        batch_indices.data_ptr(),
-        positions.data_ptr(),
-        kv_indptr.data_ptr(),
-        kv.k.data_ptr(),
-        kv.v.data_ptr(),
-        kv.stride_page,
-        kv.stride_n,
-        kv.stride_h,
-        kv_indices.data_ptr(),
-        kv.num_pages,
-        kv_indptr.numel() - 1,
-        nnz,
-        heads,
-        kv.page_size,
-        device.index,
-        current_stream_ptr(device),
+        key=key.data_ptr(),
+        value=value.data_ptr(),
+        key_stride_n=key.stride(0),
+        key_stride_h=key.stride(1),
+        value_stride_n=value.stride(0),
+        value_stride_h=value.stride(1),
+        batch_indices=batch_indices.data_ptr(),
+        positions=positions.data_ptr(),
+        kv_indptr=kv_indptr.data_ptr(),
+        k_cache=kv.k.data_ptr(),
+        v_cache=kv.v.data_ptr(),
+        stride_page=kv.stride_page,
+        stride_n=kv.stride_n,
+        stride_h=kv.stride_h,
+        kv_indices=kv_indices.data_ptr(),
+        num_pages=kv.num_pages,
+        batch_size=kv_indptr.numel() - 1,
+        nnz=nnz,
+        num_heads=heads,
+        page_size=kv.page_size,
+        device=device.index,
+        stream=current_stream_ptr(device),
     )
     if rc:
         module.check(rc, f"append_paged_kv_cache ({spec.name()}) on {device}")
 
 
 def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Tokens per request: ``(pages - 1) * page_size + last_page_len`` (0 for a request without pages)."""
+    """Tokens per request from a page table, FlashInfer's formula.
+
+    Parameters
+    ----------
+    kv_indptr : torch.Tensor
+        ``[batch_size + 1]`` page offsets.
+    kv_last_page_len : torch.Tensor
+        ``[batch_size]`` tokens in each request's last page.
+    page_size : int
+        Tokens per page.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[batch_size]``: ``max(pages - 1, 0) * page_size + last_page_len`` (so a request without pages counts its
+        last_page_len, as in FlashInfer; the attention kernels give it no keys).
+    """
     return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
 
 
 def get_batch_indices_positions(
-    append_indptr: torch.Tensor, seq_lens: torch.Tensor, nnz: int
+    append_indptr: torch.Tensor,
+    seq_lens: torch.Tensor,
+    nnz: int,
+    batch_indices: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For the ``nnz`` tokens appended (``append_indptr [batch + 1]`` CSR), their request and position:
-    request r's appended tokens take the last ``append_len_r`` positions of its ``seq_lens[r]`` (the lengths
-    after the append). Returns int32 ``(batch_indices, positions)``; no host sync (``nnz`` is given)."""
+    """Each appended token's request and position (FlashInfer's function; no host sync: ``nnz`` is given).
+
+    Request r's appended tokens take the last ``append_len_r`` positions of its ``seq_lens[r]`` (the lengths after
+    the append).
+
+    Parameters
+    ----------
+    append_indptr : torch.Tensor
+        ``[batch_size + 1]`` CSR offsets of the appended tokens.
+    seq_lens : torch.Tensor
+        ``[batch_size]`` sequence lengths after the append.
+    nnz : int
+        Tokens appended (``append_indptr[-1]``).
+    batch_indices, positions : torch.Tensor, optional
+        Preallocated int32 ``[nnz]`` outputs, written and returned.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        int32 ``(batch_indices, positions)``, ``[nnz]`` each, on append_indptr's device.
+    """
     device = append_indptr.device
     indptr = append_indptr.to(torch.int64)
     append_lens = indptr[1:] - indptr[:-1]
     batch = append_lens.numel()
-    batch_indices = torch.repeat_interleave(torch.arange(batch, device=device), append_lens, output_size=nnz)
-    offsets = torch.arange(nnz, device=device) - indptr[batch_indices]
-    positions = seq_lens.to(device=device, dtype=torch.int64)[batch_indices] - append_lens[batch_indices] + offsets
-    return batch_indices.to(torch.int32), positions.to(torch.int32)
+    batch_idx = torch.repeat_interleave(torch.arange(batch, device=device), append_lens, output_size=nnz)
+    offsets = torch.arange(nnz, device=device) - indptr[batch_idx]
+    pos = seq_lens.to(device=device, dtype=torch.int64)[batch_idx] - append_lens[batch_idx] + offsets
+    outs = []
+    for name, given, value in (("batch_indices", batch_indices, batch_idx), ("positions", positions, pos)):
+        if given is None:
+            outs.append(value.to(torch.int32))
+            continue
+        if (
+            not isinstance(given, torch.Tensor)
+            or given.shape != (nnz,)
+            or given.dtype != torch.int32
+            or given.device != device
+        ):
+            raise ValueError(f"{name} must be an int32 tensor of shape [{nnz}] on {device}")
+        outs.append(given.copy_(value))
+    return outs[0], outs[1]

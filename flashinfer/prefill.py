@@ -1,10 +1,17 @@
 """Prefill attention on tensor cores: a request's new query tokens attend to its KV (single or batched).
 
-``single_prefill_with_kv_cache``, ``BatchPrefillWithRaggedKVCacheWrapper`` and
-``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's names. Two kernels: ``"fa2"``
-(templates/include/flashinfer/prefill.cuh; mma.sync m16n8k16, ldmatrix from swizzled shared memory, cp.async
-double buffering, fp32 online softmax; every feature, sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma,
-single-request prefill at head_dim 128 without masks beyond causal or logit transforms).
+``single_prefill_with_kv_cache``, ``single_prefill_with_kv_cache_return_lse``,
+``BatchPrefillWithRaggedKVCacheWrapper`` and ``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's
+names in ``flashinfer.prefill``. Two kernels: ``"fa2"`` (templates/include/flashinfer/prefill.cuh; mma.sync
+m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
+sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
+beyond causal or logit transforms).
+
+The batch wrappers plan in Python (flashinfer/_planning.py: ``schedule_prefill``) and keep FlashInfer's
+attention options on the wrapper (``_causal``, ``_sm_scale``, ``_window_left``, ``_logits_soft_cap``,
+``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_rope_scale``, ``_rope_theta``): ``plan()`` sets them, the
+legacy ``forward()`` replaces them, and ``run()`` launches the kernel variant they ask for, on the planned
+schedule, without a new plan.
 """
 
 from __future__ import annotations
@@ -12,23 +19,37 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import itertools
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import jit
+from ._planning import (
+    BATCH_PREFILL_ARGS,
+    BatchPlan,
+    PlanStats,
+    PrefillSchedule,
+    PrefillScheduleLayout,
+    c_struct,
+    check_table_lengths,
+    prefill_query_tiles,
+    schedule_prefill,
+)
 from ._spec_common import AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
+from .page import PagedKVCache, unpack_paged_kv_cache
 from .quantization import packbits, segment_packbits
 from .utils import (
     INT32_MAX,
+    MAX_ROPE_POSITION,
     aligned_rows,
+    canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
     check_head_dim,
-    check_int32_values,
     check_kv,
     check_kv_lengths,
     check_logit_options,
@@ -41,31 +62,36 @@ from .utils import (
     cuda_bool,
     current_stream_ptr,
     dtype_short,
+    host_int32,
+    not_supported,
     num_sms,
     page_ids_int32,
     scalar,
     workspace_too_small,
 )
 
+__all__ = [
+    "BatchPrefillSpec",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
+    "SinglePrefillSpec",
+    "single_prefill_with_kv_cache",
+    "single_prefill_with_kv_cache_return_lse",
+]
+
 MASK_MODES = ("none", "causal", "custom")
 _MASK_CUDA = {"none": "kNone", "causal": "kCausal", "custom": "kCustom"}
-# Implemented backends; "auto" picks the first. A Hopper wgmma/TMA backend ("fa3") slots in here.
+# Implemented backends; "auto" picks per call.
 BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a), single prefill within _fa3_scope
-# KV chunks shorter than this cost more to merge than they gain in parallelism.
+# KV chunks of a single prefill shorter than this cost more to merge than they gain in parallelism.
 _MIN_CHUNK = 512
 _MAX_CHUNKS = 64
-# RoPE positions are carried as floats in the kernel and must be exact.
-_MAX_ROPE_POSITION = 1 << 24
-_INT32_MAX = 2**31 - 1
 
 
 def _mq(head_dim: int) -> int:
-    """16-row MMA tiles per warp (4 warps): query tiles of 128 packed rows, 64 for head_dim 256."""
+    """16-row MMA tiles per warp of the single-prefill kernel (a choice stamped into the template): query tiles
+    of 128 packed rows, 64 for head_dim 256 (a 128-row tile's accumulators do not fit in registers there)."""
     return 1 if head_dim >= 256 else 2
-
-
-def _kv_tile(head_dim: int) -> int:
-    return 32 if head_dim >= 256 else 64  # BK of PrefillTraits
 
 
 def _resolve_backend(backend: str) -> str:
@@ -75,7 +101,7 @@ def _resolve_backend(backend: str) -> str:
     b = backend.lower()
     if b == "auto" or b in BACKENDS:
         return b
-    if b in ("cudnn", "trtllm-gen", "cutlass"):
+    if b in ("cudnn", "trtllm-gen", "cutlass", "cute-dsl"):
         raise NotImplementedError(
             f"prefill backend {backend!r} is not implemented; available: 'auto', {', '.join(map(repr, BACKENDS))}"
         )
@@ -105,7 +131,9 @@ def _fa3_scope(
     return None
 
 
-_FA3_QUERY_TILE = 128  # packed query rows per CTA of the fa3 kernel (Fa3Traits::BQ in prefill_sm90.cuh)
+# Packed query rows per CTA that "auto" assumes of the fa3 kernel when deciding whether its tiles alone fill
+# the GPU, before loading its module (which reports the real value, checked when it runs).
+_FA3_QUERY_TILE = 128
 
 
 @functools.cache
@@ -116,8 +144,8 @@ def _device_capability(index: int) -> Tuple[int, int]:
 def _single_backend(
     backend: str, why_not_fa3: Optional[str], device: torch.device, qo_rows: int, num_kv_heads: int
 ) -> str:
-    """The kernel of a single-prefill call. "auto": fa3 on Hopper where it applies and its 128-row query tiles
-    alone fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features)."""
+    """The kernel of a single-prefill call. "auto": fa3 on Hopper where it applies and its query tiles alone
+    fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features)."""
     if backend == "fa2":
         return "fa2"
     on_hopper = _device_capability(device.index) == (9, 0)
@@ -207,10 +235,16 @@ def _module(spec: Spec) -> jit.JITModule:
 
 
 @functools.cache
-def _occupancy(spec: Spec, symbol: str, device_index: int, *extra: int) -> int:
+def _occupancy(spec: Spec, device_index: int, tile_q: int = 0) -> int:
+    """CTAs per SM of a prefill module's kernel (the batch module's for query tile ``tile_q``)."""
     mod = _module(spec)
     out = ctypes.c_int(0)
-    rc = mod.fn(symbol)(*extra, device_index, ctypes.addressof(out))
+    if isinstance(spec, SinglePrefillSpec):
+        rc = mod.launcher("flashinfer_single_prefill_occupancy")(device=device_index, out=ctypes.addressof(out))
+    else:
+        rc = mod.launcher("flashinfer_batch_prefill_occupancy")(
+            tile_q=tile_q, device=device_index, out=ctypes.addressof(out)
+        )
     if rc:
         mod.check(rc, f"{spec.name()}: occupancy query on cuda:{device_index}")
     return max(1, out.value)
@@ -219,8 +253,10 @@ def _occupancy(spec: Spec, symbol: str, device_index: int, *extra: int) -> int:
 # --------------------------------------------------------------------------------------------- validation
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Opts:
+    """Canonical attention options of a prefill call."""
+
     mask_mode: str
     pos_encoding_mode: str
     window_left: int
@@ -248,21 +284,15 @@ def _check_options(
     check_head_dim(head_dim)
     pos = canonical_pos_encoding(pos_encoding_mode)
     window_left, soft_cap, scale, r_scale, r_theta = check_logit_options(
-        head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=_INT32_MAX
+        head_dim, pos, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, max_window=INT32_MAX
     )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(use_fp16_qk_reduction, bool):
+        raise TypeError(f"use_fp16_qk_reduction must be a bool, got {type(use_fp16_qk_reduction).__name__}")
     mask_mode = "custom" if has_mask else ("causal" if causal else "none")
     return _Opts(
-        mask_mode,
-        pos,
-        window_left,
-        soft_cap,
-        scale,
-        r_scale,
-        r_theta,
-        bool(use_fp16_qk_reduction),
-        _resolve_backend(backend),
+        mask_mode, pos, window_left, soft_cap, scale, r_scale, r_theta, use_fp16_qk_reduction, _resolve_backend(backend)
     )
 
 
@@ -313,9 +343,10 @@ def _single_chunks(
     spec: SinglePrefillSpec, device: torch.device, qo_len: int, kv_len: int, group: int, num_kv_heads: int
 ) -> Tuple[int, int]:
     """(num_chunks, chunk_size): split the KV range when the query tiles alone cannot fill the GPU."""
-    bk = _kv_tile(spec.head_dim)
-    ctas = -(-qo_len * group // (64 * _mq(spec.head_dim))) * num_kv_heads
-    slots = _occupancy(spec, "flashinfer_single_prefill_occupancy", device.index) * num_sms(device.index)
+    c = _module(spec).constants
+    bk = c["kv_tile"]
+    ctas = -(-qo_len * group // c["query_tile"]) * num_kv_heads
+    slots = _occupancy(spec, device.index) * num_sms(device.index)
     chunks = 1
     if ctas * 2 <= slots and kv_len >= 2 * _MIN_CHUNK:
         chunks = min(_MAX_CHUNKS, -(-slots // ctas), kv_len // _MIN_CHUNK)
@@ -369,33 +400,33 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
     workspace = None
     if num_chunks > 1:
         workspace = torch.empty(num_chunks * qo_len * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
-    rc = mod.fn("flashinfer_single_prefill")(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        o.data_ptr(),
-        lse.data_ptr() if lse is not None else None,
-        workspace.data_ptr() if workspace is not None else None,
-        mask.data_ptr() if mask is not None else None,
-        qo_len,
-        kv_len,
-        num_qo_heads,
-        num_kv_heads,
-        q.stride(0),
-        q.stride(1),
-        k_sn,
-        k_sh,
-        v_sn,
-        v_sh,
-        num_chunks,
-        chunk_size,
-        opts.window_left,
-        opts.soft_cap,
-        opts.sm_scale,
-        opts.rope_scale,
-        opts.rope_theta,
-        device.index,
-        current_stream_ptr(device),
+    rc = mod.launcher("flashinfer_single_prefill")(
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        v=v.data_ptr(),
+        o=o.data_ptr(),
+        lse=lse.data_ptr() if lse is not None else None,
+        workspace=workspace.data_ptr() if workspace is not None else None,
+        mask=mask.data_ptr() if mask is not None else None,
+        qo_len=qo_len,
+        kv_len=kv_len,
+        num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads,
+        q_stride_n=q.stride(0),
+        q_stride_h=q.stride(1),
+        k_stride_n=k_sn,
+        k_stride_h=k_sh,
+        v_stride_n=v_sn,
+        v_stride_h=v_sh,
+        num_chunks=num_chunks,
+        chunk_size=chunk_size,
+        window_left=opts.window_left,
+        logits_soft_cap=opts.soft_cap,
+        sm_scale=opts.sm_scale,
+        rope_scale=opts.rope_scale,
+        rope_theta=opts.rope_theta,
+        device=device.index,
+        stream=current_stream_ptr(device),
     )
     if rc:
         mod.check(rc, f"single_prefill_with_kv_cache ({spec.name()}) on {device}")
@@ -461,6 +492,10 @@ def single_prefill_with_kv_cache(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    scale_q: Optional[torch.Tensor] = None,
+    scale_k: Optional[torch.Tensor] = None,
+    scale_v: Optional[torch.Tensor] = None,
+    o_dtype: Optional[torch.dtype] = None,
     custom_mask: Optional[torch.Tensor] = None,
     packed_custom_mask: Optional[torch.Tensor] = None,
     causal: bool = False,
@@ -474,35 +509,71 @@ def single_prefill_with_kv_cache(
     rope_theta: Optional[float] = None,
     backend: str = "auto",
     return_lse: bool = False,
+    kv_cache_sf: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    k_scale: Optional[float] = None,
+    v_scale: Optional[float] = None,
     *,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Prefill attention of one request: qo_len new query tokens against kv_len keys on tensor cores.
 
-    Args:
-        q: ``[qo_len, num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
-        k, v: ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]``
-            (``"HND"``), q's dtype. Views are accepted when the last dimension is contiguous and the other strides
-            are multiples of 16 bytes. ``num_qo_heads`` a multiple of ``num_kv_heads``; head_dim 64, 128 or 256.
-        custom_mask: bool ``[qo_len, kv_len]`` (True: attend), or ``packed_custom_mask``: its flattening packed by
-            ``flashinfer.packbits(..., bitorder="little")``. A custom mask replaces ``causal``.
-        causal: query i attends to keys ``j <= kv_len - qo_len + i`` (aligned bottom-right); needs qo_len <= kv_len.
-        pos_encoding_mode: ``"NONE"``, ``"ROPE_LLAMA"`` (RoPE on the fly: query i at position kv_len - qo_len + i,
-            key j at j) or ``"ALIBI"``.
-        use_fp16_qk_reduction: accumulate q.k in fp16 (float16 inputs only): faster, less accurate.
-        sm_scale: logit scale, default ``1 / sqrt(head_dim)``. window_left: ``w >= 0`` attends only to keys
-            ``j >= pos(i) - w``. logits_soft_cap: ``c > 0`` maps each scaled logit x to ``c * tanh(x / c)``.
-        backend: ``"auto"``, ``"fa2"`` (mma.sync tensor cores, any sm_80+ GPU) or ``"fa3"`` (Hopper wgmma; head_dim
-            128, float16/bfloat16, no mask or causal, no position encoding, window, soft cap or fp16 QK reduction).
-            ``"auto"`` takes fa3 on Hopper when the call is within its scope and has enough query tiles to fill
-            the GPU, fa2 otherwise.
-        return_lse: also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
-        out, lse: optional preallocated outputs (contiguous); an extension over FlashInfer's signature.
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[qo_len, num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
+    k, v : torch.Tensor
+        ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``),
+        q's dtype. Views are accepted when the last dimension is contiguous and the other strides are multiples of
+        16 bytes. ``num_qo_heads`` a multiple of ``num_kv_heads``; head_dim 64, 128 or 256.
+    scale_q, scale_k, scale_v : torch.Tensor, optional
+        FlashInfer's fp8 per-head scale tensors: not implemented (must be None; see k_scale/v_scale).
+    o_dtype : torch.dtype, optional
+        The output dtype: None or q's dtype.
+    custom_mask : torch.Tensor, optional
+        bool ``[qo_len, kv_len]`` (True: attend). A custom mask replaces ``causal``.
+    packed_custom_mask : torch.Tensor, optional
+        The flattened mask packed by ``flashinfer.packbits(..., bitorder="little")``; instead of custom_mask.
+    causal : bool
+        Query i attends to keys ``j <= kv_len - qo_len + i`` (aligned bottom-right); needs qo_len <= kv_len.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    pos_encoding_mode : str
+        ``"NONE"``, ``"ROPE_LLAMA"`` (RoPE on the fly: query i at position kv_len - qo_len + i, key j at j) or
+        ``"ALIBI"``.
+    use_fp16_qk_reduction : bool
+        Accumulate q.k in fp16 (float16 inputs only): faster, less accurate.
+    sm_scale : float, optional
+        Logit scale, default ``1 / sqrt(head_dim)``.
+    window_left : int
+        ``w >= 0`` attends only to keys ``j >= pos(i) - w``; -1: no window.
+    logits_soft_cap : float, optional
+        ``c > 0`` maps each scaled logit x to ``c * tanh(x / c)``.
+    rope_scale, rope_theta : float, optional
+        RoPE constants (defaults 1 and 1e4).
+    backend : str
+        ``"auto"``, ``"fa2"`` (mma.sync tensor cores, any sm_80+ GPU) or ``"fa3"`` (Hopper wgmma; head_dim 128,
+        float16/bfloat16, no mask or causal, no position encoding, window, soft cap or fp16 QK reduction).
+        ``"auto"`` takes fa3 on Hopper when the call is within its scope and has enough query tiles to fill the
+        GPU, fa2 otherwise.
+    return_lse : bool
+        Also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
+    kv_cache_sf : (torch.Tensor, torch.Tensor), optional
+        FlashInfer's NVFP4 KV scale factors: not implemented (must be None).
+    k_scale, v_scale : float, optional
+        k_scale multiplies the logits, v_scale the output.
+    out, lse : torch.Tensor, optional
+        Preallocated outputs (contiguous; lse is written even with ``return_lse=False``); an extension over
+        FlashInfer's signature.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
         o ``[qo_len, num_qo_heads, head_dim]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
     """
+    for name, t in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("kv_cache_sf", kv_cache_sf)):
+        if t is not None:
+            raise not_supported(name, "a tensor", "None (16-bit inputs; k_scale/v_scale take scalar scales)")
     check_tensor(q, "q", 3)
     check_tensor(k, "k", 3)
     check_tensor(v, "v", 3)
@@ -519,6 +590,8 @@ def single_prefill_with_kv_cache(
     )
     kv_layout = canonical_layout(kv_layout)
     dq = check_qkv_dtypes(q, k, v)
+    if canonical_dtype(o_dtype, "o_dtype", q.dtype) != q.dtype:
+        raise not_supported("o_dtype", o_dtype, f"None or q's dtype ({q.dtype})")
     qo_len, num_qo_heads, head_dim = q.shape
     has_mask = custom_mask is not None or packed_custom_mask is not None
     opts = _check_options(
@@ -534,6 +607,10 @@ def single_prefill_with_kv_cache(
         backend,
         has_mask,
     )
+    logit_mult = scalar(k_scale, "k_scale", 1.0)
+    out_scale = scalar(v_scale, "v_scale", 1.0)
+    if logit_mult != 1.0:
+        opts = dataclasses.replace(opts, sm_scale=opts.sm_scale * logit_mult)
     _check_fp16qk(opts, dq)
     kv_len, num_kv_heads = check_kv(k, v, kv_layout, num_qo_heads, head_dim)
     if opts.mask_mode == "causal" and qo_len > kv_len:
@@ -541,10 +618,10 @@ def single_prefill_with_kv_cache(
             f"causal=True needs qo_len <= kv_len (the mask is aligned bottom-right); got qo_len={qo_len}, "
             f"kv_len={kv_len}"
         )
-    if max(kv_len, qo_len * (num_qo_heads // num_kv_heads)) > _INT32_MAX // 2:
+    if max(kv_len, qo_len * (num_qo_heads // num_kv_heads)) > INT32_MAX // 2:
         raise ValueError(f"sequence too long: qo_len {qo_len} x group, kv_len {kv_len} must stay below 2**30")
-    if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_len > _MAX_ROPE_POSITION:
-        raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}, got {kv_len}")
+    if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_len > MAX_ROPE_POSITION:
+        raise ValueError(f"ROPE_LLAMA supports kv_len up to {MAX_ROPE_POSITION}, got {kv_len}")
     mask = _packed_mask(custom_mask, packed_custom_mask, qo_len, kv_len, device)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -570,36 +647,38 @@ def single_prefill_with_kv_cache(
             opts.rope_theta,
             opts.use_fp16_qk_reduction,
             opts.backend,
-            return_lse,
+            return_lse or lse is not None,
         )
+        if out_scale != 1.0:
+            o = o * out_scale
         if out is not None:
             o = out.copy_(o)
-        if return_lse and lse is not None:
+        if lse is not None:
             lse_t = lse.copy_(lse_t)
         return (o, lse_t) if return_lse else o
 
     o = out if out is not None else torch.empty((qo_len, num_qo_heads, head_dim), dtype=q.dtype, device=device)
     if return_lse and lse is None:
         lse = torch.empty((qo_len, num_qo_heads), dtype=torch.float32, device=device)
-    _single_run(q, k, v, mask, kv_layout, opts, o, lse if return_lse else None)
+    _single_run(q, k, v, mask, kv_layout, opts, o, lse)
+    if out_scale != 1.0:
+        o.mul_(out_scale)
     return (o, lse) if return_lse else o
 
 
-def single_prefill_with_kv_cache_return_lse(*args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``single_prefill_with_kv_cache(..., return_lse=True)``."""
-    kwargs["return_lse"] = True
-    return single_prefill_with_kv_cache(*args, **kwargs)
+single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
+single_prefill_with_kv_cache_return_lse.__doc__ = "``single_prefill_with_kv_cache(..., return_lse=True)``."
 
 
 # ------------------------------------------------------------------------------------------- batch prefill
 
 
 def _batch_tiles(head_dim: int) -> Tuple[int, ...]:
-    """Query-tile sizes (packed rows) instantiated per batch module; plan() picks one per batch: 64 rows for
+    """MMA row tiles per warp (16 rows each, 4 warps) instantiated per batch module: query tiles of 64 rows for
     short requests, 128 (as the single-request kernel) for long ones outside graph mode (the 128-row kernel
     takes one work item per CTA, so its grid is not fixed; see batch_prefill_kernel). head_dim 256 stays at
     64 rows: a 128-row tile's accumulators do not fit in registers."""
-    return (64,) if head_dim >= 256 else (64, 128)
+    return (1,) if head_dim >= 256 else (1, 2)
 
 
 @register_family
@@ -618,18 +697,8 @@ class BatchPrefillSpec(_PrefillSpecBase):
     family = "prefill_batch"
     template = "batch_prefill.cu.jinja"
     launchers = (
-        Launcher(
-            "flashinfer_batch_prefill",
-            "int tile_q, const void* q, const void* k, const void* v, void* o, float* lse, float* partial_o, "
-            "float* partial_lse, const uint8_t* mask, const int* mask_indptr, const int* qo_indptr, "
-            "const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, const int* work, "
-            "int work_capacity, const int* num_work, const int* merge, int merge_capacity, const int* num_merge, "
-            "int grid_x, int merge_grid_x, int num_qo_heads, int num_kv_heads, int page_size, int num_pages, "
-            "int64_t q_stride_n, "
-            "int64_t q_stride_h, int64_t k_stride_page, int64_t k_stride_n, int64_t k_stride_h, "
-            "int64_t v_stride_page, int64_t v_stride_n, int64_t v_stride_h, int window_left, "
-            "float logits_soft_cap, float sm_scale, float rope_scale, float rope_theta, int device, void* stream",
-        ),
+        # args: a BatchPrefillArgs (flashinfer/_planning.py: BATCH_PREFILL_ARGS, stamped into the template)
+        Launcher("flashinfer_batch_prefill", "const void* args"),
         Launcher("flashinfer_batch_prefill_occupancy", "int tile_q, int device, int* out"),
     )
 
@@ -639,7 +708,8 @@ class BatchPrefillSpec(_PrefillSpecBase):
         return {
             **self.attention_vars(),
             "paged": cuda_bool(self.kv_storage == "paged"),
-            "mqs": [t // 64 for t in _batch_tiles(self.head_dim)],
+            "mqs": list(_batch_tiles(self.head_dim)),
+            "args": list(BATCH_PREFILL_ARGS),
         }
 
     def unsupported_reason(self) -> Optional[str]:
@@ -652,116 +722,86 @@ class BatchPrefillSpec(_PrefillSpecBase):
 _GRAPH_WORK_CAPACITY = 1 << 16
 _GRAPH_MERGE_CAPACITY = 1 << 17
 
-
-def _host_ints(x, name: str) -> list:
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
-        return x.tolist()  # a CUDA tensor costs a sync here: pass CPU tensors to plan()
-    return [int(v) for v in x]
-
-
-def _dtype_arg(x, default: torch.dtype, name: str) -> torch.dtype:
-    if x is None:
-        return default
-    if isinstance(x, str):
-        x = getattr(torch, x, None)
-    if x not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"{name} must be torch.float16 or torch.bfloat16 (or their names), got {x!r}")
-    return x
+# The attention options of a prefill wrapper, as FlashInfer names its attributes; run() uses their current values.
+_OPTION_ATTRS = (
+    "_causal",
+    "_pos_encoding_mode",
+    "_use_fp16_qk_reduction",
+    "_window_left",
+    "_logits_soft_cap",
+    "_sm_scale",
+    "_rope_scale",
+    "_rope_theta",
+)
 
 
-def _whole_waves_chunk(chunk: int, big: int, bk: int, items, num_kv_heads: int, target: int) -> int:
-    """The KV chunk length near ``chunk`` that finishes soonest when the split items run in waves of ``target``
-    CTAs (``items(c)`` work items per KV head): a split that leaves a few CTAs over a whole wave (e.g. 272 of 264
-    slots) runs a second wave for them alone, nearly doubling the time. Estimated time: waves x chunk length;
-    ties go to fewer items (less to merge)."""
-    n0 = -(-big // chunk)
-    floor_c = -(-_MIN_CHUNK // bk) * bk
-    best = None
-    for n in range(max(1, n0 // 2), 2 * n0 + 1):
-        per_item = -(-big // n)
-        c = max(floor_c, -(-per_item // bk) * bk)
-        k = items(c)
-        key = (-(-k * num_kv_heads // target) * min(c, big), k)
-        if best is None or key < best[0]:
-            best = (key, c)
-    return best[1] if best is not None else chunk
+@functools.cache
+def _args_type(module: jit.JITModule) -> Any:
+    """The module's BatchPrefillArgs as a ctypes struct (checked against the layout it exports)."""
+    return c_struct("BatchPrefillArgs", BATCH_PREFILL_ARGS, module.constants, "args")
 
 
-def _plan_schedule(
-    qo_lens, kv_lens, group, num_kv_heads, head_dim, tiles, occ_of, sms, causal, workspace_floats, num_qo_heads
-):
-    """Work items (request, q tile, kv begin, kv end, partial row) and merge rows, heaviest first."""
-    total_rows = sum(q * group for q in qo_lens)
-    nonempty = sum(1 for q in qo_lens if q > 0)
-    tile = tiles[-1] if nonempty == 0 or total_rows / max(nonempty, 1) > tiles[0] else tiles[0]
-    qtiles = [-(-q * group // tile) for q in qo_lens]
-    target = occ_of(tile) * sms  # CTAs that run at once
-    ctas = sum(qtiles) * num_kv_heads
-    bk = _kv_tile(head_dim)
-    big = max(kv_lens) if kv_lens else 0
-    chunk = max(big, 1)
-    if ctas * 2 <= target and big >= 2 * _MIN_CHUNK:
-        want = -(-target // num_kv_heads)
+@dataclasses.dataclass(frozen=True)
+class _PrefillLaunch:
+    """The run-time values of a batch prefill launch, resolved from the wrapper's attention options."""
 
-        def items(c):
-            return sum(t * max(1, -(-kv // c)) for t, kv in zip(qtiles, kv_lens))
+    run: Any  # the launcher of the kernel variant
+    module: jit.JITModule
+    args_type: Any  # its BatchPrefillArgs ctypes struct
+    window_left: int
+    soft_cap: float
+    sm_scale: float
+    rope_scale: float
+    rope_theta: float
 
-        lo_c, hi_c = _MIN_CHUNK, big
-        if items(lo_c) >= want:
-            while hi_c - lo_c > bk:  # the largest chunk that still gives `want` items
-                mid = (lo_c + hi_c) // 2
-                if items(mid) >= want:
-                    lo_c = mid
-                else:
-                    hi_c = mid
-        chunk = -(-lo_c // bk) * bk
-        chunk = _whole_waves_chunk(chunk, big, bk, items, num_kv_heads, target)
 
-        def partial_rows(c):
-            return sum(q * -(-kv // c) for q, kv in zip(qo_lens, kv_lens) if kv > c)
+def _launch_of(spec: BatchPrefillSpec, opts: _Opts) -> _PrefillLaunch:
+    mod = _module(spec)
+    return _PrefillLaunch(
+        mod.launcher("flashinfer_batch_prefill"),
+        mod,
+        _args_type(mod),
+        opts.window_left,
+        opts.soft_cap,
+        opts.sm_scale,
+        opts.rope_scale,
+        opts.rope_theta,
+    )
 
-        while chunk < big and partial_rows(chunk) * num_qo_heads * (head_dim + 1) > workspace_floats:
-            chunk *= 2
-        chunk = min(chunk, big)
-    work, merge = [], []
-    part = 0
-    qo_start = 0
-    for r, (q, kv) in enumerate(zip(qo_lens, kv_lens)):
-        if q == 0:
-            continue
-        nch = max(1, -(-kv // chunk))
-        base = part if nch > 1 else -1
-        for t in range(qtiles[r]):
-            rows_end = min((t + 1) * tile, q * group)
-            tok_max = (rows_end - 1) // group
-            limit = kv - q + tok_max + 1 if causal else kv
-            for c in range(nch):
-                kb, ke = c * chunk, min(kv, (c + 1) * chunk)
-                cost = max(0, min(ke, limit) - kb) * (rows_end - t * tile) + 64
-                work.append((cost, r, t, kb, ke, base + c * q if nch > 1 else -1))
-        if nch > 1:
-            for tok in range(q):
-                merge.append((qo_start + tok, part + tok, nch, q))
-            part += nch * q
-        qo_start += q
-    work.sort(key=lambda w: -w[0])
-    return tile, [w[1:] for w in work], merge, part
+
+def _unsupported_plan_args(**named: Any) -> None:
+    """FlashInfer plan() arguments of features not implemented here: refused unless left at their defaults."""
+    for name, value in named.items():
+        if value is not None and not (name == "token_pos_in_items_len" and value == 0):
+            raise not_supported(
+                name,
+                value if not isinstance(value, torch.Tensor) else "a tensor",
+                "its default (multi-item scoring, block tables and separate v/o offsets are not implemented)",
+            )
 
 
 class _BatchPrefillBase:
+    """What the ragged and paged batch prefill wrappers share: the workspace, graph-mode buffers, the plan
+    (through the Python planner) and the launch."""
+
     _storage = ""
 
     def __init__(
         self,
         float_workspace_buffer: torch.Tensor,
-        kv_layout: str = "NHD",
-        use_cuda_graph: bool = False,
-        backend: str = "auto",
+        kv_layout: str,
+        use_cuda_graph: bool,
+        qo_indptr_buf: Optional[torch.Tensor],
+        custom_mask_buf: Optional[torch.Tensor],
+        mask_indptr_buf: Optional[torch.Tensor],
+        backend: str,
+        jit_args: Any,
+        jit_kwargs: Any,
     ) -> None:
+        if jit_args is not None or jit_kwargs is not None:
+            raise not_supported(
+                "jit_args" if jit_args is not None else "jit_kwargs", "...", "None (the built-in kernels)"
+            )
         if _resolve_backend(backend) == "fa3":
             raise ValueError(
                 "the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
@@ -770,25 +810,83 @@ class _BatchPrefillBase:
         self._backend = "fa2"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
             raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. 128 MB of uint8)")
-        self._ws = float_workspace_buffer
-        self._device = float_workspace_buffer.device
+        self._float_workspace_buffer = float_workspace_buffer
+        self._int_workspace_buffer: Optional[torch.Tensor] = None  # FlashInfer's second workspace: none needed here
+        self._device = self.device = float_workspace_buffer.device
         self._kv_layout = canonical_layout(kv_layout)
         self._use_cuda_graph = bool(use_cuda_graph)
-        self._plan = None
-        self._int_buf = None
-        self._grid_x = None
-        self._merge_grid_x = None
+        for n, t in (
+            ("qo_indptr_buf", qo_indptr_buf),
+            ("custom_mask_buf", custom_mask_buf),
+            ("mask_indptr_buf", mask_indptr_buf),
+        ):
+            if t is not None and not self._use_cuda_graph:
+                raise ValueError(
+                    f"{n} is one of CUDA-graph mode's fixed buffers: pass use_cuda_graph=True with it "
+                    "(without it, plan() makes its own copies)"
+                )
+            if t is not None and (not isinstance(t, torch.Tensor) or t.device != self._device or t.dim() != 1):
+                raise ValueError(f"{n} must be a 1-D tensor on {self._device}")
+        if custom_mask_buf is not None and custom_mask_buf.dtype != torch.uint8:
+            raise TypeError(f"custom_mask_buf must be uint8 (packed mask bits), got {custom_mask_buf.dtype}")
+        # Graph mode's fixed buffers (plan() refills them; captured launches read them). FlashInfer's attributes
+        # of the same names (_qo_indptr_buf, ...) hold the last plan's device tables in either mode.
+        self._fixed_qo_indptr = qo_indptr_buf if self._use_cuda_graph else None
+        self._qo_indptr_buf = qo_indptr_buf
+        self._custom_mask_buf = custom_mask_buf
+        self._mask_indptr_buf = mask_indptr_buf
+        self._fixed_batch_size = qo_indptr_buf.numel() - 1 if use_cuda_graph and qo_indptr_buf is not None else 0
+        self._plan_info: Optional[BatchPlan] = None
+        self._schedule_buf: Optional[torch.Tensor] = None  # graph mode: the fixed schedule buffer
+        self._grid: Optional[Tuple[int, int]] = None  # graph mode: (grid_x, merge_grid_x), fixed at the first plan
+        self._frozen_spec: Optional[BatchPrefillSpec] = None
+        for a in _OPTION_ATTRS:
+            setattr(self, a, None)
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
+        """Whether the wrapper was built for CUDA graphs (fixed buffers)."""
         return self._use_cuda_graph
 
-    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer=None) -> None:
-        self._ws = float_workspace_buffer
+    @property
+    def plan_stats(self) -> Dict[str, int]:
+        """The last plan's schedule: work items (pieces), merges, partial states, total keys, workspace bytes."""
+        if self._plan_info is None:
+            raise RuntimeError("plan() has not been called")
+        return self._plan_info.get_stats().as_dict()
 
-    def _to_device_int(self, values, buf: Optional[torch.Tensor], name: str, non_blocking: bool) -> torch.Tensor:
-        host = torch.tensor(values if values else [0], dtype=torch.int32)
-        if host.device.type == "cpu" and torch.cuda.is_available():
+    def reset_workspace_buffer(
+        self, float_workspace_buffer: torch.Tensor, int_workspace_buffer: Optional[torch.Tensor] = None
+    ) -> None:
+        """Replace the workspace (same device); the next run() needs a new plan().
+
+        Parameters
+        ----------
+        float_workspace_buffer : torch.Tensor
+            The new workspace, a contiguous CUDA tensor on the wrapper's device.
+        int_workspace_buffer : torch.Tensor, optional
+            FlashInfer's second (integer) workspace: None or a tensor on the same device (this implementation
+            keeps its schedule elsewhere).
+        """
+        if self._use_cuda_graph:
+            raise RuntimeError(
+                "reset_workspace_buffer: a CUDA-graph wrapper's workspace is fixed (captured graphs point at it)"
+            )
+        for n, t in (
+            ("float_workspace_buffer", float_workspace_buffer),
+            ("int_workspace_buffer", int_workspace_buffer),
+        ):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.device != self._device):
+                raise ValueError(f"{n} must be a tensor on {self._device}")
+        self._float_workspace_buffer = float_workspace_buffer
+        self._int_workspace_buffer = int_workspace_buffer
+        self._plan_info = None
+
+    def _to_device_int(
+        self, values: Sequence[int], buf: Optional[torch.Tensor], name: str, non_blocking: bool
+    ) -> torch.Tensor:
+        host = torch.tensor(values if len(values) else [0], dtype=torch.int32)
+        if torch.cuda.is_available():
             host = host.pin_memory()
         if buf is None:
             return host.to(self._device, non_blocking=non_blocking)
@@ -797,10 +895,58 @@ class _BatchPrefillBase:
         buf[: host.numel()].copy_(host, non_blocking=non_blocking)
         return buf
 
+    def _mask_tensors(
+        self, custom_mask, packed_custom_mask, qo_lens, kv_lens, non_blocking
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Custom masks, per request qo_len x kv_len bits from a byte boundary: (packed bits, byte offsets) on
+        the device (graph mode: in the wrapper's fixed custom_mask_buf / mask_indptr_buf)."""
+        if custom_mask is None and packed_custom_mask is None:
+            return None, None
+        sizes = [a * b for a, b in zip(qo_lens, kv_lens)]
+        offs = [0, *itertools.accumulate((s + 7) // 8 for s in sizes)]
+        if offs[-1] > INT32_MAX // 8:  # the kernel addresses mask bits with 32-bit offsets
+            raise ValueError(f"the custom mask holds {offs[-1]} bytes; at most {INT32_MAX // 8} are supported")
+        dev = self._device
+        if packed_custom_mask is not None:
+            m = packed_custom_mask
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.uint8:
+                raise TypeError("packed_custom_mask must be a uint8 tensor (from flashinfer.segment_packbits)")
+            if m.dim() != 1 or m.numel() != offs[-1]:
+                raise ValueError(
+                    f"packed_custom_mask must hold sum(ceil(qo_len * kv_len / 8)) = {offs[-1]} bytes, got {m.numel()}"
+                )
+            mask_t = m.to(dev)
+        else:
+            m = custom_mask
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError("custom_mask must be a bool tensor (flattened per-request qo_len x kv_len masks)")
+            if m.numel() != sum(sizes):
+                raise ValueError(f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} elements, got {m.numel()}")
+            seg = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64)
+            mask_t, _ = segment_packbits(m.reshape(-1).to(dev), seg, bitorder="little")
+        if self._use_cuda_graph:
+            # A captured run() reads the mask through fixed addresses: the caller's buffers, refilled here (never
+            # reallocated, so a replay after a re-plan reads live memory).
+            if self._custom_mask_buf is None or self._mask_indptr_buf is None:
+                raise ValueError(
+                    "a custom mask in CUDA-graph mode needs the wrapper's custom_mask_buf and "
+                    "mask_indptr_buf (fixed device buffers)"
+                )
+            if mask_t.numel() > self._custom_mask_buf.numel():
+                raise ValueError(
+                    f"custom_mask_buf holds {self._custom_mask_buf.numel()} bytes, the packed mask needs "
+                    f"{mask_t.numel()}"
+                )
+            self._custom_mask_buf[: mask_t.numel()].copy_(mask_t, non_blocking=non_blocking)
+            return self._custom_mask_buf, self._to_device_int(offs, self._mask_indptr_buf, "mask_indptr", non_blocking)
+        if mask_t.numel() == 0:
+            mask_t = torch.zeros(1, dtype=torch.uint8, device=dev)
+        return mask_t, self._to_device_int(offs, None, "mask_indptr", non_blocking)
+
     def _plan_common(
         self,
         qo_indptr,
-        kv_lens,
+        kv_lens: List[int],
         num_qo_heads,
         num_kv_heads,
         head_dim_qk,
@@ -817,12 +963,25 @@ class _BatchPrefillBase:
         rope_theta,
         q_data_type,
         kv_data_type,
+        o_data_type,
         non_blocking,
-        extra_lens,
-    ):
-        qo = _host_ints(qo_indptr, "qo_indptr")
-        check_int32_values(qo, "qo_indptr")
-        check_kv_lengths(kv_lens)
+        seq_lens_q,
+        max_token_per_sequence,
+        max_sequence_kv,
+        fixed_chunk: int,
+        disable_split_kv: bool,
+        page_size: int,
+        kv_tables: Dict[str, torch.Tensor],
+        max_page_id: int,
+    ) -> BatchPlan:
+        """plan() of both wrappers once the KV side is known as per-request lengths: checks, the kernel
+        variant, the schedule (to the device) and the attention options."""
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "plan() cannot be captured in a CUDA graph: call it before capture/replay, then capture run()"
+            )
+        h_qo = host_int32(qo_indptr, "qo_indptr")
+        qo = h_qo.tolist()
         if len(qo) < 1 or qo[0] != 0 or any(b < a for a, b in zip(qo, qo[1:])):
             raise ValueError("qo_indptr must start at 0 and be non-decreasing")
         batch = len(qo) - 1
@@ -832,17 +991,29 @@ class _BatchPrefillBase:
                 f"(their lengths must match)"
             )
         if head_dim_vo is not None and head_dim_vo != head_dim_qk:
-            raise ValueError(f"head_dim_vo ({head_dim_vo}) must equal head_dim_qk ({head_dim_qk})")
+            raise not_supported("head_dim_vo", head_dim_vo, f"None or head_dim_qk ({head_dim_qk})")
         if (
-            not isinstance(num_qo_heads, int)
+            isinstance(num_qo_heads, bool)
+            or not isinstance(num_qo_heads, int)
+            or isinstance(num_kv_heads, bool)
             or not isinstance(num_kv_heads, int)
             or num_kv_heads <= 0
+            or num_qo_heads <= 0
             or num_qo_heads % num_kv_heads != 0
         ):
             raise ValueError(
                 f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
             )
+        check_kv_lengths(kv_lens)
         qo_lens = [b - a for a, b in zip(qo, qo[1:])]
+        if seq_lens_q is not None:
+            check_table_lengths("seq_lens_q", seq_lens_q, h_qo[1:] - h_qo[:-1])
+        for name, bound, lens in (
+            ("max_token_per_sequence", max_token_per_sequence, qo_lens),
+            ("max_sequence_kv", max_sequence_kv, kv_lens),
+        ):
+            if bound is not None and lens and max(lens) > bound:
+                raise ValueError(f"{name}={bound} is below the batch's longest request ({max(lens)})")
         has_mask = custom_mask is not None or packed_custom_mask is not None
         opts = _check_options(
             head_dim_qk,
@@ -857,21 +1028,17 @@ class _BatchPrefillBase:
             self._backend,
             has_mask,
         )
-        q_dtype = _dtype_arg(q_data_type, torch.float16, "q_data_type")
-        kv_dtype = _dtype_arg(kv_data_type, q_dtype, "kv_data_type")
+        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16)
+        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype)
         if kv_dtype != q_dtype:
             raise TypeError(f"kv_data_type {kv_dtype} must equal q_data_type {q_dtype}")
-        _check_fp16qk(opts, "f16" if q_dtype == torch.float16 else "bf16")
-        if opts.mask_mode == "causal":
-            bad = [i for i, (a, b) in enumerate(zip(qo_lens, kv_lens)) if a > b]
-            if bad:
-                raise ValueError(
-                    f"causal=True needs qo_len <= kv_len for every request (bottom-right alignment); "
-                    f"request {bad[0]} has qo_len {qo_lens[bad[0]]} > kv_len {kv_lens[bad[0]]}"
-                )
-        if opts.pos_encoding_mode == "ROPE_LLAMA" and kv_lens and max(kv_lens) > _MAX_ROPE_POSITION:
-            raise ValueError(f"ROPE_LLAMA supports kv_len up to {_MAX_ROPE_POSITION}")
+        if canonical_dtype(o_data_type, "o_data_type", q_dtype) != q_dtype:
+            raise not_supported("o_data_type", o_data_type, f"None or q_data_type ({q_dtype})")
         dq = "f16" if q_dtype == torch.float16 else "bf16"
+        _check_fp16qk(opts, dq)
+        max_kv = max(kv_lens) if kv_lens else 0
+        if opts.pos_encoding_mode == "ROPE_LLAMA" and max_kv > MAX_ROPE_POSITION:
+            raise ValueError(f"ROPE_LLAMA supports kv_len up to {MAX_ROPE_POSITION}")
         spec = BatchPrefillSpec(
             head_dim=head_dim_qk,
             dtype_q=dq,
@@ -885,66 +1052,36 @@ class _BatchPrefillBase:
             use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             backend=opts.backend,
         )
+        if self._use_cuda_graph and self._frozen_spec is not None and spec != self._frozen_spec:
+            raise ValueError(
+                "a CUDA-graph wrapper keeps its kernel variant across plans (captured graphs bake it in): "
+                f"was {self._frozen_spec.name()}, got {spec.name()}"
+            )
         dev = self._device
         group = num_qo_heads // num_kv_heads
         mod = _module(spec)
-        occ_of = lambda tile: _occupancy(spec, "flashinfer_batch_prefill_occupancy", dev.index, tile)  # noqa: E731
-        ws_floats = self._ws.numel() * self._ws.element_size() // 4
-        tile, work, merge, part_rows = _plan_schedule(
+        tiles = prefill_query_tiles(mod)
+        ws = self._float_workspace_buffer
+        ws_floats = ws.numel() * ws.element_size() // 4
+        tile, work, merge, part_rows = schedule_prefill(
             qo_lens,
             kv_lens,
             group,
             num_kv_heads,
             head_dim_qk,
-            _batch_tiles(head_dim_qk)[:1] if self._use_cuda_graph else _batch_tiles(head_dim_qk),
-            occ_of,
+            tiles[:1] if self._use_cuda_graph else tiles,
+            mod.constants["kv_tile"],
+            lambda t: _occupancy(spec, dev.index, t),
             num_sms(dev.index),
             opts.mask_mode == "causal",
             ws_floats,
             num_qo_heads,
+            fixed_chunk=fixed_chunk,
+            split_kv=not disable_split_kv,
         )
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
-            raise workspace_too_small(
-                self._ws.numel() * self._ws.element_size(), part_rows * num_qo_heads * (head_dim_qk + 1) * 4
-            )
-        # Custom masks: per request qo_len x kv_len bits, each request starting on a byte.
-        mask_t = mask_indptr = None
-        if has_mask:
-            sizes = [a * b for a, b in zip(qo_lens, kv_lens)]
-            nbytes = [(s + 7) // 8 for s in sizes]
-            offs = [0]
-            for n in nbytes:
-                offs.append(offs[-1] + n)
-            if packed_custom_mask is not None:
-                m = packed_custom_mask
-                if not isinstance(m, torch.Tensor) or m.dtype != torch.uint8:
-                    raise TypeError("packed_custom_mask must be a uint8 tensor (from flashinfer.segment_packbits)")
-                if m.dim() != 1 or m.numel() != offs[-1]:
-                    raise ValueError(
-                        f"packed_custom_mask must hold sum(ceil(qo_len * kv_len / 8)) = {offs[-1]} bytes, "
-                        f"got {m.numel()}"
-                    )
-                mask_t = m.to(dev)
-            else:
-                m = custom_mask
-                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-                    raise TypeError("custom_mask must be a bool tensor (flattened per-request qo_len x kv_len masks)")
-                if m.numel() != sum(sizes):
-                    raise ValueError(
-                        f"custom_mask must hold sum(qo_len * kv_len) = {sum(sizes)} elements, got {m.numel()}"
-                    )
-                seg = [0]
-                for s_ in sizes:
-                    seg.append(seg[-1] + s_)
-                mask_t, _ = segment_packbits(
-                    m.reshape(-1).to(dev), torch.tensor(seg, dtype=torch.int64), bitorder="little"
-                )
-            if mask_t.numel() == 0:
-                mask_t = torch.zeros(1, dtype=torch.uint8, device=dev)
-            if offs[-1] > INT32_MAX // 8:  # the kernel addresses mask bits with 32-bit offsets
-                raise ValueError(f"the custom mask holds {offs[-1]} bytes; at most {INT32_MAX // 8} are supported")
-            mask_indptr = self._to_device_int(offs, None, "mask_indptr", non_blocking)
-        # Schedule -> one int32 buffer: [num_work, num_merge, work[5][cap_w], merge[4][cap_m]]
+            raise workspace_too_small(ws.numel() * ws.element_size(), part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
+        mask_t, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, qo_lens, kv_lens, non_blocking)
         if self._use_cuda_graph:
             cap_w, cap_m = _GRAPH_WORK_CAPACITY, _GRAPH_MERGE_CAPACITY
             if len(work) > cap_w or len(merge) > cap_m:
@@ -954,71 +1091,163 @@ class _BatchPrefillBase:
                 )
         else:
             cap_w, cap_m = max(1, len(work)), max(1, len(merge))
-        flat = [len(work), len(merge)] + [0] * (5 * cap_w + 4 * cap_m)
-        for i, w in enumerate(work):
-            for f in range(5):
-                flat[2 + f * cap_w + i] = w[f]
-        mb = 2 + 5 * cap_w
-        for i, mrow in enumerate(merge):
-            for f in range(4):
-                flat[mb + f * cap_m + i] = mrow[f]
-        if self._use_cuda_graph and self._int_buf is None:
-            self._int_buf = torch.empty(len(flat), dtype=torch.int32, device=dev)
-        ibuf = self._to_device_int(flat, self._int_buf if self._use_cuda_graph else None, "schedule", non_blocking)
-        slots = occ_of(tile) * num_sms(dev.index)
+        layout = PrefillScheduleLayout(cap_w, cap_m, mod.constants["work_fields"], mod.constants["merge_fields"])
+        if self._use_cuda_graph and self._schedule_buf is None:
+            self._schedule_buf = torch.empty(layout.total, dtype=torch.int32, device=dev)
+        sched_buf = self._to_device_int(layout.pack(work, merge), self._schedule_buf, "schedule", non_blocking)
         if self._use_cuda_graph:
-            if self._grid_x is None:
-                self._grid_x = max(1, -(-slots // num_kv_heads))
-                self._merge_grid_x = 4 * num_sms(dev.index)
-            grid_x, merge_grid_x = self._grid_x, self._merge_grid_x
+            if self._grid is None:
+                slots = _occupancy(spec, dev.index, tile) * num_sms(dev.index)
+                self._grid = (max(1, -(-slots // num_kv_heads)), 4 * num_sms(dev.index))
+            grid_x, merge_grid_x = self._grid
+            self._frozen_spec = spec
         else:
             grid_x, merge_grid_x = len(work), len(merge)
-        qo_dev = self._to_device_int(qo, self._qo_indptr_buf, "qo_indptr", non_blocking)
-        self._plan = dict(
-            spec=spec,
-            mod=mod,
-            opts=opts,
-            tile=tile,
-            qo=qo,
-            qo_dev=qo_dev,
-            total_q=qo[-1],
-            num_qo_heads=num_qo_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim_qk,
-            q_dtype=q_dtype,
-            ibuf=ibuf,
-            cap_w=cap_w,
-            cap_m=cap_m,
-            grid_x=grid_x,
-            merge_grid_x=merge_grid_x,
-            part_rows=part_rows,
-            mask=mask_t,
-            mask_indptr=mask_indptr,
-            num_work=len(work),
-            num_merge=len(merge),
+        qo_dev = self._qo_indptr_buf = self._to_device_int(qo, self._fixed_qo_indptr, "qo_indptr", non_blocking)
+        schedule = PrefillSchedule(
+            tile,
+            layout,
+            sched_buf,
+            grid_x,
+            merge_grid_x,
+            len(work),
+            len(merge),
+            qo_dev,
+            kv_tables["kv_indptr"],
+            kv_tables.get("kv_indices"),
+            kv_tables.get("kv_last_page_len"),
+            mask_t,
+            mask_indptr,
+            has_mask,
         )
-        return self._plan
+        # The launcher's arguments that stay for this plan. (Every batch prefill module has the same
+        # BatchPrefillArgs, stamped from one declaration: the struct also serves the variants forward() picks.)
+        a = schedule.args = _args_type(mod)()
+        sched = sched_buf.data_ptr()
+        ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+        a.tile_q, a.qo_indptr, a.kv_indptr = tile, qo_dev.data_ptr(), schedule.kv_indptr.data_ptr()
+        a.kv_indices, a.kv_last_page_len = ptr(schedule.kv_indices), ptr(schedule.kv_last_page_len)
+        a.mask, a.mask_indptr = ptr(mask_t), ptr(mask_indptr)
+        a.work, a.num_work = sched + 4 * layout.work, sched + 4 * layout.num_work
+        a.merge, a.num_merge = sched + 4 * layout.merge, sched + 4 * layout.num_merge
+        a.work_capacity, a.merge_capacity, a.grid_x, a.merge_grid_x = cap_w, cap_m, grid_x, merge_grid_x
+        a.num_qo_heads, a.num_kv_heads, a.page_size, a.device = num_qo_heads, num_kv_heads, page_size, dev.index
+        stats = PlanStats(
+            workers=grid_x,
+            worker_capacity=grid_x,
+            pieces=len(work),
+            merges=len(merge),
+            partial_states=part_rows,
+            total_keys=sum(kv_lens),
+            workspace_bytes=part_rows * num_qo_heads * (head_dim_qk + 1) * 4,
+        )
+        # The attention options run() uses, with FlashInfer's meaning (a legacy forward() replaces them).
+        self._causal, self._pos_encoding_mode, self._use_fp16_qk_reduction = (
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+        )
+        self._window_left, self._sm_scale, self._rope_scale, self._rope_theta = (
+            window_left,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+        )
+        self._logits_soft_cap = 0.0 if logits_soft_cap is None else logits_soft_cap
+        self._cached_q_data_type = self._cached_o_data_type = q_dtype
+        self._cached_kv_data_type = kv_dtype
+        plan = BatchPlan(
+            spec,
+            mod,
+            batch,
+            qo[-1],
+            num_qo_heads,
+            num_kv_heads,
+            head_dim_qk,
+            page_size,
+            q_dtype,
+            kv_dtype,
+            max_kv,
+            stats,
+            schedule,
+            options_key=self._options_key(),
+            launch=_launch_of(spec, opts),
+            max_page_id=max_page_id,
+        )
+        self._plan_info = plan
+        if not non_blocking:
+            torch.cuda.current_stream(dev).synchronize()
+        return plan
+
+    def _options_key(self) -> Tuple[Any, ...]:
+        return (
+            self._causal,
+            self._pos_encoding_mode,
+            self._use_fp16_qk_reduction,
+            self._window_left,
+            self._logits_soft_cap,
+            self._sm_scale,
+            self._rope_scale,
+            self._rope_theta,
+        )
+
+    def _resolve_options(self, p: BatchPlan, key: Tuple[Any, ...]) -> None:
+        """Launch values for the wrapper's current attention options (set by forward() or by hand), on the
+        planned schedule: the kernel variant they need (mask, position encoding, window, soft cap, fp16 QK)."""
+        if p.resolved is None:
+            p.resolved = {}
+        hit = p.resolved.get(key)
+        if hit is None:
+            causal, pos, fp16qk, window, soft_cap, sm_scale, rope_scale, rope_theta = key
+            opts = _check_options(
+                p.head_dim,
+                causal,
+                pos,
+                window,
+                soft_cap,
+                sm_scale,
+                rope_scale,
+                rope_theta,
+                fp16qk,
+                self._backend,
+                p.schedule.has_mask,
+            )
+            _check_fp16qk(opts, p.spec.dtype_q)
+            if opts.pos_encoding_mode == "ROPE_LLAMA" and p.max_kv_len > MAX_ROPE_POSITION:
+                raise ValueError(f"ROPE_LLAMA supports kv_len up to {MAX_ROPE_POSITION}")
+            spec = dataclasses.replace(
+                p.spec,
+                mask_mode=opts.mask_mode,
+                pos_encoding_mode=opts.pos_encoding_mode,
+                use_window=opts.window_left >= 0,
+                use_logits_soft_cap=opts.soft_cap > 0,
+                use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
+            )
+            hit = _launch_of(spec, opts)
+            if len(p.resolved) >= 8:
+                p.resolved.clear()
+            p.resolved[key] = hit
+        p.launch = hit
+        p.options_key = key
 
     def _launch(
         self,
-        q,
-        k,
-        v,
-        strides,
-        kv_indptr_dev,
-        kv_indices_dev,
-        last_dev,
-        page_size,
-        out,
-        lse,
-        return_lse,
-        sm_scale_mult: float = 1.0,
-        num_pages: int = 0,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        strides: Tuple[int, ...],
+        out: Optional[torch.Tensor],
+        lse: Optional[torch.Tensor],
+        return_lse: bool,
+        scale_mult: float,
+        out_scale: float,
+        enable_pdl: Optional[bool],
     ):
-        pl = self._plan
-        if pl is None:
+        """Launch on a validated KV side: K/V base tensors and their (page, token, head) strides twice."""
+        p = self._plan_info
+        if p is None:
             raise RuntimeError("call plan() before run()")
-        if torch.cuda.is_current_stream_capturing() and not self._use_cuda_graph:
+        if torch.cuda.is_current_stream_capturing() and not self._use_cuda_graph:  # (lse, when given, is written)
             raise RuntimeError(
                 "this wrapper was not built for CUDA graphs (use_cuda_graph=False): its plan() "
                 "buffers move between plans, so a captured run() would replay stale schedules; "
@@ -1028,97 +1257,115 @@ class _BatchPrefillBase:
         device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
         if device != self._device:
             raise ValueError(f"q is on {device} but the wrapper's workspace is on {self._device}")
-        if q.dtype != pl["q_dtype"] or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise TypeError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the planned {pl['q_dtype']}")
-        exp_q = (pl["total_q"], pl["num_qo_heads"], pl["head_dim"])
+        if q.dtype != p.q_dtype or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the planned {p.q_dtype}")
+        exp_q = (p.total_q, p.num_qo_heads, p.head_dim)
         if tuple(q.shape) != exp_q:
             raise ValueError(
                 f"q must have shape [qo_indptr[-1], num_qo_heads, head_dim] = {list(exp_q)}, got {tuple(q.shape)}"
             )
-        if q.stride(-1) != 1:
-            q = q.contiguous()
-        check_vector_rows(q, "q", 2)
+        if enable_pdl is not None and not isinstance(enable_pdl, bool):
+            raise TypeError(f"enable_pdl must be a bool or None, got {enable_pdl!r}")
+        q = aligned_rows(q, 2)
         check_out(out, "out", exp_q, q.dtype, device)
         check_out(lse, "lse", exp_q[:2], torch.float32, device)
         o = out if out is not None else torch.empty(exp_q, dtype=q.dtype, device=device)
         if return_lse and lse is None:
             lse = torch.empty(exp_q[:2], dtype=torch.float32, device=device)
-        if pl["total_q"] == 0:
+        if p.total_q == 0:
             return (o, lse) if return_lse else o
-        opts = pl["opts"]
-        ws = self._ws
+        key = self._options_key()
+        if key != p.options_key:
+            self._resolve_options(p, key)
+        L = p.launch
+        a = p.schedule.args
+        ws = self._float_workspace_buffer
         ws_f = ws.data_ptr()
-        # partial lse at a fixed place (the workspace's tail), so a graph captured under one plan stays valid under
+        # Partial lse at a fixed place (the workspace's tail), so a graph captured under one plan stays valid under
         # the next: plan() guarantees part_rows * heads * (head_dim + 1) floats fit, so the two never overlap.
         ws_floats = ws.numel() * ws.element_size() // 4
-        part_lse = ws_f + 4 * (ws_floats - ws_floats // (pl["head_dim"] + 1))
-        ib = pl["ibuf"].data_ptr()
-        cap_w, cap_m = pl["cap_w"], pl["cap_m"]
-        mod = pl["mod"]
-        rc = mod.fn("flashinfer_batch_prefill")(
-            pl["tile"],
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            o.data_ptr(),
-            lse.data_ptr() if (return_lse and lse is not None) else None,
-            ws_f,
-            part_lse,
-            pl["mask"].data_ptr() if pl["mask"] is not None else None,
-            pl["mask_indptr"].data_ptr() if pl["mask_indptr"] is not None else None,
-            pl["qo_dev"].data_ptr(),
-            kv_indptr_dev.data_ptr(),
-            kv_indices_dev.data_ptr() if kv_indices_dev is not None else None,
-            last_dev.data_ptr() if last_dev is not None else None,
-            ib + 8,
-            cap_w,
-            ib,
-            ib + 8 + 5 * cap_w * 4,
-            cap_m,
-            ib + 4,
-            pl["grid_x"],
-            pl["merge_grid_x"],
-            pl["num_qo_heads"],
-            pl["num_kv_heads"],
-            page_size,
-            num_pages,
-            q.stride(0),
-            q.stride(1),
-            *strides,
-            opts.window_left,
-            opts.soft_cap,
-            opts.sm_scale * sm_scale_mult,
-            opts.rope_scale,
-            opts.rope_theta,
-            device.index,
-            current_stream_ptr(device),
-        )
+        a.q, a.k, a.v, a.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr()
+        a.lse = lse.data_ptr() if lse is not None else None
+        a.partial_o, a.partial_lse = ws_f, ws_f + 4 * (ws_floats - ws_floats // (p.head_dim + 1))
+        a.q_stride_n, a.q_stride_h = q.stride(0), q.stride(1)
+        a.k_stride_page, a.k_stride_n, a.k_stride_h, a.v_stride_page, a.v_stride_n, a.v_stride_h = strides
+        a.window_left, a.logits_soft_cap, a.sm_scale = L.window_left, L.soft_cap, L.sm_scale * scale_mult
+        a.rope_scale, a.rope_theta, a.enable_pdl = L.rope_scale, L.rope_theta, bool(enable_pdl)
+        a.stream = current_stream_ptr(device)
+        rc = L.run(args=ctypes.addressof(a))
         if rc:
-            mod.check(rc, f"batch prefill ({pl['spec'].name()}) on {device}")
+            L.module.check(rc, f"batch prefill ({L.module.spec.name()}) on {device}")
+        if out_scale != 1.0:
+            o.mul_(out_scale)
         return (o, lse) if return_lse else o
 
-    # Legacy names.
-    def begin_forward(self, *args, **kwargs):
-        return self.plan(*args, **kwargs)
+    def _set_options(
+        self,
+        causal,
+        pos_encoding_mode,
+        use_fp16_qk_reduction,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        rope_scale,
+        rope_theta,
+    ) -> None:
+        if self._plan_info is None:
+            raise RuntimeError("forward() before plan()/begin_forward()")
+        (
+            self._causal,
+            self._pos_encoding_mode,
+            self._use_fp16_qk_reduction,
+            self._window_left,
+            self._logits_soft_cap,
+            self._sm_scale,
+            self._rope_scale,
+            self._rope_theta,
+        ) = (
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+        )
 
     def end_forward(self) -> None:
-        pass
+        """Deprecated and a no-op, as in FlashInfer."""
 
-    def forward(self, *args, return_lse: bool = False, out=None, lse=None, **ignored):
-        return self.run(*args, out=out, lse=lse, return_lse=return_lse)
 
-    def forward_return_lse(self, *args, **kwargs):
-        kwargs.pop("return_lse", None)
-        return self.forward(*args, return_lse=True, **kwargs)
-
-    def run_return_lse(self, *args, **kwargs):
-        kwargs["return_lse"] = True
-        return self.run(*args, **kwargs)
+def _check_run_extras(args: Tuple[Any, ...], **named: Any) -> None:
+    """run() arguments of FlashInfer features not implemented here: refused unless left at their defaults."""
+    if args:
+        raise not_supported("positional arguments after the KV", len(args), "none (they feed jit_args kernels)")
+    for name, value in named.items():
+        if value is not None:
+            raise not_supported(name, value if not isinstance(value, torch.Tensor) else "a tensor", "None")
 
 
 class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
-    """Batch prefill where request r's keys/values are rows kv_indptr[r]:kv_indptr[r+1] of k/v
-    (``[total_kv, num_kv_heads, head_dim]`` for NHD, ``[num_kv_heads, total_kv, head_dim]`` for HND)."""
+    """Batch prefill where request r's keys/values are rows ``kv_indptr[r]:kv_indptr[r+1]`` of k/v
+    (``[total_kv, num_kv_heads, head_dim]`` for NHD, ``[num_kv_heads, total_kv, head_dim]`` for HND).
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        A CUDA tensor (e.g. 128 MB of uint8) for the partial states of split requests.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    use_cuda_graph : bool
+        Fixed buffers: run() may be captured and replayed after re-plans (the kernel variant stays fixed).
+    qo_indptr_buf, kv_indptr_buf : torch.Tensor, optional
+        Graph mode's fixed int32 device buffers ``[batch_size + 1]`` (required then).
+    custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
+        Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
+    backend : str
+        ``"auto"`` or ``"fa2"``.
+    jit_args, jit_kwargs : optional
+        FlashInfer's custom-kernel arguments: not implemented (must be None).
+    """
 
     _storage = "ragged"
 
@@ -1132,24 +1379,39 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         custom_mask_buf: Optional[torch.Tensor] = None,
         mask_indptr_buf: Optional[torch.Tensor] = None,
         backend: str = "auto",
-        jit_args=None,
+        jit_args: Optional[List[Any]] = None,
+        jit_kwargs: Optional[Dict[str, Any]] = None,
     ) -> None:
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
+        super().__init__(
+            float_workspace_buffer,
+            kv_layout,
+            use_cuda_graph,
+            qo_indptr_buf,
+            custom_mask_buf,
+            mask_indptr_buf,
+            backend,
+            jit_args,
+            jit_kwargs,
+        )
         if use_cuda_graph and (qo_indptr_buf is None or kv_indptr_buf is None):
             raise ValueError("use_cuda_graph=True needs fixed qo_indptr_buf and kv_indptr_buf (int32, batch_size + 1)")
-        self._qo_indptr_buf = qo_indptr_buf
+        if not use_cuda_graph and kv_indptr_buf is not None:
+            raise ValueError(
+                "kv_indptr_buf is one of CUDA-graph mode's fixed buffers: pass use_cuda_graph=True with it"
+            )
+        self._fixed_kv_indptr = kv_indptr_buf if use_cuda_graph else None
         self._kv_indptr_buf = kv_indptr_buf
 
     def plan(
         self,
-        qo_indptr,
-        kv_indptr,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
         num_qo_heads: int,
         num_kv_heads: int,
         head_dim_qk: int,
         head_dim_vo: Optional[int] = None,
-        custom_mask=None,
-        packed_custom_mask=None,
+        custom_mask: Optional[torch.Tensor] = None,
+        packed_custom_mask: Optional[torch.Tensor] = None,
         causal: bool = False,
         pos_encoding_mode: str = "NONE",
         use_fp16_qk_reduction: bool = False,
@@ -1158,16 +1420,91 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         sm_scale: Optional[float] = None,
         rope_scale: Optional[float] = None,
         rope_theta: Optional[float] = None,
-        q_data_type="float16",
-        kv_data_type=None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
         non_blocking: bool = True,
+        prefix_len_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_len: int = 0,
+        max_item_len_ptr: Optional[torch.Tensor] = None,
+        fixed_split_size: Optional[int] = None,
+        disable_split_kv: bool = False,
+        seq_lens: Optional[torch.Tensor] = None,
+        seq_lens_q: Optional[torch.Tensor] = None,
+        max_token_per_sequence: Optional[int] = None,
+        max_sequence_kv: Optional[int] = None,
+        v_indptr: Optional[torch.Tensor] = None,
+        o_indptr: Optional[torch.Tensor] = None,
     ) -> None:
-        kv = _host_ints(kv_indptr, "kv_indptr")
-        check_int32_values(kv, "kv_indptr")
+        """Schedule a batch for run().
+
+        Parameters
+        ----------
+        qo_indptr : torch.Tensor
+            ``[batch_size + 1]`` int32/int64: request r's queries are rows ``qo_indptr[r]:qo_indptr[r+1]`` of q.
+        kv_indptr : torch.Tensor
+            ``[batch_size + 1]``: request r's keys are rows ``kv_indptr[r]:kv_indptr[r+1]`` of k/v (a request may
+            have none: its output is 0 and its lse -inf).
+        num_qo_heads, num_kv_heads : int
+            Query heads (a multiple of num_kv_heads) and KV heads.
+        head_dim_qk : int
+            64, 128 or 256.
+        head_dim_vo : int, optional
+            None or head_dim_qk.
+        custom_mask : torch.Tensor, optional
+            bool, the requests' ``[qo_len, kv_len]`` masks flattened and concatenated (True: attend). Replaces
+            ``causal``.
+        packed_custom_mask : torch.Tensor, optional
+            uint8, each request's mask bits packed from a byte boundary (``segment_packbits(...,
+            bitorder="little")``); instead of custom_mask.
+        causal : bool
+            Query row i of a request attends to keys ``j <= i + kv_len - qo_len``; with qo_len > kv_len the first
+            rows see no key (output 0, lse -inf), as in FlashInfer.
+        pos_encoding_mode : str
+            ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"``.
+        use_fp16_qk_reduction : bool
+            Accumulate q.k in fp16 (float16 only).
+        window_left : int
+            ``w >= 0``: query at position p attends to keys ``j >= p - w``; -1 no window.
+        logits_soft_cap, sm_scale, rope_scale, rope_theta : float, optional
+            As single_prefill_with_kv_cache.
+        q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
+            float16 or bfloat16 (q's default float16; kv and o must match it).
+        non_blocking : bool
+            False: plan() returns once its copies to the device have completed.
+        prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr : optional
+            FlashInfer's multi-item scoring: not implemented (defaults only).
+        fixed_split_size : int, optional
+            Cut every request's keys into chunks of exactly this many (batch-size invariant sums); None/<= 0:
+            chosen per batch.
+        disable_split_kv : bool
+            Never cut a request's keys across CTAs.
+        seq_lens, seq_lens_q : torch.Tensor, optional
+            ``[batch_size]`` KV and query lengths: accepted when they agree with kv_indptr and qo_indptr.
+        max_token_per_sequence, max_sequence_kv : int, optional
+            Upper bounds of the query and KV lengths: checked.
+        v_indptr, o_indptr : torch.Tensor, optional
+            Separate value/output offsets: not implemented (must be None).
+        """
+        _unsupported_plan_args(
+            prefix_len_ptr=prefix_len_ptr,
+            token_pos_in_items_ptr=token_pos_in_items_ptr,
+            token_pos_in_items_len=token_pos_in_items_len,
+            max_item_len_ptr=max_item_len_ptr,
+            v_indptr=v_indptr,
+            o_indptr=o_indptr,
+        )
+        h_kv = host_int32(kv_indptr, "kv_indptr")
+        kv = h_kv.tolist()
         if len(kv) < 1 or kv[0] != 0 or any(b < a for a, b in zip(kv, kv[1:])):
             raise ValueError("kv_indptr must start at 0 and be non-decreasing")
         kv_lens = [b - a for a, b in zip(kv, kv[1:])]
-        pl = self._plan_common(
+        if seq_lens is not None:
+            check_table_lengths("seq_lens", seq_lens, h_kv[1:] - h_kv[:-1])
+        fixed = fixed_split_size if isinstance(fixed_split_size, int) and fixed_split_size > 0 else 0
+        kv_dev = self._kv_indptr_buf = self._to_device_int(kv, self._fixed_kv_indptr, "kv_indptr", non_blocking)
+        plan = self._plan_common(
             qo_indptr,
             kv_lens,
             num_qo_heads,
@@ -1186,11 +1523,18 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
             rope_theta,
             q_data_type,
             kv_data_type,
+            o_data_type,
             non_blocking,
-            None,
+            seq_lens_q,
+            max_token_per_sequence,
+            max_sequence_kv,
+            fixed,
+            disable_split_kv,
+            1,
+            {"kv_indptr": kv_dev},
+            -1,
         )
-        pl["kv_dev"] = self._to_device_int(kv, self._kv_indptr_buf, "kv_indptr", non_blocking)
-        pl["total_kv"] = kv[-1]
+        plan.total_kv = kv[-1]  # rows of k/v run() expects
 
     begin_forward = plan
 
@@ -1199,58 +1543,179 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        *,
+        *args: Any,
+        q_scale: Optional[float] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        o_scale: Optional[float] = None,
         out: Optional[torch.Tensor] = None,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
-    ):
-        pl = self._plan
-        if pl is None:
+        enable_pdl: Optional[bool] = None,
+        kv_cache_sf: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Batch prefill of the planned requests.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[qo_indptr[-1], num_qo_heads, head_dim]`` in the planned dtype.
+        k, v : torch.Tensor
+            ``[kv_indptr[-1], num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, kv_indptr[-1], head_dim]`` (HND).
+        *args
+            FlashInfer's jit_args kernel arguments: not implemented (must be empty).
+        q_scale, k_scale : float, optional
+            Multiply the logits.
+        v_scale : float, optional
+            Multiplies the output.
+        o_scale : float, optional
+            FlashInfer's fp8 output scale: not implemented (must be None).
+        out, lse : torch.Tensor, optional
+            Preallocated ``[qo_indptr[-1], num_qo_heads, head_dim]`` (q's dtype) and ``[qo_indptr[-1], num_qo_heads]``
+            float32 (with return_lse).
+        return_lse : bool
+            Also return the base-2 log-sum-exp (-inf for rows without a visible key).
+        enable_pdl : bool, optional
+            Launch with programmatic dependent launch (sm_90+); None: off.
+        kv_cache_sf : (torch.Tensor, torch.Tensor), optional
+            NVFP4 KV scale factors: not implemented (must be None).
+
+        Returns
+        -------
+        torch.Tensor or (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``, or ``(o, lse)``.
+        """
+        _check_run_extras(args, o_scale=o_scale, kv_cache_sf=kv_cache_sf)
+        p = self._plan_info
+        if p is None:
             raise RuntimeError("call plan() before run()")
         check_tensor(k, "k", 3)
         check_tensor(v, "v", 3)
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         if self._kv_layout == "NHD":
-            exp = (pl["total_kv"], pl["num_kv_heads"], pl["head_dim"])
+            exp = (p.total_kv, p.num_kv_heads, p.head_dim)
             strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
         else:
-            exp = (pl["num_kv_heads"], pl["total_kv"], pl["head_dim"])
+            exp = (p.num_kv_heads, p.total_kv, p.head_dim)
             strides = (0, k.stride(1), k.stride(0), 0, v.stride(1), v.stride(0))
         if tuple(k.shape) != exp:
             raise ValueError(f"k must have shape {list(exp)} ({self._kv_layout}), got {tuple(k.shape)}")
         check_vector_rows(k, "k", 2)
         check_vector_rows(v, "v", 2)
-        return self._launch(q, k, v, strides, pl["kv_dev"], None, None, 1, out, lse, return_lse)
+        scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
+        return self._launch(
+            q, k, v, strides, out, lse, return_lse, scale_mult, scalar(v_scale, "v_scale", 1.0), enable_pdl
+        )
 
+    run_return_lse = functools.partialmethod(run, return_lse=True)
 
-def _unpack_paged_cache(paged_kv_cache, kv_layout: str):
-    if isinstance(paged_kv_cache, (tuple, list)):
-        if len(paged_kv_cache) != 2:
-            raise ValueError("paged_kv_cache tuple must be (k_cache, v_cache)")
-        k, v = paged_kv_cache
-        check_tensor(k, "k_cache", 4)
-        check_tensor(v, "v_cache", 4)
-    else:
-        check_tensor(paged_kv_cache, "paged_kv_cache", 5)
-        if paged_kv_cache.shape[1] != 2:
-            raise ValueError(f"paged_kv_cache must be [num_pages, 2, ...], got {tuple(paged_kv_cache.shape)}")
-        k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
-    if k.shape != v.shape:
-        raise ValueError(f"k and v caches must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if kv_layout == "NHD":  # [pages, page_size, heads, dim]
-        page_size, heads = k.shape[1], k.shape[2]
-        strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    else:  # [pages, heads, page_size, dim]
-        page_size, heads = k.shape[2], k.shape[1]
-        strides = (k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1))
-    return k, v, page_size, heads, strides
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+    ) -> torch.Tensor:
+        """Deprecated FlashInfer spelling of run(): the attention options given here (defaults included) replace
+        the wrapper's (``_causal``, ``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_window_left``,
+        ``_logits_soft_cap``, ``_sm_scale``, ``_rope_scale``, ``_rope_theta``) for this and later runs, as in
+        FlashInfer, without a new plan (the kernel variant they need runs on the planned schedule).
+
+        Parameters
+        ----------
+        q, k, v : torch.Tensor
+            As :meth:`run`.
+        causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta
+            As :meth:`plan` (causal has no effect when the plan has a custom mask, as in FlashInfer).
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``.
+        """
+        self._set_options(
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+        )
+        return self.run(q, k, v)
+
+    def forward_return_lse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` that also returns the log-sum-exp.
+
+        Parameters
+        ----------
+        q, k, v, causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale,
+        rope_scale, rope_theta
+            As :meth:`forward`.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]`` and lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2).
+        """
+        self._set_options(
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+        )
+        return self.run(q, k, v, return_lse=True)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
-    """Batch prefill over a paged KV cache: request r's pages are paged_kv_indices[paged_kv_indptr[r]:...],
-    its last page holding paged_kv_last_page_len[r] tokens. The cache is one tensor ``[num_pages, 2, page_size,
-    num_kv_heads, head_dim]`` (NHD; HND swaps page_size and heads) or a tuple (k_cache, v_cache)."""
+    """Batch prefill over a paged KV cache: request r's pages are ``paged_kv_indices[paged_kv_indptr[r]:...]``,
+    its last page holding ``paged_kv_last_page_len[r]`` tokens. The cache is one tensor ``[num_pages, 2,
+    page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and heads) or a tuple (k_cache, v_cache).
+
+    Parameters
+    ----------
+    float_workspace_buffer : torch.Tensor
+        A CUDA tensor (e.g. 128 MB of uint8) for the partial states of split requests.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+    use_cuda_graph : bool
+        Fixed buffers: run() may be captured and replayed after re-plans (the kernel variant stays fixed).
+    qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf : torch.Tensor, optional
+        Graph mode's fixed int32 device buffers (required then): ``[batch_size + 1]``, ``[batch_size + 1]``,
+        ``[max_num_pages]``, ``[batch_size]``.
+    custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
+        Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
+    backend : str
+        ``"auto"`` or ``"fa2"``.
+    jit_args, jit_kwargs : optional
+        FlashInfer's custom-kernel arguments: not implemented (must be None).
+    """
 
     _storage = "paged"
 
@@ -1266,9 +1731,20 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         custom_mask_buf: Optional[torch.Tensor] = None,
         mask_indptr_buf: Optional[torch.Tensor] = None,
         backend: str = "auto",
-        jit_args=None,
+        jit_args: Optional[List[Any]] = None,
+        jit_kwargs: Optional[Dict[str, Any]] = None,
     ) -> None:
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend)
+        super().__init__(
+            float_workspace_buffer,
+            kv_layout,
+            use_cuda_graph,
+            qo_indptr_buf,
+            custom_mask_buf,
+            mask_indptr_buf,
+            backend,
+            jit_args,
+            jit_kwargs,
+        )
         if use_cuda_graph and any(
             b is None for b in (qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf)
         ):
@@ -1276,24 +1752,31 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                 "use_cuda_graph=True needs fixed qo_indptr_buf, paged_kv_indptr_buf, "
                 "paged_kv_indices_buf and paged_kv_last_page_len_buf (int32 device tensors)"
             )
-        self._qo_indptr_buf = qo_indptr_buf
-        self._kv_indptr_buf = paged_kv_indptr_buf
-        self._kv_indices_buf = paged_kv_indices_buf
-        self._last_buf = paged_kv_last_page_len_buf
+        if not use_cuda_graph and any(
+            b is not None for b in (paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf)
+        ):
+            raise ValueError("paged_kv_*_buf are CUDA-graph mode's fixed buffers: pass use_cuda_graph=True with them")
+        graph = self._use_cuda_graph
+        self._fixed_tables = (
+            (paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf) if graph else (None, None, None)
+        )
+        self._paged_kv_indptr_buf = paged_kv_indptr_buf
+        self._paged_kv_indices_buf = paged_kv_indices_buf
+        self._paged_kv_last_page_len_buf = paged_kv_last_page_len_buf
 
     def plan(
         self,
-        qo_indptr,
-        paged_kv_indptr,
-        paged_kv_indices,
-        paged_kv_last_page_len,
+        qo_indptr: torch.Tensor,
+        paged_kv_indptr: torch.Tensor,
+        paged_kv_indices: torch.Tensor,
+        paged_kv_last_page_len: torch.Tensor,
         num_qo_heads: int,
         num_kv_heads: int,
         head_dim_qk: int,
         page_size: int,
         head_dim_vo: Optional[int] = None,
-        custom_mask=None,
-        packed_custom_mask=None,
+        custom_mask: Optional[torch.Tensor] = None,
+        packed_custom_mask: Optional[torch.Tensor] = None,
         causal: bool = False,
         pos_encoding_mode: str = "NONE",
         use_fp16_qk_reduction: bool = False,
@@ -1302,18 +1785,76 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         logits_soft_cap: Optional[float] = None,
         rope_scale: Optional[float] = None,
         rope_theta: Optional[float] = None,
-        q_data_type="float16",
-        kv_data_type=None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
         non_blocking: bool = True,
+        prefix_len_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_len: int = 0,
+        max_item_len_ptr: Optional[torch.Tensor] = None,
+        seq_lens: Optional[torch.Tensor] = None,
+        seq_lens_q: Optional[torch.Tensor] = None,
+        block_tables: Optional[torch.Tensor] = None,
+        max_token_per_sequence: Optional[int] = None,
+        max_sequence_kv: Optional[int] = None,
+        fixed_split_size: Optional[int] = None,
+        disable_split_kv: bool = False,
     ) -> None:
-        ind = _host_ints(paged_kv_indptr, "paged_kv_indptr")
-        last = _host_ints(paged_kv_last_page_len, "paged_kv_last_page_len")
-        check_int32_values(ind, "paged_kv_indptr")
-        check_int32_values(last, "paged_kv_last_page_len")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
-            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
-        if len(ind) < 1 or ind[0] != 0 or any(b < a for a, b in zip(ind, ind[1:])):
-            raise ValueError("paged_kv_indptr must start at 0 and be non-decreasing")
+        """Schedule a batch for run().
+
+        Parameters
+        ----------
+        qo_indptr : torch.Tensor
+            ``[batch_size + 1]``: request r's queries are rows ``qo_indptr[r]:qo_indptr[r+1]`` of q.
+        paged_kv_indptr : torch.Tensor
+            ``[batch_size + 1]`` int32, non-decreasing (it may start past 0): request r owns pages
+            ``paged_kv_indices[paged_kv_indptr[r]:paged_kv_indptr[r + 1]]``.
+        paged_kv_indices : torch.Tensor
+            ``[>= paged_kv_indptr[-1]]`` int32 page ids (CPU or the wrapper's device).
+        paged_kv_last_page_len : torch.Tensor
+            ``[batch_size]`` int32, tokens in each request's last page (``0..page_size``); a request without pages
+            has no keys (output 0, lse -inf), whatever its last_page_len.
+        num_qo_heads, num_kv_heads, head_dim_qk, page_size : int
+            Query heads (a multiple of num_kv_heads), KV heads, head dimension (64, 128, 256), tokens per page.
+        head_dim_vo : int, optional
+            None or head_dim_qk.
+        custom_mask, packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction : optional
+            As :meth:`BatchPrefillWithRaggedKVCacheWrapper.plan`.
+        sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta : optional
+            As single_prefill_with_kv_cache.
+        q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
+            float16 or bfloat16 (q's default float16; kv and o must match it).
+        non_blocking : bool
+            False: plan() returns once its copies to the device have completed.
+        prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr : optional
+            FlashInfer's multi-item scoring: not implemented (defaults only).
+        seq_lens, seq_lens_q : torch.Tensor, optional
+            ``[batch_size]`` KV and query lengths: accepted when they agree with the page table and qo_indptr.
+        block_tables : torch.Tensor, optional
+            FlashInfer's trtllm-gen page table: not implemented (must be None).
+        max_token_per_sequence, max_sequence_kv : int, optional
+            Upper bounds of the query and KV lengths: checked.
+        fixed_split_size : int, optional
+            Cut every request's keys into chunks of exactly this many pages; None/<= 0: chosen per batch.
+        disable_split_kv : bool
+            Never cut a request's keys across CTAs.
+        """
+        _unsupported_plan_args(
+            prefix_len_ptr=prefix_len_ptr,
+            token_pos_in_items_ptr=token_pos_in_items_ptr,
+            token_pos_in_items_len=token_pos_in_items_len,
+            max_item_len_ptr=max_item_len_ptr,
+            block_tables=block_tables,
+        )
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or not 0 < page_size <= 2**16:
+            raise ValueError(f"page_size must be a positive int up to 65536, got {page_size!r}")
+        h_ind = host_int32(paged_kv_indptr, "paged_kv_indptr")
+        h_last = host_int32(paged_kv_last_page_len, "paged_kv_last_page_len")
+        ind, last = h_ind.tolist(), h_last.tolist()
+        # (It may start past 0, as vLLM's does for the prefills after its decodes: offsets into paged_kv_indices.)
+        if len(ind) < 1 or ind[0] < 0 or any(b < a for a, b in zip(ind, ind[1:])):
+            raise ValueError("paged_kv_indptr must be non-negative and non-decreasing")
         if len(last) != len(ind) - 1:
             raise ValueError(
                 f"paged_kv_last_page_len has {len(last)} entries, expected {len(ind) - 1} "
@@ -1321,19 +1862,44 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
             )
         kv_lens = []
         for r, (a, b) in enumerate(zip(ind, ind[1:])):
-            if b > a and not (1 <= last[r] <= page_size):
-                raise ValueError(f"paged_kv_last_page_len[{r}] = {last[r]} must be in [1, page_size={page_size}]")
+            # More than page_size would read past the request's pages; a request without pages has no keys.
+            if b > a and not (0 <= last[r] <= page_size):
+                raise ValueError(f"paged_kv_last_page_len[{r}] = {last[r]} is outside 0..page_size ({page_size})")
             kv_lens.append((b - a - 1) * page_size + last[r] if b > a else 0)
+        if seq_lens is not None:
+            check_table_lengths("seq_lens", seq_lens, torch.tensor(kv_lens, dtype=torch.int32))
         if not isinstance(paged_kv_indices, torch.Tensor) or paged_kv_indices.dim() != 1:
             raise ValueError("paged_kv_indices must be a 1-D int32 tensor")
         if paged_kv_indices.numel() < ind[-1]:
             raise ValueError(
                 f"paged_kv_indices has {paged_kv_indices.numel()} entries, paged_kv_indptr needs {ind[-1]}"
             )
-        # CPU ids: negatives and int32 overflow fail here, the largest is compared with the cache in run();
-        # device ids: bounded by the kernel (FLASHINFER_CHECK_INPUTS=1 checks them in run()).
-        idx, max_index = page_ids_int32(paged_kv_indices, ind[-1], "paged_kv_indices")
-        pl = self._plan_common(
+        if paged_kv_indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"paged_kv_indices must be int32, got {paged_kv_indices.dtype}")
+        # (The kernel reads entries indptr[r]:indptr[r + 1] of these.) CPU ids: negatives and int32 overflow fail
+        # here, the largest is compared with the cache in run(); device ids: bounded by the kernel
+        # (FLASHINFER_CHECK_INPUTS=1 checks them in run()).
+        idx, max_page_id = page_ids_int32(paged_kv_indices, ind[-1], "paged_kv_indices")
+        fixed_indptr, fixed_indices, fixed_last = self._fixed_tables
+        if fixed_indices is not None:
+            if fixed_indices.numel() < idx.numel():
+                raise ValueError("paged_kv_indices_buf is smaller than paged_kv_indices")
+            if idx.numel() and (idx.device != fixed_indices.device or idx.data_ptr() != fixed_indices.data_ptr()):
+                fixed_indices[: idx.numel()].copy_(idx, non_blocking=non_blocking)  # (already there: no self-copy)
+            indices_dev = fixed_indices
+        else:
+            indices_dev = (
+                idx.to(self._device, non_blocking=non_blocking)
+                if idx.numel()
+                else torch.zeros(1, dtype=torch.int32, device=self._device)
+            )
+        tables = {
+            "kv_indptr": self._to_device_int(ind, fixed_indptr, "paged_kv_indptr", non_blocking),
+            "kv_indices": indices_dev,
+            "kv_last_page_len": self._to_device_int(last, fixed_last, "paged_kv_last_page_len", non_blocking),
+        }
+        fixed = fixed_split_size * page_size if isinstance(fixed_split_size, int) and fixed_split_size > 0 else 0
+        self._plan_common(
             qo_indptr,
             kv_lens,
             num_qo_heads,
@@ -1352,76 +1918,235 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
             rope_theta,
             q_data_type,
             kv_data_type,
+            o_data_type,
             non_blocking,
-            None,
+            seq_lens_q,
+            max_token_per_sequence,
+            max_sequence_kv,
+            fixed,
+            disable_split_kv,
+            page_size,
+            tables,
+            max_page_id,
         )
-        pl["kv_dev"] = self._to_device_int(ind, self._kv_indptr_buf, "paged_kv_indptr", non_blocking)
-        if self._kv_indices_buf is not None:
-            if self._kv_indices_buf.numel() < idx.numel():
-                raise ValueError("paged_kv_indices_buf is smaller than paged_kv_indices")
-            if idx.numel() and idx.data_ptr() != self._kv_indices_buf.data_ptr():  # (already there: no self-copy)
-                self._kv_indices_buf[: idx.numel()].copy_(idx, non_blocking=non_blocking)
-            pl["indices_dev"] = self._kv_indices_buf
-        else:
-            pl["indices_dev"] = (
-                idx.to(self._device, non_blocking=non_blocking)
-                if idx.numel()
-                else torch.zeros(1, dtype=torch.int32, device=self._device)
-            )
-        pl["last_dev"] = self._to_device_int(last, self._last_buf, "paged_kv_last_page_len", non_blocking)
-        pl["page_size"] = page_size
-        pl["max_index"] = max_index
-        pl["nnz_pages"] = ind[-1]
+        self._plan_info.num_page_ids = idx.numel()
+        # FlashInfer's attributes: the device page table of the last plan (graph mode: the fixed buffers).
+        self._paged_kv_indptr_buf, self._paged_kv_indices_buf, self._paged_kv_last_page_len_buf = (
+            tables["kv_indptr"],
+            indices_dev,
+            tables["kv_last_page_len"],
+        )
 
     begin_forward = plan
 
     def run(
         self,
         q: torch.Tensor,
-        paged_kv_cache,
-        *,
+        paged_kv_cache: PagedKVCache,
+        *args: Any,
+        q_scale: Optional[float] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
         out: Optional[torch.Tensor] = None,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
-    ):
-        pl = self._plan
-        if pl is None:
-            raise RuntimeError("call plan() before run()")
-        k, v, page_size, heads, strides = _unpack_paged_cache(paged_kv_cache, self._kv_layout)
-        if page_size != pl["page_size"] or heads != pl["num_kv_heads"] or k.shape[-1] != pl["head_dim"]:
-            raise ValueError(
-                f"paged_kv_cache page_size/heads/head_dim ({page_size}, {heads}, {k.shape[-1]}) differ "
-                f"from the plan ({pl['page_size']}, {pl['num_kv_heads']}, {pl['head_dim']}) for "
-                f"kv_layout {self._kv_layout}"
-            )
-        check_vector_rows(k, "k_cache", 3)
-        check_vector_rows(v, "v_cache", 3)
-        return self._run_kv(q, k, v, strides, out, lse, return_lse)
+        enable_pdl: Optional[bool] = None,
+        window_left: Optional[int] = None,
+        sinks: Optional[torch.Tensor] = None,
+        kv_cache_sf: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        skip_softmax_threshold_scale_factor: Optional[float] = None,
+        use_fp16_softmax: Optional[bool] = None,
+        uses_spcompress: Optional[bool] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Batch prefill of the planned requests against their pages.
 
-    def _run_kv(self, q, k, v, strides, out, lse, return_lse, sm_scale_mult: float = 1.0):
-        """run() on a validated cache taken apart: K/V views and their (page, token, head) strides twice."""
-        pl = self._plan
-        num_pages = k.shape[0]
-        check_page_ids_in_cache(pl["indices_dev"][: pl["nnz_pages"]], num_pages, pl["max_index"], "paged_kv_indices")
-        return self._launch(
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[qo_indptr[-1], num_qo_heads, head_dim]`` in the planned dtype.
+        paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
+            tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``.
+        *args
+            FlashInfer's jit_args kernel arguments: not implemented (must be empty).
+        q_scale, k_scale : float, optional
+            Multiply the logits.
+        v_scale : float, optional
+            Multiplies the output.
+        out, lse : torch.Tensor, optional
+            Preallocated ``[qo_indptr[-1], num_qo_heads, head_dim]`` (q's dtype) and ``[qo_indptr[-1], num_qo_heads]``
+            float32 (with return_lse).
+        return_lse : bool
+            Also return the base-2 log-sum-exp (-inf for rows without a visible key).
+        enable_pdl : bool, optional
+            Launch with programmatic dependent launch (sm_90+); None: off.
+        window_left : int, optional
+            Must equal the wrapper's ``_window_left`` (FlashInfer plans the window); None uses it.
+        sinks, kv_cache_sf, skip_softmax_threshold_scale_factor : optional
+            Not implemented (must be None).
+        use_fp16_softmax, uses_spcompress : bool, optional
+            Other backends' variants: None or False (fp32 softmax, no compression).
+
+        Returns
+        -------
+        torch.Tensor or (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``, or ``(o, lse)``.
+        """
+        _check_run_extras(
+            args,
+            sinks=sinks,
+            kv_cache_sf=kv_cache_sf,
+            skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor,
+            use_fp16_softmax=use_fp16_softmax or None,
+            uses_spcompress=uses_spcompress or None,
+        )
+        p = self._plan_info
+        if p is None:
+            raise RuntimeError("call plan() before run()")
+        if window_left is not None and window_left != self._window_left:
+            raise ValueError(
+                f"run(window_left={window_left}) differs from the wrapper's window_left "
+                f"{self._window_left} (set by plan() or forward()): plan with that window"
+            )
+        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
+            raise ValueError(
+                f"paged_kv_cache page_size/heads/head_dim ({kv.page_size}, {kv.num_kv_heads}, "
+                f"{kv.head_dim}) differ from the plan ({p.page_size}, {p.num_kv_heads}, {p.head_dim}) "
+                f"for kv_layout {self._kv_layout}"
+            )
+        if p.max_page_id >= kv.num_pages:
+            raise ValueError(
+                f"paged_kv_indices holds page id {p.max_page_id} but paged_kv_cache has {kv.num_pages} pages"
+            )
+        check_vector_rows(kv.k, "k_cache", 3)
+        check_vector_rows(kv.v, "v_cache", 3)
+        scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
+        return self._run_kv(
             q,
-            k,
-            v,
-            strides,
-            pl["kv_dev"],
-            pl["indices_dev"],
-            pl["last_dev"],
-            pl["page_size"],
+            kv.k,
+            kv.v,
+            (kv.stride_page, kv.stride_n, kv.stride_h) * 2,
             out,
             lse,
             return_lse,
-            sm_scale_mult,
-            num_pages,
+            scale_mult,
+            scalar(v_scale, "v_scale", 1.0),
+            enable_pdl,
         )
 
+    run_return_lse = functools.partialmethod(run, return_lse=True)
 
-# Legacy FlashInfer aliases (the CUDA-graph variants are the same classes with use_cuda_graph=True).
-BatchPrefillWithPagedKVCacheWrapper.forward.__doc__ = "Legacy alias of run()."
+    def _run_kv(
+        self,
+        q,
+        k,
+        v,
+        strides,
+        out,
+        lse,
+        return_lse,
+        scale_mult: float = 1.0,
+        out_scale: float = 1.0,
+        enable_pdl: Optional[bool] = None,
+    ):
+        """run() on a validated cache taken apart: K/V views ``[num_pages, ...]`` and their (page, token, head)
+        strides twice (also the tensor-core path of batch decode)."""
+        p = self._plan_info
+        if p is None:
+            raise RuntimeError("call plan() before run()")
+        num_pages = k.shape[0]
+        sched = p.schedule
+        ids = sched.kv_indices[: p.num_page_ids] if sched.kv_indices is not None else None
+        check_page_ids_in_cache(ids, num_pages, p.max_page_id, "paged_kv_indices")
+        sched.args.num_pages = num_pages  # the kernel never reads a page id outside [0, num_pages)
+        return self._launch(q, k, v, strides, out, lse, return_lse, scale_mult, out_scale, enable_pdl)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache: PagedKVCache,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+    ) -> torch.Tensor:
+        """Deprecated FlashInfer spelling of run(): the attention options given here (defaults included) replace
+        the wrapper's (``_causal``, ``_pos_encoding_mode``, ``_use_fp16_qk_reduction``, ``_window_left``,
+        ``_logits_soft_cap``, ``_sm_scale``, ``_rope_scale``, ``_rope_theta``) for this and later runs, as in
+        FlashInfer, without a new plan (the kernel variant they need runs on the planned schedule).
+
+        Parameters
+        ----------
+        q, paged_kv_cache : torch.Tensor
+            As :meth:`run`.
+        causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta
+            As :meth:`plan` (causal has no effect when the plan has a custom mask, as in FlashInfer).
+        k_scale, v_scale : float, optional
+            As :meth:`run`.
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]``.
+        """
+        self._set_options(
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+        )
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)
+
+    def forward_return_lse(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache: PagedKVCache,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` that also returns the log-sum-exp.
+
+        Parameters
+        ----------
+        q, paged_kv_cache, causal, pos_encoding_mode, use_fp16_qk_reduction, k_scale, v_scale, window_left, logits_soft_cap, sm_scale,
+        rope_scale, rope_theta
+            As :meth:`forward`.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]`` and lse ``[qo_indptr[-1], num_qo_heads]`` float32 (base 2).
+        """
+        self._set_options(
+            causal,
+            pos_encoding_mode,
+            use_fp16_qk_reduction,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+        )
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
 
 def decode_with_tensor_cores(
@@ -1443,16 +2168,28 @@ def decode_with_tensor_cores(
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
 ):
-    """Single-request decode (q ``[num_qo_heads, head_dim]``) through the tensor-core prefill kernel, the GQA
-    group's heads packed as query rows (what FlashInfer does for ``use_tensor_cores=True``).
+    """Single-request decode through the tensor-core prefill kernel, the GQA group's heads packed as query rows
+    (what FlashInfer does for ``use_tensor_cores=True``).
 
-    q_scale and k_scale fold into the logit scale, v_scale multiplies the output; ``out`` ``[num_qo_heads,
-    head_dim]`` and ``lse`` ``[num_qo_heads]`` (float32) are optional preallocated outputs. Returns o, or
-    ``(o, lse)`` with ``return_lse=True``."""
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[num_qo_heads, head_dim]``. k, v : torch.Tensor -- as single_decode_with_kv_cache.
+    kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, return_lse
+        As single_decode_with_kv_cache.
+    q_scale, k_scale : float, optional
+        Fold into the logit scale. v_scale : float, optional -- multiplies the output.
+    out, lse : torch.Tensor, optional
+        ``[num_qo_heads, head_dim]`` and ``[num_qo_heads]`` float32 preallocated outputs.
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
+        o ``[num_qo_heads, head_dim]``, or ``(o, lse)`` with ``return_lse=True``.
+    """
     check_tensor(q, "q", 2)
     scale = scalar(sm_scale, "sm_scale", 1.0 / math.sqrt(q.shape[1]))
     scale *= scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
-    out_scale = scalar(v_scale, "v_scale", 1.0)
     check_out(out, "out", tuple(q.shape), q.dtype, q.device)
     check_out(lse, "lse", (q.shape[0],), torch.float32, q.device)
     q = aligned_rows(q, 1)  # the prefill kernel loads q rows with 16-byte vectors; decode accepts any view
@@ -1468,13 +2205,21 @@ def decode_with_tensor_cores(
         rope_scale=rope_scale,
         rope_theta=rope_theta,
         return_lse=return_lse,
+        v_scale=v_scale,
         out=None if out is None else out.unsqueeze(0),
         lse=None if lse is None else lse.unsqueeze(0),
     )
     o3, lse2 = res if return_lse else (res, None)
     o = out if out is not None else o3[0]
-    if out_scale != 1.0:
-        o.mul_(out_scale)
     if not return_lse:
         return o
     return o, (lse if lse is not None else lse2[0])
+
+
+def trtllm_batch_context_with_kv_cache(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """FlashInfer's TensorRT-LLM context kernel (Blackwell): not implemented here; importable so that engines'
+    backends load, and raises NotImplementedError when called."""
+    raise NotImplementedError(
+        "trtllm_batch_context_with_kv_cache (the trtllm-gen backend) is not implemented; use "
+        f"BatchPrefillWithPagedKVCacheWrapper (got {len(args)} positional, {sorted(kwargs)} keyword arguments)"
+    )

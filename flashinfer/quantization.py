@@ -34,7 +34,20 @@ def _check(x: torch.Tensor, bitorder: str) -> None:
 def packbits(x: torch.Tensor, bitorder: str = "big") -> torch.Tensor:
     """Packs the flattened elements of ``x`` (nonzero = 1) into uint8, 8 per byte, padding the last with zeros.
 
-    Same as ``numpy.packbits(x.flatten(), bitorder=bitorder)``; returns ``ceil(x.numel() / 8)`` bytes on x's device.
+    Same as ``numpy.packbits(x.flatten(), bitorder=bitorder)`` (FlashInfer's function).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Any shape and dtype (a bool mask, typically); flattened.
+    bitorder : str
+        ``"big"`` (element 8i + b in bit 7 - b of byte i, numpy's default) or ``"little"`` (in bit b: the order the
+        prefill kernels read custom masks in).
+
+    Returns
+    -------
+    torch.Tensor
+        uint8 ``[ceil(x.numel() / 8)]`` on x's device.
     """
     _check(x, bitorder)
     flat = x.reshape(-1)
@@ -46,10 +59,23 @@ def packbits(x: torch.Tensor, bitorder: str = "big") -> torch.Tensor:
 
 
 def segment_packbits(x: torch.Tensor, indptr: torch.Tensor, bitorder: str = "big") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packs each segment ``x[indptr[i]:indptr[i+1]]`` on its own (each starts on a byte boundary).
+    """Packs each segment ``x[indptr[i]:indptr[i+1]]`` on its own, each from a byte boundary (FlashInfer's
+    function; per-request custom masks of batch prefill).
 
-    Returns ``(packed, packed_indptr)``: the concatenated bytes and the byte offsets of the segments
-    (``packed_indptr[i+1] - packed_indptr[i] = ceil(segment length / 8)``), on x's device.
+    Parameters
+    ----------
+    x : torch.Tensor
+        Flattened; nonzero = 1.
+    indptr : torch.Tensor
+        ``[num_segments + 1]`` int32/int64 offsets into x, non-decreasing within ``[0, x.numel()]``.
+    bitorder : str
+        ``"big"`` or ``"little"``, as :func:`packbits`.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``packed`` uint8 (the segments' bytes concatenated) and ``packed_indptr`` ``[num_segments + 1]`` (byte
+        offsets: ``packed_indptr[i+1] - packed_indptr[i] = ceil(segment length / 8)``), on x's and indptr's devices.
     """
     _check(x, bitorder)
     if not isinstance(indptr, torch.Tensor) or indptr.dim() != 1 or indptr.numel() < 1:

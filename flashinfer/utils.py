@@ -1,24 +1,43 @@
-"""Shared helpers of the API modules: enums, dtype names, input validation, devices and streams."""
+"""Shared helpers of the API modules: FlashInfer's enums (``PosEncodingMode``, ``TensorLayout``, ``MaskMode``),
+dtype names, host index tensors, input validation, devices and streams. One place for each of them: the
+attention modules import these instead of keeping their own copies."""
 
 from __future__ import annotations
 
 import enum
 import functools
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 
 class PosEncodingMode(enum.Enum):
+    """Position encoding applied inside the attention kernels (FlashInfer's values)."""
+
     NONE = 0
     ROPE_LLAMA = 1
     ALIBI = 2
 
 
 class TensorLayout(enum.Enum):
+    """KV layout: ``NHD`` = ``[..., tokens, heads, head_dim]``, ``HND`` = ``[..., heads, tokens, head_dim]``."""
+
     NHD = 0
     HND = 1
+
+
+class MaskMode(enum.Enum):
+    """Attention mask of the prefill kernels (FlashInfer's values; ``MULTIITEMSCORING`` is not implemented)."""
+
+    NON_CAUSAL = 0
+    CAUSAL = 1
+    CUSTOM = 2
+    MULTIITEMSCORING = 3
+
+
+# RoPE positions are carried as floats in the kernels and must be exact: positions up to 2**24.
+MAX_ROPE_POSITION = 1 << 24
 
 
 # Short names used in spec names and the CLI, and the CUDA types the templates are stamped with.
@@ -75,6 +94,82 @@ def canonical_layout(layout: Union[str, int, TensorLayout]) -> str:
     raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {layout!r}")
 
 
+_DTYPE_NAMES: Dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "half": torch.float16,
+    "f16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def canonical_dtype(x: Any, name: str, default: Optional[torch.dtype] = None) -> torch.dtype:
+    """A supported attention dtype from a ``torch.dtype`` or its name (``"float16"``, ``"torch.bfloat16"``,
+    ``"bf16"``...); ``None`` gives ``default`` (an error when there is none)."""
+    if x is None:
+        if default is None:
+            raise TypeError(f"{name} is required (torch.float16 or torch.bfloat16)")
+        return default
+    if isinstance(x, torch.dtype):
+        dt = x
+    elif isinstance(x, str) and x.lower().replace("torch.", "") in _DTYPE_NAMES:
+        dt = _DTYPE_NAMES[x.lower().replace("torch.", "")]
+    elif isinstance(x, str) and isinstance(getattr(torch, x.replace("torch.", ""), None), torch.dtype):
+        dt = getattr(torch, x.replace("torch.", ""))
+    else:
+        raise TypeError(f"{name} must be torch.float16/torch.bfloat16 or its name, got {x!r}")
+    if dt not in DTYPE_SHORT:
+        raise TypeError(f"{name} {dt} is not supported; supported: torch.float16, torch.bfloat16")
+    return dt
+
+
+def host_int32(t: Any, name: str) -> torch.Tensor:
+    """A 1-D index tensor (int32 or int64, any device) as a contiguous int32 CPU tensor. A CUDA tensor costs
+    one device-to-host copy (a sync): plan() callers pass CPU tensors to avoid it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an integer tensor (torch.int32), got {t.dtype}")
+    if not t.is_cpu:
+        t = t.to("cpu")
+    if t.dtype != torch.int32:
+        if t.numel() and (int(t.max()) >= 2**31 or int(t.min()) < -(2**31)):
+            raise ValueError(f"{name} values exceed int32")
+        t = t.to(torch.int32)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+_RANGE_BUFS: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _get_range_buf(seq_len: int, device: Union[str, torch.device]) -> torch.Tensor:
+    """``arange(seq_len)`` int32 on ``device``, a view of a cached buffer (FlashInfer's helper of that name)."""
+    device = torch.device(device)
+    n = 1 << max(0, int(seq_len) - 1).bit_length()
+    buf = _RANGE_BUFS.get(("range", device))
+    if buf is None or buf.numel() < n:
+        buf = _RANGE_BUFS[("range", device)] = torch.arange(n, dtype=torch.int32, device=device)
+    return buf[:seq_len]
+
+
+@functools.cache
+def _capability(device_index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def device_support_pdl(device: torch.device) -> bool:
+    """Whether ``device`` supports programmatic dependent launch (sm_90 and newer)."""
+    return device.type == "cuda" and _capability(device.index if device.index is not None else 0)[0] >= 9
+
+
+def not_supported(name: str, value: Any, accepted: str) -> NotImplementedError:
+    """The error for an argument FlashInfer accepts but this implementation does not (never ignored)."""
+    return NotImplementedError(f"{name}={value!r} is not implemented here; accepted: {accepted}")
+
+
 def dtype_short(t: torch.Tensor, name: str) -> str:
     try:
         return DTYPE_SHORT[t.dtype]
@@ -85,7 +180,7 @@ def dtype_short(t: torch.Tensor, name: str) -> str:
 def check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
+    if not t.is_cuda:  # (cheaper than t.device.type: no device object)
         raise ValueError(f"{name} is on {t.device}; the kernels run on CUDA devices only")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
@@ -435,4 +530,15 @@ def check_page_ids_in_cache(indices: torch.Tensor, num_pages: int, max_index: in
         raise ValueError(
             f"{name}[{at}] = {int(indices[at])} is not a page of paged_kv_cache (accepted: 0 <= id < "
             f"{num_pages}; FLASHINFER_CHECK_INPUTS=1 found it)"
+        )
+
+
+class FP4Tensor:
+    """FlashInfer's NVFP4 tensor wrapper (data plus block scales): not implemented here. Importable so that
+    engines' backends, which import it at load time, load; constructing one raises NotImplementedError."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError(
+            f"FP4Tensor (NVFP4 data, {len(args)} positional / {sorted(kwargs)} keyword "
+            "arguments) is not implemented: outputs take q's 16-bit dtype"
         )

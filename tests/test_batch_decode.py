@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import flashinfer
-from flashinfer.batch_decode import BatchDecodePagedSpec, host_schedule
+from flashinfer._planning import host_schedule
+from flashinfer.decode import BatchDecodePagedSpec
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 LENS = [1, 15, 16, 17, 1000, 4096, 33000]
@@ -286,10 +287,10 @@ def test_plan_and_run_bad_input(use_tensor_cores):
         w.run(q, cache)
     bad_last = last.clone()
     bad_last[1] = 17
-    with pytest.raises(ValueError, match="outside 1..page_size"):
+    with pytest.raises(ValueError, match="outside 0..page_size"):
         w.plan(indptr, indices, bad_last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
-    bad_last[1] = 0
-    with pytest.raises(ValueError, match="outside 1..page_size"):
+    bad_last[1] = -1
+    with pytest.raises(ValueError, match="outside 0..page_size"):
         w.plan(indptr, indices, bad_last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
     with pytest.raises(ValueError, match="never decrease"):
         w.plan(torch.tensor([0, 7, 3], dtype=torch.int32), indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
@@ -318,6 +319,200 @@ def test_plan_and_run_bad_input(use_tensor_cores):
     with pytest.raises(ValueError, match="out must be"):
         w.run(q, cache, out=torch.empty(2, 8, 64, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+@pytest.mark.parametrize("graph", [False, True])
+def test_requests_without_keys_give_zero_and_minus_inf(use_tensor_cores, graph):
+    """Engines pad CUDA-graph batches with requests of no pages (indptr repeated, last_page_len 1 as vLLM writes
+    it, or anything: it is not read); a request whose one page has last_page_len 0 has no key either. Their output
+    is 0 and lse -inf (as FlashInfer's kernels give), the others are unaffected; in graph mode across re-plans and
+    replays too."""
+    hq, hkv, d, ps, batch, num_pages = 8, 2, 128, 16, 6, 2600
+    k = torch.randn(num_pages, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+
+    def table(lens, pad_last, empty_page_request=None):
+        pages = [(n + ps - 1) // ps for n in lens]
+        last = [n - (p - 1) * ps if p else pad_last for n, p in zip(lens, pages)]
+        if empty_page_request is not None:  # one page holding no token
+            pages[empty_page_request], last[empty_page_request] = 1, 0
+        indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+        return (
+            indptr,
+            torch.randperm(num_pages)[: int(indptr[-1])].to(torch.int32),
+            torch.tensor(last, dtype=torch.int32),
+        )
+
+    plans = [
+        ([700, 0, 33000, 0, 5, 0], 1, None),
+        ([0, 0, 16, 4000, 0, 0], 16, 1),
+        ([0] * 6, 1, None),
+        ([17, 0, 1, 2, 3, 4096], 0, 1),
+    ]
+    if graph:
+        bufs = (
+            torch.empty(batch + 1, dtype=torch.int32, device="cuda"),
+            torch.empty(num_pages, dtype=torch.int32, device="cuda"),
+            torch.empty(batch, dtype=torch.int32, device="cuda"),
+        )
+        w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(
+            _workspace(), *bufs, use_tensor_cores=use_tensor_cores
+        )
+    else:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), use_tensor_cores=use_tensor_cores)
+    out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(batch, hq, device="cuda", dtype=torch.float32)
+    g = None
+    for lens, pad_last, empty_page_request in plans:
+        indptr, indices, last = table(lens, pad_last, empty_page_request)
+        w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=torch.bfloat16)
+        if graph and g is None:
+            w.run(q, (k, v), out=out, lse=lse, return_lse=True)  # warm-up: modules loaded before capture
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                w.run(q, (k, v), out=out, lse=lse, return_lse=True)
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        if graph:
+            g.replay()
+        else:
+            w.run(q, (k, v), out=out, lse=lse, return_lse=True)
+        for r, n in enumerate(lens):
+            if n == 0:
+                assert torch.equal(out[r], torch.zeros_like(out[r])), f"request {r} without keys: output not 0"
+                assert torch.isneginf(lse[r]).all(), f"request {r} without keys: lse not -inf"
+            else:
+                ids = indices[indptr[r] : indptr[r + 1]]
+                ref, ref_lse = attention(q[r : r + 1], _gather(k, "NHD", ids, n), _gather(v, "NHD", ids, n))
+                assert_close(out[r], ref[0], what=f"request {r}")
+                torch.testing.assert_close(lse[r].double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_forward_applies_its_options_without_a_new_plan(use_tensor_cores):
+    """The legacy forward() replaces the wrapper's attention options for this and later runs (FlashInfer's
+    meaning): another scale, soft cap (another kernel variant), a window within the planned keys and ALiBi, with
+    the plan untouched; run() then keeps them, and the next plan() restores the plan's."""
+    lens = [100, 3000, 17, 33000]
+    cache, k, v, indptr, indices, last = _make(lens, 16, 2, 128, torch.bfloat16, "NHD", "tuple")
+    q = torch.randn(len(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=use_tensor_cores)
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    plan = w._plan_info
+    for kw in (
+        {"sm_scale": 0.05},
+        {"logits_soft_cap": 2.0, "sm_scale": 0.2},
+        {"window_left": 70},
+        {"pos_encoding_mode": "ALIBI"},
+        {},
+    ):
+        o = w.forward(q, cache, **kw)
+        assert w._plan_info is plan, "forward() planned again"
+        ref_kw = {
+            "sm_scale": kw.get("sm_scale"),
+            "logits_soft_cap": kw.get("logits_soft_cap") or 0.0,
+            "window_left": kw.get("window_left", -1),
+            "pos_encoding_mode": kw.get("pos_encoding_mode", "NONE"),
+        }
+        ref, _ = _reference(q, k, v, "NHD", indptr, indices, lens, **ref_kw)
+        assert_close(o, ref, what=str(kw))
+        if kw:
+            assert_close(w.run(q, cache), ref, what=f"run() after forward({kw})")
+    assert w._sm_scale is None and w._logits_soft_cap is None and w._window_left == -1
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, window_left=10)
+    if use_tensor_cores:  # the prefill kernel applies windows at run time: forward()'s default -1 attends to all
+        ref, _ = _reference(q, k, v, "NHD", indptr, indices, lens)
+        assert_close(w.forward(q, cache), ref, what="window -1 after a windowed plan")
+    else:  # the CUDA-core plan scheduled only the window's keys: a wider window needs a new plan
+        with pytest.raises(ValueError, match="wider than the planned window"):
+            w.forward(q, cache)
+    with pytest.raises(ValueError, match="window_left"):
+        w.run(q, cache, window_left=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_forward_inside_graph_capture_then_replays_after_replan(use_tensor_cores):
+    """SGLang's decode step: forward(q, cache, sm_scale=..., logits_soft_cap=...) captured in a CUDA graph (no
+    plan inside the capture), replayed after new plans."""
+    batch, hq, hkv, d, ps = 4, 8, 2, 128, 16
+    bufs = (
+        torch.empty(batch + 1, dtype=torch.int32, device="cuda"),
+        torch.empty(3000, dtype=torch.int32, device="cuda"),
+        torch.empty(batch, dtype=torch.int32, device="cuda"),
+    )
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        _workspace(),
+        "NHD",
+        use_cuda_graph=True,
+        use_tensor_cores=use_tensor_cores,
+        paged_kv_indptr_buffer=bufs[0],
+        paged_kv_indices_buffer=bufs[1],
+        paged_kv_last_page_len_buffer=bufs[2],
+    )
+    k = torch.randn(3000, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+
+    def table(lens):
+        pages = [(n + ps - 1) // ps for n in lens]
+        indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+        last = torch.tensor([n - (p - 1) * ps if p else 1 for n, p in zip(lens, pages)], dtype=torch.int32)
+        return indptr, torch.randperm(3000)[: int(indptr[-1])].to(torch.int32), last
+
+    def step():
+        out.copy_(w.forward(q, (k, v), sm_scale=0.07, logits_soft_cap=30.0))
+
+    lens0 = [100, 2000, 0, 7]
+    w.plan(*table(lens0), hq, hkv, d, ps, q_data_type=torch.bfloat16, logits_soft_cap=30.0)
+    step()  # warm-up outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for lens in ([9, 20000, 1, 0], [0, 0, 0, 40000], lens0):
+        indptr, indices, last = table(lens)
+        w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=torch.bfloat16, logits_soft_cap=30.0)
+        out.fill_(float("nan"))
+        g.replay()
+        ref, _ = _reference(q, k, v, "NHD", indptr, indices, lens, sm_scale=0.07, logits_soft_cap=30.0)
+        assert_close(out, ref, what=str(lens))
+
+
+@pytest.mark.gpu
+def test_split_control_pdl_and_lse_without_return_lse():
+    """disable_split_kv (CUDA cores) and fixed_split_size (tensor cores) make a request's result independent of
+    the rest of the batch (bitwise); enable_pdl on or off computes the same; lse given without return_lse is
+    written."""
+    lens = [33000, 50, 4000]
+    cache, k, v, indptr, indices, last = _make(lens, 16, 2, 128, torch.bfloat16, "NHD", "tuple")
+    q = torch.randn(3, 8, 128, device="cuda", dtype=torch.bfloat16)
+    ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens)
+    for tc, kw in (
+        (False, {"disable_split_kv": True}),
+        (True, {"fixed_split_size": 64}),
+        (True, {"disable_split_kv": True}),
+    ):
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD", use_tensor_cores=tc)
+        w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, **kw)
+        o_all = w.run(q, cache)
+        assert_close(o_all, ref, what=str(kw))
+        if not tc:
+            assert w.plan_stats["merges"] == 0
+        w.plan(indptr[:2], indices, last[:1], 8, 2, 128, 16, q_data_type=torch.bfloat16, **kw)
+        o_one = w.run(q[:1], cache)
+        assert torch.equal(o_one[0], o_all[0]), f"{kw}: request 0 depends on the rest of the batch"
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16)
+    o_pdl = w.run(q, cache, enable_pdl=True)
+    lse = poisoned((3, 8), torch.float32)
+    o_no = w.run(q, cache, enable_pdl=False, lse=lse)
+    assert torch.equal(o_pdl, o_no) and isinstance(o_no, torch.Tensor)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
 
 
 # ------------------------------------------------------------------- GPU: use_tensor_cores=True (prefill kernel)
@@ -412,20 +607,30 @@ def test_batch_decode_torch_compile_traces_the_custom_op(use_tensor_cores):
 def _table(lens, ps):
     pages = [(n + ps - 1) // ps for n in lens]
     indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
-    last = torch.tensor([n - (p - 1) * ps for n, p in zip(lens, pages)], dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * ps if p else 1 for n, p in zip(lens, pages)], dtype=torch.int32)
     return indptr, last
 
 
-def _check_schedule(lens, ps, window_left=-1, slots=396, hq=32, hkv=8, fixed_workers=0):
+def _check_schedule(lens, ps, window_left=-1, slots=396, hq=32, hkv=8, fixed_workers=0, disable_split_kv=False):
     indptr, last = _table(lens, ps)
-    s = host_schedule(indptr, last, ps, hq, hkv, slots, window_left=window_left, fixed_workers=fixed_workers)
+    s = host_schedule(
+        indptr,
+        last,
+        ps,
+        hq,
+        hkv,
+        slots,
+        window_left=window_left,
+        fixed_workers=fixed_workers,
+        disable_split_kv=disable_split_kv,
+    )
     cover = {r: [] for r in range(len(lens))}
     slots_seen = []
     loads = []
     for w in s["workers"]:
         loads.append(sum(e - b for _, b, e, _ in w) + 32 * len(w))
         for r, b, e, slot in w:
-            assert b < e
+            assert b < e or (b == e == 0 and lens[r] == 0)  # an empty request: one empty piece
             cover[r].append((b, e, slot))
     for r, n in enumerate(lens):
         start = max(0, n - 1 - window_left) if window_left >= 0 else 0
@@ -480,10 +685,47 @@ def test_schedule_rejects_bad_tables():
     indptr, last = _table([10, 20], 16)
     with pytest.raises(ValueError, match="code -3"):
         host_schedule(indptr, torch.tensor([10, 17], dtype=torch.int32), 16, 8, 2, 132)
+    with pytest.raises(ValueError, match="code -3"):
+        host_schedule(indptr, torch.tensor([10, -1], dtype=torch.int32), 16, 8, 2, 132)
     with pytest.raises(ValueError, match="code -1"):
         host_schedule(torch.tensor([0, 2, 1], dtype=torch.int32), last, 16, 8, 2, 132)
-    with pytest.raises(ValueError, match="code -2"):
-        host_schedule(torch.tensor([0, 0, 2], dtype=torch.int32), last, 16, 8, 2, 132)
+    with pytest.raises(ValueError, match="code -1"):
+        host_schedule(torch.tensor([1, 2, 3], dtype=torch.int32), last, 16, 8, 2, 132)
+
+
+def test_schedule_gives_requests_without_keys_one_empty_piece():
+    """Engines pad CUDA-graph batches with requests of no pages (any last_page_len, as FlashInfer reads it) and
+    a request may have a page with last_page_len 0: each gets one empty piece (output 0, lse -inf), written
+    directly; the others are scheduled as usual."""
+    lens = [0, 700, 0, 33000, 0]
+    s, _ = _check_schedule(lens, 16)
+    empties = [(r, b, e, slot) for w in s["workers"] for r, b, e, slot in w if lens[r] == 0]
+    assert sorted(empties) == [(0, 0, 0, -1), (2, 0, 0, -1), (4, 0, 0, -1)]
+    assert s["total_keys"] == 33700
+    # A page whose last_page_len is 0: (pages - 1) * page_size keys; here none at all.
+    indptr = torch.tensor([0, 1, 3], dtype=torch.int32)
+    s = host_schedule(indptr, torch.tensor([0, 0], dtype=torch.int32), 16, 8, 2, 132)
+    assert s["total_keys"] == 16
+    pieces = sorted(p for w in s["workers"] for p in w)
+    assert pieces[0] == (0, 0, 0, -1) and pieces[-1][2] == 16
+    # Padding requests of the usual form: no pages, last_page_len 1 (vLLM) or page_size.
+    for pad_last in (1, 16):
+        s = host_schedule(
+            torch.tensor([0, 2, 2, 2], dtype=torch.int32),
+            torch.tensor([5, pad_last, pad_last], dtype=torch.int32),
+            16,
+            8,
+            2,
+            132,
+        )
+        assert s["total_keys"] == 21 and s["pieces"] == 3
+
+
+def test_schedule_without_splits_keeps_every_request_whole():
+    lens = [33000, 512, 4096, 1, 0, 700]
+    s, _ = _check_schedule(lens, 16, disable_split_kv=True)
+    assert s["merges"] == [] and s["partial_states"] == 0 and s["pieces"] == len(lens)
+    assert _check_schedule(lens, 16)[0]["merges"]  # (the same batch is split otherwise)
 
 
 def test_batch_decode_spec_names():
@@ -507,9 +749,9 @@ def test_run_op_is_registered_with_a_fake_implementation():
     with FakeTensorMode():
         q = torch.empty(3, 8, 128, dtype=torch.bfloat16)
         k = torch.empty(10, 16, 2, 128, dtype=torch.bfloat16)
-        o, lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, True)
+        o, lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, True, -1)
         assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (3, 8) and lse.dtype == torch.float32
-        _, no_lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, False)
+        _, no_lse = torch.ops.flashinfer.batch_decode_paged_run(q, k, k, 1, 1.0, 1.0, False, -1)
         assert no_lse.shape == (0,)
 
 

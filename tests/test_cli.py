@@ -764,7 +764,7 @@ def test_cli_uses_the_family_registry_only():
 
     for path in sorted((REPO / "flashinfer" / "cli").glob("*.py")):
         text = path.read_text()
-        for fam_module in ("flashinfer.batch_decode", "flashinfer.prefill", "flashinfer.page"):
+        for fam_module in ("flashinfer.decode", "flashinfer.prefill", "flashinfer.page"):
             assert fam_module not in text, f"{path.name} names {fam_module}: use flashinfer._families"
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ExceptHandler) and isinstance(node.type, ast.Name):

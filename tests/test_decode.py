@@ -433,7 +433,7 @@ _NO_SPILL_SPECS = [
 
 
 def _batch_specs():
-    from flashinfer.batch_decode import BatchDecodePagedSpec
+    from flashinfer.decode import BatchDecodePagedSpec
 
     return [
         BatchDecodePagedSpec(head_dim=256, kv_layout="NHD", pos_encoding_mode="NONE", use_logits_soft_cap=True),

@@ -198,7 +198,8 @@ def tables(c: Case, rng: random.Random):
 
 def _cpu_plan(c: Case, a) -> None:
     """plan() of the case on the CPU: returns if accepted (Accepted raised at the first device copy)."""
-    from flashinfer.batch_decode import _check_page_table, host_schedule
+    from flashinfer._planning import host_schedule, paged_kv_lens
+    from flashinfer.utils import check_kv_lengths, host_int32
 
     try:
         if c.kind == "ragged":
@@ -231,23 +232,17 @@ def _cpu_plan(c: Case, a) -> None:
                     and a["kv"].dim() == 1
                     and a["kv"].dtype in (torch.int32, torch.int64)
                 ):
-                    from flashinfer.batch_decode import _host_int32
-
-                    ip, lp = _host_int32(a["kv"], "indptr"), _host_int32(a["last"], "last_page_len")
+                    ip, lp = host_int32(a["kv"], "indptr"), host_int32(a["last"], "last_page_len")
                     if a["page_size"] > 0 and ip.numel() == lp.numel() + 1:
-                        rc, at, _ = _check_page_table(ip, lp, a["page_size"], -1)
-                        if rc:
-                            raise ValueError(f"page table code {rc} at {at}")
+                        check_kv_lengths(paged_kv_lens(ip, lp, a["page_size"]).tolist())
             w.plan(a["qo"], a["kv"], a["ids"], a["last"], a["hq"], a["hkv"], a["d"], a["page_size"], causal=a["causal"])
         else:  # CUDA-core decode: the planner's dry run, and the host checks of page ids plan() makes
-            from flashinfer.batch_decode import _host_int32
-
-            ip, lp = _host_int32(a["kv"], "indptr"), _host_int32(a["last"], "last_page_len")
+            ip, lp = host_int32(a["kv"], "indptr"), host_int32(a["last"], "last_page_len")
             if ip.numel() != lp.numel() + 1:
                 raise ValueError("indptr must have batch_size + 1 elements")
             if a["ids"].numel() < int(ip[-1]):
                 raise ValueError("indices shorter than indptr[-1]")
-            _host_int32(a["ids"], "indices")
+            host_int32(a["ids"], "indices")
             if int(a["ids"].min()) < 0:
                 raise ValueError("negative page id")
             if a["page_size"] <= 0 or a["hkv"] <= 0 or a["hq"] % a["hkv"] or a["d"] not in (64, 128, 256):

@@ -156,7 +156,7 @@ def test_append_bad_input_raises():
 def test_get_seq_lens_and_batch_indices_positions_on_cpu():
     indptr = torch.tensor([0, 1, 4, 4, 6], dtype=torch.int32)
     last = torch.tensor([3, 16, 1, 2], dtype=torch.int32)
-    # a request with no pages counts 0 tokens, as in FlashInfer
+    # FlashInfer's formula: a request with no pages counts its last_page_len (the kernels give it no keys)
     assert flashinfer.get_seq_lens(indptr, last, 16).tolist() == [3, 16 * 2 + 16, 1, 16 + 2]
     append_indptr = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
     seq_lens = torch.tensor([10, 4, 3], dtype=torch.int32)
@@ -164,6 +164,11 @@ def test_get_seq_lens_and_batch_indices_positions_on_cpu():
     assert bi.dtype == pos.dtype == torch.int32
     assert bi.tolist() == [0, 0, 2, 2, 2]
     assert pos.tolist() == [8, 9, 0, 1, 2]
+    out_bi, out_pos = torch.full((5,), -7, dtype=torch.int32), torch.full((5,), -7, dtype=torch.int32)
+    bi2, pos2 = flashinfer.get_batch_indices_positions(append_indptr, seq_lens, 5, out_bi, out_pos)
+    assert bi2 is out_bi and pos2 is out_pos and bi2.tolist() == bi.tolist() and pos2.tolist() == pos.tolist()
+    with pytest.raises(ValueError, match="positions"):
+        flashinfer.get_batch_indices_positions(append_indptr, seq_lens, 5, positions=torch.zeros(4, dtype=torch.int32))
 
 
 def test_page_append_spec_names():

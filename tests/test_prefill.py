@@ -377,9 +377,7 @@ BATCH_CASES = [
 @pytest.mark.parametrize("mask_mode", ["none", "causal", "custom"])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_batch_prefill_matrix(storage, page_size, case, mask_mode, layout):
-    qo_lens, kv_lens, group = BATCH_CASES[case]
-    if mask_mode == "causal" and any(q > k for q, k in zip(qo_lens, kv_lens)):
-        kv_lens = [max(q, k) for q, k in zip(qo_lens, kv_lens)]
+    qo_lens, kv_lens, group = BATCH_CASES[case]  # (causal with qo_len > kv_len: leading rows see no key)
     dtype = torch.bfloat16 if (case + len(layout)) % 2 else torch.float16
     hkv, d = 2, (64, 128, 256)[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, hkv, group, d, dtype)
@@ -505,8 +503,6 @@ def test_batch_prefill_bad_input():
     i2 = torch.tensor([0, 5, 9], dtype=torch.int32)
     with pytest.raises(ValueError, match="lengths must match"):
         w.plan(i2, torch.tensor([0, 9], dtype=torch.int32), 8, 2, 128)
-    with pytest.raises(ValueError, match="qo_len <= kv_len"):
-        w.plan(i2, torch.tensor([0, 3, 9], dtype=torch.int32), 8, 2, 128, causal=True)
     with pytest.raises(ValueError, match="custom_mask"):
         w.plan(i2, i2, 8, 2, 128, custom_mask=torch.ones(40, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
@@ -535,6 +531,176 @@ def test_batch_prefill_bad_input():
             16,
         )
     torch.cuda.synchronize()
+
+
+def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, **kw):
+    """A planned wrapper of either storage for requests (qs, ks, vs), and the KV arguments of its run()."""
+    hkv, d = ks[0].shape[1], ks[0].shape[2]
+    qo_indptr = torch.tensor([0] + list(itertools.accumulate(q.shape[0] for q in qs)), dtype=torch.int32)
+    if storage == "ragged":
+        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, layout)
+        kv_indptr = torch.tensor([0] + list(itertools.accumulate(k.shape[0] for k in ks)), dtype=torch.int32)
+        w.plan(qo_indptr, kv_indptr, qs[0].shape[1], hkv, d, **kw)
+        k, v = _nhd_to(layout, torch.cat(ks)), _nhd_to(layout, torch.cat(vs))
+        return w, (k, v)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, layout)
+    cache, perm, indptr, last = _paged(ks, vs, page_size, layout)
+    w.plan(qo_indptr, indptr, perm, last, qs[0].shape[1], hkv, d, page_size, **kw)
+    return w, (cache,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage", ["ragged", "paged"])
+@pytest.mark.parametrize("group", [1, 4])
+def test_batch_prefill_causal_with_more_queries_than_keys(storage, group):
+    """FlashInfer's causal mask with qo_len > kv_len: query row i sees keys j <= i + kv_len - qo_len; the first
+    qo_len - kv_len rows see none (output 0, lse -inf). Long and short requests, a split long KV, no KV at all."""
+    qo_lens, kv_lens = [300, 5, 1, 200, 64], [100, 1, 0, 9000, 0]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    w, kv = _plan_batch(storage, ws, "NHD", qs, ks, vs, causal=True, q_data_type=torch.bfloat16)
+    q = torch.cat(qs)
+    out, lse = poisoned(q.shape, q.dtype), poisoned(q.shape[:2], torch.float32)
+    w.run(q, *kv, out=out, lse=lse, return_lse=True)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal")
+    assert_close(out, ref_o)
+    _check_lse(lse, ref_lse)
+    assert torch.equal(out[:200], torch.zeros_like(out[:200])) and torch.isneginf(lse[:200]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage", ["ragged", "paged"])
+def test_batch_prefill_forward_applies_causal_and_options_without_a_new_plan(storage):
+    """FlashInfer's legacy call sequence: begin_forward() without causal, then forward(causal=True, sm_scale=...,
+    window_left=..., logits_soft_cap=...). The options apply to that call (another kernel variant where needed)
+    and later run() calls, without a new plan; causal used to be dropped silently."""
+    qo_lens, kv_lens = [17, 300, 1], [500, 300, 4000]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, 4, 128, torch.float16)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    w, kv = _plan_batch(storage, ws, "NHD", qs, ks, vs, q_data_type=torch.float16)
+    plan = w._plan_info
+    q = torch.cat(qs)
+    cases = [
+        dict(causal=True),
+        dict(causal=True, sm_scale=0.05, logits_soft_cap=20.0),
+        dict(causal=False, window_left=100),
+        dict(causal=True, pos_encoding_mode="ALIBI"),
+        dict(causal=True, use_fp16_qk_reduction=True),
+        dict(),
+    ]
+    for kw in cases:
+        o, l = w.forward_return_lse(q, *kv, **kw)
+        assert w._plan_info is plan, "forward() planned again"
+        ref_kw = {n: kw[n] for n in ("sm_scale", "window_left", "pos_encoding_mode") if n in kw}
+        ref_o, ref_lse = _batch_ref(
+            qs,
+            ks,
+            vs,
+            None,
+            "causal" if kw.get("causal") else "none",
+            logits_soft_cap=kw.get("logits_soft_cap", 0.0),
+            **ref_kw,
+        )
+        if kw.get("use_fp16_qk_reduction"):
+            torch.testing.assert_close(o.double(), ref_o, atol=2e-2, rtol=2e-2)
+        else:
+            assert_close(o, ref_o, what=str(kw))
+            _check_lse(l, ref_lse, what=str(kw))
+        assert w._causal is bool(kw.get("causal")) and w.run(q, *kv).shape == q.shape
+    assert w._sm_scale is None and w._logits_soft_cap is None and w._window_left == -1
+
+
+@pytest.mark.gpu
+def test_batch_prefill_graph_mode_custom_mask_buffers_stay_across_replans():
+    """Graph mode with a custom mask: plan() writes each batch's mask into the caller's custom_mask_buf and
+    mask_indptr_buf (never a new allocation a replay would miss); a graph captured once replays new plans."""
+    hkv, group, d, ps, batch = 2, 4, 128, 16, 3
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    i32 = dict(dtype=torch.int32, device="cuda")
+    bufs = dict(
+        qo_indptr_buf=torch.empty(batch + 1, **i32),
+        paged_kv_indptr_buf=torch.empty(batch + 1, **i32),
+        paged_kv_indices_buf=torch.empty(400, **i32),
+        paged_kv_last_page_len_buf=torch.empty(batch, **i32),
+        custom_mask_buf=torch.empty(1 << 20, dtype=torch.uint8, device="cuda"),
+        mask_indptr_buf=torch.empty(batch + 1, **i32),
+    )
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, **bufs)
+    q_buf = torch.empty(64, hkv * group, d, device="cuda", dtype=torch.float16)
+    out = torch.empty_like(q_buf)
+    cache_buf = torch.zeros(400, 2, ps, hkv, d, device="cuda", dtype=torch.float16)
+
+    def setup(qo_lens, kv_lens):
+        qs, ks, vs = _make_batch(qo_lens, kv_lens, hkv, group, d, torch.float16)
+        masks = [torch.rand(a, b, device="cuda") < 0.6 for a, b in zip(qo_lens, kv_lens)]
+        cache, perm, indptr, last = _paged(ks, vs, ps, "NHD")
+        cache_buf[: cache.shape[0]].copy_(cache)
+        qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
+        w.plan(
+            qo_indptr,
+            indptr,
+            perm,
+            last,
+            hkv * group,
+            hkv,
+            d,
+            ps,
+            q_data_type=torch.float16,
+            custom_mask=torch.cat([m.flatten() for m in masks]),
+        )
+        q_buf.copy_(torch.cat(qs))
+        return qs, ks, vs, masks
+
+    lens = [([20, 30, 14], [100, 2000, 14]), ([64, 0, 0], [900, 5, 0]), ([1, 1, 62], [3000, 1, 70])]
+    setup(*lens[0])
+    w.run(q_buf, cache_buf, out=out)  # warm-up outside capture
+    schedule = w._plan_info.schedule
+    assert schedule.mask.data_ptr() == bufs["custom_mask_buf"].data_ptr()
+    assert schedule.mask_indptr.data_ptr() == bufs["mask_indptr_buf"].data_ptr()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q_buf, cache_buf, out=out)
+    for qo_lens, kv_lens in lens:
+        qs, ks, vs, masks = setup(qo_lens, kv_lens)
+        s = w._plan_info.schedule
+        assert (s.mask.data_ptr(), s.mask_indptr.data_ptr(), s.buffer.data_ptr()) == (
+            schedule.mask.data_ptr(),
+            schedule.mask_indptr.data_ptr(),
+            schedule.buffer.data_ptr(),
+        )
+        out.fill_(float("nan"))
+        g.replay()
+        ref, _ = _batch_ref(qs, ks, vs, masks, "custom")
+        assert_close(out, ref, what=str(qo_lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage", ["ragged", "paged"])
+def test_batch_prefill_split_control_pdl_scales_and_lse(storage):
+    """fixed_split_size cuts every request at the same keys (its result independent of the batch, bitwise);
+    disable_split_kv never cuts; enable_pdl on or off computes the same; q/k/v scales; lse given without
+    return_lse is written."""
+    qo_lens, kv_lens = [3, 40], [9000, 600]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, 4, 128, torch.bfloat16)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    q = torch.cat(qs)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "none")
+    for kw in (dict(fixed_split_size=64), dict(disable_split_kv=True)):
+        w, kv = _plan_batch(storage, ws, "NHD", qs, ks, vs, q_data_type=torch.bfloat16, **kw)
+        o_all = w.run(q, *kv)
+        assert_close(o_all, ref_o, what=str(kw))
+        if kw.get("disable_split_kv"):
+            assert w.plan_stats["merges"] == 0
+        w1, kv1 = _plan_batch(storage, ws, "NHD", qs[:1], ks[:1], vs[:1], q_data_type=torch.bfloat16, **kw)
+        assert torch.equal(w1.run(qs[0], *kv1), o_all[:3]), f"{kw}: request 0 depends on the batch"
+    w, kv = _plan_batch(storage, ws, "NHD", qs, ks, vs, q_data_type=torch.bfloat16)
+    lse = poisoned(q.shape[:2], torch.float32)
+    o_pdl = w.run(q, *kv, enable_pdl=True)
+    o = w.run(q, *kv, enable_pdl=False, lse=lse)
+    assert torch.equal(o, o_pdl)
+    _check_lse(lse, ref_lse)
+    o_s = w.run(q, *kv, q_scale=2.0, k_scale=0.5, v_scale=3.0)
+    assert_close(o_s, 3.0 * ref_o)
 
 
 @pytest.mark.gpu
@@ -609,14 +775,14 @@ def test_prefill_module_builds_without_spills(tmp_path, monkeypatch):
 
 
 def test_batch_spec_names_and_planner():
-    from flashinfer.prefill import _plan_schedule
+    from flashinfer._planning import schedule_prefill
 
     s = BatchPrefillSpec()
     assert s.name().startswith("prefill_batch_paged_q-bf16") and BatchPrefillSpec.from_json(s.to_json()) == s
     assert "kv_storage" in BatchPrefillSpec(kv_storage="blocked").unsupported_reason()
     # Few rows, long KV: split into chunks, partial rows and merge rows laid out per request.
-    tile, work, merge, part = _plan_schedule(
-        [2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), lambda t: 2, 132, True, 1 << 30, 8
+    tile, work, merge, part = schedule_prefill(
+        [2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), 64, lambda t: 2, 132, True, 1 << 30, 8
     )
     assert tile == 64
     assert {w[0] for w in work} == {0, 2}  # the empty request has no work
@@ -631,11 +797,27 @@ def test_batch_spec_names_and_planner():
     rows = [m[1] + c * m[3] for m in merge for c in range(m[2])]
     assert sorted(rows) == list(range(part))
     # Many rows: no split, every item writes o directly.
-    tile, work, merge, part = _plan_schedule(
-        [4096] * 8, [4096] * 8, 1, 32, 128, (64,), lambda t: 2, 132, True, 1 << 30, 32
+    tile, work, merge, part = schedule_prefill(
+        [4096] * 8, [4096] * 8, 1, 32, 128, (64,), 64, lambda t: 2, 132, True, 1 << 30, 32
     )
     assert merge == [] and part == 0 and all(w[4] == -1 for w in work)
     assert work[0][3] == 4096  # heaviest (last causal tiles) first
+    # fixed_split_size: every request cut at the same key offsets whatever the batch; disable_split_kv: never cut.
+    for qo, kv in (([2, 3], [5000, 3000]), ([2], [5000])):
+        tile, work, merge, part = schedule_prefill(
+            qo, kv, 4, 2, 128, (64,), 64, lambda t: 2, 132, True, 1 << 30, 8, fixed_chunk=1024
+        )
+        assert sorted((w[2], w[3]) for w in work if w[0] == 0) == [
+            (0, 1024),
+            (1024, 2048),
+            (2048, 3072),
+            (3072, 4096),
+            (4096, 5000),
+        ]
+    tile, work, merge, part = schedule_prefill(
+        [2, 0, 3], [5000, 10, 3000], 4, 2, 128, (64,), 64, lambda t: 2, 132, True, 1 << 30, 8, split_kv=False
+    )
+    assert merge == [] and part == 0 and sorted((w[0], w[2], w[3]) for w in work) == [(0, 0, 5000), (2, 0, 3000)]
 
 
 def test_split_kv_fills_whole_waves():

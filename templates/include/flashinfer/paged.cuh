@@ -51,7 +51,7 @@ FI_DEVICE void split_token(int token, int page_size, int& page_in_request, int& 
 
 // Number of tokens of a request with num_request_pages >= 1 pages, the last of them holding last_page_len.
 __host__ __device__ inline int paged_kv_len(int num_request_pages, int page_size, int last_page_len) {
-  return (num_request_pages - 1) * page_size + last_page_len;
+  return num_request_pages > 0 ? (num_request_pages - 1) * page_size + last_page_len : 0;
 }
 
 struct PagedKV {

@@ -12,6 +12,7 @@
 //
 // Everything run() needs that changes with the batch lives in the device workspace (the plan region),
 // so in CUDA-graph mode the grid (W * heads * tiles, and W merge slots) stays fixed across re-plans.
+// The logit options (scale, soft cap, RoPE constants) and a narrower sliding window are run-time arguments.
 // The planner (host side) is in host/batch_decode_plan.cuh.
 #pragma once
 #include "flashinfer/attention/decode.cuh"
@@ -36,6 +37,7 @@ struct BatchDecodeParams {
   float* partial_lse;  // [max_partials, num_qo_heads]
   DecodeScalars sc;
   int num_kv_heads, group_size, head_tiles;
+  int window_left;  // >= 0: keys before q_pos - window_left are skipped (on top of the plan's own window)
 };
 
 // ------------------------------------------------------------------------------------------- kernels
@@ -84,6 +86,7 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     w.begin = p.plan[L.piece_begin + piece];
     w.end = p.plan[L.piece_end + piece];
     w.q_pos = p.plan[L.req_kv_len + r] - 1;
+    if (p.window_left >= 0) w.begin = max(w.begin, min(w.end, w.q_pos - p.window_left));
     // The store reads the piece's request and slot again from the plan when it runs (see single decode).
     const auto store = [&](int j, int col, float (&acc)[8], float d_all, float lse) {
       const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
@@ -120,6 +123,7 @@ __global__ void __launch_bounds__(kMergeThreads)
 
 // ------------------------------------------------------------------------------------------- host side
 
+// Filled by Python field by field, as BatchDecodePlanArgs (DECODE_RUN_ARGS).
 struct BatchDecodeRunArgs {
   const void* q;
   int64_t q_stride_b, q_stride_h;
@@ -129,7 +133,9 @@ struct BatchDecodeRunArgs {
   int num_pages;
   void* o;
   float* lse;
-  float scale_mult, v_scale;
+  float sm_scale, logits_soft_cap, v_scale, rope_scale, rope_theta;
+  int window_left;  // -1: the plan's keys; >= 0: a window within them
+  bool enable_pdl;  // programmatic dependent launch of both kernels
   int device;
   cudaStream_t stream;
 };
@@ -143,7 +149,7 @@ static cudaError_t batch_decode_occupancy(int device, int* out) {
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
-cudaError_t launch_batch_decode_gt(const BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
+cudaError_t launch_batch_decode_gt(BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
   using T = DecodeTraits<HEAD_DIM>;
   int occ = 0;  // also makes sure this module's kernel got its shared-memory opt-in in this process
   cudaError_t err = batch_decode_occupancy<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>(a.device, &occ);
@@ -171,18 +177,27 @@ cudaError_t launch_batch_decode_gt(const BatchDecodePlan& plan, const BatchDecod
   p.num_kv_heads = plan.num_kv_heads;
   p.group_size = plan.group_size;
   p.head_tiles = plan.head_tiles;
-  p.sc.logits_soft_cap = plan.logits_soft_cap;
-  p.sc.sm_scale = plan.sm_scale * a.scale_mult;
+  p.sc.logits_soft_cap = a.logits_soft_cap;
+  p.sc.sm_scale = a.sm_scale;
   p.sc.v_scale = a.v_scale;
+  p.window_left = a.window_left;
   RopeTableFor<POS> rope;
-  if constexpr (POS == PosEncoding::kRopeLlama) rope = plan.rope;
-  // Both kernels with programmatic dependent launch (see single_decode_kernel).
+  if constexpr (POS == PosEncoding::kRopeLlama) {
+    if (!plan.rope_filled || plan.rope_scale != a.rope_scale || plan.rope_theta != a.rope_theta) {
+      fill_rope_table(plan.rope, HEAD_DIM, a.rope_scale, a.rope_theta);
+      plan.rope_filled = true;
+      plan.rope_scale = a.rope_scale;
+      plan.rope_theta = a.rope_theta;
+    }
+    rope = plan.rope;
+  }
+  // Both kernels with programmatic dependent launch unless the caller turned it off (see single_decode_kernel).
   err = launch_kernel(batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>,
                       dim3(plan.workers * plan.num_kv_heads * plan.head_tiles), dim3(T::kThreads),
-                      decode_smem_bytes<HEAD_DIM, GT>(), a.stream, true, p, rope);
+                      decode_smem_bytes<HEAD_DIM, GT>(), a.stream, a.enable_pdl, p, rope);
   if (err != cudaSuccess || plan.merge_blocks == 0) return err;
   return launch_kernel(batch_merge_states_kernel<HEAD_DIM, DTypeO>, dim3(plan.num_qo_heads, plan.merge_blocks),
-                       dim3(kMergeThreads), 0, a.stream, true, p.plan, p.layout, static_cast<const float*>(p.partial_o),
+                       dim3(kMergeThreads), 0, a.stream, a.enable_pdl, p.plan, p.layout, static_cast<const float*>(p.partial_o),
                        static_cast<const float*>(p.partial_lse), plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse,
                        a.v_scale);
 }

@@ -151,14 +151,15 @@ FI_DEVICE int take_block_index(int& bid, int n) {
 template <int HEAD_DIM, typename DTypeO>
 FI_DEVICE void store_decode_state(float (&acc)[8], float d_all, float lse, float v_scale, int col, DTypeO* o,
                                   float* lse_out, float* partial_o, float* partial_lse) {
+  // d_all == 0: the piece saw no key (an empty request, or keys all outside a window): o 0, lse -inf.
   if (partial_o == nullptr) {
-    const float scale = v_scale / d_all;
+    const float scale = v_scale * inverse_or_zero(d_all);
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] *= scale;
     *reinterpret_cast<uint4*>(o + col) = pack8<DTypeO>(acc);
     if (lse_out != nullptr && col == 0) *lse_out = lse;
   } else {
-    const float inv_d = 1.f / d_all;
+    const float inv_d = inverse_or_zero(d_all);
     float4* dst = reinterpret_cast<float4*>(partial_o + col);
     dst[0] = make_float4(acc[0] * inv_d, acc[1] * inv_d, acc[2] * inv_d, acc[3] * inv_d);
     dst[1] = make_float4(acc[4] * inv_d, acc[5] * inv_d, acc[6] * inv_d, acc[7] * inv_d);
@@ -451,12 +452,13 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   for (int item = threadIdx.x; item < GT * LANES; item += T::kThreads) {
     const int j = item / LANES, col = (item % LANES) * 8;
     if (j >= heads_here) continue;
-    // Every chunk holds a key, so some state of the head saw one; states that saw only padding weigh 0.
+    // States that saw only padding weigh 0; so do all of them when the piece has no key (an empty request,
+    // or a run-time window that leaves none).
     float m_all, acc[8];
-    const float d_all = merge_state_set<NSTATES, 8, false>(
+    const float d_all = merge_state_set<NSTATES, 8, true>(
         m_all, acc, [&](int r) { return s_m[r * GT + j]; }, [&](int r) { return s_d[r * GT + j]; },
         [&](int r, int i) { return (s_o + (r * GT + j) * HEAD_DIM + col)[i]; });
-    store(j, col, acc, d_all, m_all + ptx_log2(d_all));
+    store(j, col, acc, d_all, d_all > 0.f ? m_all + ptx_log2(d_all) : kNegInf);
   }
   __syncthreads();  // the scratch is read before a next piece refills the ring
 }

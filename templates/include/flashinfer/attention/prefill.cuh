@@ -403,6 +403,9 @@ template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTyp
 __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
     batch_prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(1024) uint4 smem[];  // tiles kRowBytes-aligned (ldmatrix addressing)
+  // May be launched with programmatic dependent launch (run(enable_pdl=True)): waits for the previous kernel
+  // before reading what it wrote; a no-op otherwise.
+  grid_dependency_chain();
   const int num_work = *p.num_work;
   const int cap = p.work_capacity;
   auto run_item = [&](int w) {
@@ -411,7 +414,7 @@ __global__ void __launch_bounds__(PrefillTraits<HEAD_DIM, MQ>::kThreads)
     const int qo_start = p.qo_indptr[req], qo_len = p.qo_indptr[req + 1] - qo_start;
     const int kv_start = p.kv_indptr[req];
     int kv_len = p.kv_indptr[req + 1] - kv_start;
-    if constexpr (PAGED) kv_len = kv_len > 0 ? paged_kv_len(kv_len, p.page_size, p.kv_last_page_len[req]) : 0;
+    if constexpr (PAGED) kv_len = paged_kv_len(kv_len, p.page_size, p.kv_last_page_len[req]);
     const int mask_off = MASK == MaskMode::kCustom ? p.mask_indptr[req] : 0;
     prefill_tile<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>(
         p, rope, smem, qo_start, qo_len, kv_start, kv_len, mask_off, qtile, blockIdx.y, kv_begin, kv_end, prow);
@@ -455,7 +458,7 @@ cudaError_t launch_single_prefill(PrefillParams p, int device, cudaStream_t stre
 template <int HEAD_DIM, int MQ, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, PosEncoding POS,
           bool WINDOW, bool SOFTCAP, bool FP16QK, bool PAGED>
 cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, int device, cudaStream_t stream,
-                                 int* occupancy_only) {
+                                 bool pdl, int* occupancy_only) {
   using Tr = PrefillTraits<HEAD_DIM, MQ>;
   constexpr auto kernel =
       batch_prefill_kernel<HEAD_DIM, MQ, DTypeQ, DTypeKV, DTypeO, MASK, POS, WINDOW, SOFTCAP, FP16QK, PAGED>;
@@ -467,12 +470,11 @@ cudaError_t launch_batch_prefill(PrefillParams p, int grid_x, int merge_grid_x, 
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   if (grid_x > 0) {
-    kernel<<<dim3(grid_x, p.num_kv_heads), Tr::kThreads, Tr::kSmemBytes, stream>>>(
-        p, make_rope_table<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
-    err = cudaGetLastError();
+    err = launch_kernel(kernel, dim3(grid_x, p.num_kv_heads), dim3(Tr::kThreads), Tr::kSmemBytes, stream, pdl, p,
+                        make_rope_table<POS>(HEAD_DIM, p.rope_scale, p.rope_theta));
     if (err != cudaSuccess) return err;
   }
-  return launch_prefill_merge<HEAD_DIM, DTypeO>(p, merge_grid_x, stream);
+  return launch_prefill_merge<HEAD_DIM, DTypeO>(p, merge_grid_x, stream, pdl);
 }
 
 }  // namespace flashinfer

@@ -12,8 +12,10 @@
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/state.cuh"
 #include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
 #include "flashinfer/paged.cuh"
 #include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/griddepcontrol.cuh"
 
 namespace flashinfer {
 
@@ -184,6 +186,7 @@ FI_DEVICE int64_t paged_row_offset(int2 ps, int64_t stride_page, int64_t stride_
 template <int HEAD_DIM, typename DTypeO>
 __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
   constexpr int VEC = HEAD_DIM / 32;
+  grid_dependency_wait();  // (launched with PDL after the batch kernel: its partial states must be complete)
   const int head = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (head >= p.num_qo_heads) return;
   const bool batch = p.merge != nullptr;
@@ -222,11 +225,10 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
 }
 
 template <int HEAD_DIM, typename DTypeO>
-cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream) {
+cudaError_t launch_prefill_merge(const PrefillParams& p, int grid_x, cudaStream_t stream, bool pdl = false) {
   if (grid_x <= 0) return cudaSuccess;
-  dim3 grid(grid_x, ceil_div(p.num_qo_heads, 4));
-  prefill_merge_kernel<HEAD_DIM, DTypeO><<<grid, 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(prefill_merge_kernel<HEAD_DIM, DTypeO>, dim3(grid_x, ceil_div(p.num_qo_heads, 4)), dim3(128), 0,
+                       stream, pdl, p);
 }
 
 }  // namespace flashinfer

@@ -1,6 +1,8 @@
 // The batch decode planner (host side of attention/batch_decode.cuh): turns a batch's page table into the
 // balanced work list the paged decode kernel walks (see batch_decode.cuh for the scheme), and the layout of
-// that list in the device workspace.
+// that list in the device workspace. A request without keys (no pages, as engines pad CUDA-graph batches) gets
+// one empty piece: output 0, lse -inf. The logit options (scale, soft cap, RoPE constants) and a narrower
+// sliding window are run-time arguments: a legacy forward() may change them without a new plan.
 #pragma once
 #include "flashinfer/attention/decode.cuh"
 #include "flashinfer/attention/pos_enc.cuh"
@@ -52,35 +54,58 @@ struct BatchDecodePlan {
   int num_qo_heads, num_kv_heads, group_size, gt, head_tiles;
   int page_size, batch, workers, merge_blocks;
   BatchDecodeLayout layout;
-  float logits_soft_cap, sm_scale;
   int64_t partial_o_offset, partial_lse_offset, plan_offset;  // bytes into the workspace
   void* workspace;
   const int* indices;  // device page ids (the plan region's copy, or the caller's tensor)
   RopeTable rope;
-  // The (rope_scale, rope_theta) `rope` was filled for: its HEAD_DIM/2 pow() calls are a good part of a
-  // plan's host time, and an engine re-plans with the same values every step.
+  // The (rope_scale, rope_theta) `rope` was filled for (by run(), RoPE variants only): its HEAD_DIM/2 pow()
+  // calls would cost more than the launch, and an engine runs with the same values every step.
   bool rope_filled;
   float rope_scale, rope_theta;
 };
 
-constexpr int kPlanInfoLen = 18;
+// What a plan reports (the int64 info array; Python reads the positions from the module's constants).
+enum BatchDecodePlanInfo : int {
+  kInfoWorkspaceBytes,  // workspace bytes the plan needs
+  kInfoWorkers,         // workers given work
+  kInfoPieces,
+  kInfoMerges,
+  kInfoMaxIndex,  // largest host page id, -1 when the ids stay on the device
+  kInfoPartialStates,
+  kInfoTotalKeys,       // (kPlanKvTooLong: the keys of the request named by kInfoBadPosition)
+  kInfoBadPosition,     // the request or position an error names
+  kInfoPinnedBytes,     // staging bytes the plan needs
+  kInfoWorkerCapacity,  // workers of the grid (graph mode: fixed)
+  kInfoMaxKeys,         // keys of the longest request
+  // Offsets (int32 elements) of the schedule's arrays in the plan region (for host_schedule).
+  kInfoWorkerIndptr,
+  kInfoPieceReq,
+  kInfoPieceBegin,
+  kInfoPieceEnd,
+  kInfoPieceSlot,
+  kInfoMergeReq,
+  kInfoMergeBegin,
+  kInfoMergeCount,
+  kPlanInfoLen
+};
 
 // Plan error codes (negative; positive values are cudaError_t).
 enum BatchDecodePlanError : int {
-  kPlanBadIndptr = -1,          // info[7]: first bad position
-  kPlanEmptyRequest = -2,       // info[7]: request
-  kPlanBadLastPageLen = -3,     // info[7]: request
-  kPlanWorkspaceTooSmall = -4,  // info[0]: bytes needed
-  kPlanPinnedTooSmall = -5,     // info[8]: bytes needed
-  kPlanNegativeIndex = -6,      // info[7]: position
+  kPlanBadIndptr = -1,          // info[kInfoBadPosition]: first bad position
+  kPlanBadLastPageLen = -3,     // info[kInfoBadPosition]: request
+  kPlanWorkspaceTooSmall = -4,  // info[kInfoWorkspaceBytes]: bytes needed
+  kPlanPinnedTooSmall = -5,     // info[kInfoPinnedBytes]: bytes needed
+  kPlanNegativeIndex = -6,      // info[kInfoBadPosition]: position
   kPlanCapacity = -7,           // graph mode: batch or nnz above the frozen capacity
-  kPlanKvTooLong = -8,          // info[7]: request; info[6]: its keys (above kMaxKvLen)
+  kPlanKvTooLong = -8,          // info[kInfoBadPosition]: request; info[kInfoTotalKeys]: its keys (above kMaxKvLen)
 };
 
 // Keys of one request: positions are int32 in the kernels, and a KV tile step past the last key must not
 // overflow. The lengths are computed in 64-bit (page ids may repeat, so nothing else bounds them).
 constexpr int64_t kMaxKvLen = (int64_t(1) << 31) - (int64_t(1) << 16);
 
+// Filled by Python field by field (flashinfer/_planning.py: DECODE_PLAN_ARGS names the fields; the template
+// exports their offsets, which Python checks when it loads the module).
 struct BatchDecodePlanArgs {
   const int* indptr;         // host [batch + 1]
   const int* last_page_len;  // host [batch]
@@ -90,8 +115,8 @@ struct BatchDecodePlanArgs {
   int fixed_workers;     // > 0: graph mode, this frozen worker count; -1: graph mode, choose; 0: not graph mode
   int max_batch;         // graph mode: frozen batch capacity; 0: batch
   int indices_capacity;  // graph mode with host indices: frozen capacity; 0: nnz
-  float logits_soft_cap, sm_scale, rope_scale, rope_theta;
-  void* pinned;  // host staging buffer (page-locked), one of two the caller alternates between
+  bool no_split;         // every request in one piece (disable_split_kv: no merges, run-to-run identical sums)
+  void* pinned;          // host staging buffer (page-locked), one of two the caller alternates between
   int64_t pinned_bytes;
   void* workspace;  // device
   int64_t workspace_bytes;
@@ -101,10 +126,10 @@ struct BatchDecodePlanArgs {
 };
 
 // Chooses the schedule, writes it to the pinned buffer, issues one async copy to the workspace and fills
-// `plan`. info: [0] workspace bytes needed, [1] workers, [2] pieces, [3] merges, [4] max page id,
-// [5] partial states used, [6] total keys, [7] bad position, [8] pinned bytes needed, [9] worker capacity.
-// slots: CTAs resident at once (occupancy * SMs). A null workspace makes a dry run (no copy): the schedule
-// is left in `pinned`, and info[10..17] give the layout's offsets (for tests).
+// `plan`; `info` gets the BatchDecodePlanInfo fields. slots: CTAs resident at once (occupancy * SMs). A null
+// workspace makes a dry run (no copy): the schedule is left in `pinned` at the offsets info reports.
+// A request's keys: 0 without pages (whatever its last_page_len), else (pages - 1) * page_size +
+// last_page_len with last_page_len in [0, page_size] (larger would read past its pages).
 template <int HEAD_DIM>
 int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* plan, int64_t* info) {
   using T = DecodeTraits<HEAD_DIM>;
@@ -118,30 +143,27 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
   const int* ip = a.indptr;
   const int* lp = a.last_page_len;
   if (ip[0] != 0) {
-    info[7] = 0;
+    info[kInfoBadPosition] = 0;
     return kPlanBadIndptr;
   }
-  int64_t total_keys = 0, total_cost = 0;
+  int64_t total_keys = 0, total_cost = 0, max_keys = 0;
   for (int r = 0; r < B; ++r) {
     const int pages = ip[r + 1] - ip[r];
     if (pages < 0) {
-      info[7] = r + 1;
+      info[kInfoBadPosition] = r + 1;
       return kPlanBadIndptr;
     }
-    if (pages == 0) {
-      info[7] = r;
-      return kPlanEmptyRequest;
-    }
-    if (lp[r] < 1 || lp[r] > a.page_size) {
-      info[7] = r;
+    if (pages > 0 && (lp[r] < 0 || lp[r] > a.page_size)) {
+      info[kInfoBadPosition] = r;
       return kPlanBadLastPageLen;
     }
-    const int64_t len = int64_t(pages - 1) * a.page_size + lp[r];
+    const int64_t len = pages == 0 ? 0 : int64_t(pages - 1) * a.page_size + lp[r];
     if (len > kMaxKvLen) {
-      info[7] = r;
-      info[6] = len;
+      info[kInfoBadPosition] = r;
+      info[kInfoTotalKeys] = len;
       return kPlanKvTooLong;
     }
+    max_keys = len > max_keys ? len : max_keys;
     const int64_t span = a.window_left >= 0 && len > int64_t(a.window_left) + 1 ? int64_t(a.window_left) + 1 : len;
     total_keys += span;
     total_cost += span + kOverhead;
@@ -170,10 +192,10 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
   const int64_t partial_lse_bytes = int64_t(max_partials) * a.num_qo_heads * 4;
   const int64_t plan_offset = (partial_o_bytes + partial_lse_bytes + 255) / 256 * 256;
   const int64_t plan_bytes = int64_t(L.total) * 4;
-  info[0] = plan_offset + plan_bytes;
-  info[8] = plan_bytes;
-  if (info[0] > a.workspace_bytes) return kPlanWorkspaceTooSmall;
-  if (info[8] > a.pinned_bytes) return kPlanPinnedTooSmall;
+  info[kInfoWorkspaceBytes] = plan_offset + plan_bytes;
+  info[kInfoPinnedBytes] = plan_bytes;
+  if (info[kInfoWorkspaceBytes] > a.workspace_bytes) return kPlanWorkspaceTooSmall;
+  if (info[kInfoPinnedBytes] > a.pinned_bytes) return kPlanPinnedTooSmall;
 
   // The caller alternates between two staging buffers; this one's last copy (two plans ago) has almost
   // always run by now, else wait for it rather than overwrite bytes still to be copied.
@@ -211,15 +233,24 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
     h[L.req_page_base + r] = ip[r];
     h[L.req_kv_len + r] = len;
     const int first_piece = pieces;
+    if (len == 0) {  // no keys: one empty piece writes o = 0, lse = -inf
+      piece_req[pieces] = r;
+      piece_begin[pieces] = piece_end[pieces] = 0;
+      piece_slot[pieces] = -1;
+      ++pieces;
+      load += kOverhead;
+      remaining -= kOverhead;
+      continue;
+    }
     while (b < e) {
       const int64_t room = budget - load - kOverhead;
       int take = e - b;
       if (w < workers_used - 1 && room < take) {
-        if (room < kMinPiece) {  // close this worker; the request starts on the next one
+        if (room < kMinPiece || (a.no_split && load > 0)) {  // close this worker; the request starts on the next
           close_worker();
           continue;
         }
-        take = (e - b - room < kMinPiece) ? e - b : static_cast<int>(room);
+        if (!a.no_split) take = (e - b - room < kMinPiece) ? e - b : static_cast<int>(room);
       }
       piece_req[pieces] = r;
       piece_begin[pieces] = b;
@@ -252,7 +283,7 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
     for (int i = 0; i < a.nnz; ++i) {
       const int v = a.host_indices[i];
       if (v < 0) {
-        info[7] = i;
+        info[kInfoBadPosition] = i;
         return kPlanNegativeIndex;
       }
       if (v > max_index) max_index = v;
@@ -277,29 +308,27 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
   plan->workers = graph ? workers : workers_used;  // graph mode: a fixed grid; idle workers exit at once
   plan->merge_blocks = graph ? max_merges : merges;
   plan->layout = L;
-  plan->logits_soft_cap = a.logits_soft_cap;
-  plan->sm_scale = a.sm_scale;
   plan->partial_o_offset = 0;
   plan->partial_lse_offset = partial_o_bytes;
   plan->plan_offset = plan_offset;
   plan->workspace = a.workspace;
   plan->indices = a.host_indices != nullptr ? reinterpret_cast<const int*>(dev_plan) + L.indices : a.device_indices;
-  if (!plan->rope_filled || plan->rope_scale != a.rope_scale || plan->rope_theta != a.rope_theta) {
-    fill_rope_table(plan->rope, HEAD_DIM, a.rope_scale, a.rope_theta);
-    plan->rope_filled = true;
-    plan->rope_scale = a.rope_scale;
-    plan->rope_theta = a.rope_theta;
-  }
-  info[1] = workers_used;
-  info[2] = pieces;
-  info[3] = merges;
-  info[4] = max_index;
-  info[5] = partials;
-  info[6] = total_keys;
-  info[9] = workers;
-  const int offsets[8] = {L.worker_indptr, L.piece_req, L.piece_begin, L.piece_end,
-                          L.piece_slot,    L.merge_req, L.merge_begin, L.merge_count};
-  for (int i = 0; i < 8; ++i) info[10 + i] = offsets[i];
+  info[kInfoWorkers] = workers_used;
+  info[kInfoPieces] = pieces;
+  info[kInfoMerges] = merges;
+  info[kInfoMaxIndex] = max_index;
+  info[kInfoPartialStates] = partials;
+  info[kInfoTotalKeys] = total_keys;
+  info[kInfoWorkerCapacity] = workers;
+  info[kInfoMaxKeys] = max_keys;
+  info[kInfoWorkerIndptr] = L.worker_indptr;
+  info[kInfoPieceReq] = L.piece_req;
+  info[kInfoPieceBegin] = L.piece_begin;
+  info[kInfoPieceEnd] = L.piece_end;
+  info[kInfoPieceSlot] = L.piece_slot;
+  info[kInfoMergeReq] = L.merge_req;
+  info[kInfoMergeBegin] = L.merge_begin;
+  info[kInfoMergeCount] = L.merge_count;
   return 0;
 }
 
