@@ -1780,6 +1780,70 @@ def _batch_decode_fake(q, k, v, wrapper_id, scale_mult, v_scale, return_lse, ena
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32)
 
 
+def host_schedule(
+    indptr: torch.Tensor,
+    last_page_len: torch.Tensor,
+    page_size: int,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    slots: int,
+    window_left: int = -1,
+    fixed_workers: int = 0,
+    disable_split_kv: bool = False,
+    spec: Any = None,
+) -> Dict[str, Any]:
+    """The decode planner alone, on the host (no GPU needed; for tests and inspection): the work list plan()
+    would send for a GPU with ``slots`` resident CTAs.
+
+    Returns a dict: ``workers`` (per worker, its pieces ``(request, begin, end, partial slot or -1)``),
+    ``merges`` (``(request, first slot, count)``), ``workers_used``, ``worker_capacity``, ``pieces``,
+    ``partial_states``, ``total_keys``."""
+    module = jit.load(spec or BatchDecodePagedSpec())
+    abi = DecodePlannerABI.of(module)
+    ip, lp = host_int32(indptr, "indptr"), host_int32(last_page_len, "last_page_len")
+    blob = ctypes.create_string_buffer(module.launcher("flashinfer_batch_decode_plan_size")())
+    info = abi.new_info()
+    out = torch.zeros(1 << 20, dtype=torch.int32)
+    rc = module.launcher("flashinfer_batch_decode_schedule")(
+        indptr=ip.data_ptr(),
+        last_page_len=lp.data_ptr(),
+        batch=lp.numel(),
+        page_size=page_size,
+        window_left=window_left,
+        num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads,
+        slots=slots,
+        fixed_workers=fixed_workers,
+        no_split=int(disable_split_kv),
+        out=out.data_ptr(),
+        out_bytes=out.numel() * 4,
+        plan_out=ctypes.addressof(blob),
+        info=ctypes.addressof(info),
+    )
+    if rc:
+        raise ValueError(f"schedule failed: {module.error_string(rc)} (code {rc}, at {info[abi.info['bad_position']]})")
+    o = out.tolist()
+    at = {k: int(info[v]) for k, v in abi.info.items()}
+    workers = []
+    for w in range(at["worker_capacity"]):
+        workers.append(
+            [
+                (o[at["piece_req"] + i], o[at["piece_begin"] + i], o[at["piece_end"] + i], o[at["piece_slot"] + i])
+                for i in range(o[at["worker_indptr"] + w], o[at["worker_indptr"] + w + 1])
+            ]
+        )
+    merges = [(o[at["merge_req"] + m], o[at["merge_begin"] + m], o[at["merge_count"] + m]) for m in range(o[0])]
+    return {
+        "workers": workers,
+        "merges": merges,
+        "workers_used": at["workers"],
+        "worker_capacity": at["worker_capacity"],
+        "pieces": at["pieces"],
+        "partial_states": at["partial_states"],
+        "total_keys": at["total_keys"],
+    }
+
+
 def fast_decode_plan(
     self: BatchDecodeWithPagedKVCacheWrapper,
     indptr: torch.Tensor,

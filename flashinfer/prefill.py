@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -971,7 +971,7 @@ class _BatchPrefillBase:
         fixed_chunk: int,
         disable_split_kv: bool,
         page_size: int,
-        kv_tables: Dict[str, torch.Tensor],
+        kv_tables: Callable[[], Dict[str, torch.Tensor]],
         max_page_id: int,
     ) -> BatchPlan:
         """plan() of both wrappers once the KV side is known as per-request lengths: checks, the kernel
@@ -1081,7 +1081,6 @@ class _BatchPrefillBase:
         )
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
             raise workspace_too_small(ws.numel() * ws.element_size(), part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
-        mask_t, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, qo_lens, kv_lens, non_blocking)
         if self._use_cuda_graph:
             cap_w, cap_m = _GRAPH_WORK_CAPACITY, _GRAPH_MERGE_CAPACITY
             if len(work) > cap_w or len(merge) > cap_m:
@@ -1092,9 +1091,11 @@ class _BatchPrefillBase:
         else:
             cap_w, cap_m = max(1, len(work)), max(1, len(merge))
         layout = PrefillScheduleLayout(cap_w, cap_m, mod.constants["work_fields"], mod.constants["merge_fields"])
-        if self._use_cuda_graph and self._schedule_buf is None:
-            self._schedule_buf = torch.empty(layout.total, dtype=torch.int32, device=dev)
+        # Device copies from here on: every check has passed.
+        mask_t, mask_indptr = self._mask_tensors(custom_mask, packed_custom_mask, qo_lens, kv_lens, non_blocking)
         sched_buf = self._to_device_int(layout.pack(work, merge), self._schedule_buf, "schedule", non_blocking)
+        if self._use_cuda_graph:
+            self._schedule_buf = sched_buf  # (fixed capacity: every later plan refills this buffer)
         if self._use_cuda_graph:
             if self._grid is None:
                 slots = _occupancy(spec, dev.index, tile) * num_sms(dev.index)
@@ -1104,6 +1105,7 @@ class _BatchPrefillBase:
         else:
             grid_x, merge_grid_x = len(work), len(merge)
         qo_dev = self._qo_indptr_buf = self._to_device_int(qo, self._fixed_qo_indptr, "qo_indptr", non_blocking)
+        kv_tables = kv_tables()
         schedule = PrefillSchedule(
             tile,
             layout,
@@ -1503,7 +1505,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         if seq_lens is not None:
             check_table_lengths("seq_lens", seq_lens, h_kv[1:] - h_kv[:-1])
         fixed = fixed_split_size if isinstance(fixed_split_size, int) and fixed_split_size > 0 else 0
-        kv_dev = self._kv_indptr_buf = self._to_device_int(kv, self._fixed_kv_indptr, "kv_indptr", non_blocking)
+
+        def tables() -> Dict[str, torch.Tensor]:  # (to the device once every check has passed)
+            return {"kv_indptr": self._to_device_int(kv, self._fixed_kv_indptr, "kv_indptr", non_blocking)}
+
         plan = self._plan_common(
             qo_indptr,
             kv_lens,
@@ -1531,10 +1536,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
             fixed,
             disable_split_kv,
             1,
-            {"kv_indptr": kv_dev},
+            tables,
             -1,
         )
         plan.total_kv = kv[-1]  # rows of k/v run() expects
+        self._kv_indptr_buf = plan.schedule.kv_indptr
 
     begin_forward = plan
 
@@ -1881,23 +1887,26 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         # (FLASHINFER_CHECK_INPUTS=1 checks them in run()).
         idx, max_page_id = page_ids_int32(paged_kv_indices, ind[-1], "paged_kv_indices")
         fixed_indptr, fixed_indices, fixed_last = self._fixed_tables
-        if fixed_indices is not None:
-            if fixed_indices.numel() < idx.numel():
-                raise ValueError("paged_kv_indices_buf is smaller than paged_kv_indices")
-            if idx.numel() and (idx.device != fixed_indices.device or idx.data_ptr() != fixed_indices.data_ptr()):
-                fixed_indices[: idx.numel()].copy_(idx, non_blocking=non_blocking)  # (already there: no self-copy)
-            indices_dev = fixed_indices
-        else:
-            indices_dev = (
-                idx.to(self._device, non_blocking=non_blocking)
-                if idx.numel()
-                else torch.zeros(1, dtype=torch.int32, device=self._device)
-            )
-        tables = {
-            "kv_indptr": self._to_device_int(ind, fixed_indptr, "paged_kv_indptr", non_blocking),
-            "kv_indices": indices_dev,
-            "kv_last_page_len": self._to_device_int(last, fixed_last, "paged_kv_last_page_len", non_blocking),
-        }
+        if fixed_indices is not None and fixed_indices.numel() < idx.numel():
+            raise ValueError("paged_kv_indices_buf is smaller than paged_kv_indices")
+
+        def tables() -> Dict[str, torch.Tensor]:  # (to the device once every check has passed)
+            if fixed_indices is not None:
+                if idx.numel() and (idx.device != fixed_indices.device or idx.data_ptr() != fixed_indices.data_ptr()):
+                    fixed_indices[: idx.numel()].copy_(idx, non_blocking=non_blocking)  # (no self-copy)
+                indices_dev = fixed_indices
+            else:
+                indices_dev = (
+                    idx.to(self._device, non_blocking=non_blocking)
+                    if idx.numel()
+                    else torch.zeros(1, dtype=torch.int32, device=self._device)
+                )
+            return {
+                "kv_indptr": self._to_device_int(ind, fixed_indptr, "paged_kv_indptr", non_blocking),
+                "kv_indices": indices_dev,
+                "kv_last_page_len": self._to_device_int(last, fixed_last, "paged_kv_last_page_len", non_blocking),
+            }
+
         fixed = fixed_split_size * page_size if isinstance(fixed_split_size, int) and fixed_split_size > 0 else 0
         self._plan_common(
             qo_indptr,
@@ -1929,12 +1938,14 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
             tables,
             max_page_id,
         )
-        self._plan_info.num_page_ids = idx.numel()
+        p = self._plan_info
+        p.num_page_ids = idx.numel()
         # FlashInfer's attributes: the device page table of the last plan (graph mode: the fixed buffers).
+        s = p.schedule
         self._paged_kv_indptr_buf, self._paged_kv_indices_buf, self._paged_kv_last_page_len_buf = (
-            tables["kv_indptr"],
-            indices_dev,
-            tables["kv_last_page_len"],
+            s.kv_indptr,
+            s.kv_indices,
+            s.kv_last_page_len,
         )
 
     begin_forward = plan

@@ -136,8 +136,10 @@ def host_int32(t: Any, name: str) -> torch.Tensor:
     if not t.is_cpu:
         t = t.to("cpu")
     if t.dtype != torch.int32:
-        if t.numel() and (int(t.max()) >= 2**31 or int(t.min()) < -(2**31)):
-            raise ValueError(f"{name} values exceed int32")
+        bad = torch.nonzero((t > INT32_MAX) | (t < -(2**31)))
+        if bad.numel():
+            at = int(bad[0, 0])
+            check_int32_values([int(t[at])], name, first=at)  # (raises, naming the entry)
         t = t.to(torch.int32)
     return t if t.is_contiguous() else t.contiguous()
 
@@ -414,7 +416,7 @@ INT32_MAX = 2**31 - 1
 MAX_KV_LEN = 2**31 - 2**16
 
 
-def check_int32_values(values: Sequence[int], name: str) -> None:
+def check_int32_values(values: Sequence[int], name: str, first: int = 0) -> None:
     """Raise ValueError naming ``name``'s first entry outside int32, instead of narrowing it (or torch's
     ``value cannot be converted to type int32``).
 
@@ -424,8 +426,10 @@ def check_int32_values(values: Sequence[int], name: str) -> None:
         Host values (indptr arrays, lengths) about to be stored as int32.
     name : str
         The argument's name, for the message.
+    first : int
+        The position of ``values[0]`` in the argument (for the message).
     """
-    for i, v in enumerate(values):
+    for i, v in enumerate(values, first):
         if not -(2**31) <= v <= INT32_MAX:
             raise ValueError(
                 f"{name}[{i}] = {v} does not fit int32 (the kernels index with 32-bit ints; accepted: "

@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flashinfer.activation import ActivationSpec  # noqa: E402
-from flashinfer.decode import BatchDecodePagedSpec as BD  # noqa: E402
 from flashinfer.cascade import CascadeSharedSpec, MergeStateSpec  # noqa: E402
+from flashinfer.decode import BatchDecodePagedSpec as BD  # noqa: E402
 from flashinfer.decode import SingleDecodeSpec as SD  # noqa: E402
 from flashinfer.jit import env  # noqa: E402
 from flashinfer.norm import NormSpec  # noqa: E402

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import flashinfer
-from flashinfer._planning import host_schedule
-from flashinfer.decode import BatchDecodePagedSpec
+from flashinfer.decode import BatchDecodePagedSpec, host_schedule
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 LENS = [1, 15, 16, 17, 1000, 4096, 33000]

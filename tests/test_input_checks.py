@@ -35,8 +35,15 @@ class Accepted(Exception):
 def cpu_plan(monkeypatch):
     """Batch prefill plan() on the CPU up to its first device copy: the module, occupancy and SM count faked."""
 
-    class FakeMod:
-        constants = {}
+    class FakeMod:  # (the batch prefill module's constants the planner reads)
+        constants = {
+            "query_tiles": 2,
+            "query_tile_0": 64,
+            "query_tile_1": 128,
+            "kv_tile": 64,
+            "work_fields": 5,
+            "merge_fields": 4,
+        }
 
     def stop(*args, **kwargs):
         raise Accepted
@@ -45,6 +52,7 @@ def cpu_plan(monkeypatch):
     monkeypatch.setattr(prefill_mod, "_occupancy", lambda *a: 2)
     monkeypatch.setattr(prefill_mod, "num_sms", lambda index: 132)
     monkeypatch.setattr(prefill_mod._BatchPrefillBase, "_to_device_int", stop)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (no driver here)
     yield
 
 
@@ -150,15 +158,16 @@ def test_prefill_plans_refuse_requests_past_the_32_bit_limit(monkeypatch):
             )
         r = cpu_wrapper(prefill_mod.BatchPrefillWithRaggedKVCacheWrapper)
         with pytest.raises(ValueError, match=r"kv_indptr\[1\] = 2147483648 does not fit int32"):
-            r.plan([0, 1], [0, 2**31], 8, 2, 128)
+            r.plan(torch.tensor([0, 1]), torch.tensor([0, 2**31]), 8, 2, 128)
         with pytest.raises(ValueError, match=r"qo_indptr\[2\] = 4294967296 does not fit int32"):
-            r.plan([0, 1, 2**32], [0, 1, 2], 8, 2, 128)
+            r.plan(torch.tensor([0, 1, 2**32]), torch.tensor([0, 1, 2]), 8, 2, 128)
 
 
 def test_decode_planner_refuses_2_31_keys():
     """Before: at 2**31 + 1 keys the 32-bit planner scheduled nothing (output left uninitialised), at
     2**32 + 100 it attended to 100 keys."""
-    from flashinfer._planning import host_schedule, paged_kv_lens
+    from flashinfer._planning import paged_kv_lens
+    from flashinfer.decode import host_schedule
 
     ps = 1024
     for keys in (2**31 + 1, 2**32 + 100, MAX_KV_LEN + 1):

@@ -823,7 +823,7 @@ def test_batch_spec_names_and_planner():
 def test_split_kv_fills_whole_waves():
     """One long request with few query rows (a cascade's shared level: 64 decode queries x group 4): the chunks
     fill one wave of resident CTAs instead of overflowing it by a few (272 CTAs for 264 slots ran a second wave)."""
-    from flashinfer.prefill import _plan_schedule
+    from flashinfer._planning import schedule_prefill
 
     # (query rows, KV, KV heads, fewest CTAs expected: chunks stay >= 512 keys, so short KV fills less)
     for qo, kv, heads, least in (
@@ -832,8 +832,8 @@ def test_split_kv_fills_whole_waves():
         ([256], [32768], 8, 240),
         ([3], [20000], 2, 78),
     ):
-        tile, work, merge, part = _plan_schedule(
-            qo, kv, 4, heads, 128, (64, 128), lambda t: 2, 132, False, 1 << 30, 4 * heads
+        tile, work, merge, part = schedule_prefill(
+            qo, kv, 4, heads, 128, (64, 128), 64, lambda t: 2, 132, False, 1 << 30, 4 * heads
         )
         ctas = len(work) * heads
         assert least <= ctas <= 264, (qo, kv, ctas)  # one wave

@@ -197,9 +197,9 @@ cudaError_t launch_batch_decode_gt(BatchDecodePlan& plan, const BatchDecodeRunAr
                       decode_smem_bytes<HEAD_DIM, GT>(), a.stream, a.enable_pdl, p, rope);
   if (err != cudaSuccess || plan.merge_blocks == 0) return err;
   return launch_kernel(batch_merge_states_kernel<HEAD_DIM, DTypeO>, dim3(plan.num_qo_heads, plan.merge_blocks),
-                       dim3(kMergeThreads), 0, a.stream, a.enable_pdl, p.plan, p.layout, static_cast<const float*>(p.partial_o),
-                       static_cast<const float*>(p.partial_lse), plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse,
-                       a.v_scale);
+                       dim3(kMergeThreads), 0, a.stream, a.enable_pdl, p.plan, p.layout,
+                       static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
+                       plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse, a.v_scale);
 }
 
 }  // namespace flashinfer
