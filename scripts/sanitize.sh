@@ -2,7 +2,7 @@
 # compute-sanitizer memcheck, racecheck, initcheck and synccheck over a representative subset of every kernel
 # family's GPU tests (issue 10): small shapes covering every code path (split-KV and not, paged page size 1 and
 # 16, ragged, masks, fa2 and fa3, CUDA-graph mode, cascade levels, invalid page ids), one pytest process per
-# tool, the four tools in parallel on the one GPU. Prints which tests each tool ran and a per-family table of
+# tool and family, the four tools in parallel on the one GPU. Prints which tests each tool ran and a per-family table of
 # findings; exits 1 on any finding or failing test, 0 when every family is clean.
 #
 #   scripts/sanitize.sh                 all four tools
@@ -38,9 +38,9 @@ TOOLS=("$@")
 # family | test file | memcheck -k | racecheck/initcheck/synccheck -k
 FAMILIES=(
   "decode|tests/test_decode.py|(test_decode_matrix and (q-f16_kv-f16_o-f16_d128_nhd_pos-none_window-off_softcap-off-1024] or q-bf16_kv-bf16_o-bf16_d64_hnd_pos-ropellama_window-on_softcap-off-1] or q-f16_kv-f16_o-f16_d256_nhd_pos-alibi_window-off_softcap-on-1024] or q-bf16_kv-bf16_o-bf16_d128_nhd_pos-ropellama_window-on_softcap-on-33001])) or test_decode_window_edges[255] or test_decode_strided_views[100-HND]|test_decode_matrix and (q-f16_kv-f16_o-f16_d128_nhd_pos-none_window-off_softcap-off-1024] or q-bf16_kv-bf16_o-bf16_d128_nhd_pos-ropellama_window-on_softcap-on-33001])"
-  "batch_decode|tests/test_batch_decode.py|test_batch_decode_mixed_lengths[NHD-tuple-1-7] or test_batch_decode_mixed_lengths[HND-single-16-257] or test_batch_decode_mixed_lengths[NHD-single-64-64] or test_batch_decode_window[15-ROPE_LLAMA] or test_batch_decode_tensor_cores_matrix[NHD-float16-128-NONE] or test_batch_decode_tensor_cores_window_and_soft_cap[ALIBI--1-1.5-HND] or test_graph_mode_replays_after_replan|test_batch_decode_mixed_lengths[NHD-tuple-1-7] or test_batch_decode_mixed_lengths[HND-single-16-257] or test_batch_decode_tensor_cores_matrix[NHD-float16-128-NONE] or test_graph_mode_replays_after_replan[True-False]"
+  "batch_decode|tests/test_batch_decode.py|test_batch_decode_mixed_lengths[NHD-tuple-1-7] or test_batch_decode_mixed_lengths[HND-single-16-257] or test_batch_decode_mixed_lengths[NHD-single-64-64] or test_batch_decode_window[15-ROPE_LLAMA] or test_batch_decode_tensor_cores_matrix[NHD-float16-128-NONE] or test_batch_decode_tensor_cores_window_and_soft_cap[ALIBI--1-1.5-HND] or test_graph_mode_replays_after_replan or test_requests_without_keys_give_zero_and_minus_inf or test_split_control_pdl_and_lse_without_return_lse|test_batch_decode_mixed_lengths[NHD-tuple-1-7] or test_batch_decode_mixed_lengths[HND-single-16-257] or test_batch_decode_tensor_cores_matrix[NHD-float16-128-NONE] or test_graph_mode_replays_after_replan[True-False] or test_requests_without_keys_give_zero_and_minus_inf[True-False]"
   "prefill_single|tests/test_prefill.py|test_single_prefill_fa3[17-17-4-causal-dtype0] or test_single_prefill_fa3[300-4096-4-none-dtype1] or test_single_prefill_split_kv_long[128] or test_single_prefill_window_edges[causal-63] or test_single_prefill_packed_mask_and_return_lse_alias or test_single_prefill_lengths_groups_masks[none-1-0-17] or test_single_prefill_strided_views[HND] or test_decode_with_tensor_cores_matches_reference[4]|test_single_prefill_fa3[17-17-4-causal-dtype0] or test_single_prefill_fa3[300-4096-4-none-dtype1] or test_single_prefill_split_kv_long[64] or test_single_prefill_packed_mask_and_return_lse_alias"
-  "prefill_batch|tests/test_prefill.py|test_batch_prefill_matrix[NHD-none-0-ragged-0] or test_batch_prefill_matrix[NHD-causal-1-paged-1] or test_batch_prefill_matrix[HND-custom-2-paged-16] or test_batch_prefill_matrix[HND-causal-2-ragged-0] or test_batch_prefill_options_and_split_kv or test_batch_prefill_cuda_graph_replays_new_plans|test_batch_prefill_matrix[NHD-causal-1-paged-16] or test_batch_prefill_matrix[HND-custom-2-ragged-0] or test_batch_prefill_options_and_split_kv[NONE] or test_batch_prefill_cuda_graph_replays_new_plans"
+  "prefill_batch|tests/test_prefill.py|test_batch_prefill_matrix[NHD-none-0-ragged-0] or test_batch_prefill_matrix[NHD-causal-1-paged-1] or test_batch_prefill_matrix[HND-custom-2-paged-16] or test_batch_prefill_matrix[HND-causal-2-ragged-0] or test_batch_prefill_options_and_split_kv or test_batch_prefill_cuda_graph_replays_new_plans or test_batch_prefill_causal_with_more_queries_than_keys or test_batch_prefill_split_control_pdl_scales_and_lse|test_batch_prefill_matrix[NHD-causal-1-paged-16] or test_batch_prefill_matrix[HND-custom-2-ragged-0] or test_batch_prefill_options_and_split_kv[NONE] or test_batch_prefill_cuda_graph_replays_new_plans or test_batch_prefill_causal_with_more_queries_than_keys[4-paged]"
   "page_append|tests/test_page.py|test_append_lands_where_the_page_table_says[dtype0-1-single-NHD] or test_append_lands_where_the_page_table_says[dtype1-16-tuple-HND] or test_append_skips_entries_outside_the_page_table|test_append_lands_where_the_page_table_says[dtype0-16-single-NHD] or test_append_skips_entries_outside_the_page_table"
   "cascade|tests/test_cascade.py|test_merge_state[37x3x72-bf16] or test_merge_states[1x1x4x128-f16] or test_merge_state_in_place_with_mask_and_views[f16] or test_two_levels[decode-float16-d128-32q8kv-NHD-tuple] or (test_two_levels and prefill-bfloat16-d128-32q4kv-HND-tuple) or test_shared_level_on_wgmma_and_on_batch_prefill[1-HND-2500-bf16] or test_cuda_graph_replays_after_replans|test_merge_states[1x1x4x128-f16] or test_two_levels[decode-float16-d128-32q8kv-NHD-tuple] or test_shared_level_on_wgmma_and_on_batch_prefill[16-HND-40-f16]"
   "rope|tests/test_rope.py|test_pos_ids_matches_reference[False-False-128-128-dtype0] or test_cos_sin_cache_matches_reference[True-hs256-rot128-neox1-n1024-dtype1] or test_ragged_indptr_offsets[idtype0-True-True-dtype1] or test_cuda_graph_capture_and_replay|test_pos_ids_matches_reference[False-False-128-128-dtype0] or test_cos_sin_cache_matches_reference[True-hs64-rot64-neox1-n1024-dtype0]"
@@ -94,7 +94,7 @@ run_tool() {  # tool
   case $tool in
     memcheck) set=full; extra=(--leak-check no) ;;
     racecheck) extra=(--racecheck-report hazard) ;;
-    initcheck) extra=(--track-unused-memory no) ;;
+    initcheck) ;;  # (--track-unused-memory is a flag without a value here: "no" was read as the program)
     synccheck) ;;
     *) echo "sanitize: unknown tool $tool" >&2; return 2 ;;
   esac
@@ -103,12 +103,21 @@ run_tool() {  # tool
     echo "## $tool ran ${#nodes[@]} tests:"
     printf '##   %s\n' "${nodes[@]}"
   } >"$OUT/$tool.tests"
+  # One process per family: a kernel fault poisons its CUDA context, which would end every later test of the
+  # process (the last run lost 43 of memcheck's tests so); a family's fault now ends that family only.
   # No caching allocator under memcheck: an overrun then leaves its own allocation instead of landing in a
   # neighbour's block of the same pool, where memcheck cannot see it.
-  PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=$([[ $tool == memcheck ]] && echo 1 || echo 0) \
-    "$SAN" --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 50 "${extra[@]}" \
-    "$PY" -m pytest -v -rA -p no:cacheprovider -m gpu "${nodes[@]}" >"$OUT/$tool.log" 2>&1
-  echo $? >"$OUT/$tool.rc"
+  : >"$OUT/$tool.log"
+  local rc=0 sel
+  for sel in "$OUT"/select."$set".*; do
+    mapfile -t nodes < <(grep -v '^#' "$sel" || true)
+    [[ ${#nodes[@]} -gt 0 ]] || continue
+    echo "## family ${sel##*.}" >>"$OUT/$tool.log"
+    PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=$([[ $tool == memcheck ]] && echo 1 || echo 0) \
+      "$SAN" --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 50 "${extra[@]}" \
+      "$PY" -m pytest -v -rA -p no:cacheprovider -m gpu "${nodes[@]}" >>"$OUT/$tool.log" 2>&1 || rc=1
+  done
+  echo $rc >"$OUT/$tool.rc"
 }
 
 start=$(date +%s)

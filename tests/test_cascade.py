@@ -862,13 +862,13 @@ class _FakeWrapper:
 
 def _cpu_wrapper(monkeypatch, num_levels):
     """A MultiLevelCascadeAttentionWrapper on the CPU with fake level wrappers and a recording merge."""
-    from flashinfer import batch_decode, prefill
+    from flashinfer import decode, prefill
 
     class FakePrefill(_FakeWrapper):
         real = prefill.BatchPrefillWithPagedKVCacheWrapper
 
     class FakeDecode(_FakeWrapper):
-        real = batch_decode.BatchDecodeWithPagedKVCacheWrapper
+        real = decode.BatchDecodeWithPagedKVCacheWrapper
 
     merges = []
     monkeypatch.setattr(cascade, "BatchPrefillWithPagedKVCacheWrapper", FakePrefill)
