@@ -1529,7 +1529,8 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
             head_dim,
             page_size,
             pos_encoding_mode="NONE",
-            data_type=data_type,
+            q_data_type=data_type,  # (FlashInfer's data_type fills only a None q_data_type, whose default is f16)
+            kv_data_type=data_type,
         )
 
     plan = begin_forward

@@ -620,6 +620,17 @@ def test_cascade_on_second_device_while_first_is_current():
 
 
 @pytest.mark.gpu
+def test_causal_last_level_with_more_queries_than_unique_keys():
+    """Accepted, as in FlashInfer: causal applies to the last level, aligned bottom-right, so its first
+    qo_len - kv_len rows see no unique key (the shared level's keys only)."""
+    lv = Levels([[(8, 100)], [(8, 5)]], 16, 2, 64, torch.bfloat16, "NHD")
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(16), "NHD")
+    w._fallback = "never"
+    w.plan(*lv.plan_args(), 8, 2, 64, 16, causal=True, q_data_type=torch.bfloat16)
+    _check(w, lv, torch.randn(8, 8, 64, device="cuda").to(torch.bfloat16), causal=True)
+
+
+@pytest.mark.gpu
 def test_run_and_plan_bad_input():
     lv = Levels([[(3, 100)], [(1, 5), (1, 6), (1, 7)]], 16, 2, 64, torch.bfloat16, "NHD")
     w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(16), "NHD")
@@ -636,9 +647,6 @@ def test_run_and_plan_bad_input():
         w.run(q, lv.cache, out=torch.empty(3, 8, 32, device="cuda", dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="num_qo_heads"):
         w.plan(*lv.plan_args(), 6, 4, 64, 16, q_data_type=torch.bfloat16)
-    with pytest.raises(ValueError, match="causal"):  # more queries than unique keys under a causal mask
-        bad = Levels([[(8, 100)], [(8, 5)]], 16, 2, 64, torch.bfloat16, "NHD")
-        w.plan(*bad.plan_args(), 8, 2, 64, 16, causal=True, q_data_type=torch.bfloat16)
     with pytest.raises(ValueError, match="contiguous in head_dim"):
         v = torch.randn(4, 2, 64, device="cuda").to(torch.bfloat16)[:, :, ::2]  # last stride 2
         flashinfer.merge_state_in_place(
