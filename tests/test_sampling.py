@@ -450,10 +450,8 @@ def test_emulated_reads_stay_inside_the_rows(dtype, vocab, start, stride, gather
         src = idx.tolist() if gathered else range(x.size(0))
         for filters, kw in ((0, {}), (1, {"top_k": 2}), (2, {"top_p": 0.7})):
             for cluster, cached in ((0, 0), (0, 1), (2, 0), (2, 1)):
-                samples, valid = emu.sample(
-                    x, logits=logits, filters=filters, indices=idx, seed=3, offset=vocab, cluster=cluster, cached=cached,
-                    **kw,
-                )
+                run = {"logits": logits, "filters": filters, "indices": idx, "cluster": cluster, "cached": cached}
+                samples, valid = emu.sample(x, seed=3, offset=vocab, **run, **kw)
                 for i, b in enumerate(src):
                     row = x[b].float()
                     w = emu.weights(row, logits) if logits else None
