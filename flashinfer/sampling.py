@@ -2,7 +2,7 @@
 
 Every function takes rows of probabilities (``probs``) or logits over a vocabulary, ``[batch_size, vocab_size]``
 (float32, float16 or bfloat16; any row stride, unit stride in the vocabulary), and filters them by thresholds on
-the values, found by radix search over the unsorted rows (see ``templates/include/flashinfer/sampling.cuh``):
+the values, found by radix search over the unsorted rows (see ``templates/include/flashinfer/ops/sampling.cuh``):
 
 * top-k keeps the k largest entries, top-p the shortest head of the distribution (in descending order) that
   holds ``top_p`` of its mass, min-p the entries of at least ``min_p`` times the largest probability. Entries

@@ -3,8 +3,10 @@ content hash with the host compiler and wraps its entry points for CPU torch ten
 
 The device functions compiled here are the unmodified ones of templates/include/flashinfer/ops/sampling.cuh; only
 ptx/math.cuh's PTX (ex2/lg2 approximations), ptx/cp_async.cuh and ptx/griddepcontrol.cuh are replaced by host
-versions. What this cannot show:
-timing, the memory model (threads interleave only at barriers, in a random order), PTX-level details.
+versions. A global read (``__ldg``, ``cp.async``) outside the input tensor's bytes fails the launch, as
+compute-sanitizer's memcheck would for an exact allocation. What this cannot show:
+timing, the memory model (threads interleave only at barriers, in a random order: the shared-memory hazards that
+compute-sanitizer racecheck reports do not show here), PTX-level details.
 """
 
 from __future__ import annotations

@@ -406,6 +406,95 @@ def test_emulated_row_transforms_match_references(case):
     torch.testing.assert_close(out.double(), want, atol=2e-7, rtol=2e-6)
 
 
+# The rows compute-sanitizer's memcheck flagged: a 16-byte vector covering a row's last (or first) element reaches
+# past the tensor when the vocabulary is not a multiple of the vector width. The emulator fails a launch that reads
+# any byte outside the input tensor (emu::global_readable), as memcheck does for bytes outside an exact allocation;
+# the bytes around the rows hold large values, so a read of them that leaked into the result changes it.
+_EDGE_ROWS = [
+    # dtype, vocab, offset of element 0 in its row buffer, row stride (elements), rows gathered through indices
+    (torch.float32, 3, 0, 3, False),  # the memcheck report: rows of 12 bytes
+    (torch.float32, 3, 1, 5, True),
+    (torch.float32, 1030, 2, 1033, False),  # several CTAs per row
+    (torch.float16, 5, 0, 5, False),
+    (torch.bfloat16, 13, 0, 13, False),
+    (torch.float16, 13, 3, 17, True),
+    (torch.bfloat16, 5, 1, 7, True),
+    (torch.bfloat16, 2049, 5, 2059, False),
+]
+
+
+def _edge_rows(rng, dtype, vocab, start, stride, logits):
+    rows = 3
+    buf = torch.full((rows, stride), 1e3 if logits else 60.0)
+    if logits:
+        x = torch.from_numpy(rng.standard_normal((rows, vocab)).astype(np.float32)) * 3
+        x[0, rng.random(vocab) < 0.3] = float("-inf")
+    else:
+        x = torch.from_numpy(rng.random((rows, vocab)).astype(np.float32)) ** 2
+        x[0, rng.random(vocab) < 0.3] = 0
+    x[1, -1] = x[1].max() + 1  # the row's mass at its ends
+    x[2, 0] = x[2].max() + 1
+    buf[:, start : start + vocab] = x
+    return buf.to(dtype)[:, start : start + vocab]
+
+
+@needs_emu
+@pytest.mark.parametrize("dtype,vocab,start,stride,gathered", _EDGE_ROWS)
+def test_emulated_reads_stay_inside_the_rows(dtype, vocab, start, stride, gathered):
+    """No vector load reaches outside the input tensor (the last row's tail, the first row's head), cached or
+    streamed, on every route, and the elements around a row stay neutral: the tokens are the reference's."""
+    rng = np.random.default_rng(vocab * 7 + stride)
+    for logits in (False, True):
+        x = _edge_rows(rng, dtype, vocab, start, stride, logits)
+        idx = torch.tensor([2, 0, 2, 1], dtype=torch.int64) if gathered else None
+        src = idx.tolist() if gathered else range(x.size(0))
+        for filters, kw in ((0, {}), (1, {"top_k": 2}), (2, {"top_p": 0.7})):
+            for cluster, cached in ((0, 0), (0, 1), (2, 0), (2, 1)):
+                run = {"logits": logits, "filters": filters, "indices": idx, "cluster": cluster, "cached": cached}
+                samples, valid = emu.sample(x, seed=3, offset=vocab, **run, **kw)
+                for i, b in enumerate(src):
+                    row = x[b].float()
+                    w = emu.weights(row, logits) if logits else None
+                    want = R.sample_row(row.numpy(), R.random64(3, vocab, i), logits=logits, weights_fx=w, **kw)
+                    assert (int(samples[i]), bool(valid[i])) == want, (logits, filters, cluster, cached, i)
+    if gathered:
+        return
+    for cluster, cached in ((0, 0), (0, 1), (2, 0), (2, 1)):
+        logits = _edge_rows(rng, dtype, vocab, start, stride, True)
+        out = emu.row_op(logits, emu.OP_SOFTMAX, cluster=cluster, cached=cached)
+        torch.testing.assert_close(out.double(), torch.softmax(logits.double(), -1), atol=2e-7, rtol=2e-6)
+        out = emu.row_op(logits, emu.OP_TOP_K_MASK, top_k=2, cluster=cluster, cached=cached)
+        for b in range(logits.size(0)):
+            row = logits[b].float()
+            mask = R.kept_mask(row.numpy(), logits=True, weights_fx=emu.weights(row, True), top_k=2)
+            want = torch.where(torch.from_numpy(mask), row, torch.tensor(float("-inf"))) if vocab > 2 else row
+            assert torch.equal(out[b].float(), want), (cluster, cached, b)
+        probs = _edge_rows(rng, dtype, vocab, start, stride, False)
+        for op, kw in ((emu.OP_TOP_K_RENORM, {"top_k": 2}), (emu.OP_TOP_P_RENORM, {"top_p": 0.7})):
+            out = emu.row_op(probs, op, cluster=cluster, cached=cached, **kw)
+            for b in range(probs.size(0)):
+                row = probs[b].float().numpy()
+                want = np.where(R.kept_mask(row, **kw), row.astype(np.float64), 0.0)
+                got = out[b].double().numpy()
+                assert np.array_equal(got > 0, want > 0), (op, cluster, cached, b)
+                np.testing.assert_allclose(got, want / want.sum(), rtol=8e-3, atol=1e-8)
+
+
+@needs_emu
+@pytest.mark.parametrize("vocab", [3, 5])
+def test_emulated_chain_speculative_reads_stay_inside_the_target(vocab):
+    rng = np.random.default_rng(vocab)
+    dp = rng.random((2, 2, vocab)).astype(np.float32)
+    dp /= dp.sum(-1, keepdims=True)
+    tp = rng.random((2, 3, vocab)).astype(np.float32)
+    tp /= tp.sum(-1, keepdims=True)
+    ids = rng.integers(0, vocab, (2, 2)).astype(np.int32)
+    for seed in range(4):
+        out, acc, emi = emu.chain(torch.from_numpy(dp), torch.from_numpy(ids), torch.from_numpy(tp), seed=seed)
+        want = _chain_reference(dp, ids, tp, seed, 0)
+        assert (out.tolist(), acc.tolist(), emi.tolist()) == tuple(w.tolist() for w in want)
+
+
 def _chain_reference(dp, ids, tp, seed, offset):
     """Chain speculative sampling by its definition, with the kernels' draws."""
     b, n, vocab = dp.shape

@@ -58,6 +58,14 @@ struct TopKProbeBody {
 
 int elem_bytes(int dtype) { return dtype == 0 ? 4 : 2; }
 
+// Declares the input tensor, `rows` rows of `vocab` elements `stride` elements apart, as the global memory the
+// device code may read (see emu::global_readable).
+void set_readable(const void* input, int64_t rows, int64_t stride, int vocab, int bytes) {
+  emu::State& s = emu::st();
+  s.readable_lo = static_cast<const uint8_t*>(input);
+  s.readable_hi = s.readable_lo + (rows > 0 ? ((rows - 1) * stride + vocab) * bytes : 0);
+}
+
 // The plan the launcher would make, with the cluster size and caching overridden when asked (cluster 0 / cached -1:
 // the launcher's choice).
 constexpr int kEmulatedSms = 132;
@@ -132,6 +140,7 @@ const char* emu_sample(int dtype, int cluster, int cached, unsigned sched_seed, 
   p.offset_stride = offset_stride;
   p.offset_val = offset_val;
   const emu::Body body = pick<SampleBody>(dtype, pl.cached);
+  set_readable(input, num_rows, row_stride, vocab, elem_bytes(dtype));
   for (int b = 0; b < batch; ++b) {
     if (const char* e = emu::run_cluster(body, &p, pl.cluster, kThreads, b * pl.cluster, pl.smem, sched_seed + b))
       return e;
@@ -160,6 +169,7 @@ const char* emu_row_op(int dtype, int cluster, int cached, unsigned sched_seed, 
   p.temperature_arr = temperature_arr;
   p.temperature_val = temperature_val;
   const emu::Body body = pick<RowOpBody>(dtype, pl.cached);
+  set_readable(input, rows, in_stride, vocab, elem_bytes(dtype));
   for (int r = 0; r < rows; ++r) {
     if (const char* e = emu::run_cluster(body, &p, pl.cluster, kThreads, r * pl.cluster, pl.smem, sched_seed + r))
       return e;
@@ -187,6 +197,7 @@ const char* emu_chain(unsigned sched_seed, const float* draft_probs, const int* 
   p.offset_arr = offset_arr;
   p.offset_stride = offset_stride;
   p.offset_val = offset_val;
+  set_readable(target_probs, static_cast<int64_t>(batch) * (num_speculative + 1), vocab, vocab, 4);
   for (int b = 0; b < batch; ++b) {
     if (const char* e = emu::run_cluster(chain_body, &p, 1, kThreads, b, sizeof(Shared), sched_seed + b)) return e;
   }
@@ -198,6 +209,7 @@ const char* emu_topk_probe(int dtype, int cluster, int cached, const void* row, 
   RowPlan pl;
   if (const char* e = plan(dtype, vocab, cluster, cached, &pl)) return e;
   TopKProbe t = {row, vocab, k, logits, 0, 0, 0, 0, 0};
+  set_readable(row, 1, vocab, vocab, elem_bytes(dtype));
   if (const char* e = emu::run_cluster(pick<TopKProbeBody>(dtype, pl.cached), &t, pl.cluster, kThreads, 0, pl.smem, 7))
     return e;
   out[0] = t.n;

@@ -61,6 +61,10 @@ struct State {
   uint64_t events = 0;
   std::mt19937 rng{12345};
   const char* error = nullptr;
+  // The bytes of global memory the device code may read: the input tensor's, from its first element to its last
+  // (what an exact allocation of it would hold; set by the driver for each launch).
+  const uint8_t* readable_lo = nullptr;
+  const uint8_t* readable_hi = nullptr;
 };
 
 inline State& st() {
@@ -118,6 +122,19 @@ inline T exchange(T v, int src) {
   const T r = from_bits<T>(c.exchange[me().warp][src & 31]);
   warp_barrier();
   return r;
+}
+
+// Whether device code may read [p, p + n) from global memory; else the launch fails, as under compute-sanitizer
+// memcheck (stricter: a byte of the tensor's allocation outside the tensor itself is out of bounds too).
+inline bool global_readable(const void* p, size_t n) {
+  State& s = st();
+  const uint8_t* b = static_cast<const uint8_t*>(p);
+  if (s.readable_lo != nullptr && b >= s.readable_lo && b + n <= s.readable_hi) return true;
+  static char msg[200];
+  std::snprintf(msg, sizeof(msg), "out-of-bounds global read of %zu bytes at byte %lld of a %lld-byte tensor", n,
+                static_cast<long long>(b - s.readable_lo), static_cast<long long>(s.readable_hi - s.readable_lo));
+  if (s.error == nullptr) s.error = msg;
+  return false;
 }
 
 inline float exp2_ftz(float x) {
@@ -300,7 +317,11 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   *p = old + v;
   return old;
 }
-inline uint4 __ldg(const uint4* p) { return *p; }
+// (a read outside the tensor fails the launch and reads zeros: see global_readable)
+template <typename T>
+inline T __ldg(const T* p) {
+  return ::emu::global_readable(p, sizeof(T)) ? *p : T();
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }

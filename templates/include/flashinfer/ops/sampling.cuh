@@ -5,9 +5,9 @@
 // slice of the row's 16-byte vectors; when the slice fits (kCacheVecs) it copies the slice into shared memory
 // once with cp.async, so that every later pass over the row reads shared memory and the row leaves HBM once.
 // The CTAs of a cluster combine their partial results through distributed shared memory between cluster
-// barriers. Rows need not be 16-byte aligned: a row is read as the 16-byte vectors that cover it (the bytes
-// before its first and after its last element belong to the same 16-byte granules, so the loads stay inside the
-// allocation), and elements outside the row are neutral (probability 0, logit -inf) and never written.
+// barriers. Rows need not be 16-byte aligned: a row is read as the 16-byte vectors that cover it, the two at its
+// ends element by element (no byte outside the row is read: the tensor may end, or begin, inside such a vector),
+// and elements outside the row are neutral (probability 0, logit -inf) and never written.
 //
 // Keys and weights. An element maps to an ordered 32-bit key, 0 for an element that carries no mass (NaN, a
 // probability <= 0 or infinite, a logit of -inf), and to a weight (the probability, or exp(logit - max logit)).
@@ -122,6 +122,7 @@ struct Elem<float> {
     return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
   }
   FI_DEVICE static float from_float(float v) { return v; }
+  FI_DEVICE static float to_float(float v) { return v; }
 };
 
 template <typename H>
@@ -130,6 +131,7 @@ struct Elem16 {
   FI_DEVICE static void unpack(const uint4& r, float (&x)[8]) { unpack8(r, x, H()); }
   FI_DEVICE static uint4 pack(const float (&x)[8]) { return pack8<H>(x); }
   FI_DEVICE static H from_float(float v) { return flashinfer::from_float<H>(v); }
+  FI_DEVICE static float to_float(H v) { return flashinfer::to_float<H>(v); }
 };
 template <>
 struct Elem<__half> : Elem16<__half> {};
@@ -432,25 +434,28 @@ struct Row {
   FI_DEVICE int chunks_per_warp() const { return warp_len / 32; }
   FI_DEVICE bool edge(int v) const { return v == 0 || v == num_vecs - 1; }
 
-  // The 16 bytes of vector v (one of the slice's), and their values (elements outside the row neutral).
+  // Edge vector v read element by element from global memory, the elements outside the row neutral: its bytes
+  // outside the row may lie outside the tensor (the last row's tail, the first row's head).
+  FI_DEVICE uint4 edge_vec(int v) const {
+    const DType* row = reinterpret_cast<const DType*>(gvec) + head;
+    float x[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int e = elem(v, j);
+      x[j] = e >= 0 && e < vocab ? E::to_float(__ldg(row + e)) : neutral;  // (values survive float and back)
+    }
+    return E::pack(x);
+  }
+
+  // The 16 bytes of vector v (one of the slice's), elements outside the row neutral.
   FI_DEVICE uint4 raw(int v) const {
     if constexpr (kCached) {
       return cache[v - v0];
     } else {
-      return __ldg(gvec + v);
+      return edge(v) ? edge_vec(v) : __ldg(gvec + v);
     }
   }
-  FI_DEVICE void unpack(int v, const uint4& r, float (&x)[kVec]) const {
-    E::unpack(r, x);
-    if (!kCached && edge(v)) {  // (the cache holds neutral values there already)
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const int e = elem(v, j);
-        if (e < 0 || e >= vocab) x[j] = neutral;
-      }
-    }
-  }
-  FI_DEVICE void load(int v, float (&x)[kVec]) const { unpack(v, raw(v), x); }
+  FI_DEVICE void load(int v, float (&x)[kVec]) const { E::unpack(raw(v), x); }
 
   FI_DEVICE void load_or_neutral(int v, bool in, float (&x)[kVec]) const {
     if (in) {
@@ -461,24 +466,19 @@ struct Row {
     }
   }
 
-  // Copies the slice into shared memory; the elements outside the row become neutral there. Ends synchronized.
+  // Copies the slice into shared memory (the interior vectors with cp.async, the edge vectors as edge_vec reads
+  // them, so that the elements outside the row are neutral there). Ends synchronized.
   FI_DEVICE void fill_cache() const {
     if constexpr (kCached) {
-      for (int i = threadIdx.x; i < v1 - v0; i += kThreads) cp_async_16(cache + i, gvec + v0 + i, true);
+      const int lo = max(v0, 1), hi = min(v1, num_vecs - 1);
+      for (int v = lo + static_cast<int>(threadIdx.x); v < hi; v += kThreads)
+        cp_async_16(cache + (v - v0), gvec + v, true);
       cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
-      if (threadIdx.x < 2 && v1 > v0) {
+      if (threadIdx.x < 2) {
         const int v = threadIdx.x == 0 ? 0 : num_vecs - 1;
-        if (v >= v0 && v < v1) {
-          DType* x = reinterpret_cast<DType*>(cache + (v - v0));
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            const int e = elem(v, j);
-            if (e < 0 || e >= vocab) x[j] = E::from_float(neutral);
-          }
-        }
+        if (v >= v0 && v < v1 && (threadIdx.x == 0 || v != 0)) cache[v - v0] = edge_vec(v);
       }
+      cp_async_wait<0>();
       __syncthreads();
     }
   }
@@ -718,7 +718,7 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k) {
       const int v = base + 32 * u + lane;
       float x[kVec];
       if (v < end) {
-        row.unpack(v, raw[u], x);
+        R::E::unpack(raw[u], x);
       } else {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[j] = row.neutral;
@@ -733,6 +733,7 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k) {
           const unsigned long long c = i < f.n ? buf[i] : 0ull;
           const bool keep = i < f.n && cand_key(c) >= f.theta;
           const unsigned mask = __ballot_sync(0xffffffffu, keep);
+          __syncwarp();  // (the ballot orders no memory: the lanes' reads of the group before any lane's write)
           if (keep) buf[kept + __popc(mask & ((1u << lane) - 1u))] = c;
           kept += __popc(mask);
         }
