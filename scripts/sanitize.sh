@@ -8,6 +8,7 @@
 #   scripts/sanitize.sh                 all four tools
 #   scripts/sanitize.sh memcheck        some of them
 #   SANITIZE_COLLECT_ONLY=1 scripts/sanitize.sh   print the selection and stop (no GPU needed)
+#   SANITIZE_FAMILIES="sampling" scripts/sanitize.sh   only the families named
 #
 # Needs a GPU, compute-sanitizer (from $CUDA_HOME/bin or PATH) and, for a run that fits one device call
 # (< 8 min on an H200), the tests' modules prebuilt in FLASHINFER_JIT_CACHE (python -m flashinfer prewarm
@@ -69,6 +70,8 @@ collect() {  # family file expr set
 }
 for f in "${FAMILIES[@]}"; do
   IFS='|' read -r fam file mexpr rexpr <<<"$f"
+  # SANITIZE_FAMILIES="sampling cascade": only those families (e.g. to re-check a fix)
+  if [[ -n "${SANITIZE_FAMILIES:-}" && " $SANITIZE_FAMILIES " != *" $fam "* ]]; then continue; fi
   collect "$fam" "$file" "$mexpr" full &
   collect "$fam" "$file" "$rexpr" lite &
 done

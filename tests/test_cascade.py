@@ -218,7 +218,9 @@ class Levels:
 
     def reference(self, q, causal=False, **kw):
         """Each request of the last level: its queries against the KV of every level laid end to end, attended
-        once in float64 (causal: aligned bottom-right over the whole concatenation)."""
+        once in float64. causal (FlashInfer's: the last level only): every key of the earlier levels is visible,
+        the last level's aligned bottom-right to its own keys (with more queries than those, the first rows see
+        the earlier levels only)."""
         outs, lses = [], []
         qo_last = self.qo[-1].tolist()
         for j in range(len(qo_last) - 1):
@@ -230,7 +232,13 @@ class Levels:
                 req = int(torch.searchsorted(self.qo[l], torch.tensor(a, dtype=torch.int32), right=True)) - 1
                 ks.append(self.gather(self.k, l, req))
                 vs.append(self.gather(self.v, l, req))
-            o, s = attention(q[a:b], torch.cat(ks), torch.cat(vs), causal=causal, **kw)
+            mask = None
+            if causal:
+                n_prev, kv_last, qo_len = sum(x.shape[0] for x in ks[:-1]), ks[-1].shape[0], b - a
+                rows = torch.arange(qo_len, device=q.device)[:, None]
+                cols = torch.arange(n_prev + kv_last, device=q.device)[None, :]
+                mask = (cols < n_prev) | (cols - n_prev <= rows + kv_last - qo_len)
+            o, s = attention(q[a:b], torch.cat(ks), torch.cat(vs), mask=mask, **kw)
             outs.append(o)
             lses.append(s)
         return torch.cat(outs), torch.cat(lses)

@@ -226,6 +226,21 @@ FI_DEVICE void cluster_sync() {
 #endif
 }
 
+// A CTA may touch another's shared memory only once that CTA has started running: every kernel here arrives at
+// the cluster barrier as it starts (relaxed: it orders nothing) and waits on it before its first remote access,
+// after its own row loads, so the wait costs nothing in practice (racecheck: "a block that might not have
+// entered yet" without it).
+FI_DEVICE void cluster_start_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#endif
+}
+FI_DEVICE void cluster_start_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+#endif
+}
+
 // The address of *p in the shared memory of CTA `rank` of the cluster.
 template <typename T>
 FI_DEVICE T* cluster_map(T* p, unsigned rank) {
@@ -1199,6 +1214,7 @@ FI_DEVICE void sample_cta(const SampleParams& p, uint8_t* smem_raw) {
   Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
   uint4* cache = reinterpret_cast<uint4*>(smem_raw + sizeof(Shared));
   ClusterCtx cx = {cluster_rank(), cluster_size(), 0};
+  cluster_start_arrive();
   const int out = static_cast<int>(blockIdx.x / cx.size);
   const bool lead = cx.rank == 0 && threadIdx.x == 0;
   auto emit = [&](int64_t token, bool ok) {
@@ -1220,6 +1236,7 @@ FI_DEVICE void sample_cta(const SampleParams& p, uint8_t* smem_raw) {
   const Row<DType, kCached> row(static_cast<const DType*>(p.input) + src * p.row_stride, p.vocab, cx, cache,
                                 p.logits ? -kInf : 0.f);
   row.fill_cache();
+  cluster_start_wait();
   // Out-of-range parameters clamp (a NaN disables its filter): top_p <= 0 keeps the largest element, min_p > 1
   // acts as 1.
   const int k = p.top_k_arr ? p.top_k_arr[out] : p.top_k_val;
@@ -1417,6 +1434,7 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
   Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
   uint4* cache = reinterpret_cast<uint4*>(smem_raw + sizeof(Shared));
   ClusterCtx cx = {cluster_rank(), cluster_size(), 0};
+  cluster_start_arrive();
   const int r = static_cast<int>(blockIdx.x / cx.size);
   if (threadIdx.x == 0) sh.gather_count = 0;
   grid_dependency_wait();  // (programmatic dependent launch: the input may come from the previous kernel)
@@ -1424,6 +1442,7 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
   const Row<DType, kCached> row(static_cast<const DType*>(p.input) + r * p.in_stride, p.vocab, cx, cache,
                                 logits ? -kInf : 0.f);
   row.fill_cache();
+  cluster_start_wait();
   if (p.op == kSoftmax) {
     const float t = p.temperature_arr ? p.temperature_arr[r] : p.temperature_val;
     softmax_row(row, sh, cx, t, static_cast<float*>(p.output) + r * p.out_stride);
@@ -1491,6 +1510,7 @@ struct SpecParams {
 FI_DEVICE void chain_speculative_cta(const SpecParams& p, uint8_t* smem_raw) {
   Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
   ClusterCtx cx = {cluster_rank(), cluster_size(), 0};
+  cluster_start_arrive();
   const int b = static_cast<int>(blockIdx.x / cx.size);
   const int n = p.n, V = p.vocab;
   const uint64_t seed = p.seed_arr ? static_cast<uint64_t>(p.seed_arr[b * p.seed_stride]) : p.seed_val;
@@ -1521,6 +1541,7 @@ FI_DEVICE void chain_speculative_cta(const SpecParams& p, uint8_t* smem_raw) {
     sh.found_c = static_cast<unsigned>(pos);
   }
   __syncthreads();
+  cluster_start_wait();
   const int pos = static_cast<int>(sh.found_c);
   const float* target = p.target_probs + (static_cast<int64_t>(b) * (n + 1) + pos) * V;
   const float* draft = pos < n ? p.draft_probs + (static_cast<int64_t>(b) * n + pos) * V : nullptr;
