@@ -8,6 +8,11 @@ struct cluster_group {
   unsigned block_rank() const { return ::emu::me().rank; }
   unsigned num_blocks() const { return ::emu::st().cluster_size; }
   void sync() const { ::emu::arrive_wait(::emu::st().cluster, "cluster"); }
+  // The split barrier of a kernel's start (arrive, then wait before the first remote access): emulated as one
+  // barrier at the wait, which orders at least as much.
+  struct arrival_token {};
+  arrival_token barrier_arrive() const { return {}; }
+  void barrier_wait() const { sync(); }
   template <typename T>
   T* map_shared_rank(T* p, unsigned rank) const {
     ::emu::State& s = ::emu::st();

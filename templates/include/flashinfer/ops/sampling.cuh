@@ -227,17 +227,17 @@ FI_DEVICE void cluster_sync() {
 }
 
 // A CTA may touch another's shared memory only once that CTA has started running: every kernel here arrives at
-// the cluster barrier as it starts (relaxed: it orders nothing) and waits on it before its first remote access,
+// the cluster barrier as it starts and waits on it before its first remote access,
 // after its own row loads, so the wait costs nothing in practice (racecheck: "a block that might not have
 // entered yet" without it).
 FI_DEVICE void cluster_start_arrive() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  (void)cooperative_groups::this_cluster().barrier_arrive();
 #endif
 }
 FI_DEVICE void cluster_start_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  cooperative_groups::this_cluster().barrier_wait();
 #endif
 }
 
