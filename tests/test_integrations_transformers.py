@@ -304,7 +304,10 @@ def _compare(model, ids, n, attention_mask=None):
     with torch.no_grad():
         model.set_attn_implementation(NAME)
         ours = _generate(model, ids, attention_mask, n)
-        model.set_attn_implementation("sdpa")
+        try:
+            model.set_attn_implementation("sdpa")
+        except ValueError:  # newer transformers (5.24) refuse SDPA for some architectures (Gemma-2): eager is theirs
+            model.set_attn_implementation("eager")
         ref = _generate(model, ids, attention_mask, n)
         model.set_attn_implementation(NAME)
     for b in range(ids.shape[0]):
