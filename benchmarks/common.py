@@ -122,9 +122,24 @@ def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
         FLASHINFER_CUDA_ARCH_LIST="9.0",
         FLASHINFER_WORKSPACE_BASE=os.environ.get("FI_REF_WS", "/tmp/fi_ref_ws"),
     )
-    p = subprocess.run(
-        [sys.executable, script, REFERENCE_FLAG, *args], env=env, capture_output=True, text=True, cwd="/tmp"
-    )
+    # Its JIT compiles each module on first use (10-25 s, fa3 and sampling modules 60-120 s): bounded, so that a
+    # slow reference leaves our columns filled rather than the whole benchmark killed by the caller's limit.
+    limit = float(os.environ.get("FI_REF_TIMEOUT", "900"))
+    try:
+        p = subprocess.run(
+            [sys.executable, script, REFERENCE_FLAG, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd="/tmp",
+            timeout=limit,
+        )
+    except subprocess.TimeoutExpired:
+        print(
+            f"[reference] {script} took more than FI_REF_TIMEOUT={limit:.0f} s: reference columns left empty",
+            file=sys.stderr,
+        )
+        return None
     if p.returncode != 0:
         print(f"[reference] {script} failed (exit {p.returncode}):\n{p.stderr[-4000:]}", file=sys.stderr)
         return None
