@@ -1,6 +1,7 @@
 """Batch planning, for every batch wrapper: the one shape a plan has (:class:`BatchPlan`), and the two planners
 side by side: the paged batch decode planner (compiled C++, ``batch_decode_plan`` in
-templates/include/flashinfer/batch_decode.cuh; :func:`run_decode_planner` drives it) and the batch prefill
+templates/include/flashinfer/host/batch_decode_plan.cuh, driven by flashinfer/decode.py: the wrapper's plan()
+and ``host_schedule``) and the batch prefill
 planner (Python, :func:`schedule_prefill`; its schedule goes to the device as one int32 buffer laid out by
 :class:`PrefillScheduleLayout`).
 
@@ -128,8 +129,8 @@ def paged_kv_lens(h_indptr: torch.Tensor, h_last: torch.Tensor, page_size: int) 
 
 # The hot launchers (batch decode plan and run, batch prefill) take their arguments as one C struct each, which a
 # wrapper keeps and fills field by field: cheaper than 20 to 40 call arguments per call (plan() must stay
-# < 30 us, run() adds no host time). Here are their fields' names and C types, in order: BatchDecodePlanArgs and
-# BatchDecodeRunArgs of templates/include/flashinfer/batch_decode.cuh, BatchPrefillArgs stamped into
+# < 30 us, run() adds no host time). Here are their fields' names and C types, in order: BatchDecodePlanArgs
+# (templates/include/flashinfer/host/batch_decode_plan.cuh) and BatchDecodeRunArgs (attention/batch_decode.cuh), BatchPrefillArgs stamped into
 # templates/batch_prefill.cu.jinja from BATCH_PREFILL_ARGS itself. Each template exports its structs' field
 # offsets and sizes (by these names), and the ctypes struct built from a list is checked against them
 # (c_struct): a layout change in C++ cannot go unnoticed.

@@ -5,7 +5,7 @@ and ``s``, the base-2 log-sum-exp of its scaled logits. Two states over disjoint
 over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -inf`` and merges to the other side.
 
 * ``merge_state``, ``merge_state_in_place``, ``merge_states``: the merges, one JIT-compiled kernel family
-  (``merge_state``, templates/include/flashinfer/cascade.cuh) built on the merge primitive the split-KV decode and
+  (``merge_state``, templates/include/flashinfer/attention/cascade.cuh) built on the merge primitive the split-KV decode and
   prefill kernels use (``StateAccumulator`` in merge.cuh).
 * ``MultiLevelCascadeAttentionWrapper``: requests whose KV caches share prefixes. Level ``l`` has its own page table
   and groups the queries into requests (``qo_indptr_arr[l]``); the top level is typically one request holding every

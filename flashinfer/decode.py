@@ -5,7 +5,7 @@
 ``flashinfer.decode`` (which also re-exports ``get_seq_lens``).
 
 Batch decode: ``plan()`` runs on the CPU once per batch shape. The compiled planner (host code in the decode
-module, templates/include/flashinfer/batch_decode.cuh) reads host copies of the page table, cuts the
+module, templates/include/flashinfer/host/batch_decode_plan.cuh) reads host copies of the page table, cuts the
 requests' keys into a balanced work list (long requests split so that the grid fills the GPU, partial
 states merged afterwards) and sends it to the device workspace with one non-blocking copy from pinned
 memory. ``run()`` only launches: no host sync, no decisions, no allocation when ``out``/``lse`` are given,
