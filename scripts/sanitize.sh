@@ -134,8 +134,20 @@ run_tool() {  # tool
 }
 
 start=$(date +%s)
+# With two GPUs or more visible (and CUDA_VISIBLE_DEVICES unset), racecheck (the slow one: ~10 s a test) gets the
+# last GPU to itself and the other tools share the first: the whole run then takes racecheck's time.
+NGPU=0
+if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]] && command -v nvidia-smi >/dev/null 2>&1; then
+  NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+fi
 for t in "${TOOLS[@]}"; do
-  run_tool "$t" &
+  if [[ $NGPU -ge 2 ]]; then
+    dev=0
+    [[ $t == racecheck ]] && dev=$((NGPU - 1))
+    CUDA_VISIBLE_DEVICES=$dev run_tool "$t" &
+  else
+    run_tool "$t" &
+  fi
 done
 wait
 echo "sanitize: ${TOOLS[*]} in $(( $(date +%s) - start )) s (logs in $OUT)"
