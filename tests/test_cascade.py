@@ -1016,3 +1016,21 @@ def test_shared_level_split_on_the_cpu(monkeypatch):
     assert split(1024, 32768) == (1, 32768)  # 32 query tiles x 8 heads fill the GPU alone
     chunks, _ = split(64, 32768, ws_bytes=8 << 20)  # 16 chunks' partial states need 17 MB
     assert chunks < 16 and chunks * 64 * 32 * 129 * 4 <= 8 << 20
+
+
+def test_legacy_decode_wrapper_plans_q_and_kv_in_data_type(monkeypatch):
+    """begin_forward(data_type=...) is the dtype of q and of the caches: the batch decode plan gets it as both
+    (FlashInfer's plan lets data_type fill only a None q_data_type, whose default is float16, so passing it as
+    data_type alone planned f16 q against bf16 caches: a TypeError on the GPU)."""
+    from flashinfer import decode
+
+    class FakeDecode(_FakeWrapper):
+        real = decode.BatchDecodeWithPagedKVCacheWrapper
+
+    monkeypatch.setattr(cascade, "BatchDecodeWithPagedKVCacheWrapper", FakeDecode)
+    w = flashinfer.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8), "HND")
+    indptr, last = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([5, 16], dtype=torch.int32)
+    w.begin_forward(indptr, torch.arange(3, dtype=torch.int32), last, 8, 2, 64, 16, data_type=torch.bfloat16)
+    p = w._batch_decode_wrapper.plans[-1]
+    assert p["q_data_type"] == torch.bfloat16 and p["kv_data_type"] == torch.bfloat16
+    assert p.get("data_type") is None
