@@ -54,7 +54,6 @@ from .utils import (
     canonical_pos_encoding,
     check_aligned,
     check_head_dim,
-    check_inputs_enabled,
     check_kv,
     check_logit_options,
     check_out,
@@ -1495,9 +1494,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if p.max_page_id >= kv.num_pages:
             raise ValueError(f"kv_indices holds page id {p.max_page_id} but paged_kv_cache has {kv.num_pages} pages")
         tensor_cores = isinstance(p.schedule, BatchPrefillWithPagedKVCacheWrapper)
-        if not tensor_cores and p.max_page_id < 0 and check_inputs_enabled():  # device ids (tensor cores: in _run_kv)
+        if not tensor_cores:  # (tensor cores: the prefill wrapper's _run_kv checks)
             ids = p.keep[0] if p.keep and p.keep[0] is not None else self._indices_buf
-            check_page_ids_in_cache(ids[: p.num_page_ids], kv.num_pages, -1, "indices")
+            check_page_ids_in_cache(ids, kv.num_pages, p.max_page_id, "indices", p.num_page_ids)
         if q.stride(-1) != 1:
             q = q.contiguous()
         check_out(out, "out", (p.batch_size, p.num_qo_heads, p.head_dim), p.q_dtype, self._device)

@@ -2068,8 +2068,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
             raise RuntimeError("call plan() before run()")
         num_pages = k.shape[0]
         sched = p.schedule
-        ids = sched.kv_indices[: p.num_page_ids] if sched.kv_indices is not None else None
-        check_page_ids_in_cache(ids, num_pages, p.max_page_id, "paged_kv_indices")
+        check_page_ids_in_cache(sched.kv_indices, num_pages, p.max_page_id, "paged_kv_indices", p.num_page_ids)
         sched.args.num_pages = num_pages  # the kernel never reads a page id outside [0, num_pages)
         return self._launch(q, k, v, strides, out, lse, return_lse, scale_mult, out_scale, enable_pdl)
 

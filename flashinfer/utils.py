@@ -505,7 +505,9 @@ def check_inputs_enabled() -> bool:
     return env_bool("FLASHINFER_CHECK_INPUTS", False)
 
 
-def check_page_ids_in_cache(indices: torch.Tensor, num_pages: int, max_index: int, name: str) -> None:
+def check_page_ids_in_cache(
+    indices: Optional[torch.Tensor], num_pages: int, max_index: int, name: str, count: Optional[int] = None
+) -> None:
     """run()'s page-id check against the cache: ``max_index`` (known on the host from plan()) is compared at
     no cost; device ids are compared only under FLASHINFER_CHECK_INPUTS=1 (one sync), else the kernel skips
     invalid ids (their keys read as zeros). Raises ValueError naming the first invalid id.
@@ -520,14 +522,19 @@ def check_page_ids_in_cache(indices: torch.Tensor, num_pages: int, max_index: in
         Largest id when the host knows it, else -1.
     name : str
         The argument's name, for the message.
+    count : int, optional
+        How many of ``indices`` the plan reads (its first entries; default all). Sliced only when checked, so
+        run() adds no tensor op unless FLASHINFER_CHECK_INPUTS=1.
     """
     if max_index >= num_pages:
         raise ValueError(
             f"{name} holds page id {max_index} but paged_kv_cache has {num_pages} pages "
             f"(accepted: 0 <= id < {num_pages})"
         )
-    if indices is None or indices.numel() == 0 or indices.device.type == "cpu" or not check_inputs_enabled():
-        return
+    if indices is None or max_index >= 0 or indices.is_cpu or not check_inputs_enabled():
+        return  # (ids known on the host were checked through max_index)
+    if count is not None:
+        indices = indices[:count]
     bad = torch.nonzero((indices < 0) | (indices >= num_pages))
     if bad.numel():
         at = int(bad[0, 0])
