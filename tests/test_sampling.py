@@ -367,7 +367,7 @@ def test_emulated_indices_and_per_row_parameters():
 @pytest.mark.parametrize("case", range(8))
 def test_emulated_row_transforms_match_references(case):
     rng = np.random.default_rng(2000 + case)
-    vocab = [7, 333, 2000, 9000][case % 4]
+    vocab = [7, 333, 2000, 5000][case % 4]
     dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
     pad = case % 3
     cluster, cached = [(0, -1), (1, 0), (4, 1), (16, 0)][case % 4]
@@ -549,14 +549,14 @@ def test_emulated_top_k_route_gathers_few_candidates():
     """The single-pass top-k route: its bound never exceeds the k-th largest key, and about k candidates reach rank 0
     whatever the cluster size, even for sorted rows."""
     torch.manual_seed(0)
-    for row in (torch.randn(40000), torch.linspace(-3, 3, 40000), torch.randint(0, 5000, (40000,)).float()):
+    vocab = 20000
+    for row in (torch.randn(vocab), torch.linspace(-3, 3, vocab), torch.randint(0, 5000, (vocab,)).float()):
         keys = np.sort(R.logit_keys(row.numpy()))[::-1]
-        for k in (1, 50, 128):
-            for cluster in (1, 4, 16):
-                r = emu.topk_probe(row, k, logits=True, cluster=cluster, cached=0)
-                assert r["ok"] and r["theta"] <= keys[k - 1]
-                assert r["max_key"] == keys[0] and r["num_valid"] == 40000
-                assert k <= r["n"] <= 2 * k + 40, (k, cluster, r["n"])
+        for k, cluster in ((1, 16), (50, 1), (50, 4), (128, 16)):
+            r = emu.topk_probe(row, k, logits=True, cluster=cluster, cached=0)
+            assert r["ok"] and r["theta"] <= keys[k - 1]
+            assert r["max_key"] == keys[0] and r["num_valid"] == vocab
+            assert k <= r["n"] <= 2 * k + 40, (k, cluster, r["n"])
 
 
 # ----------------------------------------------------------------------------------------- GPU: exact
