@@ -406,6 +406,29 @@ def test_emulated_row_transforms_match_references(case):
     torch.testing.assert_close(out.double(), want, atol=2e-7, rtol=2e-6)
 
 
+@needs_emu
+@pytest.mark.parametrize("cluster,cached", [(1, 1), (4, 0), (16, 1)])
+def test_emulated_top_p_renorm_threshold_inside_a_tie(cluster, cached):
+    """More than kGatherCap elements share the top-p threshold's key: the radix search narrows to that single key
+    without gathering, and the kept mass comes from its last bin (not from a pass over the row)."""
+    rng = np.random.default_rng(7)
+    vocab, ties = 4000, 1500
+    row = np.concatenate([rng.uniform(2.0, 3.0, 100), np.full(ties, 0.4), rng.uniform(0.0, 0.02, vocab - 100 - ties)])
+    rng.shuffle(row)
+    probs = torch.from_numpy((row / row.sum()).astype(np.float32))[None, :].repeat(2, 1)
+    for top_p in (0.5, 0.9):
+        out = emu.row_op(probs, emu.OP_TOP_P_RENORM, top_p=top_p, cluster=cluster, cached=cached)
+        x = probs[0].numpy()
+        mask = R.kept_mask(x, top_p=top_p)
+        assert mask.sum() == 100 + ties  # the threshold is the tied key
+        want = np.where(mask, x.astype(np.float64), 0.0)
+        want = want / want.sum()
+        for b in range(2):
+            got = out[b].double().numpy()
+            assert np.array_equal(got > 0, want > 0)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
 # The rows compute-sanitizer's memcheck flagged: a 16-byte vector covering a row's last (or first) element reaches
 # past the tensor when the vocabulary is not a multiple of the vector width. The emulator fails a launch that reads
 # any byte outside the input tensor (emu::global_readable), as memcheck does for bytes outside an exact allocation;
