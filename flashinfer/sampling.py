@@ -164,6 +164,7 @@ def _check_rows(x: Any, name: str) -> torch.Tensor:
 
 
 def _check_vocab(m: _Module, vocab: int, name: str) -> None:
+    """(In the ops' bodies, where the module is loaded anyway: tracing does not build modules.)"""
     if vocab > m.c["max_vocab"]:
         raise ValueError(f"{name} has {vocab} entries per row; at most {m.c['max_vocab']} are supported")
 
@@ -315,9 +316,10 @@ def _sample(
     batch = indices.size(0) if indices is not None else x.size(0)
     samples = torch.empty(batch, dtype=indices.dtype if indices is not None else torch.int32, device=device)
     valid = torch.empty(batch, dtype=torch.bool, device=device)
+    m = _module(_DTYPE_NAMES[x.dtype])
+    _check_vocab(m, x.size(1), "logits" if is_logits else "probs")
     if batch == 0:
         return samples, valid
-    m = _module(_DTYPE_NAMES[x.dtype])
     rc = m.sample(
         input=x.data_ptr(),
         row_stride=x.stride(0),
@@ -365,9 +367,10 @@ def _row_op(
 ) -> torch.Tensor:
     """softmax / top_p_renorm / top_k_renorm / top_k_mask of validated rows into a new contiguous tensor."""
     out = torch.empty(x.shape, dtype=torch.float32 if op == "softmax" else x.dtype, device=x.device)
+    m = _module(_DTYPE_NAMES[x.dtype])
+    _check_vocab(m, x.size(1), "logits" if op in ("softmax", "top_k_mask") else "probs")
     if x.size(0) == 0:
         return out
-    m = _module(_DTYPE_NAMES[x.dtype])
     rc = m.row_op(
         input=x.data_ptr(),
         in_stride=x.stride(0),
@@ -672,9 +675,10 @@ def _chain_impl(
 ) -> torch.Tensor:
     b, n = draft_token_ids.shape
     out = torch.empty((b, n + 1), dtype=torch.int32, device=draft_probs.device)
+    m = _module("f32")
+    _check_vocab(m, draft_probs.size(2), "draft_probs")
     if b == 0:
         return out
-    m = _module("f32")
     rc = m.chain(
         draft_probs=draft_probs.data_ptr(),
         draft_token_ids=draft_token_ids.data_ptr(),
@@ -800,7 +804,6 @@ def softmax(
         raise TypeError(f"enable_pdl must be a bool or None, got {type(enable_pdl).__name__}")
     if enable_pdl and torch.cuda.get_device_capability(device)[0] < 9:
         raise NotImplementedError("enable_pdl=True needs an sm_90+ device (programmatic dependent launch)")
-    _check_vocab(_module(_DTYPE_NAMES[logits.dtype]), logits.size(1), "logits")
     return _SOFTMAX(logits, t_arr, t_val, bool(enable_pdl))
 
 
@@ -1093,7 +1096,6 @@ def top_p_renorm_probs(
     probs = _check_rows(probs, "probs")
     if probs.dtype != torch.float32:
         probs = probs.float()
-    _check_vocab(_module("f32"), probs.size(1), "probs")
     p = _param(top_p, "top_p", probs.size(0), probs.device, False, 0.0, 1.0)
     return _TOP_P_RENORM(probs, *p)
 
@@ -1124,7 +1126,6 @@ def top_k_renorm_probs(
         ``(batch_size, vocab_size)`` in the dtype of ``probs``.
     """
     probs = _check_rows(probs, "probs")
-    _check_vocab(_module(_DTYPE_NAMES[probs.dtype]), probs.size(1), "probs")
     k = _param(top_k, "top_k", probs.size(0), probs.device, True)
     return _TOP_K_RENORM(probs, *k)
 
@@ -1149,7 +1150,6 @@ def top_k_mask_logits(logits: torch.Tensor, top_k: Union[torch.Tensor, int]) -> 
         ``(batch_size, vocab_size)`` in the dtype of ``logits``.
     """
     logits = _check_rows(logits, "logits")
-    _check_vocab(_module(_DTYPE_NAMES[logits.dtype]), logits.size(1), "logits")
     k = _param(top_k, "top_k", logits.size(0), logits.device, True)
     return _TOP_K_MASK(logits, *k)
 
@@ -1226,8 +1226,6 @@ def chain_speculative_sampling(
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if vocab == 0:
         raise ValueError("the vocabulary is empty")
-    if vocab > _module("f32").c["max_vocab"]:
-        raise ValueError(f"vocab_size {vocab} exceeds the supported {_module('f32').c['max_vocab']}")
     if b > _MAX_ROWS:
         raise ValueError(f"batch_size {b} exceeds the supported {_MAX_ROWS}")
     draft_probs = draft_probs.to(torch.float32).contiguous()
@@ -1263,7 +1261,6 @@ def _prepare(
     x: torch.Tensor, name: str, indices: Optional[torch.Tensor], check_nan: bool
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     x = _check_rows(x, name)
-    _check_vocab(_module(_DTYPE_NAMES[x.dtype]), x.size(1), name)
     indices = _check_indices(indices, x.device)
     if check_nan:
         _check_nan(x, name)

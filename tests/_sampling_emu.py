@@ -113,7 +113,7 @@ def lib() -> ctypes.CDLL:
     _LIB.emu_weights.restype = None
     _LIB.emu_weights.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     _LIB.emu_cluster_of.restype = ctypes.c_int
-    _LIB.emu_cluster_of.argtypes = [ctypes.c_int, ctypes.c_int]
+    _LIB.emu_cluster_of.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return _LIB
 
 

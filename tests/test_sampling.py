@@ -367,7 +367,7 @@ def test_emulated_indices_and_per_row_parameters():
 @pytest.mark.parametrize("case", range(8))
 def test_emulated_row_transforms_match_references(case):
     rng = np.random.default_rng(2000 + case)
-    vocab = [7, 333, 2000, 9000][case % 4]
+    vocab = [7, 333, 2000, 5000][case % 4]
     dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
     pad = case % 3
     cluster, cached = [(0, -1), (1, 0), (4, 1), (16, 0)][case % 4]
@@ -404,6 +404,29 @@ def test_emulated_row_transforms_match_references(case):
     out = emu.row_op(logits, emu.OP_SOFTMAX, temperature=0.7, cluster=cluster, cached=cached)
     want = torch.softmax(logits.double() / 0.7, -1)
     torch.testing.assert_close(out.double(), want, atol=2e-7, rtol=2e-6)
+
+
+@needs_emu
+@pytest.mark.parametrize("cluster,cached", [(1, 1), (4, 0), (16, 1)])
+def test_emulated_top_p_renorm_threshold_inside_a_tie(cluster, cached):
+    """More than kGatherCap elements share the top-p threshold's key: the radix search narrows to that single key
+    without gathering, and the kept mass comes from its last bin (not from a pass over the row)."""
+    rng = np.random.default_rng(7)
+    vocab, ties = 4000, 1500
+    row = np.concatenate([rng.uniform(2.0, 3.0, 100), np.full(ties, 0.4), rng.uniform(0.0, 0.02, vocab - 100 - ties)])
+    rng.shuffle(row)
+    probs = torch.from_numpy((row / row.sum()).astype(np.float32))[None, :].repeat(2, 1)
+    for top_p in (0.5, 0.9):
+        out = emu.row_op(probs, emu.OP_TOP_P_RENORM, top_p=top_p, cluster=cluster, cached=cached)
+        x = probs[0].numpy()
+        mask = R.kept_mask(x, top_p=top_p)
+        assert mask.sum() == 100 + ties  # the threshold is the tied key
+        want = np.where(mask, x.astype(np.float64), 0.0)
+        want = want / want.sum()
+        for b in range(2):
+            got = out[b].double().numpy()
+            assert np.array_equal(got > 0, want > 0)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
 # The rows compute-sanitizer's memcheck flagged: a 16-byte vector covering a row's last (or first) element reaches
@@ -549,14 +572,14 @@ def test_emulated_top_k_route_gathers_few_candidates():
     """The single-pass top-k route: its bound never exceeds the k-th largest key, and about k candidates reach rank 0
     whatever the cluster size, even for sorted rows."""
     torch.manual_seed(0)
-    for row in (torch.randn(40000), torch.linspace(-3, 3, 40000), torch.randint(0, 5000, (40000,)).float()):
+    vocab = 20000
+    for row in (torch.randn(vocab), torch.linspace(-3, 3, vocab), torch.randint(0, 5000, (vocab,)).float()):
         keys = np.sort(R.logit_keys(row.numpy()))[::-1]
-        for k in (1, 50, 128):
-            for cluster in (1, 4, 16):
-                r = emu.topk_probe(row, k, logits=True, cluster=cluster, cached=0)
-                assert r["ok"] and r["theta"] <= keys[k - 1]
-                assert r["max_key"] == keys[0] and r["num_valid"] == 40000
-                assert k <= r["n"] <= 2 * k + 40, (k, cluster, r["n"])
+        for k, cluster in ((1, 16), (50, 1), (50, 4), (128, 16)):
+            r = emu.topk_probe(row, k, logits=True, cluster=cluster, cached=0)
+            assert r["ok"] and r["theta"] <= keys[k - 1]
+            assert r["max_key"] == keys[0] and r["num_valid"] == vocab
+            assert k <= r["n"] <= 2 * k + 40, (k, cluster, r["n"])
 
 
 # ----------------------------------------------------------------------------------------- GPU: exact

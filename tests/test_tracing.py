@@ -103,3 +103,42 @@ X, W = ((16, 4096), BF16), ((4096,), BF16)
 )
 def test_per_token_ops_trace_into_one_custom_op(fn, specs, ops):
     assert _traced_ops_typed(fn, specs) == ops
+
+
+P = ((4, 1000), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "fn,op",
+    [
+        (
+            lambda x: flashinfer.sampling.top_k_top_p_sampling_from_logits(x, 50, 0.9, seed=1, offset=2),
+            "flashinfer.top_k_top_p_sampling_from_logits.default",
+        ),
+        (
+            lambda x: flashinfer.sampling.top_k_top_p_sampling_from_probs(
+                x, 5, 0.5, filter_apply_order="joint", seed=1, offset=2
+            ),
+            "flashinfer.top_k_top_p_sampling_from_probs.default",
+        ),
+        (
+            lambda x: flashinfer.sampling.top_p_sampling_from_probs(x, 0.7, seed=3, offset=4),
+            "flashinfer.top_p_sampling_from_probs.default",
+        ),
+        (
+            lambda x: flashinfer.sampling.sampling_from_logits(x, seed=3, offset=4),
+            "flashinfer.sampling_from_logits.default",
+        ),
+        (lambda x: flashinfer.sampling.top_k_mask_logits(x, 10), "flashinfer.top_k_mask_logits.default"),
+        (lambda x: flashinfer.sampling.top_p_renorm_probs(x, 0.5), "flashinfer.top_p_renorm_probs.default"),
+        (lambda x: flashinfer.sampling.softmax(x, 0.7, enable_pdl=False), "flashinfer.softmax.default"),
+    ],
+)
+def test_sampling_ops_trace_into_one_custom_op(fn, op, monkeypatch):
+    """One custom op per call, and tracing loads no module (the vocabulary check is in the ops' bodies)."""
+
+    def no_module(dtype):
+        raise AssertionError(f"tracing loaded the sampling module ({dtype})")
+
+    monkeypatch.setattr(flashinfer.sampling, "_module", no_module)
+    assert _traced_ops_typed(fn, [P]) == [op]

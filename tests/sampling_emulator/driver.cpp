@@ -73,7 +73,7 @@ constexpr int kEmulatedSms = 132;
 const char* plan(int dtype, int vocab, int cluster, int cached, RowPlan* out, bool stream_rows = false,
                  int rows = 1) {
   RowPlan p = stream_rows ? plan_stream(rows, vocab, elem_bytes(dtype), kMaxCluster, kEmulatedSms)
-                          : plan_rows(vocab, elem_bytes(dtype), kMaxCluster);
+                          : plan_rows(rows, vocab, elem_bytes(dtype), kMaxCluster, kEmulatedSms);
   if (cluster > 0) p.cluster = cluster;
   const int vec = 16 / elem_bytes(dtype);
   const int slice = ((vocab + vec - 1) / vec + 1 + p.cluster - 1) / p.cluster;
@@ -103,7 +103,9 @@ struct RowOpBody {
 
 extern "C" {
 
-int emu_cluster_of(int dtype, int vocab) { return plan_rows(vocab, elem_bytes(dtype), kMaxCluster).cluster; }
+int emu_cluster_of(int dtype, int rows, int vocab) {
+  return plan_rows(rows, vocab, elem_bytes(dtype), kMaxCluster, kEmulatedSms).cluster;
+}
 
 const char* emu_sample(int dtype, int cluster, int cached, unsigned sched_seed, const void* input, int64_t row_stride,
                        int num_rows, int vocab, int batch, int is_logits, const void* indices, int indices_int64,
@@ -153,7 +155,7 @@ const char* emu_row_op(int dtype, int cluster, int cached, unsigned sched_seed, 
                        int top_k_val, const float* top_p_arr, float top_p_val, const float* temperature_arr,
                        float temperature_val) {
   RowPlan pl;
-  if (const char* e = plan(dtype, vocab, cluster, cached, &pl)) return e;
+  if (const char* e = plan(dtype, vocab, cluster, cached, &pl, false, rows)) return e;
   RowOpParams p = {};
   p.input = input;
   p.in_stride = in_stride;

@@ -56,13 +56,12 @@ namespace sampling {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBins = 2048;                // histogram bins of one radix round
-constexpr int kFirstShift = 16;            // first round: bins of 2^16 keys = 1/128 octave of a positive float
-constexpr int kGatherCap = 1024;           // boundary candidates one CTA orders and resolves
-constexpr int kSmallKept = kThreads;       // kept sets this small are sampled by rank 0 from its candidates
-constexpr int kCacheVecs = 4096 + 64;      // largest slice kept in shared memory (16-byte vectors)
-constexpr int kPreferredSliceVecs = 2048;  // the planner splits rows until slices are this small (16 CTAs max)
-constexpr int kMinSliceVecs = 256;         // ... but never below this
+constexpr int kBins = 2048;            // histogram bins of one radix round
+constexpr int kFirstShift = 16;        // first round: bins of 2^16 keys = 1/128 octave of a positive float
+constexpr int kGatherCap = 1024;       // boundary candidates one CTA orders and resolves
+constexpr int kSmallKept = kThreads;   // kept sets this small are sampled by rank 0 from its candidates
+constexpr int kCacheVecs = 4096 + 64;  // largest slice kept in shared memory (16-byte vectors)
+constexpr int kMinSliceVecs = 256;     // the planner never splits rows into smaller slices
 constexpr int kMaxCluster = 16;
 constexpr int kMaxChunks = 1088;  // 32-vector chunks of one slice (bounds the vocabulary, see kMaxVocab)
 constexpr int kMaxVocab = 1 << 20;
@@ -70,7 +69,7 @@ constexpr int kWeightBits = 39;
 constexpr int kWarpBuf = 384;     // top-k candidates a warp buffers (see topk_filter)
 constexpr int kFilterMaxK = 128;  // top-k takes the single-pass route up to this k
 constexpr int kQuantiles = 16;    // ranks of its candidates a CTA publishes (see topk_collect)
-constexpr int kStreamUnroll = 4;  // 16-byte loads a lane has in flight when streaming a row
+constexpr int kStreamUnroll = 8;  // 16-byte loads a lane has in flight when streaming a row
 constexpr float kInf = __builtin_huge_valf();
 
 // Filters of the sampling kernel (bit mask) and operations of the row-transform kernel: the values are exported
@@ -78,6 +77,7 @@ constexpr float kInf = __builtin_huge_valf();
 enum Filter : int { kTopK = 1, kTopP = 2, kMinP = 4 };
 enum RowOp : int { kSoftmax = 0, kTopPRenorm = 1, kTopKRenorm = 2, kTopKMask = 3 };
 constexpr int kErrSliceTooLarge = 1001;
+constexpr unsigned long long kUnknown = ~0ull;  // a mass not computed
 
 // ------------------------------------------------------------------------------------------ random numbers
 
@@ -898,9 +898,10 @@ constexpr int kCandPerThread = kGatherCap / kThreads;
 FI_DEVICE int count_at_least(Shared& sh, int n, uint32_t tau) { return count_at_least_in(sh.cand.key, n, tau, sh); }
 
 // Rank 0, candidates sorted, F_above = F(key > the first candidate's range): the largest candidate key t with
-// F_above + F(candidates >= t) >= target (F = count or fixed-point mass), among the first n.
+// F_above + F(candidates >= t) >= target (F = count or fixed-point mass), among the first n; *f_total = F of the
+// n candidates, *f_kept = F_above + F(candidates >= t) (each when asked for).
 FI_DEVICE uint32_t resolve_sorted(Shared& sh, const Weigher& wg, int n, bool by_mass, uint64_t f_above, uint64_t target,
-                                  uint64_t* f_total) {
+                                  uint64_t* f_total, uint64_t* f_kept = nullptr) {
   uint64_t f[kCandPerThread], local = 0;
 #pragma unroll
   for (int q = 0; q < kCandPerThread; ++q) {
@@ -919,7 +920,17 @@ FI_DEVICE uint32_t resolve_sorted(Shared& sh, const Weigher& wg, int n, bool by_
   }
   const int p = block_reduce(failing, SumOp<int>(), sh);
   if (f_total) *f_total = total;
-  return cand_key(sh.cand.key[p < n ? p : n - 1]);
+  const uint32_t t = cand_key(sh.cand.key[p < n ? p : n - 1]);
+  if (f_kept) {
+    uint64_t kept = 0;
+#pragma unroll
+    for (int q = 0; q < kCandPerThread; ++q) {
+      const int i = threadIdx.x * kCandPerThread + q;
+      kept += i < n && cand_key(sh.cand.key[i]) >= t ? f[q] : 0;
+    }
+    *f_kept = f_above + block_reduce(kept, SumOp<uint64_t>(), sh);
+  }
+  return t;
 }
 
 // Rank 0, candidates sorted, the first n_kept are the kept set: the inverse CDF in vocabulary order over their
@@ -953,6 +964,7 @@ FI_DEVICE int sample_sorted(Shared& sh, const Weigher& wg, int n_kept, uint64_t 
 struct RoundResult {
   int bin;
   uint64_t f_before;  // F of the bins before `bin`
+  uint64_t f_bin;     // F of `bin`
   uint32_t count;     // elements in `bin`
 };
 
@@ -1044,7 +1056,8 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
   const uint64_t before = acc + block_exclusive_scan(local, sh, &seg_total);
   if (threadIdx.x == 0) {  // if nothing reaches `need` (it cannot): the segment's last bin
     sh.found = rs * seg + seg - 1;
-    sh.found_a = acc + seg_total - (by_mass ? ho->mass[rs * seg + seg - 1] : ho->count[rs * seg + seg - 1]);
+    sh.found_b = by_mass ? ho->mass[rs * seg + seg - 1] : ho->count[rs * seg + seg - 1];
+    sh.found_a = acc + seg_total - sh.found_b;
     sh.found_c = ho->count[rs * seg + seg - 1];
   }
   __syncthreads();
@@ -1055,6 +1068,7 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
       if (run + f >= need) {
         sh.found = b0 + q;
         sh.found_a = run;
+        sh.found_b = f;
         sh.found_c = ho->count[b0 + q];
         break;
       }
@@ -1062,17 +1076,20 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
     }
   }
   __syncthreads();
-  RoundResult res = {sh.found, sh.found_a, sh.found_c};
+  RoundResult res = {sh.found, sh.found_a, sh.found_b, sh.found_c};
   cluster_sync();  // the owners' histograms are read; the union is free again
   return res;
 }
 
 // The largest key t in [lo, hi] with f_above + F(key >= t) >= target (F over the valid elements; the caller
 // guarantees F over [lo, hi] reaches it). With fraction >= 0 the target is instead mass_target(fraction, F([lo, hi]))
-// (for top-p, whose target depends on the row's mass).
+// (for top-p, whose target depends on the row's mass). *f_kept (when asked for) = F(key >= t), or kUnknown when
+// no round ran (lo == hi from the start).
 template <typename R>
 FI_DEVICE uint32_t select_threshold(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, bool by_mass,
-                                    uint64_t target, float fraction, uint32_t lo, uint32_t hi) {
+                                    uint64_t target, float fraction, uint32_t lo, uint32_t hi,
+                                    uint64_t* f_kept = nullptr) {
+  uint64_t f_last = kUnknown;  // F of the last round's bin
   uint64_t f_above = 0;
   bool first = true;
   while (lo < hi) {
@@ -1094,15 +1111,19 @@ FI_DEVICE uint32_t select_threshold(const R& row, Shared& sh, ClusterCtx& cx, co
       new_lo = new_hi - lo >= width ? new_hi - width : lo;
     }
     f_above += r.f_before;
+    f_last = r.f_bin;
     lo = new_lo;
     hi = new_hi;
     if (lo < hi && r.count <= kGatherCap) {
       const Gathered g = gather_candidates(row, sh, cx, wg, lo, hi, false);
-      uint64_t tau = 0, unused;
-      if (cx.rank == 0) tau = resolve_sorted(sh, wg, static_cast<int>(g.n), by_mass, f_above, target, nullptr);
-      return broadcast_pair(sh, cx, tau, 0, &unused).x;
+      uint64_t tau = 0, kept = 0;
+      if (cx.rank == 0) tau = resolve_sorted(sh, wg, static_cast<int>(g.n), by_mass, f_above, target, nullptr, &kept);
+      const uint32_t t = broadcast_pair(sh, cx, tau, kept, &kept).x;
+      if (f_kept) *f_kept = kept;
+      return t;
     }
   }
+  if (f_kept) *f_kept = f_last == kUnknown ? kUnknown : f_above + f_last;  // (the last bin: the single key hi)
   return hi;
 }
 
@@ -1415,16 +1436,25 @@ FI_DEVICE void softmax_row(const R& row, Shared& sh, ClusterCtx& cx, float tempe
   });
 }
 
-// The k-th largest key of the row (0 < k < number of valid elements), after topk_filter (when `filtered`).
+// The k-th largest key of the row (0 < k < number of valid elements), after topk_filter (when `filtered`);
+// *mass = the fixed-point mass at or above it, or kUnknown.
 template <typename R>
 FI_DEVICE uint32_t topk_threshold(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, const KeyStats& st,
-                                  int k, bool filtered, const TopKStats& ts) {
+                                  int k, bool filtered, const TopKStats& ts, uint64_t* mass) {
+  *mass = kUnknown;
   if (filtered && ts.ok) {
     const Gathered g = push_topk_candidates(row, sh, cx, wg, ts, false);
-    uint64_t res = 0, unused;
-    if (cx.rank == 0 && g.n <= kGatherCap) res = (1ull << 32) | cand_key(sh.cand.key[k - 1]);
-    const uint2 r = broadcast_pair(sh, cx, res, 0, &unused);
-    if (r.y) return r.x;
+    uint64_t res = 0, m = 0;
+    if (cx.rank == 0 && g.n <= kGatherCap) {
+      const uint32_t tau = cand_key(sh.cand.key[k - 1]);
+      res = (1ull << 32) | tau;
+      resolve_sorted(sh, wg, count_at_least(sh, static_cast<int>(g.n), tau), true, 0, 1, &m);
+    }
+    const uint2 r = broadcast_pair(sh, cx, res, m, &m);
+    if (r.y) {
+      *mass = m;
+      return r.x;
+    }
   }
   return select_threshold(row, sh, cx, wg, false, static_cast<uint64_t>(k), -1.f, 1u, st.max_key);
 }
@@ -1459,16 +1489,17 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
   const KeyStats st = ts.st;
   const Weigher wg(logits, st.max_key);
   uint32_t tau = p.op == kTopKMask ? 0u : 1u;  // 0 keeps every element (a copy), 1 every element with mass
+  uint64_t z = kUnknown;                       // the kept mass, when the threshold search gives it
   if (p.op == kTopPRenorm) {
     float top_p = p.top_p_arr ? p.top_p_arr[r] : p.top_p_val;
     top_p = top_p != top_p ? 1.f : fmaxf(top_p, 0.f);
-    if (st.max_key != 0 && top_p < 1.f) tau = select_threshold(row, sh, cx, wg, true, 0, top_p, 1u, st.max_key);
+    if (st.max_key != 0 && top_p < 1.f) tau = select_threshold(row, sh, cx, wg, true, 0, top_p, 1u, st.max_key, &z);
   } else if (k > 0 && static_cast<uint32_t>(k) < st.num_valid) {
-    tau = topk_threshold(row, sh, cx, wg, st, k, filtered, ts);
+    tau = topk_threshold(row, sh, cx, wg, st, k, filtered, ts, &z);
   }
   float mass = 0.f;
   if (p.op != kTopKMask) {
-    const uint64_t z = kept_mass(row, sh, cx, wg, tau);
+    if (z == kUnknown) z = kept_mass(row, sh, cx, wg, tau);
     mass = ldexpf(static_cast<float>(z), wg.ref_exp - kWeightBits);
   }
   const OutRow<DType> o(static_cast<DType*>(p.output) + r * p.out_stride, row.vocab, row.head, DType());
@@ -1634,15 +1665,15 @@ static cudaError_t kernel_setup(int device, size_t smem_max, int* max_cluster) {
 // Whether a slice of the plan's size fits the chunk table of sample_in_order.
 static bool plan_fits_chunks(int vocab, int elem_bytes, const RowPlan& plan);
 
-// Cluster size and caching for rows of `vocab` elements of `elem_bytes` that are read several times: slices of at
-// most kPreferredSliceVecs vectors where the cluster allows, never below kMinSliceVecs, cached when they fit
-// kCacheVecs.
-static RowPlan plan_rows(int vocab, int elem_bytes, int max_cluster) {
+// Cluster size and caching for rows of `vocab` elements of `elem_bytes` that are read several times: as few CTAs
+// per row as keep the slices in shared memory (kCacheVecs) and give every SM two CTAs (slices never below
+// kMinSliceVecs); cached when the slices fit.
+static RowPlan plan_rows(int rows, int vocab, int elem_bytes, int max_cluster, int sms) {
   const int vec = 16 / elem_bytes;
   const int max_vecs = (vocab + vec - 1) / vec + 1;  // + 1: a row that starts mid-vector spills into one more
   int c = 1;
-  while (c < max_cluster && (max_vecs + c - 1) / c > kPreferredSliceVecs && max_vecs / (2 * c) >= kMinSliceVecs) c *= 2;
   while (c < max_cluster && (max_vecs + c - 1) / c > kCacheVecs) c *= 2;
+  while (c < max_cluster && static_cast<int64_t>(rows) * c < 2 * sms && max_vecs / (2 * c) >= kMinSliceVecs) c *= 2;
   const int slice = (max_vecs + c - 1) / c;
   RowPlan plan;
   plan.cluster = c;
@@ -1713,7 +1744,7 @@ static cudaError_t launch_row_kernel(const P& p, int rows, int vocab, bool strea
   err = kernel_setup<kStreamKernel>(device, sizeof(Shared), &unused);
   if (err != cudaSuccess) return err;
   const RowPlan plan = stream_rows ? plan_stream(rows, vocab, sizeof(DType), max_cluster, sm_count(device))
-                                   : plan_rows(vocab, sizeof(DType), max_cluster);
+                                   : plan_rows(rows, vocab, sizeof(DType), max_cluster, sm_count(device));
   if (!plan_fits_chunks(vocab, sizeof(DType), plan)) return static_cast<cudaError_t>(kErrSliceTooLarge);
   const bool clusters = max_cluster > 1;
   return plan.cached ? launch_rows<kCachedKernel>(p, rows, plan.cluster, plan.smem, clusters, pdl, stream)
