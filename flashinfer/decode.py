@@ -43,7 +43,7 @@ from ._planning import (
 from ._spec_common import AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import register_family
-from .page import PagedKV, PagedKVCache, get_seq_lens, unpack_paged_kv_cache
+from .page import PagedKV, PagedKVCache, get_seq_lens, unpack_fp8_capable
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, decode_with_tensor_cores
 from .utils import (
     DTYPE_SHORT,
@@ -1515,7 +1515,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}"
             )
-        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout, allow_fp8=True)
+        kv = unpack_fp8_capable(paged_kv_cache, self._kv_layout)
         if kv.k.get_device() != self._device_index:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but "
@@ -1811,7 +1811,7 @@ def _batch_decode_op(
             f"q must be [batch_size, num_qo_heads, head_dim] = {[p.batch_size, p.num_qo_heads, p.head_dim]} "
             f"as planned, got {tuple(q.shape)}"
         )
-    kv = unpack_paged_kv_cache((k, v), w._kv_layout, allow_fp8=True)
+    kv = unpack_fp8_capable((k, v), w._kv_layout)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32, device=q.device)
     w._launch(

@@ -6,7 +6,8 @@ A paged KV cache is either one tensor ``[num_pages, 2, page_size, num_kv_heads, 
 ``[num_pages, page_size, num_kv_heads, head_dim]`` / ``[num_pages, num_kv_heads, page_size, head_dim]``. The page
 table is CSR: ``kv_indptr [batch + 1]``, ``kv_indices [nnz_pages]``, ``kv_last_page_len [batch]`` (0..page_size);
 request r holds ``(pages - 1) * page_size + last_page_len`` tokens, none when it has no pages. This module is the one
-place that takes a paged cache apart (``unpack_paged_kv_cache``) for every wrapper.
+place that takes a paged cache apart (``unpack_paged_kv_cache``; ``unpack_fp8_capable`` for the paths that read fp8
+caches) for every wrapper.
 """
 
 from __future__ import annotations
@@ -81,25 +82,46 @@ class PagedKV(NamedTuple):
     stride_h: int  # between heads
 
 
-def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str, allow_fp8: bool = False) -> PagedKV:
+def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> PagedKV:
     """Validates a paged cache of either form and returns its K/V views, geometry and element strides.
 
     Parameters
     ----------
     paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
         ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
-        tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``; float16/bfloat16 (or,
-        with ``allow_fp8``, float8_e4m3fn/float8_e5m2) on CUDA.
+        tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``; float16/bfloat16 on
+        CUDA (an fp8 cache raises TypeError naming the paths that read it: they use :func:`unpack_fp8_capable`).
     kv_layout : str
         ``"NHD"`` or ``"HND"``.
-    allow_fp8 : bool
-        Whether the caller's kernel reads fp8 caches; else an fp8 cache raises TypeError naming the paths that do.
 
     Returns
     -------
     PagedKV
         The K/V views ``[num_pages, ...]``, the geometry and the strides (elements) of pages, tokens and heads.
     """
+    return _unpack(paged_kv_cache, kv_layout, False)
+
+
+def unpack_fp8_capable(paged_kv_cache: PagedKVCache, kv_layout: str) -> PagedKV:
+    """:func:`unpack_paged_kv_cache` for the paths whose kernels also read fp8 caches (float8_e4m3fn,
+    float8_e5m2): batch decode on CUDA cores and the page append.
+
+    Parameters
+    ----------
+    paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+        As :func:`unpack_paged_kv_cache`, float16, bfloat16, float8_e4m3fn or float8_e5m2.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+
+    Returns
+    -------
+    PagedKV
+        As :func:`unpack_paged_kv_cache` (strides in elements of the cache's dtype).
+    """
+    return _unpack(paged_kv_cache, kv_layout, True)
+
+
+def _unpack(paged_kv_cache: PagedKVCache, kv_layout: str, allow_fp8: bool) -> PagedKV:
     kv_layout = canonical_layout(kv_layout)
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
@@ -217,7 +239,7 @@ def append_paged_kv_cache(
     kv_layout : str
         ``"NHD"`` or ``"HND"``.
     """
-    kv = unpack_paged_kv_cache(paged_kv_cache, kv_layout, allow_fp8=True)
+    kv = unpack_fp8_capable(paged_kv_cache, kv_layout)
     device = kv.k.device
     for n, t in (("append_key", append_key), ("append_value", append_value)):
         if not isinstance(t, torch.Tensor):
