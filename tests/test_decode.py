@@ -641,10 +641,13 @@ def _batch_specs():
 
 
 @pytest.mark.parametrize("spec", _NO_SPILL_SPECS + _batch_specs(), ids=lambda s: s.name())
-def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch):
+def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch, capsys):
     """ptxas's report (kept in the build log) shows no stack frame and no spills for any kernel of the module:
-    the tile loops are sized to their register budget (4 CTAs per SM for most tiles)."""
-    from flashinfer import jit
+    the tile loops are sized to their register budget (4 CTAs per SM for most tiles). `cache list` names the
+    entry by its spec (fp8 KV: kv-e4m3 / kv-e5m2)."""
+    import json
+
+    from flashinfer import cli, jit
 
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
     report = jit.ensure_built(spec)
@@ -654,3 +657,7 @@ def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch):
     assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") for line in frames), (
         frames
     )
+    capsys.readouterr()
+    assert cli.main(["cache", "list", "--json", "--family", spec.family]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["family"], r["valid"]) for r in rows] == [(spec.name(), spec.family, True)]
