@@ -99,9 +99,8 @@ FI_DEVICE int ring_chunk(int t, int c) {
 template <typename DTypeKV, int ROW_CHUNKS>
 FI_DEVICE void ring_row8(const uint4* stage, int t, int lane, float (&out)[8]) {
   if constexpr (is_fp8<DTypeKV>::value) {
-    unpack8(
-        reinterpret_cast<const uint2*>(stage + ring_chunk<DTypeKV, ROW_CHUNKS>(t, lane >> 1)) [lane & 1], out,
-        DTypeKV {});
+    const uint2* halves = reinterpret_cast<const uint2*>(stage + ring_chunk<DTypeKV, ROW_CHUNKS>(t, lane >> 1));
+    unpack8(halves[lane & 1], out, DTypeKV{});
   } else {
     unpack8(stage[ring_chunk<DTypeKV, ROW_CHUNKS>(t, lane)], out, DTypeKV{});
   }
