@@ -327,8 +327,8 @@ def single_decode_with_kv_cache(
         ``[num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
     k, v : torch.Tensor
         ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]``
-        (``"HND"``), ``kv_len >= 1``; q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, both
-        the same; CUDA cores only), dequantised by ``k_scale``/``v_scale``. Views are accepted when the last
+        (``"HND"``), ``kv_len >= 1``; q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v
+        the same one; CUDA cores only), dequantised by ``k_scale``/``v_scale``. Views are accepted when the last
         dimension is contiguous and the other strides are multiples of 16 bytes. ``num_qo_heads`` must be a
         multiple of ``num_kv_heads`` (any GQA group size); head_dim one of 64, 128, 256.
     kv_layout : str
@@ -340,11 +340,11 @@ def single_decode_with_kv_cache(
     use_tensor_cores : bool
         Run on the tensor-core prefill kernel (the GQA group's heads packed as query rows), as FlashInfer does;
         same arguments, validation and result up to rounding. Not with an fp8 cache (NotImplementedError).
-    q_scale, k_scale : float, optional
+    q_scale, k_scale : float or torch.Tensor, optional
         Multiply the logits (folded into the softmax scale, as FlashInfer does: k_scale dequantises an fp8 K).
         A Python number or a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would sync).
-    v_scale : float, optional
-        Multiplies the output (dequantises an fp8 V); the same kinds of value.
+    v_scale : float or torch.Tensor, optional
+        Multiplies the output (dequantises an fp8 V), in the kernel; the same kinds of value.
     window_left : int
         ``w >= 0`` attends only to the last ``w + 1`` keys; ``-1`` attends to all.
     logits_soft_cap : float, optional
@@ -1444,11 +1444,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
             kv_data_type.
         *args
             FlashInfer's extra arguments of custom (jit_args) kernels: not implemented (must be empty).
-        q_scale, k_scale : float, optional
+        q_scale, k_scale : float or torch.Tensor, optional
             Multiply the logits (folded into the softmax scale, as FlashInfer does: k_scale dequantises an fp8
             K). A Python number or a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would
             synchronize the device).
-        v_scale : float, optional
+        v_scale : float or torch.Tensor, optional
             Multiplies the output (dequantises an fp8 V), applied in the kernel; the same kinds of value.
         out : torch.Tensor, optional
             ``[batch_size, num_qo_heads, head_dim]`` contiguous, q's dtype: written and returned.
