@@ -2,6 +2,10 @@
 the bf16 matmul rate and PyTorch SDPA, all in one run; appends a dated table to benchmarks/RESULTS.md.
 
     python benchmarks/bench_decode.py [--quick]
+    python benchmarks/bench_decode.py --fp8      # only the fp8 KV comparison (its own table)
+
+--fp8: single_decode_with_kv_cache with an e4m3 KV cache (bf16 q and output) against our bf16 path at 32k keys
+(32q/8kv and 32q/32kv, d128): the tokens/s ratio, issue 13's target >= 1.6x.
 
 Also measures the cold compile (first call in a fresh process with an empty cache) and the warm load (first
 call in a new process, cache hit) of the decode module.
@@ -111,11 +115,100 @@ def bench_case(num_qo_heads: int, num_kv_heads: int, kv_len: int, head_dim: int,
     }
 
 
+FP8_CASES = [(32, 8, 32768), (32, 32, 32768)]
+FP8_TARGET = 1.6  # e4m3 tokens/s over our bf16 path's at 32k keys (issue 13)
+
+
+def fp8_case(num_qo_heads, num_kv_heads, kv_len, copy_tbs, head_dim=128, repeat=1, k_scale=0.5, v_scale=0.5):
+    """Our bf16 and our e4m3 path on one shape, graph-timed over input sets rotated beyond the L2 (each dtype's
+    own); returns both times, bandwidths and the tokens/s ratio (bf16 time / e4m3 time)."""
+    out = {"shape": f"{num_qo_heads}q/{num_kv_heads}kv d{head_dim} kv_len {kv_len}"}
+    runs = {}
+    sets = {}
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        fp8 = kv_dtype != torch.bfloat16
+        kv_bytes = 2 * kv_len * num_kv_heads * head_dim * (1 if fp8 else 2)
+        n_sets = max(1, min(64, math.ceil(512e6 / kv_bytes)))
+        qs, ks, vs = [], [], []
+        for _ in range(n_sets):
+            qs.append(torch.randn(num_qo_heads, head_dim, device="cuda", dtype=torch.bfloat16))
+            k = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(kv_len, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            ks.append((k / k_scale).to(kv_dtype) if fp8 else k)
+            vs.append((v / v_scale).to(kv_dtype) if fp8 else v)
+        outs = [torch.empty(num_qo_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
+        scales = {"k_scale": k_scale, "v_scale": v_scale} if fp8 else {}
+        sets[kv_dtype] = (n_sets, kv_bytes + 2 * num_qo_heads * head_dim * 2, qs, ks, vs, outs, scales)
+        # Correctness guard on the (dequantised) values: a benchmark of a wrong kernel is worthless.
+        flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0], out=outs[0], **scales)
+        kf = ks[0].float() * scales.get("k_scale", 1.0)
+        vf = vs[0].float() * scales.get("v_scale", 1.0)
+        ref = F.scaled_dot_product_attention(
+            qs[0].float().view(1, num_qo_heads, 1, head_dim),
+            kf.transpose(0, 1).unsqueeze(0),
+            vf.transpose(0, 1).unsqueeze(0),
+            enable_gqa=num_qo_heads != num_kv_heads,
+        )
+        err = (outs[0].float() - ref.view(num_qo_heads, head_dim)).abs().max().item()
+        assert err < 2e-2, f"{out['shape']} {kv_dtype}: decode output differs from SDPA by {err}"
+        del kf, vf, ref
+    for _ in range(repeat):  # interleaved, as bench_case
+        for kv_dtype, (n_sets, _, qs, ks, vs, outs, scales) in sets.items():
+
+            def ours(i, qs=qs, ks=ks, vs=vs, outs=outs, scales=scales):
+                flashinfer.single_decode_with_kv_cache(qs[i], ks[i], vs[i], out=outs[i], **scales)
+
+            runs.setdefault(kv_dtype, []).append(graph_ms(ours, n_sets))
+    for kv_dtype, tag in ((torch.bfloat16, "bf16"), (torch.float8_e4m3fn, "e4m3")):
+        t = statistics.median(runs[kv_dtype])
+        out[f"us_{tag}"] = t * 1e3
+        out[f"pct_{tag}"] = 100 * sets[kv_dtype][1] / (t * 1e-3) / 1e12 / copy_tbs
+    out["ratio"] = out["us_bf16"] / out["us_e4m3"]
+    del sets
+    torch.cuda.empty_cache()
+    return out
+
+
+def fp8_main(copy_tbs: float, repeat: int) -> None:
+    rows = []
+    for hq, hkv, L in FP8_CASES:
+        r = fp8_case(hq, hkv, L, copy_tbs, repeat=repeat)
+        print(json.dumps(r), flush=True)
+        rows.append(
+            [
+                r["shape"],
+                f"{r['us_bf16']:.1f} ({r['pct_bf16']:.0f}%)",
+                f"{r['us_e4m3']:.1f} ({r['pct_e4m3']:.0f}%)",
+                f"{r['ratio']:.2f}x",
+                f"≥{FP8_TARGET}x: {'met' if r['ratio'] >= FP8_TARGET else 'MISSED'}",
+            ]
+        )
+    text = write_results(
+        "single_decode_with_kv_cache, fp8 e4m3 KV vs bf16 KV (q/o bf16), d128, NHD",
+        ["shape", "bf16 KV µs (% copy)", "e4m3 KV µs (% copy)", "tokens/s e4m3 / bf16", "target"],
+        rows,
+        [
+            f"measured ceiling: device-to-device copy {copy_tbs:.2f} TB/s (read+write); % copy = each path's own "
+            "bytes (k + v at its element size + q + o) over its time",
+            f"graph-timed (median of {repeat} interleaved measurements) over input sets > 512 MB of each dtype; e4m3 "
+            "with k_scale = v_scale = 0.5 (fp8 values of randn / 0.5), CUDA cores (use_tensor_cores=False)",
+            "tokens/s ratio = bf16 time / e4m3 time on the same shape",
+        ],
+    )
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the two target shapes")
     ap.add_argument("--repeat", type=int, default=3, help="median of this many interleaved measurements")
+    ap.add_argument("--fp8", action="store_true", help="only the fp8 (e4m3 KV) vs bf16 comparison at 32k keys")
     args = ap.parse_args()
+    if args.fp8:
+        copy_tbs = statistics.median(copy_bandwidth_tbs() for _ in range(args.repeat))
+        print(f"copy bandwidth {copy_tbs:.2f} TB/s (read+write)", flush=True)
+        fp8_main(copy_tbs, args.repeat)
+        return
     copies = [copy_bandwidth_tbs() for _ in range(args.repeat)]
     copy_tbs = statistics.median(copies)
     mm = bf16_matmul_tflops()

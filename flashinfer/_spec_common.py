@@ -1,5 +1,6 @@
 """What the attention kernel specs (single/batch decode, single/batch prefill) share: how a spec names itself,
-the Jinja variables of its common fields, the axes of its matrix and the dtype rule.
+the Jinja variables of its common fields, the axes of its matrix and the dtype rule (q and output 16-bit; the KV
+cache q's dtype, or fp8 (``e4m3``/``e5m2``, values of the same ``dtype_kv`` axis) in the families that read it).
 
 A spec's name is ``<family>[_<prefix fields>]_q-<dq>_kv-<dkv>_o-<do>_d<head_dim>`` followed by one part per
 remaining field in declaration order (``nhd``, ``mask-causal``, ``pos-ropellama``, ``window-on``, ``fa2``...);
@@ -15,6 +16,7 @@ from .jit.spec import Spec
 from .utils import DTYPE_CUDA, SUPPORTED_HEAD_DIMS, PosEncodingMode, cuda_bool, on_off, pos_encoding_cuda
 
 _DTYPES = ("bf16", "f16")
+FP8_KV_DTYPES = ("e4m3", "e5m2")  # fp8 KV caches: values of the KV-dtype axis read by families with fp8_kv
 _FLAG = (False, True)
 _DTYPE_FIELDS = ("head_dim", "dtype_q", "dtype_kv", "dtype_o")
 
@@ -22,7 +24,7 @@ _DTYPE_FIELDS = ("head_dim", "dtype_q", "dtype_kv", "dtype_o")
 SHARED_AXES: Dict[str, Tuple[Any, ...]] = {
     "head_dim": SUPPORTED_HEAD_DIMS,
     "dtype_q": _DTYPES,
-    "dtype_kv": _DTYPES,
+    "dtype_kv": _DTYPES + FP8_KV_DTYPES,
     "dtype_o": _DTYPES,
     "kv_layout": ("NHD", "HND"),
     "pos_encoding_mode": tuple(m.name for m in PosEncodingMode),
@@ -60,6 +62,7 @@ class AttentionSpec(Spec):
 
     own_axes: ClassVar[Dict[str, Tuple[Any, ...]]] = {}  # axes of fields only this family has
     name_prefix: ClassVar[Tuple[str, ...]] = ()  # fields named right after the family (e.g. kv_storage)
+    fp8_kv: ClassVar[bool] = False  # whether the family's kernels read fp8 KV caches (dtype_kv e4m3/e5m2)
 
     def name(self) -> str:
         parts = [
@@ -96,8 +99,17 @@ class AttentionSpec(Spec):
         }
 
     def unsupported_reason(self) -> Optional[str]:
-        if self.dtype_kv != self.dtype_q:
-            return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: q and kv must share a 16-bit dtype"
+        if self.dtype_q not in _DTYPES:
+            return f"q dtype {self.dtype_q}: q must be 16-bit ({', '.join(_DTYPES)})"
+        if self.dtype_kv in FP8_KV_DTYPES and not self.fp8_kv:
+            return (
+                f"kv dtype {self.dtype_kv} (fp8): {self.family} does not read fp8 KV caches yet (the decode "
+                "families decode_single and decode_batch_paged do)"
+            )
+        if self.dtype_kv != self.dtype_q and self.dtype_kv not in FP8_KV_DTYPES:
+            return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: kv must be q's 16-bit dtype" + (
+                " or fp8 (e4m3, e5m2)" if self.fp8_kv else ""
+            )
         if self.dtype_o != self.dtype_q:
             return f"output dtype {self.dtype_o} differs from q dtype {self.dtype_q}: the output takes q's dtype"
         return None

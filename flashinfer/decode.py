@@ -43,22 +43,25 @@ from ._planning import (
 from ._spec_common import AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import register_family
-from .page import PagedKV, PagedKVCache, get_seq_lens, unpack_paged_kv_cache
+from .page import PagedKV, PagedKVCache, get_seq_lens, unpack_fp8_capable
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, decode_with_tensor_cores
 from .utils import (
     DTYPE_SHORT,
+    FP8_DTYPE_SHORT,
+    KV_DTYPE_SHORT,
     MAX_ROPE_POSITION,
     _get_range_buf,
     canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
     check_aligned,
+    check_decode_dtypes,
+    check_fp8_q,
     check_head_dim,
     check_kv,
     check_logit_options,
     check_out,
     check_page_ids_in_cache,
-    check_qkv_dtypes,
     check_same_device,
     check_tensor,
     check_vector_rows,
@@ -97,7 +100,9 @@ def _ctas_per_sm(group_size: int) -> int:
 @register_family
 @dataclasses.dataclass(frozen=True)
 class SingleDecodeSpec(AttentionSpec):
-    """Compile-time configuration of the single-request decode kernel."""
+    """Compile-time configuration of the single-request decode kernel (KV: q's dtype or fp8 e4m3/e5m2)."""
+
+    fp8_kv = True
 
     kv_layout: str = "NHD"
     pos_encoding_mode: str = "NONE"
@@ -143,13 +148,21 @@ _single_kernels: Dict[Tuple[Any, ...], _SingleDecodeKernel] = {}
 
 
 def _single_kernel(
-    head_dim: int, dtype: str, kv_layout: str, pos_encoding_mode: str, use_window: bool, use_soft_cap: bool
+    head_dim: int,
+    dtype: str,
+    dtype_kv: str,
+    kv_layout: str,
+    pos_encoding_mode: str,
+    use_window: bool,
+    use_soft_cap: bool,
 ) -> _SingleDecodeKernel:
     """The kernel of a configuration, memoized on a plain tuple (cheaper to hash than the spec on every call)."""
-    key = (head_dim, dtype, kv_layout, pos_encoding_mode, use_window, use_soft_cap)
+    key = (head_dim, dtype, dtype_kv, kv_layout, pos_encoding_mode, use_window, use_soft_cap)
     hit = _single_kernels.get(key)
     if hit is None:
-        spec = SingleDecodeSpec(head_dim, dtype, dtype, dtype, kv_layout, pos_encoding_mode, use_window, use_soft_cap)
+        spec = SingleDecodeSpec(
+            head_dim, dtype, dtype_kv, dtype, kv_layout, pos_encoding_mode, use_window, use_soft_cap
+        )
         hit = _single_kernels[key] = _SingleDecodeKernel(jit.load(spec))
     return hit
 
@@ -181,7 +194,13 @@ def _run(
     else:
         num_kv_heads, kv_len = k.shape[0], k.shape[1]
     kernel = _single_kernel(
-        head_dim, DTYPE_SHORT[q.dtype], kv_layout, pos_encoding_mode, window_left >= 0, soft_cap > 0
+        head_dim,
+        DTYPE_SHORT[q.dtype],
+        KV_DTYPE_SHORT[k.dtype],
+        kv_layout,
+        pos_encoding_mode,
+        window_left >= 0,
+        soft_cap > 0,
     )
     if (k.data_ptr() | v.data_ptr()) & 15:
         check_aligned(k, "k")
@@ -307,9 +326,10 @@ def single_decode_with_kv_cache(
         ``[num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
     k, v : torch.Tensor
         ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]``
-        (``"HND"``), q's dtype, ``kv_len >= 1``. Views are accepted when the last dimension is contiguous and the
-        other strides are multiples of 16 bytes. ``num_qo_heads`` must be a multiple of ``num_kv_heads`` (any GQA
-        group size); head_dim one of 64, 128, 256.
+        (``"HND"``), ``kv_len >= 1``; q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v
+        the same one; CUDA cores only), dequantised by ``k_scale``/``v_scale``. Views are accepted when the last
+        dimension is contiguous and the other strides are multiples of 16 bytes. ``num_qo_heads`` must be a
+        multiple of ``num_kv_heads`` (any GQA group size); head_dim one of 64, 128, 256.
     kv_layout : str
         ``"NHD"`` or ``"HND"`` (or a ``TensorLayout``).
     pos_encoding_mode : str
@@ -318,11 +338,12 @@ def single_decode_with_kv_cache(
         slope_h * (i - (kv_len - 1)) with the standard ALiBi slopes).
     use_tensor_cores : bool
         Run on the tensor-core prefill kernel (the GQA group's heads packed as query rows), as FlashInfer does;
-        same arguments, validation and result up to rounding.
-    q_scale, k_scale : float, optional
-        Multiply the logits.
-    v_scale : float, optional
-        Multiplies the output.
+        same arguments, validation and result up to rounding. Not with an fp8 cache (NotImplementedError).
+    q_scale, k_scale : float or torch.Tensor, optional
+        Multiply the logits (folded into the softmax scale, as FlashInfer does: k_scale dequantises an fp8 K).
+        A Python number or a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would sync).
+    v_scale : float or torch.Tensor, optional
+        Multiplies the output (dequantises an fp8 V), in the kernel; the same kinds of value.
     window_left : int
         ``w >= 0`` attends only to the last ``w + 1`` keys; ``-1`` attends to all.
     logits_soft_cap : float, optional
@@ -348,7 +369,12 @@ def single_decode_with_kv_cache(
     device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
     kv_layout = canonical_layout(kv_layout)
     pos_encoding_mode = canonical_pos_encoding(pos_encoding_mode)
-    check_qkv_dtypes(q, k, v)
+    check_decode_dtypes(q, k, v)
+    if use_tensor_cores and k.dtype in FP8_DTYPE_SHORT:
+        raise NotImplementedError(
+            f"use_tensor_cores=True with an fp8 KV cache ({k.dtype}) is not implemented (the tensor-core prefill "
+            "kernel does not read fp8 yet); use use_tensor_cores=False, whose decode kernel reads e4m3 and e5m2"
+        )
     num_qo_heads, head_dim = q.shape
     check_head_dim(head_dim)
     kv_len, num_kv_heads = check_kv(k, v, kv_layout, num_qo_heads, head_dim)
@@ -425,8 +451,10 @@ class BatchDecodePagedSpec(AttentionSpec):
     """Compile-time configuration of the paged batch decode kernel (and its planner).
 
     page_size is a run-time value; a sliding window is applied by the planner (keys outside it are never
-    scheduled) and, narrower, by run(); so it needs no variant of its own.
+    scheduled) and, narrower, by run(); so it needs no variant of its own. KV: q's dtype or fp8 (e4m3/e5m2).
     """
+
+    fp8_kv = True
 
     kv_layout: str = "NHD"
     pos_encoding_mode: str = "NONE"
@@ -855,10 +883,21 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if data_type is not None:  # FlashInfer's rule: data_type fills only the dtypes left as None
             q_data_type = data_type if q_data_type is None else q_data_type
             kv_data_type = data_type if kv_data_type is None else kv_data_type
-        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16)
-        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype)
-        if kv_dtype != q_dtype:
-            raise TypeError(f"q_data_type {q_dtype} and kv_data_type {kv_dtype} must match (float16 or bfloat16)")
+        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16, allow_fp8=True)
+        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype, allow_fp8=True)
+        check_fp8_q(q_dtype, kv_dtype, "BatchDecodeWithPagedKVCacheWrapper.plan")
+        fp8_kv = kv_dtype in FP8_DTYPE_SHORT
+        if kv_dtype != q_dtype and not fp8_kv:
+            raise TypeError(
+                f"q_data_type {q_dtype} and kv_data_type {kv_dtype} must match (float16 or bfloat16), or "
+                "kv_data_type be fp8 (torch.float8_e4m3fn, torch.float8_e5m2)"
+            )
+        if fp8_kv and self._use_tensor_cores:
+            raise NotImplementedError(
+                f"use_tensor_cores=True with kv_data_type {kv_dtype} (an fp8 KV cache) is not implemented (the "
+                "tensor-core prefill kernel does not read fp8 yet); build the wrapper with use_tensor_cores=False, "
+                "whose decode kernel reads e4m3 and e5m2"
+            )
         if canonical_dtype(o_data_type, "o_data_type", q_dtype) != q_dtype:
             raise not_supported(
                 "o_data_type", o_data_type, f"None or q_data_type ({q_dtype}): the output takes q's dtype"
@@ -893,7 +932,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         spec = BatchDecodePagedSpec(
             head_dim=head_dim,
             dtype_q=DTYPE_SHORT[q_dtype],
-            dtype_kv=DTYPE_SHORT[kv_dtype],
+            dtype_kv=KV_DTYPE_SHORT[kv_dtype],
             dtype_o=DTYPE_SHORT[q_dtype],
             kv_layout=self._kv_layout,
             pos_encoding_mode=pos,
@@ -976,7 +1015,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
         logits_soft_cap : float, optional
             ``c > 0``: logits become ``c * tanh(x / c)``.
         q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
-            float16 or bfloat16 (q's default float16; kv and o default to q's; they must all match).
+            q and o: float16 or bfloat16 (q's default float16; o defaults to q's and must match it). kv (default
+            q's): q's dtype, or an fp8 cache, torch.float8_e4m3fn or torch.float8_e5m2 (CUDA cores only: with
+            ``use_tensor_cores=True`` NotImplementedError), dequantised by run()'s ``k_scale``/``v_scale``. An
+            fp8 q raises NotImplementedError.
         data_type : str or torch.dtype, optional
             Deprecated: fills q_data_type and kv_data_type where they are None (FlashInfer's rule).
         sm_scale : float, optional
@@ -1397,13 +1439,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
             ``[batch_size, num_qo_heads, head_dim]`` in the planned q dtype (the last dimension contiguous).
         paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
             ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
-            tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``.
+            tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``, in the planned
+            kv_data_type.
         *args
             FlashInfer's extra arguments of custom (jit_args) kernels: not implemented (must be empty).
-        q_scale, k_scale : float, optional
-            Multiply the logits.
-        v_scale : float, optional
-            Multiplies the output.
+        q_scale, k_scale : float or torch.Tensor, optional
+            Multiply the logits (folded into the softmax scale, as FlashInfer does: k_scale dequantises an fp8
+            K). A Python number or a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would
+            synchronize the device).
+        v_scale : float or torch.Tensor, optional
+            Multiplies the output (dequantises an fp8 V), applied in the kernel; the same kinds of value.
         out : torch.Tensor, optional
             ``[batch_size, num_qo_heads, head_dim]`` contiguous, q's dtype: written and returned.
         lse : torch.Tensor, optional
@@ -1469,7 +1514,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}"
             )
-        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        kv = unpack_fp8_capable(paged_kv_cache, self._kv_layout)
         if kv.k.get_device() != self._device_index:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but "
@@ -1765,7 +1810,7 @@ def _batch_decode_op(
             f"q must be [batch_size, num_qo_heads, head_dim] = {[p.batch_size, p.num_qo_heads, p.head_dim]} "
             f"as planned, got {tuple(q.shape)}"
         )
-    kv = unpack_paged_kv_cache((k, v), w._kv_layout)
+    kv = unpack_fp8_capable((k, v), w._kv_layout)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32, device=q.device)
     w._launch(

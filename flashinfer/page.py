@@ -6,7 +6,8 @@ A paged KV cache is either one tensor ``[num_pages, 2, page_size, num_kv_heads, 
 ``[num_pages, page_size, num_kv_heads, head_dim]`` / ``[num_pages, num_kv_heads, page_size, head_dim]``. The page
 table is CSR: ``kv_indptr [batch + 1]``, ``kv_indices [nnz_pages]``, ``kv_last_page_len [batch]`` (0..page_size);
 request r holds ``(pages - 1) * page_size + last_page_len`` tokens, none when it has no pages. This module is the one
-place that takes a paged cache apart (``unpack_paged_kv_cache``) for every wrapper.
+place that takes a paged cache apart (``unpack_paged_kv_cache``; ``unpack_fp8_capable`` for the paths that read fp8
+caches) for every wrapper.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .utils import (
     DTYPE_CUDA,
+    KV_DTYPE_SHORT,
     SUPPORTED_HEAD_DIMS,
     canonical_layout,
     check_head_dim,
@@ -36,7 +38,8 @@ PagedKVCache = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 @register_family
 @dataclasses.dataclass(frozen=True)
 class PageAppendSpec(Spec):
-    """Compile-time configuration of the append-to-paged-cache kernel (layouts are strides: one kernel)."""
+    """Compile-time configuration of the append-to-paged-cache kernel (layouts are strides: one kernel; the
+    cache's dtype: 16-bit or fp8, whose appended keys and values arrive already quantised)."""
 
     head_dim: int = 128
     dtype_kv: str = "bf16"
@@ -62,7 +65,7 @@ class PageAppendSpec(Spec):
 
     @classmethod
     def axes(cls) -> Dict[str, Tuple[Any, ...]]:
-        return {"head_dim": SUPPORTED_HEAD_DIMS, "dtype_kv": ("bf16", "f16")}
+        return {"head_dim": SUPPORTED_HEAD_DIMS, "dtype_kv": tuple(dict.fromkeys(KV_DTYPE_SHORT.values()))}
 
 
 class PagedKV(NamedTuple):
@@ -86,7 +89,8 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
     ----------
     paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
         ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
-        tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``; float16/bfloat16 on CUDA.
+        tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``; float16/bfloat16 on
+        CUDA (an fp8 cache raises TypeError naming the paths that read it: they use :func:`unpack_fp8_capable`).
     kv_layout : str
         ``"NHD"`` or ``"HND"``.
 
@@ -95,6 +99,29 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
     PagedKV
         The K/V views ``[num_pages, ...]``, the geometry and the strides (elements) of pages, tokens and heads.
     """
+    return _unpack(paged_kv_cache, kv_layout, False)
+
+
+def unpack_fp8_capable(paged_kv_cache: PagedKVCache, kv_layout: str) -> PagedKV:
+    """:func:`unpack_paged_kv_cache` for the paths whose kernels also read fp8 caches (float8_e4m3fn,
+    float8_e5m2): batch decode on CUDA cores and the page append.
+
+    Parameters
+    ----------
+    paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+        As :func:`unpack_paged_kv_cache`, float16, bfloat16, float8_e4m3fn or float8_e5m2.
+    kv_layout : str
+        ``"NHD"`` or ``"HND"``.
+
+    Returns
+    -------
+    PagedKV
+        As :func:`unpack_paged_kv_cache` (strides in elements of the cache's dtype).
+    """
+    return _unpack(paged_kv_cache, kv_layout, True)
+
+
+def _unpack(paged_kv_cache: PagedKVCache, kv_layout: str, allow_fp8: bool) -> PagedKV:
     kv_layout = canonical_layout(kv_layout)
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
@@ -130,7 +157,7 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
         )
     if not k.is_cuda:
         raise ValueError(f"paged_kv_cache is on {k.device}; the kernels run on CUDA devices only")
-    dtype_short(k, "paged_kv_cache")
+    dtype_short(k, "paged_kv_cache", allow_fp8)
     num_pages, a, b, head_dim = k.shape
     s0, s1, s2, s3 = k.stride()
     if kv_layout == "NHD":
@@ -140,9 +167,10 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
     check_head_dim(head_dim)
     if s3 != 1 and head_dim > 1:
         raise ValueError(f"paged_kv_cache must be contiguous in head_dim (stride 1), got strides {k.stride()}")
+    vec = 16 // k.element_size()  # elements of a 16-byte vector
     for what, s, size in (("page", s0, num_pages), ("token", stride_n, page_size), ("head", stride_h, num_kv_heads)):
-        if size > 1 and s % 8 != 0:
-            raise ValueError(f"paged_kv_cache {what} stride {s} is not a multiple of 8 elements (16 bytes)")
+        if size > 1 and s % vec != 0:
+            raise ValueError(f"paged_kv_cache {what} stride {s} is not a multiple of {vec} elements (16 bytes)")
     if not torch.compiler.is_compiling() and (k.data_ptr() % 16 or v.data_ptr() % 16):  # (fake tensors: no address)
         raise ValueError("paged_kv_cache data must be 16-byte aligned")
     if num_pages >= 2**31:
@@ -194,7 +222,9 @@ def append_paged_kv_cache(
     Parameters
     ----------
     append_key, append_value : torch.Tensor
-        ``[nnz, num_kv_heads, head_dim]`` in the cache's dtype.
+        ``[nnz, num_kv_heads, head_dim]`` in the cache's dtype: for an fp8 cache (float8_e4m3fn/float8_e5m2) the
+        keys and values arrive already quantised, as FlashInfer expects (their scales are run()'s
+        ``k_scale``/``v_scale``).
     batch_indices, positions : torch.Tensor
         ``[nnz]`` int32: each token's request and position in it.
     paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
@@ -209,7 +239,7 @@ def append_paged_kv_cache(
     kv_layout : str
         ``"NHD"`` or ``"HND"``.
     """
-    kv = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    kv = unpack_fp8_capable(paged_kv_cache, kv_layout)
     device = kv.k.device
     for n, t in (("append_key", append_key), ("append_value", append_value)):
         if not isinstance(t, torch.Tensor):
@@ -230,6 +260,11 @@ def append_paged_kv_cache(
     if append_key.dtype != kv.k.dtype or append_value.dtype != kv.k.dtype:
         raise TypeError(
             f"append_key/append_value dtype ({append_key.dtype}/{append_value.dtype}) must match the cache's {kv.k.dtype}"
+            + (
+                " (an fp8 cache takes keys and values already quantised to its dtype)"
+                if kv.k.element_size() == 1
+                else ""
+            )
         )
     batch_indices = _check_index(batch_indices, "batch_indices", device, nnz)
     positions = _check_index(positions, "positions", device, nnz)
@@ -239,11 +274,12 @@ def append_paged_kv_cache(
     if kv_indptr.numel() < 1:
         raise ValueError("kv_indptr must have batch_size + 1 >= 1 elements")
     tensors = []
+    vec = 16 // kv.k.element_size()  # elements of the kernel's 16-byte vectors
     for _name, t in (("append_key", append_key), ("append_value", append_value)):
         if (
             t.stride(-1) != 1
-            or (t.size(0) > 1 and t.stride(0) % 8)
-            or (t.size(1) > 1 and t.stride(1) % 8)
+            or (t.size(0) > 1 and t.stride(0) % vec)
+            or (t.size(1) > 1 and t.stride(1) % vec)
             or t.data_ptr() % 16
         ):
             t = t.contiguous()
@@ -251,7 +287,7 @@ def append_paged_kv_cache(
     key, value = tensors
     if nnz == 0:
         return
-    spec = PageAppendSpec(head_dim=head_dim, dtype_kv=dtype_short(kv.k, "paged_kv_cache"))
+    spec = PageAppendSpec(head_dim=head_dim, dtype_kv=KV_DTYPE_SHORT[kv.k.dtype])
     module, fn = _append_fn(spec)
     rc = fn(
         key=key.data_ptr(),

@@ -40,9 +40,17 @@ class MaskMode(enum.Enum):
 MAX_ROPE_POSITION = 1 << 24
 
 
-# Short names used in spec names and the CLI, and the CUDA types the templates are stamped with.
+# Short names used in spec names and the CLI, and the CUDA types the templates are stamped with. DTYPE_SHORT: the
+# dtypes of q, the output and a 16-bit KV cache; FP8_DTYPE_SHORT: the fp8 KV caches, which only the paths that
+# name FP8_KV_PATHS read (every other path refuses them with an error naming those).
 DTYPE_SHORT = {torch.float16: "f16", torch.bfloat16: "bf16"}
-DTYPE_CUDA = {"f16": "__half", "bf16": "__nv_bfloat16"}
+FP8_DTYPE_SHORT = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+KV_DTYPE_SHORT = {**DTYPE_SHORT, **FP8_DTYPE_SHORT}
+DTYPE_CUDA = {"f16": "__half", "bf16": "__nv_bfloat16", "e4m3": "__nv_fp8_e4m3", "e5m2": "__nv_fp8_e5m2"}
+FP8_KV_PATHS = (
+    "single_decode_with_kv_cache and BatchDecodeWithPagedKVCacheWrapper on CUDA cores (use_tensor_cores=False), "
+    "and append_paged_kv_cache"
+)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _POS_ENCODING_CUDA = {"NONE": "kNone", "ROPE_LLAMA": "kRopeLlama", "ALIBI": "kAlibi"}
 
@@ -101,12 +109,33 @@ _DTYPE_NAMES: Dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "e4m3": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "e5m2": torch.float8_e5m2,
 }
 
 
-def canonical_dtype(x: Any, name: str, default: Optional[torch.dtype] = None) -> torch.dtype:
+def canonical_dtype(x: Any, name: str, default: Optional[torch.dtype] = None, allow_fp8: bool = False) -> torch.dtype:
     """A supported attention dtype from a ``torch.dtype`` or its name (``"float16"``, ``"torch.bfloat16"``,
-    ``"bf16"``...); ``None`` gives ``default`` (an error when there is none)."""
+    ``"bf16"``, ``"float8_e4m3fn"``, ``"e5m2"``...); ``None`` gives ``default`` (an error when there is none).
+
+    Parameters
+    ----------
+    x : torch.dtype, str or None
+        The dtype or its name.
+    name : str
+        The argument's name, for messages.
+    default : torch.dtype, optional
+        What None means.
+    allow_fp8 : bool
+        Whether torch.float8_e4m3fn / torch.float8_e5m2 are accepted (a KV cache of a path that reads fp8); else
+        they raise TypeError naming the paths that do.
+
+    Returns
+    -------
+    torch.dtype
+    """
     if x is None:
         if default is None:
             raise TypeError(f"{name} is required (torch.float16 or torch.bfloat16)")
@@ -119,9 +148,15 @@ def canonical_dtype(x: Any, name: str, default: Optional[torch.dtype] = None) ->
         dt = getattr(torch, x.replace("torch.", ""))
     else:
         raise TypeError(f"{name} must be torch.float16/torch.bfloat16 or its name, got {x!r}")
-    if dt not in DTYPE_SHORT:
-        raise TypeError(f"{name} {dt} is not supported; supported: torch.float16, torch.bfloat16")
-    return dt
+    if dt in DTYPE_SHORT or (allow_fp8 and dt in FP8_DTYPE_SHORT):
+        return dt
+    if dt in FP8_DTYPE_SHORT:
+        raise TypeError(
+            f"{name} {dt} is not supported here; supported: torch.float16, torch.bfloat16 (fp8 KV caches are read "
+            f"by {FP8_KV_PATHS})"
+        )
+    accepted = "torch.float16, torch.bfloat16" + (", torch.float8_e4m3fn, torch.float8_e5m2" if allow_fp8 else "")
+    raise TypeError(f"{name} {dt} is not supported; supported: {accepted}")
 
 
 def host_int32(t: Any, name: str) -> torch.Tensor:
@@ -172,11 +207,19 @@ def not_supported(name: str, value: Any, accepted: str) -> NotImplementedError:
     return NotImplementedError(f"{name}={value!r} is not implemented here; accepted: {accepted}")
 
 
-def dtype_short(t: torch.Tensor, name: str) -> str:
-    try:
-        return DTYPE_SHORT[t.dtype]
-    except KeyError:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: torch.float16, torch.bfloat16") from None
+def dtype_short(t: torch.Tensor, name: str, allow_fp8: bool = False) -> str:
+    """The short name of a tensor's dtype (``"bf16"``...); fp8 (``"e4m3"``, ``"e5m2"``) only with ``allow_fp8``
+    (a KV cache of a path that reads fp8), else TypeError naming the paths that do."""
+    short = KV_DTYPE_SHORT.get(t.dtype) if allow_fp8 else DTYPE_SHORT.get(t.dtype)
+    if short is not None:
+        return short
+    if t.dtype in FP8_DTYPE_SHORT:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; supported here: torch.float16, torch.bfloat16 (fp8 KV caches are read by "
+            f"{FP8_KV_PATHS})"
+        )
+    accepted = "torch.float16, torch.bfloat16" + (", torch.float8_e4m3fn, torch.float8_e5m2" if allow_fp8 else "")
+    raise TypeError(f"{name} has dtype {t.dtype}; supported: {accepted}")
 
 
 def check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
@@ -257,16 +300,20 @@ def workspace_too_small(have_bytes: int, need_bytes: int) -> ValueError:
 
 
 def scalar(x: object, name: str, default: float) -> float:
-    """A Python number (or a 0-d CPU tensor); CUDA tensors are refused since reading them would sync."""
+    """A Python number or a one-element (0-d or 1-element) CPU tensor, as a float. A CUDA tensor is refused
+    (TypeError naming the argument): reading its value on the host would synchronize the device on every call."""
     if type(x) is float and math.isfinite(x):  # the common case, first: this runs on every per-token op call
         return x
     if x is None:
         return float(default)
     if isinstance(x, torch.Tensor):
-        if x.device.type != "cpu" or x.numel() != 1:
+        if x.device.type != "cpu":
             raise TypeError(
-                f"{name} must be a Python number or a one-element CPU tensor, got {x.device} {tuple(x.shape)}"
+                f"{name} is a tensor on {x.device}: reading it on the host would synchronize the device on every "
+                f"call; pass a Python float or a one-element CPU tensor (e.g. the layer's scale as a float)"
             )
+        if x.numel() != 1:
+            raise TypeError(f"{name} must be a Python number or a one-element CPU tensor, got shape {tuple(x.shape)}")
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
@@ -308,6 +355,28 @@ def check_qkv_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     if not (dq == dk == dv):
         raise TypeError(f"q, k and v must share one dtype (float16 or bfloat16); got {q.dtype}, {k.dtype}, {v.dtype}")
     return dq
+
+
+def check_fp8_q(q_dtype: torch.dtype, kv_dtype: Any, what: str) -> None:
+    """fp8 queries are not implemented anywhere here: NotImplementedError naming the combination."""
+    if q_dtype in FP8_DTYPE_SHORT:
+        raise NotImplementedError(
+            f"{what}: q {q_dtype} with KV {kv_dtype} is not implemented; q (and the output) must be torch.float16 "
+            f"or torch.bfloat16 (fp8 is supported for the KV cache only)"
+        )
+
+
+def check_decode_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[str, str]:
+    """Decode's dtype rule: q 16-bit; k and v share a dtype, q's or fp8 (e4m3/e5m2). Returns the short names
+    of q's and the KV's dtypes."""
+    check_fp8_q(q.dtype, k.dtype, "single_decode_with_kv_cache")
+    dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k", True), dtype_short(v, "v", True)
+    if dk != dv or (dk != dq and dk not in FP8_DTYPE_SHORT.values()):
+        raise TypeError(
+            f"k and v must share one dtype, q's (float16 or bfloat16) or fp8 (float8_e4m3fn, float8_e5m2); got q "
+            f"{q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    return dq, dk
 
 
 def check_kv(k: torch.Tensor, v: torch.Tensor, kv_layout: str, num_qo_heads: int, head_dim: int) -> Tuple[int, int]:

@@ -1,6 +1,6 @@
 """BatchDecodeWithPagedKVCacheWrapper against a float64 reference that gathers each request's pages
-(independent of our kernels); graph mode; bad input. On the CPU: the planner's schedule (coverage,
-balance, merges), spec naming, validation before any build."""
+(independent of our kernels); graph mode; fp8 (e4m3/e5m2) KV caches with their scales; bad input. On the CPU:
+the planner's schedule (coverage, balance, merges), spec naming, validation before any build (fake CUDA tensors)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,28 @@ from flashinfer.decode import BatchDecodePagedSpec, host_schedule
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 LENS = [1, 15, 16, 17, 1000, 4096, 33000]
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+# The fp8 KV specs the GPU tests load (tests/prewarm_test.toml lists them): e4m3 with bf16 q and e5m2 with f16 q at
+# every head_dim and layout; the crossed pairs; RoPE, and ALiBi with soft cap (bf16/e4m3 d128 NHD).
+FP8_BATCH_SPECS = [
+    BatchDecodePagedSpec(d, dq, dkv, dq, layout, "NONE", False)
+    for dq, dkv in (("bf16", "e4m3"), ("f16", "e5m2"))
+    for d in (64, 128, 256)
+    for layout in ("NHD", "HND")
+] + [
+    BatchDecodePagedSpec(128, "f16", "e4m3", "f16", "NHD", "NONE", False),
+    BatchDecodePagedSpec(128, "bf16", "e5m2", "bf16", "NHD", "NONE", False),
+    BatchDecodePagedSpec(128, "bf16", "e4m3", "bf16", "NHD", "ROPE_LLAMA", False),
+    BatchDecodePagedSpec(128, "bf16", "e4m3", "bf16", "NHD", "ALIBI", True),
+]
 
 
-def _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form, spare_pages=3):
+def _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form, spare_pages=3, k_scale=1.0, v_scale=1.0):
+    """A paged cache of random K/V for requests of ``lens`` keys over a random permutation of the pages: (cache,
+    k, v, indptr, indices, last_page_len), k/v the cache's K/V as the reference takes them. An fp8 ``dtype`` stores
+    random values / scale rounded to fp8 (as an engine does); its k/v are then those same fp8 values dequantised
+    (``.double() * scale``), so that quantisation error is never mistaken for kernel error."""
     pages = [(n + page_size - 1) // page_size for n in lens]
     num_pages = sum(pages) + spare_pages
     perm = torch.randperm(num_pages)[: sum(pages)].to(torch.int32)
@@ -25,6 +44,16 @@ def _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form, spare_pa
         if layout == "NHD"
         else (num_pages, num_kv_heads, page_size, head_dim)
     )
+    if dtype in FP8.values():
+        k8 = (torch.randn(shape, device="cuda") / k_scale).to(dtype)
+        v8 = (torch.randn(shape, device="cuda") / v_scale).to(dtype)
+        if form == "single":
+            cache = torch.empty(num_pages, 2, *shape[1:], device="cuda", dtype=dtype)
+            cache[:, 0].copy_(k8)
+            cache[:, 1].copy_(v8)
+        else:
+            cache = (k8, v8)
+        return cache, k8.double() * k_scale, v8.double() * v_scale, indptr, perm, last
     if form == "single":
         cache = torch.randn(num_pages, 2, *shape[1:], device="cuda", dtype=dtype)
         k, v = cache[:, 0], cache[:, 1]
@@ -74,8 +103,19 @@ def _run_case(
     rope_scale=None,
     rope_theta=None,
     use_tensor_cores=False,
+    kv_dtype=None,
+    k_scale=None,
+    v_scale=None,
 ):
-    cache, k, v, indptr, indices, last = _make(lens, page_size, num_kv_heads, head_dim, dtype, layout, form)
+    """Plan and run one batch (NaN-poisoned outputs) against the reference. ``kv_dtype`` (default q's ``dtype``)
+    may be fp8, dequantised by ``k_scale``/``v_scale``: the reference then takes the dequantised values, and what
+    separates the two is what the 16-bit path leaves too (the output's rounding to q's dtype, float32
+    accumulation; the tensor-core tiles round the probabilities and a bfloat16 q to float16, inside the dtype
+    tolerances)."""
+    kv_dtype = kv_dtype or dtype
+    cache, k, v, indptr, indices, last = _make(
+        lens, page_size, num_kv_heads, head_dim, kv_dtype, layout, form, k_scale=k_scale or 1.0, v_scale=v_scale or 1.0
+    )
     if q_noncontig:
         q = torch.randn(len(lens), num_qo_heads, 2 * head_dim, device="cuda", dtype=dtype)[:, :, head_dim:]
     else:
@@ -93,12 +133,13 @@ def _run_case(
         window_left=window_left,
         logits_soft_cap=soft_cap,
         q_data_type=dtype,
+        kv_data_type=kv_dtype,
         rope_scale=rope_scale,
         rope_theta=rope_theta,
     )
     out = poisoned((len(lens), num_qo_heads, head_dim), dtype)
     lse = poisoned((len(lens), num_qo_heads), torch.float32)
-    o, l = w.run(q, cache, out=out, lse=lse, return_lse=True)
+    o, l = w.run(q, cache, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale)
     assert o is out and l is lse
     kw = {"pos_encoding_mode": pos, "window_left": window_left, "logits_soft_cap": soft_cap or 0.0}
     if rope_scale is not None:
@@ -139,7 +180,7 @@ def test_batch_decode_mixed_lengths(batch, page_size, layout, form):
     "spec",
     [
         s
-        for s in BatchDecodePagedSpec.expand(head_dim=(64, 128, 256), kv_layout=("NHD",))
+        for s in BatchDecodePagedSpec.expand(head_dim=(64, 128, 256), kv_layout=("NHD",), dtype_kv=("bf16", "f16"))
         if s.unsupported_reason() is None
     ],
     ids=lambda s: s.name(),
@@ -159,6 +200,125 @@ def test_batch_decode_spec_matrix(spec):
         soft_cap=1.5 if spec.use_logits_soft_cap else None,
         **kw,
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", FP8_BATCH_SPECS, ids=lambda s: s.name())
+def test_batch_decode_fp8_matrix(spec):
+    """Both fp8 formats at every head_dim and layout: GQA groups 1, 4, 8 and 5 (a partial tile of 4), page sizes
+    1, 16 and 64, both cache forms, host and device page ids, lengths of one key, ending mid-page and long enough
+    to split over the GPU; k_scale/v_scale != 1."""
+    lens = [1, 15, 16, 17, 1000, 4096, 33000, 5]
+    kw = {"rope_scale": 2.0, "rope_theta": 5e5} if spec.pos_encoding_mode == "ROPE_LLAMA" else {}
+    for i, (page_size, group, form) in enumerate(
+        [(1, 1, "tuple"), (16, 4, "single"), (16, 8, "tuple"), (64, 5, "single")]
+    ):
+        _run_case(
+            lens[i:] + lens[:i],
+            page_size=page_size,
+            num_qo_heads=2 * group,
+            num_kv_heads=2,
+            head_dim=spec.head_dim,
+            dtype=DTYPES[spec.dtype_q],
+            kv_dtype=FP8[spec.dtype_kv],
+            layout=spec.kv_layout,
+            form=form,
+            pos=spec.pos_encoding_mode,
+            soft_cap=1.5 if spec.use_logits_soft_cap else None,
+            device_indices=i == 2,
+            k_scale=(0.5, 1.25)[i % 2],
+            v_scale=(1.75, 0.375)[i % 2],
+            **kw,
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "pos,window_left,soft_cap", [("NONE", 15, None), ("ROPE_LLAMA", 1000, None), ("ALIBI", 0, 30.0), ("ALIBI", -1, 1.5)]
+)
+def test_batch_decode_fp8_window_and_options(pos, window_left, soft_cap):
+    _run_case(
+        [1, 16, 17, 1000, 4096, 5000],
+        page_size=16,
+        num_qo_heads=8,
+        num_kv_heads=2,
+        pos=pos,
+        window_left=window_left,
+        soft_cap=soft_cap,
+        kv_dtype=torch.float8_e4m3fn,
+        k_scale=0.75,
+        v_scale=1.5,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "q_dtype,kv_dtype",
+    [(torch.bfloat16, torch.float8_e4m3fn), (torch.float16, torch.float8_e5m2)],
+    ids=["e4m3", "e5m2"],
+)
+def test_fp8_graph_mode_replays_after_replan(q_dtype, kv_dtype):
+    """An fp8 cache in graph mode (GQA 32/8, the serving shape): run() with k_scale/v_scale captured once, replayed
+    after re-plans with new lengths (the scales are launch values, kept by the graph)."""
+    batch, hq, hkv, d, ps, max_pages = 6, 32, 8, 128, 16, 4000
+    k_scale, v_scale = 0.5, 2.0
+    bufs = (
+        torch.empty(batch + 1, dtype=torch.int32, device="cuda"),
+        torch.empty(max_pages, dtype=torch.int32, device="cuda"),
+        torch.empty(batch, dtype=torch.int32, device="cuda"),
+    )
+    w = flashinfer.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(_workspace(), *bufs)
+    k8 = (torch.randn(max_pages, ps, hkv, d, device="cuda") / k_scale).to(kv_dtype)
+    v8 = (torch.randn(max_pages, ps, hkv, d, device="cuda") / v_scale).to(kv_dtype)
+    k_ref, v_ref = k8.double() * k_scale, v8.double() * v_scale
+    q = torch.randn(batch, hq, d, device="cuda", dtype=q_dtype)
+    out = torch.empty(batch, hq, d, device="cuda", dtype=q_dtype)
+    lse = torch.empty(batch, hq, device="cuda", dtype=torch.float32)
+
+    def table(lens):
+        pages = [(n + ps - 1) // ps for n in lens]
+        indptr = torch.tensor([0] + torch.tensor(pages).cumsum(0).tolist(), dtype=torch.int32)
+        last = torch.tensor([n - (p - 1) * ps if p else 1 for n, p in zip(lens, pages)], dtype=torch.int32)
+        return indptr, torch.randperm(max_pages)[: sum(pages)].to(torch.int32), last
+
+    def run():
+        w.run(q, (k8, v8), out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+
+    plans = [[1, 17, 4096, 100, 33000, 5], [30000, 2, 0, 2, 2, 2], [500] * 6, [16, 16, 1, 40000, 7, 900]]
+    w.plan(*table(plans[0]), hq, hkv, d, ps, q_data_type=q_dtype, kv_data_type=kv_dtype)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()  # warm-up outside capture (modules loaded)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    for i, lens in enumerate(plans):
+        indptr, indices, last = table(lens)
+        w.plan(
+            indptr,
+            indices.cuda() if i % 2 else indices,
+            last,
+            hq,
+            hkv,
+            d,
+            ps,
+            q_data_type=q_dtype,
+            kv_data_type=kv_dtype,
+        )
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        g.replay()
+        for r, n in enumerate(lens):
+            if n == 0:
+                assert torch.equal(out[r], torch.zeros_like(out[r])) and torch.isneginf(lse[r]).all()
+                continue
+            ids = indices[indptr[r] : indptr[r + 1]]
+            ref, ref_lse = attention(q[r : r + 1], _gather(k_ref, "NHD", ids, n), _gather(v_ref, "NHD", ids, n))
+            assert_close(out[r], ref[0], what=f"replay {i}, request {r}")
+            torch.testing.assert_close(lse[r].double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
 
 
 @pytest.mark.gpu
@@ -729,11 +889,90 @@ def test_schedule_without_splits_keeps_every_request_whole():
 
 def test_batch_decode_spec_names():
     specs = BatchDecodePagedSpec.expand()
-    assert len({s.name() for s in specs}) == len(specs) == 3 * 2 * 2 * 2 * 2 * 3 * 2
+    # head_dim x q x kv (bf16, f16, e4m3, e5m2) x o x layout x pos x soft cap
+    assert len({s.name() for s in specs}) == len(specs) == 3 * 2 * 4 * 2 * 2 * 3 * 2
     s = BatchDecodePagedSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False)
     assert s.name() == "decode_batch_paged_q-bf16_kv-bf16_o-bf16_d128_nhd_pos-none_softcap-off"
     assert BatchDecodePagedSpec.from_json(s.to_json()) == s
-    assert len([x for x in specs if x.unsupported_reason() is None]) == 3 * 2 * 2 * 3 * 2
+    assert len([x for x in specs if x.unsupported_reason() is None and x.dtype_kv == x.dtype_q]) == 3 * 2 * 2 * 3 * 2
+
+
+def test_fp8_batch_spec_names():
+    s = BatchDecodePagedSpec(128, "bf16", "e4m3", "bf16", "NHD", "NONE", False)
+    assert s.name() == "decode_batch_paged_q-bf16_kv-e4m3_o-bf16_d128_nhd_pos-none_softcap-off"
+    assert s.unsupported_reason() is None and BatchDecodePagedSpec.from_json(s.to_json()) == s
+    fp8 = [x for x in BatchDecodePagedSpec.expand(dtype_kv=("e4m3", "e5m2")) if x.unsupported_reason() is None]
+    assert len(fp8) == 3 * 2 * 2 * 2 * 3 * 2 and {x.name() for x in FP8_BATCH_SPECS} <= {x.name() for x in fp8}
+    assert "kv must be q's 16-bit dtype or fp8" in BatchDecodePagedSpec(128, "bf16", "f16", "bf16").unsupported_reason()
+
+
+def _fp8_setup():
+    from fake_cuda import cuda
+
+    lens = [20, 0, 3000]
+    pages = [(n + 15) // 16 for n in lens]
+    indptr = torch.tensor([0, *torch.tensor(pages).cumsum(0).tolist()], dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * 16 if p else 1 for n, p in zip(lens, pages)], dtype=torch.int32)
+    indices = torch.arange(int(indptr[-1]), dtype=torch.int32)
+    q = cuda(torch.randn(3, 8, 128).to(torch.bfloat16))
+    cache = cuda(torch.randn(int(indptr[-1]) + 2, 2, 16, 2, 128).to(torch.float8_e4m3fn))
+    return indptr, indices, last, q, cache
+
+
+def test_fp8_plan_and_run_launch_with_folded_scales(monkeypatch):
+    """kv_data_type fp8 plans the fp8 module; run()'s k_scale folds into the logit scale and v_scale reaches the
+    kernel as its output scale (FlashInfer's meaning), plain and through forward(); data_type fills only a None
+    kv_data_type (FlashInfer's rule)."""
+    from fake_cuda import fake_cuda, workspace
+
+    with fake_cuda(monkeypatch) as rec:
+        indptr, indices, last, q, cache = _fp8_setup()
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace())
+        w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type="e4m3", sm_scale=0.2)
+        assert w._cached_kv_data_type == torch.float8_e4m3fn and w._cached_q_data_type == torch.bfloat16
+        w.run(q, cache, q_scale=0.5, k_scale=torch.tensor(0.25), v_scale=torch.tensor([3.0]))
+        w.forward(q, cache, sm_scale=0.2, k_scale=0.25, v_scale=3.0)
+        runs = rec.launches("flashinfer_batch_decode_run")
+        assert len(runs) == 2 and all(kw["_spec"].dtype_kv == "e4m3" for _, kw in runs)
+        assert runs[0][1]["args.sm_scale"] == pytest.approx(0.2 * 0.5 * 0.25)
+        assert runs[1][1]["args.sm_scale"] == pytest.approx(0.2 * 0.25)
+        assert all(kw["args.v_scale"] == pytest.approx(3.0) for _, kw in runs)
+        w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type="bfloat16", data_type=torch.float8_e5m2)
+        assert w._cached_kv_data_type == torch.float8_e5m2 and w._cached_q_data_type == torch.bfloat16
+        assert w._plan_info.spec.dtype_kv == "e5m2"
+
+
+def test_fp8_plan_and_run_errors_name_the_combination(monkeypatch):
+    from fake_cuda import cuda, fake_cuda, workspace
+
+    with fake_cuda(monkeypatch):
+        indptr, indices, last, q, cache = _fp8_setup()
+        e4 = torch.float8_e4m3fn
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace())
+        with pytest.raises(NotImplementedError, match="q torch.float8_e4m3fn with KV torch.float8_e4m3fn"):
+            w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=e4, kv_data_type=e4)
+        with pytest.raises(NotImplementedError, match="q torch.float8_e5m2 with KV"):
+            w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=None, data_type=torch.float8_e5m2)
+        with pytest.raises(TypeError, match="must match .* or kv_data_type be fp8"):
+            w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float16)
+        with pytest.raises(TypeError, match="float8_e4m3fn, torch.float8_e5m2"):
+            w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float32)
+        tc = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), use_tensor_cores=True)
+        with pytest.raises(NotImplementedError, match="use_tensor_cores=True with kv_data_type torch.float8_e4m3fn"):
+            tc.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=e4)
+        w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=e4)
+        with pytest.raises(TypeError, match="planned kv_data_type torch.float8_e4m3fn"):
+            w.run(q, cuda(torch.randn(cache.shape).to(torch.bfloat16)))
+        with pytest.raises(TypeError, match="planned kv_data_type"):
+            w.run(q, cuda(torch.randn(cache.shape).to(torch.float8_e5m2)))
+        with pytest.raises(TypeError, match="k_scale is a tensor on cuda"):
+            w.run(q, cache, k_scale=cuda(torch.ones(1)))
+        with pytest.raises(ValueError, match="multiple of 16 elements"):
+            w.run(q, cuda(torch.randn(cache.shape[0], 2, 16, 2, 136).to(e4))[..., :128])
+        # the 16-bit paths refuse an fp8 cache, naming those that read it
+        pw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace())
+        with pytest.raises(TypeError, match="fp8 KV caches are read by"):
+            pw.plan(indptr, indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=e4)
 
 
 def test_wrapper_refuses_cpu_workspace():

@@ -222,9 +222,42 @@ def test_llama_and_test_presets_for_decode():
     every = _matrix(["--preset", "all"])  # every family but the probe (the stand-in included)
     assert len(every) == sum(len(cls.expand()) for fam, cls in families.items() if fam != "probe")
     test = _matrix(["--preset", "test"])
-    assert {it.name for it in test if it.family == "decode_single"} == {
-        s.name() for s in families["decode_single"].expand()
+    # every supported spec with a 16-bit KV cache, and a selection of fp8 ones (test_decode.FP8_SPECS)
+    single = {it.name for it in test if it.family == "decode_single" and it.reason is None}
+    every16 = {
+        s.name() for s in families["decode_single"].expand(dtype_kv=("bf16", "f16")) if s.unsupported_reason() is None
     }
+    assert {n for n in single if "_kv-e" not in n} == every16
+    assert 0 < len(single - every16) <= 20
+
+
+def test_fp8_is_a_kv_dtype_value_of_the_matrix():
+    """fp8 KV (e4m3/e5m2) is a value of the dtype_kv axis: --dtype-kv selects it; the decode families and
+    page_append build it, the others list it as unsupported with a reason; the fp8 preset is its serving set."""
+    families = load_families()
+    if "decode_single" not in families:
+        pytest.skip("flashinfer.decode (family decode_single) is not available")
+    items = _matrix(
+        ["--families", "decode_batch_paged,prefill_batch", "--dtypes", "bf16", "--dtype-kv", "e4m3,e5m2"]
+        + ["--head-dims", "128", "--layouts", "NHD", "--pos-encodings", "NONE", "--softcap", "off"]
+        + ["--window", "off", "--axis", "mask_mode=causal", "--axis", "use_fp16_qk_reduction=off"]
+    )
+    decode = {it.name: it.reason for it in items if it.family == "decode_batch_paged"}
+    assert decode == {
+        "decode_batch_paged_q-bf16_kv-e4m3_o-bf16_d128_nhd_pos-none_softcap-off": None,
+        "decode_batch_paged_q-bf16_kv-e5m2_o-bf16_d128_nhd_pos-none_softcap-off": None,
+    }
+    prefill = [it for it in items if it.family == "prefill_batch"]
+    assert prefill and all("does not read fp8" in it.reason for it in prefill)
+    with pytest.raises(UsageError, match="not a supported value of axis 'dtype_q'"):
+        _matrix(["--families", "decode_single", "--dtypes", "e4m3"])  # fp8 is a KV dtype only
+    fp8 = _matrix(["--preset", "fp8"])
+    assert sorted(it.name for it in fp8) == [
+        "decode_batch_paged_q-bf16_kv-e4m3_o-bf16_d128_nhd_pos-none_softcap-off",
+        "decode_single_q-bf16_kv-e4m3_o-bf16_d128_nhd_pos-none_window-off_softcap-off",
+        "page_append_kv-e4m3_d128",
+    ]
+    assert all(it.reason is None for it in fp8)
 
 
 def _supported_names(preset):
@@ -258,8 +291,11 @@ def test_test_preset_is_what_the_gpu_tests_parametrize():
     finally:
         sys.path.pop(0)
     test = _supported_names("test")
-    static = list(getattr(mods["test_decode"], "SUPPORTED", [])) + list(
-        getattr(mods["test_prefill"], "SINGLE_SPECS", [])
+    static = (
+        list(getattr(mods["test_decode"], "SUPPORTED", []))
+        + list(getattr(mods["test_decode"], "FP8_SPECS", []))
+        + list(getattr(mods["test_batch_decode"], "FP8_BATCH_SPECS", []))
+        + list(getattr(mods["test_prefill"], "SINGLE_SPECS", []))
     )
     for fn in ("test_batch_decode_spec_matrix",):
         marks = getattr(getattr(mods["test_batch_decode"], fn, None), "pytestmark", [])

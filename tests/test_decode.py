@@ -1,5 +1,6 @@
 """single_decode_with_kv_cache: the spec matrix against a float64 reference, GQA groups, views, streams,
-devices, bad input; and on the CPU, spec naming and a real JIT build of one decode module."""
+devices, bad input; fp8 (e4m3/e5m2) KV caches with their scales; and on the CPU, spec naming, validation of
+fp8 inputs (fake CUDA tensors) and real JIT builds of decode modules (no register spills)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,23 @@ from flashinfer.decode import SingleDecodeSpec
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
-SUPPORTED = [s for s in SingleDecodeSpec.expand() if s.unsupported_reason() is None]
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# The supported matrix with a 16-bit KV cache (KV = q's dtype) ...
+SUPPORTED = [s for s in SingleDecodeSpec.expand(dtype_kv=("bf16", "f16")) if s.unsupported_reason() is None]
+# ... and the fp8 KV specs the GPU tests load (tests/prewarm_test.toml lists them): e4m3 with bf16 q and e5m2 with
+# f16 q at every head_dim and layout (each spec compiles every query-head tile: tensor cores for 4+ heads at
+# d64/d128, CUDA cores otherwise); the crossed pairs; RoPE (CUDA cores at every tile), ALiBi with window and soft cap.
+FP8_SPECS = [
+    SingleDecodeSpec(d, dq, dkv, dq, layout, "NONE", False, False)
+    for dq, dkv in (("bf16", "e4m3"), ("f16", "e5m2"))
+    for d in (64, 128, 256)
+    for layout in ("NHD", "HND")
+] + [
+    SingleDecodeSpec(128, "f16", "e4m3", "f16", "NHD", "NONE", False, False),
+    SingleDecodeSpec(128, "bf16", "e5m2", "bf16", "NHD", "NONE", False, False),
+    SingleDecodeSpec(128, "bf16", "e4m3", "bf16", "NHD", "ROPE_LLAMA", False, False),
+    SingleDecodeSpec(128, "bf16", "e4m3", "bf16", "NHD", "ALIBI", True, True),
+]
 
 
 def _inputs(kv_len, num_qo_heads, num_kv_heads, head_dim, dtype, layout, scale=1.0):
@@ -166,6 +183,131 @@ def test_decode_torch_compile_traces_the_custom_op():
     ref, ref_lse = attention(q[None], k_nhd, v_nhd)
     assert_close(o, 2 * ref[0])
     torch.testing.assert_close(lse.double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
+# ------------------------------------------------------------------------------------ GPU: fp8 KV caches
+
+
+def _fp8_inputs(kv_len, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, layout, k_scale, v_scale):
+    """q, and K/V stored in fp8 as an engine stores them (random values / scale, rounded to ``kv_dtype``), in
+    ``layout``; with the reference's K/V: those same fp8 values dequantised (``.double() * scale``, NHD), so that
+    quantisation error is never mistaken for kernel error."""
+    q = torch.randn(num_qo_heads, head_dim, device="cuda", dtype=q_dtype) * 2.0
+    k8 = (torch.randn(kv_len, num_kv_heads, head_dim, device="cuda") / k_scale).to(kv_dtype)
+    v8 = (torch.randn(kv_len, num_kv_heads, head_dim, device="cuda") / v_scale).to(kv_dtype)
+    k_ref, v_ref = k8.double() * k_scale, v8.double() * v_scale
+    if layout == "HND":
+        k8, v8 = k8.transpose(0, 1).contiguous(), v8.transpose(0, 1).contiguous()
+    return q, k8, v8, k_ref, v_ref
+
+
+def _check_fp8(q, k, v, k_ref, v_ref, layout, k_scale, v_scale, q_scale=None, **kw):
+    """One call with NaN-poisoned outputs against the float64 reference on the dequantised K/V (k_ref, v_ref hold
+    the scales). What separates them is what the 16-bit path leaves too: the output's rounding to q's dtype and
+    float32 accumulation (reference.py's dtype tolerances); the fp8 values convert to float16 exactly, and the
+    tensor-core tiles (4+ query heads at d64/d128) round the probabilities to float16 (2^-11 relative, inside
+    those tolerances) and a bfloat16 q to float16 (exact in its normal range)."""
+    num_qo_heads, head_dim = q.shape
+    out = poisoned((num_qo_heads, head_dim), q.dtype)
+    lse = poisoned((num_qo_heads,), torch.float32)
+    o, l = flashinfer.single_decode_with_kv_cache(
+        q,
+        k,
+        v,
+        kv_layout=layout,
+        q_scale=q_scale,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        return_lse=True,
+        out=out,
+        lse=lse,
+        **kw,
+    )
+    assert o is out and l is lse
+    sm = (kw.get("sm_scale") or head_dim**-0.5) * float(q_scale if q_scale is not None else 1.0)
+    ref_kw = {n: kw[n] for n in ("pos_encoding_mode", "window_left", "rope_scale", "rope_theta") if n in kw}
+    ref_o, ref_lse = attention(
+        q[None], k_ref, v_ref, sm_scale=sm, logits_soft_cap=kw.get("logits_soft_cap") or 0.0, **ref_kw
+    )
+    assert_close(o, ref_o[0], what="o")
+    assert not torch.isnan(l).any(), "lse: NaN (unwritten)"
+    torch.testing.assert_close(l.double(), ref_lse[0], atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", FP8_SPECS, ids=lambda s: s.name())
+def test_decode_fp8_matrix(spec: SingleDecodeSpec):
+    """Both fp8 formats, head dims 64/128/256, NHD and HND, GQA groups 1, 2, 4, 8 and 5 (a partial tile of 4),
+    one key, a key count that ends mid-tile, and one long enough to split over the GPU; scales != 1."""
+    q_dtype, kv_dtype = DTYPES[spec.dtype_q], FP8[spec.dtype_kv]
+    for i, (num_kv_heads, group) in enumerate([(4, 1), (2, 2), (2, 4), (1, 8), (2, 5)]):
+        for kv_len in (1, 127, 33001):
+            k_scale, v_scale = (0.5, 1.75) if i % 2 else (1.25, 0.375)
+            q, k, v, k_ref, v_ref = _fp8_inputs(
+                kv_len,
+                num_kv_heads * group,
+                num_kv_heads,
+                spec.head_dim,
+                q_dtype,
+                kv_dtype,
+                spec.kv_layout,
+                k_scale,
+                v_scale,
+            )
+            kw = {"pos_encoding_mode": spec.pos_encoding_mode}
+            if spec.use_window:
+                kw["window_left"] = kv_len // 3
+            if spec.use_logits_soft_cap:
+                kw["logits_soft_cap"] = 1.5
+            if spec.pos_encoding_mode == "ROPE_LLAMA" and kv_len == 127:
+                kw.update(rope_scale=2.0, rope_theta=5e5)
+            _check_fp8(q, k, v, k_ref, v_ref, spec.kv_layout, k_scale, v_scale, **kw)
+
+
+@pytest.mark.gpu
+def test_decode_fp8_scales_as_cpu_tensors_with_q_scale_and_sm_scale():
+    """k_scale/v_scale as 0-d and one-element CPU tensors (no device sync) and as floats, with q_scale and sm_scale:
+    all fold into the logit scale (k_scale) or the output (v_scale), as FlashInfer applies them."""
+    q, k, v, k_ref, v_ref = _fp8_inputs(5000, 32, 8, 128, torch.bfloat16, torch.float8_e4m3fn, "NHD", 0.3, 2.5)
+    for k_scale, v_scale in (
+        (torch.tensor(0.3), torch.tensor([2.5])),
+        (torch.tensor([0.3], dtype=torch.float64), 2.5),
+        (0.3, torch.tensor(2.5, dtype=torch.float16)),
+    ):
+        _check_fp8(q, k, v, k_ref, v_ref, "NHD", k_scale, v_scale, q_scale=0.5, sm_scale=0.1)
+
+
+@pytest.mark.gpu
+def test_decode_fp8_bad_input_raises_clear_errors():
+    for what, args, kw, exc, match in _fp8_bad_cases(lambda *s, dt: torch.randn(s, device="cuda").to(dt)):
+        with pytest.raises(exc, match=match):
+            flashinfer.single_decode_with_kv_cache(*args, **kw)
+    torch.cuda.synchronize()  # nothing illegal was launched
+
+
+def _fp8_bad_cases(make):
+    """(what, args, kwargs, exception, message) of fp8 inputs that must be refused; make(*shape, dt=dtype) makes a
+    device tensor of random values in that dtype."""
+    bf, e4, e5 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
+    q, k = make(8, 128, dt=bf), make(10, 2, 128, dt=e4)
+    yield "fp8 q", (make(8, 128, dt=e4), k, k), {}, NotImplementedError, "q torch.float8_e4m3fn with KV"
+    yield (
+        "tensor cores",
+        (q, k, k),
+        {"use_tensor_cores": True},
+        NotImplementedError,
+        "use_tensor_cores=True with an fp8",
+    )
+    yield "mixed fp8 formats", (q, k, make(10, 2, 128, dt=e5)), {}, TypeError, "share one dtype"
+    yield "fp8 k, 16-bit v", (q, k, make(10, 2, 128, dt=bf)), {}, TypeError, "share one dtype"
+    yield "float32 q", (make(8, 128, dt=torch.float32), k, k), {}, TypeError, "float16"
+    yield "device k_scale", (q, k, k), {"k_scale": make(1, dt=torch.float32)}, TypeError, "k_scale is a tensor on cuda"
+    yield "device v_scale", (q, k, k), {"v_scale": make(dt=torch.float32)}, TypeError, "v_scale is a tensor on cuda"
+    yield "two-element scale", (q, k, k), {"k_scale": torch.ones(2)}, TypeError, "one-element"
+    odd = make(10, 2, 136, dt=e4)[
+        :, :, :128
+    ]  # head stride 136 bytes: 16-byte loads of fp8 rows need 16-element strides
+    yield "fp8 row stride", (q, odd, odd), {}, ValueError, "multiple of 16 elements"
 
 
 # ------------------------------------------------------------------- GPU: use_tensor_cores=True (prefill kernel)
@@ -379,7 +521,8 @@ def test_decode_bad_input_raises_clear_errors():
 def test_spec_names_are_complete_and_unique():
     specs = SingleDecodeSpec.expand()
     names = {s.name() for s in specs}
-    assert len(names) == len(specs) == 3 * 2 * 2 * 2 * 2 * 3 * 2 * 2
+    # head_dim x q x kv (bf16, f16, e4m3, e5m2) x o x layout x pos x window x soft cap
+    assert len(names) == len(specs) == 3 * 2 * 4 * 2 * 2 * 3 * 2 * 2
     s = SingleDecodeSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)
     assert s.name() == "decode_single_q-bf16_kv-bf16_o-bf16_d128_nhd_pos-none_window-off_softcap-off"
     assert SingleDecodeSpec.from_json(s.to_json()) == s
@@ -389,6 +532,56 @@ def test_supported_matrix_excludes_mixed_dtypes():
     assert len(SUPPORTED) == 3 * 2 * 2 * 3 * 2 * 2
     bad = SingleDecodeSpec(128, "bf16", "f16", "bf16")
     assert "kv dtype" in bad.unsupported_reason()
+
+
+def test_fp8_is_a_value_of_the_kv_dtype_axis():
+    """fp8 KV caches are the dtype_kv values e4m3/e5m2 (with a 16-bit q = o), named in the spec (its cache key);
+    an fp8 q, or an fp8 KV in a family that does not read it, is unsupported with a reason."""
+    fp8 = [s for s in SingleDecodeSpec.expand(dtype_kv=("e4m3", "e5m2")) if s.unsupported_reason() is None]
+    assert len(fp8) == 3 * 2 * 2 * 2 * 3 * 2 * 2 and all(s.dtype_q == s.dtype_o for s in fp8)
+    s = SingleDecodeSpec(128, "bf16", "e4m3", "bf16", "HND", "NONE", False, False)
+    assert s.name() == "decode_single_q-bf16_kv-e4m3_o-bf16_d128_hnd_pos-none_window-off_softcap-off"
+    assert SingleDecodeSpec.from_json(s.to_json()) == s and s.render_vars()["dtype_kv"] == "__nv_fp8_e4m3"
+    assert SingleDecodeSpec(64, "f16", "e5m2", "f16").render_vars()["dtype_kv"] == "__nv_fp8_e5m2"
+    assert "q dtype e4m3" in SingleDecodeSpec(128, "e4m3", "e4m3", "bf16").unsupported_reason()
+    assert "output dtype" in SingleDecodeSpec(128, "bf16", "e4m3", "f16").unsupported_reason()
+    assert {s.name() for s in FP8_SPECS} <= {s.name() for s in fp8} and len(set(FP8_SPECS)) == len(FP8_SPECS)
+    from flashinfer.prefill import SinglePrefillSpec
+
+    assert "does not read fp8" in SinglePrefillSpec(128, "bf16", "e4m3", "bf16").unsupported_reason()
+
+
+def test_fp8_inputs_are_validated_before_any_launch(monkeypatch):
+    """The fp8 errors (fp8 q, tensor cores, mixed KV dtypes, device scales, strides) on fake CUDA tensors: raised
+    in Python before any module is loaded."""
+    from fake_cuda import cuda, fake_cuda
+
+    with fake_cuda(monkeypatch) as rec:
+        for what, args, kw, exc, match in _fp8_bad_cases(lambda *s, dt: cuda(torch.randn(s).to(dt))):
+            with pytest.raises(exc, match=match):
+                flashinfer.single_decode_with_kv_cache(*args, **kw)
+        assert rec.loaded == [] and rec.calls == []
+        # fp8 KV is refused by the paths that do not read it, naming those that do
+        q, k = cuda(torch.randn(8, 4, 128).to(torch.bfloat16)), cuda(torch.randn(8, 2, 128).to(torch.float8_e4m3fn))
+        with pytest.raises(TypeError, match="fp8 KV caches are read by single_decode_with_kv_cache"):
+            flashinfer.single_prefill_with_kv_cache(q, k, k)
+        assert rec.loaded == []
+
+
+def test_fp8_launch_folds_k_scale_into_the_logit_scale_and_v_scale_into_the_output(monkeypatch):
+    """FlashInfer's scales: sm_scale * q_scale * k_scale reaches the kernel as its logit scale, v_scale as its
+    output scale (applied in the kernel); 0-d / one-element CPU tensors are read without a device sync."""
+    from fake_cuda import cuda, fake_cuda
+
+    with fake_cuda(monkeypatch) as rec:
+        q = cuda(torch.randn(16, 128).to(torch.float16))
+        k = cuda(torch.randn(300, 4, 128).to(torch.float8_e5m2))
+        flashinfer.single_decode_with_kv_cache(
+            q, k, k, kv_layout="NHD", q_scale=0.5, k_scale=torch.tensor(0.25), v_scale=torch.tensor([3.0]), sm_scale=0.2
+        )
+        ((_, kw),) = rec.launches("flashinfer_single_decode")
+        assert kw["_spec"] == SingleDecodeSpec(128, "f16", "e5m2", "f16", "NHD", "NONE", False, False)
+        assert kw["sm_scale"] == pytest.approx(0.2 * 0.5 * 0.25) and kw["v_scale"] == pytest.approx(3.0)
 
 
 def test_cpu_tensors_are_refused_before_any_build():
@@ -425,10 +618,14 @@ def test_decode_module_builds_and_exports_its_launcher(tmp_path, monkeypatch):
 
 # Each spec compiles every query-head tile (1, 2, 4, 8 heads) of its kernel: the tensor-core tiles (d64/d128
 # without RoPE), the CUDA-core tiles (RoPE, d256) and the paged batch kernel, which shares the tile loop.
+# fp8 KV (e4m3/e5m2): the tensor-core tiles' fp8 fragments (d128 and d64, whose warps take two n8 tiles), the
+# CUDA-core tiles with RoPE and at d256, in the single and the paged batch kernels.
 _NO_SPILL_SPECS = [
     SingleDecodeSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False),
     SingleDecodeSpec(64, "f16", "f16", "f16", "HND", "ROPE_LLAMA", True, True),
     SingleDecodeSpec(256, "bf16", "bf16", "bf16", "NHD", "ALIBI", True, True),
+    SingleDecodeSpec(128, "bf16", "e4m3", "bf16", "NHD", "NONE", False, False),
+    SingleDecodeSpec(64, "f16", "e5m2", "f16", "HND", "ROPE_LLAMA", True, True),
 ]
 
 
@@ -438,14 +635,19 @@ def _batch_specs():
     return [
         BatchDecodePagedSpec(head_dim=256, kv_layout="NHD", pos_encoding_mode="NONE", use_logits_soft_cap=True),
         BatchDecodePagedSpec(head_dim=128, kv_layout="HND", pos_encoding_mode="ROPE_LLAMA"),
+        BatchDecodePagedSpec(64, "bf16", "e4m3", "bf16", "NHD", "NONE", False),
+        BatchDecodePagedSpec(256, "f16", "e5m2", "f16", "HND", "ALIBI", True),
     ]
 
 
 @pytest.mark.parametrize("spec", _NO_SPILL_SPECS + _batch_specs(), ids=lambda s: s.name())
-def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch):
+def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch, capsys):
     """ptxas's report (kept in the build log) shows no stack frame and no spills for any kernel of the module:
-    the tile loops are sized to their register budget (4 CTAs per SM for most tiles)."""
-    from flashinfer import jit
+    the tile loops are sized to their register budget (4 CTAs per SM for most tiles). `cache list` names the
+    entry by its spec (fp8 KV: kv-e4m3 / kv-e5m2)."""
+    import json
+
+    from flashinfer import cli, jit
 
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
     report = jit.ensure_built(spec)
@@ -455,3 +657,7 @@ def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch):
     assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") for line in frames), (
         frames
     )
+    capsys.readouterr()
+    assert cli.main(["cache", "list", "--json", "--family", spec.family]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["family"], r["valid"]) for r in rows] == [(spec.name(), spec.family, True)]

@@ -46,7 +46,13 @@ AXIS_FLAGS: Tuple[AxisFlag, ...] = (
         tie=True,
     ),
     AxisFlag("--dtype-q", "dtype_q", ("dtype_q",), "query dtype only (overrides --dtypes for q)"),
-    AxisFlag("--dtype-kv", "dtype_kv", ("dtype_kv",), "kv-cache dtype only (overrides --dtypes for kv)"),
+    AxisFlag(
+        "--dtype-kv",
+        "dtype_kv",
+        ("dtype_kv",),
+        "kv-cache dtype only (overrides --dtypes for kv): bf16, f16, or fp8 e4m3/e5m2 (read by the decode families "
+        "and page_append; the others list fp8 specs as unsupported)",
+    ),
     AxisFlag("--dtype-o", "dtype_o", ("dtype_o",), "output dtype only (overrides --dtypes for o)"),
     AxisFlag("--layouts", "layouts", ("kv_layout",), "kv layouts: NHD,HND"),
     AxisFlag("--pos-encodings", "pos_encodings", ("pos_encoding_mode",), "NONE,ROPE_LLAMA,ALIBI"),
@@ -132,6 +138,22 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "softcap": "off",
                 "axis:use_fp16_qk_reduction": "off",
             }
+        },
+    },
+    "fp8": {
+        "help": "fp8 KV-cache serving (e.g. vLLM kv_cache_dtype='fp8', SGLang fp8_e4m3): decode on CUDA cores and "
+        "page append with e4m3 KV, bf16 q and output, head_dim 128, NHD, no RoPE fusion/window/soft cap",
+        "families": {
+            fam: {
+                "dtype_q": "bf16",
+                "dtype_kv": "e4m3",
+                "dtype_o": "bf16",
+                "head_dims": "128",
+                "layouts": "NHD",
+                "pos_encodings": "NONE",
+                **_NO_EXTRAS,
+            }
+            for fam in ("decode_single", "decode_batch_paged", "page_append")
         },
     },
     "probe": {

@@ -1,11 +1,12 @@
 // What every kernel header uses: the FI_ macros, float constants, conversions between floats and 16-bit
-// vector types (16-byte chunks of eight, registers of two), warp reductions.
+// vector types (16-byte chunks of eight, registers of two), the fp8 (e4m3/e5m2) KV conversions, warp reductions.
 // Framework-agnostic: raw pointers only, no torch headers (they cost a minute of compile time).
 // Layout of include/flashinfer/: ptx/ (one PTX instruction family per header), attention/ (the attention
 // primitives and kernels), paged.cuh (page-table addressing), host/ (launch helpers, module exports, schedulers).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -36,6 +37,67 @@ FI_DEVICE void unpack8(const uint4& raw, float (&out)[8], __half /*tag*/) {
     float2 f = __half22float2(h);
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
+  }
+}
+
+// ---- fp8 KV caches: __nv_fp8_e4m3 / __nv_fp8_e5m2 serve as type tags (a stored element is one byte).
+
+template <typename T>
+struct is_fp8 {
+  static constexpr bool value = false;
+};
+template <>
+struct is_fp8<__nv_fp8_e4m3> {
+  static constexpr bool value = true;
+};
+template <>
+struct is_fp8<__nv_fp8_e5m2> {
+  static constexpr bool value = true;
+};
+
+// Four fp8 values in one 32-bit word (element 0 in the low byte) -> two f16x2 registers holding elements (0, 1)
+// and (2, 3), element 0 / 2 in the low halves. Exact: every e4m3 and e5m2 value is a float16. sm_89+ converts a
+// pair per instruction (cvt.rn.f16x2.e4m3x2 / .e5m2x2); older targets take cuda_fp8.h's emulation.
+FI_DEVICE void fp8x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi, __nv_fp8_e4m3 /*tag*/) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+#else
+  const __half2_raw a = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xffffu), __NV_E4M3);
+  const __half2_raw b = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
+  lo = a.x | (uint32_t(a.y) << 16);
+  hi = b.x | (uint32_t(b.y) << 16);
+#endif
+}
+
+FI_DEVICE void fp8x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi, __nv_fp8_e5m2 /*tag*/) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e5m2x2 %0, l;\ncvt.rn.f16x2.e5m2x2 %1, h;\n}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+#else
+  // e5m2 is the high byte of a float16 with the same value.
+  lo = ((w & 0xffu) << 8) | ((w & 0xff00u) << 16);
+  hi = ((w >> 8) & 0xff00u) | (w & 0xff000000u);
+#endif
+}
+
+// Eight fp8 values packed in 8 bytes -> eight floats (through exact float16s).
+template <typename T>
+FI_DEVICE void unpack8(const uint2& raw, float (&out)[8], T tag) {
+  static_assert(is_fp8<T>::value, "8-byte vectors hold fp8 elements");
+  const uint32_t w[2] = {raw.x, raw.y};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint32_t h[2];
+    fp8x4_to_half2x2(w[i], h[0], h[1], tag);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
+      out[4 * i + 2 * j] = f.x;
+      out[4 * i + 2 * j + 1] = f.y;
+    }
   }
 }
 

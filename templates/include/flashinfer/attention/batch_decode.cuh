@@ -144,7 +144,7 @@ template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTyp
           bool SOFTCAP>
 static cudaError_t batch_decode_occupancy(int device, int* out) {
   return kernel_occupancy<batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>>(
-      DecodeTraits<HEAD_DIM>::kThreads, decode_smem_bytes<HEAD_DIM, GT>(), device, out);
+      DecodeTraits<HEAD_DIM>::kThreads, decode_smem_bytes<HEAD_DIM, GT, DTypeKV, POS>(), device, out);
 }
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
@@ -194,7 +194,7 @@ cudaError_t launch_batch_decode_gt(BatchDecodePlan& plan, const BatchDecodeRunAr
   // Both kernels with programmatic dependent launch unless the caller turned it off (see single_decode_kernel).
   err = launch_kernel(batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>,
                       dim3(plan.workers * plan.num_kv_heads * plan.head_tiles), dim3(T::kThreads),
-                      decode_smem_bytes<HEAD_DIM, GT>(), a.stream, a.enable_pdl, p, rope);
+                      decode_smem_bytes<HEAD_DIM, GT, DTypeKV, POS>(), a.stream, a.enable_pdl, p, rope);
   if (err != cudaSuccess || plan.merge_blocks == 0) return err;
   return launch_kernel(batch_merge_states_kernel<HEAD_DIM, DTypeO>, dim3(plan.num_qo_heads, plan.merge_blocks),
                        dim3(kMergeThreads), 0, a.stream, a.enable_pdl, p.plan, p.layout,

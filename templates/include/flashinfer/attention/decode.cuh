@@ -1,10 +1,11 @@
 // Decode attention: one query token per head against a long KV sequence.
 //
 // Memory bound: every key and value is read once, with 16-byte cp.async copies into a STAGES-deep
-// shared-memory ring. A CTA serves one KV head and up to GT query heads of its GQA group, so K/V are
-// read once for the whole group. Long sequences are split into chunks across CTAs so that even one
-// request fills every SM; each CTA then leaves a partial (o, lse) state and a second kernel (launched
-// with programmatic dependent launch, so its launch overlaps the first) merges them.
+// shared-memory ring. The KV cache is 16-bit (the dtype of q) or fp8 (e4m3/e5m2): fp8 rows are half the bytes
+// of the same tokens, copied with the same 16-byte copies and converted to float16 as they are used. A CTA serves one
+// KV head and up to GT query heads of its GQA group, so K/V are read once for the whole group. Long sequences are split
+// into chunks across CTAs so that even one request fills every SM; each CTA then leaves a partial (o, lse) state and a
+// second kernel (launched with programmatic dependent launch, so its launch overlaps the first) merges them.
 //
 // decode_piece() is the whole of a CTA's work on one key range of one request; the single-request
 // kernel here and the paged batch kernel (batch_decode.cuh) differ only in how they pick their pieces
@@ -19,6 +20,8 @@
 #include "flashinfer/ptx/griddepcontrol.cuh"
 #include "flashinfer/ptx/math.cuh"
 #include "flashinfer/ptx/mma.cuh"
+
+#include <type_traits>
 
 namespace flashinfer {
 
@@ -52,20 +55,70 @@ struct SingleDecodeParams {
 #define FI_DECODE_STAGES 3
 #endif
 
-template <int HEAD_DIM>
+// The tile geometry is the same for every KV dtype (tokens per stage, 8 elements per lane); an fp8 stage holds
+// half the bytes of a 16-bit one. Keeping the tokens per stage rather than the bytes keeps one schedule (the
+// planner's tile) and one register budget for both; at 4 CTAs per SM an fp8 ring still keeps 64 KB per SM in
+// flight, several times what the memory latency needs.
+template <int HEAD_DIM, typename DTypeKV = __half>
 struct DecodeTraits {
   static constexpr int kThreads = 128;
   static constexpr int LANES = HEAD_DIM / 8;     // threads sharing one K/V row, 8 elements each
   static constexpr int ROWS = kThreads / LANES;  // rows processed side by side
-  static constexpr int TILE = 4096 / HEAD_DIM;   // tokens per stage: 8 KB of K and 8 KB of V
+  static constexpr int TILE = 4096 / HEAD_DIM;   // tokens per stage: 8 KB of K and 8 KB of V (16-bit)
   static constexpr int TOKENS_PER_ROW = TILE / ROWS;
   static constexpr int STAGES = FI_DECODE_STAGES;
-  static constexpr int COPIES = TILE * LANES / kThreads;  // 16-byte copies per thread per stage, each of K and V
-  static constexpr int kSmemBytes = STAGES * 2 * TILE * HEAD_DIM * 2;
+  static constexpr int ROW_CHUNKS = HEAD_DIM * int(sizeof(DTypeKV)) / 16;  // 16-byte chunks of one K/V row
+  static constexpr int CHUNK_ELEMS = 16 / int(sizeof(DTypeKV));
+  static constexpr int COPIES = TILE * ROW_CHUNKS / kThreads;  // 16-byte copies per thread per stage, K and V each
+  static constexpr int kSmemBytes = STAGES * 2 * TILE * ROW_CHUNKS * 16;
   static constexpr int kMinChunk = 256;  // shorter chunks cost more in merging than they gain
   static_assert(HEAD_DIM % 64 == 0 && LANES <= 32 && TOKENS_PER_ROW >= 1, "unsupported head_dim");
-  static_assert(TILE * LANES % kThreads == 0, "tile must split evenly over the threads");
+  static_assert(TILE * ROW_CHUNKS % kThreads == 0, "tile must split evenly over the threads");
 };
+
+// Where 16-byte chunk c of row (token) t of a K or V stage lives, in chunks from the stage's start.
+// 16-bit rows (8 chunks and more): the ldmatrix swizzle. fp8 rows (4, 8 or 16 chunks): row after row, the chunks
+// of each 128-byte line (one bank sweep) permuted by key(t), chosen for the tensor-core tile's reads:
+//   - its K reads (8 consecutive lanes: rows 2j and 2j+1, chunks 4s..4s+3 of each) need the two rows in
+//     different halves of the banks: key bit 2 = t bit 0 where a row fills a line (d128; d64 rows share one);
+//   - its V reads (lanes of rows e, e+2, e+4, e+6 at one or two columns) need those four rows spread over the
+//     banks: key bits 1-2 = t bits 1-2.
+// The CUDA-core tile reads whole lines and the copies write whole lines: any permutation within a line suits
+// them.
+template <typename DTypeKV, int ROW_CHUNKS>
+FI_DEVICE int ring_chunk(int t, int c) {
+  if constexpr (is_fp8<DTypeKV>::value) {
+    const int key = (t & 6) ^ (ROW_CHUNKS >= 8 ? (t & 1) << 2 : 0);
+    return (t * ROW_CHUNKS + c) ^ key;
+  } else {
+    return swizzle<ROW_CHUNKS>(t, c);
+  }
+}
+
+// Elements [8 * lane, 8 * lane + 8) of ring row t, as floats: a whole chunk (16-bit) or half of one (fp8).
+template <typename DTypeKV, int ROW_CHUNKS>
+FI_DEVICE void ring_row8(const uint4* stage, int t, int lane, float (&out)[8]) {
+  if constexpr (is_fp8<DTypeKV>::value) {
+    const uint2* halves = reinterpret_cast<const uint2*>(stage + ring_chunk<DTypeKV, ROW_CHUNKS>(t, lane >> 1));
+    unpack8(halves[lane & 1], out, DTypeKV{});
+  } else {
+    unpack8(stage[ring_chunk<DTypeKV, ROW_CHUNKS>(t, lane)], out, DTypeKV{});
+  }
+}
+
+// N (2 or 4) consecutive 32-bit words of fp8 ring row t, from word `first` on (within one chunk).
+template <int N, typename DTypeKV, int ROW_CHUNKS>
+FI_DEVICE void ring_words(const uint4* stage, int t, int first, uint32_t (&w)[N]) {
+  static_assert(N == 2 || N == 4, "half a chunk or a whole one");
+  const uint4* chunk = stage + ring_chunk<DTypeKV, ROW_CHUNKS>(t, first / 4);
+  if constexpr (N == 4) {
+    const uint4 x = *chunk;
+    w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+  } else {
+    const uint2 x = reinterpret_cast<const uint2*>(chunk)[(first / 2) & 1];
+    w[0] = x.x, w[1] = x.y;
+  }
+}
 
 // With 4 or 8 query heads per KV head the CUDA-core dot products cost more than the memory stream,
 // so their tile math runs on tensor cores instead: Q.K^T and P.V as mma.sync with the heads as the
@@ -85,11 +138,15 @@ __host__ __device__ constexpr int decode_min_blocks() {
 }
 
 // Dynamic shared memory of a decode CTA: the K/V ring, then (CUDA-core tiles of 4+ heads) the
-// probabilities of a tile.
-template <int HEAD_DIM, int GT>
+// probabilities of a tile; after the loop the partial states of the row groups (or warps) reuse it, which can
+// take more than an fp8 ring.
+template <int HEAD_DIM, int GT, typename DTypeKV, PosEncoding POS>
 __host__ __device__ constexpr int decode_smem_bytes() {
-  using T = DecodeTraits<HEAD_DIM>;
-  return T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
+  using T = DecodeTraits<HEAD_DIM, DTypeKV>;
+  constexpr int states = decode_uses_mma<HEAD_DIM, GT, POS>() ? T::kThreads / 32 : T::ROWS;
+  constexpr int ring = T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
+  constexpr int scratch = (2 * states * GT + states * GT * HEAD_DIM) * int(sizeof(float));
+  return ring > scratch ? ring : scratch;
 }
 
 // Query heads per CTA for a GQA group: groups of 8, 16, ... take tiles of 8 heads, other groups of 3+
@@ -171,16 +228,18 @@ template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTyp
           typename Rows, typename Store>
 FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, const DecodeScalars& sc,
                             const RopeTableFor<POS>& rope, uint8_t* smem_raw, const Store& store) {
-  using T = DecodeTraits<HEAD_DIM>;
+  using T = DecodeTraits<HEAD_DIM, DTypeKV>;
   constexpr int LANES = T::LANES, ROWS = T::ROWS, TILE = T::TILE, TPR = T::TOKENS_PER_ROW, STAGES = T::STAGES;
+  constexpr int RC = T::ROW_CHUNKS;
+  constexpr bool FP8 = is_fp8<DTypeKV>::value;
   constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
   constexpr bool ALIBI = POS == PosEncoding::kAlibi;
   constexpr bool MMA = decode_uses_mma<HEAD_DIM, GT, POS>();
   constexpr int WARPS = T::kThreads / 32;
   // Partial softmax states left per head at the end: one per row group (CUDA cores) or warp (MMA).
   constexpr int NSTATES = MMA ? WARPS : ROWS;
-  // [STAGES][K|V][TILE][LANES] x 16 bytes; chunk c of token t stored at swizzle<LANES>(t, c), so that the
-  // eight rows an ldmatrix reads at one column fall into different bank groups.
+  // [STAGES][K|V][TILE][RC] x 16 bytes; chunk c of token t stored at ring_chunk(t, c), so that the rows a
+  // tensor-core fragment reads at one column fall into different bank groups.
   uint4* smem = reinterpret_cast<uint4*>(smem_raw);
   const int lane = threadIdx.x % LANES, row = threadIdx.x / LANES;
   const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
@@ -188,17 +247,17 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   const int num_tiles = ceil_div(chunk_end - chunk_begin, TILE);
 
   auto load_tile = [&](int tile) {
-    uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
-    uint4* sv = sk + TILE * LANES;
+    uint4* sk = smem + (tile % STAGES) * 2 * TILE * RC;
+    uint4* sv = sk + TILE * RC;
 #pragma unroll
     for (int it = 0; it < T::COPIES; ++it) {
       const int idx = threadIdx.x + it * T::kThreads;
-      const int t = idx / LANES, c = idx % LANES;
+      const int t = idx / RC, c = idx % RC;
       const int token = chunk_begin + tile * TILE + t;
       int64_t off_k = 0, off_v = 0;  // row 0 keeps the address in bounds when zero-filling
       const bool valid = token < chunk_end && rows.offsets(token, off_k, off_v);
-      cp_async_16(sk + swizzle<LANES>(t, c), rows.k() + off_k + c * 8, valid);
-      cp_async_16(sv + swizzle<LANES>(t, c), rows.v() + off_v + c * 8, valid);
+      cp_async_16(sk + ring_chunk<DTypeKV, RC>(t, c), rows.k() + off_k + c * T::CHUNK_ELEMS, valid);
+      cp_async_16(sv + ring_chunk<DTypeKV, RC>(t, c), rows.v() + off_v + c * T::CHUNK_ELEMS, valid);
     }
   };
 
@@ -212,29 +271,41 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   float* s_m = reinterpret_cast<float*>(smem_raw);  // [NSTATES][GT], reusing the ring after the loop
   float* s_d = s_m + NSTATES * GT;                  // [NSTATES][GT]
   float* s_o = s_d + NSTATES * GT;                  // [NSTATES][GT][HEAD_DIM]
-  static_assert((2 * NSTATES * GT + NSTATES * GT * HEAD_DIM) * 4 <= T::kSmemBytes, "merge scratch exceeds the ring");
+  static_assert((2 * NSTATES * GT + NSTATES * GT * HEAD_DIM) * 4 <= decode_smem_bytes<HEAD_DIM, GT, DTypeKV, POS>(),
+                "merge scratch exceeds the shared memory");
 
   if constexpr (MMA) {
     // ---- tensor cores: warp w takes WTOK consecutive tokens of each tile ----
+    // fp8 K/V enter the products as float16 (exact), so q and the probabilities do too; the fragments are read
+    // with plain shared-memory loads in orders that suit one-byte elements (ldmatrix moves 16-bit ones):
+    //   Q.K^T sums over head_dim in any order, so k16 step 4s + i takes, from lane (g, t), dims 64s + 16t + 4i
+    //   .. +3 of key g (one 32-bit word of a 16-byte load: b0 = its dims 0-1, b1 = 2-3) and q's same dims;
+    //   P.V^T needs pairs of keys per register: lane (g, t) loads dims [g, g + 1) * HEAD_DIM / 8 of keys 2t and
+    //   2t+1 and interleaves their bytes (prmt), so that row g of output m-tile mt is dim g * HEAD_DIM / 8 + 2mt
+    //   and row g+8 the next dim.
+    using MmaT = std::conditional_t<FP8, __half, DTypeKV>;
     constexpr int WTOK = TILE / WARPS;  // 8 (d128) or 16 (d64)
     constexpr int NT = WTOK / 8;        // n8 tiles of scores per warp and tile
     constexpr int KS = HEAD_DIM / 16;   // k16 steps of Q.K^T
     constexpr int MT = HEAD_DIM / 16;   // m16 tiles of the transposed output
-    static_assert(KS % 2 == 0 && MT % 2 == 0, "ldmatrix.x4 covers 32 columns");
+    constexpr int VW = HEAD_DIM / 32;   // fp8: 32-bit words of V per key and lane (the lane's HEAD_DIM / 8 dims)
+    static_assert(KS % (FP8 ? 4 : 2) == 0 && MT % 2 == 0, "a fragment load covers 32 (64 for fp8) columns");
     const int g = warp_lane / 4, t4 = warp_lane % 4;  // fragment row (= head of the tile) and column pair
     const bool real_row = g < heads_here;
     const float slope = ALIBI ? alibi_slope(w.first_head + min(g, heads_here - 1), sc.num_qo_heads) : 0.f;
 
-    // q as the A operand, unscaled (exact in its 16-bit type): a0 = cols 2t.., a2 = cols 2t+8..; rows g+8
-    // (a1, a3) are zero, and so are rows beyond the tile's heads.
+    // q as the A operand, unscaled (exact in its 16-bit type; a bfloat16 q is rounded to float16 with fp8 KV,
+    // exact for |q| in [2^-14, 65504]): a0 = one column pair (cols 2t.. of the step), a2 = the other (2t+8..);
+    // rows g+8 (a1, a3) are zero, and so are rows beyond the tile's heads.
     uint32_t qa[KS][2];
     {
       const DTypeQ* qh = w.q + min(g, heads_here - 1) * w.q_stride_h;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        const int c0 = ks * 16 + 2 * t4;
-        qa[ks][0] = real_row ? pack2<DTypeKV>(to_float(qh[c0]), to_float(qh[c0 + 1])) : 0u;
-        qa[ks][1] = real_row ? pack2<DTypeKV>(to_float(qh[c0 + 8]), to_float(qh[c0 + 9])) : 0u;
+        const int c0 = FP8 ? 64 * (ks / 4) + 16 * t4 + 4 * (ks % 4) : ks * 16 + 2 * t4;
+        const int c1 = FP8 ? c0 + 2 : c0 + 8;
+        qa[ks][0] = real_row ? pack2<MmaT>(to_float(qh[c0]), to_float(qh[c0 + 1])) : 0u;
+        qa[ks][1] = real_row ? pack2<MmaT>(to_float(qh[c1]), to_float(qh[c1 + 1])) : 0u;
       }
     }
 
@@ -250,23 +321,39 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
       __syncthreads();
       if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
       cp_async_commit();
-      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
-      const uint4* sv = sk + TILE * LANES;
+      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * RC;
+      const uint4* sv = sk + TILE * RC;
       const int tok0 = warp * WTOK;  // first token of this warp within the tile
 
       float st[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+        if constexpr (FP8) {
 #pragma unroll
-        for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
-          // Matrix i of the x4 load: tokens tok0 + nt*8 + 0..7, 16-byte column 4*ks2 + i.
-          uint32_t b[4];
-          ldmatrix_x4(b, smem_addr(sk + swizzle<LANES>(tok0 + nt * 8 + (warp_lane & 7), ks2 * 4 + (warp_lane >> 3))));
-          const uint32_t a0[4] = {qa[2 * ks2][0], 0u, qa[2 * ks2][1], 0u};
-          const uint32_t a1[4] = {qa[2 * ks2 + 1][0], 0u, qa[2 * ks2 + 1][1], 0u};
-          mma_16816<DTypeKV>(st[nt], a0, b[0], b[1]);
-          mma_16816<DTypeKV>(st[nt], a1, b[2], b[3]);
+          for (int s4 = 0; s4 < KS / 4; ++s4) {
+            uint32_t kw[4];  // dims 64*s4 + 16*t4 .. +15 of key g
+            ring_words<4, DTypeKV, RC>(sk, tok0 + nt * 8 + g, 4 * (4 * s4 + t4), kw);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              uint32_t b0, b1;
+              fp8x4_to_half2x2(kw[i], b0, b1, DTypeKV{});
+              const uint32_t a[4] = {qa[4 * s4 + i][0], 0u, qa[4 * s4 + i][1], 0u};
+              mma_16816<MmaT>(st[nt], a, b0, b1);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
+            // Matrix i of the x4 load: tokens tok0 + nt*8 + 0..7, 16-byte column 4*ks2 + i.
+            uint32_t b[4];
+            ldmatrix_x4(b, smem_addr(sk + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7),
+                                                                  ks2 * 4 + (warp_lane >> 3))));
+            const uint32_t a0[4] = {qa[2 * ks2][0], 0u, qa[2 * ks2][1], 0u};
+            const uint32_t a1[4] = {qa[2 * ks2 + 1][0], 0u, qa[2 * ks2 + 1][1], 0u};
+            mma_16816<MmaT>(st[nt], a0, b[0], b[1]);
+            mma_16816<MmaT>(st[nt], a1, b[2], b[3]);
+          }
         }
       }
 
@@ -292,16 +379,32 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         // Scores in C layout (head g, tokens 2t, 2t+1) are P^T in B layout (tokens 2t, 2t+1; head g).
-        const uint32_t pb = real_row ? pack2<DTypeKV>(st[nt][0], st[nt][1]) : 0u;
+        const uint32_t pb = real_row ? pack2<MmaT>(st[nt][0], st[nt][1]) : 0u;
+        if constexpr (FP8) {
+          uint32_t va[VW], vb[VW];  // this lane's dims of keys 2t and 2t+1
+          const int key = tok0 + nt * 8 + 2 * t4;
+          ring_words<VW, DTypeKV, RC>(sv, key, g * VW, va);
+          ring_words<VW, DTypeKV, RC>(sv, key + 1, g * VW, vb);
 #pragma unroll
-        for (int mt2 = 0; mt2 < MT / 2; ++mt2) {
-          // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
-          // 2i+1 are rows g and g+8 of V^T m-tile 2*mt2 + i.
-          uint32_t a[4];
-          ldmatrix_x4_trans(
-              a, smem_addr(sv + swizzle<LANES>(tok0 + nt * 8 + (warp_lane & 7), mt2 * 4 + (warp_lane >> 3))));
-          mma_1688<DTypeKV>(o[2 * mt2], a[0], a[1], pb);
-          mma_1688<DTypeKV>(o[2 * mt2 + 1], a[2], a[3], pb);
+          for (int j = 0; j < VW; ++j) {
+            // Bytes (key 2t, key 2t+1) of dims 4j, 4j+1 and of dims 4j+2, 4j+3: one A register per dim.
+            uint32_t d0, d1, d2, d3;
+            fp8x4_to_half2x2(__byte_perm(va[j], vb[j], 0x5140), d0, d1, DTypeKV{});
+            fp8x4_to_half2x2(__byte_perm(va[j], vb[j], 0x7362), d2, d3, DTypeKV{});
+            mma_1688<MmaT>(o[2 * j], d0, d1, pb);
+            mma_1688<MmaT>(o[2 * j + 1], d2, d3, pb);
+          }
+        } else {
+#pragma unroll
+          for (int mt2 = 0; mt2 < MT / 2; ++mt2) {
+            // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
+            // 2i+1 are rows g and g+8 of V^T m-tile 2*mt2 + i.
+            uint32_t a[4];
+            ldmatrix_x4_trans(a, smem_addr(sv + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7),
+                                                                        mt2 * 4 + (warp_lane >> 3))));
+            mma_1688<MmaT>(o[2 * mt2], a[0], a[1], pb);
+            mma_1688<MmaT>(o[2 * mt2 + 1], a[2], a[3], pb);
+          }
         }
       }
     }
@@ -316,11 +419,12 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
     for (int i = 0; i < 2; ++i) {
       const int head = 2 * t4 + i;
       if (head < GT) {
-        float* dst = s_o + (warp * GT + head) * HEAD_DIM + g;
+        // Rows g and g+8 of m-tile mt: dims mt*16 + g and + 8 (16-bit), g * HEAD_DIM / 8 + 2mt and + 1 (fp8).
+        float* dst = s_o + (warp * GT + head) * HEAD_DIM + (FP8 ? g * (HEAD_DIM / 8) : g);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          dst[mt * 16] = o[mt][i];
-          dst[mt * 16 + 8] = o[mt][2 + i];
+          dst[FP8 ? 2 * mt : mt * 16] = o[mt][i];
+          dst[FP8 ? 2 * mt + 1 : mt * 16 + 8] = o[mt][2 + i];
         }
       }
     }
@@ -363,8 +467,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
       if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
       cp_async_commit();
 
-      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * LANES;
-      const uint4* sv = sk + TILE * LANES;
+      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * RC;
+      const uint4* sv = sk + TILE * RC;
       const int tile_begin = chunk_begin + tile * TILE;
 
       float s[TPR];  // log2-domain logits of head `own`
@@ -373,7 +477,7 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
         const int tl = t * ROWS + row;
         const int token = tile_begin + tl;
         float kf[8];
-        unpack8(sk[swizzle<LANES>(tl, lane)], kf, DTypeKV{});
+        ring_row8<DTypeKV, RC>(sk, tl, lane, kf);
         if constexpr (ROPE) rope_rotate<LANES>(kf, rate, float(token), lane);
         float part[GT];
 #pragma unroll
@@ -414,7 +518,7 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
       for (int t = 0; t < TPR; ++t) {
         const int tl = t * ROWS + row;
         float vf[8];
-        unpack8(sv[swizzle<LANES>(tl, lane)], vf, DTypeKV{});
+        ring_row8<DTypeKV, RC>(sv, tl, lane, vf);
         float pt[GT];
         if constexpr (P_IN_SMEM) {
 #pragma unroll
@@ -503,9 +607,9 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
 static cudaError_t launch_single_decode_gt(SingleDecodeParams p, int workspace_chunks, int device,
                                            cudaStream_t stream) {
-  using T = DecodeTraits<HEAD_DIM>;
+  using T = DecodeTraits<HEAD_DIM, DTypeKV>;
   constexpr auto kernel = single_decode_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>;
-  constexpr int smem_bytes = decode_smem_bytes<HEAD_DIM, GT>();
+  constexpr int smem_bytes = decode_smem_bytes<HEAD_DIM, GT, DTypeKV, POS>();
   int occ = 0;  // the grid is sized to what fits
   cudaError_t err = kernel_occupancy<kernel>(T::kThreads, smem_bytes, device, &occ);
   if (err != cudaSuccess) return err;
