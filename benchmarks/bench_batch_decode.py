@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import REFERENCE_FLAG, copy_bandwidth_tbs, graph_ms, median_ms, run_reference, write_results  # noqa: E402
+
+if REFERENCE_FLAG not in sys.argv:  # reference mode imports the real FlashInfer (run_reference's path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashinfer  # noqa: E402
-from common import copy_bandwidth_tbs, graph_ms, median_ms, write_results  # noqa: E402
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -119,6 +121,7 @@ def bench_case(name, lens, copy_tbs, target):
 FP8_CASES = [("batch 64 x kv 1024", [1024] * 64), ("batch 64 x kv 4096", [4096] * 64)]
 FP8_CASES += [("batch 256 x kv 1024", [1024] * 256), ("batch 256 x kv 4096", [4096] * 256)]
 FP8_TARGET = 1.7  # e4m3 tokens/s over our bf16 path's (issue 13)
+FP8_FI_TARGET = 1.05  # FlashInfer's e4m3 time over ours
 FP8 = torch.float8_e4m3fn
 
 
@@ -136,14 +139,15 @@ def _guard(name, q, cache, indices, ip, lens, out, k_scale, v_scale):
         assert err < 2e-2, f"{name}: request {r} differs from SDPA by {err}"
 
 
-def fp8_case(name, lens, copy_tbs, k_scale=0.5, v_scale=0.5):
+def fp8_case(name, lens, copy_tbs, k_scale=0.5, v_scale=0.5, kv_dtypes=(DT, FP8)):
     """Our bf16 and our e4m3 path on one shape: graph replays of a use_cuda_graph wrapper each, inputs rotated
-    beyond the L2. Returns the times, bandwidths and the tokens/s ratio (bf16 time / e4m3 time)."""
+    beyond the L2. Returns the times, bandwidths and the tokens/s ratio (bf16 time / e4m3 time). In reference
+    mode (``kv_dtypes=(FP8,)``, the real FlashInfer imported) the same calls time FlashInfer's e4m3 path."""
     indptr, last, nnz = _table(lens)
     indices = torch.randperm(nnz).to(torch.int32).cuda()
     B, ip = len(lens), indptr.tolist()
     out = {"name": name}
-    for kv_dtype in (DT, FP8):
+    for kv_dtype in kv_dtypes:
         fp8 = kv_dtype == FP8
         kv_bytes = nnz * PS * HKV * D * 2 * (1 if fp8 else 2)
         total_bytes = kv_bytes + 2 * B * HQ * D * 2
@@ -179,29 +183,48 @@ def fp8_case(name, lens, copy_tbs, k_scale=0.5, v_scale=0.5):
         out[f"pct_{tag}"] = 100 * out[f"tbs_{tag}"] / copy_tbs
         del caches, qs, outs, gw
         torch.cuda.empty_cache()
-    out["ratio"] = out["us_bf16"] / out["us_e4m3"]
+    if "us_bf16" in out:
+        out["ratio"] = out["us_bf16"] / out["us_e4m3"]
     return out
 
 
 def fp8_main(copy_tbs: float) -> None:
-    rows = []
+    results = []
     for name, lens in FP8_CASES:
-        r = fp8_case(name, lens, copy_tbs)
-        print(json.dumps(r), flush=True)
+        results.append(fp8_case(name, lens, copy_tbs))
+        print(json.dumps(results[-1]), flush=True)
+    ref = run_reference(str(Path(__file__).resolve()), ["--fp8"]) or {}
+    rows = []
+    for r in results:
+        fi = ref.get(r["name"])
         rows.append(
             [
-                name,
+                r["name"],
                 f"{r['us_bf16']:.1f} ({r['pct_bf16']:.0f}%)",
                 f"{r['us_e4m3']:.1f} ({r['pct_e4m3']:.0f}%)",
                 f"{r['ratio']:.2f}x",
                 f"≥{FP8_TARGET}x: {'met' if r['ratio'] >= FP8_TARGET else 'MISSED'}",
+                f"{fi:.1f}" if fi else "-",
+                f"{fi / r['us_e4m3']:.2f}x" if fi else "-",
+                (f"≥{FP8_FI_TARGET}x: {'met' if fi / r['us_e4m3'] >= FP8_FI_TARGET else 'MISSED'}" if fi else "-"),
             ]
         )
     text = write_results(
         "BatchDecodeWithPagedKVCacheWrapper, fp8 e4m3 KV vs bf16 KV (q/o bf16), d128, 32q/8kv heads, page_size 16, NHD",
-        ["shape", "bf16 KV µs (% copy)", "e4m3 KV µs (% copy)", "tokens/s e4m3 / bf16", "target"],
+        [
+            "shape",
+            "bf16 KV µs (% copy)",
+            "e4m3 KV µs (% copy)",
+            "tokens/s e4m3 / bf16",
+            "target",
+            "FlashInfer e4m3 µs",
+            "FlashInfer / ours (e4m3)",
+            "target",
+        ],
         rows,
         [
+            "FlashInfer: the real BatchDecodeWithPagedKVCacheWrapper (0.7.2.post1) in its own process, the same calls "
+            "(use_cuda_graph wrapper, e4m3 cache, k_scale/v_scale 0.5 on run()), same timing",
             f"measured ceiling: device-to-device copy {copy_tbs:.2f} TB/s (read+write); % copy = each path's own "
             "bytes (K and V of the used pages at its element size + q + o) over its time",
             "both: CUDA-graph replays of a use_cuda_graph wrapper over cache sets rotated beyond the L2; e4m3 with "
@@ -238,7 +261,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only batch 64 x 4096 and the skewed batch")
     ap.add_argument("--fp8", action="store_true", help="only the fp8 (e4m3 KV) vs bf16 comparison at issue 13's shapes")
+    ap.add_argument(REFERENCE_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.flashinfer_reference:  # in run_reference's process: the real FlashInfer's e4m3 times, as JSON
+        print(json.dumps({n: fp8_case(n, lens, 1.0, kv_dtypes=(FP8,))["us_e4m3"] for n, lens in FP8_CASES}))
+        return
     copy_tbs = copy_bandwidth_tbs()
     print(f"copy bandwidth {copy_tbs:.2f} TB/s (read+write)", flush=True)
     if args.fp8:
