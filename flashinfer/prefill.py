@@ -37,7 +37,7 @@ from ._planning import (
     prefill_query_tiles,
     schedule_prefill,
 )
-from ._spec_common import AttentionSpec
+from ._spec_common import FP8_KV_DTYPES, AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .page import PagedKVCache, unpack_paged_kv_cache
@@ -122,8 +122,8 @@ def _fa3_scope(
     """Why the fa3 (wgmma) kernel cannot run a configuration, or None when it can."""
     if head_dim != 128:
         return f"head_dim {head_dim} (fa3 takes 128)"
-    if not (dtype_q == dtype_kv == dtype_o and dtype_q in ("f16", "bf16")):
-        return "mixed dtypes (fa3 takes one of float16/bfloat16 for q, k, v and output)"
+    if not (dtype_q == dtype_o and dtype_q in ("f16", "bf16") and dtype_kv in (dtype_q,) + FP8_KV_DTYPES):
+        return "mixed dtypes (fa3 takes one of float16/bfloat16 for q and output, k and v in it or fp8)"
     if mask_mode not in ("none", "causal"):
         return f"mask_mode {mask_mode!r} (fa3 takes no mask or causal)"
     if pos_encoding_mode != "NONE" or use_window or use_logits_soft_cap or use_fp16_qk_reduction:
@@ -163,6 +163,7 @@ def _single_backend(
 
 class _PrefillSpecBase(AttentionSpec):
     own_axes = {"mask_mode": MASK_MODES, "backend": BACKENDS, "kv_storage": ("paged", "ragged")}
+    fp8_kv = True  # fp8 K/V are widened to q's dtype in shared memory (prefill_common.cuh)
 
     def attention_vars(self) -> Dict[str, Any]:
         return {**super().attention_vars(), "mask_mode": _MASK_CUDA[self.mask_mode]}
