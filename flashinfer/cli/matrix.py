@@ -174,6 +174,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "head_dims": "128",
                 "pos_encodings": "NONE",
                 "axis:mask_mode": "causal,none",
+                "axis:backend": "fa2",  # (fa3 is single-request prefill only)
                 **_NO_EXTRAS,
             },
         },
