@@ -43,29 +43,29 @@ from .jit.spec import Spec, register_family
 from .page import PagedKVCache, unpack_fp8_capable
 from .quantization import packbits, segment_packbits
 from .utils import (
+    FP8_DTYPE_SHORT,
     INT32_MAX,
+    KV_DTYPE_SHORT,
     MAX_ROPE_POSITION,
     aligned_rows,
     canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
+    check_fp8_q,
     check_head_dim,
     check_kv,
+    check_kv_dtypes,
     check_kv_lengths,
     check_logit_options,
     check_out,
     check_page_ids_in_cache,
-    check_fp8_q,
-    check_kv_dtypes,
     check_same_device,
     check_tensor,
     check_vector_rows,
     cuda_bool,
     current_stream_ptr,
     dtype_short,
-    FP8_DTYPE_SHORT,
     host_int32,
-    KV_DTYPE_SHORT,
     not_supported,
     num_sms,
     page_ids_int32,
@@ -582,7 +582,9 @@ def single_prefill_with_kv_cache(
     """
     for name, t in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("kv_cache_sf", kv_cache_sf)):
         if t is not None:
-            raise not_supported(name, "a tensor", "None (per-head scale tensors; k_scale/v_scale take per-tensor scales)")
+            raise not_supported(
+                name, "a tensor", "None (per-head scale tensors; k_scale/v_scale take per-tensor scales)"
+            )
     check_tensor(q, "q", 3)
     check_tensor(k, "k", 3)
     check_tensor(v, "v", 3)

@@ -1090,7 +1090,10 @@ def test_fp8_prefill_specs():
     an fp8 q is unsupported with a reason; the GPU tests' fp8 specs are all supported."""
     s = SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal")
     assert s.unsupported_reason() is None and s.render_vars()["dtype_kv"] == "__nv_fp8_e4m3"
-    assert s.name() == "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa2"
+    assert (
+        s.name()
+        == "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa2"
+    )
     assert SinglePrefillSpec.from_json(s.to_json()) == s
     assert SinglePrefillSpec(128, "f16", "e5m2", "f16", "none", backend="fa3").unsupported_reason() is None
     b = BatchPrefillSpec(64, "f16", "e5m2", "f16", kv_storage="ragged")
@@ -1098,7 +1101,9 @@ def test_fp8_prefill_specs():
     assert "q dtype e4m3" in SinglePrefillSpec(128, "e4m3", "e4m3", "bf16").unsupported_reason()
     assert "q dtype e5m2" in BatchPrefillSpec(128, "e5m2", "e5m2", "bf16").unsupported_reason()
     assert all(x.unsupported_reason() is None for x in FP8_SINGLE_SPECS) and len(set(FP8_SINGLE_SPECS)) == 22
-    fa3 = [x for x in SinglePrefillSpec.expand(dtype_kv=("e4m3", "e5m2"), backend=("fa3",)) if not x.unsupported_reason()]
+    fa3 = [
+        x for x in SinglePrefillSpec.expand(dtype_kv=("e4m3", "e5m2"), backend=("fa3",)) if not x.unsupported_reason()
+    ]
     assert {(x.dtype_q, x.dtype_kv, x.mask_mode) for x in fa3} == {
         (q, kv, m) for q in ("bf16", "f16") for kv in ("e4m3", "e5m2") for m in ("none", "causal")
     }
@@ -1182,7 +1187,9 @@ def test_fp8_batch_prefill_plan_run_and_errors(storage, monkeypatch):
         assert kw["_spec"].dtype_kv == "e4m3" and kw["_spec"].kv_storage == storage
         assert kw["args.sm_scale"] == pytest.approx(0.2 * 0.5 * 0.25)
         for dt in (bf, e5):
-            with pytest.raises(TypeError, match="planned q_data_type torch.bfloat16 and kv_data_type torch.float8_e4m3fn"):
+            with pytest.raises(
+                TypeError, match="planned q_data_type torch.bfloat16 and kv_data_type torch.float8_e4m3fn"
+            ):
                 w.run(q, *kv(dt))
         with pytest.raises(TypeError, match="k_scale is a tensor on cuda"):
             w.run(q, *kv(e4), k_scale=cuda(torch.ones(1)))
@@ -1196,8 +1203,17 @@ def test_fp8_tensor_core_decode_plans_the_fp8_prefill_module(monkeypatch):
     with fake_cuda(monkeypatch) as rec:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), use_tensor_cores=True)
         indptr, last = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([5, 16], dtype=torch.int32)
-        w.plan(indptr, torch.arange(3, dtype=torch.int32), last, 8, 2, 128, 16, data_type=torch.float8_e5m2,
-               q_data_type=torch.float16)
+        w.plan(
+            indptr,
+            torch.arange(3, dtype=torch.int32),
+            last,
+            8,
+            2,
+            128,
+            16,
+            data_type=torch.float8_e5m2,
+            q_data_type=torch.float16,
+        )
         assert [s.name() for s in rec.loaded if s.family == "prefill_batch"] == [
             BatchPrefillSpec(128, "f16", "e5m2", "f16", kv_storage="paged").name()
         ]

@@ -11,14 +11,14 @@
 // the softmax overlapping P V) measured no faster on an H200 and was dropped; the two barriers per tile and
 // the cp.async loads by the computing threads themselves are what a next step (TMA, warp specialisation)
 // would remove.
-// Scope: head_dim 128, 16-bit q and output, K/V in q's dtype or fp8 (e4m3/e5m2: copied as fp8 into staging
-// stages in the second K/V stage's place and widened into one 16-bit tile each, prefill_common.cuh), no mask or causal, no position encoding, window or soft cap; everything
-// else goes to fa2 (see prefill.py). Two options (template flags, off for single_prefill_with_kv_cache): PAGED
-// reads K/V through a page table (p.kv_indices, p.page_size, the page strides), the (page, slot) of each row
-// resolved a tile ahead into shared memory as in the fa2 kernel; SPLIT cuts the KV range into p.num_chunks
-// chunks of p.chunk_size keys (grid z), each leaving a partial (o, lse) state that prefill_merge_kernel combines.
-// Together they run a cascade's shared level: every query of a batch against one shared prefix.
-// The key range, mask predicate, online softmax, Q load, paged row lookup, merge and epilogue are the fa2
+// Scope: head_dim 128, 16-bit q and output, K/V in q's dtype or fp8 (e4m3/e5m2: copied as fp8 into staging stages in
+// the second K/V stage's place and widened into one 16-bit tile each, prefill_common.cuh), no mask or causal, no
+// position encoding, window or soft cap; everything else goes to fa2 (see prefill.py). Two options (template flags, off
+// for single_prefill_with_kv_cache): PAGED reads K/V through a page table (p.kv_indices, p.page_size, the page
+// strides), the (page, slot) of each row resolved a tile ahead into shared memory as in the fa2 kernel; SPLIT cuts the
+// KV range into p.num_chunks chunks of p.chunk_size keys (grid z), each leaving a partial (o, lse) state that
+// prefill_merge_kernel combines. Together they run a cascade's shared level: every query of a batch against one shared
+// prefix. The key range, mask predicate, online softmax, Q load, paged row lookup, merge and epilogue are the fa2
 // kernel's (prefill_common.cuh), on this kernel's shared-memory layout.
 #pragma once
 #include "flashinfer/attention/mask.cuh"
@@ -251,7 +251,8 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     }
 
     // ---- O += P V
-    const uint64_t dv = sm90::opaque(sm90::make_desc(sv_u + stage(n) * Tr::kKVBytes, BK * sm90::kSwizzleRowBytes, kSbo));
+    const uint64_t dv =
+        sm90::opaque(sm90::make_desc(sv_u + stage(n) * Tr::kKVBytes, BK * sm90::kSwizzleRowBytes, kSbo));
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
