@@ -1232,8 +1232,9 @@ def test_cascade_refuses_fp8_naming_the_paths_that_read_it():
 
 # fp8 prefill kernels at their register budgets (ptxas's report in the build log): fa2 single and paged batch (the
 # batch module holds the 64- and 128-row tiles) at d128 causal, where the 16-bit kernels use 249-254 registers,
-# and fa3 causal (one CTA per SM). (fa3 without a mask, at two CTAs per SM = 128 registers, spills 16 bytes with
-# fp8 and 24 with a 16-bit KV: not in this list.)
+# and fa3 causal (one CTA per SM). Not in this list, because they spill (ptxas, sm_90): fa3 without a mask, at two
+# CTAs per SM = 128 registers, 16 bytes with fp8 and 24 with a 16-bit KV; fa2 d128 with a custom mask or ALiBi +
+# window + soft cap, 8 bytes with fp8 and none at 16 bits; batch d256, 20-28 bytes with fp8 and 240 at 16 bits.
 _FP8_NO_SPILL_SPECS = [
     SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal"),
     BatchPrefillSpec(128, "bf16", "e4m3", "bf16", kv_storage="paged", mask_mode="causal"),

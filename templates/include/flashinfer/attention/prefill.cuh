@@ -175,7 +175,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   // fp8: widens staging stage tile & 1 of K or V into its 16-bit tile (the caller's barriers order it).
   auto widen_kv = [&](int tile, bool is_v) {
     if constexpr (FP8) {
-      widen_fp8_tile<BK, HEAD_DIM, THREADS, 4, KVT, DTypeKV>(
+      widen_fp8_tile<BK, HEAD_DIM, THREADS, 2, KVT, DTypeKV>(
           staging(is_v, tile & 1), tid, [&](int row, int c) { return (is_v ? sv : sk) + swizzle<CH>(row, c); });
     }
   };

@@ -153,7 +153,7 @@ FI_DEVICE void store_partial_row(const PrefillParams& p, int64_t state, float in
 // of row r (eight elements) goes to chunk_at(r, c). By THREADS threads (this one `tid`), eight bytes each per
 // step: consecutive threads write consecutive chunks of a row (one bank group each, under either swizzle).
 // UNROLL steps at a time: the widening runs beside the live output accumulators, and a fully unrolled loop's
-// loads in flight spill them (fa2 at 255 registers takes 4, fa3 at 128 registers 2).
+// loads in flight spill them (2: fa2 at 255 registers, fa3 at 128).
 template <int ROWS, int HEAD_DIM, int THREADS, int UNROLL, typename T, typename F8, typename ChunkAt>
 FI_DEVICE void widen_fp8_tile(const uint8_t* src, int tid, ChunkAt&& chunk_at) {
   constexpr int CH = HEAD_DIM / 8;
