@@ -959,10 +959,11 @@ def test_single_spec_names_and_matrix():
         is None
     )
     supported = [s for s in specs if s.unsupported_reason() is None]
-    # fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos x window x softcap;
-    # fa3: head_dim 128 x (bf16, f16) x (none, causal)
-    assert len(supported) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2
-    fa3 = [s for s in supported if s.backend == "fa3"]
+    # Per KV dtype (q's 16-bit one, e4m3, e5m2): fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos
+    # x window x softcap; fa3: head_dim 128 x (bf16, f16) x (none, causal)
+    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2)
+    assert len([s for s in supported if s.dtype_kv == s.dtype_q]) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2
+    fa3 = [s for s in supported if s.backend == "fa3" and s.dtype_kv == s.dtype_q]
     assert {(s.dtype_q, s.mask_mode) for s in fa3} == {(d, m) for d in ("bf16", "f16") for m in ("none", "causal")}
     assert all(s.needs_sm90a() for s in fa3) and not any(s.needs_sm90a() for s in supported if s.backend == "fa2")
     assert "fa3" in SinglePrefillSpec(mask_mode="custom", backend="fa3").unsupported_reason()
