@@ -3,6 +3,7 @@ forced (flash, cuDNN, efficient) and the bf16 matmul rate, all in one run; appen
 benchmarks/RESULTS.md.
 
     python benchmarks/bench_prefill.py [--quick]
+    python benchmarks/bench_prefill.py --fp8    # only the fp8 (e4m3) KV vs bf16 KV comparison (its own table)
 
 FLOPs are counted as 4 * qo * kv * heads * head_dim, halved for causal (qo == kv). Times are device times
 from CUDA-graph replays. Also measures the cold compile and warm load of the bf16 d128 causal module.
@@ -171,11 +172,157 @@ def bench_batch(num_reqs, L, hq, hkv, d, page_size):
     return res
 
 
+FP8_TARGET = 0.90  # issue 13: prefill with an fp8 KV within 10% of the bf16 prefill's TFLOP/s
+FP8_SCALES = (0.5, 0.5)  # k_scale, v_scale: the fp8 values are randn / scale
+
+
+def _kv_pair(shape, kv_dtype, scale):
+    """A K or V tensor in kv_dtype (bf16: randn; fp8: randn / scale rounded to it) and its dequantised float32."""
+    if kv_dtype == torch.bfloat16:
+        x = torch.randn(shape, device="cuda", dtype=kv_dtype)
+        return x, x.float()
+    x = (torch.randn(shape, device="cuda") / scale).to(kv_dtype)
+    return x, x.float() * scale
+
+
+def fp8_single_ms(L, hq, hkv, d, causal, kv_dtype, n_sets=2) -> float:
+    """Graph-timed single_prefill_with_kv_cache (backend "auto") with a bf16 q and a bf16 or fp8 KV (with
+    FP8_SCALES), after a correctness guard against SDPA on the dequantised K/V (a slice of heads)."""
+    fp8 = kv_dtype != torch.bfloat16
+    k_scale, v_scale = FP8_SCALES if fp8 else (None, None)
+    qs = [torch.randn(L, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
+    kp = [_kv_pair((L, hkv, d), kv_dtype, FP8_SCALES[0]) for _ in range(n_sets)]
+    vp = [_kv_pair((L, hkv, d), kv_dtype, FP8_SCALES[1]) for _ in range(n_sets)]
+    outs = [torch.empty(L, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
+
+    def ours(i):
+        flashinfer.single_prefill_with_kv_cache(
+            qs[i], kp[i][0], vp[i][0], causal=causal, k_scale=k_scale, v_scale=v_scale, out=outs[i]
+        )
+
+    ours(0)
+    hs, g = min(hq, 4), hq // hkv
+    kv_heads = slice(0, -(-hs // g))
+    ref = F.scaled_dot_product_attention(
+        qs[0][:, :hs].transpose(0, 1).float(),
+        kp[0][1][:, kv_heads].repeat_interleave(g, 1)[:, :hs].transpose(0, 1),
+        vp[0][1][:, kv_heads].repeat_interleave(g, 1)[:, :hs].transpose(0, 1),
+        is_causal=causal,
+    )
+    err = (outs[0][:, :hs].transpose(0, 1).float() - ref).abs().max().item()
+    assert err < 3e-2 * (2 if fp8 else 1), f"prefill ({kv_dtype}) output differs from SDPA by {err}"
+    t = graph_ms(ours, n_sets, calls_per_graph=4)
+    del qs, kp, vp, outs
+    torch.cuda.empty_cache()
+    return t
+
+
+def fp8_paged_ms(num_reqs, L, hq, hkv, d, page_size, kv_dtype) -> float:
+    """BatchPrefillWithPagedKVCacheWrapper, num_reqs x L causal (each request's keys = its queries), bf16 q and a
+    bf16 or fp8 page cache: median of event-timed run() calls (a call is ~1 ms, far above its host time)."""
+    fp8 = kv_dtype != torch.bfloat16
+    k_scale, v_scale = FP8_SCALES if fp8 else (None, None)
+    total = num_reqs * L
+    indptr = torch.arange(0, total + 1, L, dtype=torch.int32)
+    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, k_ref = _kv_pair((total, hkv, d), kv_dtype, FP8_SCALES[0])
+    v, v_ref = _kv_pair((total, hkv, d), kv_dtype, FP8_SCALES[1])
+    pages_per, num_pages = L // page_size, num_reqs * (L // page_size)
+    perm = torch.randperm(num_pages, dtype=torch.int32)
+    cache = torch.empty(num_pages, 2, page_size, hkv, d, device="cuda", dtype=torch.uint8 if fp8 else kv_dtype)
+    as_stored = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)  # noqa: E731 (fp8 rows moved as bytes)
+    cache[perm.long(), 0] = as_stored(k).view(num_pages, page_size, hkv, d)
+    cache[perm.long(), 1] = as_stored(v).view(num_pages, page_size, hkv, d)
+    cache = cache.view(kv_dtype) if fp8 else cache
+    kv_indptr = torch.arange(0, num_pages + 1, pages_per, dtype=torch.int32)
+    last = torch.full((num_reqs,), page_size, dtype=torch.int32)
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    w.plan(
+        indptr,
+        kv_indptr,
+        perm,
+        last,
+        hq,
+        hkv,
+        d,
+        page_size,
+        causal=True,
+        q_data_type=torch.bfloat16,
+        kv_data_type=kv_dtype,
+    )
+    out = torch.empty_like(q)
+    w.run(q, cache, k_scale=k_scale, v_scale=v_scale, out=out)
+    g = hq // hkv
+    ref = F.scaled_dot_product_attention(
+        q[:L, :4].transpose(0, 1).float(),
+        k_ref[:L, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
+        v_ref[:L, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
+        is_causal=True,
+    )
+    err = (out[:L, :4].transpose(0, 1).float() - ref).abs().max().item()
+    assert err < 3e-2 * (2 if fp8 else 1), f"paged prefill ({kv_dtype}) output differs from SDPA by {err}"
+    t = median_ms(lambda i: w.run(q, cache, k_scale=k_scale, v_scale=v_scale, out=out), 1, iters=30)
+    del q, k, v, cache, ws
+    torch.cuda.empty_cache()
+    return t
+
+
+def fp8_main() -> None:
+    """bf16 KV vs e4m3 KV (bf16 q and output), same run: single prefill 8192 (causal and not) and batch paged
+    16 x 1024 causal, head_dim 128, 32/8 heads; TFLOP/s and the issue's within-10% target."""
+    e4m3 = torch.float8_e4m3fn
+    rows = []
+    cases = [("single 8192", (8192, 32, 8, 128, c), c) for c in (False, True)]
+    cases.append(("paged 16 x 1024, page 16", (16, 1024, 32, 8, 128, 16), True))
+    for name, shape, causal in cases:
+        if name.startswith("single"):
+            L, hq, hkv, d, _ = shape
+            f = flops(L, L, hq, d, causal)
+            backend = prefill_backend_of(L, hq, hkv, d, causal)
+            t16, t8 = (fp8_single_ms(L, hq, hkv, d, causal, dt) for dt in (torch.bfloat16, e4m3))
+        else:
+            n, L, hq, hkv, d, ps = shape
+            f = n * flops(L, L, hq, d, True)
+            backend = "fa2"
+            t16, t8 = (fp8_paged_ms(n, L, hq, hkv, d, ps, dt) for dt in (torch.bfloat16, e4m3))
+        tf16, tf8 = f / t16 / 1e9, f / t8 / 1e9
+        ratio = tf8 / tf16
+        r = {"case": name, "causal": causal, "backend": backend, "ms_bf16": t16, "ms_e4m3": t8, "ratio": ratio}
+        print(json.dumps(r), flush=True)
+        rows.append(
+            [
+                f"{name}{' causal' if causal else ''}",
+                backend,
+                f"{t16:.3f} ({tf16:.0f})",
+                f"{t8:.3f} ({tf8:.0f})",
+                f"{ratio:.2f}",
+                f"≥{FP8_TARGET:.2f}: {'met' if ratio >= FP8_TARGET else 'MISSED'}",
+            ]
+        )
+    text = write_results(
+        "prefill with an fp8 e4m3 KV vs a bf16 KV (q/o bf16), d128, 32 q / 8 kv heads, NHD",
+        ["case", "kernel", "bf16 KV ms (TFLOP/s)", "e4m3 KV ms (TFLOP/s)", "TFLOP/s e4m3 / bf16", "target"],
+        rows,
+        [
+            "FLOPs as the main table (4 qo kv heads d, halved for causal)",
+            f"e4m3 with k_scale = {FP8_SCALES[0]}, v_scale = {FP8_SCALES[1]} (the output's v_scale multiply "
+            "included in its time, as FlashInfer applies it after the kernel)",
+            "single: graph replays, backend 'auto' (the kernel column); paged: median of 30 event-timed run() calls",
+        ],
+    )
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batch-only", action="store_true", help="only the batch prefill table")
+    ap.add_argument("--fp8", action="store_true", help="only the fp8 (e4m3) KV vs bf16 KV comparison")
     args = ap.parse_args()
+    if args.fp8:
+        fp8_main()
+        return
     mm = bf16_matmul_tflops()
     print(f"bf16 matmul {mm:.0f} TFLOP/s", flush=True)
     times = (

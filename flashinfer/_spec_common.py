@@ -104,7 +104,7 @@ class AttentionSpec(Spec):
         if self.dtype_kv in FP8_KV_DTYPES and not self.fp8_kv:
             return (
                 f"kv dtype {self.dtype_kv} (fp8): {self.family} does not read fp8 KV caches yet (the decode "
-                "families decode_single and decode_batch_paged do)"
+                "and prefill families decode_single, decode_batch_paged, prefill_single and prefill_batch do)"
             )
         if self.dtype_kv != self.dtype_q and self.dtype_kv not in FP8_KV_DTYPES:
             return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: kv must be q's 16-bit dtype" + (

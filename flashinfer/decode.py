@@ -55,10 +55,10 @@ from .utils import (
     canonical_layout,
     canonical_pos_encoding,
     check_aligned,
-    check_decode_dtypes,
     check_fp8_q,
     check_head_dim,
     check_kv,
+    check_kv_dtypes,
     check_logit_options,
     check_out,
     check_page_ids_in_cache,
@@ -327,7 +327,7 @@ def single_decode_with_kv_cache(
     k, v : torch.Tensor
         ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]``
         (``"HND"``), ``kv_len >= 1``; q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v
-        the same one; CUDA cores only), dequantised by ``k_scale``/``v_scale``. Views are accepted when the last
+        the same one), dequantised by ``k_scale``/``v_scale``. Views are accepted when the last
         dimension is contiguous and the other strides are multiples of 16 bytes. ``num_qo_heads`` must be a
         multiple of ``num_kv_heads`` (any GQA group size); head_dim one of 64, 128, 256.
     kv_layout : str
@@ -338,7 +338,7 @@ def single_decode_with_kv_cache(
         slope_h * (i - (kv_len - 1)) with the standard ALiBi slopes).
     use_tensor_cores : bool
         Run on the tensor-core prefill kernel (the GQA group's heads packed as query rows), as FlashInfer does;
-        same arguments, validation and result up to rounding. Not with an fp8 cache (NotImplementedError).
+        same arguments, validation and result up to rounding (an fp8 cache too: widened to q's dtype there).
     q_scale, k_scale : float or torch.Tensor, optional
         Multiply the logits (folded into the softmax scale, as FlashInfer does: k_scale dequantises an fp8 K).
         A Python number or a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would sync).
@@ -369,12 +369,7 @@ def single_decode_with_kv_cache(
     device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
     kv_layout = canonical_layout(kv_layout)
     pos_encoding_mode = canonical_pos_encoding(pos_encoding_mode)
-    check_decode_dtypes(q, k, v)
-    if use_tensor_cores and k.dtype in FP8_DTYPE_SHORT:
-        raise NotImplementedError(
-            f"use_tensor_cores=True with an fp8 KV cache ({k.dtype}) is not implemented (the tensor-core prefill "
-            "kernel does not read fp8 yet); use use_tensor_cores=False, whose decode kernel reads e4m3 and e5m2"
-        )
+    check_kv_dtypes(q, k, v, "single_decode_with_kv_cache")
     num_qo_heads, head_dim = q.shape
     check_head_dim(head_dim)
     kv_len, num_kv_heads = check_kv(k, v, kv_layout, num_qo_heads, head_dim)
@@ -892,12 +887,6 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 f"q_data_type {q_dtype} and kv_data_type {kv_dtype} must match (float16 or bfloat16), or "
                 "kv_data_type be fp8 (torch.float8_e4m3fn, torch.float8_e5m2)"
             )
-        if fp8_kv and self._use_tensor_cores:
-            raise NotImplementedError(
-                f"use_tensor_cores=True with kv_data_type {kv_dtype} (an fp8 KV cache) is not implemented (the "
-                "tensor-core prefill kernel does not read fp8 yet); build the wrapper with use_tensor_cores=False, "
-                "whose decode kernel reads e4m3 and e5m2"
-            )
         if canonical_dtype(o_data_type, "o_data_type", q_dtype) != q_dtype:
             raise not_supported(
                 "o_data_type", o_data_type, f"None or q_data_type ({q_dtype}): the output takes q's dtype"
@@ -1016,9 +1005,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             ``c > 0``: logits become ``c * tanh(x / c)``.
         q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
             q and o: float16 or bfloat16 (q's default float16; o defaults to q's and must match it). kv (default
-            q's): q's dtype, or an fp8 cache, torch.float8_e4m3fn or torch.float8_e5m2 (CUDA cores only: with
-            ``use_tensor_cores=True`` NotImplementedError), dequantised by run()'s ``k_scale``/``v_scale``. An
-            fp8 q raises NotImplementedError.
+            q's): q's dtype, or an fp8 cache, torch.float8_e4m3fn or torch.float8_e5m2 (on CUDA cores and on
+            tensor cores), dequantised by run()'s ``k_scale``/``v_scale``. An fp8 q raises NotImplementedError.
         data_type : str or torch.dtype, optional
             Deprecated: fills q_data_type and kv_data_type where they are None (FlashInfer's rule).
         sm_scale : float, optional

@@ -37,25 +37,28 @@ from ._planning import (
     prefill_query_tiles,
     schedule_prefill,
 )
-from ._spec_common import AttentionSpec
+from ._spec_common import FP8_KV_DTYPES, AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .page import PagedKVCache, unpack_paged_kv_cache
+from .page import PagedKVCache, unpack_fp8_capable
 from .quantization import packbits, segment_packbits
 from .utils import (
+    FP8_DTYPE_SHORT,
     INT32_MAX,
+    KV_DTYPE_SHORT,
     MAX_ROPE_POSITION,
     aligned_rows,
     canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
+    check_fp8_q,
     check_head_dim,
     check_kv,
+    check_kv_dtypes,
     check_kv_lengths,
     check_logit_options,
     check_out,
     check_page_ids_in_cache,
-    check_qkv_dtypes,
     check_same_device,
     check_tensor,
     check_vector_rows,
@@ -122,8 +125,8 @@ def _fa3_scope(
     """Why the fa3 (wgmma) kernel cannot run a configuration, or None when it can."""
     if head_dim != 128:
         return f"head_dim {head_dim} (fa3 takes 128)"
-    if not (dtype_q == dtype_kv == dtype_o and dtype_q in ("f16", "bf16")):
-        return "mixed dtypes (fa3 takes one of float16/bfloat16 for q, k, v and output)"
+    if not (dtype_q == dtype_o and dtype_q in ("f16", "bf16") and dtype_kv in (dtype_q,) + FP8_KV_DTYPES):
+        return "mixed dtypes (fa3 takes one of float16/bfloat16 for q and output, k and v in it or fp8)"
     if mask_mode not in ("none", "causal"):
         return f"mask_mode {mask_mode!r} (fa3 takes no mask or causal)"
     if pos_encoding_mode != "NONE" or use_window or use_logits_soft_cap or use_fp16_qk_reduction:
@@ -163,6 +166,7 @@ def _single_backend(
 
 class _PrefillSpecBase(AttentionSpec):
     own_axes = {"mask_mode": MASK_MODES, "backend": BACKENDS, "kv_storage": ("paged", "ragged")}
+    fp8_kv = True  # fp8 K/V are widened to q's dtype in shared memory (prefill_common.cuh)
 
     def attention_vars(self) -> Dict[str, Any]:
         return {**super().attention_vars(), "mask_mode": _MASK_CUDA[self.mask_mode]}
@@ -365,7 +369,7 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
         k_sn, k_sh, v_sn, v_sh = k.stride(1), k.stride(0), v.stride(1), v.stride(0)
     if qo_len == 0:
         return
-    dq, dk = dtype_short(q, "q"), dtype_short(k, "k")
+    dq, dk = dtype_short(q, "q"), dtype_short(k, "k", allow_fp8=True)
     device = q.device
     group = num_qo_heads // num_kv_heads
     why_not_fa3 = _fa3_scope(
@@ -524,10 +528,13 @@ def single_prefill_with_kv_cache(
         ``[qo_len, num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
     k, v : torch.Tensor
         ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``),
-        q's dtype. Views are accepted when the last dimension is contiguous and the other strides are multiples of
-        16 bytes. ``num_qo_heads`` a multiple of ``num_kv_heads``; head_dim 64, 128 or 256.
+        q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v the same one; widened
+        exactly to q's dtype in the kernel), dequantised by ``k_scale``/``v_scale``. Views are accepted when the
+        last dimension is contiguous and the other strides are multiples of 16 bytes. ``num_qo_heads`` a multiple
+        of ``num_kv_heads``; head_dim 64, 128 or 256. An fp8 q raises NotImplementedError.
     scale_q, scale_k, scale_v : torch.Tensor, optional
-        FlashInfer's fp8 per-head scale tensors: not implemented (must be None; see k_scale/v_scale).
+        FlashInfer's fp8 per-head scale tensors: not implemented (must be None; per-tensor scales go in
+        k_scale/v_scale).
     o_dtype : torch.dtype, optional
         The output dtype: None or q's dtype.
     custom_mask : torch.Tensor, optional
@@ -560,8 +567,10 @@ def single_prefill_with_kv_cache(
         Also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
     kv_cache_sf : (torch.Tensor, torch.Tensor), optional
         FlashInfer's NVFP4 KV scale factors: not implemented (must be None).
-    k_scale, v_scale : float, optional
-        k_scale multiplies the logits, v_scale the output.
+    k_scale, v_scale : float or torch.Tensor, optional
+        k_scale multiplies the logits (folded into the softmax scale, as FlashInfer does: it dequantises an fp8
+        K), v_scale the output (it dequantises an fp8 V). A Python number or a one-element CPU tensor; a CUDA
+        tensor raises TypeError (reading it would synchronize the device).
     out, lse : torch.Tensor, optional
         Preallocated outputs (contiguous; lse is written even with ``return_lse=False``); an extension over
         FlashInfer's signature.
@@ -573,7 +582,9 @@ def single_prefill_with_kv_cache(
     """
     for name, t in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("kv_cache_sf", kv_cache_sf)):
         if t is not None:
-            raise not_supported(name, "a tensor", "None (16-bit inputs; k_scale/v_scale take scalar scales)")
+            raise not_supported(
+                name, "a tensor", "None (per-head scale tensors; k_scale/v_scale take per-tensor scales)"
+            )
     check_tensor(q, "q", 3)
     check_tensor(k, "k", 3)
     check_tensor(v, "v", 3)
@@ -589,7 +600,7 @@ def single_prefill_with_kv_cache(
         ]
     )
     kv_layout = canonical_layout(kv_layout)
-    dq = check_qkv_dtypes(q, k, v)
+    dq, _ = check_kv_dtypes(q, k, v, "single_prefill_with_kv_cache")
     if canonical_dtype(o_dtype, "o_dtype", q.dtype) != q.dtype:
         raise not_supported("o_dtype", o_dtype, f"None or q's dtype ({q.dtype})")
     qo_len, num_qo_heads, head_dim = q.shape
@@ -1028,10 +1039,14 @@ class _BatchPrefillBase:
             self._backend,
             has_mask,
         )
-        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16)
-        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype)
-        if kv_dtype != q_dtype:
-            raise TypeError(f"kv_data_type {kv_dtype} must equal q_data_type {q_dtype}")
+        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16, allow_fp8=True)
+        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype, allow_fp8=True)
+        check_fp8_q(q_dtype, kv_dtype, f"{type(self).__name__}.plan")
+        if kv_dtype != q_dtype and kv_dtype not in FP8_DTYPE_SHORT:
+            raise TypeError(
+                f"kv_data_type {kv_dtype} must equal q_data_type {q_dtype} or be fp8 (torch.float8_e4m3fn, "
+                "torch.float8_e5m2)"
+            )
         if canonical_dtype(o_data_type, "o_data_type", q_dtype) != q_dtype:
             raise not_supported("o_data_type", o_data_type, f"None or q_data_type ({q_dtype})")
         dq = "f16" if q_dtype == torch.float16 else "bf16"
@@ -1042,7 +1057,7 @@ class _BatchPrefillBase:
         spec = BatchPrefillSpec(
             head_dim=head_dim_qk,
             dtype_q=dq,
-            dtype_kv=dq,
+            dtype_kv=KV_DTYPE_SHORT[kv_dtype],
             dtype_o=dq,
             kv_storage=self._storage,
             mask_mode=opts.mask_mode,
@@ -1259,8 +1274,11 @@ class _BatchPrefillBase:
         device = check_same_device([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])
         if device != self._device:
             raise ValueError(f"q is on {device} but the wrapper's workspace is on {self._device}")
-        if q.dtype != p.q_dtype or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise TypeError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the planned {p.q_dtype}")
+        if q.dtype != p.q_dtype or k.dtype != p.kv_dtype or v.dtype != p.kv_dtype:
+            raise TypeError(
+                f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the planned q_data_type {p.q_dtype} and "
+                f"kv_data_type {p.kv_dtype}"
+            )
         exp_q = (p.total_q, p.num_qo_heads, p.head_dim)
         if tuple(q.shape) != exp_q:
             raise ValueError(
@@ -1472,7 +1490,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         logits_soft_cap, sm_scale, rope_scale, rope_theta : float, optional
             As single_prefill_with_kv_cache.
         q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
-            float16 or bfloat16 (q's default float16; kv and o must match it).
+            q and o: float16 or bfloat16 (q's default float16; o defaults to q's and must match it). kv (default
+            q's): q's dtype, or an fp8 cache, torch.float8_e4m3fn or torch.float8_e5m2, dequantised by run()'s
+            ``k_scale``/``v_scale``. An fp8 q raises NotImplementedError.
         non_blocking : bool
             False: plan() returns once its copies to the device have completed.
         prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr : optional
@@ -1567,13 +1587,15 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         q : torch.Tensor
             ``[qo_indptr[-1], num_qo_heads, head_dim]`` in the planned dtype.
         k, v : torch.Tensor
-            ``[kv_indptr[-1], num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, kv_indptr[-1], head_dim]`` (HND).
+            ``[kv_indptr[-1], num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, kv_indptr[-1], head_dim]`` (HND),
+            in the planned kv_data_type.
         *args
             FlashInfer's jit_args kernel arguments: not implemented (must be empty).
-        q_scale, k_scale : float, optional
-            Multiply the logits.
-        v_scale : float, optional
-            Multiplies the output.
+        q_scale, k_scale : float or torch.Tensor, optional
+            Multiply the logits (folded into the softmax scale: k_scale dequantises an fp8 K). A Python number or
+            a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would synchronize the device).
+        v_scale : float or torch.Tensor, optional
+            Multiplies the output (dequantises an fp8 V); the same kinds of value.
         o_scale : float, optional
             FlashInfer's fp8 output scale: not implemented (must be None).
         out, lse : torch.Tensor, optional
@@ -1830,7 +1852,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         sm_scale, window_left, logits_soft_cap, rope_scale, rope_theta : optional
             As single_prefill_with_kv_cache.
         q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
-            float16 or bfloat16 (q's default float16; kv and o must match it).
+            q and o: float16 or bfloat16 (q's default float16; o defaults to q's and must match it). kv (default
+            q's): q's dtype, or an fp8 cache, torch.float8_e4m3fn or torch.float8_e5m2, dequantised by run()'s
+            ``k_scale``/``v_scale``. An fp8 q raises NotImplementedError.
         non_blocking : bool
             False: plan() returns once its copies to the device have completed.
         prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr : optional
@@ -1977,13 +2001,15 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
             ``[qo_indptr[-1], num_qo_heads, head_dim]`` in the planned dtype.
         paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
             ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
-            tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``.
+            tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``, in the planned
+            kv_data_type (16-bit or fp8).
         *args
             FlashInfer's jit_args kernel arguments: not implemented (must be empty).
-        q_scale, k_scale : float, optional
-            Multiply the logits.
-        v_scale : float, optional
-            Multiplies the output.
+        q_scale, k_scale : float or torch.Tensor, optional
+            Multiply the logits (folded into the softmax scale: k_scale dequantises an fp8 K). A Python number or
+            a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would synchronize the device).
+        v_scale : float or torch.Tensor, optional
+            Multiplies the output (dequantises an fp8 V); the same kinds of value.
         out, lse : torch.Tensor, optional
             Preallocated ``[qo_indptr[-1], num_qo_heads, head_dim]`` (q's dtype) and ``[qo_indptr[-1], num_qo_heads]``
             float32 (with return_lse).
@@ -2019,7 +2045,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                 f"run(window_left={window_left}) differs from the wrapper's window_left "
                 f"{self._window_left} (set by plan() or forward()): plan with that window"
             )
-        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        kv = unpack_fp8_capable(paged_kv_cache, self._kv_layout)
         if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
             raise ValueError(
                 f"paged_kv_cache page_size/heads/head_dim ({kv.page_size}, {kv.num_kv_heads}, "

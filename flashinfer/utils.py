@@ -48,8 +48,8 @@ FP8_DTYPE_SHORT = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 KV_DTYPE_SHORT = {**DTYPE_SHORT, **FP8_DTYPE_SHORT}
 DTYPE_CUDA = {"f16": "__half", "bf16": "__nv_bfloat16", "e4m3": "__nv_fp8_e4m3", "e5m2": "__nv_fp8_e5m2"}
 FP8_KV_PATHS = (
-    "single_decode_with_kv_cache and BatchDecodeWithPagedKVCacheWrapper on CUDA cores (use_tensor_cores=False), "
-    "and append_paged_kv_cache"
+    "single_decode_with_kv_cache, BatchDecodeWithPagedKVCacheWrapper, single_prefill_with_kv_cache, "
+    "BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper and append_paged_kv_cache"
 )
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _POS_ENCODING_CUDA = {"NONE": "kNone", "ROPE_LLAMA": "kRopeLlama", "ALIBI": "kAlibi"}
@@ -349,14 +349,6 @@ def check_logit_options(
     return window_left, soft_cap, scale, r_scale, r_theta
 
 
-def check_qkv_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """q, k and v share one supported dtype; returns its short name."""
-    dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k"), dtype_short(v, "v")
-    if not (dq == dk == dv):
-        raise TypeError(f"q, k and v must share one dtype (float16 or bfloat16); got {q.dtype}, {k.dtype}, {v.dtype}")
-    return dq
-
-
 def check_fp8_q(q_dtype: torch.dtype, kv_dtype: Any, what: str) -> None:
     """fp8 queries are not implemented anywhere here: NotImplementedError naming the combination."""
     if q_dtype in FP8_DTYPE_SHORT:
@@ -366,10 +358,10 @@ def check_fp8_q(q_dtype: torch.dtype, kv_dtype: Any, what: str) -> None:
         )
 
 
-def check_decode_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[str, str]:
-    """Decode's dtype rule: q 16-bit; k and v share a dtype, q's or fp8 (e4m3/e5m2). Returns the short names
-    of q's and the KV's dtypes."""
-    check_fp8_q(q.dtype, k.dtype, "single_decode_with_kv_cache")
+def check_kv_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> Tuple[str, str]:
+    """The attention dtype rule of the single-request functions (``what``, for messages): q 16-bit; k and v
+    share a dtype, q's or fp8 (e4m3/e5m2). Returns the short names of q's and the KV's dtypes."""
+    check_fp8_q(q.dtype, k.dtype, what)
     dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k", True), dtype_short(v, "v", True)
     if dk != dv or (dk != dq and dk not in FP8_DTYPE_SHORT.values()):
         raise TypeError(

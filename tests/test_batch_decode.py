@@ -958,8 +958,8 @@ def test_fp8_plan_and_run_errors_name_the_combination(monkeypatch):
         with pytest.raises(TypeError, match="float8_e4m3fn, torch.float8_e5m2"):
             w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float32)
         tc = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), use_tensor_cores=True)
-        with pytest.raises(NotImplementedError, match="use_tensor_cores=True with kv_data_type torch.float8_e4m3fn"):
-            tc.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=e4)
+        with pytest.raises(NotImplementedError, match="q torch.float8_e4m3fn with KV"):
+            tc.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=e4, kv_data_type=e4)
         w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=e4)
         with pytest.raises(TypeError, match="planned kv_data_type torch.float8_e4m3fn"):
             w.run(q, cuda(torch.randn(cache.shape).to(torch.bfloat16)))
@@ -970,9 +970,8 @@ def test_fp8_plan_and_run_errors_name_the_combination(monkeypatch):
         with pytest.raises(ValueError, match="multiple of 16 elements"):
             w.run(q, cuda(torch.randn(cache.shape[0], 2, 16, 2, 136).to(e4))[..., :128])
         # the 16-bit paths refuse an fp8 cache, naming those that read it
-        pw = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace())
         with pytest.raises(TypeError, match="fp8 KV caches are read by"):
-            pw.plan(indptr, indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=e4)
+            flashinfer.page.unpack_paged_kv_cache(cache, "NHD")
 
 
 def test_wrapper_refuses_cpu_workspace():

@@ -247,8 +247,15 @@ def test_fp8_is_a_kv_dtype_value_of_the_matrix():
         "decode_batch_paged_q-bf16_kv-e4m3_o-bf16_d128_nhd_pos-none_softcap-off": None,
         "decode_batch_paged_q-bf16_kv-e5m2_o-bf16_d128_nhd_pos-none_softcap-off": None,
     }
-    prefill = [it for it in items if it.family == "prefill_batch"]
-    assert prefill and all("does not read fp8" in it.reason for it in prefill)
+    prefill = {it.name: it.reason for it in items if it.family == "prefill_batch"}
+    assert {n for n, r in prefill.items() if r is None} == {
+        f"prefill_batch_{st}_q-bf16_kv-{kv}_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa2"
+        for st in ("paged", "ragged")
+        for kv in ("e4m3", "e5m2")
+    }
+    assert all("single-request" in r for r in prefill.values() if r is not None)  # (fa3: single prefill only)
+    shared = _matrix(["--families", "cascade_shared", "--head-dims", "128", "--dtypes", "bf16", "--dtype-kv", "e4m3"])
+    assert shared and all("does not read fp8" in it.reason for it in shared)
     with pytest.raises(UsageError, match="not a supported value of axis 'dtype_q'"):
         _matrix(["--families", "decode_single", "--dtypes", "e4m3"])  # fp8 is a KV dtype only
     fp8 = _matrix(["--preset", "fp8"])
@@ -256,6 +263,13 @@ def test_fp8_is_a_kv_dtype_value_of_the_matrix():
         "decode_batch_paged_q-bf16_kv-e4m3_o-bf16_d128_nhd_pos-none_softcap-off",
         "decode_single_q-bf16_kv-e4m3_o-bf16_d128_nhd_pos-none_window-off_softcap-off",
         "page_append_kv-e4m3_d128",
+        *(
+            f"prefill_batch_{st}_q-bf16_kv-e4m3_o-bf16_d128_mask-{m}_pos-none_window-off_softcap-off_fp16qk-off_fa2"
+            for st in ("paged", "ragged")
+            for m in ("causal", "none")
+        ),
+        "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa2",
+        "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa3",
     ]
     assert all(it.reason is None for it in fp8)
 

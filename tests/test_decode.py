@@ -291,13 +291,6 @@ def _fp8_bad_cases(make):
     bf, e4, e5 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
     q, k = make(8, 128, dt=bf), make(10, 2, 128, dt=e4)
     yield "fp8 q", (make(8, 128, dt=e4), k, k), {}, NotImplementedError, "q torch.float8_e4m3fn with KV"
-    yield (
-        "tensor cores",
-        (q, k, k),
-        {"use_tensor_cores": True},
-        NotImplementedError,
-        "use_tensor_cores=True with an fp8",
-    )
     yield "mixed fp8 formats", (q, k, make(10, 2, 128, dt=e5)), {}, TypeError, "share one dtype"
     yield "fp8 k, 16-bit v", (q, k, make(10, 2, 128, dt=bf)), {}, TypeError, "share one dtype"
     yield "float32 q", (make(8, 128, dt=torch.float32), k, k), {}, TypeError, "float16"
@@ -548,11 +541,11 @@ def test_fp8_is_a_value_of_the_kv_dtype_axis():
     assert {s.name() for s in FP8_SPECS} <= {s.name() for s in fp8} and len(set(FP8_SPECS)) == len(FP8_SPECS)
     from flashinfer.prefill import SinglePrefillSpec
 
-    assert "does not read fp8" in SinglePrefillSpec(128, "bf16", "e4m3", "bf16").unsupported_reason()
+    assert SinglePrefillSpec(128, "bf16", "e4m3", "bf16").unsupported_reason() is None  # (prefill reads fp8 too)
 
 
 def test_fp8_inputs_are_validated_before_any_launch(monkeypatch):
-    """The fp8 errors (fp8 q, tensor cores, mixed KV dtypes, device scales, strides) on fake CUDA tensors: raised
+    """The fp8 errors (fp8 q, mixed KV dtypes, device scales, strides) on fake CUDA tensors: raised
     in Python before any module is loaded."""
     from fake_cuda import cuda, fake_cuda
 
@@ -562,9 +555,9 @@ def test_fp8_inputs_are_validated_before_any_launch(monkeypatch):
                 flashinfer.single_decode_with_kv_cache(*args, **kw)
         assert rec.loaded == [] and rec.calls == []
         # fp8 KV is refused by the paths that do not read it, naming those that do
-        q, k = cuda(torch.randn(8, 4, 128).to(torch.bfloat16)), cuda(torch.randn(8, 2, 128).to(torch.float8_e4m3fn))
+        k = cuda(torch.randn(8, 2, 16, 2, 128).to(torch.float8_e4m3fn))
         with pytest.raises(TypeError, match="fp8 KV caches are read by single_decode_with_kv_cache"):
-            flashinfer.single_prefill_with_kv_cache(q, k, k)
+            flashinfer.page.unpack_paged_kv_cache(k, "NHD")
         assert rec.loaded == []
 
 

@@ -105,7 +105,7 @@ SINGLE_SPECS = (
     [
         s
         for s in SinglePrefillSpec.expand(
-            use_window=(False,), use_logits_soft_cap=(False,), use_fp16_qk_reduction=(False,)
+            dtype_kv=("bf16", "f16"), use_window=(False,), use_logits_soft_cap=(False,), use_fp16_qk_reduction=(False,)
         )
         if s.unsupported_reason() is None
     ]
@@ -336,7 +336,11 @@ def _paged(ks, vs, page_size, layout, tuple_cache=False):
     total = sum(pages)
     hkv, d = ks[0].shape[1], ks[0].shape[2]
     perm = torch.randperm(total + 3, dtype=torch.int32)[:total]  # scattered, some pages unused
-    cache = torch.randn(total + 3, 2, page_size, hkv, d, device="cuda", dtype=ks[0].dtype)
+    shape, dt = (total + 3, 2, page_size, hkv, d), ks[0].dtype
+    if dt == torch.uint8:  # (fp8 caches as bytes: _fp8_paged)
+        cache = torch.randint(0, 256, shape, device="cuda", dtype=dt)
+    else:
+        cache = torch.randn(shape, device="cuda", dtype=dt)
     pos = 0
     for k, v, n in zip(ks, vs, pages):
         for j in range(n):
@@ -715,6 +719,229 @@ def test_decode_with_tensor_cores_matches_reference(group):
     _check_lse(lse, ref_lse[0])
 
 
+# ------------------------------------------------------------------------------------ GPU: fp8 KV caches
+
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+# The fp8 single-prefill specs the GPU tests load (tests/prewarm_test.toml lists them): e4m3 with bf16 q and e5m2
+# with f16 at every head_dim, no mask and causal; the crossed pairs at d128 causal; the Hopper fa3 kernel (d128);
+# and at d128 a custom mask, RoPE, ALiBi with window and soft cap, and fp16 QK reduction.
+FP8_SINGLE_SPECS = (
+    [
+        SinglePrefillSpec(d, dq, dkv, dq, m)
+        for d in (64, 128, 256)
+        for dq, dkv in (("bf16", "e4m3"), ("f16", "e5m2"))
+        for m in ("none", "causal")
+    ]
+    + [SinglePrefillSpec(128, dq, dkv, dq, "causal") for dq, dkv in (("f16", "e4m3"), ("bf16", "e5m2"))]
+    + [
+        SinglePrefillSpec(128, dq, dkv, dq, m, backend="fa3")
+        for dq, dkv in (("bf16", "e4m3"), ("f16", "e5m2"))
+        for m in ("none", "causal")
+    ]
+    + [
+        SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "custom"),
+        SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal", "ROPE_LLAMA"),
+        SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "none", "ALIBI", True, True),
+        SinglePrefillSpec(128, "f16", "e4m3", "f16", "causal", "NONE", False, False, True),
+    ]
+)
+# Batch prefill with fp8 KV: BATCH_CASES' head dims with these (q, kv) dtypes.
+FP8_BATCH_DTYPES = {0: ("bf16", "e4m3"), 1: ("f16", "e5m2"), 2: ("bf16", "e5m2")}
+
+
+def _fp8_tensor(shape, dtype, scale):
+    """Random values / scale rounded to fp8 ``dtype``, as an engine quantises its cache, and the reference's
+    dequantisation of those same fp8 values (``.float() * scale``), so that quantisation error is never mistaken
+    for kernel error."""
+    x8 = (torch.randn(shape, device="cuda") / scale).to(dtype)
+    return x8, x8.float() * scale
+
+
+def _fp8_nhd_to(layout, x8):
+    return _nhd_to(layout, x8.view(torch.uint8)).view(x8.dtype)  # (byte copies: no fp8 arithmetic needed)
+
+
+def _fp8_tolerance(dtype, pos="NONE", fp16qk=False):
+    """(atol, rtol) of an fp8-KV output against the float64 reference on the dequantised K/V. The fp8 values
+    widen to q's 16-bit dtype exactly, so what remains is the 16-bit path's error (reference.py's dtype
+    tolerance: the probabilities and the output rounded to q's dtype, float32 accumulation) plus one more
+    rounding of the output, by v_scale's multiplication after the kernel (FlashInfer applies it there too);
+    RoPE rounds the rotated q/k to 16 bits (one more), and fp16 QK reduction accumulates the logits in fp16."""
+    if fp16qk:
+        return 2e-2, 2e-2
+    atol, rtol = TOLERANCES[dtype]
+    n = 3 if pos == "ROPE_LLAMA" else 2
+    return n * atol, n * rtol
+
+
+def _check_fp8_out(o, ref_o, dtype, what, **tol_kw):
+    atol, rtol = _fp8_tolerance(dtype, **tol_kw)
+    assert not torch.isnan(o).any(), f"{what}: NaN in the output (unwritten element or bad math)"
+    torch.testing.assert_close(o.double(), ref_o, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", FP8_SINGLE_SPECS, ids=lambda s: s.name())
+def test_single_prefill_fp8(spec: SinglePrefillSpec):
+    """fp8 K/V (both formats) against the reference on their dequantised values, scales != 1 (floats, and 0-d /
+    one-element CPU tensors), GQA groups 1/4/5/8, NHD and HND, one key and one query, query and key counts that
+    end mid-tile, and a long KV (split over the GPU by fa2); NaN-poisoned outputs."""
+    q_dtype, kv_dtype, d = DTYPES[spec.dtype_q], FP8[spec.dtype_kv], spec.head_dim
+    cases = [(1, 1, 1, 4, "NHD"), (17, 517, 2, 1, "HND"), (128, 128, 1, 8, "NHD"), (1000, 4096, 2, 5, "HND")]
+    for i, (qo_len, kv_len, hkv, group, layout) in enumerate(cases):
+        k_scale, v_scale = (0.5, 1.75) if i % 2 else (1.25, 0.375)
+        q = torch.randn(qo_len, hkv * group, d, device="cuda", dtype=q_dtype)
+        k8, k_ref = _fp8_tensor((kv_len, hkv, d), kv_dtype, k_scale)
+        v8, v_ref = _fp8_tensor((kv_len, hkv, d), kv_dtype, v_scale)
+        mask = torch.rand(qo_len, kv_len, device="cuda") < 0.7 if spec.mask_mode == "custom" else None
+        window = kv_len // 3 if spec.use_window else -1
+        soft_cap = 1.5 if spec.use_logits_soft_cap else 0.0
+        kw = {}
+        if spec.pos_encoding_mode == "ROPE_LLAMA" and kv_len == 4096:
+            kw.update(rope_scale=2.0, rope_theta=5e5)
+        out = poisoned((qo_len, hkv * group, d), q_dtype)
+        lse = poisoned((qo_len, hkv * group), torch.float32)
+        scales = (torch.tensor(k_scale), torch.tensor([v_scale])) if i == 2 else (k_scale, v_scale)
+        o, l = flashinfer.single_prefill_with_kv_cache(
+            q,
+            _fp8_nhd_to(layout, k8),
+            _fp8_nhd_to(layout, v8),
+            custom_mask=mask,
+            causal=spec.mask_mode == "causal",
+            kv_layout=layout,
+            pos_encoding_mode=spec.pos_encoding_mode,
+            use_fp16_qk_reduction=spec.use_fp16_qk_reduction,
+            window_left=window,
+            logits_soft_cap=soft_cap or None,
+            backend=spec.backend,
+            return_lse=True,
+            k_scale=scales[0],
+            v_scale=scales[1],
+            out=out,
+            lse=lse,
+            **kw,
+        )
+        assert o is out and l is lse
+        ref_o, ref_lse = attention(
+            q,
+            k_ref,
+            v_ref,
+            causal=spec.mask_mode == "causal",
+            mask=mask,
+            window_left=window,
+            logits_soft_cap=soft_cap,
+            pos_encoding_mode=spec.pos_encoding_mode,
+            **kw,
+        )
+        what = f"o (qo {qo_len}, kv {kv_len}, group {group}, {layout})"
+        _check_fp8_out(o, ref_o, q_dtype, what, pos=spec.pos_encoding_mode, fp16qk=spec.use_fp16_qk_reduction)
+        _check_lse(l, ref_lse, rope_dtype=q_dtype if spec.pos_encoding_mode == "ROPE_LLAMA" else None)
+
+
+def _fp8_batch_kv(kv_lens, hkv, d, kv_dtype, k_scale, v_scale):
+    k = [_fp8_tensor((n, hkv, d), kv_dtype, k_scale) for n in kv_lens]
+    v = [_fp8_tensor((n, hkv, d), kv_dtype, v_scale) for n in kv_lens]
+    return [x for x, _ in k], [x for x, _ in v], [r for _, r in k], [r for _, r in v]
+
+
+def _fp8_paged(k8s, v8s, page_size, layout, tuple_cache=False):
+    """_paged on the fp8 bytes (the cache's other slots hold random bytes, NaN patterns included: never read)."""
+    dt = k8s[0].dtype
+    cache, perm, indptr, last = _paged(
+        [k.view(torch.uint8) for k in k8s], [v.view(torch.uint8) for v in v8s], page_size, layout, tuple_cache
+    )
+    cache = tuple(c.view(dt) for c in cache) if tuple_cache else cache.view(dt)
+    return cache, perm, indptr, last
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage,page_size", [("ragged", 0), ("paged", 1), ("paged", 16)])
+@pytest.mark.parametrize("case", range(len(BATCH_CASES)))
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+def test_batch_prefill_fp8(storage, page_size, case, mask_mode):
+    """Ragged and paged (page sizes 1 and 16, a (k, v) tuple cache) fp8 K/V at head dims 64/128/256 (BATCH_CASES:
+    requests without queries or keys, one query, lengths ending mid-tile, GQA 1/4/8, causal with more queries
+    than keys), both layouts, scales != 1 on run(); NaN-poisoned outputs."""
+    qo_lens, kv_lens, group = BATCH_CASES[case]
+    dq, dkv = FP8_BATCH_DTYPES[case]
+    q_dtype, kv_dtype = DTYPES[dq], FP8[dkv]
+    layout = "HND" if (case + page_size) % 2 else "NHD"
+    hkv, d = 2, (64, 128, 256)[case]
+    k_scale, v_scale = (0.75, 2.5) if case % 2 else (1.5, 0.625)
+    qs = [torch.randn(n, hkv * group, d, device="cuda", dtype=q_dtype) for n in qo_lens]
+    k8s, v8s, k_refs, v_refs = _fp8_batch_kv(kv_lens, hkv, d, kv_dtype, k_scale, v_scale)
+    qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    kw = dict(causal=mask_mode == "causal", q_data_type=q_dtype, kv_data_type=kv_dtype)
+    if storage == "ragged":
+        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, layout)
+        kv_indptr = torch.tensor([0] + list(itertools.accumulate(kv_lens)), dtype=torch.int32)
+        w.plan(qo_indptr, kv_indptr, hkv * group, hkv, d, **kw)
+        k = torch.cat([x.view(torch.uint8) for x in k8s]).view(kv_dtype)
+        v = torch.cat([x.view(torch.uint8) for x in v8s]).view(kv_dtype)
+        args = (_fp8_nhd_to(layout, k), _fp8_nhd_to(layout, v))
+    else:
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, layout)
+        cache, perm, indptr, last = _fp8_paged(k8s, v8s, page_size, layout, tuple_cache=case == 1)
+        w.plan(qo_indptr, indptr, perm, last, hkv * group, hkv, d, page_size, **kw)
+        args = (cache,)
+    q = torch.cat(qs)
+    out = poisoned(q.shape, q_dtype)
+    lse = poisoned(q.shape[:2], torch.float32)
+    o, l = w.run(q, *args, k_scale=k_scale, v_scale=v_scale, out=out, lse=lse, return_lse=True)
+    assert o is out and l is lse
+    ref_o, ref_lse = _batch_ref(qs, k_refs, v_refs, None, mask_mode)
+    _check_fp8_out(o, ref_o, q_dtype, "o")
+    _check_lse(l, ref_lse)
+
+
+@pytest.mark.gpu
+def test_batch_prefill_fp8_paged_causal_bf16_e4m3_with_tensor_scales():
+    """The serving configuration (bf16 q, e4m3 paged cache, d128, causal, GQA 4) with 0-d / one-element CPU scale
+    tensors, long requests split over the GPU and merged."""
+    qo_lens, kv_lens = [3, 200, 1], [9000, 1000, 17]
+    k8s, v8s, k_refs, v_refs = _fp8_batch_kv(kv_lens, 2, 128, torch.float8_e4m3fn, 0.3, 2.5)
+    qs = [torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16) for n in qo_lens]
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    cache, perm, indptr, last = _fp8_paged(k8s, v8s, 16, "NHD")
+    qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
+    w.plan(qo_indptr, indptr, perm, last, 8, 2, 128, 16, causal=True, q_data_type="bfloat16", kv_data_type="e4m3")
+    q = torch.cat(qs)
+    out = poisoned(q.shape, torch.bfloat16)
+    o = w.run(q, cache, k_scale=torch.tensor(0.3), v_scale=torch.tensor([2.5], dtype=torch.float64), out=out)
+    ref_o, _ = _batch_ref(qs, k_refs, v_refs, None, "causal")
+    _check_fp8_out(o, ref_o, torch.bfloat16, "o")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dq,dkv", [("bf16", "e4m3"), ("f16", "e5m2")])
+def test_decode_with_tensor_cores_fp8(dq, dkv):
+    """use_tensor_cores=True decode (single and the batch wrapper) reads fp8 caches through the prefill kernels."""
+    q_dtype, kv_dtype = DTYPES[dq], FP8[dkv]
+    q = torch.randn(8, 128, device="cuda", dtype=q_dtype)
+    k8, k_ref = _fp8_tensor((7000, 2, 128), kv_dtype, 0.5)
+    v8, v_ref = _fp8_tensor((7000, 2, 128), kv_dtype, 1.5)
+    o, lse = flashinfer.single_decode_with_kv_cache(
+        q, k8, v8, use_tensor_cores=True, k_scale=0.5, v_scale=1.5, return_lse=True
+    )
+    ref, ref_lse = attention(q[None], k_ref, v_ref)
+    _check_fp8_out(o, ref[0], q_dtype, "single o")
+    _check_lse(lse, ref_lse[0])
+    kv_lens = [1, 700, 33]
+    k8s, v8s, k_refs, v_refs = _fp8_batch_kv(kv_lens, 2, 128, kv_dtype, 0.5, 1.5)
+    cache, perm, indptr, last = _fp8_paged(k8s, v8s, 16, "NHD")
+    qb = torch.randn(3, 8, 128, device="cuda", dtype=q_dtype)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    w.plan(indptr, perm, last, 8, 2, 128, 16, q_data_type=q_dtype, kv_data_type=kv_dtype)
+    out = poisoned(qb.shape, q_dtype)
+    ob = w.run(qb, cache, k_scale=0.5, v_scale=1.5, out=out)
+    ref_b, _ = _batch_ref([x[None] for x in qb], k_refs, v_refs, None, "none")
+    _check_fp8_out(ob, ref_b, q_dtype, "batch o")
+
+
 # ---------------------------------------------------------------------------------------------- CPU
 
 
@@ -732,10 +959,11 @@ def test_single_spec_names_and_matrix():
         is None
     )
     supported = [s for s in specs if s.unsupported_reason() is None]
-    # fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos x window x softcap;
-    # fa3: head_dim 128 x (bf16, f16) x (none, causal)
-    assert len(supported) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2
-    fa3 = [s for s in supported if s.backend == "fa3"]
+    # Per KV dtype (q's 16-bit one, e4m3, e5m2): fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos
+    # x window x softcap; fa3: head_dim 128 x (bf16, f16) x (none, causal)
+    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2)
+    assert len([s for s in supported if s.dtype_kv == s.dtype_q]) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2
+    fa3 = [s for s in supported if s.backend == "fa3" and s.dtype_kv == s.dtype_q]
     assert {(s.dtype_q, s.mask_mode) for s in fa3} == {(d, m) for d in ("bf16", "f16") for m in ("none", "causal")}
     assert all(s.needs_sm90a() for s in fa3) and not any(s.needs_sm90a() for s in supported if s.backend == "fa2")
     assert "fa3" in SinglePrefillSpec(mask_mode="custom", backend="fa3").unsupported_reason()
@@ -853,3 +1081,177 @@ def test_prefill_on_second_device_while_first_is_current():
     assert o.device == dev and torch.cuda.current_device() == 0
     ref, _ = attention(q, k, v, causal=True)
     assert_close(o, ref)
+
+
+# ------------------------------------------------------------------------------------------ CPU: fp8 KV
+
+
+def test_fp8_prefill_specs():
+    """fp8 KV (e4m3/e5m2) is a dtype_kv value of both prefill families and of the fa3 kernel, with a 16-bit q = o;
+    an fp8 q is unsupported with a reason; the GPU tests' fp8 specs are all supported."""
+    s = SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal")
+    assert s.unsupported_reason() is None and s.render_vars()["dtype_kv"] == "__nv_fp8_e4m3"
+    assert (
+        s.name()
+        == "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa2"
+    )
+    assert SinglePrefillSpec.from_json(s.to_json()) == s
+    assert SinglePrefillSpec(128, "f16", "e5m2", "f16", "none", backend="fa3").unsupported_reason() is None
+    b = BatchPrefillSpec(64, "f16", "e5m2", "f16", kv_storage="ragged")
+    assert b.unsupported_reason() is None and b.name().startswith("prefill_batch_ragged_q-f16_kv-e5m2_o-f16_d64")
+    assert "q dtype e4m3" in SinglePrefillSpec(128, "e4m3", "e4m3", "bf16").unsupported_reason()
+    assert "q dtype e5m2" in BatchPrefillSpec(128, "e5m2", "e5m2", "bf16").unsupported_reason()
+    assert all(x.unsupported_reason() is None for x in FP8_SINGLE_SPECS) and len(set(FP8_SINGLE_SPECS)) == 22
+    fa3 = [
+        x for x in SinglePrefillSpec.expand(dtype_kv=("e4m3", "e5m2"), backend=("fa3",)) if not x.unsupported_reason()
+    ]
+    assert {(x.dtype_q, x.dtype_kv, x.mask_mode) for x in fa3} == {
+        (q, kv, m) for q in ("bf16", "f16") for kv in ("e4m3", "e5m2") for m in ("none", "causal")
+    }
+
+
+def _fake_fp8(dtype, *shape):
+    from fake_cuda import cuda
+
+    return cuda(torch.randn(shape).to(dtype))
+
+
+def test_fp8_single_prefill_validation_and_scales(monkeypatch):
+    """On fake CUDA tensors: an fp8 q, mixed KV dtypes, device scale tensors and misaligned fp8 rows are refused
+    before any module loads; a valid call launches the fp8 module with k_scale folded into the logit scale."""
+    from fake_cuda import fake_cuda
+
+    bf, e4, e5 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
+    with fake_cuda(monkeypatch) as rec:
+        q, k = _fake_fp8(bf, 20, 8, 128), _fake_fp8(e4, 300, 2, 128)
+        f = flashinfer.single_prefill_with_kv_cache
+        with pytest.raises(NotImplementedError, match="single_prefill_with_kv_cache: q torch.float8_e4m3fn with KV"):
+            f(_fake_fp8(e4, 20, 8, 128), k, k)
+        with pytest.raises(TypeError, match="share one dtype"):
+            f(q, k, _fake_fp8(e5, 300, 2, 128))
+        with pytest.raises(TypeError, match="share one dtype"):
+            f(q, k, _fake_fp8(bf, 300, 2, 128))
+        with pytest.raises(TypeError, match="k_scale is a tensor on cuda"):
+            f(q, k, k, k_scale=_fake_fp8(torch.float32, 1))
+        with pytest.raises(TypeError, match="v_scale is a tensor on cuda"):
+            f(q, k, k, v_scale=_fake_fp8(torch.float32))
+        with pytest.raises(TypeError, match="one-element"):
+            f(q, k, k, k_scale=torch.ones(2))
+        odd = _fake_fp8(e4, 300, 2, 136)[:, :, :128]  # head stride 136 bytes: 16-byte loads need 16-element strides
+        with pytest.raises(ValueError, match="multiple of 16 elements"):
+            f(q, odd, odd)
+        with pytest.raises(NotImplementedError, match="scale_k"):
+            f(q, k, k, scale_k=_fake_fp8(torch.float32, 2))
+        assert rec.loaded == [] and rec.calls == []
+        f(q, k, k, causal=True, sm_scale=0.2, k_scale=torch.tensor(0.25), v_scale=3.0, backend="fa2")
+        ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
+        assert kw["_spec"] == SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal")
+        assert kw["sm_scale"] == pytest.approx(0.2 * 0.25)
+        rec.clear()
+        f(q, k, k, backend="fa3")  # (the fake GPU is a Hopper)
+        ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
+        assert kw["_spec"] == SinglePrefillSpec(128, "bf16", "e4m3", "bf16", backend="fa3")
+
+
+@pytest.mark.parametrize("storage", ["ragged", "paged"])
+def test_fp8_batch_prefill_plan_run_and_errors(storage, monkeypatch):
+    """plan(kv_data_type=fp8) plans the fp8 module; run() folds q_scale and k_scale into the logit scale; an fp8
+    q, a 16-bit kv_data_type other than q's, a cache in another dtype than planned and device scales are refused
+    with errors naming them."""
+    from fake_cuda import cuda, fake_cuda, workspace
+
+    bf, e4, e5 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
+    with fake_cuda(monkeypatch) as rec:
+        qo_indptr = torch.tensor([0, 5, 9], dtype=torch.int32)
+        q = _fake_fp8(bf, 9, 8, 128)
+        if storage == "ragged":
+            w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace())
+            kv_indptr = torch.tensor([0, 40, 100], dtype=torch.int32)
+            plan = lambda **kw: w.plan(qo_indptr, kv_indptr, 8, 2, 128, **kw)  # noqa: E731
+            kv = lambda dt: (_fake_fp8(dt, 100, 2, 128), _fake_fp8(dt, 100, 2, 128))  # noqa: E731
+        else:
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace())
+            indptr = torch.tensor([0, 3, 10], dtype=torch.int32)
+            indices, last = torch.arange(10, dtype=torch.int32), torch.tensor([8, 4], dtype=torch.int32)
+            plan = lambda **kw: w.plan(qo_indptr, indptr, indices, last, 8, 2, 128, 16, **kw)  # noqa: E731
+            kv = lambda dt: (_fake_fp8(dt, 10, 2, 16, 2, 128),)  # noqa: E731
+        name = type(w).__name__
+        with pytest.raises(NotImplementedError, match=f"{name}.plan: q torch.float8_e4m3fn with KV"):
+            plan(q_data_type=e4, kv_data_type=e4)
+        with pytest.raises(TypeError, match="must equal q_data_type .* or be fp8"):
+            plan(q_data_type=bf, kv_data_type=torch.float16)
+        plan(q_data_type="bfloat16", kv_data_type="float8_e4m3fn", causal=True, sm_scale=0.2)
+        assert w._plan_info.spec.dtype_kv == "e4m3" and w._cached_kv_data_type == e4
+        assert w._cached_q_data_type == bf
+        w.run(q, *kv(e4), q_scale=0.5, k_scale=torch.tensor([0.25]), v_scale=2.0)
+        ((_, kw),) = [c for c in rec.launches("flashinfer_batch_prefill") if c[0] == "flashinfer_batch_prefill"]
+        assert kw["_spec"].dtype_kv == "e4m3" and kw["_spec"].kv_storage == storage
+        assert kw["args.sm_scale"] == pytest.approx(0.2 * 0.5 * 0.25)
+        for dt in (bf, e5):
+            with pytest.raises(
+                TypeError, match="planned q_data_type torch.bfloat16 and kv_data_type torch.float8_e4m3fn"
+            ):
+                w.run(q, *kv(dt))
+        with pytest.raises(TypeError, match="k_scale is a tensor on cuda"):
+            w.run(q, *kv(e4), k_scale=cuda(torch.ones(1)))
+        with pytest.raises(TypeError, match="v_scale is a tensor on cuda"):
+            w.run(q, *kv(e4), v_scale=cuda(torch.ones(())))
+
+
+def test_fp8_tensor_core_decode_plans_the_fp8_prefill_module(monkeypatch):
+    from fake_cuda import fake_cuda, workspace
+
+    with fake_cuda(monkeypatch) as rec:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), use_tensor_cores=True)
+        indptr, last = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([5, 16], dtype=torch.int32)
+        w.plan(
+            indptr,
+            torch.arange(3, dtype=torch.int32),
+            last,
+            8,
+            2,
+            128,
+            16,
+            data_type=torch.float8_e5m2,
+            q_data_type=torch.float16,
+        )
+        assert [s.name() for s in rec.loaded if s.family == "prefill_batch"] == [
+            BatchPrefillSpec(128, "f16", "e5m2", "f16", kv_storage="paged").name()
+        ]
+        q = _fake_fp8(torch.float16, 2, 8, 128)
+        w.run(q, _fake_fp8(torch.float8_e5m2, 4, 2, 16, 2, 128), k_scale=0.5)
+        ((_, kw),) = [c for c in rec.launches("flashinfer_batch_prefill") if c[0] == "flashinfer_batch_prefill"]
+        assert kw["args.sm_scale"] == pytest.approx(128**-0.5 * 0.5)
+
+
+def test_cascade_refuses_fp8_naming_the_paths_that_read_it():
+    from flashinfer.cascade import _dtype_arg
+
+    with pytest.raises(NotImplementedError, match="not implemented in the cascade wrappers.*read fp8 caches"):
+        _dtype_arg(torch.float8_e4m3fn, "kv_data_type")
+
+
+# fp8 prefill kernels at their register budgets (ptxas's report in the build log): fa2 single and paged batch (the
+# batch module holds the 64- and 128-row tiles) at d128 causal, where the 16-bit kernels use 249-254 registers,
+# and fa3 causal (one CTA per SM). Not in this list, because they spill (ptxas, sm_90): fa3 without a mask, at two
+# CTAs per SM = 128 registers, 16 bytes with fp8 and 24 with a 16-bit KV; fa2 d128 with a custom mask or ALiBi +
+# window + soft cap, 8 bytes with fp8 and none at 16 bits; batch d256, 20-28 bytes with fp8 and 240 at 16 bits.
+_FP8_NO_SPILL_SPECS = [
+    SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal"),
+    BatchPrefillSpec(128, "bf16", "e4m3", "bf16", kv_storage="paged", mask_mode="causal"),
+    SinglePrefillSpec(128, "f16", "e5m2", "f16", "causal", backend="fa3"),
+]
+
+
+@pytest.mark.parametrize("spec", _FP8_NO_SPILL_SPECS, ids=lambda s: s.name())
+def test_fp8_prefill_kernels_keep_to_registers(spec, tmp_path, monkeypatch):
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    report = jit.ensure_built(spec)
+    log = report.log_path.read_text()
+    frames = [line.strip() for line in log.splitlines() if "bytes stack frame" in line]
+    assert frames, "no ptxas resource report in the build log"
+    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") for line in frames), (
+        frames
+    )

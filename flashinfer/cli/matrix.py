@@ -50,8 +50,8 @@ AXIS_FLAGS: Tuple[AxisFlag, ...] = (
         "--dtype-kv",
         "dtype_kv",
         ("dtype_kv",),
-        "kv-cache dtype only (overrides --dtypes for kv): bf16, f16, or fp8 e4m3/e5m2 (read by the decode families "
-        "and page_append; the others list fp8 specs as unsupported)",
+        "kv-cache dtype only (overrides --dtypes for kv): bf16, f16, or fp8 e4m3/e5m2 (read by the decode and "
+        "prefill families and page_append; the others list fp8 specs as unsupported)",
     ),
     AxisFlag("--dtype-o", "dtype_o", ("dtype_o",), "output dtype only (overrides --dtypes for o)"),
     AxisFlag("--layouts", "layouts", ("kv_layout",), "kv layouts: NHD,HND"),
@@ -141,19 +141,42 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         },
     },
     "fp8": {
-        "help": "fp8 KV-cache serving (e.g. vLLM kv_cache_dtype='fp8', SGLang fp8_e4m3): decode on CUDA cores and "
-        "page append with e4m3 KV, bf16 q and output, head_dim 128, NHD, no RoPE fusion/window/soft cap",
+        "help": "fp8 KV-cache serving (e.g. vLLM kv_cache_dtype='fp8', SGLang fp8_e4m3): decode on CUDA cores, page "
+        "append, causal single prefill (fa2 and the Hopper fa3), batch prefill (ragged and paged, causal, and no "
+        "mask for tensor-core decode) with e4m3 KV, bf16 q and output, head_dim 128, NHD, no RoPE "
+        "fusion/window/soft cap",
         "families": {
-            fam: {
+            **{
+                fam: {
+                    "dtype_q": "bf16",
+                    "dtype_kv": "e4m3",
+                    "dtype_o": "bf16",
+                    "head_dims": "128",
+                    "layouts": "NHD",
+                    "pos_encodings": "NONE",
+                    **_NO_EXTRAS,
+                }
+                for fam in ("decode_single", "decode_batch_paged", "page_append")
+            },
+            "prefill_single": {
                 "dtype_q": "bf16",
                 "dtype_kv": "e4m3",
                 "dtype_o": "bf16",
                 "head_dims": "128",
-                "layouts": "NHD",
                 "pos_encodings": "NONE",
+                "axis:mask_mode": "causal",
                 **_NO_EXTRAS,
-            }
-            for fam in ("decode_single", "decode_batch_paged", "page_append")
+            },
+            "prefill_batch": {
+                "dtype_q": "bf16",
+                "dtype_kv": "e4m3",
+                "dtype_o": "bf16",
+                "head_dims": "128",
+                "pos_encodings": "NONE",
+                "axis:mask_mode": "causal,none",
+                "axis:backend": "fa2",  # (fa3 is single-request prefill only)
+                **_NO_EXTRAS,
+            },
         },
     },
     "probe": {

@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #define FI_DEVICE __device__ __forceinline__
 #define FI_EXPORT __attribute__((visibility("default")))
 
@@ -149,6 +151,37 @@ FI_DEVICE uint32_t pack2<__nv_bfloat16>(float x, float y) {
 }
 
 FI_DEVICE float2 unpack2_half(uint32_t r) { return __half22float2(*reinterpret_cast<__half2*>(&r)); }
+
+// One f16x2 register holding two values exactly representable in bfloat16 (they came from fp8) -> bf16x2.
+FI_DEVICE uint32_t half2_to_bf16x2_exact(uint32_t h) {
+  const float2 f = unpack2_half(h);
+  return pack2<__nv_bfloat16>(f.x, f.y);
+}
+
+// Eight fp8 values (8 bytes, element 0 in the low byte) -> one 16-byte chunk of eight T (__half or
+// __nv_bfloat16): how the prefill kernels widen an fp8 K/V tile into their 16-bit shared-memory layout. Exact
+// for both targets: every e4m3 and e5m2 value is a float16 and a bfloat16.
+template <typename T, typename F8>
+FI_DEVICE uint4 fp8x8_to_chunk(const uint2& raw) {
+  static_assert(is_fp8<F8>::value, "F8: __nv_fp8_e4m3 or __nv_fp8_e5m2");
+  uint4 out;
+  fp8x4_to_half2x2(raw.x, out.x, out.y, F8{});
+  fp8x4_to_half2x2(raw.y, out.z, out.w, F8{});
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    out.x = half2_to_bf16x2_exact(out.x);
+    out.y = half2_to_bf16x2_exact(out.y);
+    out.z = half2_to_bf16x2_exact(out.z);
+    out.w = half2_to_bf16x2_exact(out.w);
+  } else {
+    static_assert(std::is_same<T, __half>::value, "T: __half or __nv_bfloat16");
+  }
+  return out;
+}
+
+// The 16-bit type a kernel computes with for a KV cache of type TKV next to queries of type TQ: TKV itself,
+// or for an fp8 cache q's type (the tile is widened to it, exactly, before the tensor cores read it).
+template <typename TQ, typename TKV>
+using kv_compute_t = typename std::conditional<is_fp8<TKV>::value, TQ, TKV>::type;
 
 // N consecutive 16-bit floats moved with one memory access and unpacked to floats when used: N = 8 is a
 // 16-byte vector (the fast path; the address must be 16-byte aligned), N = 1 a single element (rows of any

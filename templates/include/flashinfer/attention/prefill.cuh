@@ -43,7 +43,8 @@ struct PrefillTraits {
   static constexpr int CH = HEAD_DIM / 8;                                                    // 16-byte chunks per row
   static constexpr int Q_CHUNKS = TILE_Q * CH;
   static constexpr int KV_CHUNKS = BK * CH;
-  // Q, K x2, V x2, then (paged KV) the (page, slot) of each row of two KV tiles.
+  // Q, K x2, V x2, then (paged KV) the (page, slot) of each row of two KV tiles. An fp8 KV cache keeps one
+  // 16-bit K and V tile and puts its two fp8 staging stages in the second's place (prefill_common.cuh).
   static constexpr int kSmemBytes = (Q_CHUNKS + 4 * KV_CHUNKS) * 16 + 2 * BK * 8;
   static_assert(HEAD_DIM % 64 == 0 && KV_CHUNKS % kThreads == 0 && Q_CHUNKS % kThreads == 0, "bad tile");
 };
@@ -103,6 +104,9 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
   constexpr bool ALIBI = POS == PosEncoding::kAlibi;
   constexpr bool LINEAR = !ALIBI && !SOFTCAP;  // logits are a plain scaling of q.k: fold it into exp2
+  // fp8 KV: K/V land as fp8 in staging stages and are widened into one 16-bit tile of type KVT (q's type) each.
+  constexpr bool FP8 = is_fp8<DTypeKV>::value;
+  using KVT = kv_compute_t<DTypeQ, DTypeKV>;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = p.group_size;
@@ -116,8 +120,13 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
 
   uint4* sq = smem;
-  uint4* sk = sq + Tr::Q_CHUNKS;       // 2 stages
-  uint4* sv = sk + 2 * Tr::KV_CHUNKS;  // 2 stages
+  uint4* sk = sq + Tr::Q_CHUNKS;       // 2 stages (fp8: one 16-bit tile, then the two fp8 staging stages)
+  uint4* sv = sk + 2 * Tr::KV_CHUNKS;  // 2 stages (fp8: likewise)
+  // The 16-bit stage tile n's math reads (fp8: always the one widened tile), and fp8 staging stage s of K or V.
+  auto stage = [](int n) { return FP8 ? 0 : (n & 1); };
+  auto staging = [&](bool is_v, int s) {
+    return reinterpret_cast<uint8_t*>((is_v ? sv : sk) + Tr::KV_CHUNKS) + s * (BK * HEAD_DIM);
+  };
   // 32-bit shared-window addresses for ldmatrix (cheaper than generic pointers in the unrolled loops).
   const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
 
@@ -131,16 +140,18 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   paged_rows_prologue<PAGED, BK>(s_rows, tid, resolve_rows);
 
   auto load_kv = [&](int tile, bool is_v) {
-    constexpr int ROWS_PER_PASS = THREADS / CH;
-    uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;
+    // 16-byte chunks per stored row: HEAD_DIM / 8 of 16-bit elements, HEAD_DIM / 16 of fp8 ones.
+    constexpr int CHS = FP8 ? HEAD_DIM / 16 : CH;
+    constexpr int ROWS_PER_PASS = THREADS / CHS;
+    [[maybe_unused]] uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;  // (16-bit)
     // Recomputed from the (constant-bank) params at each use rather than held in registers.
     const DTypeKV* base =
         static_cast<const DTypeKV*>(is_v ? p.v : p.k) + int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
     const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
-    const int c = tid % CH;
+    const int c = tid % CHS;
 #pragma unroll
     for (int i = 0; i < BK / ROWS_PER_PASS; ++i) {
-      const int row = tid / CH + i * ROWS_PER_PASS;
+      const int row = tid / CHS + i * ROWS_PER_PASS;
       const int t = lo + tile * BK + row;
       bool valid = t < hi;
       int64_t off = 0;
@@ -154,7 +165,18 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
       } else if (valid) {
         off = int64_t(kv_start + t) * stride_n;
       }
-      cp_async_16(dst + swizzle<CH>(row, c), base + off + c * 8, valid);
+      if constexpr (FP8) {
+        cp_async_16(staging(is_v, tile & 1) + row * HEAD_DIM + c * 16, base + off + c * 16, valid);
+      } else {
+        cp_async_16(dst + swizzle<CH>(row, c), base + off + c * 8, valid);
+      }
+    }
+  };
+  // fp8: widens staging stage tile & 1 of K or V into its 16-bit tile (the caller's barriers order it).
+  auto widen_kv = [&](int tile, bool is_v) {
+    if constexpr (FP8) {
+      widen_fp8_tile<BK, HEAD_DIM, THREADS, 2, KVT, DTypeKV>(
+          staging(is_v, tile & 1), tid, [&](int row, int c) { return (is_v ? sv : sk) + swizzle<CH>(row, c); });
     }
   };
 
@@ -216,10 +238,14 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     // Rows of tile n+2 go where tile n's were (its last reader, V(n), was issued before the barrier above);
     // the load is started here and stored after the tile's math, so its latency hides behind it.
     const int2 rows_ahead = resolve_rows(n + 2);
-    uint4* skn = sk + (n & 1) * Tr::KV_CHUNKS;
+    if constexpr (FP8) {
+      widen_kv(n, false);
+      __syncthreads();  // K(n)'s 16-bit tile complete for every thread
+    }
+    uint4* skn = sk + stage(n) * Tr::KV_CHUNKS;
     const int k0 = lo + n * BK;
     if constexpr (ROPE) {
-      rope_rotate_smem<HEAD_DIM, BK, THREADS, DTypeKV>(skn, rope, [&](int row) { return k0 + row; });
+      rope_rotate_smem<HEAD_DIM, BK, THREADS, KVT>(skn, rope, [&](int row) { return k0 + row; });
       __syncthreads();
     }
 
@@ -234,7 +260,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         for (int e = 0; e < 4; ++e) s[mq][j][e] = 0.f;
         if constexpr (FP16QK) sh[mq][j][0] = sh[mq][j][1] = 0u;
       }
-    const uint32_t k_addr = sk_u + (n & 1) * Tr::KV_CHUNKS * 16 + k_lane;
+    const uint32_t k_addr = sk_u + stage(n) * Tr::KV_CHUNKS * 16 + k_lane;
 #pragma unroll
     for (int ks = 0; ks < KS_D; ++ks) {
       uint32_t a[MQ][4];
@@ -310,10 +336,10 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
       for (int kk = 0; kk < KS_K; ++kk) {
-        pa[mq][kk][0] = pack2<DTypeKV>(s[mq][2 * kk][0], s[mq][2 * kk][1]);
-        pa[mq][kk][1] = pack2<DTypeKV>(s[mq][2 * kk][2], s[mq][2 * kk][3]);
-        pa[mq][kk][2] = pack2<DTypeKV>(s[mq][2 * kk + 1][0], s[mq][2 * kk + 1][1]);
-        pa[mq][kk][3] = pack2<DTypeKV>(s[mq][2 * kk + 1][2], s[mq][2 * kk + 1][3]);
+        pa[mq][kk][0] = pack2<KVT>(s[mq][2 * kk][0], s[mq][2 * kk][1]);
+        pa[mq][kk][1] = pack2<KVT>(s[mq][2 * kk][2], s[mq][2 * kk][3]);
+        pa[mq][kk][2] = pack2<KVT>(s[mq][2 * kk + 1][0], s[mq][2 * kk + 1][1]);
+        pa[mq][kk][3] = pack2<KVT>(s[mq][2 * kk + 1][2], s[mq][2 * kk + 1][3]);
       }
 
     if (PAGED && tid < BK) s_rows[(n & 1) * BK + tid] = rows_ahead;
@@ -321,9 +347,13 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     __syncthreads();     // ... for every thread; and everyone is done with K(n)'s stage
     if (n + 2 < num_tiles) load_kv(n + 2, false);
     cp_async_commit();
+    if constexpr (FP8) {
+      widen_kv(n, true);
+      __syncthreads();  // V(n)'s 16-bit tile complete for every thread
+    }
 
     // ---- O += P V
-    const uint32_t v_addr = sv_u + (n & 1) * Tr::KV_CHUNKS * 16 + v_lane;
+    const uint32_t v_addr = sv_u + stage(n) * Tr::KV_CHUNKS * 16 + v_lane;
 #pragma unroll
     for (int kk = 0; kk < KS_K; ++kk)
 #pragma unroll
@@ -332,8 +362,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         ldmatrix_x4_trans(b, (v_addr + kk * 16 * kRowBytes) ^ (nd << 5));
 #pragma unroll
         for (int mq = 0; mq < MQ; ++mq) {
-          mma_16816<DTypeKV>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
-          mma_16816<DTypeKV>(o[mq][2 * nd + 1], pa[mq][kk], b[2], b[3]);
+          mma_16816<KVT>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
+          mma_16816<KVT>(o[mq][2 * nd + 1], pa[mq][kk], b[2], b[3]);
         }
       }
   }

@@ -142,6 +142,30 @@ FI_DEVICE void store_partial_row(const PrefillParams& p, int64_t state, float in
   if (lane % 4 == 0) p.partial_lse[state] = row_lse(m, d, scl);
 }
 
+// ---------------------------------------------------------------------------------------------- fp8 K/V
+// An fp8 KV cache (e4m3/e5m2) is copied into shared memory as it is stored (16-byte cp.async chunks of 16
+// elements, half the bytes of a 16-bit tile), into a staging tile of ROWS rows of HEAD_DIM bytes; the threads
+// then widen it into the kernel's 16-bit tile layout (exactly: fp8x8_to_chunk), which the unchanged MMA code
+// reads after a barrier. The staging tiles (two stages of K and of V) take the space of the 16-bit tiles'
+// second stage, so an fp8 kernel needs no more shared memory than a 16-bit one.
+
+// Widens staging tile `src` (row r at src + r * HEAD_DIM bytes) into 16-bit chunks of type T: 16-byte chunk c
+// of row r (eight elements) goes to chunk_at(r, c). By THREADS threads (this one `tid`), eight bytes each per
+// step: consecutive threads write consecutive chunks of a row (one bank group each, under either swizzle).
+// UNROLL steps at a time: the widening runs beside the live output accumulators, and a fully unrolled loop's
+// loads in flight spill them (2: fa2 at 255 registers, fa3 at 128).
+template <int ROWS, int HEAD_DIM, int THREADS, int UNROLL, typename T, typename F8, typename ChunkAt>
+FI_DEVICE void widen_fp8_tile(const uint8_t* src, int tid, ChunkAt&& chunk_at) {
+  constexpr int CH = HEAD_DIM / 8;
+  static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+#pragma unroll UNROLL
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+    const uint2 raw = *reinterpret_cast<const uint2*>(src + row * HEAD_DIM + c * 8);
+    *chunk_at(row, c) = fp8x8_to_chunk<T, F8>(raw);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- paged K/V
 // The (page, slot) of each row of two K/V tiles sits in shared memory (s_rows[tile & 1][row]), looked up a tile
 // ahead by one thread per row, so that issuing a tile's copies never waits on a dependent global load or a

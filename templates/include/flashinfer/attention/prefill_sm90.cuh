@@ -11,13 +11,14 @@
 // the softmax overlapping P V) measured no faster on an H200 and was dropped; the two barriers per tile and
 // the cp.async loads by the computing threads themselves are what a next step (TMA, warp specialisation)
 // would remove.
-// Scope: head_dim 128, 16-bit q/k/v, no mask or causal, no position encoding, window or soft cap; everything
-// else goes to fa2 (see prefill.py). Two options (template flags, off for single_prefill_with_kv_cache): PAGED
-// reads K/V through a page table (p.kv_indices, p.page_size, the page strides), the (page, slot) of each row
-// resolved a tile ahead into shared memory as in the fa2 kernel; SPLIT cuts the KV range into p.num_chunks
-// chunks of p.chunk_size keys (grid z), each leaving a partial (o, lse) state that prefill_merge_kernel combines.
-// Together they run a cascade's shared level: every query of a batch against one shared prefix.
-// The key range, mask predicate, online softmax, Q load, paged row lookup, merge and epilogue are the fa2
+// Scope: head_dim 128, 16-bit q and output, K/V in q's dtype or fp8 (e4m3/e5m2: copied as fp8 into staging stages in
+// the second K/V stage's place and widened into one 16-bit tile each, prefill_common.cuh), no mask or causal, no
+// position encoding, window or soft cap; everything else goes to fa2 (see prefill.py). Two options (template flags, off
+// for single_prefill_with_kv_cache): PAGED reads K/V through a page table (p.kv_indices, p.page_size, the page
+// strides), the (page, slot) of each row resolved a tile ahead into shared memory as in the fa2 kernel; SPLIT cuts the
+// KV range into p.num_chunks chunks of p.chunk_size keys (grid z), each leaving a partial (o, lse) state that
+// prefill_merge_kernel combines. Together they run a cascade's shared level: every query of a batch against one shared
+// prefix. The key range, mask predicate, online softmax, Q load, paged row lookup, merge and epilogue are the fa2
 // kernel's (prefill_common.cuh), on this kernel's shared-memory layout.
 #pragma once
 #include "flashinfer/attention/mask.cuh"
@@ -67,12 +68,17 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     fa3_single_prefill_kernel(const __grid_constant__ PrefillParams p) {
   using Tr = Fa3Traits<MASK>;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, THREADS = Tr::kThreads, CH = D / 8;
-  static_assert(std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v");
+  constexpr bool FP8 = is_fp8<DTypeKV>::value;
+  using KVT = kv_compute_t<DTypeQ, DTypeKV>;  // the type the tensor cores read K/V in
+  static_assert(std::is_same<DTypeQ, KVT>::value, "one 16-bit type for q, k and v (or fp8 k and v)");
   extern __shared__ __align__(1024) uint4 smem[];  // same declaration as the fa2 kernels'
   uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
   uint8_t* sk = sq + Tr::kQBytes;       // 2 stages
   uint8_t* sv = sk + 2 * Tr::kKVBytes;  // 2 stages
   const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
+  // The 16-bit stage tile n's math reads (fp8: always the one widened tile), and fp8 staging stage s of K or V.
+  auto stage = [](int n) { return FP8 ? 0 : (n & 1); };
+  auto staging = [&](bool is_v, int s) { return (is_v ? sv : sk) + Tr::kKVBytes + s * (BK * D); };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
   const int qtile = p.num_qtiles - 1 - blockIdx.x;  // heaviest (last, for causal) tiles first
@@ -100,13 +106,14 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   paged_rows_prologue<PAGED, BK>(s_rows, tid, resolve_rows);
 
   auto load_kv = [&](int tile, bool is_v) {
-    uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;
+    [[maybe_unused]] uint8_t* dst = (is_v ? sv : sk) + (tile & 1) * Tr::kKVBytes;  // (16-bit)
     const DTypeKV* base =
         static_cast<const DTypeKV*>(is_v ? p.v : p.k) + int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
     const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
+    constexpr int CHS = FP8 ? D / 16 : CH;  // 16-byte chunks per stored row
 #pragma unroll
-    for (int i = 0; i < BK * CH / THREADS; ++i) {
-      const int idx = tid + i * THREADS, row = idx / CH, c = idx % CH;
+    for (int i = 0; i < BK * CHS / THREADS; ++i) {
+      const int idx = tid + i * THREADS, row = idx / CHS, c = idx % CHS;
       const int t = lo + tile * BK + row;
       bool valid = t < hi;
       int64_t off;
@@ -118,7 +125,22 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       } else {
         off = int64_t(valid ? t : 0) * stride_n;
       }
-      cp_async_16(dst + sm90::tile_offset(row, c, BK), base + off + c * 8, valid);
+      if constexpr (FP8) {
+        cp_async_16(staging(is_v, tile & 1) + row * D + c * 16, base + off + c * 16, valid);
+      } else {
+        cp_async_16(dst + sm90::tile_offset(row, c, BK), base + off + c * 8, valid);
+      }
+    }
+  };
+  // fp8: widens staging stage tile & 1 of K or V into its 16-bit tile, then makes the generic-proxy writes
+  // visible to wgmma (the caller's barrier follows).
+  auto widen_kv = [&](int tile, bool is_v) {
+    if constexpr (FP8) {
+      uint8_t* dst = is_v ? sv : sk;
+      widen_fp8_tile<BK, D, THREADS, 2, KVT, DTypeKV>(staging(is_v, tile & 1), tid, [&](int row, int c) {
+        return reinterpret_cast<uint4*>(dst + sm90::tile_offset(row, c, BK));
+      });
+      sm90::fence_async_shared();
     }
   };
 
@@ -152,6 +174,10 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     // above); loaded now, stored before the next barrier, so the lookup's latency hides behind S = Q K^T.
     int2 rows_ahead = make_int2(0, 0);
     if constexpr (PAGED) rows_ahead = resolve_rows(n + 2);
+    if constexpr (FP8) {
+      widen_kv(n, false);
+      __syncthreads();  // K(n)'s 16-bit tile complete for both warpgroups
+    }
 
     // ---- S = Q K^T
     constexpr int NB = BK / 8;  // n8 blocks of scores
@@ -159,7 +185,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     // Descriptor bases made opaque to the compiler, so that it adds each step's offset in place instead of
     // keeping eight precomputed 64-bit descriptors live across the loop (registers are tight at 2 CTAs/SM).
     const uint64_t dq = sm90::opaque(sm90::make_desc(q_base, 16, kSbo));
-    const uint64_t dk = sm90::opaque(sm90::make_desc(sk_u + (n & 1) * Tr::kKVBytes, 16, kSbo));
+    const uint64_t dk = sm90::opaque(sm90::make_desc(sk_u + stage(n) * Tr::kKVBytes, 16, kSbo));
     sm90::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -205,10 +231,10 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     uint32_t pa[BK / 16][4];
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      pa[kk][0] = pack2<DTypeKV>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<DTypeKV>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<DTypeKV>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<DTypeKV>(s[8 * kk + 6], s[8 * kk + 7]);
+      pa[kk][0] = pack2<KVT>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<KVT>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<KVT>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<KVT>(s[8 * kk + 6], s[8 * kk + 7]);
     }
 
     if constexpr (PAGED) {
@@ -219,14 +245,19 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     __syncthreads();  // ... for every thread; and both warpgroups are done with K(n)'s stage
     if (n + 2 < num_tiles) load_kv(n + 2, false);
     cp_async_commit();
+    if constexpr (FP8) {
+      widen_kv(n, true);
+      __syncthreads();  // V(n)'s 16-bit tile complete for both warpgroups
+    }
 
     // ---- O += P V
-    const uint64_t dv = sm90::opaque(sm90::make_desc(sv_u + (n & 1) * Tr::kKVBytes, BK * sm90::kSwizzleRowBytes, kSbo));
+    const uint64_t dv =
+        sm90::opaque(sm90::make_desc(sv_u + stage(n) * Tr::kKVBytes, BK * sm90::kSwizzleRowBytes, kSbo));
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       const uint64_t db = sm90::desc_advance(dv, kk * 16 * sm90::kSwizzleRowBytes);
-      sm90::wgmma_m64n128k16_rs<DTypeKV>(o, pa[kk], db, 1);
+      sm90::wgmma_m64n128k16_rs<KVT>(o, pa[kk], db, 1);
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
