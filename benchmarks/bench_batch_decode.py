@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REFERENCE_FLAG, copy_bandwidth_tbs, graph_ms, median_ms, run_reference, write_results  # noqa: E402
+from common import (  # noqa: E402
+    FP8_HEADER,
+    REFERENCE_FLAG,
+    copy_bandwidth_tbs,
+    fp8_row,
+    graph_ms,
+    median_ms,
+    run_reference,
+    write_results,
+)
 
 if REFERENCE_FLAG not in sys.argv:  # reference mode imports the real FlashInfer (run_reference's path)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -194,33 +203,10 @@ def fp8_main(copy_tbs: float) -> None:
         results.append(fp8_case(name, lens, copy_tbs))
         print(json.dumps(results[-1]), flush=True)
     ref = run_reference(str(Path(__file__).resolve()), ["--fp8"]) or {}
-    rows = []
-    for r in results:
-        fi = ref.get(r["name"])
-        rows.append(
-            [
-                r["name"],
-                f"{r['us_bf16']:.1f} ({r['pct_bf16']:.0f}%)",
-                f"{r['us_e4m3']:.1f} ({r['pct_e4m3']:.0f}%)",
-                f"{r['ratio']:.2f}x",
-                f"≥{FP8_TARGET}x: {'met' if r['ratio'] >= FP8_TARGET else 'MISSED'}",
-                f"{fi:.1f}" if fi else "-",
-                f"{fi / r['us_e4m3']:.2f}x" if fi else "-",
-                (f"≥{FP8_FI_TARGET}x: {'met' if fi / r['us_e4m3'] >= FP8_FI_TARGET else 'MISSED'}" if fi else "-"),
-            ]
-        )
+    rows = [fp8_row(r["name"], r, ref.get(r["name"]), FP8_TARGET, FP8_FI_TARGET) for r in results]
     text = write_results(
         "BatchDecodeWithPagedKVCacheWrapper, fp8 e4m3 KV vs bf16 KV (q/o bf16), d128, 32q/8kv heads, page_size 16, NHD",
-        [
-            "shape",
-            "bf16 KV µs (% copy)",
-            "e4m3 KV µs (% copy)",
-            "tokens/s e4m3 / bf16",
-            "target",
-            "FlashInfer e4m3 µs",
-            "FlashInfer / ours (e4m3)",
-            "target",
-        ],
+        FP8_HEADER,
         rows,
         [
             "FlashInfer: the real BatchDecodeWithPagedKVCacheWrapper (0.7.2.post1) in its own process, the same calls "

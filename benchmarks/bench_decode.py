@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    FP8_HEADER,
     REFERENCE_FLAG,
     bf16_matmul_tflops,
     copy_bandwidth_tbs,
     first_call_times,
+    fp8_row,
     graph_ms,
     median_ms,
     run_reference,
@@ -206,33 +208,10 @@ def fp8_main(copy_tbs: float, repeat: int) -> None:
         results.append(fp8_case(hq, hkv, L, copy_tbs, repeat=repeat))
         print(json.dumps(results[-1]), flush=True)
     ref = run_reference(str(Path(__file__).resolve()), ["--fp8", "--repeat", str(repeat)]) or {}
-    rows = []
-    for r in results:
-        fi = ref.get(r["shape"])
-        rows.append(
-            [
-                r["shape"],
-                f"{r['us_bf16']:.1f} ({r['pct_bf16']:.0f}%)",
-                f"{r['us_e4m3']:.1f} ({r['pct_e4m3']:.0f}%)",
-                f"{r['ratio']:.2f}x",
-                f"≥{FP8_TARGET}x: {'met' if r['ratio'] >= FP8_TARGET else 'MISSED'}",
-                f"{fi:.1f}" if fi else "-",
-                f"{fi / r['us_e4m3']:.2f}x" if fi else "-",
-                (f"≥{FP8_FI_TARGET}x: {'met' if fi / r['us_e4m3'] >= FP8_FI_TARGET else 'MISSED'}" if fi else "-"),
-            ]
-        )
+    rows = [fp8_row(r["shape"], r, ref.get(r["shape"]), FP8_TARGET, FP8_FI_TARGET) for r in results]
     text = write_results(
         "single_decode_with_kv_cache, fp8 e4m3 KV vs bf16 KV (q/o bf16), d128, NHD",
-        [
-            "shape",
-            "bf16 KV µs (% copy)",
-            "e4m3 KV µs (% copy)",
-            "tokens/s e4m3 / bf16",
-            "target",
-            "FlashInfer e4m3 µs",
-            "FlashInfer / ours (e4m3)",
-            "target",
-        ],
+        FP8_HEADER,
         rows,
         [
             "FlashInfer: the real single_decode_with_kv_cache (0.7.2.post1) in its own process, the same calls "

@@ -196,3 +196,32 @@ def write_results(title: str, header: Sequence[str], rows: List[Sequence[object]
         with open(Path(out) / "RESULTS.md", "a") as f:
             f.write(text)
     return text
+
+
+FP8_HEADER = [
+    "shape",
+    "bf16 KV µs (% copy)",
+    "e4m3 KV µs (% copy)",
+    "tokens/s e4m3 / bf16",
+    "target",
+    "FlashInfer e4m3 µs",
+    "FlashInfer / ours (e4m3)",
+    "target",
+]
+
+
+def fp8_row(name: str, r: dict, fi_us: float | None, target: float, fi_target: float) -> list:
+    """One row of an fp8-vs-bf16 decode table (FP8_HEADER): our two times (with % of copy bandwidth), the
+    tokens/s ratio against ``target``, and FlashInfer's e4m3 time over ours against ``fi_target`` ("-" without
+    the reference)."""
+    row = [
+        name,
+        f"{r['us_bf16']:.1f} ({r['pct_bf16']:.0f}%)",
+        f"{r['us_e4m3']:.1f} ({r['pct_e4m3']:.0f}%)",
+        f"{r['ratio']:.2f}x",
+        f"≥{target}x: {'met' if r['ratio'] >= target else 'MISSED'}",
+    ]
+    if not fi_us:
+        return row + ["-", "-", "-"]
+    vs = fi_us / r["us_e4m3"]
+    return row + [f"{fi_us:.1f}", f"{vs:.2f}x", f"≥{fi_target}x: {'met' if vs >= fi_target else 'MISSED'}"]

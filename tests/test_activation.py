@@ -5,13 +5,11 @@ validation and a real module build."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 import torch
 
 import flashinfer
+from _jit_checks import assert_no_unique_symbols, assert_register_only
 from flashinfer.activation import ActivationSpec
 from reference import act_and_mul, assert_close, poisoned
 
@@ -240,10 +238,5 @@ def test_activation_module_builds(tmp_path, monkeypatch):
     mod = jit.load(spec)
     assert mod.fn("flashinfer_act_and_mul") is not None
     assert sorted(mod.constants[a] for a in ACTS) == [0, 1, 2]
-    frames = [line.strip() for line in report.log_path.read_text().splitlines() if "bytes stack frame" in line]
-    assert len(frames) == 6, frames  # 3 activations x (vector, element-wise)
-    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores") for line in frames), frames
-    nm = shutil.which("nm")
-    if nm:
-        dyn = subprocess.run([nm, "-D", "--defined-only", str(mod.path)], capture_output=True, text=True).stdout
-        assert " u " not in dyn
+    assert_register_only(report, kernels=6)  # 3 activations x (vector, element-wise)
+    assert_no_unique_symbols(mod.path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flashinfer
+from _jit_checks import assert_register_only
 from flashinfer.decode import SingleDecodeSpec
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
@@ -201,29 +202,25 @@ def _fp8_inputs(kv_len, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype,
     return q, k8, v8, k_ref, v_ref
 
 
+def _decode_into_poisoned(q, k, v, **kw):
+    """single_decode_with_kv_cache(return_lse=True) into NaN-poisoned out/lse, which it must return (unwritten
+    elements then fail the comparison)."""
+    num_qo_heads, head_dim = q.shape
+    out = poisoned((num_qo_heads, head_dim), q.dtype)
+    lse = poisoned((num_qo_heads,), torch.float32)
+    o, l = flashinfer.single_decode_with_kv_cache(q, k, v, return_lse=True, out=out, lse=lse, **kw)
+    assert o is out and l is lse
+    return o, l
+
+
 def _check_fp8(q, k, v, k_ref, v_ref, layout, k_scale, v_scale, q_scale=None, **kw):
     """One call with NaN-poisoned outputs against the float64 reference on the dequantised K/V (k_ref, v_ref hold
     the scales). What separates them is what the 16-bit path leaves too: the output's rounding to q's dtype and
     float32 accumulation (reference.py's dtype tolerances); the fp8 values convert to float16 exactly, and the
     tensor-core tiles (4+ query heads at d64/d128) round the probabilities to float16 (2^-11 relative, inside
     those tolerances) and a bfloat16 q to float16 (exact in its normal range)."""
-    num_qo_heads, head_dim = q.shape
-    out = poisoned((num_qo_heads, head_dim), q.dtype)
-    lse = poisoned((num_qo_heads,), torch.float32)
-    o, l = flashinfer.single_decode_with_kv_cache(
-        q,
-        k,
-        v,
-        kv_layout=layout,
-        q_scale=q_scale,
-        k_scale=k_scale,
-        v_scale=v_scale,
-        return_lse=True,
-        out=out,
-        lse=lse,
-        **kw,
-    )
-    assert o is out and l is lse
+    head_dim = q.shape[1]
+    o, l = _decode_into_poisoned(q, k, v, kv_layout=layout, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, **kw)
     sm = (kw.get("sm_scale") or head_dim**-0.5) * float(q_scale if q_scale is not None else 1.0)
     ref_kw = {n: kw[n] for n in ("pos_encoding_mode", "window_left", "rope_scale", "rope_theta") if n in kw}
     ref_o, ref_lse = attention(
@@ -317,10 +314,8 @@ def _assert_close_tc(o, ref, pos, what="o"):
 
 
 def _check_tc(q, k, v, k_nhd, v_nhd, layout, pos="NONE", q_scale=None, k_scale=None, v_scale=None, **kw):
-    num_qo_heads, head_dim = q.shape
-    out = poisoned((num_qo_heads, head_dim), q.dtype)
-    lse = poisoned((num_qo_heads,), torch.float32)
-    o, l = flashinfer.single_decode_with_kv_cache(
+    head_dim = q.shape[1]
+    o, l = _decode_into_poisoned(
         q,
         k,
         v,
@@ -330,12 +325,8 @@ def _check_tc(q, k, v, k_nhd, v_nhd, layout, pos="NONE", q_scale=None, k_scale=N
         q_scale=q_scale,
         k_scale=k_scale,
         v_scale=v_scale,
-        return_lse=True,
-        out=out,
-        lse=lse,
         **kw,
     )
-    assert o is out and l is lse
     sm = kw.get("sm_scale") or 1.0 / head_dim**0.5
     sm *= (q_scale or 1.0) * (k_scale or 1.0)
     ref_kw = {n: kw[n] for n in ("window_left", "rope_scale", "rope_theta") if n in kw}
@@ -643,13 +634,7 @@ def test_decode_kernels_keep_to_registers(spec, tmp_path, monkeypatch, capsys):
     from flashinfer import cli, jit
 
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
-    report = jit.ensure_built(spec)
-    log = report.log_path.read_text()
-    frames = [line.strip() for line in log.splitlines() if "bytes stack frame" in line]
-    assert frames, "no ptxas resource report in the build log"
-    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") for line in frames), (
-        frames
-    )
+    assert_register_only(jit.ensure_built(spec))
     capsys.readouterr()
     assert cli.main(["cache", "list", "--json", "--family", spec.family]) == 0
     rows = json.loads(capsys.readouterr().out)

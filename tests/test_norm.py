@@ -4,13 +4,11 @@ out= aliasing, eps, PDL, CUDA graphs, streams and devices; on the CPU, validatio
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 import torch
 
 import flashinfer
+from _jit_checks import assert_no_unique_symbols, assert_register_only
 from flashinfer.norm import NormSpec
 from reference import assert_close, poisoned
 from reference import rmsnorm as rmsnorm_ref
@@ -350,11 +348,5 @@ def test_norm_module_builds(tmp_path, monkeypatch):
     assert mod.fn("flashinfer_rmsnorm") is not None and mod.fn("flashinfer_fused_add_rmsnorm") is not None
     assert mod.constants["max_hidden"] == 32768 and mod.constants["max_hidden_unaligned"] == 8192
     assert "max_hidden_unaligned" in mod.error_string(1001)
-    log = report.log_path.read_text()
-    frames = [line.strip() for line in log.splitlines() if "bytes stack frame" in line]
-    assert len(frames) == 14, frames  # 7 shapes x (rmsnorm, fused add)
-    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores") for line in frames), frames
-    nm = shutil.which("nm")
-    if nm:
-        dyn = subprocess.run([nm, "-D", "--defined-only", str(mod.path)], capture_output=True, text=True).stdout
-        assert " u " not in dyn
+    assert_register_only(report, kernels=14)  # 7 shapes x (rmsnorm, fused add)
+    assert_no_unique_symbols(mod.path)

@@ -6,14 +6,12 @@ validation and a real module build."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 import torch
 
 import flashinfer
 import flashinfer.rope as rope_mod
+from _jit_checks import assert_no_unique_symbols, assert_register_only
 from flashinfer.rope import RopeSpec
 from reference import assert_close, rope_cos_sin, rope_frequencies
 from reference import rope as rope_ref
@@ -600,10 +598,5 @@ def test_rope_module_builds(tmp_path, monkeypatch):
         assert mod.fn(symbol) is not None
     assert mod.constants["max_rotary_dim"] == 256
     assert "strides" in mod.error_string(1101)
-    frames = [line.strip() for line in report.log_path.read_text().splitlines() if "bytes stack frame" in line]
-    assert len(frames) == 2, frames  # vector and element-wise kernels
-    assert all(line.startswith("0 bytes stack frame, 0 bytes spill stores") for line in frames), frames
-    nm = shutil.which("nm")
-    if nm:
-        dyn = subprocess.run([nm, "-D", "--defined-only", str(mod.path)], capture_output=True, text=True).stdout
-        assert " u " not in dyn
+    assert_register_only(report, kernels=2)  # vector and element-wise kernels
+    assert_no_unique_symbols(mod.path)
