@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
-from .jit.spec import Spec
+from .jit.spec import Spec, spec_families
 from .utils import DTYPE_CUDA, SUPPORTED_HEAD_DIMS, PosEncodingMode, cuda_bool, on_off, pos_encoding_cuda
 
 _DTYPES = ("bf16", "f16")
@@ -102,9 +102,9 @@ class AttentionSpec(Spec):
         if self.dtype_q not in _DTYPES:
             return f"q dtype {self.dtype_q}: q must be 16-bit ({', '.join(_DTYPES)})"
         if self.dtype_kv in FP8_KV_DTYPES and not self.fp8_kv:
+            readers = sorted(f for f, cls in spec_families().items() if getattr(cls, "fp8_kv", False))
             return (
-                f"kv dtype {self.dtype_kv} (fp8): {self.family} does not read fp8 KV caches yet (the decode "
-                "and prefill families decode_single, decode_batch_paged, prefill_single and prefill_batch do)"
+                f"kv dtype {self.dtype_kv} (fp8): {self.family} does not read fp8 KV caches ({', '.join(readers)} do)"
             )
         if self.dtype_kv != self.dtype_q and self.dtype_kv not in FP8_KV_DTYPES:
             return f"q dtype {self.dtype_q} with kv dtype {self.dtype_kv}: kv must be q's 16-bit dtype" + (

@@ -43,11 +43,10 @@ from ._planning import (
 from ._spec_common import AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import register_family
-from .page import PagedKV, PagedKVCache, get_seq_lens, unpack_fp8_capable
+from .page import PagedKV, PagedKVCache, _unpack_paged_kv_cache, get_seq_lens
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, decode_with_tensor_cores
 from .utils import (
     DTYPE_SHORT,
-    FP8_DTYPE_SHORT,
     KV_DTYPE_SHORT,
     MAX_ROPE_POSITION,
     _get_range_buf,
@@ -55,7 +54,6 @@ from .utils import (
     canonical_layout,
     canonical_pos_encoding,
     check_aligned,
-    check_fp8_q,
     check_head_dim,
     check_kv,
     check_kv_dtypes,
@@ -70,6 +68,7 @@ from .utils import (
     host_int32,
     not_supported,
     num_sms,
+    plan_dtypes,
     scalar,
 )
 
@@ -878,15 +877,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if data_type is not None:  # FlashInfer's rule: data_type fills only the dtypes left as None
             q_data_type = data_type if q_data_type is None else q_data_type
             kv_data_type = data_type if kv_data_type is None else kv_data_type
-        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16, allow_fp8=True)
-        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype, allow_fp8=True)
-        check_fp8_q(q_dtype, kv_dtype, "BatchDecodeWithPagedKVCacheWrapper.plan")
-        fp8_kv = kv_dtype in FP8_DTYPE_SHORT
-        if kv_dtype != q_dtype and not fp8_kv:
-            raise TypeError(
-                f"q_data_type {q_dtype} and kv_data_type {kv_dtype} must match (float16 or bfloat16), or "
-                "kv_data_type be fp8 (torch.float8_e4m3fn, torch.float8_e5m2)"
-            )
+        q_dtype, kv_dtype = plan_dtypes(q_data_type, kv_data_type, "BatchDecodeWithPagedKVCacheWrapper.plan")
         if canonical_dtype(o_data_type, "o_data_type", q_dtype) != q_dtype:
             raise not_supported(
                 "o_data_type", o_data_type, f"None or q_data_type ({q_dtype}): the output takes q's dtype"
@@ -1502,7 +1493,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}"
             )
-        kv = unpack_fp8_capable(paged_kv_cache, self._kv_layout)
+        kv = _unpack_paged_kv_cache(paged_kv_cache, self._kv_layout, allow_fp8=True)
         if kv.k.get_device() != self._device_index:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but "
@@ -1798,7 +1789,7 @@ def _batch_decode_op(
             f"q must be [batch_size, num_qo_heads, head_dim] = {[p.batch_size, p.num_qo_heads, p.head_dim]} "
             f"as planned, got {tuple(q.shape)}"
         )
-    kv = unpack_fp8_capable((k, v), w._kv_layout)
+    kv = _unpack_paged_kv_cache((k, v), w._kv_layout, allow_fp8=True)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32, device=q.device)
     w._launch(

@@ -6,8 +6,7 @@ A paged KV cache is either one tensor ``[num_pages, 2, page_size, num_kv_heads, 
 ``[num_pages, page_size, num_kv_heads, head_dim]`` / ``[num_pages, num_kv_heads, page_size, head_dim]``. The page
 table is CSR: ``kv_indptr [batch + 1]``, ``kv_indices [nnz_pages]``, ``kv_last_page_len [batch]`` (0..page_size);
 request r holds ``(pages - 1) * page_size + last_page_len`` tokens, none when it has no pages. This module is the one
-place that takes a paged cache apart (``unpack_paged_kv_cache``; ``unpack_fp8_capable`` for the paths that read fp8
-caches) for every wrapper.
+place that takes a paged cache apart (``unpack_paged_kv_cache``) for every wrapper.
 """
 
 from __future__ import annotations
@@ -83,14 +82,15 @@ class PagedKV(NamedTuple):
 
 
 def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> PagedKV:
-    """Validates a paged cache of either form and returns its K/V views, geometry and element strides.
+    """Validates a 16-bit paged cache of either form and returns its K/V views, geometry and element strides
+    (the wrappers take fp8 caches apart with the same code).
 
     Parameters
     ----------
     paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
         ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
         tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``; float16/bfloat16 on
-        CUDA (an fp8 cache raises TypeError naming the paths that read it: they use :func:`unpack_fp8_capable`).
+        CUDA (an fp8 cache raises TypeError naming the paths that read it).
     kv_layout : str
         ``"NHD"`` or ``"HND"``.
 
@@ -99,29 +99,30 @@ def unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str) -> Paged
     PagedKV
         The K/V views ``[num_pages, ...]``, the geometry and the strides (elements) of pages, tokens and heads.
     """
-    return _unpack(paged_kv_cache, kv_layout, False)
+    return _unpack_paged_kv_cache(paged_kv_cache, kv_layout, False)
 
 
-def unpack_fp8_capable(paged_kv_cache: PagedKVCache, kv_layout: str) -> PagedKV:
-    """:func:`unpack_paged_kv_cache` for the paths whose kernels also read fp8 caches (float8_e4m3fn,
-    float8_e5m2): batch decode on CUDA cores and the page append.
+def _unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str, allow_fp8: bool) -> PagedKV:
+    """Validates a paged cache of either form and returns its K/V views, geometry and element strides.
 
     Parameters
     ----------
     paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
-        As :func:`unpack_paged_kv_cache`, float16, bfloat16, float8_e4m3fn or float8_e5m2.
+        ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and num_kv_heads) or a
+        tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``; float16/bfloat16 on
+        CUDA, or float8_e4m3fn/float8_e5m2 with ``allow_fp8``.
     kv_layout : str
         ``"NHD"`` or ``"HND"``.
+    allow_fp8 : bool
+        Whether the caller's kernels read fp8 caches (the attention wrappers and the page append); else an fp8
+        cache raises TypeError naming the paths that do.
 
     Returns
     -------
     PagedKV
-        As :func:`unpack_paged_kv_cache` (strides in elements of the cache's dtype).
+        The K/V views ``[num_pages, ...]``, the geometry and the strides (elements of the cache's dtype) of
+        pages, tokens and heads.
     """
-    return _unpack(paged_kv_cache, kv_layout, True)
-
-
-def _unpack(paged_kv_cache: PagedKVCache, kv_layout: str, allow_fp8: bool) -> PagedKV:
     kv_layout = canonical_layout(kv_layout)
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
@@ -239,7 +240,7 @@ def append_paged_kv_cache(
     kv_layout : str
         ``"NHD"`` or ``"HND"``.
     """
-    kv = unpack_fp8_capable(paged_kv_cache, kv_layout)
+    kv = _unpack_paged_kv_cache(paged_kv_cache, kv_layout, allow_fp8=True)
     device = kv.k.device
     for n, t in (("append_key", append_key), ("append_value", append_value)):
         if not isinstance(t, torch.Tensor):

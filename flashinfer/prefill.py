@@ -40,10 +40,9 @@ from ._planning import (
 from ._spec_common import FP8_KV_DTYPES, AttentionSpec
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .page import PagedKVCache, unpack_fp8_capable
+from .page import PagedKVCache, _unpack_paged_kv_cache
 from .quantization import packbits, segment_packbits
 from .utils import (
-    FP8_DTYPE_SHORT,
     INT32_MAX,
     KV_DTYPE_SHORT,
     MAX_ROPE_POSITION,
@@ -51,7 +50,6 @@ from .utils import (
     canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
-    check_fp8_q,
     check_head_dim,
     check_kv,
     check_kv_dtypes,
@@ -69,6 +67,7 @@ from .utils import (
     not_supported,
     num_sms,
     page_ids_int32,
+    plan_dtypes,
     scalar,
     workspace_too_small,
 )
@@ -1039,14 +1038,7 @@ class _BatchPrefillBase:
             self._backend,
             has_mask,
         )
-        q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16, allow_fp8=True)
-        kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype, allow_fp8=True)
-        check_fp8_q(q_dtype, kv_dtype, f"{type(self).__name__}.plan")
-        if kv_dtype != q_dtype and kv_dtype not in FP8_DTYPE_SHORT:
-            raise TypeError(
-                f"kv_data_type {kv_dtype} must equal q_data_type {q_dtype} or be fp8 (torch.float8_e4m3fn, "
-                "torch.float8_e5m2)"
-            )
+        q_dtype, kv_dtype = plan_dtypes(q_data_type, kv_data_type, f"{type(self).__name__}.plan")
         if canonical_dtype(o_data_type, "o_data_type", q_dtype) != q_dtype:
             raise not_supported("o_data_type", o_data_type, f"None or q_data_type ({q_dtype})")
         dq = "f16" if q_dtype == torch.float16 else "bf16"
@@ -2045,7 +2037,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
                 f"run(window_left={window_left}) differs from the wrapper's window_left "
                 f"{self._window_left} (set by plan() or forward()): plan with that window"
             )
-        kv = unpack_fp8_capable(paged_kv_cache, self._kv_layout)
+        kv = _unpack_paged_kv_cache(paged_kv_cache, self._kv_layout, allow_fp8=True)
         if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (p.page_size, p.num_kv_heads, p.head_dim):
             raise ValueError(
                 f"paged_kv_cache page_size/heads/head_dim ({kv.page_size}, {kv.num_kv_heads}, "

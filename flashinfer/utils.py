@@ -150,13 +150,18 @@ def canonical_dtype(x: Any, name: str, default: Optional[torch.dtype] = None, al
         raise TypeError(f"{name} must be torch.float16/torch.bfloat16 or its name, got {x!r}")
     if dt in DTYPE_SHORT or (allow_fp8 and dt in FP8_DTYPE_SHORT):
         return dt
+    raise _unsupported_dtype(f"{name} {dt}", dt, allow_fp8)
+
+
+def _unsupported_dtype(what: str, dt: torch.dtype, allow_fp8: bool) -> TypeError:
+    """The error for a dtype the caller does not take: what is accepted, and for fp8 which paths read it."""
     if dt in FP8_DTYPE_SHORT:
-        raise TypeError(
-            f"{name} {dt} is not supported here; supported: torch.float16, torch.bfloat16 (fp8 KV caches are read "
-            f"by {FP8_KV_PATHS})"
+        return TypeError(
+            f"{what} is not supported here; supported: torch.float16, torch.bfloat16 (fp8 KV caches are read by "
+            f"{FP8_KV_PATHS})"
         )
     accepted = "torch.float16, torch.bfloat16" + (", torch.float8_e4m3fn, torch.float8_e5m2" if allow_fp8 else "")
-    raise TypeError(f"{name} {dt} is not supported; supported: {accepted}")
+    return TypeError(f"{what} is not supported; supported: {accepted}")
 
 
 def host_int32(t: Any, name: str) -> torch.Tensor:
@@ -211,15 +216,9 @@ def dtype_short(t: torch.Tensor, name: str, allow_fp8: bool = False) -> str:
     """The short name of a tensor's dtype (``"bf16"``...); fp8 (``"e4m3"``, ``"e5m2"``) only with ``allow_fp8``
     (a KV cache of a path that reads fp8), else TypeError naming the paths that do."""
     short = KV_DTYPE_SHORT.get(t.dtype) if allow_fp8 else DTYPE_SHORT.get(t.dtype)
-    if short is not None:
-        return short
-    if t.dtype in FP8_DTYPE_SHORT:
-        raise TypeError(
-            f"{name} has dtype {t.dtype}; supported here: torch.float16, torch.bfloat16 (fp8 KV caches are read by "
-            f"{FP8_KV_PATHS})"
-        )
-    accepted = "torch.float16, torch.bfloat16" + (", torch.float8_e4m3fn, torch.float8_e5m2" if allow_fp8 else "")
-    raise TypeError(f"{name} has dtype {t.dtype}; supported: {accepted}")
+    if short is None:
+        raise _unsupported_dtype(f"{name} of dtype {t.dtype}", t.dtype, allow_fp8)
+    return short
 
 
 def check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
@@ -358,16 +357,37 @@ def check_fp8_q(q_dtype: torch.dtype, kv_dtype: Any, what: str) -> None:
         )
 
 
-def check_kv_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> Tuple[str, str]:
-    """The attention dtype rule of the single-request functions (``what``, for messages): q 16-bit; k and v
-    share a dtype, q's or fp8 (e4m3/e5m2). Returns the short names of q's and the KV's dtypes."""
-    check_fp8_q(q.dtype, k.dtype, what)
-    dq, dk, dv = dtype_short(q, "q"), dtype_short(k, "k", True), dtype_short(v, "v", True)
-    if dk != dv or (dk != dq and dk not in FP8_DTYPE_SHORT.values()):
+def check_kv_dtype_rule(
+    q_dtype: torch.dtype, kv_dtype: torch.dtype, what: str, q_name: str = "q", kv_name: str = "k"
+) -> None:
+    """The attention dtype rule (``what`` names the call, ``q_name``/``kv_name`` its arguments, for messages): q
+    16-bit; the KV cache q's dtype or fp8 (e4m3/e5m2). An fp8 q raises NotImplementedError, any other mix
+    TypeError."""
+    check_fp8_q(q_dtype, kv_dtype, what)
+    if kv_dtype != q_dtype and kv_dtype not in FP8_DTYPE_SHORT:
         raise TypeError(
-            f"k and v must share one dtype, q's (float16 or bfloat16) or fp8 (float8_e4m3fn, float8_e5m2); got q "
-            f"{q.dtype}, k {k.dtype}, v {v.dtype}"
+            f"{what}: {kv_name} {kv_dtype} with {q_name} {q_dtype}; the KV dtype must be q's (float16 or "
+            "bfloat16) or fp8 (torch.float8_e4m3fn, torch.float8_e5m2)"
         )
+
+
+def plan_dtypes(q_data_type: Any, kv_data_type: Any, what: str) -> Tuple[torch.dtype, torch.dtype]:
+    """plan()'s q_data_type and kv_data_type (torch dtypes or names; q defaults to float16, kv to q's) under
+    :func:`check_kv_dtype_rule`."""
+    q_dtype = canonical_dtype(q_data_type, "q_data_type", torch.float16, allow_fp8=True)
+    kv_dtype = canonical_dtype(kv_data_type, "kv_data_type", q_dtype, allow_fp8=True)
+    check_kv_dtype_rule(q_dtype, kv_dtype, what, "q_data_type", "kv_data_type")
+    return q_dtype, kv_dtype
+
+
+def check_kv_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> Tuple[str, str]:
+    """The attention dtype rule of the single-request functions (``what``, for messages): k and v share one
+    dtype, under :func:`check_kv_dtype_rule`. Returns the short names of q's and the KV's dtypes."""
+    check_fp8_q(q.dtype, k.dtype, what)
+    dq, dk = dtype_short(q, "q"), dtype_short(k, "k", True)
+    if v.dtype != k.dtype:
+        raise TypeError(f"{what}: k and v must share one dtype; got k {k.dtype}, v {v.dtype}")
+    check_kv_dtype_rule(q.dtype, k.dtype, what)
     return dq, dk
 
 

@@ -1134,5 +1134,5 @@ def test_data_type_fills_only_the_dtypes_left_none(monkeypatch):
         assert w._cached_q_data_type == w._cached_kv_data_type == torch.bfloat16
         w.plan(indptr, indices, last, H, HKV, D, 16, data_type="float16")
         assert w._cached_q_data_type == w._cached_kv_data_type == torch.float16
-        with pytest.raises(TypeError, match="must match"):
+        with pytest.raises(TypeError, match="the KV dtype must be q.s"):
             w.plan(indptr, indices, last, H, HKV, D, 16, data_type=torch.bfloat16)

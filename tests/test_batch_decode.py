@@ -953,7 +953,7 @@ def test_fp8_plan_and_run_errors_name_the_combination(monkeypatch):
             w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=e4, kv_data_type=e4)
         with pytest.raises(NotImplementedError, match="q torch.float8_e5m2 with KV"):
             w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=None, data_type=torch.float8_e5m2)
-        with pytest.raises(TypeError, match="must match .* or kv_data_type be fp8"):
+        with pytest.raises(TypeError, match="the KV dtype must be q.s .* or fp8"):
             w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float16)
         with pytest.raises(TypeError, match="float8_e4m3fn, torch.float8_e5m2"):
             w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float32)

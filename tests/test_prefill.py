@@ -1179,7 +1179,7 @@ def test_fp8_batch_prefill_plan_run_and_errors(storage, monkeypatch):
         name = type(w).__name__
         with pytest.raises(NotImplementedError, match=f"{name}.plan: q torch.float8_e4m3fn with KV"):
             plan(q_data_type=e4, kv_data_type=e4)
-        with pytest.raises(TypeError, match="must equal q_data_type .* or be fp8"):
+        with pytest.raises(TypeError, match="the KV dtype must be q.s .* or fp8"):
             plan(q_data_type=bf, kv_data_type=torch.float16)
         plan(q_data_type="bfloat16", kv_data_type="float8_e4m3fn", causal=True, sm_scale=0.2)
         assert w._plan_info.spec.dtype_kv == "e4m3" and w._cached_kv_data_type == e4
