@@ -899,6 +899,26 @@ def test_top_p_renorm_matches_reference(vocab, batch):
 
 
 @pytest.mark.gpu
+def test_renorm_and_mask_at_the_benchmark_size_match_references():
+    # benchmarks/bench_sampling.py's case: batch 256 of 128,256 float32 (clusters of 8 CTAs, slices cached), where the
+    # radix rounds find both thresholds in one round (top-k of randn * 2 logits: a bin of a few entries; top-p 0.9 of
+    # their softmax: a bin of ~130, with ~17% of the row in the last bin).
+    torch.manual_seed(256)
+    logits = torch.randn(256, 128256) * 2
+    probs = torch.softmax(logits, -1)
+    masked = sampling.top_k_mask_logits(logits.to(GPU), 50).cpu()
+    renormed = sampling.top_p_renorm_probs(probs.to(GPU), 0.9).double().cpu().numpy()
+    for b in range(256):
+        row = logits[b]
+        mask = torch.from_numpy(R.kept_mask(row.numpy(), logits=True, top_k=50))
+        assert torch.equal(masked[b], torch.where(mask, row, torch.tensor(float("-inf")))), b
+        pr = probs[b].numpy()
+        want = np.where(R.kept_mask(pr, top_p=0.9), pr.astype(np.float64), 0.0)
+        assert np.array_equal(renormed[b] > 0, want > 0), b
+        np.testing.assert_allclose(renormed[b], want / want.sum(), rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("vocab,batch", [(1, 2), (111, 99), (128256, 4), (300000, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_softmax_matches_torch(vocab, batch, dtype):
