@@ -1080,6 +1080,7 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
   for (int b = s0 + threadIdx.x; b < s0 + seg; b += kThreads) {
     uint32_t c = 0;
     uint64_t m = 0;
+#pragma unroll 8  // (independent remote loads: several ranks' bins in flight, not one round trip per rank)
     for (unsigned r = 0; r < cx.size; ++r) {
       const auto* hr = cluster_map(&h, r);
       c += hr->count[b];
