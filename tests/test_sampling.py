@@ -429,7 +429,6 @@ def test_emulated_top_p_renorm_threshold_inside_a_tie(cluster, cached):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
-
 @needs_emu
 @pytest.mark.parametrize("cluster,cached", [(1, 1), (2, 0), (4, 1)])
 def test_emulated_bin_masses_carry_into_their_high_word(cluster, cached):
@@ -448,6 +447,7 @@ def test_emulated_bin_masses_carry_into_their_high_word(cluster, cached):
             want = np.where(R.kept_mask(x, top_p=top_p), x.astype(np.float64), 0.0)
             assert np.array_equal(out[b] > 0, want > 0)
             np.testing.assert_allclose(out[b], want / want.sum(), rtol=2e-6, atol=1e-12)
+
 
 # The rows compute-sanitizer's memcheck flagged: a 16-byte vector covering a row's last (or first) element reaches
 # past the tensor when the vocabulary is not a multiple of the vector width. The emulator fails a launch that reads
