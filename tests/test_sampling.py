@@ -429,6 +429,26 @@ def test_emulated_top_p_renorm_threshold_inside_a_tie(cluster, cached):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
+@needs_emu
+@pytest.mark.parametrize("cluster,cached", [(1, 1), (2, 0), (4, 1)])
+def test_emulated_bin_masses_carry_into_their_high_word(cluster, cached):
+    """A histogram bin's mass is two 32-bit words updated by separate atomics: 40 ties at the maximum whose fixed-point
+    weights have low words of 0x85f00000 wrap the low word every second add, so a lost carry would be off by 2^32
+    (1/128 of the maximum's weight) and fail the renormalised values."""
+    row = np.full(3000, 1e-5, dtype=np.float32)
+    row[:40] = 0.0123
+    row[40:400] = np.linspace(0.001, 0.012, 360, dtype=np.float32)
+    np.random.default_rng(0).shuffle(row)
+    probs = torch.from_numpy(np.stack([row, row[::-1].copy()]))
+    for top_p in (0.2, 0.5, 0.9):
+        out = emu.row_op(probs, emu.OP_TOP_P_RENORM, top_p=top_p, cluster=cluster, cached=cached).double().numpy()
+        for b in range(2):
+            x = probs[b].numpy()
+            want = np.where(R.kept_mask(x, top_p=top_p), x.astype(np.float64), 0.0)
+            assert np.array_equal(out[b] > 0, want > 0)
+            np.testing.assert_allclose(out[b], want / want.sum(), rtol=2e-6, atol=1e-12)
+
+
 # The rows compute-sanitizer's memcheck flagged: a 16-byte vector covering a row's last (or first) element reaches
 # past the tensor when the vocabulary is not a multiple of the vector width. The emulator fails a launch that reads
 # any byte outside the input tensor (emu::global_readable), as memcheck does for bytes outside an exact allocation;
@@ -896,6 +916,26 @@ def test_top_p_renorm_matches_reference(vocab, batch):
             np.testing.assert_allclose(got, want / want.sum(), rtol=2e-6, atol=1e-12)
     half = sampling.top_p_renorm_probs(probs.to(GPU).half(), 0.5)
     assert half.dtype == torch.float32  # (as FlashInfer: converted to float32)
+
+
+@pytest.mark.gpu
+def test_renorm_and_mask_at_the_benchmark_size_match_references():
+    # benchmarks/bench_sampling.py's case: batch 256 of 128,256 float32 (clusters of 8 CTAs, slices cached), where the
+    # radix rounds find both thresholds in one round (top-k of randn * 2 logits: a bin of a few entries; top-p 0.9 of
+    # their softmax: a bin of ~130, with ~17% of the row in the last bin).
+    torch.manual_seed(256)
+    logits = torch.randn(256, 128256) * 2
+    probs = torch.softmax(logits, -1)
+    masked = sampling.top_k_mask_logits(logits.to(GPU), 50).cpu()
+    renormed = sampling.top_p_renorm_probs(probs.to(GPU), 0.9).double().cpu().numpy()
+    for b in range(256):
+        row = logits[b]
+        mask = torch.from_numpy(R.kept_mask(row.numpy(), logits=True, top_k=50))
+        assert torch.equal(masked[b], torch.where(mask, row, torch.tensor(float("-inf")))), b
+        pr = probs[b].numpy()
+        want = np.where(R.kept_mask(pr, top_p=0.9), pr.astype(np.float64), 0.0)
+        assert np.array_equal(renormed[b] > 0, want > 0), b
+        np.testing.assert_allclose(renormed[b], want / want.sum(), rtol=2e-6, atol=1e-12)
 
 
 @pytest.mark.gpu

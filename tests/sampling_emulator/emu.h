@@ -294,8 +294,30 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   return r;
 }
 
+// redux.sync: every lane gets the reduction over the warp (through the ballot's exchange slots and barriers).
+template <typename T, typename Op>
+inline T emu_redux(T v, Op op) {
+  ::emu::Cta& c = ::emu::my_cta();
+  const int w = ::emu::me().warp;
+  c.exchange[w][::emu::me().lane] = static_cast<uint64_t>(static_cast<uint32_t>(v));
+  ::emu::warp_barrier();
+  T r = static_cast<T>(static_cast<uint32_t>(c.exchange[w][0]));
+  for (int l = 1; l < 32; ++l) r = op(r, static_cast<T>(static_cast<uint32_t>(c.exchange[w][l])));
+  ::emu::warp_barrier();
+  return r;
+}
+inline int __reduce_add_sync(unsigned, int v) {
+  return emu_redux(v, [](int a, int b) { return static_cast<int>(static_cast<unsigned>(a) + static_cast<unsigned>(b)); });
+}
+inline unsigned __reduce_min_sync(unsigned, unsigned v) {
+  return emu_redux(v, [](unsigned a, unsigned b) { return a < b ? a : b; });
+}
+inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+  return emu_redux(v, [](unsigned a, unsigned b) { return a > b ? a : b; });
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32); }
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
   return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);

@@ -30,7 +30,10 @@
 // the cluster in place (CTA r owns bins [r, r + 1) * kBins / C), and finds the bin where the cumulative count or
 // mass from the top reaches the target. Once that bin holds at most kGatherCap elements they are gathered into
 // rank 0, put in order there (a bitonic network over at most kGatherCap candidates), and tau read off exactly.
-// Top-k with k <= kFilterMaxK skips the rounds and needs a single pass over the row (see topk_filter): every warp
+// (The last bin, which in the first round takes everything more than 16 octaves below the maximum, is summed in
+// registers: no shared-memory address is updated by many elements.)
+// Top-k with k <= kFilterMaxK on a row streamed from HBM (the sampler; the row transforms when the slices are not
+// cached) skips the rounds and needs a single pass over the row (see topk_filter): every warp
 // keeps the elements at or above a running threshold, its exact k-th largest so far, in a buffer in shared
 // memory. The warps' thresholds bound the row's k-th largest from below; each CTA merges and orders its warps'
 // survivors, and ranks of these lists published across the cluster give a bound close to the k-th largest, so
@@ -272,6 +275,34 @@ FI_DEVICE T warp_reduce(T v, Op op) {
   return v;
 }
 
+// Warp-wide sum, minimum and maximum of 32-bit values: one redux.sync (sm_80+) instead of five dependent shuffles,
+// where they sit on a serial path (warp_kth_largest).
+FI_DEVICE int warp_sum(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_add_sync(0xffffffffu, v);
+#else
+  return warp_reduce(v, SumOp<int>());
+#endif
+}
+template <typename T>
+struct MinOp {
+  FI_DEVICE T operator()(T a, T b) const { return a < b ? a : b; }
+};
+FI_DEVICE uint32_t warp_min(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(0xffffffffu, v);
+#else
+  return warp_reduce(v, MinOp<uint32_t>());
+#endif
+}
+FI_DEVICE uint32_t warp_max(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+  return warp_reduce(v, MaxOp<uint32_t>());
+#endif
+}
+
 FI_DEVICE uint64_t warp_inclusive_scan(uint64_t v) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -291,9 +322,9 @@ struct Exchange {
 
 struct alignas(16) Shared {
   union Work {
-    struct Hist {
+    struct Hist {  // one radix round (see radix_round); a bin's mass is mass_hi << 32 | mass_lo
       unsigned int count[kBins];
-      unsigned long long mass[kBins];
+      unsigned int mass_lo[kBins], mass_hi[kBins];
     } hist;
     struct TopK {
       unsigned long long local[kGatherCap];           // the CTA's candidates, merged from the warps' buffers
@@ -664,12 +695,19 @@ FI_DEVICE Gathered gather_candidates(const R& row, Shared& sh, ClusterCtx& cx, c
   row.for_each([&](int v, bool in, int) {
     float x[R::kVec];
     row.load_or_neutral(v, in, x);
+    uint32_t k[R::kVec];
+    bool hit = false;
 #pragma unroll
     for (int j = 0; j < R::kVec; ++j) {
-      const uint32_t k = wg.key(x[j]);
+      k[j] = wg.key(x[j]);
+      hit |= k[j] >= lo && k[j] <= hi;
       if (want_mass) z += wg.weight_fx(x[j]);
-      push_to_rank0(sh, k >= lo && k <= hi, make_cand(k, row.elem(v, j)));
     }
+    // A round leaves a narrow range (top-p 0.9 of softmax(randn * 2) over 128k: ~130 elements): most warp steps
+    // hold none of it and skip the per-element ballots (a warp-uniform test: the pushes' ballots need every lane).
+    if (!__ballot_sync(0xffffffffu, hit)) return;
+#pragma unroll
+    for (int j = 0; j < R::kVec; ++j) push_to_rank0(sh, k[j] >= lo && k[j] <= hi, make_cand(k[j], row.elem(v, j)));
   });
   return finish_gather(sh, cx, want_mass ? block_reduce(z, SumOp<uint64_t>(), sh) : 0);
 }
@@ -684,23 +722,35 @@ struct WarpFilter {
 };
 
 // The warp's exact k-th largest key among buf[0, n) (k <= n <= kWarpBuf): a bitwise binary search for the largest
-// t with k entries >= t, over keys held in registers.
+// t with k entries >= t, over keys held in registers. The answer lies between the smallest and the largest entry,
+// so the bits above their highest differing bit are known: ~27 steps instead of 32 for float keys of a few octaves,
+// each a redux.sync (a warp runs this on its serial path ~3 times per 2,000 elements when the cached row op
+// filters a slice; the sampler, once per ~250 elements of a stream early on, then rarely).
 FI_DEVICE uint32_t warp_kth_largest(const unsigned long long* buf, int n, int k) {
   constexpr int kPer = kWarpBuf / 32;
   const int lane = threadIdx.x % 32;
   uint32_t keys[kPer];
+  uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
 #pragma unroll
   for (int q = 0; q < kPer; ++q) {
     const int i = q * 32 + lane;
     keys[q] = i < n ? cand_key(buf[i]) : 0u;
+    if (i < n) {
+      kmin = keys[q] < kmin ? keys[q] : kmin;
+      kmax = keys[q] > kmax ? keys[q] : kmax;
+    }
   }
-  uint32_t t = 0;
-  for (int bit = 31; bit >= 0; --bit) {
+  kmin = warp_min(kmin);
+  kmax = warp_max(kmax);
+  if (kmin == kmax) return kmax;
+  const int top = 31 - __clz(kmin ^ kmax);  // the highest bit where they differ
+  uint32_t t = top == 31 ? 0u : kmax & ~((2u << top) - 1u);
+  for (int bit = top; bit >= 0; --bit) {
     const uint32_t c = t | (1u << bit);
     int cnt = 0;
 #pragma unroll
     for (int q = 0; q < kPer; ++q) cnt += keys[q] >= c;
-    if (warp_reduce(cnt, SumOp<int>()) >= k) t = c;
+    if (warp_sum(cnt) >= k) t = c;
   }
   return t;
 }
@@ -968,18 +1018,41 @@ struct RoundResult {
   uint32_t count;     // elements in `bin`
 };
 
+FI_DEVICE uint64_t bin_mass(const Shared::Work::Hist& h, int b) {
+  return (static_cast<uint64_t>(h.mass_hi[b]) << 32) + h.mass_lo[b];
+}
+
+// Adds a fixed-point mass to bin b: two native 32-bit shared atomics (the low word's carry
+// goes to the high word) instead of a 64-bit atomicAdd, which sm_90 compiles to a load + compare-and-swap retry loop
+// (ATOMS.CAST.SPIN.64) that serializes every update of one address at a shared-memory round trip each. The sum
+// is exact in any order: the high word counts every wrap of the low one.
+FI_DEVICE void bin_add_mass(Shared::Work::Hist& h, int b, uint64_t w) {
+  const uint32_t lo = static_cast<uint32_t>(w);
+  const uint32_t old = atomicAdd(&h.mass_lo[b], lo);
+  const uint32_t hi = static_cast<uint32_t>(w >> 32) + (old + lo < lo ? 1u : 0u);
+  if (hi) atomicAdd(&h.mass_hi[b], hi);
+}
+
 // One radix round over keys [lo, hi]: bins of 2^shift keys from hi down, the last bin also taking every key below
 // its range. Returns the bin where F first reaches `need` (F = count or mass; need >= 1); *total = F([lo, hi]).
 // `need_of_total(total)` gives need (the target may depend on the total, e.g. top_p * mass).
+// The last bin is summed in registers and added once per warp: in the first round (bins of 1/128 octave over the 16
+// octaves below the row's maximum) it takes every element further below, ~15% of a softmax(randn * 2) row and
+// ~50% of its logits, and the shared-memory updates of one address serialize.
+// Ends without a cluster barrier: the CTAs may still read the owners' bins (the union) until the caller's next
+// cluster barrier, and no CTA may write its union before then.
 template <typename R, typename NeedF>
 FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, uint32_t lo, uint32_t hi,
                                   int shift, bool by_mass, NeedF&& need_of_total) {
   auto& h = sh.u.hist;
   for (int b = threadIdx.x; b < kBins; b += kThreads) {
     h.count[b] = 0;
-    h.mass[b] = 0;
+    h.mass_lo[b] = 0;
+    h.mass_hi[b] = 0;
   }
   __syncthreads();
+  uint32_t last_c = 0;
+  uint64_t last_m = 0;
   row.for_each([&](int v, bool in, int) {
     if (!in) return;
     float x[R::kVec];
@@ -988,12 +1061,23 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
     for (int j = 0; j < R::kVec; ++j) {
       const uint32_t k = wg.key(x[j]);
       if (k >= lo && k <= hi) {
-        const uint32_t b = min((hi - k) >> shift, static_cast<uint32_t>(kBins - 1));
-        atomicAdd(&h.count[b], 1u);
-        if (by_mass) atomicAdd(&h.mass[b], static_cast<unsigned long long>(wg.weight_fx(x[j])));
+        const uint32_t b = (hi - k) >> shift;
+        if (b < static_cast<uint32_t>(kBins - 1)) {
+          atomicAdd(&h.count[b], 1u);
+          if (by_mass) bin_add_mass(h, static_cast<int>(b), wg.weight_fx(x[j]));
+        } else {
+          ++last_c;
+          if (by_mass) last_m += wg.weight_fx(x[j]);
+        }
       }
     }
   });
+  last_c = warp_reduce(last_c, SumOp<uint32_t>());
+  if (by_mass) last_m = warp_reduce(last_m, SumOp<uint64_t>());
+  if (threadIdx.x % 32 == 0) {
+    if (last_c) atomicAdd(&h.count[kBins - 1], last_c);
+    if (last_m) bin_add_mass(h, kBins - 1, last_m);
+  }
   cluster_sync();
   // Merge the owned segment in place (only its owner reads these bins of any CTA) and publish its totals.
   const int seg = kBins / static_cast<int>(cx.size);
@@ -1003,13 +1087,15 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
   for (int b = s0 + threadIdx.x; b < s0 + seg; b += kThreads) {
     uint32_t c = 0;
     uint64_t m = 0;
+#pragma unroll 8  // (independent remote loads: several ranks' bins in flight, not one round trip per rank)
     for (unsigned r = 0; r < cx.size; ++r) {
       const auto* hr = cluster_map(&h, r);
       c += hr->count[b];
-      if (by_mass) m += hr->mass[b];
+      if (by_mass) m += bin_mass(*hr, b);
     }
     h.count[b] = c;
-    h.mass[b] = m;
+    h.mass_lo[b] = static_cast<uint32_t>(m);
+    h.mass_hi[b] = static_cast<uint32_t>(m >> 32);
     seg_c += c;
     seg_m += m;
   }
@@ -1045,18 +1131,19 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
     if (r + 1 < static_cast<int>(cx.size)) acc += f;
   }
   const auto* ho = cluster_map(&h, rs);
+  auto f_of = [&](int b) -> uint64_t { return by_mass ? bin_mass(*ho, b) : ho->count[b]; };
   const int per = seg >= kThreads ? seg / kThreads : 1;
   const int b0 = rs * seg + threadIdx.x * per;
   const bool mine = threadIdx.x * per < seg;
   uint64_t local = 0;
   if (mine) {
-    for (int q = 0; q < per; ++q) local += by_mass ? ho->mass[b0 + q] : ho->count[b0 + q];
+    for (int q = 0; q < per; ++q) local += f_of(b0 + q);
   }
   uint64_t seg_total;
   const uint64_t before = acc + block_exclusive_scan(local, sh, &seg_total);
   if (threadIdx.x == 0) {  // if nothing reaches `need` (it cannot): the segment's last bin
     sh.found = rs * seg + seg - 1;
-    sh.found_b = by_mass ? ho->mass[rs * seg + seg - 1] : ho->count[rs * seg + seg - 1];
+    sh.found_b = f_of(rs * seg + seg - 1);
     sh.found_a = acc + seg_total - sh.found_b;
     sh.found_c = ho->count[rs * seg + seg - 1];
   }
@@ -1064,7 +1151,7 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
   if (mine && before < need && need <= before + local) {
     uint64_t run = before;
     for (int q = 0; q < per; ++q) {
-      const uint64_t f = by_mass ? ho->mass[b0 + q] : ho->count[b0 + q];
+      const uint64_t f = f_of(b0 + q);
       if (run + f >= need) {
         sh.found = b0 + q;
         sh.found_a = run;
@@ -1076,9 +1163,7 @@ FI_DEVICE RoundResult radix_round(const R& row, Shared& sh, ClusterCtx& cx, cons
     }
   }
   __syncthreads();
-  RoundResult res = {sh.found, sh.found_a, sh.found_b, sh.found_c};
-  cluster_sync();  // the owners' histograms are read; the union is free again
-  return res;
+  return {sh.found, sh.found_a, sh.found_b, sh.found_c};
 }
 
 // The largest key t in [lo, hi] with f_above + F(key >= t) >= target (F over the valid elements; the caller
@@ -1115,6 +1200,7 @@ FI_DEVICE uint32_t select_threshold(const R& row, Shared& sh, ClusterCtx& cx, co
     lo = new_lo;
     hi = new_hi;
     if (lo < hi && r.count <= kGatherCap) {
+      // (the gather's cluster barrier also ends the round: it writes no union)
       const Gathered g = gather_candidates(row, sh, cx, wg, lo, hi, false);
       uint64_t tau = 0, kept = 0;
       if (cx.rank == 0) tau = resolve_sorted(sh, wg, static_cast<int>(g.n), by_mass, f_above, target, nullptr, &kept);
@@ -1122,6 +1208,7 @@ FI_DEVICE uint32_t select_threshold(const R& row, Shared& sh, ClusterCtx& cx, co
       if (f_kept) *f_kept = kept;
       return t;
     }
+    cluster_sync();  // the owners' bins are read: the unions are free again
   }
   if (f_kept) *f_kept = f_last == kUnknown ? kUnknown : f_above + f_last;  // (the last bin: the single key hi)
   return hi;
@@ -1479,7 +1566,13 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
     return;
   }
   const int k = p.op == kTopPRenorm ? 0 : (p.top_k_arr ? p.top_k_arr[r] : p.top_k_val);
-  const bool filtered = k > 0 && k <= kFilterMaxK;
+  // The single-pass top-k route only where passes are expensive (a slice streamed from HBM). Over a cached slice a
+  // pass is cheap and the route costs more than the radix rounds it saves: per warp (2,000 elements at batch 256,
+  // vocabulary 128k, clusters of 8) a ballot-append chain per element, two to three 27-step kth-largest searches,
+  // then per CTA a bitonic sort of its ~250-400 survivors (45 barrier-separated stages) and rank 0's sort of the
+  // ~k-2k gathered; the rounds (top-k of softmax-like logits: one round of counts, its bin holds a few elements)
+  // are three simple passes (max, histogram, gather), no per-element chain, and a sort of a few dozen in rank 0.
+  const bool filtered = !kCached && k > 0 && k <= kFilterMaxK;
   TopKStats ts;
   if (filtered) {
     ts = topk_collect(sh, cx, topk_filter(row, sh, logits, k), k);
