@@ -455,12 +455,12 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
-        auto chunk_at = [&](int r, int j) { return sq + swizzle<CH>(r, j); };
         if constexpr (FP8_REG) {
-          stage_o_row_fp8<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), row, lane, &o[mq][0][2 * h], chunk_at);
+          stage_o_row_fp8<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h,
+                                        lane, &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
         } else {
-          stage_o_row<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), row, lane, &o[mq][0][2 * h], chunk_at);
+          stage_o_row<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
+                                    &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
         }
       }
     __syncwarp();
@@ -484,12 +484,12 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         const int r = 2 * mq + h;
         const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
         if (row >= rows_here) continue;
-        const int64_t state = packed_row_index(p, partial_row0, pr0 + row, group, hq0);
         if constexpr (FP8_REG) {
-          store_partial_row_fp8<NT_D, HEAD_DIM>(p, state, inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r],
-                                                scl);
+          store_partial_row_fp8<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
+                                                inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
         } else {
-          store_partial_row<NT_D, HEAD_DIM>(p, state, inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
+          store_partial_row<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
+                                            inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
         }
       }
   }
