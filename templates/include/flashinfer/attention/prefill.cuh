@@ -449,6 +449,15 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 #pragma unroll
   for (int r = 0; r < 2 * MQ; ++r) d[r] = quad_sum(d[r]);
   const int hq0 = kv_head * group;
+  // The factor a row's accumulators are scaled by: 1 / d, and for fp8 K/V times v_scale (in fp32, one rounding
+  // of the output fewer than a multiplication after the kernel).
+  auto out_inv = [&](float row_d) {
+    if constexpr (FP8) {
+      return inverse_or_zero(row_d) * p.v_scale;
+    } else {
+      return inverse_or_zero(row_d);
+    }
+  };
   if (partial_row0 < 0) {
     // Stage this warp's rows in its own Q rows (as DTypeO), then write 16-byte chunks.
 #pragma unroll
@@ -456,10 +465,10 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if constexpr (FP8_REG) {
-          stage_o_row_fp8<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h,
+          stage_o_row_fp8<NT_D, DTypeO>(out_inv(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h,
                                         lane, &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
         } else {
-          stage_o_row<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
+          stage_o_row<NT_D, DTypeO>(out_inv(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
                                     &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
         }
       }
@@ -486,10 +495,10 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         if (row >= rows_here) continue;
         if constexpr (FP8_REG) {
           store_partial_row_fp8<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
-                                                inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
+                                                out_inv(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
         } else {
           store_partial_row<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
-                                            inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
+                                            out_inv(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
         }
       }
   }

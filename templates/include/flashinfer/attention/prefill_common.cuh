@@ -50,6 +50,10 @@ struct PrefillParams {
   const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
   const int* num_work;
   int work_capacity;
+  // fp8 KV kernels: multiplies the output with the softmax normalisation (v_scale dequantises an fp8 V; 16-bit
+  // kernels leave it to the caller). Here, in the padding after work_capacity, so that the 16-bit kernels'
+  // parameter layout, hence their machine code, stays as it was.
+  float v_scale = 1.f;
   const int* merge;  // [4][merge_capacity]: token, first partial row, chunks, row stride between chunks
   const int* num_merge;
   int merge_capacity;
@@ -187,14 +191,36 @@ FI_DEVICE uint32_t fp8_kv_offset(int row, int c) {
   return uint32_t(((row * CHS + c) ^ key) * 16);
 }
 
+// A register of two bfloat16 q values -> float16x2, the MMA type of the fp8 kernels (fp8 widens to float16 with one
+// instruction per pair, to bfloat16 with four). Exact from 2^-14 to 65504 in magnitude (bfloat16 has 8
+// significant bits, float16 11); smaller magnitudes keep an absolute error below 2^-25, larger ones clamp to
+// +-65504 (a q element that large saturates any softmax anyway).
+FI_DEVICE uint32_t bf16x2_to_half2_clamped(uint32_t w) {
+  const float x = fminf(fmaxf(__uint_as_float(w << 16), -65504.f), 65504.f);
+  const float y = fminf(fmaxf(__uint_as_float(w & 0xffff0000u), -65504.f), 65504.f);
+  return pack2<__half>(x, y);
+}
+
+// Converts a bfloat16 q tile of ROWS rows of CH 16-byte chunks (chunk c of row r at chunk_at(r, c)) to float16 in
+// place (bf16x2_to_half2_clamped), by THREADS threads (this one `tid`).
+template <int ROWS, int CH, int THREADS, typename ChunkAt>
+FI_DEVICE void q_tile_to_half(int tid, ChunkAt&& chunk_at) {
+  static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+#pragma unroll 2
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = tid + i * THREADS;
+    uint4* c = chunk_at(idx / CH, idx % CH);
+    const uint4 w = *c;
+    *c = make_uint4(bf16x2_to_half2_clamped(w.x), bf16x2_to_half2_clamped(w.y), bf16x2_to_half2_clamped(w.z),
+                    bf16x2_to_half2_clamped(w.w));
+  }
+}
+
 // Rewrites a swizzled 16-bit q tile (rows [0, ROWS), CH chunks each, chunk c of row r at chunk_at(r, c)) in place
 // for the fp8 MMA loop: within each k16 step (chunks 2s, 2s + 1; 32-bit words w0..w7 of two dims each) chunk 2s
 // becomes (w0, w2, w4, w6) and chunk 2s + 1 (w1, w3, w5, w7), so the A fragment ldmatrix gives lane t the dims
 // 4t..4t+3 of the step, those of word t of a K row's 16-byte chunk; and the values become float16 (the MMA type:
-// fp8 K/V widen exactly to float16 with one instruction per pair, where bfloat16 would take four). A bfloat16 q
-// is exact in float16 from 2^-14 to 65504 in magnitude (bfloat16 has 8 significant bits, float16 11); smaller
-// magnitudes keep an absolute error below 2^-25, larger ones clamp to +-65504 (a q element that large saturates
-// any softmax anyway).
+// bf16x2_to_half2_clamped).
 template <int ROWS, int CH, int THREADS, typename T, typename ChunkAt>
 FI_DEVICE void permute_q_for_fp8(int tid, ChunkAt&& chunk_at) {
   static_assert(ROWS * (CH / 2) % THREADS == 0, "the tile must split evenly over the threads");
@@ -206,11 +232,7 @@ FI_DEVICE void permute_q_for_fp8(int tid, ChunkAt&& chunk_at) {
     uint32_t w[8] = {lo->x, lo->y, lo->z, lo->w, hi->x, hi->y, hi->z, hi->w};
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float x = fminf(fmaxf(__uint_as_float(w[j] << 16), -65504.f), 65504.f);
-        const float y = fminf(fmaxf(__uint_as_float(w[j] & 0xffff0000u), -65504.f), 65504.f);
-        w[j] = pack2<__half>(x, y);
-      }
+      for (int j = 0; j < 8; ++j) w[j] = bf16x2_to_half2_clamped(w[j]);
     } else {
       static_assert(std::is_same<T, __half>::value, "T: __half or __nv_bfloat16");
     }

@@ -70,8 +70,11 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   using Tr = Fa3Traits<MASK>;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, THREADS = Tr::kThreads, CH = D / 8;
   constexpr bool FP8 = is_fp8<DTypeKV>::value;
-  using KVT = kv_compute_t<DTypeQ, DTypeKV>;  // the type the tensor cores read K/V in
-  static_assert(std::is_same<DTypeQ, KVT>::value, "one 16-bit type for q, k and v (or fp8 k and v)");
+  // The type the tensor cores read Q, K, V (and P) in: q's, or float16 with fp8 K/V (one cvt per pair widens fp8
+  // to it, four to bfloat16: the widening runs under the wgmmas, but shares their warps' issue slots; a bfloat16 q
+  // is rounded to float16 once per CTA, as in the fa2 kernel: bf16x2_to_half2_clamped).
+  using KVT = std::conditional_t<FP8, __half, DTypeQ>;
+  static_assert(FP8 || std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v (or fp8 k and v)");
   extern __shared__ __align__(1024) uint4 smem[];  // same declaration as the fa2 kernels'
   uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
   uint8_t* sk = sq + Tr::kQBytes;       // 2 stages
@@ -157,6 +160,10 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   if constexpr (FP8) {
     cp_async_wait<2>();  // Q, K(0) landed (V(0), K(1) may be in flight)
     __syncthreads();
+    if constexpr (!std::is_same<DTypeQ, KVT>::value) {
+      q_tile_to_half<BQ, CH, THREADS>(
+          tid, [&](int row, int c) { return reinterpret_cast<uint4*>(sq + sm90::tile_offset(row, c, BQ)); });
+    }
     if (num_tiles > 0) widen_kv(0, false);
   }
 
@@ -202,9 +209,9 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       const uint64_t da = sm90::desc_advance(dq, (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col);
       const uint64_t db = sm90::desc_advance(dk, (ks >> 2) * BK * sm90::kSwizzleRowBytes + col);
       if constexpr (BK == 128) {
-        sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
+        sm90::wgmma_m64n128k16_ss<KVT>(s, da, db, ks > 0);
       } else {
-        sm90::wgmma_m64n64k16_ss<DTypeQ>(s, da, db, ks > 0);
+        sm90::wgmma_m64n64k16_ss<KVT>(s, da, db, ks > 0);
       }
     }
     sm90::wgmma_commit();
@@ -283,6 +290,14 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   // ---- epilogue: normalise, stage the 16-bit rows in Q's place, write 16-byte chunks
 #pragma unroll
   for (int r = 0; r < 2; ++r) d[r] = quad_sum(d[r]);
+  // 1 / d, and for fp8 K/V times v_scale (as in the fa2 kernel).
+  auto out_inv = [&](float row_d) {
+    if constexpr (FP8) {
+      return inverse_or_zero(row_d) * p.v_scale;
+    } else {
+      return inverse_or_zero(row_d);
+    }
+  };
   if constexpr (SPLIT) {
     if (p.num_chunks > 1) {  // a partial state: float rows (chunk * qo_len + token, head), merged afterwards
 #pragma unroll
@@ -290,14 +305,14 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
         const int row = row0 + 8 * r;
         if (row >= rows_here) continue;
         store_partial_row<16, D>(p, packed_row_index(p, chunk * qo_len, pr0 + row, group, kv_head * group),
-                                 inverse_or_zero(d[r]), lane, o + 2 * r, m[r], d[r], scl);
+                                 out_inv(d[r]), lane, o + 2 * r, m[r], d[r], scl);
       }
       return;
     }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    stage_o_row<16, DTypeO>(inverse_or_zero(d[r]), row0 + 8 * r, lane, o + 2 * r,
+    stage_o_row<16, DTypeO>(out_inv(d[r]), row0 + 8 * r, lane, o + 2 * r,
                             [&](int row, int i) { return sq + sm90::tile_offset(row, i, BQ); });
   }
   __syncthreads();
