@@ -257,7 +257,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   constexpr uint32_t kRowBytes8 = HEAD_DIM;
   [[maybe_unused]] const uint32_t k8_lane = fp8_kv_offset<HEAD_DIM>(lane, 0);
   [[maybe_unused]] const uint32_t v8_lane0 = fp8_kv_offset<HEAD_DIM>(2 * (lane % 4), lane / 16) + 4 * (lane / 4 % 4);
-  [[maybe_unused]] const uint32_t v8_lane1 = fp8_kv_offset<HEAD_DIM>(2 * (lane % 4) + 1, lane / 16) + 4 * (lane / 4 % 4);
+  [[maybe_unused]] const uint32_t v8_lane1 =
+      fp8_kv_offset<HEAD_DIM>(2 * (lane % 4) + 1, lane / 16) + 4 * (lane / 4 % 4);
   for (int n = 0; n < num_tiles; ++n) {
     cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
     __syncthreads();     // ... for every thread; and everyone is done with V(n-1)'s stage
@@ -465,8 +466,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if constexpr (FP8_REG) {
-          stage_o_row_fp8<NT_D, DTypeO>(out_inv(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h,
-                                        lane, &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
+          stage_o_row_fp8<NT_D, DTypeO>(out_inv(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
+                                        &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
         } else {
           stage_o_row<NT_D, DTypeO>(out_inv(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
                                     &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
@@ -497,8 +498,8 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
           store_partial_row_fp8<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
                                                 out_inv(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
         } else {
-          store_partial_row<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
-                                            out_inv(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
+          store_partial_row<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0), out_inv(d[r]),
+                                            lane, &o[mq][0][2 * h], m[r], d[r], scl);
         }
       }
   }
