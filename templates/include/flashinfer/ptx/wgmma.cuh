@@ -50,8 +50,10 @@ FI_DEVICE void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Ties accumulator registers a wgmma writes asynchronously to this point of the instruction stream: placed
-// after a commit and after the wait, it keeps the compiler from moving, copying or reading them in between
-// (needed when other work is issued between commit and wait).
+// after a commit and after the wait, it keeps the compiler from moving reads of them above the wait (the asm
+// of the wgmma is where it sees them written), needed when other work is issued between commit and wait.
+// (ptxas itself keeps a wgmma's register operands, A fragments included, untouched until its wait: it
+// serializes the wgmmas when it cannot, with a "Potential Performance Loss" warning in the build log.)
 template <int N>
 FI_DEVICE void hold_operands(float (&d)[N]) {
 #pragma unroll
