@@ -316,20 +316,20 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
             }
           }
         }
-        continue;
-      }
+      } else {
 #pragma unroll
-      for (int nk = 0; nk < NT_K / 2; ++nk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, (k_addr + nk * 16 * kRowBytes) ^ (ks << 5));
+        for (int nk = 0; nk < NT_K / 2; ++nk) {
+          uint32_t b[4];
+          ldmatrix_x4(b, (k_addr + nk * 16 * kRowBytes) ^ (ks << 5));
 #pragma unroll
-        for (int mq = 0; mq < MQ; ++mq) {
-          if constexpr (FP16QK) {
-            mma_16816_f16acc(sh[mq][2 * nk], a[mq], b[0], b[1]);
-            mma_16816_f16acc(sh[mq][2 * nk + 1], a[mq], b[2], b[3]);
-          } else {
-            mma_16816<QKT>(s[mq][2 * nk], a[mq], b[0], b[1]);
-            mma_16816<QKT>(s[mq][2 * nk + 1], a[mq], b[2], b[3]);
+          for (int mq = 0; mq < MQ; ++mq) {
+            if constexpr (FP16QK) {
+              mma_16816_f16acc(sh[mq][2 * nk], a[mq], b[0], b[1]);
+              mma_16816_f16acc(sh[mq][2 * nk + 1], a[mq], b[2], b[3]);
+            } else {
+              mma_16816<QKT>(s[mq][2 * nk], a[mq], b[0], b[1]);
+              mma_16816<QKT>(s[mq][2 * nk + 1], a[mq], b[2], b[3]);
+            }
           }
         }
       }
@@ -427,21 +427,21 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 #pragma unroll
             for (int mq = 0; mq < MQ; ++mq) mma_16816<KVT>(o[mq][4 * J + i], pa[mq][kk], b0[i], b1[i]);
         }
-      continue;
-    }
-    const uint32_t v_addr = sv_u + stage(n) * Tr::KV_CHUNKS * 16 + v_lane;
+    } else {
+      const uint32_t v_addr = sv_u + stage(n) * Tr::KV_CHUNKS * 16 + v_lane;
 #pragma unroll
-    for (int kk = 0; kk < KS_K; ++kk)
+      for (int kk = 0; kk < KS_K; ++kk)
 #pragma unroll
-      for (int nd = 0; nd < NT_D / 2; ++nd) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, (v_addr + kk * 16 * kRowBytes) ^ (nd << 5));
+        for (int nd = 0; nd < NT_D / 2; ++nd) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, (v_addr + kk * 16 * kRowBytes) ^ (nd << 5));
 #pragma unroll
-        for (int mq = 0; mq < MQ; ++mq) {
-          mma_16816<KVT>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
-          mma_16816<KVT>(o[mq][2 * nd + 1], pa[mq][kk], b[2], b[3]);
+          for (int mq = 0; mq < MQ; ++mq) {
+            mma_16816<KVT>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
+            mma_16816<KVT>(o[mq][2 * nd + 1], pa[mq][kk], b[2], b[3]);
+          }
         }
-      }
+    }
   }
   cp_async_wait<0>();
   __syncthreads();  // all reads of Q (and RoPE writes) done before Q's rows are reused for staging
