@@ -541,8 +541,9 @@ def single_prefill_with_kv_cache(
         ``[qo_len, num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
     k, v : torch.Tensor
         ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``),
-        q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v the same one; widened
-        exactly to q's dtype in the kernel), dequantised by ``k_scale``/``v_scale``. Views are accepted when the
+        q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v the same one; the kernel
+        computes in float16 then, rounding a bfloat16 q to it: exact for magnitudes from 2**-14 to 65504, larger
+        ones clamp to 65504), dequantised by ``k_scale``/``v_scale``. Views are accepted when the
         last dimension is contiguous and the other strides are multiples of 16 bytes. ``num_qo_heads`` a multiple
         of ``num_kv_heads``; head_dim 64, 128 or 256. An fp8 q raises NotImplementedError.
     scale_q, scale_k, scale_v : torch.Tensor, optional

@@ -12,6 +12,8 @@
 // When there are too few query tiles to fill the GPU the KV range is split into chunks; each chunk
 // leaves a partial (o, lse) state in a float workspace and a merge kernel combines them.
 // The mask, online softmax, Q load and epilogue are shared with the fa3 kernel (prefill_common.cuh).
+// fp8 K/V (e4m3, e5m2) stay fp8 in shared memory and the MMA loops convert their fragments in registers (see
+// FP8_REG in prefill_tile; with RoPE the tiles are widened to 16 bits in shared memory instead).
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/pos_enc.cuh"
