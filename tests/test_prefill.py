@@ -841,6 +841,28 @@ def test_single_prefill_fp8(spec: SinglePrefillSpec):
         _check_lse(l, ref_lse, rope_dtype=q_dtype if spec.pos_encoding_mode == "ROPE_LLAMA" else None)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_fp8_prefill_bf16_q_of_wide_magnitudes(backend):
+    """The fp8 kernels compute in float16 and round a bfloat16 q to it, exactly from 2**-14 to 65504 in magnitude:
+    q elements around 1e4 (up to 6e4) and around 1e-3 (some below 2**-14), the logit scale keeping the softmax soft,
+    match the reference as a randn q does."""
+    if backend == "fa3" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fa3 kernel needs a Hopper GPU")
+    d, hkv, group = 128, 2, 4
+    k8, k_ref = _fp8_tensor((700, hkv, d), torch.float8_e4m3fn, 0.5)
+    v8, v_ref = _fp8_tensor((700, hkv, d), torch.float8_e4m3fn, 1.5)
+    for mag in (1e4, 1e-3):
+        q = (torch.randn(300, hkv * group, d, device="cuda") * mag).clamp(-6e4, 6e4).to(torch.bfloat16)
+        sm_scale = 1.0 / (mag * d**0.5)
+        out = poisoned(q.shape, torch.bfloat16)
+        o = flashinfer.single_prefill_with_kv_cache(
+            q, k8, v8, causal=True, sm_scale=sm_scale, k_scale=0.5, v_scale=1.5, backend=backend, out=out
+        )
+        ref_o, _ = attention(q, k_ref, v_ref, causal=True, sm_scale=sm_scale)
+        _check_fp8_out(o, ref_o, torch.bfloat16, f"{backend} o (|q| ~ {mag})")
+
+
 def _fp8_batch_kv(kv_lens, hkv, d, kv_dtype, k_scale, v_scale):
     k = [_fp8_tensor((n, hkv, d), kv_dtype, k_scale) for n in kv_lens]
     v = [_fp8_tensor((n, hkv, d), kv_dtype, v_scale) for n in kv_lens]
