@@ -221,6 +221,7 @@ BATCH_PREFILL_ARGS = (
     ("window_left", "int"),
     ("logits_soft_cap", "float"),
     ("sm_scale", "float"),
+    ("v_scale", "float"),  # fp8 KV: multiplies the output in the kernel's epilogue (16-bit KV: 1)
     ("rope_scale", "float"),
     ("rope_theta", "float"),
     ("enable_pdl", "bool"),

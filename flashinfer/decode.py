@@ -337,7 +337,7 @@ def single_decode_with_kv_cache(
         slope_h * (i - (kv_len - 1)) with the standard ALiBi slopes).
     use_tensor_cores : bool
         Run on the tensor-core prefill kernel (the GQA group's heads packed as query rows), as FlashInfer does;
-        same arguments, validation and result up to rounding (an fp8 cache too: widened to q's dtype there).
+        same arguments, validation and result up to rounding (an fp8 cache too).
     q_scale, k_scale : float or torch.Tensor, optional
         Multiply the logits (folded into the softmax scale, as FlashInfer does: k_scale dequantises an fp8 K).
         A Python number or a one-element CPU tensor; a CUDA tensor raises TypeError (reading it would sync).

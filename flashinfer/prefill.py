@@ -165,7 +165,9 @@ def _single_backend(
 
 class _PrefillSpecBase(AttentionSpec):
     own_axes = {"mask_mode": MASK_MODES, "backend": BACKENDS, "kv_storage": ("paged", "ragged")}
-    fp8_kv = True  # fp8 K/V are widened to q's dtype in shared memory (prefill_common.cuh)
+    # fp8 K/V: fa2 converts its MMA fragments in registers (widening tiles in shared memory with RoPE), fa3 widens
+    # tiles in shared memory under its wgmmas (prefill.cuh, prefill_sm90.cuh); v_scale applied in the epilogue
+    fp8_kv = True
 
     def attention_vars(self) -> Dict[str, Any]:
         return {**super().attention_vars(), "mask_mode": _MASK_CUDA[self.mask_mode]}
@@ -223,7 +225,7 @@ class SinglePrefillSpec(_PrefillSpecBase):
             "const uint8_t* mask, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int64_t q_stride_n, "
             "int64_t q_stride_h, int64_t k_stride_n, int64_t k_stride_h, int64_t v_stride_n, int64_t v_stride_h, "
             "int num_chunks, int chunk_size, int window_left, float logits_soft_cap, float sm_scale, "
-            "float rope_scale, float rope_theta, int device, void* stream",
+            "float v_scale, float rope_scale, float rope_theta, int device, void* stream",
         ),
         Launcher("flashinfer_single_prefill_occupancy", "int device, int* out"),
     )
@@ -358,7 +360,12 @@ def _single_chunks(
     return max(1, -(-kv_len // chunk)), chunk
 
 
-def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse: Optional[torch.Tensor]) -> None:
+def _single_run(
+    q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse: Optional[torch.Tensor], v_scale: float = 1.0
+) -> None:
+    """Launches the single-request kernel into o (and lse); the output is multiplied by v_scale (an fp8 kernel
+    does it in its epilogue, with the softmax normalisation; a 16-bit one keeps its machine code and the
+    multiplication runs after it)."""
     qo_len, num_qo_heads, head_dim = q.shape
     if kv_layout == "NHD":
         kv_len, num_kv_heads = k.shape[0], k.shape[1]
@@ -396,6 +403,7 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
         backend=backend,
     )
     mod = _module(spec)
+    fp8 = dk in FP8_KV_DTYPES
     if backend == "fa3":
         num_chunks, chunk_size = 1, kv_len
     else:
@@ -426,6 +434,7 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
         window_left=opts.window_left,
         logits_soft_cap=opts.soft_cap,
         sm_scale=opts.sm_scale,
+        v_scale=v_scale if fp8 else 1.0,
         rope_scale=opts.rope_scale,
         rope_theta=opts.rope_theta,
         device=device.index,
@@ -433,6 +442,8 @@ def _single_run(q, k, v, mask, kv_layout: str, opts: _Opts, o: torch.Tensor, lse
     )
     if rc:
         mod.check(rc, f"single_prefill_with_kv_cache ({spec.name()}) on {device}")
+    if v_scale != 1.0 and not fp8:
+        o.mul_(v_scale)
 
 
 @torch.library.custom_op("flashinfer::single_prefill", mutates_args=())
@@ -452,6 +463,7 @@ def _single_prefill_op(
     use_fp16_qk_reduction: bool,
     backend: str,
     return_lse: bool,
+    v_scale: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32, device=q.device)
@@ -466,7 +478,7 @@ def _single_prefill_op(
         use_fp16_qk_reduction,
         backend,
     )
-    _single_run(q, k, v, mask, kv_layout, opts, o, lse if return_lse else None)
+    _single_run(q, k, v, mask, kv_layout, opts, o, lse if return_lse else None, v_scale)
     return o, lse
 
 
@@ -487,6 +499,7 @@ def _single_prefill_fake(
     use_fp16_qk_reduction,
     backend,
     return_lse,
+    v_scale=1.0,
 ):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1]) if return_lse else (0,), dtype=torch.float32)
 
@@ -527,8 +540,9 @@ def single_prefill_with_kv_cache(
         ``[qo_len, num_qo_heads, head_dim]``, float16 or bfloat16, on a CUDA device.
     k, v : torch.Tensor
         ``[kv_len, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``),
-        q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v the same one; widened
-        exactly to q's dtype in the kernel), dequantised by ``k_scale``/``v_scale``. Views are accepted when the
+        q's dtype, or an fp8 cache (torch.float8_e4m3fn or torch.float8_e5m2, k and v the same one; the kernel
+        computes in float16 then, rounding a bfloat16 q to it: exact for magnitudes from 2**-14 to 65504, larger
+        ones clamp to 65504), dequantised by ``k_scale``/``v_scale``. Views are accepted when the
         last dimension is contiguous and the other strides are multiples of 16 bytes. ``num_qo_heads`` a multiple
         of ``num_kv_heads``; head_dim 64, 128 or 256. An fp8 q raises NotImplementedError.
     scale_q, scale_k, scale_v : torch.Tensor, optional
@@ -658,9 +672,8 @@ def single_prefill_with_kv_cache(
             opts.use_fp16_qk_reduction,
             opts.backend,
             return_lse or lse is not None,
+            out_scale,
         )
-        if out_scale != 1.0:
-            o = o * out_scale
         if out is not None:
             o = out.copy_(o)
         if lse is not None:
@@ -670,9 +683,7 @@ def single_prefill_with_kv_cache(
     o = out if out is not None else torch.empty((qo_len, num_qo_heads, head_dim), dtype=q.dtype, device=device)
     if return_lse and lse is None:
         lse = torch.empty((qo_len, num_qo_heads), dtype=torch.float32, device=device)
-    _single_run(q, k, v, mask, kv_layout, opts, o, lse)
-    if out_scale != 1.0:
-        o.mul_(out_scale)
+    _single_run(q, k, v, mask, kv_layout, opts, o, lse, out_scale)
     return (o, lse) if return_lse else o
 
 
@@ -1302,12 +1313,15 @@ class _BatchPrefillBase:
         a.q_stride_n, a.q_stride_h = q.stride(0), q.stride(1)
         a.k_stride_page, a.k_stride_n, a.k_stride_h, a.v_stride_page, a.v_stride_n, a.v_stride_h = strides
         a.window_left, a.logits_soft_cap, a.sm_scale = L.window_left, L.soft_cap, L.sm_scale * scale_mult
+        # v_scale: an fp8 kernel multiplies its output in the epilogue; a 16-bit one (machine code unchanged) after.
+        fp8_kv = L.module.spec.dtype_kv in FP8_KV_DTYPES
+        a.v_scale = out_scale if fp8_kv else 1.0
         a.rope_scale, a.rope_theta, a.enable_pdl = L.rope_scale, L.rope_theta, bool(enable_pdl)
         a.stream = current_stream_ptr(device)
         rc = L.run(args=ctypes.addressof(a))
         if rc:
             L.module.check(rc, f"batch prefill ({L.module.spec.name()}) on {device}")
-        if out_scale != 1.0:
+        if out_scale != 1.0 and not fp8_kv:
             o.mul_(out_scale)
         return (o, lse) if return_lse else o
 

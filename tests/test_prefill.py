@@ -765,10 +765,11 @@ def _fp8_nhd_to(layout, x8):
 
 def _fp8_tolerance(dtype, pos="NONE", fp16qk=False):
     """(atol, rtol) of an fp8-KV output against the float64 reference on the dequantised K/V. The fp8 values
-    widen to q's 16-bit dtype exactly, so what remains is the 16-bit path's error (reference.py's dtype
-    tolerance: the probabilities and the output rounded to q's dtype, float32 accumulation) plus one more
-    rounding of the output, by v_scale's multiplication after the kernel (FlashInfer applies it there too);
-    RoPE rounds the rotated q/k to 16 bits (one more), and fp16 QK reduction accumulates the logits in fp16."""
+    widen exactly (to float16, the MMA type of the fp8 kernels, or with RoPE to q's dtype), and a bfloat16 q of
+    randn magnitudes is exact in float16, so what remains is the 16-bit path's error (reference.py's dtype
+    tolerance: the probabilities and the output rounded, float32 accumulation), with a margin of one more
+    rounding of the output (v_scale is applied in the kernels' epilogue, in fp32); RoPE rounds the rotated
+    q/k to 16 bits (one more), and fp16 QK reduction accumulates the logits in fp16."""
     if fp16qk:
         return 2e-2, 2e-2
     atol, rtol = TOLERANCES[dtype]
@@ -838,6 +839,28 @@ def test_single_prefill_fp8(spec: SinglePrefillSpec):
         what = f"o (qo {qo_len}, kv {kv_len}, group {group}, {layout})"
         _check_fp8_out(o, ref_o, q_dtype, what, pos=spec.pos_encoding_mode, fp16qk=spec.use_fp16_qk_reduction)
         _check_lse(l, ref_lse, rope_dtype=q_dtype if spec.pos_encoding_mode == "ROPE_LLAMA" else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_fp8_prefill_bf16_q_of_wide_magnitudes(backend):
+    """The fp8 kernels compute in float16 and round a bfloat16 q to it, exactly from 2**-14 to 65504 in magnitude:
+    q elements around 1e4 (up to 6e4) and around 1e-3 (some below 2**-14), the logit scale keeping the softmax soft,
+    match the reference as a randn q does."""
+    if backend == "fa3" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fa3 kernel needs a Hopper GPU")
+    d, hkv, group = 128, 2, 4
+    k8, k_ref = _fp8_tensor((700, hkv, d), torch.float8_e4m3fn, 0.5)
+    v8, v_ref = _fp8_tensor((700, hkv, d), torch.float8_e4m3fn, 1.5)
+    for mag in (1e4, 1e-3):
+        q = (torch.randn(300, hkv * group, d, device="cuda") * mag).clamp(-6e4, 6e4).to(torch.bfloat16)
+        sm_scale = 1.0 / (mag * d**0.5)
+        out = poisoned(q.shape, torch.bfloat16)
+        o = flashinfer.single_prefill_with_kv_cache(
+            q, k8, v8, causal=True, sm_scale=sm_scale, k_scale=0.5, v_scale=1.5, backend=backend, out=out
+        )
+        ref_o, _ = attention(q, k_ref, v_ref, causal=True, sm_scale=sm_scale)
+        _check_fp8_out(o, ref_o, torch.bfloat16, f"{backend} o (|q| ~ {mag})")
 
 
 def _fp8_batch_kv(kv_lens, hkv, d, kv_dtype, k_scale, v_scale):
@@ -1119,7 +1142,9 @@ def _fake_fp8(dtype, *shape):
 
 def test_fp8_single_prefill_validation_and_scales(monkeypatch):
     """On fake CUDA tensors: an fp8 q, mixed KV dtypes, device scale tensors and misaligned fp8 rows are refused
-    before any module loads; a valid call launches the fp8 module with k_scale folded into the logit scale."""
+    before any module loads; a valid call launches the fp8 module with k_scale folded into the logit scale and
+    v_scale passed to the kernel (its epilogue applies it: the output is not multiplied again), while a 16-bit
+    module gets v_scale 1 and the output is multiplied after it (the fake launch leaves outputs at 1)."""
     from fake_cuda import fake_cuda
 
     bf, e4, e5 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
@@ -1144,19 +1169,27 @@ def test_fp8_single_prefill_validation_and_scales(monkeypatch):
         with pytest.raises(NotImplementedError, match="scale_k"):
             f(q, k, k, scale_k=_fake_fp8(torch.float32, 2))
         assert rec.loaded == [] and rec.calls == []
-        f(q, k, k, causal=True, sm_scale=0.2, k_scale=torch.tensor(0.25), v_scale=3.0, backend="fa2")
+        o = f(q, k, k, causal=True, sm_scale=0.2, k_scale=torch.tensor(0.25), v_scale=3.0, backend="fa2")
         ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
         assert kw["_spec"] == SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal")
-        assert kw["sm_scale"] == pytest.approx(0.2 * 0.25)
+        assert kw["sm_scale"] == pytest.approx(0.2 * 0.25) and kw["v_scale"] == 3.0
+        assert torch.equal(o.cpu(), torch.ones(20, 8, 128, dtype=bf))
         rec.clear()
-        f(q, k, k, backend="fa3")  # (the fake GPU is a Hopper)
+        f(q, k, k, backend="fa3", v_scale=torch.tensor([0.5]))  # (the fake GPU is a Hopper)
         ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
-        assert kw["_spec"] == SinglePrefillSpec(128, "bf16", "e4m3", "bf16", backend="fa3")
+        assert kw["_spec"] == SinglePrefillSpec(128, "bf16", "e4m3", "bf16", backend="fa3") and kw["v_scale"] == 0.5
+        rec.clear()
+        k16 = _fake_fp8(bf, 300, 2, 128)
+        o = f(q, k16, k16, v_scale=3.0, backend="fa2")
+        ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
+        assert kw["_spec"].dtype_kv == "bf16" and kw["v_scale"] == 1.0
+        assert torch.equal(o.cpu(), torch.full((20, 8, 128), 3.0, dtype=bf))
 
 
 @pytest.mark.parametrize("storage", ["ragged", "paged"])
 def test_fp8_batch_prefill_plan_run_and_errors(storage, monkeypatch):
-    """plan(kv_data_type=fp8) plans the fp8 module; run() folds q_scale and k_scale into the logit scale; an fp8
+    """plan(kv_data_type=fp8) plans the fp8 module; run() folds q_scale and k_scale into the logit scale and hands
+    v_scale to the kernel (not multiplied again after it: the fake launch leaves the output at 1); an fp8
     q, a 16-bit kv_data_type other than q's, a cache in another dtype than planned and device scales are refused
     with errors naming them."""
     from fake_cuda import cuda, fake_cuda, workspace
@@ -1184,10 +1217,11 @@ def test_fp8_batch_prefill_plan_run_and_errors(storage, monkeypatch):
         plan(q_data_type="bfloat16", kv_data_type="float8_e4m3fn", causal=True, sm_scale=0.2)
         assert w._plan_info.spec.dtype_kv == "e4m3" and w._cached_kv_data_type == e4
         assert w._cached_q_data_type == bf
-        w.run(q, *kv(e4), q_scale=0.5, k_scale=torch.tensor([0.25]), v_scale=2.0)
+        o = w.run(q, *kv(e4), q_scale=0.5, k_scale=torch.tensor([0.25]), v_scale=2.0)
         ((_, kw),) = [c for c in rec.launches("flashinfer_batch_prefill") if c[0] == "flashinfer_batch_prefill"]
         assert kw["_spec"].dtype_kv == "e4m3" and kw["_spec"].kv_storage == storage
-        assert kw["args.sm_scale"] == pytest.approx(0.2 * 0.5 * 0.25)
+        assert kw["args.sm_scale"] == pytest.approx(0.2 * 0.5 * 0.25) and kw["args.v_scale"] == 2.0
+        assert torch.equal(o.cpu(), torch.ones(9, 8, 128, dtype=bf))
         for dt in (bf, e5):
             with pytest.raises(
                 TypeError, match="planned q_data_type torch.bfloat16 and kv_data_type torch.float8_e4m3fn"
@@ -1233,13 +1267,21 @@ def test_cascade_refuses_fp8_naming_the_paths_that_read_it():
 
 
 # fp8 prefill kernels at their register budgets (ptxas's report in the build log): fa2 single and paged batch (the
-# batch module holds the 64- and 128-row tiles) at d128 causal, where the 16-bit kernels use 249-254 registers,
-# and fa3 causal (one CTA per SM). Not in this list, because they spill (ptxas, sm_90): fa3 without a mask, at two
-# CTAs per SM = 128 registers, 16 bytes with fp8 and 24 with a 16-bit KV; fa2 d128 with a custom mask or ALiBi +
-# window + soft cap, 8 bytes with fp8 and none at 16 bits; batch d256, 20-28 bytes with fp8 and 240 at 16 bits.
+# batch module holds the 64- and 128-row tiles) at d128 causal, where the 16-bit kernels use 249-254 registers, with
+# a custom mask and with ALiBi + window + soft cap, with RoPE (the shared-memory widening path), d64 ragged (e5m2,
+# f16), and fa3 without a mask (two CTAs per SM = 128 registers; its 16-bit counterpart spills 24 bytes) and causal
+# (one CTA per SM). Not in this list, because they spill (ptxas, sm_90): paged batch d256, 60 bytes with fp8 (the MMA
+# loops converting fragments; 36 with the previous shared-memory widening), 236 at 16 bits; the 64-row tile of the
+# paged batch d64 causal module, 8 bytes (two values kept for the epilogue, stored once per work item: ptxas caps
+# that kernel at 128 registers; 165 at 16 bits, no spill).
 _FP8_NO_SPILL_SPECS = [
     SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal"),
+    SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "custom"),
+    SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "none", "ALIBI", True, True),
+    SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal", "ROPE_LLAMA"),
     BatchPrefillSpec(128, "bf16", "e4m3", "bf16", kv_storage="paged", mask_mode="causal"),
+    BatchPrefillSpec(64, "f16", "e5m2", "f16", kv_storage="ragged"),
+    SinglePrefillSpec(128, "bf16", "e4m3", "bf16", backend="fa3"),
     SinglePrefillSpec(128, "f16", "e5m2", "f16", "causal", backend="fa3"),
 ]
 

@@ -12,6 +12,8 @@
 // When there are too few query tiles to fill the GPU the KV range is split into chunks; each chunk
 // leaves a partial (o, lse) state in a float workspace and a merge kernel combines them.
 // The mask, online softmax, Q load and epilogue are shared with the fa3 kernel (prefill_common.cuh).
+// fp8 K/V (e4m3, e5m2) stay fp8 in shared memory and the MMA loops convert their fragments in registers (see
+// FP8_REG in prefill_tile; with RoPE the tiles are widened to 16 bits in shared memory instead).
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/pos_enc.cuh"
@@ -104,9 +106,20 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
   constexpr bool ALIBI = POS == PosEncoding::kAlibi;
   constexpr bool LINEAR = !ALIBI && !SOFTCAP;  // logits are a plain scaling of q.k: fold it into exp2
-  // fp8 KV: K/V land as fp8 in staging stages and are widened into one 16-bit tile of type KVT (q's type) each.
+  // fp8 KV. Without RoPE (FP8_REG) K/V stay fp8 in shared memory, double-buffered like 16-bit tiles (in the first
+  // half of each stage), and the MMA loops convert their fragments in registers: K by ldmatrix (one 32-bit word of
+  // a row is a lane's B fragment of a k16 step, q permuted to match: permute_q_for_fp8), V by 32-bit loads of
+  // two key rows merged with a byte permute (the output columns permuted: stage_o_row_fp8). Both products run in
+  // float16 (fp8 widens to it exactly with one cvt per pair), so a bfloat16 q is rounded to float16 (exact in
+  // its normal range; see permute_q_for_fp8). No extra barrier or shared-memory pass per tile: the previous design,
+  // the widening still used with RoPE, copied each tile into a 16-bit tile between two more barriers (18% slower
+  // than bf16 on an H200). RoPE rotates the K tile in shared memory, which needs it in 16 bits: FP8_WIDEN lands
+  // K/V as fp8 in staging stages and widens them into one 16-bit tile of q's type each (widen_fp8_tile).
   constexpr bool FP8 = is_fp8<DTypeKV>::value;
-  using KVT = kv_compute_t<DTypeQ, DTypeKV>;
+  constexpr bool FP8_REG = FP8 && !ROPE;
+  constexpr bool FP8_WIDEN = FP8 && ROPE;
+  using KVT = std::conditional_t<FP8_REG, __half, kv_compute_t<DTypeQ, DTypeKV>>;  // the type of P V's operands
+  using QKT = std::conditional_t<FP8_REG, __half, DTypeQ>;                         // ... and of Q K^T's
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = p.group_size;
@@ -120,10 +133,10 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   const int num_tiles = hi > lo ? ceil_div(hi - lo, BK) : 0;
 
   uint4* sq = smem;
-  uint4* sk = sq + Tr::Q_CHUNKS;       // 2 stages (fp8: one 16-bit tile, then the two fp8 staging stages)
-  uint4* sv = sk + 2 * Tr::KV_CHUNKS;  // 2 stages (fp8: likewise)
-  // The 16-bit stage tile n's math reads (fp8: always the one widened tile), and fp8 staging stage s of K or V.
-  auto stage = [](int n) { return FP8 ? 0 : (n & 1); };
+  uint4* sk = sq + Tr::Q_CHUNKS;       // 2 stages (FP8_WIDEN: one 16-bit tile, then the two fp8 staging stages)
+  uint4* sv = sk + 2 * Tr::KV_CHUNKS;  // 2 stages (FP8_WIDEN: likewise)
+  // The stage tile n's math reads (FP8_WIDEN: always the one widened tile), and fp8 staging stage s of K or V.
+  auto stage = [](int n) { return FP8_WIDEN ? 0 : (n & 1); };
   auto staging = [&](bool is_v, int s) {
     return reinterpret_cast<uint8_t*>((is_v ? sv : sk) + Tr::KV_CHUNKS) + s * (BK * HEAD_DIM);
   };
@@ -143,7 +156,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     // 16-byte chunks per stored row: HEAD_DIM / 8 of 16-bit elements, HEAD_DIM / 16 of fp8 ones.
     constexpr int CHS = FP8 ? HEAD_DIM / 16 : CH;
     constexpr int ROWS_PER_PASS = THREADS / CHS;
-    [[maybe_unused]] uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;  // (16-bit)
+    [[maybe_unused]] uint4* dst = (is_v ? sv : sk) + (tile & 1) * Tr::KV_CHUNKS;  // (16-bit, FP8_REG)
     // Recomputed from the (constant-bank) params at each use rather than held in registers.
     const DTypeKV* base =
         static_cast<const DTypeKV*>(is_v ? p.v : p.k) + int64_t(kv_head) * (is_v ? p.v_stride_h : p.k_stride_h);
@@ -165,16 +178,18 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
       } else if (valid) {
         off = int64_t(kv_start + t) * stride_n;
       }
-      if constexpr (FP8) {
+      if constexpr (FP8_WIDEN) {
         cp_async_16(staging(is_v, tile & 1) + row * HEAD_DIM + c * 16, base + off + c * 16, valid);
+      } else if constexpr (FP8_REG) {
+        cp_async_16(reinterpret_cast<uint8_t*>(dst) + fp8_kv_offset<HEAD_DIM>(row, c), base + off + c * 16, valid);
       } else {
         cp_async_16(dst + swizzle<CH>(row, c), base + off + c * 8, valid);
       }
     }
   };
-  // fp8: widens staging stage tile & 1 of K or V into its 16-bit tile (the caller's barriers order it).
+  // FP8_WIDEN: widens staging stage tile & 1 of K or V into its 16-bit tile (the caller's barriers order it).
   auto widen_kv = [&](int tile, bool is_v) {
-    if constexpr (FP8) {
+    if constexpr (FP8_WIDEN) {
       widen_fp8_tile<BK, HEAD_DIM, THREADS, 2, KVT, DTypeKV>(
           staging(is_v, tile & 1), tid, [&](int row, int c) { return (is_v ? sv : sk) + swizzle<CH>(row, c); });
     }
@@ -191,6 +206,14 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         const int pr = pr0 + min(row, rows_here - 1);
         return delta + pr / group;
       });
+    }
+  }
+  if constexpr (FP8_REG) {
+    if (num_tiles > 0) {
+      cp_async_wait<3>();  // Q landed (K0, V0, K1 may be in flight)
+      __syncthreads();
+      // In place; the loop's first barrier orders it before the ldmatrix reads.
+      permute_q_for_fp8<TQ, CH, THREADS, DTypeQ>(tid, [&](int row, int c) { return sq + swizzle<CH>(row, c); });
     }
   }
 
@@ -230,6 +253,14 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
   const uint32_t q_addr = sq_u + 16u * swizzle<CH>(q_row_base + lane % 16, lane / 16);
   const uint32_t k_lane = 16u * swizzle<CH>(lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
   const uint32_t v_lane = 16u * swizzle<CH>(lane % 16, lane / 16);
+  // FP8_REG: byte offsets in an fp8 tile (fp8_kv_offset: chunk c enters as ^ 16 c, rows r + 8 k as + 8 k rows). K: lane
+  // l gives the row of key l of 32 (ldmatrix matrix i = n8 block i). V: keys 2 t and 2 t + 1 (t = lane % 4; keys
+  // + 8 are 8 rows further), word lane / 4 of the 32-dim block (chunk 2 J + lane / 16 of the row).
+  constexpr uint32_t kRowBytes8 = HEAD_DIM;
+  [[maybe_unused]] const uint32_t k8_lane = fp8_kv_offset<HEAD_DIM>(lane, 0);
+  [[maybe_unused]] const uint32_t v8_lane0 = fp8_kv_offset<HEAD_DIM>(2 * (lane % 4), lane / 16) + 4 * (lane / 4 % 4);
+  [[maybe_unused]] const uint32_t v8_lane1 =
+      fp8_kv_offset<HEAD_DIM>(2 * (lane % 4) + 1, lane / 16) + 4 * (lane / 4 % 4);
   for (int n = 0; n < num_tiles; ++n) {
     cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
     __syncthreads();     // ... for every thread; and everyone is done with V(n-1)'s stage
@@ -238,7 +269,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     // Rows of tile n+2 go where tile n's were (its last reader, V(n), was issued before the barrier above);
     // the load is started here and stored after the tile's math, so its latency hides behind it.
     const int2 rows_ahead = resolve_rows(n + 2);
-    if constexpr (FP8) {
+    if constexpr (FP8_WIDEN) {
       widen_kv(n, false);
       __syncthreads();  // K(n)'s 16-bit tile complete for every thread
     }
@@ -266,18 +297,41 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
       uint32_t a[MQ][4];
 #pragma unroll
       for (int mq = 0; mq < MQ; ++mq) ldmatrix_x4(a[mq], (q_addr + mq * 16 * kRowBytes) ^ (ks << 5));
+      if constexpr (FP8_REG) {
+        // Four n8 blocks (32 keys) per ldmatrix: word i is block 4 q4 + i's fragment (dims 16 ks + 4 t .. + 3).
+        const uint32_t k8_addr = sk_u + stage(n) * Tr::KV_CHUNKS * 16 + k8_lane;
 #pragma unroll
-      for (int nk = 0; nk < NT_K / 2; ++nk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, (k_addr + nk * 16 * kRowBytes) ^ (ks << 5));
+        for (int q4 = 0; q4 < NT_K / 4; ++q4) {
+          uint32_t w[4];
+          ldmatrix_x4(w, (k8_addr + q4 * 32 * kRowBytes8) ^ (ks << 4));
 #pragma unroll
-        for (int mq = 0; mq < MQ; ++mq) {
-          if constexpr (FP16QK) {
-            mma_16816_f16acc(sh[mq][2 * nk], a[mq], b[0], b[1]);
-            mma_16816_f16acc(sh[mq][2 * nk + 1], a[mq], b[2], b[3]);
-          } else {
-            mma_16816<DTypeQ>(s[mq][2 * nk], a[mq], b[0], b[1]);
-            mma_16816<DTypeQ>(s[mq][2 * nk + 1], a[mq], b[2], b[3]);
+          for (int i = 0; i < 4; ++i) {
+            uint32_t b0, b1;
+            fp8x4_to_half2x2(w[i], b0, b1, DTypeKV{});
+#pragma unroll
+            for (int mq = 0; mq < MQ; ++mq) {
+              if constexpr (FP16QK) {
+                mma_16816_f16acc(sh[mq][4 * q4 + i], a[mq], b0, b1);
+              } else {
+                mma_16816<QKT>(s[mq][4 * q4 + i], a[mq], b0, b1);
+              }
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int nk = 0; nk < NT_K / 2; ++nk) {
+          uint32_t b[4];
+          ldmatrix_x4(b, (k_addr + nk * 16 * kRowBytes) ^ (ks << 5));
+#pragma unroll
+          for (int mq = 0; mq < MQ; ++mq) {
+            if constexpr (FP16QK) {
+              mma_16816_f16acc(sh[mq][2 * nk], a[mq], b[0], b[1]);
+              mma_16816_f16acc(sh[mq][2 * nk + 1], a[mq], b[2], b[3]);
+            } else {
+              mma_16816<QKT>(s[mq][2 * nk], a[mq], b[0], b[1]);
+              mma_16816<QKT>(s[mq][2 * nk + 1], a[mq], b[2], b[3]);
+            }
           }
         }
       }
@@ -347,25 +401,49 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
     __syncthreads();     // ... for every thread; and everyone is done with K(n)'s stage
     if (n + 2 < num_tiles) load_kv(n + 2, false);
     cp_async_commit();
-    if constexpr (FP8) {
+    if constexpr (FP8_WIDEN) {
       widen_kv(n, true);
       __syncthreads();  // V(n)'s 16-bit tile complete for every thread
     }
 
     // ---- O += P V
-    const uint32_t v_addr = sv_u + stage(n) * Tr::KV_CHUNKS * 16 + v_lane;
+    if constexpr (FP8_REG) {
+      // Per 16 keys and 32-dim block J: this lane's 4 dims of keys 2 t, 2 t + 1 (va, vb) and + 8 (vc, vd);
+      // byte-interleaved, a pair of keys at one dim is one B register (n8 block 4 J + i: dim 32 J + 4 g + i).
+      const uint32_t v8_stage = sv_u + stage(n) * Tr::KV_CHUNKS * 16;
 #pragma unroll
-    for (int kk = 0; kk < KS_K; ++kk)
+      for (int kk = 0; kk < KS_K; ++kk)
 #pragma unroll
-      for (int nd = 0; nd < NT_D / 2; ++nd) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, (v_addr + kk * 16 * kRowBytes) ^ (nd << 5));
+        for (int J = 0; J < HEAD_DIM / 32; ++J) {
+          const uint32_t x0 = (v8_stage + v8_lane0 + kk * 16 * kRowBytes8) ^ (J << 5);
+          const uint32_t x1 = (v8_stage + v8_lane1 + kk * 16 * kRowBytes8) ^ (J << 5);
+          const uint32_t va = ld_shared_u32(x0), vb = ld_shared_u32(x1);
+          const uint32_t vc = ld_shared_u32(x0 + 8 * kRowBytes8), vd = ld_shared_u32(x1 + 8 * kRowBytes8);
+          uint32_t b0[4], b1[4];
+          fp8x4_to_half2x2(__byte_perm(va, vb, 0x5140), b0[0], b0[1], DTypeKV{});
+          fp8x4_to_half2x2(__byte_perm(va, vb, 0x7362), b0[2], b0[3], DTypeKV{});
+          fp8x4_to_half2x2(__byte_perm(vc, vd, 0x5140), b1[0], b1[1], DTypeKV{});
+          fp8x4_to_half2x2(__byte_perm(vc, vd, 0x7362), b1[2], b1[3], DTypeKV{});
 #pragma unroll
-        for (int mq = 0; mq < MQ; ++mq) {
-          mma_16816<KVT>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
-          mma_16816<KVT>(o[mq][2 * nd + 1], pa[mq][kk], b[2], b[3]);
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int mq = 0; mq < MQ; ++mq) mma_16816<KVT>(o[mq][4 * J + i], pa[mq][kk], b0[i], b1[i]);
         }
-      }
+    } else {
+      const uint32_t v_addr = sv_u + stage(n) * Tr::KV_CHUNKS * 16 + v_lane;
+#pragma unroll
+      for (int kk = 0; kk < KS_K; ++kk)
+#pragma unroll
+        for (int nd = 0; nd < NT_D / 2; ++nd) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, (v_addr + kk * 16 * kRowBytes) ^ (nd << 5));
+#pragma unroll
+          for (int mq = 0; mq < MQ; ++mq) {
+            mma_16816<KVT>(o[mq][2 * nd], pa[mq][kk], b[0], b[1]);
+            mma_16816<KVT>(o[mq][2 * nd + 1], pa[mq][kk], b[2], b[3]);
+          }
+        }
+    }
   }
   cp_async_wait<0>();
   __syncthreads();  // all reads of Q (and RoPE writes) done before Q's rows are reused for staging
@@ -374,14 +452,28 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 #pragma unroll
   for (int r = 0; r < 2 * MQ; ++r) d[r] = quad_sum(d[r]);
   const int hq0 = kv_head * group;
+  // The factor a row's accumulators are scaled by: 1 / d, and for fp8 K/V times v_scale (in fp32, one rounding
+  // of the output fewer than a multiplication after the kernel).
+  auto out_inv = [&](float row_d) {
+    if constexpr (FP8) {
+      return inverse_or_zero(row_d) * p.v_scale;
+    } else {
+      return inverse_or_zero(row_d);
+    }
+  };
   if (partial_row0 < 0) {
     // Stage this warp's rows in its own Q rows (as DTypeO), then write 16-byte chunks.
 #pragma unroll
     for (int mq = 0; mq < MQ; ++mq)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        stage_o_row<NT_D, DTypeO>(inverse_or_zero(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
-                                  &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
+        if constexpr (FP8_REG) {
+          stage_o_row_fp8<NT_D, DTypeO>(out_inv(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
+                                        &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
+        } else {
+          stage_o_row<NT_D, DTypeO>(out_inv(d[2 * mq + h]), q_row_base + mq * 16 + lane / 4 + 8 * h, lane,
+                                    &o[mq][0][2 * h], [&](int row, int j) { return sq + swizzle<CH>(row, j); });
+        }
       }
     __syncwarp();
     store_o_tile<16 * MQ, CH, 32, DTypeO>(p, qo_start, group, hq0, pr0, q_row_base, rows_here, lane,
@@ -404,8 +496,13 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
         const int r = 2 * mq + h;
         const int row = q_row_base + mq * 16 + lane / 4 + 8 * h;
         if (row >= rows_here) continue;
-        store_partial_row<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
-                                          inverse_or_zero(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
+        if constexpr (FP8_REG) {
+          store_partial_row_fp8<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0),
+                                                out_inv(d[r]), lane, &o[mq][0][2 * h], m[r], d[r], scl);
+        } else {
+          store_partial_row<NT_D, HEAD_DIM>(p, packed_row_index(p, partial_row0, pr0 + row, group, hq0), out_inv(d[r]),
+                                            lane, &o[mq][0][2 * h], m[r], d[r], scl);
+        }
       }
   }
 }

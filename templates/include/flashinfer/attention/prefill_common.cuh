@@ -17,6 +17,8 @@
 #include "flashinfer/ptx/cp_async.cuh"
 #include "flashinfer/ptx/griddepcontrol.cuh"
 
+#include <type_traits>
+
 namespace flashinfer {
 
 // Parameters of both prefill kernels (single request: fa2 and fa3; batch: fa2). The shared pieces below read
@@ -48,6 +50,10 @@ struct PrefillParams {
   const int* work;  // [5][work_capacity]: request, q tile, kv begin, kv end, partial row (-1: write o)
   const int* num_work;
   int work_capacity;
+  // fp8 KV kernels: multiplies the output with the softmax normalisation (v_scale dequantises an fp8 V; 16-bit
+  // kernels leave it to the caller). Here, in the padding after work_capacity, so that the 16-bit kernels'
+  // parameter layout, hence their machine code, stays as it was.
+  float v_scale = 1.f;
   const int* merge;  // [4][merge_capacity]: token, first partial row, chunks, row stride between chunks
   const int* num_merge;
   int merge_capacity;
@@ -164,6 +170,112 @@ FI_DEVICE void widen_fp8_tile(const uint8_t* src, int tid, ChunkAt&& chunk_at) {
     const uint2 raw = *reinterpret_cast<const uint2*>(src + row * HEAD_DIM + c * 8);
     *chunk_at(row, c) = fp8x8_to_chunk<T, F8>(raw);
   }
+}
+
+// fa2 without RoPE reads fp8 K/V straight from shared memory instead (fp8 fragments converted in registers,
+// prefill.cuh): the tiles stay fp8, BK rows of HEAD_DIM bytes, and q is permuted along head_dim once per CTA so
+// that one 32-bit word of a K row (four fp8 keys' dims) is one lane's whole B fragment of a k16 step.
+
+// Byte offset of 16-byte chunk c (16 fp8 elements) of row `row` of such a tile. Rows of 128 bytes and more
+// (d128, d256): chunk c ^ (row & 7), the ldmatrix swizzle. d64 (four chunks, two rows per 128-byte line): the
+// chunks of line L = row / 2 XORed with (2 L + (L / 2 & 1)) & 7. Both are conflict-free for the kernel's two
+// read patterns: K by ldmatrix (8 consecutive rows at one chunk: 8 different bank groups) and V by 32-bit loads
+// (rows 2 t + e, t < 4, at two neighbouring chunks: 8 different bank groups). The chunk enters by an XOR,
+// fp8_kv_offset(row, c) == fp8_kv_offset(row, 0) ^ 16 c, and rows r and r + 8 k share a pattern, so the MMA
+// loops address fragments with one XOR and one add of constants.
+template <int HEAD_DIM>
+FI_DEVICE uint32_t fp8_kv_offset(int row, int c) {
+  constexpr int CHS = HEAD_DIM / 16;
+  static_assert(CHS == 4 || CHS == 8 || CHS == 16, "head_dim 64, 128 or 256");
+  const int key = CHS >= 8 ? (row & 7) : ((2 * (row >> 1) + ((row >> 2) & 1)) & 7);
+  return uint32_t(((row * CHS + c) ^ key) * 16);
+}
+
+// A register of two bfloat16 q values -> float16x2, the MMA type of the fp8 kernels (fp8 widens to float16 with one
+// instruction per pair, to bfloat16 with four). Exact from 2^-14 to 65504 in magnitude (bfloat16 has 8
+// significant bits, float16 11); smaller magnitudes keep an absolute error below 2^-25, larger ones clamp to
+// +-65504 (a q element that large saturates any softmax anyway).
+FI_DEVICE uint32_t bf16x2_to_half2_clamped(uint32_t w) {
+  const float x = fminf(fmaxf(__uint_as_float(w << 16), -65504.f), 65504.f);
+  const float y = fminf(fmaxf(__uint_as_float(w & 0xffff0000u), -65504.f), 65504.f);
+  return pack2<__half>(x, y);
+}
+
+// Converts a bfloat16 q tile of ROWS rows of CH 16-byte chunks (chunk c of row r at chunk_at(r, c)) to float16 in
+// place (bf16x2_to_half2_clamped), by THREADS threads (this one `tid`).
+template <int ROWS, int CH, int THREADS, typename ChunkAt>
+FI_DEVICE void q_tile_to_half(int tid, ChunkAt&& chunk_at) {
+  static_assert(ROWS * CH % THREADS == 0, "the tile must split evenly over the threads");
+#pragma unroll 2
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = tid + i * THREADS;
+    uint4* c = chunk_at(idx / CH, idx % CH);
+    const uint4 w = *c;
+    *c = make_uint4(bf16x2_to_half2_clamped(w.x), bf16x2_to_half2_clamped(w.y), bf16x2_to_half2_clamped(w.z),
+                    bf16x2_to_half2_clamped(w.w));
+  }
+}
+
+// Rewrites a swizzled 16-bit q tile (rows [0, ROWS), CH chunks each, chunk c of row r at chunk_at(r, c)) in place
+// for the fp8 MMA loop: within each k16 step (chunks 2s, 2s + 1; 32-bit words w0..w7 of two dims each) chunk 2s
+// becomes (w0, w2, w4, w6) and chunk 2s + 1 (w1, w3, w5, w7), so the A fragment ldmatrix gives lane t the dims
+// 4t..4t+3 of the step, those of word t of a K row's 16-byte chunk; and the values become float16 (the MMA type:
+// bf16x2_to_half2_clamped).
+template <int ROWS, int CH, int THREADS, typename T, typename ChunkAt>
+FI_DEVICE void permute_q_for_fp8(int tid, ChunkAt&& chunk_at) {
+  static_assert(ROWS * (CH / 2) % THREADS == 0, "the tile must split evenly over the threads");
+#pragma unroll 2
+  for (int i = 0; i < ROWS * (CH / 2) / THREADS; ++i) {
+    const int idx = tid + i * THREADS, row = idx / (CH / 2), s = idx % (CH / 2);
+    uint4* lo = chunk_at(row, 2 * s);
+    uint4* hi = chunk_at(row, 2 * s + 1);
+    uint32_t w[8] = {lo->x, lo->y, lo->z, lo->w, hi->x, hi->y, hi->z, hi->w};
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] = bf16x2_to_half2_clamped(w[j]);
+    } else {
+      static_assert(std::is_same<T, __half>::value, "T: __half or __nv_bfloat16");
+    }
+    *lo = make_uint4(w[0], w[2], w[4], w[6]);
+    *hi = make_uint4(w[1], w[3], w[5], w[7]);
+  }
+}
+
+// The epilogue of the fp8 MMA loop, whose output columns are permuted: n8 block 4 J + i, column 2 t + e of a
+// lane (t = lane % 4) is dim 32 J + 8 t + 4 e + i, so the lane holds dims 32 J + 8 t .. + 7 of each 32-dim block
+// J: acc[4 (4 J + i) + e], the C fragment layout as in stage_o_row. Scales them by inv and stores them as one
+// 16-byte chunk of DTypeO, chunk 4 J + t of staging row `row` at chunk_at(row, 4 J + t).
+template <int NT, typename DTypeO, typename ChunkAt>
+FI_DEVICE void stage_o_row_fp8(float inv, int row, int lane, const float* acc, ChunkAt&& chunk_at) {
+#pragma unroll
+  for (int J = 0; J < NT / 4; ++J) {
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i] = acc[4 * (4 * J + i)] * inv;
+      v[4 + i] = acc[4 * (4 * J + i) + 1] * inv;
+    }
+    *chunk_at(row, 4 * J + lane % 4) = pack8<DTypeO>(v);
+  }
+}
+
+// store_partial_row for the permuted columns of stage_o_row_fp8: 8 consecutive floats per lane and block.
+template <int NT, int HEAD_DIM>
+FI_DEVICE void store_partial_row_fp8(const PrefillParams& p, int64_t state, float inv, int lane, const float* acc,
+                                     float m, float d, float scl) {
+  float* dst = p.partial_o + state * HEAD_DIM + 8 * (lane % 4);
+#pragma unroll
+  for (int J = 0; J < NT / 4; ++J) {
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i] = acc[4 * (4 * J + i)] * inv;
+      v[4 + i] = acc[4 * (4 * J + i) + 1] * inv;
+    }
+    *reinterpret_cast<float4*>(dst + 32 * J) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(dst + 32 * J + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  if (lane % 4 == 0) p.partial_lse[state] = row_lse(m, d, scl);
 }
 
 // ---------------------------------------------------------------------------------------------- paged K/V

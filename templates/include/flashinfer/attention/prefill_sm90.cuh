@@ -12,7 +12,8 @@
 // the cp.async loads by the computing threads themselves are what a next step (TMA, warp specialisation)
 // would remove.
 // Scope: head_dim 128, 16-bit q and output, K/V in q's dtype or fp8 (e4m3/e5m2: copied as fp8 into staging stages in
-// the second K/V stage's place and widened into one 16-bit tile each, prefill_common.cuh), no mask or causal, no
+// the second K/V stage's place and widened into one 16-bit tile each, prefill_common.cuh, while the wgmmas of the
+// other operand run: see the fp8 schedule in the kernel), no mask or causal, no
 // position encoding, window or soft cap; everything else goes to fa2 (see prefill.py). Two options (template flags, off
 // for single_prefill_with_kv_cache): PAGED reads K/V through a page table (p.kv_indices, p.page_size, the page
 // strides), the (page, slot) of each row resolved a tile ahead into shared memory as in the fa2 kernel; SPLIT cuts the
@@ -69,8 +70,11 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   using Tr = Fa3Traits<MASK>;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, THREADS = Tr::kThreads, CH = D / 8;
   constexpr bool FP8 = is_fp8<DTypeKV>::value;
-  using KVT = kv_compute_t<DTypeQ, DTypeKV>;  // the type the tensor cores read K/V in
-  static_assert(std::is_same<DTypeQ, KVT>::value, "one 16-bit type for q, k and v (or fp8 k and v)");
+  // The type the tensor cores read Q, K, V (and P) in: q's, or float16 with fp8 K/V (one cvt per pair widens fp8
+  // to it, four to bfloat16: the widening runs under the wgmmas, but shares their warps' issue slots; a bfloat16 q
+  // is rounded to float16 once per CTA, as in the fa2 kernel: bf16x2_to_half2_clamped).
+  using KVT = std::conditional_t<FP8, __half, DTypeQ>;
+  static_assert(FP8 || std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v (or fp8 k and v)");
   extern __shared__ __align__(1024) uint4 smem[];  // same declaration as the fa2 kernels'
   uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
   uint8_t* sk = sq + Tr::kQBytes;       // 2 stages
@@ -132,20 +136,36 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       }
     }
   };
-  // fp8: widens staging stage tile & 1 of K or V into its 16-bit tile, then makes the generic-proxy writes
-  // visible to wgmma (the caller's barrier follows).
+  // fp8: widens staging stage tile & 1 of K or V into its 16-bit tile (the fence.proxy.async before the next
+  // barrier makes the generic-proxy writes visible to wgmma).
   auto widen_kv = [&](int tile, bool is_v) {
     if constexpr (FP8) {
       uint8_t* dst = is_v ? sv : sk;
       widen_fp8_tile<BK, D, THREADS, 2, KVT, DTypeKV>(staging(is_v, tile & 1), tid, [&](int row, int c) {
         return reinterpret_cast<uint4*>(dst + sm90::tile_offset(row, c, BK));
       });
-      sm90::fence_async_shared();
     }
   };
 
   // Commit groups, in order: Q, K0, V0, K1, then per iteration n: V(n+1), K(n+2) (empty groups keep counts).
   kv_pipeline_prologue(num_tiles, load_kv);
+  // fp8 schedule: the widening leaves the critical path by running under the tensor cores' work. V(n) widens
+  // while Q K(n)^T runs (V's 16-bit tile is free: every P V(n-1) completed before the loop's first barrier),
+  // K(n+1) while P V(n) runs (K's tile is free: every Q K(n)^T completed before the second barrier). The copies
+  // are issued where the 16-bit kernel issues them, but each barrier now needs the group committed before the
+  // latest one landed (V(n) at the first, K(n+1) at the second: cp_async_wait<1>), and K(0) widens here.
+  // Two barriers per tile, as in the 16-bit kernel (the previous design added two more, each waiting for a
+  // whole widening on the critical path: 18-31% slower than bf16 on an H200).
+  constexpr int kPending = FP8 ? 1 : 2;  // commit groups that may still be in flight at a barrier
+  if constexpr (FP8) {
+    cp_async_wait<2>();  // Q, K(0) landed (V(0), K(1) may be in flight)
+    __syncthreads();
+    if constexpr (!std::is_same<DTypeQ, KVT>::value) {
+      q_tile_to_half<BQ, CH, THREADS>(
+          tid, [&](int row, int c) { return reinterpret_cast<uint4*>(sq + sm90::tile_offset(row, c, BQ)); });
+    }
+    if (num_tiles > 0) widen_kv(0, false);
+  }
 
   // This thread's accumulator rows (of the CTA's 128): wg*64 + (warp%4)*16 + lane/4, and that + 8; its
   // columns 8i + 2(lane%4) (+1), i < 16. Accumulator element 4i + 2r + e: row r (0: g, 1: g+8), column e.
@@ -165,7 +185,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   constexpr uint32_t kSbo = 8 * sm90::kSwizzleRowBytes;
 
   for (int n = 0; n < num_tiles; ++n) {
-    cp_async_wait<2>();  // K(n) landed (V(n), K(n+1) may be in flight)
+    cp_async_wait<kPending>();  // K(n) landed (V(n), K(n+1) may be in flight); fp8: V(n) (K(n+1) may be)
     sm90::fence_async_shared();
     __syncthreads();  // ... for every thread; and both warpgroups are done with V(n-1)'s stage
     if (n + 1 < num_tiles) load_kv(n + 1, true);
@@ -174,10 +194,6 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     // above); loaded now, stored before the next barrier, so the lookup's latency hides behind S = Q K^T.
     int2 rows_ahead = make_int2(0, 0);
     if constexpr (PAGED) rows_ahead = resolve_rows(n + 2);
-    if constexpr (FP8) {
-      widen_kv(n, false);
-      __syncthreads();  // K(n)'s 16-bit tile complete for both warpgroups
-    }
 
     // ---- S = Q K^T
     constexpr int NB = BK / 8;  // n8 blocks of scores
@@ -193,13 +209,18 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       const uint64_t da = sm90::desc_advance(dq, (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col);
       const uint64_t db = sm90::desc_advance(dk, (ks >> 2) * BK * sm90::kSwizzleRowBytes + col);
       if constexpr (BK == 128) {
-        sm90::wgmma_m64n128k16_ss<DTypeQ>(s, da, db, ks > 0);
+        sm90::wgmma_m64n128k16_ss<KVT>(s, da, db, ks > 0);
       } else {
-        sm90::wgmma_m64n64k16_ss<DTypeQ>(s, da, db, ks > 0);
+        sm90::wgmma_m64n64k16_ss<KVT>(s, da, db, ks > 0);
       }
     }
     sm90::wgmma_commit();
+    if constexpr (FP8) {
+      widen_kv(n, true);  // V(n) -> V's 16-bit tile, under the wgmmas
+      sm90::hold_operands(s);
+    }
     sm90::wgmma_wait<0>();
+    if constexpr (FP8) sm90::hold_operands(s);  // no read of S moves above the wait
 
     // ---- mask: keys past the end (last tile), and the causal diagonal
     const int k0 = lo + n * BK;
@@ -240,15 +261,11 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     if constexpr (PAGED) {
       if (tid < BK) s_rows[(n & 1) * BK + tid] = rows_ahead;
     }
-    cp_async_wait<2>();  // V(n) landed (K(n+1), V(n+1) may be in flight)
+    cp_async_wait<kPending>();  // V(n) landed (K(n+1), V(n+1) may be in flight); fp8: K(n+1) (V(n+1) may be)
     sm90::fence_async_shared();
     __syncthreads();  // ... for every thread; and both warpgroups are done with K(n)'s stage
     if (n + 2 < num_tiles) load_kv(n + 2, false);
     cp_async_commit();
-    if constexpr (FP8) {
-      widen_kv(n, true);
-      __syncthreads();  // V(n)'s 16-bit tile complete for both warpgroups
-    }
 
     // ---- O += P V
     const uint64_t dv =
@@ -260,7 +277,12 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
       sm90::wgmma_m64n128k16_rs<KVT>(o, pa[kk], db, 1);
     }
     sm90::wgmma_commit();
+    if constexpr (FP8) {
+      if (n + 1 < num_tiles) widen_kv(n + 1, false);  // K(n+1) -> K's 16-bit tile, under the wgmmas
+      sm90::hold_operands(o);
+    }
     sm90::wgmma_wait<0>();
+    if constexpr (FP8) sm90::hold_operands(o);
   }
   cp_async_wait<0>();
   __syncthreads();  // every wgmma read of Q is done before Q's rows are reused for staging O
@@ -268,6 +290,14 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
   // ---- epilogue: normalise, stage the 16-bit rows in Q's place, write 16-byte chunks
 #pragma unroll
   for (int r = 0; r < 2; ++r) d[r] = quad_sum(d[r]);
+  // 1 / d, and for fp8 K/V times v_scale (as in the fa2 kernel).
+  auto out_inv = [&](float row_d) {
+    if constexpr (FP8) {
+      return inverse_or_zero(row_d) * p.v_scale;
+    } else {
+      return inverse_or_zero(row_d);
+    }
+  };
   if constexpr (SPLIT) {
     if (p.num_chunks > 1) {  // a partial state: float rows (chunk * qo_len + token, head), merged afterwards
 #pragma unroll
@@ -275,14 +305,14 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
         const int row = row0 + 8 * r;
         if (row >= rows_here) continue;
         store_partial_row<16, D>(p, packed_row_index(p, chunk * qo_len, pr0 + row, group, kv_head * group),
-                                 inverse_or_zero(d[r]), lane, o + 2 * r, m[r], d[r], scl);
+                                 out_inv(d[r]), lane, o + 2 * r, m[r], d[r], scl);
       }
       return;
     }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    stage_o_row<16, DTypeO>(inverse_or_zero(d[r]), row0 + 8 * r, lane, o + 2 * r,
+    stage_o_row<16, DTypeO>(out_inv(d[r]), row0 + 8 * r, lane, o + 2 * r,
                             [&](int row, int i) { return sq + sm90::tile_offset(row, i, BQ); });
   }
   __syncthreads();

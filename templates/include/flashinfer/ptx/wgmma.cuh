@@ -49,6 +49,16 @@ template <int N>
 FI_DEVICE void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// Ties accumulator registers a wgmma writes asynchronously to this point of the instruction stream: placed
+// after a commit and after the wait, it keeps the compiler from moving reads of them above the wait (the asm
+// of the wgmma is where it sees them written), needed when other work is issued between commit and wait.
+// (ptxas itself keeps a wgmma's register operands, A fragments included, untouched until its wait: it
+// serializes the wgmmas when it cannot, with a "Potential Performance Loss" warning in the build log.)
+template <int N>
+FI_DEVICE void hold_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
 // Shared memory written through the generic proxy (st.shared, cp.async) before wgmma reads it.
 FI_DEVICE void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
