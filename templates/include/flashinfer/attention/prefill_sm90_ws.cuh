@@ -158,8 +158,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     sm90::mbarrier_init(q_full, 128);
     sm90::mbarrier_init(q_empty, Tr::kConsumerWarps);
     sm90::mbarrier_init_fence();
-    sm90::tma_prefetch_map(&P.k_map);
-    sm90::tma_prefetch_map(&P.v_map);
+    if (p.kv_len > 0) {  // (with no keys the maps are left empty: no tile is ever issued)
+      sm90::tma_prefetch_map(&P.k_map);
+      sm90::tma_prefetch_map(&P.v_map);
+    }
   }
   __syncthreads();  // the only block-wide barrier: from here on the roles meet on mbarriers only
 
@@ -366,15 +368,15 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 }
 
 // The K or V tensor map: 3-D (head_dim, kv_len, num_kv_heads) with the tensor's token and head strides (elements),
-// boxes of 64 columns x BK keys x 1 head. kv_len 0 still gets a valid map (1 row; no tile is ever issued then).
+// boxes of 64 columns x BK keys x 1 head (kv_len > 0).
 template <typename T>
 static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const PrefillParams& p, int64_t stride_n,
                                   int64_t stride_h) {
   using Tr = Sm90WsTraits;
-  const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(p.kv_len > 0 ? p.kv_len : 1), uint64_t(p.num_kv_heads)};
+  const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(p.kv_len), uint64_t(p.num_kv_heads)};
   const uint32_t box[3] = {64, uint32_t(Tr::BK), 1};
   // The stride of a dimension of size 1 is never stepped over (and torch leaves it arbitrary): give TMA a valid one.
-  if (p.num_kv_heads == 1) stride_h = int64_t(Tr::kHeadDim) * (p.kv_len > 0 ? p.kv_len : 1);
+  if (p.num_kv_heads == 1) stride_h = int64_t(Tr::kHeadDim) * p.kv_len;
   if (p.kv_len <= 1) stride_n = Tr::kHeadDim;
   return encode_tile_map_3d_16bit(map, base, std::is_same<T, __nv_bfloat16>::value, dims, stride_n, stride_h, box);
 }
@@ -395,9 +397,11 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   Sm90WsParams P = {};
   P.p = p;
   P.num_items = p.num_qtiles * p.num_kv_heads;
-  err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h);
-  if (err == cudaSuccess) err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h);
-  if (err != cudaSuccess) return err;
+  if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
+    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h);
+    if (err == cudaSuccess) err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h);
+    if (err != cudaSuccess) return err;
+  }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(P);
   return cudaGetLastError();
