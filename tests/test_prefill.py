@@ -1108,7 +1108,6 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
     """On fake CUDA tensors (a fake Hopper): backend="fa3_ws" launches the fa3_ws module with one KV chunk and no
     workspace; "auto" never picks it; what it cannot run is refused before any module loads."""
     from fake_cuda import cuda, fake_cuda
-
     from flashinfer.prefill import _single_backend
 
     bf = torch.bfloat16

@@ -353,10 +353,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     sm90::named_barrier_sync(bar_id, 128);
     const int hq0 = t.kv_head * group;
     // (wtid made opaque: else the compiler hoists the store addresses out of the item loop and spills them)
-    store_o_tile<64, CH, 128, DTypeO>(p, 0, group, hq0, t.pr0, cwg * 64, t.rows_here, sm90::opaque_int(wtid),
-                                      [&](int row, int c) {
-      return *reinterpret_cast<const uint4*>(so + sm90::tile_offset(row, c, BQ));
-    });
+    store_o_tile<64, CH, 128, DTypeO>(
+        p, 0, group, hq0, t.pr0, cwg * 64, t.rows_here, sm90::opaque_int(wtid),
+        [&](int row, int c) { return *reinterpret_cast<const uint4*>(so + sm90::tile_offset(row, c, BQ)); });
     if (p.lse != nullptr && lane % 4 == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {

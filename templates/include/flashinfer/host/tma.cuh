@@ -35,7 +35,7 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // zero. TMA needs the base and both strides in bytes to be multiples of 16 (the caller checks them first and
 // says so; cudaErrorInvalidValue here otherwise).
 static cudaError_t encode_tile_map_3d_16bit(CUtensorMap* map, const void* base, bool bf16, const uint64_t (&dims)[3],
-                                           int64_t stride1, int64_t stride2, const uint32_t (&box)[3]) {
+                                            int64_t stride1, int64_t stride2, const uint32_t (&box)[3]) {
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || stride1 <= 0 || stride2 <= 0 || (stride1 * 2) % 16 != 0 ||
       (stride2 * 2) % 16 != 0 || box[0] * 2 != 128)
     return cudaErrorInvalidValue;
@@ -45,10 +45,10 @@ static cudaError_t encode_tile_map_3d_16bit(CUtensorMap* map, const void* base, 
   const cuuint64_t gstride[2] = {cuuint64_t(stride1) * 2, cuuint64_t(stride2) * 2};  // bytes, dims 1 and 2
   const cuuint32_t bdim[3] = {box[0], box[1], box[2]};
   const cuuint32_t estride[3] = {1, 1, 1};
-  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
-                            const_cast<void*>(base), gdim, gstride, bdim, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r =
+      encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, const_cast<void*>(base),
+             gdim, gstride, bdim, estride, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
