@@ -88,6 +88,12 @@ struct Sm90WsTraits {
 #else
   static constexpr int kConsumerRegs = 224;
 #endif
+  // A wait longer than this is a deadlock (an item takes milliseconds; compute-sanitizer slows it 100-1000x).
+#ifdef FI_WS_WAIT_TIMEOUT_NS
+  static constexpr uint64_t kWaitTimeoutNs = FI_WS_WAIT_TIMEOUT_NS;
+#else
+  static constexpr uint64_t kWaitTimeoutNs = 60ull * 1000 * 1000 * 1000;
+#endif
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its two boxes
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
@@ -146,6 +152,12 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   auto v_full = [&](int s) { return bars + 8 * (2 * S + s); };
   auto v_empty = [&](int s) { return bars + 8 * (3 * S + s); };
   const uint32_t q_full = bars + 8 * (4 * S), q_empty = bars + 8 * (4 * S + 1);
+  // Every wait is bounded (see mbarrier_wait_bounded): a deadlocked pipeline fails the launch instead of hanging the
+  // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty; consumers 11 q_full,
+  // 12 k_full, 13 v_full.
+  auto wait = [](uint32_t bar, uint32_t parity, int tag) {
+    sm90::mbarrier_wait_bounded(bar, parity, Tr::kWaitTimeoutNs, tag);
+  };
 
   const int tid = threadIdx.x, wg = tid / 128;
   if (tid == 0) {
@@ -173,7 +185,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       const Sm90WsItem t = sm90_ws_item<MASK>(p, w);
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
-      sm90::mbarrier_wait(q_empty, (j & 1) ^ 1);
+      wait(q_empty, (j & 1) ^ 1, 1);
       // In slices of 32 rows, not unrolled: the producer's addresses must fit in its kProducerRegs registers.
 #pragma unroll 1
       for (int r0 = 0; r0 < BQ; r0 += 32) {
@@ -188,11 +200,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
           const int s = it % S;
           const uint32_t ph = (it / S) & 1;
           const int key0 = t.lo + n * BK;
-          sm90::mbarrier_wait(k_empty(s), ph ^ 1);
+          wait(k_empty(s), ph ^ 1, 2);
           sm90::mbarrier_arrive_expect_tx(k_full(s), Tr::kKVBytes);
           sm90::tma_load_3d(sk_u + s * Tr::kKVBytes, &P.k_map, 0, key0, t.kv_head, k_full(s));
           sm90::tma_load_3d(sk_u + s * Tr::kKVBytes + Tr::kBoxBytes, &P.k_map, 64, key0, t.kv_head, k_full(s));
-          sm90::mbarrier_wait(v_empty(s), ph ^ 1);
+          wait(v_empty(s), ph ^ 1, 3);
           sm90::mbarrier_arrive_expect_tx(v_full(s), Tr::kKVBytes);
           sm90::tma_load_3d(sv_u + s * Tr::kKVBytes, &P.v_map, 0, key0, t.kv_head, v_full(s));
           sm90::tma_load_3d(sv_u + s * Tr::kKVBytes + Tr::kBoxBytes, &P.v_map, 64, key0, t.kv_head, v_full(s));
@@ -286,14 +298,14 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
     };
 
-    sm90::mbarrier_wait(q_full, j & 1);
+    wait(q_full, j & 1, 11);
     if (t.num_tiles == 0) {
       release(q_empty);  // no key visible to any row of the item: O = 0, lse = -inf
     } else {
       // ---- tile 0: S(0), softmax -> P(0)
       {
         const int slot = it % S;
-        sm90::mbarrier_wait(k_full(slot), (it / S) & 1);
+        wait(k_full(slot), (it / S) & 1, 12);
         issue_s(slot);
         sm90::wgmma_wait<0>();
         sm90::fence_operand(s);
@@ -306,9 +318,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // ---- tiles 1..N-1: S(n) and P(n-1) V(n-1) in flight together
       for (int n = 1; n <= last; ++n) {
         const int slot = (it + n) % S, prev = (it + n - 1) % S;
-        sm90::mbarrier_wait(k_full(slot), ((it + n) / S) & 1);
+        wait(k_full(slot), ((it + n) / S) & 1, 12);
         issue_s(slot);
-        sm90::mbarrier_wait(v_full(prev), ((it + n - 1) / S) & 1);
+        wait(v_full(prev), ((it + n - 1) / S) & 1, 13);
         issue_pv(prev);
         sm90::wgmma_wait<1>();  // S(n) complete (the older group); P(n-1) V(n-1) may still run
         sm90::fence_operand(s);
@@ -331,7 +343,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // ---- the last P V
       {
         const int slot = (it + last) % S;
-        sm90::mbarrier_wait(v_full(slot), ((it + last) / S) & 1);
+        wait(v_full(slot), ((it + last) / S) & 1, 13);
         issue_pv(slot);
         sm90::wgmma_wait<0>();
         sm90::fence_operand(o);

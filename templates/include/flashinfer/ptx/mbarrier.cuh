@@ -59,5 +59,26 @@ FI_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) {
   }
 }
 
+// The same wait, but a pipeline that never completes the phase (a deadlock: a lost arrival, a wrong parity, a TMA
+// byte count that never adds up) traps after timeout_ns of global time instead of hanging the GPU: the launch
+// then fails with cudaErrorLaunchFailure. The clock is only read on the retry path. With FI_MBARRIER_DEBUG defined,
+// the trapping thread first prints the barrier's shared address, the parity and `tag` (the caller's own code).
+FI_DEVICE void mbarrier_wait_bounded(uint32_t bar, uint32_t parity, uint64_t timeout_ns, int tag) {
+  if (mbarrier_try_wait(bar, parity)) return;
+  uint64_t start;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(start));
+  while (!mbarrier_try_wait(bar, parity)) {
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+    if (now - start > timeout_ns) {
+#ifdef FI_MBARRIER_DEBUG
+      printf("mbarrier wait timed out: block %d thread %d barrier 0x%x parity %u tag %d\n", int(blockIdx.x),
+             int(threadIdx.x), bar, parity, tag);
+#endif
+      __trap();
+    }
+  }
+}
+
 }  // namespace sm90
 }  // namespace flashinfer
