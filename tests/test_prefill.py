@@ -241,7 +241,7 @@ def test_single_prefill_fa3_ws_views_empty_kv_and_stream():
     dt = torch.bfloat16
     q = torch.randn(300, 8, 128, device="cuda", dtype=dt)
     big = torch.randn(700, 4, 2, 128, device="cuda", dtype=dt)
-    k, v = big[::2, :, 0], big[1::2, :, 1]  # token stride 1024 elements, head stride 256
+    k, v = big[::2, :, 0], big[1::2, :, 1]  # token stride 2048 elements, head stride 256
     ref, ref_lse = attention(q, k, v, causal=True)
     o, lse = flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True, backend="fa3_ws", return_lse=True)
     assert_close(o, ref)
@@ -1119,6 +1119,9 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
             f(q, k8, k8, backend="fa3_ws")
         with pytest.raises(ValueError, match="fa3_ws.*soft cap"):
             f(q, k, k, logits_soft_cap=5.0, backend="fa3_ws")
+        with pytest.raises(ValueError, match="zero stride"):
+            kz = k[:1].expand(900, 2, 128)
+            f(q, kz, kz, backend="fa3_ws")
         assert rec.loaded == [] and rec.calls == []
         f(q, k, k, causal=True, backend="FA3_WS")
         ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
