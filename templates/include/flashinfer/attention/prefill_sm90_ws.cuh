@@ -29,7 +29,8 @@
 //     q_empty               count kConsumerWarps: after the item's last S = Q K^T completed. The producer
 //                           waits((j & 1) ^ 1) before copying the next item's Q (the next Q is thus loaded
 //                           while the consumers finish the current item's softmax, P V and epilogue).
-//   Named barriers 1 and 2 (128 threads): one consumer warpgroup's epilogue (its own 64 rows of O staging).
+//   Named barriers 1 and 2 (128 threads): one consumer warpgroup's epilogue (its own 64 rows of O staging);
+//   3 and 4 (256 threads): the consumers' turns with -DFI_WS_PINGPONG=1 (off by default).
 //   No block-wide barrier after the initial one: the producer may run ahead by kStages tiles and one Q.
 //
 // ---- Consumer loop (intra-warpgroup overlap: S(n) on the tensor cores while P(n-1) V(n-1) is issued behind it,
@@ -75,6 +76,11 @@ struct Sm90WsTraits {
   static constexpr int BQ = 128;        // packed query rows per work item (64 per consumer warpgroup)
   static constexpr int BK = 128;        // keys per KV tile
   static constexpr int kStages = 2;     // ring depth of K and of V
+#ifdef FI_WS_PINGPONG
+  static constexpr bool kPingPong = FI_WS_PINGPONG;  // consumer warpgroups take turns issuing wgmma (see the kernel)
+#else
+  static constexpr bool kPingPong = false;
+#endif
   static constexpr int kConsumerWarps = 8;
   // Registers per thread after setmaxnreg (-D overrides for probes): 128 * 56 + 256 * 224 <= the SM's 64K. At 40 the
   // producer spills its work-item state (ptxas, CUDA 13.0); the consumers need ~200 (O 64, S 64, P 32 and addresses).
@@ -225,6 +231,18 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   const uint32_t q_base = sq_u + cwg * 64 * sm90::kSwizzleRowBytes;
   constexpr uint32_t kSbo = 8 * sm90::kSwizzleRowBytes;
   constexpr int NB = BK / 8;  // n8 blocks of scores per row
+  // Ping-pong (opt-in, -DFI_WS_PINGPONG=1, for probes): the two consumer warpgroups take turns issuing their wgmma
+  // batches, so that one's softmax runs while the other's products occupy the tensor cores. Warpgroup c bar.syncs
+  // on named barrier 3 + c (256 threads: its own 128 and the other's 128 bar.arrive) before each issue, and
+  // arrives on the other's barrier after it. Both issue the same number of batches per item (N + 1), and consumer
+  // 1 arrives once up front so that consumer 0 goes first; the last arrival of the kernel goes unmatched.
+  auto turn_wait = [&]() {
+    if constexpr (Tr::kPingPong) sm90::named_barrier_sync(3 + cwg, 256);
+  };
+  auto turn_pass = [&]() {
+    if constexpr (Tr::kPingPong) sm90::named_barrier_arrive(3 + (1 - cwg), 256);
+  };
+  if (cwg == 1) turn_pass();
   auto release = [&](uint32_t bar) {
     if (lane == 0) sm90::mbarrier_arrive(bar);
   };
@@ -306,7 +324,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       {
         const int slot = it % S;
         wait(k_full(slot), (it / S) & 1, 12);
+        turn_wait();
         issue_s(slot);
+        turn_pass();
         sm90::wgmma_wait<0>();
         sm90::fence_operand(s);
         release(k_empty(slot));
@@ -319,9 +339,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       for (int n = 1; n <= last; ++n) {
         const int slot = (it + n) % S, prev = (it + n - 1) % S;
         wait(k_full(slot), ((it + n) / S) & 1, 12);
+        turn_wait();
         issue_s(slot);
         wait(v_full(prev), ((it + n - 1) / S) & 1, 13);
         issue_pv(prev);
+        turn_pass();
         sm90::wgmma_wait<1>();  // S(n) complete (the older group); P(n-1) V(n-1) may still run
         sm90::fence_operand(s);
         release(k_empty(slot));
@@ -344,7 +366,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       {
         const int slot = (it + last) % S;
         wait(v_full(slot), ((it + last) / S) & 1, 13);
+        turn_wait();
         issue_pv(slot);
+        turn_pass();
         sm90::wgmma_wait<0>();
         sm90::fence_operand(o);
         sm90::fence_operand(pa);

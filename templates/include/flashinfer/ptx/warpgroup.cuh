@@ -30,5 +30,11 @@ FI_DEVICE void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrives at named barrier `id` without waiting: the producer side of a barrier that other warps bar.sync on (with
+// `threads` counting both the arriving and the waiting threads).
+FI_DEVICE void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 }  // namespace sm90
 }  // namespace flashinfer
