@@ -12,7 +12,7 @@
 //   are numbered heaviest first (the last query tiles see the most keys under a causal mask). The producer and
 //   the consumers walk the same sequence independently: no scheduler state in shared memory.
 //
-// ---- Shared memory: Q (128 rows), O staging (128 rows), K[kStages], V[kStages] (kBK rows each), all in the
+// ---- Shared memory: Q (128 rows), O staging (128 rows), K[kStages], V[kStages] (BK rows each), all in the
 //   wgmma 128-byte-swizzled layout (wgmma.cuh), then the mbarriers.
 //
 // ---- Barriers, who arrives and who waits (parities: mbarrier.cuh). `it` counts the KV tiles a role has gone
@@ -45,12 +45,19 @@
 //   Registers per consumer thread: O 64 + S 64 + P 32 floats/words, ~200 with the rest (kConsumerRegs).
 //
 // Scope: head_dim 128, q/k/v/o one 16-bit type, no mask or causal, GQA, K/V of any strides that TMA takes
-// (base and token/head strides multiples of 16 bytes: NHD and HND contiguous caches). Not (yet): fp8 K/V,
-// paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O, ping-pong of the two
-// consumer warpgroups through named barriers. Paged K/V (a later step): TMA boxes per page for pages of 64+
-// tokens (the page table row resolved by the producer a tile ahead, one box per page of a tile), small pages
-// gathered by the producer warps with cp.async and completed with cp.async.mbarrier.arrive.noinc on the same
-// full barriers, the consumers unchanged.
+// (base and token/head strides multiples of 16 bytes: NHD and HND caches and their views). Not (yet): fp8 K/V,
+// paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O; ping-pong of the two
+// consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
+//
+// Next steps (design, not built):
+//   ragged batch: one 3-D map over the whole ragged K/V (total tokens x heads x head_dim); a work item (request,
+//     query tile) from the plan's list, heaviest first, starts its boxes at the request's first token. A box that
+//     runs into the next request reads real rows, which the key bound hi (the request's kv_len) masks as now.
+//   paged batch: pages of 64+ tokens as TMA boxes of a 4-D map (head_dim, slot, head, page), one box per page a
+//     tile touches, the page ids read by the producer a tile ahead (as paged_row_ahead does); small pages (1, 16)
+//     gathered by the 128 producer threads with cp.async into the same swizzled slots, completed on the same full
+//     barriers with cp.async.mbarrier.arrive.noinc (full barrier count 128 instead of 1 + tx bytes), the consumers
+//     unchanged.
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/prefill_common.cuh"
