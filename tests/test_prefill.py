@@ -264,6 +264,26 @@ def test_single_prefill_fa3_ws_views_empty_kv_and_stream():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("qo_len,kv_len,group", [(129, 129, 1), (1000, 4096, 4), (4096, 4096, 8)])
+def test_single_prefill_fa3_ws_equals_fa3_causal(dtype, qo_len, kv_len, group):
+    """A diagnostic with no tolerance: with a causal mask both Hopper kernels use 128-row query tiles and 128-key
+    KV tiles and do the same floating-point operations in the same order (S by the same wgmma k16 steps, the same
+    online softmax, the O rescale before P(n) V(n) is added, the same epilogue): only the pipeline around them
+    differs, so the outputs and lse should be bitwise equal. The reference tests above are the correctness
+    criterion; if they pass and this one does not, the compilers ordered some arithmetic differently."""
+    _need_hopper()
+    q = torch.randn(qo_len, 2 * group, 128, device="cuda", dtype=dtype)
+    k = torch.randn(kv_len, 2, 128, device="cuda", dtype=dtype)
+    v = torch.randn(kv_len, 2, 128, device="cuda", dtype=dtype)
+    f = flashinfer.single_prefill_with_kv_cache
+    o3, l3 = f(q, k, v, causal=True, backend="fa3", return_lse=True)
+    ow, lw = f(q, k, v, causal=True, backend="fa3_ws", return_lse=True)
+    assert torch.equal(ow, o3), (ow.float() - o3.float()).abs().max().item()
+    assert torch.equal(lw, l3), (lw - l3).abs().max().item()
+
+
+@pytest.mark.gpu
 def test_single_prefill_fa3_ws_refusals():
     _need_hopper()
     q = torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
