@@ -5,7 +5,8 @@
 names in ``flashinfer.prefill``. Two kernels: ``"fa2"`` (templates/include/flashinfer/attention/prefill.cuh; mma.sync
 m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
 sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
-beyond causal or logit transforms).
+beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; opt-in only, fa3's scope with 16-bit K/V) is
+the warp-specialised Hopper kernel: TMA producer warpgroup, two wgmma consumer warpgroups, persistent grid.
 
 The batch wrappers plan in Python (flashinfer/_planning.py: ``schedule_prefill``) and keep FlashInfer's
 attention options on the wrapper (``_causal``, ``_sm_scale``, ``_window_left``, ``_logits_soft_cap``,
