@@ -2,7 +2,7 @@
 
 ``single_prefill_with_kv_cache``, ``single_prefill_with_kv_cache_return_lse``,
 ``BatchPrefillWithRaggedKVCacheWrapper`` and ``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's
-names in ``flashinfer.prefill``. Two kernels: ``"fa2"`` (templates/include/flashinfer/attention/prefill.cuh; mma.sync
+names in ``flashinfer.prefill``. Kernels: ``"fa2"`` (templates/include/flashinfer/attention/prefill.cuh; mma.sync
 m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
 sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
 beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; opt-in only, fa3's scope with 16-bit K/V) is
