@@ -116,13 +116,15 @@ struct Sm90WsTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA per SM");
 };
 
-// The kernel's parameters: the prefill parameters and the K/V tensor maps (3-D: head_dim, token, KV head; boxes of
-// 64 columns x BK keys x 1 head).
+// The kernel's parameters: the prefill parameters and the K/V tensor maps (3-D: head_dim, then token and KV head in
+// the order of their strides; boxes of 64 columns x BK keys x 1 head).
 struct Sm90WsParams {
   CUtensorMap k_map;
   CUtensorMap v_map;
   PrefillParams p;
-  int num_items;  // num_qtiles * num_kv_heads
+  int num_items;      // num_qtiles * num_kv_heads
+  int k_heads_inner;  // the map's dimension 1 is the KV head (NHD), else the token (sm90_ws_kv_map)
+  int v_heads_inner;
 };
 
 // One work item's geometry, computed alike by the producer and the consumers.
@@ -193,6 +195,12 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   if (wg == 0) {
     // ================================================================ producer warpgroup
     sm90::setmaxnreg_dec<Tr::kProducerRegs>();
+    // One K or V tile: its two 64-column boxes (keys key0.., head `head`), completing on mbarrier bar.
+    auto load_kv_tile = [&](uint32_t dst, const CUtensorMap* map, int heads_inner, int key0, int head, uint32_t bar) {
+      const int c1 = heads_inner ? head : key0, c2 = heads_inner ? key0 : head;
+      sm90::tma_load_3d(dst, map, 0, c1, c2, bar);
+      sm90::tma_load_3d(dst + Tr::kBoxBytes, map, 64, c1, c2, bar);
+    };
     int it = 0;  // (thread 0) KV tiles issued so far
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = sm90_ws_item<MASK>(p, w);
@@ -215,12 +223,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
           const int key0 = t.lo + n * BK;
           wait(k_empty(s), ph ^ 1, 2);
           sm90::mbarrier_arrive_expect_tx(k_full(s), Tr::kKVBytes);
-          sm90::tma_load_3d(sk_u + s * Tr::kKVBytes, &P.k_map, 0, key0, t.kv_head, k_full(s));
-          sm90::tma_load_3d(sk_u + s * Tr::kKVBytes + Tr::kBoxBytes, &P.k_map, 64, key0, t.kv_head, k_full(s));
+          load_kv_tile(sk_u + s * Tr::kKVBytes, &P.k_map, P.k_heads_inner, key0, t.kv_head, k_full(s));
           wait(v_empty(s), ph ^ 1, 3);
           sm90::mbarrier_arrive_expect_tx(v_full(s), Tr::kKVBytes);
-          sm90::tma_load_3d(sv_u + s * Tr::kKVBytes, &P.v_map, 0, key0, t.kv_head, v_full(s));
-          sm90::tma_load_3d(sv_u + s * Tr::kKVBytes + Tr::kBoxBytes, &P.v_map, 64, key0, t.kv_head, v_full(s));
+          load_kv_tile(sv_u + s * Tr::kKVBytes, &P.v_map, P.v_heads_inner, key0, t.kv_head, v_full(s));
         }
       }
     }
@@ -409,18 +415,34 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   }
 }
 
-// The K or V tensor map: 3-D (head_dim, kv_len, num_kv_heads) with the tensor's token and head strides (elements),
-// boxes of 64 columns x BK keys x 1 head (kv_len > 0).
+// The K or V tensor map (kv_len > 0): 3-D, head_dim innermost, then the token and head dimensions in the order of
+// their strides (NHD: heads, then tokens; HND: tokens, then heads), so that each stride spans the dimensions inside
+// it as the driver's documentation lays tensors out. Boxes of 64 columns x BK keys x 1 head in either order land in
+// shared memory as BK rows of 64 columns. Returns in *heads_inner which order the kernel's box coordinates take.
 template <typename T>
 static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const PrefillParams& p, int64_t stride_n,
-                                  int64_t stride_h) {
+                                  int64_t stride_h, int* heads_inner) {
   using Tr = Sm90WsTraits;
-  const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(p.kv_len), uint64_t(p.num_kv_heads)};
+  const int64_t heads = p.num_kv_heads, keys = p.kv_len;
+  // The stride of a dimension of size 1 is never stepped over (and torch leaves it arbitrary): make it span the
+  // dimension inside it.
+  if (keys == 1 && heads == 1) {
+    stride_n = stride_h = Tr::kHeadDim;
+  } else if (heads == 1) {
+    stride_h = stride_n * keys;
+  } else if (keys == 1) {
+    stride_n = stride_h * heads;
+  }
+  *heads_inner = heads > 1 && stride_h < stride_n;
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  if (*heads_inner) {
+    const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(heads), uint64_t(keys)};
+    const uint32_t box[3] = {64, 1, uint32_t(Tr::BK)};
+    return encode_tile_map_3d_16bit(map, base, bf16, dims, stride_h, stride_n, box);
+  }
+  const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(keys), uint64_t(heads)};
   const uint32_t box[3] = {64, uint32_t(Tr::BK), 1};
-  // The stride of a dimension of size 1 is never stepped over (and torch leaves it arbitrary): give TMA a valid one.
-  if (p.num_kv_heads == 1) stride_h = int64_t(Tr::kHeadDim) * p.kv_len;
-  if (p.kv_len <= 1) stride_n = Tr::kHeadDim;
-  return encode_tile_map_3d_16bit(map, base, std::is_same<T, __nv_bfloat16>::value, dims, stride_n, stride_h, box);
+  return encode_tile_map_3d_16bit(map, base, bf16, dims, stride_n, stride_h, box);
 }
 
 template <typename DTypeQ, typename DTypeO, MaskMode MASK>
@@ -440,8 +462,9 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   P.p = p;
   P.num_items = p.num_qtiles * p.num_kv_heads;
   if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
-    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h);
-    if (err == cudaSuccess) err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h);
+    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
+    if (err == cudaSuccess)
+      err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
