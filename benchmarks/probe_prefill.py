@@ -1,6 +1,6 @@
 """Development aid: single-prefill time (bf16, head_dim 128, 32 heads) for compile-time variants of the
-kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK), beside SDPA's flash backend in the same
-run. Prints a table; records nothing."""
+kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_PINGPONG, FI_WS_PRODUCER_REGS /
+FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing."""
 
 from __future__ import annotations
 
@@ -21,7 +21,14 @@ import flashinfer.prefill as prefill  # noqa: E402
 from common import graph_ms  # noqa: E402
 from flashinfer import jit  # noqa: E402
 
-VARIANTS = {"fa2": ("fa2", ()), "fa3 bk128": ("fa3", ("-DFI_FA3_BK=128",)), "fa3 bk64": ("fa3", ("-DFI_FA3_BK=64",))}
+VARIANTS = {
+    "fa2": ("fa2", ()),
+    "fa3 bk128": ("fa3", ("-DFI_FA3_BK=128",)),
+    "fa3 bk64": ("fa3", ("-DFI_FA3_BK=64",)),
+    # the warp-specialised kernel (prefill_sm90_ws.cuh), as built and with its consumer warpgroups in ping-pong
+    "fa3_ws": ("fa3_ws", ()),
+    "fa3_ws pingpong": ("fa3_ws", ("-DFI_WS_PINGPONG=1",)),
+}
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 
 

@@ -2,10 +2,11 @@
 
 ``single_prefill_with_kv_cache``, ``single_prefill_with_kv_cache_return_lse``,
 ``BatchPrefillWithRaggedKVCacheWrapper`` and ``BatchPrefillWithPagedKVCacheWrapper`` are drop-ins for FlashInfer's
-names in ``flashinfer.prefill``. Two kernels: ``"fa2"`` (templates/include/flashinfer/attention/prefill.cuh; mma.sync
+names in ``flashinfer.prefill``. Kernels: ``"fa2"`` (templates/include/flashinfer/attention/prefill.cuh; mma.sync
 m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
 sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
-beyond causal or logit transforms).
+beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; opt-in only, fa3's scope with 16-bit K/V) is
+the warp-specialised Hopper kernel: TMA producer warpgroup, two wgmma consumer warpgroups, persistent grid.
 
 The batch wrappers plan in Python (flashinfer/_planning.py: ``schedule_prefill``) and keep FlashInfer's
 attention options on the wrapper (``_causal``, ``_sm_scale``, ``_window_left``, ``_logits_soft_cap``,
@@ -85,6 +86,10 @@ MASK_MODES = ("none", "causal", "custom")
 _MASK_CUDA = {"none": "kNone", "causal": "kCausal", "custom": "kCustom"}
 # Implemented backends; "auto" picks per call.
 BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a), single prefill within _fa3_scope
+# fa3_ws: the warp-specialised Hopper kernel (prefill_sm90_ws.cuh: TMA producer, two wgmma consumer warpgroups,
+# persistent grid), single prefill within _fa3_ws_scope. Opt-in only (backend="fa3_ws"): "auto" never picks it
+# until it has been measured on a GPU.
+SINGLE_BACKENDS = BACKENDS + ("fa3_ws",)
 # KV chunks of a single prefill shorter than this cost more to merge than they gain in parallelism.
 _MIN_CHUNK = 512
 _MAX_CHUNKS = 64
@@ -101,7 +106,7 @@ def _resolve_backend(backend: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     b = backend.lower()
-    if b == "auto" or b in BACKENDS:
+    if b == "auto" or b in SINGLE_BACKENDS:
         return b
     if b in ("cudnn", "trtllm-gen", "cutlass", "cute-dsl"):
         raise NotImplementedError(
@@ -133,6 +138,37 @@ def _fa3_scope(
     return None
 
 
+def _fa3_ws_scope(
+    head_dim: int,
+    dtype_q: str,
+    dtype_kv: str,
+    dtype_o: str,
+    mask_mode: str,
+    pos_encoding_mode: str,
+    use_window: bool,
+    use_logits_soft_cap: bool,
+    use_fp16_qk_reduction: bool,
+) -> Optional[str]:
+    """Why the fa3_ws (warp-specialised TMA) kernel cannot run a configuration, or None when it can: fa3's scope
+    without fp8 K/V (TMA copies K/V as stored; there is no widening step yet)."""
+    why = _fa3_scope(
+        head_dim,
+        dtype_q,
+        dtype_kv,
+        dtype_o,
+        mask_mode,
+        pos_encoding_mode,
+        use_window,
+        use_logits_soft_cap,
+        use_fp16_qk_reduction,
+    )
+    if why is not None:
+        return why.replace("fa3 takes", "fa3_ws takes")
+    if dtype_kv != dtype_q:
+        return f"kv dtype {dtype_kv} (fa3_ws takes k and v in q's dtype, no fp8)"
+    return None
+
+
 # Packed query rows per CTA that "auto" assumes of the fa3 kernel when deciding whether its tiles alone fill
 # the GPU, before loading its module (which reports the real value, checked when it runs).
 _FA3_QUERY_TILE = 128
@@ -144,13 +180,26 @@ def _device_capability(index: int) -> Tuple[int, int]:
 
 
 def _single_backend(
-    backend: str, why_not_fa3: Optional[str], device: torch.device, qo_rows: int, num_kv_heads: int
+    backend: str,
+    why_not_fa3: Optional[str],
+    device: torch.device,
+    qo_rows: int,
+    num_kv_heads: int,
+    why_not_fa3_ws: Optional[str] = None,
 ) -> str:
     """The kernel of a single-prefill call. "auto": fa3 on Hopper where it applies and its query tiles alone
-    fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features)."""
+    fill the GPU (it has no KV split); fa2 otherwise (short queries, other GPUs, other features). "fa3_ws" only
+    when asked for by name."""
     if backend == "fa2":
         return "fa2"
     on_hopper = _device_capability(device.index) == (9, 0)
+    if backend == "fa3_ws":
+        if why_not_fa3_ws is not None:
+            raise ValueError(f"backend='fa3_ws' cannot run this call: {why_not_fa3_ws}; use backend='fa2' or 'auto'")
+        if not on_hopper:
+            major, minor = _device_capability(device.index)
+            raise ValueError(f"backend='fa3_ws' needs a Hopper GPU (sm_90); {device} is sm_{major}{minor}")
+        return "fa3_ws"
     if backend == "fa3":
         if why_not_fa3 is not None:
             raise ValueError(f"backend='fa3' cannot run this call: {why_not_fa3}; use backend='fa2' or 'auto'")
@@ -180,8 +229,24 @@ class _PrefillSpecBase(AttentionSpec):
             return "use_fp16_qk_reduction needs float16 q/k (tensor cores accumulate in fp16 only for fp16 inputs)"
         if self.mask_mode not in MASK_MODES:
             return f"mask_mode {self.mask_mode!r} is not one of {MASK_MODES}"
-        if self.backend not in BACKENDS:
-            return f"backend {self.backend!r} is not implemented"
+        if self.backend not in self.own_axes["backend"]:
+            return f"backend {self.backend!r} is not implemented" + (
+                " (fa3_ws: single-request prefill only)" if self.backend == "fa3_ws" else ""
+            )
+        if self.backend == "fa3_ws":
+            why = _fa3_ws_scope(
+                self.head_dim,
+                self.dtype_q,
+                self.dtype_kv,
+                self.dtype_o,
+                self.mask_mode,
+                self.pos_encoding_mode,
+                self.use_window,
+                self.use_logits_soft_cap,
+                self.use_fp16_qk_reduction,
+            )
+            if why is not None:
+                return f"outside the fa3_ws backend's scope: {why}"
         if self.backend == "fa3":
             if self.family != "prefill_single":
                 return "the fa3 backend covers single-request prefill only"
@@ -201,7 +266,7 @@ class _PrefillSpecBase(AttentionSpec):
         return None
 
     def needs_sm90a(self) -> bool:
-        return self.backend == "fa3"
+        return self.backend in ("fa3", "fa3_ws")
 
 
 @register_family
@@ -216,6 +281,7 @@ class SinglePrefillSpec(_PrefillSpecBase):
     use_fp16_qk_reduction: bool = False
     backend: str = "fa2"
 
+    own_axes = {**_PrefillSpecBase.own_axes, "backend": SINGLE_BACKENDS}
     family = "prefill_single"
     template = "single_prefill.cu.jinja"
     launchers = (
@@ -389,7 +455,25 @@ def _single_run(
         opts.soft_cap > 0,
         opts.use_fp16_qk_reduction,
     )
-    backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads)
+    why_not_fa3_ws = None
+    if opts.backend == "fa3_ws":
+        why_not_fa3_ws = _fa3_ws_scope(
+            head_dim,
+            dq,
+            dk,
+            dq,
+            opts.mask_mode,
+            opts.pos_encoding_mode,
+            opts.window_left >= 0,
+            opts.soft_cap > 0,
+            opts.use_fp16_qk_reduction,
+        )
+        if why_not_fa3_ws is None:
+            # TMA reads K/V through a tensor map: a zero stride (an expanded view) is not one it can describe.
+            for name, t in (("k", k), ("v", v)):
+                if any(t.size(i) > 1 and t.stride(i) == 0 for i in range(2)):
+                    why_not_fa3_ws = f"{name} has a zero stride {t.stride()} (fa3_ws reads K/V with TMA)"
+    backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads, why_not_fa3_ws)
     spec = SinglePrefillSpec(
         head_dim=head_dim,
         dtype_q=dq,
@@ -404,7 +488,7 @@ def _single_run(
     )
     mod = _module(spec)
     fp8 = dk in FP8_KV_DTYPES
-    if backend == "fa3":
+    if backend in ("fa3", "fa3_ws"):
         num_chunks, chunk_size = 1, kv_len
     else:
         num_chunks, chunk_size = _single_chunks(spec, device, qo_len, kv_len, group, num_kv_heads)
@@ -575,7 +659,9 @@ def single_prefill_with_kv_cache(
         ``"auto"``, ``"fa2"`` (mma.sync tensor cores, any sm_80+ GPU) or ``"fa3"`` (Hopper wgmma; head_dim 128,
         float16/bfloat16, no mask or causal, no position encoding, window, soft cap or fp16 QK reduction).
         ``"auto"`` takes fa3 on Hopper when the call is within its scope and has enough query tiles to fill the
-        GPU, fa2 otherwise.
+        GPU, fa2 otherwise. ``"fa3_ws"`` (an extension over FlashInfer's values, opt-in, never chosen by
+        ``"auto"``): the warp-specialised Hopper kernel (TMA loads by a producer warpgroup, two wgmma consumer
+        warpgroups, persistent grid); fa3's scope with k and v in q's dtype (no fp8).
     return_lse : bool
         Also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
     kv_cache_sf : (torch.Tensor, torch.Tensor), optional
@@ -823,9 +909,9 @@ class _BatchPrefillBase:
             raise not_supported(
                 "jit_args" if jit_args is not None else "jit_kwargs", "...", "None (the built-in kernels)"
             )
-        if _resolve_backend(backend) == "fa3":
+        if _resolve_backend(backend) in ("fa3", "fa3_ws"):
             raise ValueError(
-                "the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
+                f"the {backend.lower()} backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
                 "(backend='auto' or 'fa2')"
             )
         self._backend = "fa2"

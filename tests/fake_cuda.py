@@ -126,9 +126,13 @@ def _representative(spec: Any) -> Any:
     kw = {"head_dim": spec.head_dim} if "head_dim" in fields else {}
     if "kv_storage" in fields:
         kw["kv_storage"] = spec.kv_storage
-    if "backend" in fields and spec.backend == "fa3":
+    if "backend" in fields and spec.backend in ("fa3", "fa3_ws"):
         kw.update(
-            backend="fa3", mask_mode=spec.mask_mode, dtype_q=spec.dtype_q, dtype_kv=spec.dtype_kv, dtype_o=spec.dtype_o
+            backend=spec.backend,
+            mask_mode=spec.mask_mode,
+            dtype_q=spec.dtype_q,
+            dtype_kv=spec.dtype_kv,
+            dtype_o=spec.dtype_o,
         )
     return type(spec)(**kw)
 

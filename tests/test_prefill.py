@@ -5,6 +5,8 @@ validation that needs no GPU, and a real nvcc build of one prefill module."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -170,6 +172,137 @@ def test_single_prefill_fa3(dtype, mask_mode, qo_len, kv_len, group):
         pytest.skip("the fa3 backend needs a Hopper (sm_90) GPU")
     layout = "HND" if qo_len % 2 else "NHD"
     _run_single(qo_len, kv_len, 2, group, 128, dtype, layout=layout, mask_mode=mask_mode, backend="fa3")
+
+
+# The warp-specialised Hopper kernel (backend="fa3_ws", prefill_sm90_ws.cuh): query and key lengths around its
+# 128-row query tiles and 128-key KV tiles (1, mid-tile, one short of / at / one past a tile, long), GQA 1/4/8.
+# Causal needs qo_len <= kv_len (FlashInfer's single prefill aligns the mask bottom-right; qo_len > kv_len is
+# refused, see test_single_prefill_fa3_ws_refusals); without a mask every pair runs, qo_len > kv_len included.
+_WS_PAIRS = [
+    (1, 1),
+    (17, 17),
+    (64, 64),
+    (127, 127),
+    (128, 128),
+    (129, 129),
+    (1000, 1000),
+    (4096, 4096),
+    (1, 4096),
+    (17, 1000),
+    (127, 129),
+    (129, 8192),
+    (1000, 4096),
+    (129, 17),
+    (1000, 127),
+    (4096, 64),
+]
+
+
+def _need_hopper(what: str = "the fa3_ws backend") -> None:
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"{what} needs a Hopper (sm_90) GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("qo_len,kv_len", _WS_PAIRS, ids=[f"q{a}-kv{b}" for a, b in _WS_PAIRS])
+def test_single_prefill_fa3_ws(dtype, mask_mode, group, qo_len, kv_len):
+    _need_hopper()
+    if mask_mode == "causal" and qo_len > kv_len:
+        pytest.skip("causal needs qo_len <= kv_len (refused: test_single_prefill_fa3_ws_refusals)")
+    layout = "HND" if (qo_len + group) % 2 else "NHD"
+    _run_single(qo_len, kv_len, 2, group, 128, dtype, layout=layout, mask_mode=mask_mode, backend="fa3_ws")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+@pytest.mark.parametrize("qo_len,kv_len,group", [(8192, 8192, 1), (8321, 8321, 8), (2000, 16384, 4)])
+def test_single_prefill_fa3_ws_long(mask_mode, qo_len, kv_len, group):
+    """Long sequences: 64-130 KV tiles per work item, so every ring slot's mbarrier wraps its phase many times."""
+    _need_hopper()
+    _run_single(qo_len, kv_len, 1, group, 128, torch.bfloat16, mask_mode=mask_mode, backend="fa3_ws")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+def test_single_prefill_fa3_ws_many_items_per_cta(mask_mode):
+    """More work items than SMs (the persistent grid walks ~8-16 items per CTA: the Q barriers' phases and the K/V
+    ring position carry over from item to item), heads and GQA mixed, a scale other than the default."""
+    _need_hopper()
+    _run_single(3000, 3000, 8, 4, 128, torch.float16, mask_mode=mask_mode, backend="fa3_ws", sm_scale=0.05)
+    _run_single(2000, 2500, 16, 1, 128, torch.bfloat16, mask_mode=mask_mode, backend="fa3_ws")
+
+
+@pytest.mark.gpu
+def test_single_prefill_fa3_ws_views_empty_kv_and_stream():
+    """Strided K/V views (TMA takes any 16-byte multiple strides), a single KV row and KV head, no keys at all
+    (zeros and lse -inf), and the launch on the current stream."""
+    _need_hopper()
+    dt = torch.bfloat16
+    q = torch.randn(300, 8, 128, device="cuda", dtype=dt)
+    big = torch.randn(700, 4, 2, 128, device="cuda", dtype=dt)
+    k, v = big[::2, :, 0], big[1::2, :, 1]  # token stride 2048 elements, head stride 256
+    ref, ref_lse = attention(q, k, v, causal=True)
+    o, lse = flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True, backend="fa3_ws", return_lse=True)
+    assert_close(o, ref)
+    _check_lse(lse, ref_lse)
+    k1 = torch.randn(1, 1, 128, device="cuda", dtype=dt)
+    o1 = flashinfer.single_prefill_with_kv_cache(q[:5, :4], k1, k1, backend="fa3_ws")
+    assert_close(o1, attention(q[:5, :4], k1, k1)[0])
+    z, zl = flashinfer.single_prefill_with_kv_cache(q[:3], k[:0], k[:0], return_lse=True, backend="fa3_ws")
+    assert (z == 0).all() and torch.isinf(zl).all() and (zl < 0).all()
+    k_src = torch.randn(4096, 8, 128, device="cuda", dtype=dt)
+    kk = torch.full_like(k_src, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)
+        kk.copy_(k_src)
+        o2 = flashinfer.single_prefill_with_kv_cache(q, kk, kk, causal=True, backend="fa3_ws")
+    side.synchronize()
+    assert_close(o2, attention(q, k_src, k_src, causal=True)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("qo_len,kv_len,group", [(129, 129, 1), (1000, 4096, 4), (4096, 4096, 8)])
+def test_single_prefill_fa3_ws_equals_fa3_causal(dtype, qo_len, kv_len, group):
+    """A diagnostic with no tolerance: with a causal mask both Hopper kernels use 128-row query tiles and 128-key
+    KV tiles and do the same floating-point operations in the same order (S by the same wgmma k16 steps, the same
+    online softmax, the O rescale before P(n) V(n) is added, the same epilogue): only the pipeline around them
+    differs, so the outputs and lse should be bitwise equal. The reference tests above are the correctness
+    criterion; if they pass and this one does not, the compilers ordered some arithmetic differently."""
+    _need_hopper()
+    q = torch.randn(qo_len, 2 * group, 128, device="cuda", dtype=dtype)
+    k = torch.randn(kv_len, 2, 128, device="cuda", dtype=dtype)
+    v = torch.randn(kv_len, 2, 128, device="cuda", dtype=dtype)
+    f = flashinfer.single_prefill_with_kv_cache
+    o3, l3 = f(q, k, v, causal=True, backend="fa3", return_lse=True)
+    ow, lw = f(q, k, v, causal=True, backend="fa3_ws", return_lse=True)
+    assert torch.equal(ow, o3), (ow.float() - o3.float()).abs().max().item()
+    assert torch.equal(lw, l3), (lw - l3).abs().max().item()
+
+
+@pytest.mark.gpu
+def test_single_prefill_fa3_ws_refusals():
+    _need_hopper()
+    q = torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(10, 2, 128, device="cuda", dtype=torch.bfloat16)
+    f = flashinfer.single_prefill_with_kv_cache
+    with pytest.raises(ValueError, match="qo_len <= kv_len"):
+        f(q, k, k, causal=True, backend="fa3_ws")
+    with pytest.raises(ValueError, match="fa3_ws"):
+        f(q, k, k, window_left=3, backend="fa3_ws")
+    with pytest.raises(ValueError, match="fa3_ws takes 128"):
+        f(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), backend="fa3_ws")
+    with pytest.raises(ValueError, match="no fp8"):
+        k8 = k.to(torch.float8_e4m3fn)
+        f(q, k8, k8, backend="fa3_ws")
+    with pytest.raises(ValueError, match="zero stride"):
+        kz = k[:1].expand(10, 2, 128)
+        f(q, kz, kz, backend="fa3_ws")
 
 
 @pytest.mark.gpu
@@ -984,14 +1117,65 @@ def test_single_spec_names_and_matrix():
     )
     supported = [s for s in specs if s.unsupported_reason() is None]
     # Per KV dtype (q's 16-bit one, e4m3, e5m2): fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos
-    # x window x softcap; fa3: head_dim 128 x (bf16, f16) x (none, causal)
-    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2)
-    assert len([s for s in supported if s.dtype_kv == s.dtype_q]) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2
+    # x window x softcap; fa3: head_dim 128 x (bf16, f16) x (none, causal); fa3_ws: as fa3, 16-bit KV only
+    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2) + 2 * 2
+    assert len([s for s in supported if s.dtype_kv == s.dtype_q]) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2 + 2 * 2
     fa3 = [s for s in supported if s.backend == "fa3" and s.dtype_kv == s.dtype_q]
     assert {(s.dtype_q, s.mask_mode) for s in fa3} == {(d, m) for d in ("bf16", "f16") for m in ("none", "causal")}
     assert all(s.needs_sm90a() for s in fa3) and not any(s.needs_sm90a() for s in supported if s.backend == "fa2")
     assert "fa3" in SinglePrefillSpec(mask_mode="custom", backend="fa3").unsupported_reason()
     assert "single-request" in BatchPrefillSpec(backend="fa3").unsupported_reason()
+
+
+def test_fa3_ws_spec_scope_and_rendering():
+    """fa3_ws is a backend value of the single-prefill family only: fa3's scope without fp8 K/V, built for sm_90a;
+    its module includes prefill_sm90_ws.cuh, and the fa2/fa3 modules render as before (no fa3_ws code in them)."""
+    from flashinfer.jit.templating import render
+
+    ws = [s for s in SinglePrefillSpec.expand(backend=("fa3_ws",)) if s.unsupported_reason() is None]
+    assert {(s.head_dim, s.dtype_q, s.dtype_kv, s.mask_mode, s.pos_encoding_mode) for s in ws} == {
+        (128, d, d, m, "NONE") for d in ("bf16", "f16") for m in ("none", "causal")
+    }
+    assert all(s.needs_sm90a() and s.name().endswith("_fa3_ws") for s in ws)
+    assert "no fp8" in SinglePrefillSpec(128, "bf16", "e4m3", "bf16", backend="fa3_ws").unsupported_reason()
+    assert "fa3_ws" in SinglePrefillSpec(128, mask_mode="custom", backend="fa3_ws").unsupported_reason()
+    assert "fa3_ws takes 128" in SinglePrefillSpec(64, backend="fa3_ws").unsupported_reason()
+    assert "single-request" in BatchPrefillSpec(backend="fa3_ws").unsupported_reason()
+    assert "fa3_ws" not in BatchPrefillSpec.axes()["backend"]
+    src = render(SinglePrefillSpec(128, "f16", "f16", "f16", "causal", backend="fa3_ws"))["single_prefill.cu"]
+    assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src and "launch_sm90_ws_single_prefill<" in src
+    for other in ("fa3", "fa2"):
+        src = render(SinglePrefillSpec(128, "f16", "f16", "f16", "causal", backend=other))["single_prefill.cu"]
+        assert "sm90_ws" not in src.replace("prefill_sm90_ws.cuh (fa3_ws)", "")
+
+
+def test_fa3_ws_single_prefill_dispatch(monkeypatch):
+    """On fake CUDA tensors (a fake Hopper): backend="fa3_ws" launches the fa3_ws module with one KV chunk and no
+    workspace; "auto" never picks it; what it cannot run is refused before any module loads."""
+    from fake_cuda import cuda, fake_cuda
+    from flashinfer.prefill import _single_backend
+
+    bf = torch.bfloat16
+    with fake_cuda(monkeypatch) as rec:
+        q, k = cuda(torch.randn(300, 8, 128).to(bf)), cuda(torch.randn(900, 2, 128).to(bf))
+        f = flashinfer.single_prefill_with_kv_cache
+        with pytest.raises(ValueError, match="no fp8"):
+            k8 = cuda(torch.randn(900, 2, 128).to(torch.float8_e4m3fn))
+            f(q, k8, k8, backend="fa3_ws")
+        with pytest.raises(ValueError, match="fa3_ws.*soft cap"):
+            f(q, k, k, logits_soft_cap=5.0, backend="fa3_ws")
+        with pytest.raises(ValueError, match="zero stride"):
+            kz = k[:1].expand(900, 2, 128)
+            f(q, kz, kz, backend="fa3_ws")
+        assert rec.loaded == [] and rec.calls == []
+        f(q, k, k, causal=True, backend="FA3_WS")
+        ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
+        assert kw["_spec"] == SinglePrefillSpec(128, "bf16", "bf16", "bf16", "causal", backend="fa3_ws")
+        assert kw["num_chunks"] == 1 and kw["workspace"] is None
+        # "auto" on the (fake) Hopper: fa3 for many query tiles, fa2 for few; never fa3_ws
+        dev = torch.device("cuda", 0)
+        assert _single_backend("auto", None, dev, 1 << 20, 32) == "fa3"
+        assert _single_backend("auto", None, dev, 128, 1) == "fa2"
 
 
 @pytest.mark.parametrize(
@@ -1000,6 +1184,8 @@ def test_single_spec_names_and_matrix():
 def test_batch_wrappers_refuse_the_fa3_backend(cls):
     with pytest.raises(ValueError, match="fa3 backend covers single_prefill"):
         cls(torch.empty(16, dtype=torch.uint8), backend="fa3")
+    with pytest.raises(ValueError, match="fa3_ws backend covers single_prefill"):
+        cls(torch.empty(16, dtype=torch.uint8), backend="fa3_ws")
     with pytest.raises(NotImplementedError, match="cudnn"):
         cls(torch.empty(16, dtype=torch.uint8), backend="cudnn")
     with pytest.raises(ValueError, match="backend must be"):
@@ -1284,6 +1470,53 @@ _FP8_NO_SPILL_SPECS = [
     SinglePrefillSpec(128, "bf16", "e4m3", "bf16", backend="fa3"),
     SinglePrefillSpec(128, "f16", "e5m2", "f16", "causal", backend="fa3"),
 ]
+
+
+def test_fa3_ws_kernel_keeps_to_registers(tmp_path, monkeypatch):
+    """A real sm_90a build of the warp-specialised kernel: one kernel, no stack frame or spills at its setmaxnreg
+    split (producer 56, consumers 224 registers); the launch register count is the 168 that the split is carved
+    out of (384 threads x 168 = 128 x 56 + 256 x 224: less, and setmaxnreg.inc would wait forever). Its module
+    loads, exports the single-prefill launchers and reports its tiles."""
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    spec = SinglePrefillSpec(128, "bf16", "bf16", "bf16", "causal", backend="fa3_ws")
+    report = jit.ensure_built(spec)
+    assert_register_only(report, kernels=1)
+    log = report.log_path.read_text()
+    assert "Used 168 registers" in log, [ln for ln in log.splitlines() if "registers" in ln]
+    assert "serialized" not in log  # ptxas's wgmma serialisation advisory: the overlap would be lost
+    mod = jit.load(spec)
+    assert mod.fn("flashinfer_single_prefill") is not None and mod.fn("flashinfer_single_prefill_occupancy") is not None
+    assert mod.constants["query_tile"] == 128 and mod.constants["kv_tile"] == 128
+    # The machine code has the pipeline's parts (where a cuobjdump is at hand: the toolkit's or triton's bundle):
+    # the register split, TMA loads, and a wait that leaves one wgmma group in flight (S(n) done, P V(n-1) not).
+    sass = _sass(next(Path(report.entry_dir).glob("*.so")))
+    if sass is not None:
+        for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):
+            assert part in sass, part
+
+
+def _sass(library) -> Optional[str]:
+    """cuobjdump -sass of a library, or None when no cuobjdump is found."""
+    import os
+    import shutil
+    import subprocess
+
+    candidates = [
+        shutil.which("cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+    ]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    tool = next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    if tool is None:
+        return None
+    return subprocess.run([tool, "-sass", str(library)], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("spec", _FP8_NO_SPILL_SPECS, ids=lambda s: s.name())

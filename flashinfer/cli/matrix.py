@@ -69,6 +69,9 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 # preset's value for the same flag (in every group); axes not mentioned take all supported values; a setting
 # for an axis a family lacks is ignored (so one "*" preset serves every family).
 _NO_EXTRAS = {"window": "off", "softcap": "off", "axis:use_fp16_qk_reduction": "off"}
+# The prefill backends a serving preset builds: "auto" and "fa2"/"fa3" load these; the opt-in fa3_ws kernel
+# (single prefill, backend="fa3_ws" only) is left to "all" and the test matrix.
+_SERVING_BACKENDS = {"axis:backend": "fa2,fa3"}
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "test": {
@@ -91,6 +94,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "pos_encodings": "NONE",
                 "axis:mask_mode": "causal,custom",
                 **_NO_EXTRAS,
+                **_SERVING_BACKENDS,
             }
         },
     },
@@ -106,6 +110,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "axis:mask_mode": "causal",
                 "window": "off",
                 "softcap": "off",
+                **_SERVING_BACKENDS,
             }
         },
     },
@@ -122,6 +127,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "window": "on,off",
                 "softcap": "on",
                 "axis:use_fp16_qk_reduction": "off",
+                **_SERVING_BACKENDS,
             }
         },
     },
@@ -137,6 +143,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "window": "off",
                 "softcap": "off",
                 "axis:use_fp16_qk_reduction": "off",
+                **_SERVING_BACKENDS,
             }
         },
     },
@@ -166,6 +173,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "pos_encodings": "NONE",
                 "axis:mask_mode": "causal",
                 **_NO_EXTRAS,
+                **_SERVING_BACKENDS,
             },
             "prefill_batch": {
                 "dtype_q": "bf16",

@@ -154,5 +154,28 @@ FI_DEVICE void wgmma_m64n128k16_rs<__half>(float (&)[64], const uint32_t (&)[4],
 }
 #endif
 
+// Pins registers that an in-flight wgmma reads or writes (accumulators, register A fragments) at this point of
+// the program: the compiler sees them read and rewritten here, so it neither moves their other uses across the
+// wgmma_wait that precedes this call nor reuses their registers while the wgmma may still be using them.
+// Call it on the operands of an asynchronous wgmma right after the wgmma_wait that completes it.
+template <int N>
+FI_DEVICE void fence_operand(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// An int hidden from the optimiser (the same as opaque() above, for index arithmetic that must not be hoisted out of
+// a loop and held in registers across it).
+FI_DEVICE int opaque_int(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+template <int M, int N>
+FI_DEVICE void fence_operand(uint32_t (&r)[M][N]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
 }  // namespace sm90
 }  // namespace flashinfer

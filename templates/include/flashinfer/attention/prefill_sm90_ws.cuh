@@ -1,0 +1,475 @@
+// Warp-specialised prefill attention on Hopper (sm_90a): TMA producer, two wgmma consumer warpgroups, a persistent
+// grid. The "fa3_ws" backend of single-request prefill (opt-in: backend="fa3_ws"; "fa3" is prefill_sm90.cuh).
+//
+// ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
+//   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs): all 128 threads copy each work item's query tile
+//     into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone then issues the
+//     K and V tiles of the item as TMA boxes into a kStages-deep ring.
+//   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs): 64 packed query rows each of the item's
+//     128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
+//
+// ---- Work items (persistent grid): item w = (query tile, KV head), w = blockIdx.x, + gridDim.x, ...; items
+//   are numbered heaviest first (the last query tiles see the most keys under a causal mask). The producer and
+//   the consumers walk the same sequence independently: no scheduler state in shared memory.
+//
+// ---- Shared memory: Q (128 rows), O staging (128 rows), K[kStages], V[kStages] (BK rows each), all in the
+//   wgmma 128-byte-swizzled layout (wgmma.cuh), then the mbarriers.
+//
+// ---- Barriers, who arrives and who waits (parities: mbarrier.cuh). `it` counts the KV tiles a role has gone
+//   through since the kernel started (over all its items); tile `it` sits in ring slot s = it % kStages, and
+//   that slot's barriers are in the phase of parity ph = (it / kStages) & 1 for it. `j` counts the items.
+//     k_full[s], v_full[s]  count 1: the producer's arrive.expect_tx(tile bytes), plus the TMA bytes.
+//                           Consumers wait(ph) before reading the slot.
+//     k_empty[s], v_empty[s] count kConsumerWarps: lane 0 of every consumer warp arrives once the wgmma
+//                           reading the slot has completed (after its wgmma_wait). The producer waits(ph ^ 1)
+//                           before refilling the slot (the first pass, parity 1 of a fresh barrier, is free).
+//     q_full                count 128: every producer thread arrives after its Q copies landed
+//                           (cp.async.wait_group 0, then fence.proxy.async so wgmma sees them). Consumers
+//                           wait(j & 1).
+//     q_empty               count kConsumerWarps: after the item's last S = Q K^T completed. The producer
+//                           waits((j & 1) ^ 1) before copying the next item's Q (the next Q is thus loaded
+//                           while the consumers finish the current item's softmax, P V and epilogue).
+//   Named barriers 1 and 2 (128 threads): one consumer warpgroup's epilogue (its own 64 rows of O staging);
+//   3 and 4 (256 threads): the consumers' turns with -DFI_WS_PINGPONG=1 (off by default).
+//   No block-wide barrier after the initial one: the producer may run ahead by kStages tiles and one Q.
+//
+// ---- Consumer loop (intra-warpgroup overlap: S(n) on the tensor cores while P(n-1) V(n-1) is issued behind it,
+//   and the softmax of S(n) runs while P(n-1) V(n-1) is still executing):
+//     S(0) = Q K(0)^T; wait; release K(0); mask, softmax(S(0)) -> P(0)
+//     for n = 1 .. N-1:
+//       issue S(n) = Q K(n)^T          (wgmma group A)
+//       issue O += P(n-1) V(n-1)       (wgmma group B)
+//       wait<1>: A done -> release K(n) (and Q after the last one); mask, softmax(S(n)) -> rescale factor
+//       wait<0>: B done -> release V(n-1); O *= factor (only if some row max moved); P(n) = S(n) as 16 bits
+//     O += P(N-1) V(N-1); wait; release V(N-1)
+//   Registers per consumer thread: O 64 + S 64 + P 32 floats/words, ~200 with the rest (kConsumerRegs).
+//
+// Scope: head_dim 128, q/k/v/o one 16-bit type, no mask or causal, GQA, K/V of any strides that TMA takes
+// (base and token/head strides multiples of 16 bytes: NHD and HND caches and their views). Not (yet): fp8 K/V,
+// paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O; ping-pong of the two
+// consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
+//
+// Next steps (design, not built):
+//   ragged batch: one 3-D map over the whole ragged K/V (total tokens x heads x head_dim); a work item (request,
+//     query tile) from the plan's list, heaviest first, starts its boxes at the request's first token. A box that
+//     runs into the next request reads real rows, which the key bound hi (the request's kv_len) masks as now.
+//   paged batch: pages of 64+ tokens as TMA boxes of a 4-D map (head_dim, slot, head, page), one box per page a
+//     tile touches, the page ids read by the producer a tile ahead (as paged_row_ahead does); small pages (1, 16)
+//     gathered by the 128 producer threads with cp.async into the same swizzled slots, completed on the same full
+//     barriers with cp.async.mbarrier.arrive.noinc (full barrier count 128 instead of 1 + tx bytes), the consumers
+//     unchanged.
+#pragma once
+#include "flashinfer/attention/mask.cuh"
+#include "flashinfer/attention/prefill_common.cuh"
+#include "flashinfer/attention/state.cuh"
+#include "flashinfer/common.cuh"
+#include "flashinfer/host/launch.cuh"
+#include "flashinfer/host/tma.cuh"
+#include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/math.cuh"
+#include "flashinfer/ptx/mbarrier.cuh"
+#include "flashinfer/ptx/smem.cuh"
+#include "flashinfer/ptx/tma.cuh"
+#include "flashinfer/ptx/warpgroup.cuh"
+#include "flashinfer/ptx/wgmma.cuh"
+
+#include <type_traits>
+
+namespace flashinfer {
+
+struct Sm90WsTraits {
+  static constexpr int kHeadDim = 128;
+  static constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
+  static constexpr int BQ = 128;        // packed query rows per work item (64 per consumer warpgroup)
+  static constexpr int BK = 128;        // keys per KV tile
+  static constexpr int kStages = 2;     // ring depth of K and of V
+#ifdef FI_WS_PINGPONG
+  static constexpr bool kPingPong = FI_WS_PINGPONG;  // consumer warpgroups take turns issuing wgmma (see the kernel)
+#else
+  static constexpr bool kPingPong = false;
+#endif
+  static constexpr int kConsumerWarps = 8;
+  // Registers per thread after setmaxnreg (-D overrides for probes): 128 * 56 + 256 * 224 <= the SM's 64K. At 40 the
+  // producer spills its work-item state (ptxas, CUDA 13.0); the consumers need ~200 (O 64, S 64, P 32 and addresses).
+#ifdef FI_WS_PRODUCER_REGS
+  static constexpr int kProducerRegs = FI_WS_PRODUCER_REGS;
+#else
+  static constexpr int kProducerRegs = 56;
+#endif
+#ifdef FI_WS_CONSUMER_REGS
+  static constexpr int kConsumerRegs = FI_WS_CONSUMER_REGS;
+#else
+  static constexpr int kConsumerRegs = 224;
+#endif
+  // A wait longer than this is a deadlock (an item takes milliseconds; compute-sanitizer slows it 100-1000x).
+#ifdef FI_WS_WAIT_TIMEOUT_NS
+  static constexpr uint64_t kWaitTimeoutNs = FI_WS_WAIT_TIMEOUT_NS;
+#else
+  static constexpr uint64_t kWaitTimeoutNs = 60ull * 1000 * 1000 * 1000;
+#endif
+  static constexpr int kQBytes = BQ * kHeadDim * 2;
+  static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its two boxes
+  static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
+  static constexpr int kBarriers = 4 * kStages + 2;   // k_full, k_empty, v_full, v_empty per slot; q_full, q_empty
+  static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register split over the SM's file");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA per SM");
+};
+
+// The kernel's parameters: the prefill parameters and the K/V tensor maps (3-D: head_dim, then token and KV head in
+// the order of their strides; boxes of 64 columns x BK keys x 1 head).
+struct Sm90WsParams {
+  CUtensorMap k_map;
+  CUtensorMap v_map;
+  PrefillParams p;
+  int num_items;      // num_qtiles * num_kv_heads
+  int k_heads_inner;  // the map's dimension 1 is the KV head (NHD), else the token (sm90_ws_kv_map)
+  int v_heads_inner;
+};
+
+// One work item's geometry, computed alike by the producer and the consumers.
+struct Sm90WsItem {
+  int kv_head, pr0, rows_here, delta, tok_min, tok_max, lo, hi, num_tiles;
+};
+
+template <MaskMode MASK>
+FI_DEVICE Sm90WsItem sm90_ws_item(const PrefillParams& p, int w) {
+  using Tr = Sm90WsTraits;
+  Sm90WsItem t;
+  const int qtile = p.num_qtiles - 1 - w / p.num_kv_heads;  // heaviest first
+  t.kv_head = w % p.num_kv_heads;
+  t.pr0 = qtile * Tr::BQ;
+  t.rows_here = min(Tr::BQ, p.qo_len * p.group_size - t.pr0);
+  t.delta = p.kv_len - p.qo_len;
+  t.tok_min = t.pr0 / p.group_size;
+  t.tok_max = (t.pr0 + t.rows_here - 1) / p.group_size;
+  visible_key_range<MASK, false>(0, p.kv_len, p.kv_len, t.delta, t.tok_min, t.tok_max, 0, t.lo, t.hi);
+  t.num_tiles = t.hi > t.lo ? ceil_div(t.hi - t.lo, Tr::BK) : 0;
+  return t;
+}
+
+template <typename DTypeQ, typename DTypeO, MaskMode MASK>
+__global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
+    sm90_ws_single_prefill_kernel(const __grid_constant__ Sm90WsParams P) {
+  using Tr = Sm90WsTraits;
+  constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, CH = D / 8, S = Tr::kStages;
+  static_assert(std::is_same<DTypeQ, __half>::value || std::is_same<DTypeQ, __nv_bfloat16>::value, "16-bit q/k/v");
+  const PrefillParams& p = P.p;
+  extern __shared__ __align__(1024) uint4 smem[];
+  uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
+  uint8_t* so = sq + Tr::kQBytes;
+  uint8_t* sk = so + Tr::kQBytes;
+  uint8_t* sv = sk + S * Tr::kKVBytes;
+  const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
+  const uint32_t bars = smem_addr(sv + S * Tr::kKVBytes);
+  auto k_full = [&](int s) { return bars + 8 * s; };
+  auto k_empty = [&](int s) { return bars + 8 * (S + s); };
+  auto v_full = [&](int s) { return bars + 8 * (2 * S + s); };
+  auto v_empty = [&](int s) { return bars + 8 * (3 * S + s); };
+  const uint32_t q_full = bars + 8 * (4 * S), q_empty = bars + 8 * (4 * S + 1);
+  // Every wait is bounded (see mbarrier_wait_bounded): a deadlocked pipeline fails the launch instead of hanging the
+  // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty; consumers 11 q_full,
+  // 12 k_full, 13 v_full.
+  auto wait = [](uint32_t bar, uint32_t parity, int tag) {
+    sm90::mbarrier_wait_bounded(bar, parity, Tr::kWaitTimeoutNs, tag);
+  };
+
+  const int tid = threadIdx.x, wg = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      sm90::mbarrier_init(k_full(s), 1);
+      sm90::mbarrier_init(v_full(s), 1);
+      sm90::mbarrier_init(k_empty(s), Tr::kConsumerWarps);
+      sm90::mbarrier_init(v_empty(s), Tr::kConsumerWarps);
+    }
+    sm90::mbarrier_init(q_full, 128);
+    sm90::mbarrier_init(q_empty, Tr::kConsumerWarps);
+    sm90::mbarrier_init_fence();
+    if (p.kv_len > 0) {  // (with no keys the maps are left empty: no tile is ever issued)
+      sm90::tma_prefetch_map(&P.k_map);
+      sm90::tma_prefetch_map(&P.v_map);
+    }
+  }
+  __syncthreads();  // the only block-wide barrier: from here on the roles meet on mbarriers only
+
+  if (wg == 0) {
+    // ================================================================ producer warpgroup
+    sm90::setmaxnreg_dec<Tr::kProducerRegs>();
+    // One K or V tile: its two 64-column boxes (keys key0.., head `head`), completing on mbarrier bar.
+    auto load_kv_tile = [&](uint32_t dst, const CUtensorMap* map, int heads_inner, int key0, int head, uint32_t bar) {
+      const int c1 = heads_inner ? head : key0, c2 = heads_inner ? key0 : head;
+      sm90::tma_load_3d(dst, map, 0, c1, c2, bar);
+      sm90::tma_load_3d(dst + Tr::kBoxBytes, map, 64, c1, c2, bar);
+    };
+    int it = 0;  // (thread 0) KV tiles issued so far
+    for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
+      const Sm90WsItem t = sm90_ws_item<MASK>(p, w);
+      // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
+      // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
+      wait(q_empty, (j & 1) ^ 1, 1);
+      // In slices of 32 rows, not unrolled: the producer's addresses must fit in its kProducerRegs registers.
+#pragma unroll 1
+      for (int r0 = 0; r0 < BQ; r0 += 32) {
+        load_q_tile<32, CH, 128, DTypeQ>(p, 0, t.kv_head, p.group_size, t.pr0 + r0, t.rows_here - r0, tid,
+                                         [&](int row, int c) { return sq + sm90::tile_offset(r0 + row, c, BQ); });
+      }
+      cp_async_wait<0>();
+      sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
+      sm90::mbarrier_arrive(q_full);
+      if (tid == 0) {
+        for (int n = 0; n < t.num_tiles; ++n, ++it) {
+          const int s = it % S;
+          const uint32_t ph = (it / S) & 1;
+          const int key0 = t.lo + n * BK;
+          wait(k_empty(s), ph ^ 1, 2);
+          sm90::mbarrier_arrive_expect_tx(k_full(s), Tr::kKVBytes);
+          load_kv_tile(sk_u + s * Tr::kKVBytes, &P.k_map, P.k_heads_inner, key0, t.kv_head, k_full(s));
+          wait(v_empty(s), ph ^ 1, 3);
+          sm90::mbarrier_arrive_expect_tx(v_full(s), Tr::kKVBytes);
+          load_kv_tile(sv_u + s * Tr::kKVBytes, &P.v_map, P.v_heads_inner, key0, t.kv_head, v_full(s));
+        }
+      }
+    }
+    return;
+  }
+
+  // ================================================================== consumer warpgroups
+  sm90::setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int cwg = wg - 1, wtid = tid % 128, lane = tid % 32, warp = wtid / 32;
+  // This thread's accumulator rows of the item's 128: cwg * 64 + warp * 16 + lane / 4, and that + 8; its columns
+  // 8i + 2 (lane % 4) (+1). Accumulator element 4i + 2r + e: row r (0: g, 1: g + 8), column e (wgmma.cuh).
+  const int row0 = cwg * 64 + warp * 16 + lane / 4;
+  const int group = p.group_size;
+  const float scl = p.sm_scale * kLog2e;
+  const uint32_t q_base = sq_u + cwg * 64 * sm90::kSwizzleRowBytes;
+  constexpr uint32_t kSbo = 8 * sm90::kSwizzleRowBytes;
+  constexpr int NB = BK / 8;  // n8 blocks of scores per row
+  // Ping-pong (opt-in, -DFI_WS_PINGPONG=1, for probes): the two consumer warpgroups take turns issuing their wgmma
+  // batches, so that one's softmax runs while the other's products occupy the tensor cores. Warpgroup c bar.syncs
+  // on named barrier 3 + c (256 threads: its own 128 and the other's 128 bar.arrive) before each issue, and
+  // arrives on the other's barrier after it. Both issue the same number of batches per item (N + 1), and consumer
+  // 1 arrives once up front so that consumer 0 goes first; the last arrival of the kernel goes unmatched.
+  auto turn_wait = [&]() {
+    if constexpr (Tr::kPingPong) sm90::named_barrier_sync(3 + cwg, 256);
+  };
+  auto turn_pass = [&]() {
+    if constexpr (Tr::kPingPong) sm90::named_barrier_arrive(3 + (1 - cwg), 256);
+  };
+  if (cwg == 1) turn_pass();
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) sm90::mbarrier_arrive(bar);
+  };
+
+  int it = 0;  // KV tiles consumed so far
+  for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
+    const Sm90WsItem t = sm90_ws_item<MASK>(p, w);
+    const int last = t.num_tiles - 1;
+    auto qpos = [&](int r) { return t.delta + (t.pr0 + min(row0 + 8 * r, t.rows_here - 1)) / group; };
+
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f};
+    float s[BK / 2];
+    uint32_t pa[BK / 16][4];
+
+    // S = Q K(n)^T into s, issued and committed (not waited for); K(n) in slot `slot`.
+    auto issue_s = [&](int slot) {
+      const uint64_t dq = sm90::make_desc(q_base, 16, kSbo);
+      const uint64_t dk = sm90::make_desc(sk_u + slot * Tr::kKVBytes, 16, kSbo);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const uint32_t col = (ks & 3) * 32;  // k16 step within the 64-column block
+        sm90::wgmma_m64n128k16_ss<DTypeQ>(s, sm90::desc_advance(dq, (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col),
+                                          sm90::desc_advance(dk, (ks >> 2) * BK * sm90::kSwizzleRowBytes + col),
+                                          ks > 0);
+      }
+      sm90::wgmma_commit();
+    };
+    // O += P V(n), V(n) in slot `slot`, issued and committed.
+    auto issue_pv = [&](int slot) {
+      const uint64_t dv = sm90::make_desc(sv_u + slot * Tr::kKVBytes, BK * sm90::kSwizzleRowBytes, kSbo);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        sm90::wgmma_m64n128k16_rs<DTypeQ>(o, pa[kk], sm90::desc_advance(dv, kk * 16 * sm90::kSwizzleRowBytes), 1);
+      }
+      sm90::wgmma_commit();
+    };
+    // Masks tile n's scores (keys past hi, the causal diagonal) and runs the online softmax over them; returns
+    // whether any row of this warp moved its max (O must then be scaled by corr).
+    auto softmax = [&](int n, float (&corr)[2]) {
+      const int k0 = t.lo + n * BK;
+      if (tile_needs_mask<MASK, false, BK>(k0, t.hi, t.delta, t.tok_min, t.tok_max, 0)) {
+        const int qpos0 = qpos(0), qpos1 = qpos(1);
+#pragma unroll
+        for (int i = 0; i < NB; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
+            if (!key_visible<MASK, false>(key, t.hi, 0, e < 2 ? qpos0 : qpos1, 0, CustomMask{})) s[4 * i + e] = kNegInf;
+          }
+      }
+      bool moved = false;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        corr[r] = online_softmax_row<NB>(m[r], d[r], scl, moved,
+                                         [&](int i, int e) -> float& { return s[4 * i + 2 * r + e]; });
+      }
+      return __any_sync(0xffffffffu, moved);
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        pa[kk][0] = pack2<DTypeQ>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack2<DTypeQ>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2<DTypeQ>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2<DTypeQ>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+    };
+
+    wait(q_full, j & 1, 11);
+    if (t.num_tiles == 0) {
+      release(q_empty);  // no key visible to any row of the item: O = 0, lse = -inf
+    } else {
+      // ---- tile 0: S(0), softmax -> P(0)
+      {
+        const int slot = it % S;
+        wait(k_full(slot), (it / S) & 1, 12);
+        turn_wait();
+        issue_s(slot);
+        turn_pass();
+        sm90::wgmma_wait<0>();
+        sm90::fence_operand(s);
+        release(k_empty(slot));
+        if (last == 0) release(q_empty);
+        float corr[2];
+        softmax(0, corr);  // (O is still 0: nothing to rescale)
+        pack_p();
+      }
+      // ---- tiles 1..N-1: S(n) and P(n-1) V(n-1) in flight together
+      for (int n = 1; n <= last; ++n) {
+        const int slot = (it + n) % S, prev = (it + n - 1) % S;
+        wait(k_full(slot), ((it + n) / S) & 1, 12);
+        turn_wait();
+        issue_s(slot);
+        wait(v_full(prev), ((it + n - 1) / S) & 1, 13);
+        issue_pv(prev);
+        turn_pass();
+        sm90::wgmma_wait<1>();  // S(n) complete (the older group); P(n-1) V(n-1) may still run
+        sm90::fence_operand(s);
+        release(k_empty(slot));
+        if (n == last) release(q_empty);
+        float corr[2];
+        const bool moved = softmax(n, corr);
+        sm90::wgmma_wait<0>();  // P(n-1) V(n-1) complete: O and P(n-1) are free again
+        sm90::fence_operand(o);
+        sm90::fence_operand(pa);
+        release(v_empty(prev));
+        if (moved) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[4 * i + e] *= corr[e / 2];
+        }
+        pack_p();
+      }
+      // ---- the last P V
+      {
+        const int slot = (it + last) % S;
+        wait(v_full(slot), ((it + last) / S) & 1, 13);
+        turn_wait();
+        issue_pv(slot);
+        turn_pass();
+        sm90::wgmma_wait<0>();
+        sm90::fence_operand(o);
+        sm90::fence_operand(pa);
+        release(v_empty(slot));
+      }
+      it += t.num_tiles;
+    }
+
+    // ---- epilogue: normalise, stage this warpgroup's 64 rows as 16 bits, write them as 16-byte chunks
+    const int bar_id = 1 + cwg;
+    sm90::named_barrier_sync(bar_id, 128);  // the previous item's reads of these staging rows are done
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      d[r] = quad_sum(d[r]);
+      stage_o_row<16, DTypeO>(inverse_or_zero(d[r]), row0 + 8 * r, lane, o + 2 * r,
+                              [&](int row, int i) { return so + sm90::tile_offset(row, i, BQ); });
+    }
+    sm90::named_barrier_sync(bar_id, 128);
+    const int hq0 = t.kv_head * group;
+    // (wtid made opaque: else the compiler hoists the store addresses out of the item loop and spills them)
+    store_o_tile<64, CH, 128, DTypeO>(
+        p, 0, group, hq0, t.pr0, cwg * 64, t.rows_here, sm90::opaque_int(wtid),
+        [&](int row, int c) { return *reinterpret_cast<const uint4*>(so + sm90::tile_offset(row, c, BQ)); });
+    if (p.lse != nullptr && lane % 4 == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        if (row < t.rows_here) p.lse[packed_row_index(p, 0, t.pr0 + row, group, hq0)] = row_lse(m[r], d[r], scl);
+      }
+    }
+  }
+}
+
+// The K or V tensor map (kv_len > 0): 3-D, head_dim innermost, then the token and head dimensions in the order of
+// their strides (NHD: heads, then tokens; HND: tokens, then heads), so that each stride spans the dimensions inside
+// it as the driver's documentation lays tensors out. Boxes of 64 columns x BK keys x 1 head in either order land in
+// shared memory as BK rows of 64 columns. Returns in *heads_inner which order the kernel's box coordinates take.
+template <typename T>
+static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const PrefillParams& p, int64_t stride_n,
+                                  int64_t stride_h, int* heads_inner) {
+  using Tr = Sm90WsTraits;
+  const int64_t heads = p.num_kv_heads, keys = p.kv_len;
+  // The stride of a dimension of size 1 is never stepped over (and torch leaves it arbitrary): make it span the
+  // dimension inside it.
+  if (keys == 1 && heads == 1) {
+    stride_n = stride_h = Tr::kHeadDim;
+  } else if (heads == 1) {
+    stride_h = stride_n * keys;
+  } else if (keys == 1) {
+    stride_n = stride_h * heads;
+  }
+  *heads_inner = heads > 1 && stride_h < stride_n;
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  if (*heads_inner) {
+    const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(heads), uint64_t(keys)};
+    const uint32_t box[3] = {64, 1, uint32_t(Tr::BK)};
+    return encode_tile_map_3d_16bit(map, base, bf16, dims, stride_h, stride_n, box);
+  }
+  const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(keys), uint64_t(heads)};
+  const uint32_t box[3] = {64, uint32_t(Tr::BK), 1};
+  return encode_tile_map_3d_16bit(map, base, bf16, dims, stride_n, stride_h, box);
+}
+
+template <typename DTypeQ, typename DTypeO, MaskMode MASK>
+cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
+  constexpr auto kernel = sm90_ws_single_prefill_kernel<DTypeQ, DTypeO, MASK>;
+  using Tr = Sm90WsTraits;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, occupancy_only);
+  if (err != cudaSuccess || occupancy_only != nullptr) return err;
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks != 1) return cudaErrorInvalidValue;
+  p.group_size = p.num_qo_heads / p.num_kv_heads;
+  p.num_qtiles = ceil_div(p.qo_len * p.group_size, Tr::BQ);
+  if (p.num_qtiles == 0) return cudaSuccess;
+  Sm90WsParams P = {};
+  P.p = p;
+  P.num_items = p.num_qtiles * p.num_kv_heads;
+  if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
+    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
+    if (err == cudaSuccess)
+      err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
+    if (err != cudaSuccess) return err;
+  }
+  const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(P);
+  return cudaGetLastError();
+}
+
+}  // namespace flashinfer
