@@ -1172,10 +1172,20 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
         ((_, kw),) = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"]
         assert kw["_spec"] == SinglePrefillSpec(128, "bf16", "bf16", "bf16", "causal", backend="fa3_ws")
         assert kw["num_chunks"] == 1 and kw["workspace"] is None
-        # "auto" on the (fake) Hopper: fa3 for many query tiles, fa2 for few; never fa3_ws
+        # "auto" on the (fake) Hopper: fa3_ws for many query tiles (fa3 where fa3_ws does not apply), fa2 for few
         dev = torch.device("cuda", 0)
-        assert _single_backend("auto", None, dev, 1 << 20, 32) == "fa3"
+        assert _single_backend("auto", None, dev, 1 << 20, 32) == "fa3_ws"
+        assert _single_backend("auto", None, dev, 1 << 20, 32, "fp8 K/V") == "fa3"
         assert _single_backend("auto", None, dev, 128, 1) == "fa2"
+        n = len(rec.launches("flashinfer_single_prefill"))
+        qa = cuda(torch.randn(8192, 32, 128).to(bf))
+        ka = cuda(torch.randn(8192, 8, 128).to(bf))
+        f(qa, ka, ka, causal=True)
+        assert rec.launches("flashinfer_single_prefill")[n][1]["_spec"].backend == "fa3_ws"
+        # an expanded K/V view (zero stride: no tensor map describes it): "auto" falls back to fa3
+        kz = ka[:1].expand(8192, 8, 128)
+        f(qa, kz, kz, causal=True)
+        assert rec.launches("flashinfer_single_prefill")[n + 1][1]["_spec"].backend == "fa3"
 
 
 @pytest.mark.parametrize(

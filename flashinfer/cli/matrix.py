@@ -69,9 +69,6 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 # preset's value for the same flag (in every group); axes not mentioned take all supported values; a setting
 # for an axis a family lacks is ignored (so one "*" preset serves every family).
 _NO_EXTRAS = {"window": "off", "softcap": "off", "axis:use_fp16_qk_reduction": "off"}
-# The prefill backends a serving preset builds: "auto" and "fa2"/"fa3" load these; the opt-in fa3_ws kernel
-# (single prefill, backend="fa3_ws" only) is left to "all" and the test matrix.
-_SERVING_BACKENDS = {"axis:backend": "fa2,fa3"}
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "test": {
@@ -94,7 +91,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "pos_encodings": "NONE",
                 "axis:mask_mode": "causal,custom",
                 **_NO_EXTRAS,
-                **_SERVING_BACKENDS,
             }
         },
     },
@@ -110,7 +106,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "axis:mask_mode": "causal",
                 "window": "off",
                 "softcap": "off",
-                **_SERVING_BACKENDS,
             }
         },
     },
@@ -127,7 +122,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "window": "on,off",
                 "softcap": "on",
                 "axis:use_fp16_qk_reduction": "off",
-                **_SERVING_BACKENDS,
             }
         },
     },
@@ -143,7 +137,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "window": "off",
                 "softcap": "off",
                 "axis:use_fp16_qk_reduction": "off",
-                **_SERVING_BACKENDS,
             }
         },
     },
@@ -172,8 +165,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "head_dims": "128",
                 "pos_encodings": "NONE",
                 "axis:mask_mode": "causal",
+                "axis:backend": "fa2,fa3",  # (fa3_ws reads 16-bit K/V only)
                 **_NO_EXTRAS,
-                **_SERVING_BACKENDS,
             },
             "prefill_batch": {
                 "dtype_q": "bf16",
