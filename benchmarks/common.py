@@ -134,9 +134,11 @@ def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
             cwd="/tmp",
             timeout=limit,
         )
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         print(
-            f"[reference] {script} took more than FI_REF_TIMEOUT={limit:.0f} s: reference columns left empty",
+            f"[reference] {script} took more than FI_REF_TIMEOUT={limit:.0f} s: reference columns left empty; "
+            f"its stderr so far:\n{err[-4000:]}",
             file=sys.stderr,
         )
         return None
