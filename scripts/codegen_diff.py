@@ -87,6 +87,8 @@ SPECS = {
     "bp1": BP(kv_storage="paged", head_dim=128, pos_encoding_mode="ROPE_LLAMA"),
     "bp2": BP(kv_storage="paged", head_dim=256, mask_mode="causal", use_logits_soft_cap=True),
     "bp3": BP(kv_storage="paged", head_dim=64, **F16, mask_mode="custom", use_window=True, use_fp16_qk_reduction=True),
+    "fp8a": SP(head_dim=128, dtype_kv="e4m3", mask_mode="causal"),
+    "fp8b": BP(kv_storage="paged", head_dim=128, dtype_kv="e5m2", mask_mode="causal"),
     "pa1": PageAppendSpec(head_dim=128, dtype_kv="bf16"),
     "pa2": PageAppendSpec(head_dim=64, dtype_kv="f16"),
     "ms1": MergeStateSpec(),

@@ -243,18 +243,24 @@ FI_DEVICE void permute_q_for_fp8(int tid, ChunkAt&& chunk_at) {
 
 // The epilogue of the fp8 MMA loop, whose output columns are permuted: n8 block 4 J + i, column 2 t + e of a
 // lane (t = lane % 4) is dim 32 J + 8 t + 4 e + i, so the lane holds dims 32 J + 8 t .. + 7 of each 32-dim block
-// J: acc[4 (4 J + i) + e], the C fragment layout as in stage_o_row. Scales them by inv and stores them as one
-// 16-byte chunk of DTypeO, chunk 4 J + t of staging row `row` at chunk_at(row, 4 J + t).
+// J: acc[4 (4 J + i) + e], the C fragment layout as in stage_o_row. block8_fp8 gathers those 8 values of block J
+// in dim order, scaled by inv.
+FI_DEVICE void block8_fp8(const float* acc, int J, float inv, float (&v)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[i] = acc[4 * (4 * J + i)] * inv;
+    v[4 + i] = acc[4 * (4 * J + i) + 1] * inv;
+  }
+}
+
+// Stores each block's 8 values as one 16-byte chunk of DTypeO, chunk 4 J + t of staging row `row` at
+// chunk_at(row, 4 J + t).
 template <int NT, typename DTypeO, typename ChunkAt>
 FI_DEVICE void stage_o_row_fp8(float inv, int row, int lane, const float* acc, ChunkAt&& chunk_at) {
 #pragma unroll
   for (int J = 0; J < NT / 4; ++J) {
     float v[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i] = acc[4 * (4 * J + i)] * inv;
-      v[4 + i] = acc[4 * (4 * J + i) + 1] * inv;
-    }
+    block8_fp8(acc, J, inv, v);
     *chunk_at(row, 4 * J + lane % 4) = pack8<DTypeO>(v);
   }
 }
@@ -267,11 +273,7 @@ FI_DEVICE void store_partial_row_fp8(const PrefillParams& p, int64_t state, floa
 #pragma unroll
   for (int J = 0; J < NT / 4; ++J) {
     float v[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i] = acc[4 * (4 * J + i)] * inv;
-      v[4 + i] = acc[4 * (4 * J + i) + 1] * inv;
-    }
+    block8_fp8(acc, J, inv, v);
     *reinterpret_cast<float4*>(dst + 32 * J) = make_float4(v[0], v[1], v[2], v[3]);
     *reinterpret_cast<float4*>(dst + 32 * J + 4) = make_float4(v[4], v[5], v[6], v[7]);
   }
