@@ -5,7 +5,7 @@
 names in ``flashinfer.prefill``. Kernels: ``"fa2"`` (templates/include/flashinfer/attention/prefill.cuh; mma.sync
 m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
 sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
-beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; fa3's scope with 16-bit K/V; "auto" prefers it to fa3) is
+beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; fa3's scope, fp8 K/V widened by its producer; "auto" prefers it to fa3) is
 the warp-specialised Hopper kernel: TMA producer warpgroup, two wgmma consumer warpgroups, persistent grid.
 
 The batch wrappers plan in Python (flashinfer/_planning.py: ``schedule_prefill``) and keep FlashInfer's
@@ -151,7 +151,7 @@ def _fa3_ws_scope(
     use_fp16_qk_reduction: bool,
 ) -> Optional[str]:
     """Why the fa3_ws (warp-specialised TMA) kernel cannot run a configuration, or None when it can: fa3's scope
-    without fp8 K/V (TMA copies K/V as stored; there is no widening step yet)."""
+    (k and v in q's dtype, or fp8 with a float16/bfloat16 q: the producer widens the fp8 tiles TMA copies)."""
     why = _fa3_scope(
         head_dim,
         dtype_q,
@@ -165,8 +165,6 @@ def _fa3_ws_scope(
     )
     if why is not None:
         return why.replace("fa3 takes", "fa3_ws takes")
-    if dtype_kv != dtype_q:
-        return f"kv dtype {dtype_kv} (fa3_ws takes k and v in q's dtype, no fp8)"
     return None
 
 
@@ -189,7 +187,7 @@ def _single_backend(
     why_not_fa3_ws: Optional[str] = None,
 ) -> str:
     """The kernel of a single-prefill call. "auto" on Hopper, where fa3 applies and its query tiles alone fill
-    the GPU (neither Hopper kernel splits the KV): fa3_ws when it applies too (16-bit K/V read by TMA), else fa3;
+    the GPU (neither Hopper kernel splits the KV): fa3_ws when it applies too (K/V, 16-bit or fp8, read by TMA), else fa3 (expanded views);
     fa2 otherwise (short queries, other GPUs, other features)."""
     if backend == "fa2":
         return "fa2"
@@ -216,7 +214,8 @@ def _single_backend(
 class _PrefillSpecBase(AttentionSpec):
     own_axes = {"mask_mode": MASK_MODES, "backend": BACKENDS, "kv_storage": ("paged", "ragged")}
     # fp8 K/V: fa2 converts its MMA fragments in registers (widening tiles in shared memory with RoPE), fa3 widens
-    # tiles in shared memory under its wgmmas (prefill.cuh, prefill_sm90.cuh); v_scale applied in the epilogue
+    # tiles in shared memory under its wgmmas, fa3_ws in its producer warpgroup (prefill.cuh, prefill_sm90.cuh,
+    # prefill_sm90_ws.cuh); v_scale applied in the epilogue
     fp8_kv = True
 
     def attention_vars(self) -> Dict[str, Any]:
@@ -663,7 +662,7 @@ def single_prefill_with_kv_cache(
         ``"auto"`` takes a Hopper kernel when the call is within fa3's scope and has enough query tiles to fill
         the GPU (fa3_ws where it applies, else fa3), fa2 otherwise. ``"fa3_ws"`` (an extension over FlashInfer's
         values): the warp-specialised Hopper kernel (TMA loads by a producer warpgroup, two wgmma consumer
-        warpgroups, persistent grid); fa3's scope with k and v in q's dtype (no fp8) and no zero strides.
+        warpgroups, persistent grid); fa3's scope (fp8 K/V included) without zero strides.
     return_lse : bool
         Also return lse ``[qo_len, num_qo_heads]`` float32, base-2 log-sum-exp of the scaled logits.
     kv_cache_sf : (torch.Tensor, torch.Tensor), optional

@@ -452,15 +452,7 @@ FI_DEVICE void prefill_tile(const PrefillParams& p, const Rope& rope, uint4* sme
 #pragma unroll
   for (int r = 0; r < 2 * MQ; ++r) d[r] = quad_sum(d[r]);
   const int hq0 = kv_head * group;
-  // The factor a row's accumulators are scaled by: 1 / d, and for fp8 K/V times v_scale (in fp32, one rounding
-  // of the output fewer than a multiplication after the kernel).
-  auto out_inv = [&](float row_d) {
-    if constexpr (FP8) {
-      return inverse_or_zero(row_d) * p.v_scale;
-    } else {
-      return inverse_or_zero(row_d);
-    }
-  };
+  auto out_inv = [&](float row_d) { return output_factor<FP8>(row_d, p); };
   if (partial_row0 < 0) {
     // Stage this warp's rows in its own Q rows (as DTypeO), then write 16-byte chunks.
 #pragma unroll

@@ -172,6 +172,18 @@ FI_DEVICE void widen_fp8_tile(const uint8_t* src, int tid, ChunkAt&& chunk_at) {
   }
 }
 
+// The factor an output row's accumulators are scaled by in a prefill epilogue: 1 / d (the softmax normalisation;
+// 0 for a row that saw no key), and with fp8 K/V times v_scale (it dequantises V; in fp32, before the one rounding
+// of the output). 16-bit kernels leave v_scale to the caller (their machine code stays as it was).
+template <bool FP8>
+FI_DEVICE float output_factor(float row_d, const PrefillParams& p) {
+  if constexpr (FP8) {
+    return inverse_or_zero(row_d) * p.v_scale;
+  } else {
+    return inverse_or_zero(row_d);
+  }
+}
+
 // fa2 without RoPE reads fp8 K/V straight from shared memory instead (fp8 fragments converted in registers,
 // prefill.cuh): the tiles stay fp8, BK rows of HEAD_DIM bytes, and q is permuted along head_dim once per CTA so
 // that one 32-bit word of a K row (four fp8 keys' dims) is one lane's whole B fragment of a k16 step.

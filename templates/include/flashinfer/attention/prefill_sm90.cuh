@@ -291,13 +291,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
 #pragma unroll
   for (int r = 0; r < 2; ++r) d[r] = quad_sum(d[r]);
   // 1 / d, and for fp8 K/V times v_scale (as in the fa2 kernel).
-  auto out_inv = [&](float row_d) {
-    if constexpr (FP8) {
-      return inverse_or_zero(row_d) * p.v_scale;
-    } else {
-      return inverse_or_zero(row_d);
-    }
-  };
+  auto out_inv = [&](float row_d) { return output_factor<FP8>(row_d, p); };
   if constexpr (SPLIT) {
     if (p.num_chunks > 1) {  // a partial state: float rows (chunk * qo_len + token, head), merged afterwards
 #pragma unroll

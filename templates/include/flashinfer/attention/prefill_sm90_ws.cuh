@@ -4,7 +4,10 @@
 // ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
 //   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs): all 128 threads copy each work item's query tile
 //     into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone then issues the
-//     K and V tiles of the item as TMA boxes into a kStages-deep ring.
+//     K and V tiles of the item as TMA boxes into a kStages-deep ring. fp8 K/V ("dequantise in the producer"):
+//     thread 0 issues each fp8 tile as one TMA box of whole rows (head_dim bytes, unswizzled) into a staging tile of
+//     K or of V, and all 128 threads widen it (fp8 -> float16, exact: widen_fp8_tile, the fa3 kernel's) into the
+//     ring's 16-bit swizzled slot; the consumers read float16 there as they read q's type otherwise.
 //   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs): 64 packed query rows each of the item's
 //     128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
@@ -13,13 +16,21 @@
 //   the consumers walk the same sequence independently: no scheduler state in shared memory.
 //
 // ---- Shared memory: Q (128 rows), O staging (128 rows), K[kStages], V[kStages] (BK rows each), all in the
-//   wgmma 128-byte-swizzled layout (wgmma.cuh), then the mbarriers.
+//   wgmma 128-byte-swizzled layout (wgmma.cuh), fp8 only: the staging tiles of K and of V (BK rows of head_dim
+//   bytes each), then the mbarriers. 16-bit: 192 KB + 80 B; fp8: 224 KB + 96 B of the 227 KB (kSmemBytesFp8). The
+//   fp8 staging is one tile deep per operand (two would not fit beside two 16-bit stages): the copy of tile n + 1
+//   is issued as soon as tile n is widened, and runs while the producer waits for a free ring slot.
 //
 // ---- Barriers, who arrives and who waits (parities: mbarrier.cuh). `it` counts the KV tiles a role has gone
 //   through since the kernel started (over all its items); tile `it` sits in ring slot s = it % kStages, and
 //   that slot's barriers are in the phase of parity ph = (it / kStages) & 1 for it. `j` counts the items.
 //     k_full[s], v_full[s]  count 1: the producer's arrive.expect_tx(tile bytes), plus the TMA bytes.
-//                           Consumers wait(ph) before reading the slot.
+//                           Consumers wait(ph) before reading the slot. fp8: count 128, every producer thread
+//                           arrives after its share of the widened tile (then fence.proxy.async: wgmma reads it).
+//     k_staged, v_staged    fp8 only, count 1: thread 0's arrive.expect_tx(fp8 tile bytes), plus the TMA bytes.
+//                           Every producer thread waits(it & 1) before widening tile `it`; thread 0 refills the
+//                           staging tile only after named barrier 5 (the 128 producer threads) says that every
+//                           thread has read it.
 //     k_empty[s], v_empty[s] count kConsumerWarps: lane 0 of every consumer warp arrives once the wgmma
 //                           reading the slot has completed (after its wgmma_wait). The producer waits(ph ^ 1)
 //                           before refilling the slot (the first pass, parity 1 of a fresh barrier, is free).
@@ -30,7 +41,8 @@
 //                           waits((j & 1) ^ 1) before copying the next item's Q (the next Q is thus loaded
 //                           while the consumers finish the current item's softmax, P V and epilogue).
 //   Named barriers 1 and 2 (128 threads): one consumer warpgroup's epilogue (its own 64 rows of O staging);
-//   3 and 4 (256 threads): the consumers' turns with -DFI_WS_PINGPONG=1 (off by default).
+//   3 and 4 (256 threads): the consumers' turns with -DFI_WS_PINGPONG=1 (off by default); 5 (128 threads, fp8
+//   only): the producer warpgroup's own (a staging tile read by all, a bfloat16 Q tile copied by all, see below).
 //   No block-wide barrier after the initial one: the producer may run ahead by kStages tiles and one Q.
 //
 // ---- Consumer loop (intra-warpgroup overlap: S(n) on the tensor cores while P(n-1) V(n-1) is issued behind it,
@@ -44,9 +56,11 @@
 //     O += P(N-1) V(N-1); wait; release V(N-1)
 //   Registers per consumer thread: O 64 + S 64 + P 32 floats/words, ~200 with the rest (kConsumerRegs).
 //
-// Scope: head_dim 128, q/k/v/o one 16-bit type, no mask or causal, GQA, K/V of any strides that TMA takes
-// (base and token/head strides multiples of 16 bytes: NHD and HND caches and their views). Not (yet): fp8 K/V,
-// paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O; ping-pong of the two
+// Scope: head_dim 128, q/k/v/o one 16-bit type, or fp8 K/V (e4m3/e5m2) with a 16-bit q and o, no mask or causal,
+// GQA, K/V of any strides that TMA takes (base and token/head strides multiples of 16 bytes: NHD and HND caches and
+// their views). fp8 is computed as the fa3 kernel does it: float16 wgmmas (a bfloat16 Q tile rounded to float16 by
+// the producer once per item: q_tile_to_half), k_scale folded into sm_scale by the caller, v_scale in the epilogue
+// (output_factor). Not (yet): paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O; ping-pong of the two
 // consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
 //
 // Next steps (design, not built):
@@ -112,8 +126,13 @@ struct Sm90WsTraits {
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
   static constexpr int kBarriers = 4 * kStages + 2;   // k_full, k_empty, v_full, v_empty per slot; q_full, q_empty
   static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8;
+  // fp8 K/V: one staged fp8 tile of K and one of V (one TMA box each: BK rows of head_dim bytes), two more barriers
+  // (k_staged, v_staged), and the producer warpgroup's named barrier.
+  static constexpr int kF8TileBytes = BK * kHeadDim;
+  static constexpr int kSmemBytesFp8 = kSmemBytes + 2 * kF8TileBytes + 2 * 8;
+  static constexpr int kProducerBarrier = 5;
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register split over the SM's file");
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA per SM");
+  static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesFp8 <= 227 * 1024, "shared memory of one CTA per SM");
 };
 
 // The kernel's parameters: the prefill parameters and the K/V tensor maps (3-D: head_dim, then token and KV head in
@@ -148,28 +167,35 @@ FI_DEVICE Sm90WsItem sm90_ws_item(const PrefillParams& p, int w) {
   return t;
 }
 
-template <typename DTypeQ, typename DTypeO, MaskMode MASK>
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
 __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     sm90_ws_single_prefill_kernel(const __grid_constant__ Sm90WsParams P) {
   using Tr = Sm90WsTraits;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, CH = D / 8, S = Tr::kStages;
   static_assert(std::is_same<DTypeQ, __half>::value || std::is_same<DTypeQ, __nv_bfloat16>::value, "16-bit q/k/v");
+  constexpr bool FP8 = is_fp8<DTypeKV>::value;
+  static_assert(FP8 || std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v (or fp8 k and v)");
+  // The type the wgmmas read Q, K, V and P in: q's, or float16 with fp8 K/V (fp8 widens to it exactly, one cvt per
+  // pair; a bfloat16 q is rounded to it once per item).
+  using KVT = std::conditional_t<FP8, __half, DTypeQ>;
   const PrefillParams& p = P.p;
   extern __shared__ __align__(1024) uint4 smem[];
   uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
   uint8_t* so = sq + Tr::kQBytes;
   uint8_t* sk = so + Tr::kQBytes;
   uint8_t* sv = sk + S * Tr::kKVBytes;
+  uint8_t* sf8 = sv + S * Tr::kKVBytes;  // fp8: staged K, then staged V (kF8TileBytes each)
   const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
-  const uint32_t bars = smem_addr(sv + S * Tr::kKVBytes);
+  const uint32_t bars = smem_addr(sf8 + (FP8 ? 2 * Tr::kF8TileBytes : 0));
   auto k_full = [&](int s) { return bars + 8 * s; };
   auto k_empty = [&](int s) { return bars + 8 * (S + s); };
   auto v_full = [&](int s) { return bars + 8 * (2 * S + s); };
   auto v_empty = [&](int s) { return bars + 8 * (3 * S + s); };
   const uint32_t q_full = bars + 8 * (4 * S), q_empty = bars + 8 * (4 * S + 1);
+  const uint32_t k_staged = bars + 8 * (4 * S + 2), v_staged = bars + 8 * (4 * S + 3);  // (fp8)
   // Every wait is bounded (see mbarrier_wait_bounded): a deadlocked pipeline fails the launch instead of hanging the
-  // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty; consumers 11 q_full,
-  // 12 k_full, 13 v_full.
+  // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty, 4 k_staged, 5 v_staged;
+  // consumers 11 q_full, 12 k_full, 13 v_full.
   auto wait = [](uint32_t bar, uint32_t parity, int tag) {
     sm90::mbarrier_wait_bounded(bar, parity, Tr::kWaitTimeoutNs, tag);
   };
@@ -177,13 +203,17 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   const int tid = threadIdx.x, wg = tid / 128;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      sm90::mbarrier_init(k_full(s), 1);
-      sm90::mbarrier_init(v_full(s), 1);
+      sm90::mbarrier_init(k_full(s), FP8 ? 128 : 1);
+      sm90::mbarrier_init(v_full(s), FP8 ? 128 : 1);
       sm90::mbarrier_init(k_empty(s), Tr::kConsumerWarps);
       sm90::mbarrier_init(v_empty(s), Tr::kConsumerWarps);
     }
     sm90::mbarrier_init(q_full, 128);
     sm90::mbarrier_init(q_empty, Tr::kConsumerWarps);
+    if constexpr (FP8) {
+      sm90::mbarrier_init(k_staged, 1);
+      sm90::mbarrier_init(v_staged, 1);
+    }
     sm90::mbarrier_init_fence();
     if (p.kv_len > 0) {  // (with no keys the maps are left empty: no tile is ever issued)
       sm90::tma_prefetch_map(&P.k_map);
@@ -195,15 +225,45 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   if (wg == 0) {
     // ================================================================ producer warpgroup
     sm90::setmaxnreg_dec<Tr::kProducerRegs>();
-    // One K or V tile: its two 64-column boxes (keys key0.., head `head`), completing on mbarrier bar.
+    // One K or V tile: its two 64-column boxes (keys key0.., head `head`), completing on mbarrier bar; fp8: one
+    // box of whole rows.
     auto load_kv_tile = [&](uint32_t dst, const CUtensorMap* map, int heads_inner, int key0, int head, uint32_t bar) {
       const int c1 = heads_inner ? head : key0, c2 = heads_inner ? key0 : head;
       sm90::tma_load_3d(dst, map, 0, c1, c2, bar);
-      sm90::tma_load_3d(dst + Tr::kBoxBytes, map, 64, c1, c2, bar);
+      if constexpr (!FP8) sm90::tma_load_3d(dst + Tr::kBoxBytes, map, 64, c1, c2, bar);
     };
-    int it = 0;  // (thread 0) KV tiles issued so far
+    // fp8 (thread 0): fp8 tile `key0` of K or V into its staging tile.
+    auto stage_fp8 = [&](bool is_v, int key0, int head) {
+      const uint32_t bar = is_v ? v_staged : k_staged;
+      sm90::mbarrier_arrive_expect_tx(bar, Tr::kF8TileBytes);
+      load_kv_tile(smem_addr(sf8 + (is_v ? Tr::kF8TileBytes : 0)), is_v ? &P.v_map : &P.k_map,
+                   is_v ? P.v_heads_inner : P.k_heads_inner, key0, head, bar);
+    };
+    // fp8 (all 128 threads): widens tile `it` (slot s, phase ph of the ring) of K or V once it is staged and the slot
+    // is free, completes the slot's full barrier, and refills the staging tile with tile `next_key0` (< 0: none).
+    auto widen_fp8 = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
+      wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
+      wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
+      uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
+      widen_fp8_tile<BK, D, 128, 2, KVT, DTypeKV>(sf8 + (is_v ? Tr::kF8TileBytes : 0), tid, [&](int row, int c) {
+        return reinterpret_cast<uint4*>(dst + sm90::tile_offset(row, c, BK));
+      });
+      sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
+      sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
+      sm90::named_barrier_sync(Tr::kProducerBarrier, 128);  // every thread has read the staging tile
+      if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
+    };
+    int it = 0;  // (thread 0; fp8: every thread) KV tiles issued so far
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = sm90_ws_item<MASK>(p, w);
+      // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
+      // ones are widened), so that their copies run under the Q wait and copy.
+      if constexpr (FP8) {
+        if (tid == 0 && t.num_tiles > 0) {
+          stage_fp8(false, t.lo, t.kv_head);
+          stage_fp8(true, t.lo, t.kv_head);
+        }
+      }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
       wait(q_empty, (j & 1) ^ 1, 1);
@@ -214,9 +274,25 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
                                          [&](int row, int c) { return sq + sm90::tile_offset(r0 + row, c, BQ); });
       }
       cp_async_wait<0>();
+      if constexpr (FP8 && !std::is_same<DTypeQ, KVT>::value) {
+        // bfloat16 q, float16 wgmmas: the tile is rounded in place (the fa3 kernel's q_tile_to_half), each thread
+        // taking chunks that others copied, hence the barrier first.
+        sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
+        q_tile_to_half<BQ, CH, 128>(
+            tid, [&](int row, int c) { return reinterpret_cast<uint4*>(sq + sm90::tile_offset(row, c, BQ)); });
+      }
       sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
       sm90::mbarrier_arrive(q_full);
-      if (tid == 0) {
+      if constexpr (FP8) {
+        // K(n) widened, then V(n); each staging tile refilled with tile n + 1 right after it has been read.
+        for (int n = 0; n < t.num_tiles; ++n, ++it) {
+          const int s = it % S;
+          const uint32_t ph = (it / S) & 1;
+          const int next_key0 = n + 1 < t.num_tiles ? t.lo + (n + 1) * BK : -1;
+          widen_fp8(false, it, s, ph, next_key0, t.kv_head);
+          widen_fp8(true, it, s, ph, next_key0, t.kv_head);
+        }
+      } else if (tid == 0) {
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
           const int s = it % S;
           const uint32_t ph = (it / S) & 1;
@@ -281,7 +357,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
         const uint32_t col = (ks & 3) * 32;  // k16 step within the 64-column block
-        sm90::wgmma_m64n128k16_ss<DTypeQ>(s, sm90::desc_advance(dq, (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col),
+        sm90::wgmma_m64n128k16_ss<KVT>(s, sm90::desc_advance(dq, (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col),
                                           sm90::desc_advance(dk, (ks >> 2) * BK * sm90::kSwizzleRowBytes + col),
                                           ks > 0);
       }
@@ -293,7 +369,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
-        sm90::wgmma_m64n128k16_rs<DTypeQ>(o, pa[kk], sm90::desc_advance(dv, kk * 16 * sm90::kSwizzleRowBytes), 1);
+        sm90::wgmma_m64n128k16_rs<KVT>(o, pa[kk], sm90::desc_advance(dv, kk * 16 * sm90::kSwizzleRowBytes), 1);
       }
       sm90::wgmma_commit();
     };
@@ -322,10 +398,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     auto pack_p = [&]() {
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
-        pa[kk][0] = pack2<DTypeQ>(s[8 * kk + 0], s[8 * kk + 1]);
-        pa[kk][1] = pack2<DTypeQ>(s[8 * kk + 2], s[8 * kk + 3]);
-        pa[kk][2] = pack2<DTypeQ>(s[8 * kk + 4], s[8 * kk + 5]);
-        pa[kk][3] = pack2<DTypeQ>(s[8 * kk + 6], s[8 * kk + 7]);
+        pa[kk][0] = pack2<KVT>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack2<KVT>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2<KVT>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2<KVT>(s[8 * kk + 6], s[8 * kk + 7]);
       }
     };
 
@@ -396,7 +472,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       d[r] = quad_sum(d[r]);
-      stage_o_row<16, DTypeO>(inverse_or_zero(d[r]), row0 + 8 * r, lane, o + 2 * r,
+      stage_o_row<16, DTypeO>(output_factor<FP8>(d[r], p), row0 + 8 * r, lane, o + 2 * r,
                               [&](int row, int i) { return so + sm90::tile_offset(row, i, BQ); });
     }
     sm90::named_barrier_sync(bar_id, 128);
@@ -418,7 +494,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 // The K or V tensor map (kv_len > 0): 3-D, head_dim innermost, then the token and head dimensions in the order of
 // their strides (NHD: heads, then tokens; HND: tokens, then heads), so that each stride spans the dimensions inside
 // it as the driver's documentation lays tensors out. Boxes of 64 columns x BK keys x 1 head in either order land in
-// shared memory as BK rows of 64 columns. Returns in *heads_inner which order the kernel's box coordinates take.
+// shared memory as BK rows of 64 columns (fp8, T an fp8 type: boxes of all 128 columns, BK unswizzled rows of 128
+// bytes). Returns in *heads_inner which order the kernel's box coordinates take.
 template <typename T>
 static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const PrefillParams& p, int64_t stride_n,
                                   int64_t stride_h, int* heads_inner) {
@@ -434,25 +511,33 @@ static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const Pref
     stride_n = stride_h * heads;
   }
   *heads_inner = heads > 1 && stride_h < stride_n;
-  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr uint32_t kBoxCols = is_fp8<T>::value ? Tr::kHeadDim : 64;
+  auto encode = [&](const uint64_t(&dims)[3], int64_t stride1, int64_t stride2, const uint32_t(&box)[3]) {
+    if constexpr (is_fp8<T>::value) {
+      return encode_tile_map_3d_8bit(map, base, dims, stride1, stride2, box);
+    } else {
+      return encode_tile_map_3d_16bit(map, base, std::is_same<T, __nv_bfloat16>::value, dims, stride1, stride2, box);
+    }
+  };
   if (*heads_inner) {
     const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(heads), uint64_t(keys)};
-    const uint32_t box[3] = {64, 1, uint32_t(Tr::BK)};
-    return encode_tile_map_3d_16bit(map, base, bf16, dims, stride_h, stride_n, box);
+    const uint32_t box[3] = {kBoxCols, 1, uint32_t(Tr::BK)};
+    return encode(dims, stride_h, stride_n, box);
   }
   const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(keys), uint64_t(heads)};
-  const uint32_t box[3] = {64, uint32_t(Tr::BK), 1};
-  return encode_tile_map_3d_16bit(map, base, bf16, dims, stride_n, stride_h, box);
+  const uint32_t box[3] = {kBoxCols, uint32_t(Tr::BK), 1};
+  return encode(dims, stride_n, stride_h, box);
 }
 
-template <typename DTypeQ, typename DTypeO, MaskMode MASK>
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
 cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
-  constexpr auto kernel = sm90_ws_single_prefill_kernel<DTypeQ, DTypeO, MASK>;
+  constexpr auto kernel = sm90_ws_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK>;
   using Tr = Sm90WsTraits;
+  constexpr int kSmem = is_fp8<DTypeKV>::value ? Tr::kSmemBytesFp8 : Tr::kSmemBytes;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
-  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, Tr::kSmemBytes, device, occupancy_only);
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, kSmem, device, occupancy_only);
   if (err != cudaSuccess || occupancy_only != nullptr) return err;
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.num_chunks != 1) return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
@@ -462,13 +547,13 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   P.p = p;
   P.num_items = p.num_qtiles * p.num_kv_heads;
   if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
-    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
+    err = sm90_ws_kv_map<DTypeKV>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
     if (err == cudaSuccess)
-      err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
+      err = sm90_ws_kv_map<DTypeKV>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(P);
+  kernel<<<grid, Tr::kThreads, kSmem, stream>>>(P);
   return cudaGetLastError();
 }
 
