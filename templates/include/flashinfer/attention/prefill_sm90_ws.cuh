@@ -242,16 +242,18 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     // fp8 (all 128 threads): widens tile `it` (slot s, phase ph of the ring) of K or V once it is staged and the slot
     // is free, completes the slot's full barrier, and refills the staging tile with tile `next_key0` (< 0: none).
     auto widen_fp8 = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
-      wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
-      wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
-      uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
-      widen_fp8_tile<BK, D, 128, 2, KVT, DTypeKV>(sf8 + (is_v ? Tr::kF8TileBytes : 0), tid, [&](int row, int c) {
-        return reinterpret_cast<uint4*>(dst + sm90::tile_offset(row, c, BK));
-      });
-      sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
-      sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
-      sm90::named_barrier_sync(Tr::kProducerBarrier, 128);  // every thread has read the staging tile
-      if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
+      if constexpr (FP8) {  // (the body names fp8 types: not instantiated for 16-bit K/V)
+        wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
+        wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
+        uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
+        widen_fp8_tile<BK, D, 128, 2, KVT, DTypeKV>(sf8 + (is_v ? Tr::kF8TileBytes : 0), tid, [&](int row, int c) {
+          return reinterpret_cast<uint4*>(dst + sm90::tile_offset(row, c, BK));
+        });
+        sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
+        sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
+        sm90::named_barrier_sync(Tr::kProducerBarrier, 128);  // every thread has read the staging tile
+        if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
+      }
     };
     int it = 0;  // (thread 0; fp8: every thread) KV tiles issued so far
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
