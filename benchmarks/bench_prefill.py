@@ -334,7 +334,14 @@ def fp8_main() -> None:
         )
     text = write_results(
         "prefill with an fp8 e4m3 KV vs a bf16 KV (q/o bf16), d128, 32 q / 8 kv heads, NHD",
-        ["case", "kernel (bf16 / e4m3 KV)", "bf16 KV ms (TFLOP/s)", "e4m3 KV ms (TFLOP/s)", "TFLOP/s e4m3 / bf16", "target"],
+        [
+            "case",
+            "kernel (bf16 / e4m3 KV)",
+            "bf16 KV ms (TFLOP/s)",
+            "e4m3 KV ms (TFLOP/s)",
+            "TFLOP/s e4m3 / bf16",
+            "target",
+        ],
         rows,
         [
             "FLOPs as the main table (4 qo kv heads d, halved for causal)",

@@ -310,6 +310,7 @@ def test_test_preset_is_what_the_gpu_tests_parametrize():
         + list(getattr(mods["test_decode"], "FP8_SPECS", []))
         + list(getattr(mods["test_batch_decode"], "FP8_BATCH_SPECS", []))
         + list(getattr(mods["test_prefill"], "SINGLE_SPECS", []))
+        + list(getattr(mods["test_prefill"], "WS_FP8_SPECS", []))
     )
     for fn in ("test_batch_decode_spec_matrix",):
         marks = getattr(getattr(mods["test_batch_decode"], fn, None), "pytestmark", [])

@@ -297,12 +297,12 @@ def test_single_prefill_fa3_ws_refusals():
         f(q, k, k, window_left=3, backend="fa3_ws")
     with pytest.raises(ValueError, match="fa3_ws takes 128"):
         f(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), backend="fa3_ws")
-    with pytest.raises(ValueError, match="no fp8"):
-        k8 = k.to(torch.float8_e4m3fn)
-        f(q, k8, k8, backend="fa3_ws")
     with pytest.raises(ValueError, match="zero stride"):
         kz = k[:1].expand(10, 2, 128)
         f(q, kz, kz, backend="fa3_ws")
+    with pytest.raises(ValueError, match="zero stride"):
+        kz8 = k[:1].to(torch.float8_e4m3fn).expand(10, 2, 128)
+        f(q, kz8, kz8, backend="fa3_ws")
 
 
 @pytest.mark.gpu
@@ -975,13 +975,13 @@ def test_single_prefill_fp8(spec: SinglePrefillSpec):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+@pytest.mark.parametrize("backend", ["fa2", "fa3", "fa3_ws"])
 def test_fp8_prefill_bf16_q_of_wide_magnitudes(backend):
     """The fp8 kernels compute in float16 and round a bfloat16 q to it, exactly from 2**-14 to 65504 in magnitude:
     q elements around 1e4 (up to 6e4) and around 1e-3 (some below 2**-14), the logit scale keeping the softmax soft,
     match the reference as a randn q does."""
-    if backend == "fa3" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the fa3 kernel needs a Hopper GPU")
+    if backend != "fa2" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the {backend} kernel needs a Hopper GPU")
     d, hkv, group = 128, 2, 4
     k8, k_ref = _fp8_tensor((700, hkv, d), torch.float8_e4m3fn, 0.5)
     v8, v_ref = _fp8_tensor((700, hkv, d), torch.float8_e4m3fn, 1.5)
@@ -994,6 +994,151 @@ def test_fp8_prefill_bf16_q_of_wide_magnitudes(backend):
         )
         ref_o, _ = attention(q, k_ref, v_ref, causal=True, sm_scale=sm_scale)
         _check_fp8_out(o, ref_o, torch.bfloat16, f"{backend} o (|q| ~ {mag})")
+
+
+# The warp-specialised Hopper kernel with fp8 K/V (backend="fa3_ws": TMA copies the fp8 tiles, its producer
+# warpgroup widens them to float16): lengths around its 128-row query tiles and 128-key KV tiles, GQA 1/4/8, no
+# mask and causal, e4m3 with a bfloat16 q (rounded to float16 in the kernel) and e5m2 with a float16 q.
+_WS_FP8_PAIRS = [
+    (1, 1),
+    (127, 127),
+    (128, 128),
+    (129, 129),
+    (1000, 1000),
+    (4096, 4096),
+    (1, 4096),
+    (127, 129),
+    (129, 1000),
+    (1000, 127),
+]
+_WS_FP8_DTYPES = [("bf16", "e4m3"), ("f16", "e5m2")]
+# The fa3_ws fp8 modules these tests load (tests/prewarm_test.toml lists them): every (q, kv) pair, crossed ones
+# included (test_single_prefill_fa3_ws_fp8_long_crossed_and_many_items), no mask and causal.
+WS_FP8_SPECS = [
+    SinglePrefillSpec(128, dq, dkv, dq, m, backend="fa3_ws")
+    for dq in ("bf16", "f16")
+    for dkv in ("e4m3", "e5m2")
+    for m in ("none", "causal")
+]
+
+
+def _fp8_single_check(qo_len, kv_len, hkv, group, q_dtype, kv_dtype, mask_mode, layout, backend, scales, **kw):
+    """One fp8 single prefill (NaN-poisoned out and lse) against the float64 reference on the dequantised K/V."""
+    k_scale, v_scale = scales
+    q = torch.randn(qo_len, hkv * group, 128, device="cuda", dtype=q_dtype)
+    k8, k_ref = _fp8_tensor((kv_len, hkv, 128), kv_dtype, k_scale)
+    v8, v_ref = _fp8_tensor((kv_len, hkv, 128), kv_dtype, v_scale)
+    out = poisoned(q.shape, q_dtype)
+    lse = poisoned(q.shape[:2], torch.float32)
+    o, l = flashinfer.single_prefill_with_kv_cache(
+        q,
+        _fp8_nhd_to(layout, k8),
+        _fp8_nhd_to(layout, v8),
+        causal=mask_mode == "causal",
+        kv_layout=layout,
+        backend=backend,
+        return_lse=True,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        out=out,
+        lse=lse,
+        **kw,
+    )
+    assert o is out and l is lse
+    ref_o, ref_lse = attention(q, k_ref, v_ref, causal=mask_mode == "causal", **kw)
+    what = f"{backend} o (qo {qo_len}, kv {kv_len}, group {group}, {layout})"
+    _check_fp8_out(o, ref_o, q_dtype, what)
+    _check_lse(l, ref_lse)
+    return o, l
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dq,dkv", _WS_FP8_DTYPES, ids=[f"{a}-{b}" for a, b in _WS_FP8_DTYPES])
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("qo_len,kv_len", _WS_FP8_PAIRS, ids=[f"q{a}-kv{b}" for a, b in _WS_FP8_PAIRS])
+def test_single_prefill_fa3_ws_fp8(dq, dkv, mask_mode, group, qo_len, kv_len):
+    _need_hopper()
+    if mask_mode == "causal" and qo_len > kv_len:
+        pytest.skip("causal needs qo_len <= kv_len (refused: test_single_prefill_fa3_ws_refusals)")
+    layout = "HND" if (qo_len + group) % 2 else "NHD"
+    scales = (1.25, 0.375) if group % 2 else (0.5, 1.75)
+    _fp8_single_check(qo_len, kv_len, 2, group, DTYPES[dq], FP8[dkv], mask_mode, layout, "fa3_ws", scales)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+def test_single_prefill_fa3_ws_fp8_long_crossed_and_many_items(mask_mode):
+    """fp8 fa3_ws over long sequences (64-65 KV tiles per item: every ring slot and staging barrier wraps its phase
+    many times), the crossed dtype pairs (float16 q with e4m3, bfloat16 q with e5m2), and more work items than SMs
+    (the staging tiles and the Q barriers carry over from item to item) with a scale other than the default."""
+    _need_hopper()
+    bf, f16 = torch.bfloat16, torch.float16
+    e4, e5 = FP8["e4m3"], FP8["e5m2"]
+    _fp8_single_check(8192, 8192, 1, 8, bf, e4, mask_mode, "NHD", "fa3_ws", (0.5, 1.5))
+    _fp8_single_check(2000, 8321, 2, 4, f16, e5, mask_mode, "HND", "fa3_ws", (2.0, 0.25))
+    _fp8_single_check(1000, 4096, 2, 4, f16, e4, mask_mode, "NHD", "fa3_ws", (0.75, 1.25))
+    _fp8_single_check(1000, 4096, 2, 4, bf, e5, mask_mode, "HND", "fa3_ws", (1.5, 0.5))
+    _fp8_single_check(3000, 3000, 8, 4, f16, e4, mask_mode, "NHD", "fa3_ws", (0.5, 2.0), sm_scale=0.05)
+
+
+@pytest.mark.gpu
+def test_single_prefill_fa3_ws_fp8_views_empty_kv_and_auto(monkeypatch):
+    """fp8 K/V views with 16-byte multiple strides (TMA reads them as they are), a single key and KV head, no keys at
+    all (zeros, lse -inf), and "auto" running fa3_ws for fp8 K/V (an expanded fp8 view: fa3), as observed on the
+    module each call loads."""
+    _need_hopper()
+    import flashinfer.prefill as fp
+
+    ran = []
+    lookup = fp._module
+    monkeypatch.setattr(fp, "_module", lambda spec: ran.append(spec.backend) or lookup(spec))
+    e4, bf = FP8["e4m3"], torch.bfloat16
+    q = torch.randn(300, 8, 128, device="cuda", dtype=bf)
+    big8, big_ref = _fp8_tensor((700, 4, 2, 128), e4, 0.5)
+    k, v = big8[::2, :, 0], big8[1::2, :, 1]  # token stride 2048 bytes, head stride 256
+    ref_o, ref_lse = attention(q, big_ref[::2, :, 0], big_ref[1::2, :, 1], causal=True)
+    f = flashinfer.single_prefill_with_kv_cache
+    o, lse = f(q, k, v, causal=True, backend="fa3_ws", return_lse=True, k_scale=0.5, v_scale=0.5)
+    _check_fp8_out(o, ref_o, bf, "strided fp8 views")
+    _check_lse(lse, ref_lse)
+    k1, k1_ref = _fp8_tensor((1, 1, 128), e4, 1.0)
+    o1 = f(q[:5, :4], k1, k1, backend="fa3_ws")
+    _check_fp8_out(o1, attention(q[:5, :4], k1_ref, k1_ref)[0], bf, "one key")
+    z, zl = f(q[:3], k[:0], k[:0], return_lse=True, backend="fa3_ws")
+    assert (z == 0).all() and torch.isinf(zl).all() and (zl < 0).all()
+    assert ran == ["fa3_ws"] * 3
+    # "auto": 8192 tokens x 4 packed heads x 8 KV heads are 2048 query tiles, enough for any Hopper's SMs: fa3_ws;
+    # an expanded (zero-stride) fp8 view, which no tensor map describes: fa3. Checked on a slice of heads.
+    qa = torch.randn(8192, 32, 128, device="cuda", dtype=bf)
+    ka, ka_ref = _fp8_tensor((8192, 8, 128), e4, 0.5)
+    oa = f(qa, ka, ka, causal=True, k_scale=0.5, v_scale=0.5)
+    assert ran[-1] == "fa3_ws", ran
+    _check_fp8_out(oa[:, :4], attention(qa[:, :4], ka_ref[:, :1], ka_ref[:, :1], causal=True)[0], bf, "auto o")
+    kz, kz_ref = ka[:1].expand(8192, 8, 128), ka_ref[:1].expand(8192, 8, 128)
+    oz = f(qa, kz, kz, causal=True, k_scale=0.5, v_scale=0.5)
+    assert ran[-1] == "fa3", ran
+    _check_fp8_out(oz[:, :4], attention(qa[:, :4], kz_ref[:, :1], kz_ref[:, :1], causal=True)[0], bf, "expanded o")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dq,dkv", _WS_FP8_DTYPES, ids=[f"{a}-{b}" for a, b in _WS_FP8_DTYPES])
+@pytest.mark.parametrize("qo_len,kv_len,group", [(129, 129, 1), (1000, 4096, 4), (4096, 4096, 8)])
+def test_single_prefill_fa3_ws_fp8_equals_fa3_causal(dq, dkv, qo_len, kv_len, group):
+    """A diagnostic with no tolerance (as test_single_prefill_fa3_ws_equals_fa3_causal for 16 bits): with fp8 K/V
+    and a causal mask both Hopper kernels widen the same fp8 values to float16 (widen_fp8_tile), round a bfloat16 q
+    the same way (q_tile_to_half) and do the same float16 wgmmas, softmax and epilogue (output_factor): the outputs
+    and lse should be bitwise equal. The reference tests above are the correctness criterion."""
+    _need_hopper()
+    q = torch.randn(qo_len, 2 * group, 128, device="cuda", dtype=DTYPES[dq])
+    k8, _ = _fp8_tensor((kv_len, 2, 128), FP8[dkv], 0.5)
+    v8, _ = _fp8_tensor((kv_len, 2, 128), FP8[dkv], 1.5)
+    f = flashinfer.single_prefill_with_kv_cache
+    kw = dict(causal=True, return_lse=True, k_scale=0.5, v_scale=1.5)
+    o3, l3 = f(q, k8, v8, backend="fa3", **kw)
+    ow, lw = f(q, k8, v8, backend="fa3_ws", **kw)
+    assert torch.equal(ow, o3), (ow.float() - o3.float()).abs().max().item()
+    assert torch.equal(lw, l3), (lw - l3).abs().max().item()
 
 
 def _fp8_batch_kv(kv_lens, hkv, d, kv_dtype, k_scale, v_scale):
@@ -1117,8 +1262,8 @@ def test_single_spec_names_and_matrix():
     )
     supported = [s for s in specs if s.unsupported_reason() is None]
     # Per KV dtype (q's 16-bit one, e4m3, e5m2): fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos
-    # x window x softcap; fa3: head_dim 128 x (bf16, f16) x (none, causal); fa3_ws: as fa3, 16-bit KV only
-    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2) + 2 * 2
+    # x window x softcap; fa3 and fa3_ws: head_dim 128 x (bf16, f16) x (none, causal)
+    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2 + 2 * 2)
     assert len([s for s in supported if s.dtype_kv == s.dtype_q]) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2 + 2 * 2
     fa3 = [s for s in supported if s.backend == "fa3" and s.dtype_kv == s.dtype_q]
     assert {(s.dtype_q, s.mask_mode) for s in fa3} == {(d, m) for d in ("bf16", "f16") for m in ("none", "causal")}
@@ -1128,16 +1273,21 @@ def test_single_spec_names_and_matrix():
 
 
 def test_fa3_ws_spec_scope_and_rendering():
-    """fa3_ws is a backend value of the single-prefill family only: fa3's scope without fp8 K/V, built for sm_90a;
-    its module includes prefill_sm90_ws.cuh, and the fa2/fa3 modules render as before (no fa3_ws code in them)."""
+    """fa3_ws is a backend value of the single-prefill family only: fa3's scope (16-bit or fp8 K/V), built for
+    sm_90a; its module includes prefill_sm90_ws.cuh and launches it with the K/V type (fp8: the producer's widening),
+    and the fa2/fa3 modules render as before (no fa3_ws code in them)."""
     from flashinfer.jit.templating import render
 
     ws = [s for s in SinglePrefillSpec.expand(backend=("fa3_ws",)) if s.unsupported_reason() is None]
     assert {(s.head_dim, s.dtype_q, s.dtype_kv, s.mask_mode, s.pos_encoding_mode) for s in ws} == {
-        (128, d, d, m, "NONE") for d in ("bf16", "f16") for m in ("none", "causal")
+        (128, d, kv, m, "NONE") for d in ("bf16", "f16") for kv in (d, "e4m3", "e5m2") for m in ("none", "causal")
     }
     assert all(s.needs_sm90a() and s.name().endswith("_fa3_ws") for s in ws)
-    assert "no fp8" in SinglePrefillSpec(128, "bf16", "e4m3", "bf16", backend="fa3_ws").unsupported_reason()
+    assert "kv must be" in SinglePrefillSpec(128, "bf16", "f16", "bf16", backend="fa3_ws").unsupported_reason()
+    for kv, cuda_type in (("e4m3", "__nv_fp8_e4m3"), ("e5m2", "__nv_fp8_e5m2")):
+        src = render(SinglePrefillSpec(128, "bf16", kv, "bf16", "causal", backend="fa3_ws"))["single_prefill.cu"]
+        assert f"using DTypeKV = {cuda_type};" in src
+        assert "launch_sm90_ws_single_prefill<DTypeQ, DTypeKV, DTypeO, kMask>" in src
     assert "fa3_ws" in SinglePrefillSpec(128, mask_mode="custom", backend="fa3_ws").unsupported_reason()
     assert "fa3_ws takes 128" in SinglePrefillSpec(64, backend="fa3_ws").unsupported_reason()
     assert "single-request" in BatchPrefillSpec(backend="fa3_ws").unsupported_reason()
@@ -1151,7 +1301,9 @@ def test_fa3_ws_spec_scope_and_rendering():
 
 def test_fa3_ws_single_prefill_dispatch(monkeypatch):
     """On fake CUDA tensors (a fake Hopper): backend="fa3_ws" launches the fa3_ws module with one KV chunk and no
-    workspace; "auto" never picks it; what it cannot run is refused before any module loads."""
+    workspace (fp8 K/V too: k_scale folded into sm_scale, v_scale passed to the kernel); "auto" takes it for many
+    query tiles, 16-bit or fp8 K/V, and fa3 for expanded views; what it cannot run is refused before any module
+    loads."""
     from fake_cuda import cuda, fake_cuda
     from flashinfer.prefill import _single_backend
 
@@ -1159,9 +1311,6 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
     with fake_cuda(monkeypatch) as rec:
         q, k = cuda(torch.randn(300, 8, 128).to(bf)), cuda(torch.randn(900, 2, 128).to(bf))
         f = flashinfer.single_prefill_with_kv_cache
-        with pytest.raises(ValueError, match="no fp8"):
-            k8 = cuda(torch.randn(900, 2, 128).to(torch.float8_e4m3fn))
-            f(q, k8, k8, backend="fa3_ws")
         with pytest.raises(ValueError, match="fa3_ws.*soft cap"):
             f(q, k, k, logits_soft_cap=5.0, backend="fa3_ws")
         with pytest.raises(ValueError, match="zero stride"):
@@ -1186,6 +1335,22 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
         kz = ka[:1].expand(8192, 8, 128)
         f(qa, kz, kz, causal=True)
         assert rec.launches("flashinfer_single_prefill")[n + 1][1]["_spec"].backend == "fa3"
+        # fp8 K/V (both formats): forced and "auto" run fa3_ws; an expanded fp8 view falls back to fa3
+        for fmt, short in ((torch.float8_e4m3fn, "e4m3"), (torch.float8_e5m2, "e5m2")):
+            k8 = cuda(torch.randn(900, 2, 128).to(fmt))
+            f(q, k8, k8, backend="fa3_ws", k_scale=0.5, v_scale=1.5, sm_scale=0.1)
+            kw = rec.launches("flashinfer_single_prefill")[-1][1]
+            assert kw["_spec"] == SinglePrefillSpec(128, "bf16", short, "bf16", backend="fa3_ws")
+            assert kw["num_chunks"] == 1 and kw["workspace"] is None
+            assert kw["v_scale"] == 1.5 and kw["sm_scale"] == pytest.approx(0.05)
+            ka8 = cuda(torch.randn(8192, 8, 128).to(fmt))
+            f(qa, ka8, ka8, causal=True, k_scale=0.5, v_scale=1.5)
+            assert rec.launches("flashinfer_single_prefill")[-1][1]["_spec"] == SinglePrefillSpec(
+                128, "bf16", short, "bf16", "causal", backend="fa3_ws"
+            )
+            kz8 = ka8[:1].expand(8192, 8, 128)
+            f(qa, kz8, kz8, causal=True)
+            assert rec.launches("flashinfer_single_prefill")[-1][1]["_spec"].backend == "fa3"
 
 
 @pytest.mark.parametrize(
@@ -1505,6 +1670,38 @@ def test_fa3_ws_kernel_keeps_to_registers(tmp_path, monkeypatch):
     if sass is not None:
         for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):
             assert part in sass, part
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SinglePrefillSpec(128, "bf16", "e4m3", "bf16", "causal", backend="fa3_ws"),
+        SinglePrefillSpec(128, "f16", "e5m2", "f16", backend="fa3_ws"),
+    ],
+    ids=lambda s: s.name(),
+)
+def test_fa3_ws_fp8_kernel_keeps_to_registers(spec, tmp_path, monkeypatch):
+    """A real sm_90a build of the fp8 warp-specialised kernel: one kernel, no stack frame or spills at the same
+    setmaxnreg split as 16 bits (the producer widens fp8 tiles within its 56 registers), no wgmma serialisation; in
+    its machine code the fp8 pairs widened by the hardware conversion, float16 wgmmas only (a bfloat16 q is
+    rounded to float16), TMA loads."""
+    from flashinfer import jit
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    report = jit.ensure_built(spec)
+    assert_register_only(report, kernels=1)
+    log = report.log_path.read_text()
+    assert "Used 168 registers" in log, [ln for ln in log.splitlines() if "registers" in ln]
+    assert "serialized" not in log
+    mod = jit.load(spec)
+    assert mod.fn("flashinfer_single_prefill") is not None
+    assert mod.constants["query_tile"] == 128 and mod.constants["kv_tile"] == 128
+    sass = _sass(next(Path(report.entry_dir).glob("*.so")))
+    if sass is not None:
+        unpack = "F2FP.F16.E4M3.UNPACK_B" if spec.dtype_kv == "e4m3" else "F2FP.F16.E5M2.UNPACK_B"
+        for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", unpack, "HGMMA.64x128x16.F32"):
+            assert part in sass, part
+        assert "HGMMA.64x128x16.F32.BF16" not in sass
 
 
 def _sass(library) -> Optional[str]:

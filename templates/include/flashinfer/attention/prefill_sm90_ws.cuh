@@ -60,8 +60,8 @@
 // GQA, K/V of any strides that TMA takes (base and token/head strides multiples of 16 bytes: NHD and HND caches and
 // their views). fp8 is computed as the fa3 kernel does it: float16 wgmmas (a bfloat16 Q tile rounded to float16 by
 // the producer once per item: q_tile_to_half), k_scale folded into sm_scale by the caller, v_scale in the epilogue
-// (output_factor). Not (yet): paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O; ping-pong of the two
-// consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
+// (output_factor). Not (yet): paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O;
+// ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
 //
 // Next steps (design, not built):
 //   ragged batch: one 3-D map over the whole ragged K/V (total tokens x heads x head_dim); a work item (request,
@@ -360,8 +360,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       for (int ks = 0; ks < D / 16; ++ks) {
         const uint32_t col = (ks & 3) * 32;  // k16 step within the 64-column block
         sm90::wgmma_m64n128k16_ss<KVT>(s, sm90::desc_advance(dq, (ks >> 2) * BQ * sm90::kSwizzleRowBytes + col),
-                                          sm90::desc_advance(dk, (ks >> 2) * BK * sm90::kSwizzleRowBytes + col),
-                                          ks > 0);
+                                       sm90::desc_advance(dk, (ks >> 2) * BK * sm90::kSwizzleRowBytes + col), ks > 0);
       }
       sm90::wgmma_commit();
     };
@@ -514,7 +513,7 @@ static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const Pref
   }
   *heads_inner = heads > 1 && stride_h < stride_n;
   constexpr uint32_t kBoxCols = is_fp8<T>::value ? Tr::kHeadDim : 64;
-  auto encode = [&](const uint64_t(&dims)[3], int64_t stride1, int64_t stride2, const uint32_t(&box)[3]) {
+  auto encode = [&](const uint64_t (&dims)[3], int64_t stride1, int64_t stride2, const uint32_t (&box)[3]) {
     if constexpr (is_fp8<T>::value) {
       return encode_tile_map_3d_8bit(map, base, dims, stride1, stride2, box);
     } else {

@@ -49,9 +49,9 @@ static cudaError_t encode_tile_map_3d(CUtensorMap* map, const void* base, CUtens
   const cuuint64_t gstride[2] = {cuuint64_t(stride1) * elem_bytes, cuuint64_t(stride2) * elem_bytes};  // bytes
   const cuuint32_t bdim[3] = {box[0], box[1], box[2]};
   const cuuint32_t estride[3] = {1, 1, 1};
-  const CUresult r = encode(map, dtype, 3, const_cast<void*>(base), gdim, gstride, bdim, estride,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r =
+      encode(map, dtype, 3, const_cast<void*>(base), gdim, gstride, bdim, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
