@@ -89,7 +89,8 @@ BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a),
 # fa3_ws: the warp-specialised Hopper kernel (prefill_sm90_ws.cuh: TMA producer, two wgmma consumer warpgroups,
 # persistent grid), single prefill within _fa3_ws_scope. "auto" takes it wherever it would take fa3 and fa3_ws
 # applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws (H200, 2026-11-30, 32/32 and 32/8 heads,
-# 2048-16384 tokens, full and causal), all its GPU tests passing.
+# 2048-16384 tokens, full and causal), all its GPU tests passing. fp8 K/V: its producer widens the TMA-copied fp8
+# tiles (fa3 widens under its own wgmmas; fa3 measured e4m3/bf16 = 0.66 against fa3_ws's bf16 on 8192 causal).
 SINGLE_BACKENDS = BACKENDS + ("fa3_ws",)
 # KV chunks of a single prefill shorter than this cost more to merge than they gain in parallelism.
 _MIN_CHUNK = 512

@@ -270,6 +270,7 @@ def test_fp8_is_a_kv_dtype_value_of_the_matrix():
         ),
         "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa2",
         "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa3",
+        "prefill_single_q-bf16_kv-e4m3_o-bf16_d128_mask-causal_pos-none_window-off_softcap-off_fp16qk-off_fa3_ws",
     ]
     assert all(it.reason is None for it in fp8)
 

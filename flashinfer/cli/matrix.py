@@ -142,7 +142,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     },
     "fp8": {
         "help": "fp8 KV-cache serving (e.g. vLLM kv_cache_dtype='fp8', SGLang fp8_e4m3): decode on CUDA cores, page "
-        "append, causal single prefill (fa2 and the Hopper fa3), batch prefill (ragged and paged, causal, and no "
+        "append, causal single prefill (fa2 and the Hopper fa3 and fa3_ws), batch prefill (ragged and paged, causal, and no "
         "mask for tensor-core decode) with e4m3 KV, bf16 q and output, head_dim 128, NHD, no RoPE "
         "fusion/window/soft cap",
         "families": {
@@ -165,7 +165,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "head_dims": "128",
                 "pos_encodings": "NONE",
                 "axis:mask_mode": "causal",
-                "axis:backend": "fa2,fa3",  # (fa3_ws reads 16-bit K/V only)
+                "axis:backend": "fa2,fa3,fa3_ws",  # (auto: fa3_ws, fa3 for expanded views, fa2 for short queries)
                 **_NO_EXTRAS,
             },
             "prefill_batch": {
