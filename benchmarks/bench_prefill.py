@@ -204,7 +204,7 @@ def kernel_that_ran(call) -> str:
         call()
     finally:
         fp._module = lookup
-    assert len(seen) == 1, seen
+    assert len(set(seen)) == 1, seen  # (fa2 looks its module up again for its KV split)
     return seen[0]
 
 
