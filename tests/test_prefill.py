@@ -1318,9 +1318,9 @@ def test_fa3_ws_batch_spec_scope_and_rendering():
     from flashinfer.jit.templating import render
 
     ws = [s for s in BatchPrefillSpec.expand(backend=("fa3_ws",)) if s.unsupported_reason() is None]
-    assert {(s.kv_storage, s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.mask_mode, s.pos_encoding_mode) for s in ws} == {
-        ("ragged", 128, d, d, d, m, "NONE") for d in ("bf16", "f16") for m in ("none", "causal")
-    }
+    assert {
+        (s.kv_storage, s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.mask_mode, s.pos_encoding_mode) for s in ws
+    } == {("ragged", 128, d, d, d, m, "NONE") for d in ("bf16", "f16") for m in ("none", "causal")}
     assert all(s.needs_sm90a() and s.name().endswith("_fa3_ws") for s in ws)
     assert all(not s.use_window and not s.use_logits_soft_cap and not s.use_fp16_qk_reduction for s in ws)
     bad = {
@@ -1352,13 +1352,18 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
 
     bf = torch.bfloat16
     W = flashinfer.BatchPrefillWithRaggedKVCacheWrapper
-    qo_lens, kv_lens = [3, 0, 300], [20000, 5, 700]
+    # qo_lens [3, 0, 300], kv_lens [20000, 5, 700]
     qo = torch.tensor([0, 3, 3, 303], dtype=torch.int32)
     kv = torch.tensor([0, 20000, 20005, 20705], dtype=torch.int32)
     with fake_cuda(monkeypatch) as rec:
         with pytest.raises(ValueError, match="CUDA-graph"):
-            W(workspace(), use_cuda_graph=True, qo_indptr_buf=cuda(qo.clone()), kv_indptr_buf=cuda(kv.clone()),
-              backend="fa3_ws")
+            W(
+                workspace(),
+                use_cuda_graph=True,
+                qo_indptr_buf=cuda(qo.clone()),
+                kv_indptr_buf=cuda(kv.clone()),
+                backend="fa3_ws",
+            )
         with pytest.raises(ValueError, match="covers single_prefill_with_kv_cache and BatchPrefillWithRagged"):
             flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), backend="fa3_ws")
         w = W(workspace(), "NHD", backend="fa3_ws")

@@ -485,10 +485,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   }
 }
 
-// The K or V tensor map (keys > 0: a request's kv_len, or a ragged batch's total rows): 3-D, head_dim innermost, then the token and head dimensions in the order of
-// their strides (NHD: heads, then tokens; HND: tokens, then heads), so that each stride spans the dimensions inside
-// it as the driver's documentation lays tensors out. Boxes of 64 columns x BK keys x 1 head in either order land in
-// shared memory as BK rows of 64 columns. Returns in *heads_inner which order the kernel's box coordinates take.
+// The K or V tensor map (keys > 0: a request's kv_len, or a ragged batch's total rows): 3-D, head_dim innermost, then
+// the token and head dimensions in the order of their strides (NHD: heads, then tokens; HND: tokens, then heads), so
+// that each stride spans the dimensions inside it as the driver's documentation lays tensors out. Boxes of 64 columns x
+// BK keys x 1 head in either order land in shared memory as BK rows of 64 columns. Returns in *heads_inner which order
+// the kernel's box coordinates take.
 template <typename T>
 static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, int64_t keys, int64_t heads, int64_t stride_n,
                                   int64_t stride_h, int* heads_inner) {
@@ -531,11 +532,10 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   P.p = p;
   P.num_items = p.num_qtiles * p.num_kv_heads;
   if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
-    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p.kv_len, p.num_kv_heads, p.k_stride_n, p.k_stride_h,
-                                 &P.k_heads_inner);
+    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, p.kv_len, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
     if (err == cudaSuccess)
-      err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p.kv_len, p.num_kv_heads, p.v_stride_n, p.v_stride_h,
-                                   &P.v_heads_inner);
+      err =
+          sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, p.kv_len, p.num_kv_heads, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
@@ -547,8 +547,8 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
 // qo_indptr / kv_indptr; kv_rows is the number of token rows of k and v (kv_indptr[batch]). With pdl, launched
 // with programmatic dependent launch.
 template <typename DTypeQ, typename DTypeO, MaskMode MASK>
-cudaError_t launch_sm90_ws_ragged_prefill(PrefillParams p, int num_pieces, int kv_rows, int device,
-                                          cudaStream_t stream, bool pdl, int* occupancy_only) {
+cudaError_t launch_sm90_ws_ragged_prefill(PrefillParams p, int num_pieces, int kv_rows, int device, cudaStream_t stream,
+                                          bool pdl, int* occupancy_only) {
   constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeO, MASK, true>;
   using Tr = Sm90WsTraits;
   constexpr int kSmem = Tr::smem_bytes(true);
@@ -566,11 +566,10 @@ cudaError_t launch_sm90_ws_ragged_prefill(PrefillParams p, int num_pieces, int k
   P.kv_rows = kv_rows;
   if (P.num_items == 0) return cudaSuccess;
   if (kv_rows > 0) {  // (no rows at all: every request is empty, no tile is issued)
-    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, kv_rows, p.num_kv_heads, p.k_stride_n, p.k_stride_h,
-                                 &P.k_heads_inner);
+    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, kv_rows, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
     if (err == cudaSuccess)
-      err = sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, kv_rows, p.num_kv_heads, p.v_stride_n, p.v_stride_h,
-                                   &P.v_heads_inner);
+      err =
+          sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, kv_rows, p.num_kv_heads, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
