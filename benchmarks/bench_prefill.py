@@ -441,23 +441,22 @@ def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
     res = {b: queued_ms(runs[b]) for b in ("fa3_ws", "fa2")}
     # SDPA cuDNN on [n, H, L, D] views of the same tensors; GQA through enable_gqa, else K/V expanded to the q heads
     sq, sk, sv = (x.view(n, L, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
-    so = torch.empty(n, hq, L, d, device="cuda", dtype=dtype)
     res["cudnn_note"] = ""
 
     def cudnn(kk, vv, gqa):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            so.copy_(F.scaled_dot_product_attention(sq, kk, vv, is_causal=True, enable_gqa=gqa))
+            return F.scaled_dot_product_attention(sq, kk, vv, is_causal=True, enable_gqa=gqa)
 
     try:
         try:
             run = lambda: cudnn(sk, sv, hq != hkv)  # noqa: E731
-            run()
+            so = run()
         except RuntimeError:
             if hq == hkv:
                 raise
             ek, ev = (x.repeat_interleave(g, 1) for x in (sk, sv))
             run = lambda: cudnn(ek, ev, False)  # noqa: E731
-            run()
+            so = run()
             res["cudnn_note"] = " (K/V expanded)"
         torch.cuda.synchronize()
         diff = (so.transpose(1, 2).reshape(total, hq, d).float() - outs["fa2"].float()).abs().max().item()
@@ -466,7 +465,7 @@ def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
     except RuntimeError as e:  # cuDNN not available for this shape or build
         res["cudnn"] = None
         print(f"  sdpa cudnn: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
-    del q, k, v, outs, runs, sq, sk, sv, so
+    del q, k, v, outs, runs, sq, sk, sv
     torch.cuda.empty_cache()
     return res
 
