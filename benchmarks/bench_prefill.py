@@ -424,8 +424,8 @@ def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
         runs[backend] = lambda w=w, out=out: w.run(q, k, v, out=out)
         runs[backend]()
     torch.cuda.synchronize()
-    diff = (outs["fa3_ws"].float() - outs["fa2"].float()).abs().max().item()
-    assert diff < 2e-2, f"ragged fa3_ws differs from fa2 by {diff}"
+    # (bf16 outputs: a rounding apart at most; relative to the magnitude, as rows with few keys reach |o| ~ 4)
+    torch.testing.assert_close(outs["fa3_ws"].float(), outs["fa2"].float(), atol=2e-2, rtol=1e-2)
     hs = min(hq, 4)
     for r in (0, n - 1):
         rows = slice(r * L, (r + 1) * L)
@@ -459,8 +459,8 @@ def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
             so = run()
             res["cudnn_note"] = " (K/V expanded)"
         torch.cuda.synchronize()
-        diff = (so.transpose(1, 2).reshape(total, hq, d).float() - outs["fa2"].float()).abs().max().item()
-        assert diff < 3e-2, f"SDPA cuDNN differs from fa2 by {diff}"
+        so = so.transpose(1, 2).reshape(total, hq, d).float()
+        torch.testing.assert_close(so, outs["fa2"].float(), atol=2e-2, rtol=1e-2, msg="SDPA cuDNN vs fa2")
         res["cudnn"] = queued_ms(run)
     except RuntimeError as e:  # cuDNN not available for this shape or build
         res["cudnn"] = None
@@ -501,8 +501,8 @@ def ws_batch_main() -> None:
             "FLOPs = requests·4·L·L·heads·head_dim / 2 (causal); device ms per call: 4 calls queued behind a sleep "
             "kernel between two events (the plain wrappers cannot be graph-captured), L2 flushed, median of 20",
             "SDPA cuDNN: the batch as [16, H, 1024, 128] views (equal lengths: the padded layout is the ragged one)",
-            "checked before timing: fa3_ws vs fa2 (< 2e-2), both vs SDPA float32 (first and last request, 4 heads), "
-            "cuDNN vs fa2",
+            "checked before timing: fa3_ws vs fa2 and cuDNN vs fa2 (atol 2e-2, rtol 1e-2), both ours vs SDPA float32 "
+            "(first and last request, 4 heads, < 3e-2)",
         ],
     )
     print(text, flush=True)
