@@ -82,6 +82,8 @@ SPECS = {
     "sp4": SP(head_dim=128, **F16, use_fp16_qk_reduction=True),
     "fa3a": SP(head_dim=128, backend="fa3"),
     "fa3b": SP(head_dim=128, **F16, mask_mode="causal", backend="fa3"),
+    "ws1": SP(head_dim=128, mask_mode="causal", backend="fa3_ws"),
+    "ws2": SP(head_dim=128, **F16, backend="fa3_ws"),
     "br1": BP(kv_storage="ragged", head_dim=128, mask_mode="causal"),
     "br2": BP(kv_storage="ragged", head_dim=64, **F16, mask_mode="custom", pos_encoding_mode="ALIBI", use_window=True),
     "bp1": BP(kv_storage="paged", head_dim=128, pos_encoding_mode="ROPE_LLAMA"),
