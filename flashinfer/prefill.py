@@ -234,8 +234,11 @@ class _PrefillSpecBase(AttentionSpec):
             return f"mask_mode {self.mask_mode!r} is not one of {MASK_MODES}"
         if self.backend not in self.own_axes["backend"]:
             return f"backend {self.backend!r} is not implemented"
-        if self.backend == "fa3_ws":
-            why = _fa3_ws_scope(
+        if self.backend == "fa3" and self.family != "prefill_single":
+            return "the fa3 backend covers single-request prefill only"
+        scope = {"fa3": _fa3_scope, "fa3_ws": _fa3_ws_scope}.get(self.backend)
+        if scope is not None:
+            why = scope(
                 self.head_dim,
                 self.dtype_q,
                 self.dtype_kv,
@@ -247,23 +250,7 @@ class _PrefillSpecBase(AttentionSpec):
                 self.use_fp16_qk_reduction,
             )
             if why is not None:
-                return f"outside the fa3_ws backend's scope: {why}"
-        if self.backend == "fa3":
-            if self.family != "prefill_single":
-                return "the fa3 backend covers single-request prefill only"
-            why = _fa3_scope(
-                self.head_dim,
-                self.dtype_q,
-                self.dtype_kv,
-                self.dtype_o,
-                self.mask_mode,
-                self.pos_encoding_mode,
-                self.use_window,
-                self.use_logits_soft_cap,
-                self.use_fp16_qk_reduction,
-            )
-            if why is not None:
-                return f"outside the fa3 backend's scope: {why}"
+                return f"outside the {self.backend} backend's scope: {why}"
         return None
 
     def needs_sm90a(self) -> bool:
