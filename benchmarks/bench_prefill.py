@@ -4,8 +4,10 @@ benchmarks/RESULTS.md.
 
     python benchmarks/bench_prefill.py [--quick]
     python benchmarks/bench_prefill.py --fp8    # only the fp8 (e4m3) KV vs bf16 KV comparison (its own table)
-    python benchmarks/bench_prefill.py --ws     # only the warp-specialised Hopper kernel (backend="fa3_ws")
-                                                # beside fa3 and SDPA cuDNN/flash (its own table)
+    python benchmarks/bench_prefill.py --ws     # only the warp-specialised Hopper kernel (backend="fa3_ws"):
+                                                # single prefill beside fa3 and SDPA cuDNN/flash, and ragged
+                                                # batch prefill beside fa2 and SDPA cuDNN (two tables)
+    python benchmarks/bench_prefill.py --ws-batch   # only the fa3_ws ragged batch table
 
 FLOPs are counted as 4 * qo * kv * heads * head_dim, halved for causal (qo == kv). Times are device times
 from CUDA-graph replays. Also measures the cold compile and warm load of the bf16 d128 causal module.
@@ -26,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashinfer  # noqa: E402
-from common import bf16_matmul_tflops, first_call_times, graph_ms, median_ms, write_results  # noqa: E402
+from common import bf16_matmul_tflops, first_call_times, flush_l2, graph_ms, median_ms, write_results  # noqa: E402
 
 _FIRST_CALL = r"""
 import json, time
@@ -415,8 +417,138 @@ def ws_single(L, hq, hkv, causal, n_sets=2) -> dict:
     return res
 
 
+# Ragged batch rows: (requests, length of each (queries = keys), q heads, kv heads), causal, bf16, d128.
+WS_BATCH_CASES = [(16, 1024, 32, 32), (16, 1024, 32, 8)]
+
+
+def queued_ms(fn, calls: int = 4, iters: int = 20) -> float:
+    """Device ms of one call of fn() for calls that cannot be captured in a CUDA graph (the plain batch wrappers):
+    `calls` calls between two events, queued behind a ~0.1 ms sleep kernel so that the host's time to issue them
+    is hidden (the GPU is still busy when they arrive), L2 flushed before; median over iters, per call."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush_l2()
+        torch.cuda._sleep(200_000)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
+    """ms of BatchPrefillWithRaggedKVCacheWrapper with backend "fa3_ws" and "fa2", and of SDPA cuDNN on the same
+    batch as a dense [n, H, L, D] batch (every request has L queries and L keys: the padded layout has no padding),
+    causal, bf16, d128, NHD. Checked first: fa3_ws against fa2, both against SDPA in float32 (first and last
+    request, 4 heads), and SDPA cuDNN against fa2."""
+    d, dtype = 128, torch.bfloat16
+    total, g = n * L, hq // hkv
+    indptr = torch.arange(0, total + 1, L, dtype=torch.int32)
+    q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
+    k = torch.randn(total, hkv, d, device="cuda", dtype=dtype)
+    v = torch.randn(total, hkv, d, device="cuda", dtype=dtype)
+    outs, runs = {}, {}
+    for backend in ("fa3_ws", "fa2"):
+        ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
+        w.plan(indptr, indptr, hq, hkv, d, causal=True, q_data_type=dtype)
+        out = outs[backend] = torch.empty_like(q)
+        runs[backend] = lambda w=w, out=out: w.run(q, k, v, out=out)
+        runs[backend]()
+    torch.cuda.synchronize()
+    # (bf16 outputs: a rounding apart at most; relative to the magnitude, as rows with few keys reach |o| ~ 4)
+    torch.testing.assert_close(outs["fa3_ws"].float(), outs["fa2"].float(), atol=2e-2, rtol=1e-2)
+    hs = min(hq, 4)
+    for r in (0, n - 1):
+        rows = slice(r * L, (r + 1) * L)
+        ref = F.scaled_dot_product_attention(
+            q[rows, :hs].transpose(0, 1).float(),
+            k[rows, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(),
+            v[rows, : -(-hs // g)].repeat_interleave(g, 1)[:, :hs].transpose(0, 1).float(),
+            is_causal=True,
+        )
+        for backend, out in outs.items():
+            err = (out[rows, :hs].transpose(0, 1).float() - ref).abs().max().item()
+            assert err < 3e-2, f"ragged {backend}, request {r}: output differs from SDPA by {err}"
+    res = {b: queued_ms(runs[b]) for b in ("fa3_ws", "fa2")}
+    # SDPA cuDNN on [n, H, L, D] views of the same tensors; GQA through enable_gqa, else K/V expanded to the q heads
+    sq, sk, sv = (x.view(n, L, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+    res["cudnn_note"] = ""
+
+    def cudnn(kk, vv, gqa):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(sq, kk, vv, is_causal=True, enable_gqa=gqa)
+
+    try:
+        try:
+            run = lambda: cudnn(sk, sv, hq != hkv)  # noqa: E731
+            so = run()
+        except RuntimeError:
+            if hq == hkv:
+                raise
+            ek, ev = (x.repeat_interleave(g, 1) for x in (sk, sv))
+            run = lambda: cudnn(ek, ev, False)  # noqa: E731
+            so = run()
+            res["cudnn_note"] = " (K/V expanded)"
+        torch.cuda.synchronize()
+        so = so.transpose(1, 2).reshape(total, hq, d).float()
+        torch.testing.assert_close(so, outs["fa2"].float(), atol=2e-2, rtol=1e-2, msg="SDPA cuDNN vs fa2")
+        res["cudnn"] = queued_ms(run)
+    except RuntimeError as e:  # cuDNN not available for this shape or build
+        res["cudnn"] = None
+        print(f"  sdpa cudnn: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+    del q, k, v, outs, runs, sq, sk, sv
+    torch.cuda.empty_cache()
+    return res
+
+
+def ws_batch_main() -> None:
+    """fa3_ws on ragged batches beside fa2 and SDPA cuDNN: 16 x 1024 causal, 32/32 and 32/8 heads."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        print("--ws-batch: the fa3_ws backend needs a Hopper (sm_90) GPU; nothing measured", flush=True)
+        return
+    rows = []
+    for n, L, hq, hkv in WS_BATCH_CASES:
+        r = ws_batch(n, L, hq, hkv)
+        f = n * flops(L, L, hq, 128, True)
+        tf = {b: (None if r[b] is None else f / (r[b] * 1e-3) / 1e12) for b in ("fa3_ws", "fa2", "cudnn")}
+        shape = f"ragged {n} x {L} causal, {hq}/{hkv} d128"
+        print(json.dumps({"shape": shape, **{f"{b}_ms": r[b] for b in ("fa3_ws", "fa2", "cudnn")}}), flush=True)
+        cell = lambda b: "-" if r[b] is None else f"{r[b]:.3f} ({tf[b]:.0f})"  # noqa: E731
+        rows.append(
+            [
+                shape,
+                cell("fa3_ws"),
+                cell("fa2"),
+                cell("cudnn") + r["cudnn_note"],
+                f"{tf['fa3_ws'] / tf['fa2']:.2f}x",
+                "-" if tf["cudnn"] is None else f"{tf['fa3_ws'] / tf['cudnn']:.2f}x",
+            ]
+        )
+    text = write_results(
+        'BatchPrefillWithRaggedKVCacheWrapper backend="fa3_ws" vs "fa2" and SDPA cuDNN, bf16, NHD',
+        ["batch", "fa3_ws ms (TFLOP/s)", "fa2", "SDPA cuDNN", "ws / fa2", "ws / cuDNN"],
+        rows,
+        [
+            "FLOPs = requests·4·L·L·heads·head_dim / 2 (causal); device ms per call: 4 calls queued behind a sleep "
+            "kernel between two events (the plain wrappers cannot be graph-captured), L2 flushed, median of 20",
+            "SDPA cuDNN: the batch as [16, H, 1024, 128] views (equal lengths: the padded layout is the ragged one)",
+            "checked before timing: fa3_ws vs fa2 and cuDNN vs fa2 (atol 2e-2, rtol 1e-2), both ours vs SDPA float32 "
+            "(first and last request, 4 heads, < 3e-2)",
+        ],
+    )
+    print(text, flush=True)
+
+
 def ws_main() -> None:
-    """The warp-specialised Hopper kernel (fa3_ws) beside fa3 and SDPA cuDNN/flash on issue 11's single rows."""
+    """The warp-specialised Hopper kernel (fa3_ws) beside fa3 and SDPA cuDNN/flash on issue 11's single rows, then
+    on ragged batches beside fa2 and SDPA cuDNN."""
     if torch.cuda.get_device_capability() != (9, 0):
         print("--ws: the fa3_ws backend needs a Hopper (sm_90) GPU; nothing measured", flush=True)
         return
@@ -452,6 +584,7 @@ def ws_main() -> None:
         ],
     )
     print(text, flush=True)
+    ws_batch_main()
 
 
 def main() -> None:
@@ -459,8 +592,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batch-only", action="store_true", help="only the batch prefill table")
     ap.add_argument("--fp8", action="store_true", help="only the fp8 (e4m3) KV vs bf16 KV comparison")
-    ap.add_argument("--ws", action="store_true", help='only backend="fa3_ws" beside fa3 and SDPA cuDNN/flash')
+    ap.add_argument("--ws", action="store_true", help='only backend="fa3_ws" (single and ragged batch tables)')
+    ap.add_argument("--ws-batch", action="store_true", help='only backend="fa3_ws" on ragged batches vs fa2, cuDNN')
     args = ap.parse_args()
+    if args.ws_batch:
+        ws_batch_main()
+        return
     if args.fp8:
         fp8_main()
         return

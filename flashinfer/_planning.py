@@ -201,6 +201,7 @@ BATCH_PREFILL_ARGS = (
     ("num_kv_heads", "int"),
     ("page_size", "int"),
     ("device", "int"),
+    ("kv_rows", "int"),  # ragged: token rows of k and v (kv_indptr[-1]; the fa3_ws kernel's tensor maps span them)
     # set by each run()
     ("num_pages", "int"),  # paged: pages of the cache given to run(); ids outside [0, num_pages) are never read
     ("q", "const void*"),

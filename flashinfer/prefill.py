@@ -5,8 +5,10 @@
 names in ``flashinfer.prefill``. Kernels: ``"fa2"`` (templates/include/flashinfer/attention/prefill.cuh; mma.sync
 m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
 sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
-beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; fa3's scope, fp8 K/V widened by its producer; "auto" prefers it to fa3) is
-the warp-specialised Hopper kernel: TMA producer warpgroup, two wgmma consumer warpgroups, persistent grid.
+beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; fa3's scope, single prefill with 16-bit or fp8
+K/V (widened by its producer), where "auto" prefers it to fa3, and ``BatchPrefillWithRaggedKVCacheWrapper`` with
+16-bit K/V, opt-in) is the warp-specialised Hopper kernel: TMA producer warpgroup, two wgmma consumer warpgroups,
+persistent grid.
 
 The batch wrappers plan in Python (flashinfer/_planning.py: ``schedule_prefill``) and keep FlashInfer's
 attention options on the wrapper (``_causal``, ``_sm_scale``, ``_window_left``, ``_logits_soft_cap``,
@@ -87,10 +89,12 @@ _MASK_CUDA = {"none": "kNone", "causal": "kCausal", "custom": "kCustom"}
 # Implemented backends; "auto" picks per call.
 BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a), single prefill within _fa3_scope
 # fa3_ws: the warp-specialised Hopper kernel (prefill_sm90_ws.cuh: TMA producer, two wgmma consumer warpgroups,
-# persistent grid), single prefill within _fa3_ws_scope. "auto" takes it wherever it would take fa3 and fa3_ws
-# applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws (H200, 2026-11-30, 32/32 and 32/8 heads,
-# 2048-16384 tokens, full and causal), all its GPU tests passing. fp8 K/V: its producer widens the TMA-copied fp8
-# tiles (fa3 widens under its own wgmmas; fa3 measured e4m3/bf16 = 0.66 against fa3_ws's bf16 on 8192 causal).
+# persistent grid), single prefill and ragged batch prefill within _fa3_ws_scope. For single prefill "auto" takes
+# it wherever it would take fa3 and fa3_ws applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws
+# (H200, 2026-11-30, 32/32 and 32/8 heads, 2048-16384 tokens, full and causal), all its GPU tests passing. For
+# batch prefill it is opt-in (backend="fa3_ws"): "auto" stays fa2 there. fp8 K/V (single prefill): its producer
+# widens the TMA-copied fp8 tiles (fa3 widens under its own wgmmas; fa3 measured e4m3/bf16 = 0.66 against fa3_ws's
+# bf16 on 8192 causal).
 SINGLE_BACKENDS = BACKENDS + ("fa3_ws",)
 # KV chunks of a single prefill shorter than this cost more to merge than they gain in parallelism.
 _MIN_CHUNK = 512
@@ -231,11 +235,12 @@ class _PrefillSpecBase(AttentionSpec):
         if self.mask_mode not in MASK_MODES:
             return f"mask_mode {self.mask_mode!r} is not one of {MASK_MODES}"
         if self.backend not in self.own_axes["backend"]:
-            return f"backend {self.backend!r} is not implemented" + (
-                " (fa3_ws: single-request prefill only)" if self.backend == "fa3_ws" else ""
-            )
-        if self.backend == "fa3_ws":
-            why = _fa3_ws_scope(
+            return f"backend {self.backend!r} is not implemented"
+        if self.backend == "fa3" and self.family != "prefill_single":
+            return "the fa3 backend covers single-request prefill only"
+        scope = {"fa3": _fa3_scope, "fa3_ws": _fa3_ws_scope}.get(self.backend)
+        if scope is not None:
+            why = scope(
                 self.head_dim,
                 self.dtype_q,
                 self.dtype_kv,
@@ -247,23 +252,7 @@ class _PrefillSpecBase(AttentionSpec):
                 self.use_fp16_qk_reduction,
             )
             if why is not None:
-                return f"outside the fa3_ws backend's scope: {why}"
-        if self.backend == "fa3":
-            if self.family != "prefill_single":
-                return "the fa3 backend covers single-request prefill only"
-            why = _fa3_scope(
-                self.head_dim,
-                self.dtype_q,
-                self.dtype_kv,
-                self.dtype_o,
-                self.mask_mode,
-                self.pos_encoding_mode,
-                self.use_window,
-                self.use_logits_soft_cap,
-                self.use_fp16_qk_reduction,
-            )
-            if why is not None:
-                return f"outside the fa3 backend's scope: {why}"
+                return f"outside the {self.backend} backend's scope: {why}"
         return None
 
     def needs_sm90a(self) -> bool:
@@ -803,6 +792,7 @@ class BatchPrefillSpec(_PrefillSpecBase):
     use_fp16_qk_reduction: bool = False
     backend: str = "fa2"
 
+    own_axes = {**_PrefillSpecBase.own_axes, "backend": SINGLE_BACKENDS}
     family = "prefill_batch"
     template = "batch_prefill.cu.jinja"
     launchers = (
@@ -819,11 +809,16 @@ class BatchPrefillSpec(_PrefillSpecBase):
             "paged": cuda_bool(self.kv_storage == "paged"),
             "mqs": list(_batch_tiles(self.head_dim)),
             "args": list(BATCH_PREFILL_ARGS),
+            "backend": self.backend,
         }
 
     def unsupported_reason(self) -> Optional[str]:
         if self.kv_storage not in ("paged", "ragged"):
             return f"kv_storage must be 'paged' or 'ragged', got {self.kv_storage!r}"
+        if self.backend == "fa3_ws" and self.kv_storage != "ragged":
+            return "the fa3_ws backend covers ragged KV only (paged batch prefill runs on fa2)"
+        if self.backend == "fa3_ws" and self.dtype_kv in FP8_KV_DTYPES:
+            return f"kv dtype {self.dtype_kv}: fa3_ws batch prefill takes k and v in q's dtype, no fp8 (fa2 reads fp8)"
         return super().unsupported_reason()
 
 
@@ -878,6 +873,16 @@ def _launch_of(spec: BatchPrefillSpec, opts: _Opts) -> _PrefillLaunch:
     )
 
 
+def _check_fa3_ws_batch(spec: BatchPrefillSpec, device: torch.device) -> None:
+    """Refuses (ValueError, with the reason) a batch plan or option change that the fa3_ws kernel cannot run."""
+    why = spec.unsupported_reason()
+    if why is not None:
+        raise ValueError(f"backend='fa3_ws' cannot run this batch: {why}; use backend='fa2' or 'auto'")
+    if _device_capability(device.index) != (9, 0):
+        major, minor = _device_capability(device.index)
+        raise ValueError(f"backend='fa3_ws' needs a Hopper GPU (sm_90); {device} is sm_{major}{minor}")
+
+
 def _unsupported_plan_args(**named: Any) -> None:
     """FlashInfer plan() arguments of features not implemented here: refused unless left at their defaults."""
     for name, value in named.items():
@@ -911,12 +916,24 @@ class _BatchPrefillBase:
             raise not_supported(
                 "jit_args" if jit_args is not None else "jit_kwargs", "...", "None (the built-in kernels)"
             )
-        if _resolve_backend(backend) in ("fa3", "fa3_ws"):
+        b = _resolve_backend(backend)
+        if b == "fa3":
             raise ValueError(
-                f"the {backend.lower()} backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
+                "the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
                 "(backend='auto' or 'fa2')"
             )
-        self._backend = "fa2"
+        if b == "fa3_ws" and self._storage != "ragged":
+            raise ValueError(
+                "the fa3_ws backend covers single_prefill_with_kv_cache and BatchPrefillWithRaggedKVCacheWrapper; "
+                f"{type(self).__name__} runs on fa2 (backend='auto' or 'fa2')"
+            )
+        if b == "fa3_ws" and use_cuda_graph:
+            raise ValueError(
+                "backend='fa3_ws' has no CUDA-graph mode (its TMA descriptors hold each run's K/V address and row "
+                "count); use use_cuda_graph=False, or backend='fa2' for graphs"
+            )
+        # "auto" is fa2 for batch prefill; fa3_ws only when asked for by name.
+        self._backend = "fa3_ws" if b == "fa3_ws" else "fa2"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
             raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. 128 MB of uint8)")
         self._float_workspace_buffer = float_workspace_buffer
@@ -1158,6 +1175,13 @@ class _BatchPrefillBase:
             use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             backend=opts.backend,
         )
+        if spec.backend == "fa3_ws":
+            _check_fa3_ws_batch(spec, self._device)
+            if fixed_chunk > 0:
+                raise ValueError(
+                    f"fixed_split_size={fixed_chunk}: backend='fa3_ws' never splits a request's keys (each request "
+                    "is computed whole, whatever the batch); leave fixed_split_size=None, or use backend='fa2'"
+                )
         if self._use_cuda_graph and self._frozen_spec is not None and spec != self._frozen_spec:
             raise ValueError(
                 "a CUDA-graph wrapper keeps its kernel variant across plans (captured graphs bake it in): "
@@ -1183,7 +1207,7 @@ class _BatchPrefillBase:
             ws_floats,
             num_qo_heads,
             fixed_chunk=fixed_chunk,
-            split_kv=not disable_split_kv,
+            split_kv=not disable_split_kv and spec.backend != "fa3_ws",  # (fa3_ws has no partial states)
         )
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
             raise workspace_too_small(ws.numel() * ws.element_size(), part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
@@ -1331,6 +1355,8 @@ class _BatchPrefillBase:
                 use_logits_soft_cap=opts.soft_cap > 0,
                 use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             )
+            if spec.backend == "fa3_ws":
+                _check_fa3_ws_batch(spec, self._device)
             hit = _launch_of(spec, opts)
             if len(p.resolved) >= 8:
                 p.resolved.clear()
@@ -1476,7 +1502,13 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
     custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
         Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
     backend : str
-        ``"auto"`` or ``"fa2"``.
+        ``"auto"`` or ``"fa2"`` (mma.sync tensor cores, every feature; "auto" takes it), or ``"fa3_ws"`` (an
+        extension over FlashInfer's values, opt-in): the warp-specialised Hopper kernel (sm_90; TMA loads, wgmma,
+        persistent grid) for head_dim 128, k/v/o in q's float16/bfloat16, no mask or causal, no position encoding,
+        window, soft cap or fp16 QK reduction, no CUDA graphs and no ``fixed_split_size``; plan() refuses other
+        batches with a ValueError naming the reason. It never splits a request's keys across CTAs. A KV tile
+        that runs past a request reads the next request's rows (masked: their scores are dropped, a probability
+        of exactly 0 multiplies their values), so k and v must hold finite values in every row.
     jit_args, jit_kwargs : optional
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """
@@ -1654,6 +1686,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
             -1,
         )
         plan.total_kv = kv[-1]  # rows of k/v run() expects
+        plan.schedule.args.kv_rows = kv[-1]
         self._kv_indptr_buf = plan.schedule.kv_indptr
 
     begin_forward = plan
@@ -1725,6 +1758,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
             raise ValueError(f"k must have shape {list(exp)} ({self._kv_layout}), got {tuple(k.shape)}")
         check_vector_rows(k, "k", 2)
         check_vector_rows(v, "v", 2)
+        if p.spec.backend == "fa3_ws":
+            # TMA reads K/V through a tensor map: a zero stride (an expanded view) is not one it can describe.
+            for name, t in (("k", k), ("v", v)):
+                if any(t.size(i) > 1 and t.stride(i) == 0 for i in range(2)):
+                    raise ValueError(f"{name} has a zero stride {t.stride()} (fa3_ws reads K/V with TMA)")
         scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
         return self._launch(
             q, k, v, strides, out, lse, return_lse, scale_mult, scalar(v_scale, "v_scale", 1.0), enable_pdl

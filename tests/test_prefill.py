@@ -671,12 +671,12 @@ def test_batch_prefill_bad_input():
     torch.cuda.synchronize()
 
 
-def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, **kw):
+def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, backend="auto", **kw):
     """A planned wrapper of either storage for requests (qs, ks, vs), and the KV arguments of its run()."""
     hkv, d = ks[0].shape[1], ks[0].shape[2]
     qo_indptr = torch.tensor([0] + list(itertools.accumulate(q.shape[0] for q in qs)), dtype=torch.int32)
     if storage == "ragged":
-        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, layout)
+        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, layout, backend=backend)
         kv_indptr = torch.tensor([0] + list(itertools.accumulate(k.shape[0] for k in ks)), dtype=torch.int32)
         w.plan(qo_indptr, kv_indptr, qs[0].shape[1], hkv, d, **kw)
         k, v = _nhd_to(layout, torch.cat(ks)), _nhd_to(layout, torch.cat(vs))
@@ -839,6 +839,124 @@ def test_batch_prefill_split_control_pdl_scales_and_lse(storage):
     _check_lse(lse, ref_lse)
     o_s = w.run(q, *kv, q_scale=2.0, k_scale=0.5, v_scale=3.0)
     assert_close(o_s, 3.0 * ref_o)
+
+
+# The warp-specialised Hopper kernel on ragged batches (BatchPrefillWithRaggedKVCacheWrapper(backend="fa3_ws")):
+# requests around its 128-row query tiles and 128-key KV tiles (1, 127, 128, 129, 1000), as many keys as queries
+# and more; a mixed batch with requests without queries (with and without keys), without keys, with more queries
+# than keys (causal: the first qo_len - kv_len rows see no key) and KV tiles that run into the next request.
+_WS_BATCH_CASES = {
+    "tiles": ([1, 127, 128, 129, 1000], [1, 127, 128, 129, 1000]),
+    "longer_kv": ([1, 127, 128, 129, 1000], [129, 128, 1000, 4096, 1127]),
+    "mixed": ([0, 1, 17, 129, 0, 1000, 300, 5], [5, 1, 0, 129, 0, 1000, 100, 700]),
+}
+
+
+def _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, **run_kw):
+    """(o, lse) of the fa3_ws and the fa2 ragged wrappers on the same batch (NaN-poisoned outputs)."""
+    q = torch.cat(qs)
+    res = []
+    for backend in ("fa3_ws", "fa2"):
+        w, kv = _plan_batch(
+            "ragged", ws, layout, qs, ks, vs, backend=backend, causal=mask_mode == "causal", q_data_type=q.dtype
+        )
+        if backend == "fa3_ws":
+            assert w.plan_stats["merges"] == 0  # (never split)
+        out, lse = poisoned(q.shape, q.dtype), poisoned(q.shape[:2], torch.float32)
+        o, l = w.run(q, *kv, out=out, lse=lse, return_lse=True, **run_kw)
+        assert o is out and l is lse
+        res.append((o, l))
+    return res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
+def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype):
+    """Against the float64 reference (outputs NaN-poisoned, lse requested), and against the fa2 ragged path within
+    bfloat16's tolerance."""
+    _need_hopper()
+    qo_lens, kv_lens = _WS_BATCH_CASES[case]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, dtype)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    (o, l), (o2, l2) = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, mask_mode)
+    assert_close(o, ref_o)
+    _check_lse(l, ref_lse)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(o.double(), o2.double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(l, l2, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    if case == "mixed":  # no keys (request 2, rows 1..17), or causal rows before the first key (request 6)
+        empty = [slice(1, 18)] + ([slice(1147, 1347)] if mask_mode == "causal" else [])
+        for rows in empty:
+            assert (o[rows] == 0).all() and torch.isneginf(l[rows]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(32, 32), (32, 8)])
+def test_batch_prefill_fa3_ws_ragged_benchmark_shape(num_qo_heads, num_kv_heads):
+    """The benchmark's batch (16 requests x 1024, causal, bf16): 2048-4096 work items, ~16-31 per CTA of the
+    persistent grid (the barriers' phases and the ring position carry over from item to item and request to
+    request)."""
+    _need_hopper()
+    n = 16
+    qs, ks, vs = _make_batch([1024] * n, [1024] * n, num_kv_heads, num_qo_heads // num_kv_heads, 128, torch.bfloat16)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    (o, l), (o2, _) = _ws_and_fa2(qs, ks, vs, "NHD", "causal", ws)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal")
+    assert_close(o, ref_o)
+    _check_lse(l, ref_lse)
+    torch.testing.assert_close(o.double(), o2.double(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_batch_prefill_fa3_ws_views_scales_pdl_stream_and_empty():
+    """Strided K/V views (TMA takes any 16-byte multiple strides), q/k/v scales, lse without return_lse, enable_pdl,
+    the launch on the current stream, a batch without keys at all (no tensor maps) and one without queries; an
+    option change by forward() outside the kernel's scope is refused."""
+    _need_hopper()
+    dt = torch.bfloat16
+    qo_lens, kv_lens = [300, 1, 129], [700, 1, 2000]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 4, 2, 128, dt)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal")
+    q = torch.cat(qs)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    w, _ = _plan_batch("ragged", ws, "NHD", qs, ks, vs, backend="fa3_ws", causal=True, q_data_type=dt)
+    big = torch.randn(sum(kv_lens), 4, 2, 128, device="cuda", dtype=dt)
+    big[:, :, 0], big[:, :, 1] = torch.cat(ks), torch.cat(vs)
+    k, v = big[:, :, 0], big[:, :, 1]  # token stride 1024 elements, head stride 256
+    lse = poisoned(q.shape[:2], torch.float32)
+    o = w.run(q, k, v, lse=lse)
+    assert_close(o, ref_o)
+    _check_lse(lse, ref_lse)
+    assert torch.equal(w.run(q, k, v, enable_pdl=True), o)
+    assert_close(w.run(q, k, v, q_scale=2.0, k_scale=0.5, v_scale=3.0), 3.0 * ref_o)
+    # the current stream: K/V written there just before the launch
+    kk, vv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)
+        kk.copy_(k)
+        vv.copy_(v)
+        o_side = w.run(q, kk, vv)
+    side.synchronize()
+    assert torch.equal(o_side, o)
+    with pytest.raises(ValueError, match="fa3_ws"):
+        w.forward(q, k, v, causal=True, window_left=10)
+    # no keys in the whole batch: zeros and lse -inf
+    qs0, ks0, vs0 = _make_batch([3, 130], [0, 0], 4, 2, 128, dt)
+    w0, kv0 = _plan_batch("ragged", ws, "HND", qs0, ks0, vs0, backend="fa3_ws", q_data_type=dt)
+    z, zl = w0.run(torch.cat(qs0), *kv0, return_lse=True)
+    assert (z == 0).all() and torch.isneginf(zl).all()
+    # no queries: nothing to launch
+    qs1, ks1, vs1 = _make_batch([0, 0], [5, 9], 4, 2, 128, dt)
+    w1, kv1 = _plan_batch("ragged", ws, "NHD", qs1, ks1, vs1, backend="fa3_ws", q_data_type=dt)
+    assert w1.run(torch.cat(qs1), *kv1).shape == (0, 8, 128)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
@@ -1273,9 +1391,10 @@ def test_single_spec_names_and_matrix():
 
 
 def test_fa3_ws_spec_scope_and_rendering():
-    """fa3_ws is a backend value of the single-prefill family only: fa3's scope (16-bit or fp8 K/V), built for
-    sm_90a; its module includes prefill_sm90_ws.cuh and launches it with the K/V type (fp8: the producer's widening),
-    and the fa2/fa3 modules render as before (no fa3_ws code in them)."""
+    """fa3_ws is a backend value of the single-prefill family (and of the batch family, ragged and 16-bit only: see
+    test_fa3_ws_batch_spec_scope_and_rendering): fa3's scope (16-bit or fp8 K/V), built for sm_90a; its module
+    includes prefill_sm90_ws.cuh and launches it with the K/V type (fp8: the producer's widening), and the fa2/fa3
+    modules render as before (no fa3_ws code in them)."""
     from flashinfer.jit.templating import render
 
     ws = [s for s in SinglePrefillSpec.expand(backend=("fa3_ws",)) if s.unsupported_reason() is None]
@@ -1290,8 +1409,7 @@ def test_fa3_ws_spec_scope_and_rendering():
         assert "launch_sm90_ws_single_prefill<DTypeQ, DTypeKV, DTypeO, kMask>" in src
     assert "fa3_ws" in SinglePrefillSpec(128, mask_mode="custom", backend="fa3_ws").unsupported_reason()
     assert "fa3_ws takes 128" in SinglePrefillSpec(64, backend="fa3_ws").unsupported_reason()
-    assert "single-request" in BatchPrefillSpec(backend="fa3_ws").unsupported_reason()
-    assert "fa3_ws" not in BatchPrefillSpec.axes()["backend"]
+    assert "ragged KV only" in BatchPrefillSpec(backend="fa3_ws").unsupported_reason()  # (paged by default)
     src = render(SinglePrefillSpec(128, "f16", "f16", "f16", "causal", backend="fa3_ws"))["single_prefill.cu"]
     assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src and "launch_sm90_ws_single_prefill<" in src
     for other in ("fa3", "fa2"):
@@ -1359,12 +1477,111 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
 def test_batch_wrappers_refuse_the_fa3_backend(cls):
     with pytest.raises(ValueError, match="fa3 backend covers single_prefill"):
         cls(torch.empty(16, dtype=torch.uint8), backend="fa3")
-    with pytest.raises(ValueError, match="fa3_ws backend covers single_prefill"):
-        cls(torch.empty(16, dtype=torch.uint8), backend="fa3_ws")
+    if cls is flashinfer.BatchPrefillWithPagedKVCacheWrapper:
+        with pytest.raises(ValueError, match="fa3_ws backend covers single_prefill.*Ragged.*Paged.*runs on fa2"):
+            cls(torch.empty(16, dtype=torch.uint8), backend="fa3_ws")
     with pytest.raises(NotImplementedError, match="cudnn"):
         cls(torch.empty(16, dtype=torch.uint8), backend="cudnn")
     with pytest.raises(ValueError, match="backend must be"):
         cls(torch.empty(16, dtype=torch.uint8), backend="nope")
+
+
+def test_fa3_ws_batch_spec_scope_and_rendering():
+    """fa3_ws is a backend value of the batch family for ragged KV: the single kernel's scope (d128, one 16-bit dtype,
+    no mask or causal, no other feature), built for sm_90a; its module includes prefill_sm90_ws.cuh and instantiates
+    the ragged kernel only; the fa2 batch modules render without fa3_ws code."""
+    from flashinfer.jit.templating import render
+
+    ws = [s for s in BatchPrefillSpec.expand(backend=("fa3_ws",)) if s.unsupported_reason() is None]
+    assert {
+        (s.kv_storage, s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.mask_mode, s.pos_encoding_mode) for s in ws
+    } == {("ragged", 128, d, d, d, m, "NONE") for d in ("bf16", "f16") for m in ("none", "causal")}
+    assert all(s.needs_sm90a() and s.name().endswith("_fa3_ws") for s in ws)
+    assert all(not s.use_window and not s.use_logits_soft_cap and not s.use_fp16_qk_reduction for s in ws)
+    bad = {
+        "ragged KV only": BatchPrefillSpec(kv_storage="paged", backend="fa3_ws"),
+        "no fp8": BatchPrefillSpec(128, "bf16", "e4m3", "bf16", kv_storage="ragged", backend="fa3_ws"),
+        "no mask or causal": BatchPrefillSpec(kv_storage="ragged", mask_mode="custom", backend="fa3_ws"),
+        "fa3_ws takes 128": BatchPrefillSpec(64, kv_storage="ragged", backend="fa3_ws"),
+    }
+    for why, spec in bad.items():
+        assert why in spec.unsupported_reason(), (why, spec.unsupported_reason())
+    assert "single-request" in BatchPrefillSpec(kv_storage="ragged", backend="fa3").unsupported_reason()
+    src = render(BatchPrefillSpec(128, "f16", "f16", "f16", kv_storage="ragged", mask_mode="causal", backend="fa3_ws"))
+    src = src["batch_prefill.cu"]
+    assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src
+    assert "launch_sm90_ws_ragged_prefill<DTypeQ, DTypeO, kMask>" in src and "launch_batch_prefill<" not in src
+    assert '"query_tile_0", Sm90WsTraits::BQ' in src and '{"query_tiles", 1}' in src
+    for storage in ("ragged", "paged"):
+        src = render(BatchPrefillSpec(128, kv_storage=storage, mask_mode="causal"))["batch_prefill.cu"]
+        assert "sm90_ws" not in src.replace("prefill_sm90_ws.cuh (fa3_ws", "")
+
+
+def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
+    """On fake CUDA tensors (a fake Hopper): BatchPrefillWithRaggedKVCacheWrapper(backend="fa3_ws") plans one
+    unsplit piece per (request, 128-row query tile) and launches the fa3_ws module with the ragged K/V's row count;
+    what the kernel cannot run is refused by plan() (or the constructor, or run()) with a ValueError naming the
+    reason, before any module loads; "auto" stays on fa2."""
+    from fake_cuda import cuda, fake_cuda, workspace
+    from flashinfer import prefill
+
+    bf = torch.bfloat16
+    W = flashinfer.BatchPrefillWithRaggedKVCacheWrapper
+    # qo_lens [3, 0, 300], kv_lens [20000, 5, 700]
+    qo = torch.tensor([0, 3, 3, 303], dtype=torch.int32)
+    kv = torch.tensor([0, 20000, 20005, 20705], dtype=torch.int32)
+    with fake_cuda(monkeypatch) as rec:
+        with pytest.raises(ValueError, match="CUDA-graph"):
+            W(
+                workspace(),
+                use_cuda_graph=True,
+                qo_indptr_buf=cuda(qo.clone()),
+                kv_indptr_buf=cuda(kv.clone()),
+                backend="fa3_ws",
+            )
+        with pytest.raises(ValueError, match="covers single_prefill_with_kv_cache and BatchPrefillWithRagged"):
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), backend="fa3_ws")
+        w = W(workspace(), "NHD", backend="fa3_ws")
+        refusals = [
+            ("fa3_ws.*no mask or causal", dict(custom_mask=cuda(torch.ones(3 * 20000 + 300 * 700, dtype=torch.bool)))),
+            ("fa3_ws takes 128", dict(head_dim_qk=64)),
+            ("fa3_ws.*no fp8", dict(kv_data_type=torch.float8_e4m3fn)),
+            ("fa3_ws.*window", dict(window_left=3)),
+            ("fa3_ws.*soft cap", dict(logits_soft_cap=30.0)),
+            ("fa3_ws.*position encoding", dict(pos_encoding_mode="ROPE_LLAMA")),
+            ("fa3_ws.*fp16 QK", dict(use_fp16_qk_reduction=True, q_data_type=torch.float16)),
+            ("fixed_split_size=256.*never splits", dict(fixed_split_size=256)),
+        ]
+        for why, kw in refusals:
+            args = dict(num_qo_heads=8, num_kv_heads=2, head_dim_qk=128, causal=True, q_data_type=bf)
+            args.update(kw)
+            with pytest.raises(ValueError, match=why):
+                w.plan(qo, kv, **args)
+        assert rec.loaded == [] and rec.calls == []
+
+        w.plan(qo, kv, 8, 2, 128, causal=True, q_data_type=bf)
+        assert w.plan_stats["merges"] == 0 and w.plan_stats["partial_states"] == 0  # fa2 splits the 20000 keys
+        q = cuda(torch.randn(303, 8, 128).to(bf))
+        k = cuda(torch.randn(20705, 2, 128).to(bf))
+        w.run(q, k, k)
+        ((_, a),) = [c for c in rec.launches("flashinfer_batch_prefill") if c[0] == "flashinfer_batch_prefill"]
+        assert a["_spec"] == BatchPrefillSpec(
+            128, "bf16", "bf16", "bf16", kv_storage="ragged", mask_mode="causal", backend="fa3_ws"
+        )
+        # pieces: 1 query tile of request 0 (3 x 4 rows), none of request 1, 10 of request 2 (300 x 4 rows)
+        assert a["args.tile_q"] == 128 and a["args.kv_rows"] == 20705
+        assert a["args.grid_x"] == 11 and a["args.merge_grid_x"] == 0
+        with pytest.raises(ValueError, match="zero stride"):
+            kz = k[:1].expand(20705, 2, 128)
+            w.run(q, kz, kz)
+        with pytest.raises(ValueError, match="fa3_ws"):  # an option outside the scope, set by forward()
+            w.forward(q, k, k, causal=True, logits_soft_cap=5.0)
+        wa = W(workspace(), "NHD")
+        wa.plan(qo, kv, 8, 2, 128, causal=True, q_data_type=bf)
+        assert wa._plan_info.spec.backend == "fa2"
+        monkeypatch.setattr(prefill, "_device_capability", lambda index: (8, 0))
+        with pytest.raises(ValueError, match="needs a Hopper GPU"):
+            W(workspace(), "NHD", backend="fa3_ws").plan(qo, kv, 8, 2, 128, q_data_type=bf)
 
 
 def test_cpu_tensors_refused_before_any_build():
@@ -1666,6 +1883,32 @@ def test_fa3_ws_kernel_keeps_to_registers(tmp_path, monkeypatch):
     assert mod.constants["query_tile"] == 128 and mod.constants["kv_tile"] == 128
     # The machine code has the pipeline's parts (where a cuobjdump is at hand: the toolkit's or triton's bundle):
     # the register split, TMA loads, and a wait that leaves one wgmma group in flight (S(n) done, P V(n-1) not).
+    sass = _sass(next(Path(report.entry_dir).glob("*.so")))
+    if sass is not None:
+        for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):
+            assert part in sass, part
+
+
+def test_fa3_ws_ragged_kernel_keeps_to_registers(tmp_path, monkeypatch):
+    """A real sm_90a build of the ragged batch module of the warp-specialised kernel: one kernel (no merge kernel:
+    it never splits), no stack frame or spills at the producer's 56 registers with the work item read from the plan
+    and handed over in shared memory, launched at 168; it loads, exports the batch launchers and the planner's
+    constants (one 128-row query tile, 128-key KV tiles), and its argument struct matches BATCH_PREFILL_ARGS."""
+    from flashinfer import jit
+    from flashinfer.prefill import _args_type
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    spec = BatchPrefillSpec(128, "bf16", "bf16", "bf16", kv_storage="ragged", mask_mode="causal", backend="fa3_ws")
+    report = jit.ensure_built(spec)
+    assert_register_only(report, kernels=1)
+    log = report.log_path.read_text()
+    assert "Used 168 registers" in log, [ln for ln in log.splitlines() if "registers" in ln]
+    assert "serialized" not in log
+    mod = jit.load(spec)
+    assert mod.fn("flashinfer_batch_prefill") is not None and mod.fn("flashinfer_batch_prefill_occupancy") is not None
+    c = mod.constants
+    assert (c["query_tiles"], c["query_tile_0"], c["kv_tile"], c["work_fields"]) == (1, 128, 128, 5)
+    assert _args_type(mod) is not None  # (raises when the layout differs)
     sass = _sass(next(Path(report.entry_dir).glob("*.so")))
     if sass is not None:
         for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):

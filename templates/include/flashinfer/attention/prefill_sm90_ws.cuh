@@ -1,5 +1,6 @@
 // Warp-specialised prefill attention on Hopper (sm_90a): TMA producer, two wgmma consumer warpgroups, a persistent
-// grid. The "fa3_ws" backend of single-request prefill (opt-in: backend="fa3_ws"; "fa3" is prefill_sm90.cuh).
+// grid. The "fa3_ws" backend of single-request prefill and of ragged batch prefill (opt-in: backend="fa3_ws";
+// "fa3" is prefill_sm90.cuh). One kernel, templated on RAGGED: only where a work item comes from differs.
 //
 // ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
 //   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs): all 128 threads copy each work item's query tile
@@ -11,15 +12,28 @@
 //   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs): 64 packed query rows each of the item's
 //     128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
-// ---- Work items (persistent grid): item w = (query tile, KV head), w = blockIdx.x, + gridDim.x, ...; items
-//   are numbered heaviest first (the last query tiles see the most keys under a causal mask). The producer and
-//   the consumers walk the same sequence independently: no scheduler state in shared memory.
+// ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ..., heaviest first, KV head w % num_kv_heads.
+//   Single: item w = (query tile, KV head), the last query tiles first (they see the most keys under a causal
+//     mask). The producer and the consumers compute the same sequence independently from the parameters.
+//   Ragged batch: item w = (plan piece w / num_kv_heads, KV head); a piece is (request, query tile, kv begin,
+//     kv end) from the Python planner's schedule (schedule_prefill, never split for this kernel: kv end - begin
+//     is the request's kv_len), sorted heaviest first. The producer reads the piece and the request's qo/kv
+//     indptr entries from device memory ahead of the consumers (while they finish the previous item) and hands
+//     the item's geometry over in shared memory with the Q tile (written by producer thread 0 before its q_full
+//     arrival; the consumers read it once after q_full, then __syncwarp, so that every lane's read precedes
+//     its warp's q_empty arrival, after which the producer may overwrite it). Queries and outputs sit at the
+//     request's qo_indptr offset; K/V boxes start at kv_indptr[request] + key offset in tensor maps over the
+//     whole ragged K/V, so a tile that runs past the request reads the next request's rows (or TMA's zeros
+//     past the tensor's end): the key bound hi (the request's kv_len) masks them, as it masks a single
+//     request's last tile. Causal aligned to the request's end (query i sees keys <= i + kv_len - qo_len);
+//     rows that see no key (kv_len 0, or the first qo_len - kv_len rows) get O = 0 and lse = -inf.
 //
 // ---- Shared memory: Q (128 rows), O staging (128 rows), K[kStages], V[kStages] (BK rows each), all in the
 //   wgmma 128-byte-swizzled layout (wgmma.cuh), fp8 only: the staging tiles of K and of V (BK rows of head_dim
-//   bytes each), then the mbarriers. 16-bit: 192 KB + 80 B; fp8: 224 KB + 96 B of the 227 KB (kSmemBytesFp8). The
-//   fp8 staging is one tile deep per operand (two would not fit beside two 16-bit stages): the copy of tile n + 1
-//   is issued as soon as tile n is widened, and runs while the producer waits for a free ring slot.
+//   bytes each), then the mbarriers, then (ragged) the current item's geometry. 16-bit single: 192 KB + 80 B; fp8:
+//   224 KB + 96 B of the 227 KB (smem_bytes). The fp8 staging is one tile deep per operand (two would not fit beside
+//   two 16-bit stages): the copy of tile n + 1 is issued as soon as tile n is widened, and runs while the producer
+//   waits for a free ring slot.
 //
 // ---- Barriers, who arrives and who waits (parities: mbarrier.cuh). `it` counts the KV tiles a role has gone
 //   through since the kernel started (over all its items); tile `it` sits in ring slot s = it % kStages, and
@@ -56,17 +70,17 @@
 //     O += P(N-1) V(N-1); wait; release V(N-1)
 //   Registers per consumer thread: O 64 + S 64 + P 32 floats/words, ~200 with the rest (kConsumerRegs).
 //
-// Scope: head_dim 128, q/k/v/o one 16-bit type, or fp8 K/V (e4m3/e5m2) with a 16-bit q and o, no mask or causal,
-// GQA, K/V of any strides that TMA takes (base and token/head strides multiples of 16 bytes: NHD and HND caches and
-// their views). fp8 is computed as the fa3 kernel does it: float16 wgmmas (a bfloat16 Q tile rounded to float16 by
-// the producer once per item: q_tile_to_half), k_scale folded into sm_scale by the caller, v_scale in the epilogue
-// (output_factor). Not (yet): paged or ragged batch, KV split, custom masks, windows, soft cap, RoPE, TMA store of O;
-// ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
+// Scope: head_dim 128, q/k/v/o one 16-bit type, no mask or causal, GQA, K/V of any strides that TMA takes
+// (base and token/head strides multiples of 16 bytes: NHD and HND caches and their views); single requests and
+// ragged batches. Single requests also with fp8 K/V (e4m3/e5m2) and a 16-bit q and o, computed as the fa3 kernel
+// does: float16 wgmmas (a bfloat16 Q tile rounded to float16 by the producer once per item: q_tile_to_half),
+// k_scale folded into sm_scale by the caller, v_scale in the epilogue (output_factor). Not (yet): fp8 K/V in ragged
+// batches (the kernel's fp8 path takes ragged items alike, but the batch launcher and scope are 16-bit), paged batch,
+// KV split, custom masks, windows, soft cap, RoPE, TMA store of O, CUDA graphs of the batch (the tensor maps hold each
+// run's K/V address and row count); ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for
+// probes).
 //
 // Next steps (design, not built):
-//   ragged batch: one 3-D map over the whole ragged K/V (total tokens x heads x head_dim); a work item (request,
-//     query tile) from the plan's list, heaviest first, starts its boxes at the request's first token. A box that
-//     runs into the next request reads real rows, which the key bound hi (the request's kv_len) masks as now.
 //   paged batch: pages of 64+ tokens as TMA boxes of a 4-D map (head_dim, slot, head, page), one box per page a
 //     tile touches, the page ids read by the producer a tile ahead (as paged_row_ahead does); small pages (1, 16)
 //     gathered by the 128 producer threads with cp.async into the same swizzled slots, completed on the same full
@@ -126,13 +140,17 @@ struct Sm90WsTraits {
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
   static constexpr int kBarriers = 4 * kStages + 2;   // k_full, k_empty, v_full, v_empty per slot; q_full, q_empty
   static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8;
+  static constexpr int kItemBytes = 64;  // ragged: the Sm90WsItem handed from the producer to the consumers
   // fp8 K/V: one staged fp8 tile of K and one of V (one TMA box each: BK rows of head_dim bytes), two more barriers
   // (k_staged, v_staged), and the producer warpgroup's named barrier.
   static constexpr int kF8TileBytes = BK * kHeadDim;
-  static constexpr int kSmemBytesFp8 = kSmemBytes + 2 * kF8TileBytes + 2 * 8;
+  static constexpr int kFp8Bytes = 2 * kF8TileBytes + 2 * 8;
   static constexpr int kProducerBarrier = 5;
+  static constexpr int smem_bytes(bool ragged, bool fp8 = false) {
+    return kSmemBytes + (ragged ? kItemBytes : 0) + (fp8 ? kFp8Bytes : 0);
+  }
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register split over the SM's file");
-  static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesFp8 <= 227 * 1024, "shared memory of one CTA per SM");
+  static_assert(kSmemBytes + kItemBytes + kFp8Bytes <= 227 * 1024, "shared memory of one CTA per SM");
 };
 
 // The kernel's parameters: the prefill parameters and the K/V tensor maps (3-D: head_dim, then token and KV head in
@@ -141,15 +159,30 @@ struct Sm90WsParams {
   CUtensorMap k_map;
   CUtensorMap v_map;
   PrefillParams p;
-  int num_items;      // num_qtiles * num_kv_heads
+  int num_items;      // single: num_qtiles * num_kv_heads; ragged: the plan's pieces * num_kv_heads
   int k_heads_inner;  // the map's dimension 1 is the KV head (NHD), else the token (sm90_ws_kv_map)
   int v_heads_inner;
+  int kv_rows;  // ragged: token rows of the K/V arrays (the maps' extent; 0: no maps, every request empty)
 };
 
-// One work item's geometry, computed alike by the producer and the consumers.
+// One work item's geometry. Single: computed alike by the producer and the consumers; ragged: by the producer,
+// handed to the consumers in shared memory (int fields only: copied field by field). q_first / kv_first: the
+// request's first query / key row in q, o, lse / k, v (0 for a single request); lo, hi, delta and the key
+// positions are the request's own (0 = its first key).
 struct Sm90WsItem {
-  int kv_head, pr0, rows_here, delta, tok_min, tok_max, lo, hi, num_tiles;
+  int kv_head, pr0, rows_here, delta, tok_min, tok_max, lo, hi, num_tiles, q_first, kv_first;
 };
+static_assert(sizeof(Sm90WsItem) <= Sm90WsTraits::kItemBytes, "the item's shared-memory slot");
+
+// The ragged kernel's hand-over of an item in shared memory, field by field (no local copy in memory).
+FI_DEVICE void sm90_ws_store_item(int* slot, const Sm90WsItem& t) {
+  slot[0] = t.kv_head, slot[1] = t.pr0, slot[2] = t.rows_here, slot[3] = t.delta, slot[4] = t.tok_min;
+  slot[5] = t.tok_max, slot[6] = t.lo, slot[7] = t.hi, slot[8] = t.num_tiles, slot[9] = t.q_first;
+  slot[10] = t.kv_first;
+}
+FI_DEVICE Sm90WsItem sm90_ws_load_item(const volatile int* slot) {
+  return Sm90WsItem{slot[0], slot[1], slot[2], slot[3], slot[4], slot[5], slot[6], slot[7], slot[8], slot[9], slot[10]};
+}
 
 template <MaskMode MASK>
 FI_DEVICE Sm90WsItem sm90_ws_item(const PrefillParams& p, int w) {
@@ -164,12 +197,36 @@ FI_DEVICE Sm90WsItem sm90_ws_item(const PrefillParams& p, int w) {
   t.tok_max = (t.pr0 + t.rows_here - 1) / p.group_size;
   visible_key_range<MASK, false>(0, p.kv_len, p.kv_len, t.delta, t.tok_min, t.tok_max, 0, t.lo, t.hi);
   t.num_tiles = t.hi > t.lo ? ceil_div(t.hi - t.lo, Tr::BK) : 0;
+  t.q_first = t.kv_first = 0;
   return t;
 }
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+// Ragged batch: item w of the plan's schedule (p.work, structure of arrays: request, query tile, kv begin, kv end,
+// partial row; the planner never splits a request's keys for this kernel, so the partial row is -1).
+template <MaskMode MASK>
+FI_DEVICE Sm90WsItem sm90_ws_ragged_item(const PrefillParams& p, int w) {
+  using Tr = Sm90WsTraits;
+  Sm90WsItem t;
+  const int piece = w / p.num_kv_heads, cap = p.work_capacity;
+  t.kv_head = w % p.num_kv_heads;
+  const int req = p.work[piece], qtile = p.work[cap + piece];
+  const int kv_begin = p.work[2 * cap + piece], kv_end = p.work[3 * cap + piece];
+  t.q_first = p.qo_indptr[req];
+  t.kv_first = p.kv_indptr[req];
+  const int qo_len = p.qo_indptr[req + 1] - t.q_first, kv_len = p.kv_indptr[req + 1] - t.kv_first;
+  t.pr0 = qtile * Tr::BQ;
+  t.rows_here = min(Tr::BQ, qo_len * p.group_size - t.pr0);
+  t.delta = kv_len - qo_len;
+  t.tok_min = t.pr0 / p.group_size;
+  t.tok_max = (t.pr0 + t.rows_here - 1) / p.group_size;
+  visible_key_range<MASK, false>(kv_begin, kv_end, kv_len, t.delta, t.tok_min, t.tok_max, 0, t.lo, t.hi);
+  t.num_tiles = t.hi > t.lo ? ceil_div(t.hi - t.lo, Tr::BK) : 0;
+  return t;
+}
+
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool RAGGED>
 __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
-    sm90_ws_single_prefill_kernel(const __grid_constant__ Sm90WsParams P) {
+    sm90_ws_prefill_kernel(const __grid_constant__ Sm90WsParams P) {
   using Tr = Sm90WsTraits;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, CH = D / 8, S = Tr::kStages;
   static_assert(std::is_same<DTypeQ, __half>::value || std::is_same<DTypeQ, __nv_bfloat16>::value, "16-bit q/k/v");
@@ -185,14 +242,16 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   uint8_t* sk = so + Tr::kQBytes;
   uint8_t* sv = sk + S * Tr::kKVBytes;
   uint8_t* sf8 = sv + S * Tr::kKVBytes;  // fp8: staged K, then staged V (kF8TileBytes each)
+  uint8_t* sbars = sf8 + (FP8 ? 2 * Tr::kF8TileBytes : 0);
   const uint32_t sq_u = smem_addr(sq), sk_u = smem_addr(sk), sv_u = smem_addr(sv);
-  const uint32_t bars = smem_addr(sf8 + (FP8 ? 2 * Tr::kF8TileBytes : 0));
+  const uint32_t bars = smem_addr(sbars);
   auto k_full = [&](int s) { return bars + 8 * s; };
   auto k_empty = [&](int s) { return bars + 8 * (S + s); };
   auto v_full = [&](int s) { return bars + 8 * (2 * S + s); };
   auto v_empty = [&](int s) { return bars + 8 * (3 * S + s); };
   const uint32_t q_full = bars + 8 * (4 * S), q_empty = bars + 8 * (4 * S + 1);
-  const uint32_t k_staged = bars + 8 * (4 * S + 2), v_staged = bars + 8 * (4 * S + 3);  // (fp8)
+  const uint32_t k_staged = bars + 8 * (4 * S + 2), v_staged = bars + 8 * (4 * S + 3);        // (fp8)
+  int* const item_slot = reinterpret_cast<int*>(sbars + Tr::kBarriers * 8 + (FP8 ? 16 : 0));  // (ragged only)
   // Every wait is bounded (see mbarrier_wait_bounded): a deadlocked pipeline fails the launch instead of hanging the
   // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty, 4 k_staged, 5 v_staged;
   // consumers 11 q_full, 12 k_full, 13 v_full.
@@ -201,6 +260,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   };
 
   const int tid = threadIdx.x, wg = tid / 128;
+  // A batch may be launched with programmatic dependent launch (run(enable_pdl=True)): wait for the previous
+  // kernel before reading what it wrote (a no-op otherwise).
+  if constexpr (RAGGED) grid_dependency_chain();
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       sm90::mbarrier_init(k_full(s), FP8 ? 128 : 1);
@@ -215,7 +277,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::mbarrier_init(v_staged, 1);
     }
     sm90::mbarrier_init_fence();
-    if (p.kv_len > 0) {  // (with no keys the maps are left empty: no tile is ever issued)
+    if ((RAGGED ? P.kv_rows : p.kv_len) > 0) {  // (with no keys the maps are left empty: no tile is ever issued)
       sm90::tma_prefetch_map(&P.k_map);
       sm90::tma_prefetch_map(&P.v_map);
     }
@@ -232,7 +294,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::tma_load_3d(dst, map, 0, c1, c2, bar);
       if constexpr (!FP8) sm90::tma_load_3d(dst + Tr::kBoxBytes, map, 64, c1, c2, bar);
     };
-    // fp8 (thread 0): fp8 tile `key0` of K or V into its staging tile.
+    // fp8 (thread 0): the fp8 tile at K/V row key0 of K or V into its staging tile.
     auto stage_fp8 = [&](bool is_v, int key0, int head) {
       const uint32_t bar = is_v ? v_staged : k_staged;
       sm90::mbarrier_arrive_expect_tx(bar, Tr::kF8TileBytes);
@@ -240,7 +302,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
                    is_v ? P.v_heads_inner : P.k_heads_inner, key0, head, bar);
     };
     // fp8 (all 128 threads): widens tile `it` (slot s, phase ph of the ring) of K or V once it is staged and the slot
-    // is free, completes the slot's full barrier, and refills the staging tile with tile `next_key0` (< 0: none).
+    // is free, completes the slot's full barrier, and refills the staging tile with the tile at row next_key0 (< 0:
+    // none).
     auto widen_fp8 = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
       if constexpr (FP8) {  // (the body names fp8 types: not instantiated for 16-bit K/V)
         wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
@@ -257,22 +320,26 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     };
     int it = 0;  // (thread 0; fp8: every thread) KV tiles issued so far
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
-      const Sm90WsItem t = sm90_ws_item<MASK>(p, w);
+      const Sm90WsItem t = RAGGED ? sm90_ws_ragged_item<MASK>(p, w) : sm90_ws_item<MASK>(p, w);
       // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
       // ones are widened), so that their copies run under the Q wait and copy.
       if constexpr (FP8) {
         if (tid == 0 && t.num_tiles > 0) {
-          stage_fp8(false, t.lo, t.kv_head);
-          stage_fp8(true, t.lo, t.kv_head);
+          stage_fp8(false, t.kv_first + t.lo, t.kv_head);
+          stage_fp8(true, t.kv_first + t.lo, t.kv_head);
         }
       }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
       wait(q_empty, (j & 1) ^ 1, 1);
+      if constexpr (RAGGED) {
+        // The consumers' copy of the previous item was read before q_empty: this one is theirs after q_full.
+        if (tid == 0) sm90_ws_store_item(item_slot, t);
+      }
       // In slices of 32 rows, not unrolled: the producer's addresses must fit in its kProducerRegs registers.
 #pragma unroll 1
       for (int r0 = 0; r0 < BQ; r0 += 32) {
-        load_q_tile<32, CH, 128, DTypeQ>(p, 0, t.kv_head, p.group_size, t.pr0 + r0, t.rows_here - r0, tid,
+        load_q_tile<32, CH, 128, DTypeQ>(p, t.q_first, t.kv_head, p.group_size, t.pr0 + r0, t.rows_here - r0, tid,
                                          [&](int row, int c) { return sq + sm90::tile_offset(r0 + row, c, BQ); });
       }
       cp_async_wait<0>();
@@ -290,7 +357,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
           const int s = it % S;
           const uint32_t ph = (it / S) & 1;
-          const int next_key0 = n + 1 < t.num_tiles ? t.lo + (n + 1) * BK : -1;
+          const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
           widen_fp8(false, it, s, ph, next_key0, t.kv_head);
           widen_fp8(true, it, s, ph, next_key0, t.kv_head);
         }
@@ -298,7 +365,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
           const int s = it % S;
           const uint32_t ph = (it / S) & 1;
-          const int key0 = t.lo + n * BK;
+          const int key0 = t.kv_first + t.lo + n * BK;  // (a row of the whole ragged K/V)
           wait(k_empty(s), ph ^ 1, 2);
           sm90::mbarrier_arrive_expect_tx(k_full(s), Tr::kKVBytes);
           load_kv_tile(sk_u + s * Tr::kKVBytes, &P.k_map, P.k_heads_inner, key0, t.kv_head, k_full(s));
@@ -340,7 +407,16 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 
   int it = 0;  // KV tiles consumed so far
   for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
-    const Sm90WsItem t = sm90_ws_item<MASK>(p, w);
+    Sm90WsItem t;
+    if constexpr (RAGGED) {
+      wait(q_full, j & 1, 11);
+      // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
+      // next item once every warp has arrived on q_empty, which the __syncwarp orders after all lanes' reads).
+      t = sm90_ws_load_item(item_slot);
+      __syncwarp();
+    } else {
+      t = sm90_ws_item<MASK>(p, w);
+    }
     const int last = t.num_tiles - 1;
     auto qpos = [&](int r) { return t.delta + (t.pr0 + min(row0 + 8 * r, t.rows_here - 1)) / group; };
 
@@ -406,7 +482,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
     };
 
-    wait(q_full, j & 1, 11);
+    if constexpr (!RAGGED) wait(q_full, j & 1, 11);
     if (t.num_tiles == 0) {
       release(q_empty);  // no key visible to any row of the item: O = 0, lse = -inf
     } else {
@@ -480,28 +556,28 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     const int hq0 = t.kv_head * group;
     // (wtid made opaque: else the compiler hoists the store addresses out of the item loop and spills them)
     store_o_tile<64, CH, 128, DTypeO>(
-        p, 0, group, hq0, t.pr0, cwg * 64, t.rows_here, sm90::opaque_int(wtid),
+        p, t.q_first, group, hq0, t.pr0, cwg * 64, t.rows_here, sm90::opaque_int(wtid),
         [&](int row, int c) { return *reinterpret_cast<const uint4*>(so + sm90::tile_offset(row, c, BQ)); });
     if (p.lse != nullptr && lane % 4 == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + 8 * r;
-        if (row < t.rows_here) p.lse[packed_row_index(p, 0, t.pr0 + row, group, hq0)] = row_lse(m[r], d[r], scl);
+        if (row < t.rows_here)
+          p.lse[packed_row_index(p, t.q_first, t.pr0 + row, group, hq0)] = row_lse(m[r], d[r], scl);
       }
     }
   }
 }
 
-// The K or V tensor map (kv_len > 0): 3-D, head_dim innermost, then the token and head dimensions in the order of
-// their strides (NHD: heads, then tokens; HND: tokens, then heads), so that each stride spans the dimensions inside
-// it as the driver's documentation lays tensors out. Boxes of 64 columns x BK keys x 1 head in either order land in
-// shared memory as BK rows of 64 columns (fp8, T an fp8 type: boxes of all 128 columns, BK unswizzled rows of 128
-// bytes). Returns in *heads_inner which order the kernel's box coordinates take.
+// The K or V tensor map (keys > 0: a request's kv_len, or a ragged batch's total rows): 3-D, head_dim innermost, then
+// the token and head dimensions in the order of their strides (NHD: heads, then tokens; HND: tokens, then heads), so
+// that each stride spans the dimensions inside it as the driver's documentation lays tensors out. Boxes of 64 columns x
+// BK keys x 1 head in either order land in shared memory as BK rows of 64 columns (fp8, T an fp8 type: boxes of all 128
+// columns, BK unswizzled rows of 128 bytes). Returns in *heads_inner which order the kernel's box coordinates take.
 template <typename T>
-static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const PrefillParams& p, int64_t stride_n,
+static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, int64_t keys, int64_t heads, int64_t stride_n,
                                   int64_t stride_h, int* heads_inner) {
   using Tr = Sm90WsTraits;
-  const int64_t heads = p.num_kv_heads, keys = p.kv_len;
   // The stride of a dimension of size 1 is never stepped over (and torch leaves it arbitrary): make it span the
   // dimension inside it.
   if (keys == 1 && heads == 1) {
@@ -532,9 +608,9 @@ static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, const Pref
 
 template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
 cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
-  constexpr auto kernel = sm90_ws_single_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK>;
+  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK, false>;
   using Tr = Sm90WsTraits;
-  constexpr int kSmem = is_fp8<DTypeKV>::value ? Tr::kSmemBytesFp8 : Tr::kSmemBytes;
+  constexpr int kSmem = Tr::smem_bytes(false, is_fp8<DTypeKV>::value);
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
   // The setup is done on every call; with occupancy_only, it is all that is done (the CTAs per SM go there).
@@ -548,14 +624,49 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   P.p = p;
   P.num_items = p.num_qtiles * p.num_kv_heads;
   if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
-    err = sm90_ws_kv_map<DTypeKV>(&P.k_map, p.k, p, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
+    err =
+        sm90_ws_kv_map<DTypeKV>(&P.k_map, p.k, p.kv_len, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
     if (err == cudaSuccess)
-      err = sm90_ws_kv_map<DTypeKV>(&P.v_map, p.v, p, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
+      err = sm90_ws_kv_map<DTypeKV>(&P.v_map, p.v, p.kv_len, p.num_kv_heads, p.v_stride_n, p.v_stride_h,
+                                    &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
   kernel<<<grid, Tr::kThreads, kSmem, stream>>>(P);
   return cudaGetLastError();
+}
+
+// Ragged batch prefill: p carries the plan's schedule (p.work: num_pieces pieces, never split) and the per-request
+// qo_indptr / kv_indptr; kv_rows is the number of token rows of k and v (kv_indptr[batch]). With pdl, launched
+// with programmatic dependent launch.
+template <typename DTypeQ, typename DTypeO, MaskMode MASK>
+cudaError_t launch_sm90_ws_ragged_prefill(PrefillParams p, int num_pieces, int kv_rows, int device, cudaStream_t stream,
+                                          bool pdl, int* occupancy_only) {
+  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeQ, DTypeO, MASK, true>;
+  using Tr = Sm90WsTraits;
+  constexpr int kSmem = Tr::smem_bytes(true);
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, kSmem, device, occupancy_only);
+  if (err != cudaSuccess || occupancy_only != nullptr) return err;
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || num_pieces < 0 || kv_rows < 0 ||
+      int64_t(num_pieces) * p.num_kv_heads > INT32_MAX)
+    return cudaErrorInvalidValue;
+  p.group_size = p.num_qo_heads / p.num_kv_heads;
+  Sm90WsParams P = {};
+  P.p = p;
+  P.num_items = num_pieces * p.num_kv_heads;
+  P.kv_rows = kv_rows;
+  if (P.num_items == 0) return cudaSuccess;
+  if (kv_rows > 0) {  // (no rows at all: every request is empty, no tile is issued)
+    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, kv_rows, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
+    if (err == cudaSuccess)
+      err =
+          sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, kv_rows, p.num_kv_heads, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
+    if (err != cudaSuccess) return err;
+  }
+  const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
+  return launch_kernel(kernel, dim3(grid), dim3(Tr::kThreads), kSmem, stream, pdl, P);
 }
 
 }  // namespace flashinfer
