@@ -309,6 +309,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
         wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
         uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
+        // (the thread's chunk column and row & 7 are the same for all its chunks of the tile: with the index's range
+        // known, the compiler steps one address instead of redoing the division and swizzle per chunk)
+        __builtin_assume(tid >= 0 && tid < 128);
         widen_fp8_tile<BK, D, 128, 2, KVT, DTypeKV>(sf8 + (is_v ? Tr::kF8TileBytes : 0), tid, [&](int row, int c) {
           return reinterpret_cast<uint4*>(dst + sm90::tile_offset(row, c, BK));
         });
