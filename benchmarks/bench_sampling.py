@@ -101,21 +101,30 @@ def measure() -> dict:
     return res
 
 
-def warm() -> None:
-    """One small call of each op timed here: the real FlashInfer's JIT builds its sampling module on first use
-    (minutes: longer than a benchmark's budget), so the GPU job starts this early, in the background
-    (scripts/gpu_ci.sh reference step), and the timed run later finds the module cached."""
-    x = torch.randn(2, 1000, device="cuda")
-    flashinfer.sampling.top_k_top_p_sampling_from_logits(x, TOP_K, TOP_P)
-    flashinfer.sampling.top_p_renorm_probs(torch.softmax(x, -1), TOP_P)
-    flashinfer.sampling.top_k_mask_logits(x, TOP_K)
+def warm(part: str) -> None:
+    """One call of each op at every benchmark shape: the real FlashInfer's JIT builds a module on first use
+    (minutes each: longer than a benchmark's budget), and which module depends on the op and the size (0.7.2
+    builds "sampling" for the samplers and "topk" for the row ops at these vocabularies). The GPU job starts these
+    early, one process per part ("sample", "rows") so that the two builds run side by side (scripts/gpu_ci.sh
+    reference step), and the timed run later finds the modules cached."""
+    for vocab in VOCABS:
+        for batch in BATCHES:
+            x = torch.randn(batch, vocab, device="cuda")
+            if part == "sample":
+                flashinfer.sampling.top_k_top_p_sampling_from_logits(x, TOP_K, TOP_P, deterministic=True)
+            elif part == "rows":
+                flashinfer.sampling.top_p_renorm_probs(torch.softmax(x, -1), TOP_P)
+                flashinfer.sampling.top_k_mask_logits(x, TOP_K)
+            else:
+                raise SystemExit(f"--warm-only={part}: expected 'sample' or 'rows'")
     torch.cuda.synchronize()
 
 
 def main() -> None:
     if REFERENCE:
-        if "--warm-only" in sys.argv:
-            warm()
+        parts = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--warm-only=")]
+        if parts:
+            warm(parts[0])
             return
         print(json.dumps(measure()))
         return
