@@ -16,7 +16,8 @@ over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -
   level of one query per request (decode) on the paged batch decode kernel, which reads the unique pages at close
   to copy bandwidth (the prefill kernel would spend its tensor cores on a 64-row tile for 1 x group rows). The
   level states are merged level by level. For a short shared prefix the merge costs more than it saves: plan() then falls back to plain
-  batch decode over the concatenated page tables and says so in ``plan_stats()``.
+  batch decode over the concatenated page tables and says so in ``plan_stats()``. An fp8 KV cache (e4m3/e5m2, with
+  per-tensor k_scale/v_scale at run()) runs every level on batch prefill (fa2) or batch decode, which read fp8.
 * ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper`` and ``BatchPrefillWithSharedPrefixPagedKVCacheWrapper``:
   FlashInfer's older API with the shared prefix in contiguous ``k_shared``/``v_shared`` tensors.
 """
@@ -36,12 +37,14 @@ from ._spec_common import AttentionSpec
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .page import PagedKVCache, unpack_paged_kv_cache
+from .page import PagedKVCache, _unpack_paged_kv_cache, unpack_paged_kv_cache
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 from .utils import (
     DTYPE_CUDA,
     DTYPE_SHORT,
+    FP8_DTYPE_SHORT,
     aligned_rows,
+    canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
     check_kv_lengths,
@@ -52,6 +55,7 @@ from .utils import (
     dtype_short,
     num_sms,
     page_ids_int32,
+    plan_dtypes,
     scalar,
 )
 
@@ -567,7 +571,11 @@ class _SharedLevel:
         out: torch.Tensor,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ):
+        """k_scale multiplies the logits (folded into the softmax scale, so the lse is that of the scaled logits,
+        as the batch wrappers'); v_scale the output, after the kernel (this level reads 16-bit K/V only)."""
         pl = self._plan
         kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (pl["page_size"], pl["num_kv_heads"], pl["head_dim"]):
@@ -602,12 +610,14 @@ class _SharedLevel:
             kv.stride_h,
             pl["chunks"],
             pl["chunk_size"],
-            pl["sm_scale"],
+            pl["sm_scale"] * k_scale,
             device.index,
             current_stream_ptr(device),
         )
         if rc:
             pl["mod"].check(rc, f"cascade shared level ({pl['spec'].name()}) on {device}")
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return (out, lse) if return_lse else out
 
 
@@ -820,21 +830,6 @@ def _overlap_pays(
 # =========================================================================================== multi-level cascade
 
 
-def _dtype_arg(x: Any, name: str, default: Optional[torch.dtype] = None) -> torch.dtype:
-    if x is None and default is not None:
-        return default
-    if isinstance(x, str):
-        x = getattr(torch, x.replace("torch.", ""), None)
-    if x in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise NotImplementedError(
-            f"{name} {x}: fp8 KV caches are not implemented in the cascade wrappers (their shared-prefix kernel reads "
-            "16-bit K/V); BatchPrefillWithPagedKVCacheWrapper and BatchDecodeWithPagedKVCacheWrapper read fp8 caches"
-        )
-    if x not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"{name} must be torch.float16 or torch.bfloat16 (or their names), got {x!r}")
-    return x
-
-
 def _int32_host(values: Sequence[int]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.int32)
 
@@ -882,7 +877,8 @@ class MultiLevelCascadeAttentionWrapper:
     a decode-shaped last level (one query per request) on the paged batch decode kernel; the levels' states are
     merged with the merge_state kernel. With two levels, a shared prefix on the Hopper kernel (tensor-core bound)
     and a decode level (bandwidth bound) run concurrently: the second on a side stream joined back before the merge.
-    A causal mask applies to the last level only, as in FlashInfer.
+    A causal mask applies to the last level only, as in FlashInfer. An fp8 KV cache (``kv_data_type`` e4m3/e5m2 at
+    plan(), ``k_scale``/``v_scale`` at run()) runs every level on batch prefill or batch decode, which read fp8.
 
     Parameters
     ----------
@@ -1092,7 +1088,10 @@ class MultiLevelCascadeAttentionWrapper:
             As for ``BatchPrefillWithPagedKVCacheWrapper.plan``, applied to every level on its own KV (positions
             and windows count from each level's first key, as in FlashInfer).
         q_data_type, kv_data_type : str or torch.dtype
-            float16 (default) or bfloat16; kv defaults to q's.
+            q (and the output): float16 (default) or bfloat16. kv (default q's): q's dtype, or an fp8 cache,
+            torch.float8_e4m3fn or torch.float8_e5m2, dequantised by run()'s ``k_scale``/``v_scale``; every level
+            then runs on the batch prefill (fa2) or batch decode kernel, which read fp8 (the Hopper shared-prefix
+            kernel reads 16-bit K/V). An fp8 q raises NotImplementedError naming the combination.
 
         Notes
         -----
@@ -1120,8 +1119,7 @@ class MultiLevelCascadeAttentionWrapper:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{n} must be a positive int, got {v!r}")
         pos = canonical_pos_encoding(pos_encoding_mode)
-        q_dtype = _dtype_arg(q_data_type, "q_data_type")
-        kv_dtype = _dtype_arg(kv_data_type, "kv_data_type", q_dtype)
+        q_dtype, kv_dtype = plan_dtypes(q_data_type, kv_data_type, "MultiLevelCascadeAttentionWrapper.plan")
         for l, lv in enumerate(levels):
             if lv.indices.device.type == "cuda" and lv.indices.device != self._device:
                 raise ValueError(
@@ -1156,14 +1154,20 @@ class MultiLevelCascadeAttentionWrapper:
             "levels": [{"requests": len(lv.last), "pages": lv.kv[-1], "total_keys": lv.total_keys} for lv in levels],
             "estimated_plain_us": round(plain_us, 2),
             "estimated_cascade_us": round(cascade_us, 2),
+            "kv_data_type": str(kv_dtype).replace("torch.", ""),
         }
+        if kv_dtype in FP8_DTYPE_SHORT:
+            stats["fp8_kv"] = (
+                "every level on the fp8 batch prefill (fa2) or batch decode kernel (the Hopper shared-prefix kernel "
+                "reads 16-bit K/V); run()'s k_scale scales each level's logits, v_scale each level's output"
+            )
 
         if self._use_cuda_graph:
-            frozen = (decode_last, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype)
+            frozen = (decode_last, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype)
             if self._graph_path is not None and frozen != self._graph_path:
                 raise ValueError(
                     f"a CUDA-graph wrapper keeps the kernels and shapes of its first plan (decode-shaped last level, "
-                    f"heads, head_dim, page_size, dtype): was {self._graph_path}, got {frozen}"
+                    f"heads, head_dim, page_size, q and kv dtypes): was {self._graph_path}, got {frozen}"
                 )
             if decode_last and self._graph_batch is not None and len(last.last) != self._graph_batch:
                 raise ValueError(
@@ -1281,7 +1285,8 @@ class MultiLevelCascadeAttentionWrapper:
         kv_dtype: torch.dtype,
     ) -> bool:
         """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
-        last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope."""
+        last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope (K/V
+        in q's 16-bit dtype: an fp8 cache runs on batch prefill)."""
         return (
             self._shared_level_wgmma
             and not self._use_cuda_graph
@@ -1387,17 +1392,39 @@ class MultiLevelCascadeAttentionWrapper:
         q: torch.Tensor,
         paged_kv_cache: PagedKVCache,
         *,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
         out: Optional[torch.Tensor] = None,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
     ):
-        """Cascade attention of ``q`` ``[total_q, num_qo_heads, head_dim]`` (the planned dtype) over the planned
-        levels of ``paged_kv_cache`` (one tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND
-        swaps page_size and heads) or a tuple ``(k_cache, v_cache)``).
+        """Cascade attention over the planned levels.
 
-        Returns o ``[total_q, num_qo_heads, head_dim]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``
-        (lse ``[total_q, num_qo_heads]`` float32, base 2, over all levels). ``out``/``lse``: optional
-        preallocated outputs (an extension over FlashInfer's signature)."""
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[total_q, num_qo_heads, head_dim]`` in the planned q_data_type.
+        paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            One tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and heads) or
+            a tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``, in the planned
+            kv_data_type (16-bit or fp8).
+        k_scale, v_scale : float or torch.Tensor, optional
+            Per-tensor dequantisation scales of an fp8 cache (they apply to a 16-bit one too), as the batch
+            wrappers take them: k_scale multiplies every level's logits (folded into its softmax scale, so the
+            levels' lse stay comparable), v_scale every level's output before the merge (merging is linear in v,
+            so the merged output is scaled once). A Python number or a one-element CPU tensor. An extension over
+            FlashInfer's signature, whose run() takes no scales (scale 1).
+        out, lse : torch.Tensor, optional
+            Preallocated outputs ``[total_q, num_qo_heads, head_dim]`` (q's dtype) and ``[total_q, num_qo_heads]``
+            float32 (an extension over FlashInfer's signature).
+        return_lse : bool
+            Also return the base-2 log-sum-exp over all levels (of the scaled logits).
+
+        Returns
+        -------
+        torch.Tensor or (torch.Tensor, torch.Tensor)
+            o ``[total_q, num_qo_heads, head_dim]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
+        """
         pl = self._plan
         if pl is None:
             raise RuntimeError("run() before plan(): call wrapper.plan(...) for this batch first")
@@ -1413,8 +1440,9 @@ class MultiLevelCascadeAttentionWrapper:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}"
             )
+        scales = dict(k_scale=scalar(k_scale, "k_scale", 1.0), v_scale=scalar(v_scale, "v_scale", 1.0))
         if pl.path == "plain_decode":
-            return pl.steps[0].wrapper.run(q, paged_kv_cache, out=out, lse=lse, return_lse=return_lse)
+            return pl.steps[0].wrapper.run(q, paged_kv_cache, out=out, lse=lse, return_lse=return_lse, **scales)
         shape = (pl.total_q, pl.num_qo_heads, pl.head_dim)
         if tuple(q.shape) != shape:
             raise ValueError(
@@ -1433,14 +1461,14 @@ class MultiLevelCascadeAttentionWrapper:
         )
         first = pl.steps[0]
         if pl.overlap and not torch.compiler.is_compiling():
-            self._run_overlapped(pl, q, paged_kv_cache, o, lse_buf, return_lse)
+            self._run_overlapped(pl, q, paged_kv_cache, o, lse_buf, return_lse, scales)
             return (o, lse_buf) if return_lse else o
-        first.wrapper.run(q, paged_kv_cache, out=o, lse=lse_buf, return_lse=lse_buf is not None)
+        first.wrapper.run(q, paged_kv_cache, out=o, lse=lse_buf, return_lse=lse_buf is not None, **scales)
         if merging:
             tmp_o = torch.empty_like(o)
             tmp_lse = torch.empty(shape[:2], dtype=torch.float32, device=self._device)
             for i, step in enumerate(pl.steps[1:], start=2):
-                step.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True)
+                step.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True, **scales)
                 keep_lse = return_lse or i < len(pl.steps)
                 _launch_pair(o, lse_buf, tmp_o, tmp_lse, o, lse_buf if keep_lse else None, step.mask)
         return (o, lse_buf) if return_lse else o
@@ -1455,6 +1483,7 @@ class MultiLevelCascadeAttentionWrapper:
         o: torch.Tensor,
         lse: torch.Tensor,
         return_lse: bool,
+        scales: Dict[str, float],
     ) -> None:
         """The shared level on the caller's stream, concurrently with the decode level on a side stream; then the
         merge on the caller's stream.
@@ -1475,9 +1504,9 @@ class MultiLevelCascadeAttentionWrapper:
         tmp_o = torch.empty_like(o)
         tmp_lse = torch.empty_like(lse)
         try:
-            shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True)
+            shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True, **scales)
             with torch.cuda.stream(side):
-                decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True)
+                decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True, **scales)
         finally:
             join.record(side)
             cur.wait_event(join)
@@ -1522,9 +1551,24 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         page_size: int,
         data_type: Union[str, torch.dtype] = "float16",
     ) -> None:
-        """Plans the unique part: ``unique_kv_indptr [batch + 1]``, ``unique_kv_indices``,
-        ``unique_kv_last_page_len [batch]`` (int32; every request needs at least one unique page), heads, head_dim,
-        page_size, and the dtype of q and of the caches."""
+        """Plans the unique part.
+
+        Parameters
+        ----------
+        unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len : torch.Tensor
+            ``[batch + 1]``, ``[>= unique_kv_indptr[-1]]``, ``[batch]`` int32: each request's unique pages (every
+            request needs at least one).
+        num_qo_heads, num_kv_heads, head_dim, page_size : int
+            Heads, head dimension, tokens per page.
+        data_type : str or torch.dtype
+            The dtype of the unique cache: float16 or bfloat16 (q's too), or fp8 (torch.float8_e4m3fn,
+            torch.float8_e5m2) with a float16 q, as FlashInfer plans it (its data_type then leaves q at the
+            float16 default); forward() takes the scales.
+        """
+        kv_dtype = canonical_dtype(data_type, "data_type", allow_fp8=True)
+        # FlashInfer's data_type fills only a None q_data_type, whose default is float16: taken for an fp8 cache;
+        # a 16-bit data_type is q's too (f16 q against a bf16 cache would be a TypeError at run()).
+        q_dtype = torch.float16 if kv_dtype in FP8_DTYPE_SHORT else kv_dtype
         self._batch_decode_wrapper.plan(
             unique_kv_indptr,
             unique_kv_indices,
@@ -1534,8 +1578,8 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
             head_dim,
             page_size,
             pos_encoding_mode="NONE",
-            q_data_type=data_type,  # (FlashInfer's data_type fills only a None q_data_type, whose default is f16)
-            kv_data_type=data_type,
+            q_data_type=q_dtype,
+            kv_data_type=kv_dtype,
         )
 
     plan = begin_forward
@@ -1544,16 +1588,49 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         """Kept for FlashInfer compatibility; nothing to release."""
 
     def forward(
-        self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache: PagedKVCache
+        self,
+        q: torch.Tensor,
+        k_shared: torch.Tensor,
+        v_shared: torch.Tensor,
+        unique_kv_cache: PagedKVCache,
+        *,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
     ) -> torch.Tensor:
-        """``q [batch_size, num_qo_heads, head_dim]`` against the shared prefix ``k_shared``/``v_shared``
-        (``[shared_len, num_kv_heads, head_dim]`` NHD, ``[num_kv_heads, shared_len, head_dim]`` HND) and each
-        request's pages of ``unique_kv_cache`` (as in ``BatchDecodeWithPagedKVCacheWrapper.run``). Returns o
-        ``[batch_size, num_qo_heads, head_dim]``."""
+        """Decode attention of every request against the shared prefix and its own pages.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[batch_size, num_qo_heads, head_dim]`` in the planned q dtype.
+        k_shared, v_shared : torch.Tensor
+            The shared prefix, ``[shared_len, num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, shared_len,
+            head_dim]`` (HND), in q's dtype or fp8 (as ``single_prefill_with_kv_cache`` takes them).
+        unique_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            Each request's pages, as ``BatchDecodeWithPagedKVCacheWrapper.run`` takes them, in the planned dtype.
+        k_scale, v_scale : float or torch.Tensor, optional
+            Per-tensor dequantisation scales of fp8 K and V (of the shared prefix and of the unique cache alike),
+            as the batch wrappers take them: k_scale multiplies the logits, v_scale the output. An extension over
+            FlashInfer's signature (scale 1 there).
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[batch_size, num_qo_heads, head_dim]`` in q's dtype.
+        """
         o, s = single_prefill_with_kv_cache(
-            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, return_lse=True
+            q,
+            k_shared,
+            v_shared,
+            causal=False,
+            kv_layout=self._kv_layout,
+            return_lse=True,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
-        o_unique, s_unique = self._batch_decode_wrapper.run(q, unique_kv_cache, return_lse=True)
+        o_unique, s_unique = self._batch_decode_wrapper.run(
+            q, unique_kv_cache, return_lse=True, k_scale=k_scale, v_scale=v_scale
+        )
         merge_state_in_place(o, s, o_unique, s_unique)
         return o
 
@@ -1628,16 +1705,44 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         sm_scale: Optional[float] = None,
         rope_scale: Optional[float] = None,
         rope_theta: Optional[float] = None,
+        *,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
     ) -> torch.Tensor:
-        """``q [qo_indptr[-1], num_qo_heads, head_dim]`` against the shared prefix (``[shared_len, num_kv_heads,
-        head_dim]`` NHD / ``[num_kv_heads, shared_len, head_dim]`` HND) and each request's pages of
-        ``unique_kv_cache``; ``causal`` masks the unique part (aligned bottom-right, so each request's unique KV
-        must end with its queries). Returns o ``[qo_indptr[-1], num_qo_heads, head_dim]``."""
+        """Prefill/append attention of every request against the shared prefix and its own pages.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[qo_indptr[-1], num_qo_heads, head_dim]``, float16 or bfloat16.
+        k_shared, v_shared : torch.Tensor
+            The shared prefix, ``[shared_len, num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, shared_len,
+            head_dim]`` (HND), in q's dtype or fp8 (as ``single_prefill_with_kv_cache`` takes them).
+        unique_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            Each request's pages, as ``BatchPrefillWithPagedKVCacheWrapper.run`` takes them: q's dtype or fp8
+            (torch.float8_e4m3fn, torch.float8_e5m2; the schedule is made for the cache's dtype, which FlashInfer,
+            planning float16 at begin_forward(), does not read).
+        causal : bool
+            Mask the unique part causally (aligned bottom-right: each request's unique KV must end with its
+            queries); the shared prefix is always attended in full.
+        use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta : optional
+            As ``single_prefill_with_kv_cache``, for both parts.
+        k_scale, v_scale : float or torch.Tensor, optional
+            Per-tensor dequantisation scales of fp8 K and V (of the shared prefix and of the unique cache alike),
+            as the batch wrappers take them: k_scale multiplies the logits, v_scale the output. An extension over
+            FlashInfer's signature (scale 1 there).
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]`` in q's dtype.
+        """
         if self._args is None:
             raise RuntimeError("forward() before begin_forward()")
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        options = (causal, use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta, q.dtype)
+        kv_dtype = _unpack_paged_kv_cache(unique_kv_cache, self._kv_layout, allow_fp8=True).k.dtype
+        options = (causal, use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta, q.dtype, kv_dtype)
         if options != self._planned:
             self._batch_prefill_wrapper.plan(
                 *self._args,
@@ -1647,6 +1752,7 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
                 rope_scale=rope_scale,
                 rope_theta=rope_theta,
                 q_data_type=q.dtype,
+                kv_data_type=kv_dtype,
             )
             self._planned = options
         o, s = single_prefill_with_kv_cache(
@@ -1660,8 +1766,12 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
             rope_scale=rope_scale,
             rope_theta=rope_theta,
             return_lse=True,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
-        o_unique, s_unique = self._batch_prefill_wrapper.run(q, unique_kv_cache, return_lse=True)
+        o_unique, s_unique = self._batch_prefill_wrapper.run(
+            q, unique_kv_cache, return_lse=True, k_scale=k_scale, v_scale=v_scale
+        )
         merge_state_in_place(o, s, o_unique, s_unique)
         return o
 
