@@ -237,7 +237,7 @@ class Levels:
     def gather(self, t, level, req):
         n = self.lens[level][req]
         ids = self.idx[level][self.kv[level][req] : self.kv[level][req + 1]].long().to(t.device)
-        x = t[ids]
+        x = _take_pages(t, ids)
         if self.layout == "HND":
             x = x.transpose(1, 2)
         return x.reshape(-1, x.shape[-2], x.shape[-1])[:n]
@@ -268,6 +268,14 @@ class Levels:
             outs.append(o)
             lses.append(s)
         return torch.cat(outs), torch.cat(lses)
+
+
+def _take_pages(t, ids):
+    """t[ids] (pages of a cache), an fp8 cache gathered through its bytes (as uint8: indexing need not
+    support the fp8 dtypes) and returned as float64."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8)[ids].view(t.dtype).double()
+    return t[ids]
 
 
 def _workspace(mb=128, device="cuda"):
@@ -858,7 +866,8 @@ def test_fp8_legacy_shared_prefix_wrappers(layout):
         def unique_kv(r):
             ids = indices[indptr[r] : indptr[r + 1]].long()
             n = (int(indptr[r + 1] - indptr[r]) - 1) * ps + int(last[r])
-            k, v = cache[ids, 0].double() * k_scale, cache[ids, 1].double() * v_scale
+            pages = _take_pages(cache, ids)
+            k, v = pages[:, 0] * k_scale, pages[:, 1] * v_scale
             if layout == "HND":
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
             return k.reshape(-1, hkv, d)[:n], v.reshape(-1, hkv, d)[:n]
