@@ -1384,3 +1384,57 @@ def test_fp8_plan_picks_the_fp8_kernels_on_a_fake_hopper(monkeypatch):
     per_family, typed = matrix.resolve_selection(args, families)
     preset = {it.name for it in matrix.expand_matrix(per_family, families, typed) if it.reason is None}
     assert loaded and not sorted(loaded - preset), sorted(loaded - preset)
+
+
+def test_fp8_legacy_wrappers_plan_the_cache_dtype(monkeypatch):
+    """BatchDecodeWithSharedPrefixPagedKVCacheWrapper: data_type fp8 plans an fp8 cache with a float16 q (FlashInfer's
+    rule: data_type fills only a None q_data_type, whose default is float16). BatchPrefillWithSharedPrefix...: the
+    schedule follows the unique cache's dtype. Both pass forward()'s k_scale/v_scale to the shared prefix and to the
+    unique pages."""
+    from fake_cuda import cuda
+
+    from flashinfer import decode, prefill
+
+    class FakeDecode(_FakeWrapper):
+        real = decode.BatchDecodeWithPagedKVCacheWrapper
+
+    class FakePrefill(_FakeWrapper):
+        real = prefill.BatchPrefillWithPagedKVCacheWrapper
+
+    shared_calls = []
+
+    def fake_single_prefill(q, k, v, **kw):
+        shared_calls.append(kw)
+        return torch.zeros_like(q), torch.zeros(q.shape[:2])
+
+    monkeypatch.setattr(cascade, "BatchDecodeWithPagedKVCacheWrapper", FakeDecode)
+    monkeypatch.setattr(cascade, "BatchPrefillWithPagedKVCacheWrapper", FakePrefill)
+    monkeypatch.setattr(cascade, "single_prefill_with_kv_cache", fake_single_prefill)
+    monkeypatch.setattr(cascade, "merge_state_in_place", lambda *a: None)
+    ws = torch.empty(1 << 20, dtype=torch.uint8)
+    indptr, last = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([5, 16], dtype=torch.int32)
+    dec = flashinfer.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(ws, "NHD")
+    dec.begin_forward(indptr, torch.arange(3, dtype=torch.int32), last, 8, 2, 64, 16, data_type="float8_e5m2")
+    p = dec._batch_decode_wrapper.plans[-1]
+    assert p["q_data_type"] == torch.float16 and p["kv_data_type"] == torch.float8_e5m2
+    q = torch.randn(2, 8, 64).half()
+    k_shared = torch.randn(40, 2, 64).to(torch.float8_e5m2)
+    dec.forward(q, k_shared, k_shared, None, k_scale=0.5, v_scale=2.0)
+    assert shared_calls[-1]["k_scale"] == 0.5 and shared_calls[-1]["v_scale"] == 2.0
+    assert dec._batch_decode_wrapper.runs[-1]["k_scale"] == 0.5 and dec._batch_decode_wrapper.runs[-1]["v_scale"] == 2.0
+
+    pre = flashinfer.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(ws, "NHD")
+    pre.begin_forward(
+        torch.tensor([0, 3, 5], dtype=torch.int32), indptr, torch.arange(3, dtype=torch.int32), last, 8, 2, 64, 16
+    )
+    q = torch.randn(5, 8, 64).to(torch.bfloat16)
+    for kv_dtype in (torch.float8_e4m3fn, torch.bfloat16, torch.float8_e4m3fn):
+        cache = cuda(torch.randn(4, 2, 16, 2, 64).to(kv_dtype))
+        pre.forward(q, k_shared, k_shared, cache, causal=True, k_scale=0.25, v_scale=4.0)
+        p = pre._batch_prefill_wrapper.plans[-1]
+        assert p["kv_data_type"] == kv_dtype and p["q_data_type"] == torch.bfloat16 and p["causal"] is True
+        assert pre._batch_prefill_wrapper.runs[-1]["k_scale"] == 0.25
+        assert shared_calls[-1]["v_scale"] == 4.0 and shared_calls[-1]["causal"] is False
+    assert len(pre._batch_prefill_wrapper.plans) == 3  # re-planned whenever the cache's dtype changes
+    pre.forward(q, k_shared, k_shared, cache)
+    assert len(pre._batch_prefill_wrapper.plans) == 4 and pre._batch_prefill_wrapper.runs[-1]["k_scale"] is None
