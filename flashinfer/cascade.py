@@ -17,7 +17,8 @@ over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -
   to copy bandwidth (the prefill kernel would spend its tensor cores on a 64-row tile for 1 x group rows). The
   level states are merged level by level. For a short shared prefix the merge costs more than it saves: plan() then falls back to plain
   batch decode over the concatenated page tables and says so in ``plan_stats()``. An fp8 KV cache (e4m3/e5m2, with
-  per-tensor k_scale/v_scale at run()) runs every level on batch prefill (fa2) or batch decode, which read fp8.
+  per-tensor k_scale/v_scale at run()) runs on the same kernels, each reading fp8 (the wgmma kernel widens K/V tiles
+  to 16 bits in shared memory), k_scale folded into every level's softmax scale and v_scale into its output.
 * ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper`` and ``BatchPrefillWithSharedPrefixPagedKVCacheWrapper``:
   FlashInfer's older API with the shared prefix in contiguous ``k_shared``/``v_shared`` tensors.
 """
@@ -37,12 +38,13 @@ from ._spec_common import AttentionSpec
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .page import PagedKVCache, _unpack_paged_kv_cache, unpack_paged_kv_cache
+from .page import PagedKVCache, _unpack_paged_kv_cache
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 from .utils import (
     DTYPE_CUDA,
     DTYPE_SHORT,
     FP8_DTYPE_SHORT,
+    KV_DTYPE_SHORT,
     aligned_rows,
     canonical_dtype,
     canonical_layout,
@@ -448,11 +450,13 @@ _SHARED_MIN_CHUNK = 512  # keys: shorter KV chunks cost more to merge than they 
 class CascadeSharedSpec(AttentionSpec):
     """Compile-time configuration of a cascade's shared level on Hopper: one request (every query of the batch)
     against a paged prefix on the wgmma prefill kernel (prefill_sm90.cuh with its PAGED and SPLIT options), its
-    KV range split over the GPU. head_dim 128 only (the kernel's); the axis lists the others so that matrix flags
-    apply, and they are dropped as unsupported (those levels run on batch prefill)."""
+    KV range split over the GPU. K/V in q's dtype or fp8 (e4m3/e5m2, widened in shared memory as the fa3 single
+    prefill does). head_dim 128 only (the kernel's); the axis lists the others so that matrix flags apply, and
+    they are dropped as unsupported (those levels run on batch prefill)."""
 
     family = "cascade_shared"
     template = "cascade_shared.cu.jinja"
+    fp8_kv = True
     launchers = (
         Launcher(
             "flashinfer_cascade_shared_prefill",
@@ -460,7 +464,7 @@ class CascadeSharedSpec(AttentionSpec):
             "const int* kv_indices, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int page_size, "
             "int num_pages, "
             "int64_t q_stride_n, int64_t q_stride_h, int64_t stride_page, int64_t stride_n, int64_t stride_h, "
-            "int num_chunks, int chunk_size, float sm_scale, int device, void* stream",
+            "int num_chunks, int chunk_size, float sm_scale, float v_scale, int device, void* stream",
         ),
         Launcher("flashinfer_cascade_shared_occupancy", "int device, int* out"),
     )
@@ -492,7 +496,7 @@ def _is_hopper(device_index: int) -> bool:
 def _shared_occupancy(spec: CascadeSharedSpec, device_index: int) -> int:
     mod = jit.load(spec)
     out = ctypes.c_int(0)
-    rc = mod.fn("flashinfer_cascade_shared_occupancy")(device_index, ctypes.addressof(out))
+    rc = mod.launcher("flashinfer_cascade_shared_occupancy")(device=device_index, out=ctypes.addressof(out))
     if rc:
         mod.check(rc, f"{spec.name()}: occupancy query on cuda:{device_index}")
     return max(1, out.value)
@@ -514,7 +518,8 @@ class _SharedLevel:
         num_kv_heads: int,
         head_dim: int,
         page_size: int,
-        dtype: torch.dtype,
+        q_dtype: torch.dtype,
+        kv_dtype: torch.dtype,
         sm_scale: Optional[float],
         device: torch.device,
         beside_decode: bool = False,
@@ -526,8 +531,8 @@ class _SharedLevel:
             raise ValueError(
                 f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
             )
-        dt = DTYPE_SHORT[dtype]
-        spec = CascadeSharedSpec(head_dim, dt, dt, dt)
+        dq = DTYPE_SHORT[q_dtype]
+        spec = CascadeSharedSpec(head_dim, dq, KV_DTYPE_SHORT[kv_dtype], dq)
         mod = jit.load(spec)
         consts = mod.constants
         total_q, kv_len = level.qo[-1], level.kv_lens[0]
@@ -547,7 +552,7 @@ class _SharedLevel:
         pages = pages.to(device=device, non_blocking=True)
         self._plan = dict(
             mod=mod,
-            fn=mod.fn("flashinfer_cascade_shared_prefill"),
+            fn=mod.launcher("flashinfer_cascade_shared_prefill"),
             spec=spec,
             total_q=total_q,
             kv_len=kv_len,
@@ -556,7 +561,7 @@ class _SharedLevel:
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             page_size=page_size,
-            dtype=dtype,
+            kv_dtype=kv_dtype,
             chunks=chunks,
             chunk_size=chunk_size,
             max_index=max_index,
@@ -575,48 +580,53 @@ class _SharedLevel:
         v_scale: float = 1.0,
     ):
         """k_scale multiplies the logits (folded into the softmax scale, so the lse is that of the scaled logits,
-        as the batch wrappers'); v_scale the output, after the kernel (this level reads 16-bit K/V only)."""
+        as the batch wrappers'); v_scale the output: in the kernel's epilogue for fp8 K/V, after it for 16-bit."""
         pl = self._plan
-        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        kv = _unpack_paged_kv_cache(paged_kv_cache, self._kv_layout, allow_fp8=True)
         if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (pl["page_size"], pl["num_kv_heads"], pl["head_dim"]):
             raise ValueError(
                 f"paged_kv_cache (kv_layout={self._kv_layout!r}) has page_size {kv.page_size}, "
                 f"{kv.num_kv_heads} kv heads of dim {kv.head_dim}; the plan has {pl['page_size']}, "
                 f"{pl['num_kv_heads']}, {pl['head_dim']}"
             )
-        if kv.k.dtype != pl["dtype"] or kv.k.device != q.device:
-            raise ValueError(f"paged_kv_cache must be {pl['dtype']} on {q.device}, got {kv.k.dtype} on {kv.k.device}")
+        if kv.k.dtype != pl["kv_dtype"] or kv.k.device != q.device:
+            raise ValueError(
+                f"paged_kv_cache must be {pl['kv_dtype']} (the planned kv_data_type) on {q.device}, got "
+                f"{kv.k.dtype} on {kv.k.device}"
+            )
+        fp8 = kv.k.dtype in FP8_DTYPE_SHORT
         check_page_ids_in_cache(pl["pages"], kv.num_pages, pl["max_index"], "paged_kv_indices_arr[0]")
         q = aligned_rows(q, 2)
         device = q.device
         rc = pl["fn"](
-            q.data_ptr(),
-            kv.k.data_ptr(),
-            kv.v.data_ptr(),
-            out.data_ptr(),
-            lse.data_ptr() if (return_lse and lse is not None) else None,
-            self._ws.data_ptr(),
-            pl["pages"].data_ptr(),
-            pl["total_q"],
-            pl["kv_len"],
-            pl["num_qo_heads"],
-            pl["num_kv_heads"],
-            pl["page_size"],
-            kv.num_pages,
-            q.stride(0),
-            q.stride(1),
-            kv.stride_page,
-            kv.stride_n,
-            kv.stride_h,
-            pl["chunks"],
-            pl["chunk_size"],
-            pl["sm_scale"] * k_scale,
-            device.index,
-            current_stream_ptr(device),
+            q=q.data_ptr(),
+            k=kv.k.data_ptr(),
+            v=kv.v.data_ptr(),
+            o=out.data_ptr(),
+            lse=lse.data_ptr() if (return_lse and lse is not None) else None,
+            workspace=self._ws.data_ptr(),
+            kv_indices=pl["pages"].data_ptr(),
+            qo_len=pl["total_q"],
+            kv_len=pl["kv_len"],
+            num_qo_heads=pl["num_qo_heads"],
+            num_kv_heads=pl["num_kv_heads"],
+            page_size=pl["page_size"],
+            num_pages=kv.num_pages,
+            q_stride_n=q.stride(0),
+            q_stride_h=q.stride(1),
+            stride_page=kv.stride_page,
+            stride_n=kv.stride_n,
+            stride_h=kv.stride_h,
+            num_chunks=pl["chunks"],
+            chunk_size=pl["chunk_size"],
+            sm_scale=pl["sm_scale"] * k_scale,
+            v_scale=v_scale if fp8 else 1.0,
+            device=device.index,
+            stream=current_stream_ptr(device),
         )
         if rc:
             pl["mod"].check(rc, f"cascade shared level ({pl['spec'].name()}) on {device}")
-        if v_scale != 1.0:
+        if v_scale != 1.0 and not fp8:
             out.mul_(v_scale)
         return (out, lse) if return_lse else out
 
@@ -878,7 +888,7 @@ class MultiLevelCascadeAttentionWrapper:
     merged with the merge_state kernel. With two levels, a shared prefix on the Hopper kernel (tensor-core bound)
     and a decode level (bandwidth bound) run concurrently: the second on a side stream joined back before the merge.
     A causal mask applies to the last level only, as in FlashInfer. An fp8 KV cache (``kv_data_type`` e4m3/e5m2 at
-    plan(), ``k_scale``/``v_scale`` at run()) runs every level on batch prefill or batch decode, which read fp8.
+    plan(), ``k_scale``/``v_scale`` at run()) runs on the same kernels, which all read fp8.
 
     Parameters
     ----------
@@ -901,12 +911,14 @@ class MultiLevelCascadeAttentionWrapper:
 
     # Not part of FlashInfer's API; for benchmarks and tests. _last_level_decode: run a decode-shaped last level on
     # the batch decode kernel (else on batch prefill, as FlashInfer does). _shared_level_wgmma: run a level of one
-    # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill). _fallback:
+    # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill);
+    # _shared_level_wgmma_fp8: that kernel also for an fp8 cache (else batch prefill, fa2). _fallback:
     # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
     # _overlap_levels: run a shared level on the wgmma kernel concurrently with the decode level: "auto" (when
     # the cost model says it pays), "always", or "never" (one after the other).
     _last_level_decode: bool = True
     _shared_level_wgmma: bool = True
+    _shared_level_wgmma_fp8: bool = True
     _fallback: str = "auto"
     _overlap_levels: str = "auto"
 
@@ -1089,9 +1101,9 @@ class MultiLevelCascadeAttentionWrapper:
             and windows count from each level's first key, as in FlashInfer).
         q_data_type, kv_data_type : str or torch.dtype
             q (and the output): float16 (default) or bfloat16. kv (default q's): q's dtype, or an fp8 cache,
-            torch.float8_e4m3fn or torch.float8_e5m2, dequantised by run()'s ``k_scale``/``v_scale``; every level
-            then runs on the batch prefill (fa2) or batch decode kernel, which read fp8 (the Hopper shared-prefix
-            kernel reads 16-bit K/V). An fp8 q raises NotImplementedError naming the combination.
+            torch.float8_e4m3fn or torch.float8_e5m2, dequantised by run()'s ``k_scale``/``v_scale`` (every level's
+            kernel reads fp8: the Hopper shared-prefix kernel, batch prefill (fa2), batch decode). An fp8 q raises
+            NotImplementedError naming the combination.
 
         Notes
         -----
@@ -1158,8 +1170,8 @@ class MultiLevelCascadeAttentionWrapper:
         }
         if kv_dtype in FP8_DTYPE_SHORT:
             stats["fp8_kv"] = (
-                "every level on the fp8 batch prefill (fa2) or batch decode kernel (the Hopper shared-prefix kernel "
-                "reads 16-bit K/V); run()'s k_scale scales each level's logits, v_scale each level's output"
+                "every level's kernel reads the fp8 cache (shared_prefix_wgmma widens its K/V tiles in shared memory); "
+                "run()'s k_scale scales each level's logits, v_scale each level's output"
             )
 
         if self._use_cuda_graph:
@@ -1233,6 +1245,7 @@ class MultiLevelCascadeAttentionWrapper:
                     head_dim,
                     page_size,
                     q_dtype,
+                    kv_dtype,
                     sm_scale,
                     self._device,
                     beside_decode=overlap,
@@ -1286,7 +1299,7 @@ class MultiLevelCascadeAttentionWrapper:
     ) -> bool:
         """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
         last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope (K/V
-        in q's 16-bit dtype: an fp8 cache runs on batch prefill)."""
+        in q's dtype, or fp8 unless _shared_level_wgmma_fp8 is off)."""
         return (
             self._shared_level_wgmma
             and not self._use_cuda_graph
@@ -1298,7 +1311,7 @@ class MultiLevelCascadeAttentionWrapper:
             and window_left == -1
             and not logits_soft_cap
             and not use_fp16_qk_reduction
-            and q_dtype == kv_dtype
+            and (q_dtype == kv_dtype or (kv_dtype in FP8_DTYPE_SHORT and self._shared_level_wgmma_fp8))
             and _is_hopper(self._device.index)
         )
 

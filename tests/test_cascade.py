@@ -732,23 +732,26 @@ FP8_LEVELS = {
 @pytest.mark.parametrize("num_levels,mode", sorted(FP8_LEVELS), ids=lambda x: str(x))
 @pytest.mark.parametrize("page_size,layout", [(1, "HND"), (16, "NHD")])
 def test_fp8_levels(case, num_levels, mode, page_size, layout):
-    """An fp8 cache through every level: the shared level on batch prefill (also on Hopper, where a 16-bit one
-    takes the wgmma kernel), the others on batch prefill or decode, k_scale/v_scale applied once per level and
-    the states merged; against float64 attention over the same fp8 values dequantised, with NaN-poisoned
+    """An fp8 cache through every level: the shared level on the Hopper wgmma kernel (beside the decode level or
+    before it) or on batch prefill, the others on batch prefill or decode, k_scale/v_scale applied once per level
+    and the states merged; against float64 attention over the same fp8 values dequantised, with NaN-poisoned
     outputs; the scales also as one-element CPU tensors."""
     q_dtype, kv_dtype, k_scale, v_scale, form = case
     levels, (hq, hkv) = FP8_LEVELS[(num_levels, mode)]
     causal = mode == "prefill"
     lv = Levels(levels, page_size, hkv, 128, kv_dtype, layout, form, k_scale=k_scale, v_scale=v_scale)
-    w = flashinfer.MultiLevelCascadeAttentionWrapper(num_levels, _workspace(), layout)
-    w._fallback = "never"
-    w.plan(*lv.plan_args(), hq, hkv, 128, page_size, causal=causal, q_data_type=q_dtype, kv_data_type=kv_dtype)
-    st = w.plan_stats()
-    assert st["path"] == "cascade" and st["kv_data_type"] == str(kv_dtype)[6:] and "fp8_kv" in st, st
-    assert st["kernels"][0] == ("batch_prefill", 0), st
-    assert st["kernels"][-1][0] == ("batch_decode" if mode == "decode" else "batch_prefill"), st
     q = torch.randn(lv.total_q, hq, 128, device="cuda").to(q_dtype)
-    _check(w, lv, q, causal=causal, run_kw=dict(k_scale=k_scale, v_scale=v_scale))
+    for wgmma, overlap in ((True, "always"), (True, "never"), (False, "auto")):
+        w = flashinfer.MultiLevelCascadeAttentionWrapper(num_levels, _workspace(), layout)
+        w._fallback, w._shared_level_wgmma_fp8, w._overlap_levels = "never", wgmma, overlap
+        w.plan(*lv.plan_args(), hq, hkv, 128, page_size, causal=causal, q_data_type=q_dtype, kv_data_type=kv_dtype)
+        st = w.plan_stats()
+        assert st["path"] == "cascade" and st["kv_data_type"] == str(kv_dtype)[6:] and "fp8_kv" in st, st
+        on_wgmma = wgmma and _on_hopper()
+        assert st["kernels"][0] == ("shared_prefix_wgmma" if on_wgmma else "batch_prefill", 0), st
+        assert st["kernels"][-1][0] == ("batch_decode" if mode == "decode" else "batch_prefill"), st
+        assert st["overlap_levels"] == (on_wgmma and overlap == "always" and (num_levels, mode) == (2, "decode"))
+        _check(w, lv, q, causal=causal, run_kw=dict(k_scale=k_scale, v_scale=v_scale))
     q2 = torch.randn_like(q)
     o2 = w.run(q2, lv.cache, k_scale=torch.tensor(k_scale), v_scale=torch.tensor([v_scale]))
     assert_close(o2, lv.reference(q2, causal=causal)[0], what="o, scales as CPU tensors")
@@ -1021,9 +1024,8 @@ def test_merge_spec_and_family():
     preset = (Path(__file__).resolve().parent / "prewarm_test.toml").read_text()
     assert 'family = "merge_state"' in preset and 'family = "cascade_shared"' in preset
     shared = [x for x in CascadeSharedSpec.expand() if x.unsupported_reason() is None]
-    assert [x.name() for x in shared] == [
-        "cascade_shared_q-bf16_kv-bf16_o-bf16_d128",
-        "cascade_shared_q-f16_kv-f16_o-f16_d128",
+    assert [x.name() for x in shared] == [  # K/V in q's dtype or fp8
+        f"cascade_shared_q-{q}_kv-{kv}_o-{q}_d128" for q in ("bf16", "f16") for kv in (q, "e4m3", "e5m2")
     ]
     assert all(x.needs_sm90a() for x in shared) and "128" in CascadeSharedSpec(64).unsupported_reason()
     assert FAMILY_MODULES["cascade_shared"] == "flashinfer.cascade"
@@ -1215,7 +1217,7 @@ def test_shared_level_split_on_the_cpu(monkeypatch):
     class FakeModule:
         constants = {"query_tile": 128, "kv_tile": 64}
 
-        def fn(self, name):
+        def launcher(self, name):
             return None
 
     monkeypatch.setattr(cascade.jit, "load", lambda spec: FakeModule())
@@ -1227,7 +1229,7 @@ def test_shared_level_split_on_the_cpu(monkeypatch):
         qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, 8)] * batch])
         lv = _check_levels(2, qo, kv, idx, last, 16)[0]
         shared = cascade._SharedLevel(torch.empty(ws_bytes, dtype=torch.uint8), "NHD")
-        shared.plan(lv, group * kv_heads, kv_heads, 128, 16, torch.bfloat16, None, cpu)
+        shared.plan(lv, group * kv_heads, kv_heads, 128, 16, torch.bfloat16, torch.bfloat16, None, cpu)
         pl = shared._plan
         assert pl["chunk_size"] % 64 == 0 and pl["chunks"] * pl["chunk_size"] >= prefix
         assert (pl["chunks"] - 1) * pl["chunk_size"] < prefix
@@ -1309,58 +1311,76 @@ def test_fp8_scales_reach_every_level_on_the_cpu(monkeypatch):
 
 
 def test_fp8_plan_picks_the_fp8_kernels_on_a_fake_hopper(monkeypatch):
-    """On a (fake) Hopper GPU a 16-bit shared level takes the wgmma kernel; an fp8 cache takes the fp8 batch prefill
-    module instead (and fp8 batch decode for the last level), which run() launches with k_scale folded into the
-    softmax scale and v_scale as the kernel's output scale. Every module the fp8 GPU tests plan is in the test
-    prewarm preset."""
+    """On a (fake) Hopper GPU an fp8 cache's shared level takes the wgmma kernel's fp8 module (launched with k_scale
+    folded into the softmax scale and v_scale as its output scale), or with _shared_level_wgmma_fp8 off the fp8
+    batch prefill module; the decode level the fp8 batch decode module, launched likewise. Every module the fp8
+    GPU tests plan is in the test prewarm preset."""
     from fake_cuda import cuda, fake_cuda, workspace
     from flashinfer import cli
     from flashinfer._families import load_families
     from flashinfer.cli import matrix
     from flashinfer.utils import FP8_DTYPE_SHORT
 
-    shared_plans = []
-    monkeypatch.setattr(cascade._SharedLevel, "plan", lambda self, *a, **k: shared_plans.append(a))
     merges = []
     monkeypatch.setattr(cascade, "_launch_pair", lambda *a: merges.append(a))
+    monkeypatch.setattr(cascade, "num_sms", lambda index: 132)
+    monkeypatch.setattr(cascade, "current_stream_ptr", lambda device: 0)
     cascade._is_hopper.cache_clear()
+    cascade._shared_occupancy.cache_clear()
     loaded = set()
+    scale = 128**-0.5 * 0.5
     try:
         with fake_cuda(monkeypatch) as rec:
-            lv_spec = [[(4, 3000)], [(1, n) for n in [5, 0, 17, 300]]]
-            qo, kv, idx, last = _cpu_levels(lv_spec)
-            w = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace(), "NHD")
-            w._fallback = "never"
-            w.plan(qo, kv, idx, last, 32, 4, 128, 16, q_data_type=torch.bfloat16)
-            assert w.plan_stats()["kernels"][0] == ("shared_prefix_wgmma", 0) and len(shared_plans) == 1
-            rec.loaded.clear()
-            w.plan(qo, kv, idx, last, 32, 4, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float8_e4m3fn)
-            st = w.plan_stats()
-            assert st["kernels"] == [("batch_prefill", 0), ("batch_decode", 1)] and len(shared_plans) == 1
-            assert {(s.family, s.dtype_kv) for s in rec.loaded} == {
-                ("prefill_batch", "e4m3"),
-                ("decode_batch_paged", "e4m3"),
-            }
-            loaded |= {s.name() for s in rec.loaded}  # (modules are cached: later plans do not load them again)
+            qo, kv, idx, last = _cpu_levels([[(4, 3000)], [(1, n) for n in [5, 0, 17, 300]]])
             q = cuda(torch.randn(4, 32, 128).to(torch.bfloat16))
             num_pages = max(int(i.max()) for i in idx) + 1
             cache = cuda(torch.randn(num_pages, 2, 16, 4, 128).to(torch.float8_e4m3fn))
+            for wgmma in (True, False):
+                w = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace(), "NHD")
+                w._fallback, w._overlap_levels, w._shared_level_wgmma_fp8 = "never", "never", wgmma
+                rec.loaded.clear()
+                w.plan(qo, kv, idx, last, 32, 4, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float8_e4m3fn)
+                st = w.plan_stats()
+                shared = "shared_prefix_wgmma" if wgmma else "batch_prefill"
+                assert st["kernels"] == [(shared, 0), ("batch_decode", 1)] and "fp8_kv" in st, st
+                got = {(s.family, s.dtype_kv) for s in rec.loaded}  # (the decode module: loaded once, then cached)
+                assert ("cascade_shared" if wgmma else "prefill_batch", "e4m3") in got
+                assert got <= {("cascade_shared" if wgmma else "prefill_batch", "e4m3"), ("decode_batch_paged", "e4m3")}
+                loaded |= {s.name() for s in rec.loaded}  # (modules are cached: later plans do not load them again)
+                rec.clear()
+                w.run(q, cache, k_scale=0.5, v_scale=1.75)
+                if wgmma:
+                    ((_, pre),) = rec.launches("flashinfer_cascade_shared_prefill")
+                    assert pre["sm_scale"] == pytest.approx(scale) and pre["v_scale"] == pytest.approx(1.75)
+                    assert pre["num_chunks"] > 1 and pre["kv_len"] == 3000 and pre["qo_len"] == 4
+                else:
+                    ((_, pre),) = rec.launches("flashinfer_batch_prefill")
+                    assert pre["args.sm_scale"] == pytest.approx(scale) and pre["args.v_scale"] == pytest.approx(1.75)
+                ((_, dec),) = rec.launches("flashinfer_batch_decode_run")
+                assert dec["args.sm_scale"] == pytest.approx(scale) and dec["args.v_scale"] == pytest.approx(1.75)
+                assert pre["_spec"].dtype_kv == dec["_spec"].dtype_kv == "e4m3"
+                assert len(merges) == (1 if wgmma else 2)
+                # The shared level's fp8 module refuses a 16-bit cache (the planned kv_data_type).
+                with pytest.raises(ValueError if wgmma else TypeError, match="kv_data_type"):
+                    w.run(q, cuda(torch.randn(num_pages, 2, 16, 4, 128).to(torch.bfloat16)))
+            # A 16-bit shared level on the wgmma kernel with scales: k_scale folded, v_scale applied after the kernel
+            # (to its output, which the fake launch leaves at the 1.0 that fake device memory starts with).
+            w._overlap_levels = "never"
+            w.plan(qo, kv, idx, last, 32, 4, 128, 16, q_data_type=torch.bfloat16)
+            assert w.plan_stats()["kernels"][0] == ("shared_prefix_wgmma", 0)
             rec.clear()
-            w.run(q, cache, k_scale=0.5, v_scale=1.75)
-            ((_, pre),) = rec.launches("flashinfer_batch_prefill")
-            ((_, dec),) = rec.launches("flashinfer_batch_decode_run")
-            for kw in (pre, dec):
-                assert kw["_spec"].dtype_kv == "e4m3"
-                assert kw["args.sm_scale"] == pytest.approx(128**-0.5 * 0.5)
-                assert kw["args.v_scale"] == pytest.approx(1.75)
-            assert len(merges) == 1
+            o = w.run(q, cuda(torch.randn(num_pages, 2, 16, 4, 128).to(torch.bfloat16)), k_scale=0.5, v_scale=1.75)
+            ((_, pre),) = rec.launches("flashinfer_cascade_shared_prefill")
+            assert pre["sm_scale"] == pytest.approx(scale) and pre["v_scale"] == 1.0 and pre["_spec"].dtype_kv == "bf16"
+            assert (o.as_subclass(torch.Tensor).float() == 1.75).all()
             # The GPU tests' fp8 plans: the modules they load.
-            for (q_dtype, kv_dtype, *_), ((n_levels, mode), (levels, (hq, hkv))), (ps, layout) in itertools.product(
-                FP8_CASES, FP8_LEVELS.items(), [(1, "HND"), (16, "NHD")]
-            ):
+            for (q_dtype, kv_dtype, *_), ((n_levels, mode), (levels, (hq, hkv))), (
+                ps,
+                layout,
+            ), wgmma in itertools.product(FP8_CASES, FP8_LEVELS.items(), [(1, "HND"), (16, "NHD")], (True, False)):
                 qo, kv, idx, last = _cpu_levels(levels, ps)
                 w = flashinfer.MultiLevelCascadeAttentionWrapper(n_levels, workspace(), layout)
-                w._fallback = "never"
+                w._fallback, w._shared_level_wgmma_fp8 = "never", wgmma
                 rec.loaded.clear()
                 w.plan(
                     qo,
@@ -1375,15 +1395,18 @@ def test_fp8_plan_picks_the_fp8_kernels_on_a_fake_hopper(monkeypatch):
                     q_data_type=q_dtype,
                     kv_data_type=kv_dtype,
                 )
+                assert w.plan_stats()["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma else "batch_prefill")
                 assert all(s.dtype_kv == FP8_DTYPE_SHORT[kv_dtype] for s in rec.loaded)
                 loaded |= {s.name() for s in rec.loaded}
     finally:
         cascade._is_hopper.cache_clear()
+        cascade._shared_occupancy.cache_clear()
     args = cli.build_parser().parse_args(["prewarm", "--preset", "test"])
     families = load_families()
     per_family, typed = matrix.resolve_selection(args, families)
     preset = {it.name for it in matrix.expand_matrix(per_family, families, typed) if it.reason is None}
-    assert loaded and not sorted(loaded - preset), sorted(loaded - preset)
+    assert {n.split("_q-")[0] for n in loaded} == {"cascade_shared", "prefill_batch_paged", "decode_batch_paged"}
+    assert not sorted(loaded - preset), sorted(loaded - preset)
 
 
 def test_fp8_legacy_wrappers_plan_the_cache_dtype(monkeypatch):
@@ -1392,7 +1415,6 @@ def test_fp8_legacy_wrappers_plan_the_cache_dtype(monkeypatch):
     schedule follows the unique cache's dtype. Both pass forward()'s k_scale/v_scale to the shared prefix and to the
     unique pages."""
     from fake_cuda import cuda
-
     from flashinfer import decode, prefill
 
     class FakeDecode(_FakeWrapper):
