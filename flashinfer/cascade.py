@@ -1393,7 +1393,14 @@ class MultiLevelCascadeAttentionWrapper:
         """The last plan: ``path`` ("cascade" or "plain_decode") and ``reason``, the kernel of each level run
         (``kernels``), per-level sizes, and the cost model's estimates (µs of device time) of the levels above the
         last: ``estimated_plain_us`` (read per query by plain decode) and ``estimated_cascade_us`` (attended once,
-        plus the merge); ``overlap_levels``: whether the shared and the decode level run concurrently."""
+        plus the merge); ``overlap_levels``: whether the shared and the decode level run concurrently;
+        ``kv_data_type``, and for an fp8 cache ``fp8_kv``: how the scales apply.
+
+        Returns
+        -------
+        dict
+            The statistics above (a copy).
+        """
         if self._plan is None:
             raise RuntimeError("plan() has not been called")
         return dict(self._plan.stats)
