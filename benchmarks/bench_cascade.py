@@ -1,13 +1,14 @@
 """Cascade (shared-prefix) decode and state-merge benchmark; appends dated tables to benchmarks/RESULTS.md.
 
-    python benchmarks/bench_cascade.py [--quick] [--no-reference]
+    python benchmarks/bench_cascade.py [--quick] [--no-reference] [--fp8]
 
 Batches of requests that share one prefix, each with its own tokens (bf16, 32 query / 8 KV heads, head_dim 128,
 page_size 16, NHD, pages scattered): MultiLevelCascadeAttentionWrapper (2 levels) against plain batch decode over
 the same pages (each request's prefix and own pages concatenated) and against the real FlashInfer's
 MultiLevelCascadeAttentionWrapper on the same inputs (run in its own process, ``--flashinfer-reference``). Then
 merge_state / merge_states (8 states) at 4096 x 32 x 128 against the measured copy bandwidth, and a short (16-token)
-prefix, where plan() falls back to plain decode.
+prefix, where plan() falls back to plain decode. ``--fp8``: the 64 x 32768 + 1024 case only, with a bf16 and an
+e4m3 KV cache (same q, bf16): ours (every level on the fp8 batch kernels) and FlashInfer's at each.
 
 Timing: CUDA events around each call with the L2 flushed before it (median of 100); "graph" columns replay CUDA
 graphs of the graph-mode wrappers (inputs rotated over copies beyond L2 where they are small).
@@ -38,16 +39,18 @@ MAIN = (64, 32768, 1024)
 CASES = [MAIN, (8, 32768, 1024), (256, 32768, 1024), (64, 4096, 1024), (64, 131072, 1024)]
 SHORT = (64, 16, 1024)
 MERGE_SHAPE = (4096, 32, 128)
+FP8 = torch.float8_e4m3fn
+FP8_SCALES = dict(k_scale=0.5, v_scale=2.0)  # ours only (FlashInfer's cascade run() takes no scales): timing-neutral
 
 
-def make_case(batch: int, prefix: int, unique: int, sets: int = 1, seed: int = 0):
-    """Inputs both processes build alike: caches (sets copies), q per set, and the two levels' page tables
-    (device tensors, as FlashInfer's examples pass them)."""
+def make_case(batch: int, prefix: int, unique: int, sets: int = 1, seed: int = 0, kv_dtype: torch.dtype = DT):
+    """Inputs both processes build alike: caches (sets copies; an fp8 kv_dtype rounds the same random values), q
+    per set (bf16), and the two levels' page tables (device tensors, as FlashInfer's examples pass them)."""
     torch.manual_seed(seed)
     pp, up = -(-prefix // PS), -(-unique // PS)
     num_pages = pp + batch * up
     perm = torch.randperm(num_pages).to(torch.int32)
-    caches = [torch.randn(num_pages, 2, PS, HKV, D, device="cuda", dtype=DT) for _ in range(sets)]
+    caches = [torch.randn(num_pages, 2, PS, HKV, D, device="cuda", dtype=DT).to(kv_dtype) for _ in range(sets)]
     qs = [torch.randn(batch, HQ, D, device="cuda", dtype=DT) for _ in range(sets)]
     cuda = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
     levels = dict(
@@ -64,18 +67,31 @@ def sets_beyond_l2(batch, prefix, unique):
     return max(1, min(8, math.ceil(512e6 / kv)))
 
 
-def cascade_eager_ms(mod, levels, caches, qs, **attrs):
+def cascade_eager_ms(mod, levels, caches, qs, scales=None, **attrs):
+    """scales: k_scale/v_scale for our run() (an fp8 cache); FlashInfer's takes none."""
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     w = mod.MultiLevelCascadeAttentionWrapper(2, ws, "NHD")
     for k, v in attrs.items():
         setattr(w, k, v)
-    w.plan(levels["qo"], levels["indptr"], levels["indices"], levels["last"], HQ, HKV, D, PS, q_data_type=DT)
+    kv_dtype = caches[0].dtype
+    w.plan(
+        levels["qo"],
+        levels["indptr"],
+        levels["indices"],
+        levels["last"],
+        HQ,
+        HKV,
+        D,
+        PS,
+        q_data_type=DT,
+        kv_data_type=kv_dtype,
+    )
     outs = [torch.empty_like(q) for q in qs]
 
     def call(i):
         if hasattr(w, "plan_stats"):
-            w.run(qs[i], caches[i], out=outs[i])
-        else:  # FlashInfer's run takes no out=
+            w.run(qs[i], caches[i], out=outs[i], **(scales or {}))
+        else:  # FlashInfer's run takes no out= (nor scales)
             outs[i] = w.run(qs[i], caches[i])
 
     call(0)
@@ -110,9 +126,22 @@ def merge_timings(mod):
     return res
 
 
-def reference_main(quick: bool) -> None:
-    """--flashinfer-reference: time the real FlashInfer on the same cases; print one JSON line."""
+def reference_main(quick: bool, fp8: bool = False) -> None:
+    """--flashinfer-reference: time the real FlashInfer on the same cases; print one JSON line. With fp8: the main
+    case with a bf16 and an e4m3 cache (None where FlashInfer fails)."""
     out = {"version": getattr(flashinfer, "__version__", "?"), "cascade_ms": {}}
+    if fp8:
+        for name, kv_dtype in (("bf16", DT), ("e4m3", FP8)):
+            caches, qs, levels = make_case(*MAIN, kv_dtype=kv_dtype)
+            try:
+                out["cascade_ms"][name], _, _ = cascade_eager_ms(flashinfer, levels, caches, qs)
+            except Exception as e:  # noqa: BLE001 (a reference without this path leaves its column empty)
+                print(f"[reference] {name}: {type(e).__name__}: {e}", file=sys.stderr)
+                out["cascade_ms"][name] = None
+            del caches
+            torch.cuda.empty_cache()
+        print(json.dumps(out))
+        return
     for case in [MAIN] if quick else CASES:
         caches, qs, levels = make_case(*case)
         t, _, _ = cascade_eager_ms(flashinfer, levels, caches, qs)
@@ -123,8 +152,8 @@ def reference_main(quick: bool) -> None:
     print(json.dumps(out))
 
 
-def plain_decode(levels, batch, caches, qs, graph: bool):
-    """Plain batch decode over each request's prefix pages followed by its own pages."""
+def plain_decode(levels, batch, caches, qs, graph: bool, scales=None):
+    """Plain batch decode over each request's prefix pages followed by its own pages (in the caches' dtype)."""
     pp = int(levels["indptr"][0][-1])
     up = int(levels["indptr"][1][1])
     shared = levels["indices"][0]
@@ -144,11 +173,11 @@ def plain_decode(levels, batch, caches, qs, graph: bool):
         )
     else:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-    w.plan(indptr, table, last, HQ, HKV, D, PS, q_data_type=DT)
+    w.plan(indptr, table, last, HQ, HKV, D, PS, q_data_type=DT, kv_data_type=caches[0].dtype)
     outs = [torch.empty_like(q) for q in qs]
 
     def call(i):
-        w.run(qs[i], caches[i], out=outs[i])
+        w.run(qs[i], caches[i], out=outs[i], **(scales or {}))
 
     call(0)
     return call, outs[0]
@@ -219,14 +248,84 @@ def bench_case(case, ref_ms):
     return row
 
 
+def fp8_main(no_reference: bool) -> None:
+    """--fp8: the main case with a bf16 and an e4m3 KV cache."""
+    ref = None if no_reference else run_reference(__file__, ["--fp8"])
+    ref_ms = ref["cascade_ms"] if ref else {}
+    batch, prefix, unique = MAIN
+    rows, times = [], {}
+    variants = (
+        ("bf16", "bf16", DT, None, {}),
+        ("e4m3", "e4m3", FP8, FP8_SCALES, {}),
+        ("e4m3, shared level on batch prefill", "e4m3", FP8, FP8_SCALES, {"_shared_level_wgmma_fp8": False}),
+    )
+    for label, name, kv_dtype, scales, attrs in variants:
+        sets = sets_beyond_l2(*MAIN)
+        caches, qs, levels = make_case(*MAIN, sets=sets, kv_dtype=kv_dtype)
+        t_casc, w, o_casc = cascade_eager_ms(flashinfer, levels, caches[:1], qs[:1], scales, **attrs)
+        stats = w.plan_stats()
+        plain_call, o_plain = plain_decode(levels, batch, caches, qs, graph=False, scales=scales)
+        err = (o_casc.float() - o_plain.float()).abs().max().item()
+        assert err < 3e-2 * (scales or {}).get("v_scale", 1.0), f"{name}: cascade and plain decode differ by {err}"
+        t_plain = median_ms(plain_call, 1, flush=True)
+        times.setdefault(name, t_casc)
+        fi = ref_ms.get(name)
+        token_bytes = 2 * HKV * D * caches[0].element_size()
+        rows.append(
+            [
+                label,
+                f"{t_casc * 1e3:.1f}",
+                f"{t_plain * 1e3:.1f}",
+                f"{t_plain / t_casc:.1f}x",
+                "-" if fi is None else f"{fi * 1e3:.1f}",
+                "-" if fi is None else f"{fi / t_casc:.2f}x",
+                f"{(prefix + batch * unique) * token_bytes / 1e6:.1f}",
+                ("+" if not stats.get("overlap_levels") else " || ").join(k for k, _ in stats["kernels"]),
+            ]
+        )
+        print(json.dumps({"kv": label, "cascade_ms": t_casc, "plain_ms": t_plain, "ref_ms": fi, **stats}), flush=True)
+        del caches
+        torch.cuda.empty_cache()
+    text = write_results(
+        f"MultiLevelCascadeAttentionWrapper, fp8 (e4m3) vs bf16 KV cache, {batch} req x {prefix} prefix + {unique} own",
+        [
+            "KV cache",
+            "cascade µs",
+            "plain decode µs",
+            "speedup",
+            "FlashInfer µs",
+            "vs FlashInfer",
+            "cascade KV MB",
+            "kernels",
+        ],
+        rows,
+        [
+            "bf16 q, 32 q / 8 kv heads, head_dim 128, page_size 16, NHD single-tensor cache, pages scattered; e4m3: the "
+            f"same random values rounded, ours run with {FP8_SCALES} (FlashInfer's cascade run() takes no scales)",
+            "kernels: the shared level on the Hopper wgmma kernel (shared_prefix_wgmma; fp8: K/V tiles widened in "
+            "shared memory) or on batch prefill (fa2, _shared_level_wgmma_fp8=False), the unique level on batch "
+            "decode; || = the two levels concurrently",
+            f"e4m3 / bf16 cascade time: {times['e4m3'] / times['bf16']:.2f}",
+            "FlashInfer: the real MultiLevelCascadeAttentionWrapper "
+            f"({ref['version'] if ref else 'not run'}) in its own process, same inputs, same timing",
+            "µs: CUDA events around run() (out= given), L2 flushed before each call, median of 100",
+        ],
+    )
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the 64 x 32768 case only")
     ap.add_argument("--no-reference", action="store_true", help="skip the real FlashInfer columns")
+    ap.add_argument("--fp8", action="store_true", help="the 64 x 32768 case with an e4m3 and a bf16 KV cache only")
     ap.add_argument(REFERENCE_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.flashinfer_reference:
-        reference_main(args.quick)
+        reference_main(args.quick, args.fp8)
+        return
+    if args.fp8:
+        fp8_main(args.no_reference)
         return
     ref = None if args.no_reference else run_reference(__file__, ["--quick"] if args.quick else [])
     ref_ms = ref["cascade_ms"] if ref else {}

@@ -16,7 +16,9 @@ over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -
   level of one query per request (decode) on the paged batch decode kernel, which reads the unique pages at close
   to copy bandwidth (the prefill kernel would spend its tensor cores on a 64-row tile for 1 x group rows). The
   level states are merged level by level. For a short shared prefix the merge costs more than it saves: plan() then falls back to plain
-  batch decode over the concatenated page tables and says so in ``plan_stats()``.
+  batch decode over the concatenated page tables and says so in ``plan_stats()``. An fp8 KV cache (e4m3/e5m2, with
+  per-tensor k_scale/v_scale at run()) runs on the same kernels, each reading fp8 (the wgmma kernel widens K/V tiles
+  to 16 bits in shared memory), k_scale folded into every level's softmax scale and v_scale into its output.
 * ``BatchDecodeWithSharedPrefixPagedKVCacheWrapper`` and ``BatchPrefillWithSharedPrefixPagedKVCacheWrapper``:
   FlashInfer's older API with the shared prefix in contiguous ``k_shared``/``v_shared`` tensors.
 """
@@ -36,12 +38,15 @@ from ._spec_common import AttentionSpec
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .page import PagedKVCache, unpack_paged_kv_cache
+from .page import PagedKVCache, _unpack_paged_kv_cache
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 from .utils import (
     DTYPE_CUDA,
     DTYPE_SHORT,
+    FP8_DTYPE_SHORT,
+    KV_DTYPE_SHORT,
     aligned_rows,
+    canonical_dtype,
     canonical_layout,
     canonical_pos_encoding,
     check_kv_lengths,
@@ -52,6 +57,7 @@ from .utils import (
     dtype_short,
     num_sms,
     page_ids_int32,
+    plan_dtypes,
     scalar,
 )
 
@@ -444,11 +450,13 @@ _SHARED_MIN_CHUNK = 512  # keys: shorter KV chunks cost more to merge than they 
 class CascadeSharedSpec(AttentionSpec):
     """Compile-time configuration of a cascade's shared level on Hopper: one request (every query of the batch)
     against a paged prefix on the wgmma prefill kernel (prefill_sm90.cuh with its PAGED and SPLIT options), its
-    KV range split over the GPU. head_dim 128 only (the kernel's); the axis lists the others so that matrix flags
-    apply, and they are dropped as unsupported (those levels run on batch prefill)."""
+    KV range split over the GPU. K/V in q's dtype or fp8 (e4m3/e5m2, widened in shared memory as the fa3 single
+    prefill does). head_dim 128 only (the kernel's); the axis lists the others so that matrix flags apply, and
+    they are dropped as unsupported (those levels run on batch prefill)."""
 
     family = "cascade_shared"
     template = "cascade_shared.cu.jinja"
+    fp8_kv = True
     launchers = (
         Launcher(
             "flashinfer_cascade_shared_prefill",
@@ -456,7 +464,7 @@ class CascadeSharedSpec(AttentionSpec):
             "const int* kv_indices, int qo_len, int kv_len, int num_qo_heads, int num_kv_heads, int page_size, "
             "int num_pages, "
             "int64_t q_stride_n, int64_t q_stride_h, int64_t stride_page, int64_t stride_n, int64_t stride_h, "
-            "int num_chunks, int chunk_size, float sm_scale, int device, void* stream",
+            "int num_chunks, int chunk_size, float sm_scale, float v_scale, int device, void* stream",
         ),
         Launcher("flashinfer_cascade_shared_occupancy", "int device, int* out"),
     )
@@ -488,7 +496,7 @@ def _is_hopper(device_index: int) -> bool:
 def _shared_occupancy(spec: CascadeSharedSpec, device_index: int) -> int:
     mod = jit.load(spec)
     out = ctypes.c_int(0)
-    rc = mod.fn("flashinfer_cascade_shared_occupancy")(device_index, ctypes.addressof(out))
+    rc = mod.launcher("flashinfer_cascade_shared_occupancy")(device=device_index, out=ctypes.addressof(out))
     if rc:
         mod.check(rc, f"{spec.name()}: occupancy query on cuda:{device_index}")
     return max(1, out.value)
@@ -510,7 +518,8 @@ class _SharedLevel:
         num_kv_heads: int,
         head_dim: int,
         page_size: int,
-        dtype: torch.dtype,
+        q_dtype: torch.dtype,
+        kv_dtype: torch.dtype,
         sm_scale: Optional[float],
         device: torch.device,
         beside_decode: bool = False,
@@ -522,8 +531,8 @@ class _SharedLevel:
             raise ValueError(
                 f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
             )
-        dt = DTYPE_SHORT[dtype]
-        spec = CascadeSharedSpec(head_dim, dt, dt, dt)
+        dq = DTYPE_SHORT[q_dtype]
+        spec = CascadeSharedSpec(head_dim, dq, KV_DTYPE_SHORT[kv_dtype], dq)
         mod = jit.load(spec)
         consts = mod.constants
         total_q, kv_len = level.qo[-1], level.kv_lens[0]
@@ -543,7 +552,7 @@ class _SharedLevel:
         pages = pages.to(device=device, non_blocking=True)
         self._plan = dict(
             mod=mod,
-            fn=mod.fn("flashinfer_cascade_shared_prefill"),
+            fn=mod.launcher("flashinfer_cascade_shared_prefill"),
             spec=spec,
             total_q=total_q,
             kv_len=kv_len,
@@ -552,7 +561,7 @@ class _SharedLevel:
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             page_size=page_size,
-            dtype=dtype,
+            kv_dtype=kv_dtype,
             chunks=chunks,
             chunk_size=chunk_size,
             max_index=max_index,
@@ -567,47 +576,58 @@ class _SharedLevel:
         out: torch.Tensor,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ):
+        """k_scale multiplies the logits (folded into the softmax scale, so the lse is that of the scaled logits,
+        as the batch wrappers'); v_scale the output: in the kernel's epilogue for fp8 K/V, after it for 16-bit."""
         pl = self._plan
-        kv = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        kv = _unpack_paged_kv_cache(paged_kv_cache, self._kv_layout, allow_fp8=True)
         if (kv.page_size, kv.num_kv_heads, kv.head_dim) != (pl["page_size"], pl["num_kv_heads"], pl["head_dim"]):
             raise ValueError(
                 f"paged_kv_cache (kv_layout={self._kv_layout!r}) has page_size {kv.page_size}, "
                 f"{kv.num_kv_heads} kv heads of dim {kv.head_dim}; the plan has {pl['page_size']}, "
                 f"{pl['num_kv_heads']}, {pl['head_dim']}"
             )
-        if kv.k.dtype != pl["dtype"] or kv.k.device != q.device:
-            raise ValueError(f"paged_kv_cache must be {pl['dtype']} on {q.device}, got {kv.k.dtype} on {kv.k.device}")
+        if kv.k.dtype != pl["kv_dtype"] or kv.k.device != q.device:
+            raise ValueError(
+                f"paged_kv_cache must be {pl['kv_dtype']} (the planned kv_data_type) on {q.device}, got "
+                f"{kv.k.dtype} on {kv.k.device}"
+            )
+        fp8 = kv.k.dtype in FP8_DTYPE_SHORT
         check_page_ids_in_cache(pl["pages"], kv.num_pages, pl["max_index"], "paged_kv_indices_arr[0]")
         q = aligned_rows(q, 2)
         device = q.device
         rc = pl["fn"](
-            q.data_ptr(),
-            kv.k.data_ptr(),
-            kv.v.data_ptr(),
-            out.data_ptr(),
-            lse.data_ptr() if (return_lse and lse is not None) else None,
-            self._ws.data_ptr(),
-            pl["pages"].data_ptr(),
-            pl["total_q"],
-            pl["kv_len"],
-            pl["num_qo_heads"],
-            pl["num_kv_heads"],
-            pl["page_size"],
-            kv.num_pages,
-            q.stride(0),
-            q.stride(1),
-            kv.stride_page,
-            kv.stride_n,
-            kv.stride_h,
-            pl["chunks"],
-            pl["chunk_size"],
-            pl["sm_scale"],
-            device.index,
-            current_stream_ptr(device),
+            q=q.data_ptr(),
+            k=kv.k.data_ptr(),
+            v=kv.v.data_ptr(),
+            o=out.data_ptr(),
+            lse=lse.data_ptr() if (return_lse and lse is not None) else None,
+            workspace=self._ws.data_ptr(),
+            kv_indices=pl["pages"].data_ptr(),
+            qo_len=pl["total_q"],
+            kv_len=pl["kv_len"],
+            num_qo_heads=pl["num_qo_heads"],
+            num_kv_heads=pl["num_kv_heads"],
+            page_size=pl["page_size"],
+            num_pages=kv.num_pages,
+            q_stride_n=q.stride(0),
+            q_stride_h=q.stride(1),
+            stride_page=kv.stride_page,
+            stride_n=kv.stride_n,
+            stride_h=kv.stride_h,
+            num_chunks=pl["chunks"],
+            chunk_size=pl["chunk_size"],
+            sm_scale=pl["sm_scale"] * k_scale,
+            v_scale=v_scale if fp8 else 1.0,
+            device=device.index,
+            stream=current_stream_ptr(device),
         )
         if rc:
             pl["mod"].check(rc, f"cascade shared level ({pl['spec'].name()}) on {device}")
+        if v_scale != 1.0 and not fp8:
+            out.mul_(v_scale)
         return (out, lse) if return_lse else out
 
 
@@ -820,21 +840,6 @@ def _overlap_pays(
 # =========================================================================================== multi-level cascade
 
 
-def _dtype_arg(x: Any, name: str, default: Optional[torch.dtype] = None) -> torch.dtype:
-    if x is None and default is not None:
-        return default
-    if isinstance(x, str):
-        x = getattr(torch, x.replace("torch.", ""), None)
-    if x in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise NotImplementedError(
-            f"{name} {x}: fp8 KV caches are not implemented in the cascade wrappers (their shared-prefix kernel reads "
-            "16-bit K/V); BatchPrefillWithPagedKVCacheWrapper and BatchDecodeWithPagedKVCacheWrapper read fp8 caches"
-        )
-    if x not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"{name} must be torch.float16 or torch.bfloat16 (or their names), got {x!r}")
-    return x
-
-
 def _int32_host(values: Sequence[int]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.int32)
 
@@ -882,7 +887,8 @@ class MultiLevelCascadeAttentionWrapper:
     a decode-shaped last level (one query per request) on the paged batch decode kernel; the levels' states are
     merged with the merge_state kernel. With two levels, a shared prefix on the Hopper kernel (tensor-core bound)
     and a decode level (bandwidth bound) run concurrently: the second on a side stream joined back before the merge.
-    A causal mask applies to the last level only, as in FlashInfer.
+    A causal mask applies to the last level only, as in FlashInfer. An fp8 KV cache (``kv_data_type`` e4m3/e5m2 at
+    plan(), ``k_scale``/``v_scale`` at run()) runs on the same kernels, which all read fp8.
 
     Parameters
     ----------
@@ -905,12 +911,14 @@ class MultiLevelCascadeAttentionWrapper:
 
     # Not part of FlashInfer's API; for benchmarks and tests. _last_level_decode: run a decode-shaped last level on
     # the batch decode kernel (else on batch prefill, as FlashInfer does). _shared_level_wgmma: run a level of one
-    # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill). _fallback:
+    # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill);
+    # _shared_level_wgmma_fp8: that kernel also for an fp8 cache (else batch prefill, fa2). _fallback:
     # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
     # _overlap_levels: run a shared level on the wgmma kernel concurrently with the decode level: "auto" (when
     # the cost model says it pays), "always", or "never" (one after the other).
     _last_level_decode: bool = True
     _shared_level_wgmma: bool = True
+    _shared_level_wgmma_fp8: bool = True
     _fallback: str = "auto"
     _overlap_levels: str = "auto"
 
@@ -1092,7 +1100,10 @@ class MultiLevelCascadeAttentionWrapper:
             As for ``BatchPrefillWithPagedKVCacheWrapper.plan``, applied to every level on its own KV (positions
             and windows count from each level's first key, as in FlashInfer).
         q_data_type, kv_data_type : str or torch.dtype
-            float16 (default) or bfloat16; kv defaults to q's.
+            q (and the output): float16 (default) or bfloat16. kv (default q's): q's dtype, or an fp8 cache,
+            torch.float8_e4m3fn or torch.float8_e5m2, dequantised by run()'s ``k_scale``/``v_scale`` (every level's
+            kernel reads fp8: the Hopper shared-prefix kernel, batch prefill (fa2), batch decode). An fp8 q raises
+            NotImplementedError naming the combination.
 
         Notes
         -----
@@ -1120,8 +1131,7 @@ class MultiLevelCascadeAttentionWrapper:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{n} must be a positive int, got {v!r}")
         pos = canonical_pos_encoding(pos_encoding_mode)
-        q_dtype = _dtype_arg(q_data_type, "q_data_type")
-        kv_dtype = _dtype_arg(kv_data_type, "kv_data_type", q_dtype)
+        q_dtype, kv_dtype = plan_dtypes(q_data_type, kv_data_type, "MultiLevelCascadeAttentionWrapper.plan")
         for l, lv in enumerate(levels):
             if lv.indices.device.type == "cuda" and lv.indices.device != self._device:
                 raise ValueError(
@@ -1156,14 +1166,20 @@ class MultiLevelCascadeAttentionWrapper:
             "levels": [{"requests": len(lv.last), "pages": lv.kv[-1], "total_keys": lv.total_keys} for lv in levels],
             "estimated_plain_us": round(plain_us, 2),
             "estimated_cascade_us": round(cascade_us, 2),
+            "kv_data_type": str(kv_dtype).replace("torch.", ""),
         }
+        if kv_dtype in FP8_DTYPE_SHORT:
+            stats["fp8_kv"] = (
+                "every level's kernel reads the fp8 cache (shared_prefix_wgmma widens its K/V tiles in shared memory); "
+                "run()'s k_scale scales each level's logits, v_scale each level's output"
+            )
 
         if self._use_cuda_graph:
-            frozen = (decode_last, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype)
+            frozen = (decode_last, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype)
             if self._graph_path is not None and frozen != self._graph_path:
                 raise ValueError(
                     f"a CUDA-graph wrapper keeps the kernels and shapes of its first plan (decode-shaped last level, "
-                    f"heads, head_dim, page_size, dtype): was {self._graph_path}, got {frozen}"
+                    f"heads, head_dim, page_size, q and kv dtypes): was {self._graph_path}, got {frozen}"
                 )
             if decode_last and self._graph_batch is not None and len(last.last) != self._graph_batch:
                 raise ValueError(
@@ -1229,6 +1245,7 @@ class MultiLevelCascadeAttentionWrapper:
                     head_dim,
                     page_size,
                     q_dtype,
+                    kv_dtype,
                     sm_scale,
                     self._device,
                     beside_decode=overlap,
@@ -1281,7 +1298,8 @@ class MultiLevelCascadeAttentionWrapper:
         kv_dtype: torch.dtype,
     ) -> bool:
         """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
-        last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope."""
+        last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope (K/V
+        in q's dtype, or fp8 unless _shared_level_wgmma_fp8 is off)."""
         return (
             self._shared_level_wgmma
             and not self._use_cuda_graph
@@ -1293,7 +1311,7 @@ class MultiLevelCascadeAttentionWrapper:
             and window_left == -1
             and not logits_soft_cap
             and not use_fp16_qk_reduction
-            and q_dtype == kv_dtype
+            and (q_dtype == kv_dtype or (kv_dtype in FP8_DTYPE_SHORT and self._shared_level_wgmma_fp8))
             and _is_hopper(self._device.index)
         )
 
@@ -1375,7 +1393,14 @@ class MultiLevelCascadeAttentionWrapper:
         """The last plan: ``path`` ("cascade" or "plain_decode") and ``reason``, the kernel of each level run
         (``kernels``), per-level sizes, and the cost model's estimates (µs of device time) of the levels above the
         last: ``estimated_plain_us`` (read per query by plain decode) and ``estimated_cascade_us`` (attended once,
-        plus the merge); ``overlap_levels``: whether the shared and the decode level run concurrently."""
+        plus the merge); ``overlap_levels``: whether the shared and the decode level run concurrently;
+        ``kv_data_type``, and for an fp8 cache ``fp8_kv``: how the scales apply.
+
+        Returns
+        -------
+        dict
+            The statistics above (a copy).
+        """
         if self._plan is None:
             raise RuntimeError("plan() has not been called")
         return dict(self._plan.stats)
@@ -1387,17 +1412,39 @@ class MultiLevelCascadeAttentionWrapper:
         q: torch.Tensor,
         paged_kv_cache: PagedKVCache,
         *,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
         out: Optional[torch.Tensor] = None,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
     ):
-        """Cascade attention of ``q`` ``[total_q, num_qo_heads, head_dim]`` (the planned dtype) over the planned
-        levels of ``paged_kv_cache`` (one tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND
-        swaps page_size and heads) or a tuple ``(k_cache, v_cache)``).
+        """Cascade attention over the planned levels.
 
-        Returns o ``[total_q, num_qo_heads, head_dim]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``
-        (lse ``[total_q, num_qo_heads]`` float32, base 2, over all levels). ``out``/``lse``: optional
-        preallocated outputs (an extension over FlashInfer's signature)."""
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[total_q, num_qo_heads, head_dim]`` in the planned q_data_type.
+        paged_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            One tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and heads) or
+            a tuple ``(k_cache, v_cache)`` of ``[num_pages, page_size, num_kv_heads, head_dim]``, in the planned
+            kv_data_type (16-bit or fp8).
+        k_scale, v_scale : float or torch.Tensor, optional
+            Per-tensor dequantisation scales of an fp8 cache (they apply to a 16-bit one too), as the batch
+            wrappers take them: k_scale multiplies every level's logits (folded into its softmax scale, so the
+            levels' lse stay comparable), v_scale every level's output before the merge (merging is linear in v,
+            so the merged output is scaled once). A Python number or a one-element CPU tensor. An extension over
+            FlashInfer's signature, whose run() takes no scales (scale 1).
+        out, lse : torch.Tensor, optional
+            Preallocated outputs ``[total_q, num_qo_heads, head_dim]`` (q's dtype) and ``[total_q, num_qo_heads]``
+            float32 (an extension over FlashInfer's signature).
+        return_lse : bool
+            Also return the base-2 log-sum-exp over all levels (of the scaled logits).
+
+        Returns
+        -------
+        torch.Tensor or (torch.Tensor, torch.Tensor)
+            o ``[total_q, num_qo_heads, head_dim]`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
+        """
         pl = self._plan
         if pl is None:
             raise RuntimeError("run() before plan(): call wrapper.plan(...) for this batch first")
@@ -1413,8 +1460,9 @@ class MultiLevelCascadeAttentionWrapper:
             raise ValueError(
                 f"all tensors must be on one device: the workspace is on {self._device} but q is on {q.device}"
             )
+        scales = dict(k_scale=scalar(k_scale, "k_scale", 1.0), v_scale=scalar(v_scale, "v_scale", 1.0))
         if pl.path == "plain_decode":
-            return pl.steps[0].wrapper.run(q, paged_kv_cache, out=out, lse=lse, return_lse=return_lse)
+            return pl.steps[0].wrapper.run(q, paged_kv_cache, out=out, lse=lse, return_lse=return_lse, **scales)
         shape = (pl.total_q, pl.num_qo_heads, pl.head_dim)
         if tuple(q.shape) != shape:
             raise ValueError(
@@ -1433,14 +1481,14 @@ class MultiLevelCascadeAttentionWrapper:
         )
         first = pl.steps[0]
         if pl.overlap and not torch.compiler.is_compiling():
-            self._run_overlapped(pl, q, paged_kv_cache, o, lse_buf, return_lse)
+            self._run_overlapped(pl, q, paged_kv_cache, o, lse_buf, return_lse, scales)
             return (o, lse_buf) if return_lse else o
-        first.wrapper.run(q, paged_kv_cache, out=o, lse=lse_buf, return_lse=lse_buf is not None)
+        first.wrapper.run(q, paged_kv_cache, out=o, lse=lse_buf, return_lse=lse_buf is not None, **scales)
         if merging:
             tmp_o = torch.empty_like(o)
             tmp_lse = torch.empty(shape[:2], dtype=torch.float32, device=self._device)
             for i, step in enumerate(pl.steps[1:], start=2):
-                step.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True)
+                step.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True, **scales)
                 keep_lse = return_lse or i < len(pl.steps)
                 _launch_pair(o, lse_buf, tmp_o, tmp_lse, o, lse_buf if keep_lse else None, step.mask)
         return (o, lse_buf) if return_lse else o
@@ -1455,6 +1503,7 @@ class MultiLevelCascadeAttentionWrapper:
         o: torch.Tensor,
         lse: torch.Tensor,
         return_lse: bool,
+        scales: Dict[str, float],
     ) -> None:
         """The shared level on the caller's stream, concurrently with the decode level on a side stream; then the
         merge on the caller's stream.
@@ -1475,9 +1524,9 @@ class MultiLevelCascadeAttentionWrapper:
         tmp_o = torch.empty_like(o)
         tmp_lse = torch.empty_like(lse)
         try:
-            shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True)
+            shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True, **scales)
             with torch.cuda.stream(side):
-                decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True)
+                decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True, **scales)
         finally:
             join.record(side)
             cur.wait_event(join)
@@ -1522,9 +1571,24 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         page_size: int,
         data_type: Union[str, torch.dtype] = "float16",
     ) -> None:
-        """Plans the unique part: ``unique_kv_indptr [batch + 1]``, ``unique_kv_indices``,
-        ``unique_kv_last_page_len [batch]`` (int32; every request needs at least one unique page), heads, head_dim,
-        page_size, and the dtype of q and of the caches."""
+        """Plans the unique part.
+
+        Parameters
+        ----------
+        unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len : torch.Tensor
+            ``[batch + 1]``, ``[>= unique_kv_indptr[-1]]``, ``[batch]`` int32: each request's unique pages (every
+            request needs at least one).
+        num_qo_heads, num_kv_heads, head_dim, page_size : int
+            Heads, head dimension, tokens per page.
+        data_type : str or torch.dtype
+            The dtype of the unique cache: float16 or bfloat16 (q's too), or fp8 (torch.float8_e4m3fn,
+            torch.float8_e5m2) with a float16 q, as FlashInfer plans it (its data_type then leaves q at the
+            float16 default); forward() takes the scales.
+        """
+        kv_dtype = canonical_dtype(data_type, "data_type", allow_fp8=True)
+        # FlashInfer's data_type fills only a None q_data_type, whose default is float16: taken for an fp8 cache;
+        # a 16-bit data_type is q's too (f16 q against a bf16 cache would be a TypeError at run()).
+        q_dtype = torch.float16 if kv_dtype in FP8_DTYPE_SHORT else kv_dtype
         self._batch_decode_wrapper.plan(
             unique_kv_indptr,
             unique_kv_indices,
@@ -1534,8 +1598,8 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
             head_dim,
             page_size,
             pos_encoding_mode="NONE",
-            q_data_type=data_type,  # (FlashInfer's data_type fills only a None q_data_type, whose default is f16)
-            kv_data_type=data_type,
+            q_data_type=q_dtype,
+            kv_data_type=kv_dtype,
         )
 
     plan = begin_forward
@@ -1544,16 +1608,49 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         """Kept for FlashInfer compatibility; nothing to release."""
 
     def forward(
-        self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache: PagedKVCache
+        self,
+        q: torch.Tensor,
+        k_shared: torch.Tensor,
+        v_shared: torch.Tensor,
+        unique_kv_cache: PagedKVCache,
+        *,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
     ) -> torch.Tensor:
-        """``q [batch_size, num_qo_heads, head_dim]`` against the shared prefix ``k_shared``/``v_shared``
-        (``[shared_len, num_kv_heads, head_dim]`` NHD, ``[num_kv_heads, shared_len, head_dim]`` HND) and each
-        request's pages of ``unique_kv_cache`` (as in ``BatchDecodeWithPagedKVCacheWrapper.run``). Returns o
-        ``[batch_size, num_qo_heads, head_dim]``."""
+        """Decode attention of every request against the shared prefix and its own pages.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[batch_size, num_qo_heads, head_dim]`` in the planned q dtype.
+        k_shared, v_shared : torch.Tensor
+            The shared prefix, ``[shared_len, num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, shared_len,
+            head_dim]`` (HND), in q's dtype or fp8 (as ``single_prefill_with_kv_cache`` takes them).
+        unique_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            Each request's pages, as ``BatchDecodeWithPagedKVCacheWrapper.run`` takes them, in the planned dtype.
+        k_scale, v_scale : float or torch.Tensor, optional
+            Per-tensor dequantisation scales of fp8 K and V (of the shared prefix and of the unique cache alike),
+            as the batch wrappers take them: k_scale multiplies the logits, v_scale the output. An extension over
+            FlashInfer's signature (scale 1 there).
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[batch_size, num_qo_heads, head_dim]`` in q's dtype.
+        """
         o, s = single_prefill_with_kv_cache(
-            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, return_lse=True
+            q,
+            k_shared,
+            v_shared,
+            causal=False,
+            kv_layout=self._kv_layout,
+            return_lse=True,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
-        o_unique, s_unique = self._batch_decode_wrapper.run(q, unique_kv_cache, return_lse=True)
+        o_unique, s_unique = self._batch_decode_wrapper.run(
+            q, unique_kv_cache, return_lse=True, k_scale=k_scale, v_scale=v_scale
+        )
         merge_state_in_place(o, s, o_unique, s_unique)
         return o
 
@@ -1628,16 +1725,44 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         sm_scale: Optional[float] = None,
         rope_scale: Optional[float] = None,
         rope_theta: Optional[float] = None,
+        *,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
     ) -> torch.Tensor:
-        """``q [qo_indptr[-1], num_qo_heads, head_dim]`` against the shared prefix (``[shared_len, num_kv_heads,
-        head_dim]`` NHD / ``[num_kv_heads, shared_len, head_dim]`` HND) and each request's pages of
-        ``unique_kv_cache``; ``causal`` masks the unique part (aligned bottom-right, so each request's unique KV
-        must end with its queries). Returns o ``[qo_indptr[-1], num_qo_heads, head_dim]``."""
+        """Prefill/append attention of every request against the shared prefix and its own pages.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            ``[qo_indptr[-1], num_qo_heads, head_dim]``, float16 or bfloat16.
+        k_shared, v_shared : torch.Tensor
+            The shared prefix, ``[shared_len, num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, shared_len,
+            head_dim]`` (HND), in q's dtype or fp8 (as ``single_prefill_with_kv_cache`` takes them).
+        unique_kv_cache : torch.Tensor or (torch.Tensor, torch.Tensor)
+            Each request's pages, as ``BatchPrefillWithPagedKVCacheWrapper.run`` takes them: q's dtype or fp8
+            (torch.float8_e4m3fn, torch.float8_e5m2; the schedule is made for the cache's dtype, which FlashInfer,
+            planning float16 at begin_forward(), does not read).
+        causal : bool
+            Mask the unique part causally (aligned bottom-right: each request's unique KV must end with its
+            queries); the shared prefix is always attended in full.
+        use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta : optional
+            As ``single_prefill_with_kv_cache``, for both parts.
+        k_scale, v_scale : float or torch.Tensor, optional
+            Per-tensor dequantisation scales of fp8 K and V (of the shared prefix and of the unique cache alike),
+            as the batch wrappers take them: k_scale multiplies the logits, v_scale the output. An extension over
+            FlashInfer's signature (scale 1 there).
+
+        Returns
+        -------
+        torch.Tensor
+            o ``[qo_indptr[-1], num_qo_heads, head_dim]`` in q's dtype.
+        """
         if self._args is None:
             raise RuntimeError("forward() before begin_forward()")
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        options = (causal, use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta, q.dtype)
+        kv_dtype = _unpack_paged_kv_cache(unique_kv_cache, self._kv_layout, allow_fp8=True).k.dtype
+        options = (causal, use_fp16_qk_reduction, sm_scale, rope_scale, rope_theta, q.dtype, kv_dtype)
         if options != self._planned:
             self._batch_prefill_wrapper.plan(
                 *self._args,
@@ -1647,6 +1772,7 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
                 rope_scale=rope_scale,
                 rope_theta=rope_theta,
                 q_data_type=q.dtype,
+                kv_data_type=kv_dtype,
             )
             self._planned = options
         o, s = single_prefill_with_kv_cache(
@@ -1660,8 +1786,12 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
             rope_scale=rope_scale,
             rope_theta=rope_theta,
             return_lse=True,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
-        o_unique, s_unique = self._batch_prefill_wrapper.run(q, unique_kv_cache, return_lse=True)
+        o_unique, s_unique = self._batch_prefill_wrapper.run(
+            q, unique_kv_cache, return_lse=True, k_scale=k_scale, v_scale=v_scale
+        )
         merge_state_in_place(o, s, o_unique, s_unique)
         return o
 

@@ -49,7 +49,8 @@ KV_DTYPE_SHORT = {**DTYPE_SHORT, **FP8_DTYPE_SHORT}
 DTYPE_CUDA = {"f16": "__half", "bf16": "__nv_bfloat16", "e4m3": "__nv_fp8_e4m3", "e5m2": "__nv_fp8_e5m2"}
 FP8_KV_PATHS = (
     "single_decode_with_kv_cache, BatchDecodeWithPagedKVCacheWrapper, single_prefill_with_kv_cache, "
-    "BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper and append_paged_kv_cache"
+    "BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper, the cascade wrappers "
+    "(flashinfer.cascade) and append_paged_kv_cache"
 )
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _POS_ENCODING_CUDA = {"NONE": "kNone", "ROPE_LLAMA": "kRopeLlama", "ALIBI": "kAlibi"}

@@ -98,6 +98,7 @@ SPECS = {
     "ms1": MergeStateSpec(),
     "cs1": CascadeSharedSpec(),
     "cs2": CascadeSharedSpec(**F16),
+    "cs3": CascadeSharedSpec(dtype_kv="e4m3"),
     "rp1": RopeSpec(),
     "nm1": NormSpec(),
     "ac1": ActivationSpec(),

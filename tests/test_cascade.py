@@ -167,10 +167,26 @@ def test_merge_ops_trace_under_torch_compile_and_follow_the_stream():
 
 class Levels:
     """A random paged cache and the page tables of a cascade batch: level l holds requests (query count, KV
-    tokens); every level covers the same queries in order."""
+    tokens); every level covers the same queries in order. An fp8 ``dtype`` stores random values / scale rounded to
+    fp8 (as an engine does), and the reference takes those same fp8 values dequantised (``.double() * scale``), so
+    that quantisation error is never mistaken for kernel error."""
 
-    def __init__(self, levels, page_size, hkv, d, dtype, layout, form="single", spare=3, full_pages_above=False):
+    def __init__(
+        self,
+        levels,
+        page_size,
+        hkv,
+        d,
+        dtype,
+        layout,
+        form="single",
+        spare=3,
+        full_pages_above=False,
+        k_scale=1.0,
+        v_scale=1.0,
+    ):
         self.page_size, self.layout = page_size, layout
+        self.k_scale, self.v_scale = k_scale, v_scale
         tables = []
         pages_total = 0
         for l, reqs in enumerate(levels):
@@ -195,7 +211,17 @@ class Levels:
             self.lens.append(lens)
             at += kv[-1]
         shape = (num_pages, page_size, hkv, d) if layout == "NHD" else (num_pages, hkv, page_size, d)
-        if form == "single":
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raw = torch.randn(num_pages, 2, *shape[1:], device="cuda")
+            raw[:, 0] /= k_scale
+            raw[:, 1] /= v_scale
+            if form == "single":
+                self.cache = raw.to(dtype)
+                self.k, self.v = self.cache[:, 0], self.cache[:, 1]
+            else:
+                self.k, self.v = raw[:, 0].to(dtype), raw[:, 1].to(dtype)
+                self.cache = (self.k, self.v)
+        elif form == "single":
             self.cache = torch.randn(num_pages, 2, *shape[1:], device="cuda").to(dtype)
             self.k, self.v = self.cache[:, 0], self.cache[:, 1]
         else:
@@ -211,7 +237,7 @@ class Levels:
     def gather(self, t, level, req):
         n = self.lens[level][req]
         ids = self.idx[level][self.kv[level][req] : self.kv[level][req + 1]].long().to(t.device)
-        x = t[ids]
+        x = _take_pages(t, ids)
         if self.layout == "HND":
             x = x.transpose(1, 2)
         return x.reshape(-1, x.shape[-2], x.shape[-1])[:n]
@@ -230,8 +256,8 @@ class Levels:
             ks, vs = [], []
             for l in range(len(self.qo)):
                 req = int(torch.searchsorted(self.qo[l], torch.tensor(a, dtype=torch.int32), right=True)) - 1
-                ks.append(self.gather(self.k, l, req))
-                vs.append(self.gather(self.v, l, req))
+                ks.append(self.gather(self.k, l, req).double() * self.k_scale)
+                vs.append(self.gather(self.v, l, req).double() * self.v_scale)
             mask = None
             if causal:
                 n_prev, kv_last, qo_len = sum(x.shape[0] for x in ks[:-1]), ks[-1].shape[0], b - a
@@ -244,14 +270,22 @@ class Levels:
         return torch.cat(outs), torch.cat(lses)
 
 
+def _take_pages(t, ids):
+    """t[ids] (pages of a cache), an fp8 cache gathered through its bytes (as uint8: indexing need not
+    support the fp8 dtypes) and returned as float64."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8)[ids].view(t.dtype).double()
+    return t[ids]
+
+
 def _workspace(mb=128, device="cuda"):
     return torch.empty(mb << 20, dtype=torch.uint8, device=device)
 
 
-def _check(w, lv, q, causal=False, **kw):
+def _check(w, lv, q, causal=False, run_kw=None, **kw):
     out = poisoned(q.shape, q.dtype)
     lse = poisoned(q.shape[:2], torch.float32)
-    o, s = w.run(q, lv.cache, out=out, lse=lse, return_lse=True)
+    o, s = w.run(q, lv.cache, out=out, lse=lse, return_lse=True, **(run_kw or {}))
     assert o is out and s is lse
     ref_o, ref_s = lv.reference(q, causal=causal, **kw)
     assert_close(o, ref_o, what="o")
@@ -672,6 +706,200 @@ def test_run_and_plan_bad_input():
         flashinfer.merge_state_in_place(v, s, v.clone(), s.clone(), mask=torch.ones(5, dtype=torch.bool, device="cuda"))
 
 
+# ------------------------------------------------------------------------------------------------ fp8 KV caches
+
+# (q dtype, fp8 KV dtype, k_scale, v_scale, cache form): e4m3 with bf16 q and e5m2 with f16 q, the pairs of the batch
+# kernels' fp8 tests (their modules are in tests/prewarm_test.toml), scales on both sides of 1.
+FP8_CASES = [
+    (torch.bfloat16, torch.float8_e4m3fn, 0.5, 1.75, "single"),
+    (torch.float16, torch.float8_e5m2, 1.25, 0.375, "tuple"),
+]
+_fp8_id = lambda c: f"{str(c[0])[6:]}-{str(c[1])[6:]}"  # noqa: E731
+
+# (levels, heads (qo, kv)) per (number of levels, mode): decode batches (one query per request; a prefix ending
+# mid-page and long enough to split; requests without unique tokens, a group without pages) and causal prefill
+# batches (each request's unique KV ends with its queries). GQA groups 8 and 4, head_dim 128.
+FP8_LEVELS = {
+    (2, "decode"): ([[(7, 3000)], [(1, n) for n in [1, 17, 0, 300, 16, 33, 5]]], (32, 4)),
+    (3, "decode"): ([[(7, 1000)], [(3, 250), (4, 0)], [(1, n) for n in [40, 0, 16, 1, 90, 7, 33]]], (16, 4)),
+    (2, "prefill"): ([[(29, 700)], [(5, 5), (1, 40), (20, 37), (3, 3)]], (32, 4)),
+    (3, "prefill"): ([[(30, 513)], [(12, 64), (18, 100)], [(4, 10), (8, 8), (1, 1), (17, 40)]], (16, 4)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FP8_CASES, ids=_fp8_id)
+@pytest.mark.parametrize("num_levels,mode", sorted(FP8_LEVELS), ids=lambda x: str(x))
+@pytest.mark.parametrize("page_size,layout", [(1, "HND"), (16, "NHD")])
+def test_fp8_levels(case, num_levels, mode, page_size, layout):
+    """An fp8 cache through every level: the shared level on the Hopper wgmma kernel (beside the decode level or
+    before it) or on batch prefill, the others on batch prefill or decode, k_scale/v_scale applied once per level
+    and the states merged; against float64 attention over the same fp8 values dequantised, with NaN-poisoned
+    outputs; the scales also as one-element CPU tensors."""
+    q_dtype, kv_dtype, k_scale, v_scale, form = case
+    levels, (hq, hkv) = FP8_LEVELS[(num_levels, mode)]
+    causal = mode == "prefill"
+    lv = Levels(levels, page_size, hkv, 128, kv_dtype, layout, form, k_scale=k_scale, v_scale=v_scale)
+    q = torch.randn(lv.total_q, hq, 128, device="cuda").to(q_dtype)
+    for wgmma, overlap in ((True, "always"), (True, "never"), (False, "auto")):
+        w = flashinfer.MultiLevelCascadeAttentionWrapper(num_levels, _workspace(), layout)
+        w._fallback, w._shared_level_wgmma_fp8, w._overlap_levels = "never", wgmma, overlap
+        w.plan(*lv.plan_args(), hq, hkv, 128, page_size, causal=causal, q_data_type=q_dtype, kv_data_type=kv_dtype)
+        st = w.plan_stats()
+        assert st["path"] == "cascade" and st["kv_data_type"] == str(kv_dtype)[6:] and "fp8_kv" in st, st
+        on_wgmma = wgmma and _on_hopper()
+        assert st["kernels"][0] == ("shared_prefix_wgmma" if on_wgmma else "batch_prefill", 0), st
+        assert st["kernels"][-1][0] == ("batch_decode" if mode == "decode" else "batch_prefill"), st
+        assert st["overlap_levels"] == (on_wgmma and overlap == "always" and (num_levels, mode) == (2, "decode"))
+        _check(w, lv, q, causal=causal, run_kw=dict(k_scale=k_scale, v_scale=v_scale))
+    q2 = torch.randn_like(q)
+    o2 = w.run(q2, lv.cache, k_scale=torch.tensor(k_scale), v_scale=torch.tensor([v_scale]))
+    assert_close(o2, lv.reference(q2, causal=causal)[0], what="o, scales as CPU tensors")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FP8_CASES, ids=_fp8_id)
+def test_fp8_short_prefix_falls_back_to_plain_decode(case):
+    """The plain-decode fallback (a one-page prefix) reads the fp8 cache with the same scales."""
+    q_dtype, kv_dtype, k_scale, v_scale, form = case
+    unique = [100, 1, 2000, 40, 16, 17, 300, 5]
+    lv = Levels(
+        [[(8, 16)], [(1, n) for n in unique]], 16, 8, 128, kv_dtype, "NHD", form, k_scale=k_scale, v_scale=v_scale
+    )
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), "NHD")
+    w.plan(*lv.plan_args(), 32, 8, 128, 16, q_data_type=q_dtype, kv_data_type=kv_dtype)
+    st = w.plan_stats()
+    assert st["path"] == "plain_decode" and st["kernels"][0][0] == "batch_decode", st
+    _check(w, lv, torch.randn(8, 32, 128, device="cuda").to(q_dtype), run_kw=dict(k_scale=k_scale, v_scale=v_scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FP8_CASES, ids=_fp8_id)
+def test_fp8_cuda_graph_replays_after_replans(case):
+    """Graph mode with an fp8 cache (GQA 32/8): run() with its scales captured once, replayed after re-plans with
+    new prefixes and unique lengths (an empty prefix, requests without unique tokens)."""
+    q_dtype, kv_dtype, k_scale, v_scale, _ = case
+    batch, hq, hkv, d, ps, max_pages = 6, 32, 8, 128, 16, 1200
+    bufs = [
+        [torch.zeros(n, dtype=torch.int32, device="cuda") for n in sizes]
+        for sizes in ((2, batch + 1), (2, batch + 1), (max_pages, max_pages), (1, batch))
+    ]
+    w = flashinfer.MultiLevelCascadeAttentionWrapper(
+        2,
+        _workspace(),
+        "NHD",
+        use_cuda_graph=True,
+        qo_indptr_buf_arr=bufs[0],
+        paged_kv_indptr_buf_arr=bufs[1],
+        paged_kv_indices_buf_arr=bufs[2],
+        paged_kv_last_page_len_buf_arr=bufs[3],
+    )
+    plans = [(5000, [1, 17, 400, 0, 33, 2]), (0, [5, 0, 0, 9, 1, 64]), (40, [700] * 6), (9000, [0] * 6)]
+    raw = torch.randn(max_pages, 2, ps, hkv, d, device="cuda")
+    raw[:, 0] /= k_scale
+    raw[:, 1] /= v_scale
+    cache = raw.to(kv_dtype)
+    caches = []
+    for prefix, unique in plans:
+        lv = Levels([[(batch, prefix)], [(1, n) for n in unique]], ps, hkv, d, kv_dtype, "NHD", spare=0)
+        assert lv.k.shape[0] <= max_pages
+        lv.cache, lv.k, lv.v = cache, cache[:, 0], cache[:, 1]  # one cache for every plan (page ids index it)
+        lv.k_scale, lv.v_scale = k_scale, v_scale
+        caches.append(lv)
+    q = torch.randn(batch, hq, d, device="cuda").to(q_dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, hq, device="cuda")
+
+    def run():
+        w.run(q, cache, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+
+    w.plan(*caches[0].plan_args(), hq, hkv, d, ps, q_data_type=q_dtype, kv_data_type=kv_dtype)
+    assert w.plan_stats()["kernels"] == [("batch_prefill", 0), ("batch_decode", 1)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    for i, lv in enumerate(caches):
+        w.plan(*lv.plan_args(device_indices=i % 2 == 0), hq, hkv, d, ps, q_data_type=q_dtype, kv_data_type=kv_dtype)
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        g.replay()
+        ref_o, ref_s = lv.reference(q)
+        assert_close(out, ref_o, what=f"replay {i}")
+        _lse_close(lse, ref_s)
+    with pytest.raises(ValueError, match="first plan"):  # the kernels (their KV dtype) are fixed by the first plan
+        w.plan(*caches[0].plan_args(), hq, hkv, d, ps, q_data_type=q_dtype, kv_data_type=q_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_fp8_legacy_shared_prefix_wrappers(layout):
+    """The legacy wrappers with fp8 caches (shared prefix and unique pages) and their scales: decode with
+    data_type e5m2 (q float16, as FlashInfer plans it), prefill/append with a bf16 q against e4m3 caches."""
+    hq, hkv, d, ps, max_num_pages, shared_len = 32, 8, 128, 16, 128, 3000
+    ws = _workspace()
+    indptr = torch.tensor([0, 17, 29, 44, 48, 66, 100, 128], dtype=torch.int32, device="cuda")
+    indices = torch.randperm(max_num_pages).int().cuda()
+    last = torch.tensor([1, 7, 14, 4, 3, 1, 16], dtype=torch.int32, device="cuda")
+    shape = (max_num_pages, 2, ps, hkv, d) if layout == "NHD" else (max_num_pages, 2, hkv, ps, d)
+    sshape = (shared_len, hkv, d) if layout == "NHD" else (hkv, shared_len, d)
+
+    def fp8(shape_, scale, dtype):
+        x = (torch.randn(shape_, device="cuda") / scale).to(dtype)
+        return x, x.double() * scale
+
+    for q_dtype, kv_dtype, k_scale, v_scale in (
+        (torch.float16, torch.float8_e5m2, 1.25, 0.375),
+        (torch.bfloat16, torch.float8_e4m3fn, 0.5, 1.75),
+    ):
+        raw = torch.randn(shape, device="cuda")
+        raw[:, 0] /= k_scale
+        raw[:, 1] /= v_scale
+        cache = raw.to(kv_dtype)
+        k_shared, ks_ref = fp8(sshape, k_scale, kv_dtype)
+        v_shared, vs_ref = fp8(sshape, v_scale, kv_dtype)
+        if layout == "HND":
+            ks_ref, vs_ref = ks_ref.transpose(0, 1), vs_ref.transpose(0, 1)
+
+        def unique_kv(r):
+            ids = indices[indptr[r] : indptr[r + 1]].long()
+            n = (int(indptr[r + 1] - indptr[r]) - 1) * ps + int(last[r])
+            pages = _take_pages(cache, ids)
+            k, v = pages[:, 0] * k_scale, pages[:, 1] * v_scale
+            if layout == "HND":
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            return k.reshape(-1, hkv, d)[:n], v.reshape(-1, hkv, d)[:n]
+
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+        if q_dtype == torch.float16:
+            dec = flashinfer.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(ws, layout)
+            dec.begin_forward(indptr, indices, last, hq, hkv, d, ps, data_type=kv_dtype)
+            q = torch.randn(7, hq, d, device="cuda").to(q_dtype)
+            o = dec.forward(q, k_shared, v_shared, cache, **scales)
+            for r in range(7):
+                uk, uv = unique_kv(r)
+                ref, _ = attention(q[r : r + 1], torch.cat([ks_ref, uk]), torch.cat([vs_ref, uv]))
+                assert_close(o[r : r + 1], ref, what=f"decode request {r}")
+        qo_indptr = torch.tensor([0, 33, 44, 55, 66, 77, 88, 100], dtype=torch.int32, device="cuda")
+        pre = flashinfer.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(ws, layout)
+        pre.begin_forward(qo_indptr, indptr, indices, last, hq, hkv, d, ps)
+        q = torch.randn(100, hq, d, device="cuda").to(q_dtype)
+        for causal in (True, False):
+            o = pre.forward(q, k_shared, v_shared, cache, causal=causal, **scales)
+            qi = qo_indptr.tolist()
+            for r in range(7):
+                uk, uv = unique_kv(r)
+                ref, _ = attention(
+                    q[qi[r] : qi[r + 1]], torch.cat([ks_ref, uk]), torch.cat([vs_ref, uv]), causal=causal
+                )
+                assert_close(o[qi[r] : qi[r + 1]], ref, what=f"prefill request {r}, causal={causal}")
+
+
 # ------------------------------------------------------------------------------------------------------ CPU
 
 
@@ -796,9 +1024,8 @@ def test_merge_spec_and_family():
     preset = (Path(__file__).resolve().parent / "prewarm_test.toml").read_text()
     assert 'family = "merge_state"' in preset and 'family = "cascade_shared"' in preset
     shared = [x for x in CascadeSharedSpec.expand() if x.unsupported_reason() is None]
-    assert [x.name() for x in shared] == [
-        "cascade_shared_q-bf16_kv-bf16_o-bf16_d128",
-        "cascade_shared_q-f16_kv-f16_o-f16_d128",
+    assert [x.name() for x in shared] == [  # K/V in q's dtype or fp8
+        f"cascade_shared_q-{q}_kv-{kv}_o-{q}_d128" for q in ("bf16", "f16") for kv in (q, "e4m3", "e5m2")
     ]
     assert all(x.needs_sm90a() for x in shared) and "128" in CascadeSharedSpec(64).unsupported_reason()
     assert FAMILY_MODULES["cascade_shared"] == "flashinfer.cascade"
@@ -990,7 +1217,7 @@ def test_shared_level_split_on_the_cpu(monkeypatch):
     class FakeModule:
         constants = {"query_tile": 128, "kv_tile": 64}
 
-        def fn(self, name):
+        def launcher(self, name):
             return None
 
     monkeypatch.setattr(cascade.jit, "load", lambda spec: FakeModule())
@@ -1002,7 +1229,7 @@ def test_shared_level_split_on_the_cpu(monkeypatch):
         qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, 8)] * batch])
         lv = _check_levels(2, qo, kv, idx, last, 16)[0]
         shared = cascade._SharedLevel(torch.empty(ws_bytes, dtype=torch.uint8), "NHD")
-        shared.plan(lv, group * kv_heads, kv_heads, 128, 16, torch.bfloat16, None, cpu)
+        shared.plan(lv, group * kv_heads, kv_heads, 128, 16, torch.bfloat16, torch.bfloat16, None, cpu)
         pl = shared._plan
         assert pl["chunk_size"] % 64 == 0 and pl["chunks"] * pl["chunk_size"] >= prefix
         assert (pl["chunks"] - 1) * pl["chunk_size"] < prefix
@@ -1034,3 +1261,202 @@ def test_legacy_decode_wrapper_plans_q_and_kv_in_data_type(monkeypatch):
     p = w._batch_decode_wrapper.plans[-1]
     assert p["q_data_type"] == torch.bfloat16 and p["kv_data_type"] == torch.bfloat16
     assert p.get("data_type") is None
+
+
+def test_fp8_dtype_rules_and_refusals(monkeypatch):
+    """kv_data_type takes q's 16-bit dtype or fp8 (by dtype or name; None: q's); an fp8 q is NotImplementedError
+    naming the combination, any other mix TypeError; the levels are planned with the KV dtype."""
+    w, _ = _cpu_wrapper(monkeypatch, 2)
+    w._fallback = "never"
+    qo, kv, idx, last = _cpu_levels([[(3, 300)], [(1, 5), (1, 0), (1, 17)]])
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    with pytest.raises(NotImplementedError, match="q torch.float8_e4m3fn with KV torch.float8_e4m3fn"):
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type=e4)
+    with pytest.raises(NotImplementedError, match="q torch.float8_e5m2 with KV torch.float8_e4m3fn"):
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="float8_e5m2", kv_data_type=e4)
+    with pytest.raises(TypeError, match="the KV dtype must be q.s .* or fp8"):
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float16)
+    with pytest.raises(TypeError, match="float32"):
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float32)
+    for kv_data_type, want in (("e5m2", e5), ("torch.float8_e4m3fn", e4), (None, torch.float16)):
+        w.plan(qo, kv, idx, last, 8, 2, 64, 16, kv_data_type=kv_data_type)
+        assert w._prefill[0].plans[-1]["kv_data_type"] == want and w._decode.plans[-1]["kv_data_type"] == want
+        assert w._prefill[0].plans[-1]["q_data_type"] == torch.float16  # FlashInfer's default q
+        st = w.plan_stats()
+        assert st["kv_data_type"] == str(want)[6:] and ("fp8_kv" in st) == (want != torch.float16)
+
+
+def test_fp8_scales_reach_every_level_on_the_cpu(monkeypatch):
+    """run()'s k_scale/v_scale go to every level (each folds k_scale into its logits and applies v_scale to its
+    output before the merge: once per level, never again after it), and to the plain-decode fallback."""
+    w, merges = _cpu_wrapper(monkeypatch, 3)
+    w._fallback = "never"
+    qo, kv, idx, last = _cpu_levels([[(5, 300)], [(2, 64), (3, 16)], [(1, n) for n in [5, 0, 17, 1, 33]]])
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16", kv_data_type="e4m3")
+    q = torch.randn(5, 8, 64).to(torch.bfloat16)
+    o = w.run(q, None, k_scale=0.5, v_scale=torch.tensor(3.0))
+    runs = [w._prefill[0].runs[-1], w._prefill[1].runs[-1], w._decode.runs[-1]]
+    assert all(r["k_scale"] == 0.5 and r["v_scale"] == 3.0 for r in runs)
+    assert len(merges) == 2 and merges[-1][4] is o  # merged in place, not scaled again
+    w.run(q, None)
+    assert w._decode.runs[-1]["k_scale"] == 1.0 and w._decode.runs[-1]["v_scale"] == 1.0
+    with pytest.raises(TypeError, match="k_scale must be a number"):
+        w.run(q, None, k_scale="2")
+    w._fallback = "always"
+    qo, kv, idx, last = _cpu_levels([[(5, 16)], [(5, 32)], [(1, n) for n in [5, 0, 17, 1, 33]]])
+    w.plan(qo, kv, idx, last, 8, 2, 64, 16, q_data_type="bfloat16", kv_data_type="e5m2")
+    assert w.plan_stats()["path"] == "plain_decode" and w._plain.plans[-1]["kv_data_type"] == torch.float8_e5m2
+    w.run(q, None, k_scale=0.25, v_scale=2.0)
+    assert w._plain.runs[-1]["k_scale"] == 0.25 and w._plain.runs[-1]["v_scale"] == 2.0
+
+
+def test_fp8_plan_picks_the_fp8_kernels_on_a_fake_hopper(monkeypatch):
+    """On a (fake) Hopper GPU an fp8 cache's shared level takes the wgmma kernel's fp8 module (launched with k_scale
+    folded into the softmax scale and v_scale as its output scale), or with _shared_level_wgmma_fp8 off the fp8
+    batch prefill module; the decode level the fp8 batch decode module, launched likewise. Every module the fp8
+    GPU tests plan is in the test prewarm preset."""
+    from fake_cuda import cuda, fake_cuda, workspace
+    from flashinfer import cli
+    from flashinfer._families import load_families
+    from flashinfer.cli import matrix
+    from flashinfer.utils import FP8_DTYPE_SHORT
+
+    merges = []
+    monkeypatch.setattr(cascade, "_launch_pair", lambda *a: merges.append(a))
+    monkeypatch.setattr(cascade, "num_sms", lambda index: 132)
+    monkeypatch.setattr(cascade, "current_stream_ptr", lambda device: 0)
+    cascade._is_hopper.cache_clear()
+    cascade._shared_occupancy.cache_clear()
+    loaded = set()
+    scale = 128**-0.5 * 0.5
+    try:
+        with fake_cuda(monkeypatch) as rec:
+            qo, kv, idx, last = _cpu_levels([[(4, 3000)], [(1, n) for n in [5, 0, 17, 300]]])
+            q = cuda(torch.randn(4, 32, 128).to(torch.bfloat16))
+            num_pages = max(int(i.max()) for i in idx) + 1
+            cache = cuda(torch.randn(num_pages, 2, 16, 4, 128).to(torch.float8_e4m3fn))
+            for wgmma in (True, False):
+                w = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace(), "NHD")
+                w._fallback, w._overlap_levels, w._shared_level_wgmma_fp8 = "never", "never", wgmma
+                rec.loaded.clear()
+                w.plan(qo, kv, idx, last, 32, 4, 128, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float8_e4m3fn)
+                st = w.plan_stats()
+                shared = "shared_prefix_wgmma" if wgmma else "batch_prefill"
+                assert st["kernels"] == [(shared, 0), ("batch_decode", 1)] and "fp8_kv" in st, st
+                got = {(s.family, s.dtype_kv) for s in rec.loaded}  # (the decode module: loaded once, then cached)
+                assert ("cascade_shared" if wgmma else "prefill_batch", "e4m3") in got
+                assert got <= {("cascade_shared" if wgmma else "prefill_batch", "e4m3"), ("decode_batch_paged", "e4m3")}
+                loaded |= {s.name() for s in rec.loaded}  # (modules are cached: later plans do not load them again)
+                rec.clear()
+                w.run(q, cache, k_scale=0.5, v_scale=1.75)
+                if wgmma:
+                    ((_, pre),) = rec.launches("flashinfer_cascade_shared_prefill")
+                    assert pre["sm_scale"] == pytest.approx(scale) and pre["v_scale"] == pytest.approx(1.75)
+                    assert pre["num_chunks"] > 1 and pre["kv_len"] == 3000 and pre["qo_len"] == 4
+                else:
+                    ((_, pre),) = rec.launches("flashinfer_batch_prefill")
+                    assert pre["args.sm_scale"] == pytest.approx(scale) and pre["args.v_scale"] == pytest.approx(1.75)
+                ((_, dec),) = rec.launches("flashinfer_batch_decode_run")
+                assert dec["args.sm_scale"] == pytest.approx(scale) and dec["args.v_scale"] == pytest.approx(1.75)
+                assert pre["_spec"].dtype_kv == dec["_spec"].dtype_kv == "e4m3"
+                assert len(merges) == (1 if wgmma else 2)
+                # The shared level's fp8 module refuses a 16-bit cache (the planned kv_data_type).
+                with pytest.raises(ValueError if wgmma else TypeError, match="kv_data_type"):
+                    w.run(q, cuda(torch.randn(num_pages, 2, 16, 4, 128).to(torch.bfloat16)))
+            # A 16-bit shared level on the wgmma kernel with scales: k_scale folded, v_scale applied after the kernel
+            # (to its output, which the fake launch leaves at the 1.0 that fake device memory starts with).
+            w._overlap_levels = "never"
+            w.plan(qo, kv, idx, last, 32, 4, 128, 16, q_data_type=torch.bfloat16)
+            assert w.plan_stats()["kernels"][0] == ("shared_prefix_wgmma", 0)
+            rec.clear()
+            o = w.run(q, cuda(torch.randn(num_pages, 2, 16, 4, 128).to(torch.bfloat16)), k_scale=0.5, v_scale=1.75)
+            ((_, pre),) = rec.launches("flashinfer_cascade_shared_prefill")
+            assert pre["sm_scale"] == pytest.approx(scale) and pre["v_scale"] == 1.0 and pre["_spec"].dtype_kv == "bf16"
+            assert (o.as_subclass(torch.Tensor).float() == 1.75).all()
+            # The GPU tests' fp8 plans: the modules they load.
+            for (q_dtype, kv_dtype, *_), ((n_levels, mode), (levels, (hq, hkv))), (
+                ps,
+                layout,
+            ), wgmma in itertools.product(FP8_CASES, FP8_LEVELS.items(), [(1, "HND"), (16, "NHD")], (True, False)):
+                qo, kv, idx, last = _cpu_levels(levels, ps)
+                w = flashinfer.MultiLevelCascadeAttentionWrapper(n_levels, workspace(), layout)
+                w._fallback, w._shared_level_wgmma_fp8 = "never", wgmma
+                rec.loaded.clear()
+                w.plan(
+                    qo,
+                    kv,
+                    idx,
+                    last,
+                    hq,
+                    hkv,
+                    128,
+                    ps,
+                    causal=mode == "prefill",
+                    q_data_type=q_dtype,
+                    kv_data_type=kv_dtype,
+                )
+                assert w.plan_stats()["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma else "batch_prefill")
+                assert all(s.dtype_kv == FP8_DTYPE_SHORT[kv_dtype] for s in rec.loaded)
+                loaded |= {s.name() for s in rec.loaded}
+    finally:
+        cascade._is_hopper.cache_clear()
+        cascade._shared_occupancy.cache_clear()
+    args = cli.build_parser().parse_args(["prewarm", "--preset", "test"])
+    families = load_families()
+    per_family, typed = matrix.resolve_selection(args, families)
+    preset = {it.name for it in matrix.expand_matrix(per_family, families, typed) if it.reason is None}
+    assert {n.split("_q-")[0] for n in loaded} == {"cascade_shared", "prefill_batch_paged", "decode_batch_paged"}
+    assert not sorted(loaded - preset), sorted(loaded - preset)
+
+
+def test_fp8_legacy_wrappers_plan_the_cache_dtype(monkeypatch):
+    """BatchDecodeWithSharedPrefixPagedKVCacheWrapper: data_type fp8 plans an fp8 cache with a float16 q (FlashInfer's
+    rule: data_type fills only a None q_data_type, whose default is float16). BatchPrefillWithSharedPrefix...: the
+    schedule follows the unique cache's dtype. Both pass forward()'s k_scale/v_scale to the shared prefix and to the
+    unique pages."""
+    from fake_cuda import cuda
+    from flashinfer import decode, prefill
+
+    class FakeDecode(_FakeWrapper):
+        real = decode.BatchDecodeWithPagedKVCacheWrapper
+
+    class FakePrefill(_FakeWrapper):
+        real = prefill.BatchPrefillWithPagedKVCacheWrapper
+
+    shared_calls = []
+
+    def fake_single_prefill(q, k, v, **kw):
+        shared_calls.append(kw)
+        return torch.zeros_like(q), torch.zeros(q.shape[:2])
+
+    monkeypatch.setattr(cascade, "BatchDecodeWithPagedKVCacheWrapper", FakeDecode)
+    monkeypatch.setattr(cascade, "BatchPrefillWithPagedKVCacheWrapper", FakePrefill)
+    monkeypatch.setattr(cascade, "single_prefill_with_kv_cache", fake_single_prefill)
+    monkeypatch.setattr(cascade, "merge_state_in_place", lambda *a: None)
+    ws = torch.empty(1 << 20, dtype=torch.uint8)
+    indptr, last = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([5, 16], dtype=torch.int32)
+    dec = flashinfer.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(ws, "NHD")
+    dec.begin_forward(indptr, torch.arange(3, dtype=torch.int32), last, 8, 2, 64, 16, data_type="float8_e5m2")
+    p = dec._batch_decode_wrapper.plans[-1]
+    assert p["q_data_type"] == torch.float16 and p["kv_data_type"] == torch.float8_e5m2
+    q = torch.randn(2, 8, 64).half()
+    k_shared = torch.randn(40, 2, 64).to(torch.float8_e5m2)
+    dec.forward(q, k_shared, k_shared, None, k_scale=0.5, v_scale=2.0)
+    assert shared_calls[-1]["k_scale"] == 0.5 and shared_calls[-1]["v_scale"] == 2.0
+    assert dec._batch_decode_wrapper.runs[-1]["k_scale"] == 0.5 and dec._batch_decode_wrapper.runs[-1]["v_scale"] == 2.0
+
+    pre = flashinfer.BatchPrefillWithSharedPrefixPagedKVCacheWrapper(ws, "NHD")
+    pre.begin_forward(
+        torch.tensor([0, 3, 5], dtype=torch.int32), indptr, torch.arange(3, dtype=torch.int32), last, 8, 2, 64, 16
+    )
+    q = torch.randn(5, 8, 64).to(torch.bfloat16)
+    for kv_dtype in (torch.float8_e4m3fn, torch.bfloat16, torch.float8_e4m3fn):
+        cache = cuda(torch.randn(4, 2, 16, 2, 64).to(kv_dtype))
+        pre.forward(q, k_shared, k_shared, cache, causal=True, k_scale=0.25, v_scale=4.0)
+        p = pre._batch_prefill_wrapper.plans[-1]
+        assert p["kv_data_type"] == kv_dtype and p["q_data_type"] == torch.bfloat16 and p["causal"] is True
+        assert pre._batch_prefill_wrapper.runs[-1]["k_scale"] == 0.25
+        assert shared_calls[-1]["v_scale"] == 4.0 and shared_calls[-1]["causal"] is False
+    assert len(pre._batch_prefill_wrapper.plans) == 3  # re-planned whenever the cache's dtype changes
+    pre.forward(q, k_shared, k_shared, cache)
+    assert len(pre._batch_prefill_wrapper.plans) == 4 and pre._batch_prefill_wrapper.runs[-1]["k_scale"] is None

@@ -1837,11 +1837,15 @@ def test_fp8_tensor_core_decode_plans_the_fp8_prefill_module(monkeypatch):
         assert kw["args.sm_scale"] == pytest.approx(128**-0.5 * 0.5)
 
 
-def test_cascade_refuses_fp8_naming_the_paths_that_read_it():
-    from flashinfer.cascade import _dtype_arg
+def test_cascade_reads_fp8_caches_and_refuses_fp8_q():
+    """The cascade wrappers take fp8 KV caches (on the batch kernels above); an fp8 q is refused naming the
+    combination (tests/test_cascade.py checks the dispatch)."""
+    from flashinfer.utils import FP8_KV_PATHS, plan_dtypes
 
-    with pytest.raises(NotImplementedError, match="not implemented in the cascade wrappers.*read fp8 caches"):
-        _dtype_arg(torch.float8_e4m3fn, "kv_data_type")
+    assert "cascade" in FP8_KV_PATHS
+    assert plan_dtypes("bfloat16", "e4m3", "cascade") == (torch.bfloat16, torch.float8_e4m3fn)
+    with pytest.raises(NotImplementedError, match="q torch.float8_e4m3fn with KV torch.float8_e4m3fn"):
+        plan_dtypes(torch.float8_e4m3fn, None, "cascade")
 
 
 # fp8 prefill kernels at their register budgets (ptxas's report in the build log): fa2 single and paged batch (the

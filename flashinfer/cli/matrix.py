@@ -142,9 +142,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     },
     "fp8": {
         "help": "fp8 KV-cache serving (e.g. vLLM kv_cache_dtype='fp8', SGLang fp8_e4m3): decode on CUDA cores, page "
-        "append, causal single prefill (fa2 and the Hopper fa3 and fa3_ws), batch prefill (ragged and paged, causal, and no "
-        "mask for tensor-core decode) with e4m3 KV, bf16 q and output, head_dim 128, NHD, no RoPE "
-        "fusion/window/soft cap",
+        "append, causal single prefill (fa2 and the Hopper fa3 and fa3_ws), batch prefill (ragged and paged, causal, "
+        "and no mask for tensor-core decode), a cascade's shared level on Hopper, with e4m3 KV, bf16 q and output, "
+        "head_dim 128, NHD, no RoPE fusion/window/soft cap",
         "families": {
             **{
                 fam: {
@@ -178,6 +178,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "axis:backend": "fa2",  # (fa3 is single-request prefill only)
                 **_NO_EXTRAS,
             },
+            "cascade_shared": {"dtype_q": "bf16", "dtype_kv": "e4m3", "dtype_o": "bf16", "head_dims": "128"},
         },
     },
     "probe": {
