@@ -65,7 +65,7 @@ struct PagedRows {
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, DTypeKV, POS>())
     batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p,
                               const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(16) uint8_t smem_raw[];

@@ -55,16 +55,17 @@ struct SingleDecodeParams {
 #define FI_DECODE_STAGES 3
 #endif
 
-// The tile geometry is the same for every KV dtype (tokens per stage, 8 elements per lane); an fp8 stage holds
-// half the bytes of a 16-bit one. Keeping the tokens per stage rather than the bytes keeps one schedule (the
-// planner's tile) and one register budget for both; at 4 CTAs per SM an fp8 ring still keeps 64 KB per SM in
-// flight, several times what the memory latency needs.
+// A stage holds the same bytes for every KV dtype (8 KB of K and 8 KB of V): an fp8 stage holds twice the tokens
+// of a 16-bit one. The work per tile that does not scale with its bytes (the wait and barrier, the online-softmax
+// step and its rescale of the accumulators, the loop) is then paid once per 16 KB for both, and an fp8 ring keeps as
+// many bytes in flight as a 16-bit one. Each lane still takes 8 elements of a row per token (half a 16-byte chunk
+// for fp8), so the register budget of the CUDA-core tile is the same for both.
 template <int HEAD_DIM, typename DTypeKV = __half>
 struct DecodeTraits {
   static constexpr int kThreads = 128;
   static constexpr int LANES = HEAD_DIM / 8;     // threads sharing one K/V row, 8 elements each
   static constexpr int ROWS = kThreads / LANES;  // rows processed side by side
-  static constexpr int TILE = 4096 / HEAD_DIM;   // tokens per stage: 8 KB of K and 8 KB of V (16-bit)
+  static constexpr int TILE = 8192 / (HEAD_DIM * int(sizeof(DTypeKV)));  // tokens per stage: 8 KB of K and of V
   static constexpr int TOKENS_PER_ROW = TILE / ROWS;
   static constexpr int STAGES = FI_DECODE_STAGES;
   static constexpr int ROW_CHUNKS = HEAD_DIM * int(sizeof(DTypeKV)) / 16;  // 16-byte chunks of one K/V row
@@ -122,18 +123,21 @@ FI_DEVICE void ring_words(const uint4* stage, int t, int first, uint32_t (&w)[N]
 
 // With 4 or 8 query heads per KV head the CUDA-core dot products cost more than the memory stream,
 // so their tile math runs on tensor cores instead: Q.K^T and P.V as mma.sync with the heads as the
-// rows of a 16-row tile (the other rows are zero). RoPE, which rotates every key, and head_dim 256,
-// whose accumulators would not fit, stay on CUDA cores.
-template <int HEAD_DIM, int GT, PosEncoding POS>
+// rows of a 16-row tile (the other rows are zero). An fp8 cache halves the bytes per key while the CUDA-core
+// work per key grows (every element is widened to float first), so there tiles of 1 and 2 heads run on tensor
+// cores too: the instructions per key then hardly depend on the heads (a few conversions per pair of elements
+// instead of a conversion and an FMA per element and head, and no shuffle reduction per key). RoPE, which
+// rotates every key, and head_dim 256, whose accumulators would not fit, stay on CUDA cores.
+template <int HEAD_DIM, int GT, typename DTypeKV, PosEncoding POS>
 __host__ __device__ constexpr bool decode_uses_mma() {
-  return GT >= 4 && HEAD_DIM <= 128 && POS != PosEncoding::kRopeLlama;
+  return GT >= (is_fp8<DTypeKV>::value ? 1 : 4) && HEAD_DIM <= 128 && POS != PosEncoding::kRopeLlama;
 }
 
 // Four CTAs per SM (16 warps) hide the latency of the shuffle chains; wider CUDA-core tiles need more
 // registers per thread.
-template <int HEAD_DIM, int GT, PosEncoding POS>
+template <int HEAD_DIM, int GT, typename DTypeKV, PosEncoding POS>
 __host__ __device__ constexpr int decode_min_blocks() {
-  if (decode_uses_mma<HEAD_DIM, GT, POS>()) return 4;
+  if (decode_uses_mma<HEAD_DIM, GT, DTypeKV, POS>()) return 4;
   return GT >= 8 ? 2 : (GT >= 4 && (POS == PosEncoding::kRopeLlama || HEAD_DIM >= 256) ? 3 : 4);
 }
 
@@ -143,7 +147,7 @@ __host__ __device__ constexpr int decode_min_blocks() {
 template <int HEAD_DIM, int GT, typename DTypeKV, PosEncoding POS>
 __host__ __device__ constexpr int decode_smem_bytes() {
   using T = DecodeTraits<HEAD_DIM, DTypeKV>;
-  constexpr int states = decode_uses_mma<HEAD_DIM, GT, POS>() ? T::kThreads / 32 : T::ROWS;
+  constexpr int states = decode_uses_mma<HEAD_DIM, GT, DTypeKV, POS>() ? T::kThreads / 32 : T::ROWS;
   constexpr int ring = T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
   constexpr int scratch = (2 * states * GT + states * GT * HEAD_DIM) * int(sizeof(float));
   return ring > scratch ? ring : scratch;
@@ -234,7 +238,7 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   constexpr bool FP8 = is_fp8<DTypeKV>::value;
   constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
   constexpr bool ALIBI = POS == PosEncoding::kAlibi;
-  constexpr bool MMA = decode_uses_mma<HEAD_DIM, GT, POS>();
+  constexpr bool MMA = decode_uses_mma<HEAD_DIM, GT, DTypeKV, POS>();
   constexpr int WARPS = T::kThreads / 32;
   // Partial softmax states left per head at the end: one per row group (CUDA cores) or warp (MMA).
   constexpr int NSTATES = MMA ? WARPS : ROWS;
@@ -569,7 +573,7 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 
 // One CTA per (query-head tile, chunk, KV head) of a single request.
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, DTypeKV, POS>())
     single_decode_kernel(const __grid_constant__ SingleDecodeParams p, const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // Both kernels are launched with programmatic dependent launch: this one may be scheduled while the
