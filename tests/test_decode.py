@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flashinfer
-from _jit_checks import assert_register_only
+from _jit_checks import assert_register_only, sass_functions, sass_of
 from flashinfer.decode import SingleDecodeSpec
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
@@ -20,8 +20,8 @@ FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # The supported matrix with a 16-bit KV cache (KV = q's dtype) ...
 SUPPORTED = [s for s in SingleDecodeSpec.expand(dtype_kv=("bf16", "f16")) if s.unsupported_reason() is None]
 # ... and the fp8 KV specs the GPU tests load (tests/prewarm_test.toml lists them): e4m3 with bf16 q and e5m2 with
-# f16 q at every head_dim and layout (each spec compiles every query-head tile: tensor cores for 4+ heads at
-# d64/d128, CUDA cores otherwise); the crossed pairs; RoPE (CUDA cores at every tile), ALiBi with window and soft cap.
+# f16 q at every head_dim and layout (each spec compiles every query-head tile: tensor cores at d64/d128, CUDA cores
+# at d256); the crossed pairs; RoPE (CUDA cores at every tile), ALiBi with window and soft cap.
 FP8_SPECS = [
     SingleDecodeSpec(d, dq, dkv, dq, layout, "NONE", False, False)
     for dq, dkv in (("bf16", "e4m3"), ("f16", "e5m2"))
@@ -217,8 +217,8 @@ def _check_fp8(q, k, v, k_ref, v_ref, layout, k_scale, v_scale, q_scale=None, **
     """One call with NaN-poisoned outputs against the float64 reference on the dequantised K/V (k_ref, v_ref hold
     the scales). What separates them is what the 16-bit path leaves too: the output's rounding to q's dtype and
     float32 accumulation (reference.py's dtype tolerances); the fp8 values convert to float16 exactly, and the
-    tensor-core tiles (4+ query heads at d64/d128) round the probabilities to float16 (2^-11 relative, inside
-    those tolerances) and a bfloat16 q to float16 (exact in its normal range)."""
+    tensor-core tiles (every head tile at d64/d128 without RoPE) round the probabilities to float16 (2^-11
+    relative, inside those tolerances) and a bfloat16 q to float16 (exact in its normal range)."""
     head_dim = q.shape[1]
     o, l = _decode_into_poisoned(q, k, v, kv_layout=layout, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, **kw)
     sm = (kw.get("sm_scale") or head_dim**-0.5) * float(q_scale if q_scale is not None else 1.0)
@@ -602,8 +602,8 @@ def test_decode_module_builds_and_exports_its_launcher(tmp_path, monkeypatch):
 
 # Each spec compiles every query-head tile (1, 2, 4, 8 heads) of its kernel: the tensor-core tiles (d64/d128
 # without RoPE), the CUDA-core tiles (RoPE, d256) and the paged batch kernel, which shares the tile loop.
-# fp8 KV (e4m3/e5m2): the tensor-core tiles' fp8 fragments (d128 and d64, whose warps take two n8 tiles), the
-# CUDA-core tiles with RoPE and at d256, in the single and the paged batch kernels.
+# fp8 KV (e4m3/e5m2): the tensor-core tiles' fp8 fragments (every head tile at d128 and d64, whose warps take two
+# m16 key tiles), the CUDA-core tiles with RoPE and at d256, in the single and the paged batch kernels (d128: below).
 _NO_SPILL_SPECS = [
     SingleDecodeSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False),
     SingleDecodeSpec(64, "f16", "f16", "f16", "HND", "ROPE_LLAMA", True, True),
@@ -622,6 +622,30 @@ def _batch_specs():
         BatchDecodePagedSpec(64, "bf16", "e4m3", "bf16", "NHD", "NONE", False),
         BatchDecodePagedSpec(256, "f16", "e5m2", "f16", "HND", "ALIBI", True),
     ]
+
+
+def test_fp8_decode_tiles_run_on_tensor_cores(tmp_path, monkeypatch):
+    """Every query-head tile (1, 2, 4 and 8 heads) of the fp8 d128 paged batch decode module (the serving shape)
+    keeps to registers, and (where a cuobjdump is at hand) computes on tensor cores with the scores transposed:
+    m16n8k16 products for S^T = K Q^T and O^T = V^T P^T with a movmatrix between them, no m16n8k8 (the 16-bit
+    tiles' P.V) and no CUDA-core FMA chain per key."""
+    from pathlib import Path
+
+    from flashinfer import jit
+    from flashinfer.decode import BatchDecodePagedSpec
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    spec = BatchDecodePagedSpec(128, "bf16", "e4m3", "bf16", "NHD", "NONE", False)
+    report = jit.ensure_built(spec)
+    assert_register_only(report)
+    sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
+    if sass is None:
+        return
+    tiles = {name: body for name, body in sass_functions(sass).items() if "batch_decode_paged_kernel" in name}
+    assert sorted(int(name.split("ILi128ELi")[1].split("E")[0]) for name in tiles) == [1, 2, 4, 8], list(tiles)
+    for name, body in tiles.items():
+        assert "HMMA.16816.F32" in body and "MOVM.16.MT88" in body, name
+        assert "HMMA.1688" not in body and body.count("FFMA") < 32, name
 
 
 @pytest.mark.parametrize("spec", _NO_SPILL_SPECS + _batch_specs(), ids=lambda s: s.name())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flashinfer
-from _jit_checks import assert_register_only
+from _jit_checks import assert_register_only, sass_of
 from flashinfer.prefill import BatchPrefillSpec, SinglePrefillSpec, decode_with_tensor_cores
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
@@ -1491,32 +1491,10 @@ def test_fa3_ws_kernel_keeps_to_registers(tmp_path, monkeypatch):
     assert mod.constants["query_tile"] == 128 and mod.constants["kv_tile"] == 128
     # The machine code has the pipeline's parts (where a cuobjdump is at hand: the toolkit's or triton's bundle):
     # the register split, TMA loads, and a wait that leaves one wgmma group in flight (S(n) done, P V(n-1) not).
-    sass = _sass(next(Path(report.entry_dir).glob("*.so")))
+    sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
     if sass is not None:
         for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):
             assert part in sass, part
-
-
-def _sass(library) -> Optional[str]:
-    """cuobjdump -sass of a library, or None when no cuobjdump is found."""
-    import os
-    import shutil
-    import subprocess
-
-    candidates = [
-        shutil.which("cuobjdump"),
-        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
-    ]
-    try:
-        import triton
-
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    tool = next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-    if tool is None:
-        return None
-    return subprocess.run([tool, "-sass", str(library)], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("spec", _FP8_NO_SPILL_SPECS, ids=lambda s: s.name())
