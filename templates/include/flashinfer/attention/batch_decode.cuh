@@ -48,6 +48,7 @@ struct BatchDecodeParams {
 // rows count as zeros.
 template <int HEAD_DIM, typename DTypeKV, bool KV_HND>
 struct PagedRows {
+  static constexpr bool kSameKV = true;  // K and V share the cache's strides
   const BatchDecodeParams& p;
   const int* pages;  // this request's page ids
   int kv_head;

@@ -163,11 +163,13 @@ __host__ __device__ constexpr int decode_head_tile(int group_size) {
   return group_size == 1 ? 1 : group_size == 2 ? 2 : group_size % 8 == 0 ? 8 : 4;
 }
 
-// Keys of one KV head stored contiguously with a token stride (NHD or HND tensors, or views). Only the
-// head index is held; the rest is read from the kernel's __grid_constant__ parameters where used, which
-// keeps the register budget of the 4-CTAs-per-SM tile loops.
+// Keys of one KV head stored contiguously with a token stride (NHD or HND tensors, or views). A KV "rows" source
+// gives a token's K and V row offsets (offsets(); false: the row reads as zeros) and says whether they are one
+// (kSameKV). Only the head index is held; the rest is read from the kernel's __grid_constant__ parameters where used, which keeps the
+// register budget of the 4-CTAs-per-SM tile loops.
 template <typename DTypeKV>
 struct ContiguousRows {
+  static constexpr bool kSameKV = false;  // K and V have strides of their own
   const SingleDecodeParams& p;
   int kv_head;
   FI_DEVICE const DTypeKV* k() const { return static_cast<const DTypeKV*>(p.k) + kv_head * p.k_stride_h; }
@@ -253,18 +255,45 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   const int heads_here = w.heads_here, q_pos = w.q_pos, chunk_begin = w.begin, chunk_end = w.end;
   const int num_tiles = ceil_div(chunk_end - chunk_begin, TILE);
 
+  // In the fp8 tensor-core tiles (half the bytes per key of a 16-bit tile) finding the rows is a large share of
+  // the loop (64-bit address arithmetic per copy, and a page table's dependent load), so the RC consecutive lanes
+  // copying one row share that work: lane j of the group finds the row of its copy j, the others take the offsets
+  // by shuffle (one for K and V where they share it, Rows::kSameKV). The other tiles find every copy's row
+  // themselves (their machine code as measured).
+  constexpr bool SHARE_LOOKUP = FP8 && MMA;
   auto load_tile = [&](int tile) {
     uint4* sk = smem + (tile % STAGES) * 2 * TILE * RC;
     uint4* sv = sk + TILE * RC;
+    if constexpr (SHARE_LOOKUP) {
+      static_assert(T::COPIES <= RC && 32 % RC == 0, "a row's lanes hold one lookup per copy, within a warp");
+      const int c = threadIdx.x % RC;            // this lane's chunk of every row it copies
+      const int lead = threadIdx.x % 32 - c;     // the group's first lane
+      int64_t mine_k = 0, mine_v = 0;  // row 0 keeps the address in bounds when zero-filling
+      int mine_valid = 0;
+      if (c < T::COPIES) {
+        const int token = chunk_begin + tile * TILE + (threadIdx.x - c + c * T::kThreads) / RC;
+        mine_valid = token < chunk_end && rows.offsets(token, mine_k, mine_v);
+      }
 #pragma unroll
-    for (int it = 0; it < T::COPIES; ++it) {
-      const int idx = threadIdx.x + it * T::kThreads;
-      const int t = idx / RC, c = idx % RC;
-      const int token = chunk_begin + tile * TILE + t;
-      int64_t off_k = 0, off_v = 0;  // row 0 keeps the address in bounds when zero-filling
-      const bool valid = token < chunk_end && rows.offsets(token, off_k, off_v);
-      cp_async_16(sk + ring_chunk<DTypeKV, RC>(t, c), rows.k() + off_k + c * T::CHUNK_ELEMS, valid);
-      cp_async_16(sv + ring_chunk<DTypeKV, RC>(t, c), rows.v() + off_v + c * T::CHUNK_ELEMS, valid);
+      for (int it = 0; it < T::COPIES; ++it) {
+        const int t = (threadIdx.x + it * T::kThreads) / RC;
+        const int64_t off_k = __shfl_sync(0xffffffffu, mine_k, lead + it);
+        const int64_t off_v = Rows::kSameKV ? off_k : __shfl_sync(0xffffffffu, mine_v, lead + it);
+        const bool valid = __shfl_sync(0xffffffffu, mine_valid, lead + it) != 0;
+        cp_async_16(sk + ring_chunk<DTypeKV, RC>(t, c), rows.k() + off_k + c * T::CHUNK_ELEMS, valid);
+        cp_async_16(sv + ring_chunk<DTypeKV, RC>(t, c), rows.v() + off_v + c * T::CHUNK_ELEMS, valid);
+      }
+    } else {
+#pragma unroll
+      for (int it = 0; it < T::COPIES; ++it) {
+        const int idx = threadIdx.x + it * T::kThreads;
+        const int t = idx / RC, c = idx % RC;
+        const int token = chunk_begin + tile * TILE + t;
+        int64_t off_k = 0, off_v = 0;  // row 0 keeps the address in bounds when zero-filling
+        const bool valid = token < chunk_end && rows.offsets(token, off_k, off_v);
+        cp_async_16(sk + ring_chunk<DTypeKV, RC>(t, c), rows.k() + off_k + c * T::CHUNK_ELEMS, valid);
+        cp_async_16(sv + ring_chunk<DTypeKV, RC>(t, c), rows.v() + off_v + c * T::CHUNK_ELEMS, valid);
+      }
     }
   };
 
