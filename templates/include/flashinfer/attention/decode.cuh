@@ -165,8 +165,8 @@ __host__ __device__ constexpr int decode_head_tile(int group_size) {
 
 // Keys of one KV head stored contiguously with a token stride (NHD or HND tensors, or views). A KV "rows" source
 // gives a token's K and V row offsets (offsets(); false: the row reads as zeros) and says whether they are one
-// (kSameKV). Only the head index is held; the rest is read from the kernel's __grid_constant__ parameters where used, which keeps the
-// register budget of the 4-CTAs-per-SM tile loops.
+// (kSameKV). Only the head index is held; the rest is read from the kernel's __grid_constant__ parameters where used,
+// which keeps the register budget of the 4-CTAs-per-SM tile loops.
 template <typename DTypeKV>
 struct ContiguousRows {
   static constexpr bool kSameKV = false;  // K and V have strides of their own
@@ -266,9 +266,9 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
     uint4* sv = sk + TILE * RC;
     if constexpr (SHARE_LOOKUP) {
       static_assert(T::COPIES <= RC && 32 % RC == 0, "a row's lanes hold one lookup per copy, within a warp");
-      const int c = threadIdx.x % RC;            // this lane's chunk of every row it copies
-      const int lead = threadIdx.x % 32 - c;     // the group's first lane
-      int64_t mine_k = 0, mine_v = 0;  // row 0 keeps the address in bounds when zero-filling
+      const int c = threadIdx.x % RC;         // this lane's chunk of every row it copies
+      const int lead = threadIdx.x % 32 - c;  // the group's first lane
+      int64_t mine_k = 0, mine_v = 0;         // row 0 keeps the address in bounds when zero-filling
       int mine_valid = 0;
       if (c < T::COPIES) {
         const int token = chunk_begin + tile * TILE + (threadIdx.x - c + c * T::kThreads) / RC;
@@ -333,7 +333,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
     constexpr int VW = HEAD_DIM / 32;   // 32-bit words of V per key and lane (the lane's HEAD_DIM / 8 dims)
     static_assert(WTOK % 16 == 0 && KS % 4 == 0, "a warp takes whole m16 key tiles; a K load covers 64 columns");
     const int g = warp_lane / 4, t4 = warp_lane % 4;  // fragment row (key; head of q's and P's B fragments), pair
-    float slope[2];  // of heads 2t and 2t+1 (this lane's score and output columns)
+    // ALiBi slopes of heads 2t and 2t+1 (this lane's score and output columns).
+    float slope[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       slope[i] = ALIBI ? alibi_slope(w.first_head + min(2 * t4 + i, heads_here - 1), sc.num_qo_heads) : 0.f;
@@ -393,8 +394,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int token = chunk_begin + tile * TILE + tok0 + mk * 16 + g + (r >= 2 ? 8 : 0);
-          const float x = transform_logit<ALIBI, SOFTCAP>(st[mk][r] * sc.sm_scale, slope[r & 1], token - q_pos,
-                                                          sc.logits_soft_cap);
+          const float x =
+              transform_logit<ALIBI, SOFTCAP>(st[mk][r] * sc.sm_scale, slope[r & 1], token - q_pos, sc.logits_soft_cap);
           st[mk][r] = token < chunk_end ? x : kNegInf;
         }
       }
@@ -409,7 +410,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
       }
       if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) o[mt][0] *= corr[0], o[mt][1] *= corr[1], o[mt][2] *= corr[0], o[mt][3] *= corr[1];
+        for (int mt = 0; mt < MT; ++mt)
+          o[mt][0] *= corr[0], o[mt][1] *= corr[1], o[mt][2] *= corr[0], o[mt][3] *= corr[1];
       }
 #pragma unroll
       for (int mk = 0; mk < MK; ++mk) {
@@ -510,8 +512,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
         for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
           // Matrix i of the x4 load: tokens tok0 + nt*8 + 0..7, 16-byte column 4*ks2 + i.
           uint32_t b[4];
-          ldmatrix_x4(b, smem_addr(sk + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7),
-                                                                ks2 * 4 + (warp_lane >> 3))));
+          ldmatrix_x4(
+              b, smem_addr(sk + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7), ks2 * 4 + (warp_lane >> 3))));
           const uint32_t a0[4] = {qa[2 * ks2][0], 0u, qa[2 * ks2][1], 0u};
           const uint32_t a1[4] = {qa[2 * ks2 + 1][0], 0u, qa[2 * ks2 + 1][1], 0u};
           mma_16816<MmaT>(st[nt], a0, b[0], b[1]);
@@ -547,8 +549,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
           // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
           // 2i+1 are rows g and g+8 of V^T m-tile 2*mt2 + i.
           uint32_t a[4];
-          ldmatrix_x4_trans(a, smem_addr(sv + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7),
-                                                                      mt2 * 4 + (warp_lane >> 3))));
+          ldmatrix_x4_trans(
+              a, smem_addr(sv + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7), mt2 * 4 + (warp_lane >> 3))));
           mma_1688<MmaT>(o[2 * mt2], a[0], a[1], pb);
           mma_1688<MmaT>(o[2 * mt2 + 1], a[2], a[3], pb);
         }
