@@ -340,8 +340,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
       slope[i] = ALIBI ? alibi_slope(w.first_head + min(2 * t4 + i, heads_here - 1), sc.num_qo_heads) : 0.f;
     }
 
-    // q^T as the B operand, unscaled (a bfloat16 q is rounded to float16, exact for |q| in [2^-14, 65504]): b0 =
-    // dims c0, c0+1 of head g, b1 = c0+2, c0+3; heads beyond the tile's are zero.
+    // q^T as the B operand, unscaled (a bfloat16 q is rounded to float16, exact for |q| in [2^-14, 65504], larger
+    // magnitudes clamped): b0 = dims c0, c0+1 of head g, b1 = c0+2, c0+3; heads beyond the tile's are zero.
     uint32_t qb[KS][2];
     {
       const bool real_head = g < heads_here;
@@ -349,8 +349,8 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         const int c0 = 64 * (ks / 4) + 16 * t4 + 4 * (ks % 4);
-        qb[ks][0] = real_head ? pack2<__half>(to_float(qh[c0]), to_float(qh[c0 + 1])) : 0u;
-        qb[ks][1] = real_head ? pack2<__half>(to_float(qh[c0 + 2]), to_float(qh[c0 + 3])) : 0u;
+        qb[ks][0] = real_head ? pack2_half_clamped(to_float(qh[c0]), to_float(qh[c0 + 1])) : 0u;
+        qb[ks][1] = real_head ? pack2_half_clamped(to_float(qh[c0 + 2]), to_float(qh[c0 + 3])) : 0u;
       }
     }
 
