@@ -1,6 +1,7 @@
 """Development aid: single-decode time against the depth of the K/V ring (FI_DECODE_STAGES, a compile-time
 knob) and the split-KV target of CTAs per SM (decode._ctas_per_sm; the launcher also stops at the resident
-slots), to check the defaults. Prints a table; records nothing."""
+slots), to check the defaults. Prints a table; records nothing. --fp8: an e4m3 KV cache (bf16 q, k_scale = v_scale =
+0.5), whose loop differs from the 16-bit one (tensor cores at every head tile, 64-key stages)."""
 
 from __future__ import annotations
 
@@ -46,22 +47,27 @@ def staged_spec_class(stages: int):
 
 
 def main() -> None:
+    fp8 = "--fp8" in sys.argv[1:]
+    kv_dtype, kv_short, kv_bytes = (torch.float8_e4m3fn, "e4m3", 1) if fp8 else (torch.bfloat16, "bf16", 2)
+    scales = {"k_scale": 0.5, "v_scale": 0.5} if fp8 else {}
     classes = {s: staged_spec_class(s) for s in STAGES}
     default_rule = decode._ctas_per_sm
     with ThreadPoolExecutor(len(STAGES)) as pool:  # each build is an nvcc subprocess
         list(
-            pool.map(lambda c: jit.load(c(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False)), classes.values())
+            pool.map(
+                lambda c: jit.load(c(128, "bf16", kv_short, "bf16", "NHD", "NONE", False, False)), classes.values()
+            )
         )
     copy = copy_bandwidth_tbs()
     print(f"copy {copy:.2f} TB/s", flush=True)
     for hq, hkv, L in SHAPES:
-        sets = max(1, int(512e6 // (4 * L * hkv * 128)))
+        sets = max(1, int(512e6 // (2 * kv_bytes * L * hkv * 128)))
         qs = [torch.randn(hq, 128, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
-        ks = [torch.randn(L, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
-        vs = [torch.randn(L, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        ks = [(torch.randn(L, hkv, 128, device="cuda") * 2).to(kv_dtype) for _ in range(sets)]
+        vs = [(torch.randn(L, hkv, 128, device="cuda") * 2).to(kv_dtype) for _ in range(sets)]
         out = torch.empty(hq, 128, device="cuda", dtype=torch.bfloat16)
-        ref = flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0]).float()
-        nbytes = 4 * L * hkv * 128 + 4 * hq * 128
+        ref = flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0], **scales).float()
+        nbytes = 2 * kv_bytes * L * hkv * 128 + 4 * hq * 128
         results = {}
         for _ in range(3):  # interleaved rounds; the median of each variant is printed
             for stages, cls in classes.items():
@@ -69,9 +75,12 @@ def main() -> None:
                 decode._single_kernels.clear()
                 for cap in CTAS_PER_SM:
                     decode._ctas_per_sm = lambda group, cap=cap: cap
-                    t = graph_ms(lambda i: flashinfer.single_decode_with_kv_cache(qs[i], ks[i], vs[i], out=out), sets)
+                    t = graph_ms(
+                        lambda i: flashinfer.single_decode_with_kv_cache(qs[i], ks[i], vs[i], out=out, **scales), sets
+                    )
                     results.setdefault((stages, cap), []).append(t)
-                    err = (flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0]).float() - ref).abs().max().item()
+                    o = flashinfer.single_decode_with_kv_cache(qs[0], ks[0], vs[0], **scales)
+                    err = (o.float() - ref).abs().max().item()
                     assert err < 2e-2, (stages, cap, err)
         decode._ctas_per_sm = default_rule
         print(f"{hq}q/{hkv}kv L={L}:", flush=True)

@@ -996,8 +996,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             ``c > 0``: logits become ``c * tanh(x / c)``.
         q_data_type, kv_data_type, o_data_type : str or torch.dtype, optional
             q and o: float16 or bfloat16 (q's default float16; o defaults to q's and must match it). kv (default
-            q's): q's dtype, or an fp8 cache, torch.float8_e4m3fn or torch.float8_e5m2 (on CUDA cores and on
-            tensor cores), dequantised by run()'s ``k_scale``/``v_scale``. An fp8 q raises NotImplementedError.
+            q's): q's dtype, or an fp8 cache, torch.float8_e4m3fn or torch.float8_e5m2 (on tensor cores; on CUDA
+            cores with RoPE or at head_dim 256), dequantised by run()'s ``k_scale``/``v_scale``. An fp8 q raises NotImplementedError.
         data_type : str or torch.dtype, optional
             Deprecated: fills q_data_type and kv_data_type where they are None (FlashInfer's rule).
         sm_scale : float, optional

@@ -68,6 +68,11 @@ SPECS = {
     "bd2": BD(head_dim=128, kv_layout="HND", pos_encoding_mode="ROPE_LLAMA"),
     "bd3": BD(head_dim=256, pos_encoding_mode="NONE", use_logits_soft_cap=True),
     "bd4": BD(head_dim=64, **F16, kv_layout="HND", pos_encoding_mode="ALIBI"),
+    # fp8 KV caches: the CUDA-core (1-, 2-head tiles, RoPE, d256) and tensor-core (4-, 8-head) fp8 paths.
+    "sd5": SD(head_dim=128, dtype_kv="e4m3"),
+    "sd6": SD(head_dim=64, dtype_kv="e5m2", pos_encoding_mode="ROPE_LLAMA", use_logits_soft_cap=True),
+    "bd5": BD(head_dim=128, dtype_kv="e4m3"),
+    "bd6": BD(head_dim=256, dtype_kv="e5m2", kv_layout="HND", pos_encoding_mode="ALIBI"),
     "sp1": SP(head_dim=128, mask_mode="causal"),
     "sp2": SP(
         head_dim=64,
@@ -85,6 +90,7 @@ SPECS = {
     "fa3f": SP(head_dim=128, dtype_kv="e4m3", mask_mode="causal", backend="fa3"),
     "ws1": SP(head_dim=128, mask_mode="causal", backend="fa3_ws"),
     "ws2": SP(head_dim=128, **F16, backend="fa3_ws"),
+    "fa3c": SP(head_dim=128, dtype_kv="e4m3", backend="fa3"),
     "br1": BP(kv_storage="ragged", head_dim=128, mask_mode="causal"),
     "wsr": BP(kv_storage="ragged", head_dim=128, mask_mode="causal", backend="fa3_ws"),
     "br2": BP(kv_storage="ragged", head_dim=64, **F16, mask_mode="custom", pos_encoding_mode="ALIBI", use_window=True),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 def assert_register_only(report, kernels: Optional[int] = None) -> List[str]:
@@ -29,3 +29,36 @@ def assert_no_unique_symbols(library: Path) -> None:
     if nm:
         dyn = subprocess.run([nm, "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
         assert " u " not in dyn, dyn
+
+
+def sass_of(library: Path) -> Optional[str]:
+    """``cuobjdump -sass`` of a library (the toolkit's, on PATH or under CUDA_HOME, or triton's bundled one), or
+    None where no cuobjdump is found (the machine-code checks are then skipped)."""
+    import os
+
+    candidates = [
+        shutil.which("cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+    ]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    tool = next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    if tool is None:
+        return None
+    return subprocess.run([tool, "-sass", str(library)], capture_output=True, text=True, check=True).stdout
+
+
+def sass_functions(sass: str) -> Dict[str, str]:
+    """The kernels of a ``cuobjdump -sass`` listing: mangled name -> its instructions' text."""
+    out: Dict[str, List[str]] = {}
+    cur: Optional[List[str]] = None
+    for line in sass.splitlines():
+        if "Function : " in line:
+            cur = out.setdefault(line.split("Function : ", 1)[1].strip(), [])
+        elif cur is not None:
+            cur.append(line)
+    return {k: "\n".join(v) for k, v in out.items()}

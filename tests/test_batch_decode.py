@@ -252,6 +252,27 @@ def test_batch_decode_fp8_window_and_options(pos, window_left, soft_cap):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("pos,window_left,soft_cap", [("NONE", 40, None), ("ALIBI", 300, 1.5)])
+def test_batch_decode_fp8_small_groups_on_tensor_cores(group, pos, window_left, soft_cap):
+    """fp8 tiles of 1 and 2 query heads (and 4 with one spare head) run on tensor cores with the scores transposed
+    (keys as the mma rows, heads as its columns): per-head ALiBi slopes, soft cap and a window that starts mid-tile,
+    lengths that end mid-tile and 64-key stages, against the float64 reference on the dequantised K/V."""
+    _run_case(
+        [1, 16, 17, 63, 65, 1000, 4097],
+        page_size=16,
+        num_qo_heads=2 * group,
+        num_kv_heads=2,
+        pos=pos,
+        window_left=window_left,
+        soft_cap=soft_cap,
+        kv_dtype=torch.float8_e4m3fn,
+        k_scale=1.25,
+        v_scale=0.625,
+    )
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "q_dtype,kv_dtype",
     [(torch.bfloat16, torch.float8_e4m3fn), (torch.float16, torch.float8_e5m2)],

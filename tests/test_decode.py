@@ -7,11 +7,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
 import flashinfer
-from _jit_checks import assert_register_only
+from _jit_checks import assert_register_only, sass_functions, sass_of
 from flashinfer.decode import SingleDecodeSpec
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
@@ -20,8 +21,8 @@ FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # The supported matrix with a 16-bit KV cache (KV = q's dtype) ...
 SUPPORTED = [s for s in SingleDecodeSpec.expand(dtype_kv=("bf16", "f16")) if s.unsupported_reason() is None]
 # ... and the fp8 KV specs the GPU tests load (tests/prewarm_test.toml lists them): e4m3 with bf16 q and e5m2 with
-# f16 q at every head_dim and layout (each spec compiles every query-head tile: tensor cores for 4+ heads at
-# d64/d128, CUDA cores otherwise); the crossed pairs; RoPE (CUDA cores at every tile), ALiBi with window and soft cap.
+# f16 q at every head_dim and layout (each spec compiles every query-head tile: tensor cores at d64/d128, CUDA cores
+# at d256); the crossed pairs; RoPE (CUDA cores at every tile), ALiBi with window and soft cap.
 FP8_SPECS = [
     SingleDecodeSpec(d, dq, dkv, dq, layout, "NONE", False, False)
     for dq, dkv in (("bf16", "e4m3"), ("f16", "e5m2"))
@@ -217,8 +218,8 @@ def _check_fp8(q, k, v, k_ref, v_ref, layout, k_scale, v_scale, q_scale=None, **
     """One call with NaN-poisoned outputs against the float64 reference on the dequantised K/V (k_ref, v_ref hold
     the scales). What separates them is what the 16-bit path leaves too: the output's rounding to q's dtype and
     float32 accumulation (reference.py's dtype tolerances); the fp8 values convert to float16 exactly, and the
-    tensor-core tiles (4+ query heads at d64/d128) round the probabilities to float16 (2^-11 relative, inside
-    those tolerances) and a bfloat16 q to float16 (exact in its normal range)."""
+    tensor-core tiles (every head tile at d64/d128 without RoPE) round the probabilities to float16 (2^-11
+    relative, inside those tolerances) and a bfloat16 q to float16 (exact in its normal range)."""
     head_dim = q.shape[1]
     o, l = _decode_into_poisoned(q, k, v, kv_layout=layout, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, **kw)
     sm = (kw.get("sm_scale") or head_dim**-0.5) * float(q_scale if q_scale is not None else 1.0)
@@ -602,8 +603,8 @@ def test_decode_module_builds_and_exports_its_launcher(tmp_path, monkeypatch):
 
 # Each spec compiles every query-head tile (1, 2, 4, 8 heads) of its kernel: the tensor-core tiles (d64/d128
 # without RoPE), the CUDA-core tiles (RoPE, d256) and the paged batch kernel, which shares the tile loop.
-# fp8 KV (e4m3/e5m2): the tensor-core tiles' fp8 fragments (d128 and d64, whose warps take two n8 tiles), the
-# CUDA-core tiles with RoPE and at d256, in the single and the paged batch kernels.
+# fp8 KV (e4m3/e5m2): the tensor-core tiles' fp8 fragments (every head tile at d128 and d64, whose warps take two
+# m16 key tiles), the CUDA-core tiles with RoPE and at d256, in the single and the paged batch kernels (d128: below).
 _NO_SPILL_SPECS = [
     SingleDecodeSpec(128, "bf16", "bf16", "bf16", "NHD", "NONE", False, False),
     SingleDecodeSpec(64, "f16", "f16", "f16", "HND", "ROPE_LLAMA", True, True),
@@ -622,6 +623,127 @@ def _batch_specs():
         BatchDecodePagedSpec(64, "bf16", "e4m3", "bf16", "NHD", "NONE", False),
         BatchDecodePagedSpec(256, "f16", "e5m2", "f16", "HND", "ALIBI", True),
     ]
+
+
+def _mma_16816(c, a, b):
+    """mma.sync m16n8k16 on per-lane fragments (PTX layouts; lane = 4g + t): a[lane] = 4 pairs (row g cols 2t..,
+    row g+8 cols 2t.., row g cols 2t+8.., row g+8 cols 2t+8..), b[lane] = 2 pairs (rows 2t.. col g, rows 2t+8..
+    col g), c[lane] = (row g cols 2t, 2t+1, row g+8 cols 2t, 2t+1), accumulated in place."""
+    am, bm = np.zeros((16, 16), np.int64), np.zeros((16, 8), np.int64)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for h in range(2):
+            am[g, 2 * t + h], am[g + 8, 2 * t + h] = a[lane][0][h], a[lane][1][h]
+            am[g, 2 * t + 8 + h], am[g + 8, 2 * t + 8 + h] = a[lane][2][h], a[lane][3][h]
+            bm[2 * t + h, g], bm[2 * t + 8 + h, g] = b[lane][0][h], b[lane][1][h]
+    d = am @ bm
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for r, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+            c[lane][r] += d[row, col]
+
+
+def _movmatrix_trans(x):
+    """movmatrix.m8n8.trans.b16 on per-lane pairs (lane 4r + c: row r, columns 2c, 2c+1)."""
+    m = np.zeros((8, 8), np.int64)
+    for lane in range(32):
+        m[lane // 4, 2 * (lane % 4) : 2 * (lane % 4) + 2] = x[lane]
+    return [tuple(m.T[lane // 4, 2 * (lane % 4) : 2 * (lane % 4) + 2]) for lane in range(32)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp8_tensor_core_tile_fragments_emulated(head_dim):
+    """The fp8 tensor-core decode tile's fragment bookkeeping (decode.cuh, the MMA && FP8 branch), emulated on one
+    warp's 16 keys with the PTX layouts of m16n8k16 and movmatrix: S^T = K Q^T lands as (key g, heads 2t, 2t+1),
+    (key g+8, ...), and O^T = V^T P^T, P^T's B fragment made by movmatrix from the C layout and V's A fragments
+    by byte permutes, lands at the dims the kernel stores. Bytes stand for their own values (layout, not fp8
+    decoding: that conversion is exact)."""
+    rng = np.random.default_rng(head_dim)
+    d = head_dim
+    k, v = rng.integers(0, 256, (16, d)), rng.integers(0, 256, (16, d))
+    q, p = rng.integers(-8, 8, (8, d)), rng.integers(0, 5, (16, 8))  # p: P^T[key][head]
+    ks_steps, m_tiles, vw = d // 16, d // 16, d // 32
+
+    def word(row, w):  # 32-bit word w of a ring row (ring_words), as its 4 bytes
+        return list(row[4 * w : 4 * w + 4])
+
+    def byte_perm(x, y, sel):
+        return [(x + y)[(sel >> (4 * i)) & 7] for i in range(4)]
+
+    def cvt(b):  # fp8x4_to_half2x2: (bytes 0, 1), (bytes 2, 3)
+        return (b[0], b[1]), (b[2], b[3])
+
+    qb = [
+        [
+            ((q[g, c0], q[g, c0 + 1]), (q[g, c0 + 2], q[g, c0 + 3]))
+            for c0 in (64 * (ks // 4) + 16 * t + 4 * (ks % 4) for ks in range(ks_steps))
+        ]
+        for g, t in (divmod(lane, 4) for lane in range(32))
+    ]
+    st = [[0] * 4 for _ in range(32)]
+    for s4 in range(ks_steps // 4):
+        for i in range(4):
+            a = []
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                lo0, hi0 = cvt(word(k[g], 4 * (4 * s4 + t) + i))
+                lo8, hi8 = cvt(word(k[g + 8], 4 * (4 * s4 + t) + i))
+                a.append((lo0, lo8, hi0, hi8))
+            _mma_16816(st, a, [qb[lane][4 * s4 + i] for lane in range(32)])
+    s = k @ q.T
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        assert st[lane] == [s[g, 2 * t], s[g, 2 * t + 1], s[g + 8, 2 * t], s[g + 8, 2 * t + 1]], lane
+
+    c_p = [
+        [p[g, 2 * t], p[g, 2 * t + 1], p[g + 8, 2 * t], p[g + 8, 2 * t + 1]]
+        for g, t in (divmod(x, 4) for x in range(32))
+    ]
+    p0 = _movmatrix_trans([(x[0], x[1]) for x in c_p])
+    p1 = _movmatrix_trans([(x[2], x[3]) for x in c_p])
+    o = [[[0] * 4 for _ in range(m_tiles)] for _ in range(32)]
+    for j in range(vw):
+        for half, sel in ((0, 0x5140), (1, 0x7362)):
+            a = []
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                va, vb, vc, vd = (word(v[2 * t + e], g * vw + j) for e in (0, 1, 8, 9))
+                a0, a1 = cvt(byte_perm(va, vb, sel))
+                a2, a3 = cvt(byte_perm(vc, vd, sel))
+                a.append((a0, a1, a2, a3))
+            _mma_16816([o[lane][2 * j + half] for lane in range(32)], a, [(p0[x], p1[x]) for x in range(32)])
+    out = np.full((8, d), -1, np.int64)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for i in range(2):
+            for mt in range(m_tiles):
+                out[2 * t + i, g * (d // 8) + 2 * mt] = o[lane][mt][i]
+                out[2 * t + i, g * (d // 8) + 2 * mt + 1] = o[lane][mt][2 + i]
+    np.testing.assert_array_equal(out, p.T @ v)
+
+
+def test_fp8_decode_tiles_run_on_tensor_cores(tmp_path, monkeypatch):
+    """Every query-head tile (1, 2, 4 and 8 heads) of the fp8 d128 paged batch decode module (the serving shape)
+    keeps to registers, and (where a cuobjdump is at hand) computes on tensor cores with the scores transposed:
+    m16n8k16 products for S^T = K Q^T and O^T = V^T P^T with a movmatrix between them, and no m16n8k8 (the
+    16-bit tiles' P.V)."""
+    from pathlib import Path
+
+    from flashinfer import jit
+    from flashinfer.decode import BatchDecodePagedSpec
+
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
+    spec = BatchDecodePagedSpec(128, "bf16", "e4m3", "bf16", "NHD", "NONE", False)
+    report = jit.ensure_built(spec)
+    assert_register_only(report)
+    sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
+    if sass is None:
+        return
+    tiles = {name: body for name, body in sass_functions(sass).items() if "batch_decode_paged_kernel" in name}
+    assert sorted(int(name.split("ILi128ELi")[1].split("E")[0]) for name in tiles) == [1, 2, 4, 8], list(tiles)
+    for name, body in tiles.items():
+        assert "HMMA.16816.F32" in body and "MOVM.16.MT88" in body, name
+        assert "HMMA.1688.F32" not in body, name
 
 
 @pytest.mark.parametrize("spec", _NO_SPILL_SPECS + _batch_specs(), ids=lambda s: s.name())

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
 
 import flashinfer
-from _jit_checks import assert_register_only
+from _jit_checks import assert_register_only, sass_of
 from flashinfer.prefill import BatchPrefillSpec, SinglePrefillSpec, decode_with_tensor_cores
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
@@ -1887,7 +1886,7 @@ def test_fa3_ws_kernel_keeps_to_registers(tmp_path, monkeypatch):
     assert mod.constants["query_tile"] == 128 and mod.constants["kv_tile"] == 128
     # The machine code has the pipeline's parts (where a cuobjdump is at hand: the toolkit's or triton's bundle):
     # the register split, TMA loads, and a wait that leaves one wgmma group in flight (S(n) done, P V(n-1) not).
-    sass = _sass(next(Path(report.entry_dir).glob("*.so")))
+    sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
     if sass is not None:
         for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):
             assert part in sass, part
@@ -1913,7 +1912,7 @@ def test_fa3_ws_ragged_kernel_keeps_to_registers(tmp_path, monkeypatch):
     c = mod.constants
     assert (c["query_tiles"], c["query_tile_0"], c["kv_tile"], c["work_fields"]) == (1, 128, 128, 5)
     assert _args_type(mod) is not None  # (raises when the layout differs)
-    sass = _sass(next(Path(report.entry_dir).glob("*.so")))
+    sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
     if sass is not None:
         for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):
             assert part in sass, part
@@ -1943,34 +1942,12 @@ def test_fa3_ws_fp8_kernel_keeps_to_registers(spec, tmp_path, monkeypatch):
     mod = jit.load(spec)
     assert mod.fn("flashinfer_single_prefill") is not None
     assert mod.constants["query_tile"] == 128 and mod.constants["kv_tile"] == 128
-    sass = _sass(next(Path(report.entry_dir).glob("*.so")))
+    sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
     if sass is not None:
         unpack = "F2FP.F16.E4M3.UNPACK_B" if spec.dtype_kv == "e4m3" else "F2FP.F16.E5M2.UNPACK_B"
         for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", unpack, "HGMMA.64x128x16.F32"):
             assert part in sass, part
         assert "HGMMA.64x128x16.F32.BF16" not in sass
-
-
-def _sass(library) -> Optional[str]:
-    """cuobjdump -sass of a library, or None when no cuobjdump is found."""
-    import os
-    import shutil
-    import subprocess
-
-    candidates = [
-        shutil.which("cuobjdump"),
-        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
-    ]
-    try:
-        import triton
-
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    tool = next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-    if tool is None:
-        return None
-    return subprocess.run([tool, "-sass", str(library)], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("spec", _FP8_NO_SPILL_SPECS, ids=lambda s: s.name())

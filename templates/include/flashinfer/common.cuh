@@ -150,6 +150,13 @@ FI_DEVICE uint32_t pack2<__nv_bfloat16>(float x, float y) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// Two floats -> float16x2 (x in the low half), clamped to +-65504 rather than overflowing to infinity: how the fp8
+// kernels, which compute in float16, take a q element beyond float16's range (one that large saturates any
+// softmax anyway).
+FI_DEVICE uint32_t pack2_half_clamped(float x, float y) {
+  return pack2<__half>(fminf(fmaxf(x, -65504.f), 65504.f), fminf(fmaxf(y, -65504.f), 65504.f));
+}
+
 FI_DEVICE float2 unpack2_half(uint32_t r) { return __half22float2(*reinterpret_cast<__half2*>(&r)); }
 
 // One f16x2 register holding two values exactly representable in bfloat16 (they came from fp8) -> bf16x2.

@@ -48,6 +48,7 @@ struct BatchDecodeParams {
 // rows count as zeros.
 template <int HEAD_DIM, typename DTypeKV, bool KV_HND>
 struct PagedRows {
+  static constexpr bool kSameKV = true;  // K and V share the cache's strides
   const BatchDecodeParams& p;
   const int* pages;  // this request's page ids
   int kv_head;
@@ -65,7 +66,7 @@ struct PagedRows {
 
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, DTypeKV, POS>())
     batch_decode_paged_kernel(const __grid_constant__ BatchDecodeParams p,
                               const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(16) uint8_t smem_raw[];

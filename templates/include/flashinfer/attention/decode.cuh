@@ -55,16 +55,19 @@ struct SingleDecodeParams {
 #define FI_DECODE_STAGES 3
 #endif
 
-// The tile geometry is the same for every KV dtype (tokens per stage, 8 elements per lane); an fp8 stage holds
-// half the bytes of a 16-bit one. Keeping the tokens per stage rather than the bytes keeps one schedule (the
-// planner's tile) and one register budget for both; at 4 CTAs per SM an fp8 ring still keeps 64 KB per SM in
-// flight, several times what the memory latency needs.
-template <int HEAD_DIM, typename DTypeKV = __half>
+// A stage holds 8 KB of K and 8 KB of V of a 16-bit cache. The tensor-core tiles (MMA) of an fp8 cache take the
+// same bytes, i.e. twice the tokens: the work per tile that does not scale with its bytes (the wait and barrier,
+// the online-softmax step and its rescale of the accumulators, the loop) is then paid once per 16 KB as for 16-bit
+// K/V, and the ring keeps as many bytes in flight. The CUDA-core tiles of an fp8 cache (RoPE, head_dim 256) are
+// bound by their per-key work (rotation, shuffle reductions) and keep the 16-bit token count (half the bytes):
+// twice the tokens would double their unrolled loop for little. Their lanes take 8 elements of a row per token
+// (half a 16-byte chunk for fp8), so their register budget is the 16-bit tiles'.
+template <int HEAD_DIM, typename DTypeKV = __half, bool MMA = false>
 struct DecodeTraits {
   static constexpr int kThreads = 128;
   static constexpr int LANES = HEAD_DIM / 8;     // threads sharing one K/V row, 8 elements each
   static constexpr int ROWS = kThreads / LANES;  // rows processed side by side
-  static constexpr int TILE = 4096 / HEAD_DIM;   // tokens per stage: 8 KB of K and 8 KB of V (16-bit)
+  static constexpr int TILE = 4096 / HEAD_DIM * (MMA && is_fp8<DTypeKV>::value ? 2 : 1);  // tokens per stage
   static constexpr int TOKENS_PER_ROW = TILE / ROWS;
   static constexpr int STAGES = FI_DECODE_STAGES;
   static constexpr int ROW_CHUNKS = HEAD_DIM * int(sizeof(DTypeKV)) / 16;  // 16-byte chunks of one K/V row
@@ -122,18 +125,21 @@ FI_DEVICE void ring_words(const uint4* stage, int t, int first, uint32_t (&w)[N]
 
 // With 4 or 8 query heads per KV head the CUDA-core dot products cost more than the memory stream,
 // so their tile math runs on tensor cores instead: Q.K^T and P.V as mma.sync with the heads as the
-// rows of a 16-row tile (the other rows are zero). RoPE, which rotates every key, and head_dim 256,
-// whose accumulators would not fit, stay on CUDA cores.
-template <int HEAD_DIM, int GT, PosEncoding POS>
+// rows of a 16-row tile (the other rows are zero). An fp8 cache halves the bytes per key while the CUDA-core
+// work per key grows (every element is widened to float first), so there tiles of 1 and 2 heads run on tensor
+// cores too: the instructions per key then hardly depend on the heads (a few conversions per pair of elements
+// instead of a conversion and an FMA per element and head, and no shuffle reduction per key). RoPE, which
+// rotates every key, and head_dim 256, whose accumulators would not fit, stay on CUDA cores.
+template <int HEAD_DIM, int GT, typename DTypeKV, PosEncoding POS>
 __host__ __device__ constexpr bool decode_uses_mma() {
-  return GT >= 4 && HEAD_DIM <= 128 && POS != PosEncoding::kRopeLlama;
+  return GT >= (is_fp8<DTypeKV>::value ? 1 : 4) && HEAD_DIM <= 128 && POS != PosEncoding::kRopeLlama;
 }
 
 // Four CTAs per SM (16 warps) hide the latency of the shuffle chains; wider CUDA-core tiles need more
 // registers per thread.
-template <int HEAD_DIM, int GT, PosEncoding POS>
+template <int HEAD_DIM, int GT, typename DTypeKV, PosEncoding POS>
 __host__ __device__ constexpr int decode_min_blocks() {
-  if (decode_uses_mma<HEAD_DIM, GT, POS>()) return 4;
+  if (decode_uses_mma<HEAD_DIM, GT, DTypeKV, POS>()) return 4;
   return GT >= 8 ? 2 : (GT >= 4 && (POS == PosEncoding::kRopeLlama || HEAD_DIM >= 256) ? 3 : 4);
 }
 
@@ -142,8 +148,9 @@ __host__ __device__ constexpr int decode_min_blocks() {
 // take more than an fp8 ring.
 template <int HEAD_DIM, int GT, typename DTypeKV, PosEncoding POS>
 __host__ __device__ constexpr int decode_smem_bytes() {
-  using T = DecodeTraits<HEAD_DIM, DTypeKV>;
-  constexpr int states = decode_uses_mma<HEAD_DIM, GT, POS>() ? T::kThreads / 32 : T::ROWS;
+  constexpr bool MMA = decode_uses_mma<HEAD_DIM, GT, DTypeKV, POS>();
+  using T = DecodeTraits<HEAD_DIM, DTypeKV, MMA>;
+  constexpr int states = MMA ? T::kThreads / 32 : T::ROWS;
   constexpr int ring = T::kSmemBytes + T::ROWS * T::TOKENS_PER_ROW * GT * int(sizeof(float));
   constexpr int scratch = (2 * states * GT + states * GT * HEAD_DIM) * int(sizeof(float));
   return ring > scratch ? ring : scratch;
@@ -156,11 +163,13 @@ __host__ __device__ constexpr int decode_head_tile(int group_size) {
   return group_size == 1 ? 1 : group_size == 2 ? 2 : group_size % 8 == 0 ? 8 : 4;
 }
 
-// Keys of one KV head stored contiguously with a token stride (NHD or HND tensors, or views). Only the
-// head index is held; the rest is read from the kernel's __grid_constant__ parameters where used, which
-// keeps the register budget of the 4-CTAs-per-SM tile loops.
+// Keys of one KV head stored contiguously with a token stride (NHD or HND tensors, or views). A KV "rows" source
+// gives a token's K and V row offsets (offsets(); false: the row reads as zeros) and says whether they are one
+// (kSameKV). Only the head index is held; the rest is read from the kernel's __grid_constant__ parameters where used,
+// which keeps the register budget of the 4-CTAs-per-SM tile loops.
 template <typename DTypeKV>
 struct ContiguousRows {
+  static constexpr bool kSameKV = false;  // K and V have strides of their own
   const SingleDecodeParams& p;
   int kv_head;
   FI_DEVICE const DTypeKV* k() const { return static_cast<const DTypeKV*>(p.k) + kv_head * p.k_stride_h; }
@@ -228,13 +237,13 @@ template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTyp
           typename Rows, typename Store>
 FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, const DecodeScalars& sc,
                             const RopeTableFor<POS>& rope, uint8_t* smem_raw, const Store& store) {
-  using T = DecodeTraits<HEAD_DIM, DTypeKV>;
+  constexpr bool MMA = decode_uses_mma<HEAD_DIM, GT, DTypeKV, POS>();
+  using T = DecodeTraits<HEAD_DIM, DTypeKV, MMA>;
   constexpr int LANES = T::LANES, ROWS = T::ROWS, TILE = T::TILE, TPR = T::TOKENS_PER_ROW, STAGES = T::STAGES;
   constexpr int RC = T::ROW_CHUNKS;
   constexpr bool FP8 = is_fp8<DTypeKV>::value;
   constexpr bool ROPE = POS == PosEncoding::kRopeLlama;
   constexpr bool ALIBI = POS == PosEncoding::kAlibi;
-  constexpr bool MMA = decode_uses_mma<HEAD_DIM, GT, POS>();
   constexpr int WARPS = T::kThreads / 32;
   // Partial softmax states left per head at the end: one per row group (CUDA cores) or warp (MMA).
   constexpr int NSTATES = MMA ? WARPS : ROWS;
@@ -246,18 +255,45 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   const int heads_here = w.heads_here, q_pos = w.q_pos, chunk_begin = w.begin, chunk_end = w.end;
   const int num_tiles = ceil_div(chunk_end - chunk_begin, TILE);
 
+  // In the fp8 tensor-core tiles (half the bytes per key of a 16-bit tile) finding the rows is a large share of
+  // the loop (64-bit address arithmetic per copy, and a page table's dependent load), so the RC consecutive lanes
+  // copying one row share that work: lane j of the group finds the row of its copy j, the others take the offsets
+  // by shuffle (one for K and V where they share it, Rows::kSameKV). The other tiles find every copy's row
+  // themselves (their machine code as measured).
+  constexpr bool SHARE_LOOKUP = FP8 && MMA;
   auto load_tile = [&](int tile) {
     uint4* sk = smem + (tile % STAGES) * 2 * TILE * RC;
     uint4* sv = sk + TILE * RC;
+    if constexpr (SHARE_LOOKUP) {
+      static_assert(T::COPIES <= RC && 32 % RC == 0, "a row's lanes hold one lookup per copy, within a warp");
+      const int c = threadIdx.x % RC;         // this lane's chunk of every row it copies
+      const int lead = threadIdx.x % 32 - c;  // the group's first lane
+      int64_t mine_k = 0, mine_v = 0;         // row 0 keeps the address in bounds when zero-filling
+      int mine_valid = 0;
+      if (c < T::COPIES) {
+        const int token = chunk_begin + tile * TILE + (threadIdx.x - c + c * T::kThreads) / RC;
+        mine_valid = token < chunk_end && rows.offsets(token, mine_k, mine_v);
+      }
 #pragma unroll
-    for (int it = 0; it < T::COPIES; ++it) {
-      const int idx = threadIdx.x + it * T::kThreads;
-      const int t = idx / RC, c = idx % RC;
-      const int token = chunk_begin + tile * TILE + t;
-      int64_t off_k = 0, off_v = 0;  // row 0 keeps the address in bounds when zero-filling
-      const bool valid = token < chunk_end && rows.offsets(token, off_k, off_v);
-      cp_async_16(sk + ring_chunk<DTypeKV, RC>(t, c), rows.k() + off_k + c * T::CHUNK_ELEMS, valid);
-      cp_async_16(sv + ring_chunk<DTypeKV, RC>(t, c), rows.v() + off_v + c * T::CHUNK_ELEMS, valid);
+      for (int it = 0; it < T::COPIES; ++it) {
+        const int t = (threadIdx.x + it * T::kThreads) / RC;
+        const int64_t off_k = __shfl_sync(0xffffffffu, mine_k, lead + it);
+        const int64_t off_v = Rows::kSameKV ? off_k : __shfl_sync(0xffffffffu, mine_v, lead + it);
+        const bool valid = __shfl_sync(0xffffffffu, mine_valid, lead + it) != 0;
+        cp_async_16(sk + ring_chunk<DTypeKV, RC>(t, c), rows.k() + off_k + c * T::CHUNK_ELEMS, valid);
+        cp_async_16(sv + ring_chunk<DTypeKV, RC>(t, c), rows.v() + off_v + c * T::CHUNK_ELEMS, valid);
+      }
+    } else {
+#pragma unroll
+      for (int it = 0; it < T::COPIES; ++it) {
+        const int idx = threadIdx.x + it * T::kThreads;
+        const int t = idx / RC, c = idx % RC;
+        const int token = chunk_begin + tile * TILE + t;
+        int64_t off_k = 0, off_v = 0;  // row 0 keeps the address in bounds when zero-filling
+        const bool valid = token < chunk_end && rows.offsets(token, off_k, off_v);
+        cp_async_16(sk + ring_chunk<DTypeKV, RC>(t, c), rows.k() + off_k + c * T::CHUNK_ELEMS, valid);
+        cp_async_16(sv + ring_chunk<DTypeKV, RC>(t, c), rows.v() + off_v + c * T::CHUNK_ELEMS, valid);
+      }
     }
   };
 
@@ -274,36 +310,179 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
   static_assert((2 * NSTATES * GT + NSTATES * GT * HEAD_DIM) * 4 <= decode_smem_bytes<HEAD_DIM, GT, DTypeKV, POS>(),
                 "merge scratch exceeds the shared memory");
 
-  if constexpr (MMA) {
-    // ---- tensor cores: warp w takes WTOK consecutive tokens of each tile ----
-    // fp8 K/V enter the products as float16 (exact), so q and the probabilities do too; the fragments are read
-    // with plain shared-memory loads in orders that suit one-byte elements (ldmatrix moves 16-bit ones):
+  if constexpr (MMA && FP8) {
+    // ---- tensor cores, fp8 K/V: warp w takes WTOK consecutive tokens of each tile ----
+    // fp8 K/V enter the products as float16 (exact), so q and the probabilities do too. The scores are computed
+    // transposed, S^T = K Q^T (m16n8k16: 16 keys x 8 heads), so that every row of a fragment is a real key (no
+    // zero rows of padding heads, half the mma of Q K^T at 8 heads or fewer), and P.V likewise,
+    // O^T = V^T P^T (16 dims x 8 heads per tile, k16 = the same 16 keys). Lane (g, t) holds the scores of keys g
+    // and g+8 for heads 2t and 2t+1, so a head's softmax reduces over the 8 lanes of one t (xor 4, 8, 16) and
+    // its rescale factor is at hand for its output columns (heads 2t, 2t+1 as well). movmatrix turns the
+    // probabilities' C fragment (key rows) into P^T's B fragment (head rows). The fragments are read with plain
+    // shared-memory loads in orders that suit one-byte elements (ldmatrix moves 16-bit ones):
     //   Q.K^T sums over head_dim in any order, so k16 step 4s + i takes, from lane (g, t), dims 64s + 16t + 4i
-    //   .. +3 of key g (one 32-bit word of a 16-byte load: b0 = its dims 0-1, b1 = 2-3) and q's same dims;
-    //   P.V^T needs pairs of keys per register: lane (g, t) loads dims [g, g + 1) * HEAD_DIM / 8 of keys 2t and
-    //   2t+1 and interleaves their bytes (prmt), so that row g of output m-tile mt is dim g * HEAD_DIM / 8 + 2mt
-    //   and row g+8 the next dim.
-    using MmaT = std::conditional_t<FP8, __half, DTypeKV>;
+    //   .. +3 of keys g and g+8 (one 32-bit word of a 16-byte load each: a0/a1 = its dims 0-1, a2/a3 = 2-3) and
+    //   q's same dims (b0, b1);
+    //   P.V^T needs pairs of keys per register: lane (g, t) loads dims [g, g + 1) * HEAD_DIM / 8 of keys 2t,
+    //   2t+1 (and 8 on) and interleaves their bytes (prmt), so that row g of output m-tile mt is dim
+    //   g * HEAD_DIM / 8 + 2mt and row g+8 the next dim.
+    constexpr int WTOK = TILE / WARPS;  // 16 (d128) or 32 (d64)
+    constexpr int MK = WTOK / 16;       // m16 tiles of keys per warp and tile
+    constexpr int KS = HEAD_DIM / 16;   // k16 steps of K Q^T
+    constexpr int MT = HEAD_DIM / 16;   // m16 tiles of the transposed output
+    constexpr int VW = HEAD_DIM / 32;   // 32-bit words of V per key and lane (the lane's HEAD_DIM / 8 dims)
+    static_assert(WTOK % 16 == 0 && KS % 4 == 0, "a warp takes whole m16 key tiles; a K load covers 64 columns");
+    const int g = warp_lane / 4, t4 = warp_lane % 4;  // fragment row (key; head of q's and P's B fragments), pair
+    // ALiBi slopes of heads 2t and 2t+1 (this lane's score and output columns).
+    float slope[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      slope[i] = ALIBI ? alibi_slope(w.first_head + min(2 * t4 + i, heads_here - 1), sc.num_qo_heads) : 0.f;
+    }
+
+    // q^T as the B operand, unscaled (a bfloat16 q is rounded to float16, exact for |q| in [2^-14, 65504], larger
+    // magnitudes clamped): b0 = dims c0, c0+1 of head g, b1 = c0+2, c0+3; heads beyond the tile's are zero.
+    uint32_t qb[KS][2];
+    {
+      const bool real_head = g < heads_here;
+      const DTypeQ* qh = w.q + min(g, heads_here - 1) * w.q_stride_h;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const int c0 = 64 * (ks / 4) + 16 * t4 + 4 * (ks % 4);
+        qb[ks][0] = real_head ? pack2_half_clamped(to_float(qh[c0]), to_float(qh[c0 + 1])) : 0u;
+        qb[ks][1] = real_head ? pack2_half_clamped(to_float(qh[c0 + 2]), to_float(qh[c0 + 3])) : 0u;
+      }
+    }
+
+    // Heads 2t and 2t+1: m, d (d sums only this lane's keys until the end), and o: o[mt][0|1] = row g (heads
+    // 2t, 2t+1), o[mt][2|3] = row g+8.
+    float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f};
+    float o[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);
+      cp_async_commit();
+      const uint4* sk = smem + (tile % STAGES) * 2 * TILE * RC;
+      const uint4* sv = sk + TILE * RC;
+      const int tok0 = warp * WTOK;  // first token of this warp within the tile
+
+      float st[MK][4];  // S^T of key tile mk: (key g, heads 2t, 2t+1), (key g+8, heads 2t, 2t+1)
+#pragma unroll
+      for (int mk = 0; mk < MK; ++mk) {
+        st[mk][0] = st[mk][1] = st[mk][2] = st[mk][3] = 0.f;
+#pragma unroll
+        for (int s4 = 0; s4 < KS / 4; ++s4) {
+          uint32_t k0[4], k8[4];  // dims 64*s4 + 16*t4 .. +15 of keys g and g+8
+          ring_words<4, DTypeKV, RC>(sk, tok0 + mk * 16 + g, 4 * (4 * s4 + t4), k0);
+          ring_words<4, DTypeKV, RC>(sk, tok0 + mk * 16 + g + 8, 4 * (4 * s4 + t4), k8);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            uint32_t a[4];
+            fp8x4_to_half2x2(k0[i], a[0], a[2], DTypeKV{});
+            fp8x4_to_half2x2(k8[i], a[1], a[3], DTypeKV{});
+            mma_16816<__half>(st[mk], a, qb[4 * s4 + i][0], qb[4 * s4 + i][1]);
+          }
+        }
+      }
+
+#pragma unroll
+      for (int mk = 0; mk < MK; ++mk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int token = chunk_begin + tile * TILE + tok0 + mk * 16 + g + (r >= 2 ? 8 : 0);
+          const float x =
+              transform_logit<ALIBI, SOFTCAP>(st[mk][r] * sc.sm_scale, slope[r & 1], token - q_pos, sc.logits_soft_cap);
+          st[mk][r] = token < chunk_end ? x : kNegInf;
+        }
+      }
+      // Logits are already in the log2 domain (scl 1); a warp may see only padding in a short chunk. Head 2t+i's
+      // scores of this lane: st[mk][i] and st[mk][2 + i], the rest in the lanes of the other rows g.
+      bool moved = false;
+      float corr[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        corr[i] = online_softmax_row<MK, 2, 8, 4>(m[i], d[i], 1.f, moved,
+                                                  [&](int mk, int e) -> float& { return st[mk][2 * e + i]; });
+      }
+      if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          o[mt][0] *= corr[0], o[mt][1] *= corr[1], o[mt][2] *= corr[0], o[mt][3] *= corr[1];
+      }
+#pragma unroll
+      for (int mk = 0; mk < MK; ++mk) {
+        // P^T's B fragment (keys 2t, 2t+1 of head g; b1: keys 8 on), from the C fragment (key g; heads 2t, 2t+1).
+        const uint32_t p0 = movmatrix_trans(pack2<__half>(st[mk][0], st[mk][1]));
+        const uint32_t p1 = movmatrix_trans(pack2<__half>(st[mk][2], st[mk][3]));
+        uint32_t va[VW], vb[VW], vc[VW], vd[VW];  // this lane's dims of keys 2t, 2t+1, 2t+8, 2t+9
+        const int key = tok0 + mk * 16 + 2 * t4;
+        ring_words<VW, DTypeKV, RC>(sv, key, g * VW, va);
+        ring_words<VW, DTypeKV, RC>(sv, key + 1, g * VW, vb);
+        ring_words<VW, DTypeKV, RC>(sv, key + 8, g * VW, vc);
+        ring_words<VW, DTypeKV, RC>(sv, key + 9, g * VW, vd);
+#pragma unroll
+        for (int j = 0; j < VW; ++j) {
+          // Bytes (key 2t, key 2t+1) of dims 4j, 4j+1 and of dims 4j+2, 4j+3: rows g and g+8 of m-tiles 2j and
+          // 2j+1; a0/a1 from keys 2t, 2t+1, a2/a3 from keys 2t+8, 2t+9.
+          uint32_t a[4], b[4];
+          fp8x4_to_half2x2(__byte_perm(va[j], vb[j], 0x5140), a[0], a[1], DTypeKV{});
+          fp8x4_to_half2x2(__byte_perm(vc[j], vd[j], 0x5140), a[2], a[3], DTypeKV{});
+          fp8x4_to_half2x2(__byte_perm(va[j], vb[j], 0x7362), b[0], b[1], DTypeKV{});
+          fp8x4_to_half2x2(__byte_perm(vc[j], vd[j], 0x7362), b[2], b[3], DTypeKV{});
+          mma_16816<__half>(o[2 * j], a, p0, p1);
+          mma_16816<__half>(o[2 * j + 1], b, p0, p1);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      // The 8 rows g of head 2t+i share its m; their d are this lane's keys only.
+      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 4);
+      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 8);
+      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 16);
+      const int head = 2 * t4 + i;
+      if (head < GT) {
+        if (g == 0) {
+          s_m[warp * GT + head] = m[i];
+          s_d[warp * GT + head] = d[i];
+        }
+        // Rows g and g+8 of m-tile mt: dims g * HEAD_DIM / 8 + 2mt and + 1.
+        float* dst = s_o + (warp * GT + head) * HEAD_DIM + g * (HEAD_DIM / 8);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          dst[2 * mt] = o[mt][i];
+          dst[2 * mt + 1] = o[mt][2 + i];
+        }
+      }
+    }
+  } else if constexpr (MMA) {
+    // ---- tensor cores, 16-bit K/V: warp w takes WTOK consecutive tokens of each tile ----
+    using MmaT = DTypeKV;
     constexpr int WTOK = TILE / WARPS;  // 8 (d128) or 16 (d64)
     constexpr int NT = WTOK / 8;        // n8 tiles of scores per warp and tile
     constexpr int KS = HEAD_DIM / 16;   // k16 steps of Q.K^T
     constexpr int MT = HEAD_DIM / 16;   // m16 tiles of the transposed output
-    constexpr int VW = HEAD_DIM / 32;   // fp8: 32-bit words of V per key and lane (the lane's HEAD_DIM / 8 dims)
-    static_assert(KS % (FP8 ? 4 : 2) == 0 && MT % 2 == 0, "a fragment load covers 32 (64 for fp8) columns");
+    static_assert(KS % 2 == 0 && MT % 2 == 0, "a fragment load covers 32 columns");
     const int g = warp_lane / 4, t4 = warp_lane % 4;  // fragment row (= head of the tile) and column pair
     const bool real_row = g < heads_here;
     const float slope = ALIBI ? alibi_slope(w.first_head + min(g, heads_here - 1), sc.num_qo_heads) : 0.f;
 
-    // q as the A operand, unscaled (exact in its 16-bit type; a bfloat16 q is rounded to float16 with fp8 KV,
-    // exact for |q| in [2^-14, 65504]): a0 = one column pair (cols 2t.. of the step), a2 = the other (2t+8..);
+    // q as the A operand, unscaled (exact in its 16-bit type): a0 = one column pair (cols 2t.. of the step), a2 =
+    // the other (2t+8..);
     // rows g+8 (a1, a3) are zero, and so are rows beyond the tile's heads.
     uint32_t qa[KS][2];
     {
       const DTypeQ* qh = w.q + min(g, heads_here - 1) * w.q_stride_h;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        const int c0 = FP8 ? 64 * (ks / 4) + 16 * t4 + 4 * (ks % 4) : ks * 16 + 2 * t4;
-        const int c1 = FP8 ? c0 + 2 : c0 + 8;
+        const int c0 = ks * 16 + 2 * t4;
+        const int c1 = c0 + 8;
         qa[ks][0] = real_row ? pack2<MmaT>(to_float(qh[c0]), to_float(qh[c0 + 1])) : 0u;
         qa[ks][1] = real_row ? pack2<MmaT>(to_float(qh[c1]), to_float(qh[c1 + 1])) : 0u;
       }
@@ -329,31 +508,16 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
-        if constexpr (FP8) {
 #pragma unroll
-          for (int s4 = 0; s4 < KS / 4; ++s4) {
-            uint32_t kw[4];  // dims 64*s4 + 16*t4 .. +15 of key g
-            ring_words<4, DTypeKV, RC>(sk, tok0 + nt * 8 + g, 4 * (4 * s4 + t4), kw);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              uint32_t b0, b1;
-              fp8x4_to_half2x2(kw[i], b0, b1, DTypeKV{});
-              const uint32_t a[4] = {qa[4 * s4 + i][0], 0u, qa[4 * s4 + i][1], 0u};
-              mma_16816<MmaT>(st[nt], a, b0, b1);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
-            // Matrix i of the x4 load: tokens tok0 + nt*8 + 0..7, 16-byte column 4*ks2 + i.
-            uint32_t b[4];
-            ldmatrix_x4(b, smem_addr(sk + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7),
-                                                                  ks2 * 4 + (warp_lane >> 3))));
-            const uint32_t a0[4] = {qa[2 * ks2][0], 0u, qa[2 * ks2][1], 0u};
-            const uint32_t a1[4] = {qa[2 * ks2 + 1][0], 0u, qa[2 * ks2 + 1][1], 0u};
-            mma_16816<MmaT>(st[nt], a0, b[0], b[1]);
-            mma_16816<MmaT>(st[nt], a1, b[2], b[3]);
-          }
+        for (int ks2 = 0; ks2 < KS / 2; ++ks2) {
+          // Matrix i of the x4 load: tokens tok0 + nt*8 + 0..7, 16-byte column 4*ks2 + i.
+          uint32_t b[4];
+          ldmatrix_x4(
+              b, smem_addr(sk + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7), ks2 * 4 + (warp_lane >> 3))));
+          const uint32_t a0[4] = {qa[2 * ks2][0], 0u, qa[2 * ks2][1], 0u};
+          const uint32_t a1[4] = {qa[2 * ks2 + 1][0], 0u, qa[2 * ks2 + 1][1], 0u};
+          mma_16816<MmaT>(st[nt], a0, b[0], b[1]);
+          mma_16816<MmaT>(st[nt], a1, b[2], b[3]);
         }
       }
 
@@ -380,31 +544,15 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
       for (int nt = 0; nt < NT; ++nt) {
         // Scores in C layout (head g, tokens 2t, 2t+1) are P^T in B layout (tokens 2t, 2t+1; head g).
         const uint32_t pb = real_row ? pack2<MmaT>(st[nt][0], st[nt][1]) : 0u;
-        if constexpr (FP8) {
-          uint32_t va[VW], vb[VW];  // this lane's dims of keys 2t and 2t+1
-          const int key = tok0 + nt * 8 + 2 * t4;
-          ring_words<VW, DTypeKV, RC>(sv, key, g * VW, va);
-          ring_words<VW, DTypeKV, RC>(sv, key + 1, g * VW, vb);
 #pragma unroll
-          for (int j = 0; j < VW; ++j) {
-            // Bytes (key 2t, key 2t+1) of dims 4j, 4j+1 and of dims 4j+2, 4j+3: one A register per dim.
-            uint32_t d0, d1, d2, d3;
-            fp8x4_to_half2x2(__byte_perm(va[j], vb[j], 0x5140), d0, d1, DTypeKV{});
-            fp8x4_to_half2x2(__byte_perm(va[j], vb[j], 0x7362), d2, d3, DTypeKV{});
-            mma_1688<MmaT>(o[2 * j], d0, d1, pb);
-            mma_1688<MmaT>(o[2 * j + 1], d2, d3, pb);
-          }
-        } else {
-#pragma unroll
-          for (int mt2 = 0; mt2 < MT / 2; ++mt2) {
-            // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
-            // 2i+1 are rows g and g+8 of V^T m-tile 2*mt2 + i.
-            uint32_t a[4];
-            ldmatrix_x4_trans(a, smem_addr(sv + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7),
-                                                                        mt2 * 4 + (warp_lane >> 3))));
-            mma_1688<MmaT>(o[2 * mt2], a[0], a[1], pb);
-            mma_1688<MmaT>(o[2 * mt2 + 1], a[2], a[3], pb);
-          }
+        for (int mt2 = 0; mt2 < MT / 2; ++mt2) {
+          // Transposed 8x8 blocks of these 8 tokens at 16-byte columns 4*mt2 .. 4*mt2+3: registers 2i and
+          // 2i+1 are rows g and g+8 of V^T m-tile 2*mt2 + i.
+          uint32_t a[4];
+          ldmatrix_x4_trans(
+              a, smem_addr(sv + ring_chunk<DTypeKV, RC>(tok0 + nt * 8 + (warp_lane & 7), mt2 * 4 + (warp_lane >> 3))));
+          mma_1688<MmaT>(o[2 * mt2], a[0], a[1], pb);
+          mma_1688<MmaT>(o[2 * mt2 + 1], a[2], a[3], pb);
         }
       }
     }
@@ -419,12 +567,12 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
     for (int i = 0; i < 2; ++i) {
       const int head = 2 * t4 + i;
       if (head < GT) {
-        // Rows g and g+8 of m-tile mt: dims mt*16 + g and + 8 (16-bit), g * HEAD_DIM / 8 + 2mt and + 1 (fp8).
-        float* dst = s_o + (warp * GT + head) * HEAD_DIM + (FP8 ? g * (HEAD_DIM / 8) : g);
+        // Rows g and g+8 of m-tile mt: dims mt*16 + g and + 8.
+        float* dst = s_o + (warp * GT + head) * HEAD_DIM + g;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          dst[FP8 ? 2 * mt : mt * 16] = o[mt][i];
-          dst[FP8 ? 2 * mt + 1 : mt * 16 + 8] = o[mt][2 + i];
+          dst[mt * 16] = o[mt][i];
+          dst[mt * 16 + 8] = o[mt][2 + i];
         }
       }
     }
@@ -569,7 +717,7 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 
 // One CTA per (query-head tile, chunk, KV head) of a single request.
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, PosEncoding POS, bool SOFTCAP>
-__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, POS>())
+__global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, DTypeKV, POS>())
     single_decode_kernel(const __grid_constant__ SingleDecodeParams p, const __grid_constant__ RopeTableFor<POS> rope) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // Both kernels are launched with programmatic dependent launch: this one may be scheduled while the

@@ -208,9 +208,7 @@ FI_DEVICE uint32_t fp8_kv_offset(int row, int c) {
 // significant bits, float16 11); smaller magnitudes keep an absolute error below 2^-25, larger ones clamp to
 // +-65504 (a q element that large saturates any softmax anyway).
 FI_DEVICE uint32_t bf16x2_to_half2_clamped(uint32_t w) {
-  const float x = fminf(fmaxf(__uint_as_float(w << 16), -65504.f), 65504.f);
-  const float y = fminf(fmaxf(__uint_as_float(w & 0xffff0000u), -65504.f), 65504.f);
-  return pack2<__half>(x, y);
+  return pack2_half_clamped(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
 }
 
 // Converts a bfloat16 q tile of ROWS rows of CH 16-byte chunks (chunk c of row r at chunk_at(r, c)) to float16 in

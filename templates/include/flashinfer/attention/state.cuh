@@ -20,14 +20,16 @@
 namespace flashinfer {
 
 // One online-softmax step of a query row over a tile of keys. The row's scores of the tile are spread over
-// LANES consecutive lanes (4: a quad, the C/D fragment layout of mma.sync and wgmma; 1: one lane holds them
-// all); each of those lanes holds E * N of them, score(j, e) (j < N, e < E), in units where scl turns them
-// into log2-domain logits. Folds the tile's max into m, rescales d, and overwrites the scores with their
-// probabilities, summed into d (this lane's share). Returns the factor the row's output accumulators must be
-// scaled by; `moved` is set when the row's max changed (the factor is exactly 1 otherwise).
-template <int N, int E = 2, int LANES = 4, typename Score>
+// LANES lanes STRIDE apart (4 consecutive: a quad, the row of an mma.sync or wgmma C/D fragment; 8 lanes 4 apart:
+// a column of an mma.sync C fragment; 1: one lane holds them all); each of those lanes holds E * N of them,
+// score(j, e) (j < N, e < E), in units where scl turns them into log2-domain logits. Folds the tile's max into
+// m, rescales d, and overwrites the scores with their probabilities, summed into d (this lane's share). Returns
+// the factor the row's output accumulators must be scaled by; `moved` is set when the row's max changed (the
+// factor is exactly 1 otherwise).
+template <int N, int E = 2, int LANES = 4, int STRIDE = 1, typename Score>
 FI_DEVICE float online_softmax_row(float& m, float& d, float scl, bool& moved, Score&& score) {
-  static_assert((E == 1 || E == 2) && (LANES == 1 || LANES == 4), "pairs or single scores; a quad or one lane");
+  static_assert((E == 1 || E == 2) && (LANES & (LANES - 1)) == 0 && LANES * STRIDE <= 32,
+                "pairs or single scores; a power-of-two set of lanes of one warp");
   float mx = kNegInf;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
@@ -37,9 +39,9 @@ FI_DEVICE float online_softmax_row(float& m, float& d, float scl, bool& moved, S
       mx = fmaxf(mx, score(j, 0));
     }
   }
-  if constexpr (LANES == 4) {
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+#pragma unroll
+  for (int offset = STRIDE; offset < LANES * STRIDE; offset *= 2) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
   }
   const float m_new = fmaxf(m, mx);
   const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing allowed yet stays at 0

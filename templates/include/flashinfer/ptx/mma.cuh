@@ -38,6 +38,15 @@ FI_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
 }
 
 // D = A * B + D with fp32 accumulators.
+// Transposes an 8x8 matrix of 16-bit elements held in the mma fragment layout (lane 4r + c: row r, columns 2c
+// and 2c+1, the lower column in the low half): afterwards the lane holds row r of the transpose, i.e. column r,
+// rows 2c and 2c+1, of the input. How a C fragment (rows = keys) becomes a B operand (rows = the k dimension).
+FI_DEVICE uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 template <typename T>
 FI_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
