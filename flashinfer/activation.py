@@ -63,7 +63,7 @@ class _ActModule:
 
     def __init__(self, dtype: str) -> None:
         self.module = jit.load(ActivationSpec(dtype=dtype))
-        self.launch = self.module.launcher("flashinfer_act_and_mul").raw
+        self.launch = self.module.launcher("flashinfer_act_and_mul").call
         # The activation ids the module exports (FI_MODULE_CONSTANTS), by FlashInfer's function prefix.
         self.codes = {name: self.module.constants[name] for name in ("silu", "gelu", "gelu_tanh")}
 

@@ -69,14 +69,14 @@ class NormSpec(Spec):
 
 
 class _NormModule:
-    """A loaded norm module's launchers (raw ctypes: positional, in declaration order) and limits."""
+    """A loaded norm module's launchers (positional calls, in declaration order) and limits."""
 
     __slots__ = ("module", "rmsnorm", "fused_add", "max_hidden")
 
     def __init__(self, dtype: str) -> None:
         self.module = jit.load(NormSpec(dtype=dtype))
-        self.rmsnorm = self.module.launcher("flashinfer_rmsnorm").raw
-        self.fused_add = self.module.launcher("flashinfer_fused_add_rmsnorm").raw
+        self.rmsnorm = self.module.launcher("flashinfer_rmsnorm").call
+        self.fused_add = self.module.launcher("flashinfer_fused_add_rmsnorm").call
         self.max_hidden = self.module.constants["max_hidden"]
 
 

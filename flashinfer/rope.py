@@ -109,8 +109,8 @@ class _RopeModule:
 
     def __init__(self, dtype: str) -> None:
         self.module = jit.load(RopeSpec(dtype=dtype))
-        self.table = self.module.launcher("flashinfer_rope").raw
-        self.cache = self.module.launcher("flashinfer_rope_cos_sin_cache").raw
+        self.table = self.module.launcher("flashinfer_rope").call
+        self.cache = self.module.launcher("flashinfer_rope_cos_sin_cache").call
         self.max_rotary_dim = self.module.constants["max_rotary_dim"]
         self._record = None
 
