@@ -63,6 +63,7 @@ from .utils import (
     check_same_device,
     check_tensor,
     check_vector_rows,
+    current_stream_at,
     current_stream_ptr,
     device_support_pdl,
     host_int32,
@@ -215,30 +216,32 @@ def _run(
     workspace = None
     if max_chunks > 1:
         workspace = torch.empty(max_chunks * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
-    rc = kernel.run(
-        q=q.data_ptr(),
-        k=k.data_ptr(),
-        v=v.data_ptr(),
-        o=o.data_ptr(),
-        lse=lse.data_ptr() if lse is not None else None,
-        workspace=workspace.data_ptr() if workspace is not None else None,
-        workspace_chunks=max_chunks,
-        num_qo_heads=num_qo_heads,
-        num_kv_heads=num_kv_heads,
-        kv_len=kv_len,
-        q_stride_h=q.stride(0),
-        k_stride_0=k.stride(0),
-        k_stride_1=k.stride(1),
-        v_stride_0=v.stride(0),
-        v_stride_1=v.stride(1),
-        window_left=window_left,
-        logits_soft_cap=soft_cap,
-        sm_scale=sm_scale,
-        v_scale=v_scale,
-        rope_scale=rope_scale,
-        rope_theta=rope_theta,
-        device=device.index,
-        stream=current_stream_ptr(device),
+    ks, vs = k.stride(), v.stride()
+    index = device.index
+    rc = kernel.run.call(  # positional, in the declaration's order (SingleDecodeSpec.launchers)
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        o.data_ptr(),
+        lse.data_ptr() if lse is not None else 0,  # (0, not None: a null pointer packs as it is)
+        workspace.data_ptr() if workspace is not None else 0,
+        max_chunks,
+        num_qo_heads,
+        num_kv_heads,
+        kv_len,
+        q.stride(0),
+        ks[0],
+        ks[1],
+        vs[0],
+        vs[1],
+        window_left,
+        soft_cap,
+        sm_scale,
+        v_scale,
+        rope_scale,
+        rope_theta,
+        index,
+        current_stream_at(index),
     )
     if rc:
         kernel.module.check(rc, f"single_decode_with_kv_cache ({kernel.module.spec.name()}) on {device}")

@@ -263,16 +263,17 @@ def _launch_table(
     qop, qosn, qosh, _ = _operand(q_out) if q_out is not q else (qp, qsn, qsh, hq)
     kop, kosn, kosh, _ = _operand(k_out) if k_out is not k else (kp, ksn, ksh, hk)
     if pos_ids is not None:
+        # (0, not None, for null pointers: the launcher's packed call takes them as they are)
         pos_ptr, ip_ptr, off_ptr, pos64, ip64, batch = (
             pos_ids.data_ptr(),
-            None,
-            None,
+            0,
+            0,
             pos_ids.dtype == torch.int64,
             0,
             0,
         )
     else:
-        pos_ptr, ip_ptr, off_ptr = None, indptr.data_ptr(), offsets.data_ptr()
+        pos_ptr, ip_ptr, off_ptr = 0, indptr.data_ptr(), offsets.data_ptr()
         pos64, ip64, batch = offsets.dtype == torch.int64, indptr.dtype == torch.int64, offsets.shape[0]
     device = q.device
     rc = m.table(

@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .jit.env import env_bool as _env_bool
+
 
 class PosEncodingMode(enum.Enum):
     """Position encoding applied inside the attention kernels (FlashInfer's values)."""
@@ -245,15 +247,15 @@ def check_same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> to
 
 def check_vector_rows(t: torch.Tensor, name: str, leading_dims: int) -> None:
     """The kernels read rows with 16-byte loads: last dim contiguous, other strides and the base aligned."""
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
-    elem = t.element_size()
-    align = 16 // elem
+    stride, shape = t.stride(), t.shape  # (one read each: t.size(d)/t.stride(d) parse their argument per call)
+    if stride[-1] != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {stride}")
+    align = 16 // t.element_size()
     for d in range(leading_dims):
-        if t.size(d) > 1 and t.stride(d) % align != 0:
+        if shape[d] > 1 and stride[d] % align != 0:
             raise ValueError(
-                f"{name} stride {t.stride(d)} of dim {d} is not a multiple of {align} elements (16 bytes); "
-                f"got strides {t.stride()}. Pass a tensor whose rows start 16-byte aligned, e.g. .contiguous()"
+                f"{name} stride {stride[d]} of dim {d} is not a multiple of {align} elements (16 bytes); "
+                f"got strides {stride}. Pass a tensor whose rows start 16-byte aligned, e.g. .contiguous()"
             )
     check_aligned(t, name)
 
@@ -581,9 +583,7 @@ def page_ids_int32(indices: torch.Tensor, count: int, name: str) -> Tuple[torch.
 def check_inputs_enabled() -> bool:
     """Whether ``FLASHINFER_CHECK_INPUTS`` asks run() to check device-side page ids (one device sync per call).
     Strict: 1/true/yes/on or 0/false/no/off; anything else raises JITEnvironmentError naming the variable."""
-    from .jit.env import env_bool
-
-    return env_bool("FLASHINFER_CHECK_INPUTS", False)
+    return _env_bool("FLASHINFER_CHECK_INPUTS", False)
 
 
 def check_page_ids_in_cache(

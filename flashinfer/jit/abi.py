@@ -172,16 +172,25 @@ def _packing(c_types: Tuple[str, ...]) -> Optional[struct.Struct]:
     return struct.Struct("@" + "".join(codes) + "0" + widest)
 
 
-def _positional(raw: Any, packed: Any, pack: Any) -> Any:
-    """A positional call of a launcher through its packed entry point. A value the block cannot hold as given (None
-    for a null pointer, an int beyond the field, a float beyond float32) takes the plain ctypes call instead, which
-    applies ctypes' own conversions: the result is the same either way."""
+def _positional(raw: Any, packed: Any, pack: Any, pointers: Tuple[int, ...]) -> Any:
+    """A positional call of a launcher through its packed entry point. None for a pointer (``pointers``: their
+    positions) packs as a null pointer; any other value the block cannot hold as given (an int beyond its field, a
+    float beyond float32, a wrong type) takes the plain ctypes call, which converts (or refuses) it as ctypes does.
+    Either way the launcher sees what the plain call would pass. Hot callers pass 0 for null pointers: the
+    retry costs an exception."""
 
     def call(*args: Any) -> Any:
         try:
             block = pack(*args)
         except (struct.error, OverflowError):
-            return raw(*args)
+            nulled = list(args)
+            for i in pointers:
+                if i < len(nulled) and nulled[i] is None:
+                    nulled[i] = 0
+            try:
+                block = pack(*nulled)
+            except (struct.error, OverflowError):
+                return raw(*args)
         return packed(block)
 
     return call
@@ -208,7 +217,11 @@ class BoundLauncher:
         self.launcher = launcher
         self.raw = raw  # the ctypes function (positional, every argument converted by ctypes)
         self.packed = packed
-        self.call = _positional(raw, packed, launcher.packing.pack) if packed is not None else raw
+        if packed is not None:
+            pointers = tuple(i for i, t in enumerate(launcher.c_types) if _normal(t).endswith("*"))
+            self.call = _positional(raw, packed, launcher.packing.pack, pointers)
+        else:
+            self.call = raw
         self._names = launcher.names
         self._n = len(launcher.names)
 
