@@ -88,18 +88,26 @@ def _rows_stride(shape: torch.Size, stride: Tuple[int, ...]) -> Optional[int]:
     return row_stride
 
 
-def _launch(act: str, out: torch.Tensor, input: torch.Tensor, enable_pdl: Optional[bool]) -> None:
-    """Launch on validated tensors: input ``[..., 2d]``, out ``[..., d]``, both with unit last stride."""
+def _launch(
+    act: str,
+    out: torch.Tensor,
+    input: torch.Tensor,
+    enable_pdl: Optional[bool],
+    in_shape: Optional[torch.Size] = None,
+    fresh_out: bool = False,
+) -> None:
+    """Launch on validated tensors: input ``[..., 2d]`` (of shape ``in_shape`` when the caller has read it), out
+    ``[..., d]``, both with unit last stride; ``fresh_out``: out was just made contiguous (its rows are d apart)."""
     shape = out.size()
     d = shape[-1]
     rows = out.numel() // d if d else 0
     if rows == 0:
         return
-    in_stride = _rows_stride(input.size(), input.stride())
+    in_stride = _rows_stride(input.size() if in_shape is None else in_shape, input.stride())
     if in_stride is None:
         input = input.contiguous()
         in_stride = input.shape[-1]
-    out_stride = _rows_stride(shape, out.stride())
+    out_stride = d if fresh_out else _rows_stride(shape, out.stride())
     target = None
     if out_stride is None:  # the leading dimensions of out do not collapse: compute contiguously, then copy
         target, out = out, torch.empty(shape, dtype=out.dtype, device=out.device)
@@ -159,7 +167,8 @@ def _act_and_mul(
     if input.stride()[-1] != 1 and d:
         input = input.contiguous()
     out_shape = (*shape[:-1], d)
-    if out is None:
+    fresh = out is None
+    if fresh:
         out = torch.empty(out_shape, dtype=input.dtype, device=input.device)
     else:
         check_device_tensor(out, "out")
@@ -173,7 +182,7 @@ def _act_and_mul(
     if torch.compiler.is_compiling():
         _OPS[act](out, input, pdl)
     else:
-        _launch(act, out, input, pdl)
+        _launch(act, out, input, pdl, shape, fresh)  # (input.contiguous() keeps the shape)
     return out
 
 
