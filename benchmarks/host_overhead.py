@@ -12,7 +12,8 @@ table and one JSON line; records nothing.
 Stub mode (no GPU needed, for measuring changes to the Python path): the modules are really built and loaded, but
 every entry point that would launch work is swapped for a C function that returns 0 at once, bound with the same
 ctypes signature (so argument marshalling is still paid); tensors are CPU tensors that report cuda:0
-(``torch.Tensor``'s ``is_cuda``/``device``/``get_device`` patched), ``torch.empty`` hands out a tensor made once per shape and dtype, and the stream and device-property queries return
+(``torch.Tensor``'s ``is_cuda``/``device``/``get_device`` patched), ``torch.empty``/``torch.empty_like`` hand out a tensor made once per shape and dtype (so this mode cannot show
+what a cheaper factory call saves), and the stream and device-property queries return
 constants. What remains is the cost of validation, module lookup, marshalling and the ctypes call itself, not
 of cudaLaunchKernel or the CUDA caching allocator. ``--profile OP`` prints cProfile's view of one op.
 """
@@ -175,7 +176,17 @@ def install_stubs() -> None:
         multi_processor_count = 132
         L2_cache_size = 60 << 20
 
+    real_empty_like = torch.empty_like
+
+    def empty_like(t, **kwargs):
+        key = (tuple(t.shape), t.dtype, tuple(kwargs.items()))
+        out = made.get(key)
+        if out is None:
+            out = made[key] = real_empty_like(t, **kwargs)
+        return out
+
     torch.empty = empty
+    torch.empty_like = empty_like
     torch._C._cuda_getCurrentRawStream = abs  # (a builtin: 0 for device 0, at a builtin call's cost)
     torch.cuda.is_current_stream_capturing = lambda: False
     torch.cuda.get_device_capability = lambda device=None: (9, 0)

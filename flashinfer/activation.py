@@ -168,8 +168,8 @@ def _act_and_mul(
         input = input.contiguous()
     out_shape = (*shape[:-1], d)
     fresh = out is None
-    if fresh:
-        out = torch.empty(out_shape, dtype=input.dtype, device=input.device)
+    if fresh:  # (the sizes as separate ints: a tuple or torch.Size argument costs the factory call more)
+        out = torch.empty(*out_shape, dtype=input.dtype, device=input.device)
     else:
         check_device_tensor(out, "out")
         if out.size() != out_shape or out.dtype != input.dtype or out.get_device() != input.get_device():

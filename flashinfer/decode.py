@@ -432,9 +432,14 @@ def single_decode_with_kv_cache(
             lse_t = lse.copy_(lse_t)
         return (o, lse_t) if return_lse else o
 
-    o = out if out is not None else torch.empty((num_qo_heads, head_dim), dtype=q.dtype, device=device)
+    if out is not None:
+        o = out
+    elif q.stride(0) == head_dim:  # (empty_like: several times cheaper than torch.empty(shape, dtype=, device=))
+        o = torch.empty_like(q)
+    else:
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
     if return_lse and lse is None:
-        lse = torch.empty((num_qo_heads,), dtype=torch.float32, device=device)
+        lse = torch.empty(num_qo_heads, dtype=torch.float32, device=device)
     _run(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale, r_scale, r_theta, o, lse)
     return (o, lse) if return_lse else o
 
@@ -1542,10 +1547,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             if lse is not None:
                 lse_t = lse.copy_(lse_t)
             return (o, lse_t) if return_lse else o
-        if out is None:
-            out = torch.empty((p.batch_size, p.num_qo_heads, p.head_dim), dtype=p.q_dtype, device=self._device)
+        if out is None:  # (sizes as separate ints: a tuple argument costs the factory call more)
+            out = torch.empty(p.batch_size, p.num_qo_heads, p.head_dim, dtype=p.q_dtype, device=self._device)
         if return_lse and lse is None:
-            lse = torch.empty((p.batch_size, p.num_qo_heads), dtype=torch.float32, device=self._device)
+            lse = torch.empty(p.batch_size, p.num_qo_heads, dtype=torch.float32, device=self._device)
         self._launch(p, q, kv, out, lse, scale_mult, out_scale, enable_pdl)
         return (out, lse) if return_lse else out
 

@@ -238,9 +238,13 @@ def _rmsnorm(
         input = input.contiguous()
         stride = input.stride()
     if out is None:
-        out = torch.empty(shape, dtype=input.dtype, device=input.device)
-        # (a new contiguous tensor: its strides without asking it)
+        # A new contiguous tensor, its strides known without asking it. empty_like, not torch.empty(shape, dtype=,
+        # device=): a torch.Size argument and a device keyword cost a factory call several times empty_like's.
         out_stride = (shape[1], 1) if len(shape) == 2 else (shape[1] * shape[2], shape[2], 1)
+        if stride == out_stride:
+            out = torch.empty_like(input)
+        else:
+            out = torch.empty_like(input, memory_format=torch.contiguous_format)
     else:
         check_device_tensor(out, "out")
         if out.size() != shape or out.dtype != input.dtype or out.get_device() != device:
