@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -221,7 +220,10 @@ def main() -> None:
 
     if args.reference:  # the real FlashInfer only (it is first on PYTHONPATH): one JSON line
         import flashinfer as real_fi  # noqa: F401
-        import flashinfer.activation, flashinfer.decode, flashinfer.norm, flashinfer.rope  # noqa: E401, F401
+        import flashinfer.activation  # noqa: E401, F401
+        import flashinfer.decode
+        import flashinfer.norm
+        import flashinfer.rope
 
         print(json.dumps(measure(real_fi, False, args.calls, only)))
         return

@@ -59,9 +59,7 @@ def test_packed_entries_render_one_entry_per_int_launcher():
 
 # ------------------------------------------------------------------------------------------------ a real build
 
-ECHO = Launcher(
-    "flashinfer_test_echo", "int a, int64_t b, uint64_t c, float d, double e, const void* p, int64_t* out"
-)
+ECHO = Launcher("flashinfer_test_echo", "int a, int64_t b, uint64_t c, float d, double e, const void* p, int64_t* out")
 
 
 @dataclasses.dataclass(frozen=True)
