@@ -3,6 +3,7 @@ silu_and_mul (16 tokens, bf16), single_decode_with_kv_cache and BatchDecodeWithP
 
     python benchmarks/host_overhead.py [--no-reference] [--calls N]   # on a GPU: real calls
     python benchmarks/host_overhead.py --stub [--profile OP]         # without a GPU: the Python path alone
+    python benchmarks/host_overhead.py --instructions                 # the same, instructions per call (valgrind)
 
 GPU mode: host time = wall time of N back-to-back calls without synchronizing, divided by N (best of 5 rounds; the
 inputs are small, so the GPU finishes each kernel before the next launch is ready and never throttles the loop).
@@ -15,7 +16,9 @@ ctypes signature (so argument marshalling is still paid); tensors are CPU tensor
 (``torch.Tensor``'s ``is_cuda``/``device``/``get_device`` patched), ``torch.empty``/``torch.empty_like`` hand out a tensor made once per shape and dtype (so this mode cannot show
 what a cheaper factory call saves), and the stream and device-property queries return
 constants. What remains is the cost of validation, module lookup, marshalling and the ctypes call itself, not
-of cudaLaunchKernel or the CUDA caching allocator. ``--profile OP`` prints cProfile's view of one op.
+of cudaLaunchKernel or the CUDA caching allocator. ``--profile OP`` prints cProfile's view of one op. Times on a
+shared CPU wander by 2x between runs; ``--instructions`` counts the instructions of the timed loops under
+valgrind's callgrind instead (deterministic; a few minutes), for before/after comparisons.
 """
 
 from __future__ import annotations
@@ -207,6 +210,60 @@ def measure(fi, stub: bool, calls: int, only: Tuple[str, ...]) -> Dict[str, floa
     return {op: host_us(cases[op], calls, sync, rounds, clock) for op in OPS if not only or op in only}
 
 
+# Instruction counts (stub mode under valgrind's callgrind): deterministic, unlike times on a shared CPU.
+_CALLGRIND_C = """#include <valgrind/callgrind.h>
+void fi_cg_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void fi_cg_stop(const char* name) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT(name); }
+"""
+
+
+def count_instructions(calls: int, only: Tuple[str, ...]) -> Dict[str, int]:
+    """Reruns this script's stub mode under callgrind (instrumenting only the timed loops, through client requests)
+    and returns the instructions per call of each op. Needs valgrind and its headers."""
+    d = Path(tempfile.mkdtemp(prefix="fi_host_overhead_cg_"))
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={d}/cg.%p",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--stub",
+        "--callgrind-child",
+        "--calls",
+        str(calls),
+    ] + (["--ops", ",".join(only)] if only else [])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out: Dict[str, int] = {}
+    for f in sorted(d.glob("cg.*.*")):
+        text = f.read_text(errors="replace")
+        op = next((ln.split("Client Request: ", 1)[1] for ln in text.splitlines() if "Client Request: " in ln), None)
+        total = next((int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("totals:")), None)
+        if op in OPS and total is not None:
+            out[op] = total // calls
+    return {op: out[op] for op in OPS if op in out}
+
+
+def _callgrind_child(fi, calls: int, only: Tuple[str, ...]) -> None:
+    import ctypes
+
+    d = Path(tempfile.mkdtemp(prefix="fi_host_overhead_cgc_"))
+    (d / "cg.c").write_text(_CALLGRIND_C)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(d / "libcg.so"), str(d / "cg.c")], check=True)
+    cg = ctypes.CDLL(str(d / "libcg.so"))
+    cases = make_cases(fi, "cpu")
+    for op in OPS:
+        if only and op not in only:
+            continue
+        fn = cases[op]
+        for _ in range(20):
+            fn()
+        cg.fi_cg_start()
+        for _ in range(calls):
+            fn()
+        cg.fi_cg_stop(op.encode())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stub", action="store_true", help="no GPU: time the Python path with launches stubbed out")
@@ -214,9 +271,22 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000, help="calls per timing round")
     ap.add_argument("--ops", default="", help="comma-separated subset of " + ",".join(OPS))
     ap.add_argument("--profile", default="", help="stub or GPU mode: cProfile one op (by own time)")
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="stub mode under valgrind (callgrind): instructions per call instead of times (needs valgrind)",
+    )
+    ap.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(REFERENCE_FLAG, dest="reference", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     only = tuple(filter(None, args.ops.split(",")))
+    if args.instructions:
+        counts = count_instructions(min(args.calls, 200), only)
+        print("instructions per call, stub (Python path only, launches stubbed)")
+        for op, n in counts.items():
+            print(f"{op:30s} {n:8d}")
+        print(json.dumps({"instructions": counts}))
+        return
 
     if args.reference:  # the real FlashInfer only (it is first on PYTHONPATH): one JSON line
         import flashinfer as real_fi  # noqa: F401
@@ -233,6 +303,9 @@ def main() -> None:
         install_stubs()
     import flashinfer as fi
 
+    if args.callgrind_child:
+        _callgrind_child(fi, args.calls, only)
+        return
     if args.profile:
         import cProfile
         import pstats
@@ -259,10 +332,11 @@ def main() -> None:
         ref = run_reference(str(Path(__file__).resolve()), extra) or {}
     mode = "stub (Python path only, launches stubbed)" if args.stub else torch.cuda.get_device_name()
     print(f"host us per call, {mode}")
-    print(f"{'op':30s} {'ours':>8s} {'FlashInfer':>11s}")
+    print(f"{'op':30s} {'ours':>8s} {'FlashInfer':>11s} {'FI/ours':>8s}")
     for op, us in ours.items():
         r = ref.get(op)
-        print(f"{op:30s} {us:8.2f} {'-' if r is None else f'{r:.2f}':>11}")
+        ratio = "-" if r is None else f"{r / us:.2f}"
+        print(f"{op:30s} {us:8.2f} {'-' if r is None else f'{r:.2f}':>11} {ratio:>8s}")
     print(json.dumps({"ours": ours, "flashinfer": ref, "stub": args.stub}))
 
 
