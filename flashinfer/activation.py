@@ -25,6 +25,7 @@ from .utils import (
     dtype_short,
     module_error,
     resolve_pdl_at,
+    tracing,
 )
 
 __all__ = ["ActivationSpec", "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"]
@@ -179,7 +180,7 @@ def _act_and_mul(
             )
         if out.stride()[-1] != 1 and d > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out.stride()}")
-    if torch.compiler.is_compiling():
+    if tracing():
         _OPS[act](out, input, pdl)
     else:
         _launch(act, out, input, pdl, shape, fresh)  # (input.contiguous() keeps the shape)

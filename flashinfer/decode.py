@@ -71,6 +71,7 @@ from .utils import (
     num_sms,
     plan_dtypes,
     scalar,
+    tracing,
 )
 
 __all__ = [
@@ -411,7 +412,7 @@ def single_decode_with_kv_cache(
             lse=lse,
         )
 
-    if torch.compiler.is_compiling():
+    if tracing():
         o, lse_t = _single_decode_op(
             q,
             k,
@@ -1481,7 +1482,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 f"run(window_left={window_left}) differs from the wrapper's window_left "
                 f"{self._window_left} (set by plan() or forward()): plan with that window"
             )
-        compiling = torch.compiler.is_compiling()
+        compiling = tracing()
         if not self._use_cuda_graph and not compiling and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "run() is being captured in a CUDA graph but this wrapper was built with use_cuda_graph=False: its "

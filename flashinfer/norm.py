@@ -27,6 +27,7 @@ from .utils import (
     module_error,
     resolve_pdl_at,
     scalar,
+    tracing,
 )
 
 __all__ = ["NormSpec", "rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm"]
@@ -255,7 +256,7 @@ def _rmsnorm(
         out_stride = out.stride()
         if out_stride[-1] != 1 and shape[-1] > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out_stride}")
-    if torch.compiler.is_compiling():
+    if tracing():
         _rmsnorm_op(out, input, weight, eps, weight_bias, pdl)
     else:
         _launch(False, input, out, weight, eps, weight_bias, pdl, shape, stride, out_stride, device)
@@ -291,7 +292,7 @@ def _fused_add_rmsnorm(
             f"input and residual are updated in place and must be contiguous in their last dimension "
             f"(stride 1), got strides {stride} and {rstride}"
         )
-    if torch.compiler.is_compiling():
+    if tracing():
         _fused_add_rmsnorm_op(input, residual, weight, eps, weight_bias, pdl)
     else:
         _launch(True, input, residual, weight, eps, weight_bias, pdl, shape, stride, rstride, device)

@@ -39,6 +39,7 @@ from .utils import (
     dtype_short,
     module_error,
     scalar,
+    tracing,
 )
 
 __all__ = [
@@ -586,13 +587,13 @@ def _rope(
             raise ValueError("indptr must have batch_size + 1 >= 1 elements")
         offsets = _check_index(offsets, "offsets", device, indptr.numel() - 1)
     if in_place:
-        if torch.compiler.is_compiling():
+        if tracing():
             _rope_inplace_op(q, k, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
         else:
             _launch_table(q, k, q, k, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
         return None
     q_rope, k_rope = torch.empty_like(q), torch.empty_like(k)
-    if torch.compiler.is_compiling():
+    if tracing():
         _rope_op(q, k, q_rope, k_rope, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
     else:
         _launch_table(q, k, q_rope, k_rope, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
@@ -953,7 +954,7 @@ def _rope_cos_sin_cache(
         kg = _heads_geometry(key, nnz, head_size, "key") if key is not None else kg
     interleave = not bool(is_neox)
 
-    if torch.compiler.is_compiling():  # the custom ops take (nnz, heads, head_size) views
+    if tracing():  # the custom ops take (nnz, heads, head_size) views
         q = query.view(nnz, qg[0], head_size)
         k = key.view(nnz, kg[0], head_size) if key is not None else q.new_empty((nnz, 0, head_size))
         if in_place:
