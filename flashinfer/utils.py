@@ -270,28 +270,19 @@ def aligned_rows(t: torch.Tensor, leading_dims: int) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-try:  # torch's infrastructure dispatch modes: fake tensors, make_fx's proxy tracing, functionalization
-    _dispatch_mode = torch._C._get_dispatch_mode
-    _FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
-    _PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
-    _FUNCTIONAL_MODE = torch._C._TorchDispatchModeKey.FUNCTIONAL
+try:  # whether a Python dispatch mode (fake tensors, make_fx's proxy, functionalization, ...) is active: one call
+    _python_key_included = torch._C._dispatch_tls_is_dispatch_key_included
+    _PYTHON_KEY = torch._C.DispatchKey.Python
 except AttributeError:  # (a torch without them: torch.compile's flag alone)
-    _dispatch_mode = None
+    _python_key_included = None
 
 
 def tracing() -> bool:
-    """Whether this call is being traced rather than run: torch.compile/export (dynamo), or a fake-tensor, proxy
-    (make_fx) or functionalization mode is active. The public ops then go through their ``torch.library`` custom
-    op (which such tracers record, mutations declared); otherwise they launch directly, skipping the dispatcher's
-    several microseconds per call. One rule for every family."""
-    return torch.compiler.is_compiling() or (
-        _dispatch_mode is not None
-        and (
-            _dispatch_mode(_FAKE_MODE) is not None
-            or _dispatch_mode(_PROXY_MODE) is not None
-            or _dispatch_mode(_FUNCTIONAL_MODE) is not None
-        )
-    )
+    """Whether this call is being traced rather than run: torch.compile/export (dynamo), or a Python dispatch mode
+    is active (fake tensors, make_fx's proxy tracing, functionalization; also a user's mode). The public ops then go
+    through their ``torch.library`` custom op (which such tracers record, mutations declared); otherwise they
+    launch directly, skipping the dispatcher's several microseconds per call. One rule for every family."""
+    return torch.compiler.is_compiling() or (_python_key_included is not None and _python_key_included(_PYTHON_KEY))
 
 
 def check_aligned(t: torch.Tensor, name: str) -> None:
