@@ -25,6 +25,7 @@ from .utils import (
     dtype_short,
     module_error,
     resolve_pdl_at,
+    tracing,
 )
 
 __all__ = ["ActivationSpec", "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"]
@@ -63,7 +64,7 @@ class _ActModule:
 
     def __init__(self, dtype: str) -> None:
         self.module = jit.load(ActivationSpec(dtype=dtype))
-        self.launch = self.module.launcher("flashinfer_act_and_mul").raw
+        self.launch = self.module.launcher("flashinfer_act_and_mul").call
         # The activation ids the module exports (FI_MODULE_CONSTANTS), by FlashInfer's function prefix.
         self.codes = {name: self.module.constants[name] for name in ("silu", "gelu", "gelu_tanh")}
 
@@ -88,18 +89,26 @@ def _rows_stride(shape: torch.Size, stride: Tuple[int, ...]) -> Optional[int]:
     return row_stride
 
 
-def _launch(act: str, out: torch.Tensor, input: torch.Tensor, enable_pdl: Optional[bool]) -> None:
-    """Launch on validated tensors: input ``[..., 2d]``, out ``[..., d]``, both with unit last stride."""
+def _launch(
+    act: str,
+    out: torch.Tensor,
+    input: torch.Tensor,
+    enable_pdl: Optional[bool],
+    in_shape: Optional[torch.Size] = None,
+    fresh_out: bool = False,
+) -> None:
+    """Launch on validated tensors: input ``[..., 2d]`` (of shape ``in_shape`` when the caller has read it), out
+    ``[..., d]``, both with unit last stride; ``fresh_out``: out was just made contiguous (its rows are d apart)."""
     shape = out.size()
     d = shape[-1]
     rows = out.numel() // d if d else 0
     if rows == 0:
         return
-    in_stride = _rows_stride(input.size(), input.stride())
+    in_stride = _rows_stride(input.size() if in_shape is None else in_shape, input.stride())
     if in_stride is None:
         input = input.contiguous()
         in_stride = input.shape[-1]
-    out_stride = _rows_stride(shape, out.stride())
+    out_stride = d if fresh_out else _rows_stride(shape, out.stride())
     target = None
     if out_stride is None:  # the leading dimensions of out do not collapse: compute contiguously, then copy
         target, out = out, torch.empty(shape, dtype=out.dtype, device=out.device)
@@ -159,8 +168,9 @@ def _act_and_mul(
     if input.stride()[-1] != 1 and d:
         input = input.contiguous()
     out_shape = (*shape[:-1], d)
-    if out is None:
-        out = torch.empty(out_shape, dtype=input.dtype, device=input.device)
+    fresh = out is None
+    if fresh:  # (the sizes as separate ints: a tuple or torch.Size argument costs the factory call more)
+        out = torch.empty(*out_shape, dtype=input.dtype, device=input.device)
     else:
         check_device_tensor(out, "out")
         if out.size() != out_shape or out.dtype != input.dtype or out.get_device() != input.get_device():
@@ -170,10 +180,10 @@ def _act_and_mul(
             )
         if out.stride()[-1] != 1 and d > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out.stride()}")
-    if torch.compiler.is_compiling():
+    if tracing():
         _OPS[act](out, input, pdl)
     else:
-        _launch(act, out, input, pdl)
+        _launch(act, out, input, pdl, shape, fresh)  # (input.contiguous() keeps the shape)
     return out
 
 

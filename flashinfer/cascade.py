@@ -59,6 +59,7 @@ from .utils import (
     page_ids_int32,
     plan_dtypes,
     scalar,
+    tracing,
 )
 
 __all__ = [
@@ -167,7 +168,7 @@ def _rows_ready(v: torch.Tensor, leading: int) -> bool:
         return False
     if any(v.size(d) > 1 and v.stride(d) % 8 != 0 for d in range(leading)):
         return False
-    return torch.compiler.is_compiling() or v.data_ptr() % 16 == 0
+    return tracing() or v.data_ptr() % 16 == 0
 
 
 def _vector_rows(v: torch.Tensor, leading: int) -> torch.Tensor:
@@ -360,7 +361,7 @@ def merge_state(
     returns NaN there.
     """
     v_b, s_a, s_b = _check_pair(v_a, s_a, v_b, s_b, ("v_a", "s_a", "v_b", "s_b"), True)
-    if torch.compiler.is_compiling():
+    if tracing():
         return _merge_state_op(v_a, s_a, v_b, s_b)
     v = torch.empty(v_a.shape, dtype=v_a.dtype, device=v_a.device)
     s = torch.empty(s_a.shape, dtype=torch.float32, device=v_a.device)
@@ -398,7 +399,7 @@ def merge_state_in_place(
             f"(strides multiples of 8 elements); got strides {v.stride()}"
         )
     mask = _check_mask(mask, v.shape[0], v.device)
-    if torch.compiler.is_compiling():
+    if tracing():
         _merge_state_in_place_op(v, s, v_other, s_other, mask)
         return
     _launch_pair(v, s, v_other, s_other, v, s, mask)
@@ -432,7 +433,7 @@ def merge_states(v: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.
     if num_states >= _INT32_LIMIT:
         raise ValueError(f"num_states {num_states} must stay below 2**31")
     s = _check_s(s, "s", (seq_len, num_states, num_heads), v.device, True)
-    if torch.compiler.is_compiling():
+    if tracing():
         return _merge_states_op(v, s)
     v_out = torch.empty((seq_len, num_heads, head_dim), dtype=v.dtype, device=v.device)
     s_out = torch.empty((seq_len, num_heads), dtype=torch.float32, device=v.device)
@@ -1480,7 +1481,7 @@ class MultiLevelCascadeAttentionWrapper:
             else (torch.empty(shape[:2], dtype=torch.float32, device=self._device) if (return_lse or merging) else None)
         )
         first = pl.steps[0]
-        if pl.overlap and not torch.compiler.is_compiling():
+        if pl.overlap and not tracing():
             self._run_overlapped(pl, q, paged_kv_cache, o, lse_buf, return_lse, scales)
             return (o, lse_buf) if return_lse else o
         first.wrapper.run(q, paged_kv_cache, out=o, lse=lse_buf, return_lse=lse_buf is not None, **scales)

@@ -63,6 +63,7 @@ from .utils import (
     check_same_device,
     check_tensor,
     check_vector_rows,
+    current_stream_at,
     current_stream_ptr,
     device_support_pdl,
     host_int32,
@@ -70,6 +71,7 @@ from .utils import (
     num_sms,
     plan_dtypes,
     scalar,
+    tracing,
 )
 
 __all__ = [
@@ -215,30 +217,32 @@ def _run(
     workspace = None
     if max_chunks > 1:
         workspace = torch.empty(max_chunks * num_qo_heads * (head_dim + 1), dtype=torch.float32, device=device)
-    rc = kernel.run(
-        q=q.data_ptr(),
-        k=k.data_ptr(),
-        v=v.data_ptr(),
-        o=o.data_ptr(),
-        lse=lse.data_ptr() if lse is not None else None,
-        workspace=workspace.data_ptr() if workspace is not None else None,
-        workspace_chunks=max_chunks,
-        num_qo_heads=num_qo_heads,
-        num_kv_heads=num_kv_heads,
-        kv_len=kv_len,
-        q_stride_h=q.stride(0),
-        k_stride_0=k.stride(0),
-        k_stride_1=k.stride(1),
-        v_stride_0=v.stride(0),
-        v_stride_1=v.stride(1),
-        window_left=window_left,
-        logits_soft_cap=soft_cap,
-        sm_scale=sm_scale,
-        v_scale=v_scale,
-        rope_scale=rope_scale,
-        rope_theta=rope_theta,
-        device=device.index,
-        stream=current_stream_ptr(device),
+    ks, vs = k.stride(), v.stride()
+    index = device.index
+    rc = kernel.run.call(  # positional, in the declaration's order (SingleDecodeSpec.launchers)
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        o.data_ptr(),
+        lse.data_ptr() if lse is not None else 0,  # (0, not None: a null pointer packs as it is)
+        workspace.data_ptr() if workspace is not None else 0,
+        max_chunks,
+        num_qo_heads,
+        num_kv_heads,
+        kv_len,
+        q.stride(0),
+        ks[0],
+        ks[1],
+        vs[0],
+        vs[1],
+        window_left,
+        soft_cap,
+        sm_scale,
+        v_scale,
+        rope_scale,
+        rope_theta,
+        index,
+        current_stream_at(index),
     )
     if rc:
         kernel.module.check(rc, f"single_decode_with_kv_cache ({kernel.module.spec.name()}) on {device}")
@@ -408,7 +412,7 @@ def single_decode_with_kv_cache(
             lse=lse,
         )
 
-    if torch.compiler.is_compiling():
+    if tracing():
         o, lse_t = _single_decode_op(
             q,
             k,
@@ -429,9 +433,14 @@ def single_decode_with_kv_cache(
             lse_t = lse.copy_(lse_t)
         return (o, lse_t) if return_lse else o
 
-    o = out if out is not None else torch.empty((num_qo_heads, head_dim), dtype=q.dtype, device=device)
+    if out is not None:
+        o = out
+    elif q.stride(0) == head_dim:  # (empty_like: several times cheaper than torch.empty(shape, dtype=, device=))
+        o = torch.empty_like(q)
+    else:
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
     if return_lse and lse is None:
-        lse = torch.empty((num_qo_heads,), dtype=torch.float32, device=device)
+        lse = torch.empty(num_qo_heads, dtype=torch.float32, device=device)
     _run(q, k, v, kv_layout, pos_encoding_mode, window_left, soft_cap, scale, out_scale, r_scale, r_theta, o, lse)
     return (o, lse) if return_lse else o
 
@@ -1473,7 +1482,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 f"run(window_left={window_left}) differs from the wrapper's window_left "
                 f"{self._window_left} (set by plan() or forward()): plan with that window"
             )
-        compiling = torch.compiler.is_compiling()
+        compiling = tracing()
         if not self._use_cuda_graph and not compiling and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "run() is being captured in a CUDA graph but this wrapper was built with use_cuda_graph=False: its "
@@ -1539,10 +1548,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             if lse is not None:
                 lse_t = lse.copy_(lse_t)
             return (o, lse_t) if return_lse else o
-        if out is None:
-            out = torch.empty((p.batch_size, p.num_qo_heads, p.head_dim), dtype=p.q_dtype, device=self._device)
+        if out is None:  # (sizes as separate ints: a tuple argument costs the factory call more)
+            out = torch.empty(p.batch_size, p.num_qo_heads, p.head_dim, dtype=p.q_dtype, device=self._device)
         if return_lse and lse is None:
-            lse = torch.empty((p.batch_size, p.num_qo_heads), dtype=torch.float32, device=self._device)
+            lse = torch.empty(p.batch_size, p.num_qo_heads, dtype=torch.float32, device=self._device)
         self._launch(p, q, kv, out, lse, scale_mult, out_scale, enable_pdl)
         return (out, lse) if return_lse else out
 

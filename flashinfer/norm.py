@@ -27,6 +27,7 @@ from .utils import (
     module_error,
     resolve_pdl_at,
     scalar,
+    tracing,
 )
 
 __all__ = ["NormSpec", "rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm"]
@@ -69,14 +70,14 @@ class NormSpec(Spec):
 
 
 class _NormModule:
-    """A loaded norm module's launchers (raw ctypes: positional, in declaration order) and limits."""
+    """A loaded norm module's launchers (positional calls, in declaration order) and limits."""
 
     __slots__ = ("module", "rmsnorm", "fused_add", "max_hidden")
 
     def __init__(self, dtype: str) -> None:
         self.module = jit.load(NormSpec(dtype=dtype))
-        self.rmsnorm = self.module.launcher("flashinfer_rmsnorm").raw
-        self.fused_add = self.module.launcher("flashinfer_fused_add_rmsnorm").raw
+        self.rmsnorm = self.module.launcher("flashinfer_rmsnorm").call
+        self.fused_add = self.module.launcher("flashinfer_fused_add_rmsnorm").call
         self.max_hidden = self.module.constants["max_hidden"]
 
 
@@ -113,13 +114,14 @@ def _check_input(t: Any) -> torch.Size:
 
 def _check_weight(weight: Any, input: torch.Tensor, hidden: int, device: int) -> torch.Tensor:
     check_device_tensor(weight, "weight")
-    if weight.dim() != 1 or weight.size(0) != hidden:
-        raise ValueError(f"weight must be 1-D of the hidden size {hidden}, got shape {tuple(weight.shape)}")
+    wshape = weight.shape  # (one read; .dim()/.size(0) would parse an argument each)
+    if len(wshape) != 1 or wshape[0] != hidden:
+        raise ValueError(f"weight must be 1-D of the hidden size {hidden}, got shape {tuple(wshape)}")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match the input's {input.dtype}")
     if weight.get_device() != device:
         raise ValueError(f"all tensors must be on one device: input is on {input.device}, weight on {weight.device}")
-    return weight if weight.stride(0) == 1 or hidden <= 1 else weight.contiguous()
+    return weight if hidden <= 1 or weight.stride()[0] == 1 else weight.contiguous()
 
 
 # dtype -> loaded module: a dict read per call instead of the lru_cache'd builder.
@@ -147,16 +149,21 @@ def _launch(
     shape: torch.Size,
     a_stride: Tuple[int, ...],
     b_stride: Tuple[int, ...],
+    device: Optional[int] = None,
 ) -> None:
     """Launch on validated tensors of ``shape`` with unit last stride (weight contiguous): rmsnorm(input=a,
-    out=b), or the fused add of input a and residual b."""
-    rows, inner, a0, a1 = _rows(shape, a_stride)
+    out=b), or the fused add of input a and residual b. ``device``: a's device index, when the caller has it."""
+    if len(shape) == 2:  # (rows, inner, stride0, stride1) as _rows gives them, without the call
+        rows, inner, a0, a1, b0, b1 = shape[0], 1, a_stride[0], 0, b_stride[0], 0
+    else:
+        rows, inner, a0, a1 = _rows(shape, a_stride)
+        _, _, b0, b1 = _rows(shape, b_stride)
     if rows == 0:
         return
-    _, _, b0, b1 = _rows(shape, b_stride)
     hidden = shape[-1]
     m = _module_for(a.dtype, hidden)
-    device = a.get_device()
+    if device is None:
+        device = a.get_device()
     fn = m.fused_add if fused_add else m.rmsnorm
     rc = fn(
         a.data_ptr(),
@@ -232,8 +239,13 @@ def _rmsnorm(
         input = input.contiguous()
         stride = input.stride()
     if out is None:
-        out = torch.empty(shape, dtype=input.dtype, device=input.device)
-        out_stride = out.stride()
+        # A new contiguous tensor, its strides known without asking it. empty_like, not torch.empty(shape, dtype=,
+        # device=): a torch.Size argument and a device keyword cost a factory call several times empty_like's.
+        out_stride = (shape[1], 1) if len(shape) == 2 else (shape[1] * shape[2], shape[2], 1)
+        if stride == out_stride:
+            out = torch.empty_like(input)
+        else:
+            out = torch.empty_like(input, memory_format=torch.contiguous_format)
     else:
         check_device_tensor(out, "out")
         if out.size() != shape or out.dtype != input.dtype or out.get_device() != device:
@@ -244,10 +256,10 @@ def _rmsnorm(
         out_stride = out.stride()
         if out_stride[-1] != 1 and shape[-1] > 1:
             raise ValueError(f"out must be contiguous in its last dimension (stride 1), got strides {out_stride}")
-    if torch.compiler.is_compiling():
+    if tracing():
         _rmsnorm_op(out, input, weight, eps, weight_bias, pdl)
     else:
-        _launch(False, input, out, weight, eps, weight_bias, pdl, shape, stride, out_stride)
+        _launch(False, input, out, weight, eps, weight_bias, pdl, shape, stride, out_stride, device)
     return out
 
 
@@ -280,10 +292,10 @@ def _fused_add_rmsnorm(
             f"input and residual are updated in place and must be contiguous in their last dimension "
             f"(stride 1), got strides {stride} and {rstride}"
         )
-    if torch.compiler.is_compiling():
+    if tracing():
         _fused_add_rmsnorm_op(input, residual, weight, eps, weight_bias, pdl)
     else:
-        _launch(True, input, residual, weight, eps, weight_bias, pdl, shape, stride, rstride)
+        _launch(True, input, residual, weight, eps, weight_bias, pdl, shape, stride, rstride, device)
 
 
 def rmsnorm(

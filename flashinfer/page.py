@@ -29,6 +29,7 @@ from .utils import (
     check_same_device,
     current_stream_ptr,
     dtype_short,
+    tracing,
 )
 
 PagedKVCache = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -172,7 +173,7 @@ def _unpack_paged_kv_cache(paged_kv_cache: PagedKVCache, kv_layout: str, allow_f
     for what, s, size in (("page", s0, num_pages), ("token", stride_n, page_size), ("head", stride_h, num_kv_heads)):
         if size > 1 and s % vec != 0:
             raise ValueError(f"paged_kv_cache {what} stride {s} is not a multiple of {vec} elements (16 bytes)")
-    if not torch.compiler.is_compiling() and (k.data_ptr() % 16 or v.data_ptr() % 16):  # (fake tensors: no address)
+    if not tracing() and (k.data_ptr() % 16 or v.data_ptr() % 16):  # (fake tensors: no address)
         raise ValueError("paged_kv_cache data must be 16-byte aligned")
     if num_pages >= 2**31:
         raise ValueError(f"num_pages {num_pages} exceeds 2**31 - 1")

@@ -72,6 +72,7 @@ from .utils import (
     page_ids_int32,
     plan_dtypes,
     scalar,
+    tracing,
     workspace_too_small,
 )
 
@@ -732,7 +733,7 @@ def single_prefill_with_kv_cache(
     check_out(out, "out", (qo_len, num_qo_heads, head_dim), q.dtype, device)
     check_out(lse, "lse", (qo_len, num_qo_heads), torch.float32, device)
 
-    if torch.compiler.is_compiling():
+    if tracing():
         o, lse_t = _single_prefill_op(
             q,
             k,

@@ -39,6 +39,7 @@ from .utils import (
     dtype_short,
     module_error,
     scalar,
+    tracing,
 )
 
 __all__ = [
@@ -109,8 +110,8 @@ class _RopeModule:
 
     def __init__(self, dtype: str) -> None:
         self.module = jit.load(RopeSpec(dtype=dtype))
-        self.table = self.module.launcher("flashinfer_rope").raw
-        self.cache = self.module.launcher("flashinfer_rope_cos_sin_cache").raw
+        self.table = self.module.launcher("flashinfer_rope").call
+        self.cache = self.module.launcher("flashinfer_rope_cos_sin_cache").call
         self.max_rotary_dim = self.module.constants["max_rotary_dim"]
         self._record = None
 
@@ -201,15 +202,17 @@ def _check_rotary_dim(rotary_dim: Any, head_dim: int) -> int:
 
 def _check_index(t: Any, name: str, device: torch.device, length: Optional[int] = None) -> torch.Tensor:
     check_device_tensor(t, name)
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    shape = t.shape  # (one read: .dim()/.numel()/.stride(0) would each be a call)
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(shape)}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be torch.int32 or torch.int64, got {t.dtype}")
     if t.get_device() != device.index:
         raise ValueError(f"all tensors must be on one device: q is on {device}, {name} on {t.device}")
-    if length is not None and t.numel() != length:
-        raise ValueError(f"{name} must have {length} elements, got {t.numel()}")
-    return t if t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
+    n = shape[0]
+    if length is not None and n != length:
+        raise ValueError(f"{name} must have {length} elements, got {n}")
+    return t if n <= 1 or t.stride()[0] == 1 else t.contiguous()
 
 
 def _positive(x: Any, name: str, default: float) -> float:
@@ -263,16 +266,17 @@ def _launch_table(
     qop, qosn, qosh, _ = _operand(q_out) if q_out is not q else (qp, qsn, qsh, hq)
     kop, kosn, kosh, _ = _operand(k_out) if k_out is not k else (kp, ksn, ksh, hk)
     if pos_ids is not None:
+        # (0, not None, for null pointers: the launcher's packed call takes them as they are)
         pos_ptr, ip_ptr, off_ptr, pos64, ip64, batch = (
             pos_ids.data_ptr(),
-            None,
-            None,
+            0,
+            0,
             pos_ids.dtype == torch.int64,
             0,
             0,
         )
     else:
-        pos_ptr, ip_ptr, off_ptr = None, indptr.data_ptr(), offsets.data_ptr()
+        pos_ptr, ip_ptr, off_ptr = 0, indptr.data_ptr(), offsets.data_ptr()
         pos64, ip64, batch = offsets.dtype == torch.int64, indptr.dtype == torch.int64, offsets.shape[0]
     device = q.device
     rc = m.table(
@@ -330,6 +334,7 @@ def _launch_cache_raw(
     if record[0]:
         _raise_recorded(record)
     rows, rotary_dim = cos_sin_cache.shape
+    cache_stride = cos_sin_cache.stride()[0]
     if _CHECK_POSITIONS and (int(positions.min()) < 0 or int(positions.max()) >= rows):
         bad = positions[(positions < 0) | (positions >= rows)][0].item()
         raise ValueError(
@@ -360,7 +365,7 @@ def _launch_cache_raw(
         positions.dtype == torch.int64,
         cos_sin_cache.data_ptr(),
         rows,
-        cos_sin_cache.stride(0),
+        cache_stride,
         index,
         current_stream_at(index),
     )
@@ -582,13 +587,13 @@ def _rope(
             raise ValueError("indptr must have batch_size + 1 >= 1 elements")
         offsets = _check_index(offsets, "offsets", device, indptr.numel() - 1)
     if in_place:
-        if torch.compiler.is_compiling():
+        if tracing():
             _rope_inplace_op(q, k, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
         else:
             _launch_table(q, k, q, k, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
         return None
     q_rope, k_rope = torch.empty_like(q), torch.empty_like(k)
-    if torch.compiler.is_compiling():
+    if tracing():
         _rope_op(q, k, q_rope, k_rope, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
     else:
         _launch_table(q, k, q_rope, k_rope, pos_ids, indptr, offsets, rotary_dim, interleave, scale, theta, *llama31)
@@ -877,8 +882,8 @@ def apply_llama31_rope_pos_ids(
 def _heads_geometry(t: torch.Tensor, nnz: int, head_size: int, name: str) -> Tuple[int, int, int, bool]:
     """(heads, token stride, head stride, last stride is 1) of ``t`` seen as ``(nnz, -1, head_size)``, as FlashInfer
     views it (``t.view(nnz, -1, head_size)``), without building the view in the common layouts."""
-    shape, stride = t.size(), t.stride()
-    per_token = t.numel() // nnz
+    shape, stride = t.shape, t.stride()
+    per_token = shape[1] if len(shape) == 2 else t.numel() // nnz
     if len(shape) < 2 or shape[0] != nnz or per_token % head_size:
         raise ValueError(
             f"{name} must be (nnz={nnz}, num_heads * head_size) with head_size={head_size}, got shape {tuple(shape)}"
@@ -911,9 +916,10 @@ def _rope_cos_sin_cache(
         raise ValueError(f"head_size must be a positive int, got {head_size!r}")
     device = query.device
     index = device.index
-    nnz = query.size(0) if query.dim() else 0
+    qshape = query.shape
+    nnz = qshape[0] if len(qshape) else 0
     positions = _check_index(positions, "positions", device, nnz)
-    cshape = cos_sin_cache.size()
+    cshape = cos_sin_cache.shape
     if len(cshape) != 2 or cos_sin_cache.get_device() != index:
         raise ValueError(
             f"cos_sin_cache must be 2-D (max_seq_len, rotary_dim) on {device}, got "
@@ -925,7 +931,7 @@ def _rope_cos_sin_cache(
             f"cos_sin_cache's rotary_dim ({rotary_dim}: cos in the first half, sin in the second) must "
             f"be even and in [2, head_size={head_size}]"
         )
-    if cos_sin_cache.stride(1) != 1:
+    if cos_sin_cache.stride()[1] != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
     if key is not None:
         check_device_tensor(key, "key")
@@ -948,7 +954,7 @@ def _rope_cos_sin_cache(
         kg = _heads_geometry(key, nnz, head_size, "key") if key is not None else kg
     interleave = not bool(is_neox)
 
-    if torch.compiler.is_compiling():  # the custom ops take (nnz, heads, head_size) views
+    if tracing():  # the custom ops take (nnz, heads, head_size) views
         q = query.view(nnz, qg[0], head_size)
         k = key.view(nnz, kg[0], head_size) if key is not None else q.new_empty((nnz, 0, head_size))
         if in_place:

@@ -36,7 +36,7 @@ import torch
 from . import jit
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
-from .utils import current_stream_ptr
+from .utils import current_stream_ptr, tracing
 
 __all__ = [
     "SamplingSpec",
@@ -419,7 +419,7 @@ class _Op:
         self.op.register_fake(fake)
 
     def __call__(self, *args):
-        return self.op(*args) if torch.compiler.is_compiling() else self.impl(*args)
+        return self.op(*args) if tracing() else self.impl(*args)
 
 
 def _fake_samples(x: torch.Tensor, indices: Optional[torch.Tensor], *_) -> Tuple[torch.Tensor, torch.Tensor]:

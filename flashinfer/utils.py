@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .jit.env import env_bool as _env_bool
+
 
 class PosEncodingMode(enum.Enum):
     """Position encoding applied inside the attention kernels (FlashInfer's values)."""
@@ -246,15 +248,15 @@ def check_same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> to
 
 def check_vector_rows(t: torch.Tensor, name: str, leading_dims: int) -> None:
     """The kernels read rows with 16-byte loads: last dim contiguous, other strides and the base aligned."""
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
-    elem = t.element_size()
-    align = 16 // elem
+    stride, shape = t.stride(), t.shape  # (one read each: t.size(d)/t.stride(d) parse their argument per call)
+    if stride[-1] != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {stride}")
+    align = 16 // t.element_size()
     for d in range(leading_dims):
-        if t.size(d) > 1 and t.stride(d) % align != 0:
+        if shape[d] > 1 and stride[d] % align != 0:
             raise ValueError(
-                f"{name} stride {t.stride(d)} of dim {d} is not a multiple of {align} elements (16 bytes); "
-                f"got strides {t.stride()}. Pass a tensor whose rows start 16-byte aligned, e.g. .contiguous()"
+                f"{name} stride {stride[d]} of dim {d} is not a multiple of {align} elements (16 bytes); "
+                f"got strides {stride}. Pass a tensor whose rows start 16-byte aligned, e.g. .contiguous()"
             )
     check_aligned(t, name)
 
@@ -264,15 +266,30 @@ def aligned_rows(t: torch.Tensor, leading_dims: int) -> torch.Tensor:
     copy (for inputs that a kernel accepts as any view, passed on to one that needs aligned rows)."""
     align = 16 // t.element_size()
     ok = t.stride(-1) == 1 and all(t.size(d) <= 1 or t.stride(d) % align == 0 for d in range(leading_dims))
-    if ok and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
+    if ok and (tracing() or t.data_ptr() % 16 == 0):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
+try:  # whether a Python dispatch mode (fake tensors, make_fx's proxy, functionalization, ...) is active: one call
+    _python_key_included = torch._C._dispatch_tls_is_dispatch_key_included
+    _PYTHON_KEY = torch._C.DispatchKey.Python
+except AttributeError:  # (a torch without them: torch.compile's flag alone)
+    _python_key_included = None
+
+
+def tracing() -> bool:
+    """Whether this call is being traced rather than run: torch.compile/export (dynamo), or a Python dispatch mode
+    is active (fake tensors, make_fx's proxy tracing, functionalization; also a user's mode). The public ops then go
+    through their ``torch.library`` custom op (which such tracers record, mutations declared); otherwise they
+    launch directly, skipping the dispatcher's several microseconds per call. One rule for every family."""
+    return torch.compiler.is_compiling() or (_python_key_included is not None and _python_key_included(_PYTHON_KEY))
+
+
 def check_aligned(t: torch.Tensor, name: str) -> None:
-    """16-byte aligned base pointer (a no-op while torch.compile traces: fake tensors have no address;
-    the op's eager implementation checks again)."""
-    if not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0:
+    """16-byte aligned base pointer (a no-op while traced: fake tensors have no address; the op's eager
+    implementation checks again)."""
+    if not tracing() and t.data_ptr() % 16 != 0:
         raise ValueError(
             f"{name} data pointer must be 16-byte aligned; got a view at element offset {t.storage_offset()}"
         )
@@ -582,9 +599,7 @@ def page_ids_int32(indices: torch.Tensor, count: int, name: str) -> Tuple[torch.
 def check_inputs_enabled() -> bool:
     """Whether ``FLASHINFER_CHECK_INPUTS`` asks run() to check device-side page ids (one device sync per call).
     Strict: 1/true/yes/on or 0/false/no/off; anything else raises JITEnvironmentError naming the variable."""
-    from .jit.env import env_bool
-
-    return env_bool("FLASHINFER_CHECK_INPUTS", False)
+    return _env_bool("FLASHINFER_CHECK_INPUTS", False)
 
 
 def check_page_ids_in_cache(

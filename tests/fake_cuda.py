@@ -177,9 +177,15 @@ class _FakeLauncher:
         self.module.rec.calls.append((self.decl.symbol, recorded))
         return self.module.respond(self.decl.symbol, kwargs)
 
+    def call(self, *args: Any) -> Any:
+        """The positional call (BoundLauncher.call): arguments in declaration order."""
+        if len(args) != len(self.decl.names):
+            raise TypeError(f"{self.decl.symbol}: {len(args)} arguments, declared {len(self.decl.names)}")
+        return self(**dict(zip(self.decl.names, args)))
+
     @property
     def raw(self):
-        raise AssertionError("launchers are called with keywords")
+        raise AssertionError("launchers are called with keywords or .call")
 
 
 class _FakeModule:
@@ -295,6 +301,8 @@ def fake_cuda(monkeypatch) -> Iterator[Recorder]:
     for mod in (decode, prefill, page, utils):
         if hasattr(mod, "current_stream_ptr"):
             monkeypatch.setattr(mod, "current_stream_ptr", lambda device: 0)
+        if hasattr(mod, "current_stream_at"):
+            monkeypatch.setattr(mod, "current_stream_at", lambda index: 0)
         if hasattr(mod, "num_sms"):
             monkeypatch.setattr(mod, "num_sms", lambda index: 132)
     with _Mode():

@@ -142,3 +142,71 @@ def test_sampling_ops_trace_into_one_custom_op(fn, op, monkeypatch):
 
     monkeypatch.setattr(flashinfer.sampling, "_module", no_module)
     assert _traced_ops_typed(fn, [P]) == [op]
+
+
+# make_fx (non-strict export's tracer) runs the Python of the call under fake-tensor and proxy dispatch modes without
+# dynamo: utils.tracing() must route the ops through their custom ops there too (the eager path would launch on
+# fake pointers).
+R = ((16, 4096), BF16), ((16, 1024), BF16), ((16,), torch.int64), ((4096, 128), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "fn,specs,op",
+    [
+        (lambda x, w: flashinfer.rmsnorm(x, w), [X, W], "flashinfer.rmsnorm.default"),
+        (lambda x, r, w: flashinfer.fused_add_rmsnorm(x, r, w), [X, X, W], "flashinfer.fused_add_rmsnorm.default"),
+        (lambda x: flashinfer.silu_and_mul(x), [X], "flashinfer.silu_and_mul.default"),
+        (
+            lambda q, k, p, c: flashinfer.apply_rope_with_cos_sin_cache_inplace(p, q, k, 128, c),
+            list(R),
+            "flashinfer.rope_cos_sin_cache_inplace.default",
+        ),
+        (
+            lambda q, k, v: flashinfer.single_decode_with_kv_cache(q, k, v),
+            [((32, 128), BF16), ((300, 8, 128), BF16), ((300, 8, 128), BF16)],
+            "flashinfer.single_decode.default",
+        ),
+    ],
+)
+def test_make_fx_records_the_custom_op(fn, specs, op):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode():
+        args = [torch.empty(*s, dtype=d, device="cuda") for s, d in specs]
+    graph = make_fx(fn, tracing_mode="fake")(*args)
+    ops = [str(n.target) for n in graph.graph.nodes if n.op == "call_function" and "flashinfer" in str(n.target)]
+    assert ops == [op]
+
+
+def test_eager_calls_launch_without_the_custom_op(monkeypatch):
+    """Outside tracing the ops launch directly (the dispatcher costs microseconds per call) and still validate."""
+    from flashinfer import norm, utils
+
+    assert not utils.tracing()
+    launched = []
+
+    class Module:
+        module = None
+        max_hidden = 8192
+
+        def rmsnorm(self, *args):
+            launched.append(args)
+            return 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager path went through the custom op")
+
+    monkeypatch.setattr(norm, "_rmsnorm_op", refuse)
+    monkeypatch.setattr(norm, "_module_for", lambda dtype, hidden: Module())
+    monkeypatch.setattr(norm, "resolve_pdl_at", lambda enable_pdl, index: True)
+    monkeypatch.setattr(norm, "current_stream_at", lambda index: 0)
+    # CPU tensors that report a CUDA device: the real validation runs, then the (patched) launcher.
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    x, w = torch.randn(4, 256, dtype=BF16), torch.randn(256, dtype=BF16)
+    out = flashinfer.rmsnorm(x, w)
+    assert len(launched) == 1 and launched[0][0] == x.data_ptr() and launched[0][1] == out.data_ptr()
+    assert launched[0][7:10] == (4, 1, 256)  # rows, inner, hidden
+    with pytest.raises(TypeError, match="weight dtype"):
+        flashinfer.rmsnorm(x, w.half())
+    assert len(launched) == 1

@@ -147,8 +147,9 @@ class JITModule:
         return b
 
     def fn(self, symbol: str) -> Callable:
-        """The raw ctypes function of a declared launcher (positional arguments, in declaration order)."""
-        return self.launcher(symbol).raw
+        """A positional call of a declared launcher (arguments in declaration order; through its packed entry
+        point where the module has one)."""
+        return self.launcher(symbol).call
 
     @property
     def constants(self) -> Dict[str, int]:

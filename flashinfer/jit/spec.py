@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Dict, Iterable, Tuple, Type
 
-from .abi import ERROR_STRING, Launcher, prototypes
+from .abi import ERROR_STRING, Launcher, packed_entries, prototypes
 
 # Every module exports this to turn a returned cudaError_t into text.
 ERROR_STRING_SYMBOL = ERROR_STRING.symbol
@@ -55,8 +55,9 @@ class Spec:
         raise NotImplementedError
 
     def template_vars(self) -> Dict[str, Any]:
-        """``render_vars()`` plus ``abi``: {symbol: C prototype} of every launcher (the template's declarations)."""
-        return {**self.render_vars(), "abi": prototypes(self.launchers)}
+        """``render_vars()`` plus ``abi``: {symbol: C prototype} of every launcher (the template's declarations),
+        and ``abi_packed``: the C source of their packed entry points (``module_exports.jinja`` stamps it)."""
+        return {**self.render_vars(), "abi": prototypes(self.launchers), "abi_packed": packed_entries(self.launchers)}
 
     def extra_cuda_cflags(self) -> Tuple[str, ...]:
         """Extra nvcc flags this spec needs (part of the cache key)."""
