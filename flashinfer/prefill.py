@@ -90,7 +90,7 @@ _MASK_CUDA = {"none": "kNone", "causal": "kCausal", "custom": "kCustom"}
 # Implemented backends; "auto" picks per call.
 BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a), single prefill within _fa3_scope
 # fa3_ws: the warp-specialised Hopper kernel (prefill_sm90_ws.cuh: TMA producer, two wgmma consumer warpgroups,
-# persistent grid), single prefill and ragged batch prefill within _fa3_ws_scope. For single prefill "auto" takes
+# persistent grid), single prefill and ragged batch prefill within _fa3_scope. For single prefill "auto" takes
 # it wherever it would take fa3 and fa3_ws applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws
 # (H200, 2026-11-30, 32/32 and 32/8 heads, 2048-16384 tokens, full and causal), all its GPU tests passing. For
 # batch prefill it is opt-in (backend="fa3_ws"): "auto" stays fa2 there. fp8 K/V (single prefill): its producer
@@ -132,45 +132,19 @@ def _fa3_scope(
     use_window: bool,
     use_logits_soft_cap: bool,
     use_fp16_qk_reduction: bool,
+    backend: str = "fa3",
 ) -> Optional[str]:
-    """Why the fa3 (wgmma) kernel cannot run a configuration, or None when it can."""
+    """Why a Hopper kernel cannot run a configuration, or None when it can. fa3 and fa3_ws (``backend``, named in
+    the reason) share one scope: head_dim 128, k and v in q's dtype or fp8 (fa3 widens fp8 under its wgmmas,
+    fa3_ws's producer widens the tiles TMA copies), no mask or causal, no logit transforms."""
     if head_dim != 128:
-        return f"head_dim {head_dim} (fa3 takes 128)"
+        return f"head_dim {head_dim} ({backend} takes 128)"
     if not (dtype_q == dtype_o and dtype_q in ("f16", "bf16") and dtype_kv in (dtype_q,) + FP8_KV_DTYPES):
-        return "mixed dtypes (fa3 takes one of float16/bfloat16 for q and output, k and v in it or fp8)"
+        return f"mixed dtypes ({backend} takes one of float16/bfloat16 for q and output, k and v in it or fp8)"
     if mask_mode not in ("none", "causal"):
-        return f"mask_mode {mask_mode!r} (fa3 takes no mask or causal)"
+        return f"mask_mode {mask_mode!r} ({backend} takes no mask or causal)"
     if pos_encoding_mode != "NONE" or use_window or use_logits_soft_cap or use_fp16_qk_reduction:
-        return "position encoding, sliding window, soft cap or fp16 QK reduction (fa3 takes none of them)"
-    return None
-
-
-def _fa3_ws_scope(
-    head_dim: int,
-    dtype_q: str,
-    dtype_kv: str,
-    dtype_o: str,
-    mask_mode: str,
-    pos_encoding_mode: str,
-    use_window: bool,
-    use_logits_soft_cap: bool,
-    use_fp16_qk_reduction: bool,
-) -> Optional[str]:
-    """Why the fa3_ws (warp-specialised TMA) kernel cannot run a configuration, or None when it can: fa3's scope
-    (k and v in q's dtype, or fp8 with a float16/bfloat16 q: the producer widens the fp8 tiles TMA copies)."""
-    why = _fa3_scope(
-        head_dim,
-        dtype_q,
-        dtype_kv,
-        dtype_o,
-        mask_mode,
-        pos_encoding_mode,
-        use_window,
-        use_logits_soft_cap,
-        use_fp16_qk_reduction,
-    )
-    if why is not None:
-        return why.replace("fa3 takes", "fa3_ws takes")
+        return f"position encoding, sliding window, soft cap or fp16 QK reduction ({backend} takes none of them)"
     return None
 
 
@@ -246,9 +220,8 @@ class _PrefillSpecBase(AttentionSpec):
             return f"backend {self.backend!r} is not implemented"
         if self.backend == "fa3" and self.family != "prefill_single":
             return "the fa3 backend covers single-request prefill only"
-        scope = {"fa3": _fa3_scope, "fa3_ws": _fa3_ws_scope}.get(self.backend)
-        if scope is not None:
-            why = scope(
+        if self.backend in ("fa3", "fa3_ws"):
+            why = _fa3_scope(
                 self.head_dim,
                 self.dtype_q,
                 self.dtype_kv,
@@ -258,6 +231,7 @@ class _PrefillSpecBase(AttentionSpec):
                 self.use_window,
                 self.use_logits_soft_cap,
                 self.use_fp16_qk_reduction,
+                self.backend,
             )
             if why is not None:
                 return f"outside the {self.backend} backend's scope: {why}"
@@ -455,7 +429,7 @@ def _single_run(
     )
     why_not_fa3_ws = None
     if opts.backend in ("fa3_ws", "auto"):
-        why_not_fa3_ws = _fa3_ws_scope(
+        why_not_fa3_ws = _fa3_scope(
             head_dim,
             dq,
             dk,
@@ -465,6 +439,7 @@ def _single_run(
             opts.window_left >= 0,
             opts.soft_cap > 0,
             opts.use_fp16_qk_reduction,
+            "fa3_ws",
         )
         if why_not_fa3_ws is None:
             # TMA reads K/V through a tensor map: a zero stride (an expanded view) is not one it can describe
