@@ -416,6 +416,7 @@ def _single_run(
     dq, dk = dtype_short(q, "q"), dtype_short(k, "k", allow_fp8=True)
     device = q.device
     group = num_qo_heads // num_kv_heads
+    # fa3 and fa3_ws share one scope: checked once, its reason naming the backend asked for (if either).
     why_not_fa3 = _fa3_scope(
         head_dim,
         dq,
@@ -426,27 +427,15 @@ def _single_run(
         opts.window_left >= 0,
         opts.soft_cap > 0,
         opts.use_fp16_qk_reduction,
+        "fa3_ws" if opts.backend == "fa3_ws" else "fa3",
     )
-    why_not_fa3_ws = None
-    if opts.backend in ("fa3_ws", "auto"):
-        why_not_fa3_ws = _fa3_scope(
-            head_dim,
-            dq,
-            dk,
-            dq,
-            opts.mask_mode,
-            opts.pos_encoding_mode,
-            opts.window_left >= 0,
-            opts.soft_cap > 0,
-            opts.use_fp16_qk_reduction,
-            "fa3_ws",
-        )
-        if why_not_fa3_ws is None:
-            # TMA reads K/V through a tensor map: a zero stride (an expanded view) is not one it can describe
-            # ("auto" then takes fa3). 16-byte alignment of rows is checked for every backend.
-            for name, t in (("k", k), ("v", v)):
-                if any(t.size(i) > 1 and t.stride(i) == 0 for i in range(2)):
-                    why_not_fa3_ws = f"{name} has a zero stride {t.stride()} (fa3_ws reads K/V with TMA)"
+    why_not_fa3_ws = why_not_fa3
+    if why_not_fa3_ws is None and opts.backend in ("fa3_ws", "auto"):
+        # TMA reads K/V through a tensor map: a zero stride (an expanded view) is not one it can describe ("auto"
+        # then takes fa3). 16-byte alignment of rows is checked for every backend.
+        for name, t in (("k", k), ("v", v)):
+            if any(t.size(i) > 1 and t.stride(i) == 0 for i in range(2)):
+                why_not_fa3_ws = f"{name} has a zero stride {t.stride()} (fa3_ws reads K/V with TMA)"
         if why_not_fa3_ws is None and opts.backend == "auto" and dk in FP8_KV_DTYPES and not _FA3_WS_FP8_IN_AUTO:
             why_not_fa3_ws = "fp8 K/V: 'auto' keeps fa3 (see _FA3_WS_FP8_IN_AUTO)"
     backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads, why_not_fa3_ws)
