@@ -282,6 +282,21 @@ def _workspace(mb=128, device="cuda"):
     return torch.empty(mb << 20, dtype=torch.uint8, device=device)
 
 
+def _graph_wrapper(bufs):
+    """A two-level CUDA-graph wrapper (NHD) over the fixed buffers bufs = [qo_indptr, kv_indptr, kv_indices,
+    last_page_len] (each a list of the two levels' tensors)."""
+    return flashinfer.MultiLevelCascadeAttentionWrapper(
+        2,
+        _workspace(),
+        "NHD",
+        use_cuda_graph=True,
+        qo_indptr_buf_arr=bufs[0],
+        paged_kv_indptr_buf_arr=bufs[1],
+        paged_kv_indices_buf_arr=bufs[2],
+        paged_kv_last_page_len_buf_arr=bufs[3],
+    )
+
+
 def _check(w, lv, q, causal=False, run_kw=None, **kw):
     out = poisoned(q.shape, q.dtype)
     lse = poisoned(q.shape[:2], torch.float32)
@@ -451,16 +466,7 @@ def test_cuda_graph_replays_after_replans():
     bufs[0][0] = torch.zeros(2, dtype=torch.int32, device="cuda")  # level 0: one request
     bufs[1][0] = torch.zeros(2, dtype=torch.int32, device="cuda")
     bufs[3][0] = torch.zeros(1, dtype=torch.int32, device="cuda")
-    w = flashinfer.MultiLevelCascadeAttentionWrapper(
-        2,
-        _workspace(),
-        "NHD",
-        use_cuda_graph=True,
-        qo_indptr_buf_arr=bufs[0],
-        paged_kv_indptr_buf_arr=bufs[1],
-        paged_kv_indices_buf_arr=bufs[2],
-        paged_kv_last_page_len_buf_arr=bufs[3],
-    )
+    w = _graph_wrapper(bufs)
     plans = [
         (5000, [1, 17, 400, 0, 33, 2]),
         (40, [700, 700, 700, 700, 700, 700]),
@@ -784,16 +790,7 @@ def test_fp8_cuda_graph_replays_after_replans(case):
         [torch.zeros(n, dtype=torch.int32, device="cuda") for n in sizes]
         for sizes in ((2, batch + 1), (2, batch + 1), (max_pages, max_pages), (1, batch))
     ]
-    w = flashinfer.MultiLevelCascadeAttentionWrapper(
-        2,
-        _workspace(),
-        "NHD",
-        use_cuda_graph=True,
-        qo_indptr_buf_arr=bufs[0],
-        paged_kv_indptr_buf_arr=bufs[1],
-        paged_kv_indices_buf_arr=bufs[2],
-        paged_kv_last_page_len_buf_arr=bufs[3],
-    )
+    w = _graph_wrapper(bufs)
     plans = [(5000, [1, 17, 400, 0, 33, 2]), (0, [5, 0, 0, 9, 1, 64]), (40, [700] * 6), (9000, [0] * 6)]
     raw = torch.randn(max_pages, 2, ps, hkv, d, device="cuda")
     raw[:, 0] /= k_scale

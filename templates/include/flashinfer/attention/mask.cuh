@@ -55,4 +55,23 @@ FI_DEVICE bool key_visible(int key, int hi, int token, int qpos, int window_left
   return ok;
 }
 
+// Masks one tile of scores held as a wgmma m64nBK accumulator (the Hopper prefill kernels, fa3 and fa3_ws): s[4 i + e]
+// is the score of row g (e < 2) or g + 8 of the lane's warp and key k0 + 8 i + 2 (lane % 4) + (e & 1). Keys past hi
+// and, for causal, past each row's diagonal (qpos(0), qpos(1): the positions of rows g and g + 8) become -inf; only
+// tiles that tile_needs_mask picks are touched, and qpos is evaluated only for them.
+template <MaskMode MASK, int BK, typename QPos>
+FI_DEVICE void mask_wgmma_tile(float (&s)[BK / 2], int k0, int hi, int delta, int tok_min, int tok_max, int lane,
+                               QPos&& qpos) {
+  static_assert(MASK != MaskMode::kCustom, "the Hopper kernels take no custom mask");
+  if (!tile_needs_mask<MASK, false, BK>(k0, hi, delta, tok_min, tok_max, 0)) return;
+  const int qpos0 = qpos(0), qpos1 = qpos(1);
+#pragma unroll
+  for (int i = 0; i < BK / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
+      if (!key_visible<MASK, false>(key, hi, 0, e < 2 ? qpos0 : qpos1, 0, CustomMask{})) s[4 * i + e] = kNegInf;
+    }
+}
+
 }  // namespace flashinfer

@@ -223,17 +223,7 @@ __global__ void __launch_bounds__(Fa3Traits<MASK>::kThreads, Fa3Traits<MASK>::kM
     if constexpr (FP8) sm90::hold_operands(s);  // no read of S moves above the wait
 
     // ---- mask: keys past the end (last tile), and the causal diagonal
-    const int k0 = lo + n * BK;
-    if (tile_needs_mask<MASK, false, BK>(k0, hi, delta, tok_min, tok_max, 0)) {
-      const int qpos0 = qpos(0), qpos1 = qpos(1);
-#pragma unroll
-      for (int i = 0; i < NB; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
-          if (!key_visible<MASK, false>(key, hi, 0, e < 2 ? qpos0 : qpos1, 0, CustomMask{})) s[4 * i + e] = kNegInf;
-        }
-    }
+    mask_wgmma_tile<MASK, BK>(s, lo + n * BK, hi, delta, tok_min, tok_max, lane, qpos);
 
     // ---- online softmax (log2 domain)
     float corr[2];

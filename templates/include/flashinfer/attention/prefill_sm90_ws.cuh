@@ -456,17 +456,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     // Masks tile n's scores (keys past hi, the causal diagonal) and runs the online softmax over them; returns
     // whether any row of this warp moved its max (O must then be scaled by corr).
     auto softmax = [&](int n, float (&corr)[2]) {
-      const int k0 = t.lo + n * BK;
-      if (tile_needs_mask<MASK, false, BK>(k0, t.hi, t.delta, t.tok_min, t.tok_max, 0)) {
-        const int qpos0 = qpos(0), qpos1 = qpos(1);
-#pragma unroll
-        for (int i = 0; i < NB; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = k0 + 8 * i + 2 * (lane % 4) + (e & 1);
-            if (!key_visible<MASK, false>(key, t.hi, 0, e < 2 ? qpos0 : qpos1, 0, CustomMask{})) s[4 * i + e] = kNegInf;
-          }
-      }
+      mask_wgmma_tile<MASK, BK>(s, t.lo + n * BK, t.hi, t.delta, t.tok_min, t.tok_max, lane, qpos);
       bool moved = false;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
