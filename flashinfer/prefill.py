@@ -148,6 +148,17 @@ def _fa3_scope(
     return None
 
 
+def _tma_kv_refusal(k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why fa3_ws cannot read k and v through TMA tensor maps, or None: a zero stride along the first two
+    dimensions (an expanded view) is not one a tensor map describes. (16-byte aligned rows are checked for every
+    backend.)"""
+    for name, t in (("k", k), ("v", v)):
+        shape, stride = t.shape, t.stride()
+        if (shape[0] > 1 and stride[0] == 0) or (shape[1] > 1 and stride[1] == 0):
+            return f"{name} has a zero stride {stride} (fa3_ws reads K/V with TMA)"
+    return None
+
+
 # fa3_ws's fp8 K/V path (the producer widens TMA-copied fp8 tiles) passed bench_prefill --fp8's guard against
 # SDPA on an H200 (8192 tokens, full and causal, e4m3, scales 0.5, GQA 4; 448-488 TFLOP/s against fa3's 362-416),
 # but its GPU test matrix (tile edges, HND, e5m2, f16 q) has not run yet: until it has, "auto" keeps the
@@ -431,11 +442,7 @@ def _single_run(
     )
     why_not_fa3_ws = why_not_fa3
     if why_not_fa3_ws is None and opts.backend in ("fa3_ws", "auto"):
-        # TMA reads K/V through a tensor map: a zero stride (an expanded view) is not one it can describe ("auto"
-        # then takes fa3). 16-byte alignment of rows is checked for every backend.
-        for name, t in (("k", k), ("v", v)):
-            if any(t.size(i) > 1 and t.stride(i) == 0 for i in range(2)):
-                why_not_fa3_ws = f"{name} has a zero stride {t.stride()} (fa3_ws reads K/V with TMA)"
+        why_not_fa3_ws = _tma_kv_refusal(k, v)  # ("auto" then takes fa3)
         if why_not_fa3_ws is None and opts.backend == "auto" and dk in FP8_KV_DTYPES and not _FA3_WS_FP8_IN_AUTO:
             why_not_fa3_ws = "fp8 K/V: 'auto' keeps fa3 (see _FA3_WS_FP8_IN_AUTO)"
     backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads, why_not_fa3_ws)
@@ -1733,10 +1740,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         check_vector_rows(k, "k", 2)
         check_vector_rows(v, "v", 2)
         if p.spec.backend == "fa3_ws":
-            # TMA reads K/V through a tensor map: a zero stride (an expanded view) is not one it can describe.
-            for name, t in (("k", k), ("v", v)):
-                if any(t.size(i) > 1 and t.stride(i) == 0 for i in range(2)):
-                    raise ValueError(f"{name} has a zero stride {t.stride()} (fa3_ws reads K/V with TMA)")
+            why = _tma_kv_refusal(k, v)
+            if why is not None:
+                raise ValueError(why)
         scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
         return self._launch(
             q, k, v, strides, out, lse, return_lse, scale_mult, scalar(v_scale, "v_scale", 1.0), enable_pdl
