@@ -90,23 +90,30 @@ def time_sort(batch: int, vocab: int) -> float:
     return median_ms(lambda i: sort_sampler(xs[i], k, p), n, warmup=3, iters=10, flush=True)
 
 
-def measure() -> dict:
+def measure(progress: bool = False) -> dict:
+    """Every case, in ms. ``progress``: print the cases so far as one JSON line after each group, the groups that
+    FlashInfer 0.7.2 runs with its "sampling" module first and the scalar-k ones (its "topk" module, the slower
+    build) last, so that a reference cut by its time limit still reports what it reached."""
     res = {}
-    for vocab in VOCABS:
-        for batch in BATCHES:
-            for form in ("scalar", "tensor"):
-                res[f"sample/{form}/{batch}/{vocab}"] = time_sampling(batch, vocab, form)
     for op in ("top_p_renorm_probs", "top_k_mask_logits"):
         res[f"{op}/256/128256"] = time_renorm(op, 256, 128256)
+    for form in ("tensor", "scalar"):
+        for vocab in VOCABS:
+            for batch in BATCHES:
+                res[f"sample/{form}/{batch}/{vocab}"] = time_sampling(batch, vocab, form)
+        if progress:
+            print(json.dumps(res), flush=True)
     return res
 
 
 def warm(part: str) -> None:
     """One call of each op at every benchmark shape: the real FlashInfer's JIT builds a module on first use
-    (minutes each: longer than a benchmark's budget), and which module depends on the op and the size (0.7.2
-    builds "sampling" for the samplers and "topk" for the row ops at these vocabularies). The GPU job starts these
-    early, one process per part ("sample", "rows") so that the two builds run side by side (scripts/gpu_ci.sh
-    reference step), and the timed run later finds the modules cached."""
+    (minutes each: longer than a benchmark's budget), and which module depends on the op and the arguments: 0.7.2
+    builds "sampling" for the row ops and the per-request-tensor samplers (part "rows": ~3 minutes on the H200
+    machine) and "topk" for a scalar top_k at these vocabularies (its radix top-k fast path; part "sample": still
+    compiling after 9 minutes beside our prewarm, b315e7e run). The GPU job starts these early, one process per
+    part, so that the two builds run side by side (scripts/gpu_ci.sh reference step), and the timed run later
+    finds the modules cached."""
     for vocab in VOCABS:
         for batch in BATCHES:
             x = torch.randn(batch, vocab, device="cuda")
@@ -126,7 +133,7 @@ def main() -> None:
         if parts:
             warm(parts[0])
             return
-        print(json.dumps(measure()))
+        print(json.dumps(measure(progress=True)), flush=True)
         return
     ours = measure()
     print("ours (ms):", json.dumps(ours), flush=True)  # (kept in the log should the reference run out of time)

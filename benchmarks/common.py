@@ -106,7 +106,6 @@ def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
 
     The script's reference mode must import the real ``flashinfer`` (not this project's) and time the same cases
     with the same helpers from this module."""
-    import json
     import sys
 
     site = os.environ.get("FI_REF_SITE", "/tmp/fi_ref_site")
@@ -136,16 +135,27 @@ def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
         )
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        partial = _last_json(out)
         print(
-            f"[reference] {script} took more than FI_REF_TIMEOUT={limit:.0f} s: reference columns left empty; "
+            f"[reference] {script} took more than FI_REF_TIMEOUT={limit:.0f} s: "
+            f"{f'{len(partial)} cases it had printed kept' if partial else 'reference columns left empty'}; "
             f"its stderr so far:\n{err[-4000:]}",
             file=sys.stderr,
         )
-        return None
+        return partial
     if p.returncode != 0:
         print(f"[reference] {script} failed (exit {p.returncode}):\n{p.stderr[-4000:]}", file=sys.stderr)
         return None
-    lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+    return _last_json(p.stdout)
+
+
+def _last_json(stdout: str) -> dict | None:
+    """The last JSON object line a reference process printed (a script may print its cases cumulatively, so that
+    a reference cut by FI_REF_TIMEOUT still fills the columns it reached)."""
+    import json
+
+    lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if lines else None
 
 
