@@ -806,8 +806,12 @@ _HBM_BYTES_PER_US = 4.0e6
 _TC_FLOPS_PER_US = 3.0e8
 _LEVEL_OVERHEAD_US = 10.0
 # A shared level planned beside the decode level gets one CTA per SM instead of two: assumed ~15% slower alone
-# (the wgmma kernel's one-CTA-per-SM tiles measured 6-14% slower, prefill_sm90.cuh), so overlapping pays when the
-# decode level's time exceeds that share of the shared level's.
+# (the wgmma kernel's one-CTA-per-SM tiles measured 6-14% slower, prefill_sm90.cuh), so overlapping can pay only
+# when the decode level's time exceeds that share of the shared level's. Measured on an H200 (bench_cascade,
+# b0ae640 serial vs 7035a4a overlapped, 32 q / 8 kv heads, d128): it paid where the shared level is memory-bound
+# (8 requests x 32768-token prefix: 137 -> 100 µs) or shorter than the decode level (64 x 4096: 141 -> 116 µs),
+# and lost where a compute-bound shared level outweighs the decode level (64 x 32768: 187 serial vs 208
+# overlapped; 256 x 32768: 649 vs 765).
 _BESIDE_DECODE_SLOWDOWN = 0.15
 
 
@@ -830,12 +834,17 @@ def _cascade_estimate(
 def _overlap_pays(
     shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int
 ) -> bool:
-    """Whether running the shared level beside the decode level (one CTA per SM) beats running them in turn."""
+    """Whether running the shared level beside the decode level (one CTA per SM) beats running them in turn: the
+    decode level is not negligible, and the shared level is memory-bound or shorter than the decode level (see
+    _BESIDE_DECODE_SLOWDOWN for the measurements behind the rule)."""
     token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
     flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
-    shared_us = max(shared.total_keys * token_bytes / _HBM_BYTES_PER_US, flops / _TC_FLOPS_PER_US)
+    memory_us = shared.total_keys * token_bytes / _HBM_BYTES_PER_US
+    shared_us = max(memory_us, flops / _TC_FLOPS_PER_US)
     decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
-    return decode_us > _BESIDE_DECODE_SLOWDOWN * shared_us
+    if decode_us <= _BESIDE_DECODE_SLOWDOWN * shared_us:
+        return False
+    return memory_us >= shared_us or decode_us > shared_us
 
 
 # =========================================================================================== multi-level cascade

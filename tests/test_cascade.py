@@ -946,14 +946,15 @@ def test_check_levels_rejects_bad_tables():
 @pytest.mark.parametrize(
     "batch,prefix,unique,pays",
     [
-        (64, 32768, 1024, True),
-        (256, 32768, 1024, True),
-        (64, 4096, 1024, True),
+        (64, 32768, 1024, False),  # compute-bound shared level longer than the decode level: in turn
+        (256, 32768, 1024, False),
+        (8, 32768, 1024, True),  # memory-bound shared level
+        (64, 4096, 1024, True),  # shared level shorter than the decode level
         (64, 262144, 256, False),
-        (8, 32768, 16, False),
+        (8, 32768, 16, False),  # negligible decode level
     ],
 )
-def test_overlap_of_shared_and_decode_levels_pays_when_decode_is_not_negligible(batch, prefix, unique, pays):
+def test_overlap_of_shared_and_decode_levels_pays_where_measured(batch, prefix, unique, pays):
     qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, unique)] * batch])
     shared, own = _check_levels(2, qo, kv, idx, last, 16)
     assert cascade._overlap_pays(shared, own, 32, 8, 128, 2) is pays
