@@ -1,6 +1,11 @@
 """Development aid: single-prefill time (bf16, head_dim 128, 32 heads) for compile-time variants of the
 kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_PINGPONG, FI_WS_PRODUCER_REGS /
-FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing."""
+FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing.
+
+``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD) in its widening variants (FP8_VARIANTS:
+FI_WS_FP8_WIDEN, FI_WS_FP8_BATCH, FI_WS_FP8_ALU and the register split) against fa3_ws with bf16 K/V, on 8192 full,
+8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
+dequantised K/V (flagged WRONG past the tolerance)."""
 
 from __future__ import annotations
 
@@ -31,6 +36,24 @@ VARIANTS = {
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 
+# fa3_ws with fp8 K/V: name -> (K/V dtype, extra nvcc flags). "legacy" is the kernel before the register-staged
+# widening (widen_fp8_tile, registers 56 + 224); the unflagged fp8 entries are the defaults.
+_OLD_REGS = ("-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224")
+FP8_VARIANTS = {
+    "bf16 kv": ("bf16", ()),
+    "e4m3 legacy": ("e4m3", ("-DFI_WS_FP8_WIDEN=0",) + _OLD_REGS),
+    "e4m3 default": ("e4m3", ()),
+    "e4m3 batch2 56/224": ("e4m3", ("-DFI_WS_FP8_BATCH=2",) + _OLD_REGS),
+    "e4m3 batch4": ("e4m3", ("-DFI_WS_FP8_BATCH=4",)),
+    "e4m3 alu1": ("e4m3", ("-DFI_WS_FP8_ALU=1",)),
+    "e4m3 alu2": ("e4m3", ("-DFI_WS_FP8_ALU=2",)),
+    "e4m3 alu4": ("e4m3", ("-DFI_WS_FP8_ALU=4",)),
+    "e5m2 legacy": ("e5m2", ("-DFI_WS_FP8_WIDEN=0",) + _OLD_REGS),
+    "e5m2 default": ("e5m2", ()),
+    "e5m2 cvt": ("e5m2", ("-DFI_WS_FP8_ALU=0",)),
+}
+FP8_CASES = [(8192, False), (8192, True), (16384, False)]
+
 
 def variant_class(flags):
     base = prefill.SinglePrefillSpec
@@ -43,7 +66,84 @@ def variant_class(flags):
     return Variant
 
 
+def _built(specs) -> None:
+    """Builds the specs in parallel and prints ptxas's spill report of each."""
+    with ThreadPoolExecutor(min(len(specs), 16)) as pool:
+        reports = list(pool.map(jit.ensure_built, specs))
+    for spec, r in zip(specs, reports):
+        log = Path(r.log_path).read_text() if getattr(r, "log_path", None) else ""
+        spill = [ln.strip() for ln in log.splitlines() if "spill" in ln and "prefill_kernel" not in ln]
+        print(spec.dtype_kv, spec.mask_mode, spec.extra_cuda_cflags(), spill[-3:] if spill else "(no log)", flush=True)
+
+
+def fp8_main() -> None:
+    """fa3_ws with fp8 K/V per widening variant against bf16 K/V (see the module docstring)."""
+    base = prefill.SinglePrefillSpec
+    classes = {name: variant_class(flags) for name, (_, flags) in FP8_VARIANTS.items()}
+    _built(
+        [
+            c(128, "bf16", FP8_VARIANTS[name][0], "bf16", mask_mode=m, backend="fa3_ws")
+            for name, c in classes.items()
+            for m in ("none", "causal")
+        ]
+    )
+    fp8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+    k_scale, v_scale = 0.5, 2.0  # powers of two: the dequantised K/V are exact in bf16
+    for L, causal in FP8_CASES:
+        torch.manual_seed(0)
+        q = torch.randn(L, 32, 128, device="cuda", dtype=torch.bfloat16)
+        kv32 = [torch.randn(L, 8, 128, device="cuda") * 2 for _ in range(2)]
+        kv = {"bf16": [x.to(torch.bfloat16) for x in kv32]}
+        kv.update({n: [x.to(t) for x in kv32] for n, t in fp8.items()})
+        out = torch.empty_like(q)
+        fl = 4 * L * L * 32 * 128 / (2 if causal else 1)
+        refs = {}
+        for n, (k, v) in kv.items():
+            # SDPA (flash, bf16) on the dequantised K/V, GQA expanded: the reference of every variant of that dtype
+            scale_k, scale_v = (1.0, 1.0) if n == "bf16" else (k_scale, v_scale)
+            kd, vd = ((x.to(torch.bfloat16) * s).repeat_interleave(4, 1) for x, s in ((k, scale_k), (v, scale_v)))
+            sq, sk, sv = (x.transpose(0, 1).unsqueeze(0) for x in (q, kd, vd))
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                refs[n] = F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal)[0].transpose(0, 1).float()
+            del kd, vd, sq, sk, sv
+        res, err = {}, {}
+        for _ in range(3):
+            for name, cls in classes.items():
+                prefill.SinglePrefillSpec = cls
+                dkv = FP8_VARIANTS[name][0]
+                k, v = kv[dkv]
+                scales = {} if dkv == "bf16" else {"k_scale": k_scale, "v_scale": v_scale}
+                if name not in err:
+                    out.fill_(float("nan"))
+                    flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out, backend="fa3_ws", **scales)
+                    err[name] = (out.float() - refs[dkv]).abs().max().item()
+                t = graph_ms(
+                    lambda i: flashinfer.single_prefill_with_kv_cache(
+                        q, k, v, causal=causal, out=out, backend="fa3_ws", **scales
+                    ),
+                    1,
+                    reps=10,
+                    calls_per_graph=4,
+                )
+                res.setdefault(name, []).append(t)
+            prefill.SinglePrefillSpec = base
+        print(f"L={L} causal={causal} (fa3_ws, bf16 q/o, 32/8 heads):", flush=True)
+        t_bf16 = statistics.median(res["bf16 kv"])
+        for name, ts in res.items():
+            t = statistics.median(ts)
+            tol = 2e-2 * refs[FP8_VARIANTS[name][0]].abs().max().item()
+            flag = "" if err[name] <= tol else f"   <-- WRONG (tolerance {tol:.2e})"
+            print(
+                f"  {name:20s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  / bf16 kv {t_bf16 / t:.3f}"
+                f"  max|err| {err[name]:.2e}{flag}",
+                flush=True,
+            )
+
+
 def main() -> None:
+    if "--fp8" in sys.argv[1:]:
+        fp8_main()
+        return
     base = prefill.SinglePrefillSpec
     classes = {name: variant_class(flags) for name, (_, flags) in VARIANTS.items()}
     specs = [
