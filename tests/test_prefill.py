@@ -1259,10 +1259,11 @@ def test_single_prefill_fa3_ws_fp8_equals_fa3_causal(dq, dkv, qo_len, kv_len, gr
 
 
 # fa3_ws widening variants (prefill_sm90_ws.cuh, Sm90WsTraits): the integer-pipe conversion of every word (e4m3 bit
-# trick), and the kernel as it was before the register-staged widening (widen_fp8_tile, registers 56 + 224).
+# trick), and the kernel as it was before the register-staged widening (widen_fp8_tile, K(n) before V(n), registers
+# 56 + 224).
 WS_FP8_VARIANT_FLAGS = {
     "alu4": ("-DFI_WS_FP8_ALU=4",),
-    "legacy": ("-DFI_WS_FP8_WIDEN=0", "-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224"),
+    "legacy": ("-DFI_WS_FP8_WIDEN=0", "-DFI_WS_FP8_K_AHEAD=0", "-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224"),
 }
 
 

@@ -163,6 +163,8 @@ struct Sm90WsTraits {
   //                        tile's 8; mode 1).
   //   FI_WS_FP8_ALU     how many of each load's four 32-bit words are converted on the integer pipe (ptx/fp8.cuh)
   //                        instead of by the conversion instruction (0..4; mode 1); by default e4m3 0, e5m2 4.
+  //   FI_WS_FP8_K_AHEAD 1 (default): the producer widens K(n + 1) before V(n), the consumers' order of use (S(n + 1)
+  //                        is issued before P(n) V(n), and K(n - 1)'s slot frees before V(n - 2)'s); 0: K(n), V(n).
 #ifdef FI_WS_FP8_WIDEN
   static constexpr int kFp8Widen = FI_WS_FP8_WIDEN;
 #else
@@ -172,6 +174,11 @@ struct Sm90WsTraits {
   static constexpr int kFp8Batch = FI_WS_FP8_BATCH;
 #else
   static constexpr int kFp8Batch = 8;
+#endif
+#ifdef FI_WS_FP8_K_AHEAD
+  static constexpr bool kFp8KAhead = FI_WS_FP8_K_AHEAD;
+#else
+  static constexpr bool kFp8KAhead = true;
 #endif
   template <typename F8>
   static constexpr int fp8_alu_words() {
@@ -467,13 +474,29 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
       sm90::mbarrier_arrive(q_full);
       if constexpr (FP8) {
-        // K(n) widened, then V(n); each staging tile refilled with tile n + 1 right after it has been read.
-        for (int n = 0; n < t.num_tiles; ++n, ++it) {
-          const int s = it % S;
-          const uint32_t ph = (it / S) & 1;
-          const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
-          widen_fp8(false, it, s, ph, next_key0, t.kv_head);
-          widen_fp8(true, it, s, ph, next_key0, t.kv_head);
+        // Each staging tile is refilled with its operand's next tile right after it has been read.
+        if constexpr (Tr::kFp8KAhead) {
+          // The consumers' order of use: K(0), then K(n + 1) before V(n) (S(n + 1) is issued before P(n) V(n)).
+          auto widen_tile = [&](bool is_v, int n) {
+            const int i = it + n;
+            const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
+            widen_fp8(is_v, i, i % S, (i / S) & 1, next_key0, t.kv_head);
+          };
+          if (t.num_tiles > 0) widen_tile(false, 0);
+          for (int n = 0; n < t.num_tiles; ++n) {
+            if (n + 1 < t.num_tiles) widen_tile(false, n + 1);
+            widen_tile(true, n);
+          }
+          it += t.num_tiles;
+        } else {
+          // K(n), then V(n).
+          for (int n = 0; n < t.num_tiles; ++n, ++it) {
+            const int s = it % S;
+            const uint32_t ph = (it / S) & 1;
+            const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
+            widen_fp8(false, it, s, ph, next_key0, t.kv_head);
+            widen_fp8(true, it, s, ph, next_key0, t.kv_head);
+          }
         }
       } else if (tid == 0) {
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
