@@ -163,8 +163,11 @@ struct Sm90WsTraits {
   //                        tile's 8; mode 1).
   //   FI_WS_FP8_ALU     how many of each load's four 32-bit words are converted on the integer pipe (ptx/fp8.cuh)
   //                        instead of by the conversion instruction (0..4; mode 1); by default e4m3 0, e5m2 4.
-  //   FI_WS_FP8_K_AHEAD 1 (default): the producer widens K(n + 1) before V(n), the consumers' order of use (S(n + 1)
-  //                        is issued before P(n) V(n), and K(n - 1)'s slot frees before V(n - 2)'s); 0: K(n), V(n).
+  //   FI_WS_FP8_K_AHEAD the order of the producer's widening: 0, K(n) then V(n) after the item's Q; 1, K(n + 1)
+  //                        before V(n), the consumers' order of use (S(n + 1) is issued before P(n) V(n), and
+  //                        K(n - 1)'s slot frees before V(n - 2)'s); 2 (default), 1 and an item's K(0) before its Q
+  //                        (K(0)'s slot frees with the previous item's S(N - 2), its Q only after S(N - 1): the
+  //                        consumers then start the item as soon as Q has landed).
 #ifdef FI_WS_FP8_WIDEN
   static constexpr int kFp8Widen = FI_WS_FP8_WIDEN;
 #else
@@ -176,9 +179,9 @@ struct Sm90WsTraits {
   static constexpr int kFp8Batch = 8;
 #endif
 #ifdef FI_WS_FP8_K_AHEAD
-  static constexpr bool kFp8KAhead = FI_WS_FP8_K_AHEAD;
+  static constexpr int kFp8KAhead = FI_WS_FP8_K_AHEAD;
 #else
-  static constexpr bool kFp8KAhead = true;
+  static constexpr int kFp8KAhead = 2;
 #endif
   template <typename F8>
   static constexpr int fp8_alu_words() {
@@ -189,6 +192,7 @@ struct Sm90WsTraits {
 #endif
   }
   static_assert(kFp8Widen == 0 || kFp8Widen == 1, "FI_WS_FP8_WIDEN: 0 or 1");
+  static_assert(kFp8KAhead >= 0 && kFp8KAhead <= 2, "FI_WS_FP8_K_AHEAD: 0, 1 or 2");
   static_assert(kFp8Batch == 1 || kFp8Batch == 2 || kFp8Batch == 4 || kFp8Batch == 8, "FI_WS_FP8_BATCH");
   static constexpr int smem_bytes(bool ragged, bool fp8 = false) {
     return kSmemBytes + (ragged ? kItemBytes : 0) + (fp8 ? kFp8Bytes : 0);
@@ -450,6 +454,16 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
           stage_fp8(true, t.kv_first + t.lo, t.kv_head);
         }
       }
+      // fp8 (kFp8KAhead): tile n of the item's K or V, staged, widened into its ring slot, its staging tile refilled
+      // with tile n + 1.
+      auto widen_tile = [&](bool is_v, int n) {
+        const int i = it + n;
+        const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
+        widen_fp8(is_v, i, i % S, (i / S) & 1, next_key0, t.kv_head);
+      };
+      if constexpr (FP8 && Tr::kFp8KAhead == 2) {
+        if (t.num_tiles > 0) widen_tile(false, 0);
+      }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
       wait(q_empty, (j & 1) ^ 1, 1);
@@ -476,13 +490,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       if constexpr (FP8) {
         // Each staging tile is refilled with its operand's next tile right after it has been read.
         if constexpr (Tr::kFp8KAhead) {
-          // The consumers' order of use: K(0), then K(n + 1) before V(n) (S(n + 1) is issued before P(n) V(n)).
-          auto widen_tile = [&](bool is_v, int n) {
-            const int i = it + n;
-            const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
-            widen_fp8(is_v, i, i % S, (i / S) & 1, next_key0, t.kv_head);
-          };
-          if (t.num_tiles > 0) widen_tile(false, 0);
+          // The consumers' order of use: K(0) (here or before Q), then K(n + 1) before V(n) (S(n + 1) is issued
+          // before P(n) V(n)).
+          if (Tr::kFp8KAhead == 1 && t.num_tiles > 0) widen_tile(false, 0);
           for (int n = 0; n < t.num_tiles; ++n) {
             if (n + 1 < t.num_tiles) widen_tile(false, n + 1);
             widen_tile(true, n);
