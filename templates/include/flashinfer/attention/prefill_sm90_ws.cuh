@@ -3,18 +3,21 @@
 // "fa3" is prefill_sm90.cuh). One kernel, templated on RAGGED: only where a work item comes from differs.
 //
 // ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
-//   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs): all 128 threads copy each work item's query tile
-//     into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone then issues the
-//     K and V tiles of the item as TMA boxes into a kStages-deep ring. fp8 K/V ("dequantise in the producer"):
-//     thread 0 issues each fp8 tile as one TMA box of whole rows (head_dim bytes, unswizzled) into a staging tile of
-//     K or of V, and all 128 threads widen it (fp8 -> float16, exact) into the ring's 16-bit swizzled slot; the
-//     consumers read float16 there as they read q's type otherwise. By default (FI_WS_FP8_WIDEN=1) each thread loads
-//     its whole share of the staged tile into registers (8 x 16 bytes), the staging tile goes back to TMA for the
-//     next tile at once, and only then does the thread wait for the ring slot and convert and store: the registers
-//     are a second staging tile, and the copy of tile n + 1 runs under the wait for slot n and the widening of tile
-//     n (e4m3: the conversion instruction; e5m2: byte permutes; FI_WS_FP8_ALU moves e4m3 words to the integer pipe,
-//     ptx/fp8.cuh). FI_WS_FP8_WIDEN=0 is the fa3 kernel's widen_fp8_tile, one 8-byte load per store.
-//   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs): 64 packed query rows each of the item's
+//   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs, fp8 kProducerRegsFp8): all 128 threads copy each work
+//     item's query tile into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone then
+//     issues the K and V tiles of the item as TMA boxes into a kStages-deep ring. fp8 K/V ("dequantise in the
+//     producer"): thread 0 issues each fp8 tile as one TMA box of whole rows (head_dim bytes, unswizzled) into a
+//     staging tile of K or of V, and all 128 threads widen it (fp8 -> float16, exact) into the ring's 16-bit swizzled
+//     slot; the consumers read float16 there as they read q's type otherwise. By default (FI_WS_FP8_WIDEN=1) each
+//     thread loads its whole share of the staged tile into registers (8 x 16 bytes), the staging tile goes back to TMA
+//     for the next tile at once, and only then does the thread wait for the ring slot and convert and store: the
+//     registers are a second staging tile, and the copy of tile n + 1 runs under the wait for slot n and the widening
+//     of tile n (e4m3: the conversion instruction; e5m2: byte permutes; FI_WS_FP8_ALU moves e4m3 words to the integer
+//     pipe, ptx/fp8.cuh). The tiles are widened in the consumers' order of use: an item's K(0) before its Q is copied,
+//     then K(n + 1) before V(n) (FI_WS_FP8_K_AHEAD). FI_WS_FP8_WIDEN=0 FI_WS_FP8_K_AHEAD=0 with registers 56/224
+//     is the kernel as it was: the fa3 kernel's widen_fp8_tile, one 8-byte load per store, K(n) then V(n).
+//   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs, fp8 kConsumerRegsFp8): 64 packed query rows each of
+//   the item's
 //     128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
 // ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ..., heaviest first, KV head w % num_kv_heads.
