@@ -16,9 +16,8 @@
 //     pipe, ptx/fp8.cuh). The tiles are widened in the consumers' order of use: an item's K(0) before its Q is copied,
 //     then K(n + 1) before V(n) (FI_WS_FP8_K_AHEAD). FI_WS_FP8_WIDEN=0 FI_WS_FP8_K_AHEAD=0 with registers 56/224
 //     is the kernel as it was: the fa3 kernel's widen_fp8_tile, one 8-byte load per store, K(n) then V(n).
-//   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs, fp8 kConsumerRegsFp8): 64 packed query rows each of
-//   the item's
-//     128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
+//   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs, fp8 kConsumerRegsFp8): 64 packed query rows
+//     each of the item's 128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
 // ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ..., heaviest first, KV head w % num_kv_heads.
 //   Single: item w = (query tile, KV head), the last query tiles first (they see the most keys under a causal
