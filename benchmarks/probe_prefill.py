@@ -5,7 +5,7 @@ FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a tabl
 ``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD) in its widening variants (FP8_VARIANTS:
 FI_WS_FP8_WIDEN, FI_WS_FP8_BATCH, FI_WS_FP8_ALU, FI_WS_FP8_K_AHEAD, the register split, ping-pong) against fa3_ws with bf16 K/V, on 8192 full,
 8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
-dequantised K/V (flagged WRONG past the tolerance)."""
+dequantised K/V (flagged WRONG past the tolerance 1e-2 + 2e-2 |ref|)."""
 
 from __future__ import annotations
 
@@ -74,27 +74,42 @@ def variant_class(flags):
     return Variant
 
 
-def _built(specs) -> None:
-    """Builds the specs in parallel and prints ptxas's spill report of each."""
+def _built(specs) -> set:
+    """Builds the specs in parallel and prints ptxas's spill report of each; returns the classes whose build failed
+    (reported, not raised: the other variants are still timed)."""
+
+    def build(spec):
+        try:
+            return jit.ensure_built(spec)
+        except Exception as e:
+            return e
+
     with ThreadPoolExecutor(min(len(specs), 16)) as pool:
-        reports = list(pool.map(jit.ensure_built, specs))
+        reports = list(pool.map(build, specs))
+    failed = set()
     for spec, r in zip(specs, reports):
+        if isinstance(r, Exception):
+            print(spec.dtype_kv, spec.mask_mode, spec.extra_cuda_cflags(), "BUILD FAILED:", str(r)[-500:], flush=True)
+            failed.add(type(spec))
+            continue
         log = Path(r.log_path).read_text() if getattr(r, "log_path", None) else ""
         spill = [ln.strip() for ln in log.splitlines() if "spill" in ln and "prefill_kernel" not in ln]
         print(spec.dtype_kv, spec.mask_mode, spec.extra_cuda_cflags(), spill[-3:] if spill else "(no log)", flush=True)
+    return failed
 
 
 def fp8_main() -> None:
     """fa3_ws with fp8 K/V per widening variant against bf16 K/V (see the module docstring)."""
     base = prefill.SinglePrefillSpec
     classes = {name: variant_class(flags + _FP8_PROBE_FLAGS) for name, (_, flags) in FP8_VARIANTS.items()}
-    _built(
+    failed = _built(
         [
             c(128, "bf16", FP8_VARIANTS[name][0], "bf16", mask_mode=m, backend="fa3_ws")
             for name, c in classes.items()
             for m in ("none", "causal")
         ]
     )
+    classes = {name: c for name, c in classes.items() if c not in failed or name == "bf16 kv"}
     fp8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
     k_scale, v_scale = 0.5, 2.0  # powers of two: the dequantised K/V are exact in bf16
     for L, causal in FP8_CASES:
@@ -126,7 +141,10 @@ def fp8_main() -> None:
             try:
                 out.fill_(float("nan"))
                 flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out, backend="fa3_ws", **scales)
-                err = (out.float() - refs[dkv]).abs().max().item()
+                diff = (out.float() - refs[dkv]).abs()
+                err = diff.max().item()
+                # the worst error in units of its tolerance, 1e-2 + 2e-2 |ref| (SDPA rounds P to bf16; NaN: inf)
+                excess = torch.nan_to_num(diff / (1e-2 + 2e-2 * refs[dkv].abs()), nan=float("inf")).max().item()
                 t = statistics.median(
                     graph_ms(
                         lambda i: flashinfer.single_prefill_with_kv_cache(
@@ -144,8 +162,7 @@ def fp8_main() -> None:
             finally:
                 prefill.SinglePrefillSpec = base
             t_bf16 = t_bf16 or t
-            tol = 2e-2 * refs[dkv].abs().max().item()
-            flag = "" if err <= tol else f"   <-- WRONG (tolerance {tol:.2e})"
+            flag = "" if excess <= 1 else f"   <-- WRONG ({excess:.1f} x the tolerance 1e-2 + 2e-2 |ref|)"
             print(
                 f"  {name:28s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  / bf16 kv {t_bf16 / t:.3f}"
                 f"  max|err| {err:.2e}{flag}",
