@@ -43,21 +43,16 @@ CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True
 _OLD_REGS = ("-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224")
 _LEGACY = ("-DFI_WS_FP8_WIDEN=0", "-DFI_WS_FP8_K_AHEAD=0") + _OLD_REGS
 FP8_VARIANTS = {
+    # (H200, f8f753e, before the staging tile's proxy fence: alu1/2/4 0.96/0.92/0.78 of the default's time ratio to
+    # bf16, batch4 and k-ahead1 within 1% of the default, pingpong below it; dropped from the list)
     "bf16 kv": ("bf16", ()),
     "e4m3 legacy": ("e4m3", _LEGACY),
     "e4m3 default": ("e4m3", ()),
-    "e5m2 legacy": ("e5m2", _LEGACY),
     "e5m2 default": ("e5m2", ()),
-    "e5m2 cvt": ("e5m2", ("-DFI_WS_FP8_ALU=0",)),
+    "e4m3 late release": ("e4m3", ("-DFI_WS_FP8_EARLY_RELEASE=0",)),
+    "e5m2 late release": ("e5m2", ("-DFI_WS_FP8_EARLY_RELEASE=0",)),
     "e4m3 batch2 56/224": ("e4m3", ("-DFI_WS_FP8_BATCH=2",) + _OLD_REGS),
-    "e4m3 batch4": ("e4m3", ("-DFI_WS_FP8_BATCH=4",)),
-    "e4m3 alu1": ("e4m3", ("-DFI_WS_FP8_ALU=1",)),
-    "e4m3 alu2": ("e4m3", ("-DFI_WS_FP8_ALU=2",)),
-    "e4m3 alu4": ("e4m3", ("-DFI_WS_FP8_ALU=4",)),
-    "e4m3 k-ahead1": ("e4m3", ("-DFI_WS_FP8_K_AHEAD=1",)),
     "e4m3 k-then-v": ("e4m3", ("-DFI_WS_FP8_K_AHEAD=0",)),
-    "e5m2 k-then-v": ("e5m2", ("-DFI_WS_FP8_K_AHEAD=0",)),
-    "e4m3 pingpong batch2 56/224": ("e4m3", ("-DFI_WS_PINGPONG=1", "-DFI_WS_FP8_BATCH=2") + _OLD_REGS),
 }
 _FP8_PROBE_FLAGS = ("-DFI_WS_WAIT_TIMEOUT_NS=2000000000ull",)
 FP8_CASES = [(8192, False), (8192, True), (16384, False)]

@@ -180,6 +180,13 @@ struct Sm90WsTraits {
 #else
   static constexpr int kFp8Batch = 8;
 #endif
+  //   FI_WS_FP8_EARLY_RELEASE 1 (default): the staging tile goes back to TMA once loaded into registers; 0: after
+  //                        the widened tile is stored (probe).
+#ifdef FI_WS_FP8_EARLY_RELEASE
+  static constexpr bool kFp8EarlyRelease = FI_WS_FP8_EARLY_RELEASE;
+#else
+  static constexpr bool kFp8EarlyRelease = true;
+#endif
 #ifdef FI_WS_FP8_K_AHEAD
   static constexpr int kFp8KAhead = FI_WS_FP8_K_AHEAD;
 #else
@@ -408,8 +415,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         for (int b = 0; b < kSteps; b += B) {
 #pragma unroll
           for (int i = b; i < b + B; ++i) raw[i] = ld_shared_v4(src + i * kSm90WsFp8Step);
-          if (b + B == kSteps) {
-            // Every thread's loads of the staging tile are issued (bar.sync orders them before the refill).
+          if (Tr::kFp8EarlyRelease && b + B == kSteps) {
+            // The refill is an async-proxy (TMA) write over what these generic-proxy loads read: each thread's
+            // proxy fence orders its loads before it, the barrier before thread 0's copy. Without the fence the
+            // copy overtook loads still in flight (H200: up to 130x the tolerance with 8 loads outstanding).
+            sm90::fence_async_shared();
             sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
             if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
           }
@@ -424,6 +434,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         }
         sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
         sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
+        if constexpr (!Tr::kFp8EarlyRelease) {  // (probe: the staging tile handed back after the stores)
+          sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
+          if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
+        }
       }
     };
     auto widen_fp8 = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
