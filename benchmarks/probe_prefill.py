@@ -1,6 +1,11 @@
 """Development aid: single-prefill time (bf16, head_dim 128, 32 heads) for compile-time variants of the
 kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_PINGPONG, FI_WS_PRODUCER_REGS /
-FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing."""
+FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing.
+
+``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD) in its widening variants (FP8_VARIANTS:
+FI_WS_FP8_WIDEN, FI_WS_FP8_BATCH, FI_WS_FP8_ALU, FI_WS_FP8_K_AHEAD, the register split, ping-pong) against fa3_ws with bf16 K/V, on 8192 full,
+8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
+dequantised K/V (flagged WRONG past the tolerance 1e-2 + 2e-2 |ref|)."""
 
 from __future__ import annotations
 
@@ -31,6 +36,27 @@ VARIANTS = {
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 
+# fa3_ws with fp8 K/V: name -> (K/V dtype, extra nvcc flags), timed in this order (the surest first: a variant that
+# deadlocks traps after the 2 s wait bound every variant is built with, and the process's CUDA context is lost).
+# "legacy" is the kernel before the register-staged widening (widen_fp8_tile, registers 56 + 224); the unflagged fp8
+# entries are the defaults (prefill_sm90_ws.cuh, Sm90WsTraits).
+_OLD_REGS = ("-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224")
+_LEGACY = ("-DFI_WS_FP8_WIDEN=0", "-DFI_WS_FP8_K_AHEAD=0") + _OLD_REGS
+FP8_VARIANTS = {
+    # (H200, f8f753e, before the staging tile's proxy fence: alu1/2/4 0.96/0.92/0.78 of the default's time ratio to
+    # bf16, batch4 and k-ahead1 within 1% of the default, pingpong below it; dropped from the list)
+    "bf16 kv": ("bf16", ()),
+    "e4m3 legacy": ("e4m3", _LEGACY),
+    "e4m3 default": ("e4m3", ()),
+    "e5m2 default": ("e5m2", ()),
+    "e4m3 late release": ("e4m3", ("-DFI_WS_FP8_EARLY_RELEASE=0",)),
+    "e5m2 late release": ("e5m2", ("-DFI_WS_FP8_EARLY_RELEASE=0",)),
+    "e4m3 batch2 56/224": ("e4m3", ("-DFI_WS_FP8_BATCH=2",) + _OLD_REGS),
+    "e4m3 k-then-v": ("e4m3", ("-DFI_WS_FP8_K_AHEAD=0",)),
+}
+_FP8_PROBE_FLAGS = ("-DFI_WS_WAIT_TIMEOUT_NS=2000000000ull",)
+FP8_CASES = [(8192, False), (8192, True), (16384, False)]
+
 
 def variant_class(flags):
     base = prefill.SinglePrefillSpec
@@ -43,7 +69,106 @@ def variant_class(flags):
     return Variant
 
 
+def _built(specs) -> set:
+    """Builds the specs in parallel and prints ptxas's spill report of each; returns the classes whose build failed
+    (reported, not raised: the other variants are still timed)."""
+
+    def build(spec):
+        try:
+            return jit.ensure_built(spec)
+        except Exception as e:
+            return e
+
+    with ThreadPoolExecutor(min(len(specs), 16)) as pool:
+        reports = list(pool.map(build, specs))
+    failed = set()
+    for spec, r in zip(specs, reports):
+        if isinstance(r, Exception):
+            print(spec.dtype_kv, spec.mask_mode, spec.extra_cuda_cflags(), "BUILD FAILED:", str(r)[-500:], flush=True)
+            failed.add(type(spec))
+            continue
+        log = Path(r.log_path).read_text() if getattr(r, "log_path", None) else ""
+        spill = [ln.strip() for ln in log.splitlines() if "spill" in ln and "prefill_kernel" not in ln]
+        print(spec.dtype_kv, spec.mask_mode, spec.extra_cuda_cflags(), spill[-3:] if spill else "(no log)", flush=True)
+    return failed
+
+
+def fp8_main() -> None:
+    """fa3_ws with fp8 K/V per widening variant against bf16 K/V (see the module docstring)."""
+    base = prefill.SinglePrefillSpec
+    classes = {name: variant_class(flags + _FP8_PROBE_FLAGS) for name, (_, flags) in FP8_VARIANTS.items()}
+    failed = _built(
+        [
+            c(128, "bf16", FP8_VARIANTS[name][0], "bf16", mask_mode=m, backend="fa3_ws")
+            for name, c in classes.items()
+            for m in ("none", "causal")
+        ]
+    )
+    classes = {name: c for name, c in classes.items() if c not in failed or name == "bf16 kv"}
+    fp8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+    k_scale, v_scale = 0.5, 2.0  # powers of two: the dequantised K/V are exact in bf16
+    for L, causal in FP8_CASES:
+        torch.manual_seed(0)
+        q = torch.randn(L, 32, 128, device="cuda", dtype=torch.bfloat16)
+        kv32 = [torch.randn(L, 8, 128, device="cuda") * 2 for _ in range(2)]
+        kv = {"bf16": [x.to(torch.bfloat16) for x in kv32]}
+        kv.update({n: [x.to(t) for x in kv32] for n, t in fp8.items()})
+        out = torch.empty_like(q)
+        fl = 4 * L * L * 32 * 128 / (2 if causal else 1)
+        refs = {}
+        for n, (k, v) in kv.items():
+            # SDPA (flash, bf16) on the dequantised K/V, GQA expanded: the reference of every variant of that dtype
+            scale_k, scale_v = (1.0, 1.0) if n == "bf16" else (k_scale, v_scale)
+            kd, vd = ((x.to(torch.bfloat16) * s).repeat_interleave(4, 1) for x, s in ((k, scale_k), (v, scale_v)))
+            sq, sk, sv = (x.transpose(0, 1).unsqueeze(0) for x in (q, kd, vd))
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                refs[n] = F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal)[0].transpose(0, 1).float()
+            del kd, vd, sq, sk, sv
+        print(f"L={L} causal={causal} (fa3_ws, bf16 q/o, 32/8 heads):", flush=True)
+        t_bf16 = None
+        # (each variant checked, then timed, then printed: what was measured before a failure stays on the screen;
+        # bf16 K/V again at the end shows the clock's drift over the case)
+        for name in list(classes) + ["bf16 kv"]:
+            prefill.SinglePrefillSpec = classes[name]
+            dkv = FP8_VARIANTS[name][0]
+            k, v = kv[dkv]
+            scales = {} if dkv == "bf16" else {"k_scale": k_scale, "v_scale": v_scale}
+            try:
+                out.fill_(float("nan"))
+                flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out, backend="fa3_ws", **scales)
+                diff = (out.float() - refs[dkv]).abs()
+                err = diff.max().item()
+                # the worst error in units of its tolerance, 1e-2 + 2e-2 |ref| (SDPA rounds P to bf16; NaN: inf)
+                excess = torch.nan_to_num(diff / (1e-2 + 2e-2 * refs[dkv].abs()), nan=float("inf")).max().item()
+                t = statistics.median(
+                    graph_ms(
+                        lambda i: flashinfer.single_prefill_with_kv_cache(
+                            q, k, v, causal=causal, out=out, backend="fa3_ws", **scales
+                        ),
+                        1,
+                        reps=10,
+                        calls_per_graph=4,
+                    )
+                    for _ in range(3)
+                )
+            except Exception as e:  # (a launch failure: reported, and the next variants are still tried)
+                print(f"  {name:28s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            finally:
+                prefill.SinglePrefillSpec = base
+            t_bf16 = t_bf16 or t
+            flag = "" if excess <= 1 else f"   <-- WRONG ({excess:.1f} x the tolerance 1e-2 + 2e-2 |ref|)"
+            print(
+                f"  {name:28s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  / bf16 kv {t_bf16 / t:.3f}"
+                f"  max|err| {err:.2e}{flag}",
+                flush=True,
+            )
+
+
 def main() -> None:
+    if "--fp8" in sys.argv[1:]:
+        fp8_main()
+        return
     base = prefill.SinglePrefillSpec
     classes = {name: variant_class(flags) for name, (_, flags) in VARIANTS.items()}
     specs = [

@@ -3,14 +3,21 @@
 // "fa3" is prefill_sm90.cuh). One kernel, templated on RAGGED: only where a work item comes from differs.
 //
 // ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
-//   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs): all 128 threads copy each work item's query tile
-//     into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone then issues the
-//     K and V tiles of the item as TMA boxes into a kStages-deep ring. fp8 K/V ("dequantise in the producer"):
-//     thread 0 issues each fp8 tile as one TMA box of whole rows (head_dim bytes, unswizzled) into a staging tile of
-//     K or of V, and all 128 threads widen it (fp8 -> float16, exact: widen_fp8_tile, the fa3 kernel's) into the
-//     ring's 16-bit swizzled slot; the consumers read float16 there as they read q's type otherwise.
-//   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs): 64 packed query rows each of the item's
-//     128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
+//   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs, fp8 kProducerRegsFp8): all 128 threads copy each work
+//     item's query tile into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone then
+//     issues the K and V tiles of the item as TMA boxes into a kStages-deep ring. fp8 K/V ("dequantise in the
+//     producer"): thread 0 issues each fp8 tile as one TMA box of whole rows (head_dim bytes, unswizzled) into a
+//     staging tile of K or of V, and all 128 threads widen it (fp8 -> float16, exact) into the ring's 16-bit swizzled
+//     slot; the consumers read float16 there as they read q's type otherwise. By default (FI_WS_FP8_WIDEN=1) each
+//     thread loads its whole share of the staged tile into registers (8 x 16 bytes), the staging tile goes back to TMA
+//     for the next tile at once, and only then does the thread wait for the ring slot and convert and store: the
+//     registers are a second staging tile, and the copy of tile n + 1 runs under the wait for slot n and the widening
+//     of tile n (e4m3: the conversion instruction; e5m2: byte permutes; FI_WS_FP8_ALU moves e4m3 words to the integer
+//     pipe, ptx/fp8.cuh). The tiles are widened in the consumers' order of use: an item's K(0) before its Q is copied,
+//     then K(n + 1) before V(n) (FI_WS_FP8_K_AHEAD). FI_WS_FP8_WIDEN=0 FI_WS_FP8_K_AHEAD=0 with registers 56/224
+//     is the kernel as it was: the fa3 kernel's widen_fp8_tile, one 8-byte load per store, K(n) then V(n).
+//   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs, fp8 kConsumerRegsFp8): 64 packed query rows
+//     each of the item's 128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
 // ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ..., heaviest first, KV head w % num_kv_heads.
 //   Single: item w = (query tile, KV head), the last query tiles first (they see the most keys under a causal
@@ -31,9 +38,10 @@
 // ---- Shared memory: Q (128 rows), O staging (128 rows), K[kStages], V[kStages] (BK rows each), all in the
 //   wgmma 128-byte-swizzled layout (wgmma.cuh), fp8 only: the staging tiles of K and of V (BK rows of head_dim
 //   bytes each), then the mbarriers, then (ragged) the current item's geometry. 16-bit single: 192 KB + 80 B; fp8:
-//   224 KB + 96 B of the 227 KB (smem_bytes). The fp8 staging is one tile deep per operand (two would not fit beside
-//   two 16-bit stages): the copy of tile n + 1 is issued as soon as tile n is widened, and runs while the producer
-//   waits for a free ring slot.
+//   224 KB + 96 B of the 227 KB (smem_bytes). The fp8 staging is one tile deep per operand in shared memory (two
+//   would not fit beside two 16-bit stages); the producer's registers hold a second one (above): the copy of tile
+//   n + 1 is issued as soon as tile n is loaded into registers, and runs while the producer waits for a free ring
+//   slot and writes it.
 //
 // ---- Barriers, who arrives and who waits (parities: mbarrier.cuh). `it` counts the KV tiles a role has gone
 //   through since the kernel started (over all its items); tile `it` sits in ring slot s = it % kStages, and
@@ -44,7 +52,7 @@
 //     k_staged, v_staged    fp8 only, count 1: thread 0's arrive.expect_tx(fp8 tile bytes), plus the TMA bytes.
 //                           Every producer thread waits(it & 1) before widening tile `it`; thread 0 refills the
 //                           staging tile only after named barrier 5 (the 128 producer threads) says that every
-//                           thread has read it.
+//                           thread has read it (by default: loaded it into registers, before the slot's wait).
 //     k_empty[s], v_empty[s] count kConsumerWarps: lane 0 of every consumer warp arrives once the wgmma
 //                           reading the slot has completed (after its wgmma_wait). The producer waits(ph ^ 1)
 //                           before refilling the slot (the first pass, parity 1 of a fresh barrier, is free).
@@ -94,6 +102,7 @@
 #include "flashinfer/host/launch.cuh"
 #include "flashinfer/host/tma.cuh"
 #include "flashinfer/ptx/cp_async.cuh"
+#include "flashinfer/ptx/fp8.cuh"
 #include "flashinfer/ptx/math.cuh"
 #include "flashinfer/ptx/mbarrier.cuh"
 #include "flashinfer/ptx/smem.cuh"
@@ -117,17 +126,19 @@ struct Sm90WsTraits {
   static constexpr bool kPingPong = false;
 #endif
   static constexpr int kConsumerWarps = 8;
-  // Registers per thread after setmaxnreg (-D overrides for probes): 128 * 56 + 256 * 224 <= the SM's 64K. At 40 the
-  // producer spills its work-item state (ptxas, CUDA 13.0); the consumers need ~200 (O 64, S 64, P 32 and addresses).
+  // Registers per thread after setmaxnreg (-D overrides for probes, both K/V kinds): 128 * 56 + 256 * 224 <= the SM's
+  // 64K. At 40 the producer spills its work-item state (ptxas, CUDA 13.0); the consumers need ~200 (O 64, S 64, P 32
+  // and addresses). fp8 K/V: 72 + 216, the producer holding a whole staged tile (32 registers) in flight
+  // (FI_WS_FP8_BATCH 8; at 64 it spills).
 #ifdef FI_WS_PRODUCER_REGS
-  static constexpr int kProducerRegs = FI_WS_PRODUCER_REGS;
+  static constexpr int kProducerRegs = FI_WS_PRODUCER_REGS, kProducerRegsFp8 = FI_WS_PRODUCER_REGS;
 #else
-  static constexpr int kProducerRegs = 56;
+  static constexpr int kProducerRegs = 56, kProducerRegsFp8 = 72;
 #endif
 #ifdef FI_WS_CONSUMER_REGS
-  static constexpr int kConsumerRegs = FI_WS_CONSUMER_REGS;
+  static constexpr int kConsumerRegs = FI_WS_CONSUMER_REGS, kConsumerRegsFp8 = FI_WS_CONSUMER_REGS;
 #else
-  static constexpr int kConsumerRegs = 224;
+  static constexpr int kConsumerRegs = 224, kConsumerRegsFp8 = 216;
 #endif
   // A wait longer than this is a deadlock (an item takes milliseconds; compute-sanitizer slows it 100-1000x).
 #ifdef FI_WS_WAIT_TIMEOUT_NS
@@ -146,10 +157,57 @@ struct Sm90WsTraits {
   static constexpr int kF8TileBytes = BK * kHeadDim;
   static constexpr int kFp8Bytes = 2 * kF8TileBytes + 2 * 8;
   static constexpr int kProducerBarrier = 5;
+  // How the producer widens a staged fp8 tile (-D overrides for probes, see sm90_ws_widen_fp8):
+  //   FI_WS_FP8_WIDEN   1: register-staged (16-byte loads of the whole tile into registers in batches, the staging
+  //                        tile handed back to TMA before the ring slot is waited for and written); 0: the fa3
+  //                        kernel's widen_fp8_tile (8-byte loads and 16-byte stores one chunk at a time).
+  //   FI_WS_FP8_BATCH   16-byte staging loads per thread issued before the first conversion (1, 2, 4 or 8 of the
+  //                        tile's 8; mode 1).
+  //   FI_WS_FP8_ALU     how many of each load's four 32-bit words are converted on the integer pipe (ptx/fp8.cuh)
+  //                        instead of by the conversion instruction (0..4; mode 1); by default e4m3 0, e5m2 4.
+  //   FI_WS_FP8_K_AHEAD the order of the producer's widening: 0, K(n) then V(n) after the item's Q; 1, K(n + 1)
+  //                        before V(n), the consumers' order of use (S(n + 1) is issued before P(n) V(n), and
+  //                        K(n - 1)'s slot frees before V(n - 2)'s); 2 (default), 1 and an item's K(0) before its Q
+  //                        (K(0)'s slot frees with the previous item's S(N - 2), its Q only after S(N - 1): the
+  //                        consumers then start the item as soon as Q has landed).
+#ifdef FI_WS_FP8_WIDEN
+  static constexpr int kFp8Widen = FI_WS_FP8_WIDEN;
+#else
+  static constexpr int kFp8Widen = 1;
+#endif
+#ifdef FI_WS_FP8_BATCH
+  static constexpr int kFp8Batch = FI_WS_FP8_BATCH;
+#else
+  static constexpr int kFp8Batch = 8;
+#endif
+  //   FI_WS_FP8_EARLY_RELEASE 1 (default): the staging tile goes back to TMA once loaded into registers; 0: after
+  //                        the widened tile is stored (probe).
+#ifdef FI_WS_FP8_EARLY_RELEASE
+  static constexpr bool kFp8EarlyRelease = FI_WS_FP8_EARLY_RELEASE;
+#else
+  static constexpr bool kFp8EarlyRelease = true;
+#endif
+#ifdef FI_WS_FP8_K_AHEAD
+  static constexpr int kFp8KAhead = FI_WS_FP8_K_AHEAD;
+#else
+  static constexpr int kFp8KAhead = 2;
+#endif
+  template <typename F8>
+  static constexpr int fp8_alu_words() {
+#ifdef FI_WS_FP8_ALU
+    return FI_WS_FP8_ALU;
+#else
+    return std::is_same<F8, __nv_fp8_e5m2>::value ? 4 : 0;
+#endif
+  }
+  static_assert(kFp8Widen == 0 || kFp8Widen == 1, "FI_WS_FP8_WIDEN: 0 or 1");
+  static_assert(kFp8KAhead >= 0 && kFp8KAhead <= 2, "FI_WS_FP8_K_AHEAD: 0, 1 or 2");
+  static_assert(kFp8Batch == 1 || kFp8Batch == 2 || kFp8Batch == 4 || kFp8Batch == 8, "FI_WS_FP8_BATCH");
   static constexpr int smem_bytes(bool ragged, bool fp8 = false) {
     return kSmemBytes + (ragged ? kItemBytes : 0) + (fp8 ? kFp8Bytes : 0);
   }
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register split over the SM's file");
+  static_assert(kProducerRegsFp8 * 128 + kConsumerRegsFp8 * 256 <= 65536, "register split over the SM's file");
   static_assert(kSmemBytes + kItemBytes + kFp8Bytes <= 227 * 1024, "shared memory of one CTA per SM");
 };
 
@@ -224,6 +282,44 @@ FI_DEVICE Sm90WsItem sm90_ws_ragged_item(const PrefillParams& p, int w) {
   return t;
 }
 
+// ---- fp8 widening, register-staged (FI_WS_FP8_WIDEN=1). A thread's share of a staged fp8 tile (BK rows of 128
+// bytes) is 8 loads of 16 bytes, one per step of 16 rows; each becomes the 16-bit chunks 2j and 2j + 1 of its row
+// in the swizzled ring tile (tile_offset). In a quarter warp (tid / 8 = q) thread j = tid % 8 takes 16-byte column j
+// of row q (j < 4) or of row q ^ 1 (j >= 4): the eight loads read 64 bytes of each of two rows (all 32 banks once),
+// and the eight stores of chunk 2j (then 2j + 1) fall into both 64-column blocks at swizzle slots of opposite parity
+// (all 8 slots once): both conflict-free. Row & 7 is fixed per thread, so step i's addresses are step 0's + 2048 i.
+struct Sm90WsFp8Lane {
+  uint32_t src, dst0, dst1;  // byte offsets: in the staging tile; of chunks 2j and 2j + 1 (dst0 ^ 16) in the ring tile
+};
+FI_DEVICE Sm90WsFp8Lane sm90_ws_fp8_lane(int tid) {
+  const int j = tid % 8, row = (tid / 8) ^ (j >> 2);
+  const uint32_t dst = sm90::tile_offset(row, 2 * j, Sm90WsTraits::BK);
+  return {uint32_t(row * Sm90WsTraits::kHeadDim + 16 * j), dst, dst ^ 16u};
+}
+constexpr int kSm90WsFp8Step = 16 * Sm90WsTraits::kHeadDim;  // bytes between a thread's steps (16 rows)
+
+// 16 fp8 values (element 0 in the low byte of x) -> two 16-byte chunks of float16 (elements 0..7, 8..15). The
+// first ALU of the four 32-bit words are converted on the integer pipe (ptx/fp8.cuh), the others by the conversion
+// instruction (fp8x4_to_half2x2): the same values either way.
+template <typename F8, int ALU>
+FI_DEVICE void sm90_ws_fp8x16_to_half(const uint4& in, uint4& lo, uint4& hi) {
+  static_assert(ALU >= 0 && ALU <= 4, "FI_WS_FP8_ALU: 0..4 words of each 16 bytes");
+  const uint32_t w[4] = {in.x, in.y, in.z, in.w};
+  uint32_t h[8];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (k >= ALU) {
+      fp8x4_to_half2x2(w[k], h[2 * k], h[2 * k + 1], F8{});
+    } else if constexpr (std::is_same<F8, __nv_fp8_e4m3>::value) {
+      e4m3x4_to_half2x2_alu(w[k], h[2 * k], h[2 * k + 1]);
+    } else {
+      e5m2x4_to_half2x2_alu(w[k], h[2 * k], h[2 * k + 1]);
+    }
+  }
+  lo = make_uint4(h[0], h[1], h[2], h[3]);
+  hi = make_uint4(h[4], h[5], h[6], h[7]);
+}
+
 template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool RAGGED>
 __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     sm90_ws_prefill_kernel(const __grid_constant__ Sm90WsParams P) {
@@ -286,7 +382,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 
   if (wg == 0) {
     // ================================================================ producer warpgroup
-    sm90::setmaxnreg_dec<Tr::kProducerRegs>();
+    sm90::setmaxnreg_dec<FP8 ? Tr::kProducerRegsFp8 : Tr::kProducerRegs>();
     // One K or V tile: its two 64-column boxes (keys key0.., head `head`), completing on mbarrier bar; fp8: one
     // box of whole rows.
     auto load_kv_tile = [&](uint32_t dst, const CUtensorMap* map, int heads_inner, int key0, int head, uint32_t bar) {
@@ -303,9 +399,51 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     };
     // fp8 (all 128 threads): widens tile `it` (slot s, phase ph of the ring) of K or V once it is staged and the slot
     // is free, completes the slot's full barrier, and refills the staging tile with the tile at row next_key0 (< 0:
-    // none).
+    // none). Register-staged (kFp8Widen 1): the whole tile is loaded into registers (kFp8Batch loads at a time),
+    // the staging tile handed back to TMA (the refill then runs while the slot is waited for and written), the slot
+    // waited for after the first batch's loads, each batch converted and stored.
+    const Sm90WsFp8Lane f8lane = sm90_ws_fp8_lane(tid);
+    auto widen_fp8_regs = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
+      if constexpr (FP8) {
+        constexpr int kSteps = BK * D / 16 / 128, B = Tr::kFp8Batch, ALU = Tr::template fp8_alu_words<DTypeKV>();
+        const uint32_t src = smem_addr(sf8) + (is_v ? Tr::kF8TileBytes : 0) + f8lane.src;
+        const uint32_t ring = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
+        const uint32_t dst0 = ring + f8lane.dst0, dst1 = ring + f8lane.dst1;
+        wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
+        uint4 raw[kSteps];
+#pragma unroll
+        for (int b = 0; b < kSteps; b += B) {
+#pragma unroll
+          for (int i = b; i < b + B; ++i) raw[i] = ld_shared_v4(src + i * kSm90WsFp8Step);
+          if (Tr::kFp8EarlyRelease && b + B == kSteps) {
+            // The refill is an async-proxy (TMA) write over what these generic-proxy loads read: each thread's
+            // proxy fence orders its loads before it, the barrier before thread 0's copy. Without the fence the
+            // copy overtook loads still in flight (H200: up to 130x the tolerance with 8 loads outstanding).
+            sm90::fence_async_shared();
+            sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
+            if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
+          }
+          if (b == 0) wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
+#pragma unroll
+          for (int i = b; i < b + B; ++i) {
+            uint4 lo, hi;
+            sm90_ws_fp8x16_to_half<DTypeKV, ALU>(raw[i], lo, hi);
+            st_shared_v4(dst0 + i * kSm90WsFp8Step, lo);
+            st_shared_v4(dst1 + i * kSm90WsFp8Step, hi);
+          }
+        }
+        sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
+        sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
+        if constexpr (!Tr::kFp8EarlyRelease) {  // (probe: the staging tile handed back after the stores)
+          sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
+          if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
+        }
+      }
+    };
     auto widen_fp8 = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
-      if constexpr (FP8) {  // (the body names fp8 types: not instantiated for 16-bit K/V)
+      if constexpr (FP8 && Tr::kFp8Widen == 1) {
+        widen_fp8_regs(is_v, it, s, ph, next_key0, head);
+      } else if constexpr (FP8) {  // (the body names fp8 types: not instantiated for 16-bit K/V)
         wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
         wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
         uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
@@ -332,6 +470,16 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
           stage_fp8(true, t.kv_first + t.lo, t.kv_head);
         }
       }
+      // fp8 (kFp8KAhead): tile n of the item's K or V, staged, widened into its ring slot, its staging tile refilled
+      // with tile n + 1.
+      auto widen_tile = [&](bool is_v, int n) {
+        const int i = it + n;
+        const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
+        widen_fp8(is_v, i, i % S, (i / S) & 1, next_key0, t.kv_head);
+      };
+      if constexpr (FP8 && Tr::kFp8KAhead == 2) {
+        if (t.num_tiles > 0) widen_tile(false, 0);
+      }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
       wait(q_empty, (j & 1) ^ 1, 1);
@@ -356,13 +504,25 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
       sm90::mbarrier_arrive(q_full);
       if constexpr (FP8) {
-        // K(n) widened, then V(n); each staging tile refilled with tile n + 1 right after it has been read.
-        for (int n = 0; n < t.num_tiles; ++n, ++it) {
-          const int s = it % S;
-          const uint32_t ph = (it / S) & 1;
-          const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
-          widen_fp8(false, it, s, ph, next_key0, t.kv_head);
-          widen_fp8(true, it, s, ph, next_key0, t.kv_head);
+        // Each staging tile is refilled with its operand's next tile right after it has been read.
+        if constexpr (Tr::kFp8KAhead) {
+          // The consumers' order of use: K(0) (here or before Q), then K(n + 1) before V(n) (S(n + 1) is issued
+          // before P(n) V(n)).
+          if (Tr::kFp8KAhead == 1 && t.num_tiles > 0) widen_tile(false, 0);
+          for (int n = 0; n < t.num_tiles; ++n) {
+            if (n + 1 < t.num_tiles) widen_tile(false, n + 1);
+            widen_tile(true, n);
+          }
+          it += t.num_tiles;
+        } else {
+          // K(n), then V(n).
+          for (int n = 0; n < t.num_tiles; ++n, ++it) {
+            const int s = it % S;
+            const uint32_t ph = (it / S) & 1;
+            const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
+            widen_fp8(false, it, s, ph, next_key0, t.kv_head);
+            widen_fp8(true, it, s, ph, next_key0, t.kv_head);
+          }
         }
       } else if (tid == 0) {
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
@@ -382,7 +542,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   }
 
   // ================================================================== consumer warpgroups
-  sm90::setmaxnreg_inc<Tr::kConsumerRegs>();
+  sm90::setmaxnreg_inc<FP8 ? Tr::kConsumerRegsFp8 : Tr::kConsumerRegs>();
   const int cwg = wg - 1, wtid = tid % 128, lane = tid % 32, warp = wtid / 32;
   // This thread's accumulator rows of the item's 128: cwg * 64 + warp * 16 + lane / 4, and that + 8; its columns
   // 8i + 2 (lane % 4) (+1). Accumulator element 4i + 2r + e: row r (0: g, 1: g + 8), column e (wgmma.cuh).
