@@ -6,7 +6,7 @@ names in ``flashinfer.prefill``. Kernels: ``"fa2"`` (templates/include/flashinfe
 m16n8k16, ldmatrix from swizzled shared memory, cp.async double buffering, fp32 online softmax; every feature,
 sm_80+) and ``"fa3"`` (prefill_sm90.cuh; Hopper wgmma, single-request prefill at head_dim 128 without masks
 beyond causal or logit transforms); ``"fa3_ws"`` (prefill_sm90_ws.cuh; fa3's scope, single prefill with 16-bit or fp8
-K/V (widened by its producer), where "auto" prefers it to fa3 for 16-bit K/V, and
+K/V (widened by its producer), where "auto" prefers it to fa3, and
 ``BatchPrefillWithRaggedKVCacheWrapper`` with 16-bit K/V, opt-in) is the warp-specialised Hopper kernel: TMA producer warpgroup, two wgmma consumer warpgroups,
 persistent grid.
 
@@ -94,8 +94,9 @@ BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a),
 # it wherever it would take fa3 and fa3_ws applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws
 # (H200, 2026-11-30, 32/32 and 32/8 heads, 2048-16384 tokens, full and causal), all its GPU tests passing. For
 # batch prefill it is opt-in (backend="fa3_ws"): "auto" stays fa2 there. fp8 K/V (single prefill): its producer
-# widens the TMA-copied fp8 tiles (fa3 widens under its own wgmmas; fa3 measured e4m3/bf16 = 0.66 against fa3_ws's
-# bf16 on 8192 causal); "auto" takes it for fp8 only once _FA3_WS_FP8_IN_AUTO is set.
+# widens the TMA-copied fp8 tiles through registers, e4m3/bf16 TFLOP/s 1.02-1.04 (H200, 8192 full and causal,
+# 16384 full, 32/8 heads; fa3, which widens under its own wgmmas, measured 0.66 of fa3_ws bf16 on 8192 causal), and
+# "auto" takes it for fp8 as for 16-bit K/V (its GPU test matrix passed: 127 tests, tile edges, HND, e5m2, f16 q).
 SINGLE_BACKENDS = BACKENDS + ("fa3_ws",)
 # KV chunks of a single prefill shorter than this cost more to merge than they gain in parallelism.
 _MIN_CHUNK = 512
@@ -159,12 +160,6 @@ def _tma_kv_refusal(k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     return None
 
 
-# fa3_ws's fp8 K/V path (the producer widens TMA-copied fp8 tiles) passed bench_prefill --fp8's guard against
-# SDPA on an H200 (8192 tokens, full and causal, e4m3, scales 0.5, GQA 4; 448-488 TFLOP/s against fa3's 362-416),
-# but its GPU test matrix (tile edges, HND, e5m2, f16 q) has not run yet: until it has, "auto" keeps the
-# GPU-tested fa3 for fp8 K/V and fa3_ws reads fp8 only when asked for by name.
-_FA3_WS_FP8_IN_AUTO = False
-
 # Packed query rows per CTA that "auto" assumes of the fa3 kernel when deciding whether its tiles alone fill
 # the GPU, before loading its module (which reports the real value, checked when it runs).
 _FA3_QUERY_TILE = 128
@@ -184,9 +179,8 @@ def _single_backend(
     why_not_fa3_ws: Optional[str] = None,
 ) -> str:
     """The kernel of a single-prefill call. "auto" on Hopper, where fa3 applies and its query tiles alone fill
-    the GPU (neither Hopper kernel splits the KV): fa3_ws when it applies too (16-bit K/V read by TMA; fp8 K/V
-    once _FA3_WS_FP8_IN_AUTO), else fa3 (fp8 K/V, expanded views); fa2 otherwise (short queries, other GPUs,
-    other features)."""
+    the GPU (neither Hopper kernel splits the KV): fa3_ws when it applies too (16-bit or fp8 K/V read by TMA),
+    else fa3 (expanded views); fa2 otherwise (short queries, other GPUs, other features)."""
     if backend == "fa2":
         return "fa2"
     on_hopper = _device_capability(device.index) == (9, 0)
@@ -443,8 +437,6 @@ def _single_run(
     why_not_fa3_ws = why_not_fa3
     if why_not_fa3_ws is None and opts.backend in ("fa3_ws", "auto"):
         why_not_fa3_ws = _tma_kv_refusal(k, v)  # ("auto" then takes fa3)
-        if why_not_fa3_ws is None and opts.backend == "auto" and dk in FP8_KV_DTYPES and not _FA3_WS_FP8_IN_AUTO:
-            why_not_fa3_ws = "fp8 K/V: 'auto' keeps fa3 (see _FA3_WS_FP8_IN_AUTO)"
     backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads, why_not_fa3_ws)
     spec = SinglePrefillSpec(
         head_dim=head_dim,

@@ -1230,7 +1230,7 @@ def test_single_prefill_fa3_ws_fp8_views_empty_kv_and_auto(monkeypatch):
     qa = torch.randn(8192, 32, 128, device="cuda", dtype=bf)
     ka, ka_ref = _fp8_tensor((8192, 8, 128), e4, 0.5)
     oa = f(qa, ka, ka, causal=True, k_scale=0.5, v_scale=0.5)
-    assert ran[-1] == ("fa3_ws" if fp._FA3_WS_FP8_IN_AUTO else "fa3"), ran
+    assert ran[-1] == "fa3_ws", ran
     _check_fp8_out(oa[:, :4], attention(qa[:, :4], ka_ref[:, :1], ka_ref[:, :1], causal=True)[0], bf, "auto o")
     kz, kz_ref = ka[:1].expand(8192, 8, 128), ka_ref[:1].expand(8192, 8, 128)
     oz = f(qa, kz, kz, causal=True, k_scale=0.5, v_scale=0.5)
@@ -1550,7 +1550,7 @@ def test_fa3_ws_spec_scope_and_rendering():
 def test_fa3_ws_single_prefill_dispatch(monkeypatch):
     """On fake CUDA tensors (a fake Hopper): backend="fa3_ws" launches the fa3_ws module with one KV chunk and no
     workspace (fp8 K/V too: k_scale folded into sm_scale, v_scale passed to the kernel); "auto" takes it for many
-    query tiles of 16-bit K/V (of fp8 K/V where _FA3_WS_FP8_IN_AUTO allows it), fa3 for expanded views; what it
+    query tiles of 16-bit or fp8 K/V, fa3 for expanded views; what it
     cannot run is refused before any module loads."""
     from fake_cuda import cuda, fake_cuda
     from flashinfer.prefill import _single_backend
@@ -1583,11 +1583,7 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
         kz = ka[:1].expand(8192, 8, 128)
         f(qa, kz, kz, causal=True)
         assert rec.launches("flashinfer_single_prefill")[n + 1][1]["_spec"].backend == "fa3"
-        # fp8 K/V (both formats): forced and "auto" (when _FA3_WS_FP8_IN_AUTO lets it) run fa3_ws; otherwise, and
-        # for an expanded fp8 view, "auto" takes fa3
-        import flashinfer.prefill as fp
-
-        auto_fp8 = "fa3_ws" if fp._FA3_WS_FP8_IN_AUTO else "fa3"
+        # fp8 K/V (both formats): forced and "auto" run fa3_ws; for an expanded fp8 view "auto" takes fa3
         for fmt, short in ((torch.float8_e4m3fn, "e4m3"), (torch.float8_e5m2, "e5m2")):
             k8 = cuda(torch.randn(900, 2, 128).to(fmt))
             f(q, k8, k8, backend="fa3_ws", k_scale=0.5, v_scale=1.5, sm_scale=0.1)
@@ -1598,12 +1594,8 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
             ka8 = cuda(torch.randn(8192, 8, 128).to(fmt))
             f(qa, ka8, ka8, causal=True, k_scale=0.5, v_scale=1.5)
             assert rec.launches("flashinfer_single_prefill")[-1][1]["_spec"] == SinglePrefillSpec(
-                128, "bf16", short, "bf16", "causal", backend=auto_fp8
+                128, "bf16", short, "bf16", "causal", backend="fa3_ws"
             )
-            monkeypatch.setattr(fp, "_FA3_WS_FP8_IN_AUTO", True)
-            f(qa, ka8, ka8, causal=True, k_scale=0.5, v_scale=1.5)
-            assert rec.launches("flashinfer_single_prefill")[-1][1]["_spec"].backend == "fa3_ws"
-            monkeypatch.setattr(fp, "_FA3_WS_FP8_IN_AUTO", auto_fp8 == "fa3_ws")
             kz8 = ka8[:1].expand(8192, 8, 128)
             f(qa, kz8, kz8, causal=True)
             assert rec.launches("flashinfer_single_prefill")[-1][1]["_spec"].backend == "fa3"
