@@ -68,17 +68,34 @@ __global__ void __launch_bounds__(kActThreads) act_and_mul_kernel(const __grid_c
   grid_dependency_launch_dependents();
 }
 
-// sm_count: the device's SMs, to size the work per thread (the GPU holds 2048 threads per SM).
+// Launch-shape knob (development: benchmarks/probe_ops.py times it). FI_ACT_SHAPES 1: the fewest chunks a
+// thread (1, 2, 4) that put the whole grid on the GPU at once, counting the CTAs an SM really holds (register
+// bound); 0: the earlier rule (counting 2048 threads an SM).
+#ifndef FI_ACT_SHAPES
+#define FI_ACT_SHAPES 1
+#endif
+
+// Chunks a thread: the fewest that let every CTA be resident at once (latency-bound batches issue all their
+// loads in the first round trip, with the most threads), kActUnroll once the work exceeds one GPU-full.
 template <typename T, Activation ACT>
-static cudaError_t launch_act_and_mul(ActParams p, int sm_count, bool pdl, cudaStream_t stream) {
+static cudaError_t launch_act_and_mul(ActParams p, int device, bool pdl, cudaStream_t stream) {
   if (p.rows == 0 || p.d == 0) return cudaSuccess;
   const bool vec = p.d % 8 == 0 && p.in_stride % 8 == 0 && p.out_stride % 8 == 0 &&
                    ((reinterpret_cast<uintptr_t>(p.input) | reinterpret_cast<uintptr_t>(p.out)) & 15) == 0;
   const int n = vec ? 8 : 1;
   const int chunks = p.d / n;
   const int64_t total = int64_t(p.rows) * chunks;
-  const int64_t full = int64_t(sm_count) * 2048;
-  p.chunks_per_thread = static_cast<int>(total >= full * kActUnroll ? kActUnroll : total >= full * 2 ? 2 : 1);
+  int64_t full = int64_t(sm_count(device)) * 2048;
+  if (FI_ACT_SHAPES != 0) {
+    int ctas_per_sm = 0;
+    const cudaError_t err = vec ? kernel_occupancy<act_and_mul_kernel<T, ACT, 8>>(kActThreads, 0, device, &ctas_per_sm)
+                                : kernel_occupancy<act_and_mul_kernel<T, ACT, 1>>(kActThreads, 0, device, &ctas_per_sm);
+    if (err != cudaSuccess) return err;
+    full = int64_t(sm_count(device)) * ctas_per_sm * kActThreads;
+    p.chunks_per_thread = total <= full ? 1 : total <= 2 * full ? 2 : kActUnroll;
+  } else {
+    p.chunks_per_thread = static_cast<int>(total >= full * kActUnroll ? kActUnroll : total >= full * 2 ? 2 : 1);
+  }
   const int col_blocks = ceil_div(chunks, kActThreads * p.chunks_per_thread);
   if (col_blocks > 65535) return cudaErrorInvalidValue;
   const dim3 grid(p.rows, col_blocks);

@@ -30,23 +30,56 @@ struct NormParams {
 };
 
 constexpr int kNormWarpRowsPerCta = 8;       // warp-per-row kernel: 8 rows (256 threads) per CTA
-constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte chunks
-constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single elements
+constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte chunks, several a thread
+constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single elements, or one 16-byte chunk a thread
+
+// Launch-shape knobs (development: benchmarks/probe_ops.py times their settings; the defaults are its verdict).
+// FI_NORM_SHAPES 1: one chunk a thread (up to 1024 threads a row) while the whole grid is resident at once
+// (latency-bound batches: the shortest load -> reduce -> store chain), 2 chunks while that fits; 0: the earlier
+// rule (2 chunks a thread below one row per SM, else 4). FI_NORM_ROWS_PER_CTA: rows a CTA takes in the
+// bandwidth-bound shape (bigger CTAs, fewer of them). FI_NORM_BIG_VPT: chunks a thread there (4 or 8).
+// FI_NORM_RESIDENT_THREADS: threads an SM is counted to hold when deciding that a grid is resident.
+#ifndef FI_NORM_SHAPES
+#define FI_NORM_SHAPES 1
+#endif
+#ifndef FI_NORM_ROWS_PER_CTA
+#define FI_NORM_ROWS_PER_CTA 1
+#endif
+#ifndef FI_NORM_BIG_VPT
+#define FI_NORM_BIG_VPT 4
+#endif
+#ifndef FI_NORM_RESIDENT_THREADS
+#define FI_NORM_RESIDENT_THREADS 2048
+#endif
 
 FI_DEVICE int64_t norm_row_offset(const NormRows& s, int row, int inner) {
   return int64_t(row / inner) * s.stride0 + int64_t(row % inner) * s.stride1;
 }
 
+// Threads a CTA of the kernel may have: 8 warps of the warp-per-row form; up to 1024 for one chunk (or element)
+// a thread, 512 for several 16-byte chunks a thread (register budget).
+__host__ __device__ constexpr int norm_cta_threads(int n, int vpt, bool warp_per_row) {
+  return warp_per_row ? 32 * kNormWarpRowsPerCta : (n == 1 || vpt == 1) ? kNormMaxScalarThreads : kNormMaxThreads;
+}
+
+// CTA-per-row form: blockDim.x threads (a multiple of 32) a row, blockDim.y rows a CTA; warp-per-row form: 32
+// threads a row, kNormWarpRowsPerCta rows a CTA.
 template <typename T, int N, int VPT, bool FUSED_ADD, bool WARP_PER_ROW>
-__global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta
-                                  : N == 8     ? kNormMaxThreads
-                                               : kNormMaxScalarThreads)
+__global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
     rmsnorm_kernel(const __grid_constant__ NormParams p) {
   grid_dependency_wait();
   const int nthreads = WARP_PER_ROW ? 32 : blockDim.x;
   const int t = WARP_PER_ROW ? threadIdx.x % 32 : threadIdx.x;
-  const int row = WARP_PER_ROW ? blockIdx.x * kNormWarpRowsPerCta + threadIdx.x / 32 : blockIdx.x;
+  // Several rows a CTA only up to 4 chunks a thread (8 leave no register for it).
+  constexpr bool kMultiRow = !WARP_PER_ROW && VPT <= 4;
+  int row = WARP_PER_ROW ? blockIdx.x * kNormWarpRowsPerCta + threadIdx.x / 32
+            : kMultiRow  ? blockIdx.x * blockDim.y + threadIdx.y
+                         : blockIdx.x;
   if (WARP_PER_ROW && row >= p.rows) return;  // whole warps: this kernel has no CTA-wide barrier then
+  // A CTA of several rows may have rows past the end: their threads read the last row again (they must meet the
+  // barrier of the reduction) and store nothing.
+  const bool live = !kMultiRow || row < p.rows;
+  if (!live) row = p.rows - 1;
   const int chunks = p.hidden / N;
   const T* in = static_cast<const T*>(p.input) + norm_row_offset(p.in, row, p.inner);
   T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset(p.res, row, p.inner) : nullptr;
@@ -80,18 +113,26 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta
     if (c < chunks) {
       float x[N];
       row_values(v, x);
-      if constexpr (FUSED_ADD) store_floats<T, N>(res + c * N, x);
+      if (FUSED_ADD && live) store_floats<T, N>(res + c * N, x);
 #pragma unroll
       for (int i = 0; i < N; ++i) sum_sq = fmaf(x[i], x[i], sum_sq);
     }
   }
   sum_sq = group_sum<32>(sum_sq);
   if constexpr (!WARP_PER_ROW) {
+    // The row's warps' sums. One chunk a thread (up to 32 warps, latency-bound): one shared load a lane and 5
+    // shuffles rather than a serial loop; several (at most 16 warps): the loop, which needs no extra registers.
     __shared__ float warp_sums[kNormMaxScalarThreads / 32];
-    if (t % 32 == 0) warp_sums[t / 32] = sum_sq;
+    const int row_warps = nthreads / 32, lane = t % 32;
+    float* sums = warp_sums + (kMultiRow ? threadIdx.y * row_warps : 0);
+    if (lane == 0) sums[t / 32] = sum_sq;
     __syncthreads();
-    sum_sq = 0.f;
-    for (int i = 0; i < nthreads / 32; ++i) sum_sq += warp_sums[i];
+    if constexpr (VPT == 1) {
+      sum_sq = group_sum<32>(lane < row_warps ? sums[lane] : 0.f);
+    } else {
+      sum_sq = 0.f;
+      for (int i = 0; i < row_warps; ++i) sum_sq += sums[i];
+    }
   }
   const float rrms = rsqrtf(sum_sq / float(p.hidden) + p.eps);
 
@@ -99,7 +140,7 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int c = v * nthreads + t;
-    if (c < chunks) {
+    if (live && c < chunks) {
       float x[N], wf[N];
       row_values(v, x);
       wc[v].to_floats(wf);
@@ -111,10 +152,11 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kNormWarpRowsPerCta
   grid_dependency_launch_dependents();
 }
 
-// Kernel shapes: a warp per row up to 32 * 4 chunks, else a CTA of up to kNormMaxThreads threads per row, 4
-// chunks a thread up to 16384 elements (128 threads at 4096) and 8 beyond, or 2 while the rows leave SMs idle
-// (up to 8192 elements: twice the threads, half the serial loads and conversions per thread; small batches are
-// latency-bound); rows that are not 16-byte aligned go element by element (kNormScalarVpt a thread).
+// Kernel shapes: a warp per row up to 32 * 4 chunks, else a CTA per row (or per FI_NORM_ROWS_PER_CTA rows). While
+// the whole grid fits on the GPU at once (latency-bound batches: every load in flight in the first round trip),
+// one 16-byte chunk a thread up to 8192 elements, else 2; beyond that (bandwidth-bound) FI_NORM_BIG_VPT chunks a
+// thread, 8 above 16384 elements. Rows that are not 16-byte aligned go element by element (kNormScalarVpt a
+// thread).
 constexpr int kNormVpt = 8;
 constexpr int kNormScalarVpt = 8;
 constexpr int kNormMaxHiddenVec = kNormMaxThreads * kNormVpt * 8;             // 32768
@@ -133,31 +175,43 @@ static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cud
   const int n = vec ? 8 : 1;
   const int chunks = p.hidden / n;
   const dim3 warp_grid((p.rows + kNormWarpRowsPerCta - 1) / kNormWarpRowsPerCta), warp_block(32 * kNormWarpRowsPerCta);
+  const auto row_threads = [&](int vpt) { return (ceil_div(chunks, vpt) + 31) / 32 * 32; };
   if (vec) {
     if (chunks <= 32)
       return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
     if (chunks <= 128)
       return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
     if (chunks > kNormMaxThreads * kNormVpt) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
-    const int vpt = chunks <= kNormMaxThreads * 2 && p.rows < sm_count(device) ? 2
-                    : chunks <= kNormMaxThreads * 4                            ? 4
-                                                                               : 8;
-    const int threads = (ceil_div(chunks, vpt) + 31) / 32 * 32;
+    const int64_t resident = int64_t(sm_count(device)) * FI_NORM_RESIDENT_THREADS;
+    int vpt;
+    if (FI_NORM_SHAPES == 0) {
+      vpt = chunks <= kNormMaxThreads * 2 && p.rows < sm_count(device) ? 2 : chunks <= kNormMaxThreads * 4 ? 4 : 8;
+    } else if (chunks <= kNormMaxScalarThreads && int64_t(p.rows) * row_threads(1) <= resident) {
+      vpt = 1;
+    } else if (chunks <= kNormMaxThreads * 2 && int64_t(p.rows) * row_threads(2) <= resident) {
+      vpt = 2;
+    } else {
+      vpt = chunks <= kNormMaxThreads * FI_NORM_BIG_VPT ? FI_NORM_BIG_VPT : 8;
+    }
+    const int threads = row_threads(vpt);
+    if (vpt == 1)
+      return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
     if (vpt == 2)
       return launch_kernel(rmsnorm_kernel<T, 8, 2, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
-    if (vpt == 4)
-      return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
-    return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl,
-                         p);
+    // Bandwidth-bound: FI_NORM_ROWS_PER_CTA rows a CTA where they fit in kNormMaxThreads (4 chunks a thread).
+    int rpc = vpt == 4 ? FI_NORM_ROWS_PER_CTA : 1;
+    while (rpc > 1 && threads * rpc > kNormMaxThreads) rpc /= 2;
+    const dim3 grid(ceil_div(p.rows, rpc)), block(threads, rpc);
+    if (vpt == 4) return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, grid, block, 0, stream, pdl, p);
+    return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, grid, block, 0, stream, pdl, p);
   }
   if (chunks <= 32 * kNormScalarVpt) {
     return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl,
                          p);
   }
   if (chunks > kNormMaxHiddenScalar) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
-  const int threads = (ceil_div(chunks, kNormScalarVpt) + 31) / 32 * 32;
-  return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream,
-                       pdl, p);
+  return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, false>, dim3(p.rows),
+                       dim3(row_threads(kNormScalarVpt)), 0, stream, pdl, p);
 }
 
 }  // namespace flashinfer
