@@ -11,7 +11,8 @@
 // and its partner chunk, 4 for an interleaved chunk, 1 element pair in the scalar form), computes their
 // cos/sin once, and applies them to every head of its group (q heads then k heads); pass-through lanes copy
 // the rest of the head when the output is not the input. The launcher sizes the head groups so the grid
-// fills the GPU: many heads per thread for large batches, one for a single token.
+// fills the GPU: many heads per thread for large batches, one for a single token (then a CTA per head group
+// on as many SMs). Grid: x over (token, lane), y over head groups.
 #pragma once
 #include "flashinfer/attention/pos_enc.cuh"
 #include "flashinfer/common.cuh"
@@ -193,20 +194,33 @@ __global__ void __launch_bounds__(kRopeThreads, kRopeUnroll <= 4 ? 5 : 3)
 
   T* q_out = static_cast<T*>(p.q_out) + token * p.q_out_stride_n + a0;
   T* k_out = static_cast<T*>(p.k_out) + token * p.k_out_stride_n + a0 - int64_t(p.num_q_heads) * p.k_out_stride_h;
+  // Slot u holds head h0 + u; once its values are in floats it is refilled with head h0 + u + kRopeUnroll, so a
+  // thread of many heads keeps kRopeUnroll heads in flight while it stores (no extra registers).
   for (int h0 = h_begin; h0 < h_end; h0 += kRopeUnroll) {
 #pragma unroll
     for (int u = 0; u < kRopeUnroll; ++u) {
       const int h = h0 + u;
       if (h >= h_end) break;
       T* y = h < p.num_q_heads ? q_out + h * p.q_out_stride_h : k_out + h * p.k_out_stride_h;
+      const int next = h + kRopeUnroll;
+      const auto refill = [&] {
+        if (next < h_end) {
+          const T* in = head_in(next);
+          a[u].load(in);
+          if (paired) b[u].load(in + (b0 - a0));
+        }
+      };
       if (!rotate) {
-        a[u].store(y);
+        const Chunk<T, N> pass = a[u];
+        refill();
+        pass.store(y);
         continue;
       }
       float av[N], bv[N];
       a[u].to_floats(av);
+      if (paired) b[u].to_floats(bv);
+      refill();
       if (paired) {
-        b[u].to_floats(bv);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
           const int f = N == 8 ? e : 0;
@@ -226,7 +240,6 @@ __global__ void __launch_bounds__(kRopeThreads, kRopeUnroll <= 4 ? 5 : 3)
         store_floats<T, N>(y, av);
       }
     }
-    if (h0 + kRopeUnroll < h_end) load_heads(h0 + kRopeUnroll);
   }
 }
 
