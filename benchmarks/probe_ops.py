@@ -46,6 +46,7 @@ NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "new": (),
     "old shapes": ("-DFI_ACT_SHAPES=0",),
+    "fit 2048/SM": ("-DFI_ACT_SHAPES=2",),
 }
 ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "new": (),
@@ -53,6 +54,7 @@ ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "resident 1024": ("-DFI_ROPE_RESIDENT_THREADS=1024",),
     "unroll 8, resident 1024": ("-DFI_ROPE_UNROLL=8", "-DFI_ROPE_RESIDENT_THREADS=1024"),
     "resident 640": ("-DFI_ROPE_RESIDENT_THREADS=640",),
+    "resident 4096": ("-DFI_ROPE_RESIDENT_THREADS=4096",),
 }
 
 

@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kActThreads) act_and_mul_kernel(const __grid_c
 
 // Launch-shape knob (development: benchmarks/probe_ops.py times it). FI_ACT_SHAPES 1: the fewest chunks a
 // thread (1, 2, 4) that put the whole grid on the GPU at once, counting the CTAs an SM really holds (register
-// bound); 0: the earlier rule (counting 2048 threads an SM).
+// bound); 2: the same counting 2048 threads an SM; 0: the earlier rule (1 chunk a thread up to two GPU-fulls of
+// 2048 threads an SM, 2 up to four).
 #ifndef FI_ACT_SHAPES
 #define FI_ACT_SHAPES 1
 #endif
@@ -86,7 +87,9 @@ static cudaError_t launch_act_and_mul(ActParams p, int device, bool pdl, cudaStr
   const int chunks = p.d / n;
   const int64_t total = int64_t(p.rows) * chunks;
   int64_t full = int64_t(sm_count(device)) * 2048;
-  if (FI_ACT_SHAPES != 0) {
+  if (FI_ACT_SHAPES == 2) {
+    p.chunks_per_thread = total <= full ? 1 : total <= 2 * full ? 2 : kActUnroll;
+  } else if (FI_ACT_SHAPES == 1) {
     int ctas_per_sm = 0;
     const cudaError_t err = vec ? kernel_occupancy<act_and_mul_kernel<T, ACT, 8>>(kActThreads, 0, device, &ctas_per_sm)
                                 : kernel_occupancy<act_and_mul_kernel<T, ACT, 1>>(kActThreads, 0, device, &ctas_per_sm);

@@ -53,6 +53,7 @@ constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single e
 #endif
 
 FI_DEVICE int64_t norm_row_offset(const NormRows& s, int row, int inner) {
+  if (inner == 1) return int64_t(row) * s.stride0;  // 2-D input: no division ahead of the first load
   return int64_t(row / inner) * s.stride0 + int64_t(row % inner) * s.stride1;
 }
 
