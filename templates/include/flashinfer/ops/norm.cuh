@@ -32,6 +32,7 @@ struct NormParams {
 constexpr int kNormWarpRowsPerCta = 8;       // warp-per-row kernel: 8 rows (256 threads) per CTA
 constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte chunks, several a thread
 constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single elements, or one 16-byte chunk a thread
+constexpr int kNormVpt = 8;                  // the most 16-byte chunks a thread
 
 // Launch-shape knobs (development: benchmarks/probe_ops.py times their settings; the defaults are its verdict).
 // FI_NORM_SHAPES 1: one chunk a thread (up to 1024 threads a row) while the whole grid is resident at once
@@ -52,8 +53,11 @@ constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single e
 #define FI_NORM_RESIDENT_THREADS 2048
 #endif
 
+// FAST_2D: a 2-D input (inner 1) skips the division ahead of the first load (the fused add's kernel of 8 chunks
+// a thread has no register to spare for the branch).
+template <bool FAST_2D = true>
 FI_DEVICE int64_t norm_row_offset(const NormRows& s, int row, int inner) {
-  if (inner == 1) return int64_t(row) * s.stride0;  // 2-D input: no division ahead of the first load
+  if (FAST_2D && inner == 1) return int64_t(row) * s.stride0;
   return int64_t(row / inner) * s.stride0 + int64_t(row % inner) * s.stride1;
 }
 
@@ -82,8 +86,9 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   const bool live = !kMultiRow || row < p.rows;
   if (!live) row = p.rows - 1;
   const int chunks = p.hidden / N;
-  const T* in = static_cast<const T*>(p.input) + norm_row_offset(p.in, row, p.inner);
-  T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset(p.res, row, p.inner) : nullptr;
+  constexpr bool kFast2d = !(FUSED_ADD && N == 8 && VPT == kNormVpt);
+  const T* in = static_cast<const T*>(p.input) + norm_row_offset<kFast2d>(p.in, row, p.inner);
+  T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset<kFast2d>(p.res, row, p.inner) : nullptr;
   const T* w = static_cast<const T*>(p.weight);
 
   // Every load of the row first (input, residual, weight), then the math: one memory round trip per row.
@@ -137,7 +142,7 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   }
   const float rrms = rsqrtf(sum_sq / float(p.hidden) + p.eps);
 
-  T* out = static_cast<T*>(p.out) + norm_row_offset(p.o, row, p.inner);
+  T* out = static_cast<T*>(p.out) + norm_row_offset<kFast2d>(p.o, row, p.inner);
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int c = v * nthreads + t;
@@ -158,7 +163,6 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
 // one 16-byte chunk a thread up to 8192 elements, else 2; beyond that (bandwidth-bound) FI_NORM_BIG_VPT chunks a
 // thread, 8 above 16384 elements. Rows that are not 16-byte aligned go element by element (kNormScalarVpt a
 // thread).
-constexpr int kNormVpt = 8;
 constexpr int kNormScalarVpt = 8;
 constexpr int kNormMaxHiddenVec = kNormMaxThreads * kNormVpt * 8;             // 32768
 constexpr int kNormMaxHiddenScalar = kNormMaxScalarThreads * kNormScalarVpt;  // 8192
