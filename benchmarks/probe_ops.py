@@ -42,6 +42,7 @@ NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "4 rows/CTA": ("-DFI_NORM_ROWS_PER_CTA=4",),
     "big vpt 2": ("-DFI_NORM_BIG_VPT=2",),
     "resident 1024": ("-DFI_NORM_RESIDENT_THREADS=1024",),
+    "resident 16384": ("-DFI_NORM_RESIDENT_THREADS=16384",),
 }
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "new": (),
@@ -55,6 +56,8 @@ ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "unroll 8, resident 1024": ("-DFI_ROPE_UNROLL=8", "-DFI_ROPE_RESIDENT_THREADS=1024"),
     "resident 640": ("-DFI_ROPE_RESIDENT_THREADS=640",),
     "resident 4096": ("-DFI_ROPE_RESIDENT_THREADS=4096",),
+    "min 2 heads": ("-DFI_ROPE_MIN_HEADS=2",),
+    "min 4 heads": ("-DFI_ROPE_MIN_HEADS=4",),
 }
 
 

@@ -77,12 +77,16 @@ FI_DEVICE bool rope_position(const RopeParams& p, int token, int64_t& pos) {
 
 // Launch-shape knobs (development: benchmarks/probe_ops.py times their settings; the defaults are its verdict).
 // FI_ROPE_UNROLL: heads a thread loads before its first store (4 or 8). FI_ROPE_RESIDENT_THREADS: threads an SM
-// is counted to hold when spreading the heads over threads (fewer: more heads a thread).
+// is counted to hold when spreading the heads over threads (fewer: more heads a thread). FI_ROPE_MIN_HEADS: the
+// fewest heads a thread (more: each position and cos/sin row read by fewer threads, fewer CTAs).
 #ifndef FI_ROPE_UNROLL
 #define FI_ROPE_UNROLL 4
 #endif
 #ifndef FI_ROPE_RESIDENT_THREADS
 #define FI_ROPE_RESIDENT_THREADS 2048
+#endif
+#ifndef FI_ROPE_MIN_HEADS
+#define FI_ROPE_MIN_HEADS 1
 #endif
 constexpr int kRopeUnroll = FI_ROPE_UNROLL;
 
@@ -276,7 +280,7 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int sm_count, c
   const int64_t work = int64_t(p.nnz) * p.lanes * num_heads;
   const int64_t full = int64_t(sm_count) * FI_ROPE_RESIDENT_THREADS;
   int64_t hpt = (work + full - 1) / full;
-  hpt = hpt < 1 ? 1 : hpt > num_heads ? num_heads : hpt;
+  hpt = hpt < FI_ROPE_MIN_HEADS ? FI_ROPE_MIN_HEADS : hpt > num_heads ? num_heads : hpt;
   // Whole batches of kRopeUnroll heads: a thread's last batch of one head (5 heads a thread: 40 heads over
   // 4096 tokens) would keep a fifth of the bytes in flight while it runs. Rounding down adds threads instead.
   if (hpt > kRopeUnroll) hpt = hpt / kRopeUnroll * kRopeUnroll;
