@@ -43,6 +43,7 @@ NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "big vpt 2": ("-DFI_NORM_BIG_VPT=2",),
     "resident 1024": ("-DFI_NORM_RESIDENT_THREADS=1024",),
     "resident 16384": ("-DFI_NORM_RESIDENT_THREADS=16384",),
+    "stream rows": ("-DFI_NORM_STREAM_ROWS=1",),
 }
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "new": (),

@@ -52,6 +52,11 @@ constexpr int kNormVpt = 8;                  // the most 16-byte chunks a thread
 #ifndef FI_NORM_RESIDENT_THREADS
 #define FI_NORM_RESIDENT_THREADS 2048
 #endif
+// FI_NORM_STREAM_ROWS 1: the bandwidth-bound shape of 4 chunks a thread streams rows through resident CTAs
+// (rmsnorm_rows_kernel) instead of a CTA per row.
+#ifndef FI_NORM_STREAM_ROWS
+#define FI_NORM_STREAM_ROWS 0
+#endif
 
 // FAST_2D: a 2-D input (inner 1) skips the division ahead of the first load (the fused add's kernel of 8 chunks
 // a thread has no register to spare for the branch).
@@ -158,6 +163,109 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   grid_dependency_launch_dependents();
 }
 
+// Bandwidth-bound rows streamed through resident CTAs: CTA b normalizes rows b, b + gridDim.x, ... with
+// blockDim.x threads a row (16-byte chunks, VPT a thread). The weight is loaded once a CTA, and the next row's
+// loads (into a second set of registers) are in flight while the current row is reduced and stored.
+template <typename T, int VPT, bool FUSED_ADD>
+__global__ void __launch_bounds__(kNormMaxThreads) rmsnorm_rows_kernel(const __grid_constant__ NormParams p) {
+  constexpr int N = 8;
+  grid_dependency_wait();
+  const int nthreads = blockDim.x, t = threadIdx.x, lane = t % 32, row_warps = nthreads / 32;
+  const int chunks = p.hidden / N;
+  const T* w = static_cast<const T*>(p.weight);
+  Chunk<T, N> wc[VPT], xc[VPT], rc[VPT], xn[VPT], rn[VPT];
+  const auto load_row = [&](int row, Chunk<T, N>(&x)[VPT], Chunk<T, N>(&r)[VPT]) {
+    const T* in = static_cast<const T*>(p.input) + norm_row_offset(p.in, row, p.inner);
+    const T* res = FUSED_ADD ? static_cast<const T*>(p.residual) + norm_row_offset(p.res, row, p.inner) : nullptr;
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int c = v * nthreads + t;
+      if (c < chunks) {
+        x[v].load(in + c * N);
+        if constexpr (FUSED_ADD) r[v].load(res + c * N);
+      }
+    }
+  };
+  // x of chunk v in fp32 (the fused add recomputes input + residual exactly as it first did).
+  const auto row_values = [&](int v, float (&x)[N]) {
+    xc[v].to_floats(x);
+    if constexpr (FUSED_ADD) {
+      float r[N];
+      rc[v].to_floats(r);
+#pragma unroll
+      for (int e = 0; e < N; ++e) x[e] += r[e];
+    }
+  };
+  int row = blockIdx.x;
+  load_row(row, xc, rc);
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int c = v * nthreads + t;
+    if (c < chunks) wc[v].load(w + c * N);
+  }
+  __shared__ float warp_sums[2][kNormMaxThreads / 32];  // by iteration parity: one barrier an iteration
+  for (int i = 0; row < p.rows; row += gridDim.x, ++i) {
+    if (row + gridDim.x < p.rows) load_row(row + gridDim.x, xn, rn);
+    float sum_sq = 0.f;
+    T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset(p.res, row, p.inner) : nullptr;
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int c = v * nthreads + t;
+      if (c < chunks) {
+        float x[N];
+        row_values(v, x);
+        if constexpr (FUSED_ADD) store_floats<T, N>(res + c * N, x);
+#pragma unroll
+        for (int e = 0; e < N; ++e) sum_sq = fmaf(x[e], x[e], sum_sq);
+      }
+    }
+    sum_sq = group_sum<32>(sum_sq);
+    float* sums = warp_sums[i & 1];
+    if (lane == 0) sums[t / 32] = sum_sq;
+    __syncthreads();
+    sum_sq = 0.f;
+    for (int k = 0; k < row_warps; ++k) sum_sq += sums[k];
+    const float rrms = rsqrtf(sum_sq / float(p.hidden) + p.eps);
+    T* out = static_cast<T*>(p.out) + norm_row_offset(p.o, row, p.inner);
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int c = v * nthreads + t;
+      if (c < chunks) {
+        float x[N], wf[N];
+        row_values(v, x);
+        wc[v].to_floats(wf);
+#pragma unroll
+        for (int e = 0; e < N; ++e) x[e] = x[e] * rrms * (p.weight_bias + wf[e]);
+        store_floats<T, N>(out + c * N, x);
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      xc[v] = xn[v];
+      if constexpr (FUSED_ADD) rc[v] = rn[v];
+    }
+  }
+  grid_dependency_launch_dependents();
+}
+
+// CTAs of rmsnorm_rows_kernel<T, VPT, FUSED_ADD> an SM holds at `threads` threads (cached per device and
+// thread count: asking the driver each call would cost more than the launch).
+template <typename T, int VPT, bool FUSED_ADD>
+static int norm_rows_ctas_per_sm(int threads, int device) {
+  static int cache[64][kNormMaxThreads / 32 + 1] = {};
+  int& n = cache[device >= 0 && device < 64 ? device : 0][threads / 32];
+  if (n == 0) {
+    int k = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, rmsnorm_rows_kernel<T, VPT, FUSED_ADD>, threads, 0) !=
+            cudaSuccess ||
+        k <= 0) {
+      k = 1;
+    }
+    n = k;
+  }
+  return n;
+}
+
 // Kernel shapes: a warp per row up to 32 * 4 chunks, else a CTA per row (or per FI_NORM_ROWS_PER_CTA rows). While
 // the whole grid fits on the GPU at once (latency-bound batches: every load in flight in the first round trip),
 // one 16-byte chunk a thread up to 8192 elements, else 2; beyond that (bandwidth-bound) FI_NORM_BIG_VPT chunks a
@@ -203,6 +311,14 @@ static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cud
       return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
     if (vpt == 2)
       return launch_kernel(rmsnorm_kernel<T, 8, 2, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
+    if constexpr (FI_NORM_STREAM_ROWS != 0) {
+      if (vpt == 4) {  // as many CTAs as are resident, each taking the same number of rows
+        const int64_t slots = int64_t(sm_count(device)) * norm_rows_ctas_per_sm<T, 4, FUSED_ADD>(threads, device);
+        const int64_t rows_per_cta = (p.rows + slots - 1) / slots;
+        const dim3 grid(static_cast<unsigned>((p.rows + rows_per_cta - 1) / rows_per_cta));
+        return launch_kernel(rmsnorm_rows_kernel<T, 4, FUSED_ADD>, grid, dim3(threads), 0, stream, pdl, p);
+      }
+    }
     // Bandwidth-bound: FI_NORM_ROWS_PER_CTA rows a CTA where they fit in kNormMaxThreads (4 chunks a thread).
     int rpc = vpt == 4 ? FI_NORM_ROWS_PER_CTA : 1;
     while (rpc > 1 && threads * rpc > kNormMaxThreads) rpc /= 2;
