@@ -41,8 +41,8 @@ NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "2 rows/CTA": ("-DFI_NORM_ROWS_PER_CTA=2",),
     "4 rows/CTA": ("-DFI_NORM_ROWS_PER_CTA=4",),
     "big vpt 2": ("-DFI_NORM_BIG_VPT=2",),
-    "resident 1024": ("-DFI_NORM_RESIDENT_THREADS=1024",),
-    "resident 16384": ("-DFI_NORM_RESIDENT_THREADS=16384",),
+    "resident 50%": ("-DFI_NORM_RESIDENT_PERCENT=50",),
+    "resident 800%": ("-DFI_NORM_RESIDENT_PERCENT=800",),
     "stream rows": ("-DFI_NORM_STREAM_ROWS=1",),
 }
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {

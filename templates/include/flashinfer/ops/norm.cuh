@@ -39,7 +39,8 @@ constexpr int kNormVpt = 8;                  // the most 16-byte chunks a thread
 // (latency-bound batches: the shortest load -> reduce -> store chain), 2 chunks while that fits; 0: the earlier
 // rule (2 chunks a thread below one row per SM, else 4). FI_NORM_ROWS_PER_CTA: rows a CTA takes in the
 // bandwidth-bound shape (bigger CTAs, fewer of them). FI_NORM_BIG_VPT: chunks a thread there (4 or 8).
-// FI_NORM_RESIDENT_THREADS: threads an SM is counted to hold when deciding that a grid is resident.
+// FI_NORM_RESIDENT_PERCENT: the share of the threads an SM really holds of a kernel (its occupancy) counted
+// when deciding that a grid is resident (100: exactly; more: the one-chunk shape up to larger batches).
 #ifndef FI_NORM_SHAPES
 #define FI_NORM_SHAPES 1
 #endif
@@ -49,8 +50,8 @@ constexpr int kNormVpt = 8;                  // the most 16-byte chunks a thread
 #ifndef FI_NORM_BIG_VPT
 #define FI_NORM_BIG_VPT 4
 #endif
-#ifndef FI_NORM_RESIDENT_THREADS
-#define FI_NORM_RESIDENT_THREADS 2048
+#ifndef FI_NORM_RESIDENT_PERCENT
+#define FI_NORM_RESIDENT_PERCENT 100
 #endif
 // FI_NORM_STREAM_ROWS 1: the bandwidth-bound shape of 4 chunks a thread streams rows through resident CTAs
 // (rmsnorm_rows_kernel) instead of a CTA per row.
@@ -295,13 +296,27 @@ static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cud
     if (chunks <= 128)
       return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
     if (chunks > kNormMaxThreads * kNormVpt) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
-    const int64_t resident = int64_t(sm_count(device)) * FI_NORM_RESIDENT_THREADS;
+    // Threads the GPU holds at once of a kernel: its CTAs an SM at the largest CTA (register bound), counted
+    // at FI_NORM_RESIDENT_PERCENT.
+    const auto resident = [&](auto kernel_occupancy_at, int cta_threads) -> int64_t {
+      int ctas = 0;
+      if (kernel_occupancy_at(cta_threads, &ctas) != cudaSuccess) ctas = 1;
+      return int64_t(sm_count(device)) * ctas * cta_threads * FI_NORM_RESIDENT_PERCENT / 100;
+    };
+    const auto one_chunk = [&](int threads, int* ctas) {
+      return kernel_occupancy<rmsnorm_kernel<T, 8, 1, FUSED_ADD, false>>(threads, 0, device, ctas);
+    };
+    const auto two_chunks = [&](int threads, int* ctas) {
+      return kernel_occupancy<rmsnorm_kernel<T, 8, 2, FUSED_ADD, false>>(threads, 0, device, ctas);
+    };
     int vpt;
     if (FI_NORM_SHAPES == 0) {
       vpt = chunks <= kNormMaxThreads * 2 && p.rows < sm_count(device) ? 2 : chunks <= kNormMaxThreads * 4 ? 4 : 8;
-    } else if (chunks <= kNormMaxScalarThreads && int64_t(p.rows) * row_threads(1) <= resident) {
+    } else if (chunks <= kNormMaxScalarThreads &&
+               int64_t(p.rows) * row_threads(1) <= resident(one_chunk, kNormMaxScalarThreads)) {
       vpt = 1;
-    } else if (chunks <= kNormMaxThreads * 2 && int64_t(p.rows) * row_threads(2) <= resident) {
+    } else if (chunks <= kNormMaxThreads * 2 &&
+               int64_t(p.rows) * row_threads(2) <= resident(two_chunks, kNormMaxThreads)) {
       vpt = 2;
     } else {
       vpt = chunks <= kNormMaxThreads * FI_NORM_BIG_VPT ? FI_NORM_BIG_VPT : 8;
