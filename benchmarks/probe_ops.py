@@ -59,6 +59,7 @@ ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "resident 4096": ("-DFI_ROPE_RESIDENT_THREADS=4096",),
     "min 2 heads": ("-DFI_ROPE_MIN_HEADS=2",),
     "min 4 heads": ("-DFI_ROPE_MIN_HEADS=4",),
+    "fit one wave": ("-DFI_ROPE_FIT_WAVE=1",),
 }
 
 

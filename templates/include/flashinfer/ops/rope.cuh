@@ -88,6 +88,11 @@ FI_DEVICE bool rope_position(const RopeParams& p, int token, int64_t& pos) {
 #ifndef FI_ROPE_MIN_HEADS
 #define FI_ROPE_MIN_HEADS 1
 #endif
+// FI_ROPE_FIT_WAVE 1: when some number of heads a thread puts the whole grid on the GPU at once (its real
+// occupancy), the fewest such heads (whole batches of kRopeUnroll), instead of the FI_ROPE_RESIDENT_THREADS rule.
+#ifndef FI_ROPE_FIT_WAVE
+#define FI_ROPE_FIT_WAVE 0
+#endif
 constexpr int kRopeUnroll = FI_ROPE_UNROLL;
 
 // Thread (token, lane) of head group blockIdx.y: x = blockIdx.x * kRopeThreads + threadIdx.x runs over tokens,
@@ -247,11 +252,11 @@ __global__ void __launch_bounds__(kRopeThreads, kRopeUnroll <= 4 ? 5 : 3)
   }
 }
 
-// Picks the vector or scalar form and the launch shape. sm_count sizes the head groups: the work items of
+// Picks the vector or scalar form and the launch shape. The device's SM count sizes the head groups: the work items of
 // all heads are spread over about one full GPU of threads (FI_ROPE_RESIDENT_THREADS per SM), at least one head
 // per thread, and beyond kRopeUnroll heads a thread a multiple of kRopeUnroll.
 template <typename T, typename TABLE>
-static cudaError_t launch_rope(RopeParams p, const TABLE& table, int sm_count, cudaStream_t stream) {
+static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cudaStream_t stream) {
   if (p.nnz == 0) return cudaSuccess;
   const int num_heads = p.num_q_heads + p.num_k_heads;
   if (num_heads == 0) return cudaSuccess;
@@ -278,12 +283,26 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int sm_count, c
     if (p.lanes == 1 << l) p.lanes_log2 = l;
   }
   const int64_t work = int64_t(p.nnz) * p.lanes * num_heads;
-  const int64_t full = int64_t(sm_count) * FI_ROPE_RESIDENT_THREADS;
+  const int64_t full = int64_t(sm_count(device)) * FI_ROPE_RESIDENT_THREADS;
   int64_t hpt = (work + full - 1) / full;
   hpt = hpt < FI_ROPE_MIN_HEADS ? FI_ROPE_MIN_HEADS : hpt > num_heads ? num_heads : hpt;
   // Whole batches of kRopeUnroll heads: a thread's last batch of one head (5 heads a thread: 40 heads over
   // 4096 tokens) would keep a fifth of the bytes in flight while it runs. Rounding down adds threads instead.
   if (hpt > kRopeUnroll) hpt = hpt / kRopeUnroll * kRopeUnroll;
+  const int64_t token_ctas = (int64_t(p.nnz) * p.lanes + kRopeThreads - 1) / kRopeThreads;
+  if (FI_ROPE_FIT_WAVE) {
+    int ctas_per_sm = 0;
+    const cudaError_t err = vec ? kernel_occupancy<rope_kernel<T, 8, TABLE>>(kRopeThreads, 0, device, &ctas_per_sm)
+                                : kernel_occupancy<rope_kernel<T, 1, TABLE>>(kRopeThreads, 0, device, &ctas_per_sm);
+    if (err != cudaSuccess) return err;
+    const int64_t slots = int64_t(sm_count(device)) * ctas_per_sm;
+    for (int h = 1; h <= num_heads; h = h < kRopeUnroll ? h + 1 : h + kRopeUnroll) {
+      if (token_ctas * ceil_div(num_heads, h) <= slots) {
+        hpt = h > hpt ? h : hpt;  // never fewer heads than the rule above gives
+        break;
+      }
+    }
+  }
   const int groups = static_cast<int>((num_heads + hpt - 1) / hpt);
   p.heads_per_thread = (num_heads + groups - 1) / groups;
   if (p.heads_per_thread > kRopeUnroll) p.heads_per_thread = ceil_div(p.heads_per_thread, kRopeUnroll) * kRopeUnroll;
