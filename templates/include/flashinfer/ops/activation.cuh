@@ -2,8 +2,9 @@
 //
 // Purely elementwise and memory-bound: CTA (row, column block) of kActThreads threads, each moving up to
 // kActUnroll chunks of N elements (N = 8: 16-byte vectors; N = 1 when d or the rows are not 16-byte aligned),
-// all loads issued before the first store. The chunks per thread are picked at launch from the size: few for
-// small batches (more CTAs, lower latency), the most once the GPU is full.
+// all loads issued before the first store. The chunks per thread are picked at launch from the size: the fewest
+// that still put every CTA on the GPU at once (small batches: all loads in the first round trip, the most
+// threads), the most once the work exceeds that.
 #pragma once
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"

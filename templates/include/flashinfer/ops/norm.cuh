@@ -6,7 +6,8 @@
 //
 // A row stays in registers from load to store: each thread holds VPT chunks of N elements (N = 8: 16-byte
 // vectors; N = 1: any size or alignment). Short rows (QK-norm over head_dim) take one warp each, several per
-// CTA; long rows one CTA, whose threads are sized at run time by the hidden size (launch_rmsnorm below).
+// CTA; long rows one CTA, whose threads are sized at run time by the hidden size and the batch (launch_rmsnorm
+// below: one chunk a thread while the whole grid fits on the GPU at once, more once it is bandwidth-bound).
 #pragma once
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"
