@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -215,6 +216,25 @@ def variant_rows(timings: Timings, moved_of, copy_tbs: float, fi: Dict[str, floa
     return rows
 
 
+def summary(timings: Timings) -> List[str]:
+    """Per variant: the geometric mean of (its time / the default's) over all cases, over latency-bound cases
+    (up to 256 tokens) and over bandwidth-bound ones (4096 tokens and up); below 1 is faster than the default."""
+    names = list(next(iter(timings.values())))
+    lines = []
+    for name in names:
+        parts = []
+        for label, keep in (
+            ("all", lambda t: True),
+            ("<=256 tok", lambda t: t <= 256),
+            (">=4096 tok", lambda t: t >= 4096),
+        ):
+            ratios = [best[name] / best[names[0]] for (_, _, t), best in timings.items() if keep(t)]
+            gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else float("nan")
+            parts.append(f"{label} {gm:.3f}")
+        lines.append(f"{name}: " + ", ".join(parts))
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", default="norm,act,rope", help="comma-separated subset of norm, act, rope")
@@ -250,6 +270,9 @@ def main() -> None:
         fam = families[o]
         results[o] = time_family(fam, OPS[o], args.rounds)
         print_table(f"{o} variants", ["op", "size", "tokens", *fam.variants], variant_rows(*results[o], copy_tbs, {}))
+        print(
+            f"\n{o}: geometric mean of time / default's ({list(fam.variants)[0]}):", *summary(results[o][0]), sep="\n  "
+        )
     print(f"\nours: {time.perf_counter() - t0:.0f} s")
     if args.no_reference:
         return
