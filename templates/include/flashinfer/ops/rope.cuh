@@ -308,7 +308,10 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cud
   if (p.heads_per_thread > kRopeUnroll) p.heads_per_thread = ceil_div(p.heads_per_thread, kRopeUnroll) * kRopeUnroll;
   const int groups_needed = ceil_div(num_heads, p.heads_per_thread);
   const int64_t threads = int64_t(p.nnz) * p.lanes;
-  if (threads >= (int64_t(1) << 31) || groups_needed > 65535) return static_cast<cudaError_t>(kRopeErrBadShape);
+  // (blockIdx.x * kRopeThreads + threadIdx.x must not overflow int in the last CTA)
+  if (threads + kRopeThreads >= (int64_t(1) << 31) || groups_needed > 65535) {
+    return static_cast<cudaError_t>(kRopeErrBadShape);
+  }
   const dim3 grid(static_cast<unsigned>((threads + kRopeThreads - 1) / kRopeThreads), groups_needed);
   if (vec) return launch_kernel(rope_kernel<T, 8, TABLE>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
   return launch_kernel(rope_kernel<T, 1, TABLE>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
