@@ -50,6 +50,7 @@ ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "new": (),
     "old shapes": ("-DFI_ACT_SHAPES=0",),
     "fit 2048/SM": ("-DFI_ACT_SHAPES=2",),
+    "fast div": ("-DFI_ACT_FAST_DIV=1",),
 }
 ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "new": (),

@@ -14,10 +14,17 @@ namespace flashinfer {
 
 enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
 
+// FI_ACT_FAST_DIV 1 (development knob, benchmarks/probe_ops.py): silu's division as a reciprocal and a multiply
+// (__fdividef, 2 ulp in fp32: below the 16-bit output's rounding) instead of the IEEE division.
+#ifndef FI_ACT_FAST_DIV
+#define FI_ACT_FAST_DIV 0
+#endif
+
 template <Activation ACT>
 FI_DEVICE float activate(float x) {
   if constexpr (ACT == Activation::kSilu) {
-    return x / (1.f + __expf(-x));  // -> -0 for very negative x (exp overflows to inf)
+    // -> -0 for very negative x (exp overflows to inf)
+    return FI_ACT_FAST_DIV ? __fdividef(x, 1.f + __expf(-x)) : x / (1.f + __expf(-x));
   } else if constexpr (ACT == Activation::kGelu) {
     return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
   } else {
