@@ -35,30 +35,13 @@ constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte 
 constexpr int kNormMaxScalarThreads = 1024;  // CTA-per-row kernel over single elements, or one 16-byte chunk a thread
 constexpr int kNormVpt = 8;                  // the most 16-byte chunks a thread
 
-// Launch-shape knobs (development: benchmarks/probe_ops.py times their settings; the defaults are its verdict).
-// FI_NORM_SHAPES 1: one chunk a thread (up to 1024 threads a row) while the whole grid is resident at once
-// (latency-bound batches: the shortest load -> reduce -> store chain), 2 chunks while that fits; 0: the earlier
-// rule (2 chunks a thread below one row per SM, else 4). FI_NORM_ROWS_PER_CTA: rows a CTA takes in the
-// bandwidth-bound shape (bigger CTAs, fewer of them). FI_NORM_BIG_VPT: chunks a thread there (4 or 8).
-// FI_NORM_RESIDENT_PERCENT: the share of the threads an SM really holds of a kernel (its occupancy) counted
-// when deciding that a grid is resident (100: exactly; more: the one-chunk shape up to larger batches).
-#ifndef FI_NORM_SHAPES
-#define FI_NORM_SHAPES 1
-#endif
-#ifndef FI_NORM_ROWS_PER_CTA
-#define FI_NORM_ROWS_PER_CTA 1
-#endif
-#ifndef FI_NORM_BIG_VPT
-#define FI_NORM_BIG_VPT 4
-#endif
-#ifndef FI_NORM_RESIDENT_PERCENT
-#define FI_NORM_RESIDENT_PERCENT 100
-#endif
-// FI_NORM_STREAM_ROWS 1: the bandwidth-bound shape of 4 chunks a thread streams rows through resident CTAs
-// (rmsnorm_rows_kernel) instead of a CTA per row.
-#ifndef FI_NORM_STREAM_ROWS
-#define FI_NORM_STREAM_ROWS 0
-#endif
+// Launch shapes (launch_rmsnorm below), measured on an H200 (benchmarks/probe_ops.py: bf16, hidden 4096 and
+// 8192, 1 to 32768 tokens, L2 flushed): one 16-byte chunk a thread while the whole grid is resident at once, 2
+// while that fits, else 4 (8 above 16384 elements), a CTA a row, was the fastest or within noise on every case.
+// The earlier rule (2 chunks a thread below one row per SM, else 4) was 1-2% slower on small batches; resident
+// counted at 50% or 800% of the real occupancy, 2 chunks a thread in the bandwidth-bound shape, 2 or 4 rows a CTA
+// and rows streamed through resident CTAs (weight loaded once, next row prefetched: 4-9% slower from 4096 tokens)
+// all lost.
 
 // FAST_2D: a 2-D input (inner 1) skips the division ahead of the first load (the fused add's kernel of 8 chunks
 // a thread has no register to spare for the branch).
@@ -82,7 +65,8 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   grid_dependency_wait();
   const int nthreads = WARP_PER_ROW ? 32 : blockDim.x;
   const int t = WARP_PER_ROW ? threadIdx.x % 32 : threadIdx.x;
-  // Several rows a CTA only up to 4 chunks a thread (8 leave no register for it).
+  // Several rows a CTA only up to 4 chunks a thread (8 leave no register for it). The launcher gives one row a CTA
+  // (several lost on an H200); the code for more stays so that the kernels keep the machine code that was measured.
   constexpr bool kMultiRow = !WARP_PER_ROW && VPT <= 4;
   int row = WARP_PER_ROW ? blockIdx.x * kNormWarpRowsPerCta + threadIdx.x / 32
             : kMultiRow  ? blockIdx.x * blockDim.y + threadIdx.y
@@ -165,114 +149,10 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   grid_dependency_launch_dependents();
 }
 
-// Bandwidth-bound rows streamed through resident CTAs: CTA b normalizes rows b, b + gridDim.x, ... with
-// blockDim.x threads a row (16-byte chunks, VPT a thread). The weight is loaded once a CTA, and the next row's
-// loads (into a second set of registers) are in flight while the current row is reduced and stored.
-template <typename T, int VPT, bool FUSED_ADD>
-__global__ void __launch_bounds__(kNormMaxThreads) rmsnorm_rows_kernel(const __grid_constant__ NormParams p) {
-  constexpr int N = 8;
-  grid_dependency_wait();
-  const int nthreads = blockDim.x, t = threadIdx.x, lane = t % 32, row_warps = nthreads / 32;
-  const int chunks = p.hidden / N;
-  const T* w = static_cast<const T*>(p.weight);
-  Chunk<T, N> wc[VPT], xc[VPT], rc[VPT], xn[VPT], rn[VPT];
-  const auto load_row = [&](int row, Chunk<T, N>(&x)[VPT], Chunk<T, N>(&r)[VPT]) {
-    const T* in = static_cast<const T*>(p.input) + norm_row_offset(p.in, row, p.inner);
-    const T* res = FUSED_ADD ? static_cast<const T*>(p.residual) + norm_row_offset(p.res, row, p.inner) : nullptr;
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int c = v * nthreads + t;
-      if (c < chunks) {
-        x[v].load(in + c * N);
-        if constexpr (FUSED_ADD) r[v].load(res + c * N);
-      }
-    }
-  };
-  // x of chunk v in fp32 (the fused add recomputes input + residual exactly as it first did).
-  const auto row_values = [&](int v, float (&x)[N]) {
-    xc[v].to_floats(x);
-    if constexpr (FUSED_ADD) {
-      float r[N];
-      rc[v].to_floats(r);
-#pragma unroll
-      for (int e = 0; e < N; ++e) x[e] += r[e];
-    }
-  };
-  int row = blockIdx.x;
-  load_row(row, xc, rc);
-#pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    const int c = v * nthreads + t;
-    if (c < chunks) wc[v].load(w + c * N);
-  }
-  __shared__ float warp_sums[2][kNormMaxThreads / 32];  // by iteration parity: one barrier an iteration
-  for (int i = 0; row < p.rows; row += gridDim.x, ++i) {
-    if (row + gridDim.x < p.rows) load_row(row + gridDim.x, xn, rn);
-    float sum_sq = 0.f;
-    T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset(p.res, row, p.inner) : nullptr;
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int c = v * nthreads + t;
-      if (c < chunks) {
-        float x[N];
-        row_values(v, x);
-        if constexpr (FUSED_ADD) store_floats<T, N>(res + c * N, x);
-#pragma unroll
-        for (int e = 0; e < N; ++e) sum_sq = fmaf(x[e], x[e], sum_sq);
-      }
-    }
-    sum_sq = group_sum<32>(sum_sq);
-    float* sums = warp_sums[i & 1];
-    if (lane == 0) sums[t / 32] = sum_sq;
-    __syncthreads();
-    sum_sq = 0.f;
-    for (int k = 0; k < row_warps; ++k) sum_sq += sums[k];
-    const float rrms = rsqrtf(sum_sq / float(p.hidden) + p.eps);
-    T* out = static_cast<T*>(p.out) + norm_row_offset(p.o, row, p.inner);
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int c = v * nthreads + t;
-      if (c < chunks) {
-        float x[N], wf[N];
-        row_values(v, x);
-        wc[v].to_floats(wf);
-#pragma unroll
-        for (int e = 0; e < N; ++e) x[e] = x[e] * rrms * (p.weight_bias + wf[e]);
-        store_floats<T, N>(out + c * N, x);
-      }
-    }
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      xc[v] = xn[v];
-      if constexpr (FUSED_ADD) rc[v] = rn[v];
-    }
-  }
-  grid_dependency_launch_dependents();
-}
-
-// CTAs of rmsnorm_rows_kernel<T, VPT, FUSED_ADD> an SM holds at `threads` threads (cached per device and
-// thread count: asking the driver each call would cost more than the launch).
-template <typename T, int VPT, bool FUSED_ADD>
-static int norm_rows_ctas_per_sm(int threads, int device) {
-  static int cache[64][kNormMaxThreads / 32 + 1] = {};
-  int& n = cache[device >= 0 && device < 64 ? device : 0][threads / 32];
-  if (n == 0) {
-    int k = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, rmsnorm_rows_kernel<T, VPT, FUSED_ADD>, threads, 0) !=
-            cudaSuccess ||
-        k <= 0) {
-      k = 1;
-    }
-    n = k;
-  }
-  return n;
-}
-
-// Kernel shapes: a warp per row up to 32 * 4 chunks, else a CTA per row (or per FI_NORM_ROWS_PER_CTA rows). While
-// the whole grid fits on the GPU at once (latency-bound batches: every load in flight in the first round trip),
-// one 16-byte chunk a thread up to 8192 elements, else 2; beyond that (bandwidth-bound) FI_NORM_BIG_VPT chunks a
-// thread, 8 above 16384 elements. Rows that are not 16-byte aligned go element by element (kNormScalarVpt a
-// thread).
+// Kernel shapes: a warp per row up to 32 * 4 chunks, else a CTA per row. While the whole grid fits on the GPU at
+// once (latency-bound batches: every load in flight in the first round trip), one 16-byte chunk a thread up to 8192
+// elements, else 2; beyond that (bandwidth-bound) 4 chunks a thread, 8 above 16384 elements. Rows that are not 16-byte
+// aligned go element by element (kNormScalarVpt a thread).
 constexpr int kNormScalarVpt = 8;
 constexpr int kNormMaxHiddenVec = kNormMaxThreads * kNormVpt * 8;             // 32768
 constexpr int kNormMaxHiddenScalar = kNormMaxScalarThreads * kNormScalarVpt;  // 8192
@@ -297,12 +177,11 @@ static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cud
     if (chunks <= 128)
       return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl, p);
     if (chunks > kNormMaxThreads * kNormVpt) return static_cast<cudaError_t>(kNormErrHiddenTooLarge);
-    // Threads the GPU holds at once of a kernel: its CTAs an SM at the largest CTA (register bound), counted
-    // at FI_NORM_RESIDENT_PERCENT.
+    // Threads the GPU holds at once of a kernel: its CTAs an SM at the largest CTA (register bound).
     const auto resident = [&](auto kernel_occupancy_at, int cta_threads) -> int64_t {
       int ctas = 0;
       if (kernel_occupancy_at(cta_threads, &ctas) != cudaSuccess) ctas = 1;
-      return int64_t(sm_count(device)) * ctas * cta_threads * FI_NORM_RESIDENT_PERCENT / 100;
+      return int64_t(sm_count(device)) * ctas * cta_threads;
     };
     const auto one_chunk = [&](int threads, int* ctas) {
       return kernel_occupancy<rmsnorm_kernel<T, 8, 1, FUSED_ADD, false>>(threads, 0, device, ctas);
@@ -311,36 +190,24 @@ static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cud
       return kernel_occupancy<rmsnorm_kernel<T, 8, 2, FUSED_ADD, false>>(threads, 0, device, ctas);
     };
     int vpt;
-    if (FI_NORM_SHAPES == 0) {
-      vpt = chunks <= kNormMaxThreads * 2 && p.rows < sm_count(device) ? 2 : chunks <= kNormMaxThreads * 4 ? 4 : 8;
-    } else if (chunks <= kNormMaxScalarThreads &&
-               int64_t(p.rows) * row_threads(1) <= resident(one_chunk, kNormMaxScalarThreads)) {
+    if (chunks <= kNormMaxScalarThreads &&
+        int64_t(p.rows) * row_threads(1) <= resident(one_chunk, kNormMaxScalarThreads)) {
       vpt = 1;
     } else if (chunks <= kNormMaxThreads * 2 &&
                int64_t(p.rows) * row_threads(2) <= resident(two_chunks, kNormMaxThreads)) {
       vpt = 2;
     } else {
-      vpt = chunks <= kNormMaxThreads * FI_NORM_BIG_VPT ? FI_NORM_BIG_VPT : 8;
+      vpt = chunks <= kNormMaxThreads * 4 ? 4 : 8;
     }
     const int threads = row_threads(vpt);
     if (vpt == 1)
       return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
     if (vpt == 2)
       return launch_kernel(rmsnorm_kernel<T, 8, 2, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
-    if constexpr (FI_NORM_STREAM_ROWS != 0) {
-      if (vpt == 4) {  // as many CTAs as are resident, each taking the same number of rows
-        const int64_t slots = int64_t(sm_count(device)) * norm_rows_ctas_per_sm<T, 4, FUSED_ADD>(threads, device);
-        const int64_t rows_per_cta = (p.rows + slots - 1) / slots;
-        const dim3 grid(static_cast<unsigned>((p.rows + rows_per_cta - 1) / rows_per_cta));
-        return launch_kernel(rmsnorm_rows_kernel<T, 4, FUSED_ADD>, grid, dim3(threads), 0, stream, pdl, p);
-      }
-    }
-    // Bandwidth-bound: FI_NORM_ROWS_PER_CTA rows a CTA where they fit in kNormMaxThreads (4 chunks a thread).
-    int rpc = vpt == 4 ? FI_NORM_ROWS_PER_CTA : 1;
-    while (rpc > 1 && threads * rpc > kNormMaxThreads) rpc /= 2;
-    const dim3 grid(ceil_div(p.rows, rpc)), block(threads, rpc);
-    if (vpt == 4) return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, grid, block, 0, stream, pdl, p);
-    return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, grid, block, 0, stream, pdl, p);
+    if (vpt == 4)
+      return launch_kernel(rmsnorm_kernel<T, 8, 4, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
+    return launch_kernel(rmsnorm_kernel<T, 8, kNormVpt, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl,
+                         p);
   }
   if (chunks <= 32 * kNormScalarVpt) {
     return launch_kernel(rmsnorm_kernel<T, 1, kNormScalarVpt, FUSED_ADD, true>, warp_grid, warp_block, 0, stream, pdl,

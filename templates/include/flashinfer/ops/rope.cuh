@@ -75,33 +75,22 @@ FI_DEVICE bool rope_position(const RopeParams& p, int token, int64_t& pos) {
   return true;
 }
 
-// Launch-shape knobs (development: benchmarks/probe_ops.py times their settings; the defaults are its verdict).
-// FI_ROPE_UNROLL: heads a thread loads before its first store (4 or 8). FI_ROPE_RESIDENT_THREADS: threads an SM
-// is counted to hold when spreading the heads over threads (fewer: more heads a thread). FI_ROPE_MIN_HEADS: the
-// fewest heads a thread (more: each position and cos/sin row read by fewer threads, fewer CTAs).
-#ifndef FI_ROPE_UNROLL
-#define FI_ROPE_UNROLL 4
-#endif
-#ifndef FI_ROPE_RESIDENT_THREADS
-#define FI_ROPE_RESIDENT_THREADS 2048
-#endif
-#ifndef FI_ROPE_MIN_HEADS
-#define FI_ROPE_MIN_HEADS 1
-#endif
-// FI_ROPE_FIT_WAVE 1: when some number of heads a thread puts the whole grid on the GPU at once (its real
-// occupancy), the fewest such heads (whole batches of kRopeUnroll), instead of the FI_ROPE_RESIDENT_THREADS rule.
-#ifndef FI_ROPE_FIT_WAVE
-#define FI_ROPE_FIT_WAVE 0
-#endif
-constexpr int kRopeUnroll = FI_ROPE_UNROLL;
+// Launch shape (launch_rope below), measured on an H200 (benchmarks/probe_ops.py: bf16, apply_rope_with_cos_sin_cache
+// in place, 1 to 32768 tokens, L2 flushed): 4 heads a thread in flight, the heads spread over 2048 threads an SM,
+// at least one head a thread, was the fastest or within noise on most sizes. 8 heads in flight was 13-34% slower;
+// spreading over 640, 1024 or 4096 threads an SM, at least 2 or 4 heads a thread, and the fewest heads a thread
+// that put the grid on the GPU in one wave by real occupancy (within noise) all lost or gained nothing.
+constexpr int kRopeUnroll = 4;
+constexpr int kRopeResidentThreads = 2048;  // threads an SM, counted when spreading the heads over threads
 
 // Thread (token, lane) of head group blockIdx.y: x = blockIdx.x * kRopeThreads + threadIdx.x runs over tokens,
 // lanes fastest (lanes a power of two: a shift, not a division). The critical path of a small batch is position
 // -> cos/sin row -> rotate -> store: the position is loaded first, the heads' loads go out while it is in
 // flight, and the cos/sin row follows the position at once. TABLE: RopeTable (cos/sin computed from the
-// position) or NoRopeTable (read from p.cos_sin_cache).
+// position) or NoRopeTable (read from p.cos_sin_cache). 5 CTAs an SM: up to 102 registers a thread, what the
+// vector forms' 4 heads in flight need without spilling.
 template <typename T, int N, typename TABLE>
-__global__ void __launch_bounds__(kRopeThreads, kRopeUnroll <= 4 ? 5 : 3)
+__global__ void __launch_bounds__(kRopeThreads, 5)
     rope_kernel(const __grid_constant__ RopeParams p, const __grid_constant__ TABLE table) {
   constexpr bool kCache = std::is_same_v<TABLE, NoRopeTable>;
   constexpr int kMaxFreqs = N == 8 ? 8 : 1;  // per lane: a NeoX chunk pair has 8, an interleaved chunk 4
@@ -253,7 +242,7 @@ __global__ void __launch_bounds__(kRopeThreads, kRopeUnroll <= 4 ? 5 : 3)
 }
 
 // Picks the vector or scalar form and the launch shape. The device's SM count sizes the head groups: the work items of
-// all heads are spread over about one full GPU of threads (FI_ROPE_RESIDENT_THREADS per SM), at least one head
+// all heads are spread over about one full GPU of threads (kRopeResidentThreads per SM), at least one head
 // per thread, and beyond kRopeUnroll heads a thread a multiple of kRopeUnroll.
 template <typename T, typename TABLE>
 static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cudaStream_t stream) {
@@ -283,26 +272,12 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cud
     if (p.lanes == 1 << l) p.lanes_log2 = l;
   }
   const int64_t work = int64_t(p.nnz) * p.lanes * num_heads;
-  const int64_t full = int64_t(sm_count(device)) * FI_ROPE_RESIDENT_THREADS;
+  const int64_t full = int64_t(sm_count(device)) * kRopeResidentThreads;
   int64_t hpt = (work + full - 1) / full;
-  hpt = hpt < FI_ROPE_MIN_HEADS ? FI_ROPE_MIN_HEADS : hpt > num_heads ? num_heads : hpt;
+  if (hpt > num_heads) hpt = num_heads;  // work > 0: at least one head a thread
   // Whole batches of kRopeUnroll heads: a thread's last batch of one head (5 heads a thread: 40 heads over
   // 4096 tokens) would keep a fifth of the bytes in flight while it runs. Rounding down adds threads instead.
   if (hpt > kRopeUnroll) hpt = hpt / kRopeUnroll * kRopeUnroll;
-  const int64_t token_ctas = (int64_t(p.nnz) * p.lanes + kRopeThreads - 1) / kRopeThreads;
-  if (FI_ROPE_FIT_WAVE) {
-    int ctas_per_sm = 0;
-    const cudaError_t err = vec ? kernel_occupancy<rope_kernel<T, 8, TABLE>>(kRopeThreads, 0, device, &ctas_per_sm)
-                                : kernel_occupancy<rope_kernel<T, 1, TABLE>>(kRopeThreads, 0, device, &ctas_per_sm);
-    if (err != cudaSuccess) return err;
-    const int64_t slots = int64_t(sm_count(device)) * ctas_per_sm;
-    for (int h = 1; h <= num_heads; h = h < kRopeUnroll ? h + 1 : h + kRopeUnroll) {
-      if (token_ctas * ceil_div(num_heads, h) <= slots) {
-        hpt = h > hpt ? h : hpt;  // never fewer heads than the rule above gives
-        break;
-      }
-    }
-  }
   const int groups = static_cast<int>((num_heads + hpt - 1) / hpt);
   p.heads_per_thread = (num_heads + groups - 1) / groups;
   if (p.heads_per_thread > kRopeUnroll) p.heads_per_thread = ceil_div(p.heads_per_thread, kRopeUnroll) * kRopeUnroll;
