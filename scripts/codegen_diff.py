@@ -56,7 +56,7 @@ from flashinfer.sampling import SamplingSpec  # noqa: E402
 F16 = {"dtype_q": "f16", "dtype_kv": "f16", "dtype_o": "f16"}
 # Every family, every decode head tile (a decode module holds the 1-, 2-, 4- and 8-head tiles), the tensor-core
 # and CUDA-core decode paths, every position encoding, mask, window, soft cap, fp16 QK, both KV storages, fa3;
-# and one of each op family (merge_state, cascade_shared, rope, norm, activation, sampling).
+# and one of each op family (merge_state, cascade_shared, sampling; rope, norm, activation in bf16 and f16).
 SPECS = {
     "sd1": SD(head_dim=128, kv_layout="NHD", pos_encoding_mode="NONE"),
     "sd2": SD(
@@ -106,8 +106,11 @@ SPECS = {
     "cs2": CascadeSharedSpec(**F16),
     "cs3": CascadeSharedSpec(dtype_kv="e4m3"),
     "rp1": RopeSpec(),
+    "rp2": RopeSpec(dtype="f16"),
     "nm1": NormSpec(),
+    "nm2": NormSpec(dtype="f16"),
     "ac1": ActivationSpec(),
+    "ac2": ActivationSpec(dtype="f16"),
     "sa1": SamplingSpec(),
 }
 

@@ -11,7 +11,7 @@ import torch
 import flashinfer
 from _jit_checks import assert_no_unique_symbols, assert_register_only
 from flashinfer.activation import ActivationSpec
-from reference import act_and_mul, assert_close, poisoned
+from reference import TOLERANCES, act_and_mul, assert_close, poisoned
 
 DTYPES = [torch.float16, torch.bfloat16]
 ACTS = ["silu", "gelu", "gelu_tanh"]
@@ -90,6 +90,28 @@ def test_shapes_and_strides(act):
     out_nc = poisoned((4, 9, d), torch.bfloat16)
     _check(act, x3, out=out_nc[:, :7])
     assert torch.isnan(out_nc[:, 7:]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [16, 14])
+def test_silu_fast_division_edges(dtype, d):
+    """silu divides by 1 + exp(-x) with __fdividef (a reciprocal and a multiply): a denominator past 2^126 (x near
+    -88) or exp's overflow (x far below) gives -0 where the true value is below 1e-36; the largest finite x stays
+    finite; x = +inf gives inf, x = -inf NaN (as IEEE's -inf / inf and the float64 reference), NaN stays NaN. d 16:
+    the vector path, d 14: the element-wise one."""
+    big = torch.finfo(dtype).max
+    inf, nan = float("inf"), float("nan")
+    vals = [-big, -1e4, -88.5, -88.0, -87.5, -87.0, -20.0, -1.0, 20.0, 88.0, 1e4, big, inf, -inf, nan, 0.5][:d]
+    gate = torch.tensor(vals, dtype=torch.float64)
+    x = torch.cat([gate, torch.ones_like(gate)])[None].to(device="cuda", dtype=dtype).repeat(3, 1)
+    ref = act_and_mul(x, "silu")
+    out = poisoned((3, d), dtype)
+    flashinfer.silu_and_mul(x, out=out)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, equal_nan=True)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert (out[:, :2] == 0).all()
 
 
 @pytest.mark.gpu

@@ -11,15 +11,14 @@
 // and its partner chunk, 4 for an interleaved chunk, 1 element pair in the scalar form), computes their
 // cos/sin once, and applies them to every head of its group (q heads then k heads); pass-through lanes copy
 // the rest of the head when the output is not the input. The launcher sizes the head groups so the grid
-// fills the GPU: many heads per thread for large batches, one for a single token.
+// fills the GPU: many heads per thread for large batches, one for a single token (then a CTA per head group
+// on as many SMs). Grid: x over (token, lane), y over head groups.
 #pragma once
 #include "flashinfer/attention/pos_enc.cuh"
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"
 
 namespace flashinfer {
-
-enum class RopeCosSin : int { kTable = 0, kCache = 1 };
 
 struct RopeParams {
   const void* q;
@@ -39,13 +38,13 @@ struct RopeParams {
   int64_t* position_error;
   int nnz, num_q_heads, num_k_heads, head_dim, rotary_dim, batch_size;
   int interleave, copy_rest;
-  // Launch shape (set by launch_rope); cache_vec4: cos/sin cache rows read as float4 (16-byte aligned rows).
+  // Launch shape (set by launch_rope); cache_vec4: cos/sin cache rows read as float4 (16-byte aligned rows);
+  // lanes_log2: log2(lanes) when lanes is a power of two, else -1.
   int cache_vec4;
-  int lanes, rot_lanes, heads_per_thread, groups;
+  int lanes, lanes_log2, rot_lanes, heads_per_thread;
 };
 
 constexpr int kRopeThreads = 128;
-constexpr int kRopeUnroll = 4;          // heads loaded before the first store
 constexpr int kRopeMaxRotaryDim = 256;  // RopeTable's frequencies
 constexpr int kRopeErrBadShape = 1101;  // module error codes (the template gives their text)
 constexpr int kRopeErrNoRecord = 1102;
@@ -76,24 +75,47 @@ FI_DEVICE bool rope_position(const RopeParams& p, int token, int64_t& pos) {
   return true;
 }
 
-// At least 5 CTAs (640 threads) per SM: 96 registers, no spills (8 CTAs would spill).
-template <typename T, int N>
+// Launch shape (launch_rope below), measured on an H200 (benchmarks/probe_ops.py: bf16, apply_rope_with_cos_sin_cache
+// in place, 1 to 32768 tokens, L2 flushed): 4 heads a thread in flight, the heads spread over 2048 threads an SM,
+// at least one head a thread, was the fastest or within noise on most sizes. 8 heads in flight was 13-34% slower;
+// spreading over 640, 1024 or 4096 threads an SM, at least 2 or 4 heads a thread, and the fewest heads a thread
+// that put the grid on the GPU in one wave by real occupancy (within noise) all lost or gained nothing.
+constexpr int kRopeUnroll = 4;
+constexpr int kRopeResidentThreads = 2048;  // threads an SM, counted when spreading the heads over threads
+
+// Thread (token, lane) of head group blockIdx.y: x = blockIdx.x * kRopeThreads + threadIdx.x runs over tokens,
+// lanes fastest (lanes a power of two: a shift, not a division). The critical path of a small batch is position
+// -> cos/sin row -> rotate -> store: the position is loaded first, the heads' loads go out while it is in
+// flight, and the cos/sin row follows the position at once. TABLE: RopeTable (cos/sin computed from the
+// position) or NoRopeTable (read from p.cos_sin_cache). 5 CTAs an SM: up to 102 registers a thread, what the
+// vector forms' 4 heads in flight need without spilling.
+template <typename T, int N, typename TABLE>
 __global__ void __launch_bounds__(kRopeThreads, 5)
-    rope_kernel(const __grid_constant__ RopeParams p, const __grid_constant__ RopeTable table, RopeCosSin source) {
+    rope_kernel(const __grid_constant__ RopeParams p, const __grid_constant__ TABLE table) {
+  constexpr bool kCache = std::is_same_v<TABLE, NoRopeTable>;
   constexpr int kMaxFreqs = N == 8 ? 8 : 1;  // per lane: a NeoX chunk pair has 8, an interleaved chunk 4
-  const int tid = blockIdx.x * kRopeThreads + threadIdx.x;
-  const int per_token = p.groups * p.lanes;
-  const int token = tid / per_token;
+  const int x = blockIdx.x * kRopeThreads + threadIdx.x;
+  const int token = p.lanes_log2 >= 0 ? x >> p.lanes_log2 : x / p.lanes;
   if (token >= p.nnz) return;
-  const int group = (tid - token * per_token) / p.lanes;
-  const int lane = tid - token * per_token - group * p.lanes;
+  const int lane = x - token * p.lanes;
+  const bool rotate = lane < p.rot_lanes;
+  if (!rotate && !p.copy_rest) return;  // in place: pass-through elements are already where they belong
+
+  int64_t pos = 0;
+  bool covered = true;
+  if (rotate) {
+    if (p.pos_ids != nullptr) {
+      pos = rope_load_index(p.pos_ids, token, p.pos_int64);
+    } else {
+      covered = rope_position(p, token, pos);
+    }
+  }
+
   const bool interleave = p.interleave != 0;
   const int half = p.rotary_dim / 2;
-
   // This lane's elements: a rotary lane rotates frequencies [freq0, freq0 + nf) of the elements at a0 (N of
   // them) against those at b0 (NeoX, scalar interleave) or within its own chunk (vector interleave); a pass
   // lane copies one chunk past rotary_dim.
-  const bool rotate = lane < p.rot_lanes;
   int a0, b0, freq0 = 0, nf = 0;
   if (!rotate) {
     a0 = b0 = p.rotary_dim + (lane - p.rot_lanes) * N;
@@ -104,35 +126,32 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
   } else {
     a0 = lane * 8, b0 = half + lane * 8, freq0 = lane * 8, nf = 8;
   }
-  if (!rotate && !p.copy_rest) return;  // in place: pass-through elements are already where they belong
 
   const int num_heads = p.num_q_heads + p.num_k_heads;
-  const int h_begin = group * p.heads_per_thread;
+  const int h_begin = blockIdx.y * p.heads_per_thread;
   const int h_end = min(num_heads, h_begin + p.heads_per_thread);
   const bool paired = rotate && !(N == 8 && interleave);  // a and b are separate loads
+  const T* q_in = static_cast<const T*>(p.q) + token * p.q_stride_n + a0;
+  const T* k_in = static_cast<const T*>(p.k) + token * p.k_stride_n + a0 - int64_t(p.num_q_heads) * p.k_stride_h;
+  const auto head_in = [&](int h) { return h < p.num_q_heads ? q_in + h * p.q_stride_h : k_in + h * p.k_stride_h; };
   Chunk<T, N> a[kRopeUnroll], b[kRopeUnroll];
   const auto load_heads = [&](int h0) {
 #pragma unroll
     for (int u = 0; u < kRopeUnroll; ++u) {
       const int h = h0 + u;
       if (h < h_end) {
-        const T* x = h < p.num_q_heads
-                         ? static_cast<const T*>(p.q) + token * p.q_stride_n + h * p.q_stride_h
-                         : static_cast<const T*>(p.k) + token * p.k_stride_n + (h - p.num_q_heads) * p.k_stride_h;
-        a[u].load(x + a0);
-        if (paired) b[u].load(x + b0);
+        const T* in = head_in(h);
+        a[u].load(in);
+        if (paired) b[u].load(in + (b0 - a0));
       }
     }
   };
-  // The first heads are in flight while the position and its cos/sin are looked up.
   load_heads(h_begin);
 
   float cs[kMaxFreqs], sn[kMaxFreqs];
   if (rotate) {
-    int64_t pos = 0;
-    const bool covered = rope_position(p, token, pos);
-    const bool in_cache = pos >= 0 && pos < p.cache_rows;
-    if (source == RopeCosSin::kCache && covered && !in_cache && group == 0 && lane == 0) {
+    const bool in_cache = !kCache || (pos >= 0 && pos < p.cache_rows);
+    if (kCache && covered && !in_cache && blockIdx.y == 0 && lane == 0) {
       // One naturally aligned 8-byte store per field: a record racing with another bad token's stays
       // readable (the flag goes last, after a system-scope fence).
       volatile int64_t* e = p.position_error;
@@ -147,7 +166,7 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
       const int freq = freq0 + f;
       if (!covered) {
         cs[f] = 1.f, sn[f] = 0.f;
-      } else if (source == RopeCosSin::kCache) {
+      } else if constexpr (kCache) {
         if (in_cache) {
           const float* row = p.cos_sin_cache + pos * p.cache_stride;
           if constexpr (N == 8) {
@@ -171,22 +190,35 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
     }
   }
 
+  T* q_out = static_cast<T*>(p.q_out) + token * p.q_out_stride_n + a0;
+  T* k_out = static_cast<T*>(p.k_out) + token * p.k_out_stride_n + a0 - int64_t(p.num_q_heads) * p.k_out_stride_h;
+  // Slot u holds head h0 + u; once its values are in floats it is refilled with head h0 + u + kRopeUnroll, so a
+  // thread of many heads keeps kRopeUnroll heads in flight while it stores (no extra registers).
   for (int h0 = h_begin; h0 < h_end; h0 += kRopeUnroll) {
 #pragma unroll
     for (int u = 0; u < kRopeUnroll; ++u) {
       const int h = h0 + u;
       if (h >= h_end) break;
-      T* y = h < p.num_q_heads
-                 ? static_cast<T*>(p.q_out) + token * p.q_out_stride_n + h * p.q_out_stride_h
-                 : static_cast<T*>(p.k_out) + token * p.k_out_stride_n + (h - p.num_q_heads) * p.k_out_stride_h;
+      T* y = h < p.num_q_heads ? q_out + h * p.q_out_stride_h : k_out + h * p.k_out_stride_h;
+      const int next = h + kRopeUnroll;
+      const auto refill = [&] {
+        if (next < h_end) {
+          const T* in = head_in(next);
+          a[u].load(in);
+          if (paired) b[u].load(in + (b0 - a0));
+        }
+      };
       if (!rotate) {
-        a[u].store(y + a0);
+        const Chunk<T, N> pass = a[u];
+        refill();
+        pass.store(y);
         continue;
       }
       float av[N], bv[N];
       a[u].to_floats(av);
+      if (paired) b[u].to_floats(bv);
+      refill();
       if (paired) {
-        b[u].to_floats(bv);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
           const int f = N == 8 ? e : 0;
@@ -194,8 +226,8 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
           bv[e] = bv[e] * cs[f] + av[e] * sn[f];
           av[e] = ra;
         }
-        store_floats<T, N>(y + a0, av);
-        store_floats<T, N>(y + b0, bv);
+        store_floats<T, N>(y, av);
+        store_floats<T, N>(y + (b0 - a0), bv);
       } else if constexpr (N == 8) {
 #pragma unroll
         for (int f = 0; f < 4; ++f) {
@@ -203,19 +235,17 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
           av[2 * f] = x0 * cs[f] - x1 * sn[f];
           av[2 * f + 1] = x1 * cs[f] + x0 * sn[f];
         }
-        store_floats<T, N>(y + a0, av);
+        store_floats<T, N>(y, av);
       }
     }
-    if (h0 + kRopeUnroll < h_end) load_heads(h0 + kRopeUnroll);
   }
 }
 
-// Picks the vector or scalar form and the launch shape. sm_count sizes the head groups: the work items of
-// all heads are spread over about one full GPU of threads (2048 per SM), at least one head per thread, and
-// beyond kRopeUnroll heads a thread a multiple of kRopeUnroll.
-template <typename T>
-static cudaError_t launch_rope(RopeParams p, const RopeTable& table, RopeCosSin source, int sm_count,
-                               cudaStream_t stream) {
+// Picks the vector or scalar form and the launch shape. The device's SM count sizes the head groups: the work items of
+// all heads are spread over about one full GPU of threads (kRopeResidentThreads per SM), at least one head
+// per thread, and beyond kRopeUnroll heads a thread a multiple of kRopeUnroll.
+template <typename T, typename TABLE>
+static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cudaStream_t stream) {
   if (p.nnz == 0) return cudaSuccess;
   const int num_heads = p.num_q_heads + p.num_k_heads;
   if (num_heads == 0) return cudaSuccess;
@@ -233,24 +263,33 @@ static cudaError_t launch_rope(RopeParams p, const RopeTable& table, RopeCosSin 
                    mult8(p.q_stride_h, p.num_q_heads) && mult8(p.k_stride_h, p.num_k_heads) &&
                    mult8(p.q_out_stride_h, p.num_q_heads) && mult8(p.k_out_stride_h, p.num_k_heads);
   const int n = vec ? 8 : 1;
-  p.cache_vec4 = source == RopeCosSin::kCache && p.cache_stride % 4 == 0 && aligned(p.cos_sin_cache);
+  p.cache_vec4 = std::is_same_v<TABLE, NoRopeTable> && p.cache_stride % 4 == 0 && aligned(p.cos_sin_cache);
   p.rot_lanes = vec ? p.rotary_dim / (p.interleave ? 8 : 16) : p.rotary_dim / 2;
   p.lanes = p.rot_lanes + (p.copy_rest ? (p.head_dim - p.rotary_dim) / n : 0);
+  if (p.lanes == 0) return cudaSuccess;  // rotary_dim 0 in place: nothing to do
+  p.lanes_log2 = -1;
+  for (int l = 0; l < 31; ++l) {
+    if (p.lanes == 1 << l) p.lanes_log2 = l;
+  }
   const int64_t work = int64_t(p.nnz) * p.lanes * num_heads;
-  const int64_t full = int64_t(sm_count) * 2048;
+  const int64_t full = int64_t(sm_count(device)) * kRopeResidentThreads;
   int64_t hpt = (work + full - 1) / full;
-  hpt = hpt < 1 ? 1 : hpt > num_heads ? num_heads : hpt;
+  if (hpt > num_heads) hpt = num_heads;  // work > 0: at least one head a thread
   // Whole batches of kRopeUnroll heads: a thread's last batch of one head (5 heads a thread: 40 heads over
   // 4096 tokens) would keep a fifth of the bytes in flight while it runs. Rounding down adds threads instead.
   if (hpt > kRopeUnroll) hpt = hpt / kRopeUnroll * kRopeUnroll;
-  p.groups = static_cast<int>((num_heads + hpt - 1) / hpt);
-  p.heads_per_thread = (num_heads + p.groups - 1) / p.groups;
+  const int groups = static_cast<int>((num_heads + hpt - 1) / hpt);
+  p.heads_per_thread = (num_heads + groups - 1) / groups;
   if (p.heads_per_thread > kRopeUnroll) p.heads_per_thread = ceil_div(p.heads_per_thread, kRopeUnroll) * kRopeUnroll;
-  const int64_t threads = int64_t(p.nnz) * p.groups * p.lanes;
-  if (threads >= (int64_t(1) << 31)) return static_cast<cudaError_t>(kRopeErrBadShape);
-  const dim3 grid(static_cast<unsigned>((threads + kRopeThreads - 1) / kRopeThreads));
-  if (vec) return launch_kernel(rope_kernel<T, 8>, grid, dim3(kRopeThreads), 0, stream, false, p, table, source);
-  return launch_kernel(rope_kernel<T, 1>, grid, dim3(kRopeThreads), 0, stream, false, p, table, source);
+  const int groups_needed = ceil_div(num_heads, p.heads_per_thread);
+  const int64_t threads = int64_t(p.nnz) * p.lanes;
+  // (blockIdx.x * kRopeThreads + threadIdx.x must not overflow int in the last CTA)
+  if (threads + kRopeThreads >= (int64_t(1) << 31) || groups_needed > 65535) {
+    return static_cast<cudaError_t>(kRopeErrBadShape);
+  }
+  const dim3 grid(static_cast<unsigned>((threads + kRopeThreads - 1) / kRopeThreads), groups_needed);
+  if (vec) return launch_kernel(rope_kernel<T, 8, TABLE>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
+  return launch_kernel(rope_kernel<T, 1, TABLE>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
 }
 
 }  // namespace flashinfer
