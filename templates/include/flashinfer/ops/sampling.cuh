@@ -1669,6 +1669,7 @@ struct alignas(16) SelShared {
   unsigned int slice_max;   // this CTA's largest key (read by the cluster)
   unsigned int cand_slots;  // this CTA's candidates written so far
   int pick;
+  unsigned int pick_key;
   unsigned long long pick_c, pick_m, pick_bc, pick_bm;
 };
 
@@ -1811,14 +1812,27 @@ struct Selector {
   // After the round's cluster barrier: every CTA sums the group summaries over the cluster (into tcount/tmass).
   FI_DEVICE void sum_groups() {
     for (int g = threadIdx.x; g <= kSelGroups; g += kThreads) {
+      // Every rank's summary loaded before any is used: the remote loads in flight together, not one round trip
+      // per rank (a store between them could alias them for the compiler).
+      uint32_t cr[kMaxCluster];
+      uint64_t mr[kMaxCluster];
+#pragma unroll
+      for (int q = 0; q < kMaxCluster; ++q) {
+        if (q < static_cast<int>(cx.size)) {
+          const SelShared* o = cluster_map(&sh, q);
+          cr[q] = o->gcount[g];
+          mr[q] = kMass ? o->gmass[g] : 0;
+        }
+      }
       uint32_t c = 0;
       uint64_t m = 0;
-      for (unsigned r = 0; r < cx.size; ++r) {
-        const SelShared* o = cluster_map(&sh, r);
-        const uint32_t cr = o->gcount[g];
-        c += cr;
-        if (kMass) m += o->gmass[g];
-        if (g == kSelGroups) sh.last_rank_count[r] = cr;
+#pragma unroll
+      for (int q = 0; q < kMaxCluster; ++q) {
+        if (q < static_cast<int>(cx.size)) {
+          c += cr[q];
+          m += mr[q];
+          if (g == kSelGroups) sh.last_rank_count[q] = cr[q];
+        }
       }
       sh.tcount[g] = c;
       sh.tmass[g] = m;
@@ -1878,15 +1892,23 @@ struct Selector {
       uint64_t c = 0, lo = 0, hi = 0;
       if (threadIdx.x < kSelGroupBins) {
         const int bj = g * kSelGroupBins + threadIdx.x;
-#pragma unroll 4
-        for (unsigned r = 0; r < cx.size; ++r) {
-          const SelShared* o = cluster_map(&sh, r);
-          const uint32_t cr = o->count[bj];
-          sh.bin_rank_count[r][threadIdx.x] = cr;
-          c += cr;
-          if (kMass) {
-            lo += o->lo[bj];
-            hi += o->hi[bj];
+        uint32_t cr[kMaxCluster], lr[kMaxCluster], hr[kMaxCluster];  // (loaded together, as in sum_groups)
+#pragma unroll
+        for (int q = 0; q < kMaxCluster; ++q) {
+          if (q < static_cast<int>(cx.size)) {
+            const SelShared* o = cluster_map(&sh, q);
+            cr[q] = o->count[bj];
+            lr[q] = kMass ? o->lo[bj] : 0u;
+            hr[q] = kMass && rg.exact ? o->hi[bj] : 0u;
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < kMaxCluster; ++q) {
+          if (q < static_cast<int>(cx.size)) {
+            sh.bin_rank_count[q][threadIdx.x] = cr[q];
+            c += cr[q];
+            lo += lr[q];
+            hi += hr[q];
           }
         }
       }
@@ -1958,6 +1980,16 @@ struct Selector {
   FI_DEVICE uint32_t resolve(int n, uint32_t lo, uint32_t hi, bool by_mass, uint64_t need, uint64_t c_above,
                              uint64_t m_above, uint64_t c_bin, uint64_t m_bin, uint64_t* c_kept, uint64_t* m_kept) {
     while (lo < hi) {
+      if (c_bin == 1) {  // one candidate left in the range: its key (the usual case after a round or two)
+        for (int i = threadIdx.x; i < n; i += kThreads) {
+          const uint32_t k = sh.cand[i];
+          if (k >= lo && k <= hi) sh.pick_key = k;
+        }
+        __syncthreads();
+        lo = hi = sh.pick_key;
+        __syncthreads();
+        break;
+      }
       const int shift = sel_shift(lo, hi, kSelLocalBins);
       const uint32_t top = hi >> shift;
       sh.lcount[threadIdx.x] = 0;
@@ -2048,8 +2080,14 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
     return;
   }
   Selector<DType, kMask> sel{sh, row, cx, 0};
-  // The row's largest key: each CTA publishes its slice's, one barrier, each reads them all.
-  {
+  uint32_t max_key = 0xFFFFFFFFu;  // the mask counts over bins that tile every key: it needs no maximum
+  if (kMask) {
+    sel.zero_hist();
+    if (threadIdx.x == 0) sh.cand_slots = 0;
+    __syncthreads();
+  } else {
+    // The row's largest key (the renorms' fixed-point scale): each CTA publishes its slice's, one barrier, each
+    // reads them all.
     uint32_t m = 0;
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
@@ -2071,22 +2109,25 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
       for (int w = 0; w < kWarps; ++w) b = sh.last_count[w] > b ? sh.last_count[w] : b;
       sh.slice_max = b;
     }
-  }
-  cluster_sync();
-  uint32_t max_key = 0;
-  for (unsigned q = 0; q < cx.size; ++q) {
-    const uint32_t m = cluster_map(&sh, q)->slice_max;
-    max_key = m > max_key ? m : max_key;
+    cluster_sync();
+    max_key = 0;
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) {
+      const uint32_t mq = q < static_cast<int>(cx.size) ? cluster_map(&sh, q)->slice_max : 0u;
+      max_key = mq > max_key ? mq : max_key;
+    }
+    if (max_key == 0) {  // no element carries mass: the renorms write zeros
+      cluster_sync();    // (the slice maxima are read)
+      write(1u, 0.f);
+      return;
+    }
   }
   const Weigher wg(kMask, max_key);
   sel.ref_exp = wg.ref_exp;
-  if (max_key == 0) {  // no element carries mass: renorms write zeros, the mask copies
-    cluster_sync();    // (the slice maxima are read)
-    write(kMask ? 0u : 1u, 0.f);
-    return;
-  }
-  // Round 0: the 16 octaves below the largest key in fast bins, the rest in the last bin.
-  SelRange rg = {1u, max_key, 16, false};
+  // Round 0. The renorms: the 16 octaves below the largest key in fast bins, the rest in the last bin. The mask: bins
+  // of 2^21 keys over every key (1/4 octave of a logit's magnitude: the top-k bin holds a few hundred logits of a
+  // 128k vocabulary), counts only.
+  SelRange rg = {1u, max_key, kMask ? 21 : 16, false};
   sel.histogram(rg);
   cluster_sync();
   sel.sum_groups();
