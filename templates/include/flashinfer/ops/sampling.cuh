@@ -41,6 +41,11 @@
 // them, applying top-p within them too, and samples from them directly when at most kSmallKept are kept. Large
 // batches run one CTA per row (no cluster barrier at all) streaming the row from HBM once.
 //
+// The row transforms top_p_renorm / top_k_renorm / top_k_mask over cached slices run row_select_kernel (see "row ops:
+// select" below: one histogram round with exact masses from 32-bit sums, three cluster barriers, every CTA resolving
+// the threshold itself); row_op_kernel's radix rounds remain for softmax, uncached slices, and as the reference
+// the new kernel is compared with (sampling._ROW_KERNEL = "radix", benchmarks/probe_sampling.py).
+//
 // Sampling is the inverse CDF in vocabulary order over the kept fixed-point weights, with one 64-bit Philox
 // draw r per row: the sampled element is the first whose cumulative weight exceeds floor(total * r / 2^64). The
 // row is summed in chunks of 32 consecutive vectors (one warp's step), the cluster's CTA totals locate the CTA,
@@ -1649,6 +1654,7 @@ constexpr int kSelGroupBins = 32;                     // bins per group summary
 constexpr int kSelGroups = kSelBins / kSelGroupBins;  // + 1 for the last bin
 constexpr int kSelCap = 2048;                         // candidates every CTA receives
 constexpr int kSelLocalBins = kThreads;               // bins of a local round over the candidates
+constexpr int kSelLoads = 4;                          // remote loads (ranks) a thread has in flight together
 
 struct alignas(16) SelShared {
   // The CTA's histogram of one cluster round (read by the whole cluster between the round's barrier and the next).
@@ -1812,26 +1818,26 @@ struct Selector {
   // After the round's cluster barrier: every CTA sums the group summaries over the cluster (into tcount/tmass).
   FI_DEVICE void sum_groups() {
     for (int g = threadIdx.x; g <= kSelGroups; g += kThreads) {
-      // Every rank's summary loaded before any is used: the remote loads in flight together, not one round trip
+      // kSelLoads ranks' summaries loaded before any is used: remote loads in flight together, not one round trip
       // per rank (a store between them could alias them for the compiler).
-      uint32_t cr[kMaxCluster];
-      uint64_t mr[kMaxCluster];
+      uint32_t c = 0;
+      uint64_t m = 0;
+      for (int q0 = 0; q0 < static_cast<int>(cx.size); q0 += kSelLoads) {
+        uint32_t cr[kSelLoads];
+        uint64_t mr[kSelLoads];
 #pragma unroll
-      for (int q = 0; q < kMaxCluster; ++q) {
-        if (q < static_cast<int>(cx.size)) {
-          const SelShared* o = cluster_map(&sh, q);
+        for (int q = 0; q < kSelLoads; ++q) {
+          const SelShared* o = cluster_map(&sh, q0 + q < static_cast<int>(cx.size) ? q0 + q : 0);
           cr[q] = o->gcount[g];
           mr[q] = kMass ? o->gmass[g] : 0;
         }
-      }
-      uint32_t c = 0;
-      uint64_t m = 0;
 #pragma unroll
-      for (int q = 0; q < kMaxCluster; ++q) {
-        if (q < static_cast<int>(cx.size)) {
-          c += cr[q];
-          m += mr[q];
-          if (g == kSelGroups) sh.last_rank_count[q] = cr[q];
+        for (int q = 0; q < kSelLoads; ++q) {
+          if (q0 + q < static_cast<int>(cx.size)) {
+            c += cr[q];
+            m += mr[q];
+            if (g == kSelGroups) sh.last_rank_count[q0 + q] = cr[q];
+          }
         }
       }
       sh.tcount[g] = c;
@@ -1892,23 +1898,23 @@ struct Selector {
       uint64_t c = 0, lo = 0, hi = 0;
       if (threadIdx.x < kSelGroupBins) {
         const int bj = g * kSelGroupBins + threadIdx.x;
-        uint32_t cr[kMaxCluster], lr[kMaxCluster], hr[kMaxCluster];  // (loaded together, as in sum_groups)
+        for (int q0 = 0; q0 < static_cast<int>(cx.size); q0 += kSelLoads) {  // (loaded together, as in sum_groups)
+          uint32_t cr[kSelLoads], lr[kSelLoads], hr[kSelLoads];
 #pragma unroll
-        for (int q = 0; q < kMaxCluster; ++q) {
-          if (q < static_cast<int>(cx.size)) {
-            const SelShared* o = cluster_map(&sh, q);
+          for (int q = 0; q < kSelLoads; ++q) {
+            const SelShared* o = cluster_map(&sh, q0 + q < static_cast<int>(cx.size) ? q0 + q : 0);
             cr[q] = o->count[bj];
             lr[q] = kMass ? o->lo[bj] : 0u;
             hr[q] = kMass && rg.exact ? o->hi[bj] : 0u;
           }
-        }
 #pragma unroll
-        for (int q = 0; q < kMaxCluster; ++q) {
-          if (q < static_cast<int>(cx.size)) {
-            sh.bin_rank_count[q][threadIdx.x] = cr[q];
-            c += cr[q];
-            lo += lr[q];
-            hi += hr[q];
+          for (int q = 0; q < kSelLoads; ++q) {
+            if (q0 + q < static_cast<int>(cx.size)) {
+              sh.bin_rank_count[q0 + q][threadIdx.x] = cr[q];
+              c += cr[q];
+              lo += lr[q];
+              hi += hr[q];
+            }
           }
         }
       }
