@@ -1037,15 +1037,18 @@ FI_DEVICE uint64_t bin_mass(const Shared::Work::Hist& h, int b) {
   return (static_cast<uint64_t>(h.mass_hi[b]) << 32) + h.mass_lo[b];
 }
 
-// Adds a fixed-point mass to bin b: two native 32-bit shared atomics (the low word's carry
-// goes to the high word) instead of a 64-bit atomicAdd, which sm_90 compiles to a load + compare-and-swap retry loop
-// (ATOMS.CAST.SPIN.64) that serializes every update of one address at a shared-memory round trip each. The sum
-// is exact in any order: the high word counts every wrap of the low one.
+// Adds a fixed-point mass to a pair of 32-bit words (a bin's mass): two native 32-bit shared atomics (the low word's
+// carry goes to the high word) instead of a 64-bit atomicAdd, which sm_90 compiles to a load + compare-and-swap retry
+// loop (ATOMS.CAST.SPIN.64) that serializes every update of one address at a shared-memory round trip each. The sum is
+// exact in any order: the high word counts every wrap of the low one.
+FI_DEVICE void add_mass_words(unsigned int* lo, unsigned int* hi, uint64_t w) {
+  const uint32_t l = static_cast<uint32_t>(w);
+  const uint32_t old = atomicAdd(lo, l);
+  const uint32_t h = static_cast<uint32_t>(w >> 32) + (old + l < l ? 1u : 0u);
+  if (h) atomicAdd(hi, h);
+}
 FI_DEVICE void bin_add_mass(Shared::Work::Hist& h, int b, uint64_t w) {
-  const uint32_t lo = static_cast<uint32_t>(w);
-  const uint32_t old = atomicAdd(&h.mass_lo[b], lo);
-  const uint32_t hi = static_cast<uint32_t>(w >> 32) + (old + lo < lo ? 1u : 0u);
-  if (hi) atomicAdd(&h.mass_hi[b], hi);
+  add_mass_words(&h.mass_lo[b], &h.mass_hi[b], w);
 }
 
 // One radix round over keys [lo, hi]: bins of 2^shift keys from hi down, the last bin also taking every key below
@@ -1634,26 +1637,27 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // the selection allows (three on the common path: the row's largest key, one histogram round, the candidates),
 // every CTA resolving the threshold on its own instead of rank 0 sorting and broadcasting.
 //
-// Round 0 histograms the keys of the 16 octaves below the row's largest key in bins of 2^16 keys aligned to the key
-// bits (1/128 octave: every key of a bin has the same exponent and the same 7 leading mantissa bits), the rest in one
-// last bin summed in registers. A bin's fixed-point mass is then exact from two 32-bit sums: its count and the sum of
-// its keys' low 16 bits (mantissa = the bin's base mantissa + those bits, and within 16 octaves of the largest
-// weight the fixed-point weight is the mantissa shifted left: no truncation). So the histogram costs two
+// Round 0 of the renorms histograms the keys of the 16 octaves below the row's largest key in bins of 2^16 keys aligned
+// to the key bits (1/128 octave: every key of a bin has the same exponent and the same 7 leading mantissa bits), the
+// rest in one last bin summed in registers. A bin's fixed-point mass is then exact from two 32-bit sums: its count and
+// the sum of its keys' low 16 bits (mantissa = the bin's base mantissa + those bits, and within 16 octaves of the
+// largest weight the fixed-point weight is the mantissa shifted left: no truncation). So the histogram costs two
 // shared-memory reductions per element without returned values, and no per-element weight arithmetic.
 // Each CTA summarizes its bins in 64 groups of 32 bins (+ the last bin); after one cluster barrier every CTA reads
 // every CTA's group summaries, finds the group where the cumulative count or mass from the top reaches the target,
 // then the bin within it from every CTA's 32 bins of that group (remote reads, no second barrier). The elements of
 // that bin (usually 10^2..10^3 over the row) are copied into every CTA's candidate buffer, each CTA writing its own
 // at offsets given by the per-CTA bin counts, and after the candidates' barrier each CTA narrows the range over them
-// with local 256-bin rounds to the exact threshold. A bin of more than kSelCap elements takes another cluster round
-// over its range (rows of many equal or nearly equal values; the last bin: exact per-element masses from then on).
-// The threshold and the kept mass are the same integers the radix rounds (select_threshold) compute.
+// with local 2048-bin rounds (in the histogram's arrays, free by then) to the exact threshold. A bin of more than
+// kSelCap elements takes another cluster round over its range (rows of many equal or nearly equal values; the last bin:
+// exact per-element masses from then on). The threshold and the kept mass are the same integers the radix rounds
+// (select_threshold) compute. The mask needs no masses and no maximum: its round 0 counts over 2048 bins of 2^21 keys
+// that tile every key (two cluster barriers).
 
 constexpr int kSelBins = 2048;                        // bins of a cluster round; bin kSelBins - 1 collects the rest
 constexpr int kSelGroupBins = 32;                     // bins per group summary
 constexpr int kSelGroups = kSelBins / kSelGroupBins;  // + 1 for the last bin
 constexpr int kSelCap = 2048;                         // candidates every CTA receives
-constexpr int kSelLocalBins = kThreads;               // bins of a local round over the candidates
 constexpr int kSelLoads = 4;                          // remote loads (ranks) a thread has in flight together
 
 struct alignas(16) SelShared {
@@ -1669,8 +1673,7 @@ struct alignas(16) SelShared {
   unsigned int last_rank_count[kMaxCluster];
   unsigned long long last_mass[kWarps];
   unsigned int last_count[kWarps];
-  unsigned int cand[kSelCap];                                                  // candidate keys of the whole cluster
-  unsigned int lcount[kSelLocalBins], llo[kSelLocalBins], lhi[kSelLocalBins];  // a local round's bins
+  unsigned int cand[kSelCap];  // candidate keys of the whole cluster
   unsigned long long red[kWarps];
   unsigned int slice_max;   // this CTA's largest key (read by the cluster)
   unsigned int cand_slots;  // this CTA's candidates written so far
@@ -1678,14 +1681,6 @@ struct alignas(16) SelShared {
   unsigned int pick_key;
   unsigned long long pick_c, pick_m, pick_bc, pick_bm;
 };
-
-// Adds a fixed-point mass to a (lo, hi) pair of 32-bit words without a 64-bit atomic (see bin_add_mass).
-FI_DEVICE void add_mass_words(unsigned int* lo, unsigned int* hi, uint64_t w) {
-  const uint32_t l = static_cast<uint32_t>(w);
-  const uint32_t old = atomicAdd(lo, l);
-  const uint32_t h = static_cast<uint32_t>(w >> 32) + (old + l < old ? 1u : 0u);
-  if (h) atomicAdd(hi, h);
-}
 
 // A key range [lo, hi] cut into bins of 2^shift keys aligned to the key bits, bin 0 the highest.
 struct SelRange {
@@ -1729,6 +1724,10 @@ struct Selector {
   int ref_exp;
 
   FI_DEVICE static uint32_t key(float x) { return kMask ? logit_key(x) : prob_key(x); }
+  // The key where only keys inside a round's range [lo, hi] matter: a probability's bits are its key whenever they
+  // lie in [1, the row's largest key] (zero, negatives, NaN and inf fall outside every range), which saves the
+  // validity tests in the passes that filter by range.
+  FI_DEVICE static uint32_t range_key(float x) { return kMask ? logit_key(x) : __float_as_uint(x); }
   FI_DEVICE uint64_t weight_fx(uint32_t k) const { return fixed_weight(__uint_as_float(k), ref_exp); }
 
   FI_DEVICE void zero_hist() {
@@ -1751,7 +1750,7 @@ struct Selector {
       row.load(v, x);
 #pragma unroll
       for (int j = 0; j < R::kVec; ++j) {
-        const uint32_t k = key(x[j]);
+        const uint32_t k = range_key(x[j]);
         if (k < rg.lo || k > rg.hi) continue;
         const uint32_t b = top - (k >> rg.shift);
         if (b < static_cast<uint32_t>(kSelBins - 1)) {
@@ -1960,7 +1959,7 @@ struct Selector {
       bool any = false;
 #pragma unroll
       for (int j = 0; j < R::kVec; ++j) {
-        k[j] = key(x[j]);
+        k[j] = range_key(x[j]);
         any |= k[j] >= lo && k[j] <= hi;
       }
       if (!__ballot_sync(0xffffffffu, any)) return;  // (most steps hold none of the range)
@@ -1982,7 +1981,7 @@ struct Selector {
   }
 
   // Narrows [lo, hi] over the n candidates (every key of the range is among them) to the single key where above + F
-  // reaches need: local rounds of kSelLocalBins bins. Returns the threshold; *c_kept, *m_kept: F at or above it.
+  // reaches need: local rounds over kSelBins bins. Returns the threshold; *c_kept, *m_kept: F at or above it.
   FI_DEVICE uint32_t resolve(int n, uint32_t lo, uint32_t hi, bool by_mass, uint64_t need, uint64_t c_above,
                              uint64_t m_above, uint64_t c_bin, uint64_t m_bin, uint64_t* c_kept, uint64_t* m_kept) {
     while (lo < hi) {
@@ -1996,35 +1995,48 @@ struct Selector {
         __syncthreads();
         break;
       }
-      const int shift = sel_shift(lo, hi, kSelLocalBins);
+      // The histogram's arrays are free once the candidates' barrier has passed (nobody reads them remotely any
+      // more): kSelBins bins, kPer per thread, usually one round before a single candidate is left.
+      constexpr int kPer = kSelBins / kThreads;
+      const int shift = sel_shift(lo, hi, kSelBins);
       const uint32_t top = hi >> shift;
-      sh.lcount[threadIdx.x] = 0;
-      sh.llo[threadIdx.x] = 0;
-      sh.lhi[threadIdx.x] = 0;
+      zero_hist();
       __syncthreads();
       for (int i = threadIdx.x; i < n; i += kThreads) {
         const uint32_t k = sh.cand[i];
         if (k < lo || k > hi) continue;
         const uint32_t b = top - (k >> shift);
-        atomicAdd(&sh.lcount[b], 1u);
-        if (kMass) add_mass_words(&sh.llo[b], &sh.lhi[b], weight_fx(k));
+        atomicAdd(&sh.count[b], 1u);
+        if (kMass) add_mass_words(&sh.lo[b], &sh.hi[b], weight_fx(k));
       }
       __syncthreads();
-      const uint64_t c = sh.lcount[threadIdx.x];
-      const uint64_t m = kMass ? (static_cast<uint64_t>(sh.lhi[threadIdx.x]) << 32) + sh.llo[threadIdx.x] : 0;
+      uint64_t c[kPer], m[kPer], sc = 0, sm = 0;
+#pragma unroll
+      for (int q = 0; q < kPer; ++q) {
+        const int b = threadIdx.x * kPer + q;
+        c[q] = sh.count[b];
+        m[q] = kMass ? (static_cast<uint64_t>(sh.hi[b]) << 32) + sh.lo[b] : 0;
+        sc += c[q];
+        sm += m[q];
+      }
       uint64_t tot;
-      const uint64_t bc = block_exclusive_scan_in(c, sh.red, &tot);
-      const uint64_t bm = kMass ? block_exclusive_scan_in(m, sh.red, &tot) : 0;
-      const uint64_t f0 = by_mass ? m_above + bm : c_above + bc;
-      const uint64_t f = by_mass ? m : c;
-      if (threadIdx.x == kThreads - 1) sh.pick = kThreads - 1;  // (cannot stay: the range reaches need)
+      uint64_t bc = block_exclusive_scan_in(sc, sh.red, &tot);
+      uint64_t bm = kMass ? block_exclusive_scan_in(sm, sh.red, &tot) : 0;
+      if (threadIdx.x == kThreads - 1) sh.pick = kSelBins - 1;  // (cannot stay: the range reaches need)
       __syncthreads();
-      if (f0 < need && need <= f0 + f) {
-        sh.pick = threadIdx.x;
-        sh.pick_c = bc;
-        sh.pick_m = bm;
-        sh.pick_bc = c;
-        sh.pick_bm = m;
+#pragma unroll
+      for (int q = 0; q < kPer; ++q) {
+        const uint64_t f0 = by_mass ? m_above + bm : c_above + bc;
+        const uint64_t f = by_mass ? m[q] : c[q];
+        if (f0 < need && need <= f0 + f) {
+          sh.pick = threadIdx.x * kPer + q;
+          sh.pick_c = bc;
+          sh.pick_m = bm;
+          sh.pick_bc = c[q];
+          sh.pick_bm = m[q];
+        }
+        bc += c[q];
+        bm += m[q];
       }
       __syncthreads();
       const uint32_t b = static_cast<uint32_t>(sh.pick);
@@ -2064,14 +2076,16 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
     k = p.top_k_arr ? p.top_k_arr[r] : p.top_k_val;
   }
   row.fill_cache();
-  auto write = [&](uint32_t tau, float mass) {
+  // Writes the row: kept = key >= tau (for the renorms, keys in [tau, top]: top = the row's largest key).
+  auto write = [&](uint32_t tau, uint32_t top, float mass) {
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
       float x[kVec], y[kVec];
       row.load(v, x);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const bool kept = Selector<DType, kMask>::key(x[j]) >= tau;
+        const bool kept = kMask ? Selector<DType, kMask>::key(x[j]) >= tau
+                                : Selector<DType, kMask>::range_key(x[j]) - tau <= top - tau;
         if (kMask) {
           y[j] = kept ? x[j] : -kInf;
         } else {
@@ -2082,7 +2096,7 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
     });
   };
   if (kMask && (k <= 0 || k >= p.vocab)) {  // no element is masked: a copy, the cluster never talks
-    write(0u, 0.f);
+    write(0u, 0u, 0.f);
     return;
   }
   Selector<DType, kMask> sel{sh, row, cx, 0};
@@ -2124,7 +2138,7 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
     }
     if (max_key == 0) {  // no element carries mass: the renorms write zeros
       cluster_sync();    // (the slice maxima are read)
-      write(1u, 0.f);
+      write(1u, 0u, 0.f);
       return;
     }
   }
@@ -2190,7 +2204,7 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
     }
   }
   if (pending) cluster_sync();  // no CTA leaves while another may read its shared memory
-  write(tau, kMask ? 0.f : ldexpf(static_cast<float>(kept_mass_fx), wg.ref_exp - kWeightBits));
+  write(tau, max_key, kMask ? 0.f : ldexpf(static_cast<float>(kept_mass_fx), wg.ref_exp - kWeightBits));
 }
 
 template <typename DType, bool kMask>
