@@ -482,7 +482,7 @@ def test_emulated_row_select_is_the_radix_rounds(kind):
     parameters, every cluster size, 32- and 16-bit rows; and the top-p kept set is the reference's."""
     rng = np.random.default_rng(len(kind))
     vocab = 3001
-    for cluster, dtype in ((1, torch.float32), (2, torch.bfloat16), (4, torch.float32)):
+    for cluster, dtype in ((1, torch.float32), (2, torch.bfloat16), (4, torch.float32), (16, torch.float16)):
         row = _select_case_row(kind, vocab, rng)
         probs = torch.from_numpy(np.stack([row, row[::-1].copy()]).astype(np.float32)).to(dtype)
         logits = probs.clone() if kind in ("special", "wide", "dense") else torch.log(probs.float()).to(dtype)

@@ -2471,11 +2471,12 @@ cudaError_t launch_row_op(const RowOpParams& p, bool pdl, bool radix, int device
       const size_t smem_max = sizeof(SelShared) + static_cast<size_t>(kCacheVecs) * 16;
       constexpr auto kMaskKernel = row_select_kernel<DType, true>;
       constexpr auto kRenormKernel = row_select_kernel<DType, false>;
-      int max_cluster = 1;
+      int max_cluster = 1, max_cluster_renorm = 1;
       cudaError_t err = kernel_setup<kMaskKernel>(device, smem_max, &max_cluster);
       if (err != cudaSuccess) return err;
-      err = kernel_setup<kRenormKernel>(device, smem_max, &max_cluster);
+      err = kernel_setup<kRenormKernel>(device, smem_max, &max_cluster_renorm);
       if (err != cudaSuccess) return err;
+      max_cluster = max_cluster < max_cluster_renorm ? max_cluster : max_cluster_renorm;
       const RowPlan plan = plan_rows(p.rows, p.vocab, sizeof(DType), max_cluster, sm_count(device));
       if (plan.cached) {
         const int vec = 16 / static_cast<int>(sizeof(DType));
