@@ -84,7 +84,7 @@ class SamplingSpec(Spec):
             "flashinfer_sampling_row_op",
             "const void* input, int64_t in_stride, void* output, int64_t out_stride, int rows, int vocab, "
             "int op, const int* top_k_arr, int top_k_val, const float* top_p_arr, float top_p_val, "
-            "const float* temperature_arr, float temperature_val, int pdl, int device, void* stream",
+            "const float* temperature_arr, float temperature_val, int pdl, int radix, int device, void* stream",
         ),
         Launcher(
             "flashinfer_sampling_chain_speculative",
@@ -133,6 +133,10 @@ def _module(dtype: str) -> _Module:
         m = _modules[dtype] = _Module(dtype)
     return m
 
+
+# Which kernel the top-k/top-p row transforms run: "select" (row_select_kernel: the default) or "radix" (the previous
+# row_op_kernel's radix rounds, kept for comparison: benchmarks/probe_sampling.py times both).
+_ROW_KERNEL = "select"
 
 _U64 = (1 << 64) - 1
 _MAX_ROWS = (1 << 31) // 16 - 1  # rows x CTAs per row (up to 16) must fit a grid
@@ -386,6 +390,7 @@ def _row_op(
         temperature_arr=_ptr(temperature_arr),
         temperature_val=temperature_val,
         pdl=int(pdl),
+        radix=int(_ROW_KERNEL == "radix"),
         device=x.device.index,
         stream=current_stream_ptr(x.device),
     )

@@ -202,6 +202,7 @@ def row_op(
     cluster: int = 0,
     cached: int = -1,
     sched_seed: int = 1,
+    radix: bool = False,
 ) -> torch.Tensor:
     out_dtype = torch.float32 if op == OP_SOFTMAX else x.dtype
     out = torch.full((x.size(0), x.size(1)), float("nan"), dtype=out_dtype)
@@ -227,6 +228,7 @@ def row_op(
             ctypes.c_float(0 if p_arr is not None else top_p),
             _p(t_arr),
             ctypes.c_float(0 if t_arr is not None else temperature),
+            int(radix),
         )
     )
     return out

@@ -449,6 +449,64 @@ def test_emulated_bin_masses_carry_into_their_high_word(cluster, cached):
             np.testing.assert_allclose(out[b], want / want.sum(), rtol=2e-6, atol=1e-12)
 
 
+def _select_case_row(kind: str, vocab: int, rng) -> np.ndarray:
+    if kind == "softmax":
+        x = rng.standard_normal(vocab) * 2
+        return np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    if kind == "ties":  # two values: the threshold inside a tie
+        return np.where(np.arange(vocab) % 7 == 0, 3.0, 1.0) / vocab
+    if kind == "equal":  # one key: more than kSelCap elements in the chosen bin, then rounds down to the key
+        return np.full(vocab, 0.25)
+    if kind == "dense":  # all within 2^-10 of each other: a second (fast) cluster round
+        return 1.0 + rng.random(vocab) * 2.0**-10
+    if kind == "tail":  # the threshold below the 16-octave window: the last bin, exact masses from then on
+        p = np.full(vocab, 2.0**-60) * (1 + rng.random(vocab))
+        p[:3] = [1.0, 0.5, 0.25]
+        return p
+    if kind == "special":  # zeros, negatives, NaN, inf, denormals
+        p = rng.random(vocab)
+        p[::5] = 0
+        p[1::11] = -1
+        p[2::13] = np.nan
+        p[3::17] = np.inf
+        p[4::19] = 1e-40
+        return p
+    return 2.0 ** (-rng.integers(0, 40, vocab).astype(np.float64)) * (1 + rng.random(vocab))  # "wide"
+
+
+@needs_emu
+@pytest.mark.parametrize("kind", ["softmax", "ties", "equal", "dense", "tail", "special", "wide"])
+def test_emulated_row_select_is_the_radix_rounds(kind):
+    """row_select_kernel (the row transforms over cached slices) returns bit for bit what row_op_kernel's radix
+    rounds return, for top-k (0, 1, 2, vocab - 1, vocab, random) and top-p (0, 1e-8, 0.5, 0.999999, 1, NaN), per-row
+    parameters, every cluster size, 32- and 16-bit rows; and the top-p kept set is the reference's."""
+    rng = np.random.default_rng(len(kind))
+    vocab = 3001
+    for cluster, dtype in ((1, torch.float32), (2, torch.bfloat16), (4, torch.float32), (16, torch.float16)):
+        row = _select_case_row(kind, vocab, rng)
+        probs = torch.from_numpy(np.stack([row, row[::-1].copy()]).astype(np.float32)).to(dtype)
+        logits = probs.clone() if kind in ("special", "wide", "dense") else torch.log(probs.float()).to(dtype)
+        ks = [0, 1, 2, vocab - 1, vocab, int(rng.integers(1, vocab)), 100, 2500]
+        ps = [0.0, 1e-8, 0.5, 0.999999, 1.0, float("nan"), float(rng.random()), 0.9]
+        for op in (emu.OP_TOP_K_MASK, emu.OP_TOP_K_RENORM, emu.OP_TOP_P_RENORM):
+            x = logits if op == emu.OP_TOP_K_MASK else (probs.float() if op == emu.OP_TOP_P_RENORM else probs)
+            values = ps if op == emu.OP_TOP_P_RENORM else ks
+            for i in range(0, len(values), 2):
+                if op == emu.OP_TOP_P_RENORM:
+                    kw = {"top_p": torch.tensor(values[i : i + 2], dtype=torch.float32)}
+                else:
+                    kw = {"top_k": torch.tensor(values[i : i + 2], dtype=torch.int32)}
+                old = emu.row_op(x, op, cluster=cluster, cached=1, radix=True, **kw)
+                new = emu.row_op(x, op, cluster=cluster, cached=1, sched_seed=i + 5, **kw)
+                bits = torch.int32 if new.element_size() == 4 else torch.int16
+                assert torch.equal(new.view(bits), old.view(bits)), (kind, cluster, op, values[i : i + 2])
+                if op == emu.OP_TOP_P_RENORM:
+                    for b in range(2):
+                        xb = x[b].numpy()
+                        kept = R.kept_mask(xb, top_p=values[i + b]) & (xb > 0)
+                        assert np.array_equal(new[b].numpy() > 0, kept), (kind, cluster, values[i + b])
+
+
 # The rows compute-sanitizer's memcheck flagged: a 16-byte vector covering a row's last (or first) element reaches
 # past the tensor when the vocabulary is not a multiple of the vector width. The emulator fails a launch that reads
 # any byte outside the input tensor (emu::global_readable), as memcheck does for bytes outside an exact allocation;
@@ -936,6 +994,38 @@ def test_renorm_and_mask_at_the_benchmark_size_match_references():
         want = np.where(R.kept_mask(pr, top_p=0.9), pr.astype(np.float64), 0.0)
         assert np.array_equal(renormed[b] > 0, want > 0), b
         np.testing.assert_allclose(renormed[b], want / want.sum(), rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab,batch", [(7, 3), (3001, 37), (128256, 256), (256000, 40)])
+def test_row_select_matches_the_radix_kernel(monkeypatch, vocab, batch):
+    """The default row transforms (row_select_kernel where slices fit shared memory) against the radix kernel kept
+    for comparison (sampling._ROW_KERNEL = "radix"), bit for bit: random rows and the adversarial ones of
+    test_emulated_row_select_is_the_radix_rounds, scalar and per-row parameters."""
+    rng = np.random.default_rng(vocab + batch)
+    kinds = ["softmax", "ties", "equal", "dense", "tail", "special", "wide"]
+    probs = np.stack(
+        [_select_case_row(kinds[b % len(kinds)] if b < 14 else "softmax", vocab, rng) for b in range(batch)]
+    )
+    probs = torch.from_numpy(probs.astype(np.float32)).to(GPU)
+    logits = torch.where(probs > 0, torch.log(probs.clamp(min=1e-38)), probs)
+    k_rows = torch.from_numpy(rng.integers(0, vocab + 2, batch).astype(np.int32)).to(GPU)
+    p_rows = torch.from_numpy(rng.random(batch).astype(np.float32)).to(GPU)
+    calls = [
+        (sampling.top_k_mask_logits, logits, 50),
+        (sampling.top_k_mask_logits, logits, k_rows),
+        (sampling.top_k_renorm_probs, probs, 50),
+        (sampling.top_k_renorm_probs, probs, k_rows),
+        (sampling.top_p_renorm_probs, probs, 0.9),
+        (sampling.top_p_renorm_probs, probs, p_rows),
+    ]
+    for fn, x, param in calls:
+        monkeypatch.setattr(sampling, "_ROW_KERNEL", "radix")
+        old = fn(x, param)
+        monkeypatch.setattr(sampling, "_ROW_KERNEL", "select")
+        new = fn(x, param)
+        diff = (new.view(torch.int32) != old.view(torch.int32)).any(-1).nonzero().flatten().tolist()
+        assert not diff, (fn.__name__, "rows", diff[:10])
 
 
 @pytest.mark.gpu

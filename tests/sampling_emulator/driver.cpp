@@ -22,6 +22,10 @@ template <typename D, bool kC>
 void row_op_body(void* a) {
   row_op_cta<D, kC>(*static_cast<const RowOpParams*>(a), emu::my_cta().smem);
 }
+template <typename D, bool kMask>
+void row_select_body(void* a) {
+  row_select_cta<D, kMask>(*static_cast<const RowOpParams*>(a), emu::my_cta().smem);
+}
 void chain_body(void* a) { chain_speculative_cta(*static_cast<const SpecParams*>(a), emu::my_cta().smem); }
 
 // The single-pass top-k route alone: how many candidates reach rank 0, the bound, whether it held.
@@ -150,10 +154,12 @@ const char* emu_sample(int dtype, int cluster, int cached, unsigned sched_seed, 
   return nullptr;
 }
 
+// radix != 0: the top-k/top-p transforms through row_op_kernel's radix rounds even where the launcher picks
+// row_select_kernel (cached slices).
 const char* emu_row_op(int dtype, int cluster, int cached, unsigned sched_seed, const void* input, int64_t in_stride,
                        void* output, int64_t out_stride, int rows, int vocab, int op, const int* top_k_arr,
                        int top_k_val, const float* top_p_arr, float top_p_val, const float* temperature_arr,
-                       float temperature_val) {
+                       float temperature_val, int radix) {
   RowPlan pl;
   if (const char* e = plan(dtype, vocab, cluster, cached, &pl, false, rows)) return e;
   RowOpParams p = {};
@@ -170,7 +176,14 @@ const char* emu_row_op(int dtype, int cluster, int cached, unsigned sched_seed, 
   p.top_p_val = top_p_val;
   p.temperature_arr = temperature_arr;
   p.temperature_val = temperature_val;
-  const emu::Body body = pick<RowOpBody>(dtype, pl.cached);
+  emu::Body body = pick<RowOpBody>(dtype, pl.cached);
+  if (pl.cached && op != kSoftmax && !radix) {
+    const bool mask = op == kTopKMask;
+    body = dtype == 0   ? (mask ? row_select_body<float, true> : row_select_body<float, false>)
+           : dtype == 1 ? (mask ? row_select_body<__nv_bfloat16, true> : row_select_body<__nv_bfloat16, false>)
+                        : (mask ? row_select_body<__half, true> : row_select_body<__half, false>);
+    pl.smem = pl.smem - sizeof(Shared) + sizeof(SelShared);
+  }
   set_readable(input, rows, in_stride, vocab, elem_bytes(dtype));
   for (int r = 0; r < rows; ++r) {
     if (const char* e = emu::run_cluster(body, &p, pl.cluster, kThreads, r * pl.cluster, pl.smem, sched_seed + r))

@@ -41,6 +41,11 @@
 // them, applying top-p within them too, and samples from them directly when at most kSmallKept are kept. Large
 // batches run one CTA per row (no cluster barrier at all) streaming the row from HBM once.
 //
+// The row transforms top_p_renorm / top_k_renorm / top_k_mask over cached slices run row_select_kernel (see "row ops:
+// select" below: one histogram round with exact masses from 32-bit sums, three cluster barriers, every CTA resolving
+// the threshold itself); row_op_kernel's radix rounds remain for softmax, uncached slices, and as the reference
+// the new kernel is compared with (sampling._ROW_KERNEL = "radix", benchmarks/probe_sampling.py).
+//
 // Sampling is the inverse CDF in vocabulary order over the kept fixed-point weights, with one 64-bit Philox
 // draw r per row: the sampled element is the first whose cumulative weight exceeds floor(total * r / 2^64). The
 // row is summed in chunks of 32 consecutive vectors (one warp's step), the cluster's CTA totals locate the CTA,
@@ -350,12 +355,13 @@ struct alignas(16) Shared {
   unsigned int found_c;
 };
 
+// Block-wide reduction through kWarps words of shared scratch; ends synchronized.
 template <typename T, typename Op>
-FI_DEVICE T block_reduce(T v, Op op, Shared& sh) {
+FI_DEVICE T block_reduce_in(T v, Op op, unsigned long long* red) {
   static_assert(sizeof(T) <= sizeof(unsigned long long), "8-byte values at most");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   v = warp_reduce(v, op);
-  T* scratch = reinterpret_cast<T*>(sh.red);
+  T* scratch = reinterpret_cast<T*>(red);
   if (lane == 0) scratch[warp * (sizeof(unsigned long long) / sizeof(T))] = v;
   __syncthreads();
   v = scratch[0];
@@ -365,22 +371,31 @@ FI_DEVICE T block_reduce(T v, Op op, Shared& sh) {
   return v;
 }
 
-// Exclusive prefix over the threads in thread order; *total = the block's sum.
-FI_DEVICE uint64_t block_exclusive_scan(uint64_t v, Shared& sh, uint64_t* total) {
+template <typename T, typename Op>
+FI_DEVICE T block_reduce(T v, Op op, Shared& sh) {
+  return block_reduce_in(v, op, sh.red);
+}
+
+// Exclusive prefix over the threads in thread order (kWarps words of shared scratch); *total = the block's sum.
+FI_DEVICE uint64_t block_exclusive_scan_in(uint64_t v, unsigned long long* red, uint64_t* total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint64_t incl = warp_inclusive_scan(v);
-  if (lane == 31) sh.red[warp] = incl;
+  if (lane == 31) red[warp] = incl;
   __syncthreads();
   uint64_t before = 0, all = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
-    const uint64_t s = sh.red[w];
+    const uint64_t s = red[w];
     if (w < warp) before += s;
     all += s;
   }
   __syncthreads();
   *total = all;
   return before + incl - v;
+}
+
+FI_DEVICE uint64_t block_exclusive_scan(uint64_t v, Shared& sh, uint64_t* total) {
+  return block_exclusive_scan_in(v, sh.red, total);
 }
 
 // Sorts a[0, n) descending; n a power of two. Callers synchronize before (the data) and this ends synchronized.
@@ -1022,15 +1037,18 @@ FI_DEVICE uint64_t bin_mass(const Shared::Work::Hist& h, int b) {
   return (static_cast<uint64_t>(h.mass_hi[b]) << 32) + h.mass_lo[b];
 }
 
-// Adds a fixed-point mass to bin b: two native 32-bit shared atomics (the low word's carry
-// goes to the high word) instead of a 64-bit atomicAdd, which sm_90 compiles to a load + compare-and-swap retry loop
-// (ATOMS.CAST.SPIN.64) that serializes every update of one address at a shared-memory round trip each. The sum
-// is exact in any order: the high word counts every wrap of the low one.
+// Adds a fixed-point mass to a pair of 32-bit words (a bin's mass): two native 32-bit shared atomics (the low word's
+// carry goes to the high word) instead of a 64-bit atomicAdd, which sm_90 compiles to a load + compare-and-swap retry
+// loop (ATOMS.CAST.SPIN.64) that serializes every update of one address at a shared-memory round trip each. The sum is
+// exact in any order: the high word counts every wrap of the low one.
+FI_DEVICE void add_mass_words(unsigned int* lo, unsigned int* hi, uint64_t w) {
+  const uint32_t l = static_cast<uint32_t>(w);
+  const uint32_t old = atomicAdd(lo, l);
+  const uint32_t h = static_cast<uint32_t>(w >> 32) + (old + l < l ? 1u : 0u);
+  if (h) atomicAdd(hi, h);
+}
 FI_DEVICE void bin_add_mass(Shared::Work::Hist& h, int b, uint64_t w) {
-  const uint32_t lo = static_cast<uint32_t>(w);
-  const uint32_t old = atomicAdd(&h.mass_lo[b], lo);
-  const uint32_t hi = static_cast<uint32_t>(w >> 32) + (old + lo < lo ? 1u : 0u);
-  if (hi) atomicAdd(&h.mass_hi[b], hi);
+  add_mass_words(&h.mass_lo[b], &h.mass_hi[b], w);
 }
 
 // One radix round over keys [lo, hi]: bins of 2^shift keys from hi down, the last bin also taking every key below
@@ -1613,6 +1631,588 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
   });
 }
 
+// ------------------------------------------------------------------------------------------ row ops: select
+
+// top_p_renorm_probs, top_k_renorm_probs and top_k_mask_logits over cached slices with as few cluster barriers as
+// the selection allows (three on the common path: the row's largest key, one histogram round, the candidates),
+// every CTA resolving the threshold on its own instead of rank 0 sorting and broadcasting.
+//
+// Round 0 of the renorms histograms the keys of the 16 octaves below the row's largest key in bins of 2^16 keys aligned
+// to the key bits (1/128 octave: every key of a bin has the same exponent and the same 7 leading mantissa bits), the
+// rest in one last bin summed in registers. A bin's fixed-point mass is then exact from two 32-bit sums: its count and
+// the sum of its keys' low 16 bits (mantissa = the bin's base mantissa + those bits, and within 16 octaves of the
+// largest weight the fixed-point weight is the mantissa shifted left: no truncation). So the histogram costs two
+// shared-memory reductions per element without returned values, and no per-element weight arithmetic.
+// Each CTA summarizes its bins in 64 groups of 32 bins (+ the last bin); after one cluster barrier every CTA reads
+// every CTA's group summaries, finds the group where the cumulative count or mass from the top reaches the target,
+// then the bin within it from every CTA's 32 bins of that group (remote reads, no second barrier). The elements of
+// that bin (usually 10^2..10^3 over the row) are copied into every CTA's candidate buffer, each CTA writing its own
+// at offsets given by the per-CTA bin counts, and after the candidates' barrier each CTA narrows the range over them
+// with local 2048-bin rounds (in the histogram's arrays, free by then) to the exact threshold. A bin of more than
+// kSelCap elements takes another cluster round over its range (rows of many equal or nearly equal values; the last bin:
+// exact per-element masses from then on). The threshold and the kept mass are the same integers the radix rounds
+// (select_threshold) compute. The mask needs no masses and no maximum: its round 0 counts over 2048 bins of 2^21 keys
+// that tile every key (two cluster barriers).
+
+constexpr int kSelBins = 2048;                        // bins of a cluster round; bin kSelBins - 1 collects the rest
+constexpr int kSelGroupBins = 32;                     // bins per group summary
+constexpr int kSelGroups = kSelBins / kSelGroupBins;  // + 1 for the last bin
+constexpr int kSelCap = 2048;                         // candidates every CTA receives
+constexpr int kSelLoads = 4;                          // remote loads (ranks) a thread has in flight together
+
+struct alignas(16) SelShared {
+  // The CTA's histogram of one cluster round (read by the whole cluster between the round's barrier and the next).
+  unsigned int count[kSelBins];
+  unsigned int lo[kSelBins];                 // fast bins: sum of the keys' low bits; exact bins: low word of the mass
+  unsigned int hi[kSelBins];                 // exact bins: high word of the mass (the low word's carries included)
+  unsigned long long gmass[kSelGroups + 1];  // the CTA's group summaries (read by the cluster)
+  unsigned int gcount[kSelGroups + 1];
+  unsigned long long tmass[kSelGroups + 1];  // the cluster's group sums
+  unsigned int tcount[kSelGroups + 1];
+  unsigned int bin_rank_count[kMaxCluster][kSelGroupBins];  // the chosen group's bins, per rank
+  unsigned int last_rank_count[kMaxCluster];
+  unsigned long long last_mass[kWarps];
+  unsigned int last_count[kWarps];
+  unsigned int cand[kSelCap];  // candidate keys of the whole cluster
+  unsigned long long red[kWarps];
+  unsigned int slice_max;   // this CTA's largest key (read by the cluster)
+  unsigned int cand_slots;  // this CTA's candidates written so far
+  int pick;
+  unsigned int pick_key;
+  unsigned long long pick_c, pick_m, pick_bc, pick_bm;
+};
+
+// A key range [lo, hi] cut into bins of 2^shift keys aligned to the key bits, bin 0 the highest.
+struct SelRange {
+  uint32_t lo, hi;
+  int shift;
+  bool exact;  // masses per element (fixed_weight); else from (count, sum of low bits): see SelShared
+  FI_DEVICE uint32_t top() const { return hi >> shift; }
+  FI_DEVICE uint32_t bin_base(uint32_t b) const { return (top() - b) << shift; }  // lowest key of bin b
+};
+
+// The smallest shift that puts [lo, hi] into fewer than `bins` aligned bins.
+FI_DEVICE int sel_shift(uint32_t lo, uint32_t hi, int bins) {
+  int s = 0;
+  while (s < 32 && (hi >> s) - (lo >> s) >= static_cast<uint32_t>(bins)) ++s;
+  return s;
+}
+
+// The fixed-point mass of `count` keys of the fast bin with lowest key `base` whose low bits sum to `low`.
+FI_DEVICE uint64_t fast_bin_mass(uint32_t base, uint64_t count, uint64_t low, int ref_exp) {
+  if (count == 0) return 0;  // (the bins past the window are empty in a fast round; their shift may be negative)
+  const int e = static_cast<int>(base >> 23);
+  const uint64_t mant = (base & 0x7FFFFFu) | (e ? 0x800000u : 0u);
+  const int sh = (e ? e : 1) - 150 + kWeightBits - ref_exp;  // >= 0 inside the round-0 window
+  return (count * mant + low) << sh;
+}
+
+// What a pick found: the chosen bin's key range and the count and mass above it and in it (over the cluster).
+struct SelPick {
+  uint32_t lo, hi;
+  uint64_t c_above, m_above, c_bin, m_bin;
+  bool last;  // the last bin (keys below the round's bins)
+};
+
+template <typename DType, bool kMask>
+struct Selector {
+  using R = Row<DType, true>;
+  static constexpr bool kMass = !kMask;  // the renorms need masses (probabilities); the mask only counts
+  SelShared& sh;
+  const R& row;
+  ClusterCtx& cx;
+  int ref_exp;
+
+  FI_DEVICE static uint32_t key(float x) { return kMask ? logit_key(x) : prob_key(x); }
+  // The key where only keys inside a round's range [lo, hi] matter: a probability's bits are its key whenever they
+  // lie in [1, the row's largest key] (zero, negatives, NaN and inf fall outside every range), which saves the
+  // validity tests in the passes that filter by range.
+  FI_DEVICE static uint32_t range_key(float x) { return kMask ? logit_key(x) : __float_as_uint(x); }
+  FI_DEVICE uint64_t weight_fx(uint32_t k) const { return fixed_weight(__uint_as_float(k), ref_exp); }
+
+  FI_DEVICE void zero_hist() {
+    for (int b = threadIdx.x; b < kSelBins; b += kThreads) {
+      sh.count[b] = 0;
+      sh.lo[b] = 0;
+      sh.hi[b] = 0;
+    }
+  }
+
+  // This CTA's histogram of the range and its group summaries (the bins zeroed before). Ends synchronized.
+  FI_DEVICE void histogram(const SelRange& rg) {
+    const uint32_t top = rg.top();
+    const uint32_t low_mask = rg.shift >= 32 ? 0xFFFFFFFFu : (1u << rg.shift) - 1u;
+    uint32_t lc = 0;
+    uint64_t lm = 0;
+    row.for_each([&](int v, bool in, int) {
+      if (!in) return;
+      float x[R::kVec];
+      row.load(v, x);
+#pragma unroll
+      for (int j = 0; j < R::kVec; ++j) {
+        const uint32_t k = range_key(x[j]);
+        if (k < rg.lo || k > rg.hi) continue;
+        const uint32_t b = top - (k >> rg.shift);
+        if (b < static_cast<uint32_t>(kSelBins - 1)) {
+          atomicAdd(&sh.count[b], 1u);
+          if (kMass) {
+            if (rg.exact) {
+              add_mass_words(&sh.lo[b], &sh.hi[b], weight_fx(k));
+            } else {
+              atomicAdd(&sh.lo[b], k & low_mask);
+            }
+          }
+        } else {
+          ++lc;
+          if (kMass) lm += weight_fx(k);
+        }
+      }
+    });
+    lc = warp_reduce(lc, SumOp<uint32_t>());
+    if (kMass) lm = warp_reduce(lm, SumOp<uint64_t>());
+    if (threadIdx.x % 32 == 0) {
+      sh.last_count[threadIdx.x / 32] = lc;
+      sh.last_mass[threadIdx.x / 32] = lm;
+    }
+    __syncthreads();
+    // Group summaries: kSelBins / kThreads bins per thread, kSelGroupBins / (kSelBins / kThreads) threads a group.
+    constexpr int kPer = kSelBins / kThreads;
+    constexpr int kLanes = kSelGroupBins / kPer;
+    uint32_t c = 0;
+    uint64_t m = 0;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int b = threadIdx.x * kPer + q;
+      c += sh.count[b];
+      if (kMass) m += bin_mass(rg, static_cast<uint32_t>(b), sh.count[b], sh.lo[b], sh.hi[b]);
+    }
+#pragma unroll
+    for (int o = 1; o < kLanes; o *= 2) {
+      c += __shfl_xor_sync(0xffffffffu, c, o);
+      if (kMass) m += __shfl_xor_sync(0xffffffffu, m, o);
+    }
+    if (threadIdx.x % kLanes == 0) {
+      sh.gcount[threadIdx.x / kLanes] = c;
+      sh.gmass[threadIdx.x / kLanes] = m;
+    }
+    if (threadIdx.x == 0) {
+      uint32_t tc = 0;
+      uint64_t tm = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        tc += sh.last_count[w];
+        tm += sh.last_mass[w];
+      }
+      sh.gcount[kSelGroups] = tc;
+      sh.gmass[kSelGroups] = tm;
+    }
+    __syncthreads();
+  }
+
+  // The fixed-point mass of bin b from its (summed) words.
+  FI_DEVICE uint64_t bin_mass(const SelRange& rg, uint32_t b, uint64_t count, uint64_t lo, uint64_t hi) const {
+    if (rg.exact) return (hi << 32) + lo;
+    return fast_bin_mass(rg.bin_base(b), count, lo, ref_exp);
+  }
+
+  // After the round's cluster barrier: every CTA sums the group summaries over the cluster (into tcount/tmass).
+  FI_DEVICE void sum_groups() {
+    for (int g = threadIdx.x; g <= kSelGroups; g += kThreads) {
+      // kSelLoads ranks' summaries loaded before any is used: remote loads in flight together, not one round trip
+      // per rank (a store between them could alias them for the compiler).
+      uint32_t c = 0;
+      uint64_t m = 0;
+      for (int q0 = 0; q0 < static_cast<int>(cx.size); q0 += kSelLoads) {
+        uint32_t cr[kSelLoads];
+        uint64_t mr[kSelLoads];
+#pragma unroll
+        for (int q = 0; q < kSelLoads; ++q) {
+          const SelShared* o = cluster_map(&sh, q0 + q < static_cast<int>(cx.size) ? q0 + q : 0);
+          cr[q] = o->gcount[g];
+          mr[q] = kMass ? o->gmass[g] : 0;
+        }
+#pragma unroll
+        for (int q = 0; q < kSelLoads; ++q) {
+          if (q0 + q < static_cast<int>(cx.size)) {
+            c += cr[q];
+            m += mr[q];
+            if (g == kSelGroups) sh.last_rank_count[q0 + q] = cr[q];
+          }
+        }
+      }
+      sh.tcount[g] = c;
+      sh.tmass[g] = m;
+    }
+    __syncthreads();
+  }
+
+  // Warp 0: the first of n entries f(i) (in order) where above + cumulative F reaches need (the last entry when none
+  // does); its index and F before it, as both count and mass. Entries' (count, mass) from fc(i), fm(i).
+  template <typename FC, typename FM>
+  FI_DEVICE void warp_pick(int n, bool by_mass, uint64_t need, FC&& fc, FM&& fm) {
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    uint64_t acc_c = 0, acc_m = 0;
+    for (int base = 0; base < n; base += 32) {
+      const int i = base + lane;
+      const uint64_t c = i < n ? fc(i) : 0, m = i < n ? fm(i) : 0;
+      const uint64_t ic = warp_inclusive_scan(c), im = warp_inclusive_scan(m);
+      const uint64_t f = by_mass ? acc_m + im : acc_c + ic;
+      const unsigned hit = __ballot_sync(0xffffffffu, i < n && f >= need);
+      const bool last = base + 32 >= n;
+      if (hit || last) {
+        const int src = hit ? __ffs(hit) - 1 : (n - 1 - base);
+        if (lane == src) {
+          sh.pick = i;
+          sh.pick_c = acc_c + ic - c;
+          sh.pick_m = acc_m + im - m;
+          sh.pick_bc = c;
+          sh.pick_bm = m;
+        }
+        break;
+      }
+      acc_c += __shfl_sync(0xffffffffu, ic, 31);
+      acc_m += __shfl_sync(0xffffffffu, im, 31);
+    }
+  }
+
+  // After sum_groups: the bin where the cumulative F (from the range's top, plus f_above) reaches need; reads the
+  // chosen group's bins of every CTA (remote). Ends synchronized.
+  FI_DEVICE SelPick pick_bin(const SelRange& rg, bool by_mass, uint64_t need) {
+    warp_pick(
+        kSelGroups + 1, by_mass, need, [&](int g) -> uint64_t { return sh.tcount[g]; },
+        [&](int g) -> uint64_t { return sh.tmass[g]; });
+    __syncthreads();
+    const int g = sh.pick;
+    SelPick pk;
+    pk.c_above = sh.pick_c;
+    pk.m_above = sh.pick_m;
+    uint32_t b;
+    if (g == kSelGroups) {  // the last bin
+      b = kSelBins - 1;
+      pk.c_bin = sh.pick_bc;
+      pk.m_bin = sh.pick_bm;
+      __syncthreads();
+    } else {
+      // Warp 0, lane j: bin g * 32 + j summed over the cluster (and each rank's count kept for the candidates).
+      uint64_t c = 0, lo = 0, hi = 0;
+      if (threadIdx.x < kSelGroupBins) {
+        const int bj = g * kSelGroupBins + threadIdx.x;
+        for (int q0 = 0; q0 < static_cast<int>(cx.size); q0 += kSelLoads) {  // (loaded together, as in sum_groups)
+          uint32_t cr[kSelLoads], lr[kSelLoads], hr[kSelLoads];
+#pragma unroll
+          for (int q = 0; q < kSelLoads; ++q) {
+            const SelShared* o = cluster_map(&sh, q0 + q < static_cast<int>(cx.size) ? q0 + q : 0);
+            cr[q] = o->count[bj];
+            lr[q] = kMass ? o->lo[bj] : 0u;
+            hr[q] = kMass && rg.exact ? o->hi[bj] : 0u;
+          }
+#pragma unroll
+          for (int q = 0; q < kSelLoads; ++q) {
+            if (q0 + q < static_cast<int>(cx.size)) {
+              sh.bin_rank_count[q0 + q][threadIdx.x] = cr[q];
+              c += cr[q];
+              lo += lr[q];
+              hi += hr[q];
+            }
+          }
+        }
+      }
+      const uint64_t m =
+          kMass ? bin_mass(rg, static_cast<uint32_t>(g * kSelGroupBins) + threadIdx.x % 32, c, lo, hi) : 0;
+      const uint64_t c_above = pk.c_above, m_above = pk.m_above;
+      __syncthreads();  // (everyone has read the group's pick)
+      const uint64_t need_in = need - (by_mass ? m_above : c_above);
+      warp_pick(
+          kSelGroupBins, by_mass, need_in, [&](int) -> uint64_t { return c; }, [&](int) -> uint64_t { return m; });
+      __syncthreads();
+      b = static_cast<uint32_t>(g * kSelGroupBins + sh.pick);
+      pk.c_above = c_above + sh.pick_c;
+      pk.m_above = m_above + sh.pick_m;
+      pk.c_bin = sh.pick_bc;
+      pk.m_bin = sh.pick_bm;
+      if (threadIdx.x < cx.size) sh.last_rank_count[threadIdx.x] = sh.bin_rank_count[threadIdx.x][sh.pick];
+      __syncthreads();
+    }
+    const uint32_t mask = rg.shift >= 32 ? 0xFFFFFFFFu : (1u << rg.shift) - 1u;
+    pk.last = b == kSelBins - 1;
+    if (pk.last) {
+      pk.lo = rg.lo;
+      pk.hi = rg.top() >= static_cast<uint32_t>(kSelBins - 1) ? (rg.bin_base(kSelBins - 1) | mask) : rg.lo;
+    } else {
+      const uint32_t base = rg.bin_base(b);
+      pk.lo = base > rg.lo ? base : rg.lo;
+      pk.hi = (base | mask) < rg.hi ? (base | mask) : rg.hi;
+    }
+    return pk;
+  }
+
+  // Copies this CTA's keys in [lo, hi] into every CTA's candidate buffer (this CTA's block of it starts after the
+  // lower ranks' counts, sh.last_rank_count). The caller's cluster barrier completes the copies.
+  FI_DEVICE void push_candidates(uint32_t lo, uint32_t hi) {
+    uint32_t offset = 0;
+    for (unsigned r = 0; r < cx.rank; ++r) offset += sh.last_rank_count[r];
+    const int lane = threadIdx.x % 32;
+    row.for_each([&](int v, bool in, int) {
+      float x[R::kVec];
+      row.load_or_neutral(v, in, x);
+      uint32_t k[R::kVec];
+      bool any = false;
+#pragma unroll
+      for (int j = 0; j < R::kVec; ++j) {
+        k[j] = range_key(x[j]);
+        any |= k[j] >= lo && k[j] <= hi;
+      }
+      if (!__ballot_sync(0xffffffffu, any)) return;  // (most steps hold none of the range)
+#pragma unroll
+      for (int j = 0; j < R::kVec; ++j) {
+        const bool take = k[j] >= lo && k[j] <= hi;
+        const unsigned mask = __ballot_sync(0xffffffffu, take);
+        if (!mask) continue;
+        const int leader = __ffs(mask) - 1;
+        unsigned base = 0;
+        if (lane == leader) base = atomicAdd(&sh.cand_slots, static_cast<unsigned>(__popc(mask)));
+        base = __shfl_sync(0xffffffffu, base, leader);
+        if (take) {
+          const unsigned slot = offset + base + __popc(mask & ((1u << lane) - 1u));
+          for (unsigned r = 0; r < cx.size; ++r) cluster_map(sh.cand, r)[slot] = k[j];
+        }
+      }
+    });
+  }
+
+  // Narrows [lo, hi] over the n candidates (every key of the range is among them) to the single key where above + F
+  // reaches need: local rounds over kSelBins bins. Returns the threshold; *c_kept, *m_kept: F at or above it.
+  FI_DEVICE uint32_t resolve(int n, uint32_t lo, uint32_t hi, bool by_mass, uint64_t need, uint64_t c_above,
+                             uint64_t m_above, uint64_t c_bin, uint64_t m_bin, uint64_t* c_kept, uint64_t* m_kept) {
+    while (lo < hi) {
+      if (c_bin == 1) {  // one candidate left in the range: its key (the usual case after a round or two)
+        for (int i = threadIdx.x; i < n; i += kThreads) {
+          const uint32_t k = sh.cand[i];
+          if (k >= lo && k <= hi) sh.pick_key = k;
+        }
+        __syncthreads();
+        lo = hi = sh.pick_key;
+        __syncthreads();
+        break;
+      }
+      // The histogram's arrays are free once the candidates' barrier has passed (nobody reads them remotely any
+      // more): kSelBins bins, kPer per thread, usually one round before a single candidate is left.
+      constexpr int kPer = kSelBins / kThreads;
+      const int shift = sel_shift(lo, hi, kSelBins);
+      const uint32_t top = hi >> shift;
+      zero_hist();
+      __syncthreads();
+      for (int i = threadIdx.x; i < n; i += kThreads) {
+        const uint32_t k = sh.cand[i];
+        if (k < lo || k > hi) continue;
+        const uint32_t b = top - (k >> shift);
+        atomicAdd(&sh.count[b], 1u);
+        if (kMass) add_mass_words(&sh.lo[b], &sh.hi[b], weight_fx(k));
+      }
+      __syncthreads();
+      uint64_t c[kPer], m[kPer], sc = 0, sm = 0;
+#pragma unroll
+      for (int q = 0; q < kPer; ++q) {
+        const int b = threadIdx.x * kPer + q;
+        c[q] = sh.count[b];
+        m[q] = kMass ? (static_cast<uint64_t>(sh.hi[b]) << 32) + sh.lo[b] : 0;
+        sc += c[q];
+        sm += m[q];
+      }
+      uint64_t tot;
+      uint64_t bc = block_exclusive_scan_in(sc, sh.red, &tot);
+      uint64_t bm = kMass ? block_exclusive_scan_in(sm, sh.red, &tot) : 0;
+      if (threadIdx.x == kThreads - 1) sh.pick = kSelBins - 1;  // (cannot stay: the range reaches need)
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < kPer; ++q) {
+        const uint64_t f0 = by_mass ? m_above + bm : c_above + bc;
+        const uint64_t f = by_mass ? m[q] : c[q];
+        if (f0 < need && need <= f0 + f) {
+          sh.pick = threadIdx.x * kPer + q;
+          sh.pick_c = bc;
+          sh.pick_m = bm;
+          sh.pick_bc = c[q];
+          sh.pick_bm = m[q];
+        }
+        bc += c[q];
+        bm += m[q];
+      }
+      __syncthreads();
+      const uint32_t b = static_cast<uint32_t>(sh.pick);
+      c_above += sh.pick_c;
+      m_above += sh.pick_m;
+      c_bin = sh.pick_bc;
+      m_bin = sh.pick_bm;
+      __syncthreads();
+      const uint32_t base = (top - b) << shift;
+      const uint32_t mask = shift >= 32 ? 0xFFFFFFFFu : (1u << shift) - 1u;
+      lo = base > lo ? base : lo;
+      hi = (base | mask) < hi ? (base | mask) : hi;
+    }
+    *c_kept = c_above + c_bin;
+    *m_kept = m_above + m_bin;
+    return lo;
+  }
+};
+
+template <typename DType, bool kMask>
+FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
+  using R = Row<DType, true>;
+  constexpr int kVec = R::kVec;
+  SelShared& sh = *reinterpret_cast<SelShared*>(smem_raw);
+  uint4* cache = reinterpret_cast<uint4*>(smem_raw + sizeof(SelShared));
+  ClusterCtx cx = {cluster_rank(), cluster_size(), 0};
+  const int r = static_cast<int>(blockIdx.x / cx.size);
+  grid_dependency_wait();  // (programmatic dependent launch: the input may come from the previous kernel)
+  const R row(static_cast<const DType*>(p.input) + r * p.in_stride, p.vocab, cx, cache, kMask ? -kInf : 0.f);
+  const OutRow<DType> out(static_cast<DType*>(p.output) + r * p.out_stride, row.vocab, row.head, DType());
+  int k = 0;
+  float top_p = 1.f;
+  if (p.op == kTopPRenorm) {
+    top_p = p.top_p_arr ? p.top_p_arr[r] : p.top_p_val;
+    top_p = top_p != top_p ? 1.f : fmaxf(top_p, 0.f);
+  } else {
+    k = p.top_k_arr ? p.top_k_arr[r] : p.top_k_val;
+  }
+  row.fill_cache();
+  // Writes the row: kept = key >= tau (for the renorms, keys in [tau, top]: top = the row's largest key).
+  auto write = [&](uint32_t tau, uint32_t top, float mass) {
+    row.for_each([&](int v, bool in, int) {
+      if (!in) return;
+      float x[kVec], y[kVec];
+      row.load(v, x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const bool kept = kMask ? Selector<DType, kMask>::key(x[j]) >= tau
+                                : Selector<DType, kMask>::range_key(x[j]) - tau <= top - tau;
+        if (kMask) {
+          y[j] = kept ? x[j] : -kInf;
+        } else {
+          y[j] = kept && mass > 0.f ? __fdiv_rn(x[j], mass) : 0.f;  // (kept: x > 0 and finite)
+        }
+      }
+      out.store(row, v, y);
+    });
+  };
+  if (kMask && (k <= 0 || k >= p.vocab)) {  // no element is masked: a copy, the cluster never talks
+    write(0u, 0u, 0.f);
+    return;
+  }
+  Selector<DType, kMask> sel{sh, row, cx, 0};
+  uint32_t max_key = 0xFFFFFFFFu;  // the mask counts over bins that tile every key: it needs no maximum
+  if (kMask) {
+    sel.zero_hist();
+    if (threadIdx.x == 0) sh.cand_slots = 0;
+    __syncthreads();
+  } else {
+    // The row's largest key (the renorms' fixed-point scale): each CTA publishes its slice's, one barrier, each
+    // reads them all.
+    uint32_t m = 0;
+    row.for_each([&](int v, bool in, int) {
+      if (!in) return;
+      float x[kVec];
+      row.load(v, x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const uint32_t kk = sel.key(x[j]);
+        m = kk > m ? kk : m;
+      }
+    });
+    m = warp_max(m);
+    if (threadIdx.x % 32 == 0) sh.last_count[threadIdx.x / 32] = m;
+    sel.zero_hist();
+    if (threadIdx.x == 0) sh.cand_slots = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t b = 0;
+      for (int w = 0; w < kWarps; ++w) b = sh.last_count[w] > b ? sh.last_count[w] : b;
+      sh.slice_max = b;
+    }
+    cluster_sync();
+    max_key = 0;
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) {
+      const uint32_t mq = q < static_cast<int>(cx.size) ? cluster_map(&sh, q)->slice_max : 0u;
+      max_key = mq > max_key ? mq : max_key;
+    }
+    if (max_key == 0) {  // no element carries mass: the renorms write zeros
+      cluster_sync();    // (the slice maxima are read)
+      write(1u, 0u, 0.f);
+      return;
+    }
+  }
+  const Weigher wg(kMask, max_key);
+  sel.ref_exp = wg.ref_exp;
+  // Round 0. The renorms: the 16 octaves below the largest key in fast bins, the rest in the last bin. The mask: bins
+  // of 2^21 keys over every key (1/4 octave of a logit's magnitude: the top-k bin holds a few hundred logits of a
+  // 128k vocabulary), counts only.
+  SelRange rg = {1u, max_key, kMask ? 21 : 16, false};
+  sel.histogram(rg);
+  cluster_sync();
+  sel.sum_groups();
+  uint64_t num_valid = 0, total_mass = 0;
+  for (int g = 0; g <= kSelGroups; ++g) {
+    num_valid += sh.tcount[g];
+    total_mass += sh.tmass[g];
+  }
+  const bool by_mass = p.op == kTopPRenorm;
+  bool filter;
+  uint64_t need;
+  if (by_mass) {
+    filter = top_p < 1.f;
+    need = mass_target(top_p, total_mass);
+  } else {
+    filter = k > 0 && static_cast<uint64_t>(k) < num_valid;
+    need = static_cast<uint64_t>(k);
+  }
+  uint32_t tau = kMask ? 0u : 1u;
+  uint64_t kept_mass_fx = total_mass;
+  bool pending = true;  // remote reads since the last cluster barrier
+  if (filter) {
+    uint64_t c_above = 0, m_above = 0;
+    while (true) {
+      const SelPick pk = sel.pick_bin(rg, by_mass, need - (by_mass ? m_above : c_above));
+      const uint64_t c_bin = pk.c_bin, m_bin = pk.m_bin;
+      c_above += pk.c_above;
+      m_above += pk.m_above;
+      if (pk.lo == pk.hi) {
+        tau = pk.lo;
+        kept_mass_fx = m_above + m_bin;
+        break;
+      }
+      if (c_bin <= static_cast<uint64_t>(kSelCap)) {
+        sel.push_candidates(pk.lo, pk.hi);
+        cluster_sync();
+        pending = false;
+        uint64_t ck, mk;
+        tau =
+            sel.resolve(static_cast<int>(c_bin), pk.lo, pk.hi, by_mass, need, c_above, m_above, c_bin, m_bin, &ck, &mk);
+        kept_mass_fx = mk;
+        break;
+      }
+      // Another cluster round over the chosen bin (rare: very many keys in one bin).
+      // (a fast bin's keys share its exponent: its sub-bins are fast too; the last bin's need exact masses)
+      rg = {pk.lo, pk.hi, sel_shift(pk.lo, pk.hi, kSelBins - 1), rg.exact || pk.last};
+      cluster_sync();  // (every CTA has read the bins)
+      sel.zero_hist();
+      __syncthreads();
+      sel.histogram(rg);
+      cluster_sync();
+      sel.sum_groups();
+      pending = true;
+    }
+  }
+  if (pending) cluster_sync();  // no CTA leaves while another may read its shared memory
+  write(tau, max_key, kMask ? 0.f : ldexpf(static_cast<float>(kept_mass_fx), wg.ref_exp - kWeightBits));
+}
+
+template <typename DType, bool kMask>
+__global__ void __launch_bounds__(kThreads, 2) row_select_kernel(const __grid_constant__ RowOpParams p) {
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  row_select_cta<DType, kMask>(p, smem_raw);
+}
+
 struct SpecParams {
   const float* draft_probs;   // [batch, n, vocab]
   const int* draft_ids;       // [batch, n]
@@ -1862,10 +2462,33 @@ cudaError_t launch_sample(const SampleParams& p, int device, cudaStream_t stream
   });
 }
 
+// The top-k/top-p row transforms through row_select_kernel when the row's slices fit shared memory, else (and for
+// softmax, or with `radix`: the previous kernel, kept for comparison) through row_op_kernel.
 template <typename DType>
-cudaError_t launch_row_op(const RowOpParams& p, bool pdl, int device, cudaStream_t stream) {
-  return with_device(
-      device, [&] { return launch_row_kernel<RowOpKernelOf, DType>(p, p.rows, p.vocab, false, pdl, device, stream); });
+cudaError_t launch_row_op(const RowOpParams& p, bool pdl, bool radix, int device, cudaStream_t stream) {
+  return with_device(device, [&]() -> cudaError_t {
+    if (p.op != kSoftmax && !radix && p.rows > 0) {
+      const size_t smem_max = sizeof(SelShared) + static_cast<size_t>(kCacheVecs) * 16;
+      constexpr auto kMaskKernel = row_select_kernel<DType, true>;
+      constexpr auto kRenormKernel = row_select_kernel<DType, false>;
+      int max_cluster = 1, max_cluster_renorm = 1;
+      cudaError_t err = kernel_setup<kMaskKernel>(device, smem_max, &max_cluster);
+      if (err != cudaSuccess) return err;
+      err = kernel_setup<kRenormKernel>(device, smem_max, &max_cluster_renorm);
+      if (err != cudaSuccess) return err;
+      max_cluster = max_cluster < max_cluster_renorm ? max_cluster : max_cluster_renorm;
+      const RowPlan plan = plan_rows(p.rows, p.vocab, sizeof(DType), max_cluster, sm_count(device));
+      if (plan.cached) {
+        const int vec = 16 / static_cast<int>(sizeof(DType));
+        const int slice = ((p.vocab + vec - 1) / vec + 1 + plan.cluster - 1) / plan.cluster;
+        const size_t smem = sizeof(SelShared) + static_cast<size_t>(slice) * 16;
+        return p.op == kTopKMask
+                   ? launch_rows<kMaskKernel>(p, p.rows, plan.cluster, smem, max_cluster > 1, pdl, stream)
+                   : launch_rows<kRenormKernel>(p, p.rows, plan.cluster, smem, max_cluster > 1, pdl, stream);
+      }
+    }
+    return launch_row_kernel<RowOpKernelOf, DType>(p, p.rows, p.vocab, false, pdl, device, stream);
+  });
 }
 
 inline cudaError_t launch_chain_speculative(const SpecParams& p, int device, cudaStream_t stream) {
