@@ -243,16 +243,36 @@ def fp8_single_ms(L, hq, hkv, d, causal, kv_dtype, n_sets=2) -> tuple[float, str
     return t, kernel
 
 
+def _fp8_batch_inputs(num_reqs, L, hq, hkv, d, kv_dtype):
+    """num_reqs requests of L tokens each (keys = queries): (k_scale, v_scale, indptr, q, (k, k_ref), (v, v_ref)),
+    the scales None for a bf16 KV."""
+    k_scale, v_scale = FP8_SCALES if kv_dtype != torch.bfloat16 else (None, None)
+    total = num_reqs * L
+    indptr = torch.arange(0, total + 1, L, dtype=torch.int32)
+    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
+    kp, vp = (_kv_pair((total, hkv, d), kv_dtype, scale) for scale in FP8_SCALES)
+    return k_scale, v_scale, indptr, q, kp, vp
+
+
+def _check_fp8_batch_out(what, out, q, k_ref, v_ref, rows, hkv, kv_dtype) -> None:
+    """One request's (rows) first 4 query heads against causal SDPA on the dequantised K/V of its KV head 0."""
+    g = q.shape[1] // hkv
+    ref = F.scaled_dot_product_attention(
+        q[rows, :4].transpose(0, 1).float(),
+        k_ref[rows, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
+        v_ref[rows, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
+        is_causal=True,
+    )
+    err = (out[rows, :4].transpose(0, 1).float() - ref).abs().max().item()
+    fp8 = kv_dtype != torch.bfloat16
+    assert err < 3e-2 * (2 if fp8 else 1), f"{what} prefill ({kv_dtype}) output differs from SDPA by {err}"
+
+
 def fp8_paged_ms(num_reqs, L, hq, hkv, d, page_size, kv_dtype) -> float:
     """BatchPrefillWithPagedKVCacheWrapper, num_reqs x L causal (each request's keys = its queries), bf16 q and a
     bf16 or fp8 page cache: median of event-timed run() calls (a call is ~1 ms, far above its host time)."""
     fp8 = kv_dtype != torch.bfloat16
-    k_scale, v_scale = FP8_SCALES if fp8 else (None, None)
-    total = num_reqs * L
-    indptr = torch.arange(0, total + 1, L, dtype=torch.int32)
-    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
-    k, k_ref = _kv_pair((total, hkv, d), kv_dtype, FP8_SCALES[0])
-    v, v_ref = _kv_pair((total, hkv, d), kv_dtype, FP8_SCALES[1])
+    k_scale, v_scale, indptr, q, (k, k_ref), (v, v_ref) = _fp8_batch_inputs(num_reqs, L, hq, hkv, d, kv_dtype)
     pages_per, num_pages = L // page_size, num_reqs * (L // page_size)
     perm = torch.randperm(num_pages, dtype=torch.int32)
     cache = torch.empty(num_pages, 2, page_size, hkv, d, device="cuda", dtype=torch.uint8 if fp8 else kv_dtype)
@@ -279,15 +299,7 @@ def fp8_paged_ms(num_reqs, L, hq, hkv, d, page_size, kv_dtype) -> float:
     )
     out = torch.empty_like(q)
     w.run(q, cache, k_scale=k_scale, v_scale=v_scale, out=out)
-    g = hq // hkv
-    ref = F.scaled_dot_product_attention(
-        q[:L, :4].transpose(0, 1).float(),
-        k_ref[:L, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
-        v_ref[:L, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
-        is_causal=True,
-    )
-    err = (out[:L, :4].transpose(0, 1).float() - ref).abs().max().item()
-    assert err < 3e-2 * (2 if fp8 else 1), f"paged prefill ({kv_dtype}) output differs from SDPA by {err}"
+    _check_fp8_batch_out("paged", out, q, k_ref, v_ref, slice(0, L), hkv, kv_dtype)
     t = median_ms(lambda i: w.run(q, cache, k_scale=k_scale, v_scale=v_scale, out=out), 1, iters=30)
     del q, k, v, cache, ws
     torch.cuda.empty_cache()
@@ -297,28 +309,14 @@ def fp8_paged_ms(num_reqs, L, hq, hkv, d, page_size, kv_dtype) -> float:
 def fp8_ragged_ms(num_reqs, L, hq, hkv, d, kv_dtype) -> float:
     """BatchPrefillWithRaggedKVCacheWrapper (backend "auto"), num_reqs x L causal, bf16 q and bf16 or fp8 K/V:
     median of event-timed run() calls."""
-    fp8 = kv_dtype != torch.bfloat16
-    k_scale, v_scale = FP8_SCALES if fp8 else (None, None)
-    total = num_reqs * L
-    indptr = torch.arange(0, total + 1, L, dtype=torch.int32)
-    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
-    k, k_ref = _kv_pair((total, hkv, d), kv_dtype, FP8_SCALES[0])
-    v, v_ref = _kv_pair((total, hkv, d), kv_dtype, FP8_SCALES[1])
+    k_scale, v_scale, indptr, q, (k, k_ref), (v, v_ref) = _fp8_batch_inputs(num_reqs, L, hq, hkv, d, kv_dtype)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
     w.plan(indptr, indptr, hq, hkv, d, causal=True, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
     out = torch.empty_like(q)
     w.run(q, k, v, k_scale=k_scale, v_scale=v_scale, out=out)
-    g = hq // hkv
-    last = slice(total - L, total)  # the last request: a wrong request offset shows there
-    ref = F.scaled_dot_product_attention(
-        q[last, :4].transpose(0, 1).float(),
-        k_ref[last, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
-        v_ref[last, :1].repeat_interleave(g, 1)[:, :4].transpose(0, 1),
-        is_causal=True,
-    )
-    err = (out[last, :4].transpose(0, 1).float() - ref).abs().max().item()
-    assert err < 3e-2 * (2 if fp8 else 1), f"ragged prefill ({kv_dtype}) output differs from SDPA by {err}"
+    total = num_reqs * L  # the last request checked: a wrong request offset shows there
+    _check_fp8_batch_out("ragged", out, q, k_ref, v_ref, slice(total - L, total), hkv, kv_dtype)
     t = median_ms(lambda i: w.run(q, k, v, k_scale=k_scale, v_scale=v_scale, out=out), 1, iters=30)
     del q, k, v, ws
     torch.cuda.empty_cache()
