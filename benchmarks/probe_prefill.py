@@ -3,7 +3,7 @@ kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_
 FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing.
 
 ``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD) in its widening variants (FP8_VARIANTS:
-FI_WS_FP8_WIDEN, FI_WS_FP8_BATCH, FI_WS_FP8_ALU, FI_WS_FP8_K_AHEAD, the register split, ping-pong) against fa3_ws with bf16 K/V, on 8192 full,
+FI_WS_FP8_WIDEN, FI_WS_FP8_BATCH, FI_WS_FP8_EARLY_RELEASE, FI_WS_FP8_K_AHEAD, the register split, ping-pong) against fa3_ws with bf16 K/V, on 8192 full,
 8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
 dequantised K/V (flagged WRONG past the tolerance 1e-2 + 2e-2 |ref|)."""
 

@@ -90,6 +90,8 @@ SPECS = {
     "fa3f": SP(head_dim=128, dtype_kv="e4m3", mask_mode="causal", backend="fa3"),
     "ws1": SP(head_dim=128, mask_mode="causal", backend="fa3_ws"),
     "ws2": SP(head_dim=128, **F16, backend="fa3_ws"),
+    "wse4": SP(head_dim=128, dtype_kv="e4m3", mask_mode="causal", backend="fa3_ws"),
+    "wse5": SP(head_dim=128, dtype_q="f16", dtype_kv="e5m2", dtype_o="f16", backend="fa3_ws"),
     "fa3c": SP(head_dim=128, dtype_kv="e4m3", backend="fa3"),
     "br1": BP(kv_storage="ragged", head_dim=128, mask_mode="causal"),
     "wsr": BP(kv_storage="ragged", head_dim=128, mask_mode="causal", backend="fa3_ws"),

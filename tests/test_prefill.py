@@ -1258,11 +1258,9 @@ def test_single_prefill_fa3_ws_fp8_equals_fa3_causal(dq, dkv, qo_len, kv_len, gr
     assert torch.equal(lw, l3), (lw - l3).abs().max().item()
 
 
-# fa3_ws widening variants (prefill_sm90_ws.cuh, Sm90WsTraits): the integer-pipe conversion of every word (e4m3 bit
-# trick), and the kernel as it was before the register-staged widening (widen_fp8_tile, K(n) before V(n), registers
-# 56 + 224).
+# fa3_ws widening variants (prefill_sm90_ws.cuh, Sm90WsTraits): the kernel as it was before the register-staged
+# widening (widen_fp8_tile, K(n) before V(n), registers 56 + 224).
 WS_FP8_VARIANT_FLAGS = {
-    "alu4": ("-DFI_WS_FP8_ALU=4",),
     "legacy": ("-DFI_WS_FP8_WIDEN=0", "-DFI_WS_FP8_K_AHEAD=0", "-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224"),
 }
 
@@ -1284,26 +1282,16 @@ def _half_bits_to_float(bits):
     return bits.to(torch.int16).view(torch.float16).double()
 
 
-def test_fp8_integer_pipe_widening_is_exact():
-    """The bit operations of ptx/fp8.cuh, modelled in 32-bit integers, on every pair of bytes: e4m3 (the byte pair
-    placed at bits 8..15 and 24..31 of a word; magnitude moved right by one into float16's fields, NaN's bit 14 from
-    the carry of magnitude + 1, then the multiply by 2^8) and e5m2 (the byte as a float16's high byte) give torch's
-    float8 -> float32 value in both lanes, signed zeros and subnormals included, and NaN for NaN (e5m2: and
-    infinities for infinities); no carry crosses from one lane into the other."""
+def test_fp8_e5m2_permute_widening_is_exact():
+    """e5m2x4_to_half2x2_permute (common.cuh: bytes 0, 1 of a word to bits 8..15 and 24..31, __byte_perm selector
+    0x1404), modelled in integers on every pair of bytes: each lane is the float16 of torch's e5m2 -> float32 value,
+    signed zeros, subnormals and infinities included, NaN for NaN."""
     b = torch.arange(256, dtype=torch.int64)
     lo, hi = (x.reshape(-1) for x in torch.meshgrid(b, b, indexing="ij"))
     x = (lo << 8) | (hi << 24)
-    mag = (x >> 1) & 0x3F803F80
-    nan = mag + 0x00800080
-    h = mag | (x & 0x80008000) | (nan & 0x40004000)
-    for e4m3, shift in ((True, 0), (True, 16), (False, 0), (False, 16)):
-        code = lo if shift == 0 else hi
-        if e4m3:
-            got = _half_bits_to_float((h >> shift) & 0xFFFF) * 256  # (exact: a float16 times 2^8, in float64)
-            want = code.to(torch.uint8).view(torch.float8_e4m3fn).double()
-        else:
-            got = _half_bits_to_float((x >> shift) & 0xFFFF)
-            want = code.to(torch.uint8).view(torch.float8_e5m2).double()
+    for shift, code in ((0, lo), (16, hi)):
+        got = _half_bits_to_float((x >> shift) & 0xFFFF)
+        want = code.to(torch.uint8).view(torch.float8_e5m2).double()
         assert torch.equal(torch.isnan(got), torch.isnan(want))
         fin = ~torch.isnan(want)
         assert torch.equal(got[fin], want[fin]) and torch.equal(torch.signbit(got[fin]), torch.signbit(want[fin]))
@@ -1311,8 +1299,8 @@ def test_fp8_integer_pipe_widening_is_exact():
 
 @pytest.mark.parametrize("variant", sorted(WS_FP8_VARIANT_FLAGS))
 def test_fa3_ws_fp8_variants_keep_to_registers(variant, tmp_path, monkeypatch):
-    """The probe's non-default widening variants build for sm_90a without stack frame or spills; the integer-pipe
-    one has no conversion instruction left, the legacy one its 8-byte loads."""
+    """The probe's non-default widening variants build for sm_90a without stack frame or spills; the legacy one keeps
+    its 8-byte loads."""
     from flashinfer import jit
 
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
@@ -1321,10 +1309,7 @@ def test_fa3_ws_fp8_variants_keep_to_registers(variant, tmp_path, monkeypatch):
     assert_register_only(report, kernels=1)
     sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
     if sass is not None:
-        if variant == "alu4":
-            assert "F2FP.F16.E4M3.UNPACK_B" not in sass and "HMUL2" in sass and "LDS.128" in sass
-        else:
-            assert "F2FP.F16.E4M3.UNPACK_B" in sass and "LDS.64" in sass
+        assert "F2FP.F16.E4M3.UNPACK_B" in sass and "LDS.64" in sass
 
 
 def _fp8_codes(kv_dtype, n, shift):
@@ -1335,9 +1320,8 @@ def _fp8_codes(kv_dtype, n, shift):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["default", "alu4"])
 @pytest.mark.parametrize("dq,dkv", _WS_FP8_DTYPES, ids=[f"{a}-{b}" for a, b in _WS_FP8_DTYPES])
-def test_single_prefill_fa3_ws_fp8_widening_exact(dq, dkv, variant):
+def test_single_prefill_fa3_ws_fp8_widening_exact(dq, dkv):
     """The widening of every fp8 code, bit-exact on the GPU: per KV head 128 queries and 128 keys, query i and key i
     one-hot on dim i (1 and 256), sm_scale 1: each softmax row is one-hot (the other keys' exp2(-369) is 0, and the
     rounding of the row's own logit leaves its weight within 2^-15 of 1, which the output's rounding absorbs), so
@@ -1346,8 +1330,6 @@ def test_single_prefill_fa3_ws_fp8_widening_exact(dq, dkv, variant):
     codes at two places of V: the output row that selects that key has NaN (-inf) there; other rows of that column
     have NaN (0 x NaN, 0 x inf) or their value, every other output is unchanged."""
     _need_hopper()
-    if variant != "default" and dkv != "e4m3":
-        pytest.skip("the integer-pipe variant differs from the default only for e4m3")
     q_dtype, kv_dtype = DTYPES[dq], FP8[dkv]
     hkv, n, d = 160, 128, 128
     eye = torch.eye(n, d, device="cuda")
@@ -1355,27 +1337,16 @@ def test_single_prefill_fa3_ws_fp8_widening_exact(dq, dkv, variant):
     k = (256 * eye).to(kv_dtype).view(torch.uint8)[:, None].expand(n, hkv, d).contiguous().view(kv_dtype)
     codes = torch.stack([_fp8_codes(kv_dtype, n * d, 7 * h) for h in range(hkv)], 1).reshape(n, d, hkv)
     v = codes.permute(0, 2, 1).contiguous().cuda().view(kv_dtype)  # (n, hkv, d)
-    if variant == "default":
-        spec = SinglePrefillSpec(128, dq, dkv, dq, "none", backend="fa3_ws")
-    else:
-        spec = _ws_variant_spec(WS_FP8_VARIANT_FLAGS[variant], 128, dq, dkv, dq, "none", backend="fa3_ws")
-    import flashinfer.prefill as fp
-
-    base = fp.SinglePrefillSpec
-    fp.SinglePrefillSpec = type(spec)  # (the call builds its spec from this name)
-    try:
-        run = lambda vv: flashinfer.single_prefill_with_kv_cache(  # noqa: E731
-            q, k, vv, backend="fa3_ws", sm_scale=1.0, v_scale=0.5, out=poisoned(q.shape, q_dtype)
-        )
-        o = run(v)
-        want = (v.float() * 0.5).to(q_dtype)
-        assert torch.equal(o, want), (o.float() - want.float()).abs().max().item()
-        special = torch.tensor([0x7F, 0xFF] if dkv == "e4m3" else [0x7E, 0xFC], dtype=torch.uint8)
-        vs = v.view(torch.uint8).clone()
-        vs[3, 5, 5], vs[100, 5, 77] = special[0], special[1]  # (key, head, dim)
-        o = run(vs.view(kv_dtype))
-    finally:
-        fp.SinglePrefillSpec = base
+    run = lambda vv: flashinfer.single_prefill_with_kv_cache(  # noqa: E731
+        q, k, vv, backend="fa3_ws", sm_scale=1.0, v_scale=0.5, out=poisoned(q.shape, q_dtype)
+    )
+    o = run(v)
+    want = (v.float() * 0.5).to(q_dtype)
+    assert torch.equal(o, want), (o.float() - want.float()).abs().max().item()
+    special = torch.tensor([0x7F, 0xFF] if dkv == "e4m3" else [0x7E, 0xFC], dtype=torch.uint8)
+    vs = v.view(torch.uint8).clone()
+    vs[3, 5, 5], vs[100, 5, 77] = special[0], special[1]  # (key, head, dim)
+    o = run(vs.view(kv_dtype))
     touched = torch.zeros(o.shape, dtype=torch.bool, device="cuda")
     touched[:, 5, 5] = touched[:, 5, 77] = True
     assert torch.equal(o[~touched], want[~touched])

@@ -73,15 +73,21 @@ FI_DEVICE void fp8x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi, __nv_fp8
 #endif
 }
 
+// e5m2 without a conversion instruction: an e5m2 byte is the high byte of the float16 of the same value (same sign,
+// exponent field and bias; two of float16's ten mantissa bits), NaN and infinity included. One byte permute per
+// register (the fa3_ws producer's e5m2 widening; every target below sm_89).
+FI_DEVICE void e5m2x4_to_half2x2_permute(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  lo = __byte_perm(w, 0u, 0x1404);  // bytes 0, 1 -> bits 8..15, 24..31
+  hi = __byte_perm(w, 0u, 0x3424);  // bytes 2, 3
+}
+
 FI_DEVICE void fp8x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi, __nv_fp8_e5m2 /*tag*/) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e5m2x2 %0, l;\ncvt.rn.f16x2.e5m2x2 %1, h;\n}"
       : "=r"(lo), "=r"(hi)
       : "r"(w));
 #else
-  // e5m2 is the high byte of a float16 with the same value.
-  lo = ((w & 0xffu) << 8) | ((w & 0xff00u) << 16);
-  hi = ((w >> 8) & 0xff00u) | (w & 0xff000000u);
+  e5m2x4_to_half2x2_permute(w, lo, hi);
 #endif
 }
 

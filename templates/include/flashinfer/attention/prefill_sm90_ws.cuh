@@ -12,10 +12,10 @@
 //     thread loads its whole share of the staged tile into registers (8 x 16 bytes), the staging tile goes back to TMA
 //     for the next tile at once, and only then does the thread wait for the ring slot and convert and store: the
 //     registers are a second staging tile, and the copy of tile n + 1 runs under the wait for slot n and the widening
-//     of tile n (e4m3: the conversion instruction; e5m2: byte permutes; FI_WS_FP8_ALU moves e4m3 words to the integer
-//     pipe, ptx/fp8.cuh). The tiles are widened in the consumers' order of use: an item's K(0) before its Q is copied,
-//     then K(n + 1) before V(n) (FI_WS_FP8_K_AHEAD). FI_WS_FP8_WIDEN=0 FI_WS_FP8_K_AHEAD=0 with registers 56/224
-//     is the kernel as it was: the fa3 kernel's widen_fp8_tile, one 8-byte load per store, K(n) then V(n).
+//     of tile n (e4m3: the conversion instruction; e5m2: byte permutes, common.cuh). The tiles are widened in the
+//     consumers' order of use: an item's K(0) before its Q is copied, then K(n + 1) before V(n) (FI_WS_FP8_K_AHEAD).
+//     FI_WS_FP8_WIDEN=0 FI_WS_FP8_K_AHEAD=0 with registers 56/224 is the kernel as it was: the fa3 kernel's
+//     widen_fp8_tile, one 8-byte load per store, K(n) then V(n).
 //   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs, fp8 kConsumerRegsFp8): 64 packed query rows
 //     each of the item's 128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
@@ -102,7 +102,6 @@
 #include "flashinfer/host/launch.cuh"
 #include "flashinfer/host/tma.cuh"
 #include "flashinfer/ptx/cp_async.cuh"
-#include "flashinfer/ptx/fp8.cuh"
 #include "flashinfer/ptx/math.cuh"
 #include "flashinfer/ptx/mbarrier.cuh"
 #include "flashinfer/ptx/smem.cuh"
@@ -163,8 +162,6 @@ struct Sm90WsTraits {
   //                        kernel's widen_fp8_tile (8-byte loads and 16-byte stores one chunk at a time).
   //   FI_WS_FP8_BATCH   16-byte staging loads per thread issued before the first conversion (1, 2, 4 or 8 of the
   //                        tile's 8; mode 1).
-  //   FI_WS_FP8_ALU     how many of each load's four 32-bit words are converted on the integer pipe (ptx/fp8.cuh)
-  //                        instead of by the conversion instruction (0..4; mode 1); by default e4m3 0, e5m2 4.
   //   FI_WS_FP8_K_AHEAD the order of the producer's widening: 0, K(n) then V(n) after the item's Q; 1, K(n + 1)
   //                        before V(n), the consumers' order of use (S(n + 1) is issued before P(n) V(n), and
   //                        K(n - 1)'s slot frees before V(n - 2)'s); 2 (default), 1 and an item's K(0) before its Q
@@ -192,14 +189,6 @@ struct Sm90WsTraits {
 #else
   static constexpr int kFp8KAhead = 2;
 #endif
-  template <typename F8>
-  static constexpr int fp8_alu_words() {
-#ifdef FI_WS_FP8_ALU
-    return FI_WS_FP8_ALU;
-#else
-    return std::is_same<F8, __nv_fp8_e5m2>::value ? 4 : 0;
-#endif
-  }
   static_assert(kFp8Widen == 0 || kFp8Widen == 1, "FI_WS_FP8_WIDEN: 0 or 1");
   static_assert(kFp8KAhead >= 0 && kFp8KAhead <= 2, "FI_WS_FP8_K_AHEAD: 0, 1 or 2");
   static_assert(kFp8Batch == 1 || kFp8Batch == 2 || kFp8Batch == 4 || kFp8Batch == 8, "FI_WS_FP8_BATCH");
@@ -298,22 +287,19 @@ FI_DEVICE Sm90WsFp8Lane sm90_ws_fp8_lane(int tid) {
 }
 constexpr int kSm90WsFp8Step = 16 * Sm90WsTraits::kHeadDim;  // bytes between a thread's steps (16 rows)
 
-// 16 fp8 values (element 0 in the low byte of x) -> two 16-byte chunks of float16 (elements 0..7, 8..15). The
-// first ALU of the four 32-bit words are converted on the integer pipe (ptx/fp8.cuh), the others by the conversion
-// instruction (fp8x4_to_half2x2): the same values either way.
-template <typename F8, int ALU>
+// 16 fp8 values (element 0 in the low byte of x) -> two 16-byte chunks of float16 (elements 0..7, 8..15): e4m3 by
+// the conversion instruction; e5m2 by byte permutes (H200 probe, 2026-11-30: e5m2 permutes 1-2% faster than its
+// conversion instruction; e4m3 through integer-pipe bit operations 4-22% slower than its instruction, dropped).
+template <typename F8>
 FI_DEVICE void sm90_ws_fp8x16_to_half(const uint4& in, uint4& lo, uint4& hi) {
-  static_assert(ALU >= 0 && ALU <= 4, "FI_WS_FP8_ALU: 0..4 words of each 16 bytes");
   const uint32_t w[4] = {in.x, in.y, in.z, in.w};
   uint32_t h[8];
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    if (k >= ALU) {
-      fp8x4_to_half2x2(w[k], h[2 * k], h[2 * k + 1], F8{});
-    } else if constexpr (std::is_same<F8, __nv_fp8_e4m3>::value) {
-      e4m3x4_to_half2x2_alu(w[k], h[2 * k], h[2 * k + 1]);
+    if constexpr (std::is_same<F8, __nv_fp8_e5m2>::value) {
+      e5m2x4_to_half2x2_permute(w[k], h[2 * k], h[2 * k + 1]);
     } else {
-      e5m2x4_to_half2x2_alu(w[k], h[2 * k], h[2 * k + 1]);
+      fp8x4_to_half2x2(w[k], h[2 * k], h[2 * k + 1], F8{});
     }
   }
   lo = make_uint4(h[0], h[1], h[2], h[3]);
@@ -405,7 +391,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     const Sm90WsFp8Lane f8lane = sm90_ws_fp8_lane(tid);
     auto widen_fp8_regs = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
       if constexpr (FP8) {
-        constexpr int kSteps = BK * D / 16 / 128, B = Tr::kFp8Batch, ALU = Tr::template fp8_alu_words<DTypeKV>();
+        constexpr int kSteps = BK * D / 16 / 128, B = Tr::kFp8Batch;
         const uint32_t src = smem_addr(sf8) + (is_v ? Tr::kF8TileBytes : 0) + f8lane.src;
         const uint32_t ring = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
         const uint32_t dst0 = ring + f8lane.dst0, dst1 = ring + f8lane.dst1;
@@ -427,7 +413,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 #pragma unroll
           for (int i = b; i < b + B; ++i) {
             uint4 lo, hi;
-            sm90_ws_fp8x16_to_half<DTypeKV, ALU>(raw[i], lo, hi);
+            sm90_ws_fp8x16_to_half<DTypeKV>(raw[i], lo, hi);
             st_shared_v4(dst0 + i * kSm90WsFp8Step, lo);
             st_shared_v4(dst1 + i * kSm90WsFp8Step, hi);
           }
