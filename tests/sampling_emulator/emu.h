@@ -316,6 +316,13 @@ inline unsigned __reduce_max_sync(unsigned, unsigned v) {
   return emu_redux(v, [](unsigned a, unsigned b) { return a > b ? a : b; });
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes {y:x} (x bytes 0..3, y bytes 4..7).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * n)) & 7))) & 0xff) << (8 * n);
+  return r;
+}
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32); }
