@@ -2,9 +2,8 @@
 kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_PINGPONG, FI_WS_PRODUCER_REGS /
 FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing.
 
-``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD) in its widening variants (FP8_VARIANTS:
-FI_WS_FP8_WIDEN, FI_WS_FP8_BATCH, FI_WS_FP8_EARLY_RELEASE, FI_WS_FP8_K_AHEAD, the register split, ping-pong) against fa3_ws with bf16 K/V, on 8192 full,
-8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
+``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD; FP8_VARIANTS, each with its own -D flags)
+against fa3_ws with bf16 K/V, on 8192 full, 8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
 dequantised K/V (flagged WRONG past the tolerance 1e-2 + 2e-2 |ref|)."""
 
 from __future__ import annotations
@@ -38,21 +37,12 @@ CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True
 
 # fa3_ws with fp8 K/V: name -> (K/V dtype, extra nvcc flags), timed in this order (the surest first: a variant that
 # deadlocks traps after the 2 s wait bound every variant is built with, and the process's CUDA context is lost).
-# "legacy" is the kernel before the register-staged widening (widen_fp8_tile, registers 56 + 224); the unflagged fp8
-# entries are the defaults (prefill_sm90_ws.cuh, Sm90WsTraits).
-_OLD_REGS = ("-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224")
-_LEGACY = ("-DFI_WS_FP8_WIDEN=0", "-DFI_WS_FP8_K_AHEAD=0") + _OLD_REGS
 FP8_VARIANTS = {
-    # (H200, f8f753e, before the staging tile's proxy fence: alu1/2/4 0.96/0.92/0.78 of the default's time ratio to
-    # bf16, batch4 and k-ahead1 within 1% of the default, pingpong below it; dropped from the list)
+    # (H200, 2026-11-30: the widening variants it compared, their compile-time knobs since removed, are in
+    # benchmarks/RESULTS.md, device calls 2 and 3; a new variant is one entry with its -D flags)
     "bf16 kv": ("bf16", ()),
-    "e4m3 legacy": ("e4m3", _LEGACY),
-    "e4m3 default": ("e4m3", ()),
-    "e5m2 default": ("e5m2", ()),
-    "e4m3 late release": ("e4m3", ("-DFI_WS_FP8_EARLY_RELEASE=0",)),
-    "e5m2 late release": ("e5m2", ("-DFI_WS_FP8_EARLY_RELEASE=0",)),
-    "e4m3 batch2 56/224": ("e4m3", ("-DFI_WS_FP8_BATCH=2",) + _OLD_REGS),
-    "e4m3 k-then-v": ("e4m3", ("-DFI_WS_FP8_K_AHEAD=0",)),
+    "e4m3": ("e4m3", ()),
+    "e5m2": ("e5m2", ()),
 }
 _FP8_PROBE_FLAGS = ("-DFI_WS_WAIT_TIMEOUT_NS=2000000000ull",)
 FP8_CASES = [(8192, False), (8192, True), (16384, False)]

@@ -1258,25 +1258,6 @@ def test_single_prefill_fa3_ws_fp8_equals_fa3_causal(dq, dkv, qo_len, kv_len, gr
     assert torch.equal(lw, l3), (lw - l3).abs().max().item()
 
 
-# fa3_ws widening variants (prefill_sm90_ws.cuh, Sm90WsTraits): the kernel as it was before the register-staged
-# widening (widen_fp8_tile, K(n) before V(n), registers 56 + 224).
-WS_FP8_VARIANT_FLAGS = {
-    "legacy": ("-DFI_WS_FP8_WIDEN=0", "-DFI_WS_FP8_K_AHEAD=0", "-DFI_WS_PRODUCER_REGS=56", "-DFI_WS_CONSUMER_REGS=224"),
-}
-
-
-def _ws_variant_spec(flags, *args, **kw):
-    """A SinglePrefillSpec whose module is built with extra nvcc flags (its own JIT cache entry)."""
-    import dataclasses
-
-    @dataclasses.dataclass(frozen=True)
-    class Variant(SinglePrefillSpec):
-        def extra_cuda_cflags(self):
-            return tuple(SinglePrefillSpec.extra_cuda_cflags(self)) + tuple(flags)
-
-    return Variant(*args, **kw)
-
-
 def _half_bits_to_float(bits):
     """float16 bit patterns (int64 tensor, 16 bits used) -> float64 values."""
     return bits.to(torch.int16).view(torch.float16).double()
@@ -1295,21 +1276,6 @@ def test_fp8_e5m2_permute_widening_is_exact():
         assert torch.equal(torch.isnan(got), torch.isnan(want))
         fin = ~torch.isnan(want)
         assert torch.equal(got[fin], want[fin]) and torch.equal(torch.signbit(got[fin]), torch.signbit(want[fin]))
-
-
-@pytest.mark.parametrize("variant", sorted(WS_FP8_VARIANT_FLAGS))
-def test_fa3_ws_fp8_variants_keep_to_registers(variant, tmp_path, monkeypatch):
-    """The probe's non-default widening variants build for sm_90a without stack frame or spills; the legacy one keeps
-    its 8-byte loads."""
-    from flashinfer import jit
-
-    monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
-    spec = _ws_variant_spec(WS_FP8_VARIANT_FLAGS[variant], 128, "bf16", "e4m3", "bf16", "causal", backend="fa3_ws")
-    report = jit.ensure_built(spec)
-    assert_register_only(report, kernels=1)
-    sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
-    if sass is not None:
-        assert "F2FP.F16.E4M3.UNPACK_B" in sass and "LDS.64" in sass
 
 
 def _fp8_codes(kv_dtype, n, shift):

@@ -8,14 +8,12 @@
 //     issues the K and V tiles of the item as TMA boxes into a kStages-deep ring. fp8 K/V ("dequantise in the
 //     producer"): thread 0 issues each fp8 tile as one TMA box of whole rows (head_dim bytes, unswizzled) into a
 //     staging tile of K or of V, and all 128 threads widen it (fp8 -> float16, exact) into the ring's 16-bit swizzled
-//     slot; the consumers read float16 there as they read q's type otherwise. By default (FI_WS_FP8_WIDEN=1) each
+//     slot; the consumers read float16 there as they read q's type otherwise. Each
 //     thread loads its whole share of the staged tile into registers (8 x 16 bytes), the staging tile goes back to TMA
 //     for the next tile at once, and only then does the thread wait for the ring slot and convert and store: the
 //     registers are a second staging tile, and the copy of tile n + 1 runs under the wait for slot n and the widening
 //     of tile n (e4m3: the conversion instruction; e5m2: byte permutes, common.cuh). The tiles are widened in the
-//     consumers' order of use: an item's K(0) before its Q is copied, then K(n + 1) before V(n) (FI_WS_FP8_K_AHEAD).
-//     FI_WS_FP8_WIDEN=0 FI_WS_FP8_K_AHEAD=0 with registers 56/224 is the kernel as it was: the fa3 kernel's
-//     widen_fp8_tile, one 8-byte load per store, K(n) then V(n).
+//     consumers' order of use: an item's K(0) before its Q is copied, then K(n + 1) before V(n).
 //   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs, fp8 kConsumerRegsFp8): 64 packed query rows
 //     each of the item's 128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
@@ -128,7 +126,7 @@ struct Sm90WsTraits {
   // Registers per thread after setmaxnreg (-D overrides for probes, both K/V kinds): 128 * 56 + 256 * 224 <= the SM's
   // 64K. At 40 the producer spills its work-item state (ptxas, CUDA 13.0); the consumers need ~200 (O 64, S 64, P 32
   // and addresses). fp8 K/V: 72 + 216, the producer holding a whole staged tile (32 registers) in flight
-  // (FI_WS_FP8_BATCH 8; at 64 it spills).
+  // (at 64 it spills).
 #ifdef FI_WS_PRODUCER_REGS
   static constexpr int kProducerRegs = FI_WS_PRODUCER_REGS, kProducerRegsFp8 = FI_WS_PRODUCER_REGS;
 #else
@@ -156,42 +154,6 @@ struct Sm90WsTraits {
   static constexpr int kF8TileBytes = BK * kHeadDim;
   static constexpr int kFp8Bytes = 2 * kF8TileBytes + 2 * 8;
   static constexpr int kProducerBarrier = 5;
-  // How the producer widens a staged fp8 tile (-D overrides for probes, see sm90_ws_widen_fp8):
-  //   FI_WS_FP8_WIDEN   1: register-staged (16-byte loads of the whole tile into registers in batches, the staging
-  //                        tile handed back to TMA before the ring slot is waited for and written); 0: the fa3
-  //                        kernel's widen_fp8_tile (8-byte loads and 16-byte stores one chunk at a time).
-  //   FI_WS_FP8_BATCH   16-byte staging loads per thread issued before the first conversion (1, 2, 4 or 8 of the
-  //                        tile's 8; mode 1).
-  //   FI_WS_FP8_K_AHEAD the order of the producer's widening: 0, K(n) then V(n) after the item's Q; 1, K(n + 1)
-  //                        before V(n), the consumers' order of use (S(n + 1) is issued before P(n) V(n), and
-  //                        K(n - 1)'s slot frees before V(n - 2)'s); 2 (default), 1 and an item's K(0) before its Q
-  //                        (K(0)'s slot frees with the previous item's S(N - 2), its Q only after S(N - 1): the
-  //                        consumers then start the item as soon as Q has landed).
-#ifdef FI_WS_FP8_WIDEN
-  static constexpr int kFp8Widen = FI_WS_FP8_WIDEN;
-#else
-  static constexpr int kFp8Widen = 1;
-#endif
-#ifdef FI_WS_FP8_BATCH
-  static constexpr int kFp8Batch = FI_WS_FP8_BATCH;
-#else
-  static constexpr int kFp8Batch = 8;
-#endif
-  //   FI_WS_FP8_EARLY_RELEASE 1 (default): the staging tile goes back to TMA once loaded into registers; 0: after
-  //                        the widened tile is stored (probe).
-#ifdef FI_WS_FP8_EARLY_RELEASE
-  static constexpr bool kFp8EarlyRelease = FI_WS_FP8_EARLY_RELEASE;
-#else
-  static constexpr bool kFp8EarlyRelease = true;
-#endif
-#ifdef FI_WS_FP8_K_AHEAD
-  static constexpr int kFp8KAhead = FI_WS_FP8_K_AHEAD;
-#else
-  static constexpr int kFp8KAhead = 2;
-#endif
-  static_assert(kFp8Widen == 0 || kFp8Widen == 1, "FI_WS_FP8_WIDEN: 0 or 1");
-  static_assert(kFp8KAhead >= 0 && kFp8KAhead <= 2, "FI_WS_FP8_K_AHEAD: 0, 1 or 2");
-  static_assert(kFp8Batch == 1 || kFp8Batch == 2 || kFp8Batch == 4 || kFp8Batch == 8, "FI_WS_FP8_BATCH");
   static constexpr int smem_bytes(bool ragged, bool fp8 = false) {
     return kSmemBytes + (ragged ? kItemBytes : 0) + (fp8 ? kFp8Bytes : 0);
   }
@@ -271,7 +233,7 @@ FI_DEVICE Sm90WsItem sm90_ws_ragged_item(const PrefillParams& p, int w) {
   return t;
 }
 
-// ---- fp8 widening, register-staged (FI_WS_FP8_WIDEN=1). A thread's share of a staged fp8 tile (BK rows of 128
+// ---- fp8 widening, register-staged. A thread's share of a staged fp8 tile (BK rows of 128
 // bytes) is 8 loads of 16 bytes, one per step of 16 rows; each becomes the 16-bit chunks 2j and 2j + 1 of its row
 // in the swizzled ring tile (tile_offset). In a quarter warp (tid / 8 = q) thread j = tid % 8 takes 16-byte column j
 // of row q (j < 4) or of row q ^ 1 (j >= 4): the eight loads read 64 bytes of each of two rows (all 32 banks once),
@@ -383,66 +345,40 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       load_kv_tile(smem_addr(sf8 + (is_v ? Tr::kF8TileBytes : 0)), is_v ? &P.v_map : &P.k_map,
                    is_v ? P.v_heads_inner : P.k_heads_inner, key0, head, bar);
     };
-    // fp8 (all 128 threads): widens tile `it` (slot s, phase ph of the ring) of K or V once it is staged and the slot
-    // is free, completes the slot's full barrier, and refills the staging tile with the tile at row next_key0 (< 0:
-    // none). Register-staged (kFp8Widen 1): the whole tile is loaded into registers (kFp8Batch loads at a time),
-    // the staging tile handed back to TMA (the refill then runs while the slot is waited for and written), the slot
-    // waited for after the first batch's loads, each batch converted and stored.
+    // fp8 (all 128 threads): widens tile `it` (slot s, phase ph of the ring) of K or V. The whole staged tile is
+    // loaded into registers and the staging tile handed back to TMA (refilled with the tile at row next_key0; < 0:
+    // none), so that the refill runs while the slot is waited for and written; then the tile is converted into the
+    // slot and its full barrier completed. H200 probe (2026-11-30), e4m3/bf16 TFLOP/s at 8192 full / 8192 causal /
+    // 16384 full: 1.026 / 1.016 / 1.036; staging handed back after the stores 0.999 / 1.014 / 1.021; loads in
+    // batches of 2 (registers 56/224) 1.015 / 0.982 / 1.026; the fa3 kernel's widen_fp8_tile after the slot's wait
+    // (one 8-byte load per store) 0.852 / 0.827 / 0.868.
     const Sm90WsFp8Lane f8lane = sm90_ws_fp8_lane(tid);
-    auto widen_fp8_regs = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
-      if constexpr (FP8) {
-        constexpr int kSteps = BK * D / 16 / 128, B = Tr::kFp8Batch;
+    auto widen_fp8 = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
+      if constexpr (FP8) {  // (the body names fp8 types: not instantiated for 16-bit K/V)
+        constexpr int kSteps = BK * D / 16 / 128;
         const uint32_t src = smem_addr(sf8) + (is_v ? Tr::kF8TileBytes : 0) + f8lane.src;
         const uint32_t ring = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
         const uint32_t dst0 = ring + f8lane.dst0, dst1 = ring + f8lane.dst1;
         wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
         uint4 raw[kSteps];
 #pragma unroll
-        for (int b = 0; b < kSteps; b += B) {
-#pragma unroll
-          for (int i = b; i < b + B; ++i) raw[i] = ld_shared_v4(src + i * kSm90WsFp8Step);
-          if (Tr::kFp8EarlyRelease && b + B == kSteps) {
-            // The refill is an async-proxy (TMA) write over what these generic-proxy loads read: each thread's
-            // proxy fence orders its loads before it, the barrier before thread 0's copy. Without the fence the
-            // copy overtook loads still in flight (H200: up to 130x the tolerance with 8 loads outstanding).
-            sm90::fence_async_shared();
-            sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
-            if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
-          }
-          if (b == 0) wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
-#pragma unroll
-          for (int i = b; i < b + B; ++i) {
-            uint4 lo, hi;
-            sm90_ws_fp8x16_to_half<DTypeKV>(raw[i], lo, hi);
-            st_shared_v4(dst0 + i * kSm90WsFp8Step, lo);
-            st_shared_v4(dst1 + i * kSm90WsFp8Step, hi);
-          }
-        }
-        sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
-        sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
-        if constexpr (!Tr::kFp8EarlyRelease) {  // (probe: the staging tile handed back after the stores)
-          sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
-          if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
-        }
-      }
-    };
-    auto widen_fp8 = [&](bool is_v, int it, int s, uint32_t ph, int next_key0, int head) {
-      if constexpr (FP8 && Tr::kFp8Widen == 1) {
-        widen_fp8_regs(is_v, it, s, ph, next_key0, head);
-      } else if constexpr (FP8) {  // (the body names fp8 types: not instantiated for 16-bit K/V)
-        wait(is_v ? v_staged : k_staged, it & 1, is_v ? 5 : 4);
-        wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
-        uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
-        // (the thread's chunk column and row & 7 are the same for all its chunks of the tile: with the index's range
-        // known, the compiler steps one address instead of redoing the division and swizzle per chunk)
-        __builtin_assume(tid >= 0 && tid < 128);
-        widen_fp8_tile<BK, D, 128, 2, KVT, DTypeKV>(sf8 + (is_v ? Tr::kF8TileBytes : 0), tid, [&](int row, int c) {
-          return reinterpret_cast<uint4*>(dst + sm90::tile_offset(row, c, BK));
-        });
-        sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
-        sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
-        sm90::named_barrier_sync(Tr::kProducerBarrier, 128);  // every thread has read the staging tile
+        for (int i = 0; i < kSteps; ++i) raw[i] = ld_shared_v4(src + i * kSm90WsFp8Step);
+        // The refill is an async-proxy (TMA) write over what these generic-proxy loads read: each thread's proxy
+        // fence orders its loads before it, the barrier before thread 0's copy. Without the fence the copy overtook
+        // loads still in flight (H200: up to 130x the tolerance).
+        sm90::fence_async_shared();
+        sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
         if (tid == 0 && next_key0 >= 0) stage_fp8(is_v, next_key0, head);
+        wait(is_v ? v_empty(s) : k_empty(s), ph ^ 1, is_v ? 3 : 2);
+#pragma unroll
+        for (int i = 0; i < kSteps; ++i) {
+          uint4 lo, hi;
+          sm90_ws_fp8x16_to_half<DTypeKV>(raw[i], lo, hi);
+          st_shared_v4(dst0 + i * kSm90WsFp8Step, lo);
+          st_shared_v4(dst1 + i * kSm90WsFp8Step, hi);
+        }
+        sm90::fence_async_shared();  // generic-proxy writes -> visible to wgmma (async proxy)
+        sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
       }
     };
     int it = 0;  // (thread 0; fp8: every thread) KV tiles issued so far
@@ -456,14 +392,17 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
           stage_fp8(true, t.kv_first + t.lo, t.kv_head);
         }
       }
-      // fp8 (kFp8KAhead): tile n of the item's K or V, staged, widened into its ring slot, its staging tile refilled
-      // with tile n + 1.
+      // fp8: tile n of the item's K or V, staged, widened into its ring slot, its staging tile refilled with tile
+      // n + 1.
       auto widen_tile = [&](bool is_v, int n) {
         const int i = it + n;
         const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
         widen_fp8(is_v, i, i % S, (i / S) & 1, next_key0, t.kv_head);
       };
-      if constexpr (FP8 && Tr::kFp8KAhead == 2) {
+      // fp8: the item's K(0) before its Q: K(0)'s slot frees with the previous item's S(N - 2), its Q only after
+      // S(N - 1), so the consumers start the item as soon as Q has landed (H200 probe: K(n) then V(n) after Q,
+      // 1.009 / 0.997 / 1.020 against 1.026 / 1.016 / 1.036).
+      if constexpr (FP8) {
         if (t.num_tiles > 0) widen_tile(false, 0);
       }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
@@ -490,26 +429,12 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
       sm90::mbarrier_arrive(q_full);
       if constexpr (FP8) {
-        // Each staging tile is refilled with its operand's next tile right after it has been read.
-        if constexpr (Tr::kFp8KAhead) {
-          // The consumers' order of use: K(0) (here or before Q), then K(n + 1) before V(n) (S(n + 1) is issued
-          // before P(n) V(n)).
-          if (Tr::kFp8KAhead == 1 && t.num_tiles > 0) widen_tile(false, 0);
-          for (int n = 0; n < t.num_tiles; ++n) {
-            if (n + 1 < t.num_tiles) widen_tile(false, n + 1);
-            widen_tile(true, n);
-          }
-          it += t.num_tiles;
-        } else {
-          // K(n), then V(n).
-          for (int n = 0; n < t.num_tiles; ++n, ++it) {
-            const int s = it % S;
-            const uint32_t ph = (it / S) & 1;
-            const int next_key0 = n + 1 < t.num_tiles ? t.kv_first + t.lo + (n + 1) * BK : -1;
-            widen_fp8(false, it, s, ph, next_key0, t.kv_head);
-            widen_fp8(true, it, s, ph, next_key0, t.kv_head);
-          }
+        // The consumers' order of use: K(n + 1) before V(n) (S(n + 1) is issued before P(n) V(n)).
+        for (int n = 0; n < t.num_tiles; ++n) {
+          if (n + 1 < t.num_tiles) widen_tile(false, n + 1);
+          widen_tile(true, n);
         }
+        it += t.num_tiles;
       } else if (tid == 0) {
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
           const int s = it % S;
