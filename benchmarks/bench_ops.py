@@ -110,6 +110,16 @@ def host_us(fn: Callable[[int], object], n_sets: int, calls: int = 200) -> float
     return elapsed / calls * 1e6
 
 
+def copy_us(moved: int) -> float:
+    """Device time of a device-to-device copy of moved / 2 bytes (moved read + written), timed as the ops are:
+    the ceiling for an op of this size, launch and ramp included."""
+    half = max(moved // 2 // 16, 1)
+    n = _sets(2 * 16 * half)
+    srcs = [torch.empty(half, 4, dtype=torch.int32, device="cuda").random_() for _ in range(n)]
+    dsts = [torch.empty_like(x) for x in srcs]
+    return median_ms(lambda i: dsts[i].copy_(srcs[i]), n, warmup=10, iters=60, flush=True) * 1e3
+
+
 def time_library(fi, tokens: Tuple[int, ...]) -> Dict[str, Dict[str, float]]:
     res = {}
     for op, size, t in cases(tokens):
@@ -240,6 +250,7 @@ def main() -> None:
             if t == COMPILE_TOKENS and size != 8192:  # one shape per op keeps the compile time down
                 compiled[key(op, size, t)] = time_compiled(op, size, t)
     t_compile = time.perf_counter() - t0 - t_ours
+    cp = {key(op, size, t): copy_us(ours[key(op, size, t)]["bytes"]) for op, size, t in cases(tokens)}
     ref = None if args.no_reference else run_reference(str(Path(__file__).resolve()), ["--quick"] if args.quick else [])
     ref_cases = (ref or {}).get("cases", {})
 
@@ -253,6 +264,8 @@ def main() -> None:
         "torch.compile µs",
         "ours vs compile",
         "% copy BW",
+        "same-size copy µs",
+        "% of same-size copy",
         "host µs ours",
         "host µs FI",
     ]
@@ -275,6 +288,8 @@ def main() -> None:
                 f"{c * 1e3:.2f}" if c else "-",
                 f"{c / o['ms']:.2f}x" if c else "-",
                 f"{100 * bw / copy_tbs:.1f}%",
+                f"{cp[k]:.2f}",
+                f"{100 * cp[k] / us:.1f}%",
                 f"{o['host_us']:.1f}",
                 f"{r['host_us']:.1f}" if r else "-",
             ]
@@ -286,7 +301,9 @@ def main() -> None:
         "apply_rope_with_cos_sin_cache_inplace, q [tokens, 32 x 128], k [tokens, 8 x 128], NeoX, int64 positions "
         f"0..tokens-1, float32 cache of {ROPE_MAX_POS} rows",
         "bytes counted: everything the op must read and write once (norm weight; RoPE positions and the cos/sin "
-        "rows read); % copy BW = bytes / time / copy bandwidth",
+        "rows read); % copy BW = bytes / time / copy bandwidth (of a 2 GiB copy); same-size copy: a "
+        "device-to-device copy of the same bytes (half read, half written) timed the same way, launch and ramp "
+        "included; % of same-size copy = its time / ours",
         "device times: median of 60 calls, CUDA events, L2 flushed before each call, inputs rotated beyond L2; "
         "host µs: wall time per eager call over 200 back-to-back calls (no sync inside)",
         "torch.compile: the same op in plain PyTorch (fp32 math, bf16 out; RoPE = vLLM's forward_native returning "
