@@ -199,9 +199,9 @@ FI_DEVICE void merge_pair_span(const MergeParams& p, unsigned first) {
     float o[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = acc.o[i] * inv_d;
-    store_chunk(static_cast<DType*>(p.v_out) +
-                    (pair_offset<ADDR>(row[u], n[u], h[u], p.o_stride_n, p.o_stride_h) + chunk8),
-                pack8<DType>(o));
+    store_chunk(
+        static_cast<DType*>(p.v_out) + (pair_offset<ADDR>(row[u], n[u], h[u], p.o_stride_n, p.o_stride_h) + chunk8),
+        pack8<DType>(o));
     if (p.s_out != nullptr && chunk8 == 0)
       p.s_out[pair_offset<ADDR>(row[u], n[u], h[u], p.so_stride_n, p.so_stride_h)] = merged_lse(acc.m, acc.d);
   }
@@ -230,12 +230,10 @@ __global__ void __launch_bounds__(kPairThreads, kPairMinBlocks)
 // written into its stride_h.
 inline int pair_addressing(MergeParams& p, int seq_len, int num_heads, int head_dim) {
   const int64_t limit = (int64_t(1) << 31) - 1;
-  int64_t* v_strides[3][2] = {{&p.a.v_stride_n, &p.a.v_stride_h},
-                              {&p.b.v_stride_n, &p.b.v_stride_h},
-                              {&p.o_stride_n, &p.o_stride_h}};
-  int64_t* s_strides[3][2] = {{&p.a.s_stride_n, &p.a.s_stride_h},
-                              {&p.b.s_stride_n, &p.b.s_stride_h},
-                              {&p.so_stride_n, &p.so_stride_h}};
+  int64_t* v_strides[3][2] = {
+      {&p.a.v_stride_n, &p.a.v_stride_h}, {&p.b.v_stride_n, &p.b.v_stride_h}, {&p.o_stride_n, &p.o_stride_h}};
+  int64_t* s_strides[3][2] = {
+      {&p.a.s_stride_n, &p.a.s_stride_h}, {&p.b.s_stride_n, &p.b.s_stride_h}, {&p.so_stride_n, &p.so_stride_h}};
   const int num_s = p.s_out != nullptr ? 3 : 2;
   // Every offset n * stride_n + h * stride_h + e (n < seq_len, h < num_heads, e < width) within an int? (torch's
   // strides are non-negative)
@@ -355,7 +353,7 @@ cudaError_t launch_merge(MergeParams p, int seq_len, int num_heads, int head_dim
     // A grid of whole resident waves (the blocks loop over the rows): 2048 threads per SM.
     const int blocks_needed = ceil_div(p.rows, p.rows_per_block);
     const int resident = sm_count(device) * (2048 / threads);
-    merge_states_kernel<DType><<<blocks_needed < resident ? blocks_needed : resident, threads, 0, stream>>>(p);
+    merge_states_kernel<DType> < <<blocks_needed<resident ? blocks_needed : resident, threads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
