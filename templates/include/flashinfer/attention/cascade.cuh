@@ -353,7 +353,8 @@ cudaError_t launch_merge(MergeParams p, int seq_len, int num_heads, int head_dim
     // A grid of whole resident waves (the blocks loop over the rows): 2048 threads per SM.
     const int blocks_needed = ceil_div(p.rows, p.rows_per_block);
     const int resident = sm_count(device) * (2048 / threads);
-    merge_states_kernel<DType> < <<blocks_needed<resident ? blocks_needed : resident, threads, 0, stream>>>(p);
+    const int blocks = blocks_needed < resident ? blocks_needed : resident;
+    merge_states_kernel<DType><<<blocks, threads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
