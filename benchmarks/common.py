@@ -108,19 +108,9 @@ def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
     with the same helpers from this module."""
     import sys
 
-    site = os.environ.get("FI_REF_SITE", "/tmp/fi_ref_site")
-    if not os.path.isdir(os.path.join(site, "flashinfer")):
-        print(
-            f"[reference] FlashInfer reference not installed at {site}: reference columns left empty", file=sys.stderr
-        )
+    env = reference_env()
+    if env is None:
         return None
-    bench_dir = str(Path(__file__).resolve().parent)
-    env = dict(
-        os.environ,
-        PYTHONPATH=f"{site}:{bench_dir}",
-        FLASHINFER_CUDA_ARCH_LIST="9.0",
-        FLASHINFER_WORKSPACE_BASE=os.environ.get("FI_REF_WS", "/tmp/fi_ref_ws"),
-    )
     # Its JIT compiles each module on first use (10-25 s, fa3 and sampling modules 60-120 s): bounded, so that a
     # slow reference leaves our columns filled rather than the whole benchmark killed by the caller's limit.
     limit = float(os.environ.get("FI_REF_TIMEOUT", "900"))
@@ -148,6 +138,27 @@ def run_reference(script: str, args: Sequence[str] = ()) -> dict | None:
         print(f"[reference] {script} failed (exit {p.returncode}):\n{p.stderr[-4000:]}", file=sys.stderr)
         return None
     return _last_json(p.stdout)
+
+
+def reference_env() -> dict | None:
+    """The environment of a ``--flashinfer-reference`` process: only the real FlashInfer (``FI_REF_SITE``, default
+    /tmp/fi_ref_site) and the benchmarks folder on PYTHONPATH; None, with a note on stderr, when it is not
+    installed."""
+    import sys
+
+    site = os.environ.get("FI_REF_SITE", "/tmp/fi_ref_site")
+    if not os.path.isdir(os.path.join(site, "flashinfer")):
+        print(
+            f"[reference] FlashInfer reference not installed at {site}: reference columns left empty", file=sys.stderr
+        )
+        return None
+    bench_dir = str(Path(__file__).resolve().parent)
+    return dict(
+        os.environ,
+        PYTHONPATH=f"{site}:{bench_dir}",
+        FLASHINFER_CUDA_ARCH_LIST="9.0",
+        FLASHINFER_WORKSPACE_BASE=os.environ.get("FI_REF_WS", "/tmp/fi_ref_ws"),
+    )
 
 
 def _last_json(stdout: str) -> dict | None:

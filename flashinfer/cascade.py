@@ -6,7 +6,7 @@ over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -
 
 * ``merge_state``, ``merge_state_in_place``, ``merge_states``: the merges, one JIT-compiled kernel family
   (``merge_state``, templates/include/flashinfer/attention/cascade.cuh) built on the merge primitive the split-KV decode and
-  prefill kernels use (``StateAccumulator`` in merge.cuh).
+  prefill kernels use (``StateAccumulator`` in attention/state.cuh).
 * ``MultiLevelCascadeAttentionWrapper``: requests whose KV caches share prefixes. Level ``l`` has its own page table
   and groups the queries into requests (``qo_indptr_arr[l]``); the top level is typically one request holding every
   query of the batch against the shared prefix, so its KV is read once and its work runs on tensor cores (the

@@ -23,10 +23,12 @@ NEG_INF = float("-inf")
 
 
 def _merge_ref(vs, ss):
-    """float64 merge of states vs [..., n, H, D], ss [..., n, H] along dim -3 / -2 (-inf: empty)."""
+    """float64 merge of states vs [..., n, H, D], ss [..., n, H] along dim -3 / -2 (-inf: empty, its v unread)."""
     vs, ss = vs.double(), ss.double()
+    empty = torch.isinf(ss) & (ss < 0)
+    vs = torch.where(empty[..., None], torch.zeros_like(vs), vs)
     m = ss.max(dim=-2, keepdim=True).values
-    w = torch.where(torch.isinf(ss) & (ss < 0), torch.zeros_like(ss), torch.exp2(ss - m.nan_to_num(0.0)))
+    w = torch.where(empty, torch.zeros_like(ss), torch.exp2(ss - m.nan_to_num(0.0)))
     d = w.sum(dim=-2)
     o = (w[..., None] * vs).sum(dim=-3) / torch.where(d > 0, d, torch.ones_like(d))[..., None]
     s = torch.where(
@@ -45,14 +47,28 @@ def _lse_close(got, ref):
 
 
 def _states(shape, dtype, p_inf=0.15):
-    """Random v (in dtype) and lse in a realistic range, a fraction of the lse -inf (empty states)."""
+    """Random v (in dtype) and lse in a realistic range, a fraction of the lse -inf (empty states, their v NaN:
+    an empty state's values must never be read, as FlashInfer's own merges leave NaN there)."""
     v = torch.randn(*shape, device="cuda").to(dtype)
     s = torch.randn(*shape[:-1], device="cuda") * 4 + 10
     s[torch.rand_like(s) < p_inf] = NEG_INF
+    v[torch.isinf(s)] = float("nan")
     return v, s
 
 
-MERGE_SHAPES = [(1, 1, 8), (37, 3, 72), (500, 32, 128), (64, 8, 256), (4100, 5, 256)]  # the last loops over the grid
+def _set_state(v, s, idx, lse):
+    """State idx of (v, s) non-empty: s[idx] = lse and fresh finite values."""
+    s[idx] = lse
+    v[idx] = torch.randn(v[idx].shape, device=v.device).to(v.dtype)
+
+
+def _bits(v):
+    """v's 16-bit patterns (NaN compares equal to itself)."""
+    return v.contiguous().view(torch.int16)
+
+
+# One row; odd head counts; head_dim 8 to 2048 (rows within a warp or across warps); a grid of many blocks.
+MERGE_SHAPES = [(1, 1, 8), (37, 3, 72), (9, 7, 64), (500, 32, 128), (64, 8, 256), (4100, 5, 256), (3, 2, 2048)]
 
 
 @pytest.mark.gpu
@@ -63,8 +79,9 @@ def test_merge_state(dtype, shape):
     vb, sb = _states(shape, dtype)
     sa[0, 0], sb[0, 0] = NEG_INF, NEG_INF  # both empty
     if shape[0] > 1:
-        sa[1, 0], sb[1, 0] = NEG_INF, 3.0  # only b
-        sa[1, -1], sb[1, -1] = 7.0, NEG_INF  # only a
+        sa[1, 0] = sb[1, -1] = NEG_INF
+        _set_state(vb, sb, (1, 0), 3.0)  # only b
+        _set_state(va, sa, (1, -1), 7.0)  # only a
     v, s = flashinfer.merge_state(va, sa, vb, sb)
     ref_v, ref_s = _merge_ref(torch.stack([va, vb], -3), torch.stack([sa, sb], -2))
     assert_close(v, ref_v, what="v")
@@ -73,32 +90,56 @@ def test_merge_state(dtype, shape):
     only_a, only_b = torch.isinf(sb) & ~torch.isinf(sa), torch.isinf(sa) & ~torch.isinf(sb)
     assert torch.equal(v[only_a], va[only_a]) and torch.equal(s[only_a], sa[only_a])
     assert torch.equal(v[only_b], vb[only_b]) and torch.equal(s[only_b], sb[only_b])
+    # v_a as a view with evenly spaced rows (flat addressing) and s_b transposed (by position and head): the same.
+    seq, heads, d = shape
+    va_view = torch.empty(seq, heads, 2 * d, device="cuda", dtype=dtype)[:, :, d:]
+    va_view.copy_(va)
+    sb_t = torch.empty(heads, seq, device="cuda").t()
+    sb_t.copy_(sb)
+    v2, s2 = flashinfer.merge_state(va_view, sa, vb, sb_t)
+    assert torch.equal(_bits(v2), _bits(v)) and torch.equal(s2, s), "strided inputs merge differently"
     both = torch.isinf(sa) & torch.isinf(sb)
     assert (v[both] == 0).all() and (s[both] == NEG_INF).all()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_merge_state_in_place_with_mask_and_views(dtype):
-    seq, heads, d = 300, 6, 128
-    # v as a view into a wider buffer (row stride 2 * heads * d), s transposed (non-contiguous), v_other strided.
+@pytest.mark.parametrize(
+    "shape", [(300, 6, 128), (1, 1, 64), (77, 5, 96), (40, 3, 256), (9, 2, 2048)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("s_layout", ["contiguous", "transposed"])
+def test_merge_state_in_place_with_mask_and_views(dtype, shape, s_layout):
+    """In place, with and without a mask: v a view into a wider buffer (rows evenly spaced), s contiguous (every
+    tensor addressed by its flat row) or transposed (by position and head), v_other strided. head_dim 96 and 2048
+    put a row's threads in more than one warp (the block waits for every read of s before any write)."""
+    seq, heads, d = shape
     big = torch.randn(seq, heads, 2 * d, device="cuda").to(dtype)
     v = big[:, :, d:]
-    s_store = torch.randn(heads, seq, device="cuda") * 3 + 8
-    s = s_store.t()
+    s = (
+        torch.empty(seq, heads, device="cuda")
+        if s_layout == "contiguous"
+        else torch.empty(heads, seq, device="cuda").t()
+    )
+    s.copy_(torch.randn(seq, heads, device="cuda") * 3 + 8)
     s[torch.rand_like(s) < 0.2] = NEG_INF
+    v[torch.isinf(s)] = float("nan")
     vo_big = torch.randn(seq, 2 * heads, d, device="cuda").to(dtype)
     v_other = vo_big[:, ::2]
     s_other = torch.randn(seq, heads, device="cuda") * 3 + 8
     s_other[torch.rand_like(s_other) < 0.2] = NEG_INF
+    v_other[torch.isinf(s_other)] = float("nan")
+    s[0, 0] = s_other[0, 0] = NEG_INF  # both empty
     mask = torch.rand(seq, device="cuda") < 0.7
+    mask[0] = True
     v0, s0 = v.clone(), s.clone()
     untouched = big[:, :, :d].clone()
     flashinfer.merge_state_in_place(v, s, v_other, s_other, mask=mask)
     ref_v, ref_s = _merge_ref(torch.stack([v0, v_other], -3), torch.stack([s0, s_other], -2))
     assert_close(v[mask], ref_v[mask], what="merged rows")
     _lse_close(s[mask], ref_s[mask])
-    assert torch.equal(v[~mask], v0[~mask]) and torch.equal(s[~mask], s0[~mask]), "masked-off rows changed"
+    assert torch.equal(_bits(v[~mask]), _bits(v0[~mask])) and torch.equal(s[~mask], s0[~mask]), (
+        "masked-off rows changed"
+    )
     assert torch.equal(big[:, :, :d], untouched), "wrote outside the view"
     # No mask: every row; s_other in float16 is converted.
     v1, s1 = v.clone(), s.clone()
@@ -106,6 +147,26 @@ def test_merge_state_in_place_with_mask_and_views(dtype):
     ref_v, ref_s = _merge_ref(torch.stack([v1, v_other], -3), torch.stack([s1, s_other.half().float()], -2))
     assert_close(v, ref_v)
     _lse_close(s, ref_s)
+
+
+@pytest.mark.gpu
+def test_merge_state_offsets_beyond_int32():
+    """v_a's second position lies 2^31 elements past its first (64-bit offsets): out of place and in place."""
+    seq, heads, d = 2, 3, 64
+    storage = torch.empty(2**31 + heads * d, dtype=torch.bfloat16, device="cuda")
+    va = storage.as_strided((seq, heads, d), (2**31, d, 1))
+    va_vals, sa = _states((seq, heads, d), torch.bfloat16)
+    va.copy_(va_vals)
+    vb, sb = _states((seq, heads, d), torch.bfloat16)
+    ref_v, ref_s = _merge_ref(torch.stack([va_vals, vb], -3), torch.stack([sa, sb], -2))
+    v, s = flashinfer.merge_state(va, sa, vb, sb)
+    assert_close(v, ref_v)
+    _lse_close(s, ref_s)
+    flashinfer.merge_state_in_place(va, sa, vb, sb)
+    assert_close(va, ref_v)
+    _lse_close(sa, ref_s)
+    del storage, va
+    torch.cuda.empty_cache()
 
 
 @pytest.mark.gpu
@@ -118,7 +179,7 @@ def test_merge_states(dtype, shape):
     if shape[1]:
         s[0, :, 0] = NEG_INF  # a row with every state empty
         s[-1, :, -1] = NEG_INF
-        s[-1, shape[1] // 2, -1] = 2.0  # ... but one
+        _set_state(v, s, (-1, shape[1] // 2, -1), 2.0)  # ... but one
     vo, so = flashinfer.merge_states(v, s)
     assert vo.shape == (shape[0], shape[2], shape[3]) and so.shape == (shape[0], shape[2])
     if shape[1] == 0:

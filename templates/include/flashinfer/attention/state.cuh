@@ -108,6 +108,16 @@ struct StateAccumulator {
     for (int i = 0; i < N; ++i) o[i] = 0.f;
   }
 
+  // Holding one state: the same as add(lse, first) on an empty accumulator, without rescaling its zeros (an
+  // empty first state's values are never read: they may be anything, NaN included).
+  FI_DEVICE StateAccumulator(float lse, const float (&first)[N]) {
+    const bool empty = lse == kNegInf;
+    m = lse;
+    d = empty ? 0.f : 1.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) o[i] = empty ? 0.f : first[i];
+  }
+
   FI_DEVICE void add(float lse, const float (&other)[N]) {
     if (lse == kNegInf) return;  // empty state
     const float m_new = fmaxf(m, lse);
