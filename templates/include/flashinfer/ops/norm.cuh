@@ -12,6 +12,7 @@
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"
 #include "flashinfer/ptx/griddepcontrol.cuh"
+#include "flashinfer/ptx/ld_st.cuh"
 
 namespace flashinfer {
 
@@ -28,7 +29,16 @@ struct NormParams {
   NormRows in, o, res;
   int rows, inner, hidden;
   float eps, weight_bias;
+  bool stream;  // cache hints on the row loads and stores (ptx/ld_st.cuh: streaming_hints)
 };
+
+// FI_NORM_WEIGHT_LATE 1 (development knob, issue 14: benchmarks/probe_ops.py): the weight is loaded after the row's
+// reduction rather than with the row. Every CTA reads the whole weight from L2 (at 256 rows of 4096 as many bytes
+// as the rows themselves); loaded late, it no longer shares the first round trip with the rows, and a later CTA
+// on the same SM may find it in L1. 0: with the row (one memory round trip).
+#ifndef FI_NORM_WEIGHT_LATE
+#define FI_NORM_WEIGHT_LATE 0
+#endif
 
 constexpr int kNormWarpRowsPerCta = 8;       // warp-per-row kernel: 8 rows (256 threads) per CTA
 constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte chunks, several a thread
@@ -78,6 +88,8 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   if (!live) row = p.rows - 1;
   const int chunks = p.hidden / N;
   constexpr bool kFast2d = !(FUSED_ADD && N == 8 && VPT == kNormVpt);
+  // Hinted row loads (ptx/ld_st.cuh) cost that kernel registers too (it spilled): plain loads there.
+  constexpr bool kHintLoads = kFast2d;
   const T* in = static_cast<const T*>(p.input) + norm_row_offset<kFast2d>(p.in, row, p.inner);
   T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset<kFast2d>(p.res, row, p.inner) : nullptr;
   const T* w = static_cast<const T*>(p.weight);
@@ -88,9 +100,14 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   for (int v = 0; v < VPT; ++v) {
     const int c = v * nthreads + t;
     if (c < chunks) {
-      xc[v].load(in + c * N);
-      if constexpr (FUSED_ADD) rc[v].load(res + c * N);
-      wc[v].load(w + c * N);
+      if constexpr (kHintLoads) {
+        load_streamed(xc[v], in + c * N, p.stream);
+        if constexpr (FUSED_ADD) load_streamed(rc[v], res + c * N, p.stream);
+      } else {
+        xc[v].load(in + c * N);
+        if constexpr (FUSED_ADD) rc[v].load(res + c * N);
+      }
+      if constexpr (!FI_NORM_WEIGHT_LATE) wc[v].load(w + c * N);
     }
   }
   // x of chunk v in fp32 (the fused add recomputes input + residual exactly as it first did).
@@ -110,7 +127,7 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
     if (c < chunks) {
       float x[N];
       row_values(v, x);
-      if (FUSED_ADD && live) store_floats<T, N>(res + c * N, x);
+      if (FUSED_ADD && live) store_floats_streamed<T, N>(res + c * N, x, p.stream);
 #pragma unroll
       for (int i = 0; i < N; ++i) sum_sq = fmaf(x[i], x[i], sum_sq);
     }
@@ -134,6 +151,13 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   const float rrms = rsqrtf(sum_sq / float(p.hidden) + p.eps);
 
   T* out = static_cast<T*>(p.out) + norm_row_offset<kFast2d>(p.o, row, p.inner);
+  if constexpr (FI_NORM_WEIGHT_LATE) {
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int c = v * nthreads + t;
+      if (live && c < chunks) wc[v].load(w + c * N);
+    }
+  }
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int c = v * nthreads + t;
@@ -143,7 +167,7 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
       wc[v].to_floats(wf);
 #pragma unroll
       for (int i = 0; i < N; ++i) x[i] = x[i] * rrms * (p.weight_bias + wf[i]);
-      store_floats<T, N>(out + c * N, x);
+      store_floats_streamed<T, N>(out + c * N, x, p.stream);
     }
   }
   grid_dependency_launch_dependents();
@@ -159,8 +183,9 @@ constexpr int kNormMaxHiddenScalar = kNormMaxScalarThreads * kNormScalarVpt;  //
 constexpr int kNormErrHiddenTooLarge = 1001;  // a module error code (the template gives its text)
 
 template <typename T, bool FUSED_ADD>
-static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cudaStream_t stream) {
+static cudaError_t launch_rmsnorm(NormParams p, int device, bool pdl, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
+  p.stream = streaming_hints(int64_t(p.rows) * p.hidden * (FUSED_ADD ? 4 : 2) * int64_t(sizeof(T)), device);
   const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   const auto rows_aligned = [&](const NormRows& s) {
     return (p.rows <= p.inner || s.stride0 % 8 == 0) && (p.inner <= 1 || s.stride1 % 8 == 0);
