@@ -42,14 +42,16 @@ DTYPE = torch.bfloat16
 
 # variant name -> -D flags; the first of each family is the default build (no flags).
 # Issue 14's trial (knobs in ptx/ld_st.cuh, ops/norm.cuh, ops/activation.cuh): cache hints on the streamed loads
-# and stores (by default only on launches moving more than the L2; "always": every launch), the norm's weight
-# loaded after the reduction, silu_and_mul's grid order and CTA size.
+# and stores (their L2 priority by default only on launches moving more than the L2; "always": every launch), the
+# norm's weight loaded after the reduction or once for 2 rows a thread, silu_and_mul's grid order and CTA size.
 LD_NC, LD_NC_EF, LD_L2_EF, LD_NC_L1 = (f"-DFI_OPS_LOAD_HINT={m}" for m in (1, 2, 3, 4))
 ST_CS, ST_EF = "-DFI_OPS_STORE_HINT=1", "-DFI_OPS_STORE_HINT=2"
 ALWAYS = "-DFI_OPS_HINT_MIN_L2_PCT=0"
 NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "default": (),
     "w late": ("-DFI_NORM_WEIGHT_LATE=1",),
+    "2 rows/thr": ("-DFI_NORM_ROWS_PER_THREAD=2",),
+    "2 rows/thr w late": ("-DFI_NORM_ROWS_PER_THREAD=2", "-DFI_NORM_WEIGHT_LATE=1"),
     "ld nc": (LD_NC,),
     "ld nc+ef": (LD_NC_EF,),
     "ld L2 ef": (LD_L2_EF,),
@@ -170,13 +172,14 @@ def time_family(fam: Family, ops, rounds: int) -> Tuple[Timings, Dict[Tuple[str,
     """Checks every variant, then times every case (inputs made once per case; the variants interleaved
     within each round). Returns the best median ms per case and variant, and the bytes each case moves."""
     names = list(fam.variants)
-    # Every variant on shapes of every launch regime (1001 rows: a partial last warp-per-row CTA) before timing.
+    # Every variant on shapes of every launch regime (257 rows: an odd count past the SM count in the one-chunk
+    # shape, i.e. a last row pair of one row; 1001 rows: a partial last warp-per-row CTA) before timing.
     bad = []
     for name in names:
         fam.install(name)
         for op, sizes in ops:
             for size in sizes:
-                for t in (1, 256, 1001, 4096):
+                for t in (1, 256, 257, 1001, 4096):
                     if not check(op, size, t):
                         bad.append(f"{name}: {op}/{size}/{t}")
     if bad:

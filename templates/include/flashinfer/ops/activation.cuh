@@ -119,8 +119,8 @@ static cudaError_t launch_act_and_mul(ActParams p, int device, bool pdl, cudaStr
   p.stream = streaming_hints(int64_t(p.rows) * p.d * 3 * int64_t(sizeof(T)), device);
   const int col_blocks = ceil_div(chunks, kActThreads * p.chunks_per_thread);
   if (!FI_ACT_COLS_FIRST && col_blocks > kActMaxGridY) return cudaErrorInvalidValue;
-  const dim3 grid = FI_ACT_COLS_FIRST ? dim3(col_blocks, p.rows < kActMaxGridY ? p.rows : kActMaxGridY)
-                                      : dim3(p.rows, col_blocks);
+  const dim3 grid =
+      FI_ACT_COLS_FIRST ? dim3(col_blocks, p.rows < kActMaxGridY ? p.rows : kActMaxGridY) : dim3(p.rows, col_blocks);
   if (vec) return launch_kernel(act_and_mul_kernel<T, ACT, 8>, grid, dim3(kActThreads), 0, stream, pdl, p);
   return launch_kernel(act_and_mul_kernel<T, ACT, 1>, grid, dim3(kActThreads), 0, stream, pdl, p);
 }

@@ -77,8 +77,8 @@ FI_DEVICE void st_global_stream(void* ptr, const uint4& v, bool stream) {
     asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                  : "memory");
   } else {
-    asm volatile("st.global.L1::no_allocate.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(ptr),
-                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "l"(l2_stream_policy(stream))
+    asm volatile("st.global.L1::no_allocate.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(ptr), "r"(v.x),
+                 "r"(v.y), "r"(v.z), "r"(v.w), "l"(l2_stream_policy(stream))
                  : "memory");
   }
 }
