@@ -2,9 +2,9 @@
 silu_and_mul and RoPE (apply_rope_with_cos_sin_cache_inplace) at bench_ops.py's shapes and with its timing (CUDA
 events, L2 flushed before each call), so that one GPU run decides which variant to keep. Each variant is its
 module built with -D flags (a knob added for the trial as a #define default at the top of
-templates/include/flashinfer/ops/{norm,activation,rope}.cuh or ptx/ld_st.cuh); every variant's output is checked against plain
-PyTorch first. Prints tables (µs, best of the rounds' medians; the fastest variant of each row marked *), then
-the real FlashInfer's times for the same cases (bench_ops.py's reference mode, its own process) unless
+templates/include/flashinfer/ops/{norm,activation,rope}.cuh or ptx/ld_st.cuh); every variant's output is checked
+against plain PyTorch first. Prints tables (µs, best of the rounds' medians; the fastest variant of each row marked
+*), then the real FlashInfer's times for the same cases (bench_ops.py's reference mode, its own process) unless
 --no-reference. Records nothing.
 
 The knobs of earlier trials were decided on an H200 and removed with their losing settings (the headers' comments
