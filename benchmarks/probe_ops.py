@@ -60,6 +60,7 @@ NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "ld nc-L1": (LD_NC_L1,),
     "ld nc+ef st cs always": (LD_NC_EF, ST_CS, ALWAYS),
     "w late ld nc+ef st cs": ("-DFI_NORM_WEIGHT_LATE=1", LD_NC_EF, ST_CS),
+    "2 rows/thr ld nc+ef st cs": ("-DFI_NORM_ROWS_PER_THREAD=2", LD_NC_EF, ST_CS),
 }
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "default": (),
