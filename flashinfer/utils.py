@@ -450,6 +450,33 @@ def current_stream_at(index: int) -> int:
 
 
 @functools.cache
+def dlpack_exchange_api() -> int:
+    """Address of torch's DLPack C exchange table (``torch.Tensor.__dlpack_c_exchange_api__``, a capsule named
+    ``"dlpack_exchange_api"``; torch 2.11 and newer), which the per-token ops' "_dlpack" entry points read tensors
+    through (``templates/include/flashinfer/host/dlpack.cuh``); 0 when this torch has none or not DLPack 1.x (the
+    ops then take their Python path only). ``FLASHINFER_DLPACK_LAUNCH=0`` turns that fast path off."""
+    if not _env_bool("FLASHINFER_DLPACK_LAUNCH", True):
+        return 0
+    capsule = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
+    if capsule is None:
+        return 0
+    import ctypes
+
+    api = ctypes.pythonapi
+    api.PyCapsule_IsValid.restype = ctypes.c_int
+    api.PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    name = b"dlpack_exchange_api"
+    if not api.PyCapsule_IsValid(capsule, name):
+        return 0
+    address = api.PyCapsule_GetPointer(capsule, name) or 0
+    if address and ctypes.c_uint32.from_address(address).value != 1:  # header.version.major: the layout we know
+        return 0
+    return address
+
+
+@functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
