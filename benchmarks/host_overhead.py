@@ -16,7 +16,10 @@ every entry point that would launch work is swapped for a C function that return
 ctypes signature (so argument marshalling is still paid); tensors are CPU tensors that report cuda:0
 (``torch.Tensor``'s ``is_cuda``/``device``/``get_device`` patched), ``torch.empty``/``torch.empty_like`` hand out a tensor made once per shape and dtype (so this mode cannot show
 what a cheaper factory call saves), and the stream and device-property queries return
-constants. What remains is the cost of validation, module lookup, marshalling and the ctypes call itself, not
+constants. The norm and activation ops' "_dlpack" entry points (which read the tensors through torch's DLPack C
+exchange table) see CPU tensors as CUDA ones through tests/_dlpack_shim.py, and their accepted calls count as
+launched (the launcher's first CUDA call fails on a machine without a GPU: the entry's checks run, the launch does
+not). What remains is the cost of validation, module lookup, marshalling and the ctypes call itself, not
 of cudaLaunchKernel or the CUDA caching allocator. ``--profile OP`` prints cProfile's view of one op. Times on a
 shared CPU wander by 2x between runs; ``--instructions`` counts the instructions of the timed loops under
 valgrind's callgrind instead (deterministic; a few minutes), for before/after comparisons.

@@ -276,8 +276,9 @@ def _rmsnorm(
             if pdl >= 0:
                 o = torch.empty_like(input) if out is None else out
                 try:
-                    declined = entries.rmsnorm(entries.pack(_DLPACK_API[0], id(input), id(o), id(weight), eps,
-                                                            weight_bias, pdl))
+                    declined = entries.rmsnorm(
+                        entries.pack(_DLPACK_API[0], id(input), id(o), id(weight), eps, weight_bias, pdl)
+                    )
                 except RuntimeError:  # an argument torch cannot view (not a tensor...): the checks below say why
                     declined = 1
                 if not declined:
@@ -345,8 +346,9 @@ def _fused_add_rmsnorm(
             pdl = 2 if enable_pdl is None else 1 if enable_pdl is True else 0 if enable_pdl is False else -1
             if pdl >= 0:
                 try:
-                    declined = entries.fused_add(entries.pack(_DLPACK_API[0], id(input), id(residual), id(weight),
-                                                              eps, weight_bias, pdl))
+                    declined = entries.fused_add(
+                        entries.pack(_DLPACK_API[0], id(input), id(residual), id(weight), eps, weight_bias, pdl)
+                    )
                 except RuntimeError:
                     declined = 1
                 if not declined:

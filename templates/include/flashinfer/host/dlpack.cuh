@@ -82,8 +82,8 @@ template <typename T>
 static bool cuda_view(const void* api, const void* obj, Tensor& t) {
   const auto* a = static_cast<const ExchangeApi*>(api);
   if (a->dltensor_from_py_object_no_sync(const_cast<void*>(obj), &t) != 0) return false;
-  if (t.device.type != kDeviceCuda || t.dtype.code != DtypeOf<T>::code || t.dtype.bits != 16 ||
-      t.dtype.lanes != 1 || t.data == nullptr)
+  if (t.device.type != kDeviceCuda || t.dtype.code != DtypeOf<T>::code || t.dtype.bits != 16 || t.dtype.lanes != 1 ||
+      t.data == nullptr)
     return false;
   t.data = static_cast<char*>(t.data) + t.byte_offset;
   t.byte_offset = 0;
