@@ -209,11 +209,11 @@ def install_stubs() -> None:
 
 
 def _shim_dlpack_entries() -> None:
-    """The "_dlpack" entry points (norm, activation) over CPU tensors: torch's DLPack table wrapped so that CPU
+    """The "_dlpack" entry points (norm, activation, cos/sin-cache RoPE) over CPU tensors: torch's DLPack table wrapped so that CPU
     tensors read as CUDA tensors (tests/_dlpack_shim.py), each entry's accepted calls reported as launched. The
     entries' own checks still run; the launch fails at its first CUDA call (no GPU) instead of launching. Without
     torch's DLPack table the ops keep their Python path, as they would on a GPU."""
-    from flashinfer import activation, norm, utils
+    from flashinfer import activation, norm, rope, utils
 
     real = utils.dlpack_exchange_api() if hasattr(utils, "dlpack_exchange_api") else 0  # (older revisions: none)
     if not real:
@@ -222,24 +222,25 @@ def _shim_dlpack_entries() -> None:
     from _dlpack_shim import accepting_entry, shim_api
 
     table = shim_api(real)
-    for mod in (norm, activation):
+    for mod, loader in ((norm, "_module_for"), (activation, "_module_for"), (rope, "_rope_module")):
         shimmed = set()
+        real_loader = getattr(mod, loader)
 
-        def module_for(*args, _real=mod._module_for, _mod=mod, _shimmed=shimmed):
+        def module_for(*args, _real=real_loader, _mod=mod, _shimmed=shimmed):
             m = _real(*args)
             _mod._DLPACK_API[0] = table
             for dtype, entry in _mod._DLPACK.items():
                 if dtype in _shimmed:
                     continue
                 _shimmed.add(dtype)
-                if isinstance(entry, tuple):  # activation: (packed, pack, codes)
+                if isinstance(entry, tuple):  # activation: (packed, pack, codes); rope: (packed, pack)
                     _mod._DLPACK[dtype] = (accepting_entry(entry[0]), *entry[1:])
                 else:  # norm: _DlpackEntries
                     entry.rmsnorm = accepting_entry(entry.rmsnorm)
                     entry.fused_add = accepting_entry(entry.fused_add)
             return m
 
-        mod._module_for = module_for
+        setattr(mod, loader, module_for)
 
 
 # ------------------------------------------------------------------------------------------------ main

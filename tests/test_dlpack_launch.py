@@ -1,18 +1,19 @@
-"""The per-token ops' "_dlpack" entry points (norm, activation: templates/include/flashinfer/host/dlpack.cuh), on a
+"""The per-token ops' "_dlpack" entry points (norm, activation, cos/sin-cache RoPE in place:
+templates/include/flashinfer/host/dlpack.cuh), on a
 machine without a GPU: which calls they accept and which they decline to the Python path.
 
 CPU tensors are shown to the entry points as CUDA tensors through a shim of torch's DLPack table
 (tests/_dlpack_shim.py). An accepted call goes on into the launcher, whose first CUDA call fails here (a CUDA error
 code, never kDlpackDeclined = 2000); a declined one returns 2000 having launched nothing. The shim is refused
 where a GPU is visible, so these tests skip there: on a GPU the same paths run for real in test_norm.py and
-test_activation.py (every eager call there goes through them first)."""
+test_activation.py and test_rope.py (every eager call there goes through them first)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flashinfer import activation, norm
+from flashinfer import activation, norm, rope
 from flashinfer.utils import dlpack_exchange_api
 
 DECLINED = 2000
@@ -132,3 +133,55 @@ def test_activation_declines_what_the_python_path_must_check_or_copy(table):
     ]
     for x, o in cases:
         assert _act(table, x, o) == DECLINED, (x.shape, x.stride(), o.shape, o.stride())
+
+
+def _rope(table, pos, q, k, cache, head_size=128, interleave=0):
+    rope._rope_module("bf16")
+    launch, pack = rope._DLPACK[torch.bfloat16]
+    return launch(pack(table, id(pos), id(q), id(k), id(cache), head_size, interleave))
+
+
+def test_rope_cos_sin_cache_accepts_the_plain_cases(table):
+    pos, pos32 = torch.arange(16), torch.arange(16, dtype=torch.int32)
+    q, k = _bf16(16, 32 * 128), _bf16(16, 8 * 128)
+    cache, half_cache = torch.randn(4096, 128), torch.randn(4096, 64)
+    qk = _bf16(16, 40 * 128)
+    cases = [
+        (pos, q, k, cache),
+        (pos32, q, k, cache),  # int32 positions
+        (pos, q.view(16, 32, 128), k.view(16, 8, 128), cache),  # 3-D
+        (pos, qk[:, : 32 * 128], qk[:, 32 * 128 :], cache),  # q and k views of one fused qkv-like buffer
+        (pos, q, k, half_cache),  # partial rotary_dim
+        (pos[:1], q[:1], k[:1], cache),  # one token
+    ]
+    for p, qq, kk, c in cases:
+        for interleave in (0, 1):
+            rc = _rope(table, p, qq, kk, c, interleave=interleave)
+            assert rc not in (0, DECLINED), (p.dtype, qq.shape, qq.stride(), c.shape)
+
+
+def test_rope_cos_sin_cache_declines_what_the_python_path_must_check_or_copy(table):
+    pos = torch.arange(16)
+    q, k = _bf16(16, 32 * 128), _bf16(16, 8 * 128)
+    cache = torch.randn(4096, 128)
+    wide_cache, wide_pos = torch.randn(4096, 256), torch.arange(32)
+    q_t = _bf16(32 * 128, 16).t()
+    cases = [
+        (pos, q.half(), k.half(), cache),  # another module's dtype
+        (pos, q, k.half(), cache),  # k dtype
+        (pos.float(), q, k, cache),  # positions dtype
+        (pos, q, k, cache.half()),  # cache dtype
+        (pos[:8], q, k, cache),  # positions length
+        (wide_pos[::2], q, k, cache),  # positions not contiguous
+        (pos, q, k[:8], cache),  # k tokens
+        (pos, q_t, k, cache),  # q's last stride not 1
+        (pos, q, k, wide_cache[:, ::2]),  # cache's last stride not 1
+        (pos, q, k, wide_cache),  # rotary_dim beyond head_size
+        (pos, q, k, torch.randn(4096, 6)[:, :5]),  # odd rotary_dim
+        (pos[:0], q[:0], k[:0], cache),  # no tokens
+        (pos, q.view(16, 32, 1, 128), k, cache),  # 4-D
+    ]
+    for p, qq, kk, c in cases:
+        assert _rope(table, p, qq, kk, c) == DECLINED, (p.dtype, p.shape, qq.shape, qq.stride(), kk.shape, c.shape)
+    assert _rope(table, pos, q, k, cache, head_size=96) == DECLINED  # q's width not a multiple of head_size
+    assert _rope(table, pos, q, k, cache, head_size=0) == DECLINED
