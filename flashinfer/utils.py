@@ -278,12 +278,18 @@ except AttributeError:  # (a torch without them: torch.compile's flag alone)
     _python_key_included = None
 
 
+# (Bound once: dynamo recognises the function itself, under any name, and folds it to True while it traces.)
+_is_compiling = torch.compiler.is_compiling
+
+
 def tracing() -> bool:
     """Whether this call is being traced rather than run: torch.compile/export (dynamo), or a Python dispatch mode
     is active (fake tensors, make_fx's proxy tracing, functionalization; also a user's mode). The public ops then go
     through their ``torch.library`` custom op (which such tracers record, mutations declared); otherwise they
     launch directly, skipping the dispatcher's several microseconds per call. One rule for every family."""
-    return torch.compiler.is_compiling() or (_python_key_included is not None and _python_key_included(_PYTHON_KEY))
+    if _python_key_included is None:
+        return _is_compiling()
+    return _is_compiling() or _python_key_included(_PYTHON_KEY)
 
 
 def check_aligned(t: torch.Tensor, name: str) -> None:

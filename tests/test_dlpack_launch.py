@@ -185,3 +185,28 @@ def test_rope_cos_sin_cache_declines_what_the_python_path_must_check_or_copy(tab
         assert _rope(table, p, qq, kk, c) == DECLINED, (p.dtype, p.shape, qq.shape, qq.stride(), kk.shape, c.shape)
     assert _rope(table, pos, q, k, cache, head_size=96) == DECLINED  # q's width not a multiple of head_size
     assert _rope(table, pos, q, k, cache, head_size=0) == DECLINED
+
+
+def test_entry_points_keep_the_gil_and_share_one_table():
+    """The _dlpack entries are bound with PyDLL's convention (the table's functions may set Python errors), the
+    plain launchers keep releasing the GIL; FLASHINFER_DLPACK_LAUNCH=0 turns the fast path off."""
+    import ctypes
+
+    norm._module_for(torch.bfloat16, 16)
+    mod = norm._norm_module("bf16").module
+    fast, plain = mod.launcher("flashinfer_rmsnorm_dlpack"), mod.launcher("flashinfer_rmsnorm")
+    assert fast.launcher.keeps_gil and not plain.launcher.keeps_gil
+    assert type(fast.packed)._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    assert not type(plain.packed)._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    assert norm._DLPACK_API[0] == dlpack_exchange_api() != 0
+
+
+def test_dlpack_launch_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FLASHINFER_DLPACK_LAUNCH", "0")
+    dlpack_exchange_api.cache_clear()
+    try:
+        assert dlpack_exchange_api() == 0
+    finally:
+        monkeypatch.delenv("FLASHINFER_DLPACK_LAUNCH")
+        dlpack_exchange_api.cache_clear()
+    assert dlpack_exchange_api() != 0
