@@ -13,19 +13,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flashinfer
 from flashinfer import activation, norm, rope
 from flashinfer.utils import dlpack_exchange_api
+from reference import act_and_mul, assert_close, poisoned
+from reference import rmsnorm as rmsnorm_ref
+from reference import rope as rope_ref
 
 DECLINED = 2000
 
-pytestmark = [
-    pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-as-CUDA shim must not run where a GPU is visible"),
-    pytest.mark.skipif(not dlpack_exchange_api(), reason="this torch has no DLPack C exchange table"),
-]
+needs_table = pytest.mark.skipif(not dlpack_exchange_api(), reason="this torch has no DLPack C exchange table")
 
 
 @pytest.fixture(scope="module")
 def table():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-as-CUDA shim must not run where a GPU is visible (the GPU tests below run there)")
+    if not dlpack_exchange_api():
+        pytest.skip("this torch has no DLPack C exchange table")
     from _dlpack_shim import shim_api
 
     return shim_api(dlpack_exchange_api())
@@ -87,7 +92,7 @@ def test_norm_declines_what_the_python_path_must_check_or_copy(table, fused):
     assert _norm(table, fused, x, x.clone(), w, eps=float("inf")) == DECLINED
 
 
-def test_norm_not_a_tensor_raises_for_the_python_path(table):
+def test_norm_not_a_tensor_raises_for_the_python_path(table):  # (GIL held: ctypes raises the table's error)
     x, w = _bf16(8, 256), _bf16(256)
     not_a_tensor = [1.0]
     with pytest.raises(RuntimeError):
@@ -187,6 +192,7 @@ def test_rope_cos_sin_cache_declines_what_the_python_path_must_check_or_copy(tab
     assert _rope(table, pos, q, k, cache, head_size=0) == DECLINED
 
 
+@needs_table
 def test_entry_points_keep_the_gil_and_share_one_table():
     """The _dlpack entries are bound with PyDLL's convention (the table's functions may set Python errors), the
     plain launchers keep releasing the GIL; FLASHINFER_DLPACK_LAUNCH=0 turns the fast path off."""
@@ -201,6 +207,7 @@ def test_entry_points_keep_the_gil_and_share_one_table():
     assert norm._DLPACK_API[0] == dlpack_exchange_api() != 0
 
 
+@needs_table
 def test_dlpack_launch_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("FLASHINFER_DLPACK_LAUNCH", "0")
     dlpack_exchange_api.cache_clear()
@@ -210,3 +217,93 @@ def test_dlpack_launch_can_be_turned_off(monkeypatch):
         monkeypatch.delenv("FLASHINFER_DLPACK_LAUNCH")
         dlpack_exchange_api.cache_clear()
     assert dlpack_exchange_api() != 0
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def python_path_forbidden(monkeypatch):
+    """Every op's full Python path raises: a call passes only if its _dlpack entry point launched it. The modules
+    are loaded first (the first call of a dtype takes the Python path, which registers the entry points)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(2, 64, dtype=dtype, device="cuda")
+        flashinfer.rmsnorm(x, x[0])
+        flashinfer.silu_and_mul(x)
+        flashinfer.apply_rope_with_cos_sin_cache_inplace(
+            torch.arange(2, device="cuda"), x.clone(), x.clone(), 64, torch.randn(4, 64, device="cuda")
+        )
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Python path ran: the _dlpack entry point declined a plain call")
+
+    monkeypatch.setattr(norm, "_rmsnorm_checked", forbidden)
+    monkeypatch.setattr(norm, "_fused_add_rmsnorm_checked", forbidden)
+    monkeypatch.setattr(activation, "_act_and_mul_checked", forbidden)
+    monkeypatch.setattr(rope, "_rope_cos_sin_cache", forbidden)
+
+
+@pytest.mark.gpu
+@needs_table
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norms_launch_from_the_tensors(python_path_forbidden, dtype):
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device="cuda")
+
+    wide = rand(33, 2 * 4096)
+    for x in (rand(7, 4096), rand(1, 128), wide[:, 4096:], rand(5, 8, 128), rand(3, 1000)):
+        hidden = x.shape[-1]
+        w = rand(hidden)
+        for gemma, fn in ((0.0, flashinfer.rmsnorm), (1.0, flashinfer.gemma_rmsnorm)):
+            assert_close(fn(x, w), rmsnorm_ref(x, w, 1e-6, gemma), what=f"{fn.__name__} {tuple(x.shape)}")
+            out = poisoned(x.shape, dtype)
+            assert fn(x, w, 1e-5, out, enable_pdl=False) is out
+            assert_close(out, rmsnorm_ref(x, w, 1e-5, gemma), what=f"{fn.__name__} out= {tuple(x.shape)}")
+        for gemma, fn in ((0.0, flashinfer.fused_add_rmsnorm), (1.0, flashinfer.gemma_fused_add_rmsnorm)):
+            inp, res = x.clone(), rand(*x.shape)
+            total = inp.double() + res.double()
+            fn(inp, res, w, enable_pdl=True)
+            assert_close(res, total, what=f"{fn.__name__} residual {tuple(x.shape)}")
+            assert_close(inp, rmsnorm_ref(total, w, 1e-6, gemma), what=f"{fn.__name__} {tuple(x.shape)}")
+
+
+@pytest.mark.gpu
+@needs_table
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_activations_launch_from_the_tensors(python_path_forbidden, dtype):
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device="cuda")
+
+    wide = rand(9, 4 * 1024)
+    for x in (rand(7, 2 * 1024), rand(2 * 300), rand(3, 5, 2 * 256), wide[:, : 2 * 1024]):
+        for act, fn in (
+            ("silu", flashinfer.silu_and_mul),
+            ("gelu", flashinfer.gelu_and_mul),
+            ("gelu_tanh", flashinfer.gelu_tanh_and_mul),
+        ):
+            assert_close(fn(x), act_and_mul(x, act), what=f"{act} {tuple(x.shape)}")
+            out = poisoned((*x.shape[:-1], x.shape[-1] // 2), dtype)
+            assert fn(x, out=out, enable_pdl=False) is out
+            assert_close(out, act_and_mul(x, act), what=f"{act} out= {tuple(x.shape)}")
+
+
+@pytest.mark.gpu
+@needs_table
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rope_cos_sin_cache_inplace_launches_from_the_tensors(python_path_forbidden, dtype):
+    head_size, nnz = 128, 37
+    for rotary_dim, three_d, pos_dtype, is_neox in ((128, False, torch.int64, True), (64, True, torch.int32, False)):
+        cache = torch.randn(512, rotary_dim, device="cuda")
+        positions = torch.randint(0, 512, (nnz,), device="cuda", dtype=pos_dtype)
+        q = torch.randn(nnz, 8 * head_size, dtype=dtype, device="cuda")
+        k = torch.randn(nnz, 2 * head_size, dtype=dtype, device="cuda")
+        rows = cache[positions.long()].double().cpu()
+        half = rotary_dim // 2
+        q_ref = rope_ref(q.view(nnz, 8, head_size), rows[:, :half], rows[:, half:], not is_neox).view(q.shape)
+        k_ref = rope_ref(k.view(nnz, 2, head_size), rows[:, :half], rows[:, half:], not is_neox).view(k.shape)
+        qq = q.view(nnz, 8, head_size) if three_d else q
+        kk = k.view(nnz, 2, head_size) if three_d else k
+        flashinfer.apply_rope_with_cos_sin_cache_inplace(positions, qq, kk, head_size, cache, is_neox)
+        assert_close(q, q_ref, what=f"q rotary {rotary_dim}")
+        assert_close(k, k_ref, what=f"k rotary {rotary_dim}")
+    rope.check_cos_sin_cache_positions()
