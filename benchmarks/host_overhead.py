@@ -1,5 +1,6 @@
-"""Host (CPU) time per call of the hot public ops: rmsnorm, fused_add_rmsnorm, apply_rope_with_cos_sin_cache_inplace,
-silu_and_mul (16 tokens, bf16), single_decode_with_kv_cache and BatchDecodeWithPagedKVCacheWrapper.run (issue 14).
+"""Host (CPU) time per call of the hot public ops: rmsnorm (new output and out= given), fused_add_rmsnorm (and its
+Gemma form), apply_rope_with_cos_sin_cache_inplace, silu_and_mul (new output and out= given) (16 tokens, bf16),
+single_decode_with_kv_cache and BatchDecodeWithPagedKVCacheWrapper.run (issue 14).
 
     python benchmarks/host_overhead.py [--no-reference] [--calls N]   # on a GPU: real calls
     python benchmarks/host_overhead.py --stub [--profile OP]         # without a GPU: the Python path alone
@@ -15,7 +16,10 @@ every entry point that would launch work is swapped for a C function that return
 ctypes signature (so argument marshalling is still paid); tensors are CPU tensors that report cuda:0
 (``torch.Tensor``'s ``is_cuda``/``device``/``get_device`` patched), ``torch.empty``/``torch.empty_like`` hand out a tensor made once per shape and dtype (so this mode cannot show
 what a cheaper factory call saves), and the stream and device-property queries return
-constants. What remains is the cost of validation, module lookup, marshalling and the ctypes call itself, not
+constants. The norm and activation ops' "_dlpack" entry points (which read the tensors through torch's DLPack C
+exchange table) see CPU tensors as CUDA ones through tests/_dlpack_shim.py, and their accepted calls count as
+launched (the launcher's first CUDA call fails on a machine without a GPU: the entry's checks run, the launch does
+not). What remains is the cost of validation, module lookup, marshalling and the ctypes call itself, not
 of cudaLaunchKernel or the CUDA caching allocator. ``--profile OP`` prints cProfile's view of one op. Times on a
 shared CPU wander by 2x between runs; ``--instructions`` counts the instructions of the timed loops under
 valgrind's callgrind instead (deterministic; a few minutes), for before/after comparisons.
@@ -37,9 +41,12 @@ import torch
 REFERENCE_FLAG = "--flashinfer-reference"
 OPS = (
     "rmsnorm",
+    "rmsnorm_out",
     "fused_add_rmsnorm",
+    "gemma_fused_add_rmsnorm",
     "rope_cos_sin_cache_inplace",
     "silu_and_mul",
+    "silu_and_mul_out",
     "single_decode",
     "batch_decode_run",
 )
@@ -63,6 +70,9 @@ def make_cases(fi, device: str) -> Dict[str, Callable[[], object]]:
     x, res, w = randn(TOKENS, HIDDEN), randn(TOKENS, HIDDEN), randn(HIDDEN)
     cases["rmsnorm"] = lambda: fi.norm.rmsnorm(x, w)
     cases["fused_add_rmsnorm"] = lambda: fi.norm.fused_add_rmsnorm(x, res, w)
+    cases["gemma_fused_add_rmsnorm"] = lambda: fi.norm.gemma_fused_add_rmsnorm(x, res, w)
+    y = torch.empty_like(x)
+    cases["rmsnorm_out"] = lambda: fi.norm.rmsnorm(x, w, out=y)  # (bench_ops' host column: out given)
     q, k = randn(TOKENS, Q_HEADS * HEAD_DIM), randn(TOKENS, KV_HEADS * HEAD_DIM)
     cos_sin = randn(4096, HEAD_DIM, dtype=torch.float32)
     pos = torch.arange(TOKENS, dtype=torch.int64, device=device)
@@ -71,6 +81,8 @@ def make_cases(fi, device: str) -> Dict[str, Callable[[], object]]:
     )
     g = randn(TOKENS, 2 * SILU_D)
     cases["silu_and_mul"] = lambda: fi.activation.silu_and_mul(g)
+    g_out = randn(TOKENS, SILU_D)
+    cases["silu_and_mul_out"] = lambda: fi.activation.silu_and_mul(g, out=g_out)
     dq, dk, dv = randn(Q_HEADS, HEAD_DIM), randn(KV_LEN, KV_HEADS, HEAD_DIM), randn(KV_LEN, KV_HEADS, HEAD_DIM)
     cases["single_decode"] = lambda: fi.decode.single_decode_with_kv_cache(dq, dk, dv)
 
@@ -155,6 +167,7 @@ def install_stubs() -> None:
         return bound
 
     abi.Launcher.bind = bind
+    _shim_dlpack_entries()
     # Every tensor reports cuda:0. Patched on the class rather than a subclass: torch's C++ methods take a slower
     # path (a __torch_function__ lookup) for subclasses, which would inflate every tensor method the ops call.
     cuda0 = torch.device("cuda", 0)
@@ -193,6 +206,41 @@ def install_stubs() -> None:
     torch.cuda.is_current_stream_capturing = lambda: False
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     torch.cuda.get_device_properties = lambda device=None: _Props()
+
+
+def _shim_dlpack_entries() -> None:
+    """The "_dlpack" entry points (norm, activation, cos/sin-cache RoPE) over CPU tensors: torch's DLPack table wrapped so that CPU
+    tensors read as CUDA tensors (tests/_dlpack_shim.py), each entry's accepted calls reported as launched. The
+    entries' own checks still run; the launch fails at its first CUDA call (no GPU) instead of launching. Without
+    torch's DLPack table the ops keep their Python path, as they would on a GPU."""
+    from flashinfer import activation, norm, rope, utils
+
+    real = utils.dlpack_exchange_api() if hasattr(utils, "dlpack_exchange_api") else 0  # (older revisions: none)
+    if not real:
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from _dlpack_shim import accepting_entry, shim_api
+
+    table = shim_api(real)
+    for mod, loader in ((norm, "_module_for"), (activation, "_module_for"), (rope, "_rope_module")):
+        shimmed = set()
+        real_loader = getattr(mod, loader)
+
+        def module_for(*args, _real=real_loader, _mod=mod, _shimmed=shimmed):
+            m = _real(*args)
+            _mod._DLPACK_API[0] = table
+            for dtype, entry in _mod._DLPACK.items():
+                if dtype in _shimmed:
+                    continue
+                _shimmed.add(dtype)
+                if isinstance(entry, tuple):  # activation: (packed, pack, codes); rope: (packed, pack)
+                    _mod._DLPACK[dtype] = (accepting_entry(entry[0]), *entry[1:])
+                else:  # norm: _DlpackEntries
+                    entry.rmsnorm = accepting_entry(entry.rmsnorm)
+                    entry.fused_add = accepting_entry(entry.fused_add)
+            return m
+
+        setattr(mod, loader, module_for)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -22,6 +22,7 @@ from .utils import (
     check_device_tensor,
     check_pdl_arg,
     current_stream_at,
+    dlpack_exchange_api,
     dtype_short,
     module_error,
     resolve_pdl_at,
@@ -45,6 +46,13 @@ class ActivationSpec(Spec):
             "flashinfer_act_and_mul",
             "const void* input, void* out, int64_t input_stride, int64_t out_stride, int rows, int d, "
             "int activation, int enable_pdl, int device, void* stream",
+        ),
+        # The same launch from the tensors themselves (the hot path of eager calls): their PyObject* and torch's
+        # DLPack exchange table; declined (a non-zero return, nothing launched) unless the plain case.
+        Launcher(
+            "flashinfer_act_and_mul_dlpack",
+            "const void* api, const void* input, const void* out, int activation, int enable_pdl",
+            keeps_gil=True,
         ),
     )
 
@@ -76,6 +84,22 @@ def _act_module(dtype: str) -> _ActModule:
 
 # dtype -> loaded module: a dict read per call instead of the lru_cache'd builder.
 _MODULES: Dict[torch.dtype, _ActModule] = {}
+# dtype -> (packed _dlpack entry point, its block's pack, activation codes), filled when the Python path first loads
+# the module (so the first call of a dtype takes that path) and only where torch has the DLPack exchange table
+# (_DLPACK_API[0]: its address).
+_DLPACK: Dict[torch.dtype, Tuple[Any, Any, Dict[str, int]]] = {}
+_DLPACK_API = [0]
+
+
+def _module_for(dtype: torch.dtype) -> _ActModule:
+    m = _MODULES.get(dtype)
+    if m is None:
+        m = _MODULES[dtype] = _act_module(DTYPE_SHORT[dtype])
+        _DLPACK_API[0] = api = dlpack_exchange_api()
+        entry = m.module.launcher("flashinfer_act_and_mul_dlpack")
+        if api and entry.packed is not None:
+            _DLPACK[dtype] = (entry.packed, entry.launcher.packing.pack, m.codes)
+    return m
 
 
 def _rows_stride(shape: torch.Size, stride: Tuple[int, ...]) -> Optional[int]:
@@ -115,9 +139,7 @@ def _launch(
         out_stride = d
     if rows == 1:  # a single row's stride is never used: report the packed one (it must not block 16-byte vectors)
         in_stride, out_stride = 2 * d, d
-    m = _MODULES.get(input.dtype)
-    if m is None:
-        m = _MODULES[input.dtype] = _act_module(DTYPE_SHORT[input.dtype])
+    m = _module_for(input.dtype)
     device = input.get_device()
     rc = m.launch(
         input.data_ptr(),
@@ -155,6 +177,34 @@ _OPS = {act: _make_op(act) for act in ("silu", "gelu", "gelu_tanh")}
 def _act_and_mul(
     act: str, input: torch.Tensor, out: Optional[torch.Tensor], enable_pdl: Optional[bool]
 ) -> torch.Tensor:
+    # Eager fast path: the module reads the tensors itself (one ctypes call); anything but the plain case (another
+    # type, dtype, device, shape or stride) is declined and checked below, as is a traced call.
+    if not tracing():
+        try:
+            entry = _DLPACK[input.dtype]
+        except (AttributeError, KeyError, TypeError):
+            entry = None
+        pdl = 2 if enable_pdl is None else 1 if enable_pdl is True else 0 if enable_pdl is False else -1
+        if entry is not None and pdl >= 0:
+            o = out
+            if o is None:
+                shape = input.size()
+                o = torch.empty(*shape[:-1], shape[-1] // 2, dtype=input.dtype, device=input.device) if shape else None
+            if o is not None:
+                launch, pack, codes = entry
+                try:
+                    declined = launch(pack(_DLPACK_API[0], id(input), id(o), codes[act], pdl))
+                except RuntimeError:  # an argument torch cannot view (not a tensor...): the checks below say why
+                    declined = 1
+                if not declined:
+                    return o
+    return _act_and_mul_checked(act, input, out, enable_pdl)
+
+
+def _act_and_mul_checked(
+    act: str, input: torch.Tensor, out: Optional[torch.Tensor], enable_pdl: Optional[bool]
+) -> torch.Tensor:
+    """The gated activations' full path: every check, copies where needed, the custom op when traced."""
     check_device_tensor(input, "input")
     if input.dtype not in DTYPE_SHORT:
         dtype_short(input, "input")  # raises the dtype error

@@ -23,6 +23,7 @@ from .utils import (
     check_device_tensor,
     check_pdl_arg,
     current_stream_at,
+    dlpack_exchange_api,
     dtype_short,
     module_error,
     resolve_pdl_at,
@@ -56,6 +57,20 @@ class NormSpec(Spec):
             "int64_t residual_stride0, int64_t residual_stride1, int rows, int inner, int hidden, float eps, "
             "float weight_bias, int enable_pdl, int device, void* stream",
         ),
+        # The same launches from the tensors themselves (the hot path of eager calls): the PyObject* of each tensor
+        # and torch's DLPack exchange table; declined (a non-zero return, nothing launched) unless the plain case.
+        Launcher(
+            "flashinfer_rmsnorm_dlpack",
+            "const void* api, const void* input, const void* out, const void* weight, double eps, float weight_bias, "
+            "int enable_pdl",
+            keeps_gil=True,
+        ),
+        Launcher(
+            "flashinfer_fused_add_rmsnorm_dlpack",
+            "const void* api, const void* input, const void* residual, const void* weight, double eps, "
+            "float weight_bias, int enable_pdl",
+            keeps_gil=True,
+        ),
     )
 
     def name(self) -> str:
@@ -79,6 +94,19 @@ class _NormModule:
         self.rmsnorm = self.module.launcher("flashinfer_rmsnorm").call
         self.fused_add = self.module.launcher("flashinfer_fused_add_rmsnorm").call
         self.max_hidden = self.module.constants["max_hidden"]
+
+
+class _DlpackEntries:
+    """A module's "_dlpack" entry points as the eager fast path calls them: the packed entry (one ctypes argument,
+    GIL held) and the struct that packs its block (``pack(api, id(a), id(b), id(weight), eps, weight_bias, pdl)``)."""
+
+    __slots__ = ("rmsnorm", "fused_add", "pack")
+
+    def __init__(self, module: Any) -> None:
+        rms = module.launcher("flashinfer_rmsnorm_dlpack")
+        fused = module.launcher("flashinfer_fused_add_rmsnorm_dlpack")
+        self.rmsnorm, self.fused_add = rms.packed, fused.packed
+        self.pack = rms.launcher.packing.pack  # (both take the same C parameter types)
 
 
 @functools.cache
@@ -126,6 +154,10 @@ def _check_weight(weight: Any, input: torch.Tensor, hidden: int, device: int) ->
 
 # dtype -> loaded module: a dict read per call instead of the lru_cache'd builder.
 _MODULES: Dict[torch.dtype, _NormModule] = {}
+# dtype -> its module's _dlpack entry points, filled when the Python path first loads the module (so the first call
+# of a dtype takes that path) and only where torch has the DLPack exchange table (_DLPACK[0]: its address).
+_DLPACK: Dict[torch.dtype, _DlpackEntries] = {}
+_DLPACK_API = [0]
 
 
 def _module_for(dtype: torch.dtype, hidden: int) -> _NormModule:
@@ -133,6 +165,9 @@ def _module_for(dtype: torch.dtype, hidden: int) -> _NormModule:
     m = _MODULES.get(dtype)
     if m is None:
         m = _MODULES[dtype] = _norm_module(DTYPE_SHORT[dtype])
+        _DLPACK_API[0] = api = dlpack_exchange_api()
+        if api and m.module.launcher("flashinfer_rmsnorm_dlpack").packed is not None:
+            _DLPACK[dtype] = _DlpackEntries(m.module)
     if hidden > m.max_hidden:
         raise ValueError(f"hidden size {hidden} exceeds the largest supported, {m.max_hidden}")
     return m
@@ -229,6 +264,37 @@ def _rmsnorm(
     enable_pdl: Optional[bool],
     weight_bias: float,
 ) -> torch.Tensor:
+    # Eager fast path: the module reads the tensors itself (one ctypes call); anything but the plain case (another
+    # type, dtype, device, shape or stride; eps not a float) is declined and checked below, as is a traced call.
+    if not tracing():
+        try:
+            entries = _DLPACK[input.dtype]
+        except (AttributeError, KeyError, TypeError):
+            entries = None
+        if entries is not None and type(eps) is float:
+            pdl = 2 if enable_pdl is None else 1 if enable_pdl is True else 0 if enable_pdl is False else -1
+            if pdl >= 0:
+                o = torch.empty_like(input) if out is None else out
+                try:
+                    declined = entries.rmsnorm(
+                        entries.pack(_DLPACK_API[0], id(input), id(o), id(weight), eps, weight_bias, pdl)
+                    )
+                except RuntimeError:  # an argument torch cannot view (not a tensor...): the checks below say why
+                    declined = 1
+                if not declined:
+                    return o
+    return _rmsnorm_checked(input, weight, eps, out, enable_pdl, weight_bias)
+
+
+def _rmsnorm_checked(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    eps: object,
+    out: Optional[torch.Tensor],
+    enable_pdl: Optional[bool],
+    weight_bias: float,
+) -> torch.Tensor:
+    """rmsnorm's full path: every check, copies where needed, the custom op when traced."""
     shape = _check_input(input)
     device = input.get_device()
     weight = _check_weight(weight, input, shape[-1], device)
@@ -271,6 +337,34 @@ def _fused_add_rmsnorm(
     enable_pdl: Optional[bool],
     weight_bias: float,
 ) -> None:
+    if not tracing():  # the eager fast path, as in _rmsnorm
+        try:
+            entries = _DLPACK[input.dtype]
+        except (AttributeError, KeyError, TypeError):
+            entries = None
+        if entries is not None and type(eps) is float:
+            pdl = 2 if enable_pdl is None else 1 if enable_pdl is True else 0 if enable_pdl is False else -1
+            if pdl >= 0:
+                try:
+                    declined = entries.fused_add(
+                        entries.pack(_DLPACK_API[0], id(input), id(residual), id(weight), eps, weight_bias, pdl)
+                    )
+                except RuntimeError:
+                    declined = 1
+                if not declined:
+                    return
+    _fused_add_rmsnorm_checked(input, residual, weight, eps, enable_pdl, weight_bias)
+
+
+def _fused_add_rmsnorm_checked(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: object,
+    enable_pdl: Optional[bool],
+    weight_bias: float,
+) -> None:
+    """fused_add_rmsnorm's full path: every check, the custom op when traced."""
     shape = _check_input(input)
     check_device_tensor(residual, "residual")
     if residual.size() != shape or residual.dtype != input.dtype:

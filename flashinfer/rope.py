@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import struct
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -36,6 +37,7 @@ from .utils import (
     check_device_tensor,
     current_stream_at,
     current_stream_ptr,
+    dlpack_exchange_api,
     dtype_short,
     module_error,
     scalar,
@@ -88,6 +90,15 @@ class RopeSpec(Spec):
             "int64_t cache_stride, int device, void* stream",
         ),
         Launcher("flashinfer_rope_position_error_record", "", restype="int64_t*"),
+        # apply_rope_with_cos_sin_cache_inplace from the tensors themselves (the hot path of eager calls): their
+        # PyObject* and torch's DLPack exchange table; declined (a non-zero return, nothing launched) unless the
+        # plain case.
+        Launcher(
+            "flashinfer_rope_cos_sin_cache_inplace_dlpack",
+            "const void* api, const void* positions, const void* query, const void* key, const void* cos_sin_cache, "
+            "int head_size, int interleave",
+            keeps_gil=True,
+        ),
     )
 
     def name(self) -> str:
@@ -129,12 +140,21 @@ class _RopeModule:
 
 
 _modules: Dict[str, _RopeModule] = {}
+# q's dtype -> (packed _dlpack entry point, its block's pack), filled when the Python path first loads the module (so
+# the first call of a dtype takes that path) and only where torch has the DLPack exchange table (_DLPACK_API[0]).
+_DLPACK: Dict[torch.dtype, Tuple[Any, Any]] = {}
+_DLPACK_API = [0]
 
 
 def _rope_module(dtype: str) -> _RopeModule:
     m = _modules.get(dtype)
     if m is None:
         m = _modules[dtype] = _RopeModule(dtype)
+        _DLPACK_API[0] = api = dlpack_exchange_api()
+        entry = m.module.launcher("flashinfer_rope_cos_sin_cache_inplace_dlpack")
+        if api and entry.packed is not None and not _CHECK_POSITIONS:
+            torch_dtype = next(t for t, short in DTYPE_SHORT.items() if short == dtype)
+            _DLPACK[torch_dtype] = (entry.packed, entry.launcher.packing.pack)
     return m
 
 
@@ -1044,4 +1064,22 @@ def apply_rope_with_cos_sin_cache_inplace(
     positions, query, key, head_size, cos_sin_cache, is_neox
         As :func:`apply_rope_with_cos_sin_cache`; query and key (last dimension contiguous) are rotated in place.
     """
+    # Eager fast path: the module reads the tensors itself (one ctypes call); anything but the plain case (another
+    # type, dtype, device, shape or stride, no key, a pending out-of-cache record) is declined and checked by the
+    # full path, as is a traced call.
+    if not tracing():
+        try:
+            entry = _DLPACK[query.dtype]
+        except (AttributeError, KeyError, TypeError):
+            entry = None
+        if entry is not None and key is not None and type(head_size) is int and type(is_neox) is bool:
+            launch, pack = entry
+            try:
+                declined = launch(
+                    pack(_DLPACK_API[0], id(positions), id(query), id(key), id(cos_sin_cache), head_size, not is_neox)
+                )
+            except (RuntimeError, struct.error):  # not a tensor, a head_size beyond int: the full path says why
+                declined = 1
+            if not declined:
+                return
     _rope_cos_sin_cache(positions, query, key, head_size, cos_sin_cache, is_neox, True)

@@ -278,12 +278,18 @@ except AttributeError:  # (a torch without them: torch.compile's flag alone)
     _python_key_included = None
 
 
+# (Bound once: dynamo recognises the function itself, under any name, and folds it to True while it traces.)
+_is_compiling = torch.compiler.is_compiling
+
+
 def tracing() -> bool:
     """Whether this call is being traced rather than run: torch.compile/export (dynamo), or a Python dispatch mode
     is active (fake tensors, make_fx's proxy tracing, functionalization; also a user's mode). The public ops then go
     through their ``torch.library`` custom op (which such tracers record, mutations declared); otherwise they
     launch directly, skipping the dispatcher's several microseconds per call. One rule for every family."""
-    return torch.compiler.is_compiling() or (_python_key_included is not None and _python_key_included(_PYTHON_KEY))
+    if _python_key_included is None:
+        return _is_compiling()
+    return _is_compiling() or _python_key_included(_PYTHON_KEY)
 
 
 def check_aligned(t: torch.Tensor, name: str) -> None:
@@ -447,6 +453,33 @@ def current_stream_at(index: int) -> int:
         return torch._C._cuda_getCurrentRawStream(index)
     except AttributeError:  # older or future torch without the private binding
         return torch.cuda.current_stream(index).cuda_stream
+
+
+@functools.cache
+def dlpack_exchange_api() -> int:
+    """Address of torch's DLPack C exchange table (``torch.Tensor.__dlpack_c_exchange_api__``, a capsule named
+    ``"dlpack_exchange_api"``; torch 2.11 and newer), which the per-token ops' "_dlpack" entry points read tensors
+    through (``templates/include/flashinfer/host/dlpack.cuh``); 0 when this torch has none or not DLPack 1.x (the
+    ops then take their Python path only). ``FLASHINFER_DLPACK_LAUNCH=0`` turns that fast path off."""
+    if not _env_bool("FLASHINFER_DLPACK_LAUNCH", True):
+        return 0
+    capsule = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
+    if capsule is None:
+        return 0
+    import ctypes
+
+    api = ctypes.pythonapi
+    api.PyCapsule_IsValid.restype = ctypes.c_int
+    api.PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    name = b"dlpack_exchange_api"
+    if not api.PyCapsule_IsValid(capsule, name):
+        return 0
+    address = api.PyCapsule_GetPointer(capsule, name) or 0
+    if address and ctypes.c_uint32.from_address(address).value != 1:  # header.version.major: the layout we know
+        return 0
+    return address
 
 
 @functools.cache

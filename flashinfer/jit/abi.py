@@ -14,6 +14,11 @@ declaration come
   argtype in Python-level code, a few tenths of a microsecond each; the hot per-token launchers take 10 to 31
   arguments, so that conversion was the largest single piece of their host time.
 
+A launcher declared with ``keeps_gil=True`` is called with the GIL held (bound as ``ctypes.PyDLL`` binds): its C
+side may call back into the interpreter, e.g. the "_dlpack" entry points of the per-token ops, which take
+``torch.Tensor`` objects (``id(t)``: their ``PyObject*``) and read them through the DLPack C exchange API
+(``templates/include/flashinfer/host/dlpack.cuh``). A Python error such a call leaves set is raised by ctypes.
+
 Values that the Python side needs from a module (tile sizes, the layout of an info array, error codes) are not
 mirrored by hand either: a template lists them in ``FI_MODULE_CONSTANTS`` and Python reads them once per module
 through :data:`CONSTANTS` (``module.constants["kv_tile"]``).
@@ -78,12 +83,16 @@ class Launcher:
         The C parameter list, e.g. ``"const void* q, int kv_len, void* stream"``; empty for none.
     restype : str
         The C return type; launchers return ``int`` (a ``cudaError_t``) unless they report a value.
+    keeps_gil : bool
+        Call it with the GIL held (``ctypes.PyDLL``'s convention) instead of releasing it around the call: for entry
+        points that take Python objects and call the interpreter's or a framework's C API on them.
     """
 
-    __slots__ = ("symbol", "params", "restype", "names", "c_types", "argtypes", "c_restype", "packing")
+    __slots__ = ("symbol", "params", "restype", "names", "c_types", "argtypes", "c_restype", "packing", "keeps_gil")
 
-    def __init__(self, symbol: str, params: str = "", restype: str = "int") -> None:
+    def __init__(self, symbol: str, params: str = "", restype: str = "int", keeps_gil: bool = False) -> None:
         self.symbol = symbol
+        self.keeps_gil = keeps_gil
         self.params = " ".join(params.split())
         self.restype = restype
         names: List[str] = []
@@ -131,6 +140,8 @@ class Launcher:
         )
 
     def bind(self, lib: ctypes.CDLL) -> BoundLauncher:
+        if self.keeps_gil:  # the same library through PyDLL's function type (the GIL stays held, errors are raised)
+            lib = ctypes.PyDLL(lib._name, handle=lib._handle)
         fn = getattr(lib, self.symbol)
         fn.restype = self.c_restype
         fn.argtypes = list(self.argtypes)
@@ -153,7 +164,7 @@ class Launcher:
         return BoundLauncher(self, fn, packed)
 
     def __repr__(self) -> str:
-        return f"Launcher({self.prototype()!r})"
+        return f"Launcher({self.prototype()!r}{', keeps_gil=True' if self.keeps_gil else ''})"
 
 
 def _packing(c_types: Tuple[str, ...]) -> Optional[struct.Struct]:
