@@ -194,7 +194,7 @@ def _act_and_mul(
                 launch, pack, codes = entry
                 try:
                     declined = launch(pack(_DLPACK_API[0], id(input), id(o), codes[act], pdl))
-                except RuntimeError:  # an argument torch cannot view (not a tensor...): the checks below say why
+                except Exception:  # an argument torch cannot view (not a tensor...): the checks below say why
                     declined = 1
                 if not declined:
                     return o
