@@ -6,7 +6,6 @@
 // into the process, and a module would skip the shared-memory opt-in of its own kernel.)
 #pragma once
 #include <cuda_runtime.h>
-#include <stdint.h>
 
 #include <utility>
 
@@ -19,18 +18,6 @@ static int sm_count(int device) {
   if (cache[device] == 0) {
     int n = 0;
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 1;
-    cache[device] = n;
-  }
-  return cache[device];
-}
-
-// The L2's size in bytes, cached per device (the per-token ops hint their streams only beyond it).
-static int64_t l2_cache_bytes(int device) {
-  static int64_t cache[64] = {0};
-  if (device < 0 || device >= 64) return 50 << 20;
-  if (cache[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrL2CacheSize, device) != cudaSuccess || n <= 0) n = 50 << 20;
     cache[device] = n;
   }
   return cache[device];

@@ -9,7 +9,6 @@
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"
 #include "flashinfer/ptx/griddepcontrol.cuh"
-#include "flashinfer/ptx/ld_st.cuh"
 
 namespace flashinfer {
 
@@ -38,59 +37,46 @@ struct ActParams {
   void* out;          // [rows, d], row stride out_stride
   int64_t in_stride, out_stride;
   int rows, d, chunks_per_thread;
-  bool stream;  // cache hints on the gate/up loads and the stores (ptx/ld_st.cuh: streaming_hints)
 };
 
-// Launch knobs (development, issue 14: benchmarks/probe_ops.py times them). FI_ACT_THREADS: threads a CTA.
-// FI_ACT_COLS_FIRST 1: the grid's x walks a row's column blocks and y the rows (consecutive CTAs take consecutive
-// memory; rows past 65535 in a grid-stride loop); 0: x walks the rows (consecutive CTAs 56 KB apart at d 14336).
-#ifndef FI_ACT_THREADS
-#define FI_ACT_THREADS 128
-#endif
-#ifndef FI_ACT_COLS_FIRST
-#define FI_ACT_COLS_FIRST 0
-#endif
-
-constexpr int kActThreads = FI_ACT_THREADS;
+// 512 threads a CTA (a row's 14336 columns in 4 CTAs): measured on an H200 (benchmarks/probe_ops.py, bf16, d 14336,
+// L2 flushed, 5f02dbd), 128 / 512 threads: 256 tokens 9.73 / 9.60 us, 4096 tokens 84.48 / 82.29, 32768 tokens
+// 667.5 / 643.1 (FlashInfer 651.0 in the same week's bench_ops); 256 threads in between. In the same trial and
+// not kept: the grid's x over a row's column blocks (4096 tokens 82.06, but 256 tokens 10.40) and cache hints
+// on the loads and stores (ld.global.nc, L1::no_allocate, an L2 evict-first policy, st.global.cs: 0.3-5% slower
+// at 4096+ tokens, no gain below).
+constexpr int kActThreads = 512;
 constexpr int kActUnroll = 4;
-constexpr int kActMaxGridY = 65535;
 
 template <typename T, Activation ACT, int N>
 __global__ void __launch_bounds__(kActThreads) act_and_mul_kernel(const __grid_constant__ ActParams p) {
   grid_dependency_wait();
+  const int row = blockIdx.x;
   const int chunks = p.d / N;
-  const int col_block = FI_ACT_COLS_FIRST ? blockIdx.x : blockIdx.y;
-  const int first = col_block * kActThreads * p.chunks_per_thread + threadIdx.x;
-  const auto act_row = [&](int row) {
-    const T* gate = static_cast<const T*>(p.input) + row * p.in_stride;
-    const T* up = gate + p.d;
-    T* out = static_cast<T*>(p.out) + row * p.out_stride;
-    Chunk<T, N> g[kActUnroll], u[kActUnroll];
+  const int first = blockIdx.y * kActThreads * p.chunks_per_thread + threadIdx.x;
+  const T* gate = static_cast<const T*>(p.input) + row * p.in_stride;
+  const T* up = gate + p.d;
+  T* out = static_cast<T*>(p.out) + row * p.out_stride;
+  Chunk<T, N> g[kActUnroll], u[kActUnroll];
 #pragma unroll
-    for (int i = 0; i < kActUnroll; ++i) {
-      const int c = first + i * kActThreads;
-      if (i < p.chunks_per_thread && c < chunks) {
-        load_streamed(g[i], gate + c * N, p.stream);
-        load_streamed(u[i], up + c * N, p.stream);
-      }
+  for (int i = 0; i < kActUnroll; ++i) {
+    const int c = first + i * kActThreads;
+    if (i < p.chunks_per_thread && c < chunks) {
+      g[i].load(gate + c * N);
+      u[i].load(up + c * N);
     }
+  }
 #pragma unroll
-    for (int i = 0; i < kActUnroll; ++i) {
-      const int c = first + i * kActThreads;
-      if (i < p.chunks_per_thread && c < chunks) {
-        float gf[N], uf[N];
-        g[i].to_floats(gf);
-        u[i].to_floats(uf);
+  for (int i = 0; i < kActUnroll; ++i) {
+    const int c = first + i * kActThreads;
+    if (i < p.chunks_per_thread && c < chunks) {
+      float gf[N], uf[N];
+      g[i].to_floats(gf);
+      u[i].to_floats(uf);
 #pragma unroll
-        for (int e = 0; e < N; ++e) gf[e] = activate<ACT>(gf[e]) * uf[e];
-        store_floats_streamed<T, N>(out + c * N, gf, p.stream);
-      }
+      for (int e = 0; e < N; ++e) gf[e] = activate<ACT>(gf[e]) * uf[e];
+      store_floats<T, N>(out + c * N, gf);
     }
-  };
-  if constexpr (FI_ACT_COLS_FIRST) {
-    for (int row = blockIdx.y; row < p.rows; row += gridDim.y) act_row(row);
-  } else {
-    act_row(blockIdx.x);
   }
   grid_dependency_launch_dependents();
 }
@@ -116,11 +102,9 @@ static cudaError_t launch_act_and_mul(ActParams p, int device, bool pdl, cudaStr
   if (err != cudaSuccess) return err;
   const int64_t full = int64_t(sm_count(device)) * ctas_per_sm * kActThreads;
   p.chunks_per_thread = total <= full ? 1 : total <= 2 * full ? 2 : kActUnroll;
-  p.stream = streaming_hints(int64_t(p.rows) * p.d * 3 * int64_t(sizeof(T)), device);
   const int col_blocks = ceil_div(chunks, kActThreads * p.chunks_per_thread);
-  if (!FI_ACT_COLS_FIRST && col_blocks > kActMaxGridY) return cudaErrorInvalidValue;
-  const dim3 grid =
-      FI_ACT_COLS_FIRST ? dim3(col_blocks, p.rows < kActMaxGridY ? p.rows : kActMaxGridY) : dim3(p.rows, col_blocks);
+  if (col_blocks > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(p.rows, col_blocks);
   if (vec) return launch_kernel(act_and_mul_kernel<T, ACT, 8>, grid, dim3(kActThreads), 0, stream, pdl, p);
   return launch_kernel(act_and_mul_kernel<T, ACT, 1>, grid, dim3(kActThreads), 0, stream, pdl, p);
 }

@@ -12,7 +12,6 @@
 #include "flashinfer/common.cuh"
 #include "flashinfer/host/launch.cuh"
 #include "flashinfer/ptx/griddepcontrol.cuh"
-#include "flashinfer/ptx/ld_st.cuh"
 
 namespace flashinfer {
 
@@ -29,22 +28,7 @@ struct NormParams {
   NormRows in, o, res;
   int rows, inner, hidden;
   float eps, weight_bias;
-  bool stream;  // cache hints on the row loads and stores (ptx/ld_st.cuh: streaming_hints)
 };
-
-// FI_NORM_WEIGHT_LATE 1 (development knob, issue 14: benchmarks/probe_ops.py): the weight is loaded after the row's
-// reduction rather than with the row. Every CTA reads the whole weight from L2 (at 256 rows of 4096 as many bytes
-// as the rows themselves); loaded late, it no longer shares the first round trip with the rows, and a later CTA
-// on the same SM may find it in L1. 0: with the row (one memory round trip).
-#ifndef FI_NORM_WEIGHT_LATE
-#define FI_NORM_WEIGHT_LATE 0
-#endif
-// FI_NORM_ROWS_PER_THREAD 2 (development knob, the same trial): in the one-chunk-a-thread shape, once there are more
-// rows than SMs, each thread takes its chunk of 2 consecutive rows and the weight's chunk once for both (half the
-// weight's L2 traffic, which at 256 rows of 4096 equals the rows'); 1: a row a CTA.
-#ifndef FI_NORM_ROWS_PER_THREAD
-#define FI_NORM_ROWS_PER_THREAD 1
-#endif
 
 constexpr int kNormWarpRowsPerCta = 8;       // warp-per-row kernel: 8 rows (256 threads) per CTA
 constexpr int kNormMaxThreads = 512;         // CTA-per-row kernel over 16-byte chunks, several a thread
@@ -57,7 +41,10 @@ constexpr int kNormVpt = 8;                  // the most 16-byte chunks a thread
 // The earlier rule (2 chunks a thread below one row per SM, else 4) was 1-2% slower on small batches; resident
 // counted at 50% or 800% of the real occupancy, 2 chunks a thread in the bandwidth-bound shape, 2 or 4 rows a CTA
 // and rows streamed through resident CTAs (weight loaded once, next row prefetched: 4-9% slower from 4096 tokens)
-// all lost.
+// all lost. A later trial (5f02dbd, same probe) found nothing better either, every variant within 1% of these
+// shapes on the geometric mean: the weight loaded after the reduction (as FlashInfer does; 0.996 of the time up
+// to 256 tokens, 1.008 from 4096), 2 rows a thread sharing one weight load (1.011 / 0.999), and cache hints on
+// the row loads and stores (ld.global.nc, L1::no_allocate, an L2 evict-first policy, st.global.cs: 1.00 / 1.01-1.03).
 
 // FAST_2D: a 2-D input (inner 1) skips the division ahead of the first load (the fused add's kernel of 8 chunks
 // a thread has no register to spare for the branch).
@@ -74,12 +61,10 @@ __host__ __device__ constexpr int norm_cta_threads(int n, int vpt, bool warp_per
 }
 
 // CTA-per-row form: blockDim.x threads (a multiple of 32) a row, blockDim.y rows a CTA; warp-per-row form: 32
-// threads a row, kNormWarpRowsPerCta rows a CTA. ROWS > 1 (CTA-per-row form, one chunk a thread): each thread takes
-// the same chunk of ROWS consecutive rows, so the CTA reads the weight once for all of them.
-template <typename T, int N, int VPT, bool FUSED_ADD, bool WARP_PER_ROW, int ROWS = 1>
+// threads a row, kNormWarpRowsPerCta rows a CTA.
+template <typename T, int N, int VPT, bool FUSED_ADD, bool WARP_PER_ROW>
 __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
     rmsnorm_kernel(const __grid_constant__ NormParams p) {
-  static_assert(ROWS == 1 || (!WARP_PER_ROW && VPT == 1), "rows a thread: the one-chunk CTA-per-row form only");
   grid_dependency_wait();
   const int nthreads = WARP_PER_ROW ? 32 : blockDim.x;
   const int t = WARP_PER_ROW ? threadIdx.x % 32 : threadIdx.x;
@@ -87,7 +72,7 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   // (several lost on an H200); the code for more stays so that the kernels keep the machine code that was measured.
   constexpr bool kMultiRow = !WARP_PER_ROW && VPT <= 4;
   int row = WARP_PER_ROW ? blockIdx.x * kNormWarpRowsPerCta + threadIdx.x / 32
-            : kMultiRow  ? (blockIdx.x * blockDim.y + threadIdx.y) * ROWS
+            : kMultiRow  ? blockIdx.x * blockDim.y + threadIdx.y
                          : blockIdx.x;
   if (WARP_PER_ROW && row >= p.rows) return;  // whole warps: this kernel has no CTA-wide barrier then
   // A CTA of several rows may have rows past the end: their threads read the last row again (they must meet the
@@ -96,113 +81,72 @@ __global__ void __launch_bounds__(norm_cta_threads(N, VPT, WARP_PER_ROW))
   if (!live) row = p.rows - 1;
   const int chunks = p.hidden / N;
   constexpr bool kFast2d = !(FUSED_ADD && N == 8 && VPT == kNormVpt);
-  // Hinted row loads (ptx/ld_st.cuh) cost that kernel registers too (it spilled): plain loads there.
-  constexpr bool kHintLoads = kFast2d;
-  // Row k of the thread's ROWS (past the end: row 0 of them again, not stored).
-  bool live_k[ROWS];
-  int rows_k[ROWS];
-  const T* in[ROWS];
-  T* res[ROWS];
-#pragma unroll
-  for (int k = 0; k < ROWS; ++k) {
-    live_k[k] = live && (k == 0 || row + k < p.rows);
-    rows_k[k] = k == 0 || row + k < p.rows ? row + k : row;
-    in[k] = static_cast<const T*>(p.input) + norm_row_offset<kFast2d>(p.in, rows_k[k], p.inner);
-    res[k] = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset<kFast2d>(p.res, rows_k[k], p.inner) : nullptr;
-  }
+  const T* in = static_cast<const T*>(p.input) + norm_row_offset<kFast2d>(p.in, row, p.inner);
+  T* res = FUSED_ADD ? static_cast<T*>(p.residual) + norm_row_offset<kFast2d>(p.res, row, p.inner) : nullptr;
   const T* w = static_cast<const T*>(p.weight);
 
   // Every load of the row first (input, residual, weight), then the math: one memory round trip per row.
-  Chunk<T, N> xc[ROWS][VPT], rc[ROWS][VPT], wc[VPT];
+  Chunk<T, N> xc[VPT], rc[VPT], wc[VPT];
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int c = v * nthreads + t;
     if (c < chunks) {
-#pragma unroll
-      for (int k = 0; k < ROWS; ++k) {
-        if constexpr (kHintLoads) {
-          load_streamed(xc[k][v], in[k] + c * N, p.stream);
-          if constexpr (FUSED_ADD) load_streamed(rc[k][v], res[k] + c * N, p.stream);
-        } else {
-          xc[k][v].load(in[k] + c * N);
-          if constexpr (FUSED_ADD) rc[k][v].load(res[k] + c * N);
-        }
-      }
-      if constexpr (!FI_NORM_WEIGHT_LATE) wc[v].load(w + c * N);
+      xc[v].load(in + c * N);
+      if constexpr (FUSED_ADD) rc[v].load(res + c * N);
+      wc[v].load(w + c * N);
     }
   }
-  // x of chunk v of row k in fp32 (the fused add recomputes input + residual exactly as it first did).
-  const auto row_values = [&](int k, int v, float (&x)[N]) {
-    xc[k][v].to_floats(x);
+  // x of chunk v in fp32 (the fused add recomputes input + residual exactly as it first did).
+  const auto row_values = [&](int v, float (&x)[N]) {
+    xc[v].to_floats(x);
     if constexpr (FUSED_ADD) {
       float r[N];
-      rc[k][v].to_floats(r);
+      rc[v].to_floats(r);
 #pragma unroll
       for (int i = 0; i < N; ++i) x[i] += r[i];
     }
   };
-  float sum_sq[ROWS];
+  float sum_sq = 0.f;
 #pragma unroll
-  for (int k = 0; k < ROWS; ++k) {
-    sum_sq[k] = 0.f;
+  for (int v = 0; v < VPT; ++v) {
+    const int c = v * nthreads + t;
+    if (c < chunks) {
+      float x[N];
+      row_values(v, x);
+      if (FUSED_ADD && live) store_floats<T, N>(res + c * N, x);
 #pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int c = v * nthreads + t;
-      if (c < chunks) {
-        float x[N];
-        row_values(k, v, x);
-        if (FUSED_ADD && live_k[k]) store_floats_streamed<T, N>(res[k] + c * N, x, p.stream);
-#pragma unroll
-        for (int i = 0; i < N; ++i) sum_sq[k] = fmaf(x[i], x[i], sum_sq[k]);
-      }
+      for (int i = 0; i < N; ++i) sum_sq = fmaf(x[i], x[i], sum_sq);
     }
-    sum_sq[k] = group_sum<32>(sum_sq[k]);
   }
+  sum_sq = group_sum<32>(sum_sq);
   if constexpr (!WARP_PER_ROW) {
     // The row's warps' sums. One chunk a thread (up to 32 warps, latency-bound): one shared load a lane and 5
     // shuffles rather than a serial loop; several (at most 16 warps): the loop, which needs no extra registers.
-    __shared__ float warp_sums[ROWS][kNormMaxScalarThreads / 32];
+    __shared__ float warp_sums[kNormMaxScalarThreads / 32];
     const int row_warps = nthreads / 32, lane = t % 32;
-#pragma unroll
-    for (int k = 0; k < ROWS; ++k) {
-      float* sums = warp_sums[k] + (kMultiRow ? threadIdx.y * row_warps : 0);
-      if (lane == 0) sums[t / 32] = sum_sq[k];
-    }
+    float* sums = warp_sums + (kMultiRow ? threadIdx.y * row_warps : 0);
+    if (lane == 0) sums[t / 32] = sum_sq;
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < ROWS; ++k) {
-      const float* sums = warp_sums[k] + (kMultiRow ? threadIdx.y * row_warps : 0);
-      if constexpr (VPT == 1) {
-        sum_sq[k] = group_sum<32>(lane < row_warps ? sums[lane] : 0.f);
-      } else {
-        sum_sq[k] = 0.f;
-        for (int i = 0; i < row_warps; ++i) sum_sq[k] += sums[i];
-      }
+    if constexpr (VPT == 1) {
+      sum_sq = group_sum<32>(lane < row_warps ? sums[lane] : 0.f);
+    } else {
+      sum_sq = 0.f;
+      for (int i = 0; i < row_warps; ++i) sum_sq += sums[i];
     }
   }
+  const float rrms = rsqrtf(sum_sq / float(p.hidden) + p.eps);
 
-  if constexpr (FI_NORM_WEIGHT_LATE) {
+  T* out = static_cast<T*>(p.out) + norm_row_offset<kFast2d>(p.o, row, p.inner);
 #pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int c = v * nthreads + t;
-      if (live && c < chunks) wc[v].load(w + c * N);
-    }
-  }
+  for (int v = 0; v < VPT; ++v) {
+    const int c = v * nthreads + t;
+    if (live && c < chunks) {
+      float x[N], wf[N];
+      row_values(v, x);
+      wc[v].to_floats(wf);
 #pragma unroll
-  for (int k = 0; k < ROWS; ++k) {
-    const float rrms = rsqrtf(sum_sq[k] / float(p.hidden) + p.eps);
-    T* out = static_cast<T*>(p.out) + norm_row_offset<kFast2d>(p.o, rows_k[k], p.inner);
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int c = v * nthreads + t;
-      if (live_k[k] && c < chunks) {
-        float x[N], wf[N];
-        row_values(k, v, x);
-        wc[v].to_floats(wf);
-#pragma unroll
-        for (int i = 0; i < N; ++i) x[i] = x[i] * rrms * (p.weight_bias + wf[i]);
-        store_floats_streamed<T, N>(out + c * N, x, p.stream);
-      }
+      for (int i = 0; i < N; ++i) x[i] = x[i] * rrms * (p.weight_bias + wf[i]);
+      store_floats<T, N>(out + c * N, x);
     }
   }
   grid_dependency_launch_dependents();
@@ -218,9 +162,8 @@ constexpr int kNormMaxHiddenScalar = kNormMaxScalarThreads * kNormScalarVpt;  //
 constexpr int kNormErrHiddenTooLarge = 1001;  // a module error code (the template gives its text)
 
 template <typename T, bool FUSED_ADD>
-static cudaError_t launch_rmsnorm(NormParams p, int device, bool pdl, cudaStream_t stream) {
+static cudaError_t launch_rmsnorm(const NormParams& p, int device, bool pdl, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  p.stream = streaming_hints(int64_t(p.rows) * p.hidden * (FUSED_ADD ? 4 : 2) * int64_t(sizeof(T)), device);
   const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   const auto rows_aligned = [&](const NormRows& s) {
     return (p.rows <= p.inner || s.stride0 % 8 == 0) && (p.inner <= 1 || s.stride1 % 8 == 0);
@@ -260,11 +203,6 @@ static cudaError_t launch_rmsnorm(NormParams p, int device, bool pdl, cudaStream
       vpt = chunks <= kNormMaxThreads * 4 ? 4 : 8;
     }
     const int threads = row_threads(vpt);
-    if (FI_NORM_ROWS_PER_THREAD > 1 && vpt == 1 && p.rows > sm_count(device)) {
-      constexpr int kRows = FI_NORM_ROWS_PER_THREAD;
-      return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, false, kRows>, dim3(ceil_div(p.rows, kRows)),
-                           dim3(threads), 0, stream, pdl, p);
-    }
     if (vpt == 1)
       return launch_kernel(rmsnorm_kernel<T, 8, 1, FUSED_ADD, false>, dim3(p.rows), dim3(threads), 0, stream, pdl, p);
     if (vpt == 2)
