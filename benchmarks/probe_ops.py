@@ -43,7 +43,13 @@ DTYPE = torch.bfloat16
 # variant name -> -D flags; the first of each family is the default build (no flags).
 NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
-ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
+# FI_ROPE_FORMS (templates/include/flashinfer/ops/rope.cuh): 1 (default) the compile-time one-head forms for small
+# batches, 0 the generic form for every call (the kernel before the forms), 2 the several-heads forms specialised too.
+ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
+    "forms1": (),
+    "forms0": ("-DFI_ROPE_FORMS=0",),
+    "forms2": ("-DFI_ROPE_FORMS=2",),
+}
 
 
 def variant_class(base: type, flags: Tuple[str, ...]) -> type:

@@ -342,39 +342,43 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cud
     if (vec) return launch_kernel(rope_kernel<T, 8, TABLE, Form>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
     return launch_kernel(rope_kernel<T, 1, TABLE, Form>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
   };
-  // The specialised forms index with ints: every element offset (strides are never negative) must fit.
-  const auto fits32 = [&](int64_t stride_n, int64_t stride_h, int heads) {
-    return stride_n >= 0 && stride_h >= 0 &&
-           int64_t(p.nnz - 1) * stride_n + int64_t(max(heads - 1, 0)) * stride_h + p.head_dim < (int64_t(1) << 31);
-  };
-  const bool index32 = fits32(p.q_stride_n, p.q_stride_h, p.num_q_heads) &&
-                       fits32(p.k_stride_n, p.k_stride_h, p.num_k_heads) &&
-                       fits32(p.q_out_stride_n, p.q_out_stride_h, p.num_q_heads) &&
-                       fits32(p.k_out_stride_n, p.k_out_stride_h, p.num_k_heads) &&
-                       (!kCache || (p.cache_stride >= 0 && p.cache_rows * p.cache_stride < (int64_t(1) << 31)));
-  const bool one_head = p.heads_per_thread == 1;
-  if (FI_ROPE_FORMS == 0 || !vec || !index32 || (FI_ROPE_FORMS == 1 && !one_head) || (kCache && !p.cache_vec4)) {
+  if constexpr (FI_ROPE_FORMS == 0) {
     return launch(RopeGenericForm{});
-  }
-  // The specialised vector forms: each run-time flag picks its compile-time instance (in place never copies the
-  // rest; the cos/sin cache launcher has no ragged form).
-  const auto flag = [](bool b, auto&& f) { return b ? f(std::true_type{}) : f(std::false_type{}); };
-  return flag(p.interleave != 0, [&](auto interleave) {
-    return flag(in_place, [&](auto in_place_c) {
-      return flag(p.copy_rest != 0, [&](auto copy_rest) {
-        return flag(!kCache && p.pos_ids == nullptr, [&](auto ragged) {
-          return flag(one_head, [&](auto one) {
-            constexpr bool kInPlace = decltype(in_place_c)::value;
-            constexpr bool kCopyRest = !kInPlace && decltype(copy_rest)::value;
-            constexpr bool kRagged = !kCache && decltype(ragged)::value;
-            constexpr bool kOne = FI_ROPE_FORMS == 1 || decltype(one)::value;
-            using Form = RopeForm<decltype(interleave)::value, kCopyRest, kRagged, kCache, kInPlace, true, kOne>;
-            return launch_kernel(rope_kernel<T, 8, TABLE, Form>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
+  } else {
+    // The specialised forms index with ints: every element offset (strides are never negative) must fit.
+    const auto fits32 = [&](int64_t stride_n, int64_t stride_h, int heads) {
+      return stride_n >= 0 && stride_h >= 0 &&
+             int64_t(p.nnz - 1) * stride_n + int64_t(max(heads - 1, 0)) * stride_h + p.head_dim < (int64_t(1) << 31);
+    };
+    const bool index32 = fits32(p.q_stride_n, p.q_stride_h, p.num_q_heads) &&
+                         fits32(p.k_stride_n, p.k_stride_h, p.num_k_heads) &&
+                         fits32(p.q_out_stride_n, p.q_out_stride_h, p.num_q_heads) &&
+                         fits32(p.k_out_stride_n, p.k_out_stride_h, p.num_k_heads) &&
+                         (!kCache || (p.cache_stride >= 0 && p.cache_rows * p.cache_stride < (int64_t(1) << 31)));
+    const bool one_head = p.heads_per_thread == 1;
+    if (!vec || !index32 || (FI_ROPE_FORMS == 1 && !one_head) || (kCache && !p.cache_vec4)) {
+      return launch(RopeGenericForm{});
+    }
+    // The specialised vector forms: each run-time flag picks its compile-time instance (in place never copies the
+    // rest; the cos/sin cache launcher has no ragged form).
+    const auto flag = [](bool b, auto&& f) { return b ? f(std::true_type{}) : f(std::false_type{}); };
+    return flag(p.interleave != 0, [&](auto interleave) {
+      return flag(in_place, [&](auto in_place_c) {
+        return flag(p.copy_rest != 0, [&](auto copy_rest) {
+          return flag(!kCache && p.pos_ids == nullptr, [&](auto ragged) {
+            return flag(one_head, [&](auto one) {
+              constexpr bool kInPlace = decltype(in_place_c)::value;
+              constexpr bool kCopyRest = !kInPlace && decltype(copy_rest)::value;
+              constexpr bool kRagged = !kCache && decltype(ragged)::value;
+              constexpr bool kOne = FI_ROPE_FORMS == 1 || decltype(one)::value;
+              using Form = RopeForm<decltype(interleave)::value, kCopyRest, kRagged, kCache, kInPlace, true, kOne>;
+              return launch_kernel(rope_kernel<T, 8, TABLE, Form>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
+            });
           });
         });
       });
     });
-  });
+  }
 }
 
 }  // namespace flashinfer
