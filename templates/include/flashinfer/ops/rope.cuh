@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
     rope_kernel(const __grid_constant__ RopeParams p, const __grid_constant__ TABLE table) {
   constexpr bool kCache = std::is_same_v<TABLE, NoRopeTable>;
   constexpr int kMaxFreqs = N == 8 ? 8 : 1;  // per lane: a NeoX chunk pair has 8, an interleaved chunk 4
-  using Index = std::conditional_t<FORM::kIndex32, int, int64_t>;
+  using Index = std::conditional_t<FORM::kIndex32, int, int64_t>;  // element offsets
   const int x = blockIdx.x * kRopeThreads + threadIdx.x;
   const int token = static_cast<int>(__umulhi(2u * static_cast<unsigned>(x), p.lanes_magic) >> p.lanes_shift);
   if (token >= p.nnz) return;
@@ -157,21 +157,32 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
   const int h_begin = FORM::kOneHead ? blockIdx.y : blockIdx.y * p.heads_per_thread;
   const int h_end = FORM::kOneHead ? h_begin + 1 : min(num_heads, h_begin + p.heads_per_thread);
   const bool paired = rotate && !(N == 8 && interleave);  // a and b are separate loads
-  // Element a0 of head h (q heads, then k heads) of this token in q / k or in their outputs.
-  const auto head_ptr = [&](auto* q, auto* k, int64_t q_sn, int64_t q_sh, int64_t k_sn, int64_t k_sh, int h) {
+  // Element a0 of head h (q heads, then k heads) of this token in q / k or in their outputs. INDEX32: the
+  // tensor and its strides are picked first and one int offset computed; otherwise from the token's 64-bit bases
+  // (loop invariants of a thread's heads).
+  const auto head_at = [&](auto* q, auto* k, int64_t q_sn, int64_t q_sh, int64_t k_sn, int64_t k_sh, int h) {
     const bool is_q = h < p.num_q_heads;
-    const Index hh = is_q ? h : h - p.num_q_heads;
-    const Index sn = static_cast<Index>(is_q ? q_sn : k_sn), sh = static_cast<Index>(is_q ? q_sh : k_sh);
-    return static_cast<decltype(q)>(is_q ? q : k) + (token * sn + hh * sh + a0);
+    const int sn = static_cast<int>(is_q ? q_sn : k_sn), sh = static_cast<int>(is_q ? q_sh : k_sh);
+    return (is_q ? q : k) + (token * sn + (is_q ? h : h - p.num_q_heads) * sh + a0);
   };
+  const T* q_in = static_cast<const T*>(p.q) + token * p.q_stride_n + a0;
+  const T* k_in = static_cast<const T*>(p.k) + token * p.k_stride_n + a0 - int64_t(p.num_q_heads) * p.k_stride_h;
+  T* q_out = static_cast<T*>(p.q_out) + token * p.q_out_stride_n + a0;
+  T* k_out = static_cast<T*>(p.k_out) + token * p.k_out_stride_n + a0 - int64_t(p.num_q_heads) * p.k_out_stride_h;
   const auto head_in = [&](int h) {
-    return head_ptr(static_cast<const T*>(p.q), static_cast<const T*>(p.k), p.q_stride_n, p.q_stride_h, p.k_stride_n,
-                    p.k_stride_h, h);
+    if constexpr (FORM::kIndex32) {
+      return head_at(static_cast<const T*>(p.q), static_cast<const T*>(p.k), p.q_stride_n, p.q_stride_h,
+                     p.k_stride_n, p.k_stride_h, h);
+    }
+    return h < p.num_q_heads ? q_in + h * p.q_stride_h : k_in + h * p.k_stride_h;
   };
   const auto head_out = [&](int h) {
     if constexpr (FORM::kInPlace) return const_cast<T*>(head_in(h));
-    return head_ptr(static_cast<T*>(p.q_out), static_cast<T*>(p.k_out), p.q_out_stride_n, p.q_out_stride_h,
-                    p.k_out_stride_n, p.k_out_stride_h, h);
+    if constexpr (FORM::kIndex32) {
+      return head_at(static_cast<T*>(p.q_out), static_cast<T*>(p.k_out), p.q_out_stride_n, p.q_out_stride_h,
+                     p.k_out_stride_n, p.k_out_stride_h, h);
+    }
+    return h < p.num_q_heads ? q_out + h * p.q_out_stride_h : k_out + h * p.k_out_stride_h;
   };
   constexpr int kSlots = FORM::kOneHead ? 1 : kRopeUnroll;
   Chunk<T, N> a[kSlots], b[kSlots];
