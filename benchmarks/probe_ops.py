@@ -8,8 +8,9 @@ the real FlashInfer's times for the same cases (bench_ops.py's reference mode, i
 --no-reference. Records nothing.
 
 The knobs of the last trial were decided on an H200 and removed with their losing settings (the headers' comments
-give the numbers); the variant tables below hold the defaults only, so the probe times them against FlashInfer.
-To try a new setting, add its knob to the header and a ``"name": ("-DKNOB=value",)`` entry here.
+give the numbers); the variant tables below hold the defaults only, so the probe times them against FlashInfer,
+but for the open RoPE trial (FI_ROPE_FORMS: forms1, the default, against forms0 and forms2; run
+``--ops rope``). To try a new setting, add its knob to the header and a ``"name": ("-DKNOB=value",)`` entry here.
 
     python benchmarks/probe_ops.py [--ops norm,act,rope] [--rounds 3] [--no-reference]
 """

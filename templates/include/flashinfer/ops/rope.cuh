@@ -12,7 +12,9 @@
 // cos/sin once, and applies them to every head of its group (q heads then k heads); pass-through lanes copy
 // the rest of the head when the output is not the input. The launcher sizes the head groups so the grid
 // fills the GPU: many heads per thread for large batches, one for a single token (then a CTA per head group
-// on as many SMs). Grid: x over (token, lane), y over head groups.
+// on as many SMs). Grid: x over (token, lane), y over head groups. One kernel body, compiled as several forms
+// (RopeForm below): the generic one reads every option at run time; the specialised ones fix them at compile
+// time, so a small batch runs straight-line code without the branches and loop of the general case.
 #pragma once
 #include "flashinfer/attention/pos_enc.cuh"
 #include "flashinfer/common.cuh"
@@ -86,7 +88,9 @@ constexpr int kRopeResidentThreads = 2048;  // threads an SM, counted when sprea
 // ragged, float4 cache rows, 32-bit offsets, one head a thread) whenever a thread holds one head on the vector
 // path: the small batches, whose time is one warp's critical path (position -> cos/sin row -> rotate -> store),
 // so every instruction and every branch around unused code on it costs (the code itself comes from memory
-// after an L2 flush); the generic form otherwise. 2: the several-heads forms specialised too.
+// after an L2 flush); the generic form otherwise. 2: the several-heads forms specialised too. SASS (bf16,
+// cos/sin cache, NeoX, in place, sm_90): the generic form 1,312 instructions (96 registers), the one-head form
+// 176 (40 registers); before the forms a 1-token call executed 466 instructions a warp against FlashInfer's 171.
 #ifndef FI_ROPE_FORMS
 #define FI_ROPE_FORMS 1
 #endif
@@ -100,10 +104,14 @@ template <int INTERLEAVE, int COPY_REST, int RAGGED, int CACHE_VEC4, bool IN_PLA
 struct RopeForm {
   static constexpr int kCopyRest = COPY_REST;
   static constexpr bool kInPlace = IN_PLACE, kIndex32 = INDEX32, kOneHead = ONE_HEAD;
-  static FI_DEVICE bool interleave(const RopeParams& p) { return INTERLEAVE == kRopeAny ? p.interleave != 0 : INTERLEAVE; }
+  static FI_DEVICE bool interleave(const RopeParams& p) {
+    return INTERLEAVE == kRopeAny ? p.interleave != 0 : INTERLEAVE;
+  }
   static FI_DEVICE bool copy_rest(const RopeParams& p) { return COPY_REST == kRopeAny ? p.copy_rest != 0 : COPY_REST; }
   static FI_DEVICE bool ragged(const RopeParams& p) { return RAGGED == kRopeAny ? p.pos_ids == nullptr : RAGGED; }
-  static FI_DEVICE bool cache_vec4(const RopeParams& p) { return CACHE_VEC4 == kRopeAny ? p.cache_vec4 != 0 : CACHE_VEC4; }
+  static FI_DEVICE bool cache_vec4(const RopeParams& p) {
+    return CACHE_VEC4 == kRopeAny ? p.cache_vec4 != 0 : CACHE_VEC4;
+  }
 };
 using RopeGenericForm = RopeForm<kRopeAny, kRopeAny, kRopeAny, kRopeAny, false, false, false>;
 
@@ -171,8 +179,8 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
   T* k_out = static_cast<T*>(p.k_out) + token * p.k_out_stride_n + a0 - int64_t(p.num_q_heads) * p.k_out_stride_h;
   const auto head_in = [&](int h) {
     if constexpr (FORM::kIndex32) {
-      return head_at(static_cast<const T*>(p.q), static_cast<const T*>(p.k), p.q_stride_n, p.q_stride_h,
-                     p.k_stride_n, p.k_stride_h, h);
+      return head_at(static_cast<const T*>(p.q), static_cast<const T*>(p.k), p.q_stride_n, p.q_stride_h, p.k_stride_n,
+                     p.k_stride_h, h);
     }
     return h < p.num_q_heads ? q_in + h * p.q_stride_h : k_in + h * p.k_stride_h;
   };
@@ -383,7 +391,8 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cud
               constexpr bool kRagged = !kCache && decltype(ragged)::value;
               constexpr bool kOne = FI_ROPE_FORMS == 1 || decltype(one)::value;
               using Form = RopeForm<decltype(interleave)::value, kCopyRest, kRagged, kCache, kInPlace, true, kOne>;
-              return launch_kernel(rope_kernel<T, 8, TABLE, Form>, grid, dim3(kRopeThreads), 0, stream, false, p, table);
+              return launch_kernel(rope_kernel<T, 8, TABLE, Form>, grid, dim3(kRopeThreads), 0, stream, false, p,
+                                   table);
             });
           });
         });
