@@ -1,14 +1,18 @@
 """RoPE (flashinfer.rope) against a float64 reference: every function (ragged indptr/offsets, pos_ids, Llama 3.1,
 cos/sin cache; in place and out of place), NeoX and interleaved pairs, partial rotary dims, scale/theta, head
 sizes of the 16-byte vector and element-wise paths, different q/k head counts, strided q/k views of a packed qkv,
-positions outside the cos/sin cache, NaN-poisoned outputs, CUDA graphs, streams and devices; on the CPU,
-validation and a real module build."""
+positions outside the cos/sin cache, NaN-poisoned outputs, CUDA graphs, streams and devices, every kernel form
+(FI_ROPE_FORMS modules); on the CPU, validation, a real module build and every kernel form run by the host
+emulator (tests/rope_emulator)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
+import _rope_emu
 import flashinfer
 import flashinfer.rope as rope_mod
 from _jit_checks import assert_no_unique_symbols, assert_register_only
@@ -694,6 +698,77 @@ def test_module_paths_match_flashinfer():
         if name.startswith("apply_"):
             assert getattr(rope, name) is getattr(flashinfer, name)
     assert len([n for n in rope.__all__ if n.startswith("apply_")]) == 10
+
+
+def _emu_case(lib, head_dim, rotary_dim, interleave, nnz, in_place, idtype, packed, form, bad=(), pad=0):
+    """One launch_rope on the host emulator against the float64 reference. form: "cache" (with positions
+    ``bad`` = [(token, position)] outside it, and ``pad`` 1/2: rows not 16-byte aligned), "pos_ids" or "ragged"."""
+    hq, hk, d = 8, 4, head_dim
+    qkv = torch.randn(nnz, (hq + (2 * hk if packed else hk)) * d, dtype=torch.bfloat16)
+    q, k = qkv[:, : hq * d].view(nnz, hq, d), qkv[:, hq * d : (hq + hk) * d].view(nnz, hk, d)
+    before = qkv.clone()
+    q_out, k_out = (q, k) if in_place else (torch.full_like(q, float("nan")), torch.full_like(k, float("nan")))
+    what = f"d{d} rot{rotary_dim} il{int(interleave)} nnz{nnz} ip{int(in_place)} {idtype} {form} pad{pad}"
+    if form == "cache":
+        full = _cos_sin_cache(512, rotary_dim + 2 * pad, 1e4, device="cpu")
+        cache = full[:, :rotary_dim] if pad == 1 else full[:, 1 : rotary_dim + 1] if pad == 2 else full
+        pos = torch.randint(0, 512, (nnz,), dtype=idtype)
+        for i, b in bad:
+            pos[i] = b
+        half = rotary_dim // 2
+        rows = cache[pos.clamp(0, 511).long()].double()
+        cos, sin, covered = rows[:, :half], rows[:, half:], torch.ones(nnz, dtype=torch.bool)
+        record = _rope_emu.rope(lib, q, k, q_out, k_out, interleave, rotary_dim, pos_ids=pos, cache=cache)
+    else:
+        if form == "ragged":
+            indptr, offsets, pos = _ragged([0, 1, 5, 0, 17, nnz - 26], nnz_extra=3, idtype=idtype, device="cpu")
+            record = _rope_emu.rope(lib, q, k, q_out, k_out, interleave, rotary_dim, ragged=(indptr, offsets))
+        else:
+            pos = torch.randint(0, 100_000, (nnz,))
+            record = _rope_emu.rope(lib, q, k, q_out, k_out, interleave, rotary_dim, pos_ids=pos.to(idtype))
+        cos, sin = rope_cos_sin(pos.clamp(min=0), rope_frequencies(rotary_dim, 1.0, 1e4))
+        covered = pos >= 0
+    good = covered.clone()
+    for i, _ in bad:
+        good[i] = False
+    x = before[:, : (hq + hk) * d].view(nnz, hq + hk, d)
+    ref = rope_ref(x, cos, sin, interleave)
+    ref[~covered] = x[~covered].double()
+    out = torch.cat([q_out, k_out], dim=1)
+    assert_close(out[good], ref[good], what=what)
+    if bad:
+        assert torch.isnan(out[~good][..., :rotary_dim].float()).all(), what
+        assert record[0] == 1 and record[1] in [b for _, b in bad] and record[2] == 512, (what, record)
+    else:
+        assert record[0] == 0, (what, record)
+    assert torch.equal(qkv[:, (hq + hk) * d :], before[:, (hq + hk) * d :]), f"{what}: v was written"
+
+
+@pytest.mark.skipif(_rope_emu.available() is not None, reason=str(_rope_emu.available()))
+@pytest.mark.parametrize("forms", [0, 1, 2])
+def test_kernel_forms_on_the_host(forms):
+    """rope.cuh's kernels and launch_rope built with FI_ROPE_FORMS=forms for the CPU (tests/rope_emulator), on every
+    form against the float64 reference: cos/sin cache, pos_ids and ragged positions; NeoX and interleaved; in place,
+    out of place, out of place copying the rest (partial rotary); int32/int64 positions; strided q/k; the scalar
+    path (rotary_dim 40); unaligned cache rows; positions outside the cache (NaN, recorded); one head a thread (an
+    H200's 132 SMs) and several (the same batches sized for one SM). Every kernel the build holds is launched (but
+    FI_ROPE_FORMS=2's generic vector form of the frequency table, taken only past 32-bit offsets)."""
+    torch.manual_seed(forms)
+    lib = _rope_emu.lib(forms)
+    lib.emu_reset()
+    for sms, nnz in ((132, 33), (1, 100)):
+        lib.emu_set_sms(sms)
+        idtypes = itertools.cycle((torch.int64, torch.int32))
+        for (d, rot), interleave, in_place in itertools.product(((128, 128), (128, 64)), (False, True), (True, False)):
+            for form in ("cache", "pos_ids", "ragged"):
+                _emu_case(lib, d, rot, interleave, nnz, in_place, next(idtypes), in_place, form)
+        for form in ("cache", "pos_ids"):
+            _emu_case(lib, 64, 40, False, nnz, False, torch.int64, True, form)
+        _emu_case(lib, 128, 128, False, nnz, False, torch.int64, False, "cache", pad=2)
+        _emu_case(lib, 128, 128, False, nnz, True, torch.int64, True, "cache", bad=[(nnz // 2, 512), (nnz - 1, -1)])
+        _emu_case(lib, 128, 64, True, 1, False, torch.int32, True, "cache", bad=[(0, 100_000)])
+    # generic (vector, scalar) x (cache, table); FI_ROPE_FORMS 1: + 18 one-head forms, 2: + 36 (one or several heads)
+    assert lib.emu_kernels_launched() == {0: 4, 1: 22, 2: 39}[forms]
 
 
 def test_rope_spec_names():
