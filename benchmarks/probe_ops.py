@@ -9,8 +9,9 @@ the real FlashInfer's times for the same cases (bench_ops.py's reference mode, i
 
 The knobs of the last trial were decided on an H200 and removed with their losing settings (the headers' comments
 give the numbers); the variant tables below hold the defaults only, so the probe times them against FlashInfer,
-but for the open RoPE trial (FI_ROPE_FORMS: forms1, the default, against forms0 and forms2; run
-``--ops rope``). To try a new setting, add its knob to the header and a ``"name": ("-DKNOB=value",)`` entry here.
+but for the open RoPE trial (FI_ROPE_FORMS and FI_ROPE_MAX_HEADS_PER_THREAD: forms1, the default, against
+forms0, forms2 and hpt1; run ``--ops rope``). To try a new setting, add its knob to the header and a
+``"name": ("-DKNOB=value",)`` entry here.
 
     python benchmarks/probe_ops.py [--ops norm,act,rope] [--rounds 3] [--no-reference]
 """
@@ -45,11 +46,13 @@ DTYPE = torch.bfloat16
 NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
 # FI_ROPE_FORMS (templates/include/flashinfer/ops/rope.cuh): 1 (default) the compile-time one-head forms for small
-# batches, 0 the generic form for every call (the kernel before the forms), 2 the several-heads forms specialised too.
+# batches, 0 the generic form for every call (the kernel before the forms), 2 the several-heads forms specialised too;
+# hpt1: FI_ROPE_MAX_HEADS_PER_THREAD=1, every size on the one-head forms.
 ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "forms1": (),
     "forms0": ("-DFI_ROPE_FORMS=0",),
     "forms2": ("-DFI_ROPE_FORMS=2",),
+    "hpt1": ("-DFI_ROPE_MAX_HEADS_PER_THREAD=1",),
 }
 
 

@@ -1,5 +1,5 @@
 """The RoPE kernels run on the CPU (tests/rope_emulator): rope.cuh's unmodified rope_kernel and launch_rope,
-compiled with the host compiler for one FI_ROPE_FORMS setting, their launches run thread by thread (the kernel's
+compiled with the host compiler for one setting of its knobs, their launches run thread by thread (the kernel's
 threads never exchange values). Checks every kernel form and launch_rope's choice among them here; what this cannot
 show: timing, PTX, the memory model."""
 
@@ -45,15 +45,15 @@ def _sources() -> Dict[str, str]:
     return files
 
 
-_LIBS: Dict[int, ctypes.CDLL] = {}
+_LIBS: Dict[Tuple[str, ...], ctypes.CDLL] = {}
 
 
-def lib(forms: int) -> ctypes.CDLL:
-    """The emulator built with -DFI_ROPE_FORMS=forms (cached by content hash)."""
-    if forms in _LIBS:
-        return _LIBS[forms]
+def lib(*defines: str) -> ctypes.CDLL:
+    """The emulator built with -D<each of defines> (rope.cuh's knobs; cached by content hash)."""
+    if defines in _LIBS:
+        return _LIBS[defines]
     files = _sources()
-    flags = ["-O1", "-std=c++17", "-shared", "-fPIC", "-w", f"-DFI_ROPE_FORMS={forms}"]
+    flags = ["-O1", "-std=c++17", "-shared", "-fPIC", "-w", *(f"-D{d}" for d in defines)]
     digest = hashlib.sha256(repr((sorted(files.items()), flags)).encode()).hexdigest()[:16]
     root = Path(tempfile.gettempdir()) / f"fi_rope_emu_{os.getuid()}"
     so = root / f"librope_emu_{digest}.so"
@@ -73,7 +73,7 @@ def lib(forms: int) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     lib.emu_rope.restype = ctypes.c_int
     lib.emu_kernels_launched.restype = ctypes.c_int
-    _LIBS[forms] = lib
+    _LIBS[defines] = lib
     return lib
 
 

@@ -745,16 +745,19 @@ def _emu_case(lib, head_dim, rotary_dim, interleave, nnz, in_place, idtype, pack
 
 
 @pytest.mark.skipif(_rope_emu.available() is not None, reason=str(_rope_emu.available()))
-@pytest.mark.parametrize("forms", [0, 1, 2])
-def test_kernel_forms_on_the_host(forms):
-    """rope.cuh's kernels and launch_rope built with FI_ROPE_FORMS=forms for the CPU (tests/rope_emulator), on every
+@pytest.mark.parametrize(
+    "knobs", ["FI_ROPE_FORMS=0", "FI_ROPE_FORMS=1", "FI_ROPE_FORMS=2", "FI_ROPE_MAX_HEADS_PER_THREAD=1"]
+)
+def test_kernel_forms_on_the_host(knobs):
+    """rope.cuh's kernels and launch_rope built with -D<knobs> for the CPU (tests/rope_emulator), on every
     form against the float64 reference: cos/sin cache, pos_ids and ragged positions; NeoX and interleaved; in place,
     out of place, out of place copying the rest (partial rotary); int32/int64 positions; strided q/k; the scalar
     path (rotary_dim 40); unaligned cache rows; positions outside the cache (NaN, recorded); one head a thread (an
     H200's 132 SMs) and several (the same batches sized for one SM). Every kernel the build holds is launched (but
-    FI_ROPE_FORMS=2's generic vector form of the frequency table, taken only past 32-bit offsets)."""
-    torch.manual_seed(forms)
-    lib = _rope_emu.lib(forms)
+    the generic vector form of the frequency table where FI_ROPE_FORMS=2 or one head a thread leave it only offsets
+    past 32 bits)."""
+    torch.manual_seed(0)
+    lib = _rope_emu.lib(knobs)
     lib.emu_reset()
     for sms, nnz in ((132, 33), (1, 100)):
         lib.emu_set_sms(sms)
@@ -767,8 +770,15 @@ def test_kernel_forms_on_the_host(forms):
         _emu_case(lib, 128, 128, False, nnz, False, torch.int64, False, "cache", pad=2)
         _emu_case(lib, 128, 128, False, nnz, True, torch.int64, True, "cache", bad=[(nnz // 2, 512), (nnz - 1, -1)])
         _emu_case(lib, 128, 64, True, 1, False, torch.int32, True, "cache", bad=[(0, 100_000)])
-    # generic (vector, scalar) x (cache, table); FI_ROPE_FORMS 1: + 18 one-head forms, 2: + 36 (one or several heads)
-    assert lib.emu_kernels_launched() == {0: 4, 1: 22, 2: 39}[forms]
+    # generic (vector, scalar) x (cache, table); FI_ROPE_FORMS 1: + 18 one-head forms, 2: + 36 (one or several heads);
+    # one head a thread: the 18 one-head forms, the generic scalar ones and the generic vector one of unaligned caches
+    expected = {
+        "FI_ROPE_FORMS=0": 4,
+        "FI_ROPE_FORMS=1": 22,
+        "FI_ROPE_FORMS=2": 39,
+        "FI_ROPE_MAX_HEADS_PER_THREAD=1": 21,
+    }
+    assert lib.emu_kernels_launched() == expected[knobs]
 
 
 def test_rope_spec_names():

@@ -95,6 +95,12 @@ constexpr int kRopeResidentThreads = 2048;  // threads an SM, counted when sprea
 #define FI_ROPE_FORMS 1
 #endif
 
+// Trial (issue 14): at most this many heads a thread (0: no cap). 1 puts every launch on the one-head forms (a grid
+// of nnz * lanes * heads threads), as FlashInfer does for large batches too.
+#ifndef FI_ROPE_MAX_HEADS_PER_THREAD
+#define FI_ROPE_MAX_HEADS_PER_THREAD 0
+#endif
+
 // A flag of a kernel form: 0 or 1 when fixed at compile time, kRopeAny when read from RopeParams.
 constexpr int kRopeAny = -1;
 
@@ -346,6 +352,7 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cud
   // Whole batches of kRopeUnroll heads: a thread's last batch of one head (5 heads a thread: 40 heads over
   // 4096 tokens) would keep a fifth of the bytes in flight while it runs. Rounding down adds threads instead.
   if (hpt > kRopeUnroll) hpt = hpt / kRopeUnroll * kRopeUnroll;
+  if (FI_ROPE_MAX_HEADS_PER_THREAD > 0 && hpt > FI_ROPE_MAX_HEADS_PER_THREAD) hpt = FI_ROPE_MAX_HEADS_PER_THREAD;
   const int groups = static_cast<int>((num_heads + hpt - 1) / hpt);
   p.heads_per_thread = (num_heads + groups - 1) / groups;
   if (p.heads_per_thread > kRopeUnroll) p.heads_per_thread = ceil_div(p.heads_per_thread, kRopeUnroll) * kRopeUnroll;
