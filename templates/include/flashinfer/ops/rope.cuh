@@ -311,9 +311,10 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
   }
 }
 
-// Picks the vector or scalar form and the launch shape. The device's SM count sizes the head groups: the work items of
-// all heads are spread over about one full GPU of threads (kRopeResidentThreads per SM), at least one head
-// per thread, and beyond kRopeUnroll heads a thread a multiple of kRopeUnroll.
+// Picks the vector or scalar path, the launch shape and the kernel form (FI_ROPE_FORMS above). The device's SM count
+// sizes the head groups: the work items of all heads are spread over about one full GPU of threads
+// (kRopeResidentThreads per SM), at least one head per thread, and beyond kRopeUnroll heads a thread a multiple of
+// kRopeUnroll.
 template <typename T, typename TABLE>
 static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cudaStream_t stream) {
   constexpr bool kCache = std::is_same_v<TABLE, NoRopeTable>;
