@@ -2,14 +2,16 @@
 silu_and_mul and RoPE (apply_rope_with_cos_sin_cache_inplace) at bench_ops.py's shapes and with its timing (CUDA
 events, L2 flushed before each call), so that one GPU run decides which variant to keep. Each variant is its
 module built with -D flags (a knob added for the trial as a #define default at the top of
-templates/include/flashinfer/ops/{norm,activation,rope}.cuh or ptx/ld_st.cuh); every variant's output is checked
-against plain PyTorch first. Prints tables (µs, best of the rounds' medians; the fastest variant of each row marked
+templates/include/flashinfer/ops/{norm,activation,rope}.cuh); every variant's output is checked against plain
+PyTorch first. Prints tables (µs, best of the rounds' medians; the fastest variant of each row marked
 *), then the real FlashInfer's times for the same cases (bench_ops.py's reference mode, its own process) unless
 --no-reference. Records nothing.
 
-The knobs of earlier trials were decided on an H200 and removed with their losing settings (the headers' comments
-give the numbers). The variant tables below hold the current trial (issue 14: cache hints, the norm's weight load,
-silu_and_mul's grid); to try a new setting, add its knob to the header and a ``"name": ("-DKNOB=value",)`` entry.
+The knobs of the last trial were decided on an H200 and removed with their losing settings (the headers' comments
+give the numbers); the variant tables below hold the defaults only, so the probe times them against FlashInfer,
+but for the open RoPE trial (FI_ROPE_FORMS and FI_ROPE_MAX_HEADS_PER_THREAD: forms1, the default, against
+forms0, forms2 and hpt1; run ``--ops rope``). To try a new setting, add its knob to the header and a
+``"name": ("-DKNOB=value",)`` entry here.
 
     python benchmarks/probe_ops.py [--ops norm,act,rope] [--rounds 3] [--no-reference]
 """
@@ -41,42 +43,17 @@ TOKENS = (1, 16, 256, 4096, 32768)
 DTYPE = torch.bfloat16
 
 # variant name -> -D flags; the first of each family is the default build (no flags).
-# Issue 14's trial (knobs in ptx/ld_st.cuh, ops/norm.cuh, ops/activation.cuh): cache hints on the streamed loads
-# and stores (their L2 priority by default only on launches moving more than the L2; "always": every launch), the
-# norm's weight loaded after the reduction or once for 2 rows a thread, silu_and_mul's grid order and CTA size.
-LD_NC, LD_NC_EF, LD_L2_EF, LD_NC_L1 = (f"-DFI_OPS_LOAD_HINT={m}" for m in (1, 2, 3, 4))
-ST_CS, ST_EF = "-DFI_OPS_STORE_HINT=1", "-DFI_OPS_STORE_HINT=2"
-ALWAYS = "-DFI_OPS_HINT_MIN_L2_PCT=0"
-NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {
-    "default": (),
-    "w late": ("-DFI_NORM_WEIGHT_LATE=1",),
-    "2 rows/thr": ("-DFI_NORM_ROWS_PER_THREAD=2",),
-    "2 rows/thr w late": ("-DFI_NORM_ROWS_PER_THREAD=2", "-DFI_NORM_WEIGHT_LATE=1"),
-    "ld nc": (LD_NC,),
-    "ld nc+ef": (LD_NC_EF,),
-    "ld L2 ef": (LD_L2_EF,),
-    "st cs": (ST_CS,),
-    "st ef": (ST_EF,),
-    "ld nc-L1": (LD_NC_L1,),
-    "ld nc+ef st cs always": (LD_NC_EF, ST_CS, ALWAYS),
-    "w late ld nc+ef st cs": ("-DFI_NORM_WEIGHT_LATE=1", LD_NC_EF, ST_CS),
-    "2 rows/thr ld nc+ef st cs": ("-DFI_NORM_ROWS_PER_THREAD=2", LD_NC_EF, ST_CS),
+NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
+ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
+# FI_ROPE_FORMS (templates/include/flashinfer/ops/rope.cuh): 1 (default) the compile-time one-head forms for small
+# batches, 0 the generic form for every call (the kernel before the forms), 2 the several-heads forms specialised too;
+# hpt1: FI_ROPE_MAX_HEADS_PER_THREAD=1, every size on the one-head forms.
+ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
+    "forms1": (),
+    "forms0": ("-DFI_ROPE_FORMS=0",),
+    "forms2": ("-DFI_ROPE_FORMS=2",),
+    "hpt1": ("-DFI_ROPE_MAX_HEADS_PER_THREAD=1",),
 }
-ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {
-    "default": (),
-    "cols first": ("-DFI_ACT_COLS_FIRST=1",),
-    "256 thr": ("-DFI_ACT_THREADS=256",),
-    "512 thr": ("-DFI_ACT_THREADS=512",),
-    "ld nc": (LD_NC,),
-    "ld nc+ef": (LD_NC_EF,),
-    "ld L2 ef": (LD_L2_EF,),
-    "st cs": (ST_CS,),
-    "st ef": (ST_EF,),
-    "ld nc-L1": (LD_NC_L1,),
-    "ld nc+ef st cs always": (LD_NC_EF, ST_CS, ALWAYS),
-    "cols first ld nc+ef st cs": ("-DFI_ACT_COLS_FIRST=1", LD_NC_EF, ST_CS),
-}
-ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
 
 
 def variant_class(base: type, flags: Tuple[str, ...]) -> type:

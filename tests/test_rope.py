@@ -1,14 +1,18 @@
 """RoPE (flashinfer.rope) against a float64 reference: every function (ragged indptr/offsets, pos_ids, Llama 3.1,
 cos/sin cache; in place and out of place), NeoX and interleaved pairs, partial rotary dims, scale/theta, head
 sizes of the 16-byte vector and element-wise paths, different q/k head counts, strided q/k views of a packed qkv,
-positions outside the cos/sin cache, NaN-poisoned outputs, CUDA graphs, streams and devices; on the CPU,
-validation and a real module build."""
+positions outside the cos/sin cache, NaN-poisoned outputs, CUDA graphs, streams and devices, every kernel form
+(FI_ROPE_FORMS modules); on the CPU, validation, a real module build and every kernel form run by the host
+emulator (tests/rope_emulator)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
+import _rope_emu
 import flashinfer
 import flashinfer.rope as rope_mod
 from _jit_checks import assert_no_unique_symbols, assert_register_only
@@ -334,6 +338,123 @@ def test_cos_sin_cache_with_padded_or_offset_rows(is_neox, pad):
     assert_close(k_out, ref_k, what="key")
 
 
+# ------------------------------------------------------------------------------- kernel forms (FI_ROPE_FORMS)
+
+
+@pytest.fixture(params=[0, 1, 2], ids=lambda f: f"forms{f}")
+def rope_forms(request, monkeypatch):
+    """The bf16 module built with -DFI_ROPE_FORMS=<param> installed as the one the API calls: 0 the generic kernel
+    for every call, 1 (the default build) the compile-time one-head forms for small launches, 2 the several-heads
+    forms specialised too. Yields the knob's value."""
+    forms = request.param
+    if forms != 1:
+        import dataclasses
+
+        from flashinfer import jit
+
+        @dataclasses.dataclass(frozen=True)
+        class FormsSpec(RopeSpec):
+            def extra_cuda_cflags(self):
+                return tuple(RopeSpec.extra_cuda_cflags(self)) + (f"-DFI_ROPE_FORMS={forms}",)
+
+        jit.ensure_built(FormsSpec(dtype="bf16"))
+        monkeypatch.setattr(rope_mod, "RopeSpec", FormsSpec)
+        monkeypatch.setitem(rope_mod._modules, "bf16", rope_mod._RopeModule("bf16"))
+        monkeypatch.setattr(rope_mod, "RopeSpec", RopeSpec)
+    yield forms
+    rope_mod.check_cos_sin_cache_positions()  # nothing left recorded in this module
+
+
+# (head_size, rotary_dim, is_neox, nnz, q heads, k heads, in_place, positions' dtype, packed qkv): one token and odd
+# counts (one head a thread: the one-head forms), 4096 tokens (several heads a thread), full and partial rotary dims
+# in and out of place (out of place copies the rest), NeoX and interleaved, int32 and int64 positions, q/k strided
+# views of a packed qkv, and element-wise pairs (rotary_dim 40: the generic scalar form).
+FORM_CASES = [
+    (128, 128, True, 1, 32, 8, True, torch.int64, True),
+    (128, 128, False, 1, 32, 8, False, torch.int32, False),
+    (128, 64, True, 1, 4, 2, False, torch.int64, True),
+    (128, 64, True, 33, 4, 2, False, torch.int64, True),
+    (128, 64, False, 33, 4, 2, True, torch.int32, True),
+    (256, 128, False, 1001, 4, 2, False, torch.int64, False),
+    (64, 64, True, 255, 1, 1, False, torch.int32, True),
+    (128, 128, True, 4096, 32, 8, True, torch.int64, False),
+    (128, 64, False, 4096, 32, 8, False, torch.int32, True),
+    (128, 128, True, 4095, 32, 8, False, torch.int64, True),
+    (64, 40, True, 7, 2, 1, False, torch.int64, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FORM_CASES, ids=lambda c: f"hs{c[0]}-rot{c[1]}-neox{int(c[2])}-n{c[3]}-ip{int(c[6])}")
+def test_every_kernel_form_with_cos_sin_cache(rope_forms, case, nan_outputs):
+    head_size, rotary_dim, is_neox, nnz, hq, hk, in_place, idtype, packed = case
+    cache = _cos_sin_cache(8192, rotary_dim, 1e4)
+    positions = torch.randint(0, 8192, (nnz,), device="cuda", dtype=idtype)
+    width = (hq + 2 * hk if packed else hq + hk) * head_size
+    qkv = torch.randn(nnz, width, dtype=torch.bfloat16, device="cuda")
+    query, key = qkv[:, : hq * head_size], qkv[:, hq * head_size : (hq + hk) * head_size]
+    ref_q = _cache_reference(query, positions, cache, head_size, is_neox)
+    ref_k = _cache_reference(key, positions, cache, head_size, is_neox)
+    if in_place:
+        rest = qkv[:, (hq + hk) * head_size :].clone()
+        flashinfer.apply_rope_with_cos_sin_cache_inplace(positions, query, key, head_size, cache, is_neox=is_neox)
+        q_out, k_out = query, key
+        assert torch.equal(qkv[:, (hq + hk) * head_size :], rest), "v was written"
+    else:
+        q_out, k_out = flashinfer.apply_rope_with_cos_sin_cache(positions, query, key, head_size, cache, is_neox)
+    assert_close(q_out, ref_q, what="query")
+    assert_close(k_out, ref_k, what="key")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nnz", [1, 40, 4096])
+def test_every_kernel_form_marks_positions_outside_the_cache(rope_forms, nnz):
+    """A token past the cache (and one at -1) becomes NaN, the others are right, and the call is recorded."""
+    cache = _cos_sin_cache(1024, 128, 1e4)
+    pos = torch.randint(0, 1024, (nnz,), device="cuda")
+    bad = [0] if nnz == 1 else [nnz // 2, nnz - 1]
+    pos[bad[0]] = 1024
+    if len(bad) > 1:
+        pos[bad[1]] = -1
+    query = torch.randn(nnz, 32 * 128, dtype=torch.bfloat16, device="cuda")
+    key = torch.randn(nnz, 8 * 128, dtype=torch.bfloat16, device="cuda")
+    q0 = query.clone()
+    flashinfer.apply_rope_with_cos_sin_cache_inplace(pos, query, key, 128, cache)
+    torch.cuda.synchronize()
+    good = torch.ones(nnz, dtype=torch.bool)
+    good[bad] = False
+    if good.any():
+        assert_close(query[good], _cache_reference(q0[good], pos[good], cache, 128, True), what="valid tokens")
+    assert torch.isnan(query[bad]).all() and torch.isnan(key[bad]).all()
+    with pytest.raises(ValueError, match="lies outside the cos_sin_cache of 1024 rows"):
+        rope_mod.check_cos_sin_cache_positions()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_every_kernel_form_with_frequency_table(rope_forms, interleave, in_place, nan_outputs):
+    """pos_ids (int32, int64) and ragged batches, partial rotary (out of place: the rest copied), one token and
+    several heads a thread."""
+    freqs = rope_frequencies(64, 1.0, 1e4)
+    for nnz, hq, hk in ((1, 32, 8), (37, 4, 2), (4096, 32, 8)):
+        q, k, _ = _packed_qk(nnz, hq, hk, 128, torch.bfloat16)
+        pos = torch.randint(0, 100_000, (nnz,), device="cuda")
+        ref_q, ref_k = _expected(q, pos.cpu(), freqs, interleave), _expected(k, pos.cpu(), freqs, interleave)
+        for idtype in (torch.int32, torch.int64):
+            qi, ki = (q.clone(), k.clone()) if in_place else (q, k)
+            q_rope, k_rope = _run_table("apply_rope_pos_ids", qi, ki, (pos.to(idtype),), 64, interleave, in_place)
+            assert_close(q_rope, ref_q, what=f"q nnz={nnz} {idtype}")
+            assert_close(k_rope, ref_k, what=f"k nnz={nnz} {idtype}")
+    indptr, offsets, pos = _ragged([0, 1, 5, 0, 17], nnz_extra=3)
+    q, k, _ = _packed_qk(pos.numel(), 8, 2, 128, torch.bfloat16)
+    ref_q, ref_k = _expected(q, pos, freqs, interleave), _expected(k, pos, freqs, interleave)
+    qi, ki = (q.clone(), k.clone()) if in_place else (q, k)
+    q_rope, k_rope = _run_table("apply_rope", qi, ki, (indptr, offsets), 64, interleave, in_place)
+    assert_close(q_rope, ref_q, what="ragged q")
+    assert_close(k_rope, ref_k, what="ragged k")
+
+
 @pytest.mark.gpu
 def test_cos_sin_cache_int32_positions_3d_inputs_and_no_key():
     cache = _cos_sin_cache(4096, 128, 1e4)
@@ -579,6 +700,87 @@ def test_module_paths_match_flashinfer():
     assert len([n for n in rope.__all__ if n.startswith("apply_")]) == 10
 
 
+def _emu_case(lib, head_dim, rotary_dim, interleave, nnz, in_place, idtype, packed, form, bad=(), pad=0):
+    """One launch_rope on the host emulator against the float64 reference. form: "cache" (with positions
+    ``bad`` = [(token, position)] outside it, and ``pad`` 1/2: rows not 16-byte aligned), "pos_ids" or "ragged"."""
+    hq, hk, d = 8, 4, head_dim
+    qkv = torch.randn(nnz, (hq + (2 * hk if packed else hk)) * d, dtype=torch.bfloat16)
+    q, k = qkv[:, : hq * d].view(nnz, hq, d), qkv[:, hq * d : (hq + hk) * d].view(nnz, hk, d)
+    before = qkv.clone()
+    q_out, k_out = (q, k) if in_place else (torch.full_like(q, float("nan")), torch.full_like(k, float("nan")))
+    what = f"d{d} rot{rotary_dim} il{int(interleave)} nnz{nnz} ip{int(in_place)} {idtype} {form} pad{pad}"
+    if form == "cache":
+        full = _cos_sin_cache(512, rotary_dim + 2 * pad, 1e4, device="cpu")
+        cache = full[:, :rotary_dim] if pad == 1 else full[:, 1 : rotary_dim + 1] if pad == 2 else full
+        pos = torch.randint(0, 512, (nnz,), dtype=idtype)
+        for i, b in bad:
+            pos[i] = b
+        half = rotary_dim // 2
+        rows = cache[pos.clamp(0, 511).long()].double()
+        cos, sin, covered = rows[:, :half], rows[:, half:], torch.ones(nnz, dtype=torch.bool)
+        record = _rope_emu.rope(lib, q, k, q_out, k_out, interleave, rotary_dim, pos_ids=pos, cache=cache)
+    else:
+        if form == "ragged":
+            indptr, offsets, pos = _ragged([0, 1, 5, 0, 17, nnz - 26], nnz_extra=3, idtype=idtype, device="cpu")
+            record = _rope_emu.rope(lib, q, k, q_out, k_out, interleave, rotary_dim, ragged=(indptr, offsets))
+        else:
+            pos = torch.randint(0, 100_000, (nnz,))
+            record = _rope_emu.rope(lib, q, k, q_out, k_out, interleave, rotary_dim, pos_ids=pos.to(idtype))
+        cos, sin = rope_cos_sin(pos.clamp(min=0), rope_frequencies(rotary_dim, 1.0, 1e4))
+        covered = pos >= 0
+    good = covered.clone()
+    for i, _ in bad:
+        good[i] = False
+    x = before[:, : (hq + hk) * d].view(nnz, hq + hk, d)
+    ref = rope_ref(x, cos, sin, interleave)
+    ref[~covered] = x[~covered].double()
+    out = torch.cat([q_out, k_out], dim=1)
+    assert_close(out[good], ref[good], what=what)
+    if bad:
+        assert torch.isnan(out[~good][..., :rotary_dim].float()).all(), what
+        assert record[0] == 1 and record[1] in [b for _, b in bad] and record[2] == 512, (what, record)
+    else:
+        assert record[0] == 0, (what, record)
+    assert torch.equal(qkv[:, (hq + hk) * d :], before[:, (hq + hk) * d :]), f"{what}: v was written"
+
+
+@pytest.mark.skipif(_rope_emu.available() is not None, reason=str(_rope_emu.available()))
+@pytest.mark.parametrize(
+    "knobs", ["FI_ROPE_FORMS=0", "FI_ROPE_FORMS=1", "FI_ROPE_FORMS=2", "FI_ROPE_MAX_HEADS_PER_THREAD=1"]
+)
+def test_kernel_forms_on_the_host(knobs):
+    """rope.cuh's kernels and launch_rope built with -D<knobs> for the CPU (tests/rope_emulator), on every
+    form against the float64 reference: cos/sin cache, pos_ids and ragged positions; NeoX and interleaved; in place,
+    out of place, out of place copying the rest (partial rotary); int32/int64 positions; strided q/k; the scalar
+    path (rotary_dim 40); unaligned cache rows; positions outside the cache (NaN, recorded); one head a thread (an
+    H200's 132 SMs) and several (the same batches sized for one SM). Every kernel the build holds is launched (but
+    the generic vector form of the frequency table where FI_ROPE_FORMS=2 or one head a thread leave it only offsets
+    past 32 bits)."""
+    torch.manual_seed(0)
+    lib = _rope_emu.lib(knobs)
+    lib.emu_reset()
+    for sms, nnz in ((132, 33), (1, 100)):
+        lib.emu_set_sms(sms)
+        idtypes = itertools.cycle((torch.int64, torch.int32))
+        for (d, rot), interleave, in_place in itertools.product(((128, 128), (128, 64)), (False, True), (True, False)):
+            for form in ("cache", "pos_ids", "ragged"):
+                _emu_case(lib, d, rot, interleave, nnz, in_place, next(idtypes), in_place, form)
+        for form in ("cache", "pos_ids"):
+            _emu_case(lib, 64, 40, False, nnz, False, torch.int64, True, form)
+        _emu_case(lib, 128, 128, False, nnz, False, torch.int64, False, "cache", pad=2)
+        _emu_case(lib, 128, 128, False, nnz, True, torch.int64, True, "cache", bad=[(nnz // 2, 512), (nnz - 1, -1)])
+        _emu_case(lib, 128, 64, True, 1, False, torch.int32, True, "cache", bad=[(0, 100_000)])
+    # generic (vector, scalar) x (cache, table); FI_ROPE_FORMS 1: + 18 one-head forms, 2: + 36 (one or several heads);
+    # one head a thread: the 18 one-head forms, the generic scalar ones and the generic vector one of unaligned caches
+    expected = {
+        "FI_ROPE_FORMS=0": 4,
+        "FI_ROPE_FORMS=1": 22,
+        "FI_ROPE_FORMS=2": 39,
+        "FI_ROPE_MAX_HEADS_PER_THREAD=1": 21,
+    }
+    assert lib.emu_kernels_launched() == expected[knobs]
+
+
 def test_rope_spec_names():
     specs = RopeSpec.expand()
     assert [s.name() for s in specs] == ["rope_bf16", "rope_f16"]
@@ -598,5 +800,8 @@ def test_rope_module_builds(tmp_path, monkeypatch):
         assert mod.fn(symbol) is not None
     assert mod.constants["max_rotary_dim"] == 256
     assert "strides" in mod.error_string(1101)
-    assert_register_only(report, kernels=4)  # (vector, element-wise) x (frequency table, cos/sin cache)
+    # The generic form: (vector, element-wise) x (frequency table, cos/sin cache); the one-head vector forms:
+    # (NeoX, interleave) x (in place, out of place, out of place copying the rest) x (cos/sin cache, frequency
+    # table from pos_ids, frequency table ragged).
+    assert_register_only(report, kernels=4 + 2 * 3 * 3)
     assert_no_unique_symbols(mod.path)
