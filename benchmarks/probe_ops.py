@@ -7,11 +7,10 @@ PyTorch first. Prints tables (µs, best of the rounds' medians; the fastest vari
 *), then the real FlashInfer's times for the same cases (bench_ops.py's reference mode, its own process) unless
 --no-reference. Records nothing.
 
-The knobs of the last trial were decided on an H200 and removed with their losing settings (the headers' comments
-give the numbers); the variant tables below hold the defaults only, so the probe times them against FlashInfer,
-but for the open RoPE trial (FI_ROPE_FORMS and FI_ROPE_MAX_HEADS_PER_THREAD: forms1, the default, against
-forms0, forms2 and hpt1; run ``--ops rope``). To try a new setting, add its knob to the header and a
-``"name": ("-DKNOB=value",)`` entry here.
+The knobs of earlier trials were decided on an H200 and removed with their losing settings (the headers' comments
+give the numbers); the variant tables below hold the defaults (and RoPE's FI_ROPE_FORMS alternatives, kept for the
+tests of the generic form), so the probe times them against FlashInfer. To try a new setting, add its knob to the
+header and a ``"name": ("-DKNOB=value",)`` entry here.
 
     python benchmarks/probe_ops.py [--ops norm,act,rope] [--rounds 3] [--no-reference]
 """
@@ -45,14 +44,12 @@ DTYPE = torch.bfloat16
 # variant name -> -D flags; the first of each family is the default build (no flags).
 NORM_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
 ACT_VARIANTS: Dict[str, Tuple[str, ...]] = {"default": ()}
-# FI_ROPE_FORMS (templates/include/flashinfer/ops/rope.cuh): 1 (default) the compile-time one-head forms for small
-# batches, 0 the generic form for every call (the kernel before the forms), 2 the several-heads forms specialised too;
-# hpt1: FI_ROPE_MAX_HEADS_PER_THREAD=1, every size on the one-head forms.
+# FI_ROPE_FORMS (templates/include/flashinfer/ops/rope.cuh): 2 (the build) compile-time forms for one and several heads
+# a thread, 1 for one head a thread only, 0 the generic form for every call.
 ROPE_VARIANTS: Dict[str, Tuple[str, ...]] = {
-    "forms1": (),
+    "forms2": (),
+    "forms1": ("-DFI_ROPE_FORMS=1",),
     "forms0": ("-DFI_ROPE_FORMS=0",),
-    "forms2": ("-DFI_ROPE_FORMS=2",),
-    "hpt1": ("-DFI_ROPE_MAX_HEADS_PER_THREAD=1",),
 }
 
 

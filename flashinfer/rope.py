@@ -1065,8 +1065,8 @@ def apply_rope_with_cos_sin_cache_inplace(
     """
     # Eager fast path: the module reads the tensors itself (one ctypes call); anything but the plain case (another
     # type, dtype, device, shape or stride, no key, a pending out-of-cache record) is declined and checked by the
-    # full path, as is a traced call.
-    if not tracing():
+    # full path, as is a traced call and FLASHINFER_ROPE_CHECK_POSITIONS (read per call: tests switch it).
+    if not _CHECK_POSITIONS and not tracing():
         try:
             entry = _DLPACK[query.dtype]
         except (AttributeError, KeyError, TypeError):

@@ -343,11 +343,11 @@ def test_cos_sin_cache_with_padded_or_offset_rows(is_neox, pad):
 
 @pytest.fixture(params=[0, 1, 2], ids=lambda f: f"forms{f}")
 def rope_forms(request, monkeypatch):
-    """The bf16 module built with -DFI_ROPE_FORMS=<param> installed as the one the API calls: 0 the generic kernel
-    for every call, 1 (the default build) the compile-time one-head forms for small launches, 2 the several-heads
-    forms specialised too. Yields the knob's value."""
+    """The bf16 module built with -DFI_ROPE_FORMS=<param> installed as the one the API calls (its eager fast path
+    too): 0 the generic kernel for every call, 1 the compile-time one-head forms for small launches, 2 (the default
+    build) the several-heads forms specialised too. Yields the knob's value."""
     forms = request.param
-    if forms != 1:
+    if forms != 2:
         import dataclasses
 
         from flashinfer import jit
@@ -359,8 +359,12 @@ def rope_forms(request, monkeypatch):
 
         jit.ensure_built(FormsSpec(dtype="bf16"))
         monkeypatch.setattr(rope_mod, "RopeSpec", FormsSpec)
-        monkeypatch.setitem(rope_mod._modules, "bf16", rope_mod._RopeModule("bf16"))
+        module = rope_mod._RopeModule("bf16")
+        monkeypatch.setitem(rope_mod._modules, "bf16", module)
         monkeypatch.setattr(rope_mod, "RopeSpec", RopeSpec)
+        if torch.bfloat16 in rope_mod._DLPACK:  # the eager fast path launches from the module under test as well
+            entry = module.module.launcher("flashinfer_rope_cos_sin_cache_inplace_dlpack")
+            monkeypatch.setitem(rope_mod._DLPACK, torch.bfloat16, (entry.packed, entry.launcher.packing.pack))
     yield forms
     rope_mod.check_cos_sin_cache_positions()  # nothing left recorded in this module
 
@@ -745,17 +749,14 @@ def _emu_case(lib, head_dim, rotary_dim, interleave, nnz, in_place, idtype, pack
 
 
 @pytest.mark.skipif(_rope_emu.available() is not None, reason=str(_rope_emu.available()))
-@pytest.mark.parametrize(
-    "knobs", ["FI_ROPE_FORMS=0", "FI_ROPE_FORMS=1", "FI_ROPE_FORMS=2", "FI_ROPE_MAX_HEADS_PER_THREAD=1"]
-)
+@pytest.mark.parametrize("knobs", ["FI_ROPE_FORMS=0", "FI_ROPE_FORMS=1", "FI_ROPE_FORMS=2"])
 def test_kernel_forms_on_the_host(knobs):
     """rope.cuh's kernels and launch_rope built with -D<knobs> for the CPU (tests/rope_emulator), on every
     form against the float64 reference: cos/sin cache, pos_ids and ragged positions; NeoX and interleaved; in place,
     out of place, out of place copying the rest (partial rotary); int32/int64 positions; strided q/k; the scalar
     path (rotary_dim 40); unaligned cache rows; positions outside the cache (NaN, recorded); one head a thread (an
     H200's 132 SMs) and several (the same batches sized for one SM). Every kernel the build holds is launched (but
-    the generic vector form of the frequency table where FI_ROPE_FORMS=2 or one head a thread leave it only offsets
-    past 32 bits)."""
+    the generic vector form of the frequency table where FI_ROPE_FORMS=2 leaves it only offsets past 32 bits)."""
     torch.manual_seed(0)
     lib = _rope_emu.lib(knobs)
     lib.emu_reset()
@@ -770,14 +771,8 @@ def test_kernel_forms_on_the_host(knobs):
         _emu_case(lib, 128, 128, False, nnz, False, torch.int64, False, "cache", pad=2)
         _emu_case(lib, 128, 128, False, nnz, True, torch.int64, True, "cache", bad=[(nnz // 2, 512), (nnz - 1, -1)])
         _emu_case(lib, 128, 64, True, 1, False, torch.int32, True, "cache", bad=[(0, 100_000)])
-    # generic (vector, scalar) x (cache, table); FI_ROPE_FORMS 1: + 18 one-head forms, 2: + 36 (one or several heads);
-    # one head a thread: the 18 one-head forms, the generic scalar ones and the generic vector one of unaligned caches
-    expected = {
-        "FI_ROPE_FORMS=0": 4,
-        "FI_ROPE_FORMS=1": 22,
-        "FI_ROPE_FORMS=2": 39,
-        "FI_ROPE_MAX_HEADS_PER_THREAD=1": 21,
-    }
+    # generic (vector, scalar) x (cache, table); FI_ROPE_FORMS 1: + 18 one-head forms, 2: + 36 (one or several heads)
+    expected = {"FI_ROPE_FORMS=0": 4, "FI_ROPE_FORMS=1": 22, "FI_ROPE_FORMS=2": 39}
     assert lib.emu_kernels_launched() == expected[knobs]
 
 
@@ -800,8 +795,8 @@ def test_rope_module_builds(tmp_path, monkeypatch):
         assert mod.fn(symbol) is not None
     assert mod.constants["max_rotary_dim"] == 256
     assert "strides" in mod.error_string(1101)
-    # The generic form: (vector, element-wise) x (frequency table, cos/sin cache); the one-head vector forms:
+    # The generic form: (vector, element-wise) x (frequency table, cos/sin cache); the specialised vector forms:
     # (NeoX, interleave) x (in place, out of place, out of place copying the rest) x (cos/sin cache, frequency
-    # table from pos_ids, frequency table ragged).
-    assert_register_only(report, kernels=4 + 2 * 3 * 3)
+    # table from pos_ids, frequency table ragged) x (one head a thread, several).
+    assert_register_only(report, kernels=4 + 2 * 3 * 3 * 2)
     assert_no_unique_symbols(mod.path)

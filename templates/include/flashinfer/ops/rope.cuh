@@ -91,14 +91,13 @@ constexpr int kRopeResidentThreads = 2048;  // threads an SM, counted when sprea
 // after an L2 flush); the generic form otherwise. 2: the several-heads forms specialised too. SASS (bf16,
 // cos/sin cache, NeoX, in place, sm_90): the generic form 1,312 instructions (96 registers), the one-head form
 // 176 (40 registers); before the forms a 1-token call executed 466 instructions a warp against FlashInfer's 171.
+// Measured on an H200 (benchmarks/probe_ops.py, bf16, q 32 / k 8 heads of 128, NeoX, in place, L2 flushed,
+// f994251), forms 0 / 1 / 2 against FlashInfer: 1 token 5.39 / 4.83 / 4.75 us (FlashInfer 4.74), 16 tokens 5.50 /
+// 4.90 / 4.93 (4.99), 256 tokens 6.64 / 6.00 / 5.97 (6.03), 4096 tokens 25.44 / 25.46 / 24.22 (26.46), 32768
+// tokens 188.3 / 188.3 / 185.5 (191.9). One head a thread at every size (FlashInfer's grid for large batches)
+// lost from 4096 tokens (24.48, 213.2). 2 is the build; 0 and 1 stay for the tests of the generic form.
 #ifndef FI_ROPE_FORMS
-#define FI_ROPE_FORMS 1
-#endif
-
-// Trial (issue 14): at most this many heads a thread (0: no cap). 1 puts every launch on the one-head forms (a grid
-// of nnz * lanes * heads threads), as FlashInfer does for large batches too.
-#ifndef FI_ROPE_MAX_HEADS_PER_THREAD
-#define FI_ROPE_MAX_HEADS_PER_THREAD 0
+#define FI_ROPE_FORMS 2
 #endif
 
 // A flag of a kernel form: 0 or 1 when fixed at compile time, kRopeAny when read from RopeParams.
@@ -353,7 +352,6 @@ static cudaError_t launch_rope(RopeParams p, const TABLE& table, int device, cud
   // Whole batches of kRopeUnroll heads: a thread's last batch of one head (5 heads a thread: 40 heads over
   // 4096 tokens) would keep a fifth of the bytes in flight while it runs. Rounding down adds threads instead.
   if (hpt > kRopeUnroll) hpt = hpt / kRopeUnroll * kRopeUnroll;
-  if (FI_ROPE_MAX_HEADS_PER_THREAD > 0 && hpt > FI_ROPE_MAX_HEADS_PER_THREAD) hpt = FI_ROPE_MAX_HEADS_PER_THREAD;
   const int groups = static_cast<int>((num_heads + hpt - 1) / hpt);
   p.heads_per_thread = (num_heads + groups - 1) / groups;
   if (p.heads_per_thread > kRopeUnroll) p.heads_per_thread = ceil_div(p.heads_per_thread, kRopeUnroll) * kRopeUnroll;
