@@ -32,6 +32,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _PTX = {
     r'asm volatile\("ex2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);': "y = ::emu::exp2_ftz(x);",
     r'asm volatile\("lg2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);': "y = std::log2(x);",
+    r'asm\("rcp\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);': "y = ::emu::rcp_approx(x);",
 }
 
 

@@ -471,11 +471,16 @@ def _select_case_row(kind: str, vocab: int, rng) -> np.ndarray:
         p[3::17] = np.inf
         p[4::19] = 1e-40
         return p
-    return 2.0 ** (-rng.integers(0, 40, vocab).astype(np.float64)) * (1 + rng.random(vocab))  # "wide"
+    wide = 2.0 ** (-rng.integers(0, 40, vocab).astype(np.float64)) * (1 + rng.random(vocab))
+    if kind == "tiny":  # the largest probability near 2^-100 (fixed-point scale beyond a float; slow divisions)
+        return wide * 2.0**-100
+    if kind == "huge":  # probabilities up to 2^101: the scale below 1, subnormal scaled weights
+        return wide * 2.0**100
+    return wide  # "wide"
 
 
 @needs_emu
-@pytest.mark.parametrize("kind", ["softmax", "ties", "equal", "dense", "tail", "special", "wide"])
+@pytest.mark.parametrize("kind", ["softmax", "ties", "equal", "dense", "tail", "special", "wide", "tiny", "huge"])
 def test_emulated_row_select_is_the_radix_rounds(kind):
     """row_select_kernel (the row transforms over cached slices) returns bit for bit what row_op_kernel's radix
     rounds return, for top-k (0, 1, 2, vocab - 1, vocab, random) and top-p (0, 1e-8, 0.5, 0.999999, 1, NaN), per-row
@@ -485,7 +490,7 @@ def test_emulated_row_select_is_the_radix_rounds(kind):
     for cluster, dtype in ((1, torch.float32), (2, torch.bfloat16), (4, torch.float32), (16, torch.float16)):
         row = _select_case_row(kind, vocab, rng)
         probs = torch.from_numpy(np.stack([row, row[::-1].copy()]).astype(np.float32)).to(dtype)
-        logits = probs.clone() if kind in ("special", "wide", "dense") else torch.log(probs.float()).to(dtype)
+        logits = probs.clone() if kind in ("special", "wide", "dense", "huge") else torch.log(probs.float()).to(dtype)
         ks = [0, 1, 2, vocab - 1, vocab, int(rng.integers(1, vocab)), 100, 2500]
         ps = [0.0, 1e-8, 0.5, 0.999999, 1.0, float("nan"), float(rng.random()), 0.9]
         for op in (emu.OP_TOP_K_MASK, emu.OP_TOP_K_RENORM, emu.OP_TOP_P_RENORM):

@@ -1654,6 +1654,41 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // (select_threshold) compute. The mask needs no masses and no maximum: its round 0 counts over 2048 bins of 2^21 keys
 // that tile every key (two cluster barriers).
 
+// Development knobs of row_select_kernel (benchmarks/probe_sampling.py builds each setting as its own module and
+// checks it bit for bit against the others): FI_SEL_FLAT_HISTOGRAM 1: the fast rounds' histogram without divergent
+// branches (the last bin's fixed-point weights from one float scaling, see Selector::last_weight); 0: one branch per
+// element. FI_SEL_DIV (the renorms' write pass, x / mass rounded to nearest for every kept x): 0: __fdiv_rn behind a
+// branch per element; 1: __fdiv_rn of every element, then a select; 2: Divider (the reciprocal computed once per
+// row, three FMAs an element).
+#ifndef FI_SEL_FLAT_HISTOGRAM
+#define FI_SEL_FLAT_HISTOGRAM 1
+#endif
+#ifndef FI_SEL_DIV
+#define FI_SEL_DIV 2
+#endif
+
+// x / d rounded to nearest for many x and one d: the refined reciprocal once, then per x the quotient and one
+// correction from its exact remainder (q = x r, e = fma(-d, q, x), q + e r): the same steps as the compiler's
+// __fdiv_rn takes when neither operand nor the quotient is near the ends of the exponent range (its FCHK test),
+// hence the same correctly rounded result there. Operands outside [2^-64, 2^64] for x, [2^-32, 2^32] for d (the
+// quotient then within [2^-96, 2^96]: no remainder or product near underflow or overflow) take __fdiv_rn itself.
+struct Divider {
+  float d, r;
+  bool fast_d;
+  FI_DEVICE explicit Divider(float d_) : d(d_) {
+    const float r0 = ptx_rcp(d);
+    r = __fmaf_rn(r0, __fmaf_rn(-d, r0, 1.f), r0);
+    fast_d = __float_as_uint(d) - 0x2F800000u <= 0x4F800000u - 0x2F800000u;  // 2^-32 <= d <= 2^32
+  }
+  FI_DEVICE bool fast(float x) const {
+    return fast_d && __float_as_uint(x) - 0x1F800000u <= 0x5F800000u - 0x1F800000u;  // 2^-64 <= x <= 2^64
+  }
+  FI_DEVICE float fast_div(float x) const {
+    const float q = __fmul_rn(x, r);
+    return __fmaf_rn(r, __fmaf_rn(-d, q, x), q);
+  }
+};
+
 constexpr int kSelBins = 2048;                        // bins of a cluster round; bin kSelBins - 1 collects the rest
 constexpr int kSelGroupBins = 32;                     // bins per group summary
 constexpr int kSelGroups = kSelBins / kSelGroupBins;  // + 1 for the last bin
@@ -1674,6 +1709,7 @@ struct alignas(16) SelShared {
   unsigned long long last_mass[kWarps];
   unsigned int last_count[kWarps];
   unsigned int cand[kSelCap];  // candidate keys of the whole cluster
+  unsigned int dump_count[32], dump_lo[32];  // (FI_SEL_FLAT_HISTOGRAM) the updates of elements outside the bins
   unsigned long long red[kWarps];
   unsigned int slice_max;   // this CTA's largest key (read by the cluster)
   unsigned int cand_slots;  // this CTA's candidates written so far
@@ -1738,13 +1774,57 @@ struct Selector {
     }
   }
 
+  // The last bin's scale for last_weight: 2^(kWeightBits - ref_exp) as two float factors (each a normal float for
+  // every ref_exp of a positive finite largest probability, -127..127).
+  FI_DEVICE float2 last_scale() const {
+    const int e = kWeightBits - ref_exp;  // -88..166
+    const int e1 = e > 100 ? 64 : 0;
+    return make_float2(__int_as_float((127 + e1) << 23), __int_as_float((127 + e - e1) << 23));
+  }
+  // weight_fx(k) for a key of a fast round's last bin, whose weight lies below 2^-15.9 of the largest one, so that
+  // weight_fx(k) < 2^25: w * 2^(kWeightBits - ref_exp) is exact in float whenever it is at least 1 (scaling by powers
+  // of two loses no bit of a normal result, and the first factor only scales up), and below 1 (a subnormal product
+  // rounded, perhaps) it truncates to 0 as fixed_weight's shift does.
+  FI_DEVICE static uint32_t last_weight(uint32_t k, float2 scale) {
+    return __float2uint_rz(__fmul_rn(__fmul_rn(__uint_as_float(k), scale.x), scale.y));
+  }
+
   // This CTA's histogram of the range and its group summaries (the bins zeroed before). Ends synchronized.
   FI_DEVICE void histogram(const SelRange& rg) {
     const uint32_t top = rg.top();
     const uint32_t low_mask = rg.shift >= 32 ? 0xFFFFFFFFu : (1u << rg.shift) - 1u;
     uint32_t lc = 0;
     uint64_t lm = 0;
-    row.for_each([&](int v, bool in, int) {
+#if FI_SEL_FLAT_HISTOGRAM
+    // A fast round (the usual, and the only one of most rows): every element takes the same instructions, its
+    // updates predicated (a branch per element diverges in nearly every warp: the last bin holds a sizeable share of
+    // a row). The last bin's weights sum in 32 bits per vector step (4 or 8 weights below 2^25) before widening.
+    if (!rg.exact) {
+      const float2 scale = kMass ? last_scale() : make_float2(0.f, 0.f);
+      const int lane = threadIdx.x % 32;
+      row.for_each([&](int v, bool in, int) {
+        float x[R::kVec];
+        row.load_or_neutral(v, in, x);
+        uint32_t step_lc = 0, step_lm = 0;
+#pragma unroll
+        for (int j = 0; j < R::kVec; ++j) {
+          const uint32_t k = range_key(x[j]);
+          const bool inside = k - rg.lo <= rg.hi - rg.lo;  // (lo <= k <= hi: the neutral elements' keys are below lo)
+          const uint32_t b = top - (k >> rg.shift);
+          // Every element updates: the others a word of this lane's own (a select, not a branch around the update).
+          const bool fast_bin = inside && b < static_cast<uint32_t>(kSelBins - 1);
+          atomicAdd(fast_bin ? &sh.count[b] : &sh.dump_count[lane], 1u);
+          if (kMass) atomicAdd(fast_bin ? &sh.lo[b] : &sh.dump_lo[lane], k & low_mask);
+          const bool last = inside && b >= static_cast<uint32_t>(kSelBins - 1);
+          step_lc += last ? 1u : 0u;
+          if (kMass) step_lm += last ? last_weight(k, scale) : 0u;
+        }
+        lc += step_lc;
+        if (kMass) lm += step_lm;
+      });
+    } else
+#endif
+      row.for_each([&](int v, bool in, int) {
       if (!in) return;
       float x[R::kVec];
       row.load(v, x);
@@ -2078,10 +2158,14 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
   row.fill_cache();
   // Writes the row: kept = key >= tau (for the renorms, keys in [tau, top]: top = the row's largest key).
   auto write = [&](uint32_t tau, uint32_t top, float mass) {
+#if FI_SEL_DIV == 2
+    const Divider div(mass);
+#endif
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
       float x[kVec], y[kVec];
       row.load(v, x);
+      bool slow = false;  // (FI_SEL_DIV 2) a kept element outside Divider's range
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const bool kept = kMask ? Selector<DType, kMask>::key(x[j]) >= tau
@@ -2089,9 +2173,26 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
         if (kMask) {
           y[j] = kept ? x[j] : -kInf;
         } else {
-          y[j] = kept && mass > 0.f ? __fdiv_rn(x[j], mass) : 0.f;  // (kept: x > 0 and finite)
+#if FI_SEL_DIV == 2
+          // (kept: x > 0 and finite) Every element's fast quotient, selected; one branch a vector for the rare rest.
+          y[j] = kept && mass > 0.f ? div.fast_div(x[j]) : 0.f;
+          slow |= kept && mass > 0.f && !div.fast(x[j]);
+#elif FI_SEL_DIV == 1
+          const float q = __fdiv_rn(x[j], mass);
+          y[j] = kept && mass > 0.f ? q : 0.f;
+#else
+          y[j] = kept && mass > 0.f ? __fdiv_rn(x[j], mass) : 0.f;
+#endif
         }
       }
+#if FI_SEL_DIV == 2
+      if (slow) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (y[j] != 0.f && !div.fast(x[j])) y[j] = __fdiv_rn(x[j], mass);  // (y != 0: kept, as x > 0)
+        }
+      }
+#endif
       out.store(row, v, y);
     });
   };
