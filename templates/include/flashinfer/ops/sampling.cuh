@@ -1659,12 +1659,16 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // branches (the last bin's fixed-point weights from one float scaling, see Selector::last_weight); 0: one branch per
 // element. FI_SEL_DIV (the renorms' write pass, x / mass rounded to nearest for every kept x): 0: __fdiv_rn behind a
 // branch per element; 1: __fdiv_rn of every element, then a select; 2: Divider (the reciprocal computed once per
-// row, three FMAs an element).
+// row, three FMAs an element). FI_SEL_MAX_BITS 1: the renorms' maximum pass as an integer maximum of the bits (the
+// exact key pass only where an infinity or NaN is found); 0: the key of every element.
 #ifndef FI_SEL_FLAT_HISTOGRAM
 #define FI_SEL_FLAT_HISTOGRAM 1
 #endif
 #ifndef FI_SEL_DIV
 #define FI_SEL_DIV 2
+#endif
+#ifndef FI_SEL_MAX_BITS
+#define FI_SEL_MAX_BITS 1
 #endif
 
 // x / d rounded to nearest for many x and one d: the refined reciprocal once, then per x the quotient and one
@@ -1694,11 +1698,14 @@ constexpr int kSelGroupBins = 32;                     // bins per group summary
 constexpr int kSelGroups = kSelBins / kSelGroupBins;  // + 1 for the last bin
 constexpr int kSelCap = 2048;                         // candidates every CTA receives
 constexpr int kSelLoads = 4;                          // remote loads (ranks) a thread has in flight together
+constexpr int kSelDump = 32;                          // words past the bins (see SelShared)
 
 struct alignas(16) SelShared {
   // The CTA's histogram of one cluster round (read by the whole cluster between the round's barrier and the next).
-  unsigned int count[kSelBins];
-  unsigned int lo[kSelBins];                 // fast bins: sum of the keys' low bits; exact bins: low word of the mass
+  // (+ kSelDump: FI_SEL_FLAT_HISTOGRAM's updates of elements outside the bins go to word kSelBins + lane, at the same
+  // distance from count's word as from lo's, so that one address serves both)
+  unsigned int count[kSelBins + kSelDump];
+  unsigned int lo[kSelBins + kSelDump];      // fast bins: sum of the keys' low bits; exact bins: low word of the mass
   unsigned int hi[kSelBins];                 // exact bins: high word of the mass (the low word's carries included)
   unsigned long long gmass[kSelGroups + 1];  // the CTA's group summaries (read by the cluster)
   unsigned int gcount[kSelGroups + 1];
@@ -1709,7 +1716,6 @@ struct alignas(16) SelShared {
   unsigned long long last_mass[kWarps];
   unsigned int last_count[kWarps];
   unsigned int cand[kSelCap];  // candidate keys of the whole cluster
-  unsigned int dump_count[32], dump_lo[32];  // (FI_SEL_FLAT_HISTOGRAM) the updates of elements outside the bins
   unsigned long long red[kWarps];
   unsigned int slice_max;   // this CTA's largest key (read by the cluster)
   unsigned int cand_slots;  // this CTA's candidates written so far
@@ -1813,8 +1819,9 @@ struct Selector {
           const uint32_t b = top - (k >> rg.shift);
           // Every element updates: the others a word of this lane's own (a select, not a branch around the update).
           const bool fast_bin = inside && b < static_cast<uint32_t>(kSelBins - 1);
-          atomicAdd(fast_bin ? &sh.count[b] : &sh.dump_count[lane], 1u);
-          if (kMass) atomicAdd(fast_bin ? &sh.lo[b] : &sh.dump_lo[lane], k & low_mask);
+          const uint32_t slot = fast_bin ? b : static_cast<uint32_t>(kSelBins + lane);
+          atomicAdd(&sh.count[slot], 1u);
+          if (kMass) atomicAdd(&sh.lo[slot], k & low_mask);
           const bool last = inside && b >= static_cast<uint32_t>(kSelBins - 1);
           step_lc += last ? 1u : 0u;
           if (kMass) step_lm += last ? last_weight(k, scale) : 0u;
@@ -2209,17 +2216,35 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
   } else {
     // The row's largest key (the renorms' fixed-point scale): each CTA publishes its slice's, one barrier, each
     // reads them all.
-    uint32_t m = 0;
+    auto exact_max = [&] {
+      uint32_t mk = 0;
+      row.for_each([&](int v, bool in, int) {
+        if (!in) return;
+        float x[kVec];
+        row.load(v, x);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const uint32_t kk = sel.key(x[j]);
+          mk = kk > mk ? kk : mk;
+        }
+      });
+      return mk;
+    };
+#if FI_SEL_MAX_BITS
+    // The largest key is the largest bit pattern as a signed integer (negative values and -0 are negative, zero is
+    // 0) unless an infinity or NaN lies above it: then, for this thread only, the exact pass.
+    int mb = 0;
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
       float x[kVec];
       row.load(v, x);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const uint32_t kk = sel.key(x[j]);
-        m = kk > m ? kk : m;
-      }
+      for (int j = 0; j < kVec; ++j) mb = max(mb, __float_as_int(x[j]));
     });
+    uint32_t m = mb < 0x7F800000 ? static_cast<uint32_t>(mb) : exact_max();
+#else
+    uint32_t m = exact_max();
+#endif
     m = warp_max(m);
     if (threadIdx.x % 32 == 0) sh.last_count[threadIdx.x / 32] = m;
     sel.zero_hist();
