@@ -40,11 +40,12 @@ OPS = ("top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits")
 # before the FI_SEL_* changes (one branch per histogram element, a division behind a branch per kept element).
 VARIANTS: Dict[str, Tuple[str, ...]] = {
     "default": (),
-    "base": ("-DFI_SEL_FLAT_HISTOGRAM=0", "-DFI_SEL_DIV=0", "-DFI_SEL_MAX_BITS=0"),
+    "base": ("-DFI_SEL_FLAT_HISTOGRAM=0", "-DFI_SEL_DIV=0", "-DFI_SEL_MAX_BITS=0", "-DFI_SEL_MASK_CMP=0"),
     "no_flat": ("-DFI_SEL_FLAT_HISTOGRAM=0",),
     "div0": ("-DFI_SEL_DIV=0",),
     "div1": ("-DFI_SEL_DIV=1",),
     "max_keys": ("-DFI_SEL_MAX_BITS=0",),
+    "mask_keys": ("-DFI_SEL_MASK_CMP=0",),
 }
 
 

@@ -1660,7 +1660,8 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // element. FI_SEL_DIV (the renorms' write pass, x / mass rounded to nearest for every kept x): 0: __fdiv_rn behind a
 // branch per element; 1: __fdiv_rn of every element, then a select; 2: Divider (the reciprocal computed once per
 // row, three FMAs an element). FI_SEL_MAX_BITS 1: the renorms' maximum pass as an integer maximum of the bits (the
-// exact key pass only where an infinity or NaN is found); 0: the key of every element.
+// exact key pass only where an infinity or NaN is found); 0: the key of every element. FI_SEL_MASK_CMP 1: the mask's
+// write pass compares values with the threshold's value; 0: keys with the threshold key.
 #ifndef FI_SEL_FLAT_HISTOGRAM
 #define FI_SEL_FLAT_HISTOGRAM 1
 #endif
@@ -1669,6 +1670,9 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 #endif
 #ifndef FI_SEL_MAX_BITS
 #define FI_SEL_MAX_BITS 1
+#endif
+#ifndef FI_SEL_MASK_CMP
+#define FI_SEL_MASK_CMP 1
 #endif
 
 // x / d rounded to nearest for many x and one d: the refined reciprocal once, then per x the quotient and one
@@ -2168,6 +2172,13 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
 #if FI_SEL_DIV == 2
     const Divider div(mass);
 #endif
+#if FI_SEL_MASK_CMP
+    // The mask's kept set {key(x) >= tau} as a float comparison x >= t: keys 1 .. 0x7FFFFF belong to no value (they
+    // would be negative NaNs), so below 0x800000 the threshold is the lowest finite logit; NaN and -inf compare false
+    // as their key 0 does. tau 0 keeps every element.
+    const bool keep_all = tau == 0u;
+    const float t = tau < 0x800000u ? -3.40282347e38f : logit_from_key(tau);  // (-FLT_MAX)
+#endif
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
       float x[kVec], y[kVec];
@@ -2175,8 +2186,12 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
       bool slow = false;  // (FI_SEL_DIV 2) a kept element outside Divider's range
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
+#if FI_SEL_MASK_CMP
+        const bool kept = kMask ? keep_all || x[j] >= t : Selector<DType, kMask>::range_key(x[j]) - tau <= top - tau;
+#else
         const bool kept = kMask ? Selector<DType, kMask>::key(x[j]) >= tau
                                 : Selector<DType, kMask>::range_key(x[j]) - tau <= top - tau;
+#endif
         if (kMask) {
           y[j] = kept ? x[j] : -kInf;
         } else {
