@@ -46,6 +46,8 @@ VARIANTS: Dict[str, Tuple[str, ...]] = {
     "div1": ("-DFI_SEL_DIV=1",),
     "max_keys": ("-DFI_SEL_MAX_BITS=0",),
     "mask_keys": ("-DFI_SEL_MASK_CMP=0",),
+    # 16 CTAs a row (32 KB slices) and three CTAs an SM (80 registers): 24 warps an SM instead of 16
+    "c16_3": ("-DFI_SEL_MIN_CLUSTER=16", "-DFI_SEL_MIN_BLOCKS=3"),
 }
 
 

@@ -1661,7 +1661,9 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // branch per element; 1: __fdiv_rn of every element, then a select; 2: Divider (the reciprocal computed once per
 // row, three FMAs an element). FI_SEL_MAX_BITS 1: the renorms' maximum pass as an integer maximum of the bits (the
 // exact key pass only where an infinity or NaN is found); 0: the key of every element. FI_SEL_MASK_CMP 1: the mask's
-// write pass compares values with the threshold's value; 0: keys with the threshold key.
+// write pass compares values with the threshold's value; 0: keys with the threshold key. FI_SEL_MIN_CLUSTER: at least
+// this many CTAs a row where the device allows (smaller slices: with FI_SEL_MIN_BLOCKS 3, three CTAs an SM when their
+// shared memory and registers fit); FI_SEL_MIN_BLOCKS: the kernel's __launch_bounds__ occupancy.
 #ifndef FI_SEL_FLAT_HISTOGRAM
 #define FI_SEL_FLAT_HISTOGRAM 1
 #endif
@@ -1673,6 +1675,12 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 #endif
 #ifndef FI_SEL_MASK_CMP
 #define FI_SEL_MASK_CMP 1
+#endif
+#ifndef FI_SEL_MIN_CLUSTER
+#define FI_SEL_MIN_CLUSTER 1
+#endif
+#ifndef FI_SEL_MIN_BLOCKS
+#define FI_SEL_MIN_BLOCKS 2
 #endif
 
 // x / d rounded to nearest for many x and one d: the refined reciprocal once, then per x the quotient and one
@@ -2349,7 +2357,7 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
 }
 
 template <typename DType, bool kMask>
-__global__ void __launch_bounds__(kThreads, 2) row_select_kernel(const __grid_constant__ RowOpParams p) {
+__global__ void __launch_bounds__(kThreads, FI_SEL_MIN_BLOCKS) row_select_kernel(const __grid_constant__ RowOpParams p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   row_select_cta<DType, kMask>(p, smem_raw);
 }
@@ -2618,8 +2626,9 @@ cudaError_t launch_row_op(const RowOpParams& p, bool pdl, bool radix, int device
       err = kernel_setup<kRenormKernel>(device, smem_max, &max_cluster_renorm);
       if (err != cudaSuccess) return err;
       max_cluster = max_cluster < max_cluster_renorm ? max_cluster : max_cluster_renorm;
-      const RowPlan plan = plan_rows(p.rows, p.vocab, sizeof(DType), max_cluster, sm_count(device));
+      RowPlan plan = plan_rows(p.rows, p.vocab, sizeof(DType), max_cluster, sm_count(device));
       if (plan.cached) {
+        while (plan.cluster < FI_SEL_MIN_CLUSTER && plan.cluster < max_cluster) plan.cluster *= 2;
         const int vec = 16 / static_cast<int>(sizeof(DType));
         const int slice = ((p.vocab + vec - 1) / vec + 1 + plan.cluster - 1) / plan.cluster;
         const size_t smem = sizeof(SelShared) + static_cast<size_t>(slice) * 16;
