@@ -1813,11 +1813,10 @@ struct Selector {
     const uint32_t low_mask = rg.shift >= 32 ? 0xFFFFFFFFu : (1u << rg.shift) - 1u;
     uint32_t lc = 0;
     uint64_t lm = 0;
-#if FI_SEL_FLAT_HISTOGRAM
     // A fast round (the usual, and the only one of most rows): every element takes the same instructions, its
     // updates predicated (a branch per element diverges in nearly every warp: the last bin holds a sizeable share of
     // a row). The last bin's weights sum in 32 bits per vector step (4 or 8 weights below 2^25) before widening.
-    if (!rg.exact) {
+    if (FI_SEL_FLAT_HISTOGRAM && !rg.exact) {
       const float2 scale = kMass ? last_scale() : make_float2(0.f, 0.f);
       const int lane = threadIdx.x % 32;
       row.for_each([&](int v, bool in, int) {
@@ -1841,32 +1840,32 @@ struct Selector {
         lc += step_lc;
         if (kMass) lm += step_lm;
       });
-    } else
-#endif
+    } else {
       row.for_each([&](int v, bool in, int) {
-      if (!in) return;
-      float x[R::kVec];
-      row.load(v, x);
+        if (!in) return;
+        float x[R::kVec];
+        row.load(v, x);
 #pragma unroll
-      for (int j = 0; j < R::kVec; ++j) {
-        const uint32_t k = range_key(x[j]);
-        if (k < rg.lo || k > rg.hi) continue;
-        const uint32_t b = top - (k >> rg.shift);
-        if (b < static_cast<uint32_t>(kSelBins - 1)) {
-          atomicAdd(&sh.count[b], 1u);
-          if (kMass) {
-            if (rg.exact) {
-              add_mass_words(&sh.lo[b], &sh.hi[b], weight_fx(k));
-            } else {
-              atomicAdd(&sh.lo[b], k & low_mask);
+        for (int j = 0; j < R::kVec; ++j) {
+          const uint32_t k = range_key(x[j]);
+          if (k < rg.lo || k > rg.hi) continue;
+          const uint32_t b = top - (k >> rg.shift);
+          if (b < static_cast<uint32_t>(kSelBins - 1)) {
+            atomicAdd(&sh.count[b], 1u);
+            if (kMass) {
+              if (rg.exact) {
+                add_mass_words(&sh.lo[b], &sh.hi[b], weight_fx(k));
+              } else {
+                atomicAdd(&sh.lo[b], k & low_mask);
+              }
             }
+          } else {
+            ++lc;
+            if (kMass) lm += weight_fx(k);
           }
-        } else {
-          ++lc;
-          if (kMass) lm += weight_fx(k);
         }
-      }
-    });
+      });
+    }
     lc = warp_reduce(lc, SumOp<uint32_t>());
     if (kMass) lm = warp_reduce(lm, SumOp<uint64_t>());
     if (threadIdx.x % 32 == 0) {
@@ -2357,7 +2356,8 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
 }
 
 template <typename DType, bool kMask>
-__global__ void __launch_bounds__(kThreads, FI_SEL_MIN_BLOCKS) row_select_kernel(const __grid_constant__ RowOpParams p) {
+__global__ void __launch_bounds__(kThreads, FI_SEL_MIN_BLOCKS)
+    row_select_kernel(const __grid_constant__ RowOpParams p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   row_select_cta<DType, kMask>(p, smem_raw);
 }
