@@ -1008,9 +1008,9 @@ def test_row_select_matches_the_radix_kernel(monkeypatch, vocab, batch):
     for comparison (sampling._ROW_KERNEL = "radix"), bit for bit: random rows and the adversarial ones of
     test_emulated_row_select_is_the_radix_rounds, scalar and per-row parameters."""
     rng = np.random.default_rng(vocab + batch)
-    kinds = ["softmax", "ties", "equal", "dense", "tail", "special", "wide"]
+    kinds = ["softmax", "ties", "equal", "dense", "tail", "special", "wide", "tiny", "huge"]
     probs = np.stack(
-        [_select_case_row(kinds[b % len(kinds)] if b < 14 else "softmax", vocab, rng) for b in range(batch)]
+        [_select_case_row(kinds[b % len(kinds)] if b < 2 * len(kinds) else "softmax", vocab, rng) for b in range(batch)]
     )
     probs = torch.from_numpy(probs.astype(np.float32)).to(GPU)
     logits = torch.where(probs > 0, torch.log(probs.clamp(min=1e-38)), probs)
