@@ -43,7 +43,6 @@ VARIANTS: Dict[str, Tuple[str, ...]] = {
     "base": ("-DFI_SEL_FLAT_HISTOGRAM=0", "-DFI_SEL_DIV=0", "-DFI_SEL_MAX_BITS=0", "-DFI_SEL_MASK_CMP=0"),
     "no_flat": ("-DFI_SEL_FLAT_HISTOGRAM=0",),
     "div0": ("-DFI_SEL_DIV=0",),
-    "div1": ("-DFI_SEL_DIV=1",),
     "max_keys": ("-DFI_SEL_MAX_BITS=0",),
     "mask_keys": ("-DFI_SEL_MASK_CMP=0",),
     # 16 CTAs a row (32 KB slices) and three CTAs an SM (80 registers): 24 warps an SM instead of 16
