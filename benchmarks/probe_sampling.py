@@ -40,11 +40,17 @@ OPS = ("top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits")
 # before the FI_SEL_* changes (one branch per histogram element, a division behind a branch per kept element).
 VARIANTS: Dict[str, Tuple[str, ...]] = {
     "default": (),
-    "base": ("-DFI_SEL_FLAT_HISTOGRAM=0", "-DFI_SEL_DIV=0", "-DFI_SEL_MAX_BITS=0", "-DFI_SEL_MASK_CMP=0"),
+    "base": (
+        "-DFI_SEL_FLAT_HISTOGRAM=0",
+        "-DFI_SEL_DIV=0",
+        "-DFI_SEL_MAX_BITS=0",
+        "-DFI_SEL_MASK_CMP=0",
+        "-DFI_SEL_MASK_KEY=0",
+    ),
     "no_flat": ("-DFI_SEL_FLAT_HISTOGRAM=0",),
     "div0": ("-DFI_SEL_DIV=0",),
     "max_keys": ("-DFI_SEL_MAX_BITS=0",),
-    "mask_keys": ("-DFI_SEL_MASK_CMP=0",),
+    "mask_keys": ("-DFI_SEL_MASK_CMP=0", "-DFI_SEL_MASK_KEY=0"),
     # 16 CTAs a row (32 KB slices) and three CTAs an SM (80 registers): 24 warps an SM instead of 16
     "c16_3": ("-DFI_SEL_MIN_CLUSTER=16", "-DFI_SEL_MIN_BLOCKS=3"),
 }

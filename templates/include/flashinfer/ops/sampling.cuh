@@ -156,6 +156,14 @@ FI_DEVICE uint32_t logit_key(float x) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// logit_key without branches, equal to it for every input: +0.0f turns -0 into +0; a sign-extended shift makes the
+// pattern that flips every bit of a negative value and only the sign bit of a positive one.
+FI_DEVICE uint32_t logit_key_flat(float x) {
+  const uint32_t b = __float_as_uint(__fadd_rn(x, 0.f));
+  const uint32_t k = b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+  return x > -kInf ? k : 0u;  // (false for NaN)
+}
+
 FI_DEVICE float logit_from_key(uint32_t k) { return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
 
 // floor(w * 2^(kWeightBits - ref_exp)) for 0 <= w < 2^(ref_exp + 1), exactly (integer arithmetic on the bits).
@@ -1661,7 +1669,8 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // branch per element; 1: __fdiv_rn of every element, then a select; 2: Divider (the reciprocal computed once per
 // row, three FMAs an element). FI_SEL_MAX_BITS 1: the renorms' maximum pass as an integer maximum of the bits (the
 // exact key pass only where an infinity or NaN is found); 0: the key of every element. FI_SEL_MASK_CMP 1: the mask's
-// write pass compares values with the threshold's value; 0: keys with the threshold key. FI_SEL_MIN_CLUSTER: at least
+// write pass compares values with the threshold's value; 0: keys with the threshold key. FI_SEL_MASK_KEY 1: the mask's
+// keys from logit_key_flat (no branches); 0: logit_key. FI_SEL_MIN_CLUSTER: at least
 // this many CTAs a row where the device allows (smaller slices: with FI_SEL_MIN_BLOCKS 3, three CTAs an SM when their
 // shared memory and registers fit); FI_SEL_MIN_BLOCKS: the kernel's __launch_bounds__ occupancy.
 #ifndef FI_SEL_FLAT_HISTOGRAM
@@ -1675,6 +1684,9 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 #endif
 #ifndef FI_SEL_MASK_CMP
 #define FI_SEL_MASK_CMP 1
+#endif
+#ifndef FI_SEL_MASK_KEY
+#define FI_SEL_MASK_KEY 1
 #endif
 #ifndef FI_SEL_MIN_CLUSTER
 #define FI_SEL_MIN_CLUSTER 1
@@ -1777,11 +1789,12 @@ struct Selector {
   ClusterCtx& cx;
   int ref_exp;
 
-  FI_DEVICE static uint32_t key(float x) { return kMask ? logit_key(x) : prob_key(x); }
+  FI_DEVICE static uint32_t key(float x) { return kMask ? mask_key(x) : prob_key(x); }
+  FI_DEVICE static uint32_t mask_key(float x) { return FI_SEL_MASK_KEY ? logit_key_flat(x) : logit_key(x); }
   // The key where only keys inside a round's range [lo, hi] matter: a probability's bits are its key whenever they
   // lie in [1, the row's largest key] (zero, negatives, NaN and inf fall outside every range), which saves the
   // validity tests in the passes that filter by range.
-  FI_DEVICE static uint32_t range_key(float x) { return kMask ? logit_key(x) : __float_as_uint(x); }
+  FI_DEVICE static uint32_t range_key(float x) { return kMask ? mask_key(x) : __float_as_uint(x); }
   FI_DEVICE uint64_t weight_fx(uint32_t k) const { return fixed_weight(__uint_as_float(k), ref_exp); }
 
   FI_DEVICE void zero_hist() {
@@ -1833,7 +1846,9 @@ struct Selector {
           const uint32_t slot = fast_bin ? b : static_cast<uint32_t>(kSelBins + lane);
           atomicAdd(&sh.count[slot], 1u);
           if (kMass) atomicAdd(&sh.lo[slot], k & low_mask);
-          const bool last = inside && b >= static_cast<uint32_t>(kSelBins - 1);
+          // (The mask's last bin is always empty: round 0's holds keys below 2^21, and logit_key gives none below
+          // 2^23; a later round's bins cover its range, see sel_shift.)
+          const bool last = !kMask && inside && b >= static_cast<uint32_t>(kSelBins - 1);
           step_lc += last ? 1u : 0u;
           if (kMass) step_lm += last ? last_weight(k, scale) : 0u;
         }
