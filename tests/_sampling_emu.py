@@ -111,6 +111,9 @@ def lib() -> ctypes.CDLL:
     _LIB.emu_fixed_weight.argtypes = [ctypes.c_float, ctypes.c_int]
     _LIB.emu_mass_target.restype = ctypes.c_uint64
     _LIB.emu_mass_target.argtypes = [ctypes.c_float, ctypes.c_uint64]
+    for name in ("emu_check_logit_key_flat", "emu_check_last_weight", "emu_check_divider"):
+        getattr(_LIB, name).restype = ctypes.c_int
+        getattr(_LIB, name).argtypes = [ctypes.c_uint64, ctypes.c_int]
     _LIB.emu_weights.restype = None
     _LIB.emu_weights.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     _LIB.emu_cluster_of.restype = ctypes.c_int

@@ -281,6 +281,17 @@ def test_emulated_helpers_agree_with_the_reference():
         assert lib.emu_mass_target(frac, total) == R.mass_target(frac, total)
 
 
+@needs_emu
+def test_emulated_row_select_shortcuts_are_exact():
+    # The branch-free forms row_select_kernel uses against the functions they stand for: logit keys, the fast round's
+    # last-bin weights (float scaling instead of fixed_weight's shifts), and Divider's fast path (the reciprocal once
+    # per row, seeded an ulp off as rcp.approx may be) against the correctly rounded quotient.
+    lib = emu.lib()
+    assert lib.emu_check_logit_key_flat(1, 1_000_000) == 0
+    assert lib.emu_check_last_weight(2, 1_000_000) == 0
+    assert lib.emu_check_divider(3, 1_000_000) == 0
+
+
 def _emu_case(rng, vocab, kind, dtype):
     pad = int(rng.integers(0, 4))
     if kind == "probs":

@@ -1807,7 +1807,7 @@ struct Selector {
 
   // The last bin's scale for last_weight: 2^(kWeightBits - ref_exp) as two float factors (each a normal float for
   // every ref_exp of a positive finite largest probability, -127..127).
-  FI_DEVICE float2 last_scale() const {
+  FI_DEVICE static float2 last_scale(int ref_exp) {
     const int e = kWeightBits - ref_exp;  // -88..166
     const int e1 = e > 100 ? 64 : 0;
     return make_float2(__int_as_float((127 + e1) << 23), __int_as_float((127 + e - e1) << 23));
@@ -1830,7 +1830,7 @@ struct Selector {
     // updates predicated (a branch per element diverges in nearly every warp: the last bin holds a sizeable share of
     // a row). The last bin's weights sum in 32 bits per vector step (4 or 8 weights below 2^25) before widening.
     if (FI_SEL_FLAT_HISTOGRAM && !rg.exact) {
-      const float2 scale = kMass ? last_scale() : make_float2(0.f, 0.f);
+      const float2 scale = kMass ? last_scale(ref_exp) : make_float2(0.f, 0.f);
       const int lane = threadIdx.x % 32;
       row.for_each([&](int v, bool in, int) {
         float x[R::kVec];
