@@ -1662,17 +1662,17 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // (select_threshold) compute. The mask needs no masses and no maximum: its round 0 counts over 2048 bins of 2^21 keys
 // that tile every key (two cluster barriers).
 
-// Development knobs of row_select_kernel (benchmarks/probe_sampling.py builds each setting as its own module and
-// checks it bit for bit against the others): FI_SEL_FLAT_HISTOGRAM 1: the fast rounds' histogram without divergent
-// branches (the last bin's fixed-point weights from one float scaling, see Selector::last_weight); 0: one branch per
-// element. FI_SEL_DIV (the renorms' write pass, x / mass rounded to nearest for every kept x): 0: __fdiv_rn behind a
-// branch per element; 1: __fdiv_rn of every element, then a select; 2: Divider (the reciprocal computed once per
-// row, three FMAs an element). FI_SEL_MAX_BITS 1: the renorms' maximum pass as an integer maximum of the bits (the
-// exact key pass only where an infinity or NaN is found); 0: the key of every element. FI_SEL_MASK_CMP 1: the mask's
-// write pass compares values with the threshold's value; 0: keys with the threshold key. FI_SEL_MASK_KEY 1: the mask's
-// keys from logit_key_flat (no branches); 0: logit_key. FI_SEL_MIN_CLUSTER: at least
-// this many CTAs a row where the device allows (smaller slices: with FI_SEL_MIN_BLOCKS 3, three CTAs an SM when their
-// shared memory and registers fit); FI_SEL_MIN_BLOCKS: the kernel's __launch_bounds__ occupancy.
+// Development knobs of row_select_kernel (benchmarks/probe_sampling.py builds settings as modules of their own and
+// checks each bit for bit against the radix kernel). The defaults are the fast forms; 0 restores the previous one.
+//   FI_SEL_FLAT_HISTOGRAM 1: the fast rounds' histogram without a branch per element (the last bin's fixed-point
+//                         weights by float scaling, see Selector::last_weight).
+//   FI_SEL_DIV            the renorms' x / mass: 2: Divider (the reciprocal once per row, three FMAs an element);
+//                         1: __fdiv_rn of every element, then a select; 0: __fdiv_rn behind a branch per element.
+//   FI_SEL_MAX_BITS 1:    the renorms' maximum as an integer maximum of the bits (the key pass only past an inf/NaN).
+//   FI_SEL_MASK_CMP 1:    the mask's write pass compares values with the threshold's value, not keys with its key.
+//   FI_SEL_MASK_KEY 1:    the mask's keys from logit_key_flat (no branches) instead of logit_key.
+//   FI_SEL_MIN_CLUSTER    at least this many CTAs a row where the device allows (smaller slices);
+//   FI_SEL_MIN_BLOCKS     the kernel's __launch_bounds__ occupancy (3 with 16 CTAs a row: three CTAs an SM).
 #ifndef FI_SEL_FLAT_HISTOGRAM
 #define FI_SEL_FLAT_HISTOGRAM 1
 #endif
