@@ -2192,7 +2192,10 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
   // Writes the row: kept = key >= tau (for the renorms, keys in [tau, top]: top = the row's largest key).
   auto write = [&](uint32_t tau, uint32_t top, float mass) {
 #if FI_SEL_DIV == 2
+    // Kept elements lie in [value(tau), value(top)]: when both ends are in Divider's range (the usual), no element
+    // needs the per-element range test.
     const Divider div(mass);
+    const bool all_fast = div.fast(__uint_as_float(tau)) && div.fast(__uint_as_float(top));
 #endif
 #if FI_SEL_MASK_CMP
     // The mask's kept set {key(x) >= tau} as a float comparison x >= t: keys 1 .. 0x7FFFFF belong to no value (they
@@ -2205,7 +2208,6 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
       if (!in) return;
       float x[kVec], y[kVec];
       row.load(v, x);
-      bool slow = false;  // (FI_SEL_DIV 2) a kept element outside Divider's range
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
 #if FI_SEL_MASK_CMP
@@ -2220,7 +2222,6 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
 #if FI_SEL_DIV == 2
           // (kept: x > 0 and finite) Every element's fast quotient, selected; one branch a vector for the rare rest.
           y[j] = kept && mass > 0.f ? div.fast_div(x[j]) : 0.f;
-          slow |= kept && mass > 0.f && !div.fast(x[j]);
 #elif FI_SEL_DIV == 1
           const float q = __fdiv_rn(x[j], mass);
           y[j] = kept && mass > 0.f ? q : 0.f;
@@ -2230,10 +2231,16 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
         }
       }
 #if FI_SEL_DIV == 2
-      if (slow) {
+      if (!all_fast && mass > 0.f) {  // (row-uniform) kept elements outside Divider's range take __fdiv_rn
+        auto slow = [&](float xj) { return Selector<DType, kMask>::range_key(xj) - tau <= top - tau && !div.fast(xj); };
+        bool any = false;
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          if (y[j] != 0.f && !div.fast(x[j])) y[j] = __fdiv_rn(x[j], mass);  // (y != 0: kept, as x > 0)
+        for (int j = 0; j < kVec; ++j) any |= slow(x[j]);
+        if (any) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (slow(x[j])) y[j] = __fdiv_rn(x[j], mass);
+          }
         }
       }
 #endif
