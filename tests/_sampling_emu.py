@@ -32,6 +32,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _PTX = {
     r'asm volatile\("ex2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);': "y = ::emu::exp2_ftz(x);",
     r'asm volatile\("lg2\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);': "y = std::log2(x);",
+    r'asm\("rcp\.approx\.ftz\.f32 %0, %1;" : "=f"\(y\) : "f"\(x\)\);': "y = ::emu::rcp_approx(x);",
 }
 
 
@@ -110,6 +111,9 @@ def lib() -> ctypes.CDLL:
     _LIB.emu_fixed_weight.argtypes = [ctypes.c_float, ctypes.c_int]
     _LIB.emu_mass_target.restype = ctypes.c_uint64
     _LIB.emu_mass_target.argtypes = [ctypes.c_float, ctypes.c_uint64]
+    for name in ("emu_check_logit_key_flat", "emu_check_last_weight", "emu_check_divider"):
+        getattr(_LIB, name).restype = ctypes.c_int
+        getattr(_LIB, name).argtypes = [ctypes.c_uint64, ctypes.c_int]
     _LIB.emu_weights.restype = None
     _LIB.emu_weights.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     _LIB.emu_cluster_of.restype = ctypes.c_int

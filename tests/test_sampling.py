@@ -281,6 +281,17 @@ def test_emulated_helpers_agree_with_the_reference():
         assert lib.emu_mass_target(frac, total) == R.mass_target(frac, total)
 
 
+@needs_emu
+def test_emulated_row_select_shortcuts_are_exact():
+    # The branch-free forms row_select_kernel uses against the functions they stand for: logit keys, the fast round's
+    # last-bin weights (float scaling instead of fixed_weight's shifts), and Divider's fast path (the reciprocal once
+    # per row, seeded an ulp off as rcp.approx may be) against the correctly rounded quotient.
+    lib = emu.lib()
+    assert lib.emu_check_logit_key_flat(1, 1_000_000) == 0
+    assert lib.emu_check_last_weight(2, 1_000_000) == 0
+    assert lib.emu_check_divider(3, 1_000_000) == 0
+
+
 def _emu_case(rng, vocab, kind, dtype):
     pad = int(rng.integers(0, 4))
     if kind == "probs":
@@ -471,11 +482,22 @@ def _select_case_row(kind: str, vocab: int, rng) -> np.ndarray:
         p[3::17] = np.inf
         p[4::19] = 1e-40
         return p
-    return 2.0 ** (-rng.integers(0, 40, vocab).astype(np.float64)) * (1 + rng.random(vocab))  # "wide"
+    wide = 2.0 ** (-rng.integers(0, 40, vocab).astype(np.float64)) * (1 + rng.random(vocab))
+    if kind == "tiny":  # the largest probability near 2^-100 (fixed-point scale beyond a float; slow divisions)
+        return wide * 2.0**-100
+    if kind == "huge":  # probabilities up to 2^101: the scale below 1, subnormal scaled weights
+        return wide * 2.0**100
+    if kind == "top":  # three near 2^127 (a kept mass whose reciprocal is subnormal: slow divisions), the sum finite
+        p = wide * 2.0**80
+        p[:3] = [1.4 * 2.0**126, 2.0**126, 2.0**125]
+        return p
+    return wide  # "wide"
 
 
 @needs_emu
-@pytest.mark.parametrize("kind", ["softmax", "ties", "equal", "dense", "tail", "special", "wide"])
+@pytest.mark.parametrize(
+    "kind", ["softmax", "ties", "equal", "dense", "tail", "special", "wide", "tiny", "huge", "top"]
+)
 def test_emulated_row_select_is_the_radix_rounds(kind):
     """row_select_kernel (the row transforms over cached slices) returns bit for bit what row_op_kernel's radix
     rounds return, for top-k (0, 1, 2, vocab - 1, vocab, random) and top-p (0, 1e-8, 0.5, 0.999999, 1, NaN), per-row
@@ -485,7 +507,9 @@ def test_emulated_row_select_is_the_radix_rounds(kind):
     for cluster, dtype in ((1, torch.float32), (2, torch.bfloat16), (4, torch.float32), (16, torch.float16)):
         row = _select_case_row(kind, vocab, rng)
         probs = torch.from_numpy(np.stack([row, row[::-1].copy()]).astype(np.float32)).to(dtype)
-        logits = probs.clone() if kind in ("special", "wide", "dense") else torch.log(probs.float()).to(dtype)
+        logits = (
+            probs.clone() if kind in ("special", "wide", "dense", "huge", "top") else torch.log(probs.float()).to(dtype)
+        )
         ks = [0, 1, 2, vocab - 1, vocab, int(rng.integers(1, vocab)), 100, 2500]
         ps = [0.0, 1e-8, 0.5, 0.999999, 1.0, float("nan"), float(rng.random()), 0.9]
         for op in (emu.OP_TOP_K_MASK, emu.OP_TOP_K_RENORM, emu.OP_TOP_P_RENORM):
@@ -1003,9 +1027,9 @@ def test_row_select_matches_the_radix_kernel(monkeypatch, vocab, batch):
     for comparison (sampling._ROW_KERNEL = "radix"), bit for bit: random rows and the adversarial ones of
     test_emulated_row_select_is_the_radix_rounds, scalar and per-row parameters."""
     rng = np.random.default_rng(vocab + batch)
-    kinds = ["softmax", "ties", "equal", "dense", "tail", "special", "wide"]
+    kinds = ["softmax", "ties", "equal", "dense", "tail", "special", "wide", "tiny", "huge", "top"]
     probs = np.stack(
-        [_select_case_row(kinds[b % len(kinds)] if b < 14 else "softmax", vocab, rng) for b in range(batch)]
+        [_select_case_row(kinds[b % len(kinds)] if b < 2 * len(kinds) else "softmax", vocab, rng) for b in range(batch)]
     )
     probs = torch.from_numpy(probs.astype(np.float32)).to(GPU)
     logits = torch.where(probs > 0, torch.log(probs.clamp(min=1e-38)), probs)

@@ -249,6 +249,52 @@ float emu_logit_from_key(uint32_t k) { return logit_from_key(k); }
 uint64_t emu_fixed_weight(float w, int ref_exp) { return fixed_weight(w, ref_exp); }
 uint64_t emu_mass_target(float fraction, uint64_t total) { return mass_target(fraction, total); }
 
+// Checks of the row-select shortcuts against what they replace, over special and random bit patterns; each returns
+// the number of disagreements. logit_key_flat = logit_key for every float.
+int emu_check_logit_key_flat(uint64_t seed, int n) {
+  std::mt19937_64 rng(seed);
+  int bad = 0;
+  const uint32_t special[] = {0u,          0x80000000u, 1u,          0x80000001u, 0x007FFFFFu, 0x807FFFFFu,
+                              0x00800000u, 0x80800000u, 0x7F7FFFFFu, 0xFF7FFFFFu, 0x7F800000u, 0xFF800000u,
+                              0x7FC00000u, 0xFFC00000u, 0x7F800001u, 0xFF800001u, 0x3F800000u, 0xBF800000u};
+  for (int i = 0; i < n + static_cast<int>(sizeof(special) / 4); ++i) {
+    const uint32_t b = i < static_cast<int>(sizeof(special) / 4) ? special[i] : static_cast<uint32_t>(rng());
+    const float x = __uint_as_float(b);
+    bad += logit_key_flat(x) != logit_key(x);
+  }
+  return bad;
+}
+// Selector::last_weight = fixed_weight for weights below 2^(ref_exp - 14.9) (the fast round's last bin), every
+// ref_exp of a positive finite largest probability.
+int emu_check_last_weight(uint64_t seed, int n) {
+  std::mt19937_64 rng(seed);
+  int bad = 0;
+  for (int i = 0; i < n; ++i) {
+    const int ref_exp = static_cast<int>(rng() % 255) - 127;
+    const int top = ref_exp - 15 + 127;  // exponent field just below the last bin's bound
+    if (top < 0) continue;
+    const uint32_t k = static_cast<uint32_t>(rng() % (static_cast<uint64_t>(top + 1) << 23));  // (0, 2^(ref_exp - 15))
+    const float2 scale = Selector<float, false>::last_scale(ref_exp);
+    bad += Selector<float, false>::last_weight(k, scale) != fixed_weight(__uint_as_float(k), ref_exp);
+  }
+  return bad;
+}
+// Divider = x / d correctly rounded, for d and x of any magnitude (positive, finite, nonzero), through its fast path
+// where it takes it (the seed reciprocal off by up to an ulp: emu::rcp_approx).
+int emu_check_divider(uint64_t seed, int n) {
+  std::mt19937_64 rng(seed);
+  int bad = 0;
+  for (int i = 0; i < n; ++i) {
+    const float d = __uint_as_float(static_cast<uint32_t>(rng() % 0x7F7FFFFFu) + 1u);
+    const float x = __uint_as_float(static_cast<uint32_t>(rng() % 0x7F7FFFFFu) + 1u);
+    const float dn = i % 2 ? d : __uint_as_float((__float_as_uint(d) & 0x007FFFFFu) | 0x3F800000u);  // d in [1, 2)
+    const Divider div(dn);
+    const float q = div.fast(x) ? div.fast_div(x) : __fdiv_rn(x, dn);
+    bad += __float_as_uint(q) != __float_as_uint(x / dn);
+  }
+  return bad;
+}
+
 // Fixed-point weights of a row as the kernels compute them (for references of logit rows).
 void emu_weights(const float* x, int n, int logits, uint64_t* out) {
   uint32_t max_key = 0;

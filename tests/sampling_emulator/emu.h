@@ -142,6 +142,16 @@ inline float exp2_ftz(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
+// rcp.approx.ftz: 1/x off by up to one unit in the last place, as the hardware's approximation may be (a fixed
+// function of x's bits), so that code refining it is tested against an inexact seed.
+inline float rcp_approx(float x) {
+  const float y = 1.f / x;
+  if (std::fpclassify(y) == FP_SUBNORMAL) return std::copysign(0.f, y);
+  if (!std::isfinite(y) || y == 0.f) return y;
+  const unsigned h = (static_cast<uint32_t>(bits(x)) * 2654435761u) >> 30;  // 0..3
+  return h == 1 ? std::nextafter(y, 0.f) : h == 2 ? std::nextafter(y, 2.f * y) : y;
+}
+
 using Body = void (*)(void*);
 struct Launch {
   Body body;
@@ -331,6 +341,12 @@ inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b)
 }
 inline unsigned __float_as_uint(float f) { return ::emu::from_bits<unsigned>(::emu::bits(f)); }
 inline float __uint_as_float(unsigned u) { return ::emu::from_bits<float>(u); }
+inline float __int_as_float(int u) { return ::emu::from_bits<float>(static_cast<unsigned>(u)); }
+inline int __float_as_int(float f) { return static_cast<int>(::emu::bits(f)); }
+inline unsigned __float2uint_rz(float f) {  // (CUDA: NaN and negatives -> 0, saturating above)
+  if (!(f > 0.f)) return 0u;
+  return f >= 4294967296.f ? 0xFFFFFFFFu : static_cast<unsigned>(f);
+}
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

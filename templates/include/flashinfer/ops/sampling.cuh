@@ -156,6 +156,14 @@ FI_DEVICE uint32_t logit_key(float x) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// logit_key without branches, equal to it for every input: +0.0f turns -0 into +0; a sign-extended shift makes the
+// pattern that flips every bit of a negative value and only the sign bit of a positive one.
+FI_DEVICE uint32_t logit_key_flat(float x) {
+  const uint32_t b = __float_as_uint(__fadd_rn(x, 0.f));
+  const uint32_t k = b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+  return x > -kInf ? k : 0u;  // (false for NaN)
+}
+
 FI_DEVICE float logit_from_key(uint32_t k) { return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
 
 // floor(w * 2^(kWeightBits - ref_exp)) for 0 <= w < 2^(ref_exp + 1), exactly (integer arithmetic on the bits).
@@ -1654,16 +1662,74 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
 // (select_threshold) compute. The mask needs no masses and no maximum: its round 0 counts over 2048 bins of 2^21 keys
 // that tile every key (two cluster barriers).
 
+// Development knobs of row_select_kernel (benchmarks/probe_sampling.py builds settings as modules of their own and
+// checks each bit for bit against the radix kernel). The defaults are the fast forms; 0 restores the previous one.
+//   FI_SEL_FLAT_HISTOGRAM 1: the fast rounds' histogram without a branch per element (the last bin's fixed-point
+//                         weights by float scaling, see Selector::last_weight).
+//   FI_SEL_DIV            the renorms' x / mass: 2: Divider (the reciprocal once per row, three FMAs an element);
+//                         1: __fdiv_rn of every element, then a select; 0: __fdiv_rn behind a branch per element.
+//   FI_SEL_MAX_BITS 1:    the renorms' maximum as an integer maximum of the bits (the key pass only past an inf/NaN).
+//   FI_SEL_MASK_CMP 1:    the mask's write pass compares values with the threshold's value, not keys with its key.
+//   FI_SEL_MASK_KEY 1:    the mask's keys from logit_key_flat (no branches) instead of logit_key.
+//   FI_SEL_MIN_CLUSTER    at least this many CTAs a row where the device allows (smaller slices);
+//   FI_SEL_MIN_BLOCKS     the kernel's __launch_bounds__ occupancy (3 with 16 CTAs a row: three CTAs an SM).
+#ifndef FI_SEL_FLAT_HISTOGRAM
+#define FI_SEL_FLAT_HISTOGRAM 1
+#endif
+#ifndef FI_SEL_DIV
+#define FI_SEL_DIV 2
+#endif
+#ifndef FI_SEL_MAX_BITS
+#define FI_SEL_MAX_BITS 1
+#endif
+#ifndef FI_SEL_MASK_CMP
+#define FI_SEL_MASK_CMP 1
+#endif
+#ifndef FI_SEL_MASK_KEY
+#define FI_SEL_MASK_KEY 1
+#endif
+#ifndef FI_SEL_MIN_CLUSTER
+#define FI_SEL_MIN_CLUSTER 1
+#endif
+#ifndef FI_SEL_MIN_BLOCKS
+#define FI_SEL_MIN_BLOCKS 2
+#endif
+
+// x / d rounded to nearest for many x and one d: the refined reciprocal once, then per x the quotient and one
+// correction from its exact remainder (q = x r, e = fma(-d, q, x), q + e r): the same steps as the compiler's
+// __fdiv_rn takes when neither operand nor the quotient is near the ends of the exponent range (its FCHK test),
+// hence the same correctly rounded result there. Operands outside [2^-64, 2^64] for x, [2^-32, 2^32] for d (the
+// quotient then within [2^-96, 2^96]: no remainder or product near underflow or overflow) take __fdiv_rn itself.
+struct Divider {
+  float d, r;
+  bool fast_d;
+  FI_DEVICE explicit Divider(float d_) : d(d_) {
+    const float r0 = ptx_rcp(d);
+    r = __fmaf_rn(r0, __fmaf_rn(-d, r0, 1.f), r0);
+    fast_d = __float_as_uint(d) - 0x2F800000u <= 0x4F800000u - 0x2F800000u;  // 2^-32 <= d <= 2^32
+  }
+  FI_DEVICE bool fast(float x) const {
+    return fast_d && __float_as_uint(x) - 0x1F800000u <= 0x5F800000u - 0x1F800000u;  // 2^-64 <= x <= 2^64
+  }
+  FI_DEVICE float fast_div(float x) const {
+    const float q = __fmul_rn(x, r);
+    return __fmaf_rn(r, __fmaf_rn(-d, q, x), q);
+  }
+};
+
 constexpr int kSelBins = 2048;                        // bins of a cluster round; bin kSelBins - 1 collects the rest
 constexpr int kSelGroupBins = 32;                     // bins per group summary
 constexpr int kSelGroups = kSelBins / kSelGroupBins;  // + 1 for the last bin
 constexpr int kSelCap = 2048;                         // candidates every CTA receives
 constexpr int kSelLoads = 4;                          // remote loads (ranks) a thread has in flight together
+constexpr int kSelDump = 32;                          // words past the bins (see SelShared)
 
 struct alignas(16) SelShared {
   // The CTA's histogram of one cluster round (read by the whole cluster between the round's barrier and the next).
-  unsigned int count[kSelBins];
-  unsigned int lo[kSelBins];                 // fast bins: sum of the keys' low bits; exact bins: low word of the mass
+  // (+ kSelDump: FI_SEL_FLAT_HISTOGRAM's updates of elements outside the bins go to word kSelBins + lane, at the same
+  // distance from count's word as from lo's, so that one address serves both)
+  unsigned int count[kSelBins + kSelDump];
+  unsigned int lo[kSelBins + kSelDump];      // fast bins: sum of the keys' low bits; exact bins: low word of the mass
   unsigned int hi[kSelBins];                 // exact bins: high word of the mass (the low word's carries included)
   unsigned long long gmass[kSelGroups + 1];  // the CTA's group summaries (read by the cluster)
   unsigned int gcount[kSelGroups + 1];
@@ -1723,11 +1789,12 @@ struct Selector {
   ClusterCtx& cx;
   int ref_exp;
 
-  FI_DEVICE static uint32_t key(float x) { return kMask ? logit_key(x) : prob_key(x); }
+  FI_DEVICE static uint32_t key(float x) { return kMask ? mask_key(x) : prob_key(x); }
+  FI_DEVICE static uint32_t mask_key(float x) { return FI_SEL_MASK_KEY ? logit_key_flat(x) : logit_key(x); }
   // The key where only keys inside a round's range [lo, hi] matter: a probability's bits are its key whenever they
   // lie in [1, the row's largest key] (zero, negatives, NaN and inf fall outside every range), which saves the
   // validity tests in the passes that filter by range.
-  FI_DEVICE static uint32_t range_key(float x) { return kMask ? logit_key(x) : __float_as_uint(x); }
+  FI_DEVICE static uint32_t range_key(float x) { return kMask ? mask_key(x) : __float_as_uint(x); }
   FI_DEVICE uint64_t weight_fx(uint32_t k) const { return fixed_weight(__uint_as_float(k), ref_exp); }
 
   FI_DEVICE void zero_hist() {
@@ -1738,36 +1805,82 @@ struct Selector {
     }
   }
 
+  // The last bin's scale for last_weight: 2^(kWeightBits - ref_exp) as two float factors (each a normal float for
+  // every ref_exp of a positive finite largest probability, -127..127).
+  FI_DEVICE static float2 last_scale(int ref_exp) {
+    const int e = kWeightBits - ref_exp;  // -88..166
+    const int e1 = e > 100 ? 64 : 0;
+    return make_float2(__int_as_float((127 + e1) << 23), __int_as_float((127 + e - e1) << 23));
+  }
+  // weight_fx(k) for a key of a fast round's last bin, whose weight lies below 2^-15.9 of the largest one, so that
+  // weight_fx(k) < 2^25: w * 2^(kWeightBits - ref_exp) is exact in float whenever it is at least 1 (scaling by powers
+  // of two loses no bit of a normal result, and the first factor only scales up), and below 1 (a subnormal product
+  // rounded, perhaps) it truncates to 0 as fixed_weight's shift does.
+  FI_DEVICE static uint32_t last_weight(uint32_t k, float2 scale) {
+    return __float2uint_rz(__fmul_rn(__fmul_rn(__uint_as_float(k), scale.x), scale.y));
+  }
+
   // This CTA's histogram of the range and its group summaries (the bins zeroed before). Ends synchronized.
   FI_DEVICE void histogram(const SelRange& rg) {
     const uint32_t top = rg.top();
     const uint32_t low_mask = rg.shift >= 32 ? 0xFFFFFFFFu : (1u << rg.shift) - 1u;
     uint32_t lc = 0;
     uint64_t lm = 0;
-    row.for_each([&](int v, bool in, int) {
-      if (!in) return;
-      float x[R::kVec];
-      row.load(v, x);
+    // A fast round (the usual, and the only one of most rows): every element takes the same instructions, its
+    // updates predicated (a branch per element diverges in nearly every warp: the last bin holds a sizeable share of
+    // a row). The last bin's weights sum in 32 bits per vector step (4 or 8 weights below 2^25) before widening.
+    if (FI_SEL_FLAT_HISTOGRAM && !rg.exact) {
+      const float2 scale = kMass ? last_scale(ref_exp) : make_float2(0.f, 0.f);
+      const int lane = threadIdx.x % 32;
+      row.for_each([&](int v, bool in, int) {
+        float x[R::kVec];
+        row.load_or_neutral(v, in, x);
+        uint32_t step_lc = 0, step_lm = 0;
 #pragma unroll
-      for (int j = 0; j < R::kVec; ++j) {
-        const uint32_t k = range_key(x[j]);
-        if (k < rg.lo || k > rg.hi) continue;
-        const uint32_t b = top - (k >> rg.shift);
-        if (b < static_cast<uint32_t>(kSelBins - 1)) {
-          atomicAdd(&sh.count[b], 1u);
-          if (kMass) {
-            if (rg.exact) {
-              add_mass_words(&sh.lo[b], &sh.hi[b], weight_fx(k));
-            } else {
-              atomicAdd(&sh.lo[b], k & low_mask);
-            }
-          }
-        } else {
-          ++lc;
-          if (kMass) lm += weight_fx(k);
+        for (int j = 0; j < R::kVec; ++j) {
+          const uint32_t k = range_key(x[j]);
+          const bool inside = k - rg.lo <= rg.hi - rg.lo;  // (lo <= k <= hi: the neutral elements' keys are below lo)
+          const uint32_t b = top - (k >> rg.shift);
+          // Every element updates: the others a word of this lane's own (a select, not a branch around the update).
+          const bool fast_bin = inside && b < static_cast<uint32_t>(kSelBins - 1);
+          const uint32_t slot = fast_bin ? b : static_cast<uint32_t>(kSelBins + lane);
+          atomicAdd(&sh.count[slot], 1u);
+          if (kMass) atomicAdd(&sh.lo[slot], k & low_mask);
+          // (The mask's last bin is always empty: round 0's holds keys below 2^21, and logit_key gives none below
+          // 2^23; a later round's bins cover its range, see sel_shift.)
+          const bool last = !kMask && inside && b >= static_cast<uint32_t>(kSelBins - 1);
+          step_lc += last ? 1u : 0u;
+          if (kMass) step_lm += last ? last_weight(k, scale) : 0u;
         }
-      }
-    });
+        lc += step_lc;
+        if (kMass) lm += step_lm;
+      });
+    } else {
+      row.for_each([&](int v, bool in, int) {
+        if (!in) return;
+        float x[R::kVec];
+        row.load(v, x);
+#pragma unroll
+        for (int j = 0; j < R::kVec; ++j) {
+          const uint32_t k = range_key(x[j]);
+          if (k < rg.lo || k > rg.hi) continue;
+          const uint32_t b = top - (k >> rg.shift);
+          if (b < static_cast<uint32_t>(kSelBins - 1)) {
+            atomicAdd(&sh.count[b], 1u);
+            if (kMass) {
+              if (rg.exact) {
+                add_mass_words(&sh.lo[b], &sh.hi[b], weight_fx(k));
+              } else {
+                atomicAdd(&sh.lo[b], k & low_mask);
+              }
+            }
+          } else {
+            ++lc;
+            if (kMass) lm += weight_fx(k);
+          }
+        }
+      });
+    }
     lc = warp_reduce(lc, SumOp<uint32_t>());
     if (kMass) lm = warp_reduce(lm, SumOp<uint64_t>());
     if (threadIdx.x % 32 == 0) {
@@ -2078,20 +2191,59 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
   row.fill_cache();
   // Writes the row: kept = key >= tau (for the renorms, keys in [tau, top]: top = the row's largest key).
   auto write = [&](uint32_t tau, uint32_t top, float mass) {
+#if FI_SEL_DIV == 2
+    // Kept elements lie in [value(tau), value(top)]: when both ends are in Divider's range (the usual), no element
+    // needs the per-element range test.
+    const Divider div(mass);
+    const bool all_fast = div.fast(__uint_as_float(tau)) && div.fast(__uint_as_float(top));
+#endif
+#if FI_SEL_MASK_CMP
+    // The mask's kept set {key(x) >= tau} as a float comparison x >= t: keys 1 .. 0x7FFFFF belong to no value (they
+    // would be negative NaNs), so below 0x800000 the threshold is the lowest finite logit; NaN and -inf compare false
+    // as their key 0 does. tau 0 keeps every element.
+    const bool keep_all = tau == 0u;
+    const float t = tau < 0x800000u ? -3.40282347e38f : logit_from_key(tau);  // (-FLT_MAX)
+#endif
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
       float x[kVec], y[kVec];
       row.load(v, x);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
+#if FI_SEL_MASK_CMP
+        const bool kept = kMask ? keep_all || x[j] >= t : Selector<DType, kMask>::range_key(x[j]) - tau <= top - tau;
+#else
         const bool kept = kMask ? Selector<DType, kMask>::key(x[j]) >= tau
                                 : Selector<DType, kMask>::range_key(x[j]) - tau <= top - tau;
+#endif
         if (kMask) {
           y[j] = kept ? x[j] : -kInf;
         } else {
-          y[j] = kept && mass > 0.f ? __fdiv_rn(x[j], mass) : 0.f;  // (kept: x > 0 and finite)
+#if FI_SEL_DIV == 2
+          // (kept: x > 0 and finite) Every element's fast quotient, selected; one branch a vector for the rare rest.
+          y[j] = kept && mass > 0.f ? div.fast_div(x[j]) : 0.f;
+#elif FI_SEL_DIV == 1
+          const float q = __fdiv_rn(x[j], mass);
+          y[j] = kept && mass > 0.f ? q : 0.f;
+#else
+          y[j] = kept && mass > 0.f ? __fdiv_rn(x[j], mass) : 0.f;
+#endif
         }
       }
+#if FI_SEL_DIV == 2
+      if (!all_fast && mass > 0.f) {  // (row-uniform) kept elements outside Divider's range take __fdiv_rn
+        auto slow = [&](float xj) { return Selector<DType, kMask>::range_key(xj) - tau <= top - tau && !div.fast(xj); };
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) any |= slow(x[j]);
+        if (any) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (slow(x[j])) y[j] = __fdiv_rn(x[j], mass);
+          }
+        }
+      }
+#endif
       out.store(row, v, y);
     });
   };
@@ -2108,17 +2260,35 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
   } else {
     // The row's largest key (the renorms' fixed-point scale): each CTA publishes its slice's, one barrier, each
     // reads them all.
-    uint32_t m = 0;
+    auto exact_max = [&] {
+      uint32_t mk = 0;
+      row.for_each([&](int v, bool in, int) {
+        if (!in) return;
+        float x[kVec];
+        row.load(v, x);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const uint32_t kk = sel.key(x[j]);
+          mk = kk > mk ? kk : mk;
+        }
+      });
+      return mk;
+    };
+#if FI_SEL_MAX_BITS
+    // The largest key is the largest bit pattern as a signed integer (negative values and -0 are negative, zero is
+    // 0) unless an infinity or NaN lies above it: then, for this thread only, the exact pass.
+    int mb = 0;
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
       float x[kVec];
       row.load(v, x);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const uint32_t kk = sel.key(x[j]);
-        m = kk > m ? kk : m;
-      }
+      for (int j = 0; j < kVec; ++j) mb = max(mb, __float_as_int(x[j]));
     });
+    uint32_t m = mb < 0x7F800000 ? static_cast<uint32_t>(mb) : exact_max();
+#else
+    uint32_t m = exact_max();
+#endif
     m = warp_max(m);
     if (threadIdx.x % 32 == 0) sh.last_count[threadIdx.x / 32] = m;
     sel.zero_hist();
@@ -2208,7 +2378,8 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
 }
 
 template <typename DType, bool kMask>
-__global__ void __launch_bounds__(kThreads, 2) row_select_kernel(const __grid_constant__ RowOpParams p) {
+__global__ void __launch_bounds__(kThreads, FI_SEL_MIN_BLOCKS)
+    row_select_kernel(const __grid_constant__ RowOpParams p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   row_select_cta<DType, kMask>(p, smem_raw);
 }
@@ -2477,8 +2648,9 @@ cudaError_t launch_row_op(const RowOpParams& p, bool pdl, bool radix, int device
       err = kernel_setup<kRenormKernel>(device, smem_max, &max_cluster_renorm);
       if (err != cudaSuccess) return err;
       max_cluster = max_cluster < max_cluster_renorm ? max_cluster : max_cluster_renorm;
-      const RowPlan plan = plan_rows(p.rows, p.vocab, sizeof(DType), max_cluster, sm_count(device));
+      RowPlan plan = plan_rows(p.rows, p.vocab, sizeof(DType), max_cluster, sm_count(device));
       if (plan.cached) {
+        while (plan.cluster < FI_SEL_MIN_CLUSTER && plan.cluster < max_cluster) plan.cluster *= 2;
         const int vec = 16 / static_cast<int>(sizeof(DType));
         const int slice = ((p.vocab + vec - 1) / vec + 1 + plan.cluster - 1) / plan.cluster;
         const size_t smem = sizeof(SelShared) + static_cast<size_t>(slice) * 16;

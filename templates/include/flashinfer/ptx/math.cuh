@@ -19,4 +19,12 @@ FI_DEVICE float ptx_log2(float x) {
   return y;
 }
 
+// rcp.approx (MUFU.RCP): the seed of a correctly rounded division by a value used many times (see
+// sampling.cuh: Divider). Not volatile: a pure function of x the compiler may hoist.
+FI_DEVICE float ptx_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 }  // namespace flashinfer
