@@ -175,8 +175,9 @@ def check_cos_sin_cache_positions() -> None:
     does not synchronize, so call it after the work in question has completed (e.g. after
     ``torch.cuda.synchronize()``)."""
     for m in list(_modules.values()):
-        if m._record is not None:
-            _raise_recorded(m._record)
+        # m.record(), not the cached m._record: a module whose calls all took the eager fast path has not read its
+        # record from Python yet, but its kernels write it all the same.
+        _raise_recorded(m.record())
 
 
 # ------------------------------------------------------------------------------------------ validation
