@@ -6,29 +6,21 @@ show: timing, PTX, the memory model."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+import _host_emu
+
 REPO = Path(__file__).resolve().parent.parent
 HEADERS = REPO / "templates" / "include" / "flashinfer"
 EMU = Path(__file__).resolve().parent / "rope_emulator"
-CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 
 
 def available() -> Optional[str]:
     """None when the emulator can be built here, else why not."""
-    if shutil.which("g++") is None:
-        return "no g++"
-    if not (CUDA_HOME / "include" / "cuda_bf16.h").exists():
-        return f"no CUDA headers under {CUDA_HOME}"
-    return None
+    return _host_emu.available("cuda_bf16.h")
 
 
 def _sources() -> Dict[str, str]:
@@ -52,24 +44,8 @@ def lib(*defines: str) -> ctypes.CDLL:
     """The emulator built with -D<each of defines> (rope.cuh's knobs; cached by content hash)."""
     if defines in _LIBS:
         return _LIBS[defines]
-    files = _sources()
     flags = ["-O1", "-std=c++17", "-shared", "-fPIC", "-w", *(f"-D{d}" for d in defines)]
-    digest = hashlib.sha256(repr((sorted(files.items()), flags)).encode()).hexdigest()[:16]
-    root = Path(tempfile.gettempdir()) / f"fi_rope_emu_{os.getuid()}"
-    so = root / f"librope_emu_{digest}.so"
-    if not so.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        src = Path(tempfile.mkdtemp(dir=root))
-        for name, text in files.items():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            (src / name).write_text(text)
-        tmp = src / "librope_emu.so"
-        cmd = ["g++", *flags, f"-I{src}", f"-I{CUDA_HOME / 'include'}", str(src / "driver.cpp"), "-o", str(tmp)]
-        cmd += [f"-L{CUDA_HOME / 'lib64'}", "-lcudart"]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"building the RoPE emulator failed:\n{p.stderr[-6000:]}")
-        os.replace(tmp, so)
+    so = _host_emu.build("rope", _sources(), flags)
     lib = ctypes.CDLL(str(so))
     lib.emu_rope.restype = ctypes.c_int
     lib.emu_kernels_launched.restype = ctypes.c_int

@@ -12,21 +12,17 @@ compute-sanitizer racecheck reports do not show here), PTX-level details.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+import _host_emu
+
 REPO = Path(__file__).resolve().parent.parent
 HEADERS = REPO / "templates" / "include" / "flashinfer"
 EMU = Path(__file__).resolve().parent / "sampling_emulator"
-CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _PTX = {
@@ -38,11 +34,7 @@ _PTX = {
 
 def available() -> Optional[str]:
     """None when the emulator can be built here, else why not."""
-    if shutil.which("g++") is None:
-        return "no g++"
-    if not (CUDA_HOME / "include" / "cuda_fp16.h").exists():
-        return f"no CUDA headers under {CUDA_HOME}"
-    return None
+    return _host_emu.available("cuda_fp16.h")
 
 
 def _sources() -> dict:
@@ -69,33 +61,9 @@ def lib() -> ctypes.CDLL:
     global _LIB
     if _LIB is not None:
         return _LIB
-    files = _sources()
-    flags = ["-O2", "-fno-strict-aliasing", "-std=c++17", "-shared", "-fPIC", "-w"]
-    digest = hashlib.sha256(repr((sorted(files.items()), flags)).encode()).hexdigest()[:16]
-    root = Path(tempfile.gettempdir()) / f"fi_sampling_emu_{os.getuid()}"
-    so = root / f"libemu_{digest}.so"
-    if not so.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        src = Path(tempfile.mkdtemp(dir=root))
-        for name, text in files.items():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            (src / name).write_text(text)
-        tmp = src / "libemu.so"
-        cmd = [
-            "g++",
-            *flags,
-            f"-I{src}",
-            f"-I{CUDA_HOME / 'include'}",
-            str(src / "driver.cpp"),
-            "-o",
-            str(tmp),
-            f"-L{CUDA_HOME / 'lib64'}",
-            "-lcudart",
-        ]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"building the sampling emulator failed:\n{p.stderr[-6000:]}")
-        os.replace(tmp, so)
+    so = _host_emu.build(
+        "sampling", _sources(), ["-O2", "-fno-strict-aliasing", "-std=c++17", "-shared", "-fPIC", "-w"]
+    )
     _LIB = ctypes.CDLL(str(so))
     for name in ("emu_sample", "emu_row_op", "emu_chain", "emu_topk_probe"):
         getattr(_LIB, name).restype = ctypes.c_char_p
