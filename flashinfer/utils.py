@@ -468,15 +468,17 @@ def dlpack_exchange_api() -> int:
         return 0
     import ctypes
 
-    api = ctypes.pythonapi
-    api.PyCapsule_IsValid.restype = ctypes.c_int
-    api.PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    # Prototypes of our own: setting restype/argtypes on ctypes.pythonapi's functions would change them for every
+    # other user of that shared object in the process.
+    capsule_fn = ctypes.PYFUNCTYPE
+    is_valid = capsule_fn(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_IsValid", ctypes.pythonapi))
+    get_pointer = capsule_fn(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi)
+    )
     name = b"dlpack_exchange_api"
-    if not api.PyCapsule_IsValid(capsule, name):
+    if not is_valid(capsule, name):
         return 0
-    address = api.PyCapsule_GetPointer(capsule, name) or 0
+    address = get_pointer(capsule, name) or 0
     if address and ctypes.c_uint32.from_address(address).value != 1:  # header.version.major: the layout we know
         return 0
     return address
