@@ -5,9 +5,9 @@ benchmarks/RESULTS.md.
     python benchmarks/bench_prefill.py [--quick]
     python benchmarks/bench_prefill.py --fp8    # only the fp8 (e4m3) KV vs bf16 KV comparison (its own table)
     python benchmarks/bench_prefill.py --ws     # only the warp-specialised Hopper kernel (backend="fa3_ws"):
-                                                # single prefill beside fa3 and SDPA cuDNN/flash, and ragged
+                                                # single prefill beside fa3 and SDPA cuDNN/flash, and ragged/paged
                                                 # batch prefill beside fa2 and SDPA cuDNN (two tables)
-    python benchmarks/bench_prefill.py --ws-batch   # only the fa3_ws ragged batch table
+    python benchmarks/bench_prefill.py --ws-batch   # only the fa3_ws batch table (ragged and paged)
 
 FLOPs are counted as 4 * qo * kv * heads * head_dim, halved for causal (qo == kv). Times are device times
 from CUDA-graph replays. Also measures the cold compile and warm load of the bf16 d128 causal module.
@@ -451,7 +451,8 @@ def ws_single(L, hq, hkv, causal, n_sets=2) -> dict:
 
 
 # Ragged batch rows: (requests, length of each (queries = keys), q heads, kv heads), causal, bf16, d128.
-WS_BATCH_CASES = [(16, 1024, 32, 32), (16, 1024, 32, 8)]
+# (requests, tokens each, q heads, kv heads, page size; 0: ragged K/V)
+WS_BATCH_CASES = [(16, 1024, 32, 32, 0), (16, 1024, 32, 8, 0), (16, 1024, 32, 32, 16), (16, 1024, 32, 8, 16)]
 
 
 def queued_ms(fn, calls: int = 4, iters: int = 20) -> float:
@@ -475,24 +476,42 @@ def queued_ms(fn, calls: int = 4, iters: int = 20) -> float:
     return times[len(times) // 2]
 
 
-def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
-    """ms of BatchPrefillWithRaggedKVCacheWrapper with backend "fa3_ws" and "fa2", and of SDPA cuDNN on the same
-    batch as a dense [n, H, L, D] batch (every request has L queries and L keys: the padded layout has no padding),
-    causal, bf16, d128, NHD. Checked first: fa3_ws against fa2, both against SDPA in float32 (first and last
-    request, 4 heads), and SDPA cuDNN against fa2."""
+def ws_batch(n: int, L: int, hq: int, hkv: int, page_size: int = 0) -> dict:
+    """ms of BatchPrefillWithRaggedKVCacheWrapper (page_size 0) or BatchPrefillWithPagedKVCacheWrapper (pages of
+    page_size, scattered by a random permutation) with backend "fa3_ws" and "fa2", and of SDPA cuDNN on the same
+    batch as a dense [n, H, L, D] batch (every request has L queries and L keys: the padded layout has no padding;
+    for paged K/V no gather is timed), causal, bf16, d128, NHD. Checked first: fa3_ws against fa2, both against SDPA
+    in float32 (first and last request, 4 heads), and SDPA cuDNN against fa2."""
     d, dtype = 128, torch.bfloat16
     total, g = n * L, hq // hkv
     indptr = torch.arange(0, total + 1, L, dtype=torch.int32)
     q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
     k = torch.randn(total, hkv, d, device="cuda", dtype=dtype)
     v = torch.randn(total, hkv, d, device="cuda", dtype=dtype)
+    if page_size:
+        pages_per_req = -(-L // page_size)
+        num_pages = n * pages_per_req
+        perm = torch.randperm(num_pages, dtype=torch.int32)
+        cache = torch.zeros(num_pages, 2, page_size, hkv, d, device="cuda", dtype=dtype)
+        slots = torch.arange(L)
+        for r in range(n):
+            pid = perm[r * pages_per_req + slots // page_size].cuda()
+            cache[pid, 0, (slots % page_size).cuda()] = k[r * L : (r + 1) * L]
+            cache[pid, 1, (slots % page_size).cuda()] = v[r * L : (r + 1) * L]
+        kv_indptr = torch.arange(0, num_pages + 1, pages_per_req, dtype=torch.int32)
+        last = torch.full((n,), (L - 1) % page_size + 1, dtype=torch.int32)
     outs, runs = {}, {}
     for backend in ("fa3_ws", "fa2"):
         ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-        w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
-        w.plan(indptr, indptr, hq, hkv, d, causal=True, q_data_type=dtype)
         out = outs[backend] = torch.empty_like(q)
-        runs[backend] = lambda w=w, out=out: w.run(q, k, v, out=out)
+        if page_size:
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
+            w.plan(indptr, kv_indptr, perm, last, hq, hkv, d, page_size, causal=True, q_data_type=dtype)
+            runs[backend] = lambda w=w, out=out: w.run(q, cache, out=out)
+        else:
+            w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
+            w.plan(indptr, indptr, hq, hkv, d, causal=True, q_data_type=dtype)
+            runs[backend] = lambda w=w, out=out: w.run(q, k, v, out=out)
         runs[backend]()
     torch.cuda.synchronize()
     # (bf16 outputs: a rounding apart at most; relative to the magnitude, as rows with few keys reach |o| ~ 4)
@@ -508,7 +527,9 @@ def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
         )
         for backend, out in outs.items():
             err = (out[rows, :hs].transpose(0, 1).float() - ref).abs().max().item()
-            assert err < 3e-2, f"ragged {backend}, request {r}: output differs from SDPA by {err}"
+            assert err < 3e-2, (
+                f"{'paged' if page_size else 'ragged'} {backend}, request {r}: output differs from SDPA by {err}"
+            )
     res = {b: queued_ms(runs[b]) for b in ("fa3_ws", "fa2")}
     # SDPA cuDNN on [n, H, L, D] views of the same tensors; GQA through enable_gqa, else K/V expanded to the q heads
     sq, sk, sv = (x.view(n, L, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
@@ -537,21 +558,23 @@ def ws_batch(n: int, L: int, hq: int, hkv: int) -> dict:
         res["cudnn"] = None
         print(f"  sdpa cudnn: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
     del q, k, v, outs, runs, sq, sk, sv
+    if page_size:
+        del cache
     torch.cuda.empty_cache()
     return res
 
 
 def ws_batch_main() -> None:
-    """fa3_ws on ragged batches beside fa2 and SDPA cuDNN: 16 x 1024 causal, 32/32 and 32/8 heads."""
+    """fa3_ws on ragged and paged batches beside fa2 and SDPA cuDNN: 16 x 1024 causal, 32/32 and 32/8 heads."""
     if torch.cuda.get_device_capability() != (9, 0):
         print("--ws-batch: the fa3_ws backend needs a Hopper (sm_90) GPU; nothing measured", flush=True)
         return
     rows = []
-    for n, L, hq, hkv in WS_BATCH_CASES:
-        r = ws_batch(n, L, hq, hkv)
+    for n, L, hq, hkv, ps in WS_BATCH_CASES:
+        r = ws_batch(n, L, hq, hkv, ps)
         f = n * flops(L, L, hq, 128, True)
         tf = {b: (None if r[b] is None else f / (r[b] * 1e-3) / 1e12) for b in ("fa3_ws", "fa2", "cudnn")}
-        shape = f"ragged {n} x {L} causal, {hq}/{hkv} d128"
+        shape = f"{f'paged (page {ps})' if ps else 'ragged'} {n} x {L} causal, {hq}/{hkv} d128"
         print(json.dumps({"shape": shape, **{f"{b}_ms": r[b] for b in ("fa3_ws", "fa2", "cudnn")}}), flush=True)
         cell = lambda b: "-" if r[b] is None else f"{r[b]:.3f} ({tf[b]:.0f})"  # noqa: E731
         rows.append(
@@ -565,13 +588,15 @@ def ws_batch_main() -> None:
             ]
         )
     text = write_results(
-        'BatchPrefillWithRaggedKVCacheWrapper backend="fa3_ws" vs "fa2" and SDPA cuDNN, bf16, NHD',
+        'Batch prefill (ragged and paged wrappers) backend="fa3_ws" vs "fa2" and SDPA cuDNN, bf16, NHD',
         ["batch", "fa3_ws ms (TFLOP/s)", "fa2", "SDPA cuDNN", "ws / fa2", "ws / cuDNN"],
         rows,
         [
             "FLOPs = requests·4·L·L·heads·head_dim / 2 (causal); device ms per call: 4 calls queued behind a sleep "
             "kernel between two events (the plain wrappers cannot be graph-captured), L2 flushed, median of 20",
-            "SDPA cuDNN: the batch as [16, H, 1024, 128] views (equal lengths: the padded layout is the ragged one)",
+            "SDPA cuDNN: the batch as [16, H, 1024, 128] views (equal lengths: the padded layout is the ragged one; "
+            "for the paged rows the same dense K/V, no gather timed)",
+            "paged: pages of 16 tokens scattered over the cache by a random permutation",
             "checked before timing: fa3_ws vs fa2 and cuDNN vs fa2 (atol 2e-2, rtol 1e-2), both ours vs SDPA float32 "
             "(first and last request, 4 heads, < 3e-2)",
         ],

@@ -90,7 +90,7 @@ _MASK_CUDA = {"none": "kNone", "causal": "kCausal", "custom": "kCustom"}
 # Implemented backends; "auto" picks per call.
 BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a), single prefill within _fa3_scope
 # fa3_ws: the warp-specialised Hopper kernel (prefill_sm90_ws.cuh: TMA producer, two wgmma consumer warpgroups,
-# persistent grid), single prefill and ragged batch prefill within _fa3_scope. For single prefill "auto" takes
+# persistent grid), single prefill and ragged and paged batch prefill within _fa3_scope. For single prefill "auto" takes
 # it wherever it would take fa3 and fa3_ws applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws
 # (H200, 2026-11-30, 32/32 and 32/8 heads, 2048-16384 tokens, full and causal), all its GPU tests passing. For
 # batch prefill it is opt-in (backend="fa3_ws"): "auto" stays fa2 there. fp8 K/V (single prefill): its producer
@@ -788,8 +788,6 @@ class BatchPrefillSpec(_PrefillSpecBase):
     def unsupported_reason(self) -> Optional[str]:
         if self.kv_storage not in ("paged", "ragged"):
             return f"kv_storage must be 'paged' or 'ragged', got {self.kv_storage!r}"
-        if self.backend == "fa3_ws" and self.kv_storage != "ragged":
-            return "the fa3_ws backend covers ragged KV only (paged batch prefill runs on fa2)"
         if self.backend == "fa3_ws" and self.dtype_kv in FP8_KV_DTYPES:
             return f"kv dtype {self.dtype_kv}: fa3_ws batch prefill takes k and v in q's dtype, no fp8 (fa2 reads fp8)"
         return super().unsupported_reason()
@@ -895,15 +893,11 @@ class _BatchPrefillBase:
                 "the fa3 backend covers single_prefill_with_kv_cache only; batch prefill runs on fa2 "
                 "(backend='auto' or 'fa2')"
             )
-        if b == "fa3_ws" and self._storage != "ragged":
-            raise ValueError(
-                "the fa3_ws backend covers single_prefill_with_kv_cache and BatchPrefillWithRaggedKVCacheWrapper; "
-                f"{type(self).__name__} runs on fa2 (backend='auto' or 'fa2')"
-            )
         if b == "fa3_ws" and use_cuda_graph:
             raise ValueError(
-                "backend='fa3_ws' has no CUDA-graph mode (its TMA descriptors hold each run's K/V address and row "
-                "count); use use_cuda_graph=False, or backend='fa2' for graphs"
+                "backend='fa3_ws' has no CUDA-graph mode (its persistent grid and item count come from each plan on "
+                "the host, and ragged K/V's TMA descriptors hold each run's address and row count); use "
+                "use_cuda_graph=False, or backend='fa2' for graphs"
             )
         # "auto" is fa2 for batch prefill; fa3_ws only when asked for by name.
         self._backend = "fa3_ws" if b == "fa3_ws" else "fa2"
@@ -1844,7 +1838,13 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
     custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
         Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
     backend : str
-        ``"auto"`` or ``"fa2"``.
+        ``"auto"`` or ``"fa2"`` (mma.sync tensor cores, every feature; "auto" takes it), or ``"fa3_ws"`` (an
+        extension over FlashInfer's values, opt-in): the warp-specialised Hopper kernel (sm_90; wgmma, persistent
+        grid, its producer warpgroup gathering each key row from its page with cp.async, any page size) for
+        head_dim 128, k/v/o in q's float16/bfloat16 (no fp8 cache), no mask or causal, no position encoding,
+        window, soft cap or fp16 QK reduction, no CUDA graphs and no ``fixed_split_size``; plan() refuses other
+        batches with a ValueError naming the reason. It never splits a request's keys across CTAs. Slots past a
+        request's last token are never read (zero-filled), so they may hold anything.
     jit_args, jit_kwargs : optional
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """

@@ -253,11 +253,9 @@ def test_fp8_is_a_kv_dtype_value_of_the_matrix():
         for st in ("paged", "ragged")
         for kv in ("e4m3", "e5m2")
     }
-    # fa3: single prefill only; fa3_ws: 16-bit K/V (and ragged KV) only
+    # fa3: single prefill only; fa3_ws: 16-bit K/V only
     assert all(
-        ("single-request" in r) if n.endswith("_fa3") else ("no fp8" in r or "ragged KV only" in r)
-        for n, r in prefill.items()
-        if r is not None
+        ("single-request" in r) if n.endswith("_fa3") else ("no fp8" in r) for n, r in prefill.items() if r is not None
     ), prefill
     shared = _matrix(["--families", "cascade_shared", "--head-dims", "128", "--dtypes", "bf16", "--dtype-kv", "e4m3"])
     assert [(it.name, it.reason) for it in shared] == [("cascade_shared_q-bf16_kv-e4m3_o-bf16_d128", None)]

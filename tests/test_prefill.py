@@ -464,7 +464,9 @@ def _make_batch(qo_lens, kv_lens, hkv, group, d, dtype):
     return qs, ks, vs
 
 
-def _paged(ks, vs, page_size, layout, tuple_cache=False):
+def _paged(ks, vs, page_size, layout, tuple_cache=False, nan_fill=False):
+    """A scattered paged cache holding (ks, vs): (cache, page ids, indptr, last page lengths). With nan_fill, every
+    slot no request owns (past a last page's tokens, unused pages) holds NaN."""
     pages = [-(-k.shape[0] // page_size) for k in ks]
     total = sum(pages)
     hkv, d = ks[0].shape[1], ks[0].shape[2]
@@ -472,6 +474,8 @@ def _paged(ks, vs, page_size, layout, tuple_cache=False):
     shape, dt = (total + 3, 2, page_size, hkv, d), ks[0].dtype
     if dt == torch.uint8:  # (fp8 caches as bytes: _fp8_paged)
         cache = torch.randint(0, 256, shape, device="cuda", dtype=dt)
+    elif nan_fill:
+        cache = torch.full(shape, float("nan"), device="cuda", dtype=dt)
     else:
         cache = torch.randn(shape, device="cuda", dtype=dt)
     pos = 0
@@ -670,8 +674,9 @@ def test_batch_prefill_bad_input():
     torch.cuda.synchronize()
 
 
-def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, backend="auto", **kw):
-    """A planned wrapper of either storage for requests (qs, ks, vs), and the KV arguments of its run()."""
+def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, backend="auto", nan_fill=False, **kw):
+    """A planned wrapper of either storage for requests (qs, ks, vs), and the KV arguments of its run() (paged:
+    nan_fill as _paged's)."""
     hkv, d = ks[0].shape[1], ks[0].shape[2]
     qo_indptr = torch.tensor([0] + list(itertools.accumulate(q.shape[0] for q in qs)), dtype=torch.int32)
     if storage == "ragged":
@@ -680,8 +685,8 @@ def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, backend="auto", *
         w.plan(qo_indptr, kv_indptr, qs[0].shape[1], hkv, d, **kw)
         k, v = _nhd_to(layout, torch.cat(ks)), _nhd_to(layout, torch.cat(vs))
         return w, (k, v)
-    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, layout)
-    cache, perm, indptr, last = _paged(ks, vs, page_size, layout)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, layout, backend=backend)
+    cache, perm, indptr, last = _paged(ks, vs, page_size, layout, nan_fill=nan_fill)
     w.plan(qo_indptr, indptr, perm, last, qs[0].shape[1], hkv, d, page_size, **kw)
     return w, (cache,)
 
@@ -851,13 +856,25 @@ _WS_BATCH_CASES = {
 }
 
 
-def _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, **run_kw):
-    """(o, lse) of the fa3_ws and the fa2 ragged wrappers on the same batch (NaN-poisoned outputs)."""
+def _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="ragged", page_size=16, **run_kw):
+    """(o, lse) of the fa3_ws and the fa2 wrappers of a storage on the same batch (NaN-poisoned outputs; paged: every
+    slot no request owns holds NaN)."""
     q = torch.cat(qs)
     res = []
     for backend in ("fa3_ws", "fa2"):
+        torch.manual_seed(7)  # (the same page permutation for both)
         w, kv = _plan_batch(
-            "ragged", ws, layout, qs, ks, vs, backend=backend, causal=mask_mode == "causal", q_data_type=q.dtype
+            storage,
+            ws,
+            layout,
+            qs,
+            ks,
+            vs,
+            page_size=page_size,
+            backend=backend,
+            nan_fill=storage == "paged",
+            causal=mask_mode == "causal",
+            q_data_type=q.dtype,
         )
         if backend == "fa3_ws":
             assert w.plan_stats["merges"] == 0  # (never split)
@@ -909,6 +926,77 @@ def test_batch_prefill_fa3_ws_ragged_benchmark_shape(num_qo_heads, num_kv_heads)
     assert_close(o, ref_o)
     _check_lse(l, ref_lse)
     torch.testing.assert_close(o.double(), o2.double(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("page_size", [1, 5, 16, 256])
+@pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
+def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout):
+    """The paged kernel (its producer gathers each key row from its page): pages of 1 token, of a size that divides
+    nothing (5), of 16 and of more than a KV tile (256), every slot no request owns holding NaN (a partial last
+    page's slots must be zero-filled, not read); against the float64 reference and the fa2 paged path."""
+    _need_hopper()
+    qo_lens, kv_lens = _WS_BATCH_CASES[case]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    (o, l), (o2, l2) = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, mask_mode)
+    assert_close(o, ref_o)
+    _check_lse(l, ref_lse)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(o.double(), o2.double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(l, l2, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    if case == "mixed":
+        empty = [slice(1, 18)] + ([slice(1147, 1347)] if mask_mode == "causal" else [])
+        for rows in empty:
+            assert (o[rows] == 0).all() and torch.isneginf(l[rows]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(32, 32), (32, 8)])
+def test_batch_prefill_fa3_ws_paged_benchmark_shape_f16(num_qo_heads, num_kv_heads):
+    """The benchmark's paged batch (16 requests x 1024, causal, pages of 16) in float16: many items per CTA, the
+    ring's phases carried from item to item."""
+    _need_hopper()
+    n = 16
+    qs, ks, vs = _make_batch([1024] * n, [1024] * n, num_kv_heads, num_qo_heads // num_kv_heads, 128, torch.float16)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    (o, l), (o2, _) = _ws_and_fa2(qs, ks, vs, "NHD", "causal", ws, storage="paged")
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal")
+    assert_close(o, ref_o)
+    _check_lse(l, ref_lse)
+    torch.testing.assert_close(o.double(), o2.double(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_batch_prefill_fa3_ws_paged_tuple_cache_scales_pdl_and_refusals():
+    """A (k_cache, v_cache) tuple of HND views, q/k/v scales, enable_pdl; fp8 caches, a custom mask and graph mode
+    refused with the reason."""
+    _need_hopper()
+    dt = torch.bfloat16
+    qo_lens, kv_lens = [300, 1, 129], [700, 1, 2000]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 4, 2, 128, dt)
+    ref_o, _ = _batch_ref(qs, ks, vs, None, "causal")
+    q = torch.cat(qs)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    cache, perm, indptr, last = _paged(ks, vs, 16, "HND", tuple_cache=True, nan_fill=True)
+    qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "HND", backend="fa3_ws")
+    w.plan(qo_indptr, indptr, perm, last, 8, 4, 128, 16, causal=True, q_data_type=dt)
+    o = w.run(q, cache)
+    assert_close(o, ref_o)
+    assert torch.equal(w.run(q, cache, enable_pdl=True), o)
+    assert_close(w.run(q, cache, q_scale=2.0, k_scale=0.5, v_scale=3.0), 3.0 * ref_o)
+    with pytest.raises(ValueError, match="fa3_ws"):
+        w.plan(qo_indptr, indptr, perm, last, 8, 4, 128, 16, q_data_type=dt, kv_data_type=torch.float8_e4m3fn)
+    mask = torch.ones(sum(a * b for a, b in zip(qo_lens, kv_lens)), dtype=torch.bool)
+    with pytest.raises(ValueError, match="fa3_ws"):
+        w.plan(qo_indptr, indptr, perm, last, 8, 4, 128, 16, custom_mask=mask, q_data_type=dt)
+    with pytest.raises(ValueError, match="CUDA-graph"):
+        flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, backend="fa3_ws")
 
 
 @pytest.mark.gpu
@@ -1476,7 +1564,7 @@ def test_fa3_ws_spec_scope_and_rendering():
         assert "launch_sm90_ws_single_prefill<DTypeQ, DTypeKV, DTypeO, kMask>" in src
     assert "fa3_ws" in SinglePrefillSpec(128, mask_mode="custom", backend="fa3_ws").unsupported_reason()
     assert "fa3_ws takes 128" in SinglePrefillSpec(64, backend="fa3_ws").unsupported_reason()
-    assert "ragged KV only" in BatchPrefillSpec(backend="fa3_ws").unsupported_reason()  # (paged by default)
+    assert BatchPrefillSpec(128, "bf16", "bf16", "bf16", backend="fa3_ws").unsupported_reason() is None  # (paged)
     src = render(SinglePrefillSpec(128, "f16", "f16", "f16", "causal", backend="fa3_ws"))["single_prefill.cu"]
     assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src and "launch_sm90_ws_single_prefill<" in src
     for other in ("fa3", "fa2"):
@@ -1544,9 +1632,8 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
 def test_batch_wrappers_refuse_the_fa3_backend(cls):
     with pytest.raises(ValueError, match="fa3 backend covers single_prefill"):
         cls(torch.empty(16, dtype=torch.uint8), backend="fa3")
-    if cls is flashinfer.BatchPrefillWithPagedKVCacheWrapper:
-        with pytest.raises(ValueError, match="fa3_ws backend covers single_prefill.*Ragged.*Paged.*runs on fa2"):
-            cls(torch.empty(16, dtype=torch.uint8), backend="fa3_ws")
+    with pytest.raises(ValueError, match="CUDA-graph"):  # (fa3_ws: both storages, no graphs)
+        cls(torch.empty(16, dtype=torch.uint8), use_cuda_graph=True, backend="fa3_ws")
     with pytest.raises(NotImplementedError, match="cudnn"):
         cls(torch.empty(16, dtype=torch.uint8), backend="cudnn")
     with pytest.raises(ValueError, match="backend must be"):
@@ -1562,11 +1649,13 @@ def test_fa3_ws_batch_spec_scope_and_rendering():
     ws = [s for s in BatchPrefillSpec.expand(backend=("fa3_ws",)) if s.unsupported_reason() is None]
     assert {
         (s.kv_storage, s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.mask_mode, s.pos_encoding_mode) for s in ws
-    } == {("ragged", 128, d, d, d, m, "NONE") for d in ("bf16", "f16") for m in ("none", "causal")}
+    } == {
+        (st, 128, d, d, d, m, "NONE") for st in ("ragged", "paged") for d in ("bf16", "f16") for m in ("none", "causal")
+    }
     assert all(s.needs_sm90a() and s.name().endswith("_fa3_ws") for s in ws)
     assert all(not s.use_window and not s.use_logits_soft_cap and not s.use_fp16_qk_reduction for s in ws)
     bad = {
-        "ragged KV only": BatchPrefillSpec(kv_storage="paged", backend="fa3_ws"),
+        "(fa2 reads fp8)": BatchPrefillSpec(128, "f16", "e5m2", "f16", kv_storage="paged", backend="fa3_ws"),
         "no fp8": BatchPrefillSpec(128, "bf16", "e4m3", "bf16", kv_storage="ragged", backend="fa3_ws"),
         "no mask or causal": BatchPrefillSpec(kv_storage="ragged", mask_mode="custom", backend="fa3_ws"),
         "fa3_ws takes 128": BatchPrefillSpec(64, kv_storage="ragged", backend="fa3_ws"),
@@ -1574,11 +1663,13 @@ def test_fa3_ws_batch_spec_scope_and_rendering():
     for why, spec in bad.items():
         assert why in spec.unsupported_reason(), (why, spec.unsupported_reason())
     assert "single-request" in BatchPrefillSpec(kv_storage="ragged", backend="fa3").unsupported_reason()
-    src = render(BatchPrefillSpec(128, "f16", "f16", "f16", kv_storage="ragged", mask_mode="causal", backend="fa3_ws"))
-    src = src["batch_prefill.cu"]
-    assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src
-    assert "launch_sm90_ws_ragged_prefill<DTypeQ, DTypeO, kMask>" in src and "launch_batch_prefill<" not in src
-    assert '"query_tile_0", Sm90WsTraits::BQ' in src and '{"query_tiles", 1}' in src
+    for storage, paged in (("ragged", "false"), ("paged", "true")):
+        spec = BatchPrefillSpec(128, "f16", "f16", "f16", kv_storage=storage, mask_mode="causal", backend="fa3_ws")
+        src = render(spec)["batch_prefill.cu"]
+        assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src
+        assert "launch_sm90_ws_batch_prefill<DTypeQ, DTypeO, kMask, kPaged>" in src
+        assert f"constexpr bool kPaged = {paged};" in src and "launch_batch_prefill<" not in src
+        assert '"query_tile_0", Sm90WsTraits::BQ' in src and '{"query_tiles", 1}' in src
     for storage in ("ragged", "paged"):
         src = render(BatchPrefillSpec(128, kv_storage=storage, mask_mode="causal"))["batch_prefill.cu"]
         assert "sm90_ws" not in src.replace("prefill_sm90_ws.cuh (fa3_ws", "")
@@ -1606,8 +1697,8 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
                 kv_indptr_buf=cuda(kv.clone()),
                 backend="fa3_ws",
             )
-        with pytest.raises(ValueError, match="covers single_prefill_with_kv_cache and BatchPrefillWithRagged"):
-            flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), backend="fa3_ws")
+        with pytest.raises(ValueError, match="CUDA-graph"):
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), use_cuda_graph=True, backend="fa3_ws")
         w = W(workspace(), "NHD", backend="fa3_ws")
         refusals = [
             ("fa3_ws.*no mask or causal", dict(custom_mask=cuda(torch.ones(3 * 20000 + 300 * 700, dtype=torch.bool)))),
@@ -1960,16 +2051,19 @@ def test_fa3_ws_kernel_keeps_to_registers(tmp_path, monkeypatch):
             assert part in sass, part
 
 
-def test_fa3_ws_ragged_kernel_keeps_to_registers(tmp_path, monkeypatch):
-    """A real sm_90a build of the ragged batch module of the warp-specialised kernel: one kernel (no merge kernel:
-    it never splits), no stack frame or spills at the producer's 56 registers with the work item read from the plan
-    and handed over in shared memory, launched at 168; it loads, exports the batch launchers and the planner's
-    constants (one 128-row query tile, 128-key KV tiles), and its argument struct matches BATCH_PREFILL_ARGS."""
+@pytest.mark.parametrize("storage", ["ragged", "paged"])
+def test_fa3_ws_batch_kernel_keeps_to_registers(storage, tmp_path, monkeypatch):
+    """A real sm_90a build of the ragged and of the paged batch module of the warp-specialised kernel: one kernel
+    (no merge kernel: it never splits), no stack frame or spills at the producer's 56 registers with the work item
+    read from the plan and handed over in shared memory (paged: and each thread's page lookups and row gather),
+    launched at 168; it loads, exports the batch launchers and the planner's constants (one 128-row query tile,
+    128-key KV tiles), and its argument struct matches BATCH_PREFILL_ARGS. Ragged K/V comes by TMA, paged K/V by
+    cp.async (LDGSTS) alone."""
     from flashinfer import jit
     from flashinfer.prefill import _args_type
 
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
-    spec = BatchPrefillSpec(128, "bf16", "bf16", "bf16", kv_storage="ragged", mask_mode="causal", backend="fa3_ws")
+    spec = BatchPrefillSpec(128, "bf16", "bf16", "bf16", kv_storage=storage, mask_mode="causal", backend="fa3_ws")
     report = jit.ensure_built(spec)
     assert_register_only(report, kernels=1)
     log = report.log_path.read_text()
@@ -1982,8 +2076,9 @@ def test_fa3_ws_ragged_kernel_keeps_to_registers(tmp_path, monkeypatch):
     assert _args_type(mod) is not None  # (raises when the layout differs)
     sass = sass_of(next(Path(report.entry_dir).glob("*.so")))
     if sass is not None:
-        for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "UTMALDG.3D", "WARPGROUP.DEPBAR.LE gsb0, 0x1"):
+        for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "LDGSTS"):
             assert part in sass, part
+        assert ("UTMALDG.3D" in sass) == (storage == "ragged")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 // Warp-specialised prefill attention on Hopper (sm_90a): TMA producer, two wgmma consumer warpgroups, a persistent
-// grid. The "fa3_ws" backend of single-request prefill and of ragged batch prefill (opt-in: backend="fa3_ws";
-// "fa3" is prefill_sm90.cuh). One kernel, templated on RAGGED: only where a work item comes from differs.
+// grid. The "fa3_ws" backend of single-request prefill and of ragged and paged batch prefill (opt-in:
+// backend="fa3_ws"; "fa3" is prefill_sm90.cuh). One kernel, templated on BATCH (where a work item comes from) and
+// PAGED (how K/V tiles reach shared memory: TMA boxes, or rows gathered through the page table).
 //
 // ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
 //   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs, fp8 kProducerRegsFp8): all 128 threads copy each work
@@ -20,7 +21,7 @@
 // ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ..., heaviest first, KV head w % num_kv_heads.
 //   Single: item w = (query tile, KV head), the last query tiles first (they see the most keys under a causal
 //     mask). The producer and the consumers compute the same sequence independently from the parameters.
-//   Ragged batch: item w = (plan piece w / num_kv_heads, KV head); a piece is (request, query tile, kv begin,
+//   Batch: item w = (plan piece w / num_kv_heads, KV head); a piece is (request, query tile, kv begin,
 //     kv end) from the Python planner's schedule (schedule_prefill, never split for this kernel: kv end - begin
 //     is the request's kv_len), sorted heaviest first. The producer reads the piece and the request's qo/kv
 //     indptr entries from device memory ahead of the consumers (while they finish the previous item) and hands
@@ -44,7 +45,8 @@
 // ---- Barriers, who arrives and who waits (parities: mbarrier.cuh). `it` counts the KV tiles a role has gone
 //   through since the kernel started (over all its items); tile `it` sits in ring slot s = it % kStages, and
 //   that slot's barriers are in the phase of parity ph = (it / kStages) & 1 for it. `j` counts the items.
-//     k_full[s], v_full[s]  count 1: the producer's arrive.expect_tx(tile bytes), plus the TMA bytes.
+//     k_full[s], v_full[s]  count 1: the producer's arrive.expect_tx(tile bytes), plus the TMA bytes. Paged:
+//                           count 128, every producer thread arrives once its gathered rows have landed.
 //                           Consumers wait(ph) before reading the slot. fp8: count 128, every producer thread
 //                           arrives after its share of the widened tile (then fence.proxy.async: wgmma reads it).
 //     k_staged, v_staged    fp8 only, count 1: thread 0's arrive.expect_tx(fp8 tile bytes), plus the TMA bytes.
@@ -78,20 +80,18 @@
 //
 // Scope: head_dim 128, q/k/v/o one 16-bit type, no mask or causal, GQA, K/V of any strides that TMA takes
 // (base and token/head strides multiples of 16 bytes: NHD and HND caches and their views); single requests and
-// ragged batches. Single requests also with fp8 K/V (e4m3/e5m2) and a 16-bit q and o, computed as the fa3 kernel
+// ragged batches; paged batches of any page size (16-bit K/V gathered row by row with cp.async by the producer
+// warpgroup, see PAGED in the producer: no tensor maps). Single requests also with fp8 K/V (e4m3/e5m2) and a 16-bit q and o, computed as the fa3 kernel
 // does: float16 wgmmas (a bfloat16 Q tile rounded to float16 by the producer once per item: q_tile_to_half),
 // k_scale folded into sm_scale by the caller, v_scale in the epilogue (output_factor). Not (yet): fp8 K/V in ragged
-// batches (the kernel's fp8 path takes ragged items alike, but the batch launcher and scope are 16-bit), paged batch,
-// KV split, custom masks, windows, soft cap, RoPE, TMA store of O, CUDA graphs of the batch (the tensor maps hold each
+// batches (the kernel's fp8 path takes ragged items alike, but the batch launcher and scope are 16-bit), fp8 paged
+// K/V, KV split, custom masks, windows, soft cap, RoPE, TMA store of O, CUDA graphs of the batch (the tensor maps hold each
 // run's K/V address and row count); ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for
 // probes).
 //
-// Next steps (design, not built):
-//   paged batch: pages of 64+ tokens as TMA boxes of a 4-D map (head_dim, slot, head, page), one box per page a
-//     tile touches, the page ids read by the producer a tile ahead (as paged_row_ahead does); small pages (1, 16)
-//     gathered by the 128 producer threads with cp.async into the same swizzled slots, completed on the same full
-//     barriers with cp.async.mbarrier.arrive.noinc (full barrier count 128 instead of 1 + tx bytes), the consumers
-//     unchanged.
+// Next steps (design, not built): pages of 64+ tokens as TMA boxes of a 4-D map (head_dim, slot, head, page),
+// if the row gather measures short of the ragged kernel's TMA path (a partial last page's slots would then have to
+// be zeroed in shared memory: TMA only zero-fills outside the tensor).
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/prefill_common.cuh"
@@ -210,10 +210,11 @@ FI_DEVICE Sm90WsItem sm90_ws_item(const PrefillParams& p, int w) {
   return t;
 }
 
-// Ragged batch: item w of the plan's schedule (p.work, structure of arrays: request, query tile, kv begin, kv end,
-// partial row; the planner never splits a request's keys for this kernel, so the partial row is -1).
-template <MaskMode MASK>
-FI_DEVICE Sm90WsItem sm90_ws_ragged_item(const PrefillParams& p, int w) {
+// Batch (ragged or paged K/V): item w of the plan's schedule (p.work, structure of arrays: request, query tile, kv
+// begin, kv end, partial row; the planner never splits a request's keys for this kernel, so the partial row is -1).
+// kv_first: the request's first row of the ragged K/V, or (paged) its first entry of kv_indices.
+template <MaskMode MASK, bool PAGED>
+FI_DEVICE Sm90WsItem sm90_ws_batch_item(const PrefillParams& p, int w) {
   using Tr = Sm90WsTraits;
   Sm90WsItem t;
   const int piece = w / p.num_kv_heads, cap = p.work_capacity;
@@ -222,7 +223,9 @@ FI_DEVICE Sm90WsItem sm90_ws_ragged_item(const PrefillParams& p, int w) {
   const int kv_begin = p.work[2 * cap + piece], kv_end = p.work[3 * cap + piece];
   t.q_first = p.qo_indptr[req];
   t.kv_first = p.kv_indptr[req];
-  const int qo_len = p.qo_indptr[req + 1] - t.q_first, kv_len = p.kv_indptr[req + 1] - t.kv_first;
+  const int qo_len = p.qo_indptr[req + 1] - t.q_first;
+  const int kv_len = PAGED ? paged_kv_len(p.kv_indptr[req + 1] - t.kv_first, p.page_size, p.kv_last_page_len[req])
+                           : p.kv_indptr[req + 1] - t.kv_first;
   t.pr0 = qtile * Tr::BQ;
   t.rows_here = min(Tr::BQ, qo_len * p.group_size - t.pr0);
   t.delta = kv_len - qo_len;
@@ -268,7 +271,7 @@ FI_DEVICE void sm90_ws_fp8x16_to_half(const uint4& in, uint4& lo, uint4& hi) {
   hi = make_uint4(h[4], h[5], h[6], h[7]);
 }
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool RAGGED>
+template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool BATCH, bool PAGED>
 __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     sm90_ws_prefill_kernel(const __grid_constant__ Sm90WsParams P) {
   using Tr = Sm90WsTraits;
@@ -295,7 +298,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   auto v_empty = [&](int s) { return bars + 8 * (3 * S + s); };
   const uint32_t q_full = bars + 8 * (4 * S), q_empty = bars + 8 * (4 * S + 1);
   const uint32_t k_staged = bars + 8 * (4 * S + 2), v_staged = bars + 8 * (4 * S + 3);        // (fp8)
-  int* const item_slot = reinterpret_cast<int*>(sbars + Tr::kBarriers * 8 + (FP8 ? 16 : 0));  // (ragged only)
+  int* const item_slot = reinterpret_cast<int*>(sbars + Tr::kBarriers * 8 + (FP8 ? 16 : 0));  // (batches only)
   // Every wait is bounded (see mbarrier_wait_bounded): a deadlocked pipeline fails the launch instead of hanging the
   // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty, 4 k_staged, 5 v_staged;
   // consumers 11 q_full, 12 k_full, 13 v_full.
@@ -306,11 +309,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   const int tid = threadIdx.x, wg = tid / 128;
   // A batch may be launched with programmatic dependent launch (run(enable_pdl=True)): wait for the previous
   // kernel before reading what it wrote (a no-op otherwise).
-  if constexpr (RAGGED) grid_dependency_chain();
+  if constexpr (BATCH) grid_dependency_chain();
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      sm90::mbarrier_init(k_full(s), FP8 ? 128 : 1);
-      sm90::mbarrier_init(v_full(s), FP8 ? 128 : 1);
+      sm90::mbarrier_init(k_full(s), FP8 || PAGED ? 128 : 1);
+      sm90::mbarrier_init(v_full(s), FP8 || PAGED ? 128 : 1);
       sm90::mbarrier_init(k_empty(s), Tr::kConsumerWarps);
       sm90::mbarrier_init(v_empty(s), Tr::kConsumerWarps);
     }
@@ -321,7 +324,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::mbarrier_init(v_staged, 1);
     }
     sm90::mbarrier_init_fence();
-    if ((RAGGED ? P.kv_rows : p.kv_len) > 0) {  // (with no keys the maps are left empty: no tile is ever issued)
+    // (with no keys the maps are left empty: no tile is ever issued; paged K/V is gathered without maps)
+    if (!PAGED && (BATCH ? P.kv_rows : p.kv_len) > 0) {
       sm90::tma_prefetch_map(&P.k_map);
       sm90::tma_prefetch_map(&P.v_map);
     }
@@ -383,7 +387,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     };
     int it = 0;  // (thread 0; fp8: every thread) KV tiles issued so far
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
-      const Sm90WsItem t = RAGGED ? sm90_ws_ragged_item<MASK>(p, w) : sm90_ws_item<MASK>(p, w);
+      const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(p, w);
       // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
       // ones are widened), so that their copies run under the Q wait and copy.
       if constexpr (FP8) {
@@ -408,7 +412,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
       wait(q_empty, (j & 1) ^ 1, 1);
-      if constexpr (RAGGED) {
+      if constexpr (BATCH) {
         // The consumers' copy of the previous item was read before q_empty: this one is theirs after q_full.
         if (tid == 0) sm90_ws_store_item(item_slot, t);
       }
@@ -435,6 +439,61 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
           widen_tile(true, n);
         }
         it += t.num_tiles;
+      } else if constexpr (PAGED) {
+        // Paged K/V: all 128 threads gather each tile with cp.async, thread tid copying key row tid (16 chunks)
+        // from its page; rows past the item's keys or on a page outside the cache are zero-filled (the slots of a
+        // partial last page may hold anything, NaN included, and a masked P of 0 times NaN is still NaN). A tile's
+        // copies complete on its full barrier (count 128) once the next tile's are issued: wait_group 1, the proxy
+        // fence (cp.async writes, wgmma reads), arrive. Issued in the consumers' order of use, K(n + 1) before V(n),
+        // so each K arrives one consumer step before it is needed.
+        struct Row {
+          int64_t k, v;  // element offsets of the row in p.k, p.v
+          bool ok;
+        };
+        auto locate = [&](int n) {
+          const int2 ps = paged_row_ahead<true, BK>(p, t.kv_first, t.lo, t.hi, t.num_tiles, n, tid);
+          const int2 at = make_int2(max(ps.x, 0), ps.y);
+          return Row{paged_row_offset(at, p.k_stride_page, p.k_stride_n) + int64_t(t.kv_head) * p.k_stride_h,
+                     paged_row_offset(at, p.v_stride_page, p.v_stride_n) + int64_t(t.kv_head) * p.v_stride_h,
+                     t.lo + n * BK + tid < t.hi && ps.x >= 0};
+        };
+        // Tile i (of the ring's count) of K or V from row r, once its slot is free; returns its full barrier.
+        auto gather = [&](bool is_v, int i, const Row& r) {
+          const int s = i % S;
+          wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
+          const DTypeKV* src = static_cast<const DTypeKV*>(is_v ? p.v : p.k) + (is_v ? r.v : r.k);
+          uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
+#pragma unroll
+          for (int c = 0; c < CH; ++c) cp_async_16(dst + sm90::tile_offset(tid, c, BK), src + c * 8, r.ok);
+          cp_async_commit();
+          return is_v ? v_full(s) : k_full(s);
+        };
+        auto complete = [&](uint32_t bar) {
+          cp_async_wait<1>();  // every group but the one just issued
+          sm90::fence_async_shared();
+          sm90::mbarrier_arrive(bar);
+        };
+        if (t.num_tiles > 0) {
+          Row cur = locate(0);
+          uint32_t pending = gather(false, it, cur);
+          for (int n = 0; n < t.num_tiles; ++n) {
+            Row next = cur;
+            if (n + 1 < t.num_tiles) {
+              next = locate(n + 1);
+              const uint32_t bar = gather(false, it + n + 1, next);
+              complete(pending);
+              pending = bar;
+            }
+            const uint32_t bar = gather(true, it + n, cur);
+            complete(pending);
+            pending = bar;
+            cur = next;
+          }
+          cp_async_wait<0>();
+          sm90::fence_async_shared();
+          sm90::mbarrier_arrive(pending);
+          it += t.num_tiles;
+        }
       } else if (tid == 0) {
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
           const int s = it % S;
@@ -482,7 +541,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   int it = 0;  // KV tiles consumed so far
   for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
     Sm90WsItem t;
-    if constexpr (RAGGED) {
+    if constexpr (BATCH) {
       wait(q_full, j & 1, 11);
       // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
       // next item once every warp has arrived on q_empty, which the __syncwarp orders after all lanes' reads).
@@ -546,7 +605,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
     };
 
-    if constexpr (!RAGGED) wait(q_full, j & 1, 11);
+    if constexpr (!BATCH) wait(q_full, j & 1, 11);
     if (t.num_tiles == 0) {
       release(q_empty);  // no key visible to any row of the item: O = 0, lse = -inf
     } else {
@@ -672,7 +731,7 @@ static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, int64_t ke
 
 template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
 cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
-  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK, false>;
+  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK, false, false>;
   using Tr = Sm90WsTraits;
   constexpr int kSmem = Tr::smem_bytes(false, is_fp8<DTypeKV>::value);
   DeviceGuard guard(device);
@@ -700,13 +759,14 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   return cudaGetLastError();
 }
 
-// Ragged batch prefill: p carries the plan's schedule (p.work: num_pieces pieces, never split) and the per-request
-// qo_indptr / kv_indptr; kv_rows is the number of token rows of k and v (kv_indptr[batch]). With pdl, launched
-// with programmatic dependent launch.
-template <typename DTypeQ, typename DTypeO, MaskMode MASK>
-cudaError_t launch_sm90_ws_ragged_prefill(PrefillParams p, int num_pieces, int kv_rows, int device, cudaStream_t stream,
-                                          bool pdl, int* occupancy_only) {
-  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeQ, DTypeO, MASK, true>;
+// Batch prefill, ragged or (PAGED) paged K/V: p carries the plan's schedule (p.work: num_pieces pieces, never split)
+// and the per-request qo_indptr / kv_indptr (paged: kv_indices, kv_last_page_len, page_size, num_pages and the
+// page strides too); kv_rows is the number of token rows of a ragged k and v (kv_indptr[batch]; unused when paged:
+// no tensor maps, the producer gathers rows). With pdl, launched with programmatic dependent launch.
+template <typename DTypeQ, typename DTypeO, MaskMode MASK, bool PAGED>
+cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int kv_rows, int device, cudaStream_t stream,
+                                         bool pdl, int* occupancy_only) {
+  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeQ, DTypeO, MASK, true, PAGED>;
   using Tr = Sm90WsTraits;
   constexpr int kSmem = Tr::smem_bytes(true);
   DeviceGuard guard(device);
@@ -714,7 +774,7 @@ cudaError_t launch_sm90_ws_ragged_prefill(PrefillParams p, int num_pieces, int k
   cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, kSmem, device, occupancy_only);
   if (err != cudaSuccess || occupancy_only != nullptr) return err;
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || num_pieces < 0 || kv_rows < 0 ||
-      int64_t(num_pieces) * p.num_kv_heads > INT32_MAX)
+      int64_t(num_pieces) * p.num_kv_heads > INT32_MAX || (PAGED && p.page_size <= 0))
     return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
   Sm90WsParams P = {};
@@ -722,7 +782,7 @@ cudaError_t launch_sm90_ws_ragged_prefill(PrefillParams p, int num_pieces, int k
   P.num_items = num_pieces * p.num_kv_heads;
   P.kv_rows = kv_rows;
   if (P.num_items == 0) return cudaSuccess;
-  if (kv_rows > 0) {  // (no rows at all: every request is empty, no tile is issued)
+  if (!PAGED && kv_rows > 0) {  // (no rows at all: every request is empty, no tile is issued)
     err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, kv_rows, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
     if (err == cudaSuccess)
       err =
