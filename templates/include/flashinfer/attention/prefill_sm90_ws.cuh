@@ -81,13 +81,13 @@
 // Scope: head_dim 128, q/k/v/o one 16-bit type, no mask or causal, GQA, K/V of any strides that TMA takes
 // (base and token/head strides multiples of 16 bytes: NHD and HND caches and their views); single requests and
 // ragged batches; paged batches of any page size (16-bit K/V gathered row by row with cp.async by the producer
-// warpgroup, see PAGED in the producer: no tensor maps). Single requests also with fp8 K/V (e4m3/e5m2) and a 16-bit q and o, computed as the fa3 kernel
-// does: float16 wgmmas (a bfloat16 Q tile rounded to float16 by the producer once per item: q_tile_to_half),
-// k_scale folded into sm_scale by the caller, v_scale in the epilogue (output_factor). Not (yet): fp8 K/V in ragged
-// batches (the kernel's fp8 path takes ragged items alike, but the batch launcher and scope are 16-bit), fp8 paged
-// K/V, KV split, custom masks, windows, soft cap, RoPE, TMA store of O, CUDA graphs of the batch (the tensor maps hold each
-// run's K/V address and row count); ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for
-// probes).
+// warpgroup, see PAGED in the producer: no tensor maps). Single requests also with fp8 K/V (e4m3/e5m2) and a 16-bit q
+// and o, computed as the fa3 kernel does: float16 wgmmas (a bfloat16 Q tile rounded to float16 by the producer once per
+// item: q_tile_to_half), k_scale folded into sm_scale by the caller, v_scale in the epilogue (output_factor). Not
+// (yet): fp8 K/V in ragged batches (the kernel's fp8 path takes ragged items alike, but the batch launcher and scope
+// are 16-bit), fp8 paged K/V, KV split, custom masks, windows, soft cap, RoPE, TMA store of O, CUDA graphs of the batch
+// (the tensor maps hold each run's K/V address and row count); ping-pong of the two consumer warpgroups is there but
+// off (-DFI_WS_PINGPONG=1, for probes).
 //
 // Next steps (design, not built): pages of 64+ tokens as TMA boxes of a 4-D map (head_dim, slot, head, page),
 // if the row gather measures short of the ragged kernel's TMA path (a partial last page's slots would then have to
@@ -442,10 +442,12 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       } else if constexpr (PAGED) {
         // Paged K/V: all 128 threads gather each tile with cp.async, thread tid copying key row tid (16 chunks)
         // from its page; rows past the item's keys or on a page outside the cache are zero-filled (the slots of a
-        // partial last page may hold anything, NaN included, and a masked P of 0 times NaN is still NaN). A tile's
-        // copies complete on its full barrier (count 128) once the next tile's are issued: wait_group 1, the proxy
-        // fence (cp.async writes, wgmma reads), arrive. Issued in the consumers' order of use, K(n + 1) before V(n),
-        // so each K arrives one consumer step before it is needed.
+        // partial last page may hold anything, NaN included, and a masked P of 0 times NaN is still NaN). Each
+        // thread's copies arrive on the tile's full barrier (count 128) as they land (cp.async.mbarrier.arrive),
+        // so the producer never waits for a copy: tiles stay in flight up to the ring's depth, issued in the
+        // consumers' order of use, K(n + 1) before V(n). (H200, 16 x 1024 causal, pages of 16: waiting for each
+        // tile's copies one issue later (wait_group 1, proxy fence, arrive) reached 221-244 TFLOP/s, 1.06-1.08x
+        // fa2, with the producer stalled on every copy's latency.)
         struct Row {
           int64_t k, v;  // element offsets of the row in p.k, p.v
           bool ok;
@@ -457,7 +459,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
                      paged_row_offset(at, p.v_stride_page, p.v_stride_n) + int64_t(t.kv_head) * p.v_stride_h,
                      t.lo + n * BK + tid < t.hi && ps.x >= 0};
         };
-        // Tile i (of the ring's count) of K or V from row r, once its slot is free; returns its full barrier.
+        // Tile i (of the ring's count) of K or V from row r, once its slot is free.
         auto gather = [&](bool is_v, int i, const Row& r) {
           const int s = i % S;
           wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
@@ -465,33 +467,20 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
           uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
 #pragma unroll
           for (int c = 0; c < CH; ++c) cp_async_16(dst + sm90::tile_offset(tid, c, BK), src + c * 8, r.ok);
-          cp_async_commit();
-          return is_v ? v_full(s) : k_full(s);
-        };
-        auto complete = [&](uint32_t bar) {
-          cp_async_wait<1>();  // every group but the one just issued
-          sm90::fence_async_shared();
-          sm90::mbarrier_arrive(bar);
+          sm90::cp_async_mbarrier_arrive_noinc(is_v ? v_full(s) : k_full(s));
         };
         if (t.num_tiles > 0) {
           Row cur = locate(0);
-          uint32_t pending = gather(false, it, cur);
+          gather(false, it, cur);
           for (int n = 0; n < t.num_tiles; ++n) {
             Row next = cur;
             if (n + 1 < t.num_tiles) {
               next = locate(n + 1);
-              const uint32_t bar = gather(false, it + n + 1, next);
-              complete(pending);
-              pending = bar;
+              gather(false, it + n + 1, next);
             }
-            const uint32_t bar = gather(true, it + n, cur);
-            complete(pending);
-            pending = bar;
+            gather(true, it + n, cur);
             cur = next;
           }
-          cp_async_wait<0>();
-          sm90::fence_async_shared();
-          sm90::mbarrier_arrive(pending);
           it += t.num_tiles;
         }
       } else if (tid == 0) {
@@ -536,6 +525,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   if (cwg == 1) turn_pass();
   auto release = [&](uint32_t bar) {
     if (lane == 0) sm90::mbarrier_arrive(bar);
+  };
+  // Paged K/V: the producer's cp.async copies (generic proxy) completed the full barrier just waited for; the
+  // fence orders them before this thread's wgmmas (async proxy) read the tile.
+  auto paged_fence = [&]() {
+    if constexpr (PAGED) sm90::fence_async_shared();
   };
 
   int it = 0;  // KV tiles consumed so far
@@ -613,6 +607,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       {
         const int slot = it % S;
         wait(k_full(slot), (it / S) & 1, 12);
+        paged_fence();
         turn_wait();
         issue_s(slot);
         turn_pass();
@@ -628,9 +623,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       for (int n = 1; n <= last; ++n) {
         const int slot = (it + n) % S, prev = (it + n - 1) % S;
         wait(k_full(slot), ((it + n) / S) & 1, 12);
+        paged_fence();
         turn_wait();
         issue_s(slot);
         wait(v_full(prev), ((it + n - 1) / S) & 1, 13);
+        paged_fence();
         issue_pv(prev);
         turn_pass();
         sm90::wgmma_wait<1>();  // S(n) complete (the older group); P(n-1) V(n-1) may still run
@@ -655,6 +652,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       {
         const int slot = (it + last) % S;
         wait(v_full(slot), ((it + last) / S) & 1, 13);
+        paged_fence();
         turn_wait();
         issue_pv(slot);
         turn_pass();

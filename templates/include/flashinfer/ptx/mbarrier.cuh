@@ -40,6 +40,13 @@ FI_DEVICE void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
       : "memory");
 }
 
+// An arrival, made once every cp.async this thread has issued so far has landed, without waiting for them here
+// (.noinc: the barrier's expected count includes these arrivals). The copies are generic-proxy writes: a reader
+// through the async proxy (wgmma) fences after its wait (fence_async_shared).
+FI_DEVICE void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
 // Whether the phase of parity `parity` has completed (one bounded hardware wait; acquire semantics).
 FI_DEVICE bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
