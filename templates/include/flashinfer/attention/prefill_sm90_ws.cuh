@@ -440,40 +440,45 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         }
         it += t.num_tiles;
       } else if constexpr (PAGED) {
-        // Paged K/V: all 128 threads gather each tile with cp.async, thread tid copying key row tid (16 chunks)
-        // from its page; rows past the item's keys or on a page outside the cache are zero-filled (the slots of a
-        // partial last page may hold anything, NaN included, and a masked P of 0 times NaN is still NaN). Each
-        // thread's copies arrive on the tile's full barrier (count 128) as they land (cp.async.mbarrier.arrive),
-        // so the producer never waits for a copy: tiles stay in flight up to the ring's depth, issued in the
-        // consumers' order of use, K(n + 1) before V(n). (H200, 16 x 1024 causal, pages of 16: waiting for each
-        // tile's copies one issue later (wait_group 1, proxy fence, arrive) reached 221-244 TFLOP/s, 1.06-1.08x
-        // fa2, with the producer stalled on every copy's latency.)
-        struct Row {
-          int64_t k, v;  // element offsets of the row in p.k, p.v
-          bool ok;
-        };
+        // Paged K/V: all 128 threads gather each tile with cp.async. Thread tid looks up key row tid: (page, slot),
+        // page -1 for a row past the item's keys or on a page outside the cache, which is zero-filled (the slots
+        // of a partial last page may hold anything, NaN included, and a masked P of 0 times NaN is still NaN). The
+        // copies are coalesced: in pass i a warp copies two whole rows (32w + 2i and 32w + 2i + 1, lanes 0-15 and
+        // 16-31, one 16-byte chunk each), the row's lookup taken from the lane that made it. Each thread's copies
+        // arrive on the tile's full barrier (count 128) as they land (cp.async.mbarrier.arrive), so the producer
+        // never waits for a copy; tiles are issued in the consumers' order of use, K(n + 1) before V(n).
+        // H200, 16 x 1024 causal, pages of 16, 32/32 and 32/8 heads (ragged K/V by TMA: 332 / 356 TFLOP/s): one
+        // row per thread, every 16-byte request to another row, 221 / 244 with each tile's arrival one issue late
+        // (wait_group 1, proxy fence, arrive), 220 / 236 with the asynchronous arrival.
         auto locate = [&](int n) {
           const int2 ps = paged_row_ahead<true, BK>(p, t.kv_first, t.lo, t.hi, t.num_tiles, n, tid);
-          const int2 at = make_int2(max(ps.x, 0), ps.y);
-          return Row{paged_row_offset(at, p.k_stride_page, p.k_stride_n) + int64_t(t.kv_head) * p.k_stride_h,
-                     paged_row_offset(at, p.v_stride_page, p.v_stride_n) + int64_t(t.kv_head) * p.v_stride_h,
-                     t.lo + n * BK + tid < t.hi && ps.x >= 0};
+          return make_int2(t.lo + n * BK + tid < t.hi ? ps.x : -1, ps.y);
         };
-        // Tile i (of the ring's count) of K or V from row r, once its slot is free.
-        auto gather = [&](bool is_v, int i, const Row& r) {
+        // Tile i (of the ring's count) of K or V from rows (page, slot) = r, once its slot is free.
+        auto gather = [&](bool is_v, int i, int2 r) {
           const int s = i % S;
           wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
-          const DTypeKV* src = static_cast<const DTypeKV*>(is_v ? p.v : p.k) + (is_v ? r.v : r.k);
-          uint8_t* dst = (is_v ? sv : sk) + s * Tr::kKVBytes;
-#pragma unroll
-          for (int c = 0; c < CH; ++c) cp_async_16(dst + sm90::tile_offset(tid, c, BK), src + c * 8, r.ok);
+          // (from threadIdx.x here, not held across the item loop: at kProducerRegs they would spill)
+          const int tx = sm90::opaque_int(threadIdx.x), lane = tx % 32, warp_row0 = tx - lane, chunk = lane % 16;
+          const DTypeKV* src = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
+                               int64_t(t.kv_head) * (is_v ? p.v_stride_h : p.k_stride_h) + chunk * 8;
+          const int64_t stride_page = is_v ? p.v_stride_page : p.k_stride_page;
+          const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
+          const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
+#pragma unroll 4
+          for (int pass = 0; pass < 16; ++pass) {
+            const int from = 2 * pass + lane / 16;
+            const int page = __shfl_sync(0xffffffffu, r.x, from), slot = __shfl_sync(0xffffffffu, r.y, from);
+            const int64_t off = paged_row_offset(make_int2(max(page, 0), slot), stride_page, stride_n);
+            cp_async_16(dst + sm90::tile_offset(warp_row0 + from, chunk, BK), src + off, page >= 0);
+          }
           sm90::cp_async_mbarrier_arrive_noinc(is_v ? v_full(s) : k_full(s));
         };
         if (t.num_tiles > 0) {
-          Row cur = locate(0);
+          int2 cur = locate(0);
           gather(false, it, cur);
           for (int n = 0; n < t.num_tiles; ++n) {
-            Row next = cur;
+            int2 next = cur;
             if (n + 1 < t.num_tiles) {
               next = locate(n + 1);
               gather(false, it + n + 1, next);
