@@ -385,7 +385,42 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         sm90::mbarrier_arrive(is_v ? v_full(s) : k_full(s));
       }
     };
-    int it = 0;  // (thread 0; fp8: every thread) KV tiles issued so far
+    // Paged K/V: all 128 threads gather each tile with cp.async. Thread tid looks up key row tid: (page, slot),
+    // page -1 for a row past the item's keys or on a page outside the cache, which is zero-filled (the slots
+    // of a partial last page may hold anything, NaN included, and a masked P of 0 times NaN is still NaN). The
+    // copies are coalesced: in pass i a warp copies two whole rows (32w + 2i and 32w + 2i + 1, lanes 0-15 and
+    // 16-31, one 16-byte chunk each), the row's lookup taken from the lane that made it. Each thread's copies
+    // arrive on the tile's full barrier (count 128) as they land (cp.async.mbarrier.arrive), so the producer
+    // never waits for a copy; tiles are issued in the consumers' order of use, K(n + 1) before V(n).
+    // H200, 16 x 1024 causal, pages of 16, 32/32 and 32/8 heads (ragged K/V by TMA: 332 / 356 TFLOP/s): one
+    // row per thread, every 16-byte request to another row, 221 / 244 with each tile's arrival one issue late
+    // (wait_group 1, proxy fence, arrive), 220 / 236 with the asynchronous arrival.
+    auto locate = [&](const Sm90WsItem& t, int n) {
+      const int2 ps = paged_row_ahead<true, BK>(p, t.kv_first, t.lo, t.hi, t.num_tiles, n, tid);
+      return make_int2(t.lo + n * BK + tid < t.hi ? ps.x : -1, ps.y);
+    };
+    // Tile i (of the ring's count) of K or V from rows (page, slot) = r, once its slot is free.
+    auto gather = [&](const Sm90WsItem& t, bool is_v, int i, int2 r) {
+      const int s = i % S;
+      wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
+      // (from threadIdx.x here, not held across the item loop: at kProducerRegs they would spill)
+      const int tx = sm90::opaque_int(threadIdx.x), lane = tx % 32, warp_row0 = tx - lane, chunk = lane % 16;
+      const DTypeKV* src = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
+                           int64_t(t.kv_head) * (is_v ? p.v_stride_h : p.k_stride_h) + chunk * 8;
+      const int64_t stride_page = is_v ? p.v_stride_page : p.k_stride_page;
+      const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
+      const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
+#pragma unroll 4
+      for (int pass = 0; pass < 16; ++pass) {
+        const int from = 2 * pass + lane / 16;
+        const int page = __shfl_sync(0xffffffffu, r.x, from), slot = __shfl_sync(0xffffffffu, r.y, from);
+        const int64_t off = paged_row_offset(make_int2(max(page, 0), slot), stride_page, stride_n);
+        cp_async_16(dst + sm90::tile_offset(warp_row0 + from, chunk, BK), src + off, page >= 0);
+      }
+      sm90::cp_async_mbarrier_arrive_noinc(is_v ? v_full(s) : k_full(s));
+    };
+    int it = 0;                // (thread 0; fp8 and paged: every thread) KV tiles issued so far
+    int2 cur = {}, next = {};  // (paged) the rows of the next K and V tiles to copy
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(p, w);
       // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
@@ -409,6 +444,14 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       if constexpr (FP8) {
         if (t.num_tiles > 0) widen_tile(false, 0);
       }
+      // Paged: likewise K(0) is gathered before the Q wait, its copies landing while the previous item ends.
+      if constexpr (PAGED) {
+        if (t.num_tiles > 0) {
+          cur = locate(t, 0);
+          gather(t, false, it, cur);
+          if (t.num_tiles > 1) next = locate(t, 1);
+        }
+      }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
       wait(q_empty, (j & 1) ^ 1, 1);
@@ -422,7 +465,13 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         load_q_tile<32, CH, 128, DTypeQ>(p, t.q_first, t.kv_head, p.group_size, t.pr0 + r0, t.rows_here - r0, tid,
                                          [&](int row, int c) { return sq + sm90::tile_offset(r0 + row, c, BQ); });
       }
-      cp_async_wait<0>();
+      if constexpr (PAGED) {
+        // Paged: the Q copies arrive as they land (no wait behind this thread's K/V gathers in flight); the
+        // consumers fence after q_full as after a K/V tile.
+        sm90::cp_async_mbarrier_arrive_noinc(q_full);
+      } else {
+        cp_async_wait<0>();
+      }
       if constexpr (FP8 && !std::is_same<DTypeQ, KVT>::value) {
         // bfloat16 q, float16 wgmmas: the tile is rounded in place (the fa3 kernel's q_tile_to_half), each thread
         // taking chunks that others copied, hence the barrier first.
@@ -430,8 +479,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         q_tile_to_half<BQ, CH, 128>(
             tid, [&](int row, int c) { return reinterpret_cast<uint4*>(sq + sm90::tile_offset(row, c, BQ)); });
       }
-      sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
-      sm90::mbarrier_arrive(q_full);
+      if constexpr (!PAGED) {
+        sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
+        sm90::mbarrier_arrive(q_full);
+      }
       if constexpr (FP8) {
         // The consumers' order of use: K(n + 1) before V(n) (S(n + 1) is issued before P(n) V(n)).
         for (int n = 0; n < t.num_tiles; ++n) {
@@ -440,54 +491,14 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         }
         it += t.num_tiles;
       } else if constexpr (PAGED) {
-        // Paged K/V: all 128 threads gather each tile with cp.async. Thread tid looks up key row tid: (page, slot),
-        // page -1 for a row past the item's keys or on a page outside the cache, which is zero-filled (the slots
-        // of a partial last page may hold anything, NaN included, and a masked P of 0 times NaN is still NaN). The
-        // copies are coalesced: in pass i a warp copies two whole rows (32w + 2i and 32w + 2i + 1, lanes 0-15 and
-        // 16-31, one 16-byte chunk each), the row's lookup taken from the lane that made it. Each thread's copies
-        // arrive on the tile's full barrier (count 128) as they land (cp.async.mbarrier.arrive), so the producer
-        // never waits for a copy; tiles are issued in the consumers' order of use, K(n + 1) before V(n).
-        // H200, 16 x 1024 causal, pages of 16, 32/32 and 32/8 heads (ragged K/V by TMA: 332 / 356 TFLOP/s): one
-        // row per thread, every 16-byte request to another row, 221 / 244 with each tile's arrival one issue late
-        // (wait_group 1, proxy fence, arrive), 220 / 236 with the asynchronous arrival.
-        auto locate = [&](int n) {
-          const int2 ps = paged_row_ahead<true, BK>(p, t.kv_first, t.lo, t.hi, t.num_tiles, n, tid);
-          return make_int2(t.lo + n * BK + tid < t.hi ? ps.x : -1, ps.y);
-        };
-        // Tile i (of the ring's count) of K or V from rows (page, slot) = r, once its slot is free.
-        auto gather = [&](bool is_v, int i, int2 r) {
-          const int s = i % S;
-          wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
-          // (from threadIdx.x here, not held across the item loop: at kProducerRegs they would spill)
-          const int tx = sm90::opaque_int(threadIdx.x), lane = tx % 32, warp_row0 = tx - lane, chunk = lane % 16;
-          const DTypeKV* src = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
-                               int64_t(t.kv_head) * (is_v ? p.v_stride_h : p.k_stride_h) + chunk * 8;
-          const int64_t stride_page = is_v ? p.v_stride_page : p.k_stride_page;
-          const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
-          const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
-#pragma unroll 4
-          for (int pass = 0; pass < 16; ++pass) {
-            const int from = 2 * pass + lane / 16;
-            const int page = __shfl_sync(0xffffffffu, r.x, from), slot = __shfl_sync(0xffffffffu, r.y, from);
-            const int64_t off = paged_row_offset(make_int2(max(page, 0), slot), stride_page, stride_n);
-            cp_async_16(dst + sm90::tile_offset(warp_row0 + from, chunk, BK), src + off, page >= 0);
-          }
-          sm90::cp_async_mbarrier_arrive_noinc(is_v ? v_full(s) : k_full(s));
-        };
-        if (t.num_tiles > 0) {
-          int2 cur = locate(0);
-          gather(false, it, cur);
-          for (int n = 0; n < t.num_tiles; ++n) {
-            int2 next = cur;
-            if (n + 1 < t.num_tiles) {
-              next = locate(n + 1);
-              gather(false, it + n + 1, next);
-            }
-            gather(true, it + n, cur);
-            cur = next;
-          }
-          it += t.num_tiles;
+        // (K(0) was issued before Q; the lookups run one tile ahead of the copies)
+        for (int n = 0; n < t.num_tiles; ++n) {
+          if (n + 1 < t.num_tiles) gather(t, false, it + n + 1, next);
+          gather(t, true, it + n, cur);
+          cur = next;
+          if (n + 2 < t.num_tiles) next = locate(t, n + 2);
         }
+        it += t.num_tiles;
       } else if (tid == 0) {
         for (int n = 0; n < t.num_tiles; ++n, ++it) {
           const int s = it % S;
@@ -542,6 +553,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     Sm90WsItem t;
     if constexpr (BATCH) {
       wait(q_full, j & 1, 11);
+      paged_fence();
       // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
       // next item once every warp has arrived on q_empty, which the __syncwarp orders after all lanes' reads).
       t = sm90_ws_load_item(item_slot);
