@@ -2,6 +2,9 @@
 kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_PINGPONG, FI_WS_PRODUCER_REGS /
 FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing.
 
+``--paged``: fa3_ws paged batch prefill (PAGED_VARIANTS, each with its own -D flags) beside fa3_ws ragged and fa2
+paged on the same 16 x 1024 causal batches (pages of 1, 16, 64).
+
 ``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD; FP8_VARIANTS, each with its own -D flags)
 against fa3_ws with bf16 K/V, on 8192 full, 8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
 dequantised K/V (flagged WRONG past the tolerance 1e-2 + 2e-2 |ref|)."""
@@ -155,9 +158,91 @@ def fp8_main() -> None:
             )
 
 
+# Paged batch prefill on fa3_ws (its producer gathers the rows): name -> extra nvcc flags.
+PAGED_VARIANTS = {
+    "fa3_ws paged": (),
+    "fa3_ws paged, no consumer fence (probe only)": ("-DFI_WS_PAGED_FENCE=0",),
+}
+PAGED_CASES = [(16, 1024, 32, 32, 16), (16, 1024, 32, 8, 16), (16, 1024, 32, 8, 1), (16, 1024, 32, 8, 64)]
+
+
+def paged_main() -> None:
+    """fa3_ws paged batch prefill per variant beside fa3_ws ragged and fa2 paged on the same batch (16 x 1024
+    causal, bf16, NHD, pages scattered): device ms per call queued behind a sleep (bench_prefill.queued_ms)."""
+    from bench_prefill import queued_ms
+
+    base = prefill.BatchPrefillSpec
+
+    def batch_variant(flags):
+        @dataclasses.dataclass(frozen=True)
+        class Variant(base):
+            def extra_cuda_cflags(self):
+                return tuple(base.extra_cuda_cflags(self)) + flags
+
+        return Variant
+
+    classes = {name: batch_variant(flags) for name, flags in PAGED_VARIANTS.items()}
+    _built(
+        [
+            c(128, "bf16", "bf16", "bf16", kv_storage="paged", mask_mode="causal", backend="fa3_ws")
+            for c in classes.values()
+        ]
+    )
+    d, dt = 128, torch.bfloat16
+    for n, L, hq, hkv, ps in PAGED_CASES:
+        torch.manual_seed(0)
+        total = n * L
+        q = torch.randn(total, hq, d, device="cuda", dtype=dt)
+        k, v = (torch.randn(total, hkv, d, device="cuda", dtype=dt) for _ in range(2))
+        per = -(-L // ps)
+        perm = torch.randperm(n * per, dtype=torch.int32)
+        cache = torch.zeros(n * per, 2, ps, hkv, d, device="cuda", dtype=dt)
+        tok = torch.arange(L)
+        for r in range(n):
+            pid, slot = perm[r * per + tok // ps].cuda(), (tok % ps).cuda()
+            cache[pid, 0, slot], cache[pid, 1, slot] = k[r * L : (r + 1) * L], v[r * L : (r + 1) * L]
+        qo = torch.arange(0, total + 1, L, dtype=torch.int32)
+        kv_indptr = torch.arange(0, n * per + 1, per, dtype=torch.int32)
+        last = torch.full((n,), (L - 1) % ps + 1, dtype=torch.int32)
+        ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        fl = n * 4 * L * L * hq * d / 2
+        out = torch.empty_like(q)
+        runs = {}
+        rag = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend="fa3_ws")
+        rag.plan(qo, qo, hq, hkv, d, causal=True, q_data_type=dt)
+        runs["fa3_ws ragged (TMA)"] = lambda: rag.run(q, k, v, out=out)
+        fa2 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
+        fa2.plan(qo, kv_indptr, perm, last, hq, hkv, d, ps, causal=True, q_data_type=dt)
+        runs["fa2 paged"] = lambda: fa2.run(q, cache, out=out)
+        for name, cls in classes.items():
+            prefill.BatchPrefillSpec = cls
+            try:
+                w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3_ws")
+                w.plan(qo, kv_indptr, perm, last, hq, hkv, d, ps, causal=True, q_data_type=dt)
+            finally:
+                prefill.BatchPrefillSpec = base
+            runs[name] = lambda w=w: w.run(q, cache, out=out)
+        print(f"paged {n} x {L} causal, {hq}/{hkv} heads, page {ps}:", flush=True)
+        ref = None
+        for name, fn in runs.items():
+            out.fill_(float("nan"))
+            fn()
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = out.float().clone()
+            err = (out.float() - ref).abs().max().item()
+            t = queued_ms(fn)
+            print(f"  {name:48s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
+        del q, k, v, cache, out, ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     if "--fp8" in sys.argv[1:]:
         fp8_main()
+        return
+    if "--paged" in sys.argv[1:]:
+        paged_main()
         return
     base = prefill.SinglePrefillSpec
     classes = {name: variant_class(flags) for name, (_, flags) in VARIANTS.items()}
