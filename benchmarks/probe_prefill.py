@@ -158,7 +158,8 @@ def fp8_main() -> None:
             )
 
 
-# Paged batch prefill on fa3_ws (its producer gathers the rows): name -> extra nvcc flags.
+# Paged batch prefill on fa3_ws (its producer gathers the rows): name -> extra nvcc flags; each timed with the
+# schedule request-major (prefill._WS_REQUEST_MAJOR) and heaviest first over the batch.
 PAGED_VARIANTS = {
     "fa3_ws paged": (),
     "fa3_ws paged, no consumer fence (probe only)": ("-DFI_WS_PAGED_FENCE=0",),
@@ -210,18 +211,26 @@ def paged_main() -> None:
         runs = {}
         rag = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend="fa3_ws")
         rag.plan(qo, qo, hq, hkv, d, causal=True, q_data_type=dt)
-        runs["fa3_ws ragged (TMA)"] = lambda: rag.run(q, k, v, out=out)
+        runs["fa3_ws ragged (TMA), request-major"] = lambda: rag.run(q, k, v, out=out)
         fa2 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
         fa2.plan(qo, kv_indptr, perm, last, hq, hkv, d, ps, causal=True, q_data_type=dt)
         runs["fa2 paged"] = lambda: fa2.run(q, cache, out=out)
-        for name, cls in classes.items():
-            prefill.BatchPrefillSpec = cls
-            try:
-                w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3_ws")
-                w.plan(qo, kv_indptr, perm, last, hq, hkv, d, ps, causal=True, q_data_type=dt)
-            finally:
-                prefill.BatchPrefillSpec = base
-            runs[name] = lambda w=w: w.run(q, cache, out=out)
+        prefill._WS_REQUEST_MAJOR = False
+        rag2 = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend="fa3_ws")
+        rag2.plan(qo, qo, hq, hkv, d, causal=True, q_data_type=dt)
+        runs["fa3_ws ragged, heaviest first over the batch"] = lambda: rag2.run(q, k, v, out=out)
+        for order in (True, False):
+            prefill._WS_REQUEST_MAJOR = order
+            for name, cls in classes.items():
+                prefill.BatchPrefillSpec = cls
+                try:
+                    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3_ws")
+                    w.plan(qo, kv_indptr, perm, last, hq, hkv, d, ps, causal=True, q_data_type=dt)
+                finally:
+                    prefill.BatchPrefillSpec = base
+                label = name + ("" if order else ", heaviest first over the batch")
+                runs[label] = lambda w=w: w.run(q, cache, out=out)
+        prefill._WS_REQUEST_MAJOR = True
         print(f"paged {n} x {L} causal, {hq}/{hkv} heads, page {ps}:", flush=True)
         ref = None
         for name, fn in runs.items():
@@ -232,7 +241,7 @@ def paged_main() -> None:
                 ref = out.float().clone()
             err = (out.float() - ref).abs().max().item()
             t = queued_ms(fn)
-            print(f"  {name:48s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
+            print(f"  {name:72s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
         del q, k, v, cache, out, ws
         torch.cuda.empty_cache()
 

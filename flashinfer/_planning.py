@@ -427,6 +427,7 @@ def schedule_prefill(
     num_qo_heads: int,
     fixed_chunk: int = 0,
     split_kv: bool = True,
+    request_major: bool = False,
 ) -> Tuple[int, List[Tuple[int, ...]], List[Tuple[int, ...]], int]:
     """The batch prefill planner: ``(query tile, work items, merge rows, partial rows)``.
 
@@ -435,7 +436,9 @@ def schedule_prefill(
     tiles alone cannot fill the GPU (``occupancy(tile) * sms`` resident CTAs): the largest chunk (a multiple
     of ``kv_tile``) that still gives every resident CTA a work item, grown until the partial states fit the
     workspace. ``fixed_chunk > 0`` cuts every request into chunks of exactly that many keys instead;
-    ``split_kv=False`` never cuts.
+    ``split_kv=False`` never cuts. ``request_major=True`` (the persistent fa3_ws kernel) keeps each request's items
+    together, requests heaviest first and each request's items heaviest first: the items running at once then
+    share a few requests' K/V in L2 instead of each reading its own request's.
     """
     total_rows = sum(q * group for q in qo_lens)
     nonempty = sum(1 for q in qo_lens if q > 0)
@@ -493,5 +496,11 @@ def schedule_prefill(
                 merge.append((qo_start + tok, part + tok, nch, q))
             part += nch * q
         qo_start += q
-    work.sort(key=lambda w: -w[0])
+    if request_major:
+        load: Dict[int, int] = {}
+        for w in work:
+            load[w[1]] = load.get(w[1], 0) + w[0]
+        work.sort(key=lambda w: (-load[w[1]], w[1], -w[0]))
+    else:
+        work.sort(key=lambda w: -w[0])
     return tile, [w[1:] for w in work], merge, part

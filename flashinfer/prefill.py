@@ -793,6 +793,11 @@ class BatchPrefillSpec(_PrefillSpecBase):
         return super().unsupported_reason()
 
 
+# fa3_ws batches: each request's work items together in the schedule (schedule_prefill's request_major), so that
+# the persistent grid's CTAs work on few requests at a time and share their K/V in L2. (False: heaviest first over
+# the whole batch, as fa2; benchmarks/probe_prefill.py --paged times both.)
+_WS_REQUEST_MAJOR = True
+
 # Fixed schedule capacities of CUDA-graph wrappers (the kernel reads the live counts from device memory).
 _GRAPH_WORK_CAPACITY = 1 << 16
 _GRAPH_MERGE_CAPACITY = 1 << 17
@@ -1175,6 +1180,7 @@ class _BatchPrefillBase:
             num_qo_heads,
             fixed_chunk=fixed_chunk,
             split_kv=not disable_split_kv and spec.backend != "fa3_ws",  # (fa3_ws has no partial states)
+            request_major=spec.backend == "fa3_ws" and _WS_REQUEST_MAJOR,
         )
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
             raise workspace_too_small(ws.numel() * ws.element_size(), part_rows * num_qo_heads * (head_dim_qk + 1) * 4)
