@@ -63,9 +63,8 @@
 //                           waits((j & 1) ^ 1) before copying the next item's Q (the next Q is thus loaded
 //                           while the consumers finish the current item's softmax, P V and epilogue).
 //   Named barriers 1 and 2 (128 threads): one consumer warpgroup's epilogue (its own 64 rows of O staging);
-//   3 and 4 (256 threads): the consumers' turns with -DFI_WS_PINGPONG=1 (off by default); 5 (128 threads): the
-//   producer warpgroup's own (fp8: a staging tile read by all, a bfloat16 Q tile copied by all, see below; 16-bit:
-//   the warps that sleep while warp 0 polls an mbarrier, producer_wait).
+//   3 and 4 (256 threads): the consumers' turns with -DFI_WS_PINGPONG=1 (off by default); 5 (128 threads, fp8
+//   only): the producer warpgroup's own (a staging tile read by all, a bfloat16 Q tile copied by all, see below).
 //   No block-wide barrier after the initial one: the producer may run ahead by kStages tiles and one Q.
 //
 // ---- Consumer loop (intra-warpgroup overlap: S(n) on the tensor cores while P(n-1) V(n-1) is issued behind it,
@@ -401,14 +400,6 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     // H200, 16 x 1024 causal, pages of 16, 32/32 and 32/8 heads (ragged K/V by TMA: 332 / 356 TFLOP/s): one
     // row per thread, every 16-byte request to another row, 221 / 244 with each tile's arrival one issue late
     // (wait_group 1, proxy fence, arrive), 220 / 236 with the asynchronous arrival.
-    // A wait of the whole producer warpgroup (16-bit K/V): warp 0 polls the barrier, the other three sleep on the
-    // warpgroup's named barrier until it has seen the phase, so that three polling warps do not take issue slots
-    // from the consumer warps sharing their schedulers. (H200, paged 16 x 1024 causal: with all four warps
-    // polling, the kernel issued 199 M instructions against 126 M for ragged K/V.)
-    auto producer_wait = [&](uint32_t bar, uint32_t parity, int tag) {
-      if (sm90::opaque_int(threadIdx.x) < 32) wait(bar, parity, tag);
-      sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
-    };
     auto locate = [&](const Sm90WsItem& t, int n) {
       const int2 ps = paged_row_ahead<true, BK>(p, t.kv_first, t.lo, t.hi, t.num_tiles, n, tid);
       return make_int2(t.lo + n * BK + tid < t.hi ? ps.x : -1, ps.y);
@@ -416,7 +407,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     // Tile i (of the ring's count) of K or V from rows (page, slot) = r, once its slot is free.
     auto gather = [&](const Sm90WsItem& t, bool is_v, int i, int2 r) {
       const int s = i % S;
-      producer_wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
+      wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
       // (from threadIdx.x here, not held across the item loop: at kProducerRegs they would spill)
       const int tx = sm90::opaque_int(threadIdx.x), lane = tx % 32, warp_row0 = tx - lane, chunk = lane % 16;
       const DTypeKV* src = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
@@ -424,7 +415,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       const int64_t stride_page = is_v ? p.v_stride_page : p.k_stride_page;
       const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
       const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
-#pragma unroll 2  // (4 or more: spills at kProducerRegs)
+#pragma unroll 4
       for (int pass = 0; pass < 16; ++pass) {
         const int from = 2 * pass + lane / 16;
         const int page = __shfl_sync(0xffffffffu, r.x, from), slot = __shfl_sync(0xffffffffu, r.y, from);
@@ -433,8 +424,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
       sm90::cp_async_mbarrier_arrive_noinc(is_v ? v_full(s) : k_full(s));
     };
-    int it = 0;     // (thread 0; fp8 and paged: every thread) KV tiles issued so far
-    int2 cur = {};  // (paged) this thread's row of the next V tile to copy
+    int it = 0;                // (thread 0; fp8 and paged: every thread) KV tiles issued so far
+    int2 cur = {}, next = {};  // (paged) the rows of the next K and V tiles to copy
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(p, w);
       // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
@@ -463,15 +454,12 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         if (t.num_tiles > 0) {
           cur = locate(t, 0);
           gather(t, false, it, cur);
+          if (t.num_tiles > 1) next = locate(t, 1);
         }
       }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
-      if constexpr (FP8) {
-        wait(q_empty, (j & 1) ^ 1, 1);
-      } else {
-        producer_wait(q_empty, (j & 1) ^ 1, 1);
-      }
+      wait(q_empty, (j & 1) ^ 1, 1);
       if constexpr (BATCH) {
         // The consumers' copy of the previous item was read before q_empty: this one is theirs after q_full.
         if (tid == 0) sm90_ws_store_item(item_slot, t);
@@ -508,15 +496,12 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         }
         it += t.num_tiles;
       } else if constexpr (PAGED) {
-        // (K(0) was gathered before Q)
+        // (K(0) was issued before Q; the lookups run one tile ahead of the copies)
         for (int n = 0; n < t.num_tiles; ++n) {
-          int2 next = cur;
-          if (n + 1 < t.num_tiles) {
-            next = locate(t, n + 1);
-            gather(t, false, it + n + 1, next);
-          }
+          if (n + 1 < t.num_tiles) gather(t, false, it + n + 1, next);
           gather(t, true, it + n, cur);
           cur = next;
+          if (n + 2 < t.num_tiles) next = locate(t, n + 2);
         }
         it += t.num_tiles;
       } else if (tid == 0) {
