@@ -18,9 +18,10 @@
 //   warpgroups 1 and 2, consumers (setmaxnreg.inc to kConsumerRegs, fp8 kConsumerRegsFp8): 64 packed query rows
 //     each of the item's 128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
-// ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ..., heaviest first, KV head w % num_kv_heads.
-//   Single: item w = (query tile, KV head), the last query tiles first (they see the most keys under a causal
-//     mask). The producer and the consumers compute the same sequence independently from the parameters.
+// ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ...
+//   Single: item w = (query tile w % num_qtiles, KV head w / num_qtiles) (kHeadMajor), the last query tiles of a
+//     head first (they see the most keys under a causal mask). The producer and the consumers compute the same
+//     sequence independently from the parameters.
 //   Batch: item w = (plan piece w / num_kv_heads, KV head); a piece is (request, query tile, kv begin,
 //     kv end) from the Python planner's schedule (schedule_prefill, never split for this kernel: kv end - begin
 //     is the request's kv_len), sorted heaviest first. The producer reads the piece and the request's qo/kv
@@ -137,6 +138,14 @@ struct Sm90WsTraits {
 #else
   static constexpr int kConsumerRegs = 224, kConsumerRegsFp8 = 216;
 #endif
+  // Single prefill: the items of one KV head one after the other (its query tiles, last first), so that the CTAs
+  // running at once share one or two heads' K/V in L2, instead of every head's query tile n together (each head's
+  // K/V then read from DRAM by every CTA of it). -DFI_WS_HEAD_MAJOR=0: the heads-inner order (probe).
+#ifdef FI_WS_HEAD_MAJOR
+  static constexpr bool kHeadMajor = FI_WS_HEAD_MAJOR;
+#else
+  static constexpr bool kHeadMajor = true;
+#endif
 #ifdef FI_WS_PAGED_FENCE
   static constexpr bool kPagedFence = FI_WS_PAGED_FENCE;
 #else
@@ -202,8 +211,14 @@ template <MaskMode MASK>
 FI_DEVICE Sm90WsItem sm90_ws_item(const PrefillParams& p, int w) {
   using Tr = Sm90WsTraits;
   Sm90WsItem t;
-  const int qtile = p.num_qtiles - 1 - w / p.num_kv_heads;  // heaviest first
-  t.kv_head = w % p.num_kv_heads;
+  int qtile;
+  if constexpr (Tr::kHeadMajor) {
+    qtile = p.num_qtiles - 1 - w % p.num_qtiles;  // heaviest first within the head
+    t.kv_head = w / p.num_qtiles;
+  } else {
+    qtile = p.num_qtiles - 1 - w / p.num_kv_heads;  // heaviest first
+    t.kv_head = w % p.num_kv_heads;
+  }
   t.pr0 = qtile * Tr::BQ;
   t.rows_here = min(Tr::BQ, p.qo_len * p.group_size - t.pr0);
   t.delta = p.kv_len - p.qo_len;
