@@ -19,9 +19,9 @@
 //     each of the item's 128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
 // ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ...
-//   Single: item w = (query tile w % num_qtiles, KV head w / num_qtiles) (kHeadMajor), the last query tiles of a
-//     head first (they see the most keys under a causal mask). The producer and the consumers compute the same
-//     sequence independently from the parameters.
+//   Single: item w = (query tile, KV head), KV heads in groups whose K/V fits about half of L2 (kHeadGroupBytes),
+//     a group's heads interleaved and its last query tiles first (they see the most keys under a causal mask).
+//     The producer and the consumers compute the same sequence independently from the parameters.
 //   Batch: item w = (plan piece w / num_kv_heads, KV head); a piece is (request, query tile, kv begin,
 //     kv end) from the Python planner's schedule (schedule_prefill, never split for this kernel: kv end - begin
 //     is the request's kv_len), sorted heaviest first. The producer reads the piece and the request's qo/kv
@@ -138,13 +138,17 @@ struct Sm90WsTraits {
 #else
   static constexpr int kConsumerRegs = 224, kConsumerRegsFp8 = 216;
 #endif
-  // Single prefill: the items of one KV head one after the other (its query tiles, last first), so that the CTAs
-  // running at once share one or two heads' K/V in L2, instead of every head's query tile n together (each head's
-  // K/V then read from DRAM by every CTA of it). -DFI_WS_HEAD_MAJOR=0: the heads-inner order (probe).
-#ifdef FI_WS_HEAD_MAJOR
-  static constexpr bool kHeadMajor = FI_WS_HEAD_MAJOR;
+  // Single prefill: the items of at most this many bytes of K/V (KV heads x kv_len x head_dim x 2 tensors x 2
+  // bytes) are interleaved, heaviest first; the next heads' items follow (sm90_ws_item). The CTAs running at once
+  // then share those heads' K/V in L2 (about half of Hopper's 50 MB) instead of each reading its own head's from
+  // DRAM. H200, TFLOP/s of the order with every KV head interleaved -> one head at a time, 32/32 heads: 16384
+  // full 509 -> 577, 8192 full 530 -> 574, 8192 causal 502 -> 520; 32/8 heads 8192 causal 520-550 -> 483 (one
+  // head at a time, the CTAs' shares of the causal work no longer balanced: its 8 heads' 32 MB fit, so they are
+  // interleaved now). -DFI_WS_HEAD_GROUP_BYTES=0: every head interleaved (the earlier order, a probe variant).
+#ifdef FI_WS_HEAD_GROUP_BYTES
+  static constexpr int64_t kHeadGroupBytes = FI_WS_HEAD_GROUP_BYTES;
 #else
-  static constexpr bool kHeadMajor = true;
+  static constexpr int64_t kHeadGroupBytes = 24ll << 20;
 #endif
 #ifdef FI_WS_PAGED_FENCE
   static constexpr bool kPagedFence = FI_WS_PAGED_FENCE;
@@ -185,7 +189,8 @@ struct Sm90WsParams {
   int num_items;      // single: num_qtiles * num_kv_heads; ragged: the plan's pieces * num_kv_heads
   int k_heads_inner;  // the map's dimension 1 is the KV head (NHD), else the token (sm90_ws_kv_map)
   int v_heads_inner;
-  int kv_rows;  // ragged: token rows of the K/V arrays (the maps' extent; 0: no maps, every request empty)
+  int kv_rows;     // ragged: token rows of the K/V arrays (the maps' extent; 0: no maps, every request empty)
+  int head_group;  // single: KV heads whose items are interleaved (sm90_ws_item)
 };
 
 // One work item's geometry. Single: computed alike by the producer and the consumers; ragged: by the producer,
@@ -208,17 +213,16 @@ FI_DEVICE Sm90WsItem sm90_ws_load_item(const volatile int* slot) {
 }
 
 template <MaskMode MASK>
-FI_DEVICE Sm90WsItem sm90_ws_item(const PrefillParams& p, int w) {
+FI_DEVICE Sm90WsItem sm90_ws_item(const Sm90WsParams& P, int w) {
   using Tr = Sm90WsTraits;
+  const PrefillParams& p = P.p;
   Sm90WsItem t;
-  int qtile;
-  if constexpr (Tr::kHeadMajor) {
-    qtile = p.num_qtiles - 1 - w % p.num_qtiles;  // heaviest first within the head
-    t.kv_head = w / p.num_qtiles;
-  } else {
-    qtile = p.num_qtiles - 1 - w / p.num_kv_heads;  // heaviest first
-    t.kv_head = w % p.num_kv_heads;
-  }
+  // Heads in groups of P.head_group (the last one smaller); within a group the last query tiles first, the
+  // group's heads interleaved.
+  const int per_group = P.head_group * p.num_qtiles, g = w / per_group, in_group = w - g * per_group;
+  const int heads_here = min(P.head_group, p.num_kv_heads - g * P.head_group);
+  const int qtile = p.num_qtiles - 1 - in_group / heads_here;
+  t.kv_head = g * P.head_group + in_group % heads_here;
   t.pr0 = qtile * Tr::BQ;
   t.rows_here = min(Tr::BQ, p.qo_len * p.group_size - t.pr0);
   t.delta = p.kv_len - p.qo_len;
@@ -445,7 +449,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     int it = 0;                // (thread 0; fp8 and paged: every thread) KV tiles issued so far
     int2 cur = {}, next = {};  // (paged) the rows of the next K and V tiles to copy
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
-      const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(p, w);
+      const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(P, w);
       // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
       // ones are widened), so that their copies run under the Q wait and copy.
       if constexpr (FP8) {
@@ -583,7 +587,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       t = sm90_ws_load_item(item_slot);
       __syncwarp();
     } else {
-      t = sm90_ws_item<MASK>(p, w);
+      t = sm90_ws_item<MASK>(P, w);
     }
     const int last = t.num_tiles - 1;
     auto qpos = [&](int r) { return t.delta + (t.pr0 + min(row0 + 8 * r, t.rows_here - 1)) / group; };
@@ -785,6 +789,11 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   Sm90WsParams P = {};
   P.p = p;
   P.num_items = p.num_qtiles * p.num_kv_heads;
+  // (a head's K/V: kv_len rows of head_dim, K and V, 2 bytes each; fp8 K/V is read as such but widened: counted
+  // alike for simplicity)
+  const int64_t head_bytes = int64_t(p.kv_len > 0 ? p.kv_len : 1) * Tr::kHeadDim * 4;
+  const int64_t fit = Tr::kHeadGroupBytes > 0 ? Tr::kHeadGroupBytes / head_bytes : p.num_kv_heads;
+  P.head_group = fit < 1 ? 1 : fit > p.num_kv_heads ? p.num_kv_heads : int(fit);
   if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
     err =
         sm90_ws_kv_map<DTypeKV>(&P.k_map, p.k, p.kv_len, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
