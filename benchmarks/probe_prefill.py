@@ -35,9 +35,9 @@ VARIANTS = {
     # the warp-specialised kernel (prefill_sm90_ws.cuh), as built and with its consumer warpgroups in ping-pong
     "fa3_ws": ("fa3_ws", ()),
     "fa3_ws pingpong": ("fa3_ws", ("-DFI_WS_PINGPONG=1",)),
-    # its items with every head's query tile n together (the order before kHeadGroupBytes), and one head at a time
-    "fa3_ws heads inner": ("fa3_ws", ("-DFI_WS_HEAD_GROUP_BYTES=0",)),
-    "fa3_ws head by head": ("fa3_ws", ("-DFI_WS_HEAD_GROUP_BYTES=1",)),
+    # its items in either order whatever the mask: every head's query tile n together, or one head at a time
+    "fa3_ws heads inner": ("fa3_ws", ("-DFI_WS_HEAD_GROUP=1024",)),
+    "fa3_ws head by head": ("fa3_ws", ("-DFI_WS_HEAD_GROUP=1",)),
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 

@@ -19,8 +19,9 @@
 //     each of the item's 128, S = Q K^T and O += P V on wgmma, the online softmax in registers, the epilogue.
 //
 // ---- Work items (persistent grid): w = blockIdx.x, + gridDim.x, ...
-//   Single: item w = (query tile, KV head), KV heads in groups whose K/V fits about half of L2 (kHeadGroupBytes),
-//     a group's heads interleaved and its last query tiles first (they see the most keys under a causal mask).
+//   Single: item w = (query tile, KV head), KV heads in groups (kHeadGroup: full attention one head at a time,
+//     causal all heads), a group's heads interleaved and its last query tiles first (they see the most keys under a
+//     causal mask).
 //     The producer and the consumers compute the same sequence independently from the parameters.
 //   Batch: item w = (plan piece w / num_kv_heads, KV head); a piece is (request, query tile, kv begin,
 //     kv end) from the Python planner's schedule (schedule_prefill, never split for this kernel: kv end - begin
@@ -138,17 +139,17 @@ struct Sm90WsTraits {
 #else
   static constexpr int kConsumerRegs = 224, kConsumerRegsFp8 = 216;
 #endif
-  // Single prefill: the items of at most this many bytes of K/V (KV heads x kv_len x head_dim x 2 tensors x 2
-  // bytes) are interleaved, heaviest first; the next heads' items follow (sm90_ws_item). The CTAs running at once
-  // then share those heads' K/V in L2 (about half of Hopper's 50 MB) instead of each reading its own head's from
-  // DRAM. H200, TFLOP/s of the order with every KV head interleaved -> one head at a time, 32/32 heads: 16384
-  // full 509 -> 577, 8192 full 530 -> 574, 8192 causal 502 -> 520; 32/8 heads 8192 causal 520-550 -> 483 (one
-  // head at a time, the CTAs' shares of the causal work no longer balanced: its 8 heads' 32 MB fit, so they are
-  // interleaved now). -DFI_WS_HEAD_GROUP_BYTES=0: every head interleaved (the earlier order, a probe variant).
-#ifdef FI_WS_HEAD_GROUP_BYTES
-  static constexpr int64_t kHeadGroupBytes = FI_WS_HEAD_GROUP_BYTES;
+  // Single prefill: how many KV heads' items are interleaved (sm90_ws_item): 0 = by the mask, full attention one
+  // head at a time (the CTAs running at once share its K/V in L2; a full item's cost does not depend on its query
+  // tile, so any order balances), causal all heads interleaved (heaviest first over the whole grid, which keeps
+  // the CTAs' shares of the causal work even). H200, TFLOP/s, 32/32 heads, all interleaved -> one head at a time:
+  // 16384 full 507 -> 595, 8192 full 540 -> 589, 2048 full 531 -> 546; causal 8192 520 -> 510, 2048 388 -> 400;
+  // 32/8 heads 8192 causal 520-550 -> 483; groups of heads fitting 24 MB of K/V: between the two. -D
+  // FI_WS_HEAD_GROUP=n: n heads interleaved whatever the mask (probe variants).
+#ifdef FI_WS_HEAD_GROUP
+  static constexpr int kHeadGroup = FI_WS_HEAD_GROUP;
 #else
-  static constexpr int64_t kHeadGroupBytes = 24ll << 20;
+  static constexpr int kHeadGroup = 0;
 #endif
 #ifdef FI_WS_PAGED_FENCE
   static constexpr bool kPagedFence = FI_WS_PAGED_FENCE;
@@ -789,11 +790,9 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   Sm90WsParams P = {};
   P.p = p;
   P.num_items = p.num_qtiles * p.num_kv_heads;
-  // (a head's K/V: kv_len rows of head_dim, K and V, 2 bytes each; fp8 K/V is read as such but widened: counted
-  // alike for simplicity)
-  const int64_t head_bytes = int64_t(p.kv_len > 0 ? p.kv_len : 1) * Tr::kHeadDim * 4;
-  const int64_t fit = Tr::kHeadGroupBytes > 0 ? Tr::kHeadGroupBytes / head_bytes : p.num_kv_heads;
-  P.head_group = fit < 1 ? 1 : fit > p.num_kv_heads ? p.num_kv_heads : int(fit);
+  P.head_group = Tr::kHeadGroup > 0          ? min(Tr::kHeadGroup, p.num_kv_heads)
+                 : MASK == MaskMode::kCausal ? p.num_kv_heads
+                                             : 1;
   if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
     err =
         sm90_ws_kv_map<DTypeKV>(&P.k_map, p.k, p.kv_len, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
