@@ -93,7 +93,8 @@ BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a),
 # persistent grid), single prefill and ragged and paged batch prefill within _fa3_scope. For single prefill "auto" takes
 # it wherever it would take fa3 and fa3_ws applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws
 # (H200, 2026-11-30, 32/32 and 32/8 heads, 2048-16384 tokens, full and causal), all its GPU tests passing. For
-# batch prefill it is opt-in (backend="fa3_ws"): "auto" stays fa2 there. fp8 K/V (single prefill): its producer
+# ragged batch prefill "auto" takes it where it applies and its query tiles fill the GPU (1.4-1.5x fa2 on 16 x 1024
+# causal); paged batch prefill takes it by name only (its row gather measured 1.0-1.1x fa2). fp8 K/V (single prefill): its producer
 # widens the TMA-copied fp8 tiles through registers, e4m3/bf16 TFLOP/s 1.02-1.04 (H200, 8192 full and causal,
 # 16384 full, 32/8 heads; fa3, which widens under its own wgmmas, measured 0.66 of fa3_ws bf16 on 8192 causal), and
 # "auto" takes it for fp8 as for 16-bit K/V (its GPU test matrix passed: 127 tests, tile edges, HND, e5m2, f16 q).
@@ -904,8 +905,10 @@ class _BatchPrefillBase:
                 "the host, and ragged K/V's TMA descriptors hold each run's address and row count); use "
                 "use_cuda_graph=False, or backend='fa2' for graphs"
             )
-        # "auto" is fa2 for batch prefill; fa3_ws only when asked for by name.
+        # "auto": fa2, or fa3_ws for a ragged batch that it runs and whose query tiles fill a Hopper GPU (plan()
+        # decides, _auto_fa3_ws); fa3_ws by name for paged K/V or any batch.
         self._backend = "fa3_ws" if b == "fa3_ws" else "fa2"
+        self._auto = b == "auto"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
             raise ValueError("float_workspace_buffer must be a CUDA tensor (e.g. 128 MB of uint8)")
         self._float_workspace_buffer = float_workspace_buffer
@@ -1147,6 +1150,8 @@ class _BatchPrefillBase:
             use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             backend=opts.backend,
         )
+        if self._auto_fa3_ws(spec, qo_lens, num_qo_heads // num_kv_heads, num_kv_heads, fixed_chunk):
+            spec = dataclasses.replace(spec, backend="fa3_ws")
         if spec.backend == "fa3_ws":
             _check_fa3_ws_batch(spec, self._device)
             if fixed_chunk > 0:
@@ -1284,6 +1289,22 @@ class _BatchPrefillBase:
             torch.cuda.current_stream(dev).synchronize()
         return plan
 
+    def _auto_fa3_ws(
+        self, spec: BatchPrefillSpec, qo_lens: List[int], group: int, num_kv_heads: int, fixed_chunk: int
+    ) -> bool:
+        """Whether "auto" runs this ragged batch on fa3_ws: a Hopper GPU, the kernel's scope, no CUDA graphs or
+        fixed split size, and enough 128-row query tiles to fill the GPU without splitting keys (fa2 splits a
+        batch of few queries with long keys). H200, 16 x 1024 causal, 32/32 and 32/8 heads: 367-381 TFLOP/s
+        against fa2's 245-266 (bench_prefill --ws-batch)."""
+        if not self._auto or self._storage != "ragged" or self._use_cuda_graph or fixed_chunk > 0:
+            return False
+        if dataclasses.replace(spec, backend="fa3_ws").unsupported_reason() is not None:
+            return False
+        if _device_capability(self._device.index) != (9, 0):
+            return False
+        tiles = sum(-(-q * group // _FA3_QUERY_TILE) for q in qo_lens) * num_kv_heads
+        return tiles >= num_sms(self._device.index)
+
     def _options_key(self) -> Tuple[Any, ...]:
         return (
             self._causal,
@@ -1328,6 +1349,8 @@ class _BatchPrefillBase:
                 use_logits_soft_cap=opts.soft_cap > 0,
                 use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             )
+            if spec.backend == "fa3_ws" and self._auto and spec.unsupported_reason() is not None:
+                spec = dataclasses.replace(spec, backend="fa2")  # (its schedule, unsplit 128-row tiles, is fa2's too)
             if spec.backend == "fa3_ws":
                 _check_fa3_ws_batch(spec, self._device)
             hit = _launch_of(spec, opts)
@@ -1349,8 +1372,11 @@ class _BatchPrefillBase:
         scale_mult: float,
         out_scale: float,
         enable_pdl: Optional[bool],
+        on_fa2: bool = False,
     ):
-        """Launch on a validated KV side: K/V base tensors and their (page, token, head) strides twice."""
+        """Launch on a validated KV side: K/V base tensors and their (page, token, head) strides twice. on_fa2:
+        the planned fa3_ws schedule launched on the fa2 kernel instead (an "auto" plan's K/V that TMA cannot
+        read)."""
         p = self._plan_info
         if p is None:
             raise RuntimeError("call plan() before run()")
@@ -1388,6 +1414,9 @@ class _BatchPrefillBase:
         if key != p.options_key:
             self._resolve_options(p, key)
         L = p.launch
+        if on_fa2:
+            mod = _module(dataclasses.replace(L.module.spec, backend="fa2"))
+            L = dataclasses.replace(L, run=mod.launcher("flashinfer_batch_prefill"), module=mod)
         a = p.schedule.args
         ws = self._float_workspace_buffer
         ws_f = ws.data_ptr()
@@ -1475,13 +1504,16 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
     custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
         Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
     backend : str
-        ``"auto"`` or ``"fa2"`` (mma.sync tensor cores, every feature; "auto" takes it), or ``"fa3_ws"`` (an
-        extension over FlashInfer's values, opt-in): the warp-specialised Hopper kernel (sm_90; TMA loads, wgmma,
-        persistent grid) for head_dim 128, k/v/o in q's float16/bfloat16, no mask or causal, no position encoding,
-        window, soft cap or fp16 QK reduction, no CUDA graphs and no ``fixed_split_size``; plan() refuses other
+        ``"auto"``, ``"fa2"`` (mma.sync tensor cores, every feature) or ``"fa3_ws"`` (an extension over
+        FlashInfer's values): the warp-specialised Hopper kernel (sm_90; TMA loads, wgmma, persistent grid) for
+        head_dim 128, k/v/o in q's float16/bfloat16, no mask or causal, no position encoding, window, soft cap or
+        fp16 QK reduction, no CUDA graphs and no ``fixed_split_size``; asked for by name, plan() refuses other
         batches with a ValueError naming the reason. It never splits a request's keys across CTAs. A KV tile
         that runs past a request reads the next request's rows (masked: their scores are dropped, a probability
-        of exactly 0 multiplies their values), so k and v must hold finite values in every row.
+        of exactly 0 multiplies their values), so k and v must hold finite values in every row. ``"auto"`` plans
+        fa3_ws on a Hopper GPU for a batch in its scope whose 128-row query tiles (per KV head) fill the GPU
+        (without CUDA graphs or ``fixed_split_size``), fa2 otherwise; an option set later (forward()) outside
+        fa3_ws's scope, or K/V views TMA cannot read (a zero stride), run that plan on fa2.
     jit_args, jit_kwargs : optional
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """
@@ -1731,13 +1763,15 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
             raise ValueError(f"k must have shape {list(exp)} ({self._kv_layout}), got {tuple(k.shape)}")
         check_vector_rows(k, "k", 2)
         check_vector_rows(v, "v", 2)
+        fa2 = False
         if p.spec.backend == "fa3_ws":
             why = _tma_kv_refusal(k, v)
-            if why is not None:
+            if why is not None and not self._auto:
                 raise ValueError(why)
+            fa2 = why is not None  # ("auto": this call on fa2, whose kernel reads any strides)
         scale_mult = scalar(q_scale, "q_scale", 1.0) * scalar(k_scale, "k_scale", 1.0)
         return self._launch(
-            q, k, v, strides, out, lse, return_lse, scale_mult, scalar(v_scale, "v_scale", 1.0), enable_pdl
+            q, k, v, strides, out, lse, return_lse, scale_mult, scalar(v_scale, "v_scale", 1.0), enable_pdl, fa2
         )
 
     run_return_lse = functools.partialmethod(run, return_lse=True)

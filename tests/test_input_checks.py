@@ -51,6 +51,7 @@ def cpu_plan(monkeypatch):
     monkeypatch.setattr(prefill_mod, "_module", lambda spec: FakeMod())
     monkeypatch.setattr(prefill_mod, "_occupancy", lambda *a: 2)
     monkeypatch.setattr(prefill_mod, "num_sms", lambda index: 132)
+    monkeypatch.setattr(prefill_mod, "_device_capability", lambda index: (9, 0))  # (a Hopper: "auto" may take fa3_ws)
     monkeypatch.setattr(prefill_mod._BatchPrefillBase, "_to_device_int", stop)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (no driver here)
     yield

@@ -1679,7 +1679,7 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
     """On fake CUDA tensors (a fake Hopper): BatchPrefillWithRaggedKVCacheWrapper(backend="fa3_ws") plans one
     unsplit piece per (request, 128-row query tile) and launches the fa3_ws module with the ragged K/V's row count;
     what the kernel cannot run is refused by plan() (or the constructor, or run()) with a ValueError naming the
-    reason, before any module loads; "auto" stays on fa2."""
+    reason, before any module loads; "auto" takes fa3_ws only for a batch whose query tiles fill the GPU."""
     from fake_cuda import cuda, fake_cuda, workspace
     from flashinfer import prefill
 
@@ -1737,6 +1737,30 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
         wa = W(workspace(), "NHD")
         wa.plan(qo, kv, 8, 2, 128, causal=True, q_data_type=bf)
         assert wa._plan_info.spec.backend == "fa2"
+        # "auto" with query tiles enough to fill the GPU (3 x 1000 tokens x 4 heads: 96 tiles x 2 KV heads >= 132
+        # SMs): fa3_ws, unsplit; its plan on fa2 for K/V views TMA cannot read and for options outside its scope.
+        qo3 = torch.tensor([0, 1000, 2000, 3000], dtype=torch.int32)
+        kv3 = torch.tensor([0, 1500, 3000, 4500], dtype=torch.int32)
+        wb = W(workspace(), "NHD")
+        wb.plan(qo3, kv3, 8, 2, 128, causal=True, q_data_type=bf)
+        assert wb._plan_info.spec.backend == "fa3_ws" and wb.plan_stats["merges"] == 0
+        q3, k3 = cuda(torch.randn(3000, 8, 128).to(bf)), cuda(torch.randn(4500, 2, 128).to(bf))
+
+        def last_spec():
+            return [c for c in rec.launches("flashinfer_batch_prefill") if c[0] == "flashinfer_batch_prefill"][-1][1]
+
+        wb.run(q3, k3, k3)
+        assert last_spec()["_spec"].backend == "fa3_ws" and last_spec()["args.tile_q"] == 128
+        kz3 = k3[:1].expand(4500, 2, 128)
+        wb.run(q3, kz3, kz3)
+        assert last_spec()["_spec"] == BatchPrefillSpec(
+            128, "bf16", "bf16", "bf16", kv_storage="ragged", mask_mode="causal", backend="fa2"
+        )
+        assert last_spec()["args.tile_q"] == 128 and last_spec()["args.grid_x"] == wb.plan_stats["pieces"]
+        wb.forward(q3, k3, k3, causal=True, logits_soft_cap=5.0)
+        assert last_spec()["_spec"].backend == "fa2" and last_spec()["_spec"].use_logits_soft_cap
+        wb.plan(qo3, kv3, 8, 2, 128, causal=True, q_data_type=bf, fixed_split_size=4096)
+        assert wb._plan_info.spec.backend == "fa2"
         monkeypatch.setattr(prefill, "_device_capability", lambda index: (8, 0))
         with pytest.raises(ValueError, match="needs a Hopper GPU"):
             W(workspace(), "NHD", backend="fa3_ws").plan(qo, kv, 8, 2, 128, q_data_type=bf)
