@@ -753,6 +753,34 @@ def test_batch_prefill_forward_applies_causal_and_options_without_a_new_plan(sto
 
 
 @pytest.mark.gpu
+def test_batch_prefill_ragged_auto_takes_fa3_ws_and_falls_back_to_fa2():
+    """backend="auto" on a ragged batch whose query tiles fill a Hopper GPU plans fa3_ws; K/V views TMA cannot read
+    (a zero head stride) and an option set by forward() outside fa3_ws's scope (a window) run the same plan on fa2.
+    Each against the float64 reference, outputs NaN-poisoned."""
+    _need_hopper()
+    dt = torch.float16
+    qs, ks, vs = _make_batch([1000, 1000, 1000], [1500, 1000, 2000], 2, 4, 128, dt)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    w, (k, v) = _plan_batch("ragged", ws, "NHD", qs, ks, vs, causal=True, q_data_type=dt)
+    assert w._plan_info.spec.backend == "fa3_ws" and w.plan_stats["merges"] == 0
+    q = torch.cat(qs)
+    out = poisoned(q.shape, dt)
+    w.run(q, k, v, out=out)
+    assert_close(out, _batch_ref(qs, ks, vs, None, "causal")[0])
+    # one K/V head broadcast to both (head stride 0): not a TMA tensor map, so fa2
+    kz, vz = k[:, :1].expand(-1, 2, -1), v[:, :1].expand(-1, 2, -1)
+    split = list(itertools.accumulate([1500, 1000, 2000]))
+    ksz, vsz = (list(torch.tensor_split(x.contiguous(), split[:-1])) for x in (kz, vz))
+    out = poisoned(q.shape, dt)
+    w.run(q, kz, vz, out=out)
+    assert_close(out, _batch_ref(qs, ksz, vsz, None, "causal")[0])
+    o, lse = w.forward_return_lse(q, k, v, causal=False, window_left=100)
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "none", window_left=100)
+    assert_close(o, ref_o)
+    _check_lse(lse, ref_lse)
+
+
+@pytest.mark.gpu
 def test_batch_prefill_graph_mode_custom_mask_buffers_stay_across_replans():
     """Graph mode with a custom mask: plan() writes each batch's mask into the caller's custom_mask_buf and
     mask_indptr_buf (never a new allocation a replay would miss); a graph captured once replays new plans."""
