@@ -4,6 +4,7 @@ validation that needs no GPU, and a real nvcc build of one prefill module."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -674,9 +675,9 @@ def test_batch_prefill_bad_input():
     torch.cuda.synchronize()
 
 
-def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, backend="auto", nan_fill=False, **kw):
+def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, backend="auto", nan_fill=False, tuple_cache=False, **kw):
     """A planned wrapper of either storage for requests (qs, ks, vs), and the KV arguments of its run() (paged:
-    nan_fill as _paged's)."""
+    nan_fill and tuple_cache as _paged's)."""
     hkv, d = ks[0].shape[1], ks[0].shape[2]
     qo_indptr = torch.tensor([0] + list(itertools.accumulate(q.shape[0] for q in qs)), dtype=torch.int32)
     if storage == "ragged":
@@ -686,7 +687,7 @@ def _plan_batch(storage, ws, layout, qs, ks, vs, page_size=16, backend="auto", n
         k, v = _nhd_to(layout, torch.cat(ks)), _nhd_to(layout, torch.cat(vs))
         return w, (k, v)
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, layout, backend=backend)
-    cache, perm, indptr, last = _paged(ks, vs, page_size, layout, nan_fill=nan_fill)
+    cache, perm, indptr, last = _paged(ks, vs, page_size, layout, tuple_cache=tuple_cache, nan_fill=nan_fill)
     w.plan(qo_indptr, indptr, perm, last, qs[0].shape[1], hkv, d, page_size, **kw)
     return w, (cache,)
 
@@ -913,6 +914,23 @@ def _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="ragged", page_size=1
     return res
 
 
+def _check_ws_batch(qs, ks, vs, mask_mode, results, case=None, fa2_tol=None):
+    """fa3_ws's (o, lse) against the float64 reference and against fa2's (``results``: _ws_and_fa2's) within
+    bfloat16's tolerance (or fa2_tol); the mixed case's rows that see no key: O = 0 and lse -inf."""
+    (o, l), (o2, l2) = results
+    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, mask_mode)
+    assert_close(o, ref_o)
+    _check_lse(l, ref_lse)
+    atol, rtol = fa2_tol or TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(o.double(), o2.double(), atol=atol, rtol=rtol)
+    if fa2_tol is None:
+        torch.testing.assert_close(l, l2, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+    if case == "mixed":  # no keys (request 2, rows 1..17), or causal rows before the first key (request 6)
+        empty = [slice(1, 18)] + ([slice(1147, 1347)] if mask_mode == "causal" else [])
+        for rows in empty:
+            assert (o[rows] == 0).all() and torch.isneginf(l[rows]).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -926,34 +944,7 @@ def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype):
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, dtype)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    (o, l), (o2, l2) = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws)
-    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, mask_mode)
-    assert_close(o, ref_o)
-    _check_lse(l, ref_lse)
-    atol, rtol = TOLERANCES[torch.bfloat16]
-    torch.testing.assert_close(o.double(), o2.double(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(l, l2, atol=LSE_TOL[0], rtol=LSE_TOL[1])
-    if case == "mixed":  # no keys (request 2, rows 1..17), or causal rows before the first key (request 6)
-        empty = [slice(1, 18)] + ([slice(1147, 1347)] if mask_mode == "causal" else [])
-        for rows in empty:
-            assert (o[rows] == 0).all() and torch.isneginf(l[rows]).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(32, 32), (32, 8)])
-def test_batch_prefill_fa3_ws_ragged_benchmark_shape(num_qo_heads, num_kv_heads):
-    """The benchmark's batch (16 requests x 1024, causal, bf16): 2048-4096 work items, ~16-31 per CTA of the
-    persistent grid (the barriers' phases and the ring position carry over from item to item and request to
-    request)."""
-    _need_hopper()
-    n = 16
-    qs, ks, vs = _make_batch([1024] * n, [1024] * n, num_kv_heads, num_qo_heads // num_kv_heads, 128, torch.bfloat16)
-    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    (o, l), (o2, _) = _ws_and_fa2(qs, ks, vs, "NHD", "causal", ws)
-    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal")
-    assert_close(o, ref_o)
-    _check_lse(l, ref_lse)
-    torch.testing.assert_close(o.double(), o2.double(), atol=1e-2, rtol=1e-2)
+    _check_ws_batch(qs, ks, vs, mask_mode, _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws), case)
 
 
 @pytest.mark.gpu
@@ -970,33 +961,34 @@ def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout):
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    (o, l), (o2, l2) = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size)
-    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, mask_mode)
-    assert_close(o, ref_o)
-    _check_lse(l, ref_lse)
-    atol, rtol = TOLERANCES[torch.bfloat16]
-    torch.testing.assert_close(o.double(), o2.double(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(l, l2, atol=LSE_TOL[0], rtol=LSE_TOL[1])
-    if case == "mixed":
-        empty = [slice(1, 18)] + ([slice(1147, 1347)] if mask_mode == "causal" else [])
-        for rows in empty:
-            assert (o[rows] == 0).all() and torch.isneginf(l[rows]).all()
+    res = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size)
+    _check_ws_batch(qs, ks, vs, mask_mode, res, case)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "storage,dtype", [("ragged", torch.bfloat16), ("paged", torch.float16)], ids=["ragged", "paged"]
+)
 @pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(32, 32), (32, 8)])
-def test_batch_prefill_fa3_ws_paged_benchmark_shape_f16(num_qo_heads, num_kv_heads):
-    """The benchmark's paged batch (16 requests x 1024, causal, pages of 16) in float16: many items per CTA, the
-    ring's phases carried from item to item."""
+def test_batch_prefill_fa3_ws_benchmark_shape(num_qo_heads, num_kv_heads, storage, dtype):
+    """The benchmark's batch (16 requests x 1024, causal; ragged in bfloat16, paged with pages of 16 in float16):
+    2048-4096 work items, ~16-31 per CTA of the persistent grid (the barriers' phases and the ring position carry
+    over from item to item and request to request)."""
     _need_hopper()
     n = 16
-    qs, ks, vs = _make_batch([1024] * n, [1024] * n, num_kv_heads, num_qo_heads // num_kv_heads, 128, torch.float16)
+    qs, ks, vs = _make_batch([1024] * n, [1024] * n, num_kv_heads, num_qo_heads // num_kv_heads, 128, dtype)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    (o, l), (o2, _) = _ws_and_fa2(qs, ks, vs, "NHD", "causal", ws, storage="paged")
-    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal")
-    assert_close(o, ref_o)
-    _check_lse(l, ref_lse)
-    torch.testing.assert_close(o.double(), o2.double(), atol=1e-2, rtol=1e-2)
+    res = _ws_and_fa2(qs, ks, vs, "NHD", "causal", ws, storage=storage)
+    _check_ws_batch(qs, ks, vs, "causal", res, fa2_tol=(1e-2, 1e-2))
+
+
+def _ws_edge_batch(dt):
+    """The fa3_ws option tests' batch: 300, 1 and 129 queries on 700, 1 and 2000 keys, 4 KV heads of 2 query heads:
+    (qo_lens, kv_lens, (qs, ks, vs), causal float64 reference (o, lse), q, a workspace)."""
+    qo_lens, kv_lens = [300, 1, 129], [700, 1, 2000]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 4, 2, 128, dt)
+    ref = _batch_ref(qs, ks, vs, None, "causal")
+    return qo_lens, kv_lens, (qs, ks, vs), ref, torch.cat(qs), torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
 
 
 @pytest.mark.gpu
@@ -1005,24 +997,18 @@ def test_batch_prefill_fa3_ws_paged_tuple_cache_scales_pdl_and_refusals():
     refused with the reason."""
     _need_hopper()
     dt = torch.bfloat16
-    qo_lens, kv_lens = [300, 1, 129], [700, 1, 2000]
-    qs, ks, vs = _make_batch(qo_lens, kv_lens, 4, 2, 128, dt)
-    ref_o, _ = _batch_ref(qs, ks, vs, None, "causal")
-    q = torch.cat(qs)
-    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    cache, perm, indptr, last = _paged(ks, vs, 16, "HND", tuple_cache=True, nan_fill=True)
-    qo_indptr = torch.tensor([0] + list(itertools.accumulate(qo_lens)), dtype=torch.int32)
-    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "HND", backend="fa3_ws")
-    w.plan(qo_indptr, indptr, perm, last, 8, 4, 128, 16, causal=True, q_data_type=dt)
+    qo_lens, kv_lens, (qs, ks, vs), (ref_o, _), q, ws = _ws_edge_batch(dt)
+    plan = functools.partial(_plan_batch, "paged", ws, "HND", qs, ks, vs, backend="fa3_ws", q_data_type=dt)
+    w, (cache,) = plan(tuple_cache=True, nan_fill=True, causal=True)
+    assert isinstance(cache, tuple)
     o = w.run(q, cache)
     assert_close(o, ref_o)
     assert torch.equal(w.run(q, cache, enable_pdl=True), o)
     assert_close(w.run(q, cache, q_scale=2.0, k_scale=0.5, v_scale=3.0), 3.0 * ref_o)
     with pytest.raises(ValueError, match="fa3_ws"):
-        w.plan(qo_indptr, indptr, perm, last, 8, 4, 128, 16, q_data_type=dt, kv_data_type=torch.float8_e4m3fn)
-    mask = torch.ones(sum(a * b for a, b in zip(qo_lens, kv_lens)), dtype=torch.bool)
+        plan(kv_data_type=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="fa3_ws"):
-        w.plan(qo_indptr, indptr, perm, last, 8, 4, 128, 16, custom_mask=mask, q_data_type=dt)
+        plan(custom_mask=torch.ones(sum(a * b for a, b in zip(qo_lens, kv_lens)), dtype=torch.bool))
     with pytest.raises(ValueError, match="CUDA-graph"):
         flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", use_cuda_graph=True, backend="fa3_ws")
 
@@ -1034,11 +1020,7 @@ def test_batch_prefill_fa3_ws_views_scales_pdl_stream_and_empty():
     option change by forward() outside the kernel's scope is refused."""
     _need_hopper()
     dt = torch.bfloat16
-    qo_lens, kv_lens = [300, 1, 129], [700, 1, 2000]
-    qs, ks, vs = _make_batch(qo_lens, kv_lens, 4, 2, 128, dt)
-    ref_o, ref_lse = _batch_ref(qs, ks, vs, None, "causal")
-    q = torch.cat(qs)
-    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    qo_lens, kv_lens, (qs, ks, vs), (ref_o, ref_lse), q, ws = _ws_edge_batch(dt)
     w, _ = _plan_batch("ragged", ws, "NHD", qs, ks, vs, backend="fa3_ws", causal=True, q_data_type=dt)
     big = torch.randn(sum(kv_lens), 4, 2, 128, device="cuda", dtype=dt)
     big[:, :, 0], big[:, :, 1] = torch.cat(ks), torch.cat(vs)
