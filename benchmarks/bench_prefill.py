@@ -28,7 +28,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashinfer  # noqa: E402
-from common import bf16_matmul_tflops, first_call_times, flush_l2, graph_ms, median_ms, write_results  # noqa: E402
+from common import (  # noqa: E402
+    bf16_matmul_tflops,
+    first_call_times,
+    flush_l2,
+    graph_ms,
+    median_ms,
+    scattered_pages,
+    write_results,
+)
 
 _FIRST_CALL = r"""
 import json, time
@@ -123,14 +131,7 @@ def bench_batch(num_reqs, L, hq, hkv, d, page_size):
     v = torch.randn(total, hkv, d, device=dev, dtype=dtype)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     ref = flashinfer.single_prefill_with_kv_cache(q[:L], k[:L], v[:L], causal=True).float()
-    pages_per = L // page_size
-    num_pages = num_reqs * pages_per
-    perm = torch.randperm(num_pages, dtype=torch.int32)
-    cache = torch.empty(num_pages, 2, page_size, hkv, d, device=dev, dtype=dtype)
-    cache[perm.long(), 0] = k.view(num_pages, page_size, hkv, d)
-    cache[perm.long(), 1] = v.view(num_pages, page_size, hkv, d)
-    kv_indptr = torch.arange(0, num_pages + 1, pages_per, dtype=torch.int32)
-    last = torch.full((num_reqs,), page_size, dtype=torch.int32)
+    cache, perm, kv_indptr, last = scattered_pages(k, v, num_reqs, page_size)
     ind_dev = indptr.to(dev)
     res = {}
     for graph in (False, True):
@@ -273,15 +274,9 @@ def fp8_paged_ms(num_reqs, L, hq, hkv, d, page_size, kv_dtype) -> float:
     bf16 or fp8 page cache: median of event-timed run() calls (a call is ~1 ms, far above its host time)."""
     fp8 = kv_dtype != torch.bfloat16
     k_scale, v_scale, indptr, q, (k, k_ref), (v, v_ref) = _fp8_batch_inputs(num_reqs, L, hq, hkv, d, kv_dtype)
-    pages_per, num_pages = L // page_size, num_reqs * (L // page_size)
-    perm = torch.randperm(num_pages, dtype=torch.int32)
-    cache = torch.empty(num_pages, 2, page_size, hkv, d, device="cuda", dtype=torch.uint8 if fp8 else kv_dtype)
     as_stored = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)  # noqa: E731 (fp8 rows moved as bytes)
-    cache[perm.long(), 0] = as_stored(k).view(num_pages, page_size, hkv, d)
-    cache[perm.long(), 1] = as_stored(v).view(num_pages, page_size, hkv, d)
+    cache, perm, kv_indptr, last = scattered_pages(as_stored(k), as_stored(v), num_reqs, page_size)
     cache = cache.view(kv_dtype) if fp8 else cache
-    kv_indptr = torch.arange(0, num_pages + 1, pages_per, dtype=torch.int32)
-    last = torch.full((num_reqs,), page_size, dtype=torch.int32)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
     w.plan(
@@ -489,17 +484,7 @@ def ws_batch(n: int, L: int, hq: int, hkv: int, page_size: int = 0) -> dict:
     k = torch.randn(total, hkv, d, device="cuda", dtype=dtype)
     v = torch.randn(total, hkv, d, device="cuda", dtype=dtype)
     if page_size:
-        pages_per_req = -(-L // page_size)
-        num_pages = n * pages_per_req
-        perm = torch.randperm(num_pages, dtype=torch.int32)
-        cache = torch.zeros(num_pages, 2, page_size, hkv, d, device="cuda", dtype=dtype)
-        slots = torch.arange(L)
-        for r in range(n):
-            pid = perm[r * pages_per_req + slots // page_size].cuda()
-            cache[pid, 0, (slots % page_size).cuda()] = k[r * L : (r + 1) * L]
-            cache[pid, 1, (slots % page_size).cuda()] = v[r * L : (r + 1) * L]
-        kv_indptr = torch.arange(0, num_pages + 1, pages_per_req, dtype=torch.int32)
-        last = torch.full((n,), (L - 1) % page_size + 1, dtype=torch.int32)
+        cache, perm, kv_indptr, last = scattered_pages(k, v, n, page_size)
     outs, runs = {}, {}
     for backend in ("fa3_ws", "fa2"):
         ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")

@@ -1,5 +1,6 @@
-"""Timing helpers shared by the benchmarks: CUDA-event medians, graph replays, measured ceilings, and the
-RESULTS.md writer. Nothing here is used by tests (timings never go into tests)."""
+"""Timing helpers shared by the benchmarks: CUDA-event medians, graph replays, measured ceilings, the RESULTS.md
+writer, and the scattered page cache of the paged benchmarks. Nothing here is used by tests (timings never go into
+tests)."""
 
 from __future__ import annotations
 
@@ -168,6 +169,33 @@ def _last_json(stdout: str) -> dict | None:
 
     lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if lines else None
+
+
+def scattered_pages(k: torch.Tensor, v: torch.Tensor, num_reqs: int, page_size: int):
+    """A page cache holding num_reqs equal-length requests' keys and values, its pages in random order.
+
+    Parameters
+    ----------
+    k, v : torch.Tensor
+        ``[num_reqs * L, num_kv_heads, head_dim]``, request r at rows ``r * L``, L a multiple of page_size.
+    num_reqs, page_size : int
+
+    Returns
+    -------
+    (cache, page ids, kv_indptr, last_page_len)
+        ``cache [num_pages, 2, page_size, num_kv_heads, head_dim]`` (k's dtype and device); int32 CPU tables:
+        page ids ``[num_pages]``, ``kv_indptr [num_reqs + 1]``, ``last_page_len [num_reqs]`` (all full pages).
+    """
+    total, hkv, d = k.shape
+    pages_per = total // num_reqs // page_size
+    num_pages = num_reqs * pages_per
+    assert pages_per * page_size * num_reqs == total, "requests of equal length, a multiple of page_size"
+    perm = torch.randperm(num_pages, dtype=torch.int32)
+    cache = torch.empty(num_pages, 2, page_size, hkv, d, device=k.device, dtype=k.dtype)
+    cache[perm.long(), 0] = k.reshape(num_pages, page_size, hkv, d)
+    cache[perm.long(), 1] = v.reshape(num_pages, page_size, hkv, d)
+    kv_indptr = torch.arange(0, num_pages + 1, pages_per, dtype=torch.int32)
+    return cache, perm, kv_indptr, torch.full((num_reqs,), page_size, dtype=torch.int32)
 
 
 def copy_bandwidth_tbs(nbytes: int = 2 << 30) -> float:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashinfer  # noqa: E402
 import flashinfer.prefill as prefill  # noqa: E402
-from common import graph_ms  # noqa: E402
+from common import graph_ms, scattered_pages  # noqa: E402
 from flashinfer import jit  # noqa: E402
 
 VARIANTS = {
@@ -165,7 +165,6 @@ def fp8_main() -> None:
 # schedule request-major (prefill._WS_REQUEST_MAJOR) and heaviest first over the batch.
 PAGED_VARIANTS = {
     "fa3_ws paged": (),
-    "fa3_ws paged, no consumer fence (probe only)": ("-DFI_WS_PAGED_FENCE=0",),
 }
 PAGED_CASES = [(16, 1024, 32, 32, 16), (16, 1024, 32, 8, 16), (16, 1024, 32, 8, 1), (16, 1024, 32, 8, 64)]
 
@@ -198,16 +197,8 @@ def paged_main() -> None:
         total = n * L
         q = torch.randn(total, hq, d, device="cuda", dtype=dt)
         k, v = (torch.randn(total, hkv, d, device="cuda", dtype=dt) for _ in range(2))
-        per = -(-L // ps)
-        perm = torch.randperm(n * per, dtype=torch.int32)
-        cache = torch.zeros(n * per, 2, ps, hkv, d, device="cuda", dtype=dt)
-        tok = torch.arange(L)
-        for r in range(n):
-            pid, slot = perm[r * per + tok // ps].cuda(), (tok % ps).cuda()
-            cache[pid, 0, slot], cache[pid, 1, slot] = k[r * L : (r + 1) * L], v[r * L : (r + 1) * L]
+        cache, perm, kv_indptr, last = scattered_pages(k, v, n, ps)
         qo = torch.arange(0, total + 1, L, dtype=torch.int32)
-        kv_indptr = torch.arange(0, n * per + 1, per, dtype=torch.int32)
-        last = torch.full((n,), (L - 1) % ps + 1, dtype=torch.int32)
         ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
         fl = n * 4 * L * L * hq * d / 2
         out = torch.empty_like(q)

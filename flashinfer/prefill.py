@@ -1150,8 +1150,7 @@ class _BatchPrefillBase:
             use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             backend=opts.backend,
         )
-        if self._auto_fa3_ws(spec, qo_lens, num_qo_heads // num_kv_heads, num_kv_heads, fixed_chunk):
-            spec = dataclasses.replace(spec, backend="fa3_ws")
+        spec = self._auto_fa3_ws(spec, qo_lens, num_qo_heads // num_kv_heads, num_kv_heads, fixed_chunk) or spec
         if spec.backend == "fa3_ws":
             _check_fa3_ws_batch(spec, self._device)
             if fixed_chunk > 0:
@@ -1291,19 +1290,18 @@ class _BatchPrefillBase:
 
     def _auto_fa3_ws(
         self, spec: BatchPrefillSpec, qo_lens: List[int], group: int, num_kv_heads: int, fixed_chunk: int
-    ) -> bool:
-        """Whether "auto" runs this ragged batch on fa3_ws: a Hopper GPU, the kernel's scope, no CUDA graphs or
-        fixed split size, and enough 128-row query tiles to fill the GPU without splitting keys (fa2 splits a
-        batch of few queries with long keys). H200, 16 x 1024 causal, 32/32 and 32/8 heads: 367-381 TFLOP/s
-        against fa2's 245-266 (bench_prefill --ws-batch)."""
+    ) -> Optional[BatchPrefillSpec]:
+        """The fa3_ws spec when "auto" runs this ragged batch on it, else None: a Hopper GPU, the kernel's scope,
+        no CUDA graphs or fixed split size, and enough 128-row query tiles to fill the GPU without splitting keys
+        (fa2 splits a batch of few queries with long keys). H200, 16 x 1024 causal, 32/32 and 32/8 heads:
+        367-381 TFLOP/s against fa2's 245-266 (bench_prefill --ws-batch)."""
         if not self._auto or self._storage != "ragged" or self._use_cuda_graph or fixed_chunk > 0:
-            return False
-        if dataclasses.replace(spec, backend="fa3_ws").unsupported_reason() is not None:
-            return False
-        if _device_capability(self._device.index) != (9, 0):
-            return False
+            return None
+        ws = dataclasses.replace(spec, backend="fa3_ws")
+        if ws.unsupported_reason() is not None or _device_capability(self._device.index) != (9, 0):
+            return None
         tiles = sum(-(-q * group // _FA3_QUERY_TILE) for q in qo_lens) * num_kv_heads
-        return tiles >= num_sms(self._device.index)
+        return ws if tiles >= num_sms(self._device.index) else None
 
     def _options_key(self) -> Tuple[Any, ...]:
         return (

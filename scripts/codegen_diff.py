@@ -95,6 +95,7 @@ SPECS = {
     "fa3c": SP(head_dim=128, dtype_kv="e4m3", backend="fa3"),
     "br1": BP(kv_storage="ragged", head_dim=128, mask_mode="causal"),
     "wsr": BP(kv_storage="ragged", head_dim=128, mask_mode="causal", backend="fa3_ws"),
+    "wsp": BP(kv_storage="paged", head_dim=128, mask_mode="causal", backend="fa3_ws"),
     "br2": BP(kv_storage="ragged", head_dim=64, **F16, mask_mode="custom", pos_encoding_mode="ALIBI", use_window=True),
     "bp1": BP(kv_storage="paged", head_dim=128, pos_encoding_mode="ROPE_LLAMA"),
     "bp2": BP(kv_storage="paged", head_dim=256, mask_mode="causal", use_logits_soft_cap=True),

@@ -151,11 +151,6 @@ struct Sm90WsTraits {
 #else
   static constexpr int kHeadGroup = 0;
 #endif
-#ifdef FI_WS_PAGED_FENCE
-  static constexpr bool kPagedFence = FI_WS_PAGED_FENCE;
-#else
-  static constexpr bool kPagedFence = true;
-#endif
   // A wait longer than this is a deadlock (an item takes milliseconds; compute-sanitizer slows it 100-1000x).
 #ifdef FI_WS_WAIT_TIMEOUT_NS
   static constexpr uint64_t kWaitTimeoutNs = FI_WS_WAIT_TIMEOUT_NS;
@@ -571,10 +566,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     if (lane == 0) sm90::mbarrier_arrive(bar);
   };
   // Paged K/V: the producer's cp.async copies (generic proxy) completed the full barrier just waited for; the
-  // fence orders them before this thread's wgmmas (async proxy) read the tile. (-DFI_WS_PAGED_FENCE=0 drops it:
-  // a probe of its cost only, benchmarks/probe_prefill.py --paged.)
+  // fence orders them before this thread's wgmmas (async proxy) read the tile (H200: no measurable cost).
   auto paged_fence = [&]() {
-    if constexpr (PAGED && Tr::kPagedFence) sm90::fence_async_shared();
+    if constexpr (PAGED) sm90::fence_async_shared();
   };
 
   int it = 0;  // KV tiles consumed so far
