@@ -951,12 +951,14 @@ def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("page_size", [1, 5, 16, 256])
+@pytest.mark.parametrize("page_size", [1, 5, 8, 16, 64, 128, 256])
 @pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
 def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout):
-    """The paged kernel (its producer gathers each key row from its page): pages of 1 token, of a size that divides
-    nothing (5), of 16 and of more than a KV tile (256), every slot no request owns holding NaN (a partial last
-    page's slots must be zero-filled, not read); against the float64 reference and the fa2 paged path."""
+    """The paged kernel: pages gathered row by row by its producer (1 token, a size that divides nothing: 5) and
+    pages as TMA boxes (8, 16, 64: several a tile; 128: one; 256: a tile of half a page), every slot no request
+    owns holding NaN (a partial last page's slots must be zero-filled, not read: the tile that holds them is
+    gathered); requests whose last page is full (128 keys) and partial; against the float64 reference and the
+    fa2 paged path."""
     _need_hopper()
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
@@ -2102,8 +2104,9 @@ def test_fa3_ws_batch_kernel_keeps_to_registers(storage, tmp_path, monkeypatch):
     (no merge kernel: it never splits), no stack frame or spills at the producer's 56 registers with the work item
     read from the plan and handed over in shared memory (paged: and each thread's page lookups and row gather),
     launched at 168; it loads, exports the batch launchers and the planner's constants (one 128-row query tile,
-    128-key KV tiles), and its argument struct matches BATCH_PREFILL_ARGS. Ragged K/V comes by TMA, paged K/V by
-    cp.async (LDGSTS) alone."""
+    128-key KV tiles), and its argument struct matches BATCH_PREFILL_ARGS. Ragged K/V comes by 3-D TMA boxes, paged
+    K/V by 4-D boxes of whole pages (pages of a multiple of 8 slots) and by cp.async (LDGSTS: other page sizes, and
+    the tiles that hold a partial last page's slots)."""
     from flashinfer import jit
     from flashinfer.prefill import _args_type
 
@@ -2124,6 +2127,7 @@ def test_fa3_ws_batch_kernel_keeps_to_registers(storage, tmp_path, monkeypatch):
         for part in ("USETMAXREG.DEALLOC", "USETMAXREG.TRY_ALLOC", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "LDGSTS"):
             assert part in sass, part
         assert ("UTMALDG.3D" in sass) == (storage == "ragged")
+        assert ("UTMALDG.4D" in sass) == (storage == "paged")
 
 
 @pytest.mark.parametrize(

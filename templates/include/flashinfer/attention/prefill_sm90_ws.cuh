@@ -187,6 +187,7 @@ struct Sm90WsParams {
   int v_heads_inner;
   int kv_rows;     // ragged: token rows of the K/V arrays (the maps' extent; 0: no maps, every request empty)
   int head_group;  // single: KV heads whose items are interleaved (sm90_ws_item)
+  int page_rows;   // paged: key rows per TMA box (maps over the paged cache, sm90_ws_paged_map); 0: every tile gathered
 };
 
 // One work item's geometry. Single: computed alike by the producer and the consumers; ragged: by the producer,
@@ -194,7 +195,7 @@ struct Sm90WsParams {
 // request's first query / key row in q, o, lse / k, v (0 for a single request); lo, hi, delta and the key
 // positions are the request's own (0 = its first key).
 struct Sm90WsItem {
-  int kv_head, pr0, rows_here, delta, tok_min, tok_max, lo, hi, num_tiles, q_first, kv_first;
+  int kv_head, pr0, rows_here, delta, tok_min, tok_max, lo, hi, num_tiles, q_first, kv_first, kv_len;
 };
 static_assert(sizeof(Sm90WsItem) <= Sm90WsTraits::kItemBytes, "the item's shared-memory slot");
 
@@ -202,10 +203,11 @@ static_assert(sizeof(Sm90WsItem) <= Sm90WsTraits::kItemBytes, "the item's shared
 FI_DEVICE void sm90_ws_store_item(int* slot, const Sm90WsItem& t) {
   slot[0] = t.kv_head, slot[1] = t.pr0, slot[2] = t.rows_here, slot[3] = t.delta, slot[4] = t.tok_min;
   slot[5] = t.tok_max, slot[6] = t.lo, slot[7] = t.hi, slot[8] = t.num_tiles, slot[9] = t.q_first;
-  slot[10] = t.kv_first;
+  slot[10] = t.kv_first, slot[11] = t.kv_len;
 }
 FI_DEVICE Sm90WsItem sm90_ws_load_item(const volatile int* slot) {
-  return Sm90WsItem{slot[0], slot[1], slot[2], slot[3], slot[4], slot[5], slot[6], slot[7], slot[8], slot[9], slot[10]};
+  return Sm90WsItem{slot[0], slot[1], slot[2], slot[3], slot[4], slot[5],
+                    slot[6], slot[7], slot[8], slot[9], slot[10], slot[11]};
 }
 
 template <MaskMode MASK>
@@ -227,6 +229,7 @@ FI_DEVICE Sm90WsItem sm90_ws_item(const Sm90WsParams& P, int w) {
   visible_key_range<MASK, false>(0, p.kv_len, p.kv_len, t.delta, t.tok_min, t.tok_max, 0, t.lo, t.hi);
   t.num_tiles = t.hi > t.lo ? ceil_div(t.hi - t.lo, Tr::BK) : 0;
   t.q_first = t.kv_first = 0;
+  t.kv_len = p.kv_len;
   return t;
 }
 
@@ -253,6 +256,7 @@ FI_DEVICE Sm90WsItem sm90_ws_batch_item(const PrefillParams& p, int w) {
   t.tok_max = (t.pr0 + t.rows_here - 1) / p.group_size;
   visible_key_range<MASK, false>(kv_begin, kv_end, kv_len, t.delta, t.tok_min, t.tok_max, 0, t.lo, t.hi);
   t.num_tiles = t.hi > t.lo ? ceil_div(t.hi - t.lo, Tr::BK) : 0;
+  t.kv_len = kv_len;
   return t;
 }
 
@@ -344,8 +348,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::mbarrier_init(v_staged, 1);
     }
     sm90::mbarrier_init_fence();
-    // (with no keys the maps are left empty: no tile is ever issued; paged K/V is gathered without maps)
-    if (!PAGED && (BATCH ? P.kv_rows : p.kv_len) > 0) {
+    // (with no keys the maps are left empty: no tile is ever issued; paged K/V has maps only with page_rows)
+    if (PAGED ? P.page_rows > 0 : (BATCH ? P.kv_rows : p.kv_len) > 0) {
       sm90::tma_prefetch_map(&P.k_map);
       sm90::tma_prefetch_map(&P.v_map);
     }
@@ -442,8 +446,71 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
       sm90::cp_async_mbarrier_arrive_noinc(is_v ? v_full(s) : k_full(s));
     };
+    // Paged K/V by TMA (P.page_rows = R > 0: pages of a multiple of 8 slots that divide BK, or that BK divides): a
+    // tile as BK / R boxes of R slots of one page (R = the page size, or BK slots of a larger page), each pair of
+    // 64-column boxes issued by its own lane of warp 0 into rows [lane * R, (lane + 1) * R) of the slot (R a
+    // multiple of 8: whole 1024-byte swizzle atoms, so the boxes land exactly as one BK-row box would). Rows
+    // past the request lie on pages past its last (coordinate -1: TMA's zeros). The stale slots of a partial last
+    // page can only be zero-filled by the gather, so a tile holding any of them, or starting off a box boundary (a
+    // range that does not start at a multiple of R), is gathered; the full barrier takes 128 arrivals either way
+    // (here thread 0's arrive.expect_tx and 127 plain arrivals, each thread after its wait for the empty slot, so
+    // that no arrival can fall into the slot's previous phase).
+    auto by_tma = [&](const Sm90WsItem& t, int n) {
+      const int R = P.page_rows, key0 = t.lo + n * BK;  // (R a power of two)
+      if (R == 0 || (key0 & (R - 1)) != 0) return false;
+      const int stale_end = ceil_div(t.kv_len, p.page_size) * p.page_size;
+      return key0 >= stale_end || key0 + BK <= t.kv_len;
+    };
+    // Lane b < BK / R of warp 0: (page, slot) of the first row of box b of tile n, page -1 past the request or for
+    // a page id outside the cache.
+    auto locate_box = [&](const Sm90WsItem& t, int n) {
+      const int row = t.lo + n * BK + tid * P.page_rows;
+      int2 r = make_int2(-1, 0);
+      if (tid < BK / P.page_rows && row < t.kv_len) {
+        int page_pos, slot;
+        split_token(row, p.page_size, page_pos, slot);
+        const int page = p.kv_indices[t.kv_first + page_pos];
+        r = make_int2(page_in_cache(page, p.num_pages) ? page : -1, slot);
+      }
+      return r;
+    };
+    auto tma_pages = [&](const Sm90WsItem& t, bool is_v, int i, int2 r) {
+      const int s = i % S;
+      const uint32_t full = is_v ? v_full(s) : k_full(s);
+      wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
+      if (tid == 0) {
+        sm90::mbarrier_arrive_expect_tx(full, Tr::kKVBytes);
+      } else {
+        sm90::mbarrier_arrive(full);
+      }
+      __syncwarp();  // (the transaction count is expected before any box of the tile lands)
+      if (tid < BK / P.page_rows) {
+        const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes + tid * P.page_rows * sm90::kSwizzleRowBytes;
+        const CUtensorMap* map = is_v ? &P.v_map : &P.k_map;
+        const bool inner = is_v ? P.v_heads_inner : P.k_heads_inner;
+        const int c1 = inner ? t.kv_head : r.y, c2 = inner ? r.y : t.kv_head;
+        sm90::tma_load_4d(dst, map, 0, c1, c2, r.x, full);
+        sm90::tma_load_4d(dst + Tr::kBoxBytes, map, 64, c1, c2, r.x, full);
+      }
+    };
+    // Tile n of an item: how it is copied and its rows, looked up a tile ahead of its copies.
+    struct PagedTile {
+      int2 rows;
+      bool tma;
+    };
+    auto lookup = [&](const Sm90WsItem& t, int n) {
+      const bool tma = by_tma(t, n);
+      return PagedTile{tma ? locate_box(t, n) : locate(t, n), tma};
+    };
+    auto copy_tile = [&](const Sm90WsItem& t, bool is_v, int i, const PagedTile& r) {
+      if (r.tma) {
+        tma_pages(t, is_v, i, r.rows);
+      } else {
+        gather(t, is_v, i, r.rows);
+      }
+    };
     int it = 0;                // (thread 0; fp8 and paged: every thread) KV tiles issued so far
-    int2 cur = {}, next = {};  // (paged) the rows of the next K and V tiles to copy
+    PagedTile cur = {}, next = {};  // (paged) the next K and V tiles to copy
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(P, w);
       // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
@@ -470,9 +537,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // Paged: likewise K(0) is gathered before the Q wait, its copies landing while the previous item ends.
       if constexpr (PAGED) {
         if (t.num_tiles > 0) {
-          cur = locate(t, 0);
-          gather(t, false, it, cur);
-          if (t.num_tiles > 1) next = locate(t, 1);
+          cur = lookup(t, 0);
+          copy_tile(t, false, it, cur);
+          if (t.num_tiles > 1) next = lookup(t, 1);
         }
       }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
@@ -516,10 +583,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       } else if constexpr (PAGED) {
         // (K(0) was issued before Q; the lookups run one tile ahead of the copies)
         for (int n = 0; n < t.num_tiles; ++n) {
-          if (n + 1 < t.num_tiles) gather(t, false, it + n + 1, next);
-          gather(t, true, it + n, cur);
+          if (n + 1 < t.num_tiles) copy_tile(t, false, it + n + 1, next);
+          copy_tile(t, true, it + n, cur);
           cur = next;
-          if (n + 2 < t.num_tiles) next = locate(t, n + 2);
+          if (n + 2 < t.num_tiles) next = lookup(t, n + 2);
         }
         it += t.num_tiles;
       } else if (tid == 0) {
@@ -751,10 +818,11 @@ static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, int64_t ke
   *heads_inner = heads > 1 && stride_h < stride_n;
   constexpr uint32_t kBoxCols = is_fp8<T>::value ? Tr::kHeadDim : 64;
   auto encode = [&](const uint64_t (&dims)[3], int64_t stride1, int64_t stride2, const uint32_t (&box)[3]) {
+    const int64_t strides[2] = {stride1, stride2};
     if constexpr (is_fp8<T>::value) {
-      return encode_tile_map_3d_8bit(map, base, dims, stride1, stride2, box);
+      return encode_tile_map_8bit<3>(map, base, dims, strides, box);
     } else {
-      return encode_tile_map_3d_16bit(map, base, std::is_same<T, __nv_bfloat16>::value, dims, stride1, stride2, box);
+      return encode_tile_map_16bit<3>(map, base, std::is_same<T, __nv_bfloat16>::value, dims, strides, box);
     }
   };
   if (*heads_inner) {
@@ -765,6 +833,42 @@ static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, int64_t ke
   const uint64_t dims[3] = {uint64_t(Tr::kHeadDim), uint64_t(keys), uint64_t(heads)};
   const uint32_t box[3] = {kBoxCols, uint32_t(Tr::BK), 1};
   return encode(dims, stride_n, stride_h, box);
+}
+
+// A paged K or V cache (num_pages pages of page_size slots, 16-bit) as a 4-D tensor map for boxes of `rows` slots of
+// one page and one head: head_dim innermost, then the slot and head dimensions in the order of their strides (as
+// sm90_ws_kv_map), then the page. Returns in *heads_inner which order the kernel's box coordinates take.
+template <typename T>
+static cudaError_t sm90_ws_paged_map(CUtensorMap* map, const void* base, int64_t num_pages, int64_t page_size,
+                                     int64_t heads, int64_t stride_page, int64_t stride_n, int64_t stride_h, int rows,
+                                     int* heads_inner) {
+  using Tr = Sm90WsTraits;
+  *heads_inner = heads > 1 && stride_h < stride_n;
+  // Strides of dimensions of size 1 (never stepped over; torch leaves them arbitrary) span the dimensions inside.
+  if (heads == 1) stride_h = stride_n * page_size;
+  const int64_t outer = *heads_inner ? stride_n * page_size : stride_h * heads;
+  if (num_pages == 1) stride_page = outer;
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  if (*heads_inner) {
+    const uint64_t dims[4] = {uint64_t(Tr::kHeadDim), uint64_t(heads), uint64_t(page_size), uint64_t(num_pages)};
+    const int64_t strides[3] = {stride_h, stride_n, stride_page};
+    const uint32_t box[4] = {64, 1, uint32_t(rows), 1};
+    return encode_tile_map_16bit<4>(map, base, bf16, dims, strides, box);
+  }
+  const uint64_t dims[4] = {uint64_t(Tr::kHeadDim), uint64_t(page_size), uint64_t(heads), uint64_t(num_pages)};
+  const int64_t strides[3] = {stride_n, stride_h, stride_page};
+  const uint32_t box[4] = {64, uint32_t(rows), 1, 1};
+  return encode_tile_map_16bit<4>(map, base, bf16, dims, strides, box);
+}
+
+// Key rows per TMA box of a paged cache, or 0 when its tiles are gathered: pages of a multiple of 8 slots (whole
+// swizzle atoms) that divide the BK-key tile or are a multiple of it.
+constexpr int sm90_ws_page_rows(int page_size) {
+  using Tr = Sm90WsTraits;
+  return page_size <= 0 || page_size % 8 != 0                            ? 0
+         : Tr::BK % page_size == 0                                     ? page_size
+         : page_size % Tr::BK == 0                                     ? Tr::BK
+                                                                       : 0;
 }
 
 template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
@@ -823,6 +927,17 @@ cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int kv
   P.num_items = num_pieces * p.num_kv_heads;
   P.kv_rows = kv_rows;
   if (P.num_items == 0) return cudaSuccess;
+  if (PAGED && p.num_pages > 0 && sm90_ws_page_rows(p.page_size) > 0) {
+    // Pages by TMA boxes where the driver encodes both maps (their strides multiples of 16 bytes), else gathered.
+    const int rows = sm90_ws_page_rows(p.page_size);
+    err = sm90_ws_paged_map<DTypeQ>(&P.k_map, p.k, p.num_pages, p.page_size, p.num_kv_heads, p.k_stride_page,
+                                    p.k_stride_n, p.k_stride_h, rows, &P.k_heads_inner);
+    if (err == cudaSuccess)
+      err = sm90_ws_paged_map<DTypeQ>(&P.v_map, p.v, p.num_pages, p.page_size, p.num_kv_heads, p.v_stride_page,
+                                      p.v_stride_n, p.v_stride_h, rows, &P.v_heads_inner);
+    P.page_rows = err == cudaSuccess ? rows : 0;
+    err = cudaSuccess;
+  }
   if (!PAGED && kv_rows > 0) {  // (no rows at all: every request is empty, no tile is issued)
     err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, kv_rows, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
     if (err == cudaSuccess)

@@ -29,45 +29,54 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// The tensor map of a 3-D tensor of `elem_bytes`-byte elements of type `dtype`: dims[0] contiguous elements, dims[1]
-// rows `stride1` elements apart, dims[2] planes `stride2` elements apart; boxes of box[0] x box[1] x box[2] elements,
-// out-of-range elements read as zero. With CU_TENSOR_MAP_SWIZZLE_128B a box row must be 128 bytes (box[0] *
+// The tensor map of an N-D tensor (N = 3 or 4) of `elem_bytes`-byte elements of type `dtype`: dims[0] contiguous
+// elements, dimension i >= 1 strides[i - 1] elements apart; boxes of box[0] x ... x box[N - 1] elements,
+// out-of-range elements (a coordinate outside [0, dims[i]), negative included) read as zero while still counting
+// toward the box's transaction bytes. With CU_TENSOR_MAP_SWIZZLE_128B a box row must be 128 bytes (box[0] *
 // elem_bytes == 128: the wgmma tile layout); unswizzled, a multiple of 16 bytes up to 256 elements (rows land one
-// after the other). TMA needs the base and both strides in bytes to be multiples of 16 (the caller checks them first
-// and says so; cudaErrorInvalidValue here otherwise).
-static cudaError_t encode_tile_map_3d(CUtensorMap* map, const void* base, CUtensorMapDataType dtype, int elem_bytes,
-                                      const uint64_t (&dims)[3], int64_t stride1, int64_t stride2,
-                                      const uint32_t (&box)[3], CUtensorMapSwizzle swizzle) {
+// after the other). TMA needs the base and every stride in bytes to be multiples of 16 (callers check them first
+// and say so; cudaErrorInvalidValue here otherwise).
+template <int N>
+static cudaError_t encode_tile_map(CUtensorMap* map, const void* base, CUtensorMapDataType dtype, int elem_bytes,
+                                   const uint64_t (&dims)[N], const int64_t (&strides)[N - 1],
+                                   const uint32_t (&box)[N], CUtensorMapSwizzle swizzle) {
+  static_assert(N >= 2 && N <= 5, "cuTensorMapEncodeTiled takes ranks 1 to 5");
   const uint32_t row_bytes = box[0] * uint32_t(elem_bytes);
   const bool row_ok = swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? row_bytes == 128 : row_bytes % 16 == 0 && box[0] <= 256;
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || stride1 <= 0 || stride2 <= 0 || (stride1 * elem_bytes) % 16 != 0 ||
-      (stride2 * elem_bytes) % 16 != 0 || !row_ok)
-    return cudaErrorInvalidValue;
+  bool ok = reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_ok;
+  for (int i = 0; i < N - 1; ++i) ok = ok && strides[i] > 0 && (strides[i] * elem_bytes) % 16 == 0;
+  if (!ok) return cudaErrorInvalidValue;
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t gdim[3] = {dims[0], dims[1], dims[2]};
-  const cuuint64_t gstride[2] = {cuuint64_t(stride1) * elem_bytes, cuuint64_t(stride2) * elem_bytes};  // bytes
-  const cuuint32_t bdim[3] = {box[0], box[1], box[2]};
-  const cuuint32_t estride[3] = {1, 1, 1};
+  cuuint64_t gdim[N], gstride[N - 1];
+  cuuint32_t bdim[N], estride[N];
+  for (int i = 0; i < N; ++i) {
+    gdim[i] = dims[i];
+    bdim[i] = box[i];
+    estride[i] = 1;
+    if (i < N - 1) gstride[i] = cuuint64_t(strides[i]) * elem_bytes;  // bytes
+  }
   const CUresult r =
-      encode(map, dtype, 3, const_cast<void*>(base), gdim, gstride, bdim, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      encode(map, dtype, N, const_cast<void*>(base), gdim, gstride, bdim, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
              swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// A 3-D tensor of 16-bit elements (bf16 when `bf16`, else fp16) as encode_tile_map_3d describes, boxes 64 elements
+// An N-D tensor of 16-bit elements (bf16 when `bf16`, else fp16) as encode_tile_map describes, boxes 64 elements
 // (128 bytes) wide, 128-byte swizzled in shared memory: the wgmma tile layout.
-static cudaError_t encode_tile_map_3d_16bit(CUtensorMap* map, const void* base, bool bf16, const uint64_t (&dims)[3],
-                                            int64_t stride1, int64_t stride2, const uint32_t (&box)[3]) {
-  return encode_tile_map_3d(map, base, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
-                            dims, stride1, stride2, box, CU_TENSOR_MAP_SWIZZLE_128B);
+template <int N>
+static cudaError_t encode_tile_map_16bit(CUtensorMap* map, const void* base, bool bf16, const uint64_t (&dims)[N],
+                                         const int64_t (&strides)[N - 1], const uint32_t (&box)[N]) {
+  return encode_tile_map<N>(map, base, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                            dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
-// A 3-D tensor of bytes (fp8 elements, which TMA only copies) as encode_tile_map_3d describes, boxes unswizzled:
-// rows of box[0] bytes one after the other in shared memory.
-static cudaError_t encode_tile_map_3d_8bit(CUtensorMap* map, const void* base, const uint64_t (&dims)[3],
-                                           int64_t stride1, int64_t stride2, const uint32_t (&box)[3]) {
-  return encode_tile_map_3d(map, base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, dims, stride1, stride2, box,
+// An N-D tensor of bytes (fp8 elements, which TMA only copies) as encode_tile_map describes, boxes unswizzled: rows
+// of box[0] bytes one after the other in shared memory.
+template <int N>
+static cudaError_t encode_tile_map_8bit(CUtensorMap* map, const void* base, const uint64_t (&dims)[N],
+                                        const int64_t (&strides)[N - 1], const uint32_t (&box)[N]) {
+  return encode_tile_map<N>(map, base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, dims, strides, box,
                             CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
