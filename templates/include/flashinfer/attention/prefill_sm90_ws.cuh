@@ -206,7 +206,7 @@ FI_DEVICE void sm90_ws_store_item(int* slot, const Sm90WsItem& t) {
   slot[10] = t.kv_first, slot[11] = t.kv_len;
 }
 FI_DEVICE Sm90WsItem sm90_ws_load_item(const volatile int* slot) {
-  return Sm90WsItem{slot[0], slot[1], slot[2], slot[3], slot[4], slot[5],
+  return Sm90WsItem{slot[0], slot[1], slot[2], slot[3], slot[4],  slot[5],
                     slot[6], slot[7], slot[8], slot[9], slot[10], slot[11]};
 }
 
@@ -509,7 +509,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         gather(t, is_v, i, r.rows);
       }
     };
-    int it = 0;                // (thread 0; fp8 and paged: every thread) KV tiles issued so far
+    int it = 0;                     // (thread 0; fp8 and paged: every thread) KV tiles issued so far
     PagedTile cur = {}, next = {};  // (paged) the next K and V tiles to copy
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(P, w);
@@ -865,10 +865,10 @@ static cudaError_t sm90_ws_paged_map(CUtensorMap* map, const void* base, int64_t
 // swizzle atoms) that divide the BK-key tile or are a multiple of it.
 constexpr int sm90_ws_page_rows(int page_size) {
   using Tr = Sm90WsTraits;
-  return page_size <= 0 || page_size % 8 != 0                            ? 0
-         : Tr::BK % page_size == 0                                     ? page_size
-         : page_size % Tr::BK == 0                                     ? Tr::BK
-                                                                       : 0;
+  return page_size <= 0 || page_size % 8 != 0 ? 0
+         : Tr::BK % page_size == 0            ? page_size
+         : page_size % Tr::BK == 0            ? Tr::BK
+                                              : 0;
 }
 
 template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>

@@ -38,8 +38,8 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // and say so; cudaErrorInvalidValue here otherwise).
 template <int N>
 static cudaError_t encode_tile_map(CUtensorMap* map, const void* base, CUtensorMapDataType dtype, int elem_bytes,
-                                   const uint64_t (&dims)[N], const int64_t (&strides)[N - 1],
-                                   const uint32_t (&box)[N], CUtensorMapSwizzle swizzle) {
+                                   const uint64_t (&dims)[N], const int64_t (&strides)[N - 1], const uint32_t (&box)[N],
+                                   CUtensorMapSwizzle swizzle) {
   static_assert(N >= 2 && N <= 5, "cuTensorMapEncodeTiled takes ranks 1 to 5");
   const uint32_t row_bytes = box[0] * uint32_t(elem_bytes);
   const bool row_ok = swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? row_bytes == 128 : row_bytes % 16 == 0 && box[0] <= 256;
