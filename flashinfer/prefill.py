@@ -166,6 +166,13 @@ def _tma_kv_refusal(k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
 _FA3_QUERY_TILE = 128
 
 
+def _ws_auto_page_size(page_size: int) -> bool:
+    """Whether "auto" takes fa3_ws for a paged batch with this page size: the kernel copies its pages as TMA boxes
+    (a multiple of 8 slots that divides the 128-key tile, or a multiple of it: sm90_ws_page_rows) of at least 16
+    slots (boxes of 8 slots measured no faster than fa2, see _auto_fa3_ws)."""
+    return page_size >= 16 and page_size % 8 == 0 and (128 % page_size == 0 or page_size % 128 == 0)
+
+
 @functools.cache
 def _device_capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -905,8 +912,8 @@ class _BatchPrefillBase:
                 "the host, and ragged K/V's TMA descriptors hold each run's address and row count); use "
                 "use_cuda_graph=False, or backend='fa2' for graphs"
             )
-        # "auto": fa2, or fa3_ws for a ragged batch that it runs and whose query tiles fill a Hopper GPU (plan()
-        # decides, _auto_fa3_ws); fa3_ws by name for paged K/V or any batch.
+        # "auto": fa2, or fa3_ws for a ragged batch, or a paged one with pages it copies as TMA boxes, that it runs
+        # and whose query tiles fill a Hopper GPU (plan() decides, _auto_fa3_ws); fa3_ws by name for any batch.
         self._backend = "fa3_ws" if b == "fa3_ws" else "fa2"
         self._auto = b == "auto"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
@@ -1150,7 +1157,9 @@ class _BatchPrefillBase:
             use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             backend=opts.backend,
         )
-        spec = self._auto_fa3_ws(spec, qo_lens, num_qo_heads // num_kv_heads, num_kv_heads, fixed_chunk) or spec
+        spec = (
+            self._auto_fa3_ws(spec, qo_lens, num_qo_heads // num_kv_heads, num_kv_heads, fixed_chunk, page_size) or spec
+        )
         if spec.backend == "fa3_ws":
             _check_fa3_ws_batch(spec, self._device)
             if fixed_chunk > 0:
@@ -1289,13 +1298,23 @@ class _BatchPrefillBase:
         return plan
 
     def _auto_fa3_ws(
-        self, spec: BatchPrefillSpec, qo_lens: List[int], group: int, num_kv_heads: int, fixed_chunk: int
+        self,
+        spec: BatchPrefillSpec,
+        qo_lens: List[int],
+        group: int,
+        num_kv_heads: int,
+        fixed_chunk: int,
+        page_size: int,
     ) -> Optional[BatchPrefillSpec]:
-        """The fa3_ws spec when "auto" runs this ragged batch on it, else None: a Hopper GPU, the kernel's scope,
-        no CUDA graphs or fixed split size, and enough 128-row query tiles to fill the GPU without splitting keys
-        (fa2 splits a batch of few queries with long keys). H200, 16 x 1024 causal, 32/32 and 32/8 heads:
-        367-381 TFLOP/s against fa2's 245-266 (bench_prefill --ws-batch)."""
-        if not self._auto or self._storage != "ragged" or self._use_cuda_graph or fixed_chunk > 0:
+        """The fa3_ws spec when "auto" runs this batch on it, else None: a Hopper GPU, the kernel's scope, no CUDA
+        graphs or fixed split size, ragged K/V or pages the kernel copies as TMA boxes (_WS_AUTO_PAGE_SIZES), and
+        enough 128-row query tiles to fill the GPU without splitting keys (fa2 splits a batch of few queries with
+        long keys). H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s: ragged 369-384 against fa2's 246-266;
+        pages of 16 300-303 against 210-227, of 64 360 against 229; pages of 8 (TMA boxes of 1 KB) 231 and of 1
+        (row gather) 213, against fa2's 224-226, stay on fa2 (bench_prefill --ws-batch, probe_prefill --paged)."""
+        if not self._auto or self._use_cuda_graph or fixed_chunk > 0:
+            return None
+        if self._storage == "paged" and not _ws_auto_page_size(page_size):
             return None
         ws = dataclasses.replace(spec, backend="fa3_ws")
         if ws.unsupported_reason() is not None or _device_capability(self._device.index) != (9, 0):
@@ -1876,13 +1895,17 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
     custom_mask_buf, mask_indptr_buf : torch.Tensor, optional
         Graph mode's fixed buffers for custom masks: uint8 packed bits and int32 ``[batch_size + 1]`` byte offsets.
     backend : str
-        ``"auto"`` or ``"fa2"`` (mma.sync tensor cores, every feature; "auto" takes it), or ``"fa3_ws"`` (an
-        extension over FlashInfer's values, opt-in): the warp-specialised Hopper kernel (sm_90; wgmma, persistent
-        grid, its producer warpgroup gathering each key row from its page with cp.async, any page size) for
-        head_dim 128, k/v/o in q's float16/bfloat16 (no fp8 cache), no mask or causal, no position encoding,
-        window, soft cap or fp16 QK reduction, no CUDA graphs and no ``fixed_split_size``; plan() refuses other
-        batches with a ValueError naming the reason. It never splits a request's keys across CTAs. Slots past a
-        request's last token are never read (zero-filled), so they may hold anything.
+        ``"auto"``, ``"fa2"`` (mma.sync tensor cores, every feature) or ``"fa3_ws"`` (an extension over
+        FlashInfer's values): the warp-specialised Hopper kernel (sm_90; wgmma, persistent grid, any page size:
+        pages of 8, 16, 32, 64, 128 or a multiple of 128 slots copied as TMA boxes, other sizes gathered row by row
+        by its producer warpgroup) for head_dim 128, k/v/o in q's float16/bfloat16 (no fp8 cache), no mask or
+        causal, no position encoding, window, soft cap or fp16 QK reduction, no CUDA graphs and no
+        ``fixed_split_size``; plan() refuses other batches with a ValueError naming the reason. It never splits a
+        request's keys across CTAs. Slots past a request's last token are never read (zero-filled), so they may
+        hold anything. ``"auto"`` plans fa3_ws on a Hopper GPU for a batch in its scope with pages of 16, 32, 64,
+        128 or a multiple of 128 slots whose 128-row query tiles (per KV head) fill the GPU (without CUDA graphs or
+        ``fixed_split_size``), fa2 otherwise; an option set later (forward()) outside fa3_ws's scope runs that
+        plan on fa2.
     jit_args, jit_kwargs : optional
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """

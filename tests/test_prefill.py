@@ -782,6 +782,24 @@ def test_batch_prefill_ragged_auto_takes_fa3_ws_and_falls_back_to_fa2():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 8])
+def test_batch_prefill_paged_auto_takes_fa3_ws_for_tma_pages(page_size):
+    """backend="auto" on a paged batch whose query tiles fill a Hopper GPU plans fa3_ws for pages it copies as TMA
+    boxes of 16+ slots (fa2 for pages of 8), every slot no request owns holding NaN (1500 and 1000 keys: a partial
+    and a full last page); against the float64 reference, outputs NaN-poisoned."""
+    _need_hopper()
+    dt = torch.bfloat16
+    qs, ks, vs = _make_batch([1000, 1000, 1000], [1500, 1000, 2000], 2, 4, 128, dt)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    w, kv = _plan_batch("paged", ws, "NHD", qs, ks, vs, page_size=page_size, nan_fill=True, causal=True, q_data_type=dt)
+    assert w._plan_info.spec.backend == ("fa3_ws" if page_size == 16 else "fa2")
+    q = torch.cat(qs)
+    out = poisoned(q.shape, dt)
+    w.run(q, *kv, out=out)
+    assert_close(out, _batch_ref(qs, ks, vs, None, "causal")[0])
+
+
+@pytest.mark.gpu
 def test_batch_prefill_graph_mode_custom_mask_buffers_stay_across_replans():
     """Graph mode with a custom mask: plan() writes each batch's mask into the caller's custom_mask_buf and
     mask_indptr_buf (never a new allocation a replay would miss); a graph captured once replays new plans."""
@@ -1776,6 +1794,38 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
         monkeypatch.setattr(prefill, "_device_capability", lambda index: (8, 0))
         with pytest.raises(ValueError, match="needs a Hopper GPU"):
             W(workspace(), "NHD", backend="fa3_ws").plan(qo, kv, 8, 2, 128, q_data_type=bf)
+
+
+@pytest.mark.parametrize(
+    "page_size,backend",
+    [(16, "fa3_ws"), (64, "fa3_ws"), (128, "fa3_ws"), (256, "fa3_ws"), (8, "fa2"), (1, "fa2"), (48, "fa2")],
+)
+def test_fa3_ws_paged_auto_dispatch(monkeypatch, page_size, backend):
+    """On fake CUDA tensors (a fake Hopper): "auto" plans a paged batch whose query tiles fill the GPU on fa3_ws for
+    the page sizes its producer copies as TMA boxes of 16+ slots (16, 64, 128, 256), on fa2 for the others (8:
+    boxes measured no faster than fa2; 1 and 48: gathered row by row); a batch of few query tiles, graph mode and
+    fixed_split_size stay on fa2."""
+    from fake_cuda import fake_cuda, workspace
+
+    bf = torch.bfloat16
+    W = flashinfer.BatchPrefillWithPagedKVCacheWrapper
+    lens = [1000, 1000, 1000]
+    pages = [-(-n // page_size) for n in lens]
+    indptr = torch.tensor([0] + list(itertools.accumulate(pages)), dtype=torch.int32)
+    indices = torch.arange(int(indptr[-1]), dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * page_size for n, p in zip(lens, pages)], dtype=torch.int32)
+    qo = torch.tensor([0, 1000, 2000, 3000], dtype=torch.int32)
+    with fake_cuda(monkeypatch):
+        w = W(workspace(64 << 20), "NHD")
+        w.plan(qo, indptr, indices, last, 8, 2, 128, page_size, causal=True, q_data_type=bf)
+        assert w._plan_info.spec.backend == backend
+        assert w._plan_info.spec.kv_storage == "paged"
+        split = max(1, 512 // page_size)  # (pages: 512-key chunks)
+        w.plan(qo, indptr, indices, last, 8, 2, 128, page_size, causal=True, q_data_type=bf, fixed_split_size=split)
+        assert w._plan_info.spec.backend == "fa2"
+        qo1 = torch.tensor([0, 10, 20, 30], dtype=torch.int32)  # 3 query tiles x 2 KV heads: too few for the GPU
+        w.plan(qo1, indptr, indices, last, 8, 2, 128, page_size, causal=True, q_data_type=bf)
+        assert w._plan_info.spec.backend == "fa2"
 
 
 def test_cpu_tensors_refused_before_any_build():

@@ -1,7 +1,8 @@
 // Warp-specialised prefill attention on Hopper (sm_90a): TMA producer, two wgmma consumer warpgroups, a persistent
-// grid. The "fa3_ws" backend of single-request prefill and of ragged and paged batch prefill (opt-in:
-// backend="fa3_ws"; "fa3" is prefill_sm90.cuh). One kernel, templated on BATCH (where a work item comes from) and
-// PAGED (how K/V tiles reach shared memory: TMA boxes, or rows gathered through the page table).
+// grid. The "fa3_ws" backend of single-request prefill and of ragged and paged batch prefill (backend="fa3_ws", and
+// "auto" where prefill.py measured it faster; "fa3" is prefill_sm90.cuh). One kernel, templated on BATCH (where a
+// work item comes from) and PAGED (how K/V tiles reach shared memory: TMA boxes over the whole K/V, boxes of whole
+// pages, or rows gathered through the page table).
 //
 // ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
 //   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs, fp8 kProducerRegsFp8): all 128 threads copy each work
@@ -48,7 +49,8 @@
 //   through since the kernel started (over all its items); tile `it` sits in ring slot s = it % kStages, and
 //   that slot's barriers are in the phase of parity ph = (it / kStages) & 1 for it. `j` counts the items.
 //     k_full[s], v_full[s]  count 1: the producer's arrive.expect_tx(tile bytes), plus the TMA bytes. Paged:
-//                           count 128, every producer thread arrives once its gathered rows have landed.
+//                           count 128, every producer thread arrives once its gathered rows have landed (a
+//                           tile of page boxes: thread 0's arrive.expect_tx, the others' plain arrivals).
 //                           Consumers wait(ph) before reading the slot. fp8: count 128, every producer thread
 //                           arrives after its share of the widened tile (then fence.proxy.async: wgmma reads it).
 //     k_staged, v_staged    fp8 only, count 1: thread 0's arrive.expect_tx(fp8 tile bytes), plus the TMA bytes.
@@ -82,18 +84,15 @@
 //
 // Scope: head_dim 128, q/k/v/o one 16-bit type, no mask or causal, GQA, K/V of any strides that TMA takes
 // (base and token/head strides multiples of 16 bytes: NHD and HND caches and their views); single requests and
-// ragged batches; paged batches of any page size (16-bit K/V gathered row by row with cp.async by the producer
-// warpgroup, see PAGED in the producer: no tensor maps). Single requests also with fp8 K/V (e4m3/e5m2) and a 16-bit q
-// and o, computed as the fa3 kernel does: float16 wgmmas (a bfloat16 Q tile rounded to float16 by the producer once per
-// item: q_tile_to_half), k_scale folded into sm_scale by the caller, v_scale in the epilogue (output_factor). Not
-// (yet): fp8 K/V in ragged batches (the kernel's fp8 path takes ragged items alike, but the batch launcher and scope
-// are 16-bit), fp8 paged K/V, KV split, custom masks, windows, soft cap, RoPE, TMA store of O, CUDA graphs of the batch
-// (the tensor maps hold each run's K/V address and row count); ping-pong of the two consumer warpgroups is there but
-// off (-DFI_WS_PINGPONG=1, for probes).
-//
-// Next steps (design, not built): pages of 64+ tokens as TMA boxes of a 4-D map (head_dim, slot, head, page),
-// if the row gather measures short of the ragged kernel's TMA path (a partial last page's slots would then have to
-// be zeroed in shared memory: TMA only zero-fills outside the tensor).
+// ragged batches; paged batches of any page size (16-bit K/V: pages of 8, 16, 32, 64, 128 or a multiple of 128 slots
+// as TMA boxes of a 4-D map, sm90_ws_paged_map; other page sizes, and a tile holding a partial last page's slots,
+// gathered row by row with cp.async by the producer warpgroup; see PAGED in the producer). Single requests also
+// with fp8 K/V (e4m3/e5m2) and a 16-bit q and o, computed as the fa3 kernel does: float16 wgmmas (a bfloat16 Q tile
+// rounded to float16 by the producer once per item: q_tile_to_half), k_scale folded into sm_scale by the caller,
+// v_scale in the epilogue (output_factor). Not (yet): fp8 K/V in ragged batches (the kernel's fp8 path takes ragged
+// items alike, but the batch launcher and scope are 16-bit), fp8 paged K/V, KV split, custom masks, windows, soft
+// cap, RoPE, TMA store of O, CUDA graphs of the batch (the tensor maps hold each run's K/V address and row count);
+// ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/prefill_common.cuh"
@@ -493,6 +492,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         sm90::tma_load_4d(dst + Tr::kBoxBytes, map, 64, c1, c2, r.x, full);
       }
     };
+    // H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s (ragged by TMA: 369-384; every tile gathered: 228-232):
+    // pages of 16 by boxes 298-303, of 64 360, of 8 (1 KB boxes, 32 a tile) 231 (probe_prefill --paged).
     // Tile n of an item: how it is copied and its rows, looked up a tile ahead of its copies.
     struct PagedTile {
       int2 rows;
