@@ -3,7 +3,7 @@ kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_
 FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a table; records nothing.
 
 ``--paged``: fa3_ws paged batch prefill (PAGED_VARIANTS, each with its own -D flags) beside fa3_ws ragged and fa2
-paged on the same 16 x 1024 causal batches (pages of 1, 8, 16, 64).
+paged on the same 16 x 1024 causal batches (pages of 1, 8, 16, 32, 64).
 
 ``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD; FP8_VARIANTS, each with its own -D flags)
 against fa3_ws with bf16 K/V, on 8192 full, 8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
@@ -171,6 +171,7 @@ PAGED_CASES = [
     (16, 1024, 32, 8, 16),
     (16, 1024, 32, 8, 1),
     (16, 1024, 32, 8, 8),
+    (16, 1024, 32, 8, 32),
     (16, 1024, 32, 8, 64),
 ]
 
