@@ -5,6 +5,8 @@ FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a tabl
 ``--paged``: fa3_ws paged batch prefill (PAGED_VARIANTS, each with its own -D flags) beside fa3_ws ragged and fa2
 paged on the same 16 x 1024 causal batches (pages of 1, 8, 16, 32, 64).
 
+``--split``: fa3_ws against fa2 on batch prefills whose keys the planner splits (SPLIT_CASES).
+
 ``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD; FP8_VARIANTS, each with its own -D flags)
 against fa3_ws with bf16 K/V, on 8192 full, 8192 causal and 16384 full: TFLOP/s, the ratio to bf16 K/V, and each output's max abs error against SDPA on the
 dequantised K/V (flagged WRONG past the tolerance 1e-2 + 2e-2 |ref|)."""
@@ -247,7 +249,69 @@ def paged_main() -> None:
         torch.cuda.empty_cache()
 
 
+# (requests, qo_len, kv_len, query heads, KV heads, causal, page size or 0 for ragged): batches whose 128-row query
+# tiles alone do not fill the GPU (the planner splits their keys), and one that does.
+SPLIT_CASES = [
+    (1, 256, 32768, 32, 8, True, 0),
+    (1, 64, 32768, 32, 8, False, 0),
+    (1, 64, 32768, 32, 8, False, 16),
+    (2, 128, 16384, 32, 32, True, 0),
+    (4, 512, 8192, 32, 8, True, 0),
+    (8, 1, 4096, 32, 8, False, 16),
+]
+
+
+def split_main() -> None:
+    """fa3_ws against fa2 on batches the planner splits (both split as the planner likes; fa3_ws also unsplit): device
+    ms per call queued behind a sleep (bench_prefill.queued_ms), TFLOP/s of the visible work."""
+    from bench_prefill import queued_ms
+
+    d, dt = 128, torch.bfloat16
+    for n, qo_len, kv_len, hq, hkv, causal, ps in SPLIT_CASES:
+        torch.manual_seed(0)
+        q = torch.randn(n * qo_len, hq, d, device="cuda", dtype=dt)
+        k, v = (torch.randn(n * kv_len, hkv, d, device="cuda", dtype=dt) for _ in range(2))
+        qo = torch.arange(0, n * qo_len + 1, qo_len, dtype=torch.int32)
+        kvp = torch.arange(0, n * kv_len + 1, kv_len, dtype=torch.int32)
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        seen = qo_len * kv_len - (qo_len * (qo_len - 1) // 2 if causal else 0)
+        fl = n * 4 * seen * hq * d
+        out = torch.empty_like(q)
+        runs = {}
+        for backend, split_off in (("fa2", False), ("fa3_ws", False), ("fa3_ws", True)):
+            if ps:
+                cache, perm, kv_indptr, last = scattered_pages(k, v, n, ps)
+                w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
+                w.plan(
+                    qo, kv_indptr, perm, last, hq, hkv, d, ps, causal=causal, q_data_type=dt, disable_split_kv=split_off
+                )
+                fn = lambda w=w, cache=cache: w.run(q, cache, out=out)  # noqa: E731
+            else:
+                w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
+                w.plan(qo, kvp, hq, hkv, d, causal=causal, q_data_type=dt, disable_split_kv=split_off)
+                fn = lambda w=w: w.run(q, k, v, out=out)  # noqa: E731
+            st = w.plan_stats
+            runs[f"{backend}{' unsplit' if split_off else ''} ({st['pieces']} pieces, {st['merges']} merges)"] = fn
+        storage = f"paged {ps}" if ps else "ragged"
+        print(f"{storage} {n} x (qo {qo_len}, kv {kv_len}) {'causal' if causal else 'full'}, {hq}/{hkv}:", flush=True)
+        ref = None
+        for name, fn in runs.items():
+            out.fill_(float("nan"))
+            fn()
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = out.float().clone()
+            err = (out.float() - ref).abs().max().item()
+            t = queued_ms(fn)
+            print(f"  {name:48s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
+        del q, k, v, out, ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
+    if "--split" in sys.argv[1:]:
+        split_main()
+        return
     if "--fp8" in sys.argv[1:]:
         fp8_main()
         return

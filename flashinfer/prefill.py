@@ -1162,11 +1162,6 @@ class _BatchPrefillBase:
         )
         if spec.backend == "fa3_ws":
             _check_fa3_ws_batch(spec, self._device)
-            if fixed_chunk > 0:
-                raise ValueError(
-                    f"fixed_split_size={fixed_chunk}: backend='fa3_ws' never splits a request's keys (each request "
-                    "is computed whole, whatever the batch); leave fixed_split_size=None, or use backend='fa2'"
-                )
         if self._use_cuda_graph and self._frozen_spec is not None and spec != self._frozen_spec:
             raise ValueError(
                 "a CUDA-graph wrapper keeps its kernel variant across plans (captured graphs bake it in): "
@@ -1192,7 +1187,7 @@ class _BatchPrefillBase:
             ws_floats,
             num_qo_heads,
             fixed_chunk=fixed_chunk,
-            split_kv=not disable_split_kv and spec.backend != "fa3_ws",  # (fa3_ws has no partial states)
+            split_kv=not disable_split_kv,
             request_major=spec.backend == "fa3_ws" and _WS_REQUEST_MAJOR,
         )
         if part_rows * num_qo_heads * (head_dim_qk + 1) > ws_floats:
@@ -1524,8 +1519,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         ``"auto"``, ``"fa2"`` (mma.sync tensor cores, every feature) or ``"fa3_ws"`` (an extension over
         FlashInfer's values): the warp-specialised Hopper kernel (sm_90; TMA loads, wgmma, persistent grid) for
         head_dim 128, k/v/o in q's float16/bfloat16, no mask or causal, no position encoding, window, soft cap or
-        fp16 QK reduction, no CUDA graphs and no ``fixed_split_size``; asked for by name, plan() refuses other
-        batches with a ValueError naming the reason. It never splits a request's keys across CTAs. A KV tile
+        fp16 QK reduction, no CUDA graphs; asked for by name, plan() refuses other batches with a ValueError naming
+        the reason. As fa2, it splits long requests' keys into chunks when the batch's query tiles alone cannot
+        fill the GPU (or by ``fixed_split_size``), their partial states merged by a second kernel. A KV tile
         that runs past a request reads the next request's rows (masked: their scores are dropped, a probability
         of exactly 0 multiplies their values), so k and v must hold finite values in every row. ``"auto"`` plans
         fa3_ws on a Hopper GPU for a batch in its scope whose 128-row query tiles (per KV head) fill the GPU
@@ -1899,10 +1895,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         FlashInfer's values): the warp-specialised Hopper kernel (sm_90; wgmma, persistent grid, any page size:
         pages of 8, 16, 32, 64, 128 or a multiple of 128 slots copied as TMA boxes, other sizes gathered row by row
         by its producer warpgroup) for head_dim 128, k/v/o in q's float16/bfloat16 (no fp8 cache), no mask or
-        causal, no position encoding, window, soft cap or fp16 QK reduction, no CUDA graphs and no
-        ``fixed_split_size``; plan() refuses other batches with a ValueError naming the reason. It never splits a
-        request's keys across CTAs. Slots past a request's last token are never read (zero-filled), so they may
-        hold anything. ``"auto"`` plans fa3_ws on a Hopper GPU for a batch in its scope with pages of 16, 32, 64,
+        causal, no position encoding, window, soft cap or fp16 QK reduction, no CUDA graphs; plan() refuses other
+        batches with a ValueError naming the reason. As fa2, it splits long requests' keys into chunks when the
+        batch's query tiles alone cannot fill the GPU (or by ``fixed_split_size``), their partial states merged by
+        a second kernel. Slots past a request's last token are never read (zero-filled), so they may hold
+        anything. ``"auto"`` plans fa3_ws on a Hopper GPU for a batch in its scope with pages of 16, 32, 64,
         128 or a multiple of 128 slots whose 128-row query tiles (per KV head) fill the GPU (without CUDA graphs or
         ``fixed_split_size``), fa2 otherwise; an option set later (forward()) outside fa3_ws's scope runs that
         plan on fa2.

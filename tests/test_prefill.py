@@ -903,9 +903,12 @@ _WS_BATCH_CASES = {
 }
 
 
-def _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="ragged", page_size=16, **run_kw):
+def _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="ragged", page_size=16, split=None, **run_kw):
     """(o, lse) of the fa3_ws and the fa2 wrappers of a storage on the same batch (NaN-poisoned outputs; paged: every
-    slot no request owns holds NaN)."""
+    slot no request owns holds NaN). split: None plans as the planner likes (it splits long requests' keys when the
+    query tiles do not fill the GPU), "off" with disable_split_kv, n > 0 fixed_split_size=n (pages, when paged); the
+    fa3_ws plan's merges are checked to be there (n) or not ("off")."""
+    plan_kw = {"off": dict(disable_split_kv=True), None: {}}.get(split, dict(fixed_split_size=split))
     q = torch.cat(qs)
     res = []
     for backend in ("fa3_ws", "fa2"):
@@ -922,9 +925,12 @@ def _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="ragged", page_size=1
             nan_fill=storage == "paged",
             causal=mask_mode == "causal",
             q_data_type=q.dtype,
+            **plan_kw,
         )
-        if backend == "fa3_ws":
-            assert w.plan_stats["merges"] == 0  # (never split)
+        if backend == "fa3_ws" and split == "off":
+            assert w.plan_stats["merges"] == 0
+        if backend == "fa3_ws" and isinstance(split, int):
+            assert w.plan_stats["merges"] > 0
         out, lse = poisoned(q.shape, q.dtype), poisoned(q.shape[:2], torch.float32)
         o, l = w.run(q, *kv, out=out, lse=lse, return_lse=True, **run_kw)
         assert o is out and l is lse
@@ -950,38 +956,42 @@ def _check_ws_batch(qs, ks, vs, mask_mode, results, case=None, fa2_tol=None):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [None, "off", 300], ids=["split_auto", "split_off", "split_300"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
-def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype):
+def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype, split):
     """Against the float64 reference (outputs NaN-poisoned, lse requested), and against the fa2 ragged path within
-    bfloat16's tolerance."""
+    bfloat16's tolerance; keys split as the planner likes (these small batches: into chunks, partial states
+    merged), not split, and in fixed chunks of 300 keys (chunks ending mid-tile; under causal, chunks that some of
+    an item's rows, or all of them, cannot see)."""
     _need_hopper()
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, dtype)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    _check_ws_batch(qs, ks, vs, mask_mode, _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws), case)
+    _check_ws_batch(qs, ks, vs, mask_mode, _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, split=split), case)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
 @pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("split", [None, "off"], ids=["split_auto", "split_off"])
 @pytest.mark.parametrize("page_size", [1, 5, 8, 16, 64, 128, 256])
 @pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
-def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout):
+def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout, split):
     """The paged kernel: pages gathered row by row by its producer (1 token, a size that divides nothing: 5) and
     pages as TMA boxes (8, 16, 64: several a tile; 128: one; 256: a tile of half a page), every slot no request
     owns holding NaN (a partial last page's slots must be zero-filled, not read: the tile that holds them is
-    gathered); requests whose last page is full (128 keys) and partial; against the float64 reference and the
-    fa2 paged path."""
+    gathered); requests whose last page is full (128 keys) and partial; keys split as the planner likes and not
+    split; against the float64 reference and the fa2 paged path."""
     _need_hopper()
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    res = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size)
+    res = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size, split=split)
     _check_ws_batch(qs, ks, vs, mask_mode, res, case)
 
 
@@ -1738,7 +1748,6 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
             ("fa3_ws.*soft cap", dict(logits_soft_cap=30.0)),
             ("fa3_ws.*position encoding", dict(pos_encoding_mode="ROPE_LLAMA")),
             ("fa3_ws.*fp16 QK", dict(use_fp16_qk_reduction=True, q_data_type=torch.float16)),
-            ("fixed_split_size=256.*never splits", dict(fixed_split_size=256)),
         ]
         for why, kw in refusals:
             args = dict(num_qo_heads=8, num_kv_heads=2, head_dim_qk=128, causal=True, q_data_type=bf)
@@ -1747,8 +1756,8 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
                 w.plan(qo, kv, **args)
         assert rec.loaded == [] and rec.calls == []
 
-        w.plan(qo, kv, 8, 2, 128, causal=True, q_data_type=bf)
-        assert w.plan_stats["merges"] == 0 and w.plan_stats["partial_states"] == 0  # fa2 splits the 20000 keys
+        w.plan(qo, kv, 8, 2, 128, causal=True, q_data_type=bf, disable_split_kv=True)
+        assert w.plan_stats["merges"] == 0 and w.plan_stats["partial_states"] == 0
         q = cuda(torch.randn(303, 8, 128).to(bf))
         k = cuda(torch.randn(20705, 2, 128).to(bf))
         w.run(q, k, k)
@@ -1759,6 +1768,15 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
         # pieces: 1 query tile of request 0 (3 x 4 rows), none of request 1, 10 of request 2 (300 x 4 rows)
         assert a["args.tile_q"] == 128 and a["args.kv_rows"] == 20705
         assert a["args.grid_x"] == 11 and a["args.merge_grid_x"] == 0
+        # as planned by default: the 11 query tiles x 2 KV heads cannot fill the GPU, so the requests' keys are
+        # cut into chunks (as fa2 would), their partial states merged by the module's second kernel
+        w.plan(qo, kv, 8, 2, 128, causal=True, q_data_type=bf)
+        st = w.plan_stats
+        assert st["merges"] > 0 and st["partial_states"] > 0 and st["pieces"] > 11
+        w.run(q, k, k)
+        a = [c for c in rec.launches("flashinfer_batch_prefill") if c[0] == "flashinfer_batch_prefill"][-1][1]
+        assert a["_spec"].backend == "fa3_ws" and a["args.grid_x"] == st["pieces"]
+        assert a["args.merge_grid_x"] == st["merges"]
         with pytest.raises(ValueError, match="zero stride"):
             kz = k[:1].expand(20705, 2, 128)
             w.run(q, kz, kz)
@@ -2150,8 +2168,8 @@ def test_fa3_ws_kernel_keeps_to_registers(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("storage", ["ragged", "paged"])
 def test_fa3_ws_batch_kernel_keeps_to_registers(storage, tmp_path, monkeypatch):
-    """A real sm_90a build of the ragged and of the paged batch module of the warp-specialised kernel: one kernel
-    (no merge kernel: it never splits), no stack frame or spills at the producer's 56 registers with the work item
+    """A real sm_90a build of the ragged and of the paged batch module of the warp-specialised kernel: two kernels
+    (its own and the merge of split requests' partial states), no stack frame or spills at the producer's 56 registers with the work item
     read from the plan and handed over in shared memory (paged: and each thread's page lookups and row gather),
     launched at 168; it loads, exports the batch launchers and the planner's constants (one 128-row query tile,
     128-key KV tiles), and its argument struct matches BATCH_PREFILL_ARGS. Ragged K/V comes by 3-D TMA boxes, paged
@@ -2163,7 +2181,7 @@ def test_fa3_ws_batch_kernel_keeps_to_registers(storage, tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHINFER_JIT_CACHE", str(tmp_path / "cache"))
     spec = BatchPrefillSpec(128, "bf16", "bf16", "bf16", kv_storage=storage, mask_mode="causal", backend="fa3_ws")
     report = jit.ensure_built(spec)
-    assert_register_only(report, kernels=1)
+    assert_register_only(report, kernels=2)
     log = report.log_path.read_text()
     assert "Used 168 registers" in log, [ln for ln in log.splitlines() if "registers" in ln]
     assert "serialized" not in log

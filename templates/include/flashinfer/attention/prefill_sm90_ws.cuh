@@ -233,8 +233,9 @@ FI_DEVICE Sm90WsItem sm90_ws_item(const Sm90WsParams& P, int w) {
 }
 
 // Batch (ragged or paged K/V): item w of the plan's schedule (p.work, structure of arrays: request, query tile, kv
-// begin, kv end, partial row; the planner never splits a request's keys for this kernel, so the partial row is -1).
-// kv_first: the request's first row of the ragged K/V, or (paged) its first entry of kv_indices.
+// begin, kv end, partial row). kv_first: the request's first row of the ragged K/V, or (paged) its first entry of
+// kv_indices. A request whose keys the planner split into chunks has each chunk's items write partial states from
+// their partial row on (sm90_ws_partial_row; -1: o and lse), merged by prefill_merge_kernel afterwards.
 template <MaskMode MASK, bool PAGED>
 FI_DEVICE Sm90WsItem sm90_ws_batch_item(const PrefillParams& p, int w) {
   using Tr = Sm90WsTraits;
@@ -257,6 +258,12 @@ FI_DEVICE Sm90WsItem sm90_ws_batch_item(const PrefillParams& p, int w) {
   t.num_tiles = t.hi > t.lo ? ceil_div(t.hi - t.lo, Tr::BK) : 0;
   t.kv_len = kv_len;
   return t;
+}
+
+// Batch item w's first partial row (its chunk's partial states), or -1 when it writes o and lse: read by the
+// consumers themselves (the producer's hand-over of the item, at its 56 registers, would spill one more field).
+FI_DEVICE int sm90_ws_partial_row(const PrefillParams& p, int w) {
+  return p.work[4 * p.work_capacity + w / p.num_kv_heads];
 }
 
 // ---- fp8 widening, register-staged. A thread's share of a staged fp8 tile (BK rows of 128
@@ -772,6 +779,21 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       it += t.num_tiles;
     }
 
+    const int hq0 = t.kv_head * group;
+    const int partial = BATCH ? sm90_ws_partial_row(p, w) : -1;
+    if (partial >= 0) {
+      // ---- a chunk of a split request: its partial state (float32 O scaled by 1 / d, and lse), straight from the
+      // accumulators (no staging: the merge kernel reads these rows once)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        const float dr = quad_sum(d[r]);
+        if (row < t.rows_here)
+          store_partial_row<16, D>(p, packed_row_index(p, partial, t.pr0 + row, group, hq0), output_factor<FP8>(dr, p),
+                                   lane, o + 2 * r, m[r], dr, scl);
+      }
+      continue;
+    }
     // ---- epilogue: normalise, stage this warpgroup's 64 rows as 16 bits, write them as 16-byte chunks
     const int bar_id = 1 + cwg;
     sm90::named_barrier_sync(bar_id, 128);  // the previous item's reads of these staging rows are done
@@ -782,7 +804,6 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
                               [&](int row, int i) { return so + sm90::tile_offset(row, i, BQ); });
     }
     sm90::named_barrier_sync(bar_id, 128);
-    const int hq0 = t.kv_head * group;
     // (wtid made opaque: else the compiler hoists the store addresses out of the item loop and spills them)
     store_o_tile<64, CH, 128, DTypeO>(
         p, t.q_first, group, hq0, t.pr0, cwg * 64, t.rows_here, sm90::opaque_int(wtid),
@@ -905,13 +926,14 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
   return cudaGetLastError();
 }
 
-// Batch prefill, ragged or (PAGED) paged K/V: p carries the plan's schedule (p.work: num_pieces pieces, never split)
-// and the per-request qo_indptr / kv_indptr (paged: kv_indices, kv_last_page_len, page_size, num_pages and the
-// page strides too); kv_rows is the number of token rows of a ragged k and v (kv_indptr[batch]; unused when paged:
-// no tensor maps, the producer gathers rows). With pdl, launched with programmatic dependent launch.
+// Batch prefill, ragged or (PAGED) paged K/V: p carries the plan's schedule (p.work: num_pieces pieces; p.merge:
+// merge_grid_x rows merging the partial states of split requests, 0 when none is split) and the per-request
+// qo_indptr / kv_indptr (paged: kv_indices, kv_last_page_len, page_size, num_pages and the page strides too);
+// kv_rows is the number of token rows of a ragged k and v (kv_indptr[batch]; unused when paged). With pdl, both
+// kernels launched with programmatic dependent launch.
 template <typename DTypeQ, typename DTypeO, MaskMode MASK, bool PAGED>
-cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int kv_rows, int device, cudaStream_t stream,
-                                         bool pdl, int* occupancy_only) {
+cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int merge_grid_x, int kv_rows, int device,
+                                         cudaStream_t stream, bool pdl, int* occupancy_only) {
   constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeQ, DTypeO, MASK, true, PAGED>;
   using Tr = Sm90WsTraits;
   constexpr int kSmem = Tr::smem_bytes(true);
@@ -947,7 +969,10 @@ cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int kv
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
-  return launch_kernel(kernel, dim3(grid), dim3(Tr::kThreads), kSmem, stream, pdl, P);
+  err = launch_kernel(kernel, dim3(grid), dim3(Tr::kThreads), kSmem, stream, pdl, P);
+  if (err != cudaSuccess) return err;
+  // Split requests: their chunks' partial states merged (launched dependent on the kernel with pdl)
+  return launch_prefill_merge<Tr::kHeadDim, DTypeO>(p, merge_grid_x, stream, pdl);
 }
 
 }  // namespace flashinfer
