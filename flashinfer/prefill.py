@@ -93,8 +93,9 @@ BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a),
 # persistent grid), single prefill and ragged and paged batch prefill within _fa3_scope. For single prefill "auto" takes
 # it wherever it would take fa3 and fa3_ws applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws
 # (H200, 2026-11-30, 32/32 and 32/8 heads, 2048-16384 tokens, full and causal), all its GPU tests passing. For
-# ragged batch prefill "auto" takes it where it applies and its query tiles fill the GPU (1.4-1.5x fa2 on 16 x 1024
-# causal); paged batch prefill takes it by name only (its row gather measured 1.0-1.1x fa2). fp8 K/V (single prefill): its producer
+# batch prefill "auto" takes it where it applies (paged: pages it copies as TMA boxes of 16+ slots) and its query
+# tiles fill the GPU or are at least half full (keys then split; see _auto_fa3_ws: 1.3-1.9x fa2 on every measured
+# batch but decode-like ones, which are equal). fp8 K/V (single prefill): its producer
 # widens the TMA-copied fp8 tiles through registers, e4m3/bf16 TFLOP/s 1.02-1.04 (H200, 8192 full and causal,
 # 16384 full, 32/8 heads; fa3, which widens under its own wgmmas, measured 0.66 of fa3_ws bf16 on 8192 causal), and
 # "auto" takes it for fp8 as for 16-bit K/V (its GPU test matrix passed: 127 tests, tile edges, HND, e5m2, f16 q).
@@ -913,7 +914,8 @@ class _BatchPrefillBase:
                 "use_cuda_graph=False, or backend='fa2' for graphs"
             )
         # "auto": fa2, or fa3_ws for a ragged batch, or a paged one with pages it copies as TMA boxes, that it runs
-        # and whose query tiles fill a Hopper GPU (plan() decides, _auto_fa3_ws); fa3_ws by name for any batch.
+        # and whose query tiles fill a Hopper GPU or are half full (plan() decides, _auto_fa3_ws); fa3_ws by name
+        # for any batch.
         self._backend = "fa3_ws" if b == "fa3_ws" else "fa2"
         self._auto = b == "auto"
         if not isinstance(float_workspace_buffer, torch.Tensor) or float_workspace_buffer.device.type != "cuda":
@@ -1302,11 +1304,15 @@ class _BatchPrefillBase:
         page_size: int,
     ) -> Optional[BatchPrefillSpec]:
         """The fa3_ws spec when "auto" runs this batch on it, else None: a Hopper GPU, the kernel's scope, no CUDA
-        graphs or fixed split size, ragged K/V or pages the kernel copies as TMA boxes (_WS_AUTO_PAGE_SIZES), and
-        enough 128-row query tiles to fill the GPU without splitting keys (fa2 splits a batch of few queries with
-        long keys). H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s: ragged 369-384 against fa2's 246-266;
-        pages of 16 300-303 against 210-227, of 64 360 against 229; pages of 8 (TMA boxes of 1 KB) 231 and of 1
-        (row gather) 213, against fa2's 224-226, stay on fa2 (bench_prefill --ws-batch, probe_prefill --paged)."""
+        graphs, no fixed split size (a batch-invariant plan must not change kernels with the batch), ragged K/V or
+        pages the kernel copies as TMA boxes (_ws_auto_page_size), and 128-row query tiles that either fill the GPU
+        or are at least half full (the planner then splits long requests' keys to fill it, as for fa2).
+        H200, TFLOP/s: 16 x 1024 causal, 32/32 and 32/8 heads: ragged 369-384 against fa2's 246-266; pages of 16
+        300-303 against 210-227, of 64 360 against 229; pages of 8 (TMA boxes of 1 KB) 231 and of 1 (row gather)
+        213, against fa2's 224-226, stay on fa2 (bench_prefill --ws-batch, probe_prefill --paged). Split batches
+        (probe_prefill --split), 32/8 heads: 1 x (256 queries, 32768 keys) causal 618 against 334; 1 x (64, 32768)
+        full 490 against 286, pages of 16 340 against 245; 32/32, 2 x (128, 16384) causal 464 against 316;
+        8 x (1, 4096), pages of 16 (tiles 3% full): 0.058 against 0.057 ms."""
         if not self._auto or self._use_cuda_graph or fixed_chunk > 0:
             return None
         if self._storage == "paged" and not _ws_auto_page_size(page_size):
@@ -1314,8 +1320,9 @@ class _BatchPrefillBase:
         ws = dataclasses.replace(spec, backend="fa3_ws")
         if ws.unsupported_reason() is not None or _device_capability(self._device.index) != (9, 0):
             return None
-        tiles = sum(-(-q * group // _FA3_QUERY_TILE) for q in qo_lens) * num_kv_heads
-        return ws if tiles >= num_sms(self._device.index) else None
+        tiles = sum(-(-q * group // _FA3_QUERY_TILE) for q in qo_lens)
+        half_full = 2 * sum(qo_lens) * group >= tiles * _FA3_QUERY_TILE
+        return ws if tiles * num_kv_heads >= num_sms(self._device.index) or half_full else None
 
     def _options_key(self) -> Tuple[Any, ...]:
         return (
@@ -1524,9 +1531,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillBase):
         fill the GPU (or by ``fixed_split_size``), their partial states merged by a second kernel. A KV tile
         that runs past a request reads the next request's rows (masked: their scores are dropped, a probability
         of exactly 0 multiplies their values), so k and v must hold finite values in every row. ``"auto"`` plans
-        fa3_ws on a Hopper GPU for a batch in its scope whose 128-row query tiles (per KV head) fill the GPU
-        (without CUDA graphs or ``fixed_split_size``), fa2 otherwise; an option set later (forward()) outside
-        fa3_ws's scope, or K/V views TMA cannot read (a zero stride), run that plan on fa2.
+        fa3_ws on a Hopper GPU for a batch in its scope whose 128-row query tiles (per KV head) fill the GPU or are
+        at least half full (without CUDA graphs or ``fixed_split_size``: a batch-invariant plan keeps one kernel),
+        fa2 otherwise; an option set later (forward()) outside fa3_ws's scope, or K/V views TMA cannot read (a zero
+        stride), run that plan on fa2.
     jit_args, jit_kwargs : optional
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """
@@ -1900,9 +1908,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         batch's query tiles alone cannot fill the GPU (or by ``fixed_split_size``), their partial states merged by
         a second kernel. Slots past a request's last token are never read (zero-filled), so they may hold
         anything. ``"auto"`` plans fa3_ws on a Hopper GPU for a batch in its scope with pages of 16, 32, 64,
-        128 or a multiple of 128 slots whose 128-row query tiles (per KV head) fill the GPU (without CUDA graphs or
-        ``fixed_split_size``), fa2 otherwise; an option set later (forward()) outside fa3_ws's scope runs that
-        plan on fa2.
+        128 or a multiple of 128 slots whose 128-row query tiles (per KV head) fill the GPU or are at least half
+        full (without CUDA graphs or ``fixed_split_size``), fa2 otherwise; an option set later (forward()) outside
+        fa3_ws's scope runs that plan on fa2.
     jit_args, jit_kwargs : optional
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """

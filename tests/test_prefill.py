@@ -1782,8 +1782,13 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
             w.run(q, kz, kz)
         with pytest.raises(ValueError, match="fa3_ws"):  # an option outside the scope, set by forward()
             w.forward(q, k, k, causal=True, logits_soft_cap=5.0)
+        # "auto" with 11 query tiles x 2 KV heads (too few for the GPU) but at least half full (1212 of 1408 rows):
+        # fa3_ws, its keys split; decode-like requests (1 query x 4 heads in each 128-row tile): fa2
         wa = W(workspace(), "NHD")
         wa.plan(qo, kv, 8, 2, 128, causal=True, q_data_type=bf)
+        assert wa._plan_info.spec.backend == "fa3_ws" and wa.plan_stats["merges"] > 0
+        qo1 = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+        wa.plan(qo1, kv, 8, 2, 128, causal=True, q_data_type=bf)
         assert wa._plan_info.spec.backend == "fa2"
         # "auto" with query tiles enough to fill the GPU (3 x 1000 tokens x 4 heads: 96 tiles x 2 KV heads >= 132
         # SMs): fa3_ws, unsplit; its plan on fa2 for K/V views TMA cannot read and for options outside its scope.
@@ -1821,8 +1826,9 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
 def test_fa3_ws_paged_auto_dispatch(monkeypatch, page_size, backend):
     """On fake CUDA tensors (a fake Hopper): "auto" plans a paged batch whose query tiles fill the GPU on fa3_ws for
     the page sizes its producer copies as TMA boxes of 16+ slots (16, 64, 128, 256), on fa2 for the others (8:
-    boxes measured no faster than fa2; 1 and 48: gathered row by row); a batch of few query tiles, graph mode and
-    fixed_split_size stay on fa2."""
+    boxes measured no faster than fa2; 1 and 48: gathered row by row); a batch of too few query tiles for the GPU
+    takes it only when they are at least half full; fixed_split_size (batch invariance: one kernel whatever the
+    batch) stays on fa2."""
     from fake_cuda import fake_cuda, workspace
 
     bf = torch.bfloat16
@@ -1841,9 +1847,12 @@ def test_fa3_ws_paged_auto_dispatch(monkeypatch, page_size, backend):
         split = max(1, 512 // page_size)  # (pages: 512-key chunks)
         w.plan(qo, indptr, indices, last, 8, 2, 128, page_size, causal=True, q_data_type=bf, fixed_split_size=split)
         assert w._plan_info.spec.backend == "fa2"
-        qo1 = torch.tensor([0, 10, 20, 30], dtype=torch.int32)  # 3 query tiles x 2 KV heads: too few for the GPU
+        qo1 = torch.tensor([0, 10, 20, 30], dtype=torch.int32)  # 3 tiles x 2 KV heads, 40 of 128 rows each: fa2
         w.plan(qo1, indptr, indices, last, 8, 2, 128, page_size, causal=True, q_data_type=bf)
         assert w._plan_info.spec.backend == "fa2"
+        qo2 = torch.tensor([0, 20, 40, 60], dtype=torch.int32)  # 80 of 128 rows: fa3_ws where the pages allow it
+        w.plan(qo2, indptr, indices, last, 8, 2, 128, page_size, causal=True, q_data_type=bf)
+        assert w._plan_info.spec.backend == backend
 
 
 def test_cpu_tensors_refused_before_any_build():

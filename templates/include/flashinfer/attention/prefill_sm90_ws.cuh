@@ -25,12 +25,13 @@
 //     causal mask).
 //     The producer and the consumers compute the same sequence independently from the parameters.
 //   Batch: item w = (plan piece w / num_kv_heads, KV head); a piece is (request, query tile, kv begin,
-//     kv end) from the Python planner's schedule (schedule_prefill, never split for this kernel: kv end - begin
-//     is the request's kv_len), sorted heaviest first. The producer reads the piece and the request's qo/kv
-//     indptr entries from device memory ahead of the consumers (while they finish the previous item) and hands
-//     the item's geometry over in shared memory with the Q tile (written by producer thread 0 before its q_full
-//     arrival; the consumers read it once after q_full, then __syncwarp, so that every lane's read precedes
-//     its warp's q_empty arrival, after which the producer may overwrite it). Queries and outputs sit at the
+//     kv end, partial row) from the Python planner's schedule (schedule_prefill: a request's keys cut into chunks
+//     when the query tiles alone cannot fill the GPU; a chunk's items write float32 partial states, which the
+//     module's prefill_merge_kernel combines), each request's pieces together, heaviest first. The producer reads the
+//     piece and the request's qo/kv indptr entries from device memory ahead of the consumers (while they finish the
+//     previous item) and hands the item's geometry over in shared memory with the Q tile (written by producer thread 0
+//     before its q_full arrival; the consumers read it once after q_full, then __syncwarp, so that every lane's read
+//     precedes its warp's q_empty arrival, after which the producer may overwrite it). Queries and outputs sit at the
 //     request's qo_indptr offset; K/V boxes start at kv_indptr[request] + key offset in tensor maps over the
 //     whole ragged K/V, so a tile that runs past the request reads the next request's rows (or TMA's zeros
 //     past the tensor's end): the key bound hi (the request's kv_len) masks them, as it masks a single
@@ -90,9 +91,9 @@
 // with fp8 K/V (e4m3/e5m2) and a 16-bit q and o, computed as the fa3 kernel does: float16 wgmmas (a bfloat16 Q tile
 // rounded to float16 by the producer once per item: q_tile_to_half), k_scale folded into sm_scale by the caller,
 // v_scale in the epilogue (output_factor). Not (yet): fp8 K/V in ragged batches (the kernel's fp8 path takes ragged
-// items alike, but the batch launcher and scope are 16-bit), fp8 paged K/V, KV split, custom masks, windows, soft
-// cap, RoPE, TMA store of O, CUDA graphs of the batch (the tensor maps hold each run's K/V address and row count);
-// ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
+// items alike, but the batch launcher and scope are 16-bit), fp8 paged K/V, KV split of a single request, custom masks,
+// windows, soft cap, RoPE, TMA store of O, CUDA graphs of the batch (the tensor maps hold each run's K/V address and
+// row count); ping-pong of the two consumer warpgroups is there but off (-DFI_WS_PINGPONG=1, for probes).
 #pragma once
 #include "flashinfer/attention/mask.cuh"
 #include "flashinfer/attention/prefill_common.cuh"
