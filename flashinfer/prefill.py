@@ -125,6 +125,10 @@ def _resolve_backend(backend: str) -> str:
     raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
 
 
+# Head dims of the Hopper kernels (fa3_ws at 64: one 64-column TMA box a tile, O in 32 accumulators).
+_HOPPER_HEAD_DIMS = {"fa3": (128,), "fa3_ws": (128, 64)}
+
+
 def _fa3_scope(
     head_dim: int,
     dtype_q: str,
@@ -138,12 +142,14 @@ def _fa3_scope(
     backend: str = "fa3",
 ) -> Optional[str]:
     """Why a Hopper kernel cannot run a configuration, or None when it can. fa3 and fa3_ws (``backend``, named in
-    the reason) share one scope: head_dim 128, k and v in q's dtype or fp8 (fa3 widens fp8 under its wgmmas,
-    fa3_ws's producer widens the tiles TMA copies), no mask or causal, no logit transforms."""
-    if head_dim != 128:
-        return f"head_dim {head_dim} ({backend} takes 128)"
+    the reason) share one scope: head_dim 128 (fa3_ws also 64, 16-bit K/V), k and v in q's dtype or fp8 (fa3 widens
+    fp8 under its wgmmas, fa3_ws's producer widens the tiles TMA copies), no mask or causal, no logit transforms."""
+    if head_dim not in _HOPPER_HEAD_DIMS[backend]:
+        return f"head_dim {head_dim} ({backend} takes {' or '.join(map(str, _HOPPER_HEAD_DIMS[backend]))})"
     if not (dtype_q == dtype_o and dtype_q in ("f16", "bf16") and dtype_kv in (dtype_q,) + FP8_KV_DTYPES):
         return f"mixed dtypes ({backend} takes one of float16/bfloat16 for q and output, k and v in it or fp8)"
+    if dtype_kv in FP8_KV_DTYPES and head_dim != 128:
+        return f"fp8 K/V at head_dim {head_dim} ({backend} reads fp8 K/V at head_dim 128)"
     if mask_mode not in ("none", "causal"):
         return f"mask_mode {mask_mode!r} ({backend} takes no mask or causal)"
     if pos_encoding_mode != "NONE" or use_window or use_logits_soft_cap or use_fp16_qk_reduction:
@@ -166,6 +172,9 @@ def _tma_kv_refusal(k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
 # the GPU, before loading its module (which reports the real value, checked when it runs).
 _FA3_QUERY_TILE = 128
 
+# Whether "auto" takes fa3_ws at head_dim 64 (single and batch prefill) where it takes it at 128; else fa2 there.
+_WS_AUTO_D64 = False
+
 
 def _ws_auto_page_size(page_size: int) -> bool:
     """Whether "auto" takes fa3_ws for a paged batch with this page size: the kernel copies its pages as TMA boxes
@@ -187,9 +196,10 @@ def _single_backend(
     num_kv_heads: int,
     why_not_fa3_ws: Optional[str] = None,
 ) -> str:
-    """The kernel of a single-prefill call. "auto" on Hopper, where fa3 applies and its query tiles alone fill
-    the GPU (neither Hopper kernel splits the KV): fa3_ws when it applies too (16-bit or fp8 K/V read by TMA),
-    else fa3 (expanded views); fa2 otherwise (short queries, other GPUs, other features)."""
+    """The kernel of a single-prefill call. "auto" on Hopper where the query tiles alone fill the GPU (neither
+    Hopper kernel splits a single request's keys): fa3_ws where it applies (16-bit or fp8 K/V read by TMA; head_dim
+    128, or 64 if _WS_AUTO_D64), else fa3 where it applies (expanded views); fa2 otherwise (short queries, other GPUs,
+    other features)."""
     if backend == "fa2":
         return "fa2"
     on_hopper = _device_capability(device.index) == (9, 0)
@@ -207,8 +217,11 @@ def _single_backend(
             major, minor = _device_capability(device.index)
             raise ValueError(f"backend='fa3' needs a Hopper GPU (sm_90); {device} is sm_{major}{minor}")
         return "fa3"
-    if why_not_fa3 is None and on_hopper and -(-qo_rows // _FA3_QUERY_TILE) * num_kv_heads >= num_sms(device.index):
-        return "fa3_ws" if why_not_fa3_ws is None else "fa3"
+    if on_hopper and -(-qo_rows // _FA3_QUERY_TILE) * num_kv_heads >= num_sms(device.index):
+        if why_not_fa3_ws is None:
+            return "fa3_ws"
+        if why_not_fa3 is None:
+            return "fa3"
     return "fa2"
 
 
@@ -430,22 +443,13 @@ def _single_run(
     dq, dk = dtype_short(q, "q"), dtype_short(k, "k", allow_fp8=True)
     device = q.device
     group = num_qo_heads // num_kv_heads
-    # fa3 and fa3_ws share one scope: checked once, its reason naming the backend asked for (if either).
-    why_not_fa3 = _fa3_scope(
-        head_dim,
-        dq,
-        dk,
-        dq,
-        opts.mask_mode,
-        opts.pos_encoding_mode,
-        opts.window_left >= 0,
-        opts.soft_cap > 0,
-        opts.use_fp16_qk_reduction,
-        "fa3_ws" if opts.backend == "fa3_ws" else "fa3",
-    )
-    why_not_fa3_ws = why_not_fa3
+    scope = (opts.mask_mode, opts.pos_encoding_mode, opts.window_left >= 0, opts.soft_cap > 0)
+    why_not_fa3 = _fa3_scope(head_dim, dq, dk, dq, *scope, opts.use_fp16_qk_reduction, "fa3")
+    why_not_fa3_ws = _fa3_scope(head_dim, dq, dk, dq, *scope, opts.use_fp16_qk_reduction, "fa3_ws")
     if why_not_fa3_ws is None and opts.backend in ("fa3_ws", "auto"):
         why_not_fa3_ws = _tma_kv_refusal(k, v)  # ("auto" then takes fa3)
+    if why_not_fa3_ws is None and opts.backend == "auto" and head_dim == 64 and not _WS_AUTO_D64:
+        why_not_fa3_ws = "head_dim 64 (auto keeps fa2)"
     backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads, why_not_fa3_ws)
     spec = SinglePrefillSpec(
         head_dim=head_dim,
@@ -1316,6 +1320,8 @@ class _BatchPrefillBase:
         if not self._auto or self._use_cuda_graph or fixed_chunk > 0:
             return None
         if self._storage == "paged" and not _ws_auto_page_size(page_size):
+            return None
+        if spec.head_dim == 64 and not _WS_AUTO_D64:
             return None
         ws = dataclasses.replace(spec, backend="fa3_ws")
         if ws.unsupported_reason() is not None or _device_capability(self._device.index) != (9, 0):

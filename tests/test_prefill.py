@@ -204,35 +204,40 @@ def _need_hopper(what: str = "the fa3_ws backend") -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 64], ids=["d128", "d64"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("qo_len,kv_len", _WS_PAIRS, ids=[f"q{a}-kv{b}" for a, b in _WS_PAIRS])
-def test_single_prefill_fa3_ws(dtype, mask_mode, group, qo_len, kv_len):
+def test_single_prefill_fa3_ws(dtype, mask_mode, group, qo_len, kv_len, head_dim):
     _need_hopper()
     if mask_mode == "causal" and qo_len > kv_len:
         pytest.skip("causal needs qo_len <= kv_len (refused: test_single_prefill_fa3_ws_refusals)")
     layout = "HND" if (qo_len + group) % 2 else "NHD"
-    _run_single(qo_len, kv_len, 2, group, 128, dtype, layout=layout, mask_mode=mask_mode, backend="fa3_ws")
+    _run_single(qo_len, kv_len, 2, group, head_dim, dtype, layout=layout, mask_mode=mask_mode, backend="fa3_ws")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
-@pytest.mark.parametrize("qo_len,kv_len,group", [(8192, 8192, 1), (8321, 8321, 8), (2000, 16384, 4)])
-def test_single_prefill_fa3_ws_long(mask_mode, qo_len, kv_len, group):
+@pytest.mark.parametrize(
+    "qo_len,kv_len,group,head_dim",
+    [(8192, 8192, 1, 128), (8321, 8321, 8, 128), (2000, 16384, 4, 128), (8321, 8321, 4, 64)],
+)
+def test_single_prefill_fa3_ws_long(mask_mode, qo_len, kv_len, group, head_dim):
     """Long sequences: 64-130 KV tiles per work item, so every ring slot's mbarrier wraps its phase many times."""
     _need_hopper()
-    _run_single(qo_len, kv_len, 1, group, 128, torch.bfloat16, mask_mode=mask_mode, backend="fa3_ws")
+    _run_single(qo_len, kv_len, 1, group, head_dim, torch.bfloat16, mask_mode=mask_mode, backend="fa3_ws")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 64], ids=["d128", "d64"])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
-def test_single_prefill_fa3_ws_many_items_per_cta(mask_mode):
+def test_single_prefill_fa3_ws_many_items_per_cta(mask_mode, head_dim):
     """More work items than SMs (the persistent grid walks ~8-16 items per CTA: the Q barriers' phases and the K/V
     ring position carry over from item to item), heads and GQA mixed, a scale other than the default."""
     _need_hopper()
-    _run_single(3000, 3000, 8, 4, 128, torch.float16, mask_mode=mask_mode, backend="fa3_ws", sm_scale=0.05)
-    _run_single(2000, 2500, 16, 1, 128, torch.bfloat16, mask_mode=mask_mode, backend="fa3_ws")
+    _run_single(3000, 3000, 8, 4, head_dim, torch.float16, mask_mode=mask_mode, backend="fa3_ws", sm_scale=0.05)
+    _run_single(2000, 2500, 16, 1, head_dim, torch.bfloat16, mask_mode=mask_mode, backend="fa3_ws")
 
 
 @pytest.mark.gpu
@@ -295,8 +300,11 @@ def test_single_prefill_fa3_ws_refusals():
         f(q, k, k, causal=True, backend="fa3_ws")
     with pytest.raises(ValueError, match="fa3_ws"):
         f(q, k, k, window_left=3, backend="fa3_ws")
-    with pytest.raises(ValueError, match="fa3_ws takes 128"):
-        f(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), backend="fa3_ws")
+    with pytest.raises(ValueError, match="fa3_ws takes 128 or 64"):
+        f(q[..., :32].contiguous(), k[..., :32].contiguous(), k[..., :32].contiguous(), backend="fa3_ws")
+    with pytest.raises(ValueError, match="fp8 K/V at head_dim 64"):
+        k8 = k[..., :64].to(torch.float8_e4m3fn)
+        f(q[..., :64].contiguous(), k8, k8, backend="fa3_ws")
     with pytest.raises(ValueError, match="zero stride"):
         kz = k[:1].expand(10, 2, 128)
         f(q, kz, kz, backend="fa3_ws")
@@ -956,20 +964,21 @@ def _check_ws_batch(qs, ks, vs, mask_mode, results, case=None, fa2_tol=None):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 64], ids=["d128", "d64"])
 @pytest.mark.parametrize("split", [None, "off", 300], ids=["split_auto", "split_off", "split_300"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
-def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype, split):
+def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype, split, head_dim):
     """Against the float64 reference (outputs NaN-poisoned, lse requested), and against the fa2 ragged path within
     bfloat16's tolerance; keys split as the planner likes (these small batches: into chunks, partial states
     merged), not split, and in fixed chunks of 300 keys (chunks ending mid-tile; under causal, chunks that some of
     an item's rows, or all of them, cannot see)."""
     _need_hopper()
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
-    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, dtype)
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, head_dim, dtype)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     _check_ws_batch(qs, ks, vs, mask_mode, _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, split=split), case)
 
@@ -992,6 +1001,23 @@ def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout, s
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     res = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size, split=split)
+    _check_ws_batch(qs, ks, vs, mask_mode, res, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("mask_mode", ["none", "causal"])
+@pytest.mark.parametrize("page_size", [1, 5, 16, 64, 256])
+@pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
+def test_batch_prefill_fa3_ws_paged_d64(case, page_size, mask_mode, layout):
+    """The paged kernel at head_dim 64 (one 64-column box a tile; the row gather 8 chunks a row, 4 rows a warp
+    pass): gathered pages (1, 5) and TMA boxes (16, 64, 256), NaN in every slot no request owns, GQA 4, keys split
+    as the planner likes."""
+    _need_hopper()
+    qo_lens, kv_lens = _WS_BATCH_CASES[case]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, 4, 64, torch.float16)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    res = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size)
     _check_ws_batch(qs, ks, vs, mask_mode, res, case)
 
 
@@ -1575,9 +1601,10 @@ def test_single_spec_names_and_matrix():
     )
     supported = [s for s in specs if s.unsupported_reason() is None]
     # Per KV dtype (q's 16-bit one, e4m3, e5m2): fa2: 3 head dims x (bf16 + f16 x fp16qk on/off) x 3 masks x 3 pos
-    # x window x softcap; fa3 and fa3_ws: head_dim 128 x (bf16, f16) x (none, causal)
-    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2 + 2 * 2)
-    assert len([s for s in supported if s.dtype_kv == s.dtype_q]) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2 + 2 * 2
+    # x window x softcap; fa3 and fa3_ws: head_dim 128 x (bf16, f16) x (none, causal); fa3_ws also head_dim 64 with
+    # 16-bit K/V
+    assert len(supported) == 3 * (3 * 3 * 3 * 3 * 2 * 2 + 2 * 2 + 2 * 2) + 2 * 2
+    assert len([s for s in supported if s.dtype_kv == s.dtype_q]) == 3 * 3 * 3 * 3 * 2 * 2 + 2 * 2 + 2 * 2 + 2 * 2
     fa3 = [s for s in supported if s.backend == "fa3" and s.dtype_kv == s.dtype_q]
     assert {(s.dtype_q, s.mask_mode) for s in fa3} == {(d, m) for d in ("bf16", "f16") for m in ("none", "causal")}
     assert all(s.needs_sm90a() for s in fa3) and not any(s.needs_sm90a() for s in supported if s.backend == "fa2")
@@ -1595,15 +1622,20 @@ def test_fa3_ws_spec_scope_and_rendering():
     ws = [s for s in SinglePrefillSpec.expand(backend=("fa3_ws",)) if s.unsupported_reason() is None]
     assert {(s.head_dim, s.dtype_q, s.dtype_kv, s.mask_mode, s.pos_encoding_mode) for s in ws} == {
         (128, d, kv, m, "NONE") for d in ("bf16", "f16") for kv in (d, "e4m3", "e5m2") for m in ("none", "causal")
-    }
+    } | {(64, d, d, m, "NONE") for d in ("bf16", "f16") for m in ("none", "causal")}
     assert all(s.needs_sm90a() and s.name().endswith("_fa3_ws") for s in ws)
     assert "kv must be" in SinglePrefillSpec(128, "bf16", "f16", "bf16", backend="fa3_ws").unsupported_reason()
     for kv, cuda_type in (("e4m3", "__nv_fp8_e4m3"), ("e5m2", "__nv_fp8_e5m2")):
         src = render(SinglePrefillSpec(128, "bf16", kv, "bf16", "causal", backend="fa3_ws"))["single_prefill.cu"]
         assert f"using DTypeKV = {cuda_type};" in src
-        assert "launch_sm90_ws_single_prefill<DTypeQ, DTypeKV, DTypeO, kMask>" in src
+        assert "launch_sm90_ws_single_prefill<kHeadDim, DTypeQ, DTypeKV, DTypeO, kMask>" in src
     assert "fa3_ws" in SinglePrefillSpec(128, mask_mode="custom", backend="fa3_ws").unsupported_reason()
-    assert "fa3_ws takes 128" in SinglePrefillSpec(64, backend="fa3_ws").unsupported_reason()
+    assert SinglePrefillSpec(64, backend="fa3_ws").unsupported_reason() is None
+    assert "fa3_ws takes 128 or 64" in SinglePrefillSpec(256, backend="fa3_ws").unsupported_reason()
+    assert "fa3 takes 128" in SinglePrefillSpec(64, backend="fa3").unsupported_reason()
+    assert (
+        "fp8 K/V at head_dim 64" in SinglePrefillSpec(64, "bf16", "e4m3", "bf16", backend="fa3_ws").unsupported_reason()
+    )
     assert BatchPrefillSpec(128, "bf16", "bf16", "bf16", backend="fa3_ws").unsupported_reason() is None  # (paged)
     src = render(SinglePrefillSpec(128, "f16", "f16", "f16", "causal", backend="fa3_ws"))["single_prefill.cu"]
     assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src and "launch_sm90_ws_single_prefill<" in src
@@ -1681,7 +1713,7 @@ def test_batch_wrappers_refuse_the_fa3_backend(cls):
 
 
 def test_fa3_ws_batch_spec_scope_and_rendering():
-    """fa3_ws is a backend value of the batch family for ragged KV: the single kernel's scope (d128, one 16-bit dtype,
+    """fa3_ws is a backend value of the batch family for ragged KV: the single kernel's scope (d128 or d64, one 16-bit dtype,
     no mask or causal, no other feature), built for sm_90a; its module includes prefill_sm90_ws.cuh and instantiates
     the ragged kernel only; the fa2 batch modules render without fa3_ws code."""
     from flashinfer.jit.templating import render
@@ -1690,7 +1722,11 @@ def test_fa3_ws_batch_spec_scope_and_rendering():
     assert {
         (s.kv_storage, s.head_dim, s.dtype_q, s.dtype_kv, s.dtype_o, s.mask_mode, s.pos_encoding_mode) for s in ws
     } == {
-        (st, 128, d, d, d, m, "NONE") for st in ("ragged", "paged") for d in ("bf16", "f16") for m in ("none", "causal")
+        (st, hd, d, d, d, m, "NONE")
+        for st in ("ragged", "paged")
+        for hd in (128, 64)
+        for d in ("bf16", "f16")
+        for m in ("none", "causal")
     }
     assert all(s.needs_sm90a() and s.name().endswith("_fa3_ws") for s in ws)
     assert all(not s.use_window and not s.use_logits_soft_cap and not s.use_fp16_qk_reduction for s in ws)
@@ -1698,7 +1734,7 @@ def test_fa3_ws_batch_spec_scope_and_rendering():
         "(fa2 reads fp8)": BatchPrefillSpec(128, "f16", "e5m2", "f16", kv_storage="paged", backend="fa3_ws"),
         "no fp8": BatchPrefillSpec(128, "bf16", "e4m3", "bf16", kv_storage="ragged", backend="fa3_ws"),
         "no mask or causal": BatchPrefillSpec(kv_storage="ragged", mask_mode="custom", backend="fa3_ws"),
-        "fa3_ws takes 128": BatchPrefillSpec(64, kv_storage="ragged", backend="fa3_ws"),
+        "fa3_ws takes 128 or 64": BatchPrefillSpec(256, kv_storage="ragged", backend="fa3_ws"),
     }
     for why, spec in bad.items():
         assert why in spec.unsupported_reason(), (why, spec.unsupported_reason())
@@ -1707,7 +1743,7 @@ def test_fa3_ws_batch_spec_scope_and_rendering():
         spec = BatchPrefillSpec(128, "f16", "f16", "f16", kv_storage=storage, mask_mode="causal", backend="fa3_ws")
         src = render(spec)["batch_prefill.cu"]
         assert '#include "flashinfer/attention/prefill_sm90_ws.cuh"' in src
-        assert "launch_sm90_ws_batch_prefill<DTypeQ, DTypeO, kMask, kPaged>" in src
+        assert "launch_sm90_ws_batch_prefill<kHeadDim, DTypeQ, DTypeO, kMask, kPaged>" in src
         assert f"constexpr bool kPaged = {paged};" in src and "launch_batch_prefill<" not in src
         assert '"query_tile_0", Sm90WsTraits::BQ' in src and '{"query_tiles", 1}' in src
     for storage in ("ragged", "paged"):
@@ -1742,7 +1778,7 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
         w = W(workspace(), "NHD", backend="fa3_ws")
         refusals = [
             ("fa3_ws.*no mask or causal", dict(custom_mask=cuda(torch.ones(3 * 20000 + 300 * 700, dtype=torch.bool)))),
-            ("fa3_ws takes 128", dict(head_dim_qk=64)),
+            ("fa3_ws takes 128 or 64", dict(head_dim_qk=256)),
             ("fa3_ws.*no fp8", dict(kv_data_type=torch.float8_e4m3fn)),
             ("fa3_ws.*window", dict(window_left=3)),
             ("fa3_ws.*soft cap", dict(logits_soft_cap=30.0)),

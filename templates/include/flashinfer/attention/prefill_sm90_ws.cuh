@@ -113,8 +113,11 @@
 
 namespace flashinfer {
 
-struct Sm90WsTraits {
-  static constexpr int kHeadDim = 128;
+// head_dim 128 or 64 (64: one 64-column box a tile, O 32 accumulators, 96 KB of shared memory; fp8 K/V at 128 only).
+template <int HEAD_DIM = 128>
+struct Sm90WsTraitsT {
+  static_assert(HEAD_DIM == 128 || HEAD_DIM == 64, "fa3_ws takes head_dim 128 or 64");
+  static constexpr int kHeadDim = HEAD_DIM;
   static constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
   static constexpr int BQ = 128;        // packed query rows per work item (64 per consumer warpgroup)
   static constexpr int BK = 128;        // keys per KV tile
@@ -158,8 +161,9 @@ struct Sm90WsTraits {
   static constexpr uint64_t kWaitTimeoutNs = 60ull * 1000 * 1000 * 1000;
 #endif
   static constexpr int kQBytes = BQ * kHeadDim * 2;
-  static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its two boxes
+  static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its boxes
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
+  static constexpr int kBoxes = kHeadDim / 64;        // 64-column boxes a tile
   static constexpr int kBarriers = 4 * kStages + 2;   // k_full, k_empty, v_full, v_empty per slot; q_full, q_empty
   static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8;
   static constexpr int kItemBytes = 64;  // ragged: the Sm90WsItem handed from the producer to the consumers
@@ -175,6 +179,7 @@ struct Sm90WsTraits {
   static_assert(kProducerRegsFp8 * 128 + kConsumerRegsFp8 * 256 <= 65536, "register split over the SM's file");
   static_assert(kSmemBytes + kItemBytes + kFp8Bytes <= 227 * 1024, "shared memory of one CTA per SM");
 };
+using Sm90WsTraits = Sm90WsTraitsT<128>;  // (what does not depend on head_dim: tiles, roles, registers)
 
 // The kernel's parameters: the prefill parameters and the K/V tensor maps (3-D: head_dim, then token and KV head in
 // the order of their strides; boxes of 64 columns x BK keys x 1 head).
@@ -302,14 +307,15 @@ FI_DEVICE void sm90_ws_fp8x16_to_half(const uint4& in, uint4& lo, uint4& hi) {
   hi = make_uint4(h[4], h[5], h[6], h[7]);
 }
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool BATCH, bool PAGED>
+template <int HEAD_DIM, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK, bool BATCH, bool PAGED>
 __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     sm90_ws_prefill_kernel(const __grid_constant__ Sm90WsParams P) {
-  using Tr = Sm90WsTraits;
+  using Tr = Sm90WsTraitsT<HEAD_DIM>;
   constexpr int D = Tr::kHeadDim, BQ = Tr::BQ, BK = Tr::BK, CH = D / 8, S = Tr::kStages;
   static_assert(std::is_same<DTypeQ, __half>::value || std::is_same<DTypeQ, __nv_bfloat16>::value, "16-bit q/k/v");
   constexpr bool FP8 = is_fp8<DTypeKV>::value;
   static_assert(FP8 || std::is_same<DTypeQ, DTypeKV>::value, "one 16-bit type for q, k and v (or fp8 k and v)");
+  static_assert(!FP8 || D == 128, "fp8 K/V at head_dim 128 only");
   // The type the wgmmas read Q, K, V and P in: q's, or float16 with fp8 K/V (fp8 widens to it exactly, one cvt per
   // pair; a bfloat16 q is rounded to it once per item).
   using KVT = std::conditional_t<FP8, __half, DTypeQ>;
@@ -371,7 +377,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     auto load_kv_tile = [&](uint32_t dst, const CUtensorMap* map, int heads_inner, int key0, int head, uint32_t bar) {
       const int c1 = heads_inner ? head : key0, c2 = heads_inner ? key0 : head;
       sm90::tma_load_3d(dst, map, 0, c1, c2, bar);
-      if constexpr (!FP8) sm90::tma_load_3d(dst + Tr::kBoxBytes, map, 64, c1, c2, bar);
+      if constexpr (!FP8 && D == 128) sm90::tma_load_3d(dst + Tr::kBoxBytes, map, 64, c1, c2, bar);
     };
     // fp8 (thread 0): the fp8 tile at K/V row key0 of K or V into its staging tile.
     auto stage_fp8 = [&](bool is_v, int key0, int head) {
@@ -438,15 +444,16 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       const int s = i % S;
       wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
       // (from threadIdx.x here, not held across the item loop: at kProducerRegs they would spill)
-      const int tx = sm90::opaque_int(threadIdx.x), lane = tx % 32, warp_row0 = tx - lane, chunk = lane % 16;
+      const int tx = sm90::opaque_int(threadIdx.x), lane = tx % 32, warp_row0 = tx - lane, chunk = lane % CH;
       const DTypeKV* src = static_cast<const DTypeKV*>(is_v ? p.v : p.k) +
                            int64_t(t.kv_head) * (is_v ? p.v_stride_h : p.k_stride_h) + chunk * 8;
       const int64_t stride_page = is_v ? p.v_stride_page : p.k_stride_page;
       const int64_t stride_n = is_v ? p.v_stride_n : p.k_stride_n;
       const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes;
+      // (a pass: 32 / CH whole rows, CH lanes each)
 #pragma unroll 4
-      for (int pass = 0; pass < 16; ++pass) {
-        const int from = 2 * pass + lane / 16;
+      for (int pass = 0; pass < CH; ++pass) {
+        const int from = (32 / CH) * pass + lane / CH;
         const int page = __shfl_sync(0xffffffffu, r.x, from), slot = __shfl_sync(0xffffffffu, r.y, from);
         const int64_t off = paged_row_offset(make_int2(max(page, 0), slot), stride_page, stride_n);
         cp_async_16(dst + sm90::tile_offset(warp_row0 + from, chunk, BK), src + off, page >= 0);
@@ -497,7 +504,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         const bool inner = is_v ? P.v_heads_inner : P.k_heads_inner;
         const int c1 = inner ? t.kv_head : r.y, c2 = inner ? r.y : t.kv_head;
         sm90::tma_load_4d(dst, map, 0, c1, c2, r.x, full);
-        sm90::tma_load_4d(dst + Tr::kBoxBytes, map, 64, c1, c2, r.x, full);
+        if constexpr (D == 128) sm90::tma_load_4d(dst + Tr::kBoxBytes, map, 64, c1, c2, r.x, full);
       }
     };
     // H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s (ragged by TMA: 369-384; every tile gathered: 228-232):
@@ -663,9 +670,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     const int last = t.num_tiles - 1;
     auto qpos = [&](int r) { return t.delta + (t.pr0 + min(row0 + 8 * r, t.rows_here - 1)) / group; };
 
-    float o[64];
+    float o[D / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     float m[2] = {kNegInf, kNegInf}, d[2] = {0.f, 0.f};
     float s[BK / 2];
     uint32_t pa[BK / 16][4];
@@ -689,7 +696,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
-        sm90::wgmma_m64n128k16_rs<KVT>(o, pa[kk], sm90::desc_advance(dv, kk * 16 * sm90::kSwizzleRowBytes), 1);
+        sm90::wgmma_rs<KVT>(o, pa[kk], sm90::desc_advance(dv, kk * 16 * sm90::kSwizzleRowBytes), 1);
       }
       sm90::wgmma_commit();
     };
@@ -758,7 +765,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         release(v_empty(prev));
         if (moved) {
 #pragma unroll
-          for (int i = 0; i < 16; ++i)
+          for (int i = 0; i < D / 8; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[4 * i + e] *= corr[e / 2];
         }
@@ -790,8 +797,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         const int row = row0 + 8 * r;
         const float dr = quad_sum(d[r]);
         if (row < t.rows_here)
-          store_partial_row<16, D>(p, packed_row_index(p, partial, t.pr0 + row, group, hq0), output_factor<FP8>(dr, p),
-                                   lane, o + 2 * r, m[r], dr, scl);
+          store_partial_row<D / 8, D>(p, packed_row_index(p, partial, t.pr0 + row, group, hq0),
+                                      output_factor<FP8>(dr, p), lane, o + 2 * r, m[r], dr, scl);
       }
       continue;
     }
@@ -801,8 +808,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       d[r] = quad_sum(d[r]);
-      stage_o_row<16, DTypeO>(output_factor<FP8>(d[r], p), row0 + 8 * r, lane, o + 2 * r,
-                              [&](int row, int i) { return so + sm90::tile_offset(row, i, BQ); });
+      stage_o_row<D / 8, DTypeO>(output_factor<FP8>(d[r], p), row0 + 8 * r, lane, o + 2 * r,
+                                 [&](int row, int i) { return so + sm90::tile_offset(row, i, BQ); });
     }
     sm90::named_barrier_sync(bar_id, 128);
     // (wtid made opaque: else the compiler hoists the store addresses out of the item loop and spills them)
@@ -825,10 +832,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 // that each stride spans the dimensions inside it as the driver's documentation lays tensors out. Boxes of 64 columns x
 // BK keys x 1 head in either order land in shared memory as BK rows of 64 columns (fp8, T an fp8 type: boxes of all 128
 // columns, BK unswizzled rows of 128 bytes). Returns in *heads_inner which order the kernel's box coordinates take.
-template <typename T>
+template <int HEAD_DIM, typename T>
 static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, int64_t keys, int64_t heads, int64_t stride_n,
                                   int64_t stride_h, int* heads_inner) {
-  using Tr = Sm90WsTraits;
+  using Tr = Sm90WsTraitsT<HEAD_DIM>;
   // The stride of a dimension of size 1 is never stepped over (and torch leaves it arbitrary): make it span the
   // dimension inside it.
   if (keys == 1 && heads == 1) {
@@ -861,11 +868,11 @@ static cudaError_t sm90_ws_kv_map(CUtensorMap* map, const void* base, int64_t ke
 // A paged K or V cache (num_pages pages of page_size slots, 16-bit) as a 4-D tensor map for boxes of `rows` slots of
 // one page and one head: head_dim innermost, then the slot and head dimensions in the order of their strides (as
 // sm90_ws_kv_map), then the page. Returns in *heads_inner which order the kernel's box coordinates take.
-template <typename T>
+template <int HEAD_DIM, typename T>
 static cudaError_t sm90_ws_paged_map(CUtensorMap* map, const void* base, int64_t num_pages, int64_t page_size,
                                      int64_t heads, int64_t stride_page, int64_t stride_n, int64_t stride_h, int rows,
                                      int* heads_inner) {
-  using Tr = Sm90WsTraits;
+  using Tr = Sm90WsTraitsT<HEAD_DIM>;
   *heads_inner = heads > 1 && stride_h < stride_n;
   // Strides of dimensions of size 1 (never stepped over; torch leaves them arbitrary) span the dimensions inside.
   if (heads == 1) stride_h = stride_n * page_size;
@@ -894,10 +901,10 @@ constexpr int sm90_ws_page_rows(int page_size) {
                                               : 0;
 }
 
-template <typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
+template <int HEAD_DIM, typename DTypeQ, typename DTypeKV, typename DTypeO, MaskMode MASK>
 cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStream_t stream, int* occupancy_only) {
-  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeKV, DTypeO, MASK, false, false>;
-  using Tr = Sm90WsTraits;
+  constexpr auto kernel = sm90_ws_prefill_kernel<HEAD_DIM, DTypeQ, DTypeKV, DTypeO, MASK, false, false>;
+  using Tr = Sm90WsTraitsT<HEAD_DIM>;
   constexpr int kSmem = Tr::smem_bytes(false, is_fp8<DTypeKV>::value);
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
@@ -915,11 +922,11 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
                  : MASK == MaskMode::kCausal ? p.num_kv_heads
                                              : 1;
   if (p.kv_len > 0) {  // (an empty K/V may have no address at all; no tile is issued then)
-    err =
-        sm90_ws_kv_map<DTypeKV>(&P.k_map, p.k, p.kv_len, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
+    err = sm90_ws_kv_map<HEAD_DIM, DTypeKV>(&P.k_map, p.k, p.kv_len, p.num_kv_heads, p.k_stride_n, p.k_stride_h,
+                                            &P.k_heads_inner);
     if (err == cudaSuccess)
-      err = sm90_ws_kv_map<DTypeKV>(&P.v_map, p.v, p.kv_len, p.num_kv_heads, p.v_stride_n, p.v_stride_h,
-                                    &P.v_heads_inner);
+      err = sm90_ws_kv_map<HEAD_DIM, DTypeKV>(&P.v_map, p.v, p.kv_len, p.num_kv_heads, p.v_stride_n, p.v_stride_h,
+                                              &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
@@ -932,11 +939,11 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
 // qo_indptr / kv_indptr (paged: kv_indices, kv_last_page_len, page_size, num_pages and the page strides too);
 // kv_rows is the number of token rows of a ragged k and v (kv_indptr[batch]; unused when paged). With pdl, both
 // kernels launched with programmatic dependent launch.
-template <typename DTypeQ, typename DTypeO, MaskMode MASK, bool PAGED>
+template <int HEAD_DIM, typename DTypeQ, typename DTypeO, MaskMode MASK, bool PAGED>
 cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int merge_grid_x, int kv_rows, int device,
                                          cudaStream_t stream, bool pdl, int* occupancy_only) {
-  constexpr auto kernel = sm90_ws_prefill_kernel<DTypeQ, DTypeQ, DTypeO, MASK, true, PAGED>;
-  using Tr = Sm90WsTraits;
+  constexpr auto kernel = sm90_ws_prefill_kernel<HEAD_DIM, DTypeQ, DTypeQ, DTypeO, MASK, true, PAGED>;
+  using Tr = Sm90WsTraitsT<HEAD_DIM>;
   constexpr int kSmem = Tr::smem_bytes(true);
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
@@ -954,19 +961,20 @@ cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int me
   if (PAGED && p.num_pages > 0 && sm90_ws_page_rows(p.page_size) > 0) {
     // Pages by TMA boxes where the driver encodes both maps (their strides multiples of 16 bytes), else gathered.
     const int rows = sm90_ws_page_rows(p.page_size);
-    err = sm90_ws_paged_map<DTypeQ>(&P.k_map, p.k, p.num_pages, p.page_size, p.num_kv_heads, p.k_stride_page,
-                                    p.k_stride_n, p.k_stride_h, rows, &P.k_heads_inner);
+    err = sm90_ws_paged_map<HEAD_DIM, DTypeQ>(&P.k_map, p.k, p.num_pages, p.page_size, p.num_kv_heads, p.k_stride_page,
+                                              p.k_stride_n, p.k_stride_h, rows, &P.k_heads_inner);
     if (err == cudaSuccess)
-      err = sm90_ws_paged_map<DTypeQ>(&P.v_map, p.v, p.num_pages, p.page_size, p.num_kv_heads, p.v_stride_page,
-                                      p.v_stride_n, p.v_stride_h, rows, &P.v_heads_inner);
+      err = sm90_ws_paged_map<HEAD_DIM, DTypeQ>(&P.v_map, p.v, p.num_pages, p.page_size, p.num_kv_heads,
+                                                p.v_stride_page, p.v_stride_n, p.v_stride_h, rows, &P.v_heads_inner);
     P.page_rows = err == cudaSuccess ? rows : 0;
     err = cudaSuccess;
   }
   if (!PAGED && kv_rows > 0) {  // (no rows at all: every request is empty, no tile is issued)
-    err = sm90_ws_kv_map<DTypeQ>(&P.k_map, p.k, kv_rows, p.num_kv_heads, p.k_stride_n, p.k_stride_h, &P.k_heads_inner);
+    err = sm90_ws_kv_map<HEAD_DIM, DTypeQ>(&P.k_map, p.k, kv_rows, p.num_kv_heads, p.k_stride_n, p.k_stride_h,
+                                           &P.k_heads_inner);
     if (err == cudaSuccess)
-      err =
-          sm90_ws_kv_map<DTypeQ>(&P.v_map, p.v, kv_rows, p.num_kv_heads, p.v_stride_n, p.v_stride_h, &P.v_heads_inner);
+      err = sm90_ws_kv_map<HEAD_DIM, DTypeQ>(&P.v_map, p.v, kv_rows, p.num_kv_heads, p.v_stride_n, p.v_stride_h,
+                                             &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
   const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most

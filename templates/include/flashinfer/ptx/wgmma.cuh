@@ -71,6 +71,18 @@ FI_DEVICE void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc
 // D += A B, A 64x16 from registers (the m16n8k16 A fragment of each warp's 16 rows), B MN-major in shared memory.
 template <typename T>
 FI_DEVICE void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d);
+// The same with N = 64.
+template <typename T>
+FI_DEVICE void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d);
+// O (+)= P V of the head_dim (N = 128 or 64) accumulator columns: the one of the two above that fits.
+template <typename T>
+FI_DEVICE void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  wgmma_m64n128k16_rs<T>(d, a, desc_b, scale_d);
+}
+template <typename T>
+FI_DEVICE void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  wgmma_m64n64k16_rs<T>(d, a, desc_b, scale_d);
+}
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Accumulator operand lists of the inline assembly: "{%0, ..., %N-1}" and the N "+f" operands.
@@ -107,23 +119,25 @@ FI_DEVICE void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint6
                  : FI_WGMMA_ACC##NACC##_OPS                                                                  \
                  : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                  \
   }
-#define FI_WGMMA_RS(T, TS)                                                                                      \
-  template <>                                                                                                   \
-  FI_DEVICE void wgmma_m64n128k16_rs<T>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) { \
-    asm volatile(                                                                                               \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                            \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TS "." TS " " FI_WGMMA_ACC64_REGS                        \
-        ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                         \
-        : FI_WGMMA_ACC64_OPS                                                                                    \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));                               \
+#define FI_WGMMA_RS(N, NACC, T, TS, A0, A1, A2, A3, B_OP, S_OP)                                                     \
+  template <>                                                                                                       \
+  FI_DEVICE void wgmma_m64n##N##k16_rs<T>(float (&d)[NACC], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #S_OP                                                         \
+                 ", 0;\n"                                                                                           \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TS "." TS " " FI_WGMMA_ACC##NACC##_REGS          \
+                 ", {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B_OP ", p, 1, 1, 1;\n}\n"                         \
+                 : FI_WGMMA_ACC##NACC##_OPS                                                                         \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));                          \
   }
 
 FI_WGMMA_SS(128, 64, __nv_bfloat16, "bf16", 64, 65, 66)
 FI_WGMMA_SS(128, 64, __half, "f16", 64, 65, 66)
 FI_WGMMA_SS(64, 32, __nv_bfloat16, "bf16", 32, 33, 34)
 FI_WGMMA_SS(64, 32, __half, "f16", 32, 33, 34)
-FI_WGMMA_RS(__nv_bfloat16, "bf16")
-FI_WGMMA_RS(__half, "f16")
+FI_WGMMA_RS(128, 64, __nv_bfloat16, "bf16", 64, 65, 66, 67, 68, 69)
+FI_WGMMA_RS(128, 64, __half, "f16", 64, 65, 66, 67, 68, 69)
+FI_WGMMA_RS(64, 32, __nv_bfloat16, "bf16", 32, 33, 34, 35, 36, 37)
+FI_WGMMA_RS(64, 32, __half, "f16", 32, 33, 34, 35, 36, 37)
 #undef FI_WGMMA_SS
 #undef FI_WGMMA_RS
 #else
@@ -150,6 +164,14 @@ FI_DEVICE void wgmma_m64n128k16_rs<__nv_bfloat16>(float (&)[64], const uint32_t 
 }
 template <>
 FI_DEVICE void wgmma_m64n128k16_rs<__half>(float (&)[64], const uint32_t (&)[4], uint64_t, int) {
+  __trap();
+}
+template <>
+FI_DEVICE void wgmma_m64n64k16_rs<__nv_bfloat16>(float (&)[32], const uint32_t (&)[4], uint64_t, int) {
+  __trap();
+}
+template <>
+FI_DEVICE void wgmma_m64n64k16_rs<__half>(float (&)[32], const uint32_t (&)[4], uint64_t, int) {
   __trap();
 }
 #endif
