@@ -301,7 +301,8 @@ def test_single_prefill_fa3_ws_refusals():
     with pytest.raises(ValueError, match="fa3_ws"):
         f(q, k, k, window_left=3, backend="fa3_ws")
     with pytest.raises(ValueError, match="fa3_ws takes 128 or 64"):
-        f(q[..., :32].contiguous(), k[..., :32].contiguous(), k[..., :32].contiguous(), backend="fa3_ws")
+        q2, k2 = torch.cat([q, q], -1), torch.cat([k, k], -1)  # (head_dim 256)
+        f(q2, k2, k2, backend="fa3_ws")
     with pytest.raises(ValueError, match="fp8 K/V at head_dim 64"):
         k8 = k[..., :64].to(torch.float8_e4m3fn)
         f(q[..., :64].contiguous(), k8, k8, backend="fa3_ws")
@@ -1670,6 +1671,13 @@ def test_fa3_ws_single_prefill_dispatch(monkeypatch):
         dev = torch.device("cuda", 0)
         assert _single_backend("auto", None, dev, 1 << 20, 32) == "fa3_ws"
         assert _single_backend("auto", None, dev, 1 << 20, 32, "fp8 K/V") == "fa3"
+        # head_dim 64: fa3 does not apply, fa3_ws does
+        assert _single_backend("auto", "head_dim 64 (fa3 takes 128)", dev, 1 << 20, 32) == "fa3_ws"
+        assert _single_backend("auto", "head_dim 64 (fa3 takes 128)", dev, 1 << 20, 32, "zero stride") == "fa2"
+        q64, k64 = cuda(torch.randn(4096, 32, 64).to(bf)), cuda(torch.randn(4096, 8, 64).to(bf))
+        f(q64, k64, k64, causal=True)
+        kw = [c for c in rec.launches("flashinfer_single_prefill") if c[0] == "flashinfer_single_prefill"][-1][1]
+        assert kw["_spec"] == SinglePrefillSpec(64, "bf16", "bf16", "bf16", "causal", backend="fa3_ws")
         assert _single_backend("auto", None, dev, 128, 1) == "fa2"
         n = len(rec.launches("flashinfer_single_prefill"))
         qa = cuda(torch.randn(8192, 32, 128).to(bf))
