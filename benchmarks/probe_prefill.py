@@ -5,6 +5,8 @@ FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a tabl
 ``--paged``: fa3_ws paged batch prefill (PAGED_VARIANTS, each with its own -D flags) beside fa3_ws ragged and fa2
 paged on the same 16 x 1024 causal batches (pages of 1, 8, 16, 32, 64).
 
+``--d64``: the single-prefill variants at head_dim 64 (VARIANTS_D64: fa2, fa3_ws and its ring depth).
+
 ``--split``: fa3_ws against fa2 on batch prefills whose keys the planner splits (SPLIT_CASES).
 
 ``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD; FP8_VARIANTS, each with its own -D flags)
@@ -42,6 +44,14 @@ VARIANTS = {
     "fa3_ws head by head": ("fa3_ws", ("-DFI_WS_HEAD_GROUP=1",)),
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
+# --d64: the same at head_dim 64 (fa3 has none: fa2 and fa3_ws variants)
+VARIANTS_D64 = {
+    "fa2": ("fa2", ()),
+    "fa3_ws": ("fa3_ws", ()),
+    "fa3_ws 3 stages": ("fa3_ws", ("-DFI_WS_STAGES_D64=3",)),
+    "fa3_ws 4 stages": ("fa3_ws", ("-DFI_WS_STAGES_D64=4",)),
+}
+CASES_D64 = [(8192, False), (8192, True), (2048, False)]
 
 # fa3_ws with fp8 K/V: name -> (K/V dtype, extra nvcc flags), timed in this order (the surest first: a variant that
 # deadlocks traps after the 2 s wait bound every variant is built with, and the process's CUDA context is lost).
@@ -318,10 +328,12 @@ def main() -> None:
     if "--paged" in sys.argv[1:]:
         paged_main()
         return
+    d64 = "--d64" in sys.argv[1:]
+    variants, cases, d = (VARIANTS_D64, CASES_D64, 64) if d64 else (VARIANTS, CASES, 128)
     base = prefill.SinglePrefillSpec
-    classes = {name: variant_class(flags) for name, (_, flags) in VARIANTS.items()}
+    classes = {name: variant_class(flags) for name, (_, flags) in variants.items()}
     specs = [
-        c(128, "bf16", "bf16", "bf16", mask_mode=m, backend=VARIANTS[name][0])
+        c(d, "bf16", "bf16", "bf16", mask_mode=m, backend=variants[name][0])
         for name, c in classes.items()
         for m in ("none", "causal")
     ]
@@ -331,16 +343,16 @@ def main() -> None:
         log = Path(r.log_path).read_text() if getattr(r, "log_path", None) else ""
         spill = [ln.strip() for ln in log.splitlines() if "spill" in ln and "prefill_kernel" not in ln]
         print(type(spec).__name__, spec.mask_mode, spec.extra_cuda_cflags(), spill[-3:] if spill else "(no log)")
-    for L, causal in CASES:
-        q, k, v = (torch.randn(L, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for L, causal in cases:
+        q, k, v = (torch.randn(L, 32, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         out = torch.empty_like(q)
-        fl = 4 * L * L * 32 * 128 / (2 if causal else 1)
+        fl = 4 * L * L * 32 * d / (2 if causal else 1)
         ref = None
         res = {}
         for _ in range(3):
             for name, cls in classes.items():
                 prefill.SinglePrefillSpec = cls
-                be = VARIANTS[name][0]
+                be = variants[name][0]
                 t = graph_ms(
                     lambda i: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, out=out, backend=be),
                     1,
@@ -359,7 +371,7 @@ def main() -> None:
                     F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal)
 
             res.setdefault("sdpa flash", []).append(graph_ms(sdpa, 1, reps=10, calls_per_graph=4))
-        print(f"L={L} causal={causal}:", flush=True)
+        print(f"L={L} causal={causal} d{d}:", flush=True)
         flash = statistics.median(res["sdpa flash"])
         for name, ts in res.items():
             t = statistics.median(ts)

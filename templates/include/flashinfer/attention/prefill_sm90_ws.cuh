@@ -121,7 +121,13 @@ struct Sm90WsTraitsT {
   static constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
   static constexpr int BQ = 128;        // packed query rows per work item (64 per consumer warpgroup)
   static constexpr int BK = 128;        // keys per KV tile
-  static constexpr int kStages = 2;     // ring depth of K and of V
+  // Ring depth of K and of V (two at head_dim 128: all that fits beside Q and the O staging; -D FI_WS_STAGES_D64
+  // for probes of head_dim 64, whose tiles are half the size).
+#ifdef FI_WS_STAGES_D64
+  static constexpr int kStages = HEAD_DIM == 64 ? FI_WS_STAGES_D64 : 2;
+#else
+  static constexpr int kStages = 2;
+#endif
 #ifdef FI_WS_PINGPONG
   static constexpr bool kPingPong = FI_WS_PINGPONG;  // consumer warpgroups take turns issuing wgmma (see the kernel)
 #else
