@@ -5,7 +5,7 @@ FI_WS_CONSUMER_REGS), beside SDPA's flash backend in the same run. Prints a tabl
 ``--paged``: fa3_ws paged batch prefill (PAGED_VARIANTS, each with its own -D flags) beside fa3_ws ragged and fa2
 paged on the same 16 x 1024 causal batches (pages of 1, 8, 16, 32, 64).
 
-``--d64``: the single-prefill variants at head_dim 64 (VARIANTS_D64: fa2, fa3_ws and its ring depth).
+``--d64``: the single-prefill variants at head_dim 64 (VARIANTS_D64: fa2 and fa3_ws).
 
 ``--split``: fa3_ws against fa2 on batch prefills whose keys the planner splits (SPLIT_CASES).
 
@@ -48,8 +48,6 @@ CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True
 VARIANTS_D64 = {
     "fa2": ("fa2", ()),
     "fa3_ws": ("fa3_ws", ()),
-    "fa3_ws 3 stages": ("fa3_ws", ("-DFI_WS_STAGES_D64=3",)),
-    "fa3_ws 4 stages": ("fa3_ws", ("-DFI_WS_STAGES_D64=4",)),
 }
 CASES_D64 = [(8192, False), (8192, True), (2048, False)]
 

@@ -121,13 +121,10 @@ struct Sm90WsTraitsT {
   static constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
   static constexpr int BQ = 128;        // packed query rows per work item (64 per consumer warpgroup)
   static constexpr int BK = 128;        // keys per KV tile
-  // Ring depth of K and of V (two at head_dim 128: all that fits beside Q and the O staging; -D FI_WS_STAGES_D64
-  // for probes of head_dim 64, whose tiles are half the size).
-#ifdef FI_WS_STAGES_D64
-  static constexpr int kStages = HEAD_DIM == 64 ? FI_WS_STAGES_D64 : 2;
-#else
+  // Ring depth of K and of V: two (at head_dim 128 all that fits beside Q and the O staging). At head_dim 64 three or
+  // four fit but gain nothing: H200, 8192 x 32 heads, TFLOP/s 2 / 3 / 4 stages: full 430 / 433 / 430, causal
+  // 397 / 394 / 396, 2048 full 367 / 375 / 375 (probe_prefill --d64 with a stage knob, since removed).
   static constexpr int kStages = 2;
-#endif
 #ifdef FI_WS_PINGPONG
   static constexpr bool kPingPong = FI_WS_PINGPONG;  // consumer warpgroups take turns issuing wgmma (see the kernel)
 #else
