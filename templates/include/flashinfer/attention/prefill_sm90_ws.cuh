@@ -464,65 +464,54 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::cp_async_mbarrier_arrive_noinc(is_v ? v_full(s) : k_full(s));
     };
     // Paged K/V by TMA (P.page_rows = R > 0: pages of a multiple of 8 slots that divide BK, or that BK divides): a
-    // tile as BK / R boxes of R slots of one page (R = the page size, or BK slots of a larger page), each pair of
-    // 64-column boxes issued by its own lane of warp 0 into rows [lane * R, (lane + 1) * R) of the slot (R a
-    // multiple of 8: whole 1024-byte swizzle atoms, so the boxes land exactly as one BK-row box would). Rows
-    // past the request lie on pages past its last (coordinate -1: TMA's zeros). The stale slots of a partial last
-    // page can only be zero-filled by the gather, so a tile holding any of them, or starting off a box boundary (a
-    // range that does not start at a multiple of R), is gathered; the full barrier takes 128 arrivals either way
-    // (here thread 0's arrive.expect_tx and 127 plain arrivals, each thread after its wait for the empty slot, so
-    // that no arrival can fall into the slot's previous phase).
+    // tile as BK / R boxes of R slots of one page (R = the page size, or BK slots of a larger page), box b (its
+    // 64-column boxes) issued by thread b R from its own row lookup (locate: the first row of the box) into rows
+    // [b R, (b + 1) R) of the slot (R a multiple of 8: whole 1024-byte swizzle atoms, so the boxes land exactly as
+    // one BK-row box would). Boxes past the request lie on pages past its last, or start at or past hi: page -1, a
+    // coordinate outside the map (TMA's zeros). The stale slots of a partial last page can only be zero-filled by
+    // the gather, so a tile holding any of them, or starting off a box boundary (a range that does not start at a
+    // multiple of R), is gathered. The full barrier takes 128 arrivals either way: here each issuing thread's
+    // arrive.expect_tx of its own boxes' bytes (before it issues them) and the others' plain arrivals, each thread
+    // after its wait for the empty slot, so that no arrival can fall into the slot's previous phase.
     auto by_tma = [&](const Sm90WsItem& t, int n) {
       const int R = P.page_rows, key0 = t.lo + n * BK;  // (R a power of two)
       if (R == 0 || (key0 & (R - 1)) != 0) return false;
       const int stale_end = ceil_div(t.kv_len, p.page_size) * p.page_size;
       return key0 >= stale_end || key0 + BK <= t.kv_len;
     };
-    // Lane b < BK / R of warp 0: (page, slot) of the first row of box b of tile n, page -1 past the request or for
-    // a page id outside the cache.
-    auto locate_box = [&](const Sm90WsItem& t, int n) {
-      const int row = t.lo + n * BK + tid * P.page_rows;
-      int2 r = make_int2(-1, 0);
-      if (tid < BK / P.page_rows && row < t.kv_len) {
-        int page_pos, slot;
-        split_token(row, p.page_size, page_pos, slot);
-        const int page = p.kv_indices[t.kv_first + page_pos];
-        r = make_int2(page_in_cache(page, p.num_pages) ? page : -1, slot);
-      }
-      return r;
-    };
     auto tma_pages = [&](const Sm90WsItem& t, bool is_v, int i, int2 r) {
       const int s = i % S;
       const uint32_t full = is_v ? v_full(s) : k_full(s);
       wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
-      if (tid == 0) {
-        sm90::mbarrier_arrive_expect_tx(full, Tr::kKVBytes);
-      } else {
-        sm90::mbarrier_arrive(full);
-      }
-      __syncwarp();  // (the transaction count is expected before any box of the tile lands)
-      if (tid < BK / P.page_rows) {
-        const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes + tid * P.page_rows * sm90::kSwizzleRowBytes;
+      const int R = P.page_rows;
+      if ((tid & (R - 1)) == 0) {
+        sm90::mbarrier_arrive_expect_tx(full, R * D * 2);
+        const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes + tid * sm90::kSwizzleRowBytes;
         const CUtensorMap* map = is_v ? &P.v_map : &P.k_map;
         const bool inner = is_v ? P.v_heads_inner : P.k_heads_inner;
         const int c1 = inner ? t.kv_head : r.y, c2 = inner ? r.y : t.kv_head;
         sm90::tma_load_4d(dst, map, 0, c1, c2, r.x, full);
         if constexpr (D == 128) sm90::tma_load_4d(dst + Tr::kBoxBytes, map, 64, c1, c2, r.x, full);
+      } else {
+        sm90::mbarrier_arrive(full);
       }
     };
     // H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s (ragged by TMA: 369-384; every tile gathered: 228-232):
     // pages of 16 by boxes 298-303, of 64 360, of 8 (1 KB boxes, 32 a tile) 231 (probe_prefill --paged).
-    // Tile n of an item: how it is copied and its rows, looked up a tile ahead of its copies.
+    // Tile n of an item: how it is copied and its rows (this thread's row: locate), looked up a tile ahead of its
+    // copies. -D FI_WS_PAGED_V_GATHER=1 (probe): V tiles gathered even where K tiles come as boxes.
     struct PagedTile {
       int2 rows;
       bool tma;
     };
-    auto lookup = [&](const Sm90WsItem& t, int n) {
-      const bool tma = by_tma(t, n);
-      return PagedTile{tma ? locate_box(t, n) : locate(t, n), tma};
-    };
+    auto lookup = [&](const Sm90WsItem& t, int n) { return PagedTile{locate(t, n), by_tma(t, n)}; };
     auto copy_tile = [&](const Sm90WsItem& t, bool is_v, int i, const PagedTile& r) {
-      if (r.tma) {
+#ifdef FI_WS_PAGED_V_GATHER
+      const bool v_gather = FI_WS_PAGED_V_GATHER && is_v;
+#else
+      const bool v_gather = false;
+#endif
+      if (r.tma && !v_gather) {
         tma_pages(t, is_v, i, r.rows);
       } else {
         gather(t, is_v, i, r.rows);
