@@ -483,10 +483,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       const int s = i % S;
       const uint32_t full = is_v ? v_full(s) : k_full(s);
       wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
-      const int R = P.page_rows;
-      if ((tid & (R - 1)) == 0) {
+      const int R = P.page_rows, tx = sm90::opaque_int(threadIdx.x);  // (as in gather: not held across items)
+      if ((tx & (R - 1)) == 0) {
         sm90::mbarrier_arrive_expect_tx(full, R * D * 2);
-        const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes + tid * sm90::kSwizzleRowBytes;
+        const uint32_t dst = (is_v ? sv_u : sk_u) + s * Tr::kKVBytes + tx * sm90::kSwizzleRowBytes;
         const CUtensorMap* map = is_v ? &P.v_map : &P.k_map;
         const bool inner = is_v ? P.v_heads_inner : P.k_heads_inner;
         const int c1 = inner ? t.kv_head : r.y, c2 = inner ? r.y : t.kv_head;
@@ -498,27 +498,22 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     };
     // H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s (ragged by TMA: 369-384; every tile gathered: 228-232):
     // pages of 16 by boxes 298-303, of 64 360, of 8 (1 KB boxes, 32 a tile) 231 (probe_prefill --paged).
-    // Tile n of an item: how it is copied and its rows (this thread's row: locate), looked up a tile ahead of its
-    // copies. -D FI_WS_PAGED_V_GATHER=1 (probe): V tiles gathered even where K tiles come as boxes.
-    struct PagedTile {
-      int2 rows;
-      bool tma;
-    };
-    auto lookup = [&](const Sm90WsItem& t, int n) { return PagedTile{locate(t, n), by_tma(t, n)}; };
-    auto copy_tile = [&](const Sm90WsItem& t, bool is_v, int i, const PagedTile& r) {
+    // Tile n of an item, copied as boxes or gathered, from this thread's row of it (locate, looked up a tile ahead of
+    // its copies). -D FI_WS_PAGED_V_GATHER=1 (probe): V tiles gathered even where K tiles come as boxes.
+    auto copy_tile = [&](const Sm90WsItem& t, bool is_v, int i, int n, int2 rows) {
 #ifdef FI_WS_PAGED_V_GATHER
       const bool v_gather = FI_WS_PAGED_V_GATHER && is_v;
 #else
       const bool v_gather = false;
 #endif
-      if (r.tma && !v_gather) {
-        tma_pages(t, is_v, i, r.rows);
+      if (by_tma(t, n) && !v_gather) {
+        tma_pages(t, is_v, i, rows);
       } else {
-        gather(t, is_v, i, r.rows);
+        gather(t, is_v, i, rows);
       }
     };
     int it = 0;                     // (thread 0; fp8 and paged: every thread) KV tiles issued so far
-    PagedTile cur = {}, next = {};  // (paged) the next K and V tiles to copy
+    int2 cur = {}, next = {};  // (paged) this thread's rows of the next K and V tiles to copy
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(P, w);
       // fp8: the item's first K and V tiles are staged now (the staging tiles are free: the previous item's last
@@ -545,9 +540,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // Paged: likewise K(0) is gathered before the Q wait, its copies landing while the previous item ends.
       if constexpr (PAGED) {
         if (t.num_tiles > 0) {
-          cur = lookup(t, 0);
-          copy_tile(t, false, it, cur);
-          if (t.num_tiles > 1) next = lookup(t, 1);
+          cur = locate(t, 0);
+          copy_tile(t, false, it, 0, cur);
+          if (t.num_tiles > 1) next = locate(t, 1);
         }
       }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
@@ -591,10 +586,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       } else if constexpr (PAGED) {
         // (K(0) was issued before Q; the lookups run one tile ahead of the copies)
         for (int n = 0; n < t.num_tiles; ++n) {
-          if (n + 1 < t.num_tiles) copy_tile(t, false, it + n + 1, next);
-          copy_tile(t, true, it + n, cur);
+          if (n + 1 < t.num_tiles) copy_tile(t, false, it + n + 1, n + 1, next);
+          copy_tile(t, true, it + n, n, cur);
           cur = next;
-          if (n + 2 < t.num_tiles) next = lookup(t, n + 2);
+          if (n + 2 < t.num_tiles) next = locate(t, n + 2);
         }
         it += t.num_tiles;
       } else if (tid == 0) {
