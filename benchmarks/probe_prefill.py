@@ -175,7 +175,6 @@ def fp8_main() -> None:
 # schedule request-major (prefill._WS_REQUEST_MAJOR) and heaviest first over the batch.
 PAGED_VARIANTS = {
     "fa3_ws paged": (),
-    "fa3_ws paged, V gathered": ("-DFI_WS_PAGED_V_GATHER=1",),
 }
 PAGED_CASES = [
     (16, 1024, 32, 32, 16),

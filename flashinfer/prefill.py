@@ -93,7 +93,7 @@ BACKENDS = ("fa2", "fa3")  # fa2: mma.sync (sm_80+); fa3: Hopper wgmma (sm_90a),
 # persistent grid), single prefill and ragged and paged batch prefill within _fa3_scope. For single prefill "auto" takes
 # it wherever it would take fa3 and fa3_ws applies: 1.06-1.46x fa3's speed on every row of bench_prefill --ws
 # (H200, 2026-11-30, 32/32 and 32/8 heads, 2048-16384 tokens, full and causal), all its GPU tests passing. For
-# batch prefill "auto" takes it where it applies (paged: pages it copies as TMA boxes of 16+ slots) and its query
+# batch prefill "auto" takes it where it applies (paged: pages it copies as TMA boxes) and its query
 # tiles fill the GPU or are at least half full (keys then split; see _auto_fa3_ws: 1.3-1.9x fa2 on every measured
 # batch but decode-like ones, which are equal). fp8 K/V (single prefill): its producer
 # widens the TMA-copied fp8 tiles through registers, e4m3/bf16 TFLOP/s 1.02-1.04 (H200, 8192 full and causal,
@@ -180,9 +180,9 @@ _WS_AUTO_D64 = True
 
 def _ws_auto_page_size(page_size: int) -> bool:
     """Whether "auto" takes fa3_ws for a paged batch with this page size: the kernel copies its pages as TMA boxes
-    (a multiple of 8 slots that divides the 128-key tile, or a multiple of it: sm90_ws_page_rows) of at least 16
-    slots (boxes of 8 slots measured no faster than fa2, see _auto_fa3_ws)."""
-    return page_size >= 16 and page_size % 8 == 0 and (128 % page_size == 0 or page_size % 128 == 0)
+    (a multiple of 8 slots that divides the 128-key tile, or a multiple of it: sm90_ws_page_rows); other sizes are
+    gathered row by row, which measured slower than fa2 (see _auto_fa3_ws)."""
+    return page_size % 8 == 0 and (128 % page_size == 0 or page_size % 128 == 0)
 
 
 @functools.cache
@@ -1313,9 +1313,9 @@ class _BatchPrefillBase:
         graphs, no fixed split size (a batch-invariant plan must not change kernels with the batch), ragged K/V or
         pages the kernel copies as TMA boxes (_ws_auto_page_size), and 128-row query tiles that either fill the GPU
         or are at least half full (the planner then splits long requests' keys to fill it, as for fa2).
-        H200, TFLOP/s: 16 x 1024 causal, 32/32 and 32/8 heads: ragged 369-384 against fa2's 246-266; pages of 16
-        300-303 against 210-227, of 64 360 against 229; pages of 8 (TMA boxes of 1 KB) 231 and of 1 (row gather)
-        213, against fa2's 224-226, stay on fa2 (bench_prefill --ws-batch, probe_prefill --paged). Split batches
+        H200, TFLOP/s: 16 x 1024 causal, 32/32 and 32/8 heads: ragged 364-384 against fa2's 246-266; pages of 8
+        349, of 16 339-366, of 32 375, of 64 377 against fa2's 211-228; pages of 1 (row gather) 206, against fa2's
+        224, stay on fa2 (bench_prefill --ws-batch, probe_prefill --paged). Split batches
         (probe_prefill --split), 32/8 heads: 1 x (256 queries, 32768 keys) causal 618 against 334; 1 x (64, 32768)
         full 490 against 286, pages of 16 340 against 245; 32/32, 2 x (128, 16384) causal 464 against 316;
         8 x (1, 4096), pages of 16 (tiles 3% full): 0.058 against 0.057 ms."""
@@ -1915,7 +1915,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillBase):
         batches with a ValueError naming the reason. As fa2, it splits long requests' keys into chunks when the
         batch's query tiles alone cannot fill the GPU (or by ``fixed_split_size``), their partial states merged by
         a second kernel. Slots past a request's last token are never read (zero-filled), so they may hold
-        anything. ``"auto"`` plans fa3_ws on a Hopper GPU for a batch in its scope with pages of 16, 32, 64,
+        anything. ``"auto"`` plans fa3_ws on a Hopper GPU for a batch in its scope with pages of 8, 16, 32, 64,
         128 or a multiple of 128 slots whose 128-row query tiles (per KV head) fill the GPU or are at least half
         full (without CUDA graphs or ``fixed_split_size``), fa2 otherwise; an option set later (forward()) outside
         fa3_ws's scope runs that plan on fa2.

@@ -791,17 +791,17 @@ def test_batch_prefill_ragged_auto_takes_fa3_ws_and_falls_back_to_fa2():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size", [16, 8])
+@pytest.mark.parametrize("page_size", [16, 8, 5])
 def test_batch_prefill_paged_auto_takes_fa3_ws_for_tma_pages(page_size):
     """backend="auto" on a paged batch whose query tiles fill a Hopper GPU plans fa3_ws for pages it copies as TMA
-    boxes of 16+ slots (fa2 for pages of 8), every slot no request owns holding NaN (1500 and 1000 keys: a partial
-    and a full last page); against the float64 reference, outputs NaN-poisoned."""
+    boxes (16, 8; fa2 for pages of 5), every slot no request owns holding NaN (1500 and 1000 keys: a partial and a
+    full last page); against the float64 reference, outputs NaN-poisoned."""
     _need_hopper()
     dt = torch.bfloat16
     qs, ks, vs = _make_batch([1000, 1000, 1000], [1500, 1000, 2000], 2, 4, 128, dt)
     ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
     w, kv = _plan_batch("paged", ws, "NHD", qs, ks, vs, page_size=page_size, nan_fill=True, causal=True, q_data_type=dt)
-    assert w._plan_info.spec.backend == ("fa3_ws" if page_size == 16 else "fa2")
+    assert w._plan_info.spec.backend == ("fa3_ws" if page_size % 8 == 0 else "fa2")
     q = torch.cat(qs)
     out = poisoned(q.shape, dt)
     w.run(q, *kv, out=out)
@@ -1865,12 +1865,12 @@ def test_fa3_ws_ragged_batch_dispatch_and_refusals(monkeypatch):
 
 @pytest.mark.parametrize(
     "page_size,backend",
-    [(16, "fa3_ws"), (64, "fa3_ws"), (128, "fa3_ws"), (256, "fa3_ws"), (8, "fa2"), (1, "fa2"), (48, "fa2")],
+    [(16, "fa3_ws"), (64, "fa3_ws"), (128, "fa3_ws"), (256, "fa3_ws"), (8, "fa3_ws"), (1, "fa2"), (48, "fa2")],
 )
 def test_fa3_ws_paged_auto_dispatch(monkeypatch, page_size, backend):
     """On fake CUDA tensors (a fake Hopper): "auto" plans a paged batch whose query tiles fill the GPU on fa3_ws for
-    the page sizes its producer copies as TMA boxes of 16+ slots (16, 64, 128, 256), on fa2 for the others (8:
-    boxes measured no faster than fa2; 1 and 48: gathered row by row); a batch of too few query tiles for the GPU
+    the page sizes its producer copies as TMA boxes (8, 16, 64, 128, 256), on fa2 for the others (1 and 48:
+    gathered row by row, slower than fa2); a batch of too few query tiles for the GPU
     takes it only when they are at least half full; fixed_split_size (batch invariance: one kernel whatever the
     batch) stays on fa2."""
     from fake_cuda import fake_cuda, workspace

@@ -496,23 +496,20 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         sm90::mbarrier_arrive(full);
       }
     };
-    // H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s (ragged by TMA: 369-384; every tile gathered: 228-232):
-    // pages of 16 by boxes 298-303, of 64 360, of 8 (1 KB boxes, 32 a tile) 231 (probe_prefill --paged).
+    // H200, 16 x 1024 causal, 32/32 and 32/8 heads, TFLOP/s (ragged by TMA: 364-378; every tile gathered: 206-232;
+    // probe_prefill --paged): boxes issued by the threads that own their first rows, pages of 8 / 16 / 32 / 64:
+    // 349 / 339-366 / 375 / 377, where all issued by warp 0's lanes (a loop over the lanes: TMA takes uniform
+    // operands) had measured 234 / 296-306 / 354 / 366; V gathered beside K boxes 266-288 (slower).
     // Tile n of an item, copied as boxes or gathered, from this thread's row of it (locate, looked up a tile ahead of
-    // its copies). -D FI_WS_PAGED_V_GATHER=1 (probe): V tiles gathered even where K tiles come as boxes.
+    // its copies).
     auto copy_tile = [&](const Sm90WsItem& t, bool is_v, int i, int n, int2 rows) {
-#ifdef FI_WS_PAGED_V_GATHER
-      const bool v_gather = FI_WS_PAGED_V_GATHER && is_v;
-#else
-      const bool v_gather = false;
-#endif
-      if (by_tma(t, n) && !v_gather) {
+      if (by_tma(t, n)) {
         tma_pages(t, is_v, i, rows);
       } else {
         gather(t, is_v, i, rows);
       }
     };
-    int it = 0;                     // (thread 0; fp8 and paged: every thread) KV tiles issued so far
+    int it = 0;                // (thread 0; fp8 and paged: every thread) KV tiles issued so far
     int2 cur = {}, next = {};  // (paged) this thread's rows of the next K and V tiles to copy
     for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
       const Sm90WsItem t = BATCH ? sm90_ws_batch_item<MASK, PAGED>(p, w) : sm90_ws_item<MASK>(P, w);
