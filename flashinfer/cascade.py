@@ -11,8 +11,10 @@ over their union (weights ``exp2(s - max s)``); a state over no keys has ``s = -
   and groups the queries into requests (``qo_indptr_arr[l]``); the top level is typically one request holding every
   query of the batch against the shared prefix, so its KV is read once and its work runs on tensor cores (the
   queries packed as rows, the GQA group's heads too). Each level is a batch prefill over its own pages
-  (``BatchPrefillWithPagedKVCacheWrapper``); on Hopper a level of one request holding every query runs on the
-  wgmma prefill kernel instead (``cascade_shared`` family: paged KV, the KV range split over the GPU), and a last
+  (``BatchPrefillWithPagedKVCacheWrapper``, on Hopper its warp-specialised fa3_ws kernel where it applies: 16-bit
+  K/V, pages of a multiple of 8 slots, the KV range split over the GPU); a level of one request holding every query
+  that fa3_ws does not take (an fp8 cache, pages it would gather row by row) runs on the wgmma prefill kernel
+  (``cascade_shared`` family: paged KV, the KV range split over the GPU), and a last
   level of one query per request (decode) on the paged batch decode kernel, which reads the unique pages at close
   to copy bandwidth (the prefill kernel would spend its tensor cores on a 64-row tile for 1 x group rows). The
   level states are merged level by level. For a short shared prefix the merge costs more than it saves: plan() then falls back to plain
@@ -39,7 +41,7 @@ from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .page import PagedKVCache, _unpack_paged_kv_cache
-from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
+from .prefill import BatchPrefillWithPagedKVCacheWrapper, _ws_auto_page_size, single_prefill_with_kv_cache
 from .utils import (
     DTYPE_CUDA,
     DTYPE_SHORT,
@@ -922,13 +924,15 @@ class MultiLevelCascadeAttentionWrapper:
     # Not part of FlashInfer's API; for benchmarks and tests. _last_level_decode: run a decode-shaped last level on
     # the batch decode kernel (else on batch prefill, as FlashInfer does). _shared_level_wgmma: run a level of one
     # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill);
-    # _shared_level_wgmma_fp8: that kernel also for an fp8 cache (else batch prefill, fa2). _fallback:
+    # _shared_level_wgmma_fp8: that kernel also for an fp8 cache (else batch prefill, fa2); _shared_level_fa3_ws:
+    # batch prefill instead wherever it runs the level on fa3_ws (see _shared_on_hopper). _fallback:
     # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
     # _overlap_levels: run a shared level on the wgmma kernel concurrently with the decode level: "auto" (when
     # the cost model says it pays), "always", or "never" (one after the other).
     _last_level_decode: bool = True
     _shared_level_wgmma: bool = True
     _shared_level_wgmma_fp8: bool = True
+    _shared_level_fa3_ws: bool = True
     _fallback: str = "auto"
     _overlap_levels: str = "auto"
 
@@ -1237,7 +1241,17 @@ class MultiLevelCascadeAttentionWrapper:
                 or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem)
             )
             and self._shared_on_hopper(
-                0, levels[0], head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction, q_dtype, kv_dtype
+                0,
+                levels[0],
+                head_dim,
+                pos,
+                window_left,
+                logits_soft_cap,
+                use_fp16_qk_reduction,
+                q_dtype,
+                kv_dtype,
+                page_size,
+                num_qo_heads // num_kv_heads,
             )
         )
         for l in range(n_prefill):
@@ -1245,7 +1259,17 @@ class MultiLevelCascadeAttentionWrapper:
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
                 continue  # an empty level adds nothing to the merge
             if self._shared_on_hopper(
-                l, lv, head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction, q_dtype, kv_dtype
+                l,
+                lv,
+                head_dim,
+                pos,
+                window_left,
+                logits_soft_cap,
+                use_fp16_qk_reduction,
+                q_dtype,
+                kv_dtype,
+                page_size,
+                num_qo_heads // num_kv_heads,
             ):
                 runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
                 runner.plan(
@@ -1306,12 +1330,25 @@ class MultiLevelCascadeAttentionWrapper:
         use_fp16_qk_reduction: bool,
         q_dtype: torch.dtype,
         kv_dtype: torch.dtype,
+        page_size: int,
+        group: int,
     ) -> bool:
         """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
         last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope (K/V
-        in q's dtype, or fp8 unless _shared_level_wgmma_fp8 is off)."""
+        in q's dtype, or fp8 unless _shared_level_wgmma_fp8 is off), unless batch prefill would run the level on
+        its warp-specialised kernel (fa3_ws: 16-bit K/V, pages it copies as TMA boxes, query tiles at least half
+        full), which measured faster: H200, 64 requests x 32768-token prefix + 1024 own, pages of 16, 32/8 heads,
+        the whole cascade 186.2 µs with the level on this kernel, 148.0 with it on batch prefill (1fd18d1)."""
+        rows = sum(lv.qo_lens) * group
+        on_fa3_ws = (
+            self._shared_level_fa3_ws
+            and q_dtype == kv_dtype
+            and _ws_auto_page_size(page_size)
+            and 2 * rows >= -(-rows // 128) * 128
+        )
         return (
             self._shared_level_wgmma
+            and not on_fa3_ws
             and not self._use_cuda_graph
             and l < self._num_levels - 1
             and len(lv.kv_lens) == 1

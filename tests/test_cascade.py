@@ -442,20 +442,23 @@ def _on_hopper():
 @pytest.mark.parametrize("page_size,layout,prefix", [(16, "NHD", 33000), (1, "HND", 2500), (16, "HND", 40)])
 def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, prefix):
     """A shared level of every query runs on the Hopper wgmma kernel (paged KV, split across the GPU; a prefix
-    ending mid-page; page_size 1; a prefix shorter than one KV tile), or on batch prefill: both match."""
+    ending mid-page; page_size 1; a prefix shorter than one KV tile), or on batch prefill (by default where that runs
+    it on fa3_ws: pages of 16 here, 64 query rows in a 128-row tile): all match."""
     unique = [1, 0, 300, 16, 33, 5, 70, 2]
     lv = Levels([[(len(unique), prefix)], [(1, n) for n in unique]], page_size, 4, 128, dtype, layout)
     q = torch.randn(len(unique), 32, 128, device="cuda").to(dtype)
-    for wgmma, overlap in ((True, "always"), (True, "never"), (False, "always")):
+    runs = ((True, False, "always"), (True, False, "never"), (False, False, "always"), (True, True, "auto"))
+    for wgmma, fa3_ws, overlap in runs:
         w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
         w._fallback = "never"
-        w._shared_level_wgmma = wgmma
+        w._shared_level_wgmma, w._shared_level_fa3_ws = wgmma, fa3_ws
         w._overlap_levels = overlap
         w.plan(*lv.plan_args(), 32, 4, 128, page_size, q_data_type=dtype)
         st = w.plan_stats()
-        assert st["kernels"][0][0] == ("shared_prefix_wgmma" if wgmma and _on_hopper() else "batch_prefill")
+        on_wgmma = wgmma and _on_hopper() and not (fa3_ws and page_size == 16)
+        assert st["kernels"][0][0] == ("shared_prefix_wgmma" if on_wgmma else "batch_prefill")
         # the wgmma level runs concurrently with the decode level on a side stream, or after it
-        assert st["overlap_levels"] == (wgmma and overlap == "always" and _on_hopper()), st
+        assert st["overlap_levels"] == (on_wgmma and overlap == "always"), st
         _check(w, lv, q)
         if st["overlap_levels"]:  # on a caller's stream, with q produced on it just before
             s = torch.cuda.Stream()
@@ -1424,7 +1427,7 @@ def test_fp8_plan_picks_the_fp8_kernels_on_a_fake_hopper(monkeypatch):
                     w.run(q, cuda(torch.randn(num_pages, 2, 16, 4, 128).to(torch.bfloat16)))
             # A 16-bit shared level on the wgmma kernel with scales: k_scale folded, v_scale applied after the kernel
             # (to its output, which the fake launch leaves at the 1.0 that fake device memory starts with).
-            w._overlap_levels = "never"
+            w._overlap_levels, w._shared_level_fa3_ws = "never", False
             w.plan(qo, kv, idx, last, 32, 4, 128, 16, q_data_type=torch.bfloat16)
             assert w.plan_stats()["kernels"][0] == ("shared_prefix_wgmma", 0)
             rec.clear()
