@@ -186,10 +186,26 @@ PAGED_CASES = [
 ]
 
 
+def _time_runs(runs, out, flop, width) -> None:
+    """Runs each of `runs` (name -> call writing `out`) once on a NaN-filled out, compares it with the first, and
+    prints its device ms queued behind a sleep (bench_prefill.queued_ms) and TFLOP/s of `flop`."""
+    from bench_prefill import queued_ms
+
+    ref = None
+    for name, fn in runs.items():
+        out.fill_(float("nan"))
+        fn()
+        torch.cuda.synchronize()
+        if ref is None:
+            ref = out.float().clone()
+        err = (out.float() - ref).abs().max().item()
+        t = queued_ms(fn)
+        print(f"  {name:{width}s} {t:7.3f} ms {flop / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
+
+
 def paged_main() -> None:
     """fa3_ws paged batch prefill per variant beside fa3_ws ragged and fa2 paged on the same batch (16 x 1024
     causal, bf16, NHD, pages scattered): device ms per call queued behind a sleep (bench_prefill.queued_ms)."""
-    from bench_prefill import queued_ms
 
     base = prefill.BatchPrefillSpec
 
@@ -243,16 +259,7 @@ def paged_main() -> None:
                 runs[label] = lambda w=w: w.run(q, cache, out=out)
         prefill._WS_REQUEST_MAJOR = True
         print(f"paged {n} x {L} causal, {hq}/{hkv} heads, page {ps}:", flush=True)
-        ref = None
-        for name, fn in runs.items():
-            out.fill_(float("nan"))
-            fn()
-            torch.cuda.synchronize()
-            if ref is None:
-                ref = out.float().clone()
-            err = (out.float() - ref).abs().max().item()
-            t = queued_ms(fn)
-            print(f"  {name:72s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
+        _time_runs(runs, out, fl, 72)
         del q, k, v, cache, out, ws
         torch.cuda.empty_cache()
 
@@ -272,7 +279,6 @@ SPLIT_CASES = [
 def split_main() -> None:
     """fa3_ws against fa2 on batches the planner splits (both split as the planner likes; fa3_ws also unsplit): device
     ms per call queued behind a sleep (bench_prefill.queued_ms), TFLOP/s of the visible work."""
-    from bench_prefill import queued_ms
 
     d, dt = 128, torch.bfloat16
     for n, qo_len, kv_len, hq, hkv, causal, ps in SPLIT_CASES:
@@ -302,16 +308,7 @@ def split_main() -> None:
             runs[f"{backend}{' unsplit' if split_off else ''} ({st['pieces']} pieces, {st['merges']} merges)"] = fn
         storage = f"paged {ps}" if ps else "ragged"
         print(f"{storage} {n} x (qo {qo_len}, kv {kv_len}) {'causal' if causal else 'full'}, {hq}/{hkv}:", flush=True)
-        ref = None
-        for name, fn in runs.items():
-            out.fill_(float("nan"))
-            fn()
-            torch.cuda.synchronize()
-            if ref is None:
-                ref = out.float().clone()
-            err = (out.float() - ref).abs().max().item()
-            t = queued_ms(fn)
-            print(f"  {name:48s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
+        _time_runs(runs, out, fl, 48)
         del q, k, v, out, ws
         torch.cuda.empty_cache()
 

@@ -1230,6 +1230,8 @@ class MultiLevelCascadeAttentionWrapper:
         # first is bound by tensor-core throughput, the second by HBM bandwidth, so they share the GPU well.
         if self._overlap_levels not in ("auto", "always", "never"):
             raise ValueError(f"_overlap_levels must be 'auto', 'always' or 'never', got {self._overlap_levels!r}")
+        level_scope = (head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction, q_dtype, kv_dtype, page_size)
+        group = num_qo_heads // num_kv_heads
         overlap = (
             self._overlap_levels != "never"
             and not self._use_cuda_graph
@@ -1240,37 +1242,13 @@ class MultiLevelCascadeAttentionWrapper:
                 self._overlap_levels == "always"
                 or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem)
             )
-            and self._shared_on_hopper(
-                0,
-                levels[0],
-                head_dim,
-                pos,
-                window_left,
-                logits_soft_cap,
-                use_fp16_qk_reduction,
-                q_dtype,
-                kv_dtype,
-                page_size,
-                num_qo_heads // num_kv_heads,
-            )
+            and self._shared_on_hopper(0, levels[0], *level_scope, group)
         )
         for l in range(n_prefill):
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
                 continue  # an empty level adds nothing to the merge
-            if self._shared_on_hopper(
-                l,
-                lv,
-                head_dim,
-                pos,
-                window_left,
-                logits_soft_cap,
-                use_fp16_qk_reduction,
-                q_dtype,
-                kv_dtype,
-                page_size,
-                num_qo_heads // num_kv_heads,
-            ):
+            if self._shared_on_hopper(l, lv, *level_scope, group):
                 runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
                 runner.plan(
                     lv,
