@@ -988,16 +988,19 @@ def test_batch_prefill_fa3_ws_ragged(case, group, mask_mode, layout, dtype, spli
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("mask_mode", ["none", "causal"])
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("split", [None, "off"], ids=["split_auto", "split_off"])
+@pytest.mark.parametrize("split", [None, "off", 5], ids=["split_auto", "split_off", "split_5pages"])
 @pytest.mark.parametrize("page_size", [1, 5, 8, 16, 64, 128, 256])
 @pytest.mark.parametrize("case", list(_WS_BATCH_CASES))
 def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout, split):
     """The paged kernel: pages gathered row by row by its producer (1 token, a size that divides nothing: 5) and
     pages as TMA boxes (8, 16, 64: several a tile; 128: one; 256: a tile of half a page), every slot no request
     owns holding NaN (a partial last page's slots must be zero-filled, not read: the tile that holds them is
-    gathered); requests whose last page is full (128 keys) and partial; keys split as the planner likes and not
-    split; against the float64 reference and the fa2 paged path."""
+    gathered); requests whose last page is full (128 keys) and partial; keys split as the planner likes, not split,
+    and in fixed chunks of 5 pages (pages of 8-128: chunks that start mid-tile on a box boundary); against the float64
+    reference and the fa2 paged path."""
     _need_hopper()
+    if split == 5 and not 8 <= page_size <= 128:
+        pytest.skip("fixed chunks of 5 pages are tried with page boxes of pages of 8-128 (256: no request splits)")
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
     ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
