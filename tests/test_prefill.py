@@ -1003,7 +1003,7 @@ def test_batch_prefill_fa3_ws_paged(case, page_size, group, mask_mode, layout, s
         pytest.skip("fixed chunks of 5 pages are tried with page boxes of pages of 8-128 (256: no request splits)")
     qo_lens, kv_lens = _WS_BATCH_CASES[case]
     qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, group, 128, torch.bfloat16)
-    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    ws = torch.empty((256 if split == 5 else 64) << 20, dtype=torch.uint8, device="cuda")  # (5-page chunks: ~190 MB)
     res = _ws_and_fa2(qs, ks, vs, layout, mask_mode, ws, storage="paged", page_size=page_size, split=split)
     _check_ws_batch(qs, ks, vs, mask_mode, res, case)
 
