@@ -646,6 +646,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       paged_fence();
       // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
       // next item once every warp has arrived on q_empty, which the __syncwarp orders after all lanes' reads).
+      // (compute-sanitizer's racecheck reports this hand-over as a hazard on batches split into chunks, whose
+      // items skip the epilogue's named barriers; unsplit batches report none. Every thread arriving on q_empty
+      // instead is on branch h/qempty-all-threads, not yet run: benchmarks/RESULTS.md, 2026-12-01 call 8.)
       t = sm90_ws_load_item(item_slot);
       __syncwarp();
     } else {
