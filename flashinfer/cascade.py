@@ -41,7 +41,12 @@ from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .page import PagedKVCache, _unpack_paged_kv_cache
-from .prefill import BatchPrefillWithPagedKVCacheWrapper, _ws_auto_page_size, single_prefill_with_kv_cache
+from .prefill import (
+    BatchPrefillWithPagedKVCacheWrapper,
+    _ws_auto_page_size,
+    _ws_auto_tiles,
+    single_prefill_with_kv_cache,
+)
 from .utils import (
     DTYPE_CUDA,
     DTYPE_SHORT,
@@ -1231,7 +1236,7 @@ class MultiLevelCascadeAttentionWrapper:
         if self._overlap_levels not in ("auto", "always", "never"):
             raise ValueError(f"_overlap_levels must be 'auto', 'always' or 'never', got {self._overlap_levels!r}")
         level_scope = (head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction, q_dtype, kv_dtype, page_size)
-        group = num_qo_heads // num_kv_heads
+        heads = (num_qo_heads // num_kv_heads, num_kv_heads)
         overlap = (
             self._overlap_levels != "never"
             and not self._use_cuda_graph
@@ -1242,13 +1247,13 @@ class MultiLevelCascadeAttentionWrapper:
                 self._overlap_levels == "always"
                 or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem)
             )
-            and self._shared_on_hopper(0, levels[0], *level_scope, group)
+            and self._shared_on_hopper(0, levels[0], *level_scope, *heads)
         )
         for l in range(n_prefill):
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
                 continue  # an empty level adds nothing to the merge
-            if self._shared_on_hopper(l, lv, *level_scope, group):
+            if self._shared_on_hopper(l, lv, *level_scope, *heads):
                 runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
                 runner.plan(
                     lv,
@@ -1310,23 +1315,17 @@ class MultiLevelCascadeAttentionWrapper:
         kv_dtype: torch.dtype,
         page_size: int,
         group: int,
+        num_kv_heads: int,
     ) -> bool:
         """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
         last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope (K/V
         in q's dtype, or fp8 unless _shared_level_wgmma_fp8 is off), unless batch prefill would run the level on
-        its warp-specialised kernel (fa3_ws: 16-bit K/V, pages it copies as TMA boxes, query tiles at least half
-        full), which measured faster: H200, 64 requests x 32768-token prefix + 1024 own, pages of 16, 32/8 heads,
-        the whole cascade 186.2 µs with the level on this kernel, 148.0 with it on batch prefill (1fd18d1)."""
-        rows = sum(lv.qo_lens) * group
-        on_fa3_ws = (
-            self._shared_level_fa3_ws
-            and q_dtype == kv_dtype
-            and _ws_auto_page_size(page_size)
-            and 2 * rows >= -(-rows // 128) * 128
-        )
-        return (
+        its warp-specialised kernel (fa3_ws: 16-bit K/V, pages it copies as TMA boxes, query tiles as "auto" wants
+        them: _ws_auto_tiles), which measured faster: H200, 64 requests x 32768-token prefix + 1024 own, pages of
+        16, 32/8 heads, the whole cascade 186.2 µs with the level on this kernel, 148.0 with it on batch prefill
+        (1fd18d1)."""
+        on_wgmma = (
             self._shared_level_wgmma
-            and not on_fa3_ws
             and not self._use_cuda_graph
             and l < self._num_levels - 1
             and len(lv.kv_lens) == 1
@@ -1339,6 +1338,14 @@ class MultiLevelCascadeAttentionWrapper:
             and (q_dtype == kv_dtype or (kv_dtype in FP8_DTYPE_SHORT and self._shared_level_wgmma_fp8))
             and _is_hopper(self._device.index)
         )
+        on_fa3_ws = (
+            on_wgmma
+            and self._shared_level_fa3_ws
+            and q_dtype == kv_dtype
+            and _ws_auto_page_size(page_size)
+            and _ws_auto_tiles(lv.qo_lens, group, num_kv_heads, num_sms(self._device.index))
+        )
+        return on_wgmma and not on_fa3_ws
 
     def _fallback_decision(
         self, decode_shape: bool, pos: str, window_left: int, plain_us: float, cascade_us: float

@@ -125,7 +125,9 @@ def _resolve_backend(backend: str) -> str:
     raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
 
 
-# Head dims of the Hopper kernels (fa3_ws at 64: one 64-column TMA box a tile, O in 32 accumulators).
+# Head dims of the Hopper kernels (fa3_ws at 64: one 64-column TMA box a tile, O in 32 accumulators; "auto" takes it
+# there as at 128: H200, 32/32 heads, 8192 tokens, bench_prefill --ws, full 421-431 TFLOP/s against fa2's 295, causal
+# 391-399 against 261, cuDNN 461-468 / 432-441).
 _HOPPER_HEAD_DIMS = {"fa3": (128,), "fa3_ws": (128, 64)}
 
 
@@ -172,10 +174,13 @@ def _tma_kv_refusal(k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
 # the GPU, before loading its module (which reports the real value, checked when it runs).
 _FA3_QUERY_TILE = 128
 
-# Whether "auto" takes fa3_ws at head_dim 64 (single and batch prefill) where it takes it at 128; else fa2 there.
-# H200, 32/32 heads, 8192 tokens (bench_prefill --ws, 5b6bb29): full 431 TFLOP/s against fa2's 295, causal 399
-# against 261 (cuDNN 468 / 441).
-_WS_AUTO_D64 = True
+
+def _ws_auto_tiles(qo_lens: Sequence[int], group: int, num_kv_heads: int, sms: int) -> bool:
+    """Whether a batch's 128-row query tiles suit fa3_ws on "auto": they fill the GPU's `sms` SMs, or they are at
+    least half full (the planner then splits long requests' keys to fill it). Measurements: _auto_fa3_ws."""
+    tiles = sum(-(-q * group // _FA3_QUERY_TILE) for q in qo_lens)
+    half_full = 2 * sum(qo_lens) * group >= tiles * _FA3_QUERY_TILE
+    return tiles * num_kv_heads >= sms or half_full
 
 
 def _ws_auto_page_size(page_size: int) -> bool:
@@ -200,8 +205,8 @@ def _single_backend(
 ) -> str:
     """The kernel of a single-prefill call. "auto" on Hopper where the query tiles alone fill the GPU (neither
     Hopper kernel splits a single request's keys): fa3_ws where it applies (16-bit or fp8 K/V read by TMA; head_dim
-    128, or 64 if _WS_AUTO_D64), else fa3 where it applies (expanded views); fa2 otherwise (short queries, other GPUs,
-    other features)."""
+    128, or 64 with 16-bit K/V), else fa3 where it applies (expanded views); fa2 otherwise (short queries, other
+    GPUs, other features)."""
     if backend == "fa2":
         return "fa2"
     on_hopper = _device_capability(device.index) == (9, 0)
@@ -450,8 +455,6 @@ def _single_run(
     why_not_fa3_ws = _fa3_scope(head_dim, dq, dk, dq, *scope, opts.use_fp16_qk_reduction, "fa3_ws")
     if why_not_fa3_ws is None and opts.backend in ("fa3_ws", "auto"):
         why_not_fa3_ws = _tma_kv_refusal(k, v)  # ("auto" then takes fa3)
-    if why_not_fa3_ws is None and opts.backend == "auto" and head_dim == 64 and not _WS_AUTO_D64:
-        why_not_fa3_ws = "head_dim 64 (auto keeps fa2)"
     backend = _single_backend(opts.backend, why_not_fa3, device, qo_len * group, num_kv_heads, why_not_fa3_ws)
     spec = SinglePrefillSpec(
         head_dim=head_dim,
@@ -1323,14 +1326,10 @@ class _BatchPrefillBase:
             return None
         if self._storage == "paged" and not _ws_auto_page_size(page_size):
             return None
-        if spec.head_dim == 64 and not _WS_AUTO_D64:
-            return None
         ws = dataclasses.replace(spec, backend="fa3_ws")
         if ws.unsupported_reason() is not None or _device_capability(self._device.index) != (9, 0):
             return None
-        tiles = sum(-(-q * group // _FA3_QUERY_TILE) for q in qo_lens)
-        half_full = 2 * sum(qo_lens) * group >= tiles * _FA3_QUERY_TILE
-        return ws if tiles * num_kv_heads >= num_sms(self._device.index) or half_full else None
+        return ws if _ws_auto_tiles(qo_lens, group, num_kv_heads, num_sms(self._device.index)) else None
 
     def _options_key(self) -> Tuple[Any, ...]:
         return (
@@ -1377,7 +1376,9 @@ class _BatchPrefillBase:
                 use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             )
             if spec.backend == "fa3_ws" and self._auto and spec.unsupported_reason() is not None:
-                spec = dataclasses.replace(spec, backend="fa2")  # (its schedule, unsplit 128-row tiles, is fa2's too)
+                spec = dataclasses.replace(
+                    spec, backend="fa2"
+                )  # (its schedule, 128-row tiles and chunks, is fa2's too)
             if spec.backend == "fa3_ws":
                 _check_fa3_ws_batch(spec, self._device)
             hit = _launch_of(spec, opts)

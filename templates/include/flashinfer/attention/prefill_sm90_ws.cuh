@@ -51,7 +51,8 @@
 //   that slot's barriers are in the phase of parity ph = (it / kStages) & 1 for it. `j` counts the items.
 //     k_full[s], v_full[s]  count 1: the producer's arrive.expect_tx(tile bytes), plus the TMA bytes. Paged:
 //                           count 128, every producer thread arrives once its gathered rows have landed (a
-//                           tile of page boxes: thread 0's arrive.expect_tx, the others' plain arrivals).
+//                           tile of page boxes: each issuing thread's arrive.expect_tx of its boxes' bytes, the
+//                           others' plain arrivals).
 //                           Consumers wait(ph) before reading the slot. fp8: count 128, every producer thread
 //                           arrives after its share of the widened tile (then fence.proxy.async: wgmma reads it).
 //     k_staged, v_staged    fp8 only, count 1: thread 0's arrive.expect_tx(fp8 tile bytes), plus the TMA bytes.
@@ -166,10 +167,9 @@ struct Sm90WsTraitsT {
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its boxes
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
-  static constexpr int kBoxes = kHeadDim / 64;        // 64-column boxes a tile
   static constexpr int kBarriers = 4 * kStages + 2;   // k_full, k_empty, v_full, v_empty per slot; q_full, q_empty
   static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8;
-  static constexpr int kItemBytes = 64;  // ragged: the Sm90WsItem handed from the producer to the consumers
+  static constexpr int kItemBytes = 64;  // batches: the Sm90WsItem handed from the producer to the consumers
   // fp8 K/V: one staged fp8 tile of K and one of V (one TMA box each: BK rows of head_dim bytes), two more barriers
   // (k_staged, v_staged), and the producer warpgroup's named barrier.
   static constexpr int kF8TileBytes = BK * kHeadDim;
@@ -190,7 +190,7 @@ struct Sm90WsParams {
   CUtensorMap k_map;
   CUtensorMap v_map;
   PrefillParams p;
-  int num_items;      // single: num_qtiles * num_kv_heads; ragged: the plan's pieces * num_kv_heads
+  int num_items;      // single: num_qtiles * num_kv_heads; batches: the plan's pieces * num_kv_heads
   int k_heads_inner;  // the map's dimension 1 is the KV head (NHD), else the token (sm90_ws_kv_map)
   int v_heads_inner;
   int kv_rows;     // ragged: token rows of the K/V arrays (the maps' extent; 0: no maps, every request empty)
