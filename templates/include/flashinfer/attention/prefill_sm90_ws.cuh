@@ -30,8 +30,8 @@
 //     module's prefill_merge_kernel combines), each request's pieces together, heaviest first. The producer reads the
 //     piece and the request's qo/kv indptr entries from device memory ahead of the consumers (while they finish the
 //     previous item) and hands the item's geometry over in shared memory with the Q tile (written by producer thread 0
-//     before its q_full arrival; the consumers read it once after q_full, then __syncwarp, so that every lane's read
-//     precedes its warp's q_empty arrival, after which the producer may overwrite it). Queries and outputs sit at the
+//     before its q_full arrival; the consumers read it once after q_full, and every consumer thread that read it
+//     arrives on q_empty itself, after which the producer may overwrite it). Queries and outputs sit at the
 //     request's qo_indptr offset; K/V boxes start at kv_indptr[request] + key offset in tensor maps over the
 //     whole ragged K/V, so a tile that runs past the request reads the next request's rows (or TMA's zeros
 //     past the tensor's end): the key bound hi (the request's kv_len) masks them, as it masks a single
@@ -65,7 +65,8 @@
 //     q_full                count 128: every producer thread arrives after its Q copies landed
 //                           (cp.async.wait_group 0, then fence.proxy.async so wgmma sees them). Consumers
 //                           wait(j & 1).
-//     q_empty               count kConsumerWarps: after the item's last S = Q K^T completed. The producer
+//     q_empty               count kConsumerWarps (batches: 256, every consumer thread, each releasing its own read of
+//                           the item's hand-over slot): after the item's last S = Q K^T completed. The producer
 //                           waits((j & 1) ^ 1) before copying the next item's Q (the next Q is thus loaded
 //                           while the consumers finish the current item's softmax, P V and epilogue).
 //   Named barriers 1 and 2 (128 threads): one consumer warpgroup's epilogue (its own 64 rows of O staging);
@@ -358,7 +359,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::mbarrier_init(v_empty(s), Tr::kConsumerWarps);
     }
     sm90::mbarrier_init(q_full, 128);
-    sm90::mbarrier_init(q_empty, Tr::kConsumerWarps);
+    sm90::mbarrier_init(q_empty, BATCH ? 2 * 128 : Tr::kConsumerWarps);
     if constexpr (FP8) {
       sm90::mbarrier_init(k_staged, 1);
       sm90::mbarrier_init(v_staged, 1);
@@ -632,6 +633,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   auto release = [&](uint32_t bar) {
     if (lane == 0) sm90::mbarrier_arrive(bar);
   };
+  // q_empty: every thread in a batch (see the barrier list), a warp's lane 0 otherwise.
+  auto release_q = [&]() {
+    if (BATCH || lane == 0) sm90::mbarrier_arrive(q_empty);
+  };
   // Paged K/V: the producer's cp.async copies (generic proxy) completed the full barrier just waited for; the
   // fence orders them before this thread's wgmmas (async proxy) read the tile (H200: no measurable cost).
   auto paged_fence = [&]() {
@@ -645,12 +650,10 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       wait(q_full, j & 1, 11);
       paged_fence();
       // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
-      // next item once every warp has arrived on q_empty, which the __syncwarp orders after all lanes' reads).
-      // (compute-sanitizer's racecheck reports this hand-over as a hazard on batches split into chunks, whose
-      // items skip the epilogue's named barriers; unsplit batches report none. Every thread arriving on q_empty
-      // instead is on branch h/qempty-all-threads, not yet run: benchmarks/RESULTS.md, 2026-12-01 call 8.)
+      // next item once every consumer thread has arrived on q_empty: each thread's arrival releases its own read;
+      // with one arrival a warp after a __syncwarp, compute-sanitizer's racecheck flagged the hand-over on batches
+      // of many one-tile items, e.g. keys split in chunks of 300).
       t = sm90_ws_load_item(item_slot);
-      __syncwarp();
     } else {
       t = sm90_ws_item<MASK>(P, w);
     }
@@ -711,7 +714,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 
     if constexpr (!BATCH) wait(q_full, j & 1, 11);
     if (t.num_tiles == 0) {
-      release(q_empty);  // no key visible to any row of the item: O = 0, lse = -inf
+      release_q();  // no key visible to any row of the item: O = 0, lse = -inf
     } else {
       // ---- tile 0: S(0), softmax -> P(0)
       {
@@ -724,7 +727,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         sm90::wgmma_wait<0>();
         sm90::fence_operand(s);
         release(k_empty(slot));
-        if (last == 0) release(q_empty);
+        if (last == 0) release_q();
         float corr[2];
         softmax(0, corr);  // (O is still 0: nothing to rescale)
         pack_p();
@@ -743,7 +746,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         sm90::wgmma_wait<1>();  // S(n) complete (the older group); P(n-1) V(n-1) may still run
         sm90::fence_operand(s);
         release(k_empty(slot));
-        if (n == last) release(q_empty);
+        if (n == last) release_q();
         float corr[2];
         const bool moved = softmax(n, corr);
         sm90::wgmma_wait<0>();  // P(n-1) V(n-1) complete: O and P(n-1) are free again
