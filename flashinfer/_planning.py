@@ -202,6 +202,7 @@ BATCH_PREFILL_ARGS = (
     ("page_size", "int"),
     ("device", "int"),
     ("kv_rows", "int"),  # ragged: token rows of k and v (kv_indptr[-1]; the fa3_ws kernel's tensor maps span them)
+    ("max_ctas", "int"),  # fa3_ws: CTAs of its persistent grid at most (0: one per SM); fa2 takes one CTA a piece
     # set by each run()
     ("num_pages", "int"),  # paged: pages of the cache given to run(); ids outside [0, num_pages) are never read
     ("q", "const void*"),

@@ -930,16 +930,18 @@ class MultiLevelCascadeAttentionWrapper:
     # the batch decode kernel (else on batch prefill, as FlashInfer does). _shared_level_wgmma: run a level of one
     # request holding every query on the Hopper wgmma kernel where it applies (else on batch prefill);
     # _shared_level_wgmma_fp8: that kernel also for an fp8 cache (else batch prefill, fa2); _shared_level_fa3_ws:
-    # batch prefill instead wherever it runs the level on fa3_ws (see _shared_on_hopper). _fallback:
+    # batch prefill instead wherever it runs the level on fa3_ws (see _shared_route). _fallback:
     # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
-    # _overlap_levels: run a shared level on the wgmma kernel concurrently with the decode level: "auto" (when
-    # the cost model says it pays), "always", or "never" (one after the other).
+    # _overlap_levels: run a shared level on the wgmma kernel or on fa3_ws concurrently with the decode level:
+    # "auto" (when the cost model says it pays), "always", or "never" (one after the other). _ws_decode_sms: the
+    # SMs a shared level on fa3_ws leaves to the decode level beside it (its persistent grid takes the others).
     _last_level_decode: bool = True
     _shared_level_wgmma: bool = True
     _shared_level_wgmma_fp8: bool = True
     _shared_level_fa3_ws: bool = True
     _fallback: str = "auto"
     _overlap_levels: str = "auto"
+    _ws_decode_sms: int = 32
 
     def __init__(
         self,
@@ -1247,13 +1249,14 @@ class MultiLevelCascadeAttentionWrapper:
                 self._overlap_levels == "always"
                 or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem)
             )
-            and self._shared_on_hopper(0, levels[0], *level_scope, *heads)
+            and self._shared_route(0, levels[0], *level_scope, *heads) is not None
         )
         for l in range(n_prefill):
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
                 continue  # an empty level adds nothing to the merge
-            if self._shared_on_hopper(l, lv, *level_scope, *heads):
+            route = self._shared_route(l, lv, *level_scope, *heads)
+            if route == "wgmma":
                 runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
                 runner.plan(
                     lv,
@@ -1271,6 +1274,8 @@ class MultiLevelCascadeAttentionWrapper:
                 continue
             # A single query per request sits at the bottom-right corner: the causal mask hides nothing from it.
             level_causal = causal and l == self._num_levels - 1 and any(n > 1 for n in lv.qo_lens)
+            beside = overlap and l == 0 and route == "fa3_ws"
+            self._prefill[l]._max_ctas = max(1, num_sms(self._device.index) - self._ws_decode_sms) if beside else 0
             self._prefill[l].plan(
                 _int32_host(lv.qo),
                 _int32_host(lv.kv),
@@ -1292,7 +1297,7 @@ class MultiLevelCascadeAttentionWrapper:
         overlap = (
             overlap
             and len(steps) == 2
-            and isinstance(steps[0].wrapper, _SharedLevel)
+            and (isinstance(steps[0].wrapper, _SharedLevel) or self._prefill[0]._max_ctas > 0)
             and steps[1].wrapper is self._decode
         )
         stats.update(
@@ -1302,7 +1307,7 @@ class MultiLevelCascadeAttentionWrapper:
 
     begin_forward = plan
 
-    def _shared_on_hopper(
+    def _shared_route(
         self,
         l: int,
         lv: _Level,
@@ -1316,14 +1321,15 @@ class MultiLevelCascadeAttentionWrapper:
         page_size: int,
         group: int,
         num_kv_heads: int,
-    ) -> bool:
-        """Whether level l runs on the Hopper shared-prefix kernel: one request holding every query, above the
-        last level (never causal), eager mode (its split is a launch argument), and within the kernel's scope (K/V
-        in q's dtype, or fp8 unless _shared_level_wgmma_fp8 is off), unless batch prefill would run the level on
-        its warp-specialised kernel (fa3_ws: 16-bit K/V, pages it copies as TMA boxes, query tiles as "auto" wants
-        them: _ws_auto_tiles), which measured faster: H200, 64 requests x 32768-token prefix + 1024 own, pages of
-        16, 32/8 heads, the whole cascade 186.2 µs with the level on this kernel, 148.0 with it on batch prefill
-        (1fd18d1)."""
+    ) -> Optional[str]:
+        """Where a shared level l runs on Hopper: "wgmma" (the Hopper shared-prefix kernel), "fa3_ws" (batch prefill
+        on its warp-specialised kernel) or None (batch prefill as any level). A shared level is one request holding
+        every query, above the last level (never causal), in eager mode (the wgmma kernel's split is a launch
+        argument), within the wgmma kernel's scope (K/V in q's dtype, or fp8 unless _shared_level_wgmma_fp8 is off).
+        It goes to fa3_ws where batch prefill's "auto" would take it (16-bit K/V, pages it copies as TMA boxes,
+        query tiles as _ws_auto_tiles wants them), which measured faster: H200, 64 requests x 32768-token prefix +
+        1024 own, pages of 16, 32/8 heads, the whole cascade 186.2 µs with the level on the wgmma kernel, 148.0
+        with it on batch prefill (1fd18d1)."""
         on_wgmma = (
             self._shared_level_wgmma
             and not self._use_cuda_graph
@@ -1345,7 +1351,7 @@ class MultiLevelCascadeAttentionWrapper:
             and _ws_auto_page_size(page_size)
             and _ws_auto_tiles(lv.qo_lens, group, num_kv_heads, num_sms(self._device.index))
         )
-        return on_wgmma and not on_fa3_ws
+        return "fa3_ws" if on_fa3_ws else ("wgmma" if on_wgmma else None)
 
     def _fallback_decision(
         self, decode_shape: bool, pos: str, window_left: int, plain_us: float, cascade_us: float

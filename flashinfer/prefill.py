@@ -893,6 +893,10 @@ class _BatchPrefillBase:
     (through the Python planner) and the launch."""
 
     _storage = ""
+    # Not part of FlashInfer's API: on fa3_ws, the SMs a plan schedules for and the persistent grid's CTAs at most
+    # (0: every SM). The cascade bounds its shared level so that the decode level runs on the SMs left
+    # (MultiLevelCascadeAttentionWrapper._run_overlapped). fa2 launches one CTA a piece and ignores it.
+    _max_ctas: int = 0
 
     def __init__(
         self,
@@ -1182,6 +1186,8 @@ class _BatchPrefillBase:
         group = num_qo_heads // num_kv_heads
         mod = _module(spec)
         tiles = prefill_query_tiles(mod)
+        sms = num_sms(dev.index)
+        max_ctas = min(sms, self._max_ctas) if spec.backend == "fa3_ws" and self._max_ctas > 0 else 0
         ws = self._float_workspace_buffer
         ws_floats = ws.numel() * ws.element_size() // 4
         tile, work, merge, part_rows = schedule_prefill(
@@ -1193,7 +1199,7 @@ class _BatchPrefillBase:
             tiles[:1] if self._use_cuda_graph else tiles,
             mod.constants["kv_tile"],
             lambda t: _occupancy(spec, dev.index, t),
-            num_sms(dev.index),
+            max_ctas or sms,
             opts.mask_mode == "causal",
             ws_floats,
             num_qo_heads,
@@ -1256,6 +1262,7 @@ class _BatchPrefillBase:
         a.merge, a.num_merge = sched + 4 * layout.merge, sched + 4 * layout.num_merge
         a.work_capacity, a.merge_capacity, a.grid_x, a.merge_grid_x = cap_w, cap_m, grid_x, merge_grid_x
         a.num_qo_heads, a.num_kv_heads, a.page_size, a.device = num_qo_heads, num_kv_heads, page_size, dev.index
+        a.max_ctas = max_ctas
         stats = PlanStats(
             workers=grid_x,
             worker_capacity=grid_x,

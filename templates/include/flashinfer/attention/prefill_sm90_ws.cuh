@@ -927,11 +927,12 @@ cudaError_t launch_sm90_ws_single_prefill(PrefillParams p, int device, cudaStrea
 // Batch prefill, ragged or (PAGED) paged K/V: p carries the plan's schedule (p.work: num_pieces pieces; p.merge:
 // merge_grid_x rows merging the partial states of split requests, 0 when none is split) and the per-request
 // qo_indptr / kv_indptr (paged: kv_indices, kv_last_page_len, page_size, num_pages and the page strides too);
-// kv_rows is the number of token rows of a ragged k and v (kv_indptr[batch]; unused when paged). With pdl, both
-// kernels launched with programmatic dependent launch.
+// kv_rows is the number of token rows of a ragged k and v (kv_indptr[batch]; unused when paged). max_ctas bounds the
+// persistent grid (0: one CTA per SM), leaving SMs to a kernel run beside this one (the cascade's decode level). With
+// pdl, both kernels launched with programmatic dependent launch.
 template <int HEAD_DIM, typename DTypeQ, typename DTypeO, MaskMode MASK, bool PAGED>
-cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int merge_grid_x, int kv_rows, int device,
-                                         cudaStream_t stream, bool pdl, int* occupancy_only) {
+cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int merge_grid_x, int kv_rows, int max_ctas,
+                                         int device, cudaStream_t stream, bool pdl, int* occupancy_only) {
   constexpr auto kernel = sm90_ws_prefill_kernel<HEAD_DIM, DTypeQ, DTypeQ, DTypeO, MASK, true, PAGED>;
   using Tr = Sm90WsTraitsT<HEAD_DIM>;
   constexpr int kSmem = Tr::smem_bytes(true);
@@ -939,7 +940,7 @@ cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int me
   if (guard.err != cudaSuccess) return guard.err;
   cudaError_t err = kernel_occupancy<kernel>(Tr::kThreads, kSmem, device, occupancy_only);
   if (err != cudaSuccess || occupancy_only != nullptr) return err;
-  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || num_pieces < 0 || kv_rows < 0 ||
+  if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || num_pieces < 0 || kv_rows < 0 || max_ctas < 0 ||
       int64_t(num_pieces) * p.num_kv_heads > INT32_MAX || (PAGED && p.page_size <= 0))
     return cudaErrorInvalidValue;
   p.group_size = p.num_qo_heads / p.num_kv_heads;
@@ -967,7 +968,8 @@ cudaError_t launch_sm90_ws_batch_prefill(PrefillParams p, int num_pieces, int me
                                              &P.v_heads_inner);
     if (err != cudaSuccess) return err;
   }
-  const int grid = min(P.num_items, sm_count(device));  // persistent: one CTA per SM at most
+  const int sms = sm_count(device);
+  const int grid = min(P.num_items, max_ctas > 0 ? min(max_ctas, sms) : sms);  // persistent: one CTA per SM at most
   err = launch_kernel(kernel, dim3(grid), dim3(Tr::kThreads), kSmem, stream, pdl, P);
   if (err != cudaSuccess) return err;
   // Split requests: their chunks' partial states merged (launched dependent on the kernel with pdl)
