@@ -854,6 +854,33 @@ def _overlap_pays(
     return memory_us >= shared_us or decode_us > shared_us
 
 
+# A shared level on fa3_ws beside the decode level: the persistent grid takes sms - n SMs and the decode level's
+# CTAs the n left (no CTA of it fits beside an fa3_ws CTA). Both kernels are bound per SM (the shared level by its
+# tensor cores, the decode level by the latency of its K/V ring: 3.75 TB/s on 132 SMs, and the same rate per SM on
+# fewer), so running them side by side saves no SM time: it fills what each leaves idle (the last wave, the SMs
+# beyond the shared level's pieces, the merges). Measured on an H200 (2666b71, 32/8 heads, d128, pages of 16; µs in
+# turn -> side by side with n chosen below): 64 x 32768 + 1024 own 147-158 -> 138-148, 128 x 32768 290 -> 254,
+# 256 x 32768 506-614 -> 463-480, 64 x 131072 400 -> 340-355; a memory-bound shared level lost (8 x 32768: 84 ->
+# 91), as did n too small or too large for the split of the work (64 x 131072 with n = 64: 464).
+_WS_FLOPS_PER_US = 4.9e8  # fa3_ws on a shared level: 64 x 32768 (34.4 GFLOP) in 69.8 µs on 128 CTAs
+
+
+def _ws_decode_share(
+    shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int, sms: int
+) -> int:
+    """SMs to leave to the decode level beside a shared level on fa3_ws, or 0 to run them in turn: the levels'
+    shares of the SM time (so that both would finish together), when the shared level is bound by its tensor
+    cores and the decode level is not negligible beside it; at most half the SMs."""
+    token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
+    flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
+    shared_us = flops / _WS_FLOPS_PER_US
+    memory_us = shared.total_keys * token_bytes / _HBM_BYTES_PER_US
+    decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
+    if memory_us >= shared_us or decode_us <= _BESIDE_DECODE_SLOWDOWN * shared_us:
+        return 0
+    return max(8, min(sms // 2, round(sms * decode_us / (shared_us + decode_us))))
+
+
 # =========================================================================================== multi-level cascade
 
 
@@ -934,14 +961,15 @@ class MultiLevelCascadeAttentionWrapper:
     # "auto" (cost model), "never", or "always" (whenever the page tables allow plain batch decode).
     # _overlap_levels: run a shared level on the wgmma kernel or on fa3_ws concurrently with the decode level:
     # "auto" (when the cost model says it pays), "always", or "never" (one after the other). _ws_decode_sms: the
-    # SMs a shared level on fa3_ws leaves to the decode level beside it (its persistent grid takes the others).
+    # SMs a shared level on fa3_ws leaves to the decode level beside it (its persistent grid takes the others; 0:
+    # as the cost model says, _ws_decode_share()).
     _last_level_decode: bool = True
     _shared_level_wgmma: bool = True
     _shared_level_wgmma_fp8: bool = True
     _shared_level_fa3_ws: bool = True
     _fallback: str = "auto"
     _overlap_levels: str = "auto"
-    _ws_decode_sms: int = 32
+    _ws_decode_sms: int = 0
 
     def __init__(
         self,
@@ -1233,24 +1261,36 @@ class MultiLevelCascadeAttentionWrapper:
 
         steps: List[_Step] = []
         n_prefill = self._num_levels - 1 if decode_last else self._num_levels
-        # Two levels, a shared prefix on the tensor-core kernel and the requests' own tokens on batch decode: the
-        # first is bound by tensor-core throughput, the second by HBM bandwidth, so they share the GPU well.
+        # Two levels, a shared prefix on tensor cores and the requests' own tokens on batch decode, may run side by
+        # side: the first is bound by tensor-core throughput, the second by HBM latency (see _overlap_pays and
+        # _ws_decode_share for when it pays on each kernel of the shared level).
         if self._overlap_levels not in ("auto", "always", "never"):
             raise ValueError(f"_overlap_levels must be 'auto', 'always' or 'never', got {self._overlap_levels!r}")
         level_scope = (head_dim, pos, window_left, logits_soft_cap, use_fp16_qk_reduction, q_dtype, kv_dtype, page_size)
         heads = (num_qo_heads // num_kv_heads, num_kv_heads)
-        overlap = (
+        route0 = self._shared_route(0, levels[0], *level_scope, *heads)
+        may_overlap = (
             self._overlap_levels != "never"
             and not self._use_cuda_graph
             and decode_last
             and n_prefill == 1
             and last.total_keys > 0
-            and (
+            and route0 is not None
+        )
+        sms = num_sms(self._device.index)
+        decode_sms = 0  # fa3_ws beside the decode level: the SMs its persistent grid leaves to the decode level
+        if may_overlap and route0 == "fa3_ws":
+            decode_sms = self._ws_decode_sms or _ws_decode_share(
+                levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem, sms
+            )
+            if self._overlap_levels == "always" and decode_sms == 0:
+                decode_sms = max(8, sms // 4)
+            overlap = decode_sms > 0
+        else:
+            overlap = may_overlap and (
                 self._overlap_levels == "always"
                 or _overlap_pays(levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem)
             )
-            and self._shared_route(0, levels[0], *level_scope, *heads) is not None
-        )
         for l in range(n_prefill):
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
@@ -1274,8 +1314,7 @@ class MultiLevelCascadeAttentionWrapper:
                 continue
             # A single query per request sits at the bottom-right corner: the causal mask hides nothing from it.
             level_causal = causal and l == self._num_levels - 1 and any(n > 1 for n in lv.qo_lens)
-            beside = overlap and l == 0 and route == "fa3_ws"
-            self._prefill[l]._max_ctas = max(1, num_sms(self._device.index) - self._ws_decode_sms) if beside else 0
+            self._prefill[l]._max_ctas = sms - decode_sms if overlap and l == 0 and route == "fa3_ws" else 0
             self._prefill[l].plan(
                 _int32_host(lv.qo),
                 _int32_host(lv.kv),
@@ -1297,11 +1336,15 @@ class MultiLevelCascadeAttentionWrapper:
         overlap = (
             overlap
             and len(steps) == 2
-            and (isinstance(steps[0].wrapper, _SharedLevel) or self._prefill[0]._max_ctas > 0)
+            and (isinstance(steps[0].wrapper, _SharedLevel) or decode_sms > 0)
             and steps[1].wrapper is self._decode
         )
         stats.update(
-            path="cascade", reason=why_cascade, kernels=[(s.kernel, s.level) for s in steps], overlap_levels=overlap
+            path="cascade",
+            reason=why_cascade,
+            kernels=[(s.kernel, s.level) for s in steps],
+            overlap_levels=overlap,
+            decode_sms=decode_sms if overlap else 0,
         )
         self._plan = _CascadePlan("cascade", steps, total_q, num_qo_heads, head_dim, q_dtype, stats, overlap)
 
@@ -1431,7 +1474,8 @@ class MultiLevelCascadeAttentionWrapper:
         """The last plan: ``path`` ("cascade" or "plain_decode") and ``reason``, the kernel of each level run
         (``kernels``), per-level sizes, and the cost model's estimates (µs of device time) of the levels above the
         last: ``estimated_plain_us`` (read per query by plain decode) and ``estimated_cascade_us`` (attended once,
-        plus the merge); ``overlap_levels``: whether the shared and the decode level run concurrently;
+        plus the merge); ``overlap_levels``: whether the shared and the decode level run concurrently, and
+        ``decode_sms``: the SMs a shared level on fa3_ws leaves to the decode level then (0 otherwise);
         ``kv_data_type``, and for an fp8 cache ``fp8_kv``: how the scales apply.
 
         Returns

@@ -447,7 +447,13 @@ def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, pr
     unique = [1, 0, 300, 16, 33, 5, 70, 2]
     lv = Levels([[(len(unique), prefix)], [(1, n) for n in unique]], page_size, 4, 128, dtype, layout)
     q = torch.randn(len(unique), 32, 128, device="cuda").to(dtype)
-    runs = ((True, False, "always"), (True, False, "never"), (False, False, "always"), (True, True, "auto"))
+    runs = (
+        (True, False, "always"),
+        (True, False, "never"),
+        (False, False, "always"),
+        (True, True, "auto"),
+        (True, True, "always"),
+    )
     for wgmma, fa3_ws, overlap in runs:
         w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
         w._fallback = "never"
@@ -455,14 +461,16 @@ def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, pr
         w._overlap_levels = overlap
         w.plan(*lv.plan_args(), 32, 4, 128, page_size, q_data_type=dtype)
         st = w.plan_stats()
-        on_wgmma = wgmma and _on_hopper() and not (fa3_ws and page_size == 16)
+        on_ws = wgmma and fa3_ws and _on_hopper() and page_size == 16
+        on_wgmma = wgmma and _on_hopper() and not on_ws
         assert st["kernels"][0][0] == ("shared_prefix_wgmma" if on_wgmma else "batch_prefill")
-        # the wgmma level runs concurrently with the decode level on a side stream, or after it ("auto": as the
-        # cost model says, only ever on the wgmma kernel)
+        # a shared level on the wgmma kernel or on fa3_ws runs concurrently with the decode level on a side stream,
+        # or before it ("auto": as the cost model says); fa3_ws then leaves decode_sms SMs to the decode level
         if overlap == "auto":
-            assert not st["overlap_levels"] or on_wgmma, st
+            assert not st["overlap_levels"] or on_wgmma or on_ws, st
         else:
-            assert st["overlap_levels"] == (on_wgmma and overlap == "always"), st
+            assert st["overlap_levels"] == ((on_wgmma or on_ws) and overlap == "always"), st
+        assert (st["decode_sms"] > 0) == (on_ws and st["overlap_levels"]), st
         _check(w, lv, q)
         if st["overlap_levels"]:  # on a caller's stream, with q produced on it just before
             s = torch.cuda.Stream()
@@ -1026,6 +1034,22 @@ def test_overlap_of_shared_and_decode_levels_pays_where_measured(batch, prefix, 
     qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, unique)] * batch])
     shared, own = _check_levels(2, qo, kv, idx, last, 16)
     assert cascade._overlap_pays(shared, own, 32, 8, 128, 2) is pays
+
+
+@pytest.mark.parametrize(
+    "batch,prefix,unique,decode_sms",
+    [
+        (64, 32768, 1024, 65),  # levels of about equal SM time: about half the SMs each
+        (64, 131072, 1024, 25),  # a longer shared level keeps more
+        (64, 32768, 4096, 66),  # at most half the SMs to the decode level
+        (8, 32768, 1024, 0),  # memory-bound shared level (measured slower side by side): in turn
+        (8, 32768, 16, 0),  # negligible decode level
+    ],
+)
+def test_decode_level_share_beside_fa3_ws(batch, prefix, unique, decode_sms):
+    qo, kv, idx, last = _cpu_levels([[(batch, prefix)], [(1, unique)] * batch])
+    shared, own = _check_levels(2, qo, kv, idx, last, 16)
+    assert cascade._ws_decode_share(shared, own, 32, 8, 128, 2, 132) == decode_sms
 
 
 def test_decode_table_pads_requests_without_pages():

@@ -1026,6 +1026,22 @@ def test_batch_prefill_fa3_ws_paged_d64(case, page_size, mask_mode, layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("max_ctas", [1, 3, 100])
+@pytest.mark.parametrize("storage", ["ragged", "paged"])
+def test_batch_prefill_fa3_ws_bounded_grid(storage, max_ctas, monkeypatch):
+    """A persistent grid of fewer CTAs than SMs (_max_ctas: the cascade's shared level leaves SMs to the decode
+    level beside it): each CTA takes many items in turn (phases and ring positions carried across them), keys split
+    as planned for that many CTAs; against the float64 reference and fa2."""
+    _need_hopper()
+    monkeypatch.setattr(flashinfer.prefill._BatchPrefillBase, "_max_ctas", max_ctas)
+    qo_lens, kv_lens = _WS_BATCH_CASES["mixed"]
+    qs, ks, vs = _make_batch(qo_lens, kv_lens, 2, 4, 128, torch.bfloat16)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    res = _ws_and_fa2(qs, ks, vs, "NHD", "causal", ws, storage=storage)
+    _check_ws_batch(qs, ks, vs, "causal", res, "mixed")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "storage,dtype", [("ragged", torch.bfloat16), ("paged", torch.float16)], ids=["ragged", "paged"]
 )
