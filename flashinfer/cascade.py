@@ -814,11 +814,13 @@ _TC_FLOPS_PER_US = 3.0e8
 _LEVEL_OVERHEAD_US = 10.0
 # A shared level planned beside the decode level gets one CTA per SM instead of two: assumed ~15% slower alone
 # (the wgmma kernel's one-CTA-per-SM tiles measured 6-14% slower, prefill_sm90.cuh), so overlapping can pay only
-# when the decode level's time exceeds that share of the shared level's. Measured on an H200 (bench_cascade,
-# b0ae640 serial vs 7035a4a overlapped, 32 q / 8 kv heads, d128): it paid where the shared level is memory-bound
-# (8 requests x 32768-token prefix: 137 -> 100 µs) or shorter than the decode level (64 x 4096: 141 -> 116 µs),
-# and lost where a compute-bound shared level outweighs the decode level (64 x 32768: 187 serial vs 208
-# overlapped; 256 x 32768: 649 vs 765).
+# when the decode level's time exceeds that share of the shared level's. Measured on an H200 (32 q / 8 kv heads,
+# d128, pages of 16, 1024 own tokens unless said; µs in turn -> side by side): it pays where the shared level is
+# shorter than the decode level (1ca3aa3: 8 requests x 4096-token prefix 47 -> 33), and loses where it is longer,
+# memory-bound or not (1ca3aa3: 8 x 32768 84 -> 92, 12 x 32768 92 -> 99, 8 x 32768 + 4096 own 110 -> 115, 4 x
+# 32768 80 -> 88, 8 x 131072 222 -> 269; an e4m3 cache: 8 x 32768 83 -> 86, 64 x 32768 157 -> 173). (Before the
+# decode and wgmma kernels' later changes, b0ae640 vs 7035a4a, a memory-bound shared level had paid: 8 x 32768
+# 137 -> 100.)
 _BESIDE_DECODE_SLOWDOWN = 0.15
 
 
@@ -841,17 +843,15 @@ def _cascade_estimate(
 def _overlap_pays(
     shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int
 ) -> bool:
-    """Whether running the shared level beside the decode level (one CTA per SM) beats running them in turn: the
-    decode level is not negligible, and the shared level is memory-bound or shorter than the decode level (see
+    """Whether running the shared level on the wgmma kernel beside the decode level (one CTA per SM) beats running
+    them in turn: the decode level is not negligible, and longer than the shared level (see
     _BESIDE_DECODE_SLOWDOWN for the measurements behind the rule)."""
     token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
     flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
     memory_us = shared.total_keys * token_bytes / _HBM_BYTES_PER_US
     shared_us = max(memory_us, flops / _TC_FLOPS_PER_US)
     decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
-    if decode_us <= _BESIDE_DECODE_SLOWDOWN * shared_us:
-        return False
-    return memory_us >= shared_us or decode_us > shared_us
+    return decode_us > _BESIDE_DECODE_SLOWDOWN * shared_us and decode_us > shared_us
 
 
 # A shared level on fa3_ws beside the decode level: the persistent grid takes sms - n SMs and the decode level's

@@ -1024,8 +1024,10 @@ def test_check_levels_rejects_bad_tables():
     [
         (64, 32768, 1024, False),  # compute-bound shared level longer than the decode level: in turn
         (256, 32768, 1024, False),
-        (8, 32768, 1024, True),  # memory-bound shared level
-        (64, 4096, 1024, True),  # shared level shorter than the decode level
+        (8, 32768, 1024, False),  # memory-bound shared level longer than the decode level: in turn
+        (8, 32768, 4096, False),
+        (8, 4096, 1024, True),  # shared level shorter than the decode level
+        (64, 4096, 1024, True),
         (64, 262144, 256, False),
         (8, 32768, 16, False),  # negligible decode level
     ],
