@@ -1277,9 +1277,9 @@ class MultiLevelCascadeAttentionWrapper:
             and last.total_keys > 0
             and route0 is not None
         )
-        sms = num_sms(self._device.index)
-        decode_sms = 0  # fa3_ws beside the decode level: the SMs its persistent grid leaves to the decode level
+        sms = decode_sms = 0  # fa3_ws beside the decode level: the SMs its persistent grid leaves to the decode level
         if may_overlap and route0 == "fa3_ws":
+            sms = num_sms(self._device.index)
             decode_sms = self._ws_decode_sms or _ws_decode_share(
                 levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem, sms
             )
