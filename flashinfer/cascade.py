@@ -1295,7 +1295,7 @@ class MultiLevelCascadeAttentionWrapper:
             lv = levels[l]
             if not self._use_cuda_graph and l > 0 and lv.total_keys == 0:
                 continue  # an empty level adds nothing to the merge
-            route = self._shared_route(l, lv, *level_scope, *heads)
+            route = route0 if l == 0 else self._shared_route(l, lv, *level_scope, *heads)
             if route == "wgmma":
                 runner = self._shared.setdefault(l, _SharedLevel(self._prefill_ws, self._kv_layout))
                 runner.plan(

@@ -1383,9 +1383,8 @@ class _BatchPrefillBase:
                 use_fp16_qk_reduction=opts.use_fp16_qk_reduction,
             )
             if spec.backend == "fa3_ws" and self._auto and spec.unsupported_reason() is not None:
-                spec = dataclasses.replace(
-                    spec, backend="fa2"
-                )  # (its schedule, 128-row tiles and chunks, is fa2's too)
+                # (its schedule, 128-row tiles and chunks, is fa2's too)
+                spec = dataclasses.replace(spec, backend="fa2")
             if spec.backend == "fa3_ws":
                 _check_fa3_ws_batch(spec, self._device)
             hit = _launch_of(spec, opts)
