@@ -347,18 +347,30 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
       chunks = p.merge[2 * p.merge_capacity + mi];
       stride = p.merge[3 * p.merge_capacity + mi];
     }
+    // The chunks' loads are issued kLoads at a time before any is folded in: one memory round trip per kLoads
+    // chunks instead of one per chunk (the fold order, hence every bit of the result, is unchanged). Measured on an
+    // H200 (the cascade's shared level, 2048 rows x 8 chunks, d128): 7.3 µs with a round trip per chunk.
+    constexpr int kLoads = 8;
     StateAccumulator<VEC> acc;
-    for (int c = 0; c < chunks; ++c) {
-      const int64_t state = (int64_t(base) + int64_t(c) * stride) * p.num_qo_heads + head;
-      float vals[VEC];
-      const float* src = p.partial_o + state * HEAD_DIM + lane * VEC;
+    for (int c0 = 0; c0 < chunks; c0 += kLoads) {
+      float lse[kLoads], vals[kLoads][VEC];
 #pragma unroll
-      for (int i = 0; i < VEC; i += 2) {
-        const float2 v2 = *reinterpret_cast<const float2*>(src + i);
-        vals[i] = v2.x;
-        vals[i + 1] = v2.y;
+      for (int u = 0; u < kLoads; ++u) {
+        if (c0 + u >= chunks) break;
+        const int64_t state = (int64_t(base) + int64_t(c0 + u) * stride) * p.num_qo_heads + head;
+        const float* src = p.partial_o + state * HEAD_DIM + lane * VEC;
+        lse[u] = p.partial_lse[state];
+#pragma unroll
+        for (int i = 0; i < VEC; i += 2) {
+          const float2 v2 = *reinterpret_cast<const float2*>(src + i);
+          vals[u][i] = v2.x;
+          vals[u][i + 1] = v2.y;
+        }
       }
-      acc.add(p.partial_lse[state], vals);
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        if (c0 + u < chunks) acc.add(lse[u], vals[u]);
+      }
     }
     const float inv = inverse_or_zero(acc.d);
     DTypeO* dst = static_cast<DTypeO*>(p.o) + int64_t(token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * VEC;
