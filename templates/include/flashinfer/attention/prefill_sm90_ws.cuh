@@ -165,6 +165,19 @@ struct Sm90WsTraitsT {
 #else
   static constexpr uint64_t kWaitTimeoutNs = 60ull * 1000 * 1000 * 1000;
 #endif
+  // Suspend hint (ns) of the producer's converged warps waiting for the next item's Q slot (mbarrier_wait_bounded;
+  // 0: spin). -D FI_WS_PRODUCER_SUSPEND_NS overrides (probes).
+#ifdef FI_WS_PRODUCER_SUSPEND_NS
+  static constexpr uint32_t kProducerSuspendNs = FI_WS_PRODUCER_SUSPEND_NS;
+#else
+  static constexpr uint32_t kProducerSuspendNs = 10u * 1000 * 1000;
+#endif
+  // The consumers' waits for Q and K/V tiles (the same hint; 0: spin). -D FI_WS_CONSUMER_SUSPEND_NS overrides.
+#ifdef FI_WS_CONSUMER_SUSPEND_NS
+  static constexpr uint32_t kConsumerSuspendNs = FI_WS_CONSUMER_SUSPEND_NS;
+#else
+  static constexpr uint32_t kConsumerSuspendNs = 0;
+#endif
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its boxes
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
@@ -343,8 +356,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   // Every wait is bounded (see mbarrier_wait_bounded): a deadlocked pipeline fails the launch instead of hanging the
   // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty, 4 k_staged, 5 v_staged;
   // consumers 11 q_full, 12 k_full, 13 v_full.
-  auto wait = [](uint32_t bar, uint32_t parity, int tag) {
-    sm90::mbarrier_wait_bounded(bar, parity, Tr::kWaitTimeoutNs, tag);
+  auto wait = [](uint32_t bar, uint32_t parity, int tag, uint32_t suspend_ns = 0) {
+    sm90::mbarrier_wait_bounded(bar, parity, Tr::kWaitTimeoutNs, tag, suspend_ns);
   };
 
   const int tid = threadIdx.x, wg = tid / 128;
@@ -545,7 +558,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
-      wait(q_empty, (j & 1) ^ 1, 1);
+      // (warps 1-3 sleep in the wait: their retries were most of the kernel's 18% of spin instructions; warp 0's
+      // lanes 1-31 must not, their warp's lane 0 issuing the K/V tiles meanwhile)
+      wait(q_empty, (j & 1) ^ 1, 1, tid >= 32 ? Tr::kProducerSuspendNs : 0u);
       if constexpr (BATCH) {
         // The consumers' copy of the previous item was read before q_empty: this one is theirs after q_full.
         if (tid == 0) sm90_ws_store_item(item_slot, t);
@@ -647,7 +662,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
     Sm90WsItem t;
     if constexpr (BATCH) {
-      wait(q_full, j & 1, 11);
+      wait(q_full, j & 1, 11, Tr::kConsumerSuspendNs);
       paged_fence();
       // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
       // next item once every consumer thread has arrived on q_empty: each thread's arrival releases its own read;
@@ -712,14 +727,14 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
     };
 
-    if constexpr (!BATCH) wait(q_full, j & 1, 11);
+    if constexpr (!BATCH) wait(q_full, j & 1, 11, Tr::kConsumerSuspendNs);
     if (t.num_tiles == 0) {
       release_q();  // no key visible to any row of the item: O = 0, lse = -inf
     } else {
       // ---- tile 0: S(0), softmax -> P(0)
       {
         const int slot = it % S;
-        wait(k_full(slot), (it / S) & 1, 12);
+        wait(k_full(slot), (it / S) & 1, 12, Tr::kConsumerSuspendNs);
         paged_fence();
         turn_wait();
         issue_s(slot);
@@ -735,11 +750,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // ---- tiles 1..N-1: S(n) and P(n-1) V(n-1) in flight together
       for (int n = 1; n <= last; ++n) {
         const int slot = (it + n) % S, prev = (it + n - 1) % S;
-        wait(k_full(slot), ((it + n) / S) & 1, 12);
+        wait(k_full(slot), ((it + n) / S) & 1, 12, Tr::kConsumerSuspendNs);
         paged_fence();
         turn_wait();
         issue_s(slot);
-        wait(v_full(prev), ((it + n - 1) / S) & 1, 13);
+        wait(v_full(prev), ((it + n - 1) / S) & 1, 13, Tr::kConsumerSuspendNs);
         paged_fence();
         issue_pv(prev);
         turn_pass();
@@ -764,7 +779,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // ---- the last P V
       {
         const int slot = (it + last) % S;
-        wait(v_full(slot), ((it + last) / S) & 1, 13);
+        wait(v_full(slot), ((it + last) / S) & 1, 13, Tr::kConsumerSuspendNs);
         paged_fence();
         turn_wait();
         issue_pv(slot);

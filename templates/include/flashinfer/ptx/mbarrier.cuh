@@ -60,6 +60,21 @@ FI_DEVICE bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
   return done != 0;
 }
 
+// The same test, but the thread may be suspended for up to `suspend_ns` (a hint) until the phase completes, instead
+// of returning after the hardware's own short wait: a waiter then stops issuing instructions. Only for a warp whose
+// active threads all wait here: a suspended path of a diverged warp could hold back the warp's other path.
+FI_DEVICE bool mbarrier_try_wait_suspend(uint32_t bar, uint32_t parity, uint32_t suspend_ns) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity), "r"(suspend_ns)
+      : "memory");
+  return done != 0;
+}
+
 // Blocks until the phase of parity `parity` has completed.
 FI_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) {
   while (!mbarrier_try_wait(bar, parity)) {
@@ -70,11 +85,13 @@ FI_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) {
 // byte count that never adds up) traps after timeout_ns of global time instead of hanging the GPU: the launch
 // then fails with cudaErrorLaunchFailure. The clock is only read on the retry path. With FI_MBARRIER_DEBUG defined,
 // the trapping thread first prints the barrier's shared address, the parity and `tag` (the caller's own code).
-FI_DEVICE void mbarrier_wait_bounded(uint32_t bar, uint32_t parity, uint64_t timeout_ns, int tag) {
+// suspend_ns > 0: the retries suspend the thread up to that long (mbarrier_try_wait_suspend: converged warps only).
+FI_DEVICE void mbarrier_wait_bounded(uint32_t bar, uint32_t parity, uint64_t timeout_ns, int tag,
+                                     uint32_t suspend_ns = 0) {
   if (mbarrier_try_wait(bar, parity)) return;
   uint64_t start;
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(start));
-  while (!mbarrier_try_wait(bar, parity)) {
+  while (suspend_ns > 0 ? !mbarrier_try_wait_suspend(bar, parity, suspend_ns) : !mbarrier_try_wait(bar, parity)) {
     uint64_t now;
     asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
     if (now - start > timeout_ns) {
