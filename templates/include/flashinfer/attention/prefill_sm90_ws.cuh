@@ -562,9 +562,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
       // Q: wait until the consumers' last S = Q K^T of the previous item has completed, then all 128 threads
       // copy the tile (rows past the request zero-filled) and arrive on q_full once their copies landed.
-      // (warps 1-3 sleep in the wait: their retries were most of the kernel's 18% of spin instructions; warp 0's
-      // lanes 1-31 must not, their warp's lane 0 issuing the K/V tiles meanwhile)
-      wait(q_empty, (j & 1) ^ 1, 1, tid >= 32 ? Tr::kProducerSuspendNs : 0u);
+      // With K/V by thread 0 alone (not paged, not fp8: there every producer thread copies or widens the item's
+      // tiles first), warps 1-3 sleep in the wait: their retries were most of the kernel's 18% of spin
+      // instructions. Warp 0's lanes 1-31 must not: their lane 0 issues the K/V tiles meanwhile. (Sleeping in the
+      // paged and fp8 producers also made ptxas spill at their 56 and 72 registers.)
+      wait(q_empty, (j & 1) ^ 1, 1, !PAGED && !FP8 && tid >= 32 ? Tr::kProducerSuspendNs : 0u);
       if constexpr (BATCH) {
         // The consumers' copy of the previous item was read before q_empty: this one is theirs after q_full.
         if (tid == 0) sm90_ws_store_item(item_slot, t);
