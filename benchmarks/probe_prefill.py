@@ -1,6 +1,6 @@
 """Development aid: single-prefill time (bf16, head_dim 128, 32 heads) for compile-time variants of the
 kernels (fa2: FI_PREFILL_BK128, keys per KV tile; fa3: FI_FA3_BK; fa3_ws: FI_WS_PINGPONG, FI_WS_PRODUCER_REGS /
-FI_WS_CONSUMER_REGS, FI_WS_PRODUCER_SUSPEND_NS / FI_WS_CONSUMER_SUSPEND_NS), beside SDPA's flash backend in the same
+FI_WS_CONSUMER_REGS, FI_WS_PRODUCER_SUSPEND_NS), beside SDPA's flash backend in the same
 run (``--only=name,name``: a subset of the variants). Prints a table; records nothing.
 
 ``--paged``: fa3_ws paged batch prefill (PAGED_VARIANTS, each with its own -D flags) beside fa3_ws ragged and fa2
@@ -43,10 +43,8 @@ VARIANTS = {
     # its items in either order whatever the mask: every head's query tile n together, or one head at a time
     "fa3_ws heads inner": ("fa3_ws", ("-DFI_WS_HEAD_GROUP=1024",)),
     "fa3_ws head by head": ("fa3_ws", ("-DFI_WS_HEAD_GROUP=1",)),
-    # its waits: every waiter spinning (the kernel before the producer's converged warps slept in their wait for
-    # the next Q slot), and the consumers' waits suspended too
+    # every waiter spinning (the kernel before the producer's idle warps slept in their wait for the next Q slot)
     "fa3_ws spin": ("fa3_ws", ("-DFI_WS_PRODUCER_SUSPEND_NS=0",)),
-    "fa3_ws sleep all": ("fa3_ws", ("-DFI_WS_CONSUMER_SUSPEND_NS=10000000",)),
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 # --d64: the same at head_dim 64 (fa3 has none: fa2 and fa3_ws variants)

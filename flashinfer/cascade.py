@@ -840,17 +840,26 @@ def _cascade_estimate(
     return plain, cascade
 
 
+def _beside_costs(
+    shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int
+) -> Tuple[float, float, float]:
+    """(FLOPs of the shared level, µs it takes to read its K/V once, µs the decode level takes to read its own):
+    what the rules for running the two side by side weigh."""
+    token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
+    flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
+    memory_us = shared.total_keys * token_bytes / _HBM_BYTES_PER_US
+    decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
+    return flops, memory_us, decode_us
+
+
 def _overlap_pays(
     shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int
 ) -> bool:
     """Whether running the shared level on the wgmma kernel beside the decode level (one CTA per SM) beats running
     them in turn: the decode level is not negligible, and longer than the shared level (see
     _BESIDE_DECODE_SLOWDOWN for the measurements behind the rule)."""
-    token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
-    flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
-    memory_us = shared.total_keys * token_bytes / _HBM_BYTES_PER_US
+    flops, memory_us, decode_us = _beside_costs(shared, last, num_qo_heads, num_kv_heads, head_dim, elem_bytes)
     shared_us = max(memory_us, flops / _TC_FLOPS_PER_US)
-    decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
     return decode_us > _BESIDE_DECODE_SLOWDOWN * shared_us and decode_us > shared_us
 
 
@@ -871,11 +880,8 @@ def _ws_decode_share(
     """SMs to leave to the decode level beside a shared level on fa3_ws, or 0 to run them in turn: the levels'
     shares of the SM time (so that both would finish together), when the shared level is bound by its tensor
     cores and the decode level is not negligible beside it; at most half the SMs."""
-    token_bytes = 2 * num_kv_heads * head_dim * elem_bytes
-    flops = 4.0 * sum(q * n for q, n in zip(shared.qo_lens, shared.kv_lens)) * num_qo_heads * head_dim
+    flops, memory_us, decode_us = _beside_costs(shared, last, num_qo_heads, num_kv_heads, head_dim, elem_bytes)
     shared_us = flops / _WS_FLOPS_PER_US
-    memory_us = shared.total_keys * token_bytes / _HBM_BYTES_PER_US
-    decode_us = last.total_keys * token_bytes / _HBM_BYTES_PER_US
     if memory_us >= shared_us or decode_us <= _BESIDE_DECODE_SLOWDOWN * shared_us:
         return 0
     return max(8, min(sms // 2, round(sms * decode_us / (shared_us + decode_us))))

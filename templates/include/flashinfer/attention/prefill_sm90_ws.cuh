@@ -169,18 +169,12 @@ struct Sm90WsTraitsT {
   // 0: spin). Spinning, the waits' retry loops were 18% of the kernel's executed instructions (ncu, 8192 x 32 heads,
   // full), issued by the warps that share schedulers with the consumers. H200, probe_prefill (bf16, 32 heads,
   // d128, TFLOP/s, two runs, spin -> sleep): 8192 causal 494 -> 532 in both; 8192 full 588-593 -> 589-628, 16384
-  // full 586-597 -> 584-587, 2048 full and causal equal. The consumers' waits suspended as well: 8192 causal 497
-  // (kConsumerSuspendNs stays 0). -D FI_WS_PRODUCER_SUSPEND_NS / FI_WS_CONSUMER_SUSPEND_NS override (probes).
+  // full 586-597 -> 584-587, 2048 full and causal equal. The consumers' waits suspended as well lost it (8192
+  // causal 497, a probe build since removed): they spin. -D FI_WS_PRODUCER_SUSPEND_NS overrides (probes).
 #ifdef FI_WS_PRODUCER_SUSPEND_NS
   static constexpr uint32_t kProducerSuspendNs = FI_WS_PRODUCER_SUSPEND_NS;
 #else
   static constexpr uint32_t kProducerSuspendNs = 10u * 1000 * 1000;
-#endif
-  // The consumers' waits for Q and K/V tiles (0: spin; see above).
-#ifdef FI_WS_CONSUMER_SUSPEND_NS
-  static constexpr uint32_t kConsumerSuspendNs = FI_WS_CONSUMER_SUSPEND_NS;
-#else
-  static constexpr uint32_t kConsumerSuspendNs = 0;
 #endif
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its boxes
@@ -376,7 +370,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::mbarrier_init(v_empty(s), Tr::kConsumerWarps);
     }
     sm90::mbarrier_init(q_full, 128);
-    sm90::mbarrier_init(q_empty, BATCH ? 2 * 128 : Tr::kConsumerWarps);
+    sm90::mbarrier_init(q_empty, BATCH ? 32 * Tr::kConsumerWarps : Tr::kConsumerWarps);
     if constexpr (FP8) {
       sm90::mbarrier_init(k_staged, 1);
       sm90::mbarrier_init(v_staged, 1);
@@ -668,7 +662,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
     Sm90WsItem t;
     if constexpr (BATCH) {
-      wait(q_full, j & 1, 11, Tr::kConsumerSuspendNs);
+      wait(q_full, j & 1, 11);
       paged_fence();
       // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
       // next item once every consumer thread has arrived on q_empty: each thread's arrival releases its own read;
@@ -733,14 +727,14 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
     };
 
-    if constexpr (!BATCH) wait(q_full, j & 1, 11, Tr::kConsumerSuspendNs);
+    if constexpr (!BATCH) wait(q_full, j & 1, 11);
     if (t.num_tiles == 0) {
       release_q();  // no key visible to any row of the item: O = 0, lse = -inf
     } else {
       // ---- tile 0: S(0), softmax -> P(0)
       {
         const int slot = it % S;
-        wait(k_full(slot), (it / S) & 1, 12, Tr::kConsumerSuspendNs);
+        wait(k_full(slot), (it / S) & 1, 12);
         paged_fence();
         turn_wait();
         issue_s(slot);
@@ -756,11 +750,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // ---- tiles 1..N-1: S(n) and P(n-1) V(n-1) in flight together
       for (int n = 1; n <= last; ++n) {
         const int slot = (it + n) % S, prev = (it + n - 1) % S;
-        wait(k_full(slot), ((it + n) / S) & 1, 12, Tr::kConsumerSuspendNs);
+        wait(k_full(slot), ((it + n) / S) & 1, 12);
         paged_fence();
         turn_wait();
         issue_s(slot);
-        wait(v_full(prev), ((it + n - 1) / S) & 1, 13, Tr::kConsumerSuspendNs);
+        wait(v_full(prev), ((it + n - 1) / S) & 1, 13);
         paged_fence();
         issue_pv(prev);
         turn_pass();
@@ -785,7 +779,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // ---- the last P V
       {
         const int slot = (it + last) % S;
-        wait(v_full(slot), ((it + last) / S) & 1, 13, Tr::kConsumerSuspendNs);
+        wait(v_full(slot), ((it + last) / S) & 1, 13);
         paged_fence();
         turn_wait();
         issue_pv(slot);
