@@ -8,6 +8,9 @@ paged on the same 16 x 1024 causal batches (pages of 1, 8, 16, 32, 64).
 
 ``--d64``: the single-prefill variants at head_dim 64 (VARIANTS_D64: fa2 and fa3_ws).
 
+``--ragged``: fa3_ws ragged batch prefill per RAGGED_VARIANTS (each with its own -D flags) on RAGGED_CASES (many
+short work items: the cost at item boundaries), three interleaved rounds.
+
 ``--split``: fa3_ws against fa2 on batch prefills whose keys the planner splits (SPLIT_CASES).
 
 ``--fp8``: fa3_ws with fp8 K/V (bf16 q and o, 32 q / 8 KV heads, NHD; FP8_VARIANTS, each with its own -D flags)
@@ -45,6 +48,8 @@ VARIANTS = {
     "fa3_ws head by head": ("fa3_ws", ("-DFI_WS_HEAD_GROUP=1",)),
     # every waiter spinning (the kernel before the producer's idle warps slept in their wait for the next Q slot)
     "fa3_ws spin": ("fa3_ws", ("-DFI_WS_PRODUCER_SUSPEND_NS=0",)),
+    # an item's first K and V tiles issued after its Q has landed (the order before FI_WS_EARLY_KV0)
+    "fa3_ws late kv0": ("fa3_ws", ("-DFI_WS_EARLY_KV0=0",)),
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 # --d64: the same at head_dim 64 (fa3 has none: fa2 and fa3_ws variants)
@@ -189,6 +194,17 @@ PAGED_CASES = [
 ]
 
 
+def _batch_variant(flags):
+    base = prefill.BatchPrefillSpec
+
+    @dataclasses.dataclass(frozen=True)
+    class Variant(base):
+        def extra_cuda_cflags(self):
+            return tuple(base.extra_cuda_cflags(self)) + flags
+
+    return Variant
+
+
 def _time_runs(runs, out, flop, width) -> None:
     """Runs each of `runs` (name -> call writing `out`) once on a NaN-filled out, compares it with the first, and
     prints its device ms queued behind a sleep (bench_prefill.queued_ms) and TFLOP/s of `flop`."""
@@ -211,16 +227,7 @@ def paged_main() -> None:
     causal, bf16, NHD, pages scattered): device ms per call queued behind a sleep (bench_prefill.queued_ms)."""
 
     base = prefill.BatchPrefillSpec
-
-    def batch_variant(flags):
-        @dataclasses.dataclass(frozen=True)
-        class Variant(base):
-            def extra_cuda_cflags(self):
-                return tuple(base.extra_cuda_cflags(self)) + flags
-
-        return Variant
-
-    classes = {name: batch_variant(flags) for name, flags in PAGED_VARIANTS.items()}
+    classes = {name: _batch_variant(flags) for name, flags in PAGED_VARIANTS.items()}
     _built(
         [
             c(128, "bf16", "bf16", "bf16", kv_storage="paged", mask_mode="causal", backend="fa3_ws")
@@ -264,6 +271,75 @@ def paged_main() -> None:
         print(f"paged {n} x {L} causal, {hq}/{hkv} heads, page {ps}:", flush=True)
         _time_runs(runs, out, fl, 72)
         del q, k, v, cache, out, ws
+        torch.cuda.empty_cache()
+
+
+# Ragged batch prefill on fa3_ws: name -> extra nvcc flags.
+RAGGED_VARIANTS = {
+    "fa3_ws": (),
+    "fa3_ws late kv0": ("-DFI_WS_EARLY_KV0=0",),
+}
+# (requests, length, query heads, KV heads, causal)
+RAGGED_CASES = [
+    (16, 1024, 32, 32, True),
+    (16, 1024, 32, 8, True),
+    (64, 256, 32, 8, True),
+    (16, 1024, 32, 8, False),
+    (4, 4096, 32, 32, True),
+]
+
+
+def ragged_main() -> None:
+    """fa3_ws ragged batch prefill per variant (bf16, d128, NHD): device ms per call queued behind a sleep
+    (bench_prefill.queued_ms), medians of three interleaved rounds, outputs compared with the first variant's."""
+    from bench_prefill import queued_ms
+
+    base = prefill.BatchPrefillSpec
+    classes = {name: _batch_variant(flags) for name, flags in RAGGED_VARIANTS.items()}
+    _built(
+        [
+            c(128, "bf16", "bf16", "bf16", mask_mode=m, backend="fa3_ws")
+            for c in classes.values()
+            for m in ("none", "causal")
+        ]
+    )
+    d, dt = 128, torch.bfloat16
+    for n, L, hq, hkv, causal in RAGGED_CASES:
+        torch.manual_seed(0)
+        q = torch.randn(n * L, hq, d, device="cuda", dtype=dt)
+        k, v = (torch.randn(n * L, hkv, d, device="cuda", dtype=dt) for _ in range(2))
+        qo = torch.arange(0, n * L + 1, L, dtype=torch.int32)
+        ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        fl = n * 4 * L * L * hq * d / (2 if causal else 1)
+        out = torch.empty_like(q)
+        runs = {}
+        for name, cls in classes.items():
+            prefill.BatchPrefillSpec = cls
+            try:
+                w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend="fa3_ws")
+                w.plan(qo, qo, hq, hkv, d, causal=causal, q_data_type=dt)
+            finally:
+                prefill.BatchPrefillSpec = base
+            runs[name] = lambda w=w: w.run(q, k, v, out=out)
+        ref, res = None, {}
+        for _ in range(3):
+            for name, fn in runs.items():
+                out.fill_(float("nan"))
+                fn()
+                torch.cuda.synchronize()
+                if ref is None:
+                    ref = out.float().clone()
+                err = (out.float() - ref).abs().max().item()
+                assert err < 2e-2, (name, err)
+                res.setdefault(name, []).append(queued_ms(fn))
+        print(f"ragged {n} x {L} {'causal' if causal else 'full'}, {hq}/{hkv} heads:", flush=True)
+        for name, ts in res.items():
+            t = statistics.median(ts)
+            print(
+                f"  {name:24s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  (rounds {', '.join(f'{x:.3f}' for x in ts)})",
+                flush=True,
+            )
+        del q, k, v, out, ws
         torch.cuda.empty_cache()
 
 
@@ -325,6 +401,9 @@ def main() -> None:
         return
     if "--paged" in sys.argv[1:]:
         paged_main()
+        return
+    if "--ragged" in sys.argv[1:]:
+        ragged_main()
         return
     d64 = "--d64" in sys.argv[1:]
     variants, cases, d = (VARIANTS_D64, CASES_D64, 64) if d64 else (VARIANTS, CASES, 128)

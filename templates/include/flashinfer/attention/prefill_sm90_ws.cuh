@@ -6,8 +6,9 @@
 //
 // ---- Roles (one CTA per SM, 384 threads = 3 warpgroups)
 //   warpgroup 0, producer (setmaxnreg.dec to kProducerRegs, fp8 kProducerRegsFp8): all 128 threads copy each work
-//     item's query tile into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone then
-//     issues the K and V tiles of the item as TMA boxes into a kStages-deep ring. fp8 K/V ("dequantise in the
+//     item's query tile into shared memory with cp.async (packed GQA rows are not a TMA box); thread 0 alone
+//     issues the K and V tiles of the item as TMA boxes into a kStages-deep ring (K(0) before the wait for the Q
+//     slot, V(0) after its own Q copies, the rest once Q has landed). fp8 K/V ("dequantise in the
 //     producer"): thread 0 issues each fp8 tile as one TMA box of whole rows (head_dim bytes, unswizzled) into a
 //     staging tile of K or of V, and all 128 threads widen it (fp8 -> float16, exact) into the ring's 16-bit swizzled
 //     slot; the consumers read float16 there as they read q's type otherwise. Each
@@ -175,6 +176,15 @@ struct Sm90WsTraitsT {
   static constexpr uint32_t kProducerSuspendNs = FI_WS_PRODUCER_SUSPEND_NS;
 #else
   static constexpr uint32_t kProducerSuspendNs = 10u * 1000 * 1000;
+#endif
+  // K/V by TMA (thread 0; not paged, not fp8): an item's K(0) issued before the wait for its Q slot (K(0)'s slot
+  // frees with the previous item's S(N - 2), Q's only after its S(N - 1)) and V(0) right after thread 0's Q copies,
+  // rather than both after Q has landed: the item's first tiles no longer wait a memory round trip behind Q.
+  // -D FI_WS_EARLY_KV0=0 restores the previous order (probes).
+#ifdef FI_WS_EARLY_KV0
+  static constexpr bool kEarlyKV0 = FI_WS_EARLY_KV0;
+#else
+  static constexpr bool kEarlyKV0 = true;
 #endif
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its boxes
@@ -546,6 +556,18 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       if constexpr (FP8) {
         if (t.num_tiles > 0) widen_tile(false, 0);
       }
+      // K/V by TMA (thread 0): tile n of the item's K or V, once its ring slot is free.
+      auto tma_tile = [&](bool is_v, int n) {
+        const int i = it + n, s = i % S;
+        const uint32_t full = is_v ? v_full(s) : k_full(s);
+        wait(is_v ? v_empty(s) : k_empty(s), ((i / S) & 1) ^ 1, is_v ? 3 : 2);
+        sm90::mbarrier_arrive_expect_tx(full, Tr::kKVBytes);
+        load_kv_tile((is_v ? sv_u : sk_u) + s * Tr::kKVBytes, is_v ? &P.v_map : &P.k_map,
+                     is_v ? P.v_heads_inner : P.k_heads_inner, t.kv_first + t.lo + n * BK, t.kv_head, full);
+      };
+      constexpr bool kEarly = !PAGED && !FP8 && Tr::kEarlyKV0;
+      const bool issues_kv0 = kEarly && tid == 0 && t.num_tiles > 0;
+      if (issues_kv0) tma_tile(false, 0);
       // Paged: likewise K(0) is gathered before the Q wait, its copies landing while the previous item ends.
       if constexpr (PAGED) {
         if (t.num_tiles > 0) {
@@ -571,6 +593,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         load_q_tile<32, CH, 128, DTypeQ>(p, t.q_first, t.kv_head, p.group_size, t.pr0 + r0, t.rows_here - r0, tid,
                                          [&](int row, int c) { return sq + sm90::tile_offset(r0 + row, c, BQ); });
       }
+      if (issues_kv0) tma_tile(true, 0);  // (its slot frees with the previous item's P(N - 2) V(N - 2))
       if constexpr (PAGED) {
         // Paged: the Q copies arrive as they land (no wait behind this thread's K/V gathers in flight); the
         // consumers fence after q_full as after a K/V tile.
@@ -606,17 +629,11 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         }
         it += t.num_tiles;
       } else if (tid == 0) {
-        for (int n = 0; n < t.num_tiles; ++n, ++it) {
-          const int s = it % S;
-          const uint32_t ph = (it / S) & 1;
-          const int key0 = t.kv_first + t.lo + n * BK;  // (a row of the whole ragged K/V)
-          wait(k_empty(s), ph ^ 1, 2);
-          sm90::mbarrier_arrive_expect_tx(k_full(s), Tr::kKVBytes);
-          load_kv_tile(sk_u + s * Tr::kKVBytes, &P.k_map, P.k_heads_inner, key0, t.kv_head, k_full(s));
-          wait(v_empty(s), ph ^ 1, 3);
-          sm90::mbarrier_arrive_expect_tx(v_full(s), Tr::kKVBytes);
-          load_kv_tile(sv_u + s * Tr::kKVBytes, &P.v_map, P.v_heads_inner, key0, t.kv_head, v_full(s));
+        for (int n = kEarly ? 1 : 0; n < t.num_tiles; ++n) {
+          tma_tile(false, n);
+          tma_tile(true, n);
         }
+        it += t.num_tiles;
       }
     }
     return;
