@@ -42,10 +42,10 @@
 // ---- Shared memory: Q (128 rows; two buffers with 16-bit K/V, q_bufs), O staging (128 rows), K[kStages],
 //   V[kStages] (BK rows each), all in the wgmma 128-byte-swizzled layout (wgmma.cuh), fp8 only: the staging tiles of
 //   K and of V (BK rows of head_dim bytes each), then the mbarriers, then (batches) the geometry of the item in each
-//   Q buffer. 16-bit single: 224 KB + 96 B; fp8: 224 KB + 112 B of the 227 KB (smem_bytes). The fp8 staging is one tile
-//   deep per operand in shared memory (two would not fit beside two 16-bit stages); the producer's registers hold a
-//   second one (above): the copy of tile n + 1 is issued as soon as tile n is loaded into registers, and runs while the
-//   producer waits for a free ring slot and writes it.
+//   Q buffer. 16-bit single: 224 KB + 96 B; fp8: 224 KB + 112 B of the 227 KB (smem_bytes). The fp8 staging is one tile deep per operand in shared memory (two
+//   would not fit beside two 16-bit stages); the producer's registers hold a second one (above): the copy of tile
+//   n + 1 is issued as soon as tile n is loaded into registers, and runs while the producer waits for a free ring
+//   slot and writes it.
 //
 // ---- Barriers, who arrives and who waits (parities: mbarrier.cuh). `it` counts the KV tiles a role has gone
 //   through since the kernel started (over all its items); tile `it` sits in ring slot s = it % kStages, and
