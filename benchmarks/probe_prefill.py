@@ -48,10 +48,8 @@ VARIANTS = {
     "fa3_ws head by head": ("fa3_ws", ("-DFI_WS_HEAD_GROUP=1",)),
     # every waiter spinning (the kernel before the producer's idle warps slept in their wait for the next Q slot)
     "fa3_ws spin": ("fa3_ws", ("-DFI_WS_PRODUCER_SUSPEND_NS=0",)),
-    # one Q buffer (the next item's Q copied only once the current one's last S has completed)
-    "fa3_ws one q": ("fa3_ws", ("-DFI_WS_Q_BUFS=1",)),
-    # and the item's first K and V tiles issued after its Q has landed (the order before FI_WS_EARLY_KV0)
-    "fa3_ws one q late kv0": ("fa3_ws", ("-DFI_WS_Q_BUFS=1", "-DFI_WS_EARLY_KV0=0")),
+    # an item's first K and V tiles issued after its Q has landed (the order before FI_WS_EARLY_KV0)
+    "fa3_ws late kv0": ("fa3_ws", ("-DFI_WS_EARLY_KV0=0",)),
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 # --d64: the same at head_dim 64 (fa3 has none: fa2 and fa3_ws variants)
@@ -279,8 +277,7 @@ def paged_main() -> None:
 # Ragged batch prefill on fa3_ws: name -> extra nvcc flags.
 RAGGED_VARIANTS = {
     "fa3_ws": (),
-    "fa3_ws one q": ("-DFI_WS_Q_BUFS=1",),
-    "fa3_ws one q late kv0": ("-DFI_WS_Q_BUFS=1", "-DFI_WS_EARLY_KV0=0"),
+    "fa3_ws late kv0": ("-DFI_WS_EARLY_KV0=0",),
 }
 # (requests, length, query heads, KV heads, causal)
 RAGGED_CASES = [
@@ -339,7 +336,7 @@ def ragged_main() -> None:
         for name, ts in res.items():
             t = statistics.median(ts)
             print(
-                f"  {name:28s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  (rounds {', '.join(f'{x:.3f}' for x in ts)})",
+                f"  {name:24s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  (rounds {', '.join(f'{x:.3f}' for x in ts)})",
                 flush=True,
             )
         del q, k, v, out, ws

@@ -39,10 +39,10 @@
 //     request's last tile. Causal aligned to the request's end (query i sees keys <= i + kv_len - qo_len);
 //     rows that see no key (kv_len 0, or the first qo_len - kv_len rows) get O = 0 and lse = -inf.
 //
-// ---- Shared memory: Q (128 rows; two buffers with 16-bit K/V, q_bufs), O staging (128 rows), K[kStages],
-//   V[kStages] (BK rows each), all in the wgmma 128-byte-swizzled layout (wgmma.cuh), fp8 only: the staging tiles of
-//   K and of V (BK rows of head_dim bytes each), then the mbarriers, then (batches) the geometry of the item in each
-//   Q buffer. 16-bit single: 224 KB + 96 B; fp8: 224 KB + 112 B of the 227 KB (smem_bytes). The fp8 staging is one tile deep per operand in shared memory (two
+// ---- Shared memory: Q (128 rows), O staging (128 rows), K[kStages], V[kStages] (BK rows each), all in the
+//   wgmma 128-byte-swizzled layout (wgmma.cuh), fp8 only: the staging tiles of K and of V (BK rows of head_dim
+//   bytes each), then the mbarriers, then (ragged) the current item's geometry. 16-bit single: 192 KB + 80 B; fp8:
+//   224 KB + 96 B of the 227 KB (smem_bytes). The fp8 staging is one tile deep per operand in shared memory (two
 //   would not fit beside two 16-bit stages); the producer's registers hold a second one (above): the copy of tile
 //   n + 1 is issued as soon as tile n is loaded into registers, and runs while the producer waits for a free ring
 //   slot and writes it.
@@ -63,21 +63,17 @@
 //     k_empty[s], v_empty[s] count kConsumerWarps: lane 0 of every consumer warp arrives once the wgmma
 //                           reading the slot has completed (after its wgmma_wait). The producer waits(ph ^ 1)
 //                           before refilling the slot (the first pass, parity 1 of a fresh barrier, is free).
-//     q_full[b], q_empty[b] per Q buffer; item j uses buffer b = j % QB (QB = q_bufs: 2, fp8 1) in the phase of
-//                           parity (j / QB) & 1.
-//     q_full[b]             count 128 (16-bit batches 129): every producer thread's Q copies arrive as they land
-//                           (cp.async.mbarrier.arrive.noinc; the consumers then fence.proxy.async so that their
-//                           wgmmas see them), and in a batch thread 0 also arrives plainly after writing the item's
-//                           hand-over slot. fp8: every thread arrives after its copies landed (cp.async.wait_group 0)
-//                           and the tile was rounded to float16, then fence.proxy.async. Consumers wait(parity).
-//     q_empty[b]            count kConsumerWarps (batches: 256, every consumer thread, each releasing its own read of
+//     q_full                count 128: every producer thread arrives after its Q copies landed
+//                           (cp.async.wait_group 0, then fence.proxy.async so wgmma sees them). Consumers
+//                           wait(j & 1).
+//     q_empty               count kConsumerWarps (batches: 256, every consumer thread, each releasing its own read of
 //                           the item's hand-over slot): after the item's last S = Q K^T completed. The producer
-//                           waits(parity ^ 1) before copying item j + QB's Q into the buffer (with two buffers
-//                           the next item's Q is copied while the consumers are still on the current one).
+//                           waits((j & 1) ^ 1) before copying the next item's Q (the next Q is thus loaded
+//                           while the consumers finish the current item's softmax, P V and epilogue).
 //   Named barriers 1 and 2 (128 threads): one consumer warpgroup's epilogue (its own 64 rows of O staging);
 //   3 and 4 (256 threads): the consumers' turns with -DFI_WS_PINGPONG=1 (off by default); 5 (128 threads, fp8
 //   only): the producer warpgroup's own (a staging tile read by all, a bfloat16 Q tile copied by all, see below).
-//   No block-wide barrier after the initial one: the producer may run ahead by kStages tiles and QB Q tiles.
+//   No block-wide barrier after the initial one: the producer may run ahead by kStages tiles and one Q.
 //
 // ---- Consumer loop (intra-warpgroup overlap: S(n) on the tensor cores while P(n-1) V(n-1) is issued behind it,
 //   and the softmax of S(n) runs while P(n-1) V(n-1) is still executing):
@@ -190,36 +186,23 @@ struct Sm90WsTraitsT {
 #else
   static constexpr bool kEarlyKV0 = true;
 #endif
-  // Q tiles in shared memory (16-bit K/V): two, item j in buffer j % 2, so that the next item's Q is copied while
-  // the consumers are still on the current one and waits for nothing at the item boundary (one, the Q slot freed
-  // only by the item's last S = Q K^T, left the copy a memory round trip to land under the item's last softmax,
-  // P V and epilogue). fp8 K/V: one (its staging tiles take the room). -D FI_WS_Q_BUFS=1: one always (probes).
-#ifdef FI_WS_Q_BUFS
-  static constexpr int kQBufs16 = FI_WS_Q_BUFS;
-#else
-  static constexpr int kQBufs16 = 2;
-#endif
-  static constexpr int q_bufs(bool fp8) { return fp8 ? 1 : kQBufs16; }
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its boxes
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
-  // k_full, k_empty, v_full, v_empty per ring slot; q_full, q_empty per Q buffer (two, whether used or not)
-  static constexpr int kBarriers = 4 * kStages + 4;
+  static constexpr int kBarriers = 4 * kStages + 2;   // k_full, k_empty, v_full, v_empty per slot; q_full, q_empty
+  static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8;
   static constexpr int kItemBytes = 64;  // batches: the Sm90WsItem handed from the producer to the consumers
   // fp8 K/V: one staged fp8 tile of K and one of V (one TMA box each: BK rows of head_dim bytes), two more barriers
   // (k_staged, v_staged), and the producer warpgroup's named barrier.
   static constexpr int kF8TileBytes = BK * kHeadDim;
   static constexpr int kFp8Bytes = 2 * kF8TileBytes + 2 * 8;
   static constexpr int kProducerBarrier = 5;
-  // Q buffers, the O staging tile, the ring, the barriers, (batches) an item slot per Q buffer, (fp8) the staging.
   static constexpr int smem_bytes(bool ragged, bool fp8 = false) {
-    return (q_bufs(fp8) + 1) * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8 +
-           (ragged ? q_bufs(fp8) * kItemBytes : 0) + (fp8 ? kFp8Bytes : 0);
+    return kSmemBytes + (ragged ? kItemBytes : 0) + (fp8 ? kFp8Bytes : 0);
   }
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register split over the SM's file");
   static_assert(kProducerRegsFp8 * 128 + kConsumerRegsFp8 * 256 <= 65536, "register split over the SM's file");
-  static_assert(smem_bytes(true, false) <= 227 * 1024 && smem_bytes(true, true) <= 227 * 1024,
-                "shared memory of one CTA per SM");
+  static_assert(kSmemBytes + kItemBytes + kFp8Bytes <= 227 * 1024, "shared memory of one CTA per SM");
 };
 using Sm90WsTraits = Sm90WsTraitsT<128>;  // (what does not depend on head_dim: tiles, roles, registers)
 
@@ -363,9 +346,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   using KVT = std::conditional_t<FP8, __half, DTypeQ>;
   const PrefillParams& p = P.p;
   extern __shared__ __align__(1024) uint4 smem[];
-  constexpr int QB = Tr::q_bufs(FP8);
-  uint8_t* sq = reinterpret_cast<uint8_t*>(smem);  // Q buffer b at sq + b * kQBytes
-  uint8_t* so = sq + QB * Tr::kQBytes;
+  uint8_t* sq = reinterpret_cast<uint8_t*>(smem);
+  uint8_t* so = sq + Tr::kQBytes;
   uint8_t* sk = so + Tr::kQBytes;
   uint8_t* sv = sk + S * Tr::kKVBytes;
   uint8_t* sf8 = sv + S * Tr::kKVBytes;  // fp8: staged K, then staged V (kF8TileBytes each)
@@ -376,13 +358,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   auto k_empty = [&](int s) { return bars + 8 * (S + s); };
   auto v_full = [&](int s) { return bars + 8 * (2 * S + s); };
   auto v_empty = [&](int s) { return bars + 8 * (3 * S + s); };
-  auto q_full = [&](int b) { return bars + 8 * (4 * S + b); };
-  auto q_empty = [&](int b) { return bars + 8 * (4 * S + 2 + b); };
-  const uint32_t k_staged = bars + 8 * Tr::kBarriers, v_staged = bars + 8 * (Tr::kBarriers + 1);  // (fp8)
-  // (batches only) the hand-over slot of the item in Q buffer b
-  auto item_slot = [&](int b) {
-    return reinterpret_cast<int*>(sbars + Tr::kBarriers * 8 + (FP8 ? 16 : 0) + b * Tr::kItemBytes);
-  };
+  const uint32_t q_full = bars + 8 * (4 * S), q_empty = bars + 8 * (4 * S + 1);
+  const uint32_t k_staged = bars + 8 * (4 * S + 2), v_staged = bars + 8 * (4 * S + 3);        // (fp8)
+  int* const item_slot = reinterpret_cast<int*>(sbars + Tr::kBarriers * 8 + (FP8 ? 16 : 0));  // (batches only)
   // Every wait is bounded (see mbarrier_wait_bounded): a deadlocked pipeline fails the launch instead of hanging the
   // GPU. Tags (printed with -DFI_MBARRIER_DEBUG): producer 1 q_empty, 2 k_empty, 3 v_empty, 4 k_staged, 5 v_staged;
   // consumers 11 q_full, 12 k_full, 13 v_full.
@@ -401,10 +379,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       sm90::mbarrier_init(k_empty(s), Tr::kConsumerWarps);
       sm90::mbarrier_init(v_empty(s), Tr::kConsumerWarps);
     }
-    for (int b = 0; b < QB; ++b) {
-      sm90::mbarrier_init(q_full(b), FP8 ? 128 : 128 + BATCH);
-      sm90::mbarrier_init(q_empty(b), BATCH ? 32 * Tr::kConsumerWarps : Tr::kConsumerWarps);
-    }
+    sm90::mbarrier_init(q_full, 128);
+    sm90::mbarrier_init(q_empty, BATCH ? 32 * Tr::kConsumerWarps : Tr::kConsumerWarps);
     if constexpr (FP8) {
       sm90::mbarrier_init(k_staged, 1);
       sm90::mbarrier_init(v_staged, 1);
@@ -606,38 +582,36 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       // tiles first), warps 1-3 sleep in the wait: their retries were most of the kernel's 18% of spin
       // instructions. Warp 0's lanes 1-31 must not: their lane 0 issues the K/V tiles meanwhile. (Sleeping in the
       // paged and fp8 producers also made ptxas spill at their 56 and 72 registers.)
-      const int qb = j % QB;
-      wait(q_empty(qb), ((j / QB) & 1) ^ 1, 1, !PAGED && !FP8 && tid >= 32 ? Tr::kProducerSuspendNs : 0u);
+      wait(q_empty, (j & 1) ^ 1, 1, !PAGED && !FP8 && tid >= 32 ? Tr::kProducerSuspendNs : 0u);
       if constexpr (BATCH) {
-        // The consumers' copy of the buffer's previous item was read before q_empty: this one is theirs after
-        // q_full (16-bit: thread 0's plain arrival below orders it, the copies' arrivals are cp.async's).
-        if (tid == 0) sm90_ws_store_item(item_slot(qb), t);
+        // The consumers' copy of the previous item was read before q_empty: this one is theirs after q_full.
+        if (tid == 0) sm90_ws_store_item(item_slot, t);
       }
       // In slices of 32 rows, not unrolled: the producer's addresses must fit in its kProducerRegs registers.
 #pragma unroll 1
       for (int r0 = 0; r0 < BQ; r0 += 32) {
-        load_q_tile<32, CH, 128, DTypeQ>(
-            p, t.q_first, t.kv_head, p.group_size, t.pr0 + r0, t.rows_here - r0, tid,
-            [&](int row, int c) { return sq + qb * Tr::kQBytes + sm90::tile_offset(r0 + row, c, BQ); });
-      }
-      if constexpr (!FP8) {
-        // 16-bit: the Q copies arrive as they land (no thread waits for them: thread 0 goes on issuing K/V, the
-        // paged producers' gathers stay in flight); the consumers fence after q_full as after a gathered tile.
-        sm90::cp_async_mbarrier_arrive_noinc(q_full(qb));
-        if (BATCH && tid == 0) sm90::mbarrier_arrive(q_full(qb));  // (releases the item slot's stores)
-      } else {
-        cp_async_wait<0>();
-        if constexpr (!std::is_same<DTypeQ, KVT>::value) {
-          // bfloat16 q, float16 wgmmas: the tile is rounded in place (the fa3 kernel's q_tile_to_half), each
-          // thread taking chunks that others copied, hence the barrier first.
-          sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
-          q_tile_to_half<BQ, CH, 128>(
-              tid, [&](int row, int c) { return reinterpret_cast<uint4*>(sq + sm90::tile_offset(row, c, BQ)); });
-        }
-        sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
-        sm90::mbarrier_arrive(q_full(qb));
+        load_q_tile<32, CH, 128, DTypeQ>(p, t.q_first, t.kv_head, p.group_size, t.pr0 + r0, t.rows_here - r0, tid,
+                                         [&](int row, int c) { return sq + sm90::tile_offset(r0 + row, c, BQ); });
       }
       if (issues_kv0) tma_tile(true, 0);  // (its slot frees with the previous item's P(N - 2) V(N - 2))
+      if constexpr (PAGED) {
+        // Paged: the Q copies arrive as they land (no wait behind this thread's K/V gathers in flight); the
+        // consumers fence after q_full as after a K/V tile.
+        sm90::cp_async_mbarrier_arrive_noinc(q_full);
+      } else {
+        cp_async_wait<0>();
+      }
+      if constexpr (FP8 && !std::is_same<DTypeQ, KVT>::value) {
+        // bfloat16 q, float16 wgmmas: the tile is rounded in place (the fa3 kernel's q_tile_to_half), each thread
+        // taking chunks that others copied, hence the barrier first.
+        sm90::named_barrier_sync(Tr::kProducerBarrier, 128);
+        q_tile_to_half<BQ, CH, 128>(
+            tid, [&](int row, int c) { return reinterpret_cast<uint4*>(sq + sm90::tile_offset(row, c, BQ)); });
+      }
+      if constexpr (!PAGED) {
+        sm90::fence_async_shared();  // generic-proxy (cp.async) writes -> visible to wgmma (async proxy)
+        sm90::mbarrier_arrive(q_full);
+      }
       if constexpr (FP8) {
         // The consumers' order of use: K(n + 1) before V(n) (S(n + 1) is issued before P(n) V(n)).
         for (int n = 0; n < t.num_tiles; ++n) {
@@ -673,7 +647,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   const int row0 = cwg * 64 + warp * 16 + lane / 4;
   const int group = p.group_size;
   const float scl = p.sm_scale * kLog2e;
-  const uint32_t q_rows = sq_u + cwg * 64 * sm90::kSwizzleRowBytes;  // (in Q buffer 0)
+  const uint32_t q_base = sq_u + cwg * 64 * sm90::kSwizzleRowBytes;
   constexpr uint32_t kSbo = 8 * sm90::kSwizzleRowBytes;
   constexpr int NB = BK / 8;  // n8 blocks of scores per row
   // Ping-pong (opt-in, -DFI_WS_PINGPONG=1, for probes): the two consumer warpgroups take turns issuing their wgmma
@@ -692,13 +666,8 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
     if (lane == 0) sm90::mbarrier_arrive(bar);
   };
   // q_empty: every thread in a batch (see the barrier list), a warp's lane 0 otherwise.
-  auto release_q = [&](int qb) {
-    if (BATCH || lane == 0) sm90::mbarrier_arrive(q_empty(qb));
-  };
-  // 16-bit: the producers' Q copies (cp.async, generic proxy) completed q_full: ordered before this thread's
-  // wgmmas (async proxy) read the tile (fp8: the producers fenced before their plain arrivals).
-  auto q_fence = [&]() {
-    if constexpr (!FP8) sm90::fence_async_shared();
+  auto release_q = [&]() {
+    if (BATCH || lane == 0) sm90::mbarrier_arrive(q_empty);
   };
   // Paged K/V: the producer's cp.async copies (generic proxy) completed the full barrier just waited for; the
   // fence orders them before this thread's wgmmas (async proxy) read the tile (H200: no measurable cost).
@@ -709,15 +678,14 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
   int it = 0;  // KV tiles consumed so far
   for (int w = blockIdx.x, j = 0; w < P.num_items; w += gridDim.x, ++j) {
     Sm90WsItem t;
-    const int qb = j % QB;
     if constexpr (BATCH) {
-      wait(q_full(qb), (j / QB) & 1, 11);
-      q_fence();
+      wait(q_full, j & 1, 11);
+      paged_fence();
       // Volatile: each field read exactly here, never again later (the producer overwrites the slot for the
       // next item once every consumer thread has arrived on q_empty: each thread's arrival releases its own read;
       // with one arrival a warp after a __syncwarp, compute-sanitizer's racecheck flagged the hand-over on batches
       // of many one-tile items, e.g. keys split in chunks of 300).
-      t = sm90_ws_load_item(item_slot(qb));
+      t = sm90_ws_load_item(item_slot);
     } else {
       t = sm90_ws_item<MASK>(P, w);
     }
@@ -733,7 +701,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
 
     // S = Q K(n)^T into s, issued and committed (not waited for); K(n) in slot `slot`.
     auto issue_s = [&](int slot) {
-      const uint64_t dq = sm90::make_desc(q_rows + qb * Tr::kQBytes, 16, kSbo);
+      const uint64_t dq = sm90::make_desc(q_base, 16, kSbo);
       const uint64_t dk = sm90::make_desc(sk_u + slot * Tr::kKVBytes, 16, kSbo);
       sm90::wgmma_fence();
 #pragma unroll
@@ -776,12 +744,9 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       }
     };
 
-    if constexpr (!BATCH) {
-      wait(q_full(qb), (j / QB) & 1, 11);
-      q_fence();
-    }
+    if constexpr (!BATCH) wait(q_full, j & 1, 11);
     if (t.num_tiles == 0) {
-      release_q(qb);  // no key visible to any row of the item: O = 0, lse = -inf
+      release_q();  // no key visible to any row of the item: O = 0, lse = -inf
     } else {
       // ---- tile 0: S(0), softmax -> P(0)
       {
@@ -794,7 +759,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         sm90::wgmma_wait<0>();
         sm90::fence_operand(s);
         release(k_empty(slot));
-        if (last == 0) release_q(qb);
+        if (last == 0) release_q();
         float corr[2];
         softmax(0, corr);  // (O is still 0: nothing to rescale)
         pack_p();
@@ -813,7 +778,7 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
         sm90::wgmma_wait<1>();  // S(n) complete (the older group); P(n-1) V(n-1) may still run
         sm90::fence_operand(s);
         release(k_empty(slot));
-        if (n == last) release_q(qb);
+        if (n == last) release_q();
         float corr[2];
         const bool moved = softmax(n, corr);
         sm90::wgmma_wait<0>();  // P(n-1) V(n-1) complete: O and P(n-1) are free again
