@@ -92,3 +92,35 @@ def test_lint_script_finds_and_fixes(tmp_path):
     (pkg / "mod.py").write_text("print(undefined_name)\n")  # not fixable: --fix still fails, naming it
     r = lint("--fix")
     assert r.returncode == 1 and "F821" in r.stdout, r.stdout + r.stderr
+
+
+def _sanitize_collect(script: Path, out: Path, families: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "SANITIZE_COLLECT_ONLY": "1", "SANITIZE_OUT": str(out), "PYTHON": sys.executable}
+    if families:
+        env["SANITIZE_FAMILIES"] = families
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_sanitizer_subsets_select_every_test_they_name(tmp_path):
+    """Every -k expression of scripts/sanitize.sh, and each of its or-branches, selects a test of today's suite (a
+    renamed parametrisation once dropped every 16-bit fa3_ws test from the sanitizer's subsets unnoticed)."""
+    r = _sanitize_collect(REPO / "scripts" / "sanitize.sh", tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    counts = dict(re.findall(r"^== (\w+ \w+): (\d+) tests$", r.stdout, re.M))
+    assert len(counts) >= 20 and all(int(n) > 0 for n in counts.values()), counts
+    assert "test_single_prefill_fa3_ws[q127-kv129-4-causal-bf16-d128]" in r.stdout
+
+
+def test_sanitizer_subset_check_flags_a_branch_that_selects_nothing(tmp_path):
+    script = (REPO / "scripts" / "sanitize.sh").read_text()
+    term = "test_rmsnorm_matches_reference[False-64-dtype0]"
+    assert script.count(term) == 2
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "sanitize.sh").write_text(script.replace(term, "test_rmsnorm_matches_reference[renamed]"))
+    (tmp_path / "tests").symlink_to(REPO / "tests")
+    for f in ("pyproject.toml",):
+        shutil.copy2(REPO / f, tmp_path / f)
+    r = _sanitize_collect(tmp_path / "scripts" / "sanitize.sh", tmp_path / "out", families="norm")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.count("# TERM SELECTS NOTHING: test_rmsnorm_matches_reference[renamed]") == 2, r.stdout
+    assert "test_fused_add_rmsnorm_matches_reference[False-1032-dtype1]" in r.stdout  # the rest still selected
