@@ -180,7 +180,11 @@ struct Sm90WsTraitsT {
   // K/V by TMA (thread 0; not paged, not fp8): an item's K(0) issued before the wait for its Q slot (K(0)'s slot
   // frees with the previous item's S(N - 2), Q's only after its S(N - 1)) and V(0) right after thread 0's Q copies,
   // rather than both after Q has landed: the item's first tiles no longer wait a memory round trip behind Q.
-  // -D FI_WS_EARLY_KV0=0 restores the previous order (probes).
+  // H200, bf16 d128, TFLOP/s after -> before (probe_prefill --ragged, two runs): ragged 64 x 256 causal 189-190 vs
+  // 171, 16 x 1024 full 511-519 vs 487-488, 16 x 1024 causal and 4 x 4096 causal within 2%; single prefill (one
+  // run) 8192 causal 518 vs 475, 2048 full 568 vs 555, 8192 and 16384 full within 2%. Two Q buffers (the next
+  // item's Q copied a whole item ahead, 224 KB of shared memory) measured slower on top of this (ragged 16 x 1024
+  // causal 322 vs 369, 64 x 256 causal 147 vs 191): reverted. -D FI_WS_EARLY_KV0=0 restores the previous order.
 #ifdef FI_WS_EARLY_KV0
   static constexpr bool kEarlyKV0 = FI_WS_EARLY_KV0;
 #else
