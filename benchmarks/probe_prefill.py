@@ -72,8 +72,9 @@ _FP8_PROBE_FLAGS = ("-DFI_WS_WAIT_TIMEOUT_NS=2000000000ull",)
 FP8_CASES = [(8192, False), (8192, True), (16384, False)]
 
 
-def variant_class(flags):
-    base = prefill.SinglePrefillSpec
+def variant_class(flags, base=None):
+    """The spec class `base` (default: single prefill's) built with the extra nvcc flags `flags`."""
+    base = base or prefill.SinglePrefillSpec
 
     @dataclasses.dataclass(frozen=True)
     class Variant(base):
@@ -194,32 +195,31 @@ PAGED_CASES = [
 ]
 
 
-def _batch_variant(flags):
-    base = prefill.BatchPrefillSpec
-
-    @dataclasses.dataclass(frozen=True)
-    class Variant(base):
-        def extra_cuda_cflags(self):
-            return tuple(base.extra_cuda_cflags(self)) + flags
-
-    return Variant
-
-
-def _time_runs(runs, out, flop, width) -> None:
-    """Runs each of `runs` (name -> call writing `out`) once on a NaN-filled out, compares it with the first, and
-    prints its device ms queued behind a sleep (bench_prefill.queued_ms) and TFLOP/s of `flop`."""
+def _time_runs(runs, out, flop, width, rounds=1) -> None:
+    """Runs each of `runs` (name -> call writing `out`) once on a NaN-filled out and compares it with the first, then
+    times them in `rounds` interleaved rounds; prints each one's median device ms queued behind a sleep
+    (bench_prefill.queued_ms) and TFLOP/s of `flop`."""
     from bench_prefill import queued_ms
 
-    ref = None
+    ref, errs = None, {}
     for name, fn in runs.items():
         out.fill_(float("nan"))
         fn()
         torch.cuda.synchronize()
         if ref is None:
             ref = out.float().clone()
-        err = (out.float() - ref).abs().max().item()
-        t = queued_ms(fn)
-        print(f"  {name:{width}s} {t:7.3f} ms {flop / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {err:.1e}", flush=True)
+        errs[name] = (out.float() - ref).abs().max().item()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(queued_ms(fn))
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        each = f"  (rounds {', '.join(f'{x:.3f}' for x in ts)})" if rounds > 1 else ""
+        print(
+            f"  {name:{width}s} {t:7.3f} ms {flop / t / 1e9:6.0f} TFLOP/s  max|diff| vs first {errs[name]:.1e}{each}",
+            flush=True,
+        )
 
 
 def paged_main() -> None:
@@ -227,7 +227,7 @@ def paged_main() -> None:
     causal, bf16, NHD, pages scattered): device ms per call queued behind a sleep (bench_prefill.queued_ms)."""
 
     base = prefill.BatchPrefillSpec
-    classes = {name: _batch_variant(flags) for name, flags in PAGED_VARIANTS.items()}
+    classes = {name: variant_class(flags, prefill.BatchPrefillSpec) for name, flags in PAGED_VARIANTS.items()}
     _built(
         [
             c(128, "bf16", "bf16", "bf16", kv_storage="paged", mask_mode="causal", backend="fa3_ws")
@@ -292,10 +292,8 @@ RAGGED_CASES = [
 def ragged_main() -> None:
     """fa3_ws ragged batch prefill per variant (bf16, d128, NHD): device ms per call queued behind a sleep
     (bench_prefill.queued_ms), medians of three interleaved rounds, outputs compared with the first variant's."""
-    from bench_prefill import queued_ms
-
     base = prefill.BatchPrefillSpec
-    classes = {name: _batch_variant(flags) for name, flags in RAGGED_VARIANTS.items()}
+    classes = {name: variant_class(flags, prefill.BatchPrefillSpec) for name, flags in RAGGED_VARIANTS.items()}
     _built(
         [
             c(128, "bf16", "bf16", "bf16", mask_mode=m, backend="fa3_ws")
@@ -321,24 +319,8 @@ def ragged_main() -> None:
             finally:
                 prefill.BatchPrefillSpec = base
             runs[name] = lambda w=w: w.run(q, k, v, out=out)
-        ref, res = None, {}
-        for _ in range(3):
-            for name, fn in runs.items():
-                out.fill_(float("nan"))
-                fn()
-                torch.cuda.synchronize()
-                if ref is None:
-                    ref = out.float().clone()
-                err = (out.float() - ref).abs().max().item()
-                assert err < 2e-2, (name, err)
-                res.setdefault(name, []).append(queued_ms(fn))
         print(f"ragged {n} x {L} {'causal' if causal else 'full'}, {hq}/{hkv} heads:", flush=True)
-        for name, ts in res.items():
-            t = statistics.median(ts)
-            print(
-                f"  {name:24s} {t:7.3f} ms {fl / t / 1e9:6.0f} TFLOP/s  (rounds {', '.join(f'{x:.3f}' for x in ts)})",
-                flush=True,
-            )
+        _time_runs(runs, out, fl, 24, rounds=3)
         del q, k, v, out, ws
         torch.cuda.empty_cache()
 
