@@ -50,8 +50,6 @@ VARIANTS = {
     "fa3_ws spin": ("fa3_ws", ("-DFI_WS_PRODUCER_SUSPEND_NS=0",)),
     # an item's first K and V tiles issued after its Q has landed (the order before FI_WS_EARLY_KV0)
     "fa3_ws late kv0": ("fa3_ws", ("-DFI_WS_EARLY_KV0=0",)),
-    # the next item's Q rows pulled into the L2 a whole item ahead of their copy (FI_WS_Q_PREFETCH)
-    "fa3_ws q prefetch": ("fa3_ws", ("-DFI_WS_Q_PREFETCH=1",)),
 }
 CASES = [(8192, False), (16384, False), (8192, True), (2048, False), (2048, True)]
 # --d64: the same at head_dim 64 (fa3 has none: fa2 and fa3_ws variants)
@@ -229,7 +227,7 @@ def paged_main() -> None:
     causal, bf16, NHD, pages scattered): device ms per call queued behind a sleep (bench_prefill.queued_ms)."""
 
     base = prefill.BatchPrefillSpec
-    classes = {name: variant_class(flags, prefill.BatchPrefillSpec) for name, flags in PAGED_VARIANTS.items()}
+    classes = {name: variant_class(flags, base) for name, flags in PAGED_VARIANTS.items()}
     _built(
         [
             c(128, "bf16", "bf16", "bf16", kv_storage="paged", mask_mode="causal", backend="fa3_ws")
@@ -280,7 +278,6 @@ def paged_main() -> None:
 RAGGED_VARIANTS = {
     "fa3_ws": (),
     "fa3_ws late kv0": ("-DFI_WS_EARLY_KV0=0",),
-    "fa3_ws q prefetch": ("-DFI_WS_Q_PREFETCH=1",),
 }
 # (requests, length, query heads, KV heads, causal)
 RAGGED_CASES = [
@@ -296,7 +293,7 @@ def ragged_main() -> None:
     """fa3_ws ragged batch prefill per variant (bf16, d128, NHD): device ms per call queued behind a sleep
     (bench_prefill.queued_ms), medians of three interleaved rounds, outputs compared with the first variant's."""
     base = prefill.BatchPrefillSpec
-    classes = {name: variant_class(flags, prefill.BatchPrefillSpec) for name, flags in RAGGED_VARIANTS.items()}
+    classes = {name: variant_class(flags, base) for name, flags in RAGGED_VARIANTS.items()}
     _built(
         [
             c(128, "bf16", "bf16", "bf16", mask_mode=m, backend="fa3_ws")

@@ -118,8 +118,7 @@ def test_sanitizer_subset_check_flags_a_branch_that_selects_nothing(tmp_path):
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "sanitize.sh").write_text(script.replace(term, "test_rmsnorm_matches_reference[renamed]"))
     (tmp_path / "tests").symlink_to(REPO / "tests")
-    for f in ("pyproject.toml",):
-        shutil.copy2(REPO / f, tmp_path / f)
+    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     r = _sanitize_collect(tmp_path / "scripts" / "sanitize.sh", tmp_path / "out", families="norm")
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stdout.count("# TERM SELECTS NOTHING: test_rmsnorm_matches_reference[renamed]") == 2, r.stdout

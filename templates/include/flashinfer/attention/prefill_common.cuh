@@ -2,7 +2,7 @@
 // their tile shapes and shared-memory layouts (each passes its own `smem_at(row, chunk)`):
 //   packed query rows   with GQA the `group` query heads of a KV head are packed as rows: packed row pr is
 //                       token pr / group, head first_head + pr % group
-//   load_q_tile         the query tile's cp.async copies (prefetch_q_tile_l2: its rows into the L2 ahead)
+//   load_q_tile         the query tile's cp.async copies
 //   kv_pipeline_prologue the commit-group schedule of the double-buffered K/V tiles
 //   stage_o_row, store_o_tile, packed_row_index, and inverse_or_zero and row_lse (state.cuh): the epilogue
 //   store_partial_row, prefill_merge_kernel: the states of a KV split and their merge
@@ -86,21 +86,6 @@ FI_DEVICE void load_q_tile(const PrefillParams& p, int first_token, int kv_head,
     cp_async_16(smem_at(row, c), q + int64_t(token) * p.q_stride_n + int64_t(hh) * p.q_stride_h + c * 8, valid);
   }
   cp_async_commit();
-}
-
-// The query tile's rows (as load_q_tile takes them) pulled into the L2 ahead of its copies: one row a thread,
-// every 128-byte step of it (a hint: a row that straddles one more line leaves it to the copy).
-template <int ROWS, int CH, int THREADS, typename T>
-FI_DEVICE void prefetch_q_tile_l2(const PrefillParams& p, int first_token, int kv_head, int group, int pr0,
-                                  int rows_here, int tid) {
-  const T* q =
-      static_cast<const T*>(p.q) + int64_t(first_token) * p.q_stride_n + int64_t(kv_head) * group * p.q_stride_h;
-  for (int row = tid; row < min(rows_here, ROWS); row += THREADS) {
-    const int pr = pr0 + row, token = pr / group, hh = pr % group;
-    const char* r = reinterpret_cast<const char*>(q + int64_t(token) * p.q_stride_n + int64_t(hh) * p.q_stride_h);
-#pragma unroll
-    for (int b = 0; b < CH * 16; b += 128) prefetch_l2(r + b);
-  }
 }
 
 // Commit-group schedule of the prefill kernels' double-buffered K/V: the prologue commits K(0), V(0), K(1)

@@ -190,14 +190,6 @@ struct Sm90WsTraitsT {
 #else
   static constexpr bool kEarlyKV0 = true;
 #endif
-  // -D FI_WS_Q_PREFETCH=1 (probes; not measured yet; not paged): the producer pulls the next item's Q rows into the L2
-  // as it reaches the item, a whole item before the Q slot frees, so that the copy after q_empty reads the L2 rather
-  // than HBM (the copy's round trip lies between the consumers' last S of an item and their first S of the next).
-#ifdef FI_WS_Q_PREFETCH
-  static constexpr bool kQPrefetchL2 = FI_WS_Q_PREFETCH;
-#else
-  static constexpr bool kQPrefetchL2 = false;
-#endif
   static constexpr int kQBytes = BQ * kHeadDim * 2;
   static constexpr int kKVBytes = BK * kHeadDim * 2;  // one K or V tile: the transaction bytes of its boxes
   static constexpr int kBoxBytes = BK * 128;          // one 64-column box of a tile
@@ -580,11 +572,6 @@ __global__ void __launch_bounds__(Sm90WsTraits::kThreads, 1)
       constexpr bool kEarly = !PAGED && !FP8 && Tr::kEarlyKV0;
       const bool issues_kv0 = kEarly && tid == 0 && t.num_tiles > 0;
       if (issues_kv0) tma_tile(false, 0);
-      if constexpr (Tr::kQPrefetchL2 && !PAGED) {
-        // (threadIdx.x read here, as in gather; not in the paged producers: they spill with it at 56 registers)
-        prefetch_q_tile_l2<BQ, CH, 128, DTypeQ>(p, t.q_first, t.kv_head, p.group_size, t.pr0, t.rows_here,
-                                                sm90::opaque_int(threadIdx.x) % 128);
-      }
       // Paged: likewise K(0) is gathered before the Q wait, its copies landing while the previous item ends.
       if constexpr (PAGED) {
         if (t.num_tiles > 0) {

@@ -17,9 +17,6 @@ FI_DEVICE void cp_async_16(void* smem_ptr, const void* gmem_ptr, bool pred) {
 
 FI_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
-// Asks the L2 for the 128-byte line holding p ahead of a copy that will read it (a hint: nothing reaches the SM).
-FI_DEVICE void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 FI_DEVICE void cp_async_wait() {
