@@ -31,7 +31,8 @@ PREFILL_MIN_CHUNK = 512
 @dataclasses.dataclass
 class PlanStats:
     """The schedule a plan chose (``wrapper.plan_stats``): CTAs' worth of work, pieces of requests, merges of
-    split requests, partial states in the workspace, keys attended to and workspace bytes used."""
+    split requests, partial states in the workspace, keys attended to and workspace bytes used; ``tma_kernel``: 1
+    where batch decode runs on its TMA-fed Hopper kernel."""
 
     workers: int
     worker_capacity: int
@@ -40,6 +41,7 @@ class PlanStats:
     partial_states: int
     total_keys: int
     workspace_bytes: int
+    tma_kernel: int = 0
 
     def as_dict(self) -> Dict[str, int]:
         return dataclasses.asdict(self)
@@ -150,6 +152,7 @@ DECODE_PLAN_ARGS = (
     ("max_batch", "int"),
     ("indices_capacity", "int"),
     ("no_split", "bool"),
+    ("allow_tma", "bool"),
     ("pinned", "void*"),
     ("pinned_bytes", "int64_t"),
     ("workspace", "void*"),
@@ -293,6 +296,7 @@ class DecodePlannerABI:
             partial_states=int(info[i["partial_states"]]),
             total_keys=int(info[i["total_keys"]]),
             workspace_bytes=int(info[i["workspace_bytes"]]),
+            tma_kernel=int(info[i["tma"]]),
         )
 
     def raise_error(

@@ -669,6 +669,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """
 
+    # On Hopper the CUDA-core route plans onto the TMA-fed kernel (attention/batch_decode_tma.cuh) wherever it serves
+    # the configuration (16-bit KV, head_dim 64/128, KV heads a multiple of 8, groups up to 8, pages a multiple of
+    # 16 tokens, no RoPE/ALiBi); False keeps the cp.async kernel (for comparisons; plan_stats["tma_kernel"] says
+    # which ran).
+    _tma_decode: bool = True
+
     def __init__(
         self,
         float_workspace_buffer: torch.Tensor,
@@ -1264,6 +1270,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             device_indices,
         )
         a.batch, a.nnz, a.fixed_workers = batch, nnz, self._fixed_workers
+        a.allow_tma = self._tma_decode
         a.stream = current_stream_ptr(self._device)
         for _ in range(2):
             half = self._half = self._half ^ 1

@@ -82,6 +82,19 @@ def _reference(q, k, v, layout, indptr, indices, lens, **kw):
     return torch.stack(outs), torch.stack(lses)
 
 
+def tma_expected(head_dim, dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos="NONE"):
+    """Whether plan() puts this configuration on the TMA-fed Hopper kernel (attention/batch_decode_tma.cuh)."""
+    return (
+        torch.cuda.get_device_capability()[0] == 9
+        and head_dim in (64, 128)
+        and kv_dtype == dtype
+        and pos == "NONE"
+        and num_kv_heads % 8 == 0
+        and num_qo_heads // num_kv_heads <= 8
+        and page_size % 16 == 0
+    )
+
+
 def _workspace(mb=128):
     return torch.empty(mb << 20, dtype=torch.uint8, device="cuda")
 
@@ -106,12 +119,14 @@ def _run_case(
     kv_dtype=None,
     k_scale=None,
     v_scale=None,
+    tma=None,
 ):
     """Plan and run one batch (NaN-poisoned outputs) against the reference. ``kv_dtype`` (default q's ``dtype``)
     may be fp8, dequantised by ``k_scale``/``v_scale``: the reference then takes the dequantised values, and what
     separates the two is what the 16-bit path leaves too (the output's rounding to q's dtype, float32
     accumulation; the tensor-core tiles round the probabilities and a bfloat16 q to float16, inside the dtype
-    tolerances)."""
+    tolerances). ``tma``: True/False sets the wrapper's ``_tma_decode`` and checks which kernel the plan chose on a
+    Hopper GPU (the TMA kernel exactly where it serves the configuration, see tma_expected)."""
     kv_dtype = kv_dtype or dtype
     cache, k, v, indptr, indices, last = _make(
         lens, page_size, num_kv_heads, head_dim, kv_dtype, layout, form, k_scale=k_scale or 1.0, v_scale=v_scale or 1.0
@@ -121,6 +136,8 @@ def _run_case(
     else:
         q = torch.randn(len(lens), num_qo_heads, head_dim, device="cuda", dtype=dtype)
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), layout, use_tensor_cores=use_tensor_cores)
+    if tma is not None:
+        w._tma_decode = tma
     w.plan(
         indptr,
         indices.cuda() if device_indices else indices,
@@ -137,6 +154,9 @@ def _run_case(
         rope_scale=rope_scale,
         rope_theta=rope_theta,
     )
+    if tma is not None and not use_tensor_cores:
+        expected = tma and tma_expected(head_dim, dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos)
+        assert w.plan_stats["tma_kernel"] == int(expected)
     out = poisoned((len(lens), num_qo_heads, head_dim), dtype)
     lse = poisoned((len(lens), num_qo_heads), torch.float32)
     o, l = w.run(q, cache, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale)
@@ -357,6 +377,71 @@ def test_batch_decode_gqa_groups(group):
     _run_case([15, 1000, 4096, 17], num_kv_heads=2, num_qo_heads=2 * group, page_size=16)
 
 
+# The TMA-fed Hopper kernel: every key count modulo its 16-key stages (and pieces split across the GPU: 33000),
+# pages of 16/32/64 tokens, both layouts and cache forms, groups 1..8, 8 and 16 KV heads; against the reference and,
+# with _tma_decode False, the same cases on the cp.async kernel.
+TMA_LENS = [1, 15, 16, 17, 31, 100, 1000, 4097, 33000]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize(
+    "layout,form,page_size", [("NHD", "tuple", 16), ("HND", "single", 16), ("NHD", "single", 32), ("HND", "tuple", 64)]
+)
+@pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(8, 8), (32, 8), (64, 8), (48, 16)])
+@pytest.mark.parametrize("tma", [True, False])
+def test_batch_decode_tma_matrix(head_dim, dtype, layout, form, page_size, num_qo_heads, num_kv_heads, tma):
+    _run_case(TMA_LENS, page_size, num_qo_heads, num_kv_heads, head_dim, DTYPES[dtype], layout, form, tma=tma)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window_left,soft_cap", [(0, None), (15, 30.0), (1000, None), (-1, 5.0)])
+@pytest.mark.parametrize("device_indices", [False, True])
+def test_batch_decode_tma_window_soft_cap(window_left, soft_cap, device_indices):
+    _run_case(
+        TMA_LENS,
+        16,
+        32,
+        8,
+        128,
+        torch.bfloat16,
+        "NHD",
+        "tuple",
+        window_left=window_left,
+        soft_cap=soft_cap,
+        device_indices=device_indices,
+        tma=True,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "num_qo_heads,num_kv_heads,page_size,head_dim",
+    [(128, 8, 16, 128), (8, 1, 16, 128), (32, 8, 8, 128), (32, 8, 16, 256)],
+)
+def test_batch_decode_tma_falls_back_outside_its_configurations(num_qo_heads, num_kv_heads, page_size, head_dim):
+    # groups of 16, fewer than 8 KV heads, pages of 8, head_dim 256: the cp.async kernel (plan_stats says which)
+    _run_case([17, 1000, 4097], page_size, num_qo_heads, num_kv_heads, head_dim, torch.bfloat16, tma=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [True, False])
+def test_batch_decode_tma_noncontiguous_q(tma):
+    # q with a head stride of its own (and an odd batch stride), on both kernels
+    lens = [100, 3000, 1]
+    cache, k, v, indptr, indices, last = _make(lens, 16, 8, 128, torch.float16, "NHD", "tuple")
+    q = torch.randn(3, 33, 256, device="cuda", dtype=torch.float16)[:, 1:, 64:192]
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
+    w._tma_decode = tma
+    w.plan(indptr, indices, last, 32, 8, 128, 16, q_data_type=torch.float16)
+    assert w.plan_stats["tma_kernel"] == int(tma and tma_expected(128, 1, 1, 32, 8, 16))
+    o, l = w.run(q, cache, return_lse=True)
+    ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens)
+    assert_close(o, ref)
+    torch.testing.assert_close(l.double(), ref_lse, atol=LSE_TOL[0], rtol=LSE_TOL[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_tensor_cores", [False, True])
 def test_batch_decode_noncontiguous_q_scales_defaults_and_aliases(use_tensor_cores):
@@ -380,8 +465,9 @@ def test_batch_decode_noncontiguous_q_scales_defaults_and_aliases(use_tensor_cor
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_tensor_cores", [False, True])
 @pytest.mark.parametrize("use_class", [False, True])
-def test_graph_mode_replays_after_replan(use_class, use_tensor_cores):
-    batch, hq, hkv, d, ps = 6, 8, 2, 128, 16
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (32, 8)])  # (32, 8): the TMA kernel on Hopper
+def test_graph_mode_replays_after_replan(use_class, use_tensor_cores, hq, hkv):
+    batch, d, ps = 6, 128, 16
     max_pages = 4000
     indptr_buf = torch.empty(batch + 1, dtype=torch.int32, device="cuda")
     indices_buf = torch.empty(max_pages, dtype=torch.int32, device="cuda")
@@ -504,12 +590,13 @@ def test_plan_and_run_bad_input(use_tensor_cores):
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_tensor_cores", [False, True])
 @pytest.mark.parametrize("graph", [False, True])
-def test_requests_without_keys_give_zero_and_minus_inf(use_tensor_cores, graph):
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (32, 8)])  # (32, 8): the TMA kernel on Hopper
+def test_requests_without_keys_give_zero_and_minus_inf(use_tensor_cores, graph, hq, hkv):
     """Engines pad CUDA-graph batches with requests of no pages (indptr repeated, last_page_len 1 as vLLM writes
     it, or anything: it is not read); a request whose one page has last_page_len 0 has no key either. Their output
     is 0 and lse -inf (as FlashInfer's kernels give), the others are unaffected; in graph mode across re-plans and
     replays too."""
-    hq, hkv, d, ps, batch, num_pages = 8, 2, 128, 16, 6, 2600
+    d, ps, batch, num_pages = 128, 16, 6, 2600
     k = torch.randn(num_pages, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)

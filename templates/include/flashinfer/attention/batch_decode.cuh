@@ -148,13 +148,8 @@ static cudaError_t batch_decode_occupancy(int device, int* out) {
       DecodeTraits<HEAD_DIM>::kThreads, decode_smem_bytes<HEAD_DIM, GT, DTypeKV, POS>(), device, out);
 }
 
-template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
-          bool SOFTCAP>
-cudaError_t launch_batch_decode_gt(BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
-  using T = DecodeTraits<HEAD_DIM>;
-  int occ = 0;  // also makes sure this module's kernel got its shared-memory opt-in in this process
-  cudaError_t err = batch_decode_occupancy<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>(a.device, &occ);
-  if (err != cudaSuccess) return err;
+// The kernel parameters of a run of `plan` (what both paged decode kernels read).
+static BatchDecodeParams batch_decode_params(const BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
   BatchDecodeParams p;
   p.q = a.q;
   p.q_stride_b = a.q_stride_b;
@@ -182,6 +177,28 @@ cudaError_t launch_batch_decode_gt(BatchDecodePlan& plan, const BatchDecodeRunAr
   p.sc.sm_scale = a.sm_scale;
   p.sc.v_scale = a.v_scale;
   p.window_left = a.window_left;
+  return p;
+}
+
+// The merge of the split requests' partial states after either decode kernel (none when nothing was split).
+template <int HEAD_DIM, typename DTypeO>
+static cudaError_t launch_batch_merge(const BatchDecodePlan& plan, const BatchDecodeRunArgs& a,
+                                      const BatchDecodeParams& p) {
+  if (plan.merge_blocks == 0) return cudaSuccess;
+  return launch_kernel(batch_merge_states_kernel<HEAD_DIM, DTypeO>, dim3(plan.num_qo_heads, plan.merge_blocks),
+                       dim3(kMergeThreads), 0, a.stream, a.enable_pdl, p.plan, p.layout,
+                       static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
+                       plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse, a.v_scale);
+}
+
+template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
+          bool SOFTCAP>
+cudaError_t launch_batch_decode_gt(BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
+  using T = DecodeTraits<HEAD_DIM>;
+  int occ = 0;  // also makes sure this module's kernel got its shared-memory opt-in in this process
+  cudaError_t err = batch_decode_occupancy<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>(a.device, &occ);
+  if (err != cudaSuccess) return err;
+  const BatchDecodeParams p = batch_decode_params(plan, a);
   RopeTableFor<POS> rope;
   if constexpr (POS == PosEncoding::kRopeLlama) {
     if (!plan.rope_filled || plan.rope_scale != a.rope_scale || plan.rope_theta != a.rope_theta) {
@@ -196,11 +213,8 @@ cudaError_t launch_batch_decode_gt(BatchDecodePlan& plan, const BatchDecodeRunAr
   err = launch_kernel(batch_decode_paged_kernel<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, KV_HND, POS, SOFTCAP>,
                       dim3(plan.workers * plan.num_kv_heads * plan.head_tiles), dim3(T::kThreads),
                       decode_smem_bytes<HEAD_DIM, GT, DTypeKV, POS>(), a.stream, a.enable_pdl, p, rope);
-  if (err != cudaSuccess || plan.merge_blocks == 0) return err;
-  return launch_kernel(batch_merge_states_kernel<HEAD_DIM, DTypeO>, dim3(plan.num_qo_heads, plan.merge_blocks),
-                       dim3(kMergeThreads), 0, a.stream, a.enable_pdl, p.plan, p.layout,
-                       static_cast<const float*>(p.partial_o), static_cast<const float*>(p.partial_lse),
-                       plan.num_qo_heads, static_cast<DTypeO*>(a.o), a.lse, a.v_scale);
+  if (err != cudaSuccess) return err;
+  return launch_batch_merge<HEAD_DIM, DTypeO>(plan, a, p);
 }
 
 }  // namespace flashinfer

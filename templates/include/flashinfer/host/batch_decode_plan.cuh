@@ -62,6 +62,7 @@ struct BatchDecodePlan {
   // calls would cost more than the launch, and an engine runs with the same values every step.
   bool rope_filled;
   float rope_scale, rope_theta;
+  bool tma;  // run on batch_decode_tma_kernel (batch_decode_tma.cuh), planned for one CTA an SM
 };
 
 // What a plan reports (the int64 info array; Python reads the positions from the module's constants).
@@ -86,6 +87,7 @@ enum BatchDecodePlanInfo : int {
   kInfoMergeReq,
   kInfoMergeBegin,
   kInfoMergeCount,
+  kInfoTma,  // 1: the plan runs on the TMA kernel
   kPlanInfoLen
 };
 
@@ -116,6 +118,7 @@ struct BatchDecodePlanArgs {
   int max_batch;         // graph mode: frozen batch capacity; 0: batch
   int indices_capacity;  // graph mode with host indices: frozen capacity; 0: nnz
   bool no_split;         // every request in one piece (disable_split_kv: no merges, run-to-run identical sums)
+  bool allow_tma;        // the TMA kernel where it serves the configuration (else the cp.async kernel)
   void* pinned;          // host staging buffer (page-locked), one of two the caller alternates between
   int64_t pinned_bytes;
   void* workspace;  // device
@@ -298,6 +301,7 @@ int batch_decode_plan(const BatchDecodePlanArgs& a, int slots, BatchDecodePlan* 
     if (a.pinned_event != nullptr && (err = cudaEventRecord(a.pinned_event, a.stream)) != cudaSuccess) return err;
   }
 
+  plan->tma = false;  // (the module's plan entry decides)
   plan->num_qo_heads = a.num_qo_heads;
   plan->num_kv_heads = a.num_kv_heads;
   plan->group_size = group;
