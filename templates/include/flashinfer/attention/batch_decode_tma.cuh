@@ -31,6 +31,12 @@
 
 namespace flashinfer {
 
+// FI_TMA_DECODE_WHOLE_ROWS (probe knob): 1 copies a stage's K (and V) as one 5-D box of whole rows (both 128-byte
+// halves of a row side by side in shared memory: 256 contiguous bytes read per row) instead of one box per half.
+#ifndef FI_TMA_DECODE_WHOLE_ROWS
+#define FI_TMA_DECODE_WHOLE_ROWS 0
+#endif
+
 constexpr int kTmaDecodeHeads = 8;              // KV heads of a CTA, one consumer warp each
 constexpr int kTmaDecodeKeys = 16;              // keys of a ring stage
 constexpr int kTmaDecodeMaxGroup = 8;           // query heads per KV head: the n8 of the transposed products
@@ -38,7 +44,6 @@ constexpr int kTmaDecodeRingBytes = 3 * 65536;  // three 64 KB stages at head_di
 
 template <int HEAD_DIM>
 struct TmaDecodeTraits {
-  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head_dim 64 or 128");
   static constexpr int kHalves = HEAD_DIM / 64;                             // 128-byte columns of a row
   static constexpr int kBoxBytes = 128 * kTmaDecodeKeys * kTmaDecodeHeads;  // one column of 16 keys x 8 heads
   static constexpr int kStageBytes = 2 * kHalves * kBoxBytes;               // K, then V
@@ -65,8 +70,13 @@ __host__ __device__ constexpr bool tma_decode_supported() {
 // at c ^ (r & 7) (CU_TENSOR_MAP_SWIZZLE_128B).
 template <int HEAD_DIM>
 FI_DEVICE uint32_t tma_decode_row(uint32_t base, int head, int key, int chunk) {
+#if FI_TMA_DECODE_WHOLE_ROWS
+  const int row = (head * kTmaDecodeKeys + key) * TmaDecodeTraits<HEAD_DIM>::kHalves + (chunk >> 3);
+  return base + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+#else
   const int row = head * kTmaDecodeKeys + key;
   return base + (chunk >> 3) * TmaDecodeTraits<HEAD_DIM>::kBoxBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+#endif
 }
 
 template <int HEAD_DIM, typename DTypeKV, typename DTypeO, bool SOFTCAP>
@@ -137,11 +147,16 @@ __global__ void __launch_bounds__(TmaDecodeTraits<HEAD_DIM>::kThreads, 1)
             sm90::mbarrier_arrive_expect_tx(bar, T::kStageBytes);
             const uint32_t dst = ring_addr + s * T::kStageBytes;
             const int h0 = head_group * kTmaDecodeHeads;
+#if FI_TMA_DECODE_WHOLE_ROWS
+            sm90::tma_load_5d(dst, &k_map, 0, 0, sl, h0, pg, bar);
+            sm90::tma_load_5d(dst + T::kHalves * T::kBoxBytes, &v_map, 0, 0, sl, h0, pg, bar);
+#else
 #pragma unroll
             for (int c = 0; c < T::kHalves; ++c) {
               sm90::tma_load_4d(dst + c * T::kBoxBytes, &k_map, 64 * c, sl, h0, pg, bar);
               sm90::tma_load_4d(dst + (T::kHalves + c) * T::kBoxBytes, &v_map, 64 * c, sl, h0, pg, bar);
             }
+#endif
           }
           ++count;
         }
@@ -293,14 +308,25 @@ __global__ void __launch_bounds__(TmaDecodeTraits<HEAD_DIM>::kThreads, 1)
 template <int HEAD_DIM, typename DTypeKV, bool KV_HND>
 static cudaError_t tma_decode_maps(const BatchDecodeRunArgs& a, int page_size, int num_kv_heads, CUtensorMap* k_map,
                                    CUtensorMap* v_map) {
-  const uint64_t dims[4] = {uint64_t(HEAD_DIM), uint64_t(page_size), uint64_t(num_kv_heads), uint64_t(a.num_pages)};
-  const int64_t strides[3] = {KV_HND ? int64_t(HEAD_DIM) : a.stride_n, KV_HND ? a.stride_h : int64_t(HEAD_DIM),
-                              a.stride_page};
-  const uint32_t box[4] = {64, uint32_t(kTmaDecodeKeys), uint32_t(kTmaDecodeHeads), 1};
+  const int64_t slot_stride = KV_HND ? int64_t(HEAD_DIM) : a.stride_n, head_stride = KV_HND ? a.stride_h : HEAD_DIM;
   constexpr bool kBf16 = std::is_same<DTypeKV, __nv_bfloat16>::value;
+#if FI_TMA_DECODE_WHOLE_ROWS
+  // (64 dims, half, slot, head, page): a box of every half of 16 slots x 8 heads.
+  constexpr int kHalves = TmaDecodeTraits<HEAD_DIM>::kHalves;
+  const uint64_t dims[5] = {64, uint64_t(kHalves), uint64_t(page_size), uint64_t(num_kv_heads), uint64_t(a.num_pages)};
+  const int64_t strides[4] = {64, slot_stride, head_stride, a.stride_page};
+  const uint32_t box[5] = {64, uint32_t(kHalves), uint32_t(kTmaDecodeKeys), uint32_t(kTmaDecodeHeads), 1};
+  cudaError_t err = encode_tile_map_16bit<5>(k_map, a.k, kBf16, dims, strides, box);
+  if (err != cudaSuccess) return err;
+  return encode_tile_map_16bit<5>(v_map, a.v, kBf16, dims, strides, box);
+#else
+  const uint64_t dims[4] = {uint64_t(HEAD_DIM), uint64_t(page_size), uint64_t(num_kv_heads), uint64_t(a.num_pages)};
+  const int64_t strides[3] = {slot_stride, head_stride, a.stride_page};
+  const uint32_t box[4] = {64, uint32_t(kTmaDecodeKeys), uint32_t(kTmaDecodeHeads), 1};
   cudaError_t err = encode_tile_map_16bit<4>(k_map, a.k, kBf16, dims, strides, box);
   if (err != cudaSuccess) return err;
   return encode_tile_map_16bit<4>(v_map, a.v, kBf16, dims, strides, box);
+#endif
 }
 
 template <int HEAD_DIM, typename DTypeKV, typename DTypeO, bool SOFTCAP>
