@@ -153,6 +153,7 @@ DECODE_PLAN_ARGS = (
     ("indices_capacity", "int"),
     ("no_split", "bool"),
     ("allow_tma", "bool"),
+    ("max_ctas", "int"),
     ("pinned", "void*"),
     ("pinned_bytes", "int64_t"),
     ("workspace", "void*"),

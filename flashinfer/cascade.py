@@ -924,6 +924,7 @@ class _CascadePlan:
     q_dtype: torch.dtype
     stats: Dict[str, Any]
     overlap: bool = False  # steps = [shared level, decode level], run concurrently (see run())
+    decode_first: bool = False  # overlap with the decode level on the TMA kernel's bounded grid: launched first
 
 
 class MultiLevelCascadeAttentionWrapper:
@@ -976,6 +977,9 @@ class MultiLevelCascadeAttentionWrapper:
     _fallback: str = "auto"
     _overlap_levels: str = "auto"
     _ws_decode_sms: int = 0
+    # _decode_level_tma: a decode level beside a shared level on fa3_ws runs on the TMA decode kernel with a grid of
+    # exactly the SMs left to it (batch_decode_tma.cuh), where that kernel serves the configuration.
+    _decode_level_tma: bool = True
 
     def __init__(
         self,
@@ -1336,7 +1340,10 @@ class MultiLevelCascadeAttentionWrapper:
             )
             steps.append(_Step(l, self._prefill[l]))
         if decode_last and (self._use_cuda_graph or last.total_keys > 0 or not steps):
-            steps.append(self._plan_decode_level(last, num_qo_heads, num_kv_heads, head_dim, page_size, options))
+            beside = decode_sms if overlap and route0 == "fa3_ws" and self._decode_level_tma else 0
+            steps.append(
+                self._plan_decode_level(last, num_qo_heads, num_kv_heads, head_dim, page_size, options, beside)
+            )
         if self._use_cuda_graph:
             self._graph_path = frozen
         overlap = (
@@ -1352,7 +1359,11 @@ class MultiLevelCascadeAttentionWrapper:
             overlap_levels=overlap,
             decode_sms=decode_sms if overlap else 0,
         )
-        self._plan = _CascadePlan("cascade", steps, total_q, num_qo_heads, head_dim, q_dtype, stats, overlap)
+        decode_first = overlap and decode_sms > 0 and self._decode.plan_stats["tma_kernel"] == 1
+        stats.update(decode_tma=decode_first)
+        self._plan = _CascadePlan(
+            "cascade", steps, total_q, num_qo_heads, head_dim, q_dtype, stats, overlap, decode_first
+        )
 
     begin_forward = plan
 
@@ -1441,7 +1452,11 @@ class MultiLevelCascadeAttentionWrapper:
             "plain_decode", [_Step(-1, self._plain)], total_q, num_qo_heads, head_dim, q_dtype, stats
         )
 
-    def _plan_decode_level(self, level: _Level, num_qo_heads, num_kv_heads, head_dim, page_size, options) -> _Step:
+    def _plan_decode_level(
+        self, level: _Level, num_qo_heads, num_kv_heads, head_dim, page_size, options, beside_sms: int = 0
+    ) -> _Step:
+        """beside_sms > 0: the level runs concurrently with a shared level on fa3_ws that leaves it that many SMs:
+        on the TMA decode kernel with a grid of that many CTAs (one an SM) where it serves the configuration."""
         indptr, indices, last, has = _decode_table(level)
         batch = len(level.last)
         if self._decode is None:
@@ -1449,6 +1464,8 @@ class MultiLevelCascadeAttentionWrapper:
             self._decode = self._make_decode(batch, capacity)
             if self._use_cuda_graph:
                 self._graph_batch = batch
+        self._decode._tma_decode = beside_sms > 0
+        self._decode._max_ctas = beside_sms
         if self._use_cuda_graph:
             # The caller's buffers hold the level's arrays, as FlashInfer's graph mode leaves them.
             for buf, src in zip(
@@ -1599,9 +1616,12 @@ class MultiLevelCascadeAttentionWrapper:
         The shared level is launched first and in the caller's stream order, so its CTAs (one per SM, as planned)
         are placed as soon as the preceding work ends; the decode level's wait on the fork event resolves a moment
         later, and its CTAs fill what each SM has left (were they first, they would take every SM and the levels
-        would run one after the other). The levels use separate workspace regions; the side stream's work is
-        joined back into the caller's stream before the merge (and on an error), so the caller's allocations that
-        it touches stay ordered."""
+        would run one after the other). A decode level on the TMA kernel (pl.decode_first) has a grid of exactly
+        the SMs left to it, one CTA each, and fa3_ws's persistent grid takes the rest: both fit in either order, so
+        the decode level, whose launch costs the host less, goes first (measured in eager runs: the shared level's
+        run() delays the second launch by ~35 us). The levels use separate workspace regions; the side stream's
+        work is joined back into the caller's stream before the merge (and on an error), so the caller's
+        allocations that it touches stay ordered."""
         shared, decode = pl.steps
         if self._side is None:
             self._side = (torch.cuda.Stream(device=self._device), torch.cuda.Event(), torch.cuda.Event())
@@ -1612,9 +1632,13 @@ class MultiLevelCascadeAttentionWrapper:
         tmp_o = torch.empty_like(o)
         tmp_lse = torch.empty_like(lse)
         try:
+            if pl.decode_first:
+                with torch.cuda.stream(side):
+                    decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True, **scales)
             shared.wrapper.run(q, paged_kv_cache, out=o, lse=lse, return_lse=True, **scales)
-            with torch.cuda.stream(side):
-                decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True, **scales)
+            if not pl.decode_first:
+                with torch.cuda.stream(side):
+                    decode.wrapper.run(q, paged_kv_cache, out=tmp_o, lse=tmp_lse, return_lse=True, **scales)
         finally:
             join.record(side)
             cur.wait_event(join)

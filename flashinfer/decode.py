@@ -669,11 +669,15 @@ class BatchDecodeWithPagedKVCacheWrapper:
         FlashInfer's custom-kernel arguments: not implemented (must be None).
     """
 
-    # On Hopper the CUDA-core route plans onto the TMA-fed kernel (attention/batch_decode_tma.cuh) wherever it serves
-    # the configuration (16-bit KV, head_dim 64/128, KV heads a multiple of 8, groups up to 8, pages a multiple of
-    # 16 tokens, no RoPE/ALiBi); False keeps the cp.async kernel (for comparisons; plan_stats["tma_kernel"] says
-    # which ran).
-    _tma_decode: bool = True
+    # Not part of FlashInfer's API. _tma_decode: plan the CUDA-core route onto the TMA-fed Hopper kernel
+    # (attention/batch_decode_tma.cuh) wherever it serves the configuration (16-bit KV, head_dim 64/128, KV heads a
+    # multiple of 8, groups up to 8, pages a multiple of 16 tokens, no RoPE/ALiBi; plan_stats["tma_kernel"] says
+    # which runs). Off by default: on a whole H200 the cp.async kernel is 3-15% faster (both near the read
+    # bandwidth: 64 x 4096 keys 262 vs 271 us, 64 x 1024 69 vs 80 with its splits' merge); the TMA kernel draws
+    # ~2x the bytes per SM, which is what pays where decode gets a share of the SMs only (the cascade's decode
+    # level beside its shared level). _max_ctas > 0: the TMA kernel's grid on at most that many SMs.
+    _tma_decode: bool = False
+    _max_ctas: int = 0
 
     def __init__(
         self,
@@ -1270,7 +1274,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             device_indices,
         )
         a.batch, a.nnz, a.fixed_workers = batch, nnz, self._fixed_workers
-        a.allow_tma = self._tma_decode
+        a.allow_tma, a.max_ctas = self._tma_decode, self._max_ctas
         a.stream = current_stream_ptr(self._device)
         for _ in range(2):
             half = self._half = self._half ^ 1
