@@ -486,6 +486,7 @@ def test_graph_mode_replays_after_replan(use_class, use_tensor_cores, hq, hkv):
             paged_kv_indices_buffer=indices_buf,
             paged_kv_last_page_len_buffer=last_buf,
         )
+    w._tma_decode = True  # (used where it serves the configuration: 32/8 heads on Hopper)
     k = torch.randn(max_pages, ps, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -630,6 +631,7 @@ def test_requests_without_keys_give_zero_and_minus_inf(use_tensor_cores, graph, 
         )
     else:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), use_tensor_cores=use_tensor_cores)
+    w._tma_decode = True  # (used where it serves the configuration: 32/8 heads on Hopper)
     out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(batch, hq, device="cuda", dtype=torch.float32)
     g = None
