@@ -492,6 +492,35 @@ def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, pr
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("num_qo_heads,decode_sms", [(32, 8), (64, 40), (32, 100)])
+def test_decode_level_beside_fa3_ws_on_the_tma_kernel(dtype, layout, num_qo_heads, decode_sms):
+    """Beside a shared level on fa3_ws, a decode level of 8 KV heads runs on the TMA decode kernel with a grid of the
+    SMs left to it (launched first, on the side stream): results match the reference, on the caller's stream too;
+    with _decode_level_tma off it runs on the cp.async kernel as before."""
+    unique = [1, 0, 300, 16, 33, 5, 70, 2, 1000, 17]
+    lv = Levels([[(len(unique), 33000)], [(1, n) for n in unique]], 16, 8, 128, dtype, layout)
+    q = torch.randn(len(unique), num_qo_heads, 128, device="cuda").to(dtype)
+    for tma in (True, False):
+        w = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(), layout)
+        w._fallback, w._overlap_levels, w._ws_decode_sms, w._decode_level_tma = "never", "always", decode_sms, tma
+        w.plan(*lv.plan_args(), num_qo_heads, 8, 128, 16, q_data_type=dtype)
+        st = w.plan_stats()
+        assert st["overlap_levels"] == _on_hopper(), st
+        assert st.get("decode_tma", False) == (tma and _on_hopper()), st
+        _check(w, lv, q)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            q2 = q.flip(0) * 0.5
+            out = torch.full_like(q, float("nan"))
+            o2 = w.run(q2, lv.cache, out=out)
+        torch.cuda.current_stream().wait_stream(s)
+        assert_close(o2, lv.reference(q2)[0], what="o on a caller's stream")
+
+
+@pytest.mark.gpu
 def test_decode_last_level_on_prefill_kernel_and_options():
     """The last level on batch prefill (FlashInfer's route) gives the same result; sm_scale and the logits soft cap
     (position-free options) apply to every level."""
