@@ -37,7 +37,7 @@ import torch
 
 from . import jit
 from ._spec_common import AttentionSpec
-from .decode import BatchDecodeWithPagedKVCacheWrapper
+from .decode import BatchDecodeWithPagedKVCacheWrapper, tma_decode_serves
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .page import PagedKVCache, _unpack_paged_kv_cache
@@ -874,17 +874,42 @@ def _overlap_pays(
 _WS_FLOPS_PER_US = 4.9e8  # fa3_ws on a shared level: 64 x 32768 (34.4 GFLOP) in 69.8 µs on 128 CTAs
 
 
+# The TMA decode kernel (decode level beside fa3_ws, batch_decode_tma.cuh) on n SMs draws up to ~90 GB/s an SM alone
+# (.bench/bw_probe.cu), less beside fa3_ws, whose own reads share HBM: _TMA_DECODE_BYTES_PER_SM_US per SM, and both
+# levels together at most _HBM_BYTES_PER_US.
+_TMA_DECODE_BYTES_PER_SM_US = 6.0e4
+_WS_CTAS_MEASURED = 128  # the CTAs of the _WS_FLOPS_PER_US measurement
+
+
 def _ws_decode_share(
-    shared: _Level, last: _Level, num_qo_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int, sms: int
+    shared: _Level,
+    last: _Level,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    elem_bytes: int,
+    sms: int,
+    tma: bool = False,
 ) -> int:
-    """SMs to leave to the decode level beside a shared level on fa3_ws, or 0 to run them in turn: the levels'
-    shares of the SM time (so that both would finish together), when the shared level is bound by its tensor
-    cores and the decode level is not negligible beside it; at most half the SMs."""
+    """SMs to leave to the decode level beside a shared level on fa3_ws, or 0 to run them in turn, when the shared
+    level is bound by its tensor cores and the decode level is not negligible beside it. On the cp.async decode
+    kernel (its CTAs fill whatever SMs are free, also after fa3_ws ends): the levels' shares of the SM time, at most
+    half the SMs. On the TMA decode kernel (``tma``: a grid of exactly n SMs): the n for which the later of the two
+    levels ends first, each at its per-SM rate and both within the HBM bandwidth."""
     flops, memory_us, decode_us = _beside_costs(shared, last, num_qo_heads, num_kv_heads, head_dim, elem_bytes)
     shared_us = flops / _WS_FLOPS_PER_US
     if memory_us >= shared_us or decode_us <= _BESIDE_DECODE_SLOWDOWN * shared_us:
         return 0
-    return max(8, min(sms // 2, round(sms * decode_us / (shared_us + decode_us))))
+    if not tma:
+        return max(8, min(sms // 2, round(sms * decode_us / (shared_us + decode_us))))
+    decode_bytes = decode_us * _HBM_BYTES_PER_US
+    floor_us = memory_us + decode_us  # both levels' bytes at the HBM bandwidth
+
+    def finish_us(n: int) -> float:
+        ws_us = shared_us * _WS_CTAS_MEASURED / (sms - n)
+        return max(ws_us, decode_bytes / (n * _TMA_DECODE_BYTES_PER_SM_US), floor_us)
+
+    return min(range(8, sms - 7), key=finish_us)
 
 
 # =========================================================================================== multi-level cascade
@@ -1290,8 +1315,11 @@ class MultiLevelCascadeAttentionWrapper:
         sms = decode_sms = 0  # fa3_ws beside the decode level: the SMs its persistent grid leaves to the decode level
         if may_overlap and route0 == "fa3_ws":
             sms = num_sms(self._device.index)
+            tma = self._decode_level_tma and tma_decode_serves(
+                head_dim, q_dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos
+            )
             decode_sms = self._ws_decode_sms or _ws_decode_share(
-                levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem, sms
+                levels[0], last, num_qo_heads, num_kv_heads, head_dim, elem, sms, tma
             )
             if self._overlap_levels == "always" and decode_sms == 0:
                 decode_sms = max(8, sms // 4)

@@ -642,6 +642,29 @@ class _CachedModulePlanner:
         return w._plan_info
 
 
+def tma_decode_serves(
+    head_dim: int,
+    q_dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    page_size: int,
+    pos_encoding_mode: str = "NONE",
+) -> bool:
+    """Whether batch decode's TMA kernel serves this configuration on a Hopper GPU (the Python side of the module's
+    use_tma(), templates/batch_decode.cu.jinja, which decides at plan()): 16-bit KV of q's dtype, head_dim 64 or
+    128, KV heads a multiple of 8, GQA groups up to 8, pages a multiple of 16 tokens, no RoPE or ALiBi."""
+    return (
+        head_dim in (64, 128)
+        and q_dtype == kv_dtype
+        and q_dtype in (torch.float16, torch.bfloat16)
+        and pos_encoding_mode == "NONE"
+        and num_kv_heads % 8 == 0
+        and num_qo_heads // num_kv_heads <= 8
+        and page_size % 16 == 0
+    )
+
+
 class BatchDecodeWithPagedKVCacheWrapper:
     """Decode attention for a batch of requests whose KV caches live in a paged cache (FlashInfer's class).
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flashinfer
-from flashinfer.decode import BatchDecodePagedSpec, host_schedule
+from flashinfer.decode import BatchDecodePagedSpec, host_schedule, tma_decode_serves
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 LENS = [1, 15, 16, 17, 1000, 4096, 33000]
@@ -83,15 +83,10 @@ def _reference(q, k, v, layout, indptr, indices, lens, **kw):
 
 
 def tma_expected(head_dim, dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos="NONE"):
-    """Whether plan() puts this configuration on the TMA-fed Hopper kernel (attention/batch_decode_tma.cuh)."""
-    return (
-        torch.cuda.get_device_capability()[0] == 9
-        and head_dim in (64, 128)
-        and kv_dtype == dtype
-        and pos == "NONE"
-        and num_kv_heads % 8 == 0
-        and num_qo_heads // num_kv_heads <= 8
-        and page_size % 16 == 0
+    """Whether plan() puts this configuration on the TMA-fed Hopper kernel (attention/batch_decode_tma.cuh): the
+    module's own rule, and the Python predicate the cascade's cost model uses, must agree."""
+    return torch.cuda.get_device_capability()[0] == 9 and tma_decode_serves(
+        head_dim, dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos
     )
 
 
@@ -435,7 +430,7 @@ def test_batch_decode_tma_noncontiguous_q(tma):
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(), "NHD")
     w._tma_decode = tma
     w.plan(indptr, indices, last, 32, 8, 128, 16, q_data_type=torch.float16)
-    assert w.plan_stats["tma_kernel"] == int(tma and tma_expected(128, 1, 1, 32, 8, 16))
+    assert w.plan_stats["tma_kernel"] == int(tma and tma_expected(128, torch.float16, torch.float16, 32, 8, 16))
     o, l = w.run(q, cache, return_lse=True)
     ref, ref_lse = _reference(q, k, v, "NHD", indptr, indices, lens)
     assert_close(o, ref)
