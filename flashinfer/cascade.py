@@ -874,10 +874,12 @@ def _overlap_pays(
 _WS_FLOPS_PER_US = 4.9e8  # fa3_ws on a shared level: 64 x 32768 (34.4 GFLOP) in 69.8 µs on 128 CTAs
 
 
-# The TMA decode kernel (decode level beside fa3_ws, batch_decode_tma.cuh) on n SMs draws up to ~90 GB/s an SM alone
-# (.bench/bw_probe.cu), less beside fa3_ws, whose own reads share HBM: _TMA_DECODE_BYTES_PER_SM_US per SM, and both
-# levels together at most _HBM_BYTES_PER_US.
-_TMA_DECODE_BYTES_PER_SM_US = 6.0e4
+# The TMA decode kernel (decode level beside fa3_ws, batch_decode_tma.cuh, opt-in: _decode_level_tma) on n SMs draws
+# up to ~90 GB/s an SM alone (.bench/bw_probe.cu) and measured 51 GB/s an SM beside fa3_ws (64 x 32768 + 1024, n =
+# 48: 268 MB in 110 µs); fa3_ws beside it ran 1.23x slower than its SMs alone predict (125.3 µs on 84 CTAs against
+# 66.9 on 128); both levels together at most _HBM_BYTES_PER_US.
+_TMA_DECODE_BYTES_PER_SM_US = 5.1e4
+_WS_BESIDE_TMA_SLOWDOWN = 1.23
 _WS_CTAS_MEASURED = 128  # the CTAs of the _WS_FLOPS_PER_US measurement
 
 
@@ -906,7 +908,7 @@ def _ws_decode_share(
     floor_us = memory_us + decode_us  # both levels' bytes at the HBM bandwidth
 
     def finish_us(n: int) -> float:
-        ws_us = shared_us * _WS_CTAS_MEASURED / (sms - n)
+        ws_us = shared_us * _WS_CTAS_MEASURED / (sms - n) * _WS_BESIDE_TMA_SLOWDOWN
         return max(ws_us, decode_bytes / (n * _TMA_DECODE_BYTES_PER_SM_US), floor_us)
 
     return min(range(8, sms - 7), key=finish_us)
@@ -1003,8 +1005,15 @@ class MultiLevelCascadeAttentionWrapper:
     _overlap_levels: str = "auto"
     _ws_decode_sms: int = 0
     # _decode_level_tma: a decode level beside a shared level on fa3_ws runs on the TMA decode kernel with a grid of
-    # exactly the SMs left to it (batch_decode_tma.cuh), where that kernel serves the configuration.
-    _decode_level_tma: bool = True
+    # exactly the SMs left to it (batch_decode_tma.cuh), where that kernel serves the configuration. Off: measured on
+    # an H200 (1676a5d, 32/8 heads, d128, pages of 16, + 1024 own tokens a request; µs, three rounds), the best n
+    # beats the cp.async kernel beside fa3_ws by 1-6% (64 x 32768: 144 vs 147-148 at n = 48; 128 x 32768: 230 vs 245
+    # at n = 32; 256 x 32768: 443-445 vs 449-451 at n = 32; 32 x 32768: 90 vs 90-97), loses at 64 x 16384 (116-118
+    # vs 112-113), and a neighbouring n loses up to 10% (64 x 32768: 158-160 at n = 24, 40, 56): no rule found in
+    # this session picks n reliably. Why so little: beside the decode stream fa3_ws slows far beyond its share of
+    # SMs (64 x 32768: 66.9 µs on 128 CTAs alone, 125.3 on 84 beside the decode level, 102 expected from its SMs),
+    # the two kernels contending for HBM and L2 (the shared level re-reads its K/V through L2 per query tile).
+    _decode_level_tma: bool = False
 
     def __init__(
         self,

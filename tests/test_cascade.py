@@ -499,7 +499,8 @@ def test_decode_level_beside_fa3_ws_on_the_tma_kernel(dtype, layout, num_qo_head
     """Beside a shared level on fa3_ws, a decode level of 8 KV heads runs on the TMA decode kernel with a grid of the
     SMs left to it (launched first, on the side stream): results match the reference, on the caller's stream too;
     with _decode_level_tma off it runs on the cp.async kernel as before."""
-    unique = [1, 0, 300, 16, 33, 5, 70, 2, 1000, 17]
+    # 17 requests: 68 query rows a KV head at 32 q heads, so that the shared level goes to fa3_ws (_ws_auto_tiles)
+    unique = [1, 0, 300, 16, 33, 5, 70, 2, 1000, 17, 64, 15, 3, 129, 48, 7, 250]
     lv = Levels([[(len(unique), 33000)], [(1, n) for n in unique]], 16, 8, 128, dtype, layout)
     q = torch.randn(len(unique), num_qo_heads, 128, device="cuda").to(dtype)
     for tma in (True, False):
