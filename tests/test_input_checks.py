@@ -270,18 +270,23 @@ def test_paged_prefill_host_page_ids_checked_in_plan_and_run(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("use_tensor_cores", [False, True])
-def test_batch_decode_device_page_ids_out_of_cache_read_as_zero_keys(use_tensor_cores, monkeypatch):
-    """Before (tensor cores): `unspecified launch failure` with device ids; CUDA cores skipped them already."""
+@pytest.mark.parametrize("use_tensor_cores,tma", [(False, False), (True, False), (False, True)])
+def test_batch_decode_device_page_ids_out_of_cache_read_as_zero_keys(use_tensor_cores, tma, monkeypatch):
+    """Before (tensor cores): `unspecified launch failure` with device ids; CUDA cores skipped them already. tma: the
+    TMA decode kernel (32/8 heads, so that it serves them on Hopper) asks for such pages as page -1 (zeros)."""
     from flashinfer import BatchDecodeWithPagedKVCacheWrapper
 
     ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
-    q, cache, qo, ip, idx, last = _paged_case([40, 9, 100], 16, [1, 1, 1])
+    heads = (32, 8) if tma else (8, 2)
+    q, cache, qo, ip, idx, last = _paged_case([40, 9, 100], 16, [1, 1, 1], heads=heads)
     bad = idx.clone()
     bad[1] = 100000
     bad[-1] = -2
     w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=use_tensor_cores)
-    w.plan(ip, bad.cuda(), last, 8, 2, 128, 16)
+    w._tma_decode = tma
+    w.plan(ip, bad.cuda(), last, *heads, 128, 16)
+    if tma:
+        assert w.plan_stats["tma_kernel"] == int(torch.cuda.get_device_capability()[0] == 9)
     out = poisoned(q.shape, q.dtype)
     w.run(q, cache, out=out)
     torch.cuda.synchronize()

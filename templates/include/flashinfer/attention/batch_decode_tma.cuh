@@ -1,12 +1,12 @@
 // Paged batch decode on Hopper with the K/V stream fed by TMA (sm_90; 16-bit KV, head_dim 64/128, GQA groups of
 // up to 8 query heads, KV heads a multiple of 8, pages a multiple of 16 tokens, no RoPE/ALiBi).
 //
-// Why a second decode kernel: the cp.async kernel (batch_decode.cuh) draws at most ~28-40 GB/s per SM, bound by its
-// own instructions (a page lookup and 64-bit address per 16-byte copy, a block barrier per 32 keys, Q as the
-// 16-row A operand of which 4 rows are real), while the memory system gives one SM ~90 GB/s (measured on an H200:
-// 16-byte cp.async rings 92 GB/s per SM on 16-32 SMs, TMA boxes of 16 KB 90; boxes of 2 KB only 43). That matters
-// where decode shares the GPU with a tensor-core-bound kernel (the cascade's decode level beside its shared level on
-// fa3_ws) and gets only some of the SMs, and it lets decode reach the read bandwidth on all of them.
+// Why a second decode kernel: the cp.async kernel (batch_decode.cuh) draws ~28-40 GB/s per SM, while its loads alone
+// would draw ~90 (measured on an H200, .bench/bw_probe.cu: 16-byte cp.async rings 92 GB/s per SM on 16-32 SMs, TMA
+// boxes of 16 KB 90, boxes of 2 KB only 43), so the rest of its work per key bounds it. That matters only where
+// decode gets a share of the SMs (the cascade's decode level beside its shared level on fa3_ws): on the whole GPU
+// both kernels sit near the read bandwidth and the cp.async kernel measured 3-15% faster, so this one is opt-in
+// (BatchDecodeWithPagedKVCacheWrapper._tma_decode; its grid may be bounded to the SMs left to it, max_ctas).
 //
 // A CTA serves 8 KV heads of one worker's pieces (the planner's schedule, batch_decode_plan.cuh, with one CTA an SM):
 // warp 8 is the producer, whose lane 0 copies each stage (16 keys of the 8 heads: a box of 64 dims x 16 slots x 8
@@ -18,8 +18,8 @@
 //
 // Keys outside a piece's [begin, end) in its first and last stage (the box is aligned to 16 keys) are masked, and
 // their V rows zeroed in shared memory before P.V (a slot past the request's last key may hold any bits, NaN
-// included, and 0 * NaN is NaN). A page id outside [0, num_pages) is outside the tensor map: TMA fills its box with
-// zeros, i.e. keys of score 0 and value 0, as the cp.async kernel reads such rows.
+// included, and 0 * NaN is NaN). A page id outside [0, num_pages) is asked for as page -1, outside the tensor map:
+// TMA fills its box with zeros, i.e. keys of score 0 and value 0, as the cp.async kernel reads such rows.
 #pragma once
 #include "flashinfer/attention/batch_decode.cuh"
 #include "flashinfer/host/tma.cuh"
@@ -30,12 +30,6 @@
 #include "flashinfer/ptx/wgmma.cuh"
 
 namespace flashinfer {
-
-// FI_TMA_DECODE_WHOLE_ROWS (probe knob): 1 copies a stage's K (and V) as one 5-D box of whole rows (both 128-byte
-// halves of a row side by side in shared memory: 256 contiguous bytes read per row) instead of one box per half.
-#ifndef FI_TMA_DECODE_WHOLE_ROWS
-#define FI_TMA_DECODE_WHOLE_ROWS 0
-#endif
 
 constexpr int kTmaDecodeHeads = 8;              // KV heads of a CTA, one consumer warp each
 constexpr int kTmaDecodeKeys = 16;              // keys of a ring stage
@@ -70,13 +64,8 @@ __host__ __device__ constexpr bool tma_decode_supported() {
 // at c ^ (r & 7) (CU_TENSOR_MAP_SWIZZLE_128B).
 template <int HEAD_DIM>
 FI_DEVICE uint32_t tma_decode_row(uint32_t base, int head, int key, int chunk) {
-#if FI_TMA_DECODE_WHOLE_ROWS
-  const int row = (head * kTmaDecodeKeys + key) * TmaDecodeTraits<HEAD_DIM>::kHalves + (chunk >> 3);
-  return base + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
-#else
   const int row = head * kTmaDecodeKeys + key;
   return base + (chunk >> 3) * TmaDecodeTraits<HEAD_DIM>::kBoxBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
-#endif
 }
 
 template <int HEAD_DIM, typename DTypeKV, typename DTypeO, bool SOFTCAP>
@@ -136,6 +125,7 @@ __global__ void __launch_bounds__(TmaDecodeTraits<HEAD_DIM>::kThreads, 1)
           int page_in_request;
           split_token(key0 + (s0 + lane) * kTmaDecodeKeys, p.kv.page_size, page_in_request, slot);
           page = __ldg(pages + page_in_request);
+          if (!page_in_cache(page, p.kv.num_pages)) page = -1;  // (a negative box coordinate reads as zeros)
         }
         const int n = min(32, stages - s0);
         for (int j = 0; j < n; ++j) {
@@ -147,16 +137,11 @@ __global__ void __launch_bounds__(TmaDecodeTraits<HEAD_DIM>::kThreads, 1)
             sm90::mbarrier_arrive_expect_tx(bar, T::kStageBytes);
             const uint32_t dst = ring_addr + s * T::kStageBytes;
             const int h0 = head_group * kTmaDecodeHeads;
-#if FI_TMA_DECODE_WHOLE_ROWS
-            sm90::tma_load_5d(dst, &k_map, 0, 0, sl, h0, pg, bar);
-            sm90::tma_load_5d(dst + T::kHalves * T::kBoxBytes, &v_map, 0, 0, sl, h0, pg, bar);
-#else
 #pragma unroll
             for (int c = 0; c < T::kHalves; ++c) {
               sm90::tma_load_4d(dst + c * T::kBoxBytes, &k_map, 64 * c, sl, h0, pg, bar);
               sm90::tma_load_4d(dst + (T::kHalves + c) * T::kBoxBytes, &v_map, 64 * c, sl, h0, pg, bar);
             }
-#endif
           }
           ++count;
         }
@@ -302,7 +287,9 @@ __global__ void __launch_bounds__(TmaDecodeTraits<HEAD_DIM>::kThreads, 1)
 
 // ------------------------------------------------------------------------------------------- host side
 
-// The tensor maps of the paged cache's K and V as (dim, slot, head, page), boxes of 64 dims x 16 slots x 8 heads.
+// The tensor maps of the paged cache's K and V as (dim, slot, head, page), boxes of 64 dims x 16 slots x 8 heads (one
+// per 128-byte half of a row; 5-D boxes of whole rows, both halves in one box, measured slower on an H200: 64 x 4096
+// keys 278 vs 271 us).
 // NHD pages are [page_size][num_kv_heads][HEAD_DIM] (slot stride stride_n, head stride HEAD_DIM), HND pages
 // [num_kv_heads][page_size][HEAD_DIM] (slot stride HEAD_DIM, head stride stride_h).
 template <int HEAD_DIM, typename DTypeKV, bool KV_HND>
@@ -310,23 +297,14 @@ static cudaError_t tma_decode_maps(const BatchDecodeRunArgs& a, int page_size, i
                                    CUtensorMap* v_map) {
   const int64_t slot_stride = KV_HND ? int64_t(HEAD_DIM) : a.stride_n, head_stride = KV_HND ? a.stride_h : HEAD_DIM;
   constexpr bool kBf16 = std::is_same<DTypeKV, __nv_bfloat16>::value;
-#if FI_TMA_DECODE_WHOLE_ROWS
-  // (64 dims, half, slot, head, page): a box of every half of 16 slots x 8 heads.
-  constexpr int kHalves = TmaDecodeTraits<HEAD_DIM>::kHalves;
-  const uint64_t dims[5] = {64, uint64_t(kHalves), uint64_t(page_size), uint64_t(num_kv_heads), uint64_t(a.num_pages)};
-  const int64_t strides[4] = {64, slot_stride, head_stride, a.stride_page};
-  const uint32_t box[5] = {64, uint32_t(kHalves), uint32_t(kTmaDecodeKeys), uint32_t(kTmaDecodeHeads), 1};
-  cudaError_t err = encode_tile_map_16bit<5>(k_map, a.k, kBf16, dims, strides, box);
-  if (err != cudaSuccess) return err;
-  return encode_tile_map_16bit<5>(v_map, a.v, kBf16, dims, strides, box);
-#else
-  const uint64_t dims[4] = {uint64_t(HEAD_DIM), uint64_t(page_size), uint64_t(num_kv_heads), uint64_t(a.num_pages)};
+  // (a cache of no pages still gets a valid map: every page id is then outside it, and the kernel asks for page -1)
+  const uint64_t num_pages = a.num_pages > 0 ? uint64_t(a.num_pages) : 1;
+  const uint64_t dims[4] = {uint64_t(HEAD_DIM), uint64_t(page_size), uint64_t(num_kv_heads), num_pages};
   const int64_t strides[3] = {slot_stride, head_stride, a.stride_page};
   const uint32_t box[4] = {64, uint32_t(kTmaDecodeKeys), uint32_t(kTmaDecodeHeads), 1};
   cudaError_t err = encode_tile_map_16bit<4>(k_map, a.k, kBf16, dims, strides, box);
   if (err != cudaSuccess) return err;
   return encode_tile_map_16bit<4>(v_map, a.v, kBf16, dims, strides, box);
-#endif
 }
 
 template <int HEAD_DIM, typename DTypeKV, typename DTypeO, bool SOFTCAP>

@@ -32,15 +32,6 @@ FI_DEVICE void tma_load_4d(uint32_t dst, const void* tensor_map, int c0, int c1,
       : "memory");
 }
 
-// The same for a 5-D tensor (coordinates c0..c4, innermost first).
-FI_DEVICE void tma_load_5d(uint32_t dst, const void* tensor_map, int c0, int c1, int c2, int c3, int c4, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
-      "%6}], [%7];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
-      : "memory");
-}
-
 // Pulls a tensor map into the TMA unit's descriptor cache ahead of its first use.
 FI_DEVICE void tma_prefetch_map(const void* tensor_map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tensor_map)) : "memory");
