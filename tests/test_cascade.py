@@ -369,6 +369,19 @@ def _check(w, lv, q, causal=False, run_kw=None, **kw):
     return o
 
 
+def _check_on_callers_stream(w, lv, q):
+    """run() on a stream of the caller's, with q produced on it just before (levels side by side fork from it)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q2 = q.flip(0) * 0.5
+        out = torch.full_like(q, float("nan"))
+        o2 = w.run(q2, lv.cache, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    assert o2 is out
+    assert_close(o2, lv.reference(q2)[0], what="o on a caller's stream")
+
+
 # (dtype, head_dim, num_qo_heads, num_kv_heads, layout, cache form): GQA groups 1, 4, 8, every head_dim, both
 # layouts and dtypes, both cache forms (specs chosen within the test preset, see flashinfer/cli.py).
 CASES = [
@@ -472,16 +485,8 @@ def test_shared_level_on_wgmma_and_on_batch_prefill(dtype, page_size, layout, pr
             assert st["overlap_levels"] == ((on_wgmma or on_ws) and overlap == "always"), st
         assert (st["decode_sms"] > 0) == (on_ws and st["overlap_levels"]), st
         _check(w, lv, q)
-        if st["overlap_levels"]:  # on a caller's stream, with q produced on it just before
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                q2 = q.flip(0) * 0.5
-                out = torch.full_like(q, float("nan"))
-                o2 = w.run(q2, lv.cache, out=out)
-            torch.cuda.current_stream().wait_stream(s)
-            assert o2 is out
-            assert_close(o2, lv.reference(q2)[0], what="o on a caller's stream")
+        if st["overlap_levels"]:
+            _check_on_callers_stream(w, lv, q)
     # a prefill-shaped batch: more query tiles, fewer chunks
     qo = [40, 1, 200, 3]
     lv = Levels([[(sum(qo), 1500)], [(n, n + 7) for n in qo]], page_size, 4, 128, dtype, layout)
@@ -511,14 +516,7 @@ def test_decode_level_beside_fa3_ws_on_the_tma_kernel(dtype, layout, num_qo_head
         assert st["overlap_levels"] == _on_hopper(), st
         assert st.get("decode_tma", False) == (tma and _on_hopper()), st
         _check(w, lv, q)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            q2 = q.flip(0) * 0.5
-            out = torch.full_like(q, float("nan"))
-            o2 = w.run(q2, lv.cache, out=out)
-        torch.cuda.current_stream().wait_stream(s)
-        assert_close(o2, lv.reference(q2)[0], what="o on a caller's stream")
+        _check_on_callers_stream(w, lv, q)
 
 
 @pytest.mark.gpu

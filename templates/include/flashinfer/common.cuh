@@ -270,6 +270,15 @@ FI_DEVICE float quad_sum(float x) {
   return x;
 }
 
+// Sum over the eight lanes of one column pair of an mma.sync accumulator fragment (lane ^ 4, ^ 8, ^ 16: the lanes
+// that share lane % 4).
+FI_DEVICE float column_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  x += __shfl_xor_sync(0xffffffffu, x, 16);
+  return x;
+}
+
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace flashinfer

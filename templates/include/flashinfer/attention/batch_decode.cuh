@@ -64,6 +64,23 @@ struct PagedRows {
   }
 };
 
+// Writes query head h's columns [col, col + 8) of piece `piece` (an unnormalised o and its d, lse): to the output row
+// of the piece's request, or as the piece's partial state when the request was split. The request and slot are read
+// from the plan here, when the store runs, rather than held in registers through the key loop.
+template <int HEAD_DIM, typename DTypeO>
+FI_DEVICE void store_piece_state(const BatchDecodeParams& p, int piece, int h, int col, float (&acc)[8], float d_all,
+                                 float lse) {
+  const BatchDecodeLayout& L = p.layout;
+  const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
+  const int64_t out_row = int64_t(req) * p.sc.num_qo_heads + h;
+  const int64_t state = int64_t(slot) * p.sc.num_qo_heads + h;
+  const bool split = slot >= 0;
+  store_decode_state<HEAD_DIM>(acc, d_all, lse, p.sc.v_scale, col, static_cast<DTypeO*>(p.o) + out_row * HEAD_DIM,
+                               p.lse != nullptr ? p.lse + out_row : nullptr,
+                               split ? p.partial_o + state * HEAD_DIM : nullptr,
+                               split ? p.partial_lse + state : nullptr);
+}
+
 template <int HEAD_DIM, int GT, typename DTypeQ, typename DTypeKV, typename DTypeO, bool KV_HND, PosEncoding POS,
           bool SOFTCAP>
 __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_blocks<HEAD_DIM, GT, DTypeKV, POS>())
@@ -88,17 +105,8 @@ __global__ void __launch_bounds__(DecodeTraits<HEAD_DIM>::kThreads, decode_min_b
     w.end = p.plan[L.piece_end + piece];
     w.q_pos = p.plan[L.req_kv_len + r] - 1;
     if (p.window_left >= 0) w.begin = max(w.begin, min(w.end, w.q_pos - p.window_left));
-    // The store reads the piece's request and slot again from the plan when it runs (see single decode).
     const auto store = [&](int j, int col, float (&acc)[8], float d_all, float lse) {
-      const int req = p.plan[L.piece_req + piece], slot = p.plan[L.piece_slot + piece];
-      const int h = qo_head0 + j;
-      const int64_t out_row = int64_t(req) * p.sc.num_qo_heads + h;
-      const int64_t state = int64_t(slot) * p.sc.num_qo_heads + h;
-      const bool split = slot >= 0;
-      store_decode_state<HEAD_DIM>(acc, d_all, lse, p.sc.v_scale, col, static_cast<DTypeO*>(p.o) + out_row * HEAD_DIM,
-                                   p.lse != nullptr ? p.lse + out_row : nullptr,
-                                   split ? p.partial_o + state * HEAD_DIM : nullptr,
-                                   split ? p.partial_lse + state : nullptr);
+      store_piece_state<HEAD_DIM, DTypeO>(p, piece, qo_head0 + j, col, acc, d_all, lse);
     };
     decode_piece<HEAD_DIM, GT, DTypeQ, DTypeKV, DTypeO, POS, SOFTCAP>(rows, w, p.sc, rope, smem_raw, store);
   }

@@ -246,9 +246,7 @@ __global__ void __launch_bounds__(TmaDecodeTraits<HEAD_DIM>::kThreads, 1)
     // The 8 lanes of column t4 hold heads 2t, 2t+1 of 16 keys each: their d sum; m is common to them.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 4);
-      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 8);
-      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 16);
+      d[i] = column_sum(d[i]);
       const int head = 2 * t4 + i;
       if (head < group) {
         if (g == 0) {
@@ -263,22 +261,13 @@ __global__ void __launch_bounds__(TmaDecodeTraits<HEAD_DIM>::kThreads, 1)
       }
     }
     __syncwarp();
-    const int slot = p.plan[L.piece_slot + piece];
     for (int item = lane; item < group * (HEAD_DIM / 8); item += 32) {
       const int j = item / (HEAD_DIM / 8), col = (item % (HEAD_DIM / 8)) * 8;
       float acc[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = e_o[j * HEAD_DIM + col + i];
       const float d_all = e_d[j];
-      const float lse = row_lse(e_m[j], d_all, 1.f);
-      const int h = kv_head * group + j;
-      const int64_t out_row = int64_t(r) * p.sc.num_qo_heads + h;
-      const int64_t state = int64_t(slot) * p.sc.num_qo_heads + h;
-      const bool split = slot >= 0;
-      store_decode_state<HEAD_DIM>(acc, d_all, lse, p.sc.v_scale, col, static_cast<DTypeO*>(p.o) + out_row * HEAD_DIM,
-                                   p.lse != nullptr ? p.lse + out_row : nullptr,
-                                   split ? p.partial_o + state * HEAD_DIM : nullptr,
-                                   split ? p.partial_lse + state : nullptr);
+      store_piece_state<HEAD_DIM, DTypeO>(p, piece, kv_head * group + j, col, acc, d_all, row_lse(e_m[j], d_all, 1.f));
     }
     __syncwarp();  // (the staging area is read before the next piece writes it)
   }

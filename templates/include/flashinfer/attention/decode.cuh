@@ -443,9 +443,7 @@ FI_DEVICE void decode_piece(const Rows& rows, const DecodePiece<DTypeQ>& w, cons
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       // The 8 rows g of head 2t+i share its m; their d are this lane's keys only.
-      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 4);
-      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 8);
-      d[i] += __shfl_xor_sync(0xffffffffu, d[i], 16);
+      d[i] = column_sum(d[i]);
       const int head = 2 * t4 + i;
       if (head < GT) {
         if (g == 0) {
