@@ -37,7 +37,7 @@ import torch
 
 from . import jit
 from ._spec_common import AttentionSpec
-from .decode import BatchDecodeWithPagedKVCacheWrapper, tma_decode_serves
+from .decode import BatchDecodeWithPagedKVCacheWrapper, _tma_decode_serves
 from .jit.abi import Launcher
 from .jit.spec import Spec, register_family
 from .page import PagedKVCache, _unpack_paged_kv_cache
@@ -1324,7 +1324,7 @@ class MultiLevelCascadeAttentionWrapper:
         sms = decode_sms = 0  # fa3_ws beside the decode level: the SMs its persistent grid leaves to the decode level
         if may_overlap and route0 == "fa3_ws":
             sms = num_sms(self._device.index)
-            tma = self._decode_level_tma and tma_decode_serves(
+            tma = self._decode_level_tma and _tma_decode_serves(
                 head_dim, q_dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos
             )
             decode_sms = self._ws_decode_sms or _ws_decode_share(

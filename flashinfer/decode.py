@@ -642,7 +642,7 @@ class _CachedModulePlanner:
         return w._plan_info
 
 
-def tma_decode_serves(
+def _tma_decode_serves(
     head_dim: int,
     q_dtype: torch.dtype,
     kv_dtype: torch.dtype,

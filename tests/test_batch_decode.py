@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flashinfer
-from flashinfer.decode import BatchDecodePagedSpec, host_schedule, tma_decode_serves
+from flashinfer.decode import BatchDecodePagedSpec, _tma_decode_serves, host_schedule
 from reference import LSE_TOL, TOLERANCES, assert_close, attention, poisoned
 
 LENS = [1, 15, 16, 17, 1000, 4096, 33000]
@@ -85,7 +85,7 @@ def _reference(q, k, v, layout, indptr, indices, lens, **kw):
 def tma_expected(head_dim, dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos="NONE"):
     """Whether plan() puts this configuration on the TMA-fed Hopper kernel (attention/batch_decode_tma.cuh): the
     module's own rule, and the Python predicate the cascade's cost model uses, must agree."""
-    return torch.cuda.get_device_capability()[0] == 9 and tma_decode_serves(
+    return torch.cuda.get_device_capability()[0] == 9 and _tma_decode_serves(
         head_dim, dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos
     )
 
