@@ -875,7 +875,7 @@ _WS_FLOPS_PER_US = 4.9e8  # fa3_ws on a shared level: 64 x 32768 (34.4 GFLOP) in
 
 
 # The TMA decode kernel (decode level beside fa3_ws, batch_decode_tma.cuh, opt-in: _decode_level_tma) on n SMs draws
-# up to ~90 GB/s an SM alone (.bench/bw_probe.cu) and measured 51 GB/s an SM beside fa3_ws (64 x 32768 + 1024, n =
+# up to ~90 GB/s an SM alone (benchmarks/probe_sm_bandwidth.cu) and measured 51 GB/s an SM beside fa3_ws (64 x 32768 + 1024, n =
 # 48: 268 MB in 110 µs); fa3_ws beside it ran 1.23x slower than its SMs alone predict (125.3 µs on 84 CTAs against
 # 66.9 on 128); both levels together at most _HBM_BYTES_PER_US.
 _TMA_DECODE_BYTES_PER_SM_US = 5.1e4

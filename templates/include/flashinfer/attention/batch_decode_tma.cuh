@@ -2,9 +2,9 @@
 // up to 8 query heads, KV heads a multiple of 8, pages a multiple of 16 tokens, no RoPE/ALiBi).
 //
 // Why a second decode kernel: the cp.async kernel (batch_decode.cuh) draws ~28-40 GB/s per SM, while its loads alone
-// would draw ~90 (measured on an H200, .bench/bw_probe.cu: 16-byte cp.async rings 92 GB/s per SM on 16-32 SMs, TMA
-// boxes of 16 KB 90, boxes of 2 KB only 43), so the rest of its work per key bounds it. That matters only where
-// decode gets a share of the SMs (the cascade's decode level beside its shared level on fa3_ws): on the whole GPU
+// would draw ~90 (measured on an H200, benchmarks/probe_sm_bandwidth.cu: 16-byte cp.async rings 92 GB/s per SM on 16-32
+// SMs, TMA boxes of 16 KB 90, boxes of 2 KB only 43), so the rest of its work per key bounds it. That matters only
+// where decode gets a share of the SMs (the cascade's decode level beside its shared level on fa3_ws): on the whole GPU
 // both kernels sit near the read bandwidth and the cp.async kernel measured 3-15% faster, so this one is opt-in
 // (BatchDecodeWithPagedKVCacheWrapper._tma_decode; its grid may be bounded to the SMs left to it, max_ctas).
 //
