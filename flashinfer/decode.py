@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import itertools
 import weakref
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -63,6 +63,7 @@ from .utils import (
     check_same_device,
     check_tensor,
     check_vector_rows,
+    cuda_bool,
     current_stream_at,
     current_stream_ptr,
     device_support_pdl,
@@ -455,6 +456,9 @@ class BatchDecodePagedSpec(AttentionSpec):
 
     page_size is a run-time value; a sliding window is applied by the planner (keys outside it are never
     scheduled) and, narrower, by run(); so it needs no variant of its own. KV: q's dtype or fp8 (e4m3/e5m2).
+    ``tma_kernel``: the module also holds the opt-in TMA kernel (attention/batch_decode_tma.cuh; the wrapper's
+    _tma_decode), which adds 1-3 s to a cold build, so default modules leave it out (named ``..._tma`` when in; not
+    a prewarm axis).
     """
 
     fp8_kv = True
@@ -462,7 +466,9 @@ class BatchDecodePagedSpec(AttentionSpec):
     kv_layout: str = "NHD"
     pos_encoding_mode: str = "NONE"
     use_logits_soft_cap: bool = False
+    tma_kernel: bool = False
 
+    own_axes: ClassVar[Dict[str, Tuple[Any, ...]]] = {"tma_kernel": (False,)}
     family = "decode_batch_paged"
     template = "batch_decode.cu.jinja"
     launchers = (
@@ -481,10 +487,15 @@ class BatchDecodePagedSpec(AttentionSpec):
         Launcher("flashinfer_event_destroy", "void* event", restype="void"),
     )
 
+    def name(self) -> str:
+        base = dataclasses.replace(self, tma_kernel=False)
+        return AttentionSpec.name(base).rsplit("_", 1)[0] + ("_tma" if self.tma_kernel else "")
+
     def render_vars(self) -> Dict[str, Any]:
         # The argument structs' field names, for the template's export of their layout.
         return {
             **self.attention_vars(),
+            "tma_kernel": cuda_bool(self.tma_kernel),
             "plan_args": [n for n, _ in DECODE_PLAN_ARGS],
             "run_args": [n for n, _ in DECODE_RUN_ARGS],
         }
@@ -959,6 +970,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             kv_layout=self._kv_layout,
             pos_encoding_mode=pos,
             use_logits_soft_cap=soft_cap > 0,
+            tma_kernel=self._tma_decode
+            and not self._use_tensor_cores
+            and _tma_decode_serves(head_dim, q_dtype, kv_dtype, num_qo_heads, num_kv_heads, page_size, pos),
         )
         frozen = (spec, num_qo_heads, num_kv_heads, page_size)
         launch = dm = None
