@@ -152,7 +152,6 @@ DECODE_PLAN_ARGS = (
     ("max_batch", "int"),
     ("indices_capacity", "int"),
     ("no_split", "bool"),
-    ("allow_tma", "bool"),
     ("max_ctas", "int"),
     ("pinned", "void*"),
     ("pinned_bytes", "int64_t"),

@@ -704,7 +704,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
     """
 
     # Not part of FlashInfer's API. _tma_decode: plan the CUDA-core route onto the TMA-fed Hopper kernel
-    # (attention/batch_decode_tma.cuh) wherever it serves the configuration (16-bit KV, head_dim 64/128, KV heads a
+    # (attention/batch_decode_tma.cuh, in the module variant that holds it) wherever it serves the configuration (16-bit KV, head_dim 64/128, KV heads a
     # multiple of 8, groups up to 8, pages a multiple of 16 tokens, no RoPE/ALiBi; plan_stats["tma_kernel"] says
     # which runs). Off by default: on a whole H200 the cp.async kernel is 3-15% faster (both near the read
     # bandwidth: 64 x 4096 keys 262 vs 271 us, 64 x 1024 69 vs 80 with its splits' merge); the TMA kernel draws
@@ -1311,7 +1311,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             device_indices,
         )
         a.batch, a.nnz, a.fixed_workers = batch, nnz, self._fixed_workers
-        a.allow_tma, a.max_ctas = self._tma_decode, self._max_ctas
+        a.max_ctas = self._max_ctas
         a.stream = current_stream_ptr(self._device)
         for _ in range(2):
             half = self._half = self._half ^ 1

@@ -296,33 +296,19 @@ static cudaError_t tma_decode_maps(const BatchDecodeRunArgs& a, int page_size, i
   return encode_tile_map_16bit<4>(v_map, a.v, kBf16, dims, strides, box);
 }
 
-template <int HEAD_DIM, typename DTypeKV, typename DTypeO, bool SOFTCAP>
-static cudaError_t tma_decode_setup(int device) {
-  static bool done[64] = {false};
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (!done[device]) {
-    cudaError_t err =
-        cudaFuncSetAttribute(batch_decode_tma_kernel<HEAD_DIM, DTypeKV, DTypeO, SOFTCAP>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, TmaDecodeTraits<HEAD_DIM>::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    done[device] = true;
-  }
-  return cudaSuccess;
-}
-
 // Runs a plan made for the TMA kernel (plan.tma): the decode kernel, then the merge of split requests.
 template <int HEAD_DIM, typename DTypeKV, typename DTypeO, bool KV_HND, bool SOFTCAP>
 cudaError_t launch_batch_decode_tma(BatchDecodePlan& plan, const BatchDecodeRunArgs& a) {
-  cudaError_t err = tma_decode_setup<HEAD_DIM, DTypeKV, DTypeO, SOFTCAP>(a.device);
+  using T = TmaDecodeTraits<HEAD_DIM>;
+  constexpr auto kKernel = batch_decode_tma_kernel<HEAD_DIM, DTypeKV, DTypeO, SOFTCAP>;
+  cudaError_t err = kernel_occupancy<kKernel>(T::kThreads, T::kSmemBytes, a.device, nullptr);  // (the smem opt-in)
   if (err != cudaSuccess) return err;
   CUtensorMap k_map, v_map;
   err = tma_decode_maps<HEAD_DIM, DTypeKV, KV_HND>(a, plan.page_size, plan.num_kv_heads, &k_map, &v_map);
   if (err != cudaSuccess) return err;
   BatchDecodeParams p = batch_decode_params(plan, a);
-  err = launch_kernel(batch_decode_tma_kernel<HEAD_DIM, DTypeKV, DTypeO, SOFTCAP>,
-                      dim3(plan.workers * (plan.num_kv_heads / kTmaDecodeHeads)),
-                      dim3(TmaDecodeTraits<HEAD_DIM>::kThreads), TmaDecodeTraits<HEAD_DIM>::kSmemBytes, a.stream,
-                      a.enable_pdl, p, k_map, v_map);
+  err = launch_kernel(kKernel, dim3(plan.workers * (plan.num_kv_heads / kTmaDecodeHeads)), dim3(T::kThreads),
+                      T::kSmemBytes, a.stream, a.enable_pdl, p, k_map, v_map);
   if (err != cudaSuccess) return err;
   return launch_batch_merge<HEAD_DIM, DTypeO>(plan, a, p);
 }

@@ -118,7 +118,6 @@ struct BatchDecodePlanArgs {
   int max_batch;         // graph mode: frozen batch capacity; 0: batch
   int indices_capacity;  // graph mode with host indices: frozen capacity; 0: nnz
   bool no_split;         // every request in one piece (disable_split_kv: no merges, run-to-run identical sums)
-  bool allow_tma;        // the TMA kernel where it serves the configuration (else the cp.async kernel)
   int max_ctas;          // > 0: the TMA kernel's grid on at most this many SMs (the rest left to a concurrent kernel)
   void* pinned;          // host staging buffer (page-locked), one of two the caller alternates between
   int64_t pinned_bytes;
