@@ -5,7 +5,7 @@ parallel) and then about a minute on an H200.
 
     python benchmarks/probe_sampling.py [--iters N] [--variants default,base,...]
 
-For top_p_renorm_probs (0.9), top_k_renorm_probs (50) and top_k_mask_logits (50) at batch 1, 32, 256 and vocab
+For top_p_renorm_probs (0.9), top_k_renorm_probs (50) and top_k_mask_logits (50) at batch 1, 32, 128, 256 and vocab
 128256, 256000 (float32, logits ~ 2 N(0, 1), probabilities their softmax), prints each kernel's median time (CUDA
 events around single calls, L2 flushed before each, inputs rotated beyond the L2: benchmarks/common.py) and its
 share of the copy bandwidth (bytes = the rows read once and written once), then checks every variant's output
@@ -32,7 +32,7 @@ from common import copy_bandwidth_tbs, median_ms  # noqa: E402
 from flashinfer import sampling  # noqa: E402
 
 VOCABS = (128256, 256000)
-BATCHES = (1, 32, 256)
+BATCHES = (1, 32, 128, 256)
 TOP_K, TOP_P = 50, 0.9
 OPS = ("top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits")
 
@@ -53,6 +53,13 @@ VARIANTS: Dict[str, Tuple[str, ...]] = {
     "mask_keys": ("-DFI_SEL_MASK_CMP=0", "-DFI_SEL_MASK_KEY=0"),
     # 16 CTAs a row (32 KB slices) and three CTAs an SM (80 registers): 24 warps an SM instead of 16
     "c16_3": ("-DFI_SEL_MIN_CLUSTER=16", "-DFI_SEL_MIN_BLOCKS=3"),
+    # scalar top-k <= 128 on the cached slices (row_select_kernel) instead of streamed rows written without a re-read
+    "cached_topk": ("-DFI_ROW_STREAM_TOPK_ROWS=1073741824",),
+    # the streamed route taken apart (wrong results, timing only): no neutral stores; the filter's pass alone; the
+    # pass and topk_collect
+    "st_nostore": ("-DFI_ROW_STREAM_PROBE=1",),
+    "st_filter": ("-DFI_ROW_STREAM_PROBE=2",),
+    "st_collect": ("-DFI_ROW_STREAM_PROBE=3",),
 }
 
 

@@ -84,7 +84,7 @@ class SamplingSpec(Spec):
             "flashinfer_sampling_row_op",
             "const void* input, int64_t in_stride, void* output, int64_t out_stride, int rows, int vocab, "
             "int op, const int* top_k_arr, int top_k_val, const float* top_p_arr, float top_p_val, "
-            "const float* temperature_arr, float temperature_val, int pdl, int radix, int device, void* stream",
+            "const float* temperature_arr, float temperature_val, int pdl, int route, int device, void* stream",
         ),
         Launcher(
             "flashinfer_sampling_chain_speculative",
@@ -134,9 +134,11 @@ def _module(dtype: str) -> _Module:
     return m
 
 
-# Which kernel the top-k/top-p row transforms run: "select" (row_select_kernel: the default) or "radix" (the previous
-# row_op_kernel's radix rounds, kept for comparison: benchmarks/probe_sampling.py times both).
+# Which kernel the top-k/top-p row transforms run: "select" (the default: row_select_kernel over cached slices, and
+# scalar top-k <= 128 on 128+ rows streamed), "radix" (the previous row_op_kernel's radix rounds, kept for comparison:
+# benchmarks/probe_sampling.py times both) or "stream" (scalar top-k <= 128 streamed at any batch: tests, probes).
 _ROW_KERNEL = "select"
+_ROW_ROUTES = {"select": 0, "radix": 1, "stream": 2}  # (RowRoute in sampling.cuh)
 
 _U64 = (1 << 64) - 1
 _MAX_ROWS = (1 << 31) // 16 - 1  # rows x CTAs per row (up to 16) must fit a grid
@@ -390,7 +392,7 @@ def _row_op(
         temperature_arr=_ptr(temperature_arr),
         temperature_val=temperature_val,
         pdl=int(pdl),
-        radix=int(_ROW_KERNEL == "radix"),
+        route=_ROW_ROUTES[_ROW_KERNEL],
         device=x.device.index,
         stream=current_stream_ptr(x.device),
     )

@@ -1023,8 +1023,9 @@ def test_renorm_and_mask_at_the_benchmark_size_match_references():
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab,batch", [(7, 3), (3001, 37), (128256, 256), (256000, 40)])
 def test_row_select_matches_the_radix_kernel(monkeypatch, vocab, batch):
-    """The default row transforms (row_select_kernel where slices fit shared memory) against the radix kernel kept
-    for comparison (sampling._ROW_KERNEL = "radix"), bit for bit: random rows and the adversarial ones of
+    """The default row transforms (row_select_kernel where slices fit shared memory, scalar top-k streamed from 128
+    rows) and the streamed top-k route at every batch against the radix kernel kept for comparison
+    (sampling._ROW_KERNEL = "radix"), bit for bit: random rows and the adversarial ones of
     test_emulated_row_select_is_the_radix_rounds, scalar and per-row parameters."""
     rng = np.random.default_rng(vocab + batch)
     kinds = ["softmax", "ties", "equal", "dense", "tail", "special", "wide", "tiny", "huge", "top"]
@@ -1046,10 +1047,69 @@ def test_row_select_matches_the_radix_kernel(monkeypatch, vocab, batch):
     for fn, x, param in calls:
         monkeypatch.setattr(sampling, "_ROW_KERNEL", "radix")
         old = fn(x, param)
-        monkeypatch.setattr(sampling, "_ROW_KERNEL", "select")
-        new = fn(x, param)
-        diff = (new.view(torch.int32) != old.view(torch.int32)).any(-1).nonzero().flatten().tolist()
+        for route in ("select", "stream"):  # (the streamed top-k route where it applies: scalar k = 50)
+            monkeypatch.setattr(sampling, "_ROW_KERNEL", route)
+            new = fn(x, param)
+            diff = (new.view(torch.int32) != old.view(torch.int32)).any(-1).nonzero().flatten().tolist()
+            assert not diff, (fn.__name__, route, "rows", diff[:10])
+
+
+def _into_poisoned_block(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """fn(x, *args) with its output in a block the caching allocator handed out filled with NaN just before: an
+    element the kernel does not write stays NaN."""
+    poison = torch.full_like(x, float("nan"), memory_format=torch.contiguous_format)
+    ptr = poison.data_ptr()
+    del poison
+    out = fn(x, *args)
+    assert out.data_ptr() == ptr  # (else the check below would prove nothing)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab,batch", [(7, 1), (1000, 3), (128256, 64), (300001, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 37, 128, 129])
+def test_top_k_transforms_on_streamed_rows(vocab, batch, dtype, k, monkeypatch):
+    """Scalar top-k <= 128 on the streamed route (the default from 128 rows, forced here at every batch) reads each
+    row once and writes it without reading it again (the neutral value, then the kept candidates over it); k = 129
+    stays on the cached slices. Rows start off the 16-byte grid (a column slice),
+    ties at the threshold reach past the candidate buffers (the route falls back to reading the row again), rows with
+    fewer valid entries than k are copied: every result equal to the radix kernel's bit for bit and to the
+    reference's kept set, with no element left unwritten."""
+    rng = np.random.default_rng(vocab * 3 + k)
+    wide = torch.from_numpy((rng.standard_normal((batch, vocab + 1)) * 3).astype(np.float32))
+    if batch > 1:
+        wide[1, : (vocab + 1) // 2] = 2.5  # ties at the top of the row: more than any candidate buffer
+    if batch > 2:
+        wide[2, 1 + min(vocab, 5) :] = float("-inf")  # five valid logits
+    logits = wide.to(dtype).to(GPU)[:, 1:]  # rows 2 or 4 bytes past the 16-byte grid
+    probs = torch.zeros_like(wide, dtype=dtype, device=GPU)
+    probs[:, 1:] = torch.softmax(logits.float(), -1).to(dtype)
+    probs = probs[:, 1:]
+    for fn, x in ((sampling.top_k_mask_logits, logits), (sampling.top_k_renorm_probs, probs)):
+        monkeypatch.setattr(sampling, "_ROW_KERNEL", "radix")
+        old = fn(x, k)
+        monkeypatch.setattr(sampling, "_ROW_KERNEL", "stream")
+        new = _into_poisoned_block(fn, x, k)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        diff = (new.view(bits) != old.view(bits)).any(-1).nonzero().flatten().tolist()
         assert not diff, (fn.__name__, "rows", diff[:10])
+        for b in range(batch):
+            row = x[b].float().cpu()
+            is_mask = fn is sampling.top_k_mask_logits
+            valid = int((row > float("-inf") if is_mask else row > 0).sum())
+            if k < valid:
+                keep = torch.from_numpy(R.kept_mask(row.numpy(), logits=is_mask, top_k=k))
+            else:  # no filter: the mask copies, the renorm keeps every entry with mass
+                keep = torch.ones_like(row, dtype=torch.bool)
+            got = new[b].float().cpu()
+            if is_mask:
+                assert torch.equal(got, torch.where(keep, row, torch.tensor(float("-inf")))), b
+            else:
+                assert torch.equal(got > 0, keep & (row > 0)), b
+                want = torch.where(keep, row.double(), torch.tensor(0.0, dtype=torch.float64))
+                tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+                torch.testing.assert_close(got.double(), want / want.sum(), rtol=tol, atol=tol * 1e-3)
 
 
 @pytest.mark.gpu

@@ -783,8 +783,14 @@ FI_DEVICE uint32_t warp_kth_largest(const unsigned long long* buf, int n, int k)
 // another step the warp raises its threshold to the exact k-th largest key of the buffer and drops what is below
 // (k <= kFilterMaxK). A warp's threshold never exceeds the row's k-th largest key (the warp has seen k elements at or
 // above it), and every element of the warp at or above its final threshold is in its buffer.
-template <typename R>
-FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k) {
+// on_load(v, in) runs for each vector right after its load is issued (the streamed row transforms store their
+// output's neutral value there, so that the row's writes share the memory system with its reads).
+struct NoOnLoad {
+  FI_DEVICE void operator()(int, bool) const {}
+};
+
+template <typename R, typename OnLoad = NoOnLoad>
+FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, OnLoad&& on_load = OnLoad()) {
   constexpr int kVec = R::kVec;
   constexpr int kStep = 32 * kVec;  // what one step of a warp may append
   static_assert(kWarpBuf - kStep >= kFilterMaxK, "a compaction must leave room for k <= kFilterMaxK candidates");
@@ -793,7 +799,8 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k) {
   WarpFilter f;
   const int begin = row.v0 + warp * row.warp_len;
   const int end = min(row.v1, begin + row.warp_len);
-  for (int base = begin; base < end; base += 32 * kStreamUnroll) {
+  constexpr int kBatch = 32 * kStreamUnroll;  // vectors a warp loads together
+  for (int base = begin; base < end; base += kBatch) {
     uint4 raw[kStreamUnroll];
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) {
@@ -801,16 +808,40 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k) {
       raw[u] = v < end ? row.raw(v) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < kStreamUnroll; ++u) {
-      if (base + 32 * u >= end) break;  // (warp-uniform)
-      const int v = base + 32 * u + lane;
-      float x[kVec];
-      if (v < end) {
+    for (int u = 0; u < kStreamUnroll; ++u) on_load(base + 32 * u + lane, base + 32 * u + lane < end);
+    auto unpack = [&](int u, float (&x)[kVec]) {
+      if (base + 32 * u + lane < end) {
         R::E::unpack(raw[u], x);
       } else {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[j] = row.neutral;
       }
+    };
+    // The batch's statistics and one vote first, every element independent of the others; the appends (a ballot
+    // chain through every element) only in a batch where some lane holds an element at or above the threshold. Once
+    // the threshold nears the k-th largest the warp has seen, few batches hold one. (The appends and compactions
+    // the warp would make element by element, except that a compaction due in a batch without a take waits for
+    // the next batch with one.)
+    bool any = false;
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      float x[kVec];
+      unpack(u, x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const uint32_t key = logits ? logit_key(x[j]) : prob_key(x[j]);
+        f.tmax = key > f.tmax ? key : f.tmax;
+        f.count += key != 0;
+        any |= key >= f.theta;
+      }
+    }
+    if (f.overflow || __ballot_sync(0xffffffffu, any) == 0u) continue;
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      if (base + 32 * u >= end) break;  // (warp-uniform)
+      const int v = base + 32 * u + lane;
+      float x[kVec];
+      unpack(u, x);
       if (f.n > kWarpBuf - kStep && !f.overflow) {
         __syncwarp();
         const uint32_t t = warp_kth_largest(buf, f.n, k);
@@ -832,8 +863,6 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k) {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const uint32_t key = logits ? logit_key(x[j]) : prob_key(x[j]);
-        f.tmax = key > f.tmax ? key : f.tmax;
-        f.count += key != 0;
         const bool take = key >= f.theta && !f.overflow;
         const unsigned mask = __ballot_sync(0xffffffffu, take);
         if (take) buf[f.n + __popc(mask & ((1u << lane) - 1u))] = make_cand(key, row.elem(v, j));
@@ -1550,18 +1579,22 @@ FI_DEVICE void softmax_row(const R& row, Shared& sh, ClusterCtx& cx, float tempe
 }
 
 // The k-th largest key of the row (0 < k < number of valid elements), after topk_filter (when `filtered`);
-// *mass = the fixed-point mass at or above it, or kUnknown.
+// *mass = the fixed-point mass at or above it, or kUnknown. When the mass is known (the candidates held the
+// threshold), rank 0's sh.cand.key[0, *kept) are the row's elements at or above it (in every CTA: *kept = 0
+// otherwise).
 template <typename R>
 FI_DEVICE uint32_t topk_threshold(const R& row, Shared& sh, ClusterCtx& cx, const Weigher& wg, const KeyStats& st,
-                                  int k, bool filtered, const TopKStats& ts, uint64_t* mass) {
+                                  int k, bool filtered, const TopKStats& ts, uint64_t* mass, int* kept) {
   *mass = kUnknown;
+  *kept = 0;
   if (filtered && ts.ok) {
     const Gathered g = push_topk_candidates(row, sh, cx, wg, ts, false);
     uint64_t res = 0, m = 0;
     if (cx.rank == 0 && g.n <= kGatherCap) {
       const uint32_t tau = cand_key(sh.cand.key[k - 1]);
       res = (1ull << 32) | tau;
-      resolve_sorted(sh, wg, count_at_least(sh, static_cast<int>(g.n), tau), true, 0, 1, &m);
+      *kept = count_at_least(sh, static_cast<int>(g.n), tau);
+      resolve_sorted(sh, wg, *kept, true, 0, 1, &m);
     }
     const uint2 r = broadcast_pair(sh, cx, res, m, &m);
     if (r.y) {
@@ -1571,6 +1604,12 @@ FI_DEVICE uint32_t topk_threshold(const R& row, Shared& sh, ClusterCtx& cx, cons
   }
   return select_threshold(row, sh, cx, wg, false, static_cast<uint64_t>(k), -1.f, 1u, st.max_key);
 }
+
+// Development probe of the streamed top-k transforms (wrong results; benchmarks/probe_sampling.py): 1 no neutral
+// stores, 2 return after the filter's pass, 3 after topk_collect.
+#ifndef FI_ROW_STREAM_PROBE
+#define FI_ROW_STREAM_PROBE 0
+#endif
 
 template <typename DType, bool kCached>
 FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
@@ -1599,9 +1638,29 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
   // ~k-2k gathered; the rounds (top-k of softmax-like logits: one round of counts, its bin holds a few elements)
   // are three simple passes (max, histogram, gather), no per-element chain, and a sort of a few dozen in rank 0.
   const bool filtered = !kCached && k > 0 && k <= kFilterMaxK;
+  const OutRow<DType> o(static_cast<DType*>(p.output) + r * p.out_stride, row.vocab, row.head, DType());
+  // A streamed top-k transform writes its row without reading it again: the neutral value over the whole slice now
+  // (the stores overlap the filter's loads), and once the threshold is known rank 0 overwrites the kept elements,
+  // the candidates it holds (their values read again one by one). Every cluster barrier between the two orders the
+  // CTAs' stores (release/acquire); where the candidates do not settle the threshold, the write pass below
+  // overwrites the slice, each vector by the thread that filled it.
   TopKStats ts;
   if (filtered) {
-    ts = topk_collect(sh, cx, topk_filter(row, sh, logits, k), k);
+    float y[Row<DType, kCached>::kVec];
+#pragma unroll
+    for (int j = 0; j < Row<DType, kCached>::kVec; ++j) y[j] = p.op == kTopKMask ? -kInf : 0.f;
+    const WarpFilter f = topk_filter(row, sh, logits, k, [&](int v, bool in) {
+#if FI_ROW_STREAM_PROBE != 1
+      if (in) o.store(row, v, y);
+#endif
+    });
+#if FI_ROW_STREAM_PROBE == 2
+    return;
+#endif
+    ts = topk_collect(sh, cx, f, k);
+#if FI_ROW_STREAM_PROBE == 3
+    return;
+#endif
   } else {
     ts.st = key_stats(row, sh, cx, logits);
   }
@@ -1614,14 +1673,26 @@ FI_DEVICE void row_op_cta(const RowOpParams& p, uint8_t* smem_raw) {
     top_p = top_p != top_p ? 1.f : fmaxf(top_p, 0.f);
     if (st.max_key != 0 && top_p < 1.f) tau = select_threshold(row, sh, cx, wg, true, 0, top_p, 1u, st.max_key, &z);
   } else if (k > 0 && static_cast<uint32_t>(k) < st.num_valid) {
-    tau = topk_threshold(row, sh, cx, wg, st, k, filtered, ts, &z);
+    int kept = 0;
+    tau = topk_threshold(row, sh, cx, wg, st, k, filtered, ts, &z, &kept);
+    if (filtered && z != kUnknown) {  // rank 0 holds the kept elements: the rest of the row is written already
+      const float mass = ldexpf(static_cast<float>(z), wg.ref_exp - kWeightBits);
+      const DType* in = static_cast<const DType*>(p.input) + r * p.in_stride;
+      DType* out = static_cast<DType*>(p.output) + r * p.out_stride;
+      for (int i = threadIdx.x; i < kept; i += kThreads) {
+        const int e = cand_index(sh.cand.key[i]);
+        const float x = Elem<DType>::to_float(in[e]);
+        const float y = p.op == kTopKMask ? x : (mass > 0.f ? __fdiv_rn(wg.weight(x), mass) : 0.f);
+        out[e] = Elem<DType>::from_float(y);
+      }
+      return;
+    }
   }
   float mass = 0.f;
   if (p.op != kTopKMask) {
     if (z == kUnknown) z = kept_mass(row, sh, cx, wg, tau);
     mass = ldexpf(static_cast<float>(z), wg.ref_exp - kWeightBits);
   }
-  const OutRow<DType> o(static_cast<DType*>(p.output) + r * p.out_stride, row.vocab, row.head, DType());
   row.for_each([&](int v, bool in, int) {
     if (!in) return;
     float x[Row<DType, kCached>::kVec], y[Row<DType, kCached>::kVec];
@@ -2639,11 +2710,27 @@ cudaError_t launch_sample(const SampleParams& p, int device, cudaStream_t stream
   });
 }
 
+// Top-k transforms with one k <= kFilterMaxK for every row, on at least this many rows, stream their rows
+// (row_op_kernel uncached: each row read from HBM once and written once, no slice held in shared memory). Below it the
+// cached slices win (the streamed route's candidate chain, ~45 us at batch 1, is longer than row_select_kernel's).
+#ifndef FI_ROW_STREAM_TOPK_ROWS
+#define FI_ROW_STREAM_TOPK_ROWS 128
+#endif
+
+// Routes of the row transforms (the launcher's `route`; sampling._ROW_KERNEL): the library's choice, the previous
+// radix kernel (kept for comparison), or the streamed top-k route wherever it applies (tests, probes).
+enum RowRoute : int { kRouteAuto = 0, kRouteRadix = 1, kRouteStream = 2 };
+
 // The top-k/top-p row transforms through row_select_kernel when the row's slices fit shared memory, else (and for
-// softmax, or with `radix`: the previous kernel, kept for comparison) through row_op_kernel.
+// softmax, or on the radix route) through row_op_kernel; scalar top-k <= kFilterMaxK on many rows streamed.
 template <typename DType>
-cudaError_t launch_row_op(const RowOpParams& p, bool pdl, bool radix, int device, cudaStream_t stream) {
+cudaError_t launch_row_op(const RowOpParams& p, bool pdl, int route, int device, cudaStream_t stream) {
   return with_device(device, [&]() -> cudaError_t {
+    const bool radix = route == kRouteRadix;
+    const bool streams =
+        (p.op == kTopKMask || p.op == kTopKRenorm) && !p.top_k_arr && p.top_k_val > 0 && p.top_k_val <= kFilterMaxK;
+    if (streams && (route == kRouteStream || (route == kRouteAuto && p.rows >= FI_ROW_STREAM_TOPK_ROWS)))
+      return launch_row_kernel<RowOpKernelOf, DType>(p, p.rows, p.vocab, true, pdl, device, stream);
     if (p.op != kSoftmax && !radix && p.rows > 0) {
       const size_t smem_max = sizeof(SelShared) + static_cast<size_t>(kCacheVecs) * 16;
       constexpr auto kMaskKernel = row_select_kernel<DType, true>;
