@@ -1023,7 +1023,7 @@ def test_renorm_and_mask_at_the_benchmark_size_match_references():
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab,batch", [(7, 3), (3001, 37), (128256, 256), (256000, 40)])
 def test_row_select_matches_the_radix_kernel(monkeypatch, vocab, batch):
-    """The default row transforms (row_select_kernel where slices fit shared memory, scalar top-k streamed from 128
+    """The default row transforms (row_select_kernel where slices fit shared memory, scalar top-k streamed from 256
     rows) and the streamed top-k route at every batch against the radix kernel kept for comparison
     (sampling._ROW_KERNEL = "radix"), bit for bit: random rows and the adversarial ones of
     test_emulated_row_select_is_the_radix_rounds, scalar and per-row parameters."""
@@ -1070,7 +1070,7 @@ def _into_poisoned_block(fn, x: torch.Tensor, *args) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [1, 37, 128, 129])
 def test_top_k_transforms_on_streamed_rows(vocab, batch, dtype, k, monkeypatch):
-    """Scalar top-k <= 128 on the streamed route (the default from 128 rows, forced here at every batch) reads each
+    """Scalar top-k <= 128 on the streamed route (the default from 256 rows, forced here at every batch) reads each
     row once and writes it without reading it again (the neutral value, then the kept candidates over it); k = 129
     stays on the cached slices. Rows start off the 16-byte grid (a column slice),
     ties at the threshold reach past the candidate buffers (the route falls back to reading the row again), rows with

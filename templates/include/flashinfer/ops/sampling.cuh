@@ -809,39 +809,20 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
     }
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) on_load(base + 32 * u + lane, base + 32 * u + lane < end);
-    auto unpack = [&](int u, float (&x)[kVec]) {
-      if (base + 32 * u + lane < end) {
-        R::E::unpack(raw[u], x);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) x[j] = row.neutral;
-      }
-    };
-    // The batch's statistics and one vote first, every element independent of the others; the appends (a ballot
-    // chain through every element) only in a batch where some lane holds an element at or above the threshold. Once
-    // the threshold nears the k-th largest the warp has seen, few batches hold one. (The appends and compactions
-    // the warp would make element by element, except that a compaction due in a batch without a take waits for
-    // the next batch with one.)
-    bool any = false;
-#pragma unroll
-    for (int u = 0; u < kStreamUnroll; ++u) {
-      float x[kVec];
-      unpack(u, x);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const uint32_t key = logits ? logit_key(x[j]) : prob_key(x[j]);
-        f.tmax = key > f.tmax ? key : f.tmax;
-        f.count += key != 0;
-        any |= key >= f.theta;
-      }
-    }
-    if (f.overflow || __ballot_sync(0xffffffffu, any) == 0u) continue;
+    // (Measured on an H200, batch 256 x 128256 top-k 50: statistics and one vote a batch before the append chain,
+    // skipping batches without a take, is slower, 142.5 -> 174.5 us for the mask: a warp's running top-50 over its
+    // ~16k elements still takes ~6 elements of a 1024-element batch late in the row, so nearly every batch appends.)
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) {
       if (base + 32 * u >= end) break;  // (warp-uniform)
       const int v = base + 32 * u + lane;
       float x[kVec];
-      unpack(u, x);
+      if (v < end) {
+        R::E::unpack(raw[u], x);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[j] = row.neutral;
+      }
       if (f.n > kWarpBuf - kStep && !f.overflow) {
         __syncwarp();
         const uint32_t t = warp_kth_largest(buf, f.n, k);
@@ -863,6 +844,8 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const uint32_t key = logits ? logit_key(x[j]) : prob_key(x[j]);
+        f.tmax = key > f.tmax ? key : f.tmax;
+        f.count += key != 0;
         const bool take = key >= f.theta && !f.overflow;
         const unsigned mask = __ballot_sync(0xffffffffu, take);
         if (take) buf[f.n + __popc(mask & ((1u << lane) - 1u))] = make_cand(key, row.elem(v, j));
@@ -2711,10 +2694,13 @@ cudaError_t launch_sample(const SampleParams& p, int device, cudaStream_t stream
 }
 
 // Top-k transforms with one k <= kFilterMaxK for every row, on at least this many rows, stream their rows
-// (row_op_kernel uncached: each row read from HBM once and written once, no slice held in shared memory). Below it the
-// cached slices win (the streamed route's candidate chain, ~45 us at batch 1, is longer than row_select_kernel's).
+// (row_op_kernel uncached: each row read from HBM once and written once, no slice held in shared memory). Measured on
+// an H200 (probe_sampling.py, float32, k 50, us streamed / cached): batch 256 x 128256 top_k_mask 142.5 / 168.4,
+// top_k_renorm 141.4 / 185.0; 256 x 256000 274.9 / 342.8 and 265.6 / 405.0; but batch 32 x 128256 95.0 / 38.6 and
+// 93.6 / 52.7, batch 1 50.1 / 18.2 (the streamed route's candidate chain is longer than row_select_kernel's). 128 rows
+// were not measured with this form of the route.
 #ifndef FI_ROW_STREAM_TOPK_ROWS
-#define FI_ROW_STREAM_TOPK_ROWS 128
+#define FI_ROW_STREAM_TOPK_ROWS 256
 #endif
 
 // Routes of the row transforms (the launcher's `route`; sampling._ROW_KERNEL): the library's choice, the previous
