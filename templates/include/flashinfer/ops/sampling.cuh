@@ -44,7 +44,9 @@
 // The row transforms top_p_renorm / top_k_renorm / top_k_mask over cached slices run row_select_kernel (see "row ops:
 // select" below: one histogram round with exact masses from 32-bit sums, three cluster barriers, every CTA resolving
 // the threshold itself); row_op_kernel's radix rounds remain for softmax, uncached slices, and as the reference
-// the new kernel is compared with (sampling._ROW_KERNEL = "radix", benchmarks/probe_sampling.py).
+// the new kernel is compared with (sampling._ROW_KERNEL = "radix", benchmarks/probe_sampling.py). top_k_mask and
+// top_k_renorm with one k <= kFilterMaxK on large batches (FI_ROW_STREAM_TOPK_ROWS) take the single-pass route over
+// streamed rows instead and write each row without reading it again (see row_op_cta): one HBM read and one write.
 //
 // Sampling is the inverse CDF in vocabulary order over the kept fixed-point weights, with one 64-bit Philox
 // draw r per row: the sampled element is the first whose cumulative weight exceeds floor(total * r / 2^64). The
