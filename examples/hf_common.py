@@ -152,8 +152,8 @@ class GreedyMatch:
 
     tokens: int  # tokens compared
     diverged_at: Optional[int]  # first differing step, None if identical
-    near_tie: bool  # the reference's top two logits at that step were within the tie tolerance
-    gap: float  # the reference's top-1 minus top-2 logit at that step (0 when identical)
+    near_tie: bool  # our token's reference logit at that step was within the tie tolerance of the reference's top one
+    gap: float  # the reference's top logit minus its logit of our token at that step (0 when identical)
     tolerance: float
 
     @property
@@ -165,7 +165,7 @@ class GreedyMatch:
             return f"identical ({self.tokens} tokens)"
         kind = "after a near-tie" if self.near_tie else "NOT at a near-tie"
         return (
-            f"diverged at token {self.diverged_at}/{self.tokens} {kind}: reference top-2 gap {self.gap:.4g}, "
+            f"diverged at token {self.diverged_at}/{self.tokens} {kind}: reference top minus our token {self.gap:.4g}, "
             f"tolerance {self.tolerance:.4g}"
         )
 
@@ -177,17 +177,17 @@ def tie_tolerance(logits_row: torch.Tensor, rel: float = 0.02) -> float:
 
 
 def compare_greedy(ours: Sequence[int], ref: Sequence[int], ref_logits: torch.Tensor, rel: float = 0.02) -> GreedyMatch:
-    """Compares our greedy tokens with the reference's; a divergence passes only where the reference's own top two
-    logits were within :func:`tie_tolerance` of each other and our token is one of those two."""
+    """Compares our greedy tokens with the reference's; a divergence passes only where the reference's logit of our
+    token was within :func:`tie_tolerance` of its top logit. (Not "our token is one of the reference's top two":
+    torch.topk orders tied logits arbitrarily, so a token tied for second place, 0.031 below the top with a tolerance
+    of 0.144, failed that test under transformers 5.24.)"""
     n = min(len(ours), len(ref))
     for t in range(n):
         if ours[t] != ref[t]:
             row = ref_logits[t]
-            top2 = torch.topk(row, 2)
-            gap = float(top2.values[0] - top2.values[1])
+            gap = float(row.max() - row[int(ours[t])])
             tol = tie_tolerance(row, rel)
-            near = gap <= tol and int(ours[t]) in top2.indices.tolist()
-            return GreedyMatch(n, t, near, gap, tol)
+            return GreedyMatch(n, t, gap <= tol, gap, tol)
     if len(ours) != len(ref):
         return GreedyMatch(n, n, False, float("inf"), 0.0)
     return GreedyMatch(n, None, False, 0.0, 0.0)

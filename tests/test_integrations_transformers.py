@@ -298,6 +298,20 @@ def _generate(model, ids, attention_mask, n):
     )
 
 
+def test_greedy_comparison_accepts_near_ties_only():
+    # step 1's reference logits: token 0 on top, tokens 1 and 2 tied 0.03 below it (torch.topk(row, 2) may name either),
+    # token 3 far below; the tolerance is 2% of the top logit (0.144)
+    row = torch.tensor([7.21875, 7.1875, 7.1875, 6.0])
+    logits = torch.stack([torch.tensor([9.0, 0.0, 0.0, 0.0]), row])
+    for ours in (1, 2):
+        m = hf_common.compare_greedy([0, ours], [0, 0], logits)
+        assert m.ok and m.diverged_at == 1 and m.gap == pytest.approx(0.03125), m.describe()
+    m = hf_common.compare_greedy([0, 3], [0, 0], logits)
+    assert not m.ok and m.gap == pytest.approx(1.21875)
+    assert not hf_common.compare_greedy([1, 0], [0, 0], logits).ok  # 9 below the top: no tie
+    assert hf_common.compare_greedy([0, 0], [0, 0], logits).diverged_at is None
+
+
 def _compare(model, ids, n, attention_mask=None):
     """Our greedy tokens and logits vs SDPA's on the same model; returns (ours, sdpa) generate outputs."""
     attention_mask = torch.ones_like(ids) if attention_mask is None else attention_mask
