@@ -5,8 +5,9 @@ parallel) and then about a minute on an H200.
 
     python benchmarks/probe_sampling.py [--iters N] [--variants default,base,...]
 
-For top_p_renorm_probs (0.9), top_k_renorm_probs (50) and top_k_mask_logits (50) at batch 1, 32, 128, 256 and vocab
-128256, 256000 (float32, logits ~ 2 N(0, 1), probabilities their softmax), prints each kernel's median time (CUDA
+For top_p_renorm_probs (0.9), top_k_renorm_probs (50), top_k_mask_logits (50) and the sampler
+top_k_top_p_sampling_from_logits (50, 0.9; its share of bandwidth counts a write it does not do) at batch 1, 32, 128,
+256 and vocab 128256, 256000 (float32, logits ~ 2 N(0, 1), probabilities their softmax), prints each kernel's median time (CUDA
 events around single calls, L2 flushed before each, inputs rotated beyond the L2: benchmarks/common.py) and its
 share of the copy bandwidth (bytes = the rows read once and written once), then checks every variant's output
 against the radix kernel's (bit for bit) and the default's against a PyTorch reference (masks exactly, renormalized
@@ -34,7 +35,8 @@ from flashinfer import sampling  # noqa: E402
 VOCABS = (128256, 256000)
 BATCHES = (1, 32, 128, 256)
 TOP_K, TOP_P = 50, 0.9
-OPS = ("top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits")
+OPS = ("top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits", "top_k_top_p_sampling_from_logits")
+SAMPLER = "top_k_top_p_sampling_from_logits"  # (its top-k filter is the streamed route's; no radix form)
 
 # row_select_kernel variant -> -D flags; "default" is the module the library builds (no flags), "base" the kernel
 # before the FI_SEL_* changes (one branch per histogram element, a division behind a branch per kept element).
@@ -60,6 +62,8 @@ VARIANTS: Dict[str, Tuple[str, ...]] = {
     "st_nostore": ("-DFI_ROW_STREAM_PROBE=1",),
     "st_filter": ("-DFI_ROW_STREAM_PROBE=2",),
     "st_collect": ("-DFI_ROW_STREAM_PROBE=3",),
+    # the single-pass top-k filter with a vote per element in every batch (before the lane-by-lane batches)
+    "filter_votes": ("-DFI_TOPK_FILTER_LANES=0",),
 }
 
 
@@ -98,6 +102,8 @@ def _call(op: str, x: torch.Tensor) -> torch.Tensor:
         return flashinfer.sampling.top_p_renorm_probs(x, TOP_P)
     if op == "top_k_renorm_probs":
         return flashinfer.sampling.top_k_renorm_probs(x, TOP_K)
+    if op == SAMPLER:
+        return flashinfer.sampling.top_k_top_p_sampling_from_logits(x, TOP_K, TOP_P, seed=1234, offset=0)
     return flashinfer.sampling.top_k_mask_logits(x, TOP_K)
 
 
@@ -140,6 +146,15 @@ def _reference(op: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check(op: str, batch: int, vocab: int, x: torch.Tensor) -> int:
+    if op == SAMPLER:  # the same seed: every variant samples the same tokens
+        old = _with("default", lambda: _call(op, x))
+        bad = 0
+        for name in _MODS:
+            diff = int((_with(name, lambda: _call(op, x)) != old).sum())
+            if diff:
+                bad += 1
+                print(f"MISMATCH {op} b{batch} v{vocab}: {name} != default in {diff} rows", flush=True)
+        return bad
     old = _with("radix", lambda: _call(op, x))
     bad = 0
     for name in _MODS:
@@ -192,7 +207,7 @@ def main() -> None:
             logits = [torch.randn(batch, vocab, device="cuda", generator=g) * 2 for _ in range(n)]
             probs = [torch.softmax(x, -1) for x in logits]
             for op in OPS:
-                xs = logits if op == "top_k_mask_logits" else probs
+                xs = logits if op in ("top_k_mask_logits", SAMPLER) else probs
                 failures += _check(op, batch, vocab, xs[0])
                 t = {}
                 for kernel in kernels:

@@ -782,25 +782,55 @@ FI_DEVICE uint32_t warp_kth_largest(const unsigned long long* buf, int n, int k)
 
 // Streams this CTA's slice (kStreamUnroll 16-byte loads per lane in flight) and keeps, per warp, the elements whose
 // key is at least the warp's running threshold in its buffer sh.u.warp_buf[warp]. When the buffer might not take
-// another step the warp raises its threshold to the exact k-th largest key of the buffer and drops what is below
+// another batch the warp raises its threshold to the exact k-th largest key of the buffer and drops what is below
 // (k <= kFilterMaxK). A warp's threshold never exceeds the row's k-th largest key (the warp has seen k elements at or
 // above it), and every element of the warp at or above its final threshold is in its buffer.
+// A batch (kStreamUnroll vectors a lane) is filtered lane by lane: each lane counts and marks its elements at or above
+// the threshold, one warp scan of the counts gives every lane its slots, and each lane appends its own marked
+// elements; no per-element warp vote. Only a batch whose takes do not fit the buffer even after a compaction (a warp's
+// first batch, rows of many ties) walks its vectors with a vote per element, compacting between them.
 // on_load(v, in) runs for each vector right after its load is issued (the streamed row transforms store their
 // output's neutral value there, so that the row's writes share the memory system with its reads).
 struct NoOnLoad {
   FI_DEVICE void operator()(int, bool) const {}
 };
 
+// Development knob (benchmarks/probe_sampling.py, variant "filter_votes"): 0 filters every batch with a vote per
+// element (the form before the lane-by-lane batches).
+#ifndef FI_TOPK_FILTER_LANES
+#define FI_TOPK_FILTER_LANES 1
+#endif
+
 template <typename R, typename OnLoad = NoOnLoad>
 FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, OnLoad&& on_load = OnLoad()) {
   constexpr int kVec = R::kVec;
-  constexpr int kStep = 32 * kVec;  // what one step of a warp may append
+  constexpr int kStep = 32 * kVec;  // what one vector step of a warp may append
   static_assert(kWarpBuf - kStep >= kFilterMaxK, "a compaction must leave room for k <= kFilterMaxK candidates");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   unsigned long long* buf = sh.u.topk.warp_buf[warp];
   WarpFilter f;
   const int begin = row.v0 + warp * row.warp_len;
   const int end = min(row.v1, begin + row.warp_len);
+  // Raises the threshold to the buffer's exact k-th largest key (f.n >= k) and drops the entries below it, in place
+  // and in order: a group's entries are read before any of it is rewritten.
+  auto compact = [&]() {
+    __syncwarp();
+    const uint32_t t = warp_kth_largest(buf, f.n, k);
+    f.theta = t > f.theta ? t : f.theta;
+    int kept = 0;
+    for (int q0 = 0; q0 < f.n; q0 += 32) {
+      const int i = q0 + lane;
+      const unsigned long long c = i < f.n ? buf[i] : 0ull;
+      const bool keep = i < f.n && cand_key(c) >= f.theta;
+      const unsigned mask = __ballot_sync(0xffffffffu, keep);
+      __syncwarp();  // (the ballot orders no memory: the lanes' reads of the group before any lane's write)
+      if (keep) buf[kept + __popc(mask & ((1u << lane) - 1u))] = c;
+      kept += __popc(mask);
+    }
+    __syncwarp();
+    f.n = kept;
+    f.overflow = f.n > kWarpBuf - kStep;
+  };
   constexpr int kBatch = 32 * kStreamUnroll;  // vectors a warp loads together
   for (int base = begin; base < end; base += kBatch) {
     uint4 raw[kStreamUnroll];
@@ -811,46 +841,93 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
     }
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) on_load(base + 32 * u + lane, base + 32 * u + lane < end);
-    // (Measured on an H200, batch 256 x 128256 top-k 50: statistics and one vote a batch before the append chain,
-    // skipping batches without a take, is slower, 142.5 -> 174.5 us for the mask: a warp's running top-50 over its
-    // ~16k elements still takes ~6 elements of a 1024-element batch late in the row, so nearly every batch appends.)
+    // The keys of vector u (0 past the slice: never taken, no mass).
+    auto keys_of = [&](int u, uint32_t(&key)[kVec]) {
+      float x[kVec];
+      if (base + 32 * u + lane < end) {
+        R::E::unpack(raw[u], x);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) key[j] = logits ? logit_key_flat(x[j]) : prob_key(x[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) key[j] = 0u;
+      }
+    };
+    // This lane's elements at or above the threshold, one bit each (vector u: bits [u * kVec, (u + 1) * kVec)).
+    auto mark = [&](uint32_t(&marks)[kStreamUnroll], bool stats) {
+      int mine = 0;
+#pragma unroll
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        uint32_t key[kVec];
+        keys_of(u, key);
+        marks[u] = 0;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (stats) {
+            f.tmax = key[j] > f.tmax ? key[j] : f.tmax;
+            f.count += key[j] != 0;
+          }
+          marks[u] |= (key[j] >= f.theta ? 1u : 0u) << j;
+        }
+        mine += __popc(marks[u]);
+      }
+      return mine;
+    };
+    uint32_t marks[kStreamUnroll];
+    int mine = mark(marks, true);
+    bool lanes = FI_TOPK_FILTER_LANES != 0 && !f.overflow;
+    if (lanes) {
+      int before = mine;  // inclusive scan of the lanes' counts
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int y = __shfl_up_sync(0xffffffffu, before, o);
+        if (lane >= o) before += y;
+      }
+      int total = __shfl_sync(0xffffffffu, before, 31);
+      if (total > 0 && f.n + total > kWarpBuf && f.n >= k) {
+        compact();
+        if (!f.overflow) {
+          mine = mark(marks, false);
+          before = mine;
+#pragma unroll
+          for (int o = 1; o < 32; o *= 2) {
+            const int y = __shfl_up_sync(0xffffffffu, before, o);
+            if (lane >= o) before += y;
+          }
+          total = __shfl_sync(0xffffffffu, before, 31);
+        }
+      }
+      lanes = !f.overflow && f.n + total <= kWarpBuf;
+      if (lanes) {
+        int slot = f.n + before - mine;
+#pragma unroll
+        for (int u = 0; u < kStreamUnroll; ++u) {
+          if (!marks[u]) continue;
+          uint32_t key[kVec];
+          keys_of(u, key);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (marks[u] >> j & 1u) buf[slot++] = make_cand(key[j], row.elem(base + 32 * u + lane, j));
+          }
+        }
+        f.n += total;
+      }
+    }
+    if (lanes || f.overflow) continue;  // (an overflowed warp takes nothing more)
+    // The batch's takes do not fit: vector by vector, a vote per element, compacting whenever the buffer might not
+    // take the next vector.
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) {
       if (base + 32 * u >= end) break;  // (warp-uniform)
       const int v = base + 32 * u + lane;
-      float x[kVec];
-      if (v < end) {
-        R::E::unpack(raw[u], x);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) x[j] = row.neutral;
-      }
-      if (f.n > kWarpBuf - kStep && !f.overflow) {
-        __syncwarp();
-        const uint32_t t = warp_kth_largest(buf, f.n, k);
-        f.theta = t > f.theta ? t : f.theta;
-        int kept = 0;  // in place, in order: a group's entries are read before any of it is rewritten
-        for (int q0 = 0; q0 < f.n; q0 += 32) {
-          const int i = q0 + lane;
-          const unsigned long long c = i < f.n ? buf[i] : 0ull;
-          const bool keep = i < f.n && cand_key(c) >= f.theta;
-          const unsigned mask = __ballot_sync(0xffffffffu, keep);
-          __syncwarp();  // (the ballot orders no memory: the lanes' reads of the group before any lane's write)
-          if (keep) buf[kept + __popc(mask & ((1u << lane) - 1u))] = c;
-          kept += __popc(mask);
-        }
-        __syncwarp();
-        f.n = kept;
-        f.overflow = f.n > kWarpBuf - kStep;
-      }
+      if (f.n > kWarpBuf - kStep && !f.overflow) compact();
+      uint32_t key[kVec];
+      keys_of(u, key);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const uint32_t key = logits ? logit_key(x[j]) : prob_key(x[j]);
-        f.tmax = key > f.tmax ? key : f.tmax;
-        f.count += key != 0;
-        const bool take = key >= f.theta && !f.overflow;
+        const bool take = key[j] >= f.theta && !f.overflow;
         const unsigned mask = __ballot_sync(0xffffffffu, take);
-        if (take) buf[f.n + __popc(mask & ((1u << lane) - 1u))] = make_cand(key, row.elem(v, j));
+        if (take) buf[f.n + __popc(mask & ((1u << lane) - 1u))] = make_cand(key[j], row.elem(v, j));
         f.n += __popc(mask);
       }
     }
