@@ -842,7 +842,7 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) on_load(base + 32 * u + lane, base + 32 * u + lane < end);
     // The keys of vector u (0 past the slice: never taken, no mass).
-    auto keys_of = [&](int u, uint32_t(&key)[kVec]) {
+    auto keys_of = [&](int u, uint32_t (&key)[kVec]) {
       float x[kVec];
       if (base + 32 * u + lane < end) {
         R::E::unpack(raw[u], x);
@@ -854,7 +854,7 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
       }
     };
     // This lane's elements at or above the threshold, one bit each (vector u: bits [u * kVec, (u + 1) * kVec)).
-    auto mark = [&](uint32_t(&marks)[kStreamUnroll], bool stats) {
+    auto mark = [&](uint32_t (&marks)[kStreamUnroll], bool stats) {
       int mine = 0;
 #pragma unroll
       for (int u = 0; u < kStreamUnroll; ++u) {
