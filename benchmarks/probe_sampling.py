@@ -62,8 +62,6 @@ VARIANTS: Dict[str, Tuple[str, ...]] = {
     "st_nostore": ("-DFI_ROW_STREAM_PROBE=1",),
     "st_filter": ("-DFI_ROW_STREAM_PROBE=2",),
     "st_collect": ("-DFI_ROW_STREAM_PROBE=3",),
-    # the single-pass top-k filter with a vote per element in every batch (before the lane-by-lane batches)
-    "filter_votes": ("-DFI_TOPK_FILTER_LANES=0",),
 }
 
 

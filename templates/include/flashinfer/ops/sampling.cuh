@@ -131,6 +131,10 @@ struct Elem<float> {
   FI_DEVICE static uint4 pack(const float (&x)[4]) {
     return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
   }
+  // Element j (a run-time index, 0 <= j < kVec) of a vector, without unpacking the others.
+  FI_DEVICE static float at(const uint4& r, int j) {
+    return __uint_as_float(j < 2 ? (j == 0 ? r.x : r.y) : (j == 2 ? r.z : r.w));
+  }
   FI_DEVICE static float from_float(float v) { return v; }
   FI_DEVICE static float to_float(float v) { return v; }
 };
@@ -140,6 +144,13 @@ struct Elem16 {
   static constexpr int kVec = 8;
   FI_DEVICE static void unpack(const uint4& r, float (&x)[8]) { unpack8(r, x, H()); }
   FI_DEVICE static uint4 pack(const float (&x)[8]) { return pack8<H>(x); }
+  FI_DEVICE static float at(const uint4& r, int j) {
+    const uint32_t w = j < 4 ? (j < 2 ? r.x : r.y) : (j < 6 ? r.z : r.w);
+    const uint16_t b = static_cast<uint16_t>(j & 1 ? w >> 16 : w);
+    H h;
+    memcpy(&h, &b, 2);
+    return flashinfer::to_float<H>(h);
+  }
   FI_DEVICE static H from_float(float v) { return flashinfer::from_float<H>(v); }
   FI_DEVICE static float to_float(H v) { return flashinfer::to_float<H>(v); }
 };
@@ -167,6 +178,11 @@ FI_DEVICE uint32_t logit_key_flat(float x) {
 }
 
 FI_DEVICE float logit_from_key(uint32_t k) { return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
+
+// A threshold key t > 0 as a logit v with logit_key(x) >= t exactly when x >= v, for every x: keys 1 .. 0x7FFFFF
+// belong to no value (they would be negative NaNs), so below 0x800000 v is the lowest finite logit; NaN and -inf
+// compare false as their key 0 does.
+FI_DEVICE float logit_threshold(uint32_t t) { return t < 0x800000u ? -3.40282347e38f : logit_from_key(t); }
 
 // floor(w * 2^(kWeightBits - ref_exp)) for 0 <= w < 2^(ref_exp + 1), exactly (integer arithmetic on the bits).
 FI_DEVICE uint64_t fixed_weight(float w, int ref_exp) {
@@ -526,6 +542,14 @@ struct Row {
       return edge(v) ? edge_vec(v) : __ldg(gvec + v);
     }
   }
+  // raw(v) for a vector known to be no edge vector.
+  FI_DEVICE uint4 raw_inner(int v) const {
+    if constexpr (kCached) {
+      return cache[v - v0];
+    } else {
+      return __ldg(gvec + v);
+    }
+  }
   FI_DEVICE void load(int v, float (&x)[kVec]) const { E::unpack(raw(v), x); }
 
   FI_DEVICE void load_or_neutral(int v, bool in, float (&x)[kVec]) const {
@@ -785,21 +809,17 @@ FI_DEVICE uint32_t warp_kth_largest(const unsigned long long* buf, int n, int k)
 // another batch the warp raises its threshold to the exact k-th largest key of the buffer and drops what is below
 // (k <= kFilterMaxK). A warp's threshold never exceeds the row's k-th largest key (the warp has seen k elements at or
 // above it), and every element of the warp at or above its final threshold is in its buffer.
-// A batch (kStreamUnroll vectors a lane) is filtered lane by lane: each lane counts and marks its elements at or above
-// the threshold, one warp scan of the counts gives every lane its slots, and each lane appends its own marked
-// elements; no per-element warp vote. Only a batch whose takes do not fit the buffer even after a compaction (a warp's
-// first batch, rows of many ties) walks its vectors with a vote per element, compacting between them.
+// A batch (kStreamUnroll vectors a lane) is filtered lane by lane: each lane marks its elements at or above the
+// threshold (compared as values: no key is computed for an element that is not taken), one warp scan of the lanes'
+// counts gives every lane its slots, and each lane appends its own marked elements; no per-element warp vote. Only a
+// batch whose takes do not fit the buffer even after a compaction (a warp's first batch, rows of many ties) walks its
+// vectors with a vote per element, compacting between them. Measured on an H200 (probe_sampling.py, float32, top-k
+// 50, batch 256 x 128256): a vote per element in every batch 149.2 us, lane by lane with keys 133.8 us (top_k_mask).
 // on_load(v, in) runs for each vector right after its load is issued (the streamed row transforms store their
 // output's neutral value there, so that the row's writes share the memory system with its reads).
 struct NoOnLoad {
   FI_DEVICE void operator()(int, bool) const {}
 };
-
-// Development knob (benchmarks/probe_sampling.py, variant "filter_votes"): 0 filters every batch with a vote per
-// element (the form before the lane-by-lane batches).
-#ifndef FI_TOPK_FILTER_LANES
-#define FI_TOPK_FILTER_LANES 1
-#endif
 
 template <typename R, typename OnLoad = NoOnLoad>
 FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, OnLoad&& on_load = OnLoad()) {
@@ -811,12 +831,25 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
   WarpFilter f;
   const int begin = row.v0 + warp * row.warp_len;
   const int end = min(row.v1, begin + row.warp_len);
+  float neutral[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) neutral[j] = row.neutral;
+  const uint4 neutral_vec = R::E::pack(neutral);  // stands for vectors past the slice: never taken, no mass
+  auto key_of = [logits](float x) { return logits ? logit_key_flat(x) : prob_key(x); };
+  // Keys compared as values (one code path for both kinds: a kernel holding one filter for each spilled, ptxas of
+  // CUDA 13.0): x has a key (!= 0) exactly when lo < x <= hi (a logit: x > -inf, NaN compares false; a probability:
+  // finite and > 0), and key(x) >= theta exactly when theta_value <= x <= hi (logit_threshold; a probability's bits
+  // are its key).
+  const float lo = logits ? -kInf : 0.f, hi = logits ? kInf : 3.40282347e38f;  // (FLT_MAX)
+  float theta_value = logits ? logit_threshold(f.theta) : __uint_as_float(f.theta);
+  float tmax_value = lo;  // the largest value with a key (its key is f.tmax at the end)
   // Raises the threshold to the buffer's exact k-th largest key (f.n >= k) and drops the entries below it, in place
   // and in order: a group's entries are read before any of it is rewritten.
   auto compact = [&]() {
     __syncwarp();
     const uint32_t t = warp_kth_largest(buf, f.n, k);
     f.theta = t > f.theta ? t : f.theta;
+    theta_value = logits ? logit_threshold(f.theta) : __uint_as_float(f.theta);
     int kept = 0;
     for (int q0 = 0; q0 < f.n; q0 += 32) {
       const int i = q0 + lane;
@@ -834,105 +867,96 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
   constexpr int kBatch = 32 * kStreamUnroll;  // vectors a warp loads together
   for (int base = begin; base < end; base += kBatch) {
     uint4 raw[kStreamUnroll];
+    if (base > 0 && base + kBatch <= end && base + kBatch < row.num_vecs) {  // (no edge vector, none past the slice)
 #pragma unroll
-    for (int u = 0; u < kStreamUnroll; ++u) {
-      const int v = base + 32 * u + lane;
-      raw[u] = v < end ? row.raw(v) : make_uint4(0, 0, 0, 0);
+      for (int u = 0; u < kStreamUnroll; ++u) raw[u] = row.raw_inner(base + 32 * u + lane);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        const int v = base + 32 * u + lane;
+        raw[u] = v < end ? row.raw(v) : neutral_vec;
+      }
     }
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) on_load(base + 32 * u + lane, base + 32 * u + lane < end);
-    // The keys of vector u (0 past the slice: never taken, no mass).
-    auto keys_of = [&](int u, uint32_t (&key)[kVec]) {
-      float x[kVec];
-      if (base + 32 * u + lane < end) {
-        R::E::unpack(raw[u], x);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) key[j] = logits ? logit_key_flat(x[j]) : prob_key(x[j]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) key[j] = 0u;
-      }
-    };
-    // This lane's elements at or above the threshold, one bit each (vector u: bits [u * kVec, (u + 1) * kVec)).
+    // This lane's elements at or above the threshold, one bit each (vector u: bits [u * kVec, (u + 1) * kVec)), and
+    // (with stats) the row statistics.
     auto mark = [&](uint32_t (&marks)[kStreamUnroll], bool stats) {
       int mine = 0;
 #pragma unroll
       for (int u = 0; u < kStreamUnroll; ++u) {
-        uint32_t key[kVec];
-        keys_of(u, key);
-        marks[u] = 0;
+        float x[kVec];
+        R::E::unpack(raw[u], x);
+        uint32_t take = 0, valid = 0;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
+          const bool ok = x[j] > lo && x[j] <= hi;
+          take |= (x[j] >= theta_value && x[j] <= hi ? 1u : 0u) << j;
           if (stats) {
-            f.tmax = key[j] > f.tmax ? key[j] : f.tmax;
-            f.count += key[j] != 0;
+            valid |= (ok ? 1u : 0u) << j;
+            tmax_value = fmaxf(tmax_value, ok ? x[j] : lo);
           }
-          marks[u] |= (key[j] >= f.theta ? 1u : 0u) << j;
         }
-        mine += __popc(marks[u]);
+        if (stats) f.count += __popc(valid);
+        marks[u] = take;
+        mine += __popc(take);
       }
+      return mine;
+    };
+    auto scan = [&](int mine, int* total) {  // the lanes' inclusive prefix sum of `mine`, and its total
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int y = __shfl_up_sync(0xffffffffu, mine, o);
+        if (lane >= o) mine += y;
+      }
+      *total = __shfl_sync(0xffffffffu, mine, 31);
       return mine;
     };
     uint32_t marks[kStreamUnroll];
     int mine = mark(marks, true);
-    bool lanes = FI_TOPK_FILTER_LANES != 0 && !f.overflow;
-    if (lanes) {
-      int before = mine;  // inclusive scan of the lanes' counts
-#pragma unroll
-      for (int o = 1; o < 32; o *= 2) {
-        const int y = __shfl_up_sync(0xffffffffu, before, o);
-        if (lane >= o) before += y;
-      }
-      int total = __shfl_sync(0xffffffffu, before, 31);
-      if (total > 0 && f.n + total > kWarpBuf && f.n >= k) {
-        compact();
-        if (!f.overflow) {
-          mine = mark(marks, false);
-          before = mine;
-#pragma unroll
-          for (int o = 1; o < 32; o *= 2) {
-            const int y = __shfl_up_sync(0xffffffffu, before, o);
-            if (lane >= o) before += y;
-          }
-          total = __shfl_sync(0xffffffffu, before, 31);
-        }
-      }
-      lanes = !f.overflow && f.n + total <= kWarpBuf;
-      if (lanes) {
-        int slot = f.n + before - mine;
-#pragma unroll
-        for (int u = 0; u < kStreamUnroll; ++u) {
-          if (!marks[u]) continue;
-          uint32_t key[kVec];
-          keys_of(u, key);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            if (marks[u] >> j & 1u) buf[slot++] = make_cand(key[j], row.elem(base + 32 * u + lane, j));
-          }
-        }
-        f.n += total;
-      }
+    if (f.overflow) continue;  // (an overflowed warp takes nothing more)
+    int total;
+    int upto = scan(mine, &total);
+    if (total == 0) continue;
+    if (f.n + total > kWarpBuf && f.n >= k) {
+      compact();
+      if (f.overflow) continue;
+      mine = mark(marks, false);
+      upto = scan(mine, &total);
     }
-    if (lanes || f.overflow) continue;  // (an overflowed warp takes nothing more)
+    if (f.n + total <= kWarpBuf) {
+      int slot = f.n + upto - mine;
+#pragma unroll
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        // (a loop over the set bits, elements read one at a time: unrolled per element, 16-bit rows spilled)
+        for (uint32_t m = marks[u]; m; m &= m - 1) {
+          const int j = __ffs(m) - 1;
+          buf[slot++] = make_cand(key_of(R::E::at(raw[u], j)), row.elem(base + 32 * u + lane, j));
+        }
+      }
+      f.n += total;
+      continue;
+    }
     // The batch's takes do not fit: vector by vector, a vote per element, compacting whenever the buffer might not
     // take the next vector.
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) {
       if (base + 32 * u >= end) break;  // (warp-uniform)
-      const int v = base + 32 * u + lane;
       if (f.n > kWarpBuf - kStep && !f.overflow) compact();
-      uint32_t key[kVec];
-      keys_of(u, key);
+      float x[kVec];
+      R::E::unpack(raw[u], x);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const bool take = key[j] >= f.theta && !f.overflow;
+        const uint32_t key = key_of(x[j]);
+        const bool take = key >= f.theta && !f.overflow;
         const unsigned mask = __ballot_sync(0xffffffffu, take);
-        if (take) buf[f.n + __popc(mask & ((1u << lane) - 1u))] = make_cand(key[j], row.elem(v, j));
+        if (take) buf[f.n + __popc(mask & ((1u << lane) - 1u))] = make_cand(key, row.elem(base + 32 * u + lane, j));
         f.n += __popc(mask);
       }
     }
   }
   __syncwarp();
+  f.tmax = key_of(tmax_value);
   // The warp's final bound: the exact k-th largest of what it kept (a tight bound even for a warp that never had
   // to compact).
   if (!f.overflow && f.n > k) {
@@ -2337,11 +2361,9 @@ FI_DEVICE void row_select_cta(const RowOpParams& p, uint8_t* smem_raw) {
     const bool all_fast = div.fast(__uint_as_float(tau)) && div.fast(__uint_as_float(top));
 #endif
 #if FI_SEL_MASK_CMP
-    // The mask's kept set {key(x) >= tau} as a float comparison x >= t: keys 1 .. 0x7FFFFF belong to no value (they
-    // would be negative NaNs), so below 0x800000 the threshold is the lowest finite logit; NaN and -inf compare false
-    // as their key 0 does. tau 0 keeps every element.
+    // The mask's kept set {key(x) >= tau} as a float comparison x >= t (logit_threshold); tau 0 keeps every element.
     const bool keep_all = tau == 0u;
-    const float t = tau < 0x800000u ? -3.40282347e38f : logit_from_key(tau);  // (-FLT_MAX)
+    const float t = logit_threshold(tau);
 #endif
     row.for_each([&](int v, bool in, int) {
       if (!in) return;
