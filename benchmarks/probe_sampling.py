@@ -62,6 +62,10 @@ VARIANTS: Dict[str, Tuple[str, ...]] = {
     "st_nostore": ("-DFI_ROW_STREAM_PROBE=1",),
     "st_filter": ("-DFI_ROW_STREAM_PROBE=2",),
     "st_collect": ("-DFI_ROW_STREAM_PROBE=3",),
+    # the streamed top-k route at every batch (the library streams from FI_ROW_STREAM_TOPK_ROWS rows)
+    "stream_all": ("-DFI_ROW_STREAM_TOPK_ROWS=1",),
+    # the single-pass top-k filter with each warp on its own threshold (not the CTA's largest)
+    "own_theta": ("-DFI_TOPK_SHARED_THETA=0",),
 }
 
 

@@ -362,6 +362,11 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   *p = old + v;
   return old;
 }
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old > v ? old : v;
+  return old;
+}
 // (a read outside the tensor fails the launch and reads zeros: see global_readable)
 template <typename T>
 inline T __ldg(const T* p) {

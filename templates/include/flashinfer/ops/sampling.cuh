@@ -376,6 +376,7 @@ struct alignas(16) Shared {
   unsigned int seg_count[kMaxCluster];
   unsigned int gather_count;  // rank 0: candidates pushed so far
   unsigned int gather_n;
+  unsigned int filter_theta;  // topk_filter: the largest threshold a warp of the CTA has reached
   int found;
   unsigned long long found_a, found_b;
   unsigned int found_c;
@@ -821,6 +822,11 @@ struct NoOnLoad {
   FI_DEVICE void operator()(int, bool) const {}
 };
 
+// Development knob (benchmarks/probe_sampling.py "own_theta"): 0 keeps each warp on its own threshold.
+#ifndef FI_TOPK_SHARED_THETA
+#define FI_TOPK_SHARED_THETA 1
+#endif
+
 template <typename R, typename OnLoad = NoOnLoad>
 FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, OnLoad&& on_load = OnLoad()) {
   constexpr int kVec = R::kVec;
@@ -831,6 +837,8 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
   WarpFilter f;
   const int begin = row.v0 + warp * row.warp_len;
   const int end = min(row.v1, begin + row.warp_len);
+  if (threadIdx.x == 0) sh.filter_theta = f.theta;
+  __syncthreads();
   float neutral[kVec];
 #pragma unroll
   for (int j = 0; j < kVec; ++j) neutral[j] = row.neutral;
@@ -843,13 +851,18 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
   const float lo = logits ? -kInf : 0.f, hi = logits ? kInf : 3.40282347e38f;  // (FLT_MAX)
   float theta_value = logits ? logit_threshold(f.theta) : __uint_as_float(f.theta);
   float tmax_value = lo;  // the largest value with a key (its key is f.tmax at the end)
-  // Raises the threshold to the buffer's exact k-th largest key (f.n >= k) and drops the entries below it, in place
-  // and in order: a group's entries are read before any of it is rewritten.
+  // Raises the threshold to the buffer's exact k-th largest key (f.n >= k), publishes it to the CTA's other warps
+  // (any warp's k-th largest bounds the row's k-th largest from below, so every warp may filter with the largest
+  // one: fewer takes later in the row), and drops the entries below it, in place and in order: a group's entries are
+  // read before any of it is rewritten.
   auto compact = [&]() {
     __syncwarp();
     const uint32_t t = warp_kth_largest(buf, f.n, k);
     f.theta = t > f.theta ? t : f.theta;
     theta_value = logits ? logit_threshold(f.theta) : __uint_as_float(f.theta);
+#if FI_TOPK_SHARED_THETA
+    if (lane == 0) atomicMax(&sh.filter_theta, f.theta);
+#endif
     int kept = 0;
     for (int q0 = 0; q0 < f.n; q0 += 32) {
       const int i = q0 + lane;
@@ -879,6 +892,15 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
     }
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) on_load(base + 32 * u + lane, base + 32 * u + lane < end);
+#if FI_TOPK_SHARED_THETA
+    {  // (lane 0's read for the whole warp: the threshold must be warp-uniform)
+      const uint32_t t = __shfl_sync(0xffffffffu, *static_cast<volatile unsigned*>(&sh.filter_theta), 0);
+      if (t > f.theta) {
+        f.theta = t;
+        theta_value = logits ? logit_threshold(f.theta) : __uint_as_float(f.theta);
+      }
+    }
+#endif
     // This lane's elements at or above the threshold, one bit each (vector u: bits [u * kVec, (u + 1) * kVec)), and
     // (with stats) the row statistics.
     auto mark = [&](uint32_t (&marks)[kStreamUnroll], bool stats) {
