@@ -135,7 +135,7 @@ def _module(dtype: str) -> _Module:
 
 
 # Which kernel the top-k/top-p row transforms run: "select" (the default: row_select_kernel over cached slices, and
-# scalar top-k <= 128 on 256+ rows streamed), "radix" (the previous row_op_kernel's radix rounds, kept for comparison:
+# scalar top-k <= 128 on 128+ rows streamed), "radix" (the previous row_op_kernel's radix rounds, kept for comparison:
 # benchmarks/probe_sampling.py times both) or "stream" (scalar top-k <= 128 streamed at any batch: tests, probes).
 _ROW_KERNEL = "select"
 _ROW_ROUTES = {"select": 0, "radix": 1, "stream": 2}  # (RowRoute in sampling.cuh)

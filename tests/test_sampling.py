@@ -1070,7 +1070,7 @@ def _into_poisoned_block(fn, x: torch.Tensor, *args) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [1, 37, 128, 129])
 def test_top_k_transforms_on_streamed_rows(vocab, batch, dtype, k, monkeypatch):
-    """Scalar top-k <= 128 on the streamed route (the default from 256 rows, forced here at every batch) reads each
+    """Scalar top-k <= 128 on the streamed route (the default from 128 rows, forced here at every batch) reads each
     row once and writes it without reading it again (the neutral value, then the kept candidates over it); k = 129
     stays on the cached slices. Rows start off the 16-byte grid (a column slice),
     ties at the threshold reach past the candidate buffers (the route falls back to reading the row again), rows with

@@ -362,6 +362,11 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   *p = old + v;
   return old;
 }
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
 inline unsigned atomicMax(unsigned* p, unsigned v) {
   const unsigned old = *p;
   *p = old > v ? old : v;

@@ -815,14 +815,17 @@ FI_DEVICE uint32_t warp_kth_largest(const unsigned long long* buf, int n, int k)
 // counts gives every lane its slots, and each lane appends its own marked elements; no per-element warp vote. Only a
 // batch whose takes do not fit the buffer even after a compaction (a warp's first batch, rows of many ties) walks its
 // vectors with a vote per element, compacting between them. Measured on an H200 (probe_sampling.py, float32, top-k
-// 50, batch 256 x 128256): a vote per element in every batch 149.2 us, lane by lane with keys 133.8 us (top_k_mask).
+// 50, batch 256 x 128256, top_k_mask_logits / top_k_top_p_sampling_from_logits, us): a vote per element in every
+// batch 142.5 / 120.9; lane by lane with keys 134.3 / 120.9; values compared, no edge tests in inner batches, takes
+// appended by their set bits 115.3 / 93.7; the CTA's largest threshold shared 110.8 / 88.9.
 // on_load(v, in) runs for each vector right after its load is issued (the streamed row transforms store their
 // output's neutral value there, so that the row's writes share the memory system with its reads).
 struct NoOnLoad {
   FI_DEVICE void operator()(int, bool) const {}
 };
 
-// Development knob (benchmarks/probe_sampling.py "own_theta"): 0 keeps each warp on its own threshold.
+// Development knob (benchmarks/probe_sampling.py "own_theta"): 0 keeps each warp on its own threshold (measured above:
+// 115.2 / 91.9 us).
 #ifndef FI_TOPK_SHARED_THETA
 #define FI_TOPK_SHARED_THETA 1
 #endif
@@ -893,8 +896,10 @@ FI_DEVICE WarpFilter topk_filter(const R& row, Shared& sh, bool logits, int k, O
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) on_load(base + 32 * u + lane, base + 32 * u + lane < end);
 #if FI_TOPK_SHARED_THETA
-    {  // (lane 0's read for the whole warp: the threshold must be warp-uniform)
-      const uint32_t t = __shfl_sync(0xffffffffu, *static_cast<volatile unsigned*>(&sh.filter_theta), 0);
+    {  // lane 0's read for the whole warp (the threshold must be warp-uniform), atomic as the other warps' writes
+      uint32_t t = 0;
+      if (lane == 0) t = atomicOr(&sh.filter_theta, 0u);
+      t = __shfl_sync(0xffffffffu, t, 0);
       if (t > f.theta) {
         f.theta = t;
         theta_value = logits ? logit_threshold(f.theta) : __uint_as_float(f.theta);
@@ -2818,12 +2823,11 @@ cudaError_t launch_sample(const SampleParams& p, int device, cudaStream_t stream
 
 // Top-k transforms with one k <= kFilterMaxK for every row, on at least this many rows, stream their rows
 // (row_op_kernel uncached: each row read from HBM once and written once, no slice held in shared memory). Measured on
-// an H200 (probe_sampling.py, float32, k 50, us streamed / cached): batch 256 x 128256 top_k_mask 142.5 / 168.4,
-// top_k_renorm 141.4 / 185.0; 256 x 256000 274.9 / 342.8 and 265.6 / 405.0; but batch 32 x 128256 95.0 / 38.6 and
-// 93.6 / 52.7, batch 1 50.1 / 18.2 (the streamed route's candidate chain is longer than row_select_kernel's). 128 rows
-// were not measured with this form of the route.
+// an H200 (probe_sampling.py, float32, k 50, us streamed / cached, top_k_mask_logits): batch 256 x 128256 110.8 /
+// ~168; 128 x 128256 78.3 / 94.7 (top_k_renorm 78.3 / 105.5); 128 x 256000 115.3 / 180.6; but 32 x 128256 87.6 /
+// 40.3 and 1 x 128256 51.1 / 18.1 (the streamed row's latency: one CTA a row whatever the batch).
 #ifndef FI_ROW_STREAM_TOPK_ROWS
-#define FI_ROW_STREAM_TOPK_ROWS 256
+#define FI_ROW_STREAM_TOPK_ROWS 128
 #endif
 
 // Routes of the row transforms (the launcher's `route`; sampling._ROW_KERNEL): the library's choice, the previous
