@@ -1029,7 +1029,7 @@ def test_renorm_and_mask_at_the_benchmark_size_match_references():
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab,batch", [(7, 3), (3001, 37), (128256, 256), (256000, 40)])
 def test_row_select_matches_the_radix_kernel(monkeypatch, vocab, batch):
-    """The default row transforms (row_select_kernel where slices fit shared memory, scalar top-k streamed from 256
+    """The default row transforms (row_select_kernel where slices fit shared memory, scalar top-k streamed from 128
     rows) and the streamed top-k route at every batch against the radix kernel kept for comparison
     (sampling._ROW_KERNEL = "radix"), bit for bit: random rows and the adversarial ones of
     test_emulated_row_select_is_the_radix_rounds, scalar and per-row parameters."""
